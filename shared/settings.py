@@ -1,0 +1,198 @@
+"""Every setting of every component, with its default, range and meaning: the one source of defaults.
+
+Values come from, highest priority first: command-line flags, environment variables
+``EDGEPRUNE_<SECTION>_<FIELD>`` (e.g. ``EDGEPRUNE_NODE_QUEUE_SIZE=8``), then the section
+``[<section>]`` of an optional TOML file named by ``--config`` or ``EDGEPRUNE_CONFIG``.
+``edgeprune config`` prints them all; docs/configuration.md is generated from these classes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from shared.topics import validate_id
+
+CONFIG_ENV = "EDGEPRUNE_CONFIG"
+_file_values: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("file_values", default={})
+
+
+class SettingsError(Exception):
+    """A setting is invalid; the message is one line naming the field and where it came from."""
+
+
+class _FileSection(PydanticBaseSettingsSource):
+    """Values of this component's section of the TOML file (set by :func:`load`)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return _file_values.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_file_values.get())
+
+
+class _Section(BaseSettings):
+    section: ClassVar[str]
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
+        return init_settings, env_settings, _FileSection(settings_cls)
+
+
+def _ids(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class MqttSettings(_Section):
+    section: ClassVar[str] = "mqtt"
+    model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_MQTT_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker TCP port.")
+    keepalive_s: int = Field(15, ge=5, le=600, description="MQTT keepalive; the last will fires after ~1.5x this.")
+    username: str | None = Field(None, description="Broker user name (when the broker requires auth).")
+    password: SecretStr | None = Field(None, description="Broker password.")
+    tls_ca: Path | None = Field(None, description="CA certificate file; set it to connect over TLS.")
+    topic_root: str = Field("edgeprune", min_length=1, max_length=64, pattern=r"^[^+#$\s]+$",
+                            description="Root of the topic tree, to share a broker between deployments.")
+    reconnect_max_s: int = Field(30, ge=1, le=600, description="Longest wait between reconnect attempts.")
+
+
+class BrokerSettings(_Section):
+    section: ClassVar[str] = "broker"
+    model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_BROKER_", extra="forbid")
+
+    bind: str = Field("127.0.0.1", description="Address mosquitto listens on (0.0.0.0 to serve other devices).")
+    port: int = Field(1883, ge=1, le=65535, description="Port mosquitto listens on.")
+    data_dir: Path = Field(Path("run/broker"), description="Persistence folder (retained messages, sessions).")
+    message_size_limit: int = Field(4 << 20, ge=1024, le=256 << 20,
+                                    description="Largest payload the broker accepts, bytes.")
+    max_queued_messages: int = Field(1000, ge=0, description="Per-client queue bound for offline/slow clients.")
+
+
+class NodeSettings(_Section):
+    section: ClassVar[str] = "node"
+    model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_NODE_", extra="forbid")
+
+    node_id: str = Field("node-1", description="This device's id; one topic level, unique in the deployment.")
+    checkpoint: Path | None = Field(None, description="Model checkpoint; default: the one shipped in shared/assets.")
+    threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for inference.")
+    queue_size: int = Field(16, ge=1, le=10000,
+                            description="Bounded work queue; a request arriving when full is dropped and counted.")
+    wire_dtype: Literal["float16", "float32"] = Field("float16", description="Precision of activations sent on.")
+    stats_interval_s: float = Field(2.0, gt=0, le=3600, description="How often stats are published.")
+    max_payload_bytes: int = Field(8 << 20, ge=1024, description="Inputs larger than this are rejected.")
+
+    _check_id = field_validator("node_id")(lambda v: validate_id("node", v))
+
+
+class GatewaySettings(_Section):
+    section: ClassVar[str] = "gateway"
+    model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_GATEWAY_", extra="forbid")
+
+    gateway_id: str = Field("gateway", description="Component id on the bus.")
+    db_path: Path = Field(Path("run/edgeprune.db"), description="SQLite file for requests and SLO windows.")
+    nodes: list[str] = Field(["node-1", "node-2"], min_length=1, max_length=64,
+                             description="Node ids of the pipeline, in stage order (comma-separated in env).")
+    slo_s: float = Field(0.5, gt=0, le=600, description="End-to-end latency objective per frame, seconds.")
+    window_s: float = Field(10.0, gt=0, le=3600, description="Length of one SLO accounting window, seconds.")
+    flush_interval_s: float = Field(0.5, gt=0, le=60, description="Longest a result waits before its batch is written.")
+
+    _split_nodes = field_validator("nodes", mode="before")(_ids)
+
+    @field_validator("nodes")
+    @classmethod
+    def _unique_ids(cls, nodes: list[str]) -> list[str]:
+        for node in nodes:
+            validate_id("node", node)
+        if len(set(nodes)) != len(nodes):
+            raise ValueError("node ids must be unique")
+        return nodes
+
+
+class CameraSettings(_Section):
+    section: ClassVar[str] = "camera"
+    model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_CAMERA_", extra="forbid")
+
+    camera_id: str = Field("cam-1", description="Camera id; the frame topic's level.")
+    rate_hz: float = Field(2.0, gt=0, le=1000, description="Mean frames per second.")
+    arrival: Literal["fixed", "poisson"] = Field("poisson", description="Inter-arrival process.")
+    count: int = Field(0, ge=0, description="Frames to send; 0 = until stopped.")
+    seed: int = Field(0, description="Seed of the synthetic scenes and the arrival process.")
+    image_format: Literal["png", "jpeg"] = Field("png", description="Encoding of published frames.")
+    size: int = Field(64, ge=16, le=4096, description="Side of the synthetic frames, pixels.")
+
+    _check_id = field_validator("camera_id")(lambda v: validate_id("camera", v))
+
+
+class WebSettings(_Section):
+    section: ClassVar[str] = "web"
+    model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_WEB_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address the operator page listens on.")
+    port: int = Field(8080, ge=1, le=65535, description="Port of the operator page.")
+    db_path: Path = Field(Path("run/edgeprune.db"), description="The gateway's SQLite file (read only).")
+    recent_s: float = Field(300.0, gt=0, le=86400, description="How far back the latency chart looks, seconds.")
+
+
+ALL_SECTIONS: tuple[type[_Section], ...] = (
+    MqttSettings, BrokerSettings, NodeSettings, GatewaySettings, CameraSettings, WebSettings)
+
+S = TypeVar("S", bound=_Section)
+
+
+def _read_file(config_file: Path | None) -> dict[str, Any]:
+    path = config_file or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def load(cls: type[S], config_file: Path | None = None, **overrides: Any) -> S:
+    """Build ``cls`` from flags (``overrides`` that are not None), env and the config file."""
+    data = _read_file(config_file).get(cls.section, {})
+    if not isinstance(data, dict):
+        raise SettingsError(f"[{cls.section}] in the config file must be a table")
+    token = _file_values.set(data)
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err["loc"]) or "?"
+        env = f"{cls.model_config['env_prefix']}{str(err['loc'][0]).upper()}" if err["loc"] else ""
+        shown = repr(err.get("input")) if not isinstance(err.get("input"), dict) else ""
+        raise SettingsError(
+            f"invalid setting {cls.section}.{name}{' = ' + shown if shown else ''}: {err['msg']} "
+            f"(set by flag, {env} or [{cls.section}] {name} in the config file)") from None
+    finally:
+        _file_values.reset(token)
+
+
+def describe() -> str:
+    """Markdown table of every setting (used by ``edgeprune config`` and docs/configuration.md)."""
+    lines = []
+    for cls in ALL_SECTIONS:
+        lines += [f"## [{cls.section}]", "", "| field | env var | default | meaning |", "|---|---|---|---|"]
+        for name, info in cls.model_fields.items():
+            default = info.default
+            shown = "(none)" if default is None else (",".join(default) if isinstance(default, list) else default)
+            env = f"{cls.model_config['env_prefix']}{name.upper()}"
+            lines.append(f"| `{name}` | `{env}` | `{shown}` | {info.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)

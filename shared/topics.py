@@ -1,0 +1,123 @@
+"""The MQTT topic tree: the one place that names topics.
+
+Conventions (as in Home Assistant and Frigate):
+- ``…/status`` availability topics are retained and driven by the last will:
+  ``online`` on every connect, ``offline`` by the broker's will, ``stopped`` on a clean exit.
+- State topics (placement, applied prune state) are retained so a late joiner sees the truth.
+- Commands (``…/cmd``) are one-shot and never retained: a retained command would replay
+  on every restart.
+- Control and results are JSON; activations use the binary format of :mod:`shared.wire`.
+
+Every topic hangs below one configurable root (default ``edgeprune``) so several
+deployments can share a broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AVAILABILITY_ONLINE = "online"
+AVAILABILITY_OFFLINE = "offline"
+AVAILABILITY_STOPPED = "stopped"
+
+_FORBIDDEN_IN_ID = set("/+#$ \t\n\r\x00")
+
+
+def validate_id(kind: str, value: str) -> str:
+    """An id becomes one topic level: it must not contain wildcards or separators."""
+    if not value or len(value) > 64 or any(ch in _FORBIDDEN_IN_ID for ch in value):
+        raise ValueError(
+            f"{kind} id {value!r} must be 1-64 characters without '/', '+', '#', '$' or spaces"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names below ``root``. Construct once from settings and pass around."""
+
+    root: str = "edgeprune"
+
+    # --- cameras -----------------------------------------------------------------------
+    def camera_frame(self, camera_id: str) -> str:
+        """Where a camera publishes a raw JPEG/PNG frame (``mosquitto_pub -f photo.jpg``)."""
+        return f"{self.root}/camera/{validate_id('camera', camera_id)}/frame"
+
+    @property
+    def camera_frame_filter(self) -> str:
+        return f"{self.root}/camera/+/frame"
+
+    def camera_id_from_frame_topic(self, topic: str) -> str | None:
+        parts = topic.split("/")
+        root_parts = self.root.split("/")
+        n = len(root_parts)
+        if parts[:n] != root_parts or len(parts) != n + 3:
+            return None
+        if parts[n] != "camera" or parts[n + 2] != "frame":
+            return None
+        return parts[n + 1]
+
+    # --- pipeline data path ------------------------------------------------------------
+    def stage_input(self, stage: int) -> str:
+        """Activations entering pipeline stage ``stage`` (2..n); stage 1 reads camera frames."""
+        if stage < 2:
+            raise ValueError("stage 1 reads camera frames, not an activation topic")
+        return f"{self.root}/pipeline/stage/{stage}/in"
+
+    @property
+    def results(self) -> str:
+        """Classification results published by the last stage (JSON)."""
+        return f"{self.root}/pipeline/results"
+
+    # --- placement and control ---------------------------------------------------------
+    @property
+    def placement(self) -> str:
+        """Retained: which node runs which blocks (JSON :class:`shared.schemas.Placement`)."""
+        return f"{self.root}/placement"
+
+    def node_status(self, node_id: str) -> str:
+        return f"{self.root}/node/{validate_id('node', node_id)}/status"
+
+    @property
+    def node_status_filter(self) -> str:
+        return f"{self.root}/node/+/status"
+
+    def node_stats(self, node_id: str) -> str:
+        return f"{self.root}/node/{validate_id('node', node_id)}/stats"
+
+    @property
+    def node_stats_filter(self) -> str:
+        return f"{self.root}/node/+/stats"
+
+    def node_prune_desired(self, node_id: str) -> str:
+        """Retained desired prune state set by the gateway (the controller issue fills it)."""
+        return f"{self.root}/node/{validate_id('node', node_id)}/prune/set"
+
+    def node_prune_state(self, node_id: str) -> str:
+        """Retained prune state actually applied by the node."""
+        return f"{self.root}/node/{validate_id('node', node_id)}/prune/state"
+
+    def node_command(self, node_id: str) -> str:
+        """One-shot commands to a node; never retained."""
+        return f"{self.root}/node/{validate_id('node', node_id)}/cmd"
+
+    def node_id_from_topic(self, topic: str) -> str | None:
+        parts = topic.split("/")
+        root_parts = self.root.split("/")
+        n = len(root_parts)
+        if parts[:n] != root_parts or len(parts) < n + 3 or parts[n] != "node":
+            return None
+        return parts[n + 1]
+
+    def component_status(self, component_id: str) -> str:
+        """Availability of a non-node component (gateway, camera, web)."""
+        return f"{self.root}/component/{validate_id('component', component_id)}/status"
+
+    # --- errors ------------------------------------------------------------------------
+    def errors(self, component_id: str) -> str:
+        """Error records (JSON :class:`shared.schemas.ErrorRecord`) a component reports about bad input."""
+        return f"{self.root}/error/{validate_id('component', component_id)}"
+
+    @property
+    def errors_filter(self) -> str:
+        return f"{self.root}/error/+"
