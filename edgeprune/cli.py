@@ -12,6 +12,7 @@ from shared.settings import SettingsError
 # (module under edgeprune.commands) — order is the order of `edgeprune --help`.
 COMMAND_MODULES = [
     "config",
+    "bench",
 ]
 
 
