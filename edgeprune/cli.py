@@ -12,6 +12,10 @@ from shared.settings import SettingsError
 # (module under edgeprune.commands) — order is the order of `edgeprune --help`.
 COMMAND_MODULES = [
     "config",
+    "broker",
+    "node",
+    "gateway",
+    "camera",
     "bench",
 ]
 

@@ -75,8 +75,8 @@ class BrokerSettings(_Section):
     bind: str = Field("127.0.0.1", description="Address mosquitto listens on (0.0.0.0 to serve other devices).")
     port: int = Field(1883, ge=1, le=65535, description="Port mosquitto listens on.")
     data_dir: Path = Field(Path("run/broker"), description="Persistence folder (retained messages, sessions).")
-    message_size_limit: int = Field(4 << 20, ge=1024, le=256 << 20,
-                                    description="Largest payload the broker accepts, bytes.")
+    max_packet_size: int = Field(4 << 20, ge=1024, le=256 << 20,
+                                 description="Largest MQTT packet (payload + headers) the broker accepts, bytes.")
     max_queued_messages: int = Field(1000, ge=0, description="Per-client queue bound for offline/slow clients.")
 
 

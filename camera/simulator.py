@@ -1,0 +1,83 @@
+"""Camera-trap simulator and reference client.
+
+Real cameras need nothing of this: publishing a JPEG or PNG file to
+``<root>/camera/<camera_id>/frame`` (``mosquitto_pub -f photo.jpg -t …``) is a frame. This
+module shows the optional extras (MQTT v5 user properties ``request_id`` and ``capture_ts``)
+and generates traffic for demos and benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from shared.bus import Bus
+from shared.imaging import encode_jpeg, encode_png
+from shared.settings import CameraSettings, MqttSettings
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+def synthetic_scene(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A cheap stand-in for a camera-trap frame: textured ground, an animal-like blob, sensor noise."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = rng.uniform(40, 160, size=3)
+    ground = base + 60 * (yy[..., None] - 0.5) * rng.uniform(-1, 1, size=3)
+    cy, cx = rng.uniform(0.3, 0.7, size=2)
+    ry, rx = rng.uniform(0.08, 0.25, size=2)
+    blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+    ground[blob] = rng.uniform(0, 255, size=3)
+    frame = ground + rng.normal(0, 8, size=ground.shape)
+    return np.clip(frame, 0, 255).astype(np.uint8)
+
+
+def inter_arrivals(rate_hz: float, kind: str, rng: np.random.Generator) -> Iterator[float]:
+    """Gaps between frames: constant, or exponential (a Poisson process) with the same mean."""
+    while True:
+        yield 1.0 / rate_hz if kind == "fixed" else float(rng.exponential(1.0 / rate_hz))
+
+
+class Camera:
+    def __init__(self, settings: CameraSettings, mqtt_settings: MqttSettings):
+        self.settings = settings
+        self.topics = Topics(mqtt_settings.topic_root)
+        self.bus = Bus(mqtt_settings, settings.camera_id, self.topics.component_status(settings.camera_id))
+        self.sent = 0
+        self._stop = threading.Event()
+
+    def frame_bytes(self, rng: np.random.Generator) -> bytes:
+        pixels = synthetic_scene(rng, self.settings.size)
+        return encode_png(pixels) if self.settings.image_format == "png" else encode_jpeg(pixels)
+
+    def run(self) -> int:
+        """Publish until ``count`` frames are sent or :meth:`stop`; returns frames sent."""
+        s = self.settings
+        rng = np.random.default_rng(s.seed)
+        run_tag = f"{int(time.time() * 1000):x}"
+        topic = self.topics.camera_frame(s.camera_id)
+        self.bus.start()
+        next_at = time.monotonic()
+        last = None
+        for gap in inter_arrivals(s.rate_hz, s.arrival, rng):
+            if self._stop.is_set() or (s.count and self.sent >= s.count):
+                break
+            payload = self.frame_bytes(rng)
+            if self._stop.wait(max(0.0, next_at - time.monotonic())):
+                break
+            last = self.bus.publish(topic, payload, qos=1, user={
+                "request_id": f"{s.camera_id}-{run_tag}-{self.sent:06d}", "capture_ts": repr(time.time())})
+            self.sent += 1
+            next_at += gap
+        if last is not None:  # let the last frame reach the broker before disconnecting
+            last.wait_for_publish(timeout=5.0)
+        self.bus.stop()
+        log.info("%s: sent %d frames", s.camera_id, self.sent)
+        return self.sent
+
+    def stop(self) -> None:
+        self._stop.set()

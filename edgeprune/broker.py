@@ -1,0 +1,82 @@
+"""Start a real Mosquitto from our template: used by `edgeprune broker`, the demo and the tests."""
+
+from __future__ import annotations
+
+import getpass
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from shared.settings import BrokerSettings
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "mosquitto" / "mosquitto.conf.template"
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+def render_config(settings: BrokerSettings) -> str:
+    data_dir = settings.data_dir.resolve()
+    return TEMPLATE.read_text().format(
+        user=getpass.getuser(), port=settings.port, bind=settings.bind, data_dir=data_dir,
+        max_packet_size=settings.max_packet_size, max_queued_messages=settings.max_queued_messages)
+
+
+def mosquitto_binary() -> str:
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise BrokerError("mosquitto is not installed: run ./install.sh (or apt-get install mosquitto)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def write_config(settings: BrokerSettings) -> Path:
+    """Render the config into the data folder (mosquitto reads it from there)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    conf = settings.data_dir / "mosquitto.conf"
+    conf.write_text(render_config(settings))
+    return conf
+
+
+def start_broker(settings: BrokerSettings, log_file=None, wait_s: float = 10.0) -> subprocess.Popen:
+    """Start mosquitto in the background and wait until it accepts connections."""
+    conf = write_config(settings)
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log_file or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT if log_file else subprocess.DEVNULL)
+    host = "127.0.0.1" if settings.bind in ("0.0.0.0", "::") else settings.bind
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BrokerError(f"mosquitto exited with code {proc.returncode}; config {conf}")
+        if port_open(host, settings.port):
+            return proc
+        time.sleep(0.05)
+    proc.terminate()
+    raise BrokerError(f"mosquitto did not open {host}:{settings.port} within {wait_s} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGTERM (mosquitto saves its persistence db on it), then SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,30 @@
+"""``edgeprune broker``: run Mosquitto in the foreground from our config template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("broker", help="run mosquitto in the foreground from mosquitto/mosquitto.conf.template")
+    p.add_argument("--config", type=Path, help="TOML config file ([broker] section)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--bind")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--print-config", action="store_true", help="print the rendered mosquitto.conf and exit")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import os
+
+    from edgeprune.broker import mosquitto_binary, render_config, write_config
+    from shared.settings import BrokerSettings, load
+
+    settings = load(BrokerSettings, args.config, port=args.port, bind=args.bind, data_dir=args.data_dir)
+    if args.print_config:
+        print(render_config(settings))
+        return 0
+    conf = write_config(settings)
+    print(f"mosquitto on {settings.bind}:{settings.port}, data in {settings.data_dir}", flush=True)
+    os.execv(mosquitto_binary(), ["mosquitto", "-c", str(conf)])

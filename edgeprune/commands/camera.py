@@ -1,0 +1,31 @@
+"""``edgeprune camera``: publish synthetic camera-trap frames at a fixed or Poisson rate."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("camera", help="publish frames for one camera id (simulator / reference client)")
+    p.add_argument("--config", type=Path, help="TOML config file ([mqtt] and [camera] sections)")
+    p.add_argument("--camera-id")
+    p.add_argument("--rate", type=float, dest="rate_hz", help="mean frames per second")
+    p.add_argument("--arrival", choices=["fixed", "poisson"])
+    p.add_argument("--count", type=int, help="frames to send (0 = until stopped)")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from camera.simulator import Camera
+    from shared.settings import CameraSettings, MqttSettings, load
+
+    settings = load(CameraSettings, args.config, camera_id=args.camera_id, rate_hz=args.rate_hz,
+                    arrival=args.arrival, count=args.count, seed=args.seed)
+    camera = Camera(settings, load(MqttSettings, args.config))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: camera.stop())
+    sent = camera.run()
+    print(f"{settings.camera_id}: sent {sent} frames")
+    return 0

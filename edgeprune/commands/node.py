@@ -1,0 +1,30 @@
+"""``edgeprune node``: run a node agent (one pipeline stage on this device)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeprune.commands import run_until_signal
+
+
+def register(sub) -> None:
+    p = sub.add_parser("node", help="run a node agent: subscribe to its stage's input, run its slice, publish on")
+    p.add_argument("--config", type=Path, help="TOML config file ([mqtt] and [node] sections)")
+    p.add_argument("--node-id")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--queue-size", type=int)
+    p.add_argument("--checkpoint", type=Path)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from node_agent.agent import NodeAgent
+    from shared.settings import MqttSettings, NodeSettings, load
+
+    settings = load(NodeSettings, args.config, node_id=args.node_id, threads=args.threads,
+                    queue_size=args.queue_size, checkpoint=args.checkpoint)
+    agent = NodeAgent(settings, load(MqttSettings, args.config))
+    agent.start()
+    run_until_signal()
+    agent.stop()
+    return 0

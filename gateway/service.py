@@ -1,0 +1,116 @@
+"""The gateway: publishes the placement, collects results and node health, keeps the SQLite log.
+
+Transport and storage only; decisions live in pure modules (:mod:`gateway.slo`, and later
+the placement planner and the pruning controller) that this class feeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from gateway.slo import SloWindows
+from gateway.store import Store
+from shared.bus import Bus
+from shared.model import MODEL_NAME, build_model
+from shared.schemas import BadMessage, ErrorRecord, NodeStats, Placement, Result, StageAssignment, parse_json, to_json
+from shared.settings import GatewaySettings, MqttSettings
+from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILITY_STOPPED, Topics
+
+log = logging.getLogger(__name__)
+STATUSES = (AVAILABILITY_ONLINE, AVAILABILITY_OFFLINE, AVAILABILITY_STOPPED)
+
+
+def even_split(n_blocks: int, nodes: list[str], version: int, issued_at: float) -> Placement:
+    """Contiguous slices of (nearly) equal block counts, in the configured node order."""
+    n = min(len(nodes), n_blocks)
+    bounds = [round(i * n_blocks / n) for i in range(n + 1)]
+    stages = [StageAssignment(stage=i + 1, node_id=nodes[i], first_block=bounds[i], last_block=bounds[i + 1] - 1)
+              for i in range(n)]
+    return Placement(version=version, model=MODEL_NAME, n_blocks=n_blocks, stages=stages, issued_at=issued_at)
+
+
+def result_row(result: Result, finish_ts: float) -> dict:
+    """One `requests` row: where the time of a request went."""
+    e2e = finish_ts - result.capture_ts
+    queue_s = sum(h.queue_s for h in result.hops)
+    compute_s = sum(h.compute_s for h in result.hops)
+    return {
+        "request_id": result.request_id, "camera_id": result.camera_id, "capture_ts": result.capture_ts,
+        "finish_ts": finish_ts, "e2e_s": e2e, "queue_s": queue_s, "compute_s": compute_s,
+        "transfer_s": e2e - queue_s - compute_s, "label": result.label, "label_index": result.label_index,
+        "confidence": result.confidence, "prune_ratios": [h.prune_ratio for h in result.hops],
+        "hops": [h.model_dump() for h in result.hops],
+    }
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, mqtt_settings: MqttSettings):
+        self.settings = settings
+        self.topics = Topics(mqtt_settings.topic_root)
+        self.bus = Bus(mqtt_settings, settings.gateway_id, self.topics.component_status(settings.gateway_id))
+        self.store = Store(settings.db_path)
+        self.slo = SloWindows(settings.window_s, settings.slo_s)
+        self.n_blocks = build_model().n_blocks
+        self.placement = even_split(self.n_blocks, settings.nodes, version=int(time.time() * 1000),
+                                    issued_at=time.time())
+        self.results_seen = 0
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_forever, name="gateway-tick", daemon=True)
+
+    def start(self) -> None:
+        self.bus.subscribe(self.topics.results, self._on_result, qos=1)
+        self.bus.subscribe(self.topics.node_status_filter, self._on_status, qos=1)
+        self.bus.subscribe(self.topics.node_stats_filter, self._on_stats, qos=0)
+        self.bus.subscribe(self.topics.errors_filter, self._on_error, qos=1)
+        self.bus.on_connected = self.publish_placement
+        self.store.add_placement({**self.placement.model_dump(exclude={"stages"}),
+                                  "stages": [s.model_dump() for s in self.placement.stages]})
+        self._ticker.start()
+        self.bus.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._ticker.join(timeout=5)
+        for window in self.slo.close_all():
+            self.store.add_window(window.row())
+        self.bus.stop()
+        self.store.close()
+
+    def publish_placement(self) -> None:
+        """Retained, so nodes that (re)connect later learn their stage at once."""
+        self.bus.publish(self.topics.placement, to_json(self.placement), qos=1, retain=True)
+
+    # --- handlers (paho's network thread: parse, buffer, return) ---------------------------
+    def _on_result(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        finish_ts = time.time()
+        result = parse_json(Result, payload)
+        row = result_row(result, finish_ts)
+        self.store.add_request(row)
+        self.slo.add(finish_ts, row["e2e_s"])
+        self.results_seen += 1
+
+    def _on_status(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        node_id = self.topics.node_id_from_topic(topic)
+        status = payload.decode("utf-8", "replace")
+        if node_id is None or status not in STATUSES:
+            raise BadMessage("bad_status", f"status {status[:40]!r} is not one of {', '.join(STATUSES)}")
+        self.store.update_node({"node_id": node_id, "status": status, "status_ts": time.time()})
+
+    def _on_stats(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        stats = parse_json(NodeStats, payload)
+        self.store.update_node({**stats.model_dump(exclude={"ts"}), "last_seen": stats.ts})
+
+    def _on_error(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        self.store.add_error(parse_json(ErrorRecord, payload).model_dump())
+
+    # --- periodic work (the single database writer) ----------------------------------------
+    def _tick_forever(self) -> None:
+        while not self._stop.wait(self.settings.flush_interval_s):
+            self.tick(time.time())
+
+    def tick(self, now: float) -> None:
+        for window in self.slo.close_due(now):
+            self.store.add_window(window.row())
+        self.store.flush()

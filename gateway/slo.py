@@ -1,0 +1,51 @@
+"""SLO accounting in fixed windows: pure, time is passed in."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WindowSummary:
+    start_ts: float
+    end_ts: float
+    count: int
+    slo_s: float
+    met: int
+    attainment_pct: float
+    p50_s: float
+    p95_s: float
+    p99_s: float
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+class SloWindows:
+    """Groups completed requests by the window their completion falls in and summarises each."""
+
+    def __init__(self, window_s: float, slo_s: float):
+        self.window_s = window_s
+        self.slo_s = slo_s
+        self._open: dict[int, list[float]] = {}
+
+    def add(self, finish_ts: float, latency_s: float) -> None:
+        self._open.setdefault(math.floor(finish_ts / self.window_s), []).append(latency_s)
+
+    def close_due(self, now: float) -> list[WindowSummary]:
+        """Summaries of every window that ended at or before ``now`` (each returned once)."""
+        done = sorted(k for k in self._open if (k + 1) * self.window_s <= now)
+        return [self._summarise(k, self._open.pop(k)) for k in done]
+
+    def close_all(self) -> list[WindowSummary]:
+        return [self._summarise(k, self._open.pop(k)) for k in sorted(self._open)]
+
+    def _summarise(self, index: int, latencies: list[float]) -> WindowSummary:
+        lat = np.asarray(latencies)
+        met = int((lat <= self.slo_s).sum())
+        p50, p95, p99 = (float(v) for v in np.percentile(lat, [50, 95, 99]))
+        return WindowSummary(index * self.window_s, (index + 1) * self.window_s, int(lat.size), self.slo_s,
+                             met, 100.0 * met / lat.size, p50, p95, p99)

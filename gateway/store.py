@@ -1,0 +1,165 @@
+"""SQLite storage for the gateway (writer) and the web page (readers), through sqlite-utils.
+
+One writer: :class:`Store` buffers rows and writes them in one transaction per
+:meth:`Store.flush`, called from the gateway's tick thread. Readers open the file read-only,
+so the web page can never block or corrupt the gateway's writes (WAL mode lets them run
+side by side). The schema is documented in docs/database.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
+    "requests": ({
+        "request_id": str, "camera_id": str, "capture_ts": float, "finish_ts": float, "e2e_s": float,
+        "queue_s": float, "compute_s": float, "transfer_s": float, "label": str, "label_index": int,
+        "confidence": float, "prune_ratios": str, "hops": str,
+    }, {"pk": "request_id"}),
+    "windows": ({
+        "start_ts": float, "end_ts": float, "count": int, "slo_s": float, "met": int,
+        "attainment_pct": float, "p50_s": float, "p95_s": float, "p99_s": float,
+    }, {"pk": "start_ts"}),
+    "nodes": ({
+        "node_id": str, "status": str, "status_ts": float, "last_seen": float, "stage": int,
+        "first_block": int, "last_block": int, "placement_version": int, "queue_depth": int,
+        "queue_capacity": int, "processed": int, "dropped": int, "errors": str,
+        "compute_mean_s": float, "compute_p95_s": float, "queue_wait_mean_s": float,
+        "cpu_percent": float, "prune_ratio": float,
+    }, {"pk": "node_id"}),
+    "errors": ({
+        "id": int, "ts": float, "component": str, "topic": str, "kind": str, "message": str,
+        "request_id": str,
+    }, {"pk": "id"}),
+    "placements": ({
+        "version": int, "issued_at": float, "model": str, "n_blocks": int, "stages": str,
+        "bottleneck_s": float,
+    }, {"pk": "version"}),
+}
+INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"]], "errors": [["ts"]]}
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class Store:
+    """The gateway's single writer. Methods only buffer; :meth:`flush` writes."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite_utils.Database(sqlite3.connect(str(path), check_same_thread=False))
+        self.db.enable_wal()
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        for name, (columns, opts) in SCHEMA.items():
+            self.db[name].create(columns, **opts, if_not_exists=True)
+        for name, indexes in INDEXES.items():
+            for cols in indexes:
+                self.db[name].create_index(cols, if_not_exists=True)
+        self._lock = threading.Lock()
+        self._pending: dict[str, list[dict]] = {name: [] for name in SCHEMA}
+
+    def add_request(self, row: dict) -> None:
+        row = dict(row, prune_ratios=_json(row["prune_ratios"]), hops=_json(row["hops"]))
+        self._buffer("requests", row)
+
+    def add_window(self, row: dict) -> None:
+        self._buffer("windows", row)
+
+    def update_node(self, row: dict) -> None:
+        """Merge known fields of a node (status or stats), keeping the others."""
+        if "errors" in row:
+            row = dict(row, errors=_json(row["errors"]))
+        self._buffer("nodes", row)
+
+    def add_error(self, row: dict) -> None:
+        self._buffer("errors", row)
+
+    def add_placement(self, row: dict) -> None:
+        self._buffer("placements", dict(row, stages=_json(row["stages"])))
+
+    def _buffer(self, table: str, row: dict) -> None:
+        with self._lock:
+            self._pending[table].append(row)
+
+    def flush(self) -> int:
+        """Write everything buffered in one transaction; returns the number of rows written."""
+        with self._lock:
+            pending, self._pending = self._pending, {name: [] for name in SCHEMA}
+        written = 0
+        with self.db.conn:
+            for table, rows in pending.items():
+                if not rows:
+                    continue
+                if table == "nodes":  # partial updates: merge row by row
+                    for row in rows:
+                        self.db[table].upsert(row, pk="node_id")
+                elif table in ("requests", "placements", "windows"):
+                    self.db[table].insert_all(rows, ignore=True)  # QoS 1 may redeliver a result
+                else:
+                    self.db[table].insert_all(rows)
+                written += len(rows)
+        return written
+
+    def close(self) -> None:
+        self.flush()
+        self.db.close()
+
+
+class Reader:
+    """Read-only view for the web page, the demo and ecologists' scripts."""
+
+    def __init__(self, path: Path):
+        if not path.exists():
+            raise FileNotFoundError(f"database {path} does not exist yet (is the gateway running?)")
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[dict]:
+        cursor = self.db.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, r)) for r in cursor.fetchall()]
+
+    def nodes(self) -> list[dict]:
+        rows = self._rows("SELECT * FROM nodes ORDER BY stage IS NULL, stage, node_id")
+        for row in rows:
+            row["errors"] = json.loads(row["errors"]) if row.get("errors") else {}
+        return rows
+
+    def recent_requests(self, since_ts: float, limit: int = 2000) -> list[dict]:
+        rows = self._rows("SELECT request_id, camera_id, capture_ts, finish_ts, e2e_s, queue_s, compute_s, "
+                          "transfer_s, label, confidence, prune_ratios FROM requests WHERE finish_ts >= ? "
+                          "ORDER BY finish_ts DESC LIMIT ?", (since_ts, limit))
+        for row in rows:
+            row["prune_ratios"] = json.loads(row["prune_ratios"])
+        return rows[::-1]
+
+    def windows(self, limit: int = 60) -> list[dict]:
+        return self._rows("SELECT * FROM windows ORDER BY start_ts DESC LIMIT ?", (limit,))[::-1]
+
+    def errors(self, limit: int = 20) -> list[dict]:
+        return self._rows("SELECT ts, component, topic, kind, message, request_id FROM errors "
+                          "ORDER BY ts DESC LIMIT ?", (limit,))
+
+    def placement(self) -> dict | None:
+        rows = self._rows("SELECT * FROM placements ORDER BY version DESC LIMIT 1")
+        if not rows:
+            return None
+        return dict(rows[0], stages=json.loads(rows[0]["stages"]))
+
+    def totals(self, slo_s: float) -> dict:
+        row = self._rows("SELECT COUNT(*) AS results, SUM(e2e_s <= ?) AS met, MIN(finish_ts) AS first_ts, "
+                         "MAX(finish_ts) AS last_ts FROM requests", (slo_s,))[0]
+        n = row["results"] or 0
+        latencies = [r[0] for r in self.db.execute("SELECT e2e_s FROM requests ORDER BY e2e_s").fetchall()]
+        pick = lambda q: latencies[min(int(q * n), n - 1)] if n else None  # noqa: E731
+        return {"results": n, "slo_s": slo_s, "attainment_pct": 100.0 * (row["met"] or 0) / n if n else None,
+                "p50_s": pick(0.50), "p95_s": pick(0.95), "p99_s": pick(0.99),
+                "first_ts": row["first_ts"], "last_ts": row["last_ts"]}

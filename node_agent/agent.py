@@ -1,0 +1,188 @@
+"""The node agent: MQTT transport around :class:`node_agent.runtime.StageRuntime`.
+
+Threads: paho's network thread only checks the stage and enqueues; one inference thread
+drains a bounded queue (a full queue drops the request and counts it, so a slow node sheds
+load instead of growing memory); a stats thread publishes health every few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+
+import numpy as np
+import torch
+
+from node_agent.runtime import Request, StageRuntime
+from shared.bus import Bus
+from shared.model import build_model
+from shared.schemas import BadMessage, NodeStats, Placement, parse_json, to_json
+from shared.settings import MqttSettings, NodeSettings
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class CpuMeter:
+    """Process CPU use since the last reading, in percent of one core."""
+
+    def __init__(self):
+        self._wall = time.monotonic()
+        self._cpu = time.process_time()
+
+    def read(self) -> float:
+        wall, cpu = time.monotonic(), time.process_time()
+        pct = 100.0 * (cpu - self._cpu) / max(wall - self._wall, 1e-6)
+        self._wall, self._cpu = wall, cpu
+        return max(pct, 0.0)
+
+
+class NodeAgent:
+    def __init__(self, settings: NodeSettings, mqtt_settings: MqttSettings):
+        self.settings = settings
+        self.node_id = settings.node_id
+        torch.set_num_threads(settings.threads)
+        self.model = build_model(settings.checkpoint)
+        self.topics = Topics(mqtt_settings.topic_root)
+        self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id))
+        self.queue: queue.Queue[tuple[StageRuntime, Request]] = queue.Queue(maxsize=settings.queue_size)
+        self.runtime: StageRuntime | None = None
+        self.placement_version: int | None = None
+        self._input_filter: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.processed = 0
+        self.dropped = 0
+        self._compute_s: deque[float] = deque(maxlen=1024)
+        self._queue_wait_s: deque[float] = deque(maxlen=1024)
+        self._cpu = CpuMeter()
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.bus.subscribe(self.topics.placement, self._on_placement)
+        self._threads = [threading.Thread(target=self._work, name="inference", daemon=True),
+                         threading.Thread(target=self._publish_stats_forever, name="stats", daemon=True)]
+        for t in self._threads:
+            t.start()
+        self.bus.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self.bus.stop()
+
+    # --- placement -----------------------------------------------------------------------
+    def _on_placement(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        if not payload:  # a cleared retained placement
+            self._assign(None, None)
+            return
+        placement = parse_json(Placement, payload)
+        if placement.n_blocks != self.model.n_blocks:
+            raise BadMessage("bad_placement", f"placement is for {placement.n_blocks} blocks, "
+                             f"this node's model has {self.model.n_blocks}")
+        if self.placement_version is not None and placement.version < self.placement_version:
+            log.info("ignoring placement v%d older than v%d", placement.version, self.placement_version)
+            return
+        self._assign(placement, placement.stage_of(self.node_id))
+
+    def _assign(self, placement: Placement | None, assignment) -> None:
+        """Switch to a new stage without restarting: new slice, new input subscription."""
+        with self._lock:
+            current = self.runtime
+            if (current is not None and placement is not None and current.assignment == assignment
+                    and current.is_last == (assignment.stage == len(placement.stages))):
+                self.placement_version = placement.version  # same job under a newer plan: keep slice state
+                return
+        runtime = None
+        new_filter = None
+        if placement is not None and assignment is not None:
+            n = len(placement.stages)
+            output = self.topics.results if assignment.stage == n else self.topics.stage_input(assignment.stage + 1)
+            runtime = StageRuntime(self.model, self.node_id, assignment, n, output,
+                                   self.settings.wire_dtype, self.settings.max_payload_bytes)
+            new_filter = (self.topics.camera_frame_filter if assignment.stage == 1
+                          else self.topics.stage_input(assignment.stage))
+        with self._lock:
+            old_filter = self._input_filter
+            self.runtime = runtime
+            self.placement_version = placement.version if placement else None
+            self._input_filter = new_filter
+        if old_filter and old_filter != new_filter:
+            self.bus.unsubscribe(old_filter)
+        if new_filter and new_filter != old_filter:
+            self.bus.subscribe(new_filter, self._on_input, qos=1)
+        if assignment is None:
+            log.info("%s: not in the placement; idle", self.node_id)
+        else:
+            log.info("%s: stage %d, blocks %d..%d (placement v%d)", self.node_id, assignment.stage,
+                     assignment.first_block, assignment.last_block, placement.version)
+
+    # --- data path -----------------------------------------------------------------------
+    def _on_input(self, topic: str, payload: bytes, props: dict[str, str]) -> None:
+        received = time.time()
+        with self._lock:
+            runtime = self.runtime
+        if runtime is None:
+            return
+        camera_id = self.topics.camera_id_from_frame_topic(topic) if runtime.is_first else None
+        if runtime.is_first and camera_id is None:
+            raise BadMessage("bad_topic", f"frame topic {topic} does not name a camera")
+        try:
+            self.queue.put_nowait((runtime, Request(topic, payload, props, received, camera_id)))
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                runtime, req = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            started = time.time()
+            try:
+                out = runtime.run(req, started)
+            except BadMessage as exc:
+                self.bus.report_error(req.topic, exc.kind, str(exc), req.user_props.get("request_id"))
+                continue
+            except Exception as exc:  # never let one request kill the inference thread
+                log.exception("%s: inference failed", self.node_id)
+                self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}")
+                continue
+            self.bus.publish(out.topic, out.payload, qos=1)
+            with self._lock:
+                self.processed += 1
+                self._compute_s.append(out.compute_s)
+                self._queue_wait_s.append(started - req.received_ts)
+
+    # --- stats ---------------------------------------------------------------------------
+    def stats(self) -> NodeStats:
+        """Health since the previous call: latency figures describe the node's *current* speed."""
+        with self._lock:
+            runtime = self.runtime
+            version = self.placement_version
+            compute = np.array(self._compute_s) if self._compute_s else None
+            waits = np.array(self._queue_wait_s) if self._queue_wait_s else None
+            self._compute_s.clear()
+            self._queue_wait_s.clear()
+        a = runtime.assignment if runtime else None
+        return NodeStats(
+            node_id=self.node_id, ts=time.time(), stage=a.stage if a else None,
+            first_block=a.first_block if a else None, last_block=a.last_block if a else None,
+            placement_version=version, queue_depth=self.queue.qsize(), queue_capacity=self.settings.queue_size,
+            processed=self.processed, dropped=self.dropped, errors=dict(self.bus.errors),
+            compute_mean_s=float(compute.mean()) if compute is not None else None,
+            compute_p95_s=float(np.percentile(compute, 95)) if compute is not None else None,
+            queue_wait_mean_s=float(waits.mean()) if waits is not None else None,
+            cpu_percent=self._cpu.read(), prune_ratio=runtime.slice.ratio if runtime else 0.0)
+
+    def _publish_stats_forever(self) -> None:
+        while not self._stop.wait(self.settings.stats_interval_s):
+            if self.bus.connected:
+                self.bus.publish(self.topics.node_stats(self.node_id), to_json(self.stats()), qos=0)

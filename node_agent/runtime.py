@@ -1,0 +1,126 @@
+"""What a node does with one request, free of MQTT: decode input, run the slice, encode output.
+
+The transport (:mod:`node_agent.agent`) hands in raw payloads and publishes what comes back,
+so this logic is tested without a broker.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shared import wire
+from shared.imaging import decode_frame
+from shared.model import CLASS_NAMES, TrapNet
+from shared.schemas import BadMessage, Hop, Result, StageAssignment, to_json
+
+
+@dataclass
+class Request:
+    """One input as received: raw bytes plus what the transport knows about it."""
+
+    topic: str
+    payload: bytes
+    user_props: dict[str, str]
+    received_ts: float
+    camera_id: str | None = None  # set for camera frames (stage 1)
+
+
+@dataclass
+class Output:
+    topic: str
+    payload: bytes
+    request_id: str
+    compute_s: float
+
+
+class FullSlice:
+    """The unpruned slice (the model issue swaps in a prunable one with the same interface)."""
+
+    def __init__(self, model: TrapNet, first_block: int, last_block: int):
+        self.module = model.slice(first_block, last_block)
+        self.ratio = 0.0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
+        with torch.inference_mode():
+            return self.module(x), None
+
+
+def frame_metadata(req: Request) -> tuple[str, float]:
+    """Request id and capture time of a camera frame: from MQTT v5 user properties, else made here."""
+    request_id = req.user_props.get("request_id") or f"{req.camera_id}-{uuid.uuid4().hex[:12]}"
+    if len(request_id) > 128:
+        raise BadMessage("bad_header", "request_id user property longer than 128 characters")
+    raw_ts = req.user_props.get("capture_ts")
+    if raw_ts is None:
+        return request_id, req.received_ts
+    try:
+        capture_ts = float(raw_ts)
+    except ValueError:
+        raise BadMessage("bad_header", f"capture_ts user property {raw_ts[:40]!r} is not a number") from None
+    if not math.isfinite(capture_ts) or capture_ts <= 0:
+        raise BadMessage("bad_header", f"capture_ts {raw_ts[:40]!r} is not a valid epoch time")
+    return request_id, capture_ts
+
+
+class StageRuntime:
+    """Runs one pipeline stage as assigned by the placement."""
+
+    def __init__(self, model: TrapNet, node_id: str, assignment: StageAssignment, n_stages: int,
+                 output_topic: str, wire_dtype: str = "float16",
+                 max_payload_bytes: int = 8 << 20):
+        self.node_id = node_id
+        self.assignment = assignment
+        self.is_first = assignment.stage == 1
+        self.is_last = assignment.stage == n_stages
+        self.output_topic = output_topic
+        self.wire_dtype = np.dtype(wire_dtype)
+        self.max_payload_bytes = max_payload_bytes
+        self.slice = FullSlice(model, assignment.first_block, assignment.last_block)
+
+    def check_size(self, payload: bytes) -> None:
+        if len(payload) > self.max_payload_bytes:
+            raise BadMessage("oversized", f"payload of {len(payload)} B exceeds the node limit "
+                             f"of {self.max_payload_bytes} B")
+
+    def decode(self, req: Request) -> wire.Activation:
+        """Turn a raw input into an activation at full channel width (BadMessage if malformed)."""
+        self.check_size(req.payload)
+        if self.is_first:
+            request_id, capture_ts = frame_metadata(req)
+            return wire.Activation(request_id, req.camera_id or "unknown", capture_ts,
+                                   self.assignment.first_block, decode_frame(req.payload))
+        act = wire.decode(req.payload)
+        if act.next_block != self.assignment.first_block:
+            raise BadMessage("stale_placement", f"activation for block {act.next_block} reached a stage "
+                             f"starting at block {self.assignment.first_block} (placement changed?)")
+        return act
+
+    def run(self, req: Request, started_ts: float) -> Output:
+        act = self.decode(req)
+        x = torch.from_numpy(np.ascontiguousarray(act.full_tensor(), dtype=np.float32))
+        t0 = time.perf_counter()
+        out, keep_mask = self.slice.forward(x)
+        compute_s = time.perf_counter() - t0
+        finished_ts = started_ts + compute_s
+        hop = dict(stage=self.assignment.stage, node_id=self.node_id, prune_ratio=self.slice.ratio,
+                   received_ts=req.received_ts, started_ts=started_ts, finished_ts=finished_ts)
+        if self.is_last:
+            probs = torch.softmax(out.float(), dim=1)[0]
+            index = int(torch.argmax(probs))
+            result = Result(request_id=act.request_id, camera_id=act.camera_id, capture_ts=act.capture_ts,
+                            label=CLASS_NAMES[index] if index < len(CLASS_NAMES) else str(index),
+                            label_index=index, confidence=float(probs[index]),
+                            hops=[*act.hops, Hop(**hop, published_ts=time.time())])
+            payload = to_json(result)
+        else:
+            nxt = wire.Activation(act.request_id, act.camera_id, act.capture_ts,
+                                  self.assignment.last_block + 1, out.numpy().astype(self.wire_dtype),
+                                  keep_mask, [*act.hops, Hop(**hop, published_ts=time.time())])
+            payload = wire.encode(nxt)
+        return Output(self.output_topic, payload, act.request_id, compute_s)
