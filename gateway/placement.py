@@ -1,0 +1,504 @@
+"""Where each slice of the model runs: an exact bottleneck-minimising partitioner and its baselines.
+
+Pure functions, no I/O, so the gateway can re-plan on every membership change and the
+benchmark can call the same code millions of times.
+
+Cost model (one frame in flight per stage; CPU and network interface work in parallel, so a
+stage's throughput is limited by the slower of the two):
+
+* compute of a stage = sum of its blocks' latencies measured *on its device*;
+* transfer out of a stage = bytes of its last block's output / bandwidth of the link from its
+  device to the next stage's device; the last stage sends its output to the ``GATEWAY``;
+* the frame upload = ``frame_bytes`` / bandwidth of the link from the ``CAMERA`` to stage 1;
+* a link's bandwidth is the *sending* endpoint's uplink (``Device.bandwidth_bps``, or
+  ``Problem.camera_bandwidth_bps``) unless ``Problem.links`` gives that (sender, receiver) pair;
+* memory of a stage = its blocks' parameter bytes + the largest peak activation of its blocks,
+  and must not exceed the device's cap.
+
+bottleneck = max(frame upload, every stage's compute, every stage's transfer out); the frame
+rate the pipeline sustains is 1 / bottleneck.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+import numpy as np
+
+from shared.profiling import CAMERA, GATEWAY, MB, BlockProfile
+from shared.schemas import Placement, StageAssignment
+
+# Array elements the DP may touch (multisets x types x (blocks+1)^2): about 10 s of numpy.
+MAX_DP_WORK = 2_000_000_000
+
+
+class InfeasiblePlacement(ValueError):
+    """No assignment of slices to devices respects the memory caps (the message says what does not fit)."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """The device-independent cost of one model block."""
+
+    name: str
+    param_bytes: int
+    activation_bytes: int
+    output_bytes: int
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    memory_bytes: int
+    bandwidth_bps: float  # uplink, bytes/s: what everything this device sends travels at by default
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything the planner needs; validated on construction so solvers can trust it."""
+
+    blocks: tuple[Block, ...]
+    devices: tuple[Device, ...]
+    compute_s: Mapping[str, Sequence[float]]  # device id -> seconds per block, on that device
+    frame_bytes: int
+    camera_bandwidth_bps: float
+    links: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (sender, receiver) -> bytes/s
+
+    def __post_init__(self) -> None:
+        if not self.blocks:
+            raise ValueError("the model has no blocks")
+        if not self.devices:
+            raise ValueError("no devices to place the model on")
+        ids = [d.id for d in self.devices]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"device ids must be unique: {ids}")
+        if {CAMERA, GATEWAY} & set(ids):
+            raise ValueError(f"'{CAMERA}' and '{GATEWAY}' are reserved link endpoints, not device ids")
+        for device in self.devices:
+            if device.memory_bytes <= 0 or not device.bandwidth_bps > 0:
+                raise ValueError(f"device {device.id}: memory and bandwidth must be positive")
+            times = self.compute_s.get(device.id)
+            if times is None:
+                raise ValueError(f"no compute times for device {device.id}")
+            if len(times) != len(self.blocks):
+                raise ValueError(f"device {device.id} has {len(times)} compute times for {len(self.blocks)} blocks")
+            if not all(math.isfinite(t) and t >= 0 for t in times):
+                raise ValueError(f"device {device.id}: compute times must be finite and >= 0")
+        if self.frame_bytes < 0 or not self.camera_bandwidth_bps > 0:
+            raise ValueError("frame_bytes must be >= 0 and camera_bandwidth_bps > 0")
+        for (sender, receiver), bandwidth in self.links.items():
+            if sender not in ids + [CAMERA] or receiver not in ids + [GATEWAY] or sender == receiver:
+                raise ValueError(f"link {sender}->{receiver}: unknown endpoint (devices, '{CAMERA}' as "
+                                 f"sender, '{GATEWAY}' as receiver)")
+            if not bandwidth > 0:
+                raise ValueError(f"link {sender}->{receiver}: bandwidth must be positive")
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    def bandwidth(self, sender: str, receiver: str) -> float:
+        default = self.camera_bandwidth_bps if sender == CAMERA else self._device[sender].bandwidth_bps
+        return self.links.get((sender, receiver), default)
+
+    def bytes_into(self, start: int) -> int:
+        """Bytes a stage starting at block ``start`` receives (the frame for block 0)."""
+        return self.frame_bytes if start == 0 else self.blocks[start - 1].output_bytes
+
+    def compute(self, device: str, start: int, end: int) -> float:
+        """Seconds for blocks ``start..end-1`` on ``device`` (prefix sums, so every solver agrees exactly)."""
+        prefix = self._compute_prefix[device]
+        return float(prefix[end] - prefix[start])
+
+    def memory(self, start: int, end: int) -> int:
+        return int(self._param_prefix[end] - self._param_prefix[start]) + max(
+            b.activation_bytes for b in self.blocks[start:end])
+
+    def without_compute(self) -> Problem:
+        """The same cluster with free compute: what a communication-only planner optimises."""
+        return replace(self, compute_s={d.id: [0.0] * self.n_blocks for d in self.devices})
+
+    @cached_property
+    def _device(self) -> dict[str, Device]:
+        return {d.id: d for d in self.devices}
+
+    @cached_property
+    def _compute_prefix(self) -> dict[str, np.ndarray]:
+        return {d: np.concatenate([[0.0], np.cumsum(np.asarray(t, dtype=np.float64))])
+                for d, t in self.compute_s.items()}
+
+    @cached_property
+    def _param_prefix(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([b.param_bytes for b in self.blocks], dtype=np.int64)])
+
+
+@dataclass(frozen=True)
+class Stage:
+    device: str
+    first_block: int
+    last_block: int  # inclusive, as in shared.schemas.StageAssignment
+    compute_s: float
+    transfer_s: float  # its output to the next stage (the last stage: to the gateway)
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    bottleneck_s: float
+    frame_upload_s: float
+    stages: tuple[Stage, ...]
+
+    def to_placement(self, version: int, model: str, issued_at: float) -> Placement:
+        """What the gateway publishes retained (validated by the schema: contiguous, distinct nodes)."""
+        return Placement(
+            version=version, model=model, n_blocks=self.stages[-1].last_block + 1, issued_at=issued_at,
+            bottleneck_s=self.bottleneck_s,
+            stages=[StageAssignment(stage=k, node_id=s.device, first_block=s.first_block, last_block=s.last_block)
+                    for k, s in enumerate(self.stages, start=1)])
+
+    def to_dict(self) -> dict:
+        return {
+            "bottleneck_s": self.bottleneck_s,
+            "frame_upload_s": self.frame_upload_s,
+            "stages": [{"device": s.device, "blocks": [s.first_block, s.last_block], "compute_s": s.compute_s,
+                        "transfer_s": s.transfer_s, "memory_bytes": s.memory_bytes} for s in self.stages],
+        }
+
+
+def evaluate(problem: Problem, assignment: Sequence[tuple[str, int, int]]) -> Plan:
+    """Cost of ``(device, first_block, last_block)`` stages; the one cost function every solver is judged by."""
+    if not assignment:
+        raise ValueError("a plan needs at least one stage")
+    devices = [device for device, _, _ in assignment]
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"a device appears in two stages: {devices}")
+    expected = 0
+    for device, first, last in assignment:
+        if device not in problem._device:
+            raise ValueError(f"unknown device {device}")
+        if first != expected or last < first:
+            raise ValueError(f"stages must cover blocks contiguously from 0; got {first}..{last} after {expected - 1}")
+        expected = last + 1
+    if expected != problem.n_blocks:
+        raise ValueError(f"stages cover blocks 0..{expected - 1} but the model has {problem.n_blocks}")
+
+    stages = []
+    receivers = devices[1:] + [GATEWAY]
+    for (device, first, last), receiver in zip(assignment, receivers):
+        memory = problem.memory(first, last + 1)
+        cap = problem._device[device].memory_bytes
+        if memory > cap:
+            raise InfeasiblePlacement(f"blocks {first}..{last} need {memory / MB:.1f} MB but device {device} "
+                                      f"has {cap / MB:.1f} MB")
+        stages.append(Stage(device, first, last, problem.compute(device, first, last + 1),
+                            problem.bytes_into(last + 1) / problem.bandwidth(device, receiver), memory))
+    frame_upload = problem.frame_bytes / problem.bandwidth(CAMERA, devices[0])
+    bottleneck = max([frame_upload] + [max(s.compute_s, s.transfer_s) for s in stages])
+    return Plan(bottleneck, frame_upload, tuple(stages))
+
+
+def plan_pipeline(profile_by_device: Mapping[str, Sequence[BlockProfile]], devices: Sequence[Device],
+                  frame_bytes: int, camera_bandwidth_bps: float,
+                  links: Mapping[tuple[str, str], float] | None = None) -> Plan:
+    """The optimal plan from each device's own profile (the gateway's entry point)."""
+    return optimal_plan(problem_from_profiles(profile_by_device, devices, frame_bytes, camera_bandwidth_bps, links))
+
+
+def problem_from_profiles(profile_by_device: Mapping[str, Sequence[BlockProfile]], devices: Sequence[Device],
+                          frame_bytes: int, camera_bandwidth_bps: float,
+                          links: Mapping[tuple[str, str], float] | None = None) -> Problem:
+    """Merge per-device profiles; they must describe the same blocks (latency is the only per-device part)."""
+    if not devices:
+        raise ValueError("no devices to place the model on")
+    missing = [d.id for d in devices if d.id not in profile_by_device]
+    if missing:
+        raise ValueError(f"no profile for device(s) {', '.join(missing)}")
+    reference_id = devices[0].id
+    reference = profile_by_device[reference_id]
+    blocks = tuple(Block(p.name, p.param_bytes, p.activation_bytes, p.output_bytes) for p in reference)
+    for device in devices[1:]:
+        other = tuple(Block(p.name, p.param_bytes, p.activation_bytes, p.output_bytes)
+                      for p in profile_by_device[device.id])
+        if other != blocks:
+            raise ValueError(f"profiles of {device.id} and {reference_id} describe different blocks "
+                             f"(another model or model version?)")
+    return Problem(blocks, tuple(devices), {d.id: [p.latency_s for p in profile_by_device[d.id]] for d in devices},
+                   frame_bytes, camera_bandwidth_bps, dict(links or {}))
+
+
+# --- the exact solver --------------------------------------------------------------------------------
+
+
+def device_types(problem: Problem) -> list[list[str]]:
+    """Groups of devices that are interchangeable in *every* respect the cost model sees.
+
+    Merging devices that merely share a compute profile (but differ in memory cap, uplink or a
+    link) would let the DP cost a stage with one host's numbers and run it on another's: the
+    PipeEdge bug class. Two devices join a group only if swapping them leaves the problem
+    unchanged; transpositions generate every permutation, so a whole group is interchangeable.
+    """
+    groups: list[list[str]] = []
+    for device in problem.devices:
+        group = next((g for g in groups if all(_interchangeable(problem, device.id, other) for other in g)), None)
+        if group is None:
+            groups.append([device.id])
+        else:
+            group.append(device.id)
+    return groups
+
+
+def _interchangeable(problem: Problem, a: str, b: str) -> bool:
+    da, db = problem._device[a], problem._device[b]
+    if (da.memory_bytes, da.bandwidth_bps) != (db.memory_bytes, db.bandwidth_bps):
+        return False
+    if tuple(problem.compute_s[a]) != tuple(problem.compute_s[b]):
+        return False
+    if problem.bandwidth(a, b) != problem.bandwidth(b, a):
+        return False
+    others = [d.id for d in problem.devices if d.id not in (a, b)]
+    return (all(problem.bandwidth(a, x) == problem.bandwidth(b, x) for x in others + [GATEWAY])
+            and all(problem.bandwidth(x, a) == problem.bandwidth(x, b) for x in others + [CAMERA]))
+
+
+def optimal_plan(problem: Problem) -> Plan:
+    """The minimum-bottleneck plan: a min-max DP over (blocks placed, multiset of device types used, last type).
+
+    ``best[c][s][i]`` = the smallest bottleneck of placing blocks ``0..i-1`` with the multiset
+    ``c`` of types, the last stage on type ``s``, not yet counting that stage's output transfer
+    (it depends on the next stage's device). A new stage of type ``t`` over blocks ``i..j-1``:
+    ``max(best[c][s][i], transfer s->t of block i-1's output, compute/memory of i..j-1 on t)``.
+    Minimising over ``s`` first leaves one min-max matrix product per (c, t), vectorised in numpy.
+    States: at most prod(count_t + 1) multisets with at most n_blocks stages; time
+    O(states * types * n_blocks^2).
+    """
+    _check_every_block_fits(problem)
+    groups = device_types(problem)
+    n_types, n_blocks = len(groups), problem.n_blocks
+    counts = np.array([len(g) for g in groups], dtype=np.int64)
+    work = _dp_work(counts, n_blocks)
+    if work > MAX_DP_WORK:
+        raise ValueError(f"{len(problem.devices)} devices form {n_types} distinct types: the exact search would "
+                         f"touch {work:.2g} array elements (limit {MAX_DP_WORK:.2g}); give near-identical "
+                         f"devices identical profiles, caps and bandwidths so they merge")
+    strides = np.concatenate([[1], np.cumprod(counts + 1)[:-1]]).astype(np.int64)
+    stage_cost = [_stage_cost_matrix(problem, g[0]) for g in groups]
+    transfer = _transfer_costs(problem, groups)  # [sender type (n_types = camera), receiver type, start block]
+
+    layers = [_Layer(codes=np.zeros(1, dtype=np.int64), senders=np.array([n_types]),
+                     best=np.where(np.arange(n_blocks + 1) == 0, 0.0, np.inf)[None, None, :])]
+    for _ in range(min(len(problem.devices), n_blocks)):
+        layers.append(_next_layer(layers[-1], counts, strides, stage_cost, transfer))
+
+    to_gateway = np.array([problem.blocks[-1].output_bytes / problem.bandwidth(g[0], GATEWAY) for g in groups])
+    best_value, best_at = math.inf, None
+    for k, layer in enumerate(layers[1:], start=1):
+        finished = np.maximum(layer.best[:, :, n_blocks], to_gateway[None, :])
+        if finished.size and finished.min() < best_value:
+            best_value = float(finished.min())
+            best_at = (k, *np.unravel_index(int(finished.argmin()), finished.shape))
+    if best_at is None:
+        raise InfeasiblePlacement(_shortfall_message(problem, layers))
+    plan = evaluate(problem, _backtrack(layers, best_at, groups, strides, n_blocks))
+    assert math.isclose(plan.bottleneck_s, best_value, rel_tol=1e-9, abs_tol=1e-15), "DP and evaluate disagree"
+    return plan
+
+
+def _dp_work(counts: np.ndarray, n_blocks: int) -> int:
+    """Multisets of at most ``n_blocks`` devices (a plan never has more stages) x types x (n_blocks + 1)^2."""
+    by_size = [1] + [0] * n_blocks  # by_size[k] = multisets of k devices
+    for count in counts:
+        by_size = [sum(by_size[k - m] for m in range(min(int(count), k) + 1)) for k in range(n_blocks + 1)]
+    return sum(by_size) * len(counts) * (n_blocks + 1) ** 2
+
+
+@dataclass
+class _Layer:
+    """All DP states that use the same number of devices."""
+
+    codes: np.ndarray  # mixed-radix code of each multiset of types, sorted
+    senders: np.ndarray  # type index of the last stage for axis 1 of ``best`` (n_types = the camera)
+    best: np.ndarray  # [state, sender, blocks placed] -> bottleneck so far
+    came_from_block: np.ndarray | None = None  # [state, sender, blocks placed] -> start of the last stage
+    came_from_sender: np.ndarray | None = None  # ... -> type of the stage before it
+
+
+def _next_layer(layer: _Layer, counts: np.ndarray, strides: np.ndarray, stage_cost: list[np.ndarray],
+                transfer: np.ndarray) -> _Layer:
+    n_types, width = len(counts), layer.best.shape[2]
+    digits = (layer.codes[:, None] // strides[None, :]) % (counts + 1)[None, :]
+    children = np.unique(np.concatenate([layer.codes[digits[:, t] < counts[t]] + strides[t]
+                                         for t in range(n_types)]))
+    best = np.full((len(children), n_types, width), np.inf)
+    from_block = np.zeros(best.shape, dtype=np.int16)
+    from_sender = np.zeros(best.shape, dtype=np.int16)
+    chunk = max(1, 4_000_000 // (width * width))
+    for t in range(n_types):
+        parents = np.flatnonzero(digits[:, t] < counts[t])
+        for start in range(0, len(parents), chunk):
+            rows = parents[start:start + chunk]
+            # Entering a stage of type t at block i, from whichever sender type is cheapest.
+            entering = np.maximum(layer.best[rows], transfer[layer.senders, t][None, :, :])
+            sender = entering.argmin(axis=1)
+            entering = np.take_along_axis(entering, sender[:, None, :], axis=1)[:, 0, :]
+            total = np.maximum(entering[:, :, None], stage_cost[t][None, :, :])  # [row, i, j]
+            start_block = total.argmin(axis=1)
+            target = np.searchsorted(children, layer.codes[rows] + strides[t])
+            best[target, t] = np.take_along_axis(total, start_block[:, None, :], axis=1)[:, 0, :]
+            from_block[target, t] = start_block
+            from_sender[target, t] = layer.senders[np.take_along_axis(sender, start_block, axis=1)]
+    return _Layer(children, np.arange(n_types), best, from_block, from_sender)
+
+
+def _backtrack(layers: list[_Layer], best_at: tuple[int, int, int], groups: list[list[str]],
+               strides: np.ndarray, end: int) -> list[tuple[str, int, int]]:
+    k, state, sender = best_at
+    typed_stages = []
+    while k > 0:
+        layer = layers[k]
+        start = int(layer.came_from_block[state, sender, end])
+        typed_stages.append((int(sender), start, end - 1))
+        code = layer.codes[state] - strides[sender]
+        sender = int(layer.came_from_sender[state, sender, end])
+        k, end = k - 1, start
+        state = int(np.searchsorted(layers[k].codes, code))
+    unused = [list(g) for g in groups]  # any member of a type is as good as any other
+    return [(unused[t].pop(0), first, last) for t, first, last in reversed(typed_stages)]
+
+
+def _stage_cost_matrix(problem: Problem, device: str) -> np.ndarray:
+    """[i, j] = compute of blocks i..j-1 on ``device``, or inf if j <= i or they do not fit its memory."""
+    n = problem.n_blocks
+    cost = np.full((n + 1, n + 1), np.inf)
+    prefix = problem._compute_prefix[device]
+    cap = problem._device[device].memory_bytes
+    params = problem._param_prefix
+    activations = np.array([b.activation_bytes for b in problem.blocks], dtype=np.int64)
+    for i in range(n):
+        memory = params[i + 1:] - params[i] + np.maximum.accumulate(activations[i:])
+        fits = memory <= cap
+        cost[i, i + 1:] = np.where(fits, prefix[i + 1:] - prefix[i], np.inf)
+    return cost
+
+
+def _transfer_costs(problem: Problem, groups: list[list[str]]) -> np.ndarray:
+    """[sender type or camera, receiver type, i] = seconds to send what block i needs (frame if i = 0)."""
+    n_types = len(groups)
+    incoming = np.array([problem.bytes_into(i) for i in range(problem.n_blocks + 1)], dtype=np.float64)
+    senders = [g[0] for g in groups] + [CAMERA]
+    cost = np.empty((n_types + 1, n_types, problem.n_blocks + 1))
+    for s, sender in enumerate(senders):
+        for t, group in enumerate(groups):
+            # Within one type the link goes to *another* member; every member pair has the same bandwidth.
+            receiver = next((member for member in group if member != sender), None)
+            cost[s, t] = np.inf if receiver is None else incoming / problem.bandwidth(sender, receiver)
+    return cost
+
+
+def _check_every_block_fits(problem: Problem) -> None:
+    largest = max(problem.devices, key=lambda d: d.memory_bytes)
+    for index, block in enumerate(problem.blocks):
+        need = block.param_bytes + block.activation_bytes
+        if need > largest.memory_bytes:
+            raise InfeasiblePlacement(
+                f"block {index} ({block.name}) needs {need / MB:.1f} MB but the largest device cap is "
+                f"{largest.memory_bytes / MB:.1f} MB ({largest.id})")
+
+
+def _shortfall_message(problem: Problem, layers: list[_Layer]) -> str:
+    reached = max(int(np.flatnonzero(np.isfinite(layer.best).any(axis=(0, 1))).max(initial=0)) for layer in layers)
+    block = problem.blocks[reached]
+    return (f"the memory caps do not fit the model on {len(problem.devices)} device(s): at best blocks "
+            f"0..{reached - 1} fit, block {reached} ({block.name}) and later would need more devices or memory "
+            f"(total caps {sum(d.memory_bytes for d in problem.devices) / MB:.1f} MB)")
+
+
+# --- the reference and the baselines -------------------------------------------------------------------
+
+
+def exhaustive_plan(problem: Problem, must_beat: float = math.inf) -> Plan | None:
+    """Try every device order and cut (branch and bound on the running bottleneck), for verification only.
+
+    Returns the best plan strictly below ``must_beat``, or None. It shares nothing with the DP
+    but :func:`evaluate`'s cost terms: no device types, no matrices. Exponential in devices.
+    """
+    n = problem.n_blocks
+    ids = [d.id for d in problem.devices]
+    best: list = [must_beat, None]
+
+    def extend(start: int, sender: str, worst: float, used: list[tuple[str, int, int]]) -> None:
+        taken = {device for device, _, _ in used}
+        for device in ids:
+            if device in taken:
+                continue
+            entering = max(worst, problem.bytes_into(start) / problem.bandwidth(sender, device))
+            for end in range(start + 1, n + 1):
+                if problem.memory(start, end) > problem._device[device].memory_bytes:
+                    break
+                so_far = max(entering, problem.compute(device, start, end))
+                if so_far >= best[0]:
+                    break  # compute only grows with more blocks
+                stages = used + [(device, start, end - 1)]
+                if end == n:
+                    total = max(so_far, problem.blocks[-1].output_bytes / problem.bandwidth(device, GATEWAY))
+                    if total < best[0]:
+                        best[:] = [total, stages]
+                else:
+                    extend(end, device, so_far, stages)
+
+    extend(0, CAMERA, 0.0, [])
+    return None if best[1] is None else evaluate(problem, best[1])
+
+
+def random_plan(problem: Problem, rng: random.Random, attempts: int = 100) -> Plan:
+    """Every device gets a random slice in a random order (as an uninformed deployment would)."""
+    n_stages = min(len(problem.devices), problem.n_blocks)
+    for _ in range(attempts):
+        order = rng.sample([d.id for d in problem.devices], n_stages)
+        cuts = sorted(rng.sample(range(1, problem.n_blocks), n_stages - 1))
+        try:
+            return evaluate(problem, _stages_from_cuts(order, cuts, problem.n_blocks))
+        except InfeasiblePlacement:
+            continue
+    raise InfeasiblePlacement(f"no random placement out of {attempts} fits the memory caps")
+
+
+def greedy_plan(problem: Problem) -> Plan:
+    """Devices in listed order, each filled up to an equal share of the work in its own time, within memory."""
+    share = 1 / len(problem.devices) + 1e-9  # so float rounding does not cost an exactly equal share a block
+    assignment, start = [], 0
+    for position, device in enumerate(problem.devices):
+        if start == problem.n_blocks:
+            break
+        total = problem.compute(device.id, 0, problem.n_blocks) or 1.0
+        last_device = position == len(problem.devices) - 1
+        end = start + 1
+        while end < problem.n_blocks and problem.memory(start, end + 1) <= device.memory_bytes and (
+                last_device or problem.compute(device.id, start, end + 1) / total <= share):
+            end += 1
+        assignment.append((device.id, start, end - 1))
+        start = end
+    if start < problem.n_blocks:
+        raise InfeasiblePlacement(f"greedy filling stopped at block {start}: out of devices")
+    return evaluate(problem, assignment)
+
+
+def communication_plan(problem: Problem) -> Plan:
+    """SEIFER-style: cuts and order that minimise the slowest transfer within memory, blind to compute."""
+    chosen = optimal_plan(problem.without_compute())
+    return evaluate(problem, [(s.device, s.first_block, s.last_block) for s in chosen.stages])
+
+
+def _stages_from_cuts(order: Sequence[str], cuts: Sequence[int], n_blocks: int) -> list[tuple[str, int, int]]:
+    bounds = [0, *cuts, n_blocks]
+    return [(device, first, end - 1) for device, first, end in zip(order, bounds, bounds[1:])]
+
+
+BASELINES = {
+    "random": lambda problem, rng: random_plan(problem, rng),
+    "greedy": lambda problem, rng: greedy_plan(problem),
+    "seifer-style": lambda problem, rng: communication_plan(problem),
+}

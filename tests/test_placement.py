@@ -1,0 +1,258 @@
+"""The partitioner is exact (equal to brute force), respects memory, and never confuses hosts of one type."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgeprune.commands import place
+from gateway.placement import (BASELINES, CAMERA, GATEWAY, MB, Block, Device, InfeasiblePlacement, Problem,
+                               device_types, evaluate, exhaustive_plan, greedy_plan, optimal_plan, plan_pipeline)
+from shared.profiling import BlockProfile, CameraSpec, ClusterSpec, DeviceSpec, ModelProfile, save_profile
+from shared.schemas import Placement, parse_json, to_json
+
+
+def brute_force(problem: Problem) -> float | None:
+    """Every device order x every composition of the blocks; the oracle, as plain as possible."""
+    n = problem.n_blocks
+    ids = [d.id for d in problem.devices]
+    best = None
+    for k in range(1, min(len(ids), n) + 1):
+        for order in itertools.permutations(ids, k):
+            for cuts in itertools.combinations(range(1, n), k - 1):
+                bounds = [0, *cuts, n]
+                try:
+                    value = evaluate(problem, [(d, a, b - 1) for d, a, b in zip(order, bounds, bounds[1:])]).bottleneck_s
+                except InfeasiblePlacement:
+                    continue
+                best = value if best is None else min(best, value)
+    return best
+
+
+@st.composite
+def problems(draw, max_devices: int = 4, max_blocks: int = 6) -> Problem:
+    """Small clusters built from a few hardware kinds; hosts of one kind get their own caps and links.
+
+    Sharing a compute profile while differing in memory cap, uplink or a link is the case a
+    per-type index gets wrong, so it is drawn often.
+    """
+    n_blocks = draw(st.integers(1, max_blocks))
+    n_devices = draw(st.integers(1, max_devices))
+    sizes = st.integers(0, 4)
+    blocks = tuple(Block(f"b{i}", draw(sizes) * MB, draw(sizes) * MB, draw(st.integers(1, 8)) * 1000)
+                   for i in range(n_blocks))
+    times = st.lists(st.sampled_from([0.0, 1e-3, 2e-3, 3e-3, 5e-3, 8e-3]), min_size=n_blocks, max_size=n_blocks)
+    kinds = draw(st.lists(times, min_size=1, max_size=n_devices))
+    caps = st.sampled_from([4 * MB, 8 * MB, 20 * MB])
+    bandwidths = st.sampled_from([1e6, 4e6])
+    devices, compute = [], {}
+    for index in range(n_devices):
+        device = Device(f"host{index}", draw(caps), draw(bandwidths))
+        devices.append(device)
+        compute[device.id] = draw(st.sampled_from(kinds))
+    ids = [d.id for d in devices]
+    pairs = [(a, b) for a in ids + [CAMERA] for b in ids + [GATEWAY] if a != b]
+    link_bandwidths = st.sampled_from([1e3, 1e6, 4e6])
+    links = draw(st.dictionaries(st.sampled_from(pairs), link_bandwidths, max_size=3))
+    if n_devices > 1:  # a link both ways keeps identical hosts one type, with a link of their own
+        mutual = draw(st.dictionaries(st.sampled_from(list(itertools.combinations(ids, 2))), link_bandwidths,
+                                      max_size=2))
+        links |= {pair: bw for (a, b), bw in mutual.items() for pair in ((a, b), (b, a))}
+    return Problem(blocks, tuple(devices), compute, draw(st.integers(0, 8)) * 1000, draw(bandwidths), links)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_optimal_plan_equals_brute_force(problem: Problem) -> None:
+    expected = brute_force(problem)
+    if expected is None:
+        with pytest.raises(InfeasiblePlacement):
+            optimal_plan(problem)
+    else:
+        assert optimal_plan(problem).bottleneck_s == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+@settings(max_examples=100, deadline=None)
+@given(problems(max_devices=3, max_blocks=5))
+def test_exhaustive_reference_equals_brute_force(problem: Problem) -> None:
+    """The benchmark verifies the DP with exhaustive_plan on larger instances, so it must be right too."""
+    expected = brute_force(problem)
+    found = exhaustive_plan(problem)
+    assert (found is None) == (expected is None)
+    if found is not None:
+        assert found.bottleneck_s == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        assert exhaustive_plan(problem, must_beat=found.bottleneck_s) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(problems(), st.integers(0, 2**32 - 1))
+def test_plans_respect_memory_and_baselines_never_beat_the_optimum(problem: Problem, seed: int) -> None:
+    try:
+        best = optimal_plan(problem)
+    except InfeasiblePlacement:
+        return
+    caps = {d.id: d.memory_bytes for d in problem.devices}
+    for stage in best.stages:
+        assert problem.memory(stage.first_block, stage.last_block + 1) == stage.memory_bytes <= caps[stage.device]
+    for name, baseline in BASELINES.items():
+        try:
+            plan = baseline(problem, random.Random(seed))
+        except InfeasiblePlacement:
+            continue
+        assert plan.bottleneck_s >= best.bottleneck_s * (1 - 1e-12), name
+
+
+def uniform_problem(caps_mb: list[float], compute_ms: list[float], bandwidth: float = 1e9,
+                    params_mb: list[float] | None = None, **kwargs) -> Problem:
+    """Hosts with one shared compute profile (one hardware kind) but their own memory caps."""
+    params = params_mb or [1.0] * len(compute_ms)
+    blocks = tuple(Block(f"stage{i}", int(p * MB), 0, 1000) for i, p in enumerate(params))
+    devices = tuple(Device(f"pi-{i}", int(cap * MB), bandwidth) for i, cap in enumerate(caps_mb))
+    compute = {d.id: [t / 1e3 for t in compute_ms] for d in devices}
+    return Problem(blocks, devices, compute, frame_bytes=1000, camera_bandwidth_bps=1e9, **kwargs)
+
+
+def test_hosts_of_one_kind_with_different_caps_are_different_types() -> None:
+    problem = uniform_problem([10, 3, 3, 10, 3], [1, 1, 1])
+    assert sorted(map(sorted, device_types(problem))) == [["pi-0", "pi-3"], ["pi-1", "pi-2", "pi-4"]]
+
+
+def test_a_link_or_uplink_difference_splits_a_type() -> None:
+    problem = uniform_problem([5, 5, 5, 5], [1, 1], links={("pi-2", GATEWAY): 10.0, (CAMERA, "pi-3"): 10.0})
+    assert sorted(map(sorted, device_types(problem))) == [["pi-0", "pi-1"], ["pi-2"], ["pi-3"]]
+
+
+def test_big_block_goes_to_the_one_host_that_can_hold_it() -> None:
+    """Costing a stage with the type's first host and running it on another is the PipeEdge bug class."""
+    problem = uniform_problem([2, 2, 6, 2], [4, 4, 4, 4], params_mb=[1, 1, 5, 1])
+    plan = optimal_plan(problem)
+    holder = next(s for s in plan.stages if s.first_block <= 2 <= s.last_block)
+    assert holder.device == "pi-2"
+    assert plan.bottleneck_s == pytest.approx(4e-3)
+    assert len(plan.stages) == 4
+
+
+def test_several_hosts_per_type_are_all_used_when_it_pays() -> None:
+    blocks_ms = [3, 1, 2, 2, 1, 3, 2, 2]
+    problem = uniform_problem([4, 4, 4, 9, 9, 9], blocks_ms)
+    plan = optimal_plan(problem)
+    assert plan.bottleneck_s == pytest.approx(max(blocks_ms) / 1e3)
+    assert len({s.device for s in plan.stages}) == len(plan.stages) == 6
+
+
+def test_a_block_too_big_for_every_device_is_named() -> None:
+    problem = uniform_problem([128, 64], [1, 1, 1, 1], params_mb=[1, 1, 1, 210])
+    with pytest.raises(InfeasiblePlacement, match=r"block 3 \(stage3\) needs 210.0 MB but the largest device cap "
+                                                  r"is 128.0 MB \(pi-0\)"):
+        optimal_plan(problem)
+
+
+def test_too_few_devices_names_the_first_block_that_does_not_fit() -> None:
+    problem = uniform_problem([3, 3], [1, 1, 1, 1, 1], params_mb=[1, 1, 1, 2, 2])
+    with pytest.raises(InfeasiblePlacement, match=r"blocks 0..3 fit, block 4 \(stage4\)"):
+        optimal_plan(problem)
+
+
+def test_unused_devices_are_allowed() -> None:
+    """A slow link between the devices makes a second stage a loss: the plan keeps everything on one."""
+    problem = uniform_problem([10, 10], [1, 1], links={("pi-0", "pi-1"): 1e3, ("pi-1", "pi-0"): 1e3})
+    plan = optimal_plan(problem)
+    assert len(plan.stages) == 1
+    assert plan.bottleneck_s == pytest.approx(2e-3)
+
+
+def test_frame_upload_and_gateway_transfer_are_terms_of_the_bottleneck() -> None:
+    problem = uniform_problem([10], [1], links={(CAMERA, "pi-0"): 100.0})
+    plan = optimal_plan(problem)
+    assert plan.frame_upload_s == pytest.approx(10.0)
+    assert plan.bottleneck_s == pytest.approx(10.0)
+
+
+def test_plan_converts_to_a_valid_placement() -> None:
+    plan = optimal_plan(uniform_problem([4, 4, 4], [3, 1, 2, 2, 1]))
+    placement = plan.to_placement(version=7, model="trapnet", issued_at=123.0)
+    assert parse_json(Placement, to_json(placement)) == placement
+    assert [(s.node_id, s.first_block, s.last_block) for s in placement.stages] == [
+        (s.device, s.first_block, s.last_block) for s in plan.stages]
+    assert placement.n_blocks == 5 and placement.bottleneck_s == plan.bottleneck_s
+
+
+def test_evaluate_rejects_gaps_and_repeated_devices() -> None:
+    problem = uniform_problem([4, 4], [1, 1, 1])
+    with pytest.raises(ValueError, match="contiguously"):
+        evaluate(problem, [("pi-0", 0, 0), ("pi-1", 2, 2)])
+    with pytest.raises(ValueError, match="two stages"):
+        evaluate(problem, [("pi-0", 0, 0), ("pi-0", 1, 2)])
+
+
+def test_greedy_fills_devices_in_order_up_to_an_equal_share() -> None:
+    plan = greedy_plan(uniform_problem([10, 10, 10], [1, 1, 1, 1, 1, 1]))
+    assert [(s.device, s.first_block, s.last_block) for s in plan.stages] == [
+        ("pi-0", 0, 1), ("pi-1", 2, 3), ("pi-2", 4, 5)]
+
+
+def profile(latencies_ms: list[float], params_mb: list[float]) -> list[BlockProfile]:
+    return [BlockProfile(name=f"b{i}", latency_s=t / 1e3, param_bytes=int(p * MB), activation_bytes=0,
+                         output_bytes=100) for i, (t, p) in enumerate(zip(latencies_ms, params_mb))]
+
+
+def test_plan_pipeline_uses_each_devices_own_profile() -> None:
+    """The fast host takes the heavy block even though it is listed last."""
+    devices = [Device("slow", 10 * MB, 1e9), Device("fast", 10 * MB, 1e9)]
+    plan = plan_pipeline({"slow": profile([1, 9], [1, 1]), "fast": profile([1, 3], [1, 1])}, devices,
+                         frame_bytes=100, camera_bandwidth_bps=1e9)
+    assert [(s.device, s.first_block, s.last_block) for s in plan.stages] == [("slow", 0, 0), ("fast", 1, 1)]
+    assert plan.bottleneck_s == pytest.approx(3e-3)
+
+
+def test_plan_pipeline_rejects_profiles_of_different_models() -> None:
+    devices = [Device("a", 10 * MB, 1e9), Device("b", 10 * MB, 1e9)]
+    with pytest.raises(ValueError, match="different blocks"):
+        plan_pipeline({"a": profile([1, 1], [1, 1]), "b": profile([1, 1], [1, 2])}, devices, 100, 1e9)
+    with pytest.raises(ValueError, match="no profile for device"):
+        plan_pipeline({"a": profile([1, 1], [1, 1])}, devices, 100, 1e9)
+
+
+def test_problem_rejects_unknown_link_endpoints() -> None:
+    with pytest.raises(ValueError, match="unknown endpoint"):
+        uniform_problem([4], [1], links={("pi-0", "pi-9"): 1e6})
+
+
+def run_place(tmp_path, capsys, cluster: ClusterSpec, *flags: str) -> tuple[int, str, str]:
+    save_profile(ModelProfile(model="m", host="h", threads=1, repeats=1, warmup=0, wire_dtype="float16",
+                              blocks=profile([2, 2, 2, 3], [1, 1, 1, 1])), tmp_path / "profile.json")
+    (tmp_path / "devices.json").write_text(cluster.model_dump_json(by_alias=True))
+    parser = argparse.ArgumentParser()
+    place.register(parser.add_subparsers())
+    args = parser.parse_args(["place", "--devices", str(tmp_path / "devices.json"),
+                              "--profile", str(tmp_path / "profile.json"), *flags])
+    code = args.func(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_place_command_prints_the_plan_as_json(tmp_path, capsys) -> None:
+    cluster = ClusterSpec(camera=CameraSpec(frame_bytes=1000, bandwidth_mbit_s=100), devices=[
+        DeviceSpec(id="pi-a", memory_mb=3, bandwidth_mbit_s=100),
+        DeviceSpec(id="pi-b", memory_mb=3, bandwidth_mbit_s=100, speed_factor=2.0)])
+    code, out, _ = run_place(tmp_path, capsys, cluster, "--json")
+    assert code == 0
+    plan = json.loads(out)
+    assert [s["device"] for s in plan["stages"]] == ["pi-a", "pi-b"]
+    assert [s["blocks"] for s in plan["stages"]] == [[0, 2], [3, 3]]  # 3 blocks fit in 3 MB
+    assert plan["bottleneck_s"] == pytest.approx(6e-3)  # pi-b computes at half speed: 2 x 3 ms
+
+
+def test_place_command_reports_what_does_not_fit(tmp_path, capsys) -> None:
+    cluster = ClusterSpec(camera=CameraSpec(frame_bytes=1000, bandwidth_mbit_s=100),
+                          devices=[DeviceSpec(id="pi-a", memory_mb=0.5, bandwidth_mbit_s=100)])
+    code, out, err = run_place(tmp_path, capsys, cluster)
+    assert code == 1 and out == ""
+    assert "block 0 (b0) needs 1.0 MB but the largest device cap is 0.5 MB" in err
+
