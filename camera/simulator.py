@@ -36,6 +36,12 @@ def synthetic_scene(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(frame, 0, 255).astype(np.uint8)
 
 
+def camera_frame(rng: np.random.Generator, size: int, image_format: str) -> bytes:
+    """The next encoded frame of a seeded camera (tests regenerate the same frames from the seed)."""
+    pixels = synthetic_scene(rng, size)
+    return encode_png(pixels) if image_format == "png" else encode_jpeg(pixels)
+
+
 def inter_arrivals(rate_hz: float, kind: str, rng: np.random.Generator) -> Iterator[float]:
     """Gaps between frames: constant, or exponential (a Poisson process) with the same mean."""
     while True:
@@ -50,23 +56,21 @@ class Camera:
         self.sent = 0
         self._stop = threading.Event()
 
-    def frame_bytes(self, rng: np.random.Generator) -> bytes:
-        pixels = synthetic_scene(rng, self.settings.size)
-        return encode_png(pixels) if self.settings.image_format == "png" else encode_jpeg(pixels)
 
     def run(self) -> int:
         """Publish until ``count`` frames are sent or :meth:`stop`; returns frames sent."""
         s = self.settings
-        rng = np.random.default_rng(s.seed)
+        scenes = np.random.default_rng(s.seed)
+        arrivals = np.random.default_rng([s.seed, 1])  # separate streams: frames don't depend on timing
         run_tag = f"{int(time.time() * 1000):x}"
         topic = self.topics.camera_frame(s.camera_id)
         self.bus.start()
         next_at = time.monotonic()
         last = None
-        for gap in inter_arrivals(s.rate_hz, s.arrival, rng):
+        for gap in inter_arrivals(s.rate_hz, s.arrival, arrivals):
             if self._stop.is_set() or (s.count and self.sent >= s.count):
                 break
-            payload = self.frame_bytes(rng)
+            payload = camera_frame(scenes, s.size, s.image_format)
             if self._stop.wait(max(0.0, next_at - time.monotonic())):
                 break
             last = self.bus.publish(topic, payload, qos=1, user={

@@ -65,6 +65,9 @@ class Gateway:
         self.bus.subscribe(self.topics.node_stats_filter, self._on_stats, qos=0)
         self.bus.subscribe(self.topics.errors_filter, self._on_error, qos=1)
         self.bus.on_connected = self.publish_placement
+        self.store.add_run({"started_ts": time.time(), "gateway_id": self.settings.gateway_id,
+                            "slo_s": self.settings.slo_s, "window_s": self.settings.window_s,
+                            "nodes": self.settings.nodes})
         self.store.add_placement({**self.placement.model_dump(exclude={"stages"}),
                                   "stages": [s.model_dump() for s in self.placement.stages]})
         self._ticker.start()

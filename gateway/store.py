@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sqlite_utils
 
 SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
@@ -37,6 +38,9 @@ SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
         "id": int, "ts": float, "component": str, "topic": str, "kind": str, "message": str,
         "request_id": str,
     }, {"pk": "id"}),
+    "runs": ({
+        "started_ts": float, "gateway_id": str, "slo_s": float, "window_s": float, "nodes": str,
+    }, {"pk": "started_ts"}),
     "placements": ({
         "version": int, "issued_at": float, "model": str, "n_blocks": int, "stages": str,
         "bottleneck_s": float,
@@ -82,6 +86,10 @@ class Store:
     def add_error(self, row: dict) -> None:
         self._buffer("errors", row)
 
+    def add_run(self, row: dict) -> None:
+        """One row per gateway start: the SLO and window the following rows are judged against."""
+        self._buffer("runs", dict(row, nodes=_json(row["nodes"])))
+
     def add_placement(self, row: dict) -> None:
         self._buffer("placements", dict(row, stages=_json(row["stages"])))
 
@@ -101,7 +109,7 @@ class Store:
                 if table == "nodes":  # partial updates: merge row by row
                     for row in rows:
                         self.db[table].upsert(row, pk="node_id")
-                elif table in ("requests", "placements", "windows"):
+                elif table in ("requests", "placements", "windows", "runs"):
                     self.db[table].insert_all(rows, ignore=True)  # QoS 1 may redeliver a result
                 else:
                     self.db[table].insert_all(rows)
@@ -154,12 +162,15 @@ class Reader:
             return None
         return dict(rows[0], stages=json.loads(rows[0]["stages"]))
 
+    def current_run(self) -> dict | None:
+        rows = self._rows("SELECT * FROM runs ORDER BY started_ts DESC LIMIT 1")
+        return dict(rows[0], nodes=json.loads(rows[0]["nodes"])) if rows else None
+
     def totals(self, slo_s: float) -> dict:
         row = self._rows("SELECT COUNT(*) AS results, SUM(e2e_s <= ?) AS met, MIN(finish_ts) AS first_ts, "
                          "MAX(finish_ts) AS last_ts FROM requests", (slo_s,))[0]
         n = row["results"] or 0
-        latencies = [r[0] for r in self.db.execute("SELECT e2e_s FROM requests ORDER BY e2e_s").fetchall()]
-        pick = lambda q: latencies[min(int(q * n), n - 1)] if n else None  # noqa: E731
+        latencies = np.fromiter((r[0] for r in self.db.execute("SELECT e2e_s FROM requests")), float)
+        p50, p95, p99 = np.percentile(latencies, [50, 95, 99]).tolist() if n else (None, None, None)
         return {"results": n, "slo_s": slo_s, "attainment_pct": 100.0 * (row["met"] or 0) / n if n else None,
-                "p50_s": pick(0.50), "p95_s": pick(0.95), "p99_s": pick(0.99),
-                "first_ts": row["first_ts"], "last_ts": row["last_ts"]}
+                "p50_s": p50, "p95_s": p95, "p99_s": p99, "first_ts": row["first_ts"], "last_ts": row["last_ts"]}

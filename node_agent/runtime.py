@@ -16,7 +16,7 @@ import torch
 
 from shared import wire
 from shared.imaging import decode_frame
-from shared.model import CLASS_NAMES, TrapNet
+from shared.model import CLASS_NAMES, INPUT_SIZE, TrapNet
 from shared.schemas import BadMessage, Hop, Result, StageAssignment, to_json
 
 
@@ -51,6 +51,12 @@ class FullSlice:
             return self.module(x), None
 
 
+def block_input_shape(model: TrapNet, block: int) -> tuple[int, ...]:
+    """Shape (batch 1, full width) that ``block`` takes: untrusted activations are checked against it."""
+    with torch.inference_mode():
+        return tuple(model.run_blocks(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), 0, block - 1).shape)
+
+
 def frame_metadata(req: Request) -> tuple[str, float]:
     """Request id and capture time of a camera frame: from MQTT v5 user properties, else made here."""
     request_id = req.user_props.get("request_id") or f"{req.camera_id}-{uuid.uuid4().hex[:12]}"
@@ -82,6 +88,7 @@ class StageRuntime:
         self.wire_dtype = np.dtype(wire_dtype)
         self.max_payload_bytes = max_payload_bytes
         self.slice = FullSlice(model, assignment.first_block, assignment.last_block)
+        self.input_shape = block_input_shape(model, assignment.first_block)
 
     def check_size(self, payload: bytes) -> None:
         if len(payload) > self.max_payload_bytes:
@@ -99,11 +106,16 @@ class StageRuntime:
         if act.next_block != self.assignment.first_block:
             raise BadMessage("stale_placement", f"activation for block {act.next_block} reached a stage "
                              f"starting at block {self.assignment.first_block} (placement changed?)")
+        full_shape = (act.tensor.shape[0], *(act.keep_mask.shape if act.keep_mask is not None
+                                             else act.tensor.shape[1:2]), *act.tensor.shape[2:])
+        if full_shape != self.input_shape:
+            raise BadMessage("bad_shape", f"activation of shape {full_shape} does not fit block "
+                             f"{self.assignment.first_block}, which takes {self.input_shape}")
         return act
 
     def run(self, req: Request, started_ts: float) -> Output:
         act = self.decode(req)
-        x = torch.from_numpy(np.ascontiguousarray(act.full_tensor(), dtype=np.float32))
+        x = torch.from_numpy(np.array(act.full_tensor(), dtype=np.float32))  # a writable copy
         t0 = time.perf_counter()
         out, keep_mask = self.slice.forward(x)
         compute_s = time.perf_counter() - t0

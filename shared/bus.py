@@ -15,7 +15,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -160,12 +159,3 @@ class Bus:
         except (ValueError, RuntimeError) as exc:  # publishing the error must never raise further
             log.error("%s: could not publish error record: %s", self.component_id, exc)
 
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` seconds pass (used by tests and the demo)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())

@@ -12,11 +12,11 @@ import contextvars
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.topics import validate_id
 
@@ -102,7 +102,7 @@ class GatewaySettings(_Section):
 
     gateway_id: str = Field("gateway", description="Component id on the bus.")
     db_path: Path = Field(Path("run/edgeprune.db"), description="SQLite file for requests and SLO windows.")
-    nodes: list[str] = Field(["node-1", "node-2"], min_length=1, max_length=64,
+    nodes: Annotated[list[str], NoDecode] = Field(["node-1", "node-2"], min_length=1, max_length=64,
                              description="Node ids of the pipeline, in stage order (comma-separated in env).")
     slo_s: float = Field(0.5, gt=0, le=600, description="End-to-end latency objective per frame, seconds.")
     window_s: float = Field(10.0, gt=0, le=3600, description="Length of one SLO accounting window, seconds.")

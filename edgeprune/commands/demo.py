@@ -1,0 +1,37 @@
+"""``edgeprune demo``: broker, gateway, web page, node agents and a camera on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="run a live local pipeline (all components as child processes)")
+    p.add_argument("--nodes", type=int, default=2, help="node agents (pipeline stages)")
+    p.add_argument("--rate", type=float, default=4.0, help="camera frames per second (Poisson)")
+    p.add_argument("--duration", type=float, default=0.0, help="seconds to run; 0 = until Ctrl-C")
+    p.add_argument("--web-port", type=int, default=8080)
+    p.add_argument("--slo", type=float, default=0.25, help="end-to-end latency objective, seconds")
+    p.add_argument("--run-dir", type=Path, default=Path("run/demo"), help="logs, broker data and database")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from edgeprune.demo import Demo, DemoOptions
+
+    if not 1 <= args.nodes <= 6:
+        raise SystemExit("--nodes must be between 1 and 6")
+    demo = Demo(DemoOptions(run_dir=args.run_dir, nodes=args.nodes, rate_hz=args.rate,
+                            duration_s=args.duration, web_port=args.web_port, slo_s=args.slo))
+    try:
+        demo.start()
+    except BaseException:
+        demo.stop_processes()
+        raise
+    totals = demo.run()
+    print(f"frames sent {totals['frames_sent']} | results {totals['results']} | "
+          f"SLO {args.slo * 1000:.0f} ms attainment "
+          + (f"{totals['attainment_pct']:.1f} % | p50 {totals['p50_s'] * 1000:.1f} ms | "
+             f"p95 {totals['p95_s'] * 1000:.1f} ms" if totals["results"] else "n/a (no results)")
+          + f" | database {demo.db}")
+    return 0

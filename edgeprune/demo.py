@@ -1,0 +1,149 @@
+"""``edgeprune demo``: the whole pipeline on one machine, as real child processes.
+
+mosquitto, the gateway, the operator page, N node agents and a camera, each the same
+command a device would run, wired by environment variables to a free broker port and a
+run folder. A live line shows progress; Ctrl-C or ``--duration`` stops everything in
+reverse order and prints the totals from the gateway's SQLite log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeprune.broker import free_port, port_open, start_broker, stop_process
+from gateway.store import Reader
+from shared.settings import BrokerSettings
+
+
+@dataclass
+class DemoOptions:
+    run_dir: Path
+    nodes: int = 2
+    rate_hz: float = 4.0
+    duration_s: float = 0.0  # 0 = until Ctrl-C
+    web_port: int = 8080
+    slo_s: float = 0.25
+    seed: int = 0
+
+
+class Demo:
+    def __init__(self, options: DemoOptions):
+        self.opt = options
+        self.run_dir = options.run_dir.resolve()
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.broker: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self.db = self.run_dir / "edgeprune.db"
+        self.node_ids = [f"node-{i + 1}" for i in range(options.nodes)]
+
+    def env(self, port: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}
+        env.update({
+            "EDGEPRUNE_MQTT_PORT": str(port), "PYTHONUNBUFFERED": "1",
+            "EDGEPRUNE_GATEWAY_DB_PATH": str(self.db), "EDGEPRUNE_GATEWAY_NODES": ",".join(self.node_ids),
+            "EDGEPRUNE_GATEWAY_SLO_S": str(self.opt.slo_s), "EDGEPRUNE_WEB_DB_PATH": str(self.db),
+            "EDGEPRUNE_WEB_PORT": str(self.opt.web_port),
+        })
+        return env
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.run_dir / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "edgeprune", *args], env=env, cwd=self.run_dir,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.db.exists():
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.db}{suffix}").unlink(missing_ok=True)
+        if port_open("127.0.0.1", self.opt.web_port):
+            raise SystemExit(f"port {self.opt.web_port} is busy: pass --web-port")
+        port = free_port()
+        with open(self.run_dir / "mosquitto.log", "w") as log:
+            self.broker = start_broker(BrokerSettings(port=port, data_dir=self.run_dir / "broker"), log_file=log)
+        env = self.env(port)
+        self.spawn("gateway", ["gateway"], env)
+        self.spawn("web", ["web"], env)
+        for node_id in self.node_ids:
+            self.spawn(node_id, ["node", "--node-id", node_id], env)
+        self._wait_for_nodes()
+        self.spawn("camera", ["camera", "--camera-id", "cam-1", "--rate", str(self.opt.rate_hz),
+                              "--seed", str(self.opt.seed)], env)
+        print(f"broker on 127.0.0.1:{port}; logs and database in {self.run_dir}")
+        print(f"operator page: http://127.0.0.1:{self.opt.web_port}/  (Ctrl-C stops the demo)", flush=True)
+
+    def _wait_for_nodes(self, timeout_s: float = 90.0) -> None:
+        """Start the camera only once every node has taken its stage, so no frame is lost at start."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if self.db.exists():
+                staged = {n["node_id"] for n in Reader(self.db).nodes() if n.get("stage")}
+                if staged >= set(self.node_ids):
+                    return
+            time.sleep(0.3)
+        raise SystemExit(f"nodes did not take their stages within {timeout_s:.0f} s; see {self.run_dir}/*.log")
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None and name != "camera":
+                raise SystemExit(f"{name} exited with code {proc.returncode}; see {self.run_dir / (name + '.log')}")
+
+    def progress_line(self) -> str:
+        reader = Reader(self.db)
+        run = reader.current_run()
+        totals = reader.totals(run["slo_s"] if run else self.opt.slo_s)
+        if not totals["results"]:
+            return "waiting for the first result…"
+        nodes = " ".join(f"{n['node_id']}:q{n['queue_depth'] or 0}" for n in reader.nodes())
+        return (f"results {totals['results']:5d} | p50 {totals['p50_s'] * 1000:6.1f} ms | "
+                f"p95 {totals['p95_s'] * 1000:6.1f} ms | SLO {totals['slo_s'] * 1000:.0f} ms met "
+                f"{totals['attainment_pct']:5.1f} % | {nodes}")
+
+    def run(self) -> dict:
+        started = time.monotonic()
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        try:
+            while not self._stop.wait(1.0):
+                self._check_alive()
+                print("\r" + self.progress_line().ljust(100), end="", flush=True)
+                if self.opt.duration_s and time.monotonic() - started >= self.opt.duration_s:
+                    break
+        except KeyboardInterrupt:
+            pass
+        print()
+        return self.stop()
+
+    def stop(self) -> dict:
+        self.stop_processes()
+        return self.summary()
+
+    def stop_processes(self) -> None:
+        """Camera first, then let the pipeline drain, then the rest, the broker last."""
+        for name, proc in self.procs:
+            if name == "camera" and proc.poll() is None:
+                stop_process(proc)
+                time.sleep(1.5)
+        for _, proc in reversed(self.procs):
+            stop_process(proc)
+        if self.broker:
+            stop_process(self.broker)
+
+    def summary(self) -> dict:
+        """Totals for the run: frames the camera reports sent, and what the gateway logged."""
+        match = re.search(r"sent (\d+) frames", (self.run_dir / "camera.log").read_text())
+        reader = Reader(self.db)
+        run = reader.current_run()
+        totals = reader.totals(run["slo_s"] if run else self.opt.slo_s)
+        return {"frames_sent": int(match.group(1)) if match else None, **totals,
+                "windows": len(reader.windows(limit=100_000))}

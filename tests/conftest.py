@@ -1,0 +1,97 @@
+"""Fixtures that start real parts: mosquitto on a free loopback port, components as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeprune.broker import free_port, start_broker, stop_process
+from shared.settings import BrokerSettings, MqttSettings
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory) -> Iterator[MqttSettings]:
+    """A real mosquitto from our template, on a free loopback port, in a temp dir."""
+    data_dir = tmp_path_factory.mktemp("broker")
+    port = free_port()
+    with open(data_dir / "mosquitto.log", "w") as log:
+        proc = start_broker(BrokerSettings(port=port, data_dir=data_dir), log_file=log)
+    yield MqttSettings(port=port)
+    stop_process(proc)
+
+
+class Processes:
+    """Components started as subprocesses (`python -m edgeprune ...`), stopped with SIGTERM."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]):
+        self.workdir = workdir
+        self.env = env
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "edgeprune", *args], cwd=self.workdir,
+                                env={**self.env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text()
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            stop_process(proc)
+
+
+def component_env(mqtt_settings: MqttSettings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}
+    env.update({"EDGEPRUNE_MQTT_PORT": str(mqtt_settings.port), "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+class Recorder:
+    """A plain paho client that records every message on the topics it is given."""
+
+    def __init__(self, settings: MqttSettings, *filters: str):
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        ready = threading.Event()
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.connect("127.0.0.1", settings.port)
+        self.client.loop_start()
+        self.client.subscribe([(f, 1) for f in filters])
+        assert ready.wait(5), "subscription not acknowledged"
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, msg.payload, msg.retain))
+
+    def json_on(self, topic: str) -> list[dict]:
+        with self._lock:
+            return [json.loads(p) for t, p, _ in self.messages if t == topic]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def wait_until(predicate, timeout: float, message: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    assert predicate(), message

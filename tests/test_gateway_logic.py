@@ -1,0 +1,79 @@
+"""Pure gateway pieces: SLO windows, placement validation, result rows, the SQLite store."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.service import even_split, result_row
+from gateway.slo import SloWindows
+from gateway.store import Reader, Store
+from shared.schemas import Hop, Placement, Result
+
+
+def test_windows_close_once_with_attainment_and_percentiles():
+    w = SloWindows(window_s=10, slo_s=0.5)
+    for i, lat in enumerate([0.1, 0.2, 0.6, 0.4]):
+        w.add(100 + i, lat)
+    w.add(112, 0.9)
+    assert w.close_due(109.9) == []
+    (first,) = w.close_due(110)
+    assert (first.start_ts, first.count, first.met, first.attainment_pct) == (100, 4, 3, 75.0)
+    assert first.p50_s == pytest.approx(0.3)
+    assert w.close_due(115) == []
+    (second,) = w.close_all()
+    assert second.count == 1 and second.attainment_pct == 0.0
+
+
+@pytest.mark.parametrize("n_blocks,nodes", [(6, ["a", "b"]), (6, ["a", "b", "c", "d"]), (3, list("abcdef"))])
+def test_even_split_covers_every_block_once(n_blocks, nodes):
+    p = even_split(n_blocks, nodes, version=1, issued_at=0)
+    covered = [b for s in p.stages for b in range(s.first_block, s.last_block + 1)]
+    assert covered == list(range(n_blocks))
+
+
+@pytest.mark.parametrize("stages,msg", [
+    ([(1, "a", 0, 2), (2, "b", 4, 5)], "starts at block 4"),
+    ([(1, "a", 0, 2), (2, "a", 3, 5)], "two stages"),
+    ([(1, "a", 0, 2)], "cover blocks 0..2"),
+    ([(2, "a", 0, 5)], "numbered"),
+])
+def test_placement_must_be_a_contiguous_cover(stages, msg):
+    with pytest.raises(ValueError, match=msg):
+        Placement(version=1, model="m", n_blocks=6, issued_at=0, stages=[
+            dict(stage=s, node_id=n, first_block=f, last_block=l) for s, n, f, l in stages])
+
+
+def _result(request_id: str, capture: float) -> Result:
+    hop = lambda st, t: Hop(stage=st, node_id=f"n{st}", prune_ratio=0.0, received_ts=t,  # noqa: E731
+                            started_ts=t + 0.01, finished_ts=t + 0.03, published_ts=t + 0.031)
+    return Result(request_id=request_id, camera_id="cam", capture_ts=capture, label="cat", label_index=2,
+                  confidence=0.8, hops=[hop(1, capture + 0.005), hop(2, capture + 0.04)])
+
+
+def test_result_row_splits_time_into_queue_compute_transfer():
+    row = result_row(_result("r", 10.0), finish_ts=10.1)
+    assert row["e2e_s"] == pytest.approx(0.1)
+    assert row["queue_s"] == pytest.approx(0.02) and row["compute_s"] == pytest.approx(0.04)
+    assert row["transfer_s"] == pytest.approx(0.04)
+    assert row["prune_ratios"] == [0.0, 0.0]
+
+
+def test_store_batches_ignores_duplicate_results_and_reads_back(tmp_path):
+    store = Store(tmp_path / "e.db")
+    store.add_run({"started_ts": 1.0, "gateway_id": "g", "slo_s": 0.5, "window_s": 10, "nodes": ["a"]})
+    for rid, cap in [("r1", 10.0), ("r2", 11.0), ("r1", 10.0)]:
+        store.add_request(result_row(_result(rid, cap), cap + 0.2))
+    store.update_node({"node_id": "a", "status": "online", "status_ts": 1.0})
+    store.update_node({"node_id": "a", "stage": 1, "queue_depth": 3, "errors": {"bad_image": 2}})
+    reader = Reader(tmp_path / "e.db")
+    assert reader.nodes() == []  # nothing is visible before the batch is flushed
+    assert store.flush() == 6
+    (node,) = reader.nodes()
+    assert (node["status"], node["stage"], node["queue_depth"], node["errors"]) == ("online", 1, 3, {"bad_image": 2})
+    assert [r["request_id"] for r in reader.recent_requests(0)] == ["r1", "r2"]
+    totals = reader.totals(slo_s=0.5)
+    assert totals["results"] == 2 and totals["attainment_pct"] == 100.0
+    assert reader.current_run()["nodes"] == ["a"]
+    store.close()
+    with pytest.raises(FileNotFoundError, match="gateway"):
+        Reader(tmp_path / "missing.db")

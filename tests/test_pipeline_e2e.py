@@ -1,0 +1,162 @@
+"""End to end through a real mosquitto: gateway and two node agents as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from camera.simulator import camera_frame, synthetic_scene
+from gateway.store import Reader
+from shared import wire
+from shared.imaging import decode_frame, encode_jpeg
+from shared.model import build_model
+from tests.conftest import Processes, Recorder, component_env, wait_until
+
+pytestmark = pytest.mark.integration
+NODE_MAX_PAYLOAD = 300_000
+
+
+@pytest.fixture(scope="module")
+def pipeline(broker, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    db = workdir / "edgeprune.db"
+    env = component_env(broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db), EDGEPRUNE_GATEWAY_NODES="node-1,node-2",
+                        EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_NODE_WIRE_DTYPE="float32",
+                        EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5",
+                        EDGEPRUNE_NODE_MAX_PAYLOAD_BYTES=str(NODE_MAX_PAYLOAD))
+    procs = Processes(workdir, env)
+    recorder = Recorder(broker, "edgeprune/error/+", "edgeprune/node/+/status")
+    procs.start("gateway", "gateway")
+    procs.start("node-1", "node", "--node-id", "node-1")
+    procs.start("node-2", "node", "--node-id", "node-2")
+    try:
+        wait_until(lambda: db.exists(), 30, "gateway did not create its database")
+        reader = Reader(db)
+        wait_until(lambda: sorted((n["node_id"], n["stage"]) for n in reader.nodes() if n["stage"])
+                   == [("node-1", 1), ("node-2", 2)], 60, "nodes did not report their stages")
+        yield SimpleNamespace(procs=procs, reader=reader, recorder=recorder, broker=broker, env=env)
+    finally:
+        recorder.close()
+        procs.stop_all()
+
+
+def results_for(reader: Reader, camera_id: str) -> list[dict]:
+    return [r for r in reader.recent_requests(0, limit=100_000) if r["camera_id"] == camera_id]
+
+
+def hops_of(reader: Reader, request_id: str) -> list[dict]:
+    (raw,) = reader.db.execute("SELECT hops FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+    return json.loads(raw)
+
+
+def test_fifty_frames_classified_in_order_and_equal_to_single_process_model(pipeline):
+    cam = pipeline.procs.start("camera", "camera", "--camera-id", "cam-e2e", "--count", "50", "--rate", "25",
+                               "--arrival", "fixed", "--seed", "7")
+    assert cam.wait(60) == 0, pipeline.procs.log("camera")
+    wait_until(lambda: len(results_for(pipeline.reader, "cam-e2e")) == 50, 60,
+               "not all 50 frames reached the requests table")
+    rows = {r["request_id"].rsplit("-", 1)[1]: r for r in results_for(pipeline.reader, "cam-e2e")}
+    assert len(rows) == 50
+
+    model = build_model()
+    rng = np.random.default_rng(7)
+    for i in range(50):
+        row = rows[f"{i:06d}"]
+        with torch.inference_mode():
+            probs = torch.softmax(model(torch.from_numpy(decode_frame(camera_frame(rng, 64, "png")))), 1)[0]
+        assert row["label_index"] == int(probs.argmax()), f"frame {i}"
+        assert row["confidence"] == pytest.approx(float(probs.max()), abs=1e-5)
+
+        hops = hops_of(pipeline.reader, row["request_id"])
+        assert [h["stage"] for h in hops] == [1, 2]
+        assert [h["node_id"] for h in hops] == ["node-1", "node-2"]
+        times = [row["capture_ts"]]
+        for h in hops:
+            times += [h["received_ts"], h["started_ts"], h["finished_ts"], h["published_ts"]]
+        times.append(row["finish_ts"])
+        assert times == sorted(times), f"timestamps out of order for frame {i}: {times}"
+        assert row["e2e_s"] == pytest.approx(row["finish_ts"] - row["capture_ts"])
+    wait_until(lambda: pipeline.reader.windows(), 20, "no SLO window was written")
+
+
+def test_jpeg_from_plain_mosquitto_pub_is_classified(pipeline, tmp_path):
+    pixels = synthetic_scene(np.random.default_rng(3), 120)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(encode_jpeg(pixels))
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(pipeline.broker.port), "-q", "1",
+                    "-t", "edgeprune/camera/trap-7/frame", "-f", str(photo)], check=True, timeout=10)
+    wait_until(lambda: results_for(pipeline.reader, "trap-7"), 30, "the JPEG never came out as a row")
+    (row,) = results_for(pipeline.reader, "trap-7")
+    with torch.inference_mode():
+        expected = int(build_model()(torch.from_numpy(decode_frame(photo.read_bytes()))).argmax())
+    assert row["label_index"] == expected
+    assert row["request_id"].startswith("trap-7-")
+
+
+def _publish(broker, topic: str, payload: bytes) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    client.publish(topic, payload, qos=1).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+
+
+def _valid_stage2_activation() -> bytes:
+    x = np.zeros((1, 32, 32, 32), np.float32)
+    return wire.encode(wire.Activation("probe", "cam-x", 1.0, 3, x))
+
+
+BAD_INPUTS = [
+    # (topic, payload, component that must report it, error kind)
+    ("edgeprune/camera/cam-bad/frame", b"\x89PNG this is not an image", "node-1", "bad_image"),
+    ("edgeprune/camera/cam-bad/frame", b"\xff\xd8" + b"x" * (NODE_MAX_PAYLOAD + 1), "node-1", "oversized"),
+    ("edgeprune/pipeline/stage/2/in", _valid_stage2_activation()[:40], "node-2", "truncated"),
+    ("edgeprune/pipeline/stage/2/in", b"NOPE" + _valid_stage2_activation()[4:], "node-2", "bad_magic"),
+    ("edgeprune/pipeline/stage/2/in",
+     wire.encode(wire.Activation("p", "c", 1.0, 3, np.zeros((1, 7, 5, 5), np.float32))), "node-2", "bad_shape"),
+    ("edgeprune/placement", b"{not json", "node-1", "bad_json"),
+    ("edgeprune/pipeline/results", b'{"request_id": "x"}', "gateway", "bad_schema"),
+    ("edgeprune/node/node-9/stats", b"\x00\x01", "gateway", "bad_json"),
+    ("edgeprune/node/node-9/status", b"sleepy", "gateway", "bad_status"),
+]
+
+
+@pytest.mark.parametrize("topic,payload,component,kind", BAD_INPUTS,
+                         ids=[f"{c}-{k}" for _, _, c, k in BAD_INPUTS])
+def test_bad_input_is_reported_counted_and_service_continues(pipeline, topic, payload, component, kind):
+    before = len(pipeline.recorder.json_on(f"edgeprune/error/{component}"))
+    _publish(pipeline.broker, topic, payload)
+    wait_until(lambda: len(pipeline.recorder.json_on(f"edgeprune/error/{component}")) > before, 20,
+               f"{component} published no error record for {kind}")
+    record = pipeline.recorder.json_on(f"edgeprune/error/{component}")[-1]
+    assert record["kind"] == kind and record["topic"] == topic and record["message"]
+
+    if component.startswith("node"):
+        def counted() -> bool:
+            node = next(n for n in pipeline.reader.nodes() if n["node_id"] == component)
+            return node["errors"].get(kind, 0) >= 1
+        wait_until(counted, 20, f"{component} stats do not count {kind}")
+
+    camera_id = f"after-{component}-{kind}".replace("_", "-")
+    cam = pipeline.procs.start(camera_id, "camera", "--camera-id", camera_id, "--count", "1", "--seed", "1")
+    assert cam.wait(60) == 0
+    wait_until(lambda: results_for(pipeline.reader, camera_id), 30, "pipeline stopped serving after bad input")
+    for name in ("gateway", "node-1", "node-2"):
+        assert pipeline.procs.procs[name].poll() is None, f"{name} died"
+
+
+def test_nodes_announce_stopped_on_clean_exit(pipeline):
+    """Runs last in this module: stops node-2 with SIGTERM and expects the retained `stopped`."""
+    pipeline.procs.procs["node-2"].terminate()
+    assert pipeline.procs.procs["node-2"].wait(15) == 0
+    wait_until(lambda: any(t == "edgeprune/node/node-2/status" and p == b"stopped"
+                           for t, p, _ in pipeline.recorder.messages), 10, "no 'stopped' status")

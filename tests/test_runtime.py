@@ -1,0 +1,69 @@
+"""Node logic without a broker: stages chained in-process equal the whole model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from camera.simulator import camera_frame
+from gateway.service import even_split
+from node_agent.runtime import Request, StageRuntime
+from shared import wire
+from shared.imaging import decode_frame
+from shared.model import build_model
+from shared.schemas import BadMessage, Result, parse_json
+
+
+def chain(model, placement, frame: bytes, wire_dtype: str, props=None) -> Result:
+    runtimes = [StageRuntime(model, s.node_id, s, len(placement.stages), f"out/{s.stage}", wire_dtype)
+                for s in placement.stages]
+    req = Request("edgeprune/camera/cam/frame", frame, props or {}, 100.0, camera_id="cam")
+    for rt in runtimes:
+        out = rt.run(req, started_ts=req.received_ts + 0.001)
+        req = Request(out.topic, out.payload, {}, req.received_ts + 0.01)
+    return parse_json(Result, out.payload)
+
+
+@pytest.mark.parametrize("n_nodes", [1, 2, 3])
+@pytest.mark.parametrize("wire_dtype,tol", [("float32", 1e-6), ("float16", 2e-3)])
+def test_chained_stages_equal_whole_model(n_nodes, wire_dtype, tol):
+    model = build_model()
+    placement = even_split(model.n_blocks, [f"n{i}" for i in range(n_nodes)], version=1, issued_at=0)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        frame = camera_frame(rng, 64, "png")
+        result = chain(model, placement, frame, wire_dtype, {"request_id": "r1", "capture_ts": "99.5"})
+        with torch.inference_mode():
+            probs = torch.softmax(model(torch.from_numpy(decode_frame(frame))), 1)[0]
+        assert result.label_index == int(probs.argmax())
+        assert result.confidence == pytest.approx(float(probs.max()), abs=tol)
+        assert (result.request_id, result.capture_ts, result.camera_id) == ("r1", 99.5, "cam")
+        assert [h.stage for h in result.hops] == list(range(1, n_nodes + 1))
+
+
+def test_frame_without_properties_gets_id_and_arrival_time():
+    model = build_model()
+    placement = even_split(model.n_blocks, ["a"], version=1, issued_at=0)
+    result = chain(model, placement, camera_frame(np.random.default_rng(1), 80, "jpeg"), "float16")
+    assert result.request_id.startswith("cam-") and result.capture_ts == 100.0
+
+
+@pytest.mark.parametrize("props,match", [({"capture_ts": "yesterday"}, "not a number"),
+                                         ({"capture_ts": "nan"}, "not a valid epoch"),
+                                         ({"request_id": "x" * 200}, "longer than 128")])
+def test_bad_frame_properties_are_rejected(props, match):
+    model = build_model()
+    placement = even_split(model.n_blocks, ["a", "b"], version=1, issued_at=0)
+    with pytest.raises(BadMessage, match=match):
+        chain(model, placement, camera_frame(np.random.default_rng(1), 64, "png"), "float16", props)
+
+
+def test_activation_for_another_block_is_stale():
+    model = build_model()
+    placement = even_split(model.n_blocks, ["a", "b"], version=1, issued_at=0)
+    second = StageRuntime(model, "b", placement.stages[1], 2, "out", "float16")
+    payload = wire.encode(wire.Activation("r", "c", 1.0, 1, np.zeros((1, 32, 32, 32), np.float16)))
+    with pytest.raises(BadMessage) as err:
+        second.run(Request("t", payload, {}, 0.0), 0.0)
+    assert err.value.kind == "stale_placement"

@@ -1,0 +1,96 @@
+"""The activation wire format: round trips exactly and rejects every malformed payload cleanly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared import wire
+from shared.schemas import BadMessage, Hop
+
+ids = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
+node_ids = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=20)
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64, min_value=-1e12, max_value=1e12)
+
+
+@st.composite
+def activations(draw):
+    dtype = draw(st.sampled_from([np.float16, np.float32]))
+    full_c = draw(st.integers(1, 70))
+    spatial = draw(st.lists(st.integers(1, 5), min_size=0, max_size=3))
+    mask = None
+    kept = full_c
+    if draw(st.booleans()):
+        mask = np.array(draw(st.lists(st.booleans(), min_size=full_c, max_size=full_c)))
+        if not mask.any():
+            mask[draw(st.integers(0, full_c - 1))] = True
+        kept = int(mask.sum())
+    shape = (draw(st.integers(1, 2)), kept, *spatial)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    tensor = rng.standard_normal(shape).astype(dtype)
+    hops = [Hop(stage=draw(st.integers(1, 255)), node_id=draw(node_ids),
+                prune_ratio=draw(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.9])),
+                received_ts=draw(finite), started_ts=draw(finite), finished_ts=draw(finite),
+                published_ts=draw(finite)) for _ in range(draw(st.integers(0, 4)))]
+    return wire.Activation(draw(ids), draw(ids), draw(finite), draw(st.integers(0, 65535)), tensor, mask, hops)
+
+
+@settings(max_examples=200, deadline=None)
+@given(activations())
+def test_round_trip_is_exact(act):
+    back = wire.decode(wire.encode(act))
+    assert (back.request_id, back.camera_id, back.capture_ts, back.next_block) == \
+        (act.request_id, act.camera_id, act.capture_ts, act.next_block)
+    assert back.tensor.dtype == act.tensor.dtype and np.array_equal(back.tensor, act.tensor)
+    if act.keep_mask is None:
+        assert back.keep_mask is None
+    else:
+        assert np.array_equal(back.keep_mask, act.keep_mask)
+    assert back.hops == act.hops
+
+
+def test_full_tensor_zero_fills_pruned_channels():
+    mask = np.array([True, False, True, False])
+    act = wire.Activation("r", "c", 0.0, 1, np.ones((1, 2, 2, 2), np.float32), mask)
+    full = wire.decode(wire.encode(act)).full_tensor()
+    assert full.shape == (1, 4, 2, 2)
+    assert np.array_equal(full[0, :, 0, 0], [1, 0, 1, 0])
+
+
+def _sample() -> bytes:
+    return wire.encode(wire.Activation("req", "cam", 1.5, 2, np.ones((1, 3, 2, 2), np.float16),
+                                       np.array([True, True, False, True])))
+
+
+def test_every_truncation_is_rejected_as_bad_message():
+    payload = _sample()
+    for n in range(len(payload)):
+        with pytest.raises(BadMessage):
+            wire.decode(payload[:n])
+
+
+@pytest.mark.parametrize("mutate,kind", [
+    (lambda p: b"XXXX" + p[4:], "bad_magic"),
+    (lambda p: p[:4] + b"\x09" + p[5:], "bad_version"),
+    (lambda p: p[:5] + b"\x07" + p[6:], "bad_header"),
+    (lambda p: p + b"\x00\x00", "bad_shape"),
+])
+def test_malformed_headers_name_the_problem(mutate, kind):
+    with pytest.raises(BadMessage) as err:
+        wire.decode(mutate(_sample()))
+    assert err.value.kind == kind
+
+
+def test_non_finite_tensor_rejected():
+    payload = wire.encode(wire.Activation("r", "c", 0.0, 1, np.array([[np.nan, 1.0]], np.float32)))
+    with pytest.raises(BadMessage, match="NaN"):
+        wire.decode(payload)
+
+
+def test_oversized_shape_rejected_before_allocation():
+    payload = wire.encode(wire.Activation("r", "c", 0.0, 1, np.zeros((1, 64, 64, 64), np.float16)))
+    with pytest.raises(BadMessage) as err:
+        wire.decode(payload, max_elements=1000)
+    assert err.value.kind == "bad_shape"
