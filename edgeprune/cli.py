@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "node",
     "gateway",
     "camera",
+    "web",
+    "demo",
     "profile",
     "place",
     "bench",
