@@ -186,7 +186,11 @@ def load(cls: type[S], config_file: Path | None = None, **overrides: Any) -> S:
 
 def describe() -> str:
     """Markdown table of every setting (used by ``edgeprune config`` and docs/configuration.md)."""
-    lines = []
+    lines = ["# Configuration", "",
+             "Generated from `shared/settings.py` by `make config-docs` (`edgeprune config`).",
+             "Priority: command-line flag > environment variable > `[section]` of the TOML file named by",
+             f"`--config` or `{CONFIG_ENV}` > default. An invalid value stops the component with one line",
+             "naming the field. Example file: [edgeprune.example.toml](edgeprune.example.toml).", ""]
     for cls in ALL_SECTIONS:
         lines += [f"## [{cls.section}]", "", "| field | env var | default | meaning |", "|---|---|---|---|"]
         for name, info in cls.model_fields.items():

@@ -88,14 +88,21 @@ def test_jpeg_from_plain_mosquitto_pub_is_classified(pipeline, tmp_path):
     pixels = synthetic_scene(np.random.default_rng(3), 120)
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(encode_jpeg(pixels))
-    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(pipeline.broker.port), "-q", "1",
-                    "-t", "edgeprune/camera/trap-7/frame", "-f", str(photo)], check=True, timeout=10)
-    wait_until(lambda: results_for(pipeline.reader, "trap-7"), 30, "the JPEG never came out as a row")
-    (row,) = results_for(pipeline.reader, "trap-7")
+    pub = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(pipeline.broker.port), "-q", "1", "-f", str(photo)]
+    subprocess.run([*pub, "-t", "edgeprune/camera/trap-7/frame"], check=True, timeout=10)
+    # the documented optional extras: MQTT v5 user properties for the request id and capture time
+    subprocess.run([*pub, "-t", "edgeprune/camera/trap-8/frame", "-V", "mqttv5",
+                    "-D", "publish", "user-property", "request_id", "IMG_0042",
+                    "-D", "publish", "user-property", "capture_ts", "1767225600.25"], check=True, timeout=10)
+    wait_until(lambda: results_for(pipeline.reader, "trap-7") and results_for(pipeline.reader, "trap-8"), 30,
+               "the JPEGs never came out as rows")
+    (plain,) = results_for(pipeline.reader, "trap-7")
+    (tagged,) = results_for(pipeline.reader, "trap-8")
     with torch.inference_mode():
         expected = int(build_model()(torch.from_numpy(decode_frame(photo.read_bytes()))).argmax())
-    assert row["label_index"] == expected
-    assert row["request_id"].startswith("trap-7-")
+    assert plain["label_index"] == tagged["label_index"] == expected
+    assert plain["request_id"].startswith("trap-7-")
+    assert (tagged["request_id"], tagged["capture_ts"]) == ("IMG_0042", 1767225600.25)
 
 
 def _publish(broker, topic: str, payload: bytes) -> None:
