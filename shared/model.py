@@ -1,16 +1,21 @@
-"""TrapNet: a small ResNet-style camera-trap classifier expressed as an ordered list of blocks.
+"""Camera-trap classifiers expressed as an ordered list of blocks: stem, one block per stage, head.
 
-The pipeline cuts the model only between blocks, and every block boundary is a ResNet
-*stage* boundary: Torch-Pruning prunes a slice consistently only when the slice does not
-start inside a stage (an identity-shortcut block at the start of a slice has no producer
-for its residual input).
+The pipeline cuts a model only between blocks, and every block boundary is a *stage*
+boundary. Torch-Pruning prunes a slice consistently only when no block of it starts with an
+identity shortcut (such a residual input has no producer inside the slice), so every ResNet
+stage here opens with a projection shortcut: any cut between blocks is then a valid slice.
+
+Two architectures share this layout (``TrapNetConfig.arch``): ``resnet`` (:class:`TrapNet`,
+the deployed default) and ``vgg`` (:class:`TrapVGG`, plain conv stacks, to show the pruning
+machinery is not tied to residual streams).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,20 +26,25 @@ INPUT_SIZE = 64
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
 
+ARCHITECTURES = ("resnet", "vgg")
+
+
+def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
+    def __init__(self, c_in: int, c_out: int, stride: int, projection: bool):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
-            )
+        self.shortcut: nn.Module = nn.Identity()
+        if projection:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -55,29 +65,38 @@ class Head(nn.Module):
 @dataclass(frozen=True)
 class TrapNetConfig:
     width: int = 32
-    blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2)
+    blocks_per_stage: tuple[int, ...] = (1, 1, 1, 1)
     num_classes: int = len(CLASS_NAMES)
+    arch: str = "resnet"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose from {ARCHITECTURES}")
+        if self.width < 1 or not self.blocks_per_stage or min(self.blocks_per_stage) < 1:
+            raise ValueError(f"invalid model shape: width {self.width}, blocks {self.blocks_per_stage}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrapNetConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
-class TrapNet(nn.Module):
-    """Blocks: ``stem``, one block per ResNet stage, ``head``. Cut points are between blocks."""
+class BlockNet(nn.Module):
+    """What the pipeline needs of a model: ``blocks`` run in order, cut only between blocks."""
 
-    def __init__(self, config: TrapNetConfig = TrapNetConfig()):
+    config: TrapNetConfig
+    blocks: nn.ModuleList
+
+    def __init__(self) -> None:
         super().__init__()
-        self.config = config
-        w = config.width
-        blocks: list[nn.Module] = [
-            nn.Sequential(nn.Conv2d(3, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
-        ]
-        c_in = w
-        for i, n in enumerate(config.blocks_per_stage):
-            c_out = w * 2**i
-            layers = [BasicBlock(c_in if j == 0 else c_out, c_out, 1 if (i == 0 or j > 0) else 2)
-                      for j in range(n)]
-            blocks.append(nn.Sequential(*layers))
-            c_in = c_out
-        blocks.append(Head(c_in, config.num_classes))
-        self.blocks = nn.ModuleList(blocks)
+        # Per-ratio BatchNorm statistics from the checkpoint (see shared.pruning); not weights.
+        self.bn_tables: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+
+    def output_norm(self, block: int) -> nn.BatchNorm2d | None:
+        """The BatchNorm in whose dependency group the block's output channels are (None: head, logits)."""
+        raise NotImplementedError
 
     @property
     def n_blocks(self) -> int:
@@ -102,34 +121,100 @@ class TrapNet(nn.Module):
         return nn.Sequential(*self.blocks[first:last + 1])
 
 
+class TrapNet(BlockNet):
+    """ResNet-style: stem (stride 2), stages of BasicBlocks doubling width, pooled linear head."""
+
+    def __init__(self, config: TrapNetConfig = TrapNetConfig()):
+        super().__init__()
+        self.config = config
+        w = config.width
+        blocks: list[nn.Module] = [conv_bn_relu(3, w, stride=2)]
+        c_in = w
+        for i, n in enumerate(config.blocks_per_stage):
+            c_out = w * 2**i
+            stride = 1 if i == 0 else 2
+            blocks.append(nn.Sequential(*[
+                BasicBlock(c_in if j == 0 else c_out, c_out, stride if j == 0 else 1, projection=j == 0)
+                for j in range(n)]))
+            c_in = c_out
+        blocks.append(Head(c_in, config.num_classes))
+        self.blocks = nn.ModuleList(blocks)
+
+    def output_norm(self, block: int) -> nn.BatchNorm2d | None:
+        if block == 0:
+            return self.blocks[0][1]
+        if block == self.n_blocks - 1:
+            return None
+        return self.blocks[block][-1].bn2
+
+
+class TrapVGG(BlockNet):
+    """VGG-style: stem (stride 2), stages of plain 3x3 conv-BN-ReLU layers each ending in a 2x2 max-pool."""
+
+    def __init__(self, config: TrapNetConfig = TrapNetConfig(arch="vgg")):
+        super().__init__()
+        self.config = config
+        w = config.width
+        blocks: list[nn.Module] = [conv_bn_relu(3, w, stride=2)]
+        c_in = w
+        for i, n in enumerate(config.blocks_per_stage):
+            c_out = w * 2**i
+            layers: list[nn.Module] = [conv_bn_relu(c_in if j == 0 else c_out, c_out) for j in range(n)]
+            if i > 0:
+                layers.append(nn.MaxPool2d(2))
+            blocks.append(nn.Sequential(*layers))
+            c_in = c_out
+        blocks.append(Head(c_in, config.num_classes))
+        self.blocks = nn.ModuleList(blocks)
+
+    def output_norm(self, block: int) -> nn.BatchNorm2d | None:
+        if block == 0:
+            return self.blocks[0][1]
+        if block == self.n_blocks - 1:
+            return None
+        last_conv = [m for m in self.blocks[block] if isinstance(m, nn.Sequential)][-1]
+        return last_conv[1]
+
+
+def make_model(config: TrapNetConfig) -> BlockNet:
+    """A freshly initialised model of ``config``'s architecture."""
+    return TrapNet(config) if config.arch == "resnet" else TrapVGG(config)
+
+
 MODEL_NAME = "trapnet"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "trapnet.pt"
+# Checkpoint keys: "config" (TrapNetConfig.to_dict), "model" (state dict), optional
+# "bn_tables" ({ratio as str: {BatchNorm name in the full model: {"mean": t, "var": t}}}),
+# optional "meta" (training regime, accuracy, ... : plain JSON-like values).
 
 
-def build_model(checkpoint: Path | None = None, seed: int = 0) -> TrapNet:
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The raw checkpoint dict. ``weights_only=True`` never unpickles arbitrary objects."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_model(checkpoint: Path | None = None, seed: int = 0) -> BlockNet:
     """The deployed model in eval mode: from ``checkpoint`` if given and present, else seeded weights.
 
     Seeded weights are identical on every device (torch's CPU generator is portable), so a
-    pipeline works before any training; the model issue ships a trained checkpoint.
-    ``torch.load(weights_only=True)`` never unpickles arbitrary objects.
+    pipeline works before any training; ``shared/assets/trapnet.pt`` is the trained model.
     """
     path = checkpoint if checkpoint is not None else DEFAULT_CHECKPOINT
     if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        config = TrapNetConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in state.get("config", {}).items()})
-        model = TrapNet(config)
+        state = load_checkpoint(path)
+        model = make_model(TrapNetConfig.from_dict(state.get("config", {})))
         model.load_state_dict(state["model"])
+        model.bn_tables = state.get("bn_tables", {})
     else:
         if checkpoint is not None:
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         torch.manual_seed(seed)
         model = TrapNet()
-        _randomise_bn(model, seed)
+        randomise_bn(model, seed)
     return model.eval()
 
 
-def _randomise_bn(model: nn.Module, seed: int) -> None:
+def randomise_bn(model: nn.Module, seed: int) -> None:
     """Give untrained BatchNorm layers non-trivial statistics so tests see realistic numbers."""
     gen = torch.Generator().manual_seed(seed + 1)
     for m in model.modules():
