@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "profile",
     "place",
     "bench",
+    "dataset",
+    "train",
 ]
 
 

@@ -1,0 +1,60 @@
+"""``edgeprune train``: train a regime on the camera-trap frames and write a checkpoint with BN tables."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SHIPPED_EPOCHS = 8
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the model (regimes: standard, paper, ours) and write a checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--regime", default="ours", choices=["standard", "paper", "ours", "all"])
+    p.add_argument("--epochs", type=int, default=SHIPPED_EPOCHS,
+                   help="epoch budget (the paper's regime runs 1.5x this, at batch 16)")
+    p.add_argument("--arch", default="resnet", choices=["resnet", "vgg"])
+    p.add_argument("--width", type=int, default=32, help="channels of the first stage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", type=Path, help="checkpoint path (default: the shipped checkpoint for "
+                   "--regime ours --arch resnet, else <cache>/models/<regime>-<arch>.pt)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs epochs only)")
+    p.set_defaults(func=run)
+
+
+def default_checkpoint(regime: str, arch: str) -> Path:
+    from edgeprune.dataset import cache_dir
+    from shared.model import DEFAULT_CHECKPOINT
+
+    if regime == "ours" and arch == "resnet":
+        return DEFAULT_CHECKPOINT
+    return cache_dir() / "models" / f"{regime}-{arch}.pt"
+
+
+def run(args) -> int:
+    import torch
+
+    from edgeprune.dataset import RenderConfig, load_frames
+    from edgeprune.training import (REGIMES, accuracy, calibrate_bn_tables, calibration_frames,
+                                    regime_config, save_checkpoint, train)
+    from shared.model import TrapNetConfig
+
+    torch.set_num_threads(args.threads)
+    splits = load_frames(RenderConfig(seed=args.seed))
+    regimes = REGIMES if args.regime == "all" else (args.regime,)
+    if args.out and len(regimes) > 1:
+        raise SystemExit("--out names one file: use it with a single --regime")
+    for regime in regimes:
+        config = regime_config(regime, args.epochs, seed=args.seed,
+                               model=TrapNetConfig(width=args.width, arch=args.arch))
+        model, history = train(config, splits, progress=not args.no_progress)
+        tables = calibrate_bn_tables(model, calibration_frames(splits["train"], config.calibration_frames,
+                                                               config.seed), config.ladder)
+        test_acc = accuracy(model, splits["test"])
+        out = args.out or default_checkpoint(regime, args.arch)
+        save_checkpoint(out, model, config, tables, {"regime": regime, "history": history,
+                                                     "test_accuracy": test_acc})
+        print(f"{regime}: test accuracy {test_acc:.4f} after {history['wall_s']:.0f} s; wrote {out}")
+    return 0

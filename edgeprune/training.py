@@ -1,0 +1,227 @@
+"""Training regimes for a model that is pruned after deployment without fine-tuning.
+
+Three regimes share data, model and optimiser, so differences in pruning robustness come from
+the regime alone:
+
+* ``standard``: plain SGD training of the full network;
+* ``paper``: the regime of O'Quinn et al. (small batch, strong L2, more epochs);
+* ``ours``: random-width training. Every step also runs the network with channels masked
+  exactly as Torch-Pruning will remove them (same groups, same L1 ranking, ``int(C(1-p))``
+  kept, mask right after BatchNorm: :mod:`shared.pruning`), at a random ladder ratio per block
+  and at the smallest width (sandwich rule). The masked passes use BatchNorm in eval mode, i.e.
+  with the full network's running statistics, because that is what a pruned model inherits;
+  batch statistics there learn weights that collapse at deployment. One full-network warm-up
+  epoch and gradient clipping keep those passes from diverging.
+
+After training, :func:`calibrate_bn_tables` re-estimates BatchNorm statistics per ladder ratio
+from unlabelled training frames (forward passes only, no weight changes): the node loads the
+table of its ratio into each pre-built variant.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from edgeprune.dataset import FrameSplit, to_model_input
+from shared.model import BlockNet, TrapNetConfig, make_model
+from shared.pruning import (DEFAULT_LADDER, PruningGroup, keep_masks, masked, pruning_groups,
+                            ratio_key)
+
+REGIMES = ("standard", "paper", "ours")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    regime: str = "ours"
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1        # ours: full-network epochs before the masked passes start
+    sandwich: bool = True         # ours: also train the smallest width every step
+    grad_clip: float = 5.0
+    ladder: tuple[float, ...] = DEFAULT_LADDER
+    calibration_frames: int = 2048
+    seed: int = 0
+    model: TrapNetConfig = field(default_factory=TrapNetConfig)
+
+    def __post_init__(self) -> None:
+        if self.regime not in REGIMES:
+            raise ValueError(f"unknown regime {self.regime!r}; choose from {REGIMES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        raw["ladder"] = list(self.ladder)
+        raw["model"] = self.model.to_dict()
+        return raw
+
+
+def regime_config(regime: str, epochs: int, **overrides: Any) -> TrainConfig:
+    """The hyper-parameters of each regime for a budget of ``epochs`` (standard's epoch count).
+
+    The paper's regime is its own recipe: batch 16 instead of 64 (learning rate scaled
+    linearly), ten times the weight decay, and half again as many epochs.
+    """
+    base = TrainConfig(regime=regime, epochs=epochs)
+    if regime == "paper":
+        base = replace(base, batch_size=16, lr=base.lr / 4, weight_decay=5e-3, epochs=math.ceil(epochs * 1.5))
+    return replace(base, **overrides)
+
+
+def batches(split: FrameSplit, batch_size: int, rng: np.random.Generator | None,
+            augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised input batches; shuffled and randomly mirrored when training."""
+    order = rng.permutation(len(split)) if rng is not None else np.arange(len(split))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        images = split.images[idx]
+        if augment and rng is not None:
+            flip = rng.random(len(idx)) < 0.5
+            images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+        yield to_model_input(images), torch.from_numpy(split.labels[idx])
+
+
+def _set_bn_eval(model: nn.Module, eval_mode: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train(not eval_mode)
+
+
+def random_block_ratios(rng: np.random.Generator, ladder: Sequence[float], n_blocks: int) -> list[float]:
+    """A ratio per block: the same for all half the time (uniform deployment), else mixed per block."""
+    choices = [r for r in ladder if r > 0]
+    if rng.random() < 0.5:
+        return [float(rng.choice(choices))] * n_blocks
+    return [float(r) for r in rng.choice(choices, size=n_blocks)]
+
+
+def masked_loss(model: BlockNet, groups: Sequence[PruningGroup], ratios: Sequence[float],
+                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with masked(keep_masks(groups, ratios)):
+        return F.cross_entropy(model(x), y)
+
+
+def train(config: TrainConfig, splits: dict[str, FrameSplit], progress: bool = True,
+          log: Callable[[str], None] = print) -> tuple[BlockNet, dict[str, Any]]:
+    """Train a model of ``config.model`` on ``splits["train"]``; returns it (eval mode) and a history."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = make_model(config.model)
+    train_split = splits["train"]
+    input_size = train_split.images.shape[1]
+    groups = pruning_groups(model.eval(), input_size) if config.regime == "ours" else []
+    optimiser = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
+                                weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, pct_start=0.15,
+                                                    total_steps=config.epochs * steps_per_epoch)
+    smallest = max(config.ladder)
+    history: dict[str, Any] = {"epochs": [], "wall_s": 0.0}
+    t0 = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        use_masks = config.regime == "ours" and epoch >= config.warmup_epochs
+        bar = tqdm(batches(train_split, config.batch_size, rng, augment=True), total=steps_per_epoch,
+                   desc=f"{config.regime} epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        total_loss, n_seen = 0.0, 0
+        for x, y in bar:
+            optimiser.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            if use_masks:
+                _set_bn_eval(model, True)
+                masked_ratios = [random_block_ratios(rng, config.ladder, model.n_blocks)]
+                if config.sandwich:
+                    masked_ratios.append([smallest] * model.n_blocks)
+                for ratios in masked_ratios:
+                    masked_loss(model, groups, ratios, x, y).backward()
+                _set_bn_eval(model, False)
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimiser.step()
+            scheduler.step()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {loss.item()})")
+            total_loss += loss.item() * len(y)
+            n_seen += len(y)
+            bar.set_postfix(loss=f"{total_loss / n_seen:.3f}")
+        model.eval()
+        val_acc = accuracy(model, splits["val"]) if "val" in splits else float("nan")
+        history["epochs"].append({"epoch": epoch + 1, "loss": total_loss / n_seen, "val_acc": val_acc})
+        log(f"{config.regime} epoch {epoch + 1}/{config.epochs}: loss {total_loss / n_seen:.4f}, "
+            f"val accuracy {val_acc:.4f}")
+    history["wall_s"] = time.perf_counter() - t0
+    return model.eval(), history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: FrameSplit, batch_size: int = 250) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(x).argmax(1).numpy() for x, _ in batches(split, batch_size, None, False)])
+
+
+def accuracy(model: nn.Module, split: FrameSplit) -> float:
+    return float((predict(model, split) == split.labels).mean())
+
+
+@torch.no_grad()
+def calibrate_bn_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence[float],
+                        batch_size: int = 256) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """BatchNorm running statistics of the model pruned to each ladder ratio (no gradient, no weight change).
+
+    The model is masked exactly as it will be pruned, its BatchNorms average the batch
+    statistics of ``frames`` (cumulative mean, ``momentum=None``), and the result is read out.
+    The model's own statistics are restored afterwards.
+    """
+    input_size = frames.images.shape[1]
+    groups = pruning_groups(model.eval(), input_size)
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    saved = {name: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+             for name, m in norms.items()}
+    tables = {}
+    try:
+        for ratio in ladder:
+            if ratio == 0:
+                continue
+            for m in norms.values():
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            with masked(keep_masks(groups, [ratio] * model.n_blocks)):
+                for x, _ in batches(frames, batch_size, None, False):
+                    model(x)
+            tables[ratio_key(ratio)] = {name: {"mean": m.running_mean.clone(), "var": m.running_var.clone()}
+                                        for name, m in norms.items()}
+    finally:
+        for name, m in norms.items():
+            mean, var, count, momentum = saved[name]
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+            m.momentum = momentum
+        model.eval()
+    return tables
+
+
+def calibration_frames(split: FrameSplit, n: int, seed: int) -> FrameSplit:
+    """A seeded sample of unlabelled training frames for BatchNorm calibration."""
+    n = min(n, len(split))
+    return split.subset(np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False)))
+
+
+def save_checkpoint(path: Path, model: BlockNet, config: TrainConfig,
+                    bn_tables: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The dict :func:`shared.model.build_model` loads (``weights_only``-safe: tensors and plain values)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": config.model.to_dict(), "model": model.state_dict(), "bn_tables": bn_tables,
+                "meta": {"train_config": config.to_dict(), **meta}}, path)
