@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -45,19 +46,20 @@ class LatencyCurve:
     r2: float
     rmse: float
 
+    @cached_property
     def polynomial(self) -> Polynomial:
-        """The curve as a polynomial in p (one evaluation path for both kinds)."""
+        """The curve as a polynomial in p (one evaluation path for both kinds; built once, policies call often)."""
         if self.kind == "linear":
             slope, intercept = self.coef
             return Polynomial([intercept, slope])
         return Polynomial(list(self.coef))(Polynomial([1.0, -1.0]))
 
     def predict(self, ratio: float) -> float:
-        return float(self.polynomial()(ratio))
+        return float(self.polynomial(ratio))
 
     def min_on(self, max_ratio: float) -> float:
         """Smallest predicted time on [0, max_ratio]: a curve that reaches ≤ 0 there is unusable."""
-        poly = self.polynomial()
+        poly = self.polynomial
         points = [0.0, max_ratio] + [float(r.real) for r in poly.deriv().roots()
                                      if abs(r.imag) < 1e-12 and 0.0 < r.real < max_ratio]
         return float(min(poly(p) for p in points))

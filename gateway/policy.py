@@ -1,0 +1,207 @@
+"""Choosing per-stage pruning ratios from the calibrated curves: the paper's rule and the bottleneck rule.
+
+Pure functions of a :class:`Problem`; the controller decides *when* to call them. Ratios are always chosen
+on the ladder the nodes have variants for, and never below the accuracy floor when the unpruned
+pipeline (with any manual holds) meets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+import numpy as np
+from scipy.optimize import linprog
+
+from gateway.curves import AccuracyFit, AccuracyModel, LatencyCurve, SliceLatencyFit
+
+PolicyName = Literal["paper", "bottleneck"]
+_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything a policy needs, in stage order.
+
+    ``slowdowns`` are each node's observed compute time over its calibrated time (≥ 1): a stage's predicted
+    time is slowdown × calibrated curve. ``budget_s`` is the time every stage must stay under.
+    ``fixed`` holds stages at a ratio the policy may not change (manual overrides), by stage index.
+    """
+
+    latency: Sequence[SliceLatencyFit]
+    slowdowns: Sequence[float]
+    accuracy: AccuracyFit
+    accuracy_floor: float
+    budget_s: float
+    ladder: Sequence[float]
+    accuracy_model: AccuracyModel = "logistic"
+    fixed: Mapping[int, float] = field(default_factory=dict)
+    names: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.latency)
+        if len(self.slowdowns) != n or self.accuracy.n_stages != n:
+            raise ValueError("latency fits, slowdowns and accuracy gains must cover the same stages")
+        if not self.ladder or self.ladder[0] != 0.0 or any(b <= a for a, b in zip(self.ladder, self.ladder[1:])):
+            raise ValueError("the ladder must start at 0 and increase")
+        if any(not 0 <= i < n for i in self.fixed):
+            raise ValueError("fixed stage index out of range")
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.latency)
+
+    @cached_property
+    def curves(self) -> tuple[LatencyCurve, ...]:
+        return tuple(fit.best() for fit in self.latency)
+
+    @cached_property
+    def predict_accuracy(self) -> Callable[[Sequence[float]], float]:
+        return self.accuracy.predictor(self.accuracy_model)
+
+    def name(self, stage: int) -> str:
+        return self.names[stage] if self.names else f"stage {stage + 1}"
+
+    def options(self, stage: int) -> tuple[float, ...]:
+        """Ratios a stage may take: its held ratio if fixed, else the ladder."""
+        return (self.fixed[stage],) if stage in self.fixed else tuple(self.ladder)
+
+    def stage_time(self, stage: int, ratio: float) -> float:
+        return self.slowdowns[stage] * self.curves[stage].predict(ratio)
+
+    def unpruned(self) -> tuple[float, ...]:
+        """No pruning anywhere except the held stages: the most accurate vector available."""
+        return tuple(self.fixed.get(i, 0.0) for i in range(self.n_stages))
+
+    def meets_floor(self, ratios: Sequence[float]) -> bool:
+        return self.predict_accuracy(ratios) >= self.accuracy_floor - _TOLERANCE
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A ratio vector with what the curves predict for it, for the log and the operator page."""
+
+    policy: str
+    ratios: tuple[float, ...]
+    stage_latency_s: tuple[float, ...]
+    bottleneck_s: float
+    bottleneck_stage: int
+    accuracy: float
+    budget_s: float
+    infeasible: bool
+    reason: str
+
+
+def evaluate(problem: Problem, ratios: Sequence[float], policy: str, reason: str,
+             infeasible: bool = False) -> Decision:
+    """Predicted per-stage time, bottleneck and accuracy of ``ratios`` at the nodes' current speed."""
+    times = tuple(problem.stage_time(i, r) for i, r in enumerate(ratios))
+    slowest = int(np.argmax(times))
+    return Decision(policy=policy, ratios=tuple(ratios), stage_latency_s=times, bottleneck_s=times[slowest],
+                    bottleneck_stage=slowest, accuracy=problem.predict_accuracy(ratios),
+                    budget_s=problem.budget_s, infeasible=infeasible, reason=reason)
+
+
+def _least_pruning_under(problem: Problem, level_s: float) -> tuple[float, ...] | None:
+    """Per stage, the smallest allowed ratio whose predicted time is ≤ level (None if a stage can't)."""
+    chosen = []
+    for stage in range(problem.n_stages):
+        fitting = [r for r in problem.options(stage) if problem.stage_time(stage, r) <= level_s + _TOLERANCE]
+        if not fitting:
+            return None
+        chosen.append(fitting[0])
+    return tuple(chosen)
+
+
+def choose_bottleneck(problem: Problem) -> Decision:
+    """Least total pruning that brings every stage under the budget at current speeds, above the floor.
+
+    Stage times are separable, so any vector meeting a level L prunes each stage at least as much as
+    ``_least_pruning_under(L)``; accuracy does not rise with pruning (both predictors guarantee it), so
+    that minimal vector is the unique optimum when it meets the floor, and no vector does otherwise.
+    This is exact for any number of stages in O(stages² · ladder²).
+
+    If the budget cannot be met, the best effort is the smallest reachable bottleneck above the floor,
+    reached with the least pruning, flagged infeasible.
+    """
+    minimal = _least_pruning_under(problem, problem.budget_s)
+    if minimal is not None and problem.meets_floor(minimal):
+        return evaluate(problem, minimal, "bottleneck",
+                        f"least pruning that puts every stage under the {problem.budget_s:.3f} s budget")
+
+    if minimal is None:
+        slow = [problem.name(i) for i in range(problem.n_stages)
+                if problem.stage_time(i, problem.options(i)[-1]) > problem.budget_s + _TOLERANCE]
+        why = f"{', '.join(slow)} cannot meet the {problem.budget_s:.3f} s budget even at the highest allowed ratio"
+    else:
+        why = (f"meeting the {problem.budget_s:.3f} s budget needs accuracy "
+               f"{problem.predict_accuracy(minimal):.3f} < floor {problem.accuracy_floor:.3f}")
+    levels = sorted({problem.stage_time(i, r) for i in range(problem.n_stages) for r in problem.options(i)})
+    for level in levels:
+        if level <= problem.budget_s:
+            continue
+        candidate = _least_pruning_under(problem, level)
+        if candidate is not None and problem.meets_floor(candidate):
+            return evaluate(problem, candidate, "bottleneck",
+                            f"{why}; best effort: smallest reachable bottleneck above the floor", infeasible=True)
+    return evaluate(problem, problem.unpruned(), "bottleneck",
+                    f"{why}; the accuracy floor is not met even unpruned, so nothing is pruned", infeasible=True)
+
+
+def choose_paper(problem: Problem) -> Decision:
+    """The paper's rule: min Σ (α_i·p_i + β_i) subject to a(p) ≥ A_min, 0 ≤ p_i ≤ p_max.
+
+    σ is monotone, so the floor is the linear constraint Σ g_i·p_i ≥ required score and the problem is a
+    linear programme (solved by scipy's HiGHS). It ignores current speeds: it prunes as much as the floor
+    allows wherever the line says time falls. Snapping: each ratio is rounded *down* to the ladder (which
+    cannot lower accuracy), then the freed accuracy is spent one ladder step at a time on the stage with
+    the largest latency saved per accuracy lost (α_i/g_i), as the paper distributes overshoot.
+    Predicted times use the best curve × current slowdown, so its infeasibility is judged like ours.
+    """
+    start = problem.unpruned()
+    if not problem.meets_floor(start):
+        return evaluate(problem, start, "paper", "the accuracy floor is not met even unpruned", infeasible=True)
+
+    free = [i for i in range(problem.n_stages) if i not in problem.fixed]
+    slopes = np.array([problem.latency[i].linear.coef[0] for i in free])
+    gains = np.array([problem.accuracy.gains[i] for i in free])
+    held_score = sum(problem.accuracy.gains[i] * r for i, r in problem.fixed.items())
+    needed = problem.accuracy.required_score(problem.accuracy_floor) - held_score
+    ratios = list(start)
+    if free and needed < np.inf:
+        floor_constraint = {"A_ub": [-gains], "b_ub": [-needed]} if needed > -np.inf else {}
+        solution = linprog(slopes, **floor_constraint, bounds=[(0.0, problem.ladder[-1])] * len(free),
+                           method="highs")
+        if solution.success:
+            for i, p in zip(free, solution.x):
+                ratios[i] = max(r for r in problem.ladder if r <= p + _TOLERANCE)
+        if not problem.meets_floor(ratios):  # the measured table can be stricter than the logistic
+            ratios = list(start)
+
+    def saved_per_accuracy(stage: int) -> float:
+        slope, gain = problem.latency[stage].linear.coef[0], problem.accuracy.gains[stage]
+        return slope / gain if gain < 0 else np.inf
+
+    while True:
+        steps = []
+        for i in free:
+            higher = [r for r in problem.ladder if r > ratios[i] + _TOLERANCE]
+            if higher and problem.latency[i].linear.coef[0] < 0:
+                stepped = ratios[:i] + [higher[0]] + ratios[i + 1:]
+                if problem.meets_floor(stepped):
+                    steps.append((saved_per_accuracy(i), -i, stepped))
+        if not steps:
+            break
+        ratios = max(steps)[2]
+
+    decision = evaluate(problem, ratios, "paper", "largest pruning the accuracy floor allows (paper's rule)")
+    if decision.bottleneck_s <= problem.budget_s + _TOLERANCE:
+        return decision
+    return evaluate(problem, ratios, "paper",
+                    f"even the largest pruning the floor allows leaves {problem.name(decision.bottleneck_stage)} "
+                    f"at {decision.bottleneck_s:.3f} s over the {problem.budget_s:.3f} s budget", infeasible=True)
+
+
+POLICIES: dict[str, Callable[[Problem], Decision]] = {"paper": choose_paper, "bottleneck": choose_bottleneck}

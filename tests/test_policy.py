@@ -1,0 +1,200 @@
+"""Ratio policies: exact against brute force on small pipelines, and the properties the controller relies on."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from gateway.curves import AccuracyFit, fit_latency
+from gateway.policy import POLICIES, Problem, choose_bottleneck, choose_paper, evaluate
+
+LADDER = tuple(round(0.1 * k, 1) for k in range(10))
+COARSE = (0.0, 0.25, 0.5, 0.75)
+
+
+def slice_fit(t0: float, floor_share: float):
+    """Exact MAC-bound slice: t(p) = t0·(share + (1 − share)(1 − p)²), strictly falling."""
+    return fit_latency(LADDER, [t0 * (floor_share + (1 - floor_share) * (1 - p) ** 2) for p in LADDER])
+
+
+def accuracy_fit(gains, offset=-4.0, top=0.93, chance=0.1, ladder=LADDER):
+    """A logistic with known parameters whose measured table is the full ladder grid (for the lookup)."""
+    vectors = tuple(itertools.product(ladder, repeat=len(gains)))
+    template = AccuracyFit(tuple(gains), offset, top, chance, 1.0, 0.0, vectors, ())
+    return replace(template, accuracies=tuple(template.logistic(v) for v in vectors))
+
+
+@st.composite
+def problems(draw, max_stages=3, models=("logistic",)):
+    n = draw(st.integers(1, max_stages))
+    model = draw(st.sampled_from(models))
+    ladder = COARSE if model == "measured" else LADDER
+    fits = [slice_fit(draw(st.floats(0.02, 0.3)), draw(st.floats(0.05, 0.5))) for _ in range(n)]
+    gains = [draw(st.floats(-10.0, -0.5)) for _ in range(n)]
+    accuracy = accuracy_fit(gains, offset=draw(st.floats(-6.0, -1.0)), top=draw(st.floats(0.7, 1.0)),
+                            ladder=ladder)
+    unpruned = accuracy.predictor(model)([0.0] * n)
+    fixed = {}
+    if n > 1 and draw(st.booleans()):
+        fixed = {draw(st.integers(0, n - 1)): draw(st.sampled_from(ladder))}
+    return Problem(latency=fits, slowdowns=[draw(st.floats(1.0, 8.0)) for _ in range(n)], accuracy=accuracy,
+                   accuracy_floor=draw(st.floats(0.5, 0.99)) * unpruned, budget_s=draw(st.floats(0.03, 0.4)),
+                   ladder=ladder, accuracy_model=model, fixed=fixed)
+
+
+def brute_force(problem: Problem) -> tuple[bool, tuple[float, ...]]:
+    """(feasible, vector): least total pruning meeting budget and floor, else the smallest bottleneck
+    above the floor with the least pruning, else the unpruned vector."""
+    vectors = itertools.product(*(problem.options(i) for i in range(problem.n_stages)))
+    above_floor = [v for v in vectors if problem.meets_floor(v)]
+    if not above_floor:
+        return False, problem.unpruned()
+
+    def bottleneck(v):
+        return max(problem.stage_time(i, r) for i, r in enumerate(v))
+
+    feasible = [v for v in above_floor if bottleneck(v) <= problem.budget_s + 1e-9]
+    if feasible:
+        return True, min(feasible, key=sum)
+    return False, min(above_floor, key=lambda v: (bottleneck(v), sum(v)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(models=("logistic", "measured")))
+def test_bottleneck_policy_is_exact_against_brute_force(problem):
+    decision = choose_bottleneck(problem)
+    feasible, expected = brute_force(problem)
+    assert decision.infeasible == (not feasible)
+    assert decision.ratios == pytest.approx(expected)
+    if feasible:  # and so no vector with less total pruning meets budget and floor
+        assert decision.bottleneck_s <= problem.budget_s + 1e-9
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(models=("logistic", "measured")), st.sampled_from(sorted(POLICIES)))
+def test_no_policy_breaks_the_accuracy_floor_when_unpruned_meets_it(problem, policy):
+    assume(problem.meets_floor(problem.unpruned()))
+    decision = POLICIES[policy](problem)
+    assert decision.accuracy >= problem.accuracy_floor - 1e-9
+    assert all(r in problem.options(i) for i, r in enumerate(decision.ratios))
+    assert all(decision.ratios[i] == r for i, r in problem.fixed.items())
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_a_stage_already_under_budget_is_never_pruned(problem):
+    decision = choose_bottleneck(problem)
+    for stage, ratio in enumerate(decision.ratios):
+        if stage not in problem.fixed and problem.stage_time(stage, 0.0) <= problem.budget_s:
+            assert ratio == 0.0, f"{problem.name(stage)} is not a bottleneck but was pruned to {ratio}"
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.data())
+def test_more_slowdown_on_a_node_never_lowers_its_ratio(problem, data):
+    stage = data.draw(st.integers(0, problem.n_stages - 1))
+    factor = data.draw(st.floats(1.0, 5.0))
+    slower = list(problem.slowdowns)
+    slower[stage] *= factor
+    before = choose_bottleneck(problem).ratios[stage]
+    after = choose_bottleneck(replace(problem, slowdowns=slower)).ratios[stage]
+    assert after >= before
+
+
+@settings(max_examples=100, deadline=None)
+@given(problems())
+def test_paper_policy_leaves_no_single_step_that_the_floor_would_allow(problem):
+    assume(problem.meets_floor(problem.unpruned()))
+    ratios = list(choose_paper(problem).ratios)
+    for stage in range(problem.n_stages):
+        higher = [r for r in problem.ladder if r > ratios[stage]]
+        if stage in problem.fixed or not higher:
+            continue
+        stepped = ratios[:stage] + [higher[0]] + ratios[stage + 1:]
+        assert not problem.meets_floor(stepped), f"{problem.name(stage)} could still go to {higher[0]}"
+
+
+def two_stage(slowdowns, gains=(-6.0, -2.0), budget_s=0.2, **kwargs):
+    fits = [slice_fit(0.12, 0.1), slice_fit(0.12, 0.1)]
+    accuracy = accuracy_fit(gains)
+    return Problem(latency=fits, slowdowns=slowdowns, accuracy=accuracy,
+                   accuracy_floor=0.9 * accuracy.logistic((0.0, 0.0)), budget_s=budget_s, ladder=LADDER,
+                   names=("node-1", "node-2"), **kwargs)
+
+
+def test_bottleneck_policy_prunes_only_the_slowed_stage_just_enough():
+    decision = choose_bottleneck(two_stage([1.0, 4.0]))
+    assert decision.ratios == (0.0, 0.5)  # 4 × t(0.4) = 0.226 > 0.2 ≥ 4 × t(0.5) = 0.168
+    assert not decision.infeasible
+    assert decision.bottleneck_stage == 1 and decision.bottleneck_s == pytest.approx(4 * 0.12 * (0.1 + 0.9 * 0.25))
+
+
+def test_paper_policy_prunes_to_the_floor_on_the_cheapest_stage_regardless_of_speed():
+    problem = two_stage([1.0, 1.0], gains=(-6.0, -3.0))
+    decision = choose_paper(problem)
+    assert decision.ratios[0] == 0.0 < decision.ratios[1]  # stage 2 costs a third of the accuracy per step
+    assert decision.policy == "paper" and not decision.infeasible
+    assert not problem.meets_floor((decision.ratios[0], decision.ratios[1] + 0.1))
+    assert choose_paper(two_stage([4.0, 1.0], gains=(-6.0, -3.0))).ratios == decision.ratios
+
+
+def test_paper_policy_spends_leftover_accuracy_where_it_saves_most_time_per_accuracy():
+    # Time saved per accuracy lost ∝ t0/|g|: stage 2 (0.236) > stage 4 (0.038) > stage 1 (0.032) > stage 3 (0.020).
+    # The LP maxes stage 2 and stops stage 4 between rungs; the slack after rounding fits two steps of
+    # stage 1 or one of stage 3, not both: stage 1 must get them.
+    fits = [slice_fit(t0, 0.1) for t0 in (0.06, 0.26, 0.06, 0.26)]
+    accuracy = accuracy_fit((-1.9, -1.1, -3.0, -6.8), ladder=(0.0, 0.9))
+    problem = Problem(latency=fits, slowdowns=[1.0] * 4, accuracy=accuracy, budget_s=0.2, ladder=LADDER,
+                      accuracy_floor=0.9 * accuracy.logistic((0.0,) * 4))
+    assert choose_paper(problem).ratios == (0.2, 0.9, 0.0, 0.1)
+
+
+def test_infeasible_budget_gives_best_effort_and_says_why():
+    decision = choose_bottleneck(two_stage([1.0, 30.0]))
+    assert decision.infeasible
+    assert decision.ratios == (0.0, 0.9)  # the smallest bottleneck reachable
+    assert "node-2 cannot meet" in decision.reason
+    floor_bound = choose_bottleneck(two_stage([4.0, 4.0], gains=(-6.0, -6.0)))
+    assert floor_bound.infeasible and "< floor" in floor_bound.reason
+    assert floor_bound.accuracy >= two_stage([4.0, 4.0], gains=(-6.0, -6.0)).accuracy_floor
+
+
+def test_paper_policy_flags_infeasible_when_its_vector_leaves_a_stage_over_budget():
+    decision = choose_paper(two_stage([4.0, 1.0]))
+    assert decision.infeasible and "node-1" in decision.reason
+
+
+def test_floor_unmet_even_unpruned_prunes_nothing():
+    problem = replace(two_stage([4.0, 4.0]), accuracy_floor=0.99)
+    for policy in POLICIES.values():
+        decision = policy(problem)
+        assert decision.infeasible and decision.ratios == (0.0, 0.0)
+
+
+def test_a_held_stage_keeps_its_ratio_and_the_other_takes_the_load():
+    decision = choose_bottleneck(two_stage([4.0, 4.0], fixed={0: 0.3}))
+    assert decision.ratios[0] == 0.3
+    assert decision.infeasible  # stage 1 held at 0.3 cannot meet the budget at 4× slowdown
+    assert decision.ratios[1] > 0.0
+
+
+def test_evaluate_reports_what_the_curves_predict():
+    problem = two_stage([4.0, 1.0])
+    decision = evaluate(problem, (0.5, 0.0), "restore", "why")
+    expected = (4 * 0.12 * (0.1 + 0.9 * 0.25), 0.12)
+    assert decision.stage_latency_s == pytest.approx(expected)
+    assert decision.bottleneck_stage == 0 and decision.bottleneck_s == pytest.approx(expected[0])
+    assert decision.accuracy == pytest.approx(problem.accuracy.logistic((0.5, 0.0)))
+
+
+def test_problem_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="same stages"):
+        replace(two_stage([1.0, 1.0]), slowdowns=[1.0])
+    with pytest.raises(ValueError, match="ladder"):
+        replace(two_stage([1.0, 1.0]), ladder=(0.1, 0.5))
+    with pytest.raises(ValueError, match="fixed"):
+        two_stage([1.0, 1.0], fixed={2: 0.5})
