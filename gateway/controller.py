@@ -1,0 +1,329 @@
+"""The pruning controller's state machine: when to prune, how much (via a policy), when to give it back.
+
+Pure: no MQTT and no clock of its own. The gateway feeds it observations with their timestamps, calls
+:meth:`PruningController.tick` with the current time, and turns the returned actions into retained
+``PruneDesired`` messages and ``prune_events`` rows. See docs/controller.md.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.curves import AccuracyFit, AccuracyModel, SliceLatencyFit
+from gateway.policy import POLICIES, Decision, PolicyName, Problem, evaluate
+
+_TOLERANCE = 1e-9
+
+
+class ControllerConfig(BaseModel):
+    """Trigger, restore and policy settings; times in seconds, fractions in [0, 1]."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: PolicyName = Field("bottleneck", description="Ratio-choosing rule: 'bottleneck' (ours) or 'paper'.")
+    ladder: tuple[float, ...] = Field(tuple(round(0.1 * k, 1) for k in range(10)),
+                                      description="Ratios the nodes have variants for, ascending from 0, each < 1.")
+    max_ratio: float = Field(0.9, ge=0, lt=1, description="Highest ratio a policy may choose (p_max).")
+    accuracy_floor_relative: float = Field(
+        0.9, gt=0, le=1, description="A_min as a fraction of the predicted unpruned accuracy.")
+    accuracy_model: AccuracyModel = Field(
+        "logistic", description="Accuracy predictor: the fitted 'logistic' or the 'measured' table lookup.")
+    budget_fraction: float = Field(
+        0.8, gt=0, le=1, description="Stage budget = this × SLO / stages; the rest of the SLO is for transport "
+                                     "and queueing.")
+    trigger_margin_s: float = Field(0.05, ge=0, description="LAT_trigger = SLO + this.")
+    trigger_window_s: float = Field(10.0, gt=0, description="Sliding window the violation fraction is taken over.")
+    trigger_fraction: float = Field(0.5, gt=0, le=1,
+                                    description="Fraction of requests over LAT_trigger in the window that fires.")
+    trigger_min_span_s: float = Field(
+        5.0, ge=0, description="Violating requests must span at least this long: a burst shorter never fires.")
+    min_samples: int = Field(5, ge=1, description="Fewest requests in a window to judge it (trigger or restore).")
+    cooldown_s: float = Field(15.0, ge=0, description="LAT_cooldown: no new action this long after one.")
+    restore_window_s: float = Field(20.0, gt=0, description="Headroom must hold this long before each restore step.")
+    restore_latency_fraction: float = Field(0.7, gt=0, lt=1, description="Headroom: latency ≤ this × SLO.")
+    restore_fraction: float = Field(0.95, gt=0, le=1,
+                                    description="Fraction of requests in the restore window that must have headroom.")
+    slowdown_gone: float = Field(1.25, ge=1, description="A node's slowdown at or below this counts as gone.")
+    slowdown_smoothing: float = Field(0.7, gt=0, le=1,
+                                      description="EWMA weight of the newest slowdown sample (1 = no smoothing).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ControllerConfig:
+        ladder = self.ladder
+        if not ladder or ladder[0] != 0.0 or any(b <= a for a, b in zip(ladder, ladder[1:])) or ladder[-1] >= 1:
+            raise ValueError("ladder must start at 0, increase, and stay below 1")
+        if self.trigger_min_span_s > self.trigger_window_s:
+            raise ValueError("trigger_min_span_s must not exceed trigger_window_s")
+        return self
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """What the trigger and restore rules saw, logged with every action and shown on the operator page.
+
+    Only requests completed after the last action count: earlier ones describe the old ratios.
+    """
+
+    trigger_samples: int
+    over_trigger_fraction: float
+    violation_span_s: float
+    restore_samples: int
+    headroom_fraction: float
+    slowdowns: dict[str, float]
+    queue_depths: dict[str, int]
+
+
+@dataclass(frozen=True)
+class SetRatios:
+    """Publish a new desired state for the nodes listed (only those whose ratio or source changes)."""
+
+    ts: float
+    ratios: dict[str, float]
+    source: Literal["auto", "manual"]
+    reason: str
+    decision: Decision
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class Infeasible:
+    """Even the most pruning allowed cannot meet the budget; the best effort (if new) is a SetRatios."""
+
+    ts: float
+    reason: str
+    decision: Decision
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class Held:
+    """A sustained violation the curves do not explain: the current ratios are predicted to meet the budget."""
+
+    ts: float
+    reason: str
+    decision: Decision
+    metrics: Metrics
+
+
+Action = SetRatios | Infeasible | Held
+
+
+class PruningController:
+    """Sustained-violation trigger, cooldown, slowdown estimation, step-wise restore, manual holds."""
+
+    def __init__(self, nodes: Sequence[str], latency: Mapping[str, SliceLatencyFit], accuracy: AccuracyFit,
+                 slo_s: float, config: ControllerConfig | None = None,
+                 initial_ratios: Mapping[str, float] | None = None):
+        if not nodes or len(set(nodes)) != len(nodes):
+            raise ValueError("nodes must be a non-empty list of distinct ids in stage order")
+        if not set(nodes) <= set(latency) or accuracy.n_stages != len(nodes):
+            raise ValueError("every node needs a latency fit, and the accuracy fit one gain per node")
+        if slo_s <= 0:
+            raise ValueError("slo_s must be positive")
+        self.config = config or ControllerConfig()
+        self.nodes = tuple(nodes)
+        self.slo_s = slo_s
+        self._fits = {node: latency[node] for node in nodes}
+        self._curves = {node: fit.best() for node, fit in self._fits.items()}
+        self._accuracy = accuracy
+        self._ratios = {node: (initial_ratios or {}).get(node, 0.0) for node in nodes}
+        if any(not 0.0 <= r < 1.0 for r in self._ratios.values()):
+            raise ValueError("initial ratios must lie in [0, 1)")
+        self._manual: dict[str, float] = {}
+        self._latencies: deque[tuple[float, float]] = deque()
+        self._slowdown: dict[str, float] = {}
+        self._applied: dict[str, float] = {}
+        self._stats_ts: dict[str, float] = {}
+        self._queue_depth: dict[str, int] = {}
+        self._last_action_ts = float("-inf")
+        self._watching_since: float | None = None
+        unpruned = accuracy.predictor(self.config.accuracy_model)([0.0] * len(nodes))
+        self.accuracy_floor = self.config.accuracy_floor_relative * unpruned
+
+    # ---- read-only views -------------------------------------------------------------------------
+    @property
+    def lat_trigger_s(self) -> float:
+        return self.slo_s + self.config.trigger_margin_s
+
+    @property
+    def budget_s(self) -> float:
+        """Per-stage time budget: if every stage meets it, the compute path uses ≤ budget_fraction × SLO."""
+        return self.config.budget_fraction * self.slo_s / len(self.nodes)
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """Desired ratio per node (what the gateway last published or should publish)."""
+        return dict(self._ratios)
+
+    @property
+    def manual(self) -> dict[str, float]:
+        return dict(self._manual)
+
+    def slowdown(self, node_id: str) -> float:
+        """Smoothed observed/calibrated compute time, ≥ 1 (a node is never assumed faster than calibrated)."""
+        return max(1.0, self._slowdown.get(node_id, 1.0))
+
+    def metrics(self, now: float) -> Metrics:
+        trigger_window = self._since_last_action(now, self.config.trigger_window_s)
+        over_ts = [ts for ts, latency in trigger_window if latency > self.lat_trigger_s]
+        restore_window = [latency for _, latency in self._since_last_action(now, self.config.restore_window_s)]
+        headroom_s = self.config.restore_latency_fraction * self.slo_s
+        return Metrics(
+            trigger_samples=len(trigger_window),
+            over_trigger_fraction=len(over_ts) / len(trigger_window) if trigger_window else 0.0,
+            violation_span_s=max(over_ts) - min(over_ts) if over_ts else 0.0,
+            restore_samples=len(restore_window),
+            headroom_fraction=(sum(latency <= headroom_s for latency in restore_window) / len(restore_window)
+                               if restore_window else 0.0),
+            slowdowns={node: self.slowdown(node) for node in self.nodes},
+            queue_depths=dict(self._queue_depth))
+
+    def _since_last_action(self, now: float, window_s: float) -> list[tuple[float, float]]:
+        """(completion ts, latency) of requests in the window that completed after the last action."""
+        start = max(self._last_action_ts, now - window_s)
+        return [(ts, latency) for ts, latency in self._latencies if ts > start]
+
+    # ---- inputs --------------------------------------------------------------------------------------
+    def observe_latency(self, ts: float, e2e_latency_s: float) -> None:
+        """One completed request: its completion time and end-to-end latency."""
+        self._latencies.append((ts, e2e_latency_s))
+
+    def observe_node(self, ts: float, node_id: str, compute_mean_s: float | None, queue_depth: int,
+                     applied_ratio: float) -> None:
+        """A node's periodic stats (``NodeStats``: ts, compute_mean_s, queue_depth, prune_ratio).
+
+        The slowdown sample is compute time over the calibrated time *at the ratio the node reports
+        applied*. The first report after the applied ratio changes is skipped, since its mean mixes both
+        variants. Stats of nodes outside the pipeline, and duplicates or reordered reports, are ignored.
+        """
+        if node_id not in self._fits or ts <= self._stats_ts.get(node_id, float("-inf")):
+            return
+        self._stats_ts[node_id] = ts
+        self._queue_depth[node_id] = queue_depth
+        if node_id in self._applied and abs(self._applied[node_id] - applied_ratio) > _TOLERANCE:
+            self._applied[node_id] = applied_ratio
+            return
+        self._applied[node_id] = applied_ratio
+        if compute_mean_s is None or compute_mean_s <= 0:
+            return
+        sample = compute_mean_s / self._curves[node_id].predict(applied_ratio)
+        previous = self._slowdown.get(node_id)
+        weight = self.config.slowdown_smoothing
+        self._slowdown[node_id] = sample if previous is None else weight * sample + (1 - weight) * previous
+
+    def set_manual(self, now: float, node_id: str, ratio: float) -> list[Action]:
+        """Hold a node at a ladder ratio until released; the policies and restore leave it alone."""
+        if node_id not in self._ratios:
+            raise ValueError(f"unknown node {node_id!r}")
+        on_ladder = [r for r in self.config.ladder if abs(r - ratio) < 1e-6]
+        if not on_ladder:
+            raise ValueError(f"ratio {ratio} is not on the ladder {self.config.ladder}")
+        metrics = self.metrics(now)
+        self._manual[node_id] = self._ratios[node_id] = on_ladder[0]
+        self._last_action_ts = now
+        reason = f"operator holds {node_id} at {on_ladder[0]}"
+        return [SetRatios(now, {node_id: on_ladder[0]}, "manual", reason, self._evaluate_current("manual", reason),
+                          metrics)]
+
+    def release_manual(self, now: float, node_id: str) -> list[Action]:
+        """Hand a held node back to the controller at its current ratio (restore lowers it when safe)."""
+        if self._manual.pop(node_id, None) is None:
+            return []
+        reason = f"operator released {node_id}"
+        return [SetRatios(now, {node_id: self._ratios[node_id]}, "auto", reason,
+                          self._evaluate_current("release", reason), self.metrics(now))]
+
+    # ---- the state machine ----------------------------------------------------------------------
+    def tick(self, now: float) -> list[Action]:
+        """Decide at time ``now``; call it periodically (e.g. every second) and after bursts of input."""
+        if self._watching_since is None:
+            self._watching_since = now
+        horizon = now - max(self.config.trigger_window_s, self.config.restore_window_s)
+        while self._latencies and self._latencies[0][0] <= horizon:
+            self._latencies.popleft()
+        if now < self._last_action_ts + self.config.cooldown_s:
+            return []
+        metrics = self.metrics(now)
+        if self._violation_sustained(metrics):
+            return self._respond_to_violation(now, metrics)
+        if self._headroom_sustained(now, metrics):
+            return self._restore_step(now, metrics)
+        return []
+
+    def _violation_sustained(self, m: Metrics) -> bool:
+        return (m.trigger_samples >= self.config.min_samples
+                and m.over_trigger_fraction >= self.config.trigger_fraction
+                and m.violation_span_s >= self.config.trigger_min_span_s)
+
+    def _headroom_sustained(self, now: float, m: Metrics) -> bool:
+        """Headroom over a whole restore window, all of it watched and after the last action."""
+        watched_from = max(self._last_action_ts, self._watching_since)
+        return (now - self.config.restore_window_s >= watched_from
+                and m.restore_samples >= self.config.min_samples
+                and m.headroom_fraction >= self.config.restore_fraction)
+
+    def _problem(self) -> Problem:
+        index = {node: i for i, node in enumerate(self.nodes)}
+        return Problem(latency=[self._fits[n] for n in self.nodes],
+                       slowdowns=[self.slowdown(n) for n in self.nodes],
+                       accuracy=self._accuracy, accuracy_floor=self.accuracy_floor, budget_s=self.budget_s,
+                       ladder=[r for r in self.config.ladder if r <= self.config.max_ratio + _TOLERANCE],
+                       accuracy_model=self.config.accuracy_model,
+                       fixed={index[n]: r for n, r in self._manual.items()}, names=self.nodes)
+
+    def _evaluate_current(self, label: str, reason: str) -> Decision:
+        return evaluate(self._problem(), [self._ratios[n] for n in self.nodes], label, reason)
+
+    def _respond_to_violation(self, now: float, metrics: Metrics) -> list[Action]:
+        """Apply the policy's vector if it adds pruning somewhere; report infeasible or unexplained cases.
+
+        A vector that only lowers ratios is not applied: lowering during a violation would be a restore
+        the latency does not support.
+        """
+        decision = POLICIES[self.config.policy](self._problem())
+        proposed = dict(zip(self.nodes, decision.ratios))
+        changed = {n: r for n, r in proposed.items() if abs(r - self._ratios[n]) > _TOLERANCE}
+        actions: list[Action] = []
+        if any(r > self._ratios[n] for n, r in changed.items()):
+            reason = (f"{metrics.over_trigger_fraction:.0%} of {metrics.trigger_samples} requests over "
+                      f"{self.lat_trigger_s:.3f} s; {decision.reason}")
+            self._ratios.update(changed)
+            actions.append(SetRatios(now, changed, "auto", reason, decision, metrics))
+        if decision.infeasible:
+            actions.append(Infeasible(now, decision.reason, decision, metrics))
+        if not actions:
+            actions.append(Held(now, "latency over the trigger, but the curves predict the current ratios meet "
+                                     "the stage budget (queueing, transport or an uncalibrated cause?)",
+                                decision, metrics))
+        self._last_action_ts = now
+        return actions
+
+    def _restore_step(self, now: float, metrics: Metrics) -> list[Action]:
+        """Lower each recovered auto node one ladder step, if that keeps it under the stage budget.
+
+        Hysteresis: headroom is judged against restore_latency_fraction × SLO (well below LAT_trigger),
+        the slowdown must be observed and below slowdown_gone, and the step must keep the node's predicted
+        time under the same budget the policy prunes to, so a restore never undoes what the next trigger
+        would redo.
+        """
+        changed = {}
+        for node in self.nodes:
+            ratio = self._ratios[node]
+            if (node in self._manual or ratio <= 0.0 or node not in self._slowdown
+                    or self.slowdown(node) > self.config.slowdown_gone):
+                continue
+            lower = max((r for r in self.config.ladder if r < ratio - _TOLERANCE), default=0.0)
+            if self.slowdown(node) * self._curves[node].predict(lower) <= self.budget_s + _TOLERANCE:
+                changed[node] = lower
+        if not changed:
+            return []
+        self._last_action_ts = now
+        reason = (f"restore: {metrics.headroom_fraction:.0%} of {metrics.restore_samples} requests under "
+                  f"{self.config.restore_latency_fraction:.0%} of the SLO and slowdown gone")
+        self._ratios.update(changed)
+        return [SetRatios(now, changed, "auto", reason, self._evaluate_current("restore", reason), metrics)]

@@ -1,0 +1,312 @@
+"""The controller state machine on synthetic streams: trigger, cooldown, restore, hysteresis, manual holds."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy.special import expit
+
+from gateway.controller import ControllerConfig, Held, Infeasible, PruningController, SetRatios
+from gateway.curves import fit_accuracy, fit_latency
+
+NODES = ("node-1", "node-2")
+LADDER = tuple(round(0.1 * k, 1) for k in range(10))
+SLO_S = 0.5  # stage budget = 0.8 × 0.5 / 2 = 0.2 s; LAT_trigger = 0.55 s; headroom ≤ 0.35 s
+
+
+def calibrated_time(ratio: float) -> float:
+    """Both slices: 0.12 s unpruned, falling with MACs to 0.011 s at 0.9."""
+    return 0.01 + 0.11 * (1 - ratio) ** 2
+
+
+FITS = {node: fit_latency(LADDER, [calibrated_time(p) for p in LADDER]) for node in NODES}
+VECTORS = np.array(list(itertools.product(LADDER, repeat=2)))
+# Stage 1 costs three times the accuracy per step that stage 2 does; the floor is 0.9 × 0.935.
+ACCURACY = fit_accuracy(VECTORS, 0.1 + 0.85 * expit(VECTORS @ np.array([-6.0, -2.0]) + 4.0), chance=0.1)
+
+
+class Loop:
+    """A two-stage pipeline in closed loop with the controller, in simulated time.
+
+    Requests complete every ``1/rate_hz`` s with latency = Σ slowdown × calibrated time at the applied
+    ratio + ``overhead_s`` + ``extra_s`` (a cause the curves cannot see), ±2 % noise; nodes apply desired
+    ratios at once and report stats every 2 s; the gateway ticks every second.
+    """
+
+    def __init__(self, config: ControllerConfig | None = None, rate_hz: float = 5.0, overhead_s: float = 0.05,
+                 initial_ratios: dict[str, float] | None = None):
+        self.controller = PruningController(NODES, FITS, ACCURACY, SLO_S, config, initial_ratios)
+        self.slowdown = {node: 1.0 for node in NODES}
+        self.extra_s = 0.0
+        self.overhead_s = overhead_s
+        self.dt = 1.0 / rate_hz
+        self.step = 0
+        self.rng = np.random.default_rng(0)
+        self.actions: list[tuple[float, object]] = []
+
+    @property
+    def now(self) -> float:
+        return self.step * self.dt
+
+    def compute_s(self, node: str) -> float:
+        return self.slowdown[node] * calibrated_time(self.controller.ratios[node])
+
+    def run_until(self, end: float) -> None:
+        while self.now < end - 1e-9:
+            self.step += 1
+            latency = sum(self.compute_s(n) for n in NODES) + self.overhead_s + self.extra_s
+            self.controller.observe_latency(self.now, latency * (1 + self.rng.normal(0, 0.02)))
+            if self.step % round(2.0 / self.dt) == 0:
+                for node in NODES:
+                    self.controller.observe_node(self.now, node, self.compute_s(node), 0, self.controller.ratios[node])
+            if self.step % round(1.0 / self.dt) == 0:
+                self.actions += [(self.now, a) for a in self.controller.tick(self.now)]
+
+    def of(self, kind: type) -> list[tuple[float, object]]:
+        return [(t, a) for t, a in self.actions if isinstance(a, kind)]
+
+
+def test_short_spike_is_ignored():
+    loop = Loop()
+    loop.run_until(60)
+    loop.extra_s = 0.7  # every request 2.4× the SLO for 3 s
+    loop.run_until(63)
+    loop.extra_s = 0.0
+    loop.run_until(120)
+    assert loop.actions == []
+
+
+def test_burst_of_requests_shorter_than_the_span_never_fires():
+    # Sparse camera-trap traffic, then 20 frames in 1 s that all queue: 90 % of the window violates.
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S)
+    for ts in range(0, 60, 5):
+        controller.observe_latency(ts, 0.3)
+    for k in range(20):
+        controller.observe_latency(60 + k * 0.05, 0.6 + 0.05 * k)
+    metrics = controller.metrics(61)
+    assert metrics.over_trigger_fraction >= 0.9 and metrics.trigger_samples >= 5
+    assert all(controller.tick(61 + s) == [] for s in range(10))
+
+
+def test_sustained_violation_fires_within_the_window_on_the_slowed_node_only():
+    loop = Loop()
+    loop.run_until(30)
+    loop.slowdown["node-2"] = 4.0  # 0.48 + 0.12 + 0.05 = 0.65 s > 0.55 s
+    loop.run_until(60)
+    (fired_at, action), = loop.of(SetRatios)
+    config = loop.controller.config
+    assert 30 + config.trigger_min_span_s <= fired_at <= 30 + config.trigger_window_s
+    assert action.ratios == {"node-2": 0.4}  # 4 × t(0.4) = 0.198 s ≤ 0.2 s < 4 × t(0.3) = 0.256 s
+    assert action.source == "auto" and not action.decision.infeasible
+    assert action.decision.bottleneck_s <= loop.controller.budget_s
+    assert action.metrics.over_trigger_fraction >= config.trigger_fraction
+    assert action.metrics.slowdowns["node-2"] == pytest.approx(4.0, rel=0.05)
+
+
+def test_cooldown_is_honoured_before_acting_again():
+    loop = Loop()
+    loop.slowdown["node-2"] = 4.0
+    loop.run_until(7)
+    (first, _), = loop.of(SetRatios)
+    loop.slowdown["node-2"] = 12.0  # 12 × t(0.4) + 0.17 = 0.77 s: violating again at once
+    loop.run_until(70)
+    (_, _), (second, action) = loop.of(SetRatios)
+    cooldown = loop.controller.config.cooldown_s
+    assert first + cooldown <= second <= first + cooldown + 1  # sustained all along: acts when allowed
+    assert action.ratios == {"node-2": 0.8}  # 12 × t(0.8) = 0.17 s ≤ 0.2 s < 12 × t(0.7) = 0.24 s
+
+
+def test_restore_after_recovery_steps_back_to_zero_then_stays():
+    loop = Loop()
+    loop.slowdown["node-2"] = 4.0
+    loop.run_until(120)
+    assert loop.controller.ratios == {"node-1": 0.0, "node-2": 0.4}
+    loop.slowdown["node-2"] = 1.0
+    loop.run_until(400)
+    steps = loop.of(SetRatios)[1:]
+    assert [a.ratios for _, a in steps] == [{"node-2": r} for r in (0.3, 0.2, 0.1, 0.0)]
+    assert all("restore" in a.reason for _, a in steps)
+    times = [t for t, _ in steps]
+    spacing = max(loop.controller.config.cooldown_s, loop.controller.config.restore_window_s)
+    assert all(later - earlier >= spacing for earlier, later in zip(times, times[1:]))
+    assert loop.controller.ratios == {"node-1": 0.0, "node-2": 0.0}
+    loop.run_until(900)
+    assert len(loop.of(SetRatios)) == 5  # nothing after the last step
+
+
+def test_no_oscillation_while_the_slowdown_persists_with_headroom():
+    # Pruned, the pipeline has ample headroom, which alone would invite a restore; the slowdown
+    # estimate and the budget check must hold the ratio for the 15 minutes the slowdown lasts.
+    loop = Loop(overhead_s=0.0)
+    loop.slowdown["node-2"] = 4.0
+    loop.run_until(900)
+    assert len(loop.actions) == 1 and loop.controller.ratios["node-2"] == 0.4
+    assert loop.controller.metrics(900).headroom_fraction == 1.0
+
+
+def test_no_action_on_a_borderline_stream():
+    # Latency hovering around the SLO: 40 % of requests just over LAT_trigger, the rest just under,
+    # so never a sustained violation and never headroom.
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S, initial_ratios={"node-2": 0.3})
+    actions = []
+    for step in range(1, 3001):
+        ts = step * 0.2
+        controller.observe_latency(ts, 0.57 if step % 5 in (0, 2) else 0.48)
+        if step % 5 == 0:
+            actions += controller.tick(ts)
+    assert actions == []
+    assert controller.ratios == {"node-1": 0.0, "node-2": 0.3}
+
+
+def test_restore_stops_where_the_next_step_would_break_the_budget():
+    # node-2 recovers only to 1.2× (counts as gone): 1.2 × t(0.1) = 0.12 s, so all the way to 0 is
+    # fine with the default budget, but not with a tight one.
+    config = ControllerConfig(budget_fraction=0.5)  # stage budget 0.125 s; 1.2 × t(0) = 0.144 s
+    loop = Loop(config=config)
+    loop.controller.set_manual(0.0, "node-2", 0.5)
+    loop.controller.release_manual(0.0, "node-2")
+    loop.slowdown["node-2"] = 1.2
+    loop.run_until(600)
+    assert loop.controller.ratios["node-2"] == 0.1
+    assert len(loop.of(SetRatios)) == 4  # 0.4, 0.3, 0.2, 0.1 and no further
+
+
+def test_restore_waits_until_the_slowdown_is_gone():
+    # 1.5 × t(0.3) = 0.1 s is well under budget, but node-2 is still slowed: keep its ratio.
+    loop = Loop(initial_ratios={"node-2": 0.4})
+    loop.slowdown["node-2"] = 1.5
+    loop.run_until(300)
+    assert loop.actions == []
+    loop.slowdown["node-2"] = 1.0
+    loop.run_until(310)
+    assert [a.ratios for _, a in loop.of(SetRatios)] == [{"node-2": 0.3}]
+
+
+def test_restore_needs_a_whole_watched_window_and_a_node_heard_from():
+    # A restarted gateway with a retained ratio and ample headroom from the first request.
+    def run(node_reports: bool) -> list[tuple[float, object]]:
+        controller = PruningController(NODES, FITS, ACCURACY, SLO_S, initial_ratios={"node-2": 0.4})
+        actions = []
+        for step in range(1, 5 * 40):
+            ts = step / 5
+            controller.observe_latency(ts, 0.2)
+            if node_reports and step % 10 == 0:
+                controller.observe_node(ts, "node-2", calibrated_time(0.4), 0, 0.4)
+            if step % 5 == 0:
+                actions += [(ts, a) for a in controller.tick(ts)]
+        return actions
+
+    assert run(node_reports=False) == []
+    (first, action), *_ = run(node_reports=True)
+    assert first == 1 + ControllerConfig().restore_window_s  # watching starts at the first tick, at 1 s
+    assert action.ratios == {"node-2": 0.3}
+
+
+def test_requests_completed_before_an_action_do_not_count_after_it():
+    # With a cooldown shorter than the window, the pre-action violations must not fire again.
+    loop = Loop(config=ControllerConfig(cooldown_s=2.0))
+    loop.slowdown["node-2"] = 4.0
+    loop.run_until(60)
+    assert len(loop.actions) == 1
+
+
+def test_infeasible_is_reported_with_best_effort_applied():
+    loop = Loop()
+    loop.slowdown["node-2"] = 40.0  # 40 × t(0.9) = 0.44 s > 0.2 s, and still 0.61 s end to end
+    loop.run_until(60)
+    kinds = [type(a) for _, a in loop.actions]
+    assert kinds[:2] == [SetRatios, Infeasible]
+    (_, best_effort), (_, infeasible) = loop.actions[:2]
+    assert best_effort.ratios == {"node-2": 0.9} and best_effort.decision.infeasible
+    assert "node-2 cannot meet" in infeasible.reason
+    later = loop.actions[2:]  # still overloaded: reported again once per cooldown, nothing new to apply
+    assert later and all(isinstance(a, Infeasible) for _, a in later)
+
+
+def test_violation_the_curves_do_not_explain_is_held_not_pruned():
+    # e.g. a saturated link: nodes compute at calibrated speed. The policy would give node-2's pruning
+    # back, but lowering ratios during a violation is not done.
+    loop = Loop(initial_ratios={"node-2": 0.3})
+    loop.extra_s = 0.4
+    loop.run_until(60)
+    assert loop.of(SetRatios) == [] and len(loop.of(Held)) >= 2
+    assert loop.controller.ratios["node-2"] == 0.3
+    times = [t for t, _ in loop.of(Held)]
+    assert all(b - a >= loop.controller.config.cooldown_s for a, b in zip(times, times[1:]))
+
+
+@pytest.mark.parametrize("policy,expected", [("bottleneck", {"node-2": 0.4}),
+                                             ("paper", {"node-2": 0.9})])
+def test_both_policies_are_selectable_by_config(policy, expected):
+    loop = Loop(config=ControllerConfig(policy=policy))
+    loop.slowdown["node-2"] = 4.0
+    loop.run_until(60)
+    (_, action), = loop.of(SetRatios)
+    assert action.decision.policy == policy
+    assert action.ratios == expected
+
+
+def test_manual_hold_survives_triggers_and_restores_until_released():
+    loop = Loop()
+    (action,) = loop.controller.set_manual(0.0, "node-1", 0.2)
+    assert action.source == "manual" and action.ratios == {"node-1": 0.2}
+    loop.slowdown["node-2"] = 4.0
+    loop.run_until(60)
+    assert [a.ratios for _, a in loop.of(SetRatios)] == [{"node-2": 0.4}]
+    loop.slowdown["node-2"] = 1.0
+    loop.run_until(400)
+    assert loop.controller.ratios == {"node-1": 0.2, "node-2": 0.0}
+    (release,) = loop.controller.release_manual(loop.now, "node-1")
+    assert release.source == "auto" and release.ratios == {"node-1": 0.2}
+    assert loop.controller.release_manual(loop.now, "node-1") == []
+    loop.run_until(700)
+    assert loop.controller.ratios == {"node-1": 0.0, "node-2": 0.0}
+
+
+def test_manual_ratio_must_be_on_the_ladder_and_node_known():
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S)
+    with pytest.raises(ValueError, match="ladder"):
+        controller.set_manual(0.0, "node-1", 0.35)
+    with pytest.raises(ValueError, match="unknown"):
+        controller.set_manual(0.0, "node-9", 0.3)
+    assert controller.set_manual(0.0, "node-1", 0.30000000000000004)[0].ratios == {"node-1": 0.3}
+
+
+def test_slowdown_is_compute_over_calibrated_at_the_applied_ratio():
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S)
+    for ts in (2, 4, 6):
+        controller.observe_node(ts, "node-2", 3 * calibrated_time(0.0), 4, 0.0)
+    assert controller.slowdown("node-2") == pytest.approx(3.0)
+    # The first report at a new ratio averages both variants: skipped.
+    controller.observe_node(8, "node-2", 3 * calibrated_time(0.0), 0, 0.5)
+    assert controller.slowdown("node-2") == pytest.approx(3.0)
+    controller.observe_node(10, "node-2", 2 * calibrated_time(0.5), 0, 0.5)
+    weight = controller.config.slowdown_smoothing
+    smoothed = weight * 2.0 + (1 - weight) * 3.0
+    assert controller.slowdown("node-2") == pytest.approx(smoothed)
+    controller.observe_node(9, "node-2", 100.0, 0, 0.5)  # reordered/duplicate report: ignored
+    assert controller.slowdown("node-2") == pytest.approx(smoothed)
+    controller.observe_node(12, "node-1", 0.5 * calibrated_time(0.0), 0, 0.0)
+    assert controller.slowdown("node-1") == 1.0  # never assumed faster than calibrated
+    controller.observe_node(12, "retired", 1.0, 0, 0.0)  # outside the pipeline: ignored
+    assert controller.metrics(12).queue_depths == {"node-2": 0, "node-1": 0}
+
+
+def test_config_rejects_inconsistent_settings():
+    with pytest.raises(ValueError, match="ladder"):
+        ControllerConfig(ladder=(0.1, 0.5))
+    with pytest.raises(ValueError, match="ladder"):
+        ControllerConfig(ladder=(0.0, 0.5, 1.0))
+    with pytest.raises(ValueError, match="span"):
+        ControllerConfig(trigger_window_s=4.0, trigger_min_span_s=5.0)
+
+
+def test_controller_rejects_pipelines_it_cannot_model():
+    with pytest.raises(ValueError, match="latency fit"):
+        PruningController(("node-1", "node-3"), FITS, ACCURACY, SLO_S)
+    with pytest.raises(ValueError, match="distinct"):
+        PruningController(("node-1", "node-1"), FITS, ACCURACY, SLO_S)
+    with pytest.raises(ValueError, match="initial ratios"):
+        PruningController(NODES, FITS, ACCURACY, SLO_S, initial_ratios={"node-1": 1.0})
