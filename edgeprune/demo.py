@@ -87,10 +87,12 @@ class Demo:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._check_alive()
-            if self.db.exists():
+            try:
                 staged = {n["node_id"] for n in Reader(self.db).nodes() if n.get("stage")}
-                if staged >= set(self.node_ids):
-                    return
+            except FileNotFoundError:  # the gateway is still creating its database
+                staged = set()
+            if staged >= set(self.node_ids):
+                return
             time.sleep(0.3)
         raise SystemExit(f"nodes did not take their stages within {timeout_s:.0f} s; see {self.run_dir}/*.log")
 

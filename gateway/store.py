@@ -32,7 +32,7 @@ SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
         "first_block": int, "last_block": int, "placement_version": int, "queue_depth": int,
         "queue_capacity": int, "processed": int, "dropped": int, "errors": str,
         "compute_mean_s": float, "compute_p95_s": float, "queue_wait_mean_s": float,
-        "cpu_percent": float, "prune_ratio": float,
+        "cpu_percent": float, "prune_ratio": float, "emulated_slowdown": float,
     }, {"pk": "node_id"}),
     "errors": ({
         "id": int, "ts": float, "component": str, "topic": str, "kind": str, "message": str,
@@ -129,6 +129,11 @@ class Reader:
             raise FileNotFoundError(f"database {path} does not exist yet (is the gateway running?)")
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
+        missing = set(SCHEMA) - set(self.db.table_names())
+        if missing:  # the gateway has created the file but not yet its tables
+            conn.close()
+            raise FileNotFoundError(f"database {path} has no {', '.join(sorted(missing))} table yet "
+                                    "(is the gateway starting?)")
 
     def _rows(self, sql: str, params: tuple = ()) -> list[dict]:
         cursor = self.db.execute(sql, params)

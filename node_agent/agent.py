@@ -19,7 +19,8 @@ import torch
 from node_agent.runtime import Request, StageRuntime
 from shared.bus import Bus
 from shared.model import build_model
-from shared.schemas import BadMessage, NodeStats, Placement, parse_json, to_json
+from shared.schemas import (BadMessage, NodeCommand, NodeStats, Placement, SlowdownCommand, parse_json,
+                            to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics
 
@@ -56,6 +57,7 @@ class NodeAgent:
         self._stop = threading.Event()
         self.processed = 0
         self.dropped = 0
+        self.slowdown = 1.0
         self._compute_s: deque[float] = deque(maxlen=1024)
         self._queue_wait_s: deque[float] = deque(maxlen=1024)
         self._cpu = CpuMeter()
@@ -64,6 +66,7 @@ class NodeAgent:
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         self.bus.subscribe(self.topics.placement, self._on_placement)
+        self.bus.subscribe(self.topics.node_command(self.node_id), self._on_command)
         self._threads = [threading.Thread(target=self._work, name="inference", daemon=True),
                          threading.Thread(target=self._publish_stats_forever, name="stats", daemon=True)]
         for t in self._threads:
@@ -122,6 +125,12 @@ class NodeAgent:
             log.info("%s: stage %d, blocks %d..%d (placement v%d)", self.node_id, assignment.stage,
                      assignment.first_block, assignment.last_block, placement.version)
 
+    def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        command = parse_json(NodeCommand, payload).root
+        if isinstance(command, SlowdownCommand):
+            self.slowdown = command.factor
+            log.warning("%s: emulated slowdown set to %.2fx", self.node_id, command.factor)
+
     # --- data path -----------------------------------------------------------------------
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str]) -> None:
         received = time.time()
@@ -147,7 +156,7 @@ class NodeAgent:
                 continue
             started = time.time()
             try:
-                out = runtime.run(req, started)
+                out = runtime.run(req, started, self.slowdown)
             except BadMessage as exc:
                 self.bus.report_error(req.topic, exc.kind, str(exc), req.user_props.get("request_id"))
                 continue
@@ -180,7 +189,8 @@ class NodeAgent:
             compute_mean_s=float(compute.mean()) if compute is not None else None,
             compute_p95_s=float(np.percentile(compute, 95)) if compute is not None else None,
             queue_wait_mean_s=float(waits.mean()) if waits is not None else None,
-            cpu_percent=self._cpu.read(), prune_ratio=runtime.slice.ratio if runtime else 0.0)
+            cpu_percent=self._cpu.read(), prune_ratio=runtime.slice.ratio if runtime else 0.0,
+            emulated_slowdown=self.slowdown)
 
     def _publish_stats_forever(self) -> None:
         while not self._stop.wait(self.settings.stats_interval_s):

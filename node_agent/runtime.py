@@ -113,11 +113,14 @@ class StageRuntime:
                              f"{self.assignment.first_block}, which takes {self.input_shape}")
         return act
 
-    def run(self, req: Request, started_ts: float) -> Output:
+    def run(self, req: Request, started_ts: float, slowdown: float = 1.0) -> Output:
+        """One request through this stage; ``slowdown`` > 1 emulates a busier device by stretching compute."""
         act = self.decode(req)
         x = torch.from_numpy(np.array(act.full_tensor(), dtype=np.float32))  # a writable copy
         t0 = time.perf_counter()
         out, keep_mask = self.slice.forward(x)
+        if slowdown > 1.0:
+            time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
         compute_s = time.perf_counter() - t0
         finished_ts = started_ts + compute_s
         hop = dict(stage=self.assignment.stage, node_id=self.node_id, prune_ratio=self.slice.ratio,

@@ -7,9 +7,9 @@ Each receiver parses with :func:`parse_json` so that malformed input raises one
 from __future__ import annotations
 
 import json
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_validator
 
 Id = Field(min_length=1, max_length=64, pattern=r"^[^/+#$\s]+$")
 
@@ -150,6 +150,7 @@ class NodeStats(_Strict):
     queue_wait_mean_s: float | None = None
     cpu_percent: float = Field(ge=0.0)
     prune_ratio: float = Field(ge=0.0, le=1.0)
+    emulated_slowdown: float = Field(1.0, ge=1.0, description="Compute stretch set by a `slowdown` command.")
 
 
 class ErrorRecord(_Strict):
@@ -180,3 +181,14 @@ class PruneState(_Strict):
     seq: int = Field(ge=0)
     applied_at: float
     switch_s: float = Field(ge=0.0)
+
+
+class SlowdownCommand(_Strict):
+    """Emulate a slower device (tests, benchmarks, demos): stretch every compute by ``factor``."""
+
+    cmd: Literal["slowdown"]
+    factor: float = Field(ge=1.0, le=100.0)
+
+
+class NodeCommand(RootModel[Annotated[Union[SlowdownCommand], Field(discriminator="cmd")]]):
+    """A one-shot command on a node's ``cmd`` topic (never retained)."""

@@ -95,3 +95,16 @@ def wait_until(predicate, timeout: float, message: str, interval: float = 0.1) -
             return
         time.sleep(interval)
     assert predicate(), message
+
+
+def open_reader(db: Path, timeout: float = 30.0):
+    """A read-only view of the gateway's database, once the gateway has created it."""
+    from gateway.store import Reader
+
+    def attempt():
+        try:
+            return Reader(db)
+        except FileNotFoundError:
+            return None
+    wait_until(lambda: attempt() is not None, timeout, f"gateway did not create {db}")
+    return attempt()

@@ -15,7 +15,7 @@ from gateway.store import Reader
 from shared import wire
 from shared.imaging import decode_frame, encode_jpeg
 from shared.model import build_model
-from tests.conftest import Processes, Recorder, component_env, wait_until
+from tests.conftest import Processes, Recorder, component_env, open_reader, wait_until
 
 pytestmark = pytest.mark.integration
 NODE_MAX_PAYLOAD = 300_000
@@ -35,8 +35,7 @@ def pipeline(broker, tmp_path_factory):
     procs.start("node-1", "node", "--node-id", "node-1")
     procs.start("node-2", "node", "--node-id", "node-2")
     try:
-        wait_until(lambda: db.exists(), 30, "gateway did not create its database")
-        reader = Reader(db)
+        reader = open_reader(db)
         wait_until(lambda: sorted((n["node_id"], n["stage"]) for n in reader.nodes() if n["stage"])
                    == [("node-1", 1), ("node-2", 2)], 60, "nodes did not report their stages")
         yield SimpleNamespace(procs=procs, reader=reader, recorder=recorder, broker=broker, env=env)
