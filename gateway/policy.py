@@ -8,7 +8,7 @@ pipeline (with any manual holds) meets it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Literal
 
@@ -165,14 +165,14 @@ def choose_paper(problem: Problem) -> Decision:
         return evaluate(problem, start, "paper", "the accuracy floor is not met even unpruned", infeasible=True)
 
     free = [i for i in range(problem.n_stages) if i not in problem.fixed]
-    slopes = np.array([problem.latency[i].linear.coef[0] for i in free])
-    gains = np.array([problem.accuracy.gains[i] for i in free])
+    slope = {i: problem.latency[i].linear.coef[0] for i in free}
+    gain = {i: problem.accuracy.gains[i] for i in free}
     held_score = sum(problem.accuracy.gains[i] * r for i, r in problem.fixed.items())
     needed = problem.accuracy.required_score(problem.accuracy_floor) - held_score
     ratios = list(start)
     if free and needed < np.inf:
-        floor_constraint = {"A_ub": [-gains], "b_ub": [-needed]} if needed > -np.inf else {}
-        solution = linprog(slopes, **floor_constraint, bounds=[(0.0, problem.ladder[-1])] * len(free),
+        floor_constraint = {"A_ub": [[-gain[i] for i in free]], "b_ub": [-needed]} if needed > -np.inf else {}
+        solution = linprog([slope[i] for i in free], **floor_constraint, bounds=[(0.0, problem.ladder[-1])] * len(free),
                            method="highs")
         if solution.success:
             for i, p in zip(free, solution.x):
@@ -181,14 +181,13 @@ def choose_paper(problem: Problem) -> Decision:
             ratios = list(start)
 
     def saved_per_accuracy(stage: int) -> float:
-        slope, gain = problem.latency[stage].linear.coef[0], problem.accuracy.gains[stage]
-        return slope / gain if gain < 0 else np.inf
+        return slope[stage] / gain[stage] if gain[stage] < 0 else np.inf
 
     while True:
         steps = []
         for i in free:
             higher = [r for r in problem.ladder if r > ratios[i] + _TOLERANCE]
-            if higher and problem.latency[i].linear.coef[0] < 0:
+            if higher and slope[i] < 0:
                 stepped = ratios[:i] + [higher[0]] + ratios[i + 1:]
                 if problem.meets_floor(stepped):
                     steps.append((saved_per_accuracy(i), -i, stepped))
@@ -199,9 +198,9 @@ def choose_paper(problem: Problem) -> Decision:
     decision = evaluate(problem, ratios, "paper", "largest pruning the accuracy floor allows (paper's rule)")
     if decision.bottleneck_s <= problem.budget_s + _TOLERANCE:
         return decision
-    return evaluate(problem, ratios, "paper",
-                    f"even the largest pruning the floor allows leaves {problem.name(decision.bottleneck_stage)} "
-                    f"at {decision.bottleneck_s:.3f} s over the {problem.budget_s:.3f} s budget", infeasible=True)
+    return replace(decision, infeasible=True,
+                   reason=f"even the largest pruning the floor allows leaves {problem.name(decision.bottleneck_stage)}"
+                          f" at {decision.bottleneck_s:.3f} s over the {problem.budget_s:.3f} s budget")
 
 
 POLICIES: dict[str, Callable[[Problem], Decision]] = {"paper": choose_paper, "bottleneck": choose_bottleneck}
