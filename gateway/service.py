@@ -10,25 +10,18 @@ import logging
 import threading
 import time
 
+from gateway.live_placement import LivePlacement, PlacementRules
 from gateway.slo import SloWindows
 from gateway.store import Store
 from shared.bus import Bus
-from shared.model import MODEL_NAME, build_model
-from shared.schemas import BadMessage, ErrorRecord, NodeStats, Placement, Result, StageAssignment, parse_json, to_json
+from shared.model import MODEL_NAME, build_model, model_fingerprint
+from shared.profiling import NodeProfile
+from shared.schemas import BadMessage, ErrorRecord, NodeStats, Result, parse_json, to_json
 from shared.settings import GatewaySettings, MqttSettings
 from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILITY_STOPPED, Topics
 
 log = logging.getLogger(__name__)
 STATUSES = (AVAILABILITY_ONLINE, AVAILABILITY_OFFLINE, AVAILABILITY_STOPPED)
-
-
-def even_split(n_blocks: int, nodes: list[str], version: int, issued_at: float) -> Placement:
-    """Contiguous slices of (nearly) equal block counts, in the configured node order."""
-    n = min(len(nodes), n_blocks)
-    bounds = [round(i * n_blocks / n) for i in range(n + 1)]
-    stages = [StageAssignment(stage=i + 1, node_id=nodes[i], first_block=bounds[i], last_block=bounds[i + 1] - 1)
-              for i in range(n)]
-    return Placement(version=version, model=MODEL_NAME, n_blocks=n_blocks, stages=stages, issued_at=issued_at)
 
 
 def result_row(result: Result, finish_ts: float) -> dict:
@@ -52,9 +45,10 @@ class Gateway:
         self.bus = Bus(mqtt_settings, settings.gateway_id, self.topics.component_status(settings.gateway_id))
         self.store = Store(settings.db_path)
         self.slo = SloWindows(settings.window_s, settings.slo_s)
-        self.n_blocks = build_model().n_blocks
-        self.placement = even_split(self.n_blocks, settings.nodes, version=int(time.time() * 1000),
-                                    issued_at=time.time())
+        rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
+        self.fingerprint = model_fingerprint(build_model())
+        self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time())
+        self._placement_lock = threading.Lock()
         self.results_seen = 0
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="gateway-tick", daemon=True)
@@ -64,12 +58,13 @@ class Gateway:
         self.bus.subscribe(self.topics.node_status_filter, self._on_status, qos=1)
         self.bus.subscribe(self.topics.node_stats_filter, self._on_stats, qos=0)
         self.bus.subscribe(self.topics.errors_filter, self._on_error, qos=1)
+        self.bus.subscribe(self.topics.node_profile_filter, self._on_profile, qos=1)
         self.bus.on_connected = self.publish_placement
+        for offer_json in self.store.stored_offers(self.fingerprint):
+            self.live.set_offer(NodeProfile.model_validate_json(offer_json))
         self.store.add_run({"started_ts": time.time(), "gateway_id": self.settings.gateway_id,
                             "slo_s": self.settings.slo_s, "window_s": self.settings.window_s,
                             "nodes": self.settings.nodes})
-        self.store.add_placement({**self.placement.model_dump(exclude={"stages"}),
-                                  "stages": [s.model_dump() for s in self.placement.stages]})
         self._ticker.start()
         self.bus.start()
 
@@ -83,7 +78,10 @@ class Gateway:
 
     def publish_placement(self) -> None:
         """Retained, so nodes that (re)connect later learn their stage at once."""
-        self.bus.publish(self.topics.placement, to_json(self.placement), qos=1, retain=True)
+        with self._placement_lock:
+            placement = self.live.current
+        if placement is not None:
+            self.bus.publish(self.topics.placement, to_json(placement), qos=1, retain=True)
 
     # --- handlers (paho's network thread: parse, buffer, return) ---------------------------
     def _on_result(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
@@ -99,7 +97,24 @@ class Gateway:
         status = payload.decode("utf-8", "replace")
         if node_id is None or status not in STATUSES:
             raise BadMessage("bad_status", f"status {status[:40]!r} is not one of {', '.join(STATUSES)}")
-        self.store.update_node({"node_id": node_id, "status": status, "status_ts": time.time()})
+        now = time.time()
+        with self._placement_lock:
+            self.live.set_status(node_id, status, now)
+        self.store.update_node({"node_id": node_id, "status": status, "status_ts": now})
+
+    def _on_profile(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        if not payload:  # a retired node's cleared profile
+            return
+        offer = parse_json(NodeProfile, payload)
+        if offer.node_id != self.topics.node_id_from_topic(topic):
+            raise BadMessage("bad_schema", f"profile of {offer.node_id} published on {topic}")
+        with self._placement_lock:
+            unusable = self.live.set_offer(offer)
+        if unusable:
+            raise BadMessage("model_mismatch", unusable)
+        self.store.add_profile({"node_id": offer.node_id, "model_fingerprint": offer.model_fingerprint,
+                                "ts": time.time(), "memory_mb": offer.memory_mb,
+                                "uplink_mbit_s": offer.uplink_mbit_s, "profile": payload.decode()})
 
     def _on_stats(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         stats = parse_json(NodeStats, payload)
@@ -114,6 +129,12 @@ class Gateway:
             self.tick(time.time())
 
     def tick(self, now: float) -> None:
+        with self._placement_lock:
+            placement = self.live.tick(now)
+        if placement is not None:
+            self.publish_placement()
+            self.store.add_placement({**placement.model_dump(exclude={"stages"}),
+                                      "stages": [s.model_dump() for s in placement.stages]})
         for window in self.slo.close_due(now):
             self.store.add_window(window.row())
         self.store.flush()

@@ -41,6 +41,10 @@ SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
     "runs": ({
         "started_ts": float, "gateway_id": str, "slo_s": float, "window_s": float, "nodes": str,
     }, {"pk": "started_ts"}),
+    "profiles": ({
+        "node_id": str, "model_fingerprint": str, "ts": float, "memory_mb": float, "uplink_mbit_s": float,
+        "profile": str,
+    }, {"pk": ("node_id", "model_fingerprint")}),
     "placements": ({
         "version": int, "issued_at": float, "model": str, "n_blocks": int, "stages": str,
         "bottleneck_s": float,
@@ -90,6 +94,13 @@ class Store:
         """One row per gateway start: the SLO and window the following rows are judged against."""
         self._buffer("runs", dict(row, nodes=_json(row["nodes"])))
 
+    def add_profile(self, row: dict) -> None:
+        self._buffer("profiles", row)
+
+    def stored_offers(self, fingerprint: str) -> list[str]:
+        """Profiles nodes offered before (for this model), so a restarted gateway can plan at once."""
+        return [r["profile"] for r in self.db["profiles"].rows_where("model_fingerprint = ?", [fingerprint])]
+
     def add_placement(self, row: dict) -> None:
         self._buffer("placements", dict(row, stages=_json(row["stages"])))
 
@@ -106,9 +117,9 @@ class Store:
             for table, rows in pending.items():
                 if not rows:
                     continue
-                if table == "nodes":  # partial updates: merge row by row
+                if table in ("nodes", "profiles"):  # latest state wins, partial updates merge
                     for row in rows:
-                        self.db[table].upsert(row, pk="node_id")
+                        self.db[table].upsert(row, pk=SCHEMA[table][1]["pk"])
                 elif table in ("requests", "placements", "windows", "runs"):
                     self.db[table].insert_all(rows, ignore=True)  # QoS 1 may redeliver a result
                 else:

@@ -18,13 +18,21 @@ import torch
 
 from node_agent.runtime import Request, StageRuntime
 from shared.bus import Bus
-from shared.model import build_model
-from shared.schemas import (BadMessage, NodeCommand, NodeStats, Placement, SlowdownCommand, parse_json,
-                            to_json)
+from shared.model import build_model, model_fingerprint
+from shared.profiling import NodeProfile, profile_model
+from shared.schemas import BadMessage, NodeCommand, NodeStats, Placement, SlowdownCommand, parse_json, to_json
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
+
+
+def total_memory_mb() -> float:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
 class CpuMeter:
@@ -57,7 +65,7 @@ class NodeAgent:
         self._stop = threading.Event()
         self.processed = 0
         self.dropped = 0
-        self.slowdown = 1.0
+        self.slowdown = settings.emulated_slowdown
         self._compute_s: deque[float] = deque(maxlen=1024)
         self._queue_wait_s: deque[float] = deque(maxlen=1024)
         self._cpu = CpuMeter()
@@ -65,6 +73,8 @@ class NodeAgent:
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
+        self.offer = self.measure_offer()
+        self.bus.on_connected = self._announce_offer
         self.bus.subscribe(self.topics.placement, self._on_placement)
         self.bus.subscribe(self.topics.node_command(self.node_id), self._on_command)
         self._threads = [threading.Thread(target=self._work, name="inference", daemon=True),
@@ -80,6 +90,20 @@ class NodeAgent:
         self.bus.stop()
 
     # --- placement -----------------------------------------------------------------------
+    def measure_offer(self) -> NodeProfile:
+        """Profile every block on this device (the planner's input), before taking any work."""
+        profile = profile_model(self.model, threads=self.settings.threads, repeats=self.settings.profile_repeats,
+                                wire_dtype=self.settings.wire_dtype).scaled(self.slowdown)
+        memory_mb = self.settings.memory_mb or total_memory_mb() / 2
+        log.info("%s: profiled %d blocks, %.1f ms in all", self.node_id, len(profile.blocks),
+                 1e3 * sum(b.latency_s for b in profile.blocks))
+        return NodeProfile(node_id=self.node_id, model_fingerprint=model_fingerprint(self.model),
+                           memory_mb=memory_mb, uplink_mbit_s=self.settings.uplink_mbit_s, profile=profile)
+
+    def _announce_offer(self) -> None:
+        """Retained and re-sent on every connect, like the availability topic."""
+        self.bus.publish(self.topics.node_profile(self.node_id), self.offer.model_dump_json(), qos=1, retain=True)
+
     def _on_placement(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         if not payload:  # a cleared retained placement
             self._assign(None, None)

@@ -185,3 +185,16 @@ def profile_model(model, threads: int = 1, repeats: int = 20, warmup: int = 3,
         torch.set_num_threads(previous_threads)
     return ModelProfile(model=model_name, host=platform.node() or "unknown", threads=threads, repeats=repeats,
                         warmup=warmup, wire_dtype=wire_dtype, blocks=blocks)
+
+
+class NodeProfile(_Strict):
+    """Retained on ``<root>/node/<id>/profile``: what a node offers the placement planner."""
+
+    node_id: str = Field(min_length=1, max_length=64)
+    model_fingerprint: str = Field(min_length=1, max_length=64,
+                                   description="Hash of the node's weights: only same-model nodes are placed.")
+    memory_mb: float = Field(gt=0, allow_inf_nan=False, description="Memory a slice may use on this node.")
+    uplink_mbit_s: float = Field(gt=0, allow_inf_nan=False, description="Bandwidth to the next stage.")
+    profile: ModelProfile
+
+    _check_id = field_validator("node_id")(lambda v: validate_id("node", v))

@@ -92,6 +92,11 @@ class NodeSettings(_Section):
     wire_dtype: Literal["float16", "float32"] = Field("float16", description="Precision of activations sent on.")
     stats_interval_s: float = Field(2.0, gt=0, le=3600, description="How often stats are published.")
     max_payload_bytes: int = Field(8 << 20, ge=1024, description="Inputs larger than this are rejected.")
+    memory_mb: float = Field(0.0, ge=0, description="Memory a slice may use, MB; 0 = half of this device's RAM.")
+    uplink_mbit_s: float = Field(1000.0, gt=0, description="Bandwidth to the next stage, for placement.")
+    profile_repeats: int = Field(10, ge=1, le=1000, description="Timed runs per block when profiling at start.")
+    emulated_slowdown: float = Field(1.0, ge=1.0, le=100.0,
+                                     description="Emulate a slower device from the start (profile included).")
 
     _check_id = field_validator("node_id")(lambda v: validate_id("node", v))
 
@@ -103,10 +108,16 @@ class GatewaySettings(_Section):
     gateway_id: str = Field("gateway", description="Component id on the bus.")
     db_path: Path = Field(Path("run/edgeprune.db"), description="SQLite file for requests and SLO windows.")
     nodes: Annotated[list[str], NoDecode] = Field(["node-1", "node-2"], min_length=1, max_length=64,
-                             description="Node ids of the pipeline, in stage order (comma-separated in env).")
+                                                  description="Node ids the pipeline may use (comma-separated in env).")
     slo_s: float = Field(0.5, gt=0, le=600, description="End-to-end latency objective per frame, seconds.")
     window_s: float = Field(10.0, gt=0, le=3600, description="Length of one SLO accounting window, seconds.")
     flush_interval_s: float = Field(0.5, gt=0, le=60, description="Longest a result waits before its batch is written.")
+    startup_wait_s: float = Field(20.0, ge=0, le=3600,
+                                  description="How long to wait for every configured node before placing on those present.")
+    rejoin_hold_s: float = Field(10.0, ge=0, le=3600,
+                                 description="A (re)joining node must stay online this long before it is used.")
+    replan_min_gain: float = Field(0.1, ge=0, lt=1,
+                                   description="Re-place for a joining node only if the bottleneck improves by this fraction.")
 
     _split_nodes = field_validator("nodes", mode="before")(_ids)
 

@@ -89,6 +89,14 @@ class Topics:
     def node_stats_filter(self) -> str:
         return f"{self.root}/node/+/stats"
 
+    def node_profile(self, node_id: str) -> str:
+        """Retained: the node's measured block profile and resources (:class:`shared.profiling.NodeProfile`)."""
+        return f"{self.root}/node/{validate_id('node', node_id)}/profile"
+
+    @property
+    def node_profile_filter(self) -> str:
+        return f"{self.root}/node/+/profile"
+
     def node_prune_desired(self, node_id: str) -> str:
         """Retained desired prune state set by the gateway (the controller issue fills it)."""
         return f"{self.root}/node/{validate_id('node', node_id)}/prune/set"

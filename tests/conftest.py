@@ -16,6 +16,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeprune.broker import free_port, start_broker, stop_process
+from shared.model import MODEL_NAME
+from shared.schemas import Placement, StageAssignment
 from shared.settings import BrokerSettings, MqttSettings
 
 
@@ -108,3 +110,12 @@ def open_reader(db: Path, timeout: float = 30.0):
             return None
     wait_until(lambda: attempt() is not None, timeout, f"gateway did not create {db}")
     return attempt()
+
+
+def even_split(n_blocks: int, nodes: list[str]) -> Placement:
+    """Contiguous slices of (nearly) equal block counts: a simple valid placement for unit tests."""
+    n = min(len(nodes), n_blocks)
+    bounds = [round(i * n_blocks / n) for i in range(n + 1)]
+    stages = [StageAssignment(stage=i + 1, node_id=nodes[i], first_block=bounds[i], last_block=bounds[i + 1] - 1)
+              for i in range(n)]
+    return Placement(version=1, model=MODEL_NAME, n_blocks=n_blocks, stages=stages, issued_at=0.0)

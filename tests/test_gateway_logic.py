@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.service import even_split, result_row
+from gateway.service import result_row
 from gateway.slo import SloWindows
 from gateway.store import Reader, Store
 from shared.schemas import Hop, Placement, Result
+from tests.conftest import even_split
 
 
 def test_windows_close_once_with_attainment_and_percentiles():
@@ -26,7 +27,7 @@ def test_windows_close_once_with_attainment_and_percentiles():
 
 @pytest.mark.parametrize("n_blocks,nodes", [(6, ["a", "b"]), (6, ["a", "b", "c", "d"]), (3, list("abcdef"))])
 def test_even_split_covers_every_block_once(n_blocks, nodes):
-    p = even_split(n_blocks, nodes, version=1, issued_at=0)
+    p = even_split(n_blocks, nodes)
     covered = [b for s in p.stages for b in range(s.first_block, s.last_block + 1)]
     assert covered == list(range(n_blocks))
 

@@ -12,6 +12,7 @@ import torch
 
 from camera.simulator import camera_frame, synthetic_scene
 from gateway.store import Reader
+from node_agent.runtime import block_input_shape
 from shared import wire
 from shared.imaging import decode_frame, encode_jpeg
 from shared.model import build_model
@@ -25,9 +26,10 @@ NODE_MAX_PAYLOAD = 300_000
 def pipeline(broker, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pipeline")
     db = workdir / "edgeprune.db"
+    # fast links, so the planner's best plan uses both nodes (the test is about the data path)
     env = component_env(broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db), EDGEPRUNE_GATEWAY_NODES="node-1,node-2",
                         EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_NODE_WIRE_DTYPE="float32",
-                        EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5",
+                        EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5", EDGEPRUNE_NODE_UPLINK_MBIT_S="100000",
                         EDGEPRUNE_NODE_MAX_PAYLOAD_BYTES=str(NODE_MAX_PAYLOAD))
     procs = Processes(workdir, env)
     recorder = Recorder(broker, "edgeprune/error/+", "edgeprune/node/+/status")
@@ -36,9 +38,14 @@ def pipeline(broker, tmp_path_factory):
     procs.start("node-2", "node", "--node-id", "node-2")
     try:
         reader = open_reader(db)
-        wait_until(lambda: sorted((n["node_id"], n["stage"]) for n in reader.nodes() if n["stage"])
-                   == [("node-1", 1), ("node-2", 2)], 60, "nodes did not report their stages")
-        yield SimpleNamespace(procs=procs, reader=reader, recorder=recorder, broker=broker, env=env)
+        wait_until(lambda: sorted(n["stage"] for n in reader.nodes() if n["stage"]) == [1, 2], 60,
+                   "nodes did not take two stages")
+        placement = reader.placement()
+        stage_nodes = [s["node_id"] for s in placement["stages"]]
+        stage2 = placement["stages"][1]["first_block"]
+        yield SimpleNamespace(procs=procs, reader=reader, recorder=recorder, broker=broker, env=env,
+                              stage_nodes=stage_nodes, stage2_block=stage2,
+                              stage2_shape=block_input_shape(build_model(), stage2))
     finally:
         recorder.close()
         procs.stop_all()
@@ -73,7 +80,7 @@ def test_fifty_frames_classified_in_order_and_equal_to_single_process_model(pipe
 
         hops = hops_of(pipeline.reader, row["request_id"])
         assert [h["stage"] for h in hops] == [1, 2]
-        assert [h["node_id"] for h in hops] == ["node-1", "node-2"]
+        assert [h["node_id"] for h in hops] == pipeline.stage_nodes
         times = [row["capture_ts"]]
         for h in hops:
             times += [h["received_ts"], h["started_ts"], h["finished_ts"], h["published_ts"]]
@@ -116,48 +123,62 @@ def _publish(broker, topic: str, payload: bytes) -> None:
     client.disconnect()
 
 
-def _valid_stage2_activation() -> bytes:
-    x = np.zeros((1, 32, 32, 32), np.float32)
-    return wire.encode(wire.Activation("probe", "cam-x", 1.0, 3, x))
+def _activation(block: int, shape: tuple[int, ...]) -> bytes:
+    return wire.encode(wire.Activation("probe", "cam-x", 1.0, block, np.zeros(shape, np.float32)))
 
 
+# (topic, payload from the fixture, component that must report it: gateway or stage1/stage2, error kind)
 BAD_INPUTS = [
-    # (topic, payload, component that must report it, error kind)
-    ("edgeprune/camera/cam-bad/frame", b"\x89PNG this is not an image", "node-1", "bad_image"),
-    ("edgeprune/camera/cam-bad/frame", b"\xff\xd8" + b"x" * (NODE_MAX_PAYLOAD + 1), "node-1", "oversized"),
-    ("edgeprune/pipeline/stage/2/in", _valid_stage2_activation()[:40], "node-2", "truncated"),
-    ("edgeprune/pipeline/stage/2/in", b"NOPE" + _valid_stage2_activation()[4:], "node-2", "bad_magic"),
-    ("edgeprune/pipeline/stage/2/in",
-     wire.encode(wire.Activation("p", "c", 1.0, 3, np.zeros((1, 7, 5, 5), np.float32))), "node-2", "bad_shape"),
-    ("edgeprune/placement", b"{not json", "node-1", "bad_json"),
-    ("edgeprune/pipeline/results", b'{"request_id": "x"}', "gateway", "bad_schema"),
-    ("edgeprune/node/node-9/stats", b"\x00\x01", "gateway", "bad_json"),
-    ("edgeprune/node/node-9/status", b"sleepy", "gateway", "bad_status"),
+    ("edgeprune/camera/cam-bad/frame", lambda p: b"\x89PNG this is not an image", "stage1", "bad_image"),
+    ("edgeprune/camera/cam-bad/frame", lambda p: b"\xff\xd8" + b"x" * (NODE_MAX_PAYLOAD + 1), "stage1", "oversized"),
+    ("edgeprune/pipeline/stage/2/in", lambda p: _activation(p.stage2_block, p.stage2_shape)[:40], "stage2",
+     "truncated"),
+    ("edgeprune/pipeline/stage/2/in", lambda p: b"NOPE" + _activation(p.stage2_block, p.stage2_shape)[4:], "stage2",
+     "bad_magic"),
+    ("edgeprune/pipeline/stage/2/in", lambda p: _activation(p.stage2_block, (1, 7, 5, 5)), "stage2", "bad_shape"),
+    ("edgeprune/pipeline/stage/2/in", lambda p: _activation(p.stage2_block + 1, p.stage2_shape), "stage2",
+     "stale_placement"),
+    ("edgeprune/placement", lambda p: b"{not json", "stage1", "bad_json"),
+    ("edgeprune/pipeline/results", lambda p: b'{"request_id": "x"}', "gateway", "bad_schema"),
+    ("edgeprune/node/node-9/stats", lambda p: b"\x00\x01", "gateway", "bad_json"),
+    ("edgeprune/node/node-9/status", lambda p: b"sleepy", "gateway", "bad_status"),
+    ("edgeprune/node/node-9/profile", lambda p: b'{"node_id": "node-9"}', "gateway", "bad_schema"),
 ]
 
+def _component(pipeline, role: str) -> str:
+    return {"stage1": pipeline.stage_nodes[0], "stage2": pipeline.stage_nodes[1]}.get(role, role)
 
-@pytest.mark.parametrize("topic,payload,component,kind", BAD_INPUTS,
-                         ids=[f"{c}-{k}" for _, _, c, k in BAD_INPUTS])
-def test_bad_input_is_reported_counted_and_service_continues(pipeline, topic, payload, component, kind):
+
+@pytest.mark.parametrize("topic,payload,role,kind", BAD_INPUTS, ids=[f"{r}-{k}" for _, _, r, k in BAD_INPUTS])
+def test_bad_input_is_reported_counted_and_service_continues(pipeline, topic, payload, role, kind):
+    component = _component(pipeline, role)
     before = len(pipeline.recorder.json_on(f"edgeprune/error/{component}"))
-    _publish(pipeline.broker, topic, payload)
+    _publish(pipeline.broker, topic, payload(pipeline))
     wait_until(lambda: len(pipeline.recorder.json_on(f"edgeprune/error/{component}")) > before, 20,
                f"{component} published no error record for {kind}")
     record = pipeline.recorder.json_on(f"edgeprune/error/{component}")[-1]
     assert record["kind"] == kind and record["topic"] == topic and record["message"]
 
-    if component.startswith("node"):
+    if role.startswith("stage"):
         def counted() -> bool:
             node = next(n for n in pipeline.reader.nodes() if n["node_id"] == component)
             return node["errors"].get(kind, 0) >= 1
         wait_until(counted, 20, f"{component} stats do not count {kind}")
 
-    camera_id = f"after-{component}-{kind}".replace("_", "-")
+    camera_id = f"after-{role}-{kind}".replace("_", "-")
     cam = pipeline.procs.start(camera_id, "camera", "--camera-id", camera_id, "--count", "1", "--seed", "1")
     assert cam.wait(60) == 0
     wait_until(lambda: results_for(pipeline.reader, camera_id), 30, "pipeline stopped serving after bad input")
     for name in ("gateway", "node-1", "node-2"):
         assert pipeline.procs.procs[name].poll() is None, f"{name} died"
+
+
+def test_bad_command_is_rejected_by_the_node(pipeline):
+    node = pipeline.stage_nodes[0]
+    _publish(pipeline.broker, f"edgeprune/node/{node}/cmd", b'{"cmd": "explode"}')
+    wait_until(lambda: any(r["kind"] == "bad_schema" and r["topic"].endswith("/cmd")
+                           for r in pipeline.recorder.json_on(f"edgeprune/error/{node}")), 20,
+               "the node did not reject an unknown command")
 
 
 def test_nodes_announce_stopped_on_clean_exit(pipeline):

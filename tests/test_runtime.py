@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from camera.simulator import camera_frame
-from gateway.service import even_split
 from node_agent.runtime import Request, StageRuntime
 from shared import wire
 from shared.imaging import decode_frame
 from shared.model import build_model
 from shared.schemas import BadMessage, Result, parse_json
+from tests.conftest import even_split
 
 
 def chain(model, placement, frame: bytes, wire_dtype: str, props=None) -> Result:
@@ -29,7 +29,7 @@ def chain(model, placement, frame: bytes, wire_dtype: str, props=None) -> Result
 @pytest.mark.parametrize("wire_dtype,tol", [("float32", 1e-6), ("float16", 2e-3)])
 def test_chained_stages_equal_whole_model(n_nodes, wire_dtype, tol):
     model = build_model()
-    placement = even_split(model.n_blocks, [f"n{i}" for i in range(n_nodes)], version=1, issued_at=0)
+    placement = even_split(model.n_blocks, [f"n{i}" for i in range(n_nodes)])
     rng = np.random.default_rng(0)
     for _ in range(3):
         frame = camera_frame(rng, 64, "png")
@@ -44,7 +44,7 @@ def test_chained_stages_equal_whole_model(n_nodes, wire_dtype, tol):
 
 def test_frame_without_properties_gets_id_and_arrival_time():
     model = build_model()
-    placement = even_split(model.n_blocks, ["a"], version=1, issued_at=0)
+    placement = even_split(model.n_blocks, ["a"])
     result = chain(model, placement, camera_frame(np.random.default_rng(1), 80, "jpeg"), "float16")
     assert result.request_id.startswith("cam-") and result.capture_ts == 100.0
 
@@ -54,14 +54,14 @@ def test_frame_without_properties_gets_id_and_arrival_time():
                                          ({"request_id": "x" * 200}, "longer than 128")])
 def test_bad_frame_properties_are_rejected(props, match):
     model = build_model()
-    placement = even_split(model.n_blocks, ["a", "b"], version=1, issued_at=0)
+    placement = even_split(model.n_blocks, ["a", "b"])
     with pytest.raises(BadMessage, match=match):
         chain(model, placement, camera_frame(np.random.default_rng(1), 64, "png"), "float16", props)
 
 
 def test_activation_for_another_block_is_stale():
     model = build_model()
-    placement = even_split(model.n_blocks, ["a", "b"], version=1, issued_at=0)
+    placement = even_split(model.n_blocks, ["a", "b"])
     second = StageRuntime(model, "b", placement.stages[1], 2, "out", "float16")
     payload = wire.encode(wire.Activation("r", "c", 1.0, 1, np.zeros((1, 32, 32, 32), np.float16)))
     with pytest.raises(BadMessage) as err:

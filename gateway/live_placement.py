@@ -1,0 +1,132 @@
+"""When to (re-)place the pipeline, as nodes come and go: pure, time is passed in.
+
+The planner (:mod:`gateway.placement`) answers *where*; this module answers *when*:
+
+- at start, once every configured node has offered its profile (or ``startup_wait_s`` passed);
+- at once when a node of the current placement goes offline or stops: the survivors take over;
+- when a node (re)joins, only after it has stayed online for ``rejoin_hold_s`` and only if the
+  new plan's predicted bottleneck is at least ``min_gain`` better: a flapping node must not
+  make the whole pipeline switch stages back and forth.
+
+Frames reach stage 1 through the broker whichever node runs it, so the camera upload is the
+same for every plan: it is left out of the live objective (a constant term there would only
+make plans tie and hide the differences between them).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from gateway.placement import Device, InfeasiblePlacement, Plan, evaluate, plan_pipeline, problem_from_profiles
+from shared.profiling import MB, MBIT_BYTES, NodeProfile
+from shared.schemas import Placement
+from shared.topics import AVAILABILITY_ONLINE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlacementRules:
+    startup_wait_s: float
+    rejoin_hold_s: float
+    min_gain: float
+
+
+class LivePlacement:
+    def __init__(self, rules: PlacementRules, model: str, fingerprint: str, allowed: list[str], started: float):
+        self.rules = rules
+        self.model = model
+        self.fingerprint = fingerprint
+        self.allowed = list(allowed)
+        self.started = started
+        self.current: Placement | None = None
+        self.current_plan: Plan | None = None
+        self.last_error: str | None = None
+        self._status: dict[str, str] = {}
+        self._online_since: dict[str, float] = {}
+        self._offers: dict[str, NodeProfile] = {}
+        self._declined: frozenset[str] | None = None  # node set last judged not worth a switch
+
+    # --- inputs --------------------------------------------------------------------------
+    def set_status(self, node_id: str, status: str, now: float) -> None:
+        if status == AVAILABILITY_ONLINE and self._status.get(node_id) != AVAILABILITY_ONLINE:
+            self._online_since[node_id] = now
+        self._status[node_id] = status
+
+    def set_offer(self, offer: NodeProfile) -> str | None:
+        """Record a node's profile; returns why it is unusable, if it is."""
+        if offer.model_fingerprint != self.fingerprint:
+            self._offers.pop(offer.node_id, None)
+            return (f"node {offer.node_id} runs model {offer.model_fingerprint}, the gateway {self.fingerprint}: "
+                    "not placed until both run the same checkpoint")
+        self._offers[offer.node_id] = offer
+        return None
+
+    # --- decisions -----------------------------------------------------------------------
+    def eligible(self) -> list[str]:
+        """Online nodes with a usable profile, in configured order."""
+        return [n for n in self.allowed if self._status.get(n) == AVAILABILITY_ONLINE and n in self._offers]
+
+    def tick(self, now: float) -> Placement | None:
+        """A new placement to publish, or None when the current one stands."""
+        eligible = self.eligible()
+        if not eligible:
+            return None
+        if self.current is None:
+            if set(eligible) == set(self.allowed) or now - self.started >= self.rules.startup_wait_s:
+                return self._adopt(eligible, now, "initial placement")
+            return None
+        placed = [s.node_id for s in self.current.stages]
+        lost = [n for n in placed if n not in eligible]
+        if lost:
+            return self._adopt(eligible, now, f"lost {', '.join(lost)}")
+        settled = [n for n in eligible if n in placed or now - self._online_since.get(n, now)
+                   >= self.rules.rejoin_hold_s]
+        if set(settled) == set(placed) or frozenset(settled) == self._declined:
+            return None
+        candidate = self._plan(settled)
+        if candidate is None:
+            return None
+        current = self._plan_cost_of_current()
+        if candidate.bottleneck_s <= current * (1.0 - self.rules.min_gain):
+            return self._adopt(settled, now, f"nodes joined, bottleneck {current * 1e3:.1f} -> "
+                                             f"{candidate.bottleneck_s * 1e3:.1f} ms", candidate)
+        self._declined = frozenset(settled)
+        log.info("keeping the placement: using %s would gain less than %.0f%%", settled, 100 * self.rules.min_gain)
+        return None
+
+    def _devices(self, nodes: list[str]) -> list[Device]:
+        return [Device(n, int(self._offers[n].memory_mb * MB), self._offers[n].uplink_mbit_s * MBIT_BYTES)
+                for n in nodes]
+
+    def _plan(self, nodes: list[str]) -> Plan | None:
+        try:
+            plan = plan_pipeline({n: self._offers[n].profile.blocks for n in nodes}, self._devices(nodes),
+                                 frame_bytes=0, camera_bandwidth_bps=1.0)
+        except (InfeasiblePlacement, ValueError) as exc:
+            self.last_error = str(exc)
+            log.error("cannot place the model on %s: %s", nodes, exc)
+            return None
+        self.last_error = None
+        return plan
+
+    def _plan_cost_of_current(self) -> float:
+        """The current placement's bottleneck under today's profiles (they may have changed)."""
+        placed = [s.node_id for s in self.current.stages]
+        problem = problem_from_profiles({n: self._offers[n].profile.blocks for n in placed},
+                                        self._devices(placed), frame_bytes=0, camera_bandwidth_bps=1.0)
+        return evaluate(problem, [(s.node_id, s.first_block, s.last_block) for s in self.current.stages]).bottleneck_s
+
+    def _adopt(self, nodes: list[str], now: float, reason: str, plan: Plan | None = None) -> Placement | None:
+        plan = plan or self._plan(nodes)
+        if plan is None:
+            return None
+        version = max(int(now * 1000), (self.current.version + 1) if self.current else 0)
+        self.current = plan.to_placement(version, self.model, issued_at=now)
+        self.current_plan = plan
+        self._declined = None
+        log.info("placement v%d (%s): %s, predicted bottleneck %.1f ms", version, reason,
+                 ", ".join(f"{s.node_id}:{s.first_block}-{s.last_block}" for s in self.current.stages),
+                 plan.bottleneck_s * 1e3)
+        return self.current
