@@ -290,12 +290,13 @@ def optimal_plan(problem: Problem) -> Plan:
 
     layers = [_Layer(codes=np.zeros(1, dtype=np.int64), senders=np.array([n_types]),
                      best=np.where(np.arange(n_blocks + 1) == 0, 0.0, np.inf)[None, None, :])]
-    for _ in range(min(len(problem.devices), n_blocks)):
-        layers.append(_next_layer(layers[-1], counts, strides, stage_cost, transfer))
-
     to_gateway = np.array([problem.blocks[-1].output_bytes / problem.bandwidth(g[0], GATEWAY) for g in groups])
     best_value, best_at = math.inf, None
-    for k, layer in enumerate(layers[1:], start=1):
+    for k in range(1, min(len(problem.devices), n_blocks) + 1):
+        # A partial plan already as slow as a finished one cannot lead to a better plan: do not extend it.
+        promising = (layers[-1].best < best_value).any(axis=(1, 2))
+        layer = _next_layer(layers[-1], promising, counts, strides, stage_cost, transfer)
+        layers.append(layer)
         finished = np.maximum(layer.best[:, :, n_blocks], to_gateway[None, :])
         if finished.size and finished.min() < best_value:
             best_value = float(finished.min())
@@ -326,18 +327,19 @@ class _Layer:
     came_from_sender: np.ndarray | None = None  # ... -> type of the stage before it
 
 
-def _next_layer(layer: _Layer, counts: np.ndarray, strides: np.ndarray, stage_cost: list[np.ndarray],
-                transfer: np.ndarray) -> _Layer:
+def _next_layer(layer: _Layer, promising: np.ndarray, counts: np.ndarray, strides: np.ndarray,
+                stage_cost: list[np.ndarray], transfer: np.ndarray) -> _Layer:
+    """Every state reachable by one more stage from a ``promising`` state of ``layer``."""
     n_types, width = len(counts), layer.best.shape[2]
     digits = (layer.codes[:, None] // strides[None, :]) % (counts + 1)[None, :]
-    children = np.unique(np.concatenate([layer.codes[digits[:, t] < counts[t]] + strides[t]
-                                         for t in range(n_types)]))
+    can_grow = (digits < counts[None, :]) & promising[:, None]
+    children = np.unique(np.concatenate([layer.codes[can_grow[:, t]] + strides[t] for t in range(n_types)]))
     best = np.full((len(children), n_types, width), np.inf)
     from_block = np.zeros(best.shape, dtype=np.int16)
     from_sender = np.zeros(best.shape, dtype=np.int16)
     chunk = max(1, 4_000_000 // (width * width))
     for t in range(n_types):
-        parents = np.flatnonzero(digits[:, t] < counts[t])
+        parents = np.flatnonzero(can_grow[:, t])
         for start in range(0, len(parents), chunk):
             rows = parents[start:start + chunk]
             # Entering a stage of type t at block i, from whichever sender type is cheapest.
@@ -467,12 +469,17 @@ def random_plan(problem: Problem, rng: random.Random, attempts: int = 100) -> Pl
 
 
 def greedy_plan(problem: Problem) -> Plan:
-    """Devices in listed order, each filled up to an equal share of the work in its own time, within memory."""
+    """Devices in listed order, each filled up to an equal share of the work in its own time, within memory.
+
+    A device that cannot hold even the next block is skipped.
+    """
     share = 1 / len(problem.devices) + 1e-9  # so float rounding does not cost an exactly equal share a block
     assignment, start = [], 0
     for position, device in enumerate(problem.devices):
         if start == problem.n_blocks:
             break
+        if problem.memory(start, start + 1) > device.memory_bytes:
+            continue
         total = problem.compute(device.id, 0, problem.n_blocks) or 1.0
         last_device = position == len(problem.devices) - 1
         end = start + 1

@@ -195,6 +195,8 @@ def test_greedy_fills_devices_in_order_up_to_an_equal_share() -> None:
     plan = greedy_plan(uniform_problem([10, 10, 10], [1, 1, 1, 1, 1, 1]))
     assert [(s.device, s.first_block, s.last_block) for s in plan.stages] == [
         ("pi-0", 0, 1), ("pi-1", 2, 3), ("pi-2", 4, 5)]
+    plan = greedy_plan(uniform_problem([10, 0.5, 10], [1, 1, 1, 1]))  # pi-1 cannot hold any 1 MB block
+    assert [(s.device, s.first_block, s.last_block) for s in plan.stages] == [("pi-0", 0, 0), ("pi-2", 1, 3)]
 
 
 def profile(latencies_ms: list[float], params_mb: list[float]) -> list[BlockProfile]:
