@@ -1,7 +1,12 @@
-"""``edgeprune bench NAME``: run a benchmark, print its tables, optionally write JSON."""
+"""``edgeprune bench NAME [ARGS]``: run a benchmark, print its tables, optionally write JSON.
+
+Benchmark modules are imported only when run, so a benchmark's heavy imports (or a broken
+one) never slow down or break the other commands.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from pathlib import Path
 
@@ -9,21 +14,23 @@ from edgeprune.bench import BENCHMARKS, format_table, write_json
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark (prints tables; --json writes the same figures)")
-    names = p.add_subparsers(dest="bench", required=True, metavar="NAME")
-    for name in BENCHMARKS:
-        module = importlib.import_module(f"edgeprune.bench.{name}")
-        bp = names.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        bp.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
-        module.add_arguments(bp)
-        bp.set_defaults(func=lambda args, m=module: _run(m, args))
+    p = sub.add_parser("bench", help="run a benchmark (prints tables; --json writes the same figures)",
+                       description="Run `edgeprune bench NAME --help` for a benchmark's own options.")
+    p.add_argument("name", choices=BENCHMARKS, metavar="NAME", help=f"one of: {', '.join(BENCHMARKS)}")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's options")
+    p.set_defaults(func=run)
 
 
-def _run(module, args) -> int:
-    result = module.run(args)
+def run(args) -> int:
+    module = importlib.import_module(f"edgeprune.bench.{args.name}")
+    parser = argparse.ArgumentParser(prog=f"edgeprune bench {args.name}", description=module.__doc__)
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
+    module.add_arguments(parser)
+    options = parser.parse_args(args.args)
+    result = module.run(options)
     for title, rows in result.get("tables", {}).items():
         print(format_table(title, rows))
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
+    if options.json:
+        write_json(options.json, result)
+        print(f"wrote {options.json}")
     return 0
