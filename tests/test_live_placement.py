@@ -1,0 +1,115 @@
+"""When the gateway (re-)places the pipeline: start, loss of a node, rejoin with hysteresis."""
+
+from __future__ import annotations
+
+from gateway.live_placement import LivePlacement, PlacementRules
+from shared.profiling import BlockProfile, ModelProfile, NodeProfile
+
+RULES = PlacementRules(startup_wait_s=20, rejoin_hold_s=10, min_gain=0.1)
+
+
+def offer(node: str, speed: float = 1.0, fingerprint: str = "abc", n_blocks: int = 6) -> NodeProfile:
+    blocks = [BlockProfile(name=f"b{i}", latency_s=0.010 * speed, param_bytes=1000, activation_bytes=1000,
+                           output_bytes=1000) for i in range(n_blocks)]
+    profile = ModelProfile(model="trapnet", host="h", threads=1, repeats=1, warmup=0, wire_dtype="float16",
+                           blocks=blocks)
+    return NodeProfile(node_id=node, model_fingerprint=fingerprint, memory_mb=100, uplink_mbit_s=1000,
+                       profile=profile)
+
+
+def live_with(nodes: list[str], now: float = 0.0, **speeds: float) -> LivePlacement:
+    live = LivePlacement(RULES, "trapnet", "abc", nodes, started=now)
+    for node in nodes:
+        live.set_status(node, "online", now)
+        live.set_offer(offer(node, speeds.get(node.replace("-", "_"), 1.0)))
+    return live
+
+
+def placed(placement) -> list[str]:
+    return [s.node_id for s in placement.stages]
+
+
+def test_waits_for_every_configured_node_then_uses_all():
+    live = LivePlacement(RULES, "trapnet", "abc", ["a", "b", "c"], started=0)
+    for node in ("a", "b"):
+        live.set_status(node, "online", 0)
+        live.set_offer(offer(node))
+    assert live.tick(1) is None  # c is still missing and the start-up wait is not over
+    live.set_status("c", "online", 2)
+    live.set_offer(offer("c"))
+    first = live.tick(2)
+    assert sorted(placed(first)) == ["a", "b", "c"]
+    assert live.tick(3) is None  # nothing changed: no new placement
+
+
+def test_places_on_those_present_after_the_startup_wait():
+    live = LivePlacement(RULES, "trapnet", "abc", ["a", "b"], started=0)
+    live.set_status("a", "online", 0)
+    live.set_offer(offer("a"))
+    assert live.tick(19) is None
+    assert placed(live.tick(20)) == ["a"]
+
+
+def test_lost_node_is_replaced_at_once_by_the_survivors():
+    live = live_with(["a", "b", "c"])
+    first = live.tick(1)
+    live.set_status("b", "offline", 5)
+    second = live.tick(5)
+    assert second is not None and "b" not in placed(second)
+    assert second.version > first.version
+    covered = [blk for s in second.stages for blk in range(s.first_block, s.last_block + 1)]
+    assert covered == list(range(6))
+
+
+def test_rejoining_node_waits_for_the_hold_and_is_used_when_it_helps():
+    live = live_with(["a", "b"])
+    live.tick(1)
+    live.set_status("b", "offline", 5)
+    assert placed(live.tick(5)) == ["a"]
+    live.set_status("b", "online", 10)
+    assert live.tick(15) is None  # still inside rejoin_hold_s
+    rejoined = live.tick(20)
+    assert rejoined is not None and sorted(placed(rejoined)) == ["a", "b"]
+
+
+def test_flapping_node_never_gets_placed_while_it_flaps():
+    live = live_with(["a", "b"])
+    live.tick(1)
+    live.set_status("b", "offline", 2)
+    live.tick(2)
+    changes = 0
+    for t in range(3, 60, 4):  # online for 2 s, offline for 2 s, again and again
+        live.set_status("b", "online", t)
+        changes += live.tick(t + 1) is not None
+        live.set_status("b", "offline", t + 2)
+        changes += live.tick(t + 3) is not None
+    assert changes == 0
+
+
+def test_joining_node_that_gains_too_little_is_declined_and_not_re_evaluated():
+    # a is fast enough alone; b is so slow that splitting cannot gain 10%
+    live = LivePlacement(RULES, "trapnet", "abc", ["a", "b"], started=0)
+    live.set_status("a", "online", 0)
+    live.set_offer(offer("a", speed=0.1))
+    assert placed(live.tick(20)) == ["a"]
+    live.set_status("b", "online", 21)
+    live.set_offer(offer("b", speed=100.0))
+    assert live.tick(40) is None
+    assert live.tick(41) is None
+
+
+def test_node_with_another_model_is_refused():
+    live = LivePlacement(RULES, "trapnet", "abc", ["a"], started=0)
+    reason = live.set_offer(offer("a", fingerprint="zzz"))
+    assert reason and "same checkpoint" in reason
+    live.set_status("a", "online", 0)
+    assert live.eligible() == [] and live.tick(100) is None
+
+
+def test_infeasible_memory_is_reported_not_raised():
+    live = LivePlacement(RULES, "trapnet", "abc", ["a"], started=0)
+    big = offer("a")
+    live.set_offer(big.model_copy(update={"memory_mb": 0.001}))
+    live.set_status("a", "online", 0)
+    assert live.tick(1) is None
+    assert live.last_error and "MB" in live.last_error

@@ -1,0 +1,47 @@
+"""A node dies (SIGKILL: only its last will speaks), the survivors take over; it returns and is used again."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Processes, component_env, open_reader, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_gateway_replaces_over_survivors_and_takes_the_node_back(broker, tmp_path):
+    db = tmp_path / "edgeprune.db"
+    env = component_env(broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db), EDGEPRUNE_GATEWAY_NODES="node-1,node-2",
+                        EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_GATEWAY_REJOIN_HOLD_S="2",
+                        EDGEPRUNE_MQTT_KEEPALIVE_S="5", EDGEPRUNE_NODE_UPLINK_MBIT_S="100000",
+                        EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5")
+    procs = Processes(tmp_path, env)
+    try:
+        procs.start("gateway", "gateway")
+        procs.start("node-1", "node", "--node-id", "node-1")
+        procs.start("node-2", "node", "--node-id", "node-2")
+        reader = open_reader(db)
+        wait_until(lambda: (reader.placement() or {}).get("stages", []).__len__() == 2, 60, "no 2-stage placement")
+        first = reader.placement()
+        victim = first["stages"][1]["node_id"]
+        survivor = first["stages"][0]["node_id"]
+
+        procs.procs[victim].kill()  # no clean exit: the broker's will announces `offline`
+        wait_until(lambda: [s["node_id"] for s in reader.placement()["stages"]] == [survivor], 30,
+                   "the gateway did not re-place over the survivor")
+        assert reader.placement()["version"] > first["version"]
+
+        def classified(camera_id: str) -> list[dict]:
+            return [r for r in reader.recent_requests(0) if r["camera_id"] == camera_id]
+
+        assert procs.start("cam-a", "camera", "--camera-id", "cam-a", "--count", "3", "--rate", "5").wait(60) == 0
+        wait_until(lambda: len(classified("cam-a")) == 3, 30, "frames were not classified by the survivor")
+        assert all(r["prune_ratios"] == [0.0] for r in classified("cam-a"))  # one hop: the survivor alone
+
+        procs.start(victim, "node", "--node-id", victim)
+        wait_until(lambda: len(reader.placement()["stages"]) == 2, 60, "the returning node was not used again")
+        assert procs.start("cam-b", "camera", "--camera-id", "cam-b", "--count", "2", "--rate", "5").wait(60) == 0
+        wait_until(lambda: len(classified("cam-b")) == 2, 30, "frames were not classified after the rejoin")
+        assert all(len(r["prune_ratios"]) == 2 for r in classified("cam-b"))
+    finally:
+        procs.stop_all()
