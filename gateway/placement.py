@@ -32,8 +32,9 @@ import numpy as np
 from shared.profiling import CAMERA, GATEWAY, MB, BlockProfile
 from shared.schemas import Placement, StageAssignment
 
-# Array elements the DP may touch (multisets x types x (blocks+1)^2): about 10 s of numpy.
-MAX_DP_WORK = 2_000_000_000
+# DP table cells (states x types x (blocks + 1)) kept at most: ~240 MB, and at most
+# cells x (blocks + 1) min-max steps, seconds of numpy.
+MAX_DP_CELLS = 20_000_000
 
 
 class InfeasiblePlacement(ValueError):
@@ -273,17 +274,13 @@ def optimal_plan(problem: Problem) -> Plan:
     ``max(best[c][s][i], transfer s->t of block i-1's output, compute/memory of i..j-1 on t)``.
     Minimising over ``s`` first leaves one min-max matrix product per (c, t), vectorised in numpy.
     States: at most prod(count_t + 1) multisets with at most n_blocks stages; time
-    O(states * types * n_blocks^2).
+    O(states * types * n_blocks^2). States already as slow as a finished plan are not extended,
+    which in practice prunes most of them (a one-device plan is often found first).
     """
     _check_every_block_fits(problem)
     groups = device_types(problem)
     n_types, n_blocks = len(groups), problem.n_blocks
     counts = np.array([len(g) for g in groups], dtype=np.int64)
-    work = _dp_work(counts, n_blocks)
-    if work > MAX_DP_WORK:
-        raise ValueError(f"{len(problem.devices)} devices form {n_types} distinct types: the exact search would "
-                         f"touch {work:.2g} array elements (limit {MAX_DP_WORK:.2g}); give near-identical "
-                         f"devices identical profiles, caps and bandwidths so they merge")
     strides = np.concatenate([[1], np.cumprod(counts + 1)[:-1]]).astype(np.int64)
     stage_cost = [_stage_cost_matrix(problem, g[0]) for g in groups]
     transfer = _transfer_costs(problem, groups)  # [sender type (n_types = camera), receiver type, start block]
@@ -292,10 +289,17 @@ def optimal_plan(problem: Problem) -> Plan:
                      best=np.where(np.arange(n_blocks + 1) == 0, 0.0, np.inf)[None, None, :])]
     to_gateway = np.array([problem.blocks[-1].output_bytes / problem.bandwidth(g[0], GATEWAY) for g in groups])
     best_value, best_at = math.inf, None
+    cells = 0
     for k in range(1, min(len(problem.devices), n_blocks) + 1):
         # A partial plan already as slow as a finished one cannot lead to a better plan: do not extend it.
         promising = (layers[-1].best < best_value).any(axis=(1, 2))
-        layer = _next_layer(layers[-1], promising, counts, strides, stage_cost, transfer)
+        children, can_grow = _children(layers[-1], promising, counts, strides)
+        cells += len(children) * n_types * (n_blocks + 1)
+        if cells > MAX_DP_CELLS:
+            raise ValueError(f"{len(problem.devices)} devices in {n_types} distinct types need more than "
+                             f"{MAX_DP_CELLS:.0e} DP cells; give near-identical devices identical profiles, "
+                             f"caps and bandwidths so they merge into one type")
+        layer = _next_layer(layers[-1], children, can_grow, strides, stage_cost, transfer)
         layers.append(layer)
         finished = np.maximum(layer.best[:, :, n_blocks], to_gateway[None, :])
         if finished.size and finished.min() < best_value:
@@ -306,14 +310,6 @@ def optimal_plan(problem: Problem) -> Plan:
     plan = evaluate(problem, _backtrack(layers, best_at, groups, strides, n_blocks))
     assert math.isclose(plan.bottleneck_s, best_value, rel_tol=1e-9, abs_tol=1e-15), "DP and evaluate disagree"
     return plan
-
-
-def _dp_work(counts: np.ndarray, n_blocks: int) -> int:
-    """Multisets of at most ``n_blocks`` devices (a plan never has more stages) x types x (n_blocks + 1)^2."""
-    by_size = [1] + [0] * n_blocks  # by_size[k] = multisets of k devices
-    for count in counts:
-        by_size = [sum(by_size[k - m] for m in range(min(int(count), k) + 1)) for k in range(n_blocks + 1)]
-    return sum(by_size) * len(counts) * (n_blocks + 1) ** 2
 
 
 @dataclass
@@ -327,13 +323,18 @@ class _Layer:
     came_from_sender: np.ndarray | None = None  # ... -> type of the stage before it
 
 
-def _next_layer(layer: _Layer, promising: np.ndarray, counts: np.ndarray, strides: np.ndarray,
-                stage_cost: list[np.ndarray], transfer: np.ndarray) -> _Layer:
-    """Every state reachable by one more stage from a ``promising`` state of ``layer``."""
-    n_types, width = len(counts), layer.best.shape[2]
+def _children(layer: _Layer, promising: np.ndarray, counts: np.ndarray,
+              strides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of the multisets one more device away from a ``promising`` state, and which types each can add."""
     digits = (layer.codes[:, None] // strides[None, :]) % (counts + 1)[None, :]
     can_grow = (digits < counts[None, :]) & promising[:, None]
-    children = np.unique(np.concatenate([layer.codes[can_grow[:, t]] + strides[t] for t in range(n_types)]))
+    return np.unique(np.concatenate([layer.codes[can_grow[:, t]] + strides[t] for t in range(len(counts))])), can_grow
+
+
+def _next_layer(layer: _Layer, children: np.ndarray, can_grow: np.ndarray, strides: np.ndarray,
+                stage_cost: list[np.ndarray], transfer: np.ndarray) -> _Layer:
+    """The best way to reach each of ``children`` with one more stage (of type t, from a state that can grow by t)."""
+    n_types, width = can_grow.shape[1], layer.best.shape[2]
     best = np.full((len(children), n_types, width), np.inf)
     from_block = np.zeros(best.shape, dtype=np.int16)
     from_sender = np.zeros(best.shape, dtype=np.int16)

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeprune.commands import place
+from gateway import placement
 from gateway.placement import (BASELINES, CAMERA, GATEWAY, MB, Block, Device, InfeasiblePlacement, Problem,
                                device_types, evaluate, exhaustive_plan, greedy_plan, optimal_plan, plan_pipeline)
 from shared.profiling import BlockProfile, CameraSpec, ClusterSpec, DeviceSpec, ModelProfile, save_profile
@@ -28,7 +29,8 @@ def brute_force(problem: Problem) -> float | None:
             for cuts in itertools.combinations(range(1, n), k - 1):
                 bounds = [0, *cuts, n]
                 try:
-                    value = evaluate(problem, [(d, a, b - 1) for d, a, b in zip(order, bounds, bounds[1:])]).bottleneck_s
+                    stages = [(d, a, b - 1) for d, a, b in zip(order, bounds, bounds[1:])]
+                    value = evaluate(problem, stages).bottleneck_s
                 except InfeasiblePlacement:
                     continue
                 best = value if best is None else min(best, value)
@@ -156,6 +158,13 @@ def test_a_block_too_big_for_every_device_is_named() -> None:
 def test_too_few_devices_names_the_first_block_that_does_not_fit() -> None:
     problem = uniform_problem([3, 3], [1, 1, 1, 1, 1], params_mb=[1, 1, 1, 2, 2])
     with pytest.raises(InfeasiblePlacement, match=r"blocks 0..3 fit, block 4 \(stage4\)"):
+        optimal_plan(problem)
+
+
+def test_a_search_too_large_is_refused_with_advice(monkeypatch) -> None:
+    monkeypatch.setattr(placement, "MAX_DP_CELLS", 50)
+    problem = uniform_problem([4, 5, 6], [1, 1, 1, 1])
+    with pytest.raises(ValueError, match="3 devices in 3 distinct types need more than .* merge into one type"):
         optimal_plan(problem)
 
 
