@@ -16,11 +16,22 @@ from collections import deque
 import numpy as np
 import torch
 
-from node_agent.runtime import Request, StageRuntime
+from node_agent.runtime import Request, StageRuntime, measure_ratio_latency
 from shared.bus import Bus
 from shared.model import build_model, model_fingerprint
 from shared.profiling import NodeProfile, profile_model
-from shared.schemas import BadMessage, NodeCommand, NodeStats, Placement, SlowdownCommand, parse_json, to_json
+from shared.schemas import (
+    BadMessage,
+    NodeCommand,
+    NodeStats,
+    Placement,
+    PruneDesired,
+    PruneState,
+    SliceCalibration,
+    SlowdownCommand,
+    parse_json,
+    to_json,
+)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics
 
@@ -66,6 +77,8 @@ class NodeAgent:
         self.processed = 0
         self.dropped = 0
         self.slowdown = settings.emulated_slowdown
+        self.desired: PruneDesired | None = None
+        self._to_calibrate: StageRuntime | None = None
         self._compute_s: deque[float] = deque(maxlen=1024)
         self._queue_wait_s: deque[float] = deque(maxlen=1024)
         self._cpu = CpuMeter()
@@ -77,6 +90,7 @@ class NodeAgent:
         self.bus.on_connected = self._announce_offer
         self.bus.subscribe(self.topics.placement, self._on_placement)
         self.bus.subscribe(self.topics.node_command(self.node_id), self._on_command)
+        self.bus.subscribe(self.topics.node_prune_desired(self.node_id), self._on_prune_desired)
         self._threads = [threading.Thread(target=self._work, name="inference", daemon=True),
                          threading.Thread(target=self._publish_stats_forever, name="stats", daemon=True)]
         for t in self._threads:
@@ -139,6 +153,10 @@ class NodeAgent:
             self.runtime = runtime
             self.placement_version = placement.version if placement else None
             self._input_filter = new_filter
+            self._to_calibrate = runtime
+            desired = self.desired
+        if runtime is not None and desired is not None:
+            self._apply_ratio(runtime, desired)  # a new slice keeps the ratio the gateway wants
         if old_filter and old_filter != new_filter:
             self.bus.unsubscribe(old_filter)
         if new_filter and new_filter != old_filter:
@@ -154,6 +172,46 @@ class NodeAgent:
         if isinstance(command, SlowdownCommand):
             self.slowdown = command.factor
             log.warning("%s: emulated slowdown set to %.2fx", self.node_id, command.factor)
+
+    # --- pruning -------------------------------------------------------------------------
+    def _on_prune_desired(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        if not payload:  # cleared by the gateway when this node is retired
+            return
+        desired = parse_json(PruneDesired, payload)
+        with self._lock:
+            if self.desired is not None and desired.seq <= self.desired.seq:
+                log.info("%s: ignoring stale prune state seq %d (have %d)", self.node_id, desired.seq,
+                         self.desired.seq)
+                return
+            self.desired = desired
+            runtime = self.runtime
+        if runtime is not None:
+            self._apply_ratio(runtime, desired)
+
+    def _apply_ratio(self, runtime: StageRuntime, desired: PruneDesired) -> None:
+        """Swap the slice variant and echo what was applied (retained state)."""
+        switch_s = runtime.slice.set_ratio(desired.ratio)
+        log.info("%s: prune ratio %.2f (%s: %s), switched in %.3f ms", self.node_id, runtime.slice.ratio,
+                 desired.source, desired.reason, switch_s * 1e3)
+        state = PruneState(ratio=runtime.slice.ratio, seq=desired.seq, applied_at=time.time(), switch_s=switch_s)
+        self.bus.publish(self.topics.node_prune_state(self.node_id), to_json(state), qos=1, retain=True)
+
+    def _calibrate(self, runtime: StageRuntime) -> None:
+        """Measure the new slice at every ratio before serving it, and publish the curve (retained)."""
+        runtime.slice.wait_built()
+        latencies = measure_ratio_latency(runtime.slice, runtime.input_shape)
+        base = self.settings.emulated_slowdown  # a device emulated slower from the start is calibrated so
+        a = runtime.assignment
+        with self._lock:
+            version = self.placement_version
+        if version is None:
+            return
+        calibration = SliceCalibration(node_id=self.node_id, placement_version=version, first_block=a.first_block,
+                                       last_block=a.last_block, ratios=list(runtime.slice.ladder),
+                                       latency_s=[t * base for t in latencies], measured_at=time.time())
+        self.bus.publish(self.topics.node_calibration(self.node_id), to_json(calibration), qos=1, retain=True)
+        log.info("%s: calibrated blocks %d..%d: %.2f ms at p=0, %.2f ms at p=%.1f", self.node_id, a.first_block,
+                 a.last_block, latencies[0] * 1e3, latencies[-1] * 1e3, runtime.slice.ladder[-1])
 
     # --- data path -----------------------------------------------------------------------
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str]) -> None:
@@ -174,6 +232,10 @@ class NodeAgent:
 
     def _work(self) -> None:
         while not self._stop.is_set():
+            with self._lock:
+                pending, self._to_calibrate = self._to_calibrate, None
+            if pending is not None:
+                self._calibrate(pending)
             try:
                 runtime, req = self.queue.get(timeout=0.2)
             except queue.Empty:

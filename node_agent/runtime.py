@@ -16,7 +16,8 @@ import torch
 
 from shared import wire
 from shared.imaging import decode_frame
-from shared.model import CLASS_NAMES, INPUT_SIZE, TrapNet
+from shared.model import CLASS_NAMES, INPUT_SIZE, BlockNet
+from shared.pruning import PrunableSlice
 from shared.schemas import BadMessage, Hop, Result, StageAssignment, to_json
 
 
@@ -39,22 +40,29 @@ class Output:
     compute_s: float
 
 
-class FullSlice:
-    """The unpruned slice (the model issue swaps in a prunable one with the same interface)."""
-
-    def __init__(self, model: TrapNet, first_block: int, last_block: int):
-        self.module = model.slice(first_block, last_block)
-        self.ratio = 0.0
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
-        with torch.inference_mode():
-            return self.module(x), None
-
-
-def block_input_shape(model: TrapNet, block: int) -> tuple[int, ...]:
+def block_input_shape(model: BlockNet, block: int) -> tuple[int, ...]:
     """Shape (batch 1, full width) that ``block`` takes: untrusted activations are checked against it."""
     with torch.inference_mode():
         return tuple(model.run_blocks(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), 0, block - 1).shape)
+
+
+def measure_ratio_latency(prunable: PrunableSlice, input_shape: tuple[int, ...], repeats: int = 7,
+                          warmup: int = 2) -> list[float]:
+    """Median latency of the slice at every ladder ratio, on this device: the controller's latency curve."""
+    x = torch.zeros(input_shape)
+    medians = []
+    with torch.inference_mode():
+        for ratio in prunable.ladder:
+            module = prunable.module(ratio)
+            for _ in range(warmup):
+                module(x)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                module(x)
+                times.append(time.perf_counter() - t0)
+            medians.append(float(np.median(times)))
+    return medians
 
 
 def frame_metadata(req: Request) -> tuple[str, float]:
@@ -77,7 +85,7 @@ def frame_metadata(req: Request) -> tuple[str, float]:
 class StageRuntime:
     """Runs one pipeline stage as assigned by the placement."""
 
-    def __init__(self, model: TrapNet, node_id: str, assignment: StageAssignment, n_stages: int,
+    def __init__(self, model: BlockNet, node_id: str, assignment: StageAssignment, n_stages: int,
                  output_topic: str, wire_dtype: str = "float16",
                  max_payload_bytes: int = 8 << 20):
         self.node_id = node_id
@@ -87,7 +95,8 @@ class StageRuntime:
         self.output_topic = output_topic
         self.wire_dtype = np.dtype(wire_dtype)
         self.max_payload_bytes = max_payload_bytes
-        self.slice = FullSlice(model, assignment.first_block, assignment.last_block)
+        # every ladder variant is built in the background; the full slice serves meanwhile
+        self.slice = PrunableSlice(model, assignment.first_block, assignment.last_block, build="lazy")
         self.input_shape = block_input_shape(model, assignment.first_block)
 
     def check_size(self, payload: bytes) -> None:

@@ -7,7 +7,7 @@ Each receiver parses with :func:`parse_json` so that malformed input raises one
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal, TypeVar, Union
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_validator
 
@@ -58,7 +58,7 @@ class StageAssignment(_Strict):
     last_block: int = Field(ge=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "StageAssignment":
+    def _ordered(self) -> StageAssignment:
         if self.last_block < self.first_block:
             raise ValueError("last_block must be >= first_block")
         return self
@@ -75,7 +75,7 @@ class Placement(_Strict):
     bottleneck_s: float | None = None
 
     @model_validator(mode="after")
-    def _contiguous(self) -> "Placement":
+    def _contiguous(self) -> Placement:
         expected = 0
         nodes = set()
         for i, stage in enumerate(self.stages, start=1):
@@ -183,6 +183,27 @@ class PruneState(_Strict):
     switch_s: float = Field(ge=0.0)
 
 
+class SliceCalibration(_Strict):
+    """Retained on ``node/<id>/calibration``: the node's slice latency at each ladder ratio, measured
+    on the node itself right after it takes a stage (the controller's latency curves)."""
+
+    node_id: str = Id
+    placement_version: int = Field(ge=0)
+    first_block: int = Field(ge=0)
+    last_block: int = Field(ge=0)
+    ratios: list[float] = Field(min_length=3, max_length=64)
+    latency_s: list[float] = Field(min_length=3, max_length=64)
+    measured_at: float
+
+    @model_validator(mode="after")
+    def _paired(self) -> SliceCalibration:
+        if len(self.ratios) != len(self.latency_s):
+            raise ValueError("ratios and latency_s must have the same length")
+        if any(not 0 <= r < 1 for r in self.ratios) or any(t <= 0 for t in self.latency_s):
+            raise ValueError("ratios must lie in [0, 1) and latencies be positive")
+        return self
+
+
 class SlowdownCommand(_Strict):
     """Emulate a slower device (tests, benchmarks, demos): stretch every compute by ``factor``."""
 
@@ -190,5 +211,5 @@ class SlowdownCommand(_Strict):
     factor: float = Field(ge=1.0, le=100.0)
 
 
-class NodeCommand(RootModel[Annotated[Union[SlowdownCommand], Field(discriminator="cmd")]]):
+class NodeCommand(RootModel[Annotated[SlowdownCommand, Field(discriminator="cmd")]]):
     """A one-shot command on a node's ``cmd`` topic (never retained)."""

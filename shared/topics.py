@@ -97,6 +97,18 @@ class Topics:
     def node_profile_filter(self) -> str:
         return f"{self.root}/node/+/profile"
 
+    def node_calibration(self, node_id: str) -> str:
+        """Retained: latency of the node's current slice per prune ratio (:class:`SliceCalibration`)."""
+        return f"{self.root}/node/{validate_id('node', node_id)}/calibration"
+
+    @property
+    def node_calibration_filter(self) -> str:
+        return f"{self.root}/node/+/calibration"
+
+    @property
+    def node_prune_desired_filter(self) -> str:
+        return f"{self.root}/node/+/prune/set"
+
     def node_prune_desired(self, node_id: str) -> str:
         """Retained desired prune state set by the gateway (the controller issue fills it)."""
         return f"{self.root}/node/{validate_id('node', node_id)}/prune/set"
