@@ -29,7 +29,7 @@ def run(args) -> int:
         return 1 if isinstance(exc, InfeasiblePlacement) else 2
     if not args.json:
         rows = [{"stage": k, "device": s.device, "blocks": f"{s.first_block}..{s.last_block}",
-                 "names": f"{problem.blocks[s.first_block].name}..{problem.blocks[s.last_block].name}",
+                 "names": "..".join(dict.fromkeys(problem.blocks[b].name for b in (s.first_block, s.last_block))),
                  "compute_ms": s.compute_s * 1e3, "transfer_ms": s.transfer_s * 1e3,
                  "memory_MB": s.memory_bytes / 1e6} for k, s in enumerate(plan.stages, start=1)]
         print(format_table(f"bottleneck {plan.bottleneck_s * 1e3:.3g} ms ({1 / plan.bottleneck_s:.3g} frames/s), "
