@@ -425,8 +425,8 @@ def _shortfall_message(problem: Problem, layers: list[_Layer]) -> str:
 def exhaustive_plan(problem: Problem, must_beat: float = math.inf) -> Plan | None:
     """Try every device order and cut (branch and bound on the running bottleneck), for verification only.
 
-    Returns the best plan strictly below ``must_beat``, or None. It shares nothing with the DP
-    but :func:`evaluate`'s cost terms: no device types, no matrices. Exponential in devices.
+    Returns the best plan strictly below ``must_beat``, or None. It shares only the Problem's
+    cost accessors with the DP: no device types, no matrices. Exponential in devices.
     """
     n = problem.n_blocks
     ids = [d.id for d in problem.devices]
