@@ -15,6 +15,7 @@ from typing import Any
 
 BENCHMARKS = [
     "placement",
+    "pruning",
 ]
 
 

@@ -1,0 +1,322 @@
+"""Slice pruning: cost, speed-up, switch time and accuracy per ratio and training regime, plus the logistic a(p).
+
+Everything runs through the node's own :class:`shared.pruning.PrunableSlice` (real Torch-Pruning
+surgery, zero-filled slice boundaries), so the accuracy figures are those a pipeline would see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from edgeprune.dataset import FrameSplit, RenderConfig, cache_dir, load_frames, to_model_input
+from shared.model import DEFAULT_CHECKPOINT, BlockNet, build_model
+from shared.pruning import DEFAULT_LADDER, PrunableSlice, module_bytes, prune_slice
+
+TARGET_SPEEDUP = 1.6
+TARGET_SWITCH_S = 1e-3
+TARGET_RELATIVE = {0.3: 0.98, 0.5: 0.95}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", metavar="NAME=PATH",
+                        help="checkpoint to evaluate (repeatable); default: ours=the shipped checkpoint, "
+                             "standard/paper/ours-vgg from <cache>/models/ when present")
+    parser.add_argument("--slices", default="0-1,2-3,4-5", help="the pipeline's slices, as first-last blocks")
+    parser.add_argument("--mixed", type=int, default=40, help="random per-slice ratio vectors per model")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the mixed vectors and the frames")
+    parser.add_argument("--plots", type=Path, default=Path("docs"), help="folder for the PNG plots")
+    parser.add_argument("--quick", action="store_true",
+                        help="small run: 4 ratios, 300 test frames, 8 mixed vectors, few timing repeats")
+
+
+@dataclass(frozen=True)
+class Budget:
+    ladder: tuple[float, ...]
+    test_frames: int
+    mixed: int
+    repeats: int
+
+
+def default_models() -> dict[str, Path]:
+    found = {"ours": DEFAULT_CHECKPOINT}
+    for name in ("standard", "paper", "ours-vgg"):
+        regime, _, arch = name.partition("-")
+        path = cache_dir() / "models" / f"{regime}-{arch or 'resnet'}.pt"
+        if path.exists():
+            found[name] = path
+    return found
+
+
+def parse_slices(text: str) -> list[tuple[int, int]]:
+    slices = [tuple(int(b) for b in part.split("-")) for part in text.split(",")]
+    if any(len(s) != 2 for s in slices):
+        raise SystemExit(f"--slices {text!r}: write first-last block pairs such as 0-1,2-3,4-5")
+    return slices  # type: ignore[return-value]
+
+
+def median_latency(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    with torch.inference_mode():
+        for _ in range(3):
+            module(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            module(x)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def slice_costs(model: BlockNet, slices: Sequence[tuple[int, int]], budget: Budget,
+                label: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per slice and ratio: size, MACs, wire bytes, latency at 1 and 2 threads, prune and switch times."""
+    import torch_pruning as tp
+
+    rows, switch_rows = [], []
+    x = torch.zeros(1, 3, 64, 64)
+    for index, (first, last) in enumerate(slices):
+        x_in = model.run_blocks(x, 0, first - 1).detach()
+        t0 = time.perf_counter()
+        stage = PrunableSlice(model, first, last, ladder=budget.ladder)
+        build_s = time.perf_counter() - t0
+        base: dict[int, float] = {}
+        for ratio in budget.ladder:
+            module = stage.module(ratio)
+            t0 = time.perf_counter()
+            prune_slice(model, first, last, ratio)
+            prune_s = time.perf_counter() - t0 if ratio > 0 else 0.0
+            macs, params = tp.utils.count_ops_and_params(module, x_in)
+            with torch.inference_mode():
+                out = module(x_in)
+            keep = stage.keep_mask(ratio)
+            wire_bytes = out.numel() * 2 + (0 if keep is None else (keep.size + 7) // 8)  # float16 + mask
+            row = {"model": label, "slice": f"{index + 1} ({model.block_names[first]}..{model.block_names[last]})",
+                   "ratio": ratio, "params": int(params), "MMACs": macs / 1e6, "out_bytes": wire_bytes}
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                ms = median_latency(module, x_in, budget.repeats) * 1e3
+                base.setdefault(threads, ms)
+                row[f"ms_{threads}t"] = ms
+                row[f"speedup_{threads}t"] = base[threads] / ms
+            row["prune_ms"] = prune_s * 1e3
+            rows.append(row)
+        switches = []
+        for ratio in list(budget.ladder[1:]) * 20 + [0.0]:
+            switches.append(stage.set_ratio(ratio))
+        switch_rows.append({"model": label, "slice": rows[-1]["slice"], "variants": len(budget.ladder),
+                            "build_all_s": build_s, "full_slice_kB": module_bytes(stage.module(0.0)) / 1e3,
+                            "all_variants_kB": stage.memory_bytes() / 1e3,
+                            "switch_median_us": float(np.median(switches)) * 1e6,
+                            "switch_max_us": float(np.max(switches)) * 1e6})
+    torch.set_num_threads(2)
+    return rows, switch_rows
+
+
+def pipeline_predictions(stages: Sequence[PrunableSlice], ratios: Sequence[float], inputs: torch.Tensor,
+                         batch: int = 250) -> np.ndarray:
+    """Class predictions of the pruned pipeline, zero-filling pruned channels between slices like a node."""
+    for stage, ratio in zip(stages, ratios):
+        stage.set_ratio(ratio)
+    preds = []
+    for start in range(0, len(inputs), batch):
+        x = inputs[start:start + batch]
+        for stage in stages:
+            out, keep = stage.forward(x)
+            if keep is not None:
+                full = torch.zeros(out.shape[0], keep.size, *out.shape[2:])
+                full[:, torch.from_numpy(keep)] = out
+                out = full
+            x = out
+        preds.append(x.argmax(1).numpy())
+    return np.concatenate(preds)
+
+
+def accuracies(preds: np.ndarray, test: FrameSplit) -> dict[str, float]:
+    correct = preds == test.labels
+    return {"acc": float(correct.mean()), "acc_day": float(correct[~test.night].mean()),
+            "acc_night": float(correct[test.night].mean())}
+
+
+def logistic(ratios: np.ndarray, *params: float) -> np.ndarray:
+    """The paper's accuracy model a(p) = 1 / (1 + exp(-(sum_i g_i p_i - d)))."""
+    gammas, delta = np.asarray(params[:-1]), params[-1]
+    return 1.0 / (1.0 + np.exp(-(ratios @ gammas - delta)))
+
+
+def fit_logistic(ratios: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least-squares (gamma_1..n, delta) of :func:`logistic`."""
+    from scipy.optimize import curve_fit
+
+    start = np.concatenate([-np.ones(ratios.shape[1]), [-2.0]])
+    params, _ = curve_fit(logistic, ratios, acc, p0=start, maxfev=20000)
+    return params[:-1], float(params[-1])
+
+
+def fit_error(ratios: np.ndarray, acc: np.ndarray, gammas: np.ndarray, delta: float) -> dict[str, float]:
+    residual = logistic(ratios, *gammas, delta) - acc
+    total = float(((acc - acc.mean()) ** 2).sum())
+    return {"rmse": float(np.sqrt((residual ** 2).mean())), "max_abs": float(np.abs(residual).max()),
+            "r2": 1 - float((residual ** 2).sum()) / total if total > 0 else float("nan")}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    budget = (Budget((0.0, 0.3, 0.5, 0.9), 300, 8, 10) if args.quick
+              else Budget(DEFAULT_LADDER, 1000, args.mixed, 50))
+    slices = parse_slices(args.slices)
+    models = dict(m.split("=", 1) for m in args.model) if args.model else default_models()
+    models = {name: Path(path) for name, path in models.items()}
+    test = load_frames(RenderConfig(seed=args.seed))["test"]
+    test = test.subset(np.sort(np.random.default_rng(args.seed).choice(len(test), budget.test_frames,
+                                                                       replace=False)))
+    inputs = to_model_input(test.images)
+    torch.set_num_threads(2)
+
+    cost_rows: list[dict[str, Any]] = []
+    switch_rows: list[dict[str, Any]] = []
+    uniform_rows: list[dict[str, Any]] = []
+    mixed_rows: list[dict[str, Any]] = []
+    fit_rows: list[dict[str, Any]] = []
+    architectures_timed: set[str] = set()
+    rng = np.random.default_rng(args.seed)
+    vectors = rng.choice(budget.ladder, size=(budget.mixed, len(slices)))
+    for name, path in models.items():
+        model = build_model(path)
+        if model.config.arch not in architectures_timed:
+            architectures_timed.add(model.config.arch)
+            costs, switches = slice_costs(model, slices, budget, f"{name} ({model.config.arch})")
+            cost_rows += costs
+            switch_rows += switches
+        for tables in (True, False):
+            stages = [PrunableSlice(model, a, b, ladder=budget.ladder, bn_tables=None if tables else {})
+                      for a, b in slices]
+            label = {"model": name, "bn_tables": "yes" if tables and model.bn_tables else "no"}
+            if tables and not model.bn_tables:
+                continue  # a checkpoint without tables: the "no" rows say it all
+            full = accuracies(pipeline_predictions(stages, [0.0] * len(slices), inputs), test)
+            for ratio in budget.ladder:
+                acc = accuracies(pipeline_predictions(stages, [ratio] * len(slices), inputs), test)
+                uniform_rows.append({**label, "ratio": ratio, **acc,
+                                     "rel_day": acc["acc_day"] / full["acc_day"],
+                                     "rel_night": acc["acc_night"] / full["acc_night"]})
+            if not tables and model.bn_tables:
+                continue  # mixed vectors and the fit: with the tables the node deploys
+            measured = []
+            for vector in vectors:
+                acc = accuracies(pipeline_predictions(stages, vector, inputs), test)
+                measured.append(acc["acc"])
+                mixed_rows.append({**label, "ratios": "/".join(f"{r:.1f}" for r in vector), **acc})
+            gammas, delta = fit_logistic(vectors, np.asarray(measured))
+            uniform = np.asarray([[r] * len(slices) for r in budget.ladder])
+            uniform_acc = np.asarray([r["acc"] for r in uniform_rows if r["model"] == name
+                                      and r["bn_tables"] == label["bn_tables"]])
+            fit_rows.append({**label, **{f"gamma_{i + 1}": float(g) for i, g in enumerate(gammas)},
+                             "delta": delta, **{f"fit_{k}": v for k, v in fit_error(vectors, np.asarray(measured),
+                                                                                    gammas, delta).items()},
+                             **{f"uniform_{k}": v for k, v in fit_error(uniform, uniform_acc, gammas,
+                                                                        delta).items()}})
+
+    targets = target_rows(cost_rows, switch_rows, uniform_rows)
+    plots = write_plots(args.plots, cost_rows, uniform_rows, mixed_rows, fit_rows, vectors)
+    return {"tables": {"Targets": targets, "Slice cost per ratio (batch 1)": cost_rows,
+                       "Switching and memory": switch_rows, "Accuracy, uniform ratio (test split)": uniform_rows,
+                       "Accuracy, mixed per-slice ratios": mixed_rows, "Logistic a(p) fit": fit_rows},
+            "plots": [str(p) for p in plots], "slices": [list(s) for s in slices],
+            "models": {k: str(v) for k, v in models.items()}, "test_frames": len(test),
+            "quick": bool(args.quick)}
+
+
+def target_rows(cost_rows, switch_rows, uniform_rows) -> list[dict[str, Any]]:
+    """The issue's targets next to what this run measured."""
+    rows = []
+    deployed = cost_rows[0]["model"] if cost_rows else None
+    mine = [r for r in cost_rows if r["model"] == deployed]
+    base = {r["slice"]: r["ms_1t"] for r in mine if r["ratio"] == 0}
+    if base:
+        slowest = max(base, key=base.get)
+        for threads in (1, 2):
+            hit = [r[f"speedup_{threads}t"] for r in mine if r["slice"] == slowest and abs(r["ratio"] - 0.3) < 1e-9]
+            if hit:
+                rows.append({"target": f"speedup of slowest slice {slowest} at p=0.3, {threads} thread(s)",
+                             "goal": f">= {TARGET_SPEEDUP}", "measured": hit[0], "met": hit[0] >= TARGET_SPEEDUP})
+    if switch_rows:
+        worst = max(r["switch_median_us"] for r in switch_rows)
+        rows.append({"target": "switch time (median, worst slice)", "goal": "<= 1000 us", "measured": worst,
+                     "met": worst <= TARGET_SWITCH_S * 1e6})
+    for ratio, goal in TARGET_RELATIVE.items():
+        for when in ("day", "night"):
+            hit = [r[f"rel_{when}"] for r in uniform_rows if r["model"] == "ours" and r["bn_tables"] == "yes"
+                   and abs(r["ratio"] - ratio) < 1e-9]
+            if hit:
+                rows.append({"target": f"ours + BN tables, relative accuracy at p={ratio}, {when}",
+                             "goal": f">= {goal:.0%}", "measured": hit[0], "met": hit[0] >= goal})
+    return rows
+
+
+def write_plots(folder: Path, cost_rows, uniform_rows, mixed_rows, fit_rows, vectors) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, when in zip(axes, ("day", "night")):
+        for (name, tables) in dict.fromkeys((r["model"], r["bn_tables"]) for r in uniform_rows):
+            rows = [r for r in uniform_rows if r["model"] == name and r["bn_tables"] == tables]
+            ax.plot([r["ratio"] for r in rows], [r[f"rel_{when}"] for r in rows], marker="o",
+                    linestyle="-" if tables == "yes" else "--", label=f"{name}, BN tables {tables}")
+        ax.axhline(0.98, color="gray", lw=0.6)
+        ax.axhline(0.95, color="gray", lw=0.6, ls=":")
+        ax.set_title(f"{when} frames")
+        ax.set_xlabel("uniform pruning ratio p")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy relative to the unpruned model")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    written.append(folder / "pruning-accuracy.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (model, slice_name) in dict.fromkeys((r["model"], r["slice"]) for r in cost_rows):
+        rows = [r for r in cost_rows if r["model"] == model and r["slice"] == slice_name]
+        for ax, threads in zip(axes, (1, 2)):
+            ax.plot([r["ratio"] for r in rows], [r[f"speedup_{threads}t"] for r in rows], marker="o",
+                    label=f"{model} slice {slice_name}")
+    for ax, threads in zip(axes, (1, 2)):
+        ax.axhline(TARGET_SPEEDUP, color="gray", lw=0.6)
+        ax.set_title(f"speed-up vs p=0, batch 1, {threads} thread(s)")
+        ax.set_xlabel("pruning ratio p")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    written.append(folder / "pruning-speedup.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    if fit_rows:
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        for fit in fit_rows:
+            rows = [r for r in mixed_rows if r["model"] == fit["model"] and r["bn_tables"] == fit["bn_tables"]]
+            gammas = [fit[k] for k in sorted(k for k in fit if k.startswith("gamma_"))]
+            predicted = logistic(np.asarray(vectors, float), *gammas, fit["delta"])
+            ax.scatter(predicted, [r["acc"] for r in rows], s=14,
+                       label=f"{fit['model']} (RMSE {fit['fit_rmse']:.3f})")
+        ax.plot([0, 1], [0, 1], color="gray", lw=0.6)
+        ax.set_xlabel("logistic a(p) prediction")
+        ax.set_ylabel("measured accuracy, mixed per-slice ratios")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(folder / "pruning-logistic-fit.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
