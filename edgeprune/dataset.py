@@ -34,7 +34,7 @@ SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 CACHE_ENV = "EDGEPRUNE_CACHE_DIR"
 # Bump when the rendering changes: the cache key includes it, so stale frames are never reused.
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class RenderConfig:
 
     size: int = INPUT_SIZE
     night_fraction: float = 0.3
-    min_scale: float = 0.45   # animal height as a fraction of the frame
-    max_scale: float = 0.85
+    min_scale: float = 0.55   # animal height as a fraction of the frame
+    max_scale: float = 0.95
     seed: int = 0
 
 
@@ -116,11 +116,18 @@ def _backgrounds() -> list[np.ndarray]:
     return photos
 
 
-def _fur(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A coat colour with low-frequency mottling, so animals are not flat stencils."""
-    base = rng.choice(np.asarray([[120, 85, 50], [160, 130, 90], [70, 60, 50], [190, 170, 140],
-                                  [100, 100, 95], [40, 35, 30], [210, 200, 185]], np.float32))
-    base = base * rng.uniform(0.8, 1.2, 3)
+DARK_COATS = np.asarray([[120, 85, 50], [70, 60, 50], [100, 100, 95], [40, 35, 30]], np.float32)
+LIGHT_COATS = np.asarray([[160, 130, 90], [190, 170, 140], [210, 200, 185], [230, 220, 200]], np.float32)
+
+
+def _fur(rng: np.random.Generator, size: int, behind: np.ndarray) -> np.ndarray:
+    """A coat colour with low-frequency mottling, darker or lighter than the ground ``behind`` it.
+
+    A labelled camera-trap frame shows its animal; a coat that matches the ground would make
+    the label unlearnable rather than realistic.
+    """
+    coats = DARK_COATS if behind.mean() > 110 else LIGHT_COATS
+    base = coats[rng.integers(len(coats))] * rng.uniform(0.85, 1.15, 3)
     blotch = np.asarray(Image.fromarray(rng.uniform(0, 255, (4, 4)).astype(np.uint8)).resize(
         (size, size), Image.Resampling.BICUBIC), np.float32) / 255.0
     return base[None, None, :] * (0.75 + 0.5 * blotch[..., None])
@@ -144,15 +151,15 @@ def render_frame(silhouette: np.ndarray, backgrounds: list[np.ndarray], rng: np.
     top = rng.integers(0, s - side + 1)
     left = rng.integers(0, s - side + 1)
     region = frame[top:top + side, left:left + side]
-    frame[top:top + side, left:left + side] = region * (1 - alpha) + _fur(rng, side) * alpha
+    frame[top:top + side, left:left + side] = region * (1 - alpha) + _fur(rng, side, region) * alpha
 
     if night:
         # Infrared flash: near subject bright, scene dark, no colour, strong sensor noise.
         gray = frame @ np.asarray([0.299, 0.587, 0.114], np.float32)
         lit = np.clip(alpha[..., 0] * 2.0, 0, 1)
-        gain = np.full((s, s), rng.uniform(0.15, 0.35), np.float32)
-        gain[top:top + side, left:left + side] += lit * rng.uniform(0.5, 0.9)
-        gray = gray * gain + rng.normal(0, rng.uniform(8, 16), (s, s))
+        gain = np.full((s, s), rng.uniform(0.15, 0.3), np.float32)
+        gain[top:top + side, left:left + side] += lit * rng.uniform(0.6, 1.0)
+        gray = gray * gain + rng.normal(0, rng.uniform(5, 10), (s, s))
         frame = gray[..., None] * np.asarray([1.0, 1.0, rng.uniform(0.9, 1.05)], np.float32)
     else:
         frame = frame + rng.normal(0, rng.uniform(2, 6), frame.shape)

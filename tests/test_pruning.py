@@ -1,0 +1,265 @@
+"""Slice pruning: real Torch-Pruning surgery must equal the masked model the training regime sees."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shared import wire
+from shared.model import TrapNetConfig, make_model, model_fingerprint, randomise_bn
+from shared.pruning import DEFAULT_LADDER, PrunableSlice, keep_masks, masked, prune_slice, pruning_groups, ratio_key
+
+SIZE = 28
+SLICES = ((0, 1), (2, 3), (4, 5))
+
+
+ARCHS = ["resnet", "vgg"]
+# Every ladder ratio on the deployed architecture; a spot check on the second one keeps the suite fast.
+LADDERS = {"resnet": DEFAULT_LADDER, "vgg": (0.0, 0.3, 0.5, 0.9)}
+
+
+@functools.cache
+def built(arch: str):
+    """A seeded tiny model, its groups, and its slices with every ladder variant built (as at start-up)."""
+    torch.manual_seed(3)
+    net = make_model(TrapNetConfig(width=16, arch=arch))
+    randomise_bn(net, 3)
+    net.eval()
+    stages = [PrunableSlice(net, a, b, ladder=LADDERS[arch], bn_tables={}, input_size=SIZE) for a, b in SLICES]
+    return net, pruning_groups(net, SIZE), stages
+
+
+@pytest.fixture(params=ARCHS)
+def model(request):
+    return built(request.param)[0]
+
+
+@pytest.fixture
+def groups(model):
+    return built(model.config.arch)[1]
+
+
+@pytest.fixture
+def slices(model):
+    return built(model.config.arch)[2]
+
+
+def block_ratios(model, slice_ratios):
+    ratios = [0.0] * model.n_blocks
+    for (first, last), r in zip(SLICES, slice_ratios):
+        ratios[first:last + 1] = [r] * (last - first + 1)
+    return ratios
+
+
+def zeroed_copy(model, groups, ratios):
+    """The full model with pruned channels' conv out-weights AND BatchNorm weight and bias set to zero."""
+    reference = copy.deepcopy(model)
+    by_name = dict(model.named_modules())
+    names = {m: n for n, m in by_name.items()}
+    ref_modules = dict(reference.named_modules())
+    for group in groups:
+        ratio = ratios[group.block]
+        if ratio == 0:
+            continue
+        pruned = ~group.keep_mask(ratio)
+        for layer in group.producers:
+            target = ref_modules[names[layer]]
+            target.weight.data[pruned] = 0
+            if isinstance(target, nn.BatchNorm2d):
+                target.bias.data[pruned] = 0
+    return reference
+
+
+def run_pipeline(slices, slice_ratios, x):
+    """Run the slices in order through the real wire format, zero-filling pruned channels at each receiver."""
+    for stage, ratio in zip(slices, slice_ratios):
+        stage.set_ratio(ratio)
+        out, keep = stage.forward(x)
+        act = wire.Activation("r", "cam", 1.0, stage.last_block + 1, out.numpy(), keep)
+        x = torch.from_numpy(wire.decode(wire.encode(act)).full_tensor().copy())
+    return x
+
+
+def inputs(n=4):
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+
+
+MIXED = {"resnet": [(0.5, 0.1, 0.9), (0.9, 0.0, 0.3), (0.2, 0.7, 0.0), (0.0, 0.4, 0.6)],
+         "vgg": [(0.5, 0.0, 0.9), (0.9, 0.3, 0.5)]}
+PIPELINE_CASES = [pytest.param(arch, ratios, id=f"{arch}-{ratios}") for arch in ARCHS
+                  for ratios in [(r, r, r) for r in LADDERS[arch]] + MIXED[arch]]
+
+
+@pytest.mark.parametrize("arch,slice_ratios", PIPELINE_CASES)
+def test_pruned_pipeline_equals_masked_full_model(arch, slice_ratios):
+    """For every ladder ratio and mixed per-slice ratios, pruned slices + zero-fill == masked model."""
+    model, groups, slices = built(arch)
+    x = inputs()
+    with torch.no_grad():
+        expected = zeroed_copy(model, groups, block_ratios(model, slice_ratios))(x)
+    got = run_pipeline(slices, slice_ratios, x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_zeroing_conv_weights_alone_is_not_enough(model, groups, slices):
+    """The check above is sharp: leaving the BatchNorm bias leaks into the pruned channels."""
+    ratios = block_ratios(model, (0.5, 0.5, 0.5))
+    leaky = copy.deepcopy(model)
+    names = {m: n for n, m in model.named_modules()}
+    mods = dict(leaky.named_modules())
+    for group in groups:
+        pruned = ~group.keep_mask(ratios[group.block])
+        for layer in group.producers:
+            if isinstance(layer, nn.Conv2d):
+                mods[names[layer]].weight.data[pruned] = 0
+    x = inputs()
+    with torch.no_grad():
+        assert (leaky(x) - run_pipeline(slices, (0.5, 0.5, 0.5), x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("slice_ratios", [(0.3, 0.3, 0.3), (0.6, 0.2, 0.8)])
+def test_training_masks_equal_zeroed_weights(model, groups, slice_ratios):
+    """The masking hooks used in training compute what the zeroed (so: the pruned) model computes."""
+    ratios = block_ratios(model, slice_ratios)
+    x = inputs()
+    with torch.no_grad(), masked(keep_masks(groups, ratios)):
+        hooked = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(hooked, zeroed_copy(model, groups, ratios)(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.9])
+def test_masks_equal_torch_pruning_surgery(model, groups, slices, ratio):
+    """Every BatchNorm Torch-Pruning keeps holds exactly the channels keep_masks predicts."""
+    masks = keep_masks(groups, [ratio] * model.n_blocks)
+    names = {m: n for n, m in model.named_modules()}
+    for (first, last), stage in zip(SLICES, slices):
+        pruned = stage.module(ratio)
+        pruned_norms = {f"blocks.{first + int(n.split('.', 1)[0])}.{n.split('.', 1)[1]}": m
+                        for n, m in pruned.named_modules() if isinstance(m, nn.BatchNorm2d)}
+        for norm, keep in masks.items():
+            name = names[norm]
+            if name in pruned_norms:
+                assert pruned_norms[name].num_features == int(keep.sum())
+                torch.testing.assert_close(pruned_norms[name].weight, norm.weight[keep], rtol=0, atol=0)
+
+
+def test_channel_sets_are_nested_across_ratios(groups):
+    for group in groups:
+        kept = [group.keep_mask(r) for r in DEFAULT_LADDER]
+        for wider, narrower in zip(kept, kept[1:]):
+            assert not (narrower & ~wider).any()
+            assert narrower.sum() < wider.sum() or narrower.sum() == 1
+
+
+def test_masks_do_not_depend_on_where_the_slice_is_cut(model):
+    """Block 1's output channels are the same whether block 1 ends a slice or sits alone."""
+    alone = prune_slice(model, 1, 1, 0.4, input_size=SIZE)
+    with_stem = prune_slice(model, 0, 1, 0.4, input_size=SIZE)
+    np.testing.assert_array_equal(alone.keep_mask, with_stem.keep_mask)
+
+
+def test_switching_and_restoring_returns_the_same_outputs(model, slices):
+    stage = slices[1]
+    x = torch.randn(2, *prune_slice(model, 0, 1, 0.0, input_size=SIZE).module(inputs(2)).shape[1:])
+    stage.set_ratio(0.0)
+    full, full_keep = stage.forward(x)
+    stage.set_ratio(0.3)
+    at_03, keep_03 = stage.forward(x)
+    assert at_03.shape[1] < full.shape[1] and keep_03 is not None and full_keep is None
+    for ratio in (0.9, 0.3):
+        assert stage.set_ratio(ratio) < 0.01
+    torch.testing.assert_close(stage.forward(x)[0], at_03, rtol=0, atol=0)
+    stage.set_ratio(0.0)
+    torch.testing.assert_close(stage.forward(x)[0], full, rtol=0, atol=0)
+
+
+def test_master_weights_are_never_pruned(model):
+    before = model_fingerprint(model)
+    PrunableSlice(model, 2, 3, ladder=(0.5, 0.9), bn_tables={}, input_size=SIZE)
+    assert model_fingerprint(model) == before
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_last_slice_returns_logits_without_mask(slices):
+    last = slices[-1]
+    last.set_ratio(0.5)
+    out, keep = last.forward(torch.randn(1, *_stage_input_shape(slices, 2)))
+    assert keep is None and out.shape == (1, 10)
+
+
+def _stage_input_shape(slices, index):
+    x = inputs(1)
+    for stage in slices[:index]:
+        stage.set_ratio(0.0)
+        x = stage.forward(x)[0]
+    return x.shape[1:]
+
+
+def test_ratio_snaps_to_the_ladder_and_rejects_nonsense(slices):
+    stage = slices[0]
+    stage.set_ratio(0.34)
+    assert stage.ratio == 0.3
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError):
+            stage.set_ratio(bad)
+
+
+def test_a_ratio_that_empties_a_layer_is_refused():
+    narrow = make_model(TrapNetConfig(width=4)).eval()
+    with pytest.raises(ValueError, match="leaves none"):
+        PrunableSlice(narrow, 0, 1, ladder=(0.9,), bn_tables={}, input_size=SIZE)
+
+
+def test_lazy_build_finishes_in_the_background_and_serves_early_switches(model):
+    stage = PrunableSlice(model, 0, 1, ladder=(0.2, 0.5, 0.8), bn_tables={}, build="lazy", input_size=SIZE)
+    stage.set_ratio(0.8)  # may run before the builder got there: built on the spot
+    assert stage.ratio == 0.8 and stage.forward(inputs(1))[1] is not None
+    assert stage.wait_built(timeout=30)
+    eager = PrunableSlice(model, 0, 1, ladder=(0.2, 0.5, 0.8), bn_tables={}, input_size=SIZE)
+    assert stage.memory_bytes() == eager.memory_bytes() > PrunableSlice(
+        model, 0, 1, ladder=(0.0,), bn_tables={}, input_size=SIZE).memory_bytes()
+
+
+def test_bn_tables_are_loaded_into_each_variant(model, groups):
+    """A variant runs with its ratio's table: equal to the masked full model carrying those statistics."""
+    ratio = 0.4
+    gen = torch.Generator().manual_seed(5)
+    table = {name: {"mean": torch.randn(m.num_features, generator=gen),
+                    "var": torch.rand(m.num_features, generator=gen) + 0.5}
+             for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    stage = PrunableSlice(model, 0, 1, ladder=(ratio,), bn_tables={ratio_key(ratio): table}, input_size=SIZE)
+    plain = PrunableSlice(model, 0, 1, ladder=(ratio,), bn_tables={}, input_size=SIZE)
+    stage.set_ratio(ratio)
+    plain.set_ratio(ratio)
+    x = inputs()
+    with_table, keep = stage.forward(x)
+    assert not torch.allclose(with_table, plain.forward(x)[0])
+
+    reference = copy.deepcopy(model)
+    for name, m in reference.named_modules():
+        if name in table:
+            m.running_mean.copy_(table[name]["mean"])
+            m.running_var.copy_(table[name]["var"])
+    ratios = [ratio, ratio] + [0.0] * (model.n_blocks - 2)
+    with torch.no_grad():
+        expected = zeroed_copy(reference, pruning_groups(reference, SIZE), ratios).run_blocks(x, 0, 1)
+    torch.testing.assert_close(with_table, expected[:, torch.from_numpy(keep)], atol=2e-5, rtol=1e-4)
+
+
+def test_tables_default_to_the_ones_the_model_was_loaded_with(model):
+    ratio = 0.5
+    loaded = copy.deepcopy(model)
+    stem_norm = loaded.get_submodule("blocks.0.1")
+    loaded.bn_tables = {ratio_key(ratio): {"blocks.0.1": {"mean": stem_norm.running_mean + 1.0,
+                                                          "var": stem_norm.running_var}}}
+    stage = PrunableSlice(loaded, 0, 1, ladder=(ratio,), input_size=SIZE)
+    keep = keep_masks(pruning_groups(loaded, SIZE), [ratio] * loaded.n_blocks)[stem_norm]
+    torch.testing.assert_close(stage.module(ratio).get_submodule("0.1").running_mean,
+                               (stem_norm.running_mean + 1.0)[keep])

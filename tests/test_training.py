@@ -1,0 +1,95 @@
+"""Training regimes, BN calibration and the checkpoint, on the raw-silhouette fixture with a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgeprune.dataset import load_raw_silhouettes
+from edgeprune.training import (accuracy, calibrate_bn_tables, regime_config, save_checkpoint, train)
+from shared.model import TrapNetConfig, build_model, model_fingerprint
+from shared.pruning import PrunableSlice, keep_masks, masked, pruning_groups, ratio_key
+
+LADDER = (0.0, 0.3, 0.5)
+
+
+@pytest.fixture(scope="module")
+def data():
+    splits = load_raw_silhouettes()
+    rng = np.random.default_rng(0)
+    return {"train": splits["train"].subset(np.sort(rng.choice(8000, 1200, replace=False))),
+            "val": splits["val"].subset(np.arange(0, 1000, 4)),
+            "test": splits["test"].subset(np.arange(0, 1000, 2))}
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    config = regime_config("ours", 3, batch_size=32, ladder=LADDER, model=TrapNetConfig(width=8),
+                           calibration_frames=256)
+    model, history = train(config, data, progress=False, log=lambda _: None)
+    return config, model, history
+
+
+def test_random_width_training_learns_above_chance_at_full_and_pruned_width(trained, data):
+    config, model, history = trained
+    assert len(history["epochs"]) == 3 and np.isfinite(history["epochs"][-1]["loss"])
+    assert accuracy(model, data["test"]) > 0.35  # chance is 0.10
+    groups = pruning_groups(model, 28)
+    with masked(keep_masks(groups, [0.3] * model.n_blocks)):
+        assert accuracy(model, data["test"]) > 0.25
+
+
+def test_calibration_reads_each_ratios_statistics_and_restores_the_model(trained, data):
+    _, model, _ = trained
+    before = model_fingerprint(model)
+    frames = data["train"].subset(np.arange(256))
+    tables = calibrate_bn_tables(model, frames, LADDER)
+    assert model_fingerprint(model) == before and not model.training
+    assert sorted(tables) == [ratio_key(0.3), ratio_key(0.5)]
+    # The stem sees unpruned input, so its table is the plain mean of its conv output at every ratio.
+    from edgeprune.training import batches
+    with torch.no_grad():
+        stem_conv = torch.cat([model.blocks[0][0](x) for x, _ in batches(frames, 256, None, False)])
+    torch.testing.assert_close(tables["0.30"]["blocks.0.1"]["mean"], stem_conv.mean((0, 2, 3)), atol=1e-4, rtol=1e-3)
+    # Deeper layers see pruned inputs, so their statistics move with the ratio.
+    deep = "blocks.4.0.bn1"
+    assert not torch.allclose(tables["0.30"][deep]["mean"], tables["0.50"][deep]["mean"])
+    assert not torch.allclose(tables["0.30"][deep]["mean"], model.get_submodule(deep).running_mean)
+
+
+def test_checkpoint_round_trip_carries_the_bn_tables_to_the_node(trained, data, tmp_path):
+    config, model, _ = trained
+    tables = calibrate_bn_tables(model, data["train"].subset(np.arange(128)), LADDER)
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, model, config, tables, {"regime": "ours"})
+    loaded = build_model(path)
+    assert model_fingerprint(loaded) == model_fingerprint(model)
+    assert loaded.config == model.config and sorted(loaded.bn_tables) == sorted(tables)
+    stage = PrunableSlice(loaded, 0, 2, ladder=LADDER, input_size=28)  # tables come from the checkpoint
+    norm = stage.module(0.5).get_submodule("2.0.bn1")
+    keep = keep_masks(pruning_groups(loaded, 28), [0.5] * loaded.n_blocks)[loaded.get_submodule("blocks.2.0.bn1")]
+    torch.testing.assert_close(norm.running_mean, tables["0.50"]["blocks.2.0.bn1"]["mean"][keep])
+
+
+def test_paper_regime_is_small_batch_strong_l2_more_epochs():
+    standard, paper = regime_config("standard", 8), regime_config("paper", 8)
+    assert paper.batch_size < standard.batch_size
+    assert paper.weight_decay >= 10 * standard.weight_decay
+    assert paper.epochs > standard.epochs
+    with pytest.raises(ValueError):
+        regime_config("magic", 8)
+
+
+def test_standard_training_never_masks(data, monkeypatch):
+    import edgeprune.training as training
+
+    def fail(*_args, **_kwargs):
+        raise AssertionError("standard regime ran a masked pass")
+
+    monkeypatch.setattr(training, "masked_loss", fail)
+    small = {k: v.subset(np.arange(64)) for k, v in data.items()}
+    model, _ = train(regime_config("standard", 1, model=TrapNetConfig(width=8)), small, progress=False,
+                     log=lambda _: None)
+    assert isinstance(model.blocks[0][1], nn.BatchNorm2d)
