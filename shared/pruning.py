@@ -196,19 +196,18 @@ def prune_slice(model: BlockNet, first_block: int, last_block: int, ratio: float
     The slice's input channels have no producer inside it, so they are never pruned.
     """
     sliced = copy.deepcopy(model.slice(first_block, last_block)).eval()
-    for norm in sliced.modules():
+    copies = dict(sliced.named_modules())  # same names as in model.slice(...): "<block offset>.<path>"
+    for name, norm in copies.items():
         if isinstance(norm, nn.BatchNorm2d):
-            kept_channels(norm.num_features, ratio)
-    full_names = {name: f"blocks.{first_block + int(name.split('.', 1)[0])}.{name.split('.', 1)[1]}"
-                  for name, m in sliced.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    for name, norm in sliced.named_modules():
-        stats = (bn_table or {}).get(full_names.get(name, ""))
-        if stats is not None:
-            norm.running_mean.copy_(stats["mean"])
-            norm.running_var.copy_(stats["var"])
+            kept_channels(norm.num_features, ratio)  # refuse a ratio that would empty a layer
+            offset, path = name.split(".", 1)
+            stats = (bn_table or {}).get(f"blocks.{first_block + int(offset)}.{path}")
+            if stats is not None:
+                norm.running_mean.copy_(stats["mean"])
+                norm.running_var.copy_(stats["var"])
     output_norm = model.output_norm(last_block)
-    output_name = next((n for n, m in model.slice(first_block, last_block).named_modules() if m is output_norm), None)
-    output_copy = dict(sliced.named_modules()).get(output_name) if output_name else None
+    output_copy = next((copies[name] for name, m in model.slice(first_block, last_block).named_modules()
+                        if m is output_norm), None)
     full_out = output_norm.num_features if output_norm is not None else 0
 
     # Torch-Pruning silently prunes nothing without autograd or with frozen parameters.
