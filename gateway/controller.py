@@ -12,54 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from gateway.curves import AccuracyFit, AccuracyModel, SliceLatencyFit
-from gateway.policy import POLICIES, Decision, PolicyName, Problem, evaluate
+from gateway.curves import AccuracyFit, SliceLatencyFit
+from gateway.policy import POLICIES, Decision, Problem, evaluate
+from shared.settings import ControllerSettings
 
 _TOLERANCE = 1e-9
-
-
-class ControllerConfig(BaseModel):
-    """Trigger, restore and policy settings; times in seconds, fractions in [0, 1]."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    policy: PolicyName = Field("bottleneck", description="Ratio-choosing rule: 'bottleneck' (ours) or 'paper'.")
-    ladder: tuple[float, ...] = Field(tuple(round(0.1 * k, 1) for k in range(10)),
-                                      description="Ratios the nodes have variants for, ascending from 0, each < 1.")
-    max_ratio: float = Field(0.9, ge=0, lt=1, description="Highest ratio a policy may choose (p_max).")
-    accuracy_floor_relative: float = Field(
-        0.9, gt=0, le=1, description="A_min as a fraction of the predicted unpruned accuracy.")
-    accuracy_model: AccuracyModel = Field(
-        "logistic", description="Accuracy predictor: the fitted 'logistic' or the 'measured' table lookup.")
-    budget_fraction: float = Field(
-        0.8, gt=0, le=1, description="Stage budget = this × SLO / stages; the rest of the SLO is for transport "
-                                     "and queueing.")
-    trigger_margin_s: float = Field(0.05, ge=0, description="LAT_trigger = SLO + this.")
-    trigger_window_s: float = Field(10.0, gt=0, description="Sliding window the violation fraction is taken over.")
-    trigger_fraction: float = Field(0.5, gt=0, le=1,
-                                    description="Fraction of requests over LAT_trigger in the window that fires.")
-    trigger_min_span_s: float = Field(
-        5.0, ge=0, description="Violating requests must span at least this long: a burst shorter never fires.")
-    min_samples: int = Field(5, ge=1, description="Fewest requests in a window to judge it (trigger or restore).")
-    cooldown_s: float = Field(15.0, ge=0, description="LAT_cooldown: no new action this long after one.")
-    restore_window_s: float = Field(20.0, gt=0, description="Headroom must hold this long before each restore step.")
-    restore_latency_fraction: float = Field(0.7, gt=0, lt=1, description="Headroom: latency ≤ this × SLO.")
-    restore_fraction: float = Field(0.95, gt=0, le=1,
-                                    description="Fraction of requests in the restore window that must have headroom.")
-    slowdown_gone: float = Field(1.25, ge=1, description="A node's slowdown at or below this counts as gone.")
-    slowdown_smoothing: float = Field(0.7, gt=0, le=1,
-                                      description="EWMA weight of the newest slowdown sample (1 = no smoothing).")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ControllerConfig:
-        ladder = self.ladder
-        if not ladder or ladder[0] != 0.0 or any(b <= a for a, b in zip(ladder, ladder[1:])) or ladder[-1] >= 1:
-            raise ValueError("ladder must start at 0, increase, and stay below 1")
-        if self.trigger_min_span_s > self.trigger_window_s:
-            raise ValueError("trigger_min_span_s must not exceed trigger_window_s")
-        return self
 
 
 @dataclass(frozen=True)
@@ -117,7 +74,7 @@ class PruningController:
     """Sustained-violation trigger, cooldown, slowdown estimation, step-wise restore, manual holds."""
 
     def __init__(self, nodes: Sequence[str], latency: Mapping[str, SliceLatencyFit], accuracy: AccuracyFit,
-                 slo_s: float, config: ControllerConfig | None = None,
+                 slo_s: float, config: ControllerSettings | None = None,
                  initial_ratios: Mapping[str, float] | None = None):
         if not nodes or len(set(nodes)) != len(nodes):
             raise ValueError("nodes must be a non-empty list of distinct ids in stage order")
@@ -125,7 +82,7 @@ class PruningController:
             raise ValueError("every node needs a latency fit, and the accuracy fit one gain per node")
         if slo_s <= 0:
             raise ValueError("slo_s must be positive")
-        self.config = config or ControllerConfig()
+        self.config = config or ControllerSettings()
         self.nodes = tuple(nodes)
         self.slo_s = slo_s
         self._fits = {node: latency[node] for node in nodes}

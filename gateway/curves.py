@@ -236,3 +236,21 @@ def fit_accuracy(vectors: Sequence[Sequence[float]], accuracies: Sequence[float]
                        chance=chance, r2=r2, rmse=rmse,
                        vectors=tuple(tuple(float(p) for p in row) for row in ratios),
                        accuracies=tuple(float(a) for a in measured))
+
+
+def accuracy_for_slices(block_fit: AccuracyFit, slices: Sequence[tuple[int, int]]) -> AccuracyFit:
+    """The accuracy model of one placement, from a model calibrated once per *block*.
+
+    Pruning masks depend on a block's weights and ratio alone (shared/pruning.py), so one offline
+    calibration with a ratio per block serves every placement: a slice pruned at p prunes each of its
+    blocks at p, hence its gain is the sum of its blocks' gains. A measured block vector is carried over
+    as the slice vector of its least-pruned block per slice: that vector prunes no more than the one
+    measured, so its recorded accuracy stays a lower bound and ``lookup`` stays safe.
+    """
+    covered = [b for first, last in slices for b in range(first, last + 1)]
+    if covered != list(range(block_fit.n_stages)):
+        raise ValueError(f"slices {list(slices)} do not cover the {block_fit.n_stages} calibrated blocks in order")
+    gains = tuple(float(sum(block_fit.gains[first:last + 1])) for first, last in slices)
+    vectors = tuple(tuple(float(min(v[first:last + 1])) for first, last in slices) for v in block_fit.vectors)
+    return AccuracyFit(gains=gains, offset=block_fit.offset, top=block_fit.top, chance=block_fit.chance,
+                       r2=block_fit.r2, rmse=block_fit.rmse, vectors=vectors, accuracies=block_fit.accuracies)

@@ -10,14 +10,24 @@ import logging
 import threading
 import time
 
+from gateway.control_loop import ControlLoop, load_block_accuracy
 from gateway.live_placement import LivePlacement, PlacementRules
 from gateway.slo import SloWindows
 from gateway.store import Store
 from shared.bus import Bus
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import NodeProfile
-from shared.schemas import BadMessage, ErrorRecord, NodeStats, Result, parse_json, to_json
-from shared.settings import GatewaySettings, MqttSettings
+from shared.schemas import (
+    BadMessage,
+    ErrorRecord,
+    NodeStats,
+    PruneDesired,
+    Result,
+    SliceCalibration,
+    parse_json,
+    to_json,
+)
+from shared.settings import ControllerSettings, GatewaySettings, MqttSettings
 from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILITY_STOPPED, Topics
 
 log = logging.getLogger(__name__)
@@ -39,7 +49,8 @@ def result_row(result: Result, finish_ts: float) -> dict:
 
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings, mqtt_settings: MqttSettings):
+    def __init__(self, settings: GatewaySettings, mqtt_settings: MqttSettings,
+                 controller_settings: ControllerSettings | None = None):
         self.settings = settings
         self.topics = Topics(mqtt_settings.topic_root)
         self.bus = Bus(mqtt_settings, settings.gateway_id, self.topics.component_status(settings.gateway_id))
@@ -48,7 +59,10 @@ class Gateway:
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
         self.fingerprint = model_fingerprint(build_model())
         self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time())
-        self._placement_lock = threading.Lock()
+        self.control = ControlLoop(controller_settings or ControllerSettings(), settings.slo_s,
+                                   load_block_accuracy(settings.accuracy_model, self.fingerprint),
+                                   follow_up_s=settings.window_s)
+        self._placement_lock = threading.Lock()  # guards live placement and the control loop
         self.results_seen = 0
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="gateway-tick", daemon=True)
@@ -59,6 +73,8 @@ class Gateway:
         self.bus.subscribe(self.topics.node_stats_filter, self._on_stats, qos=0)
         self.bus.subscribe(self.topics.errors_filter, self._on_error, qos=1)
         self.bus.subscribe(self.topics.node_profile_filter, self._on_profile, qos=1)
+        self.bus.subscribe(self.topics.node_calibration_filter, self._on_calibration, qos=1)
+        self.bus.subscribe(self.topics.node_prune_desired_filter, self._on_own_desired, qos=1)
         self.bus.on_connected = self.publish_placement
         for offer_json in self.store.stored_offers(self.fingerprint):
             self.live.set_offer(NodeProfile.model_validate_json(offer_json))
@@ -90,6 +106,8 @@ class Gateway:
         row = result_row(result, finish_ts)
         self.store.add_request(row)
         self.slo.add(finish_ts, row["e2e_s"])
+        with self._placement_lock:
+            self.control.observe_latency(finish_ts, row["e2e_s"])
         self.results_seen += 1
 
     def _on_status(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
@@ -118,7 +136,31 @@ class Gateway:
 
     def _on_stats(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         stats = parse_json(NodeStats, payload)
+        with self._placement_lock:
+            self.control.observe_stats(stats)
         self.store.update_node({**stats.model_dump(exclude={"ts"}), "last_seen": stats.ts})
+
+    def _on_calibration(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        if not payload:
+            return
+        calibration = parse_json(SliceCalibration, payload)
+        try:
+            with self._placement_lock:
+                row = self.control.add_calibration(calibration)
+        except ValueError as exc:  # a curve that cannot be fitted (e.g. latencies that are all noise)
+            measured = ", ".join(f"{r:g}:{t * 1e3:.2f}" for r, t in zip(calibration.ratios, calibration.latency_s))
+            raise BadMessage("bad_calibration", f"calibration of {calibration.node_id} (ratio:ms {measured}): "
+                             f"{exc}") from None
+        if row is not None:
+            self.store.add_calibration(row)
+
+    def _on_own_desired(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        """Our retained desired states come back after a restart: continue their seq numbers."""
+        node_id = self.topics.node_id_from_topic(topic)
+        if payload and node_id:
+            desired = parse_json(PruneDesired, payload)
+            with self._placement_lock:
+                self.control.recover_desired(node_id, desired)
 
     def _on_error(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         self.store.add_error(parse_json(ErrorRecord, payload).model_dump())
@@ -131,10 +173,19 @@ class Gateway:
     def tick(self, now: float) -> None:
         with self._placement_lock:
             placement = self.live.tick(now)
+            if placement is not None:
+                self.control.set_placement(placement)
+            effects = self.control.tick(now)
+            status = self.control.status()
         if placement is not None:
             self.publish_placement()
             self.store.add_placement({**placement.model_dump(exclude={"stages"}),
                                       "stages": [s.model_dump() for s in placement.stages]})
+        for node_id, desired in effects.publish.items():
+            self.bus.publish(self.topics.node_prune_desired(node_id), to_json(desired), qos=1, retain=True)
+        for row in effects.events:
+            self.store.add_prune_event(row)
+        self.store.set_controller_status(now, status)
         for window in self.slo.close_due(now):
             self.store.add_window(window.row())
         self.store.flush()

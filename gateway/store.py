@@ -45,6 +45,18 @@ SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
         "node_id": str, "model_fingerprint": str, "ts": float, "memory_mb": float, "uplink_mbit_s": float,
         "profile": str,
     }, {"pk": ("node_id", "model_fingerprint")}),
+    "calibrations": ({
+        "node_id": str, "measured_at": float, "placement_version": int, "first_block": int, "last_block": int,
+        "fit": str, "best": str, "r2_linear": float, "r2_quadratic": float,
+    }, {"pk": ("node_id", "measured_at")}),
+    "prune_events": ({
+        "ts": float, "kind": str, "policy": str, "source": str, "reason": str, "ratios": str, "changed": str,
+        "predicted_stage_s": str, "predicted_bottleneck_s": float, "predicted_accuracy": float, "budget_s": float,
+        "infeasible": int, "metrics": str, "observed_count": int, "observed_p50_s": float, "observed_p95_s": float,
+    }, {"pk": ("ts", "kind")}),
+    "controller": ({
+        "id": int, "ts": float, "status": str,
+    }, {"pk": "id"}),
     "placements": ({
         "version": int, "issued_at": float, "model": str, "n_blocks": int, "stages": str,
         "bottleneck_s": float,
@@ -101,6 +113,16 @@ class Store:
         """Profiles nodes offered before (for this model), so a restarted gateway can plan at once."""
         return [r["profile"] for r in self.db["profiles"].rows_where("model_fingerprint = ?", [fingerprint])]
 
+    def add_calibration(self, row: dict) -> None:
+        self._buffer("calibrations", row)
+
+    def add_prune_event(self, row: dict) -> None:
+        """A new event, or a follow-up (same ``ts`` and ``kind``) adding the latency observed after it."""
+        self._buffer("prune_events", row)
+
+    def set_controller_status(self, ts: float, status: dict) -> None:
+        self._buffer("controller", {"id": 1, "ts": ts, "status": _json(status)})
+
     def add_placement(self, row: dict) -> None:
         self._buffer("placements", dict(row, stages=_json(row["stages"])))
 
@@ -117,7 +139,8 @@ class Store:
             for table, rows in pending.items():
                 if not rows:
                     continue
-                if table in ("nodes", "profiles"):  # latest state wins, partial updates merge
+                if table in ("nodes", "profiles", "prune_events", "controller", "calibrations"):
+                    # latest state wins; partial updates (a node's stats, an event's follow-up) merge
                     for row in rows:
                         self.db[table].upsert(row, pk=SCHEMA[table][1]["pk"])
                 elif table in ("requests", "placements", "windows", "runs"):
@@ -177,6 +200,17 @@ class Reader:
         if not rows:
             return None
         return dict(rows[0], stages=json.loads(rows[0]["stages"]))
+
+    def prune_events(self, limit: int = 20) -> list[dict]:
+        rows = self._rows("SELECT * FROM prune_events ORDER BY ts DESC LIMIT ?", (limit,))
+        for row in rows:
+            for key in ("ratios", "changed", "predicted_stage_s", "metrics"):
+                row[key] = json.loads(row[key]) if row.get(key) else None
+        return rows
+
+    def controller_status(self) -> dict | None:
+        rows = self._rows("SELECT status FROM controller WHERE id = 1")
+        return json.loads(rows[0]["status"]) if rows else None
 
     def current_run(self) -> dict | None:
         rows = self._rows("SELECT * FROM runs ORDER BY started_ts DESC LIMIT 1")

@@ -46,18 +46,23 @@ def block_input_shape(model: BlockNet, block: int) -> tuple[int, ...]:
         return tuple(model.run_blocks(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), 0, block - 1).shape)
 
 
-def measure_ratio_latency(prunable: PrunableSlice, input_shape: tuple[int, ...], repeats: int = 7,
-                          warmup: int = 2) -> list[float]:
-    """Median latency of the slice at every ladder ratio, on this device: the controller's latency curve."""
+def measure_ratio_latency(prunable: PrunableSlice, input_shape: tuple[int, ...], repeats: int = 5,
+                          gap_s: float = 0.05) -> list[float]:
+    """Median latency of the slice at every ladder ratio, on this device: the controller's latency curve.
+
+    Each timed run follows a pause of ``gap_s``, as live requests do: a hot loop measures caches and
+    clocks that a request arriving after a pause does not find (here +0.5 ms a call, which on a small
+    pruned slice would read as a fivefold slowdown and keep the controller from ever restoring it).
+    """
     x = torch.zeros(input_shape)
     medians = []
     with torch.inference_mode():
         for ratio in prunable.ladder:
             module = prunable.module(ratio)
-            for _ in range(warmup):
-                module(x)
+            module(x)  # first call allocates
             times = []
             for _ in range(repeats):
+                time.sleep(gap_s)
                 t0 = time.perf_counter()
                 module(x)
                 times.append(time.perf_counter() - t0)

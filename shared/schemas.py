@@ -208,7 +208,7 @@ class SlowdownCommand(_Strict):
     """Emulate a slower device (tests, benchmarks, demos): stretch every compute by ``factor``."""
 
     cmd: Literal["slowdown"]
-    factor: float = Field(ge=1.0, le=100.0)
+    factor: float = Field(ge=1.0, le=1000.0)
 
 
 class NodeCommand(RootModel[Annotated[SlowdownCommand, Field(discriminator="cmd")]]):

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -95,7 +95,7 @@ class NodeSettings(_Section):
     memory_mb: float = Field(0.0, ge=0, description="Memory a slice may use, MB; 0 = half of this device's RAM.")
     uplink_mbit_s: float = Field(1000.0, gt=0, description="Bandwidth to the next stage, for placement.")
     profile_repeats: int = Field(10, ge=1, le=1000, description="Timed runs per block when profiling at start.")
-    emulated_slowdown: float = Field(1.0, ge=1.0, le=100.0,
+    emulated_slowdown: float = Field(1.0, ge=1.0, le=1000.0,
                                      description="Emulate a slower device from the start (profile included).")
 
     _check_id = field_validator("node_id")(lambda v: validate_id("node", v))
@@ -118,6 +118,8 @@ class GatewaySettings(_Section):
                                  description="A (re)joining node must stay online this long before it is used.")
     replan_min_gain: float = Field(0.1, ge=0, lt=1,
                                    description="Re-place for a joining node only if the bottleneck improves by this fraction.")
+    accuracy_model: Path | None = Field(None, description="Per-block accuracy calibration (JSON from `edgeprune "
+                                        "calibrate`); default: the one shipped beside the checkpoint.")
 
     _split_nodes = field_validator("nodes", mode="before")(_ids)
 
@@ -156,8 +158,54 @@ class WebSettings(_Section):
     recent_s: float = Field(300.0, gt=0, le=86400, description="How far back the latency chart looks, seconds.")
 
 
+class ControllerSettings(_Section):
+    """The pruning controller (gateway/controller.py): trigger, restore and policy; times in seconds."""
+
+    section: ClassVar[str] = "controller"
+    model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_CONTROLLER_", extra="forbid", frozen=True)
+
+    policy: Literal["bottleneck", "paper"] = Field("bottleneck", description="Ratio-choosing rule: 'bottleneck' (ours) or 'paper'.")
+    ladder: Annotated[tuple[float, ...], NoDecode] = Field(tuple(round(0.1 * k, 1) for k in range(10)),
+                                      description="Ratios the nodes have variants for, ascending from 0, each < 1.")
+    max_ratio: float = Field(0.9, ge=0, lt=1, description="Highest ratio a policy may choose (p_max).")
+    accuracy_floor_relative: float = Field(
+        0.9, gt=0, le=1, description="A_min as a fraction of the predicted unpruned accuracy.")
+    accuracy_model: Literal["logistic", "measured"] = Field(
+        "logistic", description="Accuracy predictor: the fitted 'logistic' or the 'measured' table lookup.")
+    budget_fraction: float = Field(
+        0.8, gt=0, le=1, description="Stage budget = this × SLO / stages; the rest of the SLO is for transport "
+                                     "and queueing.")
+    trigger_margin_s: float = Field(0.05, ge=0, description="LAT_trigger = SLO + this.")
+    trigger_window_s: float = Field(10.0, gt=0, description="Sliding window the violation fraction is taken over.")
+    trigger_fraction: float = Field(0.5, gt=0, le=1,
+                                    description="Fraction of requests over LAT_trigger in the window that fires.")
+    trigger_min_span_s: float = Field(
+        5.0, ge=0, description="Violating requests must span at least this long: a burst shorter never fires.")
+    min_samples: int = Field(5, ge=1, description="Fewest requests in a window to judge it (trigger or restore).")
+    cooldown_s: float = Field(15.0, ge=0, description="LAT_cooldown: no new action this long after one.")
+    restore_window_s: float = Field(20.0, gt=0, description="Headroom must hold this long before each restore step.")
+    restore_latency_fraction: float = Field(0.7, gt=0, lt=1, description="Headroom: latency ≤ this × SLO.")
+    restore_fraction: float = Field(0.95, gt=0, le=1,
+                                    description="Fraction of requests in the restore window that must have headroom.")
+    slowdown_gone: float = Field(1.25, ge=1, description="A node's slowdown at or below this counts as gone.")
+    slowdown_smoothing: float = Field(0.7, gt=0, le=1,
+                                      description="EWMA weight of the newest slowdown sample (1 = no smoothing).")
+
+    _split_ladder = field_validator("ladder", mode="before")(
+        lambda v: [float(x) for x in v.split(",")] if isinstance(v, str) else v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ControllerSettings:
+        ladder = self.ladder
+        if not ladder or ladder[0] != 0.0 or any(b <= a for a, b in zip(ladder, ladder[1:])) or ladder[-1] >= 1:
+            raise ValueError("ladder must start at 0, increase, and stay below 1")
+        if self.trigger_min_span_s > self.trigger_window_s:
+            raise ValueError("trigger_min_span_s must not exceed trigger_window_s")
+        return self
+
+
 ALL_SECTIONS: tuple[type[_Section], ...] = (
-    MqttSettings, BrokerSettings, NodeSettings, GatewaySettings, CameraSettings, WebSettings)
+    MqttSettings, BrokerSettings, NodeSettings, GatewaySettings, ControllerSettings, CameraSettings, WebSettings)
 
 S = TypeVar("S", bound=_Section)
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from gateway.controller import ControllerConfig, Held, Infeasible, PruningController, SetRatios
+from gateway.controller import Held, Infeasible, PruningController, SetRatios
 from gateway.curves import fit_accuracy, fit_latency
+from shared.settings import ControllerSettings
 
 NODES = ("node-1", "node-2")
 LADDER = tuple(round(0.1 * k, 1) for k in range(10))
@@ -35,7 +36,7 @@ class Loop:
     ratios at once and report stats every 2 s; the gateway ticks every second.
     """
 
-    def __init__(self, config: ControllerConfig | None = None, rate_hz: float = 5.0, overhead_s: float = 0.05,
+    def __init__(self, config: ControllerSettings | None = None, rate_hz: float = 5.0, overhead_s: float = 0.05,
                  initial_ratios: dict[str, float] | None = None):
         self.controller = PruningController(NODES, FITS, ACCURACY, SLO_S, config, initial_ratios)
         self.slowdown = {node: 1.0 for node in NODES}
@@ -163,7 +164,7 @@ def test_no_action_on_a_borderline_stream():
 def test_restore_stops_where_the_next_step_would_break_the_budget():
     # node-2 recovers only to 1.2× (counts as gone): 1.2 × t(0.1) = 0.12 s, so all the way to 0 is
     # fine with the default budget, but not with a tight one.
-    config = ControllerConfig(budget_fraction=0.5)  # stage budget 0.125 s; 1.2 × t(0) = 0.144 s
+    config = ControllerSettings(budget_fraction=0.5)  # stage budget 0.125 s; 1.2 × t(0) = 0.144 s
     loop = Loop(config=config)
     loop.controller.set_manual(0.0, "node-2", 0.5)
     loop.controller.release_manual(0.0, "node-2")
@@ -200,13 +201,13 @@ def test_restore_needs_a_whole_watched_window_and_a_node_heard_from():
 
     assert run(node_reports=False) == []
     (first, action), *_ = run(node_reports=True)
-    assert first == 1 + ControllerConfig().restore_window_s  # watching starts at the first tick, at 1 s
+    assert first == 1 + ControllerSettings().restore_window_s  # watching starts at the first tick, at 1 s
     assert action.ratios == {"node-2": 0.3}
 
 
 def test_requests_completed_before_an_action_do_not_count_after_it():
     # With a cooldown shorter than the window, the pre-action violations must not fire again.
-    loop = Loop(config=ControllerConfig(cooldown_s=2.0))
+    loop = Loop(config=ControllerSettings(cooldown_s=2.0))
     loop.slowdown["node-2"] = 4.0
     loop.run_until(60)
     assert len(loop.actions) == 1
@@ -240,7 +241,7 @@ def test_violation_the_curves_do_not_explain_is_held_not_pruned():
 @pytest.mark.parametrize("policy,expected", [("bottleneck", {"node-2": 0.4}),
                                              ("paper", {"node-2": 0.9})])
 def test_both_policies_are_selectable_by_config(policy, expected):
-    loop = Loop(config=ControllerConfig(policy=policy))
+    loop = Loop(config=ControllerSettings(policy=policy))
     loop.slowdown["node-2"] = 4.0
     loop.run_until(60)
     (_, action), = loop.of(SetRatios)
@@ -296,11 +297,11 @@ def test_slowdown_is_compute_over_calibrated_at_the_applied_ratio():
 
 def test_config_rejects_inconsistent_settings():
     with pytest.raises(ValueError, match="ladder"):
-        ControllerConfig(ladder=(0.1, 0.5))
+        ControllerSettings(ladder=(0.1, 0.5))
     with pytest.raises(ValueError, match="ladder"):
-        ControllerConfig(ladder=(0.0, 0.5, 1.0))
+        ControllerSettings(ladder=(0.0, 0.5, 1.0))
     with pytest.raises(ValueError, match="span"):
-        ControllerConfig(trigger_window_s=4.0, trigger_min_span_s=5.0)
+        ControllerSettings(trigger_window_s=4.0, trigger_min_span_s=5.0)
 
 
 def test_controller_rejects_pipelines_it_cannot_model():

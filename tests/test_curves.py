@@ -127,3 +127,18 @@ def test_accuracy_fit_round_trips_through_json():
     again = AccuracyFit.from_dict(json.loads(json.dumps(fit.to_dict())))
     assert again == fit
     assert again.lookup((0.3, 0.3)) == fit.lookup((0.3, 0.3))
+
+
+def test_block_calibration_serves_any_placement():
+    from gateway.curves import AccuracyFit, accuracy_for_slices
+
+    block_fit = AccuracyFit(gains=(-1.0, -2.0, -3.0, 0.0), offset=-4.0, top=0.9, chance=0.1, r2=0.99, rmse=0.01,
+                            vectors=((0.0, 0.0, 0.0, 0.0), (0.2, 0.5, 0.5, 0.5)), accuracies=(0.9, 0.6))
+    two = accuracy_for_slices(block_fit, [(0, 1), (2, 3)])
+    assert two.gains == (-3.0, -3.0)
+    for p, q in [(0.0, 0.0), (0.3, 0.1), (0.5, 0.5)]:  # a slice at p prunes each of its blocks at p
+        assert two.logistic((p, q)) == pytest.approx(block_fit.logistic((p, p, q, q)))
+    assert two.vectors[1] == (0.2, 0.5)  # least-pruned block of each slice: still a lower bound
+    assert two.lookup((0.2, 0.5)) == 0.6 and two.lookup((0.3, 0.5)) == block_fit.chance
+    with pytest.raises(ValueError, match="cover"):
+        accuracy_for_slices(block_fit, [(0, 1), (3, 3)])

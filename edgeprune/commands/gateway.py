@@ -18,10 +18,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from gateway.service import Gateway
-    from shared.settings import GatewaySettings, MqttSettings, load
+    from shared.settings import ControllerSettings, GatewaySettings, MqttSettings, load
 
     settings = load(GatewaySettings, args.config, db_path=args.db_path, nodes=args.nodes, slo_s=args.slo_s)
-    gateway = Gateway(settings, load(MqttSettings, args.config))
+    gateway = Gateway(settings, load(MqttSettings, args.config), load(ControllerSettings, args.config))
     gateway.start()
     run_until_signal()
     gateway.stop()

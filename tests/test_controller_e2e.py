@@ -1,0 +1,91 @@
+"""The whole control loop through a real broker: a node slows down, it is pruned, it recovers, it is restored."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.conftest import Processes, Recorder, component_env, open_reader, wait_until
+
+pytestmark = pytest.mark.integration
+SLO_S = 0.250
+SLOWDOWN = 150.0
+
+
+def write_accuracy_model(path, n_blocks: int = 6) -> None:
+    """A known per-block accuracy model (the real one comes from `edgeprune calibrate`)."""
+    gains = [-1.0] * n_blocks
+    vectors = [[0.0] * n_blocks, [0.5] * n_blocks, [0.9] * n_blocks]
+    fit = {"gains": gains, "offset": -6.0, "top": 0.95, "chance": 0.1, "r2": 1.0, "rmse": 0.0,
+           "vectors": vectors, "accuracies": [0.948, 0.9, 0.6]}
+    path.write_text(json.dumps({"model": "trapnet", "model_fingerprint": None, "fit": fit}))
+
+
+def command(port: int, node: str, payload: dict) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.publish(f"edgeprune/node/{node}/cmd", json.dumps(payload), qos=1).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+
+
+def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
+    db = tmp_path / "edgeprune.db"
+    accuracy = tmp_path / "accuracy.json"
+    write_accuracy_model(accuracy)
+    env = component_env(
+        broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db), EDGEPRUNE_GATEWAY_NODES="node-1,node-2",
+        EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_GATEWAY_SLO_S=str(SLO_S),
+        EDGEPRUNE_GATEWAY_WINDOW_S="2", EDGEPRUNE_GATEWAY_ACCURACY_MODEL=str(accuracy),
+        EDGEPRUNE_NODE_UPLINK_MBIT_S="100000", EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5",
+        EDGEPRUNE_CONTROLLER_TRIGGER_MARGIN_S="0.005", EDGEPRUNE_CONTROLLER_TRIGGER_WINDOW_S="4",
+        EDGEPRUNE_CONTROLLER_TRIGGER_MIN_SPAN_S="2", EDGEPRUNE_CONTROLLER_COOLDOWN_S="3",
+        EDGEPRUNE_CONTROLLER_RESTORE_WINDOW_S="3")
+    procs = Processes(tmp_path, env)
+    recorder = Recorder(broker, "edgeprune/node/+/prune/state")
+    try:
+        procs.start("gateway", "gateway")
+        procs.start("node-1", "node", "--node-id", "node-1")
+        procs.start("node-2", "node", "--node-id", "node-2")
+        reader = open_reader(db)
+        wait_until(lambda: (reader.controller_status() or {}).get("enabled"), 90,
+                   "the controller never started (placement + calibrations + accuracy model)")
+        slowed, other = [s["node_id"] for s in reader.placement()["stages"]]
+        procs.start("camera", "camera", "--camera-id", "cam-c", "--rate", "5", "--arrival", "fixed")
+
+        def recent_p50(after: float) -> float:
+            lat = [r["e2e_s"] for r in reader.recent_requests(after)]
+            return float(np.median(lat)) if len(lat) >= 10 else float("inf")
+
+        wait_until(lambda: recent_p50(0) < SLO_S, 30, "the unslowed pipeline does not meet the SLO")
+        assert reader.prune_events() == []  # nothing fires while the SLO is met
+
+        command(broker.port, slowed, {"cmd": "slowdown", "factor": SLOWDOWN})
+        wait_until(lambda: any(e["kind"] == "set" and e["changed"].get(slowed, 0) > 0 for e in reader.prune_events()),
+                   40, f"no pruning of the slowed node {slowed}")
+        event = next(e for e in reader.prune_events() if e["kind"] == "set")
+        assert event["ratios"][other] == 0.0, "the node that was not slowed must not be pruned"
+        assert event["predicted_accuracy"] >= (reader.controller_status()["accuracy_floor"] or 0)
+        wait_until(lambda: any(p == slowed and s["ratio"] > 0 for p, s in applied_states(recorder)), 10,
+                   "the node did not apply the ratio")
+        wait_until(lambda: recent_p50(event["ts"] + 2) < SLO_S, 30, "latency did not return under the SLO")
+
+        command(broker.port, slowed, {"cmd": "slowdown", "factor": 1.0})
+        wait_until(lambda: all(r == 0.0 for r in reader.controller_status()["ratios"].values()), 90,
+                   "ratios did not return to 0 after the slowdown was removed")
+        wait_until(lambda: [s["ratio"] for p, s in applied_states(recorder) if p == slowed][-1] == 0.0, 10,
+                   "the node did not restore its full slice")
+        kinds = [e["policy"] for e in reader.prune_events()]
+        assert "restore" in kinds
+    finally:
+        recorder.close()
+        procs.stop_all()
+
+
+def applied_states(recorder: Recorder) -> list[tuple[str, dict]]:
+    return [(t.split("/")[2], json.loads(p)) for t, p, _ in recorder.messages if t.endswith("/prune/state") and p]
