@@ -40,6 +40,16 @@ def fill_database(path, now: float) -> None:
                       "attainment_pct": 75.0, "p50_s": 0.1, "p95_s": 0.3, "p99_s": 0.3})
     store.add_error({"ts": now - 5, "component": "pi-a", "topic": "edgeprune/camera/x/frame",
                      "kind": "bad_image", "message": "frame is not a readable JPEG or PNG", "request_id": None})
+    store.set_controller_status(now, {"enabled": True, "reason": None, "policy": "bottleneck",
+                                      "ratios": {"pi-a": 0.3, "pi-b": 0.0}, "slowdowns": {"pi-a": 3.2, "pi-b": 1.0},
+                                      "budget_s": 0.08, "accuracy_floor": 0.85})
+    store.add_prune_event({"ts": now - 30, "kind": "set", "policy": "bottleneck", "source": "auto",
+                           "reason": "pi-a is 3.2x slower than calibrated", "ratios": '{"pi-a": 0.3, "pi-b": 0.0}',
+                           "changed": '{"pi-a": 0.3}', "predicted_stage_s": "[0.07, 0.05]",
+                           "predicted_bottleneck_s": 0.07, "predicted_accuracy": 0.91, "budget_s": 0.08,
+                           "infeasible": 0, "metrics": "{}"})
+    store.add_prune_event({"ts": now - 30, "kind": "set", "observed_count": 20, "observed_p50_s": 0.12,
+                           "observed_p95_s": 0.15})  # the follow-up merges into the same event
     store.close()
 
 
@@ -60,6 +70,9 @@ def test_api_status_reports_nodes_latency_and_attainment(server):
     assert len(data["latency"]) == 40 and data["slo_s"] == 0.2
     assert data["totals"]["results"] == 40 and data["totals"]["attainment_pct"] == pytest.approx(75.0)
     assert data["errors"][0]["kind"] == "bad_image"
+    (event,) = data["prune_events"]
+    assert event["changed"] == {"pi-a": 0.3} and event["observed_p50_s"] == 0.12
+    assert data["controller"]["slowdowns"]["pi-a"] == 3.2
 
 
 def test_api_says_clearly_when_gateway_has_not_started(tmp_path):
@@ -94,6 +107,10 @@ def test_page_renders_in_headless_chromium(server, tmp_path):
         assert len(driver.find_elements(By.CSS_SELECTOR, "#latency line.slo-line")) == 1
         assert "75.0 %" in driver.find_element(By.ID, "summary").text
         assert "bad_image" in driver.find_element(By.ID, "errors").text
+        assert "3.2×" in rows[0]
+        assert "running · policy bottleneck" in driver.find_element(By.ID, "controller").text
+        events = driver.find_element(By.ID, "events").text
+        assert "pi-a → 0.3" in events and "120.0 ms" in events
         driver.save_screenshot(str(tmp_path / "page.png"))
     finally:
         driver.quit()

@@ -33,6 +33,8 @@ def status(reader: Reader, recent_s: float, now: float) -> dict:
         "windows": reader.windows(limit=30),
         "totals": reader.totals(slo_s) if slo_s else None,
         "errors": reader.errors(limit=10),
+        "controller": reader.controller_status(),
+        "prune_events": reader.prune_events(limit=10),
     }
 
 

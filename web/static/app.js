@@ -70,6 +70,19 @@ function render(data) {
     ? `SLO ${fmtMs(data.slo_s)} · ${t.results} frames · attainment ${fmtPct(t.attainment_pct)} · ` +
       `p50 ${fmtMs(t.p50_s)} · p95 ${fmtMs(t.p95_s)}`
     : `SLO ${fmtMs(data.slo_s)} · no frames yet`;
+  const ctl = data.controller;
+  const slowdowns = (ctl && ctl.slowdowns) || {};
+  document.getElementById("controller").textContent = !ctl ? "no status yet"
+    : ctl.enabled
+      ? `running · policy ${ctl.policy} · stage budget ${fmtMs(ctl.budget_s)} · ` +
+        `accuracy floor ${fmtPct(ctl.accuracy_floor * 100)}`
+      : `off: ${ctl.reason}`;
+  fillTable("events", data.prune_events, (e) => [
+    cell(fmtTime(e.ts)), cell(e.kind), cell(e.policy),
+    cell(Object.entries(e.changed || {}).map(([k, v]) => `${k} → ${v.toFixed(1)}`).join(", ") || "–"),
+    cell(fmtMs(e.predicted_bottleneck_s), "num"), cell(fmtPct(e.predicted_accuracy * 100), "num"),
+    cell(fmtMs(e.observed_p50_s), "num"), cell(e.reason),
+  ]);
   fillTable("nodes", data.nodes, (n) => [
     cell(n.node_id), cell(n.status || "?", `status-${n.status}`), cell(n.stage ?? "–"),
     cell(n.stage ? `${n.first_block}–${n.last_block}` : "–"),
@@ -78,6 +91,7 @@ function render(data) {
     cell(`${fmtMs(n.compute_mean_s)} / ${fmtMs(n.compute_p95_s)}`, "num"),
     cell(n.cpu_percent === null ? "–" : `${n.cpu_percent.toFixed(0)} %`, "num"),
     cell(n.prune_ratio === null ? "–" : n.prune_ratio.toFixed(2), "num"),
+    cell(slowdowns[n.node_id] ? `${slowdowns[n.node_id].toFixed(1)}×` : "–", "num"),
     cell(n.processed ?? "–", "num"), cell(n.dropped ?? "–", "num"),
     cell(Object.entries(n.errors || {}).map(([k, v]) => `${k}: ${v}`).join(", ") || "none"),
   ]);
