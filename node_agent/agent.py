@@ -16,7 +16,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from node_agent.runtime import Request, StageRuntime, measure_ratio_latency
+from node_agent.runtime import Request, SliceCalibrator, StageRuntime
 from shared.bus import Bus
 from shared.model import build_model, model_fingerprint
 from shared.profiling import NodeProfile, profile_model
@@ -36,6 +36,7 @@ from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
+CALIBRATION_PAUSE_S = 0.05  # idle this long before a timed calibration run, as a live request would be
 
 
 def total_memory_mb() -> float:
@@ -79,6 +80,8 @@ class NodeAgent:
         self.slowdown = settings.emulated_slowdown
         self.desired: PruneDesired | None = None
         self._to_calibrate: StageRuntime | None = None
+        self._calibrating: tuple[StageRuntime, SliceCalibrator] | None = None  # inference thread only
+        self._last_calibration_step = 0.0
         self._compute_s: deque[float] = deque(maxlen=1024)
         self._queue_wait_s: deque[float] = deque(maxlen=1024)
         self._cpu = CpuMeter()
@@ -196,16 +199,20 @@ class NodeAgent:
         state = PruneState(ratio=runtime.slice.ratio, seq=desired.seq, applied_at=time.time(), switch_s=switch_s)
         self.bus.publish(self.topics.node_prune_state(self.node_id), to_json(state), qos=1, retain=True)
 
-    def _calibrate(self, runtime: StageRuntime) -> None:
-        """Measure the new slice at every ratio before serving it, and publish the curve (retained)."""
-        runtime.slice.wait_built()
-        latencies = measure_ratio_latency(runtime.slice, runtime.input_shape)
+    def _calibration_step(self) -> None:
+        """Advance the current slice's calibration by one run; publish the curve when complete."""
+        runtime, calibrator = self._calibrating
+        self._last_calibration_step = time.monotonic()
+        if not calibrator.step():
+            return
+        self._calibrating = None
+        latencies = calibrator.latencies()
         base = self.settings.emulated_slowdown  # a device emulated slower from the start is calibrated so
         a = runtime.assignment
         with self._lock:
             version = self.placement_version
-        if version is None:
-            return
+            if runtime is not self.runtime or version is None:
+                return  # the placement moved on meanwhile
         calibration = SliceCalibration(node_id=self.node_id, placement_version=version, first_block=a.first_block,
                                        last_block=a.last_block, ratios=list(runtime.slice.ladder),
                                        latency_s=[t * base for t in latencies], measured_at=time.time())
@@ -235,11 +242,15 @@ class NodeAgent:
             with self._lock:
                 pending, self._to_calibrate = self._to_calibrate, None
             if pending is not None:
-                self._calibrate(pending)
+                self._calibrating = (pending, SliceCalibrator(pending.slice, pending.input_shape))
             try:
-                runtime, req = self.queue.get(timeout=0.2)
+                runtime, req = self.queue.get(timeout=CALIBRATION_PAUSE_S if self._calibrating else 0.2)
             except queue.Empty:
+                if self._calibrating:  # idle for a pause: the right moment for a timed calibration run
+                    self._calibration_step()
                 continue
+            if self._calibrating and time.monotonic() - self._last_calibration_step > 1.0:
+                self._calibration_step()  # under steady load, still make progress
             started = time.time()
             try:
                 out = runtime.run(req, started, self.slowdown)

@@ -46,28 +46,44 @@ def block_input_shape(model: BlockNet, block: int) -> tuple[int, ...]:
         return tuple(model.run_blocks(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), 0, block - 1).shape)
 
 
-def measure_ratio_latency(prunable: PrunableSlice, input_shape: tuple[int, ...], repeats: int = 5,
-                          gap_s: float = 0.05) -> list[float]:
-    """Median latency of the slice at every ladder ratio, on this device: the controller's latency curve.
+class SliceCalibrator:
+    """Measures the slice at every ladder ratio, one run per :meth:`step`, in the node's idle moments.
 
-    Each timed run follows a pause of ``gap_s``, as live requests do: a hot loop measures caches and
-    clocks that a request arriving after a pause does not find (here +0.5 ms a call, which on a small
-    pruned slice would read as a fivefold slowdown and keep the controller from ever restoring it).
+    The agent calls :meth:`step` when no request has come for a short pause (and at least once a
+    second under load), so calibration never stalls serving, and each timed run follows a pause
+    as live requests do: a hot loop measures caches and clocks that a request arriving after a
+    pause does not find (here +0.5 ms a call, which on a small pruned slice would read as a
+    fivefold slowdown and keep the controller from ever restoring it).
     """
-    x = torch.zeros(input_shape)
-    medians = []
-    with torch.inference_mode():
-        for ratio in prunable.ladder:
-            module = prunable.module(ratio)
-            module(x)  # first call allocates
-            times = []
-            for _ in range(repeats):
-                time.sleep(gap_s)
+
+    def __init__(self, prunable: PrunableSlice, input_shape: tuple[int, ...], repeats: int = 5):
+        self.prunable = prunable
+        self.x = torch.zeros(input_shape)
+        self.repeats = repeats
+        self._runs: list[tuple[float, bool]] = [(r, timed) for r in prunable.ladder
+                                                 for timed in [False] + [True] * repeats]
+        self._times: dict[float, list[float]] = {r: [] for r in prunable.ladder}
+
+    @property
+    def done(self) -> bool:
+        return not self._runs
+
+    def step(self) -> bool:
+        """One run (the first per ratio untimed: it allocates); True once every ratio is measured."""
+        if self._runs:
+            ratio, timed = self._runs.pop(0)
+            module = self.prunable.module(ratio)
+            with torch.inference_mode():
                 t0 = time.perf_counter()
-                module(x)
-                times.append(time.perf_counter() - t0)
-            medians.append(float(np.median(times)))
-    return medians
+                module(self.x)
+                elapsed = time.perf_counter() - t0
+            if timed:
+                self._times[ratio].append(elapsed)
+        return self.done
+
+    def latencies(self) -> list[float]:
+        """Median seconds per ladder ratio (after :attr:`done`)."""
+        return [float(np.median(self._times[r])) for r in self.prunable.ladder]
 
 
 def frame_metadata(req: Request) -> tuple[str, float]:
@@ -137,8 +153,8 @@ class StageRuntime:
             time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
         compute_s = time.perf_counter() - t0
         finished_ts = started_ts + compute_s
-        hop = dict(stage=self.assignment.stage, node_id=self.node_id, prune_ratio=self.slice.ratio,
-                   received_ts=req.received_ts, started_ts=started_ts, finished_ts=finished_ts)
+        hop = {"stage": self.assignment.stage, "node_id": self.node_id, "prune_ratio": self.slice.ratio,
+               "received_ts": req.received_ts, "started_ts": started_ts, "finished_ts": finished_ts}
         if self.is_last:
             probs = torch.softmax(out.float(), dim=1)[0]
             index = int(torch.argmax(probs))

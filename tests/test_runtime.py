@@ -67,3 +67,18 @@ def test_activation_for_another_block_is_stale():
     with pytest.raises(BadMessage) as err:
         second.run(Request("t", payload, {}, 0.0), 0.0)
     assert err.value.kind == "stale_placement"
+
+
+def test_calibrator_measures_every_ratio_one_run_at_a_time():
+    from node_agent.runtime import SliceCalibrator, block_input_shape
+    from shared.pruning import PrunableSlice
+
+    model = build_model()
+    prunable = PrunableSlice(model, 0, 2, ladder=(0.0, 0.5, 0.9))
+    calibrator = SliceCalibrator(prunable, block_input_shape(model, 0), repeats=3)
+    steps = 0
+    while not calibrator.step():
+        steps += 1
+    assert steps + 1 == 3 * (1 + 3)  # one untimed and three timed runs per ratio
+    full, half, most = calibrator.latencies()
+    assert full > most > 0  # pruning 90% of the channels must be measurably faster
