@@ -8,6 +8,7 @@ reverse order and prints the totals from the gateway's SQLite log.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,9 +19,35 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
 from edgeprune.broker import free_port, port_open, start_broker, stop_process
 from gateway.store import Reader
 from shared.settings import BrokerSettings
+from shared.topics import Topics
+
+
+@dataclass(frozen=True)
+class SlowdownEpisode:
+    """Emulate a busy node for a while: what pruning is for."""
+
+    node_id: str
+    factor: float
+    start_s: float
+    end_s: float
+
+    @classmethod
+    def parse(cls, text: str) -> SlowdownEpisode:
+        """``NODE:FACTOR:START:END`` (seconds since the camera started), e.g. ``node-1:20:30:90``."""
+        try:
+            node, factor, start, end = text.split(":")
+            episode = cls(node, float(factor), float(start), float(end))
+        except ValueError:
+            raise ValueError(f"--slowdown {text!r}: expected NODE:FACTOR:START:END, e.g. node-1:20:30:90") from None
+        if episode.factor < 1 or not 0 <= episode.start_s < episode.end_s:
+            raise ValueError(f"--slowdown {text!r}: factor must be >= 1 and 0 <= START < END")
+        return episode
 
 
 @dataclass
@@ -32,6 +59,7 @@ class DemoOptions:
     web_port: int = 8080
     slo_s: float = 0.25
     seed: int = 0
+    slowdowns: tuple[SlowdownEpisode, ...] = ()
 
 
 class Demo:
@@ -68,7 +96,7 @@ class Demo:
                 Path(f"{self.db}{suffix}").unlink(missing_ok=True)
         if port_open("127.0.0.1", self.opt.web_port):
             raise SystemExit(f"port {self.opt.web_port} is busy: pass --web-port")
-        port = free_port()
+        port = self.port = free_port()
         with open(self.run_dir / "mosquitto.log", "w") as log:
             self.broker = start_broker(BrokerSettings(port=port, data_dir=self.run_dir / "broker"), log_file=log)
         env = self.env(port)
@@ -107,17 +135,38 @@ class Demo:
         totals = reader.totals(run["slo_s"] if run else self.opt.slo_s)
         if not totals["results"]:
             return "waiting for the first result…"
-        nodes = " ".join(f"{n['node_id']}:q{n['queue_depth'] or 0}" for n in reader.nodes())
+        nodes = " ".join(f"{n['node_id']}:q{n['queue_depth'] or 0},p{n['prune_ratio'] or 0:.1f}"
+                         for n in reader.nodes())
         return (f"results {totals['results']:5d} | p50 {totals['p50_s'] * 1000:6.1f} ms | "
                 f"p95 {totals['p95_s'] * 1000:6.1f} ms | SLO {totals['slo_s'] * 1000:.0f} ms met "
                 f"{totals['attainment_pct']:5.1f} % | {nodes}")
 
+    def _command(self, node_id: str, factor: float) -> None:
+        """A one-shot `slowdown` command, as an operator's script would send it."""
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.connect("127.0.0.1", self.port)
+        client.loop_start()
+        payload = json.dumps({"cmd": "slowdown", "factor": factor})
+        client.publish(Topics().node_command(node_id), payload, qos=1).wait_for_publish(5)
+        client.loop_stop()
+        client.disconnect()
+        print(f"\n{node_id}: emulated slowdown {factor:g}x", flush=True)
+
+    def _apply_episodes(self, elapsed: float, applied: set) -> None:
+        for episode in self.opt.slowdowns:
+            for edge, at, factor in (("start", episode.start_s, episode.factor), ("end", episode.end_s, 1.0)):
+                if elapsed >= at and (episode, edge) not in applied:
+                    applied.add((episode, edge))
+                    self._command(episode.node_id, factor)
+
     def run(self) -> dict:
         started = time.monotonic()
+        applied: set = set()
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         try:
             while not self._stop.wait(1.0):
                 self._check_alive()
+                self._apply_episodes(time.monotonic() - started, applied)
                 print("\r" + self.progress_line().ljust(100), end="", flush=True)
                 if self.opt.duration_s and time.monotonic() - started >= self.opt.duration_s:
                     break

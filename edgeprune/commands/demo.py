@@ -13,16 +13,22 @@ def register(sub) -> None:
     p.add_argument("--web-port", type=int, default=8080)
     p.add_argument("--slo", type=float, default=0.25, help="end-to-end latency objective, seconds")
     p.add_argument("--run-dir", type=Path, default=Path("run/demo"), help="logs, broker data and database")
+    p.add_argument("--slowdown", action="append", default=[], metavar="NODE:FACTOR:START:END",
+                   help="emulate a busy node, e.g. node-1:20:30:90 (20x slower from 30 s to 90 s); repeatable")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from edgeprune.demo import Demo, DemoOptions
+    from edgeprune.demo import Demo, DemoOptions, SlowdownEpisode
 
     if not 1 <= args.nodes <= 6:
         raise SystemExit("--nodes must be between 1 and 6")
-    demo = Demo(DemoOptions(run_dir=args.run_dir, nodes=args.nodes, rate_hz=args.rate,
-                            duration_s=args.duration, web_port=args.web_port, slo_s=args.slo))
+    try:
+        episodes = tuple(SlowdownEpisode.parse(text) for text in args.slowdown)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    demo = Demo(DemoOptions(run_dir=args.run_dir, nodes=args.nodes, rate_hz=args.rate, duration_s=args.duration,
+                            web_port=args.web_port, slo_s=args.slo, slowdowns=episodes))
     try:
         demo.start()
     except BaseException:
