@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "camera",
     "web",
     "demo",
+    "calibrate",
     "profile",
     "place",
     "bench",

@@ -1,0 +1,59 @@
+"""Offline accuracy calibration: the per-block accuracy model the pruning controller needs.
+
+Pruning masks depend on a block's weights and ratio alone (shared/pruning.py), so the model is
+measured once per checkpoint with a ratio *per block*: every block becomes its own pruned slice,
+chained with zero-filled boundaries exactly as nodes do, and the validation split is classified
+for the unpruned vector, every uniform ratio of the ladder and random per-block vectors. The
+paper's logistic is fitted to those points (gateway/curves.py), and any placement's model is
+derived from it at run time (``accuracy_for_slices``). Latency needs no offline step: each node
+measures its own slice when it takes a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edgeprune.bench.pruning import pipeline_predictions
+from edgeprune.dataset import FrameSplit, to_model_input
+from gateway.curves import AccuracyFit, fit_accuracy
+from shared.model import CLASS_NAMES, BlockNet, model_fingerprint
+from shared.pruning import DEFAULT_LADDER, PrunableSlice
+
+
+def calibration_vectors(n_blocks: int, ladder: Sequence[float], max_ratio: float, n_random: int,
+                        seed: int) -> np.ndarray:
+    """Unpruned, every uniform ratio up to ``max_ratio``, and ``n_random`` random per-block vectors."""
+    allowed = np.asarray([r for r in ladder if r <= max_ratio + 1e-9])
+    uniform = np.repeat(allowed[:, None], n_blocks, axis=1)
+    rng = np.random.default_rng(seed)
+    return np.vstack([uniform, rng.choice(allowed, size=(n_random, n_blocks))])
+
+
+def calibrate_accuracy(model: BlockNet, split: FrameSplit, vectors: np.ndarray,
+                       progress: bool = True) -> tuple[AccuracyFit, list[float]]:
+    """Measured accuracy of each per-block ratio vector and the logistic fitted to them."""
+    ladder = tuple(sorted(set(DEFAULT_LADDER) | {float(r) for r in np.unique(vectors)}))
+    blocks = [PrunableSlice(model, b, b, ladder=ladder) for b in range(model.n_blocks)]
+    inputs = to_model_input(split.images)
+    measured = []
+    with torch.inference_mode():
+        for vector in tqdm(vectors, desc="accuracy per ratio vector", unit="vector", disable=not progress):
+            measured.append(float((pipeline_predictions(blocks, vector, inputs) == split.labels).mean()))
+    fit = fit_accuracy(vectors.tolist(), measured, chance=1.0 / len(CLASS_NAMES))
+    return fit, measured
+
+
+def save_accuracy_model(path: Path, model: BlockNet, fit: AccuracyFit, frames: int, checkpoint: str) -> None:
+    """The file the gateway loads (``[gateway] accuracy_model``), tied to the weights it was measured on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "model": "trapnet", "model_fingerprint": model_fingerprint(model), "checkpoint": checkpoint,
+        "n_blocks": model.n_blocks, "block_names": model.block_names, "frames": frames,
+        "measured_at": time.time(), "fit": fit.to_dict()}, indent=1) + "\n")

@@ -1,0 +1,47 @@
+"""``edgeprune calibrate``: measure the per-block accuracy model the pruning controller needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("calibrate", help="measure accuracy vs per-block prune ratios and fit the controller's model")
+    p.add_argument("--checkpoint", type=Path, help="model checkpoint (default: the shipped one)")
+    p.add_argument("--out", type=Path, help="accuracy model file (default: beside the shipped checkpoint)")
+    p.add_argument("--frames", type=int, default=1000, help="validation frames to classify per vector")
+    p.add_argument("--random", type=int, default=40, help="random per-block ratio vectors (besides the uniform ones)")
+    p.add_argument("--max-ratio", type=float, default=0.9, help="highest ratio measured")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from edgeprune.bench import format_table
+    from edgeprune.calibrate import calibrate_accuracy, calibration_vectors, save_accuracy_model
+    from edgeprune.dataset import load_frames
+    from gateway.control_loop import accuracy_model_path
+    from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME, build_model
+    from shared.pruning import DEFAULT_LADDER
+
+    torch.set_num_threads(args.threads)
+    model = build_model(args.checkpoint)
+    val = load_frames()["val"]
+    split = val.subset(slice(0, args.frames))
+    vectors = calibration_vectors(model.n_blocks, DEFAULT_LADDER, args.max_ratio, args.random, args.seed)
+    fit, measured = calibrate_accuracy(model, split, vectors, progress=not args.no_progress)
+    out = args.out or accuracy_model_path(MODEL_NAME)
+    save_accuracy_model(out, model, fit, len(split), str(args.checkpoint or DEFAULT_CHECKPOINT))
+    n_uniform = len(vectors) - args.random
+    rows = [{"vector": "/".join(f"{r:.1f}" for r in v), "measured": acc, "fitted": fit.logistic(v)}
+            for v, acc in zip(vectors[:n_uniform], measured[:n_uniform])]
+    print(format_table(f"Accuracy at uniform ratios ({len(split)} validation frames; "
+                       f"{args.random} random per-block vectors also fitted)", rows))
+    print(f"logistic fit over {len(vectors)} vectors: R² {fit.r2:.3f}, RMSE {fit.rmse:.4f}; "
+          f"block gains {', '.join(f'{g:.2f}' for g in fit.gains)}, offset {fit.offset:.2f}, top {fit.top:.3f}")
+    print(f"wrote {out}")
+    return 0
