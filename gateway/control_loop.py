@@ -137,9 +137,23 @@ class ControlLoop:
     # --- decisions -----------------------------------------------------------------------
     def tick(self, now: float) -> Effects:
         effects = Effects(events=self._follow_ups(now))
+        if self.controller is not None:
+            self._apply(self.controller.tick(now), now, effects)
+        return effects
+
+    def manual(self, now: float, node_id: str, ratio: float | None) -> Effects:
+        """Operator override: hold ``node_id`` at ``ratio``, or release it (``None``); ValueError if not possible."""
         if self.controller is None:
-            return effects
-        for action in self.controller.tick(now):
+            raise ValueError(f"the pruning controller is off ({self.disabled_reason})")
+        effects = Effects()
+        actions = (self.controller.release_manual(now, node_id) if ratio is None
+                   else self.controller.set_manual(now, node_id, ratio))
+        self._apply(actions, now, effects)
+        return effects
+
+    def _apply(self, actions: list, now: float, effects: Effects) -> None:
+        """Each action becomes an event row; each changed ratio the next retained desired state."""
+        for action in actions:
             effects.events.append(self._event_row(action))
             if isinstance(action, SetRatios):
                 for node, ratio in action.ratios.items():
@@ -147,7 +161,12 @@ class ControlLoop:
                     self.desired[node] = PruneDesired(ratio=ratio, seq=seq, issued_at=now, source=action.source,
                                                       reason=action.reason[:500])
                     effects.publish[node] = self.desired[node]
-        return effects
+
+    def forget(self, node_id: str) -> None:
+        """A retired node: no desired state, no curve."""
+        self.desired.pop(node_id, None)
+        self.fits.pop(node_id, None)
+        self._fit_blocks.pop(node_id, None)
 
     def _event_row(self, action: SetRatios | Infeasible | Held) -> dict:
         kind = {SetRatios: "set", Infeasible: "infeasible", Held: "held"}[type(action)]

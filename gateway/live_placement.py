@@ -63,6 +63,12 @@ class LivePlacement:
         self._offers[offer.node_id] = offer
         return None
 
+    def forget(self, node_id: str) -> None:
+        """A retired node: never placed again (until it offers itself anew)."""
+        self._offers.pop(node_id, None)
+        self._status.pop(node_id, None)
+        self._online_since.pop(node_id, None)
+
     # --- decisions -----------------------------------------------------------------------
     def eligible(self) -> list[str]:
         """Online nodes with a usable profile, in configured order."""

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 
-from gateway.control_loop import ControlLoop, load_block_accuracy
+from gateway.control_loop import ControlLoop, Effects, load_block_accuracy
 from gateway.live_placement import LivePlacement, PlacementRules
 from gateway.slo import SloWindows
 from gateway.store import Store
@@ -20,9 +20,12 @@ from shared.profiling import NodeProfile
 from shared.schemas import (
     BadMessage,
     ErrorRecord,
+    GatewayCommand,
+    ManualPruneCommand,
     NodeStats,
     PruneDesired,
     Result,
+    RetireCommand,
     SliceCalibration,
     parse_json,
     to_json,
@@ -75,6 +78,7 @@ class Gateway:
         self.bus.subscribe(self.topics.node_profile_filter, self._on_profile, qos=1)
         self.bus.subscribe(self.topics.node_calibration_filter, self._on_calibration, qos=1)
         self.bus.subscribe(self.topics.node_prune_desired_filter, self._on_own_desired, qos=1)
+        self.bus.subscribe(self.topics.component_command(self.settings.gateway_id), self._on_command, qos=1)
         self.bus.on_connected = self.publish_placement
         for offer_json in self.store.stored_offers(self.fingerprint):
             self.live.set_offer(NodeProfile.model_validate_json(offer_json))
@@ -162,6 +166,38 @@ class Gateway:
             with self._placement_lock:
                 self.control.recover_desired(node_id, desired)
 
+    def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        command = parse_json(GatewayCommand, payload).root
+        if isinstance(command, ManualPruneCommand):
+            try:
+                with self._placement_lock:
+                    effects = self.control.manual(time.time(), command.node_id, command.ratio)
+            except ValueError as exc:
+                raise BadMessage("rejected_command", f"prune {command.node_id}: {exc}") from None
+            self._carry_out(effects)
+        elif isinstance(command, RetireCommand):
+            self.retire(command.node_id)
+
+    def retire(self, node_id: str) -> None:
+        """Forget a node for good: clear every retained topic about it, so nothing replays for it."""
+        with self._placement_lock:
+            placed = self.live.current and self.live.current.stage_of(node_id)
+            if placed and node_id in self.live.eligible():
+                raise BadMessage("rejected_command", f"retire {node_id}: it is online and in the placement; "
+                                 "stop it first")
+            self.live.forget(node_id)
+            self.control.forget(node_id)
+        for topic in self.topics.node_topics(node_id):
+            self.bus.publish(topic, b"", qos=1, retain=True)
+        self.store.update_node({"node_id": node_id, "status": "retired", "status_ts": time.time()})
+        log.info("retired %s: its retained topics are cleared", node_id)
+
+    def _carry_out(self, effects: Effects) -> None:
+        for node_id, desired in effects.publish.items():
+            self.bus.publish(self.topics.node_prune_desired(node_id), to_json(desired), qos=1, retain=True)
+        for row in effects.events:
+            self.store.add_prune_event(row)
+
     def _on_error(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         self.store.add_error(parse_json(ErrorRecord, payload).model_dump())
 
@@ -181,10 +217,7 @@ class Gateway:
             self.publish_placement()
             self.store.add_placement({**placement.model_dump(exclude={"stages"}),
                                       "stages": [s.model_dump() for s in placement.stages]})
-        for node_id, desired in effects.publish.items():
-            self.bus.publish(self.topics.node_prune_desired(node_id), to_json(desired), qos=1, retain=True)
-        for row in effects.events:
-            self.store.add_prune_event(row)
+        self._carry_out(effects)
         self.store.set_controller_status(now, status)
         for window in self.slo.close_due(now):
             self.store.add_window(window.row())

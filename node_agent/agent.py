@@ -20,18 +20,8 @@ from node_agent.runtime import Request, SliceCalibrator, StageRuntime
 from shared.bus import Bus
 from shared.model import build_model, model_fingerprint
 from shared.profiling import NodeProfile, profile_model
-from shared.schemas import (
-    BadMessage,
-    NodeCommand,
-    NodeStats,
-    Placement,
-    PruneDesired,
-    PruneState,
-    SliceCalibration,
-    SlowdownCommand,
-    parse_json,
-    to_json,
-)
+from shared.schemas import (BadMessage, CalibrateCommand, NodeCommand, NodeStats, Placement, PruneDesired,
+                            PruneState, SliceCalibration, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics
 
@@ -175,6 +165,10 @@ class NodeAgent:
         if isinstance(command, SlowdownCommand):
             self.slowdown = command.factor
             log.warning("%s: emulated slowdown set to %.2fx", self.node_id, command.factor)
+        elif isinstance(command, CalibrateCommand):
+            with self._lock:
+                self._to_calibrate = self.runtime
+            log.info("%s: re-calibrating on request", self.node_id)
 
     # --- pruning -------------------------------------------------------------------------
     def _on_prune_desired(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:

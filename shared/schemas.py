@@ -211,5 +211,30 @@ class SlowdownCommand(_Strict):
     factor: float = Field(ge=1.0, le=1000.0)
 
 
-class NodeCommand(RootModel[Annotated[SlowdownCommand, Field(discriminator="cmd")]]):
+class CalibrateCommand(_Strict):
+    """Re-measure the node's slice at every ladder ratio (e.g. after changing its hardware or threads)."""
+
+    cmd: Literal["calibrate"]
+
+
+class NodeCommand(RootModel[Annotated[SlowdownCommand | CalibrateCommand, Field(discriminator="cmd")]]):
     """A one-shot command on a node's ``cmd`` topic (never retained)."""
+
+
+class ManualPruneCommand(_Strict):
+    """Operator override: hold ``node_id`` at ``ratio`` (a ladder ratio), or hand it back with ``null``."""
+
+    cmd: Literal["prune"]
+    node_id: str = Id
+    ratio: float | None = Field(ge=0.0, lt=1.0)
+
+
+class RetireCommand(_Strict):
+    """A node leaves the deployment for good: the gateway clears its retained topics."""
+
+    cmd: Literal["retire"]
+    node_id: str = Id
+
+
+class GatewayCommand(RootModel[Annotated[ManualPruneCommand | RetireCommand, Field(discriminator="cmd")]]):
+    """A one-shot command on the gateway's ``cmd`` topic (never retained)."""

@@ -133,6 +133,15 @@ class Topics:
         """Availability of a non-node component (gateway, camera, web)."""
         return f"{self.root}/component/{validate_id('component', component_id)}/status"
 
+    def component_command(self, component_id: str) -> str:
+        """One-shot commands to the gateway (manual prune, retire); never retained."""
+        return f"{self.root}/component/{validate_id('component', component_id)}/cmd"
+
+    def node_topics(self, node_id: str) -> list[str]:
+        """Every retained topic a node or the gateway keeps about the node (cleared on retirement)."""
+        return [self.node_status(node_id), self.node_profile(node_id), self.node_calibration(node_id),
+                self.node_prune_desired(node_id), self.node_prune_state(node_id)]
+
     # --- errors ------------------------------------------------------------------------
     def errors(self, component_id: str) -> str:
         """Error records (JSON :class:`shared.schemas.ErrorRecord`) a component reports about bad input."""

@@ -25,13 +25,18 @@ def write_accuracy_model(path, n_blocks: int = 6) -> None:
     path.write_text(json.dumps({"model": "trapnet", "model_fingerprint": None, "fit": fit}))
 
 
-def command(port: int, node: str, payload: dict) -> None:
+def publish(port: int, topic: str, payload: dict) -> None:
+    """A one-shot command, never retained."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.connect("127.0.0.1", port)
     client.loop_start()
-    client.publish(f"edgeprune/node/{node}/cmd", json.dumps(payload), qos=1).wait_for_publish(5)
+    client.publish(topic, json.dumps(payload), qos=1).wait_for_publish(5)
     client.loop_stop()
     client.disconnect()
+
+
+def command(port: int, node: str, payload: dict) -> None:
+    publish(port, f"edgeprune/node/{node}/cmd", payload)
 
 
 def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
@@ -82,6 +87,13 @@ def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
                    "the node did not restore its full slice")
         kinds = [e["policy"] for e in reader.prune_events()]
         assert "restore" in kinds
+
+        # the operator holds the other node at 0.5 (one-shot command to the gateway), then releases it
+        publish(broker.port, "edgeprune/component/gateway/cmd", {"cmd": "prune", "node_id": other, "ratio": 0.5})
+        wait_until(lambda: [s["ratio"] for p, s in applied_states(recorder) if p == other][-1:] == [0.5], 15,
+                   "the manual hold was not applied")
+        publish(broker.port, "edgeprune/component/gateway/cmd", {"cmd": "prune", "node_id": other, "ratio": None})
+        wait_until(lambda: any(e["policy"] == "release" for e in reader.prune_events()), 15, "release not logged")
     finally:
         recorder.close()
         procs.stop_all()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import time
+
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import Processes, component_env, open_reader, wait_until
 
@@ -38,10 +43,37 @@ def test_gateway_replaces_over_survivors_and_takes_the_node_back(broker, tmp_pat
         wait_until(lambda: len(classified("cam-a")) == 3, 30, "frames were not classified by the survivor")
         assert all(r["prune_ratios"] == [0.0] for r in classified("cam-a"))  # one hop: the survivor alone
 
-        procs.start(victim, "node", "--node-id", victim)
+        # retiring the dead node clears every retained topic about it: nothing replays for it any more
+        publish_command(broker.port, {"cmd": "retire", "node_id": victim})
+        wait_until(lambda: retained_about(broker.port, victim) == [], 15, "retained topics of a retired node remain")
+
+        procs.start(victim, "node", "--node-id", victim)  # it may come back: it offers itself anew
         wait_until(lambda: len(reader.placement()["stages"]) == 2, 60, "the returning node was not used again")
         assert procs.start("cam-b", "camera", "--camera-id", "cam-b", "--count", "2", "--rate", "5").wait(60) == 0
         wait_until(lambda: len(classified("cam-b")) == 2, 30, "frames were not classified after the rejoin")
         assert all(len(r["prune_ratios"]) == 2 for r in classified("cam-b"))
     finally:
         procs.stop_all()
+
+
+def publish_command(port: int, payload: dict) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.publish("edgeprune/component/gateway/cmd", json.dumps(payload), qos=1).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+
+
+def retained_about(port: int, node: str) -> list[str]:
+    """Topics under the node that a fresh subscriber gets as retained messages."""
+    got: list[str] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_message = lambda c, u, msg: got.append(msg.topic) if msg.retain and msg.payload else None
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.subscribe(f"edgeprune/node/{node}/#", qos=1)
+    time.sleep(1.0)
+    client.loop_stop()
+    client.disconnect()
+    return got

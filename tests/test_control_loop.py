@@ -1,0 +1,90 @@
+"""ControlLoop without a broker: when the controller runs, seq numbering, manual holds, follow-ups."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.control_loop import ControlLoop
+from gateway.curves import AccuracyFit
+from shared.schemas import NodeStats, Placement, PruneDesired, SliceCalibration, StageAssignment
+from shared.settings import ControllerSettings
+
+LADDER = [round(0.1 * i, 1) for i in range(10)]
+BLOCK_ACCURACY = AccuracyFit(gains=(-1.0,) * 6, offset=-6.0, top=0.95, chance=0.1, r2=1.0, rmse=0.0,
+                             vectors=((0.0,) * 6,), accuracies=(0.95,))
+
+
+def placement(version: int, cut: int = 3) -> Placement:
+    return Placement(version=version, model="trapnet", n_blocks=6, issued_at=0.0, stages=[
+        StageAssignment(stage=1, node_id="a", first_block=0, last_block=cut - 1),
+        StageAssignment(stage=2, node_id="b", first_block=cut, last_block=5)])
+
+
+def calibration(node: str, first: int, last: int, version: int = 1, base_s: float = 0.02) -> SliceCalibration:
+    return SliceCalibration(node_id=node, placement_version=version, first_block=first, last_block=last,
+                            ratios=LADDER, latency_s=[base_s * (0.1 + 0.9 * (1 - p) ** 2) for p in LADDER],
+                            measured_at=1.0)
+
+
+def loop(**settings) -> ControlLoop:
+    return ControlLoop(ControllerSettings(trigger_window_s=4, trigger_min_span_s=2, cooldown_s=3, **settings),
+                       slo_s=0.1, block_accuracy=BLOCK_ACCURACY, follow_up_s=2.0)
+
+
+def test_runs_only_once_every_placed_node_calibrated_its_own_slice():
+    c = loop()
+    assert "no placement" in c.disabled_reason
+    c.set_placement(placement(1))
+    assert c.add_calibration(calibration("a", 0, 2)) is not None
+    assert c.add_calibration(calibration("b", 0, 2)) is None  # not b's slice: ignored
+    assert "waiting for the calibration of b" in c.disabled_reason
+    c.add_calibration(calibration("b", 3, 5))
+    assert c.controller is not None and c.disabled_reason is None
+    c.set_placement(placement(2, cut=2))  # both slices change: both curves are stale
+    assert c.controller is None and "a, b" in c.disabled_reason
+
+
+def test_without_accuracy_model_it_says_what_to_do():
+    c = ControlLoop(ControllerSettings(), slo_s=0.1, block_accuracy=None, follow_up_s=2.0)
+    assert "edgeprune calibrate" in c.disabled_reason
+    with pytest.raises(ValueError, match="off"):
+        c.manual(0.0, "a", 0.5)
+
+
+def running_loop() -> ControlLoop:
+    c = loop()
+    c.set_placement(placement(1))
+    c.add_calibration(calibration("a", 0, 2))
+    c.add_calibration(calibration("b", 3, 5))
+    return c
+
+
+def test_slowed_stage_is_pruned_with_the_next_seq_after_a_restart():
+    c = running_loop()
+    c.recover_desired("a", PruneDesired(ratio=0.0, seq=41, issued_at=0.0))  # our retained state, before a restart
+    for i in range(60):  # a 4x slower node a: 80 ms against a 40 ms stage budget, frames far over the SLO
+        t = 100 + i * 0.1
+        c.observe_latency(t, 0.3)
+        if i % 5 == 0:
+            c.observe_stats(NodeStats(node_id="a", ts=t, queue_depth=3, queue_capacity=16, processed=i,
+                                      dropped=0, cpu_percent=90, prune_ratio=0.0, compute_mean_s=0.08))
+            c.observe_stats(NodeStats(node_id="b", ts=t, queue_depth=0, queue_capacity=16, processed=i,
+                                      dropped=0, cpu_percent=20, prune_ratio=0.0, compute_mean_s=0.02))
+    effects = c.tick(106.0)
+    assert set(effects.publish) == {"a"} and effects.publish["a"].seq == 42 and effects.publish["a"].ratio > 0
+    (event,) = effects.events
+    assert event["kind"] == "set" and event["policy"] == "bottleneck"
+    follow_up = c.tick(106.0 + 2.5).events  # one follow-up window later: what was observed after it
+    assert follow_up == [{"ts": event["ts"], "kind": "set", "observed_count": 0, "observed_p50_s": None,
+                          "observed_p95_s": None}]
+
+
+def test_manual_hold_and_release():
+    c = running_loop()
+    held = c.manual(10.0, "b", 0.5)
+    assert held.publish["b"].ratio == 0.5 and held.publish["b"].source == "manual"
+    assert held.events[0]["policy"] == "manual"
+    with pytest.raises(ValueError, match="ladder"):
+        c.manual(11.0, "b", 0.55)
+    released = c.manual(12.0, "b", None)
+    assert released.events[0]["policy"] == "release"
