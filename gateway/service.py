@@ -65,8 +65,7 @@ class Gateway:
         self.control = ControlLoop(controller_settings or ControllerSettings(), settings.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint),
                                    follow_up_s=settings.window_s)
-        self._placement_lock = threading.Lock()  # guards live placement and the control loop
-        self.results_seen = 0
+        self._lock = threading.Lock()  # guards the SLO windows, live placement and the control loop
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="gateway-tick", daemon=True)
 
@@ -98,7 +97,7 @@ class Gateway:
 
     def publish_placement(self) -> None:
         """Retained, so nodes that (re)connect later learn their stage at once."""
-        with self._placement_lock:
+        with self._lock:
             placement = self.live.current
         if placement is not None:
             self.bus.publish(self.topics.placement, to_json(placement), qos=1, retain=True)
@@ -109,18 +108,19 @@ class Gateway:
         result = parse_json(Result, payload)
         row = result_row(result, finish_ts)
         self.store.add_request(row)
-        self.slo.add(finish_ts, row["e2e_s"])
-        with self._placement_lock:
+        with self._lock:
+            self.slo.add(finish_ts, row["e2e_s"])
             self.control.observe_latency(finish_ts, row["e2e_s"])
-        self.results_seen += 1
 
     def _on_status(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        if not payload:  # cleared when the node was retired
+            return
         node_id = self.topics.node_id_from_topic(topic)
         status = payload.decode("utf-8", "replace")
         if node_id is None or status not in STATUSES:
             raise BadMessage("bad_status", f"status {status[:40]!r} is not one of {', '.join(STATUSES)}")
         now = time.time()
-        with self._placement_lock:
+        with self._lock:
             self.live.set_status(node_id, status, now)
         self.store.update_node({"node_id": node_id, "status": status, "status_ts": now})
 
@@ -130,7 +130,7 @@ class Gateway:
         offer = parse_json(NodeProfile, payload)
         if offer.node_id != self.topics.node_id_from_topic(topic):
             raise BadMessage("bad_schema", f"profile of {offer.node_id} published on {topic}")
-        with self._placement_lock:
+        with self._lock:
             unusable = self.live.set_offer(offer)
         if unusable:
             raise BadMessage("model_mismatch", unusable)
@@ -140,7 +140,7 @@ class Gateway:
 
     def _on_stats(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         stats = parse_json(NodeStats, payload)
-        with self._placement_lock:
+        with self._lock:
             self.control.observe_stats(stats)
         self.store.update_node({**stats.model_dump(exclude={"ts"}), "last_seen": stats.ts})
 
@@ -149,7 +149,7 @@ class Gateway:
             return
         calibration = parse_json(SliceCalibration, payload)
         try:
-            with self._placement_lock:
+            with self._lock:
                 row = self.control.add_calibration(calibration)
         except ValueError as exc:  # a curve that cannot be fitted (e.g. latencies that are all noise)
             measured = ", ".join(f"{r:g}:{t * 1e3:.2f}" for r, t in zip(calibration.ratios, calibration.latency_s))
@@ -163,14 +163,14 @@ class Gateway:
         node_id = self.topics.node_id_from_topic(topic)
         if payload and node_id:
             desired = parse_json(PruneDesired, payload)
-            with self._placement_lock:
+            with self._lock:
                 self.control.recover_desired(node_id, desired)
 
     def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         command = parse_json(GatewayCommand, payload).root
         if isinstance(command, ManualPruneCommand):
             try:
-                with self._placement_lock:
+                with self._lock:
                     effects = self.control.manual(time.time(), command.node_id, command.ratio)
             except ValueError as exc:
                 raise BadMessage("rejected_command", f"prune {command.node_id}: {exc}") from None
@@ -180,7 +180,7 @@ class Gateway:
 
     def retire(self, node_id: str) -> None:
         """Forget a node for good: clear every retained topic about it, so nothing replays for it."""
-        with self._placement_lock:
+        with self._lock:
             placed = self.live.current and self.live.current.stage_of(node_id)
             if placed and node_id in self.live.eligible():
                 raise BadMessage("rejected_command", f"retire {node_id}: it is online and in the placement; "
@@ -207,18 +207,19 @@ class Gateway:
             self.tick(time.time())
 
     def tick(self, now: float) -> None:
-        with self._placement_lock:
+        with self._lock:
             placement = self.live.tick(now)
             if placement is not None:
                 self.control.set_placement(placement)
             effects = self.control.tick(now)
             status = self.control.status()
+            windows = self.slo.close_due(now)
         if placement is not None:
             self.publish_placement()
             self.store.add_placement({**placement.model_dump(exclude={"stages"}),
                                       "stages": [s.model_dump() for s in placement.stages]})
         self._carry_out(effects)
         self.store.set_controller_status(now, status)
-        for window in self.slo.close_due(now):
+        for window in windows:
             self.store.add_window(window.row())
         self.store.flush()
