@@ -20,7 +20,7 @@ import importlib.util
 import json
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +167,7 @@ def render_frame(silhouette: np.ndarray, backgrounds: list[np.ndarray], rng: np.
 
 
 def _cache_path(config: RenderConfig) -> Path:
-    key = json.dumps({"v": RENDER_VERSION, **config.__dict__}, sort_keys=True)
+    key = json.dumps({"v": RENDER_VERSION, **asdict(config)}, sort_keys=True)
     return cache_dir() / f"frames-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
 
 

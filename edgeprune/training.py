@@ -8,10 +8,13 @@ the regime alone:
 * ``ours``: random-width training. Every step also runs the network with channels masked
   exactly as Torch-Pruning will remove them (same groups, same L1 ranking, ``int(C(1-p))``
   kept, mask right after BatchNorm: :mod:`shared.pruning`), at a random ladder ratio per block,
-  and every second step at the smallest width too (sandwich rule, halved to save time). The masked passes use BatchNorm in eval mode, i.e.
-  with the full network's running statistics, because that is what a pruned model inherits;
-  batch statistics there learn weights that collapse at deployment. One full-network warm-up
-  epoch and gradient clipping keep those passes from diverging.
+  and every second step at the smallest width too (sandwich rule, halved to save time). The
+  masked passes learn the full pass's predictions (in-place distillation). Their BatchNorms
+  normalise with the masked batch's own statistics and leave the running statistics alone
+  (``masked_bn="batch"``): the weights then learn to work with statistics that match each
+  width, and the per-ratio BN tables give every pruned variant exactly such statistics.
+  docs/model.md records the runs that chose this over ``masked_bn="eval"`` (the full network's
+  running statistics in the masked passes, what a pruned model inherits without tables).
 
 After training, :func:`calibrate_bn_tables` re-estimates BatchNorm statistics per ladder ratio
 from unlabelled training frames (forward passes only, no weight changes): the node loads the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -38,17 +42,21 @@ from shared.pruning import (DEFAULT_LADDER, PruningGroup, keep_masks, masked, pr
                             ratio_key)
 
 REGIMES = ("standard", "paper", "ours")
+BASE_BATCH = 64
+BASE_LR = 0.1  # at BASE_BATCH; scaled linearly with the batch size
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     regime: str = "ours"
     epochs: int = 6
-    batch_size: int = 64
-    lr: float = 0.1
+    batch_size: int = BASE_BATCH
+    lr: float = BASE_LR
     weight_decay: float = 5e-4
     warmup_epochs: int = 1        # ours: full-network epochs before the masked passes start
     sandwich: bool = True         # ours: also train the smallest width, every second step
+    distill: bool = True          # ours: masked passes learn the full pass's predictions (in-place distillation)
+    masked_bn: str = "batch"      # ours: BatchNorm in masked passes: "batch" statistics or "eval" (running)
     grad_clip: float = 5.0
     ladder: tuple[float, ...] = DEFAULT_LADDER
     calibration_frames: int = 2048
@@ -58,6 +66,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.regime not in REGIMES:
             raise ValueError(f"unknown regime {self.regime!r}; choose from {REGIMES}")
+        if self.masked_bn not in ("eval", "batch"):
+            raise ValueError(f"masked_bn must be 'eval' or 'batch', not {self.masked_bn!r}")
 
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -91,10 +101,26 @@ def batches(split: FrameSplit, batch_size: int, rng: np.random.Generator | None,
         yield to_model_input(images), torch.from_numpy(split.labels[idx])
 
 
-def _set_bn_eval(model: nn.Module, eval_mode: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.train(not eval_mode)
+@contextmanager
+def masked_pass_bn(model: nn.Module, mode: str) -> Iterator[None]:
+    """BatchNorm during masked passes, never updating the full network's running statistics.
+
+    ``eval`` normalises with those running statistics (what a pruned model inherits without
+    tables); ``batch`` with the masked batch's own statistics (what per-ratio tables restore).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        if mode == "eval":
+            m.eval()
+        else:
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.train()
+            m.momentum = momentum
 
 
 def random_block_ratios(rng: np.random.Generator, ladder: Sequence[float], n_blocks: int) -> list[float]:
@@ -106,9 +132,10 @@ def random_block_ratios(rng: np.random.Generator, ladder: Sequence[float], n_blo
 
 
 def masked_loss(model: BlockNet, groups: Sequence[PruningGroup], ratios: Sequence[float],
-                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Loss of the model masked to ``ratios``; ``target`` holds labels or (distilling) class probabilities."""
     with masked(keep_masks(groups, ratios)):
-        return F.cross_entropy(model(x), y)
+        return F.cross_entropy(model(x), target)
 
 
 def train(config: TrainConfig, splits: dict[str, FrameSplit], progress: bool = True,
@@ -136,16 +163,17 @@ def train(config: TrainConfig, splits: dict[str, FrameSplit], progress: bool = T
         total_loss, n_seen = 0.0, 0
         for step, (x, y) in enumerate(bar):
             optimiser.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
             loss.backward()
             if use_masks:
-                _set_bn_eval(model, True)
+                target = torch.softmax(logits.detach(), 1) if config.distill else y
                 masked_ratios = [random_block_ratios(rng, config.ladder, model.n_blocks)]
                 if config.sandwich and step % 2 == 0:
                     masked_ratios.append([smallest] * model.n_blocks)
-                for ratios in masked_ratios:
-                    masked_loss(model, groups, ratios, x, y).backward()
-                _set_bn_eval(model, False)
+                with masked_pass_bn(model, config.masked_bn):
+                    for ratios in masked_ratios:
+                        masked_loss(model, groups, ratios, x, target).backward()
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimiser.step()

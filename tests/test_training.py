@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from edgeprune.dataset import load_raw_silhouettes
-from edgeprune.training import (accuracy, calibrate_bn_tables, regime_config, save_checkpoint, train)
+from edgeprune.training import (accuracy, calibrate_bn_tables, masked_pass_bn, regime_config, save_checkpoint,
+                                train)
 from shared.model import TrapNetConfig, build_model, model_fingerprint
-from shared.pruning import PrunableSlice, keep_masks, masked, pruning_groups, ratio_key
+from shared.pruning import PrunableSlice, keep_masks, pruning_groups, ratio_key
 
 LADDER = (0.0, 0.3, 0.5)
 
@@ -33,12 +34,20 @@ def trained(data):
 
 
 def test_random_width_training_learns_above_chance_at_full_and_pruned_width(trained, data):
+    """Learns, and its pruned pipeline (real surgery + the calibrated BN tables) still classifies."""
+    from edgeprune.bench.pruning import pipeline_predictions
+    from edgeprune.dataset import to_model_input
+
     config, model, history = trained
     assert len(history["epochs"]) == 3 and np.isfinite(history["epochs"][-1]["loss"])
     assert accuracy(model, data["test"]) > 0.35  # chance is 0.10
-    groups = pruning_groups(model, 28)
-    with masked(keep_masks(groups, [0.3] * model.n_blocks)):
-        assert accuracy(model, data["test"]) > 0.25
+    model.bn_tables = calibrate_bn_tables(model, data["train"], LADDER)
+    try:
+        stages = [PrunableSlice(model, a, b, ladder=LADDER, input_size=28) for a, b in ((0, 1), (2, 3), (4, 5))]
+        preds = pipeline_predictions(stages, [0.3] * 3, to_model_input(data["test"].images))
+    finally:
+        model.bn_tables = {}
+    assert (preds == data["test"].labels).mean() > 0.25
 
 
 def test_calibration_reads_each_ratios_statistics_and_restores_the_model(trained, data):
@@ -93,3 +102,21 @@ def test_standard_training_never_masks(data, monkeypatch):
     model, _ = train(regime_config("standard", 1, model=TrapNetConfig(width=8)), small, progress=False,
                      log=lambda _: None)
     assert isinstance(model.blocks[0][1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("mode", ["batch", "eval"])
+def test_masked_passes_never_move_the_full_networks_running_statistics(mode):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    norm = net[1]
+    before = norm.running_mean.clone()
+    x = torch.randn(8, 3, 6, 6) * 3 + 2
+    with masked_pass_bn(net, mode):
+        out = net(x)
+    torch.testing.assert_close(norm.running_mean, before)
+    assert norm.training and norm.momentum == 0.1  # restored for the next full pass
+    per_channel_mean = out.mean((0, 2, 3)).detach()
+    if mode == "batch":  # normalised with the batch's statistics: centred on the BN bias (0)
+        torch.testing.assert_close(per_channel_mean, torch.zeros(4), atol=1e-5, rtol=0)
+    else:  # normalised with the stored statistics (mean 0, var 1): not centred
+        assert per_channel_mean.abs().max() > 0.1

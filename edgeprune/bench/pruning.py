@@ -227,6 +227,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "Switching and memory": switch_rows, "Accuracy, uniform ratio (test split)": uniform_rows,
                        "Accuracy, mixed per-slice ratios": mixed_rows, "Logistic a(p) fit": fit_rows},
             "plots": [str(p) for p in plots], "slices": [list(s) for s in slices],
+            # Raw (ratio vector, accuracy) pairs, for refitting the controller's accuracy model.
+            "mixed_measurements": [{"model": r["model"], "bn_tables": r["bn_tables"],
+                                    "ratios": [float(v) for v in r["ratios"].split("/")], "acc": r["acc"]}
+                                   for r in mixed_rows],
             "models": {k: str(v) for k, v in models.items()}, "test_frames": len(test),
             "quick": bool(args.quick)}
 

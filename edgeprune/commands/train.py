@@ -20,6 +20,10 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", type=Path, help="checkpoint path (default: the shipped checkpoint for "
                    "--regime ours --arch resnet, else <cache>/models/<regime>-<arch>.pt)")
+    p.add_argument("--batch-size", type=int, help="override the regime's batch size (learning rate scales with it)")
+    p.add_argument("--weight-decay", type=float, help="override the regime's L2 weight decay")
+    p.add_argument("--masked-bn", default="batch", choices=["eval", "batch"],
+                   help="ours: BatchNorm statistics in the masked passes (running or batch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs epochs only)")
     p.set_defaults(func=run)
 
@@ -37,7 +41,7 @@ def run(args) -> int:
     import torch
 
     from edgeprune.dataset import RenderConfig, load_frames
-    from edgeprune.training import (REGIMES, accuracy, calibrate_bn_tables, calibration_frames,
+    from edgeprune.training import (BASE_BATCH, BASE_LR, REGIMES, accuracy, calibrate_bn_tables, calibration_frames,
                                     regime_config, save_checkpoint, train)
     from shared.model import TrapNetConfig
 
@@ -47,8 +51,13 @@ def run(args) -> int:
     if args.out and len(regimes) > 1:
         raise SystemExit("--out names one file: use it with a single --regime")
     for regime in regimes:
-        config = regime_config(regime, args.epochs, seed=args.seed,
-                               model=TrapNetConfig(width=args.width, arch=args.arch))
+        overrides = {}
+        if args.batch_size:
+            overrides.update(batch_size=args.batch_size, lr=BASE_LR * args.batch_size / BASE_BATCH)
+        if args.weight_decay is not None:
+            overrides["weight_decay"] = args.weight_decay
+        config = regime_config(regime, args.epochs, seed=args.seed, masked_bn=args.masked_bn,
+                               model=TrapNetConfig(width=args.width, arch=args.arch), **overrides)
         model, history = train(config, splits, progress=not args.no_progress)
         tables = calibrate_bn_tables(model, calibration_frames(splits["train"], config.calibration_frames,
                                                                config.seed), config.ladder)
