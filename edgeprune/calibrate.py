@@ -29,11 +29,23 @@ from shared.pruning import DEFAULT_LADDER, PrunableSlice
 
 def calibration_vectors(n_blocks: int, ladder: Sequence[float], max_ratio: float, n_random: int,
                         seed: int) -> np.ndarray:
-    """Unpruned, every uniform ratio up to ``max_ratio``, and ``n_random`` random per-block vectors."""
+    """Unpruned, every uniform ratio up to ``max_ratio``, and ``n_random`` random *pipeline-shaped* vectors.
+
+    A pipeline prunes contiguous runs of blocks at one ratio (a slice each), so the random vectors
+    are 2 or 3 random runs with a ladder ratio each: what the controller will actually choose.
+    Arbitrary per-block vectors are not: their BatchNorm tables mismatch at every block boundary
+    and they measure far below anything a pipeline of a few slices runs.
+    """
     allowed = np.asarray([r for r in ladder if r <= max_ratio + 1e-9])
     uniform = np.repeat(allowed[:, None], n_blocks, axis=1)
     rng = np.random.default_rng(seed)
-    return np.vstack([uniform, rng.choice(allowed, size=(n_random, n_blocks))])
+    shaped = []
+    for _ in range(n_random):
+        runs = int(rng.integers(2, min(3, n_blocks) + 1))
+        cuts = np.sort(rng.choice(np.arange(1, n_blocks), size=runs - 1, replace=False))
+        ratios = rng.choice(allowed, size=runs)
+        shaped.append(np.repeat(ratios, np.diff(np.concatenate([[0], cuts, [n_blocks]]))))
+    return np.vstack([uniform, *shaped]) if shaped else uniform
 
 
 def calibrate_accuracy(model: BlockNet, split: FrameSplit, vectors: np.ndarray,

@@ -11,10 +11,12 @@ from gateway.control_loop import load_block_accuracy
 from shared.model import build_model, model_fingerprint
 
 
-def test_vectors_hold_unpruned_uniform_and_random_rows():
-    v = calibration_vectors(6, (0.0, 0.3, 0.6, 0.9), max_ratio=0.6, n_random=5, seed=1)
-    assert v.shape == (3 + 5, 6)
+def test_vectors_hold_unpruned_uniform_and_pipeline_shaped_rows():
+    v = calibration_vectors(6, (0.0, 0.3, 0.6, 0.9), max_ratio=0.6, n_random=30, seed=1)
+    assert v.shape == (3 + 30, 6)
     assert (v[0] == 0).all() and (v[2] == 0.6).all() and v.max() <= 0.6
+    for row in v[3:]:  # 2 or 3 contiguous runs of one ratio each, like the slices of a pipeline
+        assert sum(a != b for a, b in zip(row, row[1:])) <= 2
 
 
 def test_calibration_measures_the_pipeline_and_writes_a_loadable_model(tmp_path):

@@ -10,7 +10,7 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", type=Path, help="model checkpoint (default: the shipped one)")
     p.add_argument("--out", type=Path, help="accuracy model file (default: beside the shipped checkpoint)")
     p.add_argument("--frames", type=int, default=1000, help="validation frames to classify per vector")
-    p.add_argument("--random", type=int, default=40, help="random per-block ratio vectors (besides the uniform ones)")
+    p.add_argument("--random", type=int, default=40, help="random pipeline-shaped ratio vectors (besides the uniform ones)")
     p.add_argument("--max-ratio", type=float, default=0.9, help="highest ratio measured")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -40,7 +40,7 @@ def run(args) -> int:
     rows = [{"vector": "/".join(f"{r:.1f}" for r in v), "measured": acc, "fitted": fit.logistic(v)}
             for v, acc in zip(vectors[:n_uniform], measured[:n_uniform])]
     print(format_table(f"Accuracy at uniform ratios ({len(split)} validation frames; "
-                       f"{args.random} random per-block vectors also fitted)", rows))
+                       f"{args.random} random pipeline-shaped vectors also fitted)", rows))
     print(f"logistic fit over {len(vectors)} vectors: R² {fit.r2:.3f}, RMSE {fit.rmse:.4f}; "
           f"block gains {', '.join(f'{g:.2f}' for g in fit.gains)}, offset {fit.offset:.2f}, top {fit.top:.3f}")
     print(f"wrote {out}")
