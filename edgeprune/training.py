@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -49,7 +49,7 @@ BASE_LR = 0.1  # at BASE_BATCH; scaled linearly with the batch size
 @dataclass(frozen=True)
 class TrainConfig:
     regime: str = "ours"
-    epochs: int = 6
+    epochs: int = 10
     batch_size: int = BASE_BATCH
     lr: float = BASE_LR
     weight_decay: float = 5e-4
@@ -76,16 +76,20 @@ class TrainConfig:
         return raw
 
 
-def regime_config(regime: str, epochs: int, **overrides: Any) -> TrainConfig:
-    """The hyper-parameters of each regime for a budget of ``epochs`` (standard's epoch count).
+# Each regime's recipe. The paper's is small batch (learning rate scaled linearly), ten times the
+# L2, and half again as many epochs as standard; ours runs batch 32 and 12 epochs, the shipped run.
+REGIME_RECIPES: dict[str, dict[str, Any]] = {
+    "standard": {"epochs": 10},
+    "paper": {"epochs": 15, "batch_size": 16, "lr": BASE_LR * 16 / BASE_BATCH, "weight_decay": 5e-3},
+    "ours": {"epochs": 12, "batch_size": 32, "lr": BASE_LR * 32 / BASE_BATCH},
+}
 
-    The paper's regime is its own recipe: batch 16 instead of 64 (learning rate scaled
-    linearly), ten times the weight decay, and half again as many epochs.
-    """
-    base = TrainConfig(regime=regime, epochs=epochs)
-    if regime == "paper":
-        base = replace(base, batch_size=16, lr=base.lr / 4, weight_decay=5e-3, epochs=math.ceil(epochs * 1.5))
-    return replace(base, **overrides)
+
+def regime_config(regime: str, **overrides: Any) -> TrainConfig:
+    """The hyper-parameters of ``regime`` (:data:`REGIME_RECIPES`), with ``overrides`` on top."""
+    if regime not in REGIME_RECIPES:
+        raise ValueError(f"unknown regime {regime!r}; choose from {REGIMES}")
+    return TrainConfig(**{"regime": regime, **REGIME_RECIPES[regime], **overrides})
 
 
 def batches(split: FrameSplit, batch_size: int, rng: np.random.Generator | None,

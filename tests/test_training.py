@@ -27,7 +27,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def trained(data):
-    config = regime_config("ours", 3, batch_size=32, ladder=LADDER, model=TrapNetConfig(width=8),
+    config = regime_config("ours", epochs=3, batch_size=32, ladder=LADDER, model=TrapNetConfig(width=8),
                            calibration_frames=256)
     model, history = train(config, data, progress=False, log=lambda _: None)
     return config, model, history
@@ -83,12 +83,12 @@ def test_checkpoint_round_trip_carries_the_bn_tables_to_the_node(trained, data, 
 
 
 def test_paper_regime_is_small_batch_strong_l2_more_epochs():
-    standard, paper = regime_config("standard", 8), regime_config("paper", 8)
+    standard, paper = regime_config("standard"), regime_config("paper")
     assert paper.batch_size < standard.batch_size
     assert paper.weight_decay >= 10 * standard.weight_decay
     assert paper.epochs > standard.epochs
     with pytest.raises(ValueError):
-        regime_config("magic", 8)
+        regime_config("magic")
 
 
 def test_standard_training_never_masks(data, monkeypatch):
@@ -99,7 +99,7 @@ def test_standard_training_never_masks(data, monkeypatch):
 
     monkeypatch.setattr(training, "masked_loss", fail)
     small = {k: v.subset(np.arange(64)) for k, v in data.items()}
-    model, _ = train(regime_config("standard", 1, model=TrapNetConfig(width=8)), small, progress=False,
+    model, _ = train(regime_config("standard", epochs=1, model=TrapNetConfig(width=8)), small, progress=False,
                      log=lambda _: None)
     assert isinstance(model.blocks[0][1], nn.BatchNorm2d)
 

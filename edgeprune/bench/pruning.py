@@ -61,16 +61,20 @@ def parse_slices(text: str) -> list[tuple[int, int]]:
     return slices  # type: ignore[return-value]
 
 
-def median_latency(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+def median_latencies(modules: Sequence[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
+    """Median seconds per module at batch 1, timed round-robin so that load from other processes
+    on a shared machine falls on every ratio alike rather than on whichever ran during it."""
+    times: list[list[float]] = [[] for _ in modules]
     with torch.inference_mode():
-        for _ in range(3):
-            module(x)
-        times = []
+        for module in modules:
+            for _ in range(3):
+                module(x)
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            module(x)
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+            for module, samples in zip(modules, times):
+                t0 = time.perf_counter()
+                module(x)
+                samples.append(time.perf_counter() - t0)
+    return [float(np.median(samples)) for samples in times]
 
 
 def slice_costs(model: BlockNet, slices: Sequence[tuple[int, int]], budget: Budget,
@@ -85,9 +89,12 @@ def slice_costs(model: BlockNet, slices: Sequence[tuple[int, int]], budget: Budg
         t0 = time.perf_counter()
         stage = PrunableSlice(model, first, last, ladder=budget.ladder)
         build_s = time.perf_counter() - t0
-        base: dict[int, float] = {}
-        for ratio in budget.ladder:
-            module = stage.module(ratio)
+        modules = [stage.module(ratio) for ratio in budget.ladder]
+        latency = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            latency[threads] = median_latencies(modules, x_in, budget.repeats)
+        for k, (ratio, module) in enumerate(zip(budget.ladder, modules)):
             t0 = time.perf_counter()
             prune_slice(model, first, last, ratio)
             prune_s = time.perf_counter() - t0 if ratio > 0 else 0.0
@@ -99,11 +106,8 @@ def slice_costs(model: BlockNet, slices: Sequence[tuple[int, int]], budget: Budg
             row = {"model": label, "slice": f"{index + 1} ({model.block_names[first]}..{model.block_names[last]})",
                    "ratio": ratio, "params": int(params), "MMACs": macs / 1e6, "out_bytes": wire_bytes}
             for threads in (1, 2):
-                torch.set_num_threads(threads)
-                ms = median_latency(module, x_in, budget.repeats) * 1e3
-                base.setdefault(threads, ms)
-                row[f"ms_{threads}t"] = ms
-                row[f"speedup_{threads}t"] = base[threads] / ms
+                row[f"ms_{threads}t"] = latency[threads][k] * 1e3
+                row[f"speedup_{threads}t"] = latency[threads][0] / latency[threads][k]
             row["prune_ms"] = prune_s * 1e3
             rows.append(row)
         switches = []
@@ -167,7 +171,7 @@ def fit_error(ratios: np.ndarray, acc: np.ndarray, gammas: np.ndarray, delta: fl
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     budget = (Budget((0.0, 0.3, 0.5, 0.9), 300, 8, 10) if args.quick
-              else Budget(DEFAULT_LADDER, 1000, args.mixed, 50))
+              else Budget(DEFAULT_LADDER, 1000, args.mixed, 100))
     slices = parse_slices(args.slices)
     models = dict(m.split("=", 1) for m in args.model) if args.model else default_models()
     models = {name: Path(path) for name, path in models.items()}
