@@ -275,19 +275,21 @@ def write_plots(folder: Path, cost_rows, uniform_rows, mixed_rows, fit_rows, vec
     folder.mkdir(parents=True, exist_ok=True)
     written = []
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
+    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r["model"] for r in uniform_rows))}
     for ax, when in zip(axes, ("day", "night")):
         for (name, tables) in dict.fromkeys((r["model"], r["bn_tables"]) for r in uniform_rows):
             rows = [r for r in uniform_rows if r["model"] == name and r["bn_tables"] == tables]
-            ax.plot([r["ratio"] for r in rows], [r[f"rel_{when}"] for r in rows], marker="o",
-                    linestyle="-" if tables == "yes" else "--", label=f"{name}, BN tables {tables}")
+            ax.plot([r["ratio"] for r in rows], [r[f"rel_{when}"] for r in rows], marker="o", markersize=3,
+                    color=colours[name], linestyle="-" if tables == "yes" else "--",
+                    label=f"{name}, BN tables {tables}")
         ax.axhline(0.98, color="gray", lw=0.6)
         ax.axhline(0.95, color="gray", lw=0.6, ls=":")
         ax.set_title(f"{when} frames")
         ax.set_xlabel("uniform pruning ratio p")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy relative to the unpruned model")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     written.append(folder / "pruning-accuracy.png")
     fig.savefig(written[-1], dpi=110)
