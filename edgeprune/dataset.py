@@ -59,7 +59,7 @@ class FrameSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, mask_or_index: np.ndarray) -> "FrameSplit":
+    def subset(self, mask_or_index: np.ndarray) -> FrameSplit:
         return FrameSplit(self.images[mask_or_index], self.labels[mask_or_index], self.night[mask_or_index])
 
 
@@ -87,7 +87,7 @@ def load_silhouettes() -> tuple[np.ndarray, np.ndarray]:
 def split_indices(n: int, seed: int) -> dict[str, np.ndarray]:
     """Seeded shuffle then 80/10/10: the labels are stored sorted, so never split in file order."""
     order = np.random.default_rng(seed).permutation(n)
-    ends = np.cumsum([int(round(f * n)) for f in SPLIT_FRACTIONS])
+    ends = np.cumsum([round(f * n) for f in SPLIT_FRACTIONS])
     ends[-1] = n
     starts = np.concatenate([[0], ends[:-1]])
     return {name: np.sort(order[a:b]) for name, a, b in zip(SPLITS, starts, ends)}

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +39,7 @@ from tqdm import tqdm
 
 from edgeprune.dataset import FrameSplit, to_model_input
 from shared.model import BlockNet, TrapNetConfig, make_model
-from shared.pruning import (DEFAULT_LADDER, PruningGroup, keep_masks, masked, pruning_groups,
-                            ratio_key)
+from shared.pruning import DEFAULT_LADDER, PruningGroup, keep_masks, masked, pruning_groups, ratio_key
 
 REGIMES = ("standard", "paper", "ours")
 BASE_BATCH = 64

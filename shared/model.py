@@ -79,7 +79,7 @@ class TrapNetConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "TrapNetConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> TrapNetConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 

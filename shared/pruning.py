@@ -24,9 +24,9 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -173,7 +173,7 @@ def masked(masks: Mapping[nn.BatchNorm2d, torch.Tensor]) -> Iterator[None]:
             handle.remove()
 
 
-def bn_table_for(model: BlockNet, tables: BnTables | None, ratio: float) -> Mapping[str, Mapping[str, torch.Tensor]]:
+def bn_table_for(tables: BnTables | None, ratio: float) -> Mapping[str, Mapping[str, torch.Tensor]]:
     """The per-ratio BatchNorm statistics for ``ratio`` (empty when the checkpoint has none)."""
     if not tables:
         return {}
@@ -278,7 +278,7 @@ class PrunableSlice:
             variant = self._variants.get(ratio)
             if variant is None:
                 variant = prune_slice(self.model, self.first_block, self.last_block, ratio,
-                                      bn_table_for(self.model, self.bn_tables, ratio), self.input_size)
+                                      bn_table_for(self.bn_tables, ratio), self.input_size)
                 self._variants[ratio] = variant
             return variant
 

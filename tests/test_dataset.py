@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from edgeprune import dataset
-from edgeprune.dataset import (FrameSplit, RenderConfig, load_frames, load_raw_silhouettes, render_frame,
-                               split_indices, to_model_input)
+from edgeprune.dataset import (
+    FrameSplit,
+    RenderConfig,
+    load_frames,
+    load_raw_silhouettes,
+    render_frame,
+    split_indices,
+    to_model_input,
+)
 from shared.imaging import normalise
 
 

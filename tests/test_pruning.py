@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 
 import numpy as np
 import pytest
@@ -153,7 +154,7 @@ def test_masks_equal_torch_pruning_surgery(model, groups, slices, ratio):
 def test_channel_sets_are_nested_across_ratios(groups):
     for group in groups:
         kept = [group.keep_mask(r) for r in DEFAULT_LADDER]
-        for wider, narrower in zip(kept, kept[1:]):
+        for wider, narrower in itertools.pairwise(kept):
             assert not (narrower & ~wider).any()
             assert narrower.sum() < wider.sum() or narrower.sum() == 1
 

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from edgeprune.dataset import load_raw_silhouettes
-from edgeprune.training import (accuracy, calibrate_bn_tables, masked_pass_bn, regime_config, save_checkpoint,
-                                train)
+from edgeprune.training import accuracy, calibrate_bn_tables, masked_pass_bn, regime_config, save_checkpoint, train
 from shared.model import TrapNetConfig, build_model, model_fingerprint
 from shared.pruning import PrunableSlice, keep_masks, pruning_groups, ratio_key
 
@@ -38,7 +37,7 @@ def test_random_width_training_learns_above_chance_at_full_and_pruned_width(trai
     from edgeprune.bench.pruning import pipeline_predictions
     from edgeprune.dataset import to_model_input
 
-    config, model, history = trained
+    _, model, history = trained
     assert len(history["epochs"]) == 3 and np.isfinite(history["epochs"][-1]["loss"])
     assert accuracy(model, data["test"]) > 0.35  # chance is 0.10
     model.bn_tables = calibrate_bn_tables(model, data["train"], LADDER)
@@ -92,7 +91,7 @@ def test_paper_regime_is_small_batch_strong_l2_more_epochs():
 
 
 def test_standard_training_never_masks(data, monkeypatch):
-    import edgeprune.training as training
+    from edgeprune import training
 
     def fail(*_args, **_kwargs):
         raise AssertionError("standard regime ran a masked pass")

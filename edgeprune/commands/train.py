@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="train the model (regimes: standard, paper, ours) and write a checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -38,8 +39,17 @@ def run(args) -> int:
     import torch
 
     from edgeprune.dataset import RenderConfig, load_frames
-    from edgeprune.training import (BASE_BATCH, BASE_LR, REGIMES, accuracy, calibrate_bn_tables, calibration_frames,
-                                    regime_config, save_checkpoint, train)
+    from edgeprune.training import (
+        BASE_BATCH,
+        BASE_LR,
+        REGIMES,
+        accuracy,
+        calibrate_bn_tables,
+        calibration_frames,
+        regime_config,
+        save_checkpoint,
+        train,
+    )
     from shared.model import TrapNetConfig
 
     torch.set_num_threads(args.threads)
