@@ -22,6 +22,7 @@ equals the pruned slices with zero-filled boundaries (tested to float tolerance)
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +35,8 @@ import torch_pruning as tp
 from torch import nn
 
 from shared.model import INPUT_SIZE, BlockNet
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LADDER: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))
 # BN tables: {ratio_key(p): {BatchNorm name in the full model: {"mean": tensor, "var": tensor}}}
@@ -174,10 +177,19 @@ def masked(masks: Mapping[nn.BatchNorm2d, torch.Tensor]) -> Iterator[None]:
 
 
 def bn_table_for(tables: BnTables | None, ratio: float) -> Mapping[str, Mapping[str, torch.Tensor]]:
-    """The per-ratio BatchNorm statistics for ``ratio`` (empty when the checkpoint has none)."""
+    """The per-ratio BatchNorm statistics for ``ratio`` (empty when the checkpoint has none).
+
+    A model trained to rely on its tables loses most of its accuracy without them, so a ratio
+    the tables do not cover is logged rather than passed over in silence.
+    """
     if not tables:
         return {}
-    return tables.get(ratio_key(ratio), {})
+    table = tables.get(ratio_key(ratio))
+    if table is None:
+        log.warning("no BatchNorm table for ratio %s (tables cover %s): this variant keeps the full "
+                    "model's statistics and may lose accuracy", ratio, ", ".join(sorted(tables)))
+        return {}
+    return table
 
 
 @dataclass

@@ -264,3 +264,12 @@ def test_tables_default_to_the_ones_the_model_was_loaded_with(model):
     keep = keep_masks(pruning_groups(loaded, SIZE), [ratio] * loaded.n_blocks)[stem_norm]
     torch.testing.assert_close(stage.module(ratio).get_submodule("0.1").running_mean,
                                (stem_norm.running_mean + 1.0)[keep])
+
+
+def test_a_ratio_without_a_table_is_reported(model, caplog):
+    loaded = copy.deepcopy(model)
+    loaded.bn_tables = {ratio_key(0.5): {}}
+    with caplog.at_level("WARNING", logger="shared.pruning"):
+        PrunableSlice(loaded, 0, 1, ladder=(0.5, 0.25), input_size=SIZE)
+    assert [r for r in caplog.records if "no BatchNorm table for ratio 0.25" in r.getMessage()]
+    assert not [r for r in caplog.records if "ratio 0.5 " in r.getMessage()]
