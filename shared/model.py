@@ -89,14 +89,36 @@ class BlockNet(nn.Module):
     config: TrapNetConfig
     blocks: nn.ModuleList
 
-    def __init__(self) -> None:
+    def __init__(self, config: TrapNetConfig) -> None:
         super().__init__()
+        self.config = config
         # Per-ratio BatchNorm statistics from the checkpoint (see shared.pruning); not weights.
         self.bn_tables: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        w = config.width
+        blocks: list[nn.Module] = [conv_bn_relu(3, w, stride=2)]
+        c_in = w
+        for i, n in enumerate(config.blocks_per_stage):
+            c_out = w * 2**i
+            blocks.append(self.make_stage(i, n, c_in, c_out))
+            c_in = c_out
+        blocks.append(Head(c_in, config.num_classes))
+        self.blocks = nn.ModuleList(blocks)
+
+    def make_stage(self, index: int, layers: int, c_in: int, c_out: int) -> nn.Sequential:
+        """Stage ``index`` (0-based) of ``layers`` layers, ``c_in`` -> ``c_out`` channels."""
+        raise NotImplementedError
+
+    def stage_output_norm(self, stage: nn.Sequential) -> nn.BatchNorm2d:
+        """The BatchNorm that produces a stage's output channels."""
+        raise NotImplementedError
 
     def output_norm(self, block: int) -> nn.BatchNorm2d | None:
         """The BatchNorm in whose dependency group the block's output channels are (None: head, logits)."""
-        raise NotImplementedError
+        if block == 0:
+            return self.blocks[0][1]
+        if block == self.n_blocks - 1:
+            return None
+        return self.stage_output_norm(self.blocks[block])
 
     @property
     def n_blocks(self) -> int:
@@ -125,55 +147,32 @@ class TrapNet(BlockNet):
     """ResNet-style: stem (stride 2), stages of BasicBlocks doubling width, pooled linear head."""
 
     def __init__(self, config: TrapNetConfig = TrapNetConfig()):
-        super().__init__()
-        self.config = config
-        w = config.width
-        blocks: list[nn.Module] = [conv_bn_relu(3, w, stride=2)]
-        c_in = w
-        for i, n in enumerate(config.blocks_per_stage):
-            c_out = w * 2**i
-            stride = 1 if i == 0 else 2
-            blocks.append(nn.Sequential(*[
-                BasicBlock(c_in if j == 0 else c_out, c_out, stride if j == 0 else 1, projection=j == 0)
-                for j in range(n)]))
-            c_in = c_out
-        blocks.append(Head(c_in, config.num_classes))
-        self.blocks = nn.ModuleList(blocks)
+        super().__init__(config)
 
-    def output_norm(self, block: int) -> nn.BatchNorm2d | None:
-        if block == 0:
-            return self.blocks[0][1]
-        if block == self.n_blocks - 1:
-            return None
-        return self.blocks[block][-1].bn2
+    def make_stage(self, index: int, layers: int, c_in: int, c_out: int) -> nn.Sequential:
+        stride = 1 if index == 0 else 2
+        return nn.Sequential(*[
+            BasicBlock(c_in if j == 0 else c_out, c_out, stride if j == 0 else 1, projection=j == 0)
+            for j in range(layers)])
+
+    def stage_output_norm(self, stage: nn.Sequential) -> nn.BatchNorm2d:
+        return stage[-1].bn2
 
 
 class TrapVGG(BlockNet):
     """VGG-style: stem (stride 2), stages of plain 3x3 conv-BN-ReLU layers each ending in a 2x2 max-pool."""
 
     def __init__(self, config: TrapNetConfig = TrapNetConfig(arch="vgg")):
-        super().__init__()
-        self.config = config
-        w = config.width
-        blocks: list[nn.Module] = [conv_bn_relu(3, w, stride=2)]
-        c_in = w
-        for i, n in enumerate(config.blocks_per_stage):
-            c_out = w * 2**i
-            layers: list[nn.Module] = [conv_bn_relu(c_in if j == 0 else c_out, c_out) for j in range(n)]
-            if i > 0:
-                layers.append(nn.MaxPool2d(2))
-            blocks.append(nn.Sequential(*layers))
-            c_in = c_out
-        blocks.append(Head(c_in, config.num_classes))
-        self.blocks = nn.ModuleList(blocks)
+        super().__init__(config)
 
-    def output_norm(self, block: int) -> nn.BatchNorm2d | None:
-        if block == 0:
-            return self.blocks[0][1]
-        if block == self.n_blocks - 1:
-            return None
-        last_conv = [m for m in self.blocks[block] if isinstance(m, nn.Sequential)][-1]
-        return last_conv[1]
+    def make_stage(self, index: int, layers: int, c_in: int, c_out: int) -> nn.Sequential:
+        convs: list[nn.Module] = [conv_bn_relu(c_in if j == 0 else c_out, c_out) for j in range(layers)]
+        if index > 0:
+            convs.append(nn.MaxPool2d(2))
+        return nn.Sequential(*convs)
+
+    def stage_output_norm(self, stage: nn.Sequential) -> nn.BatchNorm2d:
+        return [m for m in stage if isinstance(m, nn.Sequential)][-1][1]
 
 
 def make_model(config: TrapNetConfig) -> BlockNet:
