@@ -75,51 +75,59 @@ class Topics:
         """Retained: which node runs which blocks (JSON :class:`shared.schemas.Placement`)."""
         return f"{self.root}/placement"
 
+    # Per-node topics: ``<root>/node/<node_id>/<leaf>``; the gateway subscribes with ``+`` for the id.
+    def _node(self, node_id: str, leaf: str) -> str:
+        return f"{self.root}/node/{validate_id('node', node_id)}/{leaf}"
+
+    def _every_node(self, leaf: str) -> str:
+        return f"{self.root}/node/+/{leaf}"
+
     def node_status(self, node_id: str) -> str:
-        return f"{self.root}/node/{validate_id('node', node_id)}/status"
+        """Retained availability, driven by the last will."""
+        return self._node(node_id, "status")
 
     @property
     def node_status_filter(self) -> str:
-        return f"{self.root}/node/+/status"
+        return self._every_node("status")
 
     def node_stats(self, node_id: str) -> str:
-        return f"{self.root}/node/{validate_id('node', node_id)}/stats"
+        return self._node(node_id, "stats")
 
     @property
     def node_stats_filter(self) -> str:
-        return f"{self.root}/node/+/stats"
+        return self._every_node("stats")
 
     def node_profile(self, node_id: str) -> str:
         """Retained: the node's measured block profile and resources (:class:`shared.profiling.NodeProfile`)."""
-        return f"{self.root}/node/{validate_id('node', node_id)}/profile"
+        return self._node(node_id, "profile")
 
     @property
     def node_profile_filter(self) -> str:
-        return f"{self.root}/node/+/profile"
+        return self._every_node("profile")
 
     def node_calibration(self, node_id: str) -> str:
         """Retained: latency of the node's current slice per prune ratio (:class:`SliceCalibration`)."""
-        return f"{self.root}/node/{validate_id('node', node_id)}/calibration"
+        return self._node(node_id, "calibration")
 
     @property
     def node_calibration_filter(self) -> str:
-        return f"{self.root}/node/+/calibration"
+        return self._every_node("calibration")
+
+    def node_prune_desired(self, node_id: str) -> str:
+        """Retained desired prune state, set by the gateway's controller or an operator."""
+        return self._node(node_id, "prune/set")
 
     @property
     def node_prune_desired_filter(self) -> str:
-        return f"{self.root}/node/+/prune/set"
-
-    def node_prune_desired(self, node_id: str) -> str:
-        """Retained desired prune state set by the gateway (the controller issue fills it)."""
-        return f"{self.root}/node/{validate_id('node', node_id)}/prune/set"
+        return self._every_node("prune/set")
 
     def node_prune_state(self, node_id: str) -> str:
         """Retained prune state actually applied by the node."""
-        return f"{self.root}/node/{validate_id('node', node_id)}/prune/state"
+        return self._node(node_id, "prune/state")
 
     def node_command(self, node_id: str) -> str:
         """One-shot commands to a node; never retained."""
-        return f"{self.root}/node/{validate_id('node', node_id)}/cmd"
+        return self._node(node_id, "cmd")
 
     def node_id_from_topic(self, topic: str) -> str | None:
         parts = topic.split("/")
