@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edgeprune.bench.pruning import pipeline_predictions
 from edgeprune.dataset import FrameSplit, to_model_input
 from gateway.curves import AccuracyFit, fit_accuracy
 from shared.model import CLASS_NAMES, BlockNet, model_fingerprint
-from shared.pruning import DEFAULT_LADDER, PrunableSlice
+from shared.pruning import DEFAULT_LADDER, PrunableSlice, pipeline_predictions
 
 
 def calibration_vectors(n_blocks: int, ladder: Sequence[float], max_ratio: float, n_random: int,

@@ -332,3 +332,22 @@ class PrunableSlice:
         """Parameters and buffers of every variant built so far, the full slice included."""
         with self._lock:
             return sum(module_bytes(v.module) for v in self._variants.values())
+
+
+def pipeline_predictions(stages: Sequence[PrunableSlice], ratios: Sequence[float], inputs: torch.Tensor,
+                         batch: int = 250) -> np.ndarray:
+    """Class predictions of the pruned pipeline, zero-filling pruned channels between slices like a node."""
+    for stage, ratio in zip(stages, ratios):
+        stage.set_ratio(ratio)
+    preds = []
+    for start in range(0, len(inputs), batch):
+        x = inputs[start:start + batch]
+        for stage in stages:
+            out, keep = stage.forward(x)
+            if keep is not None:
+                full = torch.zeros(out.shape[0], keep.size, *out.shape[2:])
+                full[:, torch.from_numpy(keep)] = out
+                out = full
+            x = out
+        preds.append(x.argmax(1).numpy())
+    return np.concatenate(preds)

@@ -34,8 +34,8 @@ def trained(data):
 
 def test_random_width_training_learns_above_chance_at_full_and_pruned_width(trained, data):
     """Learns, and its pruned pipeline (real surgery + the calibrated BN tables) still classifies."""
-    from edgeprune.bench.pruning import pipeline_predictions
     from edgeprune.dataset import to_model_input
+    from shared.pruning import pipeline_predictions
 
     _, model, history = trained
     assert len(history["epochs"]) == 3 and np.isfinite(history["epochs"][-1]["loss"])

@@ -18,7 +18,7 @@ import torch
 
 from edgeprune.dataset import FrameSplit, RenderConfig, cache_dir, load_frames, to_model_input
 from shared.model import DEFAULT_CHECKPOINT, BlockNet, build_model
-from shared.pruning import DEFAULT_LADDER, PrunableSlice, module_bytes, prune_slice
+from shared.pruning import DEFAULT_LADDER, PrunableSlice, module_bytes, pipeline_predictions, prune_slice
 
 TARGET_SPEEDUP = 1.6
 TARGET_SWITCH_S = 1e-3
@@ -121,25 +121,6 @@ def slice_costs(model: BlockNet, slices: Sequence[tuple[int, int]], budget: Budg
                             "switch_max_us": float(np.max(switches)) * 1e6})
     torch.set_num_threads(2)
     return rows, switch_rows
-
-
-def pipeline_predictions(stages: Sequence[PrunableSlice], ratios: Sequence[float], inputs: torch.Tensor,
-                         batch: int = 250) -> np.ndarray:
-    """Class predictions of the pruned pipeline, zero-filling pruned channels between slices like a node."""
-    for stage, ratio in zip(stages, ratios):
-        stage.set_ratio(ratio)
-    preds = []
-    for start in range(0, len(inputs), batch):
-        x = inputs[start:start + batch]
-        for stage in stages:
-            out, keep = stage.forward(x)
-            if keep is not None:
-                full = torch.zeros(out.shape[0], keep.size, *out.shape[2:])
-                full[:, torch.from_numpy(keep)] = out
-                out = full
-            x = out
-        preds.append(x.argmax(1).numpy())
-    return np.concatenate(preds)
 
 
 def accuracies(preds: np.ndarray, test: FrameSplit) -> dict[str, float]:
