@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "standard/paper/ours-vgg from <cache>/models/ when present")
     parser.add_argument("--slices", default="0-1,2-3,4-5", help="the pipeline's slices, as first-last blocks")
     parser.add_argument("--mixed", type=int, default=40, help="random per-slice ratio vectors per model")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the mixed vectors and the frames")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the mixed vectors")
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="seed of the frames the models were trained on (edgeprune train --data-seed)")
     parser.add_argument("--plots", type=Path, default=Path("docs"), help="folder for the PNG plots")
     parser.add_argument("--quick", action="store_true",
                         help="small run: 4 ratios, 300 test frames, 8 mixed vectors, few timing repeats")
@@ -157,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     slices = parse_slices(args.slices)
     models = dict(m.split("=", 1) for m in args.model) if args.model else default_models()
     models = {name: Path(path) for name, path in models.items()}
-    test = load_frames(RenderConfig(seed=args.seed))["test"]
+    test = load_frames(RenderConfig(seed=args.data_seed))["test"]
     test = test.subset(np.sort(np.random.default_rng(args.seed).choice(len(test), budget.test_frames,
                                                                        replace=False)))
     inputs = to_model_input(test.images)

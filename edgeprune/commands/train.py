@@ -13,7 +13,9 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, help="override the regime's epochs (standard 10, paper 15, ours 12)")
     p.add_argument("--arch", default="resnet", choices=["resnet", "vgg"])
     p.add_argument("--width", type=int, default=32, help="channels of the first stage")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of weight init, batch order and masks")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the frames and their split (keep 0 to compare runs on one test set)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", type=Path, help="checkpoint path (default: the shipped checkpoint for "
                    "--regime ours --arch resnet, else <cache>/models/<regime>-<arch>.pt)")
@@ -53,7 +55,7 @@ def run(args) -> int:
     from shared.model import TrapNetConfig
 
     torch.set_num_threads(args.threads)
-    splits = load_frames(RenderConfig(seed=args.seed))
+    splits = load_frames(RenderConfig(seed=args.data_seed))
     regimes = REGIMES if args.regime == "all" else (args.regime,)
     if args.out and len(regimes) > 1:
         raise SystemExit("--out names one file: use it with a single --regime")
