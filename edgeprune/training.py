@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -206,34 +206,17 @@ def accuracy(model: nn.Module, split: FrameSplit) -> float:
     return float((predict(model, split) == split.labels).mean())
 
 
-@torch.no_grad()
-def calibrate_bn_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence[float],
-                        batch_size: int = 256) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """BatchNorm running statistics of the model pruned to each ladder ratio (no gradient, no weight change).
+BnStats = dict[str, dict[str, torch.Tensor]]  # BatchNorm name -> {"mean": t, "var": t}
 
-    The model is masked exactly as it will be pruned, its BatchNorms average the batch
-    statistics of ``frames`` (cumulative mean, ``momentum=None``), and the result is read out.
-    The model's own statistics are restored afterwards.
-    """
-    input_size = frames.images.shape[1]
-    groups = pruning_groups(model.eval(), input_size)
+
+@contextmanager
+def preserved_bn_statistics(model: nn.Module) -> Iterator[dict[str, nn.BatchNorm2d]]:
+    """Yield the model's BatchNorms by name; their statistics and modes are restored on exit."""
     norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     saved = {name: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
              for name, m in norms.items()}
-    tables = {}
     try:
-        for ratio in ladder:
-            if ratio == 0:
-                continue
-            for m in norms.values():
-                m.reset_running_stats()
-                m.momentum = None
-                m.train()
-            with masked(keep_masks(groups, [ratio] * model.n_blocks)):
-                for x, _ in batches(frames, batch_size, None, False):
-                    model(x)
-            tables[ratio_key(ratio)] = {name: {"mean": m.running_mean.clone(), "var": m.running_var.clone()}
-                                        for name, m in norms.items()}
+        yield norms
     finally:
         for name, m in norms.items():
             mean, var, count, momentum = saved[name]
@@ -242,7 +225,91 @@ def calibrate_bn_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence[fl
             m.num_batches_tracked.copy_(count)
             m.momentum = momentum
         model.eval()
+
+
+def _start_averaging(norms: Iterable[nn.BatchNorm2d]) -> None:
+    """BatchNorms that average the batch statistics of what runs next (cumulative mean, ``momentum=None``)."""
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+
+
+def _read_stats(norms: Mapping[str, nn.BatchNorm2d]) -> BnStats:
+    return {name: {"mean": m.running_mean.clone(), "var": m.running_var.clone()} for name, m in norms.items()}
+
+
+@torch.no_grad()
+def calibrate_bn_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence[float],
+                        batch_size: int = 256) -> dict[str, BnStats]:
+    """BatchNorm running statistics of the model pruned to each ladder ratio (no gradient, no weight change).
+
+    The model is masked exactly as it will be pruned, its BatchNorms average the batch
+    statistics of ``frames``, and the result is read out. The model's own statistics are
+    restored afterwards.
+    """
+    groups = pruning_groups(model.eval(), frames.images.shape[1])
+    tables = {}
+    with preserved_bn_statistics(model) as norms:
+        for ratio in ladder:
+            if ratio == 0:
+                continue
+            _start_averaging(norms.values())
+            with masked(keep_masks(groups, [ratio] * model.n_blocks)):
+                for x, _ in batches(frames, batch_size, None, False):
+                    model(x)
+            tables[ratio_key(ratio)] = _read_stats(norms)
     return tables
+
+
+@torch.no_grad()
+def calibrate_entry_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence[float],
+                           bn_tables: Mapping[str, BnStats], batch_size: int = 256) -> dict[str, dict[str, BnStats]]:
+    """Statistics of each block's BatchNorms when the blocks before it run at a *different* ratio.
+
+    A slice that starts at block ``b`` runs at its own ratio ``p`` on activations that the
+    upstream slice pruned at ``q``. The uniform table for ``p`` assumes ``q == p``; when the
+    upstream is pruned much harder the block's first BatchNorms normalise with the wrong
+    statistics and accuracy collapses (docs/model.md). So for every pair ``q != p`` of the
+    ladder: the blocks before ``b`` run masked at ``q`` with their ``q`` table (as the upstream
+    node does), and block ``b`` alone, masked at ``p``, averages its batch statistics. Blocks after
+    the slice's first see a normalised input and keep the uniform table. Result:
+    ``{ratio_key(p): {ratio_key(q): {BatchNorm name: {"mean", "var"}}}}`` over the BatchNorms of
+    every block that can start a slice (all but the stem).
+    """
+    groups = pruning_groups(model.eval(), frames.images.shape[1])
+    entry: dict[str, dict[str, BnStats]] = {ratio_key(p): {} for p in ladder}
+    with preserved_bn_statistics(model) as norms:
+        own = _read_stats(norms)
+        block_norms = {b: {name: norms[name] for name in norms if name.startswith(f"blocks.{b}.")}
+                       for b in range(1, model.n_blocks)}
+        block_norms = {b: found for b, found in block_norms.items() if found}
+        for upstream in ladder:
+            table = bn_tables[ratio_key(upstream)] if upstream > 0 else own
+            for name, m in norms.items():
+                m.running_mean.copy_(table[name]["mean"])
+                m.running_var.copy_(table[name]["var"])
+                m.eval()
+            inputs: dict[int, list[torch.Tensor]] = {b: [] for b in block_norms}
+            with masked(keep_masks(groups, [upstream] * model.n_blocks)):
+                for x, _ in batches(frames, batch_size, None, False):
+                    for b, block in enumerate(model.blocks):
+                        if b in inputs:
+                            inputs[b].append(x)
+                        x = block(x)
+            for ratio in ladder:
+                if ratio == upstream:
+                    continue
+                masks = keep_masks(groups, [ratio] * model.n_blocks)
+                for b, found in block_norms.items():
+                    _start_averaging(found.values())
+                    with masked({m: mask for m, mask in masks.items() if m in found.values()}):
+                        for x in inputs[b]:
+                            model.blocks[b](x)
+                    entry[ratio_key(ratio)].setdefault(ratio_key(upstream), {}).update(_read_stats(found))
+                    for m in found.values():
+                        m.eval()
+    return entry
 
 
 def calibration_frames(split: FrameSplit, n: int, seed: int) -> FrameSplit:
@@ -251,9 +318,28 @@ def calibration_frames(split: FrameSplit, n: int, seed: int) -> FrameSplit:
     return split.subset(np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False)))
 
 
-def save_checkpoint(path: Path, model: BlockNet, config: TrainConfig,
-                    bn_tables: dict[str, Any], meta: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, model: BlockNet, config: TrainConfig, bn_tables: dict[str, Any],
+                    meta: dict[str, Any], entry_tables: dict[str, Any] | None = None) -> None:
     """The dict :func:`shared.model.build_model` loads (``weights_only``-safe: tensors and plain values)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": config.model.to_dict(), "model": model.state_dict(), "bn_tables": bn_tables,
-                "meta": {"train_config": config.to_dict(), **meta}}, path)
+                "entry_bn_tables": entry_tables or {}, "meta": {"train_config": config.to_dict(), **meta}}, path)
+
+
+def calibrate_all_tables(model: BlockNet, train_split: FrameSplit,
+                         config: TrainConfig) -> tuple[dict[str, BnStats], dict[str, dict[str, BnStats]]]:
+    """Uniform per-ratio tables and entry tables from the same seeded unlabelled training frames."""
+    frames = calibration_frames(train_split, config.calibration_frames, config.seed)
+    tables = calibrate_bn_tables(model, frames, config.ladder)
+    return tables, calibrate_entry_tables(model, frames, config.ladder, tables)
+
+
+def recalibrate_checkpoint(path: Path, train_split: FrameSplit) -> None:
+    """Recompute a checkpoint's BatchNorm tables in place: same weights, same training config."""
+    from shared.model import build_model, load_checkpoint
+
+    state = load_checkpoint(path)
+    config = TrainConfig(**{**state["meta"]["train_config"], "ladder": tuple(state["meta"]["train_config"]["ladder"]),
+                            "model": TrapNetConfig.from_dict(state["config"])})
+    state["bn_tables"], state["entry_bn_tables"] = calibrate_all_tables(build_model(path), train_split, config)
+    torch.save(state, path)

@@ -148,7 +148,7 @@ class StageRuntime:
         act = self.decode(req)
         x = torch.from_numpy(np.array(act.full_tensor(), dtype=np.float32))  # a writable copy
         t0 = time.perf_counter()
-        out, keep_mask = self.slice.forward(x)
+        out, keep_mask = self.slice.forward(x, act.keep_mask)
         if slowdown > 1.0:
             time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
         compute_s = time.perf_counter() - t0

@@ -94,6 +94,8 @@ class BlockNet(nn.Module):
         self.config = config
         # Per-ratio BatchNorm statistics from the checkpoint (see shared.pruning); not weights.
         self.bn_tables: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        # ... and per (own ratio, upstream ratio) for the block a slice starts with
+        self.entry_bn_tables: dict[str, dict[str, dict[str, dict[str, torch.Tensor]]]] = {}
         w = config.width
         blocks: list[nn.Module] = [conv_bn_relu(3, w, stride=2)]
         c_in = w
@@ -184,6 +186,7 @@ MODEL_NAME = "trapnet"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "trapnet.pt"
 # Checkpoint keys: "config" (TrapNetConfig.to_dict), "model" (state dict), optional
 # "bn_tables" ({ratio as str: {BatchNorm name in the full model: {"mean": t, "var": t}}}),
+# optional "entry_bn_tables" ({own ratio: {upstream ratio: {BatchNorm name: {"mean", "var"}}}}),
 # optional "meta" (training regime, accuracy, ... : plain JSON-like values).
 
 
@@ -204,6 +207,7 @@ def build_model(checkpoint: Path | None = None, seed: int = 0) -> BlockNet:
         model = make_model(TrapNetConfig.from_dict(state.get("config", {})))
         model.load_state_dict(state["model"])
         model.bn_tables = state.get("bn_tables", {})
+        model.entry_bn_tables = state.get("entry_bn_tables", {})
     else:
         if checkpoint is not None:
             raise FileNotFoundError(f"checkpoint {path} does not exist")

@@ -21,13 +21,15 @@ equals the pruned slices with zero-filled boundaries (tested to float tolerance)
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,8 +41,11 @@ from shared.model import INPUT_SIZE, BlockNet
 log = logging.getLogger(__name__)
 
 DEFAULT_LADDER: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))
-# BN tables: {ratio_key(p): {BatchNorm name in the full model: {"mean": tensor, "var": tensor}}}
-BnTables = Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]]
+BnStats = Mapping[str, Mapping[str, torch.Tensor]]  # BatchNorm name in the full model -> {"mean": t, "var": t}
+BnTables = Mapping[str, BnStats]  # ratio_key(p) -> statistics of the model pruned uniformly at p
+# Entry tables: ratio_key(own p) -> ratio_key(upstream q) -> statistics of the BatchNorms of the
+# block a slice starts with, when the slices before it run at q (edgeprune.training.calibrate_entry_tables)
+EntryTables = Mapping[str, Mapping[str, BnStats]]
 
 _PRODUCER_FNS = (tp.prune_conv_out_channels, tp.prune_batchnorm_out_channels)
 
@@ -194,8 +199,28 @@ def bn_table_for(tables: BnTables | None, ratio: float) -> Mapping[str, Mapping[
 
 @dataclass
 class PrunedSlice:
+    """One variant: the pruned module, its output keep mask, and its entry statistics per upstream ratio."""
+
     module: nn.Module
     keep_mask: np.ndarray | None  # over the slice's full output channels; None = all kept / logits
+    ratio: float = 0.0
+    # upstream ratio -> (BatchNorm of the entry block, running mean, running var), sliced to kept channels
+    entry_stats: dict[float, list[tuple[nn.BatchNorm2d, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    upstream: float | None = None  # whose entry statistics are loaded now (None: the variant's own)
+
+    def condition_on(self, upstream: float | None) -> None:
+        """Load the entry block's statistics for an upstream slice at ``upstream`` (a few µs, only on change).
+
+        An upstream ratio the tables do not cover (or None) gets the variant's own statistics.
+        """
+        if upstream not in self.entry_stats:
+            upstream = self.ratio
+        if upstream == self.upstream:
+            return
+        for norm, mean, var in self.entry_stats[upstream]:
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+        self.upstream = upstream
 
 
 def prune_slice(model: BlockNet, first_block: int, last_block: int, ratio: float,
@@ -239,11 +264,24 @@ def prune_slice(model: BlockNet, first_block: int, last_block: int, ratio: float
     if pruned_out:
         keep = np.ones(full_out, dtype=bool)
         keep[pruned_out] = False
-    return PrunedSlice(sliced, keep)
+    return PrunedSlice(sliced, keep, ratio)
 
 
 def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+# Background builders still inside torch when the interpreter exits abort the process
+# ("terminate called without an active exception"), so at exit they stop after their current variant.
+_shutting_down = threading.Event()
+_builders: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_builders() -> None:
+    _shutting_down.set()
+    for builder in list(_builders):
+        builder.join(timeout=10)
 
 
 class PrunableSlice:
@@ -251,13 +289,16 @@ class PrunableSlice:
 
     ``bn_tables=None`` uses the tables the model was loaded with (``model.bn_tables``, set by
     :func:`shared.model.build_model` from the checkpoint); pass ``{}`` to prune without them.
+    ``entry_tables`` likewise (``model.entry_bn_tables``): with them, :meth:`forward` loads the
+    first block's statistics for the ratio the upstream slice ran at, read off the keep mask of
+    its input, so a slice behind a harder-pruned one keeps its accuracy.
     ``build="eager"`` makes every variant now (a few hundred ms); ``"lazy"`` makes them in a
     background thread, and a ``set_ratio`` that gets ahead of it builds its variant on the spot.
     """
 
     def __init__(self, model: BlockNet, first_block: int, last_block: int,
                  ladder: Sequence[float] = DEFAULT_LADDER, bn_tables: BnTables | None = None,
-                 build: str = "eager", input_size: int = INPUT_SIZE):
+                 build: str = "eager", input_size: int = INPUT_SIZE, entry_tables: EntryTables | None = None):
         if build not in ("eager", "lazy"):
             raise ValueError(f"build must be 'eager' or 'lazy', not {build!r}")
         ladder = tuple(sorted({round(float(r), 6) for r in ladder} | {0.0}))
@@ -268,9 +309,18 @@ class PrunableSlice:
         self.ladder = ladder
         self.input_size = input_size
         self.bn_tables = getattr(model, "bn_tables", None) if bn_tables is None else bn_tables
-        full = model.slice(first_block, last_block).eval()
-        self._variants: dict[float, PrunedSlice] = {0.0: PrunedSlice(full, None)}
+        if entry_tables is None:
+            entry_tables = getattr(model, "entry_bn_tables", None)
+        self.entry_tables = entry_tables if first_block > 0 and entry_tables else {}
+        self._entry_masks: dict[float, dict[str, torch.Tensor]] = {}
+        self._upstream_by_kept: dict[int, float] = {}
+        self._warned_upstream: set[int] = set()
+        if self.entry_tables:
+            self._prepare_entry(input_size)
+        # the full variant is a copy too: entry statistics are loaded into it, never into the master
+        full = copy.deepcopy(model.slice(first_block, last_block)).eval()
         self._lock = threading.Lock()
+        self._variants: dict[float, PrunedSlice] = {0.0: self._with_entry_stats(PrunedSlice(full, None, 0.0))}
         self._current = self._variants[0.0]
         self.ratio = 0.0
         self._builder: threading.Thread | None = None
@@ -279,20 +329,73 @@ class PrunableSlice:
                 self._variant(ratio)
         else:
             self._builder = threading.Thread(target=self._build_all, name="prune-variants", daemon=True)
+            _builders.add(self._builder)
             self._builder.start()
 
     def _build_all(self) -> None:
         for ratio in self.ladder[1:]:
+            if _shutting_down.is_set():
+                return
             self._variant(ratio)
 
     def _variant(self, ratio: float) -> PrunedSlice:
         with self._lock:
             variant = self._variants.get(ratio)
             if variant is None:
-                variant = prune_slice(self.model, self.first_block, self.last_block, ratio,
-                                      bn_table_for(self.bn_tables, ratio), self.input_size)
+                variant = self._with_entry_stats(prune_slice(
+                    self.model, self.first_block, self.last_block, ratio,
+                    bn_table_for(self.bn_tables, ratio), self.input_size))
                 self._variants[ratio] = variant
             return variant
+
+    def _prepare_entry(self, input_size: int) -> None:
+        """Keep masks of the entry block's BatchNorms per own ratio, and upstream ratio by kept channel count."""
+        # Trace a copy: Torch-Pruning hooks every module it traces, and other slices' builder threads
+        # may be running the master's blocks at this moment.
+        traced = copy.deepcopy(self.model)
+        groups = pruning_groups(traced, input_size)
+        prefix = f"blocks.{self.first_block}."
+        names = {m: name for name, m in traced.named_modules() if name.startswith(prefix)}
+        for ratio in self.ladder:
+            masks = keep_masks(groups, [ratio] * traced.n_blocks)
+            self._entry_masks[ratio] = {names[m]: mask for m, mask in masks.items() if m in names}
+        in_channels = example_input(self.model, self.first_block, input_size).shape[1]
+        upstream = {float(key) for tables in self.entry_tables.values() for key in tables} | set(self.ladder)
+        for q in sorted(upstream):
+            self._upstream_by_kept.setdefault(int(in_channels * (1 - q)), q)
+
+    def _with_entry_stats(self, variant: PrunedSlice) -> PrunedSlice:
+        """Attach the entry block's statistics for every upstream ratio the tables cover (and its own)."""
+        by_upstream = self.entry_tables.get(ratio_key(variant.ratio))
+        if not by_upstream:
+            return variant
+        prefix = f"blocks.{self.first_block}."
+        norms = {prefix + name.split(".", 1)[1]: m for name, m in variant.module.named_modules()
+                 if name.startswith("0.") and isinstance(m, nn.BatchNorm2d)}
+        variant.entry_stats[variant.ratio] = [(m, m.running_mean.clone(), m.running_var.clone())
+                                              for m in norms.values()]
+        masks = self._entry_masks.get(variant.ratio, {})
+        for key, stats in by_upstream.items():
+            upstream = float(key)
+            if upstream == variant.ratio or not all(name in stats for name in norms):
+                continue
+            variant.entry_stats[upstream] = [
+                (m, *(stats[name][s][masks[name]] if name in masks else stats[name][s] for s in ("mean", "var")))
+                for name, m in norms.items()]
+        variant.upstream = variant.ratio
+        return variant
+
+    def upstream_ratio(self, upstream_mask: np.ndarray | None) -> float | None:
+        """The ratio the upstream slice ran at, from the keep mask of this slice's input (None: unknown)."""
+        if upstream_mask is None:
+            return 0.0
+        kept = int(upstream_mask.sum())
+        ratio = self._upstream_by_kept.get(kept)
+        if ratio is None and kept not in self._warned_upstream:
+            self._warned_upstream.add(kept)
+            log.warning("input with %d of %d channels kept matches no upstream ladder ratio: the entry "
+                        "block keeps its own statistics", kept, upstream_mask.size)
+        return ratio
 
     def snap(self, ratio: float) -> float:
         """The ladder ratio nearest ``ratio``; ValueError outside [0, 1)."""
@@ -322,9 +425,16 @@ class PrunableSlice:
     def keep_mask(self, ratio: float | None = None) -> np.ndarray | None:
         return self._current.keep_mask if ratio is None else self._variant(self.snap(ratio)).keep_mask
 
-    def forward(self, x_full: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Run the current variant on the full-width input: (output of kept channels, keep mask or None)."""
+    def forward(self, x_full: torch.Tensor,
+                upstream_mask: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Run the current variant on the full-width input: (output of kept channels, keep mask or None).
+
+        ``upstream_mask`` is the keep mask the input arrived with (None: every channel, an unpruned
+        upstream). Call from one thread: entry statistics are loaded into the variant in place.
+        """
         variant = self._current  # one read, so a concurrent set_ratio never splits a request
+        if variant.entry_stats:
+            variant.condition_on(self.upstream_ratio(upstream_mask))
         with torch.inference_mode():
             return variant.module(x_full), variant.keep_mask
 
@@ -341,13 +451,13 @@ def pipeline_predictions(stages: Sequence[PrunableSlice], ratios: Sequence[float
         stage.set_ratio(ratio)
     preds = []
     for start in range(0, len(inputs), batch):
-        x = inputs[start:start + batch]
+        x, mask = inputs[start:start + batch], None
         for stage in stages:
-            out, keep = stage.forward(x)
+            out, keep = stage.forward(x, mask)
             if keep is not None:
                 full = torch.zeros(out.shape[0], keep.size, *out.shape[2:])
                 full[:, torch.from_numpy(keep)] = out
                 out = full
-            x = out
+            x, mask = out, keep
         preds.append(x.argmax(1).numpy())
     return np.concatenate(preds)

@@ -13,7 +13,16 @@ from torch import nn
 
 from shared import wire
 from shared.model import TrapNetConfig, make_model, model_fingerprint, randomise_bn
-from shared.pruning import DEFAULT_LADDER, PrunableSlice, keep_masks, masked, prune_slice, pruning_groups, ratio_key
+from shared.pruning import (
+    DEFAULT_LADDER,
+    PrunableSlice,
+    example_input,
+    keep_masks,
+    masked,
+    prune_slice,
+    pruning_groups,
+    ratio_key,
+)
 
 SIZE = 28
 SLICES = ((0, 1), (2, 3), (4, 5))
@@ -78,11 +87,12 @@ def zeroed_copy(model, groups, ratios):
 
 def run_pipeline(slices, slice_ratios, x):
     """Run the slices in order through the real wire format, zero-filling pruned channels at each receiver."""
+    mask = None
     for stage, ratio in zip(slices, slice_ratios):
         stage.set_ratio(ratio)
-        out, keep = stage.forward(x)
-        act = wire.Activation("r", "cam", 1.0, stage.last_block + 1, out.numpy(), keep)
-        x = torch.from_numpy(wire.decode(wire.encode(act)).full_tensor().copy())
+        out, keep = stage.forward(x, mask)
+        act = wire.decode(wire.encode(wire.Activation("r", "cam", 1.0, stage.last_block + 1, out.numpy(), keep)))
+        x, mask = torch.from_numpy(act.full_tensor().copy()), act.keep_mask
     return x
 
 
@@ -273,3 +283,68 @@ def test_a_ratio_without_a_table_is_reported(model, caplog):
         PrunableSlice(loaded, 0, 1, ladder=(0.5, 0.25), input_size=SIZE)
     assert [r for r in caplog.records if "no BatchNorm table for ratio 0.25" in r.getMessage()]
     assert not [r for r in caplog.records if "ratio 0.5 " in r.getMessage()]
+
+
+def random_stats(model, prefix, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {name: {"mean": torch.randn(m.num_features, generator=gen),
+                   "var": torch.rand(m.num_features, generator=gen) + 0.5}
+            for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and name.startswith(prefix)}
+
+
+def with_stats(model, table):
+    reference = copy.deepcopy(model)
+    for name, m in reference.named_modules():
+        if name in table:
+            m.running_mean.copy_(table[name]["mean"])
+            m.running_var.copy_(table[name]["var"])
+    return reference
+
+
+def test_entry_statistics_follow_the_upstream_ratio_read_off_the_keep_mask(model, caplog):
+    """Behind an upstream at 0.9 the entry block runs its (0.5, 0.9) table; behind an unpruned one, its own."""
+    own, upstream = 0.5, 0.9
+    table = random_stats(model, "blocks.2.", seed=7)
+    before = model_fingerprint(model)
+    first = PrunableSlice(model, 0, 1, ladder=(upstream,), bn_tables={}, input_size=SIZE)
+    second = PrunableSlice(model, 2, 3, ladder=(own,), bn_tables={}, input_size=SIZE,
+                           entry_tables={ratio_key(own): {ratio_key(upstream): table}})
+    x = inputs()
+    got = run_pipeline([first, second], [upstream, own], x)
+    groups = pruning_groups(model, SIZE)
+    ratios = [upstream, upstream, own, own] + [0.0] * (model.n_blocks - 4)
+    with torch.no_grad():
+        reference = with_stats(model, table)
+        expected = zeroed_copy(reference, pruning_groups(reference, SIZE), ratios).run_blocks(x, 0, 3)
+    keep = torch.from_numpy(second.keep_mask())
+    torch.testing.assert_close(got, expected * keep.view(1, -1, 1, 1).float(), atol=2e-5, rtol=1e-4)
+
+    # An unpruned upstream (no mask) has no table here: the variant's own statistics come back.
+    got = run_pipeline([first, second], [0.0, own], x)
+    with torch.no_grad():
+        expected = zeroed_copy(model, groups, [0.0, 0.0, own, own] + [0.0] * (model.n_blocks - 4)).run_blocks(x, 0, 3)
+    torch.testing.assert_close(got, expected * keep.view(1, -1, 1, 1).float(), atol=2e-5, rtol=1e-4)
+    assert model_fingerprint(model) == before  # the master's statistics are never touched
+
+    # A mask that matches no upstream ratio of the ladder is reported once and served with the own statistics.
+    odd = np.zeros(first.keep_mask(upstream).size, dtype=bool)
+    odd[:3] = True
+    with caplog.at_level("WARNING", logger="shared.pruning"):
+        assert second.upstream_ratio(odd) is None and second.upstream_ratio(odd) is None
+    assert len([r for r in caplog.records if "matches no upstream ladder ratio" in r.getMessage()]) == 1
+
+
+def test_entry_tables_default_to_the_ones_the_model_was_loaded_with(model):
+    loaded = copy.deepcopy(model)
+    table = random_stats(loaded, "blocks.4.", seed=8)
+    loaded.entry_bn_tables = {ratio_key(0.0): {ratio_key(0.5): table}}
+    stage = PrunableSlice(loaded, 4, 5, ladder=(0.5,), bn_tables={}, input_size=SIZE)
+    mask = keep_masks(pruning_groups(loaded, SIZE), [0.5] * loaded.n_blocks)[loaded.output_norm(3)].numpy()
+    assert stage.upstream_ratio(mask) == 0.5
+    x = example_input(loaded, 4, SIZE).repeat(2, 1, 1, 1)
+    stage.forward(x, mask)
+    name = next(iter(table))
+    torch.testing.assert_close(stage.module(0.0).get_submodule("0." + name.split(".", 2)[2]).running_mean,
+                               table[name]["mean"])
+    assert PrunableSlice(loaded, 0, 1, ladder=(0.5,), bn_tables={}, input_size=SIZE).entry_tables == {}
+

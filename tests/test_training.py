@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from edgeprune.dataset import load_raw_silhouettes
-from edgeprune.training import accuracy, calibrate_bn_tables, masked_pass_bn, regime_config, save_checkpoint, train
+from edgeprune.training import (
+    accuracy,
+    batches,
+    calibrate_bn_tables,
+    calibrate_entry_tables,
+    masked_pass_bn,
+    recalibrate_checkpoint,
+    regime_config,
+    save_checkpoint,
+    train,
+)
 from shared.model import TrapNetConfig, build_model, model_fingerprint
-from shared.pruning import PrunableSlice, keep_masks, pruning_groups, ratio_key
+from shared.pruning import PrunableSlice, keep_masks, masked, pruning_groups, ratio_key
 
 LADDER = (0.0, 0.3, 0.5)
 
@@ -57,7 +69,6 @@ def test_calibration_reads_each_ratios_statistics_and_restores_the_model(trained
     assert model_fingerprint(model) == before and not model.training
     assert sorted(tables) == [ratio_key(0.3), ratio_key(0.5)]
     # The stem sees unpruned input, so its table is the plain mean of its conv output at every ratio.
-    from edgeprune.training import batches
     with torch.no_grad():
         stem_conv = torch.cat([model.blocks[0][0](x) for x, _ in batches(frames, 256, None, False)])
     torch.testing.assert_close(tables["0.30"]["blocks.0.1"]["mean"], stem_conv.mean((0, 2, 3)), atol=1e-4, rtol=1e-3)
@@ -119,3 +130,36 @@ def test_masked_passes_never_move_the_full_networks_running_statistics(mode):
         torch.testing.assert_close(per_channel_mean, torch.zeros(4), atol=1e-5, rtol=0)
     else:  # normalised with the stored statistics (mean 0, var 1): not centred
         assert per_channel_mean.abs().max() > 0.1
+
+
+def test_entry_tables_hold_the_statistics_behind_a_differently_pruned_upstream(trained, data, tmp_path):
+    """Entry (own 0, upstream 0.5) of block 2 = mean of its first conv's output when blocks 0-1 run at 0.5."""
+    config, model, _ = trained
+    before = model_fingerprint(model)
+    frames = data["train"].subset(np.arange(256))
+    tables = calibrate_bn_tables(model, frames, LADDER)
+    entry = calibrate_entry_tables(model, frames, LADDER, tables)
+    assert model_fingerprint(model) == before and not model.training
+    assert sorted(entry) == ["0.00", "0.30", "0.50"]
+    assert sorted(entry["0.50"]) == ["0.00", "0.30"]  # the diagonal is the uniform table
+    assert {name.split(".")[1] for name in entry["0.00"]["0.50"]} == {"1", "2", "3", "4"}  # never the stem
+
+    upstream = copy.deepcopy(model)
+    for name, m in upstream.named_modules():
+        if name in tables["0.50"]:
+            m.running_mean.copy_(tables["0.50"][name]["mean"])
+            m.running_var.copy_(tables["0.50"][name]["var"])
+    with torch.no_grad(), masked(keep_masks(pruning_groups(upstream, 28), [0.5] * upstream.n_blocks)):
+        conv = torch.cat([upstream.blocks[2][0].conv1(upstream.run_blocks(x, 0, 1))
+                          for x, _ in batches(frames, 256, None, False)])
+    got = entry["0.00"]["0.50"]["blocks.2.0.bn1"]["mean"]
+    torch.testing.assert_close(got, conv.mean((0, 2, 3)), atol=1e-4, rtol=1e-3)
+    assert not torch.allclose(got, model.get_submodule("blocks.2.0.bn1").running_mean, atol=1e-3)
+
+    # --recalibrate puts both kinds of table into an existing checkpoint without touching its weights.
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, model, config, {}, {"regime": "ours"})
+    recalibrate_checkpoint(path, frames)
+    loaded = build_model(path)
+    assert model_fingerprint(loaded) == before
+    assert sorted(loaded.bn_tables) == ["0.30", "0.50"] and sorted(loaded.entry_bn_tables) == sorted(entry)

@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--masked-bn", default="batch", choices=["eval", "batch"],
                    help="ours: BatchNorm statistics in the masked passes (running or batch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs epochs only)")
+    p.add_argument("--recalibrate", type=Path, metavar="CHECKPOINT",
+                   help="train nothing: recompute this checkpoint's BatchNorm tables (uniform and entry) in place")
     p.set_defaults(func=run)
 
 
@@ -46,8 +48,8 @@ def run(args) -> int:
         BASE_LR,
         REGIMES,
         accuracy,
-        calibrate_bn_tables,
-        calibration_frames,
+        calibrate_all_tables,
+        recalibrate_checkpoint,
         regime_config,
         save_checkpoint,
         train,
@@ -56,6 +58,12 @@ def run(args) -> int:
 
     torch.set_num_threads(args.threads)
     splits = load_frames(RenderConfig(seed=args.data_seed))
+    if args.recalibrate:
+        if not args.recalibrate.exists():
+            raise SystemExit(f"--recalibrate {args.recalibrate}: no such checkpoint")
+        recalibrate_checkpoint(args.recalibrate, splits["train"])
+        print(f"recalibrated the BatchNorm tables of {args.recalibrate} (weights unchanged)")
+        return 0
     regimes = REGIMES if args.regime == "all" else (args.regime,)
     if args.out and len(regimes) > 1:
         raise SystemExit("--out names one file: use it with a single --regime")
@@ -68,11 +76,10 @@ def run(args) -> int:
         config = regime_config(regime, seed=args.seed, masked_bn=args.masked_bn,
                                model=TrapNetConfig(width=args.width, arch=args.arch), **overrides)
         model, history = train(config, splits, progress=not args.no_progress)
-        tables = calibrate_bn_tables(model, calibration_frames(splits["train"], config.calibration_frames,
-                                                               config.seed), config.ladder)
+        tables, entry_tables = calibrate_all_tables(model, splits["train"], config)
         test_acc = accuracy(model, splits["test"])
         out = args.out or default_checkpoint(regime, args.arch)
         save_checkpoint(out, model, config, tables, {"regime": regime, "history": history,
-                                                     "test_accuracy": test_acc})
+                                                     "test_accuracy": test_acc}, entry_tables)
         print(f"{regime}: test accuracy {test_acc:.4f} after {history['wall_s']:.0f} s; wrote {out}")
     return 0
