@@ -28,15 +28,27 @@ from shared.pruning import DEFAULT_LADDER, PrunableSlice, pipeline_predictions
 
 def calibration_vectors(n_blocks: int, ladder: Sequence[float], max_ratio: float, n_random: int,
                         seed: int) -> np.ndarray:
-    """Unpruned, every uniform ratio up to ``max_ratio``, and ``n_random`` random *pipeline-shaped* vectors.
+    """Unpruned, every uniform ratio up to ``max_ratio``, each block pruned alone (at ``max_ratio`` and
+    about half of it), and ``n_random`` random *pipeline-shaped* vectors.
+
+    The uniform vectors fix the total loss; the lone blocks tell the fit which block it comes from
+    (random runs alone left that to chance, and the fit once put all of it on one block, so the
+    controller thought pruning the others was free).
 
     A pipeline prunes contiguous runs of blocks at one ratio (a slice each), so the random vectors
     are 2 or 3 random runs with a ladder ratio each: what the controller will actually choose.
-    Arbitrary per-block vectors are not: their BatchNorm tables mismatch at every block boundary
-    and they measure far below anything a pipeline of a few slices runs.
+    Each block runs as its own slice here; inside a run it sees its upstream at its own ratio
+    (the uniform table) and at a run boundary it loads its entry table, exactly as the first block
+    of a real slice does, so these measurements equal the pipeline's.
     """
     allowed = np.asarray([r for r in ladder if r <= max_ratio + 1e-9])
     uniform = np.repeat(allowed[:, None], n_blocks, axis=1)
+    lone = []
+    for ratio in sorted({float(allowed[-1]), float(allowed[len(allowed) // 2])} - {0.0}):
+        for block in range(n_blocks):
+            vector = np.zeros(n_blocks)
+            vector[block] = ratio
+            lone.append(vector)
     rng = np.random.default_rng(seed)
     shaped = []
     for _ in range(n_random):
@@ -44,7 +56,7 @@ def calibration_vectors(n_blocks: int, ladder: Sequence[float], max_ratio: float
         cuts = np.sort(rng.choice(np.arange(1, n_blocks), size=runs - 1, replace=False))
         ratios = rng.choice(allowed, size=runs)
         shaped.append(np.repeat(ratios, np.diff(np.concatenate([[0], cuts, [n_blocks]]))))
-    return np.vstack([uniform, *shaped]) if shaped else uniform
+    return np.vstack([uniform, *lone, *shaped])
 
 
 def calibrate_accuracy(model: BlockNet, split: FrameSplit, vectors: np.ndarray,

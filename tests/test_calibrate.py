@@ -11,10 +11,14 @@ from gateway.control_loop import load_block_accuracy
 from shared.model import build_model, model_fingerprint
 
 
-def test_vectors_hold_unpruned_uniform_and_pipeline_shaped_rows():
+def test_vectors_hold_unpruned_uniform_lone_block_and_pipeline_shaped_rows():
     v = calibration_vectors(6, (0.0, 0.3, 0.6, 0.9), max_ratio=0.6, n_random=30, seed=1)
-    assert v.shape == (3 + 30, 6)
+    assert v.shape == (3 + 2 * 6 + 30, 6)
     assert (v[0] == 0).all() and (v[2] == 0.6).all() and v.max() <= 0.6
+    lone = v[3:15]  # each block alone at 0.3 and 0.6: the fit can tell which block costs what
+    assert sorted((int(np.flatnonzero(row)[0]), float(row.max())) for row in lone) == sorted(
+        (b, r) for b in range(6) for r in (0.3, 0.6))
+    assert all(np.count_nonzero(row) == 1 for row in lone)
     for row in v[3:]:  # 2 or 3 contiguous runs of one ratio each, like the slices of a pipeline
         assert sum(a != b for a, b in zip(row, row[1:])) <= 2
 

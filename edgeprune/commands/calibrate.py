@@ -36,11 +36,11 @@ def run(args) -> int:
     fit, measured = calibrate_accuracy(model, split, vectors, progress=not args.no_progress)
     out = args.out or accuracy_model_path(MODEL_NAME)
     save_accuracy_model(out, model, fit, len(split), str(args.checkpoint or DEFAULT_CHECKPOINT))
-    n_uniform = len(vectors) - args.random
+    n_shown = len(vectors) - args.random
     rows = [{"vector": "/".join(f"{r:.1f}" for r in v), "measured": acc, "fitted": fit.logistic(v)}
-            for v, acc in zip(vectors[:n_uniform], measured[:n_uniform])]
-    print(format_table(f"Accuracy at uniform ratios ({len(split)} validation frames; "
-                       f"{args.random} random pipeline-shaped vectors also fitted)", rows))
+            for v, acc in zip(vectors[:n_shown], measured[:n_shown])]
+    print(format_table(f"Accuracy at uniform ratios and with one block pruned alone ({len(split)} validation "
+                       f"frames; {args.random} random pipeline-shaped vectors also fitted)", rows))
     print(f"logistic fit over {len(vectors)} vectors: R² {fit.r2:.3f}, RMSE {fit.rmse:.4f}; "
           f"block gains {', '.join(f'{g:.2f}' for g in fit.gains)}, offset {fit.offset:.2f}, top {fit.top:.3f}")
     print(f"wrote {out}")
