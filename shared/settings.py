@@ -171,7 +171,9 @@ class ControllerSettings(_Section):
     accuracy_floor_relative: float = Field(
         0.9, gt=0, le=1, description="A_min as a fraction of the predicted unpruned accuracy.")
     accuracy_model: Literal["logistic", "measured"] = Field(
-        "logistic", description="Accuracy predictor: the fitted 'logistic' or the 'measured' table lookup.")
+        "measured", description="Accuracy predictor: 'measured' (best calibrated accuracy among vectors pruning "
+                                "at least as much: a lower bound) or the paper's fitted 'logistic' (docs/controller.md "
+                                "shows where it overrates accuracy).")
     budget_fraction: float = Field(
         0.8, gt=0, le=1, description="Stage budget = this × SLO / stages; the rest of the SLO is for transport "
                                      "and queueing.")

@@ -10,6 +10,8 @@ from shared.schemas import NodeStats, Placement, PruneDesired, SliceCalibration,
 from shared.settings import ControllerSettings
 
 LADDER = [round(0.1 * i, 1) for i in range(10)]
+# A fitted logistic with no measured table behind it (only the unpruned vector): these tests run the
+# 'logistic' predictor, since the default 'measured' one would forbid any ratio never measured.
 BLOCK_ACCURACY = AccuracyFit(gains=(-1.0,) * 6, offset=-6.0, top=0.95, chance=0.1, r2=1.0, rmse=0.0,
                              vectors=((0.0,) * 6,), accuracies=(0.95,))
 
@@ -27,7 +29,8 @@ def calibration(node: str, first: int, last: int, version: int = 1, base_s: floa
 
 
 def loop(**settings) -> ControlLoop:
-    return ControlLoop(ControllerSettings(trigger_window_s=4, trigger_min_span_s=2, cooldown_s=3, **settings),
+    return ControlLoop(ControllerSettings(trigger_window_s=4, trigger_min_span_s=2, cooldown_s=3,
+                                          accuracy_model="logistic", **settings),
                        slo_s=0.1, block_accuracy=BLOCK_ACCURACY, follow_up_s=2.0)
 
 

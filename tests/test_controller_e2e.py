@@ -17,11 +17,19 @@ SLOWDOWN = 150.0
 
 
 def write_accuracy_model(path, n_blocks: int = 6) -> None:
-    """A known per-block accuracy model (the real one comes from `edgeprune calibrate`)."""
+    """A known per-block accuracy model (the real one comes from `edgeprune calibrate`).
+
+    Besides uniform ratios, either stage of any two-stage placement pruned alone at 0.9 was
+    "measured" at 0.9: the default 'measured' predictor lets the controller prune one stage that far.
+    """
     gains = [-1.0] * n_blocks
     vectors = [[0.0] * n_blocks, [0.5] * n_blocks, [0.9] * n_blocks]
+    accuracies = [0.948, 0.9, 0.6]
+    for cut in range(1, n_blocks):
+        vectors += [[0.9] * cut + [0.0] * (n_blocks - cut), [0.0] * cut + [0.9] * (n_blocks - cut)]
+        accuracies += [0.9, 0.9]
     fit = {"gains": gains, "offset": -6.0, "top": 0.95, "chance": 0.1, "r2": 1.0, "rmse": 0.0,
-           "vectors": vectors, "accuracies": [0.948, 0.9, 0.6]}
+           "vectors": vectors, "accuracies": accuracies}
     path.write_text(json.dumps({"model": "trapnet", "model_fingerprint": None, "fit": fit}))
 
 
