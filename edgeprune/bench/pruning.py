@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from edgeprune.dataset import FrameSplit, RenderConfig, cache_dir, load_frames, to_model_input
-from shared.model import DEFAULT_CHECKPOINT, BlockNet, build_model
+from shared.model import CLASS_NAMES, DEFAULT_CHECKPOINT, BlockNet, build_model
 from shared.pruning import DEFAULT_LADDER, PrunableSlice, module_bytes, pipeline_predictions, prune_slice
 
 TARGET_SPEEDUP = 1.6
@@ -125,6 +125,28 @@ def slice_costs(model: BlockNet, slices: Sequence[tuple[int, int]], budget: Budg
     return rows, switch_rows
 
 
+def latency_model_rows(cost_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per slice, 1-thread latency fitted as fixed + per-MMAC cost over the ratios.
+
+    Explains a speed-up below the MAC reduction: the fixed part (per-layer dispatch, small
+    kernels) does not shrink with the channels, so it caps what pruning can buy at batch 1.
+    """
+    rows = []
+    for key in dict.fromkeys((r["model"], r["slice"]) for r in cost_rows):
+        mine = [r for r in cost_rows if (r["model"], r["slice"]) == key]
+        macs = np.asarray([r["MMACs"] for r in mine])
+        ms = np.asarray([r["ms_1t"] for r in mine])
+        per_mmac, fixed = np.polyfit(macs, ms, 1)
+        at = {round(r["ratio"], 2): r for r in mine}
+        row = {"model": key[0], "slice": key[1], "fixed_ms": float(fixed), "us_per_MMAC": float(per_mmac) * 1e3,
+               "fixed_share_p0": float(fixed / at[0.0]["ms_1t"])}
+        if 0.3 in at:
+            row["MAC_reduction_p0.3"] = at[0.0]["MMACs"] / at[0.3]["MMACs"]
+            row["speedup_p0.3"] = at[0.3]["speedup_1t"]
+        rows.append(row)
+    return rows
+
+
 def accuracies(preds: np.ndarray, test: FrameSplit) -> dict[str, float]:
     correct = preds == test.labels
     return {"acc": float(correct.mean()), "acc_day": float(correct[~test.night].mean()),
@@ -151,6 +173,28 @@ def fit_error(ratios: np.ndarray, acc: np.ndarray, gammas: np.ndarray, delta: fl
     total = float(((acc - acc.mean()) ** 2).sum())
     return {"rmse": float(np.sqrt((residual ** 2).mean())), "max_abs": float(np.abs(residual).max()),
             "r2": 1 - float((residual ** 2).sum()) / total if total > 0 else float("nan")}
+
+
+def fit_row(label: dict[str, str], vectors: np.ndarray, measured: np.ndarray,
+            uniform_acc: dict[float, float]) -> dict[str, Any]:
+    """The paper's logistic and the controller's fitted to the mixed vectors; error on them and on the uniform ladder.
+
+    Also counts the vectors that measure below the uniform ladder at their largest ratio: the
+    paper observes mixes are never worse than that, and a controller relying on it would overrate them.
+    """
+    from gateway.curves import fit_accuracy
+
+    gammas, delta = fit_logistic(vectors, measured)
+    uniform = np.asarray([[r] * vectors.shape[1] for r in uniform_acc])
+    controller = fit_accuracy(vectors.tolist(), measured.tolist(), chance=1.0 / len(CLASS_NAMES))
+    worse = sum(acc < uniform_acc[max(vector)] - 1e-9 for vector, acc in zip(vectors, measured)
+                if max(vector) in uniform_acc)
+    return {**label, **{f"gamma_{i + 1}": float(g) for i, g in enumerate(gammas)}, "delta": delta,
+            **{f"fit_{k}": v for k, v in fit_error(vectors, measured, gammas, delta).items()},
+            **{f"uniform_{k}": v for k, v in fit_error(uniform, np.asarray(list(uniform_acc.values())),
+                                                       gammas, delta).items()},
+            "controller_fit_rmse": controller.rmse, "controller_fit_r2": controller.r2,
+            "worse_than_uniform_at_max": f"{worse}/{len(measured)}"}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,29 +238,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      "rel_night": acc["acc_night"] / full["acc_night"]})
             if not tables and model.bn_tables:
                 continue  # mixed vectors and the fit: with the tables the node deploys
-            measured = []
-            for vector in vectors:
-                acc = accuracies(pipeline_predictions(stages, vector, inputs), test)
-                measured.append(acc["acc"])
-                mixed_rows.append({**label, "ratios": "/".join(f"{r:.1f}" for r in vector), **acc})
-            gammas, delta = fit_logistic(vectors, np.asarray(measured))
-            uniform = np.asarray([[r] * len(slices) for r in budget.ladder])
-            uniform_acc = np.asarray([r["acc"] for r in uniform_rows if r["model"] == name
-                                      and r["bn_tables"] == label["bn_tables"]])
-            fit_rows.append({**label, **{f"gamma_{i + 1}": float(g) for i, g in enumerate(gammas)},
-                             "delta": delta, **{f"fit_{k}": v for k, v in fit_error(vectors, np.asarray(measured),
-                                                                                    gammas, delta).items()},
-                             **{f"uniform_{k}": v for k, v in fit_error(uniform, uniform_acc, gammas,
-                                                                        delta).items()}})
+            entry_options = [True, False] if model.entry_bn_tables else [False]
+            for entry in entry_options:
+                if not entry:
+                    stages = [PrunableSlice(model, a, b, ladder=budget.ladder, bn_tables=None if tables else {},
+                                            entry_tables={}) for a, b in slices]
+                mixed_label = {**label, "entry_tables": "yes" if entry else "no"}
+                measured = []
+                for vector in vectors:
+                    acc = accuracies(pipeline_predictions(stages, vector, inputs), test)
+                    measured.append(acc["acc"])
+                    mixed_rows.append({**mixed_label, "ratios": "/".join(f"{r:.1f}" for r in vector), **acc})
+                uniform_acc = {r["ratio"]: r["acc"] for r in uniform_rows
+                               if r["model"] == name and r["bn_tables"] == label["bn_tables"]}
+                fit_rows.append(fit_row(mixed_label, vectors, np.asarray(measured), uniform_acc))
 
     targets = target_rows(cost_rows, switch_rows, uniform_rows)
     plots = write_plots(args.plots, cost_rows, uniform_rows, mixed_rows, fit_rows, vectors)
     return {"tables": {"Targets": targets, "Slice cost per ratio (batch 1)": cost_rows,
+                       "Latency = fixed + per-MMAC cost (1 thread)": latency_model_rows(cost_rows),
                        "Switching and memory": switch_rows, "Accuracy, uniform ratio (test split)": uniform_rows,
                        "Accuracy, mixed per-slice ratios": mixed_rows, "Logistic a(p) fit": fit_rows},
             "plots": [str(p) for p in plots], "slices": [list(s) for s in slices],
             # Raw (ratio vector, accuracy) pairs, for refitting the controller's accuracy model.
-            "mixed_measurements": [{"model": r["model"], "bn_tables": r["bn_tables"],
+            "mixed_measurements": [{"model": r["model"], "bn_tables": r["bn_tables"], "entry_tables": r["entry_tables"],
                                     "ratios": [float(v) for v in r["ratios"].split("/")], "acc": r["acc"]}
                                    for r in mixed_rows],
             "models": {k: str(v) for k, v in models.items()}, "test_frames": len(test),
@@ -299,11 +344,11 @@ def write_plots(folder: Path, cost_rows, uniform_rows, mixed_rows, fit_rows, vec
     if fit_rows:
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
         for fit in fit_rows:
-            rows = [r for r in mixed_rows if r["model"] == fit["model"] and r["bn_tables"] == fit["bn_tables"]]
+            rows = [r for r in mixed_rows if all(r[k] == fit[k] for k in ("model", "bn_tables", "entry_tables"))]
             gammas = [fit[k] for k in sorted(k for k in fit if k.startswith("gamma_"))]
             predicted = logistic(np.asarray(vectors, float), *gammas, fit["delta"])
             ax.scatter(predicted, [r["acc"] for r in rows], s=14,
-                       label=f"{fit['model']} (RMSE {fit['fit_rmse']:.3f})")
+                       label=f"{fit['model']}, entry tables {fit['entry_tables']} (RMSE {fit['fit_rmse']:.3f})")
         ax.plot([0, 1], [0, 1], color="gray", lw=0.6)
         ax.set_xlabel("logistic a(p) prediction")
         ax.set_ylabel("measured accuracy, mixed per-slice ratios")

@@ -24,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float, help="override the regime's L2 weight decay")
     p.add_argument("--masked-bn", default="batch", choices=["eval", "batch"],
                    help="ours: BatchNorm statistics in the masked passes (running or batch)")
+    p.add_argument("--no-distill", action="store_true",
+                   help="ours: masked passes learn the labels instead of the full pass's predictions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs epochs only)")
     p.add_argument("--recalibrate", type=Path, metavar="CHECKPOINT",
                    help="train nothing: recompute this checkpoint's BatchNorm tables (uniform and entry) in place")
@@ -73,7 +75,7 @@ def run(args) -> int:
             overrides.update(batch_size=args.batch_size, lr=BASE_LR * args.batch_size / BASE_BATCH)
         if args.weight_decay is not None:
             overrides["weight_decay"] = args.weight_decay
-        config = regime_config(regime, seed=args.seed, masked_bn=args.masked_bn,
+        config = regime_config(regime, seed=args.seed, masked_bn=args.masked_bn, distill=not args.no_distill,
                                model=TrapNetConfig(width=args.width, arch=args.arch), **overrides)
         model, history = train(config, splits, progress=not args.no_progress)
         tables, entry_tables = calibrate_all_tables(model, splits["train"], config)
