@@ -341,19 +341,34 @@ def write_plots(folder: Path, cost_rows, uniform_rows, mixed_rows, fit_rows, vec
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    if fit_rows:
-        fig, ax = plt.subplots(figsize=(5.5, 4.5))
-        for fit in fit_rows:
+    # Models benchmarked both with and without entry tables, else every model (fewer series stay readable).
+    paired = {f["model"] for f in fit_rows if f["entry_tables"] == "yes"}
+    shown = [f for f in fit_rows if f["model"] in paired] or fit_rows
+    if shown:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(f["model"] for f in shown))}
+        for fit in shown:
             rows = [r for r in mixed_rows if all(r[k] == fit[k] for k in ("model", "bn_tables", "entry_tables"))]
             gammas = [fit[k] for k in sorted(k for k in fit if k.startswith("gamma_"))]
             predicted = logistic(np.asarray(vectors, float), *gammas, fit["delta"])
-            ax.scatter(predicted, [r["acc"] for r in rows], s=14,
-                       label=f"{fit['model']}, entry tables {fit['entry_tables']} (RMSE {fit['fit_rmse']:.3f})")
-        ax.plot([0, 1], [0, 1], color="gray", lw=0.6)
-        ax.set_xlabel("logistic a(p) prediction")
-        ax.set_ylabel("measured accuracy, mixed per-slice ratios")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+            uniform = {r["ratio"]: r["acc"] for r in uniform_rows
+                       if r["model"] == fit["model"] and r["bn_tables"] == fit["bn_tables"]}
+            at_max = [uniform[max(float(v) for v in r["ratios"].split("/"))] for r in rows]
+            style = {"s": 16, "color": colours[fit["model"]],
+                     "marker": "o" if fit["entry_tables"] == "yes" else "x"}
+            label = f"{fit['model']}, entry tables {fit['entry_tables']}"
+            axes[0].scatter(predicted, [r["acc"] for r in rows], label=f"{label} (RMSE {fit['fit_rmse']:.3f})", **style)
+            axes[1].scatter(at_max, [r["acc"] for r in rows], label=label, **style)
+        for ax in axes:
+            ax.plot([0, 1], [0, 1], color="gray", lw=0.6)
+            ax.set_ylabel("measured accuracy, mixed per-slice ratios")
+            ax.grid(alpha=0.3)
+        axes[0].set_xlabel("the paper's logistic a(p), fitted")
+        axes[0].set_title("logistic fit")
+        axes[1].set_xlabel("measured accuracy at the uniform ratio max(p)")
+        axes[1].set_title("mixes vs the uniform ladder at their largest ratio")
+        axes[1].legend(fontsize=7, loc="upper left")
+        axes[0].legend(fontsize=7, loc="upper left")
         fig.tight_layout()
         written.append(folder / "pruning-logistic-fit.png")
         fig.savefig(written[-1], dpi=110)
