@@ -438,6 +438,12 @@ class PrunableSlice:
         with torch.inference_mode():
             return variant.module(x_full), variant.keep_mask
 
+    @property
+    def entry_upstream(self) -> float | None:
+        """The upstream ratio whose entry statistics the current variant holds (None: it has no entry tables)."""
+        variant = self._current
+        return variant.upstream if variant.entry_stats else None
+
     def memory_bytes(self) -> int:
         """Parameters and buffers of every variant built so far, the full slice included."""
         with self._lock:

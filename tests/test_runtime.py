@@ -42,6 +42,21 @@ def test_chained_stages_equal_whole_model(n_nodes, wire_dtype, tol):
         assert [h.stage for h in result.hops] == list(range(1, n_nodes + 1))
 
 
+def test_stage_loads_the_entry_statistics_of_the_ratio_its_input_was_pruned_at():
+    """The keep mask on the wire tells the next stage its upstream's ratio (shipped entry tables)."""
+    model = build_model()
+    placement = even_split(model.n_blocks, ["a", "b"])
+    first, second = (StageRuntime(model, s.node_id, s, 2, f"out/{s.stage}", "float16") for s in placement.stages)
+    assert second.slice.entry_tables and not first.slice.entry_tables  # the stem never follows a slice
+    frame = Request("edgeprune/camera/cam/frame", camera_frame(np.random.default_rng(2), 64, "png"), {}, 1.0, "cam")
+    second.slice.set_ratio(0.5)
+    for upstream in (0.9, 0.0, 0.3):
+        first.slice.set_ratio(upstream)
+        out = first.run(frame, started_ts=1.0)
+        second.run(Request(out.topic, out.payload, {}, 1.01), started_ts=1.01)
+        assert second.slice.entry_upstream == upstream
+
+
 def test_frame_without_properties_gets_id_and_arrival_time():
     model = build_model()
     placement = even_split(model.n_blocks, ["a"])
