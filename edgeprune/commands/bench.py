@@ -22,6 +22,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from edgeprune.allocator import keep_large_allocations
+
+    keep_large_allocations()
     module = importlib.import_module(f"edgeprune.bench.{args.name}")
     parser = argparse.ArgumentParser(prog=f"edgeprune bench {args.name}", description=module.__doc__)
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")

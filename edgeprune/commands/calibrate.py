@@ -19,6 +19,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from edgeprune.allocator import keep_large_allocations
+
+    keep_large_allocations()
     import torch
 
     from edgeprune.bench import format_table

@@ -42,6 +42,9 @@ def default_checkpoint(regime: str, arch: str) -> Path:
 
 
 def run(args) -> int:
+    from edgeprune.allocator import keep_large_allocations
+
+    keep_large_allocations()
     import torch
 
     from edgeprune.dataset import RenderConfig, load_frames
