@@ -18,7 +18,8 @@ the regime alone:
 
 After training, :func:`calibrate_bn_tables` re-estimates BatchNorm statistics per ladder ratio
 from unlabelled training frames (forward passes only, no weight changes): the node loads the
-table of its ratio into each pre-built variant.
+table of its ratio into each pre-built variant. :func:`calibrate_entry_tables` adds, for the
+block a slice starts with, statistics per (own ratio, upstream ratio) pair.
 """
 
 from __future__ import annotations

@@ -11,8 +11,12 @@ out-weights and BatchNorm scales; :class:`ProducerL1Importance`). Torch-Pruning'
 contains depends on where the next cut falls, so the same channel would rank differently
 under different placements. Counting producers only (which never cross a block boundary)
 makes the kept channels a function of the block's weights and ratio alone: one set of masks,
-trained once, and one BatchNorm table per ratio serve every placement and every
-per-slice mix of ratios.
+trained once, serves every placement and every per-slice mix of ratios.
+
+BatchNorm statistics. Each variant loads its ratio's table (calibrated with every block at
+that ratio), and the block a slice starts with also holds statistics per *upstream* ratio
+(entry tables), loaded in :meth:`PrunableSlice.forward` from the keep mask of the input: a
+slice behind a harder-pruned one otherwise normalises with the wrong statistics.
 
 The same ranking is computed without Torch-Pruning by :func:`keep_masks` for training, where
 :func:`masked` zeroes pruned channels right after their BatchNorm: a masked full model then
@@ -206,7 +210,7 @@ class PrunedSlice:
     ratio: float = 0.0
     # upstream ratio -> (BatchNorm of the entry block, running mean, running var), sliced to kept channels
     entry_stats: dict[float, list[tuple[nn.BatchNorm2d, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-    upstream: float | None = None  # whose entry statistics are loaded now (None: the variant's own)
+    upstream: float | None = None  # the upstream ratio whose entry statistics are loaded now
 
     def condition_on(self, upstream: float | None) -> None:
         """Load the entry block's statistics for an upstream slice at ``upstream`` (a few µs, only on change).
