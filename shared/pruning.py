@@ -316,11 +316,14 @@ class PrunableSlice:
         if entry_tables is None:
             entry_tables = getattr(model, "entry_bn_tables", None)
         self.entry_tables = entry_tables if first_block > 0 and entry_tables else {}
-        self._entry_masks: dict[float, dict[str, torch.Tensor]] = {}
+        self._entry_masks: dict[float, dict[str, torch.Tensor]] | None = None  # built with the first pruned variant
         self._upstream_by_kept: dict[int, float] = {}
         self._warned_upstream: set[int] = set()
         if self.entry_tables:
-            self._prepare_entry(input_size)
+            in_channels = example_input(model, first_block, input_size).shape[1]
+            upstream = {float(key) for tables in self.entry_tables.values() for key in tables} | set(ladder)
+            for q in sorted(upstream):
+                self._upstream_by_kept.setdefault(int(in_channels * (1 - q)), q)
         # the full variant is a copy too: entry statistics are loaded into it, never into the master
         full = copy.deepcopy(model.slice(first_block, last_block)).eval()
         self._lock = threading.Lock()
@@ -352,21 +355,22 @@ class PrunableSlice:
                 self._variants[ratio] = variant
             return variant
 
-    def _prepare_entry(self, input_size: int) -> None:
-        """Keep masks of the entry block's BatchNorms per own ratio, and upstream ratio by kept channel count."""
-        # Trace a copy: Torch-Pruning hooks every module it traces, and other slices' builder threads
-        # may be running the master's blocks at this moment.
-        traced = copy.deepcopy(self.model)
-        groups = pruning_groups(traced, input_size)
-        prefix = f"blocks.{self.first_block}."
-        names = {m: name for name, m in traced.named_modules() if name.startswith(prefix)}
-        for ratio in self.ladder:
-            masks = keep_masks(groups, [ratio] * traced.n_blocks)
-            self._entry_masks[ratio] = {names[m]: mask for m, mask in masks.items() if m in names}
-        in_channels = example_input(self.model, self.first_block, input_size).shape[1]
-        upstream = {float(key) for tables in self.entry_tables.values() for key in tables} | set(self.ladder)
-        for q in sorted(upstream):
-            self._upstream_by_kept.setdefault(int(in_channels * (1 - q)), q)
+    def _entry_keep_masks(self, ratio: float) -> dict[str, torch.Tensor]:
+        """Keep masks of the entry block's BatchNorms at ``ratio``, by name (traced once, ~0.1 s)."""
+        if ratio == 0:
+            return {}
+        if self._entry_masks is None:
+            # Trace a copy: Torch-Pruning hooks every module it traces, and other slices' builder
+            # threads may be running the master's blocks at this moment.
+            traced = copy.deepcopy(self.model)
+            groups = pruning_groups(traced, self.input_size)
+            prefix = f"blocks.{self.first_block}."
+            names = {m: name for name, m in traced.named_modules() if name.startswith(prefix)}
+            self._entry_masks = {}
+            for r in self.ladder:
+                masks = keep_masks(groups, [r] * traced.n_blocks)
+                self._entry_masks[r] = {names[m]: mask for m, mask in masks.items() if m in names}
+        return self._entry_masks.get(ratio, {})
 
     def _with_entry_stats(self, variant: PrunedSlice) -> PrunedSlice:
         """Attach the entry block's statistics for every upstream ratio the tables cover (and its own)."""
@@ -378,7 +382,7 @@ class PrunableSlice:
                  if name.startswith("0.") and isinstance(m, nn.BatchNorm2d)}
         variant.entry_stats[variant.ratio] = [(m, m.running_mean.clone(), m.running_var.clone())
                                               for m in norms.values()]
-        masks = self._entry_masks.get(variant.ratio, {})
+        masks = self._entry_keep_masks(variant.ratio)
         for key, stats in by_upstream.items():
             upstream = float(key)
             if upstream == variant.ratio or not all(name in stats for name in norms):
