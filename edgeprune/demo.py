@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
 import threading
@@ -94,6 +95,9 @@ class Demo:
         if self.db.exists():
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{self.db}{suffix}").unlink(missing_ok=True)
+        # Each demo starts from scratch, broker included: its persisted retained prune ratios would
+        # otherwise replay the last demo's state (a node pruned at 0.4 before anything happened).
+        shutil.rmtree(self.run_dir / "broker", ignore_errors=True)
         if port_open("127.0.0.1", self.opt.web_port):
             raise SystemExit(f"port {self.opt.web_port} is busy: pass --web-port")
         port = self.port = free_port()

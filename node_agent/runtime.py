@@ -119,6 +119,8 @@ class StageRuntime:
         # every ladder variant is built in the background; the full slice serves meanwhile
         self.slice = PrunableSlice(model, assignment.first_block, assignment.last_block, build="lazy")
         self.input_shape = block_input_shape(model, assignment.first_block)
+        # unslowed median compute per ladder ratio, once the node has calibrated this slice
+        self.calibrated_s: dict[float, float] = {}
 
     def check_size(self, payload: bytes) -> None:
         if len(payload) > self.max_payload_bytes:
@@ -144,13 +146,20 @@ class StageRuntime:
         return act
 
     def run(self, req: Request, started_ts: float, slowdown: float = 1.0) -> Output:
-        """One request through this stage; ``slowdown`` > 1 emulates a busier device by stretching compute."""
+        """One request through this stage; ``slowdown`` > 1 emulates a busier device.
+
+        The emulated device does ``slowdown - 1`` extra units of the slice's *calibrated* compute
+        at the current ratio (of this request's own compute until calibrated): stretching each
+        request's measured time instead would multiply this machine's scheduling jitter too (a
+        10 ms preemption became 0.6 s at 60x and stalled a demo's queue for seconds).
+        """
         act = self.decode(req)
         x = torch.from_numpy(np.array(act.full_tensor(), dtype=np.float32))  # a writable copy
         t0 = time.perf_counter()
         out, keep_mask = self.slice.forward(x, act.keep_mask)
         if slowdown > 1.0:
-            time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
+            unit = self.calibrated_s.get(self.slice.ratio)
+            time.sleep((slowdown - 1.0) * (unit if unit is not None else time.perf_counter() - t0))
         compute_s = time.perf_counter() - t0
         finished_ts = started_ts + compute_s
         hop = {"stage": self.assignment.stage, "node_id": self.node_id, "prune_ratio": self.slice.ratio,

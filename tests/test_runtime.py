@@ -99,3 +99,21 @@ def test_calibrator_measures_every_ratio_one_run_at_a_time():
     # one median per ratio; how much faster pruning makes a slice is the benchmark's business
     # (`edgeprune bench pruning`), a timing comparison here would flake on a loaded machine
     assert len(latencies) == 3 and all(0 < t < 1.0 for t in latencies)
+
+
+def test_emulated_slowdown_adds_calibrated_compute_not_this_requests_jitter(monkeypatch):
+    import node_agent.runtime as runtime_module
+
+    model = build_model()
+    placement = even_split(model.n_blocks, ["a"])
+    stage = StageRuntime(model, "a", placement.stages[0], 1, "out", "float16")
+    slept: list[float] = []
+    monkeypatch.setattr(runtime_module.time, "sleep", slept.append)
+    frame = Request("edgeprune/camera/cam/frame", camera_frame(np.random.default_rng(3), 64, "png"), {}, 1.0, "cam")
+    stage.run(frame, 1.0, slowdown=5.0)  # not calibrated yet: four times this request's own compute
+    assert len(slept) == 1 and slept[0] > 0
+    stage.calibrated_s = {0.0: 0.002, 0.5: 0.001}
+    stage.run(frame, 1.0, slowdown=5.0)
+    stage.slice.set_ratio(0.5)
+    stage.run(frame, 1.0, slowdown=5.0)
+    assert slept[1:] == [pytest.approx(0.008), pytest.approx(0.004)]
