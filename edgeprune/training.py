@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from edgeprune.dataset import FrameSplit, to_model_input
-from shared.model import BlockNet, TrapNetConfig, make_model
+from shared.model import BlockNet, TrapNetConfig, build_model, load_checkpoint, make_model
 from shared.pruning import DEFAULT_LADDER, PruningGroup, keep_masks, masked, pruning_groups, ratio_key
 
 REGIMES = ("standard", "paper", "ours")
@@ -75,6 +75,11 @@ class TrainConfig:
         raw["ladder"] = list(self.ladder)
         raw["model"] = self.model.to_dict()
         return raw
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict` (a checkpoint's ``meta.train_config``); older keys missing take defaults."""
+        return cls(**{**raw, "ladder": tuple(raw["ladder"]), "model": TrapNetConfig.from_dict(raw["model"])})
 
 
 # Each regime's recipe. The paper's is small batch (learning rate scaled linearly), ten times the
@@ -337,10 +342,7 @@ def calibrate_all_tables(model: BlockNet, train_split: FrameSplit,
 
 def recalibrate_checkpoint(path: Path, train_split: FrameSplit) -> None:
     """Recompute a checkpoint's BatchNorm tables in place: same weights, same training config."""
-    from shared.model import build_model, load_checkpoint
-
     state = load_checkpoint(path)
-    config = TrainConfig(**{**state["meta"]["train_config"], "ladder": tuple(state["meta"]["train_config"]["ladder"]),
-                            "model": TrapNetConfig.from_dict(state["config"])})
+    config = TrainConfig.from_dict(state["meta"]["train_config"])
     state["bn_tables"], state["entry_bn_tables"] = calibrate_all_tables(build_model(path), train_split, config)
     torch.save(state, path)

@@ -227,6 +227,15 @@ class PrunedSlice:
         self.upstream = upstream
 
 
+def full_model_name(first_block: int, slice_name: str) -> str:
+    """A module's name in the full model from its name in a slice starting at ``first_block``.
+
+    ``model.slice(...)`` numbers its blocks from 0 ("<block offset>.<path>"), the model from the stem.
+    """
+    offset, path = slice_name.split(".", 1)
+    return f"blocks.{first_block + int(offset)}.{path}"
+
+
 def prune_slice(model: BlockNet, first_block: int, last_block: int, ratio: float,
                 bn_table: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
                 input_size: int = INPUT_SIZE) -> PrunedSlice:
@@ -241,8 +250,7 @@ def prune_slice(model: BlockNet, first_block: int, last_block: int, ratio: float
     for name, norm in copies.items():
         if isinstance(norm, nn.BatchNorm2d):
             kept_channels(norm.num_features, ratio)  # refuse a ratio that would empty a layer
-            offset, path = name.split(".", 1)
-            stats = (bn_table or {}).get(f"blocks.{first_block + int(offset)}.{path}")
+            stats = (bn_table or {}).get(full_model_name(first_block, name))
             if stats is not None:
                 norm.running_mean.copy_(stats["mean"])
                 norm.running_var.copy_(stats["var"])
@@ -377,8 +385,7 @@ class PrunableSlice:
         by_upstream = self.entry_tables.get(ratio_key(variant.ratio))
         if not by_upstream:
             return variant
-        prefix = f"blocks.{self.first_block}."
-        norms = {prefix + name.split(".", 1)[1]: m for name, m in variant.module.named_modules()
+        norms = {full_model_name(self.first_block, name): m for name, m in variant.module.named_modules()
                  if name.startswith("0.") and isinstance(m, nn.BatchNorm2d)}
         variant.entry_stats[variant.ratio] = [(m, m.running_mean.clone(), m.running_var.clone())
                                               for m in norms.values()]

@@ -238,13 +238,26 @@ def test_lazy_build_finishes_in_the_background_and_serves_early_switches(model):
         model, 0, 1, ladder=(0.0,), bn_tables={}, input_size=SIZE).memory_bytes()
 
 
+def random_stats(model, prefix, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {name: {"mean": torch.randn(m.num_features, generator=gen),
+                   "var": torch.rand(m.num_features, generator=gen) + 0.5}
+            for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and name.startswith(prefix)}
+
+
+def with_stats(model, table):
+    reference = copy.deepcopy(model)
+    for name, m in reference.named_modules():
+        if name in table:
+            m.running_mean.copy_(table[name]["mean"])
+            m.running_var.copy_(table[name]["var"])
+    return reference
+
+
 def test_bn_tables_are_loaded_into_each_variant(model, groups):
     """A variant runs with its ratio's table: equal to the masked full model carrying those statistics."""
     ratio = 0.4
-    gen = torch.Generator().manual_seed(5)
-    table = {name: {"mean": torch.randn(m.num_features, generator=gen),
-                    "var": torch.rand(m.num_features, generator=gen) + 0.5}
-             for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    table = random_stats(model, "", seed=5)
     stage = PrunableSlice(model, 0, 1, ladder=(ratio,), bn_tables={ratio_key(ratio): table}, input_size=SIZE)
     plain = PrunableSlice(model, 0, 1, ladder=(ratio,), bn_tables={}, input_size=SIZE)
     stage.set_ratio(ratio)
@@ -253,11 +266,7 @@ def test_bn_tables_are_loaded_into_each_variant(model, groups):
     with_table, keep = stage.forward(x)
     assert not torch.allclose(with_table, plain.forward(x)[0])
 
-    reference = copy.deepcopy(model)
-    for name, m in reference.named_modules():
-        if name in table:
-            m.running_mean.copy_(table[name]["mean"])
-            m.running_var.copy_(table[name]["var"])
+    reference = with_stats(model, table)
     ratios = [ratio, ratio] + [0.0] * (model.n_blocks - 2)
     with torch.no_grad():
         expected = zeroed_copy(reference, pruning_groups(reference, SIZE), ratios).run_blocks(x, 0, 1)
@@ -283,22 +292,6 @@ def test_a_ratio_without_a_table_is_reported(model, caplog):
         PrunableSlice(loaded, 0, 1, ladder=(0.5, 0.25), input_size=SIZE)
     assert [r for r in caplog.records if "no BatchNorm table for ratio 0.25" in r.getMessage()]
     assert not [r for r in caplog.records if "ratio 0.5 " in r.getMessage()]
-
-
-def random_stats(model, prefix, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return {name: {"mean": torch.randn(m.num_features, generator=gen),
-                   "var": torch.rand(m.num_features, generator=gen) + 0.5}
-            for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and name.startswith(prefix)}
-
-
-def with_stats(model, table):
-    reference = copy.deepcopy(model)
-    for name, m in reference.named_modules():
-        if name in table:
-            m.running_mean.copy_(table[name]["mean"])
-            m.running_var.copy_(table[name]["var"])
-    return reference
 
 
 def test_entry_statistics_follow_the_upstream_ratio_read_off_the_keep_mask(model, caplog):
