@@ -64,16 +64,16 @@ def parse_slices(text: str) -> list[tuple[int, int]]:
     return slices  # type: ignore[return-value]
 
 
-def median_latencies(modules: Sequence[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
-    """Median seconds per module at batch 1, timed round-robin so that load from other processes
-    on a shared machine falls on every ratio alike rather than on whichever ran during it."""
-    times: list[list[float]] = [[] for _ in modules]
+def median_latencies(calls: Sequence[tuple[torch.nn.Module, torch.Tensor]], repeats: int) -> list[float]:
+    """Median seconds per (module, input) call at batch 1, timed round-robin so that load from other
+    processes on a shared machine falls on every call alike rather than on whichever ran during it."""
+    times: list[list[float]] = [[] for _ in calls]
     with torch.inference_mode():
-        for module in modules:
+        for module, x in calls:
             for _ in range(3):
                 module(x)
         for _ in range(repeats):
-            for module, samples in zip(modules, times):
+            for (module, x), samples in zip(calls, times):
                 t0 = time.perf_counter()
                 module(x)
                 samples.append(time.perf_counter() - t0)
@@ -96,7 +96,7 @@ def slice_costs(model: BlockNet, slices: Sequence[tuple[int, int]], budget: Budg
         latency = {}
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            latency[threads] = median_latencies(modules, x_in, budget.repeats)
+            latency[threads] = median_latencies([(m, x_in) for m in modules], budget.repeats)
         for k, (ratio, module) in enumerate(zip(budget.ladder, modules)):
             t0 = time.perf_counter()
             prune_slice(model, first, last, ratio)
