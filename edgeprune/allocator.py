@@ -2,8 +2,9 @@
 
 By default glibc serves large allocations with mmap and unmaps them when freed, so the next
 batch's activations of the same size page-fault in again, zeroed by the kernel: five passes of
-two 3x3 convs over a 64-frame batch of 32x32x32 activations took 67,000 page faults here, 2,000
-with this setting (tests/test_allocator.py). A 4-ratio entry-table calibration ran in 44.0 s
+two 3x3 convs over a 64-frame batch of 32x32x32 activations took 61,188 page faults here, 2,048
+with this setting, and 1.95x as long without it (`edgeprune bench allocator`, medians of 5
+processes each on the shared 2-core machine). A 4-ratio entry-table calibration ran in 44.0 s
 without it and 21.9 s with it. Only the offline commands call this: a node agent runs batch 1
 and should give memory back on a small device.
 """

@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from gateway.placement import Device, InfeasiblePlacement, Plan, evaluate, plan_pipeline, problem_from_profiles
-from shared.profiling import MB, MBIT_BYTES, NodeProfile
+from gateway.placement import Device, InfeasiblePlacement, Plan, cost_assignment, plan_pipeline, problem_from_profiles
+from shared.profiling import MBIT_BYTES, NodeProfile, mb_to_bytes
 from shared.schemas import Placement
 from shared.topics import AVAILABILITY_ONLINE
 
@@ -41,7 +41,6 @@ class LivePlacement:
         self.allowed = list(allowed)
         self.started = started
         self.current: Placement | None = None
-        self.current_plan: Plan | None = None
         self.last_error: str | None = None
         self._status: dict[str, str] = {}
         self._online_since: dict[str, float] = {}
@@ -103,7 +102,7 @@ class LivePlacement:
         return None
 
     def _devices(self, nodes: list[str]) -> list[Device]:
-        return [Device(n, int(self._offers[n].memory_mb * MB), self._offers[n].uplink_mbit_s * MBIT_BYTES)
+        return [Device(n, mb_to_bytes(self._offers[n].memory_mb), self._offers[n].uplink_mbit_s * MBIT_BYTES)
                 for n in nodes]
 
     def _plan(self, nodes: list[str]) -> Plan | None:
@@ -122,7 +121,8 @@ class LivePlacement:
         placed = [s.node_id for s in self.current.stages]
         problem = problem_from_profiles({n: self._offers[n].profile.blocks for n in placed},
                                         self._devices(placed), frame_bytes=0, camera_bandwidth_bps=1.0)
-        return evaluate(problem, [(s.node_id, s.first_block, s.last_block) for s in self.current.stages]).bottleneck_s
+        stages = [(s.node_id, s.first_block, s.last_block) for s in self.current.stages]
+        return cost_assignment(problem, stages).bottleneck_s
 
     def _adopt(self, nodes: list[str], now: float, reason: str, plan: Plan | None = None) -> Placement | None:
         plan = plan or self._plan(nodes)
@@ -130,7 +130,6 @@ class LivePlacement:
             return None
         version = max(int(now * 1000), (self.current.version + 1) if self.current else 0)
         self.current = plan.to_placement(version, self.model, issued_at=now)
-        self.current_plan = plan
         self._declined = None
         log.info("placement v%d (%s): %s, predicted bottleneck %.1f ms", version, reason,
                  ", ".join(f"{s.node_id}:{s.first_block}-{s.last_block}" for s in self.current.stages),

@@ -1,4 +1,4 @@
-"""Where each slice of the model runs: an exact bottleneck-minimising partitioner and its baselines.
+"""Where each slice of the model runs: an exact bottleneck-minimising partitioner.
 
 Pure functions, no I/O, so the gateway can re-plan on every membership change and the
 benchmark can call the same code millions of times.
@@ -11,7 +11,8 @@ stage's throughput is limited by the slower of the two):
   device to the next stage's device; the last stage sends its output to the ``GATEWAY``;
 * the frame upload = ``frame_bytes`` / bandwidth of the link from the ``CAMERA`` to stage 1;
 * a link's bandwidth is the *sending* endpoint's uplink (``Device.bandwidth_bps``, or
-  ``Problem.camera_bandwidth_bps``) unless ``Problem.links`` gives that (sender, receiver) pair;
+  ``PlacementProblem.camera_bandwidth_bps``) unless ``PlacementProblem.links`` gives that
+  (sender, receiver) pair;
 * memory of a stage = its blocks' parameter bytes + the largest peak activation of its blocks,
   and must not exceed the device's cap.
 
@@ -22,9 +23,8 @@ rate the pipeline sustains is 1 / bottleneck.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -59,7 +59,7 @@ class Device:
 
 
 @dataclass(frozen=True)
-class Problem:
+class PlacementProblem:
     """Everything the planner needs; validated on construction so solvers can trust it."""
 
     blocks: tuple[Block, ...]
@@ -92,7 +92,10 @@ class Problem:
         if self.frame_bytes < 0 or not self.camera_bandwidth_bps > 0:
             raise ValueError("frame_bytes must be >= 0 and camera_bandwidth_bps > 0")
         for (sender, receiver), bandwidth in self.links.items():
-            if sender not in ids + [CAMERA] or receiver not in ids + [GATEWAY] or sender == receiver:
+            if sender == receiver:
+                raise ValueError(f"link {sender}->{receiver}: a link joins two different endpoints (a device "
+                                 f"never sends to itself: consecutive blocks on one device share memory)")
+            if sender not in ids + [CAMERA] or receiver not in ids + [GATEWAY]:
                 raise ValueError(f"link {sender}->{receiver}: unknown endpoint (devices, '{CAMERA}' as "
                                  f"sender, '{GATEWAY}' as receiver)")
             if not bandwidth > 0:
@@ -118,10 +121,6 @@ class Problem:
     def memory(self, start: int, end: int) -> int:
         return int(self._param_prefix[end] - self._param_prefix[start]) + max(
             b.activation_bytes for b in self.blocks[start:end])
-
-    def without_compute(self) -> Problem:
-        """The same cluster with free compute: what a communication-only planner optimises."""
-        return replace(self, compute_s={d.id: [0.0] * self.n_blocks for d in self.devices})
 
     @cached_property
     def _device(self) -> dict[str, Device]:
@@ -170,8 +169,8 @@ class Plan:
         }
 
 
-def evaluate(problem: Problem, assignment: Sequence[tuple[str, int, int]]) -> Plan:
-    """Cost of ``(device, first_block, last_block)`` stages; the one cost function every solver is judged by."""
+def cost_assignment(problem: PlacementProblem, assignment: Sequence[tuple[str, int, int]]) -> Plan:
+    """The plan running ``(device, first_block, last_block)`` stages, with its costs: every solver is judged by it."""
     if not assignment:
         raise ValueError("a plan needs at least one stage")
     devices = [device for device, _, _ in assignment]
@@ -211,7 +210,7 @@ def plan_pipeline(profile_by_device: Mapping[str, Sequence[BlockProfile]], devic
 
 def problem_from_profiles(profile_by_device: Mapping[str, Sequence[BlockProfile]], devices: Sequence[Device],
                           frame_bytes: int, camera_bandwidth_bps: float,
-                          links: Mapping[tuple[str, str], float] | None = None) -> Problem:
+                          links: Mapping[tuple[str, str], float] | None = None) -> PlacementProblem:
     """Merge per-device profiles; they must describe the same blocks (latency is the only per-device part)."""
     if not devices:
         raise ValueError("no devices to place the model on")
@@ -227,14 +226,15 @@ def problem_from_profiles(profile_by_device: Mapping[str, Sequence[BlockProfile]
         if other != blocks:
             raise ValueError(f"profiles of {device.id} and {reference_id} describe different blocks "
                              f"(another model or model version?)")
-    return Problem(blocks, tuple(devices), {d.id: [p.latency_s for p in profile_by_device[d.id]] for d in devices},
-                   frame_bytes, camera_bandwidth_bps, dict(links or {}))
+    return PlacementProblem(blocks, tuple(devices),
+                            {d.id: [p.latency_s for p in profile_by_device[d.id]] for d in devices},
+                            frame_bytes, camera_bandwidth_bps, dict(links or {}))
 
 
 # --- the exact solver --------------------------------------------------------------------------------
 
 
-def device_types(problem: Problem) -> list[list[str]]:
+def device_types(problem: PlacementProblem) -> list[list[str]]:
     """Groups of devices that are interchangeable in *every* respect the cost model sees.
 
     Merging devices that merely share a compute profile (but differ in memory cap, uplink or a
@@ -252,7 +252,7 @@ def device_types(problem: Problem) -> list[list[str]]:
     return groups
 
 
-def _interchangeable(problem: Problem, a: str, b: str) -> bool:
+def _interchangeable(problem: PlacementProblem, a: str, b: str) -> bool:
     da, db = problem._device[a], problem._device[b]
     if (da.memory_bytes, da.bandwidth_bps) != (db.memory_bytes, db.bandwidth_bps):
         return False
@@ -265,7 +265,7 @@ def _interchangeable(problem: Problem, a: str, b: str) -> bool:
             and all(problem.bandwidth(x, a) == problem.bandwidth(x, b) for x in others + [CAMERA]))
 
 
-def optimal_plan(problem: Problem) -> Plan:
+def optimal_plan(problem: PlacementProblem) -> Plan:
     """The minimum-bottleneck plan: a min-max DP over (blocks placed, multiset of device types used, last type).
 
     ``best[c][s][i]`` = the smallest bottleneck of placing blocks ``0..i-1`` with the multiset
@@ -307,8 +307,9 @@ def optimal_plan(problem: Problem) -> Plan:
             best_at = (k, *np.unravel_index(int(finished.argmin()), finished.shape))
     if best_at is None:
         raise InfeasiblePlacement(_shortfall_message(problem, layers))
-    plan = evaluate(problem, _backtrack(layers, best_at, groups, strides, n_blocks))
-    assert math.isclose(plan.bottleneck_s, best_value, rel_tol=1e-9, abs_tol=1e-15), "DP and evaluate disagree"
+    plan = cost_assignment(problem, _backtrack(layers, best_at, groups, strides, n_blocks))
+    assert math.isclose(plan.bottleneck_s, best_value, rel_tol=1e-9, abs_tol=1e-15), \
+        "DP and cost_assignment disagree"
     return plan
 
 
@@ -372,7 +373,7 @@ def _backtrack(layers: list[_Layer], best_at: tuple[int, int, int], groups: list
     return [(unused[t].pop(0), first, last) for t, first, last in reversed(typed_stages)]
 
 
-def _stage_cost_matrix(problem: Problem, device: str) -> np.ndarray:
+def _stage_cost_matrix(problem: PlacementProblem, device: str) -> np.ndarray:
     """[i, j] = compute of blocks i..j-1 on ``device``, or inf if j <= i or they do not fit its memory."""
     n = problem.n_blocks
     cost = np.full((n + 1, n + 1), np.inf)
@@ -387,7 +388,7 @@ def _stage_cost_matrix(problem: Problem, device: str) -> np.ndarray:
     return cost
 
 
-def _transfer_costs(problem: Problem, groups: list[list[str]]) -> np.ndarray:
+def _transfer_costs(problem: PlacementProblem, groups: list[list[str]]) -> np.ndarray:
     """[sender type or camera, receiver type, i] = seconds to send what block i needs (frame if i = 0)."""
     n_types = len(groups)
     incoming = np.array([problem.bytes_into(i) for i in range(problem.n_blocks + 1)], dtype=np.float64)
@@ -401,7 +402,7 @@ def _transfer_costs(problem: Problem, groups: list[list[str]]) -> np.ndarray:
     return cost
 
 
-def _check_every_block_fits(problem: Problem) -> None:
+def _check_every_block_fits(problem: PlacementProblem) -> None:
     largest = max(problem.devices, key=lambda d: d.memory_bytes)
     for index, block in enumerate(problem.blocks):
         need = block.param_bytes + block.activation_bytes
@@ -411,7 +412,7 @@ def _check_every_block_fits(problem: Problem) -> None:
                 f"{largest.memory_bytes / MB:.1f} MB ({largest.id})")
 
 
-def _shortfall_message(problem: Problem, layers: list[_Layer]) -> str:
+def _shortfall_message(problem: PlacementProblem, layers: list[_Layer]) -> str:
     reached = max(int(np.flatnonzero(np.isfinite(layer.best).any(axis=(0, 1))).max(initial=0)) for layer in layers)
     block = problem.blocks[reached]
     return (f"the memory caps do not fit the model on {len(problem.devices)} device(s): at best blocks "
@@ -419,13 +420,13 @@ def _shortfall_message(problem: Problem, layers: list[_Layer]) -> str:
             f"(total caps {sum(d.memory_bytes for d in problem.devices) / MB:.1f} MB)")
 
 
-# --- the reference and the baselines -------------------------------------------------------------------
+# --- the reference --------------------------------------------------------------------------------------
 
 
-def exhaustive_plan(problem: Problem, must_beat: float = math.inf) -> Plan | None:
+def exhaustive_plan(problem: PlacementProblem, must_beat: float = math.inf) -> Plan | None:
     """Try every device order and cut (branch and bound on the running bottleneck), for verification only.
 
-    Returns the best plan strictly below ``must_beat``, or None. It shares only the Problem's
+    Returns the best plan strictly below ``must_beat``, or None. It shares only the problem's
     cost accessors with the DP: no device types, no matrices. Exponential in devices.
     """
     n = problem.n_blocks
@@ -453,60 +454,4 @@ def exhaustive_plan(problem: Problem, must_beat: float = math.inf) -> Plan | Non
                     extend(end, device, so_far, stages)
 
     extend(0, CAMERA, 0.0, [])
-    return None if best[1] is None else evaluate(problem, best[1])
-
-
-def random_plan(problem: Problem, rng: random.Random, attempts: int = 100) -> Plan:
-    """Every device gets a random slice in a random order (as an uninformed deployment would)."""
-    n_stages = min(len(problem.devices), problem.n_blocks)
-    for _ in range(attempts):
-        order = rng.sample([d.id for d in problem.devices], n_stages)
-        cuts = sorted(rng.sample(range(1, problem.n_blocks), n_stages - 1))
-        try:
-            return evaluate(problem, _stages_from_cuts(order, cuts, problem.n_blocks))
-        except InfeasiblePlacement:
-            continue
-    raise InfeasiblePlacement(f"no random placement out of {attempts} fits the memory caps")
-
-
-def greedy_plan(problem: Problem) -> Plan:
-    """Devices in listed order, each filled up to an equal share of the work in its own time, within memory.
-
-    A device that cannot hold even the next block is skipped.
-    """
-    share = 1 / len(problem.devices) + 1e-9  # so float rounding does not cost an exactly equal share a block
-    assignment, start = [], 0
-    for position, device in enumerate(problem.devices):
-        if start == problem.n_blocks:
-            break
-        if problem.memory(start, start + 1) > device.memory_bytes:
-            continue
-        total = problem.compute(device.id, 0, problem.n_blocks) or 1.0
-        last_device = position == len(problem.devices) - 1
-        end = start + 1
-        while end < problem.n_blocks and problem.memory(start, end + 1) <= device.memory_bytes and (
-                last_device or problem.compute(device.id, start, end + 1) / total <= share):
-            end += 1
-        assignment.append((device.id, start, end - 1))
-        start = end
-    if start < problem.n_blocks:
-        raise InfeasiblePlacement(f"greedy filling stopped at block {start}: out of devices")
-    return evaluate(problem, assignment)
-
-
-def communication_plan(problem: Problem) -> Plan:
-    """SEIFER-style: cuts and order that minimise the slowest transfer within memory, blind to compute."""
-    chosen = optimal_plan(problem.without_compute())
-    return evaluate(problem, [(s.device, s.first_block, s.last_block) for s in chosen.stages])
-
-
-def _stages_from_cuts(order: Sequence[str], cuts: Sequence[int], n_blocks: int) -> list[tuple[str, int, int]]:
-    bounds = [0, *cuts, n_blocks]
-    return [(device, first, end - 1) for device, first, end in zip(order, bounds, bounds[1:])]
-
-
-BASELINES = {
-    "random": lambda problem, rng: random_plan(problem, rng),
-    "greedy": lambda problem, rng: greedy_plan(problem),
-    "seifer-style": lambda problem, rng: communication_plan(problem),
-}
+    return None if best[1] is None else cost_assignment(problem, best[1])

@@ -27,6 +27,11 @@ CAMERA, GATEWAY = "camera", "gateway"
 MAX_FILE_BYTES = 4 << 20
 
 
+def mb_to_bytes(megabytes: float) -> int:
+    """Whole bytes in ``megabytes`` MB, rounded: ``int()`` would make 2.01 MB 2,009,999 B (float error)."""
+    return round(megabytes * MB)
+
+
 class ProfileError(ValueError):
     """A profile or devices file that cannot be used; the message names the file and the field."""
 
@@ -82,7 +87,7 @@ class DeviceSpec(_Strict):
 
     @property
     def memory_bytes(self) -> int:
-        return int(self.memory_mb * MB)
+        return mb_to_bytes(self.memory_mb)
 
     @property
     def bandwidth_bps(self) -> float:

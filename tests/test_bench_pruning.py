@@ -1,8 +1,9 @@
-"""The paper's logistic accuracy model, as the pruning benchmark fits it."""
+"""The pruning benchmarks' arithmetic: the paper's logistic accuracy model, latency fits, speed-up by input size."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from edgeprune.bench.pruning import fit_error, fit_logistic, logistic, parse_slices
 
@@ -31,7 +32,7 @@ def test_slices_are_parsed_as_block_ranges():
     assert parse_slices("0-1,2-3,4-5") == [(0, 1), (2, 3), (4, 5)]
 
 
-def test_latency_model_separates_the_fixed_cost_that_caps_the_speedup():
+def test_latency_model_fits_an_intercept_and_a_per_mmac_cost():
     from edgeprune.bench.pruning import latency_model_rows
 
     rows = [{"model": "m", "slice": "1", "ratio": p, "MMACs": macs, "ms_1t": 0.4 + 0.02 * macs,
@@ -54,3 +55,27 @@ def test_fit_row_counts_mixes_that_measure_below_the_uniform_ladder():
     row = fit_row({"model": "m"}, vectors, measured, uniform)
     assert row["worse_than_uniform_at_max"] == "1/20"
     assert {"gamma_1", "gamma_3", "delta", "fit_rmse", "uniform_rmse", "controller_fit_r2"} <= set(row)
+
+
+def test_speedup_by_input_size_tells_a_fixed_cost_from_a_dearer_mac():
+    """Synthetic timings: 0.1 ms per call plus 20 us per MMAC full, 1.37x dearer per MMAC when pruned."""
+    from edgeprune.bench.speedup import fixed_cost_rows, size_rows
+
+    sizes = [64, 128, 448]
+    macs = {size: (30e6 * (size / 64) ** 2, 15e6 * (size / 64) ** 2) for size in sizes}
+
+    def seconds(size: int, variant: int, jitter: float) -> list[float]:
+        per_mmac = 20e-6 * (1.37 if variant else 1.0)
+        return [(1e-4 + per_mmac * macs[size][variant] / 1e6) * jitter] * 3
+
+    rounds = [{size: (seconds(size, 0, j), seconds(size, 1, j)) for size in sizes} for j in (1.0, 1.5)]
+    rows = size_rows(sizes, macs, rounds, 0.3)
+    assert [r["MAC_reduction"] for r in rows] == [2.0] * 3
+    # load that slows both variants alike (jitter) cancels in the ratio
+    assert all(r["round_min"] == pytest.approx(r["round_max"]) == pytest.approx(r["speedup"]) for r in rows)
+    assert rows[-1]["time_per_MAC_pruned_over_full"] == pytest.approx(1.37, rel=0.01)
+    full, pruned = fixed_cost_rows(sizes, rounds, 0.3)
+    # 64 px: 0.1 + 0.6 ms, 448 px: 0.1 + 29.4 ms; the true fixed share there, 0.34%, is below the bound
+    assert full["fixed_share_at_most_448px"] == pytest.approx(0.7 / 29.5)
+    assert full["fixed_share_at_most_128px"] == pytest.approx(0.7 / 2.5)
+    assert pruned["fixed_share_at_most_448px"] > 0.1 / (0.1 + 20 * 1.37 * 15 * 49 / 1000)

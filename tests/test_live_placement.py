@@ -113,3 +113,15 @@ def test_infeasible_memory_is_reported_not_raised():
     live.set_status("a", "online", 0)
     assert live.tick(1) is None
     assert live.last_error and "MB" in live.last_error
+
+
+def test_memory_caps_round_to_whole_bytes():
+    """2.01 MB is 2,009,999.99... B in floating point: truncating it refused a slice of exactly 2,010,000 B."""
+    block = BlockProfile(name="b0", latency_s=0.01, param_bytes=2_000_000, activation_bytes=10_000, output_bytes=100)
+    profile = ModelProfile(model="trapnet", host="h", threads=1, repeats=1, warmup=0, wire_dtype="float16",
+                           blocks=[block])
+    live = LivePlacement(RULES, "trapnet", "abc", ["a"], started=0)
+    live.set_status("a", "online", 0)
+    live.set_offer(NodeProfile(node_id="a", model_fingerprint="abc", memory_mb=2.01, uplink_mbit_s=1000,
+                               profile=profile))
+    assert placed(live.tick(1)) == ["a"] and live.last_error is None

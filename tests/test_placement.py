@@ -11,16 +11,37 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgeprune.bench.placement import BASELINES, greedy_plan
 from edgeprune.commands import place
 from gateway import placement
-from gateway.placement import (BASELINES, CAMERA, GATEWAY, MB, Block, Device, InfeasiblePlacement, Problem,
-                               device_types, evaluate, exhaustive_plan, greedy_plan, optimal_plan, plan_pipeline)
-from shared.profiling import BlockProfile, CameraSpec, ClusterSpec, DeviceSpec, ModelProfile, save_profile
+from gateway.placement import (CAMERA, GATEWAY, MB, Block, Device, InfeasiblePlacement, PlacementProblem,
+                               cost_assignment, device_types, exhaustive_plan, optimal_plan, plan_pipeline)
+from shared.profiling import BlockProfile, CameraSpec, ClusterSpec, DeviceSpec, LinkSpec, ModelProfile, save_profile
 from shared.schemas import Placement, parse_json, to_json
 
 
-def brute_force(problem: Problem) -> float | None:
-    """Every device order x every composition of the blocks; the oracle, as plain as possible."""
+def reference_bottleneck(problem: PlacementProblem, stages: list[tuple[str, int, int]]) -> float | None:
+    """The documented cost model written again from the problem's raw fields, none of the product's accessors,
+    so a bug in the product's cost function cannot hide in the oracle. None: a stage exceeds its device's memory."""
+    device = {d.id: d for d in problem.devices}
+
+    def bandwidth(sender: str, receiver: str) -> float:
+        uplink = problem.camera_bandwidth_bps if sender == CAMERA else device[sender].bandwidth_bps
+        return problem.links.get((sender, receiver), uplink)
+
+    terms = [problem.frame_bytes / bandwidth(CAMERA, stages[0][0])]
+    receivers = [d for d, _, _ in stages[1:]] + [GATEWAY]
+    for (host, first, last), receiver in zip(stages, receivers):
+        blocks = problem.blocks[first:last + 1]
+        if sum(b.param_bytes for b in blocks) + max(b.activation_bytes for b in blocks) > device[host].memory_bytes:
+            return None
+        terms.append(sum(problem.compute_s[host][first:last + 1]))
+        terms.append(blocks[-1].output_bytes / bandwidth(host, receiver))
+    return max(terms)
+
+
+def brute_force(problem: PlacementProblem) -> float | None:
+    """Every device order x every composition of the blocks, costed by the reference: the oracle, kept plain."""
     n = problem.n_blocks
     ids = [d.id for d in problem.devices]
     best = None
@@ -28,17 +49,18 @@ def brute_force(problem: Problem) -> float | None:
         for order in itertools.permutations(ids, k):
             for cuts in itertools.combinations(range(1, n), k - 1):
                 bounds = [0, *cuts, n]
-                try:
-                    stages = [(d, a, b - 1) for d, a, b in zip(order, bounds, bounds[1:])]
-                    value = evaluate(problem, stages).bottleneck_s
-                except InfeasiblePlacement:
-                    continue
-                best = value if best is None else min(best, value)
+                value = reference_bottleneck(problem, [(d, a, b - 1) for d, a, b in zip(order, bounds, bounds[1:])])
+                if value is not None:
+                    best = value if best is None else min(best, value)
     return best
 
 
+def stages_of(plan) -> list[tuple[str, int, int]]:
+    return [(s.device, s.first_block, s.last_block) for s in plan.stages]
+
+
 @st.composite
-def problems(draw, max_devices: int = 4, max_blocks: int = 6) -> Problem:
+def problems(draw, max_devices: int = 4, max_blocks: int = 6) -> PlacementProblem:
     """Small clusters built from a few hardware kinds; hosts of one kind get their own caps and links.
 
     Sharing a compute profile while differing in memory cap, uplink or a link is the case a
@@ -66,23 +88,25 @@ def problems(draw, max_devices: int = 4, max_blocks: int = 6) -> Problem:
         mutual = draw(st.dictionaries(st.sampled_from(list(itertools.combinations(ids, 2))), link_bandwidths,
                                       max_size=2))
         links |= {pair: bw for (a, b), bw in mutual.items() for pair in ((a, b), (b, a))}
-    return Problem(blocks, tuple(devices), compute, draw(st.integers(0, 8)) * 1000, draw(bandwidths), links)
+    return PlacementProblem(blocks, tuple(devices), compute, draw(st.integers(0, 8)) * 1000, draw(bandwidths), links)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
-def test_optimal_plan_equals_brute_force(problem: Problem) -> None:
+def test_optimal_plan_equals_brute_force(problem: PlacementProblem) -> None:
     expected = brute_force(problem)
     if expected is None:
         with pytest.raises(InfeasiblePlacement):
             optimal_plan(problem)
     else:
-        assert optimal_plan(problem).bottleneck_s == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        plan = optimal_plan(problem)
+        assert plan.bottleneck_s == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        assert reference_bottleneck(problem, stages_of(plan)) == pytest.approx(plan.bottleneck_s, rel=1e-12, abs=1e-15)
 
 
 @settings(max_examples=100, deadline=None)
 @given(problems(max_devices=3, max_blocks=5))
-def test_exhaustive_reference_equals_brute_force(problem: Problem) -> None:
+def test_exhaustive_reference_equals_brute_force(problem: PlacementProblem) -> None:
     """The benchmark verifies the DP with exhaustive_plan on larger instances, so it must be right too."""
     expected = brute_force(problem)
     found = exhaustive_plan(problem)
@@ -94,7 +118,7 @@ def test_exhaustive_reference_equals_brute_force(problem: Problem) -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(problems(), st.integers(0, 2**32 - 1))
-def test_plans_respect_memory_and_baselines_never_beat_the_optimum(problem: Problem, seed: int) -> None:
+def test_plans_respect_memory_and_baselines_never_beat_the_optimum(problem: PlacementProblem, seed: int) -> None:
     try:
         best = optimal_plan(problem)
     except InfeasiblePlacement:
@@ -111,13 +135,13 @@ def test_plans_respect_memory_and_baselines_never_beat_the_optimum(problem: Prob
 
 
 def uniform_problem(caps_mb: list[float], compute_ms: list[float], bandwidth: float = 1e9,
-                    params_mb: list[float] | None = None, **kwargs) -> Problem:
+                    params_mb: list[float] | None = None, **kwargs) -> PlacementProblem:
     """Hosts with one shared compute profile (one hardware kind) but their own memory caps."""
     params = params_mb or [1.0] * len(compute_ms)
     blocks = tuple(Block(f"stage{i}", int(p * MB), 0, 1000) for i, p in enumerate(params))
     devices = tuple(Device(f"pi-{i}", int(cap * MB), bandwidth) for i, cap in enumerate(caps_mb))
     compute = {d.id: [t / 1e3 for t in compute_ms] for d in devices}
-    return Problem(blocks, devices, compute, frame_bytes=1000, camera_bandwidth_bps=1e9, **kwargs)
+    return PlacementProblem(blocks, devices, compute, frame_bytes=1000, camera_bandwidth_bps=1e9, **kwargs)
 
 
 def test_hosts_of_one_kind_with_different_caps_are_different_types() -> None:
@@ -192,12 +216,52 @@ def test_plan_converts_to_a_valid_placement() -> None:
     assert placement.n_blocks == 5 and placement.bottleneck_s == plan.bottleneck_s
 
 
-def test_evaluate_rejects_gaps_and_repeated_devices() -> None:
+def two_device_problem(links: dict[tuple[str, str], float] | None = None) -> PlacementProblem:
+    """Worked by hand below. Blocks (params, peak activation, output): b0 (1 MB, 1 MB, 8000 B),
+    b1 (1 MB, 0.5 MB, 2000 B), b2 (2 MB, 1 MB, 40 B): 5 MB on one device, more than either cap,
+    so every plan has two stages. Device a: 3 MB, compute 3/3/1 ms; b: 4 MB, 2/2/6 ms; uplinks
+    1 MB/s; the camera sends 1000 B at 1 MB/s (1 ms)."""
+    blocks = (Block("b0", MB, MB, 8000), Block("b1", MB, MB // 2, 2000), Block("b2", 2 * MB, MB, 40))
+    devices = (Device("a", 3 * MB, 1e6), Device("b", 4 * MB, 1e6))
+    return PlacementProblem(blocks, devices, {"a": [3e-3, 3e-3, 1e-3], "b": [2e-3, 2e-3, 6e-3]}, frame_bytes=1000,
+                            camera_bandwidth_bps=1e6, links=links or {})
+
+
+def test_hand_worked_stage_costs() -> None:
+    """a: b0 | b: b1..b2 -- a computes 3 ms and sends 8000 B at 1 MB/s (8 ms); b computes 2+6 = 8 ms,
+    holds 1+2 MB of parameters + its largest activation 1 MB = 4 MB, and sends 40 B to the gateway."""
+    plan = cost_assignment(two_device_problem(), [("a", 0, 0), ("b", 1, 2)])
+    assert plan.frame_upload_s == pytest.approx(1e-3)
+    assert [s.compute_s for s in plan.stages] == pytest.approx([3e-3, 8e-3])
+    assert [s.transfer_s for s in plan.stages] == pytest.approx([8e-3, 40e-6])
+    assert [s.memory_bytes for s in plan.stages] == [2 * MB, 4 * MB]
+    assert plan.bottleneck_s == pytest.approx(8e-3)
+
+
+def test_hand_worked_optimum_with_transfer_and_memory_caps() -> None:
+    """The four two-stage plans, by hand (bottleneck = max(upload, computes, transfers)):
+    a: b0 | b: b1-b2 -> max(1, 3, 8 transfer, 8) = 8 ms;  a: b0-b1 | b: b2 -> max(1, 6, 2, 6) = 6 ms;
+    b: b0-b1 | a: b2 -> max(1, 4, 2, 1) = 4 ms;  b: b0 | a: b1-b2 needs 4 MB on a (3 MB cap): infeasible.
+    A slow b->a link (200 kB/s: 2000 B take 10 ms) makes the 4 ms plan cost 10 ms, so 6 ms wins."""
+    plan = optimal_plan(two_device_problem())
+    assert stages_of(plan) == [("b", 0, 1), ("a", 2, 2)]
+    assert plan.bottleneck_s == pytest.approx(4e-3)
+    with pytest.raises(InfeasiblePlacement, match="need 4.0 MB but device a has 3.0 MB"):
+        cost_assignment(two_device_problem(), [("b", 0, 0), ("a", 1, 2)])
+
+    slow = two_device_problem({("b", "a"): 2e5})
+    assert cost_assignment(slow, [("b", 0, 1), ("a", 2, 2)]).bottleneck_s == pytest.approx(10e-3)
+    plan = optimal_plan(slow)
+    assert stages_of(plan) == [("a", 0, 1), ("b", 2, 2)]
+    assert plan.bottleneck_s == pytest.approx(6e-3)
+
+
+def test_cost_assignment_rejects_gaps_and_repeated_devices() -> None:
     problem = uniform_problem([4, 4], [1, 1, 1])
     with pytest.raises(ValueError, match="contiguously"):
-        evaluate(problem, [("pi-0", 0, 0), ("pi-1", 2, 2)])
+        cost_assignment(problem, [("pi-0", 0, 0), ("pi-1", 2, 2)])
     with pytest.raises(ValueError, match="two stages"):
-        evaluate(problem, [("pi-0", 0, 0), ("pi-0", 1, 2)])
+        cost_assignment(problem, [("pi-0", 0, 0), ("pi-0", 1, 2)])
 
 
 def test_greedy_fills_devices_in_order_up_to_an_equal_share() -> None:
@@ -235,9 +299,15 @@ def test_problem_rejects_unknown_link_endpoints() -> None:
         uniform_problem([4], [1], links={("pi-0", "pi-9"): 1e6})
 
 
-def run_place(tmp_path, capsys, cluster: ClusterSpec, *flags: str) -> tuple[int, str, str]:
+def test_problem_says_what_is_wrong_with_a_link_to_itself() -> None:
+    with pytest.raises(ValueError, match="pi-0->pi-0: a link joins two different endpoints"):
+        uniform_problem([4], [1], links={("pi-0", "pi-0"): 1e6})
+
+
+def run_place(tmp_path, capsys, cluster: ClusterSpec, *flags: str,
+              blocks: list[BlockProfile] | None = None) -> tuple[int, str, str]:
     save_profile(ModelProfile(model="m", host="h", threads=1, repeats=1, warmup=0, wire_dtype="float16",
-                              blocks=profile([2, 2, 2, 3], [1, 1, 1, 1])), tmp_path / "profile.json")
+                              blocks=blocks or profile([2, 2, 2, 3], [1, 1, 1, 1])), tmp_path / "profile.json")
     (tmp_path / "devices.json").write_text(cluster.model_dump_json(by_alias=True))
     parser = argparse.ArgumentParser()
     place.register(parser.add_subparsers())
@@ -267,3 +337,23 @@ def test_place_command_reports_what_does_not_fit(tmp_path, capsys) -> None:
     assert code == 1 and out == ""
     assert "block 0 (b0) needs 1.0 MB but the largest device cap is 0.5 MB" in err
 
+
+
+def test_place_command_rounds_memory_caps(tmp_path, capsys) -> None:
+    """2.01 MB is 2,009,999.99... B in floating point: truncating it refused a slice needing exactly 2,010,000 B."""
+    cluster = ClusterSpec(camera=CameraSpec(frame_bytes=1000, bandwidth_mbit_s=100),
+                          devices=[DeviceSpec(id="pi-a", memory_mb=2.01, bandwidth_mbit_s=100)])
+    assert cluster.devices[0].memory_bytes == 2_010_000
+    block = BlockProfile(name="b0", latency_s=1e-3, param_bytes=2_000_000, activation_bytes=10_000, output_bytes=100)
+    code, out, err = run_place(tmp_path, capsys, cluster, "--json", blocks=[block])
+    assert (code, err) == (0, "")
+    assert json.loads(out)["stages"][0]["memory_bytes"] == 2_010_000
+
+
+def test_place_command_reports_a_link_to_itself(tmp_path, capsys) -> None:
+    cluster = ClusterSpec(camera=CameraSpec(frame_bytes=1000, bandwidth_mbit_s=100),
+                          devices=[DeviceSpec(id="pi-a", memory_mb=8, bandwidth_mbit_s=100)],
+                          links=[LinkSpec(sender="pi-a", receiver="pi-a", bandwidth_mbit_s=10)])
+    code, out, err = run_place(tmp_path, capsys, cluster)
+    assert code == 2 and out == ""
+    assert "link pi-a->pi-a: a link joins two different endpoints" in err

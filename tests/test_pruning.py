@@ -184,8 +184,9 @@ def test_switching_and_restoring_returns_the_same_outputs(model, slices):
     stage.set_ratio(0.3)
     at_03, keep_03 = stage.forward(x)
     assert at_03.shape[1] < full.shape[1] and keep_03 is not None and full_keep is None
-    for ratio in (0.9, 0.3):
-        assert stage.set_ratio(ratio) < 0.01
+    for ratio in (0.9, 0.3):  # how fast a switch is: `edgeprune bench pruning` (switch_median_us)
+        stage.set_ratio(ratio)
+        assert stage.ratio == ratio and stage.module() is stage.module(ratio) is not stage.module(0.0)
     torch.testing.assert_close(stage.forward(x)[0], at_03, rtol=0, atol=0)
     stage.set_ratio(0.0)
     torch.testing.assert_close(stage.forward(x)[0], full, rtol=0, atol=0)

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = [
+    "allocator",
     "placement",
     "pruning",
+    "speedup",
 ]
 
 

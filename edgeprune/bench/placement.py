@@ -14,27 +14,88 @@ import math
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gateway.placement import (
-    BASELINES,
-    CAMERA,
-    MB,
     Block,
     Device,
     InfeasiblePlacement,
-    Problem,
+    PlacementProblem,
+    Plan,
+    cost_assignment,
     device_types,
     exhaustive_plan,
     optimal_plan,
 )
+from shared.profiling import CAMERA, MB
 
 MBIT = 1e6 / 8
 KINDS = 4  # hardware kinds per random cluster, at most
 TRAPNET_SPEED_FACTORS = (4, 8, 16, 32)  # Pi-class devices against one core of this machine
 TRAPNET_CAPS_MB = (1, 2, 4, 8)
 BANDWIDTHS_MBIT = (8, 20, 50, 100)
+
+
+# --- the baselines the exact planner is compared with (the product never uses them) ---------------------
+
+
+def random_plan(problem: PlacementProblem, rng: random.Random, attempts: int = 100) -> Plan:
+    """Every device gets a random slice in a random order (as an uninformed deployment would)."""
+    n_stages = min(len(problem.devices), problem.n_blocks)
+    for _ in range(attempts):
+        order = rng.sample([d.id for d in problem.devices], n_stages)
+        cuts = sorted(rng.sample(range(1, problem.n_blocks), n_stages - 1))
+        try:
+            return cost_assignment(problem, _stages_from_cuts(order, cuts, problem.n_blocks))
+        except InfeasiblePlacement:
+            continue
+    raise InfeasiblePlacement(f"no random placement out of {attempts} fits the memory caps")
+
+
+def greedy_plan(problem: PlacementProblem) -> Plan:
+    """Devices in listed order, each filled up to an equal share of the work in its own time, within memory.
+
+    A device that cannot hold even the next block is skipped.
+    """
+    share = 1 / len(problem.devices) + 1e-9  # so float rounding does not cost an exactly equal share a block
+    assignment, start = [], 0
+    for position, device in enumerate(problem.devices):
+        if start == problem.n_blocks:
+            break
+        if problem.memory(start, start + 1) > device.memory_bytes:
+            continue
+        total = problem.compute(device.id, 0, problem.n_blocks) or 1.0
+        last_device = position == len(problem.devices) - 1
+        end = start + 1
+        while end < problem.n_blocks and problem.memory(start, end + 1) <= device.memory_bytes and (
+                last_device or problem.compute(device.id, start, end + 1) / total <= share):
+            end += 1
+        assignment.append((device.id, start, end - 1))
+        start = end
+    if start < problem.n_blocks:
+        raise InfeasiblePlacement(f"greedy filling stopped at block {start}: out of devices")
+    return cost_assignment(problem, assignment)
+
+
+def communication_plan(problem: PlacementProblem) -> Plan:
+    """SEIFER-style: cuts and order that minimise the slowest transfer within memory, blind to compute."""
+    free_compute = replace(problem, compute_s={d.id: [0.0] * problem.n_blocks for d in problem.devices})
+    chosen = optimal_plan(free_compute)
+    return cost_assignment(problem, [(s.device, s.first_block, s.last_block) for s in chosen.stages])
+
+
+def _stages_from_cuts(order: Sequence[str], cuts: Sequence[int], n_blocks: int) -> list[tuple[str, int, int]]:
+    bounds = [0, *cuts, n_blocks]
+    return [(device, first, end - 1) for device, first, end in zip(order, bounds, bounds[1:])]
+
+
+BASELINES = {
+    "random": lambda problem, rng: random_plan(problem, rng),
+    "greedy": lambda problem, rng: greedy_plan(problem),
+    "seifer-style": lambda problem, rng: communication_plan(problem),
+}
 
 
 def add_arguments(parser) -> None:
@@ -62,7 +123,7 @@ class Family:
     infeasible: int = 0
 
 
-def random_problem(rng: random.Random, n_devices: int, n_blocks: int) -> Problem:
+def random_problem(rng: random.Random, n_devices: int, n_blocks: int) -> PlacementProblem:
     """A CNN-like chain (outputs shrink, parameters grow with depth) on a mixed cluster."""
     blocks = []
     for index in range(n_blocks):
@@ -93,11 +154,11 @@ def random_problem(rng: random.Random, n_devices: int, n_blocks: int) -> Problem
             sender, receiver = rng.sample([CAMERA] + [d.id for d in devices], 2)
             if receiver != CAMERA:
                 links[(sender, receiver)] = rng.choice(BANDWIDTHS_MBIT[:2]) * MBIT / 4
-    return Problem(tuple(blocks), tuple(devices), compute, frame_bytes=rng.randint(5_000, 50_000),
+    return PlacementProblem(tuple(blocks), tuple(devices), compute, frame_bytes=rng.randint(5_000, 50_000),
                    camera_bandwidth_bps=20 * MBIT, links=links)
 
 
-def trapnet_problem(rng: random.Random, profile, n_devices: int, own_profiles: bool = False) -> Problem:
+def trapnet_problem(rng: random.Random, profile, n_devices: int, own_profiles: bool = False) -> PlacementProblem:
     """The measured TrapNet profile on emulated Pi-class devices (speed factor, cap, uplink per device).
 
     ``own_profiles`` jitters every device's latencies by ~10%, as separately measured nodes
@@ -112,10 +173,10 @@ def trapnet_problem(rng: random.Random, profile, n_devices: int, own_profiles: b
         compute[device.id] = [b.latency_s * factor * (rng.lognormvariate(0, 0.1) if own_profiles else 1)
                               for b in profile.blocks]
     # Frames as the camera sends them: at most an uncompressed 64x64 RGB image.
-    return Problem(blocks, tuple(devices), compute, frame_bytes=64 * 64 * 3, camera_bandwidth_bps=20 * MBIT)
+    return PlacementProblem(blocks, tuple(devices), compute, frame_bytes=64 * 64 * 3, camera_bandwidth_bps=20 * MBIT)
 
 
-def solve_and_compare(problem: Problem, rng: random.Random, family: Family, verify: bool) -> None:
+def solve_and_compare(problem: PlacementProblem, rng: random.Random, family: Family, verify: bool) -> None:
     start = time.perf_counter()
     try:
         best = optimal_plan(problem)
