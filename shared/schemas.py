@@ -114,10 +114,6 @@ class Hop(_Strict):
     def compute_s(self) -> float:
         return self.finished_ts - self.started_ts
 
-    @property
-    def publish_s(self) -> float:
-        return self.published_ts - self.finished_ts
-
 
 class Result(_Strict):
     """Published by the last stage for every classified frame."""
