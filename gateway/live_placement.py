@@ -19,8 +19,8 @@ import logging
 from dataclasses import dataclass
 
 from gateway.placement import Device, InfeasiblePlacement, Plan, evaluate, plan_pipeline, problem_from_profiles
-from shared.profiling import MB, MBIT_BYTES, NodeProfile
-from shared.schemas import Placement
+from shared.profiling import MB, MBIT_BYTES
+from shared.schemas import NodeProfile, Placement
 from shared.topics import AVAILABILITY_ONLINE
 
 log = logging.getLogger(__name__)

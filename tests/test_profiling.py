@@ -10,8 +10,8 @@ import torch
 
 from edgeprune.commands import profile as profile_command
 from shared.model import build_model
-from shared.profiling import (ClusterSpec, ModelProfile, ProfileError, load_cluster, load_profile, profile_model,
-                              save_profile)
+from shared.profiling import ClusterSpec, ProfileError, load_cluster, load_profile, profile_model, save_profile
+from shared.schemas import ModelProfile
 
 
 @pytest.fixture(scope="module")
