@@ -21,8 +21,8 @@ import torch
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.runtime import Request, SliceCalibrator, StageRuntime
 from shared.bus import Bus
-from shared.model import build_model, model_fingerprint
-from shared.profiling import profile_model
+from shared.model import MODEL_NAME, build_model, model_fingerprint
+from shared.profiling import ProfileError, load_profile, profile_model
 from shared.schemas import (BadMessage, CalibrateCommand, NodeCommand, NodeProfile, NodeStats, Placement,
                             PruneDesired, PruneState, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
@@ -99,11 +99,25 @@ class NodeAgent:
 
     # --- placement -----------------------------------------------------------------------
     def measure_offer(self) -> NodeProfile:
-        """Profile every block on this device (the planner's input), before taking any work."""
-        profile = profile_model(self.model, threads=self.settings.threads, repeats=self.settings.profile_repeats,
-                                wire_dtype=self.settings.wire_dtype).scaled(self.slowdown)
+        """Profile every block on this device (the planner's input), before taking any work.
+
+        A configured profile file is offered instead (:class:`ProfileError` if it describes another
+        model): the same file on every start gives the same placement, measuring noise cannot move it.
+        """
+        if self.settings.profile is not None:
+            profile = load_profile(self.settings.profile)
+            names = [b.name for b in profile.blocks]
+            if profile.model != MODEL_NAME or names != list(self.model.block_names):
+                raise ProfileError(f"{self.settings.profile}: profile of {profile.model} blocks {names}, this node "
+                                   f"runs {MODEL_NAME} blocks {list(self.model.block_names)}")
+            source = f"from {self.settings.profile}"
+        else:
+            profile = profile_model(self.model, threads=self.settings.threads, repeats=self.settings.profile_repeats,
+                                    wire_dtype=self.settings.wire_dtype)
+            source = "measured"
+        profile = profile.scaled(self.slowdown)
         memory_mb = self.settings.memory_mb or total_memory_mb() / 2
-        log.info("%s: profiled %d blocks, %.1f ms in all", self.node_id, len(profile.blocks),
+        log.info("%s: %d blocks profiled (%s), %.1f ms in all", self.node_id, len(profile.blocks), source,
                  1e3 * sum(b.latency_s for b in profile.blocks))
         return NodeProfile(node_id=self.node_id, model_fingerprint=model_fingerprint(self.model),
                            memory_mb=memory_mb, uplink_mbit_s=self.settings.uplink_mbit_s, profile=profile)
