@@ -106,7 +106,7 @@ class Demo:
         gateway, web = load(GatewaySettings, config), load(WebSettings, config)
         profile = _chosen(options.profile, node, "profile", DEMO_PROFILE)
         self.slo_s = float(_chosen(options.slo_s, gateway, "slo_s", DEMO_SLO_S))
-        self.web_port = int(_chosen(options.web_port, web, "port", web.port))
+        self.web_port = options.web_port if options.web_port is not None else web.port
         self.camera_id = camera.camera_id
         # what every child runs with on top of the user's settings (as env vars, which beat the config file)
         self.overrides: dict[type, dict[str, Any]] = {
