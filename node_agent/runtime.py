@@ -52,8 +52,9 @@ class SliceCalibrator:
     :class:`node_agent.calibration.CalibrationSchedule` decides when to call :meth:`step`: after a
     short pause without requests (and at least once a second under load), so calibration never
     stalls serving, and each timed run follows a pause as live requests do: a hot loop measures
-    caches and clocks that a request arriving after a pause does not find (here +0.5 ms a call, which on a small pruned slice would read as a
-    fivefold slowdown and keep the controller from ever restoring it).
+    caches and clocks that a request arriving after a pause does not find (here +0.5 ms a call,
+    which on a small pruned slice would read as a fivefold slowdown and keep the controller from
+    ever restoring it).
     """
 
     def __init__(self, prunable: PrunableSlice, input_shape: tuple[int, ...], repeats: int = 5):

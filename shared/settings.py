@@ -97,8 +97,9 @@ class NodeSettings(_Section):
     profile_repeats: int = Field(10, ge=1, le=1000, description="Timed runs per block when profiling at start.")
     emulated_slowdown: float = Field(1.0, ge=1.0, le=1000.0,
                                      description="Emulate a slower device from the start (profile included).")
-    profile: Path | None = Field(None, description="A profile.json (`edgeprune profile`) to offer the planner instead "
-                                 "of measuring at start (empty: measure): the same file gives the same placement every start.")
+    profile: Path | None = Field(None, description="A profile.json (`edgeprune profile`) to offer the planner "
+                                 "instead of measuring at start (empty: measure): the same file gives the same "
+                                 "placement every start.")
 
     _check_id = field_validator("node_id")(lambda v: validate_id("node", v))
     _empty_profile = field_validator("profile", mode="before")(lambda v: None if v == "" else v)
