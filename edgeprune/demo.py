@@ -1,16 +1,17 @@
 """``edgeprune demo``: the whole pipeline on one machine, as real child processes.
 
 mosquitto, the gateway, the operator page, N node agents and a camera, each the same
-command a device would run, wired by environment variables to a free broker port and a
-run folder. A live line shows progress; Ctrl-C or ``--duration`` stops everything in
-reverse order and prints the totals from the gateway's SQLite log.
+command a device would run, with the user's settings (environment and ``--config``) and
+only what a local run must change on top: a free broker port, the run folder's database,
+the node list. Every node offers the same fixed profile (the shipped one by default), so the
+same command places the model the same way every time. A live line shows progress; Ctrl-C
+or ``--duration`` stops everything in reverse order and prints the totals from the
+gateway's SQLite log.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import shutil
 import subprocess
@@ -19,14 +20,25 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from typing import Any
 
 from edgeprune.broker import free_port, port_open, start_broker, stop_process
 from gateway.store import Reader
-from shared.settings import BrokerSettings
+from shared.bus import Bus
+from shared.model import DEFAULT_CHECKPOINT
+from shared.schemas import SlowdownCommand, to_json
+from shared.settings import (ALL_SECTIONS, CONFIG_ENV, BrokerSettings, CameraSettings, GatewaySettings, MqttSettings,
+                             NodeSettings, WebSettings, load, non_defaults)
 from shared.topics import Topics
+
+# The profile every demo node offers unless told otherwise (`edgeprune profile --repeats 100` on a
+# 2-core x86 VM): one fixed file, so the planner splits the model the same way on every run and
+# machine. The controller works from each node's live calibration, not from this file.
+DEMO_PROFILE = DEFAULT_CHECKPOINT.with_name("trapnet.profile.json")
+MEASURE = "measure"
+# What the demo runs with unless the user sets it (flag, environment or config file).
+DEMO_RATE_HZ = 4.0
+DEMO_SLO_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -53,14 +65,24 @@ class SlowdownEpisode:
 
 @dataclass
 class DemoOptions:
+    """What the demo command was asked; ``None`` = the user's setting, else the demo's choice."""
+
     run_dir: Path
     nodes: int = 2
-    rate_hz: float = 4.0
+    rate_hz: float | None = None
     duration_s: float = 0.0  # 0 = until Ctrl-C
-    web_port: int = 8080
-    slo_s: float = 0.25
-    seed: int = 0
+    web_port: int | None = None
+    slo_s: float | None = None
+    profile: str | None = None  # a profile.json for every node, or "measure" (each node profiles itself)
+    config: Path | None = None
     slowdowns: tuple[SlowdownEpisode, ...] = ()
+
+
+def _chosen(flag: Any, settings, field: str, demo_default: Any) -> Any:
+    """A flag wins; then whatever the user set (env or config file); then the demo's own default."""
+    if flag is not None:
+        return flag
+    return getattr(settings, field) if field in settings.model_fields_set else demo_default
 
 
 class Demo:
@@ -69,18 +91,50 @@ class Demo:
         self.run_dir = options.run_dir.resolve()
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.broker: subprocess.Popen | None = None
+        self.bus: Bus | None = None
+        self.frames_seen = 0
         self._stop = threading.Event()
         self.db = self.run_dir / "edgeprune.db"
         self.node_ids = [f"node-{i + 1}" for i in range(options.nodes)]
+        config = options.config.resolve() if options.config else None
+        self.config = config
+        mqtt = load(MqttSettings, config)
+        if mqtt.username or mqtt.tls_ca:
+            raise SystemExit("the demo runs its own local broker without login or TLS: "
+                             "unset [mqtt] username and tls_ca for it")
+        node, camera = load(NodeSettings, config), load(CameraSettings, config)
+        gateway, web = load(GatewaySettings, config), load(WebSettings, config)
+        profile = _chosen(options.profile, node, "profile", DEMO_PROFILE)
+        self.slo_s = float(_chosen(options.slo_s, gateway, "slo_s", DEMO_SLO_S))
+        self.web_port = options.web_port if options.web_port is not None else web.port
+        self.camera_id = camera.camera_id
+        # what every child runs with on top of the user's settings (as env vars, which beat the config file)
+        self.overrides: dict[type, dict[str, Any]] = {
+            MqttSettings: {"host": "127.0.0.1"},
+            GatewaySettings: {"db_path": self.db, "nodes": self.node_ids, "slo_s": self.slo_s},
+            WebSettings: {"db_path": self.db, "port": self.web_port},
+            NodeSettings: {"profile": None if str(profile) == MEASURE else Path(profile).resolve()},
+            CameraSettings: {"rate_hz": _chosen(options.rate_hz, camera, "rate_hz", DEMO_RATE_HZ)},
+        }
 
-    def env(self, port: int) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}
-        env.update({
-            "EDGEPRUNE_MQTT_PORT": str(port), "PYTHONUNBUFFERED": "1",
-            "EDGEPRUNE_GATEWAY_DB_PATH": str(self.db), "EDGEPRUNE_GATEWAY_NODES": ",".join(self.node_ids),
-            "EDGEPRUNE_GATEWAY_SLO_S": str(self.opt.slo_s), "EDGEPRUNE_WEB_DB_PATH": str(self.db),
-            "EDGEPRUNE_WEB_PORT": str(self.opt.web_port),
-        })
+    def effective_settings(self) -> dict[str, Any]:
+        """Every setting the children run with that is not its default (node ids aside: one per node)."""
+        changed: dict[str, Any] = {}
+        for cls in ALL_SECTIONS:
+            if cls is not BrokerSettings:  # the demo's broker is its own (see start)
+                changed.update(non_defaults(load(cls, self.config).model_copy(update=self.overrides.get(cls, {}))))
+        changed.pop("node.node_id", None)
+        return changed
+
+    def env(self) -> dict[str, str]:
+        """The user's environment, the config file named, and the demo's overrides."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.config:
+            env[CONFIG_ENV] = str(self.config)
+        for cls, fields in self.overrides.items():
+            for name, value in fields.items():
+                shown = "" if value is None else ",".join(value) if isinstance(value, list) else str(value)
+                env[f"{cls.model_config['env_prefix']}{name.upper()}"] = shown
         return env
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -98,21 +152,35 @@ class Demo:
         # Each demo starts from scratch, broker included: its persisted retained prune ratios would
         # otherwise replay the last demo's state (a node pruned at 0.4 before anything happened).
         shutil.rmtree(self.run_dir / "broker", ignore_errors=True)
-        if port_open("127.0.0.1", self.opt.web_port):
-            raise SystemExit(f"port {self.opt.web_port} is busy: pass --web-port")
-        port = self.port = free_port()
+        if port_open("127.0.0.1", self.web_port):
+            raise SystemExit(f"port {self.web_port} is busy: pass --web-port")
+        port = free_port()
+        self.overrides[MqttSettings]["port"] = port
+        print("settings (not at their defaults): "
+              + ", ".join(f"{k}={','.join(v) if isinstance(v, list) else v}"
+                          for k, v in self.effective_settings().items()))
+        broker = load(BrokerSettings, self.config).model_copy(
+            update={"bind": "127.0.0.1", "port": port, "data_dir": self.run_dir / "broker"})
         with open(self.run_dir / "mosquitto.log", "w") as log:
-            self.broker = start_broker(BrokerSettings(port=port, data_dir=self.run_dir / "broker"), log_file=log)
-        env = self.env(port)
+            self.broker = start_broker(broker, log_file=log)
+        env = self.env()
         self.spawn("gateway", ["gateway"], env)
         self.spawn("web", ["web"], env)
         for node_id in self.node_ids:
             self.spawn(node_id, ["node", "--node-id", node_id], env)
+        mqtt = load(MqttSettings, self.config).model_copy(update=self.overrides[MqttSettings])
+        self.topics = Topics(mqtt.topic_root)
+        self.bus = Bus(mqtt, "demo", self.topics.component_status("demo"))
+        self.bus.subscribe(self.topics.camera_frame(self.camera_id), self._count_frame)
+        self.bus.start()
         self._wait_for_nodes()
-        self.spawn("camera", ["camera", "--camera-id", "cam-1", "--rate", str(self.opt.rate_hz),
-                              "--seed", str(self.opt.seed)], env)
+        self.spawn("camera", ["camera"], env)
         print(f"broker on 127.0.0.1:{port}; logs and database in {self.run_dir}")
-        print(f"operator page: http://127.0.0.1:{self.opt.web_port}/  (Ctrl-C stops the demo)", flush=True)
+        print(f"operator page: http://127.0.0.1:{self.web_port}/  (Ctrl-C stops the demo)", flush=True)
+
+    def _count_frame(self, _topic: str, _payload: bytes, _props: dict[str, str]) -> None:
+        """Frames as the broker delivers them on the camera's topic: what entered the pipeline."""
+        self.frames_seen += 1
 
     def _wait_for_nodes(self, timeout_s: float = 90.0) -> None:
         """Start the camera only once every node has taken its stage, so no frame is lost at start."""
@@ -136,7 +204,7 @@ class Demo:
     def progress_line(self) -> str:
         reader = Reader(self.db)
         run = reader.current_run()
-        totals = reader.totals(run["slo_s"] if run else self.opt.slo_s)
+        totals = reader.totals(run["slo_s"] if run else self.slo_s)
         if not totals["results"]:
             return "waiting for the first result…"
         nodes = " ".join(f"{n['node_id']}:q{n['queue_depth'] or 0},p{n['prune_ratio'] or 0:.1f}"
@@ -147,13 +215,8 @@ class Demo:
 
     def _command(self, node_id: str, factor: float) -> None:
         """A one-shot `slowdown` command, as an operator's script would send it."""
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        client.connect("127.0.0.1", self.port)
-        client.loop_start()
-        payload = json.dumps({"cmd": "slowdown", "factor": factor})
-        client.publish(Topics().node_command(node_id), payload, qos=1).wait_for_publish(5)
-        client.loop_stop()
-        client.disconnect()
+        command = SlowdownCommand(cmd="slowdown", factor=factor)
+        self.bus.publish(self.topics.node_command(node_id), to_json(command), qos=1).wait_for_publish(5)
         print(f"\n{node_id}: emulated slowdown {factor:g}x", flush=True)
 
     def _apply_episodes(self, elapsed: float, applied: set) -> None:
@@ -189,16 +252,17 @@ class Demo:
             if name == "camera" and proc.poll() is None:
                 stop_process(proc)
                 time.sleep(1.5)
+        if self.bus:
+            self.bus.stop()
         for _, proc in reversed(self.procs):
             stop_process(proc)
         if self.broker:
             stop_process(self.broker)
 
     def summary(self) -> dict:
-        """Totals for the run: frames the camera reports sent, and what the gateway logged."""
-        match = re.search(r"sent (\d+) frames", (self.run_dir / "camera.log").read_text())
+        """Totals for the run: frames the broker delivered on the camera's topic, and what the gateway logged."""
         reader = Reader(self.db)
         run = reader.current_run()
-        totals = reader.totals(run["slo_s"] if run else self.opt.slo_s)
-        return {"frames_sent": int(match.group(1)) if match else None, **totals,
+        totals = reader.totals(run["slo_s"] if run else self.slo_s)
+        return {"frames_sent": self.frames_seen, **totals,
                 "windows": len(reader.windows(limit=100_000))}

@@ -19,8 +19,8 @@ import logging
 from dataclasses import dataclass
 
 from gateway.placement import Device, InfeasiblePlacement, Plan, cost_assignment, plan_pipeline, problem_from_profiles
-from shared.profiling import MBIT_BYTES, NodeProfile, mb_to_bytes
-from shared.schemas import Placement
+from shared.profiling import MBIT_BYTES, mb_to_bytes
+from shared.schemas import NodeProfile, Placement
 from shared.topics import AVAILABILITY_ONLINE
 
 log = logging.getLogger(__name__)

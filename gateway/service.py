@@ -16,7 +16,7 @@ from gateway.slo import SloWindows
 from gateway.store import Store
 from shared.bus import Bus
 from shared.model import MODEL_NAME, build_model, model_fingerprint
-from shared.profiling import NodeProfile
+from shared.schemas import NodeProfile
 from shared.schemas import (
     BadMessage,
     ErrorRecord,

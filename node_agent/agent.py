@@ -2,7 +2,9 @@
 
 Threads: paho's network thread only checks the stage and enqueues; one inference thread
 drains a bounded queue (a full queue drops the request and counts it, so a slow node sheds
-load instead of growing memory); a stats thread publishes health every few seconds.
+load instead of growing memory) and, when :class:`node_agent.calibration.CalibrationSchedule`
+says a run is due, measures the slice for the controller's curves; a stats thread publishes
+health every few seconds.
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ from collections import deque
 import numpy as np
 import torch
 
+from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.runtime import Request, SliceCalibrator, StageRuntime
 from shared.bus import Bus
-from shared.model import build_model, model_fingerprint
-from shared.profiling import NodeProfile, profile_model
-from shared.schemas import (BadMessage, CalibrateCommand, NodeCommand, NodeStats, Placement, PruneDesired,
-                            PruneState, SliceCalibration, SlowdownCommand, parse_json, to_json)
+from shared.model import MODEL_NAME, build_model, model_fingerprint
+from shared.profiling import ProfileError, load_profile, profile_model
+from shared.schemas import (BadMessage, CalibrateCommand, NodeCommand, NodeProfile, NodeStats, Placement,
+                            PruneDesired, PruneState, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
-CALIBRATION_PAUSE_S = 0.05  # idle this long before a timed calibration run, as a live request would be
+IDLE_WAIT_S = 0.2  # how long the inference thread blocks on an empty queue when nothing is to calibrate
 
 
 def total_memory_mb() -> float:
@@ -69,9 +72,7 @@ class NodeAgent:
         self.dropped = 0
         self.slowdown = settings.emulated_slowdown
         self.desired: PruneDesired | None = None
-        self._to_calibrate: StageRuntime | None = None
-        self._calibrating: tuple[StageRuntime, SliceCalibrator] | None = None  # inference thread only
-        self._last_calibration_step = 0.0
+        self.calibration = CalibrationSchedule(lambda runtime: SliceCalibrator(runtime.slice, runtime.input_shape))
         self._compute_s: deque[float] = deque(maxlen=1024)
         self._queue_wait_s: deque[float] = deque(maxlen=1024)
         self._cpu = CpuMeter()
@@ -98,11 +99,25 @@ class NodeAgent:
 
     # --- placement -----------------------------------------------------------------------
     def measure_offer(self) -> NodeProfile:
-        """Profile every block on this device (the planner's input), before taking any work."""
-        profile = profile_model(self.model, threads=self.settings.threads, repeats=self.settings.profile_repeats,
-                                wire_dtype=self.settings.wire_dtype).scaled(self.slowdown)
+        """Profile every block on this device (the planner's input), before taking any work.
+
+        A configured profile file is offered instead (:class:`ProfileError` if it describes another
+        model): the same file on every start gives the same placement, measuring noise cannot move it.
+        """
+        if self.settings.profile is not None:
+            profile = load_profile(self.settings.profile)
+            names = [b.name for b in profile.blocks]
+            if profile.model != MODEL_NAME or names != list(self.model.block_names):
+                raise ProfileError(f"{self.settings.profile}: profile of {profile.model} blocks {names}, this node "
+                                   f"runs {MODEL_NAME} blocks {list(self.model.block_names)}")
+            source = f"from {self.settings.profile}"
+        else:
+            profile = profile_model(self.model, threads=self.settings.threads, repeats=self.settings.profile_repeats,
+                                    wire_dtype=self.settings.wire_dtype)
+            source = "measured"
+        profile = profile.scaled(self.slowdown)
         memory_mb = self.settings.memory_mb or total_memory_mb() / 2
-        log.info("%s: profiled %d blocks, %.1f ms in all", self.node_id, len(profile.blocks),
+        log.info("%s: %d blocks profiled (%s), %.1f ms in all", self.node_id, len(profile.blocks), source,
                  1e3 * sum(b.latency_s for b in profile.blocks))
         return NodeProfile(node_id=self.node_id, model_fingerprint=model_fingerprint(self.model),
                            memory_mb=memory_mb, uplink_mbit_s=self.settings.uplink_mbit_s, profile=profile)
@@ -146,8 +161,8 @@ class NodeAgent:
             self.runtime = runtime
             self.placement_version = placement.version if placement else None
             self._input_filter = new_filter
-            self._to_calibrate = runtime
             desired = self.desired
+        self.calibration.request(runtime)
         if runtime is not None and desired is not None:
             self._apply_ratio(runtime, desired)  # a new slice keeps the ratio the gateway wants
         if old_filter and old_filter != new_filter:
@@ -167,7 +182,8 @@ class NodeAgent:
             log.warning("%s: emulated slowdown set to %.2fx", self.node_id, command.factor)
         elif isinstance(command, CalibrateCommand):
             with self._lock:
-                self._to_calibrate = self.runtime
+                runtime = self.runtime
+            self.calibration.request(runtime)
             log.info("%s: re-calibrating on request", self.node_id)
 
     # --- pruning -------------------------------------------------------------------------
@@ -193,27 +209,22 @@ class NodeAgent:
         state = PruneState(ratio=runtime.slice.ratio, seq=desired.seq, applied_at=time.time(), switch_s=switch_s)
         self.bus.publish(self.topics.node_prune_state(self.node_id), to_json(state), qos=1, retain=True)
 
-    def _calibration_step(self) -> None:
-        """Advance the current slice's calibration by one run; publish the curve when complete."""
-        runtime, calibrator = self._calibrating
-        self._last_calibration_step = time.monotonic()
-        if not calibrator.step():
-            return
-        self._calibrating = None
-        latencies = calibrator.latencies()
-        runtime.calibrated_s = dict(zip(runtime.slice.ladder, latencies))
-        base = self.settings.emulated_slowdown  # a device emulated slower from the start is calibrated so
-        a = runtime.assignment
+    def _calibrate(self, idle: bool) -> None:
+        """Give the calibration schedule its chance to run; publish the curve when a slice is done."""
+        finished = self.calibration.tick(time.monotonic(), idle)
+        if finished is not None:
+            self._publish_calibration(finished)
+
+    def _publish_calibration(self, finished: FinishedCalibration) -> None:
         with self._lock:
             version = self.placement_version
-            if runtime is not self.runtime or version is None:
+            if finished.target is not self.runtime or version is None:
                 return  # the placement moved on meanwhile
-        calibration = SliceCalibration(node_id=self.node_id, placement_version=version, first_block=a.first_block,
-                                       last_block=a.last_block, ratios=list(runtime.slice.ladder),
-                                       latency_s=[t * base for t in latencies], measured_at=time.time())
+        calibration = finished.message(self.node_id, version, self.settings.emulated_slowdown, time.time())
         self.bus.publish(self.topics.node_calibration(self.node_id), to_json(calibration), qos=1, retain=True)
-        log.info("%s: calibrated blocks %d..%d: %.2f ms at p=0, %.2f ms at p=%.1f", self.node_id, a.first_block,
-                 a.last_block, latencies[0] * 1e3, latencies[-1] * 1e3, runtime.slice.ladder[-1])
+        log.info("%s: calibrated blocks %d..%d: %.2f ms at p=0, %.2f ms at p=%.1f", self.node_id,
+                 calibration.first_block, calibration.last_block, calibration.latency_s[0] * 1e3,
+                 calibration.latency_s[-1] * 1e3, calibration.ratios[-1])
 
     # --- data path -----------------------------------------------------------------------
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str]) -> None:
@@ -234,18 +245,12 @@ class NodeAgent:
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            with self._lock:
-                pending, self._to_calibrate = self._to_calibrate, None
-            if pending is not None:
-                self._calibrating = (pending, SliceCalibrator(pending.slice, pending.input_shape))
             try:
-                runtime, req = self.queue.get(timeout=CALIBRATION_PAUSE_S if self._calibrating else 0.2)
+                runtime, req = self.queue.get(timeout=self.calibration.wait_s(IDLE_WAIT_S))
             except queue.Empty:
-                if self._calibrating:  # idle for a pause: the right moment for a timed calibration run
-                    self._calibration_step()
+                self._calibrate(idle=True)  # idle for a pause: the right moment for a timed calibration run
                 continue
-            if self._calibrating and time.monotonic() - self._last_calibration_step > 1.0:
-                self._calibration_step()  # under steady load, still make progress
+            self._calibrate(idle=False)  # under steady load, still make progress
             started = time.time()
             try:
                 out = runtime.run(req, started, self.slowdown)

@@ -49,15 +49,17 @@ def block_input_shape(model: BlockNet, block: int) -> tuple[int, ...]:
 class SliceCalibrator:
     """Measures the slice at every ladder ratio, one run per :meth:`step`, in the node's idle moments.
 
-    The agent calls :meth:`step` when no request has come for a short pause (and at least once a
-    second under load), so calibration never stalls serving, and each timed run follows a pause
-    as live requests do: a hot loop measures caches and clocks that a request arriving after a
-    pause does not find (here +0.5 ms a call, which on a small pruned slice would read as a
-    fivefold slowdown and keep the controller from ever restoring it).
+    :class:`node_agent.calibration.CalibrationSchedule` decides when to call :meth:`step`: after a
+    short pause without requests (and at least once a second under load), so calibration never
+    stalls serving, and each timed run follows a pause as live requests do: a hot loop measures
+    caches and clocks that a request arriving after a pause does not find (here +0.5 ms a call,
+    which on a small pruned slice would read as a fivefold slowdown and keep the controller from
+    ever restoring it).
     """
 
     def __init__(self, prunable: PrunableSlice, input_shape: tuple[int, ...], repeats: int = 5):
         self.prunable = prunable
+        self.ladder = prunable.ladder
         self.x = torch.zeros(input_shape)
         self.repeats = repeats
         self._runs: list[tuple[float, bool]] = [(r, timed) for r in prunable.ladder
@@ -119,7 +121,7 @@ class StageRuntime:
         # every ladder variant is built in the background; the full slice serves meanwhile
         self.slice = PrunableSlice(model, assignment.first_block, assignment.last_block, build="lazy")
         self.input_shape = block_input_shape(model, assignment.first_block)
-        # unslowed median compute per ladder ratio, once the node has calibrated this slice
+        # unslowed median compute per ladder ratio, handed over by the calibration schedule when complete
         self.calibrated_s: dict[float, float] = {}
 
     def check_size(self, payload: bytes) -> None:

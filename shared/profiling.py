@@ -16,7 +16,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.schemas import BadMessage, parse_json
+from shared.schemas import BadMessage, BlockProfile, ModelProfile, _Strict, parse_json
 from shared.topics import validate_id
 
 MB = 1_000_000
@@ -34,37 +34,6 @@ def mb_to_bytes(megabytes: float) -> int:
 
 class ProfileError(ValueError):
     """A profile or devices file that cannot be used; the message names the file and the field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BlockProfile(_Strict):
-    """One block as measured: latency on the measuring device, memory and wire size anywhere."""
-
-    name: str = Field(min_length=1, max_length=64)
-    latency_s: float = Field(ge=0, allow_inf_nan=False, description="Median latency at batch 1.")
-    param_bytes: int = Field(ge=0, description="Parameters and buffers, as stored in memory.")
-    activation_bytes: int = Field(ge=0, description="Peak activation: input + output tensor bytes of the block.")
-    output_bytes: int = Field(ge=1, description="Output tensor bytes as sent on the wire.")
-
-
-class ModelProfile(_Strict):
-    """Contents of profile.json."""
-
-    model: str = Field(min_length=1, max_length=64)
-    host: str = Field(max_length=256, description="Where it was measured (informational).")
-    threads: int = Field(ge=1)
-    repeats: int = Field(ge=1)
-    warmup: int = Field(ge=0)
-    wire_dtype: Literal["float16", "float32"]
-    blocks: list[BlockProfile] = Field(min_length=1, max_length=1024)
-
-    def scaled(self, speed_factor: float) -> ModelProfile:
-        """The same profile on a device ``speed_factor`` times slower (emulated devices)."""
-        blocks = [b.model_copy(update={"latency_s": b.latency_s * speed_factor}) for b in self.blocks]
-        return self.model_copy(update={"blocks": blocks})
 
 
 class CameraSpec(_Strict):
@@ -190,16 +159,3 @@ def profile_model(model, threads: int = 1, repeats: int = 20, warmup: int = 3,
         torch.set_num_threads(previous_threads)
     return ModelProfile(model=model_name, host=platform.node() or "unknown", threads=threads, repeats=repeats,
                         warmup=warmup, wire_dtype=wire_dtype, blocks=blocks)
-
-
-class NodeProfile(_Strict):
-    """Retained on ``<root>/node/<id>/profile``: what a node offers the placement planner."""
-
-    node_id: str = Field(min_length=1, max_length=64)
-    model_fingerprint: str = Field(min_length=1, max_length=64,
-                                   description="Hash of the node's weights: only same-model nodes are placed.")
-    memory_mb: float = Field(gt=0, allow_inf_nan=False, description="Memory a slice may use on this node.")
-    uplink_mbit_s: float = Field(gt=0, allow_inf_nan=False, description="Bandwidth to the next stage.")
-    profile: ModelProfile
-
-    _check_id = field_validator("node_id")(lambda v: validate_id("node", v))

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator, model_validator
+
+from shared.topics import validate_id
 
 Id = Field(min_length=1, max_length=64, pattern=r"^[^/+#$\s]+$")
 
@@ -114,10 +116,6 @@ class Hop(_Strict):
     def compute_s(self) -> float:
         return self.finished_ts - self.started_ts
 
-    @property
-    def publish_s(self) -> float:
-        return self.published_ts - self.finished_ts
-
 
 class Result(_Strict):
     """Published by the last stage for every classified frame."""
@@ -202,6 +200,46 @@ class SliceCalibration(_Strict):
         if any(not 0 <= r < 1 for r in self.ratios) or any(t <= 0 for t in self.latency_s):
             raise ValueError("ratios must lie in [0, 1) and latencies be positive")
         return self
+
+
+class BlockProfile(_Strict):
+    """One block as measured: latency on the measuring device, memory and wire size anywhere."""
+
+    name: str = Field(min_length=1, max_length=64)
+    latency_s: float = Field(ge=0, allow_inf_nan=False, description="Median latency at batch 1.")
+    param_bytes: int = Field(ge=0, description="Parameters and buffers, as stored in memory.")
+    activation_bytes: int = Field(ge=0, description="Peak activation: input + output tensor bytes of the block.")
+    output_bytes: int = Field(ge=1, description="Output tensor bytes as sent on the wire.")
+
+
+class ModelProfile(_Strict):
+    """Contents of profile.json."""
+
+    model: str = Field(min_length=1, max_length=64)
+    host: str = Field(max_length=256, description="Where it was measured (informational).")
+    threads: int = Field(ge=1)
+    repeats: int = Field(ge=1)
+    warmup: int = Field(ge=0)
+    wire_dtype: Literal["float16", "float32"]
+    blocks: list[BlockProfile] = Field(min_length=1, max_length=1024)
+
+    def scaled(self, speed_factor: float) -> ModelProfile:
+        """The same profile on a device ``speed_factor`` times slower (emulated devices)."""
+        blocks = [b.model_copy(update={"latency_s": b.latency_s * speed_factor}) for b in self.blocks]
+        return self.model_copy(update={"blocks": blocks})
+
+
+class NodeProfile(_Strict):
+    """Retained on ``<root>/node/<id>/profile``: what a node offers the placement planner."""
+
+    node_id: str = Field(min_length=1, max_length=64)
+    model_fingerprint: str = Field(min_length=1, max_length=64,
+                                   description="Hash of the node's weights: only same-model nodes are placed.")
+    memory_mb: float = Field(gt=0, allow_inf_nan=False, description="Memory a slice may use on this node.")
+    uplink_mbit_s: float = Field(gt=0, allow_inf_nan=False, description="Bandwidth to the next stage.")
+    profile: ModelProfile
+
+    _check_id = field_validator("node_id")(lambda v: validate_id("node", v))
 
 
 class SlowdownCommand(_Strict):

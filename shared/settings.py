@@ -97,8 +97,12 @@ class NodeSettings(_Section):
     profile_repeats: int = Field(10, ge=1, le=1000, description="Timed runs per block when profiling at start.")
     emulated_slowdown: float = Field(1.0, ge=1.0, le=1000.0,
                                      description="Emulate a slower device from the start (profile included).")
+    profile: Path | None = Field(None, description="A profile.json (`edgeprune profile`) to offer the planner "
+                                 "instead of measuring at start (empty: measure): the same file gives the same "
+                                 "placement every start.")
 
     _check_id = field_validator("node_id")(lambda v: validate_id("node", v))
+    _empty_profile = field_validator("profile", mode="before")(lambda v: None if v == "" else v)
 
 
 class GatewaySettings(_Section):
@@ -243,6 +247,12 @@ def load(cls: type[S], config_file: Path | None = None, **overrides: Any) -> S:
             f"(set by flag, {env} or [{cls.section}] {name} in the config file)") from None
     finally:
         _file_values.reset(token)
+
+
+def non_defaults(settings: _Section) -> dict[str, Any]:
+    """The fields of ``settings`` that differ from their defaults, as ``section.field``: what a run changed."""
+    return {f"{settings.section}.{name}": getattr(settings, name) for name, info in type(settings).model_fields.items()
+            if getattr(settings, name) != info.get_default(call_default_factory=True)}
 
 
 def describe() -> str:

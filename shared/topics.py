@@ -98,7 +98,7 @@ class Topics:
         return self._every_node("stats")
 
     def node_profile(self, node_id: str) -> str:
-        """Retained: the node's measured block profile and resources (:class:`shared.profiling.NodeProfile`)."""
+        """Retained: the node's measured block profile and resources (:class:`shared.schemas.NodeProfile`)."""
         return self._node(node_id, "profile")
 
     @property

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway.live_placement import LivePlacement, PlacementRules
-from shared.profiling import BlockProfile, ModelProfile, NodeProfile
+from shared.schemas import BlockProfile, ModelProfile, NodeProfile
 
 RULES = PlacementRules(startup_wait_s=20, rejoin_hold_s=10, min_gain=0.1)
 

@@ -10,8 +10,8 @@ import torch
 
 from edgeprune.commands import profile as profile_command
 from shared.model import build_model
-from shared.profiling import (ClusterSpec, ModelProfile, ProfileError, load_cluster, load_profile, profile_model,
-                              save_profile)
+from shared.profiling import ClusterSpec, ProfileError, load_cluster, load_profile, profile_model, save_profile
+from shared.schemas import ModelProfile
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,24 @@ def test_profile_command_writes_the_profile(tmp_path, capsys) -> None:
     assert written.repeats == 1 and written.wire_dtype == "float16"
     printed = capsys.readouterr().out
     assert all(b.name in printed for b in written.blocks)
+
+
+def test_node_offers_a_configured_profile_file_instead_of_measuring(tmp_path) -> None:
+    from node_agent.agent import NodeAgent
+    from shared.settings import MqttSettings, NodeSettings
+
+    profile = ModelProfile(model="trapnet", host="elsewhere", threads=1, repeats=1, warmup=0, wire_dtype="float16",
+                           blocks=[dict(name=n, latency_s=0.001 * (i + 1), param_bytes=1, activation_bytes=1,
+                                        output_bytes=1) for i, n in enumerate(build_model().block_names)])
+    save_profile(profile, tmp_path / "fixed.json")
+    agent = NodeAgent(NodeSettings(node_id="n1", profile=tmp_path / "fixed.json", emulated_slowdown=2.0,
+                                   memory_mb=100), MqttSettings())
+    offer = agent.measure_offer()
+    assert [b.latency_s for b in offer.profile.blocks] == pytest.approx([0.002 * (i + 1) for i in range(6)])
+    assert offer.profile.host == "elsewhere"  # the file's figures, not a measurement here
+
+    other = profile.model_copy(update={"blocks": profile.blocks[:-1]})
+    save_profile(other, tmp_path / "other.json")
+    agent.settings = NodeSettings(node_id="n1", profile=tmp_path / "other.json")
+    with pytest.raises(ProfileError, match="other.json"):
+        agent.measure_offer()

@@ -117,3 +117,39 @@ def test_emulated_slowdown_adds_calibrated_compute_not_this_requests_jitter(monk
     stage.slice.set_ratio(0.5)
     stage.run(frame, 1.0, slowdown=5.0)
     assert slept[1:] == [pytest.approx(0.008), pytest.approx(0.004)]
+
+
+def test_activation_of_the_wrong_shape_is_rejected_as_bad_shape():
+    from node_agent.runtime import block_input_shape
+
+    model = build_model()
+    placement = even_split(model.n_blocks, ["a", "b"])
+    second = StageRuntime(model, "b", placement.stages[1], 2, "out", "float16")
+    n, c, h, w = block_input_shape(model, second.assignment.first_block)
+    wrong = [np.zeros((n, c, h - 1, w), np.float16),  # a spatial size the block does not take
+             np.zeros((n, c + 1, h, w), np.float16)]  # one channel too many, no mask
+    mask = np.ones(c - 1, dtype=bool)  # a mask of the wrong full width, consistent with its tensor
+    wrong_masked = wire.Activation("r", "c", 1.0, second.assignment.first_block,
+                                   np.zeros((n, c - 1, h, w), np.float16), mask)
+    payloads = [wire.encode(wire.Activation("r", "c", 1.0, second.assignment.first_block, t)) for t in wrong]
+    for payload in [*payloads, wire.encode(wrong_masked)]:
+        with pytest.raises(BadMessage) as err:
+            second.run(Request("t", payload, {}, 0.0), 0.0)
+        assert err.value.kind == "bad_shape"
+    right = wire.encode(wire.Activation("r", "c", 1.0, second.assignment.first_block,
+                                        np.zeros((n, c, h, w), np.float16)))
+    assert parse_json(Result, second.run(Request("t", right, {}, 0.0), 0.0).payload).request_id == "r"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_payload_over_the_node_limit_is_rejected_as_oversized(stage):
+    model = build_model()
+    placement = even_split(model.n_blocks, ["a", "b"])
+    runtime = StageRuntime(model, "x", placement.stages[stage - 1], 2, "out", "float16", max_payload_bytes=1024)
+    frame = Request("edgeprune/camera/cam/frame", camera_frame(np.random.default_rng(4), 64, "png"), {}, 1.0, "cam")
+    first = StageRuntime(model, "a", placement.stages[0], 2, "out", "float16")
+    payload = frame.payload if stage == 1 else first.run(frame, 1.0).payload
+    assert len(payload) > 1024
+    with pytest.raises(BadMessage) as err:
+        runtime.run(Request(frame.topic, payload, {}, 1.0, "cam"), 1.0)
+    assert err.value.kind == "oversized"

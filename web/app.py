@@ -1,7 +1,7 @@
 """The operator page: pipeline health at a glance, served offline (no CDN) from the gateway's SQLite.
 
 Read-only for now: it opens the database in read-only mode, so it can never disturb the
-gateway's writer. Operator controls (manual prune, placement) come with the controller work.
+gateway's writer. Operator controls (manual prune, retire) are commands on the gateway's topic (docs/mqtt.md).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+from edgeprune.commands import add_broker_flags, broker_settings
+
 
 def register(sub) -> None:
     p = sub.add_parser("camera", help="publish frames for one camera id (simulator / reference client)")
@@ -14,16 +16,17 @@ def register(sub) -> None:
     p.add_argument("--arrival", choices=["fixed", "poisson"])
     p.add_argument("--count", type=int, help="frames to send (0 = until stopped)")
     p.add_argument("--seed", type=int)
+    add_broker_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from camera.simulator import Camera
-    from shared.settings import CameraSettings, MqttSettings, load
+    from shared.settings import CameraSettings, load
 
     settings = load(CameraSettings, args.config, camera_id=args.camera_id, rate_hz=args.rate_hz,
                     arrival=args.arrival, count=args.count, seed=args.seed)
-    camera = Camera(settings, load(MqttSettings, args.config))
+    camera = Camera(settings, broker_settings(args))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: camera.stop())
     sent = camera.run()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeprune.commands import run_until_signal
+from edgeprune.commands import add_broker_flags, broker_settings, run_until_signal
 
 
 def register(sub) -> None:
@@ -13,15 +13,16 @@ def register(sub) -> None:
     p.add_argument("--db", type=Path, dest="db_path")
     p.add_argument("--nodes", help="comma-separated node ids in stage order")
     p.add_argument("--slo", type=float, dest="slo_s", help="end-to-end latency objective, seconds")
+    add_broker_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from gateway.service import Gateway
-    from shared.settings import ControllerSettings, GatewaySettings, MqttSettings, load
+    from shared.settings import ControllerSettings, GatewaySettings, load
 
     settings = load(GatewaySettings, args.config, db_path=args.db_path, nodes=args.nodes, slo_s=args.slo_s)
-    gateway = Gateway(settings, load(MqttSettings, args.config), load(ControllerSettings, args.config))
+    gateway = Gateway(settings, broker_settings(args), load(ControllerSettings, args.config))
     gateway.start()
     run_until_signal()
     gateway.stop()

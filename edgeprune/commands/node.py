@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from edgeprune.commands import run_until_signal
+from edgeprune.commands import add_broker_flags, broker_settings, run_until_signal
 
 
 def register(sub) -> None:
@@ -14,17 +15,24 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--queue-size", type=int)
     p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--profile", type=Path, help="offer this profile.json instead of measuring at start")
+    add_broker_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from node_agent.agent import NodeAgent
-    from shared.settings import MqttSettings, NodeSettings, load
+    from shared.profiling import ProfileError
+    from shared.settings import NodeSettings, load
 
     settings = load(NodeSettings, args.config, node_id=args.node_id, threads=args.threads,
-                    queue_size=args.queue_size, checkpoint=args.checkpoint)
-    agent = NodeAgent(settings, load(MqttSettings, args.config))
-    agent.start()
+                    queue_size=args.queue_size, checkpoint=args.checkpoint, profile=args.profile)
+    agent = NodeAgent(settings, broker_settings(args))
+    try:
+        agent.start()
+    except ProfileError as exc:
+        print(f"edgeprune node: {exc}", file=sys.stderr)
+        return 2
     run_until_signal()
     agent.stop()
     return 0
