@@ -18,6 +18,7 @@ import numpy as np
 
 from gateway.controller import Held, Infeasible, PruningController, SetRatios
 from gateway.curves import AccuracyFit, SliceLatencyFit, accuracy_for_slices, fit_latency
+from shared.ladder import missing_rungs
 from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME
 from shared.schemas import NodeStats, Placement, PruneDesired, SliceCalibration
 from shared.settings import ControllerSettings
@@ -44,6 +45,10 @@ def load_block_accuracy(path: Path | None, fingerprint: str) -> AccuracyFit | No
     return AccuracyFit.from_dict(data["fit"])
 
 
+class LadderMismatch(ValueError):
+    """A node calibrated other ratios than the configured ladder: it would snap the controller's choices."""
+
+
 @dataclass
 class Effects:
     """What the gateway must do after a tick."""
@@ -63,6 +68,7 @@ class ControlLoop:
         self.controller: PruningController | None = None
         self.fits: dict[str, SliceLatencyFit] = {}
         self._fit_blocks: dict[str, tuple[int, int]] = {}  # which slice each fit was measured on
+        self._ladder_mismatch: dict[str, str] = {}  # node -> why its calibration was refused
         self.desired: dict[str, PruneDesired] = {}
         self._recent: deque[tuple[float, float]] = deque()
         self._awaiting_follow_up: list[dict] = []
@@ -73,6 +79,10 @@ class ControlLoop:
             return "no accuracy model (run `edgeprune calibrate` or set [gateway] accuracy_model)"
         if self.placement is None:
             return "no placement yet"
+        refused = [self._ladder_mismatch[s.node_id] for s in self.placement.stages
+                   if s.node_id in self._ladder_mismatch]
+        if refused:
+            return "; ".join(refused)
         missing = [s.node_id for s in self.placement.stages if s.node_id not in self.fits]
         if missing:
             return f"waiting for the calibration of {', '.join(missing)}"
@@ -87,11 +97,26 @@ class ControlLoop:
         self._rebuild()
 
     def add_calibration(self, calibration: SliceCalibration) -> dict | None:
-        """Fit the node's latency curve if it is for its slice in the current placement; returns a table row."""
+        """Fit the node's latency curve if it is for its slice in the current placement; returns a table row.
+
+        The ratios a node calibrates are the variants it has. A configured ladder with a ratio the node
+        lacks is refused (LadderMismatch, and the controller stays off): the node would silently snap it
+        to its nearest variant, and the controller would predict times and accuracy it never gets.
+        """
         stage = self.placement.stage_of(calibration.node_id) if self.placement else None
         if stage is None or (stage.first_block, stage.last_block) != (calibration.first_block,
                                                                       calibration.last_block):
             return None
+        missing = missing_rungs(self.settings.ladder, calibration.ratios)
+        if missing:
+            self._ladder_mismatch[calibration.node_id] = (
+                f"the controller ladder has {', '.join(f'{r:g}' for r in missing)} which {calibration.node_id} has "
+                f"no variant for (it calibrated {', '.join(f'{r:g}' for r in calibration.ratios)}): "
+                "set [controller] ladder to ratios the nodes build")
+            self.fits.pop(calibration.node_id, None)
+            self._rebuild()
+            raise LadderMismatch(self._ladder_mismatch[calibration.node_id])
+        self._ladder_mismatch.pop(calibration.node_id, None)
         fit = fit_latency(calibration.ratios, calibration.latency_s)
         best = fit.best()  # raises ValueError when no fit is usable: keep the previous state then
         self.fits[calibration.node_id] = fit
@@ -167,6 +192,7 @@ class ControlLoop:
         self.desired.pop(node_id, None)
         self.fits.pop(node_id, None)
         self._fit_blocks.pop(node_id, None)
+        self._ladder_mismatch.pop(node_id, None)
 
     def _event_row(self, action: SetRatios | Infeasible | Held) -> dict:
         kind = {SetRatios: "set", Infeasible: "infeasible", Held: "held"}[type(action)]

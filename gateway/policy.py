@@ -18,7 +18,7 @@ from scipy.optimize import linprog
 from gateway.curves import AccuracyFit, AccuracyModel, LatencyCurve, SliceLatencyFit
 
 PolicyName = Literal["paper", "bottleneck"]
-_TOLERANCE = 1e-9
+TOLERANCE = 1e-9  # times and ratios closer than this are equal (the controller uses it too)
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class Problem:
         return tuple(self.fixed.get(i, 0.0) for i in range(self.n_stages))
 
     def meets_floor(self, ratios: Sequence[float]) -> bool:
-        return self.predict_accuracy(ratios) >= self.accuracy_floor - _TOLERANCE
+        return self.predict_accuracy(ratios) >= self.accuracy_floor - TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _least_pruning_under(problem: Problem, level_s: float) -> tuple[float, ...] 
     """Per stage, the smallest allowed ratio whose predicted time is ≤ level (None if a stage can't)."""
     chosen = []
     for stage in range(problem.n_stages):
-        fitting = [r for r in problem.options(stage) if problem.stage_time(stage, r) <= level_s + _TOLERANCE]
+        fitting = [r for r in problem.options(stage) if problem.stage_time(stage, r) <= level_s + TOLERANCE]
         if not fitting:
             return None
         chosen.append(fitting[0])
@@ -133,7 +133,7 @@ def choose_bottleneck(problem: Problem) -> Decision:
 
     if minimal is None:
         slow = [problem.name(i) for i in range(problem.n_stages)
-                if problem.stage_time(i, problem.options(i)[-1]) > problem.budget_s + _TOLERANCE]
+                if problem.stage_time(i, problem.options(i)[-1]) > problem.budget_s + TOLERANCE]
         why = f"{', '.join(slow)} cannot meet the {problem.budget_s:.3f} s budget even at the highest allowed ratio"
     else:
         why = (f"meeting the {problem.budget_s:.3f} s budget needs accuracy "
@@ -176,7 +176,7 @@ def choose_paper(problem: Problem) -> Decision:
                            method="highs")
         if solution.success:
             for i, p in zip(free, solution.x):
-                ratios[i] = max(r for r in problem.ladder if r <= p + _TOLERANCE)
+                ratios[i] = max(r for r in problem.ladder if r <= p + TOLERANCE)
         if not problem.meets_floor(ratios):  # the measured table can be stricter than the logistic
             ratios = list(start)
 
@@ -186,7 +186,7 @@ def choose_paper(problem: Problem) -> Decision:
     while True:
         steps = []
         for i in free:
-            higher = [r for r in problem.ladder if r > ratios[i] + _TOLERANCE]
+            higher = [r for r in problem.ladder if r > ratios[i] + TOLERANCE]
             if higher and slope[i] < 0:
                 stepped = ratios[:i] + [higher[0]] + ratios[i + 1:]
                 if problem.meets_floor(stepped):
@@ -196,7 +196,7 @@ def choose_paper(problem: Problem) -> Decision:
         ratios = max(steps)[2]
 
     decision = evaluate(problem, ratios, "paper", "largest pruning the accuracy floor allows (paper's rule)")
-    if decision.bottleneck_s <= problem.budget_s + _TOLERANCE:
+    if decision.bottleneck_s <= problem.budget_s + TOLERANCE:
         return decision
     return replace(decision, infeasible=True,
                    reason=f"even the largest pruning the floor allows leaves {problem.name(decision.bottleneck_stage)}"

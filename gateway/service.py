@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 
-from gateway.control_loop import ControlLoop, Effects, load_block_accuracy
+from gateway.control_loop import ControlLoop, Effects, LadderMismatch, load_block_accuracy
 from gateway.live_placement import LivePlacement, PlacementRules
 from gateway.slo import SloWindows
 from gateway.store import Store
@@ -151,6 +151,8 @@ class Gateway:
         try:
             with self._lock:
                 row = self.control.add_calibration(calibration)
+        except LadderMismatch as exc:
+            raise BadMessage("ladder_mismatch", f"calibration of {calibration.node_id} refused: {exc}") from None
         except ValueError as exc:  # a curve that cannot be fitted (e.g. latencies that are all noise)
             measured = ", ".join(f"{r:g}:{t * 1e3:.2f}" for r, t in zip(calibration.ratios, calibration.latency_s))
             raise BadMessage("bad_calibration", f"calibration of {calibration.node_id} (ratio:ms {measured}): "

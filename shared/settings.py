@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from shared.ladder import DEFAULT_LADDER
 from shared.topics import validate_id
 
 CONFIG_ENV = "EDGEPRUNE_CONFIG"
@@ -165,8 +166,9 @@ class ControllerSettings(_Section):
     model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_CONTROLLER_", extra="forbid", frozen=True)
 
     policy: Literal["bottleneck", "paper"] = Field("bottleneck", description="Ratio-choosing rule: 'bottleneck' (ours) or 'paper'.")
-    ladder: Annotated[tuple[float, ...], NoDecode] = Field(tuple(round(0.1 * k, 1) for k in range(10)),
-                                      description="Ratios the nodes have variants for, ascending from 0, each < 1.")
+    ladder: Annotated[tuple[float, ...], NoDecode] = Field(DEFAULT_LADDER, description=(
+        "Ratios the controller chooses from, ascending from 0, each < 1; every node must have a variant for each "
+        "(the gateway refuses a ladder a node's calibration does not cover)."))
     max_ratio: float = Field(0.9, ge=0, lt=1, description="Highest ratio a policy may choose (p_max).")
     accuracy_floor_relative: float = Field(
         0.9, gt=0, le=1, description="A_min as a fraction of the predicted unpruned accuracy.")
