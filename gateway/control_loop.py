@@ -134,6 +134,14 @@ class ControlLoop:
             self._rebuild()
 
     def observe_latency(self, ts: float, e2e_s: float) -> None:
+        """Keep the last few follow-up spans of latencies, and hand the sample to the running controller.
+
+        Three pieces hold end-to-end latencies, each for its own reason: :class:`gateway.slo.SloWindows`
+        groups *every* result into fixed windows and forgets each once summarised; the controller keeps a
+        sliding window that dies with it, so a controller rebuilt for a new placement never judges it by
+        the old one's latencies; this buffer outlives those rebuilds, because a prune event's follow-up
+        (what latency it was followed by) is due ``follow_up_s`` later, often after the rebuild it caused.
+        """
         self._recent.append((ts, e2e_s))
         while self._recent and self._recent[0][0] < ts - 4 * self.follow_up_s:
             self._recent.popleft()
