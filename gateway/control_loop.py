@@ -124,7 +124,7 @@ class ControlLoop:
         self._rebuild()
         return {"node_id": calibration.node_id, "measured_at": calibration.measured_at,
                 "placement_version": calibration.placement_version, "first_block": calibration.first_block,
-                "last_block": calibration.last_block, "fit": json.dumps(fit.to_dict()), "best": best.kind,
+                "last_block": calibration.last_block, "fit": fit.to_dict(), "best": best.kind,
                 "r2_linear": fit.linear.r2, "r2_quadratic": fit.quadratic.r2}
 
     def recover_desired(self, node_id: str, desired: PruneDesired) -> None:
@@ -207,11 +207,10 @@ class ControlLoop:
         d = action.decision
         row = {"ts": action.ts, "kind": kind, "policy": d.policy, "reason": action.reason,
                "source": getattr(action, "source", None),
-               "ratios": json.dumps(dict(zip(self.controller.nodes, d.ratios))),
-               "changed": json.dumps(getattr(action, "ratios", {})),
-               "predicted_stage_s": json.dumps(list(d.stage_latency_s)), "predicted_bottleneck_s": d.bottleneck_s,
+               "ratios": dict(zip(self.controller.nodes, d.ratios)), "changed": getattr(action, "ratios", {}),
+               "predicted_stage_s": list(d.stage_latency_s), "predicted_bottleneck_s": d.bottleneck_s,
                "predicted_accuracy": d.accuracy, "budget_s": d.budget_s, "infeasible": d.infeasible,
-               "metrics": json.dumps(asdict(action.metrics), default=float)}
+               "metrics": asdict(action.metrics)}
         log.warning("prune event (%s): %s -> %s", kind, action.reason, row["ratios"])
         self._awaiting_follow_up.append(row)
         return row
