@@ -1,48 +1,26 @@
-"""Joins the live placement, the nodes' calibrations and the pure controller; no MQTT, no clock.
+"""Joins the live placement, the nodes' calibrations and the pure controller; no MQTT, no clock, no files.
 
 The gateway feeds it what arrives and publishes what :meth:`ControlLoop.tick` returns: retained
 ``PruneDesired`` messages and rows for the ``prune_events`` table. The controller only runs once
 every node of the current placement has calibrated its slice *for that placement* and an
-accuracy model is loaded; until then :attr:`ControlLoop.disabled_reason` says why.
+accuracy model is given (the gateway loads it at start-up); until then :attr:`ControlLoop.disabled_reason` says why.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from gateway.controller import Held, Infeasible, PruningController, SetRatios
 from gateway.curves import AccuracyFit, SliceLatencyFit, accuracy_for_slices, fit_latency
 from shared.ladder import missing_rungs
-from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME
 from shared.schemas import NodeStats, Placement, PruneDesired, SliceCalibration
 from shared.settings import ControllerSettings
 
 log = logging.getLogger(__name__)
-
-
-def accuracy_model_path(model: str) -> Path:
-    """Where `edgeprune calibrate` writes the per-block accuracy model, beside the shipped checkpoint."""
-    return DEFAULT_CHECKPOINT.with_name(f"{model}.accuracy.json")
-
-
-def load_block_accuracy(path: Path | None, fingerprint: str) -> AccuracyFit | None:
-    """The per-block accuracy model, if one exists for these weights (None disables the controller)."""
-    path = path or accuracy_model_path(MODEL_NAME)
-    if not path.exists():
-        log.warning("no accuracy model at %s: the pruning controller stays off until `edgeprune calibrate`", path)
-        return None
-    data = json.loads(path.read_text())
-    if data.get("model_fingerprint") not in (None, fingerprint):
-        log.warning("accuracy model %s was calibrated for other weights (%s, running %s): controller off",
-                    path, data.get("model_fingerprint"), fingerprint)
-        return None
-    return AccuracyFit.from_dict(data["fit"])
 
 
 class LadderMismatch(ValueError):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gateway.curves import AccuracyFit, SliceLatencyFit
-from gateway.policy import POLICIES, TOLERANCE, Decision, Problem, evaluate
+from gateway.policy import POLICIES, TOLERANCE, Decision, RatioProblem, evaluate_ratios
 from shared.settings import ControllerSettings
 
 
@@ -222,9 +222,9 @@ class PruningController:
                 and m.restore_samples >= self.config.min_samples
                 and m.headroom_fraction >= self.config.restore_fraction)
 
-    def _problem(self) -> Problem:
+    def _problem(self) -> RatioProblem:
         index = {node: i for i, node in enumerate(self.nodes)}
-        return Problem(latency=[self._fits[n] for n in self.nodes],
+        return RatioProblem(latency=[self._fits[n] for n in self.nodes],
                        slowdowns=[self.slowdown(n) for n in self.nodes],
                        accuracy=self._accuracy, accuracy_floor=self.accuracy_floor, budget_s=self.budget_s,
                        ladder=[r for r in self.config.ladder if r <= self.config.max_ratio + TOLERANCE],
@@ -232,7 +232,7 @@ class PruningController:
                        fixed={index[n]: r for n, r in self._manual.items()}, names=self.nodes)
 
     def _evaluate_current(self, label: str, reason: str) -> Decision:
-        return evaluate(self._problem(), [self._ratios[n] for n in self.nodes], label, reason)
+        return evaluate_ratios(self._problem(), [self._ratios[n] for n in self.nodes], label, reason)
 
     def _respond_to_violation(self, now: float, metrics: Metrics) -> list[Action]:
         """Apply the policy's vector if it adds pruning somewhere; report infeasible or unexplained cases.

@@ -113,6 +113,11 @@ class GatewaySettings(_Section):
     slo_s: float = Field(0.5, gt=0, le=600, description="End-to-end latency objective per frame, seconds.")
     window_s: float = Field(10.0, gt=0, le=3600, description="Length of one SLO accounting window, seconds.")
     flush_interval_s: float = Field(0.5, gt=0, le=60, description="Longest a result waits before its batch is written.")
+    max_pending_rows: int = Field(20_000, ge=100, le=1_000_000, description=(
+        "Rows per table kept while the database cannot be written (full or locked); beyond it the oldest "
+        "are dropped, counted and logged."))
+    max_tracked_results: int = Field(100_000, ge=1000, le=10_000_000, description=(
+        "Result ids remembered to ignore a redelivered result (QoS 1 may deliver one twice)."))
     startup_wait_s: float = Field(20.0, ge=0, le=3600,
                                   description="How long to wait for every configured node before placing on those present.")
     rejoin_hold_s: float = Field(10.0, ge=0, le=3600,

@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from gateway.curves import AccuracyFit, fit_latency
-from gateway.policy import POLICIES, Problem, choose_bottleneck, choose_paper, evaluate
+from gateway.policy import POLICIES, RatioProblem, choose_bottleneck, choose_paper, evaluate_ratios
 
 LADDER = tuple(round(0.1 * k, 1) for k in range(10))
 COARSE = (0.0, 0.25, 0.5, 0.75)
@@ -41,12 +41,12 @@ def problems(draw, max_stages=3, models=("logistic",)):
     fixed = {}
     if n > 1 and draw(st.booleans()):
         fixed = {draw(st.integers(0, n - 1)): draw(st.sampled_from(ladder))}
-    return Problem(latency=fits, slowdowns=[draw(st.floats(1.0, 8.0)) for _ in range(n)], accuracy=accuracy,
+    return RatioProblem(latency=fits, slowdowns=[draw(st.floats(1.0, 8.0)) for _ in range(n)], accuracy=accuracy,
                    accuracy_floor=draw(st.floats(0.5, 0.99)) * unpruned, budget_s=draw(st.floats(0.03, 0.4)),
                    ladder=ladder, accuracy_model=model, fixed=fixed)
 
 
-def brute_force(problem: Problem) -> tuple[bool, tuple[float, ...]]:
+def brute_force(problem: RatioProblem) -> tuple[bool, tuple[float, ...]]:
     """(feasible, vector): least total pruning meeting budget and floor, else the smallest bottleneck
     above the floor with the least pruning, else the unpruned vector."""
     vectors = itertools.product(*(problem.options(i) for i in range(problem.n_stages)))
@@ -121,7 +121,7 @@ def test_paper_policy_leaves_no_single_step_that_the_floor_would_allow(problem):
 def two_stage(slowdowns, gains=(-6.0, -2.0), budget_s=0.2, **kwargs):
     fits = [slice_fit(0.12, 0.1), slice_fit(0.12, 0.1)]
     accuracy = accuracy_fit(gains)
-    return Problem(latency=fits, slowdowns=slowdowns, accuracy=accuracy,
+    return RatioProblem(latency=fits, slowdowns=slowdowns, accuracy=accuracy,
                    accuracy_floor=0.9 * accuracy.logistic((0.0, 0.0)), budget_s=budget_s, ladder=LADDER,
                    names=("node-1", "node-2"), **kwargs)
 
@@ -148,7 +148,7 @@ def test_paper_policy_spends_leftover_accuracy_where_it_saves_most_time_per_accu
     # stage 1 or one of stage 3, not both: stage 1 must get them.
     fits = [slice_fit(t0, 0.1) for t0 in (0.06, 0.26, 0.06, 0.26)]
     accuracy = accuracy_fit((-1.9, -1.1, -3.0, -6.8), ladder=(0.0, 0.9))
-    problem = Problem(latency=fits, slowdowns=[1.0] * 4, accuracy=accuracy, budget_s=0.2, ladder=LADDER,
+    problem = RatioProblem(latency=fits, slowdowns=[1.0] * 4, accuracy=accuracy, budget_s=0.2, ladder=LADDER,
                       accuracy_floor=0.9 * accuracy.logistic((0.0,) * 4))
     assert choose_paper(problem).ratios == (0.2, 0.9, 0.0, 0.1)
 
@@ -184,7 +184,7 @@ def test_a_held_stage_keeps_its_ratio_and_the_other_takes_the_load():
 
 def test_evaluate_reports_what_the_curves_predict():
     problem = two_stage([4.0, 1.0])
-    decision = evaluate(problem, (0.5, 0.0), "restore", "why")
+    decision = evaluate_ratios(problem, (0.5, 0.0), "restore", "why")
     expected = (4 * 0.12 * (0.1 + 0.9 * 0.25), 0.12)
     assert decision.stage_latency_s == pytest.approx(expected)
     assert decision.bottleneck_stage == 0 and decision.bottleneck_s == pytest.approx(expected[0])
