@@ -62,7 +62,7 @@ def test_result_row_splits_time_into_queue_compute_transfer():
 def test_store_batches_ignores_duplicate_results_and_reads_back(tmp_path):
     store = Store(tmp_path / "e.db")
     store.add_run({"started_ts": 1.0, "gateway_id": "g", "slo_s": 0.5, "window_s": 10, "nodes": ["a"]})
-    for rid, cap in [("r1", 10.0), ("r2", 11.0), ("r1", 10.0)]:
+    for rid, cap in [("r1", 10.0), ("r2", 11.0), ("r1", 10.5)]:  # a later, different r1 must not replace it
         store.add_request(result_row(_result(rid, cap), cap + 0.2))
     store.update_node({"node_id": "a", "status": "online", "status_ts": 1.0})
     store.update_node({"node_id": "a", "stage": 1, "queue_depth": 3, "errors": {"bad_image": 2}})
@@ -71,7 +71,7 @@ def test_store_batches_ignores_duplicate_results_and_reads_back(tmp_path):
     assert store.flush() == 6
     (node,) = reader.nodes()
     assert (node["status"], node["stage"], node["queue_depth"], node["errors"]) == ("online", 1, 3, {"bad_image": 2})
-    assert [r["request_id"] for r in reader.recent_requests(0)] == ["r1", "r2"]
+    assert [(r["request_id"], r["capture_ts"]) for r in reader.recent_requests(0)] == [("r1", 10.0), ("r2", 11.0)]
     totals = reader.totals(slo_s=0.5)
     assert totals["results"] == 2 and totals["attainment_pct"] == 100.0
     assert reader.current_run()["nodes"] == ["a"]
