@@ -225,11 +225,11 @@ class PruningController:
     def _problem(self) -> RatioProblem:
         index = {node: i for i, node in enumerate(self.nodes)}
         return RatioProblem(latency=[self._fits[n] for n in self.nodes],
-                       slowdowns=[self.slowdown(n) for n in self.nodes],
-                       accuracy=self._accuracy, accuracy_floor=self.accuracy_floor, budget_s=self.budget_s,
-                       ladder=[r for r in self.config.ladder if r <= self.config.max_ratio + TOLERANCE],
-                       accuracy_model=self.config.accuracy_model,
-                       fixed={index[n]: r for n, r in self._manual.items()}, names=self.nodes)
+                            slowdowns=[self.slowdown(n) for n in self.nodes],
+                            accuracy=self._accuracy, accuracy_floor=self.accuracy_floor, budget_s=self.budget_s,
+                            ladder=[r for r in self.config.ladder if r <= self.config.max_ratio + TOLERANCE],
+                            accuracy_model=self.config.accuracy_model,
+                            fixed={index[n]: r for n, r in self._manual.items()}, names=self.nodes)
 
     def _evaluate_current(self, label: str, reason: str) -> Decision:
         return evaluate_ratios(self._problem(), [self._ratios[n] for n in self.nodes], label, reason)

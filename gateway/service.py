@@ -144,7 +144,7 @@ class Gateway:
                 self._seen_results.popitem(last=False)
             self.slo.add(finish_ts, row["e2e_s"])
             self.control.observe_latency(finish_ts, row["e2e_s"])
-        self.store.add_request(row)
+            self.store.add_request(row)  # under the lock: a window row is never buffered before its requests
 
     def _on_status(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         if not payload:  # cleared when the node was retired

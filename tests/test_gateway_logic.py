@@ -25,6 +25,19 @@ def test_windows_close_once_with_attainment_and_percentiles():
     assert second.count == 1 and second.attainment_pct == 0.0
 
 
+def test_window_counts_a_latency_exactly_at_the_slo_as_met_and_reports_true_percentiles():
+    w = SloWindows(window_s=10, slo_s=0.10)
+    for k in range(1, 21):  # 0.01 s ... 0.20 s, in shuffled order
+        w.add(100 + (k * 7) % 20 * 0.1, k / 100)
+    (window,) = w.close_all()
+    assert (window.count, window.met, window.attainment_pct) == (20, 10, 50.0)  # 0.01 ... 0.10 inclusive
+    # linear interpolation between order statistics (numpy's default), worked by hand:
+    # p50 = 0.10 + 0.5·0.01, p95 at rank 0.95·19 = 18.05 -> 0.19 + 0.05·0.01, p99 at 18.81 -> 0.19 + 0.81·0.01
+    assert window.p50_s == pytest.approx(0.105)
+    assert window.p95_s == pytest.approx(0.1905)
+    assert window.p99_s == pytest.approx(0.1981)
+
+
 @pytest.mark.parametrize("n_blocks,nodes", [(6, ["a", "b"]), (6, ["a", "b", "c", "d"]), (3, list("abcdef"))])
 def test_even_split_covers_every_block_once(n_blocks, nodes):
     p = even_split(n_blocks, nodes)
