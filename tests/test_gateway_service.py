@@ -139,3 +139,26 @@ def test_pending_rows_are_bounded_while_the_disk_fails(tmp_path):
     assert store.flush() == 100
     assert [e["ts"] for e in Reader(tmp_path / "e.db").errors(limit=1)] == [249.0]
     store.close()
+
+
+def test_a_calibration_without_the_configured_ladder_is_reported_and_keeps_the_controller_off(gateway, broker):
+    from tests.test_control_loop import calibration, loop, placement
+    gateway.control = loop(ladder=(0.0, 0.25, 0.5))  # the nodes build 0.0, 0.1, ..., 0.9
+    gateway.control.set_placement(placement(1))
+    recorder = Recorder(broker, gateway.topics.errors_filter)
+    try:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        client.publish(gateway.topics.node_calibration("a"), to_json(calibration("a", 0, 2)),
+                       qos=1).wait_for_publish(10)
+        client.loop_stop()
+        client.disconnect()
+        errors_topic = gateway.topics.errors(gateway.settings.gateway_id)
+        wait_until(lambda: any(e["kind"] == "ladder_mismatch" for e in recorder.json_on(errors_topic)), 20,
+                   "the mismatched ladder was not reported")
+        (error,) = [e for e in recorder.json_on(errors_topic) if e["kind"] == "ladder_mismatch"]
+        assert "0.25" in error["message"] and "a has no variant" in error["message"]
+        assert gateway.control.controller is None and "0.25" in gateway.control.disabled_reason
+    finally:
+        recorder.close()
