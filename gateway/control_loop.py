@@ -1,47 +1,30 @@
-"""Joins the live placement, the nodes' calibrations and the pure controller; no MQTT, no clock.
+"""Joins the live placement, the nodes' calibrations and the pure controller; no MQTT, no clock, no files.
 
 The gateway feeds it what arrives and publishes what :meth:`ControlLoop.tick` returns: retained
 ``PruneDesired`` messages and rows for the ``prune_events`` table. The controller only runs once
 every node of the current placement has calibrated its slice *for that placement* and an
-accuracy model is loaded; until then :attr:`ControlLoop.disabled_reason` says why.
+accuracy model is given (the gateway loads it at start-up); until then :attr:`ControlLoop.disabled_reason` says why.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from gateway.controller import Held, Infeasible, PruningController, SetRatios
 from gateway.curves import AccuracyFit, SliceLatencyFit, accuracy_for_slices, fit_latency
-from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME
+from shared.ladder import missing_rungs
 from shared.schemas import NodeStats, Placement, PruneDesired, SliceCalibration
 from shared.settings import ControllerSettings
 
 log = logging.getLogger(__name__)
 
 
-def accuracy_model_path(model: str) -> Path:
-    """Where `edgeprune calibrate` writes the per-block accuracy model, beside the shipped checkpoint."""
-    return DEFAULT_CHECKPOINT.with_name(f"{model}.accuracy.json")
-
-
-def load_block_accuracy(path: Path | None, fingerprint: str) -> AccuracyFit | None:
-    """The per-block accuracy model, if one exists for these weights (None disables the controller)."""
-    path = path or accuracy_model_path(MODEL_NAME)
-    if not path.exists():
-        log.warning("no accuracy model at %s: the pruning controller stays off until `edgeprune calibrate`", path)
-        return None
-    data = json.loads(path.read_text())
-    if data.get("model_fingerprint") not in (None, fingerprint):
-        log.warning("accuracy model %s was calibrated for other weights (%s, running %s): controller off",
-                    path, data.get("model_fingerprint"), fingerprint)
-        return None
-    return AccuracyFit.from_dict(data["fit"])
+class LadderMismatch(ValueError):
+    """A node calibrated other ratios than the configured ladder: it would snap the controller's choices."""
 
 
 @dataclass
@@ -63,6 +46,7 @@ class ControlLoop:
         self.controller: PruningController | None = None
         self.fits: dict[str, SliceLatencyFit] = {}
         self._fit_blocks: dict[str, tuple[int, int]] = {}  # which slice each fit was measured on
+        self._ladder_mismatch: dict[str, str] = {}  # node -> why its calibration was refused
         self.desired: dict[str, PruneDesired] = {}
         self._recent: deque[tuple[float, float]] = deque()
         self._awaiting_follow_up: list[dict] = []
@@ -73,6 +57,10 @@ class ControlLoop:
             return "no accuracy model (run `edgeprune calibrate` or set [gateway] accuracy_model)"
         if self.placement is None:
             return "no placement yet"
+        refused = [self._ladder_mismatch[s.node_id] for s in self.placement.stages
+                   if s.node_id in self._ladder_mismatch]
+        if refused:
+            return "; ".join(refused)
         missing = [s.node_id for s in self.placement.stages if s.node_id not in self.fits]
         if missing:
             return f"waiting for the calibration of {', '.join(missing)}"
@@ -87,11 +75,26 @@ class ControlLoop:
         self._rebuild()
 
     def add_calibration(self, calibration: SliceCalibration) -> dict | None:
-        """Fit the node's latency curve if it is for its slice in the current placement; returns a table row."""
+        """Fit the node's latency curve if it is for its slice in the current placement; returns a table row.
+
+        The ratios a node calibrates are the variants it has. A configured ladder with a ratio the node
+        lacks is refused (LadderMismatch, and the controller stays off): the node would silently snap it
+        to its nearest variant, and the controller would predict times and accuracy it never gets.
+        """
         stage = self.placement.stage_of(calibration.node_id) if self.placement else None
         if stage is None or (stage.first_block, stage.last_block) != (calibration.first_block,
                                                                       calibration.last_block):
             return None
+        missing = missing_rungs(self.settings.ladder, calibration.ratios)
+        if missing:
+            self._ladder_mismatch[calibration.node_id] = (
+                f"the controller ladder has {', '.join(f'{r:g}' for r in missing)} which {calibration.node_id} has "
+                f"no variant for (it calibrated {', '.join(f'{r:g}' for r in calibration.ratios)}): "
+                "set [controller] ladder to ratios the nodes build")
+            self.fits.pop(calibration.node_id, None)
+            self._rebuild()
+            raise LadderMismatch(self._ladder_mismatch[calibration.node_id])
+        self._ladder_mismatch.pop(calibration.node_id, None)
         fit = fit_latency(calibration.ratios, calibration.latency_s)
         best = fit.best()  # raises ValueError when no fit is usable: keep the previous state then
         self.fits[calibration.node_id] = fit
@@ -99,7 +102,7 @@ class ControlLoop:
         self._rebuild()
         return {"node_id": calibration.node_id, "measured_at": calibration.measured_at,
                 "placement_version": calibration.placement_version, "first_block": calibration.first_block,
-                "last_block": calibration.last_block, "fit": json.dumps(fit.to_dict()), "best": best.kind,
+                "last_block": calibration.last_block, "fit": fit.to_dict(), "best": best.kind,
                 "r2_linear": fit.linear.r2, "r2_quadratic": fit.quadratic.r2}
 
     def recover_desired(self, node_id: str, desired: PruneDesired) -> None:
@@ -109,6 +112,14 @@ class ControlLoop:
             self._rebuild()
 
     def observe_latency(self, ts: float, e2e_s: float) -> None:
+        """Keep the last few follow-up spans of latencies, and hand the sample to the running controller.
+
+        Three pieces hold end-to-end latencies, each for its own reason: :class:`gateway.slo.SloWindows`
+        groups *every* result into fixed windows and forgets each once summarised; the controller keeps a
+        sliding window that dies with it, so a controller rebuilt for a new placement never judges it by
+        the old one's latencies; this buffer outlives those rebuilds, because a prune event's follow-up
+        (what latency it was followed by) is due ``follow_up_s`` later, often after the rebuild it caused.
+        """
         self._recent.append((ts, e2e_s))
         while self._recent and self._recent[0][0] < ts - 4 * self.follow_up_s:
             self._recent.popleft()
@@ -167,17 +178,17 @@ class ControlLoop:
         self.desired.pop(node_id, None)
         self.fits.pop(node_id, None)
         self._fit_blocks.pop(node_id, None)
+        self._ladder_mismatch.pop(node_id, None)
 
     def _event_row(self, action: SetRatios | Infeasible | Held) -> dict:
         kind = {SetRatios: "set", Infeasible: "infeasible", Held: "held"}[type(action)]
         d = action.decision
         row = {"ts": action.ts, "kind": kind, "policy": d.policy, "reason": action.reason,
                "source": getattr(action, "source", None),
-               "ratios": json.dumps(dict(zip(self.controller.nodes, d.ratios))),
-               "changed": json.dumps(getattr(action, "ratios", {})),
-               "predicted_stage_s": json.dumps(list(d.stage_latency_s)), "predicted_bottleneck_s": d.bottleneck_s,
+               "ratios": dict(zip(self.controller.nodes, d.ratios)), "changed": getattr(action, "ratios", {}),
+               "predicted_stage_s": list(d.stage_latency_s), "predicted_bottleneck_s": d.bottleneck_s,
                "predicted_accuracy": d.accuracy, "budget_s": d.budget_s, "infeasible": d.infeasible,
-               "metrics": json.dumps(asdict(action.metrics), default=float)}
+               "metrics": asdict(action.metrics)}
         log.warning("prune event (%s): %s -> %s", kind, action.reason, row["ratios"])
         self._awaiting_follow_up.append(row)
         return row

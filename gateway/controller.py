@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gateway.curves import AccuracyFit, SliceLatencyFit
-from gateway.policy import POLICIES, Decision, Problem, evaluate
+from gateway.policy import POLICIES, TOLERANCE, Decision, RatioProblem, evaluate_ratios
 from shared.settings import ControllerSettings
-
-_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -162,7 +160,7 @@ class PruningController:
             return
         self._stats_ts[node_id] = ts
         self._queue_depth[node_id] = queue_depth
-        if node_id in self._applied and abs(self._applied[node_id] - applied_ratio) > _TOLERANCE:
+        if node_id in self._applied and abs(self._applied[node_id] - applied_ratio) > TOLERANCE:
             self._applied[node_id] = applied_ratio
             return
         self._applied[node_id] = applied_ratio
@@ -224,17 +222,17 @@ class PruningController:
                 and m.restore_samples >= self.config.min_samples
                 and m.headroom_fraction >= self.config.restore_fraction)
 
-    def _problem(self) -> Problem:
+    def _problem(self) -> RatioProblem:
         index = {node: i for i, node in enumerate(self.nodes)}
-        return Problem(latency=[self._fits[n] for n in self.nodes],
-                       slowdowns=[self.slowdown(n) for n in self.nodes],
-                       accuracy=self._accuracy, accuracy_floor=self.accuracy_floor, budget_s=self.budget_s,
-                       ladder=[r for r in self.config.ladder if r <= self.config.max_ratio + _TOLERANCE],
-                       accuracy_model=self.config.accuracy_model,
-                       fixed={index[n]: r for n, r in self._manual.items()}, names=self.nodes)
+        return RatioProblem(latency=[self._fits[n] for n in self.nodes],
+                            slowdowns=[self.slowdown(n) for n in self.nodes],
+                            accuracy=self._accuracy, accuracy_floor=self.accuracy_floor, budget_s=self.budget_s,
+                            ladder=[r for r in self.config.ladder if r <= self.config.max_ratio + TOLERANCE],
+                            accuracy_model=self.config.accuracy_model,
+                            fixed={index[n]: r for n, r in self._manual.items()}, names=self.nodes)
 
     def _evaluate_current(self, label: str, reason: str) -> Decision:
-        return evaluate(self._problem(), [self._ratios[n] for n in self.nodes], label, reason)
+        return evaluate_ratios(self._problem(), [self._ratios[n] for n in self.nodes], label, reason)
 
     def _respond_to_violation(self, now: float, metrics: Metrics) -> list[Action]:
         """Apply the policy's vector if it adds pruning somewhere; report infeasible or unexplained cases.
@@ -244,7 +242,7 @@ class PruningController:
         """
         decision = POLICIES[self.config.policy](self._problem())
         proposed = dict(zip(self.nodes, decision.ratios))
-        changed = {n: r for n, r in proposed.items() if abs(r - self._ratios[n]) > _TOLERANCE}
+        changed = {n: r for n, r in proposed.items() if abs(r - self._ratios[n]) > TOLERANCE}
         actions: list[Action] = []
         if any(r > self._ratios[n] for n, r in changed.items()):
             reason = (f"{metrics.over_trigger_fraction:.0%} of {metrics.trigger_samples} requests over "
@@ -274,8 +272,8 @@ class PruningController:
             if (node in self._manual or ratio <= 0.0 or node not in self._slowdown
                     or self.slowdown(node) > self.config.slowdown_gone):
                 continue
-            lower = max((r for r in self.config.ladder if r < ratio - _TOLERANCE), default=0.0)
-            if self.slowdown(node) * self._curves[node].predict(lower) <= self.budget_s + _TOLERANCE:
+            lower = max((r for r in self.config.ladder if r < ratio - TOLERANCE), default=0.0)
+            if self.slowdown(node) * self._curves[node].predict(lower) <= self.budget_s + TOLERANCE:
                 changed[node] = lower
         if not changed:
             return []

@@ -1,6 +1,6 @@
 """Choosing per-stage pruning ratios from the calibrated curves: the paper's rule and the bottleneck rule.
 
-Pure functions of a :class:`Problem`; the controller decides *when* to call them. Ratios are always chosen
+Pure functions of a :class:`RatioProblem`; the controller decides *when* to call them. Ratios are always chosen
 on the ladder the nodes have variants for, and never below the accuracy floor when the unpruned
 pipeline (with any manual holds) meets it.
 """
@@ -18,11 +18,11 @@ from scipy.optimize import linprog
 from gateway.curves import AccuracyFit, AccuracyModel, LatencyCurve, SliceLatencyFit
 
 PolicyName = Literal["paper", "bottleneck"]
-_TOLERANCE = 1e-9
+TOLERANCE = 1e-9  # times and ratios closer than this are equal (the controller uses it too)
 
 
 @dataclass(frozen=True)
-class Problem:
+class RatioProblem:
     """Everything a policy needs, in stage order.
 
     ``slowdowns`` are each node's observed compute time over its calibrated time (≥ 1): a stage's predicted
@@ -76,7 +76,7 @@ class Problem:
         return tuple(self.fixed.get(i, 0.0) for i in range(self.n_stages))
 
     def meets_floor(self, ratios: Sequence[float]) -> bool:
-        return self.predict_accuracy(ratios) >= self.accuracy_floor - _TOLERANCE
+        return self.predict_accuracy(ratios) >= self.accuracy_floor - TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class Decision:
     reason: str
 
 
-def evaluate(problem: Problem, ratios: Sequence[float], policy: str, reason: str,
+def evaluate_ratios(problem: RatioProblem, ratios: Sequence[float], policy: str, reason: str,
              infeasible: bool = False) -> Decision:
     """Predicted per-stage time, bottleneck and accuracy of ``ratios`` at the nodes' current speed."""
     times = tuple(problem.stage_time(i, r) for i, r in enumerate(ratios))
@@ -104,18 +104,18 @@ def evaluate(problem: Problem, ratios: Sequence[float], policy: str, reason: str
                     budget_s=problem.budget_s, infeasible=infeasible, reason=reason)
 
 
-def _least_pruning_under(problem: Problem, level_s: float) -> tuple[float, ...] | None:
+def _least_pruning_under(problem: RatioProblem, level_s: float) -> tuple[float, ...] | None:
     """Per stage, the smallest allowed ratio whose predicted time is ≤ level (None if a stage can't)."""
     chosen = []
     for stage in range(problem.n_stages):
-        fitting = [r for r in problem.options(stage) if problem.stage_time(stage, r) <= level_s + _TOLERANCE]
+        fitting = [r for r in problem.options(stage) if problem.stage_time(stage, r) <= level_s + TOLERANCE]
         if not fitting:
             return None
         chosen.append(fitting[0])
     return tuple(chosen)
 
 
-def choose_bottleneck(problem: Problem) -> Decision:
+def choose_bottleneck(problem: RatioProblem) -> Decision:
     """Least total pruning that brings every stage under the budget at current speeds, above the floor.
 
     Stage times are separable, so any vector meeting a level L prunes each stage at least as much as
@@ -128,12 +128,12 @@ def choose_bottleneck(problem: Problem) -> Decision:
     """
     minimal = _least_pruning_under(problem, problem.budget_s)
     if minimal is not None and problem.meets_floor(minimal):
-        return evaluate(problem, minimal, "bottleneck",
+        return evaluate_ratios(problem, minimal, "bottleneck",
                         f"least pruning that puts every stage under the {problem.budget_s:.3f} s budget")
 
     if minimal is None:
         slow = [problem.name(i) for i in range(problem.n_stages)
-                if problem.stage_time(i, problem.options(i)[-1]) > problem.budget_s + _TOLERANCE]
+                if problem.stage_time(i, problem.options(i)[-1]) > problem.budget_s + TOLERANCE]
         why = f"{', '.join(slow)} cannot meet the {problem.budget_s:.3f} s budget even at the highest allowed ratio"
     else:
         why = (f"meeting the {problem.budget_s:.3f} s budget needs accuracy "
@@ -144,13 +144,13 @@ def choose_bottleneck(problem: Problem) -> Decision:
             continue
         candidate = _least_pruning_under(problem, level)
         if candidate is not None and problem.meets_floor(candidate):
-            return evaluate(problem, candidate, "bottleneck",
+            return evaluate_ratios(problem, candidate, "bottleneck",
                             f"{why}; best effort: smallest reachable bottleneck above the floor", infeasible=True)
-    return evaluate(problem, problem.unpruned(), "bottleneck",
+    return evaluate_ratios(problem, problem.unpruned(), "bottleneck",
                     f"{why}; the accuracy floor is not met even unpruned, so nothing is pruned", infeasible=True)
 
 
-def choose_paper(problem: Problem) -> Decision:
+def choose_paper(problem: RatioProblem) -> Decision:
     """The paper's rule: min Σ (α_i·p_i + β_i) subject to a(p) ≥ A_min, 0 ≤ p_i ≤ p_max.
 
     σ is monotone, so the floor is the linear constraint Σ g_i·p_i ≥ required score and the problem is a
@@ -162,7 +162,7 @@ def choose_paper(problem: Problem) -> Decision:
     """
     start = problem.unpruned()
     if not problem.meets_floor(start):
-        return evaluate(problem, start, "paper", "the accuracy floor is not met even unpruned", infeasible=True)
+        return evaluate_ratios(problem, start, "paper", "the accuracy floor is not met even unpruned", infeasible=True)
 
     free = [i for i in range(problem.n_stages) if i not in problem.fixed]
     slope = {i: problem.latency[i].linear.coef[0] for i in free}
@@ -176,7 +176,7 @@ def choose_paper(problem: Problem) -> Decision:
                            method="highs")
         if solution.success:
             for i, p in zip(free, solution.x):
-                ratios[i] = max(r for r in problem.ladder if r <= p + _TOLERANCE)
+                ratios[i] = max(r for r in problem.ladder if r <= p + TOLERANCE)
         if not problem.meets_floor(ratios):  # the measured table can be stricter than the logistic
             ratios = list(start)
 
@@ -186,7 +186,7 @@ def choose_paper(problem: Problem) -> Decision:
     while True:
         steps = []
         for i in free:
-            higher = [r for r in problem.ladder if r > ratios[i] + _TOLERANCE]
+            higher = [r for r in problem.ladder if r > ratios[i] + TOLERANCE]
             if higher and slope[i] < 0:
                 stepped = ratios[:i] + [higher[0]] + ratios[i + 1:]
                 if problem.meets_floor(stepped):
@@ -195,12 +195,12 @@ def choose_paper(problem: Problem) -> Decision:
             break
         ratios = max(steps)[2]
 
-    decision = evaluate(problem, ratios, "paper", "largest pruning the accuracy floor allows (paper's rule)")
-    if decision.bottleneck_s <= problem.budget_s + _TOLERANCE:
+    decision = evaluate_ratios(problem, ratios, "paper", "largest pruning the accuracy floor allows (paper's rule)")
+    if decision.bottleneck_s <= problem.budget_s + TOLERANCE:
         return decision
     return replace(decision, infeasible=True,
                    reason=f"even the largest pruning the floor allows leaves {problem.name(decision.bottleneck_stage)}"
                           f" at {decision.bottleneck_s:.3f} s over the {problem.budget_s:.3f} s budget")
 
 
-POLICIES: dict[str, Callable[[Problem], Decision]] = {"paper": choose_paper, "bottleneck": choose_bottleneck}
+POLICIES: dict[str, Callable[[RatioProblem], Decision]] = {"paper": choose_paper, "bottleneck": choose_bottleneck}

@@ -1,27 +1,34 @@
 """The gateway: publishes the placement, collects results and node health, keeps the SQLite log.
 
-Transport and storage only; decisions live in pure modules (:mod:`gateway.slo`, and later
-the placement planner and the pruning controller) that this class feeds.
+Transport, storage and start-up I/O only; decisions live in pure modules this class feeds: the SLO
+windows (:mod:`gateway.slo`), the live placement (:mod:`gateway.live_placement`, which plans with
+:mod:`gateway.placement`) and the pruning controller (:mod:`gateway.control_loop`). Three threads:
+paho's network thread runs the handlers (parse, feed, buffer), the tick thread makes the periodic
+decisions, and the store's writer thread alone touches the disk.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from collections import OrderedDict
+from pathlib import Path
 
-from gateway.control_loop import ControlLoop, Effects, load_block_accuracy
+from gateway.control_loop import ControlLoop, Effects, LadderMismatch
+from gateway.curves import AccuracyFit
 from gateway.live_placement import LivePlacement, PlacementRules
 from gateway.slo import SloWindows
 from gateway.store import Store
 from shared.bus import Bus
-from shared.model import MODEL_NAME, build_model, model_fingerprint
-from shared.schemas import NodeProfile
+from shared.model import MODEL_NAME, accuracy_model_path, build_model, model_fingerprint
 from shared.schemas import (
     BadMessage,
     ErrorRecord,
     GatewayCommand,
     ManualPruneCommand,
+    NodeProfile,
     NodeStats,
     PruneDesired,
     Result,
@@ -35,6 +42,21 @@ from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILIT
 
 log = logging.getLogger(__name__)
 STATUSES = (AVAILABILITY_ONLINE, AVAILABILITY_OFFLINE, AVAILABILITY_STOPPED)
+MAX_TICK_BACKOFF_S = 30.0
+
+
+def load_block_accuracy(path: Path | None, fingerprint: str) -> AccuracyFit | None:
+    """The per-block accuracy model, if one exists for these weights (None disables the controller)."""
+    path = path or accuracy_model_path(MODEL_NAME)
+    if not path.exists():
+        log.warning("no accuracy model at %s: the pruning controller stays off until `edgeprune calibrate`", path)
+        return None
+    data = json.loads(path.read_text())
+    if data.get("model_fingerprint") not in (None, fingerprint):
+        log.warning("accuracy model %s was calibrated for other weights (%s, running %s): controller off",
+                    path, data.get("model_fingerprint"), fingerprint)
+        return None
+    return AccuracyFit.from_dict(data["fit"])
 
 
 def result_row(result: Result, finish_ts: float) -> dict:
@@ -57,7 +79,7 @@ class Gateway:
         self.settings = settings
         self.topics = Topics(mqtt_settings.topic_root)
         self.bus = Bus(mqtt_settings, settings.gateway_id, self.topics.component_status(settings.gateway_id))
-        self.store = Store(settings.db_path)
+        self.store = Store(settings.db_path, max_pending=settings.max_pending_rows)
         self.slo = SloWindows(settings.window_s, settings.slo_s)
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
         self.fingerprint = model_fingerprint(build_model())
@@ -65,7 +87,10 @@ class Gateway:
         self.control = ControlLoop(controller_settings or ControllerSettings(), settings.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint),
                                    follow_up_s=settings.window_s)
-        self._lock = threading.Lock()  # guards the SLO windows, live placement and the control loop
+        self._lock = threading.Lock()  # guards the SLO windows, live placement, the control loop and seen ids
+        self._seen_results: OrderedDict[str, None] = OrderedDict()  # the newest result ids, oldest first
+        self.duplicate_results = 0
+        self.tick_failures = 0
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="gateway-tick", daemon=True)
 
@@ -85,6 +110,7 @@ class Gateway:
                             "slo_s": self.settings.slo_s, "window_s": self.settings.window_s,
                             "nodes": self.settings.nodes})
         self._ticker.start()
+        self.store.start_writer(self.settings.flush_interval_s, self._on_store_failure)
         self.bus.start()
 
     def stop(self) -> None:
@@ -104,13 +130,21 @@ class Gateway:
 
     # --- handlers (paho's network thread: parse, buffer, return) ---------------------------
     def _on_result(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        """Count each request once: QoS 1 may deliver a result twice, and the first delivery is the one kept."""
         finish_ts = time.time()
         result = parse_json(Result, payload)
         row = result_row(result, finish_ts)
-        self.store.add_request(row)
         with self._lock:
+            if result.request_id in self._seen_results:
+                self.duplicate_results += 1
+                log.debug("ignored a redelivered result %s (%d so far)", result.request_id, self.duplicate_results)
+                return
+            self._seen_results[result.request_id] = None
+            if len(self._seen_results) > self.settings.max_tracked_results:
+                self._seen_results.popitem(last=False)
             self.slo.add(finish_ts, row["e2e_s"])
             self.control.observe_latency(finish_ts, row["e2e_s"])
+            self.store.add_request(row)  # under the lock: a window row is never buffered before its requests
 
     def _on_status(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         if not payload:  # cleared when the node was retired
@@ -151,6 +185,8 @@ class Gateway:
         try:
             with self._lock:
                 row = self.control.add_calibration(calibration)
+        except LadderMismatch as exc:
+            raise BadMessage("ladder_mismatch", f"calibration of {calibration.node_id} refused: {exc}") from None
         except ValueError as exc:  # a curve that cannot be fitted (e.g. latencies that are all noise)
             measured = ", ".join(f"{r:g}:{t * 1e3:.2f}" for r, t in zip(calibration.ratios, calibration.latency_s))
             raise BadMessage("bad_calibration", f"calibration of {calibration.node_id} (ratio:ms {measured}): "
@@ -201,10 +237,26 @@ class Gateway:
     def _on_error(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         self.store.add_error(parse_json(ErrorRecord, payload).model_dump())
 
-    # --- periodic work (the single database writer) ----------------------------------------
+    def _on_store_failure(self, exc: Exception) -> None:
+        """The writer thread could not write: say so on the error topic (it retries by itself)."""
+        self.bus.report_error(f"database {self.store.path}", "store_write_failed",
+                              f"{type(exc).__name__}: {exc} ({self.store.write_failures} failures, "
+                              f"dropped so far: {dict(self.store.dropped) or 'none'})")
+
+    # --- periodic work ------------------------------------------------------------------------
     def _tick_forever(self) -> None:
-        while not self._stop.wait(self.settings.flush_interval_s):
-            self.tick(time.time())
+        """Tick until stopped; a failing tick is logged, counted and reported, then retried with back-off."""
+        delay = self.settings.flush_interval_s
+        while not self._stop.wait(delay):
+            try:
+                self.tick(time.time())
+                delay = self.settings.flush_interval_s
+            except Exception as exc:  # a bug or a broken publish must not stop placement and control for good
+                self.tick_failures += 1
+                delay = min(MAX_TICK_BACKOFF_S, 2 * delay)
+                log.exception("gateway tick failed (%d so far); retrying in %.1f s", self.tick_failures, delay)
+                self.bus.report_error("periodic tick", "tick_failed",
+                                      f"{type(exc).__name__}: {exc}")
 
     def tick(self, now: float) -> None:
         with self._lock:
@@ -216,10 +268,8 @@ class Gateway:
             windows = self.slo.close_due(now)
         if placement is not None:
             self.publish_placement()
-            self.store.add_placement({**placement.model_dump(exclude={"stages"}),
-                                      "stages": [s.model_dump() for s in placement.stages]})
+            self.store.add_placement(placement.model_dump())
         self._carry_out(effects)
         self.store.set_controller_status(now, status)
         for window in windows:
             self.store.add_window(window.row())
-        self.store.flush()

@@ -25,7 +25,11 @@ class WindowSummary:
 
 
 class SloWindows:
-    """Groups completed requests by the window their completion falls in and summarises each."""
+    """Groups completed requests by the window their completion falls in and summarises each.
+
+    It keeps its own latencies (not the controller's sliding buffer): a window needs every result
+    of its span, whether or not the controller runs, until it closes (see ControlLoop.observe_latency).
+    """
 
     def __init__(self, window_s: float, slo_s: float):
         self.window_s = window_s

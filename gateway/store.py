@@ -9,85 +9,132 @@ side by side). The schema is documented in docs/database.md.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sqlite3
 import threading
+from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import sqlite_utils
 
-SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
-    "requests": ({
+log = logging.getLogger(__name__)
+
+WriteMode = Literal["upsert", "insert_ignore", "insert"]
+
+
+class Table(NamedTuple):
+    """A table: its columns (``list``/``dict`` columns hold JSON), primary key, and how rows are written.
+
+    ``upsert``: the latest state wins and partial rows (a node's stats, an event's follow-up) merge;
+    ``insert_ignore``: the first row with a key stays (QoS 1 may redeliver a result); ``insert``: every row.
+    """
+
+    columns: dict[str, type]
+    pk: str | tuple[str, ...]
+    write: WriteMode
+
+    @property
+    def json_columns(self) -> frozenset[str]:
+        return frozenset(name for name, kind in self.columns.items() if kind in (list, dict))
+
+
+SCHEMA: dict[str, Table] = {
+    "requests": Table({
         "request_id": str, "camera_id": str, "capture_ts": float, "finish_ts": float, "e2e_s": float,
         "queue_s": float, "compute_s": float, "transfer_s": float, "label": str, "label_index": int,
-        "confidence": float, "prune_ratios": str, "hops": str,
-    }, {"pk": "request_id"}),
-    "windows": ({
+        "confidence": float, "prune_ratios": list, "hops": list,
+    }, "request_id", "insert_ignore"),
+    "windows": Table({
         "start_ts": float, "end_ts": float, "count": int, "slo_s": float, "met": int,
         "attainment_pct": float, "p50_s": float, "p95_s": float, "p99_s": float,
-    }, {"pk": "start_ts"}),
-    "nodes": ({
+    }, "start_ts", "insert_ignore"),
+    "nodes": Table({
         "node_id": str, "status": str, "status_ts": float, "last_seen": float, "stage": int,
         "first_block": int, "last_block": int, "placement_version": int, "queue_depth": int,
-        "queue_capacity": int, "processed": int, "dropped": int, "errors": str,
+        "queue_capacity": int, "processed": int, "dropped": int, "errors": dict,
         "compute_mean_s": float, "compute_p95_s": float, "queue_wait_mean_s": float,
         "cpu_percent": float, "prune_ratio": float, "emulated_slowdown": float,
-    }, {"pk": "node_id"}),
-    "errors": ({
+    }, "node_id", "upsert"),
+    "errors": Table({
         "id": int, "ts": float, "component": str, "topic": str, "kind": str, "message": str,
         "request_id": str,
-    }, {"pk": "id"}),
-    "runs": ({
-        "started_ts": float, "gateway_id": str, "slo_s": float, "window_s": float, "nodes": str,
-    }, {"pk": "started_ts"}),
-    "profiles": ({
+    }, "id", "insert"),
+    "runs": Table({
+        "started_ts": float, "gateway_id": str, "slo_s": float, "window_s": float, "nodes": list,
+    }, "started_ts", "insert_ignore"),
+    "profiles": Table({  # the offer exactly as the node sent it (str), validated again when read back
         "node_id": str, "model_fingerprint": str, "ts": float, "memory_mb": float, "uplink_mbit_s": float,
         "profile": str,
-    }, {"pk": ("node_id", "model_fingerprint")}),
-    "calibrations": ({
+    }, ("node_id", "model_fingerprint"), "upsert"),
+    "calibrations": Table({
         "node_id": str, "measured_at": float, "placement_version": int, "first_block": int, "last_block": int,
-        "fit": str, "best": str, "r2_linear": float, "r2_quadratic": float,
-    }, {"pk": ("node_id", "measured_at")}),
-    "prune_events": ({
-        "ts": float, "kind": str, "policy": str, "source": str, "reason": str, "ratios": str, "changed": str,
-        "predicted_stage_s": str, "predicted_bottleneck_s": float, "predicted_accuracy": float, "budget_s": float,
-        "infeasible": int, "metrics": str, "observed_count": int, "observed_p50_s": float, "observed_p95_s": float,
-    }, {"pk": ("ts", "kind")}),
-    "controller": ({
-        "id": int, "ts": float, "status": str,
-    }, {"pk": "id"}),
-    "placements": ({
-        "version": int, "issued_at": float, "model": str, "n_blocks": int, "stages": str,
+        "fit": dict, "best": str, "r2_linear": float, "r2_quadratic": float,
+    }, ("node_id", "measured_at"), "upsert"),
+    "prune_events": Table({
+        "ts": float, "kind": str, "policy": str, "source": str, "reason": str, "ratios": dict, "changed": dict,
+        "predicted_stage_s": list, "predicted_bottleneck_s": float, "predicted_accuracy": float, "budget_s": float,
+        "infeasible": int, "metrics": dict, "observed_count": int, "observed_p50_s": float, "observed_p95_s": float,
+    }, ("ts", "kind"), "upsert"),
+    "controller": Table({
+        "id": int, "ts": float, "status": dict,
+    }, "id", "upsert"),
+    "placements": Table({
+        "version": int, "issued_at": float, "model": str, "n_blocks": int, "stages": list,
         "bottleneck_s": float,
-    }, {"pk": "version"}),
+    }, "version", "insert_ignore"),
 }
 INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"]], "errors": [["ts"]]}
+MAX_BACKOFF_S = 30.0
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return json.dumps(value, separators=(",", ":"), default=float)  # numpy scalars become plain numbers
+
+
+def encode_row(table: str, row: dict) -> dict:
+    """The row as stored: JSON columns (``list``/``dict`` in :data:`SCHEMA`) as compact JSON text."""
+    json_columns = SCHEMA[table].json_columns
+    return {k: _json(v) if k in json_columns and v is not None else v for k, v in row.items()}
+
+
+def decode_row(table: str, row: dict) -> dict:
+    """Inverse of :func:`encode_row` for the columns present (an empty or NULL JSON column reads as None)."""
+    json_columns = SCHEMA[table].json_columns
+    return {k: (json.loads(v) if v else None) if k in json_columns else v for k, v in row.items()}
 
 
 class Store:
-    """The gateway's single writer. Methods only buffer; :meth:`flush` writes."""
+    """The gateway's single writer. Methods only buffer; :meth:`flush` writes.
 
-    def __init__(self, path: Path):
+    Buffering never blocks on the disk: a writer thread (:meth:`start_writer`) flushes in the
+    background, so a slow or failing SD card never delays a control decision. While writes fail the
+    buffer keeps at most ``max_pending`` rows per table, dropping the oldest (counted in
+    :attr:`dropped`), and the writer retries with back-off.
+    """
+
+    def __init__(self, path: Path, max_pending: int = 20_000):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.db = sqlite_utils.Database(sqlite3.connect(str(path), check_same_thread=False))
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")
-        for name, (columns, opts) in SCHEMA.items():
-            self.db[name].create(columns, **opts, if_not_exists=True)
+        for name, table in SCHEMA.items():
+            self.db[name].create(table.columns, pk=table.pk, if_not_exists=True)
         for name, indexes in INDEXES.items():
             for cols in indexes:
                 self.db[name].create_index(cols, if_not_exists=True)
+        self.max_pending = max_pending
+        self.dropped: Counter[str] = Counter()  # table -> rows dropped because the buffer was full
+        self.write_failures = 0
         self._lock = threading.Lock()
-        self._pending: dict[str, list[dict]] = {name: [] for name in SCHEMA}
+        self._pending: dict[str, deque[dict]] = {name: deque() for name in SCHEMA}
+        self._stop = threading.Event()
+        self._writer: threading.Thread | None = None
 
     def add_request(self, row: dict) -> None:
-        row = dict(row, prune_ratios=_json(row["prune_ratios"]), hops=_json(row["hops"]))
         self._buffer("requests", row)
 
     def add_window(self, row: dict) -> None:
@@ -95,8 +142,6 @@ class Store:
 
     def update_node(self, row: dict) -> None:
         """Merge known fields of a node (status or stats), keeping the others."""
-        if "errors" in row:
-            row = dict(row, errors=_json(row["errors"]))
         self._buffer("nodes", row)
 
     def add_error(self, row: dict) -> None:
@@ -104,7 +149,7 @@ class Store:
 
     def add_run(self, row: dict) -> None:
         """One row per gateway start: the SLO and window the following rows are judged against."""
-        self._buffer("runs", dict(row, nodes=_json(row["nodes"])))
+        self._buffer("runs", row)
 
     def add_profile(self, row: dict) -> None:
         self._buffer("profiles", row)
@@ -121,37 +166,94 @@ class Store:
         self._buffer("prune_events", row)
 
     def set_controller_status(self, ts: float, status: dict) -> None:
-        self._buffer("controller", {"id": 1, "ts": ts, "status": _json(status)})
+        self._buffer("controller", {"id": 1, "ts": ts, "status": status})
 
     def add_placement(self, row: dict) -> None:
-        self._buffer("placements", dict(row, stages=_json(row["stages"])))
+        self._buffer("placements", row)
 
     def _buffer(self, table: str, row: dict) -> None:
+        row = encode_row(table, row)
         with self._lock:
-            self._pending[table].append(row)
+            self._keep_bounded(table, [row])
+
+    def _keep_bounded(self, table: str, rows: list[dict]) -> None:
+        """Append ``rows`` to the table's buffer, dropping the oldest beyond ``max_pending`` (caller holds the lock)."""
+        pending = self._pending[table]
+        pending.extend(rows)
+        excess = len(pending) - self.max_pending
+        if excess > 0:
+            for _ in range(excess):
+                pending.popleft()
+            before = self.dropped[table]
+            self.dropped[table] += excess
+            if before == 0 or before // 1000 != self.dropped[table] // 1000:
+                log.error("database writes are failing: dropped the %d oldest unwritten %s rows so far "
+                          "(buffer full at %d)", self.dropped[table], table, self.max_pending)
 
     def flush(self) -> int:
-        """Write everything buffered in one transaction; returns the number of rows written."""
+        """Write everything buffered in one transaction; returns the number of rows written.
+
+        If the write fails, the rows go back to the front of the buffer (still bounded) and the error
+        is raised: nothing is lost that the bound does not drop.
+        """
         with self._lock:
-            pending, self._pending = self._pending, {name: [] for name in SCHEMA}
+            pending = {name: list(rows) for name, rows in self._pending.items() if rows}
+            for rows in self._pending.values():
+                rows.clear()
+        try:
+            return self._write(pending)
+        except Exception:
+            with self._lock:
+                for name, rows in pending.items():
+                    newer = list(self._pending[name])
+                    self._pending[name].clear()
+                    self._keep_bounded(name, rows + newer)
+            raise
+
+    def _write(self, pending: dict[str, list[dict]]) -> int:
         written = 0
         with self.db.conn:
-            for table, rows in pending.items():
-                if not rows:
-                    continue
-                if table in ("nodes", "profiles", "prune_events", "controller", "calibrations"):
-                    # latest state wins; partial updates (a node's stats, an event's follow-up) merge
+            for name, rows in pending.items():
+                table = SCHEMA[name]
+                if table.write == "upsert":
                     for row in rows:
-                        self.db[table].upsert(row, pk=SCHEMA[table][1]["pk"])
-                elif table in ("requests", "placements", "windows", "runs"):
-                    self.db[table].insert_all(rows, ignore=True)  # QoS 1 may redeliver a result
+                        self.db[name].upsert(row, pk=table.pk)
                 else:
-                    self.db[table].insert_all(rows)
+                    self.db[name].insert_all(rows, ignore=table.write == "insert_ignore")
                 written += len(rows)
         return written
 
+    def start_writer(self, interval_s: float, on_failure: Callable[[Exception], None]) -> None:
+        """Flush every ``interval_s`` in a thread of its own; on failure call ``on_failure`` and back off."""
+        self._writer = threading.Thread(target=self._write_forever, args=(interval_s, on_failure),
+                                        name="gateway-db-writer", daemon=True)
+        self._writer.start()
+
+    def _write_forever(self, interval_s: float, on_failure: Callable[[Exception], None]) -> None:
+        delay = interval_s
+        while not self._stop.wait(delay):
+            try:
+                self.flush()
+                if delay != interval_s:
+                    log.warning("database writes work again (after %d failures)", self.write_failures)
+                delay = interval_s
+            except Exception as exc:  # a full SD card or a locked file: keep the rows, retry later
+                self.write_failures += 1
+                delay = min(MAX_BACKOFF_S, 2 * delay)
+                log.exception("writing %s failed (%d so far); retrying in %.1f s", self.path,
+                              self.write_failures, delay)
+                on_failure(exc)
+
     def close(self) -> None:
-        self.flush()
+        """Stop the writer and write what is left (if the disk still refuses, say how much is lost)."""
+        self._stop.set()
+        if self._writer is not None:
+            self._writer.join(timeout=MAX_BACKOFF_S + 5)
+        try:
+            self.flush()
+        except Exception:
+            log.exception("final write of %s failed: %d buffered rows are lost", self.path,
+                          sum(len(rows) for rows in self._pending.values()))
         self.db.close()
 
 
@@ -169,23 +271,21 @@ class Reader:
             raise FileNotFoundError(f"database {path} has no {', '.join(sorted(missing))} table yet "
                                     "(is the gateway starting?)")
 
-    def _rows(self, sql: str, params: tuple = ()) -> list[dict]:
+    def _rows(self, sql: str, params: tuple = (), table: str | None = None) -> list[dict]:
+        """Rows as dicts; with ``table``, its JSON columns decoded (see :func:`decode_row`)."""
         cursor = self.db.execute(sql, params)
         names = [d[0] for d in cursor.description]
-        return [dict(zip(names, r)) for r in cursor.fetchall()]
+        rows = [dict(zip(names, r)) for r in cursor.fetchall()]
+        return [decode_row(table, row) for row in rows] if table else rows
 
     def nodes(self) -> list[dict]:
-        rows = self._rows("SELECT * FROM nodes ORDER BY stage IS NULL, stage, node_id")
-        for row in rows:
-            row["errors"] = json.loads(row["errors"]) if row.get("errors") else {}
-        return rows
+        rows = self._rows("SELECT * FROM nodes ORDER BY stage IS NULL, stage, node_id", table="nodes")
+        return [dict(row, errors=row["errors"] or {}) for row in rows]
 
     def recent_requests(self, since_ts: float, limit: int = 2000) -> list[dict]:
         rows = self._rows("SELECT request_id, camera_id, capture_ts, finish_ts, e2e_s, queue_s, compute_s, "
                           "transfer_s, label, label_index, confidence, prune_ratios FROM requests WHERE finish_ts >= ? "
-                          "ORDER BY finish_ts DESC LIMIT ?", (since_ts, limit))
-        for row in rows:
-            row["prune_ratios"] = json.loads(row["prune_ratios"])
+                          "ORDER BY finish_ts DESC LIMIT ?", (since_ts, limit), table="requests")
         return rows[::-1]
 
     def windows(self, limit: int = 60) -> list[dict]:
@@ -196,25 +296,19 @@ class Reader:
                           "ORDER BY ts DESC LIMIT ?", (limit,))
 
     def placement(self) -> dict | None:
-        rows = self._rows("SELECT * FROM placements ORDER BY version DESC LIMIT 1")
-        if not rows:
-            return None
-        return dict(rows[0], stages=json.loads(rows[0]["stages"]))
+        rows = self._rows("SELECT * FROM placements ORDER BY version DESC LIMIT 1", table="placements")
+        return rows[0] if rows else None
 
     def prune_events(self, limit: int = 20) -> list[dict]:
-        rows = self._rows("SELECT * FROM prune_events ORDER BY ts DESC LIMIT ?", (limit,))
-        for row in rows:
-            for key in ("ratios", "changed", "predicted_stage_s", "metrics"):
-                row[key] = json.loads(row[key]) if row.get(key) else None
-        return rows
+        return self._rows("SELECT * FROM prune_events ORDER BY ts DESC LIMIT ?", (limit,), table="prune_events")
 
     def controller_status(self) -> dict | None:
-        rows = self._rows("SELECT status FROM controller WHERE id = 1")
-        return json.loads(rows[0]["status"]) if rows else None
+        rows = self._rows("SELECT status FROM controller WHERE id = 1", table="controller")
+        return rows[0]["status"] if rows else None
 
     def current_run(self) -> dict | None:
-        rows = self._rows("SELECT * FROM runs ORDER BY started_ts DESC LIMIT 1")
-        return dict(rows[0], nodes=json.loads(rows[0]["nodes"])) if rows else None
+        rows = self._rows("SELECT * FROM runs ORDER BY started_ts DESC LIMIT 1", table="runs")
+        return rows[0] if rows else None
 
     def _latency_rank(self, quantile: float, n: int) -> float | None:
         """Nearest-rank quantile of e2e latency, read off the e2e_s index (the page polls this: no sort, no copy)."""

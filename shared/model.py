@@ -184,6 +184,12 @@ def make_model(config: TrapNetConfig) -> BlockNet:
 
 MODEL_NAME = "trapnet"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "trapnet.pt"
+
+
+def accuracy_model_path(model: str) -> Path:
+    """Where `edgeprune calibrate` writes the per-block accuracy model, beside the shipped checkpoint."""
+    return DEFAULT_CHECKPOINT.with_name(f"{model}.accuracy.json")
+
 # Checkpoint keys: "config" (TrapNetConfig.to_dict), "model" (state dict), optional
 # "bn_tables" ({ratio as str: {BatchNorm name in the full model: {"mean": t, "var": t}}}),
 # optional "entry_bn_tables" ({own ratio: {upstream ratio: {BatchNorm name: {"mean", "var"}}}}),

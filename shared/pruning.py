@@ -40,11 +40,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from shared.ladder import DEFAULT_LADDER
 from shared.model import INPUT_SIZE, BlockNet
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LADDER: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))
 BnStats = Mapping[str, Mapping[str, torch.Tensor]]  # BatchNorm name in the full model -> {"mean": t, "var": t}
 BnTables = Mapping[str, BnStats]  # ratio_key(p) -> statistics of the model pruned uniformly at p
 # Entry tables: ratio_key(own p) -> ratio_key(upstream q) -> statistics of the BatchNorms of the

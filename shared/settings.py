@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from shared.ladder import DEFAULT_LADDER
 from shared.topics import validate_id
 
 CONFIG_ENV = "EDGEPRUNE_CONFIG"
@@ -116,6 +117,11 @@ class GatewaySettings(_Section):
     slo_s: float = Field(0.5, gt=0, le=600, description="End-to-end latency objective per frame, seconds.")
     window_s: float = Field(10.0, gt=0, le=3600, description="Length of one SLO accounting window, seconds.")
     flush_interval_s: float = Field(0.5, gt=0, le=60, description="Longest a result waits before its batch is written.")
+    max_pending_rows: int = Field(20_000, ge=100, le=1_000_000, description=(
+        "Rows per table kept while the database cannot be written (full or locked); beyond it the oldest "
+        "are dropped, counted and logged."))
+    max_tracked_results: int = Field(100_000, ge=1000, le=10_000_000, description=(
+        "Result ids remembered to ignore a redelivered result (QoS 1 may deliver one twice)."))
     startup_wait_s: float = Field(20.0, ge=0, le=3600,
                                   description="How long to wait for every configured node before placing on those present.")
     rejoin_hold_s: float = Field(10.0, ge=0, le=3600,
@@ -169,8 +175,9 @@ class ControllerSettings(_Section):
     model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_CONTROLLER_", extra="forbid", frozen=True)
 
     policy: Literal["bottleneck", "paper"] = Field("bottleneck", description="Ratio-choosing rule: 'bottleneck' (ours) or 'paper'.")
-    ladder: Annotated[tuple[float, ...], NoDecode] = Field(tuple(round(0.1 * k, 1) for k in range(10)),
-                                      description="Ratios the nodes have variants for, ascending from 0, each < 1.")
+    ladder: Annotated[tuple[float, ...], NoDecode] = Field(DEFAULT_LADDER, description=(
+        "Ratios the controller chooses from, ascending from 0, each < 1; every node must have a variant for each "
+        "(the gateway refuses a ladder a node's calibration does not cover)."))
     max_ratio: float = Field(0.9, ge=0, lt=1, description="Highest ratio a policy may choose (p_max).")
     accuracy_floor_relative: float = Field(
         0.9, gt=0, le=1, description="A_min as a fraction of the predicted unpruned accuracy.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.control_loop import ControlLoop
+from gateway.control_loop import ControlLoop, LadderMismatch
 from gateway.curves import AccuracyFit
 from shared.schemas import NodeStats, Placement, PruneDesired, SliceCalibration, StageAssignment
 from shared.settings import ControllerSettings
@@ -91,3 +91,19 @@ def test_manual_hold_and_release():
         c.manual(11.0, "b", 0.55)
     released = c.manual(12.0, "b", None)
     assert released.events[0]["policy"] == "release"
+
+
+def test_a_ladder_the_nodes_do_not_have_is_refused_not_snapped():
+    c = loop(ladder=(0.0, 0.25, 0.5, 0.75))  # the nodes build 0.0, 0.1, ... 0.9: 0.25 and 0.75 would snap
+    c.set_placement(placement(1))
+    with pytest.raises(LadderMismatch, match="0.25, 0.75") as refused:
+        c.add_calibration(calibration("a", 0, 2))
+    assert "a has no variant" in str(refused.value)
+    assert c.controller is None and "0.25, 0.75" in c.disabled_reason
+    with pytest.raises(ValueError, match="off"):
+        c.manual(1.0, "a", 0.25)
+    matching = loop(ladder=(0.0, 0.3, 0.6))  # a subset of the nodes' variants is fine
+    matching.set_placement(placement(1))
+    matching.add_calibration(calibration("a", 0, 2))
+    matching.add_calibration(calibration("b", 3, 5))
+    assert matching.controller is not None

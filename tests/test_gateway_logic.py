@@ -25,6 +25,19 @@ def test_windows_close_once_with_attainment_and_percentiles():
     assert second.count == 1 and second.attainment_pct == 0.0
 
 
+def test_window_counts_a_latency_exactly_at_the_slo_as_met_and_reports_true_percentiles():
+    w = SloWindows(window_s=10, slo_s=0.10)
+    for k in range(1, 21):  # 0.01 s ... 0.20 s, in shuffled order
+        w.add(100 + (k * 7) % 20 * 0.1, k / 100)
+    (window,) = w.close_all()
+    assert (window.count, window.met, window.attainment_pct) == (20, 10, 50.0)  # 0.01 ... 0.10 inclusive
+    # linear interpolation between order statistics (numpy's default), worked by hand:
+    # p50 = 0.10 + 0.5·0.01, p95 at rank 0.95·19 = 18.05 -> 0.19 + 0.05·0.01, p99 at 18.81 -> 0.19 + 0.81·0.01
+    assert window.p50_s == pytest.approx(0.105)
+    assert window.p95_s == pytest.approx(0.1905)
+    assert window.p99_s == pytest.approx(0.1981)
+
+
 @pytest.mark.parametrize("n_blocks,nodes", [(6, ["a", "b"]), (6, ["a", "b", "c", "d"]), (3, list("abcdef"))])
 def test_even_split_covers_every_block_once(n_blocks, nodes):
     p = even_split(n_blocks, nodes)
@@ -62,7 +75,7 @@ def test_result_row_splits_time_into_queue_compute_transfer():
 def test_store_batches_ignores_duplicate_results_and_reads_back(tmp_path):
     store = Store(tmp_path / "e.db")
     store.add_run({"started_ts": 1.0, "gateway_id": "g", "slo_s": 0.5, "window_s": 10, "nodes": ["a"]})
-    for rid, cap in [("r1", 10.0), ("r2", 11.0), ("r1", 10.0)]:
+    for rid, cap in [("r1", 10.0), ("r2", 11.0), ("r1", 10.5)]:  # a later, different r1 must not replace it
         store.add_request(result_row(_result(rid, cap), cap + 0.2))
     store.update_node({"node_id": "a", "status": "online", "status_ts": 1.0})
     store.update_node({"node_id": "a", "stage": 1, "queue_depth": 3, "errors": {"bad_image": 2}})
@@ -71,7 +84,7 @@ def test_store_batches_ignores_duplicate_results_and_reads_back(tmp_path):
     assert store.flush() == 6
     (node,) = reader.nodes()
     assert (node["status"], node["stage"], node["queue_depth"], node["errors"]) == ("online", 1, 3, {"bad_image": 2})
-    assert [r["request_id"] for r in reader.recent_requests(0)] == ["r1", "r2"]
+    assert [(r["request_id"], r["capture_ts"]) for r in reader.recent_requests(0)] == [("r1", 10.0), ("r2", 11.0)]
     totals = reader.totals(slo_s=0.5)
     assert totals["results"] == 2 and totals["attainment_pct"] == 100.0
     assert reader.current_run()["nodes"] == ["a"]

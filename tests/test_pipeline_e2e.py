@@ -28,7 +28,8 @@ def pipeline(broker, tmp_path_factory):
     db = workdir / "edgeprune.db"
     # fast links, so the planner's best plan uses both nodes (the test is about the data path)
     env = component_env(broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db), EDGEPRUNE_GATEWAY_NODES="node-1,node-2",
-                        EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_NODE_WIRE_DTYPE="float32",
+                        EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_GATEWAY_WINDOW_S="2",
+                        EDGEPRUNE_NODE_WIRE_DTYPE="float32",
                         EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5", EDGEPRUNE_NODE_UPLINK_MBIT_S="100000",
                         EDGEPRUNE_NODE_MAX_PAYLOAD_BYTES=str(NODE_MAX_PAYLOAD))
     procs = Processes(workdir, env)
@@ -87,7 +88,17 @@ def test_fifty_frames_classified_in_order_and_equal_to_single_process_model(pipe
         times.append(row["finish_ts"])
         assert times == sorted(times), f"timestamps out of order for frame {i}: {times}"
         assert row["e2e_s"] == pytest.approx(row["finish_ts"] - row["capture_ts"])
-    wait_until(lambda: pipeline.reader.windows(), 20, "no SLO window was written")
+    last_finish = max(r["finish_ts"] for r in rows.values())
+    wait_until(lambda: any(w["end_ts"] > last_finish for w in pipeline.reader.windows()), 30,
+               "the SLO windows of these frames were not written")
+    slo_s = pipeline.reader.current_run()["slo_s"]
+    windows = pipeline.reader.windows(limit=10_000)
+    for w in windows:  # every window agrees with the requests table: same count, `met` is latency <= SLO
+        count, met = pipeline.reader.db.execute(
+            "SELECT COUNT(*), SUM(e2e_s <= ?) FROM requests WHERE finish_ts >= ? AND finish_ts < ?",
+            (slo_s, w["start_ts"], w["end_ts"])).fetchone()
+        assert (w["count"], w["met"], w["slo_s"]) == (count, met, slo_s), w
+    assert sum(w["count"] for w in windows if w["start_ts"] <= last_finish) >= 50
 
 
 def test_jpeg_from_plain_mosquitto_pub_is_classified(pipeline, tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import random
 from dataclasses import replace
 
 import pytest
@@ -10,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from gateway.curves import AccuracyFit, fit_latency
-from gateway.policy import POLICIES, Problem, choose_bottleneck, choose_paper, evaluate
+from gateway.policy import POLICIES, RatioProblem, choose_bottleneck, choose_paper, evaluate_ratios
 
 LADDER = tuple(round(0.1 * k, 1) for k in range(10))
 COARSE = (0.0, 0.25, 0.5, 0.75)
@@ -41,12 +43,12 @@ def problems(draw, max_stages=3, models=("logistic",)):
     fixed = {}
     if n > 1 and draw(st.booleans()):
         fixed = {draw(st.integers(0, n - 1)): draw(st.sampled_from(ladder))}
-    return Problem(latency=fits, slowdowns=[draw(st.floats(1.0, 8.0)) for _ in range(n)], accuracy=accuracy,
-                   accuracy_floor=draw(st.floats(0.5, 0.99)) * unpruned, budget_s=draw(st.floats(0.03, 0.4)),
-                   ladder=ladder, accuracy_model=model, fixed=fixed)
+    return RatioProblem(latency=fits, slowdowns=[draw(st.floats(1.0, 8.0)) for _ in range(n)], accuracy=accuracy,
+                        accuracy_floor=draw(st.floats(0.5, 0.99)) * unpruned, budget_s=draw(st.floats(0.03, 0.4)),
+                        ladder=ladder, accuracy_model=model, fixed=fixed)
 
 
-def brute_force(problem: Problem) -> tuple[bool, tuple[float, ...]]:
+def brute_force(problem: RatioProblem) -> tuple[bool, tuple[float, ...]]:
     """(feasible, vector): least total pruning meeting budget and floor, else the smallest bottleneck
     above the floor with the least pruning, else the unpruned vector."""
     vectors = itertools.product(*(problem.options(i) for i in range(problem.n_stages)))
@@ -121,9 +123,9 @@ def test_paper_policy_leaves_no_single_step_that_the_floor_would_allow(problem):
 def two_stage(slowdowns, gains=(-6.0, -2.0), budget_s=0.2, **kwargs):
     fits = [slice_fit(0.12, 0.1), slice_fit(0.12, 0.1)]
     accuracy = accuracy_fit(gains)
-    return Problem(latency=fits, slowdowns=slowdowns, accuracy=accuracy,
-                   accuracy_floor=0.9 * accuracy.logistic((0.0, 0.0)), budget_s=budget_s, ladder=LADDER,
-                   names=("node-1", "node-2"), **kwargs)
+    return RatioProblem(latency=fits, slowdowns=slowdowns, accuracy=accuracy,
+                        accuracy_floor=0.9 * accuracy.logistic((0.0, 0.0)), budget_s=budget_s, ladder=LADDER,
+                        names=("node-1", "node-2"), **kwargs)
 
 
 def test_bottleneck_policy_prunes_only_the_slowed_stage_just_enough():
@@ -148,8 +150,8 @@ def test_paper_policy_spends_leftover_accuracy_where_it_saves_most_time_per_accu
     # stage 1 or one of stage 3, not both: stage 1 must get them.
     fits = [slice_fit(t0, 0.1) for t0 in (0.06, 0.26, 0.06, 0.26)]
     accuracy = accuracy_fit((-1.9, -1.1, -3.0, -6.8), ladder=(0.0, 0.9))
-    problem = Problem(latency=fits, slowdowns=[1.0] * 4, accuracy=accuracy, budget_s=0.2, ladder=LADDER,
-                      accuracy_floor=0.9 * accuracy.logistic((0.0,) * 4))
+    problem = RatioProblem(latency=fits, slowdowns=[1.0] * 4, accuracy=accuracy, budget_s=0.2, ladder=LADDER,
+                           accuracy_floor=0.9 * accuracy.logistic((0.0,) * 4))
     assert choose_paper(problem).ratios == (0.2, 0.9, 0.0, 0.1)
 
 
@@ -184,7 +186,7 @@ def test_a_held_stage_keeps_its_ratio_and_the_other_takes_the_load():
 
 def test_evaluate_reports_what_the_curves_predict():
     problem = two_stage([4.0, 1.0])
-    decision = evaluate(problem, (0.5, 0.0), "restore", "why")
+    decision = evaluate_ratios(problem, (0.5, 0.0), "restore", "why")
     expected = (4 * 0.12 * (0.1 + 0.9 * 0.25), 0.12)
     assert decision.stage_latency_s == pytest.approx(expected)
     assert decision.bottleneck_stage == 0 and decision.bottleneck_s == pytest.approx(expected[0])
@@ -198,3 +200,60 @@ def test_problem_rejects_mismatched_inputs():
         replace(two_stage([1.0, 1.0]), ladder=(0.1, 0.5))
     with pytest.raises(ValueError, match="fixed"):
         two_stage([1.0, 1.0], fixed={2: 0.5})
+
+
+# An independent cost model, written from docs/controller.md rather than taken from the product:
+# a stage's time is slowdown × t0·(share + (1 − share)(1 − p)²) (the exact curve the fits are fed) and
+# a(p) = chance + (top − chance)·σ(Σ g_i·p_i − d). A bug in RatioProblem.stage_time, the fits or the
+# accuracy predictor cannot hide here, as it can in the brute force above (which reuses them).
+def independent_time(t0: float, share: float, slowdown: float, p: float) -> float:
+    return slowdown * t0 * (share + (1 - share) * (1 - p) ** 2)
+
+
+def independent_accuracy(gains, offset, top, chance, ratios) -> float:
+    score = sum(g * p for g, p in zip(gains, ratios))
+    return chance + (top - chance) / (1 + math.exp(-(score - offset)))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_bottleneck_policy_matches_a_brute_force_over_an_independent_cost_model(seed):
+    rng = random.Random(seed)
+    n = rng.choice((2, 3))
+    t0 = [rng.uniform(0.02, 0.3) for _ in range(n)]
+    share = [rng.uniform(0.05, 0.5) for _ in range(n)]
+    slowdowns = [rng.uniform(1.0, 6.0) for _ in range(n)]
+    gains, offset, top, chance = [rng.uniform(-10, -0.5) for _ in range(n)], rng.uniform(-6, -1), 0.93, 0.1
+    budget = rng.uniform(0.35, 1.1) * max(independent_time(a, b, c, 0.0) for a, b, c in zip(t0, share, slowdowns))
+    floor = rng.uniform(0.6, 0.97) * independent_accuracy(gains, offset, top, chance, [0.0] * n)
+    problem = RatioProblem(latency=[slice_fit(a, b) for a, b in zip(t0, share)], slowdowns=slowdowns,
+                           accuracy=accuracy_fit(gains, offset, top, chance), accuracy_floor=floor,
+                           budget_s=budget, ladder=LADDER, accuracy_model="logistic")
+
+    def times(v):
+        return [independent_time(t0[i], share[i], slowdowns[i], p) for i, p in enumerate(v)]
+
+    feasible = [v for v in itertools.product(LADDER, repeat=n)
+                if max(times(v)) <= budget and independent_accuracy(gains, offset, top, chance, v) >= floor]
+    decision = choose_bottleneck(problem)
+    assert decision.stage_latency_s == pytest.approx(times(decision.ratios), rel=1e-6)
+    assert decision.accuracy == pytest.approx(independent_accuracy(gains, offset, top, chance, decision.ratios))
+    if feasible:
+        assert not decision.infeasible and decision.ratios == min(feasible, key=sum)
+    else:
+        assert decision.infeasible
+
+
+def test_hand_worked_three_stages():
+    """Stage times at slowdown s: s·0.1·(0.1 + 0.9(1 − p)²). Budget 0.1 s.
+
+    Stage 1 at s=1 needs nothing (0.1 ≤ 0.1). Stage 2 at s=2: 0.2·(0.1 + 0.9(1 − p)²) ≤ 0.1 needs
+    (1 − p)² ≤ 4/9, p ≥ 1/3 -> 0.4 (0.3 gives 0.2·0.541 = 0.1082). Stage 3 at s=1.5: (1 − p)² ≤ 0.6296,
+    p ≥ 0.2065 -> 0.3 (0.2 gives 0.15·0.676 = 0.1014; 0.3 gives 0.15·0.541 = 0.0812).
+    """
+    fits = [slice_fit(0.1, 0.1)] * 3
+    accuracy = accuracy_fit((-1.0, -1.0, -1.0), offset=-6.0)
+    problem = RatioProblem(latency=fits, slowdowns=[1.0, 2.0, 1.5], accuracy=accuracy, budget_s=0.1,
+                           ladder=LADDER, accuracy_model="logistic", accuracy_floor=0.5)
+    decision = choose_bottleneck(problem)
+    assert decision.ratios == (0.0, 0.4, 0.3) and not decision.infeasible
+    assert decision.stage_latency_s == pytest.approx((0.1, 0.2 * (0.1 + 0.9 * 0.36), 0.15 * (0.1 + 0.9 * 0.49)))

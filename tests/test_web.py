@@ -44,10 +44,10 @@ def fill_database(path, now: float) -> None:
                                       "ratios": {"pi-a": 0.3, "pi-b": 0.0}, "slowdowns": {"pi-a": 3.2, "pi-b": 1.0},
                                       "budget_s": 0.08, "accuracy_floor": 0.85})
     store.add_prune_event({"ts": now - 30, "kind": "set", "policy": "bottleneck", "source": "auto",
-                           "reason": "pi-a is 3.2x slower than calibrated", "ratios": '{"pi-a": 0.3, "pi-b": 0.0}',
-                           "changed": '{"pi-a": 0.3}', "predicted_stage_s": "[0.07, 0.05]",
+                           "reason": "pi-a is 3.2x slower than calibrated", "ratios": {"pi-a": 0.3, "pi-b": 0.0},
+                           "changed": {"pi-a": 0.3}, "predicted_stage_s": [0.07, 0.05],
                            "predicted_bottleneck_s": 0.07, "predicted_accuracy": 0.91, "budget_s": 0.08,
-                           "infeasible": 0, "metrics": "{}"})
+                           "infeasible": 0, "metrics": {}})
     store.add_prune_event({"ts": now - 30, "kind": "set", "observed_count": 20, "observed_p50_s": 0.12,
                            "observed_p95_s": 0.15})  # the follow-up merges into the same event
     store.close()

@@ -27,8 +27,7 @@ def run(args) -> int:
     from edgeprune.bench import format_table
     from edgeprune.calibrate import calibrate_accuracy, calibration_vectors, save_accuracy_model
     from edgeprune.dataset import load_frames
-    from gateway.control_loop import accuracy_model_path
-    from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME, build_model
+    from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME, accuracy_model_path, build_model
     from shared.pruning import DEFAULT_LADDER
 
     torch.set_num_threads(args.threads)

@@ -1,0 +1,164 @@
+"""The gateway in-process over a real broker and a real SQLite file: duplicates, a failing disk, a failing tick."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.service import Gateway
+from gateway.store import Reader
+from shared.schemas import Hop, Result, to_json
+from shared.settings import GatewaySettings, MqttSettings
+from tests.conftest import Recorder, wait_until
+from tests.test_control_loop import running_loop
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def gateway(broker, tmp_path, request) -> Iterator[Gateway]:
+    """A gateway whose controller already runs over nodes a and b (calibrated, accuracy model given)."""
+    mqtt_settings = MqttSettings(port=broker.port, topic_root=f"t{abs(hash(request.node.name)) % 10**8}")
+    settings = GatewaySettings(db_path=tmp_path / "edgeprune.db", nodes=["a", "b"], flush_interval_s=0.1,
+                               slo_s=0.1, window_s=3600, startup_wait_s=3600)
+    gw = Gateway(settings, mqtt_settings)
+    gw.control = running_loop()
+    gw.start()
+    yield gw
+    if not gw._stop.is_set():  # a test may stop it itself, to close the open SLO window
+        gw.stop()
+
+
+
+
+def result(label: str, confidence: float) -> Result:
+    now = time.time()
+    hop = Hop(stage=1, node_id="a", prune_ratio=0.0, received_ts=now - 0.05, started_ts=now - 0.04,
+              finished_ts=now - 0.02, published_ts=now - 0.01)
+    return Result(request_id="frame-1", camera_id="cam", capture_ts=now - 0.06, label=label, label_index=1,
+                  confidence=confidence, hops=[hop])
+
+
+def test_a_redelivered_result_is_counted_once_and_never_replaces_the_first(gateway, broker):
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    topics = gateway.topics
+    client.publish(topics.results, to_json(result("cat", 0.9)), qos=1).wait_for_publish(10)
+    client.publish(topics.results, to_json(result("dog", 0.4)), qos=1).wait_for_publish(10)  # not identical
+    client.loop_stop()
+    client.disconnect()
+    wait_until(lambda: gateway.duplicate_results == 1, 20, "the second delivery never arrived")
+    assert gateway.control.controller.metrics(time.time()).trigger_samples == 1  # one controller sample
+    assert len(gateway.control._recent) == 1
+    wait_until(lambda: Reader(gateway.settings.db_path).recent_requests(0), 20, "no request row written")
+    gateway.stop()  # closes the open SLO window into the table
+    reader = Reader(gateway.settings.db_path)
+    (row,) = reader.recent_requests(0)
+    assert (row["label"], row["confidence"]) == ("cat", 0.9)
+    (window,) = reader.windows()
+    assert window["count"] == 1
+
+
+def test_a_failing_disk_neither_stops_control_decisions_nor_loses_the_rows(gateway, broker):
+    failing = {"on": True}
+    real_write = gateway.store._write
+
+    def write(pending):
+        if failing["on"]:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_write(pending)
+
+    gateway.store._write = write
+    topics = gateway.topics
+    recorder = Recorder(broker, topics.errors_filter, topics.node_prune_desired("b"))
+    try:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        command = json.dumps({"cmd": "prune", "node_id": "b", "ratio": 0.5})
+        client.publish(topics.component_command(gateway.settings.gateway_id), command, qos=1).wait_for_publish(10)
+        client.loop_stop()
+        client.disconnect()
+        # the decision is published although nothing can be written
+        wait_until(lambda: recorder.json_on(topics.node_prune_desired("b")), 20, "no desired state published")
+        assert recorder.json_on(topics.node_prune_desired("b"))[-1]["ratio"] == 0.5
+        errors_topic = topics.errors(gateway.settings.gateway_id)
+        wait_until(lambda: any(e["kind"] == "store_write_failed" for e in recorder.json_on(errors_topic)), 20,
+                   "the failing write was not reported")
+        assert gateway.store.write_failures >= 1
+        assert Reader(gateway.settings.db_path).prune_events() == []
+        failing["on"] = False
+        wait_until(lambda: Reader(gateway.settings.db_path).prune_events(), 60,
+                   "the gateway did not write once the disk worked again")
+        (event,) = Reader(gateway.settings.db_path).prune_events()
+        assert event["policy"] == "manual" and event["changed"] == {"b": 0.5}
+        assert Reader(gateway.settings.db_path).controller_status()["ratios"]["b"] == 0.5
+    finally:
+        recorder.close()
+
+
+def test_a_failing_tick_is_reported_and_ticking_goes_on(gateway, broker):
+    calls = {"n": 0}
+    real_tick = gateway.control.tick
+
+    def tick(now):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in one tick")
+        return real_tick(now)
+
+    recorder = Recorder(broker, gateway.topics.errors_filter)
+    try:
+        gateway.control.tick = tick
+        errors_topic = gateway.topics.errors(gateway.settings.gateway_id)
+        wait_until(lambda: any(e["kind"] == "tick_failed" for e in recorder.json_on(errors_topic)), 20,
+                   "the failing tick was not reported")
+        wait_until(lambda: calls["n"] >= 3, 30, "the tick thread stopped after one failure")
+        assert gateway.tick_failures == 1
+    finally:
+        recorder.close()
+
+
+def test_pending_rows_are_bounded_while_the_disk_fails(tmp_path):
+    from gateway.store import Store
+    store = Store(tmp_path / "e.db", max_pending=100)
+    store._write = lambda pending: (_ for _ in ()).throw(sqlite3.OperationalError("locked"))
+    for i in range(250):
+        store.add_error({"ts": float(i), "component": "x", "topic": "t", "kind": "k", "message": str(i)})
+    with pytest.raises(sqlite3.OperationalError):
+        store.flush()
+    assert len(store._pending["errors"]) == 100 and store.dropped["errors"] == 150
+    del store._write  # the disk works again: the newest 100 rows are written
+    assert store.flush() == 100
+    assert [e["ts"] for e in Reader(tmp_path / "e.db").errors(limit=1)] == [249.0]
+    store.close()
+
+
+def test_a_calibration_without_the_configured_ladder_is_reported_and_keeps_the_controller_off(gateway, broker):
+    from tests.test_control_loop import calibration, loop, placement
+    gateway.control = loop(ladder=(0.0, 0.25, 0.5))  # the nodes build 0.0, 0.1, ..., 0.9
+    gateway.control.set_placement(placement(1))
+    recorder = Recorder(broker, gateway.topics.errors_filter)
+    try:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        client.publish(gateway.topics.node_calibration("a"), to_json(calibration("a", 0, 2)),
+                       qos=1).wait_for_publish(10)
+        client.loop_stop()
+        client.disconnect()
+        errors_topic = gateway.topics.errors(gateway.settings.gateway_id)
+        wait_until(lambda: any(e["kind"] == "ladder_mismatch" for e in recorder.json_on(errors_topic)), 20,
+                   "the mismatched ladder was not reported")
+        (error,) = [e for e in recorder.json_on(errors_topic) if e["kind"] == "ladder_mismatch"]
+        assert "0.25" in error["message"] and "a has no variant" in error["message"]
+        assert gateway.control.controller is None and "0.25" in gateway.control.disabled_reason
+    finally:
+        recorder.close()
