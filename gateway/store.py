@@ -61,8 +61,19 @@ SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
         "version": int, "issued_at": float, "model": str, "n_blocks": int, "stages": str,
         "bottleneck_s": float,
     }, {"pk": "version"}),
+    "operator_settings": ({
+        "setting": str, "value": str, "ts": float, "by": str,
+    }, {"pk": "setting"}),
+    "operator_actions": ({
+        "id": int, "ts": float, "by": str, "action": str, "target": str, "old": str, "new": str,
+    }, {"pk": "id"}),
+    "cameras": ({
+        "camera_id": str, "location_name": str, "latitude": float, "longitude": float, "start_ts": float,
+        "end_ts": float, "updated_ts": float,
+    }, {"pk": "camera_id"}),
 }
-INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"]], "errors": [["ts"]]}
+INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"], ["capture_ts", "request_id"]], "errors": [["ts"]],
+           "operator_actions": [["ts"]]}
 
 
 def _json(value: Any) -> str:
@@ -126,6 +137,20 @@ class Store:
     def add_placement(self, row: dict) -> None:
         self._buffer("placements", dict(row, stages=_json(row["stages"])))
 
+    def set_operator_setting(self, setting: str, value: float | str, ts: float, by: str) -> None:
+        self._buffer("operator_settings", {"setting": setting, "value": _json(value), "ts": ts, "by": by})
+
+    def operator_settings(self) -> dict[str, float | str]:
+        """What operators set before, so a restarted gateway keeps it."""
+        return {r["setting"]: json.loads(r["value"]) for r in self.db["operator_settings"].rows}
+
+    def add_operator_action(self, row: dict) -> None:
+        """Who did what when; ``old`` and ``new`` are JSON values (null when there is none)."""
+        self._buffer("operator_actions", dict(row, old=_json(row["old"]), new=_json(row["new"])))
+
+    def set_camera(self, row: dict) -> None:
+        self._buffer("cameras", row)
+
     def _buffer(self, table: str, row: dict) -> None:
         with self._lock:
             self._pending[table].append(row)
@@ -139,7 +164,8 @@ class Store:
             for table, rows in pending.items():
                 if not rows:
                     continue
-                if table in ("nodes", "profiles", "prune_events", "controller", "calibrations"):
+                if table in ("nodes", "profiles", "prune_events", "controller", "calibrations", "operator_settings",
+                             "cameras"):
                     # latest state wins; partial updates (a node's stats, an event's follow-up) merge
                     for row in rows:
                         self.db[table].upsert(row, pk=SCHEMA[table][1]["pk"])
