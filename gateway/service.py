@@ -301,7 +301,7 @@ class Gateway:
             if placement is not None:
                 self.control.set_placement(placement)
             effects = self.control.tick(now)
-            status = self.control.status()
+            status = {**self.control.status(), "settings": self.operator.effective()}
             windows = self.slo.close_due(now)
         if placement is not None:
             self.publish_placement()

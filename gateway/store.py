@@ -238,6 +238,15 @@ class Reader:
         rows = self._rows("SELECT status FROM controller WHERE id = 1")
         return json.loads(rows[0]["status"]) if rows else None
 
+    def operator_actions(self, limit: int = 20) -> list[dict]:
+        rows = self._rows("SELECT * FROM operator_actions ORDER BY id DESC LIMIT ?", (limit,))
+        for row in rows:
+            row["old"], row["new"] = json.loads(row["old"]), json.loads(row["new"])
+        return rows
+
+    def cameras(self) -> list[dict]:
+        return self._rows("SELECT * FROM cameras ORDER BY camera_id")
+
     def current_run(self) -> dict | None:
         rows = self._rows("SELECT * FROM runs ORDER BY started_ts DESC LIMIT 1")
         return dict(rows[0], nodes=json.loads(rows[0]["nodes"])) if rows else None

@@ -58,7 +58,7 @@ def server(tmp_path):
     db = tmp_path / "edgeprune.db"
     fill_database(db, time.time())
     port = free_port()
-    srv = make_server("127.0.0.1", port, create_app(WebSettings(db_path=db, port=port)), threaded=True)
+    srv = make_server("127.0.0.1", port, create_app(WebSettings(db_path=db, port=port, public_status=True)), threaded=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{port}"
     srv.shutdown()
@@ -76,7 +76,7 @@ def test_api_status_reports_nodes_latency_and_attainment(server):
 
 
 def test_api_says_clearly_when_gateway_has_not_started(tmp_path):
-    app = create_app(WebSettings(db_path=tmp_path / "missing.db"))
+    app = create_app(WebSettings(db_path=tmp_path / "missing.db", public_status=True))
     res = app.test_client().get("/api/status")
     assert res.status_code == 503 and "gateway" in res.get_json()["error"]
 
