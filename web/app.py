@@ -133,7 +133,9 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
         return sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True)
 
     def wants_json() -> bool:
-        return request.path.startswith("/api/") or request.is_json
+        """Scripts and the page's fetch() get JSON; a plain HTML form post gets a redirect with a message."""
+        form_post = request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data")
+        return request.is_json or (request.path.startswith("/api/") and not form_post)
 
     def denied(message: str, code: int):
         if wants_json() or request.path.startswith("/export/"):
