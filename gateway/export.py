@@ -88,8 +88,8 @@ def detections_page(conn: sqlite3.Connection, filters: Filters, limit: int = 100
     what page 1 does (keyset paging on the capture_ts index, no OFFSET). Returns rows and the next cursor."""
     where, params = filters.where()
     if after is not None:
-        where += " AND (r.capture_ts < ? OR (r.capture_ts = ? AND r.request_id < ?))"
-        params += [after[0], after[0], after[1]]
+        where += " AND (r.capture_ts, r.request_id) < (?, ?)"  # a row value: SQLite seeks the index to it
+        params += [after[0], after[1]]
     rows = conn.execute(f"{_SELECT} WHERE {where} ORDER BY r.capture_ts DESC, r.request_id DESC LIMIT ?",
                         [*params, limit + 1]).fetchall()
     more = len(rows) > limit

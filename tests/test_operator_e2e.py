@@ -7,7 +7,6 @@ applies it and the page shows it, the actions are audited; after a gateway resta
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import time
 import urllib.request
