@@ -72,8 +72,8 @@ SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
         "end_ts": float, "updated_ts": float,
     }, {"pk": "camera_id"}),
 }
-INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"], ["capture_ts", "request_id"]], "errors": [["ts"]],
-           "operator_actions": [["ts"]]}
+INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"], ["capture_ts", "request_id"]],
+           "errors": [["ts"]], "operator_actions": [["ts"]]}
 
 
 def _json(value: Any) -> str:
