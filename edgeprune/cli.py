@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "gateway",
     "camera",
     "web",
+    "passwd",
+    "export",
     "demo",
     "calibrate",
     "profile",

@@ -165,7 +165,10 @@ class Demo:
             self.broker = start_broker(broker, log_file=log)
         env = self.env()
         self.spawn("gateway", ["gateway"], env)
-        self.spawn("web", ["web"], env)
+        # the demo's page is on loopback: readable without a login; the controls need a password hash
+        # (`edgeprune passwd`, then EDGEPRUNE_WEB_PASSWORD_HASH=... edgeprune demo)
+        password = {k: v for k, v in os.environ.items() if k == "EDGEPRUNE_WEB_PASSWORD_HASH"}
+        self.spawn("web", ["web"], {**env, "EDGEPRUNE_WEB_PUBLIC_STATUS": "true", **password})
         for node_id in self.node_ids:
             self.spawn(node_id, ["node", "--node-id", node_id], env)
         mqtt = load(MqttSettings, self.config).model_copy(update=self.overrides[MqttSettings])

@@ -50,6 +50,7 @@ class ControlLoop:
         self.desired: dict[str, PruneDesired] = {}
         self._recent: deque[tuple[float, float]] = deque()
         self._awaiting_follow_up: list[dict] = []
+        self.automatic = True  # False for the operator's policy 'off': only manual holds change ratios
 
     @property
     def disabled_reason(self) -> str | None:
@@ -148,8 +149,29 @@ class ControlLoop:
     # --- decisions -----------------------------------------------------------------------
     def tick(self, now: float) -> Effects:
         effects = Effects(events=self._follow_ups(now))
-        if self.controller is not None:
+        if self.controller is not None and self.automatic:
             self._apply(self.controller.tick(now), now, effects)
+        return effects
+
+    def reconfigure(self, now: float, settings: ControllerSettings, slo_s: float, automatic: bool) -> Effects:
+        """An operator changed a setting: rebuild the controller with it, keeping the manual holds."""
+        holds = self.controller.manual if self.controller else {}
+        self.settings, self.slo_s, self.automatic = settings, slo_s, automatic
+        self._rebuild()
+        effects = Effects()
+        for node, ratio in holds.items():
+            if self.controller is not None and node in self.controller.nodes:
+                self._apply(self.controller.set_manual(now, node, ratio), now, effects)
+        return effects
+
+    def restore_all(self, now: float) -> Effects:
+        """Operator's "restore all": every node back to its full slice (0) and into the controller's hands."""
+        if self.controller is None:
+            raise ValueError(f"the pruning controller is off ({self.disabled_reason})")
+        effects = Effects()
+        for node in self.controller.nodes:
+            self._apply(self.controller.set_manual(now, node, 0.0) + self.controller.release_manual(now, node),
+                        now, effects)
         return effects
 
     def manual(self, now: float, node_id: str, ratio: float | None) -> Effects:
@@ -208,7 +230,9 @@ class ControlLoop:
     def status(self) -> dict:
         """For the operator page."""
         c = self.controller
-        return {"enabled": c is not None, "reason": self.disabled_reason, "policy": self.settings.policy,
+        return {"enabled": c is not None, "reason": self.disabled_reason,
+                "policy": self.settings.policy if self.automatic else "off", "slo_s": self.slo_s,
+                "manual": c.manual if c else {}, "ladder": list(self.settings.ladder),
                 "ratios": {n: d.ratio for n, d in self.desired.items()},
                 "slowdowns": {n: c.slowdown(n) for n in c.nodes} if c else {},
                 "budget_s": c.budget_s if c else None,

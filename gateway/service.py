@@ -19,21 +19,28 @@ from pathlib import Path
 from gateway.control_loop import ControlLoop, Effects, LadderMismatch
 from gateway.curves import AccuracyFit
 from gateway.live_placement import LivePlacement, PlacementRules
+from gateway.operator import LABELS, Overrides
 from gateway.slo import SloWindows
 from gateway.store import Store
 from shared.bus import Bus
 from shared.model import MODEL_NAME, accuracy_model_path, build_model, model_fingerprint
 from shared.schemas import (
     BadMessage,
+    CameraCommand,
+    CommandReply,
     ErrorRecord,
     GatewayCommand,
     ManualPruneCommand,
     NodeProfile,
+    NodeSlowdownCommand,
     NodeStats,
     PruneDesired,
+    RestoreAllCommand,
     Result,
     RetireCommand,
+    SetSettingCommand,
     SliceCalibration,
+    SlowdownCommand,
     parse_json,
     to_json,
 )
@@ -73,6 +80,15 @@ def result_row(result: Result, finish_ts: float) -> dict:
     }
 
 
+def _command_id(payload: bytes) -> str | None:
+    """The ``id`` of a command, read leniently so even a command that fails validation gets its answer."""
+    try:
+        value = json.loads(payload.decode("utf-8")).get("id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and 0 < len(value) <= 64 else None
+
+
 class Gateway:
     def __init__(self, settings: GatewaySettings, mqtt_settings: MqttSettings,
                  controller_settings: ControllerSettings | None = None):
@@ -80,13 +96,15 @@ class Gateway:
         self.topics = Topics(mqtt_settings.topic_root)
         self.bus = Bus(mqtt_settings, settings.gateway_id, self.topics.component_status(settings.gateway_id))
         self.store = Store(settings.db_path, max_pending=settings.max_pending_rows)
-        self.slo = SloWindows(settings.window_s, settings.slo_s)
+        self.operator = Overrides(settings, controller_settings or ControllerSettings(), self.store.operator_settings())
+        self.slo = SloWindows(settings.window_s, self.operator.slo_s)
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
         self.fingerprint = model_fingerprint(build_model())
         self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time())
-        self.control = ControlLoop(controller_settings or ControllerSettings(), settings.slo_s,
+        self.control = ControlLoop(self.operator.controller_settings(), self.operator.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint),
                                    follow_up_s=settings.window_s)
+        self.control.automatic = self.operator.automatic
         self._lock = threading.Lock()  # guards the SLO windows, live placement, the control loop and seen ids
         self._seen_results: OrderedDict[str, None] = OrderedDict()  # the newest result ids, oldest first
         self.duplicate_results = 0
@@ -107,7 +125,7 @@ class Gateway:
         for offer_json in self.store.stored_offers(self.fingerprint):
             self.live.set_offer(NodeProfile.model_validate_json(offer_json))
         self.store.add_run({"started_ts": time.time(), "gateway_id": self.settings.gateway_id,
-                            "slo_s": self.settings.slo_s, "window_s": self.settings.window_s,
+                            "slo_s": self.operator.slo_s, "window_s": self.settings.window_s,
                             "nodes": self.settings.nodes})
         self._ticker.start()
         self.store.start_writer(self.settings.flush_interval_s, self._on_store_failure)
@@ -203,16 +221,86 @@ class Gateway:
                 self.control.recover_desired(node_id, desired)
 
     def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
-        command = parse_json(GatewayCommand, payload).root
+        """Obey an operator command and, when it carries an ``id``, answer on the reply topic either way."""
+        command_id = _command_id(payload)
+        try:
+            command = parse_json(GatewayCommand, payload).root
+            done = self._obey(command, time.time())
+        except BadMessage as exc:
+            self._reply(command_id, False, str(exc))
+            raise
+        self._reply(command_id, True, done)
+
+    def _obey(self, command, now: float) -> str:
+        """Carry out one command; returns what was done in words, raises BadMessage when it cannot be."""
+        by = command.by or "mqtt"
         if isinstance(command, ManualPruneCommand):
-            try:
-                with self._lock:
-                    effects = self.control.manual(time.time(), command.node_id, command.ratio)
-            except ValueError as exc:
-                raise BadMessage("rejected_command", f"prune {command.node_id}: {exc}") from None
+            with self._lock:
+                old = self.control.desired.get(command.node_id)
+                try:
+                    effects = self.control.manual(now, command.node_id, command.ratio)
+                except ValueError as exc:
+                    raise BadMessage("rejected_command", f"prune {command.node_id}: {exc}") from None
             self._carry_out(effects)
-        elif isinstance(command, RetireCommand):
+            action = "release" if command.ratio is None else "hold"
+            self._log_action(now, by, action, command.node_id, old.ratio if old else None, command.ratio)
+            return (f"{command.node_id} released to the controller" if command.ratio is None
+                    else f"{command.node_id} held at ratio {command.ratio:g}")
+        if isinstance(command, RetireCommand):
             self.retire(command.node_id)
+            self._log_action(now, by, "retire", command.node_id, None, None)
+            return f"{command.node_id} retired"
+        if isinstance(command, SetSettingCommand):
+            return self._change_setting(now, by, command.setting, command.value)
+        if isinstance(command, RestoreAllCommand):
+            with self._lock:
+                old = {n: d.ratio for n, d in self.control.desired.items()}
+                try:
+                    effects = self.control.restore_all(now)
+                except ValueError as exc:
+                    raise BadMessage("rejected_command", f"restore all: {exc}") from None
+            self._carry_out(effects)
+            self._log_action(now, by, "restore_all", "*", old, {n: 0.0 for n in old})
+            return "every node restored to ratio 0 and handed back to the controller"
+        if isinstance(command, NodeSlowdownCommand):
+            with self._lock:
+                known = command.node_id in self.live.allowed or command.node_id in self.control.desired
+            if not known:
+                raise BadMessage("rejected_command", f"slowdown: unknown node {command.node_id!r}")
+            forwarded = SlowdownCommand(cmd="slowdown", factor=command.factor)
+            self.bus.publish(self.topics.node_command(command.node_id), to_json(forwarded), qos=1)
+            self._log_action(now, by, "slowdown", command.node_id, None, command.factor)
+            return f"{command.node_id} told to emulate a {command.factor:g}x slower device"
+        if isinstance(command, CameraCommand):
+            row = command.model_dump(exclude={"cmd", "id", "by"})
+            self.store.set_camera({**row, "updated_ts": now})
+            self._log_action(now, by, "camera", command.camera_id, None, row)
+            return f"camera {command.camera_id} deployment saved"
+        raise BadMessage("rejected_command", f"unsupported command {command.cmd!r}")
+
+    def _change_setting(self, now: float, by: str, setting: str, value: float | str) -> str:
+        with self._lock:
+            try:
+                old, new = self.operator.change(setting, value)
+            except ValueError as exc:
+                raise BadMessage("rejected_command", f"set {setting}: {exc}") from None
+            effects = self.control.reconfigure(now, self.operator.controller_settings(), self.operator.slo_s,
+                                               self.operator.automatic)
+            self.slo.slo_s = self.operator.slo_s
+        self._carry_out(effects)
+        self.store.set_operator_setting(setting, new, now, by)
+        self._log_action(now, by, f"set {setting}", "gateway", old, new)
+        return f"{LABELS[setting]}: {old} -> {new}"
+
+    def _log_action(self, now: float, by: str, action: str, target: str, old, new) -> None:
+        log.info("operator action by %s: %s %s: %r -> %r", by, action, target, old, new)
+        self.store.add_operator_action({"ts": now, "by": by, "action": action, "target": target,
+                                        "old": old, "new": new})
+
+    def _reply(self, command_id: str | None, ok: bool, message: str) -> None:
+        if command_id is not None:
+            reply = CommandReply(id=command_id, ok=ok, message=message[:2000], ts=time.time())
+            self.bus.publish(self.topics.component_reply(self.settings.gateway_id), to_json(reply), qos=1)
 
     def retire(self, node_id: str) -> None:
         """Forget a node for good: clear every retained topic about it, so nothing replays for it."""
@@ -264,7 +352,7 @@ class Gateway:
             if placement is not None:
                 self.control.set_placement(placement)
             effects = self.control.tick(now)
-            status = self.control.status()
+            status = {**self.control.status(), "settings": self.operator.effective()}
             windows = self.slo.close_due(now)
         if placement is not None:
             self.publish_placement()

@@ -85,8 +85,19 @@ SCHEMA: dict[str, Table] = {
         "version": int, "issued_at": float, "model": str, "n_blocks": int, "stages": list,
         "bottleneck_s": float,
     }, "version", "insert_ignore"),
+    "operator_settings": Table({
+        "setting": str, "value": str, "ts": float, "by": str,
+    }, "setting", "upsert"),
+    "operator_actions": Table({
+        "id": int, "ts": float, "by": str, "action": str, "target": str, "old": str, "new": str,
+    }, "id", "insert"),
+    "cameras": Table({
+        "camera_id": str, "location_name": str, "latitude": float, "longitude": float, "start_ts": float,
+        "end_ts": float, "updated_ts": float,
+    }, "camera_id", "upsert"),
 }
-INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"]], "errors": [["ts"]]}
+INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"], ["capture_ts", "request_id"]],
+           "errors": [["ts"]], "operator_actions": [["ts"]]}
 MAX_BACKOFF_S = 30.0
 
 
@@ -170,6 +181,20 @@ class Store:
 
     def add_placement(self, row: dict) -> None:
         self._buffer("placements", row)
+
+    def set_operator_setting(self, setting: str, value: float | str, ts: float, by: str) -> None:
+        self._buffer("operator_settings", {"setting": setting, "value": _json(value), "ts": ts, "by": by})
+
+    def operator_settings(self) -> dict[str, float | str]:
+        """What operators set before, so a restarted gateway keeps it."""
+        return {r["setting"]: json.loads(r["value"]) for r in self.db["operator_settings"].rows}
+
+    def add_operator_action(self, row: dict) -> None:
+        """Who did what when; ``old`` and ``new`` are JSON values (null when there is none)."""
+        self._buffer("operator_actions", dict(row, old=_json(row["old"]), new=_json(row["new"])))
+
+    def set_camera(self, row: dict) -> None:
+        self._buffer("cameras", row)
 
     def _buffer(self, table: str, row: dict) -> None:
         row = encode_row(table, row)
@@ -305,6 +330,15 @@ class Reader:
     def controller_status(self) -> dict | None:
         rows = self._rows("SELECT status FROM controller WHERE id = 1", table="controller")
         return rows[0]["status"] if rows else None
+
+    def operator_actions(self, limit: int = 20) -> list[dict]:
+        rows = self._rows("SELECT * FROM operator_actions ORDER BY id DESC LIMIT ?", (limit,))
+        for row in rows:
+            row["old"], row["new"] = json.loads(row["old"]), json.loads(row["new"])
+        return rows
+
+    def cameras(self) -> list[dict]:
+        return self._rows("SELECT * FROM cameras ORDER BY camera_id")
 
     def current_run(self) -> dict | None:
         rows = self._rows("SELECT * FROM runs ORDER BY started_ts DESC LIMIT 1", table="runs")

@@ -265,6 +265,8 @@ class ManualPruneCommand(_Strict):
     cmd: Literal["prune"]
     node_id: str = Id
     ratio: float | None = Field(ge=0.0, lt=1.0)
+    id: str | None = Field(None, max_length=64, description="Echoed in the gateway's CommandReply.")
+    by: str | None = Field(None, max_length=64, description="Who sent it (the operator page's login).")
 
 
 class RetireCommand(_Strict):
@@ -272,7 +274,73 @@ class RetireCommand(_Strict):
 
     cmd: Literal["retire"]
     node_id: str = Id
+    id: str | None = Field(None, max_length=64)
+    by: str | None = Field(None, max_length=64)
 
 
-class GatewayCommand(RootModel[Annotated[ManualPruneCommand | RetireCommand, Field(discriminator="cmd")]]):
+OperatorSetting = Literal["slo_s", "trigger_margin_s", "cooldown_s", "accuracy_floor_relative", "policy"]
+
+
+class SetSettingCommand(_Strict):
+    """Operator changes one control setting; the gateway validates it and keeps it across restarts.
+
+    ``policy`` takes ``bottleneck``, ``paper`` or ``off`` (manual holds only); the others take a number.
+    """
+
+    cmd: Literal["set"]
+    setting: OperatorSetting
+    value: float | str
+    id: str | None = Field(None, max_length=64)
+    by: str | None = Field(None, max_length=64)
+
+
+class RestoreAllCommand(_Strict):
+    """Release every manual hold and set every node back to ratio 0 (the controller may prune again)."""
+
+    cmd: Literal["restore_all"]
+    id: str | None = Field(None, max_length=64)
+    by: str | None = Field(None, max_length=64)
+
+
+class NodeSlowdownCommand(_Strict):
+    """For demonstrations: the gateway forwards it as the node's one-shot ``slowdown`` command."""
+
+    cmd: Literal["node_slowdown"]
+    node_id: str = Id
+    factor: float = Field(ge=1.0, le=1000.0)
+    id: str | None = Field(None, max_length=64)
+    by: str | None = Field(None, max_length=64)
+
+
+class CameraCommand(_Strict):
+    """Operator describes a camera's deployment (Camtrap DP ``deployments``): where and when it stood."""
+
+    cmd: Literal["camera"]
+    camera_id: str = Id
+    location_name: str = Field(min_length=1, max_length=200)
+    latitude: float = Field(ge=-90.0, le=90.0)
+    longitude: float = Field(ge=-180.0, le=180.0)
+    start_ts: float
+    end_ts: float | None = None
+    id: str | None = Field(None, max_length=64)
+    by: str | None = Field(None, max_length=64)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CameraCommand:
+        if self.end_ts is not None and self.end_ts < self.start_ts:
+            raise ValueError("the deployment must end after it starts")
+        return self
+
+
+class GatewayCommand(RootModel[Annotated[ManualPruneCommand | RetireCommand | SetSettingCommand | RestoreAllCommand
+                                         | NodeSlowdownCommand | CameraCommand, Field(discriminator="cmd")]]):
     """A one-shot command on the gateway's ``cmd`` topic (never retained)."""
+
+
+class CommandReply(_Strict):
+    """The gateway's one-shot answer to a command that carried an ``id``: accepted, or why not."""
+
+    id: str = Field(min_length=1, max_length=64)
+    ok: bool
+    message: str = Field(max_length=2000)
+    ts: float

@@ -166,6 +166,17 @@ class WebSettings(_Section):
     port: int = Field(8080, ge=1, le=65535, description="Port of the operator page.")
     db_path: Path = Field(Path("run/edgeprune.db"), description="The gateway's SQLite file (read only).")
     recent_s: float = Field(300.0, gt=0, le=86400, description="How far back the latency chart looks, seconds.")
+    gateway_id: str = Field("gateway", description="The gateway the page sends operator commands to.")
+    command_timeout_s: float = Field(5.0, gt=0, le=120, description="How long the page waits for the gateway's "
+                                     "answer to a command.")
+    password_hash: SecretStr | None = Field(None, description="Operator password hash, set by `edgeprune passwd`; "
+                                            "none = nobody can log in.")
+    secret_key: SecretStr | None = Field(None, description="Signs session cookies; none = a random key per start "
+                                         "(operators log in again after a restart).")
+    public_status: bool = Field(False, description="Show the overview and detections read-only without login.")
+    login_attempts_per_minute: int = Field(5, ge=1, le=1000,
+                                           description="Failed logins allowed per client address per minute.")
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description="How long a login lasts.")
 
 
 class ControllerSettings(_Section):

@@ -145,6 +145,10 @@ class Topics:
         """One-shot commands to the gateway (manual prune, retire); never retained."""
         return f"{self.root}/component/{validate_id('component', component_id)}/cmd"
 
+    def component_reply(self, component_id: str) -> str:
+        """One-shot answers of the gateway to commands carrying an ``id`` (:class:`CommandReply`); never retained."""
+        return f"{self.root}/component/{validate_id('component', component_id)}/reply"
+
     def node_topics(self, node_id: str) -> list[str]:
         """Every retained topic a node or the gateway keeps about the node (cleared on retirement)."""
         return [self.node_status(node_id), self.node_profile(node_id), self.node_calibration(node_id),

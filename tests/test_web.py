@@ -20,6 +20,20 @@ pytestmark = pytest.mark.integration
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
+def headless_chromium(tmp_path, width: int, height: int):
+    """Debian's chromium through chromedriver, offline and without a sandbox (CI containers)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chrome'}", f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
 def fill_database(path, now: float) -> None:
     store = Store(path)
     store.add_run({"started_ts": now - 100, "gateway_id": "gateway", "slo_s": 0.2, "window_s": 10,
@@ -58,7 +72,7 @@ def server(tmp_path):
     db = tmp_path / "edgeprune.db"
     fill_database(db, time.time())
     port = free_port()
-    srv = make_server("127.0.0.1", port, create_app(WebSettings(db_path=db, port=port)), threaded=True)
+    srv = make_server("127.0.0.1", port, create_app(WebSettings(db_path=db, port=port, public_status=True)), threaded=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{port}"
     srv.shutdown()
@@ -76,25 +90,17 @@ def test_api_status_reports_nodes_latency_and_attainment(server):
 
 
 def test_api_says_clearly_when_gateway_has_not_started(tmp_path):
-    app = create_app(WebSettings(db_path=tmp_path / "missing.db"))
+    app = create_app(WebSettings(db_path=tmp_path / "missing.db", public_status=True))
     res = app.test_client().get("/api/status")
     assert res.status_code == 503 and "gateway" in res.get_json()["error"]
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium/chromedriver not installed (install.sh --dev)")
 def test_page_renders_in_headless_chromium(server, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1200,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = headless_chromium(tmp_path, 1200, 1000)
     try:
         driver.get(server + "/")
         wait = WebDriverWait(driver, 20)
@@ -107,7 +113,8 @@ def test_page_renders_in_headless_chromium(server, tmp_path):
         assert len(driver.find_elements(By.CSS_SELECTOR, "#latency line.slo-line")) == 1
         assert "75.0 %" in driver.find_element(By.ID, "summary").text
         assert "bad_image" in driver.find_element(By.ID, "errors").text
-        assert "3.2×" in rows[0]
+        assert "3.2×" in rows[0] and "0.3 / 0.0" in rows[0]  # desired by the controller / applied by the node
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#latency line.prune-mark")) == 1
         assert "running · policy bottleneck" in driver.find_element(By.ID, "controller").text
         events = driver.find_element(By.ID, "events").text
         assert "pi-a → 0.3" in events and "120.0 ms" in events

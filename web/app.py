@@ -1,26 +1,49 @@
-"""The operator page: pipeline health at a glance, served offline (no CDN) from the gateway's SQLite.
+"""The operator page: live overview, controls, detections and exports, served offline (no CDN).
 
-Read-only for now: it opens the database in read-only mode, so it can never disturb the
-gateway's writer. Operator controls (manual prune, retire) are commands on the gateway's topic (docs/mqtt.md).
+It reads the gateway's SQLite file read-only (it can never disturb the gateway's writer) and acts only
+by sending one-shot commands to the gateway (:class:`web.gateway_client.GatewayClient`), which validates,
+applies, persists and logs them. Sessions are Flask's signed cookie, CSRF is Flask-WTF's CSRFProtect,
+passwords are werkzeug's salted scrypt hashes (see docs/api.md).
 """
 
 from __future__ import annotations
 
+import secrets
+import sqlite3
 import time
+from collections.abc import Callable
+from datetime import timedelta
+from functools import wraps
+from typing import Any, Protocol
 
-from flask import Flask, jsonify, render_template
+from flask import (Flask, Response, flash, jsonify, redirect, render_template, request, session,
+                   stream_with_context, url_for)
+from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
+from pydantic import ValidationError
 
+from gateway.export import (DETECTION_COLUMNS, Filters, camtrap_dp_zip, detections_csv, detections_page,
+                            parse_cursor, parse_time, undescribed_cameras)
+from gateway.operator import LABELS, validate_setting
 from gateway.store import Reader
+from shared.schemas import GatewayCommand
 from shared.settings import WebSettings
+from web.auth import LoginLimiter, password_ok
+
+
+class CommandSender(Protocol):
+    def send(self, command: GatewayCommand) -> tuple[bool, str]: ...
 
 
 def status(reader: Reader, recent_s: float, now: float) -> dict:
-    """Everything the page shows, as one JSON document (also `GET /api/status`)."""
+    """Everything the overview shows, as one JSON document (also `GET /api/status`)."""
     run = reader.current_run()
-    slo_s = run["slo_s"] if run else None
+    controller = reader.controller_status()
+    slo_s = (controller or {}).get("slo_s") or (run["slo_s"] if run else None)
     nodes = reader.nodes()
+    desired = (controller or {}).get("ratios", {})
     for node in nodes:
         node["seen_s_ago"] = now - node["last_seen"] if node.get("last_seen") else None
+        node["desired_ratio"] = desired.get(node["node_id"])
     return {
         "now": now,
         "recent_s": recent_s,
@@ -33,15 +56,69 @@ def status(reader: Reader, recent_s: float, now: float) -> dict:
         "windows": reader.windows(limit=30),
         "totals": reader.totals(slo_s) if slo_s else None,
         "errors": reader.errors(limit=10),
-        "controller": reader.controller_status(),
+        "controller": controller,
         "prune_events": reader.prune_events(limit=10),
+        "operator_actions": reader.operator_actions(limit=15),
+        "cameras": reader.cameras(),
     }
 
 
-def create_app(settings: WebSettings) -> Flask:
+def _words(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or "command"
+    return f"{where}: {first['msg']}"
+
+
+def command_from_input(data: dict[str, Any], by: str) -> GatewayCommand:
+    """A form's or a script's fields as a gateway command; ValueError in words if they do not make one."""
+    data = {k: v for k, v in data.items() if k not in ("csrf_token", "id")}
+    data["by"] = by
+    cmd = data.get("cmd")
+    if cmd == "prune" and data.get("ratio") in ("", "release", None):
+        data["ratio"] = None
+    if cmd == "set":
+        data["value"] = validate_setting(str(data.get("setting")), data.get("value"))
+    if cmd == "camera":
+        for field in ("start", "end"):
+            text = data.pop(field, None)
+            if text not in (None, ""):
+                data[f"{field}_ts"] = parse_time(str(text))
+    try:
+        return GatewayCommand.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(_words(exc)) from None
+
+
+def filters_from_args(args) -> Filters:
+    """Detection filters from query parameters (from, to, camera, species, min_confidence)."""
+    def number(name: str) -> float | None:
+        text = args.get(name, "").strip()
+        if not text:
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name.replace('_', ' ')} must be a number (got {text!r})") from None
+    start, end = args.get("from", "").strip(), args.get("to", "").strip()
+    return Filters(start_ts=parse_time(start) if start else None, end_ts=parse_time(end) if end else None,
+                   camera_id=args.get("camera", "").strip() or None, label=args.get("species", "").strip() or None,
+                   min_confidence=number("min_confidence"))
+
+
+def create_app(settings: WebSettings, gateway: CommandSender | None = None,
+               clock: Callable[[], float] = time.time) -> Flask:
     app = Flask(__name__)
-    app.config["EDGEPRUNE"] = settings
+    app.config.update(
+        EDGEPRUNE=settings,
+        SECRET_KEY=settings.secret_key.get_secret_value() if settings.secret_key else secrets.token_hex(32),
+        SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=settings.session_hours),
+        WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session
+    )
+    CSRFProtect(app)
+    limiter = LoginLimiter(settings.login_attempts_per_minute)
     readers: dict[str, Reader] = {}
+    password_hash = settings.password_hash.get_secret_value() if settings.password_hash else None
 
     def reader() -> Reader | None:
         if "db" not in readers:
@@ -51,15 +128,195 @@ def create_app(settings: WebSettings) -> Flask:
                 return None
         return readers["db"]
 
+    def connection() -> sqlite3.Connection:
+        """A private read-only connection, for a streaming export or one page of detections."""
+        return sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True)
+
+    def wants_json() -> bool:
+        """Scripts and the page's fetch() get JSON; a plain HTML form post gets a redirect with a message."""
+        form_post = request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data")
+        return request.is_json or (request.path.startswith("/api/") and not form_post)
+
+    def denied(message: str, code: int):
+        if wants_json() or request.path.startswith("/export/"):
+            return jsonify({"error": message}), code
+        return redirect(url_for("login", next=request.full_path))
+
+    def operator() -> str | None:
+        return session.get("operator")
+
+    def viewer(view):
+        @wraps(view)
+        def wrapper(*args, **kwargs):
+            if operator() is None and not settings.public_status:
+                return denied("log in first (POST /login)", 401)
+            return view(*args, **kwargs)
+        return wrapper
+
+    def operator_only(view):
+        @wraps(view)
+        def wrapper(*args, **kwargs):
+            if operator() is None:
+                return denied("log in first: controls need an operator login", 401)
+            return view(*args, **kwargs)
+        return wrapper
+
+    @app.errorhandler(CSRFError)
+    def csrf_failed(exc: CSRFError):
+        message = f"request refused: {exc.description} Reload the page (or GET /api/csrf) and try again."
+        if wants_json():
+            return jsonify({"error": message}), 400
+        return render_template("login.html", error=message, password_set=bool(password_hash)), 400
+
+    @app.context_processor
+    def page_globals() -> dict:
+        return {"operator": operator(), "public": settings.public_status, "csrf_token": generate_csrf}
+
+    # --- login -------------------------------------------------------------------------------
+    @app.get("/login")
+    def login():
+        return render_template("login.html", error=None, password_set=bool(password_hash))
+
+    @app.post("/login")
+    def login_post():
+        data = request.get_json(silent=True) if request.is_json else request.form
+        data = data or {}
+        address = request.remote_addr or "?"
+        wait_s = limiter.retry_after(address, clock())
+        if wait_s > 0:
+            message = f"too many failed logins from {address}; try again in {wait_s:.0f} s"
+            return (jsonify({"error": message}), 429) if wants_json() else (
+                render_template("login.html", error=message, password_set=bool(password_hash)), 429)
+        name = str(data.get("name", "")).strip()[:64]
+        if not name or not password_ok(password_hash, str(data.get("password", ""))):
+            limiter.failed(address, clock())
+            message = ("no operator password is set: run `edgeprune passwd`" if not password_hash
+                       else "wrong name or password" if name else "enter your name (it is logged with your actions)")
+            return (jsonify({"error": message}), 401) if wants_json() else (
+                render_template("login.html", error=message, password_set=bool(password_hash)), 401)
+        limiter.succeeded(address)
+        session.clear()
+        session.permanent = True
+        session["operator"] = name
+        if wants_json():
+            return jsonify({"operator": name, "csrf_token": generate_csrf()})
+        target = request.args.get("next", "")
+        return redirect(target if target.startswith("/") and not target.startswith("//") else url_for("index"))
+
+    @app.post("/logout")
+    def logout():
+        session.clear()
+        return jsonify({"ok": True}) if wants_json() else redirect(url_for("login"))
+
+    @app.get("/api/csrf")
+    def api_csrf():
+        return jsonify({"csrf_token": generate_csrf()})
+
+    # --- overview and controls -----------------------------------------------------------------
     @app.get("/")
+    @viewer
     def index():
-        return render_template("index.html", refresh_ms=2000)
+        return render_template("index.html", refresh_ms=2000, labels=LABELS)
 
     @app.get("/api/status")
+    @viewer
     def api_status():
         r = reader()
         if r is None:
             return jsonify({"error": f"no database at {settings.db_path} yet: is the gateway running?"}), 503
-        return jsonify(status(r, settings.recent_s, time.time()))
+        return jsonify({**status(r, settings.recent_s, clock()), "operator": operator()})
+
+    @app.post("/api/command")
+    @operator_only
+    def api_command():
+        data = request.get_json(silent=True) if request.is_json else request.form.to_dict()
+        if not isinstance(data, dict):
+            return reply(False, "send a JSON object with a 'cmd' field", 400)
+        try:
+            command = command_from_input(data, operator())
+        except ValueError as exc:
+            return reply(False, str(exc), 400)
+        if gateway is None:
+            return reply(False, "this page has no connection to the gateway", 503)
+        ok, message = gateway.send(command)
+        return reply(ok, message, 200 if ok else 504 if "did not answer" in message or "not connected" in message
+                     else 422)
+
+    def reply(ok: bool, message: str, code: int):
+        if wants_json():
+            return jsonify({"ok": ok, "message": message}), code
+        flash(message, "ok" if ok else "error")
+        return redirect(request.referrer or url_for("index"))
+
+    # --- ecologists' data ----------------------------------------------------------------------
+    @app.get("/detections")
+    @viewer
+    def detections():
+        rows, cursor, error, missing = [], None, None, []
+        try:
+            filters = filters_from_args(request.args)
+            after = parse_cursor(request.args["after"]) if request.args.get("after") else None
+        except ValueError as exc:
+            filters, after, error = Filters(), None, str(exc)
+        if not settings.db_path.exists():
+            error = error or f"no database at {settings.db_path} yet: is the gateway running?"
+        elif error is None:
+            conn = connection()
+            try:
+                rows, cursor = detections_page(conn, filters, limit=100, after=after)
+                missing = undescribed_cameras(conn, filters)
+            finally:
+                conn.close()
+        query = {k: v for k, v in request.args.items() if k != "after"}
+        return render_template("detections.html", rows=rows, cursor=cursor, error=error, query=query,
+                               missing=missing), 400 if error and settings.db_path.exists() else 200
+
+    @app.get("/api/detections")
+    @viewer
+    def api_detections():
+        try:
+            filters = filters_from_args(request.args)
+            after = parse_cursor(request.args["after"]) if request.args.get("after") else None
+            limit = int(request.args.get("limit", 100))
+            if not 1 <= limit <= 1000:
+                raise ValueError("limit must lie between 1 and 1000")
+        except ValueError as exc:
+            return jsonify({"error": str(exc)}), 400
+        if not settings.db_path.exists():
+            return jsonify({"error": f"no database at {settings.db_path} yet"}), 503
+        conn = connection()
+        try:
+            rows, cursor = detections_page(conn, filters, limit=limit, after=after)
+        finally:
+            conn.close()
+        return jsonify({"columns": DETECTION_COLUMNS, "rows": rows, "next": cursor})
+
+    def streamed(make: Callable[[sqlite3.Connection, Filters], Any], mimetype: str, filename: str):
+        try:
+            filters = filters_from_args(request.args)
+        except ValueError as exc:
+            return jsonify({"error": str(exc)}), 400
+        if not settings.db_path.exists():
+            return jsonify({"error": f"no database at {settings.db_path} yet"}), 503
+
+        def chunks():
+            conn = connection()
+            try:
+                yield from make(conn, filters)
+            finally:
+                conn.close()
+        return Response(stream_with_context(chunks()), mimetype=mimetype,
+                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @app.get("/export/detections.csv")
+    @viewer
+    def export_csv():
+        return streamed(detections_csv, "text/csv; charset=utf-8", "detections.csv")
+
+    @app.get("/export/camtrap-dp.zip")
+    @viewer
+    def export_camtrap_dp():
+        return streamed(lambda conn, f: camtrap_dp_zip(conn, f, created=clock()), "application/zip",
+                        "camtrap-dp.zip")
 
     return app

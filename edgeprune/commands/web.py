@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("web", help="serve the operator page and /api/status")
+    p = sub.add_parser("web", help="serve the operator page: overview, controls, detections, exports")
     p.add_argument("--config", type=Path, help="TOML config file ([web] section)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -20,13 +20,19 @@ def run(args) -> int:
     from werkzeug.serving import make_server
 
     from edgeprune.commands import run_until_signal
-    from shared.settings import WebSettings, load
+    from shared.settings import MqttSettings, WebSettings, load
     from web.app import create_app
+    from web.gateway_client import GatewayClient
 
     settings = load(WebSettings, args.config, host=args.host, port=args.port, db_path=args.db_path)
-    server = make_server(settings.host, settings.port, create_app(settings), threaded=True)
+    gateway = GatewayClient(load(MqttSettings, args.config), settings.gateway_id, settings.command_timeout_s)
+    gateway.start()
+    server = make_server(settings.host, settings.port, create_app(settings, gateway), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print(f"operator page on http://{settings.host}:{settings.port}/", flush=True)
+    if settings.password_hash is None:
+        print("no operator password set: run `edgeprune passwd` to enable the controls", flush=True)
     run_until_signal()
     server.shutdown()
+    gateway.stop()
     return 0

@@ -29,7 +29,7 @@ function svgEl(tag, attrs, text) {
   return el;
 }
 
-function drawLatency(points, slo, now, span) {
+function drawLatency(points, slo, now, span, events) {
   const svg = document.getElementById("latency");
   const W = 800, H = 220, L = 50, B = 20;
   const top = Math.max(slo || 0, ...points.map((p) => p.e2e_s)) * 1.15 || 1;
@@ -42,6 +42,11 @@ function drawLatency(points, slo, now, span) {
   }
   kids.push(svgEl("text", { x: L, y: H - 4, class: "axis" }, `last ${Math.round(span / 60)} min`));
   if (slo) kids.push(svgEl("line", { x1: L, x2: W, y1: y(slo), y2: y(slo), class: "slo-line" }));
+  for (const e of events || []) {
+    if (e.ts < now - span) continue;
+    kids.push(svgEl("line", { x1: x(e.ts), x2: x(e.ts), y1: 10, y2: H - B, class: `prune-mark mark-${e.kind}` }));
+    kids.push(svgEl("text", { x: x(e.ts) + 3, y: 20, class: "axis" }, e.kind));
+  }
   for (const p of points) {
     kids.push(svgEl("circle", { cx: x(p.t), cy: y(p.e2e_s), r: 2.5,
       class: slo && p.e2e_s > slo ? "dot-late" : "dot-ok" }));
@@ -90,12 +95,23 @@ function render(data) {
     cell(n.queue_depth === null ? "–" : `${n.queue_depth}/${n.queue_capacity}`, "num"),
     cell(`${fmtMs(n.compute_mean_s)} / ${fmtMs(n.compute_p95_s)}`, "num"),
     cell(n.cpu_percent === null ? "–" : `${n.cpu_percent.toFixed(0)} %`, "num"),
-    cell(n.prune_ratio === null ? "–" : n.prune_ratio.toFixed(2), "num"),
+    cell(`${n.desired_ratio == null ? "–" : n.desired_ratio.toFixed(1)} / ` +
+         `${n.prune_ratio == null ? "–" : n.prune_ratio.toFixed(1)}`, "num ratio"),
     cell(slowdowns[n.node_id] ? `${slowdowns[n.node_id].toFixed(1)}×` : "–", "num"),
     cell(n.processed ?? "–", "num"), cell(n.dropped ?? "–", "num"),
     cell(Object.entries(n.errors || {}).map(([k, v]) => `${k}: ${v}`).join(", ") || "none"),
   ]);
-  drawLatency(data.latency, data.slo_s, data.now, data.recent_s);
+  drawLatency(data.latency, data.slo_s, data.now, data.recent_s, data.prune_events);
+  const show = (v) => (v === null || v === undefined ? "–" : typeof v === "object" ? JSON.stringify(v) : String(v));
+  fillTable("actions", data.operator_actions || [], (a) => [
+    cell(fmtTime(a.ts)), cell(a.by), cell(a.action), cell(a.target), cell(`${show(a.old)} → ${show(a.new)}`),
+  ]);
+  const iso = (t) => (t == null ? "–" : new Date(t * 1000).toISOString().slice(0, 16).replace("T", " "));
+  fillTable("cameras", data.cameras || [], (c) => [
+    cell(c.camera_id), cell(c.location_name), cell(c.latitude, "num"), cell(c.longitude, "num"),
+    cell(iso(c.start_ts)), cell(iso(c.end_ts)),
+  ]);
+  if (document.body.dataset.operator) renderControls(data);
   drawWindows(data.windows);
   fillTable("window-table", data.windows.slice(-8).reverse(), (w) => [
     cell(fmtTime(w.start_ts)), cell(w.count, "num"), cell(fmtPct(w.attainment_pct), "num"),
@@ -105,6 +121,80 @@ function render(data) {
     cell(fmtTime(e.ts)), cell(e.component), cell(e.kind), cell(e.topic), cell(e.message),
   ]);
 }
+
+const csrf = () => document.querySelector('meta[name="csrf-token"]').content;
+let controlsKey = "";
+
+function commandForm(id, fields, inner) {
+  const form = document.createElement("form");
+  form.className = "command row";
+  form.id = id;
+  for (const [k, v] of Object.entries(fields)) {
+    const input = document.createElement("input");
+    Object.assign(input, { type: "hidden", name: k, value: v });
+    form.append(input);
+  }
+  form.insertAdjacentHTML("beforeend", inner);
+  return form;
+}
+
+function renderControls(data) {
+  const ctl = data.controller || {};
+  const settings = ctl.settings || {};
+  for (const el of document.querySelectorAll("[data-setting-now]")) {
+    el.textContent = show(settings[el.dataset.settingNow]);
+  }
+  const ladder = ctl.ladder || [];
+  const ids = data.nodes.map((n) => n.node_id);
+  const key = JSON.stringify([ids, ladder]);
+  if (key === controlsKey) return;  // rebuilding would drop what the operator is choosing
+  controlsKey = key;
+  const options = ladder.map((r) => `<option value="${r}">${r.toFixed(1)}</option>`).join("");
+  fillTable("node-controls", ids, (node) => {
+    const hold = commandForm(`hold-${node}`, { cmd: "prune", node_id: node },
+      `<select name="ratio" aria-label="ratio for ${node}">${options}</select><button type="submit">Hold</button>`);
+    const release = commandForm(`release-${node}`, { cmd: "prune", node_id: node, ratio: "release" },
+      `<button type="submit">Release</button>`);
+    const slow = commandForm(`slowdown-${node}`, { cmd: "node_slowdown", node_id: node },
+      `<input name="factor" value="1" size="4" inputmode="decimal" aria-label="slowdown factor"><button>×</button>`);
+    const retire = commandForm(`retire-${node}`, { cmd: "retire", node_id: node },
+      `<button type="submit" class="danger">Retire</button>`);
+    const tds = [cell(node), cell(""), cell(""), cell("")];
+    tds[1].append(hold, release);
+    tds[2].append(slow);
+    tds[3].append(retire);
+    return tds;
+  });
+}
+
+function show(v) {
+  return v === null || v === undefined ? "–" : typeof v === "object" ? JSON.stringify(v) : String(v);
+}
+
+document.addEventListener("submit", async (event) => {
+  const form = event.target;
+  if (!form.classList.contains("command")) return;
+  event.preventDefault();
+  if (form.id.startsWith("retire-") && !confirm(`Retire ${form.node_id.value} for good?`)) return;
+  const body = Object.fromEntries(new FormData(form).entries());
+  delete body.csrf_token;
+  const result = document.getElementById("command-result");
+  result.className = "result pending";
+  result.textContent = "sent; waiting for the gateway…";
+  try {
+    const res = await fetch("/api/command", {
+      method: "POST", headers: { "Content-Type": "application/json", "X-CSRFToken": csrf() },
+      body: JSON.stringify(body), credentials: "same-origin",
+    });
+    const answer = await res.json();
+    result.className = answer.ok ? "result ok" : "result error";
+    result.textContent = answer.ok ? `accepted: ${answer.message}` : `refused: ${answer.message || answer.error}`;
+  } catch (err) {
+    result.className = "result error";
+    result.textContent = `could not send: ${err.message}`;
+  }
+  refresh();
+});
 
 async function refresh() {
   try {

@@ -1,0 +1,346 @@
+"""Ecologists' data out of the SQLite log: filtered detections with keyset paging, CSV and Camtrap DP 1.0.
+
+Everything streams: rows come from a SQLite cursor in batches and leave as text chunks, so an
+export of a million detections holds one batch in memory, never the table. Camtrap DP
+(https://camtrap-dp.tdwg.org, version 1.0) is the camera-trap data standard read by camtraptor,
+Agouti, TrapTagger and GBIF's ingestion; the package carries its own table schemas (no network
+needed to validate it with ``frictionless validate datapackage.json``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+BATCH = 1000
+# The model's classes with the taxon a Camtrap DP consumer can match (scientific name, rank).
+TAXA = {
+    "bear": ("Ursidae", "family"), "bird": ("Aves", "class"), "cat": ("Felis catus", "species"),
+    "cow": ("Bos taurus", "species"), "dog": ("Canis familiaris", "species"), "elephant": ("Elephantidae", "family"),
+    "giraffe": ("Giraffa camelopardalis", "species"), "horse": ("Equus caballus", "species"),
+    "sheep": ("Ovis aries", "species"), "zebra": ("Equus quagga", "species"),
+}
+BLANK_LABELS = {"blank", "empty"}  # a model's "nothing in the frame" class becomes observationType 'blank'
+
+
+def iso(ts: float | None, timespec: str = "milliseconds") -> str:
+    """ISO 8601 with an explicit UTC offset (what spreadsheets and R's lubridate parse unambiguously)."""
+    return "" if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec=timespec)
+
+
+def parse_time(text: str) -> float:
+    """ISO 8601 date or date-time; without an offset it is taken as UTC. ValueError in words otherwise."""
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 date or time (e.g. 2026-05-30 or 2026-05-30T14:00+02:00)")
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+@dataclass(frozen=True)
+class Filters:
+    start_ts: float | None = None
+    end_ts: float | None = None
+    camera_id: str | None = None
+    label: str | None = None
+    min_confidence: float | None = None
+
+    def where(self, table: str = "r") -> tuple[str, list]:
+        clauses, params = [], []
+        for sql, value in ((f"{table}.capture_ts >= ?", self.start_ts), (f"{table}.capture_ts < ?", self.end_ts),
+                           (f"{table}.camera_id = ?", self.camera_id), (f"{table}.label = ?", self.label),
+                           (f"{table}.confidence >= ?", self.min_confidence)):
+            if value is not None:
+                clauses.append(sql)
+                params.append(value)
+        return " AND ".join(clauses) or "1", params
+
+
+def _scientific(label: str) -> str:
+    return TAXA.get(label, ("", ""))[0]
+
+
+# --- the detections view and CSV ------------------------------------------------------------------
+DETECTION_COLUMNS = ("request_id", "camera_id", "capture_time", "label", "scientific_name", "confidence",
+                     "prune_ratios", "e2e_latency_s")
+
+
+def _detection(row: sqlite3.Row | tuple) -> dict:
+    request_id, camera_id, capture_ts, label, confidence, prune_ratios, e2e_s = row
+    return {"request_id": request_id, "camera_id": camera_id, "capture_time": iso(capture_ts),
+            "capture_ts": capture_ts, "label": label, "scientific_name": _scientific(label),
+            "confidence": confidence, "prune_ratios": json.loads(prune_ratios), "e2e_latency_s": e2e_s}
+
+
+_SELECT = "SELECT request_id, camera_id, capture_ts, label, confidence, prune_ratios, e2e_s FROM requests r"
+
+
+def detections_page(conn: sqlite3.Connection, filters: Filters, limit: int = 100,
+                    after: tuple[float, str] | None = None) -> tuple[list[dict], str | None]:
+    """Newest first; ``after`` is the (capture_ts, request_id) of the last row shown, so page 1000 costs
+    what page 1 does (keyset paging on the capture_ts index, no OFFSET). Returns rows and the next cursor."""
+    where, params = filters.where()
+    if after is not None:
+        where += " AND (r.capture_ts, r.request_id) < (?, ?)"  # a row value: SQLite seeks the index to it
+        params += [after[0], after[1]]
+    rows = conn.execute(f"{_SELECT} WHERE {where} ORDER BY r.capture_ts DESC, r.request_id DESC LIMIT ?",
+                        [*params, limit + 1]).fetchall()
+    more = len(rows) > limit
+    rows = [_detection(r) for r in rows[:limit]]
+    cursor = f"{rows[-1]['capture_ts']!r}:{rows[-1]['request_id']}" if more and rows else None
+    return rows, cursor
+
+
+def parse_cursor(text: str) -> tuple[float, str]:
+    ts, _, request_id = text.partition(":")
+    try:
+        return float(ts), request_id
+    except ValueError:
+        raise ValueError(f"bad page cursor {text!r}") from None
+
+
+def _batches(conn: sqlite3.Connection, sql: str, params: list) -> Iterator[list[tuple]]:
+    cursor = conn.execute(sql, params)
+    while batch := cursor.fetchmany(BATCH):
+        yield batch
+
+
+def _csv_text(rows: Iterable[Iterable]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def detections_csv(conn: sqlite3.Connection, filters: Filters) -> Iterator[str]:
+    """The filtered detections as CSV, oldest first, one chunk per batch."""
+    yield _csv_text([DETECTION_COLUMNS])
+    where, params = filters.where()
+    for batch in _batches(conn, f"{_SELECT} WHERE {where} ORDER BY r.capture_ts, r.request_id", params):
+        rows = []
+        for raw in batch:
+            d = _detection(raw)
+            rows.append([d["request_id"], d["camera_id"], d["capture_time"], d["label"], d["scientific_name"],
+                         f"{d['confidence']:.4f}", " ".join(f"{r:g}" for r in d["prune_ratios"]),
+                         f"{d['e2e_latency_s']:.4f}"])
+        yield _csv_text(rows)
+
+
+# --- Camtrap DP 1.0 -----------------------------------------------------------------------------------
+def _field(name: str, type_: str = "string", required: bool = False, **constraints) -> dict:
+    field = {"name": name, "type": type_}
+    if type_ == "datetime":
+        field["format"] = "%Y-%m-%dT%H:%M:%S%z"
+    if required:
+        constraints["required"] = True
+    if constraints:
+        field["constraints"] = constraints
+    return field
+
+
+_UNIT = {"minimum": 0, "maximum": 1}
+SCHEMAS = {
+    "deployments": [
+        _field("deploymentID", required=True, unique=True), _field("locationID"), _field("locationName"),
+        _field("latitude", "number", True, minimum=-90, maximum=90),
+        _field("longitude", "number", True, minimum=-180, maximum=180),
+        _field("coordinateUncertainty", "integer", minimum=1), _field("deploymentStart", "datetime", True),
+        _field("deploymentEnd", "datetime", True), _field("setupBy"), _field("cameraID"), _field("cameraModel"),
+        _field("cameraDelay", "integer", minimum=0), _field("cameraHeight", "number", minimum=0),
+        _field("cameraDepth", "number", minimum=0), _field("cameraTilt", "integer", minimum=-90, maximum=90),
+        _field("cameraHeading", "integer", minimum=0, maximum=360), _field("detectionDistance", "number", minimum=0),
+        _field("timestampIssues", "boolean"), _field("baitUse", "boolean"), _field("featureType"),
+        _field("habitat"), _field("deploymentGroups"), _field("deploymentTags"), _field("deploymentComments"),
+    ],
+    "media": [
+        _field("mediaID", required=True, unique=True), _field("deploymentID", required=True),
+        _field("captureMethod", enum=["activityDetection", "timeLapse"]), _field("timestamp", "datetime", True),
+        _field("filePath", required=True), _field("filePublic", "boolean", True), _field("fileName"),
+        _field("fileMediatype", required=True, pattern="^(image|video|audio)/.*$"), _field("exifData", "object"),
+        _field("favorite", "boolean"), _field("mediaComments"),
+    ],
+    "observations": [
+        _field("observationID", required=True, unique=True), _field("deploymentID", required=True),
+        _field("mediaID"), _field("eventID"), _field("eventStart", "datetime", True),
+        _field("eventEnd", "datetime", True),
+        _field("observationLevel", required=True, enum=["media", "event"]),
+        _field("observationType", required=True,
+               enum=["animal", "human", "vehicle", "blank", "unknown", "unclassified"]),
+        _field("cameraSetupType", enum=["setup", "calibration"]), _field("scientificName"),
+        _field("count", "integer", minimum=1), _field("lifeStage", enum=["adult", "subadult", "juvenile"]),
+        _field("sex", enum=["female", "male"]), _field("behavior"), _field("individualID"),
+        _field("individualPositionRadius", "number", minimum=0), _field("individualPositionAngle", "number",
+                                                                       minimum=-90, maximum=90),
+        _field("individualSpeed", "number", minimum=0), _field("bboxX", "number", **_UNIT),
+        _field("bboxY", "number", **_UNIT), _field("bboxWidth", "number", minimum=1e-15, maximum=1),
+        _field("bboxHeight", "number", minimum=1e-15, maximum=1),
+        _field("classificationMethod", enum=["human", "machine"]), _field("classifiedBy"),
+        _field("classificationTimestamp", "datetime"), _field("classificationProbability", "number", **_UNIT),
+        _field("observationTags"), _field("observationComments"),
+    ],
+}
+_KEYS = {"deployments": {"primaryKey": ["deploymentID"]},
+         "media": {"primaryKey": ["mediaID"], "foreignKeys": [
+             {"fields": ["deploymentID"], "reference": {"resource": "deployments", "fields": ["deploymentID"]}}]},
+         "observations": {"primaryKey": ["observationID"], "foreignKeys": [
+             {"fields": ["deploymentID"], "reference": {"resource": "deployments", "fields": ["deploymentID"]}},
+             {"fields": ["mediaID"], "reference": {"resource": "media", "fields": ["mediaID"]}}]}}
+
+
+def _iso_s(ts: float | None) -> str:
+    return iso(ts, "seconds")
+
+
+def _row(table: str, values: dict) -> list:
+    return ["" if values.get(f["name"]) is None else values[f["name"]] for f in SCHEMAS[table]]
+
+
+def _deployments(conn: sqlite3.Connection, filters: Filters) -> list[dict]:
+    """Cameras the operator described, with the captures the export holds; an open end is the last capture."""
+    where, params = filters.where()
+    sql = (f"SELECT c.camera_id, c.location_name, c.latitude, c.longitude, c.start_ts, c.end_ts, "
+           f"MIN(r.capture_ts), MAX(r.capture_ts) FROM cameras c JOIN requests r ON r.camera_id = c.camera_id "
+           f"WHERE {where} GROUP BY c.camera_id ORDER BY c.camera_id")
+    return [{"deploymentID": cam, "locationID": cam, "locationName": name, "latitude": lat, "longitude": lon,
+             "deploymentStart": _iso_s(min(start, first)), "deploymentEnd": _iso_s(end if end else last),
+             "cameraID": cam, "_first": first, "_last": last}
+            for cam, name, lat, lon, start, end, first, last in conn.execute(sql, params)]
+
+
+def undescribed_cameras(conn: sqlite3.Connection, filters: Filters) -> list[str]:
+    """Cameras with detections in the export but no deployment (location) yet: Camtrap DP leaves them out."""
+    where, params = filters.where()
+    sql = (f"SELECT DISTINCT r.camera_id FROM requests r LEFT JOIN cameras c ON c.camera_id = r.camera_id "
+           f"WHERE c.camera_id IS NULL AND {where} ORDER BY r.camera_id")
+    return [r[0] for r in conn.execute(sql, params)]
+
+
+def _observation_type(label: str) -> str:
+    if label in BLANK_LABELS:
+        return "blank"
+    return "animal" if label in TAXA else "unknown"
+
+
+def _media_and_observations(conn: sqlite3.Connection, filters: Filters) -> Iterator[tuple[list, list]]:
+    where, params = filters.where()
+    sql = ("SELECT r.request_id, r.camera_id, r.capture_ts, r.finish_ts, r.label, r.confidence, r.prune_ratios "
+           f"FROM requests r JOIN cameras c ON c.camera_id = r.camera_id WHERE {where} "
+           "ORDER BY r.capture_ts, r.request_id")
+    for batch in _batches(conn, sql, params):
+        media, observations = [], []
+        for request_id, camera_id, capture_ts, finish_ts, label, confidence, ratios in batch:
+            when = _iso_s(capture_ts)
+            media.append(_row("media", {
+                "mediaID": request_id, "deploymentID": camera_id, "captureMethod": "activityDetection",
+                "timestamp": when, "filePath": f"{camera_id}/{request_id}", "filePublic": "false",
+                "fileMediatype": "image/*", "mediaComments": "frame classified on the edge; not stored"}))
+            kind = _observation_type(label)
+            observations.append(_row("observations", {
+                "observationID": f"{request_id}_1", "deploymentID": camera_id, "mediaID": request_id,
+                "eventID": request_id, "eventStart": when, "eventEnd": when, "observationLevel": "media",
+                "observationType": kind, "scientificName": _scientific(label) if kind == "animal" else None,
+                "classificationMethod": "machine",
+                "classifiedBy": f"edgeprune trapnet (prune ratios {' '.join(f'{r:g}' for r in json.loads(ratios))})",
+                "classificationTimestamp": _iso_s(finish_ts), "classificationProbability": round(confidence, 4),
+                "observationTags": f"label:{label}"}))
+        yield media, observations
+
+
+def datapackage(deployments: list[dict], labels: list[str], created: float, title: str) -> dict:
+    starts = [d["_first"] for d in deployments]
+    ends = [d["_last"] for d in deployments]
+    taxa = [{"scientificName": TAXA[label][0], "taxonRank": TAXA[label][1], "vernacularNames": {"eng": label}}
+            for label in labels if label in TAXA]
+    lats = [d["latitude"] for d in deployments]
+    lons = [d["longitude"] for d in deployments]
+    resources = [{"name": name, "path": f"{name}.csv", "profile": "tabular-data-resource", "format": "csv",
+                  "mediatype": "text/csv", "encoding": "utf-8",
+                  "schema": {"fields": SCHEMAS[name], **_KEYS[name]}} for name in SCHEMAS]
+    package = {
+        "name": "edgeprune-detections", "id": f"edgeprune-{int(created)}", "created": _iso_s(created),
+        "title": title, "version": "1.0", "profile": "tabular-data-package",
+        "contributors": [{"title": "edgeprune operator", "role": "contact"}],
+        "licenses": [{"name": "CC0-1.0", "scope": "data"}],
+        "description": "Machine classifications of camera-trap frames by edgeprune (pipelined, pruned CNN on edge "
+                       "devices). Follows Camtrap DP 1.0 (https://camtrap-dp.tdwg.org); table schemas are inline.",
+        "sources": [{"title": "edgeprune", "version": "0.1.0"}],
+        "project": {"title": title, "samplingDesign": "opportunistic", "captureMethod": ["activityDetection"],
+                    "individualAnimals": False, "observationLevel": ["media"]},
+        "taxonomic": taxa, "resources": resources,
+    }
+    if deployments:
+        package["temporal"] = {"start": _iso_s(min(starts))[:10], "end": _iso_s(max(ends))[:10]}
+        package["spatial"] = {"type": "Polygon", "coordinates": [[
+            [min(lons), min(lats)], [max(lons), min(lats)], [max(lons), max(lats)], [min(lons), max(lats)],
+            [min(lons), min(lats)]]]}
+    return package
+
+
+def camtrap_dp_files(conn: sqlite3.Connection, filters: Filters, created: float,
+                     title: str = "edgeprune detections") -> Iterator[tuple[str, Iterator[str]]]:
+    """(file name, text chunks) of the package, in an order a streaming zip can write."""
+    deployments = _deployments(conn, filters)
+    where, params = filters.where()
+    labels = [r[0] for r in conn.execute(f"SELECT DISTINCT r.label FROM requests r JOIN cameras c "
+                                         f"ON c.camera_id = r.camera_id WHERE {where} ORDER BY r.label", params)]
+    yield "datapackage.json", iter([json.dumps(datapackage(deployments, labels, created, title), indent=2)])
+    yield "deployments.csv", iter([_csv_text([[f["name"] for f in SCHEMAS["deployments"]]]
+                                             + [_row("deployments", d) for d in deployments])])
+
+    def table(index: int, name: str) -> Iterator[str]:
+        yield _csv_text([[f["name"] for f in SCHEMAS[name]]])
+        for pair in _media_and_observations(conn, filters):
+            yield _csv_text(pair[index])
+    yield "media.csv", table(0, "media")
+    yield "observations.csv", table(1, "observations")
+
+
+def write_camtrap_dp(conn: sqlite3.Connection, filters: Filters, out_dir: Path, created: float) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, chunks in camtrap_dp_files(conn, filters, created):
+        with open(out_dir / name, "w", encoding="utf-8", newline="") as fh:
+            fh.writelines(chunks)
+        written.append(out_dir / name)
+    return written
+
+
+class _Pipe(io.RawIOBase):
+    """A write-only, unseekable stream whose bytes the zip generator hands on as they are made."""
+
+    def __init__(self):
+        self.chunks: list[bytes] = []
+        self._offset = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.chunks.append(bytes(data))
+        self._offset += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._offset
+
+    def drain(self) -> bytes:
+        data, self.chunks = b"".join(self.chunks), []
+        return data
+
+
+def camtrap_dp_zip(conn: sqlite3.Connection, filters: Filters, created: float) -> Iterator[bytes]:
+    """The package as a zip, produced chunk by chunk (the web download)."""
+    pipe = _Pipe()
+    with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, chunks in camtrap_dp_files(conn, filters, created):
+            with archive.open(name, "w", force_zip64=True) as member:
+                for chunk in chunks:
+                    member.write(chunk.encode("utf-8"))
+                    yield pipe.drain()
+    yield pipe.drain()

@@ -1,0 +1,99 @@
+"""Operator overrides of the control settings: validate one change, merge stored overrides, rebuild settings.
+
+Pure: no MQTT, no clock, no file I/O. The gateway keeps the overrides in SQLite (``operator_settings``)
+and, because :class:`ControllerSettings` is frozen, builds a new one from the configured settings plus
+the overrides whenever the operator changes something; the control loop is then rebuilt with it.
+Bounds come from the settings classes themselves (one source of defaults and ranges).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from shared.settings import ControllerSettings, GatewaySettings
+
+log = logging.getLogger(__name__)
+
+POLICY_OFF = "off"
+LABELS = {"slo_s": "SLO target (s)", "trigger_margin_s": "trigger margin (s)", "cooldown_s": "cooldown (s)",
+          "accuracy_floor_relative": "accuracy floor (fraction of unpruned)", "policy": "policy"}
+
+
+def _adapter(setting: str) -> TypeAdapter:
+    if setting == "policy":
+        return TypeAdapter(str)
+    owner = GatewaySettings if setting == "slo_s" else ControllerSettings
+    info = owner.model_fields[setting]
+    return TypeAdapter(Annotated[(info.annotation, *info.metadata)])
+
+
+def validate_setting(setting: str, value: Any) -> float | str:
+    """The value in its proper type, or ValueError saying in words what is wrong with it."""
+    if setting not in LABELS:
+        raise ValueError(f"unknown setting {setting!r}; one of {', '.join(LABELS)}")
+    if setting == "policy":
+        allowed = [*ControllerSettings.model_fields["policy"].annotation.__args__, POLICY_OFF]
+        if value not in allowed:
+            raise ValueError(f"policy must be one of {', '.join(allowed)} (got {value!r})")
+        return value
+    try:
+        return _adapter(setting).validate_python(value)
+    except ValidationError as exc:
+        raise ValueError(f"{LABELS[setting]}: {exc.errors()[0]['msg'].lower()} (got {value!r})") from None
+
+
+class Overrides:
+    """The operator's settings on top of the configured ones; ``values`` is what SQLite stores."""
+
+    def __init__(self, gateway: GatewaySettings, controller: ControllerSettings, stored: dict[str, Any]):
+        self.gateway = gateway
+        self.controller = controller
+        self.values: dict[str, float | str] = {}
+        for setting, value in stored.items():  # a stored value the current code no longer accepts is dropped
+            try:
+                self.values = self._checked({**self.values, setting: validate_setting(setting, value)})
+            except ValueError as exc:
+                log.warning("ignoring stored operator setting %s=%r: %s", setting, value, exc)
+
+    def current(self, setting: str) -> float | str:
+        if setting in self.values:
+            return self.values[setting]
+        if setting == "slo_s":
+            return self.gateway.slo_s
+        if setting == "policy":
+            return self.controller.policy
+        return getattr(self.controller, setting)
+
+    def change(self, setting: str, value: Any) -> tuple[float | str, float | str]:
+        """Validate and adopt one change; returns (old, new). ValueError leaves everything as it was."""
+        new = validate_setting(setting, value)
+        old = self.current(setting)
+        self.values = self._checked({**self.values, setting: new})
+        return old, new
+
+    def _checked(self, values: dict[str, float | str]) -> dict[str, float | str]:
+        self.controller_settings(values)  # cross-field rules (e.g. the ladder) must still hold
+        return values
+
+    def controller_settings(self, values: dict[str, float | str] | None = None) -> ControllerSettings:
+        values = self.values if values is None else values
+        update = {k: v for k, v in values.items() if k != "slo_s" and not (k == "policy" and v == POLICY_OFF)}
+        try:
+            return ControllerSettings(**{**self.controller.model_dump(), **update})
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"]) from None
+
+    @property
+    def slo_s(self) -> float:
+        return float(self.current("slo_s"))
+
+    @property
+    def automatic(self) -> bool:
+        """Policy 'off': the controller neither prunes nor restores on its own; operator holds still apply."""
+        return self.current("policy") != POLICY_OFF
+
+    def effective(self) -> dict[str, float | str]:
+        return {setting: self.current(setting) for setting in LABELS}

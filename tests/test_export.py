@@ -1,0 +1,113 @@
+"""Detections out of the SQLite log: keyset paging, exact CSV bytes, a Camtrap DP package frictionless accepts."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from gateway.export import Filters, camtrap_dp_zip, detections_csv, detections_page, parse_cursor, parse_time
+from gateway.store import Store
+
+T0 = 1780000000.0  # 2026-05-28T20:26:40+00:00
+
+
+def fill_detections(path) -> None:
+    """Four frames of two cameras (one blank), and a third camera nobody described yet."""
+    store = Store(path)
+    frames = [("r1", "cam-1", T0, "zebra", 0.91), ("r2", "cam-1", T0 + 60, "blank", 0.80),
+              ("r3", "cam-2", T0 + 120, "giraffe", 0.55), ("r4", "cam-2", T0 + 180.5, "zebra", 0.99),
+              ("r5", "cam-9", T0 + 200, "dog", 0.70)]
+    for request_id, camera, ts, label, confidence in frames:
+        store.add_request({"request_id": request_id, "camera_id": camera, "capture_ts": ts, "finish_ts": ts + 0.25,
+                           "e2e_s": 0.25, "queue_s": 0.01, "compute_s": 0.2, "transfer_s": 0.04, "label": label,
+                           "label_index": 0, "confidence": confidence, "prune_ratios": [0.0, 0.3], "hops": []})
+    store.set_camera({"camera_id": "cam-1", "location_name": "waterhole north", "latitude": -19.1,
+                      "longitude": 23.4, "start_ts": T0 - 86400, "end_ts": None, "updated_ts": T0})
+    store.set_camera({"camera_id": "cam-2", "location_name": "ridge trail", "latitude": -19.2, "longitude": 23.5,
+                      "start_ts": T0 - 3600, "end_ts": T0 + 3600, "updated_ts": T0})
+    store.close()
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = tmp_path / "edgeprune.db"
+    fill_detections(path)
+    conn = sqlite3.connect(path)
+    yield path, conn
+    conn.close()
+
+
+EXPECTED_CSV = (
+    "request_id,camera_id,capture_time,label,scientific_name,confidence,prune_ratios,e2e_latency_s\n"
+    "r1,cam-1,2026-05-28T20:26:40.000+00:00,zebra,Equus quagga,0.9100,0 0.3,0.2500\n"
+    "r2,cam-1,2026-05-28T20:27:40.000+00:00,blank,,0.8000,0 0.3,0.2500\n"
+    "r3,cam-2,2026-05-28T20:28:40.000+00:00,giraffe,Giraffa camelopardalis,0.5500,0 0.3,0.2500\n"
+    "r4,cam-2,2026-05-28T20:29:40.500+00:00,zebra,Equus quagga,0.9900,0 0.3,0.2500\n"
+    "r5,cam-9,2026-05-28T20:30:00.000+00:00,dog,Canis familiaris,0.7000,0 0.3,0.2500\n")
+
+
+def test_csv_export_is_exactly_the_known_bytes(db):
+    assert "".join(detections_csv(db[1], Filters())).encode() == EXPECTED_CSV.encode()
+
+
+def test_csv_filters_by_time_camera_species_and_confidence(db):
+    lines = "".join(detections_csv(db[1], Filters(start_ts=T0 + 1, camera_id="cam-2", label="zebra",
+                                                  min_confidence=0.9))).splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == ["r4"]
+
+
+def test_keyset_pages_cover_every_row_once_newest_first(db):
+    seen, cursor = [], None
+    while True:
+        rows, next_cursor = detections_page(db[1], Filters(), limit=2, after=cursor and parse_cursor(cursor))
+        seen += [r["request_id"] for r in rows]
+        if next_cursor is None:
+            break
+        cursor = next_cursor
+    assert seen == ["r5", "r4", "r3", "r2", "r1"]
+
+
+def test_times_parse_with_and_without_offset():
+    assert parse_time("2026-05-28T22:26:40+02:00") == T0 == parse_time("2026-05-28T20:26:40")
+    with pytest.raises(ValueError, match="ISO 8601"):
+        parse_time("yesterday")
+
+
+def test_camtrap_dp_package_validates_with_frictionless_and_maps_blank(db, tmp_path):
+    frictionless = pytest.importorskip("frictionless")
+    out = tmp_path / "package"
+    result = subprocess.run([sys.executable, "-m", "edgeprune", "export", "--db", str(db[0]), "--format",
+                             "camtrap-dp", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "cam-9" in result.stderr  # undescribed cameras are named, not silently dropped
+    report = frictionless.validate(out / "datapackage.json")
+    assert report.valid, report.flatten(["rowNumber", "fieldName", "type", "note"])
+    package = json.loads((out / "datapackage.json").read_text())
+    assert [r["name"] for r in package["resources"]] == ["deployments", "media", "observations"]
+    observations = (out / "observations.csv").read_text().splitlines()
+    header = observations[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in observations[1:]]
+    by_media = {r["mediaID"]: r for r in rows}
+    assert set(by_media) == {"r1", "r2", "r3", "r4"}
+    assert by_media["r2"]["observationType"] == "blank" and by_media["r2"]["scientificName"] == ""
+    assert by_media["r1"]["observationType"] == "animal" and by_media["r1"]["scientificName"] == "Equus quagga"
+    assert by_media["r4"]["classificationProbability"] == "0.99" and by_media["r4"]["classificationMethod"] == "machine"
+    deployments = (out / "deployments.csv").read_text().splitlines()
+    assert deployments[1].startswith("cam-1,cam-1,waterhole north,-19.1,23.4,,2026-05-27T20:26:40+00:00,"
+                                     "2026-05-28T20:27:40+00:00")
+
+
+def test_zip_download_streams_the_same_package(db, tmp_path):
+    import zipfile
+
+    path = tmp_path / "p.zip"
+    chunks = list(camtrap_dp_zip(db[1], Filters(camera_id="cam-1"), created=T0))
+    assert len(chunks) > 4
+    path.write_bytes(b"".join(chunks))
+    with zipfile.ZipFile(path) as archive:
+        assert archive.namelist() == ["datapackage.json", "deployments.csv", "media.csv", "observations.csv"]
+        assert archive.read("media.csv").decode().count("\n") == 3  # header + r1, r2

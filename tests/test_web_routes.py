@@ -1,0 +1,250 @@
+"""Every route of the operator page through Flask's test client: login, CSRF, rate limit, controls, data."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from werkzeug.security import generate_password_hash
+
+from edgeprune.commands.passwd import set_in_config
+from shared.settings import WebSettings
+from tests.test_export import EXPECTED_CSV, fill_detections
+from web.app import create_app
+
+PASSWORD = "correct horse battery"
+HASH = generate_password_hash(PASSWORD)
+
+
+class FakeGateway:
+    """Stands in for the MQTT round trip: records commands, answers as told."""
+
+    def __init__(self):
+        self.sent = []
+        self.answer = (True, "done")
+
+    def send(self, command):
+        self.sent.append(command.root)
+        return self.answer
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def page(tmp_path):
+    db = tmp_path / "edgeprune.db"
+    fill_detections(db)
+    gateway, clock = FakeGateway(), Clock()
+    app = create_app(WebSettings(db_path=db, password_hash=HASH), gateway, clock=clock)
+    return app.test_client(), gateway, clock, app
+
+
+def token(client) -> str:
+    return client.get("/api/csrf").get_json()["csrf_token"]
+
+
+def login(client, name="ana", password=PASSWORD):
+    return client.post("/login", json={"name": name, "password": password}, headers={"X-CSRFToken": token(client)})
+
+
+def command(client, body: dict, csrf: bool = True):
+    headers = {"X-CSRFToken": token(client)} if csrf else {}
+    return client.post("/api/command", json=body, headers=headers)
+
+
+def test_everything_needs_a_login_unless_public(page, tmp_path):
+    client, gateway, _, _ = page
+    assert client.get("/").status_code == 302 and "/login" in client.get("/").headers["Location"]
+    for path in ("/api/status", "/api/detections", "/export/detections.csv", "/export/camtrap-dp.zip"):
+        assert client.get(path).status_code == 401, path
+    assert client.get("/detections").status_code == 302
+    assert command(client, {"cmd": "restore_all"}).status_code == 401 and gateway.sent == []
+
+    public = create_app(WebSettings(db_path=tmp_path / "edgeprune.db", password_hash=HASH, public_status=True),
+                        gateway).test_client()
+    assert public.get("/").status_code == 200 and public.get("/api/detections").status_code == 200
+    assert b'id="controls"' not in public.get("/").data  # read-only: no controls without a login
+    assert command(public, {"cmd": "restore_all"}).status_code == 401 and gateway.sent == []
+
+
+def test_login_sets_a_httponly_samesite_cookie_and_logout_ends_it(page):
+    client = page[0]
+    res = login(client)
+    assert res.status_code == 200 and res.get_json()["operator"] == "ana"
+    cookie = res.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and PASSWORD not in cookie
+    assert client.get("/api/status").status_code == 200
+    assert b'id="controls"' in client.get("/").data
+    client.post("/logout", headers={"X-CSRFToken": token(client)})
+    assert client.get("/api/status").status_code == 401
+
+
+def test_login_form_works_and_says_what_is_wrong(page):
+    client = page[0]
+    res = client.post("/login", data={"name": "ana", "password": "nope", "csrf_token": token(client)})
+    assert res.status_code == 401 and b"wrong name or password" in res.data
+    res = client.post("/login?next=/detections", data={"name": "ana", "password": PASSWORD,
+                                                       "csrf_token": token(client)})
+    assert res.status_code == 302 and res.headers["Location"].endswith("/detections")
+
+
+def test_posts_without_csrf_token_are_refused_and_change_nothing(page):
+    client, gateway, _, _ = page
+    res = client.post("/login", json={"name": "ana", "password": PASSWORD})
+    assert res.status_code == 400 and "CSRF" in res.get_json()["error"]
+    assert client.get("/api/status").status_code == 401  # not logged in
+    login(client)
+    res = command(client, {"cmd": "set", "setting": "slo_s", "value": 0.3}, csrf=False)
+    assert res.status_code == 400 and "CSRF" in res.get_json()["error"] and gateway.sent == []
+    res = client.post("/api/command", data={"cmd": "restore_all"})  # the form path too
+    assert res.status_code == 400 and gateway.sent == []
+
+
+def test_failed_logins_are_rate_limited_per_address(page):
+    client, _, clock, _ = page
+    for _ in range(5):
+        assert login(client, password="wrong").status_code == 401
+    res = login(client)  # even the right password waits
+    assert res.status_code == 429 and "try again in 60 s" in res.get_json()["error"]
+    clock.now += 61
+    assert login(client).status_code == 200
+
+
+def test_login_without_a_configured_password_explains_how_to_set_one(tmp_path):
+    client = create_app(WebSettings(db_path=tmp_path / "x.db")).test_client()
+    res = login(client)
+    assert res.status_code == 401 and "edgeprune passwd" in res.get_json()["error"]
+    assert b"edgeprune passwd" in client.get("/login").data
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"cmd": "set", "setting": "slo_s", "value": "-1"}, "SLO target (s): input should be greater than 0"),
+    ({"cmd": "set", "setting": "policy", "value": "fastest"}, "policy must be one of bottleneck, paper, off"),
+    ({"cmd": "set", "setting": "ladder", "value": "1"}, "unknown setting"),
+    ({"cmd": "prune", "node_id": "node-1", "ratio": "lots"}, "ratio: Input should be a valid number"),
+    ({"cmd": "prune", "node_id": "node/1", "ratio": 0.5}, "node_id: String should match pattern"),
+    ({"cmd": "node_slowdown", "node_id": "node-1", "factor": 0.5},
+     "factor: Input should be greater than or equal to 1"),
+    ({"cmd": "camera", "camera_id": "cam-1", "location_name": "x", "latitude": 91, "longitude": 0,
+      "start": "2026-05-01"}, "latitude: Input should be less than or equal to 90"),
+    ({"cmd": "camera", "camera_id": "cam-1", "location_name": "x", "latitude": 1, "longitude": 0,
+      "start": "last spring"}, "is not an ISO 8601 date"),
+    ({"cmd": "camera", "camera_id": "cam-1", "location_name": "x", "latitude": 1, "longitude": 0,
+      "start": "2026-05-02", "end": "2026-05-01"}, "must end after it starts"),
+    ({"cmd": "explode"}, "does not match any of the expected tags"),
+])
+def test_bad_control_input_gets_a_clear_message_and_nothing_is_sent(page, body, words):
+    client, gateway, _, _ = page
+    login(client)
+    res = command(client, body)
+    assert res.status_code == 400 and words in res.get_json()["message"], res.get_json()
+    assert gateway.sent == []
+
+
+def test_good_commands_reach_the_gateway_with_the_operator_and_its_answer_comes_back(page):
+    client, gateway, _, _ = page
+    login(client, name="ben")
+    res = command(client, {"cmd": "set", "setting": "slo_s", "value": "0.3"})
+    assert res.status_code == 200 and res.get_json() == {"ok": True, "message": "done"}
+    sent = gateway.sent[-1]
+    assert (sent.cmd, sent.setting, sent.value, sent.by) == ("set", "slo_s", 0.3, "ben")
+    command(client, {"cmd": "prune", "node_id": "node-1", "ratio": "release"})
+    assert gateway.sent[-1].ratio is None
+    command(client, {"cmd": "camera", "camera_id": "cam-3", "location_name": "ford", "latitude": "-1.5",
+                     "longitude": "36.1", "start": "2026-05-01T08:00+02:00", "end": ""})
+    assert gateway.sent[-1].start_ts == 1777615200.0 and gateway.sent[-1].end_ts is None
+
+    gateway.answer = (False, "prune node-1: ratio 0.55 is not on the ladder")
+    res = command(client, {"cmd": "prune", "node_id": "node-1", "ratio": 0.55})
+    assert res.status_code == 422 and "not on the ladder" in res.get_json()["message"]
+    gateway.answer = (False, "the gateway did not answer within 5 s (is it running?)")
+    assert command(client, {"cmd": "restore_all"}).status_code == 504
+
+
+def test_a_plain_form_post_redirects_back_with_the_answer(page):
+    client, gateway, _, _ = page
+    login(client)
+    res = client.post("/api/command", data={"cmd": "retire", "node_id": "node-9", "csrf_token": token(client)},
+                      headers={"Referer": "/"})
+    assert res.status_code == 302 and gateway.sent[-1].node_id == "node-9"
+    assert b"done" in client.get("/").data  # the flashed answer
+
+
+def test_status_api_has_what_the_overview_shows(page):
+    client = page[0]
+    login(client)
+    data = client.get("/api/status").get_json()
+    assert {"nodes", "latency", "windows", "totals", "errors", "controller", "prune_events", "operator_actions",
+            "cameras", "operator"} <= set(data)
+    assert [c["camera_id"] for c in data["cameras"]] == ["cam-1", "cam-2"] and data["operator"] == "ana"
+
+
+def test_csv_download_is_the_exact_known_bytes(page):
+    client = page[0]
+    login(client)
+    res = client.get("/export/detections.csv")
+    assert res.status_code == 200 and res.is_streamed and res.data == EXPECTED_CSV.encode()
+    assert "attachment" in res.headers["Content-Disposition"]
+    assert client.get("/export/detections.csv?min_confidence=high").status_code == 400
+
+
+def test_camtrap_dp_download_is_a_package_frictionless_accepts(page, tmp_path):
+    frictionless = pytest.importorskip("frictionless")
+    client = page[0]
+    login(client)
+    res = client.get("/export/camtrap-dp.zip?from=2026-05-28")
+    assert res.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(res.data)) as archive:
+        archive.extractall(tmp_path / "package")
+    report = frictionless.validate(tmp_path / "package" / "datapackage.json")
+    assert report.valid, report.flatten(["rowNumber", "fieldName", "type", "note"])
+    assert "blank" in (tmp_path / "package" / "observations.csv").read_text()
+
+
+def test_detections_view_filters_and_pages(page):
+    client = page[0]
+    login(client)
+    html = client.get("/detections?camera=cam-2&min_confidence=0.9").data.decode()
+    assert "Equus quagga" in html and "Giraffa" not in html and "2026-05-28T20:29:40.500+00:00" in html
+    res = client.get("/detections?from=tomorrow")
+    assert res.status_code == 400 and "not an ISO 8601" in res.data.decode()
+    first = client.get("/api/detections?limit=2").get_json()
+    assert [r["request_id"] for r in first["rows"]] == ["r5", "r4"] and first["next"]
+    second = client.get("/api/detections", query_string={"limit": 2, "after": first["next"]}).get_json()
+    assert [r["request_id"] for r in second["rows"]] == ["r3", "r2"]
+    assert client.get("/api/detections?limit=0").status_code == 400
+
+
+def test_passwd_writes_only_the_hash_into_the_web_section(tmp_path):
+    config = tmp_path / "edgeprune.toml"
+    config.write_text('[mqtt]\nport = 1884\n\n[web]\nport = 8081\n\n[gateway]\nslo_s = 0.4\n')
+    res = subprocess.run([sys.executable, "-m", "edgeprune", "passwd", "--config", str(config), "--stdin"],
+                         input=PASSWORD + "\n", capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    text = config.read_text()
+    assert PASSWORD not in text + res.stdout + res.stderr
+    from shared.settings import WebSettings as W, load
+    assert load(W, config).password_hash.get_secret_value().startswith("scrypt:")
+    assert load(W, config).port == 8081 and "slo_s = 0.4" in text
+    assert set_in_config("", "h") == '[web]\npassword_hash = "h"\n'
+    assert set_in_config('[web]\npassword_hash = "old"\n', "new") == '[web]\npassword_hash = "new"\n'
+    short = subprocess.run([sys.executable, "-m", "edgeprune", "passwd", "--stdin"], input="short\n",
+                           capture_output=True, text=True, timeout=60)
+    assert short.returncode == 2 and "8 characters" in short.stderr
+
+
+def test_status_json_is_plain_json(page):
+    """Scripts parse it with jq: no NaN, no infinities."""
+    client = page[0]
+    login(client)
+    json.loads(client.get("/api/status").data, parse_constant=lambda c: pytest.fail(f"{c} in /api/status"))
