@@ -201,7 +201,7 @@ class NodeAgent:
             return
         self._calibrating = None
         latencies = calibrator.latencies()
-        runtime.calibrated_s = dict(zip(runtime.slice.ladder, latencies))
+        runtime.use_calibration(latencies)
         base = self.settings.emulated_slowdown  # a device emulated slower from the start is calibrated so
         a = runtime.assignment
         with self._lock:
