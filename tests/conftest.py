@@ -99,8 +99,12 @@ def wait_until(predicate, timeout: float, message: str, interval: float = 0.1) -
     assert predicate(), message
 
 
-def open_reader(db: Path, timeout: float = 30.0):
-    """A read-only view of the gateway's database, once the gateway has created it."""
+def open_reader(db: Path, timeout: float = 120.0):
+    """A read-only view of the gateway's database, once the gateway has created it.
+
+    Generous: on a shared 2-core machine under load the gateway took over 30 s just to import and
+    connect (3 of 6 e2e runs here failed on the old 30 s limit).
+    """
     from gateway.store import Reader
 
     def attempt():
