@@ -106,12 +106,13 @@ def wait_until(predicate, timeout: float, message: str, interval: float = 0.1) -
     assert predicate(), message
 
 
-def open_reader(db: Path, timeout: float = 120.0):
-    """A read-only view of the gateway's database, once the gateway has created it.
+# How long a component process may take to start (import torch, profile, connect): on a shared 2-core machine
+# under load the gateway took over 30 s and a camera 18 s, and 3 of 6 e2e runs here failed on a 30 s limit.
+STARTUP_S = 120.0
 
-    Generous: on a shared 2-core machine under load the gateway took over 30 s just to import and
-    connect (3 of 6 e2e runs here failed on the old 30 s limit).
-    """
+
+def open_reader(db: Path, timeout: float = STARTUP_S):
+    """A read-only view of the gateway's database, once the gateway has created it."""
     from gateway.store import Reader
 
     def attempt():

@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.conftest import Processes, Recorder, component_env, open_reader, wait_until
+from tests.conftest import STARTUP_S, Processes, Recorder, component_env, open_reader, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,8 @@ def test_gateway_replaces_over_survivors_and_takes_the_node_back(broker, tmp_pat
         procs.start("node-1", "node", "--node-id", "node-1")
         procs.start("node-2", "node", "--node-id", "node-2")
         reader = open_reader(db)
-        wait_until(lambda: (reader.placement() or {}).get("stages", []).__len__() == 2, 60, "no 2-stage placement")
+        wait_until(lambda: (reader.placement() or {}).get("stages", []).__len__() == 2, STARTUP_S,
+                   "no 2-stage placement")
         first = reader.placement()
         victim = first["stages"][1]["node_id"]
         survivor = first["stages"][0]["node_id"]
@@ -40,7 +41,8 @@ def test_gateway_replaces_over_survivors_and_takes_the_node_back(broker, tmp_pat
         def classified(camera_id: str) -> list[dict]:
             return [r for r in reader.recent_requests(0) if r["camera_id"] == camera_id]
 
-        assert procs.start("cam-a", "camera", "--camera-id", "cam-a", "--count", "3", "--rate", "5").wait(60) == 0
+        cam_a = procs.start("cam-a", "camera", "--camera-id", "cam-a", "--count", "3", "--rate", "5")
+        assert cam_a.wait(STARTUP_S) == 0
         wait_until(lambda: len(classified("cam-a")) == 3, 30, "frames were not classified by the survivor")
         assert all(r["prune_ratios"] == [0.0] for r in classified("cam-a"))  # one hop: the survivor alone
 
@@ -57,8 +59,9 @@ def test_gateway_replaces_over_survivors_and_takes_the_node_back(broker, tmp_pat
         assert retained_about(broker.port, victim) == [], "retained topics of a retired node remain"
 
         procs.start(victim, "node", "--node-id", victim)  # it may come back: it offers itself anew
-        wait_until(lambda: len(reader.placement()["stages"]) == 2, 60, "the returning node was not used again")
-        assert procs.start("cam-b", "camera", "--camera-id", "cam-b", "--count", "2", "--rate", "5").wait(60) == 0
+        wait_until(lambda: len(reader.placement()["stages"]) == 2, STARTUP_S, "the returning node was not used again")
+        cam_b = procs.start("cam-b", "camera", "--camera-id", "cam-b", "--count", "2", "--rate", "5")
+        assert cam_b.wait(STARTUP_S) == 0
         wait_until(lambda: len(classified("cam-b")) == 2, 30, "frames were not classified after the rejoin")
         assert all(len(r["prune_ratios"]) == 2 for r in classified("cam-b"))
     finally:
