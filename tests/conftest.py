@@ -58,6 +58,10 @@ class Processes:
         return (self.workdir / f"{name}.log").read_text()
 
     def stop_all(self) -> None:
+        """SIGTERM every component first, then wait for each: stopped one by one, their shutdowns add up."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
         for proc in self.procs.values():
             stop_process(proc)
 
