@@ -116,7 +116,8 @@ def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
         assert sum(r > 0 for r in slowed_stage_ratios) > len(judged) / 2, "the recovery must come from pruning"
 
         command(broker.port, slowed, {"cmd": "slowdown", "factor": 1.0})
-        wait_until(lambda: all(r == 0.0 for r in reader.controller_status()["ratios"].values()), 90,
+        # one ladder step per 3 s restore window at best; load spikes (20 s in one run here) rightly pause it
+        wait_until(lambda: all(r == 0.0 for r in reader.controller_status()["ratios"].values()), 150,
                    "ratios did not return to 0 after the slowdown was removed")
         wait_until(lambda: [s["ratio"] for p, s in applied_states(recorder) if p == slowed][-1] == 0.0, 10,
                    "the node did not restore its full slice")
