@@ -23,8 +23,9 @@ RATE_HZ = 5.0
 # (2.7-4x here) brings it under the 0.1 s stage budget, where the queue drains at once. A fixed factor made
 # both depend on how loaded the machine was during calibration.
 SLOWED_STAGE_S = SLO_S
-# LAT_trigger = SLO + margin: the unslowed pipeline answers in ~10 ms and a shared 2-core machine stretches
-# that by tens of percent, never for seconds on end; the slowed one passes 0.35 s within half a second
+# LAT_trigger = SLO + margin: unslowed, the median latency was 9-37 ms here, and in a 28 s load spike 22 of 140
+# results passed SLO + 5 ms but only 3 passed SLO + 0.1 s (half must, for 2 s, to fire); slowed, it passes
+# 0.35 s by the third frame and keeps growing
 TRIGGER_MARGIN_S = 0.1
 # Judge "under the SLO" over the results of the last few seconds: a backlog built before the prune took
 # effect must not count against the pruned pipeline for the rest of the test
@@ -75,7 +76,7 @@ def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
         EDGEPRUNE_CONTROLLER_TRIGGER_MIN_SPAN_S="2", EDGEPRUNE_CONTROLLER_COOLDOWN_S="3",
         EDGEPRUNE_CONTROLLER_RESTORE_WINDOW_S="3",
         # a shared 2-core CI machine makes compute several times slower than calibrated at moments; the
-        # emulated slowdown is ~100x
+        # emulated slowdown is 85-131x here
         EDGEPRUNE_CONTROLLER_SLOWDOWN_GONE="5.0")
     procs = Processes(tmp_path, env)
     recorder = Recorder(broker, "edgeprune/node/+/prune/state")
@@ -116,7 +117,7 @@ def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
         assert sum(r > 0 for r in slowed_stage_ratios) > len(judged) / 2, "the recovery must come from pruning"
 
         command(broker.port, slowed, {"cmd": "slowdown", "factor": 1.0})
-        # one ladder step per 3 s restore window at best; load spikes (20 s in one run here) rightly pause it
+        # one ladder step per 3 s restore window at best; load spikes (27 s in one run here) rightly pause it
         wait_until(lambda: all(r == 0.0 for r in reader.controller_status()["ratios"].values()), 150,
                    "ratios did not return to 0 after the slowdown was removed")
         wait_until(lambda: [s["ratio"] for p, s in applied_states(recorder) if p == slowed][-1] == 0.0, 10,
