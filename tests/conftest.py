@@ -23,8 +23,10 @@ from shared.schemas import Placement, StageAssignment
 from shared.settings import BrokerSettings, MqttSettings
 
 # Hypothesis's timing checks (a deadline per example, a limit on time spent generating data) measure how loaded
-# the machine is, not the code: on a shared 2-core CI machine they fail at random. Set once for every property test.
-hypothesis_settings.register_profile("loaded_machine", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# the machine is, not the code: on a shared 2-core machine they fail at random. Set once for every property test,
+# on top of the active profile (Hypothesis's own "ci" profile, where it detects CI, drops them too).
+hypothesis_settings.register_profile("loaded_machine", hypothesis_settings(), deadline=None,
+                                     suppress_health_check=[HealthCheck.too_slow])
 hypothesis_settings.load_profile("loaded_machine")
 
 
