@@ -3,131 +3,28 @@
 Pure numpy/scipy, so calibration rows from SQLite can be refitted anywhere and the controller is testable
 without torch. Every fit keeps its measurements and reports its error, because a poor fit must be visible
 to the operator rather than silently steer the controller.
+
+The latency fits live in :mod:`shared.latency_fit`, because a node emulates a slowdown from the same fit
+(and a node does not import ``gateway/``); they are re-exported here so the controller has one fits module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
-from numpy.polynomial import Polynomial
 from scipy.optimize import least_squares
 from scipy.special import expit, logit
 
-LatencyKind = Literal["linear", "quadratic"]
+from shared.latency_fit import LatencyCurve, LatencyKind, SliceLatencyFit, fit_latency, fit_quality
+
+__all__ = ["AccuracyFit", "AccuracyModel", "AccuracyPredictor", "LatencyCurve", "LatencyKind", "SliceLatencyFit",
+           "accuracy_for_slices", "fit_accuracy", "fit_latency"]
+
 AccuracyModel = Literal["logistic", "measured"]
 AccuracyPredictor = Callable[[Sequence[float]], float]
-
-
-def _fit_quality(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
-    """(R², RMSE); R² is 1 for a perfect fit of constant data, 0 for an imperfect one (no variance to explain)."""
-    residual = float(np.sum((measured - predicted) ** 2))
-    total = float(np.sum((measured - measured.mean()) ** 2))
-    rmse = float(np.sqrt(residual / len(measured)))
-    if total == 0.0:
-        return (1.0 if residual == 0.0 else 0.0), rmse
-    return 1.0 - residual / total, rmse
-
-
-@dataclass(frozen=True)
-class LatencyCurve:
-    """One fitted model of a slice's compute time (seconds) against its pruning ratio p.
-
-    ``linear``: t = coef[0]·p + coef[1] (the paper's α·p + β).
-    ``quadratic``: t = coef[0] + coef[1]·(1−p) + coef[2]·(1−p)², because compute follows MACs, which fall
-    roughly as (1−p)² when a slice's input and output channels are both thinned.
-    """
-
-    kind: LatencyKind
-    coef: tuple[float, ...]
-    r2: float
-    rmse: float
-
-    @cached_property
-    def polynomial(self) -> Polynomial:
-        """The curve as a polynomial in p (one evaluation path for both kinds; built once, policies call often)."""
-        if self.kind == "linear":
-            slope, intercept = self.coef
-            return Polynomial([intercept, slope])
-        return Polynomial(list(self.coef))(Polynomial([1.0, -1.0]))
-
-    def predict(self, ratio: float) -> float:
-        return float(self.polynomial(ratio))
-
-    def min_on(self, max_ratio: float) -> float:
-        """Smallest predicted time on [0, max_ratio]: a curve that reaches ≤ 0 there is unusable."""
-        poly = self.polynomial
-        points = [0.0, max_ratio] + [float(r.real) for r in poly.deriv().roots()
-                                     if abs(r.imag) < 1e-12 and 0.0 < r.real < max_ratio]
-        return float(min(poly(p) for p in points))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "coef": list(self.coef), "r2": self.r2, "rmse": self.rmse}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LatencyCurve:
-        return cls(kind=data["kind"], coef=tuple(float(c) for c in data["coef"]),
-                   r2=float(data["r2"]), rmse=float(data["rmse"]))
-
-
-@dataclass(frozen=True)
-class SliceLatencyFit:
-    """Both latency models of one slice, with the measurements they came from."""
-
-    ratios: tuple[float, ...]
-    latencies_s: tuple[float, ...]
-    linear: LatencyCurve
-    quadratic: LatencyCurve
-
-    @property
-    def max_ratio(self) -> float:
-        """Largest measured ratio: predictions beyond it are extrapolation."""
-        return max(self.ratios)
-
-    def best(self) -> LatencyCurve:
-        """The curve with the smaller RMSE among those predicting a positive time on [0, max_ratio]."""
-        usable = [c for c in (self.quadratic, self.linear) if c.min_on(self.max_ratio) > 0.0]
-        if not usable:
-            raise ValueError("both latency fits predict a time <= 0 within the measured ratios; re-calibrate")
-        return min(usable, key=lambda c: c.rmse)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ratios": list(self.ratios), "latencies_s": list(self.latencies_s),
-                "linear": self.linear.to_dict(), "quadratic": self.quadratic.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SliceLatencyFit:
-        return cls(ratios=tuple(float(r) for r in data["ratios"]),
-                   latencies_s=tuple(float(t) for t in data["latencies_s"]),
-                   linear=LatencyCurve.from_dict(data["linear"]),
-                   quadratic=LatencyCurve.from_dict(data["quadratic"]))
-
-
-def fit_latency(ratios: Sequence[float], latencies_s: Sequence[float]) -> SliceLatencyFit:
-    """Least-squares fit of both latency models to one slice's (ratio, seconds) measurements.
-
-    Repeated measurements at the same ratio are welcome (they average out noise); at least three distinct
-    ratios are needed for the quadratic.
-    """
-    p = np.asarray(ratios, dtype=float)
-    t = np.asarray(latencies_s, dtype=float)
-    if p.shape != t.shape or p.ndim != 1:
-        raise ValueError("ratios and latencies must be equally long 1-D sequences")
-    if len(np.unique(p)) < 3:
-        raise ValueError("need measurements at >= 3 distinct ratios to fit a quadratic")
-    if np.any((p < 0) | (p >= 1)) or np.any(t <= 0):
-        raise ValueError("ratios must lie in [0, 1) and latencies be positive")
-
-    slope, intercept = np.polyfit(p, t, 1)
-    linear = LatencyCurve("linear", (float(slope), float(intercept)), *_fit_quality(slope * p + intercept, t))
-    kept = 1.0 - p
-    design = np.column_stack([np.ones_like(kept), kept, kept ** 2])
-    coef = np.linalg.lstsq(design, t, rcond=None)[0]
-    quadratic = LatencyCurve("quadratic", tuple(float(c) for c in coef), *_fit_quality(design @ coef, t))
-    return SliceLatencyFit(tuple(float(x) for x in p), tuple(float(x) for x in t), linear, quadratic)
 
 
 @dataclass(frozen=True)
@@ -231,7 +128,7 @@ def fit_accuracy(vectors: Sequence[Sequence[float]], accuracies: Sequence[float]
     lower = np.r_[np.full(n, -np.inf), -np.inf, chance + 1e-6]
     upper = np.r_[np.zeros(n), np.inf, 1.0]
     theta = least_squares(lambda th: model(th) - measured, np.r_[start, top0], bounds=(lower, upper)).x
-    r2, rmse = _fit_quality(model(theta), measured)
+    r2, rmse = fit_quality(model(theta), measured)
     return AccuracyFit(gains=tuple(float(g) for g in theta[:n]), offset=float(theta[n]), top=float(theta[n + 1]),
                        chance=chance, r2=r2, rmse=rmse,
                        vectors=tuple(tuple(float(p) for p in row) for row in ratios),

@@ -32,15 +32,16 @@ class Calibrator(Protocol):
 
 
 class Calibrated(Protocol):
-    """What is calibrated (a :class:`node_agent.runtime.StageRuntime`): ``run`` reads ``calibrated_s``."""
+    """What is calibrated (a :class:`node_agent.runtime.StageRuntime`): it emulates a slowdown from the curve."""
 
     assignment: StageAssignment
-    calibrated_s: dict[float, float]
+
+    def use_calibration(self, latencies_s: list[float]) -> None: ...  # one median per ladder ratio
 
 
 @dataclass(frozen=True)
 class FinishedCalibration:
-    """A slice measured at every ratio, already handed to its runtime (``calibrated_s``)."""
+    """A slice measured at every ratio, already handed to its runtime (``use_calibration``)."""
 
     target: Calibrated
     latency_s: dict[float, float]  # unslowed median seconds per ladder ratio
@@ -109,5 +110,5 @@ class CalibrationSchedule:
             return None
         self._current = None
         latency_s = dict(zip(calibrator.ladder, calibrator.latencies()))
-        target.calibrated_s = latency_s
+        target.use_calibration(list(latency_s.values()))
         return FinishedCalibration(target, latency_s)

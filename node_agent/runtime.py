@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from shared import wire
 from shared.imaging import decode_frame
+from shared.latency_fit import LatencyCurve, fit_latency
 from shared.model import CLASS_NAMES, INPUT_SIZE, BlockNet
 from shared.pruning import PrunableSlice
 from shared.schemas import BadMessage, Hop, Result, StageAssignment, to_json
@@ -121,8 +123,21 @@ class StageRuntime:
         # every ladder variant is built in the background; the full slice serves meanwhile
         self.slice = PrunableSlice(model, assignment.first_block, assignment.last_block, build="lazy")
         self.input_shape = block_input_shape(model, assignment.first_block)
-        # unslowed median compute per ladder ratio, handed over by the calibration schedule when complete
-        self.calibrated_s: dict[float, float] = {}
+        # the unslowed compute curve fitted to this node's calibration of the slice (None until calibrated)
+        self.calibrated_curve: LatencyCurve | None = None
+
+    def use_calibration(self, latencies_s: Sequence[float]) -> None:
+        """Fit the slice's calibration (one median per ladder ratio) as the controller does, to emulate from.
+
+        The gateway predicts this slice's time from the same fit (``shared.latency_fit``), so an emulated
+        slowdown is as slow as the controller expects rather than as slow as one sample taken while the
+        machine was busy (such a sample made a pruned slice 1.8x slower than predicted). A calibration
+        neither fit describes (the gateway refuses it too) leaves the emulation as it was.
+        """
+        try:
+            self.calibrated_curve = fit_latency(self.slice.ladder, latencies_s).best()
+        except ValueError:
+            pass
 
     def check_size(self, payload: bytes) -> None:
         if len(payload) > self.max_payload_bytes:
@@ -151,17 +166,19 @@ class StageRuntime:
         """One request through this stage; ``slowdown`` > 1 emulates a busier device.
 
         The emulated device does ``slowdown - 1`` extra units of the slice's *calibrated* compute
-        at the current ratio (of this request's own compute until calibrated): stretching each
-        request's measured time instead would multiply this machine's scheduling jitter too (a
-        10 ms preemption became 0.6 s at 60x and stalled a demo's queue for seconds).
+        at the current ratio, read from the fitted curve (of this request's own compute until
+        calibrated): stretching each request's measured time instead would multiply this machine's
+        scheduling jitter too (a 10 ms preemption became 0.6 s at 60x and stalled a demo's queue
+        for seconds).
         """
         act = self.decode(req)
         x = torch.from_numpy(np.array(act.full_tensor(), dtype=np.float32))  # a writable copy
         t0 = time.perf_counter()
         out, keep_mask = self.slice.forward(x, act.keep_mask)
         if slowdown > 1.0:
-            unit = self.calibrated_s.get(self.slice.ratio)
-            time.sleep((slowdown - 1.0) * (unit if unit is not None else time.perf_counter() - t0))
+            curve = self.calibrated_curve
+            unit = curve.predict(self.slice.ratio) if curve is not None else time.perf_counter() - t0
+            time.sleep((slowdown - 1.0) * unit)
         compute_s = time.perf_counter() - t0
         finished_ts = started_ts + compute_s
         hop = {"stage": self.assignment.stage, "node_id": self.node_id, "prune_ratio": self.slice.ratio,

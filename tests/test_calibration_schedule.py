@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
@@ -13,7 +13,10 @@ from shared.schemas import StageAssignment
 @dataclass
 class FakeRuntime:
     assignment: StageAssignment
-    calibrated_s: dict[float, float] = field(default_factory=dict)
+    calibrated: list[float] | None = None  # what the schedule handed over
+
+    def use_calibration(self, latencies_s: list[float]) -> None:
+        self.calibrated = list(latencies_s)
 
 
 class FakeCalibrator:
@@ -61,10 +64,11 @@ def test_idle_pauses_each_take_one_run_and_the_finished_curve_is_handed_over():
     assert sched.busy and sched.wait_s(0.2) == 0.05  # poll at the pause while calibrating
     assert sched.tick(10.0, idle=True) is None
     assert sched.tick(10.05, idle=True) is None
-    assert made[0].steps == 2 and rt.calibrated_s == {}  # nothing handed over half-measured
+    assert made[0].steps == 2 and rt.calibrated is None  # nothing handed over half-measured
     finished = sched.tick(10.10, idle=True)
     assert finished is not None and finished.target is rt
-    assert rt.calibrated_s == finished.latency_s == {0.0: 0.010, 0.5: 0.009, 0.9: 0.008}
+    assert finished.latency_s == {0.0: 0.010, 0.5: 0.009, 0.9: 0.008}
+    assert rt.calibrated == [0.010, 0.009, 0.008]
     assert not sched.busy and sched.tick(20.0, idle=True) is None and made[0].steps == 3
 
 
@@ -91,7 +95,7 @@ def test_a_new_request_abandons_the_unfinished_calibration():
     results = [sched.tick(t, idle=True) for t in (0.1, 0.2, 0.3)]
     assert len(made) == 2 and made[0].steps == 1  # the old slice is never measured further
     assert results[:2] == [None, None] and results[2].target is new
-    assert old.calibrated_s == {} and new.calibrated_s
+    assert old.calibrated is None and new.calibrated
 
 
 def test_requesting_nothing_cancels():
@@ -112,4 +116,4 @@ def test_the_published_curve_names_the_slice_and_carries_the_device_factor(devic
     assert (message.first_block, message.last_block, message.placement_version) == (2, 4, 7)
     assert message.ratios == [0.0, 0.5, 0.9]
     assert message.latency_s == pytest.approx([0.010 * device_factor, 0.009 * device_factor, 0.008 * device_factor])
-    assert rt.calibrated_s[0.0] == 0.010  # the runtime keeps the unslowed figures
+    assert rt.calibrated[0] == 0.010  # the runtime keeps the unslowed figures

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
+from contextlib import closing
 
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.conftest import Processes, Recorder, component_env, open_reader, wait_until
+from gateway.curves import SliceLatencyFit
+from tests.conftest import STARTUP_S, Processes, Recorder, component_env, open_reader, wait_until
 
 pytestmark = pytest.mark.integration
 SLO_S = 0.250
-SLOWDOWN = 150.0
+RATE_HZ = 5.0
+# The slowed node's unpruned slice is emulated to take the SLO itself, whatever this machine's speed: over
+# the 0.2 s frame interval its queue grows by 0.25 s a second, while its calibrated speed-up at p=0.9
+# (2.7-4x here) brings it under the 0.1 s stage budget, where the queue drains at once. A fixed factor made
+# both depend on how loaded the machine was during calibration.
+SLOWED_STAGE_S = SLO_S
+# LAT_trigger = SLO + margin: unslowed, the median latency was 9-37 ms here, and in a 28 s load spike 22 of 140
+# results passed SLO + 5 ms but only 3 passed SLO + 0.1 s (half must, for 2 s, to fire); slowed, it passes
+# 0.35 s by the third frame and keeps growing
+TRIGGER_MARGIN_S = 0.1
+# Judge "under the SLO" over the results of the last few seconds: a backlog built before the prune took
+# effect must not count against the pruned pipeline for the rest of the test
+RECENT_WINDOW_S = 4.0
 
 
 def write_accuracy_model(path, n_blocks: int = 6) -> None:
@@ -56,11 +72,12 @@ def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
         EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_GATEWAY_SLO_S=str(SLO_S),
         EDGEPRUNE_GATEWAY_WINDOW_S="2", EDGEPRUNE_GATEWAY_ACCURACY_MODEL=str(accuracy),
         EDGEPRUNE_NODE_UPLINK_MBIT_S="100000", EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5",
-        EDGEPRUNE_CONTROLLER_TRIGGER_MARGIN_S="0.005", EDGEPRUNE_CONTROLLER_TRIGGER_WINDOW_S="4",
+        EDGEPRUNE_CONTROLLER_TRIGGER_MARGIN_S=str(TRIGGER_MARGIN_S), EDGEPRUNE_CONTROLLER_TRIGGER_WINDOW_S="4",
         EDGEPRUNE_CONTROLLER_TRIGGER_MIN_SPAN_S="2", EDGEPRUNE_CONTROLLER_COOLDOWN_S="3",
         EDGEPRUNE_CONTROLLER_RESTORE_WINDOW_S="3",
-        # a shared 2-core CI machine jitters by tens of percent; the emulated slowdown is 150x
-        EDGEPRUNE_CONTROLLER_SLOWDOWN_GONE="2.0")
+        # a shared 2-core CI machine makes compute several times slower than calibrated at moments; the
+        # emulated slowdown is 85-131x here
+        EDGEPRUNE_CONTROLLER_SLOWDOWN_GONE="5.0")
     procs = Processes(tmp_path, env)
     recorder = Recorder(broker, "edgeprune/node/+/prune/state")
     try:
@@ -71,27 +88,38 @@ def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
         wait_until(lambda: (reader.controller_status() or {}).get("enabled"), 90,
                    "the controller never started (placement + calibrations + accuracy model)")
         slowed, other = [s["node_id"] for s in reader.placement()["stages"]]
-        procs.start("camera", "camera", "--camera-id", "cam-c", "--rate", "5", "--arrival", "fixed")
+        procs.start("camera", "camera", "--camera-id", "cam-c", "--rate", str(RATE_HZ), "--arrival", "fixed")
 
-        def recent_p50(after: float) -> float:
-            lat = [r["e2e_s"] for r in reader.recent_requests(after)]
-            return float(np.median(lat)) if len(lat) >= 10 else float("inf")
+        def recent(after: float) -> list[dict]:
+            """Results of the last RECENT_WINDOW_S seconds that completed after ``after``."""
+            return reader.recent_requests(max(after, time.time() - RECENT_WINDOW_S))
 
-        wait_until(lambda: recent_p50(0) < SLO_S, 30, "the unslowed pipeline does not meet the SLO")
+        def p50(rows: list[dict]) -> float:
+            return float(np.median([r["e2e_s"] for r in rows])) if len(rows) >= 10 else float("inf")
+
+        wait_until(lambda: p50(recent(0)) < SLO_S, STARTUP_S, "the unslowed pipeline does not meet the SLO")
         assert reader.prune_events() == []  # nothing fires while the SLO is met
 
-        command(broker.port, slowed, {"cmd": "slowdown", "factor": SLOWDOWN})
+        unpruned_s = calibrated_curve(db, slowed).predict(0.0)  # what the node emulates from, fitted alike
+        command(broker.port, slowed, {"cmd": "slowdown", "factor": SLOWED_STAGE_S / unpruned_s})
         wait_until(lambda: any(e["kind"] == "set" and e["changed"].get(slowed, 0) > 0 for e in reader.prune_events()),
                    40, f"no pruning of the slowed node {slowed}")
         event = next(e for e in reader.prune_events() if e["kind"] == "set")
         assert event["ratios"][other] == 0.0, "the node that was not slowed must not be pruned"
-        assert event["predicted_accuracy"] >= (reader.controller_status()["accuracy_floor"] or 0)
+        floor = reader.controller_status()["accuracy_floor"]
+        assert floor == pytest.approx(0.9 * 0.948), "the floor is 90% of the unpruned accuracy in the model file"
+        assert event["predicted_accuracy"] >= floor
         wait_until(lambda: any(p == slowed and s["ratio"] > 0 for p, s in applied_states(recorder)), 10,
                    "the node did not apply the ratio")
-        wait_until(lambda: recent_p50(event["ts"] + 2) < SLO_S, 30, "latency did not return under the SLO")
+        wait_until(lambda: p50(recent(event["ts"])) < SLO_S, 30, "latency did not return under the SLO")
+        judged = recent(event["ts"])
+        slowed_stage_ratios = [r["prune_ratios"][0] for r in judged]  # the slowed node runs the first stage
+        assert sum(r > 0 for r in slowed_stage_ratios) > len(judged) / 2, "the recovery must come from pruning"
 
         command(broker.port, slowed, {"cmd": "slowdown", "factor": 1.0})
-        wait_until(lambda: all(r == 0.0 for r in reader.controller_status()["ratios"].values()), 90,
+        # one ladder step per 3 s restore window at best; load spikes rightly pause it (the restore took 18-28 s
+        # in most runs here, 86 s in one where other jobs made the unslowed latency reach 2.9 s)
+        wait_until(lambda: all(r == 0.0 for r in reader.controller_status()["ratios"].values()), 150,
                    "ratios did not return to 0 after the slowdown was removed")
         wait_until(lambda: [s["ratio"] for p, s in applied_states(recorder) if p == slowed][-1] == 0.0, 10,
                    "the node did not restore its full slice")
@@ -107,6 +135,14 @@ def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
     finally:
         recorder.close()
         procs.stop_all()
+
+
+def calibrated_curve(db, node: str):
+    """The best latency curve the gateway fitted to the node's latest calibration."""
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        (fit,) = conn.execute("SELECT fit FROM calibrations WHERE node_id = ? ORDER BY measured_at DESC LIMIT 1",
+                              (node,)).fetchone()
+    return SliceLatencyFit.from_dict(json.loads(fit)).best()
 
 
 def applied_states(recorder: Recorder) -> list[tuple[str, dict]]:

@@ -101,8 +101,9 @@ def test_calibrator_measures_every_ratio_one_run_at_a_time():
     assert len(latencies) == 3 and all(0 < t < 1.0 for t in latencies)
 
 
-def test_emulated_slowdown_adds_calibrated_compute_not_this_requests_jitter(monkeypatch):
+def test_emulated_slowdown_adds_the_fitted_calibrated_compute_not_a_sample_or_this_requests_jitter(monkeypatch):
     import node_agent.runtime as runtime_module
+    from gateway.curves import fit_latency
 
     model = build_model()
     placement = even_split(model.n_blocks, ["a"])
@@ -112,11 +113,17 @@ def test_emulated_slowdown_adds_calibrated_compute_not_this_requests_jitter(monk
     frame = Request("edgeprune/camera/cam/frame", camera_frame(np.random.default_rng(3), 64, "png"), {}, 1.0, "cam")
     stage.run(frame, 1.0, slowdown=5.0)  # not calibrated yet: four times this request's own compute
     assert len(slept) == 1 and slept[0] > 0
-    stage.calibrated_s = {0.0: 0.002, 0.5: 0.001}
-    stage.run(frame, 1.0, slowdown=5.0)
-    stage.slice.set_ratio(0.5)
-    stage.run(frame, 1.0, slowdown=5.0)
-    assert slept[1:] == [pytest.approx(0.008), pytest.approx(0.004)]
+    ladder = stage.slice.ladder
+    # compute falling with the kept channels, and one sample at the top ratio taken while the machine was busy
+    latencies = [0.0002 + 0.0018 * (1 - r) ** 2 for r in ladder]
+    latencies[-1] *= 3
+    stage.use_calibration(latencies)
+    predicted = fit_latency(ladder, latencies).best()  # what the gateway's controller predicts from
+    for ratio in (0.0, ladder[-1]):
+        stage.slice.set_ratio(ratio)
+        stage.run(frame, 1.0, slowdown=5.0)
+    assert slept[1:] == [pytest.approx(4 * predicted.predict(0.0)), pytest.approx(4 * predicted.predict(ladder[-1]))]
+    assert slept[-1] < 4 * latencies[-1] * 0.75  # the fit, not the busy sample
 
 
 def test_activation_of_the_wrong_shape_is_rejected_as_bad_shape():
