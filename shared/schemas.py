@@ -259,29 +259,32 @@ class NodeCommand(RootModel[Annotated[SlowdownCommand | CalibrateCommand, Field(
     """A one-shot command on a node's ``cmd`` topic (never retained)."""
 
 
-class ManualPruneCommand(_Strict):
+class _GatewayCommandBase(_Strict):
+    """Every gateway command may carry an ``id`` (the gateway answers with a :class:`CommandReply`) and ``by``."""
+
+    id: str | None = Field(None, max_length=64, description="Echoed in the gateway's CommandReply.")
+    by: str | None = Field(None, max_length=64, description="Who sent it (the operator page's login).")
+
+
+class ManualPruneCommand(_GatewayCommandBase):
     """Operator override: hold ``node_id`` at ``ratio`` (a ladder ratio), or hand it back with ``null``."""
 
     cmd: Literal["prune"]
     node_id: str = Id
     ratio: float | None = Field(ge=0.0, lt=1.0)
-    id: str | None = Field(None, max_length=64, description="Echoed in the gateway's CommandReply.")
-    by: str | None = Field(None, max_length=64, description="Who sent it (the operator page's login).")
 
 
-class RetireCommand(_Strict):
+class RetireCommand(_GatewayCommandBase):
     """A node leaves the deployment for good: the gateway clears its retained topics."""
 
     cmd: Literal["retire"]
     node_id: str = Id
-    id: str | None = Field(None, max_length=64)
-    by: str | None = Field(None, max_length=64)
 
 
 OperatorSetting = Literal["slo_s", "trigger_margin_s", "cooldown_s", "accuracy_floor_relative", "policy"]
 
 
-class SetSettingCommand(_Strict):
+class SetSettingCommand(_GatewayCommandBase):
     """Operator changes one control setting; the gateway validates it and keeps it across restarts.
 
     ``policy`` takes ``bottleneck``, ``paper`` or ``off`` (manual holds only); the others take a number.
@@ -290,29 +293,23 @@ class SetSettingCommand(_Strict):
     cmd: Literal["set"]
     setting: OperatorSetting
     value: float | str
-    id: str | None = Field(None, max_length=64)
-    by: str | None = Field(None, max_length=64)
 
 
-class RestoreAllCommand(_Strict):
+class RestoreAllCommand(_GatewayCommandBase):
     """Release every manual hold and set every node back to ratio 0 (the controller may prune again)."""
 
     cmd: Literal["restore_all"]
-    id: str | None = Field(None, max_length=64)
-    by: str | None = Field(None, max_length=64)
 
 
-class NodeSlowdownCommand(_Strict):
+class NodeSlowdownCommand(_GatewayCommandBase):
     """For demonstrations: the gateway forwards it as the node's one-shot ``slowdown`` command."""
 
     cmd: Literal["node_slowdown"]
     node_id: str = Id
     factor: float = Field(ge=1.0, le=1000.0)
-    id: str | None = Field(None, max_length=64)
-    by: str | None = Field(None, max_length=64)
 
 
-class CameraCommand(_Strict):
+class CameraCommand(_GatewayCommandBase):
     """Operator describes a camera's deployment (Camtrap DP ``deployments``): where and when it stood."""
 
     cmd: Literal["camera"]
@@ -322,8 +319,6 @@ class CameraCommand(_Strict):
     longitude: float = Field(ge=-180.0, le=180.0)
     start_ts: float
     end_ts: float | None = None
-    id: str | None = Field(None, max_length=64)
-    by: str | None = Field(None, max_length=64)
 
     @model_validator(mode="after")
     def _ordered(self) -> CameraCommand:
