@@ -42,10 +42,11 @@ def result_row(result: Result, finish_ts: float) -> dict:
     e2e = finish_ts - result.capture_ts
     queue_s = sum(h.queue_s for h in result.hops)
     compute_s = sum(h.compute_s for h in result.hops)
+    decode_s = sum(h.decode_s for h in result.hops)
     return {
         "request_id": result.request_id, "camera_id": result.camera_id, "capture_ts": result.capture_ts,
-        "finish_ts": finish_ts, "e2e_s": e2e, "queue_s": queue_s, "compute_s": compute_s,
-        "transfer_s": e2e - queue_s - compute_s, "label": result.label, "label_index": result.label_index,
+        "finish_ts": finish_ts, "e2e_s": e2e, "queue_s": queue_s, "compute_s": compute_s, "decode_s": decode_s,
+        "transfer_s": e2e - queue_s - decode_s - compute_s, "label": result.label, "label_index": result.label_index,
         "confidence": result.confidence, "prune_ratios": [h.prune_ratio for h in result.hops],
         "hops": [h.model_dump() for h in result.hops],
     }

@@ -21,7 +21,7 @@ SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
     "requests": ({
         "request_id": str, "camera_id": str, "capture_ts": float, "finish_ts": float, "e2e_s": float,
         "queue_s": float, "compute_s": float, "transfer_s": float, "label": str, "label_index": int,
-        "confidence": float, "prune_ratios": str, "hops": str,
+        "confidence": float, "prune_ratios": str, "hops": str, "decode_s": float,
     }, {"pk": "request_id"}),
     "windows": ({
         "start_ts": float, "end_ts": float, "count": int, "slo_s": float, "met": int,
@@ -32,7 +32,7 @@ SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
         "first_block": int, "last_block": int, "placement_version": int, "queue_depth": int,
         "queue_capacity": int, "processed": int, "dropped": int, "errors": str,
         "compute_mean_s": float, "compute_p95_s": float, "queue_wait_mean_s": float,
-        "cpu_percent": float, "prune_ratio": float, "emulated_slowdown": float,
+        "cpu_percent": float, "prune_ratio": float, "emulated_slowdown": float, "decode_mean_s": float,
     }, {"pk": "node_id"}),
     "errors": ({
         "id": int, "ts": float, "component": str, "topic": str, "kind": str, "message": str,
@@ -80,6 +80,8 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         for name, (columns, opts) in SCHEMA.items():
             self.db[name].create(columns, **opts, if_not_exists=True)
+            for column in columns.keys() - self.db[name].columns_dict.keys():  # a file from an older version
+                self.db[name].add_column(column, columns[column])
         for name, indexes in INDEXES.items():
             for cols in indexes:
                 self.db[name].create_index(cols, if_not_exists=True)
@@ -182,7 +184,7 @@ class Reader:
 
     def recent_requests(self, since_ts: float, limit: int = 2000) -> list[dict]:
         rows = self._rows("SELECT request_id, camera_id, capture_ts, finish_ts, e2e_s, queue_s, compute_s, "
-                          "transfer_s, label, label_index, confidence, prune_ratios FROM requests WHERE finish_ts >= ? "
+                          "decode_s, transfer_s, label, label_index, confidence, prune_ratios FROM requests WHERE finish_ts >= ? "
                           "ORDER BY finish_ts DESC LIMIT ?", (since_ts, limit))
         for row in rows:
             row["prune_ratios"] = json.loads(row["prune_ratios"])

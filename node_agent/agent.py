@@ -73,6 +73,7 @@ class NodeAgent:
         self._calibrating: tuple[StageRuntime, SliceCalibrator] | None = None  # inference thread only
         self._last_calibration_step = 0.0
         self._compute_s: deque[float] = deque(maxlen=1024)
+        self._decode_s: deque[float] = deque(maxlen=1024)
         self._queue_wait_s: deque[float] = deque(maxlen=1024)
         self._cpu = CpuMeter()
         self._threads: list[threading.Thread] = []
@@ -138,7 +139,8 @@ class NodeAgent:
             n = len(placement.stages)
             output = self.topics.results if assignment.stage == n else self.topics.stage_input(assignment.stage + 1)
             runtime = StageRuntime(self.model, self.node_id, assignment, n, output,
-                                   self.settings.wire_dtype, self.settings.max_payload_bytes)
+                                   self.settings.wire_dtype, self.settings.max_payload_bytes,
+                                   self.settings.reduced_decode)
             new_filter = (self.topics.camera_frame_filter if assignment.stage == 1
                           else self.topics.stage_input(assignment.stage))
         with self._lock:
@@ -260,6 +262,7 @@ class NodeAgent:
             with self._lock:
                 self.processed += 1
                 self._compute_s.append(out.compute_s)
+                self._decode_s.append(out.decode_s)
                 self._queue_wait_s.append(started - req.received_ts)
 
     # --- stats ---------------------------------------------------------------------------
@@ -270,7 +273,9 @@ class NodeAgent:
             version = self.placement_version
             compute = np.array(self._compute_s) if self._compute_s else None
             waits = np.array(self._queue_wait_s) if self._queue_wait_s else None
+            decodes = np.array(self._decode_s) if self._decode_s else None
             self._compute_s.clear()
+            self._decode_s.clear()
             self._queue_wait_s.clear()
         a = runtime.assignment if runtime else None
         return NodeStats(
@@ -281,6 +286,7 @@ class NodeAgent:
             compute_mean_s=float(compute.mean()) if compute is not None else None,
             compute_p95_s=float(np.percentile(compute, 95)) if compute is not None else None,
             queue_wait_mean_s=float(waits.mean()) if waits is not None else None,
+            decode_mean_s=float(decodes.mean()) if decodes is not None else None,
             cpu_percent=self._cpu.read(), prune_ratio=runtime.slice.ratio if runtime else 0.0,
             emulated_slowdown=self.slowdown)
 

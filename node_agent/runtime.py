@@ -37,7 +37,8 @@ class Output:
     topic: str
     payload: bytes
     request_id: str
-    compute_s: float
+    compute_s: float  # the slice alone, what pruning can shrink
+    decode_s: float = 0.0  # turning the payload into the slice's input (a frame's decode at stage 1)
 
 
 def block_input_shape(model: BlockNet, block: int) -> tuple[int, ...]:
@@ -108,7 +109,7 @@ class StageRuntime:
 
     def __init__(self, model: BlockNet, node_id: str, assignment: StageAssignment, n_stages: int,
                  output_topic: str, wire_dtype: str = "float16",
-                 max_payload_bytes: int = 8 << 20):
+                 max_payload_bytes: int = 8 << 20, reduced_decode: bool = True):
         self.node_id = node_id
         self.assignment = assignment
         self.is_first = assignment.stage == 1
@@ -116,6 +117,7 @@ class StageRuntime:
         self.output_topic = output_topic
         self.wire_dtype = np.dtype(wire_dtype)
         self.max_payload_bytes = max_payload_bytes
+        self.reduced_decode = reduced_decode
         # every ladder variant is built in the background; the full slice serves meanwhile
         self.slice = PrunableSlice(model, assignment.first_block, assignment.last_block, build="lazy")
         self.input_shape = block_input_shape(model, assignment.first_block)
@@ -132,8 +134,9 @@ class StageRuntime:
         self.check_size(req.payload)
         if self.is_first:
             request_id, capture_ts = frame_metadata(req)
+            pixels = decode_frame(req.payload, reduced=self.reduced_decode)
             return wire.Activation(request_id, req.camera_id or "unknown", capture_ts,
-                                   self.assignment.first_block, decode_frame(req.payload))
+                                   self.assignment.first_block, pixels)
         act = wire.decode(req.payload)
         if act.next_block != self.assignment.first_block:
             raise BadMessage("stale_placement", f"activation for block {act.next_block} reached a stage "
@@ -152,18 +155,23 @@ class StageRuntime:
         at the current ratio (of this request's own compute until calibrated): stretching each
         request's measured time instead would multiply this machine's scheduling jitter too (a
         10 ms preemption became 0.6 s at 60x and stalled a demo's queue for seconds).
+        The input's decode is timed apart (``decode_s``; the emulation leaves it alone) and the hop's
+        ``finished_ts`` covers decode and compute, so no time is booked as transfer that was spent here.
         """
+        t_decode = time.perf_counter()
         act = self.decode(req)
         x = torch.from_numpy(np.array(act.full_tensor(), dtype=np.float32))  # a writable copy
+        decode_s = time.perf_counter() - t_decode
         t0 = time.perf_counter()
         out, keep_mask = self.slice.forward(x, act.keep_mask)
         if slowdown > 1.0:
             unit = self.calibrated_s.get(self.slice.ratio)
             time.sleep((slowdown - 1.0) * (unit if unit is not None else time.perf_counter() - t0))
         compute_s = time.perf_counter() - t0
-        finished_ts = started_ts + compute_s
+        finished_ts = started_ts + decode_s + compute_s
         hop = {"stage": self.assignment.stage, "node_id": self.node_id, "prune_ratio": self.slice.ratio,
-               "received_ts": req.received_ts, "started_ts": started_ts, "finished_ts": finished_ts}
+               "received_ts": req.received_ts, "started_ts": started_ts, "finished_ts": finished_ts,
+               "decode_s": decode_s}
         if self.is_last:
             probs = torch.softmax(out.float(), dim=1)[0]
             index = int(torch.argmax(probs))
@@ -177,4 +185,4 @@ class StageRuntime:
                                   self.assignment.last_block + 1, out.numpy().astype(self.wire_dtype),
                                   keep_mask, [*act.hops, Hop(**hop, published_ts=time.time())])
             payload = wire.encode(nxt)
-        return Output(self.output_topic, payload, act.request_id, compute_s)
+        return Output(self.output_topic, payload, act.request_id, compute_s, decode_s)

@@ -89,6 +89,7 @@ function render(data) {
     cell(n.seen_s_ago === null ? "never" : `${n.seen_s_ago.toFixed(0)} s ago`),
     cell(n.queue_depth === null ? "–" : `${n.queue_depth}/${n.queue_capacity}`, "num"),
     cell(`${fmtMs(n.compute_mean_s)} / ${fmtMs(n.compute_p95_s)}`, "num"),
+    cell(fmtMs(n.decode_mean_s), "num"),
     cell(n.cpu_percent === null ? "–" : `${n.cpu_percent.toFixed(0)} %`, "num"),
     cell(n.prune_ratio === null ? "–" : n.prune_ratio.toFixed(2), "num"),
     cell(slowdowns[n.node_id] ? `${slowdowns[n.node_id].toFixed(1)}×` : "–", "num"),
