@@ -62,7 +62,8 @@ class Gateway:
         self.slo = SloWindows(settings.window_s, settings.slo_s)
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
         self.fingerprint = model_fingerprint(build_model())
-        self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time())
+        self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time(),
+                                  frame_megapixels=settings.frame_megapixels)
         self.control = ControlLoop(controller_settings or ControllerSettings(), settings.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint),
                                    follow_up_s=settings.window_s)

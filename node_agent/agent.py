@@ -18,6 +18,7 @@ import torch
 
 from node_agent.runtime import Request, SliceCalibrator, StageRuntime
 from shared.bus import Bus
+from shared.imaging import measure_decode_cost
 from shared.model import build_model, model_fingerprint
 from shared.profiling import NodeProfile, profile_model
 from shared.schemas import (BadMessage, CalibrateCommand, NodeCommand, NodeStats, Placement, PruneDesired,
@@ -102,11 +103,14 @@ class NodeAgent:
         """Profile every block on this device (the planner's input), before taking any work."""
         profile = profile_model(self.model, threads=self.settings.threads, repeats=self.settings.profile_repeats,
                                 wire_dtype=self.settings.wire_dtype).scaled(self.slowdown)
+        decode = measure_decode_cost()
         memory_mb = self.settings.memory_mb or total_memory_mb() / 2
-        log.info("%s: profiled %d blocks, %.1f ms in all", self.node_id, len(profile.blocks),
-                 1e3 * sum(b.latency_s for b in profile.blocks))
+        log.info("%s: profiled %d blocks, %.1f ms in all; a frame decodes in %.1f ms + %.1f ms/MP", self.node_id,
+                 len(profile.blocks), 1e3 * sum(b.latency_s for b in profile.blocks), 1e3 * decode.fixed_s,
+                 1e3 * decode.per_megapixel_s)
         return NodeProfile(node_id=self.node_id, model_fingerprint=model_fingerprint(self.model),
-                           memory_mb=memory_mb, uplink_mbit_s=self.settings.uplink_mbit_s, profile=profile)
+                           memory_mb=memory_mb, uplink_mbit_s=self.settings.uplink_mbit_s, profile=profile,
+                           decode=decode)
 
     def _announce_offer(self) -> None:
         """Retained and re-sent on every connect, like the availability topic."""

@@ -12,16 +12,20 @@ preprocessing wherever a frame comes from.
 from __future__ import annotations
 
 import io
+import statistics
+import time
 import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from shared.model import INPUT_SIZE, MEAN, STD
-from shared.schemas import BadMessage
+from shared.schemas import BadMessage, DecodeCost
 
 ACCEPTED_FORMATS = ("JPEG", "PNG")
 MAX_PIXELS = 40_000_000  # a 40 MP frame is the largest camera trap we expect; beyond is a bomb
+# Frame sizes a node decodes at start to fit its decode cost (a trap's 12-20 MP lies beyond: the fit is linear).
+PROFILE_MEGAPIXELS = (0.3, 1.0, 4.0)
 # Reduce by a box filter only down to this multiple of the target, so the bilinear resize
 # still smooths the last step (Pillow's own ``reducing_gap`` advice).
 REDUCING_GAP = 2
@@ -72,6 +76,44 @@ def normalise(pixels_hwc: np.ndarray) -> np.ndarray:
     x = pixels_hwc.astype(np.float32) / 255.0
     x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def textured_scene(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A photo-like HxWx3 frame made without any data file: smooth shapes plus sensor-like grain.
+
+    The grain matters: a JPEG's decode time grows with its entropy, and a noiseless gradient
+    would compress (and decode) far faster than a real photo.
+    """
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    scene = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    grain = rng.integers(-12, 13, (256, 256, 3), dtype=np.int16)  # tiled: cheap for 20 MP frames
+    tiled = np.tile(grain, (height // 256 + 1, width // 256 + 1, 1))[:height, :width]
+    return np.clip(scene + tiled, 0, 255).astype(np.uint8)
+
+
+def frame_size(megapixels: float) -> tuple[int, int]:
+    """Width and height of a 4:3 frame of about ``megapixels``."""
+    width = max(4, round((megapixels * 1e6 * 4 / 3) ** 0.5))
+    return width, max(3, round(width * 3 / 4))
+
+
+def measure_decode_cost(megapixels: tuple[float, ...] = PROFILE_MEGAPIXELS, repeats: int = 3,
+                        size: int = INPUT_SIZE) -> DecodeCost:
+    """This device's decode time for JPEG frames of a few sizes, fitted linear in pixels (least squares)."""
+    seconds = []
+    for k, mp in enumerate(megapixels):
+        payload = encode_jpeg(textured_scene(*frame_size(mp), seed=k))
+        decode_frame(payload, size)  # warm-up: allocations, first-touch of the decoder's tables
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            decode_frame(payload, size)
+            times.append(time.perf_counter() - start)
+        seconds.append(statistics.median(times))
+    slope, intercept = np.polyfit(np.asarray(megapixels), np.asarray(seconds), 1)
+    return DecodeCost(fixed_s=max(0.0, float(intercept)), per_megapixel_s=max(0.0, float(slope)),
+                      megapixels=list(megapixels), seconds=seconds)
 
 
 def encode_png(pixels_hwc: np.ndarray) -> bytes:

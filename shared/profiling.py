@@ -16,7 +16,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.schemas import BadMessage, parse_json
+from shared.schemas import BadMessage, DecodeCost, parse_json
 from shared.topics import validate_id
 
 MB = 1_000_000
@@ -196,5 +196,7 @@ class NodeProfile(_Strict):
     memory_mb: float = Field(gt=0, allow_inf_nan=False, description="Memory a slice may use on this node.")
     uplink_mbit_s: float = Field(gt=0, allow_inf_nan=False, description="Bandwidth to the next stage.")
     profile: ModelProfile
+    decode: DecodeCost | None = Field(None, description="This node's cost of decoding one camera frame, "
+                                      "charged to whichever node runs stage 1 (absent from older nodes).")
 
     _check_id = field_validator("node_id")(lambda v: validate_id("node", v))

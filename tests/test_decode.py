@@ -92,3 +92,18 @@ def test_a_database_from_an_older_version_gains_the_decode_columns(tmp_path):
     assert store.db["nodes"].get("a")["decode_mean_s"] == 0.02
     assert "decode_s" in store.db["requests"].columns_dict
     store.close()
+
+
+def test_decode_cost_is_measured_per_size_and_fitted_in_pixels():
+    from shared.imaging import measure_decode_cost
+    from shared.profiling import NodeProfile
+
+    cost = measure_decode_cost(megapixels=(0.05, 0.2), repeats=1)
+    assert cost.megapixels == [0.05, 0.2] and all(t > 0 for t in cost.seconds)
+    assert cost.per_megapixel_s >= 0 and cost.predict(12.0) >= cost.predict(0.05) > 0
+    # an offer from a node that predates decode costs still parses, with none
+    older = {"node_id": "a", "model_fingerprint": "f", "memory_mb": 1, "uplink_mbit_s": 1,
+             "profile": {"model": "m", "host": "h", "threads": 1, "repeats": 1, "warmup": 0, "wire_dtype": "float16",
+                         "blocks": [{"name": "b", "latency_s": 0.1, "param_bytes": 1, "activation_bytes": 1,
+                                     "output_bytes": 1}]}}
+    assert NodeProfile.model_validate(older).decode is None

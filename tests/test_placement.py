@@ -66,7 +66,9 @@ def problems(draw, max_devices: int = 4, max_blocks: int = 6) -> Problem:
         mutual = draw(st.dictionaries(st.sampled_from(list(itertools.combinations(ids, 2))), link_bandwidths,
                                       max_size=2))
         links |= {pair: bw for (a, b), bw in mutual.items() for pair in ((a, b), (b, a))}
-    return Problem(blocks, tuple(devices), compute, draw(st.integers(0, 8)) * 1000, draw(bandwidths), links)
+    decode = draw(st.dictionaries(st.sampled_from(ids), st.sampled_from([0.0, 2e-3, 9e-3]), max_size=2))
+    return Problem(blocks, tuple(devices), compute, draw(st.integers(0, 8)) * 1000, draw(bandwidths), links,
+                   decode)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
