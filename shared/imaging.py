@@ -98,9 +98,14 @@ def frame_size(megapixels: float) -> tuple[int, int]:
     return width, max(3, round(width * 3 / 4))
 
 
-def measure_decode_cost(megapixels: tuple[float, ...] = PROFILE_MEGAPIXELS, repeats: int = 3,
+def measure_decode_cost(megapixels: tuple[float, ...] = PROFILE_MEGAPIXELS, repeats: int = 5,
                         size: int = INPUT_SIZE) -> DecodeCost:
-    """This device's decode time for JPEG frames of a few sizes, fitted linear in pixels (least squares)."""
+    """This device's decode time for JPEG frames of a few sizes, fitted linear in pixels (least squares).
+
+    The median of ``repeats`` counts, as for the block profile. The scene's grain makes its JPEGs
+    ~0.26 B per pixel, as large as a camera trap's: decode time follows the JPEG's bytes as much
+    as its pixels, so a site whose frames compress much better or worse will see the fit err.
+    """
     seconds = []
     for k, mp in enumerate(megapixels):
         payload = encode_jpeg(textured_scene(*frame_size(mp), seed=k))
