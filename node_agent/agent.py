@@ -103,7 +103,7 @@ class NodeAgent:
         """Profile every block on this device (the planner's input), before taking any work."""
         profile = profile_model(self.model, threads=self.settings.threads, repeats=self.settings.profile_repeats,
                                 wire_dtype=self.settings.wire_dtype).scaled(self.slowdown)
-        decode = measure_decode_cost()
+        decode = measure_decode_cost(reduced=self.settings.reduced_decode)  # the path it will serve with
         memory_mb = self.settings.memory_mb or total_memory_mb() / 2
         log.info("%s: profiled %d blocks, %.1f ms in all; a frame decodes in %.1f ms + %.1f ms/MP", self.node_id,
                  len(profile.blocks), 1e3 * sum(b.latency_s for b in profile.blocks), 1e3 * decode.fixed_s,

@@ -99,7 +99,7 @@ def frame_size(megapixels: float) -> tuple[int, int]:
 
 
 def measure_decode_cost(megapixels: tuple[float, ...] = PROFILE_MEGAPIXELS, repeats: int = 5,
-                        size: int = INPUT_SIZE) -> DecodeCost:
+                        size: int = INPUT_SIZE, reduced: bool = True) -> DecodeCost:
     """This device's decode time for JPEG frames of a few sizes, fitted linear in pixels (least squares).
 
     The median of ``repeats`` counts, as for the block profile. The scene's grain makes its JPEGs
@@ -109,11 +109,11 @@ def measure_decode_cost(megapixels: tuple[float, ...] = PROFILE_MEGAPIXELS, repe
     seconds = []
     for k, mp in enumerate(megapixels):
         payload = encode_jpeg(textured_scene(*frame_size(mp), seed=k))
-        decode_frame(payload, size)  # warm-up: allocations, first-touch of the decoder's tables
+        decode_frame(payload, size, reduced)  # warm-up: allocations, first-touch of the decoder's tables
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            decode_frame(payload, size)
+            decode_frame(payload, size, reduced)
             times.append(time.perf_counter() - start)
         seconds.append(statistics.median(times))
     slope, intercept = np.polyfit(np.asarray(megapixels), np.asarray(seconds), 1)

@@ -33,7 +33,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=7, help="timed decodes per frame and path (median)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed decodes per frame and path (median)")
     parser.add_argument("--accuracy-frames", type=int, default=300,
                         help="test-split frames for the accuracy check (0 skips it)")
     parser.add_argument("--accuracy-megapixels", type=float, default=2.0,
