@@ -9,9 +9,9 @@ folder published as they are (``images``), so a benchmark can run on real camera
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path

@@ -129,7 +129,8 @@ class LivePlacement:
     def _plan_cost_of_current(self) -> float:
         """The current placement's bottleneck under today's profiles (they may have changed)."""
         placed = [s.node_id for s in self.current.stages]
-        return evaluate(self._problem(placed), [(s.node_id, s.first_block, s.last_block) for s in self.current.stages]).bottleneck_s
+        stages = [(s.node_id, s.first_block, s.last_block) for s in self.current.stages]
+        return evaluate(self._problem(placed), stages).bottleneck_s
 
     def _adopt(self, nodes: list[str], now: float, reason: str, plan: Plan | None = None) -> Placement | None:
         plan = plan or self._plan(nodes)

@@ -184,7 +184,8 @@ class Reader:
 
     def recent_requests(self, since_ts: float, limit: int = 2000) -> list[dict]:
         rows = self._rows("SELECT request_id, camera_id, capture_ts, finish_ts, e2e_s, queue_s, compute_s, "
-                          "decode_s, transfer_s, label, label_index, confidence, prune_ratios FROM requests WHERE finish_ts >= ? "
+                          "decode_s, transfer_s, label, label_index, confidence, prune_ratios FROM requests "
+                          "WHERE finish_ts >= ? "
                           "ORDER BY finish_ts DESC LIMIT ?", (since_ts, limit))
         for row in rows:
             row["prune_ratios"] = json.loads(row["prune_ratios"])
