@@ -36,6 +36,15 @@ def test_reduced_decode_sees_what_the_full_decode_sees(fmt, width, height):
     assert np.abs(reduced - full).mean() < 3.0  # of 255: the same picture, slightly differently filtered
 
 
+@pytest.mark.parametrize("mode,options", [("RGB", {"progressive": True}), ("L", {}), ("CMYK", {})])
+def test_progressive_grayscale_and_cmyk_jpegs_decode_reduced_too(mode, options):
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo(1600, 1200, "PNG"))).convert(mode).save(buf, format="JPEG", **options)
+    reduced = frame_pixels(buf.getvalue()).astype(int)
+    assert reduced.shape == (64, 64, 3)
+    assert np.abs(reduced - frame_pixels(buf.getvalue(), reduced=False)).mean() < 3.0
+
+
 def test_reduced_decode_reads_fewer_pixels_of_a_large_jpeg():
     """Draft mode: the decoder itself scales, so the image it hands over is already small."""
     with Image.open(io.BytesIO(photo(1600, 1200, "JPEG"))) as img:
