@@ -3,15 +3,18 @@
 Real cameras need nothing of this: publishing a JPEG or PNG file to
 ``<root>/camera/<camera_id>/frame`` (``mosquitto_pub -f photo.jpg -t …``) is a frame. This
 module shows the optional extras (MQTT v5 user properties ``request_id`` and ``capture_ts``)
-and generates traffic for demos and benchmarks.
+and generates traffic for demos and benchmarks: synthetic scenes, or real image files from a
+folder published as they are (``images``), so a benchmark can run on real camera frames.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +45,25 @@ def camera_frame(rng: np.random.Generator, size: int, image_format: str) -> byte
     return encode_png(pixels) if image_format == "png" else encode_jpeg(pixels)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The JPEG/PNG files of ``folder`` in name order; a clear error when there are none."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no .jpg, .jpeg or .png files in {folder}")
+    return files
+
+
+def folder_frames(files: list[Path]) -> Iterator[bytes]:
+    """Each file's bytes unchanged (native size and encoding), looping; read when sent, so folders may be large."""
+    for path in itertools.cycle(files):
+        yield path.read_bytes()
+
+
 def inter_arrivals(rate_hz: float, kind: str, rng: np.random.Generator) -> Iterator[float]:
     """Gaps between frames: constant, or exponential (a Poisson process) with the same mean."""
     while True:
@@ -64,13 +86,15 @@ class Camera:
         arrivals = np.random.default_rng([s.seed, 1])  # separate streams: frames don't depend on timing
         run_tag = f"{int(time.time() * 1000):x}"
         topic = self.topics.camera_frame(s.camera_id)
+        frames = (folder_frames(image_files(s.images)) if s.images
+                  else (camera_frame(scenes, s.size, s.image_format) for _ in itertools.count()))
         self.bus.start()
         next_at = time.monotonic()
         last = None
         for gap in inter_arrivals(s.rate_hz, s.arrival, arrivals):
             if self._stop.is_set() or (s.count and self.sent >= s.count):
                 break
-            payload = camera_frame(scenes, s.size, s.image_format)
+            payload = next(frames)
             if self._stop.wait(max(0.0, next_at - time.monotonic())):
                 break
             last = self.bus.publish(topic, payload, qos=1, user={

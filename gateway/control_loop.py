@@ -130,7 +130,7 @@ class ControlLoop:
     def observe_stats(self, stats: NodeStats) -> None:
         if self.controller and stats.compute_mean_s is not None:
             self.controller.observe_node(stats.ts, stats.node_id, stats.compute_mean_s, stats.queue_depth,
-                                         stats.prune_ratio)
+                                         stats.prune_ratio, stats.decode_mean_s)
 
     def _rebuild(self) -> None:
         if self.disabled_reason is not None:

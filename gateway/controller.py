@@ -92,6 +92,7 @@ class PruningController:
         self._manual: dict[str, float] = {}
         self._latencies: deque[tuple[float, float]] = deque()
         self._slowdown: dict[str, float] = {}
+        self._decode_s: dict[str, float] = {}
         self._applied: dict[str, float] = {}
         self._stats_ts: dict[str, float] = {}
         self._queue_depth: dict[str, int] = {}
@@ -149,17 +150,21 @@ class PruningController:
         self._latencies.append((ts, e2e_latency_s))
 
     def observe_node(self, ts: float, node_id: str, compute_mean_s: float | None, queue_depth: int,
-                     applied_ratio: float) -> None:
-        """A node's periodic stats (``NodeStats``: ts, compute_mean_s, queue_depth, prune_ratio).
+                     applied_ratio: float, decode_mean_s: float | None = None) -> None:
+        """A node's periodic stats (``NodeStats``: ts, compute_mean_s, queue_depth, prune_ratio, decode_mean_s).
 
         The slowdown sample is compute time over the calibrated time *at the ratio the node reports
         applied*. The first report after the applied ratio changes is skipped, since its mean mixes both
         variants. Stats of nodes outside the pipeline, and duplicates or reordered reports, are ignored.
+        Decode time (a stage-1 frame's JPEG/PNG decode) is kept apart: pruning cannot shrink it, so it
+        never counts as slowdown; it is only named when a violation is held.
         """
         if node_id not in self._fits or ts <= self._stats_ts.get(node_id, float("-inf")):
             return
         self._stats_ts[node_id] = ts
         self._queue_depth[node_id] = queue_depth
+        if decode_mean_s is not None:
+            self._decode_s[node_id] = decode_mean_s
         if node_id in self._applied and abs(self._applied[node_id] - applied_ratio) > TOLERANCE:
             self._applied[node_id] = applied_ratio
             return
@@ -253,10 +258,17 @@ class PruningController:
             actions.append(Infeasible(now, decision.reason, decision, metrics))
         if not actions:
             actions.append(Held(now, "latency over the trigger, but the curves predict the current ratios meet "
-                                     "the stage budget (queueing, transport or an uncalibrated cause?)",
-                                decision, metrics))
+                                     "the stage budget (queueing, transport or an uncalibrated cause?)"
+                                + self._decode_note(), decision, metrics))
         self._last_action_ts = now
         return actions
+
+    def _decode_note(self) -> str:
+        """Names the slowest input decode, which pruning cannot shrink (smaller frames or a faster stage-1 can)."""
+        if not self._decode_s:
+            return ""
+        node, seconds = max(self._decode_s.items(), key=lambda item: item[1])
+        return f"; {node} spends {seconds * 1e3:.1f} ms a request decoding its input, which pruning cannot shrink"
 
     def _restore_step(self, now: float, metrics: Metrics) -> list[Action]:
         """Lower each recovered auto node one ladder step, if that keeps it under the stage budget.

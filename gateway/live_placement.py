@@ -10,7 +10,8 @@ The planner (:mod:`gateway.placement`) answers *where*; this module answers *whe
 
 Frames reach stage 1 through the broker whichever node runs it, so the camera upload is the
 same for every plan: it is left out of the live objective (a constant term there would only
-make plans tie and hide the differences between them).
+make plans tie and hide the differences between them). Its *decode* is not: the node that runs
+stage 1 pays its own decode cost for frames of ``frame_megapixels`` (from its profile).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from gateway.placement import Device, InfeasiblePlacement, Plan, cost_assignment, plan_pipeline, problem_from_profiles
+from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, optimal_plan,
+                               problem_from_profiles)
 from shared.profiling import MBIT_BYTES, mb_to_bytes
 from shared.schemas import NodeProfile, Placement
 from shared.topics import AVAILABILITY_ONLINE
@@ -34,8 +36,10 @@ class PlacementRules:
 
 
 class LivePlacement:
-    def __init__(self, rules: PlacementRules, model: str, fingerprint: str, allowed: list[str], started: float):
+    def __init__(self, rules: PlacementRules, model: str, fingerprint: str, allowed: list[str], started: float,
+                 frame_megapixels: float = 0.0):
         self.rules = rules
+        self.frame_megapixels = frame_megapixels
         self.model = model
         self.fingerprint = fingerprint
         self.allowed = list(allowed)
@@ -105,10 +109,15 @@ class LivePlacement:
         return [Device(n, mb_to_bytes(self._offers[n].memory_mb), self._offers[n].uplink_mbit_s * MBIT_BYTES)
                 for n in nodes]
 
+    def _problem(self, nodes: list[str]) -> PlacementProblem:
+        decode_s = {n: self._offers[n].decode.predict(self.frame_megapixels) for n in nodes
+                    if self._offers[n].decode is not None}
+        return problem_from_profiles({n: self._offers[n].profile.blocks for n in nodes}, self._devices(nodes),
+                                     frame_bytes=0, camera_bandwidth_bps=1.0, decode_s=decode_s)
+
     def _plan(self, nodes: list[str]) -> Plan | None:
         try:
-            plan = plan_pipeline({n: self._offers[n].profile.blocks for n in nodes}, self._devices(nodes),
-                                 frame_bytes=0, camera_bandwidth_bps=1.0)
+            plan = optimal_plan(self._problem(nodes))
         except (InfeasiblePlacement, ValueError) as exc:
             self.last_error = str(exc)
             log.error("cannot place the model on %s: %s", nodes, exc)
@@ -119,10 +128,8 @@ class LivePlacement:
     def _plan_cost_of_current(self) -> float:
         """The current placement's bottleneck under today's profiles (they may have changed)."""
         placed = [s.node_id for s in self.current.stages]
-        problem = problem_from_profiles({n: self._offers[n].profile.blocks for n in placed},
-                                        self._devices(placed), frame_bytes=0, camera_bandwidth_bps=1.0)
         stages = [(s.node_id, s.first_block, s.last_block) for s in self.current.stages]
-        return cost_assignment(problem, stages).bottleneck_s
+        return cost_assignment(self._problem(placed), stages).bottleneck_s
 
     def _adopt(self, nodes: list[str], now: float, reason: str, plan: Plan | None = None) -> Placement | None:
         plan = plan or self._plan(nodes)

@@ -6,7 +6,9 @@ benchmark can call the same code millions of times.
 Cost model (one frame in flight per stage; CPU and network interface work in parallel, so a
 stage's throughput is limited by the slower of the two):
 
-* compute of a stage = sum of its blocks' latencies measured *on its device*;
+* compute of a stage = sum of its blocks' latencies measured *on its device*, plus, for the stage
+  that starts at block 0, that device's cost of decoding one camera frame (``Problem.decode_s``:
+  a 12 MP JPEG costs more than the whole model, and only the device running stage 1 pays it);
 * transfer out of a stage = bytes of its last block's output / bandwidth of the link from its
   device to the next stage's device; the last stage sends its output to the ``GATEWAY``;
 * the frame upload = ``frame_bytes`` / bandwidth of the link from the ``CAMERA`` to stage 1;
@@ -68,6 +70,7 @@ class PlacementProblem:
     frame_bytes: int
     camera_bandwidth_bps: float
     links: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (sender, receiver) -> bytes/s
+    decode_s: Mapping[str, float] = field(default_factory=dict)  # device id -> seconds to decode one frame
 
     def __post_init__(self) -> None:
         if not self.blocks:
@@ -89,6 +92,9 @@ class PlacementProblem:
                 raise ValueError(f"device {device.id} has {len(times)} compute times for {len(self.blocks)} blocks")
             if not all(math.isfinite(t) and t >= 0 for t in times):
                 raise ValueError(f"device {device.id}: compute times must be finite and >= 0")
+        for device, seconds in self.decode_s.items():
+            if device not in ids or not (math.isfinite(seconds) and seconds >= 0):
+                raise ValueError(f"decode time of {device}: must be a device's, finite and >= 0")
         if self.frame_bytes < 0 or not self.camera_bandwidth_bps > 0:
             raise ValueError("frame_bytes must be >= 0 and camera_bandwidth_bps > 0")
         for (sender, receiver), bandwidth in self.links.items():
@@ -114,9 +120,10 @@ class PlacementProblem:
         return self.frame_bytes if start == 0 else self.blocks[start - 1].output_bytes
 
     def compute(self, device: str, start: int, end: int) -> float:
-        """Seconds for blocks ``start..end-1`` on ``device`` (prefix sums, so every solver agrees exactly)."""
+        """Seconds for blocks ``start..end-1`` on ``device`` (prefix sums, so every solver agrees exactly),
+        with the frame's decode when the stage starts at block 0."""
         prefix = self._compute_prefix[device]
-        return float(prefix[end] - prefix[start])
+        return float(prefix[end] - prefix[start]) + (self.decode_s.get(device, 0.0) if start == 0 else 0.0)
 
     def memory(self, start: int, end: int) -> int:
         return int(self._param_prefix[end] - self._param_prefix[start]) + max(
@@ -203,14 +210,17 @@ def cost_assignment(problem: PlacementProblem, assignment: Sequence[tuple[str, i
 
 def plan_pipeline(profile_by_device: Mapping[str, Sequence[BlockProfile]], devices: Sequence[Device],
                   frame_bytes: int, camera_bandwidth_bps: float,
-                  links: Mapping[tuple[str, str], float] | None = None) -> Plan:
+                  links: Mapping[tuple[str, str], float] | None = None,
+                  decode_s: Mapping[str, float] | None = None) -> Plan:
     """The optimal plan from each device's own profile (the gateway's entry point)."""
-    return optimal_plan(problem_from_profiles(profile_by_device, devices, frame_bytes, camera_bandwidth_bps, links))
+    return optimal_plan(problem_from_profiles(profile_by_device, devices, frame_bytes, camera_bandwidth_bps, links,
+                                              decode_s))
 
 
 def problem_from_profiles(profile_by_device: Mapping[str, Sequence[BlockProfile]], devices: Sequence[Device],
                           frame_bytes: int, camera_bandwidth_bps: float,
-                          links: Mapping[tuple[str, str], float] | None = None) -> PlacementProblem:
+                          links: Mapping[tuple[str, str], float] | None = None,
+                          decode_s: Mapping[str, float] | None = None) -> PlacementProblem:
     """Merge per-device profiles; they must describe the same blocks (latency is the only per-device part)."""
     if not devices:
         raise ValueError("no devices to place the model on")
@@ -228,7 +238,7 @@ def problem_from_profiles(profile_by_device: Mapping[str, Sequence[BlockProfile]
                              f"(another model or model version?)")
     return PlacementProblem(blocks, tuple(devices),
                             {d.id: [p.latency_s for p in profile_by_device[d.id]] for d in devices},
-                            frame_bytes, camera_bandwidth_bps, dict(links or {}))
+                            frame_bytes, camera_bandwidth_bps, dict(links or {}), dict(decode_s or {}))
 
 
 # --- the exact solver --------------------------------------------------------------------------------
@@ -256,7 +266,8 @@ def _interchangeable(problem: PlacementProblem, a: str, b: str) -> bool:
     da, db = problem._device[a], problem._device[b]
     if (da.memory_bytes, da.bandwidth_bps) != (db.memory_bytes, db.bandwidth_bps):
         return False
-    if tuple(problem.compute_s[a]) != tuple(problem.compute_s[b]):
+    if (tuple(problem.compute_s[a]), problem.decode_s.get(a, 0.0)) != (tuple(problem.compute_s[b]),
+                                                                        problem.decode_s.get(b, 0.0)):
         return False
     if problem.bandwidth(a, b) != problem.bandwidth(b, a):
         return False
@@ -385,6 +396,7 @@ def _stage_cost_matrix(problem: PlacementProblem, device: str) -> np.ndarray:
         memory = params[i + 1:] - params[i] + np.maximum.accumulate(activations[i:])
         fits = memory <= cap
         cost[i, i + 1:] = np.where(fits, prefix[i + 1:] - prefix[i], np.inf)
+    cost[0, 1:] += problem.decode_s.get(device, 0.0)
     return cost
 
 

@@ -71,10 +71,11 @@ def result_row(result: Result, finish_ts: float) -> dict:
     e2e = finish_ts - result.capture_ts
     queue_s = sum(h.queue_s for h in result.hops)
     compute_s = sum(h.compute_s for h in result.hops)
+    decode_s = sum(h.decode_s for h in result.hops)
     return {
         "request_id": result.request_id, "camera_id": result.camera_id, "capture_ts": result.capture_ts,
-        "finish_ts": finish_ts, "e2e_s": e2e, "queue_s": queue_s, "compute_s": compute_s,
-        "transfer_s": e2e - queue_s - compute_s, "label": result.label, "label_index": result.label_index,
+        "finish_ts": finish_ts, "e2e_s": e2e, "queue_s": queue_s, "compute_s": compute_s, "decode_s": decode_s,
+        "transfer_s": e2e - queue_s - decode_s - compute_s, "label": result.label, "label_index": result.label_index,
         "confidence": result.confidence, "prune_ratios": [h.prune_ratio for h in result.hops],
         "hops": [h.model_dump() for h in result.hops],
     }
@@ -100,7 +101,8 @@ class Gateway:
         self.slo = SloWindows(settings.window_s, self.operator.slo_s)
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
         self.fingerprint = model_fingerprint(build_model())
-        self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time())
+        self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time(),
+                                  frame_megapixels=settings.frame_megapixels)
         self.control = ControlLoop(self.operator.controller_settings(), self.operator.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint),
                                    follow_up_s=settings.window_s)

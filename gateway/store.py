@@ -45,7 +45,7 @@ SCHEMA: dict[str, Table] = {
     "requests": Table({
         "request_id": str, "camera_id": str, "capture_ts": float, "finish_ts": float, "e2e_s": float,
         "queue_s": float, "compute_s": float, "transfer_s": float, "label": str, "label_index": int,
-        "confidence": float, "prune_ratios": list, "hops": list,
+        "confidence": float, "prune_ratios": list, "hops": list, "decode_s": float,
     }, "request_id", "insert_ignore"),
     "windows": Table({
         "start_ts": float, "end_ts": float, "count": int, "slo_s": float, "met": int,
@@ -56,7 +56,7 @@ SCHEMA: dict[str, Table] = {
         "first_block": int, "last_block": int, "placement_version": int, "queue_depth": int,
         "queue_capacity": int, "processed": int, "dropped": int, "errors": dict,
         "compute_mean_s": float, "compute_p95_s": float, "queue_wait_mean_s": float,
-        "cpu_percent": float, "prune_ratio": float, "emulated_slowdown": float,
+        "cpu_percent": float, "prune_ratio": float, "emulated_slowdown": float, "decode_mean_s": float,
     }, "node_id", "upsert"),
     "errors": Table({
         "id": int, "ts": float, "component": str, "topic": str, "kind": str, "message": str,
@@ -134,6 +134,8 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         for name, table in SCHEMA.items():
             self.db[name].create(table.columns, pk=table.pk, if_not_exists=True)
+            for column in table.columns.keys() - self.db[name].columns_dict.keys():  # a file from an older version
+                self.db[name].add_column(column, table.columns[column])
         for name, indexes in INDEXES.items():
             for cols in indexes:
                 self.db[name].create_index(cols, if_not_exists=True)
@@ -309,8 +311,8 @@ class Reader:
 
     def recent_requests(self, since_ts: float, limit: int = 2000) -> list[dict]:
         rows = self._rows("SELECT request_id, camera_id, capture_ts, finish_ts, e2e_s, queue_s, compute_s, "
-                          "transfer_s, label, label_index, confidence, prune_ratios FROM requests WHERE finish_ts >= ? "
-                          "ORDER BY finish_ts DESC LIMIT ?", (since_ts, limit), table="requests")
+                          "decode_s, transfer_s, label, label_index, confidence, prune_ratios FROM requests "
+                          "WHERE finish_ts >= ? ORDER BY finish_ts DESC LIMIT ?", (since_ts, limit), table="requests")
         return rows[::-1]
 
     def windows(self, limit: int = 60) -> list[dict]:

@@ -21,6 +21,7 @@ import torch
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.runtime import Request, SliceCalibrator, StageRuntime
 from shared.bus import Bus
+from shared.imaging import measure_decode_cost
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import ProfileError, load_profile, profile_model
 from shared.schemas import (BadMessage, CalibrateCommand, NodeCommand, NodeProfile, NodeStats, Placement,
@@ -74,6 +75,7 @@ class NodeAgent:
         self.desired: PruneDesired | None = None
         self.calibration = CalibrationSchedule(lambda runtime: SliceCalibrator(runtime.slice, runtime.input_shape))
         self._compute_s: deque[float] = deque(maxlen=1024)
+        self._decode_s: deque[float] = deque(maxlen=1024)
         self._queue_wait_s: deque[float] = deque(maxlen=1024)
         self._cpu = CpuMeter()
         self._threads: list[threading.Thread] = []
@@ -103,6 +105,7 @@ class NodeAgent:
 
         A configured profile file is offered instead (:class:`ProfileError` if it describes another
         model): the same file on every start gives the same placement, measuring noise cannot move it.
+        The frame decode cost is always measured here, on the decode path this node will serve with.
         """
         if self.settings.profile is not None:
             profile = load_profile(self.settings.profile)
@@ -116,11 +119,14 @@ class NodeAgent:
                                     wire_dtype=self.settings.wire_dtype)
             source = "measured"
         profile = profile.scaled(self.slowdown)
+        decode = measure_decode_cost(reduced=self.settings.reduced_decode)
         memory_mb = self.settings.memory_mb or total_memory_mb() / 2
-        log.info("%s: %d blocks profiled (%s), %.1f ms in all", self.node_id, len(profile.blocks), source,
-                 1e3 * sum(b.latency_s for b in profile.blocks))
+        log.info("%s: %d blocks profiled (%s), %.1f ms in all; a frame decodes in %.1f ms + %.1f ms/MP", self.node_id,
+                 len(profile.blocks), source, 1e3 * sum(b.latency_s for b in profile.blocks), 1e3 * decode.fixed_s,
+                 1e3 * decode.per_megapixel_s)
         return NodeProfile(node_id=self.node_id, model_fingerprint=model_fingerprint(self.model),
-                           memory_mb=memory_mb, uplink_mbit_s=self.settings.uplink_mbit_s, profile=profile)
+                           memory_mb=memory_mb, uplink_mbit_s=self.settings.uplink_mbit_s, profile=profile,
+                           decode=decode)
 
     def _announce_offer(self) -> None:
         """Retained and re-sent on every connect, like the availability topic."""
@@ -153,7 +159,8 @@ class NodeAgent:
             n = len(placement.stages)
             output = self.topics.results if assignment.stage == n else self.topics.stage_input(assignment.stage + 1)
             runtime = StageRuntime(self.model, self.node_id, assignment, n, output,
-                                   self.settings.wire_dtype, self.settings.max_payload_bytes)
+                                   self.settings.wire_dtype, self.settings.max_payload_bytes,
+                                   self.settings.reduced_decode)
             new_filter = (self.topics.camera_frame_filter if assignment.stage == 1
                           else self.topics.stage_input(assignment.stage))
         with self._lock:
@@ -265,6 +272,7 @@ class NodeAgent:
             with self._lock:
                 self.processed += 1
                 self._compute_s.append(out.compute_s)
+                self._decode_s.append(out.decode_s)
                 self._queue_wait_s.append(started - req.received_ts)
 
     # --- stats ---------------------------------------------------------------------------
@@ -275,7 +283,9 @@ class NodeAgent:
             version = self.placement_version
             compute = np.array(self._compute_s) if self._compute_s else None
             waits = np.array(self._queue_wait_s) if self._queue_wait_s else None
+            decodes = np.array(self._decode_s) if self._decode_s else None
             self._compute_s.clear()
+            self._decode_s.clear()
             self._queue_wait_s.clear()
         a = runtime.assignment if runtime else None
         return NodeStats(
@@ -286,6 +296,7 @@ class NodeAgent:
             compute_mean_s=float(compute.mean()) if compute is not None else None,
             compute_p95_s=float(np.percentile(compute, 95)) if compute is not None else None,
             queue_wait_mean_s=float(waits.mean()) if waits is not None else None,
+            decode_mean_s=float(decodes.mean()) if decodes is not None else None,
             cpu_percent=self._cpu.read(), prune_ratio=runtime.slice.ratio if runtime else 0.0,
             emulated_slowdown=self.slowdown)
 

@@ -39,7 +39,8 @@ class Output:
     topic: str
     payload: bytes
     request_id: str
-    compute_s: float
+    compute_s: float  # the slice alone, what pruning can shrink
+    decode_s: float = 0.0  # turning the payload into the slice's input (a frame's decode at stage 1)
 
 
 def block_input_shape(model: BlockNet, block: int) -> tuple[int, ...]:
@@ -112,7 +113,7 @@ class StageRuntime:
 
     def __init__(self, model: BlockNet, node_id: str, assignment: StageAssignment, n_stages: int,
                  output_topic: str, wire_dtype: str = "float16",
-                 max_payload_bytes: int = 8 << 20):
+                 max_payload_bytes: int = 8 << 20, reduced_decode: bool = True):
         self.node_id = node_id
         self.assignment = assignment
         self.is_first = assignment.stage == 1
@@ -120,6 +121,7 @@ class StageRuntime:
         self.output_topic = output_topic
         self.wire_dtype = np.dtype(wire_dtype)
         self.max_payload_bytes = max_payload_bytes
+        self.reduced_decode = reduced_decode
         # every ladder variant is built in the background; the full slice serves meanwhile
         self.slice = PrunableSlice(model, assignment.first_block, assignment.last_block, build="lazy")
         self.input_shape = block_input_shape(model, assignment.first_block)
@@ -149,8 +151,9 @@ class StageRuntime:
         self.check_size(req.payload)
         if self.is_first:
             request_id, capture_ts = frame_metadata(req)
+            pixels = decode_frame(req.payload, reduced=self.reduced_decode)
             return wire.Activation(request_id, req.camera_id or "unknown", capture_ts,
-                                   self.assignment.first_block, decode_frame(req.payload))
+                                   self.assignment.first_block, pixels)
         act = wire.decode(req.payload)
         if act.next_block != self.assignment.first_block:
             raise BadMessage("stale_placement", f"activation for block {act.next_block} reached a stage "
@@ -170,9 +173,13 @@ class StageRuntime:
         calibrated): stretching each request's measured time instead would multiply this machine's
         scheduling jitter too (a 10 ms preemption became 0.6 s at 60x and stalled a demo's queue
         for seconds).
+        The input's decode is timed apart (``decode_s``; the emulation leaves it alone) and the hop's
+        ``finished_ts`` covers decode and compute, so no time is booked as transfer that was spent here.
         """
+        t_decode = time.perf_counter()
         act = self.decode(req)
         x = torch.from_numpy(np.array(act.full_tensor(), dtype=np.float32))  # a writable copy
+        decode_s = time.perf_counter() - t_decode
         t0 = time.perf_counter()
         out, keep_mask = self.slice.forward(x, act.keep_mask)
         if slowdown > 1.0:
@@ -180,9 +187,10 @@ class StageRuntime:
             unit = curve.predict(self.slice.ratio) if curve is not None else time.perf_counter() - t0
             time.sleep((slowdown - 1.0) * unit)
         compute_s = time.perf_counter() - t0
-        finished_ts = started_ts + compute_s
+        finished_ts = started_ts + decode_s + compute_s
         hop = {"stage": self.assignment.stage, "node_id": self.node_id, "prune_ratio": self.slice.ratio,
-               "received_ts": req.received_ts, "started_ts": started_ts, "finished_ts": finished_ts}
+               "received_ts": req.received_ts, "started_ts": started_ts, "finished_ts": finished_ts,
+               "decode_s": decode_s}
         if self.is_last:
             probs = torch.softmax(out.float(), dim=1)[0]
             index = int(torch.argmax(probs))
@@ -196,4 +204,4 @@ class StageRuntime:
                                   self.assignment.last_block + 1, out.numpy().astype(self.wire_dtype),
                                   keep_mask, [*act.hops, Hop(**hop, published_ts=time.time())])
             payload = wire.encode(nxt)
-        return Output(self.output_topic, payload, act.request_id, compute_s)
+        return Output(self.output_topic, payload, act.request_id, compute_s, decode_s)

@@ -1,22 +1,47 @@
-"""Camera frames: decoding untrusted JPEG/PNG bytes into the model's input tensor."""
+"""Camera frames: decoding untrusted JPEG/PNG bytes into the model's input tensor.
+
+A camera trap's 12-20 MP JPEG is ~100x more pixels than the model looks at, and a full decode
+of it costs far more than a whole slice of the model. So the decoder is told the target size
+before it decodes: a JPEG is decoded straight at 1/2, 1/4 or 1/8 scale (Pillow's draft mode,
+the largest reduction still at least the model's input size), and any other frame is shrunk
+by an integer box filter (``Image.reduce``) before the same bilinear resize. Serving, the
+benchmarks and the accuracy check all go through :func:`frame_pixels`, so the model sees one
+preprocessing wherever a frame comes from.
+"""
 
 from __future__ import annotations
 
 import io
+import statistics
+import time
 import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from shared.model import INPUT_SIZE, MEAN, STD
-from shared.schemas import BadMessage
+from shared.schemas import BadMessage, DecodeCost
 
 ACCEPTED_FORMATS = ("JPEG", "PNG")
 MAX_PIXELS = 40_000_000  # a 40 MP frame is the largest camera trap we expect; beyond is a bomb
+# Frame sizes a node decodes at start to fit its decode cost (a trap's 12-20 MP lies beyond: the fit is linear).
+PROFILE_MEGAPIXELS = (0.3, 1.0, 4.0)
+# Reduce by a box filter only down to this multiple of the target, so the bilinear resize
+# still smooths the last step (Pillow's own ``reducing_gap`` advice).
+REDUCING_GAP = 2
 
 
-def decode_frame(payload: bytes, size: int = INPUT_SIZE) -> np.ndarray:
-    """JPEG/PNG bytes -> float32 array (1, 3, size, size), normalised; BadMessage if not a frame."""
+def decode_frame(payload: bytes, size: int = INPUT_SIZE, reduced: bool = True) -> np.ndarray:
+    """JPEG/PNG bytes -> float32 array (1, 3, size, size), normalised; BadMessage if not a frame.
+
+    ``reduced=False`` decodes every pixel first, as before decoding was reduced: kept only as the
+    reference the decode benchmark and the accuracy check compare against.
+    """
+    return normalise(frame_pixels(payload, size, reduced))
+
+
+def frame_pixels(payload: bytes, size: int = INPUT_SIZE, reduced: bool = True) -> np.ndarray:
+    """JPEG/PNG bytes -> size x size x 3 uint8 pixels (the model's input before normalising)."""
     if not payload:
         raise BadMessage("bad_image", "empty frame payload")
     try:
@@ -25,16 +50,25 @@ def decode_frame(payload: bytes, size: int = INPUT_SIZE) -> np.ndarray:
             with Image.open(io.BytesIO(payload), formats=ACCEPTED_FORMATS) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise BadMessage("bad_image", f"frame of {img.width}x{img.height} exceeds {MAX_PIXELS} pixels")
+                if reduced:
+                    img.draft("RGB", (size, size))  # JPEG only: scales by 1/2..1/8 while decoding
                 rgb = img.convert("RGB")
+                if reduced:
+                    rgb = reduce_towards(rgb, size)
                 if rgb.size != (size, size):
                     rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-                pixels = np.asarray(rgb, dtype=np.float32)
+                return np.asarray(rgb, dtype=np.uint8)
     except BadMessage:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise BadMessage("bad_image", f"frame is not a readable JPEG or PNG: {exc}") from None
-    return normalise(pixels)
+
+
+def reduce_towards(img: Image.Image, size: int) -> Image.Image:
+    """Shrink by the largest integer box factor that keeps both sides >= REDUCING_GAP x ``size``."""
+    factor = min(img.width, img.height) // (REDUCING_GAP * size)
+    return img.reduce(factor) if factor >= 2 else img
 
 
 def normalise(pixels_hwc: np.ndarray) -> np.ndarray:
@@ -42,6 +76,49 @@ def normalise(pixels_hwc: np.ndarray) -> np.ndarray:
     x = pixels_hwc.astype(np.float32) / 255.0
     x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def textured_scene(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A photo-like HxWx3 frame made without any data file: smooth shapes plus sensor-like grain.
+
+    The grain matters: a JPEG's decode time grows with its entropy, and a noiseless gradient
+    would compress (and decode) far faster than a real photo.
+    """
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    scene = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    grain = rng.integers(-12, 13, (256, 256, 3), dtype=np.int16)  # tiled: cheap for 20 MP frames
+    tiled = np.tile(grain, (height // 256 + 1, width // 256 + 1, 1))[:height, :width]
+    return np.clip(scene + tiled, 0, 255).astype(np.uint8)
+
+
+def frame_size(megapixels: float) -> tuple[int, int]:
+    """Width and height of a 4:3 frame of about ``megapixels``."""
+    width = max(4, round((megapixels * 1e6 * 4 / 3) ** 0.5))
+    return width, max(3, round(width * 3 / 4))
+
+
+def measure_decode_cost(megapixels: tuple[float, ...] = PROFILE_MEGAPIXELS, repeats: int = 5,
+                        size: int = INPUT_SIZE, reduced: bool = True) -> DecodeCost:
+    """This device's decode time for JPEG frames of a few sizes, fitted linear in pixels (least squares).
+
+    The median of ``repeats`` counts, as for the block profile. The scene's grain makes its JPEGs
+    ~0.26 B per pixel, as large as a camera trap's: decode time follows the JPEG's bytes as much
+    as its pixels, so a site whose frames compress much better or worse will see the fit err.
+    """
+    seconds = []
+    for k, mp in enumerate(megapixels):
+        payload = encode_jpeg(textured_scene(*frame_size(mp), seed=k))
+        decode_frame(payload, size, reduced)  # warm-up: allocations, first-touch of the decoder's tables
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            decode_frame(payload, size, reduced)
+            times.append(time.perf_counter() - start)
+        seconds.append(statistics.median(times))
+    slope, intercept = np.polyfit(np.asarray(megapixels), np.asarray(seconds), 1)
+    return DecodeCost(fixed_s=max(0.0, float(intercept)), per_megapixel_s=max(0.0, float(slope)),
+                      megapixels=list(megapixels), seconds=seconds)
 
 
 def encode_png(pixels_hwc: np.ndarray) -> bytes:

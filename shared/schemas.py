@@ -107,6 +107,8 @@ class Hop(_Strict):
     started_ts: float
     finished_ts: float
     published_ts: float
+    decode_s: float = Field(0.0, ge=0.0, description="Of started..finished, the time spent turning the payload "
+                            "into the slice's input (a frame's JPEG/PNG decode at stage 1); 0 from older nodes.")
 
     @property
     def queue_s(self) -> float:
@@ -114,7 +116,8 @@ class Hop(_Strict):
 
     @property
     def compute_s(self) -> float:
-        return self.finished_ts - self.started_ts
+        """The slice's own compute: what pruning can shrink (decode excluded)."""
+        return self.finished_ts - self.started_ts - self.decode_s
 
 
 class Result(_Strict):
@@ -146,9 +149,24 @@ class NodeStats(_Strict):
     compute_mean_s: float | None = None
     compute_p95_s: float | None = None
     queue_wait_mean_s: float | None = None
+    decode_mean_s: float | None = Field(None, description="Mean input decode per request (frames at stage 1), "
+                                        "apart from compute_mean_s: pruning cannot shrink it.")
     cpu_percent: float = Field(ge=0.0)
     prune_ratio: float = Field(ge=0.0, le=1.0)
     emulated_slowdown: float = Field(1.0, ge=1.0, description="Compute stretch set by a `slowdown` command.")
+
+
+class DecodeCost(_Strict):
+    """A device's cost of decoding one camera frame, fitted as ``fixed_s + per_megapixel_s x megapixels``
+    from JPEGs of a few sizes decoded on the device itself (part of its profile: stage 1 pays it)."""
+
+    fixed_s: float = Field(ge=0.0, allow_inf_nan=False)
+    per_megapixel_s: float = Field(ge=0.0, allow_inf_nan=False)
+    megapixels: list[float] = Field(min_length=2, max_length=16, description="Frame sizes measured.")
+    seconds: list[float] = Field(min_length=2, max_length=16, description="Median decode time at each size.")
+
+    def predict(self, megapixels: float) -> float:
+        return self.fixed_s + self.per_megapixel_s * megapixels
 
 
 class ErrorRecord(_Strict):

@@ -101,6 +101,8 @@ class NodeSettings(_Section):
     profile: Path | None = Field(None, description="A profile.json (`edgeprune profile`) to offer the planner "
                                  "instead of measuring at start (empty: measure): the same file gives the same "
                                  "placement every start.")
+    reduced_decode: bool = Field(True, description="Decode camera frames straight at (about) the model's input "
+                                 "size; false decodes every pixel first (only to benchmark against).")
 
     _check_id = field_validator("node_id")(lambda v: validate_id("node", v))
     _empty_profile = field_validator("profile", mode="before")(lambda v: None if v == "" else v)
@@ -130,6 +132,9 @@ class GatewaySettings(_Section):
                                    description="Re-place for a joining node only if the bottleneck improves by this fraction.")
     accuracy_model: Path | None = Field(None, description="Per-block accuracy calibration (JSON from `edgeprune "
                                         "calibrate`); default: the one shipped beside the checkpoint.")
+    frame_megapixels: float = Field(0.0, ge=0, le=40, description="Size of this site's camera frames, megapixels "
+                                    "(12 for a 4000x3000 trap): the planner charges its decode to stage 1. 0 = frames "
+                                    "already at the model's size.")
 
     _split_nodes = field_validator("nodes", mode="before")(_ids)
 
@@ -154,6 +159,8 @@ class CameraSettings(_Section):
     seed: int = Field(0, description="Seed of the synthetic scenes and the arrival process.")
     image_format: Literal["png", "jpeg"] = Field("png", description="Encoding of published frames.")
     size: int = Field(64, ge=16, le=4096, description="Side of the synthetic frames, pixels.")
+    images: Path | None = Field(None, description="Folder of JPEG/PNG files to publish as they are (native size, "
+                                "in name order, looping) instead of synthetic frames.")
 
     _check_id = field_validator("camera_id")(lambda v: validate_id("camera", v))
 

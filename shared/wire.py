@@ -3,7 +3,7 @@
 Layout (all integers little-endian; documented in docs/wire-format.md)::
 
     magic      4s   b"EPAT"
-    version    u8   1
+    version    u8   2 (version 1, without a hop's decode time, is still read)
     dtype      u8   1 = float16, 2 = float32
     ndim       u8   1..6, tensor is N,C,H,W-like (channels on dim 1)
     n_hops     u8   hops recorded so far (0..64)
@@ -15,7 +15,7 @@ Layout (all integers little-endian; documented in docs/wire-format.md)::
     full_c     u32  0 = no mask; else the slice's full channel count, followed by
     mask       ceil(full_c / 8) bytes, bit i (LSB first) set = channel i was kept
     hops       n_hops x (stage u8, ratio f32, received f64, started f64, finished f64,
-                         published f64, node_len u8, node id UTF-8)
+                         published f64, decode f64 (version 2 only), node_len u8, node id UTF-8)
     data       prod(shape) x itemsize bytes, C order
 
 Nothing here unpickles or evaluates: :func:`decode` reads fixed fields with ``struct`` and
@@ -33,7 +33,7 @@ import numpy as np
 from shared.schemas import BadMessage, Hop
 
 MAGIC = b"EPAT"
-VERSION = 1
+VERSION = 2
 DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
 DTYPE_CODES = {np.dtype("float16"): 1, np.dtype("float32"): 2}
 MAX_NDIM = 6
@@ -42,7 +42,7 @@ MAX_HOPS = 64
 _FIXED = struct.Struct("<4sBBBBHd")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_HOP = struct.Struct("<Bfdddd")
+_HOP = {1: struct.Struct("<Bfdddd"), 2: struct.Struct("<Bfddddd")}  # by format version
 
 
 @dataclass
@@ -101,8 +101,8 @@ def encode(act: Activation) -> bytes:
     for hop in act.hops:
         node = _utf8(hop.node_id, 255, "node id")
         parts += [
-            _HOP.pack(hop.stage, hop.prune_ratio, hop.received_ts, hop.started_ts,
-                      hop.finished_ts, hop.published_ts),
+            _HOP[VERSION].pack(hop.stage, hop.prune_ratio, hop.received_ts, hop.started_ts,
+                               hop.finished_ts, hop.published_ts, hop.decode_s),
             bytes([len(node)]), node,
         ]
     parts.append(tensor.astype(DTYPES[code], copy=False).tobytes())
@@ -138,7 +138,7 @@ def decode(payload: bytes, max_elements: int = 1 << 24) -> Activation:
     magic, version, code, ndim, n_hops, next_block, capture_ts = r.unpack(_FIXED, "fixed header")
     if magic != MAGIC:
         raise BadMessage("bad_magic", f"not an activation (magic {bytes(magic)!r}, expected {MAGIC!r})")
-    if version != VERSION:
+    if version not in _HOP:
         raise BadMessage("bad_version", f"activation format version {version} unsupported (this is {VERSION})")
     if code not in DTYPES:
         raise BadMessage("bad_header", f"unknown dtype code {code}")
@@ -165,11 +165,11 @@ def decode(payload: bytes, max_elements: int = 1 << 24) -> Activation:
             raise BadMessage("bad_shape", f"mask keeps {int(keep_mask.sum())} channels, tensor has {shape[1]}")
     hops = []
     for _ in range(n_hops):
-        stage, ratio, rec, sta, fin, pub = r.unpack(_HOP, "hop")
+        stage, ratio, rec, sta, fin, pub, *decode_s = r.unpack(_HOP[version], "hop")
         node = r.text(r.take(1, "hop node length")[0], "hop node id")
         try:
             hops.append(Hop(stage=stage, node_id=node, prune_ratio=round(ratio, 6), received_ts=rec,
-                            started_ts=sta, finished_ts=fin, published_ts=pub))
+                            started_ts=sta, finished_ts=fin, published_ts=pub, decode_s=sum(decode_s)))
         except ValueError as exc:
             raise BadMessage("bad_header", f"invalid hop record: {exc}") from None
     dtype = DTYPES[code]

@@ -40,6 +40,7 @@ class Loop:
                  initial_ratios: dict[str, float] | None = None):
         self.controller = PruningController(NODES, FITS, ACCURACY, SLO_S, config, initial_ratios)
         self.slowdown = {node: 1.0 for node in NODES}
+        self.decode_s = {node: 0.0 for node in NODES}
         self.extra_s = 0.0
         self.overhead_s = overhead_s
         self.dt = 1.0 / rate_hz
@@ -57,11 +58,12 @@ class Loop:
     def run_until(self, end: float) -> None:
         while self.now < end - 1e-9:
             self.step += 1
-            latency = sum(self.compute_s(n) for n in NODES) + self.overhead_s + self.extra_s
+            latency = sum(self.compute_s(n) + self.decode_s[n] for n in NODES) + self.overhead_s + self.extra_s
             self.controller.observe_latency(self.now, latency * (1 + self.rng.normal(0, 0.02)))
             if self.step % round(2.0 / self.dt) == 0:
                 for node in NODES:
-                    self.controller.observe_node(self.now, node, self.compute_s(node), 0, self.controller.ratios[node])
+                    self.controller.observe_node(self.now, node, self.compute_s(node), 0, self.controller.ratios[node],
+                                                 self.decode_s[node])
             if self.step % round(1.0 / self.dt) == 0:
                 self.actions += [(self.now, a) for a in self.controller.tick(self.now)]
 
@@ -236,6 +238,22 @@ def test_violation_the_curves_do_not_explain_is_held_not_pruned():
     assert loop.controller.ratios["node-2"] == 0.3
     times = [t for t, _ in loop.of(Held)]
     assert all(b - a >= loop.controller.config.cooldown_s for a, b in zip(times, times[1:]))
+
+
+def test_only_decode_slow_prunes_no_slice_and_says_why():
+    # 12 MP frames at stage 1: every request 0.4 s longer, all of it decoding, the slices at calibrated speed
+    loop = Loop()
+    loop.decode_s["node-1"] = 0.4
+    loop.run_until(60)
+    assert loop.of(SetRatios) == [] and loop.of(Infeasible) == [] and len(loop.of(Held)) >= 2
+    assert loop.controller.ratios == {"node-1": 0.0, "node-2": 0.0}
+    assert all(s == pytest.approx(1.0) for s in loop.controller.metrics(loop.now).slowdowns.values())
+    assert all("node-1 spends 400.0 ms a request decoding" in held.reason for _, held in loop.of(Held))
+    # the same 0.4 s as slice compute is pruned for
+    loop = Loop()
+    loop.slowdown["node-1"] = 1 + 0.4 / calibrated_time(0.0)
+    loop.run_until(60)
+    assert loop.of(SetRatios) and loop.controller.ratios["node-1"] > 0.0
 
 
 @pytest.mark.parametrize("policy,expected", [("bottleneck", {"node-2": 0.4}),

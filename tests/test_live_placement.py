@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.live_placement import LivePlacement, PlacementRules
-from shared.schemas import BlockProfile, ModelProfile, NodeProfile
+from shared.schemas import BlockProfile, DecodeCost, ModelProfile, NodeProfile
 
 RULES = PlacementRules(startup_wait_s=20, rejoin_hold_s=10, min_gain=0.1)
 
@@ -125,3 +127,23 @@ def test_memory_caps_round_to_whole_bytes():
     live.set_offer(NodeProfile(node_id="a", model_fingerprint="abc", memory_mb=2.01, uplink_mbit_s=1000,
                                profile=profile))
     assert placed(live.tick(1)) == ["a"] and live.last_error is None
+def test_stage_one_pays_the_frame_decode_so_it_gets_fewer_blocks_when_frames_are_large():
+    def with_decode(node: str, per_megapixel_s: float) -> NodeProfile:
+        cost = DecodeCost(fixed_s=0.001, per_megapixel_s=per_megapixel_s, megapixels=[0.3, 4.0],
+                          seconds=[0.001 + 0.3 * per_megapixel_s, 0.001 + 4 * per_megapixel_s])
+        return offer(node).model_copy(update={"decode": cost})
+
+    def plan(megapixels: float, slow_decoder: float):
+        live = LivePlacement(RULES, "trapnet", "abc", ["a", "b"], started=0.0, frame_megapixels=megapixels)
+        for node, per_mp in (("a", slow_decoder), ("b", 0.001)):
+            live.set_status(node, "online", 0.0)
+            live.set_offer(with_decode(node, per_mp))
+        return live.tick(0.0)
+
+    small = plan(0.0, slow_decoder=0.001)
+    assert [(s.first_block, s.last_block) for s in small.stages] == [(0, 2), (3, 5)]
+    large = plan(12.0, slow_decoder=0.001)  # 13 ms of decode: stage 1 keeps 2 blocks (33 ms), stage 2 takes 4 (40)
+    assert [(s.first_block, s.last_block) for s in large.stages] == [(0, 1), (2, 5)]
+    assert large.bottleneck_s == pytest.approx(0.040)
+    # the node that decodes faster takes stage 1
+    assert placed(plan(12.0, slow_decoder=0.004)) == ["b", "a"]

@@ -14,7 +14,7 @@ from camera.simulator import camera_frame, synthetic_scene
 from gateway.store import Reader
 from node_agent.runtime import block_input_shape
 from shared import wire
-from shared.imaging import decode_frame, encode_jpeg
+from shared.imaging import decode_frame, encode_jpeg, encode_png, textured_scene
 from shared.model import build_model
 from tests.conftest import STARTUP_S, Processes, Recorder, component_env, open_reader, wait_until
 
@@ -59,6 +59,42 @@ def results_for(reader: Reader, camera_id: str) -> list[dict]:
 def hops_of(reader: Reader, request_id: str) -> list[dict]:
     (raw,) = reader.db.execute("SELECT hops FROM requests WHERE request_id = ?", (request_id,)).fetchone()
     return json.loads(raw)
+
+
+def test_camera_publishes_a_folder_of_real_files_and_their_decode_is_accounted(pipeline, tmp_path):
+    """Files at native size, looping in name order; stage 1's decode shows in hops, rows and node stats."""
+    folder = tmp_path / "trap"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(encode_jpeg(textured_scene(1000, 750, seed=1)))
+    (folder / "b.PNG").write_bytes(encode_png(textured_scene(256, 192, seed=2)))
+    (folder / "notes.txt").write_text("not a frame")
+    stage1 = pipeline.stage_nodes[0]
+    stats = Recorder(pipeline.broker, f"edgeprune/node/{stage1}/stats")
+    cam = pipeline.procs.start("camera-files", "camera", "--camera-id", "cam-files", "--count", "3", "--rate", "10",
+                               "--arrival", "fixed", "--images", str(folder))
+    assert cam.wait(60) == 0, pipeline.procs.log("camera-files")
+    wait_until(lambda: len(results_for(pipeline.reader, "cam-files")) == 3, 60, "the 3 file frames were not classified")
+    rows = sorted(results_for(pipeline.reader, "cam-files"), key=lambda r: r["request_id"])
+    model = build_model()
+    for row, name in zip(rows, ["a.jpg", "b.PNG", "a.jpg"]):
+        with torch.inference_mode():
+            expected = int(model(torch.from_numpy(decode_frame((folder / name).read_bytes()))).argmax())
+        assert row["label_index"] == expected
+        first_hop = hops_of(pipeline.reader, row["request_id"])[0]
+        assert first_hop["decode_s"] > 0 and row["decode_s"] >= first_hop["decode_s"]
+        assert row["transfer_s"] == pytest.approx(row["e2e_s"] - row["queue_s"] - row["decode_s"] - row["compute_s"])
+    try:  # stats describe one interval: the one that saw these frames reports their decode apart
+        wait_until(lambda: any((m["decode_mean_s"] or 0) > 0 and m["compute_mean_s"] > 0
+                               for m in stats.json_on(f"edgeprune/node/{stage1}/stats")),
+                   30, "stage 1's stats never reported a decode time")
+    finally:
+        stats.close()
+
+
+def test_camera_with_an_empty_image_folder_says_so(pipeline, tmp_path):
+    cam = pipeline.procs.start("camera-empty", "camera", "--images", str(tmp_path))
+    assert cam.wait(30) == 2
+    assert f"no .jpg, .jpeg or .png files in {tmp_path}" in pipeline.procs.log("camera-empty")
 
 
 def test_fifty_frames_classified_in_order_and_equal_to_single_process_model(pipeline):

@@ -35,7 +35,8 @@ def reference_bottleneck(problem: PlacementProblem, stages: list[tuple[str, int,
         blocks = problem.blocks[first:last + 1]
         if sum(b.param_bytes for b in blocks) + max(b.activation_bytes for b in blocks) > device[host].memory_bytes:
             return None
-        terms.append(sum(problem.compute_s[host][first:last + 1]))
+        decode = problem.decode_s.get(host, 0.0) if first == 0 else 0.0  # stage 1 decodes the camera frame
+        terms.append(decode + sum(problem.compute_s[host][first:last + 1]))
         terms.append(blocks[-1].output_bytes / bandwidth(host, receiver))
     return max(terms)
 
@@ -88,7 +89,9 @@ def problems(draw, max_devices: int = 4, max_blocks: int = 6) -> PlacementProble
         mutual = draw(st.dictionaries(st.sampled_from(list(itertools.combinations(ids, 2))), link_bandwidths,
                                       max_size=2))
         links |= {pair: bw for (a, b), bw in mutual.items() for pair in ((a, b), (b, a))}
-    return PlacementProblem(blocks, tuple(devices), compute, draw(st.integers(0, 8)) * 1000, draw(bandwidths), links)
+    decode = draw(st.dictionaries(st.sampled_from(ids), st.sampled_from([0.0, 2e-3, 9e-3]), max_size=2))
+    return PlacementProblem(blocks, tuple(devices), compute, draw(st.integers(0, 8)) * 1000, draw(bandwidths), links,
+                            decode)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -43,7 +43,7 @@ def fill_database(path, now: float) -> None:
                            "stage": i + 1, "first_block": 3 * i, "last_block": 3 * i + 2, "queue_depth": i,
                            "queue_capacity": 16, "processed": 40, "dropped": 0, "errors": {"bad_image": i},
                            "compute_mean_s": 0.01, "compute_p95_s": 0.02, "cpu_percent": 50.0,
-                           "prune_ratio": 0.0})
+                           "prune_ratio": 0.0, "decode_mean_s": 0.0123 if i == 0 else None})
     for i in range(40):
         e2e = 0.1 if i % 4 else 0.3  # every 4th frame misses the 0.2 s SLO
         store.add_request({"request_id": f"r{i}", "camera_id": "cam-1", "capture_ts": now - 60 + i - e2e,
@@ -114,6 +114,7 @@ def test_page_renders_in_headless_chromium(server, tmp_path):
         assert "75.0 %" in driver.find_element(By.ID, "summary").text
         assert "bad_image" in driver.find_element(By.ID, "errors").text
         assert "3.2×" in rows[0] and "0.3 / 0.0" in rows[0]  # desired by the controller / applied by the node
+        assert "12.3 ms" in rows[0]  # stage 1's frame decode, apart from its compute
         assert len(driver.find_elements(By.CSS_SELECTOR, "#latency line.prune-mark")) == 1
         assert "running · policy bottleneck" in driver.find_element(By.ID, "controller").text
         events = driver.find_element(By.ID, "events").text

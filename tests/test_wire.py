@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -33,7 +35,8 @@ def activations(draw):
     hops = [Hop(stage=draw(st.integers(1, 255)), node_id=draw(node_ids),
                 prune_ratio=draw(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.9])),
                 received_ts=draw(finite), started_ts=draw(finite), finished_ts=draw(finite),
-                published_ts=draw(finite)) for _ in range(draw(st.integers(0, 4)))]
+                published_ts=draw(finite), decode_s=draw(st.floats(0, 1e3)))
+            for _ in range(draw(st.integers(0, 4)))]
     return wire.Activation(draw(ids), draw(ids), draw(finite), draw(st.integers(0, 65535)), tensor, mask, hops)
 
 
@@ -49,6 +52,17 @@ def test_round_trip_is_exact(act):
     else:
         assert np.array_equal(back.keep_mask, act.keep_mask)
     assert back.hops == act.hops
+
+
+def test_version_1_activations_from_not_yet_updated_nodes_still_decode():
+    hop = Hop(stage=1, node_id="old", prune_ratio=0.5, received_ts=1.0, started_ts=2.0, finished_ts=3.0,
+              published_ts=4.0, decode_s=0.5)
+    act = wire.Activation("r", "c", 0.0, 1, np.ones((1, 2, 2, 2), np.float32), None, [hop])
+    payload = wire.encode(act)
+    published_then_decode = struct.pack("<dd", 4.0, 0.5)
+    assert payload[4] == 2 and payload.count(published_then_decode) == 1
+    old_payload = payload[:4] + b"\x01" + payload[5:].replace(published_then_decode, struct.pack("<d", 4.0))
+    assert wire.decode(old_payload).hops == [hop.model_copy(update={"decode_s": 0.0})]
 
 
 def test_full_tensor_zero_fills_pruned_channels():

@@ -15,6 +15,7 @@ from typing import Any
 
 BENCHMARKS = [
     "allocator",
+    "decode",
     "placement",
     "pruning",
     "speedup",

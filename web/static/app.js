@@ -94,6 +94,7 @@ function render(data) {
     cell(n.seen_s_ago === null ? "never" : `${n.seen_s_ago.toFixed(0)} s ago`),
     cell(n.queue_depth === null ? "–" : `${n.queue_depth}/${n.queue_capacity}`, "num"),
     cell(`${fmtMs(n.compute_mean_s)} / ${fmtMs(n.compute_p95_s)}`, "num"),
+    cell(fmtMs(n.decode_mean_s), "num"),
     cell(n.cpu_percent === null ? "–" : `${n.cpu_percent.toFixed(0)} %`, "num"),
     cell(`${n.desired_ratio == null ? "–" : n.desired_ratio.toFixed(1)} / ` +
          `${n.prune_ratio == null ? "–" : n.prune_ratio.toFixed(1)}`, "num ratio"),
