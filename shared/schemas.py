@@ -256,6 +256,8 @@ class NodeProfile(_Strict):
     memory_mb: float = Field(gt=0, allow_inf_nan=False, description="Memory a slice may use on this node.")
     uplink_mbit_s: float = Field(gt=0, allow_inf_nan=False, description="Bandwidth to the next stage.")
     profile: ModelProfile
+    decode: DecodeCost | None = Field(None, description="This node's cost of decoding one camera frame, "
+                                      "charged to whichever node runs stage 1 (absent from older nodes).")
 
     _check_id = field_validator("node_id")(lambda v: validate_id("node", v))
 

@@ -81,7 +81,7 @@ def greedy_plan(problem: PlacementProblem) -> Plan:
 
 def communication_plan(problem: PlacementProblem) -> Plan:
     """SEIFER-style: cuts and order that minimise the slowest transfer within memory, blind to compute."""
-    free_compute = replace(problem, compute_s={d.id: [0.0] * problem.n_blocks for d in problem.devices})
+    free_compute = replace(problem, compute_s={d.id: [0.0] * problem.n_blocks for d in problem.devices}, decode_s={})
     chosen = optimal_plan(free_compute)
     return cost_assignment(problem, [(s.device, s.first_block, s.last_block) for s in chosen.stages])
 
