@@ -112,31 +112,36 @@ def test_oversized_shape_rejected_before_allocation():
 
 # One activation written out byte by byte from the table in docs/wire-format.md (little-endian
 # throughout, mask bit i = channel i counted from the least significant bit).
-DOCUMENTED = bytes.fromhex(
-    "45504154"                   # magic "EPAT"
-    "01"                         # version 1
-    "01"                         # dtype 1 = float16
-    "04"                         # ndim 4
-    "01"                         # n_hops 1
-    "0300"                       # next_block 3 (u16)
-    "000000000000f83f"           # capture_ts 1.5 (f64)
-    "0200" "7231"                # id_len 2, request id "r1"
-    "0100" "63"                  # cam_len 1, camera id "c"
-    "01000000" "02000000" "01000000" "01000000"  # shape 1 x 2 x 1 x 1 (kept channels only)
-    "0a000000"                   # full_c 10
-    "0102"                       # mask: channel 0 (byte 0, bit 0) and channel 9 (byte 1, bit 1) kept
-    "01" "0000003f"              # hop: stage 1, ratio 0.5 (f32)
-    "000000000000f03f" "0000000000000040" "0000000000000840" "0000000000001040"  # received 1, started 2,
-    "01" "6e"                    # finished 3, published 4 (f64); node_len 1, node id "n"
-    "003c" "00c0"                # data: 1.0, -2.0 (float16)
-)
+def _documented(version: int) -> bytes:
+    return bytes.fromhex(
+        "45504154"                   # magic "EPAT"
+        f"{version:02x}"             # version
+        "01"                         # dtype 1 = float16
+        "04"                         # ndim 4
+        "01"                         # n_hops 1
+        "0300"                       # next_block 3 (u16)
+        "000000000000f83f"           # capture_ts 1.5 (f64)
+        "0200" "7231"                # id_len 2, request id "r1"
+        "0100" "63"                  # cam_len 1, camera id "c"
+        "01000000" "02000000" "01000000" "01000000"  # shape 1 x 2 x 1 x 1 (kept channels only)
+        "0a000000"                   # full_c 10
+        "0102"                       # mask: channel 0 (byte 0, bit 0) and channel 9 (byte 1, bit 1) kept
+        "01" "0000003f"              # hop: stage 1, ratio 0.5 (f32)
+        "000000000000f03f" "0000000000000040" "0000000000000840" "0000000000001040"  # received 1, started 2,
+        + ("000000000000d03f" if version >= 2 else "") +  # finished 3, published 4, (v2) decode 0.25 (f64);
+        "01" "6e"                    # node_len 1, node id "n"
+        "003c" "00c0"                # data: 1.0, -2.0 (float16)
+    )
 
 
-def _documented_activation() -> wire.Activation:
+DOCUMENTED = _documented(2)
+
+
+def _documented_activation(decode_s: float = 0.25) -> wire.Activation:
     mask = np.zeros(10, dtype=bool)
     mask[[0, 9]] = True
     hop = Hop(stage=1, node_id="n", prune_ratio=0.5, received_ts=1.0, started_ts=2.0, finished_ts=3.0,
-              published_ts=4.0)
+              published_ts=4.0, decode_s=decode_s)
     return wire.Activation("r1", "c", 1.5, 3, np.array([1.0, -2.0], np.float16).reshape(1, 2, 1, 1), mask, [hop])
 
 
@@ -144,9 +149,10 @@ def test_encoder_writes_the_documented_layout_byte_for_byte():
     assert wire.encode(_documented_activation()).hex() == DOCUMENTED.hex()
 
 
-def test_decoder_reads_the_documented_layout():
-    act = wire.decode(DOCUMENTED)
-    expected = _documented_activation()
+@pytest.mark.parametrize("version,decode_s", [(2, 0.25), (1, 0.0)])
+def test_decoder_reads_the_documented_layout(version, decode_s):
+    act = wire.decode(_documented(version))
+    expected = _documented_activation(decode_s)
     assert (act.request_id, act.camera_id, act.capture_ts, act.next_block) == ("r1", "c", 1.5, 3)
     assert np.flatnonzero(act.keep_mask).tolist() == [0, 9]
     assert act.tensor.dtype == np.float16 and act.tensor.ravel().tolist() == [1.0, -2.0]
