@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "gateway",
     "camera",
     "web",
+    "doctor",
     "demo",
     "calibrate",
     "profile",

@@ -17,6 +17,8 @@ from typing import Any
 
 import sqlite_utils
 
+from gateway.retention import DiskMode
+
 SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
     "requests": ({
         "request_id": str, "camera_id": str, "capture_ts": float, "finish_ts": float, "e2e_s": float,
@@ -32,7 +34,7 @@ SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
         "first_block": int, "last_block": int, "placement_version": int, "queue_depth": int,
         "queue_capacity": int, "processed": int, "dropped": int, "errors": str,
         "compute_mean_s": float, "compute_p95_s": float, "queue_wait_mean_s": float,
-        "cpu_percent": float, "prune_ratio": float, "emulated_slowdown": float,
+        "cpu_percent": float, "prune_ratio": float, "emulated_slowdown": float, "clock_offset_s": float,
     }, {"pk": "node_id"}),
     "errors": ({
         "id": int, "ts": float, "component": str, "topic": str, "kind": str, "message": str,
@@ -40,6 +42,7 @@ SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
     }, {"pk": "id"}),
     "runs": ({
         "started_ts": float, "gateway_id": str, "slo_s": float, "window_s": float, "nodes": str,
+        "max_clock_offset_s": float,
     }, {"pk": "started_ts"}),
     "profiles": ({
         "node_id": str, "model_fingerprint": str, "ts": float, "memory_mb": float, "uplink_mbit_s": float,
@@ -80,14 +83,22 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         for name, (columns, opts) in SCHEMA.items():
             self.db[name].create(columns, **opts, if_not_exists=True)
+            existing = self.db[name].columns_dict
+            for column, kind in columns.items():  # a database from an older version gains new columns
+                if column not in existing:
+                    self.db[name].add_column(column, kind)
         for name, indexes in INDEXES.items():
             for cols in indexes:
                 self.db[name].create_index(cols, if_not_exists=True)
         self._lock = threading.Lock()
         self._pending: dict[str, list[dict]] = {name: [] for name in SCHEMA}
+        self.disk_mode = DiskMode.NORMAL  # set by the gateway's disk guard (gateway/retention.py)
 
     def add_request(self, row: dict) -> None:
-        row = dict(row, prune_ratios=_json(row["prune_ratios"]), hops=_json(row["hops"]))
+        if self.disk_mode is DiskMode.WINDOWS_ONLY:
+            return
+        hops = None if self.disk_mode is DiskMode.LEAN else _json(row["hops"])
+        row = dict(row, prune_ratios=_json(row["prune_ratios"]), hops=hops)
         self._buffer("requests", row)
 
     def add_window(self, row: dict) -> None:
@@ -149,6 +160,18 @@ class Store:
                     self.db[table].insert_all(rows)
                 written += len(rows)
         return written
+
+    def delete_older(self, cutoffs: dict[str, tuple[str, float]]) -> dict[str, int]:
+        """Delete rows older than each table's cutoff (:func:`gateway.retention.cutoffs`); rows deleted per table."""
+        deleted = {}
+        with self.db.conn:
+            for table, (column, oldest_kept) in cutoffs.items():
+                deleted[table] = self.db.execute(f"DELETE FROM [{table}] WHERE [{column}] < ?", [oldest_kept]).rowcount
+        return deleted
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it, so the -wal file cannot grow for weeks."""
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         self.flush()

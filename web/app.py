@@ -11,6 +11,7 @@ import time
 from flask import Flask, jsonify, render_template
 
 from gateway.store import Reader
+from shared.clock import offset_suspect
 from shared.settings import WebSettings
 
 
@@ -19,8 +20,11 @@ def status(reader: Reader, recent_s: float, now: float) -> dict:
     run = reader.current_run()
     slo_s = run["slo_s"] if run else None
     nodes = reader.nodes()
+    max_offset_s = (run or {}).get("max_clock_offset_s")
     for node in nodes:
         node["seen_s_ago"] = now - node["last_seen"] if node.get("last_seen") else None
+        node["clock_suspect"] = bool(max_offset_s) and offset_suspect(node.get("clock_offset_s"), max_offset_s)
+    suspects = [n["node_id"] for n in nodes if n["clock_suspect"]]
     return {
         "now": now,
         "recent_s": recent_s,
@@ -35,6 +39,8 @@ def status(reader: Reader, recent_s: float, now: float) -> dict:
         "errors": reader.errors(limit=10),
         "controller": reader.controller_status(),
         "prune_events": reader.prune_events(limit=10),
+        # end-to-end latency subtracts other devices' timestamps from the gateway's: marked when a clock is off
+        "clock": {"max_offset_s": max_offset_s, "suspect_nodes": suspects, "latency_reliable": not suspects},
     }
 
 
