@@ -107,6 +107,8 @@ class NodeSettings(_Section):
 
 RetainedTable = Literal["requests", "windows", "runs", "placements", "prune_events", "calibrations", "errors"]
 """Tables with a time column that ``[gateway] keep_days`` can bound (gateway/retention.py)."""
+DEFAULT_KEEP_DAYS: dict[str, float] = {"requests": 365, "windows": 365, "runs": 365, "placements": 90,
+                                       "prune_events": 90, "calibrations": 30, "errors": 30}
 
 
 class GatewaySettings(_Section):
@@ -135,10 +137,9 @@ class GatewaySettings(_Section):
                                       description="A node whose clock is further than this from the gateway's is "
                                                   "flagged, and the latencies it stamps are marked unreliable.")
     keep_days: dict[RetainedTable, float] = Field(
-        {"requests": 365, "windows": 365, "runs": 365, "placements": 90, "prune_events": 90, "calibrations": 30,
-         "errors": 30},
-        description="Days each table's rows are kept (JSON in env); results are kept longest. Tables not named, "
-                    "and node/profile/controller state, are never pruned.")
+        DEFAULT_KEEP_DAYS, description="Days each table's rows are kept (JSON in env); tables you name override "
+                                       "their default, results are kept longest. Node, profile and controller state "
+                                       "is never pruned.")
     maintenance_interval_s: float = Field(600.0, gt=0, le=86400,
                                           description="How often old rows are deleted, the WAL is truncated and "
                                                       "free disk space is checked.")
@@ -161,8 +162,8 @@ class GatewaySettings(_Section):
     @classmethod
     def _positive_days(cls, keep: dict[str, float]) -> dict[str, float]:
         if any(days <= 0 for days in keep.values()):
-            raise ValueError("keep_days values must be positive (leave a table out to keep it for ever)")
-        return keep
+            raise ValueError("keep_days values must be positive")
+        return {**DEFAULT_KEEP_DAYS, **keep}
 
 
 class CameraSettings(_Section):

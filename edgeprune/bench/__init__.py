@@ -18,6 +18,7 @@ BENCHMARKS = [
     "placement",
     "pruning",
     "speedup",
+    "storage",
 ]
 
 
