@@ -7,12 +7,14 @@
 #   --dev      test tools too (pytest, headless Chromium for the web test).
 #   --systemd  write and enable systemd units (Restart=always) for the role.
 #   --no-apt   skip Debian packages (you installed them yourself).
+#   --gateway-address ADDR  (node, camera with --systemd) where chrony takes the site's time from;
+#              default: [mqtt] host of /etc/edgeprune/edgeprune.toml. The gateway serves time (chrony).
 #
 # Environment: EDGEPRUNE_TORCH_SPEC (default torch==2.13.0: on x86 a CPU build, on a Pi's
 # aarch64 the PyPI wheel, which is CPU-only), EDGEPRUNE_VENV (default .venv).
 set -euo pipefail
 
-ROLE=all DEV=0 SYSTEMD=0 APT=1
+ROLE=all DEV=0 SYSTEMD=0 APT=1 GATEWAY_ADDRESS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --role) ROLE="${2:?--role needs a value}"; shift 2 ;;
@@ -20,7 +22,8 @@ while [ $# -gt 0 ]; do
     --dev) DEV=1; shift ;;
     --systemd) SYSTEMD=1; shift ;;
     --no-apt) APT=0; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --gateway-address) GATEWAY_ADDRESS="${2:?--gateway-address needs a value}"; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -33,12 +36,15 @@ TORCH_SPEC="${EDGEPRUNE_TORCH_SPEC:-torch==2.13.0}"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+# shellcheck source=packaging/site-clock.sh
+. "$HERE/packaging/site-clock.sh"
 
 # --- Debian packages -------------------------------------------------------------------------
 packages=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3 python3-venv)
 case "$ROLE" in gateway|all) packages+=(mosquitto mosquitto-clients sqlite3) ;; esac
 [ "$DEV" -eq 1 ] && packages+=(mosquitto mosquitto-clients chromium chromium-driver)
+case "$ROLE" in gateway|node|camera) [ "$SYSTEMD" -eq 1 ] && packages+=(chrony) ;; esac  # the site's clock
 if [ "$APT" -eq 1 ] && [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -111,6 +117,8 @@ UNIT
   else
     echo "systemd is not running here: units written, not started"
   fi
+  # --- the site's clock (packaging/site-clock.sh): a device set up for the field syncs to the gateway
+  configure_site_clock "$ROLE" "$GATEWAY_ADDRESS"
 fi
 
 say "done: $VENV/bin/edgeprune --help"
