@@ -50,8 +50,9 @@ def test_bundle_installs_offline_and_classifies_a_frame(broker, tmp_path):
     """The field path end to end: make a bundle (registries allowed), unpack the source it carries, install
     from it into a fresh venv with every registry and proxy pointing nowhere, then run one frame."""
     bundle = tmp_path / "bundle"
+    # EDGEPRUNE_TORCH_INDEX empty: pip's own configuration says where the CPU torch wheel is (here a local file)
     made = subprocess.run([str(ROOT / "install.sh"), "--make-bundle", str(bundle)], capture_output=True, text=True,
-                          timeout=1800, env={**os.environ, "EDGEPRUNE_TORCH_INDEX": ""})  # this machine: torch from pip's find-links
+                          timeout=1800, env={**os.environ, "EDGEPRUNE_TORCH_INDEX": ""})
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
     wheels = sorted(p.name for p in (bundle / "wheels").glob("*.whl"))
     assert any(w.startswith("torch-2.13.0+cpu-") for w in wheels) and any(w.startswith("animal_mnist") for w in wheels)
