@@ -10,7 +10,7 @@
 #   --no-apt   skip Debian packages (you installed them yourself).
 #   --make-bundle DIR [--arch aarch64|x86_64] [--python 3.11]
 #              on a connected machine: download everything every role needs into DIR, then stop
-#              (packaging/bundle.sh; default arch and Python: this machine's).
+#              (packaging/bundle.sh; default arch and Python: this machine's; a Pi on Debian 12: --python 3.11).
 #   --from-bundle DIR  install from a bundle with no network at all (wheels and Debian packages in DIR).
 #   --uninstall  stop and remove the role's units, the chrony drop-in and the edgeprune user (when no
 #              unit is left); the data (/var/lib/edgeprune) and config stay unless --purge is given too.
@@ -22,7 +22,7 @@
 set -euo pipefail
 
 ROLE=all DEV=0 SYSTEMD=0 APT=1 GATEWAY_ADDRESS=""
-UNINSTALL=0 PURGE=0 MAKE_BUNDLE="" FROM_BUNDLE="" BUNDLE_ARCH="$(uname -m)" BUNDLE_PYTHON="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+UNINSTALL=0 PURGE=0 MAKE_BUNDLE="" FROM_BUNDLE="" BUNDLE_ARCH="$(uname -m)" BUNDLE_PYTHON=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --role) ROLE="${2:?--role needs a value}"; shift 2 ;;
@@ -37,11 +37,14 @@ while [ $# -gt 0 ]; do
     --from-bundle) FROM_BUNDLE="${2:?--from-bundle needs a directory}"; shift 2 ;;
     --arch) BUNDLE_ARCH="${2:?--arch needs aarch64 or x86_64}"; shift 2 ;;
     --python) BUNDLE_PYTHON="${2:?--python needs a version such as 3.11}"; shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$ROLE" in gateway|node|camera|all) ;; *) echo "install.sh: --role must be gateway, node, camera or all" >&2; exit 2 ;; esac
+# bundle directories are given relative to where you are, not to this script
+[ -z "$MAKE_BUNDLE" ] || MAKE_BUNDLE="$(realpath -m "$MAKE_BUNDLE")"
+[ -z "$FROM_BUNDLE" ] || FROM_BUNDLE="$(realpath -m "$FROM_BUNDLE")"
 
 cd "$(dirname "$0")"
 HERE="$(pwd)"
@@ -66,6 +69,7 @@ fi
 # --- offline bundles (packaging/bundle.sh) ---------------------------------------------------
 case "$BUNDLE_ARCH" in aarch64|x86_64) ;; *) echo "install.sh: --arch must be aarch64 or x86_64" >&2; exit 2 ;; esac
 if [ -n "$MAKE_BUNDLE" ]; then
+  [ -n "$BUNDLE_PYTHON" ] || BUNDLE_PYTHON="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
   make_bundle "$MAKE_BUNDLE" "$BUNDLE_ARCH" "$BUNDLE_PYTHON"
   exit 0
 fi

@@ -93,6 +93,12 @@ write_units() {
   local services svc after
   read -r -a services <<<"$(services_for "$1")"
   create_service_user
+  # Debian 12 makes home directories private (0700): a tree under /home cannot be run by the service user
+  if ! $SUDO runuser -u "$SERVICE_USER" -- test -x "$VENV/bin/edgeprune"; then
+    echo "install.sh: the $SERVICE_USER user cannot run $VENV/bin/edgeprune (a private home directory?):" \
+         "unpack edgeprune in /opt/edgeprune and install from there" >&2
+    return 2
+  fi
   for svc in "${services[@]}"; do
     after="network-online.target"
     [[ " ${services[*]} " == *" broker "* && "$svc" != broker ]] && after+=" edgeprune-broker.service"
