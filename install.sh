@@ -5,14 +5,24 @@
 #
 #   --role     what this device runs (default: all). gateway and all also get mosquitto.
 #   --dev      test tools too (pytest, headless Chromium for the web test).
-#   --systemd  write and enable systemd units (Restart=always) for the role.
+#   --systemd  write and enable hardened systemd units (Restart=always) for the role; they run as the
+#              system user edgeprune, which alone reads /etc/edgeprune/edgeprune.toml and writes /var/lib/edgeprune.
 #   --no-apt   skip Debian packages (you installed them yourself).
+#   --make-bundle DIR [--arch aarch64|x86_64] [--python 3.11]
+#              on a connected machine: download everything every role needs into DIR, then stop
+#              (packaging/bundle.sh; default arch and Python: this machine's; a Pi on Debian 12: --python 3.11).
+#   --from-bundle DIR  install from a bundle with no network at all (wheels and Debian packages in DIR).
+#   --uninstall  stop and remove the role's units, the chrony drop-in and the edgeprune user (when no
+#              unit is left); the data (/var/lib/edgeprune) and config stay unless --purge is given too.
+#   --gateway-address ADDR  (node, camera with --systemd) where chrony takes the site's time from;
+#              default: [mqtt] host of /etc/edgeprune/edgeprune.toml. The gateway serves time (chrony).
 #
-# Environment: EDGEPRUNE_TORCH_SPEC (default torch==2.13.0: on x86 a CPU build, on a Pi's
-# aarch64 the PyPI wheel, which is CPU-only), EDGEPRUNE_VENV (default .venv).
+# Environment: EDGEPRUNE_TORCH_SPEC (default torch==2.13.0; note PyPI's 2.13.0 wheels are CUDA builds on x86_64
+# and on aarch64 alike, pulling GBs of nvidia packages: a bundle carries the CPU build), EDGEPRUNE_VENV (default .venv).
 set -euo pipefail
 
-ROLE=all DEV=0 SYSTEMD=0 APT=1
+ROLE=all DEV=0 SYSTEMD=0 APT=1 GATEWAY_ADDRESS=""
+UNINSTALL=0 PURGE=0 MAKE_BUNDLE="" FROM_BUNDLE="" BUNDLE_ARCH="$(uname -m)" BUNDLE_PYTHON=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --role) ROLE="${2:?--role needs a value}"; shift 2 ;;
@@ -20,11 +30,21 @@ while [ $# -gt 0 ]; do
     --dev) DEV=1; shift ;;
     --systemd) SYSTEMD=1; shift ;;
     --no-apt) APT=0; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --gateway-address) GATEWAY_ADDRESS="${2:?--gateway-address needs a value}"; shift 2 ;;
+    --uninstall) UNINSTALL=1; shift ;;
+    --purge) PURGE=1; shift ;;
+    --make-bundle) MAKE_BUNDLE="${2:?--make-bundle needs a directory}"; shift 2 ;;
+    --from-bundle) FROM_BUNDLE="${2:?--from-bundle needs a directory}"; shift 2 ;;
+    --arch) BUNDLE_ARCH="${2:?--arch needs aarch64 or x86_64}"; shift 2 ;;
+    --python) BUNDLE_PYTHON="${2:?--python needs a version such as 3.11}"; shift 2 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$ROLE" in gateway|node|camera|all) ;; *) echo "install.sh: --role must be gateway, node, camera or all" >&2; exit 2 ;; esac
+# bundle directories are given relative to where you are, not to this script
+[ -z "$MAKE_BUNDLE" ] || MAKE_BUNDLE="$(realpath -m "$MAKE_BUNDLE")"
+[ -z "$FROM_BUNDLE" ] || FROM_BUNDLE="$(realpath -m "$FROM_BUNDLE")"
 
 cd "$(dirname "$0")"
 HERE="$(pwd)"
@@ -33,12 +53,39 @@ TORCH_SPEC="${EDGEPRUNE_TORCH_SPEC:-torch==2.13.0}"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+# shellcheck source=packaging/site-clock.sh
+. "$HERE/packaging/site-clock.sh"
+# shellcheck source=packaging/bundle.sh
+. "$HERE/packaging/bundle.sh"
+# shellcheck source=packaging/services.sh
+. "$HERE/packaging/services.sh"
+
+# --- uninstall (packaging/services.sh) -------------------------------------------------------
+if [ "$UNINSTALL" -eq 1 ]; then
+  uninstall_role "$ROLE" "$PURGE"
+  exit 0
+fi
+
+# --- offline bundles (packaging/bundle.sh) ---------------------------------------------------
+case "$BUNDLE_ARCH" in aarch64|x86_64) ;; *) echo "install.sh: --arch must be aarch64 or x86_64" >&2; exit 2 ;; esac
+if [ -n "$MAKE_BUNDLE" ]; then
+  [ -n "$BUNDLE_PYTHON" ] || BUNDLE_PYTHON="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+  make_bundle "$MAKE_BUNDLE" "$BUNDLE_ARCH" "$BUNDLE_PYTHON"
+  exit 0
+fi
+if [ -n "$FROM_BUNDLE" ]; then
+  [ -d "$FROM_BUNDLE/wheels" ] || { echo "install.sh: $FROM_BUNDLE is not a bundle (no wheels/)" >&2; exit 2; }
+  use_bundle_for_pip "$FROM_BUNDLE"
+  if [ "$APT" -eq 1 ] && command -v dpkg >/dev/null; then install_bundle_debs "$FROM_BUNDLE"; fi
+  APT=0  # everything Debian comes from the bundle
+fi
 
 # --- Debian packages -------------------------------------------------------------------------
 packages=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3 python3-venv)
 case "$ROLE" in gateway|all) packages+=(mosquitto mosquitto-clients sqlite3) ;; esac
 [ "$DEV" -eq 1 ] && packages+=(mosquitto mosquitto-clients chromium chromium-driver)
+case "$ROLE" in gateway|node|camera) [ "$SYSTEMD" -eq 1 ] && packages+=(chrony) ;; esac  # the site's clock
 if [ "$APT" -eq 1 ] && [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -71,46 +118,11 @@ case "$ROLE" in
     "$VENV/bin/python" -c 'import animal_mnist' 2>/dev/null || "${PIP[@]}" --no-deps "animal-mnist==0.4" ;;
 esac
 
-# --- systemd units ---------------------------------------------------------------------------
+# --- systemd units (packaging/services.sh): hardened, as the edgeprune user ----------------------
 if [ "$SYSTEMD" -eq 1 ]; then
-  case "$ROLE" in
-    gateway) services=(broker gateway web) ;;
-    node) services=(node) ;;
-    camera) services=(camera) ;;
-    all) services=(broker gateway web node) ;;
-  esac
-  $SUDO mkdir -p /etc/edgeprune
-  [ -f /etc/edgeprune/edgeprune.toml ] || $SUDO cp "$HERE/docs/edgeprune.example.toml" /etc/edgeprune/edgeprune.toml
-  for svc in "${services[@]}"; do
-    unit="/etc/systemd/system/edgeprune-$svc.service"
-    after="network-online.target"
-    [[ " ${services[*]} " == *" broker "* && "$svc" != broker ]] && after+=" edgeprune-broker.service"
-    say "writing $unit"
-    $SUDO tee "$unit" >/dev/null <<UNIT
-[Unit]
-Description=edgeprune $svc
-After=$after
-Wants=network-online.target
-
-[Service]
-Environment=EDGEPRUNE_CONFIG=/etc/edgeprune/edgeprune.toml
-WorkingDirectory=$HERE
-ExecStart=$VENV/bin/edgeprune $svc
-Restart=always
-RestartSec=3
-
-[Install]
-WantedBy=multi-user.target
-UNIT
-  done
-  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    # our broker replaces the stock one: both would want port 1883
-    if [[ " ${services[*]} " == *" broker "* ]]; then $SUDO systemctl disable --now mosquitto.service 2>/dev/null || true; fi
-    $SUDO systemctl daemon-reload
-    for svc in "${services[@]}"; do $SUDO systemctl enable --now "edgeprune-$svc.service"; done
-  else
-    echo "systemd is not running here: units written, not started"
-  fi
+  write_units "$ROLE"
+  # --- the site's clock (packaging/site-clock.sh): a device set up for the field syncs to the gateway
+  configure_site_clock "$ROLE" "$GATEWAY_ADDRESS"
 fi
 
 say "done: $VENV/bin/edgeprune --help"

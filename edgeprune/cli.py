@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "web",
     "passwd",
     "export",
+    "doctor",
     "demo",
     "calibrate",
     "profile",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -20,13 +21,16 @@ from gateway.control_loop import ControlLoop, Effects, LadderMismatch
 from gateway.curves import AccuracyFit
 from gateway.live_placement import LivePlacement, PlacementRules
 from gateway.operator import LABELS, Overrides
+from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message
 from gateway.slo import SloWindows
 from gateway.store import Store
 from shared.bus import Bus
+from shared.clock import offset_suspect
 from shared.model import MODEL_NAME, accuracy_model_path, build_model, model_fingerprint
 from shared.schemas import (
     BadMessage,
     CameraCommand,
+    ClockBeacon,
     CommandReply,
     ErrorRecord,
     GatewayCommand,
@@ -113,6 +117,8 @@ class Gateway:
         self.tick_failures = 0
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="gateway-tick", daemon=True)
+        self._next_beacon = 0.0
+        self._clock_suspects: set[str] = set()  # nodes whose clock offset is over the limit (logged once)
 
     def start(self) -> None:
         self.bus.subscribe(self.topics.results, self._on_result, qos=1)
@@ -128,9 +134,10 @@ class Gateway:
             self.live.set_offer(NodeProfile.model_validate_json(offer_json))
         self.store.add_run({"started_ts": time.time(), "gateway_id": self.settings.gateway_id,
                             "slo_s": self.operator.slo_s, "window_s": self.settings.window_s,
-                            "nodes": self.settings.nodes})
+                            "nodes": self.settings.nodes, "max_clock_offset_s": self.settings.max_clock_offset_s})
         self._ticker.start()
-        self.store.start_writer(self.settings.flush_interval_s, self._on_store_failure)
+        self.store.start_writer(self.settings.flush_interval_s, self._on_store_failure, self.maintain,
+                                self.settings.maintenance_interval_s)
         self.bus.start()
 
     def stop(self) -> None:
@@ -196,6 +203,12 @@ class Gateway:
         stats = parse_json(NodeStats, payload)
         with self._lock:
             self.control.observe_stats(stats)
+        suspect = offset_suspect(stats.clock_offset_s, self.settings.max_clock_offset_s)
+        if suspect != (stats.node_id in self._clock_suspects):
+            self._clock_suspects ^= {stats.node_id}
+            if suspect:
+                log.warning("%s: clock is %+.3f s off the gateway's (limit %.3f s): its latencies are unreliable; "
+                            "check chrony on it", stats.node_id, stats.clock_offset_s, self.settings.max_clock_offset_s)
         self.store.update_node({**stats.model_dump(exclude={"ts"}), "last_seen": stats.ts})
 
     def _on_calibration(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
@@ -363,3 +376,26 @@ class Gateway:
         self.store.set_controller_status(now, status)
         for window in windows:
             self.store.add_window(window.row())
+        if now >= self._next_beacon:
+            self._next_beacon = now + self.settings.clock_beacon_s
+            self.bus.publish(self.topics.clock, to_json(ClockBeacon(gateway_id=self.settings.gateway_id,
+                                                                    ts=time.time())), qos=0)
+
+    def maintain(self, now: float) -> None:
+        """Bound the database: delete expired rows, truncate the WAL, shed stored detail when the disk fills.
+
+        Runs in the store's writer thread (see :meth:`start`), the only thread that writes to the file.
+        """
+        free_mb = shutil.disk_usage(self.settings.db_path.resolve().parent).free / 2**20
+        mode = disk_mode(free_mb, self.settings.min_free_mb)
+        if mode is not self.store.disk_mode:
+            message = disk_mode_message(mode, free_mb, self.settings.min_free_mb)
+            (log.info if mode is DiskMode.NORMAL else log.error)("%s", message)
+            self.store.add_error({"ts": now, "component": self.settings.gateway_id, "topic": "",
+                                  "kind": "disk_space", "message": message, "request_id": None})
+            self.store.disk_mode = mode
+        self.store.flush()
+        deleted = self.store.delete_older(cutoffs(self.settings.keep_days, now))
+        if any(deleted.values()):
+            log.info("retention: deleted %s", ", ".join(f"{n} {t}" for t, n in deleted.items() if n))
+        self.store.checkpoint()

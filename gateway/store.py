@@ -13,12 +13,15 @@ import logging
 import math
 import sqlite3
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import sqlite_utils
+
+from gateway.retention import DiskMode
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ SCHEMA: dict[str, Table] = {
         "queue_capacity": int, "processed": int, "dropped": int, "errors": dict,
         "compute_mean_s": float, "compute_p95_s": float, "queue_wait_mean_s": float,
         "cpu_percent": float, "prune_ratio": float, "emulated_slowdown": float, "decode_mean_s": float,
+        "clock_offset_s": float,
     }, "node_id", "upsert"),
     "errors": Table({
         "id": int, "ts": float, "component": str, "topic": str, "kind": str, "message": str,
@@ -64,6 +68,7 @@ SCHEMA: dict[str, Table] = {
     }, "id", "insert"),
     "runs": Table({
         "started_ts": float, "gateway_id": str, "slo_s": float, "window_s": float, "nodes": list,
+        "max_clock_offset_s": float,
     }, "started_ts", "insert_ignore"),
     "profiles": Table({  # the offer exactly as the node sent it (str), validated again when read back
         "node_id": str, "model_fingerprint": str, "ts": float, "memory_mb": float, "uplink_mbit_s": float,
@@ -146,8 +151,13 @@ class Store:
         self._pending: dict[str, deque[dict]] = {name: deque() for name in SCHEMA}
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
+        self.disk_mode = DiskMode.NORMAL  # set by the gateway's disk guard (gateway/retention.py)
 
     def add_request(self, row: dict) -> None:
+        if self.disk_mode is DiskMode.WINDOWS_ONLY:
+            return
+        if self.disk_mode is DiskMode.LEAN:
+            row = dict(row, hops=None)
         self._buffer("requests", row)
 
     def add_window(self, row: dict) -> None:
@@ -250,17 +260,40 @@ class Store:
                 written += len(rows)
         return written
 
-    def start_writer(self, interval_s: float, on_failure: Callable[[Exception], None]) -> None:
-        """Flush every ``interval_s`` in a thread of its own; on failure call ``on_failure`` and back off."""
-        self._writer = threading.Thread(target=self._write_forever, args=(interval_s, on_failure),
+    def delete_older(self, cutoffs: dict[str, tuple[str, float]]) -> dict[str, int]:
+        """Delete rows older than each table's cutoff (:func:`gateway.retention.cutoffs`); rows deleted per table."""
+        deleted = {}
+        with self.db.conn:
+            for table, (column, oldest_kept) in cutoffs.items():
+                deleted[table] = self.db.execute(f"DELETE FROM [{table}] WHERE [{column}] < ?", [oldest_kept]).rowcount
+        return deleted
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it, so the -wal file cannot grow for weeks."""
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def start_writer(self, interval_s: float, on_failure: Callable[[Exception], None],
+                     maintain: Callable[[float], None] | None = None, maintain_every_s: float = 600.0) -> None:
+        """Flush every ``interval_s`` in a thread of its own; on failure call ``on_failure`` and back off.
+
+        ``maintain(now)`` (retention, WAL, disk guard) runs in the same thread every ``maintain_every_s``:
+        it is the only thread that writes to the database.
+        """
+        self._writer = threading.Thread(target=self._write_forever,
+                                        args=(interval_s, on_failure, maintain, maintain_every_s),
                                         name="gateway-db-writer", daemon=True)
         self._writer.start()
 
-    def _write_forever(self, interval_s: float, on_failure: Callable[[Exception], None]) -> None:
+    def _write_forever(self, interval_s: float, on_failure: Callable[[Exception], None],
+                       maintain: Callable[[float], None] | None, maintain_every_s: float) -> None:
         delay = interval_s
+        next_maintenance = 0.0
         while not self._stop.wait(delay):
             try:
                 self.flush()
+                if maintain is not None and time.time() >= next_maintenance:
+                    next_maintenance = time.time() + maintain_every_s
+                    maintain(time.time())
                 if delay != interval_s:
                     log.warning("database writes work again (after %d failures)", self.write_failures)
                 delay = interval_s

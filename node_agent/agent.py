@@ -22,9 +22,10 @@ from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.runtime import Request, SliceCalibrator, StageRuntime
 from shared.bus import Bus
 from shared.imaging import measure_decode_cost
+from shared.clock import ClockOffset
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import ProfileError, load_profile, profile_model
-from shared.schemas import (BadMessage, CalibrateCommand, NodeCommand, NodeProfile, NodeStats, Placement,
+from shared.schemas import (BadMessage, CalibrateCommand, ClockBeacon, NodeCommand, NodeProfile, NodeStats, Placement,
                             PruneDesired, PruneState, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics
@@ -78,6 +79,7 @@ class NodeAgent:
         self._decode_s: deque[float] = deque(maxlen=1024)
         self._queue_wait_s: deque[float] = deque(maxlen=1024)
         self._cpu = CpuMeter()
+        self.clock = ClockOffset()
         self._threads: list[threading.Thread] = []
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -87,6 +89,7 @@ class NodeAgent:
         self.bus.subscribe(self.topics.placement, self._on_placement)
         self.bus.subscribe(self.topics.node_command(self.node_id), self._on_command)
         self.bus.subscribe(self.topics.node_prune_desired(self.node_id), self._on_prune_desired)
+        self.bus.subscribe(self.topics.clock, self._on_clock_beacon, qos=0)
         self._threads = [threading.Thread(target=self._work, name="inference", daemon=True),
                          threading.Thread(target=self._publish_stats_forever, name="stats", daemon=True)]
         for t in self._threads:
@@ -298,7 +301,11 @@ class NodeAgent:
             queue_wait_mean_s=float(waits.mean()) if waits is not None else None,
             decode_mean_s=float(decodes.mean()) if decodes is not None else None,
             cpu_percent=self._cpu.read(), prune_ratio=runtime.slice.ratio if runtime else 0.0,
-            emulated_slowdown=self.slowdown)
+            emulated_slowdown=self.slowdown, clock_offset_s=self.clock.offset_s)
+
+    def _on_clock_beacon(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        received = time.time()
+        self.clock.add(parse_json(ClockBeacon, payload).ts, received)
 
     def _publish_stats_forever(self) -> None:
         while not self._stop.wait(self.settings.stats_interval_s):

@@ -55,6 +55,7 @@ class Bus:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self.on_connected: Callable[[], None] | None = None
+        self.refusal: str | None = None  # the broker's last reason for refusing us (e.g. "Not authorized")
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{component_id}-{id(self):x}",
                              protocol=mqtt.MQTTv5)
         client.will_set(status_topic, AVAILABILITY_OFFLINE, qos=1, retain=True)
@@ -95,7 +96,9 @@ class Bus:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.error("%s: broker refused connection: %s", self.component_id, reason_code)
+            self.refusal = str(reason_code)
             return
+        self.refusal = None
         sock = client.socket()
         if sock is not None:  # small activations must not wait for Nagle's algorithm (~40 ms on Linux)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -154,6 +154,16 @@ class NodeStats(_Strict):
     cpu_percent: float = Field(ge=0.0)
     prune_ratio: float = Field(ge=0.0, le=1.0)
     emulated_slowdown: float = Field(1.0, ge=1.0, description="Compute stretch set by a `slowdown` command.")
+    clock_offset_s: float | None = Field(None, allow_inf_nan=False,
+                                         description="This node's clock minus the gateway's, from the time beacon "
+                                                     "(None until a beacon arrived).")
+
+
+class ClockBeacon(_Strict):
+    """Published every ``[gateway] clock_beacon_s`` on the clock topic: the gateway's wall clock."""
+
+    gateway_id: str = Id
+    ts: float = Field(allow_inf_nan=False)
 
 
 class DecodeCost(_Strict):

@@ -108,6 +108,12 @@ class NodeSettings(_Section):
     _empty_profile = field_validator("profile", mode="before")(lambda v: None if v == "" else v)
 
 
+RetainedTable = Literal["requests", "windows", "runs", "placements", "prune_events", "calibrations", "errors"]
+"""Tables with a time column that ``[gateway] keep_days`` can bound (gateway/retention.py)."""
+DEFAULT_KEEP_DAYS: dict[str, float] = {"requests": 365, "windows": 365, "runs": 365, "placements": 90,
+                                       "prune_events": 90, "calibrations": 30, "errors": 30}
+
+
 class GatewaySettings(_Section):
     section: ClassVar[str] = "gateway"
     model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_GATEWAY_", extra="forbid")
@@ -135,6 +141,22 @@ class GatewaySettings(_Section):
     frame_megapixels: float = Field(0.0, ge=0, le=40, description="Size of this site's camera frames, megapixels "
                                     "(12 for a 4000x3000 trap): the planner charges its decode to stage 1. 0 = frames "
                                     "already at the model's size.")
+    clock_beacon_s: float = Field(2.0, gt=0, le=3600,
+                                  description="How often the gateway publishes its time beacon (nodes measure their "
+                                              "clock offset from it).")
+    max_clock_offset_s: float = Field(0.05, gt=0, le=3600,
+                                      description="A node whose clock is further than this from the gateway's is "
+                                                  "flagged, and the latencies it stamps are marked unreliable.")
+    keep_days: dict[RetainedTable, float] = Field(
+        DEFAULT_KEEP_DAYS, description="Days each table's rows are kept (JSON in env); tables you name override "
+                                       "their default, results are kept longest. Node, profile and controller state "
+                                       "is never pruned.")
+    maintenance_interval_s: float = Field(600.0, gt=0, le=86400,
+                                          description="How often old rows are deleted, the WAL is truncated and "
+                                                      "free disk space is checked.")
+    min_free_mb: float = Field(1024.0, ge=0, description="Below this much free space on the database's disk the "
+                               "gateway stops storing per-hop detail (`hops`); below a quarter of it, per-frame rows "
+                               "too (SLO windows, errors and classification go on). 0 = no guard.")
 
     _split_nodes = field_validator("nodes", mode="before")(_ids)
 
@@ -146,6 +168,13 @@ class GatewaySettings(_Section):
         if len(set(nodes)) != len(nodes):
             raise ValueError("node ids must be unique")
         return nodes
+
+    @field_validator("keep_days")
+    @classmethod
+    def _positive_days(cls, keep: dict[str, float]) -> dict[str, float]:
+        if any(days <= 0 for days in keep.values()):
+            raise ValueError("keep_days values must be positive")
+        return {**DEFAULT_KEEP_DAYS, **keep}
 
 
 class CameraSettings(_Section):

@@ -154,6 +154,13 @@ class Topics:
         return [self.node_status(node_id), self.node_profile(node_id), self.node_calibration(node_id),
                 self.node_prune_desired(node_id), self.node_prune_state(node_id)]
 
+    # --- the site's clock -------------------------------------------------------------
+    @property
+    def clock(self) -> str:
+        """The gateway's time beacon (JSON :class:`shared.schemas.ClockBeacon`), periodic, never retained:
+        nodes and ``edgeprune doctor`` measure their offset to the gateway's clock from it."""
+        return f"{self.root}/clock"
+
     # --- errors ------------------------------------------------------------------------
     def errors(self, component_id: str) -> str:
         """Error records (JSON :class:`shared.schemas.ErrorRecord`) a component reports about bad input."""

@@ -44,14 +44,15 @@ def broker(tmp_path_factory) -> Iterator[MqttSettings]:
 class Processes:
     """Components started as subprocesses (`python -m edgeprune ...`), stopped with SIGTERM."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]):
+    def __init__(self, workdir: Path, env: dict[str, str], python: str = sys.executable):
         self.workdir = workdir
         self.env = env
+        self.python = python  # another venv's interpreter, e.g. one installed from an offline bundle
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "edgeprune", *args], cwd=self.workdir,
+        proc = subprocess.Popen([self.python, "-m", "edgeprune", *args], cwd=self.workdir,
                                 env={**self.env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc

@@ -25,6 +25,7 @@ from gateway.export import (DETECTION_COLUMNS, Filters, camtrap_dp_zip, detectio
                             parse_cursor, parse_time, undescribed_cameras)
 from gateway.operator import LABELS, validate_setting
 from gateway.store import Reader
+from shared.clock import offset_suspect
 from shared.schemas import GatewayCommand
 from shared.settings import WebSettings
 from web.auth import LoginLimiter, password_ok
@@ -41,9 +42,12 @@ def status(reader: Reader, recent_s: float, now: float) -> dict:
     slo_s = (controller or {}).get("slo_s") or (run["slo_s"] if run else None)
     nodes = reader.nodes()
     desired = (controller or {}).get("ratios", {})
+    max_offset_s = (run or {}).get("max_clock_offset_s")
     for node in nodes:
         node["seen_s_ago"] = now - node["last_seen"] if node.get("last_seen") else None
         node["desired_ratio"] = desired.get(node["node_id"])
+        node["clock_suspect"] = bool(max_offset_s) and offset_suspect(node.get("clock_offset_s"), max_offset_s)
+    suspects = [n["node_id"] for n in nodes if n["clock_suspect"]]
     return {
         "now": now,
         "recent_s": recent_s,
@@ -60,6 +64,8 @@ def status(reader: Reader, recent_s: float, now: float) -> dict:
         "prune_events": reader.prune_events(limit=10),
         "operator_actions": reader.operator_actions(limit=15),
         "cameras": reader.cameras(),
+        # end-to-end latency subtracts other devices' timestamps from the gateway's: marked when a clock is off
+        "clock": {"max_offset_s": max_offset_s, "suspect_nodes": suspects, "latency_reliable": not suspects},
     }
 
 

@@ -20,6 +20,7 @@ BENCHMARKS = [
     "pruning",
     "speedup",
     "export",
+    "storage",
 ]
 
 

@@ -75,6 +75,13 @@ function render(data) {
     ? `SLO ${fmtMs(data.slo_s)} · ${t.results} frames · attainment ${fmtPct(t.attainment_pct)} · ` +
       `p50 ${fmtMs(t.p50_s)} · p95 ${fmtMs(t.p95_s)}`
     : `SLO ${fmtMs(data.slo_s)} · no frames yet`;
+  const clock = data.clock || { suspect_nodes: [] };
+  const clockWarning = document.getElementById("clock-warning");
+  clockWarning.hidden = clock.suspect_nodes.length === 0;
+  clockWarning.textContent = clock.suspect_nodes.length === 0 ? "" :
+    `latencies unreliable: the clock of ${clock.suspect_nodes.join(", ")} is more than ` +
+    `${fmtMs(clock.max_offset_s)} off the gateway's (run edgeprune doctor on it)`;
+  if (clock.suspect_nodes.length) document.getElementById("summary").textContent += " · ⏱ latencies marked unreliable";
   const ctl = data.controller;
   const slowdowns = (ctl && ctl.slowdowns) || {};
   document.getElementById("controller").textContent = !ctl ? "no status yet"
@@ -89,7 +96,9 @@ function render(data) {
     cell(fmtMs(e.observed_p50_s), "num"), cell(e.reason),
   ]);
   fillTable("nodes", data.nodes, (n) => [
-    cell(n.node_id), cell(n.status || "?", `status-${n.status}`), cell(n.stage ?? "–"),
+    cell(n.clock_suspect ? `${n.node_id} ⏱ clock ${fmtMs(n.clock_offset_s)} off` : n.node_id,
+      n.clock_suspect ? "clock-suspect" : ""),
+    cell(n.status || "?", `status-${n.status}`), cell(n.stage ?? "–"),
     cell(n.stage ? `${n.first_block}–${n.last_block}` : "–"),
     cell(n.seen_s_ago === null ? "never" : `${n.seen_s_ago.toFixed(0)} s ago`),
     cell(n.queue_depth === null ? "–" : `${n.queue_depth}/${n.queue_capacity}`, "num"),
