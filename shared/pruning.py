@@ -287,13 +287,22 @@ def module_bytes(module: nn.Module) -> int:
 # ("terminate called without an active exception"), so at exit they stop after their current variant.
 _shutting_down = threading.Event()
 _builders: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+# One surgery at a time in a process: builder threads of two slices (a re-placement, or tests) tracing and
+# deep-copying at once crashed the interpreter once (SIGSEGV in batch_norm under Torch-Pruning's trace).
+# Serial surgery only delays background builds (and a set_ratio that overtakes its own builder).
+_surgery = threading.Lock()
 
 
 @atexit.register
 def _stop_builders() -> None:
     _shutting_down.set()
+    wait_for_builders(timeout_s=10)
+
+
+def wait_for_builders(timeout_s: float) -> None:
+    """Let every background variant builder finish (at exit, and between tests)."""
     for builder in list(_builders):
-        builder.join(timeout=10)
+        builder.join(timeout=timeout_s)
 
 
 class PrunableSlice:
@@ -357,9 +366,10 @@ class PrunableSlice:
         with self._lock:
             variant = self._variants.get(ratio)
             if variant is None:
-                variant = self._with_entry_stats(prune_slice(
-                    self.model, self.first_block, self.last_block, ratio,
-                    bn_table_for(self.bn_tables, ratio), self.input_size))
+                with _surgery:
+                    variant = self._with_entry_stats(prune_slice(
+                        self.model, self.first_block, self.last_block, ratio,
+                        bn_table_for(self.bn_tables, ratio), self.input_size))
                 self._variants[ratio] = variant
             return variant
 

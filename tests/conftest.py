@@ -30,6 +30,16 @@ hypothesis_settings.register_profile("loaded_machine", hypothesis_settings(), de
 hypothesis_settings.load_profile("loaded_machine")
 
 
+@pytest.fixture(autouse=True)
+def _variant_builders_end_with_their_test() -> Iterator[None]:
+    """A stage built in a test prunes its variants in a background thread: let it finish inside that test,
+    so no builder runs on through later tests (one crashed the interpreter during another test)."""
+    yield
+    from shared.pruning import wait_for_builders
+
+    wait_for_builders(timeout_s=120)
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory) -> Iterator[MqttSettings]:
     """A real mosquitto from our template, on a free loopback port, in a temp dir."""

@@ -34,7 +34,7 @@ def test_api_status_flags_a_node_whose_clock_is_off(tmp_path):
     store.update_node({"node_id": "a", "status": "online", "clock_offset_s": 0.004})
     store.update_node({"node_id": "b", "status": "online", "clock_offset_s": -0.3})
     store.close()
-    data = create_app(WebSettings(db_path=db)).test_client().get("/api/status").get_json()
+    data = create_app(WebSettings(db_path=db, public_status=True)).test_client().get("/api/status").get_json()
     assert data["clock"] == {"max_offset_s": 0.05, "suspect_nodes": ["b"], "latency_reliable": False}
     assert [n["clock_suspect"] for n in data["nodes"]] == [False, True]
 
