@@ -110,8 +110,9 @@ class LivePlacement:
                 for n in nodes]
 
     def _problem(self, nodes: list[str]) -> PlacementProblem:
+        # frame_megapixels 0: frames come at the model's size, their decode is noise, not a cost to plan for
         decode_s = {n: self._offers[n].decode.predict(self.frame_megapixels) for n in nodes
-                    if self._offers[n].decode is not None}
+                    if self._offers[n].decode is not None and self.frame_megapixels > 0}
         return problem_from_profiles({n: self._offers[n].profile.blocks for n in nodes}, self._devices(nodes),
                                      frame_bytes=0, camera_bandwidth_bps=1.0, decode_s=decode_s)
 

@@ -13,6 +13,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.curves import SliceLatencyFit
+from shared.model import DEFAULT_CHECKPOINT
 from tests.conftest import STARTUP_S, Processes, Recorder, component_env, open_reader, wait_until
 
 pytestmark = pytest.mark.integration
@@ -72,6 +73,8 @@ def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
         EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_GATEWAY_SLO_S=str(SLO_S),
         EDGEPRUNE_GATEWAY_WINDOW_S="2", EDGEPRUNE_GATEWAY_ACCURACY_MODEL=str(accuracy),
         EDGEPRUNE_NODE_UPLINK_MBIT_S="100000", EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5",
+        # the shipped profile on both nodes: the same split (blocks 0-2 | 3-5) every run, not one measuring noise picks
+        EDGEPRUNE_NODE_PROFILE=str(DEFAULT_CHECKPOINT.with_name("trapnet.profile.json")),
         EDGEPRUNE_CONTROLLER_TRIGGER_MARGIN_S=str(TRIGGER_MARGIN_S), EDGEPRUNE_CONTROLLER_TRIGGER_WINDOW_S="4",
         EDGEPRUNE_CONTROLLER_TRIGGER_MIN_SPAN_S="2", EDGEPRUNE_CONTROLLER_COOLDOWN_S="3",
         EDGEPRUNE_CONTROLLER_RESTORE_WINDOW_S="3",
