@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeprune.broker import free_port, port_open, start_broker, stop_process
+from edgeprune.credentials import Credentials, default_users
 from gateway.store import Reader
 from shared.settings import BrokerSettings
 from shared.topics import Topics
@@ -101,16 +102,21 @@ class Demo:
         if port_open("127.0.0.1", self.opt.web_port):
             raise SystemExit(f"port {self.opt.web_port} is busy: pass --web-port")
         port = self.port = free_port()
+        broker_settings = BrokerSettings(port=port, data_dir=self.run_dir / "broker")
+        # Each demo makes its own broker users (one per component, as install.sh does for a site).
+        self.credentials = Credentials(broker_settings.credentials_folder)
+        for name, role in default_users(self.node_ids, ["cam-1"]).items():
+            self.credentials.add(name, role)
         with open(self.run_dir / "mosquitto.log", "w") as log:
-            self.broker = start_broker(BrokerSettings(port=port, data_dir=self.run_dir / "broker"), log_file=log)
+            self.broker = start_broker(broker_settings, log_file=log)
         env = self.env(port)
-        self.spawn("gateway", ["gateway"], env)
-        self.spawn("web", ["web"], env)
+        self.spawn("gateway", ["gateway"], {**env, **self.credentials.env("gateway")})
+        self.spawn("web", ["web"], {**env, **self.credentials.env("web")})
         for node_id in self.node_ids:
-            self.spawn(node_id, ["node", "--node-id", node_id], env)
+            self.spawn(node_id, ["node", "--node-id", node_id], {**env, **self.credentials.env(node_id)})
         self._wait_for_nodes()
         self.spawn("camera", ["camera", "--camera-id", "cam-1", "--rate", str(self.opt.rate_hz),
-                              "--seed", str(self.opt.seed)], env)
+                              "--seed", str(self.opt.seed)], {**env, **self.credentials.env("cam-1")})
         print(f"broker on 127.0.0.1:{port}; logs and database in {self.run_dir}")
         print(f"operator page: http://127.0.0.1:{self.opt.web_port}/  (Ctrl-C stops the demo)", flush=True)
 
@@ -148,6 +154,7 @@ class Demo:
     def _command(self, node_id: str, factor: float) -> None:
         """A one-shot `slowdown` command, as an operator's script would send it."""
         client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.username_pw_set("admin", self.credentials.password("admin"))
         client.connect("127.0.0.1", self.port)
         client.loop_start()
         payload = json.dumps({"cmd": "slowdown", "factor": factor})

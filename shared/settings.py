@@ -78,6 +78,16 @@ class BrokerSettings(_Section):
     max_packet_size: int = Field(4 << 20, ge=1024, le=256 << 20,
                                  description="Largest MQTT packet (payload + headers) the broker accepts, bytes.")
     max_queued_messages: int = Field(1000, ge=0, description="Per-client queue bound for offline/slow clients.")
+    allow_anonymous: bool = Field(False, description="Accept clients without a user name (a closed lab network only).")
+    credentials_dir: Path | None = Field(None, description="Password file and ACL (`edgeprune credentials`); "
+                                         "default: <data_dir>/credentials.")
+    tls_port: int | None = Field(None, ge=1, le=65535, description="Also listen with TLS on this port.")
+    tls_dir: Path | None = Field(None, description="Folder with ca.crt, server.crt, server.key for the TLS "
+                                 "listener (install.sh --tls makes a self-signed set).")
+
+    @property
+    def credentials_folder(self) -> Path:
+        return self.credentials_dir or self.data_dir / "credentials"
 
 
 class NodeSettings(_Section):

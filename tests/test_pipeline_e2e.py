@@ -16,7 +16,7 @@ from node_agent.runtime import block_input_shape
 from shared import wire
 from shared.imaging import decode_frame, encode_jpeg
 from shared.model import build_model
-from tests.conftest import Processes, Recorder, component_env, open_reader, wait_until
+from tests.conftest import Processes, Recorder, component_env, login, mosquitto_pub_login, open_reader, wait_until
 
 pytestmark = pytest.mark.integration
 NODE_MAX_PAYLOAD = 300_000
@@ -94,7 +94,7 @@ def test_jpeg_from_plain_mosquitto_pub_is_classified(pipeline, tmp_path):
     pixels = synthetic_scene(np.random.default_rng(3), 120)
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(encode_jpeg(pixels))
-    pub = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(pipeline.broker.port), "-q", "1", "-f", str(photo)]
+    pub = ["mosquitto_pub", *mosquitto_pub_login(pipeline.broker), "-q", "1", "-f", str(photo)]
     subprocess.run([*pub, "-t", "edgeprune/camera/trap-7/frame"], check=True, timeout=10)
     # the documented optional extras: MQTT v5 user properties for the request id and capture time
     subprocess.run([*pub, "-t", "edgeprune/camera/trap-8/frame", "-V", "mqttv5",
@@ -116,6 +116,7 @@ def _publish(broker, topic: str, payload: bytes) -> None:
     from paho.mqtt.enums import CallbackAPIVersion
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    login(client, broker)
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     client.publish(topic, payload, qos=1).wait_for_publish(5)

@@ -9,7 +9,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.conftest import Processes, component_env, open_reader, wait_until
+from tests.conftest import Processes, component_env, login, open_reader, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +58,7 @@ def test_gateway_replaces_over_survivors_and_takes_the_node_back(broker, tmp_pat
 
 def publish_command(port: int, payload: dict) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    login(client, port)
     client.connect("127.0.0.1", port)
     client.loop_start()
     client.publish("edgeprune/component/gateway/cmd", json.dumps(payload), qos=1).wait_for_publish(5)
@@ -70,6 +71,7 @@ def retained_about(port: int, node: str) -> list[str]:
     got: list[str] = []
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.on_message = lambda c, u, msg: got.append(msg.topic) if msg.retain and msg.payload else None
+    login(client, port)
     client.connect("127.0.0.1", port)
     client.loop_start()
     client.subscribe(f"edgeprune/node/{node}/#", qos=1)
