@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 
+from gateway.accounting import LOST, WARNING_KINDS, DesiredGuard, RequestLedger, Verdict
 from gateway.control_loop import ControlLoop, Effects, load_block_accuracy
 from gateway.live_placement import LivePlacement, PlacementRules
 from gateway.slo import SloWindows
@@ -18,6 +19,7 @@ from shared.bus import Bus
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import NodeProfile
 from shared.schemas import (
+    AcceptedRequest,
     BadMessage,
     ErrorRecord,
     GatewayCommand,
@@ -65,12 +67,18 @@ class Gateway:
         self.control = ControlLoop(controller_settings or ControllerSettings(), settings.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint),
                                    follow_up_s=settings.window_s)
-        self._lock = threading.Lock()  # guards the SLO windows, live placement and the control loop
+        self.guard = DesiredGuard(self.store.issued_desired())
+        self.ledger = RequestLedger()
+        for row in self.store.open_requests(time.time() - max(10 * settings.result_timeout_s, 3600.0)):
+            self.ledger.restore(row["request_id"], row["camera_id"], row["received_ts"], bool(row["stored"]),
+                                row["reason"])
+        self._lock = threading.Lock()  # guards the SLO windows, live placement, the control loop and the ledger
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="gateway-tick", daemon=True)
 
     def start(self) -> None:
-        self.bus.subscribe(self.topics.results, self._on_result, qos=1)
+        self.bus.subscribe(self.topics.accepted, self._on_accepted, qos=1)
+        self.bus.subscribe(self.topics.results, self._on_result, qos=1, data=True)
         self.bus.subscribe(self.topics.node_status_filter, self._on_status, qos=1)
         self.bus.subscribe(self.topics.node_stats_filter, self._on_stats, qos=0)
         self.bus.subscribe(self.topics.errors_filter, self._on_error, qos=1)
@@ -106,11 +114,25 @@ class Gateway:
     def _on_result(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         finish_ts = time.time()
         result = parse_json(Result, payload)
+        with self._lock:
+            verdict = self.ledger.result(result.request_id, result.camera_id, payload)
+        if verdict is Verdict.REDELIVERED:
+            return
+        if verdict in (Verdict.UNKNOWN, Verdict.CONFLICT):
+            raise BadMessage(f"{verdict.value}_result", f"result for {verdict.value} request "
+                             f"{result.request_id[:128]!r} from camera {result.camera_id}: not stored")
         row = result_row(result, finish_ts)
         self.store.add_request(row)
         with self._lock:
             self.slo.add(finish_ts, row["e2e_s"])
             self.control.observe_latency(finish_ts, row["e2e_s"])
+
+    def _on_accepted(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        accepted = parse_json(AcceptedRequest, payload)
+        with self._lock:
+            new = self.ledger.accept(accepted.request_id, accepted.camera_id, time.time())
+        if new:
+            self.store.add_accepted(accepted.model_dump())
 
     def _on_status(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         if not payload:  # cleared when the node was retired
@@ -161,10 +183,33 @@ class Gateway:
     def _on_own_desired(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         """Our retained desired states come back after a restart: continue their seq numbers."""
         node_id = self.topics.node_id_from_topic(topic)
-        if payload and node_id:
-            desired = parse_json(PruneDesired, payload)
-            with self._lock:
-                self.control.recover_desired(node_id, desired)
+        if not payload or not node_id:
+            return
+        with self._lock:
+            own = self.guard.own(node_id, payload)
+        if not own:
+            self._overwrite_foreign_desired(node_id, payload)
+            raise BadMessage("foreign_desired", f"desired prune state on {topic} was not issued by this gateway "
+                             f"and was overwritten: {payload[:200]!r}")
+        desired = parse_json(PruneDesired, payload)
+        with self._lock:
+            self.control.recover_desired(node_id, desired)
+
+    def _overwrite_foreign_desired(self, node_id: str, payload: bytes) -> None:
+        """Only this gateway writes prune/set: re-issue its own state (unpruned if none) above the forged seq,
+        since the node may already have applied the forgery and ignores lower sequence numbers."""
+        try:
+            forged_seq = PruneDesired.model_validate_json(payload).seq
+        except ValueError:
+            forged_seq = -1  # unreadable: the node rejected it too
+        with self._lock:
+            ours = self.guard.issued(node_id)
+        base = PruneDesired.model_validate_json(ours) if ours else PruneDesired(ratio=0.0, seq=0, issued_at=0.0)
+        corrected = base.model_copy(update={"seq": max(base.seq, forged_seq) + 1, "issued_at": time.time(),
+                                            "reason": "overwrote a desired state this gateway did not issue"})
+        with self._lock:
+            self.control.recover_desired(node_id, corrected)
+        self._carry_out(Effects(publish={node_id: corrected}))
 
     def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         command = parse_json(GatewayCommand, payload).root
@@ -187,6 +232,7 @@ class Gateway:
                                  "stop it first")
             self.live.forget(node_id)
             self.control.forget(node_id)
+            self.guard.forget(node_id)
         for topic in self.topics.node_topics(node_id):
             self.bus.publish(topic, b"", qos=1, retain=True)
         self.store.update_node({"node_id": node_id, "status": "retired", "status_ts": time.time()})
@@ -194,12 +240,26 @@ class Gateway:
 
     def _carry_out(self, effects: Effects) -> None:
         for node_id, desired in effects.publish.items():
-            self.bus.publish(self.topics.node_prune_desired(node_id), to_json(desired), qos=1, retain=True)
+            payload = to_json(desired)
+            with self._lock:
+                self.guard.issue(node_id, payload)
+            self.store.set_issued_desired(node_id, payload)
+            self.bus.publish(self.topics.node_prune_desired(node_id), payload, qos=1, retain=True)
         for row in effects.events:
             self.store.add_prune_event(row)
 
     def _on_error(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
-        self.store.add_error(parse_json(ErrorRecord, payload).model_dump())
+        record = parse_json(ErrorRecord, payload)
+        self.store.add_error(record.model_dump())
+        if record.request_id and record.kind not in WARNING_KINDS:
+            with self._lock:
+                ended = self.ledger.fail(record.request_id, record.kind)
+            if ended:
+                self.store.add_failure({"request_id": record.request_id, "ts": record.ts, "reason": record.kind,
+                                        "component": record.component, "message": record.message})
+        if record.kind == "retained_data" and self.topics.is_data_topic(record.topic):
+            self.bus.publish(record.topic, b"", qos=1, retain=True)  # reported; now stop its replays
+            log.warning("cleared a retained message on %s", record.topic)
 
     # --- periodic work (the single database writer) ----------------------------------------
     def _tick_forever(self) -> None:
@@ -214,6 +274,10 @@ class Gateway:
             effects = self.control.tick(now)
             status = self.control.status()
             windows = self.slo.close_due(now)
+            lost = self.ledger.expire(now, self.settings.result_timeout_s)
+        for request_id in lost:
+            self.store.add_failure({"request_id": request_id, "ts": now, "reason": LOST, "component": "gateway",
+                                    "message": f"no result or failure report within {self.settings.result_timeout_s:g} s"})
         if placement is not None:
             self.publish_placement()
             self.store.add_placement({**placement.model_dump(exclude={"stages"}),

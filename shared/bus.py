@@ -118,9 +118,17 @@ class Bus:
             log.warning("%s: lost broker connection (%s); reconnecting", self.component_id, reason_code)
 
     # --- messaging -----------------------------------------------------------------------
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        """Route ``topic_filter`` to ``handler``; the subscription comes back after reconnects."""
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, data: bool = False) -> None:
+        """Route ``topic_filter`` to ``handler``; the subscription comes back after reconnects.
+
+        ``data``: frames, activations or results, never meant to be retained. A retained one (replayed
+        on every subscribe) is reported as ``retained_data`` instead of served; the gateway clears it.
+        """
         def dispatch(client, userdata, msg: mqtt.MQTTMessage) -> None:
+            if data and msg.retain:
+                self.report_error(msg.topic, "retained_data", f"retained message of {len(msg.payload)} B on a data "
+                                  "topic: not served (the gateway clears it)")
+                return
             self._guarded(handler, msg)
         with self._lock:
             self._handlers[topic_filter] = (handler, qos)

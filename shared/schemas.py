@@ -238,3 +238,15 @@ class RetireCommand(_Strict):
 
 class GatewayCommand(RootModel[Annotated[ManualPruneCommand | RetireCommand, Field(discriminator="cmd")]]):
     """A one-shot command on the gateway's ``cmd`` topic (never retained)."""
+
+
+class AcceptedRequest(_Strict):
+    """Stage 1 took a frame: the gateway's record that a result (or a failure) must follow for it."""
+
+    request_id: str = Field(min_length=1, max_length=128)
+    camera_id: str = Id
+    node_id: str = Id
+    capture_ts: float
+    received_ts: float
+    claimed_capture_ts: float | None = Field(
+        default=None, description="The camera's capture time when it was implausible (capture_ts is then arrival).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -97,9 +98,10 @@ def test_jpeg_from_plain_mosquitto_pub_is_classified(pipeline, tmp_path):
     pub = ["mosquitto_pub", *mosquitto_pub_login(pipeline.broker), "-q", "1", "-f", str(photo)]
     subprocess.run([*pub, "-t", "edgeprune/camera/trap-7/frame"], check=True, timeout=10)
     # the documented optional extras: MQTT v5 user properties for the request id and capture time
+    captured = round(time.time() - 2.0, 2)
     subprocess.run([*pub, "-t", "edgeprune/camera/trap-8/frame", "-V", "mqttv5",
                     "-D", "publish", "user-property", "request_id", "IMG_0042",
-                    "-D", "publish", "user-property", "capture_ts", "1767225600.25"], check=True, timeout=10)
+                    "-D", "publish", "user-property", "capture_ts", repr(captured)], check=True, timeout=10)
     wait_until(lambda: results_for(pipeline.reader, "trap-7") and results_for(pipeline.reader, "trap-8"), 30,
                "the JPEGs never came out as rows")
     (plain,) = results_for(pipeline.reader, "trap-7")
@@ -108,7 +110,7 @@ def test_jpeg_from_plain_mosquitto_pub_is_classified(pipeline, tmp_path):
         expected = int(build_model()(torch.from_numpy(decode_frame(photo.read_bytes()))).argmax())
     assert plain["label_index"] == tagged["label_index"] == expected
     assert plain["request_id"].startswith("trap-7-")
-    assert (tagged["request_id"], tagged["capture_ts"]) == ("IMG_0042", 1767225600.25)
+    assert (tagged["request_id"], tagged["capture_ts"]) == ("IMG_0042", captured)
 
 
 def _publish(broker, topic: str, payload: bytes) -> None:
