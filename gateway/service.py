@@ -119,8 +119,10 @@ class Gateway:
         if verdict is Verdict.REDELIVERED:
             return
         if verdict in (Verdict.UNKNOWN, Verdict.CONFLICT):
-            raise BadMessage(f"{verdict.value}_result", f"result for {verdict.value} request "
-                             f"{result.request_id[:128]!r} from camera {result.camera_id}: not stored")
+            why = ("no stage 1 accepted this request" if verdict is Verdict.UNKNOWN
+                   else "a different result for this request came first (or another camera's)")
+            raise BadMessage(f"{verdict.value}_result", f"result for {result.request_id[:128]!r} from camera "
+                             f"{result.camera_id} not stored: {why}")
         row = result_row(result, finish_ts)
         self.store.add_request(row)
         with self._lock:

@@ -223,8 +223,6 @@ class NodeAgent:
             runtime = self.runtime
         if runtime is None:
             return
-        if not payload:  # the gateway clearing a retained message someone left on this topic
-            return
         req = Request(topic, payload, props, received)
         if runtime.is_first:
             req = self._admit_frame(runtime, req)

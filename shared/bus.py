@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from shared.schemas import BadMessage, ErrorRecord, to_json
 from shared.settings import MqttSettings
@@ -51,7 +52,7 @@ class Bus:
         self.component_id = component_id
         self.status_topic = status_topic
         self.errors: Counter[str] = Counter()
-        self._handlers: dict[str, tuple[Handler, int]] = {}
+        self._handlers: dict[str, tuple[Handler, SubscribeOptions]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self.on_connected: Callable[[], None] | None = None
@@ -105,8 +106,8 @@ class Bus:
         client.publish(self.status_topic, AVAILABILITY_ONLINE, qos=1, retain=True)
         with self._lock:
             subs = list(self._handlers.items())
-        for topic_filter, (_, qos) in subs:
-            client.subscribe(topic_filter, qos=qos)
+        for topic_filter, (_, options) in subs:
+            client.subscribe(topic_filter, options=options)
         self._connected.set()
         log.info("%s: connected to %s:%d", self.component_id, self.settings.host, self.settings.port)
         if self.on_connected:
@@ -126,15 +127,19 @@ class Bus:
         """
         def dispatch(client, userdata, msg: mqtt.MQTTMessage) -> None:
             if data and msg.retain:
+                if not msg.payload:  # the gateway clearing such a message: nothing to serve or report
+                    return
                 self.report_error(msg.topic, "retained_data", f"retained message of {len(msg.payload)} B on a data "
                                   "topic: not served (the gateway clears it)")
                 return
             self._guarded(handler, msg)
+        # retain-as-published: a live message sent with the retain flag keeps it, so it is caught at once
+        options = SubscribeOptions(qos=qos, retainAsPublished=data)
         with self._lock:
-            self._handlers[topic_filter] = (handler, qos)
+            self._handlers[topic_filter] = (handler, options)
         self.client.message_callback_add(topic_filter, dispatch)
         if self._connected.is_set():
-            self.client.subscribe(topic_filter, qos=qos)
+            self.client.subscribe(topic_filter, options=options)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:

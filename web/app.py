@@ -35,6 +35,7 @@ def status(reader: Reader, recent_s: float, now: float) -> dict:
         "errors": reader.errors(limit=10),
         "controller": reader.controller_status(),
         "prune_events": reader.prune_events(limit=10),
+        "accounting": reader.accounting(),
     }
 
 
