@@ -13,6 +13,7 @@ import time
 from gateway.accounting import LOST, WARNING_KINDS, DesiredGuard, RequestLedger, Verdict
 from gateway.control_loop import ControlLoop, Effects, load_block_accuracy
 from gateway.live_placement import LivePlacement, PlacementRules
+from gateway.liveness import Liveness
 from gateway.slo import SloWindows
 from gateway.store import Store
 from shared.bus import Bus
@@ -58,7 +59,8 @@ class Gateway:
                  controller_settings: ControllerSettings | None = None):
         self.settings = settings
         self.topics = Topics(mqtt_settings.topic_root)
-        self.bus = Bus(mqtt_settings, settings.gateway_id, self.topics.component_status(settings.gateway_id))
+        self.bus = Bus(mqtt_settings, settings.gateway_id, self.topics.component_status(settings.gateway_id),
+                       resume_session=True)
         self.store = Store(settings.db_path)
         self.slo = SloWindows(settings.window_s, settings.slo_s)
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
@@ -68,6 +70,7 @@ class Gateway:
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint),
                                    follow_up_s=settings.window_s)
         self.guard = DesiredGuard(self.store.issued_desired())
+        self.liveness = Liveness(settings.stats_silence_s)
         self.ledger = RequestLedger()
         for row in self.store.open_requests(time.time() - max(10 * settings.result_timeout_s, 3600.0)):
             self.ledger.restore(row["request_id"], row["camera_id"], row["received_ts"], bool(row["stored"]),
@@ -145,6 +148,10 @@ class Gateway:
             raise BadMessage("bad_status", f"status {status[:40]!r} is not one of {', '.join(STATUSES)}")
         now = time.time()
         with self._lock:
+            if status == AVAILABILITY_ONLINE:
+                self.liveness.heard(node_id, now)
+            else:
+                self.liveness.gone(node_id)
             self.live.set_status(node_id, status, now)
         self.store.update_node({"node_id": node_id, "status": status, "status_ts": now})
 
@@ -164,7 +171,12 @@ class Gateway:
 
     def _on_stats(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         stats = parse_json(NodeStats, payload)
+        now = time.time()
         with self._lock:
+            if self.liveness.heard(stats.node_id, now):  # a hung node resumed: a (re)joining node again
+                self.live.set_status(stats.node_id, AVAILABILITY_ONLINE, now)
+                log.warning("%s speaks again after %.0f s of silence", stats.node_id, self.liveness.silence_s)
+                self.store.update_node({"node_id": stats.node_id, "status": AVAILABILITY_ONLINE, "status_ts": now})
             self.control.observe_stats(stats)
         self.store.update_node({**stats.model_dump(exclude={"ts"}), "last_seen": stats.ts})
 
@@ -277,6 +289,12 @@ class Gateway:
             status = self.control.status()
             windows = self.slo.close_due(now)
             lost = self.ledger.expire(now, self.settings.result_timeout_s)
+            silent = self.liveness.newly_silent(now)
+            for node_id in silent:  # hung: stop sending it work now, not when the broker's will fires
+                self.live.set_status(node_id, AVAILABILITY_OFFLINE, now)
+        for node_id in silent:
+            log.warning("%s: no stats for %.0f s: treated as offline (hung?)", node_id, self.settings.stats_silence_s)
+            self.store.update_node({"node_id": node_id, "status": "silent", "status_ts": now})
         for request_id in lost:
             self.store.add_failure({"request_id": request_id, "ts": now, "reason": LOST, "component": "gateway",
                                     "message": f"no result or failure report within {self.settings.result_timeout_s:g} s"})

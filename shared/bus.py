@@ -46,7 +46,11 @@ def publish_properties(user: dict[str, str]) -> Properties:
 class Bus:
     """One MQTT connection for one component, with an availability topic driven by the last will."""
 
-    def __init__(self, settings: MqttSettings, component_id: str, status_topic: str):
+    def __init__(self, settings: MqttSettings, component_id: str, status_topic: str, resume_session: bool = False):
+        """``resume_session``: pick up the broker session of a previous run of this component (the gateway,
+        so results published while it restarted are delivered); otherwise a process starts a clean
+        session, and only its reconnects resume it (QoS 1 messages queued during a broker restart or a
+        network gap are delivered). The client id is the component id, so the session is found again."""
         self.settings = settings
         self.topics = Topics(settings.topic_root)
         self.component_id = component_id
@@ -56,8 +60,8 @@ class Bus:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self.on_connected: Callable[[], None] | None = None
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{component_id}-{id(self):x}",
-                             protocol=mqtt.MQTTv5)
+        self._clean_start = False if resume_session else mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=component_id, protocol=mqtt.MQTTv5)
         client.will_set(status_topic, AVAILABILITY_OFFLINE, qos=1, retain=True)
         if settings.username:
             client.username_pw_set(settings.username,
@@ -72,7 +76,10 @@ class Bus:
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, wait_s: float | None = 10.0) -> None:
         """Connect in the background (retrying forever); optionally wait for the first connect."""
-        self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s,
+                                  clean_start=self._clean_start, properties=props)
         self.client.loop_start()
         if wait_s is not None and not self._connected.wait(wait_s):
             log.warning("%s: broker %s:%d not reachable yet; still retrying",

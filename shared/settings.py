@@ -72,6 +72,9 @@ class MqttSettings(_Section):
     topic_root: str = Field("edgeprune", min_length=1, max_length=64, pattern=r"^[^+#$\s]+$",
                             description="Root of the topic tree, to share a broker between deployments.")
     reconnect_max_s: int = Field(30, ge=1, le=600, description="Longest wait between reconnect attempts.")
+    session_expiry_s: int = Field(3600, ge=0, le=7 * 86400,
+                                  description="How long the broker keeps a disconnected component's session "
+                                  "(subscriptions and queued QoS 1 messages); 0 = none.")
 
 
 class BrokerSettings(_Section):
@@ -142,6 +145,9 @@ class GatewaySettings(_Section):
                                    description="Re-place for a joining node only if the bottleneck improves by this fraction.")
     accuracy_model: Path | None = Field(None, description="Per-block accuracy calibration (JSON from `edgeprune "
                                         "calibrate`); default: the one shipped beside the checkpoint.")
+    stats_silence_s: float = Field(10.0, gt=0, le=3600, description="A node with no stats for this long is "
+                                   "treated as offline (hung) until it speaks again; keep it above the nodes' "
+                                   "stats_interval_s.")
     result_timeout_s: float = Field(120.0, gt=0, le=86400, description="An accepted frame with neither a result "
                                     "nor a failure report after this long is recorded as failed (`lost`).")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gateway.accounting import DesiredGuard, RequestLedger, Verdict
+from gateway.liveness import Liveness
 from node_agent.runtime import plausible_capture
 
 
@@ -73,3 +74,17 @@ def test_capture_time_window():
     assert plausible_capture(1000.0, 1001.0, past_s=86400, future_s=300)
     assert not plausible_capture(1001.0 - 28e6, 1001.0, past_s=86400, future_s=300)
     assert not plausible_capture(2000.0, 1001.0, past_s=86400, future_s=300)
+
+
+def test_silent_node_is_reported_once_and_comes_back_when_heard():
+    liveness = Liveness(silence_s=5.0)
+    liveness.heard("node-1", 0.0)
+    liveness.heard("node-2", 0.0)
+    liveness.heard("node-2", 4.0)
+    assert liveness.newly_silent(6.0) == ["node-1"]
+    assert liveness.newly_silent(7.0) == []  # reported once
+    assert liveness.is_silent("node-1")
+    assert liveness.heard("node-1", 8.0)  # back
+    assert not liveness.heard("node-1", 9.0)
+    liveness.gone("node-2")  # its will said offline: the broker's word, not silence
+    assert liveness.newly_silent(100.0) == ["node-1"]

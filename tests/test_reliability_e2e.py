@@ -7,6 +7,7 @@ gateway's and nodes' own defences. Every test ends by checking accepted = rows +
 from __future__ import annotations
 
 import json
+import signal
 import time
 from types import SimpleNamespace
 
@@ -29,7 +30,9 @@ def site(broker, tmp_path_factory):
     db = workdir / "edgeprune.db"
     env = component_env(broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db), EDGEPRUNE_GATEWAY_NODES="node-1,node-2",
                         EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5",
-                        EDGEPRUNE_NODE_UPLINK_MBIT_S="100000", EDGEPRUNE_NODE_QUEUE_SIZE="4")
+                        EDGEPRUNE_NODE_UPLINK_MBIT_S="100000", EDGEPRUNE_NODE_QUEUE_SIZE="4",
+                        EDGEPRUNE_GATEWAY_STATS_SILENCE_S="6", EDGEPRUNE_GATEWAY_RESULT_TIMEOUT_S="30",
+                        EDGEPRUNE_GATEWAY_REJOIN_HOLD_S="1")
     procs = Processes(workdir, env)
     recorder = Recorder(broker, "edgeprune/error/+", "edgeprune/node/+/prune/#")
     procs.start("gateway", "gateway")
@@ -162,3 +165,34 @@ def test_retained_garbage_on_a_data_topic_is_reported_and_cleared(site):
     probe.loop_stop()
     probe.disconnect()
     assert not errors_of_kind(site, "truncated")  # it was never run
+
+
+def test_hung_node_is_taken_out_by_stats_silence_and_back_when_it_resumes(site):
+    node = site.stage_nodes[1]
+    proc = site.procs.procs[node]
+    status = lambda: next(n["status"] for n in site.reader.nodes() if n["node_id"] == node)  # noqa: E731
+    proc.send_signal(signal.SIGSTOP)  # connected, keepalive not yet expired, but doing nothing
+    try:
+        wait_until(lambda: status() == "silent", 30, "a hung node was not noticed from its silence")
+        wait_until(lambda: [s["node_id"] for s in site.reader.placement()["stages"]] == [site.stage_nodes[0]], 30,
+                   "the pipeline was not re-placed around the hung node")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: status() == "online", 30, "the resumed node is not online again")
+    wait_until(lambda: len(site.reader.placement()["stages"]) == 2, 60, "the resumed node was not placed again")
+    site.stage_nodes[:] = [s["node_id"] for s in site.reader.placement()["stages"]]
+    send(site, "edgeprune/camera/cam-resume/frame", site.photo, request_id="RESUMED")
+    wait_until(lambda: row(site, "RESUMED"), 30, "no result after the node resumed")
+    settled(site)
+
+
+def test_results_published_while_the_gateway_is_down_are_stored_after_it_restarts(site):
+    site.procs.procs["gateway"].kill()  # no clean exit: buffered rows not yet written are lost with it
+    site.procs.procs["gateway"].wait()
+    for i in range(8):
+        send(site, "edgeprune/camera/cam-away/frame", site.photo, request_id=f"AWAY-{i}")
+    time.sleep(3.0)  # the nodes serve them; the broker queues the gateway's messages in its session
+    site.procs.start("gateway", "gateway")
+    wait_until(lambda: all(row(site, f"AWAY-{i}") for i in range(8)), 60,
+               "results published while the gateway was down were lost")
+    settled(site)
