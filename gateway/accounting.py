@@ -6,14 +6,14 @@ stores what it returns. Two defences against a leaked credential or a confused d
 - :class:`RequestLedger`: a result counts only for a request the first stage announced as
   accepted, once; every accepted request ends as exactly one row or one failure with a reason,
   so *accepted = rows + failures + in flight* holds at any moment.
-- :class:`DesiredGuard`: the gateway is the only writer of ``prune/set``; a retained desired state
-  it did not issue is never adopted.
+- :class:`DesiredGuard`: the gateway is the only writer of ``prune/set`` and ``placement``; a retained
+  state it did not issue is never adopted.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from enum import Enum
 
@@ -113,20 +113,28 @@ class RequestLedger:
 
 
 class DesiredGuard:
-    """Remembers the exact desired state the gateway last issued per node."""
+    """Remembers the exact retained states the gateway recently issued, per key (a node id).
 
-    def __init__(self, issued: dict[str, bytes] | None = None):
-        self._issued: dict[str, bytes] = dict(issued or {})
+    Several are kept, not just the latest: when forgeries come fast, the echo of an earlier correction
+    arrives after a newer one was issued, and must not count as a forgery (that would loop forever).
+    """
 
-    def issue(self, node_id: str, payload: bytes) -> None:
-        self._issued[node_id] = payload
+    def __init__(self, issued: dict[str, bytes] | None = None, remember: int = 32):
+        self._remember = remember
+        self._issued: dict[str, deque[bytes]] = {}
+        for key, payload in (issued or {}).items():
+            self.issue(key, payload)
 
-    def forget(self, node_id: str) -> None:
-        self._issued.pop(node_id, None)
+    def issue(self, key: str, payload: bytes) -> None:
+        self._issued.setdefault(key, deque(maxlen=self._remember)).append(payload)
 
-    def own(self, node_id: str, payload: bytes) -> bool:
-        return self._issued.get(node_id) == payload
+    def forget(self, key: str) -> None:
+        self._issued.pop(key, None)
 
-    def issued(self, node_id: str) -> bytes | None:
-        """What to put back on the topic when someone else wrote there (None: clear it)."""
-        return self._issued.get(node_id)
+    def own(self, key: str, payload: bytes) -> bool:
+        return payload in self._issued.get(key, ())
+
+    def issued(self, key: str) -> bytes | None:
+        """The latest: what to put back on the topic when someone else wrote there."""
+        recent = self._issued.get(key)
+        return recent[-1] if recent else None

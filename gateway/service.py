@@ -25,6 +25,7 @@ from shared.schemas import (
     ErrorRecord,
     GatewayCommand,
     ManualPruneCommand,
+    Placement,
     NodeStats,
     PruneDesired,
     Result,
@@ -70,6 +71,7 @@ class Gateway:
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint),
                                    follow_up_s=settings.window_s)
         self.guard = DesiredGuard(self.store.issued_desired())
+        self.placement_guard = DesiredGuard()
         self.liveness = Liveness(settings.stats_silence_s)
         self.ledger = RequestLedger()
         for row in self.store.open_requests(time.time() - max(10 * settings.result_timeout_s, 3600.0)):
@@ -89,6 +91,7 @@ class Gateway:
         self.bus.subscribe(self.topics.node_calibration_filter, self._on_calibration, qos=1)
         self.bus.subscribe(self.topics.node_prune_desired_filter, self._on_own_desired, qos=1)
         self.bus.subscribe(self.topics.component_command(self.settings.gateway_id), self._on_command, qos=1)
+        self.bus.subscribe(self.topics.placement, self._on_own_placement, qos=1)
         self.bus.on_connected = self.publish_placement
         for offer_json in self.store.stored_offers(self.fingerprint):
             self.live.set_offer(NodeProfile.model_validate_json(offer_json))
@@ -110,8 +113,26 @@ class Gateway:
         """Retained, so nodes that (re)connect later learn their stage at once."""
         with self._lock:
             placement = self.live.current
-        if placement is not None:
-            self.bus.publish(self.topics.placement, to_json(placement), qos=1, retain=True)
+            payload = to_json(placement) if placement is not None else None
+            if payload is not None:
+                self.placement_guard.issue("placement", payload)
+        if payload is not None:
+            self.bus.publish(self.topics.placement, payload, qos=1, retain=True)
+
+    def _on_own_placement(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        """Only this gateway places: anything else on the placement topic is reported and replaced."""
+        with self._lock:
+            current = self.live.current
+            if current is None or self.placement_guard.own("placement", payload):
+                return  # not placing yet (a retained placement of a previous run stands), or our own echo
+            try:  # the nodes ignore versions below what they saw: go above a forged one
+                forged_version = Placement.model_validate_json(payload).version
+            except ValueError:
+                forged_version = -1
+            if forged_version >= current.version:
+                self.live.current = current.model_copy(update={"version": forged_version + 1})
+        self.publish_placement()
+        raise BadMessage("foreign_placement", f"placement not issued by this gateway, replaced: {payload[:200]!r}")
 
     # --- handlers (paho's network thread: parse, buffer, return) ---------------------------
     def _on_result(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:

@@ -113,9 +113,8 @@ class NodeAgent:
         self.bus.publish(self.topics.node_profile(self.node_id), self.offer.model_dump_json(), qos=1, retain=True)
 
     def _on_placement(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
-        if not payload:  # a cleared retained placement
-            self._assign(None, None)
-            return
+        if not payload:  # only the gateway places, and it never clears the placement: keep working
+            raise BadMessage("bad_placement", "empty placement ignored (the gateway re-publishes the placement)")
         placement = parse_json(Placement, payload)
         if placement.n_blocks != self.model.n_blocks:
             raise BadMessage("bad_placement", f"placement is for {placement.n_blocks} blocks, "

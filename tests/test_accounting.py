@@ -66,6 +66,8 @@ def test_guard_knows_only_what_it_issued():
     assert not guard.own("node-2", b'{"ratio":0.0,"seq":1}')
     guard.issue("node-2", b"p")
     assert guard.own("node-2", b"p") and guard.issued("node-2") == b"p"
+    guard.issue("node-2", b"q")
+    assert guard.own("node-2", b"p") and guard.issued("node-2") == b"q"  # a late echo of an earlier issue
     guard.forget("node-2")
     assert guard.issued("node-2") is None
 
