@@ -205,7 +205,7 @@ def wait_until(predicate, timeout: float, message: str, interval: float = 0.1) -
     assert predicate(), message
 
 
-def open_reader(db: Path, timeout: float = 30.0):
+def open_reader(db: Path, timeout: float = 90.0):
     """A read-only view of the gateway's database, once the gateway has created it."""
     from gateway.store import Reader
 
