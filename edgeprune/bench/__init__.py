@@ -16,6 +16,7 @@ from typing import Any
 BENCHMARKS = [
     "placement",
     "pruning",
+    "soak",
 ]
 
 
