@@ -25,8 +25,8 @@ from shared.schemas import (
     ErrorRecord,
     GatewayCommand,
     ManualPruneCommand,
-    Placement,
     NodeStats,
+    Placement,
     PruneDesired,
     Result,
     RetireCommand,
@@ -318,7 +318,8 @@ class Gateway:
             self.store.update_node({"node_id": node_id, "status": "silent", "status_ts": now})
         for request_id in lost:
             self.store.add_failure({"request_id": request_id, "ts": now, "reason": LOST, "component": "gateway",
-                                    "message": f"no result or failure report within {self.settings.result_timeout_s:g} s"})
+                                    "message": "no result or failure report within "
+                                               f"{self.settings.result_timeout_s:g} s"})
         if placement is not None:
             self.publish_placement()
             self.store.add_placement({**placement.model_dump(exclude={"stages"}),

@@ -21,8 +21,8 @@ from shared import wire
 from shared.bus import Bus
 from shared.model import build_model, model_fingerprint
 from shared.profiling import NodeProfile, profile_model
-from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, NodeCommand, NodeStats, Placement, PruneDesired,
-                            PruneState, SliceCalibration, SlowdownCommand, parse_json, to_json)
+from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, NodeCommand, NodeStats, Placement,
+                            PruneDesired, PruneState, SliceCalibration, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics, validate_id
 
