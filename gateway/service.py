@@ -60,8 +60,7 @@ class Gateway:
                  controller_settings: ControllerSettings | None = None):
         self.settings = settings
         self.topics = Topics(mqtt_settings.topic_root)
-        self.bus = Bus(mqtt_settings, settings.gateway_id, self.topics.component_status(settings.gateway_id),
-                       resume_session=True)
+        self.bus = Bus(mqtt_settings, settings.gateway_id, self.topics.component_status(settings.gateway_id))
         self.store = Store(settings.db_path)
         self.slo = SloWindows(settings.window_s, settings.slo_s)
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)

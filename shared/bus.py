@@ -46,11 +46,12 @@ def publish_properties(user: dict[str, str]) -> Properties:
 class Bus:
     """One MQTT connection for one component, with an availability topic driven by the last will."""
 
-    def __init__(self, settings: MqttSettings, component_id: str, status_topic: str, resume_session: bool = False):
-        """``resume_session``: pick up the broker session of a previous run of this component (the gateway,
-        so results published while it restarted are delivered); otherwise a process starts a clean
-        session, and only its reconnects resume it (QoS 1 messages queued during a broker restart or a
-        network gap are delivered). The client id is the component id, so the session is found again."""
+    def __init__(self, settings: MqttSettings, component_id: str, status_topic: str):
+        """The client id is the component id and every connect resumes the broker's session for it (MQTT v5
+        clean start off, session expiry ``session_expiry_s``): QoS 1 messages queued while the component was
+        away (a restart of it or of the broker, a network gap) are delivered when it is back. A clean start
+        on a process's first connect would be neater, but Mosquitto 2.0 does not keep such a session across
+        its own restart (measured: docs/reliability.md)."""
         self.settings = settings
         self.topics = Topics(settings.topic_root)
         self.component_id = component_id
@@ -60,7 +61,6 @@ class Bus:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self.on_connected: Callable[[], None] | None = None
-        self._clean_start = False if resume_session else mqtt.MQTT_CLEAN_START_FIRST_ONLY
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=component_id, protocol=mqtt.MQTTv5)
         client.will_set(status_topic, AVAILABILITY_OFFLINE, qos=1, retain=True)
         if settings.username:
@@ -79,7 +79,7 @@ class Bus:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry_s
         self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s,
-                                  clean_start=self._clean_start, properties=props)
+                                  clean_start=False, properties=props)
         self.client.loop_start()
         if wait_s is not None and not self._connected.wait(wait_s):
             log.warning("%s: broker %s:%d not reachable yet; still retrying",

@@ -230,6 +230,7 @@ def run(args) -> dict:
             print(f"{fault}: {phase_s:.0f} s of traffic, the fault a quarter in", flush=True)
             fault_ts = time.time() + phase_s / 4
             injector = threading.Timer(phase_s / 4, inject, (site, fault, args.down_s))
+            injector.daemon = True  # Ctrl-C must not wait for (or leave behind) a pending fault
             injector.start()
             camera.run(fault, phase_s, args.rate, args.burst, args.burst_every)
             injector.join()
