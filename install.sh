@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install edgeprune on this machine (a Raspberry Pi or a Debian box). Idempotent: re-run freely.
 #
-#   ./install.sh [--role gateway|node|camera|all] [--dev] [--systemd] [--no-apt]
+#   ./install.sh [--role gateway|node|camera|all] [--dev] [--systemd] [--tls] [--no-apt]
 #
 #   --role     what this device runs (default: all). gateway and all also get mosquitto.
 #   --dev      test tools too (pytest, headless Chromium for the web test).
 #   --systemd  write and enable hardened systemd units (Restart=always) for the role; they run as the
 #              system user edgeprune, which alone reads /etc/edgeprune/edgeprune.toml and writes /var/lib/edgeprune.
+#   --tls      (gateway/all) make a self-signed CA and broker certificate beside the broker's users
+#              and turn on the broker's TLS listener on port 8883 (docs/security.md).
 #   --no-apt   skip Debian packages (you installed them yourself).
 #   --make-bundle DIR [--arch aarch64|x86_64] [--python 3.11]
 #              on a connected machine: download everything every role needs into DIR, then stop
@@ -17,11 +19,14 @@
 #   --gateway-address ADDR  (node, camera with --systemd) where chrony takes the site's time from;
 #              default: [mqtt] host of /etc/edgeprune/edgeprune.toml. The gateway serves time (chrony).
 #
+# gateway/all also make the broker's users (one per device, docs/security.md): run/broker/credentials,
+# or /var/lib/edgeprune/broker/credentials with --systemd.
+#
 # Environment: EDGEPRUNE_TORCH_SPEC (default torch==2.13.0; note PyPI's 2.13.0 wheels are CUDA builds on x86_64
 # and on aarch64 alike, pulling GBs of nvidia packages: a bundle carries the CPU build), EDGEPRUNE_VENV (default .venv).
 set -euo pipefail
 
-ROLE=all DEV=0 SYSTEMD=0 APT=1 GATEWAY_ADDRESS=""
+ROLE=all DEV=0 SYSTEMD=0 APT=1 TLS=0 GATEWAY_ADDRESS=""
 UNINSTALL=0 PURGE=0 MAKE_BUNDLE="" FROM_BUNDLE="" BUNDLE_ARCH="$(uname -m)" BUNDLE_PYTHON=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -29,6 +34,7 @@ while [ $# -gt 0 ]; do
     --role=*) ROLE="${1#--role=}"; shift ;;
     --dev) DEV=1; shift ;;
     --systemd) SYSTEMD=1; shift ;;
+    --tls) TLS=1; shift ;;
     --no-apt) APT=0; shift ;;
     --gateway-address) GATEWAY_ADDRESS="${2:?--gateway-address needs a value}"; shift 2 ;;
     --uninstall) UNINSTALL=1; shift ;;
@@ -83,7 +89,7 @@ fi
 # --- Debian packages -------------------------------------------------------------------------
 packages=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3 python3-venv)
-case "$ROLE" in gateway|all) packages+=(mosquitto mosquitto-clients sqlite3) ;; esac
+case "$ROLE" in gateway|all) packages+=(mosquitto mosquitto-clients sqlite3 openssl) ;; esac
 [ "$DEV" -eq 1 ] && packages+=(mosquitto mosquitto-clients chromium chromium-driver)
 case "$ROLE" in gateway|node|camera) [ "$SYSTEMD" -eq 1 ] && packages+=(chrony) ;; esac  # the site's clock
 if [ "$APT" -eq 1 ] && [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null; then
@@ -118,9 +124,36 @@ case "$ROLE" in
     "$VENV/bin/python" -c 'import animal_mnist' 2>/dev/null || "${PIP[@]}" --no-deps "animal-mnist==0.4" ;;
 esac
 
+# --- broker users and TLS (the broker runs here) ----------------------------------------------
+CONFIG_ARGS=()
+[ -f /etc/edgeprune/edgeprune.toml ] && CONFIG_ARGS=(--config /etc/edgeprune/edgeprune.toml)
+# the services' broker keeps its data in $DATA_DIR/broker (docs/edgeprune.example.toml); a manual run in run/broker
+if [ "$SYSTEMD" -eq 1 ]; then BROKER_DIR="$DATA_DIR/broker"; else BROKER_DIR="$HERE/run/broker"; fi
+CREDS="$BROKER_DIR/credentials"
+case "$ROLE" in
+  gateway|all)
+    say "broker users (one per device) in $CREDS"
+    "$VENV/bin/edgeprune" credentials "${CONFIG_ARGS[@]}" --dir "$CREDS" init
+    if [ "$TLS" -eq 1 ]; then
+      TLS_DIR="$BROKER_DIR/tls"
+      mkdir -p "$TLS_DIR" && chmod 700 "$TLS_DIR"
+      if [ ! -f "$TLS_DIR/server.crt" ]; then
+        say "self-signed CA and broker certificate in $TLS_DIR (copy ca.crt to every device)"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=edgeprune site CA" \
+          -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.crt" 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=$(hostname)" \
+          -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" 2>/dev/null
+        openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.crt" -CAkey "$TLS_DIR/ca.key" \
+          -CAcreateserial -days 3650 -out "$TLS_DIR/server.crt" \
+          -extfile <(printf "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:%s" "$(hostname)") 2>/dev/null
+      fi
+      echo "TLS: set [broker] tls_port = 8883 and tls_dir = \"$TLS_DIR\"; clients: [mqtt] port = 8883, tls_ca = ca.crt"
+    fi ;;
+esac
+
 # --- systemd units (packaging/services.sh): hardened, as the edgeprune user ----------------------
 if [ "$SYSTEMD" -eq 1 ]; then
-  write_units "$ROLE"
+  write_units "$ROLE" "$CREDS"
   # --- the site's clock (packaging/site-clock.sh): a device set up for the field syncs to the gateway
   configure_site_clock "$ROLE" "$GATEWAY_ADDRESS"
 fi

@@ -22,7 +22,33 @@ def render_config(settings: BrokerSettings) -> str:
     data_dir = settings.data_dir.resolve()
     return TEMPLATE.read_text().format(
         user=getpass.getuser(), port=settings.port, bind=settings.bind, data_dir=data_dir,
-        max_packet_size=settings.max_packet_size, max_queued_messages=settings.max_queued_messages)
+        max_packet_size=settings.max_packet_size, max_queued_messages=settings.max_queued_messages,
+        auth=_auth_lines(settings), tls_listener=_tls_lines(settings))
+
+
+def _auth_lines(settings: BrokerSettings) -> str:
+    if settings.allow_anonymous:
+        return "allow_anonymous true"
+    folder = settings.credentials_folder.resolve()
+    return f"allow_anonymous false\npassword_file {folder / 'passwd'}\nacl_file {folder / 'acl'}"
+
+
+def _tls_lines(settings: BrokerSettings) -> str:
+    if settings.tls_port is None:
+        return ""
+    if settings.tls_dir is None:
+        raise BrokerError("broker tls_port is set but tls_dir is not (ca.crt, server.crt, server.key)")
+    tls = settings.tls_dir.resolve()
+    return (f"listener {settings.tls_port} {settings.bind}\ncafile {tls / 'ca.crt'}\n"
+            f"certfile {tls / 'server.crt'}\nkeyfile {tls / 'server.key'}\n")
+
+
+def check_credentials(settings: BrokerSettings) -> None:
+    """A broker that requires logins but has no users would refuse everyone: say so before starting."""
+    folder = settings.credentials_folder
+    if not settings.allow_anonymous and not ((folder / "passwd").exists() and (folder / "acl").exists()):
+        raise BrokerError(f"no broker credentials in {folder}: run `edgeprune credentials init` "
+                          "(or set [broker] allow_anonymous = true on a closed lab network)")
 
 
 def mosquitto_binary() -> str:
@@ -56,6 +82,7 @@ def write_config(settings: BrokerSettings) -> Path:
 
 def start_broker(settings: BrokerSettings, log_file=None, wait_s: float = 10.0) -> subprocess.Popen:
     """Start mosquitto in the background and wait until it accepts connections."""
+    check_credentials(settings)
     conf = write_config(settings)
     proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log_file or subprocess.DEVNULL,
                             stderr=subprocess.STDOUT if log_file else subprocess.DEVNULL)

@@ -13,6 +13,7 @@ from shared.settings import SettingsError
 COMMAND_MODULES = [
     "config",
     "broker",
+    "credentials",
     "node",
     "gateway",
     "camera",

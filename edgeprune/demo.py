@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from edgeprune.broker import free_port, port_open, start_broker, stop_process
+from edgeprune.credentials import Credentials, default_users
 from gateway.store import Reader
 from shared.bus import Bus
 from shared.model import DEFAULT_CHECKPOINT
@@ -99,9 +102,9 @@ class Demo:
         config = options.config.resolve() if options.config else None
         self.config = config
         mqtt = load(MqttSettings, config)
-        if mqtt.username or mqtt.tls_ca:
-            raise SystemExit("the demo runs its own local broker without login or TLS: "
-                             "unset [mqtt] username and tls_ca for it")
+        if mqtt.tls_ca:
+            raise SystemExit("the demo runs its own local broker without TLS (it makes its own users): "
+                             "unset [mqtt] tls_ca for it")
         node, camera = load(NodeSettings, config), load(CameraSettings, config)
         gateway, web = load(GatewaySettings, config), load(WebSettings, config)
         profile = _chosen(options.profile, node, "profile", DEMO_PROFILE)
@@ -161,23 +164,30 @@ class Demo:
                           for k, v in self.effective_settings().items()))
         broker = load(BrokerSettings, self.config).model_copy(
             update={"bind": "127.0.0.1", "port": port, "data_dir": self.run_dir / "broker"})
+        # Each demo makes its own broker users (one per component, as install.sh does for a site).
+        self.credentials = Credentials(broker.credentials_folder)
+        for name, role in default_users(self.node_ids, [self.camera_id]).items():
+            self.credentials.add(name, role)
         with open(self.run_dir / "mosquitto.log", "w") as log:
             self.broker = start_broker(broker, log_file=log)
         env = self.env()
-        self.spawn("gateway", ["gateway"], env)
+        self.spawn("gateway", ["gateway"], {**env, **self.credentials.env("gateway")})
         # the demo's page is on loopback: readable without a login; the controls need a password hash
         # (`edgeprune passwd`, then EDGEPRUNE_WEB_PASSWORD_HASH=... edgeprune demo)
         password = {k: v for k, v in os.environ.items() if k == "EDGEPRUNE_WEB_PASSWORD_HASH"}
-        self.spawn("web", ["web"], {**env, "EDGEPRUNE_WEB_PUBLIC_STATUS": "true", **password})
+        self.spawn("web", ["web"], {**env, "EDGEPRUNE_WEB_PUBLIC_STATUS": "true", **password,
+                                    **self.credentials.env("web")})
         for node_id in self.node_ids:
-            self.spawn(node_id, ["node", "--node-id", node_id], env)
-        mqtt = load(MqttSettings, self.config).model_copy(update=self.overrides[MqttSettings])
+            self.spawn(node_id, ["node", "--node-id", node_id], {**env, **self.credentials.env(node_id)})
+        mqtt = load(MqttSettings, self.config).model_copy(update={
+            **self.overrides[MqttSettings], "username": "admin",
+            "password": SecretStr(self.credentials.password("admin"))})
         self.topics = Topics(mqtt.topic_root)
         self.bus = Bus(mqtt, "demo", self.topics.component_status("demo"))
         self.bus.subscribe(self.topics.camera_frame(self.camera_id), self._count_frame)
         self.bus.start()
         self._wait_for_nodes()
-        self.spawn("camera", ["camera"], env)
+        self.spawn("camera", ["camera"], {**env, **self.credentials.env(self.camera_id)})
         print(f"broker on 127.0.0.1:{port}; logs and database in {self.run_dir}")
         print(f"operator page: http://127.0.0.1:{self.web_port}/  (Ctrl-C stops the demo)", flush=True)
 

@@ -14,12 +14,13 @@ import logging
 import shutil
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
+from gateway.accounting import LOST, WARNING_KINDS, DesiredGuard, RequestLedger, Verdict
 from gateway.control_loop import ControlLoop, Effects, LadderMismatch
 from gateway.curves import AccuracyFit
 from gateway.live_placement import LivePlacement, PlacementRules
+from gateway.liveness import Liveness
 from gateway.operator import LABELS, Overrides
 from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message
 from gateway.slo import SloWindows
@@ -28,6 +29,7 @@ from shared.bus import Bus
 from shared.clock import offset_suspect
 from shared.model import MODEL_NAME, accuracy_model_path, build_model, model_fingerprint
 from shared.schemas import (
+    AcceptedRequest,
     BadMessage,
     CameraCommand,
     ClockBeacon,
@@ -38,6 +40,7 @@ from shared.schemas import (
     NodeProfile,
     NodeSlowdownCommand,
     NodeStats,
+    Placement,
     PruneDesired,
     RestoreAllCommand,
     Result,
@@ -111,9 +114,15 @@ class Gateway:
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint),
                                    follow_up_s=settings.window_s)
         self.control.automatic = self.operator.automatic
-        self._lock = threading.Lock()  # guards the SLO windows, live placement, the control loop and seen ids
-        self._seen_results: OrderedDict[str, None] = OrderedDict()  # the newest result ids, oldest first
-        self.duplicate_results = 0
+        self.guard = DesiredGuard(self.store.issued_desired())
+        self.placement_guard = DesiredGuard()
+        self.liveness = Liveness(settings.stats_silence_s)
+        self.ledger = RequestLedger()
+        for row in self.store.open_requests(time.time() - max(10 * settings.result_timeout_s, 3600.0)):
+            self.ledger.restore(row["request_id"], row["camera_id"], row["received_ts"], bool(row["stored"]),
+                                row["reason"])
+        self._lock = threading.Lock()  # guards the SLO windows, live placement, the control loop and the ledger
+        self.redelivered_results = 0
         self.tick_failures = 0
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="gateway-tick", daemon=True)
@@ -121,7 +130,8 @@ class Gateway:
         self._clock_suspects: set[str] = set()  # nodes whose clock offset is over the limit (logged once)
 
     def start(self) -> None:
-        self.bus.subscribe(self.topics.results, self._on_result, qos=1)
+        self.bus.subscribe(self.topics.accepted, self._on_accepted, qos=1)
+        self.bus.subscribe(self.topics.results, self._on_result, qos=1, data=True)
         self.bus.subscribe(self.topics.node_status_filter, self._on_status, qos=1)
         self.bus.subscribe(self.topics.node_stats_filter, self._on_stats, qos=0)
         self.bus.subscribe(self.topics.errors_filter, self._on_error, qos=1)
@@ -129,6 +139,7 @@ class Gateway:
         self.bus.subscribe(self.topics.node_calibration_filter, self._on_calibration, qos=1)
         self.bus.subscribe(self.topics.node_prune_desired_filter, self._on_own_desired, qos=1)
         self.bus.subscribe(self.topics.component_command(self.settings.gateway_id), self._on_command, qos=1)
+        self.bus.subscribe(self.topics.placement, self._on_own_placement, qos=1)
         self.bus.on_connected = self.publish_placement
         for offer_json in self.store.stored_offers(self.fingerprint):
             self.live.set_offer(NodeProfile.model_validate_json(offer_json))
@@ -152,26 +163,55 @@ class Gateway:
         """Retained, so nodes that (re)connect later learn their stage at once."""
         with self._lock:
             placement = self.live.current
-        if placement is not None:
-            self.bus.publish(self.topics.placement, to_json(placement), qos=1, retain=True)
+            payload = to_json(placement) if placement is not None else None
+            if payload is not None:
+                self.placement_guard.issue("placement", payload)
+        if payload is not None:
+            self.bus.publish(self.topics.placement, payload, qos=1, retain=True)
+
+    def _on_own_placement(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        """Only this gateway places: anything else on the placement topic is reported and replaced."""
+        with self._lock:
+            current = self.live.current
+            if current is None or self.placement_guard.own("placement", payload):
+                return  # not placing yet (a retained placement of a previous run stands), or our own echo
+            try:  # the nodes ignore versions below what they saw: go above a forged one
+                forged_version = Placement.model_validate_json(payload).version
+            except ValueError:
+                forged_version = -1
+            if forged_version >= current.version:
+                self.live.current = current.model_copy(update={"version": forged_version + 1})
+        self.publish_placement()
+        raise BadMessage("foreign_placement", f"placement not issued by this gateway, replaced: {payload[:200]!r}")
 
     # --- handlers (paho's network thread: parse, buffer, return) ---------------------------
     def _on_result(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
-        """Count each request once: QoS 1 may deliver a result twice, and the first delivery is the one kept."""
+        """Count each accepted request once (gateway/accounting.py): QoS 1 may deliver a result twice, and the
+        first delivery is the one kept; a result no stage 1 announced, or a different second one, is refused."""
         finish_ts = time.time()
         result = parse_json(Result, payload)
         row = result_row(result, finish_ts)
         with self._lock:
-            if result.request_id in self._seen_results:
-                self.duplicate_results += 1
-                log.debug("ignored a redelivered result %s (%d so far)", result.request_id, self.duplicate_results)
+            verdict = self.ledger.result(result.request_id, result.camera_id, payload)
+            if verdict is Verdict.REDELIVERED:
+                self.redelivered_results += 1
                 return
-            self._seen_results[result.request_id] = None
-            if len(self._seen_results) > self.settings.max_tracked_results:
-                self._seen_results.popitem(last=False)
-            self.slo.add(finish_ts, row["e2e_s"])
-            self.control.observe_latency(finish_ts, row["e2e_s"])
-            self.store.add_request(row)  # under the lock: a window row is never buffered before its requests
+            if verdict not in (Verdict.UNKNOWN, Verdict.CONFLICT):
+                self.slo.add(finish_ts, row["e2e_s"])
+                self.control.observe_latency(finish_ts, row["e2e_s"])
+                self.store.add_request(row)  # under the lock: a window row is never buffered before its requests
+                return
+        why = ("no stage 1 accepted this request" if verdict is Verdict.UNKNOWN
+               else "a different result for this request came first (or another camera's)")
+        raise BadMessage(f"{verdict.value}_result", f"result for {result.request_id[:128]!r} from camera "
+                         f"{result.camera_id} not stored: {why}")
+
+    def _on_accepted(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        accepted = parse_json(AcceptedRequest, payload)
+        with self._lock:
+            new = self.ledger.accept(accepted.request_id, accepted.camera_id, time.time())
+        if new:
+            self.store.add_accepted(accepted.model_dump())
 
     def _on_status(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         if not payload:  # cleared when the node was retired
@@ -182,6 +222,10 @@ class Gateway:
             raise BadMessage("bad_status", f"status {status[:40]!r} is not one of {', '.join(STATUSES)}")
         now = time.time()
         with self._lock:
+            if status == AVAILABILITY_ONLINE:
+                self.liveness.heard(node_id, now)
+            else:
+                self.liveness.gone(node_id)
             self.live.set_status(node_id, status, now)
         self.store.update_node({"node_id": node_id, "status": status, "status_ts": now})
 
@@ -201,7 +245,12 @@ class Gateway:
 
     def _on_stats(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         stats = parse_json(NodeStats, payload)
+        now = time.time()
         with self._lock:
+            if self.liveness.heard(stats.node_id, now):  # a hung node resumed: a (re)joining node again
+                self.live.set_status(stats.node_id, AVAILABILITY_ONLINE, now)
+                log.warning("%s speaks again after %.0f s of silence", stats.node_id, self.liveness.silence_s)
+                self.store.update_node({"node_id": stats.node_id, "status": AVAILABILITY_ONLINE, "status_ts": now})
             self.control.observe_stats(stats)
         suspect = offset_suspect(stats.clock_offset_s, self.settings.max_clock_offset_s)
         if suspect != (stats.node_id in self._clock_suspects):
@@ -230,10 +279,33 @@ class Gateway:
     def _on_own_desired(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         """Our retained desired states come back after a restart: continue their seq numbers."""
         node_id = self.topics.node_id_from_topic(topic)
-        if payload and node_id:
-            desired = parse_json(PruneDesired, payload)
-            with self._lock:
-                self.control.recover_desired(node_id, desired)
+        if not payload or not node_id:
+            return
+        with self._lock:
+            own = self.guard.own(node_id, payload)
+        if not own:
+            self._overwrite_foreign_desired(node_id, payload)
+            raise BadMessage("foreign_desired", f"desired prune state on {topic} was not issued by this gateway "
+                             f"and was overwritten: {payload[:200]!r}")
+        desired = parse_json(PruneDesired, payload)
+        with self._lock:
+            self.control.recover_desired(node_id, desired)
+
+    def _overwrite_foreign_desired(self, node_id: str, payload: bytes) -> None:
+        """Only this gateway writes prune/set: re-issue its own state (unpruned if none) above the forged seq,
+        since the node may already have applied the forgery and ignores lower sequence numbers."""
+        try:
+            forged_seq = PruneDesired.model_validate_json(payload).seq
+        except ValueError:
+            forged_seq = -1  # unreadable: the node rejected it too
+        with self._lock:
+            ours = self.guard.issued(node_id)
+        base = PruneDesired.model_validate_json(ours) if ours else PruneDesired(ratio=0.0, seq=0, issued_at=0.0)
+        corrected = base.model_copy(update={"seq": max(base.seq, forged_seq) + 1, "issued_at": time.time(),
+                                            "reason": "overwrote a desired state this gateway did not issue"})
+        with self._lock:
+            self.control.recover_desired(node_id, corrected)
+        self._carry_out(Effects(publish={node_id: corrected}))
 
     def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         """Obey an operator command and, when it carries an ``id``, answer on the reply topic either way."""
@@ -326,6 +398,7 @@ class Gateway:
                                  "stop it first")
             self.live.forget(node_id)
             self.control.forget(node_id)
+            self.guard.forget(node_id)
         for topic in self.topics.node_topics(node_id):
             self.bus.publish(topic, b"", qos=1, retain=True)
         self.store.update_node({"node_id": node_id, "status": "retired", "status_ts": time.time()})
@@ -333,12 +406,26 @@ class Gateway:
 
     def _carry_out(self, effects: Effects) -> None:
         for node_id, desired in effects.publish.items():
-            self.bus.publish(self.topics.node_prune_desired(node_id), to_json(desired), qos=1, retain=True)
+            payload = to_json(desired)
+            with self._lock:
+                self.guard.issue(node_id, payload)
+            self.store.set_issued_desired(node_id, payload)
+            self.bus.publish(self.topics.node_prune_desired(node_id), payload, qos=1, retain=True)
         for row in effects.events:
             self.store.add_prune_event(row)
 
     def _on_error(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
-        self.store.add_error(parse_json(ErrorRecord, payload).model_dump())
+        record = parse_json(ErrorRecord, payload)
+        self.store.add_error(record.model_dump())
+        if record.request_id and record.kind not in WARNING_KINDS:
+            with self._lock:
+                ended = self.ledger.fail(record.request_id, record.kind)
+            if ended:
+                self.store.add_failure({"request_id": record.request_id, "ts": record.ts, "reason": record.kind,
+                                        "component": record.component, "message": record.message})
+        if record.kind == "retained_data" and self.topics.is_data_topic(record.topic):
+            self.bus.publish(record.topic, b"", qos=1, retain=True)  # reported; now stop its replays
+            log.warning("cleared a retained message on %s", record.topic)
 
     def _on_store_failure(self, exc: Exception) -> None:
         """The writer thread could not write: say so on the error topic (it retries by itself)."""
@@ -369,6 +456,17 @@ class Gateway:
             effects = self.control.tick(now)
             status = {**self.control.status(), "settings": self.operator.effective()}
             windows = self.slo.close_due(now)
+            lost = self.ledger.expire(now, self.settings.result_timeout_s)
+            silent = self.liveness.newly_silent(now)
+            for node_id in silent:  # hung: stop sending it work now, not when the broker's will fires
+                self.live.set_status(node_id, AVAILABILITY_OFFLINE, now)
+        for node_id in silent:
+            log.warning("%s: no stats for %.0f s: treated as offline (hung?)", node_id, self.settings.stats_silence_s)
+            self.store.update_node({"node_id": node_id, "status": "silent", "status_ts": now})
+        for request_id in lost:
+            self.store.add_failure({"request_id": request_id, "ts": now, "reason": LOST, "component": "gateway",
+                                    "message": "no result or failure report within "
+                                               f"{self.settings.result_timeout_s:g} s"})
         if placement is not None:
             self.publish_placement()
             self.store.add_placement(placement.model_dump())

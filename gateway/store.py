@@ -100,9 +100,18 @@ SCHEMA: dict[str, Table] = {
         "camera_id": str, "location_name": str, "latitude": float, "longitude": float, "start_ts": float,
         "end_ts": float, "updated_ts": float,
     }, "camera_id", "upsert"),
+    # Accounting (gateway/accounting.py): every frame stage 1 accepted ends as one `requests` row or one failure.
+    "accepted": Table({
+        "request_id": str, "camera_id": str, "node_id": str, "capture_ts": float, "received_ts": float,
+        "claimed_capture_ts": float,
+    }, "request_id", "insert_ignore"),
+    "failures": Table({
+        "request_id": str, "ts": float, "reason": str, "component": str, "message": str,
+    }, "request_id", "insert_ignore"),
+    "issued_desired": Table({"node_id": str, "payload": str}, "node_id", "upsert"),
 }
 INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"], ["capture_ts", "request_id"]],
-           "errors": [["ts"]], "operator_actions": [["ts"]]}
+           "errors": [["ts"]], "operator_actions": [["ts"]], "accepted": [["received_ts"]]}
 MAX_BACKOFF_S = 30.0
 
 
@@ -207,6 +216,27 @@ class Store:
 
     def set_camera(self, row: dict) -> None:
         self._buffer("cameras", row)
+
+    def add_accepted(self, row: dict) -> None:
+        self._buffer("accepted", row)
+
+    def add_failure(self, row: dict) -> None:
+        """An accepted frame that will not become a row, with the reason (first report wins)."""
+        self._buffer("failures", row)
+
+    def set_issued_desired(self, node_id: str, payload: bytes) -> None:
+        self._buffer("issued_desired", {"node_id": node_id, "payload": payload.decode()})
+
+    def issued_desired(self) -> dict[str, bytes]:
+        """The desired prune states this gateway last issued, by node (to tell them from forgeries)."""
+        return {r["node_id"]: r["payload"].encode() for r in self.db["issued_desired"].rows}
+
+    def open_requests(self, since_ts: float) -> list[dict]:
+        """Accepted since ``since_ts``: whether each has a row or a failure (rebuilds the ledger at start)."""
+        return list(self.db.query(
+            "SELECT a.request_id, a.camera_id, a.received_ts, r.request_id IS NOT NULL AS stored, f.reason "
+            "FROM accepted a LEFT JOIN requests r USING (request_id) LEFT JOIN failures f USING (request_id) "
+            "WHERE a.received_ts >= ? ORDER BY a.received_ts", [since_ts]))
 
     def _buffer(self, table: str, row: dict) -> None:
         row = encode_row(table, row)
@@ -374,6 +404,18 @@ class Reader:
 
     def cameras(self) -> list[dict]:
         return self._rows("SELECT * FROM cameras ORDER BY camera_id")
+
+    def accounting(self) -> dict:
+        """Frames accepted at stage 1 = rows + failures + in flight; failures by reason."""
+        accepted = self._rows("SELECT COUNT(*) AS n FROM accepted")[0]["n"]
+        rows = self._rows("SELECT COUNT(*) AS n FROM requests r JOIN accepted a USING (request_id)")[0]["n"]
+        reasons = self._rows("SELECT reason, COUNT(*) AS n FROM failures f WHERE NOT EXISTS "
+                             "(SELECT 1 FROM requests r WHERE r.request_id = f.request_id) GROUP BY reason")
+        failures = {r["reason"]: r["n"] for r in reasons}
+        flagged = self._rows("SELECT COUNT(*) AS n FROM accepted WHERE claimed_capture_ts IS NOT NULL")[0]["n"]
+        return {"accepted": accepted, "rows": rows, "failures": sum(failures.values()),
+                "failures_by_reason": failures, "in_flight": accepted - rows - sum(failures.values()),
+                "implausible_capture_ts": flagged}
 
     def current_run(self) -> dict | None:
         rows = self._rows("SELECT * FROM runs ORDER BY started_ts DESC LIMIT 1", table="runs")

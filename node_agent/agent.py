@@ -19,16 +19,17 @@ import numpy as np
 import torch
 
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
-from node_agent.runtime import Request, SliceCalibrator, StageRuntime
+from node_agent.runtime import Request, SliceCalibrator, StageRuntime, frame_metadata, plausible_capture
+from shared import wire
 from shared.bus import Bus
-from shared.imaging import measure_decode_cost
 from shared.clock import ClockOffset
+from shared.imaging import measure_decode_cost
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import ProfileError, load_profile, profile_model
-from shared.schemas import (BadMessage, CalibrateCommand, ClockBeacon, NodeCommand, NodeProfile, NodeStats, Placement,
-                            PruneDesired, PruneState, SlowdownCommand, parse_json, to_json)
+from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon, NodeCommand, NodeProfile,
+                            NodeStats, Placement, PruneDesired, PruneState, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
-from shared.topics import Topics
+from shared.topics import Topics, validate_id
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.2  # how long the inference thread blocks on an empty queue when nothing is to calibrate
@@ -136,9 +137,8 @@ class NodeAgent:
         self.bus.publish(self.topics.node_profile(self.node_id), self.offer.model_dump_json(), qos=1, retain=True)
 
     def _on_placement(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
-        if not payload:  # a cleared retained placement
-            self._assign(None, None)
-            return
+        if not payload:  # only the gateway places, and it never clears the placement: keep working
+            raise BadMessage("bad_placement", "empty placement ignored (the gateway re-publishes the placement)")
         placement = parse_json(Placement, payload)
         if placement.n_blocks != self.model.n_blocks:
             raise BadMessage("bad_placement", f"placement is for {placement.n_blocks} blocks, "
@@ -178,7 +178,7 @@ class NodeAgent:
         if old_filter and old_filter != new_filter:
             self.bus.unsubscribe(old_filter)
         if new_filter and new_filter != old_filter:
-            self.bus.subscribe(new_filter, self._on_input, qos=1)
+            self.bus.subscribe(new_filter, self._on_input, qos=1, data=True)
         if assignment is None:
             log.info("%s: not in the placement; idle", self.node_id)
         else:
@@ -243,15 +243,65 @@ class NodeAgent:
             runtime = self.runtime
         if runtime is None:
             return
-        camera_id = self.topics.camera_id_from_frame_topic(topic) if runtime.is_first else None
-        if runtime.is_first and camera_id is None:
-            raise BadMessage("bad_topic", f"frame topic {topic} does not name a camera")
+        req = Request(topic, payload, props, received)
+        if runtime.is_first:
+            req = self._admit_frame(runtime, req)
         try:
-            self.queue.put_nowait((runtime, Request(topic, payload, props, received, camera_id)))
+            self.queue.put_nowait((runtime, req))
         except queue.Full:
             self.dropped += 1
+            self.bus.report_error(topic, "dropped", f"work queue full ({self.settings.queue_size}): request "
+                                  "dropped", req.user_props.get("request_id") or self._peek_request_id(payload))
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
+
+    def _admit_frame(self, runtime: StageRuntime, req: Request) -> Request:
+        """Stage 1 takes a camera frame: check its camera id and times, and announce it to the gateway.
+
+        From here on the frame is *accepted*: it must end as a result row or a failure with a reason.
+        """
+        camera_id = self.topics.camera_id_from_frame_topic(req.topic)
+        if camera_id is None:
+            raise BadMessage("bad_topic", f"frame topic {req.topic} does not name a camera")
+        try:
+            validate_id("camera", camera_id)
+        except ValueError as exc:
+            raise BadMessage("bad_camera_id", str(exc)) from None
+        req.camera_id = camera_id
+        runtime.check_size(req.payload)
+        request_id, capture_ts = frame_metadata(req)
+        claimed = None
+        if not plausible_capture(capture_ts, req.received_ts, self.settings.capture_past_s,
+                                 self.settings.capture_future_s):
+            claimed, capture_ts = capture_ts, req.received_ts
+            self.bus.report_error(req.topic, "implausible_capture_ts", f"capture time {claimed!r} is "
+                                  f"{req.received_ts - claimed:.0f} s before arrival: timed from arrival instead",
+                                  request_id)
+        req.user_props = {**req.user_props, "request_id": request_id, "capture_ts": repr(capture_ts)}
+        accepted = AcceptedRequest(request_id=request_id, camera_id=camera_id, node_id=self.node_id,
+                                   capture_ts=capture_ts, received_ts=req.received_ts, claimed_capture_ts=claimed)
+        self.bus.publish(self.topics.accepted, to_json(accepted), qos=1)
+        return req
+
+    @staticmethod
+    def _peek_request_id(payload: bytes) -> str | None:
+        """The request id inside an activation (to report a drop against it), if it parses."""
+        try:
+            return wire.decode(payload).request_id
+        except BadMessage:
+            return None
+
+    def _expired(self, runtime: StageRuntime, req: Request) -> bool:
+        """A first-stage frame that waited (in the broker or the queue) beyond max_frame_age_s is not run."""
+        max_age = self.settings.max_frame_age_s
+        if not runtime.is_first or not max_age:
+            return False
+        age = time.time() - float(req.user_props["capture_ts"])
+        if age <= max_age:
+            return False
+        self.bus.report_error(req.topic, "expired", f"frame captured {age:.0f} s ago (limit {max_age:g} s): "
+                              "not run", req.user_props["request_id"])
+        return True
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -261,6 +311,8 @@ class NodeAgent:
                 self._calibrate(idle=True)  # idle for a pause: the right moment for a timed calibration run
                 continue
             self._calibrate(idle=False)  # under steady load, still make progress
+            if self._expired(runtime, req):
+                continue
             started = time.time()
             try:
                 out = runtime.run(req, started, self.slowdown)
@@ -269,7 +321,8 @@ class NodeAgent:
                 continue
             except Exception as exc:  # never let one request kill the inference thread
                 log.exception("%s: inference failed", self.node_id)
-                self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}")
+                self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}",
+                                      req.user_props.get("request_id"))
                 continue
             self.bus.publish(out.topic, out.payload, qos=1)
             with self._lock:

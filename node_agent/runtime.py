@@ -108,6 +108,11 @@ def frame_metadata(req: Request) -> tuple[str, float]:
     return request_id, capture_ts
 
 
+def plausible_capture(capture_ts: float, received_ts: float, past_s: float, future_s: float) -> bool:
+    """A capture time a camera's clock could give: not far before arrival, not after it (beyond skew)."""
+    return received_ts - past_s <= capture_ts <= received_ts + future_s
+
+
 class StageRuntime:
     """Runs one pipeline stage as assigned by the placement."""
 

@@ -34,6 +34,8 @@ Wants=network-online.target
 
 [Service]
 Environment=EDGEPRUNE_CONFIG=$CONFIG_DIR/edgeprune.toml
+# the service's own broker login (EDGEPRUNE_MQTT_USERNAME/PASSWORD), copied from the gateway's credentials
+EnvironmentFile=-$CONFIG_DIR/$svc.env
 ExecStart=$VENV/bin/edgeprune $svc
 Restart=always
 RestartSec=3
@@ -90,9 +92,19 @@ create_service_user() {
 
 # write_units ROLE: write, enable and start the role's units.
 write_units() {
-  local services svc after
+  local services svc after creds="${2:-}" pair user
   read -r -a services <<<"$(services_for "$1")"
   create_service_user
+  # the broker (running as the service user) reads its users from here; each service logs in as its own user
+  if [ -n "$creds" ] && [ -d "$creds" ]; then
+    $SUDO chown -R "$SERVICE_USER":"$SERVICE_USER" "$creds"
+    for pair in gateway:gateway web:web node:node-1; do
+      svc="${pair%%:*}" user="${pair#*:}"
+      if [[ " ${services[*]} " == *" $svc "* && -f "$creds/$user.env" && ! -f "$CONFIG_DIR/$svc.env" ]]; then
+        $SUDO install -m 0640 -o root -g "$SERVICE_USER" "$creds/$user.env" "$CONFIG_DIR/$svc.env"
+      fi
+    done
+  fi
   # Debian 12 makes home directories private (0700): a tree under /home cannot be run by the service user
   if ! $SUDO runuser -u "$SERVICE_USER" -- test -x "$VENV/bin/edgeprune"; then
     echo "install.sh: the $SERVICE_USER user cannot run $VENV/bin/edgeprune (a private home directory?):" \

@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from shared.schemas import BadMessage, ErrorRecord, to_json
 from shared.settings import MqttSettings
@@ -46,18 +47,22 @@ class Bus:
     """One MQTT connection for one component, with an availability topic driven by the last will."""
 
     def __init__(self, settings: MqttSettings, component_id: str, status_topic: str):
+        """The client id is the component id and every connect resumes the broker's session for it (MQTT v5
+        clean start off, session expiry ``session_expiry_s``): QoS 1 messages queued while the component was
+        away (a restart of it or of the broker, a network gap) are delivered when it is back. A clean start
+        on a process's first connect would be neater, but Mosquitto 2.0 does not keep such a session across
+        its own restart (measured: docs/reliability.md)."""
         self.settings = settings
         self.topics = Topics(settings.topic_root)
         self.component_id = component_id
         self.status_topic = status_topic
         self.errors: Counter[str] = Counter()
-        self._handlers: dict[str, tuple[Handler, int]] = {}
+        self._handlers: dict[str, tuple[Handler, SubscribeOptions]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self.on_connected: Callable[[], None] | None = None
         self.refusal: str | None = None  # the broker's last reason for refusing us (e.g. "Not authorized")
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{component_id}-{id(self):x}",
-                             protocol=mqtt.MQTTv5)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=component_id, protocol=mqtt.MQTTv5)
         client.will_set(status_topic, AVAILABILITY_OFFLINE, qos=1, retain=True)
         if settings.username:
             client.username_pw_set(settings.username,
@@ -72,7 +77,10 @@ class Bus:
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, wait_s: float | None = 10.0) -> None:
         """Connect in the background (retrying forever); optionally wait for the first connect."""
-        self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s,
+                                  clean_start=False, properties=props)
         self.client.loop_start()
         if wait_s is not None and not self._connected.wait(wait_s):
             log.warning("%s: broker %s:%d not reachable yet; still retrying",
@@ -105,8 +113,8 @@ class Bus:
         client.publish(self.status_topic, AVAILABILITY_ONLINE, qos=1, retain=True)
         with self._lock:
             subs = list(self._handlers.items())
-        for topic_filter, (_, qos) in subs:
-            client.subscribe(topic_filter, qos=qos)
+        for topic_filter, (_, options) in subs:
+            client.subscribe(topic_filter, options=options)
         self._connected.set()
         log.info("%s: connected to %s:%d", self.component_id, self.settings.host, self.settings.port)
         if self.on_connected:
@@ -118,15 +126,27 @@ class Bus:
             log.warning("%s: lost broker connection (%s); reconnecting", self.component_id, reason_code)
 
     # --- messaging -----------------------------------------------------------------------
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        """Route ``topic_filter`` to ``handler``; the subscription comes back after reconnects."""
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, data: bool = False) -> None:
+        """Route ``topic_filter`` to ``handler``; the subscription comes back after reconnects.
+
+        ``data``: frames, activations or results, never meant to be retained. A retained one (replayed
+        on every subscribe) is reported as ``retained_data`` instead of served; the gateway clears it.
+        """
         def dispatch(client, userdata, msg: mqtt.MQTTMessage) -> None:
+            if data and msg.retain:
+                if not msg.payload:  # the gateway clearing such a message: nothing to serve or report
+                    return
+                self.report_error(msg.topic, "retained_data", f"retained message of {len(msg.payload)} B on a data "
+                                  "topic: not served (the gateway clears it)")
+                return
             self._guarded(handler, msg)
+        # retain-as-published: a live message sent with the retain flag keeps it, so it is caught at once
+        options = SubscribeOptions(qos=qos, retainAsPublished=data)
         with self._lock:
-            self._handlers[topic_filter] = (handler, qos)
+            self._handlers[topic_filter] = (handler, options)
         self.client.message_callback_add(topic_filter, dispatch)
         if self._connected.is_set():
-            self.client.subscribe(topic_filter, qos=qos)
+            self.client.subscribe(topic_filter, options=options)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:

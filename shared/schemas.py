@@ -369,3 +369,13 @@ class CommandReply(_Strict):
     ok: bool
     message: str = Field(max_length=2000)
     ts: float
+class AcceptedRequest(_Strict):
+    """Stage 1 took a frame: the gateway's record that a result (or a failure) must follow for it."""
+
+    request_id: str = Field(min_length=1, max_length=128)
+    camera_id: str = Id
+    node_id: str = Id
+    capture_ts: float
+    received_ts: float
+    claimed_capture_ts: float | None = Field(
+        default=None, description="The camera's capture time when it was implausible (capture_ts is then arrival).")

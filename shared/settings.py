@@ -54,6 +54,12 @@ def _ids(value: Any) -> Any:
     return value
 
 
+# The one place that sizes a frame: the node's input limit, and the broker's packet limit with room for
+# the MQTT header, topic and user properties on top (a 4000x3000 camera JPEG is ~7 MB).
+FRAME_LIMIT_BYTES = 8 << 20
+MQTT_OVERHEAD_BYTES = 64 << 10
+
+
 class MqttSettings(_Section):
     section: ClassVar[str] = "mqtt"
     model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_MQTT_", extra="forbid")
@@ -67,6 +73,9 @@ class MqttSettings(_Section):
     topic_root: str = Field("edgeprune", min_length=1, max_length=64, pattern=r"^[^+#$\s]+$",
                             description="Root of the topic tree, to share a broker between deployments.")
     reconnect_max_s: int = Field(30, ge=1, le=600, description="Longest wait between reconnect attempts.")
+    session_expiry_s: int = Field(3600, ge=0, le=7 * 86400,
+                                  description="How long the broker keeps a disconnected component's session "
+                                  "(subscriptions and queued QoS 1 messages); 0 = none.")
 
 
 class BrokerSettings(_Section):
@@ -76,9 +85,20 @@ class BrokerSettings(_Section):
     bind: str = Field("127.0.0.1", description="Address mosquitto listens on (0.0.0.0 to serve other devices).")
     port: int = Field(1883, ge=1, le=65535, description="Port mosquitto listens on.")
     data_dir: Path = Field(Path("run/broker"), description="Persistence folder (retained messages, sessions).")
-    max_packet_size: int = Field(4 << 20, ge=1024, le=256 << 20,
-                                 description="Largest MQTT packet (payload + headers) the broker accepts, bytes.")
+    max_packet_size: int = Field(FRAME_LIMIT_BYTES + MQTT_OVERHEAD_BYTES, ge=1024, le=256 << 20,
+                                 description="Largest MQTT packet (payload + headers) the broker accepts, bytes; "
+                                 "keep it above the node's max_payload_bytes plus MQTT overhead.")
     max_queued_messages: int = Field(1000, ge=0, description="Per-client queue bound for offline/slow clients.")
+    allow_anonymous: bool = Field(False, description="Accept clients without a user name (a closed lab network only).")
+    credentials_dir: Path | None = Field(None, description="Password file and ACL (`edgeprune credentials`); "
+                                         "default: <data_dir>/credentials.")
+    tls_port: int | None = Field(None, ge=1, le=65535, description="Also listen with TLS on this port.")
+    tls_dir: Path | None = Field(None, description="Folder with ca.crt, server.crt, server.key for the TLS "
+                                 "listener (install.sh --tls makes a self-signed set).")
+
+    @property
+    def credentials_folder(self) -> Path:
+        return self.credentials_dir or self.data_dir / "credentials"
 
 
 class NodeSettings(_Section):
@@ -92,7 +112,12 @@ class NodeSettings(_Section):
                             description="Bounded work queue; a request arriving when full is dropped and counted.")
     wire_dtype: Literal["float16", "float32"] = Field("float16", description="Precision of activations sent on.")
     stats_interval_s: float = Field(2.0, gt=0, le=3600, description="How often stats are published.")
-    max_payload_bytes: int = Field(8 << 20, ge=1024, description="Inputs larger than this are rejected.")
+    max_payload_bytes: int = Field(FRAME_LIMIT_BYTES, ge=1024, description="Inputs larger than this are rejected.")
+    max_frame_age_s: float = Field(300.0, ge=0, description="A frame captured longer ago than this when stage 1 "
+                                   "would run it is recorded as `expired`, not run (0 = never).")
+    capture_past_s: float = Field(86400.0, gt=0, description="A capture time further before arrival is implausible: "
+                                  "reported, and the frame is timed from its arrival.")
+    capture_future_s: float = Field(300.0, ge=0, description="Clock skew allowed for capture times after arrival.")
     memory_mb: float = Field(0.0, ge=0, description="Memory a slice may use, MB; 0 = half of this device's RAM.")
     uplink_mbit_s: float = Field(1000.0, gt=0, description="Bandwidth to the next stage, for placement.")
     profile_repeats: int = Field(10, ge=1, le=1000, description="Timed runs per block when profiling at start.")
@@ -128,8 +153,6 @@ class GatewaySettings(_Section):
     max_pending_rows: int = Field(20_000, ge=100, le=1_000_000, description=(
         "Rows per table kept while the database cannot be written (full or locked); beyond it the oldest "
         "are dropped, counted and logged."))
-    max_tracked_results: int = Field(100_000, ge=1000, le=10_000_000, description=(
-        "Result ids remembered to ignore a redelivered result (QoS 1 may deliver one twice)."))
     startup_wait_s: float = Field(20.0, ge=0, le=3600,
                                   description="How long to wait for every configured node before placing on those present.")
     rejoin_hold_s: float = Field(10.0, ge=0, le=3600,
@@ -157,6 +180,11 @@ class GatewaySettings(_Section):
     min_free_mb: float = Field(1024.0, ge=0, description="Below this much free space on the database's disk the "
                                "gateway stops storing per-hop detail (`hops`); below a quarter of it, per-frame rows "
                                "too (SLO windows, errors and classification go on). 0 = no guard.")
+    stats_silence_s: float = Field(10.0, gt=0, le=3600, description="A node with no stats for this long is "
+                                   "treated as offline (hung) until it speaks again; keep it above the nodes' "
+                                   "stats_interval_s.")
+    result_timeout_s: float = Field(120.0, gt=0, le=86400, description="An accepted frame with neither a result "
+                                    "nor a failure report after this long is recorded as failed (`lost`).")
 
     _split_nodes = field_validator("nodes", mode="before")(_ids)
 

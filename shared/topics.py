@@ -69,6 +69,18 @@ class Topics:
         """Classification results published by the last stage (JSON)."""
         return f"{self.root}/pipeline/results"
 
+    @property
+    def accepted(self) -> str:
+        """Stage 1 announces each frame it took (JSON :class:`shared.schemas.AcceptedRequest`)."""
+        return f"{self.root}/pipeline/accepted"
+
+    def is_data_topic(self, topic: str) -> bool:
+        """Frames, activations and results: never meant to be retained."""
+        parts = topic.split("/")
+        n = len(self.root.split("/"))
+        return (self.camera_id_from_frame_topic(topic) is not None or topic == self.results
+                or (parts[n:n + 2] == ["pipeline", "stage"] and len(parts) == n + 4 and parts[-1] == "in"))
+
     # --- placement and control ---------------------------------------------------------
     @property
     def placement(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from hypothesis import settings as hypothesis_settings
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeprune.broker import free_port, start_broker, stop_process
+from edgeprune.credentials import Credentials, default_users
 from shared.model import MODEL_NAME
 from shared.schemas import Placement, StageAssignment
 from shared.settings import BrokerSettings, MqttSettings
@@ -40,15 +42,82 @@ def _variant_builders_end_with_their_test() -> Iterator[None]:
     wait_for_builders(timeout_s=120)
 
 
+class BrokerAuth:
+    """The credentials of one test broker: users are made on demand and the broker reloaded (SIGHUP)."""
+
+    def __init__(self, credentials: Credentials, proc: subprocess.Popen, port: int):
+        self.credentials = credentials
+        self.proc = proc
+        self.port = port
+
+    def env(self, name: str, role: str) -> dict[str, str]:
+        """Connect as ``name`` with ``role``; the broker knows the user once this returns."""
+        if self.credentials.ensure(name, role):
+            self.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: can_connect(self.port, name, self.credentials.password(name)), 10,
+                       f"broker did not load user {name}")
+        return self.credentials.env(name)
+
+    def settings(self, name: str, role: str) -> MqttSettings:
+        env = self.env(name, role)
+        return MqttSettings(port=self.port, username=name, password=env["EDGEPRUNE_MQTT_PASSWORD"])
+
+
+AUTH: dict[int, BrokerAuth] = {}  # by broker port: component_env and Processes find the broker's users here
+
+
+def can_connect(port: int, username: str | None, password: str | None) -> bool:
+    """True when the broker accepts this login (MQTT v5 CONNACK success)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    if username:
+        client.username_pw_set(username, password)
+    try:
+        client.connect("127.0.0.1", port)
+    except OSError:
+        return False
+    accepted = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: rc.is_failure or accepted.set()
+    client.loop_start()
+    ok = accepted.wait(3)
+    client.loop_stop()
+    client.disconnect()
+    return ok
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory) -> Iterator[MqttSettings]:
-    """A real mosquitto from our template, on a free loopback port, in a temp dir."""
+    """A real mosquitto from our template with auth and ACL on, on a free loopback port, in a temp dir.
+
+    Yields the operator's (admin) settings; components started by :class:`Processes` log in with
+    their own role's credentials (``AUTH[port]``), made on demand.
+    """
     data_dir = tmp_path_factory.mktemp("broker")
     port = free_port()
+    credentials = Credentials(data_dir / "credentials")
+    for name, role in default_users(["node-1", "node-2", "node-3"], []).items():
+        credentials.add(name, role)
     with open(data_dir / "mosquitto.log", "w") as log:
         proc = start_broker(BrokerSettings(port=port, data_dir=data_dir), log_file=log)
-    yield MqttSettings(port=port)
+    AUTH[port] = BrokerAuth(credentials, proc, port)
+    yield MqttSettings(port=port, username="admin", password=credentials.password("admin"))
+    AUTH.pop(port, None)
     stop_process(proc)
+
+
+def role_of(args: tuple[str, ...], env: dict[str, str]) -> tuple[str, str] | None:
+    """(user, role) a component started with ``edgeprune *args`` logs in as; None for tools."""
+    def flag(name: str, env_name: str, default: str) -> str:
+        return args[args.index(name) + 1] if name in args else env.get(env_name, default)
+    command = args[0] if args else ""
+    if command == "node":
+        return flag("--node-id", "EDGEPRUNE_NODE_NODE_ID", "node-1"), "node"
+    if command == "camera":
+        return flag("--camera-id", "EDGEPRUNE_CAMERA_CAMERA_ID", "cam-1"), "camera"
+    if command == "gateway":
+        return env.get("EDGEPRUNE_GATEWAY_GATEWAY_ID", "gateway"), "gateway"
+    if command == "web":
+        return "web", "web"
+    return None
 
 
 class Processes:
@@ -61,9 +130,14 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        env = {**self.env, **(extra_env or {})}
+        auth = AUTH.get(int(env.get("EDGEPRUNE_MQTT_PORT", 0)))
+        identity = role_of(args, env)
+        if auth is not None and identity is not None:
+            env.update(auth.env(*identity))
         log = open(self.workdir / f"{name}.log", "w")
         proc = subprocess.Popen([self.python, "-m", "edgeprune", *args], cwd=self.workdir,
-                                env={**self.env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT)
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc
 
@@ -82,6 +156,9 @@ class Processes:
 def component_env(mqtt_settings: MqttSettings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}
     env.update({"EDGEPRUNE_MQTT_PORT": str(mqtt_settings.port), "PYTHONUNBUFFERED": "1"})
+    if mqtt_settings.username:  # tools log in as the operator; Processes gives components their own user
+        env.update({"EDGEPRUNE_MQTT_USERNAME": mqtt_settings.username,
+                    "EDGEPRUNE_MQTT_PASSWORD": mqtt_settings.password.get_secret_value()})
     env.update(extra)
     return env
 
@@ -96,6 +173,7 @@ class Recorder:
         self.client.on_message = self._on_message
         ready = threading.Event()
         self.client.on_subscribe = lambda *a: ready.set()
+        login(self.client, settings)
         self.client.connect("127.0.0.1", settings.port)
         self.client.loop_start()
         self.client.subscribe([(f, 1) for f in filters])
@@ -112,6 +190,34 @@ class Recorder:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def login(client: mqtt.Client, settings: MqttSettings | int) -> mqtt.Client:
+    """Give a plain paho client the credentials in ``settings``, or the operator's of the broker on that port."""
+    if isinstance(settings, int):
+        auth = AUTH.get(settings)
+        if auth is None:
+            return client
+        settings = auth.settings("admin", "admin")
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password.get_secret_value())
+    return client
+
+
+def mqtt_client(settings: MqttSettings) -> mqtt.Client:
+    """A connected, running MQTT v5 client logged in with ``settings``."""
+    client = login(mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5), settings)
+    client.connect("127.0.0.1", settings.port)
+    client.loop_start()
+    return client
+
+
+def mosquitto_pub_login(settings: MqttSettings) -> list[str]:
+    """mosquitto_pub/sub arguments for the broker and login in ``settings``."""
+    args = ["-h", "127.0.0.1", "-p", str(settings.port)]
+    if settings.username:
+        args += ["-u", settings.username, "-P", settings.password.get_secret_value()]
+    return args
 
 
 def wait_until(predicate, timeout: float, message: str, interval: float = 0.1) -> None:

@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.curves import SliceLatencyFit
 from shared.model import DEFAULT_CHECKPOINT
-from tests.conftest import STARTUP_S, Processes, Recorder, component_env, open_reader, wait_until
+from tests.conftest import STARTUP_S, Processes, Recorder, component_env, login, open_reader, wait_until
 
 pytestmark = pytest.mark.integration
 SLO_S = 0.250
@@ -53,6 +53,7 @@ def write_accuracy_model(path, n_blocks: int = 6) -> None:
 def publish(port: int, topic: str, payload: dict) -> None:
     """A one-shot command, never retained."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    login(client, port)
     client.connect("127.0.0.1", port)
     client.loop_start()
     client.publish(topic, json.dumps(payload), qos=1).wait_for_publish(5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,7 +17,8 @@ from node_agent.runtime import block_input_shape
 from shared import wire
 from shared.imaging import decode_frame, encode_jpeg, encode_png, textured_scene
 from shared.model import build_model
-from tests.conftest import STARTUP_S, Processes, Recorder, component_env, open_reader, wait_until
+from tests.conftest import (STARTUP_S, Processes, Recorder, component_env, login, mosquitto_pub_login, open_reader,
+                            wait_until)
 
 pytestmark = pytest.mark.integration
 NODE_MAX_PAYLOAD = 300_000
@@ -141,12 +143,13 @@ def test_jpeg_from_plain_mosquitto_pub_is_classified(pipeline, tmp_path):
     pixels = synthetic_scene(np.random.default_rng(3), 120)
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(encode_jpeg(pixels))
-    pub = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(pipeline.broker.port), "-q", "1", "-f", str(photo)]
+    pub = ["mosquitto_pub", *mosquitto_pub_login(pipeline.broker), "-q", "1", "-f", str(photo)]
     subprocess.run([*pub, "-t", "edgeprune/camera/trap-7/frame"], check=True, timeout=10)
     # the documented optional extras: MQTT v5 user properties for the request id and capture time
+    captured = round(time.time() - 2.0, 2)
     subprocess.run([*pub, "-t", "edgeprune/camera/trap-8/frame", "-V", "mqttv5",
                     "-D", "publish", "user-property", "request_id", "IMG_0042",
-                    "-D", "publish", "user-property", "capture_ts", "1767225600.25"], check=True, timeout=10)
+                    "-D", "publish", "user-property", "capture_ts", repr(captured)], check=True, timeout=10)
     wait_until(lambda: results_for(pipeline.reader, "trap-7") and results_for(pipeline.reader, "trap-8"), 30,
                "the JPEGs never came out as rows")
     (plain,) = results_for(pipeline.reader, "trap-7")
@@ -155,7 +158,7 @@ def test_jpeg_from_plain_mosquitto_pub_is_classified(pipeline, tmp_path):
         expected = int(build_model()(torch.from_numpy(decode_frame(photo.read_bytes()))).argmax())
     assert plain["label_index"] == tagged["label_index"] == expected
     assert plain["request_id"].startswith("trap-7-")
-    assert (tagged["request_id"], tagged["capture_ts"]) == ("IMG_0042", 1767225600.25)
+    assert (tagged["request_id"], tagged["capture_ts"]) == ("IMG_0042", captured)
 
 
 def _publish(broker, topic: str, payload: bytes) -> None:
@@ -163,6 +166,7 @@ def _publish(broker, topic: str, payload: bytes) -> None:
     from paho.mqtt.enums import CallbackAPIVersion
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    login(client, broker)
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     client.publish(topic, payload, qos=1).wait_for_publish(5)

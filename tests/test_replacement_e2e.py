@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.conftest import STARTUP_S, Processes, Recorder, component_env, open_reader, wait_until
+from tests.conftest import STARTUP_S, Processes, component_env, login, open_reader, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +70,7 @@ def test_gateway_replaces_over_survivors_and_takes_the_node_back(broker, tmp_pat
 
 def publish_command(port: int, payload: dict) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    login(client, port)
     client.connect("127.0.0.1", port)
     client.loop_start()
     client.publish("edgeprune/component/gateway/cmd", json.dumps(payload), qos=1).wait_for_publish(5)
@@ -86,7 +87,7 @@ def retained_about(port: int, node: str) -> list[str]:
     client's messages in order, so when the marker arrives every retained message about the node
     has arrived before it.
     """
-    marker = f"edgeprune-test/marker/{uuid.uuid4().hex}"
+    marker = f"edgeprune/test/marker/{uuid.uuid4().hex}"  # below the root: the ACL lets the admin user use it
     got: list[str] = []
     acknowledged, marked = threading.Event(), threading.Event()
 
@@ -99,6 +100,7 @@ def retained_about(port: int, node: str) -> list[str]:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.on_message = on_message
     client.on_subscribe = lambda *args: acknowledged.set()
+    login(client, port)
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:

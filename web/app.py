@@ -66,6 +66,7 @@ def status(reader: Reader, recent_s: float, now: float) -> dict:
         "cameras": reader.cameras(),
         # end-to-end latency subtracts other devices' timestamps from the gateway's: marked when a clock is off
         "clock": {"max_offset_s": max_offset_s, "suspect_nodes": suspects, "latency_reliable": not suspects},
+        "accounting": reader.accounting(),
     }
 
 

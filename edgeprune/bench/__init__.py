@@ -21,6 +21,7 @@ BENCHMARKS = [
     "speedup",
     "export",
     "storage",
+    "soak",
 ]
 
 

@@ -17,14 +17,20 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import os
+    import sys
 
-    from edgeprune.broker import mosquitto_binary, render_config, write_config
+    from edgeprune.broker import BrokerError, check_credentials, mosquitto_binary, render_config, write_config
     from shared.settings import BrokerSettings, load
 
     settings = load(BrokerSettings, args.config, port=args.port, bind=args.bind, data_dir=args.data_dir)
     if args.print_config:
         print(render_config(settings))
         return 0
+    try:
+        check_credentials(settings)
+    except BrokerError as exc:
+        print(f"edgeprune broker: {exc}", file=sys.stderr)
+        return 2
     conf = write_config(settings)
     print(f"mosquitto on {settings.bind}:{settings.port}, data in {settings.data_dir}", flush=True)
     os.execv(mosquitto_binary(), ["mosquitto", "-c", str(conf)])

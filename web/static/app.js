@@ -69,7 +69,16 @@ function drawWindows(windows) {
   svg.replaceChildren(...kids);
 }
 
+function accountingLine(a) {
+  if (!a) return "–";
+  const reasons = Object.entries(a.failures_by_reason || {}).map(([k, v]) => `${k} ${v}`).join(", ");
+  return `accepted ${a.accepted} = stored ${a.rows} + failed ${a.failures}${reasons ? ` (${reasons})` : ""} + ` +
+    `in flight ${a.in_flight}` +
+    (a.implausible_capture_ts ? ` · ${a.implausible_capture_ts} with an implausible capture time (timed from arrival)` : "");
+}
+
 function render(data) {
+  document.getElementById("accounting").textContent = accountingLine(data.accounting);
   const t = data.totals;
   document.getElementById("summary").textContent = t && t.results
     ? `SLO ${fmtMs(data.slo_s)} · ${t.results} frames · attainment ${fmtPct(t.attainment_pct)} · ` +

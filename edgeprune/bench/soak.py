@@ -1,0 +1,253 @@
+"""Soak: the pipeline under a bursty camera trace through node kills and hangs, a broker restart and a
+gateway restart; where every frame went, per fault (attempted = rows + failures + unaccounted).
+
+One phase per fault, each ``--minutes / 4`` long: frames flow, the fault hits a quarter into the phase,
+the pipeline recovers, then the phase drains. Frames are published by this process as camera
+``cam-soak`` (QoS 1, request id ``<fault>-<n>``), so *attempted* is exact; rows and failures come from
+the gateway's database. ``recovery_s`` is the time from the fault to the first stored result of a frame
+sent after it. ``max_rss_mb`` is each process's peak resident memory (VmHWM), the largest over restarts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from camera.simulator import camera_frame
+from edgeprune.broker import free_port, start_broker, stop_process
+from edgeprune.credentials import Credentials, default_users
+from gateway.store import Reader
+from shared.settings import BrokerSettings
+from shared.topics import Topics
+
+FAULTS = ["node_kill", "node_hang", "broker_restart", "gateway_restart"]
+CAMERA = "cam-soak"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--minutes", type=float, default=30.0, help="total length (fractions allowed: 1 = smoke run)")
+    parser.add_argument("--run-dir", type=Path, default=Path("run/soak"), help="logs, broker data and database")
+    parser.add_argument("--rate", type=float, default=4.0, help="mean frames per second between bursts")
+    parser.add_argument("--burst", type=int, default=30, help="frames sent back to back every --burst-every s")
+    parser.add_argument("--burst-every", type=float, default=20.0)
+    parser.add_argument("--down-s", type=float, default=5.0, help="how long a killed or hung part stays down")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class Site:
+    """Broker, gateway and two nodes as processes, each logged in with its own user."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir.resolve()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir.mkdir(parents=True)
+        self.port = free_port()
+        self.broker_settings = BrokerSettings(port=self.port, data_dir=self.run_dir / "broker")
+        self.credentials = Credentials(self.broker_settings.credentials_folder)
+        self.node_ids = ["node-1", "node-2"]
+        for name, role in default_users(self.node_ids, [CAMERA]).items():
+            self.credentials.add(name, role)
+        self.db = self.run_dir / "edgeprune.db"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}
+        self.env.update({"EDGEPRUNE_MQTT_PORT": str(self.port), "PYTHONUNBUFFERED": "1",
+                         "EDGEPRUNE_GATEWAY_DB_PATH": str(self.db), "EDGEPRUNE_GATEWAY_NODES": ",".join(self.node_ids),
+                         "EDGEPRUNE_GATEWAY_RESULT_TIMEOUT_S": "30", "EDGEPRUNE_GATEWAY_REJOIN_HOLD_S": "3",
+                         "EDGEPRUNE_GATEWAY_STATS_SILENCE_S": "5", "EDGEPRUNE_NODE_STATS_INTERVAL_S": "1",
+                         "EDGEPRUNE_NODE_UPLINK_MBIT_S": "100000", "EDGEPRUNE_MQTT_RECONNECT_MAX_S": "4"})
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.rss: dict[str, float] = {}
+
+    def start_broker(self) -> None:
+        with open(self.run_dir / "mosquitto.log", "a") as log:
+            self.procs["broker"] = start_broker(self.broker_settings, log_file=log)
+
+    def spawn(self, name: str, *args: str) -> None:
+        log = open(self.run_dir / f"{name}.log", "a")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "edgeprune", *args], cwd=self.run_dir,
+                                            env={**self.env, **self.credentials.env(name)}, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_component(self, name: str) -> None:
+        self.spawn(name, *(["gateway"] if name == "gateway" else ["node", "--node-id", name]))
+
+    def sample_rss(self) -> None:
+        for name, proc in self.procs.items():
+            rss = peak_rss_mb(proc.pid) if proc.poll() is None else None
+            if rss is not None:
+                kind = "node" if name.startswith("node") else name
+                self.rss[kind] = max(self.rss.get(kind, 0.0), rss)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.sample_rss()
+        self.procs[name].send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.procs[name].wait()
+
+    def stop(self) -> None:
+        self.sample_rss()
+        for name, proc in reversed(list(self.procs.items())):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                stop_process(proc)
+
+    def reader(self) -> Reader | None:
+        try:
+            return Reader(self.db)
+        except FileNotFoundError:
+            return None
+
+    def stages(self) -> list[str]:
+        reader = self.reader()
+        placement = reader.placement() if reader else None
+        return [s["node_id"] for s in placement["stages"]] if placement else []
+
+
+class Camera:
+    """Publishes the bursty trace as one camera; counts every frame it tried to send."""
+
+    def __init__(self, site: Site, seed: int):
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=CAMERA, protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(CAMERA, site.credentials.password(CAMERA))
+        self.client.reconnect_delay_set(1, 4)
+        self.client.connect_async("127.0.0.1", site.port)
+        self.client.loop_start()
+        self.topic = Topics().camera_frame(CAMERA)
+        rng = np.random.default_rng(seed)
+        self.frames = [camera_frame(rng, 96, "jpeg") for _ in range(8)]
+        self.random = random.Random(seed)
+        self.attempted: dict[str, int] = {}
+
+    def send(self, phase: str) -> None:
+        n = self.attempted.get(phase, 0)
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("request_id", f"{phase}-{n:06d}")]
+        self.client.publish(self.topic, self.frames[n % len(self.frames)], qos=1, properties=props)
+        self.attempted[phase] = n + 1
+
+    def run(self, phase: str, seconds: float, rate: float, burst: int, burst_every: float) -> None:
+        end = time.monotonic() + seconds
+        next_burst = time.monotonic() + burst_every / 2
+        while time.monotonic() < end:
+            if time.monotonic() >= next_burst:
+                for _ in range(burst):
+                    self.send(phase)
+                next_burst += burst_every
+            self.send(phase)
+            time.sleep(min(self.random.expovariate(rate), max(end - time.monotonic(), 0)))
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def accounting(reader: Reader, phase: str, attempted: int, fault_ts: float) -> dict:
+    like = (f"{phase}-%",)
+    rows = reader._rows("SELECT COUNT(*) AS n FROM requests WHERE request_id LIKE ?", like)[0]["n"]
+    failures = reader._rows("SELECT COUNT(*) AS n FROM failures f WHERE request_id LIKE ? AND NOT EXISTS "
+                            "(SELECT 1 FROM requests r WHERE r.request_id = f.request_id)", like)[0]["n"]
+    reasons = reader._rows("SELECT reason, COUNT(*) AS n FROM failures f WHERE request_id LIKE ? AND NOT EXISTS "
+                           "(SELECT 1 FROM requests r WHERE r.request_id = f.request_id) GROUP BY reason", like)
+    accepted = reader._rows("SELECT COUNT(*) AS n FROM accepted WHERE request_id LIKE ?", like)[0]["n"]
+    first = reader._rows("SELECT MIN(r.finish_ts) AS t FROM requests r JOIN accepted a USING (request_id) "
+                         "WHERE r.request_id LIKE ? AND a.received_ts >= ?", (*like, fault_ts))[0]["t"]
+    return {"fault": phase, "attempted": attempted, "accepted": accepted, "rows": rows, "failures": failures,
+            "unaccounted": attempted - rows - failures,
+            "failure_reasons": ", ".join(f"{r['reason']}:{r['n']}" for r in reasons),
+            "recovery_s": round(first - fault_ts, 2) if first else None}
+
+
+def inject(site: Site, fault: str, down_s: float) -> None:
+    """Apply one fault and undo it after ``down_s`` (in this thread: the camera keeps sending meanwhile)."""
+    stages = site.stages() or site.node_ids
+    if fault == "node_kill":
+        victim = stages[-1]
+        site.kill(victim)
+        time.sleep(down_s)
+        site.start_component(victim)
+    elif fault == "node_hang":
+        victim = stages[0]
+        site.kill(victim, signal.SIGSTOP)
+        time.sleep(down_s * 3)
+        site.procs[victim].send_signal(signal.SIGCONT)
+    elif fault == "broker_restart":
+        site.sample_rss()
+        stop_process(site.procs["broker"])
+        time.sleep(min(down_s, 3.0))
+        site.start_broker()
+    elif fault == "gateway_restart":
+        site.kill("gateway")
+        time.sleep(min(down_s, 3.0))
+        site.start_component("gateway")
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def run(args) -> dict:
+    site = Site(args.run_dir)
+    phase_s = max(args.minutes * 60 / len(FAULTS), 10.0)
+    faults: list[dict] = []
+    camera = None
+    try:
+        site.start_broker()
+        site.start_component("gateway")
+        for node_id in site.node_ids:
+            site.start_component(node_id)
+        if not wait_for(lambda: len(site.stages()) == 2, 180):
+            raise SystemExit(f"the pipeline did not form within 180 s; see {site.run_dir}/*.log")
+        camera = Camera(site, args.seed)
+        for fault in FAULTS:
+            print(f"{fault}: {phase_s:.0f} s of traffic, the fault a quarter in", flush=True)
+            fault_ts = time.time() + phase_s / 4
+            injector = threading.Timer(phase_s / 4, inject, (site, fault, args.down_s))
+            injector.daemon = True  # Ctrl-C must not wait for (or leave behind) a pending fault
+            injector.start()
+            camera.run(fault, phase_s, args.rate, args.burst, args.burst_every)
+            injector.join()
+            site.sample_rss()
+
+            def settled() -> bool:
+                reader = site.reader()
+                row = reader and accounting(reader, fault, camera.attempted.get(fault, 0), fault_ts)
+                return bool(row) and row["accepted"] == row["rows"] + row["failures"]
+            wait_for(settled, 60)  # in flight: a result, a failure report or the gateway's result timeout
+            time.sleep(2.0)
+            faults.append(accounting(site.reader(), fault, camera.attempted.get(fault, 0), fault_ts))
+    finally:
+        if camera:
+            camera.close()
+        site.stop()
+    rss = {name: round(mb, 1) for name, mb in sorted(site.rss.items())}
+    return {"minutes": args.minutes, "faults": faults, "max_rss_mb": rss,
+            "tables": {"Where every frame went, per fault": faults,
+                       "Peak resident memory (VmHWM), MB": [{"process": k, "max_rss_mb": v} for k, v in rss.items()]}}

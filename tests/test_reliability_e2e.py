@@ -1,0 +1,201 @@
+"""Forged messages and lost frames, end to end: gateway and two nodes as subprocesses, a real mosquitto.
+
+The forger uses the operator's (admin) credential, i.e. a leaked one the ACL cannot stop: these are the
+gateway's and nodes' own defences. Every test ends by checking accepted = rows + failures.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from camera.simulator import synthetic_scene
+from shared.imaging import encode_jpeg
+from tests.conftest import Processes, Recorder, component_env, mqtt_client, open_reader, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def site(broker, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reliability")
+    db = workdir / "edgeprune.db"
+    env = component_env(broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db), EDGEPRUNE_GATEWAY_NODES="node-1,node-2",
+                        EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5",
+                        EDGEPRUNE_NODE_UPLINK_MBIT_S="100000", EDGEPRUNE_NODE_QUEUE_SIZE="4",
+                        EDGEPRUNE_GATEWAY_STATS_SILENCE_S="6", EDGEPRUNE_GATEWAY_RESULT_TIMEOUT_S="30",
+                        EDGEPRUNE_GATEWAY_REJOIN_HOLD_S="1")
+    procs = Processes(workdir, env)
+    recorder = Recorder(broker, "edgeprune/error/+", "edgeprune/node/+/prune/#")
+    procs.start("gateway", "gateway")
+    procs.start("node-1", "node", "--node-id", "node-1")
+    procs.start("node-2", "node", "--node-id", "node-2")
+    forger = mqtt_client(broker)
+    try:
+        reader = open_reader(db)
+        wait_until(lambda: sorted(n["stage"] for n in reader.nodes() if n["stage"]) == [1, 2], 60,
+                   "nodes did not take two stages")
+        stage_nodes = [s["node_id"] for s in reader.placement()["stages"]]
+        yield SimpleNamespace(procs=procs, reader=reader, recorder=recorder, forger=forger, broker=broker,
+                              stage_nodes=stage_nodes, photo=encode_jpeg(synthetic_scene(np.random.default_rng(5), 96)))
+    finally:
+        forger.loop_stop()
+        forger.disconnect()
+        recorder.close()
+        procs.stop_all()
+
+
+def send(site, topic: str, payload: bytes, retain: bool = False, **user: str) -> None:
+    props = None
+    if user:
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = list(user.items())
+    site.forger.publish(topic, payload, qos=1, retain=retain, properties=props).wait_for_publish(5)
+
+
+def errors_of_kind(site, kind: str) -> list[dict]:
+    return [r for t, p, _ in list(site.recorder.messages) if t.startswith("edgeprune/error/")
+            for r in [json.loads(p)] if r["kind"] == kind]
+
+
+def row(site, request_id: str) -> dict | None:
+    found = site.reader._rows("SELECT * FROM requests WHERE request_id = ?", (request_id,))
+    return found[0] if found else None
+
+
+def settled(site, accepted_at_least: int = 0) -> dict:
+    """Wait until stage 1 accepted that many frames and none is in flight; return the accounting."""
+    wait_until(lambda: site.reader.accounting()["accepted"] >= accepted_at_least, 60, "frames not accepted")
+    wait_until(lambda: site.reader.accounting()["in_flight"] == 0, 60, "frames still in flight")
+    accounting = site.reader.accounting()
+    assert accounting["accepted"] == accounting["rows"] + accounting["failures"]
+    return accounting
+
+
+def fake_result(request_id: str, camera_id: str, label: str = "tiger") -> bytes:
+    hop = {"stage": 1, "node_id": "node-1", "prune_ratio": 0.0, "received_ts": 1.0, "started_ts": 1.0,
+           "finished_ts": 1.0, "published_ts": 1.0}
+    return json.dumps({"request_id": request_id, "camera_id": camera_id, "capture_ts": time.time(), "label": label,
+                       "label_index": 0, "confidence": 1.0, "hops": [hop]}).encode()
+
+
+def test_forged_results_never_become_or_replace_rows(site):
+    # a made-up result for a frame nobody took
+    send(site, "edgeprune/pipeline/results", fake_result("IMG-FAKE", "cam-f"))
+    wait_until(lambda: errors_of_kind(site, "unknown_result"), 20, "unknown result not reported")
+    # a fake result sent first for an id, then the genuine frame with that id
+    send(site, "edgeprune/pipeline/results", fake_result("IMG-1", "cam-f"))
+    send(site, "edgeprune/camera/cam-f/frame", site.photo, request_id="IMG-1")
+    wait_until(lambda: row(site, "IMG-1"), 30, "the genuine frame vanished")
+    genuine = row(site, "IMG-1")
+    # a second, different result for a stored request
+    send(site, "edgeprune/pipeline/results", fake_result("IMG-1", "cam-f"))
+    wait_until(lambda: errors_of_kind(site, "conflict_result"), 20, "conflicting result not reported")
+    time.sleep(1.0)
+    assert row(site, "IMG-FAKE") is None
+    assert row(site, "IMG-1") == genuine and len(json.loads(genuine["hops"])) == 2  # both stages: not the fake
+    settled(site)
+
+
+def test_forged_prune_state_is_overwritten_not_adopted(site):
+    node = site.stage_nodes[0]
+    topic = f"edgeprune/node/{node}/prune/set"
+    send(site, topic, json.dumps({"ratio": 0.9, "seq": 1_000_000, "issued_at": time.time()}).encode(), retain=True)
+    wait_until(lambda: errors_of_kind(site, "foreign_desired"), 20, "forged desired state not reported")
+
+    def applied() -> dict | None:
+        states = site.recorder.json_on(f"edgeprune/node/{node}/prune/state")
+        return states[-1] if states else None
+    wait_until(lambda: applied() and applied()["seq"] > 1_000_000, 20,
+               "the node was not put back to the gateway's prune state")
+    assert applied()["ratio"] != 0.9
+    desired = site.recorder.json_on(topic)[-1]
+    assert desired["ratio"] != 0.9 and desired["seq"] == 1_000_001
+    assert "overwrote" in desired["reason"]
+
+
+def test_burst_drops_are_persisted_failures(site):
+    before = site.reader.accounting()["accepted"]
+    for _ in range(60):
+        site.forger.publish("edgeprune/camera/cam-burst/frame", site.photo, qos=1)
+    accounting = settled(site, before + 60)
+    dropped = accounting["failures_by_reason"].get("dropped", 0)
+    assert dropped > 0, accounting
+    burst = site.reader._rows("SELECT COUNT(*) AS n FROM accepted WHERE camera_id = 'cam-burst'")[0]["n"]
+    assert burst == 60
+
+
+def test_stale_and_implausible_capture_times(site):
+    now = time.time()
+    send(site, "edgeprune/camera/cam-t/frame", site.photo, request_id="OLD-CLOCK", capture_ts=repr(now - 28e6))
+    send(site, "edgeprune/camera/cam-t/frame", site.photo, request_id="STALE", capture_ts=repr(now - 400))
+    wait_until(lambda: row(site, "OLD-CLOCK"), 30, "frame with an implausible capture time not stored")
+    stored = row(site, "OLD-CLOCK")
+    assert stored["e2e_s"] < 120 and stored["capture_ts"] > now - 120  # timed from its arrival
+    assert errors_of_kind(site, "implausible_capture_ts")
+    wait_until(lambda: errors_of_kind(site, "expired"), 30, "stale frame not reported as expired")
+    accounting = settled(site)
+    assert accounting["failures_by_reason"].get("expired", 0) >= 1 and row(site, "STALE") is None
+    assert accounting["implausible_capture_ts"] >= 1
+
+
+def test_bad_camera_id_is_refused_at_stage_one(site):
+    send(site, "edgeprune/camera/bad cam/frame", site.photo)
+    wait_until(lambda: errors_of_kind(site, "bad_camera_id"), 20, "camera id with a space not refused")
+    assert errors_of_kind(site, "bad_camera_id")[-1]["component"] == site.stage_nodes[0]
+    assert not errors_of_kind(site, "internal")
+
+
+def test_retained_garbage_on_a_data_topic_is_reported_and_cleared(site):
+    send(site, "edgeprune/pipeline/stage/2/in", b"garbage", retain=True)
+    wait_until(lambda: errors_of_kind(site, "retained_data"), 20, "retained data not reported")
+    replayed: list[bytes] = []
+    probe = mqtt_client(site.broker)
+    probe.on_message = lambda c, u, msg: replayed.append(msg.payload) if msg.retain else None
+    wait_until(lambda: (probe.subscribe("edgeprune/pipeline/stage/2/in", qos=1), time.sleep(0.5),
+                        not replayed)[-1], 20, "the retained garbage is still replayed")
+    probe.loop_stop()
+    probe.disconnect()
+    assert not errors_of_kind(site, "truncated")  # it was never run
+
+
+def test_hung_node_is_taken_out_by_stats_silence_and_back_when_it_resumes(site):
+    node = site.stage_nodes[1]
+    proc = site.procs.procs[node]
+    status = lambda: next(n["status"] for n in site.reader.nodes() if n["node_id"] == node)  # noqa: E731
+    proc.send_signal(signal.SIGSTOP)  # connected, keepalive not yet expired, but doing nothing
+    try:
+        wait_until(lambda: status() == "silent", 30, "a hung node was not noticed from its silence")
+        wait_until(lambda: [s["node_id"] for s in site.reader.placement()["stages"]] == [site.stage_nodes[0]], 30,
+                   "the pipeline was not re-placed around the hung node")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: status() == "online", 30, "the resumed node is not online again")
+    wait_until(lambda: len(site.reader.placement()["stages"]) == 2, 60, "the resumed node was not placed again")
+    site.stage_nodes[:] = [s["node_id"] for s in site.reader.placement()["stages"]]
+    send(site, "edgeprune/camera/cam-resume/frame", site.photo, request_id="RESUMED")
+    wait_until(lambda: row(site, "RESUMED"), 30, "no result after the node resumed")
+    settled(site)
+
+
+def test_results_published_while_the_gateway_is_down_are_stored_after_it_restarts(site):
+    site.procs.procs["gateway"].kill()  # no clean exit: buffered rows not yet written are lost with it
+    site.procs.procs["gateway"].wait()
+    for i in range(8):
+        send(site, "edgeprune/camera/cam-away/frame", site.photo, request_id=f"AWAY-{i}")
+        time.sleep(0.3)
+    time.sleep(2.0)  # the nodes serve them; the broker queues the gateway's messages in its session
+    site.procs.start("gateway", "gateway")
+    away = "SELECT COUNT(*) AS n FROM accepted WHERE camera_id = 'cam-away'"
+    wait_until(lambda: site.reader._rows(away)[0]["n"] == 8, 60, "frames accepted while the gateway was down lost")
+    settled(site)
+    stored = site.reader._rows("SELECT COUNT(*) AS n FROM requests WHERE camera_id = 'cam-away'")[0]["n"]
+    assert stored >= 1  # served while the gateway was away, stored when it came back (others: a failure each)

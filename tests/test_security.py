@@ -1,0 +1,153 @@
+"""The broker's login and ACL, against a real mosquitto from our generated config (MQTT v5 reason codes)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeprune.broker import free_port, start_broker, stop_process
+from edgeprune.credentials import Credentials, render_acl
+from shared.bus import Bus
+from shared.settings import BrokerSettings, MqttSettings
+from tests.conftest import AUTH, can_connect
+
+pytestmark = pytest.mark.integration
+NOT_AUTHORIZED = 135
+
+
+class Publisher:
+    """A v5 client logged in as one user; ``publish`` returns the reason code of the broker's PUBACK."""
+
+    def __init__(self, broker, name: str, role: str):
+        settings = AUTH[broker.port].settings(name, role)
+        self.acks: dict[int, int] = {}
+        self._acked = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{name}", protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(name, settings.password.get_secret_value())
+        self.client.on_publish = self._on_publish
+        connected = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: rc.is_failure or connected.set()
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+        assert connected.wait(10), f"{name} could not log in"
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._acked:
+            self.acks[mid] = reason_code.value
+            self._acked.notify_all()
+
+    def publish(self, topic: str, payload: bytes = b"{}", retain: bool = False) -> int | str:
+        """The PUBACK reason code; "accepted" for success (0) and 'no matching subscribers' (16)."""
+        code = self._publish(topic, payload, retain)
+        return "accepted" if code < 128 else code
+
+    def _publish(self, topic: str, payload: bytes, retain: bool) -> int:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        with self._acked:
+            assert self._acked.wait_for(lambda: info.mid in self.acks, 10), f"no PUBACK for {topic}"
+            return self.acks[info.mid]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def as_user(broker):
+    made: list[Publisher] = []
+
+    def make(name: str, role: str) -> Publisher:
+        made.append(Publisher(broker, name, role))
+        return made[-1]
+    yield make
+    for publisher in made:
+        publisher.close()
+
+
+def test_anonymous_and_wrong_password_are_refused(broker):
+    assert not can_connect(broker.port, None, None)
+    assert not can_connect(broker.port, "node-1", "not-the-password")
+    assert can_connect(broker.port, "node-1", AUTH[broker.port].credentials.password("node-1"))
+
+
+def test_camera_publishes_only_its_own_frames(as_user):
+    camera = as_user("cam-sec", "camera")
+    assert camera.publish("edgeprune/camera/cam-sec/frame", b"\xff\xd8") == "accepted"
+    assert camera.publish("edgeprune/camera/cam-other/frame", b"\xff\xd8") == NOT_AUTHORIZED
+    assert camera.publish("edgeprune/node/node-1/prune/set", b'{"ratio": 0.9}') == NOT_AUTHORIZED
+    assert camera.publish("edgeprune/pipeline/results") == NOT_AUTHORIZED
+    assert camera.publish("edgeprune/pipeline/stage/2/in") == NOT_AUTHORIZED
+    assert camera.publish("edgeprune/component/gateway/cmd", b'{"cmd": "prune"}') == NOT_AUTHORIZED
+    assert camera.publish("edgeprune/node/node-1/cmd", b'{"cmd": "slowdown"}') == NOT_AUTHORIZED
+
+
+def test_node_speaks_only_for_itself(as_user):
+    node = as_user("node-1", "node")
+    assert node.publish("edgeprune/node/node-1/stats") == "accepted"
+    assert node.publish("edgeprune/pipeline/stage/2/in", b"x") == "accepted"
+    assert node.publish("edgeprune/pipeline/results") == "accepted"
+    assert node.publish("edgeprune/node/node-2/prune/set") == NOT_AUTHORIZED
+    assert node.publish("edgeprune/node/node-2/status", b"offline") == NOT_AUTHORIZED
+    assert node.publish("edgeprune/node/node-1/prune/set") == NOT_AUTHORIZED  # only the gateway sets it
+    assert node.publish("edgeprune/node/node-2/cmd") == NOT_AUTHORIZED
+    assert node.publish("edgeprune/placement") == NOT_AUTHORIZED
+    assert node.publish("edgeprune/component/gateway/cmd") == NOT_AUTHORIZED
+    assert node.publish("edgeprune/camera/cam-1/frame") == NOT_AUTHORIZED
+
+
+def test_web_sends_only_gateway_commands(as_user):
+    web = as_user("web", "web")
+    assert web.publish("edgeprune/component/gateway/cmd", b'{"cmd": "retire", "node_id": "node-9"}') == "accepted"
+    assert web.publish("edgeprune/node/node-1/cmd") == NOT_AUTHORIZED
+    assert web.publish("edgeprune/node/node-1/prune/set") == NOT_AUTHORIZED
+
+
+def test_gateway_owns_control_topics(as_user):
+    gateway = as_user("gateway", "gateway")
+    assert gateway.publish("edgeprune/node/node-3/cmd", b'{"cmd": "calibrate"}') == "accepted"
+    assert gateway.publish("edgeprune/pipeline/results") == NOT_AUTHORIZED
+    assert gateway.publish("edgeprune/component/web/cmd") == NOT_AUTHORIZED
+
+
+def test_acl_names_each_device_once_and_scopes_patterns_by_user():
+    acl = render_acl({"node-1": "node", "cam-1": "camera"}, "site", "gw")
+    assert "pattern write site/error/%u" in acl
+    assert "user cam-1\ntopic write site/camera/cam-1/frame\n" in acl
+    assert "topic read site/node/node-1/prune/set" in acl and "node-2" not in acl
+
+
+def make_test_certificates(folder) -> None:
+    """The same self-signed CA + server certificate install.sh --tls makes."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+            "-keyout", "ca.key", "-out", "ca.crt")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
+            "-out", "server.csr")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-out", "server.crt", "-extfile", "san.ext")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_tls_listener_takes_a_client_that_trusts_the_site_ca(tmp_path):
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    make_test_certificates(tls)
+    settings = BrokerSettings(port=free_port(), tls_port=free_port(), tls_dir=tls, data_dir=tmp_path / "broker")
+    credentials = Credentials(settings.credentials_folder)
+    password = credentials.add("node-1", "node")
+    proc = start_broker(settings)
+    try:
+        bus = Bus(MqttSettings(port=settings.tls_port, username="node-1", password=password, tls_ca=tls / "ca.crt"),
+                  "node-1", "edgeprune/node/node-1/status")
+        bus.start(wait_s=10)
+        assert bus.connected
+        bus.stop()
+    finally:
+        stop_process(proc)
