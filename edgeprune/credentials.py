@@ -23,7 +23,7 @@ from shared.topics import validate_id
 # What each role may do, below the topic root R; {u} is the user (= device id), {g} the gateway id.
 ROLE_RIGHTS: dict[str, list[tuple[str, str]]] = {
     # A camera only publishes its own frames.
-    "camera": [("write", "camera/{u}/frame")],
+    "camera": [("write", "camera/{u}/frame"), ("read", "clock")],
     # A node reads frames and stage inputs (it may be placed at any stage), its own control topics,
     # and writes the next stage, results, accepted-request records and its own state.
     "node": [
@@ -31,17 +31,18 @@ ROLE_RIGHTS: dict[str, list[tuple[str, str]]] = {
         ("write", "pipeline/results"), ("write", "pipeline/accepted"),
         ("read", "node/{u}/prune/set"), ("read", "node/{u}/cmd"),
         ("readwrite", "node/{u}/status"), ("write", "node/{u}/stats"), ("readwrite", "node/{u}/profile"),
-        ("readwrite", "node/{u}/calibration"), ("readwrite", "node/{u}/prune/state"),
+        ("readwrite", "node/{u}/calibration"), ("readwrite", "node/{u}/prune/state"), ("read", "clock"),
     ],
     # The gateway owns placement, prune/set and the commands; it reads everything nodes report, and may
     # clear (empty retained publish) a retained message someone left on a data topic.
     "gateway": [
         ("readwrite", "placement"), ("readwrite", "node/#"), ("read", "pipeline/#"),
         ("write", "pipeline/stage/+/in"), ("write", "camera/+/frame"), ("read", "error/+"),
-        ("read", "component/{g}/cmd"), ("read", "component/+/status"),
+        ("read", "component/{g}/cmd"), ("write", "component/{g}/reply"), ("read", "component/+/status"),
+        ("write", "clock"),
     ],
     # The operator page only sends commands to the gateway.
-    "web": [("write", "component/{g}/cmd")],
+    "web": [("write", "component/{g}/cmd"), ("read", "component/{g}/reply")],
     # Operators' tools (the demo driver, tests, scripts): everything below the root.
     "admin": [("readwrite", "#")],
 }

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -84,14 +85,13 @@ def can_connect(port: int, username: str | None, password: str | None) -> bool:
     return ok
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory) -> Iterator[MqttSettings]:
-    """A real mosquitto from our template with auth and ACL on, on a free loopback port, in a temp dir.
+@contextmanager
+def running_broker(data_dir: Path) -> Iterator[MqttSettings]:
+    """A real mosquitto from our template with auth and ACL on, on a free loopback port, in ``data_dir``.
 
     Yields the operator's (admin) settings; components started by :class:`Processes` log in with
     their own role's credentials (``AUTH[port]``), made on demand.
     """
-    data_dir = tmp_path_factory.mktemp("broker")
     port = free_port()
     credentials = Credentials(data_dir / "credentials")
     for name, role in default_users(["node-1", "node-2", "node-3"], []).items():
@@ -99,9 +99,25 @@ def broker(tmp_path_factory) -> Iterator[MqttSettings]:
     with open(data_dir / "mosquitto.log", "w") as log:
         proc = start_broker(BrokerSettings(port=port, data_dir=data_dir), log_file=log)
     AUTH[port] = BrokerAuth(credentials, proc, port)
-    yield MqttSettings(port=port, username="admin", password=credentials.password("admin"))
-    AUTH.pop(port, None)
-    stop_process(proc)
+    try:
+        yield MqttSettings(port=port, username="admin", password=credentials.password("admin"))
+    finally:
+        AUTH.pop(port, None)
+        stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory) -> Iterator[MqttSettings]:
+    """One broker for a test module (see :func:`running_broker`)."""
+    with running_broker(tmp_path_factory.mktemp("broker")) as settings:
+        yield settings
+
+
+@pytest.fixture
+def fresh_broker(tmp_path_factory) -> Iterator[MqttSettings]:
+    """A broker of a test's own: nothing retained by an earlier test (see :func:`running_broker`)."""
+    with running_broker(tmp_path_factory.mktemp("broker")) as settings:
+        yield settings
 
 
 def role_of(args: tuple[str, ...], env: dict[str, str]) -> tuple[str, str] | None:

@@ -54,7 +54,7 @@ def test_every_node_offers_the_shipped_profile_unless_told_to_measure(tmp_path, 
     assert child_settings(measured, monkeypatch, NodeSettings).profile is None
 
 
-def test_demo_refuses_broker_login_its_own_broker_does_not_have(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEPRUNE_MQTT_USERNAME", "ranger")
-    with pytest.raises(SystemExit, match="without login"):
+def test_demo_refuses_tls_its_own_broker_does_not_have(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPRUNE_MQTT_TLS_CA", str(tmp_path / "ca.crt"))
+    with pytest.raises(SystemExit, match="without TLS"):
         Demo(DemoOptions(run_dir=tmp_path))

@@ -7,24 +7,22 @@ import sqlite3
 import time
 from collections.abc import Iterator
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.service import Gateway
 from gateway.store import Reader
-from shared.schemas import Hop, Result, to_json
-from shared.settings import GatewaySettings, MqttSettings
-from tests.conftest import Recorder, wait_until
+from shared.schemas import AcceptedRequest, Hop, Result, to_json
+from shared.settings import GatewaySettings
+from tests.conftest import AUTH, Recorder, mqtt_client, wait_until
 from tests.test_control_loop import running_loop
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def gateway(broker, tmp_path, request) -> Iterator[Gateway]:
+def gateway(fresh_broker, tmp_path) -> Iterator[Gateway]:
     """A gateway whose controller already runs over nodes a and b (calibrated, accuracy model given)."""
-    mqtt_settings = MqttSettings(port=broker.port, topic_root=f"t{abs(hash(request.node.name)) % 10**8}")
+    mqtt_settings = AUTH[fresh_broker.port].settings("gateway", "gateway")
     settings = GatewaySettings(db_path=tmp_path / "edgeprune.db", nodes=["a", "b"], flush_interval_s=0.1,
                                slo_s=0.1, window_s=3600, startup_wait_s=3600)
     gw = Gateway(settings, mqtt_settings)
@@ -35,8 +33,6 @@ def gateway(broker, tmp_path, request) -> Iterator[Gateway]:
         gw.stop()
 
 
-
-
 def result(label: str, confidence: float) -> Result:
     now = time.time()
     hop = Hop(stage=1, node_id="a", prune_ratio=0.0, received_ts=now - 0.05, started_ts=now - 0.04,
@@ -45,16 +41,21 @@ def result(label: str, confidence: float) -> Result:
                   confidence=confidence, hops=[hop])
 
 
-def test_a_redelivered_result_is_counted_once_and_never_replaces_the_first(gateway, broker):
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect("127.0.0.1", broker.port)
-    client.loop_start()
+def test_a_redelivered_result_is_counted_once_and_never_replaces_the_first(gateway, fresh_broker):
+    client = mqtt_client(fresh_broker)
     topics = gateway.topics
-    client.publish(topics.results, to_json(result("cat", 0.9)), qos=1).wait_for_publish(10)
+    first = to_json(result("cat", 0.9))
+    accepted = AcceptedRequest(request_id="frame-1", camera_id="cam", node_id="a", capture_ts=time.time() - 0.06,
+                               received_ts=time.time() - 0.05)
+    client.publish(topics.accepted, to_json(accepted), qos=1).wait_for_publish(10)
+    wait_until(lambda: gateway.ledger.in_flight == 1, 20, "the accepted request never arrived")
+    client.publish(topics.results, first, qos=1).wait_for_publish(10)
+    client.publish(topics.results, first, qos=1).wait_for_publish(10)  # a QoS 1 redelivery
     client.publish(topics.results, to_json(result("dog", 0.4)), qos=1).wait_for_publish(10)  # not identical
     client.loop_stop()
     client.disconnect()
-    wait_until(lambda: gateway.duplicate_results == 1, 20, "the second delivery never arrived")
+    wait_until(lambda: gateway.redelivered_results == 1 and gateway.bus.errors["conflict_result"] == 1, 20,
+               "the second and third deliveries never arrived")
     assert gateway.control.controller.metrics(time.time()).trigger_samples == 1  # one controller sample
     assert len(gateway.control._recent) == 1
     wait_until(lambda: Reader(gateway.settings.db_path).recent_requests(0), 20, "no request row written")
@@ -66,7 +67,7 @@ def test_a_redelivered_result_is_counted_once_and_never_replaces_the_first(gatew
     assert window["count"] == 1
 
 
-def test_a_failing_disk_neither_stops_control_decisions_nor_loses_the_rows(gateway, broker):
+def test_a_failing_disk_neither_stops_control_decisions_nor_loses_the_rows(gateway, fresh_broker):
     failing = {"on": True}
     real_write = gateway.store._write
 
@@ -77,11 +78,9 @@ def test_a_failing_disk_neither_stops_control_decisions_nor_loses_the_rows(gatew
 
     gateway.store._write = write
     topics = gateway.topics
-    recorder = Recorder(broker, topics.errors_filter, topics.node_prune_desired("b"))
+    recorder = Recorder(fresh_broker, topics.errors_filter, topics.node_prune_desired("b"))
     try:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        client.connect("127.0.0.1", broker.port)
-        client.loop_start()
+        client = mqtt_client(fresh_broker)
         command = json.dumps({"cmd": "prune", "node_id": "b", "ratio": 0.5})
         client.publish(topics.component_command(gateway.settings.gateway_id), command, qos=1).wait_for_publish(10)
         client.loop_stop()
@@ -104,7 +103,7 @@ def test_a_failing_disk_neither_stops_control_decisions_nor_loses_the_rows(gatew
         recorder.close()
 
 
-def test_a_failing_tick_is_reported_and_ticking_goes_on(gateway, broker):
+def test_a_failing_tick_is_reported_and_ticking_goes_on(gateway, fresh_broker):
     calls = {"n": 0}
     real_tick = gateway.control.tick
 
@@ -114,7 +113,7 @@ def test_a_failing_tick_is_reported_and_ticking_goes_on(gateway, broker):
             raise RuntimeError("a bug in one tick")
         return real_tick(now)
 
-    recorder = Recorder(broker, gateway.topics.errors_filter)
+    recorder = Recorder(fresh_broker, gateway.topics.errors_filter)
     try:
         gateway.control.tick = tick
         errors_topic = gateway.topics.errors(gateway.settings.gateway_id)
@@ -141,15 +140,13 @@ def test_pending_rows_are_bounded_while_the_disk_fails(tmp_path):
     store.close()
 
 
-def test_a_calibration_without_the_configured_ladder_is_reported_and_keeps_the_controller_off(gateway, broker):
+def test_a_calibration_without_the_configured_ladder_is_reported_and_keeps_the_controller_off(gateway, fresh_broker):
     from tests.test_control_loop import calibration, loop, placement
     gateway.control = loop(ladder=(0.0, 0.25, 0.5))  # the nodes build 0.0, 0.1, ..., 0.9
     gateway.control.set_placement(placement(1))
-    recorder = Recorder(broker, gateway.topics.errors_filter)
+    recorder = Recorder(fresh_broker, gateway.topics.errors_filter)
     try:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        client.connect("127.0.0.1", broker.port)
-        client.loop_start()
+        client = mqtt_client(fresh_broker)
         client.publish(gateway.topics.node_calibration("a"), to_json(calibration("a", 0, 2)),
                        qos=1).wait_for_publish(10)
         client.loop_stop()
