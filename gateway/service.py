@@ -47,7 +47,8 @@ def result_row(result: Result, finish_ts: float) -> dict:
         "finish_ts": finish_ts, "e2e_s": e2e, "queue_s": queue_s, "compute_s": compute_s,
         "transfer_s": e2e - queue_s - compute_s, "label": result.label, "label_index": result.label_index,
         "confidence": result.confidence, "prune_ratios": [h.prune_ratio for h in result.hops],
-        "hops": [h.model_dump() for h in result.hops],
+        "hops": [h.model_dump() for h in result.hops], "true_label": result.true_label,
+        "correct": None if result.true_label is None else int(result.label_index == result.true_label),
     }
 
 
@@ -109,7 +110,7 @@ class Gateway:
         row = result_row(result, finish_ts)
         self.store.add_request(row)
         with self._lock:
-            self.slo.add(finish_ts, row["e2e_s"])
+            self.slo.add(finish_ts, row["e2e_s"], row["correct"])
             self.control.observe_latency(finish_ts, row["e2e_s"])
 
     def _on_status(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:

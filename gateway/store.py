@@ -21,11 +21,12 @@ SCHEMA: dict[str, tuple[dict[str, type], dict[str, Any]]] = {
     "requests": ({
         "request_id": str, "camera_id": str, "capture_ts": float, "finish_ts": float, "e2e_s": float,
         "queue_s": float, "compute_s": float, "transfer_s": float, "label": str, "label_index": int,
-        "confidence": float, "prune_ratios": str, "hops": str,
+        "confidence": float, "prune_ratios": str, "hops": str, "true_label": int, "correct": int,
     }, {"pk": "request_id"}),
     "windows": ({
         "start_ts": float, "end_ts": float, "count": int, "slo_s": float, "met": int,
-        "attainment_pct": float, "p50_s": float, "p95_s": float, "p99_s": float,
+        "attainment_pct": float, "p50_s": float, "p95_s": float, "p99_s": float, "labelled": int,
+        "accuracy_measured": float,
     }, {"pk": "start_ts"}),
     "nodes": ({
         "node_id": str, "status": str, "status_ts": float, "last_seen": float, "stage": int,
@@ -80,6 +81,10 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         for name, (columns, opts) in SCHEMA.items():
             self.db[name].create(columns, **opts, if_not_exists=True)
+            existing = self.db[name].columns_dict
+            for column, kind in columns.items():  # a database from an older version gains new columns
+                if column not in existing:
+                    self.db[name].add_column(column, kind)
         for name, indexes in INDEXES.items():
             for cols in indexes:
                 self.db[name].create_index(cols, if_not_exists=True)

@@ -256,7 +256,7 @@ class NodeAgent:
                 log.exception("%s: inference failed", self.node_id)
                 self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}")
                 continue
-            self.bus.publish(out.topic, out.payload, qos=1)
+            self.bus.publish(out.topic, out.payload, qos=1, user=out.user)
             with self._lock:
                 self.processed += 1
                 self._compute_s.append(out.compute_s)

@@ -18,7 +18,7 @@ from shared import wire
 from shared.imaging import decode_frame
 from shared.model import CLASS_NAMES, INPUT_SIZE, BlockNet
 from shared.pruning import PrunableSlice
-from shared.schemas import BadMessage, Hop, Result, StageAssignment, to_json
+from shared.schemas import MAX_LABEL_INDEX, BadMessage, Hop, Result, StageAssignment, to_json
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Output:
     payload: bytes
     request_id: str
     compute_s: float
+    user: dict[str, str] | None = None  # MQTT v5 user properties to publish with the output
 
 
 def block_input_shape(model: BlockNet, block: int) -> tuple[int, ...]:
@@ -103,6 +104,20 @@ def frame_metadata(req: Request) -> tuple[str, float]:
     return request_id, capture_ts
 
 
+TRUE_LABEL = "true_label"
+
+
+def true_label(props: dict[str, str]) -> int | None:
+    """The ground-truth class index a labelled test frame carries (user property ``true_label``), if any."""
+    raw = props.get(TRUE_LABEL)
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 4:
+        raise BadMessage("bad_header", f"true_label user property {raw[:40]!r} is not a class index "
+                         f"(0..{MAX_LABEL_INDEX})")
+    return int(raw)
+
+
 class StageRuntime:
     """Runs one pipeline stage as assigned by the placement."""
 
@@ -154,6 +169,7 @@ class StageRuntime:
         10 ms preemption became 0.6 s at 60x and stalled a demo's queue for seconds).
         """
         act = self.decode(req)
+        label = true_label(req.user_props)
         x = torch.from_numpy(np.array(act.full_tensor(), dtype=np.float32))  # a writable copy
         t0 = time.perf_counter()
         out, keep_mask = self.slice.forward(x, act.keep_mask)
@@ -170,11 +186,12 @@ class StageRuntime:
             result = Result(request_id=act.request_id, camera_id=act.camera_id, capture_ts=act.capture_ts,
                             label=CLASS_NAMES[index] if index < len(CLASS_NAMES) else str(index),
                             label_index=index, confidence=float(probs[index]),
-                            hops=[*act.hops, Hop(**hop, published_ts=time.time())])
+                            hops=[*act.hops, Hop(**hop, published_ts=time.time())], true_label=label)
             payload = to_json(result)
         else:
             nxt = wire.Activation(act.request_id, act.camera_id, act.capture_ts,
                                   self.assignment.last_block + 1, out.numpy().astype(self.wire_dtype),
                                   keep_mask, [*act.hops, Hop(**hop, published_ts=time.time())])
             payload = wire.encode(nxt)
-        return Output(self.output_topic, payload, act.request_id, compute_s)
+        return Output(self.output_topic, payload, act.request_id, compute_s,
+                      {TRUE_LABEL: str(label)} if label is not None and not self.is_last else None)

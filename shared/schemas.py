@@ -12,6 +12,7 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_validator
 
 Id = Field(min_length=1, max_length=64, pattern=r"^[^/+#$\s]+$")
+MAX_LABEL_INDEX = 9999  # a class index; labelled frames beyond it are rejected as malformed
 
 
 class BadMessage(ValueError):
@@ -129,6 +130,8 @@ class Result(_Strict):
     label_index: int = Field(ge=0)
     confidence: float = Field(ge=0.0, le=1.0)
     hops: list[Hop] = Field(min_length=1, max_length=64)
+    true_label: int | None = Field(None, ge=0, le=MAX_LABEL_INDEX,
+                                   description="Ground truth of a labelled test frame (the camera's true_label).")
 
 
 class NodeStats(_Strict):
