@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -61,6 +61,14 @@ class DemoOptions:
     slo_s: float = 0.25
     seed: int = 0
     slowdowns: tuple[SlowdownEpisode, ...] = ()
+    # for benchmarks (edgeprune/bench/pipeline.py): extra settings for every component or per node,
+    # the camera's own arguments instead of a Poisson rate, and no operator page
+    env: dict[str, str] = field(default_factory=dict)
+    node_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    camera_args: tuple[str, ...] = ()
+    web: bool = True
+    node_ids: tuple[str, ...] = ()  # default node-1..node-N
+    quiet: bool = False  # no live line (the caller shows its own progress)
 
 
 class Demo:
@@ -71,7 +79,7 @@ class Demo:
         self.broker: subprocess.Popen | None = None
         self._stop = threading.Event()
         self.db = self.run_dir / "edgeprune.db"
-        self.node_ids = [f"node-{i + 1}" for i in range(options.nodes)]
+        self.node_ids = list(options.node_ids) or [f"node-{i + 1}" for i in range(options.nodes)]
 
     def env(self, port: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}
@@ -81,6 +89,7 @@ class Demo:
             "EDGEPRUNE_GATEWAY_SLO_S": str(self.opt.slo_s), "EDGEPRUNE_WEB_DB_PATH": str(self.db),
             "EDGEPRUNE_WEB_PORT": str(self.opt.web_port),
         })
+        env.update(self.opt.env)
         return env
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -91,6 +100,13 @@ class Demo:
         return proc
 
     def start(self) -> None:
+        self.start_pipeline()
+        self.start_camera()
+        print(f"broker on 127.0.0.1:{self.port}; logs and database in {self.run_dir}")
+        print(f"operator page: http://127.0.0.1:{self.opt.web_port}/  (Ctrl-C stops the demo)", flush=True)
+
+    def start_pipeline(self) -> None:
+        """Broker, gateway, page and nodes; returns once every node has taken its stage."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.db.exists():
             for suffix in ("", "-wal", "-shm"):
@@ -98,21 +114,23 @@ class Demo:
         # Each demo starts from scratch, broker included: its persisted retained prune ratios would
         # otherwise replay the last demo's state (a node pruned at 0.4 before anything happened).
         shutil.rmtree(self.run_dir / "broker", ignore_errors=True)
-        if port_open("127.0.0.1", self.opt.web_port):
+        if self.opt.web and port_open("127.0.0.1", self.opt.web_port):
             raise SystemExit(f"port {self.opt.web_port} is busy: pass --web-port")
         port = self.port = free_port()
         with open(self.run_dir / "mosquitto.log", "w") as log:
             self.broker = start_broker(BrokerSettings(port=port, data_dir=self.run_dir / "broker"), log_file=log)
         env = self.env(port)
         self.spawn("gateway", ["gateway"], env)
-        self.spawn("web", ["web"], env)
+        if self.opt.web:
+            self.spawn("web", ["web"], env)
         for node_id in self.node_ids:
-            self.spawn(node_id, ["node", "--node-id", node_id], env)
+            self.spawn(node_id, ["node", "--node-id", node_id], {**env, **self.opt.node_env.get(node_id, {})})
         self._wait_for_nodes()
-        self.spawn("camera", ["camera", "--camera-id", "cam-1", "--rate", str(self.opt.rate_hz),
-                              "--seed", str(self.opt.seed)], env)
-        print(f"broker on 127.0.0.1:{port}; logs and database in {self.run_dir}")
-        print(f"operator page: http://127.0.0.1:{self.opt.web_port}/  (Ctrl-C stops the demo)", flush=True)
+
+    def start_camera(self) -> None:
+        self.spawn("camera", ["camera", *(self.opt.camera_args or ("--camera-id", "cam-1", "--rate",
+                                                                    str(self.opt.rate_hz))),
+                              "--seed", str(self.opt.seed)], self.env(self.port))
 
     def _wait_for_nodes(self, timeout_s: float = 90.0) -> None:
         """Start the camera only once every node has taken its stage, so no frame is lost at start."""
@@ -154,7 +172,8 @@ class Demo:
         client.publish(Topics().node_command(node_id), payload, qos=1).wait_for_publish(5)
         client.loop_stop()
         client.disconnect()
-        print(f"\n{node_id}: emulated slowdown {factor:g}x", flush=True)
+        if not self.opt.quiet:
+            print(f"\n{node_id}: emulated slowdown {factor:g}x", flush=True)
 
     def _apply_episodes(self, elapsed: float, applied: set) -> None:
         for episode in self.opt.slowdowns:
@@ -163,7 +182,9 @@ class Demo:
                     applied.add((episode, edge))
                     self._command(episode.node_id, factor)
 
-    def run(self) -> dict:
+    def run(self, on_second=None) -> dict:
+        """Until ``duration_s`` or Ctrl-C, applying the slowdown schedule; ``on_second(elapsed)`` replaces the
+        live line (a benchmark's progress bar)."""
         started = time.monotonic()
         applied: set = set()
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
@@ -171,7 +192,10 @@ class Demo:
             while not self._stop.wait(1.0):
                 self._check_alive()
                 self._apply_episodes(time.monotonic() - started, applied)
-                print("\r" + self.progress_line().ljust(100), end="", flush=True)
+                if on_second is not None:
+                    on_second(time.monotonic() - started)
+                elif not self.opt.quiet:
+                    print("\r" + self.progress_line().ljust(100), end="", flush=True)
                 if self.opt.duration_s and time.monotonic() - started >= self.opt.duration_s:
                     break
         except KeyboardInterrupt:

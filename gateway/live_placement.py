@@ -102,6 +102,34 @@ class LivePlacement:
         log.info("keeping the placement: using %s would gain less than %.0f%%", settled, 100 * self.rules.min_gain)
         return None
 
+    def replan_for_slowdowns(self, slowdowns: dict[str, float], now: float) -> Placement | None:
+        """Run-time re-partitioning: re-plan the placed nodes with their profiles stretched by the measured
+        slowdowns, and adopt the plan if it cuts the (stretched) bottleneck by at least ``min_gain``.
+
+        No accuracy is lost, but every node whose blocks move rebuilds its slice and re-calibrates:
+        the benchmark (``edgeprune bench pipeline``, policy ``replace``) measures what that costs.
+        """
+        if self.current is None:
+            return None
+        placed = [s.node_id for s in self.current.stages]
+        if any(n not in self._offers for n in placed):
+            return None
+        blocks = {n: self._offers[n].profile.scaled(max(1.0, slowdowns.get(n, 1.0))).blocks for n in placed}
+        devices = self._devices(placed)
+        try:
+            plan = plan_pipeline(blocks, devices, frame_bytes=0, camera_bandwidth_bps=1.0)
+        except (InfeasiblePlacement, ValueError) as exc:
+            log.error("cannot re-partition over %s: %s", placed, exc)
+            return None
+        problem = problem_from_profiles(blocks, devices, frame_bytes=0, camera_bandwidth_bps=1.0)
+        current = evaluate(problem, [(s.node_id, s.first_block, s.last_block)
+                                     for s in self.current.stages]).bottleneck_s
+        if plan.bottleneck_s > current * (1.0 - self.rules.min_gain):
+            return None
+        shown = ", ".join(f"{n} {k:.2f}x" for n, k in slowdowns.items())
+        return self._adopt(placed, now, f"re-partitioned for slowdowns {shown}: bottleneck {current * 1e3:.1f} -> "
+                                        f"{plan.bottleneck_s * 1e3:.1f} ms", plan)
+
     def _devices(self, nodes: list[str]) -> list[Device]:
         return [Device(n, int(self._offers[n].memory_mb * MB), self._offers[n].uplink_mbit_s * MBIT_BYTES)
                 for n in nodes]

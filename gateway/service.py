@@ -6,6 +6,7 @@ the placement planner and the pruning controller) that this class feeds.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from shared.schemas import (
     GatewayCommand,
     ManualPruneCommand,
     NodeStats,
+    Placement,
     PruneDesired,
     Result,
     RetireCommand,
@@ -66,6 +68,7 @@ class Gateway:
         self.control = ControlLoop(controller_settings or ControllerSettings(), settings.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint),
                                    follow_up_s=settings.window_s)
+        self._replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
         self._lock = threading.Lock()  # guards the SLO windows, live placement and the control loop
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="gateway-tick", daemon=True)
@@ -193,6 +196,30 @@ class Gateway:
         self.store.update_node({"node_id": node_id, "status": "retired", "status_ts": time.time()})
         log.info("retired %s: its retained topics are cleared", node_id)
 
+    def _replace_for_slowdowns(self, now: float, effects: Effects) -> Placement | None:
+        """Re-partition when the controller reacted to a sustained violation, and back when slowdowns are gone.
+
+        Called under the lock. The move is logged as a ``replace`` row in ``prune_events``.
+        """
+        controller = self.control.controller
+        if controller is None:  # paused, e.g. while the nodes calibrate the slices of the last move
+            return None
+        slowdowns = {n: controller.slowdown(n) for n in controller.nodes}
+        violated = any(e.get("kind") in ("set", "infeasible", "held") and "reason" in e for e in effects.events)
+        gone = all(k <= controller.config.slowdown_gone for k in slowdowns.values())
+        if not (violated or (gone and self._replaced)):
+            return None
+        placement = self.live.replan_for_slowdowns(slowdowns if violated else {}, now)
+        if placement is None:
+            return None
+        self._replaced = violated
+        self.control.set_placement(placement)
+        effects.events.append({"ts": now, "kind": "replace", "policy": "replace", "source": "auto",
+                               "reason": f"placement v{placement.version}: " + ", ".join(
+                                   f"{s.node_id}:{s.first_block}-{s.last_block}" for s in placement.stages),
+                               "metrics": json.dumps({"slowdowns": slowdowns})})
+        return placement
+
     def _carry_out(self, effects: Effects) -> None:
         for node_id, desired in effects.publish.items():
             self.bus.publish(self.topics.node_prune_desired(node_id), to_json(desired), qos=1, retain=True)
@@ -213,6 +240,8 @@ class Gateway:
             if placement is not None:
                 self.control.set_placement(placement)
             effects = self.control.tick(now)
+            if self.settings.replace_on_violation and placement is None:
+                placement = self._replace_for_slowdowns(now, effects)
             status = self.control.status()
             windows = self.slo.close_due(now)
         if placement is not None:

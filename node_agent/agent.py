@@ -20,7 +20,7 @@ from node_agent.runtime import Request, SliceCalibrator, StageRuntime
 from shared.bus import Bus
 from shared.model import build_model, model_fingerprint
 from shared.profiling import NodeProfile, profile_model
-from shared.schemas import (BadMessage, CalibrateCommand, NodeCommand, NodeStats, Placement, PruneDesired,
+from shared.schemas import (BadMessage, CalibrateCommand, DeviceSpeedCommand, NodeCommand, NodeStats, Placement, PruneDesired,
                             PruneState, SliceCalibration, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics
@@ -67,7 +67,9 @@ class NodeAgent:
         self._stop = threading.Event()
         self.processed = 0
         self.dropped = 0
-        self.slowdown = settings.emulated_slowdown
+        self.device_speed = settings.emulated_slowdown  # emulated device type: base factor over this host
+        self.transient = 1.0  # the latest `slowdown` command, on top of the device speed
+        self.slowdown = self.device_speed * self.transient
         self.desired: PruneDesired | None = None
         self._to_calibrate: StageRuntime | None = None
         self._calibrating: tuple[StageRuntime, SliceCalibrator] | None = None  # inference thread only
@@ -163,8 +165,16 @@ class NodeAgent:
     def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         command = parse_json(NodeCommand, payload).root
         if isinstance(command, SlowdownCommand):
-            self.slowdown = command.factor
-            log.warning("%s: emulated slowdown set to %.2fx", self.node_id, command.factor)
+            self.transient = command.factor
+            self.slowdown = self.device_speed * self.transient
+            log.warning("%s: emulated slowdown set to %.2fx (device speed %.2fx)", self.node_id, command.factor,
+                        self.device_speed)
+        elif isinstance(command, DeviceSpeedCommand):
+            with self._lock:
+                self.device_speed = command.factor
+                self.slowdown = self.device_speed * self.transient
+                self._to_calibrate = self.runtime  # the controller's curves must describe the new device
+            log.warning("%s: emulated device speed set to %.2fx", self.node_id, command.factor)
         elif isinstance(command, CalibrateCommand):
             with self._lock:
                 self._to_calibrate = self.runtime
@@ -202,7 +212,7 @@ class NodeAgent:
         self._calibrating = None
         latencies = calibrator.latencies()
         runtime.calibrated_s = dict(zip(runtime.slice.ladder, latencies))
-        base = self.settings.emulated_slowdown  # a device emulated slower from the start is calibrated so
+        base = self.device_speed  # a device emulated slower from the start is calibrated so
         a = runtime.assignment
         with self._lock:
             version = self.placement_version

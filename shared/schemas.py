@@ -208,9 +208,17 @@ class SliceCalibration(_Strict):
 
 
 class SlowdownCommand(_Strict):
-    """Emulate a slower device (tests, benchmarks, demos): stretch every compute by ``factor``."""
+    """Emulate a transient slowdown (tests, benchmarks, demos): ``factor`` × the device speed's compute."""
 
     cmd: Literal["slowdown"]
+    factor: float = Field(ge=1.0, le=1000.0)
+
+
+class DeviceSpeedCommand(_Strict):
+    """Emulate a slower device type (benchmarks): a base ``factor`` × this host's compute, under transient
+    slowdowns. The node re-calibrates after it, as it would on new hardware."""
+
+    cmd: Literal["device_speed"]
     factor: float = Field(ge=1.0, le=1000.0)
 
 
@@ -220,7 +228,8 @@ class CalibrateCommand(_Strict):
     cmd: Literal["calibrate"]
 
 
-class NodeCommand(RootModel[Annotated[SlowdownCommand | CalibrateCommand, Field(discriminator="cmd")]]):
+class NodeCommand(RootModel[Annotated[SlowdownCommand | CalibrateCommand | DeviceSpeedCommand,
+                                      Field(discriminator="cmd")]]):
     """A one-shot command on a node's ``cmd`` topic (never retained)."""
 
 

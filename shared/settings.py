@@ -120,6 +120,9 @@ class GatewaySettings(_Section):
                                    description="Re-place for a joining node only if the bottleneck improves by this fraction.")
     accuracy_model: Path | None = Field(None, description="Per-block accuracy calibration (JSON from `edgeprune "
                                         "calibrate`); default: the one shipped beside the checkpoint.")
+    replace_on_violation: bool = Field(
+        False, description="Run-time re-partitioning: on a sustained violation, re-plan block boundaries with the "
+                           "measured slowdowns (and back once they are gone); needs the controller running.")
 
     _split_nodes = field_validator("nodes", mode="before")(_ids)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = [
+    "pipeline",
     "placement",
     "pruning",
 ]
