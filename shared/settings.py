@@ -209,6 +209,14 @@ class ControllerSettings(_Section):
     slowdown_gone: float = Field(1.25, ge=1, description="A node's slowdown at or below this counts as gone.")
     slowdown_smoothing: float = Field(0.7, gt=0, le=1,
                                       description="EWMA weight of the newest slowdown sample (1 = no smoothing).")
+    fast_restore: bool = Field(True, description="Once a node's slowdown is gone, restore it in one decision to the "
+                                                 "lowest ratio its curve fits within restore_headroom x the budget "
+                                                 "(then the step-wise restore confirms any rest).")
+    fast_restore_confirm_s: float = Field(
+        2.0, ge=0, description="A node's slowdown must stay gone this long (and the latency not be violating) "
+                               "before a fast restore.")
+    restore_headroom: float = Field(0.8, gt=0, le=1,
+                                    description="A fast restore picks a ratio predicted within this x the stage budget.")
 
     _split_ladder = field_validator("ladder", mode="before")(
         lambda v: [float(x) for x in v.split(",")] if isinstance(v, str) else v)
