@@ -156,6 +156,16 @@ class PolicyRun(Demo):
         else:
             raise SystemExit(f"the controller did not start within {timeout_s:.0f} s; see {self.run_dir}/*.log")
 
+    def wait_for_camera(self, timeout_s: float = 120.0) -> None:
+        """The schedule's clock starts when the camera is connected: its arrivals count from that moment (it
+        loads the labelled frames first, which takes seconds on a loaded machine)."""
+        deadline = time.monotonic() + timeout_s
+        while "connected to" not in (self.run_dir / "camera.log").read_text():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the camera did not connect within {timeout_s:.0f} s; see {self.run_dir}/camera.log")
+            self._check_alive()
+            time.sleep(0.05)
+
     def hold(self, ratio: float) -> None:
         """Static pruning: the operator's manual hold at ``ratio`` on every node, for the whole run."""
         for node_id in self.scenario.nodes:
@@ -248,9 +258,10 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
     predicted = _predicted_accuracy(reader, rows, settings)
     correct = [r["correct"] for r in rows if r["correct"] is not None]
     events = query(reader, "SELECT ts, kind, changed, reason FROM prune_events ORDER BY ts")
-    timeline = _timeline(events)
+    everything = _timeline(events)
     onsets = sorted(started_ts + e.start_s for e in scenario.slowdowns)
     ends = sorted(started_ts + e.end_s for e in scenario.slowdowns)
+    timeline = [event for event in everything if event[0] >= started_ts]  # static holds precede the camera
     acted = [t for t, kind, _ in timeline if kind in ("prune", "replace")]
     after_onset = [t for t in acted if onsets and t >= onsets[0]]
     reaction = after_onset[0] - onsets[0] if after_onset else None
@@ -275,7 +286,7 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
         "reprunes_after_restore": reprunes, "cpu_s_per_frame": sum(cpu_s.values()) / len(rows) if rows else None,
         "cpu_s_by_component": cpu_s,
         "latency_series": [[round(r["capture_ts"] - started_ts, 3), round(r["e2e_s"], 4)] for r in rows],
-        "ratio_series": [[round(t - started_ts, 3), kind, detail] for t, kind, detail in timeline],
+        "ratio_series": [[round(max(0.0, t - started_ts), 3), kind, detail] for t, kind, detail in everything],
     }
 
 
@@ -370,10 +381,16 @@ def run(args) -> dict:
                 bench.hold(static["ratio"])
             cpu_before = bench.cpu_seconds()
             bench.start_camera()
+            bench.wait_for_camera()
             started_ts = time.time()
-            bench.run(on_second=Progress(policy, scenario.duration_s))
-            time.sleep(2.0)  # the last frames of a burst drain
-            cpu_after = bench.cpu_seconds()
+            progress = Progress(policy, scenario.duration_s)
+            cpu_after: dict[str, float] = {}
+
+            def each_second(elapsed: float) -> None:
+                progress(elapsed)
+                cpu_after.update(bench.cpu_seconds())  # the last reading before run() stops everything
+
+            bench.run(on_second=each_second)
             cpu_s = {n: cpu_after[n] - cpu_before.get(n, 0.0) for n in cpu_after}
         finally:
             bench.stop_processes()
@@ -392,7 +409,7 @@ def run(args) -> dict:
         "emulation": "sleep: a node with slowdown k sleeps (k-1) x its slice's calibrated compute at the ratio it "
                      "runs (device speed x transient slowdown); no CPU is burnt, so N emulated nodes share this host",
         "host": {"cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0]},
-        "slo_s": scenario.slo_s, "nodes": scenario.nodes, "imbalance": scenario.imbalance,
+        "slo_s": scenario.slo_s, "duration_s": scenario.duration_s, "nodes": scenario.nodes, "imbalance": scenario.imbalance,
         "slowdowns": [vars(e) for e in scenario.slowdowns], "arrivals": scenario.arrivals,
         "static_choice": static, "policies": results, "tables": {f"bench pipeline: {scenario.name}": rows},
     }
