@@ -113,3 +113,21 @@ def test_infeasible_memory_is_reported_not_raised():
     live.set_status("a", "online", 0)
     assert live.tick(1) is None
     assert live.last_error and "MB" in live.last_error
+
+
+def blocks_of(placement, node: str) -> int:
+    stage = placement.stage_of(node)
+    return stage.last_block - stage.first_block + 1
+
+
+def test_repartitioning_moves_blocks_off_a_slowed_node_and_back():
+    live = live_with(["a", "b"])
+    first = live.tick(1)
+    assert blocks_of(first, "a") == blocks_of(first, "b") == 3
+    assert live.replan_for_slowdowns({"a": 1.1, "b": 1.0}, 2) is None  # too small a gain to move
+    moved = live.replan_for_slowdowns({"a": 4.0, "b": 1.0}, 3)
+    assert moved is not None and moved.version > first.version
+    assert blocks_of(moved, "a") < blocks_of(moved, "b") and sorted(placed(moved)) == ["a", "b"]
+    assert live.tick(4) is None  # the live placement keeps the moved plan
+    back = live.replan_for_slowdowns({}, 5)  # slowdowns gone: the balanced plan is better again
+    assert back is not None and blocks_of(back, "a") == blocks_of(back, "b") == 3
