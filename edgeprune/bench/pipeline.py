@@ -144,6 +144,7 @@ class PolicyRun(Demo):
         for node_id, factor in self.scenario.imbalance.items():
             self.command(node_id, {"cmd": "device_speed", "factor": self.scenario.nodes[node_id] * factor})
         deadline = time.monotonic() + timeout_s
+        retried_errors = 0
         while time.monotonic() < deadline:
             self._check_alive()
             reader = Reader(self.db)
@@ -152,9 +153,34 @@ class PolicyRun(Demo):
                                                                 "measured_at > ?", (asked,))}
             if status.get("enabled") and set(self.scenario.imbalance) <= recalibrated:
                 break
+            # on a loaded host a calibration run can be preempted into a curve that cannot be fitted: the
+            # gateway rejects it (bad_calibration) and the node must measure again
+            rejected = query(reader, "SELECT id, topic FROM errors WHERE kind = 'bad_calibration' AND id > ?",
+                             (retried_errors,))
+            for row in rejected:
+                retried_errors = max(retried_errors, row["id"])
+                node_id = row["topic"].split("/")[-2]
+                if node_id in self.scenario.nodes:
+                    self.command(node_id, {"cmd": "calibrate"})
             time.sleep(0.5)
         else:
             raise SystemExit(f"the controller did not start within {timeout_s:.0f} s; see {self.run_dir}/*.log")
+
+    def _wait_for_nodes(self, timeout_s: float = 600.0) -> None:
+        """Every *placed* node has taken its stage (a scenario may offer more nodes than the model has blocks)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                reader = Reader(self.db)
+                placement = reader.placement()
+                staged = {n["node_id"] for n in reader.nodes() if n.get("stage")}
+            except FileNotFoundError:  # the gateway is still creating its database
+                placement, staged = None, set()
+            if placement and {s["node_id"] for s in placement["stages"]} <= staged:
+                return
+            time.sleep(0.3)
+        raise SystemExit(f"nodes did not take their stages within {timeout_s:.0f} s; see {self.run_dir}/*.log")
 
     def wait_for_camera(self, timeout_s: float = 120.0) -> None:
         """The schedule's clock starts when the camera is connected: its arrivals count from that moment (it
@@ -283,11 +309,29 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
         "replacement_events": sum(1 for _, kind, _ in timeline if kind == "replace"),
         "reaction_s": reaction, "full_restore_s": restore[0] if restore else None,
         "restored_within_run": restore is not None if acted and ends else None,
-        "reprunes_after_restore": reprunes, "cpu_s_per_frame": sum(cpu_s.values()) / len(rows) if rows else None,
+        "reprunes_after_restore": reprunes, "hop_breakdown": hop_breakdown(rows) if rows else {}, "cpu_s_per_frame": sum(cpu_s.values()) / len(rows) if rows else None,
         "cpu_s_by_component": cpu_s,
         "latency_series": [[round(r["capture_ts"] - started_ts, 3), round(r["e2e_s"], 4)] for r in rows],
         "ratio_series": [[round(max(0.0, t - started_ts), 3), kind, detail] for t, kind, detail in everything],
     }
+
+
+def hop_breakdown(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Where a frame's time goes, per hop (median and p99, ms): each stage's queue wait and compute, and each
+    transfer (camera -> stage 1, stage i -> i+1, last stage -> gateway: MQTT, (de)serialisation, thread hand-offs)."""
+    parts: dict[str, list[float]] = {}
+    for r in rows:
+        hops = json.loads(r["hops"])
+        previous = r["capture_ts"]
+        for i, hop in enumerate(hops, start=1):
+            parts.setdefault(f"transfer to stage {i}", []).append(hop["received_ts"] - previous)
+            parts.setdefault(f"stage {i} queue", []).append(hop["started_ts"] - hop["received_ts"])
+            parts.setdefault(f"stage {i} compute", []).append(hop["finished_ts"] - hop["started_ts"])
+            parts.setdefault(f"stage {i} publish", []).append(hop["published_ts"] - hop["finished_ts"])
+            previous = hop["published_ts"]
+        parts.setdefault("transfer to gateway", []).append(r["finish_ts"] - previous)
+    return {name: {"p50_ms": 1000 * float(np.percentile(v, 50)), "p99_ms": 1000 * float(np.percentile(v, 99))}
+            for name, v in parts.items()}
 
 
 def _timeline(events: list[dict]) -> list[tuple[float, str, dict]]:
