@@ -403,9 +403,42 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="the scenario's short [quick] variant (< 1 min a policy)")
     parser.add_argument("--run-dir", type=Path, default=Path("run/bench-pipeline"), help="logs and databases")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots into DIR (e.g. docs/results)")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="run nothing: re-derive the table and plots "
+                        "from a JSON this benchmark wrote")
+
+
+def in_slowdowns(document: dict) -> None:
+    """Attainment and p95 of the frames captured while any slowdown was on, per policy (over results: a failed
+    frame's capture time is not known, so failures are only in the whole-run figures)."""
+    windows = [(e["start_s"], e["end_s"]) for e in document["slowdowns"]]
+    for result in document["policies"].values():
+        latency = np.array([lat for t, lat in result["latency_series"] if any(a <= t < b for a, b in windows)])
+        result["slowdown_results"] = int(latency.size)
+        result["slowdown_attainment"] = float((latency <= document["slo_s"]).mean()) if latency.size else None
+        result["slowdown_p95_s"] = _percentile(latency, 95)
+
+
+def table(document: dict) -> list[dict]:
+    return [{"policy": p, "frames": r["frames"], "attain_%": _pct(r["attainment"]),
+             "slowed_%": _pct(r.get("slowdown_attainment")), "p50_ms": _ms(r["p50_s"]), "p95_ms": _ms(r["p95_s"]),
+             "p99_ms": _ms(r["p99_s"]), "fps": r["throughput_fps"], "failed": r["failed"],
+             "acc_pred": r["accuracy_predicted_mean"], "acc_pred_min": r["accuracy_predicted_worst"],
+             "acc_meas": r["accuracy_measured"], "prunes": r["prune_events"], "replaces": r["replacement_events"],
+             "react_s": r["reaction_s"], "restore_s": r["full_restore_s"], "reprunes": r["reprunes_after_restore"],
+             "cpu_ms/frame": _ms(r["cpu_s_per_frame"])} for p, r in document["policies"].items()]
 
 
 def run(args) -> dict:
+    if args.replot:
+        document = json.loads(args.replot.read_text())
+        in_slowdowns(document)
+        document["tables"] = {f"bench pipeline: {document['scenario']}": table(document)}
+        if args.plots:
+            from edgeprune.bench.pipeline_plots import plot_all
+
+            for path in plot_all(document, args.plots):
+                print(f"wrote {path}")
+        return document
     scenario = load_scenario(args.scenario, args.quick)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
@@ -442,12 +475,6 @@ def run(args) -> dict:
         summary = bench.summary()
         results[policy] = summarise(Reader(bench.db), scenario, started_ts, summary["frames_sent"] or 0, cpu_s,
                                     settings)
-    rows = [{"policy": p, "frames": r["frames"], "attain_%": _pct(r["attainment"]), "p50_ms": _ms(r["p50_s"]),
-             "p95_ms": _ms(r["p95_s"]), "p99_ms": _ms(r["p99_s"]), "fps": r["throughput_fps"], "failed": r["failed"],
-             "acc_pred": r["accuracy_predicted_mean"], "acc_pred_min": r["accuracy_predicted_worst"],
-             "acc_meas": r["accuracy_measured"], "prunes": r["prune_events"], "replaces": r["replacement_events"],
-             "react_s": r["reaction_s"], "restore_s": r["full_restore_s"], "reprunes": r["reprunes_after_restore"],
-             "cpu_ms/frame": _ms(r["cpu_s_per_frame"])} for p, r in results.items()]
     document = {
         "scenario": scenario.name, "quick": args.quick, "description": scenario.description,
         "emulation": "sleep: a node with slowdown k sleeps (k-1) x its slice's calibrated compute at the ratio it "
@@ -455,8 +482,10 @@ def run(args) -> dict:
         "host": {"cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0]},
         "slo_s": scenario.slo_s, "duration_s": scenario.duration_s, "nodes": scenario.nodes, "imbalance": scenario.imbalance,
         "slowdowns": [vars(e) for e in scenario.slowdowns], "arrivals": scenario.arrivals,
-        "static_choice": static, "policies": results, "tables": {f"bench pipeline: {scenario.name}": rows},
+        "static_choice": static, "policies": results,
     }
+    in_slowdowns(document)
+    document["tables"] = {f"bench pipeline: {scenario.name}": table(document)}
     if args.plots:
         from edgeprune.bench.pipeline_plots import plot_all
 
