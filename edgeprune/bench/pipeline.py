@@ -403,6 +403,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="the scenario's short [quick] variant (< 1 min a policy)")
     parser.add_argument("--run-dir", type=Path, default=Path("run/bench-pipeline"), help="logs and databases")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots into DIR (e.g. docs/results)")
+    parser.add_argument("--saturation", action="store_true", help="instead of the policies: the highest frame "
+                        "rate a 2-node pipeline at p=0 sustains, against 1 / (slowest stage), and the time per hop")
+    parser.add_argument("--device-speed", type=float, default=10.0, help="--saturation: both nodes' device speed")
+    parser.add_argument("--step-s", type=float, default=15.0, help="--saturation: seconds of traffic per rate")
     parser.add_argument("--replot", type=Path, metavar="JSON", help="run nothing: re-derive the table and plots "
                         "from a JSON this benchmark wrote")
 
@@ -428,7 +432,71 @@ def table(document: dict) -> list[dict]:
              "cpu_ms/frame": _ms(r["cpu_s_per_frame"])} for p, r in document["policies"].items()]
 
 
+def saturation(args) -> dict:
+    """Fixed-rate traffic at rising rates through a 2-node pipeline at p=0 (no controller action).
+
+    A rate counts as sustained when every frame came back and the last quarter's median latency stays within
+    2x (+50 ms) of the first quarter's: the queue does not grow. The physical limit is 1 / the slowest stage's
+    median compute, measured at a low rate in the same run.
+    """
+    scenario = Scenario(name="saturation", description="2 nodes at p=0, fixed-rate frames at rising rates",
+                        duration_s=args.step_s, slo_s=10.0, window_s=5.0, seed=0,
+                        nodes={"node-1": args.device_speed, "node-2": args.device_speed}, imbalance={},
+                        slowdowns=(), arrivals={}, controller={"max_ratio": 0.0})
+    bench = PolicyRun(scenario, "none", args.run_dir / "saturation")
+    steps: list[dict] = []
+    try:
+        bench.start_pipeline()
+        bench.prepare()
+        low = _saturation_step(bench, 0, 2.0, args.step_s)
+        low_hops = low.pop("hops")
+        stage_compute = {k: v["p50_ms"] for k, v in low_hops.items() if k.endswith("compute")}
+        limit_fps = 1000.0 / max(stage_compute.values())
+        steps.append(low)
+        for k, fraction in enumerate((0.5, 0.7, 0.85, 0.95, 1.05, 1.2), start=1):
+            print(f"
+saturation: {fraction:.0%} of the limit ({fraction * limit_fps:.1f} frames/s)", end="",
+                  file=sys.stderr, flush=True)
+            step = _saturation_step(bench, k, fraction * limit_fps, args.step_s)
+            step.pop("hops")
+            steps.append(step)
+    finally:
+        bench.stop_processes()
+    print(file=sys.stderr)
+    sustained = [s["rate_fps"] for s in steps if s["sustained"]]
+    best = max(sustained, default=None)
+    document = {"saturation": {"device_speed": args.device_speed, "stage_compute_p50_ms": stage_compute,
+                               "limit_fps": limit_fps, "highest_sustained_fps": best,
+                               "fraction_of_limit": best / limit_fps if best else None, "steps": steps,
+                               "hop_breakdown_at_2fps": low_hops}}
+    document["tables"] = {"saturation: 2 nodes, p = 0": steps,
+                          "time per hop at 2 frames/s (ms)": [{"part": k, **v} for k, v in low_hops.items()]}
+    return document
+
+
+def _saturation_step(bench: PolicyRun, index: int, rate: float, step_s: float) -> dict:
+    camera = f"sat{index}"
+    bench.opt.camera_args = ("--camera-id", camera, "--arrival", "fixed", "--rate", f"{rate:.3f}",
+                             "--count", str(max(5, int(rate * step_s))))
+    bench.start_camera()
+    sent = max(5, int(rate * step_s))
+    bench.procs[-1][1].wait(timeout=step_s * 4 + 120)
+    time.sleep(3.0)  # the queue drains
+    rows = query(Reader(bench.db), "SELECT capture_ts, finish_ts, e2e_s, hops FROM requests WHERE camera_id = ? "
+                                   "ORDER BY capture_ts", (camera,))
+    latency = np.array([r["e2e_s"] for r in rows])
+    quarter = max(1, latency.size // 4)
+    stable = latency.size > 0 and (np.median(latency[-quarter:]) <= 2 * np.median(latency[:quarter]) + 0.05)
+    hops = hop_breakdown(rows) if rows else {}
+    span = rows[-1]["finish_ts"] - rows[0]["capture_ts"] if len(rows) > 1 else None
+    return {"rate_fps": rate, "sent": sent, "results": len(rows), "throughput_fps": len(rows) / span if span else None,
+            "p50_ms": _ms(_percentile(latency, 50)), "p95_ms": _ms(_percentile(latency, 95)),
+            "sustained": bool(stable and len(rows) >= sent), "hops": hops}
+
+
 def run(args) -> dict:
+    if args.saturation:
+        return saturation(args)
     if args.replot:
         document = json.loads(args.replot.read_text())
         in_slowdowns(document)
