@@ -193,8 +193,8 @@ class PolicyRun(Demo):
             time.sleep(0.05)
 
     def hold(self, ratio: float) -> None:
-        """Static pruning: the operator's manual hold at ``ratio`` on every node, for the whole run."""
-        for node_id in self.scenario.nodes:
+        """Static pruning: the operator's manual hold at ``ratio`` on every placed node, for the whole run."""
+        for node_id in [s["node_id"] for s in Reader(self.db).placement()["stages"]]:
             self.command("gateway", {"cmd": "prune", "node_id": node_id, "ratio": ratio})
 
     def cpu_seconds(self) -> dict[str, float]:
@@ -275,7 +275,8 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
     nodes = reader.nodes()
     dropped = sum(n.get("dropped") or 0 for n in nodes)
     errors: dict[str, int] = {}
-    for e in query(reader, "SELECT kind, COUNT(*) AS n FROM errors GROUP BY kind"):
+    for e in query(reader, "SELECT kind, COUNT(*) AS n FROM errors WHERE kind NOT IN ('rejected_command', "
+                           "'bad_calibration') GROUP BY kind"):  # frames' errors, not the control plane's
         errors[e["kind"]] = e["n"]
     failed = sent - len(rows)
     reasons = {"dropped_full_queue": dropped, **{f"error_{k}": v for k, v in errors.items()}}
