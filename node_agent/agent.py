@@ -20,8 +20,8 @@ from node_agent.runtime import Request, SliceCalibrator, StageRuntime
 from shared.bus import Bus
 from shared.model import build_model, model_fingerprint
 from shared.profiling import NodeProfile, profile_model
-from shared.schemas import (BadMessage, CalibrateCommand, DeviceSpeedCommand, NodeCommand, NodeStats, Placement, PruneDesired,
-                            PruneState, SliceCalibration, SlowdownCommand, parse_json, to_json)
+from shared.schemas import (BadMessage, CalibrateCommand, DeviceSpeedCommand, NodeCommand, NodeStats, Placement,
+                            PruneDesired, PruneState, SliceCalibration, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics
 
