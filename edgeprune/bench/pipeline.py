@@ -455,8 +455,7 @@ def saturation(args) -> dict:
         limit_fps = 1000.0 / max(stage_compute.values())
         steps.append(low)
         for k, fraction in enumerate((0.5, 0.7, 0.85, 0.95, 1.05, 1.2), start=1):
-            print(f"
-saturation: {fraction:.0%} of the limit ({fraction * limit_fps:.1f} frames/s)", end="",
+            print(f"\rsaturation: {fraction:.0%} of the limit ({fraction * limit_fps:.1f} frames/s)", end="",
                   file=sys.stderr, flush=True)
             step = _saturation_step(bench, k, fraction * limit_fps, args.step_s)
             step.pop("hops")
