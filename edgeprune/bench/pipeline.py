@@ -416,7 +416,14 @@ def in_slowdowns(document: dict) -> None:
     """Attainment and p95 of the frames captured while any slowdown was on, per policy (over results: a failed
     frame's capture time is not known, so failures are only in the whole-run figures)."""
     windows = [(e["start_s"], e["end_s"]) for e in document["slowdowns"]]
+    onset = min((a for a, _ in windows), default=None)
     for result in document["policies"].values():
+        # bursts may leave a slowed node idle for a while: how fast did the policy act once frames saw it?
+        first = next((t for t, _ in result["latency_series"] if onset is not None and t >= onset), None)
+        acted = [t for t, kind, _ in result["ratio_series"] if kind in ("prune", "replace")
+                 and first is not None and t >= first]
+        result["first_slowed_frame_s"] = first
+        result["reaction_after_first_slowed_frame_s"] = acted[0] - first if acted else None
         latency = np.array([lat for t, lat in result["latency_series"] if any(a <= t < b for a, b in windows)])
         result["slowdown_results"] = int(latency.size)
         result["slowdown_attainment"] = float((latency <= document["slo_s"]).mean()) if latency.size else None
@@ -429,7 +436,8 @@ def table(document: dict) -> list[dict]:
              "p99_ms": _ms(r["p99_s"]), "fps": r["throughput_fps"], "failed": r["failed"],
              "acc_pred": r["accuracy_predicted_mean"], "acc_pred_min": r["accuracy_predicted_worst"],
              "acc_meas": r["accuracy_measured"], "prunes": r["prune_events"], "replaces": r["replacement_events"],
-             "react_s": r["reaction_s"], "restore_s": r["full_restore_s"], "reprunes": r["reprunes_after_restore"],
+             "react_s": r["reaction_s"], "react_frame_s": r.get("reaction_after_first_slowed_frame_s"),
+             "restore_s": r["full_restore_s"], "reprunes": r["reprunes_after_restore"],
              "cpu_ms/frame": _ms(r["cpu_s_per_frame"])} for p, r in document["policies"].items()]
 
 
