@@ -282,16 +282,14 @@ class PruningController:
         watched_from = max(self._last_action_ts, self._watching_since)
         if now - watched_from < confirm:
             return []
-        limit_s = self.config.restore_headroom * self.budget_s + _TOLERANCE
         changed = {}
         for node in self.nodes:
             ratio, since = self._ratios[node], self._gone_since.get(node)
             if node in self._manual or ratio <= 0.0 or since is None or now - max(since, watched_from) < confirm:
                 continue
-            fitting = [r for r in self.config.ladder
-                       if r < ratio - _TOLERANCE and self.slowdown(node) * self._curves[node].predict(r) <= limit_s]
-            if fitting:
-                changed[node] = min(fitting)
+            target = self._fast_target(node, ratio)
+            if target is not None:
+                changed[node] = target
         if not changed:
             return []
         self._last_action_ts = now
@@ -299,6 +297,13 @@ class PruningController:
                   f"predicted within {self.config.restore_headroom:.0%} of the {self.budget_s * 1e3:.0f} ms budget")
         self._ratios.update(changed)
         return [SetRatios(now, changed, "auto", reason, self._evaluate_current("restore", reason), metrics)]
+
+    def _fast_target(self, node: str, ratio: float) -> float | None:
+        """The lowest ladder ratio below ``ratio`` predicted within restore_headroom × the budget, if any."""
+        limit_s = self.config.restore_headroom * self.budget_s + _TOLERANCE
+        fitting = [r for r in self.config.ladder
+                   if r < ratio - _TOLERANCE and self.slowdown(node) * self._curves[node].predict(r) <= limit_s]
+        return min(fitting) if fitting else None
 
     def _restore_step(self, now: float, metrics: Metrics) -> list[Action]:
         """Lower each recovered auto node one ladder step, if that keeps it under the stage budget.
@@ -316,7 +321,9 @@ class PruningController:
                 continue
             lower = max((r for r in self.config.ladder if r < ratio - _TOLERANCE), default=0.0)
             if self.slowdown(node) * self._curves[node].predict(lower) <= self.budget_s + _TOLERANCE:
-                changed[node] = lower
+                # with fast restore on, latency headroom is as good a reason to jump as the confirmed slowdown
+                target = self._fast_target(node, ratio) if self.config.fast_restore else None
+                changed[node] = lower if target is None else min(lower, target)
         if not changed:
             return []
         self._last_action_ts = now

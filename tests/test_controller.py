@@ -360,3 +360,11 @@ def test_fast_restore_never_touches_a_manual_hold():
     loop.controller.set_manual(0.0, "node-2", 0.5)
     loop.run_until(200)
     assert loop.controller.ratios["node-2"] == 0.5 and len(loop.of(SetRatios)) == 0
+
+
+def test_a_restore_on_latency_headroom_also_jumps_when_fast_restore_is_on():
+    # The slowdown confirmation never completes here, so the step-wise path acts; it goes all the way at once.
+    loop = Loop(config=ControllerSettings(fast_restore_confirm_s=1000), initial_ratios={"node-2": 0.5})
+    loop.run_until(60)
+    (_, restore), = loop.of(SetRatios)
+    assert restore.ratios == {"node-2": 0.0} and restore.reason.startswith("restore:")
