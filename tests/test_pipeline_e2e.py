@@ -202,7 +202,7 @@ def test_replayed_labelled_frames_are_scored_per_camera(pipeline, tmp_path):
     wait_until(lambda: len(results_for(pipeline.reader, "trap_a")) == 3
                and len(results_for(pipeline.reader, "trap_b")) == 3, 30, "replayed frames were not all classified")
     rows = pipeline.reader.db.execute(
-        "SELECT true_label, correct, label_index, capture_ts FROM requests WHERE camera_id LIKE 'trap_%' "
+        "SELECT true_label, correct, label_index, capture_ts FROM requests WHERE camera_id IN ('trap_a', 'trap_b') "
         "ORDER BY capture_ts").fetchall()
     assert all(t is not None and c == int(t == i) for t, c, i, _ in rows)
     span = rows[-1][3] - rows[0][3]
