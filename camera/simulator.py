@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from camera.arrivals import Arrival, BurstParams, burst_arrivals, replay_arrivals
 from shared.bus import Bus
 from shared.imaging import encode_jpeg, encode_png
 from shared.settings import CameraSettings, MqttSettings
@@ -70,6 +71,45 @@ def inter_arrivals(rate_hz: float, kind: str, rng: np.random.Generator) -> Itera
         yield 1.0 / rate_hz if kind == "fixed" else float(rng.exponential(1.0 / rate_hz))
 
 
+DAY_S = 24 * 3600.0
+TRUE_LABEL_PROPERTY = "true_label"  # MQTT v5 user property: ground-truth class index of a labelled test frame
+
+
+def arrival_schedule(s: CameraSettings, rng: np.random.Generator) -> Iterator[Arrival]:
+    """The frames to send, in time order: a steady/Poisson rate, camera-trap bursts or a replayed trace.
+
+    Traces are read here, at once, so a bad file fails before the camera connects.
+    """
+    if s.arrival == "bursts":
+        cameras = [s.camera_id] if s.cameras == 1 else [f"{s.camera_id}-{k + 1}" for k in range(s.cameras)]
+        return iter(burst_arrivals(BurstParams(), cameras, s.duration_s or DAY_S / s.time_scale, s.seed,
+                                   s.time_scale))
+    if s.arrival == "replay":
+        if s.trace_csv is None:
+            raise ValueError("arrival 'replay' needs trace_csv (--trace-csv PATH)")
+        return iter(replay_arrivals(s.trace_csv, s.time_column, s.camera_column, s.time_format, s.time_scale,
+                                    s.camera_id, s.duration_s))
+    return (Arrival(at, s.camera_id) for at in itertools.accumulate(inter_arrivals(s.rate_hz, s.arrival, rng),
+                                                                     initial=0.0))
+
+
+class LabelledFrames:
+    """Test-split frames of the synthetic dataset in a seeded order, with their class index (benchmarks)."""
+
+    def __init__(self, seed: int):
+        from edgeprune.dataset import load_frames  # renders or reads the cached dataset: only when asked for
+
+        test = load_frames()["test"]
+        self.images, self.labels = test.images, test.labels
+        self.order = np.random.default_rng([seed, 2]).permutation(len(self.labels))
+        self.next = 0
+
+    def __call__(self) -> tuple[bytes, int]:
+        index = self.order[self.next % len(self.order)]
+        self.next += 1
+        return encode_png(self.images[index]), int(self.labels[index])
+
+
 class Camera:
     def __init__(self, settings: CameraSettings, mqtt_settings: MqttSettings):
         self.settings = settings
@@ -78,29 +118,34 @@ class Camera:
         self.sent = 0
         self._stop = threading.Event()
 
-
     def run(self) -> int:
-        """Publish until ``count`` frames are sent or :meth:`stop`; returns frames sent."""
+        """Publish until ``count`` frames are sent, the schedule ends, or :meth:`stop`; returns frames sent."""
         s = self.settings
         scenes = np.random.default_rng(s.seed)
         arrivals = np.random.default_rng([s.seed, 1])  # separate streams: frames don't depend on timing
+        labelled = LabelledFrames(s.seed) if s.labelled else None
         run_tag = f"{int(time.time() * 1000):x}"
-        topic = self.topics.camera_frame(s.camera_id)
-        frames = (folder_frames(image_files(s.images)) if s.images
-                  else (camera_frame(scenes, s.size, s.image_format) for _ in itertools.count()))
+        schedule = arrival_schedule(s, arrivals)
+        files = folder_frames(image_files(s.images)) if s.images else None
         self.bus.start()
-        next_at = time.monotonic()
+        started = time.monotonic()
         last = None
-        for gap in inter_arrivals(s.rate_hz, s.arrival, arrivals):
+        for arrival in schedule:
             if self._stop.is_set() or (s.count and self.sent >= s.count):
                 break
-            payload = next(frames)
-            if self._stop.wait(max(0.0, next_at - time.monotonic())):
+            user = {"request_id": f"{arrival.camera}-{run_tag}-{self.sent:06d}"}
+            if labelled is not None:
+                payload, label = labelled()
+                user[TRUE_LABEL_PROPERTY] = str(label)
+            elif files is not None:
+                payload = next(files)
+            else:
+                payload = camera_frame(scenes, s.size, s.image_format)
+            if self._stop.wait(max(0.0, started + arrival.at_s - time.monotonic())):
                 break
-            last = self.bus.publish(topic, payload, qos=1, user={
-                "request_id": f"{s.camera_id}-{run_tag}-{self.sent:06d}", "capture_ts": repr(time.time())})
+            user["capture_ts"] = repr(time.time())
+            last = self.bus.publish(self.topics.camera_frame(arrival.camera), payload, qos=1, user=user)
             self.sent += 1
-            next_at += gap
         if last is not None:  # let the last frame reach the broker before disconnecting
             last.wait_for_publish(timeout=5.0)
         self.bus.stop()

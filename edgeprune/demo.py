@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +79,22 @@ class DemoOptions:
     profile: str | None = None  # a profile.json for every node, or "measure" (each node profiles itself)
     config: Path | None = None
     slowdowns: tuple[SlowdownEpisode, ...] = ()
+    seed: int | None = None  # the camera's seed (frames and arrivals)
+    # for benchmarks (edgeprune/bench/pipeline.py): extra settings for every component or per node,
+    # the camera's own arguments instead of a Poisson rate, and no operator page
+    env: dict[str, str] = field(default_factory=dict)
+    node_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    camera_args: tuple[str, ...] = ()
+    web: bool = True
+    node_ids: tuple[str, ...] = ()  # default node-1..node-N
+    quiet: bool = False  # no live line (the caller shows its own progress)
 
 
-def _chosen(flag: Any, settings, field: str, demo_default: Any) -> Any:
+def _chosen(flag: Any, settings, name: str, demo_default: Any) -> Any:
     """A flag wins; then whatever the user set (env or config file); then the demo's own default."""
     if flag is not None:
         return flag
-    return getattr(settings, field) if field in settings.model_fields_set else demo_default
+    return getattr(settings, name) if name in settings.model_fields_set else demo_default
 
 
 class Demo:
@@ -98,7 +107,7 @@ class Demo:
         self.frames_seen = 0
         self._stop = threading.Event()
         self.db = self.run_dir / "edgeprune.db"
-        self.node_ids = [f"node-{i + 1}" for i in range(options.nodes)]
+        self.node_ids = list(options.node_ids) or [f"node-{i + 1}" for i in range(options.nodes)]
         config = options.config.resolve() if options.config else None
         self.config = config
         mqtt = load(MqttSettings, config)
@@ -117,7 +126,8 @@ class Demo:
             GatewaySettings: {"db_path": self.db, "nodes": self.node_ids, "slo_s": self.slo_s},
             WebSettings: {"db_path": self.db, "port": self.web_port},
             NodeSettings: {"profile": None if str(profile) == MEASURE else Path(profile).resolve()},
-            CameraSettings: {"rate_hz": _chosen(options.rate_hz, camera, "rate_hz", DEMO_RATE_HZ)},
+            CameraSettings: {"rate_hz": _chosen(options.rate_hz, camera, "rate_hz", DEMO_RATE_HZ),
+                             **({"seed": options.seed} if options.seed is not None else {})},
         }
 
     def effective_settings(self) -> dict[str, Any]:
@@ -130,7 +140,7 @@ class Demo:
         return changed
 
     def env(self) -> dict[str, str]:
-        """The user's environment, the config file named, and the demo's overrides."""
+        """The user's environment, the config file named, the demo's overrides, then a benchmark's own settings."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.config:
             env[CONFIG_ENV] = str(self.config)
@@ -138,6 +148,7 @@ class Demo:
             for name, value in fields.items():
                 shown = "" if value is None else ",".join(value) if isinstance(value, list) else str(value)
                 env[f"{cls.model_config['env_prefix']}{name.upper()}"] = shown
+        env.update(self.opt.env)
         return env
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -148,6 +159,13 @@ class Demo:
         return proc
 
     def start(self) -> None:
+        self.start_pipeline()
+        self.start_camera()
+        print(f"broker on 127.0.0.1:{self.port}; logs and database in {self.run_dir}")
+        print(f"operator page: http://127.0.0.1:{self.web_port}/  (Ctrl-C stops the demo)", flush=True)
+
+    def start_pipeline(self) -> None:
+        """Broker, gateway, page and nodes; returns once every node has taken its stage."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.db.exists():
             for suffix in ("", "-wal", "-shm"):
@@ -155,13 +173,14 @@ class Demo:
         # Each demo starts from scratch, broker included: its persisted retained prune ratios would
         # otherwise replay the last demo's state (a node pruned at 0.4 before anything happened).
         shutil.rmtree(self.run_dir / "broker", ignore_errors=True)
-        if port_open("127.0.0.1", self.web_port):
+        if self.opt.web and port_open("127.0.0.1", self.web_port):
             raise SystemExit(f"port {self.web_port} is busy: pass --web-port")
-        port = free_port()
+        port = self.port = free_port()
         self.overrides[MqttSettings]["port"] = port
-        print("settings (not at their defaults): "
-              + ", ".join(f"{k}={','.join(v) if isinstance(v, list) else v}"
-                          for k, v in self.effective_settings().items()))
+        if not self.opt.quiet:
+            print("settings (not at their defaults): "
+                  + ", ".join(f"{k}={','.join(v) if isinstance(v, list) else v}"
+                              for k, v in self.effective_settings().items()))
         broker = load(BrokerSettings, self.config).model_copy(
             update={"bind": "127.0.0.1", "port": port, "data_dir": self.run_dir / "broker"})
         # Each demo makes its own broker users (one per component, as install.sh does for a site).
@@ -172,27 +191,35 @@ class Demo:
             self.broker = start_broker(broker, log_file=log)
         env = self.env()
         self.spawn("gateway", ["gateway"], {**env, **self.credentials.env("gateway")})
-        # the demo's page is on loopback: readable without a login; the controls need a password hash
-        # (`edgeprune passwd`, then EDGEPRUNE_WEB_PASSWORD_HASH=... edgeprune demo)
-        password = {k: v for k, v in os.environ.items() if k == "EDGEPRUNE_WEB_PASSWORD_HASH"}
-        self.spawn("web", ["web"], {**env, "EDGEPRUNE_WEB_PUBLIC_STATUS": "true", **password,
-                                    **self.credentials.env("web")})
+        if self.opt.web:
+            # the demo's page is on loopback: readable without a login; the controls need a password hash
+            # (`edgeprune passwd`, then EDGEPRUNE_WEB_PASSWORD_HASH=... edgeprune demo)
+            password = {k: v for k, v in os.environ.items() if k == "EDGEPRUNE_WEB_PASSWORD_HASH"}
+            self.spawn("web", ["web"], {**env, "EDGEPRUNE_WEB_PUBLIC_STATUS": "true", **password,
+                                        **self.credentials.env("web")})
         for node_id in self.node_ids:
-            self.spawn(node_id, ["node", "--node-id", node_id], {**env, **self.credentials.env(node_id)})
+            self.spawn(node_id, ["node", "--node-id", node_id],
+                       {**env, **self.credentials.env(node_id), **self.opt.node_env.get(node_id, {})})
         mqtt = load(MqttSettings, self.config).model_copy(update={
             **self.overrides[MqttSettings], "username": "admin",
             "password": SecretStr(self.credentials.password("admin"))})
         self.topics = Topics(mqtt.topic_root)
         self.bus = Bus(mqtt, "demo", self.topics.component_status("demo"))
-        self.bus.subscribe(self.topics.camera_frame(self.camera_id), self._count_frame)
+        self.bus.subscribe(self.topics.camera_frame_filter, self._count_frame)
         self.bus.start()
         self._wait_for_nodes()
-        self.spawn("camera", ["camera"], {**env, **self.credentials.env(self.camera_id)})
-        print(f"broker on 127.0.0.1:{port}; logs and database in {self.run_dir}")
-        print(f"operator page: http://127.0.0.1:{self.web_port}/  (Ctrl-C stops the demo)", flush=True)
+
+    def start_camera(self) -> None:
+        """The camera last, once every node has taken its stage, so no frame is lost at start.
+
+        A benchmark's camera process stands for several cameras (bursts, a replayed trace), but a login
+        is one device: it uses the operator's login, the demo's own camera its camera user.
+        """
+        user = "admin" if self.opt.camera_args else self.camera_id
+        self.spawn("camera", ["camera", *self.opt.camera_args], {**self.env(), **self.credentials.env(user)})
 
     def _count_frame(self, _topic: str, _payload: bytes, _props: dict[str, str]) -> None:
-        """Frames as the broker delivers them on the camera's topic: what entered the pipeline."""
+        """Frames as the broker delivers them on the cameras' topics: what entered the pipeline."""
         self.frames_seen += 1
 
     def _wait_for_nodes(self, timeout_s: float = 90.0) -> None:
@@ -230,7 +257,8 @@ class Demo:
         """A one-shot `slowdown` command, as an operator's script would send it."""
         command = SlowdownCommand(cmd="slowdown", factor=factor)
         self.bus.publish(self.topics.node_command(node_id), to_json(command), qos=1).wait_for_publish(5)
-        print(f"\n{node_id}: emulated slowdown {factor:g}x", flush=True)
+        if not self.opt.quiet:
+            print(f"\n{node_id}: emulated slowdown {factor:g}x", flush=True)
 
     def _apply_episodes(self, elapsed: float, applied: set) -> None:
         for episode in self.opt.slowdowns:
@@ -239,7 +267,9 @@ class Demo:
                     applied.add((episode, edge))
                     self._command(episode.node_id, factor)
 
-    def run(self) -> dict:
+    def run(self, on_second=None) -> dict:
+        """Until ``duration_s`` or Ctrl-C, applying the slowdown schedule; ``on_second(elapsed)`` replaces the
+        live line (a benchmark's progress bar)."""
         started = time.monotonic()
         applied: set = set()
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
@@ -247,7 +277,10 @@ class Demo:
             while not self._stop.wait(1.0):
                 self._check_alive()
                 self._apply_episodes(time.monotonic() - started, applied)
-                print("\r" + self.progress_line().ljust(100), end="", flush=True)
+                if on_second is not None:
+                    on_second(time.monotonic() - started)
+                elif not self.opt.quiet:
+                    print("\r" + self.progress_line().ljust(100), end="", flush=True)
                 if self.opt.duration_s and time.monotonic() - started >= self.opt.duration_s:
                     break
         except KeyboardInterrupt:

@@ -95,6 +95,7 @@ class PruningController:
         self._decode_s: dict[str, float] = {}
         self._applied: dict[str, float] = {}
         self._stats_ts: dict[str, float] = {}
+        self._gone_since: dict[str, float] = {}  # when each node's slowdown estimate last fell to "gone"
         self._queue_depth: dict[str, int] = {}
         self._last_action_ts = float("-inf")
         self._watching_since: float | None = None
@@ -175,6 +176,10 @@ class PruningController:
         previous = self._slowdown.get(node_id)
         weight = self.config.slowdown_smoothing
         self._slowdown[node_id] = sample if previous is None else weight * sample + (1 - weight) * previous
+        if self.slowdown(node_id) <= self.config.slowdown_gone:
+            self._gone_since.setdefault(node_id, ts)
+        else:
+            self._gone_since.pop(node_id, None)
 
     def set_manual(self, now: float, node_id: str, ratio: float) -> list[Action]:
         """Hold a node at a ladder ratio until released; the policies and restore leave it alone."""
@@ -211,6 +216,10 @@ class PruningController:
         metrics = self.metrics(now)
         if self._violation_sustained(metrics):
             return self._respond_to_violation(now, metrics)
+        if self.config.fast_restore and metrics.over_trigger_fraction < self.config.trigger_fraction:
+            fast = self._fast_restore(now, metrics)
+            if fast:
+                return fast
         if self._headroom_sustained(now, metrics):
             return self._restore_step(now, metrics)
         return []
@@ -270,6 +279,42 @@ class PruningController:
         node, seconds = max(self._decode_s.items(), key=lambda item: item[1])
         return f"; {node} spends {seconds * 1e3:.1f} ms a request decoding its input, which pruning cannot shrink"
 
+    def _fast_restore(self, now: float, metrics: Metrics) -> list[Action]:
+        """Give a recovered node its channels back in one decision, not one ladder step per restore window.
+
+        The controller knows each node's slowdown: once it has stayed gone for ``fast_restore_confirm_s``
+        (after the last action and after watching started), the node goes straight to the lowest ratio its
+        calibrated curve predicts within ``restore_headroom`` × the stage budget at its current speed. The
+        headroom keeps the next trigger from undoing it; any pruning left is confirmed by the step-wise
+        restore, which also guards nodes whose curve the latency does not bear out.
+        """
+        confirm = self.config.fast_restore_confirm_s
+        watched_from = max(self._last_action_ts, self._watching_since)
+        if now - watched_from < confirm:
+            return []
+        changed = {}
+        for node in self.nodes:
+            ratio, since = self._ratios[node], self._gone_since.get(node)
+            if node in self._manual or ratio <= 0.0 or since is None or now - max(since, watched_from) < confirm:
+                continue
+            target = self._fast_target(node, ratio)
+            if target is not None:
+                changed[node] = target
+        if not changed:
+            return []
+        self._last_action_ts = now
+        reason = (f"fast restore: slowdown gone (≤ {self.config.slowdown_gone}x) for {confirm:g} s; lowest ratio "
+                  f"predicted within {self.config.restore_headroom:.0%} of the {self.budget_s * 1e3:.0f} ms budget")
+        self._ratios.update(changed)
+        return [SetRatios(now, changed, "auto", reason, self._evaluate_current("restore", reason), metrics)]
+
+    def _fast_target(self, node: str, ratio: float) -> float | None:
+        """The lowest ladder ratio below ``ratio`` predicted within restore_headroom × the budget, if any."""
+        limit_s = self.config.restore_headroom * self.budget_s + TOLERANCE
+        fitting = [r for r in self.config.ladder
+                   if r < ratio - TOLERANCE and self.slowdown(node) * self._curves[node].predict(r) <= limit_s]
+        return min(fitting) if fitting else None
+
     def _restore_step(self, now: float, metrics: Metrics) -> list[Action]:
         """Lower each recovered auto node one ladder step, if that keeps it under the stage budget.
 
@@ -286,7 +331,9 @@ class PruningController:
                 continue
             lower = max((r for r in self.config.ladder if r < ratio - TOLERANCE), default=0.0)
             if self.slowdown(node) * self._curves[node].predict(lower) <= self.budget_s + TOLERANCE:
-                changed[node] = lower
+                # with fast restore on, latency headroom is as good a reason to jump as the confirmed slowdown
+                target = self._fast_target(node, ratio) if self.config.fast_restore else None
+                changed[node] = lower if target is None else min(lower, target)
         if not changed:
             return []
         self._last_action_ts = now

@@ -17,6 +17,7 @@ stage 1 pays its own decode cost for frames of ``frame_megapixels`` (from its pr
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, optimal_plan,
@@ -105,16 +106,45 @@ class LivePlacement:
         log.info("keeping the placement: using %s would gain less than %.0f%%", settled, 100 * self.rules.min_gain)
         return None
 
+    def replan_for_slowdowns(self, slowdowns: dict[str, float], now: float) -> Placement | None:
+        """Run-time re-partitioning: re-plan the placed nodes with their profiles stretched by the measured
+        slowdowns, and adopt the plan if it cuts the (stretched) bottleneck by at least ``min_gain``.
+
+        No accuracy is lost, but every node whose blocks move rebuilds its slice and re-calibrates:
+        the benchmark (``edgeprune bench pipeline``, policy ``replace``) measures what that costs.
+        """
+        if self.current is None:
+            return None
+        placed = [s.node_id for s in self.current.stages]
+        if any(n not in self._offers for n in placed):
+            return None
+        problem = self._problem(placed, slowdowns)
+        try:
+            plan = optimal_plan(problem)
+        except (InfeasiblePlacement, ValueError) as exc:
+            log.error("cannot re-partition over %s: %s", placed, exc)
+            return None
+        current = cost_assignment(problem, [(s.node_id, s.first_block, s.last_block)
+                                            for s in self.current.stages]).bottleneck_s
+        if plan.bottleneck_s > current * (1.0 - self.rules.min_gain):
+            return None
+        shown = ", ".join(f"{n} {k:.2f}x" for n, k in slowdowns.items())
+        return self._adopt(placed, now, f"re-partitioned for slowdowns {shown}: bottleneck {current * 1e3:.1f} -> "
+                                        f"{plan.bottleneck_s * 1e3:.1f} ms", plan)
+
     def _devices(self, nodes: list[str]) -> list[Device]:
         return [Device(n, mb_to_bytes(self._offers[n].memory_mb), self._offers[n].uplink_mbit_s * MBIT_BYTES)
                 for n in nodes]
 
-    def _problem(self, nodes: list[str]) -> PlacementProblem:
+    def _problem(self, nodes: list[str], slowdowns: Mapping[str, float] | None = None) -> PlacementProblem:
+        """The planner's view of ``nodes``: their profiles (stretched by measured ``slowdowns``) and decode costs."""
+        slowdowns = slowdowns or {}
         # frame_megapixels 0: frames come at the model's size, their decode is noise, not a cost to plan for
         decode_s = {n: self._offers[n].decode.predict(self.frame_megapixels) for n in nodes
                     if self._offers[n].decode is not None and self.frame_megapixels > 0}
-        return problem_from_profiles({n: self._offers[n].profile.blocks for n in nodes}, self._devices(nodes),
-                                     frame_bytes=0, camera_bandwidth_bps=1.0, decode_s=decode_s)
+        blocks = {n: self._offers[n].profile.scaled(max(1.0, slowdowns.get(n, 1.0))).blocks for n in nodes}
+        return problem_from_profiles(blocks, self._devices(nodes), frame_bytes=0, camera_bandwidth_bps=1.0,
+                                     decode_s=decode_s)
 
     def _plan(self, nodes: list[str]) -> Plan | None:
         try:

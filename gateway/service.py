@@ -84,7 +84,8 @@ def result_row(result: Result, finish_ts: float) -> dict:
         "finish_ts": finish_ts, "e2e_s": e2e, "queue_s": queue_s, "compute_s": compute_s, "decode_s": decode_s,
         "transfer_s": e2e - queue_s - decode_s - compute_s, "label": result.label, "label_index": result.label_index,
         "confidence": result.confidence, "prune_ratios": [h.prune_ratio for h in result.hops],
-        "hops": [h.model_dump() for h in result.hops],
+        "hops": [h.model_dump() for h in result.hops], "true_label": result.true_label,
+        "correct": None if result.true_label is None else int(result.label_index == result.true_label),
     }
 
 
@@ -122,6 +123,7 @@ class Gateway:
             self.ledger.restore(row["request_id"], row["camera_id"], row["received_ts"], bool(row["stored"]),
                                 row["reason"])
         self._lock = threading.Lock()  # guards the SLO windows, live placement, the control loop and the ledger
+        self._replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
         self.redelivered_results = 0
         self.tick_failures = 0
         self._stop = threading.Event()
@@ -197,7 +199,7 @@ class Gateway:
                 self.redelivered_results += 1
                 return
             if verdict not in (Verdict.UNKNOWN, Verdict.CONFLICT):
-                self.slo.add(finish_ts, row["e2e_s"])
+                self.slo.add(finish_ts, row["e2e_s"], row["correct"])
                 self.control.observe_latency(finish_ts, row["e2e_s"])
                 self.store.add_request(row)  # under the lock: a window row is never buffered before its requests
                 return
@@ -404,6 +406,30 @@ class Gateway:
         self.store.update_node({"node_id": node_id, "status": "retired", "status_ts": time.time()})
         log.info("retired %s: its retained topics are cleared", node_id)
 
+    def _replace_for_slowdowns(self, now: float, effects: Effects) -> Placement | None:
+        """Re-partition when the controller reacted to a sustained violation, and back when slowdowns are gone.
+
+        Called under the lock. The move is logged as a ``replace`` row in ``prune_events``.
+        """
+        controller = self.control.controller
+        if controller is None:  # paused, e.g. while the nodes calibrate the slices of the last move
+            return None
+        slowdowns = {n: controller.slowdown(n) for n in controller.nodes}
+        violated = any(e.get("kind") in ("set", "infeasible", "held") and "reason" in e for e in effects.events)
+        gone = all(k <= controller.config.slowdown_gone for k in slowdowns.values())
+        if not (violated or (gone and self._replaced)):
+            return None
+        placement = self.live.replan_for_slowdowns(slowdowns if violated else {}, now)
+        if placement is None:
+            return None
+        self._replaced = violated
+        self.control.set_placement(placement)
+        effects.events.append({"ts": now, "kind": "replace", "policy": "replace", "source": "auto",
+                               "reason": f"placement v{placement.version}: " + ", ".join(
+                                   f"{s.node_id}:{s.first_block}-{s.last_block}" for s in placement.stages),
+                               "metrics": {"slowdowns": slowdowns}})
+        return placement
+
     def _carry_out(self, effects: Effects) -> None:
         for node_id, desired in effects.publish.items():
             payload = to_json(desired)
@@ -454,6 +480,8 @@ class Gateway:
             if placement is not None:
                 self.control.set_placement(placement)
             effects = self.control.tick(now)
+            if self.settings.replace_on_violation and placement is None:
+                placement = self._replace_for_slowdowns(now, effects)
             status = {**self.control.status(), "settings": self.operator.effective()}
             windows = self.slo.close_due(now)
             lost = self.ledger.expire(now, self.settings.result_timeout_s)

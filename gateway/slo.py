@@ -19,6 +19,8 @@ class WindowSummary:
     p50_s: float
     p95_s: float
     p99_s: float
+    labelled: int = 0
+    accuracy_measured: float | None = None  # fraction right among the window's labelled frames
 
     def row(self) -> dict:
         return asdict(self)
@@ -35,9 +37,14 @@ class SloWindows:
         self.window_s = window_s
         self.slo_s = slo_s
         self._open: dict[int, list[float]] = {}
+        self._correct: dict[int, list[int]] = {}
 
-    def add(self, finish_ts: float, latency_s: float) -> None:
-        self._open.setdefault(math.floor(finish_ts / self.window_s), []).append(latency_s)
+    def add(self, finish_ts: float, latency_s: float, correct: int | None = None) -> None:
+        """One completed request; ``correct`` (1/0) when its frame carried a ground-truth label."""
+        index = math.floor(finish_ts / self.window_s)
+        self._open.setdefault(index, []).append(latency_s)
+        if correct is not None:
+            self._correct.setdefault(index, []).append(correct)
 
     def close_due(self, now: float) -> list[WindowSummary]:
         """Summaries of every window that ended at or before ``now`` (each returned once)."""
@@ -51,5 +58,7 @@ class SloWindows:
         lat = np.asarray(latencies)
         met = int((lat <= self.slo_s).sum())
         p50, p95, p99 = (float(v) for v in np.percentile(lat, [50, 95, 99]))
+        correct = self._correct.pop(index, [])
         return WindowSummary(index * self.window_s, (index + 1) * self.window_s, int(lat.size), self.slo_s,
-                             met, 100.0 * met / lat.size, p50, p95, p99)
+                             met, 100.0 * met / lat.size, p50, p95, p99, len(correct),
+                             sum(correct) / len(correct) if correct else None)

@@ -48,11 +48,13 @@ SCHEMA: dict[str, Table] = {
     "requests": Table({
         "request_id": str, "camera_id": str, "capture_ts": float, "finish_ts": float, "e2e_s": float,
         "queue_s": float, "compute_s": float, "transfer_s": float, "label": str, "label_index": int,
-        "confidence": float, "prune_ratios": list, "hops": list, "decode_s": float,
+        "confidence": float, "prune_ratios": list, "hops": list, "decode_s": float, "true_label": int,
+        "correct": int,
     }, "request_id", "insert_ignore"),
     "windows": Table({
         "start_ts": float, "end_ts": float, "count": int, "slo_s": float, "met": int,
-        "attainment_pct": float, "p50_s": float, "p95_s": float, "p99_s": float,
+        "attainment_pct": float, "p50_s": float, "p95_s": float, "p99_s": float, "labelled": int,
+        "accuracy_measured": float,
     }, "start_ts", "insert_ignore"),
     "nodes": Table({
         "node_id": str, "status": str, "status_ts": float, "last_seen": float, "stage": int,

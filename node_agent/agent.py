@@ -26,8 +26,9 @@ from shared.clock import ClockOffset
 from shared.imaging import measure_decode_cost
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import ProfileError, load_profile, profile_model
-from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon, NodeCommand, NodeProfile,
-                            NodeStats, Placement, PruneDesired, PruneState, SlowdownCommand, parse_json, to_json)
+from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon, DeviceSpeedCommand, NodeCommand,
+                            NodeProfile, NodeStats, Placement, PruneDesired, PruneState, SlowdownCommand, parse_json,
+                            to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics, validate_id
 
@@ -73,7 +74,9 @@ class NodeAgent:
         self._stop = threading.Event()
         self.processed = 0
         self.dropped = 0
-        self.slowdown = settings.emulated_slowdown
+        self.device_speed = settings.emulated_slowdown  # emulated device type: base factor over this host
+        self.transient = 1.0  # the latest `slowdown` command, on top of the device speed
+        self.slowdown = self.device_speed * self.transient
         self.desired: PruneDesired | None = None
         self.calibration = CalibrationSchedule(lambda runtime: SliceCalibrator(runtime.slice, runtime.input_shape))
         self._compute_s: deque[float] = deque(maxlen=1024)
@@ -188,8 +191,17 @@ class NodeAgent:
     def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         command = parse_json(NodeCommand, payload).root
         if isinstance(command, SlowdownCommand):
-            self.slowdown = command.factor
-            log.warning("%s: emulated slowdown set to %.2fx", self.node_id, command.factor)
+            self.transient = command.factor
+            self.slowdown = self.device_speed * self.transient
+            log.warning("%s: emulated slowdown set to %.2fx (device speed %.2fx)", self.node_id, command.factor,
+                        self.device_speed)
+        elif isinstance(command, DeviceSpeedCommand):
+            with self._lock:
+                self.device_speed = command.factor
+                self.slowdown = self.device_speed * self.transient
+                runtime = self.runtime
+            self.calibration.request(runtime)  # the controller's curves must describe the new device
+            log.warning("%s: emulated device speed set to %.2fx", self.node_id, command.factor)
         elif isinstance(command, CalibrateCommand):
             with self._lock:
                 runtime = self.runtime
@@ -230,7 +242,7 @@ class NodeAgent:
             version = self.placement_version
             if finished.target is not self.runtime or version is None:
                 return  # the placement moved on meanwhile
-        calibration = finished.message(self.node_id, version, self.settings.emulated_slowdown, time.time())
+        calibration = finished.message(self.node_id, version, self.device_speed, time.time())
         self.bus.publish(self.topics.node_calibration(self.node_id), to_json(calibration), qos=1, retain=True)
         log.info("%s: calibrated blocks %d..%d: %.2f ms at p=0, %.2f ms at p=%.1f", self.node_id,
                  calibration.first_block, calibration.last_block, calibration.latency_s[0] * 1e3,
@@ -324,7 +336,7 @@ class NodeAgent:
                 self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}",
                                       req.user_props.get("request_id"))
                 continue
-            self.bus.publish(out.topic, out.payload, qos=1)
+            self.bus.publish(out.topic, out.payload, qos=1, user=out.user)
             with self._lock:
                 self.processed += 1
                 self._compute_s.append(out.compute_s)

@@ -20,7 +20,7 @@ from shared.imaging import decode_frame
 from shared.latency_fit import LatencyCurve, fit_latency
 from shared.model import CLASS_NAMES, INPUT_SIZE, BlockNet
 from shared.pruning import PrunableSlice
-from shared.schemas import BadMessage, Hop, Result, StageAssignment, to_json
+from shared.schemas import MAX_LABEL_INDEX, BadMessage, Hop, Result, StageAssignment, to_json
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Output:
     request_id: str
     compute_s: float  # the slice alone, what pruning can shrink
     decode_s: float = 0.0  # turning the payload into the slice's input (a frame's decode at stage 1)
+    user: dict[str, str] | None = None  # MQTT v5 user properties to publish with the output
 
 
 def block_input_shape(model: BlockNet, block: int) -> tuple[int, ...]:
@@ -113,6 +114,20 @@ def plausible_capture(capture_ts: float, received_ts: float, past_s: float, futu
     return received_ts - past_s <= capture_ts <= received_ts + future_s
 
 
+TRUE_LABEL = "true_label"
+
+
+def true_label(props: dict[str, str]) -> int | None:
+    """The ground-truth class index a labelled test frame carries (user property ``true_label``), if any."""
+    raw = props.get(TRUE_LABEL)
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 4:
+        raise BadMessage("bad_header", f"true_label user property {raw[:40]!r} is not a class index "
+                         f"(0..{MAX_LABEL_INDEX})")
+    return int(raw)
+
+
 class StageRuntime:
     """Runs one pipeline stage as assigned by the placement."""
 
@@ -183,6 +198,7 @@ class StageRuntime:
         """
         t_decode = time.perf_counter()
         act = self.decode(req)
+        label = true_label(req.user_props)
         x = torch.from_numpy(np.array(act.full_tensor(), dtype=np.float32))  # a writable copy
         decode_s = time.perf_counter() - t_decode
         t0 = time.perf_counter()
@@ -202,11 +218,12 @@ class StageRuntime:
             result = Result(request_id=act.request_id, camera_id=act.camera_id, capture_ts=act.capture_ts,
                             label=CLASS_NAMES[index] if index < len(CLASS_NAMES) else str(index),
                             label_index=index, confidence=float(probs[index]),
-                            hops=[*act.hops, Hop(**hop, published_ts=time.time())])
+                            hops=[*act.hops, Hop(**hop, published_ts=time.time())], true_label=label)
             payload = to_json(result)
         else:
             nxt = wire.Activation(act.request_id, act.camera_id, act.capture_ts,
                                   self.assignment.last_block + 1, out.numpy().astype(self.wire_dtype),
                                   keep_mask, [*act.hops, Hop(**hop, published_ts=time.time())])
             payload = wire.encode(nxt)
-        return Output(self.output_topic, payload, act.request_id, compute_s, decode_s)
+        return Output(self.output_topic, payload, act.request_id, compute_s, decode_s,
+                      {TRUE_LABEL: str(label)} if label is not None and not self.is_last else None)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, f
 from shared.topics import validate_id
 
 Id = Field(min_length=1, max_length=64, pattern=r"^[^/+#$\s]+$")
+MAX_LABEL_INDEX = 9999  # a class index; labelled frames beyond it are rejected as malformed
 
 
 class BadMessage(ValueError):
@@ -130,6 +131,8 @@ class Result(_Strict):
     label_index: int = Field(ge=0)
     confidence: float = Field(ge=0.0, le=1.0)
     hops: list[Hop] = Field(min_length=1, max_length=64)
+    true_label: int | None = Field(None, ge=0, le=MAX_LABEL_INDEX,
+                                   description="Ground truth of a labelled test frame (the camera's true_label).")
 
 
 class NodeStats(_Strict):
@@ -273,9 +276,17 @@ class NodeProfile(_Strict):
 
 
 class SlowdownCommand(_Strict):
-    """Emulate a slower device (tests, benchmarks, demos): stretch every compute by ``factor``."""
+    """Emulate a transient slowdown (tests, benchmarks, demos): ``factor`` × the device speed's compute."""
 
     cmd: Literal["slowdown"]
+    factor: float = Field(ge=1.0, le=1000.0)
+
+
+class DeviceSpeedCommand(_Strict):
+    """Emulate a slower device type (benchmarks): a base ``factor`` × this host's compute, under transient
+    slowdowns. The node re-calibrates after it, as it would on new hardware."""
+
+    cmd: Literal["device_speed"]
     factor: float = Field(ge=1.0, le=1000.0)
 
 
@@ -285,7 +296,8 @@ class CalibrateCommand(_Strict):
     cmd: Literal["calibrate"]
 
 
-class NodeCommand(RootModel[Annotated[SlowdownCommand | CalibrateCommand, Field(discriminator="cmd")]]):
+class NodeCommand(RootModel[Annotated[SlowdownCommand | CalibrateCommand | DeviceSpeedCommand,
+                                      Field(discriminator="cmd")]]):
     """A one-shot command on a node's ``cmd`` topic (never retained)."""
 
 

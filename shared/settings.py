@@ -185,6 +185,9 @@ class GatewaySettings(_Section):
                                    "stats_interval_s.")
     result_timeout_s: float = Field(120.0, gt=0, le=86400, description="An accepted frame with neither a result "
                                     "nor a failure report after this long is recorded as failed (`lost`).")
+    replace_on_violation: bool = Field(
+        False, description="Run-time re-partitioning: on a sustained violation, re-plan block boundaries with the "
+                           "measured slowdowns (and back once they are gone); needs the controller running.")
 
     _split_nodes = field_validator("nodes", mode="before")(_ids)
 
@@ -211,7 +214,21 @@ class CameraSettings(_Section):
 
     camera_id: str = Field("cam-1", description="Camera id; the frame topic's level.")
     rate_hz: float = Field(2.0, gt=0, le=1000, description="Mean frames per second.")
-    arrival: Literal["fixed", "poisson"] = Field("poisson", description="Inter-arrival process.")
+    arrival: Literal["fixed", "poisson", "bursts", "replay"] = Field(
+        "poisson", description="Arrival process: 'fixed' or 'poisson' at rate_hz; 'bursts' of camera-trap sequences "
+                               "(camera/arrivals.py); 'replay' of trace_csv's capture times.")
+    cameras: int = Field(1, ge=1, le=1000, description="Cameras simulated by 'bursts' (ids camera_id-1..N when > 1).")
+    time_scale: float = Field(1.0, gt=0, le=100000,
+                              description="'bursts'/'replay': divide every trace time by this (10 = 10x faster).")
+    duration_s: float = Field(0.0, ge=0, description="'bursts'/'replay': stop after this many (scaled) seconds; "
+                                                     "0 = a whole trace (bursts: one day of trace time).")
+    trace_csv: Path | None = Field(None, description="'replay': CSV file with one row per captured frame.")
+    time_column: str = Field("datetime", description="'replay': column of capture times.")
+    camera_column: str | None = Field(None, description="'replay': column naming the camera (else camera_id).")
+    time_format: str | None = Field(None, description="'replay': strptime format of time_column; default: "
+                                                      "epoch seconds or ISO 8601.")
+    labelled: bool = Field(False, description="Publish labelled test frames of the synthetic dataset, with the "
+                                              "ground truth in the true_label user property (benchmarks).")
     count: int = Field(0, ge=0, description="Frames to send; 0 = until stopped.")
     seed: int = Field(0, description="Seed of the synthetic scenes and the arrival process.")
     image_format: Literal["png", "jpeg"] = Field("png", description="Encoding of published frames.")
@@ -278,6 +295,14 @@ class ControllerSettings(_Section):
     slowdown_gone: float = Field(1.25, ge=1, description="A node's slowdown at or below this counts as gone.")
     slowdown_smoothing: float = Field(0.7, gt=0, le=1,
                                       description="EWMA weight of the newest slowdown sample (1 = no smoothing).")
+    fast_restore: bool = Field(True, description="Once a node's slowdown is gone, restore it in one decision to the "
+                                                 "lowest ratio its curve fits within restore_headroom x the budget "
+                                                 "(then the step-wise restore confirms any rest).")
+    fast_restore_confirm_s: float = Field(
+        2.0, ge=0, description="A node's slowdown must stay gone this long (and the latency not be violating) "
+                               "before a fast restore.")
+    restore_headroom: float = Field(0.8, gt=0, le=1,
+                                    description="A fast restore picks a ratio predicted within this x the stage budget.")
 
     _split_ladder = field_validator("ladder", mode="before")(
         lambda v: [float(x) for x in v.split(",")] if isinstance(v, str) else v)

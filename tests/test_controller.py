@@ -14,6 +14,7 @@ from shared.settings import ControllerSettings
 
 NODES = ("node-1", "node-2")
 LADDER = tuple(round(0.1 * k, 1) for k in range(10))
+STEPWISE = ControllerSettings(fast_restore=False)  # the step-wise restore alone (the fast one is tested below)
 SLO_S = 0.5  # stage budget = 0.8 × 0.5 / 2 = 0.2 s; LAT_trigger = 0.55 s; headroom ≤ 0.35 s
 
 
@@ -122,7 +123,7 @@ def test_cooldown_is_honoured_before_acting_again():
 
 
 def test_restore_after_recovery_steps_back_to_zero_then_stays():
-    loop = Loop()
+    loop = Loop(config=STEPWISE)
     loop.slowdown["node-2"] = 4.0
     loop.run_until(120)
     assert loop.controller.ratios == {"node-1": 0.0, "node-2": 0.4}
@@ -166,7 +167,7 @@ def test_no_action_on_a_borderline_stream():
 def test_restore_stops_where_the_next_step_would_break_the_budget():
     # node-2 recovers only to 1.2× (counts as gone): 1.2 × t(0.1) = 0.12 s, so all the way to 0 is
     # fine with the default budget, but not with a tight one.
-    config = ControllerSettings(budget_fraction=0.5)  # stage budget 0.125 s; 1.2 × t(0) = 0.144 s
+    config = ControllerSettings(budget_fraction=0.5, fast_restore=False)  # stage budget 0.125 s; 1.2 × t(0) = 0.144 s
     loop = Loop(config=config)
     loop.controller.set_manual(0.0, "node-2", 0.5)
     loop.controller.release_manual(0.0, "node-2")
@@ -178,7 +179,7 @@ def test_restore_stops_where_the_next_step_would_break_the_budget():
 
 def test_restore_waits_until_the_slowdown_is_gone():
     # 1.5 × t(0.3) = 0.1 s is well under budget, but node-2 is still slowed: keep its ratio.
-    loop = Loop(initial_ratios={"node-2": 0.4})
+    loop = Loop(config=STEPWISE, initial_ratios={"node-2": 0.4})
     loop.slowdown["node-2"] = 1.5
     loop.run_until(300)
     assert loop.actions == []
@@ -190,7 +191,7 @@ def test_restore_waits_until_the_slowdown_is_gone():
 def test_restore_needs_a_whole_watched_window_and_a_node_heard_from():
     # A restarted gateway with a retained ratio and ample headroom from the first request.
     def run(node_reports: bool) -> list[tuple[float, object]]:
-        controller = PruningController(NODES, FITS, ACCURACY, SLO_S, initial_ratios={"node-2": 0.4})
+        controller = PruningController(NODES, FITS, ACCURACY, SLO_S, STEPWISE, initial_ratios={"node-2": 0.4})
         actions = []
         for step in range(1, 5 * 40):
             ts = step / 5
@@ -329,3 +330,59 @@ def test_controller_rejects_pipelines_it_cannot_model():
         PruningController(("node-1", "node-1"), FITS, ACCURACY, SLO_S)
     with pytest.raises(ValueError, match="initial ratios"):
         PruningController(NODES, FITS, ACCURACY, SLO_S, initial_ratios={"node-1": 1.0})
+
+
+def test_fast_restore_returns_all_channels_in_one_decision_soon_after_the_slowdown_ends():
+    loop = Loop()
+    loop.slowdown["node-2"] = 4.0
+    loop.run_until(120)
+    assert loop.controller.ratios == {"node-1": 0.0, "node-2": 0.4}
+    loop.slowdown["node-2"] = 1.0
+    loop.run_until(400)
+    prune, restore = loop.of(SetRatios)  # exactly one restore decision, and no re-prune after it
+    assert restore[1].ratios == {"node-2": 0.0} and "fast restore" in restore[1].reason
+    config = loop.controller.config
+    # stats every 2 s; the EWMA needs a few reports to fall under slowdown_gone, then the confirmation
+    assert restore[0] - 120 <= 4 * 2.0 + config.fast_restore_confirm_s + 1.0
+    assert restore[0] - 120 < config.restore_window_s  # what the step-wise path alone would at least take
+
+
+def test_fast_restore_stops_at_the_lowest_ratio_with_headroom_and_steps_confirm_the_rest():
+    # node-2 recovers only to 1.2x: 1.2 x t(r) <= 0.7 x 0.2 s holds from r = 0.1 (0.119 s), not at 0 (0.144 s);
+    # the step-wise path then checks 0 against the full budget (0.144 <= 0.2) after a watched window.
+    loop = Loop(config=ControllerSettings(restore_headroom=0.7), initial_ratios={"node-2": 0.5})
+    loop.slowdown["node-2"] = 1.2
+    loop.run_until(10)
+    (first, fast), = loop.of(SetRatios)
+    assert fast.ratios == {"node-2": 0.1} and "fast restore" in fast.reason
+    loop.run_until(300)
+    (_, fast), (later, step) = loop.of(SetRatios)
+    assert step.ratios == {"node-2": 0.0} and later - first >= loop.controller.config.restore_window_s
+
+
+def test_fast_restore_waits_for_the_slowdown_to_be_gone_and_confirmed():
+    loop = Loop(config=ControllerSettings(restore_window_s=600), initial_ratios={"node-2": 0.4})  # fast path only
+    loop.slowdown["node-2"] = 1.5  # still slowed: nothing to restore, however much headroom
+    loop.run_until(120)
+    assert loop.actions == []
+    loop.controller.observe_node(121.0, "node-2", calibrated_time(0.4), 0, 0.4)  # one report says gone...
+    loop.controller.observe_node(122.0, "node-2", calibrated_time(0.4), 0, 0.4)
+    assert loop.controller.tick(122.5) == []  # ...but not yet for fast_restore_confirm_s
+    loop.controller.observe_node(123.0, "node-2", 1.5 * calibrated_time(0.4), 0, 0.4)
+    assert loop.controller.slowdown("node-2") > loop.controller.config.slowdown_gone
+    assert loop.controller.tick(125.0) == []  # back above: the confirmation starts over
+
+
+def test_fast_restore_never_touches_a_manual_hold():
+    loop = Loop()
+    loop.controller.set_manual(0.0, "node-2", 0.5)
+    loop.run_until(200)
+    assert loop.controller.ratios["node-2"] == 0.5 and len(loop.of(SetRatios)) == 0
+
+
+def test_a_restore_on_latency_headroom_also_jumps_when_fast_restore_is_on():
+    # The slowdown confirmation never completes here, so the step-wise path acts; it goes all the way at once.
+    loop = Loop(config=ControllerSettings(fast_restore_confirm_s=1000), initial_ratios={"node-2": 0.5})
+    loop.run_until(60)
+    (_, restore), = loop.of(SetRatios)
+    assert restore.ratios == {"node-2": 0.0} and restore.reason.startswith("restore:")

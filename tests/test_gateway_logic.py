@@ -38,6 +38,16 @@ def test_window_counts_a_latency_exactly_at_the_slo_as_met_and_reports_true_perc
     assert window.p99_s == pytest.approx(0.1981)
 
 
+def test_windows_measure_accuracy_on_labelled_frames_only():
+    w = SloWindows(window_s=10, slo_s=0.5)
+    for i, correct in enumerate([1, 0, 1, None, 1]):
+        w.add(100 + i, 0.1, correct)
+    w.add(111, 0.1)
+    first, second = w.close_all()
+    assert (first.count, first.labelled, first.accuracy_measured) == (5, 4, 0.75)
+    assert (second.labelled, second.accuracy_measured) == (0, None)
+
+
 @pytest.mark.parametrize("n_blocks,nodes", [(6, ["a", "b"]), (6, ["a", "b", "c", "d"]), (3, list("abcdef"))])
 def test_even_split_covers_every_block_once(n_blocks, nodes):
     p = even_split(n_blocks, nodes)
@@ -91,3 +101,22 @@ def test_store_batches_ignores_duplicate_results_and_reads_back(tmp_path):
     store.close()
     with pytest.raises(FileNotFoundError, match="gateway"):
         Reader(tmp_path / "missing.db")
+
+
+def test_labelled_results_record_whether_they_were_right(tmp_path):
+    right = result_row(_result("r1", 10.0).model_copy(update={"true_label": 2}), 10.2)
+    wrong = result_row(_result("r2", 10.0).model_copy(update={"true_label": 5}), 10.2)
+    unlabelled = result_row(_result("r3", 10.0), 10.2)
+    assert [(r["true_label"], r["correct"]) for r in (right, wrong, unlabelled)] == [(2, 1), (5, 0), (None, None)]
+
+
+def test_an_older_database_gains_the_new_columns(tmp_path):
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "old.db") as conn:
+        conn.execute("CREATE TABLE requests (request_id TEXT PRIMARY KEY, e2e_s FLOAT)")
+    store = Store(tmp_path / "old.db")
+    store.add_request(result_row(_result("r1", 10.0).model_copy(update={"true_label": 2}), 10.2))
+    store.flush()
+    assert store.db.execute("SELECT correct FROM requests").fetchall() == [(1,)]
+    store.close()

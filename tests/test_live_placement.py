@@ -127,6 +127,8 @@ def test_memory_caps_round_to_whole_bytes():
     live.set_offer(NodeProfile(node_id="a", model_fingerprint="abc", memory_mb=2.01, uplink_mbit_s=1000,
                                profile=profile))
     assert placed(live.tick(1)) == ["a"] and live.last_error is None
+
+
 def test_stage_one_pays_the_frame_decode_so_it_gets_fewer_blocks_when_frames_are_large():
     def with_decode(node: str, per_megapixel_s: float) -> NodeProfile:
         cost = DecodeCost(fixed_s=0.001, per_megapixel_s=per_megapixel_s, megapixels=[0.3, 4.0],
@@ -147,3 +149,21 @@ def test_stage_one_pays_the_frame_decode_so_it_gets_fewer_blocks_when_frames_are
     assert large.bottleneck_s == pytest.approx(0.040)
     # the node that decodes faster takes stage 1
     assert placed(plan(12.0, slow_decoder=0.004)) == ["b", "a"]
+
+
+def blocks_of(placement, node: str) -> int:
+    stage = placement.stage_of(node)
+    return stage.last_block - stage.first_block + 1
+
+
+def test_repartitioning_moves_blocks_off_a_slowed_node_and_back():
+    live = live_with(["a", "b"])
+    first = live.tick(1)
+    assert blocks_of(first, "a") == blocks_of(first, "b") == 3
+    assert live.replan_for_slowdowns({"a": 1.1, "b": 1.0}, 2) is None  # too small a gain to move
+    moved = live.replan_for_slowdowns({"a": 4.0, "b": 1.0}, 3)
+    assert moved is not None and moved.version > first.version
+    assert blocks_of(moved, "a") < blocks_of(moved, "b") and sorted(placed(moved)) == ["a", "b"]
+    assert live.tick(4) is None  # the live placement keeps the moved plan
+    back = live.replan_for_slowdowns({}, 5)  # slowdowns gone: the balanced plan is better again
+    assert back is not None and blocks_of(back, "a") == blocks_of(back, "b") == 3

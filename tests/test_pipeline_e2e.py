@@ -238,3 +238,23 @@ def test_nodes_announce_stopped_on_clean_exit(pipeline):
     assert pipeline.procs.procs["node-2"].wait(60) == 0  # joins its threads (5 s each) under load
     wait_until(lambda: any(t == "edgeprune/node/node-2/status" and p == b"stopped"
                            for t, p, _ in pipeline.recorder.messages), 10, "no 'stopped' status")
+
+
+def test_replayed_labelled_frames_are_scored_per_camera(pipeline, tmp_path):
+    """A CSV of capture times replays as frames of its cameras; each result records the ground truth."""
+    trace = tmp_path / "trace.csv"
+    trace.write_text("shot,site\n" + "".join(f"01/05/2024 10:00:{s:02d},{site}\n"
+                                             for s, site in [(0, "trap a"), (1, "trap a"), (2, "trap b"),
+                                                             (3, "trap a"), (5, "trap b"), (6, "trap b")]))
+    cam = pipeline.procs.start("camera-replay", "camera", "--trace-csv", str(trace), "--time-column", "shot",
+                               "--camera-column", "site", "--time-format", "%d/%m/%Y %H:%M:%S",
+                               "--time-scale", "4", "--labelled")
+    assert cam.wait(60) == 0, pipeline.procs.log("camera-replay")
+    wait_until(lambda: len(results_for(pipeline.reader, "trap_a")) == 3
+               and len(results_for(pipeline.reader, "trap_b")) == 3, 30, "replayed frames were not all classified")
+    rows = pipeline.reader.db.execute(
+        "SELECT true_label, correct, label_index, capture_ts FROM requests WHERE camera_id IN ('trap_a', 'trap_b') "
+        "ORDER BY capture_ts").fetchall()
+    assert all(t is not None and c == int(t == i) for t, c, i, _ in rows)
+    span = rows[-1][3] - rows[0][3]
+    assert span >= 6 / 4 - 0.05  # paced by the trace, a quarter of its 6 s

@@ -21,7 +21,7 @@ def chain(model, placement, frame: bytes, wire_dtype: str, props=None) -> Result
     req = Request("edgeprune/camera/cam/frame", frame, props or {}, 100.0, camera_id="cam")
     for rt in runtimes:
         out = rt.run(req, started_ts=req.received_ts + 0.001)
-        req = Request(out.topic, out.payload, {}, req.received_ts + 0.01)
+        req = Request(out.topic, out.payload, out.user or {}, req.received_ts + 0.01)  # as the agent publishes
     return parse_json(Result, out.payload)
 
 
@@ -57,6 +57,15 @@ def test_stage_loads_the_entry_statistics_of_the_ratio_its_input_was_pruned_at()
         assert second.slice.entry_upstream == upstream
 
 
+@pytest.mark.parametrize("n_nodes", [1, 3])
+def test_ground_truth_label_travels_to_the_result(n_nodes):
+    model = build_model()
+    placement = even_split(model.n_blocks, [f"n{i}" for i in range(n_nodes)])
+    frame = camera_frame(np.random.default_rng(1), 64, "png")
+    assert chain(model, placement, frame, "float16", {"true_label": "7"}).true_label == 7
+    assert chain(model, placement, frame, "float16").true_label is None
+
+
 def test_frame_without_properties_gets_id_and_arrival_time():
     model = build_model()
     placement = even_split(model.n_blocks, ["a"])
@@ -66,7 +75,10 @@ def test_frame_without_properties_gets_id_and_arrival_time():
 
 @pytest.mark.parametrize("props,match", [({"capture_ts": "yesterday"}, "not a number"),
                                          ({"capture_ts": "nan"}, "not a valid epoch"),
-                                         ({"request_id": "x" * 200}, "longer than 128")])
+                                         ({"request_id": "x" * 200}, "longer than 128"),
+                                         ({"true_label": "-1"}, "not a class index"),
+                                         ({"true_label": "cat"}, "not a class index"),
+                                         ({"true_label": "123456"}, "not a class index")])
 def test_bad_frame_properties_are_rejected(props, match):
     model = build_model()
     placement = even_split(model.n_blocks, ["a", "b"])

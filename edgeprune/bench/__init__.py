@@ -16,6 +16,7 @@ from typing import Any
 BENCHMARKS = [
     "allocator",
     "decode",
+    "pipeline",
     "placement",
     "pruning",
     "speedup",

@@ -1,0 +1,573 @@
+"""The headline experiment: pruning policies on an emulated heterogeneous pipeline under camera-trap bursts.
+
+For each policy the benchmark starts a fresh cluster (mosquitto, the gateway, one node agent per
+scenario node and a labelled camera, as real subprocesses through :class:`edgeprune.demo.Demo`), replays
+the same arrivals, seed and slowdown schedule, and reads the gateway's SQLite log afterwards.
+
+Slow devices are *emulated*: a node's ``slowdown`` k (device speed × transient slowdown) makes its stage
+sleep (k − 1) × the slice's calibrated compute at the ratio it runs, so pruning pays as on a slower CPU
+while eight emulated nodes share two cores without burning them. Scenario files are documented in
+``edgeprune/scenarios/README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeprune.demo import Demo, DemoOptions, SlowdownEpisode
+from gateway.service import load_block_accuracy
+from gateway.curves import SliceLatencyFit, accuracy_for_slices
+from gateway.policy import RatioProblem, evaluate_ratios
+from gateway.store import Reader
+from shared.settings import ControllerSettings
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+POLICIES = ("none", "static", "paper", "bottleneck", "replace", "replace+prune")
+RESTORE_TARGET_S = 30.0
+REPRUNE_HORIZON_S = 60.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    duration_s: float
+    slo_s: float
+    window_s: float
+    seed: int
+    nodes: dict[str, float]  # node id -> device speed (× this host's compute)
+    imbalance: dict[str, float]  # node id -> true speed over the speed its profile was measured at
+    slowdowns: tuple[SlowdownEpisode, ...]
+    arrivals: dict
+    controller: dict = field(default_factory=dict)
+
+
+def load_scenario(name_or_path: str, quick: bool = False) -> Scenario:
+    """A shipped scenario by name, or a TOML file by path; ``quick`` applies its ``[quick]`` overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SCENARIOS / f"{name_or_path}.toml"
+    if not path.exists():
+        shipped = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.toml")))
+        raise SystemExit(f"no scenario {name_or_path!r} (shipped: {shipped}; or pass a .toml path)")
+    data = tomllib.loads(path.read_text())
+    if quick:
+        data.update(data.pop("quick", {}))
+    data.pop("quick", None)
+    try:
+        nodes = {n["id"]: float(n.get("speed", 1.0)) for n in data["nodes"]}
+        episodes = tuple(SlowdownEpisode(s["node"], float(s["factor"]), float(s["start_s"]), float(s["end_s"]))
+                         for s in data.get("slowdowns", []))
+        scenario = Scenario(
+            name=data.get("name", path.stem), description=data.get("description", ""),
+            duration_s=float(data["duration_s"]), slo_s=float(data["slo_s"]),
+            window_s=float(data.get("window_s", 5.0)), seed=int(data.get("seed", 0)), nodes=nodes,
+            imbalance={k: float(v) for k, v in data.get("imbalance", {}).items()}, slowdowns=episodes,
+            arrivals=dict(data.get("arrivals", {"kind": "poisson", "rate_hz": 4.0})),
+            controller=dict(data.get("controller", {})))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SystemExit(f"scenario {path}: {type(exc).__name__}: {exc} (see edgeprune/scenarios/README.md)")
+    unknown = {e.node_id for e in episodes} | set(scenario.imbalance) - set(nodes)
+    if unknown - set(nodes):
+        raise SystemExit(f"scenario {path}: slowdowns or imbalance name unknown nodes {sorted(unknown - set(nodes))}")
+    return scenario
+
+
+def camera_args(scenario: Scenario) -> tuple[str, ...]:
+    a = scenario.arrivals
+    kind = a.get("kind", "bursts")
+    args = ["--camera-id", a.get("camera_id", "cam"), "--labelled", "--duration", str(scenario.duration_s)]
+    if kind == "bursts":
+        args += ["--arrival", "bursts", "--cameras", str(a.get("cameras", 1)),
+                 "--time-scale", str(a.get("time_scale", 1.0))]
+    elif kind == "replay":
+        args += ["--trace-csv", str(a["trace_csv"]), "--time-column", a.get("time_column", "datetime"),
+                 "--time-scale", str(a.get("time_scale", 1.0))]
+        args += ["--camera-column", a["camera_column"]] if a.get("camera_column") else []
+        args += ["--time-format", a["time_format"]] if a.get("time_format") else []
+    else:
+        args += ["--arrival", kind, "--rate", str(a["rate_hz"]), "--count",
+                 str(int(a["rate_hz"] * scenario.duration_s))]
+    return tuple(args)
+
+
+def controller_env(scenario: Scenario, policy: str) -> dict[str, str]:
+    settings = dict(scenario.controller)
+    if policy in ("none", "static", "replace"):
+        settings["max_ratio"] = 0.0  # the trigger still runs (and logs), but may not prune
+    if policy in ("paper", "bottleneck"):
+        settings["policy"] = policy
+    env = {f"EDGEPRUNE_CONTROLLER_{k.upper()}": str(v) for k, v in settings.items()}
+    if policy.startswith("replace"):
+        env["EDGEPRUNE_GATEWAY_REPLACE_ON_VIOLATION"] = "true"
+    return env
+
+
+class PolicyRun(Demo):
+    """One policy on a fresh cluster; the imbalance and the static holds are sent before the camera starts."""
+
+    def __init__(self, scenario: Scenario, policy: str, run_dir: Path):
+        env = {"EDGEPRUNE_GATEWAY_WINDOW_S": str(scenario.window_s), "EDGEPRUNE_GATEWAY_STARTUP_WAIT_S": "60",
+               "EDGEPRUNE_NODE_STATS_INTERVAL_S": "1", **controller_env(scenario, policy)}
+        super().__init__(DemoOptions(
+            run_dir=run_dir, nodes=len(scenario.nodes), duration_s=scenario.duration_s, slo_s=scenario.slo_s,
+            seed=scenario.seed, slowdowns=scenario.slowdowns, env=env, web=False,
+            node_ids=tuple(scenario.nodes), camera_args=camera_args(scenario), quiet=True,
+            node_env={n: {"EDGEPRUNE_NODE_EMULATED_SLOWDOWN": str(speed)} for n, speed in scenario.nodes.items()}))
+        self.scenario = scenario
+        self.policy = policy
+
+    def command(self, node_id: str, payload: dict) -> None:
+        """A one-shot command to a node (or the gateway), over the demo's own operator connection."""
+        topic = (self.topics.node_command(node_id) if node_id != "gateway"
+                 else self.topics.component_command("gateway"))
+        self.bus.publish(topic, json.dumps(payload), qos=1).wait_for_publish(5)
+
+    def prepare(self, timeout_s: float = 240.0) -> None:
+        """Imbalanced nodes get their true speed (they re-calibrate: the placement was planned on their
+        profiled speed, so their stage is slower than planned); then wait for the controller to run."""
+        asked = time.time()
+        for node_id, factor in self.scenario.imbalance.items():
+            self.command(node_id, {"cmd": "device_speed", "factor": self.scenario.nodes[node_id] * factor})
+        deadline = time.monotonic() + timeout_s
+        retried_errors = 0
+        while time.monotonic() < deadline:
+            self._check_alive()
+            reader = Reader(self.db)
+            status = reader.controller_status() or {}
+            recalibrated = {r["node_id"] for r in query(reader, "SELECT node_id FROM calibrations WHERE "
+                                                                "measured_at > ?", (asked,))}
+            if status.get("enabled") and set(self.scenario.imbalance) <= recalibrated:
+                break
+            # on a loaded host a calibration run can be preempted into a curve that cannot be fitted: the
+            # gateway rejects it (bad_calibration) and the node must measure again
+            rejected = query(reader, "SELECT id, topic FROM errors WHERE kind = 'bad_calibration' AND id > ?",
+                             (retried_errors,))
+            for row in rejected:
+                retried_errors = max(retried_errors, row["id"])
+                node_id = row["topic"].split("/")[-2]
+                if node_id in self.scenario.nodes:
+                    self.command(node_id, {"cmd": "calibrate"})
+            time.sleep(0.5)
+        else:
+            raise SystemExit(f"the controller did not start within {timeout_s:.0f} s; see {self.run_dir}/*.log")
+
+    def _wait_for_nodes(self, timeout_s: float = 600.0) -> None:
+        """Every *placed* node has taken its stage (a scenario may offer more nodes than the model has blocks)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                reader = Reader(self.db)
+                placement = reader.placement()
+                staged = {n["node_id"] for n in reader.nodes() if n.get("stage")}
+            except FileNotFoundError:  # the gateway is still creating its database
+                placement, staged = None, set()
+            if placement and {s["node_id"] for s in placement["stages"]} <= staged:
+                return
+            time.sleep(0.3)
+        raise SystemExit(f"nodes did not take their stages within {timeout_s:.0f} s; see {self.run_dir}/*.log")
+
+    def wait_for_camera(self, timeout_s: float = 120.0) -> None:
+        """The schedule's clock starts when the camera is connected: its arrivals count from that moment (it
+        loads the labelled frames first, which takes seconds on a loaded machine)."""
+        deadline = time.monotonic() + timeout_s
+        while "connected to" not in (self.run_dir / "camera.log").read_text():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the camera did not connect within {timeout_s:.0f} s; see {self.run_dir}/camera.log")
+            self._check_alive()
+            time.sleep(0.05)
+
+    def hold(self, ratio: float) -> None:
+        """Static pruning: the operator's manual hold at ``ratio`` on every placed node, for the whole run."""
+        for node_id in [s["node_id"] for s in Reader(self.db).placement()["stages"]]:
+            self.command("gateway", {"cmd": "prune", "node_id": node_id, "ratio": ratio})
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time of the pipeline's components so far (user + system, from /proc; the camera, which may have
+        exited, is not part of the pipeline): emulated sleeps cost none."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, proc in [(n, p) for n, p in self.procs if n != "camera"] + [("broker", self.broker)]:
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[name] = (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError, AttributeError):
+                pass
+        return out
+
+
+def static_ratio(reader: Reader, scenario: Scenario, settings: ControllerSettings) -> dict:
+    """Offline choice of the best single uniform ratio: the least pruning whose predicted bottleneck at the
+    scenario's worst slowdowns meets the stage budget, within the accuracy floor (else the most the floor allows)."""
+    placement = reader.placement()
+    stages = placement["stages"]
+    fits = {}
+    for row in query(reader, "SELECT node_id, fit FROM calibrations ORDER BY measured_at"):
+        fits[row["node_id"]] = SliceLatencyFit.from_dict(json.loads(row["fit"]))
+    block_accuracy = load_block_accuracy(None, _fingerprint())
+    accuracy = accuracy_for_slices(block_accuracy, [(s["first_block"], s["last_block"]) for s in stages])
+    worst = {s["node_id"]: max([1.0] + [e.factor for e in scenario.slowdowns if e.node_id == s["node_id"]])
+             for s in stages}
+    budget = settings.budget_fraction * scenario.slo_s / len(stages)
+    unpruned = accuracy.predictor(settings.accuracy_model)([0.0] * len(stages))
+    problem = RatioProblem(latency=[fits[s["node_id"]] for s in stages], slowdowns=[worst[s["node_id"]] for s in stages],
+                      accuracy=accuracy, accuracy_floor=settings.accuracy_floor_relative * unpruned,
+                      budget_s=budget, ladder=list(settings.ladder), accuracy_model=settings.accuracy_model)
+    allowed = [r for r in settings.ladder if problem.meets_floor([r] * len(stages))]
+    chosen = next((r for r in allowed if evaluate_ratios(problem, [r] * len(stages), "static", "").bottleneck_s <= budget),
+                  allowed[-1])
+    return {"ratio": chosen, "budget_s": budget, "worst_slowdowns": worst,
+            "predicted_accuracy": problem.predict_accuracy([chosen] * len(stages))}
+
+
+def query(reader: Reader, sql: str, params: tuple = ()) -> list[dict]:
+    cursor = reader.db.execute(sql, params)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def _fingerprint() -> str:
+    from shared.model import build_model, model_fingerprint
+
+    return model_fingerprint(build_model())
+
+
+class Progress:
+    """One line per policy: a bar over the run's seconds."""
+
+    def __init__(self, label: str, total_s: float):
+        self.label, self.total_s = label, total_s
+
+    def __call__(self, elapsed: float) -> None:
+        done = min(1.0, elapsed / self.total_s)
+        bar = "#" * int(30 * done)
+        print(f"\r{self.label:>14} [{bar:<30}] {elapsed:5.0f}/{self.total_s:.0f} s", end="", file=sys.stderr,
+              flush=True)
+
+
+def _percentile(values: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(values, q)) if values.size else None
+
+
+def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent: int, cpu_s: dict[str, float],
+              settings: ControllerSettings) -> dict:
+    """The issue's metrics for one policy run, from the gateway's SQLite log."""
+    rows = query(reader, "SELECT request_id, capture_ts, finish_ts, e2e_s, prune_ratios, hops, correct "
+                        "FROM requests ORDER BY capture_ts")
+    latency = np.array([r["e2e_s"] for r in rows])
+    met = int((latency <= scenario.slo_s).sum())
+    sent = max(frames_sent, len(rows))
+    nodes = reader.nodes()
+    dropped = sum(n.get("dropped") or 0 for n in nodes)
+    errors: dict[str, int] = {}
+    for e in query(reader, "SELECT kind, COUNT(*) AS n FROM errors WHERE kind NOT IN ('rejected_command', "
+                           "'bad_calibration') GROUP BY kind"):  # frames' errors, not the control plane's
+        errors[e["kind"]] = e["n"]
+    failed = sent - len(rows)
+    reasons = {"dropped_full_queue": dropped, **{f"error_{k}": v for k, v in errors.items()}}
+    reasons["lost_or_unfinished"] = max(0, failed - sum(reasons.values()))
+
+    predicted = _predicted_accuracy(reader, rows, settings)
+    correct = [r["correct"] for r in rows if r["correct"] is not None]
+    events = query(reader, "SELECT ts, kind, changed, reason FROM prune_events ORDER BY ts")
+    everything = _timeline(events)
+    onsets = sorted(started_ts + e.start_s for e in scenario.slowdowns)
+    ends = sorted(started_ts + e.end_s for e in scenario.slowdowns)
+    timeline = [event for event in everything if event[0] >= started_ts]  # static holds precede the camera
+    acted = [t for t, kind, _ in timeline if kind in ("prune", "replace")]
+    after_onset = [t for t in acted if onsets and t >= onsets[0]]
+    reaction = after_onset[0] - onsets[0] if after_onset else None
+    restore = _full_restore(timeline, ends[-1]) if ends and acted else None
+    restores = [t for t, kind, _ in timeline if kind == "restore"]
+    reprunes = sum(1 for t, kind, _ in timeline if kind == "prune"
+                   and any(0 < t - r <= REPRUNE_HORIZON_S for r in restores))
+    span = (rows[-1]["finish_ts"] - rows[0]["capture_ts"]) if len(rows) > 1 else None
+    return {
+        "frames": sent, "results": len(rows), "met": met, "attainment": met / sent if sent else None,
+        "p50_s": _percentile(latency, 50), "p95_s": _percentile(latency, 95), "p99_s": _percentile(latency, 99),
+        "throughput_fps": len(rows) / span if span else None, "failed": failed, "failed_reasons": reasons,
+        "accuracy_predicted_mean": float(np.mean(predicted)) if predicted else None,
+        "accuracy_predicted_worst": float(np.min(predicted)) if predicted else None,
+        "accuracy_measured": float(np.mean(correct)) if correct else None,
+        "labelled": len(correct),
+        "prune_events": sum(1 for _, kind, _ in timeline if kind == "prune"),
+        "restore_events": len(restores),
+        "replacement_events": sum(1 for _, kind, _ in timeline if kind == "replace"),
+        "reaction_s": reaction, "full_restore_s": restore[0] if restore else None,
+        "restored_within_run": restore is not None if acted and ends else None,
+        "reprunes_after_restore": reprunes, "hop_breakdown": hop_breakdown(rows) if rows else {}, "cpu_s_per_frame": sum(cpu_s.values()) / len(rows) if rows else None,
+        "cpu_s_by_component": cpu_s,
+        "latency_series": [[round(r["capture_ts"] - started_ts, 3), round(r["e2e_s"], 4)] for r in rows],
+        "ratio_series": [[round(max(0.0, t - started_ts), 3), kind, detail] for t, kind, detail in everything],
+    }
+
+
+def hop_breakdown(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Where a frame's time goes, per hop (median and p99, ms): each stage's queue wait and compute, and each
+    transfer (camera -> stage 1, stage i -> i+1, last stage -> gateway: MQTT, (de)serialisation, thread hand-offs)."""
+    parts: dict[str, list[float]] = {}
+    for r in rows:
+        hops = json.loads(r["hops"])
+        previous = r["capture_ts"]
+        for i, hop in enumerate(hops, start=1):
+            parts.setdefault(f"transfer to stage {i}", []).append(hop["received_ts"] - previous)
+            parts.setdefault(f"stage {i} queue", []).append(hop["started_ts"] - hop["received_ts"])
+            parts.setdefault(f"stage {i} compute", []).append(hop["finished_ts"] - hop["started_ts"])
+            parts.setdefault(f"stage {i} publish", []).append(hop["published_ts"] - hop["finished_ts"])
+            previous = hop["published_ts"]
+        parts.setdefault("transfer to gateway", []).append(r["finish_ts"] - previous)
+    return {name: {"p50_ms": 1000 * float(np.percentile(v, 50)), "p99_ms": 1000 * float(np.percentile(v, 99))}
+            for name, v in parts.items()}
+
+
+def _timeline(events: list[dict]) -> list[tuple[float, str, dict]]:
+    """(ts, prune | restore | replace, detail) from prune_events: a `set` that raises any ratio is a prune."""
+    out = []
+    current: dict[str, float] = {}
+    for e in events:
+        if e["kind"] == "replace":
+            out.append((e["ts"], "replace", {"reason": e["reason"]}))
+            continue
+        if e["kind"] != "set" or not e["changed"]:
+            continue
+        changed = json.loads(e["changed"])
+        raised = any(r > current.get(n, 0.0) + 1e-9 for n, r in changed.items())
+        current.update(changed)
+        out.append((e["ts"], "prune" if raised else "restore", dict(current)))
+    return out
+
+
+def _full_restore(timeline: list[tuple[float, str, dict]], end_ts: float) -> tuple[float] | None:
+    """Seconds from the last slowdown's end until every ratio is 0 again (and the placement moved back)."""
+    ratios_zero_at = None
+    placement_back_at = None
+    replaced = False
+    for ts, kind, detail in timeline:
+        if kind == "replace":
+            replaced = not replaced
+            placement_back_at = ts if not replaced else None
+        elif all(r <= 1e-9 for r in detail.values()):
+            ratios_zero_at = ts
+        else:
+            ratios_zero_at = None
+    pruned_ever = any(kind == "prune" for _, kind, _ in timeline)
+    if replaced or (pruned_ever and ratios_zero_at is None):
+        return None
+    done = max([t for t in (ratios_zero_at, placement_back_at) if t is not None], default=end_ts)
+    return (max(0.0, done - end_ts),)
+
+
+def _predicted_accuracy(reader: Reader, rows: list[dict], settings: ControllerSettings) -> list[float]:
+    """Calibrated accuracy of the ratios (and slices) each frame ran at."""
+    block_accuracy = load_block_accuracy(None, _fingerprint())
+    if block_accuracy is None:
+        return []
+    placements = query(reader, "SELECT version, issued_at, stages FROM placements ORDER BY issued_at")
+    cache: dict = {}
+    out = []
+    for r in rows:
+        hops = json.loads(r["hops"])
+        in_force = [p for p in placements if p["issued_at"] <= hops[0]["received_ts"]] or placements[:1]
+        if not in_force:
+            continue
+        stages = json.loads(in_force[-1]["stages"])
+        if len(stages) != len(hops):
+            continue
+        key = (in_force[-1]["version"], tuple(h["prune_ratio"] for h in hops))
+        if key not in cache:
+            fit = accuracy_for_slices(block_accuracy, [(s["first_block"], s["last_block"]) for s in stages])
+            cache[key] = fit.predictor(settings.accuracy_model)(list(key[1]))
+        out.append(cache[key])
+    return out
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--scenario", default="paper", help="a shipped scenario (paper, hetero4, scale8) or a "
+                        ".toml path")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of "
+                        f"{', '.join(POLICIES)}")
+    parser.add_argument("--quick", action="store_true", help="the scenario's short [quick] variant (< 1 min a policy)")
+    parser.add_argument("--run-dir", type=Path, default=Path("run/bench-pipeline"), help="logs and databases")
+    parser.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots into DIR (e.g. docs/results)")
+    parser.add_argument("--saturation", action="store_true", help="instead of the policies: the highest frame "
+                        "rate a 2-node pipeline at p=0 sustains, against 1 / (slowest stage), and the time per hop")
+    parser.add_argument("--device-speed", type=float, default=10.0, help="--saturation: both nodes' device speed")
+    parser.add_argument("--step-s", type=float, default=15.0, help="--saturation: seconds of traffic per rate")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="run nothing: re-derive the table and plots "
+                        "from a JSON this benchmark wrote")
+
+
+def in_slowdowns(document: dict) -> None:
+    """Attainment and p95 of the frames captured while any slowdown was on, per policy (over results: a failed
+    frame's capture time is not known, so failures are only in the whole-run figures)."""
+    windows = [(e["start_s"], e["end_s"]) for e in document["slowdowns"]]
+    onset = min((a for a, _ in windows), default=None)
+    for result in document["policies"].values():
+        # bursts may leave a slowed node idle for a while: how fast did the policy act once frames saw it?
+        first = next((t for t, _ in result["latency_series"] if onset is not None and t >= onset), None)
+        acted = [t for t, kind, _ in result["ratio_series"] if kind in ("prune", "replace")
+                 and first is not None and t >= first]
+        result["first_slowed_frame_s"] = first
+        result["reaction_after_first_slowed_frame_s"] = acted[0] - first if acted else None
+        latency = np.array([lat for t, lat in result["latency_series"] if any(a <= t < b for a, b in windows)])
+        result["slowdown_results"] = int(latency.size)
+        result["slowdown_attainment"] = float((latency <= document["slo_s"]).mean()) if latency.size else None
+        result["slowdown_p95_s"] = _percentile(latency, 95)
+
+
+def table(document: dict) -> list[dict]:
+    return [{"policy": p, "frames": r["frames"], "attain_%": _pct(r["attainment"]),
+             "slowed_%": _pct(r.get("slowdown_attainment")), "p50_ms": _ms(r["p50_s"]), "p95_ms": _ms(r["p95_s"]),
+             "p99_ms": _ms(r["p99_s"]), "fps": r["throughput_fps"], "failed": r["failed"],
+             "acc_pred": r["accuracy_predicted_mean"], "acc_pred_min": r["accuracy_predicted_worst"],
+             "acc_meas": r["accuracy_measured"], "prunes": r["prune_events"], "replaces": r["replacement_events"],
+             "react_s": r["reaction_s"], "react_frame_s": r.get("reaction_after_first_slowed_frame_s"),
+             "restore_s": r["full_restore_s"], "reprunes": r["reprunes_after_restore"],
+             "cpu_ms/frame": _ms(r["cpu_s_per_frame"])} for p, r in document["policies"].items()]
+
+
+def saturation(args) -> dict:
+    """Fixed-rate traffic at rising rates through a 2-node pipeline at p=0 (no controller action).
+
+    A rate counts as sustained when every frame came back and the last quarter's median latency stays within
+    2x (+50 ms) of the first quarter's: the queue does not grow. The physical limit is 1 / the slowest stage's
+    median compute, measured at a low rate in the same run.
+    """
+    scenario = Scenario(name="saturation", description="2 nodes at p=0, fixed-rate frames at rising rates",
+                        duration_s=args.step_s, slo_s=10.0, window_s=5.0, seed=0,
+                        nodes={"node-1": args.device_speed, "node-2": args.device_speed}, imbalance={},
+                        slowdowns=(), arrivals={}, controller={"max_ratio": 0.0})
+    bench = PolicyRun(scenario, "none", args.run_dir / "saturation")
+    steps: list[dict] = []
+    try:
+        bench.start_pipeline()
+        bench.prepare()
+        low = _saturation_step(bench, 0, 2.0, args.step_s)
+        low_hops = low.pop("hops")
+        stage_compute = {k: v["p50_ms"] for k, v in low_hops.items() if k.endswith("compute")}
+        limit_fps = 1000.0 / max(stage_compute.values())
+        steps.append(low)
+        for k, fraction in enumerate((0.5, 0.7, 0.85, 0.95, 1.05, 1.2), start=1):
+            print(f"\rsaturation: {fraction:.0%} of the limit ({fraction * limit_fps:.1f} frames/s)", end="",
+                  file=sys.stderr, flush=True)
+            step = _saturation_step(bench, k, fraction * limit_fps, args.step_s)
+            step.pop("hops")
+            steps.append(step)
+    finally:
+        bench.stop_processes()
+    print(file=sys.stderr)
+    sustained = [s["rate_fps"] for s in steps if s["sustained"]]
+    best = max(sustained, default=None)
+    document = {"saturation": {"device_speed": args.device_speed, "stage_compute_p50_ms": stage_compute,
+                               "limit_fps": limit_fps, "highest_sustained_fps": best,
+                               "fraction_of_limit": best / limit_fps if best else None, "steps": steps,
+                               "hop_breakdown_at_2fps": low_hops}}
+    document["tables"] = {"saturation: 2 nodes, p = 0": steps,
+                          "time per hop at 2 frames/s (ms)": [{"part": k, **v} for k, v in low_hops.items()]}
+    return document
+
+
+def _saturation_step(bench: PolicyRun, index: int, rate: float, step_s: float) -> dict:
+    camera = f"sat{index}"
+    bench.opt.camera_args = ("--camera-id", camera, "--arrival", "fixed", "--rate", f"{rate:.3f}",
+                             "--count", str(max(5, int(rate * step_s))))
+    bench.start_camera()
+    sent = max(5, int(rate * step_s))
+    bench.procs[-1][1].wait(timeout=step_s * 4 + 120)
+    time.sleep(3.0)  # the queue drains
+    rows = query(Reader(bench.db), "SELECT capture_ts, finish_ts, e2e_s, hops FROM requests WHERE camera_id = ? "
+                                   "ORDER BY capture_ts", (camera,))
+    latency = np.array([r["e2e_s"] for r in rows])
+    quarter = max(1, latency.size // 4)
+    stable = latency.size > 0 and (np.median(latency[-quarter:]) <= 2 * np.median(latency[:quarter]) + 0.05)
+    hops = hop_breakdown(rows) if rows else {}
+    span = rows[-1]["finish_ts"] - rows[0]["capture_ts"] if len(rows) > 1 else None
+    return {"rate_fps": rate, "sent": sent, "results": len(rows), "throughput_fps": len(rows) / span if span else None,
+            "p50_ms": _ms(_percentile(latency, 50)), "p95_ms": _ms(_percentile(latency, 95)),
+            "sustained": bool(stable and len(rows) >= sent), "hops": hops}
+
+
+def run(args) -> dict:
+    if args.saturation:
+        return saturation(args)
+    if args.replot:
+        document = json.loads(args.replot.read_text())
+        in_slowdowns(document)
+        document["tables"] = {f"bench pipeline: {document['scenario']}": table(document)}
+        if args.plots:
+            from edgeprune.bench.pipeline_plots import plot_all
+
+            for path in plot_all(document, args.plots):
+                print(f"wrote {path}")
+        return document
+    scenario = load_scenario(args.scenario, args.quick)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    settings = ControllerSettings(**scenario.controller)
+    results: dict[str, dict] = {}
+    static: dict | None = None
+    for policy in policies:
+        run_dir = args.run_dir / scenario.name / policy.replace("+", "-")
+        bench = PolicyRun(scenario, policy, run_dir)
+        try:
+            bench.start_pipeline()
+            bench.prepare()
+            if policy == "static":
+                static = static_ratio(Reader(bench.db), scenario, settings)
+                bench.hold(static["ratio"])
+            cpu_before = bench.cpu_seconds()
+            bench.start_camera()
+            bench.wait_for_camera()
+            started_ts = time.time()
+            progress = Progress(policy, scenario.duration_s)
+            cpu_after: dict[str, float] = {}
+
+            def each_second(elapsed: float) -> None:
+                progress(elapsed)
+                cpu_after.update(bench.cpu_seconds())  # the last reading before run() stops everything
+
+            bench.run(on_second=each_second)
+            cpu_s = {n: cpu_after[n] - cpu_before.get(n, 0.0) for n in cpu_after}
+        finally:
+            bench.stop_processes()
+        print(file=sys.stderr)
+        summary = bench.summary()
+        results[policy] = summarise(Reader(bench.db), scenario, started_ts, summary["frames_sent"] or 0, cpu_s,
+                                    settings)
+    document = {
+        "scenario": scenario.name, "quick": args.quick, "description": scenario.description,
+        "emulation": "sleep: a node with slowdown k sleeps (k-1) x its slice's calibrated compute at the ratio it "
+                     "runs (device speed x transient slowdown); no CPU is burnt, so N emulated nodes share this host",
+        "host": {"cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0]},
+        "slo_s": scenario.slo_s, "duration_s": scenario.duration_s, "nodes": scenario.nodes, "imbalance": scenario.imbalance,
+        "slowdowns": [vars(e) for e in scenario.slowdowns], "arrivals": scenario.arrivals,
+        "static_choice": static, "policies": results,
+    }
+    in_slowdowns(document)
+    document["tables"] = {f"bench pipeline: {scenario.name}": table(document)}
+    if args.plots:
+        from edgeprune.bench.pipeline_plots import plot_all
+
+        for path in plot_all(document, args.plots):
+            print(f"wrote {path}")
+    return document
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100.0 * x
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else 1000.0 * x

@@ -1,0 +1,99 @@
+"""PNG figures of ``edgeprune bench pipeline``: latency over time per policy (like the paper's Figure 5),
+attainment per policy, and accuracy against attainment. Drawn from the JSON document alone, so a
+committed ``docs/results/<scenario>.json`` can be re-plotted without re-running."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_all(document: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = document["scenario"] + ("-quick" if document.get("quick") else "")
+    return [_latency(document, out_dir / f"{name}-latency.png"),
+            _attainment(document, out_dir / f"{name}-attainment.png"),
+            _accuracy(document, out_dir / f"{name}-accuracy.png")]
+
+
+def _latency(document: dict, path: Path) -> Path:
+    policies = document["policies"]
+    fig, axes = plt.subplots(len(policies), 1, figsize=(9, 1.9 * len(policies) + 0.6), sharex=True, squeeze=False)
+    nodes = list(document["nodes"])
+    for ax, (policy, result) in zip(axes[:, 0], policies.items()):
+        for episode in document["slowdowns"]:
+            ax.axvspan(episode["start_s"], episode["end_s"], color="orange", alpha=0.15, lw=0)
+        series = result["latency_series"]
+        if series:
+            t, latency = zip(*series)
+            ax.scatter(t, [1000 * v for v in latency], s=3, color="tab:blue")
+        ax.axhline(1000 * document["slo_s"], color="red", lw=1, ls="--")
+        ax.set_yscale("log")
+        ax.set_ylabel("e2e ms")
+        attained = result["attainment"]
+        ax.set_title(f"{policy}: SLO met for {100 * attained:.0f}% of frames sent" if attained is not None
+                     else policy, fontsize=9, loc="left")
+        ratio_ax = ax.twinx()
+        for node in nodes:
+            steps = [(0.0, 0.0)] + [(t, detail.get(node, 0.0)) for t, kind, detail in result["ratio_series"]
+                                    if kind in ("prune", "restore")]
+            if len(steps) > 1:
+                xs, ys = zip(*steps)
+                ratio_ax.step(list(xs) + [document.get("duration_s", xs[-1])], list(ys) + [ys[-1]], where="post",
+                              lw=1.2, label=f"{node} ratio")
+        for t, kind, _ in result["ratio_series"]:
+            if kind == "replace":
+                ratio_ax.axvline(t, color="purple", lw=1, ls=":")
+        ratio_ax.set_ylim(0, 1)
+        ratio_ax.set_ylabel("ratio")
+        if ratio_ax.get_legend_handles_labels()[0]:
+            ratio_ax.legend(loc="upper right", fontsize=7)
+    axes[-1, 0].set_xlabel("seconds since the camera started (slowdowns shaded; dotted: re-partitioning)")
+    fig.suptitle(f"{document['scenario']}: end-to-end latency per frame, SLO {1000 * document['slo_s']:.0f} ms (red)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _attainment(document: dict, path: Path) -> Path:
+    policies = document["policies"]
+    names = list(policies)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    values = [100 * (policies[p]["attainment"] or 0) for p in names]
+    bars = ax.bar(names, values, color="tab:green")
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, value + 1, f"{value:.0f}%", ha="center", fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("% of frames sent within the SLO")
+    ax.set_title(f"{document['scenario']}: SLO attainment per policy (dropped or failed frames count as misses)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _accuracy(document: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, result in document["policies"].items():
+        if result["attainment"] is None:
+            continue
+        x = 100 * result["attainment"]
+        for key, marker in (("accuracy_measured", "o"), ("accuracy_predicted_mean", "x")):
+            if result.get(key) is not None:
+                ax.scatter(x, 100 * result[key], marker=marker, s=40)
+        ax.annotate(policy, (x, 100 * (result.get("accuracy_measured") or result.get("accuracy_predicted_mean") or 0)),
+                    fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("SLO attainment, % of frames sent")
+    ax.set_ylabel("accuracy, % (o measured on labelled frames, x predicted)")
+    ax.set_title(f"{document['scenario']}: accuracy vs attainment", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

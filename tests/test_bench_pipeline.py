@@ -1,0 +1,96 @@
+"""`edgeprune bench pipeline` end to end on a tiny scenario: real broker, gateway, nodes and camera."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from edgeprune.bench.pipeline import _full_restore, _timeline, load_scenario
+
+pytestmark = pytest.mark.integration
+
+TINY = """
+name = "tiny"
+duration_s = 14
+slo_s = 0.2
+window_s = 2
+seed = 5
+
+[[nodes]]
+id = "node-1"
+speed = 10.0
+
+[[nodes]]
+id = "node-2"
+speed = 10.0
+
+[imbalance]
+node-2 = 1.1
+
+[[slowdowns]]
+node = "node-1"
+factor = 8.0
+start_s = 1
+end_s = 9
+
+[arrivals]
+kind = "poisson"
+rate_hz = 8.0
+
+[controller]
+trigger_window_s = 3
+trigger_min_span_s = 1
+cooldown_s = 2
+min_samples = 3
+"""
+
+
+def test_tiny_scenario_reports_every_frame_sent_and_the_pruning(tmp_path):
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    out = tmp_path / "tiny.json"
+    proc = subprocess.run([sys.executable, "-m", "edgeprune", "bench", "pipeline", "--scenario", str(scenario),
+                           "--policies", "bottleneck", "--run-dir", str(tmp_path / "run"), "--json", str(out),
+                           "--plots", str(tmp_path / "plots")],
+                          capture_output=True, text=True, timeout=240, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    document = json.loads(out.read_text())
+    assert document["scenario"] == "tiny" and "sleep" in document["emulation"]
+    result = document["policies"]["bottleneck"]
+    for key in ("frames", "attainment", "p50_s", "p95_s", "p99_s", "failed", "accuracy_predicted_mean",
+                "accuracy_measured", "reaction_s", "full_restore_s", "reprunes_after_restore"):
+        assert key in result
+    assert result["frames"] == result["results"] + result["failed"] > 0
+    assert result["attainment"] == result["met"] / result["frames"]
+    assert result["labelled"] == result["results"]  # the benchmark's camera labels every frame
+    assert 0 <= result["accuracy_measured"] <= 1
+    assert result["prune_events"] >= 1 and result["reaction_s"] is not None  # 8x on 10x-host stages saturates
+    assert "bottleneck" in proc.stdout  # the table
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "tiny-accuracy.png", "tiny-attainment.png", "tiny-latency.png"]
+
+
+def test_timeline_tells_prunes_from_restores_and_times_the_full_restore():
+    events = [{"ts": 10.0, "kind": "set", "changed": '{"a": 0.5}', "reason": ""},
+              {"ts": 12.0, "kind": "held", "changed": "{}", "reason": ""},
+              {"ts": 30.0, "kind": "set", "changed": '{"a": 0.2}', "reason": ""},
+              {"ts": 40.0, "kind": "set", "changed": '{"a": 0.0}', "reason": ""}]
+    timeline = _timeline(events)
+    assert [kind for _, kind, _ in timeline] == ["prune", "restore", "restore"]
+    assert _full_restore(timeline, end_ts=25.0) == (15.0,)
+    assert _full_restore(timeline[:2], end_ts=25.0) is None  # still pruned at the end of the run
+    moved = [(5.0, "replace", {}), (33.0, "replace", {})]
+    assert _full_restore(moved, end_ts=25.0) == (8.0,)
+
+
+def test_shipped_scenarios_load_with_their_quick_variants():
+    for name in ("paper", "hetero4", "scale8"):
+        full, quick = load_scenario(name), load_scenario(name, quick=True)
+        assert quick.duration_s < full.duration_s and full.slowdowns and quick.slowdowns
+        assert all(e.node_id in full.nodes for e in full.slowdowns)
+    with pytest.raises(SystemExit, match="no scenario 'nope'"):
+        load_scenario("nope")
