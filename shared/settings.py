@@ -130,6 +130,9 @@ class GatewaySettings(_Section):
                                    description="Re-place for a joining node only if the bottleneck improves by this fraction.")
     accuracy_model: Path | None = Field(None, description="Per-block accuracy calibration (JSON from `edgeprune "
                                         "calibrate`); default: the one shipped beside the checkpoint.")
+    checkpoint: Path | None = Field(None, description="The checkpoint the nodes run (set it with [node] checkpoint "
+                                    "when you train your own): the gateway places only nodes with these weights and "
+                                    "loads their accuracy model; default: the one shipped in shared/assets.")
 
     _split_nodes = field_validator("nodes", mode="before")(_ids)
 
