@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "bench",
     "dataset",
     "train",
+    "classify",
 ]
 
 
