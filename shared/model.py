@@ -225,11 +225,6 @@ MODEL_NAME = "trapnet"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "trapnet.pt"
 
 
-def accuracy_model_path(model: str) -> Path:
-    """Where `edgeprune calibrate` writes the per-block accuracy model, beside the shipped checkpoint."""
-    return DEFAULT_CHECKPOINT.with_name(f"{model}.accuracy.json")
-
-
 def accuracy_model_beside(checkpoint: Path | None) -> Path:
     """The accuracy model `edgeprune calibrate` writes for ``checkpoint``: ``X.pt`` -> ``X.accuracy.json``."""
     return (checkpoint or DEFAULT_CHECKPOINT).with_suffix(".accuracy.json")
