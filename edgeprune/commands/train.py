@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 
@@ -98,10 +99,12 @@ def run(args) -> int:
         data_meta = {"source": kind, "path": str(path.resolve()), "seed": args.data_seed,
                      "path_column": args.path_column, "label_column": args.label_column,
                      "group_column": args.group_column}
+        started = time.perf_counter()
         data = load_source(kind, path, size, resize, seed=args.data_seed, threads=args.threads,
                            progress=not args.no_progress, path_column=args.path_column,
                            label_column=args.label_column, group_column=args.group_column)
         print(balance_report(data))
+        print(f"decoded in {time.perf_counter() - started:.1f} s ({size} px, {resize})")
         splits, names, scientific = data.splits, data.class_names, data.scientific_names
         data_meta.update(unreadable=len(data.unreadable), class_counts={
             name: int(sum((s.labels == i).sum() for s in splits.values())) for i, name in enumerate(names)})
