@@ -1,4 +1,4 @@
-"""``edgeprune train``: train a regime on the camera-trap frames and write a checkpoint with BN tables."""
+"""``edgeprune train``: train on the synthetic frames or on your own photos; a checkpoint with BN tables."""
 
 from __future__ import annotations
 
