@@ -89,7 +89,8 @@ def read_camtrap_dp(root: Path) -> tuple[list[LabelledImage], dict[str, str], Co
     folder = root.parent if root.is_file() else root
     for name in ("media.csv", "observations.csv"):
         if not (folder / name).exists():
-            raise SystemExit(f"--camtrap-dp {root}: no {name} (a Camtrap DP package has media.csv and observations.csv)")
+            raise SystemExit(f"--camtrap-dp {root}: no {name} "
+                             "(a Camtrap DP package has media.csv and observations.csv)")
     media = _read_csv(folder / "media.csv")
     labels: dict[str, set[str]] = {row["mediaID"]: set() for row in media}
     events = []

@@ -35,7 +35,8 @@ def register(sub) -> None:
     source.add_argument("--images", type=Path, metavar="DIR", help="one sub-folder per class: DIR/<class>/<file>.jpg")
     source.add_argument("--labels", type=Path, metavar="CSV", help="a CSV of file paths (relative to it) and labels")
     source.add_argument("--camtrap-dp", type=Path, metavar="PATH",
-                        help="a Camtrap DP package folder (media.csv + observations.csv; blank observations -> 'blank')")
+                        help="a Camtrap DP package folder (media.csv + observations.csv; "
+                             "blank observations -> 'blank')")
     own.add_argument("--path-column", default="path", help="--labels: the file path column")
     own.add_argument("--label-column", default="label", help="--labels: the label column")
     own.add_argument("--group-column", help="--labels: a camera/site column; the split never puts one in two splits")
