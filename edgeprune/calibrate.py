@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from edgeprune.dataset import FrameSplit, to_model_input
 from gateway.curves import AccuracyFit, fit_accuracy
-from shared.model import CLASS_NAMES, BlockNet, model_fingerprint
+from shared.model import BlockNet, model_fingerprint
 from shared.pruning import DEFAULT_LADDER, PrunableSlice, pipeline_predictions
 
 
@@ -69,7 +69,7 @@ def calibrate_accuracy(model: BlockNet, split: FrameSplit, vectors: np.ndarray,
     with torch.inference_mode():
         for vector in tqdm(vectors, desc="accuracy per ratio vector", unit="vector", disable=not progress):
             measured.append(float((pipeline_predictions(blocks, vector, inputs) == split.labels).mean()))
-    fit = fit_accuracy(vectors.tolist(), measured, chance=1.0 / len(CLASS_NAMES))
+    fit = fit_accuracy(vectors.tolist(), measured, chance=1.0 / model.config.num_classes)
     return fit, measured
 
 

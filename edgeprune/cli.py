@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "bench",
     "dataset",
     "train",
+    "classify",
 ]
 
 

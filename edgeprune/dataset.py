@@ -35,6 +35,7 @@ SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 CACHE_ENV = "EDGEPRUNE_CACHE_DIR"
 # Bump when the rendering changes: the cache key includes it, so stale frames are never reused.
 RENDER_VERSION = 2
+BLANK = "blank"
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class RenderConfig:
     min_scale: float = 0.55   # animal height as a fraction of the frame
     max_scale: float = 0.95
     seed: int = 0
+    # extra frames with no animal (class "blank"), as a share of the animal frames; 0 = the ten classes only
+    blank_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,11 @@ def split_indices(n: int, seed: int) -> dict[str, np.ndarray]:
     return {name: np.sort(order[a:b]) for name, a, b in zip(SPLITS, starts, ends)}
 
 
+def synthetic_class_names(blank_fraction: float = 0.0) -> tuple[str, ...]:
+    """The synthetic set's classes: the ten animals, and ``blank`` (index 10) when it renders empty frames."""
+    return CLASS_NAMES + ((BLANK,) if blank_fraction > 0 else ())
+
+
 def load_raw_silhouettes(seed: int = 0) -> dict[str, FrameSplit]:
     """The raw silhouettes as gray RGB frames (28x28), same split: the fast fixture for tests."""
     images, labels = load_silhouettes()
@@ -133,9 +141,13 @@ def _fur(rng: np.random.Generator, size: int, behind: np.ndarray) -> np.ndarray:
     return base[None, None, :] * (0.75 + 0.5 * blotch[..., None])
 
 
-def render_frame(silhouette: np.ndarray, backgrounds: list[np.ndarray], rng: np.random.Generator,
+def render_frame(silhouette: np.ndarray | None, backgrounds: list[np.ndarray], rng: np.random.Generator,
                  config: RenderConfig, night: bool) -> np.ndarray:
-    """One camera-trap-like HxWx3 uint8 frame: a recoloured silhouette on a random background crop."""
+    """One camera-trap-like HxWx3 uint8 frame: a recoloured silhouette on a random background crop.
+
+    ``silhouette`` None renders a *blank* frame: the same background, light and noise, no animal
+    (most real trap frames are such false triggers).
+    """
     s = config.size
     photo = backgrounds[rng.integers(len(backgrounds))]
     crop = int(rng.uniform(0.25, 0.9) * min(photo.shape[:2]))
@@ -145,13 +157,18 @@ def render_frame(silhouette: np.ndarray, backgrounds: list[np.ndarray], rng: np.
     frame = np.asarray(bg, np.float32) * rng.uniform(0.7, 1.2) + rng.uniform(-20, 20, 3)
 
     side = max(8, int(rng.uniform(config.min_scale, config.max_scale) * s))
-    sil = silhouette[:, ::-1] if rng.random() < 0.5 else silhouette
-    alpha = np.asarray(Image.fromarray(np.ascontiguousarray(sil)).resize((side, side), Image.Resampling.BILINEAR),
-                       np.float32)[..., None] / 255.0
-    top = rng.integers(0, s - side + 1)
-    left = rng.integers(0, s - side + 1)
-    region = frame[top:top + side, left:left + side]
-    frame[top:top + side, left:left + side] = region * (1 - alpha) + _fur(rng, side, region) * alpha
+    if silhouette is None:  # blank: nothing pasted, and the night flash lights no subject
+        alpha = np.zeros((side, side, 1), np.float32)
+        top = rng.integers(0, s - side + 1)
+        left = rng.integers(0, s - side + 1)
+    else:  # the draws keep their order, so every animal frame renders as it did before blanks existed
+        sil = silhouette[:, ::-1] if rng.random() < 0.5 else silhouette
+        alpha = np.asarray(Image.fromarray(np.ascontiguousarray(sil)).resize(
+            (side, side), Image.Resampling.BILINEAR), np.float32)[..., None] / 255.0
+        top = rng.integers(0, s - side + 1)
+        left = rng.integers(0, s - side + 1)
+        region = frame[top:top + side, left:left + side]
+        frame[top:top + side, left:left + side] = region * (1 - alpha) + _fur(rng, side, region) * alpha
 
     if night:
         # Infrared flash: near subject bright, scene dark, no colour, strong sensor noise.
@@ -167,7 +184,10 @@ def render_frame(silhouette: np.ndarray, backgrounds: list[np.ndarray], rng: np.
 
 
 def _cache_path(config: RenderConfig) -> Path:
-    key = json.dumps({"v": RENDER_VERSION, **asdict(config)}, sort_keys=True)
+    fields = asdict(config)
+    if not config.blank_fraction:
+        del fields["blank_fraction"]  # sets without blanks keep the key (and cache) they had before blanks existed
+    key = json.dumps({"v": RENDER_VERSION, **fields}, sort_keys=True)
     return cache_dir() / f"frames-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
 
 
@@ -184,6 +204,17 @@ def build_frames(config: RenderConfig) -> dict[str, FrameSplit]:
             night[k] = rng.random() < config.night_fraction
             frames[k] = render_frame(images[i], backgrounds, rng, config, bool(night[k]))
         out[name] = FrameSplit(frames, labels[idx], night)
+    n_blank = round(config.blank_fraction * len(labels))
+    for name, idx in split_indices(n_blank, config.seed).items():  # blank frame j uses generator [seed, n + j]
+        frames = np.empty((len(idx), config.size, config.size, 3), np.uint8)
+        night = np.empty(len(idx), bool)
+        for k, j in enumerate(idx):
+            rng = np.random.default_rng([config.seed, len(labels) + int(j)])
+            night[k] = rng.random() < config.night_fraction
+            frames[k] = render_frame(None, backgrounds, rng, config, bool(night[k]))
+        blank = np.full(len(idx), len(CLASS_NAMES), np.int64)
+        out[name] = FrameSplit(np.concatenate([out[name].images, frames]),
+                               np.concatenate([out[name].labels, blank]), np.concatenate([out[name].night, night]))
     return out
 
 
@@ -222,6 +253,6 @@ def montage(split: FrameSplit, rows: int = 6, cols: int = 8, zoom: int = 2) -> I
         r, c = divmod(k, cols)
         tile = Image.fromarray(shown.images[k]).resize((w * zoom, h * zoom), Image.Resampling.NEAREST)
         sheet.paste(tile, (c * w * zoom, r * cell_h))
-        caption = CLASS_NAMES[int(shown.labels[k])] + (" (night)" if shown.night[k] else "")
+        caption = synthetic_class_names(1.0)[int(shown.labels[k])] + (" (night)" if shown.night[k] else "")
         draw.text((c * w * zoom + 2, r * cell_h + h * zoom), caption, fill="black")
     return sheet

@@ -24,6 +24,7 @@ block a slice starts with, statistics per (own ratio, upstream ratio) pair.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -149,8 +150,12 @@ def masked_loss(model: BlockNet, groups: Sequence[PruningGroup], ratios: Sequenc
 
 
 def train(config: TrainConfig, splits: dict[str, FrameSplit], progress: bool = True,
-          log: Callable[[str], None] = print) -> tuple[BlockNet, dict[str, Any]]:
-    """Train a model of ``config.model`` on ``splits["train"]``; returns it (eval mode) and a history."""
+          log: Callable[[str], None] = print, resume: Path | None = None) -> tuple[BlockNet, dict[str, Any]]:
+    """Train a model of ``config.model`` on ``splits["train"]``; returns it (eval mode) and a history.
+
+    With ``resume``, the state after every epoch is saved there, and a run of the same config
+    started again continues after the last finished epoch (an interrupted hour is not lost).
+    """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = make_model(config.model)
@@ -164,8 +169,11 @@ def train(config: TrainConfig, splits: dict[str, FrameSplit], progress: bool = T
                                                     total_steps=config.epochs * steps_per_epoch)
     smallest = max(config.ladder)
     history: dict[str, Any] = {"epochs": [], "wall_s": 0.0}
-    t0 = time.perf_counter()
-    for epoch in range(config.epochs):
+    start = 0
+    if resume is not None and resume.exists():
+        start = _restore(resume, config, model, optimiser, scheduler, rng, history, log)
+    for epoch in range(start, config.epochs):
+        t0 = time.perf_counter()
         model.train()
         use_masks = config.regime == "ours" and epoch >= config.warmup_epochs
         bar = tqdm(batches(train_split, config.batch_size, rng, augment=True), total=steps_per_epoch,
@@ -195,11 +203,47 @@ def train(config: TrainConfig, splits: dict[str, FrameSplit], progress: bool = T
             bar.set_postfix(loss=f"{total_loss / n_seen:.3f}")
         model.eval()
         val_acc = accuracy(model, splits["val"]) if "val" in splits else float("nan")
-        history["epochs"].append({"epoch": epoch + 1, "loss": total_loss / n_seen, "val_acc": val_acc})
+        wall_s = time.perf_counter() - t0
+        history["epochs"].append({"epoch": epoch + 1, "loss": total_loss / n_seen, "val_acc": val_acc,
+                                  "wall_s": wall_s})
+        history["wall_s"] += wall_s
         log(f"{config.regime} epoch {epoch + 1}/{config.epochs}: loss {total_loss / n_seen:.4f}, "
-            f"val accuracy {val_acc:.4f}")
-    history["wall_s"] = time.perf_counter() - t0
+            f"val accuracy {val_acc:.4f} ({wall_s:.0f} s)")
+        if resume is not None:
+            _save_resume(resume, config, model, optimiser, scheduler, rng, history)
+    if resume is not None:
+        resume.unlink(missing_ok=True)
     return model.eval(), history
+
+
+def _save_resume(path: Path, config: TrainConfig, model: nn.Module, optimiser: torch.optim.Optimizer,
+                 scheduler: Any, rng: np.random.Generator, history: dict[str, Any]) -> None:
+    """Everything the next epoch depends on, written atomically (a kill mid-write keeps the old file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"train_config": json.dumps(config.to_dict(), sort_keys=True), "model": model.state_dict(),
+                "optimiser": optimiser.state_dict(), "scheduler": json.dumps(scheduler.state_dict()),
+                "numpy_rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+                "history": json.dumps(history)}, tmp)
+    tmp.replace(path)
+
+
+def _restore(path: Path, config: TrainConfig, model: nn.Module, optimiser: torch.optim.Optimizer,
+             scheduler: Any, rng: np.random.Generator, history: dict[str, Any], log: Callable[[str], None]) -> int:
+    """Load a resume file of the same config; returns the number of epochs already done (0: start afresh)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("train_config") != json.dumps(config.to_dict(), sort_keys=True):
+        log(f"{path} belongs to a run with other settings: starting afresh (it will be overwritten)")
+        return 0
+    model.load_state_dict(state["model"])
+    optimiser.load_state_dict(state["optimiser"])
+    scheduler.load_state_dict(json.loads(state["scheduler"]))
+    rng.bit_generator.state = json.loads(state["numpy_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    history.update(json.loads(state["history"]))
+    done = len(history["epochs"])
+    log(f"resuming from {path} after epoch {done}/{config.epochs}")
+    return done
 
 
 @torch.no_grad()

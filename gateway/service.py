@@ -27,7 +27,7 @@ from gateway.slo import SloWindows
 from gateway.store import Store
 from shared.bus import Bus
 from shared.clock import offset_suspect
-from shared.model import MODEL_NAME, accuracy_model_path, build_model, model_fingerprint
+from shared.model import MODEL_NAME, accuracy_model_beside, build_model, model_fingerprint
 from shared.schemas import (
     AcceptedRequest,
     BadMessage,
@@ -59,9 +59,12 @@ STATUSES = (AVAILABILITY_ONLINE, AVAILABILITY_OFFLINE, AVAILABILITY_STOPPED)
 MAX_TICK_BACKOFF_S = 30.0
 
 
-def load_block_accuracy(path: Path | None, fingerprint: str) -> AccuracyFit | None:
-    """The per-block accuracy model, if one exists for these weights (None disables the controller)."""
-    path = path or accuracy_model_path(MODEL_NAME)
+def load_block_accuracy(path: Path | None, fingerprint: str, checkpoint: Path | None = None) -> AccuracyFit | None:
+    """The per-block accuracy model, if one exists for these weights (None disables the controller).
+
+    Default: the one `edgeprune calibrate` wrote beside ``checkpoint`` (the shipped one if None).
+    """
+    path = path or accuracy_model_beside(checkpoint)
     if not path.exists():
         log.warning("no accuracy model at %s: the pruning controller stays off until `edgeprune calibrate`", path)
         return None
@@ -108,11 +111,11 @@ class Gateway:
         self.operator = Overrides(settings, controller_settings or ControllerSettings(), self.store.operator_settings())
         self.slo = SloWindows(settings.window_s, self.operator.slo_s)
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
-        self.fingerprint = model_fingerprint(build_model())
+        self.fingerprint = model_fingerprint(build_model(settings.checkpoint))
         self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time(),
                                   frame_megapixels=settings.frame_megapixels)
         self.control = ControlLoop(self.operator.controller_settings(), self.operator.slo_s,
-                                   load_block_accuracy(settings.accuracy_model, self.fingerprint),
+                                   load_block_accuracy(settings.accuracy_model, self.fingerprint, settings.checkpoint),
                                    follow_up_s=settings.window_s)
         self.control.automatic = self.operator.automatic
         self.guard = DesiredGuard(self.store.issued_desired())

@@ -18,7 +18,7 @@ import torch
 from shared import wire
 from shared.imaging import decode_frame
 from shared.latency_fit import LatencyCurve, fit_latency
-from shared.model import CLASS_NAMES, INPUT_SIZE, BlockNet
+from shared.model import BlockNet
 from shared.pruning import PrunableSlice
 from shared.schemas import MAX_LABEL_INDEX, BadMessage, Hop, Result, StageAssignment, to_json
 
@@ -47,7 +47,8 @@ class Output:
 def block_input_shape(model: BlockNet, block: int) -> tuple[int, ...]:
     """Shape (batch 1, full width) that ``block`` takes: untrusted activations are checked against it."""
     with torch.inference_mode():
-        return tuple(model.run_blocks(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), 0, block - 1).shape)
+        size = model.config.input_size
+        return tuple(model.run_blocks(torch.zeros(1, 3, size, size), 0, block - 1).shape)
 
 
 class SliceCalibrator:
@@ -143,7 +144,11 @@ class StageRuntime:
         self.max_payload_bytes = max_payload_bytes
         self.reduced_decode = reduced_decode
         # every ladder variant is built in the background; the full slice serves meanwhile
-        self.slice = PrunableSlice(model, assignment.first_block, assignment.last_block, build="lazy")
+        self.slice = PrunableSlice(model, assignment.first_block, assignment.last_block, build="lazy",
+                                   input_size=model.config.input_size)
+        # class names and input decoding travel in the checkpoint (TrapNetConfig), never a constant
+        self.class_names = model.config.class_names
+        self.preprocessing = model.config.preprocessing()
         self.input_shape = block_input_shape(model, assignment.first_block)
         # the unslowed compute curve fitted to this node's calibration of the slice (None until calibrated)
         self.calibrated_curve: LatencyCurve | None = None
@@ -171,7 +176,7 @@ class StageRuntime:
         self.check_size(req.payload)
         if self.is_first:
             request_id, capture_ts = frame_metadata(req)
-            pixels = decode_frame(req.payload, reduced=self.reduced_decode)
+            pixels = decode_frame(req.payload, **self.preprocessing, reduced=self.reduced_decode)
             return wire.Activation(request_id, req.camera_id or "unknown", capture_ts,
                                    self.assignment.first_block, pixels)
         act = wire.decode(req.payload)
@@ -216,7 +221,7 @@ class StageRuntime:
             probs = torch.softmax(out.float(), dim=1)[0]
             index = int(torch.argmax(probs))
             result = Result(request_id=act.request_id, camera_id=act.camera_id, capture_ts=act.capture_ts,
-                            label=CLASS_NAMES[index] if index < len(CLASS_NAMES) else str(index),
+                            label=self.class_names[index],
                             label_index=index, confidence=float(probs[index]),
                             hops=[*act.hops, Hop(**hop, published_ts=time.time())], true_label=label)
             payload = to_json(result)

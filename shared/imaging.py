@@ -5,7 +5,7 @@ of it costs far more than a whole slice of the model. So the decoder is told the
 before it decodes: a JPEG is decoded straight at 1/2, 1/4 or 1/8 scale (Pillow's draft mode,
 the largest reduction still at least the model's input size), and any other frame is shrunk
 by an integer box filter (``Image.reduce``) before the same bilinear resize. Serving, the
-benchmarks and the accuracy check all go through :func:`frame_pixels`, so the model sees one
+benchmarks, training and the accuracy check all go through :func:`decode_pixels`, so the model sees one
 preprocessing wherever a frame comes from.
 """
 
@@ -15,6 +15,7 @@ import io
 import statistics
 import time
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -31,17 +32,19 @@ PROFILE_MEGAPIXELS = (0.3, 1.0, 4.0)
 REDUCING_GAP = 2
 
 
-def decode_frame(payload: bytes, size: int = INPUT_SIZE, reduced: bool = True) -> np.ndarray:
+def decode_frame(payload: bytes, size: int = INPUT_SIZE, fit: str = "squash",
+                 mean: Sequence[float] = MEAN, std: Sequence[float] = STD, reduced: bool = True) -> np.ndarray:
     """JPEG/PNG bytes -> float32 array (1, 3, size, size), normalised; BadMessage if not a frame.
 
+    ``fit``, ``mean`` and ``std`` come from the model's checkpoint (``TrapNetConfig.preprocessing``).
     ``reduced=False`` decodes every pixel first, as before decoding was reduced: kept only as the
     reference the decode benchmark and the accuracy check compare against.
     """
-    return normalise(frame_pixels(payload, size, reduced))
+    return normalise(decode_pixels(payload, size, fit, reduced), mean, std)
 
 
-def frame_pixels(payload: bytes, size: int = INPUT_SIZE, reduced: bool = True) -> np.ndarray:
-    """JPEG/PNG bytes -> size x size x 3 uint8 pixels (the model's input before normalising)."""
+def decode_pixels(payload: bytes, size: int = INPUT_SIZE, fit: str = "squash", reduced: bool = True) -> np.ndarray:
+    """JPEG/PNG bytes -> size x size x 3 uint8 pixels: the one decode path of serving *and* training."""
     if not payload:
         raise BadMessage("bad_image", "empty frame payload")
     try:
@@ -55,14 +58,13 @@ def frame_pixels(payload: bytes, size: int = INPUT_SIZE, reduced: bool = True) -
                 rgb = img.convert("RGB")
                 if reduced:
                     rgb = reduce_towards(rgb, size)
-                if rgb.size != (size, size):
-                    rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-                return np.asarray(rgb, dtype=np.uint8)
+                pixels = np.asarray(fit_square(rgb, size, fit), dtype=np.uint8)
     except BadMessage:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise BadMessage("bad_image", f"frame is not a readable JPEG or PNG: {exc}") from None
+    return pixels
 
 
 def reduce_towards(img: Image.Image, size: int) -> Image.Image:
@@ -71,10 +73,30 @@ def reduce_towards(img: Image.Image, size: int) -> Image.Image:
     return img.reduce(factor) if factor >= 2 else img
 
 
-def normalise(pixels_hwc: np.ndarray) -> np.ndarray:
+LETTERBOX_FILL = (128, 128, 128)  # mid-gray: close to zero after the default normalisation
+
+
+def fit_square(rgb: Image.Image, size: int, fit: str = "squash") -> Image.Image:
+    """An RGB image as size x size: stretched (``squash``), padded (``letterbox``) or centre-cropped (``crop``)."""
+    w, h = rgb.size
+    if fit == "crop" and w != h:
+        side = min(w, h)
+        rgb = rgb.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    elif fit == "letterbox" and w != h:
+        scale = size / max(w, h)
+        inner = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+        canvas = Image.new("RGB", (size, size), LETTERBOX_FILL)
+        canvas.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
+        return canvas
+    elif fit not in ("squash", "crop", "letterbox"):
+        raise ValueError(f"unknown fit {fit!r}")
+    return rgb if rgb.size == (size, size) else rgb.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def normalise(pixels_hwc: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> np.ndarray:
     """uint8-range HxWx3 pixels -> normalised (1, 3, H, W) float32."""
     x = pixels_hwc.astype(np.float32) / 255.0
-    x = (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
@@ -109,11 +131,11 @@ def measure_decode_cost(megapixels: tuple[float, ...] = PROFILE_MEGAPIXELS, repe
     seconds = []
     for k, mp in enumerate(megapixels):
         payload = encode_jpeg(textured_scene(*frame_size(mp), seed=k))
-        decode_frame(payload, size, reduced)  # warm-up: allocations, first-touch of the decoder's tables
+        decode_frame(payload, size, reduced=reduced)  # warm-up: allocations, first-touch of the decoder's tables
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            decode_frame(payload, size, reduced)
+            decode_frame(payload, size, reduced=reduced)
             times.append(time.perf_counter() - start)
         seconds.append(statistics.median(times))
     slope, intercept = np.polyfit(np.asarray(megapixels), np.asarray(seconds), 1)

@@ -25,6 +25,10 @@ INPUT_SIZE = 64
 # Per-channel normalisation of RGB frames in [0, 1].
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
+# How a frame of another shape becomes the square input: "squash" stretches it (what every
+# checkpoint before class names travelled in the checkpoint did), "letterbox" pads the short side
+# with mid-gray, "crop" cuts the centre square. The last two keep the animal's proportions.
+RESIZE_MODES = ("squash", "letterbox", "crop")
 
 ARCHITECTURES = ("resnet", "vgg")
 
@@ -64,16 +68,51 @@ class Head(nn.Module):
 
 @dataclass(frozen=True)
 class TrapNetConfig:
+    """The model's shape *and* what its outputs and inputs mean, so a checkpoint is self-describing.
+
+    Nodes name results, and decode frames, from these fields rather than from module constants,
+    so a model trained on one's own photos needs no code change. Checkpoints written before they
+    existed load with today's defaults (the ten synthetic classes, 64 px, squash, MEAN/STD).
+    ``num_classes`` 0 means "as many as ``class_names``"; ``scientific_names`` are optional
+    (empty strings where unknown).
+    """
+
     width: int = 32
     blocks_per_stage: tuple[int, ...] = (1, 1, 1, 1)
-    num_classes: int = len(CLASS_NAMES)
+    num_classes: int = 0
     arch: str = "resnet"
+    class_names: tuple[str, ...] = ()
+    scientific_names: tuple[str, ...] = ()
+    input_size: int = INPUT_SIZE
+    resize: str = "squash"
+    mean: tuple[float, ...] = MEAN
+    std: tuple[float, ...] = STD
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; choose from {ARCHITECTURES}")
         if self.width < 1 or not self.blocks_per_stage or min(self.blocks_per_stage) < 1:
             raise ValueError(f"invalid model shape: width {self.width}, blocks {self.blocks_per_stage}")
+        names = self.class_names or (CLASS_NAMES if self.num_classes in (0, len(CLASS_NAMES))
+                                     else tuple(f"class-{i}" for i in range(self.num_classes)))
+        if self.num_classes not in (0, len(names)):
+            raise ValueError(f"{self.num_classes} classes but {len(names)} class names")
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise ValueError(f"class names must be at least two and distinct: {names}")
+        scientific = self.scientific_names or ("",) * len(names)
+        if len(scientific) != len(names):
+            raise ValueError(f"{len(scientific)} scientific names for {len(names)} classes")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {self.resize!r}; choose from {RESIZE_MODES}")
+        if not 16 <= self.input_size <= 1024 or len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"invalid input: size {self.input_size}, mean {self.mean}, std {self.std}")
+        object.__setattr__(self, "class_names", tuple(names))
+        object.__setattr__(self, "scientific_names", tuple(scientific))
+        object.__setattr__(self, "num_classes", len(names))
+
+    def preprocessing(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`shared.imaging.decode_frame` that turn a photo into this model's input."""
+        return {"size": self.input_size, "fit": self.resize, "mean": self.mean, "std": self.std}
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -186,9 +225,9 @@ MODEL_NAME = "trapnet"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "trapnet.pt"
 
 
-def accuracy_model_path(model: str) -> Path:
-    """Where `edgeprune calibrate` writes the per-block accuracy model, beside the shipped checkpoint."""
-    return DEFAULT_CHECKPOINT.with_name(f"{model}.accuracy.json")
+def accuracy_model_beside(checkpoint: Path | None) -> Path:
+    """The accuracy model `edgeprune calibrate` writes for ``checkpoint``: ``X.pt`` -> ``X.accuracy.json``."""
+    return (checkpoint or DEFAULT_CHECKPOINT).with_suffix(".accuracy.json")
 
 # Checkpoint keys: "config" (TrapNetConfig.to_dict), "model" (state dict), optional
 # "bn_tables" ({ratio as str: {BatchNorm name in the full model: {"mean": t, "var": t}}}),

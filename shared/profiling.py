@@ -133,13 +133,14 @@ def profile_model(model, threads: int = 1, repeats: int = 20, warmup: int = 3,
 
     from shared.model import INPUT_SIZE
 
+    size = getattr(getattr(model, "config", None), "input_size", INPUT_SIZE)  # the checkpoint's own input size
     if repeats < 1 or warmup < 0 or threads < 1:
         raise ValueError("repeats and threads must be >= 1, warmup >= 0")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         blocks = []
-        x = torch.randn(1, 3, INPUT_SIZE, INPUT_SIZE, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             for name, block in zip(model.block_names, model.blocks):
                 for _ in range(warmup):

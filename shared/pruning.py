@@ -478,9 +478,15 @@ class PrunableSlice:
 def pipeline_predictions(stages: Sequence[PrunableSlice], ratios: Sequence[float], inputs: torch.Tensor,
                          batch: int = 250) -> np.ndarray:
     """Class predictions of the pruned pipeline, zero-filling pruned channels between slices like a node."""
+    return pipeline_logits(stages, ratios, inputs, batch).argmax(1).numpy()
+
+
+def pipeline_logits(stages: Sequence[PrunableSlice], ratios: Sequence[float], inputs: torch.Tensor,
+                    batch: int = 250) -> torch.Tensor:
+    """Logits of the pruned pipeline, zero-filling pruned channels between slices like a node."""
     for stage, ratio in zip(stages, ratios):
         stage.set_ratio(ratio)
-    preds = []
+    logits = []
     for start in range(0, len(inputs), batch):
         x, mask = inputs[start:start + batch], None
         for stage in stages:
@@ -490,5 +496,5 @@ def pipeline_predictions(stages: Sequence[PrunableSlice], ratios: Sequence[float
                 full[:, torch.from_numpy(keep)] = out
                 out = full
             x, mask = out, keep
-        preds.append(x.argmax(1).numpy())
-    return np.concatenate(preds)
+        logits.append(x)
+    return torch.cat(logits)

@@ -188,6 +188,9 @@ class GatewaySettings(_Section):
     replace_on_violation: bool = Field(
         False, description="Run-time re-partitioning: on a sustained violation, re-plan block boundaries with the "
                            "measured slowdowns (and back once they are gone); needs the controller running.")
+    checkpoint: Path | None = Field(None, description="The checkpoint the nodes run (set it with [node] checkpoint "
+                                    "when you train your own): the gateway places only nodes with these weights and "
+                                    "loads their accuracy model; default: the one shipped in shared/assets.")
 
     _split_nodes = field_validator("nodes", mode="before")(_ids)
 

@@ -11,7 +11,7 @@ from PIL import Image
 from gateway.service import result_row
 from gateway.store import SCHEMA, Store
 from node_agent.runtime import Request, StageRuntime
-from shared.imaging import frame_pixels
+from shared.imaging import decode_pixels
 from shared.model import build_model
 from shared.schemas import BadMessage, Hop, Result, parse_json
 from tests.conftest import even_split
@@ -30,8 +30,8 @@ def photo(width: int, height: int, fmt: str) -> bytes:
 @pytest.mark.parametrize("fmt,width,height", [("JPEG", 1600, 1200), ("PNG", 800, 600), ("JPEG", 300, 97)])
 def test_reduced_decode_sees_what_the_full_decode_sees(fmt, width, height):
     payload = photo(width, height, fmt)
-    full = frame_pixels(payload, reduced=False).astype(int)
-    reduced = frame_pixels(payload).astype(int)
+    full = decode_pixels(payload, reduced=False).astype(int)
+    reduced = decode_pixels(payload).astype(int)
     assert reduced.shape == full.shape == (64, 64, 3)
     assert np.abs(reduced - full).mean() < 3.0  # of 255: the same picture, slightly differently filtered
 
@@ -40,9 +40,9 @@ def test_reduced_decode_sees_what_the_full_decode_sees(fmt, width, height):
 def test_progressive_grayscale_and_cmyk_jpegs_decode_reduced_too(mode, options):
     buf = io.BytesIO()
     Image.open(io.BytesIO(photo(1600, 1200, "PNG"))).convert(mode).save(buf, format="JPEG", **options)
-    reduced = frame_pixels(buf.getvalue()).astype(int)
+    reduced = decode_pixels(buf.getvalue()).astype(int)
     assert reduced.shape == (64, 64, 3)
-    assert np.abs(reduced - frame_pixels(buf.getvalue(), reduced=False)).mean() < 3.0
+    assert np.abs(reduced - decode_pixels(buf.getvalue(), reduced=False)).mean() < 3.0
 
 
 def test_reduced_decode_reads_fewer_pixels_of_a_large_jpeg():
@@ -54,13 +54,13 @@ def test_reduced_decode_reads_fewer_pixels_of_a_large_jpeg():
 
 def test_model_sized_frames_decode_identically_both_ways():
     payload = photo(64, 64, "PNG")
-    assert np.array_equal(frame_pixels(payload), frame_pixels(payload, reduced=False))
+    assert np.array_equal(decode_pixels(payload), decode_pixels(payload, reduced=False))
 
 
 @pytest.mark.parametrize("payload", [b"", b"not an image", photo(64, 64, "JPEG")[:200]])
 def test_bad_frames_are_bad_messages_on_the_reduced_path(payload):
     with pytest.raises(BadMessage):
-        frame_pixels(payload)
+        decode_pixels(payload)
 
 
 def test_stage_one_hop_accounts_decode_apart_from_compute():

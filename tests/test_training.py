@@ -166,3 +166,25 @@ def test_entry_tables_hold_the_statistics_behind_a_differently_pruned_upstream(t
     loaded = build_model(path)
     assert model_fingerprint(loaded) == before
     assert sorted(loaded.bn_tables) == ["0.30", "0.50"] and sorted(loaded.entry_bn_tables) == sorted(entry)
+
+
+def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_where_an_uninterrupted_one_does(data, tmp_path):
+    small = {k: v.subset(np.arange(64)) for k, v in data.items()}
+    config = regime_config("ours", epochs=2, batch_size=32, ladder=LADDER, model=TrapNetConfig(width=8))
+    whole, _ = train(config, small, progress=False, log=lambda _: None)
+
+    resume = tmp_path / "run.pt.resume"
+
+    def interrupt_after_epoch_one(line: str) -> None:
+        if "epoch 2/2" in line:  # logged before epoch 2 is saved: as if killed during the save
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, small, progress=False, log=interrupt_after_epoch_one, resume=resume)
+    assert resume.exists()  # epoch 1 was saved
+    lines: list[str] = []
+    resumed, history = train(config, small, progress=False, log=lines.append, resume=resume)
+    assert lines[0] == f"resuming from {resume} after epoch 1/2"
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert not resume.exists()  # a finished run removes its resume file
+    assert model_fingerprint(resumed) == model_fingerprint(whole)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.imaging import decode_frame, encode_jpeg, encode_png, frame_pixels, frame_size, normalise
+from shared.imaging import decode_frame, encode_jpeg, encode_png, decode_pixels, frame_size, normalise
 
 FRAMES = (("jpeg", 0.3), ("jpeg", 2.0), ("jpeg", 12.0), ("jpeg", 20.0), ("png", 0.3), ("png", 2.0))
 PIPELINE_MEGAPIXELS = 12.0
@@ -134,7 +134,7 @@ def accuracy_check(n_frames: int, megapixels: float) -> dict[str, Any]:
     for image in test.images[:n]:
         big = np.asarray(Image.fromarray(image).resize(frame_size(megapixels), Image.Resampling.BICUBIC))
         jpeg = encode_jpeg(big)
-        inputs = {"native": image, "before": frame_pixels(jpeg, reduced=False), "after": frame_pixels(jpeg)}
+        inputs = {"native": image, "before": decode_pixels(jpeg, reduced=False), "after": decode_pixels(jpeg)}
         with torch.inference_mode():
             for path, pixels in inputs.items():
                 predictions[path].append(int(model(torch.from_numpy(normalise(pixels))).argmax()))

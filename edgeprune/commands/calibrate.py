@@ -8,7 +8,8 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser("calibrate", help="measure accuracy vs per-block prune ratios and fit the controller's model")
     p.add_argument("--checkpoint", type=Path, help="model checkpoint (default: the shipped one)")
-    p.add_argument("--out", type=Path, help="accuracy model file (default: beside the shipped checkpoint)")
+    p.add_argument("--out", type=Path, help="accuracy model file (default: beside the checkpoint, X.pt -> "
+                   "X.accuracy.json, where the gateway looks for it)")
     p.add_argument("--frames", type=int, default=1000, help="validation frames to classify per vector")
     p.add_argument("--random", type=int, default=40, help="random pipeline-shaped ratio vectors (besides the uniform ones)")
     p.add_argument("--max-ratio", type=float, default=0.9, help="highest ratio measured")
@@ -26,17 +27,17 @@ def run(args) -> int:
 
     from edgeprune.bench import format_table
     from edgeprune.calibrate import calibrate_accuracy, calibration_vectors, save_accuracy_model
-    from edgeprune.dataset import load_frames
-    from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME, accuracy_model_path, build_model
+    from edgeprune.own_data import splits_for_checkpoint
+    from shared.model import DEFAULT_CHECKPOINT, accuracy_model_beside, build_model
     from shared.pruning import DEFAULT_LADDER
 
     torch.set_num_threads(args.threads)
     model = build_model(args.checkpoint)
-    val = load_frames()["val"]
+    val = splits_for_checkpoint(args.checkpoint, args.threads, not args.no_progress)["val"]  # what it was trained on
     split = val.subset(slice(0, args.frames))
     vectors = calibration_vectors(model.n_blocks, DEFAULT_LADDER, args.max_ratio, args.random, args.seed)
     fit, measured = calibrate_accuracy(model, split, vectors, progress=not args.no_progress)
-    out = args.out or accuracy_model_path(MODEL_NAME)
+    out = args.out or accuracy_model_beside(args.checkpoint)
     save_accuracy_model(out, model, fit, len(split), str(args.checkpoint or DEFAULT_CHECKPOINT))
     n_shown = len(vectors) - args.random
     rows = [{"vector": "/".join(f"{r:.1f}" for r in v), "measured": acc, "fitted": fit.logistic(v)}

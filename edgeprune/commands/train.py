@@ -1,8 +1,9 @@
-"""``edgeprune train``: train a regime on the camera-trap frames and write a checkpoint with BN tables."""
+"""``edgeprune train``: train on the synthetic frames or on your own photos; a checkpoint with BN tables."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 
@@ -29,6 +30,22 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs epochs only)")
     p.add_argument("--recalibrate", type=Path, metavar="CHECKPOINT",
                    help="train nothing: recompute this checkpoint's BatchNorm tables (uniform and entry) in place")
+    own = p.add_argument_group("your own labelled photos (docs/own-data.md); default: the synthetic frames")
+    source = own.add_mutually_exclusive_group()
+    source.add_argument("--images", type=Path, metavar="DIR", help="one sub-folder per class: DIR/<class>/<file>.jpg")
+    source.add_argument("--labels", type=Path, metavar="CSV", help="a CSV of file paths (relative to it) and labels")
+    source.add_argument("--camtrap-dp", type=Path, metavar="PATH",
+                        help="a Camtrap DP package folder (media.csv + observations.csv; "
+                             "blank observations -> 'blank')")
+    own.add_argument("--path-column", default="path", help="--labels: the file path column")
+    own.add_argument("--label-column", default="label", help="--labels: the label column")
+    own.add_argument("--group-column", help="--labels: a camera/site column; the split never puts one in two splits")
+    own.add_argument("--image-size", type=int, help="model input side in pixels (default 64; a model parameter)")
+    own.add_argument("--resize", choices=["letterbox", "crop", "squash"],
+                     help="how frames of another shape become square (default: letterbox for own photos, "
+                          "squash for the square synthetic frames)")
+    p.add_argument("--blank-fraction", type=float, default=0.0,
+                   help="synthetic frames: this share of extra frames with no animal, class 'blank'")
     p.set_defaults(func=run)
 
 
@@ -41,28 +58,64 @@ def default_checkpoint(regime: str, arch: str) -> Path:
     return cache_dir() / "models" / f"{regime}-{arch}.pt"
 
 
+def own_source(args) -> tuple[str, Path] | None:
+    """(kind, path) of the own-data source the flags name, or None for the synthetic frames."""
+    for kind, path in (("images", args.images), ("labels", args.labels), ("camtrap-dp", args.camtrap_dp)):
+        if path is not None:
+            return kind, path
+    return None
+
+
 def run(args) -> int:
     from edgeprune.allocator import keep_large_allocations
 
     keep_large_allocations()
     import torch
 
-    from edgeprune.dataset import RenderConfig, load_frames
+    from edgeprune.bench import format_table
+    from edgeprune.dataset import RenderConfig, load_frames, synthetic_class_names
+    from edgeprune.own_data import balance_report, load_source, per_class_report
     from edgeprune.training import (
         BASE_BATCH,
         BASE_LR,
         REGIMES,
-        accuracy,
         calibrate_all_tables,
+        predict,
         recalibrate_checkpoint,
         regime_config,
         save_checkpoint,
         train,
     )
-    from shared.model import TrapNetConfig
+    from shared.model import INPUT_SIZE, TrapNetConfig
 
     torch.set_num_threads(args.threads)
-    splits = load_frames(RenderConfig(seed=args.data_seed))
+    source = own_source(args)
+    size = args.image_size or INPUT_SIZE
+    data_meta: dict = {}
+    if source:
+        if args.recalibrate is None and args.out is None:
+            raise SystemExit("training on your own photos needs --out CHECKPOINT (the shipped model stays as it is)")
+        kind, path = source
+        resize = args.resize or "letterbox"
+        data_meta = {"source": kind, "path": str(path.resolve()), "seed": args.data_seed,
+                     "path_column": args.path_column, "label_column": args.label_column,
+                     "group_column": args.group_column}
+        started = time.perf_counter()
+        data = load_source(kind, path, size, resize, seed=args.data_seed, threads=args.threads,
+                           progress=not args.no_progress, path_column=args.path_column,
+                           label_column=args.label_column, group_column=args.group_column)
+        print(balance_report(data))
+        print(f"decoded in {time.perf_counter() - started:.1f} s ({size} px, {resize})")
+        splits, names, scientific = data.splits, data.class_names, data.scientific_names
+        data_meta.update(unreadable=len(data.unreadable), class_counts={
+            name: int(sum((s.labels == i).sum() for s in splits.values())) for i, name in enumerate(names)})
+        if not len(splits["train"]):
+            raise SystemExit("no training images left after the split")
+    else:
+        resize = args.resize or "squash"
+        splits = load_frames(RenderConfig(size=size, seed=args.data_seed, blank_fraction=args.blank_fraction))
+        names, scientific = synthetic_class_names(args.blank_fraction), ()
+        data_meta = {"source": "synthetic", "blank_fraction": args.blank_fraction, "size": size}
     if args.recalibrate:
         if not args.recalibrate.exists():
             raise SystemExit(f"--recalibrate {args.recalibrate}: no such checkpoint")
@@ -72,6 +125,8 @@ def run(args) -> int:
     regimes = REGIMES if args.regime == "all" else (args.regime,)
     if args.out and len(regimes) > 1:
         raise SystemExit("--out names one file: use it with a single --regime")
+    model_config = TrapNetConfig(width=args.width, arch=args.arch, class_names=names, scientific_names=scientific,
+                                 input_size=size, resize=resize)
     for regime in regimes:
         overrides = {"epochs": args.epochs} if args.epochs else {}
         if args.batch_size:
@@ -79,12 +134,24 @@ def run(args) -> int:
         if args.weight_decay is not None:
             overrides["weight_decay"] = args.weight_decay
         config = regime_config(regime, seed=args.seed, masked_bn=args.masked_bn, distill=not args.no_distill,
-                               model=TrapNetConfig(width=args.width, arch=args.arch), **overrides)
-        model, history = train(config, splits, progress=not args.no_progress)
-        tables, entry_tables = calibrate_all_tables(model, splits["train"], config)
-        test_acc = accuracy(model, splits["test"])
+                               model=model_config, **overrides)
         out = args.out or default_checkpoint(regime, args.arch)
-        save_checkpoint(out, model, config, tables, {"regime": regime, "history": history,
-                                                     "test_accuracy": test_acc}, entry_tables)
-        print(f"{regime}: test accuracy {test_acc:.4f} after {history['wall_s']:.0f} s; wrote {out}")
+        model, history = train(config, splits, progress=not args.no_progress,
+                               resume=out.with_name(out.name + ".resume"))
+        print("computing the per-ratio BatchNorm tables (forward passes only)")
+        tables, entry_tables = calibrate_all_tables(model, splits["train"], config)
+        test = splits["test"]
+        predicted = predict(model, test) if len(test) else test.labels
+        test_acc = float((predicted == test.labels).mean()) if len(test) else float("nan")
+        meta = {"regime": regime, "history": history, "test_accuracy": test_acc, "data": data_meta}
+        if len(test) and test.night.any():
+            meta.update(test_accuracy_day=float((predicted == test.labels)[~test.night].mean()),
+                        test_accuracy_night=float((predicted == test.labels)[test.night].mean()))
+        save_checkpoint(out, model, config, tables, meta, entry_tables)
+        if len(test):
+            print(format_table(f"Test split, unpruned ({len(test)} frames)",
+                               per_class_report(predicted, test.labels, names)))
+        per_epoch = [e["wall_s"] for e in history["epochs"] if "wall_s" in e]
+        timing = f"; {sum(per_epoch) / len(per_epoch):.0f} s per epoch" if per_epoch else ""
+        print(f"{regime}: test accuracy {test_acc:.4f} after {history['wall_s']:.0f} s{timing}; wrote {out}")
     return 0
