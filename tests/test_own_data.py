@@ -20,7 +20,7 @@ from edgeprune.dataset import RenderConfig, _backgrounds, render_frame, syntheti
 from edgeprune.cli import main
 from edgeprune.own_data import LabelledImage, build_own_data, read_camtrap_dp, split_by_group
 from shared.model import build_model, load_checkpoint
-from tests.conftest import STARTUP_S, Processes, component_env, open_reader, wait_until
+from tests.conftest import STARTUP_S, Processes, component_env, mosquitto_pub_login, open_reader, wait_until
 
 CLASSES = {"blank": (60, 120, 50), "fox": (210, 90, 30), "owl": (150, 150, 160)}
 PER_CLASS = 8
@@ -209,7 +209,7 @@ def test_own_class_names_reach_a_result_row_through_mosquitto(broker, folder_che
         wait_until(lambda: any(n["stage"] for n in reader.nodes()), STARTUP_S,
                    "the node running the own checkpoint was not placed")
         photo = rows[0][0]
-        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-f", str(photo),
+        subprocess.run(["mosquitto_pub", *mosquitto_pub_login(broker), "-q", "1", "-f", str(photo),
                         "-t", "edgeprune/camera/trap-own/frame"], check=True, timeout=10)
         wait_until(lambda: [r for r in reader.recent_requests(0) if r["camera_id"] == "trap-own"], 30,
                    "the photo never became a result row")
