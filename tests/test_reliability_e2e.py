@@ -12,7 +12,6 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties

@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.conftest import STARTUP_S, Processes, component_env, login, open_reader, wait_until
+from tests.conftest import STARTUP_S, Processes, Recorder, component_env, login, open_reader, wait_until
 
 pytestmark = pytest.mark.integration
 
