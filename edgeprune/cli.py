@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "calibrate",
     "profile",
     "place",
+    "plan_hybrid",
     "bench",
     "dataset",
     "train",
