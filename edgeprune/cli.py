@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "broker",
     "node",
     "gateway",
+    "collect",
     "camera",
     "web",
     "passwd",

@@ -45,8 +45,12 @@ def publish_properties(user: dict[str, str]) -> Properties:
 class Bus:
     """One MQTT connection for one component, with an availability topic driven by the last will."""
 
-    def __init__(self, settings: MqttSettings, component_id: str, status_topic: str):
+    def __init__(self, settings: MqttSettings, component_id: str, status_topic: str,
+                 session_expiry_s: int | None = None):
+        """``session_expiry_s``: keep a persistent session under the fixed client id ``component_id``, so the
+        broker queues QoS 1 messages for this component while it is away (the central collector needs it)."""
         self.settings = settings
+        self.session_expiry_s = session_expiry_s
         self.topics = Topics(settings.topic_root)
         self.component_id = component_id
         self.status_topic = status_topic
@@ -55,8 +59,8 @@ class Bus:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self.on_connected: Callable[[], None] | None = None
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{component_id}-{id(self):x}",
-                             protocol=mqtt.MQTTv5)
+        client_id = component_id if session_expiry_s is not None else f"{component_id}-{id(self):x}"
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         client.will_set(status_topic, AVAILABILITY_OFFLINE, qos=1, retain=True)
         if settings.username:
             client.username_pw_set(settings.username,
@@ -71,7 +75,13 @@ class Bus:
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, wait_s: float | None = 10.0) -> None:
         """Connect in the background (retrying forever); optionally wait for the first connect."""
-        self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s)
+        if self.session_expiry_s is None:
+            self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s)
+        else:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self.session_expiry_s
+            self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s,
+                                      clean_start=False, properties=properties)
         self.client.loop_start()
         if wait_s is not None and not self._connected.wait(wait_s):
             log.warning("%s: broker %s:%d not reachable yet; still retrying",
