@@ -115,7 +115,8 @@ def add_arguments(parser) -> None:
                         help="instances per size of distinct self-profiled nodes (10, 20, 50 x 60 blocks)")
     parser.add_argument("--scale-sizes", type=int, nargs="+", default=[10, 20, 50], help="node counts to time")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", type=Path, default=Path("docs/placement-bench.png"), help="PNG of the ratios")
+    parser.add_argument("--plot", type=lambda text: Path(text) if text else None,
+                        default=Path("docs/placement-bench.png"), help="PNG of the ratios ('' for none)")
 
 
 @dataclass
