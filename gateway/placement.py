@@ -498,7 +498,9 @@ def _device_links(problem: PlacementProblem) -> bool:
 
 
 def ordered_plan(problem: PlacementProblem, order: Sequence[str]) -> Plan | None:
-    """The best plan whose stages use devices in the relative ``order`` given (any subsequence): exact, O(D^2 n + D n^2).
+    """The best plan whose stages use devices in the relative ``order`` given (any subsequence).
+
+    Exact for that order, links included; O(D^2 n + D n^2).
 
     ``g[m, j]`` = smallest bottleneck placing blocks ``0..j-1`` with the last stage on ``order[m]``,
     not yet counting its outgoing transfer (the next device decides it), as in the type DP.

@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from edgeprune.bench.placement import distinct_problem
 from gateway import placement
