@@ -72,6 +72,7 @@ def write_config(settings: BrokerSettings, site: SiteSettings | None = None, top
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     conf = settings.data_dir / "mosquitto.conf"
     conf.touch(mode=0o600)
+    conf.chmod(0o600)  # also when an older, readable file is there
     conf.write_text(render_config(settings, site, topic_root))
     return conf
 
