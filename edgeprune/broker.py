@@ -9,21 +9,26 @@ import subprocess
 import time
 from pathlib import Path
 
-from shared.settings import BrokerSettings
+from shared.settings import BrokerSettings, SiteSettings
+from shared.topics import Topics
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "mosquitto" / "mosquitto.conf.template"
+BRIDGE_TEMPLATE = TEMPLATE.with_name("bridge.conf.template")
 
 
 class BrokerError(RuntimeError):
     pass
 
 
-def render_config(settings: BrokerSettings) -> str:
+def render_config(settings: BrokerSettings, site: SiteSettings | None = None, topic_root: str = "edgeprune") -> str:
     data_dir = settings.data_dir.resolve()
-    return TEMPLATE.read_text().format(
+    config = TEMPLATE.read_text().format(
         user=getpass.getuser(), port=settings.port, bind=settings.bind, data_dir=data_dir,
         max_packet_size=settings.max_packet_size, max_queued_messages=settings.max_queued_messages,
         auth=_auth_lines(settings), tls_listener=_tls_lines(settings))
+    if site is not None and site.site_id:
+        config += render_bridge(site, Topics(topic_root))
+    return config
 
 
 def _auth_lines(settings: BrokerSettings) -> str:
@@ -51,6 +56,22 @@ def check_credentials(settings: BrokerSettings) -> None:
                           "(or set [broker] allow_anonymous = true on a closed lab network)")
 
 
+def render_bridge(site: SiteSettings, topics: Topics) -> str:
+    """The bridge section that forwards this site's results, status and errors to the central broker."""
+    prefix = topics.central_prefix(site.site_id)
+    credentials = ""
+    if site.bridge_username:
+        credentials = f"remote_username {site.bridge_username}\n"
+        if site.bridge_password:
+            credentials += f"remote_password {site.bridge_password.get_secret_value()}\n"
+    tls = f"bridge_cafile {site.bridge_tls_ca.resolve()}\n" if site.bridge_tls_ca else ""
+    lines = "".join(f"topic {pattern} out 1 {topics.root}/ {prefix}\n" for pattern in topics.bridged)
+    return BRIDGE_TEMPLATE.read_text().format(
+        site_id=site.site_id, central_host=site.central_host, central_port=site.central_port,
+        restart_max_s=site.bridge_restart_max_s, keepalive_s=site.bridge_keepalive_s, remote_prefix=prefix,
+        credentials=credentials, tls=tls, topics=lines)
+
+
 def mosquitto_binary() -> str:
     for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
         if candidate and Path(candidate).exists():
@@ -72,18 +93,21 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
-def write_config(settings: BrokerSettings) -> Path:
-    """Render the config into the data folder (mosquitto reads it from there)."""
+def write_config(settings: BrokerSettings, site: SiteSettings | None = None, topic_root: str = "edgeprune") -> Path:
+    """Render the config into the data folder (mosquitto reads it from there; private: it may hold a password)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     conf = settings.data_dir / "mosquitto.conf"
-    conf.write_text(render_config(settings))
+    conf.touch(mode=0o600)
+    conf.chmod(0o600)  # also when an older, readable file is there
+    conf.write_text(render_config(settings, site, topic_root))
     return conf
 
 
-def start_broker(settings: BrokerSettings, log_file=None, wait_s: float = 10.0) -> subprocess.Popen:
-    """Start mosquitto in the background and wait until it accepts connections."""
+def start_broker(settings: BrokerSettings, log_file=None, wait_s: float = 10.0, site: SiteSettings | None = None,
+                 topic_root: str = "edgeprune") -> subprocess.Popen:
+    """Start mosquitto in the background and wait until it accepts connections (with ``site``: bridged)."""
     check_credentials(settings)
-    conf = write_config(settings)
+    conf = write_config(settings, site, topic_root)
     proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log_file or subprocess.DEVNULL,
                             stderr=subprocess.STDOUT if log_file else subprocess.DEVNULL)
     host = "127.0.0.1" if settings.bind in ("0.0.0.0", "::") else settings.bind

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -139,6 +139,25 @@ class PlacementProblem:
                 for d, t in self.compute_s.items()}
 
     @cached_property
+    def _peak_activation(self) -> np.ndarray:
+        """[i, j] = the largest activation among blocks i..j-1 (0 when j <= i)."""
+        activations = np.array([b.activation_bytes for b in self.blocks], dtype=np.int64)
+        peak = np.zeros((self.n_blocks + 1, self.n_blocks + 1), dtype=np.int64)
+        for i in range(self.n_blocks):
+            peak[i, i + 1:] = np.maximum.accumulate(activations[i:])
+        return peak
+
+    @cached_property
+    def _incoming(self) -> np.ndarray:
+        """[i] = ``bytes_into(i)`` for i = 0..n_blocks."""
+        return np.array([self.bytes_into(i) for i in range(self.n_blocks + 1)], dtype=np.float64)
+
+    @cached_property
+    def _stage_costs(self) -> dict[str, np.ndarray]:
+        """Filled by ``_stage_cost_matrix``: the heuristic asks for each device's matrix many times."""
+        return {}
+
+    @cached_property
     def _param_prefix(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum([b.param_bytes for b in self.blocks], dtype=np.int64)])
 
@@ -158,6 +177,8 @@ class Plan:
     bottleneck_s: float
     frame_upload_s: float
     stages: tuple[Stage, ...]
+    exact: bool = True  # False: a heuristic answer not proven optimal (see solve_plan)
+    method: str = "dp"  # which solver found it: "dp", "milp" or "heuristic"
 
     def to_placement(self, version: int, model: str, issued_at: float) -> Placement:
         """What the gateway publishes retained (validated by the schema: contiguous, distinct nodes)."""
@@ -171,6 +192,8 @@ class Plan:
         return {
             "bottleneck_s": self.bottleneck_s,
             "frame_upload_s": self.frame_upload_s,
+            "exact": self.exact,
+            "method": self.method,
             "stages": [{"device": s.device, "blocks": [s.first_block, s.last_block], "compute_s": s.compute_s,
                         "transfer_s": s.transfer_s, "memory_bytes": s.memory_bytes} for s in self.stages],
         }
@@ -212,9 +235,9 @@ def plan_pipeline(profile_by_device: Mapping[str, Sequence[BlockProfile]], devic
                   frame_bytes: int, camera_bandwidth_bps: float,
                   links: Mapping[tuple[str, str], float] | None = None,
                   decode_s: Mapping[str, float] | None = None) -> Plan:
-    """The optimal plan from each device's own profile (the gateway's entry point)."""
-    return optimal_plan(problem_from_profiles(profile_by_device, devices, frame_bytes, camera_bandwidth_bps, links,
-                                              decode_s))
+    """The best plan from each device's own profile (the gateway's entry point; see :func:`solve_plan`)."""
+    return solve_plan(problem_from_profiles(profile_by_device, devices, frame_bytes, camera_bandwidth_bps, links,
+                                            decode_s))
 
 
 def problem_from_profiles(profile_by_device: Mapping[str, Sequence[BlockProfile]], devices: Sequence[Device],
@@ -386,17 +409,16 @@ def _backtrack(layers: list[_Layer], best_at: tuple[int, int, int], groups: list
 
 def _stage_cost_matrix(problem: PlacementProblem, device: str) -> np.ndarray:
     """[i, j] = compute of blocks i..j-1 on ``device``, or inf if j <= i or they do not fit its memory."""
-    n = problem.n_blocks
-    cost = np.full((n + 1, n + 1), np.inf)
+    if device in problem._stage_costs:
+        return problem._stage_costs[device]
     prefix = problem._compute_prefix[device]
-    cap = problem._device[device].memory_bytes
     params = problem._param_prefix
-    activations = np.array([b.activation_bytes for b in problem.blocks], dtype=np.int64)
-    for i in range(n):
-        memory = params[i + 1:] - params[i] + np.maximum.accumulate(activations[i:])
-        fits = memory <= cap
-        cost[i, i + 1:] = np.where(fits, prefix[i + 1:] - prefix[i], np.inf)
-    cost[0, 1:] += problem.decode_s.get(device, 0.0)
+    memory = params[None, :] - params[:, None] + problem._peak_activation
+    ordered = np.triu(np.ones(memory.shape, dtype=bool), k=1)
+    fits = ordered & (memory <= problem._device[device].memory_bytes)
+    cost = np.where(fits, prefix[None, :] - prefix[:, None], np.inf)
+    cost[0, 1:] += problem.decode_s.get(device, 0.0)  # stage 1 decodes the camera frame
+    problem._stage_costs[device] = cost
     return cost
 
 
@@ -430,6 +452,260 @@ def _shortfall_message(problem: PlacementProblem, layers: list[_Layer]) -> str:
     return (f"the memory caps do not fit the model on {len(problem.devices)} device(s): at best blocks "
             f"0..{reached - 1} fit, block {reached} ({block.name}) and later would need more devices or memory "
             f"(total caps {sum(d.memory_bytes for d in problem.devices) / MB:.1f} MB)")
+
+
+# --- every node of a site: the planner that scales -------------------------------------------------------
+
+# The type DP is used when its unpruned table is at most this big (about 0.2 s); beyond, the MILP is faster.
+SOLVE_DP_CELLS = 2_000_000
+# How long the mixed-integer program may search for a plan better than the heuristic's before that one stands.
+MILP_TIME_LIMIT_S = 0.5
+
+
+def solve_plan(problem: PlacementProblem, time_limit_s: float = MILP_TIME_LIMIT_S) -> Plan:
+    """The planner for any number of devices: exact where an exact method fits, a plan whenever one exists.
+
+    1. Devices that merge into few types: the type DP (:func:`optimal_plan`), exact.
+    2. Otherwise (every live node profiles itself, so every node is its own type):
+       :func:`heuristic_plan` (polynomial: ordered DPs and bottleneck assignments), then a mixed-integer
+       program (HiGHS, :func:`milp_plan`) looks for a strictly better plan for up to ``time_limit_s``.
+       When it finishes the answer is proven optimal (``exact``); when time runs out the best plan
+       found stands with ``exact=False``. With device-to-device ``links`` the MILP still improves the
+       plan but cannot prove it (it costs a transfer by the sender's uplink).
+    3. If neither found a plan, the MILP searches for any memory-feasible one without a time limit,
+       so "no plan" is only ever said when none exists.
+    """
+    _check_every_block_fits(problem)
+    if dp_cells_bound(problem) <= SOLVE_DP_CELLS:
+        return optimal_plan(problem)
+    plan = heuristic_plan(problem)
+    provable = not _device_links(problem)
+    bound = plan.bottleneck_s if plan is not None else math.inf
+    stages, finished = milp_plan(problem, below=bound, time_limit_s=time_limit_s)
+    if stages is not None:
+        found = cost_assignment(problem, stages)
+        if plan is None or found.bottleneck_s < plan.bottleneck_s:
+            plan = replace(found, method="milp")
+    if plan is None:
+        stages, _ = milp_plan(problem, below=math.inf, time_limit_s=None)
+        if stages is None:
+            raise InfeasiblePlacement(f"the memory caps do not fit the model on {len(problem.devices)} device(s) "
+                                      f"(total caps {sum(d.memory_bytes for d in problem.devices) / MB:.1f} MB)")
+        return replace(cost_assignment(problem, stages), exact=False, method="milp")
+    return replace(plan, exact=finished and provable)
+
+
+def dp_cells_bound(problem: PlacementProblem) -> int:
+    """Cells the type DP would need without pruning: multisets of <= n_blocks devices x types x (blocks + 1)."""
+    groups = device_types(problem)
+    limit = min(len(problem.devices), problem.n_blocks)
+    ways = [1] + [0] * limit  # ways[k] = multisets of k devices drawn from the types seen so far
+    for group in groups:
+        ways = [sum(ways[k - c] for c in range(min(k, len(group)) + 1)) for k in range(limit + 1)]
+    return sum(ways[1:]) * len(groups) * (problem.n_blocks + 1)
+
+
+def _device_links(problem: PlacementProblem) -> bool:
+    return any(s != CAMERA and r != GATEWAY for s, r in problem.links)
+
+
+def ordered_plan(problem: PlacementProblem, order: Sequence[str]) -> Plan | None:
+    """The best plan whose stages use devices in the relative ``order`` given (any subsequence).
+
+    Exact for that order, links included; O(D^2 n + D n^2).
+
+    ``g[m, j]`` = smallest bottleneck placing blocks ``0..j-1`` with the last stage on ``order[m]``,
+    not yet counting its outgoing transfer (the next device decides it), as in the type DP.
+    """
+    n, size = problem.n_blocks, len(order)
+    incoming = problem._incoming
+    bandwidth = np.array([[problem.bandwidth(a, b) if a != b else np.inf for b in order] for a in order])
+    columns = np.arange(n + 1)
+    g = np.full((size, n + 1), np.inf)
+    from_block = np.zeros((size, n + 1), dtype=np.int64)
+    from_device = np.full((size, n + 1), -1, dtype=np.int64)
+    for m, device in enumerate(order):
+        entering = np.full(n + 1, np.inf)
+        entering[0] = problem.frame_bytes / problem.bandwidth(CAMERA, device)
+        sender = np.full(n + 1, -1, dtype=np.int64)
+        if m:
+            via = np.maximum(g[:m], incoming[None, :] / bandwidth[:m, m][:, None])
+            best_sender = via.argmin(axis=0)
+            value = via[best_sender, columns]
+            better = value < entering
+            entering, sender = np.where(better, value, entering), np.where(better, best_sender, -1)
+        total = np.maximum(entering[:, None], _stage_cost_matrix(problem, device))
+        start = total.argmin(axis=0)
+        g[m], from_block[m], from_device[m] = total[start, columns], start, sender[start]
+    to_gateway = np.array([problem.blocks[-1].output_bytes / problem.bandwidth(d, GATEWAY) for d in order])
+    final = np.maximum(g[:, n], to_gateway)
+    m = int(final.argmin())
+    if not np.isfinite(final[m]):
+        return None
+    stages, end = [], n
+    while m >= 0:
+        start = int(from_block[m, end])
+        stages.append((order[m], start, end - 1))
+        m, end = int(from_device[m, end]), start
+    return cost_assignment(problem, stages[::-1])
+
+
+def heuristic_plan(problem: PlacementProblem, rounds: int = 8) -> Plan | None:
+    """A good plan in polynomial time, or None if it found no memory-feasible one (there may still be one).
+
+    Starts from :func:`ordered_plan` on a few device orders (fastest first, slowest first, largest
+    memory first, as listed), then alternates two exact sub-steps until neither improves: for the
+    plan's slices, the bottleneck assignment of devices to slices (a device may also stay unused);
+    for the order that gives, :func:`ordered_plan` re-cuts the blocks, with the unused devices
+    placed beside the device closest to them in speed so they can take a share of its work. Last,
+    :func:`_swap_search` swaps the bottleneck stage's device with each other device in the order.
+    """
+    speed = {d.id: problem.compute(d.id, 0, problem.n_blocks) for d in problem.devices}
+    ids = [d.id for d in problem.devices]
+    orders = [sorted(ids, key=speed.get), sorted(ids, key=speed.get, reverse=True),
+              sorted(ids, key=lambda d: -problem._device[d].memory_bytes), ids]
+    plans = [p for p in (ordered_plan(problem, order) for order in orders) if p is not None]
+    if not plans:
+        return None
+    best = min(plans, key=lambda p: p.bottleneck_s)
+    for _ in range(rounds):
+        assigned = _bottleneck_assignment(problem, [(s.first_block, s.last_block + 1) for s in best.stages])
+        order = list(assigned)
+        for device in sorted(set(ids) - set(assigned), key=speed.get):
+            nearest = min(range(len(order)), key=lambda k: abs(math.log((speed[order[k]] + 1e-12)
+                                                                         / (speed[device] + 1e-12))))
+            order.insert(nearest + 1, device)
+        candidate = ordered_plan(problem, order)
+        if candidate is None or candidate.bottleneck_s >= best.bottleneck_s * (1 - 1e-12):
+            break
+        best = candidate
+    best = _swap_search(problem, best, [d for d in orders[0] if d not in {s.device for s in best.stages}])
+    return replace(best, exact=False, method="heuristic")
+
+
+def _swap_search(problem: PlacementProblem, plan: Plan, unused: list[str], passes: int = 4) -> Plan:
+    """First-improvement local search: the device of the bottleneck stage trades places with another device.
+
+    The order is the plan's devices followed by the unused ones; :func:`ordered_plan` re-cuts
+    each candidate order exactly, so a swap may also hand the slow stage's work to a neighbour.
+    """
+    for _ in range(passes):
+        order = [s.device for s in plan.stages] + unused
+        slowest = max(range(len(plan.stages)), key=lambda k: max(plan.stages[k].compute_s, plan.stages[k].transfer_s))
+        improved = False
+        for other in range(len(order)):
+            if other == slowest:
+                continue
+            candidate_order = list(order)
+            candidate_order[slowest], candidate_order[other] = candidate_order[other], candidate_order[slowest]
+            candidate = ordered_plan(problem, candidate_order)
+            if candidate is not None and candidate.bottleneck_s < plan.bottleneck_s * (1 - 1e-12):
+                plan, improved = candidate, True
+                used = {s.device for s in plan.stages}
+                unused = [d for d in candidate_order if d not in used]
+                break
+        if not improved:
+            break
+    return plan
+
+
+def _segment_costs(problem: PlacementProblem, device: str, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Stage cost of ``device`` on slices ``starts[k]..ends[k]-1`` with link-free transfers; inf if it does not fit.
+
+    Link-free: the output travels at the device's uplink (to the gateway: the gateway link), the
+    frame at the camera's link to it, so the cost depends on the device and the slice only.
+    """
+    prefix = problem._compute_prefix[device]
+    memory = problem._param_prefix[ends] - problem._param_prefix[starts] + problem._peak_activation[starts, ends]
+    outgoing = problem._incoming[ends]
+    uplink = problem._device[device].bandwidth_bps
+    out_bw = np.where(ends == problem.n_blocks, problem.bandwidth(device, GATEWAY), uplink)
+    compute = prefix[ends] - prefix[starts] + np.where(starts == 0, problem.decode_s.get(device, 0.0), 0.0)
+    cost = np.maximum(compute, outgoing / out_bw)
+    cost = np.where(starts == 0, np.maximum(cost, problem.frame_bytes / problem.bandwidth(CAMERA, device)), cost)
+    return np.where(memory <= problem._device[device].memory_bytes, cost, np.inf)
+
+
+def _bottleneck_assignment(problem: PlacementProblem, slices: list[tuple[int, int]]) -> list[str]:
+    """Distinct devices for ``slices`` (in order) minimising the largest link-free stage cost."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+
+    starts, ends = np.array([a for a, _ in slices]), np.array([b for _, b in slices])
+    ids = [d.id for d in problem.devices]
+    cost = np.stack([_segment_costs(problem, d, starts, ends) for d in ids], axis=1)  # [slice, device]
+    values = np.unique(cost[np.isfinite(cost)])
+    low, high, best = 0, len(values) - 1, None
+    while low <= high:
+        middle = (low + high) // 2
+        matching = maximum_bipartite_matching(csr_matrix((cost <= values[middle]).astype(np.int8)),
+                                              perm_type="column")
+        if (matching >= 0).all():
+            best, high = matching, middle - 1
+        else:
+            low = middle + 1
+    assert best is not None, "the slices of a feasible plan always have an assignment: the plan's own"
+    return [ids[k] for k in best]
+
+
+def milp_plan(problem: PlacementProblem, below: float, time_limit_s: float | None
+              ) -> tuple[list[tuple[str, int, int]] | None, bool]:
+    """Stages of a plan with link-free bottleneck < ``below`` (HiGHS), and whether the search finished.
+
+    Binary x[d, i, j]: device d runs blocks i..j-1 (only slices that fit d and cost less than
+    ``below``); the chosen slices form a path 0 -> n (flow conservation at every cut), each device
+    at most once, and B >= the cost of each device's slice. Minimise B. Without device-to-device
+    links the link-free cost is the true cost, so a finished search with no answer proves
+    ``below`` optimal. Costs are scaled to about 1 so HiGHS's absolute tolerances do not blur them.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    n, size = problem.n_blocks, len(problem.devices)
+    pairs = np.array([(i, j) for i in range(n) for j in range(i + 1, n + 1)])
+    devices, starts, ends, costs = [], [], [], []
+    for index, device in enumerate(problem.devices):
+        cost = _segment_costs(problem, device.id, pairs[:, 0], pairs[:, 1])
+        keep = cost < below * (1 - 1e-12)
+        devices.append(np.full(int(keep.sum()), index))
+        starts.append(pairs[keep, 0])
+        ends.append(pairs[keep, 1])
+        costs.append(cost[keep])
+    device_of, start_of, end_of, cost_of = map(np.concatenate, (devices, starts, ends, costs))
+    count = len(cost_of)
+    if count == 0:
+        return None, True
+    scale = below if math.isfinite(below) else float(cost_of.max()) or 1.0
+    columns = np.arange(count)
+    rows, cols, data = [], [], []
+    # rows 0..size-1: each device at most once; size..2size-1: cost of its slice <= B
+    rows += [device_of, size + device_of, np.arange(size, 2 * size)]
+    cols += [columns, columns, np.full(size, count)]
+    data += [np.ones(count), cost_of / scale, -np.ones(size)]
+    # rows 2size + k, k = 0..n-1: slices starting at k minus slices ending at k (= 1 at k = 0, else 0)
+    flow = 2 * size
+    rows += [flow + start_of, flow + end_of[end_of < n]]
+    cols += [columns, columns[end_of < n]]
+    data += [np.ones(count), -np.ones(int((end_of < n).sum()))]
+    matrix = coo_matrix((np.concatenate(data), (np.concatenate(rows), np.concatenate(cols))),
+                        shape=(2 * size + n, count + 1)).tocsr()
+    lower = np.concatenate([np.zeros(2 * size) - np.inf, [1.0], np.zeros(n - 1)])
+    lower[:size] = 0
+    upper = np.concatenate([np.ones(size), np.zeros(size), [1.0], np.zeros(n - 1)])
+    objective = np.zeros(count + 1)
+    objective[-1] = 1.0
+    options = {"mip_rel_gap": 1e-9}
+    if time_limit_s is not None:
+        options["time_limit"] = time_limit_s
+    result = milp(objective, constraints=LinearConstraint(matrix, lower, upper),
+                  integrality=np.concatenate([np.ones(count), [0]]),
+                  bounds=Bounds(np.zeros(count + 1), np.concatenate([np.ones(count), [np.inf]])), options=options)
+    finished = result.status in (0, 2)  # optimal, or proven infeasible (nothing below ``below``)
+    if result.x is None:
+        return None, finished
+    chosen = np.flatnonzero(result.x[:count] > 0.5)
+    stages = [(problem.devices[device_of[k]].id, int(start_of[k]), int(end_of[k]) - 1) for k in chosen]
+    return sorted(stages, key=lambda stage: stage[1]), finished
 
 
 # --- the reference --------------------------------------------------------------------------------------

@@ -101,6 +101,34 @@ class BrokerSettings(_Section):
         return self.credentials_dir or self.data_dir / "credentials"
 
 
+class SiteSettings(_Section):
+    """This site's link to a central broker (a Mosquitto bridge in the site broker's config)."""
+
+    section: ClassVar[str] = "site"
+    model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_SITE_", extra="forbid")
+
+    site_id: str = Field("", max_length=64, pattern=r"^[^/+#$\s]*$",
+                         description="This site's id at the centre; empty: no bridge (a stand-alone site).")
+    central_host: str = Field("127.0.0.1", description="Central broker host the site's broker bridges to.")
+    central_port: int = Field(1883, ge=1, le=65535, description="Central broker port.")
+    bridge_username: str | None = Field(None, description="The bridge's own user name at the central broker.")
+    bridge_password: SecretStr | None = Field(None, description="The bridge's password at the central broker.")
+    bridge_tls_ca: Path | None = Field(None, description="CA certificate of the central broker; set it for TLS.")
+    bridge_keepalive_s: int = Field(10, ge=5, le=600, description="Bridge keepalive: how fast a cut link is noticed.")
+    bridge_restart_max_s: int = Field(30, ge=1, le=3600, description="Longest wait between bridge reconnects.")
+
+
+class CollectSettings(_Section):
+    """The central role that writes every site's results into one SQLite file."""
+
+    section: ClassVar[str] = "collect"
+    model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_COLLECT_", extra="forbid")
+
+    db: Path = Field(Path("run/central.sqlite"), description="SQLite file with every site's rows (site column).")
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="How long the central broker keeps queuing "
+                                  "for the collector while it is down (its persistent session).")
+
+
 class NodeSettings(_Section):
     section: ClassVar[str] = "node"
     model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_NODE_", extra="forbid")
@@ -321,7 +349,8 @@ class ControllerSettings(_Section):
 
 
 ALL_SECTIONS: tuple[type[_Section], ...] = (
-    MqttSettings, BrokerSettings, NodeSettings, GatewaySettings, ControllerSettings, CameraSettings, WebSettings)
+    MqttSettings, BrokerSettings, NodeSettings, GatewaySettings, ControllerSettings, CameraSettings, WebSettings,
+    SiteSettings, CollectSettings)
 
 S = TypeVar("S", bound=_Section)
 

@@ -22,6 +22,9 @@ AVAILABILITY_STOPPED = "stopped"
 
 _FORBIDDEN_IN_ID = set("/+#$ \t\n\r\x00")
 
+# At a central broker every site's topics hang below ``sites/<site_id>/`` (the site's bridge adds it).
+CENTRAL_PREFIX = "sites"
+
 
 def validate_id(kind: str, value: str) -> str:
     """An id becomes one topic level: it must not contain wildcards or separators."""
@@ -181,3 +184,27 @@ class Topics:
     @property
     def errors_filter(self) -> str:
         return f"{self.root}/error/+"
+
+    # --- past one site: what a site's bridge forwards to the central broker -------------
+    @property
+    def bridged(self) -> list[str]:
+        """Patterns (relative to the root) a site forwards to the centre: results, availability, errors.
+
+        Out only: commands, placement and prune state stay at the site (control stays local).
+        """
+        return ["pipeline/results", "node/+/status", "component/+/status", "error/+"]
+
+    def central_prefix(self, site_id: str) -> str:
+        """What a site's bridge puts before a local topic at the centre (ends in ``/``)."""
+        return f"{CENTRAL_PREFIX}/{validate_id('site', site_id)}/{self.root}/"
+
+    def central(self, local_filter: str) -> str:
+        """The central broker's filter for a local topic of every site, e.g. ``sites/+/edgeprune/error/+``."""
+        return f"{CENTRAL_PREFIX}/+/{local_filter}"
+
+    def split_central(self, topic: str) -> tuple[str, str] | None:
+        """(site id, the topic as the site published it) of a topic at the central broker, or None."""
+        parts = topic.split("/", 2)
+        if len(parts) != 3 or parts[0] != CENTRAL_PREFIX or not parts[1]:
+            return None
+        return parts[1], parts[2]

@@ -25,9 +25,14 @@ from gateway.placement import (
     PlacementProblem,
     Plan,
     cost_assignment,
+    MAX_DP_CELLS,
     device_types,
+    dp_cells_bound,
     exhaustive_plan,
+    heuristic_plan,
+    milp_plan,
     optimal_plan,
+    solve_plan,
 )
 from shared.profiling import CAMERA, MB
 
@@ -106,8 +111,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--brute-force-devices", type=int, default=8,
                         help="verify every instance with at most this many devices ...")
     parser.add_argument("--brute-force-blocks", type=int, default=16, help="... and blocks by exhaustive search")
+    parser.add_argument("--scale-instances", type=int, default=10,
+                        help="instances per size of distinct self-profiled nodes (10, 20, 50 x 60 blocks)")
+    parser.add_argument("--scale-sizes", type=int, nargs="+", default=[10, 20, 50], help="node counts to time")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", type=Path, default=Path("docs/placement-bench.png"), help="PNG of the ratios")
+    parser.add_argument("--plot", type=lambda text: Path(text) if text else None,
+                        default=Path("docs/placement-bench.png"), help="PNG of the ratios ('' for none)")
 
 
 @dataclass
@@ -158,6 +167,14 @@ def random_problem(rng: random.Random, n_devices: int, n_blocks: int) -> Placeme
                    camera_bandwidth_bps=20 * MBIT, links=links)
 
 
+def distinct_problem(rng: random.Random, n_devices: int, n_blocks: int) -> PlacementProblem:
+    """A random cluster as live nodes report it: every device measured its own latencies (±5% noise on its
+    kind's), so no two devices merge into one type. No device-to-device links (live nodes have none)."""
+    problem = random_problem(rng, n_devices, n_blocks)
+    compute = {device: [t * rng.lognormvariate(0, 0.05) for t in times] for device, times in problem.compute_s.items()}
+    return replace(problem, compute_s=compute, links={})
+
+
 def trapnet_problem(rng: random.Random, profile, n_devices: int, own_profiles: bool = False) -> PlacementProblem:
     """The measured TrapNet profile on emulated Pi-class devices (speed factor, cap, uplink per device).
 
@@ -193,6 +210,49 @@ def solve_and_compare(problem: PlacementProblem, rng: random.Random, family: Fam
     if verify:
         family.checked += 1
         family.mismatches += exhaustive_plan(problem, must_beat=best.bottleneck_s * (1 - 1e-9)) is not None
+
+
+REFERENCE_TIME_LIMIT_S = 60  # the MILP's time for the exact reference the heuristic's gap is measured against
+
+
+def scale_row(rng: random.Random, n_devices: int, count: int) -> dict:
+    """``solve_plan`` on self-profiled nodes (no two merge), and the heuristic alone against the exact optimum.
+
+    The exact reference is the type DP where its table fits, else the MILP given
+    ``REFERENCE_TIME_LIMIT_S`` (instances it cannot prove in that time are left out of the gap).
+    """
+    solve_s, exact, methods, gaps, infeasible = [], 0, {}, [], 0
+    for _ in range(count):
+        problem = distinct_problem(rng, n_devices, 60)
+        start = time.perf_counter()
+        try:
+            plan = solve_plan(problem)
+        except InfeasiblePlacement:
+            infeasible += 1
+            continue
+        solve_s.append(time.perf_counter() - start)
+        exact += plan.exact
+        methods[plan.method] = methods.get(plan.method, 0) + 1
+        heuristic = heuristic_plan(problem)
+        reference = None
+        if dp_cells_bound(problem) <= MAX_DP_CELLS:
+            reference = optimal_plan(problem).bottleneck_s
+        else:  # the type DP's table does not fit: prove with the MILP instead
+            bound = min(plan.bottleneck_s, heuristic.bottleneck_s if heuristic else math.inf)
+            stages, finished = milp_plan(problem, below=bound, time_limit_s=REFERENCE_TIME_LIMIT_S)
+            if finished:
+                reference = cost_assignment(problem, stages).bottleneck_s if stages else bound
+        if reference is not None:
+            gaps.append(math.inf if heuristic is None else heuristic.bottleneck_s / reference - 1)
+    finite = sorted(g for g in gaps if math.isfinite(g))
+    return {"nodes": n_devices, "solved": len(solve_s), "infeasible": infeasible,
+            "median_s": statistics.median(solve_s) if solve_s else math.nan,
+            "max_s": max(solve_s) if solve_s else math.nan, "proven_optimal": exact,
+            "methods": " ".join(f"{k}:{v}" for k, v in sorted(methods.items())),
+            "gap_checked": len(gaps), "heuristic_no_plan": len(gaps) - len(finite),
+            "heuristic_gap_mean": statistics.fmean(finite) if finite else math.nan,
+            "heuristic_gap_max": finite[-1] if finite else math.nan,
+            "heuristic_optimal_share": sum(g <= 1e-9 for g in finite) / len(finite) if finite else math.nan}
 
 
 def ratio_rows(family: Family) -> list[dict]:
@@ -239,12 +299,14 @@ def run(args) -> dict:
             solve_and_compare(make(), rng, family, verify=False)
 
     tables = {f"Bottleneck / optimum, {name}": ratio_rows(family) for name, family in families.items()}
+    tables["Every node its own type: solve_plan time, heuristic gap (60 blocks)"] = [
+        scale_row(rng, size, args.scale_instances) for size in tqdm(args.scale_sizes, desc="distinct nodes")]
     tables["Exact solver: solve time and verification"] = [
         {"instances": name, "solved": len(family.solve_s), "infeasible": family.infeasible,
          "types_max": max(family.device_types),
          "median_s": statistics.median(family.solve_s), "max_s": max(family.solve_s),
          "brute_force_checked": family.checked, "brute_force_mismatches": family.mismatches}
-        for name, family in {**families, **timings}.items()]
+        for name, family in {**families, **timings}.items() if family.solve_s]
     result = {"tables": tables, "seed": args.seed, "trapnet_profile": profile.model_dump()}
     if args.plot:
         plot(families, args.plot)

@@ -20,17 +20,19 @@ def run(args) -> int:
     import sys
 
     from edgeprune.broker import BrokerError, check_credentials, mosquitto_binary, render_config, write_config
-    from shared.settings import BrokerSettings, load
+    from shared.settings import BrokerSettings, MqttSettings, SiteSettings, load
 
     settings = load(BrokerSettings, args.config, port=args.port, bind=args.bind, data_dir=args.data_dir)
+    site = load(SiteSettings, args.config)  # [site] site_id set: bridge to the central broker
+    root = load(MqttSettings, args.config).topic_root
     if args.print_config:
-        print(render_config(settings))
+        print(render_config(settings, site, root))
         return 0
     try:
         check_credentials(settings)
     except BrokerError as exc:
         print(f"edgeprune broker: {exc}", file=sys.stderr)
         return 2
-    conf = write_config(settings)
+    conf = write_config(settings, site, root)
     print(f"mosquitto on {settings.bind}:{settings.port}, data in {settings.data_dir}", flush=True)
     os.execv(mosquitto_binary(), ["mosquitto", "-c", str(conf)])

@@ -19,11 +19,11 @@ def run(args) -> int:
     import sys
 
     from edgeprune.bench import format_table
-    from gateway.placement import InfeasiblePlacement, optimal_plan
+    from gateway.placement import InfeasiblePlacement, solve_plan
 
     try:
         problem = load_problem(args.devices, args.profile)
-        plan = optimal_plan(problem)
+        plan = solve_plan(problem)
     except ValueError as exc:  # a bad file, inconsistent profiles, or nothing fits
         print(f"edgeprune place: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, InfeasiblePlacement) else 2
@@ -33,7 +33,8 @@ def run(args) -> int:
                  "compute_ms": s.compute_s * 1e3, "transfer_ms": s.transfer_s * 1e3,
                  "memory_MB": s.memory_bytes / 1e6} for k, s in enumerate(plan.stages, start=1)]
         print(format_table(f"bottleneck {plan.bottleneck_s * 1e3:.3g} ms ({1 / plan.bottleneck_s:.3g} frames/s), "
-                           f"frame upload {plan.frame_upload_s * 1e3:.3g} ms", rows))
+                           f"frame upload {plan.frame_upload_s * 1e3:.3g} ms, "
+                           f"{'optimal' if plan.exact else 'best found, not proven optimal'} ({plan.method})", rows))
     print(json.dumps(plan.to_dict(), indent=2))
     return 0
 

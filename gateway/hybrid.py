@@ -1,0 +1,302 @@
+"""Hybrid plans: one long pipeline, r parallel shorter pipelines, replicated bottleneck stages, pruning up front.
+
+Pure (no I/O, no clock), so it can be checked against brute force. Collaborative edge inference
+work (Taufique et al.) gains by choosing jointly where to split the model, how to spread requests
+over nodes and which accuracy level to run; this module makes the same choice for edgeprune with
+the placement cost model of :mod:`gateway.placement` and the pruning ladder as the accuracy levels.
+
+Queueing model (documented in docs/placement.md, "Hybrid plans"):
+
+* a replica ``d`` of a stage serves a frame in ``t_d = max(compute, transfer out)`` (CPU and network
+  work in parallel), so a stage's rate is the sum of its replicas' rates ``mu = sum 1 / t_d``;
+* arrivals are split among the pipelines in proportion to their capacity (equal utilisation);
+* a frame's latency through a stage is its slowest replica's ``compute + transfer`` (conservative)
+  plus an M/D/1 wait ``rho / (2 mu (1 - rho))`` at utilisation ``rho = lambda / mu``; the frame
+  upload is added once. The SLO holds when the slowest pipeline's mean latency is within it;
+* the *sustainable* rate is the largest arrival rate at which the SLO holds (latency rises with
+  the rate, so it is found by bisection), at most the camera uplink's rate;
+* pruning a stage at ratio ``p`` multiplies its compute by the level's ``time_factor``; the plan's
+  accuracy is the traffic-weighted mean over pipelines of the calibrated accuracy model applied to
+  the per-block ratio vector, and must stay at or above ``accuracy_floor``.
+
+Objective: if some plan sustains the arrival rate, the most accurate such plan (ties: more
+headroom); otherwise the plan that sustains the highest rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from gateway.placement import InfeasiblePlacement, PlacementProblem, solve_plan
+from shared.profiling import CAMERA, GATEWAY
+
+# Pipelines tried at most (1..this many in parallel): each needs its own planner runs.
+MAX_PARALLEL = 8
+BISECTION_STEPS = 60
+
+
+@dataclass(frozen=True)
+class Level:
+    """One rung of the pruning ladder: compute time at ``ratio`` is ``time_factor`` x the unpruned time."""
+
+    ratio: float
+    time_factor: float
+
+
+UNPRUNED = (Level(0.0, 1.0),)
+
+
+@dataclass(frozen=True)
+class HybridStage:
+    first_block: int
+    last_block: int  # inclusive
+    replicas: tuple[str, ...]
+    ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class HybridPlan:
+    pipelines: tuple[tuple[HybridStage, ...], ...]
+    sustainable_hz: float  # largest arrival rate at which the SLO holds
+    capacity_hz: float  # the rate the stages can serve at all (utilisation 1)
+    latency_s: float  # slowest pipeline's predicted mean latency at the requested arrival rate (inf: overloaded)
+    accuracy: float | None  # predicted, when an accuracy model was given
+
+    @property
+    def kind(self) -> str:
+        replicated = any(len(s.replicas) > 1 for p in self.pipelines for s in p)
+        if all(len(p) == 1 for p in self.pipelines):
+            return "data partitioning (whole model per device)"
+        if len(self.pipelines) > 1:
+            return "parallel pipelines" + (" with replicated stages" if replicated else "")
+        return "one pipeline" + (" with replicated stages" if replicated else "")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "sustainable_hz": self.sustainable_hz, "capacity_hz": self.capacity_hz,
+                "latency_s": self.latency_s, "accuracy": self.accuracy,
+                "pipelines": [[{"blocks": [s.first_block, s.last_block], "replicas": list(s.replicas),
+                                "ratio": s.ratio} for s in p] for p in self.pipelines]}
+
+
+@dataclass(frozen=True)
+class HybridRequest:
+    """What the planner is asked: the placement problem plus rates, SLO and (optionally) accuracy levels."""
+
+    problem: PlacementProblem
+    arrival_hz: float
+    slo_s: float
+    levels: tuple[Level, ...] = UNPRUNED
+    accuracy: Callable[[Sequence[float]], float] | None = None  # per-block ratio vector -> predicted accuracy
+    accuracy_floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.arrival_hz > 0 or not self.slo_s > 0:
+            raise ValueError("the arrival rate and the SLO must be positive")
+        if not self.levels or self.levels[0] != Level(0.0, 1.0):
+            raise ValueError("the levels must start with the unpruned level (ratio 0, time factor 1)")
+        if any(not 0 < lv.time_factor <= 1 for lv in self.levels):
+            raise ValueError("a level's time factor must lie in (0, 1]: pruning never makes a slice slower")
+
+
+def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]]) -> HybridPlan:
+    """The one cost function every hybrid planner is judged by; raises InfeasiblePlacement on a memory cap."""
+    problem = request.problem
+    _check_structure(problem, pipelines)
+    factor = {lv.ratio: lv.time_factor for lv in request.levels}
+    rates, latencies = [], []  # per pipeline: per stage (service rate mu, fixed latency)
+    for stages in pipelines:
+        receivers = [s.replicas for s in stages[1:]] + [(GATEWAY,)]
+        stage_rates, fixed = [], problem.frame_bytes / min(problem.bandwidth(CAMERA, d) for d in stages[0].replicas)
+        for stage, next_replicas in zip(stages, receivers):
+            need = problem.memory(stage.first_block, stage.last_block + 1)
+            times, paths = [], []
+            for device in stage.replicas:
+                cap = problem._device[device].memory_bytes
+                if need > cap:
+                    raise InfeasiblePlacement(f"blocks {stage.first_block}..{stage.last_block} need {need} bytes, "
+                                              f"device {device} has {cap}")
+                compute = problem.compute(device, stage.first_block, stage.last_block + 1) * factor[stage.ratio]
+                transfer = problem.bytes_into(stage.last_block + 1) / min(
+                    problem.bandwidth(device, r) for r in next_replicas)
+                times.append(max(compute, transfer))
+                paths.append(compute + transfer)
+            stage_rates.append(sum(1 / t if t > 0 else math.inf for t in times))
+            fixed += max(paths)
+        rates.append(stage_rates)
+        latencies.append(fixed)
+    capacities = [min(r) for r in rates]
+    camera_hz = problem.camera_bandwidth_bps / problem.frame_bytes if problem.frame_bytes else math.inf
+    capacity = min(sum(capacities), camera_hz)
+
+    def latency(total_hz: float) -> float:
+        worst = 0.0
+        for stage_rates, fixed, pipeline_capacity in zip(rates, latencies, capacities):
+            share = total_hz * pipeline_capacity / sum(capacities) if math.isfinite(pipeline_capacity) else 0.0
+            wait = 0.0
+            for mu in stage_rates:
+                if not math.isfinite(mu):
+                    continue
+                rho = share / mu
+                if rho >= 1:
+                    return math.inf
+                wait += rho / (2 * mu * (1 - rho))
+            worst = max(worst, fixed + wait)
+        return worst
+
+    if latency(0.0) > request.slo_s:
+        sustainable = 0.0
+    elif math.isinf(capacity):  # nothing takes time: no rate is too high
+        sustainable = capacity
+    else:
+        low, high = 0.0, capacity
+        for _ in range(BISECTION_STEPS):
+            middle = (low + high) / 2
+            low, high = (middle, high) if latency(middle) <= request.slo_s else (low, middle)
+        sustainable = low
+    accuracy = None
+    if request.accuracy is not None:
+        per_pipeline = [request.accuracy([s.ratio for s in stages for _ in range(s.first_block, s.last_block + 1)])
+                        for stages in pipelines]
+        accuracy = sum(a * c for a, c in zip(per_pipeline, capacities)) / sum(capacities) \
+            if all(math.isfinite(c) for c in capacities) else min(per_pipeline)
+    return HybridPlan(tuple(tuple(p) for p in pipelines), sustainable, capacity, latency(request.arrival_hz), accuracy)
+
+
+def _check_structure(problem: PlacementProblem, pipelines: Sequence[Sequence[HybridStage]]) -> None:
+    if not pipelines or any(not stages for stages in pipelines):
+        raise ValueError("a hybrid plan needs at least one pipeline, each with at least one stage")
+    used = [d for stages in pipelines for s in stages for d in s.replicas]
+    if len(set(used)) != len(used):
+        raise ValueError(f"a device serves two stages: {used}")
+    for stages in pipelines:
+        expected = 0
+        for stage in stages:
+            if stage.first_block != expected or stage.last_block < stage.first_block or not stage.replicas:
+                raise ValueError("each pipeline's stages must cover the blocks contiguously, each with a replica")
+            expected = stage.last_block + 1
+        if expected != problem.n_blocks:
+            raise ValueError(f"a pipeline covers blocks 0..{expected - 1} of {problem.n_blocks}")
+
+
+def better(request: HybridRequest, a: HybridPlan, b: HybridPlan | None) -> bool:
+    """Whether ``a`` beats ``b`` under the objective (see the module docstring)."""
+    if b is None:
+        return True
+    return _key(request, a) > _key(request, b)
+
+
+def _key(request: HybridRequest, plan: HybridPlan) -> tuple:
+    accuracy = plan.accuracy if plan.accuracy is not None else 1.0
+    if plan.sustainable_hz >= request.arrival_hz:
+        return (1, round(accuracy, 12), plan.sustainable_hz)
+    return (0, plan.sustainable_hz, round(accuracy, 12))
+
+
+def meets_floor(request: HybridRequest, plan: HybridPlan) -> bool:
+    return plan.accuracy is None or plan.accuracy >= request.accuracy_floor - 1e-12
+
+
+def plan_hybrid(request: HybridRequest, max_parallel: int = MAX_PARALLEL) -> HybridPlan:
+    """The best hybrid plan found (module docstring: model and objective).
+
+    Structures tried: for r = 1..``max_parallel`` parallel pipelines, the devices are dealt into r
+    groups of near-equal speed (fastest first, each to the group with the least capacity so
+    far); in each group, for every m, the minimum-bottleneck pipeline over its m fastest devices
+    (:func:`gateway.placement.solve_plan`), the group's other devices then added one by one as
+    replicas of whichever stage is slowest and can hold them. Pruning: every structure with all
+    stages at one level, and a greedy path pruning the slowest stage one level further while the
+    accuracy floor holds. Raises InfeasiblePlacement when nothing fits the memory caps.
+    """
+    problem = request.problem
+    speed = {d.id: problem.compute(d.id, 0, problem.n_blocks) for d in problem.devices}
+    ids = sorted((d.id for d in problem.devices), key=speed.get)
+    best: HybridPlan | None = None
+    for r in range(1, min(max_parallel, len(ids)) + 1):
+        groups: list[list[str]] = [[] for _ in range(r)]
+        for device in ids:
+            min(groups, key=lambda g: sum(1 / (speed[d] or 1e-12) for d in g)).append(device)
+        options = [_group_pipelines(problem, group, speed) for group in groups]
+        if any(not o for o in options):
+            continue
+        # Groups are alike by construction: combine each group's m-th option (same shape everywhere).
+        for m in range(max(len(o) for o in options)):
+            pipelines = [o[min(m, len(o) - 1)] for o in options]
+            for candidate in _with_levels(request, pipelines):
+                if meets_floor(request, candidate) and better(request, candidate, best):
+                    best = candidate
+    if best is None:
+        raise InfeasiblePlacement("no hybrid plan fits the memory caps (or meets the accuracy floor)")
+    return best
+
+
+def _group_pipelines(problem: PlacementProblem, group: list[str], speed: dict[str, float]) -> list[list[HybridStage]]:
+    """Pipelines over a group: for each m, the best pipeline on its m fastest devices, then with the group's
+    other devices added one at a time (fastest first) as replicas; each step is a candidate, because a
+    slow replica adds rate but also latency (a frame may wait for it)."""
+    found = []
+    ordered = sorted(group, key=speed.get)
+    for m in range(1, len(group) + 1):
+        try:
+            plan = solve_plan(_subproblem(problem, ordered[:m]))
+        except InfeasiblePlacement:
+            continue
+        stages = [HybridStage(s.first_block, s.last_block, (s.device,)) for s in plan.stages]
+        found.append(stages)
+        for device in [d for d in ordered if d not in {s.device for s in plan.stages}]:
+            stages = _add_replica(problem, stages, device)
+            if stages is not found[-1]:
+                found.append(stages)
+    return found
+
+
+def _add_replica(problem: PlacementProblem, stages: list[HybridStage], device: str) -> list[HybridStage]:
+    """``device`` joins the slowest stage (lowest summed rate) whose slice fits its memory (unchanged if none)."""
+    def rate(stage: HybridStage) -> float:
+        return sum(1 / max(problem.compute(d, stage.first_block, stage.last_block + 1), 1e-12)
+                   for d in stage.replicas)
+
+    fitting = [k for k, s in enumerate(stages)
+               if problem.memory(s.first_block, s.last_block + 1) <= problem._device[device].memory_bytes]
+    if not fitting:
+        return stages
+    k = min(fitting, key=lambda k: rate(stages[k]))
+    return stages[:k] + [replace(stages[k], replicas=stages[k].replicas + (device,))] + stages[k + 1:]
+
+
+def _with_levels(request: HybridRequest, pipelines: list[list[HybridStage]]) -> list[HybridPlan]:
+    """The structure at every uniform pruning level, and along a greedy path pruning the slowest stage."""
+    results = []
+    for level in request.levels:
+        results.append(evaluate(request, [[replace(s, ratio=level.ratio) for s in p] for p in pipelines]))
+    if len(request.levels) > 1:
+        ratios = [lv.ratio for lv in request.levels]
+        current = [list(p) for p in pipelines]
+        while True:
+            plan = evaluate(request, current)
+            if plan.sustainable_hz >= request.arrival_hz or not meets_floor(request, plan):
+                break
+            slowest = min(((i, k) for i, p in enumerate(current) for k in range(len(p))
+                           if current[i][k].ratio != ratios[-1]),
+                          key=lambda ik: _stage_rate(request, current[ik[0]][ik[1]]), default=None)
+            if slowest is None:
+                break
+            i, k = slowest
+            current[i][k] = replace(current[i][k], ratio=ratios[ratios.index(current[i][k].ratio) + 1])
+            results.append(evaluate(request, current))
+    return results
+
+
+def _stage_rate(request: HybridRequest, stage: HybridStage) -> float:
+    factor = {lv.ratio: lv.time_factor for lv in request.levels}[stage.ratio]
+    return sum(1 / max(request.problem.compute(d, stage.first_block, stage.last_block + 1) * factor, 1e-12)
+               for d in stage.replicas)
+
+
+def _subproblem(problem: PlacementProblem, devices: Sequence[str]) -> PlacementProblem:
+    chosen = set(devices)
+    return replace(problem, devices=tuple(d for d in problem.devices if d.id in chosen),
+                   compute_s={d: t for d, t in problem.compute_s.items() if d in chosen},
+                   links={(s, r): bw for (s, r), bw in problem.links.items()
+                          if s in chosen | {CAMERA} and r in chosen | {GATEWAY}})
