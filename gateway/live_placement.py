@@ -20,7 +20,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, optimal_plan,
+from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, solve_plan,
                                problem_from_profiles)
 from shared.profiling import MBIT_BYTES, mb_to_bytes
 from shared.schemas import NodeProfile, Placement
@@ -120,7 +120,7 @@ class LivePlacement:
             return None
         problem = self._problem(placed, slowdowns)
         try:
-            plan = optimal_plan(problem)
+            plan = solve_plan(problem)
         except (InfeasiblePlacement, ValueError) as exc:
             log.error("cannot re-partition over %s: %s", placed, exc)
             return None
@@ -148,7 +148,7 @@ class LivePlacement:
 
     def _plan(self, nodes: list[str]) -> Plan | None:
         try:
-            plan = optimal_plan(self._problem(nodes))
+            plan = solve_plan(self._problem(nodes))
         except (InfeasiblePlacement, ValueError) as exc:
             self.last_error = str(exc)
             log.error("cannot place the model on %s: %s", nodes, exc)

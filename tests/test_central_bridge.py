@@ -54,9 +54,11 @@ def publish_results(bus: Bus, first: int, count: int) -> None:
 
 def test_bridge_forwards_a_site_to_the_centre_and_catches_up_after_a_cut(tmp_path) -> None:
     central_port, site_port = free_port(), free_port()
-    central_settings = BrokerSettings(port=central_port, data_dir=tmp_path / "central")
+    # the bridge is under test here, not logins (tests/test_security.py): both brokers let anyone in
+    central_settings = BrokerSettings(port=central_port, data_dir=tmp_path / "central", allow_anonymous=True)
     central = start_broker(central_settings, log_file=open(tmp_path / "central.log", "w"))
-    site = start_broker(BrokerSettings(port=site_port, data_dir=tmp_path / "site", max_queued_messages=SITE_QUEUE),
+    site = start_broker(BrokerSettings(port=site_port, data_dir=tmp_path / "site", max_queued_messages=SITE_QUEUE,
+                                       allow_anonymous=True),
                         log_file=open(tmp_path / "site.log", "w"),
                         site=SiteSettings(site_id="valley", central_port=central_port, bridge_keepalive_s=5,
                                           bridge_restart_max_s=2))
