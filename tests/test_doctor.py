@@ -12,7 +12,7 @@ from edgeprune.broker import free_port
 from edgeprune.doctor import (FAIL, OK, WARNING, Facts, check_broker, gather, check_clock, check_disk, check_errors,
                               check_gateway, check_membership, check_memory, check_model, check_units, infer_role,
                               memory_available_mb, report, run_checks)
-from tests.conftest import Processes, component_env, even_split, open_reader, wait_until
+from tests.conftest import STARTUP_S, Processes, component_env, even_split, open_reader, wait_until
 
 NOW = 1_000_000.0
 
@@ -143,7 +143,7 @@ def test_doctor_on_a_running_site(broker, tmp_path, monkeypatch):
     procs.start("node-1", "node")
     try:
         reader = open_reader(db)
-        wait_until(lambda: any(n["stage"] == 1 for n in reader.nodes()), 90, "node-1 did not take its stage")
+        wait_until(lambda: any(n["stage"] == 1 for n in reader.nodes()), STARTUP_S, "node-1 did not take its stage")
         wait_until(lambda: any(n.get("clock_offset_s") is not None for n in reader.nodes()), 30,
                    "node-1 never reported a clock offset in its stats")
 

@@ -17,7 +17,7 @@ from PIL import Image
 from node_agent.runtime import block_input_shape
 from shared import wire
 from shared.model import build_model
-from tests.conftest import Processes, Recorder, component_env, mqtt_client, open_reader, wait_until
+from tests.conftest import STARTUP_S, Processes, Recorder, component_env, mqtt_client, open_reader, wait_until
 
 pytestmark = pytest.mark.integration
 NODE_MAX_PAYLOAD = 200_000
@@ -38,7 +38,7 @@ def site(broker, tmp_path_factory):
     client = mqtt_client(broker)
     try:
         reader = open_reader(db)
-        wait_until(lambda: sorted(n["stage"] for n in reader.nodes() if n["stage"]) == [1, 2], 60,
+        wait_until(lambda: sorted(n["stage"] for n in reader.nodes() if n["stage"]) == [1, 2], STARTUP_S,
                    "nodes did not take two stages")
         placement = reader.placement()
         yield procs, reader, recorder, client, placement

@@ -16,7 +16,7 @@ import pytest
 from werkzeug.security import generate_password_hash
 
 from edgeprune.broker import free_port
-from tests.conftest import Processes, Recorder, component_env, open_reader, wait_until
+from tests.conftest import STARTUP_S, Processes, Recorder, component_env, open_reader, wait_until
 from tests.test_controller_e2e import write_accuracy_model
 from tests.test_web import CHROMEDRIVER, CHROMIUM, headless_chromium
 
@@ -125,7 +125,7 @@ def test_operator_changes_slo_and_holds_a_node_from_the_browser(broker, tmp_path
         restarted = time.time()
         procs.start("gateway-2", "gateway")
         wait_until(lambda: (reader.controller_status() or {}).get("settings", {}).get("slo_s") == 0.4
-                   and reader.current_run()["started_ts"] > restarted, 60,
+                   and reader.current_run()["started_ts"] > restarted, STARTUP_S,
                    "the SLO setting did not survive the gateway restart")
         assert reader.current_run()["slo_s"] == 0.4
         wait.until(lambda d: "SLO 400.0 ms" in d.find_element(By.ID, "summary").text)

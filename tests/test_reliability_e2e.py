@@ -18,7 +18,7 @@ from paho.mqtt.properties import Properties
 
 from camera.simulator import synthetic_scene
 from shared.imaging import encode_jpeg
-from tests.conftest import Processes, Recorder, component_env, mqtt_client, open_reader, wait_until
+from tests.conftest import STARTUP_S, Processes, Recorder, component_env, mqtt_client, open_reader, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def site(broker, tmp_path_factory):
     forger = mqtt_client(broker)
     try:
         reader = open_reader(db)
-        wait_until(lambda: sorted(n["stage"] for n in reader.nodes() if n["stage"]) == [1, 2], 60,
+        wait_until(lambda: sorted(n["stage"] for n in reader.nodes() if n["stage"]) == [1, 2], STARTUP_S,
                    "nodes did not take two stages")
         stage_nodes = [s["node_id"] for s in reader.placement()["stages"]]
         yield SimpleNamespace(procs=procs, reader=reader, recorder=recorder, forger=forger, broker=broker,
