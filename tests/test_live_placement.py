@@ -151,6 +151,16 @@ def test_stage_one_pays_the_frame_decode_so_it_gets_fewer_blocks_when_frames_are
     assert placed(plan(12.0, slow_decoder=0.004)) == ["b", "a"]
 
 
+def test_frames_at_the_models_size_are_planned_without_a_decode_charge():
+    """frame_megapixels 0: a device's fixed decode cost (measured on large JPEGs) must not shrink stage 1."""
+    live = LivePlacement(RULES, "trapnet", "abc", ["a", "b"], started=0.0, frame_megapixels=0.0)
+    costly = DecodeCost(fixed_s=0.025, per_megapixel_s=0.01, megapixels=[0.3, 4.0], seconds=[0.028, 0.065])
+    for node in ("a", "b"):
+        live.set_status(node, "online", 0.0)
+        live.set_offer(offer(node).model_copy(update={"decode": costly}))
+    assert [(s.first_block, s.last_block) for s in live.tick(0.0).stages] == [(0, 2), (3, 5)]
+
+
 def blocks_of(placement, node: str) -> int:
     stage = placement.stage_of(node)
     return stage.last_block - stage.first_block + 1
