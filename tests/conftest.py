@@ -171,6 +171,17 @@ class Processes:
             stop_process(proc)
 
 
+def start_two_stage_site(procs: Processes, db: Path):
+    """Gateway and node-1/node-2 started; returns the database reader once both nodes hold a stage."""
+    procs.start("gateway", "gateway")
+    procs.start("node-1", "node", "--node-id", "node-1")
+    procs.start("node-2", "node", "--node-id", "node-2")
+    reader = open_reader(db)
+    wait_until(lambda: sorted(n["stage"] for n in reader.nodes() if n["stage"]) == [1, 2], STARTUP_S,
+               "nodes did not take two stages")
+    return reader
+
+
 def component_env(mqtt_settings: MqttSettings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}
     env.update({"EDGEPRUNE_MQTT_PORT": str(mqtt_settings.port), "PYTHONUNBUFFERED": "1"})

@@ -17,7 +17,7 @@ from PIL import Image
 from node_agent.runtime import block_input_shape
 from shared import wire
 from shared.model import build_model
-from tests.conftest import STARTUP_S, Processes, Recorder, component_env, mqtt_client, open_reader, wait_until
+from tests.conftest import Processes, Recorder, component_env, mqtt_client, start_two_stage_site, wait_until
 
 pytestmark = pytest.mark.integration
 NODE_MAX_PAYLOAD = 200_000
@@ -32,14 +32,9 @@ def site(broker, tmp_path_factory):
                         EDGEPRUNE_NODE_MAX_PAYLOAD_BYTES=str(NODE_MAX_PAYLOAD))
     procs = Processes(workdir, env)
     recorder = Recorder(broker, "edgeprune/error/+")
-    procs.start("gateway", "gateway")
-    procs.start("node-1", "node", "--node-id", "node-1")
-    procs.start("node-2", "node", "--node-id", "node-2")
     client = mqtt_client(broker)
     try:
-        reader = open_reader(db)
-        wait_until(lambda: sorted(n["stage"] for n in reader.nodes() if n["stage"]) == [1, 2], STARTUP_S,
-                   "nodes did not take two stages")
+        reader = start_two_stage_site(procs, db)
         placement = reader.placement()
         yield procs, reader, recorder, client, placement
     finally:

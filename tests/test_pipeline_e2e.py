@@ -17,8 +17,8 @@ from node_agent.runtime import block_input_shape
 from shared import wire
 from shared.imaging import decode_frame, encode_jpeg, encode_png, textured_scene
 from shared.model import build_model
-from tests.conftest import (STARTUP_S, Processes, Recorder, component_env, login, mosquitto_pub_login, open_reader,
-                            wait_until)
+from tests.conftest import (STARTUP_S, Processes, Recorder, component_env, login, mosquitto_pub_login,
+                            start_two_stage_site, wait_until)
 
 pytestmark = pytest.mark.integration
 NODE_MAX_PAYLOAD = 300_000
@@ -36,13 +36,8 @@ def pipeline(broker, tmp_path_factory):
                         EDGEPRUNE_NODE_MAX_PAYLOAD_BYTES=str(NODE_MAX_PAYLOAD))
     procs = Processes(workdir, env)
     recorder = Recorder(broker, "edgeprune/error/+", "edgeprune/node/+/status")
-    procs.start("gateway", "gateway")
-    procs.start("node-1", "node", "--node-id", "node-1")
-    procs.start("node-2", "node", "--node-id", "node-2")
     try:
-        reader = open_reader(db)
-        wait_until(lambda: sorted(n["stage"] for n in reader.nodes() if n["stage"]) == [1, 2], STARTUP_S,
-                   "nodes did not take two stages")
+        reader = start_two_stage_site(procs, db)
         placement = reader.placement()
         stage_nodes = [s["node_id"] for s in placement["stages"]]
         stage2 = placement["stages"][1]["first_block"]

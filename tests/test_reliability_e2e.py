@@ -18,7 +18,7 @@ from paho.mqtt.properties import Properties
 
 from camera.simulator import synthetic_scene
 from shared.imaging import encode_jpeg
-from tests.conftest import STARTUP_S, Processes, Recorder, component_env, mqtt_client, open_reader, wait_until
+from tests.conftest import Processes, Recorder, component_env, mqtt_client, start_two_stage_site, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +34,9 @@ def site(broker, tmp_path_factory):
                         EDGEPRUNE_GATEWAY_REJOIN_HOLD_S="1")
     procs = Processes(workdir, env)
     recorder = Recorder(broker, "edgeprune/error/+", "edgeprune/node/+/prune/#")
-    procs.start("gateway", "gateway")
-    procs.start("node-1", "node", "--node-id", "node-1")
-    procs.start("node-2", "node", "--node-id", "node-2")
     forger = mqtt_client(broker)
     try:
-        reader = open_reader(db)
-        wait_until(lambda: sorted(n["stage"] for n in reader.nodes() if n["stage"]) == [1, 2], STARTUP_S,
-                   "nodes did not take two stages")
+        reader = start_two_stage_site(procs, db)
         stage_nodes = [s["node_id"] for s in reader.placement()["stages"]]
         yield SimpleNamespace(procs=procs, reader=reader, recorder=recorder, forger=forger, broker=broker,
                               stage_nodes=stage_nodes, photo=encode_jpeg(synthetic_scene(np.random.default_rng(5), 96)))

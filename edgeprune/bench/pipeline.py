@@ -501,15 +501,7 @@ def run(args) -> dict:
     if args.saturation:
         return saturation(args)
     if args.replot:
-        document = json.loads(args.replot.read_text())
-        in_slowdowns(document)
-        document["tables"] = {f"bench pipeline: {document['scenario']}": table(document)}
-        if args.plots:
-            from edgeprune.bench.pipeline_plots import plot_all
-
-            for path in plot_all(document, args.plots):
-                print(f"wrote {path}")
-        return document
+        return finished(json.loads(args.replot.read_text()), args.plots)
     scenario = load_scenario(args.scenario, args.quick)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
@@ -555,12 +547,17 @@ def run(args) -> dict:
         "slowdowns": [vars(e) for e in scenario.slowdowns], "arrivals": scenario.arrivals,
         "static_choice": static, "policies": results,
     }
+    return finished(document, args.plots)
+
+
+def finished(document: dict, plots: Path | None) -> dict:
+    """The figures derived from a run's JSON (slowdown attainment, the table) and its plots, if asked for."""
     in_slowdowns(document)
-    document["tables"] = {f"bench pipeline: {scenario.name}": table(document)}
-    if args.plots:
+    document["tables"] = {f"bench pipeline: {document['scenario']}": table(document)}
+    if plots:
         from edgeprune.bench.pipeline_plots import plot_all
 
-        for path in plot_all(document, args.plots):
+        for path in plot_all(document, plots):
             print(f"wrote {path}")
     return document
 
