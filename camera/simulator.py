@@ -21,6 +21,7 @@ import numpy as np
 from camera.arrivals import Arrival, BurstParams, burst_arrivals, replay_arrivals
 from shared.bus import Bus
 from shared.imaging import encode_jpeg, encode_png
+from shared.schemas import TRUE_LABEL_PROPERTY
 from shared.settings import CameraSettings, MqttSettings
 from shared.topics import Topics
 
@@ -72,7 +73,6 @@ def inter_arrivals(rate_hz: float, kind: str, rng: np.random.Generator) -> Itera
 
 
 DAY_S = 24 * 3600.0
-TRUE_LABEL_PROPERTY = "true_label"  # MQTT v5 user property: ground-truth class index of a labelled test frame
 
 
 def arrival_schedule(s: CameraSettings, rng: np.random.Generator) -> Iterator[Arrival]:

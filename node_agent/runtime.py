@@ -20,7 +20,7 @@ from shared.imaging import decode_frame
 from shared.latency_fit import LatencyCurve, fit_latency
 from shared.model import BlockNet
 from shared.pruning import PrunableSlice
-from shared.schemas import MAX_LABEL_INDEX, BadMessage, Hop, Result, StageAssignment, to_json
+from shared.schemas import MAX_LABEL_INDEX, TRUE_LABEL_PROPERTY, BadMessage, Hop, Result, StageAssignment, to_json
 
 
 @dataclass
@@ -115,12 +115,9 @@ def plausible_capture(capture_ts: float, received_ts: float, past_s: float, futu
     return received_ts - past_s <= capture_ts <= received_ts + future_s
 
 
-TRUE_LABEL = "true_label"
-
-
 def true_label(props: dict[str, str]) -> int | None:
     """The ground-truth class index a labelled test frame carries (user property ``true_label``), if any."""
-    raw = props.get(TRUE_LABEL)
+    raw = props.get(TRUE_LABEL_PROPERTY)
     if raw is None:
         return None
     if not raw.isascii() or not raw.isdigit() or len(raw) > 4:
@@ -231,4 +228,4 @@ class StageRuntime:
                                   keep_mask, [*act.hops, Hop(**hop, published_ts=time.time())])
             payload = wire.encode(nxt)
         return Output(self.output_topic, payload, act.request_id, compute_s, decode_s,
-                      {TRUE_LABEL: str(label)} if label is not None and not self.is_last else None)
+                      {TRUE_LABEL_PROPERTY: str(label)} if label is not None and not self.is_last else None)

@@ -15,6 +15,7 @@ from shared.topics import validate_id
 
 Id = Field(min_length=1, max_length=64, pattern=r"^[^/+#$\s]+$")
 MAX_LABEL_INDEX = 9999  # a class index; labelled frames beyond it are rejected as malformed
+TRUE_LABEL_PROPERTY = "true_label"  # MQTT v5 user property: the ground-truth class index of a labelled test frame
 
 
 class BadMessage(ValueError):
