@@ -26,10 +26,12 @@ from gateway.retention import DiskMode
 log = logging.getLogger(__name__)
 
 WriteMode = Literal["upsert", "insert_ignore", "insert"]
+JsonValue = object  # a column holding any JSON value (a number, a string, a list, null)
 
 
 class Table(NamedTuple):
-    """A table: its columns (``list``/``dict`` columns hold JSON), primary key, and how rows are written.
+    """A table: its columns (``list``, ``dict`` and :data:`JsonValue` columns hold JSON), primary key, and how
+    rows are written.
 
     ``upsert``: the latest state wins and partial rows (a node's stats, an event's follow-up) merge;
     ``insert_ignore``: the first row with a key stays (QoS 1 may redeliver a result); ``insert``: every row.
@@ -41,7 +43,12 @@ class Table(NamedTuple):
 
     @property
     def json_columns(self) -> frozenset[str]:
-        return frozenset(name for name, kind in self.columns.items() if kind in (list, dict))
+        return frozenset(name for name, kind in self.columns.items() if kind in (list, dict, JsonValue))
+
+    @property
+    def sql_columns(self) -> dict[str, type]:
+        """The column types SQLite is given: a JSON value is stored as text."""
+        return {name: str if kind is JsonValue else kind for name, kind in self.columns.items()}
 
 
 SCHEMA: dict[str, Table] = {
@@ -93,10 +100,10 @@ SCHEMA: dict[str, Table] = {
         "bottleneck_s": float,
     }, "version", "insert_ignore"),
     "operator_settings": Table({
-        "setting": str, "value": str, "ts": float, "by": str,
+        "setting": str, "value": JsonValue, "ts": float, "by": str,
     }, "setting", "upsert"),
     "operator_actions": Table({
-        "id": int, "ts": float, "by": str, "action": str, "target": str, "old": str, "new": str,
+        "id": int, "ts": float, "by": str, "action": str, "target": str, "old": JsonValue, "new": JsonValue,
     }, "id", "insert"),
     "cameras": Table({
         "camera_id": str, "location_name": str, "latitude": float, "longitude": float, "start_ts": float,
@@ -122,9 +129,12 @@ def _json(value: Any) -> str:
 
 
 def encode_row(table: str, row: dict) -> dict:
-    """The row as stored: JSON columns (``list``/``dict`` in :data:`SCHEMA`) as compact JSON text."""
+    """The row as stored: JSON columns (``list``, ``dict``, :data:`JsonValue`) as compact JSON text."""
     json_columns = SCHEMA[table].json_columns
-    return {k: _json(v) if k in json_columns and v is not None else v for k, v in row.items()}
+    columns = SCHEMA[table].columns
+    # a JSON value column stores null as "null" (the value was given); a list/dict column left out is NULL
+    return {k: _json(v) if k in json_columns and (v is not None or columns[k] is JsonValue) else v
+            for k, v in row.items()}
 
 
 def decode_row(table: str, row: dict) -> dict:
@@ -149,9 +159,9 @@ class Store:
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")
         for name, table in SCHEMA.items():
-            self.db[name].create(table.columns, pk=table.pk, if_not_exists=True)
+            self.db[name].create(table.sql_columns, pk=table.pk, if_not_exists=True)
             for column in table.columns.keys() - self.db[name].columns_dict.keys():  # a file from an older version
-                self.db[name].add_column(column, table.columns[column])
+                self.db[name].add_column(column, table.sql_columns[column])
         for name, indexes in INDEXES.items():
             for cols in indexes:
                 self.db[name].create_index(cols, if_not_exists=True)
@@ -206,15 +216,15 @@ class Store:
         self._buffer("placements", row)
 
     def set_operator_setting(self, setting: str, value: float | str, ts: float, by: str) -> None:
-        self._buffer("operator_settings", {"setting": setting, "value": _json(value), "ts": ts, "by": by})
+        self._buffer("operator_settings", {"setting": setting, "value": value, "ts": ts, "by": by})
 
     def operator_settings(self) -> dict[str, float | str]:
         """What operators set before, so a restarted gateway keeps it."""
-        return {r["setting"]: json.loads(r["value"]) for r in self.db["operator_settings"].rows}
+        return {r["setting"]: decode_row("operator_settings", r)["value"] for r in self.db["operator_settings"].rows}
 
     def add_operator_action(self, row: dict) -> None:
         """Who did what when; ``old`` and ``new`` are JSON values (null when there is none)."""
-        self._buffer("operator_actions", dict(row, old=_json(row["old"]), new=_json(row["new"])))
+        self._buffer("operator_actions", row)
 
     def set_camera(self, row: dict) -> None:
         self._buffer("cameras", row)
@@ -399,10 +409,7 @@ class Reader:
         return rows[0]["status"] if rows else None
 
     def operator_actions(self, limit: int = 20) -> list[dict]:
-        rows = self._rows("SELECT * FROM operator_actions ORDER BY id DESC LIMIT ?", (limit,))
-        for row in rows:
-            row["old"], row["new"] = json.loads(row["old"]), json.loads(row["new"])
-        return rows
+        return self._rows("SELECT * FROM operator_actions ORDER BY id DESC LIMIT ?", (limit,), table="operator_actions")
 
     def cameras(self) -> list[dict]:
         return self._rows("SELECT * FROM cameras ORDER BY camera_id")
