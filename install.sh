@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Install edgeprune on this machine (a Raspberry Pi or a Debian box). Idempotent: re-run freely.
 #
-#   ./install.sh [--role gateway|node|camera|all] [--dev] [--systemd] [--tls] [--no-apt]
+#   ./install.sh [--role gateway|node|camera|all|central] [--dev] [--systemd] [--tls] [--no-apt]
 #
-#   --role     what this device runs (default: all). gateway and all also get mosquitto.
+#   --role     what this device runs (default: all). gateway and all also get mosquitto. central: a host
+#              every site's broker bridges to (mosquitto + `edgeprune collect`, docs/scaling.md).
 #   --dev      test tools too (pytest, headless Chromium for the web test).
 #   --systemd  write and enable hardened systemd units (Restart=always) for the role; they run as the
 #              system user edgeprune, which alone reads /etc/edgeprune/edgeprune.toml and writes /var/lib/edgeprune.
-#   --tls      (gateway/all) make a self-signed CA and broker certificate beside the broker's users
+#   --tls      (gateway/all/central) make a self-signed CA and broker certificate beside the broker's users
 #              and turn on the broker's TLS listener on port 8883 (docs/security.md).
+#   --sites LIST  (central) comma-separated site ids: one bridge user bridge-<site> each (more later with
+#              `edgeprune credentials add bridge-<site> --role bridge`).
+#   --public-name NAME  (central with --tls) the DNS name or IP address the sites reach this host by: the
+#              certificate names it, as each site's bridge checks.
 #   --no-apt   skip Debian packages (you installed them yourself).
 #   --make-bundle DIR [--arch aarch64|x86_64] [--python 3.11]
 #              on a connected machine: download everything every role needs into DIR, then stop
@@ -20,13 +25,13 @@
 #              default: [mqtt] host of /etc/edgeprune/edgeprune.toml. The gateway serves time (chrony).
 #
 # gateway/all also make the broker's users (one per device, docs/security.md): run/broker/credentials,
-# or /var/lib/edgeprune/broker/credentials with --systemd.
+# or /var/lib/edgeprune/broker/credentials with --systemd; central makes the collector's and the sites' bridges'.
 #
 # Environment: EDGEPRUNE_TORCH_SPEC (default torch==2.13.0; note PyPI's 2.13.0 wheels are CUDA builds on x86_64
 # and on aarch64 alike, pulling GBs of nvidia packages: a bundle carries the CPU build), EDGEPRUNE_VENV (default .venv).
 set -euo pipefail
 
-ROLE=all DEV=0 SYSTEMD=0 APT=1 TLS=0 GATEWAY_ADDRESS=""
+ROLE=all DEV=0 SYSTEMD=0 APT=1 TLS=0 GATEWAY_ADDRESS="" SITES="" PUBLIC_NAME=""
 UNINSTALL=0 PURGE=0 MAKE_BUNDLE="" FROM_BUNDLE="" BUNDLE_ARCH="$(uname -m)" BUNDLE_PYTHON=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,6 +42,8 @@ while [ $# -gt 0 ]; do
     --tls) TLS=1; shift ;;
     --no-apt) APT=0; shift ;;
     --gateway-address) GATEWAY_ADDRESS="${2:?--gateway-address needs a value}"; shift 2 ;;
+    --sites) SITES="${2:?--sites needs comma-separated site ids}"; shift 2 ;;
+    --public-name) PUBLIC_NAME="${2:?--public-name needs a host name or address}"; shift 2 ;;
     --uninstall) UNINSTALL=1; shift ;;
     --purge) PURGE=1; shift ;;
     --make-bundle) MAKE_BUNDLE="${2:?--make-bundle needs a directory}"; shift 2 ;;
@@ -47,7 +54,7 @@ while [ $# -gt 0 ]; do
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-case "$ROLE" in gateway|node|camera|all) ;; *) echo "install.sh: --role must be gateway, node, camera or all" >&2; exit 2 ;; esac
+case "$ROLE" in gateway|node|camera|all|central) ;; *) echo "install.sh: --role must be gateway, node, camera, all or central" >&2; exit 2 ;; esac
 # bundle directories are given relative to where you are, not to this script
 [ -z "$MAKE_BUNDLE" ] || MAKE_BUNDLE="$(realpath -m "$MAKE_BUNDLE")"
 [ -z "$FROM_BUNDLE" ] || FROM_BUNDLE="$(realpath -m "$FROM_BUNDLE")"
@@ -89,7 +96,7 @@ fi
 # --- Debian packages -------------------------------------------------------------------------
 packages=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3 python3-venv)
-case "$ROLE" in gateway|all) packages+=(mosquitto mosquitto-clients sqlite3 openssl) ;; esac
+case "$ROLE" in gateway|all|central) packages+=(mosquitto mosquitto-clients sqlite3 openssl) ;; esac
 [ "$DEV" -eq 1 ] && packages+=(mosquitto mosquitto-clients chromium chromium-driver)
 case "$ROLE" in gateway|node|camera) [ "$SYSTEMD" -eq 1 ] && packages+=(chrony) ;; esac  # the site's clock
 if [ "$APT" -eq 1 ] && [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null; then
@@ -131,23 +138,43 @@ CONFIG_ARGS=()
 if [ "$SYSTEMD" -eq 1 ]; then BROKER_DIR="$DATA_DIR/broker"; else BROKER_DIR="$HERE/run/broker"; fi
 CREDS="$BROKER_DIR/credentials"
 case "$ROLE" in
-  gateway|all)
-    say "broker users (one per device) in $CREDS"
-    "$VENV/bin/edgeprune" credentials "${CONFIG_ARGS[@]}" --dir "$CREDS" init
+  gateway|all|central)
+    if [ "$ROLE" = central ]; then
+      say "central broker users (the collector, one bridge per site) in $CREDS"
+      "$VENV/bin/edgeprune" credentials "${CONFIG_ARGS[@]}" --dir "$CREDS" init --central --sites "$SITES"
+    else
+      say "broker users (one per device) in $CREDS"
+      "$VENV/bin/edgeprune" credentials "${CONFIG_ARGS[@]}" --dir "$CREDS" init
+    fi
     if [ "$TLS" -eq 1 ]; then
       TLS_DIR="$BROKER_DIR/tls"
       mkdir -p "$TLS_DIR" && chmod 700 "$TLS_DIR"
       if [ ! -f "$TLS_DIR/server.crt" ]; then
         say "self-signed CA and broker certificate in $TLS_DIR (copy ca.crt to every device)"
+        san="IP:127.0.0.1,DNS:localhost,DNS:$(hostname)"
+        case "$PUBLIC_NAME" in
+          "") ;;
+          *[!0-9.]*) san+=",DNS:$PUBLIC_NAME" ;;
+          *) san+=",IP:$PUBLIC_NAME" ;;
+        esac
         openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=edgeprune site CA" \
           -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.crt" 2>/dev/null
         openssl req -newkey rsa:2048 -nodes -subj "/CN=$(hostname)" \
           -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" 2>/dev/null
         openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.crt" -CAkey "$TLS_DIR/ca.key" \
           -CAcreateserial -days 3650 -out "$TLS_DIR/server.crt" \
-          -extfile <(printf "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:%s" "$(hostname)") 2>/dev/null
+          -extfile <(printf "subjectAltName=%s" "$san") 2>/dev/null
       fi
-      echo "TLS: set [broker] tls_port = 8883 and tls_dir = \"$TLS_DIR\"; clients: [mqtt] port = 8883, tls_ca = ca.crt"
+      if [ "$ROLE" = central ]; then
+        echo "TLS: set [broker] tls_port = 8883, tls_bind = \"0.0.0.0\" and tls_dir = \"$TLS_DIR\"; each site:" \
+             "[site] central_port = 8883, bridge_tls_ca = its copy of $TLS_DIR/ca.crt"
+      else
+        echo "TLS: set [broker] tls_port = 8883 and tls_dir = \"$TLS_DIR\"; clients: [mqtt] port = 8883, tls_ca = ca.crt"
+      fi
+    fi
+    if [ "$ROLE" = central ]; then
+      echo "each site: copy $CREDS/bridge-<site>.env to the site's gateway as /etc/edgeprune/broker.env" \
+           "and set [site] central_host (docs/scaling.md)"
     fi ;;
 esac
 
@@ -155,7 +182,7 @@ esac
 if [ "$SYSTEMD" -eq 1 ]; then
   write_units "$ROLE" "$CREDS"
   # --- the site's clock (packaging/site-clock.sh): a device set up for the field syncs to the gateway
-  configure_site_clock "$ROLE" "$GATEWAY_ADDRESS"
+  [ "$ROLE" = central ] || configure_site_clock "$ROLE" "$GATEWAY_ADDRESS"
 fi
 
 say "done: $VENV/bin/edgeprune --help"

@@ -44,7 +44,7 @@ def _tls_lines(settings: BrokerSettings) -> str:
     if settings.tls_dir is None:
         raise BrokerError("broker tls_port is set but tls_dir is not (ca.crt, server.crt, server.key)")
     tls = settings.tls_dir.resolve()
-    return (f"listener {settings.tls_port} {settings.bind}\ncafile {tls / 'ca.crt'}\n"
+    return (f"listener {settings.tls_port} {settings.tls_bind or settings.bind}\ncafile {tls / 'ca.crt'}\n"
             f"certfile {tls / 'server.crt'}\nkeyfile {tls / 'server.key'}\n")
 
 

@@ -7,6 +7,12 @@ belong to one role are ``user`` blocks rendered from the role's template below. 
 in one folder (``BrokerSettings.credentials_dir``): ``passwd`` (hashes, made by
 ``mosquitto_passwd``), ``acl``, ``users.json`` (name -> role) and one ``<name>.env`` per user
 (``EDGEPRUNE_MQTT_USERNAME``/``PASSWORD``, mode 0600) to hand to that device.
+
+A central broker (``install.sh --role central``, docs/scaling.md) has two roles of its own, whose
+topics lie outside the topic root, below ``sites/``: each site's **bridge** (user
+``bridge-<site_id>``) may only write below ``sites/<site_id>/``, so one site cannot speak for
+another, and the **collector** reads every site. A bridge's env file holds the ``EDGEPRUNE_SITE_*``
+variables the site's broker needs, to copy to the site as ``/etc/edgeprune/broker.env``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from shared.topics import validate_id
+from shared.topics import CENTRAL_PREFIX, validate_id
 
 # What each role may do, below the topic root R; {u} is the user (= device id), {g} the gateway id.
 ROLE_RIGHTS: dict[str, list[tuple[str, str]]] = {
@@ -48,6 +54,27 @@ ROLE_RIGHTS: dict[str, list[tuple[str, str]]] = {
 }
 # Every client may announce its own availability and report its own errors.
 SHARED_PATTERNS = [("readwrite", "component/%u/status"), ("write", "error/%u")]
+# At a central broker, absolute topics ({c} the central prefix, {s} the site of a bridge user).
+CENTRAL_RIGHTS: dict[str, list[tuple[str, str]]] = {
+    # A site's bridge forwards only that site's topics (and its own link state, below the same prefix).
+    "bridge": [("write", "{c}/{s}/#")],
+    # `edgeprune collect` reads every site.
+    "collector": [("read", "{c}/#")],
+}
+ROLES = [*ROLE_RIGHTS, *CENTRAL_RIGHTS]
+BRIDGE_USER_PREFIX = "bridge-"
+COLLECTOR_USER = "collect"  # the collector's component id (edgeprune/commands/collect.py)
+
+
+def bridge_user(site_id: str) -> str:
+    """The central broker's user for a site's bridge: its name carries the site it may write for."""
+    return BRIDGE_USER_PREFIX + validate_id("site", site_id)
+
+
+def _site_of_bridge(name: str) -> str:
+    if not name.startswith(BRIDGE_USER_PREFIX) or len(name) == len(BRIDGE_USER_PREFIX):
+        raise CredentialsError(f"a bridge user is named {BRIDGE_USER_PREFIX}<site_id>, not {name!r}")
+    return name[len(BRIDGE_USER_PREFIX):]
 
 
 class CredentialsError(RuntimeError):
@@ -61,6 +88,10 @@ def render_acl(users: dict[str, str], topic_root: str, gateway_id: str) -> str:
     lines += [f"pattern {access} {topic_root}/{topic}" for access, topic in SHARED_PATTERNS]
     for name, role in sorted(users.items()):
         lines += ["", f"user {name}"]
+        if role in CENTRAL_RIGHTS:
+            site = _site_of_bridge(name) if role == "bridge" else ""
+            lines += [f"topic {access} {topic.format(c=CENTRAL_PREFIX, s=site)}" for access, topic in CENTRAL_RIGHTS[role]]
+            continue
         lines += [f"topic {access} {topic_root}/{topic.format(u=name, g=gateway_id)}"
                   for access, topic in ROLE_RIGHTS[role]]
     return "\n".join(lines) + "\n"
@@ -103,9 +134,11 @@ class Credentials:
 
     def add(self, name: str, role: str, password: str | None = None) -> str:
         """Create (or re-key) ``name`` with ``role``; return its password (new random one by default)."""
-        if role not in ROLE_RIGHTS:
-            raise CredentialsError(f"role {role!r} is not one of {', '.join(ROLE_RIGHTS)}")
+        if role not in ROLES:
+            raise CredentialsError(f"role {role!r} is not one of {', '.join(ROLES)}")
         validate_id(role, name)
+        if role == "bridge":
+            _site_of_bridge(name)
         users = self.users()
         if name in users and users[name] != role:
             raise CredentialsError(f"user {name} exists with role {users[name]}; remove it first")
@@ -118,8 +151,13 @@ class Credentials:
         users[name] = role
         self._save(users)
         env = self.env_file(name)
-        env.write_text(f"EDGEPRUNE_MQTT_USERNAME={name}\nEDGEPRUNE_MQTT_PASSWORD={password}\n")
+        env.touch(mode=0o600)
         os.chmod(env, 0o600)
+        if role == "bridge":  # for the site's broker unit: its bridge section logs in with these
+            env.write_text(f"EDGEPRUNE_SITE_SITE_ID={_site_of_bridge(name)}\nEDGEPRUNE_SITE_BRIDGE_USERNAME={name}\n"
+                           f"EDGEPRUNE_SITE_BRIDGE_PASSWORD={password}\n")
+        else:
+            env.write_text(f"EDGEPRUNE_MQTT_USERNAME={name}\nEDGEPRUNE_MQTT_PASSWORD={password}\n")
         return password
 
     def rotate(self, name: str) -> str:
@@ -141,7 +179,7 @@ class Credentials:
     def password(self, name: str) -> str:
         """The password written to ``name``'s env file when it was made."""
         for line in self.env_file(name).read_text().splitlines():
-            if line.startswith("EDGEPRUNE_MQTT_PASSWORD="):
+            if line.startswith(("EDGEPRUNE_MQTT_PASSWORD=", "EDGEPRUNE_SITE_BRIDGE_PASSWORD=")):
                 return line.split("=", 1)[1]
         raise CredentialsError(f"no password recorded for {name}")
 
@@ -166,3 +204,8 @@ def default_users(node_ids: list[str], camera_ids: list[str], gateway_id: str = 
     """The users a site needs: its gateway, page, nodes and cameras, and one operator (admin)."""
     return {gateway_id: "gateway", "web": "web", "admin": "admin",
             **{n: "node" for n in node_ids}, **{c: "camera" for c in camera_ids}}
+
+
+def central_users(site_ids: list[str]) -> dict[str, str]:
+    """The users a central broker needs: the collector and one bridge per site."""
+    return {COLLECTOR_USER: "collector", **{bridge_user(s): "bridge" for s in site_ids}}

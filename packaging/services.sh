@@ -18,6 +18,7 @@ services_for() {
     node) echo "node" ;;
     camera) echo "camera" ;;
     all) echo "broker gateway web node" ;;
+    central) echo "broker collect" ;;  # the central broker sites bridge to, and its collector (docs/scaling.md)
   esac
 }
 
@@ -76,8 +77,10 @@ WantedBy=multi-user.target
 UNIT
 }
 
-# create_service_user: the system user, its data directory, the config readable by it alone.
+# create_service_user [EXAMPLE]: the system user, its data directory, the config readable by it alone
+# (a first config from docs/EXAMPLE, default edgeprune.example.toml).
 create_service_user() {
+  local example="${1:-edgeprune.example.toml}"
   if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
     say "creating system user $SERVICE_USER (home $DATA_DIR, no login)"
     $SUDO useradd --system --user-group --home-dir "$DATA_DIR" --no-create-home --shell /usr/sbin/nologin \
@@ -85,7 +88,7 @@ create_service_user() {
   fi
   $SUDO install -d -o "$SERVICE_USER" -g "$SERVICE_USER" -m 0750 "$DATA_DIR" "$DATA_DIR/broker"
   $SUDO install -d -o root -g "$SERVICE_USER" -m 0750 "$CONFIG_DIR"
-  [ -f "$CONFIG_DIR/edgeprune.toml" ] || $SUDO cp "$HERE/docs/edgeprune.example.toml" "$CONFIG_DIR/edgeprune.toml"
+  [ -f "$CONFIG_DIR/edgeprune.toml" ] || $SUDO cp "$HERE/docs/$example" "$CONFIG_DIR/edgeprune.toml"
   $SUDO chown root:"$SERVICE_USER" "$CONFIG_DIR/edgeprune.toml"
   $SUDO chmod 0640 "$CONFIG_DIR/edgeprune.toml"
 }
@@ -94,11 +97,11 @@ create_service_user() {
 write_units() {
   local services svc after creds="${2:-}" pair user
   read -r -a services <<<"$(services_for "$1")"
-  create_service_user
+  if [ "$1" = central ]; then create_service_user central.example.toml; else create_service_user; fi
   # the broker (running as the service user) reads its users from here; each service logs in as its own user
   if [ -n "$creds" ] && [ -d "$creds" ]; then
     $SUDO chown -R "$SERVICE_USER":"$SERVICE_USER" "$creds"
-    for pair in gateway:gateway web:web node:node-1; do
+    for pair in gateway:gateway web:web node:node-1 collect:collect; do
       svc="${pair%%:*}" user="${pair#*:}"
       if [[ " ${services[*]} " == *" $svc "* && -f "$creds/$user.env" && ! -f "$CONFIG_DIR/$svc.env" ]]; then
         $SUDO install -m 0640 -o root -g "$SERVICE_USER" "$creds/$user.env" "$CONFIG_DIR/$svc.env"

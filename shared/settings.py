@@ -95,6 +95,8 @@ class BrokerSettings(_Section):
     tls_port: int | None = Field(None, ge=1, le=65535, description="Also listen with TLS on this port.")
     tls_dir: Path | None = Field(None, description="Folder with ca.crt, server.crt, server.key for the TLS "
                                  "listener (install.sh --tls makes a self-signed set).")
+    tls_bind: str | None = Field(None, description="Address the TLS listener listens on; default: bind. A central "
+                                 "broker serves sites over TLS (0.0.0.0) and its collector on plain loopback.")
 
     @property
     def credentials_folder(self) -> Path:

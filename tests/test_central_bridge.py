@@ -4,9 +4,12 @@ the collector as a real subprocess; the link is cut (central broker stopped) and
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +17,12 @@ from edgeprune.broker import free_port, render_config, start_broker, stop_proces
 from gateway.collect import parse_central
 from shared.bus import Bus
 from shared.schemas import BadMessage, ErrorRecord, Hop, Result, to_json
-from shared.settings import BrokerSettings, MqttSettings, SiteSettings
+from shared.settings import BrokerSettings, MqttSettings, SiteSettings, load
 from shared.topics import Topics
 from tests.conftest import STARTUP_S, Processes, Recorder, component_env, wait_until
 
+ROOT = Path(__file__).resolve().parents[1]
+NOT_AUTHORIZED = 135
 SITE_QUEUE = 50  # the site broker's max_queued_messages: what the bridge may hold while the centre is away
 TOPICS = Topics()
 
@@ -134,3 +139,95 @@ def test_parse_central_rows_and_refusals() -> None:
         with pytest.raises(BadMessage) as caught:
             parse_central(TOPICS, topic, payload, 5.0)
         assert caught.value.kind == kind
+
+
+def env_file(path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line)
+
+
+def publish_code(port: int, username: str, password: str, topic: str) -> int:
+    """The reason code of the central broker's PUBACK to one QoS 1 publish by ``username`` (MQTT v5)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    acked, codes = threading.Event(), []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.username_pw_set(username, password)
+    client.on_publish = lambda c, u, mid, rc, p: (codes.append(rc.value), acked.set())
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.publish(topic, result(99), qos=1)
+        assert acked.wait(10), f"no PUBACK for {topic}"
+        return codes[0]
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_central_role_takes_a_site_over_tls_with_its_bridge_login_only(tmp_path, monkeypatch) -> None:
+    """What `install.sh --role central --tls --sites valley,ridge` sets up: the central broker from
+    docs/central.example.toml (plain listener on loopback for the collector, TLS for the sites, logins and
+    an ACL), and a site whose broker is configured from nothing but the bridge-valley.env file it is given."""
+    from edgeprune.credentials import Credentials, central_users
+    from tests.test_security import make_test_certificates
+
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    make_test_certificates(tls)
+    central_settings = load(BrokerSettings, ROOT / "docs" / "central.example.toml", port=free_port(),
+                            data_dir=tmp_path / "central", tls_port=free_port(), tls_bind="127.0.0.1", tls_dir=tls)
+    assert central_settings.bind == "127.0.0.1" and central_settings.max_queued_messages >= 20 * SITE_QUEUE
+    credentials = Credentials(central_settings.credentials_folder)
+    for name, role in central_users(["valley", "ridge"]).items():
+        credentials.add(name, role)
+    central = start_broker(central_settings, log_file=open(tmp_path / "central.log", "w"))
+    bridge_env = env_file(credentials.env_file("bridge-valley"))  # copied to the site as /etc/edgeprune/broker.env
+    for name, value in bridge_env.items():
+        monkeypatch.setenv(name, value)
+    site_settings = load(SiteSettings, central_port=central_settings.tls_port, bridge_tls_ca=tls / "ca.crt",
+                         bridge_keepalive_s=5, bridge_restart_max_s=2)
+    assert site_settings.site_id == "valley" and site_settings.bridge_username == "bridge-valley"
+    site_port = free_port()
+    site = start_broker(BrokerSettings(port=site_port, data_dir=tmp_path / "site", allow_anonymous=True),
+                        log_file=open(tmp_path / "site.log", "w"), site=site_settings)
+    db = tmp_path / "central.sqlite"
+    processes = Processes(tmp_path, component_env(MqttSettings(port=central_settings.port),
+                                                  **env_file(credentials.env_file("collect"))))
+    bus = Bus(MqttSettings(port=site_port), "pi-a", TOPICS.node_status("pi-a"))
+    try:
+        processes.start("collect", "collect", "--db", str(db))
+        bus.start()
+        wait_until(lambda: rows(db, "node_status") >= 1, STARTUP_S, "nothing reached the centre over TLS")
+        publish_results(bus, 0, 3)
+        wait_until(lambda: rows(db, "results") == 3, 60, "results did not reach the centre over TLS")
+        password = credentials.password("bridge-valley")
+        # the valley bridge's login writes for valley only; the collector only reads
+        assert publish_code(central_settings.port, "bridge-valley", password,
+                            "sites/valley/edgeprune/pipeline/results") < 128
+        assert publish_code(central_settings.port, "bridge-valley", password,
+                            "sites/ridge/edgeprune/pipeline/results") == NOT_AUTHORIZED
+        assert publish_code(central_settings.port, "collect", credentials.password("collect"),
+                            "sites/valley/edgeprune/pipeline/results") == NOT_AUTHORIZED
+        wait_until(lambda: rows(db, "results") == 4, 30, "the bridge user's own write did not arrive")
+        time.sleep(1)
+        assert rows(db, "results", site="ridge") == 0
+    finally:
+        bus.stop()
+        processes.stop_all()
+        stop_process(site)
+        stop_process(central)
+    assert "Traceback" not in processes.log("collect")
+    assert "bridge-valley" in (tmp_path / "central.log").read_text()  # the bridge logged in as itself
+
+
+def test_central_users_scope_each_bridge_to_its_site(tmp_path) -> None:
+    from edgeprune.credentials import CredentialsError, Credentials, central_users, render_acl
+
+    acl = render_acl(central_users(["valley", "ridge"]), "edgeprune", "gateway")
+    assert "user bridge-valley\ntopic write sites/valley/#\n" in acl
+    assert "user bridge-ridge\ntopic write sites/ridge/#\n" in acl
+    assert "user collect\ntopic read sites/#\n" in acl
+    with pytest.raises(CredentialsError):
+        Credentials(tmp_path).add("valley", "bridge")  # a bridge user's name must say its site

@@ -30,7 +30,7 @@ def services(call: str, tmp_path: Path) -> subprocess.CompletedProcess:
 def units(tmp_path) -> dict[str, Path]:
     (tmp_path / "units").mkdir()
     written = {}
-    for svc in ("broker", "gateway", "web", "node", "camera"):
+    for svc in ("broker", "gateway", "web", "node", "camera", "collect"):
         unit = tmp_path / "units" / f"edgeprune-{svc}.service"
         unit.write_text(services(f"render_unit {svc} network-online.target", tmp_path).stdout)
         written[svc] = unit
@@ -71,3 +71,10 @@ def test_uninstall_keeps_the_data_unless_purged(tmp_path):
     assert purged.returncode == 0, purged.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "etc").exists()
     assert not list((tmp_path / "units").iterdir())
+
+
+def test_central_role_runs_its_broker_and_the_collector(tmp_path):
+    (tmp_path / "units").mkdir()
+    assert services("services_for central", tmp_path).stdout.split() == ["broker", "collect"]
+    removed = services("uninstall_role central 0", tmp_path)
+    assert removed.returncode == 0 and "edgeprune-collect.service" in removed.stdout, removed.stderr

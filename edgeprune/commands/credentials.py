@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeprune.credentials import ROLE_RIGHTS
+from edgeprune.credentials import ROLES
 
 
 def register(sub) -> None:
@@ -15,9 +15,13 @@ def register(sub) -> None:
     init = verbs.add_parser("init", help="users for the gateway, the page, an operator and the given devices")
     init.add_argument("--nodes", default="", help="comma-separated node ids (default: the gateway's nodes)")
     init.add_argument("--cameras", default="cam-1", help="comma-separated camera ids")
+    init.add_argument("--central", action="store_true",
+                      help="a central broker's users instead: the collector and one bridge-<site> per --sites")
+    init.add_argument("--sites", default="", help="with --central: comma-separated site ids")
     add = verbs.add_parser("add", help="add a user (prints its password once)")
     add.add_argument("name")
-    add.add_argument("--role", required=True, choices=list(ROLE_RIGHTS))
+    add.add_argument("--role", required=True, choices=ROLES,
+                     help="bridge and collector are a central broker's (a bridge user is named bridge-<site_id>)")
     verbs.add_parser("list", help="users and their roles")
     for verb, text in (("rotate", "give a user a new random password"), ("remove", "delete a user")):
         verbs.add_parser(verb, help=text).add_argument("name")
@@ -31,7 +35,7 @@ def _ids(text: str) -> list[str]:
 def run(args) -> int:
     import sys
 
-    from edgeprune.credentials import Credentials, CredentialsError, default_users
+    from edgeprune.credentials import Credentials, CredentialsError, central_users, default_users
     from shared.settings import BrokerSettings, GatewaySettings, MqttSettings, load
 
     broker = load(BrokerSettings, args.config)
@@ -40,7 +44,10 @@ def run(args) -> int:
                         gateway.gateway_id)
     try:
         if args.verb == "init":
-            users = default_users(_ids(args.nodes) or gateway.nodes, _ids(args.cameras), gateway.gateway_id)
+            if args.central:
+                users = central_users(_ids(args.sites))
+            else:
+                users = default_users(_ids(args.nodes) or gateway.nodes, _ids(args.cameras), gateway.gateway_id)
             for name, role in users.items():
                 if creds.ensure(name, role):
                     print(f"{role:8s} {name}: {creds.env_file(name)}")
@@ -56,7 +63,7 @@ def run(args) -> int:
         else:
             for name, role in sorted(creds.users().items()):
                 print(f"{role:8s} {name}")
-    except CredentialsError as exc:
+    except (CredentialsError, ValueError) as exc:  # ValueError: an id that cannot be a topic level
         print(f"edgeprune credentials: {exc}", file=sys.stderr)
         return 2
     if args.verb != "list":
