@@ -90,7 +90,8 @@ def render_acl(users: dict[str, str], topic_root: str, gateway_id: str) -> str:
         lines += ["", f"user {name}"]
         if role in CENTRAL_RIGHTS:
             site = _site_of_bridge(name) if role == "bridge" else ""
-            lines += [f"topic {access} {topic.format(c=CENTRAL_PREFIX, s=site)}" for access, topic in CENTRAL_RIGHTS[role]]
+            lines += [f"topic {access} {topic.format(c=CENTRAL_PREFIX, s=site)}"
+                      for access, topic in CENTRAL_RIGHTS[role]]
             continue
         lines += [f"topic {access} {topic_root}/{topic.format(u=name, g=gateway_id)}"
                   for access, topic in ROLE_RIGHTS[role]]

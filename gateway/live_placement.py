@@ -17,9 +17,10 @@ stage 1 pays its own decode cost for frames of ``frame_megapixels`` (from its pr
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from gateway.hybrid import HybridPlan, HybridRequest, plan_hybrid
 from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, solve_plan,
                                problem_from_profiles)
 from shared.profiling import MBIT_BYTES, mb_to_bytes
@@ -132,6 +133,30 @@ class LivePlacement:
         return self._adopt(placed, now, f"re-partitioned for slowdowns {shown}: bottleneck {current * 1e3:.1f} -> "
                                         f"{plan.bottleneck_s * 1e3:.1f} ms", plan)
 
+    def plan_for_rate(self, make_request: Callable[[PlacementProblem], HybridRequest]) -> HybridPlan | None:
+        """The hybrid plan (:mod:`gateway.hybrid`) over every eligible node, for the request ``make_request``
+        builds from their problem (arrival rate, SLO, levels): what a persistent rate change calls for."""
+        nodes = self.eligible()
+        if not nodes:
+            return None
+        try:
+            return plan_hybrid(make_request(self._problem(nodes)))
+        except (InfeasiblePlacement, ValueError) as exc:
+            log.error("no hybrid plan over %s: %s", nodes, exc)
+            return None
+
+    def adopt_hybrid(self, plan: HybridPlan, now: float, reason: str) -> Placement | None:
+        """Publish ``plan`` when a placement can run it (one pipeline, one node per stage) and it moves something."""
+        stages = single_pipeline(plan)
+        if stages is None or (self.current is not None and stages == [
+                (s.node_id, s.first_block, s.last_block) for s in self.current.stages]):
+            return None
+        nodes = [node for node, _, _ in stages]
+        placement = self._adopt(nodes, now, reason, cost_assignment(self._problem(nodes), stages))
+        # the plan may leave slow nodes out on purpose: do not re-place for them as if they had just joined
+        self._declined = frozenset(self.eligible())
+        return placement
+
     def _devices(self, nodes: list[str]) -> list[Device]:
         return [Device(n, mb_to_bytes(self._offers[n].memory_mb), self._offers[n].uplink_mbit_s * MBIT_BYTES)
                 for n in nodes]
@@ -173,3 +198,11 @@ class LivePlacement:
                  ", ".join(f"{s.node_id}:{s.first_block}-{s.last_block}" for s in self.current.stages),
                  plan.bottleneck_s * 1e3)
         return self.current
+
+
+def single_pipeline(plan: HybridPlan) -> list[tuple[str, int, int]] | None:
+    """``(node, first_block, last_block)`` per stage when ``plan`` is one pipeline with one node per stage (what a
+    :class:`Placement` says today); None for parallel pipelines or replicated stages."""
+    if len(plan.pipelines) != 1 or any(len(s.replicas) != 1 for s in plan.pipelines[0]):
+        return None
+    return [(s.replicas[0], s.first_block, s.last_block) for s in plan.pipelines[0]]

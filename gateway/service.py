@@ -17,11 +17,14 @@ import time
 from pathlib import Path
 
 from gateway.accounting import LOST, WARNING_KINDS, DesiredGuard, RequestLedger, Verdict
+from gateway.arrival import ArrivalMeter, RateRules, RateTrigger, levels_from_fits
 from gateway.control_loop import ControlLoop, Effects, LadderMismatch
 from gateway.curves import AccuracyFit
-from gateway.live_placement import LivePlacement, PlacementRules
+from gateway.hybrid import HybridRequest
+from gateway.live_placement import LivePlacement, PlacementRules, single_pipeline
 from gateway.liveness import Liveness
 from gateway.operator import LABELS, Overrides
+from gateway.placement import PlacementProblem
 from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message
 from gateway.slo import SloWindows
 from gateway.store import Store
@@ -121,6 +124,9 @@ class Gateway:
         self.guard = DesiredGuard(self.store.issued_desired())
         self.placement_guard = DesiredGuard()
         self.liveness = Liveness(settings.stats_silence_s)
+        self.arrivals = ArrivalMeter(settings.rate_window_s, started=time.time())  # frames stage 1 accepted
+        self.rate_trigger = RateTrigger(RateRules(settings.rate_window_s, settings.rate_band, settings.rate_dwell_s,
+                                                  settings.rate_min_interval_s, settings.rate_floor_hz))
         self.ledger = RequestLedger()
         for row in self.store.open_requests(time.time() - max(10 * settings.result_timeout_s, 3600.0)):
             self.ledger.restore(row["request_id"], row["camera_id"], row["received_ts"], bool(row["stored"]),
@@ -213,8 +219,11 @@ class Gateway:
 
     def _on_accepted(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         accepted = parse_json(AcceptedRequest, payload)
+        now = time.time()
         with self._lock:
-            new = self.ledger.accept(accepted.request_id, accepted.camera_id, time.time())
+            new = self.ledger.accept(accepted.request_id, accepted.camera_id, now)
+            if new:
+                self.arrivals.add(now)
         if new:
             self.store.add_accepted(accepted.model_dump())
 
@@ -433,6 +442,58 @@ class Gateway:
                                "metrics": {"slowdowns": slowdowns}})
         return placement
 
+    def _replan_for_rate(self, now: float, effects: Effects) -> Placement | None:
+        """Run the hybrid planner for the new rate once the arrival rate has changed for good (gateway/arrival.py).
+
+        Called under the lock. For one pipeline the best cuts do not depend on the rate; what does is how much
+        to prune up front, and whether parallel pipelines or replicated stages are needed. The plan is logged
+        as a ``rate_replan`` row in ``prune_events`` (its kind, replicas, ratios, sustainable rate, predicted
+        accuracy); with ``rate_replan = "apply"`` it is also published when a placement can run it.
+        """
+        if self.live.current is None:
+            return None
+        measured = self.arrivals.rate(now)
+        previous = self.rate_trigger.planned_hz
+        target = self.rate_trigger.observe(now, measured)
+        if target is None:
+            return None
+        config, fit, slo_s = self.control.settings, self.control.block_accuracy, self.operator.slo_s
+
+        def request(problem: PlacementProblem) -> HybridRequest:
+            if fit is None or fit.n_stages != problem.n_blocks:  # no accuracy model: no pruning levels either
+                return HybridRequest(problem, target, slo_s)
+            predict = fit.predictor(config.accuracy_model)
+            return HybridRequest(problem, target, slo_s, levels_from_fits(config.ladder, self.control.fits,
+                                                                          config.max_ratio),
+                                 predict, config.accuracy_floor_relative * predict([0.0] * problem.n_blocks))
+
+        plan = self.live.plan_for_rate(request)
+        placement = None
+        if plan is None:
+            outcome = "no plan (see the log)"
+        elif self.settings.rate_replan == "log":
+            outcome = "logged only ([gateway] rate_replan = log)"
+        elif single_pipeline(plan) is None:
+            outcome = "not published: a placement cannot run parallel pipelines or replicated stages yet"
+        else:
+            placement = self.live.adopt_hybrid(plan, now, f"arrival rate {target:.3g}/s")
+            outcome = f"published as placement v{placement.version}" if placement else "the placement already runs it"
+        if placement is not None:
+            self.control.set_placement(placement)
+        was = "nothing planned for" if previous is None else f"planned for {previous:.3g}/s"
+        shown = "" if plan is None else (
+            f": {plan.kind}, sustains {plan.sustainable_hz:.3g}/s, up-front ratios "
+            + "; ".join(" ".join(f"{'+'.join(s.replicas)} {s.ratio:g}" for s in p) for p in plan.pipelines))
+        reason = f"arrival rate {target:.3g} frames/s ({was}){shown}; {outcome}"
+        log.info("rate re-plan: %s", reason)
+        effects.events.append({"ts": now, "kind": "rate_replan", "policy": "rate", "source": "auto", "reason": reason,
+                               "predicted_accuracy": plan.accuracy if plan else None,
+                               "metrics": {"arrival_hz": target, "planned_for_hz": previous,
+                                           "mode": self.settings.rate_replan,
+                                           "placement_version": placement.version if placement else None,
+                                           "plan": plan.to_dict() if plan else None}})
+        return placement
+
     def _carry_out(self, effects: Effects) -> None:
         for node_id, desired in effects.publish.items():
             payload = to_json(desired)
@@ -485,7 +546,10 @@ class Gateway:
             effects = self.control.tick(now)
             if self.settings.replace_on_violation and placement is None:
                 placement = self._replace_for_slowdowns(now, effects)
-            status = {**self.control.status(), "settings": self.operator.effective()}
+            if self.settings.rate_replan != "off" and placement is None:
+                placement = self._replan_for_rate(now, effects)
+            status = {**self.control.status(), "settings": self.operator.effective(),
+                      "arrival": {"rate_hz": self.arrivals.rate(now), **self.rate_trigger.status(now)}}
             windows = self.slo.close_due(now)
             lost = self.ledger.expire(now, self.settings.result_timeout_s)
             silent = self.liveness.newly_silent(now)

@@ -221,6 +221,22 @@ class GatewaySettings(_Section):
     checkpoint: Path | None = Field(None, description="The checkpoint the nodes run (set it with [node] checkpoint "
                                     "when you train your own): the gateway places only nodes with these weights and "
                                     "loads their accuracy model; default: the one shipped in shared/assets.")
+    # Re-planning for a persistent change of the arrival rate (gateway/arrival.py, docs/placement.md).
+    rate_replan: Literal["off", "log", "apply"] = Field(
+        "log", description="On a persistent arrival-rate change, run the hybrid planner for the new rate: 'log' "
+                           "records its plan (prune_events kind rate_replan; nothing moves), 'apply' also publishes "
+                           "it when a placement can run it (blocks move, nodes re-calibrate), 'off' does neither.")
+    rate_window_s: float = Field(3600.0, gt=0, le=7 * 86400, description="The arrival rate is the frames stage 1 "
+                                 "accepted over this window; long enough to average camera-trap bursts.")
+    rate_band: float = Field(0.5, gt=0, lt=1, description="A rate within ± this fraction of the rate the current plan "
+                             "was made for counts as unchanged.")
+    rate_dwell_s: float = Field(7200.0, ge=0, le=30 * 86400, description="The rate must stay outside the band, on "
+                                "one side, this long before a re-plan: bursts shorter than this minus rate_window_s "
+                                "never trigger one.")
+    rate_min_interval_s: float = Field(14400.0, ge=0, le=30 * 86400,
+                                       description="At least this long between two rate re-plans.")
+    rate_floor_hz: float = Field(0.05, gt=0, description="Rates below this count as this (a quiet night's change "
+                                 "from 0.01 to 0.03 frames/s is not a new season).")
 
     _split_nodes = field_validator("nodes", mode="before")(_ids)
 

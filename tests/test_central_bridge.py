@@ -223,7 +223,7 @@ def test_central_role_takes_a_site_over_tls_with_its_bridge_login_only(tmp_path,
 
 
 def test_central_users_scope_each_bridge_to_its_site(tmp_path) -> None:
-    from edgeprune.credentials import CredentialsError, Credentials, central_users, render_acl
+    from edgeprune.credentials import Credentials, CredentialsError, central_users, render_acl
 
     acl = render_acl(central_users(["valley", "ridge"]), "edgeprune", "gateway")
     assert "user bridge-valley\ntopic write sites/valley/#\n" in acl
