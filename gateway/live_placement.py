@@ -17,10 +17,10 @@ stage 1 pays its own decode cost for frames of ``frame_megapixels`` (from its pr
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.hybrid import HybridPlan, HybridRequest, plan_hybrid
+from gateway.hybrid import HybridPlan
 from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, solve_plan,
                                problem_from_profiles)
 from shared.profiling import MBIT_BYTES, mb_to_bytes
@@ -133,17 +133,10 @@ class LivePlacement:
         return self._adopt(placed, now, f"re-partitioned for slowdowns {shown}: bottleneck {current * 1e3:.1f} -> "
                                         f"{plan.bottleneck_s * 1e3:.1f} ms", plan)
 
-    def plan_for_rate(self, make_request: Callable[[PlacementProblem], HybridRequest]) -> HybridPlan | None:
-        """The hybrid plan (:mod:`gateway.hybrid`) over every eligible node, for the request ``make_request``
-        builds from their problem (arrival rate, SLO, levels): what a persistent rate change calls for."""
+    def eligible_problem(self) -> PlacementProblem | None:
+        """The planner's view of every eligible node (for the hybrid planner, run outside the gateway's lock)."""
         nodes = self.eligible()
-        if not nodes:
-            return None
-        try:
-            return plan_hybrid(make_request(self._problem(nodes)))
-        except (InfeasiblePlacement, ValueError) as exc:
-            log.error("no hybrid plan over %s: %s", nodes, exc)
-            return None
+        return self._problem(nodes) if nodes else None
 
     def adopt_hybrid(self, plan: HybridPlan, now: float, reason: str) -> Placement | None:
         """Publish ``plan`` when a placement can run it (one pipeline, one node per stage) and it moves something."""
@@ -152,6 +145,8 @@ class LivePlacement:
                 (s.node_id, s.first_block, s.last_block) for s in self.current.stages]):
             return None
         nodes = [node for node, _, _ in stages]
+        if not set(nodes) <= set(self.eligible()):  # a node left while the plan was being made
+            return None
         placement = self._adopt(nodes, now, reason, cost_assignment(self._problem(nodes), stages))
         # the plan may leave slow nodes out on purpose: do not re-place for them as if they had just joined
         self._declined = frozenset(self.eligible())

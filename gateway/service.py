@@ -20,11 +20,11 @@ from gateway.accounting import LOST, WARNING_KINDS, DesiredGuard, RequestLedger,
 from gateway.arrival import ArrivalMeter, RateRules, RateTrigger, levels_from_fits
 from gateway.control_loop import ControlLoop, Effects, LadderMismatch
 from gateway.curves import AccuracyFit
-from gateway.hybrid import HybridRequest
+from gateway.hybrid import HybridRequest, plan_hybrid
 from gateway.live_placement import LivePlacement, PlacementRules, single_pipeline
 from gateway.liveness import Liveness
 from gateway.operator import LABELS, Overrides
-from gateway.placement import PlacementProblem
+from gateway.placement import InfeasiblePlacement
 from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message
 from gateway.slo import SloWindows
 from gateway.store import Store
@@ -442,32 +442,39 @@ class Gateway:
                                "metrics": {"slowdowns": slowdowns}})
         return placement
 
-    def _replan_for_rate(self, now: float, effects: Effects) -> Placement | None:
-        """Run the hybrid planner for the new rate once the arrival rate has changed for good (gateway/arrival.py).
-
-        Called under the lock. For one pipeline the best cuts do not depend on the rate; what does is how much
-        to prune up front, and whether parallel pipelines or replicated stages are needed. The plan is logged
-        as a ``rate_replan`` row in ``prune_events`` (its kind, replicas, ratios, sustainable rate, predicted
-        accuracy); with ``rate_replan = "apply"`` it is also published when a placement can run it.
+    def _rate_replan_due(self, now: float) -> HybridRequest | None:
+        """What to ask the hybrid planner when the arrival rate has changed for good (gateway/arrival.py); None
+        when no re-plan is due. Called under the lock; the planning itself runs outside it (:meth:`_replan_for_rate`).
         """
         if self.live.current is None:
             return None
-        measured = self.arrivals.rate(now)
-        previous = self.rate_trigger.planned_hz
-        target = self.rate_trigger.observe(now, measured)
+        problem = self.live.eligible_problem()
+        target = self.rate_trigger.observe(now, self.arrivals.rate(now)) if problem is not None else None
         if target is None:
             return None
-        config, fit, slo_s = self.control.settings, self.control.block_accuracy, self.operator.slo_s
+        config, fit = self.control.settings, self.control.block_accuracy
+        if fit is None or fit.n_stages != problem.n_blocks:  # no accuracy model: no pruning levels either
+            return HybridRequest(problem, target, self.operator.slo_s)
+        predict = fit.predictor(config.accuracy_model)
+        return HybridRequest(problem, target, self.operator.slo_s,
+                             levels_from_fits(config.ladder, self.control.fits, config.max_ratio),
+                             predict, config.accuracy_floor_relative * predict([0.0] * problem.n_blocks))
 
-        def request(problem: PlacementProblem) -> HybridRequest:
-            if fit is None or fit.n_stages != problem.n_blocks:  # no accuracy model: no pruning levels either
-                return HybridRequest(problem, target, slo_s)
-            predict = fit.predictor(config.accuracy_model)
-            return HybridRequest(problem, target, slo_s, levels_from_fits(config.ladder, self.control.fits,
-                                                                          config.max_ratio),
-                                 predict, config.accuracy_floor_relative * predict([0.0] * problem.n_blocks))
+    def _replan_for_rate(self, now: float, request: HybridRequest, previous_hz: float | None,
+                         effects: Effects) -> Placement | None:
+        """Plan for the new rate and log it; with ``rate_replan = "apply"`` also adopt it when a placement can run it.
 
-        plan = self.live.plan_for_rate(request)
+        For one pipeline the best cuts do not depend on the rate; what does is how much to prune up front, and
+        whether parallel pipelines or replicated stages are needed. The plan is logged as a ``rate_replan`` row in
+        ``prune_events`` (its kind, replicas, ratios, sustainable rate, predicted accuracy). The planner runs
+        outside the lock: on many nodes it takes seconds (docs/placement.md), and results keep being stored.
+        """
+        target = request.arrival_hz
+        try:
+            plan = plan_hybrid(request)
+        except (InfeasiblePlacement, ValueError) as exc:
+            log.error("no hybrid plan for %.3g frames/s: %s", target, exc)
+            plan = None
         placement = None
         if plan is None:
             outcome = "no plan (see the log)"
@@ -476,19 +483,20 @@ class Gateway:
         elif single_pipeline(plan) is None:
             outcome = "not published: a placement cannot run parallel pipelines or replicated stages yet"
         else:
-            placement = self.live.adopt_hybrid(plan, now, f"arrival rate {target:.3g}/s")
+            with self._lock:
+                placement = self.live.adopt_hybrid(plan, now, f"arrival rate {target:.3g}/s")
+                if placement is not None:
+                    self.control.set_placement(placement)
             outcome = f"published as placement v{placement.version}" if placement else "the placement already runs it"
-        if placement is not None:
-            self.control.set_placement(placement)
-        was = "nothing planned for" if previous is None else f"planned for {previous:.3g}/s"
-        shown = "" if plan is None else (
-            f": {plan.kind}, sustains {plan.sustainable_hz:.3g}/s, up-front ratios "
-            + "; ".join(" ".join(f"{'+'.join(s.replicas)} {s.ratio:g}" for s in p) for p in plan.pipelines))
+        was = "nothing planned for" if previous_hz is None else f"planned for {previous_hz:.3g}/s"
+        shown = "" if plan is None else f": {plan.kind}, sustains {plan.sustainable_hz:.3g}/s, " + "; ".join(
+            "pipeline " + ", ".join(f"blocks {s.first_block}-{s.last_block} on {'+'.join(s.replicas)} at ratio "
+                                    f"{s.ratio:g}" for s in p) for p in plan.pipelines)
         reason = f"arrival rate {target:.3g} frames/s ({was}){shown}; {outcome}"
         log.info("rate re-plan: %s", reason)
         effects.events.append({"ts": now, "kind": "rate_replan", "policy": "rate", "source": "auto", "reason": reason,
                                "predicted_accuracy": plan.accuracy if plan else None,
-                               "metrics": {"arrival_hz": target, "planned_for_hz": previous,
+                               "metrics": {"arrival_hz": target, "planned_for_hz": previous_hz,
                                            "mode": self.settings.rate_replan,
                                            "placement_version": placement.version if placement else None,
                                            "plan": plan.to_dict() if plan else None}})
@@ -546,8 +554,9 @@ class Gateway:
             effects = self.control.tick(now)
             if self.settings.replace_on_violation and placement is None:
                 placement = self._replace_for_slowdowns(now, effects)
-            if self.settings.rate_replan != "off" and placement is None:
-                placement = self._replan_for_rate(now, effects)
+            planned_for_hz = self.rate_trigger.planned_hz
+            rate_request = (self._rate_replan_due(now) if self.settings.rate_replan != "off" and placement is None
+                            else None)
             status = {**self.control.status(), "settings": self.operator.effective(),
                       "arrival": {"rate_hz": self.arrivals.rate(now), **self.rate_trigger.status(now)}}
             windows = self.slo.close_due(now)
@@ -555,6 +564,8 @@ class Gateway:
             silent = self.liveness.newly_silent(now)
             for node_id in silent:  # hung: stop sending it work now, not when the broker's will fires
                 self.live.set_status(node_id, AVAILABILITY_OFFLINE, now)
+        if rate_request is not None:
+            placement = self._replan_for_rate(now, rate_request, planned_for_hz, effects)
         for node_id in silent:
             log.warning("%s: no stats for %.0f s: treated as offline (hung?)", node_id, self.settings.stats_silence_s)
             self.store.update_node({"node_id": node_id, "status": "silent", "status_ts": now})

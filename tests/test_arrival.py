@@ -143,15 +143,14 @@ def two_nodes() -> LivePlacement:
 
 def test_the_rate_changes_the_plan_through_up_front_pruning():
     """For one structure the best cuts do not depend on the rate; the pruning to sustain it does."""
-    from gateway.hybrid import HybridRequest
+    from gateway.hybrid import HybridRequest, plan_hybrid
 
-    live = two_nodes()
+    problem = two_nodes().eligible_problem()
     levels = (Level(0.0, 1.0), Level(0.5, 0.4))
 
     def plan_at(hz: float) -> HybridPlan:
-        return live.plan_for_rate(lambda problem: HybridRequest(
-            problem, hz, slo_s=1.0, levels=levels, accuracy=lambda r: 0.9 - 0.1 * sum(r) / len(r),
-            accuracy_floor=0.8))
+        return plan_hybrid(HybridRequest(problem, hz, slo_s=1.0, levels=levels,
+                                         accuracy=lambda r: 0.9 - 0.1 * sum(r) / len(r), accuracy_floor=0.8))
 
     quiet, busy = plan_at(1.0), plan_at(60.0)
     assert quiet.sustainable_hz >= 1.0 and all(s.ratio == 0 for p in quiet.pipelines for s in p)
