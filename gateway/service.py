@@ -487,7 +487,8 @@ class Gateway:
                 placement = self.live.adopt_hybrid(plan, now, f"arrival rate {target:.3g}/s")
                 if placement is not None:
                     self.control.set_placement(placement)
-            outcome = f"published as placement v{placement.version}" if placement else "the placement already runs it"
+            outcome = (f"published as placement v{placement.version}" if placement
+                       else "nothing moved (the placement already runs it, or one of its nodes left meanwhile)")
         was = "nothing planned for" if previous_hz is None else f"planned for {previous_hz:.3g}/s"
         shown = "" if plan is None else f": {plan.kind}, sustains {plan.sustainable_hz:.3g}/s, " + "; ".join(
             "pipeline " + ", ".join(f"blocks {s.first_block}-{s.last_block} on {'+'.join(s.replicas)} at ratio "

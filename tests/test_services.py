@@ -78,3 +78,11 @@ def test_central_role_runs_its_broker_and_the_collector(tmp_path):
     assert services("services_for central", tmp_path).stdout.split() == ["broker", "collect"]
     removed = services("uninstall_role central 0", tmp_path)
     assert removed.returncode == 0 and "edgeprune-collect.service" in removed.stdout, removed.stderr
+
+
+def test_install_sh_knows_the_central_role_and_refuses_an_unknown_one():
+    usage = subprocess.run(["bash", str(ROOT / "install.sh"), "--help"], capture_output=True, text=True, timeout=60)
+    assert "--role gateway|node|camera|all|central" in usage.stdout and "--sites LIST" in usage.stdout
+    refused = subprocess.run(["bash", str(ROOT / "install.sh"), "--role", "centre"], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and "all or central" in refused.stderr
