@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -231,3 +233,10 @@ def test_central_users_scope_each_bridge_to_its_site(tmp_path) -> None:
     assert "user collect\ntopic read sites/#\n" in acl
     with pytest.raises(CredentialsError):
         Credentials(tmp_path).add("valley", "bridge")  # a bridge user's name must say its site
+
+    # what install.sh --role central --sites valley runs
+    made = subprocess.run([sys.executable, "-m", "edgeprune", "credentials", "--dir", str(tmp_path / "creds"), "init",
+                           "--central", "--sites", "valley"], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert Credentials(tmp_path / "creds").users() == {"collect": "collector", "bridge-valley": "bridge"}
+    assert env_file(tmp_path / "creds" / "bridge-valley.env")["EDGEPRUNE_SITE_SITE_ID"] == "valley"
