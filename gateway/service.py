@@ -154,6 +154,7 @@ class Gateway:
         self._ticker.start()
         self.store.start_writer(self.settings.flush_interval_s, self._on_store_failure, self.maintain,
                                 self.settings.maintenance_interval_s)
+        self.bus.acknowledge_after(self.store.after_commit)  # a SIGKILL loses no received message (docs/reliability.md)
         self.bus.start()
 
     def stop(self) -> None:
@@ -161,8 +162,8 @@ class Gateway:
         self._ticker.join(timeout=5)
         for window in self.slo.close_all():
             self.store.add_window(window.row())
+        self.store.close()  # the last write acknowledges its messages while still connected; later ones come again
         self.bus.stop()
-        self.store.close()
 
     def publish_placement(self) -> None:
         """Retained, so nodes that (re)connect later learn their stage at once."""

@@ -18,7 +18,16 @@ from paho.mqtt.properties import Properties
 
 from camera.simulator import synthetic_scene
 from shared.imaging import encode_jpeg
-from tests.conftest import Processes, Recorder, component_env, mqtt_client, start_two_stage_site, wait_until
+from tests.conftest import (
+    STARTUP_S,
+    Processes,
+    Recorder,
+    component_env,
+    mqtt_client,
+    open_reader,
+    start_two_stage_site,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -193,3 +202,62 @@ def test_results_published_while_the_gateway_is_down_are_stored_after_it_restart
     settled(site)
     stored = site.reader._rows("SELECT COUNT(*) AS n FROM requests WHERE camera_id = 'cam-away'")[0]["n"]
     assert stored >= 1  # served while the gateway was away, stored when it came back (others: a failure each)
+
+
+def test_a_gateway_killed_before_writing_loses_nothing_it_had_received(fresh_broker, tmp_path):
+    """Announcements, results and failure reports the gateway had received but not yet written when it was
+    SIGKILLed are sent again by the broker (acknowledged only after the write) and end as exactly one row or
+    one failure each. The gateway writes every 60 s here, so the kill surely hits unwritten data (checked)."""
+    db = tmp_path / "edgeprune.db"
+    procs = Processes(tmp_path, component_env(fresh_broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db),
+                                              EDGEPRUNE_GATEWAY_NODES="node-1,node-2"))
+    replies = Recorder(fresh_broker, "edgeprune/component/gateway/reply")
+    sender = mqtt_client(fresh_broker)
+    ids = [f"CRASH-{i}" for i in range(10)]
+    ours = "request_id LIKE 'CRASH-%'"
+
+    def handled_up_to_here(mark: str) -> None:
+        """Once the gateway answers this command it has handled every message published before it."""
+        command = json.dumps({"id": mark, "cmd": "camera", "camera_id": "cam-crash", "location_name": "test site",
+                              "latitude": 0.0, "longitude": 0.0, "start_ts": 0.0}).encode()
+        def answered() -> bool:  # asked again until then: before its first subscribe a command reaches nobody
+            sender.publish("edgeprune/component/gateway/cmd", command, qos=1).wait_for_publish(5)
+            time.sleep(0.5)
+            return any(r["id"] == mark for r in replies.json_on("edgeprune/component/gateway/reply"))
+        wait_until(answered, STARTUP_S, f"gateway did not answer {mark}")
+
+    try:
+        procs.start("gateway", "gateway", extra_env={"EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S": "60"})
+        reader = open_reader(db)
+        handled_up_to_here("subscribed")
+        for i, request_id in enumerate(ids):
+            accepted = {"request_id": request_id, "camera_id": "cam-crash", "node_id": "node-1",
+                        "capture_ts": time.time(), "received_ts": time.time()}
+            sender.publish("edgeprune/pipeline/accepted", json.dumps(accepted).encode(), qos=1)
+            if i < 7:
+                sender.publish("edgeprune/pipeline/results", fake_result(request_id, "cam-crash"), qos=1)
+            else:  # a queue-full drop reported by the node: a failure with its reason
+                error = {"component": "node-1", "ts": time.time(), "topic": "edgeprune/camera/cam-crash/frame",
+                         "kind": "dropped", "message": "work queue full", "request_id": request_id}
+                sender.publish("edgeprune/error/node-1", json.dumps(error).encode(), qos=1)
+        handled_up_to_here("received")
+        procs.procs["gateway"].kill()
+        procs.procs["gateway"].wait()
+        # the precondition that makes this test mean something: all of it was still unwritten
+        assert reader._rows(f"SELECT COUNT(*) AS n FROM accepted WHERE {ours}")[0]["n"] == 0
+
+        procs.start("gateway", "gateway", extra_env={"EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S": "0.2"})
+        count = lambda table: reader._rows(f"SELECT COUNT(*) AS n FROM {table} WHERE {ours}")[0]["n"]
+        wait_until(lambda: count("accepted") == 10 and count("requests") + count("failures") == 10, STARTUP_S,
+                   "announcements, results or failures the killed gateway had received were lost")
+        handled_up_to_here("restarted")  # anything still to come (a duplicate) has come
+        time.sleep(0.5)  # ... and been written (every 0.2 s)
+        assert (count("accepted"), count("requests"), count("failures")) == (10, 7, 3)
+        assert not reader._rows("SELECT * FROM errors WHERE kind LIKE '%_result' AND message LIKE '%CRASH-%'")
+        accounting = reader.accounting()
+        assert accounting["accepted"] == accounting["rows"] + accounting["failures"] == 10
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        replies.close()
+        procs.stop_all()
