@@ -62,6 +62,7 @@ class Bus:
         self._connected = threading.Event()
         self._connection = 0  # counts connects and disconnects: an acknowledgement is only valid on its own
         self._defer_ack: Callable[[Callable[[], None]], None] | None = None
+        self._subscribed: dict[int, Callable[[], None]] = {}  # SUBSCRIBE packet id -> call on its SUBACK
         self.on_connected: Callable[[], None] | None = None
         self.refusal: str | None = None  # the broker's last reason for refusing us (e.g. "Not authorized")
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=component_id, protocol=mqtt.MQTTv5)
@@ -75,6 +76,7 @@ class Bus:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_unrouted
+        client.on_subscribe = self._on_subscribe
         self.client = client
 
     def acknowledge_after(self, defer: Callable[[Callable[[], None]], None]) -> None:
@@ -147,11 +149,14 @@ class Bus:
             log.warning("%s: lost broker connection (%s); reconnecting", self.component_id, reason_code)
 
     # --- messaging -----------------------------------------------------------------------
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, data: bool = False) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, data: bool = False,
+                  subscribed: Callable[[], None] | None = None) -> None:
         """Route ``topic_filter`` to ``handler``; the subscription comes back after reconnects.
 
         ``data``: frames, activations or results, never meant to be retained. A retained one (replayed
         on every subscribe) is reported as ``retained_data`` instead of served; the gateway clears it.
+        ``subscribed``: called (in paho's thread) once the broker has acknowledged the subscription, i.e.
+        messages published from then on reach this handler; never called if not connected now.
         """
         def dispatch(client, userdata, msg: mqtt.MQTTMessage) -> None:
             try:
@@ -169,7 +174,19 @@ class Bus:
             self._handlers[topic_filter] = (handler, options)
         self.client.message_callback_add(topic_filter, dispatch)
         if self._connected.is_set():
-            self.client.subscribe(topic_filter, options=options)
+            with self._lock:  # registered before paho's thread can handle the SUBACK
+                _, mid = self.client.subscribe(topic_filter, options=options)
+                if subscribed is not None and mid is not None:
+                    self._subscribed[mid] = subscribed
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:
+            subscribed = self._subscribed.pop(mid, None)
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            log.error("%s: broker refused a subscription: %s", self.component_id, ", ".join(refused))
+        elif subscribed is not None:
+            subscribed()
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:

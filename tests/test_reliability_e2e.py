@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from types import SimpleNamespace
 
@@ -260,4 +261,74 @@ def test_a_gateway_killed_before_writing_loses_nothing_it_had_received(fresh_bro
         sender.loop_stop()
         sender.disconnect()
         replies.close()
+        procs.stop_all()
+
+
+def test_a_rejoining_node_is_sent_nothing_before_it_has_subscribed(fresh_broker, tmp_path):
+    """A killed stage-2 node restarts and is placed again: the placement that gives it its stage is published
+    only after it reported (stats, ``prepared_version``) that the broker acknowledged its input subscription,
+    and no frame sent across the rejoin is lost."""
+    db = tmp_path / "edgeprune.db"
+    env = component_env(fresh_broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db), EDGEPRUNE_GATEWAY_NODES="node-1,node-2",
+                        EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5",
+                        EDGEPRUNE_NODE_UPLINK_MBIT_S="100000", EDGEPRUNE_NODE_QUEUE_SIZE="64",
+                        EDGEPRUNE_GATEWAY_STATS_SILENCE_S="3", EDGEPRUNE_GATEWAY_RESULT_TIMEOUT_S="60",
+                        EDGEPRUNE_GATEWAY_REJOIN_HOLD_S="1", EDGEPRUNE_GATEWAY_REPLAN_MIN_GAIN="0")
+    procs = Processes(tmp_path, env)
+    recorder = Recorder(fresh_broker, "edgeprune/placement", "edgeprune/node/+/stats")
+    sender = mqtt_client(fresh_broker)
+    photo = encode_jpeg(synthetic_scene(np.random.default_rng(7), 96))
+    sending = threading.Event()
+    sent: list[str] = []
+
+    def camera() -> None:
+        while sending.is_set():
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = [("request_id", f"REJOIN-{len(sent):04d}")]
+            sender.publish("edgeprune/camera/cam-rejoin/frame", photo, qos=1, properties=props)
+            sent.append(props.UserProperty[0][1])
+            time.sleep(0.25)
+
+    def stages() -> list[str]:
+        placement = reader.placement()
+        return [s["node_id"] for s in placement["stages"]] if placement else []
+
+    try:
+        reader = start_two_stage_site(procs, db)
+        wait_until(lambda: len(stages()) == 2, STARTUP_S, "the two-stage placement was not recorded")
+        first, second = stages()
+        procs.procs[second].kill()
+        procs.procs[second].wait()
+        wait_until(lambda: stages() == [first], 60, "the pipeline was not re-placed around the killed node")
+        sending.set()
+        threading.Thread(target=camera, daemon=True).start()
+        procs.start(second, "node", "--node-id", second)
+        wait_until(lambda: stages() == [first, second], STARTUP_S, "the restarted node was not placed again")
+        time.sleep(3.0)  # frames flow through the rejoined node
+        sending.clear()
+        time.sleep(0.5)
+        ours = "request_id LIKE 'REJOIN-%'"
+        wait_until(lambda: reader._rows(f"SELECT COUNT(*) AS n FROM accepted WHERE {ours}")[0]["n"] == len(sent), 60,
+                   "frames were not accepted at stage 1")
+        wait_until(lambda: reader.accounting()["in_flight"] == 0, 90, "frames still in flight")
+
+        # the mechanism: the rejoined node said it was subscribed before the placement naming it was published
+        messages = [(t, json.loads(p)) for t, p, _ in list(recorder.messages)]
+        placed = [(i, [s["node_id"] for s in m["stages"]]) for i, (t, m) in enumerate(messages)
+                  if t == "edgeprune/placement"]
+        alone_at = max(i for i, nodes in placed if nodes == [first])
+        rejoin_at = next(i for i, nodes in placed if i > alone_at and nodes == [first, second])
+        version = messages[rejoin_at][1]["version"]
+        assert any(t == f"edgeprune/node/{second}/stats" and m.get("prepared_version") == version
+                   for t, m in messages[:rejoin_at]), "placement published before the node had subscribed"
+        # the outcome: every frame sent across the rejoin became a row
+        lost = reader._rows(f"SELECT reason, COUNT(*) AS n FROM failures WHERE {ours} GROUP BY reason")
+        assert not [r for r in lost if r["reason"] != "dropped"], lost
+        rows = reader._rows(f"SELECT COUNT(*) AS n FROM requests WHERE {ours}")[0]["n"]
+        assert rows + sum(r["n"] for r in lost) == len(sent) and rows > 0
+    finally:
+        sending.clear()
+        sender.loop_stop()
+        sender.disconnect()
+        recorder.close()
         procs.stop_all()
