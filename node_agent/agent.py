@@ -207,11 +207,15 @@ class NodeAgent:
     def _assign(self, placement: Placement | None, assignment) -> None:
         """Switch to a new stage without restarting: new slice (the one prepared for it if any), new input."""
         with self._lock:
-            current = self.runtime
-            if placement is not None and self._same_job(current, placement, assignment):
-                self.placement_version = placement.version  # same job under a newer plan: keep slice state
-                return
+            current, listening = self.runtime, self._input_filter
             prepared, self._prepared = self._prepared, None
+            same_job = placement is not None and self._same_job(current, placement, assignment)
+            if same_job:
+                self.placement_version = placement.version  # same job under a newer plan: keep slice state
+        if same_job:
+            if prepared and prepared[2] != listening:
+                self.bus.unsubscribe(prepared[2])  # prepared for a job that never came
+            return
         runtime = None
         new_filter = None
         if placement is not None and assignment is not None:
@@ -232,7 +236,7 @@ class NodeAgent:
         if old_filter and old_filter != new_filter:
             self.bus.unsubscribe(old_filter)
         if prepared and prepared[2] not in (old_filter, new_filter):
-            self.bus.unsubscribe(prepared[2])
+            self.bus.unsubscribe(prepared[2])  # prepared for a job that never came
         if new_filter and new_filter != old_filter and not (prepared and prepared[2] == new_filter):
             self.bus.subscribe(new_filter, self._on_input, qos=1, data=True)
         if assignment is None:
