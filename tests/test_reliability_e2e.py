@@ -303,7 +303,7 @@ def test_a_rejoining_node_is_sent_nothing_before_it_has_subscribed(fresh_broker,
         sending.set()
         threading.Thread(target=camera, daemon=True).start()
         procs.start(second, "node", "--node-id", second)
-        wait_until(lambda: stages() == [first, second], STARTUP_S, "the restarted node was not placed again")
+        wait_until(lambda: sorted(stages()) == sorted([first, second]), STARTUP_S, "the restarted node was not placed again")
         time.sleep(3.0)  # frames flow through the rejoined node
         sending.clear()
         time.sleep(0.5)
@@ -312,15 +312,18 @@ def test_a_rejoining_node_is_sent_nothing_before_it_has_subscribed(fresh_broker,
                    "frames were not accepted at stage 1")
         wait_until(lambda: reader.accounting()["in_flight"] == 0, 90, "frames still in flight")
 
-        # the mechanism: the rejoined node said it was subscribed before the placement naming it was published
+        # the mechanism: each node the rejoin gave a new input (the rejoined one, and the other if it changed stage)
+        # said it was subscribed before the placement was published
         messages = [(t, json.loads(p)) for t, p, _ in list(recorder.messages)]
         placed = [(i, [s["node_id"] for s in m["stages"]]) for i, (t, m) in enumerate(messages)
                   if t == "edgeprune/placement"]
         alone_at = max(i for i, nodes in placed if nodes == [first])
-        rejoin_at = next(i for i, nodes in placed if i > alone_at and nodes == [first, second])
+        rejoin_at, rejoined = next((i, nodes) for i, nodes in placed if i > alone_at and len(nodes) == 2)
         version = messages[rejoin_at][1]["version"]
-        assert any(t == f"edgeprune/node/{second}/stats" and m.get("prepared_version") == version
-                   for t, m in messages[:rejoin_at]), "placement published before the node had subscribed"
+        new_input = [n for stage, n in enumerate(rejoined, start=1) if n == second or stage != 1]
+        for node in new_input:
+            assert any(t == f"edgeprune/node/{node}/stats" and m.get("prepared_version") == version
+                       for t, m in messages[:rejoin_at]), f"placement published before {node} had subscribed"
         # the outcome: every frame sent across the rejoin became a row
         lost = reader._rows(f"SELECT reason, COUNT(*) AS n FROM failures WHERE {ours} GROUP BY reason")
         assert not [r for r in lost if r["reason"] != "dropped"], lost
