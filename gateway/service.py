@@ -4,7 +4,8 @@ Transport, storage and start-up I/O only; decisions live in pure modules this cl
 windows (:mod:`gateway.slo`), the live placement (:mod:`gateway.live_placement`, which plans with
 :mod:`gateway.placement`) and the pruning controller (:mod:`gateway.control_loop`). Three threads:
 paho's network thread runs the handlers (parse, feed, buffer), the tick thread makes the periodic
-decisions, and the store's writer thread alone touches the disk.
+decisions, and the store's writer thread alone touches the disk (and, after each write, acknowledges to the
+broker the messages whose rows it wrote: docs/reliability.md).
 """
 
 from __future__ import annotations
