@@ -201,3 +201,49 @@ def single_pipeline(plan: HybridPlan) -> list[tuple[str, int, int]] | None:
     if len(plan.pipelines) != 1 or any(len(s.replicas) != 1 for s in plan.pipelines[0]):
         return None
     return [(s.replicas[0], s.first_block, s.last_block) for s in plan.pipelines[0]]
+class Handover:
+    """Publishes a new placement only once every node that needs a new input for it is subscribed to it.
+
+    Publishing a placement switches every stage at once: an upstream stage would send to a node that is still
+    building its slice and subscribing (measured: a rejoining node was sent frames ~0.4 s before it subscribed,
+    and they were lost). So the gateway first asks each node whose input changes (a node new to the pipeline or
+    moving to another stage) to prepare; a node answers once the broker acknowledged its subscription
+    (``prepared_version`` in its stats), and the placement is published when all have, or after ``timeout_s``
+    (a node that cannot answer in time is then likely gone and re-placed around).
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.active: Placement | None = None   # the one published
+        self.pending: Placement | None = None  # decided, waiting for nodes to prepare
+        self.waiting: set[str] = set()
+        self._since = 0.0
+
+    def propose(self, placement: Placement, now: float) -> tuple[Placement | None, list[str]]:
+        """A newly decided placement: (the placement to publish now, or None; the nodes to ask to prepare)."""
+        def needs_new_input(stage) -> bool:
+            before = self.active.stage_of(stage.node_id) if self.active else None
+            return before is None or before.stage != stage.stage
+        self.waiting = {s.node_id for s in placement.stages if needs_new_input(s)}
+        self.pending, self._since = placement, now
+        if not self.waiting:
+            return self._activate(), []
+        return None, sorted(self.waiting)
+
+    def prepared(self, node_id: str, version: int) -> Placement | None:
+        """A node is subscribed for ``version``; the placement to publish when it was the last one awaited."""
+        if self.pending is None or version != self.pending.version or node_id not in self.waiting:
+            return None
+        self.waiting.discard(node_id)
+        return None if self.waiting else self._activate()
+
+    def expire(self, now: float) -> tuple[Placement | None, list[str]]:
+        """After ``timeout_s``: (the pending placement to publish anyway, the nodes that never answered)."""
+        if self.pending is None or now - self._since < self.timeout_s:
+            return None, []
+        late = sorted(self.waiting)
+        return self._activate(), late
+
+    def _activate(self) -> Placement:
+        self.active, self.pending, self.waiting = self.pending, None, set()
+        return self.active

@@ -4,7 +4,8 @@ Transport, storage and start-up I/O only; decisions live in pure modules this cl
 windows (:mod:`gateway.slo`), the live placement (:mod:`gateway.live_placement`, which plans with
 :mod:`gateway.placement`) and the pruning controller (:mod:`gateway.control_loop`). Three threads:
 paho's network thread runs the handlers (parse, feed, buffer), the tick thread makes the periodic
-decisions, and the store's writer thread alone touches the disk.
+decisions, and the store's writer thread alone touches the disk (and, after each write, acknowledges to the
+broker the messages whose rows it wrote: docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from gateway.arrival import ArrivalMeter, RateRules, RateTrigger, levels_from_fi
 from gateway.control_loop import ControlLoop, Effects, LadderMismatch
 from gateway.curves import AccuracyFit
 from gateway.hybrid import HybridRequest, plan_hybrid
-from gateway.live_placement import LivePlacement, PlacementRules, single_pipeline
+from gateway.live_placement import Handover, LivePlacement, PlacementRules, single_pipeline
 from gateway.liveness import Liveness
 from gateway.operator import LABELS, Overrides
 from gateway.placement import InfeasiblePlacement
@@ -44,6 +45,7 @@ from shared.schemas import (
     NodeSlowdownCommand,
     NodeStats,
     Placement,
+    PrepareCommand,
     PruneDesired,
     RestoreAllCommand,
     Result,
@@ -117,6 +119,7 @@ class Gateway:
         self.fingerprint = model_fingerprint(build_model(settings.checkpoint))
         self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time(),
                                   frame_megapixels=settings.frame_megapixels)
+        self.handover = Handover(settings.prepare_timeout_s)
         self.control = ControlLoop(self.operator.controller_settings(), self.operator.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint, settings.checkpoint),
                                    follow_up_s=settings.window_s)
@@ -160,6 +163,7 @@ class Gateway:
         self._ticker.start()
         self.store.start_writer(self.settings.flush_interval_s, self._on_store_failure, self.maintain,
                                 self.settings.maintenance_interval_s)
+        self.bus.acknowledge_after(self.store.after_commit)  # a SIGKILL loses no received message (docs/reliability.md)
         self.bus.start()
 
     def stop(self) -> None:
@@ -167,13 +171,13 @@ class Gateway:
         self._ticker.join(timeout=5)
         for window in self.slo.close_all():
             self.store.add_window(window.row())
+        self.store.close()  # the last write acknowledges its messages while still connected; later ones come again
         self.bus.stop()
-        self.store.close()
 
     def publish_placement(self) -> None:
         """Retained, so nodes that (re)connect later learn their stage at once."""
         with self._lock:
-            placement = self.live.current
+            placement = self.handover.active
             payload = to_json(placement) if placement is not None else None
             if payload is not None:
                 self.placement_guard.issue("placement", payload)
@@ -183,15 +187,16 @@ class Gateway:
     def _on_own_placement(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         """Only this gateway places: anything else on the placement topic is reported and replaced."""
         with self._lock:
-            current = self.live.current
+            current = self.handover.active
             if current is None or self.placement_guard.own("placement", payload):
                 return  # not placing yet (a retained placement of a previous run stands), or our own echo
             try:  # the nodes ignore versions below what they saw: go above a forged one
                 forged_version = Placement.model_validate_json(payload).version
             except ValueError:
                 forged_version = -1
-            if forged_version >= current.version:
-                self.live.current = current.model_copy(update={"version": forged_version + 1})
+            if forged_version >= current.version:  # a pending placement would be ignored too: the planner proposes again
+                self.live.current = self.handover.active = current.model_copy(update={"version": forged_version + 1})
+                self.handover.pending = None
         self.publish_placement()
         raise BadMessage("foreign_placement", f"placement not issued by this gateway, replaced: {payload[:200]!r}")
 
@@ -266,13 +271,16 @@ class Gateway:
                 log.warning("%s speaks again after %.0f s of silence", stats.node_id, self.liveness.silence_s)
                 self.store.update_node({"node_id": stats.node_id, "status": AVAILABILITY_ONLINE, "status_ts": now})
             self.control.observe_stats(stats)
+            ready = self.handover.prepared(stats.node_id, stats.prepared_version) if stats.prepared_version else None
+        if ready is not None:
+            self._activate(ready)
         suspect = offset_suspect(stats.clock_offset_s, self.settings.max_clock_offset_s)
         if suspect != (stats.node_id in self._clock_suspects):
             self._clock_suspects ^= {stats.node_id}
             if suspect:
                 log.warning("%s: clock is %+.3f s off the gateway's (limit %.3f s): its latencies are unreliable; "
                             "check chrony on it", stats.node_id, stats.clock_offset_s, self.settings.max_clock_offset_s)
-        self.store.update_node({**stats.model_dump(exclude={"ts"}), "last_seen": stats.ts})
+        self.store.update_node({**stats.model_dump(exclude={"ts", "prepared_version"}), "last_seen": stats.ts})
 
     def _on_calibration(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         if not payload:
@@ -565,8 +573,13 @@ class Gateway:
             silent = self.liveness.newly_silent(now)
             for node_id in silent:  # hung: stop sending it work now, not when the broker's will fires
                 self.live.set_status(node_id, AVAILABILITY_OFFLINE, now)
+            ready, ask = self.handover.propose(placement, now) if placement is not None else (None, [])
+            overdue, late = self.handover.expire(now)
         if rate_request is not None:
             placement = self._replan_for_rate(now, rate_request, planned_for_hz, effects)
+            if placement is not None:
+                with self._lock:
+                    ready, ask = self.handover.propose(placement, now)
         for node_id in silent:
             log.warning("%s: no stats for %.0f s: treated as offline (hung?)", node_id, self.settings.stats_silence_s)
             self.store.update_node({"node_id": node_id, "status": "silent", "status_ts": now})
@@ -574,9 +587,14 @@ class Gateway:
             self.store.add_failure({"request_id": request_id, "ts": now, "reason": LOST, "component": "gateway",
                                     "message": "no result or failure report within "
                                                f"{self.settings.result_timeout_s:g} s"})
-        if placement is not None:
-            self.publish_placement()
-            self.store.add_placement(placement.model_dump())
+        for node_id in ask:
+            prepare = PrepareCommand(cmd="prepare", placement=placement)
+            self.bus.publish(self.topics.node_command(node_id), to_json(prepare), qos=1)
+        if late:
+            log.warning("placement v%d published although %s did not confirm its input subscription within %g s",
+                        overdue.version, ", ".join(late), self.settings.prepare_timeout_s)
+        if ready or overdue:
+            self._activate(ready or overdue)
         self._carry_out(effects)
         self.store.set_controller_status(now, status)
         for window in windows:
@@ -585,6 +603,12 @@ class Gateway:
             self._next_beacon = now + self.settings.clock_beacon_s
             self.bus.publish(self.topics.clock, to_json(ClockBeacon(gateway_id=self.settings.gateway_id,
                                                                     ts=time.time())), qos=0)
+
+    def _activate(self, placement: Placement) -> None:
+        """Publish a placement every node that needed a new input for it is subscribed for (or timed out)."""
+        log.info("placement v%d: publishing", placement.version)
+        self.publish_placement()
+        self.store.add_placement(placement.model_dump())
 
     def maintain(self, now: float) -> None:
         """Bound the database: delete expired rows, truncate the WAL, shed stored detail when the disk fills.

@@ -170,6 +170,7 @@ class Store:
         self.write_failures = 0
         self._lock = threading.Lock()
         self._pending: dict[str, deque[dict]] = {name: deque() for name in SCHEMA}
+        self._after_commit: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
         self.disk_mode = DiskMode.NORMAL  # set by the gateway's disk guard (gateway/retention.py)
@@ -250,6 +251,15 @@ class Store:
             "FROM accepted a LEFT JOIN requests r USING (request_id) LEFT JOIN failures f USING (request_id) "
             "WHERE a.received_ts >= ? ORDER BY a.received_ts", [since_ts]))
 
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (in the thread that writes) once every row buffered so far is committed.
+
+        The gateway acknowledges an MQTT message this way, after the rows it carries are on disk, so a crash
+        (SIGKILL, power cut) before the write makes the broker send the message again instead of losing it.
+        """
+        with self._lock:
+            self._after_commit.append(callback)
+
     def _buffer(self, table: str, row: dict) -> None:
         row = encode_row(table, row)
         with self._lock:
@@ -279,15 +289,23 @@ class Store:
             pending = {name: list(rows) for name, rows in self._pending.items() if rows}
             for rows in self._pending.values():
                 rows.clear()
+            committed, self._after_commit = self._after_commit, []
         try:
-            return self._write(pending)
+            written = self._write(pending)
         except Exception:
             with self._lock:
                 for name, rows in pending.items():
                     newer = list(self._pending[name])
                     self._pending[name].clear()
                     self._keep_bounded(name, rows + newer)
+                self._after_commit[:0] = committed
             raise
+        for callback in committed:
+            try:
+                callback()
+            except Exception:  # e.g. the connection is gone: the broker re-sends what was not acknowledged
+                log.exception("after-commit callback failed")
+        return written
 
     def _write(self, pending: dict[str, list[dict]]) -> int:
         written = 0

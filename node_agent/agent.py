@@ -27,8 +27,8 @@ from shared.imaging import measure_decode_cost
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import ProfileError, load_profile, profile_model
 from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon, DeviceSpeedCommand, NodeCommand,
-                            NodeProfile, NodeStats, Placement, PruneDesired, PruneState, SlowdownCommand, parse_json,
-                            to_json)
+                            NodeProfile, NodeStats, Placement, PrepareCommand, PruneDesired, PruneState, SlowdownCommand,
+                            StageAssignment, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics, validate_id
 
@@ -70,6 +70,8 @@ class NodeAgent:
         self.runtime: StageRuntime | None = None
         self.placement_version: int | None = None
         self._input_filter: str | None = None
+        self._prepared: tuple[int, StageRuntime, str] | None = None  # placement version, its slice, its input
+        self.prepared_version: int | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.processed = 0
@@ -151,24 +153,77 @@ class NodeAgent:
             return
         self._assign(placement, placement.stage_of(self.node_id))
 
-    def _assign(self, placement: Placement | None, assignment) -> None:
-        """Switch to a new stage without restarting: new slice, new input subscription."""
+    @staticmethod
+    def _same_job(runtime: StageRuntime | None, placement: Placement, assignment: StageAssignment) -> bool:
+        return (runtime is not None and runtime.assignment == assignment
+                and runtime.is_last == (assignment.stage == len(placement.stages)))
+
+    def _input_filter_of(self, stage: int) -> str:
+        return self.topics.camera_frame_filter if stage == 1 else self.topics.stage_input(stage)
+
+    def _build_runtime(self, placement: Placement, assignment: StageAssignment) -> StageRuntime:
+        n = len(placement.stages)
+        output = self.topics.results if assignment.stage == n else self.topics.stage_input(assignment.stage + 1)
+        return StageRuntime(self.model, self.node_id, assignment, n, output, self.settings.wire_dtype,
+                            self.settings.max_payload_bytes, self.settings.reduced_decode)
+
+    def _prepare(self, placement: Placement) -> None:
+        """Before the gateway publishes ``placement``: build this node's slice and subscribe to its input, and say
+        so once the broker has acknowledged the subscription (gateway.live_placement.Handover). Until the
+        placement comes, messages on that input are another node's (:meth:`_on_input` leaves them)."""
+        assignment = placement.stage_of(self.node_id)
         with self._lock:
-            current = self.runtime
-            if (current is not None and placement is not None and current.assignment == assignment
-                    and current.is_last == (assignment.stage == len(placement.stages))):
+            runtime, version, listening = self.runtime, self.placement_version, self._input_filter
+            old_prepared, self._prepared = self._prepared, None
+        if assignment is None or (version is not None and placement.version <= version):
+            return
+        input_filter = self._input_filter_of(assignment.stage)
+        if old_prepared and old_prepared[2] not in (input_filter, listening):
+            self.bus.unsubscribe(old_prepared[2])  # prepared for a placement that never came
+        if self._same_job(runtime, placement, assignment):
+            self._report_prepared(placement.version)
+            return
+        prepared = self._build_runtime(placement, assignment)
+        with self._lock:
+            self._prepared = (placement.version, prepared, input_filter)
+        if input_filter == listening:
+            self._report_prepared(placement.version)
+        else:
+            self.bus.subscribe(input_filter, self._on_input, qos=1, data=True,
+                               subscribed=lambda: self._report_prepared(placement.version))
+
+    def _serves(self, runtime: StageRuntime, listening: str | None, topic: str) -> bool:
+        """Whether ``topic`` is the input of this node's current stage (not one it is only prepared for)."""
+        if runtime.is_first:
+            return self.topics.camera_id_from_frame_topic(topic) is not None
+        return topic == listening
+
+    def _report_prepared(self, version: int) -> None:
+        with self._lock:
+            self.prepared_version = version
+        log.info("%s: subscribed for placement v%d", self.node_id, version)
+        self.bus.publish(self.topics.node_stats(self.node_id), to_json(self.stats()), qos=0)
+
+    def _assign(self, placement: Placement | None, assignment) -> None:
+        """Switch to a new stage without restarting: new slice (the one prepared for it if any), new input."""
+        with self._lock:
+            current, listening = self.runtime, self._input_filter
+            prepared, self._prepared = self._prepared, None
+            same_job = placement is not None and self._same_job(current, placement, assignment)
+            if same_job:
                 self.placement_version = placement.version  # same job under a newer plan: keep slice state
-                return
+        if same_job:
+            if prepared and prepared[2] != listening:
+                self.bus.unsubscribe(prepared[2])  # prepared for a job that never came
+            return
         runtime = None
         new_filter = None
         if placement is not None and assignment is not None:
-            n = len(placement.stages)
-            output = self.topics.results if assignment.stage == n else self.topics.stage_input(assignment.stage + 1)
-            runtime = StageRuntime(self.model, self.node_id, assignment, n, output,
-                                   self.settings.wire_dtype, self.settings.max_payload_bytes,
-                                   self.settings.reduced_decode)
-            new_filter = (self.topics.camera_frame_filter if assignment.stage == 1
-                          else self.topics.stage_input(assignment.stage))
+            if prepared and prepared[0] == placement.version and prepared[1].assignment == assignment:
+                runtime = prepared[1]
+            else:
+                runtime = self._build_runtime(placement, assignment)
+            new_filter = self._input_filter_of(assignment.stage)
         with self._lock:
             old_filter = self._input_filter
             self.runtime = runtime
@@ -180,7 +235,9 @@ class NodeAgent:
             self._apply_ratio(runtime, desired)  # a new slice keeps the ratio the gateway wants
         if old_filter and old_filter != new_filter:
             self.bus.unsubscribe(old_filter)
-        if new_filter and new_filter != old_filter:
+        if prepared and prepared[2] not in (old_filter, new_filter):
+            self.bus.unsubscribe(prepared[2])  # prepared for a job that never came
+        if new_filter and new_filter != old_filter and not (prepared and prepared[2] == new_filter):
             self.bus.subscribe(new_filter, self._on_input, qos=1, data=True)
         if assignment is None:
             log.info("%s: not in the placement; idle", self.node_id)
@@ -202,6 +259,8 @@ class NodeAgent:
                 runtime = self.runtime
             self.calibration.request(runtime)  # the controller's curves must describe the new device
             log.warning("%s: emulated device speed set to %.2fx", self.node_id, command.factor)
+        elif isinstance(command, PrepareCommand):
+            self._prepare(command.placement)
         elif isinstance(command, CalibrateCommand):
             with self._lock:
                 runtime = self.runtime
@@ -253,8 +312,9 @@ class NodeAgent:
         received = time.time()
         with self._lock:
             runtime = self.runtime
-        if runtime is None:
-            return
+            listening = self._input_filter
+        if runtime is None or not self._serves(runtime, listening, topic):
+            return  # an input this node is only prepared for: another node serves it until the placement comes
         req = Request(topic, payload, props, received)
         if runtime.is_first:
             req = self._admit_frame(runtime, req)
@@ -365,6 +425,7 @@ class NodeAgent:
             compute_p95_s=float(np.percentile(compute, 95)) if compute is not None else None,
             queue_wait_mean_s=float(waits.mean()) if waits is not None else None,
             decode_mean_s=float(decodes.mean()) if decodes is not None else None,
+            prepared_version=self.prepared_version,
             cpu_percent=self._cpu.read(), prune_ratio=runtime.slice.ratio if runtime else 0.0,
             emulated_slowdown=self.slowdown, clock_offset_s=self.clock.offset_s)
 

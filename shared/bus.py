@@ -60,6 +60,9 @@ class Bus:
         self._handlers: dict[str, tuple[Handler, SubscribeOptions]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._connection = 0  # counts connects and disconnects: an acknowledgement is only valid on its own
+        self._defer_ack: Callable[[Callable[[], None]], None] | None = None
+        self._subscribed: dict[int, Callable[[], None]] = {}  # SUBSCRIBE packet id -> call on its SUBACK
         self.on_connected: Callable[[], None] | None = None
         self.refusal: str | None = None  # the broker's last reason for refusing us (e.g. "Not authorized")
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=component_id, protocol=mqtt.MQTTv5)
@@ -72,13 +75,29 @@ class Bus:
         client.reconnect_delay_set(min_delay=1, max_delay=settings.reconnect_max_s)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_unrouted
+        client.on_subscribe = self._on_subscribe
         self.client = client
+
+    def acknowledge_after(self, defer: Callable[[Callable[[], None]], None]) -> None:
+        """Acknowledge each QoS 1 message when ``defer`` calls the function it is given, not when its handler
+        returns (call before :meth:`start`).
+
+        The gateway passes its store's ``after_commit``: a message is acknowledged once the rows it carries are
+        in SQLite, so if the process dies first the broker still holds it in the session and sends it again on
+        the next connect. The acknowledgement may come from another thread: like ``publish``, paho's ``ack`` only
+        queues a packet for its network thread.
+        """
+        self._defer_ack = defer
+        self.client.manual_ack_set(True)
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, wait_s: float | None = 10.0) -> None:
         """Connect in the background (retrying forever); optionally wait for the first connect."""
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry_s
+        if self._defer_ack is not None:  # unacknowledged messages count against this window: without it Mosquitto
+            props.ReceiveMaximum = 65535  # sends at most max_inflight_messages (64) per acknowledgement delay
         self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s,
                                   clean_start=False, properties=props)
         self.client.loop_start()
@@ -107,6 +126,8 @@ class Bus:
             self.refusal = str(reason_code)
             return
         self.refusal = None
+        with self._lock:
+            self._connection += 1
         sock = client.socket()
         if sock is not None:  # small activations must not wait for Nagle's algorithm (~40 ms on Linux)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -122,31 +143,50 @@ class Bus:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
+        with self._lock:
+            self._connection += 1
         if reason_code != 0:
             log.warning("%s: lost broker connection (%s); reconnecting", self.component_id, reason_code)
 
     # --- messaging -----------------------------------------------------------------------
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, data: bool = False) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, data: bool = False,
+                  subscribed: Callable[[], None] | None = None) -> None:
         """Route ``topic_filter`` to ``handler``; the subscription comes back after reconnects.
 
         ``data``: frames, activations or results, never meant to be retained. A retained one (replayed
         on every subscribe) is reported as ``retained_data`` instead of served; the gateway clears it.
+        ``subscribed``: called (in paho's thread) once the broker has acknowledged the subscription, i.e.
+        messages published from then on reach this handler; never called if not connected now.
         """
         def dispatch(client, userdata, msg: mqtt.MQTTMessage) -> None:
-            if data and msg.retain:
-                if not msg.payload:  # the gateway clearing such a message: nothing to serve or report
+            try:
+                if data and msg.retain:
+                    if msg.payload:  # empty: the gateway clearing such a message, nothing to serve or report
+                        self.report_error(msg.topic, "retained_data", f"retained message of {len(msg.payload)} B on "
+                                          "a data topic: not served (the gateway clears it)")
                     return
-                self.report_error(msg.topic, "retained_data", f"retained message of {len(msg.payload)} B on a data "
-                                  "topic: not served (the gateway clears it)")
-                return
-            self._guarded(handler, msg)
+                self._guarded(handler, msg)
+            finally:
+                self._acknowledge(msg)
         # retain-as-published: a live message sent with the retain flag keeps it, so it is caught at once
         options = SubscribeOptions(qos=qos, retainAsPublished=data)
         with self._lock:
             self._handlers[topic_filter] = (handler, options)
         self.client.message_callback_add(topic_filter, dispatch)
         if self._connected.is_set():
-            self.client.subscribe(topic_filter, options=options)
+            with self._lock:  # registered before paho's thread can handle the SUBACK
+                _, mid = self.client.subscribe(topic_filter, options=options)
+                if subscribed is not None and mid is not None:
+                    self._subscribed[mid] = subscribed
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:
+            subscribed = self._subscribed.pop(mid, None)
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            log.error("%s: broker refused a subscription: %s", self.component_id, ", ".join(refused))
+        elif subscribed is not None:
+            subscribed()
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
@@ -158,6 +198,27 @@ class Bus:
                 user: dict[str, str] | None = None) -> mqtt.MQTTMessageInfo:
         props = publish_properties(user) if user else None
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+    def _on_unrouted(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        """A message for no handler of this process (e.g. a previous run's subscription kept in the session)."""
+        log.debug("%s: no handler for %s; ignored", self.component_id, msg.topic)
+        self._acknowledge(msg)
+
+    def _acknowledge(self, msg: mqtt.MQTTMessage) -> None:
+        """With :meth:`acknowledge_after`, hand the message's acknowledgement over (paho sent it otherwise)."""
+        if self._defer_ack is None or msg.qos == 0:
+            return
+        with self._lock:
+            connection = self._connection
+        self._defer_ack(lambda: self._ack(connection, msg.mid, msg.qos))
+
+    def _ack(self, connection: int, mid: int, qos: int) -> None:
+        """Acknowledge on the connection the message came on. After a reconnect the broker re-sends it (same
+        session) and may give its packet id to another message once acknowledged: a late ack is dropped."""
+        with self._lock:
+            current = connection == self._connection
+        if current:
+            self.client.ack(mid, qos)
 
     def _guarded(self, handler: Handler, msg: mqtt.MQTTMessage) -> None:
         try:

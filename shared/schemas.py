@@ -145,6 +145,8 @@ class NodeStats(_Strict):
     first_block: int | None = None
     last_block: int | None = None
     placement_version: int | None = None
+    prepared_version: int | None = Field(None, description="The latest placement this node is subscribed for "
+                                         "(its answer to a prepare command).")
     queue_depth: int = Field(ge=0)
     queue_capacity: int = Field(ge=1)
     processed: int = Field(ge=0)
@@ -297,7 +299,16 @@ class CalibrateCommand(_Strict):
     cmd: Literal["calibrate"]
 
 
-class NodeCommand(RootModel[Annotated[SlowdownCommand | CalibrateCommand | DeviceSpeedCommand,
+class PrepareCommand(_Strict):
+    """Get ready for ``placement`` before it is published: build the slice and subscribe to its input, then say
+    so (``prepared_version`` in the node's stats). The gateway publishes it only then, so no stage sends to a
+    node that is not yet listening (docs/reliability.md)."""
+
+    cmd: Literal["prepare"]
+    placement: Placement
+
+
+class NodeCommand(RootModel[Annotated[SlowdownCommand | CalibrateCommand | DeviceSpeedCommand | PrepareCommand,
                                       Field(discriminator="cmd")]]):
     """A one-shot command on a node's ``cmd`` topic (never retained)."""
 

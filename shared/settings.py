@@ -187,6 +187,8 @@ class GatewaySettings(_Section):
                                   description="How long to wait for every configured node before placing on those present.")
     rejoin_hold_s: float = Field(10.0, ge=0, le=3600,
                                  description="A (re)joining node must stay online this long before it is used.")
+    prepare_timeout_s: float = Field(15.0, gt=0, le=600, description="A new placement is published once every node "
+                                     "that needs a new input for it has subscribed, or after this long.")
     replan_min_gain: float = Field(0.1, ge=0, lt=1,
                                    description="Re-place for a joining node only if the bottleneck improves by this fraction.")
     accuracy_model: Path | None = Field(None, description="Per-block accuracy calibration (JSON from `edgeprune "

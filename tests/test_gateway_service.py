@@ -159,3 +159,22 @@ def test_a_calibration_without_the_configured_ladder_is_reported_and_keeps_the_c
         assert gateway.control.controller is None and "0.25" in gateway.control.disabled_reason
     finally:
         recorder.close()
+
+
+def test_after_commit_runs_only_once_the_rows_before_it_are_written(tmp_path):
+    """The gateway acknowledges a message to the broker through this: never before its rows are on disk."""
+    from gateway.store import Store
+    store = Store(tmp_path / "e.db")
+    acked: list[int] = []
+    store.add_accepted({"request_id": "r1", "camera_id": "cam", "node_id": "a", "capture_ts": 1.0, "received_ts": 1.0})
+    store.after_commit(lambda: acked.append(Reader(tmp_path / "e.db").db["accepted"].count))
+    store._write = lambda pending: (_ for _ in ()).throw(sqlite3.OperationalError("disk full"))
+    with pytest.raises(sqlite3.OperationalError):
+        store.flush()
+    assert acked == []  # not written: not acknowledged (the broker keeps the message)
+    del store._write
+    store.flush()
+    assert acked == [1]  # called once, after the row was committed
+    store.flush()
+    assert acked == [1]
+    store.close()

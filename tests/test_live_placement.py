@@ -1,11 +1,12 @@
-"""When the gateway (re-)places the pipeline: start, loss of a node, rejoin with hysteresis."""
+"""When the gateway (re-)places the pipeline: start, loss of a node, rejoin with hysteresis; and when it publishes."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.live_placement import LivePlacement, PlacementRules
+from gateway.live_placement import Handover, LivePlacement, PlacementRules
 from shared.schemas import BlockProfile, DecodeCost, ModelProfile, NodeProfile
+from tests.conftest import even_split
 
 RULES = PlacementRules(startup_wait_s=20, rejoin_hold_s=10, min_gain=0.1)
 
@@ -177,3 +178,32 @@ def test_repartitioning_moves_blocks_off_a_slowed_node_and_back():
     assert live.tick(4) is None  # the live placement keeps the moved plan
     back = live.replan_for_slowdowns({}, 5)  # slowdowns gone: the balanced plan is better again
     assert back is not None and blocks_of(back, "a") == blocks_of(back, "b") == 3
+
+
+def test_a_placement_is_published_only_once_the_nodes_with_a_new_input_are_subscribed():
+    handover = Handover(timeout_s=15)
+    alone = even_split(6, ["a"])
+    assert handover.propose(alone, 0.0) == (None, ["a"])  # nothing published yet: a must subscribe first
+    assert handover.prepared("a", alone.version) == alone and handover.active == alone
+    rejoin = even_split(6, ["a", "b"]).model_copy(update={"version": 2})
+    assert handover.propose(rejoin, 10.0) == (None, ["b"])  # a keeps stage 1 (its input): only b prepares
+    assert handover.prepared("b", 1) is None  # an answer for another placement
+    assert handover.prepared("a", 2) is None  # a was not asked
+    assert handover.active == alone and handover.pending == rejoin
+    assert handover.prepared("b", 2) == rejoin and handover.active == rejoin and handover.pending is None
+
+
+def test_a_placement_that_moves_no_input_is_published_at_once_and_a_silent_node_does_not_block_forever():
+    handover = Handover(timeout_s=15)
+    first = even_split(6, ["a", "b"])
+    handover.propose(first, 0.0)
+    handover.prepared("a", first.version)
+    handover.prepared("b", first.version)
+    same_stages = even_split(4, ["a", "b"]).model_copy(update={"version": 2})  # other blocks, same stage numbers
+    assert handover.propose(same_stages, 1.0) == (same_stages, [])
+    swapped = even_split(6, ["b", "a", "c"]).model_copy(update={"version": 3})
+    assert handover.propose(swapped, 2.0) == (None, ["a", "b", "c"])
+    handover.prepared("a", 3)
+    assert handover.expire(16.0) == (None, [])
+    assert handover.expire(17.0) == (swapped, ["b", "c"])  # published anyway, the late ones named
+    assert handover.active == swapped

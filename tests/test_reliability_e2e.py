@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from types import SimpleNamespace
 
@@ -18,7 +19,16 @@ from paho.mqtt.properties import Properties
 
 from camera.simulator import synthetic_scene
 from shared.imaging import encode_jpeg
-from tests.conftest import Processes, Recorder, component_env, mqtt_client, start_two_stage_site, wait_until
+from tests.conftest import (
+    STARTUP_S,
+    Processes,
+    Recorder,
+    component_env,
+    mqtt_client,
+    open_reader,
+    start_two_stage_site,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -193,3 +203,135 @@ def test_results_published_while_the_gateway_is_down_are_stored_after_it_restart
     settled(site)
     stored = site.reader._rows("SELECT COUNT(*) AS n FROM requests WHERE camera_id = 'cam-away'")[0]["n"]
     assert stored >= 1  # served while the gateway was away, stored when it came back (others: a failure each)
+
+
+def test_a_gateway_killed_before_writing_loses_nothing_it_had_received(fresh_broker, tmp_path):
+    """Announcements, results and failure reports the gateway had received but not yet written when it was
+    SIGKILLed are sent again by the broker (acknowledged only after the write) and end as exactly one row or
+    one failure each. The gateway writes every 60 s here, so the kill surely hits unwritten data (checked)."""
+    db = tmp_path / "edgeprune.db"
+    procs = Processes(tmp_path, component_env(fresh_broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db),
+                                              EDGEPRUNE_GATEWAY_NODES="node-1,node-2"))
+    replies = Recorder(fresh_broker, "edgeprune/component/gateway/reply")
+    sender = mqtt_client(fresh_broker)
+    ids = [f"CRASH-{i}" for i in range(10)]
+    ours = "request_id LIKE 'CRASH-%'"
+
+    def handled_up_to_here(mark: str) -> None:
+        """Once the gateway answers this command it has handled every message published before it."""
+        command = json.dumps({"id": mark, "cmd": "camera", "camera_id": "cam-crash", "location_name": "test site",
+                              "latitude": 0.0, "longitude": 0.0, "start_ts": 0.0}).encode()
+        def answered() -> bool:  # asked again until then: before its first subscribe a command reaches nobody
+            sender.publish("edgeprune/component/gateway/cmd", command, qos=1).wait_for_publish(5)
+            time.sleep(0.5)
+            return any(r["id"] == mark for r in replies.json_on("edgeprune/component/gateway/reply"))
+        wait_until(answered, STARTUP_S, f"gateway did not answer {mark}")
+
+    try:
+        procs.start("gateway", "gateway", extra_env={"EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S": "60"})
+        reader = open_reader(db)
+        handled_up_to_here("subscribed")
+        for i, request_id in enumerate(ids):
+            accepted = {"request_id": request_id, "camera_id": "cam-crash", "node_id": "node-1",
+                        "capture_ts": time.time(), "received_ts": time.time()}
+            sender.publish("edgeprune/pipeline/accepted", json.dumps(accepted).encode(), qos=1)
+            if i < 7:
+                sender.publish("edgeprune/pipeline/results", fake_result(request_id, "cam-crash"), qos=1)
+            else:  # a queue-full drop reported by the node: a failure with its reason
+                error = {"component": "node-1", "ts": time.time(), "topic": "edgeprune/camera/cam-crash/frame",
+                         "kind": "dropped", "message": "work queue full", "request_id": request_id}
+                sender.publish("edgeprune/error/node-1", json.dumps(error).encode(), qos=1)
+        handled_up_to_here("received")
+        procs.procs["gateway"].kill()
+        procs.procs["gateway"].wait()
+        # the precondition that makes this test mean something: all of it was still unwritten
+        assert reader._rows(f"SELECT COUNT(*) AS n FROM accepted WHERE {ours}")[0]["n"] == 0
+
+        procs.start("gateway", "gateway", extra_env={"EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S": "0.2"})
+        count = lambda table: reader._rows(f"SELECT COUNT(*) AS n FROM {table} WHERE {ours}")[0]["n"]
+        wait_until(lambda: count("accepted") == 10 and count("requests") + count("failures") == 10, STARTUP_S,
+                   "announcements, results or failures the killed gateway had received were lost")
+        handled_up_to_here("restarted")  # anything still to come (a duplicate) has come
+        time.sleep(0.5)  # ... and been written (every 0.2 s)
+        assert (count("accepted"), count("requests"), count("failures")) == (10, 7, 3)
+        assert not reader._rows("SELECT * FROM errors WHERE kind LIKE '%_result' AND message LIKE '%CRASH-%'")
+        accounting = reader.accounting()
+        assert accounting["accepted"] == accounting["rows"] + accounting["failures"] == 10
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        replies.close()
+        procs.stop_all()
+
+
+def test_a_rejoining_node_is_sent_nothing_before_it_has_subscribed(fresh_broker, tmp_path):
+    """A killed stage-2 node restarts and is placed again: the placement that gives it its stage is published
+    only after it reported (stats, ``prepared_version``) that the broker acknowledged its input subscription,
+    and no frame sent across the rejoin is lost."""
+    db = tmp_path / "edgeprune.db"
+    env = component_env(fresh_broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db), EDGEPRUNE_GATEWAY_NODES="node-1,node-2",
+                        EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5",
+                        EDGEPRUNE_NODE_UPLINK_MBIT_S="100000", EDGEPRUNE_NODE_QUEUE_SIZE="64",
+                        EDGEPRUNE_GATEWAY_STATS_SILENCE_S="3", EDGEPRUNE_GATEWAY_RESULT_TIMEOUT_S="60",
+                        EDGEPRUNE_GATEWAY_REJOIN_HOLD_S="1", EDGEPRUNE_GATEWAY_REPLAN_MIN_GAIN="0")
+    procs = Processes(tmp_path, env)
+    recorder = Recorder(fresh_broker, "edgeprune/placement", "edgeprune/node/+/stats")
+    sender = mqtt_client(fresh_broker)
+    photo = encode_jpeg(synthetic_scene(np.random.default_rng(7), 96))
+    sending = threading.Event()
+    sent: list[str] = []
+
+    def camera() -> None:
+        while sending.is_set():
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = [("request_id", f"REJOIN-{len(sent):04d}")]
+            sender.publish("edgeprune/camera/cam-rejoin/frame", photo, qos=1, properties=props)
+            sent.append(props.UserProperty[0][1])
+            time.sleep(0.25)
+
+    def stages() -> list[str]:
+        placement = reader.placement()
+        return [s["node_id"] for s in placement["stages"]] if placement else []
+
+    try:
+        reader = start_two_stage_site(procs, db)
+        wait_until(lambda: len(stages()) == 2, STARTUP_S, "the two-stage placement was not recorded")
+        first, second = stages()
+        procs.procs[second].kill()
+        procs.procs[second].wait()
+        wait_until(lambda: stages() == [first], 60, "the pipeline was not re-placed around the killed node")
+        sending.set()
+        threading.Thread(target=camera, daemon=True).start()
+        procs.start(second, "node", "--node-id", second)
+        wait_until(lambda: sorted(stages()) == sorted([first, second]), STARTUP_S, "the restarted node was not placed again")
+        time.sleep(3.0)  # frames flow through the rejoined node
+        sending.clear()
+        time.sleep(0.5)
+        ours = "request_id LIKE 'REJOIN-%'"
+        wait_until(lambda: reader._rows(f"SELECT COUNT(*) AS n FROM accepted WHERE {ours}")[0]["n"] == len(sent), 60,
+                   "frames were not accepted at stage 1")
+        wait_until(lambda: reader.accounting()["in_flight"] == 0, 90, "frames still in flight")
+
+        # the mechanism: each node the rejoin gave a new input (the rejoined one, and the other if it changed stage)
+        # said it was subscribed before the placement was published
+        messages = [(t, json.loads(p)) for t, p, _ in list(recorder.messages)]
+        placed = [(i, [s["node_id"] for s in m["stages"]]) for i, (t, m) in enumerate(messages)
+                  if t == "edgeprune/placement"]
+        alone_at = max(i for i, nodes in placed if nodes == [first])
+        rejoin_at, rejoined = next((i, nodes) for i, nodes in placed if i > alone_at and len(nodes) == 2)
+        version = messages[rejoin_at][1]["version"]
+        new_input = [n for stage, n in enumerate(rejoined, start=1) if n == second or stage != 1]
+        for node in new_input:
+            assert any(t == f"edgeprune/node/{node}/stats" and m.get("prepared_version") == version
+                       for t, m in messages[:rejoin_at]), f"placement published before {node} had subscribed"
+        # the outcome: every frame sent across the rejoin became a row
+        lost = reader._rows(f"SELECT reason, COUNT(*) AS n FROM failures WHERE {ours} GROUP BY reason")
+        assert not [r for r in lost if r["reason"] != "dropped"], lost
+        rows = reader._rows(f"SELECT COUNT(*) AS n FROM requests WHERE {ours}")[0]["n"]
+        assert rows + sum(r["n"] for r in lost) == len(sent) and rows > 0
+    finally:
+        sending.clear()
+        sender.loop_stop()
+        sender.disconnect()
+        recorder.close()
+        procs.stop_all()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -151,3 +153,37 @@ def test_tls_listener_takes_a_client_that_trusts_the_site_ca(tmp_path):
         bus.stop()
     finally:
         stop_process(proc)
+
+
+def test_a_node_cannot_speak_for_another_nodes_availability_even_through_its_last_will(broker):
+    """The gateway re-places on a node's status, and MQTT does not tell it who published one: the broker's ACL is
+    what makes a status count only from the node it names. Checked for the last will too, which the broker itself
+    publishes when a connection drops: a will node-1 sets on node-2's status never arrives, its own does (after)."""
+    auth = AUTH[broker.port]
+    seen: list[tuple[str, bytes]] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.username_pw_set("admin", auth.credentials.password("admin"))
+    watcher.on_message = lambda c, u, msg: seen.append((msg.topic, msg.payload))
+    watcher.connect("127.0.0.1", broker.port)
+    watcher.loop_start()
+    watcher.subscribe("edgeprune/node/+/status", qos=1)
+    try:
+        for victim in ("node-2", "node-1"):  # its own will last: it proves a dropped connection sends the will
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"will-{victim}", protocol=mqtt.MQTTv5)
+            client.username_pw_set("node-1", auth.settings("node-1", "node").password.get_secret_value())
+            client.will_set(f"edgeprune/node/{victim}/status", f"forged-{victim}", qos=1)
+            connected = threading.Event()
+            client.on_connect = lambda c, u, f, rc, p, done=connected: rc.is_failure or done.set()
+            client.connect("127.0.0.1", broker.port)
+            client.loop_start()
+            if connected.wait(10):
+                client.socket().shutdown(socket.SHUT_RDWR)  # no DISCONNECT: the broker sends the will
+            client.loop_stop()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and ("edgeprune/node/node-1/status", b"forged-node-1") not in seen:
+            time.sleep(0.1)
+        assert ("edgeprune/node/node-1/status", b"forged-node-1") in seen  # its own will is delivered
+        assert not [p for t, p in seen if t == "edgeprune/node/node-2/status"]
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
