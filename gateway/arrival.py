@@ -106,8 +106,8 @@ class RateTrigger:
 
     def _side_of(self, rate_hz: float) -> int:
         band = self.band()
-        if band is None:
-            return 1  # nothing planned for yet: any measured rate is news
+        if band is None:  # nothing planned for yet: any rate with traffic is news; silence since start-up is not
+            return 1 if rate_hz > self.rules.floor_hz else 0
         low, high = band
         return 1 if rate_hz > high else -1 if rate_hz < low else 0
 

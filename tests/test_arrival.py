@@ -88,6 +88,11 @@ def test_the_first_measured_rate_is_planned_for_after_the_dwell():
     assert drive(trigger, [None] * 6 + [0.7] * 30) == [(60 + RULES.dwell_s, 0.7)]
 
 
+def test_no_first_plan_for_the_silence_before_any_traffic():
+    trigger = RateTrigger(RULES)
+    assert drive(trigger, [0.0] * 40 + [0.7] * 30) == [(400 + RULES.dwell_s, 0.7)]
+
+
 def replans_on_trace(rules: RateRules, arrivals: list[float], hours: float, step: float = 30.0) -> list[tuple]:
     meter, trigger = ArrivalMeter(rules.window_s, started=0.0), RateTrigger(rules)
     fired, i, now = [], 0, 0.0

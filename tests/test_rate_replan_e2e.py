@@ -55,7 +55,8 @@ def test_gateway_re_plans_for_each_persistent_rate(fresh_broker, tmp_path) -> No
     env = component_env(fresh_broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db), EDGEPRUNE_GATEWAY_NODES=",".join(NODES),
                         EDGEPRUNE_GATEWAY_STATS_SILENCE_S="3600", EDGEPRUNE_GATEWAY_RATE_WINDOW_S="3",
                         EDGEPRUNE_GATEWAY_RATE_DWELL_S="3", EDGEPRUNE_GATEWAY_RATE_MIN_INTERVAL_S="0",
-                        EDGEPRUNE_GATEWAY_RATE_BAND="0.5")
+                        EDGEPRUNE_GATEWAY_RATE_BAND="0.5",
+                        EDGEPRUNE_GATEWAY_PREPARE_TIMEOUT_S="1")  # stand-ins never confirm a subscription
     processes = Processes(tmp_path, env)
     bus = Bus(fresh_broker, "stage-1-stand-in", TOPICS.component_status("stage-1-stand-in"))
     fingerprint = model_fingerprint(build_model(None))
