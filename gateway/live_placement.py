@@ -11,7 +11,9 @@ The planner (:mod:`gateway.placement`) answers *where*; this module answers *whe
 Frames reach stage 1 through the broker whichever node runs it, so the camera upload is the
 same for every plan: it is left out of the live objective (a constant term there would only
 make plans tie and hide the differences between them). Its *decode* is not: the node that runs
-stage 1 pays its own decode cost for frames of ``frame_megapixels`` (from its profile).
+stage 1 pays its own decode cost for frames of ``frame_megapixels`` (from its profile), unless the
+planner finds it better to give decoding to a node of its own (the placement's ``ingest_node``:
+any node with a decode cost, and only those for nodes of the ``ingest`` role).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, solve_plan,
-                               problem_from_profiles)
+from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_with_ingest,
+                               plan_with_ingest, problem_from_profiles)
+from shared.imaging import model_input_bytes
 from shared.profiling import MBIT_BYTES, mb_to_bytes
 from shared.schemas import NodeProfile, Placement
 from shared.topics import AVAILABILITY_ONLINE
@@ -38,9 +41,10 @@ class PlacementRules:
 
 class LivePlacement:
     def __init__(self, rules: PlacementRules, model: str, fingerprint: str, allowed: list[str], started: float,
-                 frame_megapixels: float = 0.0):
+                 frame_megapixels: float = 0.0, input_bytes: int | None = None):
         self.rules = rules
         self.frame_megapixels = frame_megapixels
+        self.input_bytes = model_input_bytes() if input_bytes is None else input_bytes  # what an ingest node sends
         self.model = model
         self.fingerprint = fingerprint
         self.allowed = list(allowed)
@@ -87,7 +91,7 @@ class LivePlacement:
             if set(eligible) == set(self.allowed) or now - self.started >= self.rules.startup_wait_s:
                 return self._adopt(eligible, now, "initial placement")
             return None
-        placed = [s.node_id for s in self.current.stages]
+        placed = self._placed()
         lost = [n for n in placed if n not in eligible]
         if lost:
             return self._adopt(eligible, now, f"lost {', '.join(lost)}")
@@ -115,17 +119,16 @@ class LivePlacement:
         """
         if self.current is None:
             return None
-        placed = [s.node_id for s in self.current.stages]
+        placed = self._placed()
         if any(n not in self._offers for n in placed):
             return None
         problem = self._problem(placed, slowdowns)
         try:
-            plan = solve_plan(problem)
+            plan = plan_with_ingest(problem, self.input_bytes, self._ingest_only(placed))
         except (InfeasiblePlacement, ValueError) as exc:
             log.error("cannot re-partition over %s: %s", placed, exc)
             return None
-        current = cost_assignment(problem, [(s.node_id, s.first_block, s.last_block)
-                                            for s in self.current.stages]).bottleneck_s
+        current = self._cost_of_current(problem).bottleneck_s
         if plan.bottleneck_s > current * (1.0 - self.rules.min_gain):
             return None
         shown = ", ".join(f"{n} {k:.2f}x" for n, k in slowdowns.items())
@@ -146,9 +149,21 @@ class LivePlacement:
         return problem_from_profiles(blocks, self._devices(nodes), frame_bytes=0, camera_bandwidth_bps=1.0,
                                      decode_s=decode_s)
 
+    def _placed(self) -> list[str]:
+        """The current placement's nodes: its stages' and its ingest node."""
+        ingest = [self.current.ingest_node] if self.current.ingest_node else []
+        return [s.node_id for s in self.current.stages] + ingest
+
+    def _ingest_only(self, nodes: list[str]) -> list[str]:
+        return [n for n in nodes if self._offers[n].role == "ingest"]
+
+    def _cost_of_current(self, problem: PlacementProblem) -> Plan:
+        return cost_with_ingest(problem, [(s.node_id, s.first_block, s.last_block) for s in self.current.stages],
+                                self.current.ingest_node, self.input_bytes)
+
     def _plan(self, nodes: list[str]) -> Plan | None:
         try:
-            plan = solve_plan(self._problem(nodes))
+            plan = plan_with_ingest(self._problem(nodes), self.input_bytes, self._ingest_only(nodes))
         except (InfeasiblePlacement, ValueError) as exc:
             self.last_error = str(exc)
             log.error("cannot place the model on %s: %s", nodes, exc)
@@ -158,9 +173,7 @@ class LivePlacement:
 
     def _plan_cost_of_current(self) -> float:
         """The current placement's bottleneck under today's profiles (they may have changed)."""
-        placed = [s.node_id for s in self.current.stages]
-        stages = [(s.node_id, s.first_block, s.last_block) for s in self.current.stages]
-        return cost_assignment(self._problem(placed), stages).bottleneck_s
+        return self._cost_of_current(self._problem(self._placed())).bottleneck_s
 
     def _adopt(self, nodes: list[str], now: float, reason: str, plan: Plan | None = None) -> Placement | None:
         plan = plan or self._plan(nodes)
@@ -169,7 +182,8 @@ class LivePlacement:
         version = max(int(now * 1000), (self.current.version + 1) if self.current else 0)
         self.current = plan.to_placement(version, self.model, issued_at=now)
         self._declined = None
-        log.info("placement v%d (%s): %s, predicted bottleneck %.1f ms", version, reason,
+        log.info("placement v%d (%s): %s%s, predicted bottleneck %.1f ms", version, reason,
+                 f"{plan.ingest.device} ingests, " if plan.ingest else "",
                  ", ".join(f"{s.node_id}:{s.first_block}-{s.last_block}" for s in self.current.stages),
                  plan.bottleneck_s * 1e3)
         return self.current

@@ -27,6 +27,7 @@ from gateway.slo import SloWindows
 from gateway.store import Store
 from shared.bus import Bus
 from shared.clock import offset_suspect
+from shared.imaging import model_input_bytes
 from shared.model import MODEL_NAME, accuracy_model_beside, build_model, model_fingerprint
 from shared.schemas import (
     AcceptedRequest,
@@ -111,9 +112,11 @@ class Gateway:
         self.operator = Overrides(settings, controller_settings or ControllerSettings(), self.store.operator_settings())
         self.slo = SloWindows(settings.window_s, self.operator.slo_s)
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
-        self.fingerprint = model_fingerprint(build_model(settings.checkpoint))
+        model = build_model(settings.checkpoint)
+        self.fingerprint = model_fingerprint(model)
         self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time(),
-                                  frame_megapixels=settings.frame_megapixels)
+                                  frame_megapixels=settings.frame_megapixels,
+                                  input_bytes=model_input_bytes(model.config.input_size))
         self.control = ControlLoop(self.operator.controller_settings(), self.operator.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint, settings.checkpoint),
                                    follow_up_s=settings.window_s)

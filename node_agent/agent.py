@@ -19,16 +19,17 @@ import numpy as np
 import torch
 
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
-from node_agent.runtime import Request, SliceCalibrator, StageRuntime, frame_metadata, plausible_capture
+from node_agent.runtime import (IngestRuntime, Request, SliceCalibrator, StageRuntime, frame_metadata,
+                                plausible_capture)
 from shared import wire
 from shared.bus import Bus
 from shared.clock import ClockOffset
 from shared.imaging import measure_decode_cost
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import ProfileError, load_profile, profile_model
-from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon, DeviceSpeedCommand, NodeCommand,
-                            NodeProfile, NodeStats, Placement, PruneDesired, PruneState, SlowdownCommand, parse_json,
-                            to_json)
+from shared.schemas import (INGEST_STAGE, AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon,
+                            DeviceSpeedCommand, NodeCommand, NodeProfile, NodeStats, Placement, PruneDesired,
+                            PruneState, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics, validate_id
 
@@ -68,6 +69,7 @@ class NodeAgent:
         self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id))
         self.queue: queue.Queue[tuple[StageRuntime, Request]] = queue.Queue(maxsize=settings.queue_size)
         self.runtime: StageRuntime | None = None
+        self.ingest: IngestRuntime | None = None  # set while the placement makes this node the ingest node
         self.placement_version: int | None = None
         self._input_filter: str | None = None
         self._lock = threading.Lock()
@@ -133,7 +135,7 @@ class NodeAgent:
                  1e3 * decode.per_megapixel_s)
         return NodeProfile(node_id=self.node_id, model_fingerprint=model_fingerprint(self.model),
                            memory_mb=memory_mb, uplink_mbit_s=self.settings.uplink_mbit_s, profile=profile,
-                           decode=decode)
+                           decode=decode, role=self.settings.role)
 
     def _announce_offer(self) -> None:
         """Retained and re-sent on every connect, like the availability topic."""
@@ -152,26 +154,34 @@ class NodeAgent:
         self._assign(placement, placement.stage_of(self.node_id))
 
     def _assign(self, placement: Placement | None, assignment) -> None:
-        """Switch to a new stage without restarting: new slice, new input subscription."""
+        """Switch to a new stage (or to ingesting) without restarting: new slice, new input subscription."""
+        behind_ingest = placement is not None and placement.ingest_node is not None
         with self._lock:
             current = self.runtime
             if (current is not None and placement is not None and current.assignment == assignment
-                    and current.is_last == (assignment.stage == len(placement.stages))):
+                    and current.is_last == (assignment.stage == len(placement.stages))
+                    and current.takes_frames == (assignment.stage == 1 and not behind_ingest)):
                 self.placement_version = placement.version  # same job under a newer plan: keep slice state
                 return
         runtime = None
+        ingest = None
         new_filter = None
-        if placement is not None and assignment is not None:
+        if placement is not None and placement.ingest_node == self.node_id:
+            ingest = IngestRuntime(self.model, self.node_id, self.topics.stage_input(1),
+                                   self.settings.max_payload_bytes, self.settings.reduced_decode)
+            new_filter = self.topics.camera_frame_filter
+        elif placement is not None and assignment is not None:
             n = len(placement.stages)
             output = self.topics.results if assignment.stage == n else self.topics.stage_input(assignment.stage + 1)
             runtime = StageRuntime(self.model, self.node_id, assignment, n, output,
                                    self.settings.wire_dtype, self.settings.max_payload_bytes,
-                                   self.settings.reduced_decode)
-            new_filter = (self.topics.camera_frame_filter if assignment.stage == 1
+                                   self.settings.reduced_decode, behind_ingest)
+            new_filter = (self.topics.camera_frame_filter if runtime.takes_frames
                           else self.topics.stage_input(assignment.stage))
         with self._lock:
             old_filter = self._input_filter
             self.runtime = runtime
+            self.ingest = ingest
             self.placement_version = placement.version if placement else None
             self._input_filter = new_filter
             desired = self.desired
@@ -182,7 +192,10 @@ class NodeAgent:
             self.bus.unsubscribe(old_filter)
         if new_filter and new_filter != old_filter:
             self.bus.subscribe(new_filter, self._on_input, qos=1, data=True)
-        if assignment is None:
+        if ingest is not None:
+            log.info("%s: ingest node: decoding camera frames for stage 1 (placement v%d)", self.node_id,
+                     placement.version)
+        elif assignment is None:
             log.info("%s: not in the placement; idle", self.node_id)
         else:
             log.info("%s: stage %d, blocks %d..%d (placement v%d)", self.node_id, assignment.stage,
@@ -252,11 +265,11 @@ class NodeAgent:
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str]) -> None:
         received = time.time()
         with self._lock:
-            runtime = self.runtime
+            runtime = self.runtime or self.ingest
         if runtime is None:
             return
         req = Request(topic, payload, props, received)
-        if runtime.is_first:
+        if runtime.takes_frames:
             req = self._admit_frame(runtime, req)
         try:
             self.queue.put_nowait((runtime, req))
@@ -267,8 +280,8 @@ class NodeAgent:
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
 
-    def _admit_frame(self, runtime: StageRuntime, req: Request) -> Request:
-        """Stage 1 takes a camera frame: check its camera id and times, and announce it to the gateway.
+    def _admit_frame(self, runtime: StageRuntime | IngestRuntime, req: Request) -> Request:
+        """Stage 1 (or the ingest node before it) takes a camera frame: check its camera id and times, and announce it to the gateway.
 
         From here on the frame is *accepted*: it must end as a result row or a failure with a reason.
         """
@@ -306,7 +319,7 @@ class NodeAgent:
     def _expired(self, runtime: StageRuntime, req: Request) -> bool:
         """A first-stage frame that waited (in the broker or the queue) beyond max_frame_age_s is not run."""
         max_age = self.settings.max_frame_age_s
-        if not runtime.is_first or not max_age:
+        if not runtime.takes_frames or not max_age:
             return False
         age = time.time() - float(req.user_props["capture_ts"])
         if age <= max_age:
@@ -348,6 +361,7 @@ class NodeAgent:
         """Health since the previous call: latency figures describe the node's *current* speed."""
         with self._lock:
             runtime = self.runtime
+            ingesting = self.ingest is not None
             version = self.placement_version
             compute = np.array(self._compute_s) if self._compute_s else None
             waits = np.array(self._queue_wait_s) if self._queue_wait_s else None
@@ -357,7 +371,7 @@ class NodeAgent:
             self._queue_wait_s.clear()
         a = runtime.assignment if runtime else None
         return NodeStats(
-            node_id=self.node_id, ts=time.time(), stage=a.stage if a else None,
+            node_id=self.node_id, ts=time.time(), stage=a.stage if a else INGEST_STAGE if ingesting else None,
             first_block=a.first_block if a else None, last_block=a.last_block if a else None,
             placement_version=version, queue_depth=self.queue.qsize(), queue_capacity=self.settings.queue_size,
             processed=self.processed, dropped=self.dropped, errors=dict(self.bus.errors),

@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.ladder import DEFAULT_LADDER
+from shared.schemas import NodeRole
 from shared.topics import validate_id
 
 CONFIG_ENV = "EDGEPRUNE_CONFIG"
@@ -156,6 +157,8 @@ class NodeSettings(_Section):
                                  "placement every start.")
     reduced_decode: bool = Field(True, description="Decode camera frames straight at (about) the model's input "
                                  "size; false decodes every pixel first (only to benchmark against).")
+    role: NodeRole = Field("stage", description="`stage`: the planner may give this node a stage or make it the "
+                           "ingest node (decoding frames for stage 1); `ingest`: only the ingest node.")
 
     _check_id = field_validator("node_id")(lambda v: validate_id("node", v))
     _empty_profile = field_validator("profile", mode="before")(lambda v: None if v == "" else v)
