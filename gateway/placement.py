@@ -290,7 +290,7 @@ def plan_with_ingest(problem: PlacementProblem, input_bytes: int, ingest_only: C
     it leaves the stage pool, pays its decode, and sends stage 1 ``input_bytes`` (the model-sized
     input) over its link; stage 1 then decodes nothing. The plan with the smaller bottleneck wins
     (decode on stage 1 on a tie: one device fewer). Devices in ``ingest_only`` (nodes of the ingest
-    role) never run a stage. Each option is solved by :func:`solve_plan`, so the answer is exact
+    role) never run a stage, and are tried first as the ingest device. Each option is solved by :func:`solve_plan`, so the answer is exact
     whenever those are.
     """
     ids = [d.id for d in problem.devices]
@@ -301,7 +301,8 @@ def plan_with_ingest(problem: PlacementProblem, input_bytes: int, ingest_only: C
             best = solve_plan(_subproblem(problem, stage_pool))
         except InfeasiblePlacement as exc:
             refusal = exc
-    for ingest in (d for d in ids if d in problem.decode_s):
+    # ingest-only devices first: on a tie they ingest, and the stage devices keep the stages
+    for ingest in sorted((d for d in ids if d in problem.decode_s), key=lambda d: d not in ingest_only):
         pool = [d for d in stage_pool if d != ingest]
         if not pool:
             continue
