@@ -307,15 +307,19 @@ def plan_with_ingest(problem: PlacementProblem, input_bytes: int, ingest_only: C
         if not pool:
             continue
         try:
-            inner = solve_plan(ingest_problem(problem, ingest, input_bytes, pool))
+            candidate = plan_behind_ingest(problem, ingest, input_bytes, pool)
         except InfeasiblePlacement:
             continue
-        candidate = _behind_ingest(problem, ingest, inner)
         if best is None or candidate.bottleneck_s < best.bottleneck_s * (1 - 1e-12):
             best = candidate
     if best is None:
         raise refusal or InfeasiblePlacement(f"no device may run a stage ({', '.join(ids)} may only ingest)")
     return best
+
+
+def plan_behind_ingest(problem: PlacementProblem, ingest: str, input_bytes: int, pool: Sequence[str]) -> Plan:
+    """The best plan of stages on the devices ``pool`` behind the ingest device ``ingest``."""
+    return _behind_ingest(problem, ingest, solve_plan(ingest_problem(problem, ingest, input_bytes, pool)))
 
 
 def cost_with_ingest(problem: PlacementProblem, assignment: Sequence[tuple[str, int, int]], ingest: str | None,

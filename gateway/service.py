@@ -30,6 +30,7 @@ from shared.clock import offset_suspect
 from shared.imaging import model_input_bytes
 from shared.model import MODEL_NAME, accuracy_model_beside, build_model, model_fingerprint
 from shared.schemas import (
+    INGEST_STAGE,
     AcceptedRequest,
     BadMessage,
     CameraCommand,
@@ -87,7 +88,8 @@ def result_row(result: Result, finish_ts: float) -> dict:
         "request_id": result.request_id, "camera_id": result.camera_id, "capture_ts": result.capture_ts,
         "finish_ts": finish_ts, "e2e_s": e2e, "queue_s": queue_s, "compute_s": compute_s, "decode_s": decode_s,
         "transfer_s": e2e - queue_s - decode_s - compute_s, "label": result.label, "label_index": result.label_index,
-        "confidence": result.confidence, "prune_ratios": [h.prune_ratio for h in result.hops],
+        "confidence": result.confidence, "prune_ratios": [h.prune_ratio for h in result.hops
+                                                                   if h.stage != INGEST_STAGE],
         "hops": [h.model_dump() for h in result.hops], "true_label": result.true_label,
         "correct": None if result.true_label is None else int(result.label_index == result.true_label),
     }

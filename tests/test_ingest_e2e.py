@@ -54,6 +54,7 @@ def test_an_ingest_node_turns_a_real_jpeg_into_a_result_row_with_its_decode_reco
             (s["stage"], s["node_id"]) for s in placement["stages"]]
         assert hops[0]["decode_s"] > 0  # the frame's decode, at the ingest hop (the stages' is the wire parse)
         assert row["decode_s"] == pytest.approx(sum(h["decode_s"] for h in hops))
+        assert row["prune_ratios"] == [0.0, 0.0]  # one per stage: the ingest hop runs no slice
         with torch.inference_mode():
             expected = int(build_model()(torch.from_numpy(decode_frame(photo.read_bytes()))).argmax())
         assert row["label_index"] == expected
