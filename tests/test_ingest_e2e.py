@@ -30,8 +30,7 @@ def test_an_ingest_node_turns_a_real_jpeg_into_a_result_row_with_its_decode_reco
         procs.start("gateway", "gateway")
         procs.start("node-1", "node", "--node-id", "node-1")
         procs.start("node-2", "node", "--node-id", "node-2")
-        procs.start("node-3", "node", "--node-id", "node-3",
-                    extra_env={"EDGEPRUNE_NODE_ROLE": "ingest"})
+        procs.start("node-3", "node", "--node-id", "node-3", "--role", "ingest")
         reader = open_reader(db)
         wait_until(lambda: sorted((-1 if n["stage"] is None else n["stage"], n["node_id"] == "node-3")
                                   for n in reader.nodes()) == [(0, True), (1, False), (2, False)],
