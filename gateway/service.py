@@ -402,7 +402,8 @@ class Gateway:
     def retire(self, node_id: str) -> None:
         """Forget a node for good: clear every retained topic about it, so nothing replays for it."""
         with self._lock:
-            placed = self.live.current and self.live.current.stage_of(node_id)
+            placed = self.live.current and (self.live.current.stage_of(node_id)
+                                             or self.live.current.ingest_node == node_id)
             if placed and node_id in self.live.eligible():
                 raise BadMessage("rejected_command", f"retire {node_id}: it is online and in the placement; "
                                  "stop it first")

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
-from node_agent.runtime import (IngestRuntime, Request, SliceCalibrator, StageRuntime, frame_metadata,
-                                plausible_capture)
+from node_agent.runtime import IngestRuntime, Request, SliceCalibrator, StageRuntime, frame_metadata, plausible_capture
 from shared import wire
 from shared.bus import Bus
 from shared.clock import ClockOffset
@@ -281,7 +280,8 @@ class NodeAgent:
                 log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
 
     def _admit_frame(self, runtime: StageRuntime | IngestRuntime, req: Request) -> Request:
-        """Stage 1 (or the ingest node before it) takes a camera frame: check its camera id and times, and announce it to the gateway.
+        """Stage 1 (or the ingest node before it) takes a camera frame: check its camera id and times, and
+        announce it to the gateway.
 
         From here on the frame is *accepted*: it must end as a result row or a failure with a reason.
         """

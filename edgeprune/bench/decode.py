@@ -209,8 +209,7 @@ class PipelineRun:
     def measure(self, seconds: float, megapixels: float) -> dict[str, Any]:
         """The two stage nodes planned with the frames' decode on stage 1 and, with an ingest node, behind it:
         ``{"stage1": figures, "ingest": figures, "planner_picks": "stage1" | "ingest"}``."""
-        from gateway.placement import (Device, plan_behind_ingest, plan_pipeline, plan_with_ingest,
-                                       problem_from_profiles)
+        from gateway.placement import Device, plan_behind_ingest, plan_pipeline, plan_with_ingest, problem_from_profiles
         from shared.bus import Bus
         from shared.imaging import model_input_bytes
         from shared.profiling import MBIT_BYTES, mb_to_bytes
