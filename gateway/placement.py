@@ -290,8 +290,8 @@ def plan_with_ingest(problem: PlacementProblem, input_bytes: int, ingest_only: C
     it leaves the stage pool, pays its decode, and sends stage 1 ``input_bytes`` (the model-sized
     input) over its link; stage 1 then decodes nothing. The plan with the smaller bottleneck wins
     (decode on stage 1 on a tie: one device fewer). Devices in ``ingest_only`` (nodes of the ingest
-    role) never run a stage, and are tried first as the ingest device. Each option is solved by :func:`solve_plan`, so the answer is exact
-    whenever those are.
+    role) never run a stage, and are tried first as the ingest device. Each option is solved by
+    :func:`solve_plan`, so the answer is exact whenever those are.
     """
     ids = [d.id for d in problem.devices]
     best, refusal = None, None
