@@ -110,6 +110,9 @@ def check_membership(f: Facts) -> Check:
         if node not in f.fingerprints:
             return Check("membership", FAIL, f"node {node} is online but has not offered its profile",
                          "wait a minute after start (it profiles the model), then `journalctl -u edgeprune-node`")
+        if f.placement and f.placement.ingest_node == node:
+            return Check("membership", OK, f"node {node} decodes the camera frames for stage 1 (the ingest node) "
+                         f"in placement v{f.placement.version}")
         if node not in placed:
             return Check("membership", WARNING, f"node {node} is online but not in the placement "
                          f"(placed: {', '.join(sorted(placed)) or 'none yet'})",

@@ -11,7 +11,9 @@ The planner (:mod:`gateway.placement`) answers *where*; this module answers *whe
 Frames reach stage 1 through the broker whichever node runs it, so the camera upload is the
 same for every plan: it is left out of the live objective (a constant term there would only
 make plans tie and hide the differences between them). Its *decode* is not: the node that runs
-stage 1 pays its own decode cost for frames of ``frame_megapixels`` (from its profile).
+stage 1 pays its own decode cost for frames of ``frame_megapixels`` (from its profile), unless the
+planner finds it better to give decoding to a node of its own (the placement's ``ingest_node``:
+any node with a decode cost, and only those for nodes of the ``ingest`` role).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.hybrid import HybridPlan
-from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, solve_plan,
-                               problem_from_profiles)
+from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, cost_with_ingest,
+                               plan_with_ingest, problem_from_profiles)
+from shared.imaging import model_input_bytes
 from shared.profiling import MBIT_BYTES, mb_to_bytes
 from shared.schemas import NodeProfile, Placement
 from shared.topics import AVAILABILITY_ONLINE
@@ -39,9 +42,10 @@ class PlacementRules:
 
 class LivePlacement:
     def __init__(self, rules: PlacementRules, model: str, fingerprint: str, allowed: list[str], started: float,
-                 frame_megapixels: float = 0.0):
+                 frame_megapixels: float = 0.0, input_bytes: int | None = None):
         self.rules = rules
         self.frame_megapixels = frame_megapixels
+        self.input_bytes = model_input_bytes() if input_bytes is None else input_bytes  # what an ingest node sends
         self.model = model
         self.fingerprint = fingerprint
         self.allowed = list(allowed)
@@ -88,7 +92,7 @@ class LivePlacement:
             if set(eligible) == set(self.allowed) or now - self.started >= self.rules.startup_wait_s:
                 return self._adopt(eligible, now, "initial placement")
             return None
-        placed = [s.node_id for s in self.current.stages]
+        placed = self._placed()
         lost = [n for n in placed if n not in eligible]
         if lost:
             return self._adopt(eligible, now, f"lost {', '.join(lost)}")
@@ -116,17 +120,17 @@ class LivePlacement:
         """
         if self.current is None:
             return None
-        placed = [s.node_id for s in self.current.stages]
+        placed = self._placed()
         if any(n not in self._offers for n in placed):
             return None
         problem = self._problem(placed, slowdowns)
         try:
-            plan = solve_plan(problem)
+            plan = plan_with_ingest(problem, self.input_bytes, self._ingest_only(placed),
+                                    self.rules.min_gain)
         except (InfeasiblePlacement, ValueError) as exc:
             log.error("cannot re-partition over %s: %s", placed, exc)
             return None
-        current = cost_assignment(problem, [(s.node_id, s.first_block, s.last_block)
-                                            for s in self.current.stages]).bottleneck_s
+        current = self._cost_of_current(problem).bottleneck_s
         if plan.bottleneck_s > current * (1.0 - self.rules.min_gain):
             return None
         shown = ", ".join(f"{n} {k:.2f}x" for n, k in slowdowns.items())
@@ -166,9 +170,22 @@ class LivePlacement:
         return problem_from_profiles(blocks, self._devices(nodes), frame_bytes=0, camera_bandwidth_bps=1.0,
                                      decode_s=decode_s)
 
+    def _placed(self) -> list[str]:
+        """The current placement's nodes: its stages' and its ingest node."""
+        ingest = [self.current.ingest_node] if self.current.ingest_node else []
+        return [s.node_id for s in self.current.stages] + ingest
+
+    def _ingest_only(self, nodes: list[str]) -> list[str]:
+        return [n for n in nodes if self._offers[n].role == "ingest"]
+
+    def _cost_of_current(self, problem: PlacementProblem) -> Plan:
+        return cost_with_ingest(problem, [(s.node_id, s.first_block, s.last_block) for s in self.current.stages],
+                                self.current.ingest_node, self.input_bytes)
+
     def _plan(self, nodes: list[str]) -> Plan | None:
         try:
-            plan = solve_plan(self._problem(nodes))
+            plan = plan_with_ingest(self._problem(nodes), self.input_bytes, self._ingest_only(nodes),
+                                    self.rules.min_gain)
         except (InfeasiblePlacement, ValueError) as exc:
             self.last_error = str(exc)
             log.error("cannot place the model on %s: %s", nodes, exc)
@@ -178,9 +195,7 @@ class LivePlacement:
 
     def _plan_cost_of_current(self) -> float:
         """The current placement's bottleneck under today's profiles (they may have changed)."""
-        placed = [s.node_id for s in self.current.stages]
-        stages = [(s.node_id, s.first_block, s.last_block) for s in self.current.stages]
-        return cost_assignment(self._problem(placed), stages).bottleneck_s
+        return self._cost_of_current(self._problem(self._placed())).bottleneck_s
 
     def _adopt(self, nodes: list[str], now: float, reason: str, plan: Plan | None = None) -> Placement | None:
         plan = plan or self._plan(nodes)
@@ -189,7 +204,8 @@ class LivePlacement:
         version = max(int(now * 1000), (self.current.version + 1) if self.current else 0)
         self.current = plan.to_placement(version, self.model, issued_at=now)
         self._declined = None
-        log.info("placement v%d (%s): %s, predicted bottleneck %.1f ms", version, reason,
+        log.info("placement v%d (%s): %s%s, predicted bottleneck %.1f ms", version, reason,
+                 f"{plan.ingest.device} ingests, " if plan.ingest else "",
                  ", ".join(f"{s.node_id}:{s.first_block}-{s.last_block}" for s in self.current.stages),
                  plan.bottleneck_s * 1e3)
         return self.current
@@ -201,6 +217,19 @@ def single_pipeline(plan: HybridPlan) -> list[tuple[str, int, int]] | None:
     if len(plan.pipelines) != 1 or any(len(s.replicas) != 1 for s in plan.pipelines[0]):
         return None
     return [(s.replicas[0], s.first_block, s.last_block) for s in plan.pipelines[0]]
+
+
+def input_of(placement: Placement | None, node_id: str) -> tuple | None:
+    """What ``node_id`` listens to under ``placement``: the camera frames as the ingest node, a stage's input (and
+    whether that is the camera frames: stage 1 with no ingest node), or nothing."""
+    if placement is None:
+        return None
+    if placement.ingest_node == node_id:
+        return ("ingest",)
+    stage = placement.stage_of(node_id)
+    return None if stage is None else (stage.stage, stage.stage == 1 and placement.ingest_node is None)
+
+
 class Handover:
     """Publishes a new placement only once every node that needs a new input for it is subscribed to it.
 
@@ -221,10 +250,8 @@ class Handover:
 
     def propose(self, placement: Placement, now: float) -> tuple[Placement | None, list[str]]:
         """A newly decided placement: (the placement to publish now, or None; the nodes to ask to prepare)."""
-        def needs_new_input(stage) -> bool:
-            before = self.active.stage_of(stage.node_id) if self.active else None
-            return before is None or before.stage != stage.stage
-        self.waiting = {s.node_id for s in placement.stages if needs_new_input(s)}
+        nodes = [s.node_id for s in placement.stages] + [n for n in [placement.ingest_node] if n is not None]
+        self.waiting = {n for n in nodes if input_of(placement, n) != input_of(self.active, n)}
         self.pending, self._since = placement, now
         if not self.waiting:
             return self._activate(), []

@@ -20,12 +20,16 @@ stage's throughput is limited by the slower of the two):
 
 bottleneck = max(frame upload, every stage's compute, every stage's transfer out); the frame
 rate the pipeline sustains is 1 / bottleneck.
+
+A dedicated *ingest* device (:func:`plan_with_ingest`) may take the decode off stage 1: it runs no
+block, its compute is its own decode, the frame is uploaded to it, and it sends stage 1 the
+model-sized input (``input_bytes``) over its link; no stage then decodes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -173,18 +177,28 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class IngestStage:
+    """A device that only decodes camera frames and sends stage 1 the model-sized input."""
+
+    device: str
+    decode_s: float
+    transfer_s: float  # the model-sized input to stage 1's device
+
+
+@dataclass(frozen=True)
 class Plan:
     bottleneck_s: float
-    frame_upload_s: float
+    frame_upload_s: float  # to stage 1, or to the ingest device when there is one
     stages: tuple[Stage, ...]
     exact: bool = True  # False: a heuristic answer not proven optimal (see solve_plan)
     method: str = "dp"  # which solver found it: "dp", "milp" or "heuristic"
+    ingest: IngestStage | None = None  # None: stage 1's device decodes the frames
 
     def to_placement(self, version: int, model: str, issued_at: float) -> Placement:
         """What the gateway publishes retained (validated by the schema: contiguous, distinct nodes)."""
         return Placement(
             version=version, model=model, n_blocks=self.stages[-1].last_block + 1, issued_at=issued_at,
-            bottleneck_s=self.bottleneck_s,
+            bottleneck_s=self.bottleneck_s, ingest_node=self.ingest.device if self.ingest else None,
             stages=[StageAssignment(stage=k, node_id=s.device, first_block=s.first_block, last_block=s.last_block)
                     for k, s in enumerate(self.stages, start=1)])
 
@@ -196,6 +210,8 @@ class Plan:
             "method": self.method,
             "stages": [{"device": s.device, "blocks": [s.first_block, s.last_block], "compute_s": s.compute_s,
                         "transfer_s": s.transfer_s, "memory_bytes": s.memory_bytes} for s in self.stages],
+            "ingest": None if self.ingest is None else {"device": self.ingest.device, "decode_s": self.ingest.decode_s,
+                                                        "transfer_s": self.ingest.transfer_s},
         }
 
 
@@ -262,6 +278,94 @@ def problem_from_profiles(profile_by_device: Mapping[str, Sequence[BlockProfile]
     return PlacementProblem(blocks, tuple(devices),
                             {d.id: [p.latency_s for p in profile_by_device[d.id]] for d in devices},
                             frame_bytes, camera_bandwidth_bps, dict(links or {}), dict(decode_s or {}))
+
+
+# --- decoding on a device of its own ------------------------------------------------------------------
+
+
+def plan_with_ingest(problem: PlacementProblem, input_bytes: int, ingest_only: Collection[str] = (),
+                     min_gain: float = 0.0) -> Plan:
+    """The best plan with the frames decoded by stage 1's device, or by a dedicated ingest device.
+
+    Every device whose decode cost is known (``problem.decode_s``) is tried as the ingest device:
+    it leaves the stage pool, pays its decode, and sends stage 1 ``input_bytes`` (the model-sized
+    input) over its link; stage 1 then decodes nothing. The plan with the smaller bottleneck wins
+    (decode on stage 1 on a tie: one device fewer). Devices in ``ingest_only`` (nodes of the ingest
+    role) never run a stage, and are tried first as the ingest device. Each option is solved by
+    :func:`solve_plan`, so the answer is exact whenever those are. An ingest device (one more hop and
+    one more device to lose) must beat decoding on stage 1 by the fraction ``min_gain``: a gain
+    within measurement noise is not worth it.
+    """
+    ids = [d.id for d in problem.devices]
+    best, refusal = None, None
+    stage_pool = [d for d in ids if d not in ingest_only]
+    if stage_pool:
+        try:
+            best = solve_plan(_subproblem(problem, stage_pool))
+        except InfeasiblePlacement as exc:
+            refusal = exc
+    on_stage_1 = best
+    # ingest-only devices first: on a tie they ingest, and the stage devices keep the stages
+    for ingest in sorted((d for d in ids if d in problem.decode_s), key=lambda d: d not in ingest_only):
+        pool = [d for d in stage_pool if d != ingest]
+        if not pool:
+            continue
+        try:
+            candidate = plan_behind_ingest(problem, ingest, input_bytes, pool)
+        except InfeasiblePlacement:
+            continue
+        required = max(min_gain, 1e-12) if best is on_stage_1 else 1e-12
+        if best is None or candidate.bottleneck_s < best.bottleneck_s * (1 - required):
+            best = candidate
+    if best is None:
+        raise refusal or InfeasiblePlacement(f"no device may run a stage ({', '.join(ids)} may only ingest)")
+    return best
+
+
+def plan_behind_ingest(problem: PlacementProblem, ingest: str, input_bytes: int, pool: Sequence[str]) -> Plan:
+    """The best plan of stages on the devices ``pool`` behind the ingest device ``ingest``."""
+    return _behind_ingest(problem, ingest, solve_plan(ingest_problem(problem, ingest, input_bytes, pool)))
+
+
+def cost_with_ingest(problem: PlacementProblem, assignment: Sequence[tuple[str, int, int]], ingest: str | None,
+                     input_bytes: int) -> Plan:
+    """:func:`cost_assignment` for stages behind ``ingest`` (None: stage 1 decodes)."""
+    if ingest is None:
+        return cost_assignment(problem, assignment)
+    pool = [d.id for d in problem.devices if d.id != ingest]
+    return _behind_ingest(problem, ingest, cost_assignment(ingest_problem(problem, ingest, input_bytes, pool),
+                                                           assignment))
+
+
+def ingest_problem(problem: PlacementProblem, ingest: str, input_bytes: int, pool: Sequence[str]) -> PlacementProblem:
+    """The stages' own problem behind ``ingest``: devices ``pool``, no decode, and in place of the camera the
+    ingest device, sending ``input_bytes`` at its uplink (or its link to a device)."""
+    sub = _subproblem(problem, pool)
+    links = {pair: bw for pair, bw in sub.links.items() if pair[0] != CAMERA}
+    links.update({(CAMERA, receiver): bw for (sender, receiver), bw in problem.links.items()
+                  if sender == ingest and receiver in pool})
+    return replace(sub, frame_bytes=input_bytes, camera_bandwidth_bps=problem._device[ingest].bandwidth_bps,
+                   links=links, decode_s={})
+
+
+def _subproblem(problem: PlacementProblem, keep: Sequence[str]) -> PlacementProblem:
+    """``problem`` on the devices ``keep`` only."""
+    kept = set(keep)
+    return PlacementProblem(problem.blocks, tuple(d for d in problem.devices if d.id in kept),
+                            {d: t for d, t in problem.compute_s.items() if d in kept},
+                            problem.frame_bytes, problem.camera_bandwidth_bps,
+                            {(a, b): bw for (a, b), bw in problem.links.items()
+                             if a in kept | {CAMERA} and b in kept | {GATEWAY}},
+                            {d: t for d, t in problem.decode_s.items() if d in kept})
+
+
+def _behind_ingest(problem: PlacementProblem, ingest: str, inner: Plan) -> Plan:
+    """A plan of the stages' problem (:func:`ingest_problem`) with the ingest device in front: its frame upload
+    and decode join the bottleneck; the inner plan's "frame upload" is the ingest's transfer to stage 1."""
+    upload = problem.frame_bytes / problem.bandwidth(CAMERA, ingest)
+    stage = IngestStage(ingest, problem.decode_s.get(ingest, 0.0), inner.frame_upload_s)
+    return replace(inner, bottleneck_s=max(inner.bottleneck_s, upload, stage.decode_s), frame_upload_s=upload,
+                   ingest=stage)
 
 
 # --- the exact solver --------------------------------------------------------------------------------

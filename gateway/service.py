@@ -31,8 +31,10 @@ from gateway.slo import SloWindows
 from gateway.store import Store
 from shared.bus import Bus
 from shared.clock import offset_suspect
+from shared.imaging import model_input_bytes
 from shared.model import MODEL_NAME, accuracy_model_beside, build_model, model_fingerprint
 from shared.schemas import (
+    INGEST_STAGE,
     AcceptedRequest,
     BadMessage,
     CameraCommand,
@@ -91,7 +93,8 @@ def result_row(result: Result, finish_ts: float) -> dict:
         "request_id": result.request_id, "camera_id": result.camera_id, "capture_ts": result.capture_ts,
         "finish_ts": finish_ts, "e2e_s": e2e, "queue_s": queue_s, "compute_s": compute_s, "decode_s": decode_s,
         "transfer_s": e2e - queue_s - decode_s - compute_s, "label": result.label, "label_index": result.label_index,
-        "confidence": result.confidence, "prune_ratios": [h.prune_ratio for h in result.hops],
+        "confidence": result.confidence, "prune_ratios": [h.prune_ratio for h in result.hops
+                                                                   if h.stage != INGEST_STAGE],
         "hops": [h.model_dump() for h in result.hops], "true_label": result.true_label,
         "correct": None if result.true_label is None else int(result.label_index == result.true_label),
     }
@@ -116,9 +119,11 @@ class Gateway:
         self.operator = Overrides(settings, controller_settings or ControllerSettings(), self.store.operator_settings())
         self.slo = SloWindows(settings.window_s, self.operator.slo_s)
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
-        self.fingerprint = model_fingerprint(build_model(settings.checkpoint))
+        model = build_model(settings.checkpoint)
+        self.fingerprint = model_fingerprint(model)
         self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time(),
-                                  frame_megapixels=settings.frame_megapixels)
+                                  frame_megapixels=settings.frame_megapixels,
+                                  input_bytes=model_input_bytes(model.config.input_size))
         self.handover = Handover(settings.prepare_timeout_s)
         self.control = ControlLoop(self.operator.controller_settings(), self.operator.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint, settings.checkpoint),
@@ -414,7 +419,8 @@ class Gateway:
     def retire(self, node_id: str) -> None:
         """Forget a node for good: clear every retained topic about it, so nothing replays for it."""
         with self._lock:
-            placed = self.live.current and self.live.current.stage_of(node_id)
+            placed = self.live.current and (self.live.current.stage_of(node_id)
+                                             or self.live.current.ingest_node == node_id)
             if placed and node_id in self.live.eligible():
                 raise BadMessage("rejected_command", f"retire {node_id}: it is online and in the placement; "
                                  "stop it first")

@@ -97,7 +97,7 @@ SCHEMA: dict[str, Table] = {
     }, "id", "upsert"),
     "placements": Table({
         "version": int, "issued_at": float, "model": str, "n_blocks": int, "stages": list,
-        "bottleneck_s": float,
+        "bottleneck_s": float, "ingest_node": str,
     }, "version", "insert_ignore"),
     "operator_settings": Table({
         "setting": str, "value": JsonValue, "ts": float, "by": str,

@@ -19,16 +19,16 @@ import numpy as np
 import torch
 
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
-from node_agent.runtime import Request, SliceCalibrator, StageRuntime, frame_metadata, plausible_capture
+from node_agent.runtime import IngestRuntime, Request, SliceCalibrator, StageRuntime, frame_metadata, plausible_capture
 from shared import wire
 from shared.bus import Bus
 from shared.clock import ClockOffset
 from shared.imaging import measure_decode_cost
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import ProfileError, load_profile, profile_model
-from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon, DeviceSpeedCommand, NodeCommand,
-                            NodeProfile, NodeStats, Placement, PrepareCommand, PruneDesired, PruneState, SlowdownCommand,
-                            StageAssignment, parse_json, to_json)
+from shared.schemas import (INGEST_STAGE, AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon,
+                            DeviceSpeedCommand, NodeCommand, NodeProfile, NodeStats, Placement, PrepareCommand,
+                            PruneDesired, PruneState, SlowdownCommand, StageAssignment, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics, validate_id
 
@@ -68,9 +68,11 @@ class NodeAgent:
         self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id))
         self.queue: queue.Queue[tuple[StageRuntime, Request]] = queue.Queue(maxsize=settings.queue_size)
         self.runtime: StageRuntime | None = None
+        self.ingest: IngestRuntime | None = None  # set while the placement makes this node the ingest node
         self.placement_version: int | None = None
         self._input_filter: str | None = None
-        self._prepared: tuple[int, StageRuntime, str] | None = None  # placement version, its slice, its input
+        # placement version, its slice or ingest runtime (one is None), its input
+        self._prepared: tuple[int, StageRuntime | None, IngestRuntime | None, str] | None = None
         self.prepared_version: int | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -135,7 +137,7 @@ class NodeAgent:
                  1e3 * decode.per_megapixel_s)
         return NodeProfile(node_id=self.node_id, model_fingerprint=model_fingerprint(self.model),
                            memory_mb=memory_mb, uplink_mbit_s=self.settings.uplink_mbit_s, profile=profile,
-                           decode=decode)
+                           decode=decode, role=self.settings.role)
 
     def _announce_offer(self) -> None:
         """Retained and re-sent on every connect, like the availability topic."""
@@ -153,48 +155,70 @@ class NodeAgent:
             return
         self._assign(placement, placement.stage_of(self.node_id))
 
-    @staticmethod
-    def _same_job(runtime: StageRuntime | None, placement: Placement, assignment: StageAssignment) -> bool:
-        return (runtime is not None and runtime.assignment == assignment
-                and runtime.is_last == (assignment.stage == len(placement.stages)))
+    def _job(self, placement: Placement, assignment: StageAssignment | None) -> tuple | None:
+        """What this node does under ``placement``: ingest, a stage (its blocks, whether it is the last, whether it
+        takes camera frames), or nothing (None)."""
+        if placement.ingest_node == self.node_id:
+            return ("ingest",)
+        if assignment is None:
+            return None
+        return (assignment, assignment.stage == len(placement.stages),
+                assignment.stage == 1 and placement.ingest_node is None)
 
-    def _input_filter_of(self, stage: int) -> str:
-        return self.topics.camera_frame_filter if stage == 1 else self.topics.stage_input(stage)
+    def _same_job(self, placement: Placement, assignment: StageAssignment | None) -> bool:
+        """Whether this node already does what ``placement`` asks of it (call under the lock)."""
+        if self.ingest is not None:
+            return self._job(placement, assignment) == ("ingest",)
+        runtime = self.runtime
+        return runtime is not None and (runtime.assignment, runtime.is_last, runtime.takes_frames) == self._job(
+            placement, assignment)
 
-    def _build_runtime(self, placement: Placement, assignment: StageAssignment) -> StageRuntime:
+    def _input_filter_of(self, placement: Placement, assignment: StageAssignment | None) -> str:
+        if placement.ingest_node == self.node_id or (assignment.stage == 1 and placement.ingest_node is None):
+            return self.topics.camera_frame_filter
+        return self.topics.stage_input(assignment.stage)
+
+    def _build(self, placement: Placement,
+               assignment: StageAssignment | None) -> tuple[StageRuntime | None, IngestRuntime | None]:
+        """This node's (slice, ingest) runtime for ``placement``: one of the two is None."""
+        if placement.ingest_node == self.node_id:
+            return None, IngestRuntime(self.model, self.node_id, self.topics.stage_input(1),
+                                       self.settings.max_payload_bytes, self.settings.reduced_decode)
         n = len(placement.stages)
         output = self.topics.results if assignment.stage == n else self.topics.stage_input(assignment.stage + 1)
         return StageRuntime(self.model, self.node_id, assignment, n, output, self.settings.wire_dtype,
-                            self.settings.max_payload_bytes, self.settings.reduced_decode)
+                            self.settings.max_payload_bytes, self.settings.reduced_decode,
+                            placement.ingest_node is not None), None
 
     def _prepare(self, placement: Placement) -> None:
-        """Before the gateway publishes ``placement``: build this node's slice and subscribe to its input, and say
-        so once the broker has acknowledged the subscription (gateway.live_placement.Handover). Until the
-        placement comes, messages on that input are another node's (:meth:`_on_input` leaves them)."""
+        """Before the gateway publishes ``placement``: build this node's slice (or ingest runtime) and subscribe to
+        its input, and say so once the broker has acknowledged the subscription (gateway.live_placement.Handover).
+        Until the placement comes, messages on that input are another node's (:meth:`_on_input` leaves them)."""
         assignment = placement.stage_of(self.node_id)
         with self._lock:
-            runtime, version, listening = self.runtime, self.placement_version, self._input_filter
+            version, listening = self.placement_version, self._input_filter
             old_prepared, self._prepared = self._prepared, None
-        if assignment is None or (version is not None and placement.version <= version):
+            same_job = self._same_job(placement, assignment)
+        if self._job(placement, assignment) is None or (version is not None and placement.version <= version):
             return
-        input_filter = self._input_filter_of(assignment.stage)
-        if old_prepared and old_prepared[2] not in (input_filter, listening):
-            self.bus.unsubscribe(old_prepared[2])  # prepared for a placement that never came
-        if self._same_job(runtime, placement, assignment):
+        input_filter = self._input_filter_of(placement, assignment)
+        if old_prepared and old_prepared[3] not in (input_filter, listening):
+            self.bus.unsubscribe(old_prepared[3])  # prepared for a placement that never came
+        if same_job:
             self._report_prepared(placement.version)
             return
-        prepared = self._build_runtime(placement, assignment)
+        runtime, ingest = self._build(placement, assignment)
         with self._lock:
-            self._prepared = (placement.version, prepared, input_filter)
+            self._prepared = (placement.version, runtime, ingest, input_filter)
         if input_filter == listening:
             self._report_prepared(placement.version)
         else:
             self.bus.subscribe(input_filter, self._on_input, qos=1, data=True,
                                subscribed=lambda: self._report_prepared(placement.version))
 
-    def _serves(self, runtime: StageRuntime, listening: str | None, topic: str) -> bool:
-        """Whether ``topic`` is the input of this node's current stage (not one it is only prepared for)."""
-        if runtime.is_first:
+    def _serves(self, runtime: StageRuntime | IngestRuntime, listening: str | None, topic: str) -> bool:
+        """Whether ``topic`` is the input of this node's current job (not one it is only prepared for)."""
+        if runtime.takes_frames:
             return self.topics.camera_id_from_frame_topic(topic) is not None
         return topic == listening
 
@@ -205,28 +229,31 @@ class NodeAgent:
         self.bus.publish(self.topics.node_stats(self.node_id), to_json(self.stats()), qos=0)
 
     def _assign(self, placement: Placement | None, assignment) -> None:
-        """Switch to a new stage without restarting: new slice (the one prepared for it if any), new input."""
+        """Switch to a new stage (or to ingesting) without restarting: new slice (the one prepared for it if any),
+        new input subscription."""
         with self._lock:
-            current, listening = self.runtime, self._input_filter
+            listening = self._input_filter
             prepared, self._prepared = self._prepared, None
-            same_job = placement is not None and self._same_job(current, placement, assignment)
+            same_job = placement is not None and self._same_job(placement, assignment)
             if same_job:
                 self.placement_version = placement.version  # same job under a newer plan: keep slice state
         if same_job:
-            if prepared and prepared[2] != listening:
-                self.bus.unsubscribe(prepared[2])  # prepared for a job that never came
+            if prepared and prepared[3] != listening:
+                self.bus.unsubscribe(prepared[3])  # prepared for a job that never came
             return
         runtime = None
+        ingest = None
         new_filter = None
-        if placement is not None and assignment is not None:
-            if prepared and prepared[0] == placement.version and prepared[1].assignment == assignment:
-                runtime = prepared[1]
+        if placement is not None and self._job(placement, assignment) is not None:
+            if prepared and prepared[0] == placement.version:
+                runtime, ingest = prepared[1], prepared[2]
             else:
-                runtime = self._build_runtime(placement, assignment)
-            new_filter = self._input_filter_of(assignment.stage)
+                runtime, ingest = self._build(placement, assignment)
+            new_filter = self._input_filter_of(placement, assignment)
         with self._lock:
             old_filter = self._input_filter
             self.runtime = runtime
+            self.ingest = ingest
             self.placement_version = placement.version if placement else None
             self._input_filter = new_filter
             desired = self.desired
@@ -235,11 +262,14 @@ class NodeAgent:
             self._apply_ratio(runtime, desired)  # a new slice keeps the ratio the gateway wants
         if old_filter and old_filter != new_filter:
             self.bus.unsubscribe(old_filter)
-        if prepared and prepared[2] not in (old_filter, new_filter):
-            self.bus.unsubscribe(prepared[2])  # prepared for a job that never came
-        if new_filter and new_filter != old_filter and not (prepared and prepared[2] == new_filter):
+        if prepared and prepared[3] not in (old_filter, new_filter):
+            self.bus.unsubscribe(prepared[3])  # prepared for a job that never came
+        if new_filter and new_filter != old_filter and not (prepared and prepared[3] == new_filter):
             self.bus.subscribe(new_filter, self._on_input, qos=1, data=True)
-        if assignment is None:
+        if ingest is not None:
+            log.info("%s: ingest node: decoding camera frames for stage 1 (placement v%d)", self.node_id,
+                     placement.version)
+        elif assignment is None:
             log.info("%s: not in the placement; idle", self.node_id)
         else:
             log.info("%s: stage %d, blocks %d..%d (placement v%d)", self.node_id, assignment.stage,
@@ -311,12 +341,12 @@ class NodeAgent:
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str]) -> None:
         received = time.time()
         with self._lock:
-            runtime = self.runtime
+            runtime = self.runtime or self.ingest
             listening = self._input_filter
         if runtime is None or not self._serves(runtime, listening, topic):
             return  # an input this node is only prepared for: another node serves it until the placement comes
         req = Request(topic, payload, props, received)
-        if runtime.is_first:
+        if runtime.takes_frames:
             req = self._admit_frame(runtime, req)
         try:
             self.queue.put_nowait((runtime, req))
@@ -327,8 +357,9 @@ class NodeAgent:
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
 
-    def _admit_frame(self, runtime: StageRuntime, req: Request) -> Request:
-        """Stage 1 takes a camera frame: check its camera id and times, and announce it to the gateway.
+    def _admit_frame(self, runtime: StageRuntime | IngestRuntime, req: Request) -> Request:
+        """Stage 1 (or the ingest node before it) takes a camera frame: check its camera id and times, and
+        announce it to the gateway.
 
         From here on the frame is *accepted*: it must end as a result row or a failure with a reason.
         """
@@ -366,7 +397,7 @@ class NodeAgent:
     def _expired(self, runtime: StageRuntime, req: Request) -> bool:
         """A first-stage frame that waited (in the broker or the queue) beyond max_frame_age_s is not run."""
         max_age = self.settings.max_frame_age_s
-        if not runtime.is_first or not max_age:
+        if not runtime.takes_frames or not max_age:
             return False
         age = time.time() - float(req.user_props["capture_ts"])
         if age <= max_age:
@@ -408,6 +439,7 @@ class NodeAgent:
         """Health since the previous call: latency figures describe the node's *current* speed."""
         with self._lock:
             runtime = self.runtime
+            ingesting = self.ingest is not None
             version = self.placement_version
             compute = np.array(self._compute_s) if self._compute_s else None
             waits = np.array(self._queue_wait_s) if self._queue_wait_s else None
@@ -417,7 +449,7 @@ class NodeAgent:
             self._queue_wait_s.clear()
         a = runtime.assignment if runtime else None
         return NodeStats(
-            node_id=self.node_id, ts=time.time(), stage=a.stage if a else None,
+            node_id=self.node_id, ts=time.time(), stage=a.stage if a else INGEST_STAGE if ingesting else None,
             first_block=a.first_block if a else None, last_block=a.last_block if a else None,
             placement_version=version, queue_depth=self.queue.qsize(), queue_capacity=self.settings.queue_size,
             processed=self.processed, dropped=self.dropped, errors=dict(self.bus.errors),

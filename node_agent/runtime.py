@@ -20,7 +20,8 @@ from shared.imaging import decode_frame
 from shared.latency_fit import LatencyCurve, fit_latency
 from shared.model import BlockNet
 from shared.pruning import PrunableSlice
-from shared.schemas import MAX_LABEL_INDEX, TRUE_LABEL_PROPERTY, BadMessage, Hop, Result, StageAssignment, to_json
+from shared.schemas import (INGEST_STAGE, MAX_LABEL_INDEX, TRUE_LABEL_PROPERTY, BadMessage, Hop, Result,
+                            StageAssignment, to_json)
 
 
 @dataclass
@@ -126,16 +127,70 @@ def true_label(props: dict[str, str]) -> int | None:
     return int(raw)
 
 
+def label_property(label: int | None) -> dict[str, str] | None:
+    """The user property that carries a labelled frame's ground truth on to the next stage."""
+    return {TRUE_LABEL_PROPERTY: str(label)} if label is not None else None
+
+
+def _check_size(payload: bytes, limit: int) -> None:
+    if len(payload) > limit:
+        raise BadMessage("oversized", f"payload of {len(payload)} B exceeds the node limit of {limit} B")
+
+
+def frame_activation(req: Request, preprocessing: dict, reduced: bool) -> wire.Activation:
+    """A camera frame as block 0's input, through the one decode path (:mod:`shared.imaging`)."""
+    request_id, capture_ts = frame_metadata(req)
+    pixels = decode_frame(req.payload, **preprocessing, reduced=reduced)
+    return wire.Activation(request_id, req.camera_id or "unknown", capture_ts, 0, pixels)
+
+
+class IngestRuntime:
+    """Decodes camera frames on a node of their own and sends stage 1 the model-sized input.
+
+    Where frames are large, decoding costs far more than any slice (docs/decode.md): the planner
+    may give it to a node that runs no slice (the placement's ``ingest_node``). The input goes on
+    as a float32 activation for block 0, the very tensor stage 1 would have decoded itself, with
+    this node's hop (stage 0, its ``decode_s``) first in the hop record.
+    """
+
+    takes_frames = True
+
+    def __init__(self, model: BlockNet, node_id: str, output_topic: str, max_payload_bytes: int = 8 << 20,
+                 reduced_decode: bool = True):
+        self.node_id = node_id
+        self.output_topic = output_topic
+        self.max_payload_bytes = max_payload_bytes
+        self.reduced_decode = reduced_decode
+        self.preprocessing = model.config.preprocessing()
+
+    def check_size(self, payload: bytes) -> None:
+        _check_size(payload, self.max_payload_bytes)
+
+    def run(self, req: Request, started_ts: float, slowdown: float = 1.0) -> Output:
+        """Decode one frame (``slowdown`` emulates slower slices only: decode is left alone, as in a stage)."""
+        t_decode = time.perf_counter()
+        self.check_size(req.payload)
+        act = frame_activation(req, self.preprocessing, self.reduced_decode)
+        label = true_label(req.user_props)
+        decode_s = time.perf_counter() - t_decode
+        act.hops = [Hop(stage=INGEST_STAGE, node_id=self.node_id, prune_ratio=0.0, received_ts=req.received_ts,
+                        started_ts=started_ts, finished_ts=started_ts + decode_s, published_ts=time.time(),
+                        decode_s=decode_s)]
+        return Output(self.output_topic, wire.encode(act), act.request_id, 0.0, decode_s, label_property(label))
+
+
 class StageRuntime:
     """Runs one pipeline stage as assigned by the placement."""
 
     def __init__(self, model: BlockNet, node_id: str, assignment: StageAssignment, n_stages: int,
                  output_topic: str, wire_dtype: str = "float16",
-                 max_payload_bytes: int = 8 << 20, reduced_decode: bool = True):
+                 max_payload_bytes: int = 8 << 20, reduced_decode: bool = True, behind_ingest: bool = False):
         self.node_id = node_id
         self.assignment = assignment
         self.is_first = assignment.stage == 1
         self.is_last = assignment.stage == n_stages
+        # stage 1 decodes camera frames itself unless an ingest node sends it the decoded input
+        self.takes_frames = self.is_first and not behind_ingest
         self.output_topic = output_topic
         self.wire_dtype = np.dtype(wire_dtype)
         self.max_payload_bytes = max_payload_bytes
@@ -164,18 +219,13 @@ class StageRuntime:
             pass
 
     def check_size(self, payload: bytes) -> None:
-        if len(payload) > self.max_payload_bytes:
-            raise BadMessage("oversized", f"payload of {len(payload)} B exceeds the node limit "
-                             f"of {self.max_payload_bytes} B")
+        _check_size(payload, self.max_payload_bytes)
 
     def decode(self, req: Request) -> wire.Activation:
         """Turn a raw input into an activation at full channel width (BadMessage if malformed)."""
         self.check_size(req.payload)
-        if self.is_first:
-            request_id, capture_ts = frame_metadata(req)
-            pixels = decode_frame(req.payload, **self.preprocessing, reduced=self.reduced_decode)
-            return wire.Activation(request_id, req.camera_id or "unknown", capture_ts,
-                                   self.assignment.first_block, pixels)
+        if self.takes_frames:
+            return frame_activation(req, self.preprocessing, self.reduced_decode)
         act = wire.decode(req.payload)
         if act.next_block != self.assignment.first_block:
             raise BadMessage("stale_placement", f"activation for block {act.next_block} reached a stage "
@@ -228,4 +278,4 @@ class StageRuntime:
                                   keep_mask, [*act.hops, Hop(**hop, published_ts=time.time())])
             payload = wire.encode(nxt)
         return Output(self.output_topic, payload, act.request_id, compute_s, decode_s,
-                      {TRUE_LABEL_PROPERTY: str(label)} if label is not None and not self.is_last else None)
+                      None if self.is_last else label_property(label))

@@ -143,6 +143,11 @@ def measure_decode_cost(megapixels: tuple[float, ...] = PROFILE_MEGAPIXELS, repe
                       megapixels=list(megapixels), seconds=seconds)
 
 
+def model_input_bytes(size: int = INPUT_SIZE) -> int:
+    """Bytes of one decoded frame as an ingest node sends it to stage 1: 3 x size x size float32."""
+    return 3 * size * size * np.dtype(np.float32).itemsize
+
+
 def encode_png(pixels_hwc: np.ndarray) -> bytes:
     """Lossless PNG of an HxWx3 uint8 array (what the camera simulator publishes)."""
     buf = io.BytesIO()

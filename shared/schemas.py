@@ -16,6 +16,8 @@ from shared.topics import validate_id
 Id = Field(min_length=1, max_length=64, pattern=r"^[^/+#$\s]+$")
 MAX_LABEL_INDEX = 9999  # a class index; labelled frames beyond it are rejected as malformed
 TRUE_LABEL_PROPERTY = "true_label"  # MQTT v5 user property: the ground-truth class index of a labelled test frame
+INGEST_STAGE = 0  # the hop number of an ingest node's decode, before stage 1
+NodeRole = Literal["stage", "ingest"]  # what a node may be placed as: a stage (or the ingest), or only the ingest
 
 
 class BadMessage(ValueError):
@@ -77,6 +79,9 @@ class Placement(_Strict):
     stages: list[StageAssignment] = Field(min_length=1, max_length=64)
     issued_at: float
     bottleneck_s: float | None = None
+    ingest_node: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[^/+#$\s]+$",
+                                    description="The node that decodes camera frames and sends stage 1 the "
+                                    "model-sized input (stage 1 then reads its stage input); None: stage 1 decodes.")
 
     @model_validator(mode="after")
     def _contiguous(self) -> Placement:
@@ -93,6 +98,8 @@ class Placement(_Strict):
             expected = stage.last_block + 1
         if expected != self.n_blocks:
             raise ValueError(f"stages cover blocks 0..{expected - 1} but the model has {self.n_blocks}")
+        if self.ingest_node in nodes:
+            raise ValueError(f"node {self.ingest_node} cannot both ingest and run a stage")
         return self
 
     def stage_of(self, node_id: str) -> StageAssignment | None:
@@ -102,7 +109,7 @@ class Placement(_Strict):
 class Hop(_Strict):
     """What one stage did with one request; all times are wall-clock seconds of that node."""
 
-    stage: int = Field(ge=1, le=255)
+    stage: int = Field(ge=0, le=255, description=f"Pipeline stage; {INGEST_STAGE} = the ingest node's decode.")
     node_id: str = Id
     prune_ratio: float = Field(ge=0.0, le=1.0)
     received_ts: float
@@ -274,6 +281,7 @@ class NodeProfile(_Strict):
     profile: ModelProfile
     decode: DecodeCost | None = Field(None, description="This node's cost of decoding one camera frame, "
                                       "charged to whichever node runs stage 1 (absent from older nodes).")
+    role: NodeRole = Field("stage", description="`ingest`: the planner may only make it the ingest node.")
 
     _check_id = field_validator("node_id")(lambda v: validate_id("node", v))
 

@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.ladder import DEFAULT_LADDER
+from shared.schemas import NodeRole
 from shared.topics import validate_id
 
 CONFIG_ENV = "EDGEPRUNE_CONFIG"
@@ -158,6 +159,8 @@ class NodeSettings(_Section):
                                  "placement every start.")
     reduced_decode: bool = Field(True, description="Decode camera frames straight at (about) the model's input "
                                  "size; false decodes every pixel first (only to benchmark against).")
+    role: NodeRole = Field("stage", description="`stage`: the planner may give this node a stage or make it the "
+                           "ingest node (decoding frames for stage 1); `ingest`: only the ingest node.")
 
     _check_id = field_validator("node_id")(lambda v: validate_id("node", v))
     _empty_profile = field_validator("profile", mode="before")(lambda v: None if v == "" else v)
@@ -190,7 +193,8 @@ class GatewaySettings(_Section):
     prepare_timeout_s: float = Field(15.0, gt=0, le=600, description="A new placement is published once every node "
                                      "that needs a new input for it has subscribed, or after this long.")
     replan_min_gain: float = Field(0.1, ge=0, lt=1,
-                                   description="Re-place for a joining node only if the bottleneck improves by this fraction.")
+                                   description="Re-place for a joining node only if the bottleneck improves by this fraction; "
+                                   "also what a dedicated ingest node must gain over decoding on stage 1.")
     accuracy_model: Path | None = Field(None, description="Per-block accuracy calibration (JSON from `edgeprune "
                                         "calibrate`); default: the one shipped beside the checkpoint.")
     frame_megapixels: float = Field(0.0, ge=0, le=40, description="Size of this site's camera frames, megapixels "

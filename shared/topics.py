@@ -62,9 +62,10 @@ class Topics:
 
     # --- pipeline data path ------------------------------------------------------------
     def stage_input(self, stage: int) -> str:
-        """Activations entering pipeline stage ``stage`` (2..n); stage 1 reads camera frames."""
-        if stage < 2:
-            raise ValueError("stage 1 reads camera frames, not an activation topic")
+        """Activations entering pipeline stage ``stage`` (1..n); stage 1 reads it only behind an ingest node
+        (the model-sized input it decoded), else camera frames."""
+        if stage < 1:
+            raise ValueError(f"stage {stage}: stages are numbered from 1")
         return f"{self.root}/pipeline/stage/{stage}/in"
 
     @property

@@ -62,6 +62,9 @@ def test_node_membership_failures():
     spare = check_membership(healthy(placement=even_split(6, ["node-2"])))
     assert spare.level == WARNING and "[gateway] nodes" in spare.fix
     assert check_membership(healthy(placement=None)).level == WARNING
+    ingesting = even_split(6, ["node-2"]).model_copy(update={"ingest_node": "node-1"})
+    ingest = check_membership(healthy(placement=ingesting))
+    assert ingest.level == OK and "ingest node" in ingest.message
 
 
 def test_gateway_membership_failures():

@@ -15,7 +15,8 @@ from edgeprune.bench.placement import BASELINES, greedy_plan
 from edgeprune.commands import place
 from gateway import placement
 from gateway.placement import (CAMERA, GATEWAY, MB, Block, Device, InfeasiblePlacement, PlacementProblem,
-                               cost_assignment, device_types, exhaustive_plan, optimal_plan, plan_pipeline)
+                               cost_assignment, cost_with_ingest, device_types, exhaustive_plan, optimal_plan,
+                               plan_pipeline, plan_with_ingest)
 from shared.profiling import BlockProfile, CameraSpec, ClusterSpec, DeviceSpec, LinkSpec, ModelProfile, save_profile
 from shared.schemas import Placement, parse_json, to_json
 
@@ -360,3 +361,108 @@ def test_place_command_reports_a_link_to_itself(tmp_path, capsys) -> None:
     code, out, err = run_place(tmp_path, capsys, cluster)
     assert code == 2 and out == ""
     assert "link pi-a->pi-a: a link joins two different endpoints" in err
+
+
+# --- a dedicated ingest device ----------------------------------------------------------------------------
+
+
+def reference_behind_ingest(problem: PlacementProblem, stages: list[tuple[str, int, int]], ingest: str,
+                            input_bytes: int) -> float | None:
+    """The cost model with an ingest device in front, from raw fields: the frame is uploaded to it, it decodes,
+    it sends ``input_bytes`` to stage 1 over its link; no stage decodes. None: a stage exceeds its memory."""
+    device = {d.id: d for d in problem.devices}
+
+    def bandwidth(sender: str, receiver: str) -> float:
+        uplink = problem.camera_bandwidth_bps if sender == CAMERA else device[sender].bandwidth_bps
+        return problem.links.get((sender, receiver), uplink)
+
+    terms = [problem.frame_bytes / bandwidth(CAMERA, ingest), problem.decode_s[ingest],
+             input_bytes / bandwidth(ingest, stages[0][0])]
+    receivers = [d for d, _, _ in stages[1:]] + [GATEWAY]
+    for (host, first, last), receiver in zip(stages, receivers):
+        blocks = problem.blocks[first:last + 1]
+        if sum(b.param_bytes for b in blocks) + max(b.activation_bytes for b in blocks) > device[host].memory_bytes:
+            return None
+        terms.append(sum(problem.compute_s[host][first:last + 1]))
+        terms.append(blocks[-1].output_bytes / bandwidth(host, receiver))
+    return max(terms)
+
+
+def brute_force_with_ingest(problem: PlacementProblem, input_bytes: int, ingest_only: set[str]) -> float | None:
+    """Decode on stage 1's device, or on each device with a decode cost; every order and cut of the rest."""
+    n = problem.n_blocks
+    ids = [d.id for d in problem.devices]
+    best = None
+    for ingest in [None] + [d for d in ids if d in problem.decode_s]:
+        pool = [d for d in ids if d != ingest and d not in ingest_only]
+        for k in range(1, min(len(pool), n) + 1):
+            for order in itertools.permutations(pool, k):
+                for cuts in itertools.combinations(range(1, n), k - 1):
+                    bounds = [0, *cuts, n]
+                    stages = [(d, a, b - 1) for d, a, b in zip(order, bounds, bounds[1:])]
+                    value = (reference_bottleneck(problem, stages) if ingest is None
+                             else reference_behind_ingest(problem, stages, ingest, input_bytes))
+                    if value is not None:
+                        best = value if best is None else min(best, value)
+    return best
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(max_devices=4, max_blocks=4), st.sampled_from([0, 1000, 6000, 49152]), st.data())
+def test_plan_with_ingest_equals_brute_force(problem: PlacementProblem, input_bytes: int, data) -> None:
+    ids = [d.id for d in problem.devices]
+    ingest_only = set(data.draw(st.lists(st.sampled_from(ids), max_size=1)))
+    expected = brute_force_with_ingest(problem, input_bytes, ingest_only)
+    if expected is None:
+        with pytest.raises(InfeasiblePlacement):
+            plan_with_ingest(problem, input_bytes, ingest_only)
+        return
+    plan = plan_with_ingest(problem, input_bytes, ingest_only)
+    assert plan.bottleneck_s == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    stages = stages_of(plan)
+    assert not ingest_only & {d for d, _, _ in stages}
+    if plan.ingest is None:
+        assert reference_bottleneck(problem, stages) == pytest.approx(plan.bottleneck_s, rel=1e-12, abs=1e-15)
+    else:
+        assert plan.ingest.device not in {d for d, _, _ in stages}
+        assert reference_behind_ingest(problem, stages, plan.ingest.device, input_bytes) == pytest.approx(
+            plan.bottleneck_s, rel=1e-12, abs=1e-15)
+    again = cost_with_ingest(problem, stages, plan.ingest and plan.ingest.device, input_bytes)
+    assert again.bottleneck_s == pytest.approx(plan.bottleneck_s, rel=1e-12, abs=1e-15)
+
+
+def ingest_site(decode_ms: dict[str, float], uplink: float = 1e9) -> PlacementProblem:
+    """Three devices of one kind, four 10 ms blocks of 1 kB output, every device's uplink ``uplink`` bytes/s."""
+    blocks = tuple(Block(f"b{i}", MB, MB, 1000) for i in range(4))
+    devices = tuple(Device(d, 100 * MB, uplink) for d in "abc")
+    return PlacementProblem(blocks, devices, {d.id: [0.010] * 4 for d in devices}, frame_bytes=0,
+                            camera_bandwidth_bps=1.0, decode_s={d: ms / 1e3 for d, ms in decode_ms.items()})
+
+
+def test_a_fast_decoder_ingests_when_decode_would_be_the_bottleneck_of_stage_one() -> None:
+    # decode 35 ms everywhere: with c as a third stage the best is max(35 + 10, 10 + 10, ...) = 45 ms on stage 1;
+    # with c ingesting, a and b split the blocks (20 ms each) and c decodes in 35 ms: 35 ms
+    plan = plan_with_ingest(ingest_site({"a": 35, "b": 35, "c": 35}), input_bytes=49152)
+    assert plan.ingest is not None and plan.bottleneck_s == pytest.approx(0.035)
+    assert plan.to_placement(1, "trapnet", 0.0).ingest_node == plan.ingest.device
+    # the extra transfer counts: 49 kB at 100 kB/s (0.49 s) is worse than decoding on stage 1 (45 ms)
+    plan = plan_with_ingest(ingest_site({"a": 35, "b": 35, "c": 35}, uplink=1e5), input_bytes=49152)
+    assert plan.ingest is None and plan.bottleneck_s == pytest.approx(0.045)
+    # decoding cheaper than any block: a dedicated decoder only takes a device from the stages
+    plan = plan_with_ingest(ingest_site({"a": 1, "b": 1, "c": 1}), input_bytes=49152)
+    assert plan.ingest is None and plan.to_placement(1, "trapnet", 0.0).ingest_node is None
+
+
+def test_an_ingest_only_device_never_runs_a_stage_and_is_refused_if_it_is_the_only_one() -> None:
+    plan = plan_with_ingest(ingest_site({"a": 1, "b": 1, "c": 1}), input_bytes=49152, ingest_only={"c"})
+    assert "c" not in {s.device for s in plan.stages}
+    with pytest.raises(InfeasiblePlacement, match="only ingest"):
+        plan_with_ingest(ingest_site({"c": 1}), input_bytes=49152, ingest_only={"a", "b", "c"})
+
+
+def test_a_placement_cannot_ingest_on_a_stage_node() -> None:
+    stages = [{"stage": 1, "node_id": "a", "first_block": 0, "last_block": 3}]
+    base = {"version": 1, "model": "trapnet", "n_blocks": 4, "issued_at": 0.0, "stages": stages}
+    assert parse_json(Placement, json.dumps({**base, "ingest_node": "c"}).encode()).ingest_node == "c"
+    with pytest.raises(Exception, match="both ingest and run a stage"):
+        parse_json(Placement, json.dumps({**base, "ingest_node": "a"}).encode())

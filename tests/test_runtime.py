@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from camera.simulator import camera_frame
-from node_agent.runtime import Request, StageRuntime
+from node_agent.runtime import IngestRuntime, Request, StageRuntime
 from shared import wire
-from shared.imaging import decode_frame
+from shared.imaging import decode_frame, encode_jpeg, textured_scene
 from shared.model import build_model
 from shared.schemas import BadMessage, Result, parse_json
 from tests.conftest import even_split
@@ -172,3 +172,42 @@ def test_payload_over_the_node_limit_is_rejected_as_oversized(stage):
     with pytest.raises(BadMessage) as err:
         runtime.run(Request(frame.topic, payload, {}, 1.0, "cam"), 1.0)
     assert err.value.kind == "oversized"
+
+
+def test_an_ingest_node_in_front_gives_the_same_result_and_records_the_decode_in_its_own_hop():
+    """Stage 1 behind an ingest node reads the decoded input: the model sees the very tensor it would have decoded."""
+    model = build_model()
+    placement = even_split(model.n_blocks, ["a", "b"])
+    frame = encode_jpeg(textured_scene(640, 480))
+    props = {"request_id": "r1", "capture_ts": "99.5", "true_label": "3"}
+    direct = chain(model, placement, frame, "float16", props)
+
+    ingest = IngestRuntime(model, "i", "out/ingest")
+    assert ingest.takes_frames
+    out = ingest.run(Request("edgeprune/camera/cam/frame", frame, props, 100.0, camera_id="cam"), started_ts=100.001)
+    assert out.decode_s > 0 and out.compute_s == 0 and out.user == {"true_label": "3"}
+    decoded = wire.decode(out.payload)
+    assert decoded.next_block == 0 and decoded.tensor.dtype == np.float32
+    assert np.array_equal(decoded.tensor, decode_frame(frame))
+    req = Request(out.topic, out.payload, out.user, 100.01)
+    for s in placement.stages:
+        stage = StageRuntime(model, s.node_id, s, 2, f"out/{s.stage}", "float16", behind_ingest=True)
+        assert not stage.takes_frames
+        out = stage.run(req, started_ts=req.received_ts + 0.001)
+        req = Request(out.topic, out.payload, out.user or {}, req.received_ts + 0.01)
+    result = parse_json(Result, out.payload)
+    assert (result.label_index, result.confidence) == (direct.label_index, pytest.approx(direct.confidence, abs=1e-6))
+    assert (result.request_id, result.capture_ts, result.true_label) == ("r1", 99.5, 3)
+    assert [h.stage for h in result.hops] == [0, 1, 2] and result.hops[0].node_id == "i"
+    assert result.hops[0].decode_s > 0
+    assert result.hops[0].compute_s == pytest.approx(0.0, abs=1e-9)
+
+
+def test_stage_one_behind_an_ingest_node_refuses_a_raw_frame():
+    model = build_model()
+    (s,) = even_split(model.n_blocks, ["a"]).stages
+    stage = StageRuntime(model, "a", s, 1, "out", "float16", behind_ingest=True)
+    frame = Request("edgeprune/pipeline/stage/1/in", camera_frame(np.random.default_rng(1), 64, "png"), {}, 1.0)
+    with pytest.raises(BadMessage) as info:
+        stage.run(frame, started_ts=1.0)
+    assert info.value.kind == "bad_magic"

@@ -1,5 +1,6 @@
 """Camera-frame decoding: full vs reduced decode per format and size, its share of stage 1, and a real
-two-stage pipeline's frame rate with 12 MP frames before and after, with the planner's prediction.
+two-stage pipeline's frame rate with 12 MP frames before and after, with the planner's prediction, and
+(reduced decode) without and with a third node decoding as the ingest stage, in one run.
 
 Frames are made here, nothing is downloaded: scikit-image's bundled CC0 photos, upscaled to the
 frame size with a little sensor-like noise, so the JPEGs are as large as a camera trap's
@@ -147,10 +148,12 @@ def accuracy_check(n_frames: int, megapixels: float) -> dict[str, Any]:
 
 
 class PipelineRun:
-    """A real mosquitto on loopback and two node agents (subprocesses); frames sent in a closed loop."""
+    """A real mosquitto on loopback and two node agents (subprocesses), plus an ingest-role node with
+    ``ingest``; frames sent in a closed loop, each placement measured in turn."""
 
-    def __init__(self, workdir: Path, reduced: bool, frames: list[bytes], in_flight: int):
+    def __init__(self, workdir: Path, reduced: bool, frames: list[bytes], in_flight: int, ingest: bool = False):
         from edgeprune.broker import free_port
+        from edgeprune.credentials import Credentials
         from shared.settings import BrokerSettings, MqttSettings
 
         self.workdir = workdir
@@ -158,12 +161,20 @@ class PipelineRun:
         self.frames = frames
         self.in_flight = in_flight
         self.broker_settings = BrokerSettings(port=free_port(), data_dir=workdir / "broker", max_packet_size=64 << 20)
-        self.mqtt = MqttSettings(port=self.broker_settings.port, topic_root="bench")
         self.nodes = [f"{'after' if reduced else 'before'}-{i}" for i in (1, 2)]
+        self.ingest_node = f"{self.nodes[0].split('-')[0]}-ingest" if ingest else None
+        # the broker takes only logins: each node its own, the benchmark (camera and placer) the operator's
+        self.credentials = Credentials(self.broker_settings.credentials_folder, topic_root="bench")
+        for node in self.nodes + ([self.ingest_node] if ingest else []):
+            self.credentials.add(node, "node")
+        self.credentials.add("bench", "admin")
+        self.mqtt = MqttSettings(port=self.broker_settings.port, topic_root="bench", username="bench",
+                                 password=self.credentials.password("bench"))
         self.procs: list = []
         self.offers: dict[str, Any] = {}
-        self.calibrated: set[str] = set()
+        self.calibrations: dict[str, Any] = {}
         self.results: list[tuple[float, Any]] = []
+        self.sent = 0
         self._slots = threading.Semaphore(in_flight)
         self._lock = threading.Lock()
 
@@ -183,8 +194,11 @@ class PipelineRun:
         import sys
 
         log = open(self.workdir / f"{node}.log", "w")
+        env = {**self.env, **self.credentials.env(node)}
+        if node == self.ingest_node:
+            env["EDGEPRUNE_NODE_ROLE"] = "ingest"
         self.procs.append(subprocess.Popen([sys.executable, "-m", "edgeprune", "node", "--node-id", node],
-                                           env=self.env, stdout=log, stderr=subprocess.STDOUT))
+                                           env=env, stdout=log, stderr=subprocess.STDOUT))
 
     def stop(self) -> None:
         from edgeprune.broker import stop_process
@@ -193,63 +207,110 @@ class PipelineRun:
             stop_process(proc)
 
     def measure(self, seconds: float, megapixels: float) -> dict[str, Any]:
-        from gateway.placement import Device, plan_pipeline
+        """The two stage nodes planned with the frames' decode on stage 1 and, with an ingest node, behind it:
+        ``{"stage1": figures, "ingest": figures, "planner": what plan_with_ingest picks over all three nodes}``."""
+        from gateway.placement import Device, plan_behind_ingest, plan_pipeline, plan_with_ingest, problem_from_profiles
         from shared.bus import Bus
-        from shared.model import MODEL_NAME
+        from shared.imaging import model_input_bytes
         from shared.profiling import MBIT_BYTES, mb_to_bytes
-        from shared.schemas import NodeProfile, Result, parse_json, to_json
+        from shared.schemas import NodeProfile, Result, SliceCalibration, parse_json
         from shared.topics import Topics
 
         topics = Topics("bench")
         bus = Bus(self.mqtt, "bench-camera", topics.component_status("bench-camera"))
         bus.subscribe(topics.node_profile_filter, lambda t, p, _: self.offers.update(
             {(o := parse_json(NodeProfile, p)).node_id: o}))
-        bus.subscribe(topics.node_calibration_filter, lambda t, p, _: self.calibrated.add(t.split("/")[-2]))
+        bus.subscribe(topics.node_calibration_filter, lambda t, p, _: self.calibrations.update(
+            {(c := parse_json(SliceCalibration, p)).node_id: c}))
         bus.subscribe(topics.results, lambda t, p, _: self._on_result(parse_json(Result, p)))
         bus.start()
         try:
-            for node in self.nodes:  # one at a time: two nodes profiling at once would slow each other
+            everyone = self.nodes + ([self.ingest_node] if self.ingest_node else [])
+            for node in everyone:  # one at a time: two nodes profiling at once would slow each other
                 self.start_node(node)
                 wait_for(lambda: node in self.offers, 300, f"profile of {node}", self.workdir)
-            offers = [self.offers[n] for n in self.nodes]
+            offers = [self.offers[n] for n in everyone]
             devices = [Device(o.node_id, mb_to_bytes(o.memory_mb), o.uplink_mbit_s * MBIT_BYTES) for o in offers]
-            plan = plan_pipeline({o.node_id: o.profile.blocks for o in offers}, devices, frame_bytes=0,
-                                 camera_bandwidth_bps=1.0,
-                                 decode_s={o.node_id: o.decode.predict(megapixels) for o in offers})
-            placement = plan.to_placement(1, MODEL_NAME, issued_at=time.time())
-            bus.publish(topics.placement, to_json(placement), qos=1, retain=True)
-            wait_for(lambda: self.calibrated >= {s.node_id for s in placement.stages}, 300, "calibrations",
-                     self.workdir)
-            sent = 0
-            deadline = None
-            while deadline is None or time.monotonic() < deadline:
-                if not self._slots.acquire(timeout=60):
-                    raise RuntimeError(f"no result for 60 s; node logs in {self.workdir}")
-                bus.publish(topics.camera_frame("bench-cam"), self.frames[sent % len(self.frames)], qos=1,
-                            user={"request_id": f"bench-{sent:06d}", "capture_ts": repr(time.time())})
-                sent += 1
-                if deadline is None and len(self.results) >= 2 * self.in_flight:  # warmed up
-                    warm = len(self.results)
-                    deadline = time.monotonic() + seconds
+            decode_s = {o.node_id: o.decode.predict(megapixels) for o in offers}
+            blocks = {o.node_id: o.profile.blocks for o in offers}
+            plans = {"stage1": plan_pipeline(blocks, devices[:2], frame_bytes=0, camera_bandwidth_bps=1.0,
+                                             decode_s={n: decode_s[n] for n in self.nodes})}
+            figures = {}
+            if self.ingest_node:
+                problem = problem_from_profiles(blocks, devices, 0, 1.0, decode_s=decode_s)
+                plans["ingest"] = plan_behind_ingest(problem, self.ingest_node, model_input_bytes(), self.nodes)
+                chosen = plan_with_ingest(problem, model_input_bytes(), ingest_only={self.ingest_node})
+                figures["planner"] = {"ingest_node": chosen.ingest.device if chosen.ingest else None,
+                                      "stage_nodes": "+".join(s.device for s in chosen.stages),
+                                      "bottleneck_ms": chosen.bottleneck_s * 1e3}
+            # with an ingest node the two placements take turns, twice (A B A B): the shared machine's load drifts
+            order = list(plans) * (2 if self.ingest_node else 1)
+            passes: dict[str, list] = {label: [] for label in plans}
+            for version, label in enumerate(order, start=1):
+                passes[label].append(self._measure_plan(bus, topics, plans[label], version, seconds))
+            for label, plan in plans.items():
+                figures[label] = summarise(plan, passes[label])
         finally:
             bus.stop()
+        return figures
+
+    def _measure_plan(self, bus, topics, plan, version: int, seconds: float) -> list:
+        """Publish ``plan``, wait for its slices' calibrations, then send frames in a closed loop for ``seconds``:
+        the (arrival time, result) of every frame after the warm-up."""
+        from shared.model import MODEL_NAME
+        from shared.schemas import to_json
+
+        placement = plan.to_placement(version, MODEL_NAME, issued_at=time.time())
+        bus.publish(topics.placement, to_json(placement), qos=1, retain=True)
+
+        def calibrated(stage) -> bool:  # stage 1's slice is rebuilt whenever the ingest node comes or goes
+            c = self.calibrations.get(stage.node_id)
+            return (c is not None and (c.first_block, c.last_block) == (stage.first_block, stage.last_block)
+                    and (stage.stage != 1 or c.placement_version == version))
+
+        wait_for(lambda: all(calibrated(s) for s in placement.stages), 300, "calibrations", self.workdir)
+        with self._lock:
+            start = len(self.results)
+        deadline = warm = None
+        while deadline is None or time.monotonic() < deadline:
+            if not self._slots.acquire(timeout=60):
+                raise RuntimeError(f"no result for 60 s; node logs in {self.workdir}")
+            bus.publish(topics.camera_frame("bench-cam"), self.frames[self.sent % len(self.frames)], qos=1,
+                        user={"request_id": f"bench-{self.sent:06d}", "capture_ts": repr(time.time())})
+            self.sent += 1
+            if deadline is None and len(self.results) - start >= 2 * self.in_flight:  # warmed up
+                warm = len(self.results)
+                deadline = time.monotonic() + seconds
         with self._lock:
             measured = self.results[warm:]
-        stamps = [t for t, _ in measured]
-        first_hops = [r.hops[0] for _, r in measured]
-        stage_one = statistics.median(h.finished_ts - h.started_ts for h in first_hops)
-        return {"results": len(measured), "rate_hz": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-                "stage1_blocks": [placement.stages[0].first_block, placement.stages[0].last_block],
-                "stage1_measured_ms": stage_one * 1e3,
-                "stage1_decode_ms": statistics.median(h.decode_s for h in first_hops) * 1e3,
-                "stage1_compute_ms": statistics.median(h.compute_s for h in first_hops) * 1e3,
-                "predicted_stage1_ms": plan.stages[0].compute_s * 1e3,
-                "predicted_bottleneck_ms": plan.bottleneck_s * 1e3}
+        wait_for(lambda: len(self.results) >= self.sent, 60, "the frames in flight", self.workdir)  # before the next
+        return measured
 
     def _on_result(self, result) -> None:
         with self._lock:
             self.results.append((time.monotonic(), result))
         self._slots.release()
+
+
+def summarise(plan, passes: list[list]) -> dict[str, Any]:
+    """One placement's figures over its passes: the mean of the passes' rates, medians of the pooled hops."""
+    rates = [(len(p) - 1) / (p[-1][0] - p[0][0]) for p in passes]
+    measured = [r for p in passes for _, r in p]
+    decoding = [r.hops[0] for r in measured]  # stage 1's hop, or the ingest node's before it
+    stage_one = [r.hops[1 if plan.ingest else 0] for r in measured]
+    figures = {"results": len(measured), "rate_hz": statistics.mean(rates),
+               "stage1_blocks": [plan.stages[0].first_block, plan.stages[0].last_block],
+               "stage1_measured_ms": statistics.median(h.finished_ts - h.started_ts for h in stage_one) * 1e3,
+               "stage1_decode_ms": statistics.median(h.decode_s for h in stage_one) * 1e3,
+               "stage1_compute_ms": statistics.median(h.compute_s for h in stage_one) * 1e3,
+               "predicted_stage1_ms": plan.stages[0].compute_s * 1e3,
+               "predicted_bottleneck_ms": plan.bottleneck_s * 1e3}
+    if plan.ingest:
+        figures.update(ingest_measured_ms=statistics.median(h.finished_ts - h.started_ts for h in decoding) * 1e3,
+                       predicted_ingest_ms=plan.ingest.decode_s * 1e3)
+    if len(rates) > 1:
+        figures["rate_hz_passes"] = " / ".join(f"{r:.2f}" for r in rates)
+    return figures
 
 
 def wait_for(predicate, timeout_s: float, what: str, workdir: Path) -> None:
@@ -260,19 +321,26 @@ def wait_for(predicate, timeout_s: float, what: str, workdir: Path) -> None:
         time.sleep(0.2)
 
 
-def pipeline_rates(seconds: float, in_flight: int) -> dict[str, dict[str, Any]]:
+def pipeline_rates(seconds: float, in_flight: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Rates before and after (decode on stage 1), and "ingest": after's nodes behind a third node that decodes,
+    measured in after's run; with the plan the planner picks over after's three nodes."""
     frames = [encode_jpeg(photo_like(PIPELINE_MEGAPIXELS, seed)) for seed in range(3)]
     runs = {}
     for label, reduced in (("before", False), ("after", True)):
         workdir = Path(tempfile.mkdtemp(prefix=f"edgeprune-bench-decode-{label}-"))
-        run = PipelineRun(workdir, reduced, frames, in_flight)
+        run = PipelineRun(workdir, reduced, frames, in_flight, ingest=reduced)
         run.start()
         try:
-            runs[label] = run.measure(seconds, PIPELINE_MEGAPIXELS)
+            measured = run.measure(seconds, PIPELINE_MEGAPIXELS)
         finally:
             run.stop()
+        runs[label] = measured["stage1"]
         print(f"  pipeline {label}: {runs[label]['rate_hz']:.2f} frames/s", flush=True)
-    return runs
+        if "ingest" in measured:
+            runs["ingest"], picks = measured["ingest"], measured["planner"]
+            print(f"  pipeline {label} behind an ingest node: {runs['ingest']['rate_hz']:.2f} frames/s; the planner "
+                  f"picks ingest by {picks['ingest_node']}, stages {picks['stage_nodes']}", flush=True)
+    return runs, picks
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -296,9 +364,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["accuracy"]]
     if args.pipeline_seconds:
         print("two-stage pipeline with 12 MP frames ...", flush=True)
-        runs = pipeline_rates(args.pipeline_seconds, args.in_flight)
+        runs, picks = pipeline_rates(args.pipeline_seconds, args.in_flight)
         result["pipeline"] = runs
         result["pipeline_12mp_hz"] = {label: r["rate_hz"] for label, r in runs.items()}
+        result["ingest"] = {"rate_ratio": runs["ingest"]["rate_hz"] / runs["after"]["rate_hz"],
+                            "predicted_ratio": runs["after"]["predicted_bottleneck_ms"]
+                            / runs["ingest"]["predicted_bottleneck_ms"],
+                            **{f"planner_{k}": v for k, v in picks.items()}}
+        result["tables"]["ingest node vs decode on stage 1 (rate and predicted ratios: with / without)"] = [
+            result["ingest"]]
         result["tables"]["two-stage pipeline, 12 MP JPEG frames, real mosquitto on loopback"] = [
             {"decode": label, **{k: v for k, v in r.items() if k != "stage1_blocks"},
              "stage1_blocks": "-".join(map(str, r["stage1_blocks"]))} for label, r in runs.items()]

@@ -16,6 +16,8 @@ def register(sub) -> None:
     p.add_argument("--queue-size", type=int)
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--profile", type=Path, help="offer this profile.json instead of measuring at start")
+    p.add_argument("--role", choices=["stage", "ingest"],
+                   help="ingest: only ever decode camera frames for stage 1 (docs/decode.md); default stage")
     add_broker_flags(p)
     p.set_defaults(func=run)
 
@@ -26,7 +28,8 @@ def run(args) -> int:
     from shared.settings import NodeSettings, load
 
     settings = load(NodeSettings, args.config, node_id=args.node_id, threads=args.threads,
-                    queue_size=args.queue_size, checkpoint=args.checkpoint, profile=args.profile)
+                    queue_size=args.queue_size, checkpoint=args.checkpoint, profile=args.profile,
+                    role=args.role)
     agent = NodeAgent(settings, broker_settings(args))
     try:
         agent.start()

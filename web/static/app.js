@@ -107,7 +107,7 @@ function render(data) {
   fillTable("nodes", data.nodes, (n) => [
     cell(n.clock_suspect ? `${n.node_id} ⏱ clock ${fmtMs(n.clock_offset_s)} off` : n.node_id,
       n.clock_suspect ? "clock-suspect" : ""),
-    cell(n.status || "?", `status-${n.status}`), cell(n.stage ?? "–"),
+    cell(n.status || "?", `status-${n.status}`), cell(n.stage === 0 ? "ingest" : n.stage ?? "–"),
     cell(n.stage ? `${n.first_block}–${n.last_block}` : "–"),
     cell(n.seen_s_ago === null ? "never" : `${n.seen_s_ago.toFixed(0)} s ago`),
     cell(n.queue_depth === null ? "–" : `${n.queue_depth}/${n.queue_capacity}`, "num"),
