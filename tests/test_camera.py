@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import camera.simulator as simulator
+from camera import simulator
 from camera.simulator import Camera, wait_acknowledged
 from shared.settings import CameraSettings, MqttSettings
 

@@ -10,7 +10,8 @@ One mosquitto (with the project's logins and ACL, through :class:`edgeprune.demo
 * **pipeline** — gateway and two node agents at p = 0 and device speed 1 (no emulated sleep), frames at a low
   fixed rate, every hop split into transfer, queue wait, decode, compute and encode from the hop records the
   gateway logs (:func:`edgeprune.bench.pipeline.hop_breakdown`), and the non-compute part of each frame:
-  end-to-end latency minus the stages' compute.
+  end-to-end latency minus the stages' compute. Publishing (paho's hand-off to its network thread and the
+  socket write) falls inside the next transfer: a hop record is stamped before its output is published.
 
 The raw baseline imports paho itself (the one place besides ``shared/bus.py``): it measures paho with nothing
 of ours around it.
@@ -36,7 +37,7 @@ from shared.settings import MqttSettings
 
 CAMERA_ID = "overhead"
 RELAY_MODES = ("callback", "worker")
-_STAMPS = struct.Struct("<I4d")  # sequence number, then source / relay 1 / relay 2 / (unused) timestamps
+_STAMPS = struct.Struct("<I3d")  # sequence number, then when the source sent it and relay 1 and 2 received it
 
 
 def add_arguments(parser) -> None:
@@ -44,12 +45,12 @@ def add_arguments(parser) -> None:
                         "so one frame is in flight at a time")
     parser.add_argument("--frames", type=int, default=300, help="frames through the pipeline")
     parser.add_argument("--messages", type=int, default=200, help="messages through each raw relay chain")
-    parser.add_argument("--quick", action="store_true", help="40 frames and 40 messages (for tests)")
+    parser.add_argument("--quick", action="store_true", help="20 frames and 20 messages (for tests)")
     parser.add_argument("--run-dir", type=Path, default=Path("run/bench-overhead"), help="logs and database")
 
 
 def run(args) -> dict:
-    frames, messages = (40, 40) if args.quick else (args.frames, args.messages)
+    frames, messages = (20, 20) if args.quick else (args.frames, args.messages)
     scenario = Scenario(name="overhead", description="2 nodes at p=0, device speed 1, fixed-rate frames",
                         duration_s=frames / args.rate, slo_s=10.0, window_s=5.0, seed=0,
                         nodes={"node-1": 1.0, "node-2": 1.0}, imbalance={}, slowdowns=(), arrivals={},
@@ -203,7 +204,7 @@ def relay_chain(mqtt: MqttSettings, sizes: tuple[int, int, int], messages: int, 
     def on_message(_client, _userdata, msg) -> None:
         received = time.time()
         seq, *stamps = _STAMPS.unpack_from(msg.payload)
-        arrivals[seq] = (tuple(stamps[:3]), received)
+        arrivals[seq] = (tuple(stamps), received)
         got.set()
 
     sink.on_message = on_message
@@ -221,7 +222,7 @@ def relay_chain(mqtt: MqttSettings, sizes: tuple[int, int, int], messages: int, 
         for seq in range(warmup + messages):
             time.sleep(max(0.0, started + seq / rate - time.monotonic()))
             payload = bytearray(sizes[0])
-            _STAMPS.pack_into(payload, 0, seq, time.time(), 0.0, 0.0, 0.0)
+            _STAMPS.pack_into(payload, 0, seq, time.time(), 0.0, 0.0)
             source.publish(topics[0], bytes(payload), qos=1)
         deadline = time.monotonic() + 30
         while len(arrivals) < warmup + messages and time.monotonic() < deadline:
