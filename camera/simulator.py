@@ -110,6 +110,25 @@ class LabelledFrames:
         return encode_png(self.images[index]), int(self.labels[index])
 
 
+FRAME_MAKING_MARGIN_S = 0.01  # making a frame (a PNG encode, a file read) takes a few ms: start it this early
+
+
+def wait_acknowledged(info, timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for the broker to acknowledge a published frame (QoS 1), never raising.
+
+    paho's network thread sends what this thread publishes; making the next frame meanwhile (a PNG encode)
+    held the GIL that thread needed: capture to socket write took 1.8 ms at the median, 0.4 ms with this wait
+    (traced under ``edgeprune bench overhead``, docs/results/README.md). The next frame is made once the last
+    one is out, but never late for its time.
+    """
+    if timeout_s <= 0:
+        return
+    try:
+        info.wait_for_publish(timeout=timeout_s)
+    except (RuntimeError, ValueError):  # not queued (disconnected): the bus reconnects and resends on its own
+        pass
+
+
 class Camera:
     def __init__(self, settings: CameraSettings, mqtt_settings: MqttSettings):
         self.settings = settings
@@ -133,6 +152,8 @@ class Camera:
         for arrival in schedule:
             if self._stop.is_set() or (s.count and self.sent >= s.count):
                 break
+            if last is not None:
+                wait_acknowledged(last, started + arrival.at_s - time.monotonic() - FRAME_MAKING_MARGIN_S)
             user = {"request_id": f"{arrival.camera}-{run_tag}-{self.sent:06d}"}
             if labelled is not None:
                 payload, label = labelled()

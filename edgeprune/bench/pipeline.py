@@ -313,19 +313,27 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
 
 
 def hop_breakdown(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Where a frame's time goes, per hop (median and p99, ms): each stage's queue wait and compute, and each
-    transfer (camera -> stage 1, stage i -> i+1, last stage -> gateway: MQTT, (de)serialisation, thread hand-offs)."""
+    """Where a frame's time goes, per hop (median and p99, ms): each stage's queue wait, decode of its input,
+    compute (the slice, emulated sleep included) and encode (output to hop record), each transfer (camera ->
+    stage 1, stage i -> i+1, last stage -> gateway: serialisation, MQTT, thread hand-offs), the end-to-end
+    latency and its non-compute part (end to end minus the stages' compute)."""
     parts: dict[str, list[float]] = {}
     for r in rows:
         hops = json.loads(r["hops"])
         previous = r["capture_ts"]
+        compute = 0.0
         for i, hop in enumerate(hops, start=1):
+            decode = hop.get("decode_s", 0.0)
             parts.setdefault(f"transfer to stage {i}", []).append(hop["received_ts"] - previous)
             parts.setdefault(f"stage {i} queue", []).append(hop["started_ts"] - hop["received_ts"])
-            parts.setdefault(f"stage {i} compute", []).append(hop["finished_ts"] - hop["started_ts"])
-            parts.setdefault(f"stage {i} publish", []).append(hop["published_ts"] - hop["finished_ts"])
+            parts.setdefault(f"stage {i} decode", []).append(decode)
+            parts.setdefault(f"stage {i} compute", []).append(hop["finished_ts"] - hop["started_ts"] - decode)
+            parts.setdefault(f"stage {i} encode", []).append(hop["published_ts"] - hop["finished_ts"])
+            compute += hop["finished_ts"] - hop["started_ts"] - decode
             previous = hop["published_ts"]
         parts.setdefault("transfer to gateway", []).append(r["finish_ts"] - previous)
+        parts.setdefault("end to end", []).append(r["finish_ts"] - r["capture_ts"])
+        parts.setdefault("non-compute", []).append(r["finish_ts"] - r["capture_ts"] - compute)
     return {name: {"p50_ms": 1000 * float(np.percentile(v, 50)), "p99_ms": 1000 * float(np.percentile(v, 99))}
             for name, v in parts.items()}
 
@@ -441,7 +449,7 @@ def saturation(args) -> dict:
 
     A rate counts as sustained when every frame came back and the last quarter's median latency stays within
     2x (+50 ms) of the first quarter's: the queue does not grow. The physical limit is 1 / the slowest stage's
-    median compute, measured at a low rate in the same run.
+    median decode + compute, measured at a low rate in the same run.
     """
     scenario = Scenario(name="saturation", description="2 nodes at p=0, fixed-rate frames at rising rates",
                         duration_s=args.step_s, slo_s=10.0, window_s=5.0, seed=0,
@@ -454,7 +462,8 @@ def saturation(args) -> dict:
         bench.prepare()
         low = _saturation_step(bench, 0, 2.0, args.step_s)
         low_hops = low.pop("hops")
-        stage_compute = {k: v["p50_ms"] for k, v in low_hops.items() if k.endswith("compute")}
+        stage_compute = {k: v["p50_ms"] + low_hops[k.replace("compute", "decode")]["p50_ms"]  # busy per frame
+                         for k, v in low_hops.items() if k.endswith("compute")}
         limit_fps = 1000.0 / max(stage_compute.values())
         steps.append(low)
         for k, fraction in enumerate((0.5, 0.7, 0.85, 0.95, 1.05, 1.2), start=1):
