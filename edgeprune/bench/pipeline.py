@@ -190,18 +190,20 @@ class PolicyRun(Demo):
 
     def hold(self, ratio: float) -> None:
         """Static pruning: the operator's manual hold at ``ratio`` on every placed node, for the whole run."""
-        for node_id in [s["node_id"] for s in Reader(self.db).placement()["stages"]]:
-            self.command("gateway", {"cmd": "prune", "node_id": node_id, "ratio": ratio})
+        self.hold_each({s["node_id"]: ratio for s in Reader(self.db).placement()["stages"]})
+
+    def hold_each(self, ratios: dict[str, float]) -> None:
+        """Operator holds through the gateway, which publishes them and records them as prune events."""
+        for node_id, ratio in ratios.items():
+            self.command("gateway", {"cmd": "prune", "node_id": node_id, "ratio": ratio, "by": self.policy})
 
     def _apply_episodes(self, elapsed: float, applied: set) -> None:
-        """The slowdown schedule, then in the same tick the oracle's ratios for it, as operator holds through
-        the gateway (which publishes them and records them as prune events like any other)."""
+        """The slowdown schedule, then in the same tick the oracle's ratios for it (as operator holds)."""
         super()._apply_episodes(elapsed, applied)
-        for step in self.plan:
-            if step["at_s"] <= elapsed and id(step) not in applied:
-                applied.add(id(step))
-                for node_id, ratio in step["changed"].items():
-                    self.command("gateway", {"cmd": "prune", "node_id": node_id, "ratio": ratio, "by": "oracle"})
+        for index, step in enumerate(self.plan):
+            if step["at_s"] <= elapsed and ("oracle", index) not in applied:
+                applied.add(("oracle", index))
+                self.hold_each(step["changed"])
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time of the pipeline's components so far (user + system, from /proc; the camera, which may have
@@ -577,8 +579,7 @@ def run_policy(scenario: Scenario, policy: str, run_dir: Path, settings: Control
             plan = oracle_plan(*ratio_problem(Reader(bench.db), scenario, settings), scenario.slowdowns)
             chosen["oracle_plan"] = plan
             for step in [s for s in plan if s["at_s"] <= 0]:  # pruned from the start: before the camera
-                for node_id, ratio in step["changed"].items():
-                    bench.command("gateway", {"cmd": "prune", "node_id": node_id, "ratio": ratio, "by": "oracle"})
+                bench.hold_each(step["changed"])
             bench.plan = [s for s in plan if s["at_s"] > 0]
         cpu_before = bench.cpu_seconds()
         bench.start_camera()
