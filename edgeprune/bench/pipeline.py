@@ -247,8 +247,8 @@ def static_ratio(reader: Reader, scenario: Scenario, settings: ControllerSetting
     problem = replace(base, slowdowns=[worst[n] for n in nodes])
     budget = problem.budget_s
     allowed = [r for r in problem.ladder if problem.meets_floor([r] * len(nodes))]
-    chosen = next((r for r in allowed if evaluate_ratios(problem, [r] * len(nodes), "static", "").bottleneck_s <= budget),
-                  allowed[-1])
+    chosen = next((r for r in allowed
+                   if evaluate_ratios(problem, [r] * len(nodes), "static", "").bottleneck_s <= budget), allowed[-1])
     return {"ratio": chosen, "budget_s": budget, "worst_slowdowns": worst,
             "predicted_accuracy": problem.predict_accuracy([chosen] * len(nodes))}
 

@@ -1,6 +1,7 @@
 """PNG figures of ``edgeprune bench pipeline``: latency over time per policy (like the paper's Figure 5),
-attainment per policy, accuracy against attainment, and (after ``--rates``) attainment against arrival rate. Drawn from the JSON document alone, so a
-committed ``docs/results/<scenario>.json`` can be re-plotted without re-running."""
+attainment per policy, accuracy against attainment, and (after ``--rates``) attainment against arrival rate.
+Drawn from the JSON document alone, so a committed ``docs/results/<scenario>.json`` can be re-plotted without
+re-running."""
 
 from __future__ import annotations
 
