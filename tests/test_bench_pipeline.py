@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from edgeprune.bench.pipeline import _full_restore, _timeline, load_scenario
+from shared.settings import ControllerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +47,10 @@ trigger_window_s = 3
 trigger_min_span_s = 1
 cooldown_s = 2
 min_samples = 3
+
+[quick]
+duration_s = 8
+slowdowns = [{ node = "node-1", factor = 8.0, start_s = 1, end_s = 5 }]
 """
 
 
@@ -72,6 +77,46 @@ def test_tiny_scenario_reports_every_frame_sent_and_the_pruning(tmp_path):
     assert "bottleneck" in proc.stdout  # the table
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "tiny-accuracy.png", "tiny-attainment.png", "tiny-latency.png"]
+
+
+def test_quick_oracle_run_sweeps_the_rate_and_its_prunes_are_the_gateways(tmp_path):
+    """One cluster only (a sweep point costs a fresh cluster): the oracle at the scenario's own rate."""
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    out = tmp_path / "tiny.json"
+    proc = subprocess.run([sys.executable, "-m", "edgeprune", "bench", "pipeline", "--scenario", str(scenario),
+                           "--quick", "--policies", "oracle", "--rates", "1", "--run-dir", str(tmp_path / "run"),
+                           "--json", str(out), "--plots", str(tmp_path / "plots")],
+                          capture_output=True, text=True, timeout=240, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    document = json.loads(out.read_text())
+    result = document["policies"]["oracle"]
+    onset, end = document["slowdowns"][0]["start_s"], document["slowdowns"][0]["end_s"]
+    # the plan: node-1 pruned for its true 8x at the onset, everything back to 0 at the end
+    assert [step["at_s"] for step in document["oracle_plan"]] == [onset, end]
+    assert document["oracle_plan"][0]["ratios"]["node-1"] > 0 and document["oracle_plan"][0]["ratios"]["node-2"] == 0
+    assert document["oracle_plan"][1]["ratios"] == {"node-1": 0.0, "node-2": 0.0}
+    # ... published through the gateway, which recorded one prune and one restore, in that order, after the onset
+    assert result["prune_events"] == 1 and result["restore_events"] == 1
+    (pruned_at, first, pruned), (restored_at, second, restored) = result["ratio_series"]
+    assert (first, second) == ("prune", "restore") and onset <= pruned_at < restored_at
+    assert pruned["node-1"] == document["oracle_plan"][0]["ratios"]["node-1"] and restored["node-1"] == 0
+    assert result["reaction_s"] is not None and result["full_restore_s"] is not None
+    unpruned = document["oracle_plan"][1]["predicted_accuracy"]  # at ratios 0
+    floor = ControllerSettings().accuracy_floor_relative * unpruned
+    assert floor - 1e-9 <= result["accuracy_predicted_worst"] < unpruned
+    [row] = document["rate_sweep"]
+    assert row["policy"] == "oracle" and row["rate_multiplier"] == 1.0
+    assert row["attainment"] == result["attainment"] and 0 <= row["attainment"] <= 1
+    assert row["arrival_hz"] == result["frames"] / document["duration_s"] > 0
+    assert 0 <= row["accuracy_measured"] <= 1 and row["p95_s"] > 0
+    assert "attainment against arrival rate" in proc.stdout
+    assert (tmp_path / "plots" / "tiny-quick-rates.png").stat().st_size > 0
+    replot = subprocess.run([sys.executable, "-m", "edgeprune", "bench", "pipeline", "--replot", str(out),
+                             "--plots", str(tmp_path / "replot")], capture_output=True, text=True, timeout=120,
+                            env=os.environ.copy())
+    assert replot.returncode == 0, replot.stderr[-3000:]
+    assert (tmp_path / "replot" / "tiny-quick-rates.png").stat().st_size > 0
 
 
 def test_timeline_tells_prunes_from_restores_and_times_the_full_restore():

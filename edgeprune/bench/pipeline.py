@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +26,12 @@ import numpy as np
 from edgeprune.demo import Demo, DemoOptions, SlowdownEpisode
 from gateway.service import load_block_accuracy
 from gateway.curves import SliceLatencyFit, accuracy_for_slices
-from gateway.policy import RatioProblem, evaluate_ratios
+from gateway.policy import TOLERANCE, RatioProblem, choose_bottleneck, evaluate_ratios
 from gateway.store import Reader
 from shared.settings import ControllerSettings
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
-POLICIES = ("none", "static", "paper", "bottleneck", "replace", "replace+prune")
+POLICIES = ("none", "static", "paper", "bottleneck", "replace", "replace+prune", "oracle")
 RESTORE_TARGET_S = 30.0
 REPRUNE_HORIZON_S = 60.0
 
@@ -102,8 +102,8 @@ def camera_args(scenario: Scenario) -> tuple[str, ...]:
 
 def controller_env(scenario: Scenario, policy: str) -> dict[str, str]:
     settings = dict(scenario.controller)
-    if policy in ("none", "static", "replace"):
-        settings["max_ratio"] = 0.0  # the trigger still runs (and logs), but may not prune
+    if policy in ("none", "static", "replace", "oracle"):
+        settings["max_ratio"] = 0.0  # the trigger still runs (and logs), but may not prune: holds do
     if policy in ("paper", "bottleneck"):
         settings["policy"] = policy
     env = {f"EDGEPRUNE_CONTROLLER_{k.upper()}": str(v) for k, v in settings.items()}
@@ -125,6 +125,7 @@ class PolicyRun(Demo):
             node_env={n: {"EDGEPRUNE_NODE_EMULATED_SLOWDOWN": str(speed)} for n, speed in scenario.nodes.items()}))
         self.scenario = scenario
         self.policy = policy
+        self.plan: list[dict] = []  # the oracle's steps, published with the slowdown schedule
 
     def command(self, node_id: str, payload: dict) -> None:
         """A one-shot command to a node (or the gateway), over the demo's own operator connection."""
@@ -189,8 +190,20 @@ class PolicyRun(Demo):
 
     def hold(self, ratio: float) -> None:
         """Static pruning: the operator's manual hold at ``ratio`` on every placed node, for the whole run."""
-        for node_id in [s["node_id"] for s in Reader(self.db).placement()["stages"]]:
-            self.command("gateway", {"cmd": "prune", "node_id": node_id, "ratio": ratio})
+        self.hold_each({s["node_id"]: ratio for s in Reader(self.db).placement()["stages"]})
+
+    def hold_each(self, ratios: dict[str, float]) -> None:
+        """Operator holds through the gateway, which publishes them and records them as prune events."""
+        for node_id, ratio in ratios.items():
+            self.command("gateway", {"cmd": "prune", "node_id": node_id, "ratio": ratio, "by": self.policy})
+
+    def _apply_episodes(self, elapsed: float, applied: set) -> None:
+        """The slowdown schedule, then in the same tick the oracle's ratios for it (as operator holds)."""
+        super()._apply_episodes(elapsed, applied)
+        for index, step in enumerate(self.plan):
+            if step["at_s"] <= elapsed and ("oracle", index) not in applied:
+                applied.add(("oracle", index))
+                self.hold_each(step["changed"])
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time of the pipeline's components so far (user + system, from /proc; the camera, which may have
@@ -206,28 +219,71 @@ class PolicyRun(Demo):
         return out
 
 
-def static_ratio(reader: Reader, scenario: Scenario, settings: ControllerSettings) -> dict:
-    """Offline choice of the best single uniform ratio: the least pruning whose predicted bottleneck at the
-    scenario's worst slowdowns meets the stage budget, within the accuracy floor (else the most the floor allows)."""
-    placement = reader.placement()
-    stages = placement["stages"]
+def ratio_problem(reader: Reader, scenario: Scenario, settings: ControllerSettings) -> tuple[RatioProblem, list[str]]:
+    """The controller's problem for the placed stages as the gateway sees them (latest calibrations, the
+    calibrated accuracy of their slices, the scenario's stage budget and floor), at slowdown 1, with the
+    placed node ids in stage order."""
+    stages = reader.placement()["stages"]
     fits = {}
     for row in query(reader, "SELECT node_id, fit FROM calibrations ORDER BY measured_at"):
         fits[row["node_id"]] = SliceLatencyFit.from_dict(json.loads(row["fit"]))
     block_accuracy = load_block_accuracy(None, _fingerprint())
     accuracy = accuracy_for_slices(block_accuracy, [(s["first_block"], s["last_block"]) for s in stages])
-    worst = {s["node_id"]: max([1.0] + [e.factor for e in scenario.slowdowns if e.node_id == s["node_id"]])
-             for s in stages}
-    budget = settings.budget_fraction * scenario.slo_s / len(stages)
     unpruned = accuracy.predictor(settings.accuracy_model)([0.0] * len(stages))
-    problem = RatioProblem(latency=[fits[s["node_id"]] for s in stages], slowdowns=[worst[s["node_id"]] for s in stages],
-                      accuracy=accuracy, accuracy_floor=settings.accuracy_floor_relative * unpruned,
-                      budget_s=budget, ladder=list(settings.ladder), accuracy_model=settings.accuracy_model)
-    allowed = [r for r in settings.ladder if problem.meets_floor([r] * len(stages))]
-    chosen = next((r for r in allowed if evaluate_ratios(problem, [r] * len(stages), "static", "").bottleneck_s <= budget),
-                  allowed[-1])
+    nodes = [s["node_id"] for s in stages]
+    problem = RatioProblem(latency=[fits[n] for n in nodes], slowdowns=[1.0] * len(nodes), accuracy=accuracy,
+                           accuracy_floor=settings.accuracy_floor_relative * unpruned,
+                           budget_s=settings.budget_fraction * scenario.slo_s / len(nodes),
+                           ladder=[r for r in settings.ladder if r <= settings.max_ratio + TOLERANCE],
+                           accuracy_model=settings.accuracy_model, names=nodes)
+    return problem, nodes
+
+
+def static_ratio(reader: Reader, scenario: Scenario, settings: ControllerSettings) -> dict:
+    """Offline choice of the best single uniform ratio: the least pruning whose predicted bottleneck at the
+    scenario's worst slowdowns meets the stage budget, within the accuracy floor (else the most the floor allows)."""
+    base, nodes = ratio_problem(reader, scenario, settings)
+    worst = {n: max([1.0] + [e.factor for e in scenario.slowdowns if e.node_id == n]) for n in nodes}
+    problem = replace(base, slowdowns=[worst[n] for n in nodes])
+    budget = problem.budget_s
+    allowed = [r for r in problem.ladder if problem.meets_floor([r] * len(nodes))]
+    chosen = next((r for r in allowed
+                   if evaluate_ratios(problem, [r] * len(nodes), "static", "").bottleneck_s <= budget), allowed[-1])
     return {"ratio": chosen, "budget_s": budget, "worst_slowdowns": worst,
-            "predicted_accuracy": problem.predict_accuracy([chosen] * len(stages))}
+            "predicted_accuracy": problem.predict_accuracy([chosen] * len(nodes))}
+
+
+def true_slowdowns(episodes: tuple[SlowdownEpisode, ...], at_s: float) -> dict[str, float]:
+    """Each node's transient slowdown at ``at_s`` (seconds since the camera started) as the benchmark applies the
+    schedule: an episode's start sets its factor, its end sets 1; the latest edge at or before ``at_s`` wins."""
+    edges = sorted([(e.start_s, 1, e.node_id, e.factor) for e in episodes]
+                   + [(e.end_s, 0, e.node_id, 1.0) for e in episodes])  # at equal times an end precedes a start
+    factors: dict[str, float] = {}
+    for at, _, node, factor in edges:
+        if at <= at_s:
+            factors[node] = factor
+    return factors
+
+
+def oracle_plan(problem: RatioProblem, nodes: list[str], episodes: tuple[SlowdownEpisode, ...]) -> list[dict]:
+    """The oracle's ratios over the run: at the start and at every slowdown's onset and end, what the controller's
+    solver (:func:`choose_bottleneck`: least accuracy loss that meets the stage budget, never below the floor;
+    its best effort, flagged infeasible, when the budget cannot be met) picks for the *true* slowdowns then.
+    A step is listed only where some ratio changes; ``problem`` holds the calibrated curves at slowdown 1."""
+    steps: list[dict] = []
+    current = {n: 0.0 for n in nodes}
+    for at_s in sorted({0.0} | {t for e in episodes for t in (e.start_s, e.end_s)}):
+        factors = true_slowdowns(episodes, at_s)
+        decision = choose_bottleneck(replace(problem, slowdowns=[factors.get(n, 1.0) for n in nodes]))
+        ratios = dict(zip(nodes, decision.ratios))
+        changed = {n: r for n, r in ratios.items() if abs(r - current[n]) > TOLERANCE}
+        if changed:
+            current = ratios
+            steps.append({"at_s": at_s, "ratios": ratios, "changed": changed,
+                          "slowdowns": {n: factors.get(n, 1.0) for n in nodes},
+                          "predicted_bottleneck_s": decision.bottleneck_s, "predicted_accuracy": decision.accuracy,
+                          "infeasible": decision.infeasible, "reason": decision.reason})
+    return steps
 
 
 def query(reader: Reader, sql: str, params: tuple = ()) -> list[dict]:
@@ -411,6 +467,10 @@ def add_arguments(parser) -> None:
                         "rate a 2-node pipeline at p=0 sustains, against 1 / (slowest stage), and the time per hop")
     parser.add_argument("--device-speed", type=float, default=10.0, help="--saturation: both nodes' device speed")
     parser.add_argument("--step-s", type=float, default=15.0, help="--saturation: seconds of traffic per rate")
+    parser.add_argument("--rates", metavar="X,Y,..", help="attainment against arrival rate: run the policies at "
+                        "each of these multiples of the scenario's arrival rate (e.g. 0.5,1,2; 1 is always included "
+                        "and fills the main table), same seed and slowdown schedule; adds `rate_sweep` to the JSON "
+                        "and a <scenario>-rates.png plot")
     parser.add_argument("--replot", type=Path, metavar="JSON", help="run nothing: re-derive the table and plots "
                         "from a JSON this benchmark wrote")
 
@@ -441,7 +501,13 @@ def table(document: dict) -> list[dict]:
              "acc_meas": r["accuracy_measured"], "prunes": r["prune_events"], "replaces": r["replacement_events"],
              "react_s": r["reaction_s"], "react_frame_s": r.get("reaction_after_first_slowed_frame_s"),
              "restore_s": r["full_restore_s"], "reprunes": r["reprunes_after_restore"],
-             "cpu_ms/frame": _ms(r["cpu_s_per_frame"])} for p, r in document["policies"].items()]
+             "cpu_ms/frame": _ms(r["cpu_s_per_frame"]), "load_1m": _mean_load(r)}
+            for p, r in document["policies"].items()]
+
+
+def _mean_load(result: dict) -> float | None:
+    """The host's mean 1-minute load average during a run (absent from JSON written before it was recorded)."""
+    return (result.get("host_load_1m") or {}).get("mean")
 
 
 def saturation(args) -> dict:
@@ -506,6 +572,82 @@ def _saturation_step(bench: PolicyRun, index: int, rate: float, step_s: float) -
             "sustained": bool(stable and len(rows) >= sent), "hops": hops}
 
 
+def run_policy(scenario: Scenario, policy: str, run_dir: Path, settings: ControllerSettings,
+               label: str | None = None) -> tuple[dict, dict]:
+    """One policy on a fresh cluster: its summary, and what it chose offline (``static``'s ratio, the
+    ``oracle``'s plan) for the document."""
+    bench = PolicyRun(scenario, policy, run_dir)
+    chosen: dict = {}
+    try:
+        bench.start_pipeline()
+        bench.prepare()
+        if policy == "static":
+            chosen["static_choice"] = static_ratio(Reader(bench.db), scenario, settings)
+            bench.hold(chosen["static_choice"]["ratio"])
+        if policy == "oracle":
+            plan = oracle_plan(*ratio_problem(Reader(bench.db), scenario, settings), scenario.slowdowns)
+            chosen["oracle_plan"] = plan
+            for step in [s for s in plan if s["at_s"] <= 0]:  # pruned from the start: before the camera
+                bench.hold_each(step["changed"])
+            bench.plan = [s for s in plan if s["at_s"] > 0]
+        cpu_before = bench.cpu_seconds()
+        bench.start_camera()
+        bench.wait_for_camera()
+        started_ts = time.time()
+        progress = Progress(label or policy, scenario.duration_s)
+        cpu_after: dict[str, float] = {}
+        loads: list[float] = []
+
+        def each_second(elapsed: float) -> None:
+            progress(elapsed)
+            cpu_after.update(bench.cpu_seconds())  # the last reading before run() stops everything
+            loads.append(os.getloadavg()[0])  # how shared the host was: the figures vary with it
+
+        bench.run(on_second=each_second)
+        cpu_s = {n: cpu_after[n] - cpu_before.get(n, 0.0) for n in cpu_after}
+    finally:
+        bench.stop_processes()
+    print(file=sys.stderr)
+    summary = bench.summary()
+    result = summarise(Reader(bench.db), scenario, started_ts, summary["frames_sent"] or 0, cpu_s, settings)
+    result["host_load_1m"] = {"mean": float(np.mean(loads)), "max": max(loads)} if loads else None
+    return result, chosen
+
+
+def at_rate(scenario: Scenario, multiplier: float) -> Scenario:
+    """The same scenario with its arrivals ``multiplier`` × as frequent: a burst or replayed trace is compressed
+    that much more in time (``time_scale`` × multiplier: the same sequences, seed and slowdown schedule), a
+    Poisson or fixed rate is multiplied."""
+    arrivals = dict(scenario.arrivals)
+    if arrivals.get("kind", "bursts") in ("bursts", "replay"):
+        arrivals["time_scale"] = float(arrivals.get("time_scale", 1.0)) * multiplier
+    else:
+        arrivals["rate_hz"] = float(arrivals["rate_hz"]) * multiplier
+    return replace(scenario, arrivals=arrivals)
+
+
+def parse_rates(text: str) -> list[float]:
+    """``--rates 0.5,1,2``: multipliers of the scenario's arrival rate, ascending; 1 (the scenario's own rate,
+    whose runs fill the document's ``policies``) is always among them."""
+    try:
+        rates = {float(r) for r in text.split(",") if r.strip()}
+    except ValueError:
+        raise SystemExit(f"--rates {text!r}: expected comma-separated multipliers, e.g. 0.5,1,2") from None
+    if any(r <= 0 or not math.isfinite(r) for r in rates):
+        raise SystemExit(f"--rates {text!r}: multipliers must be positive")
+    return sorted(rates | {1.0})
+
+
+def sweep_row(multiplier: float, policy: str, result: dict, duration_s: float) -> dict:
+    """One point of attainment against arrival rate: the offered rate is frames sent over the run's seconds."""
+    return {"rate_multiplier": multiplier, "arrival_hz": result["frames"] / duration_s, "policy": policy,
+            "frames": result["frames"], "failed": result["failed"], "attainment": result["attainment"],
+            "accuracy_measured": result["accuracy_measured"],
+            "accuracy_predicted_mean": result["accuracy_predicted_mean"], "p50_s": result["p50_s"],
+            "p95_s": result["p95_s"], "prune_events": result["prune_events"],
+            "host_load_1m": result.get("host_load_1m")}
+
+
 def run(args) -> dict:
     if args.saturation:
         return saturation(args)
@@ -516,46 +658,36 @@ def run(args) -> dict:
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    rates = parse_rates(args.rates) if args.rates else [1.0]
     settings = ControllerSettings(**scenario.controller)
+    load_at_start = os.getloadavg()[0]
     results: dict[str, dict] = {}
-    static: dict | None = None
-    for policy in policies:
-        run_dir = args.run_dir / scenario.name / policy.replace("+", "-")
-        bench = PolicyRun(scenario, policy, run_dir)
-        try:
-            bench.start_pipeline()
-            bench.prepare()
-            if policy == "static":
-                static = static_ratio(Reader(bench.db), scenario, settings)
-                bench.hold(static["ratio"])
-            cpu_before = bench.cpu_seconds()
-            bench.start_camera()
-            bench.wait_for_camera()
-            started_ts = time.time()
-            progress = Progress(policy, scenario.duration_s)
-            cpu_after: dict[str, float] = {}
-
-            def each_second(elapsed: float) -> None:
-                progress(elapsed)
-                cpu_after.update(bench.cpu_seconds())  # the last reading before run() stops everything
-
-            bench.run(on_second=each_second)
-            cpu_s = {n: cpu_after[n] - cpu_before.get(n, 0.0) for n in cpu_after}
-        finally:
-            bench.stop_processes()
-        print(file=sys.stderr)
-        summary = bench.summary()
-        results[policy] = summarise(Reader(bench.db), scenario, started_ts, summary["frames_sent"] or 0, cpu_s,
-                                    settings)
+    chosen: dict = {"static_choice": None}
+    sweep: list[dict] = []
+    for multiplier in rates:
+        scaled = at_rate(scenario, multiplier)
+        for policy in policies:
+            run_dir = args.run_dir / scenario.name / policy.replace("+", "-")
+            if args.rates:
+                run_dir = args.run_dir / scenario.name / f"rate-x{multiplier:g}" / policy.replace("+", "-")
+            label = policy if not args.rates else f"{policy} x{multiplier:g}"
+            result, offline = run_policy(scaled, policy, run_dir, settings, label)
+            sweep.append(sweep_row(multiplier, policy, result, scenario.duration_s))
+            if multiplier == 1.0:
+                results[policy] = result
+                chosen.update(offline)
     document = {
         "scenario": scenario.name, "quick": args.quick, "description": scenario.description,
         "emulation": "sleep: a node with slowdown k sleeps (k-1) x its slice's calibrated compute at the ratio it "
                      "runs (device speed x transient slowdown); no CPU is burnt, so N emulated nodes share this host",
-        "host": {"cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0]},
+        "host": {"cpus": os.cpu_count(), "load_avg_1m_at_start": load_at_start,
+                 "load_avg_1m_at_end": os.getloadavg()[0]},
         "slo_s": scenario.slo_s, "duration_s": scenario.duration_s, "nodes": scenario.nodes, "imbalance": scenario.imbalance,
         "slowdowns": [vars(e) for e in scenario.slowdowns], "arrivals": scenario.arrivals,
-        "static_choice": static, "policies": results,
+        **chosen, "policies": results,
     }
+    if args.rates:
+        document["rate_sweep"] = sweep
     return finished(document, args.plots)
 
 
@@ -563,6 +695,12 @@ def finished(document: dict, plots: Path | None) -> dict:
     """The figures derived from a run's JSON (slowdown attainment, the table) and its plots, if asked for."""
     in_slowdowns(document)
     document["tables"] = {f"bench pipeline: {document['scenario']}": table(document)}
+    if document.get("rate_sweep"):
+        document["tables"][f"attainment against arrival rate: {document['scenario']}"] = [
+            {"rate_x": r["rate_multiplier"], "arrival_hz": r["arrival_hz"], "policy": r["policy"],
+             "frames": r["frames"], "attain_%": _pct(r["attainment"]), "p95_ms": _ms(r["p95_s"]),
+             "acc_meas": r["accuracy_measured"], "prunes": r["prune_events"], "load_1m": _mean_load(r)}
+            for r in document["rate_sweep"]]
     if plots:
         from edgeprune.bench.pipeline_plots import plot_all
 

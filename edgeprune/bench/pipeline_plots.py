@@ -1,6 +1,7 @@
 """PNG figures of ``edgeprune bench pipeline``: latency over time per policy (like the paper's Figure 5),
-attainment per policy, and accuracy against attainment. Drawn from the JSON document alone, so a
-committed ``docs/results/<scenario>.json`` can be re-plotted without re-running."""
+attainment per policy, accuracy against attainment, and (after ``--rates``) attainment against arrival rate.
+Drawn from the JSON document alone, so a committed ``docs/results/<scenario>.json`` can be re-plotted without
+re-running."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def plot_all(document: dict, out_dir: Path) -> list[Path]:
     name = document["scenario"] + ("-quick" if document.get("quick") else "")
     return [_latency(document, out_dir / f"{name}-latency.png"),
             _attainment(document, out_dir / f"{name}-attainment.png"),
-            _accuracy(document, out_dir / f"{name}-accuracy.png")]
+            _accuracy(document, out_dir / f"{name}-accuracy.png")] + (
+        [_rates(document, out_dir / f"{name}-rates.png")] if document.get("rate_sweep") else [])
 
 
 def _latency(document: dict, path: Path) -> Path:
@@ -93,6 +95,32 @@ def _accuracy(document: dict, path: Path) -> Path:
     ax.set_xlabel("SLO attainment, % of frames sent")
     ax.set_ylabel("accuracy, % (o measured on labelled frames, x predicted)")
     ax.set_title(f"{document['scenario']}: accuracy vs attainment", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _rates(document: dict, path: Path) -> Path:
+    """Attainment (and p95) against the offered arrival rate, one line per policy."""
+    by_policy: dict[str, list[dict]] = {}
+    for row in document["rate_sweep"]:
+        by_policy.setdefault(row["policy"], []).append(row)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    for policy, rows in by_policy.items():
+        rows = sorted(rows, key=lambda r: r["arrival_hz"])
+        rates = [r["arrival_hz"] for r in rows]
+        line, = top.plot(rates, [100 * (r["attainment"] or 0) for r in rows], marker="o", label=policy)
+        bottom.plot(rates, [1000 * r["p95_s"] if r["p95_s"] is not None else float("nan") for r in rows],
+                    marker="o", color=line.get_color())
+    top.set_ylim(0, 105)
+    top.set_ylabel("% of frames sent within the SLO")
+    top.legend(fontsize=8)
+    bottom.axhline(1000 * document["slo_s"], color="red", lw=1, ls="--")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("p95 latency, ms (SLO red)")
+    bottom.set_xlabel("offered arrival rate, mean frames/s over the run (same trace, compressed)")
+    top.set_title(f"{document['scenario']}: SLO attainment against arrival rate per policy", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
