@@ -17,13 +17,15 @@ stage 1 pays its own decode cost for frames of ``frame_megapixels`` (from its pr
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from gateway.hybrid import HybridPlan, HybridRequest, plan_hybrid
 from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, solve_plan,
                                problem_from_profiles)
 from shared.profiling import MBIT_BYTES, mb_to_bytes
-from shared.schemas import NodeProfile, Placement
+from shared.schemas import NodeProfile, Placement, StageAssignment
 from shared.topics import AVAILABILITY_ONLINE
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,20 @@ class PlacementRules:
     min_gain: float
 
 
+@dataclass(frozen=True)
+class HybridTarget:
+    """Place with the hybrid planner (replicated stages) for this arrival rate and SLO (``placement_mode``)."""
+
+    arrival_hz: float
+    slo_s: float
+
+
 class LivePlacement:
     def __init__(self, rules: PlacementRules, model: str, fingerprint: str, allowed: list[str], started: float,
-                 frame_megapixels: float = 0.0):
+                 frame_megapixels: float = 0.0, hybrid: HybridTarget | None = None):
         self.rules = rules
+        self.hybrid = hybrid
+        self._share_token = secrets.token_urlsafe(12)  # names the replicas' groups (Topics.share_group)
         self.frame_megapixels = frame_megapixels
         self.model = model
         self.fingerprint = fingerprint
@@ -87,7 +99,7 @@ class LivePlacement:
             if set(eligible) == set(self.allowed) or now - self.started >= self.rules.startup_wait_s:
                 return self._adopt(eligible, now, "initial placement")
             return None
-        placed = [s.node_id for s in self.current.stages]
+        placed = self.current.node_ids()
         lost = [n for n in placed if n not in eligible]
         if lost:
             return self._adopt(eligible, now, f"lost {', '.join(lost)}")
@@ -95,6 +107,8 @@ class LivePlacement:
                    >= self.rules.rejoin_hold_s]
         if set(settled) == set(placed) or frozenset(settled) == self._declined:
             return None
+        if self.hybrid is not None:  # a replica more never lowers a hybrid plan's rate: rejoin_hold_s is the hysteresis
+            return self._adopt(settled, now, "nodes joined")
         candidate = self._plan(settled)
         if candidate is None:
             return None
@@ -113,8 +127,8 @@ class LivePlacement:
         No accuracy is lost, but every node whose blocks move rebuilds its slice and re-calibrates:
         the benchmark (``edgeprune bench pipeline``, policy ``replace``) measures what that costs.
         """
-        if self.current is None:
-            return None
+        if self.current is None or self.current.node_ids() != [s.node_id for s in self.current.stages]:
+            return None  # a plan with replicated stages is not re-partitioned (the controller prunes replicas)
         placed = [s.node_id for s in self.current.stages]
         if any(n not in self._offers for n in placed):
             return None
@@ -162,14 +176,53 @@ class LivePlacement:
         stages = [(s.node_id, s.first_block, s.last_block) for s in self.current.stages]
         return cost_assignment(self._problem(placed), stages).bottleneck_s
 
+    def _hybrid_plan(self, nodes: list[str]) -> HybridPlan | None:
+        """The hybrid planner's best plan over ``nodes`` as one pipeline whose stages may have replicas.
+
+        Parallel pipelines with different cuts are left out (``max_parallel=1``): the data path has one
+        set of stage topics. Whole model per node (data partitioning) is one stage with every node a replica.
+        """
+        try:
+            plan = plan_hybrid(HybridRequest(self._problem(nodes), self.hybrid.arrival_hz, self.hybrid.slo_s),
+                               max_parallel=1)
+        except (InfeasiblePlacement, ValueError) as exc:
+            self.last_error = str(exc)
+            log.error("cannot place the model on %s: %s", nodes, exc)
+            return None
+        self.last_error = None
+        return plan
+
     def _adopt(self, nodes: list[str], now: float, reason: str, plan: Plan | None = None) -> Placement | None:
+        version = max(int(now * 1000), (self.current.version + 1) if self.current else 0)
+        if self.hybrid is not None and plan is None:
+            hybrid = self._hybrid_plan(nodes)
+            if hybrid is None:
+                return None
+            self.current = hybrid_placement(hybrid, version, self.model, n_blocks=self._problem(nodes).n_blocks,
+                                            issued_at=now, share_token=self._share_token)
+            self._declined = None
+            log.info("placement v%d (%s): hybrid plan (%s), %s, predicted sustainable %.1f frames/s", version, reason,
+                     hybrid.kind, ", ".join(f"{'+'.join(s.nodes)}:{s.first_block}-{s.last_block}"
+                                            for s in self.current.stages), hybrid.sustainable_hz)
+            return self.current
         plan = plan or self._plan(nodes)
         if plan is None:
             return None
-        version = max(int(now * 1000), (self.current.version + 1) if self.current else 0)
         self.current = plan.to_placement(version, self.model, issued_at=now)
         self._declined = None
         log.info("placement v%d (%s): %s, predicted bottleneck %.1f ms", version, reason,
                  ", ".join(f"{s.node_id}:{s.first_block}-{s.last_block}" for s in self.current.stages),
                  plan.bottleneck_s * 1e3)
         return self.current
+
+
+def hybrid_placement(plan: HybridPlan, version: int, model: str, n_blocks: int, issued_at: float,
+                     share_token: str) -> Placement:
+    """A one-pipeline hybrid plan as the placement message: each stage's first replica is its ``node_id``."""
+    if len(plan.pipelines) != 1:
+        raise ValueError("only a single pipeline (with replicated stages) can be placed")
+    stages = [StageAssignment(stage=k, node_id=s.replicas[0], first_block=s.first_block, last_block=s.last_block,
+                              replicas=list(s.replicas[1:])) for k, s in enumerate(plan.pipelines[0], start=1)]
+    return Placement(version=version, model=model, n_blocks=n_blocks, stages=stages, issued_at=issued_at,
+                     bottleneck_s=1.0 / plan.capacity_hz if plan.capacity_hz > 0 else None,
+                     share_token=share_token if any(s.replicas for s in stages) else None)

@@ -19,13 +19,13 @@ from pathlib import Path
 from gateway.accounting import LOST, WARNING_KINDS, DesiredGuard, RequestLedger, Verdict
 from gateway.control_loop import ControlLoop, Effects, LadderMismatch
 from gateway.curves import AccuracyFit
-from gateway.live_placement import LivePlacement, PlacementRules
+from gateway.live_placement import HybridTarget, LivePlacement, PlacementRules
 from gateway.liveness import Liveness
 from gateway.operator import LABELS, Overrides
 from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message
 from gateway.slo import SloWindows
 from gateway.store import Store
-from shared.bus import Bus
+from shared.bus import Bus, drain_session
 from shared.clock import offset_suspect
 from shared.model import MODEL_NAME, accuracy_model_beside, build_model, model_fingerprint
 from shared.schemas import (
@@ -112,8 +112,11 @@ class Gateway:
         self.slo = SloWindows(settings.window_s, self.operator.slo_s)
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
         self.fingerprint = model_fingerprint(build_model(settings.checkpoint))
+        hybrid = (HybridTarget(settings.hybrid_arrival_hz, self.operator.slo_s)
+                  if settings.placement_mode == "hybrid" else None)
         self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time(),
-                                  frame_megapixels=settings.frame_megapixels)
+                                  frame_megapixels=settings.frame_megapixels, hybrid=hybrid)
+        self.mqtt_settings = mqtt_settings
         self.control = ControlLoop(self.operator.controller_settings(), self.operator.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint, settings.checkpoint),
                                    follow_up_s=settings.window_s)
@@ -128,6 +131,7 @@ class Gateway:
         self._lock = threading.Lock()  # guards the SLO windows, live placement, the control loop and the ledger
         self._replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
         self.redelivered_results = 0
+        self.replica_handovers: list[tuple[str, int]] = []  # (node, messages re-published) per drained replica
         self.tick_failures = 0
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="gateway-tick", daemon=True)
@@ -232,7 +236,38 @@ class Gateway:
             else:
                 self.liveness.gone(node_id)
             self.live.set_status(node_id, status, now)
+            placement = self.live.current
+            served = placement.stage_of(node_id) if placement else None
         self.store.update_node({"node_id": node_id, "status": status, "status_ts": now})
+        if status != AVAILABILITY_ONLINE and served is not None and served.replicated:
+            shared = self.topics.shared(served.stage, placement.share_token)
+            threading.Thread(target=self._hand_over, args=(node_id, shared), name=f"drain-{node_id}",
+                             daemon=True).start()
+
+    def _hand_over(self, node_id: str, shared: str) -> None:
+        """A replica is gone: what its broker session held goes back to the stage, and it leaves the group.
+
+        The replica acknowledges its input only once served, so everything it had not finished is still in
+        its session, which Mosquitto would keep feeding a share of new input (docs/scaling.md). Taking the
+        session over ends it and returns the held messages; re-published on their own topics they reach the
+        surviving replicas (or whichever node the new placement gives the stage). A node killed between
+        publishing an output and acknowledging its input is served twice; the ledger counts the first result.
+        """
+        try:
+            held = drain_session(self.mqtt_settings, node_id, [shared])
+        except ConnectionError as exc:
+            log.error("could not take over %s's session: %s", node_id, exc)
+            self.store.add_error({"ts": time.time(), "component": self.settings.gateway_id, "topic": "",
+                                  "kind": "replica_drain_failed", "message": str(exc), "request_id": None})
+            return
+        for topic, payload, user in held:
+            self.bus.publish(topic, payload, qos=1, user=user or None)
+        message = (f"replica {node_id} ({shared}) is gone: {len(held)} messages its session held were "
+                   "re-published to its stage, and its session ended")
+        (log.warning if held else log.info)("%s", message)
+        self.replica_handovers.append((node_id, len(held)))
+        self.store.add_error({"ts": time.time(), "component": self.settings.gateway_id, "topic": shared,
+                              "kind": "replica_handover", "message": message, "request_id": None})
 
     def _on_profile(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         if not payload:  # a retired node's cleared profile
@@ -500,7 +535,7 @@ class Gateway:
                                                f"{self.settings.result_timeout_s:g} s"})
         if placement is not None:
             self.publish_placement()
-            self.store.add_placement(placement.model_dump())
+            self.store.add_placement(placement.model_dump(exclude={"share_token"}))  # a secret: not stored
         self._carry_out(effects)
         self.store.set_controller_status(now, status)
         for window in windows:

@@ -21,19 +21,25 @@ import torch
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.runtime import Request, SliceCalibrator, StageRuntime, frame_metadata, plausible_capture
 from shared import wire
-from shared.bus import Bus
+from shared.bus import Ack, Bus
 from shared.clock import ClockOffset
 from shared.imaging import measure_decode_cost
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import ProfileError, load_profile, profile_model
 from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon, DeviceSpeedCommand, NodeCommand,
-                            NodeProfile, NodeStats, Placement, PruneDesired, PruneState, SlowdownCommand, parse_json,
+                            NodeProfile, NodeStats, Placement, PruneDesired, PruneState, SlowdownCommand, StageAssignment,
+                            parse_json,
                             to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics, validate_id
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.2  # how long the inference thread blocks on an empty queue when nothing is to calibrate
+
+
+def _same_slice(a: StageAssignment, b: StageAssignment) -> bool:
+    """The same stage and blocks, whichever nodes share it."""
+    return (a.stage, a.first_block, a.last_block) == (b.stage, b.first_block, b.last_block)
 
 
 def total_memory_mb() -> float:
@@ -65,8 +71,9 @@ class NodeAgent:
         torch.set_num_threads(settings.threads)
         self.model = build_model(settings.checkpoint)
         self.topics = Topics(mqtt_settings.topic_root)
-        self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id))
-        self.queue: queue.Queue[tuple[StageRuntime, Request]] = queue.Queue(maxsize=settings.queue_size)
+        # a replica acknowledges its input only once served: what it holds stays in its broker session
+        self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id), manual_ack=True)
+        self.queue: queue.Queue[tuple[StageRuntime, Request, Ack]] = queue.Queue(maxsize=settings.queue_size)
         self.runtime: StageRuntime | None = None
         self.placement_version: int | None = None
         self._input_filter: str | None = None
@@ -155,10 +162,15 @@ class NodeAgent:
         """Switch to a new stage without restarting: new slice, new input subscription."""
         with self._lock:
             current = self.runtime
-            if (current is not None and placement is not None and current.assignment == assignment
-                    and current.is_last == (assignment.stage == len(placement.stages))):
-                self.placement_version = placement.version  # same job under a newer plan: keep slice state
-                return
+            same_job = (current is not None and placement is not None and assignment is not None
+                        and _same_slice(current.assignment, assignment)
+                        and current.is_last == (assignment.stage == len(placement.stages)))
+            if same_job:  # under a newer plan: keep slice state; only how the input is shared may change
+                self.placement_version = placement.version
+                current.assignment = assignment
+        if same_job:
+            self._listen(self._input_filter_for(placement, assignment))
+            return
         runtime = None
         new_filter = None
         if placement is not None and assignment is not None:
@@ -167,26 +179,35 @@ class NodeAgent:
             runtime = StageRuntime(self.model, self.node_id, assignment, n, output,
                                    self.settings.wire_dtype, self.settings.max_payload_bytes,
                                    self.settings.reduced_decode)
-            new_filter = (self.topics.camera_frame_filter if assignment.stage == 1
-                          else self.topics.stage_input(assignment.stage))
+            new_filter = self._input_filter_for(placement, assignment)
         with self._lock:
-            old_filter = self._input_filter
             self.runtime = runtime
             self.placement_version = placement.version if placement else None
-            self._input_filter = new_filter
             desired = self.desired
         self.calibration.request(runtime)
         if runtime is not None and desired is not None:
             self._apply_ratio(runtime, desired)  # a new slice keeps the ratio the gateway wants
-        if old_filter and old_filter != new_filter:
-            self.bus.unsubscribe(old_filter)
-        if new_filter and new_filter != old_filter:
-            self.bus.subscribe(new_filter, self._on_input, qos=1, data=True)
+        self._listen(new_filter)
         if assignment is None:
             log.info("%s: not in the placement; idle", self.node_id)
         else:
             log.info("%s: stage %d, blocks %d..%d (placement v%d)", self.node_id, assignment.stage,
                      assignment.first_block, assignment.last_block, placement.version)
+
+    def _input_filter_for(self, placement: Placement, assignment: StageAssignment) -> str:
+        """Plain for a stage's only node; the shared form for a replica, in the placement's group."""
+        if assignment.replicated:
+            return self.topics.shared(assignment.stage, placement.share_token)
+        return self.topics.stage_input_filter(assignment.stage)
+
+    def _listen(self, new_filter: str | None) -> None:
+        """Subscribe the stage's input (plain, or shared among the stage's replicas) instead of the old one."""
+        with self._lock:
+            old_filter, self._input_filter = self._input_filter, new_filter
+        if old_filter and old_filter != new_filter:
+            self.bus.unsubscribe(old_filter)
+        if new_filter and new_filter != old_filter:
+            self.bus.subscribe(new_filter, self._on_input, qos=1, data=True, deferred_ack=True)
 
     def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         command = parse_json(NodeCommand, payload).root
@@ -249,18 +270,24 @@ class NodeAgent:
                  calibration.latency_s[-1] * 1e3, calibration.ratios[-1])
 
     # --- data path -----------------------------------------------------------------------
-    def _on_input(self, topic: str, payload: bytes, props: dict[str, str]) -> None:
+    def _on_input(self, topic: str, payload: bytes, props: dict[str, str], ack: Ack) -> None:
+        """Queue one input. A replica acknowledges it once served (``_work``), so while it holds the input
+        its broker session does too, and the gateway can hand it to another replica if this one dies
+        (docs/scaling.md); a stage's only node acknowledges on receipt, as before replicas existed."""
         received = time.time()
         with self._lock:
             runtime = self.runtime
+        if runtime is None or not runtime.assignment.replicated:
+            ack()
         if runtime is None:
             return
         req = Request(topic, payload, props, received)
         if runtime.is_first:
             req = self._admit_frame(runtime, req)
         try:
-            self.queue.put_nowait((runtime, req))
+            self.queue.put_nowait((runtime, req, ack))
         except queue.Full:
+            ack()
             self.dropped += 1
             self.bus.report_error(topic, "dropped", f"work queue full ({self.settings.queue_size}): request "
                                   "dropped", req.user_props.get("request_id") or self._peek_request_id(payload))
@@ -318,30 +345,38 @@ class NodeAgent:
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                runtime, req = self.queue.get(timeout=self.calibration.wait_s(IDLE_WAIT_S))
+                runtime, req, ack = self.queue.get(timeout=self.calibration.wait_s(IDLE_WAIT_S))
             except queue.Empty:
                 self._calibrate(idle=True)  # idle for a pause: the right moment for a timed calibration run
                 continue
-            self._calibrate(idle=False)  # under steady load, still make progress
-            if self._expired(runtime, req):
-                continue
-            started = time.time()
             try:
-                out = runtime.run(req, started, self.slowdown)
-            except BadMessage as exc:
-                self.bus.report_error(req.topic, exc.kind, str(exc), req.user_props.get("request_id"))
-                continue
-            except Exception as exc:  # never let one request kill the inference thread
-                log.exception("%s: inference failed", self.node_id)
-                self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}",
-                                      req.user_props.get("request_id"))
-                continue
-            self.bus.publish(out.topic, out.payload, qos=1, user=out.user)
-            with self._lock:
-                self.processed += 1
-                self._compute_s.append(out.compute_s)
-                self._decode_s.append(out.decode_s)
-                self._queue_wait_s.append(started - req.received_ts)
+                self._serve(runtime, req)
+            finally:
+                ack()  # after the output is handed to the client: a node killed before this leaves it held
+
+    def _serve(self, runtime: StageRuntime, req: Request) -> None:
+        """One request from the queue: run it and publish the output, or report why not."""
+        self._calibrate(idle=False)  # under steady load, still make progress
+        if self._expired(runtime, req):
+            return
+        started = time.time()
+        # an activation carries its request id inside the payload: failures name it, so the gateway counts them
+        request_id = req.user_props.get("request_id") or self._peek_request_id(req.payload)
+        try:
+            out = runtime.run(req, started, self.slowdown)
+        except BadMessage as exc:
+            self.bus.report_error(req.topic, exc.kind, str(exc), request_id)
+            return
+        except Exception as exc:  # never let one request kill the inference thread
+            log.exception("%s: inference failed", self.node_id)
+            self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}", request_id)
+            return
+        self.bus.publish(out.topic, out.payload, qos=1, user=out.user)
+        with self._lock:
+            self.processed += 1
+            self._compute_s.append(out.compute_s)
+            self._decode_s.append(out.decode_s)
+            self._queue_wait_s.append(started - req.received_ts)
 
     # --- stats ---------------------------------------------------------------------------
     def stats(self) -> NodeStats:
