@@ -21,9 +21,16 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.hybrid import HybridPlan, HybridRequest, plan_hybrid
-from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, solve_plan,
-                               problem_from_profiles)
+from gateway.hybrid import HybridPlan, HybridRequest, HybridStage, evaluate, plan_hybrid
+from gateway.placement import (
+    Device,
+    InfeasiblePlacement,
+    PlacementProblem,
+    Plan,
+    cost_assignment,
+    problem_from_profiles,
+    solve_plan,
+)
 from shared.profiling import MBIT_BYTES, mb_to_bytes
 from shared.schemas import NodeProfile, Placement, StageAssignment
 from shared.topics import AVAILABILITY_ONLINE
@@ -44,6 +51,7 @@ class HybridTarget:
 
     arrival_hz: float
     slo_s: float
+    whole_model: bool = False  # data partitioning only: every node that holds the model is a replica of one stage
 
 
 class LivePlacement:
@@ -183,8 +191,11 @@ class LivePlacement:
         set of stage topics. Whole model per node (data partitioning) is one stage with every node a replica.
         """
         try:
-            plan = plan_hybrid(HybridRequest(self._problem(nodes), self.hybrid.arrival_hz, self.hybrid.slo_s),
-                               max_parallel=1)
+            request = HybridRequest(self._problem(nodes), self.hybrid.arrival_hz, self.hybrid.slo_s)
+            if self.hybrid.whole_model:
+                plan = whole_model_plan(request)
+            else:
+                plan = plan_hybrid(request, max_parallel=1)
         except (InfeasiblePlacement, ValueError) as exc:
             self.last_error = str(exc)
             log.error("cannot place the model on %s: %s", nodes, exc)
@@ -226,3 +237,13 @@ def hybrid_placement(plan: HybridPlan, version: int, model: str, n_blocks: int, 
     return Placement(version=version, model=model, n_blocks=n_blocks, stages=stages, issued_at=issued_at,
                      bottleneck_s=1.0 / plan.capacity_hz if plan.capacity_hz > 0 else None,
                      share_token=share_token if any(s.replicas for s in stages) else None)
+
+
+def whole_model_plan(request: HybridRequest) -> HybridPlan:
+    """Data partitioning: one stage over every block, served by every device whose memory holds the model."""
+    problem = request.problem
+    need = problem.memory(0, problem.n_blocks)
+    fitting = tuple(d.id for d in problem.devices if d.memory_bytes >= need)
+    if not fitting:
+        raise InfeasiblePlacement(f"no node holds the whole model ({need} bytes)")
+    return evaluate(request, [[HybridStage(0, problem.n_blocks - 1, fitting)]])

@@ -112,8 +112,9 @@ class Gateway:
         self.slo = SloWindows(settings.window_s, self.operator.slo_s)
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
         self.fingerprint = model_fingerprint(build_model(settings.checkpoint))
-        hybrid = (HybridTarget(settings.hybrid_arrival_hz, self.operator.slo_s)
-                  if settings.placement_mode == "hybrid" else None)
+        hybrid = (HybridTarget(settings.hybrid_arrival_hz, self.operator.slo_s,
+                               whole_model=settings.placement_mode == "data")
+                  if settings.placement_mode != "pipeline" else None)
         self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time(),
                                   frame_megapixels=settings.frame_megapixels, hybrid=hybrid)
         self.mqtt_settings = mqtt_settings

@@ -128,3 +128,12 @@ def test_pipeline_mode_is_unchanged_by_default():
     placement = live_with(["a", "b", "c"]).tick(1)
     assert placement is not None and not any(s.replicated for s in placement.stages)
     assert "replicas" not in to_json(placement).decode() and "share_token" not in to_json(placement).decode()
+
+
+def test_data_mode_puts_the_whole_model_on_every_node():
+    from gateway.live_placement import HybridTarget
+
+    live = hybrid_live({"a": 1.0, "b": 3.0, "c": 1.0}, arrival_hz=1.0)
+    live.hybrid = HybridTarget(1.0, 1.0, whole_model=True)
+    placement = live.tick(1)
+    assert len(placement.stages) == 1 and sorted(placement.node_ids()) == ["a", "b", "c"]

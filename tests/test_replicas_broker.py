@@ -81,7 +81,7 @@ def test_a_dead_members_messages_stay_in_its_session_until_drained(fresh_broker)
     port = fresh_broker.port
     survivor, victim = Member(port, "node-1", 3600), Member(port, "node-2", 3600)
     survivor.client.on_message = lambda c, u, msg: (survivor.got.append(int(msg.payload)), c.ack(msg.mid, msg.qos))
-    publish(port, range(0, 10))
+    publish(port, range(10))
     wait_until(lambda: len(survivor.got) + len(victim.got) == 10, 15, "the group did not get the 10 messages")
     held = list(victim.got)
     assert held, "round robin gave the victim nothing to hold"
@@ -108,7 +108,7 @@ def test_without_a_session_mosquitto_drops_what_was_in_flight_to_a_dead_member(f
     port = fresh_broker.port
     survivor, victim = Member(port, "node-1", 0), Member(port, "node-2", 0)
     survivor.client.on_message = lambda c, u, msg: (survivor.got.append(int(msg.payload)), c.ack(msg.mid, msg.qos))
-    publish(port, range(0, 10))
+    publish(port, range(10))
     wait_until(lambda: len(survivor.got) + len(victim.got) == 10, 15, "the group did not get the 10 messages")
     held = set(victim.got)
     assert held

@@ -23,6 +23,7 @@ BENCHMARKS = [
     "export",
     "storage",
     "soak",
+    "replicas",
 ]
 
 
