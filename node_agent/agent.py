@@ -27,9 +27,8 @@ from shared.imaging import measure_decode_cost
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import ProfileError, load_profile, profile_model
 from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon, DeviceSpeedCommand, NodeCommand,
-                            NodeProfile, NodeStats, Placement, PruneDesired, PruneState, SlowdownCommand, StageAssignment,
-                            parse_json,
-                            to_json)
+                            NodeProfile, NodeStats, Placement, PruneDesired, PruneState, SlowdownCommand,
+                            StageAssignment, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.topics import Topics, validate_id
 
@@ -287,10 +286,10 @@ class NodeAgent:
         try:
             self.queue.put_nowait((runtime, req, ack))
         except queue.Full:
-            ack()
             self.dropped += 1
             self.bus.report_error(topic, "dropped", f"work queue full ({self.settings.queue_size}): request "
                                   "dropped", req.user_props.get("request_id") or self._peek_request_id(payload))
+            ack()  # reported as a failure: done with
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
 
