@@ -22,15 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.hybrid import HybridPlan, HybridRequest, HybridStage, evaluate, plan_hybrid
-from gateway.placement import (
-    Device,
-    InfeasiblePlacement,
-    PlacementProblem,
-    Plan,
-    cost_assignment,
-    problem_from_profiles,
-    solve_plan,
-)
+from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, solve_plan,
+                               problem_from_profiles)
 from shared.profiling import MBIT_BYTES, mb_to_bytes
 from shared.schemas import NodeProfile, Placement, StageAssignment
 from shared.topics import AVAILABILITY_ONLINE

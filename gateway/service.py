@@ -132,7 +132,6 @@ class Gateway:
         self._lock = threading.Lock()  # guards the SLO windows, live placement, the control loop and the ledger
         self._replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
         self.redelivered_results = 0
-        self.replica_handovers: list[tuple[str, int]] = []  # (node, messages re-published) per drained replica
         self.tick_failures = 0
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="gateway-tick", daemon=True)
@@ -266,7 +265,6 @@ class Gateway:
         message = (f"replica {node_id} ({shared}) is gone: {len(held)} messages its session held were "
                    "re-published to its stage, and its session ended")
         (log.warning if held else log.info)("%s", message)
-        self.replica_handovers.append((node_id, len(held)))
         self.store.add_error({"ts": time.time(), "component": self.settings.gateway_id, "topic": shared,
                               "kind": "replica_handover", "message": message, "request_id": None})
 
