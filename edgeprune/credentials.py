@@ -40,10 +40,11 @@ ROLE_RIGHTS: dict[str, list[tuple[str, str]]] = {
         ("readwrite", "node/{u}/calibration"), ("readwrite", "node/{u}/prune/state"), ("read", "clock"),
     ],
     # The gateway owns placement, prune/set and the commands; it reads everything nodes report, and may
-    # clear (empty retained publish) a retained message someone left on a data topic.
+    # clear (empty retained publish) a retained message someone left on a data topic. It reads frames and
+    # stage inputs when it takes over a dead replica's session, and re-publishes them (docs/scaling.md).
     "gateway": [
         ("readwrite", "placement"), ("readwrite", "node/#"), ("read", "pipeline/#"),
-        ("write", "pipeline/stage/+/in"), ("write", "camera/+/frame"), ("read", "error/+"),
+        ("write", "pipeline/stage/+/in"), ("readwrite", "camera/+/frame"), ("read", "error/+"),
         ("read", "component/{g}/cmd"), ("write", "component/{g}/reply"), ("read", "component/+/status"),
         ("write", "clock"),
     ],

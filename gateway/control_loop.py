@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from gateway.controller import Held, Infeasible, PruningController, SetRatios
-from gateway.curves import AccuracyFit, SliceLatencyFit, accuracy_for_slices, fit_latency
+from gateway.curves import AccuracyFit, ReplicaAccuracy, SliceLatencyFit, accuracy_for_slices, fit_latency
 from shared.ladder import missing_rungs
 from shared.schemas import NodeStats, Placement, PruneDesired, SliceCalibration
 from shared.settings import ControllerSettings
@@ -58,11 +58,10 @@ class ControlLoop:
             return "no accuracy model (run `edgeprune calibrate` or set [gateway] accuracy_model)"
         if self.placement is None:
             return "no placement yet"
-        refused = [self._ladder_mismatch[s.node_id] for s in self.placement.stages
-                   if s.node_id in self._ladder_mismatch]
+        refused = [self._ladder_mismatch[n] for n in self.placement.node_ids() if n in self._ladder_mismatch]
         if refused:
             return "; ".join(refused)
-        missing = [s.node_id for s in self.placement.stages if s.node_id not in self.fits]
+        missing = [n for n in self.placement.node_ids() if n not in self.fits]
         if missing:
             return f"waiting for the calibration of {', '.join(missing)}"
         return None
@@ -71,7 +70,7 @@ class ControlLoop:
     def set_placement(self, placement: Placement) -> None:
         """A new placement invalidates calibrations of other slices; ratios carry over per node."""
         self.placement = placement
-        stages = {s.node_id: (s.first_block, s.last_block) for s in placement.stages}
+        stages = {n: (s.first_block, s.last_block) for s in placement.stages for n in s.nodes}
         self.fits = {n: f for n, f in self.fits.items() if self._fit_blocks.get(n) == stages.get(n)}
         self._rebuild()
 
@@ -138,11 +137,14 @@ class ControlLoop:
                 log.info("pruning controller paused: %s", self.disabled_reason)
             self.controller = None
             return
-        nodes = [s.node_id for s in self.placement.stages]
+        nodes = self.placement.node_ids()
         accuracy = accuracy_for_slices(self.block_accuracy, [(s.first_block, s.last_block)
                                                              for s in self.placement.stages])
+        if len(nodes) > len(self.placement.stages):  # replicas may run different ratios: expected accuracy
+            accuracy = ReplicaAccuracy.equal_shares(accuracy, [len(s.nodes) for s in self.placement.stages])
         initial = {n: self.desired[n].ratio for n in nodes if n in self.desired}
-        self.controller = PruningController(nodes, self.fits, accuracy, self.slo_s, self.settings, initial)
+        self.controller = PruningController(nodes, self.fits, accuracy, self.slo_s, self.settings, initial,
+                                            n_stages=len(self.placement.stages))
         log.info("pruning controller running over %s (policy %s, budget %.1f ms per stage)", nodes,
                  self.settings.policy, self.controller.budget_s * 1e3)
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.curves import AccuracyFit, SliceLatencyFit
+from gateway.curves import AccuracyFit, ReplicaAccuracy, SliceLatencyFit
 from gateway.policy import POLICIES, TOLERANCE, Decision, RatioProblem, evaluate_ratios
 from shared.settings import ControllerSettings
 
@@ -71,17 +71,22 @@ Action = SetRatios | Infeasible | Held
 class PruningController:
     """Sustained-violation trigger, cooldown, slowdown estimation, step-wise restore, manual holds."""
 
-    def __init__(self, nodes: Sequence[str], latency: Mapping[str, SliceLatencyFit], accuracy: AccuracyFit,
-                 slo_s: float, config: ControllerSettings | None = None,
-                 initial_ratios: Mapping[str, float] | None = None):
+    def __init__(self, nodes: Sequence[str], latency: Mapping[str, SliceLatencyFit],
+                 accuracy: AccuracyFit | ReplicaAccuracy, slo_s: float, config: ControllerSettings | None = None,
+                 initial_ratios: Mapping[str, float] | None = None, n_stages: int | None = None):
+        """``nodes`` in stage order, a replicated stage's nodes side by side; ``accuracy`` has one entry per node
+        (a :class:`ReplicaAccuracy` when stages have replicas, whose count ``n_stages`` then gives)."""
         if not nodes or len(set(nodes)) != len(nodes):
             raise ValueError("nodes must be a non-empty list of distinct ids in stage order")
+        if n_stages is not None and not 1 <= n_stages <= len(nodes):
+            raise ValueError("n_stages must lie between 1 and the number of nodes")
         if not set(nodes) <= set(latency) or accuracy.n_stages != len(nodes):
             raise ValueError("every node needs a latency fit, and the accuracy fit one gain per node")
         if slo_s <= 0:
             raise ValueError("slo_s must be positive")
         self.config = config or ControllerSettings()
         self.nodes = tuple(nodes)
+        self.n_stages = n_stages or len(nodes)
         self.slo_s = slo_s
         self._fits = {node: latency[node] for node in nodes}
         self._curves = {node: fit.best() for node, fit in self._fits.items()}
@@ -109,8 +114,10 @@ class PruningController:
 
     @property
     def budget_s(self) -> float:
-        """Per-stage time budget: if every stage meets it, the compute path uses ≤ budget_fraction × SLO."""
-        return self.config.budget_fraction * self.slo_s / len(self.nodes)
+        """Per-stage time budget: if every stage meets it, the compute path uses ≤ budget_fraction × SLO.
+
+        Every replica of a stage must meet it too: a frame waits for whichever replica it was handed."""
+        return self.config.budget_fraction * self.slo_s / self.n_stages
 
     @property
     def ratios(self) -> dict[str, float]:

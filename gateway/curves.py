@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import product
 from typing import Any, Literal
 
 import numpy as np
@@ -20,8 +21,8 @@ from scipy.special import expit, logit
 
 from shared.latency_fit import LatencyCurve, LatencyKind, SliceLatencyFit, fit_latency, fit_quality
 
-__all__ = ["AccuracyFit", "AccuracyModel", "AccuracyPredictor", "LatencyCurve", "LatencyKind", "SliceLatencyFit",
-           "accuracy_for_slices", "fit_accuracy", "fit_latency"]
+__all__ = ["AccuracyFit", "AccuracyModel", "AccuracyPredictor", "LatencyCurve", "LatencyKind", "ReplicaAccuracy",
+           "SliceLatencyFit", "accuracy_for_slices", "fit_accuracy", "fit_latency"]
 
 AccuracyModel = Literal["logistic", "measured"]
 AccuracyPredictor = Callable[[Sequence[float]], float]
@@ -151,3 +152,64 @@ def accuracy_for_slices(block_fit: AccuracyFit, slices: Sequence[tuple[int, int]
     vectors = tuple(tuple(float(min(v[first:last + 1])) for first, last in slices) for v in block_fit.vectors)
     return AccuracyFit(gains=gains, offset=block_fit.offset, top=block_fit.top, chance=block_fit.chance,
                        r2=block_fit.r2, rmse=block_fit.rmse, vectors=vectors, accuracies=block_fit.accuracies)
+
+
+@dataclass(frozen=True)
+class ReplicaAccuracy:
+    """The accuracy model over *nodes* when stages have replicas that may run different ratios.
+
+    Each frame passes one replica per stage; a replica takes ``shares[u]`` of its stage's frames (the
+    broker's shared subscription hands them out in turn: equal shares). So the expected accuracy of the
+    node ratio vector is the share-weighted mean, over every path (one replica per stage), of the stage
+    model at that path's stage vector:
+
+        E[a] = sum over paths (r_1..r_K) of  prod_k shares[r_k] * a(p[r_1], ..., p[r_K])
+
+    Exact for independent routing, monotone (pruning any node never raises it), and equal to the stage
+    model when every stage has one node. ``gains`` (for the paper policy's linear floor) are the stage
+    gains times the node's share: the expected score, whose floor the policy then checks with this model.
+    """
+
+    stage_fit: AccuracyFit
+    groups: tuple[tuple[int, ...], ...]  # node indices per stage, in stage order
+    shares: tuple[float, ...]  # per node: its fraction of its stage's frames
+
+    def __post_init__(self) -> None:
+        nodes = sorted(u for group in self.groups for u in group)
+        if len(self.groups) != self.stage_fit.n_stages or nodes != list(range(len(self.shares))):
+            raise ValueError("every stage needs a group of nodes, and every node one share")
+        if any(abs(sum(self.shares[u] for u in group) - 1.0) > 1e-9 for group in self.groups):
+            raise ValueError("the shares of a stage's nodes must add up to 1")
+
+    @classmethod
+    def equal_shares(cls, stage_fit: AccuracyFit, stage_sizes: Sequence[int]) -> ReplicaAccuracy:
+        groups, shares, start = [], [], 0
+        for size in stage_sizes:
+            groups.append(tuple(range(start, start + size)))
+            shares += [1.0 / size] * size
+            start += size
+        return cls(stage_fit, tuple(groups), tuple(shares))
+
+    @property
+    def n_stages(self) -> int:
+        """One entry per node: the controller and policies index ratios by node."""
+        return len(self.shares)
+
+    @property
+    def gains(self) -> tuple[float, ...]:
+        gains = [0.0] * len(self.shares)
+        for stage, group in enumerate(self.groups):
+            for u in group:
+                gains[u] = self.stage_fit.gains[stage] * self.shares[u]
+        return tuple(gains)
+
+    def required_score(self, floor: float) -> float:
+        return self.stage_fit.required_score(floor)
+
+    def predictor(self, model: AccuracyModel) -> AccuracyPredictor:
+        stage_predict = self.stage_fit.predictor(model)
+        paths = [(float(np.prod([self.shares[u] for u in path])), path) for path in product(*self.groups)]
+
+        def expected(ratios: Sequence[float]) -> float:
+            return sum(weight * stage_predict([ratios[u] for u in path]) for weight, path in paths)
+        return expected

@@ -19,15 +19,16 @@ any node with a decode cost, and only those for nodes of the ``ingest`` role).
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.hybrid import HybridPlan
+from gateway.hybrid import HybridPlan, HybridRequest, HybridStage, evaluate, plan_hybrid
 from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, cost_with_ingest,
                                plan_with_ingest, problem_from_profiles)
 from shared.imaging import model_input_bytes
 from shared.profiling import MBIT_BYTES, mb_to_bytes
-from shared.schemas import NodeProfile, Placement
+from shared.schemas import NodeProfile, Placement, StageAssignment
 from shared.topics import AVAILABILITY_ONLINE
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,21 @@ class PlacementRules:
     min_gain: float
 
 
+@dataclass(frozen=True)
+class HybridTarget:
+    """Place with the hybrid planner (replicated stages) for this arrival rate and SLO (``placement_mode``)."""
+
+    arrival_hz: float
+    slo_s: float
+    whole_model: bool = False  # data partitioning only: every node that holds the model is a replica of one stage
+
+
 class LivePlacement:
     def __init__(self, rules: PlacementRules, model: str, fingerprint: str, allowed: list[str], started: float,
-                 frame_megapixels: float = 0.0, input_bytes: int | None = None):
+                 frame_megapixels: float = 0.0, input_bytes: int | None = None, hybrid: HybridTarget | None = None):
         self.rules = rules
+        self.hybrid = hybrid
+        self._share_token = secrets.token_urlsafe(12)  # names the replicas' groups (Topics.share_group)
         self.frame_megapixels = frame_megapixels
         self.input_bytes = model_input_bytes() if input_bytes is None else input_bytes  # what an ingest node sends
         self.model = model
@@ -100,6 +112,8 @@ class LivePlacement:
                    >= self.rules.rejoin_hold_s]
         if set(settled) == set(placed) or frozenset(settled) == self._declined:
             return None
+        if self.hybrid is not None:  # a replica more never lowers a hybrid plan's rate: rejoin_hold_s is the hysteresis
+            return self._adopt(settled, now, "nodes joined")
         candidate = self._plan(settled)
         if candidate is None:
             return None
@@ -118,8 +132,8 @@ class LivePlacement:
         No accuracy is lost, but every node whose blocks move rebuilds its slice and re-calibrates:
         the benchmark (``edgeprune bench pipeline``, policy ``replace``) measures what that costs.
         """
-        if self.current is None:
-            return None
+        if self.current is None or self.current.node_ids() != [s.node_id for s in self.current.stages]:
+            return None  # a plan with replicated stages is not re-partitioned (the controller prunes replicas)
         placed = self._placed()
         if any(n not in self._offers for n in placed):
             return None
@@ -173,7 +187,7 @@ class LivePlacement:
     def _placed(self) -> list[str]:
         """The current placement's nodes: its stages' and its ingest node."""
         ingest = [self.current.ingest_node] if self.current.ingest_node else []
-        return [s.node_id for s in self.current.stages] + ingest
+        return self.current.node_ids() + ingest
 
     def _ingest_only(self, nodes: list[str]) -> list[str]:
         return [n for n in nodes if self._offers[n].role == "ingest"]
@@ -197,11 +211,41 @@ class LivePlacement:
         """The current placement's bottleneck under today's profiles (they may have changed)."""
         return self._cost_of_current(self._problem(self._placed())).bottleneck_s
 
+    def _hybrid_plan(self, nodes: list[str]) -> HybridPlan | None:
+        """The hybrid planner's best plan over ``nodes`` as one pipeline whose stages may have replicas.
+
+        Parallel pipelines with different cuts are left out (``max_parallel=1``): the data path has one
+        set of stage topics. Whole model per node (data partitioning) is one stage with every node a replica.
+        """
+        try:
+            request = HybridRequest(self._problem(nodes), self.hybrid.arrival_hz, self.hybrid.slo_s)
+            if self.hybrid.whole_model:
+                plan = whole_model_plan(request)
+            else:
+                plan = plan_hybrid(request, max_parallel=1)
+        except (InfeasiblePlacement, ValueError) as exc:
+            self.last_error = str(exc)
+            log.error("cannot place the model on %s: %s", nodes, exc)
+            return None
+        self.last_error = None
+        return plan
+
     def _adopt(self, nodes: list[str], now: float, reason: str, plan: Plan | None = None) -> Placement | None:
+        version = max(int(now * 1000), (self.current.version + 1) if self.current else 0)
+        if self.hybrid is not None and plan is None:
+            hybrid = self._hybrid_plan(nodes)
+            if hybrid is None:
+                return None
+            self.current = hybrid_placement(hybrid, version, self.model, n_blocks=self._problem(nodes).n_blocks,
+                                            issued_at=now, share_token=self._share_token)
+            self._declined = None
+            log.info("placement v%d (%s): hybrid plan (%s), %s, predicted sustainable %.1f frames/s", version, reason,
+                     hybrid.kind, ", ".join(f"{'+'.join(s.nodes)}:{s.first_block}-{s.last_block}"
+                                            for s in self.current.stages), hybrid.sustainable_hz)
+            return self.current
         plan = plan or self._plan(nodes)
         if plan is None:
             return None
-        version = max(int(now * 1000), (self.current.version + 1) if self.current else 0)
         self.current = plan.to_placement(version, self.model, issued_at=now)
         self._declined = None
         log.info("placement v%d (%s): %s%s, predicted bottleneck %.1f ms", version, reason,
@@ -221,13 +265,15 @@ def single_pipeline(plan: HybridPlan) -> list[tuple[str, int, int]] | None:
 
 def input_of(placement: Placement | None, node_id: str) -> tuple | None:
     """What ``node_id`` listens to under ``placement``: the camera frames as the ingest node, a stage's input (and
-    whether that is the camera frames: stage 1 with no ingest node), or nothing."""
+    whether that is the camera frames: stage 1 with no ingest node; whether it is shared among replicas), or
+    nothing."""
     if placement is None:
         return None
     if placement.ingest_node == node_id:
         return ("ingest",)
     stage = placement.stage_of(node_id)
-    return None if stage is None else (stage.stage, stage.stage == 1 and placement.ingest_node is None)
+    return None if stage is None else (stage.stage, stage.stage == 1 and placement.ingest_node is None,
+                                       stage.replicated)
 
 
 class Handover:
@@ -250,7 +296,7 @@ class Handover:
 
     def propose(self, placement: Placement, now: float) -> tuple[Placement | None, list[str]]:
         """A newly decided placement: (the placement to publish now, or None; the nodes to ask to prepare)."""
-        nodes = [s.node_id for s in placement.stages] + [n for n in [placement.ingest_node] if n is not None]
+        nodes = placement.node_ids() + [n for n in [placement.ingest_node] if n is not None]
         self.waiting = {n for n in nodes if input_of(placement, n) != input_of(self.active, n)}
         self.pending, self._since = placement, now
         if not self.waiting:
@@ -274,3 +320,23 @@ class Handover:
     def _activate(self) -> Placement:
         self.active, self.pending, self.waiting = self.pending, None, set()
         return self.active
+def hybrid_placement(plan: HybridPlan, version: int, model: str, n_blocks: int, issued_at: float,
+                     share_token: str) -> Placement:
+    """A one-pipeline hybrid plan as the placement message: each stage's first replica is its ``node_id``."""
+    if len(plan.pipelines) != 1:
+        raise ValueError("only a single pipeline (with replicated stages) can be placed")
+    stages = [StageAssignment(stage=k, node_id=s.replicas[0], first_block=s.first_block, last_block=s.last_block,
+                              replicas=list(s.replicas[1:])) for k, s in enumerate(plan.pipelines[0], start=1)]
+    return Placement(version=version, model=model, n_blocks=n_blocks, stages=stages, issued_at=issued_at,
+                     bottleneck_s=1.0 / plan.capacity_hz if plan.capacity_hz > 0 else None,
+                     share_token=share_token if any(s.replicas for s in stages) else None)
+
+
+def whole_model_plan(request: HybridRequest) -> HybridPlan:
+    """Data partitioning: one stage over every block, served by every device whose memory holds the model."""
+    problem = request.problem
+    need = problem.memory(0, problem.n_blocks)
+    fitting = tuple(d.id for d in problem.devices if d.memory_bytes >= need)
+    if not fitting:
+        raise InfeasiblePlacement(f"no node holds the whole model ({need} bytes)")
+    return evaluate(request, [[HybridStage(0, problem.n_blocks - 1, fitting)]])

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 from scipy.optimize import linprog
 
-from gateway.curves import AccuracyFit, AccuracyModel, LatencyCurve, SliceLatencyFit
+from gateway.curves import AccuracyFit, AccuracyModel, LatencyCurve, ReplicaAccuracy, SliceLatencyFit
 
 PolicyName = Literal["paper", "bottleneck"]
 TOLERANCE = 1e-9  # times and ratios closer than this are equal (the controller uses it too)
@@ -32,7 +32,7 @@ class RatioProblem:
 
     latency: Sequence[SliceLatencyFit]
     slowdowns: Sequence[float]
-    accuracy: AccuracyFit
+    accuracy: AccuracyFit | ReplicaAccuracy  # one entry per stage, or per node when stages have replicas
     accuracy_floor: float
     budget_s: float
     ladder: Sequence[float]

@@ -22,14 +22,14 @@ from gateway.arrival import ArrivalMeter, RateRules, RateTrigger, levels_from_fi
 from gateway.control_loop import ControlLoop, Effects, LadderMismatch
 from gateway.curves import AccuracyFit
 from gateway.hybrid import HybridRequest, plan_hybrid
-from gateway.live_placement import Handover, LivePlacement, PlacementRules, single_pipeline
+from gateway.live_placement import Handover, HybridTarget, LivePlacement, PlacementRules, single_pipeline
 from gateway.liveness import Liveness
 from gateway.operator import LABELS, Overrides
 from gateway.placement import InfeasiblePlacement
 from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message
 from gateway.slo import SloWindows
 from gateway.store import Store
-from shared.bus import Bus
+from shared.bus import Bus, drain_session
 from shared.clock import offset_suspect
 from shared.imaging import model_input_bytes
 from shared.model import MODEL_NAME, accuracy_model_beside, build_model, model_fingerprint
@@ -121,10 +121,14 @@ class Gateway:
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
         model = build_model(settings.checkpoint)
         self.fingerprint = model_fingerprint(model)
+        hybrid = (HybridTarget(settings.hybrid_arrival_hz, self.operator.slo_s,
+                               whole_model=settings.placement_mode == "data")
+                  if settings.placement_mode != "pipeline" else None)
         self.live = LivePlacement(rules, MODEL_NAME, self.fingerprint, settings.nodes, started=time.time(),
                                   frame_megapixels=settings.frame_megapixels,
-                                  input_bytes=model_input_bytes(model.config.input_size))
+                                  input_bytes=model_input_bytes(model.config.input_size), hybrid=hybrid)
         self.handover = Handover(settings.prepare_timeout_s)
+        self.mqtt_settings = mqtt_settings
         self.control = ControlLoop(self.operator.controller_settings(), self.operator.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint, settings.checkpoint),
                                    follow_up_s=settings.window_s)
@@ -251,7 +255,37 @@ class Gateway:
             else:
                 self.liveness.gone(node_id)
             self.live.set_status(node_id, status, now)
+            placement = self.live.current
+            served = placement.stage_of(node_id) if placement else None
         self.store.update_node({"node_id": node_id, "status": status, "status_ts": now})
+        if status != AVAILABILITY_ONLINE and served is not None and served.replicated:
+            shared = self.topics.shared(served.stage, placement.share_token, placement.ingest_node is not None)
+            threading.Thread(target=self._hand_over, args=(node_id, shared), name=f"drain-{node_id}",
+                             daemon=True).start()
+
+    def _hand_over(self, node_id: str, shared: str) -> None:
+        """A replica is gone: what its broker session held goes back to the stage, and it leaves the group.
+
+        The replica acknowledges its input only once served, so everything it had not finished is still in
+        its session, which Mosquitto would keep feeding a share of new input (docs/scaling.md). Taking the
+        session over ends it and returns the held messages; re-published on their own topics they reach the
+        surviving replicas (or whichever node the new placement gives the stage). A node killed between
+        publishing an output and acknowledging its input is served twice; the ledger counts the first result.
+        """
+        try:
+            held = drain_session(self.mqtt_settings, node_id, [shared])
+        except ConnectionError as exc:
+            log.error("could not take over %s's session: %s", node_id, exc)
+            self.store.add_error({"ts": time.time(), "component": self.settings.gateway_id, "topic": "",
+                                  "kind": "replica_drain_failed", "message": str(exc), "request_id": None})
+            return
+        for topic, payload, user in held:
+            self.bus.publish(topic, payload, qos=1, user=user or None)
+        message = (f"replica {node_id} ({shared}) is gone: {len(held)} messages its session held were "
+                   "re-published to its stage, and its session ended")
+        (log.warning if held else log.info)("%s", message)
+        self.store.add_error({"ts": time.time(), "component": self.settings.gateway_id, "topic": shared,
+                              "kind": "replica_handover", "message": message, "request_id": None})
 
     def _on_profile(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         if not payload:  # a retired node's cleared profile
@@ -614,7 +648,7 @@ class Gateway:
         """Publish a placement every node that needed a new input for it is subscribed for (or timed out)."""
         log.info("placement v%d: publishing", placement.version)
         self.publish_placement()
-        self.store.add_placement(placement.model_dump())
+        self.store.add_placement(placement.model_dump(exclude={"share_token"}))  # a secret: not stored
 
     def maintain(self, now: float) -> None:
         """Bound the database: delete expired rows, truncate the WAL, shed stored detail when the disk fills.

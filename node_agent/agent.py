@@ -21,7 +21,7 @@ import torch
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.runtime import IngestRuntime, Request, SliceCalibrator, StageRuntime, frame_metadata, plausible_capture
 from shared import wire
-from shared.bus import Bus
+from shared.bus import Ack, Bus
 from shared.clock import ClockOffset
 from shared.imaging import measure_decode_cost
 from shared.model import MODEL_NAME, build_model, model_fingerprint
@@ -34,6 +34,11 @@ from shared.topics import Topics, validate_id
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.2  # how long the inference thread blocks on an empty queue when nothing is to calibrate
+
+
+def _slice_of(assignment: StageAssignment) -> tuple[int, int, int]:
+    """A stage and its blocks, whichever nodes share it."""
+    return assignment.stage, assignment.first_block, assignment.last_block
 
 
 def total_memory_mb() -> float:
@@ -65,8 +70,9 @@ class NodeAgent:
         torch.set_num_threads(settings.threads)
         self.model = build_model(settings.checkpoint)
         self.topics = Topics(mqtt_settings.topic_root)
-        self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id))
-        self.queue: queue.Queue[tuple[StageRuntime, Request]] = queue.Queue(maxsize=settings.queue_size)
+        # a replica acknowledges its input only once served: what it holds stays in its broker session
+        self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id), manual_ack=True)
+        self.queue: queue.Queue[tuple[StageRuntime, Request, Ack]] = queue.Queue(maxsize=settings.queue_size)
         self.runtime: StageRuntime | None = None
         self.ingest: IngestRuntime | None = None  # set while the placement makes this node the ingest node
         self.placement_version: int | None = None
@@ -162,7 +168,7 @@ class NodeAgent:
             return ("ingest",)
         if assignment is None:
             return None
-        return (assignment, assignment.stage == len(placement.stages),
+        return (_slice_of(assignment), assignment.stage == len(placement.stages),
                 assignment.stage == 1 and placement.ingest_node is None)
 
     def _same_job(self, placement: Placement, assignment: StageAssignment | None) -> bool:
@@ -170,13 +176,17 @@ class NodeAgent:
         if self.ingest is not None:
             return self._job(placement, assignment) == ("ingest",)
         runtime = self.runtime
-        return runtime is not None and (runtime.assignment, runtime.is_last, runtime.takes_frames) == self._job(
-            placement, assignment)
+        return runtime is not None and (_slice_of(runtime.assignment), runtime.is_last,
+                                        runtime.takes_frames) == self._job(placement, assignment)
 
     def _input_filter_of(self, placement: Placement, assignment: StageAssignment | None) -> str:
-        if placement.ingest_node == self.node_id or (assignment.stage == 1 and placement.ingest_node is None):
+        """The camera frames for the ingest node; a stage's input, plain for its only node, shared for a replica."""
+        if placement.ingest_node == self.node_id:
             return self.topics.camera_frame_filter
-        return self.topics.stage_input(assignment.stage)
+        behind_ingest = placement.ingest_node is not None
+        if assignment.replicated:
+            return self.topics.shared(assignment.stage, placement.share_token, behind_ingest)
+        return self.topics.stage_input_filter(assignment.stage, behind_ingest)
 
     def _build(self, placement: Placement,
                assignment: StageAssignment | None) -> tuple[StageRuntime | None, IngestRuntime | None]:
@@ -204,7 +214,7 @@ class NodeAgent:
         input_filter = self._input_filter_of(placement, assignment)
         if old_prepared and old_prepared[3] not in (input_filter, listening):
             self.bus.unsubscribe(old_prepared[3])  # prepared for a placement that never came
-        if same_job:
+        if same_job:  # the same slice; at most how its input is shared changes, when the placement comes
             self._report_prepared(placement.version)
             return
         runtime, ingest = self._build(placement, assignment)
@@ -213,14 +223,24 @@ class NodeAgent:
         if input_filter == listening:
             self._report_prepared(placement.version)
         else:
-            self.bus.subscribe(input_filter, self._on_input, qos=1, data=True,
+            self.bus.subscribe(input_filter, self._on_input, qos=1, data=True, deferred_ack=True,
                                subscribed=lambda: self._report_prepared(placement.version))
 
     def _serves(self, runtime: StageRuntime | IngestRuntime, listening: str | None, topic: str) -> bool:
-        """Whether ``topic`` is the input of this node's current job (not one it is only prepared for)."""
+        """Whether ``topic`` is the input ``runtime`` reads through the subscription ``listening``."""
         if runtime.takes_frames:
             return self.topics.camera_id_from_frame_topic(topic) is not None
+        if listening is not None and listening.startswith("$share/"):  # $share/<group>/<topic>
+            listening = listening.split("/", 2)[2]
         return topic == listening
+
+    def _prepared_share(self, prepared: tuple | None, topic: str) -> StageRuntime | IngestRuntime | None:
+        """The prepared slice, for an input that came through a shared subscription joined ahead of its
+        placement: the broker gave it to this node alone among the stage's replicas, so it must be served."""
+        if prepared is None or not prepared[3].startswith("$share/"):
+            return None
+        runtime = prepared[1] or prepared[2]
+        return runtime if self._serves(runtime, prepared[3], topic) else None
 
     def _report_prepared(self, version: int) -> None:
         with self._lock:
@@ -228,18 +248,29 @@ class NodeAgent:
         log.info("%s: subscribed for placement v%d", self.node_id, version)
         self.bus.publish(self.topics.node_stats(self.node_id), to_json(self.stats()), qos=0)
 
+    def _listen(self, new_filter: str | None, prepared_filter: str | None = None) -> None:
+        """Subscribe the job's input (plain, or shared among a stage's replicas) instead of the old one;
+        ``prepared_filter``: the one subscribed ahead of the placement (:meth:`_prepare`), kept if it is the new one."""
+        with self._lock:
+            old_filter, self._input_filter = self._input_filter, new_filter
+        for stale in {old_filter, prepared_filter} - {None, new_filter}:
+            self.bus.unsubscribe(stale)
+        if new_filter and new_filter not in (old_filter, prepared_filter):
+            self.bus.subscribe(new_filter, self._on_input, qos=1, data=True, deferred_ack=True)
+
     def _assign(self, placement: Placement | None, assignment) -> None:
         """Switch to a new stage (or to ingesting) without restarting: new slice (the one prepared for it if any),
         new input subscription."""
         with self._lock:
-            listening = self._input_filter
             prepared, self._prepared = self._prepared, None
             same_job = placement is not None and self._same_job(placement, assignment)
-            if same_job:
-                self.placement_version = placement.version  # same job under a newer plan: keep slice state
+            if same_job:  # under a newer plan: keep slice state; only how the input is shared may change
+                self.placement_version = placement.version
+                if self.runtime is not None:
+                    self.runtime.assignment = assignment
+        prepared_filter = prepared[3] if prepared else None
         if same_job:
-            if prepared and prepared[3] != listening:
-                self.bus.unsubscribe(prepared[3])  # prepared for a job that never came
+            self._listen(self._input_filter_of(placement, assignment), prepared_filter)
             return
         runtime = None
         ingest = None
@@ -251,21 +282,14 @@ class NodeAgent:
                 runtime, ingest = self._build(placement, assignment)
             new_filter = self._input_filter_of(placement, assignment)
         with self._lock:
-            old_filter = self._input_filter
             self.runtime = runtime
             self.ingest = ingest
             self.placement_version = placement.version if placement else None
-            self._input_filter = new_filter
             desired = self.desired
         self.calibration.request(runtime)
         if runtime is not None and desired is not None:
             self._apply_ratio(runtime, desired)  # a new slice keeps the ratio the gateway wants
-        if old_filter and old_filter != new_filter:
-            self.bus.unsubscribe(old_filter)
-        if prepared and prepared[3] not in (old_filter, new_filter):
-            self.bus.unsubscribe(prepared[3])  # prepared for a job that never came
-        if new_filter and new_filter != old_filter and not (prepared and prepared[3] == new_filter):
-            self.bus.subscribe(new_filter, self._on_input, qos=1, data=True)
+        self._listen(new_filter, prepared_filter)
         if ingest is not None:
             log.info("%s: ingest node: decoding camera frames for stage 1 (placement v%d)", self.node_id,
                      placement.version)
@@ -338,22 +362,31 @@ class NodeAgent:
                  calibration.latency_s[-1] * 1e3, calibration.ratios[-1])
 
     # --- data path -----------------------------------------------------------------------
-    def _on_input(self, topic: str, payload: bytes, props: dict[str, str]) -> None:
+    def _on_input(self, topic: str, payload: bytes, props: dict[str, str], ack: Ack) -> None:
+        """Queue one input. A replica acknowledges it once served (``_work``), so while it holds the input
+        its broker session does too, and the gateway can hand it to another replica if this one dies
+        (docs/scaling.md); a stage's only node acknowledges on receipt, as before replicas existed."""
         received = time.time()
         with self._lock:
             runtime = self.runtime or self.ingest
-            listening = self._input_filter
+            listening, prepared = self._input_filter, self._prepared
         if runtime is None or not self._serves(runtime, listening, topic):
-            return  # an input this node is only prepared for: another node serves it until the placement comes
+            runtime = self._prepared_share(prepared, topic)
+        if runtime is None:  # an input this node is only prepared for: another node serves it until the placement
+            ack()
+            return
+        if not (isinstance(runtime, StageRuntime) and runtime.assignment.replicated):
+            ack()
         req = Request(topic, payload, props, received)
         if runtime.takes_frames:
             req = self._admit_frame(runtime, req)
         try:
-            self.queue.put_nowait((runtime, req))
+            self.queue.put_nowait((runtime, req, ack))
         except queue.Full:
             self.dropped += 1
             self.bus.report_error(topic, "dropped", f"work queue full ({self.settings.queue_size}): request "
                                   "dropped", req.user_props.get("request_id") or self._peek_request_id(payload))
+            ack()  # reported as a failure: done with
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
 
@@ -409,30 +442,38 @@ class NodeAgent:
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                runtime, req = self.queue.get(timeout=self.calibration.wait_s(IDLE_WAIT_S))
+                runtime, req, ack = self.queue.get(timeout=self.calibration.wait_s(IDLE_WAIT_S))
             except queue.Empty:
                 self._calibrate(idle=True)  # idle for a pause: the right moment for a timed calibration run
                 continue
-            self._calibrate(idle=False)  # under steady load, still make progress
-            if self._expired(runtime, req):
-                continue
-            started = time.time()
             try:
-                out = runtime.run(req, started, self.slowdown)
-            except BadMessage as exc:
-                self.bus.report_error(req.topic, exc.kind, str(exc), req.user_props.get("request_id"))
-                continue
-            except Exception as exc:  # never let one request kill the inference thread
-                log.exception("%s: inference failed", self.node_id)
-                self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}",
-                                      req.user_props.get("request_id"))
-                continue
-            self.bus.publish(out.topic, out.payload, qos=1, user=out.user)
-            with self._lock:
-                self.processed += 1
-                self._compute_s.append(out.compute_s)
-                self._decode_s.append(out.decode_s)
-                self._queue_wait_s.append(started - req.received_ts)
+                self._serve(runtime, req)
+            finally:
+                ack()  # after the output is handed to the client: a node killed before this leaves it held
+
+    def _serve(self, runtime: StageRuntime, req: Request) -> None:
+        """One request from the queue: run it and publish the output, or report why not."""
+        self._calibrate(idle=False)  # under steady load, still make progress
+        if self._expired(runtime, req):
+            return
+        started = time.time()
+        # an activation carries its request id inside the payload: failures name it, so the gateway counts them
+        request_id = req.user_props.get("request_id") or self._peek_request_id(req.payload)
+        try:
+            out = runtime.run(req, started, self.slowdown)
+        except BadMessage as exc:
+            self.bus.report_error(req.topic, exc.kind, str(exc), request_id)
+            return
+        except Exception as exc:  # never let one request kill the inference thread
+            log.exception("%s: inference failed", self.node_id)
+            self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}", request_id)
+            return
+        self.bus.publish(out.topic, out.payload, qos=1, user=out.user)
+        with self._lock:
+            self.processed += 1
+            self._compute_s.append(out.compute_s)
+            self._decode_s.append(out.decode_s)
+            self._queue_wait_s.append(started - req.received_ts)
 
     # --- stats ---------------------------------------------------------------------------
     def stats(self) -> NodeStats:

@@ -29,12 +29,21 @@ from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILIT
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes, dict[str, str]], None]
+Ack = Callable[[], None]
+# A handler that acknowledges the message itself (``ack``), once its work is done: until then the broker
+# keeps the message in the receiver's session, so a receiver that dies does not take it along.
+DeferredHandler = Callable[[str, bytes, dict[str, str], Ack], None]
 
 
 def user_properties(msg: mqtt.MQTTMessage) -> dict[str, str]:
     props = getattr(msg, "properties", None)
     pairs = getattr(props, "UserProperty", None) or []
     return {str(k): str(v) for k, v in pairs}
+
+
+def _routing_filter(topic_filter: str) -> str:
+    """What a message's topic is matched against: a shared subscription's messages carry the plain topic."""
+    return topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
 
 
 def publish_properties(user: dict[str, str]) -> Properties:
@@ -46,17 +55,21 @@ def publish_properties(user: dict[str, str]) -> Properties:
 class Bus:
     """One MQTT connection for one component, with an availability topic driven by the last will."""
 
-    def __init__(self, settings: MqttSettings, component_id: str, status_topic: str):
+    def __init__(self, settings: MqttSettings, component_id: str, status_topic: str, manual_ack: bool = False):
         """The client id is the component id and every connect resumes the broker's session for it (MQTT v5
         clean start off, session expiry ``session_expiry_s``): QoS 1 messages queued while the component was
         away (a restart of it or of the broker, a network gap) are delivered when it is back. A clean start
         on a process's first connect would be neater, but Mosquitto 2.0 does not keep such a session across
-        its own restart (measured: docs/reliability.md)."""
+        its own restart (measured: docs/reliability.md).
+
+        ``manual_ack``: QoS 1 messages are acknowledged after their handler returns, or, for subscriptions
+        made with ``deferred_ack``, when the handler's ``ack`` is called (docs/scaling.md, replicated stages)."""
         self.settings = settings
         self.topics = Topics(settings.topic_root)
         self.component_id = component_id
         self.status_topic = status_topic
         self.errors: Counter[str] = Counter()
+        self.manual_ack = manual_ack
         self._handlers: dict[str, tuple[Handler, SubscribeOptions]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -65,7 +78,8 @@ class Bus:
         self._subscribed: dict[int, Callable[[], None]] = {}  # SUBSCRIBE packet id -> call on its SUBACK
         self.on_connected: Callable[[], None] | None = None
         self.refusal: str | None = None  # the broker's last reason for refusing us (e.g. "Not authorized")
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=component_id, protocol=mqtt.MQTTv5)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=component_id, protocol=mqtt.MQTTv5,
+                             manual_ack=manual_ack)
         client.will_set(status_topic, AVAILABILITY_OFFLINE, qos=1, retain=True)
         if settings.username:
             client.username_pw_set(settings.username,
@@ -89,6 +103,7 @@ class Bus:
         queues a packet for its network thread.
         """
         self._defer_ack = defer
+        self.manual_ack = True
         self.client.manual_ack_set(True)
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -149,30 +164,35 @@ class Bus:
             log.warning("%s: lost broker connection (%s); reconnecting", self.component_id, reason_code)
 
     # --- messaging -----------------------------------------------------------------------
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, data: bool = False,
-                  subscribed: Callable[[], None] | None = None) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler | DeferredHandler, qos: int = 1, data: bool = False,
+                  subscribed: Callable[[], None] | None = None, deferred_ack: bool = False) -> None:
         """Route ``topic_filter`` to ``handler``; the subscription comes back after reconnects.
 
         ``data``: frames, activations or results, never meant to be retained. A retained one (replayed
         on every subscribe) is reported as ``retained_data`` instead of served; the gateway clears it.
         ``subscribed``: called (in paho's thread) once the broker has acknowledged the subscription, i.e.
         messages published from then on reach this handler; never called if not connected now.
+        ``deferred_ack`` (a Bus made with ``manual_ack``): ``handler`` is a :data:`DeferredHandler` and
+        acknowledges each message itself; if it raises, the message is acknowledged (it was reported).
         """
         def dispatch(client, userdata, msg: mqtt.MQTTMessage) -> None:
-            try:
-                if data and msg.retain:
-                    if msg.payload:  # empty: the gateway clearing such a message, nothing to serve or report
-                        self.report_error(msg.topic, "retained_data", f"retained message of {len(msg.payload)} B on "
-                                          "a data topic: not served (the gateway clears it)")
-                    return
+            ack = self._acker(msg)
+            if data and msg.retain:
+                if msg.payload:  # an empty one is the gateway clearing such a message: nothing to report
+                    self.report_error(msg.topic, "retained_data", f"retained message of {len(msg.payload)} B on a "
+                                      "data topic: not served (the gateway clears it)")
+                ack()
+                return
+            if not deferred_ack:
                 self._guarded(handler, msg)
-            finally:
-                self._acknowledge(msg)
+                ack()
+            elif not self._guarded(lambda t, p, u: handler(t, p, u, ack), msg):
+                ack()
         # retain-as-published: a live message sent with the retain flag keeps it, so it is caught at once
         options = SubscribeOptions(qos=qos, retainAsPublished=data)
         with self._lock:
             self._handlers[topic_filter] = (handler, options)
-        self.client.message_callback_add(topic_filter, dispatch)
+        self.client.message_callback_add(_routing_filter(topic_filter), dispatch)
         if self._connected.is_set():
             with self._lock:  # registered before paho's thread can handle the SUBACK
                 _, mid = self.client.subscribe(topic_filter, options=options)
@@ -191,7 +211,7 @@ class Bus:
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             self._handlers.pop(topic_filter, None)
-        self.client.message_callback_remove(topic_filter)
+        self.client.message_callback_remove(_routing_filter(topic_filter))
         self.client.unsubscribe(topic_filter)
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
@@ -202,15 +222,26 @@ class Bus:
     def _on_unrouted(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         """A message for no handler of this process (e.g. a previous run's subscription kept in the session)."""
         log.debug("%s: no handler for %s; ignored", self.component_id, msg.topic)
-        self._acknowledge(msg)
+        self._acker(msg)()
 
-    def _acknowledge(self, msg: mqtt.MQTTMessage) -> None:
-        """With :meth:`acknowledge_after`, hand the message's acknowledgement over (paho sent it otherwise)."""
-        if self._defer_ack is None or msg.qos == 0:
-            return
+    def _acker(self, msg: mqtt.MQTTMessage) -> Ack:
+        """Acknowledges ``msg`` once (a no-op for QoS 0 and for a Bus that acknowledges automatically); with
+        :meth:`acknowledge_after`, the acknowledgement is handed over to be sent later."""
+        if not self.manual_ack or msg.qos == 0:
+            return lambda: None
         with self._lock:
             connection = self._connection
-        self._defer_ack(lambda: self._ack(connection, msg.mid, msg.qos))
+        done = threading.Event()
+
+        def ack() -> None:
+            if done.is_set():
+                return
+            done.set()
+            if self._defer_ack is not None:
+                self._defer_ack(lambda: self._ack(connection, msg.mid, msg.qos))
+            else:
+                self._ack(connection, msg.mid, msg.qos)
+        return ack
 
     def _ack(self, connection: int, mid: int, qos: int) -> None:
         """Acknowledge on the connection the message came on. After a reconnect the broker re-sends it (same
@@ -220,14 +251,17 @@ class Bus:
         if current:
             self.client.ack(mid, qos)
 
-    def _guarded(self, handler: Handler, msg: mqtt.MQTTMessage) -> None:
+    def _guarded(self, handler: Handler, msg: mqtt.MQTTMessage) -> bool:
+        """Run ``handler``; False when it rejected the message (reported, never raised)."""
         try:
             handler(msg.topic, msg.payload, user_properties(msg))
+            return True
         except BadMessage as exc:
             self.report_error(msg.topic, exc.kind, str(exc))
         except Exception as exc:  # a bug must not kill the network loop: log it loudly and go on
             log.exception("%s: handler for %s failed", self.component_id, msg.topic)
             self.report_error(msg.topic, "internal", f"{type(exc).__name__}: {exc}")
+        return False
 
     def report_error(self, topic: str, kind: str, message: str, request_id: str | None = None) -> None:
         """Log, count and publish one rejected input (never raises)."""
@@ -240,3 +274,56 @@ class Bus:
         except (ValueError, RuntimeError) as exc:  # publishing the error must never raise further
             log.error("%s: could not publish error record: %s", self.component_id, exc)
 
+
+
+def drain_session(settings: MqttSettings, client_id: str, filters: list[str], wait_s: float = 10.0,
+                  quiet_s: float = 1.0) -> list[tuple[str, bytes, dict[str, str]]]:
+    """Take over a dead client's session and end it: what the broker held for it, then nothing more.
+
+    Mosquitto 2 keeps a disconnected member of a shared subscription in the group while its session lives:
+    the messages in flight to it stay there, unacknowledged, and it keeps getting its share of new ones; with
+    no session (expiry 0) it drops them instead (eclipse-mosquitto/mosquitto#2662). Connecting with the dead
+    client's id resumes its session, so the broker re-sends what it held; ``filters`` are unsubscribed at once
+    and the session expires on disconnect, so it leaves the group. Returns (topic, payload, user properties)
+    of every message received, for the caller to re-publish (docs/scaling.md). No will, no status: the dead
+    client's own availability topic keeps saying ``offline``.
+    """
+    received: list[tuple[str, bytes, dict[str, str]]] = []
+    last = [time.monotonic()]
+    ready = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password.get_secret_value() if settings.password else None)
+    if settings.tls_ca:
+        client.tls_set(ca_certs=str(settings.tls_ca), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+
+    def on_connect(c, userdata, flags, reason_code, properties) -> None:
+        if not reason_code.is_failure:
+            for topic_filter in filters:
+                c.unsubscribe(topic_filter)
+            ready.set()
+
+    def on_message(c, userdata, msg: mqtt.MQTTMessage) -> None:
+        received.append((msg.topic, msg.payload, user_properties(msg)))
+        last[0] = time.monotonic()
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0  # the resumed session ends with this connection
+    try:
+        client.connect(settings.host, settings.port, keepalive=settings.keepalive_s, clean_start=False,
+                       properties=props)
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the broker to drain {client_id}'s session: {exc}") from exc
+    client.loop_start()
+    try:
+        if not ready.wait(wait_s):
+            raise ConnectionError(f"the broker did not accept {client_id}'s session takeover within {wait_s:g} s")
+        last[0] = time.monotonic()
+        while time.monotonic() - last[0] < quiet_s:
+            time.sleep(0.05)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return received

@@ -9,7 +9,16 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from shared.topics import validate_id
 
@@ -56,18 +65,41 @@ def to_json(model: BaseModel) -> bytes:
 
 
 class StageAssignment(_Strict):
-    """One pipeline stage: the node that runs blocks ``first_block..last_block`` (inclusive)."""
+    """One pipeline stage: the node that runs blocks ``first_block..last_block`` (inclusive).
+
+    ``replicas``: further nodes serving the same stage (docs/scaling.md, "Replicated stages"); they and
+    ``node_id`` then read the stage's input through one MQTT v5 shared subscription, so the broker hands
+    each message to one of them. Empty (the default, and what older gateways send): one node, as before.
+    """
 
     stage: int = Field(ge=1, le=64)
     node_id: str = Id
     first_block: int = Field(ge=0)
     last_block: int = Field(ge=0)
+    replicas: list[Annotated[str, Id]] = Field(default_factory=list, max_length=63)
 
     @model_validator(mode="after")
     def _ordered(self) -> StageAssignment:
         if self.last_block < self.first_block:
             raise ValueError("last_block must be >= first_block")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_empty_replicas(self, handler):
+        """A one-node stage serialises exactly as before, so nodes that predate replicas still parse it."""
+        data = handler(self)
+        if not self.replicas:
+            data.pop("replicas", None)
+        return data
+
+    @property
+    def nodes(self) -> list[str]:
+        """Every node serving this stage, ``node_id`` first."""
+        return [self.node_id, *self.replicas]
+
+    @property
+    def replicated(self) -> bool:
+        return bool(self.replicas)
 
 
 class Placement(_Strict):
@@ -82,6 +114,9 @@ class Placement(_Strict):
     ingest_node: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[^/+#$\s]+$",
                                     description="The node that decodes camera frames and sends stage 1 the "
                                     "model-sized input (stage 1 then reads its stage input); None: stage 1 decodes.")
+    share_token: str | None = Field(None, min_length=8, max_length=32, pattern=r"^[A-Za-z0-9_-]+$",
+                                    description="Names the shared-subscription groups of replicated stages "
+                                                "(shared/topics.py: share_group); set when a stage has replicas.")
 
     @model_validator(mode="after")
     def _contiguous(self) -> Placement:
@@ -92,18 +127,34 @@ class Placement(_Strict):
                 raise ValueError(f"stages must be numbered 1..n in order (got {stage.stage} at position {i})")
             if stage.first_block != expected:
                 raise ValueError(f"stage {i} starts at block {stage.first_block}, expected {expected}")
-            if stage.node_id in nodes:
-                raise ValueError(f"node {stage.node_id} appears in two stages")
-            nodes.add(stage.node_id)
+            for node in stage.nodes:
+                if node in nodes:
+                    raise ValueError(f"node {node} appears in two stages (or twice in one)")
+                nodes.add(node)
             expected = stage.last_block + 1
         if expected != self.n_blocks:
             raise ValueError(f"stages cover blocks 0..{expected - 1} but the model has {self.n_blocks}")
         if self.ingest_node in nodes:
             raise ValueError(f"node {self.ingest_node} cannot both ingest and run a stage")
+        if self.share_token is None and any(s.replicas for s in self.stages):
+            raise ValueError("a placement with replicated stages needs a share_token")
         return self
 
+    @model_serializer(mode="wrap")
+    def _without_unused_token(self, handler):
+        """A placement without replicas serialises exactly as before (older nodes forbid unknown fields)."""
+        data = handler(self)
+        if self.share_token is None:
+            data.pop("share_token", None)
+        return data
+
     def stage_of(self, node_id: str) -> StageAssignment | None:
-        return next((s for s in self.stages if s.node_id == node_id), None)
+        """The stage ``node_id`` serves, as its only node or as one of its replicas."""
+        return next((s for s in self.stages if node_id in s.nodes), None)
+
+    def node_ids(self) -> list[str]:
+        """Every placed node, in stage order (a stage's replicas after its first node)."""
+        return [n for s in self.stages for n in s.nodes]
 
 
 class Hop(_Strict):

@@ -224,6 +224,13 @@ class GatewaySettings(_Section):
     replace_on_violation: bool = Field(
         False, description="Run-time re-partitioning: on a sustained violation, re-plan block boundaries with the "
                            "measured slowdowns (and back once they are gone); needs the controller running.")
+    placement_mode: Literal["pipeline", "hybrid", "data"] = Field(
+        "pipeline", description="`pipeline`: one pipeline over the nodes. `hybrid`: the hybrid planner's plan for "
+                                "`hybrid_arrival_hz` and the SLO, whose stages may be served by several nodes (replicas "
+                                "sharing the stage's input through an MQTT shared subscription; docs/scaling.md). "
+                                "`data`: the whole model on every node that holds it, as replicas of one stage.")
+    hybrid_arrival_hz: float = Field(1.0, gt=0, le=10000, description="The arrival rate (frames/s) a `hybrid` "
+                                     "placement is planned for.")
     checkpoint: Path | None = Field(None, description="The checkpoint the nodes run (set it with [node] checkpoint "
                                     "when you train your own): the gateway places only nodes with these weights and "
                                     "loads their accuracy model; default: the one shipped in shared/assets.")

@@ -68,6 +68,24 @@ class Topics:
             raise ValueError(f"stage {stage}: stages are numbered from 1")
         return f"{self.root}/pipeline/stage/{stage}/in"
 
+    def stage_input_filter(self, stage: int, behind_ingest: bool = False) -> str:
+        """What stage ``stage``'s nodes subscribe to: camera frames for stage 1 (unless an ingest node decodes
+        them and sends stage 1 its input), else its activation topic."""
+        return self.camera_frame_filter if stage == 1 and not behind_ingest else self.stage_input(stage)
+
+    def shared(self, stage: int, token: str, behind_ingest: bool = False) -> str:
+        """A replicated stage's input as an MQTT v5 shared subscription (``$share/<group>/<filter>``):
+        the broker hands each message to one of the stage's replicas, no dispatcher of our own."""
+        return f"$share/{self.share_group(stage, token)}/{self.stage_input_filter(stage, behind_ingest)}"
+
+    def share_group(self, stage: int, token: str) -> str:
+        """The shared-subscription group of a stage's replicas (one level: the root's ``/`` become ``-``).
+
+        ``token`` is the placement's ``share_token``, which only nodes (and the gateway) may read: Mosquitto
+        2.0's ACL file does not check subscriptions, only deliveries, so any user who named the group could
+        join it and have its share dropped at delivery (tests/test_replicas_broker.py)."""
+        return f"{self.root.replace('/', '-')}-stage-{stage}-{validate_id('share token', token)}"
+
     @property
     def results(self) -> str:
         """Classification results published by the last stage (JSON)."""

@@ -24,6 +24,7 @@ BENCHMARKS = [
     "storage",
     "soak",
     "overhead",
+    "replicas",
 ]
 
 

@@ -1,0 +1,139 @@
+"""Replicated stages, pure parts: the placement schema, shared-subscription topics, the expected-accuracy model
+over replicas that run different ratios, and the controller pruning one replica of a stage."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from scipy.special import expit
+
+from gateway.controller import PruningController, SetRatios
+from gateway.curves import ReplicaAccuracy, fit_accuracy, fit_latency
+from shared.schemas import Placement, StageAssignment, to_json
+from shared.settings import ControllerSettings
+from shared.topics import Topics
+
+LADDER = tuple(round(0.1 * k, 1) for k in range(10))
+VECTORS = np.array(list(itertools.product(LADDER, repeat=2)))
+STAGES = fit_accuracy(VECTORS, 0.1 + 0.85 * expit(VECTORS @ np.array([-6.0, -2.0]) + 4.0), chance=0.1)
+
+
+def test_a_one_node_stage_serialises_as_before_and_replicas_round_trip():
+    single = StageAssignment(stage=1, node_id="n1", first_block=0, last_block=5)
+    assert "replicas" not in single.model_dump_json()  # older nodes (extra fields forbidden) still parse it
+    shared = StageAssignment(stage=1, node_id="n1", first_block=0, last_block=5, replicas=["n2", "n3"])
+    with pytest.raises(ValidationError, match="share_token"):
+        Placement(version=1, model="m", n_blocks=6, stages=[shared], issued_at=0.0)
+    placement = Placement(version=1, model="m", n_blocks=6, stages=[shared], issued_at=0.0, share_token="s3cret-tok")
+    again = Placement.model_validate_json(to_json(placement))
+    assert again.stage_of("n3") == shared and again.node_ids() == ["n1", "n2", "n3"]
+    with pytest.raises(ValidationError, match="appears in two stages"):
+        Placement(version=1, model="m", n_blocks=6, issued_at=0.0,
+                  stages=[StageAssignment(stage=1, node_id="n1", first_block=0, last_block=2, replicas=["n2"]),
+                          StageAssignment(stage=2, node_id="n2", first_block=3, last_block=5)])
+
+
+def test_replicated_stages_read_their_input_through_one_shared_subscription_group():
+    topics = Topics("site/a")
+    assert topics.shared(1, "tok") == "$share/site-a-stage-1-tok/site/a/camera/+/frame"
+    assert topics.shared(3, "tok") == "$share/site-a-stage-3-tok/site/a/pipeline/stage/3/in"
+    with pytest.raises(ValueError):
+        topics.shared(2, "a/b")
+
+
+def test_expected_accuracy_is_the_share_weighted_mean_over_paths():
+    model = ReplicaAccuracy.equal_shares(STAGES, [2, 1])  # nodes 0, 1 serve stage 1; node 2 stage 2
+    for predictor in ("logistic", "measured"):
+        stage_predict, expected = STAGES.predictor(predictor), model.predictor(predictor)
+        assert expected([0.5, 0.0, 0.3]) == pytest.approx(0.5 * stage_predict([0.5, 0.3])
+                                                          + 0.5 * stage_predict([0.0, 0.3]))
+        assert expected([0.2, 0.2, 0.4]) == pytest.approx(stage_predict([0.2, 0.4]))  # same ratio: the stage model
+    assert model.gains == pytest.approx((STAGES.gains[0] / 2, STAGES.gains[0] / 2, STAGES.gains[1]))
+    with pytest.raises(ValueError, match="add up to 1"):
+        ReplicaAccuracy(STAGES, ((0, 1), (2,)), (0.5, 0.4, 1.0))
+
+
+@given(st.lists(st.sampled_from(LADDER), min_size=4, max_size=4), st.integers(0, 3), st.sampled_from(LADDER))
+def test_pruning_any_replica_further_never_raises_expected_accuracy(ratios, node, more):
+    expected = ReplicaAccuracy.equal_shares(STAGES, [3, 1]).predictor("measured")
+    pruned = list(ratios)
+    pruned[node] = max(pruned[node], more)
+    assert expected(pruned) <= expected(ratios) + 1e-12
+
+
+def calibrated_time(ratio: float) -> float:
+    return 0.01 + 0.11 * (1 - ratio) ** 2
+
+
+def test_the_controller_prunes_only_the_slowed_replica_and_judges_the_floor_on_the_mix():
+    nodes = ("rep-a", "rep-b", "tail")
+    fits = {n: fit_latency(LADDER, [calibrated_time(p) for p in LADDER]) for n in nodes}
+    accuracy = ReplicaAccuracy.equal_shares(STAGES, [2, 1])
+    controller = PruningController(nodes, fits, accuracy, slo_s=0.5, config=ControllerSettings(), n_stages=2)
+    assert controller.budget_s == pytest.approx(0.8 * 0.5 / 2)  # per stage, not per node
+    actions = []
+    for step in range(1, 61):  # rep-a 3x slower: half the frames (those it gets) miss the SLO
+        now = step * 0.2
+        controller.observe_latency(now, 0.9 if step % 2 else 0.2)
+        if step % 10 == 0:
+            for n in nodes:
+                controller.observe_node(now, n, (3.0 if n == "rep-a" else 1.0) * calibrated_time(0.0), 0, 0.0)
+        if step % 5 == 0:
+            actions += controller.tick(now)
+    pruned = [a for a in actions if isinstance(a, SetRatios)]
+    assert pruned and set(pruned[0].ratios) == {"rep-a"}
+    assert controller.ratios["rep-b"] == 0.0 and controller.ratios["tail"] == 0.0
+    assert 3.0 * calibrated_time(controller.ratios["rep-a"]) <= controller.budget_s
+    decision = pruned[0].decision
+    mixed = accuracy.predictor(controller.config.accuracy_model)([controller.ratios[n] for n in nodes])
+    assert decision.accuracy == pytest.approx(mixed) and mixed >= controller.accuracy_floor
+
+
+def hybrid_live(nodes: dict[str, float], arrival_hz: float, slo_s: float = 1.0):
+    """A live placement in hybrid mode over nodes of the given speed factors (blocks 10 ms x factor each)."""
+    from gateway.live_placement import HybridTarget, LivePlacement, PlacementRules
+    from tests.test_live_placement import offer
+
+    live = LivePlacement(PlacementRules(startup_wait_s=20, rejoin_hold_s=10, min_gain=0.1), "trapnet", "abc",
+                         list(nodes), started=0, hybrid=HybridTarget(arrival_hz, slo_s))
+    for node, speed in nodes.items():
+        live.set_status(node, "online", 0)
+        live.set_offer(offer(node, speed))
+    return live
+
+
+def test_hybrid_mode_replicates_the_whole_model_when_one_pipeline_cannot_keep_up():
+    # six 10 ms blocks: one node serves ~16 frames/s; a pipeline over three is bound by its slowest slice
+    # (2 blocks, ~50/s) but three whole-model replicas serve ~50/s too with no transfers: at 40 frames/s the
+    # planner must use every node, and the placement must carry the replicas
+    live = hybrid_live({"a": 1.0, "b": 1.0, "c": 1.0}, arrival_hz=40.0)
+    placement = live.tick(1)
+    assert placement is not None and sorted(placement.node_ids()) == ["a", "b", "c"]
+    assert any(s.replicated for s in placement.stages) and placement.share_token
+    live.set_status("b", "offline", 5)  # a replica lost: re-placed over the survivors at once
+    again = live.tick(5)
+    assert again is not None and sorted(again.node_ids()) == ["a", "c"]
+    if any(s.replicated for s in again.stages):  # replicas are pruned per node, never re-partitioned
+        assert live.replan_for_slowdowns({"a": 3.0}, 6) is None
+
+
+def test_pipeline_mode_is_unchanged_by_default():
+    from tests.test_live_placement import live_with
+
+    placement = live_with(["a", "b", "c"]).tick(1)
+    assert placement is not None and not any(s.replicated for s in placement.stages)
+    assert "replicas" not in to_json(placement).decode() and "share_token" not in to_json(placement).decode()
+
+
+def test_data_mode_puts_the_whole_model_on_every_node():
+    from gateway.live_placement import HybridTarget
+
+    live = hybrid_live({"a": 1.0, "b": 3.0, "c": 1.0}, arrival_hz=1.0)
+    live.hybrid = HybridTarget(1.0, 1.0, whole_model=True)
+    placement = live.tick(1)
+    assert len(placement.stages) == 1 and sorted(placement.node_ids()) == ["a", "b", "c"]

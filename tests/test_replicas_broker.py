@@ -1,0 +1,121 @@
+"""What Mosquitto 2 does with a shared subscription whose member dies, on a real broker with our config and ACL.
+
+Characterisation, not wishful thinking: these tests pin the behaviour the replica design relies on
+(docs/scaling.md, "Replicated stages"): a dead member's session keeps what was in flight to it and keeps
+receiving its share; with no session those messages vanish (eclipse-mosquitto/mosquitto#2662); taking the
+session over (`shared.bus.drain_session`) returns every message and takes the member out of the group.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from shared.bus import drain_session
+from shared.topics import Topics
+from tests.conftest import AUTH, mqtt_client, wait_until
+
+pytestmark = pytest.mark.integration
+TOPICS = Topics()
+STAGE = 2
+TOKEN = "t0k3n-of-the-test"
+
+
+class Member:
+    """A node-role client in the stage's shared group that acknowledges nothing until told (it holds its input)."""
+
+    def __init__(self, port: int, node: str, session_expiry_s: int, role: str = "node"):
+        self.got: list[int] = []
+        self.granted = threading.Event()
+        self.refused = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=node, protocol=mqtt.MQTTv5, manual_ack=True)
+        settings = AUTH[port].settings(node, role)
+        self.client.username_pw_set(settings.username, settings.password.get_secret_value())
+        self.client.on_message = lambda c, u, msg: self.got.append(int(msg.payload))
+        self.client.on_subscribe = lambda c, u, mid, codes, p: (self.refused if codes[0].is_failure
+                                                                  else self.granted).set()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = session_expiry_s
+        self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
+        self.client.loop_start()
+        self.client.subscribe(TOPICS.shared(STAGE, TOKEN), qos=1)
+        wait_until(lambda: self.granted.is_set() or self.refused.is_set(), 10, "no SUBACK")
+
+    def die(self) -> None:
+        """Gone without a DISCONNECT, as a killed process: the broker sees the socket close."""
+        self.client._sock.close()
+        self.client.loop_stop()
+
+
+def publish(port: int, numbers: range) -> None:
+    client = mqtt_client(AUTH[port].settings("admin", "admin"))
+    for n in numbers:
+        client.publish(TOPICS.stage_input(STAGE), str(n), qos=1).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+
+
+def test_nodes_share_a_stage_input_and_a_camera_in_the_group_black_holes_its_share(fresh_broker):
+    port = fresh_broker.port
+    node = Member(port, "node-1", 60)
+    node.client.on_message = lambda c, u, msg: (node.got.append(int(msg.payload)), c.ack(msg.mid, msg.qos))
+    publish(port, range(10))
+    wait_until(lambda: sorted(node.got) == list(range(10)), 15, "the node did not get the stage input")
+    # Mosquitto 2.0's ACL file checks deliveries, not subscriptions: a camera that names the group joins it,
+    # and its share is dropped at delivery. Hence the group's name carries the placement's secret token.
+    camera = Member(port, "cam-9", 60, role="camera")
+    assert camera.granted.is_set(), "Mosquitto now refuses the subscription: the token is no longer needed"
+    publish(port, range(10, 20))
+    wait_until(lambda: len(node.got) + len(camera.got) >= 15, 15, "nothing more reached the node")
+    time.sleep(1.0)
+    assert camera.got == [] and len(node.got) < 20, "Mosquitto no longer drops a refused member's share"
+
+
+def test_a_dead_members_messages_stay_in_its_session_until_drained(fresh_broker):
+    port = fresh_broker.port
+    survivor, victim = Member(port, "node-1", 3600), Member(port, "node-2", 3600)
+    survivor.client.on_message = lambda c, u, msg: (survivor.got.append(int(msg.payload)), c.ack(msg.mid, msg.qos))
+    publish(port, range(10))
+    wait_until(lambda: len(survivor.got) + len(victim.got) == 10, 15, "the group did not get the 10 messages")
+    held = list(victim.got)
+    assert held, "round robin gave the victim nothing to hold"
+    victim.die()
+    time.sleep(1.0)
+    publish(port, range(10, 20))
+    wait_until(lambda: any(n >= 10 for n in survivor.got), 15, "the survivor got nothing after the death")
+    time.sleep(1.0)
+    # Mosquitto 2 keeps the dead member in the group: part of the new messages went to its session, too
+    missing = set(range(20)) - set(survivor.got)
+    assert set(held) <= missing and missing - set(held), "the dead member's session no longer takes a share"
+
+    gateway = AUTH[port].settings("gateway", "gateway")
+    drained = drain_session(gateway, "node-2", [TOPICS.shared(STAGE, TOKEN)])
+    assert sorted(int(p) for _, p, _ in drained) == sorted(missing)  # everything it held, nothing else
+    assert {t for t, _, _ in drained} == {TOPICS.stage_input(STAGE)}  # the real topic: re-publishable as is
+
+    publish(port, range(20, 30))  # the session ended and left the group: the survivor gets all of them
+    wait_until(lambda: set(range(20, 30)) <= set(survivor.got), 15, "the drained member still takes a share")
+
+
+def test_without_a_session_mosquitto_drops_what_was_in_flight_to_a_dead_member(fresh_broker):
+    """eclipse-mosquitto/mosquitto#2662 as Mosquitto 2 here does it: why replicas keep their session."""
+    port = fresh_broker.port
+    survivor, victim = Member(port, "node-1", 0), Member(port, "node-2", 0)
+    survivor.client.on_message = lambda c, u, msg: (survivor.got.append(int(msg.payload)), c.ack(msg.mid, msg.qos))
+    publish(port, range(10))
+    wait_until(lambda: len(survivor.got) + len(victim.got) == 10, 15, "the group did not get the 10 messages")
+    held = set(victim.got)
+    assert held
+    victim.die()
+    publish(port, range(10, 20))
+    wait_until(lambda: set(range(10, 20)) <= set(survivor.got), 15, "new messages did not reach the survivor")
+    time.sleep(2.0)
+    assert not held & set(survivor.got), "Mosquitto now re-sends a dead member's in-flight messages: revisit"
+    gateway = AUTH[port].settings("gateway", "gateway")
+    assert drain_session(gateway, "node-2", [TOPICS.shared(STAGE, TOKEN)]) == []  # nothing left anywhere: lost
