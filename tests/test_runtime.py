@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -121,7 +123,14 @@ def test_emulated_slowdown_adds_the_fitted_calibrated_compute_not_a_sample_or_th
     placement = even_split(model.n_blocks, ["a"])
     stage = StageRuntime(model, "a", placement.stages[0], 1, "out", "float16")
     slept: list[float] = []
-    monkeypatch.setattr(runtime_module.time, "sleep", slept.append)
+    real_sleep, this_thread = runtime_module.time.sleep, threading.current_thread()
+
+    def sleep(seconds: float) -> None:  # time.sleep is global: another test's leftover thread must not count
+        if threading.current_thread() is this_thread:
+            slept.append(seconds)
+        else:
+            real_sleep(seconds)
+    monkeypatch.setattr(runtime_module.time, "sleep", sleep)
     frame = Request("edgeprune/camera/cam/frame", camera_frame(np.random.default_rng(3), 64, "png"), {}, 1.0, "cam")
     stage.run(frame, 1.0, slowdown=5.0)  # not calibrated yet: four times this request's own compute
     assert len(slept) == 1 and slept[0] > 0
