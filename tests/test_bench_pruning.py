@@ -52,7 +52,7 @@ def test_fit_row_counts_mixes_that_measure_below_the_uniform_ladder():
     uniform = {0.0: 0.9, 0.5: 0.8, 0.9: 0.5}
     measured = np.asarray([uniform[max(v)] + 0.01 for v in vectors])
     measured[3] = uniform[max(vectors[3])] - 0.05  # one mix worse than uniform at its largest ratio
-    row = fit_row({"model": "m"}, vectors, measured, uniform)
+    row = fit_row({"model": "m"}, vectors, measured, uniform, chance=0.1)
     assert row["worse_than_uniform_at_max"] == "1/20"
     assert {"gamma_1", "gamma_3", "delta", "fit_rmse", "uniform_rmse", "controller_fit_r2"} <= set(row)
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from camera.simulator import camera_frame, synthetic_scene
+from edgeprune.dataset import RenderConfig, _backgrounds, render_frame
+from gateway.export import Filters, detections_page
 from gateway.store import Reader
 from node_agent.runtime import block_input_shape
 from shared import wire
@@ -154,6 +156,30 @@ def test_jpeg_from_plain_mosquitto_pub_is_classified(pipeline, tmp_path):
     assert plain["label_index"] == tagged["label_index"] == expected
     assert plain["request_id"].startswith("trap-7-")
     assert (tagged["request_id"], tagged["capture_ts"]) == ("IMG_0042", captured)
+
+
+def test_an_empty_frame_is_stored_as_blank_for_the_page_and_the_export(pipeline, tmp_path):
+    """The shipped model's blank class reaches the requests table by name, where the page's species filter
+    (and the Camtrap DP export, tests/test_export.py) find it."""
+    model, backgrounds = build_model(), _backgrounds()
+    for j in range(20):  # the first of a few unseen empty frames the model, in one process, calls blank
+        frame = encode_png(render_frame(None, backgrounds, np.random.default_rng([0, 200_000 + j]), RenderConfig(),
+                                        night=False))
+        with torch.inference_mode():
+            probs = torch.softmax(model(torch.from_numpy(decode_frame(frame))), 1)[0]
+        if model.config.class_names[int(probs.argmax())] == "blank" and probs.max() > 0.9:
+            break
+    else:
+        pytest.fail("the shipped model called none of 20 empty frames blank")
+    photo = tmp_path / "empty.png"
+    photo.write_bytes(frame)
+    subprocess.run(["mosquitto_pub", *mosquitto_pub_login(pipeline.broker), "-q", "1", "-f", str(photo),
+                    "-t", "edgeprune/camera/trap-empty/frame"], check=True, timeout=10)
+    wait_until(lambda: results_for(pipeline.reader, "trap-empty"), 30, "the empty frame never came out as a row")
+    (row,) = results_for(pipeline.reader, "trap-empty")
+    assert (row["label"], row["label_index"]) == ("blank", len(model.config.class_names) - 1)
+    rows, _ = detections_page(pipeline.reader.db.conn, Filters(camera_id="trap-empty", label="blank"))
+    assert [r["request_id"] for r in rows] == [row["request_id"]]
 
 
 def _publish(broker, topic: str, payload: bytes) -> None:

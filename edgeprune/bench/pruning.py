@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from edgeprune.dataset import FrameSplit, RenderConfig, cache_dir, load_frames, to_model_input
-from shared.model import CLASS_NAMES, DEFAULT_CHECKPOINT, BlockNet, build_model
+from shared.model import DEFAULT_CHECKPOINT, BlockNet, build_model, load_checkpoint
 from shared.pruning import DEFAULT_LADDER, PrunableSlice, module_bytes, pipeline_predictions, prune_slice
 
 # What this CPU's convolution kernels give the slowest slice at p=0.3 (docs/model.md, `edgeprune bench speedup`):
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @dataclass(frozen=True)
 class Budget:
     ladder: tuple[float, ...]
-    test_frames: int
+    test_frames: int | None  # None: the whole test split
     mixed: int
     repeats: int
 
@@ -185,7 +185,7 @@ def fit_error(ratios: np.ndarray, acc: np.ndarray, gammas: np.ndarray, delta: fl
 
 
 def fit_row(label: dict[str, str], vectors: np.ndarray, measured: np.ndarray,
-            uniform_acc: dict[float, float]) -> dict[str, Any]:
+            uniform_acc: dict[float, float], chance: float) -> dict[str, Any]:
     """The paper's logistic and the controller's fitted to the mixed vectors; error on them and on the uniform ladder.
 
     Also counts the vectors that measure below the uniform ladder at their largest ratio: the
@@ -195,7 +195,7 @@ def fit_row(label: dict[str, str], vectors: np.ndarray, measured: np.ndarray,
 
     gammas, delta = fit_logistic(vectors, measured)
     uniform = np.asarray([[r] * vectors.shape[1] for r in uniform_acc])
-    controller = fit_accuracy(vectors.tolist(), measured.tolist(), chance=1.0 / len(CLASS_NAMES))
+    controller = fit_accuracy(vectors.tolist(), measured.tolist(), chance=chance)
     worse = sum(acc < uniform_acc[max(vector)] - 1e-9 for vector, acc in zip(vectors, measured)
                 if max(vector) in uniform_acc)
     return {**label, **{f"gamma_{i + 1}": float(g) for i, g in enumerate(gammas)}, "delta": delta,
@@ -208,14 +208,10 @@ def fit_row(label: dict[str, str], vectors: np.ndarray, measured: np.ndarray,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     budget = (Budget((0.0, 0.3, 0.5, 0.9), 300, 8, 10) if args.quick
-              else Budget(DEFAULT_LADDER, 1000, args.mixed, 100))
+              else Budget(DEFAULT_LADDER, None, args.mixed, 100))
     slices = parse_slices(args.slices)
     models = dict(m.split("=", 1) for m in args.model) if args.model else default_models()
     models = {name: Path(path) for name, path in models.items()}
-    test = load_frames(RenderConfig(seed=args.data_seed))["test"]
-    test = test.subset(np.sort(np.random.default_rng(args.seed).choice(len(test), budget.test_frames,
-                                                                       replace=False)))
-    inputs = to_model_input(test.images)
     torch.set_num_threads(2)
 
     cost_rows: list[dict[str, Any]] = []
@@ -226,8 +222,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     architectures_timed: set[str] = set()
     rng = np.random.default_rng(args.seed)
     vectors = rng.choice(budget.ladder, size=(budget.mixed, len(slices)))
+    test_sets: dict[float, tuple[FrameSplit, torch.Tensor]] = {}
+    test_frames: dict[str, int] = {}
     for name, path in models.items():
         model = build_model(path)
+        # each model on its own test split: the ten animals' frames, plus the empty ones if it has a blank class
+        blank = load_checkpoint(path).get("meta", {}).get("data", {}).get("blank_fraction", 0.0)
+        if blank not in test_sets:
+            test = load_frames(RenderConfig(seed=args.data_seed, blank_fraction=blank))["test"]
+            if budget.test_frames is not None:
+                test = test.subset(np.sort(np.random.default_rng(args.seed).choice(len(test), budget.test_frames,
+                                                                                   replace=False)))
+            test_sets[blank] = test, to_model_input(test.images)
+        test, inputs = test_sets[blank]
+        test_frames[name] = len(test)
         if model.config.arch not in architectures_timed:
             architectures_timed.add(model.config.arch)
             costs, switches = slice_costs(model, slices, budget, f"{name} ({model.config.arch})")
@@ -260,7 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     mixed_rows.append({**mixed_label, "ratios": "/".join(f"{r:.1f}" for r in vector), **acc})
                 uniform_acc = {r["ratio"]: r["acc"] for r in uniform_rows
                                if r["model"] == name and r["bn_tables"] == label["bn_tables"]}
-                fit_rows.append(fit_row(mixed_label, vectors, np.asarray(measured), uniform_acc))
+                fit_rows.append(fit_row(mixed_label, vectors, np.asarray(measured), uniform_acc,
+                                        chance=1.0 / model.config.num_classes))
 
     targets = target_rows(cost_rows, switch_rows, uniform_rows)
     plots = write_plots(args.plots, cost_rows, uniform_rows, mixed_rows, fit_rows, vectors)
@@ -273,7 +282,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "mixed_measurements": [{"model": r["model"], "bn_tables": r["bn_tables"], "entry_tables": r["entry_tables"],
                                     "ratios": [float(v) for v in r["ratios"].split("/")], "acc": r["acc"]}
                                    for r in mixed_rows],
-            "models": {k: str(v) for k, v in models.items()}, "test_frames": len(test),
+            "models": {k: str(v) for k, v in models.items()},
+            "test_frames": test_frames,
             "quick": bool(args.quick)}
 
 

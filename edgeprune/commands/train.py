@@ -44,8 +44,9 @@ def register(sub) -> None:
     own.add_argument("--resize", choices=["letterbox", "crop", "squash"],
                      help="how frames of another shape become square (default: letterbox for own photos, "
                           "squash for the square synthetic frames)")
-    p.add_argument("--blank-fraction", type=float, default=0.0,
-                   help="synthetic frames: this share of extra frames with no animal, class 'blank'")
+    p.add_argument("--blank-fraction", type=float, default=0.1,
+                   help="synthetic frames: this share of extra frames with no animal, class 'blank' (the shipped "
+                        "model's recipe; 0: the ten animal classes only)")
     p.set_defaults(func=run)
 
 
@@ -74,7 +75,7 @@ def run(args) -> int:
 
     from edgeprune.bench import format_table
     from edgeprune.dataset import RenderConfig, load_frames, synthetic_class_names
-    from edgeprune.own_data import balance_report, load_source, per_class_report
+    from edgeprune.own_data import balance_report, load_source, per_class_report, splits_for_checkpoint
     from edgeprune.training import (
         BASE_BATCH,
         BASE_LR,
@@ -89,11 +90,19 @@ def run(args) -> int:
     from shared.model import INPUT_SIZE, TrapNetConfig
 
     torch.set_num_threads(args.threads)
+    if args.recalibrate:
+        if not args.recalibrate.exists():
+            raise SystemExit(f"--recalibrate {args.recalibrate}: no such checkpoint")
+        # the frames it was trained on (recorded in it), whatever the data flags of this command say
+        train_split = splits_for_checkpoint(args.recalibrate, args.threads, not args.no_progress)["train"]
+        recalibrate_checkpoint(args.recalibrate, train_split)
+        print(f"recalibrated the BatchNorm tables of {args.recalibrate} (weights unchanged)")
+        return 0
     source = own_source(args)
     size = args.image_size or INPUT_SIZE
     data_meta: dict = {}
     if source:
-        if args.recalibrate is None and args.out is None:
+        if args.out is None:
             raise SystemExit("training on your own photos needs --out CHECKPOINT (the shipped model stays as it is)")
         kind, path = source
         resize = args.resize or "letterbox"
@@ -116,12 +125,6 @@ def run(args) -> int:
         splits = load_frames(RenderConfig(size=size, seed=args.data_seed, blank_fraction=args.blank_fraction))
         names, scientific = synthetic_class_names(args.blank_fraction), ()
         data_meta = {"source": "synthetic", "blank_fraction": args.blank_fraction, "size": size}
-    if args.recalibrate:
-        if not args.recalibrate.exists():
-            raise SystemExit(f"--recalibrate {args.recalibrate}: no such checkpoint")
-        recalibrate_checkpoint(args.recalibrate, splits["train"])
-        print(f"recalibrated the BatchNorm tables of {args.recalibrate} (weights unchanged)")
-        return 0
     regimes = REGIMES if args.regime == "all" else (args.regime,)
     if args.out and len(regimes) > 1:
         raise SystemExit("--out names one file: use it with a single --regime")
