@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from gateway.placement import InfeasiblePlacement, PlacementProblem, solve_plan
+from gateway.placement import InfeasiblePlacement, PlacementProblem, _subproblem, solve_plan
 from shared.profiling import CAMERA, GATEWAY
 
 # Pipelines tried at most (1..this many in parallel): each needs its own planner runs.
@@ -292,11 +292,3 @@ def _stage_rate(request: HybridRequest, stage: HybridStage) -> float:
     factor = {lv.ratio: lv.time_factor for lv in request.levels}[stage.ratio]
     return sum(1 / max(request.problem.compute(d, stage.first_block, stage.last_block + 1) * factor, 1e-12)
                for d in stage.replicas)
-
-
-def _subproblem(problem: PlacementProblem, devices: Sequence[str]) -> PlacementProblem:
-    chosen = set(devices)
-    return replace(problem, devices=tuple(d for d in problem.devices if d.id in chosen),
-                   compute_s={d: t for d, t in problem.compute_s.items() if d in chosen},
-                   links={(s, r): bw for (s, r), bw in problem.links.items()
-                          if s in chosen | {CAMERA} and r in chosen | {GATEWAY}})
