@@ -154,7 +154,12 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
         low, high = 0.0, capacity
         for _ in range(BISECTION_STEPS):
             middle = (low + high) / 2
+            if middle == low:  # latency(low) is known to be within the SLO: every further step keeps low and high
+                break
+            tried_high = middle == high  # then every further step repeats this one
             low, high = (middle, high) if latency(middle) <= request.slo_s else (low, middle)
+            if tried_high:
+                break
         sustainable = low
     accuracy = None
     if request.accuracy is not None:
@@ -268,13 +273,21 @@ def _add_replica(problem: PlacementProblem, stages: list[HybridStage], device: s
 
 def _with_levels(request: HybridRequest, pipelines: list[list[HybridStage]]) -> list[HybridPlan]:
     """The structure at every uniform pruning level, and along a greedy path pruning the slowest stage."""
+    weighed: dict[tuple, HybridPlan] = {}  # a one-stage structure's greedy path is its uniform levels again
+
+    def weigh(structure: list[list[HybridStage]]) -> HybridPlan:
+        key = tuple(tuple(p) for p in structure)
+        if key not in weighed:
+            weighed[key] = evaluate(request, structure)
+        return weighed[key]
+
     results = []
     for level in request.levels:
-        results.append(evaluate(request, [[replace(s, ratio=level.ratio) for s in p] for p in pipelines]))
+        results.append(weigh([[replace(s, ratio=level.ratio) for s in p] for p in pipelines]))
     if len(request.levels) > 1:
         ratios = [lv.ratio for lv in request.levels]
         current = [list(p) for p in pipelines]
-        plan = evaluate(request, current)
+        plan = weigh(current)
         while True:
             if plan.sustainable_hz >= request.arrival_hz or not meets_floor(request, plan):
                 break
@@ -285,7 +298,7 @@ def _with_levels(request: HybridRequest, pipelines: list[list[HybridStage]]) -> 
                 break
             i, k = slowest
             current[i][k] = replace(current[i][k], ratio=ratios[ratios.index(current[i][k].ratio) + 1])
-            plan = evaluate(request, current)  # the next step starts from it
+            plan = weigh(current)  # the next step starts from it
             results.append(plan)
     return results
 
