@@ -142,8 +142,7 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
                 if rho >= 1:
                     return math.inf
                 wait += rho / (twice_mu * (1 - rho))
-            if fixed + wait > worst:
-                worst = fixed + wait
+            worst = max(worst, fixed + wait)
         return worst
 
     if latency(0.0) > request.slo_s:
