@@ -100,7 +100,7 @@ def check_membership(f: Facts) -> Check:
     """Is this device known to the gateway (node), or are the configured nodes there (gateway)?"""
     if skipped := _needs_broker("membership", f):
         return skipped
-    placed = {s.node_id for s in f.placement.stages} if f.placement else set()
+    placed = set(f.placement.node_ids()) if f.placement else set()  # the ingest node is answered before
     if f.role == "node":
         node = f.node_id
         if f.statuses.get(node) != AVAILABILITY_ONLINE:
@@ -119,8 +119,10 @@ def check_membership(f: Facts) -> Check:
                          f"add \"{node}\" to [gateway] nodes in the gateway's {CONFIG_FILE} and restart "
                          "edgeprune-gateway (or it is a spare: fine)")
         stage = f.placement.stage_of(node)
+        others = [n for n in stage.nodes if n != node]
+        shared = f", shared with {', '.join(others)} (replicas)" if others else ""
         return Check("membership", OK, f"node {node} runs stage {stage.stage} (blocks {stage.first_block}–"
-                     f"{stage.last_block}) of placement v{f.placement.version}")
+                     f"{stage.last_block}{shared}) of placement v{f.placement.version}")
     if f.role == "gateway":
         missing = [n for n in f.configured_nodes if f.statuses.get(n) != AVAILABILITY_ONLINE]
         if f.placement is None:
@@ -131,8 +133,14 @@ def check_membership(f: Facts) -> Check:
             return Check("membership", WARNING, f"configured nodes offline: {', '.join(missing)}",
                          "power them up or run `edgeprune doctor` on them; remove dead ones from [gateway] nodes")
         return Check("membership", OK, f"all {len(f.configured_nodes)} configured nodes online; placement "
-                     f"v{f.placement.version} on {', '.join(s.node_id for s in f.placement.stages)}")
+                     f"v{f.placement.version}: {pipeline_words(f.placement)}")
     return Check("membership", OK, "cameras need no registration: they publish on camera/<id>/frame")
+
+
+def pipeline_words(placement: Placement) -> str:
+    """Every placed node, hop by hop: the ingest node, then each stage with all the nodes serving it."""
+    ingest = [f"ingest {placement.ingest_node}"] if placement.ingest_node else []
+    return " → ".join(ingest + [f"stage {s.stage} on {' + '.join(s.nodes)}" for s in placement.stages])
 
 
 def check_clock(f: Facts) -> Check:

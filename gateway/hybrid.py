@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from gateway.placement import InfeasiblePlacement, PlacementProblem, solve_plan
+from gateway.placement import InfeasiblePlacement, PlacementProblem, _subproblem, solve_plan
 from shared.profiling import CAMERA, GATEWAY
 
 # Pipelines tried at most (1..this many in parallel): each needs its own planner runs.
@@ -108,7 +108,7 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
     rates, latencies = [], []  # per pipeline: per stage (service rate mu, fixed latency)
     for stages in pipelines:
         receivers = [s.replicas for s in stages[1:]] + [(GATEWAY,)]
-        stage_rates, fixed = [], problem.frame_bytes / min(problem.bandwidth(CAMERA, d) for d in stages[0].replicas)
+        stage_rates, fixed = [], problem.frame_bytes / problem.bandwidth_to_any(CAMERA, stages[0].replicas)
         for stage, next_replicas in zip(stages, receivers):
             need = problem.memory(stage.first_block, stage.last_block + 1)
             times, paths = [], []
@@ -118,8 +118,7 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
                     raise InfeasiblePlacement(f"blocks {stage.first_block}..{stage.last_block} need {need} bytes, "
                                               f"device {device} has {cap}")
                 compute = problem.compute(device, stage.first_block, stage.last_block + 1) * factor[stage.ratio]
-                transfer = problem.bytes_into(stage.last_block + 1) / min(
-                    problem.bandwidth(device, r) for r in next_replicas)
+                transfer = problem.bytes_into(stage.last_block + 1) / problem.bandwidth_to_any(device, next_replicas)
                 times.append(max(compute, transfer))
                 paths.append(compute + transfer)
             stage_rates.append(sum(1 / t if t > 0 else math.inf for t in times))
@@ -127,21 +126,22 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
         rates.append(stage_rates)
         latencies.append(fixed)
     capacities = [min(r) for r in rates]
+    total_capacity = sum(capacities)
     camera_hz = problem.camera_bandwidth_bps / problem.frame_bytes if problem.frame_bytes else math.inf
-    capacity = min(sum(capacities), camera_hz)
+    capacity = min(total_capacity, camera_hz)
+    # the bisection below calls latency() 60 times per plan weighed: what does not depend on the rate is done once
+    servers = [[(mu, 2 * mu) for mu in stage_rates if math.isfinite(mu)] for stage_rates in rates]
 
     def latency(total_hz: float) -> float:
         worst = 0.0
-        for stage_rates, fixed, pipeline_capacity in zip(rates, latencies, capacities):
-            share = total_hz * pipeline_capacity / sum(capacities) if math.isfinite(pipeline_capacity) else 0.0
+        for queues, fixed, pipeline_capacity in zip(servers, latencies, capacities):
+            share = total_hz * pipeline_capacity / total_capacity if math.isfinite(pipeline_capacity) else 0.0
             wait = 0.0
-            for mu in stage_rates:
-                if not math.isfinite(mu):
-                    continue
+            for mu, twice_mu in queues:
                 rho = share / mu
                 if rho >= 1:
                     return math.inf
-                wait += rho / (2 * mu * (1 - rho))
+                wait += rho / (twice_mu * (1 - rho))
             worst = max(worst, fixed + wait)
         return worst
 
@@ -153,7 +153,12 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
         low, high = 0.0, capacity
         for _ in range(BISECTION_STEPS):
             middle = (low + high) / 2
+            if middle == low:  # latency(low) is known to be within the SLO: every further step keeps low and high
+                break
+            tried_high = middle == high  # then every further step repeats this one
             low, high = (middle, high) if latency(middle) <= request.slo_s else (low, middle)
+            if tried_high:
+                break
         sustainable = low
     accuracy = None
     if request.accuracy is not None:
@@ -267,14 +272,22 @@ def _add_replica(problem: PlacementProblem, stages: list[HybridStage], device: s
 
 def _with_levels(request: HybridRequest, pipelines: list[list[HybridStage]]) -> list[HybridPlan]:
     """The structure at every uniform pruning level, and along a greedy path pruning the slowest stage."""
+    weighed: dict[tuple, HybridPlan] = {}  # a one-stage structure's greedy path is its uniform levels again
+
+    def weigh(structure: list[list[HybridStage]]) -> HybridPlan:
+        key = tuple(tuple(p) for p in structure)
+        if key not in weighed:
+            weighed[key] = evaluate(request, structure)
+        return weighed[key]
+
     results = []
     for level in request.levels:
-        results.append(evaluate(request, [[replace(s, ratio=level.ratio) for s in p] for p in pipelines]))
+        results.append(weigh([[replace(s, ratio=level.ratio) for s in p] for p in pipelines]))
     if len(request.levels) > 1:
         ratios = [lv.ratio for lv in request.levels]
         current = [list(p) for p in pipelines]
+        plan = weigh(current)
         while True:
-            plan = evaluate(request, current)
             if plan.sustainable_hz >= request.arrival_hz or not meets_floor(request, plan):
                 break
             slowest = min(((i, k) for i, p in enumerate(current) for k in range(len(p))
@@ -284,7 +297,8 @@ def _with_levels(request: HybridRequest, pipelines: list[list[HybridStage]]) -> 
                 break
             i, k = slowest
             current[i][k] = replace(current[i][k], ratio=ratios[ratios.index(current[i][k].ratio) + 1])
-            results.append(evaluate(request, current))
+            plan = weigh(current)  # the next step starts from it
+            results.append(plan)
     return results
 
 
@@ -292,11 +306,3 @@ def _stage_rate(request: HybridRequest, stage: HybridStage) -> float:
     factor = {lv.ratio: lv.time_factor for lv in request.levels}[stage.ratio]
     return sum(1 / max(request.problem.compute(d, stage.first_block, stage.last_block + 1) * factor, 1e-12)
                for d in stage.replicas)
-
-
-def _subproblem(problem: PlacementProblem, devices: Sequence[str]) -> PlacementProblem:
-    chosen = set(devices)
-    return replace(problem, devices=tuple(d for d in problem.devices if d.id in chosen),
-                   compute_s={d: t for d, t in problem.compute_s.items() if d in chosen},
-                   links={(s, r): bw for (s, r), bw in problem.links.items()
-                          if s in chosen | {CAMERA} and r in chosen | {GATEWAY}})

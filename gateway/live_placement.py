@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.hybrid import HybridPlan, HybridRequest, HybridStage, evaluate, plan_hybrid
-from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_assignment, cost_with_ingest,
+from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_with_ingest,
                                plan_with_ingest, problem_from_profiles)
 from shared.imaging import model_input_bytes
 from shared.profiling import MBIT_BYTES, mb_to_bytes
@@ -114,6 +114,13 @@ class LivePlacement:
             return None
         if self.hybrid is not None:  # a replica more never lowers a hybrid plan's rate: rejoin_hold_s is the hysteresis
             return self._adopt(settled, now, "nodes joined")
+        if any(s.replicas for s in self.current.stages):
+            # replicated stages from a rate re-plan (rate_replan = "apply"): the one-pipeline planner cannot weigh
+            # them against its own plan; the next rate re-plan places the nodes that joined
+            self._declined = frozenset(settled)
+            log.info("keeping the rate re-plan's replicated placement: %s wait for the next rate re-plan",
+                     ", ".join(n for n in settled if n not in placed))
+            return None
         candidate = self._plan(settled)
         if candidate is None:
             return None
@@ -157,15 +164,16 @@ class LivePlacement:
         return self._problem(nodes) if nodes else None
 
     def adopt_hybrid(self, plan: HybridPlan, now: float, reason: str) -> Placement | None:
-        """Publish ``plan`` when a placement can run it (one pipeline, one node per stage) and it moves something."""
-        stages = single_pipeline(plan)
+        """Publish ``plan`` when a placement can run it (one pipeline, its stages replicated or not) and it moves
+        something; parallel pipelines have no placement message (one set of stage topics)."""
+        stages = one_pipeline(plan)
         if stages is None or (self.current is not None and stages == [
-                (s.node_id, s.first_block, s.last_block) for s in self.current.stages]):
+                (tuple(s.nodes), s.first_block, s.last_block) for s in self.current.stages]):
             return None
-        nodes = [node for node, _, _ in stages]
+        nodes = [node for replicas, _, _ in stages for node in replicas]
         if not set(nodes) <= set(self.eligible()):  # a node left while the plan was being made
             return None
-        placement = self._adopt(nodes, now, reason, cost_assignment(self._problem(nodes), stages))
+        placement = self._take_hybrid(plan, self._version(now), nodes, now, reason)
         # the plan may leave slow nodes out on purpose: do not re-place for them as if they had just joined
         self._declined = frozenset(self.eligible())
         return placement
@@ -230,19 +238,24 @@ class LivePlacement:
         self.last_error = None
         return plan
 
+    def _version(self, now: float) -> int:
+        return max(int(now * 1000), (self.current.version + 1) if self.current else 0)
+
+    def _take_hybrid(self, hybrid: HybridPlan, version: int, nodes: list[str], now: float, reason: str) -> Placement:
+        """Make the one-pipeline ``hybrid`` plan over ``nodes`` the current placement (replicas share the token)."""
+        self.current = hybrid_placement(hybrid, version, self.model, n_blocks=self._problem(nodes).n_blocks,
+                                        issued_at=now, share_token=self._share_token)
+        self._declined = None
+        log.info("placement v%d (%s): hybrid plan (%s), %s, predicted sustainable %.1f frames/s", version, reason,
+                 hybrid.kind, ", ".join(f"{'+'.join(s.nodes)}:{s.first_block}-{s.last_block}"
+                                        for s in self.current.stages), hybrid.sustainable_hz)
+        return self.current
+
     def _adopt(self, nodes: list[str], now: float, reason: str, plan: Plan | None = None) -> Placement | None:
-        version = max(int(now * 1000), (self.current.version + 1) if self.current else 0)
+        version = self._version(now)
         if self.hybrid is not None and plan is None:
             hybrid = self._hybrid_plan(nodes)
-            if hybrid is None:
-                return None
-            self.current = hybrid_placement(hybrid, version, self.model, n_blocks=self._problem(nodes).n_blocks,
-                                            issued_at=now, share_token=self._share_token)
-            self._declined = None
-            log.info("placement v%d (%s): hybrid plan (%s), %s, predicted sustainable %.1f frames/s", version, reason,
-                     hybrid.kind, ", ".join(f"{'+'.join(s.nodes)}:{s.first_block}-{s.last_block}"
-                                            for s in self.current.stages), hybrid.sustainable_hz)
-            return self.current
+            return None if hybrid is None else self._take_hybrid(hybrid, version, nodes, now, reason)
         plan = plan or self._plan(nodes)
         if plan is None:
             return None
@@ -255,12 +268,12 @@ class LivePlacement:
         return self.current
 
 
-def single_pipeline(plan: HybridPlan) -> list[tuple[str, int, int]] | None:
-    """``(node, first_block, last_block)`` per stage when ``plan`` is one pipeline with one node per stage (what a
-    :class:`Placement` says today); None for parallel pipelines or replicated stages."""
-    if len(plan.pipelines) != 1 or any(len(s.replicas) != 1 for s in plan.pipelines[0]):
+def one_pipeline(plan: HybridPlan) -> list[tuple[tuple[str, ...], int, int]] | None:
+    """``(nodes, first_block, last_block)`` per stage when ``plan`` is one pipeline (what a :class:`Placement` can
+    say: a stage's nodes are its replicas); None for parallel pipelines."""
+    if len(plan.pipelines) != 1:
         return None
-    return [(s.replicas[0], s.first_block, s.last_block) for s in plan.pipelines[0]]
+    return [(s.replicas, s.first_block, s.last_block) for s in plan.pipelines[0]]
 
 
 def input_of(placement: Placement | None, node_id: str) -> tuple | None:

@@ -29,7 +29,7 @@ model-sized input (``input_bytes``) over its link; no stage then decodes.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -119,6 +119,13 @@ class PlacementProblem:
         default = self.camera_bandwidth_bps if sender == CAMERA else self._device[sender].bandwidth_bps
         return self.links.get((sender, receiver), default)
 
+    def bandwidth_to_any(self, sender: str, receivers: Iterable[str]) -> float:
+        """``min(bandwidth(sender, r) for r in receivers)``: the uplink itself unless ``sender`` has a link of its
+        own (the hybrid planner asks this for every replica and every plan it weighs)."""
+        if sender not in self._linked_senders:
+            return self.camera_bandwidth_bps if sender == CAMERA else self._device[sender].bandwidth_bps
+        return min(self.bandwidth(sender, r) for r in receivers)
+
     def bytes_into(self, start: int) -> int:
         """Bytes a stage starting at block ``start`` receives (the frame for block 0)."""
         return self.frame_bytes if start == 0 else self.blocks[start - 1].output_bytes
@@ -136,6 +143,10 @@ class PlacementProblem:
     @cached_property
     def _device(self) -> dict[str, Device]:
         return {d.id: d for d in self.devices}
+
+    @cached_property
+    def _linked_senders(self) -> frozenset[str]:
+        return frozenset(sender for sender, _ in self.links)
 
     @cached_property
     def _compute_prefix(self) -> dict[str, np.ndarray]:
@@ -623,7 +634,7 @@ def ordered_plan(problem: PlacementProblem, order: Sequence[str]) -> Plan | None
     """
     n, size = problem.n_blocks, len(order)
     incoming = problem._incoming
-    bandwidth = np.array([[problem.bandwidth(a, b) if a != b else np.inf for b in order] for a in order])
+    bandwidth = _bandwidth_matrix(problem, order)
     columns = np.arange(n + 1)
     g = np.full((size, n + 1), np.inf)
     from_block = np.zeros((size, n + 1), dtype=np.int64)
@@ -652,6 +663,19 @@ def ordered_plan(problem: PlacementProblem, order: Sequence[str]) -> Plan | None
         stages.append((order[m], start, end - 1))
         m, end = int(from_device[m, end]), start
     return cost_assignment(problem, stages[::-1])
+
+
+def _bandwidth_matrix(problem: PlacementProblem, order: Sequence[str]) -> np.ndarray:
+    """[a, b] = ``problem.bandwidth(order[a], order[b])``, inf on the diagonal (a device never sends to itself):
+    uplinks broadcast, then the links, instead of one lookup per pair (ordered_plan's hot spot on 50 devices)."""
+    position = {device: k for k, device in enumerate(order)}
+    matrix = np.repeat(np.array([problem._device[d].bandwidth_bps for d in order], dtype=np.float64)[:, None],
+                       len(order), axis=1)
+    for (sender, receiver), bandwidth in problem.links.items():
+        if sender in position and receiver in position:
+            matrix[position[sender], position[receiver]] = bandwidth
+    np.fill_diagonal(matrix, np.inf)
+    return matrix
 
 
 def heuristic_plan(problem: PlacementProblem, rounds: int = 8) -> Plan | None:

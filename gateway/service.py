@@ -22,7 +22,7 @@ from gateway.arrival import ArrivalMeter, RateRules, RateTrigger, levels_from_fi
 from gateway.control_loop import ControlLoop, Effects, LadderMismatch
 from gateway.curves import AccuracyFit
 from gateway.hybrid import HybridRequest, plan_hybrid
-from gateway.live_placement import Handover, HybridTarget, LivePlacement, PlacementRules, single_pipeline
+from gateway.live_placement import Handover, HybridTarget, LivePlacement, PlacementRules, one_pipeline
 from gateway.liveness import Liveness
 from gateway.operator import LABELS, Overrides
 from gateway.placement import InfeasiblePlacement
@@ -528,8 +528,8 @@ class Gateway:
             outcome = "no plan (see the log)"
         elif self.settings.rate_replan == "log":
             outcome = "logged only ([gateway] rate_replan = log)"
-        elif single_pipeline(plan) is None:
-            outcome = "not published: a placement cannot run parallel pipelines or replicated stages yet"
+        elif one_pipeline(plan) is None:
+            outcome = "not published: a placement cannot run parallel pipelines (one set of stage topics)"
         else:
             with self._lock:
                 placement = self.live.adopt_hybrid(plan, now, f"arrival rate {target:.3g}/s")

@@ -8,7 +8,7 @@ import pytest
 from camera.arrivals import BurstParams, burst_arrivals
 from gateway.arrival import ArrivalMeter, RateRules, RateTrigger, levels_from_fits
 from gateway.hybrid import UNPRUNED, HybridPlan, HybridStage, Level
-from gateway.live_placement import LivePlacement, PlacementRules, single_pipeline
+from gateway.live_placement import LivePlacement, PlacementRules, one_pipeline
 from shared.latency_fit import fit_latency
 from shared.settings import GatewaySettings
 from tests.test_live_placement import offer
@@ -167,10 +167,48 @@ def test_only_a_plan_a_placement_can_say_is_adopted():
     live = two_nodes()
     current = [(s.node_id, s.first_block, s.last_block) for s in live.current.stages]
     same = HybridPlan((tuple(HybridStage(f, last, (n,)) for n, f, last in current),), 1, 1, 0.1, None)
-    assert single_pipeline(same) == current and live.adopt_hybrid(same, 5, "rate") is None  # nothing moves
-    replicated = HybridPlan(((HybridStage(0, 5, ("a", "b")),),), 1, 1, 0.1, None)
-    assert single_pipeline(replicated) is None and live.adopt_hybrid(replicated, 5, "rate") is None
+    assert live.adopt_hybrid(same, 5, "rate") is None  # nothing moves
+    parallel = HybridPlan(((HybridStage(0, 5, ("a",)),), (HybridStage(0, 5, ("b",)),)), 1, 1, 0.1, None)
+    assert one_pipeline(parallel) is None and live.adopt_hybrid(parallel, 5, "rate") is None  # no placement says it
     alone = HybridPlan(((HybridStage(0, 5, ("b",)),),), 1, 1, 0.1, None)
     adopted = live.adopt_hybrid(alone, 5, "rate")
-    assert [s.node_id for s in adopted.stages] == ["b"] and live.current is adopted
+    assert [s.node_id for s in adopted.stages] == ["b"] and live.current is adopted and adopted.share_token is None
     assert live.tick(6) is None  # node a, left out on purpose, is not re-placed as if it had just joined
+
+
+def test_a_one_pipeline_plan_with_replicated_stages_is_adopted_with_its_share_token():
+    live = two_nodes()
+    first = live.current
+    replicated = HybridPlan(((HybridStage(0, 2, ("a",)), HybridStage(3, 5, ("b", "c"))),), 1, 4.0, 0.1, None)
+    assert live.adopt_hybrid(replicated, 5, "rate") is None  # node c is not online: not placed
+    live.allowed.append("c")
+    live.set_status("c", "online", 5)
+    live.set_offer(offer("c"))
+    adopted = live.adopt_hybrid(replicated, 6, "rate")
+    assert adopted is live.current and adopted.version > first.version
+    assert [(s.stage, s.nodes, s.first_block, s.last_block) for s in adopted.stages] == [
+        (1, ["a"], 0, 2), (2, ["b", "c"], 3, 5)]
+    assert adopted.share_token and adopted.bottleneck_s == pytest.approx(0.25)  # the replicas' shared group
+    assert live.adopt_hybrid(replicated, 7, "rate") is None  # the same replicas again: nothing moves
+    whole = HybridPlan(((HybridStage(0, 5, ("a", "b", "c")),),), 1, 1, 0.1, None)  # data partitioning
+    again = live.adopt_hybrid(whole, 8, "rate")
+    assert again.stages[0].nodes == ["a", "b", "c"] and again.share_token == adopted.share_token
+
+
+def test_a_replicated_rate_plan_is_kept_when_a_node_joins_and_re_placed_when_one_is_lost():
+    """In pipeline mode the one-pipeline planner cannot weigh replicas: a newcomer waits for the next rate re-plan;
+    a lost replica re-places the survivors as one pipeline, as any lost node does."""
+    live = LivePlacement(PlacementRules(0, 0, 0.1), "trapnet", "abc", ["a", "b", "c"], started=0)
+    for node in ("a", "b", "c"):
+        live.set_offer(offer(node))
+    for node in ("a", "b"):
+        live.set_status(node, "online", 0)
+    assert live.tick(1) is not None
+    replicated = live.adopt_hybrid(HybridPlan(((HybridStage(0, 5, ("a", "b")),),), 1, 1, 0.1, None), 2, "rate")
+    assert replicated is not None
+    live.set_status("c", "online", 3)
+    assert live.tick(4) is None and live.current is replicated
+    live.set_status("b", "offline", 5)
+    survivors = live.tick(6)
+    assert survivors is not None and set(survivors.node_ids()) == {"a", "c"}
+    assert not any(s.replicas for s in survivors.stages)

@@ -12,6 +12,7 @@ from edgeprune.broker import free_port
 from edgeprune.doctor import (FAIL, OK, WARNING, Facts, check_broker, gather, check_clock, check_disk, check_errors,
                               check_gateway, check_membership, check_memory, check_model, check_units, infer_role,
                               memory_available_mb, report, run_checks)
+from shared.schemas import Placement, StageAssignment
 from tests.conftest import STARTUP_S, Processes, component_env, even_split, open_reader, wait_until
 
 NOW = 1_000_000.0
@@ -65,6 +66,17 @@ def test_node_membership_failures():
     ingesting = even_split(6, ["node-2"]).model_copy(update={"ingest_node": "node-1"})
     ingest = check_membership(healthy(placement=ingesting))
     assert ingest.level == OK and "ingest node" in ingest.message
+
+
+def test_membership_names_every_node_of_a_replicated_stage_and_the_ingest_node():
+    """A replica is placed (not a spare), and the gateway's summary lists every placed node."""
+    placement = Placement(version=5, model="m", n_blocks=6, issued_at=NOW, ingest_node="node-3", share_token="t" * 12,
+                          stages=[StageAssignment(stage=1, node_id="node-2", first_block=0, last_block=5,
+                                                  replicas=["node-1"])])
+    replica = check_membership(healthy(placement=placement))
+    assert replica.level == OK and "stage 1 (blocks 0–5, shared with node-2 (replicas))" in replica.message
+    summary = check_membership(healthy("gateway", placement=placement))
+    assert summary.level == OK and "v5: ingest node-3 → stage 1 on node-2 + node-1" in summary.message
 
 
 def test_gateway_membership_failures():

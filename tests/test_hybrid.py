@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -105,6 +106,15 @@ def test_memory_caps_force_one_long_pipeline() -> None:
     request = HybridRequest(cluster([1, 1, 1], [2, 2, 2], caps_mb=[2.5, 2.5, 2.5]), arrival_hz=100, slo_s=0.1)
     plan = plan_hybrid(request)  # each device holds one block: nothing else fits
     assert plan.kind == "one pipeline" and len(plan.pipelines[0]) == 3
+
+
+def test_decode_costs_of_devices_left_out_of_a_pipeline_do_not_stop_the_planner() -> None:
+    """The live gateway's problem has a decode cost per node (frames bigger than the model's input); the planner
+    tries pipelines on subsets of the devices, which must drop the others' decode costs, not refuse them."""
+    problem = replace(cluster([1, 2, 4], [1, 1]), decode_s={"n0": 1e-3, "n1": 2e-3, "n2": 4e-3})
+    plan = plan_hybrid(HybridRequest(problem, arrival_hz=10, slo_s=1.0))
+    assert plan.sustainable_hz >= 10 and plan.sustainable_hz == pytest.approx(
+        evaluate(HybridRequest(problem, arrival_hz=10, slo_s=1.0), plan.pipelines).sustainable_hz)
 
 
 def test_a_replicated_stage_serves_at_the_sum_of_its_replicas_rates() -> None:

@@ -13,6 +13,7 @@ from werkzeug.serving import make_server
 
 from edgeprune.broker import free_port
 from gateway.store import Store
+from shared.schemas import Placement, StageAssignment
 from shared.settings import WebSettings
 from web.app import create_app
 
@@ -64,6 +65,11 @@ def fill_database(path, now: float) -> None:
                            "infeasible": 0, "metrics": {}})
     store.add_prune_event({"ts": now - 30, "kind": "set", "observed_count": 20, "observed_p50_s": 0.12,
                            "observed_p95_s": 0.15})  # the follow-up merges into the same event
+    store.add_placement(Placement(  # stage 2 has replicas that have not reported yet; pi-e decodes the frames
+        version=3, model="m", n_blocks=6, ingest_node="pi-e", share_token="t" * 12, issued_at=now - 100, stages=[
+            StageAssignment(stage=1, node_id="pi-a", first_block=0, last_block=2),
+            StageAssignment(stage=2, node_id="pi-b", first_block=3, last_block=5, replicas=["pi-c", "pi-d"])],
+    ).model_dump(exclude={"share_token"}))
     store.close()
 
 
@@ -108,6 +114,9 @@ def test_page_renders_in_headless_chromium(server, tmp_path):
         rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#nodes tbody tr")]
         assert "pi-a" in rows[0] and "online" in rows[0] and "pi-b" in rows[1] and "offline" in rows[1]
         assert "bad_image: 1" in rows[1]
+        assert "2 (replica, with pi-c, pi-d)" in rows[1] and "replica" not in rows[0]
+        assert driver.find_element(By.ID, "pipeline").text == (
+            "placement v3: ingest pi-e → stage 1 · blocks 0–2 · pi-a → stage 2 · blocks 3–5 · pi-b + pi-c + pi-d")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#latency circle")) == 40)
         assert len(driver.find_elements(By.CSS_SELECTOR, "#latency circle.dot-late")) == 10
         assert len(driver.find_elements(By.CSS_SELECTOR, "#latency line.slo-line")) == 1

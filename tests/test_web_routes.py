@@ -12,6 +12,8 @@ import pytest
 from werkzeug.security import generate_password_hash
 
 from edgeprune.commands.passwd import set_in_config
+from gateway.store import Store
+from shared.schemas import Placement, StageAssignment
 from shared.settings import WebSettings
 from tests.test_export import EXPECTED_CSV, fill_detections
 from web.app import create_app
@@ -187,6 +189,28 @@ def test_status_api_has_what_the_overview_shows(page):
     assert {"nodes", "latency", "windows", "totals", "errors", "controller", "prune_events", "operator_actions",
             "cameras", "operator"} <= set(data)
     assert [c["camera_id"] for c in data["cameras"]] == ["cam-1", "cam-2"] and data["operator"] == "ana"
+
+
+def test_status_lists_every_node_of_a_replicated_stage_and_the_ingest_node(page, tmp_path):
+    client = page[0]
+    login(client)
+    assert client.get("/api/status").get_json()["pipeline"] == []  # no placement yet
+    store = Store(tmp_path / "edgeprune.db")
+    store.update_node({"node_id": "pi-b", "status": "online", "stage": 2, "first_block": 3, "last_block": 5})
+    store.update_node({"node_id": "pi-z", "status": "online"})  # a spare
+    store.add_placement(Placement(version=7, model="m", n_blocks=6, ingest_node="pi-e", share_token="t" * 12,
+                                  issued_at=1.0, stages=[
+        StageAssignment(stage=1, node_id="pi-a", first_block=0, last_block=2),
+        StageAssignment(stage=2, node_id="pi-b", first_block=3, last_block=5, replicas=["pi-c", "pi-d"])],
+    ).model_dump(exclude={"share_token"}))
+    store.close()
+    data = client.get("/api/status").get_json()
+    assert data["placement"]["ingest_node"] == "pi-e" and data["placement"]["stages"][1]["replicas"] == ["pi-c", "pi-d"]
+    assert data["pipeline"] == [{"stage": 0, "first_block": None, "last_block": None, "nodes": ["pi-e"]},
+                                {"stage": 1, "first_block": 0, "last_block": 2, "nodes": ["pi-a"]},
+                                {"stage": 2, "first_block": 3, "last_block": 5, "nodes": ["pi-b", "pi-c", "pi-d"]}]
+    nodes = {n["node_id"]: n for n in data["nodes"]}
+    assert nodes["pi-b"]["stage_nodes"] == ["pi-b", "pi-c", "pi-d"] and nodes["pi-z"]["stage_nodes"] == []
 
 
 def test_csv_download_is_the_exact_known_bytes(page):

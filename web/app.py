@@ -26,7 +26,7 @@ from gateway.export import (DETECTION_COLUMNS, Filters, camtrap_dp_zip, detectio
 from gateway.operator import LABELS, validate_setting
 from gateway.store import Reader
 from shared.clock import offset_suspect
-from shared.schemas import GatewayCommand
+from shared.schemas import INGEST_STAGE, GatewayCommand
 from shared.settings import WebSettings
 from web.auth import LoginLimiter, password_ok
 
@@ -35,18 +35,33 @@ class CommandSender(Protocol):
     def send(self, command: GatewayCommand) -> tuple[bool, str]: ...
 
 
+def pipeline_of(placement: dict | None) -> list[dict]:
+    """The placement as hops, each with every node serving it: the ingest node (stage 0, when there is one),
+    then each stage with its first node and its replicas, so nobody has to know how a placement row nests them."""
+    if placement is None:
+        return []
+    ingest = placement.get("ingest_node")
+    hops = [{"stage": INGEST_STAGE, "first_block": None, "last_block": None, "nodes": [ingest]}] if ingest else []
+    return hops + [{"stage": s["stage"], "first_block": s["first_block"], "last_block": s["last_block"],
+                    "nodes": [s["node_id"], *s.get("replicas", [])]} for s in placement["stages"]]
+
+
 def status(reader: Reader, recent_s: float, now: float) -> dict:
     """Everything the overview shows, as one JSON document (also `GET /api/status`)."""
     run = reader.current_run()
     controller = reader.controller_status()
     slo_s = (controller or {}).get("slo_s") or (run["slo_s"] if run else None)
     nodes = reader.nodes()
+    placement = reader.placement()
+    pipeline = pipeline_of(placement)
+    serving = {node: hop["nodes"] for hop in pipeline for node in hop["nodes"]}
     desired = (controller or {}).get("ratios", {})
     max_offset_s = (run or {}).get("max_clock_offset_s")
     for node in nodes:
         node["seen_s_ago"] = now - node["last_seen"] if node.get("last_seen") else None
         node["desired_ratio"] = desired.get(node["node_id"])
         node["clock_suspect"] = bool(max_offset_s) and offset_suspect(node.get("clock_offset_s"), max_offset_s)
+        node["stage_nodes"] = serving.get(node["node_id"], [])  # every node of its stage (replicas), placement's view
     suspects = [n["node_id"] for n in nodes if n["clock_suspect"]]
     return {
         "now": now,
@@ -54,7 +69,8 @@ def status(reader: Reader, recent_s: float, now: float) -> dict:
         "run": run,
         "slo_s": slo_s,
         "nodes": nodes,
-        "placement": reader.placement(),
+        "placement": placement,
+        "pipeline": pipeline,
         "latency": [{"t": r["finish_ts"], "e2e_s": r["e2e_s"], "camera_id": r["camera_id"], "label": r["label"]}
                     for r in reader.recent_requests(now - recent_s)],
         "windows": reader.windows(limit=30),

@@ -69,6 +69,21 @@ function drawWindows(windows) {
   svg.replaceChildren(...kids);
 }
 
+// The placement, hop by hop, with every node of a stage: "ingest pi-e → stage 1 · blocks 0–9 · pi-a + pi-b → …"
+function pipelineLine(placement, pipeline) {
+  if (!placement) return "no placement yet";
+  return `placement v${placement.version}: ` + pipeline.map((h) => (h.stage === 0
+    ? `ingest ${h.nodes[0]}`
+    : `stage ${h.stage} · blocks ${h.first_block}–${h.last_block} · ${h.nodes.join(" + ")}`)).join(" → ");
+}
+
+// A node's stage as it reports it, and the nodes it shares the stage with (replicas) as the placement says.
+function stageCell(n) {
+  const stage = n.stage === 0 ? "ingest" : n.stage ?? "–";
+  const others = (n.stage_nodes || []).filter((id) => id !== n.node_id);
+  return others.length ? `${stage} (replica, with ${others.join(", ")})` : String(stage);
+}
+
 function accountingLine(a) {
   if (!a) return "–";
   const reasons = Object.entries(a.failures_by_reason || {}).map(([k, v]) => `${k} ${v}`).join(", ");
@@ -104,10 +119,11 @@ function render(data) {
     cell(fmtMs(e.predicted_bottleneck_s), "num"), cell(fmtPct(e.predicted_accuracy * 100), "num"),
     cell(fmtMs(e.observed_p50_s), "num"), cell(e.reason),
   ]);
+  document.getElementById("pipeline").textContent = pipelineLine(data.placement, data.pipeline || []);
   fillTable("nodes", data.nodes, (n) => [
     cell(n.clock_suspect ? `${n.node_id} ⏱ clock ${fmtMs(n.clock_offset_s)} off` : n.node_id,
       n.clock_suspect ? "clock-suspect" : ""),
-    cell(n.status || "?", `status-${n.status}`), cell(n.stage === 0 ? "ingest" : n.stage ?? "–"),
+    cell(n.status || "?", `status-${n.status}`), cell(stageCell(n)),
     cell(n.stage ? `${n.first_block}–${n.last_block}` : "–"),
     cell(n.seen_s_ago === null ? "never" : `${n.seen_s_ago.toFixed(0)} s ago`),
     cell(n.queue_depth === null ? "–" : `${n.queue_depth}/${n.queue_capacity}`, "num"),
