@@ -160,7 +160,7 @@ class LivePlacement:
 
     def eligible_problem(self) -> PlacementProblem | None:
         """The planner's view of every eligible node (for the hybrid planner, run outside the gateway's lock)."""
-        nodes = self.eligible()
+        nodes = self._stage_capable(self.eligible())  # the hybrid planner knows no ingest node
         return self._problem(nodes) if nodes else None
 
     def adopt_hybrid(self, plan: HybridPlan, now: float, reason: str) -> Placement | None:
@@ -200,6 +200,10 @@ class LivePlacement:
     def _ingest_only(self, nodes: list[str]) -> list[str]:
         return [n for n in nodes if self._offers[n].role == "ingest"]
 
+    def _stage_capable(self, nodes: list[str]) -> list[str]:
+        """``nodes`` without those of the ingest role, which never run a stage."""
+        return [n for n in nodes if self._offers[n].role != "ingest"]
+
     def _cost_of_current(self, problem: PlacementProblem) -> Plan:
         return cost_with_ingest(problem, [(s.node_id, s.first_block, s.last_block) for s in self.current.stages],
                                 self.current.ingest_node, self.input_bytes)
@@ -226,7 +230,8 @@ class LivePlacement:
         set of stage topics. Whole model per node (data partitioning) is one stage with every node a replica.
         """
         try:
-            request = HybridRequest(self._problem(nodes), self.hybrid.arrival_hz, self.hybrid.slo_s)
+            request = HybridRequest(self._problem(self._stage_capable(nodes)), self.hybrid.arrival_hz,
+                                    self.hybrid.slo_s)
             if self.hybrid.whole_model:
                 plan = whole_model_plan(request)
             else:

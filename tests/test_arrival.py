@@ -146,6 +146,15 @@ def two_nodes() -> LivePlacement:
     return live
 
 
+def test_the_hybrid_planner_never_sees_a_node_of_the_ingest_role():
+    live = LivePlacement(PlacementRules(0, 0, 0.1), "trapnet", "abc", ["a", "b", "i"], started=0)
+    for node in ("a", "b", "i"):
+        live.set_status(node, "online", 0)
+        live.set_offer(offer(node).model_copy(update={"role": "ingest" if node == "i" else "stage"}))
+    live.tick(1)
+    assert [d.id for d in live.eligible_problem().devices] == ["a", "b"]
+
+
 def test_the_rate_changes_the_plan_through_up_front_pruning():
     """For one structure the best cuts do not depend on the rate; the pruning to sustain it does."""
     from gateway.hybrid import HybridRequest, plan_hybrid
