@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gateway.hybrid import HybridPlan, HybridRequest, HybridStage, evaluate, plan_hybrid
@@ -209,9 +209,13 @@ class LivePlacement:
                                 self.current.ingest_node, self.input_bytes)
 
     def _plan(self, nodes: list[str]) -> Plan | None:
+        return self._solved(nodes, lambda: plan_with_ingest(self._problem(nodes), self.input_bytes,
+                                                            self._ingest_only(nodes), self.rules.min_gain))
+
+    def _solved(self, nodes: list[str], solve: Callable[[], Plan | HybridPlan]) -> Plan | HybridPlan | None:
+        """``solve()``, or None with the reason logged and kept in ``last_error`` (the page shows it)."""
         try:
-            plan = plan_with_ingest(self._problem(nodes), self.input_bytes, self._ingest_only(nodes),
-                                    self.rules.min_gain)
+            plan = solve()
         except (InfeasiblePlacement, ValueError) as exc:
             self.last_error = str(exc)
             log.error("cannot place the model on %s: %s", nodes, exc)
@@ -229,19 +233,11 @@ class LivePlacement:
         Parallel pipelines with different cuts are left out (``max_parallel=1``): the data path has one
         set of stage topics. Whole model per node (data partitioning) is one stage with every node a replica.
         """
-        try:
+        def solve() -> HybridPlan:
             request = HybridRequest(self._problem(self._stage_capable(nodes)), self.hybrid.arrival_hz,
                                     self.hybrid.slo_s)
-            if self.hybrid.whole_model:
-                plan = whole_model_plan(request)
-            else:
-                plan = plan_hybrid(request, max_parallel=1)
-        except (InfeasiblePlacement, ValueError) as exc:
-            self.last_error = str(exc)
-            log.error("cannot place the model on %s: %s", nodes, exc)
-            return None
-        self.last_error = None
-        return plan
+            return whole_model_plan(request) if self.hybrid.whole_model else plan_hybrid(request, max_parallel=1)
+        return self._solved(nodes, solve)
 
     def _version(self, now: float) -> int:
         return max(int(now * 1000), (self.current.version + 1) if self.current else 0)

@@ -163,7 +163,8 @@ class PolicyRun(Demo):
             raise SystemExit(f"the controller did not start within {timeout_s:.0f} s; see {self.run_dir}/*.log")
 
     def _wait_for_nodes(self, timeout_s: float = 600.0) -> None:
-        """Every *placed* node has taken its stage (a scenario may offer more nodes than the model has blocks)."""
+        """Every *placed* node, replicas included, has taken its stage (a scenario may offer more nodes than the
+        model has blocks)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._check_alive()
@@ -173,7 +174,7 @@ class PolicyRun(Demo):
                 staged = {n["node_id"] for n in reader.nodes() if n.get("stage")}
             except FileNotFoundError:  # the gateway is still creating its database
                 placement, staged = None, set()
-            if placement and {s["node_id"] for s in placement["stages"]} <= staged:
+            if placement and {n for s in placement["stages"] for n in [s["node_id"], *s.get("replicas", [])]} <= staged:
                 return
             time.sleep(0.3)
         raise SystemExit(f"nodes did not take their stages within {timeout_s:.0f} s; see {self.run_dir}/*.log")

@@ -105,22 +105,6 @@ class StrategyRun(PolicyRun):
                              "EDGEPRUNE_GATEWAY_HYBRID_ARRIVAL_HZ": str(top_hz),
                              "EDGEPRUNE_GATEWAY_RESULT_TIMEOUT_S": "60"})
 
-    def _wait_for_nodes(self, timeout_s: float = 600.0) -> None:
-        """Every placed node, replicas included, has taken its stage."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._check_alive()
-            try:
-                reader = Reader(self.db)
-                placement = reader.placement()
-                staged = {n["node_id"] for n in reader.nodes() if n.get("stage")}
-            except FileNotFoundError:
-                placement, staged = None, set()
-            if placement and {n for s in placement["stages"] for n in [s["node_id"], *s.get("replicas", [])]} <= staged:
-                return
-            time.sleep(0.3)
-        raise SystemExit(f"nodes did not take their stages within {timeout_s:.0f} s; see {self.run_dir}/*.log")
-
     def step(self, index: int | str, rate: float, step_s: float) -> dict:
         """Fixed-rate labelled frames for ``step_s``; the backlog drained before the figures are read."""
         camera = f"rate{index}"
