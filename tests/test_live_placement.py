@@ -207,18 +207,26 @@ def test_a_placement_that_moves_no_input_is_published_at_once_and_a_silent_node_
     assert handover.expire(16.0) == (None, [])
     assert handover.expire(17.0) == (swapped, ["b", "c"])  # published anyway, the late ones named
     assert handover.active == swapped
+
+
 def with_decode_cost(node_offer: NodeProfile, per_megapixel_s: float, role: str = "stage") -> NodeProfile:
     cost = DecodeCost(fixed_s=0.0, per_megapixel_s=per_megapixel_s, megapixels=[0.3, 4.0],
                       seconds=[0.3 * per_megapixel_s, 4.0 * per_megapixel_s])
     return node_offer.model_copy(update={"decode": cost, "role": role})
 
 
-def test_an_ingest_node_decodes_when_it_helps_and_its_loss_re_places_without_it():
-    # 12 MP at 5 ms/MP = 60 ms of decode, as much as the whole model: stage 1 would be the bottleneck
-    live = LivePlacement(RULES, "trapnet", "abc", ["a", "b", "i"], started=0.0, frame_megapixels=12.0)
+def with_an_ingest_node(frame_megapixels: float) -> LivePlacement:
+    """Stage nodes a and b and node i of the ingest role, all online, each decoding at 5 ms per megapixel."""
+    live = LivePlacement(RULES, "trapnet", "abc", ["a", "b", "i"], started=0.0, frame_megapixels=frame_megapixels)
     for node, role in (("a", "stage"), ("b", "stage"), ("i", "ingest")):
         live.set_status(node, "online", 0.0)
         live.set_offer(with_decode_cost(offer(node), 0.005, role))
+    return live
+
+
+def test_an_ingest_node_decodes_when_it_helps_and_its_loss_re_places_without_it():
+    # 12 MP at 5 ms/MP = 60 ms of decode, as much as the whole model: stage 1 would be the bottleneck
+    live = with_an_ingest_node(frame_megapixels=12.0)
     first = live.tick(0.0)
     assert first.ingest_node == "i" and sorted(placed(first)) == ["a", "b"]
     assert first.bottleneck_s == pytest.approx(0.060)  # the decode alone; a and b run 3 blocks (30 ms) each
@@ -230,19 +238,13 @@ def test_an_ingest_node_decodes_when_it_helps_and_its_loss_re_places_without_it(
 
 
 def test_an_ingest_node_stays_idle_when_frames_are_already_model_sized():
-    live = LivePlacement(RULES, "trapnet", "abc", ["a", "b", "i"], started=0.0, frame_megapixels=0.0)
-    for node, role in (("a", "stage"), ("b", "stage"), ("i", "ingest")):
-        live.set_status(node, "online", 0.0)
-        live.set_offer(with_decode_cost(offer(node), 0.005, role))
+    live = with_an_ingest_node(frame_megapixels=0.0)
     placement = live.tick(0.0)
     assert placement.ingest_node is None and "i" not in placed(placement)
 
 
 def test_an_ingest_node_must_beat_decoding_on_stage_1_by_the_minimum_gain():
     # 0.2 MP at 5 ms/MP = 1 ms of decode on stage 1 against 60 ms of blocks: an ingest node would gain ~1 ms
-    live = LivePlacement(RULES, "trapnet", "abc", ["a", "b", "i"], started=0.0, frame_megapixels=0.2)
-    for node, role in (("a", "stage"), ("b", "stage"), ("i", "ingest")):
-        live.set_status(node, "online", 0.0)
-        live.set_offer(with_decode_cost(offer(node), 0.005, role))
+    live = with_an_ingest_node(frame_megapixels=0.2)
     placement = live.tick(0.0)
     assert placement.ingest_node is None and "i" not in placed(placement)
