@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from edgeprune.bench.pipeline import _full_restore, _timeline, load_scenario
+from edgeprune.bench.pipeline import _full_restore, _timeline, failure_reasons, load_scenario
 from shared.settings import ControllerSettings
 
 pytestmark = pytest.mark.integration
@@ -130,6 +130,17 @@ def test_timeline_tells_prunes_from_restores_and_times_the_full_restore():
     assert _full_restore(timeline[:2], end_ts=25.0) is None  # still pruned at the end of the run
     moved = [(5.0, "replace", {}), (33.0, "replace", {})]
     assert _full_restore(moved, end_ts=25.0) == (8.0,)
+
+
+def test_failure_reasons_count_each_dropped_frame_once():
+    """A full-queue drop is in the node's counter and on the error topic: the reasons add up to the failures."""
+    reasons = failure_reasons(failed=46, dropped=19, errors={"dropped": 19, "stale_placement": 27})
+    assert reasons == {"dropped_full_queue": 19, "error_stale_placement": 27, "lost_or_unfinished": 0}
+    assert sum(reasons.values()) == 46
+    # the counter's last report preceded the last drops: the error records count them
+    assert failure_reasons(failed=12, dropped=9, errors={"dropped": 11}) == {
+        "dropped_full_queue": 11, "lost_or_unfinished": 1}
+    assert failure_reasons(failed=3, dropped=0, errors={}) == {"dropped_full_queue": 0, "lost_or_unfinished": 3}
 
 
 def test_shipped_scenarios_load_with_their_quick_variants():

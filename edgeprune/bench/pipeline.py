@@ -316,6 +316,16 @@ def _percentile(values: np.ndarray, q: float) -> float | None:
     return float(np.percentile(values, q)) if values.size else None
 
 
+def failure_reasons(failed: int, dropped: int, errors: dict[str, int]) -> dict[str, int]:
+    """Why the ``failed`` frames failed, each frame once. A drop from a node's full work queue is both in the
+    node's ``dropped`` counter and on the error topic (kind ``dropped``): it is counted once, from whichever saw
+    more (the counter's last report may precede the last drops; an error message may be lost)."""
+    reasons = {"dropped_full_queue": max(dropped, errors.get("dropped", 0)),
+               **{f"error_{k}": v for k, v in errors.items() if k != "dropped"}}
+    reasons["lost_or_unfinished"] = max(0, failed - sum(reasons.values()))
+    return reasons
+
+
 def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent: int, cpu_s: dict[str, float],
               settings: ControllerSettings) -> dict:
     """The issue's metrics for one policy run, from the gateway's SQLite log."""
@@ -331,8 +341,7 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
                            "'bad_calibration') GROUP BY kind"):  # frames' errors, not the control plane's
         errors[e["kind"]] = e["n"]
     failed = sent - len(rows)
-    reasons = {"dropped_full_queue": dropped, **{f"error_{k}": v for k, v in errors.items()}}
-    reasons["lost_or_unfinished"] = max(0, failed - sum(reasons.values()))
+    reasons = failure_reasons(failed, dropped, errors)
 
     predicted = _predicted_accuracy(reader, rows, settings)
     correct = [r["correct"] for r in rows if r["correct"] is not None]
