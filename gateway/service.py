@@ -37,6 +37,7 @@ from shared.schemas import (
     INGEST_STAGE,
     AcceptedRequest,
     BadMessage,
+    CalibrateCommand,
     CameraCommand,
     ClockBeacon,
     CommandReply,
@@ -128,6 +129,7 @@ class Gateway:
                                   frame_megapixels=settings.frame_megapixels,
                                   input_bytes=model_input_bytes(model.config.input_size), hybrid=hybrid)
         self.handover = Handover(settings.prepare_timeout_s)
+        self._recalibrations: dict[tuple[str, int], int] = {}  # (node, placement version) -> times asked
         self.mqtt_settings = mqtt_settings
         self.control = ControlLoop(self.operator.controller_settings(), self.operator.slo_s,
                                    load_block_accuracy(settings.accuracy_model, self.fingerprint, settings.checkpoint),
@@ -334,8 +336,26 @@ class Gateway:
             measured = ", ".join(f"{r:g}:{t * 1e3:.2f}" for r, t in zip(calibration.ratios, calibration.latency_s))
             raise BadMessage("bad_calibration", f"calibration of {calibration.node_id} (ratio:ms {measured}): "
                              f"{exc}") from None
-        if row is not None:
-            self.store.add_calibration(row)
+        if row is None:
+            return
+        self.store.add_calibration(row)
+        r2 = max(row["r2_linear"], row["r2_quadratic"])
+        if r2 < self.settings.recalibrate_below_r2:
+            self._recalibrate(calibration.node_id, calibration.placement_version, r2)
+
+    def _recalibrate(self, node_id: str, placement_version: int, r2: float) -> None:
+        """A flat or noisy latency curve (measured while the host was busy) would make the controller predict that
+        pruning this slice buys nothing: keep it, and ask the node to measure again, a bounded number of times."""
+        key = (node_id, placement_version)
+        with self._lock:
+            asked = self._recalibrations.get(key, 0)
+            if asked >= self.settings.recalibrate_attempts:
+                return
+            self._recalibrations[key] = asked + 1
+        log.warning("%s: its slice's latency fit explains only R²=%.2f of the calibration (below %.2f): asking it to "
+                    "calibrate again (%d of %d)", node_id, r2, self.settings.recalibrate_below_r2, asked + 1,
+                    self.settings.recalibrate_attempts)
+        self.bus.publish(self.topics.node_command(node_id), to_json(CalibrateCommand(cmd="calibrate")), qos=1)
 
     def _on_own_desired(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         """Our retained desired states come back after a restart: continue their seq numbers."""

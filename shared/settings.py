@@ -216,6 +216,12 @@ class GatewaySettings(_Section):
     min_free_mb: float = Field(1024.0, ge=0, description="Below this much free space on the database's disk the "
                                "gateway stops storing per-hop detail (`hops`); below a quarter of it, per-frame rows "
                                "too (SLO windows, errors and classification go on). 0 = no guard.")
+    recalibrate_below_r2: float = Field(0.5, ge=0, le=1, description="A slice calibration whose best latency fit "
+                                        "explains less of the variance than this (R², e.g. a busy host's noise) is "
+                                        "kept, and the node is asked to calibrate again, at most "
+                                        "recalibrate_attempts times per placement. 0 = never.")
+    recalibrate_attempts: int = Field(2, ge=0, le=10, description="How many times per placement a node is asked to "
+                                      "re-calibrate a poorly fitting slice (recalibrate_below_r2).")
     stats_silence_s: float = Field(10.0, gt=0, le=3600, description="A node with no stats for this long is "
                                    "treated as offline (hung) until it speaks again; keep it above the nodes' "
                                    "stats_interval_s.")

@@ -178,3 +178,28 @@ def test_after_commit_runs_only_once_the_rows_before_it_are_written(tmp_path):
     store.flush()
     assert acked == [1]
     store.close()
+
+
+def test_a_calibration_that_fits_poorly_is_kept_and_measured_again_a_bounded_number_of_times(gateway, fresh_broker):
+    from shared.schemas import SliceCalibration
+    from tests.test_control_loop import LADDER, loop, placement
+    gateway.control = loop()
+    gateway.control.set_placement(placement(1))
+    recorder = Recorder(fresh_broker, gateway.topics.node_command("a"))
+    noisy = [0.011, 0.013, 0.011, 0.012, 0.013, 0.011, 0.012, 0.011, 0.013, 0.012][:len(LADDER)]  # flat: host noise
+    try:
+        client = mqtt_client(fresh_broker)
+        for attempt in range(4):  # the node answers every request with another poor curve
+            flat = SliceCalibration(node_id="a", placement_version=1, first_block=0, last_block=2, ratios=LADDER,
+                                    latency_s=noisy, measured_at=time.time() + attempt)  # recent: not retired
+            client.publish(gateway.topics.node_calibration("a"), to_json(flat), qos=1).wait_for_publish(10)
+        wait_until(lambda: Reader(gateway.settings.db_path).db["calibrations"].count == 4, 20,
+                   "the four calibrations were not stored")
+        client.loop_stop()
+        client.disconnect()
+        time.sleep(1.0)  # a third request, if one were (wrongly) sent, would have arrived by now
+        asked = [m for m in recorder.json_on(gateway.topics.node_command("a")) if m.get("cmd") == "calibrate"]
+        assert len(asked) == gateway.settings.recalibrate_attempts == 2
+        assert "a" in gateway.control.fits  # the poor curve is kept meanwhile: a curve is better than none
+    finally:
+        recorder.close()
