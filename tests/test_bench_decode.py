@@ -21,5 +21,9 @@ def test_json_has_the_figures_the_issue_asks_for(monkeypatch):
     result = bench.run(args)
     assert [(r["format"], r["megapixels"]) for r in result["decode"]] == [("jpeg", 0.05), ("png", 0.05)]
     assert all(r["before_ms"] > 0 and r["after_ms"] > 0 and 0 < r["share_p0.5_after"] < 1 for r in result["decode"])
+    assert all(r["minimal_ms"] > 0 for r in result["decode"])
+    steps = result["decode_steps"]
+    assert steps["draft_size"] == [129, 97]  # 258x194 decoded at 1/2, the largest reduction still >= 64 px
+    assert steps["load_ms"] > 0 and set(result["host_load_1min"]) == {"start", "after_decode"}
     assert result["accuracy"]["frames"] == 4
     assert [t["target"] for t in result["targets"]] == ["12 MP JPEG decode >= 4x faster"]

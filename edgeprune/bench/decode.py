@@ -13,6 +13,8 @@ so the machine's load affects both alike.
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import os
 import statistics
 import tempfile
@@ -23,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.imaging import decode_frame, encode_jpeg, encode_png, decode_pixels, frame_size, normalise
+from shared.imaging import (ACCEPTED_FORMATS, INPUT_SIZE, decode_frame, decode_pixels, encode_jpeg, encode_png,
+                            fit_square, frame_size, normalise, reduce_towards)
 
 FRAMES = (("jpeg", 0.3), ("jpeg", 2.0), ("jpeg", 12.0), ("jpeg", 20.0), ("png", 0.3), ("png", 2.0))
 PIPELINE_MEGAPIXELS = 12.0
@@ -104,19 +107,68 @@ def stage_one_slice_s(ratios: tuple[float, ...] = (0.0, 0.5), repeats: int = 20)
     return (first.first_block, first.last_block), times
 
 
+def minimal_decode(payload: bytes, size: int = INPUT_SIZE):
+    """The least a reduced decode can do: draft, load, one resize (no checks, no normalisation).
+
+    The floor ``decode_frame`` is compared against, to show how much of its time is avoidable work.
+    """
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(payload), formats=ACCEPTED_FORMATS)
+    img.draft("RGB", (size, size))
+    img.load()
+    return img.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def decode_steps_ms(megapixels: float, repeats: int, size: int = INPUT_SIZE) -> dict[str, Any]:
+    """Median ms of each step of the reduced path (``shared.imaging.decode_pixels`` + ``normalise``), one by one.
+
+    The steps are spelled out here only to put a clock between them; the path itself lives in imaging.
+    """
+    from PIL import Image
+
+    payload = encoded("jpeg", megapixels)
+    names = ("open", "draft", "load", "convert", "reduce", "fit", "asarray", "normalise")
+    spent: list[list[float]] = [[] for _ in names]
+    for repeat in range(repeats + 1):  # the first is a warm-up
+        marks = [time.perf_counter()]
+        img = Image.open(io.BytesIO(payload), formats=ACCEPTED_FORMATS)
+        marks.append(time.perf_counter())
+        img.draft("RGB", (size, size))
+        marks.append(time.perf_counter())
+        img.load()
+        marks.append(time.perf_counter())
+        rgb = img.convert("RGB")
+        marks.append(time.perf_counter())
+        rgb = reduce_towards(rgb, size)
+        marks.append(time.perf_counter())
+        square = fit_square(rgb, size)
+        marks.append(time.perf_counter())
+        pixels = np.asarray(square, dtype=np.uint8)
+        marks.append(time.perf_counter())
+        normalise(pixels)
+        marks.append(time.perf_counter())
+        if repeat:
+            for step, (a, b) in zip(spent, itertools.pairwise(marks)):
+                step.append((b - a) * 1e3)
+    return {"megapixels": megapixels, "draft_size": list(img.size), **{f"{n}_ms": statistics.median(s) for n, s in zip(names, spent)}}
+
+
 def decode_table(repeats: int, slice_s: dict[float, float]) -> list[dict[str, Any]]:
     rows = []
     for fmt, mp in FRAMES:
         payload = encoded(fmt, mp)
-        before, after = median_s(lambda: decode_frame(payload, reduced=False), lambda: decode_frame(payload),
-                                 repeats=repeats)
+        before, after, minimal = median_s(lambda: decode_frame(payload, reduced=False), lambda: decode_frame(payload),
+                                          lambda: minimal_decode(payload), repeats=repeats)
         row = {"format": fmt, "megapixels": mp, "mbytes": len(payload) / 1e6,
-               "before_ms": before * 1e3, "after_ms": after * 1e3, "speedup": before / after}
+               "before_ms": before * 1e3, "after_ms": after * 1e3, "speedup": before / after,
+               "minimal_ms": minimal * 1e3}
         for ratio, compute in slice_s.items():
             row[f"share_p{ratio:g}_before"] = before / (before + compute)
             row[f"share_p{ratio:g}_after"] = after / (after + compute)
         rows.append(row)
-        print(f"  {fmt} {mp:g} MP: {row['before_ms']:.1f} -> {row['after_ms']:.1f} ms", flush=True)
+        print(f"  {fmt} {mp:g} MP: {row['before_ms']:.1f} -> {row['after_ms']:.1f} ms "
+              f"(draft + load + resize alone: {row['minimal_ms']:.1f} ms)", flush=True)
     return rows
 
 
@@ -344,15 +396,23 @@ def pipeline_rates(seconds: float, in_flight: int) -> tuple[dict[str, dict[str, 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    load_at_start = os.getloadavg()
     print("stage-1 slice time ...", flush=True)
     stage_one, slice_s = stage_one_slice_s()
     print("decode times ...", flush=True)
     rows = decode_table(args.repeats, slice_s)
+    steps = decode_steps_ms(PIPELINE_MEGAPIXELS, args.repeats)
+    host_load = {"start": load_at_start[0], "after_decode": os.getloadavg()[0]}
     result: dict[str, Any] = {
         "decode": rows,
+        "decode_steps": steps,
+        "host_load_1min": host_load,
         "stage1": {"blocks": list(stage_one), **{f"slice_p{r:g}_ms": t * 1e3 for r, t in slice_s.items()}},
         "tables": {"decode time per frame, full (before) vs reduced (after); share = decode / (decode + today's "
-                   f"stage-1 slice, blocks {stage_one[0]}-{stage_one[1]}) at p=0 and p=0.5": rows},
+                   f"stage-1 slice, blocks {stage_one[0]}-{stage_one[1]}) at p=0 and p=0.5; minimal = draft + "
+                   "load + resize alone": rows,
+                   f"reduced decode of a {PIPELINE_MEGAPIXELS:g} MP JPEG, step by step (median ms)": [steps],
+                   "host load average (1 min) at the start and after the decode table": [host_load]},
     }
     twelve = next(r for r in rows if r["format"] == "jpeg" and r["megapixels"] == PIPELINE_MEGAPIXELS)
     targets = [{"target": f"12 MP JPEG decode >= {TARGET_DECODE_SPEEDUP:g}x faster", "measured": twelve["speedup"],
