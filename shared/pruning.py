@@ -70,6 +70,11 @@ def kept_channels(n: int, ratio: float) -> int:
     return kept
 
 
+def narrowest_prunable(ratio: float) -> int:
+    """The fewest channels a layer may have so that pruning it to ``ratio`` keeps one (see :func:`kept_channels`)."""
+    return next(n for n in range(1, 1 << 16) if int(n * (1 - ratio)) >= 1)
+
+
 class ProducerL1Importance(tp.importance.MagnitudeImportance):
     """L1 magnitude (p=1, mean over layers, mean-normalised) over a group's producing layers only.
 

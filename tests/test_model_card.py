@@ -35,7 +35,7 @@ def test_the_shipped_model_calls_empty_frames_blank():
 
 
 def test_config_round_trips_and_rejects_mismatches():
-    config = TrapNetConfig(width=4, class_names=("blank", "fox"), scientific_names=("", "Vulpes vulpes"),
+    config = TrapNetConfig(width=11, class_names=("blank", "fox"), scientific_names=("", "Vulpes vulpes"),
                            input_size=96, resize="letterbox")
     assert config.num_classes == 2
     assert TrapNetConfig.from_dict(config.to_dict()) == config
@@ -57,7 +57,7 @@ def test_wide_frames_keep_their_proportions(fit, expected):
 
 
 def test_a_results_label_comes_from_the_checkpoint():
-    config = TrapNetConfig(width=4, class_names=("blank", "fox", "owl"), input_size=48, resize="crop",
+    config = TrapNetConfig(width=11, class_names=("blank", "fox", "owl"), input_size=48, resize="crop",
                            mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
     torch.manual_seed(0)
     model = make_model(config).eval()

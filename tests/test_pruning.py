@@ -229,6 +229,16 @@ def test_a_ratio_that_empties_a_layer_is_refused():
         PrunableSlice(narrow, 0, 1, ladder=(0.9,), bn_tables={}, input_size=SIZE)
 
 
+def test_training_refuses_a_width_the_ladder_would_empty():
+    """The nodes build every rung of the ladder (up to 0.9): 10 channels keep int(10 * 0.1) = 0, 11 keep 1."""
+    from edgeprune.cli import main
+    from shared.pruning import kept_channels, narrowest_prunable
+
+    assert narrowest_prunable(0.9) == 11 and kept_channels(11, 0.9) == 1
+    with pytest.raises(SystemExit, match="--width 10 is too narrow.*--width 11"):
+        main(["train", "--width", "10", "--epochs", "1", "--out", "never-written.pt"])
+
+
 def test_lazy_build_finishes_in_the_background_and_serves_early_switches(model):
     stage = PrunableSlice(model, 0, 1, ladder=(0.2, 0.5, 0.8), bn_tables={}, build="lazy", input_size=SIZE)
     stage.set_ratio(0.8)  # may run before the builder got there: built on the spot

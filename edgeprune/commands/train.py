@@ -68,6 +68,13 @@ def own_source(args) -> tuple[str, Path] | None:
 
 
 def run(args) -> int:
+    from shared.ladder import DEFAULT_LADDER
+    from shared.pruning import narrowest_prunable
+
+    narrowest = narrowest_prunable(max(DEFAULT_LADDER))
+    if args.width < narrowest:  # the nodes build every ladder rung of every slice: a layer left empty cuts the net
+        raise SystemExit(f"--width {args.width} is too narrow: pruning to {max(DEFAULT_LADDER):g}, the top of the "
+                         f"ladder, must keep a channel of every layer; use --width {narrowest} or more")
     from edgeprune.allocator import keep_large_allocations
 
     keep_large_allocations()
