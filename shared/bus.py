@@ -46,6 +46,17 @@ def _routing_filter(topic_filter: str) -> str:
     return topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
 
 
+def _client(settings: MqttSettings, client_id: str, manual_ack: bool = False) -> mqtt.Client:
+    """A paho MQTT v5 client with the component's login and, if configured, TLS."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                         manual_ack=manual_ack)
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password.get_secret_value() if settings.password else None)
+    if settings.tls_ca:
+        client.tls_set(ca_certs=str(settings.tls_ca), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    return client
+
+
 def publish_properties(user: dict[str, str]) -> Properties:
     props = Properties(PacketTypes.PUBLISH)
     props.UserProperty = list(user.items())
@@ -78,14 +89,8 @@ class Bus:
         self._subscribed: dict[int, Callable[[], None]] = {}  # SUBSCRIBE packet id -> call on its SUBACK
         self.on_connected: Callable[[], None] | None = None
         self.refusal: str | None = None  # the broker's last reason for refusing us (e.g. "Not authorized")
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=component_id, protocol=mqtt.MQTTv5,
-                             manual_ack=manual_ack)
+        client = _client(settings, component_id, manual_ack=manual_ack)
         client.will_set(status_topic, AVAILABILITY_OFFLINE, qos=1, retain=True)
-        if settings.username:
-            client.username_pw_set(settings.username,
-                                   settings.password.get_secret_value() if settings.password else None)
-        if settings.tls_ca:
-            client.tls_set(ca_certs=str(settings.tls_ca), tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.reconnect_delay_set(min_delay=1, max_delay=settings.reconnect_max_s)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -275,7 +280,6 @@ class Bus:
             log.error("%s: could not publish error record: %s", self.component_id, exc)
 
 
-
 def drain_session(settings: MqttSettings, client_id: str, filters: list[str], wait_s: float = 10.0,
                   quiet_s: float = 1.0) -> list[tuple[str, bytes, dict[str, str]]]:
     """Take over a dead client's session and end it: what the broker held for it, then nothing more.
@@ -291,11 +295,7 @@ def drain_session(settings: MqttSettings, client_id: str, filters: list[str], wa
     received: list[tuple[str, bytes, dict[str, str]]] = []
     last = [time.monotonic()]
     ready = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    if settings.username:
-        client.username_pw_set(settings.username, settings.password.get_secret_value() if settings.password else None)
-    if settings.tls_ca:
-        client.tls_set(ca_certs=str(settings.tls_ca), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    client = _client(settings, client_id)
 
     def on_connect(c, userdata, flags, reason_code, properties) -> None:
         if not reason_code.is_failure:
