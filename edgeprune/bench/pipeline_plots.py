@@ -57,6 +57,10 @@ def _latency(document: dict, path: Path) -> Path:
     axes[-1, 0].set_xlabel("seconds since the camera started (slowdowns shaded; dotted: re-partitioning)")
     fig.suptitle(f"{document['scenario']}: end-to-end latency per frame, SLO {1000 * document['slo_s']:.0f} ms (red)",
                  fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -75,10 +79,7 @@ def _attainment(document: dict, path: Path) -> Path:
     ax.set_ylabel("% of frames sent within the SLO")
     ax.set_title(f"{document['scenario']}: SLO attainment per policy (dropped or failed frames count as misses)",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _accuracy(document: dict, path: Path) -> Path:
@@ -95,10 +96,7 @@ def _accuracy(document: dict, path: Path) -> Path:
     ax.set_xlabel("SLO attainment, % of frames sent")
     ax.set_ylabel("accuracy, % (o measured on labelled frames, x predicted)")
     ax.set_title(f"{document['scenario']}: accuracy vs attainment", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _rates(document: dict, path: Path) -> Path:
@@ -121,7 +119,4 @@ def _rates(document: dict, path: Path) -> Path:
     bottom.set_ylabel("p95 latency, ms (SLO red)")
     bottom.set_xlabel("offered arrival rate, mean frames/s over the run (same trace, compressed)")
     top.set_title(f"{document['scenario']}: SLO attainment against arrival rate per policy", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
