@@ -291,12 +291,12 @@ def _read_stats(norms: Mapping[str, nn.BatchNorm2d]) -> BnStats:
 
 @torch.no_grad()
 def calibrate_bn_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence[float],
-                        batch_size: int = 256) -> dict[str, BnStats]:
+                        batch_size: int = 256, advance: Callable[[], None] = lambda: None) -> dict[str, BnStats]:
     """BatchNorm running statistics of the model pruned to each ladder ratio (no gradient, no weight change).
 
     The model is masked exactly as it will be pruned, its BatchNorms average the batch
     statistics of ``frames``, and the result is read out. The model's own statistics are
-    restored afterwards.
+    restored afterwards. ``advance`` is called after each ratio's pass (progress).
     """
     groups = pruning_groups(model.eval(), frames.images.shape[1])
     tables = {}
@@ -309,12 +309,14 @@ def calibrate_bn_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence[fl
                 for x, _ in batches(frames, batch_size, None, False):
                     model(x)
             tables[ratio_key(ratio)] = _read_stats(norms)
+            advance()
     return tables
 
 
 @torch.no_grad()
 def calibrate_entry_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence[float],
-                           bn_tables: Mapping[str, BnStats], batch_size: int = 256) -> dict[str, dict[str, BnStats]]:
+                           bn_tables: Mapping[str, BnStats], batch_size: int = 256,
+                           advance: Callable[[], None] = lambda: None) -> dict[str, dict[str, BnStats]]:
     """Statistics of each block's BatchNorms when the blocks before it run at a *different* ratio.
 
     A slice that starts at block ``b`` runs at its own ratio ``p`` on activations that the
@@ -325,7 +327,8 @@ def calibrate_entry_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence
     node does), and block ``b`` alone, masked at ``p``, averages its batch statistics. Blocks after
     the slice's first see a normalised input and keep the uniform table. Result:
     ``{ratio_key(p): {ratio_key(q): {BatchNorm name: {"mean", "var"}}}}`` over the BatchNorms of
-    every block that can start a slice (all but the stem).
+    every block that can start a slice (all but the stem). ``advance`` is called after each
+    upstream pass and each (own, upstream) pair (progress).
     """
     groups = pruning_groups(model.eval(), frames.images.shape[1])
     entry: dict[str, dict[str, BnStats]] = {ratio_key(p): {} for p in ladder}
@@ -347,6 +350,7 @@ def calibrate_entry_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence
                         if b in inputs:
                             inputs[b].append(x)
                         x = block(x)
+            advance()
             for ratio in ladder:
                 if ratio == upstream:
                     continue
@@ -359,6 +363,7 @@ def calibrate_entry_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence
                     entry[ratio_key(ratio)].setdefault(ratio_key(upstream), {}).update(_read_stats(found))
                     for m in found.values():
                         m.eval()
+                advance()
     return entry
 
 
@@ -376,17 +381,54 @@ def save_checkpoint(path: Path, model: BlockNet, config: TrainConfig, bn_tables:
                 "entry_bn_tables": entry_tables or {}, "meta": {"train_config": config.to_dict(), **meta}}, path)
 
 
-def calibrate_all_tables(model: BlockNet, train_split: FrameSplit,
-                         config: TrainConfig) -> tuple[dict[str, BnStats], dict[str, dict[str, BnStats]]]:
+class PassCounter:
+    """Progress of the table passes: a bar, or (``progress=False``) a log line per tenth with the time left.
+
+    The tables cost about three training epochs of forward passes and run after the last epoch
+    (over 18 minutes at 128 px here): without this a long run looked hung.
+    """
+
+    def __init__(self, total: int, progress: bool, log: Callable[[str], None]) -> None:
+        self.total, self.done, self.log = total, 0, log
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=total, desc="BatchNorm tables", unit="pass", disable=not progress, leave=False)
+
+    def __call__(self) -> None:
+        self.done += 1
+        self.bar.update(1)
+        tenth = max(1, self.total // 10)
+        if self.bar.disable and (self.done % tenth == 0 or self.done == self.total):
+            elapsed = time.perf_counter() - self.started
+            left = elapsed / self.done * (self.total - self.done)
+            self.log(f"BatchNorm tables: {self.done}/{self.total} passes, {elapsed:.0f} s, about {left:.0f} s left")
+
+    def close(self) -> float:
+        """Seconds since the first pass started."""
+        self.bar.close()
+        return time.perf_counter() - self.started
+
+
+def table_passes(ladder: Sequence[float]) -> int:
+    """Passes of :func:`calibrate_all_tables`: one per pruned ratio, per upstream ratio, per (own, upstream) pair."""
+    return sum(1 for p in ladder if p > 0) + len(ladder) + len(ladder) * (len(ladder) - 1)
+
+
+def calibrate_all_tables(model: BlockNet, train_split: FrameSplit, config: TrainConfig, progress: bool = False,
+                         log: Callable[[str], None] = print) -> tuple[dict[str, BnStats], dict[str, dict[str, BnStats]]]:
     """Uniform per-ratio tables and entry tables from the same seeded unlabelled training frames."""
     frames = calibration_frames(train_split, config.calibration_frames, config.seed)
-    tables = calibrate_bn_tables(model, frames, config.ladder)
-    return tables, calibrate_entry_tables(model, frames, config.ladder, tables)
+    counter = PassCounter(table_passes(config.ladder), progress, log)
+    tables = calibrate_bn_tables(model, frames, config.ladder, advance=counter)
+    entry = calibrate_entry_tables(model, frames, config.ladder, tables, advance=counter)
+    log(f"BatchNorm tables: {counter.done} passes over {len(frames)} frames in {counter.close():.0f} s")
+    return tables, entry
 
 
-def recalibrate_checkpoint(path: Path, train_split: FrameSplit) -> None:
+def recalibrate_checkpoint(path: Path, train_split: FrameSplit, progress: bool = False,
+                           log: Callable[[str], None] = print) -> None:
     """Recompute a checkpoint's BatchNorm tables in place: same weights, same training config."""
     state = load_checkpoint(path)
     config = TrainConfig.from_dict(state["meta"]["train_config"])
-    state["bn_tables"], state["entry_bn_tables"] = calibrate_all_tables(build_model(path), train_split, config)
+    state["bn_tables"], state["entry_bn_tables"] = calibrate_all_tables(build_model(path), train_split, config,
+                                                                        progress, log)
     torch.save(state, path)

@@ -19,6 +19,7 @@ from edgeprune.training import (
     recalibrate_checkpoint,
     regime_config,
     save_checkpoint,
+    table_passes,
     train,
 )
 from shared.model import TrapNetConfig, build_model, model_fingerprint
@@ -162,7 +163,11 @@ def test_entry_tables_hold_the_statistics_behind_a_differently_pruned_upstream(t
     # --recalibrate puts both kinds of table into an existing checkpoint without touching its weights.
     path = tmp_path / "tiny.pt"
     save_checkpoint(path, model, config, {}, {"regime": "ours"})
-    recalibrate_checkpoint(path, frames)
+    lines: list[str] = []
+    recalibrate_checkpoint(path, frames, log=lines.append)
+    passes = table_passes(LADDER)  # 2 pruned ratios + 3 upstream passes + 3 x 2 (own, upstream) pairs
+    assert passes == 11 and f"BatchNorm tables: {passes}/{passes} passes" in "\n".join(lines)  # said while it ran
+    assert lines[-1].startswith(f"BatchNorm tables: {passes} passes over 256 frames")
     loaded = build_model(path)
     assert model_fingerprint(loaded) == before
     assert sorted(loaded.bn_tables) == ["0.30", "0.50"] and sorted(loaded.entry_bn_tables) == sorted(entry)

@@ -102,7 +102,7 @@ def run(args) -> int:
             raise SystemExit(f"--recalibrate {args.recalibrate}: no such checkpoint")
         # the frames it was trained on (recorded in it), whatever the data flags of this command say
         train_split = splits_for_checkpoint(args.recalibrate, args.threads, not args.no_progress)["train"]
-        recalibrate_checkpoint(args.recalibrate, train_split)
+        recalibrate_checkpoint(args.recalibrate, train_split, progress=not args.no_progress)
         print(f"recalibrated the BatchNorm tables of {args.recalibrate} (weights unchanged)")
         return 0
     source = own_source(args)
@@ -149,7 +149,7 @@ def run(args) -> int:
         model, history = train(config, splits, progress=not args.no_progress,
                                resume=out.with_name(out.name + ".resume"))
         print("computing the per-ratio BatchNorm tables (forward passes only)")
-        tables, entry_tables = calibrate_all_tables(model, splits["train"], config)
+        tables, entry_tables = calibrate_all_tables(model, splits["train"], config, progress=not args.no_progress)
         test = splits["test"]
         predicted = predict(model, test) if len(test) else test.labels
         test_acc = float((predicted == test.labels).mean()) if len(test) else float("nan")
