@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from shared.imaging import normalise
-from shared.model import CLASS_NAMES, INPUT_SIZE
+from shared.model import CLASS_NAMES, INPUT_SIZE, SCIENTIFIC_NAMES
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -99,6 +99,11 @@ def split_indices(n: int, seed: int) -> dict[str, np.ndarray]:
 def synthetic_class_names(blank_fraction: float = 0.0) -> tuple[str, ...]:
     """The synthetic set's classes: the ten animals, and ``blank`` (index 10) when it renders empty frames."""
     return CLASS_NAMES + ((BLANK,) if blank_fraction > 0 else ())
+
+
+def synthetic_scientific_names(blank_fraction: float = 0.0) -> tuple[str, ...]:
+    """The taxa of :func:`synthetic_class_names`, in the same order (``blank`` has none)."""
+    return SCIENTIFIC_NAMES + (("",) if blank_fraction > 0 else ())
 
 
 def load_raw_silhouettes(seed: int = 0) -> dict[str, FrameSplit]:

@@ -20,14 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 BATCH = 1000
-# The model's classes with the taxon a Camtrap DP consumer can match (scientific name, rank).
-TAXA = {
-    "bear": ("Ursidae", "family"), "bird": ("Aves", "class"), "cat": ("Felis catus", "species"),
-    "cow": ("Bos taurus", "species"), "dog": ("Canis familiaris", "species"), "elephant": ("Elephantidae", "family"),
-    "giraffe": ("Giraffa camelopardalis", "species"), "horse": ("Equus caballus", "species"),
-    "sheep": ("Ovis aries", "species"), "zebra": ("Equus quagga", "species"),
-}
 BLANK_LABELS = {"blank", "empty"}  # a model's "nothing in the frame" class becomes observationType 'blank'
+OTHER_OBSERVATION_TYPES = {"human", "vehicle"}  # classes Camtrap DP has an observationType of their own for
 
 
 def iso(ts: float | None, timespec: str = "milliseconds") -> str:
@@ -63,23 +57,21 @@ class Filters:
         return " AND ".join(clauses) or "1", params
 
 
-def _scientific(label: str) -> str:
-    return TAXA.get(label, ("", ""))[0]
-
-
 # --- the detections view and CSV ------------------------------------------------------------------
 DETECTION_COLUMNS = ("request_id", "camera_id", "capture_time", "label", "scientific_name", "confidence",
                      "prune_ratios", "e2e_latency_s")
 
 
 def _detection(row: sqlite3.Row | tuple) -> dict:
-    request_id, camera_id, capture_ts, label, confidence, prune_ratios, e2e_s = row
+    request_id, camera_id, capture_ts, label, scientific_name, confidence, prune_ratios, e2e_s = row
     return {"request_id": request_id, "camera_id": camera_id, "capture_time": iso(capture_ts),
-            "capture_ts": capture_ts, "label": label, "scientific_name": _scientific(label),
+            "capture_ts": capture_ts, "label": label, "scientific_name": scientific_name or "",
             "confidence": confidence, "prune_ratios": json.loads(prune_ratios), "e2e_latency_s": e2e_s}
 
 
-_SELECT = "SELECT request_id, camera_id, capture_ts, label, confidence, prune_ratios, e2e_s FROM requests r"
+# scientific_name is the one the model's checkpoint gave the label (NULL in rows stored before results carried it)
+_SELECT = ("SELECT request_id, camera_id, capture_ts, label, scientific_name, confidence, prune_ratios, e2e_s "
+           "FROM requests r")
 
 
 def detections_page(conn: sqlite3.Connection, filters: Filters, limit: int = 100,
@@ -221,30 +213,34 @@ def undescribed_cameras(conn: sqlite3.Connection, filters: Filters) -> list[str]
     return [r[0] for r in conn.execute(sql, params)]
 
 
-def _observation_type(label: str) -> str:
+def _observation_type(label: str, scientific_name: str | None) -> str:
+    """A class with a scientific name is an animal; blank, human and vehicle have types of their own."""
     if label in BLANK_LABELS:
         return "blank"
-    return "animal" if label in TAXA else "unknown"
+    if label in OTHER_OBSERVATION_TYPES:
+        return label
+    return "animal" if scientific_name else "unknown"
 
 
 def _media_and_observations(conn: sqlite3.Connection, filters: Filters) -> Iterator[tuple[list, list]]:
     where, params = filters.where()
-    sql = ("SELECT r.request_id, r.camera_id, r.capture_ts, r.finish_ts, r.label, r.confidence, r.prune_ratios "
+    sql = ("SELECT r.request_id, r.camera_id, r.capture_ts, r.finish_ts, r.label, r.scientific_name, r.confidence, "
+           "r.prune_ratios "
            f"FROM requests r JOIN cameras c ON c.camera_id = r.camera_id WHERE {where} "
            "ORDER BY r.capture_ts, r.request_id")
     for batch in _batches(conn, sql, params):
         media, observations = [], []
-        for request_id, camera_id, capture_ts, finish_ts, label, confidence, ratios in batch:
+        for request_id, camera_id, capture_ts, finish_ts, label, scientific_name, confidence, ratios in batch:
             when = _iso_s(capture_ts)
             media.append(_row("media", {
                 "mediaID": request_id, "deploymentID": camera_id, "captureMethod": "activityDetection",
                 "timestamp": when, "filePath": f"{camera_id}/{request_id}", "filePublic": "false",
                 "fileMediatype": "image/*", "mediaComments": "frame classified on the edge; not stored"}))
-            kind = _observation_type(label)
+            kind = _observation_type(label, scientific_name)
             observations.append(_row("observations", {
                 "observationID": f"{request_id}_1", "deploymentID": camera_id, "mediaID": request_id,
                 "eventID": request_id, "eventStart": when, "eventEnd": when, "observationLevel": "media",
-                "observationType": kind, "scientificName": _scientific(label) if kind == "animal" else None,
+                "observationType": kind, "scientificName": scientific_name if kind == "animal" else None,
                 "classificationMethod": "machine",
                 "classifiedBy": f"edgeprune trapnet (prune ratios {' '.join(f'{r:g}' for r in json.loads(ratios))})",
                 "classificationTimestamp": _iso_s(finish_ts), "classificationProbability": round(confidence, 4),
@@ -252,11 +248,11 @@ def _media_and_observations(conn: sqlite3.Connection, filters: Filters) -> Itera
         yield media, observations
 
 
-def datapackage(deployments: list[dict], labels: list[str], created: float, title: str) -> dict:
+def datapackage(deployments: list[dict], taxa: list[tuple[str, str]], created: float, title: str) -> dict:
+    """The package descriptor; ``taxa`` are the (scientific name, label) pairs the exported rows name."""
     starts = [d["_first"] for d in deployments]
     ends = [d["_last"] for d in deployments]
-    taxa = [{"scientificName": TAXA[label][0], "taxonRank": TAXA[label][1], "vernacularNames": {"eng": label}}
-            for label in labels if label in TAXA]
+    taxonomic = [{"scientificName": scientific, "vernacularNames": {"eng": label}} for scientific, label in taxa]
     lats = [d["latitude"] for d in deployments]
     lons = [d["longitude"] for d in deployments]
     resources = [{"name": name, "path": f"{name}.csv", "profile": "tabular-data-resource", "format": "csv",
@@ -272,7 +268,7 @@ def datapackage(deployments: list[dict], labels: list[str], created: float, titl
         "sources": [{"title": "edgeprune", "version": "0.1.0"}],
         "project": {"title": title, "samplingDesign": "opportunistic", "captureMethod": ["activityDetection"],
                     "individualAnimals": False, "observationLevel": ["media"]},
-        "taxonomic": taxa, "resources": resources,
+        "taxonomic": taxonomic, "resources": resources,
     }
     if deployments:
         package["temporal"] = {"start": _iso_s(min(starts))[:10], "end": _iso_s(max(ends))[:10]}
@@ -287,9 +283,10 @@ def camtrap_dp_files(conn: sqlite3.Connection, filters: Filters, created: float,
     """(file name, text chunks) of the package, in an order a streaming zip can write."""
     deployments = _deployments(conn, filters)
     where, params = filters.where()
-    labels = [r[0] for r in conn.execute(f"SELECT DISTINCT r.label FROM requests r JOIN cameras c "
-                                         f"ON c.camera_id = r.camera_id WHERE {where} ORDER BY r.label", params)]
-    yield "datapackage.json", iter([json.dumps(datapackage(deployments, labels, created, title), indent=2)])
+    taxa = [tuple(r) for r in conn.execute(
+        f"SELECT r.scientific_name, MIN(r.label) FROM requests r JOIN cameras c ON c.camera_id = r.camera_id "
+        f"WHERE {where} AND r.scientific_name != '' GROUP BY r.scientific_name ORDER BY r.scientific_name", params)]
+    yield "datapackage.json", iter([json.dumps(datapackage(deployments, taxa, created, title), indent=2)])
     yield "deployments.csv", iter([_csv_text([[f["name"] for f in SCHEMAS["deployments"]]]
                                              + [_row("deployments", d) for d in deployments])])
 

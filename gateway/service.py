@@ -94,7 +94,7 @@ def result_row(result: Result, finish_ts: float) -> dict:
         "request_id": result.request_id, "camera_id": result.camera_id, "capture_ts": result.capture_ts,
         "finish_ts": finish_ts, "e2e_s": e2e, "queue_s": queue_s, "compute_s": compute_s, "decode_s": decode_s,
         "transfer_s": e2e - queue_s - decode_s - compute_s, "label": result.label, "label_index": result.label_index,
-        "confidence": result.confidence, "prune_ratios": [h.prune_ratio for h in result.hops
+        "scientific_name": result.scientific_name, "confidence": result.confidence, "prune_ratios": [h.prune_ratio for h in result.hops
                                                                    if h.stage != INGEST_STAGE],
         "hops": [h.model_dump() for h in result.hops], "true_label": result.true_label,
         "correct": None if result.true_label is None else int(result.label_index == result.true_label),

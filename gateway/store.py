@@ -56,7 +56,7 @@ SCHEMA: dict[str, Table] = {
         "request_id": str, "camera_id": str, "capture_ts": float, "finish_ts": float, "e2e_s": float,
         "queue_s": float, "compute_s": float, "transfer_s": float, "label": str, "label_index": int,
         "confidence": float, "prune_ratios": list, "hops": list, "decode_s": float, "true_label": int,
-        "correct": int,
+        "correct": int, "scientific_name": str,
     }, "request_id", "insert_ignore"),
     "windows": Table({
         "start_ts": float, "end_ts": float, "count": int, "slo_s": float, "met": int,
@@ -404,8 +404,9 @@ class Reader:
 
     def recent_requests(self, since_ts: float, limit: int = 2000) -> list[dict]:
         rows = self._rows("SELECT request_id, camera_id, capture_ts, finish_ts, e2e_s, queue_s, compute_s, "
-                          "decode_s, transfer_s, label, label_index, confidence, prune_ratios FROM requests "
-                          "WHERE finish_ts >= ? ORDER BY finish_ts DESC LIMIT ?", (since_ts, limit), table="requests")
+                          "decode_s, transfer_s, label, label_index, scientific_name, confidence, prune_ratios "
+                          "FROM requests WHERE finish_ts >= ? ORDER BY finish_ts DESC LIMIT ?", (since_ts, limit),
+                          table="requests")
         return rows[::-1]
 
     def windows(self, limit: int = 60) -> list[dict]:

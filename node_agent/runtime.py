@@ -200,6 +200,7 @@ class StageRuntime:
                                    input_size=model.config.input_size)
         # class names and input decoding travel in the checkpoint (TrapNetConfig), never a constant
         self.class_names = model.config.class_names
+        self.scientific_names = model.config.scientific_names
         self.preprocessing = model.config.preprocessing()
         self.input_shape = block_input_shape(model, assignment.first_block)
         # the unslowed compute curve fitted to this node's calibration of the slice (None until calibrated)
@@ -268,7 +269,7 @@ class StageRuntime:
             probs = torch.softmax(out.float(), dim=1)[0]
             index = int(torch.argmax(probs))
             result = Result(request_id=act.request_id, camera_id=act.camera_id, capture_ts=act.capture_ts,
-                            label=self.class_names[index],
+                            label=self.class_names[index], scientific_name=self.scientific_names[index],
                             label_index=index, confidence=float(probs[index]),
                             hops=[*act.hops, Hop(**hop, published_ts=time.time())], true_label=label)
             payload = to_json(result)

@@ -21,6 +21,10 @@ import torch
 from torch import nn
 
 CLASS_NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+# Their taxa, as a Camtrap DP consumer (GBIF, camtraptor) matches them: the synthetic set's silhouettes are
+# of these animals. A family or class where the silhouette cannot tell species apart.
+SCIENTIFIC_NAMES = ("Ursidae", "Aves", "Felis catus", "Bos taurus", "Canis familiaris", "Elephantidae",
+                    "Giraffa camelopardalis", "Equus caballus", "Ovis aries", "Equus quagga")
 INPUT_SIZE = 64
 # Per-channel normalisation of RGB frames in [0, 1].
 MEAN = (0.5, 0.5, 0.5)
@@ -72,7 +76,7 @@ class TrapNetConfig:
 
     Nodes name results, and decode frames, from these fields rather than from module constants,
     so a model trained on one's own photos needs no code change. Checkpoints written before they
-    existed load with today's defaults (the ten synthetic classes, 64 px, squash, MEAN/STD).
+    existed load with today's defaults (the ten synthetic classes and their taxa, 64 px, squash, MEAN/STD).
     ``num_classes`` 0 means "as many as ``class_names``"; ``scientific_names`` are optional
     (empty strings where unknown).
     """
@@ -99,7 +103,7 @@ class TrapNetConfig:
             raise ValueError(f"{self.num_classes} classes but {len(names)} class names")
         if len(set(names)) != len(names) or len(names) < 2:
             raise ValueError(f"class names must be at least two and distinct: {names}")
-        scientific = self.scientific_names or ("",) * len(names)
+        scientific = self.scientific_names or (SCIENTIFIC_NAMES if names == CLASS_NAMES else ("",) * len(names))
         if len(scientific) != len(names):
             raise ValueError(f"{len(scientific)} scientific names for {len(names)} classes")
         if self.resize not in RESIZE_MODES:

@@ -188,6 +188,8 @@ class Result(_Strict):
     capture_ts: float
     label: str = Field(min_length=1, max_length=64)
     label_index: int = Field(ge=0)
+    scientific_name: str = Field("", max_length=128, description="The label's taxon, as the model's checkpoint "
+                                 "names it ('' when it names none, e.g. blank).")
     confidence: float = Field(ge=0.0, le=1.0)
     hops: list[Hop] = Field(min_length=1, max_length=64)
     true_label: int | None = Field(None, ge=0, le=MAX_LABEL_INDEX,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sqlite3
 import subprocess
@@ -9,22 +11,33 @@ import sys
 
 import pytest
 
-from gateway.export import Filters, camtrap_dp_zip, detections_csv, detections_page, parse_cursor, parse_time
+from gateway.export import (
+    Filters,
+    camtrap_dp_files,
+    camtrap_dp_zip,
+    detections_csv,
+    detections_page,
+    parse_cursor,
+    parse_time,
+)
 from gateway.store import Store
 
 T0 = 1780000000.0  # 2026-05-28T20:26:40+00:00
 
 
 def fill_detections(path) -> None:
-    """Four frames of two cameras (one blank), and a third camera nobody described yet."""
+    """Four frames of two cameras (one blank), and a third camera nobody described yet; each row's taxon is
+    the one its result carried (the model's checkpoint names it)."""
     store = Store(path)
-    frames = [("r1", "cam-1", T0, "zebra", 0.91), ("r2", "cam-1", T0 + 60, "blank", 0.80),
-              ("r3", "cam-2", T0 + 120, "giraffe", 0.55), ("r4", "cam-2", T0 + 180.5, "zebra", 0.99),
-              ("r5", "cam-9", T0 + 200, "dog", 0.70)]
-    for request_id, camera, ts, label, confidence in frames:
+    frames = [("r1", "cam-1", T0, "zebra", "Equus quagga", 0.91), ("r2", "cam-1", T0 + 60, "blank", "", 0.80),
+              ("r3", "cam-2", T0 + 120, "giraffe", "Giraffa camelopardalis", 0.55),
+              ("r4", "cam-2", T0 + 180.5, "zebra", "Equus quagga", 0.99), ("r5", "cam-9", T0 + 200, "dog",
+                                                                            "Canis familiaris", 0.70)]
+    for request_id, camera, ts, label, scientific_name, confidence in frames:
         store.add_request({"request_id": request_id, "camera_id": camera, "capture_ts": ts, "finish_ts": ts + 0.25,
                            "e2e_s": 0.25, "queue_s": 0.01, "compute_s": 0.2, "transfer_s": 0.04, "label": label,
-                           "label_index": 0, "confidence": confidence, "prune_ratios": [0.0, 0.3], "hops": []})
+                           "scientific_name": scientific_name, "label_index": 0, "confidence": confidence,
+                           "prune_ratios": [0.0, 0.3], "hops": []})
     store.set_camera({"camera_id": "cam-1", "location_name": "waterhole north", "latitude": -19.1,
                       "longitude": 23.4, "start_ts": T0 - 86400, "end_ts": None, "updated_ts": T0})
     store.set_camera({"camera_id": "cam-2", "location_name": "ridge trail", "latitude": -19.2, "longitude": 23.5,
@@ -96,6 +109,8 @@ def test_camtrap_dp_package_validates_with_frictionless_and_maps_blank(db, tmp_p
     assert by_media["r2"]["observationType"] == "blank" and by_media["r2"]["scientificName"] == ""
     assert by_media["r1"]["observationType"] == "animal" and by_media["r1"]["scientificName"] == "Equus quagga"
     assert by_media["r4"]["classificationProbability"] == "0.99" and by_media["r4"]["classificationMethod"] == "machine"
+    assert package["taxonomic"] == [{"scientificName": "Equus quagga", "vernacularNames": {"eng": "zebra"}},
+                                    {"scientificName": "Giraffa camelopardalis", "vernacularNames": {"eng": "giraffe"}}]
     deployments = (out / "deployments.csv").read_text().splitlines()
     assert deployments[1].startswith("cam-1,cam-1,waterhole north,-19.1,23.4,,2026-05-27T20:26:40+00:00,"
                                      "2026-05-28T20:27:40+00:00")
@@ -111,3 +126,27 @@ def test_zip_download_streams_the_same_package(db, tmp_path):
     with zipfile.ZipFile(path) as archive:
         assert archive.namelist() == ["datapackage.json", "deployments.csv", "media.csv", "observations.csv"]
         assert archive.read("media.csv").decode().count("\n") == 3  # header + r1, r2
+
+
+def test_an_own_models_taxa_and_observation_types_come_from_the_rows(tmp_path):
+    """A model trained on one's own photos: its taxon reaches the package; a class without one is no animal."""
+    path = tmp_path / "own.db"
+    store = Store(path)
+    for request_id, label, scientific_name in (("o1", "red fox", "Vulpes vulpes"), ("o2", "human", ""),
+                                               ("o3", "empty", ""), ("o4", "rustle", ""), ("o5", "zebra", None)):
+        store.add_request({"request_id": request_id, "camera_id": "cam-1", "capture_ts": T0, "finish_ts": T0 + 1,
+                           "e2e_s": 1.0, "queue_s": 0.0, "compute_s": 1.0, "transfer_s": 0.0, "label": label,
+                           "scientific_name": scientific_name, "label_index": 0, "confidence": 0.5,
+                           "prune_ratios": [0.0], "hops": []})
+    store.set_camera({"camera_id": "cam-1", "location_name": "den", "latitude": 51.0, "longitude": 4.0,
+                      "start_ts": T0 - 60, "end_ts": None, "updated_ts": T0})
+    store.close()
+    with sqlite3.connect(path) as conn:
+        files = {name: "".join(chunks) for name, chunks in camtrap_dp_files(conn, Filters(), created=T0)}
+    observations = list(csv.DictReader(io.StringIO(files["observations.csv"])))
+    kinds = {r["mediaID"]: (r["observationType"], r["scientificName"]) for r in observations}
+    # o5: a row stored before results carried a taxon is not guessed from its label
+    assert kinds == {"o1": ("animal", "Vulpes vulpes"), "o2": ("human", ""), "o3": ("blank", ""),
+                     "o4": ("unknown", ""), "o5": ("unknown", "")}
+    assert json.loads(files["datapackage.json"])["taxonomic"] == [
+        {"scientificName": "Vulpes vulpes", "vernacularNames": {"eng": "red fox"}}]

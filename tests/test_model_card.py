@@ -56,8 +56,9 @@ def test_wide_frames_keep_their_proportions(fit, expected):
     assert tuple(squashed[20, 0]) == (0, 0, 0)  # the stretched black side is still in view
 
 
-def test_a_results_label_comes_from_the_checkpoint():
-    config = TrapNetConfig(width=11, class_names=("blank", "fox", "owl"), input_size=48, resize="crop",
+def test_a_results_label_and_taxon_come_from_the_checkpoint():
+    config = TrapNetConfig(width=11, class_names=("badger", "fox", "owl"), input_size=48, resize="crop",
+                           scientific_names=("Meles meles", "Vulpes vulpes", "Strix aluco"),
                            mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
     torch.manual_seed(0)
     model = make_model(config).eval()
@@ -69,3 +70,4 @@ def test_a_results_label_comes_from_the_checkpoint():
         logits = model(torch.from_numpy(decode_frame(frame, **config.preprocessing())))
     assert result.label_index == int(logits.argmax())
     assert result.label == config.class_names[result.label_index]
+    assert result.scientific_name == config.scientific_names[result.label_index]

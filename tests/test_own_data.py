@@ -112,15 +112,21 @@ def write_camtrap_dp(root: Path, rows: list[tuple[Path, str, str]]) -> None:
         {"scientificName": "Strix aluco", "vernacularNames": {"eng": "tawny owl"}}]}))
 
 
-def test_camtrap_dp_package_trains_with_common_and_scientific_names(photos):
+@pytest.fixture(scope="module")
+def camtrap_checkpoint(photos) -> tuple[Path, str]:
     root, rows = photos
     write_camtrap_dp(root, rows)
+    return root / "dp.pt", edgeprune("train", "--camtrap-dp", str(root), "--out", str(root / "dp.pt"), *TINY)
+
+
+def test_camtrap_dp_package_trains_with_common_and_scientific_names(photos, camtrap_checkpoint):
+    root, _ = photos
     items, vernacular, skipped = read_camtrap_dp(root)
     assert Counter(i.label for i in items) == {"blank": 8, "Vulpes vulpes": 9, "Strix aluco": 8}
     assert skipped == {"no usable observation (human, vehicle, unknown or no scientificName)": 1}
-    stdout = edgeprune("train", "--camtrap-dp", str(root), "--out", str(root / "dp.pt"), *TINY)
+    path, stdout = camtrap_checkpoint
     assert "split by deployment" in stdout
-    config = load_checkpoint(root / "dp.pt")["config"]
+    config = load_checkpoint(path)["config"]
     assert config["class_names"] == ["blank", "tawny owl", "red fox"]
     assert config["scientific_names"] == ["", "Strix aluco", "Vulpes vulpes"]
 
@@ -193,8 +199,9 @@ def test_blank_fraction_adds_blank_frames_and_leaves_the_animal_frames_alone(mon
 
 
 @pytest.mark.integration
-def test_own_class_names_reach_a_result_row_through_mosquitto(broker, folder_checkpoint, photos, tmp_path):
-    path, _ = folder_checkpoint
+def test_own_class_and_scientific_names_reach_result_rows_through_mosquitto(broker, camtrap_checkpoint, photos,
+                                                                             tmp_path):
+    path, _ = camtrap_checkpoint
     _, rows = photos
     edgeprune("calibrate", "--checkpoint", str(path), "--random", "2", "--no-progress", "--threads", "1")
     db = tmp_path / "edgeprune.db"
@@ -208,18 +215,21 @@ def test_own_class_names_reach_a_result_row_through_mosquitto(broker, folder_che
         reader = open_reader(db)
         wait_until(lambda: any(n["stage"] for n in reader.nodes()), STARTUP_S,
                    "the node running the own checkpoint was not placed")
-        photo = rows[0][0]
-        subprocess.run(["mosquitto_pub", *mosquitto_pub_login(broker), "-q", "1", "-f", str(photo),
-                        "-t", "edgeprune/camera/trap-own/frame"], check=True, timeout=10)
-        wait_until(lambda: [r for r in reader.recent_requests(0) if r["camera_id"] == "trap-own"], 30,
-                   "the photo never became a result row")
-        (row,) = [r for r in reader.recent_requests(0) if r["camera_id"] == "trap-own"]
+        photos_sent = {f"trap-{label}": photo for photo, label, _ in rows[:-1:PER_CLASS]}  # one of each class
+        for camera, photo in photos_sent.items():
+            subprocess.run(["mosquitto_pub", *mosquitto_pub_login(broker), "-q", "1", "-f", str(photo),
+                            "-t", f"edgeprune/camera/{camera}/frame"], check=True, timeout=10)
+        wait_until(lambda: {r["camera_id"] for r in reader.recent_requests(0)} >= set(photos_sent), 30,
+                   "a photo never became a result row")
         model = build_model(path)
+        config = model.config
         from shared.imaging import decode_frame
-        with torch.inference_mode():
-            expected = int(model(torch.from_numpy(decode_frame(photo.read_bytes(), **model.config.preprocessing())))
-                           .argmax())
-        assert row["label"] == ("blank", "fox", "owl")[expected] and row["label_index"] == expected
+        for row in reader.recent_requests(0):
+            with torch.inference_mode():
+                expected = int(model(torch.from_numpy(decode_frame(photos_sent[row["camera_id"]].read_bytes(),
+                                                                   **config.preprocessing()))).argmax())
+            assert (row["label"], row["label_index"]) == (config.class_names[expected], expected)
+            assert row["scientific_name"] == config.scientific_names[expected]  # "" for blank, else the taxon
         log = procs.log("gateway")  # the gateway loaded own.accuracy.json, calibrated for these weights
         assert "no accuracy model" not in log and "calibrated for other weights" not in log
     finally:

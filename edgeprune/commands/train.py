@@ -81,7 +81,7 @@ def run(args) -> int:
     import torch
 
     from edgeprune.bench import format_table
-    from edgeprune.dataset import RenderConfig, load_frames, synthetic_class_names
+    from edgeprune.dataset import RenderConfig, load_frames, synthetic_class_names, synthetic_scientific_names
     from edgeprune.own_data import balance_report, load_source, per_class_report, splits_for_checkpoint
     from edgeprune.training import (
         BASE_BATCH,
@@ -130,7 +130,8 @@ def run(args) -> int:
     else:
         resize = args.resize or "squash"
         splits = load_frames(RenderConfig(size=size, seed=args.data_seed, blank_fraction=args.blank_fraction))
-        names, scientific = synthetic_class_names(args.blank_fraction), ()
+        names = synthetic_class_names(args.blank_fraction)
+        scientific = synthetic_scientific_names(args.blank_fraction)
         data_meta = {"source": "synthetic", "blank_fraction": args.blank_fraction, "size": size}
     regimes = REGIMES if args.regime == "all" else (args.regime,)
     if args.out and len(regimes) > 1:
