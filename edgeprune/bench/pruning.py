@@ -94,7 +94,7 @@ def slice_costs(model: BlockNet, slices: Sequence[tuple[int, int]], budget: Budg
     import torch_pruning as tp
 
     rows, switch_rows = [], []
-    x = torch.zeros(1, 3, 64, 64)
+    x = torch.zeros(1, 3, model.config.input_size, model.config.input_size)
     for index, (first, last) in enumerate(slices):
         x_in = model.run_blocks(x, 0, first - 1).detach()
         t0 = time.perf_counter()
@@ -219,26 +219,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     uniform_rows: list[dict[str, Any]] = []
     mixed_rows: list[dict[str, Any]] = []
     fit_rows: list[dict[str, Any]] = []
-    architectures_timed: set[str] = set()
+    architectures_timed: set[tuple[str, int]] = set()
     rng = np.random.default_rng(args.seed)
     vectors = rng.choice(budget.ladder, size=(budget.mixed, len(slices)))
-    test_sets: dict[float, tuple[FrameSplit, torch.Tensor]] = {}
+    test_sets: dict[tuple[float, int], tuple[FrameSplit, torch.Tensor]] = {}
     test_frames: dict[str, int] = {}
     for name, path in models.items():
         model = build_model(path)
-        # each model on its own test split: the ten animals' frames, plus the empty ones if it has a blank class
+        # each model on its own test split: the ten animals' frames, plus the empty ones if it has a blank class,
+        # rendered at the model's input size
         blank = load_checkpoint(path).get("meta", {}).get("data", {}).get("blank_fraction", 0.0)
-        if blank not in test_sets:
-            test = load_frames(RenderConfig(seed=args.data_seed, blank_fraction=blank))["test"]
+        size = model.config.input_size
+        if (blank, size) not in test_sets:
+            test = load_frames(RenderConfig(size=size, seed=args.data_seed, blank_fraction=blank))["test"]
             if budget.test_frames is not None:
                 test = test.subset(np.sort(np.random.default_rng(args.seed).choice(len(test), budget.test_frames,
                                                                                    replace=False)))
-            test_sets[blank] = test, to_model_input(test.images)
-        test, inputs = test_sets[blank]
+            test_sets[blank, size] = test, to_model_input(test.images)
+        test, inputs = test_sets[blank, size]
         test_frames[name] = len(test)
-        if model.config.arch not in architectures_timed:
-            architectures_timed.add(model.config.arch)
-            costs, switches = slice_costs(model, slices, budget, f"{name} ({model.config.arch})")
+        if (model.config.arch, size) not in architectures_timed:  # latency depends on the shape, not the weights
+            architectures_timed.add((model.config.arch, size))
+            costs, switches = slice_costs(model, slices, budget, f"{name} ({model.config.arch}, {size} px)")
             cost_rows += costs
             switch_rows += switches
         for tables in (True, False):
