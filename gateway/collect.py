@@ -29,6 +29,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     site TEXT NOT NULL, request_id TEXT NOT NULL, camera_id TEXT NOT NULL, capture_ts REAL NOT NULL,
     label TEXT NOT NULL, label_index INTEGER NOT NULL, confidence REAL NOT NULL,
+    scientific_name TEXT NOT NULL DEFAULT '',  -- the label's taxon, as the site's model names it
     hops TEXT NOT NULL,            -- JSON list of the stages' Hop records, as the site's gateway stores them
     received_at REAL NOT NULL,     -- when the centre wrote it (later than capture after a cut link)
     PRIMARY KEY (site, request_id)
@@ -67,6 +68,7 @@ def parse_central(topics: Topics, topic: str, payload: bytes, received_at: float
         return Row("results", {"site": site, "request_id": result.request_id, "camera_id": result.camera_id,
                                "capture_ts": result.capture_ts, "label": result.label,
                                "label_index": result.label_index, "confidence": result.confidence,
+                               "scientific_name": result.scientific_name,
                                "hops": json.dumps([h.model_dump() for h in result.hops]), "received_at": received_at})
     if len(parts) == 3 and parts[0] in ("node", "component") and parts[2] == "status":
         status = payload.decode("utf-8", errors="replace")
@@ -90,6 +92,9 @@ class CentralStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+        if "scientific_name" not in columns:  # a file written before results carried the taxon
+            self._db.execute("ALTER TABLE results ADD COLUMN scientific_name TEXT NOT NULL DEFAULT ''")
         self._lock = threading.Lock()
 
     def write(self, row: Row) -> bool:

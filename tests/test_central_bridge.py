@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgeprune.broker import free_port, render_config, start_broker, stop_process
-from gateway.collect import parse_central
+from gateway.collect import CentralStore, parse_central
 from shared.bus import Bus
 from shared.schemas import BadMessage, ErrorRecord, Hop, Result, to_json
 from shared.settings import BrokerSettings, MqttSettings, SiteSettings, load
@@ -33,7 +33,8 @@ def result(n: int) -> bytes:
     hop = Hop(stage=1, node_id="pi-a", prune_ratio=0.0, received_ts=1.0, started_ts=1.0, finished_ts=1.1,
               published_ts=1.1)
     return to_json(Result(request_id=f"r{n}-{uuid.uuid4().hex[:6]}", camera_id="cam-1", capture_ts=float(n),
-                          label="deer", label_index=1, confidence=0.9, hops=[hop]))
+                          label="deer", label_index=1, scientific_name="Capreolus capreolus", confidence=0.9,
+                          hops=[hop]))
 
 
 def rows(db, table: str, site: str = "valley") -> int:
@@ -126,9 +127,20 @@ def test_bridge_section_forwards_only_data_out_and_uses_its_own_credential(tmp_p
     assert "# === BRIDGE" not in render_config(BrokerSettings(data_dir=tmp_path), SiteSettings())
 
 
-def test_parse_central_rows_and_refusals() -> None:
+def test_parse_central_rows_and_refusals(tmp_path) -> None:
     row = parse_central(TOPICS, "sites/valley/edgeprune/pipeline/results", result(1), 5.0)
     assert row.table == "results" and row.values["site"] == "valley" and row.values["label"] == "deer"
+    with sqlite3.connect(tmp_path / "old.db") as old:  # a central file from before results carried the taxon
+        old.execute("CREATE TABLE results (site TEXT NOT NULL, request_id TEXT NOT NULL, camera_id TEXT NOT NULL, "
+                    "capture_ts REAL NOT NULL, label TEXT NOT NULL, label_index INTEGER NOT NULL, "
+                    "confidence REAL NOT NULL, hops TEXT NOT NULL, received_at REAL NOT NULL, "
+                    "PRIMARY KEY (site, request_id))")
+    store = CentralStore(tmp_path / "old.db")
+    assert store.write(row)
+    store.close()
+    with sqlite3.connect(tmp_path / "old.db") as conn:
+        assert conn.execute("SELECT label, scientific_name FROM results").fetchall() == [("deer",
+                                                                                         "Capreolus capreolus")]
     status = parse_central(TOPICS, "sites/ridge/edgeprune/node/pi-b/status", b"offline", 5.0)
     assert status.values == {"site": "ridge", "component": "pi-b", "kind": "node", "status": "offline",
                              "received_at": 5.0}
