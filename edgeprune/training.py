@@ -384,8 +384,9 @@ def save_checkpoint(path: Path, model: BlockNet, config: TrainConfig, bn_tables:
 class PassCounter:
     """Progress of the table passes: a bar, or (``progress=False``) a log line per tenth with the time left.
 
-    The tables cost about three training epochs of forward passes and run after the last epoch
-    (over 18 minutes at 128 px here): without this a long run looked hung.
+    The tables cost about three random-width epochs of forward passes and run after the last epoch
+    (up to 16 minutes at 128 px on a quiet machine here, over 18 under load): without this a long run
+    looked hung.
     """
 
     def __init__(self, total: int, progress: bool, log: Callable[[str], None]) -> None:
