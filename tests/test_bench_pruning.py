@@ -79,3 +79,42 @@ def test_speedup_by_input_size_tells_a_fixed_cost_from_a_dearer_mac():
     assert full["fixed_share_at_most_448px"] == pytest.approx(0.7 / 29.5)
     assert full["fixed_share_at_most_128px"] == pytest.approx(0.7 / 2.5)
     assert pruned["fixed_share_at_most_448px"] > 0.1 / (0.1 + 20 * 1.37 * 15 * 49 / 1000)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.optimize.OptimizeWarning")  # random frames: a flat logistic fit
+def test_each_model_is_timed_and_evaluated_at_its_own_input_size(monkeypatch, tmp_path):
+    """A 32-px and a 48-px checkpoint in one run: frames rendered, and slices timed, at each one's size."""
+    import argparse
+
+    import torch
+
+    from edgeprune.bench import pruning
+    from edgeprune.dataset import FrameSplit
+    from edgeprune.training import regime_config, save_checkpoint
+    from shared.model import TrapNetConfig, make_model
+
+    rendered = []
+
+    def fake_frames(config):  # tiny random frames instead of the synthetic set: the sizes are what is tested
+        rendered.append(config.size)
+        rng = np.random.default_rng(config.size)
+        n = 300
+        return {"test": FrameSplit(rng.integers(0, 255, (n, config.size, config.size, 3), dtype=np.uint8),
+                                   rng.integers(0, 10, n), rng.random(n) < 0.3)}
+
+    monkeypatch.setattr(pruning, "load_frames", fake_frames)
+    models = {}
+    for size in (32, 48):
+        torch.manual_seed(size)
+        config = TrapNetConfig(width=16, input_size=size)
+        models[size] = tmp_path / f"m{size}.pt"
+        save_checkpoint(models[size], make_model(config).eval(), regime_config("ours", model=config), {},
+                        {"data": {"blank_fraction": 0.0}})
+    args = argparse.Namespace(quick=True, slices="0-1,2-3,4-5", model=[f"s{k}={p}" for k, p in models.items()],
+                              mixed=8, seed=0, data_seed=0, plots=tmp_path / "plots")
+    result = pruning.run(args)
+    assert rendered == [32, 48]
+    costs = {(r["model"], r["ratio"]): r["MMACs"] for r in result["tables"]["Slice cost per ratio (batch 1)"]
+             if r["slice"].startswith("1 ")}
+    # the same architecture timed once per size: the first slice's MACs grow with the pixel count
+    assert costs[("s48 (resnet, 48 px)", 0.0)] == pytest.approx(costs[("s32 (resnet, 32 px)", 0.0)] * (48 / 32) ** 2)

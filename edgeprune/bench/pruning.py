@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     uniform_rows: list[dict[str, Any]] = []
     mixed_rows: list[dict[str, Any]] = []
     fit_rows: list[dict[str, Any]] = []
-    architectures_timed: set[tuple[str, int]] = set()
+    shapes_timed: set[tuple[str, int]] = set()
     rng = np.random.default_rng(args.seed)
     vectors = rng.choice(budget.ladder, size=(budget.mixed, len(slices)))
     test_sets: dict[tuple[float, int], tuple[FrameSplit, torch.Tensor]] = {}
@@ -238,8 +238,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             test_sets[blank, size] = test, to_model_input(test.images)
         test, inputs = test_sets[blank, size]
         test_frames[name] = len(test)
-        if (model.config.arch, size) not in architectures_timed:  # latency depends on the shape, not the weights
-            architectures_timed.add((model.config.arch, size))
+        if (model.config.arch, size) not in shapes_timed:  # latency depends on the shape, not the weights
+            shapes_timed.add((model.config.arch, size))
             costs, switches = slice_costs(model, slices, budget, f"{name} ({model.config.arch}, {size} px)")
             cost_rows += costs
             switch_rows += switches
