@@ -17,7 +17,7 @@ import numpy as np
 from gateway.controller import Held, Infeasible, PruningController, SetRatios
 from gateway.curves import AccuracyFit, ReplicaAccuracy, SliceLatencyFit, accuracy_for_slices, fit_latency
 from shared.ladder import missing_rungs
-from shared.schemas import NodeStats, Placement, PruneDesired, SliceCalibration
+from shared.schemas import NodeStats, Placement, PruneDesired, Result, SliceCalibration
 from shared.settings import ControllerSettings
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,21 @@ class ControlLoop:
         if self.controller:
             self.controller.observe_latency(ts, e2e_s)
 
+    def observe_result(self, ts: float, result: Result) -> None:
+        """Each stage's compute on a completed frame: the adaptive controller's per-frame slowdown signal. Hops a
+        node ran under another placement (another slice, another stage) say nothing about its current curve."""
+        if self.controller is None or self.placement is None:
+            return
+        for hop in result.hops:
+            stage = self.placement.stage_of(hop.node_id)
+            if stage is not None and stage.stage == hop.stage:
+                self.controller.observe_frame(ts, hop.node_id, hop.compute_s, hop.prune_ratio)
+
+    def observe_arrival(self, ts: float) -> None:
+        """A frame stage 1 accepted: the arrival rate the adaptive controller keeps every stage up with."""
+        if self.controller:
+            self.controller.observe_arrival(ts)
+
     def observe_stats(self, stats: NodeStats) -> None:
         if self.controller and stats.compute_mean_s is not None:
             self.controller.observe_node(stats.ts, stats.node_id, stats.compute_mean_s, stats.queue_depth,
@@ -143,8 +158,9 @@ class ControlLoop:
         if len(nodes) > len(self.placement.stages):  # replicas may run different ratios: expected accuracy
             accuracy = ReplicaAccuracy.equal_shares(accuracy, [len(s.nodes) for s in self.placement.stages])
         initial = {n: self.desired[n].ratio for n in nodes if n in self.desired}
+        shares = {n: 1.0 / len(s.nodes) for s in self.placement.stages for n in s.nodes}
         self.controller = PruningController(nodes, self.fits, accuracy, self.slo_s, self.settings, initial,
-                                            n_stages=len(self.placement.stages))
+                                            n_stages=len(self.placement.stages), arrival_shares=shares)
         log.info("pruning controller running over %s (policy %s, budget %.1f ms per stage)", nodes,
                  self.settings.policy, self.controller.budget_s * 1e3)
 

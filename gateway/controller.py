@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gateway.curves import AccuracyFit, ReplicaAccuracy, SliceLatencyFit
-from gateway.policy import POLICIES, TOLERANCE, Decision, RatioProblem, evaluate_ratios
+from gateway.policy import POLICIES, TOLERANCE, Decision, RatioProblem, choose_adaptive, evaluate_ratios
+from gateway.slowdown import SlowdownDetector
 from shared.settings import ControllerSettings
+
+MIN_STAGE_BUDGET_S = 1e-4  # a rate cap a stage's decode alone exceeds: no ratio meets it (best effort)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Metrics:
     headroom_fraction: float
     slowdowns: dict[str, float]
     queue_depths: dict[str, int]
+    arrival_hz: float | None = None
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,23 @@ Action = SetRatios | Infeasible | Held
 
 
 class PruningController:
-    """Sustained-violation trigger, cooldown, slowdown estimation, step-wise restore, manual holds."""
+    """Slowdown estimation, ratio choice, restore and manual holds, on one of two triggers.
+
+    ``adaptive`` (the default) tracks a target: each tick it solves for the least pruning that meets every
+    stage's budget at the slowdowns the last frames' compute shows (:mod:`gateway.slowdown`) and the
+    arrival rate of the last ``arrival_window_s``; more pruning is applied at once, less only after it has
+    been the answer for ``fast_restore_confirm_s`` with headroom. The end-to-end trigger stays as a safety
+    net for what compute cannot see. ``bottleneck`` and ``paper`` act only on the sustained end-to-end
+    violation (the paper's reactive controller), with a cooldown and step-wise restore.
+    """
 
     def __init__(self, nodes: Sequence[str], latency: Mapping[str, SliceLatencyFit],
                  accuracy: AccuracyFit | ReplicaAccuracy, slo_s: float, config: ControllerSettings | None = None,
-                 initial_ratios: Mapping[str, float] | None = None, n_stages: int | None = None):
+                 initial_ratios: Mapping[str, float] | None = None, n_stages: int | None = None,
+                 arrival_shares: Mapping[str, float] | None = None):
         """``nodes`` in stage order, a replicated stage's nodes side by side; ``accuracy`` has one entry per node
-        (a :class:`ReplicaAccuracy` when stages have replicas, whose count ``n_stages`` then gives)."""
+        (a :class:`ReplicaAccuracy` when stages have replicas, whose count ``n_stages`` then gives);
+        ``arrival_shares``: the fraction of the frames each node serves (1 / its stage's replicas; default 1)."""
         if not nodes or len(set(nodes)) != len(nodes):
             raise ValueError("nodes must be a non-empty list of distinct ids in stage order")
         if n_stages is not None and not 1 <= n_stages <= len(nodes):
@@ -104,6 +118,11 @@ class PruningController:
         self._queue_depth: dict[str, int] = {}
         self._last_action_ts = float("-inf")
         self._watching_since: float | None = None
+        self._detector = SlowdownDetector(self.config.detect_frames, self.config.detect_margin)
+        self._arrivals: deque[float] = deque()
+        self._shares = {node: (arrival_shares or {}).get(node, 1.0) for node in nodes}
+        self._lower_since: dict[str, float] = {}  # adaptive: since when a lower ratio has been the answer
+        self._last_infeasible: tuple | None = None
         unpruned = accuracy.predictor(self.config.accuracy_model)([0.0] * len(nodes))
         self.accuracy_floor = self.config.accuracy_floor_relative * unpruned
 
@@ -128,9 +147,23 @@ class PruningController:
     def manual(self) -> dict[str, float]:
         return dict(self._manual)
 
+    @property
+    def adaptive(self) -> bool:
+        return self.config.policy == "adaptive"
+
     def slowdown(self, node_id: str) -> float:
-        """Smoothed observed/calibrated compute time, ≥ 1 (a node is never assumed faster than calibrated)."""
+        """Observed/calibrated compute time, ≥ 1 (a node is never assumed faster than calibrated): from the last
+        frames' compute when adaptive, else smoothed from the node's periodic stats."""
+        if self.adaptive:
+            return self._detector.estimate(node_id)
         return max(1.0, self._slowdown.get(node_id, 1.0))
+
+    def arrival_rate(self, now: float) -> float:
+        """Frames stage 1 accepted per second over the last ``arrival_window_s``."""
+        window = self.config.arrival_window_s
+        while self._arrivals and self._arrivals[0] <= now - window:
+            self._arrivals.popleft()
+        return len(self._arrivals) / window
 
     def metrics(self, now: float) -> Metrics:
         trigger_window = self._since_last_action(now, self.config.trigger_window_s)
@@ -145,7 +178,7 @@ class PruningController:
             headroom_fraction=(sum(latency <= headroom_s for latency in restore_window) / len(restore_window)
                                if restore_window else 0.0),
             slowdowns={node: self.slowdown(node) for node in self.nodes},
-            queue_depths=dict(self._queue_depth))
+            queue_depths=dict(self._queue_depth), arrival_hz=self.arrival_rate(now))
 
     def _since_last_action(self, now: float, window_s: float) -> list[tuple[float, float]]:
         """(completion ts, latency) of requests in the window that completed after the last action."""
@@ -156,6 +189,15 @@ class PruningController:
     def observe_latency(self, ts: float, e2e_latency_s: float) -> None:
         """One completed request: its completion time and end-to-end latency."""
         self._latencies.append((ts, e2e_latency_s))
+
+    def observe_frame(self, ts: float, node_id: str, compute_s: float, ratio: float) -> None:
+        """One stage of one completed frame: the node's compute at the ratio it ran (adaptive's slowdown signal)."""
+        if node_id in self._curves:
+            self._detector.observe(ts, node_id, compute_s, self._curves[node_id].predict(ratio))
+
+    def observe_arrival(self, ts: float) -> None:
+        """A frame stage 1 accepted: the arrival rate each stage must keep up with."""
+        self._arrivals.append(ts)
 
     def observe_node(self, ts: float, node_id: str, compute_mean_s: float | None, queue_depth: int,
                      applied_ratio: float, decode_mean_s: float | None = None) -> None:
@@ -218,6 +260,8 @@ class PruningController:
         horizon = now - max(self.config.trigger_window_s, self.config.restore_window_s)
         while self._latencies and self._latencies[0][0] <= horizon:
             self._latencies.popleft()
+        if self.adaptive:
+            return self._track(now)
         if now < self._last_action_ts + self.config.cooldown_s:
             return []
         metrics = self.metrics(now)
@@ -243,14 +287,98 @@ class PruningController:
                 and m.restore_samples >= self.config.min_samples
                 and m.headroom_fraction >= self.config.restore_fraction)
 
-    def _problem(self) -> RatioProblem:
+    def _problem(self, now: float | None = None, headroom: float = 1.0) -> RatioProblem:
+        """The ratio problem at the current estimates; with ``now`` (adaptive) the arrival rate caps each stage's
+        budget; ``headroom`` < 1 shrinks every budget (a lower ratio must fit with room to spare)."""
         index = {node: i for i, node in enumerate(self.nodes)}
+        caps = [self._rate_cap(n, now) for n in self.nodes] if now is not None else None
         return RatioProblem(latency=[self._fits[n] for n in self.nodes],
                             slowdowns=[self.slowdown(n) for n in self.nodes],
-                            accuracy=self._accuracy, accuracy_floor=self.accuracy_floor, budget_s=self.budget_s,
+                            accuracy=self._accuracy, accuracy_floor=self.accuracy_floor,
+                            budget_s=headroom * self.budget_s,
                             ladder=[r for r in self.config.ladder if r <= self.config.max_ratio + TOLERANCE],
                             accuracy_model=self.config.accuracy_model,
-                            fixed={index[n]: r for n, r in self._manual.items()}, names=self.nodes)
+                            fixed={index[n]: r for n, r in self._manual.items()}, names=self.nodes,
+                            rate_caps_s=None if caps is None else [None if c is None else headroom * c for c in caps])
+
+    def _rate_cap(self, node: str, now: float) -> float | None:
+        """Longest compute per frame with which ``node`` keeps up with its share of the arrivals (its input decode,
+        which pruning cannot shrink, takes its part first); None while nothing arrives."""
+        rate = self.arrival_rate(now) * self._shares[node]
+        if rate <= 0:
+            return None
+        return max(MIN_STAGE_BUDGET_S, self.config.utilisation / rate - self._decode_s.get(node, 0.0))
+
+    def _track(self, now: float) -> list[Action]:
+        """Adaptive: move towards the least pruning that meets every stage's budget at the current slowdowns and
+        arrival rate. More pruning is applied at once; less once it has been the answer, with headroom, for
+        ``fast_restore_confirm_s`` and the latency is not violating. A sustained end-to-end violation the
+        estimates do not explain (a backlog, transport) prunes the deepest queue's node one more step."""
+        metrics = self.metrics(now)
+        decision = choose_adaptive(self._problem(now))
+        needed = dict(zip(self.nodes, decision.ratios))
+        relaxed = dict(zip(self.nodes, choose_adaptive(self._problem(now, self.config.restore_headroom)).ratios))
+        violating = metrics.over_trigger_fraction >= self.config.trigger_fraction
+        changed = {n: r for n, r in needed.items() if r > self._ratios[n] + TOLERANCE}
+        for node in self.nodes:
+            lower = max(needed[node], relaxed[node])
+            if node in self._manual or lower >= self._ratios[node] - TOLERANCE or violating:
+                self._lower_since.pop(node, None)
+                continue
+            since = self._lower_since.setdefault(node, now)
+            if now - since >= self.config.fast_restore_confirm_s:
+                changed[node] = lower
+        if changed:
+            candidate = {**self._ratios, **changed}
+            if not self._problem(now).meets_floor([candidate[n] for n in self.nodes]):
+                changed = {n: r for n, r in needed.items() if abs(r - self._ratios[n]) > TOLERANCE}
+        actions: list[Action] = []
+        if changed:
+            raised = any(r > self._ratios[n] for n, r in changed.items())
+            reason = self._tracking_reason(metrics, decision, raised)
+            self._ratios.update(changed)
+            for node in changed:
+                self._lower_since.pop(node, None)
+            self._last_action_ts = now
+            actions.append(SetRatios(now, changed, "auto", reason,
+                                     decision if raised else self._evaluate_current("restore", reason), metrics))
+        infeasible = (decision.infeasible, decision.ratios) if decision.infeasible else None
+        if infeasible is not None and infeasible != self._last_infeasible:
+            actions.append(Infeasible(now, decision.reason, decision, metrics))
+        self._last_infeasible = infeasible
+        if not actions and now >= self._last_action_ts + self.config.cooldown_s and self._violation_sustained(metrics):
+            actions = self._relieve_backlog(now, metrics)
+        return actions
+
+    def _tracking_reason(self, metrics: Metrics, decision: Decision, raised: bool) -> str:
+        slowed = {n: s for n, s in metrics.slowdowns.items() if s > 1.0}
+        seen = ", ".join(f"{n} {s:.1f}x" for n, s in slowed.items()) or "no slowdown"
+        rate = f"{metrics.arrival_hz:.1f} frames/s arriving" if metrics.arrival_hz else "no recent arrivals"
+        if raised:
+            return f"compute shows {seen}, {rate}; {decision.reason}"
+        return (f"restore: compute shows {seen}, {rate}; lower ratios have met every budget with "
+                f"{1 - self.config.restore_headroom:.0%} headroom for {self.config.fast_restore_confirm_s:g} s")
+
+    def _relieve_backlog(self, now: float, metrics: Metrics) -> list[Action]:
+        """The safety net: latency over the trigger although the estimates say every stage keeps up. One more
+        ladder step on the node with the deepest queue drains it faster, if the accuracy floor allows."""
+        problem = self._problem(now)
+        queued = sorted((d, n) for n, d in self._queue_depth.items() if n in self._ratios and n not in self._manual)
+        for _, node in reversed(queued):
+            higher = [r for r in problem.ladder if r > self._ratios[node] + TOLERANCE]
+            ratios = {**self._ratios, node: higher[0]} if higher else None
+            if ratios and problem.meets_floor([ratios[n] for n in self.nodes]):
+                reason = (f"{metrics.over_trigger_fraction:.0%} of {metrics.trigger_samples} requests over "
+                          f"{self.lat_trigger_s:.3f} s although every stage is predicted to keep up: one step more "
+                          f"on {node} (queue {self._queue_depth[node]}) to drain the backlog")
+                self._ratios[node] = higher[0]
+                self._last_action_ts = now
+                return [SetRatios(now, {node: higher[0]}, "auto", reason,
+                                  evaluate_ratios(problem, [self._ratios[n] for n in self.nodes], "adaptive", reason),
+                                  metrics)]
+        self._last_action_ts = now
+        return [Held(now, "latency over the trigger, but the estimates predict every stage keeps up and no queued node "
+                          "may be pruned further" + self._decode_note(), self._evaluate_current("held", ""), metrics)]
 
     def _evaluate_current(self, label: str, reason: str) -> Decision:
         return evaluate_ratios(self._problem(), [self._ratios[n] for n in self.nodes], label, reason)

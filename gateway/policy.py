@@ -28,6 +28,8 @@ class RatioProblem:
     ``slowdowns`` are each node's observed compute time over its calibrated time (≥ 1): a stage's predicted
     time is slowdown × calibrated curve. ``budget_s`` is the time every stage must stay under.
     ``fixed`` holds stages at a ratio the policy may not change (manual overrides), by stage index.
+    ``rate_caps_s`` tightens a stage's budget where the arrival rate needs it: a stage that takes longer
+    per frame than 1 / (its share of the arrivals) builds a queue whatever the SLO budget says.
     """
 
     latency: Sequence[SliceLatencyFit]
@@ -39,11 +41,14 @@ class RatioProblem:
     accuracy_model: AccuracyModel = "logistic"
     fixed: Mapping[int, float] = field(default_factory=dict)
     names: Sequence[str] | None = None
+    rate_caps_s: Sequence[float | None] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.latency)
         if len(self.slowdowns) != n or self.accuracy.n_stages != n:
             raise ValueError("latency fits, slowdowns and accuracy gains must cover the same stages")
+        if self.rate_caps_s is not None and len(self.rate_caps_s) != n:
+            raise ValueError("rate caps must cover the same stages")
         if not self.ladder or self.ladder[0] != 0.0 or any(b <= a for a, b in zip(self.ladder, self.ladder[1:])):
             raise ValueError("the ladder must start at 0 and increase")
         if any(not 0 <= i < n for i in self.fixed):
@@ -70,6 +75,23 @@ class RatioProblem:
 
     def stage_time(self, stage: int, ratio: float) -> float:
         return self.slowdowns[stage] * self.curves[stage].predict(ratio)
+
+    def stage_budget(self, stage: int) -> float:
+        """The time a stage must stay under: the SLO's per-stage budget, or the rate's cap when tighter."""
+        cap = self.rate_caps_s[stage] if self.rate_caps_s is not None else None
+        return self.budget_s if cap is None else min(self.budget_s, cap)
+
+    def rate_bound(self, stage: int) -> bool:
+        """Whether the arrival rate, not the SLO budget, sets this stage's budget."""
+        return self.stage_budget(stage) < self.budget_s - TOLERANCE
+
+    def budgets_text(self) -> str:
+        """The budget every stage was held to, naming the rate where it bound."""
+        if not any(self.rate_bound(i) for i in range(self.n_stages)):
+            return f"the {self.budget_s:.3f} s budget"
+        return "budgets " + ", ".join(
+            f"{self.name(i)} {self.stage_budget(i) * 1e3:.0f} ms" + (" (arrival rate)" if self.rate_bound(i) else "")
+            for i in range(self.n_stages))
 
     def unpruned(self) -> tuple[float, ...]:
         """No pruning anywhere except the held stages: the most accurate vector available."""
@@ -104,10 +126,11 @@ def evaluate_ratios(problem: RatioProblem, ratios: Sequence[float], policy: str,
                     budget_s=problem.budget_s, infeasible=infeasible, reason=reason)
 
 
-def _least_pruning_under(problem: RatioProblem, level_s: float) -> tuple[float, ...] | None:
-    """Per stage, the smallest allowed ratio whose predicted time is ≤ level (None if a stage can't)."""
+def _least_pruning_under(problem: RatioProblem, scale: float) -> tuple[float, ...] | None:
+    """Per stage, the smallest allowed ratio whose predicted time is ≤ scale × its budget (None if a stage can't)."""
     chosen = []
     for stage in range(problem.n_stages):
+        level_s = scale * problem.stage_budget(stage)
         fitting = [r for r in problem.options(stage) if problem.stage_time(stage, r) <= level_s + TOLERANCE]
         if not fitting:
             return None
@@ -116,33 +139,35 @@ def _least_pruning_under(problem: RatioProblem, level_s: float) -> tuple[float, 
 
 
 def choose_bottleneck(problem: RatioProblem) -> Decision:
-    """Least total pruning that brings every stage under the budget at current speeds, above the floor.
+    """Least total pruning that brings every stage under its budget at current speeds, above the floor.
 
-    Stage times are separable, so any vector meeting a level L prunes each stage at least as much as
-    ``_least_pruning_under(L)``; accuracy does not rise with pruning (both predictors guarantee it), so
-    that minimal vector is the unique optimum when it meets the floor, and no vector does otherwise.
-    This is exact for any number of stages in O(stages² · ladder²).
+    Stage times are separable, so any vector meeting scale × every stage's budget prunes each stage at
+    least as much as ``_least_pruning_under(scale)``; accuracy does not rise with pruning (both predictors
+    guarantee it), so that minimal vector is the unique optimum when it meets the floor, and no vector
+    does otherwise. This is exact for any number of stages in O(stages² · ladder²).
 
-    If the budget cannot be met, the best effort is the smallest reachable bottleneck above the floor,
-    reached with the least pruning, flagged infeasible.
+    If the budgets cannot be met, the best effort is the smallest reachable overrun (the largest stage
+    time over its budget, a bottleneck when the budgets are equal) above the floor, reached with the least
+    pruning, flagged infeasible.
     """
-    minimal = _least_pruning_under(problem, problem.budget_s)
+    budgets = problem.budgets_text()
+    minimal = _least_pruning_under(problem, 1.0)
     if minimal is not None and problem.meets_floor(minimal):
-        return evaluate_ratios(problem, minimal, "bottleneck",
-                        f"least pruning that puts every stage under the {problem.budget_s:.3f} s budget")
+        return evaluate_ratios(problem, minimal, "bottleneck", f"least pruning that puts every stage under {budgets}")
 
     if minimal is None:
         slow = [problem.name(i) for i in range(problem.n_stages)
-                if problem.stage_time(i, problem.options(i)[-1]) > problem.budget_s + TOLERANCE]
-        why = f"{', '.join(slow)} cannot meet the {problem.budget_s:.3f} s budget even at the highest allowed ratio"
+                if problem.stage_time(i, problem.options(i)[-1]) > problem.stage_budget(i) + TOLERANCE]
+        why = f"{', '.join(slow)} cannot meet {budgets} even at the highest allowed ratio"
     else:
-        why = (f"meeting the {problem.budget_s:.3f} s budget needs accuracy "
+        why = (f"meeting {budgets} needs accuracy "
                f"{problem.predict_accuracy(minimal):.3f} < floor {problem.accuracy_floor:.3f}")
-    levels = sorted({problem.stage_time(i, r) for i in range(problem.n_stages) for r in problem.options(i)})
-    for level in levels:
-        if level <= problem.budget_s:
+    scales = sorted({problem.stage_time(i, r) / problem.stage_budget(i)
+                     for i in range(problem.n_stages) for r in problem.options(i)})
+    for scale in scales:
+        if scale <= 1.0:
             continue
-        candidate = _least_pruning_under(problem, level)
+        candidate = _least_pruning_under(problem, scale)
         if candidate is not None and problem.meets_floor(candidate):
             return evaluate_ratios(problem, candidate, "bottleneck",
                             f"{why}; best effort: smallest reachable bottleneck above the floor", infeasible=True)
@@ -203,4 +228,11 @@ def choose_paper(problem: RatioProblem) -> Decision:
                           f" at {decision.bottleneck_s:.3f} s over the {problem.budget_s:.3f} s budget")
 
 
-POLICIES: dict[str, Callable[[RatioProblem], Decision]] = {"paper": choose_paper, "bottleneck": choose_bottleneck}
+def choose_adaptive(problem: RatioProblem) -> Decision:
+    """The adaptive controller's choice: the bottleneck rule's solver, on budgets the arrival rate may tighten
+    (``RatioProblem.rate_caps_s``); the controller, not the rule, is what differs (gateway/controller.py)."""
+    return replace(choose_bottleneck(problem), policy="adaptive")
+
+
+POLICIES: dict[str, Callable[[RatioProblem], Decision]] = {
+    "paper": choose_paper, "bottleneck": choose_bottleneck, "adaptive": choose_adaptive}

@@ -226,6 +226,7 @@ class Gateway:
             if verdict not in (Verdict.UNKNOWN, Verdict.CONFLICT):
                 self.slo.add(finish_ts, row["e2e_s"], row["correct"])
                 self.control.observe_latency(finish_ts, row["e2e_s"])
+                self.control.observe_result(finish_ts, result)
                 self.store.add_request(row)  # under the lock: a window row is never buffered before its requests
                 return
         why = ("no stage 1 accepted this request" if verdict is Verdict.UNKNOWN
@@ -240,6 +241,7 @@ class Gateway:
             new = self.ledger.accept(accepted.request_id, accepted.camera_id, now)
             if new:
                 self.arrivals.add(now)
+                self.control.observe_arrival(now)
         if new:
             self.store.add_accepted(accepted.model_dump())
 

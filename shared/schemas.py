@@ -402,7 +402,7 @@ OperatorSetting = Literal["slo_s", "trigger_margin_s", "cooldown_s", "accuracy_f
 class SetSettingCommand(_GatewayCommandBase):
     """Operator changes one control setting; the gateway validates it and keeps it across restarts.
 
-    ``policy`` takes ``bottleneck``, ``paper`` or ``off`` (manual holds only); the others take a number.
+    ``policy`` takes ``adaptive``, ``bottleneck``, ``paper`` or ``off`` (manual holds only); the others a number.
     """
 
     cmd: Literal["set"]

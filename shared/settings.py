@@ -334,7 +334,10 @@ class ControllerSettings(_Section):
     section: ClassVar[str] = "controller"
     model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_CONTROLLER_", extra="forbid", frozen=True)
 
-    policy: Literal["bottleneck", "paper"] = Field("bottleneck", description="Ratio-choosing rule: 'bottleneck' (ours) or 'paper'.")
+    policy: Literal["adaptive", "bottleneck", "paper"] = Field("adaptive", description=(
+        "'adaptive' (ours, docs/controller.md): acts on the first slowed frames' compute and on the arrival rate, "
+        "with the end-to-end trigger as a safety net; 'bottleneck': the same ratio solver behind the sustained "
+        "end-to-end trigger only; 'paper': the paper's rule behind that trigger."))
     ladder: Annotated[tuple[float, ...], NoDecode] = Field(DEFAULT_LADDER, description=(
         "Ratios the controller chooses from, ascending from 0, each < 1; every node must have a variant for each "
         "(the gateway refuses a ladder a node's calibration does not cover)."))
@@ -371,6 +374,18 @@ class ControllerSettings(_Section):
                                "before a fast restore.")
     restore_headroom: float = Field(0.8, gt=0, le=1,
                                     description="A fast restore picks a ratio predicted within this x the stage budget.")
+    detect_frames: int = Field(3, ge=1, le=50, description=(
+        "adaptive: a node's slowdown estimate moves when this many consecutive frames' compute agree it is off "
+        "(one slow frame is a scheduling spike, not a slowdown)."))
+    detect_margin: float = Field(0.5, gt=0, le=10, description=(
+        "adaptive: frames agree a node is slower when compute / calibrated > estimate x (1 + this), faster when "
+        "< estimate / (1 + this)."))
+    arrival_window_s: float = Field(2.0, gt=0, le=60, description=(
+        "adaptive: the arrival rate each stage must keep up with is the frames stage 1 accepted over this window "
+        "(short, so a burst counts while it is on)."))
+    utilisation: float = Field(0.8, gt=0, le=1, description=(
+        "adaptive: each stage's time per frame must stay under this / (its share of the arrival rate); 0 < u < 1 "
+        "leaves room for a queue to drain."))
 
     _split_ladder = field_validator("ladder", mode="before")(
         lambda v: [float(x) for x in v.split(",")] if isinstance(v, str) else v)

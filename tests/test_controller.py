@@ -14,7 +14,8 @@ from shared.settings import ControllerSettings
 
 NODES = ("node-1", "node-2")
 LADDER = tuple(round(0.1 * k, 1) for k in range(10))
-STEPWISE = ControllerSettings(fast_restore=False)  # the step-wise restore alone (the fast one is tested below)
+REACTIVE = ControllerSettings(policy="bottleneck")  # the sustained-violation trigger (adaptive is tested below)
+STEPWISE = ControllerSettings(policy="bottleneck", fast_restore=False)  # the step-wise restore alone
 SLO_S = 0.5  # stage budget = 0.8 × 0.5 / 2 = 0.2 s; LAT_trigger = 0.55 s; headroom ≤ 0.35 s
 
 
@@ -39,7 +40,7 @@ class Loop:
 
     def __init__(self, config: ControllerSettings | None = None, rate_hz: float = 5.0, overhead_s: float = 0.05,
                  initial_ratios: dict[str, float] | None = None):
-        self.controller = PruningController(NODES, FITS, ACCURACY, SLO_S, config, initial_ratios)
+        self.controller = PruningController(NODES, FITS, ACCURACY, SLO_S, config or REACTIVE, initial_ratios)
         self.slowdown = {node: 1.0 for node in NODES}
         self.decode_s = {node: 0.0 for node in NODES}
         self.extra_s = 0.0
@@ -60,6 +61,9 @@ class Loop:
         while self.now < end - 1e-9:
             self.step += 1
             latency = sum(self.compute_s(n) + self.decode_s[n] for n in NODES) + self.overhead_s + self.extra_s
+            self.controller.observe_arrival(self.now)
+            for node in NODES:  # every result's hops: the compute each node spent on it
+                self.controller.observe_frame(self.now, node, self.compute_s(node), self.controller.ratios[node])
             self.controller.observe_latency(self.now, latency * (1 + self.rng.normal(0, 0.02)))
             if self.step % round(2.0 / self.dt) == 0:
                 for node in NODES:
@@ -153,7 +157,7 @@ def test_no_oscillation_while_the_slowdown_persists_with_headroom():
 def test_no_action_on_a_borderline_stream():
     # Latency hovering around the SLO: 40 % of requests just over LAT_trigger, the rest just under,
     # so never a sustained violation and never headroom.
-    controller = PruningController(NODES, FITS, ACCURACY, SLO_S, initial_ratios={"node-2": 0.3})
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S, REACTIVE, initial_ratios={"node-2": 0.3})
     actions = []
     for step in range(1, 3001):
         ts = step * 0.2
@@ -167,7 +171,7 @@ def test_no_action_on_a_borderline_stream():
 def test_restore_stops_where_the_next_step_would_break_the_budget():
     # node-2 recovers only to 1.2× (counts as gone): 1.2 × t(0.1) = 0.12 s, so all the way to 0 is
     # fine with the default budget, but not with a tight one.
-    config = ControllerSettings(budget_fraction=0.5, fast_restore=False)  # stage budget 0.125 s; 1.2 × t(0) = 0.144 s
+    config = ControllerSettings(policy="bottleneck", budget_fraction=0.5, fast_restore=False)  # stage budget 0.125 s; 1.2 × t(0) = 0.144 s
     loop = Loop(config=config)
     loop.controller.set_manual(0.0, "node-2", 0.5)
     loop.controller.release_manual(0.0, "node-2")
@@ -210,7 +214,7 @@ def test_restore_needs_a_whole_watched_window_and_a_node_heard_from():
 
 def test_requests_completed_before_an_action_do_not_count_after_it():
     # With a cooldown shorter than the window, the pre-action violations must not fire again.
-    loop = Loop(config=ControllerSettings(cooldown_s=2.0))
+    loop = Loop(config=ControllerSettings(policy="bottleneck", cooldown_s=2.0))
     loop.slowdown["node-2"] = 4.0
     loop.run_until(60)
     assert len(loop.actions) == 1
@@ -295,7 +299,7 @@ def test_manual_ratio_must_be_on_the_ladder_and_node_known():
 
 
 def test_slowdown_is_compute_over_calibrated_at_the_applied_ratio():
-    controller = PruningController(NODES, FITS, ACCURACY, SLO_S)
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S, REACTIVE)
     for ts in (2, 4, 6):
         controller.observe_node(ts, "node-2", 3 * calibrated_time(0.0), 4, 0.0)
     assert controller.slowdown("node-2") == pytest.approx(3.0)
@@ -350,7 +354,7 @@ def test_fast_restore_returns_all_channels_in_one_decision_soon_after_the_slowdo
 def test_fast_restore_stops_at_the_lowest_ratio_with_headroom_and_steps_confirm_the_rest():
     # node-2 recovers only to 1.2x: 1.2 x t(r) <= 0.7 x 0.2 s holds from r = 0.1 (0.119 s), not at 0 (0.144 s);
     # the step-wise path then checks 0 against the full budget (0.144 <= 0.2) after a watched window.
-    loop = Loop(config=ControllerSettings(restore_headroom=0.7), initial_ratios={"node-2": 0.5})
+    loop = Loop(config=ControllerSettings(policy="bottleneck", restore_headroom=0.7), initial_ratios={"node-2": 0.5})
     loop.slowdown["node-2"] = 1.2
     loop.run_until(10)
     (first, fast), = loop.of(SetRatios)
@@ -361,7 +365,7 @@ def test_fast_restore_stops_at_the_lowest_ratio_with_headroom_and_steps_confirm_
 
 
 def test_fast_restore_waits_for_the_slowdown_to_be_gone_and_confirmed():
-    loop = Loop(config=ControllerSettings(restore_window_s=600), initial_ratios={"node-2": 0.4})  # fast path only
+    loop = Loop(config=ControllerSettings(policy="bottleneck", restore_window_s=600), initial_ratios={"node-2": 0.4})  # fast path only
     loop.slowdown["node-2"] = 1.5  # still slowed: nothing to restore, however much headroom
     loop.run_until(120)
     assert loop.actions == []
@@ -382,7 +386,84 @@ def test_fast_restore_never_touches_a_manual_hold():
 
 def test_a_restore_on_latency_headroom_also_jumps_when_fast_restore_is_on():
     # The slowdown confirmation never completes here, so the step-wise path acts; it goes all the way at once.
-    loop = Loop(config=ControllerSettings(fast_restore_confirm_s=1000), initial_ratios={"node-2": 0.5})
+    loop = Loop(config=ControllerSettings(policy="bottleneck", fast_restore_confirm_s=1000), initial_ratios={"node-2": 0.5})
     loop.run_until(60)
     (_, restore), = loop.of(SetRatios)
     assert restore.ratios == {"node-2": 0.0} and restore.reason.startswith("restore:")
+
+
+# ---- adaptive: acts on the first slowed frames' compute and on the arrival rate --------------------------------
+ADAPTIVE = ControllerSettings(policy="adaptive")
+
+
+def test_adaptive_prunes_within_a_second_of_the_first_slowed_frames():
+    loop = Loop(config=ADAPTIVE)
+    loop.run_until(10)
+    assert loop.actions == []  # no slowdown, 5 frames/s well within every stage's rate: nothing to do
+    loop.slowdown["node-2"] = 3.0
+    loop.run_until(20)
+    pruned = loop.of(SetRatios)
+    assert pruned, "a 3x slowdown must be pruned"
+    first_ts, first = pruned[0]
+    assert first_ts <= 10 + 1.0  # 3 slowed frames (0.6 s) and the next tick, not an 8 s latency window
+    assert set(first.ratios) == {"node-2"} and first.ratios["node-2"] > 0
+    assert "node-2 3.0x" in first.reason
+    # the chosen ratio meets the budget at 3x: frames at that ratio confirm the estimate, no further moves
+    assert len(pruned) == 1 and loop.compute_s("node-2") <= loop.controller.budget_s
+
+
+def test_adaptive_ignores_a_single_slow_frame():
+    loop = Loop(config=ADAPTIVE)
+    loop.run_until(5)
+    loop.slowdown["node-1"] = 20.0
+    loop.run_until(5.2)  # one frame at 20x: a scheduling spike
+    loop.slowdown["node-1"] = 1.0
+    loop.run_until(30)
+    assert loop.of(SetRatios) == []
+    assert loop.controller.slowdown("node-1") == 1.0
+
+
+def test_adaptive_restores_from_the_same_signal_once_confirmed():
+    loop = Loop(config=ADAPTIVE)
+    loop.slowdown["node-2"] = 3.0
+    loop.run_until(10)
+    assert loop.controller.ratios["node-2"] > 0
+    loop.slowdown["node-2"] = 1.0
+    loop.run_until(20)
+    restore_ts, restore = loop.of(SetRatios)[-1]
+    assert restore.ratios == {"node-2": 0.0}
+    confirm = ADAPTIVE.fast_restore_confirm_s
+    assert 10 + confirm <= restore_ts <= 10 + confirm + 2.0  # 3 fast frames, then held for the confirm time
+    assert "restore" in restore.reason
+
+
+def test_adaptive_keeps_up_with_the_arrival_rate_without_any_slowdown():
+    # 8 frames/s: a stage keeps up (at utilisation 0.8) only under 100 ms, but each takes 120 ms unpruned
+    loop = Loop(config=ADAPTIVE, rate_hz=8.0)
+    loop.run_until(10)
+    pruned = loop.of(SetRatios)
+    assert pruned and pruned[0][0] <= ADAPTIVE.arrival_window_s + 1.0
+    assert "frames/s arriving" in pruned[0][1].reason and "(arrival rate)" in pruned[0][1].reason
+    assert all(loop.compute_s(n) <= ADAPTIVE.utilisation / 8.0 + 1e-9 for n in NODES)
+    assert loop.of(Infeasible) == []
+    assert loop.controller.slowdown("node-1") == loop.controller.slowdown("node-2") == 1.0
+
+
+def test_adaptive_gives_the_channels_back_when_the_burst_is_over():
+    loop = Loop(config=ADAPTIVE, rate_hz=8.0)
+    loop.run_until(10)
+    assert any(r > 0 for r in loop.controller.ratios.values())
+    loop.dt = 1.0 / 2.0  # the burst is over: 2 frames/s
+    loop.step = int(10 / loop.dt)
+    loop.run_until(20)
+    assert loop.controller.ratios == {"node-1": 0.0, "node-2": 0.0}
+
+
+def test_adaptive_never_prunes_below_the_floor_for_a_rate():
+    # 40 frames/s would need 20 ms stages: beyond the floor, so the best effort is flagged, once
+    loop = Loop(config=ADAPTIVE, rate_hz=40.0)
+    loop.run_until(6)
+    infeasible = loop.of(Infeasible)
+    assert len(infeasible) == 1
+    ratios = [loop.controller.ratios[n] for n in NODES]
+    assert ACCURACY.predictor(ADAPTIVE.accuracy_model)(ratios) >= loop.controller.accuracy_floor - 1e-9

@@ -1,4 +1,8 @@
-"""The whole control loop through a real broker: a node slows down, it is pruned, it recovers, it is restored."""
+"""The whole control loop through a real broker: a node slows down, it is pruned, it recovers, it is restored.
+
+The gateway runs the default policy, ``adaptive``: it prunes on the first slowed frames' compute, so the slowed
+node is pruned before its queue holds more than a few frames (the reactive trigger waits seconds of violation).
+"""
 
 from __future__ import annotations
 
@@ -81,7 +85,7 @@ def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
         EDGEPRUNE_CONTROLLER_RESTORE_WINDOW_S="3",
         # a shared 2-core CI machine makes compute several times slower than calibrated at moments; the
         # emulated slowdown is 85-131x here
-        EDGEPRUNE_CONTROLLER_SLOWDOWN_GONE="5.0")
+        EDGEPRUNE_CONTROLLER_SLOWDOWN_GONE="5.0", EDGEPRUNE_CONTROLLER_DETECT_MARGIN="4.0")
     procs = Processes(tmp_path, env)
     recorder = Recorder(broker, "edgeprune/node/+/prune/state")
     try:
@@ -110,6 +114,9 @@ def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
                    40, f"no pruning of the slowed node {slowed}")
         event = next(e for e in reader.prune_events() if e["kind"] == "set")
         assert event["ratios"][other] == 0.0, "the node that was not slowed must not be pruned"
+        assert event["policy"] == "adaptive" and f"{slowed} " in event["reason"]
+        # its queue grows by one frame a second while slowed; three slowed frames are enough evidence
+        assert event["metrics"]["queue_depths"].get(slowed, 0) <= 3, "pruned only after a backlog built up"
         floor = reader.controller_status()["accuracy_floor"]
         assert floor == pytest.approx(0.9 * 0.948), "the floor is 90% of the unpruned accuracy in the model file"
         assert event["predicted_accuracy"] >= floor

@@ -43,27 +43,31 @@ def problems(draw, max_stages=3, models=("logistic",)):
     fixed = {}
     if n > 1 and draw(st.booleans()):
         fixed = {draw(st.integers(0, n - 1)): draw(st.sampled_from(ladder))}
+    caps = None  # the arrival rate's tighter budget on some stages (adaptive)
+    if draw(st.booleans()):
+        caps = [draw(st.one_of(st.none(), st.floats(0.01, 0.4))) for _ in range(n)]
     return RatioProblem(latency=fits, slowdowns=[draw(st.floats(1.0, 8.0)) for _ in range(n)], accuracy=accuracy,
                         accuracy_floor=draw(st.floats(0.5, 0.99)) * unpruned, budget_s=draw(st.floats(0.03, 0.4)),
-                        ladder=ladder, accuracy_model=model, fixed=fixed)
+                        ladder=ladder, accuracy_model=model, fixed=fixed, rate_caps_s=caps)
 
 
 def brute_force(problem: RatioProblem) -> tuple[bool, tuple[float, ...]]:
-    """(feasible, vector): least total pruning meeting budget and floor, else the smallest bottleneck
-    above the floor with the least pruning, else the unpruned vector."""
+    """(feasible, vector): least total pruning meeting every stage's budget and the floor, else the smallest
+    overrun (stage time over its budget) above the floor with the least pruning, else the unpruned vector."""
     vectors = itertools.product(*(problem.options(i) for i in range(problem.n_stages)))
     above_floor = [v for v in vectors if problem.meets_floor(v)]
     if not above_floor:
         return False, problem.unpruned()
 
-    def bottleneck(v):
-        return max(problem.stage_time(i, r) for i, r in enumerate(v))
+    def overrun(v):
+        return max(problem.stage_time(i, r) / problem.stage_budget(i) for i, r in enumerate(v))
 
-    feasible = [v for v in above_floor if bottleneck(v) <= problem.budget_s + 1e-9]
+    feasible = [v for v in above_floor
+                if all(problem.stage_time(i, r) <= problem.stage_budget(i) + 1e-9 for i, r in enumerate(v))]
     if feasible:
         return True, min(feasible, key=sum)
-    # bottlenecks equal within the policy's TOLERANCE tie (two stages both at 0.25 s differ by 1e-16 in the fit)
-    return False, min(above_floor, key=lambda v: (round(bottleneck(v), 9), sum(v)))
+    # overruns equal within the policy's TOLERANCE tie (two stages both at 0.25 s differ by 1e-16 in the fit)
+    return False, min(above_floor, key=lambda v: (round(overrun(v), 9), sum(v)))
 
 
 @settings(max_examples=150, deadline=None)
@@ -74,7 +78,20 @@ def test_bottleneck_policy_is_exact_against_brute_force(problem):
     assert decision.infeasible == (not feasible)
     assert decision.ratios == pytest.approx(expected)
     if feasible:  # and so no vector with less total pruning meets budget and floor
-        assert decision.bottleneck_s <= problem.budget_s + 1e-9
+        assert all(t <= problem.stage_budget(i) + 1e-9 for i, t in enumerate(decision.stage_latency_s))
+
+
+def test_an_arrival_rate_cap_tightens_only_its_stage_and_is_named():
+    fits = [slice_fit(0.1, 0.2), slice_fit(0.1, 0.2)]
+    base = RatioProblem(latency=fits, slowdowns=[1.0, 1.0], accuracy=accuracy_fit([-1.0, -1.0]),
+                        accuracy_floor=0.5, budget_s=0.2, ladder=LADDER)
+    assert choose_bottleneck(base).ratios == (0.0, 0.0)
+    capped = replace(base, rate_caps_s=[None, 0.06])  # stage 2 must serve a frame in 60 ms to keep up
+    decision = choose_bottleneck(capped)
+    assert decision.ratios[0] == 0.0 and decision.ratios[1] > 0
+    assert decision.stage_latency_s[1] <= 0.06 and capped.stage_time(1, decision.ratios[1] - 0.1) > 0.06
+    assert "stage 2 60 ms (arrival rate)" in decision.reason and not decision.infeasible
+    assert choose_bottleneck(replace(base, rate_caps_s=[None, 0.5])).ratios == (0.0, 0.0)  # looser: the SLO's
 
 
 @settings(max_examples=150, deadline=None)
@@ -92,7 +109,7 @@ def test_no_policy_breaks_the_accuracy_floor_when_unpruned_meets_it(problem, pol
 def test_a_stage_already_under_budget_is_never_pruned(problem):
     decision = choose_bottleneck(problem)
     for stage, ratio in enumerate(decision.ratios):
-        if stage not in problem.fixed and problem.stage_time(stage, 0.0) <= problem.budget_s:
+        if stage not in problem.fixed and problem.stage_time(stage, 0.0) <= problem.stage_budget(stage):
             assert ratio == 0.0, f"{problem.name(stage)} is not a bottleneck but was pruned to {ratio}"
 
 
