@@ -47,6 +47,7 @@ class ControlLoop:
         self.fits: dict[str, SliceLatencyFit] = {}
         self._fit_blocks: dict[str, tuple[int, int]] = {}  # which slice each fit was measured on
         self._ladder_mismatch: dict[str, str] = {}  # node -> why its calibration was refused
+        self._latest_calibration: dict[str, SliceCalibration] = {}  # for a placement that arrives after it
         self.desired: dict[str, PruneDesired] = {}
         self._recent: deque[tuple[float, float]] = deque()
         self._awaiting_follow_up: list[dict] = []
@@ -67,12 +68,29 @@ class ControlLoop:
         return None
 
     # --- inputs --------------------------------------------------------------------------
-    def set_placement(self, placement: Placement) -> None:
-        """A new placement invalidates calibrations of other slices; ratios carry over per node."""
+    def set_placement(self, placement: Placement) -> list[dict]:
+        """A new placement invalidates calibrations of other slices; ratios carry over per node.
+
+        A node's latest calibration that fits its slice in this placement is used at once (table rows returned):
+        a restarted gateway receives the nodes' retained calibrations before it has re-established the
+        placement, and nodes that keep their blocks never measure again, so dropping those messages left the
+        controller off until some later re-placement."""
         self.placement = placement
         stages = {n: (s.first_block, s.last_block) for s in placement.stages for n in s.nodes}
         self.fits = {n: f for n, f in self.fits.items() if self._fit_blocks.get(n) == stages.get(n)}
+        rows = []
+        for node, calibration in list(self._latest_calibration.items()):
+            if node not in self.fits and stages.get(node) == (calibration.first_block, calibration.last_block):
+                try:
+                    row = self.add_calibration(calibration)
+                except ValueError as exc:  # refused when it arrived too (LadderMismatch included): logged then
+                    log.info("%s's earlier calibration is unusable for placement v%d: %s", node, placement.version,
+                             exc)
+                    continue
+                if row is not None:
+                    rows.append(row)
         self._rebuild()
+        return rows
 
     def add_calibration(self, calibration: SliceCalibration) -> dict | None:
         """Fit the node's latency curve if it is for its slice in the current placement; returns a table row.
@@ -81,6 +99,7 @@ class ControlLoop:
         lacks is refused (LadderMismatch, and the controller stays off): the node would silently snap it
         to its nearest variant, and the controller would predict times and accuracy it never gets.
         """
+        self._latest_calibration[calibration.node_id] = calibration
         stage = self.placement.stage_of(calibration.node_id) if self.placement else None
         if stage is None or (stage.first_block, stage.last_block) != (calibration.first_block,
                                                                       calibration.last_block):
@@ -219,6 +238,7 @@ class ControlLoop:
         self.fits.pop(node_id, None)
         self._fit_blocks.pop(node_id, None)
         self._ladder_mismatch.pop(node_id, None)
+        self._latest_calibration.pop(node_id, None)
 
     def _event_row(self, action: SetRatios | Infeasible | Held) -> dict:
         kind = {SetRatios: "set", Infeasible: "infeasible", Held: "held"}[type(action)]

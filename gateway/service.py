@@ -325,6 +325,11 @@ class Gateway:
                             "check chrony on it", stats.node_id, stats.clock_offset_s, self.settings.max_clock_offset_s)
         self.store.update_node({**stats.model_dump(exclude={"ts", "prepared_version"}), "last_seen": stats.ts})
 
+    def _place_controller(self, placement: Placement) -> None:
+        """The control loop follows a new placement; calibrations it could use only now are stored now."""
+        for row in self.control.set_placement(placement):
+            self.store.add_calibration(row)
+
     def _on_calibration(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         if not payload:
             return
@@ -505,7 +510,7 @@ class Gateway:
         if placement is None:
             return None
         self._replaced = violated
-        self.control.set_placement(placement)
+        self._place_controller(placement)
         effects.events.append({"ts": now, "kind": "replace", "policy": "replace", "source": "auto",
                                "reason": f"placement v{placement.version}: " + ", ".join(
                                    f"{s.node_id}:{s.first_block}-{s.last_block}" for s in placement.stages),
@@ -556,7 +561,7 @@ class Gateway:
             with self._lock:
                 placement = self.live.adopt_hybrid(plan, now, f"arrival rate {target:.3g}/s")
                 if placement is not None:
-                    self.control.set_placement(placement)
+                    self._place_controller(placement)
             outcome = (f"published as placement v{placement.version}" if placement
                        else "nothing moved (the placement already runs it, or one of its nodes left meanwhile)")
         was = "nothing planned for" if previous_hz is None else f"planned for {previous_hz:.3g}/s"
@@ -621,7 +626,7 @@ class Gateway:
         with self._lock:
             placement = self.live.tick(now)
             if placement is not None:
-                self.control.set_placement(placement)
+                self._place_controller(placement)
             effects = self.control.tick(now)
             if self.settings.replace_on_violation and placement is None:
                 placement = self._replace_for_slowdowns(now, effects)

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.control_loop import ControlLoop, LadderMismatch
 from gateway.curves import AccuracyFit
-from shared.schemas import NodeStats, Placement, PruneDesired, SliceCalibration, StageAssignment
+from shared.schemas import Hop, NodeStats, Placement, PruneDesired, Result, SliceCalibration, StageAssignment
 from shared.settings import ControllerSettings
 
 LADDER = [round(0.1 * i, 1) for i in range(10)]
@@ -28,8 +28,8 @@ def calibration(node: str, first: int, last: int, version: int = 1, base_s: floa
                             measured_at=1.0)
 
 
-def loop(**settings) -> ControlLoop:
-    return ControlLoop(ControllerSettings(trigger_window_s=4, trigger_min_span_s=2, cooldown_s=3,
+def loop(policy: str = "bottleneck", **settings) -> ControlLoop:
+    return ControlLoop(ControllerSettings(policy=policy, trigger_window_s=4, trigger_min_span_s=2, cooldown_s=3,
                                           accuracy_model="logistic", **settings),
                        slo_s=0.1, block_accuracy=BLOCK_ACCURACY, follow_up_s=2.0)
 
@@ -45,6 +45,19 @@ def test_runs_only_once_every_placed_node_calibrated_its_own_slice():
     assert c.controller is not None and c.disabled_reason is None
     c.set_placement(placement(2, cut=2))  # both slices change: both curves are stale
     assert c.controller is None and "a, b" in c.disabled_reason
+
+
+def test_calibrations_that_arrive_before_the_placement_are_used_once_it_comes():
+    # a restarted gateway: the nodes' retained calibrations come in before it has placed anything
+    c = loop()
+    assert c.add_calibration(calibration("a", 0, 2)) is None and c.add_calibration(calibration("b", 3, 5)) is None
+    rows = c.set_placement(placement(7))  # the same slices the nodes kept
+    assert c.controller is not None and c.disabled_reason is None
+    assert sorted(r["node_id"] for r in rows) == ["a", "b"]  # for the calibrations table
+    assert c.set_placement(placement(8, cut=2)) == [] and c.controller is None  # other slices: stale, not reused
+    c.forget("a")  # a retired node's calibration goes with it
+    assert [r["node_id"] for r in c.set_placement(placement(9))] == ["b"]
+    assert c.disabled_reason == "waiting for the calibration of a"
 
 
 def test_without_accuracy_model_it_says_what_to_do():
@@ -80,6 +93,30 @@ def test_slowed_stage_is_pruned_with_the_next_seq_after_a_restart():
     follow_up = c.tick(106.0 + 2.5).events  # one follow-up window later: what was observed after it
     assert follow_up == [{"ts": event["ts"], "kind": "set", "observed_count": 0, "observed_p50_s": None,
                           "observed_p95_s": None}]
+
+
+def result(request_id: str, t: float, compute: dict[tuple[int, str], float]) -> Result:
+    """A completed frame whose hops took ``compute[(stage, node)]`` seconds of compute each, at ratio 0."""
+    hops = [Hop(stage=stage, node_id=node, prune_ratio=0.0, received_ts=t, started_ts=t, finished_ts=t + seconds,
+                published_ts=t + seconds) for (stage, node), seconds in compute.items()]
+    return Result(request_id=request_id, camera_id="cam", capture_ts=t, label="zebra", label_index=0,
+                  confidence=0.9, hops=hops)
+
+
+def test_adaptive_prunes_from_results_hops_of_each_nodes_own_stage():
+    c = loop(policy="adaptive")
+    c.set_placement(placement(1))
+    c.add_calibration(calibration("a", 0, 2))
+    c.add_calibration(calibration("b", 3, 5))
+    for i in range(3):  # b ran stage 1 under an older placement, slowly: says nothing about its stage-2 slice
+        c.observe_result(10 + i, result(f"old{i}", 10 + i, {(1, "b"): 0.2, (2, "a"): 0.02}))
+    assert c.tick(13).publish == {}
+    for i in range(3):  # three frames show a 4x slower node a: 80 ms against a 40 ms stage budget
+        c.observe_arrival(20 + i)
+        c.observe_result(20 + i, result(f"r{i}", 20 + i, {(1, "a"): 0.08, (2, "b"): 0.02}))
+    effects = c.tick(23)
+    assert set(effects.publish) == {"a"} and effects.publish["a"].ratio > 0
+    assert effects.events[0]["policy"] == "adaptive" and "a 4.0x" in effects.events[0]["reason"]
 
 
 def test_manual_hold_and_release():

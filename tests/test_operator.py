@@ -31,7 +31,7 @@ def test_overrides_merge_stored_values_and_drop_ones_no_longer_valid():
     o = Overrides(GatewaySettings(slo_s=0.5), ControllerSettings(), {"slo_s": 0.3, "cooldown_s": "soon",
                                                                      "policy": "off"})
     assert o.values == {"slo_s": 0.3, "policy": "off"} and o.slo_s == 0.3 and not o.automatic
-    assert o.controller_settings().policy == "bottleneck"  # 'off' is the control loop's, not the policy's
+    assert o.controller_settings().policy == "adaptive"  # 'off' is the control loop's, not the policy's (default kept)
     assert o.change("cooldown_s", "5") == (15.0, 5.0) and o.controller_settings().cooldown_s == 5.0
     with pytest.raises(ValueError):
         o.change("slo_s", 0)

@@ -206,6 +206,12 @@ def test_results_published_while_the_gateway_is_down_are_stored_after_it_restart
     settled(site)
     stored = site.reader._rows("SELECT COUNT(*) AS n FROM requests WHERE camera_id = 'cam-away'")[0]["n"]
     assert stored >= 1  # served while the gateway was away, stored when it came back (others: a failure each)
+    # the nodes kept their slices, so they do not calibrate again: the restarted gateway must take their retained
+    # calibrations, or nothing is pruned until some later re-placement
+    restarted = time.time()
+    wait_until(lambda: (site.reader.controller_status() or {}).get("enabled")
+               and site.reader._rows("SELECT MAX(ts) AS ts FROM controller")[0]["ts"] > restarted, 30,
+               "the restarted gateway's pruning controller stayed off")
 
 
 def test_a_gateway_killed_before_writing_loses_nothing_it_had_received(fresh_broker, tmp_path):
