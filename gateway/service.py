@@ -97,6 +97,7 @@ def result_row(result: Result, finish_ts: float) -> dict:
         "scientific_name": result.scientific_name, "confidence": result.confidence, "prune_ratios": [h.prune_ratio for h in result.hops
                                                                    if h.stage != INGEST_STAGE],
         "hops": [h.model_dump() for h in result.hops], "true_label": result.true_label,
+        "late": int(any(h.deferred for h in result.hops)),
         "correct": None if result.true_label is None else int(result.label_index == result.true_label),
     }
 
@@ -186,10 +187,12 @@ class Gateway:
         self.bus.stop()
 
     def publish_placement(self) -> None:
-        """Retained, so nodes that (re)connect later learn their stage at once."""
+        """Retained, so nodes that (re)connect later learn their stage at once; with the current SLO, which nodes
+        order their queues by (docs/reliability.md), so an operator's change of it re-publishes the placement."""
         with self._lock:
             placement = self.handover.active
-            payload = to_json(placement) if placement is not None else None
+            payload = (to_json(placement.model_copy(update={"slo_s": self.operator.slo_s}))
+                       if placement is not None else None)
             if payload is not None:
                 self.placement_guard.issue("placement", payload)
         if payload is not None:
@@ -463,6 +466,8 @@ class Gateway:
                                                self.operator.automatic)
             self.slo.slo_s = self.operator.slo_s
         self._carry_out(effects)
+        if setting == "slo_s":
+            self.publish_placement()  # the same version: nodes keep their stage and take the new deadlines
         self.store.set_operator_setting(setting, new, now, by)
         self._log_action(now, by, f"set {setting}", "gateway", old, new)
         return f"{LABELS[setting]}: {old} -> {new}"

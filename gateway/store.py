@@ -56,7 +56,7 @@ SCHEMA: dict[str, Table] = {
         "request_id": str, "camera_id": str, "capture_ts": float, "finish_ts": float, "e2e_s": float,
         "queue_s": float, "compute_s": float, "transfer_s": float, "label": str, "label_index": int,
         "confidence": float, "prune_ratios": list, "hops": list, "decode_s": float, "true_label": int,
-        "correct": int, "scientific_name": str,
+        "correct": int, "scientific_name": str, "late": int,
     }, "request_id", "insert_ignore"),
     "windows": Table({
         "start_ts": float, "end_ts": float, "count": int, "slo_s": float, "met": int,
@@ -69,7 +69,7 @@ SCHEMA: dict[str, Table] = {
         "queue_capacity": int, "processed": int, "dropped": int, "errors": dict,
         "compute_mean_s": float, "compute_p95_s": float, "queue_wait_mean_s": float,
         "cpu_percent": float, "prune_ratio": float, "emulated_slowdown": float, "decode_mean_s": float,
-        "clock_offset_s": float,
+        "clock_offset_s": float, "late_served": int,
     }, "node_id", "upsert"),
     "errors": Table({
         "id": int, "ts": float, "component": str, "topic": str, "kind": str, "message": str,

@@ -1,10 +1,10 @@
 """The node agent: MQTT transport around :class:`node_agent.runtime.StageRuntime`.
 
 Threads: paho's network thread only checks the stage and enqueues; one inference thread
-drains a bounded queue (a full queue drops the request and counts it, so a slow node sheds
-load instead of growing memory) and, when :class:`node_agent.calibration.CalibrationSchedule`
-says a run is due, measures the slice for the controller's curves; a stats thread publishes
-health every few seconds.
+drains a bounded queue, timely requests first (:mod:`node_agent.deadline_queue`; a full queue
+drops a request and counts it, so a slow node sheds load instead of growing memory) and, when
+:class:`node_agent.calibration.CalibrationSchedule` says a run is due, measures the slice for the
+controller's curves; a stats thread publishes health every few seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
+from node_agent.deadline_queue import DeadlineQueue
 from node_agent.runtime import IngestRuntime, Request, SliceCalibrator, StageRuntime, frame_metadata, plausible_capture
 from shared import wire
 from shared.bus import Ack, Bus
@@ -72,7 +73,9 @@ class NodeAgent:
         self.topics = Topics(mqtt_settings.topic_root)
         # a replica acknowledges its input only once served: what it holds stays in its broker session
         self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id), manual_ack=True)
-        self.queue: queue.Queue[tuple[StageRuntime, Request, Ack]] = queue.Queue(maxsize=settings.queue_size)
+        self.clock = ClockOffset()
+        self.queue: DeadlineQueue[tuple[StageRuntime, Request, Ack]] = DeadlineQueue(
+            settings.queue_size, self._gateway_time, ordered=settings.deadline_order)
         self.runtime: StageRuntime | None = None
         self.ingest: IngestRuntime | None = None  # set while the placement makes this node the ingest node
         self.placement_version: int | None = None
@@ -84,6 +87,7 @@ class NodeAgent:
         self._stop = threading.Event()
         self.processed = 0
         self.dropped = 0
+        self.late_served = 0
         self.device_speed = settings.emulated_slowdown  # emulated device type: base factor over this host
         self.transient = 1.0  # the latest `slowdown` command, on top of the device speed
         self.slowdown = self.device_speed * self.transient
@@ -93,7 +97,6 @@ class NodeAgent:
         self._decode_s: deque[float] = deque(maxlen=1024)
         self._queue_wait_s: deque[float] = deque(maxlen=1024)
         self._cpu = CpuMeter()
-        self.clock = ClockOffset()
         self._threads: list[threading.Thread] = []
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -159,6 +162,7 @@ class NodeAgent:
         if self.placement_version is not None and placement.version < self.placement_version:
             log.info("ignoring placement v%d older than v%d", placement.version, self.placement_version)
             return
+        self.queue.slo_s = placement.slo_s  # the gateway re-publishes the placement when the operator changes it
         self._assign(placement, placement.stage_of(self.node_id))
 
     def _job(self, placement: Placement, assignment: StageAssignment | None) -> tuple | None:
@@ -380,15 +384,23 @@ class NodeAgent:
         req = Request(topic, payload, props, received)
         if runtime.takes_frames:
             req = self._admit_frame(runtime, req)
-        try:
-            self.queue.put_nowait((runtime, req, ack))
-        except queue.Full:
+            capture_ts = float(req.user_props["capture_ts"])
+        else:  # an activation's header carries it; a malformed one is reported when served, timed from arrival
+            header = self._peek(payload)
+            capture_ts = header.capture_ts if header else received
+        dropped = self.queue.put((runtime, req, ack), capture_ts)
+        if dropped is not None:  # this request or one that would have been served after it
+            _, lost, lost_ack = dropped
             self.dropped += 1
-            self.bus.report_error(topic, "dropped", f"work queue full ({self.settings.queue_size}): request "
-                                  "dropped", req.user_props.get("request_id") or self._peek_request_id(payload))
-            ack()  # reported as a failure: done with
+            self.bus.report_error(lost.topic, "dropped", f"work queue full ({self.settings.queue_size}): request "
+                                  "dropped", self._request_id(lost))
+            lost_ack()  # reported as a failure: done with
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
+
+    def _gateway_time(self) -> float:
+        """Now on the gateway's (and the cameras') clock, which capture times and so deadlines are on."""
+        return time.time() - (self.clock.offset_s or 0.0)
 
     def _admit_frame(self, runtime: StageRuntime | IngestRuntime, req: Request) -> Request:
         """Stage 1 (or the ingest node before it) takes a camera frame: check its camera id and times, and
@@ -420,12 +432,20 @@ class NodeAgent:
         return req
 
     @staticmethod
-    def _peek_request_id(payload: bytes) -> str | None:
-        """The request id inside an activation (to report a drop against it), if it parses."""
+    def _peek(payload: bytes) -> wire.Header | None:
+        """An activation's header (its request id and capture time), if it parses."""
         try:
-            return wire.decode(payload).request_id
+            return wire.peek(payload)
         except BadMessage:
             return None
+
+    def _request_id(self, req: Request) -> str | None:
+        """A frame's from its user properties, an activation's from inside the payload: failures name it,
+        so the gateway counts them."""
+        if req.user_props.get("request_id"):
+            return req.user_props["request_id"]
+        header = self._peek(req.payload)
+        return header.request_id if header else None
 
     def _expired(self, runtime: StageRuntime, req: Request) -> bool:
         """A first-stage frame that waited (in the broker or the queue) beyond max_frame_age_s is not run."""
@@ -442,10 +462,11 @@ class NodeAgent:
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                runtime, req, ack = self.queue.get(timeout=self.calibration.wait_s(IDLE_WAIT_S))
+                (runtime, req, ack), deferred = self.queue.get(timeout=self.calibration.wait_s(IDLE_WAIT_S))
             except queue.Empty:
                 self._calibrate(idle=True)  # idle for a pause: the right moment for a timed calibration run
                 continue
+            req.deferred = deferred
             try:
                 self._serve(runtime, req)
             finally:
@@ -457,8 +478,7 @@ class NodeAgent:
         if self._expired(runtime, req):
             return
         started = time.time()
-        # an activation carries its request id inside the payload: failures name it, so the gateway counts them
-        request_id = req.user_props.get("request_id") or self._peek_request_id(req.payload)
+        request_id = self._request_id(req)
         try:
             out = runtime.run(req, started, self.slowdown)
         except BadMessage as exc:
@@ -471,6 +491,7 @@ class NodeAgent:
         self.bus.publish(out.topic, out.payload, qos=1, user=out.user)
         with self._lock:
             self.processed += 1
+            self.late_served += req.deferred
             self._compute_s.append(out.compute_s)
             self._decode_s.append(out.decode_s)
             self._queue_wait_s.append(started - req.received_ts)
@@ -493,7 +514,7 @@ class NodeAgent:
             node_id=self.node_id, ts=time.time(), stage=a.stage if a else INGEST_STAGE if ingesting else None,
             first_block=a.first_block if a else None, last_block=a.last_block if a else None,
             placement_version=version, queue_depth=self.queue.qsize(), queue_capacity=self.settings.queue_size,
-            processed=self.processed, dropped=self.dropped, errors=dict(self.bus.errors),
+            processed=self.processed, dropped=self.dropped, late_served=self.late_served, errors=dict(self.bus.errors),
             compute_mean_s=float(compute.mean()) if compute is not None else None,
             compute_p95_s=float(np.percentile(compute, 95)) if compute is not None else None,
             queue_wait_mean_s=float(waits.mean()) if waits is not None else None,

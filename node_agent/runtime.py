@@ -33,6 +33,7 @@ class Request:
     user_props: dict[str, str]
     received_ts: float
     camera_id: str | None = None  # set for camera frames (stage 1)
+    deferred: bool = False  # served late, after the timely requests (node_agent/deadline_queue.py)
 
 
 @dataclass
@@ -175,7 +176,7 @@ class IngestRuntime:
         decode_s = time.perf_counter() - t_decode
         act.hops = [Hop(stage=INGEST_STAGE, node_id=self.node_id, prune_ratio=0.0, received_ts=req.received_ts,
                         started_ts=started_ts, finished_ts=started_ts + decode_s, published_ts=time.time(),
-                        decode_s=decode_s)]
+                        decode_s=decode_s, deferred=req.deferred)]
         return Output(self.output_topic, wire.encode(act), act.request_id, 0.0, decode_s, label_property(label))
 
 
@@ -264,7 +265,7 @@ class StageRuntime:
         finished_ts = started_ts + decode_s + compute_s
         hop = {"stage": self.assignment.stage, "node_id": self.node_id, "prune_ratio": self.slice.ratio,
                "received_ts": req.received_ts, "started_ts": started_ts, "finished_ts": finished_ts,
-               "decode_s": decode_s}
+               "decode_s": decode_s, "deferred": req.deferred}
         if self.is_last:
             probs = torch.softmax(out.float(), dim=1)[0]
             index = int(torch.argmax(probs))

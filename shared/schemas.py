@@ -117,6 +117,9 @@ class Placement(_Strict):
     share_token: str | None = Field(None, min_length=8, max_length=32, pattern=r"^[A-Za-z0-9_-]+$",
                                     description="Names the shared-subscription groups of replicated stages "
                                                 "(shared/topics.py: share_group); set when a stage has replicas.")
+    slo_s: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                description="The gateway's current end-to-end SLO (the operator may change it): "
+                                "nodes serve requests that can still meet it first (docs/reliability.md).")
 
     @model_validator(mode="after")
     def _contiguous(self) -> Placement:
@@ -141,11 +144,12 @@ class Placement(_Strict):
         return self
 
     @model_serializer(mode="wrap")
-    def _without_unused_token(self, handler):
-        """A placement without replicas serialises exactly as before (older nodes forbid unknown fields)."""
+    def _without_unused_fields(self, handler):
+        """A placement without replicas or SLO serialises exactly as before (older nodes forbid unknown fields)."""
         data = handler(self)
-        if self.share_token is None:
-            data.pop("share_token", None)
+        for name in ("share_token", "slo_s"):
+            if getattr(self, name) is None:
+                data.pop(name, None)
         return data
 
     def stage_of(self, node_id: str) -> StageAssignment | None:
@@ -169,6 +173,8 @@ class Hop(_Strict):
     published_ts: float
     decode_s: float = Field(0.0, ge=0.0, description="Of started..finished, the time spent turning the payload "
                             "into the slice's input (a frame's JPEG/PNG decode at stage 1); 0 from older nodes.")
+    deferred: bool = Field(False, description="The node served this request late: it had missed its deadline "
+                           "(capture + SLO) and waited behind the timely ones (docs/reliability.md).")
 
     @property
     def queue_s(self) -> float:
@@ -211,6 +217,8 @@ class NodeStats(_Strict):
     queue_capacity: int = Field(ge=1)
     processed: int = Field(ge=0)
     dropped: int = Field(ge=0, description="Requests dropped because the work queue was full.")
+    late_served: int = Field(0, ge=0, description="Requests served after they had missed their deadline "
+                             "(hop `deferred`), since start.")
     errors: dict[str, int] = Field(default_factory=dict, description="Bad inputs seen, by kind.")
     compute_mean_s: float | None = None
     compute_p95_s: float | None = None

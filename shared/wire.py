@@ -3,7 +3,7 @@
 Layout (all integers little-endian; documented in docs/wire-format.md)::
 
     magic      4s   b"EPAT"
-    version    u8   2 (version 1, without a hop's decode time, is still read)
+    version    u8   3 (versions 1 and 2, without a hop's decode time or flags, are still read)
     dtype      u8   1 = float16, 2 = float32
     ndim       u8   1..6, tensor is N,C,H,W-like (channels on dim 1)
     n_hops     u8   hops recorded so far (0..64)
@@ -15,7 +15,8 @@ Layout (all integers little-endian; documented in docs/wire-format.md)::
     full_c     u32  0 = no mask; else the slice's full channel count, followed by
     mask       ceil(full_c / 8) bytes, bit i (LSB first) set = channel i was kept
     hops       n_hops x (stage u8, ratio f32, received f64, started f64, finished f64,
-                         published f64, decode f64 (version 2 only), node_len u8, node id UTF-8)
+                         published f64, decode f64 (version 2 on), flags u8 (version 3: bit 0 =
+                         deferred, the others 0), node_len u8, node id UTF-8)
     data       prod(shape) x itemsize bytes, C order
 
 Nothing here unpickles or evaluates: :func:`decode` reads fixed fields with ``struct`` and
@@ -33,7 +34,7 @@ import numpy as np
 from shared.schemas import BadMessage, Hop
 
 MAGIC = b"EPAT"
-VERSION = 2
+VERSION = 3
 DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
 DTYPE_CODES = {np.dtype("float16"): 1, np.dtype("float32"): 2}
 MAX_NDIM = 6
@@ -42,7 +43,8 @@ MAX_HOPS = 64
 _FIXED = struct.Struct("<4sBBBBHd")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_HOP = {1: struct.Struct("<Bfdddd"), 2: struct.Struct("<Bfddddd")}  # by format version
+_HOP = {1: struct.Struct("<Bfdddd"), 2: struct.Struct("<Bfddddd"), 3: struct.Struct("<BfdddddB")}  # by version
+DEFERRED = 0x01  # hop flag: the node served this request late, after the timely ones (docs/reliability.md)
 
 
 @dataclass
@@ -102,7 +104,7 @@ def encode(act: Activation) -> bytes:
         node = _utf8(hop.node_id, 255, "node id")
         parts += [
             _HOP[VERSION].pack(hop.stage, hop.prune_ratio, hop.received_ts, hop.started_ts,
-                               hop.finished_ts, hop.published_ts, hop.decode_s),
+                               hop.finished_ts, hop.published_ts, hop.decode_s, DEFERRED if hop.deferred else 0),
             bytes([len(node)]), node,
         ]
     parts.append(tensor.astype(DTYPES[code], copy=False).tobytes())
@@ -132,9 +134,21 @@ class _Reader:
             raise BadMessage("bad_header", f"{what} is not UTF-8") from None
 
 
-def decode(payload: bytes, max_elements: int = 1 << 24) -> Activation:
-    """Parse an activation; raise :class:`BadMessage` for anything malformed."""
-    r = _Reader(payload)
+@dataclass(frozen=True)
+class Header:
+    """What precedes the tensor's shape: enough to name and time a request without decoding it."""
+
+    version: int
+    dtype_code: int
+    ndim: int
+    n_hops: int
+    next_block: int
+    capture_ts: float
+    request_id: str
+    camera_id: str
+
+
+def _read_header(r: _Reader) -> Header:
     magic, version, code, ndim, n_hops, next_block, capture_ts = r.unpack(_FIXED, "fixed header")
     if magic != MAGIC:
         raise BadMessage("bad_magic", f"not an activation (magic {bytes(magic)!r}, expected {MAGIC!r})")
@@ -152,7 +166,20 @@ def decode(payload: bytes, max_elements: int = 1 << 24) -> Activation:
     camera_id = r.text(r.unpack(_U16, "camera id length")[0], "camera id")
     if not request_id or not camera_id:
         raise BadMessage("bad_header", "empty request or camera id")
-    shape = struct.unpack(f"<{ndim}I", r.take(4 * ndim, "shape"))
+    return Header(version, code, ndim, n_hops, next_block, capture_ts, request_id, camera_id)
+
+
+def peek(payload: bytes) -> Header:
+    """The header alone (request id, capture time), checked as :func:`decode` checks it: a node orders its
+    queue and reports a drop by it without touching the tensor."""
+    return _read_header(_Reader(payload))
+
+
+def decode(payload: bytes, max_elements: int = 1 << 24) -> Activation:
+    """Parse an activation; raise :class:`BadMessage` for anything malformed."""
+    r = _Reader(payload)
+    h = _read_header(r)
+    shape = struct.unpack(f"<{h.ndim}I", r.take(4 * h.ndim, "shape"))
     n_elements = math.prod(shape)
     if n_elements == 0 or n_elements > max_elements:
         raise BadMessage("bad_shape", f"shape {shape} has {n_elements} elements (allowed 1..{max_elements})")
@@ -164,19 +191,24 @@ def decode(payload: bytes, max_elements: int = 1 << 24) -> Activation:
         if int(keep_mask.sum()) != shape[1]:
             raise BadMessage("bad_shape", f"mask keeps {int(keep_mask.sum())} channels, tensor has {shape[1]}")
     hops = []
-    for _ in range(n_hops):
-        stage, ratio, rec, sta, fin, pub, *decode_s = r.unpack(_HOP[version], "hop")
+    for _ in range(h.n_hops):
+        stage, ratio, rec, sta, fin, pub, *rest = r.unpack(_HOP[h.version], "hop")
+        decode_s = rest[0] if rest else 0.0  # versions 2 and 3
+        flags = rest[1] if len(rest) > 1 else 0  # version 3
+        if flags & ~DEFERRED:
+            raise BadMessage("bad_header", f"unknown hop flags {flags:#04x}")
         node = r.text(r.take(1, "hop node length")[0], "hop node id")
         try:
             hops.append(Hop(stage=stage, node_id=node, prune_ratio=round(ratio, 6), received_ts=rec,
-                            started_ts=sta, finished_ts=fin, published_ts=pub, decode_s=sum(decode_s)))
+                            started_ts=sta, finished_ts=fin, published_ts=pub, decode_s=decode_s,
+                            deferred=bool(flags & DEFERRED)))
         except ValueError as exc:
             raise BadMessage("bad_header", f"invalid hop record: {exc}") from None
-    dtype = DTYPES[code]
+    dtype = DTYPES[h.dtype_code]
     data = r.take(n_elements * dtype.itemsize, "tensor data")
     if r.pos != len(r.buf):
         raise BadMessage("bad_shape", f"{len(r.buf) - r.pos} trailing bytes after tensor of shape {shape}")
     tensor = np.frombuffer(data, dtype=dtype).reshape(shape)
     if not np.isfinite(tensor).all():
         raise BadMessage("bad_tensor", "tensor contains NaN or infinity")
-    return Activation(request_id, camera_id, capture_ts, next_block, tensor, keep_mask, hops)
+    return Activation(h.request_id, h.camera_id, h.capture_ts, h.next_block, tensor, keep_mask, hops)

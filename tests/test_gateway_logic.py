@@ -120,3 +120,25 @@ def test_an_older_database_gains_the_new_columns(tmp_path):
     store.flush()
     assert store.db.execute("SELECT correct FROM requests").fetchall() == [(1,)]
     store.close()
+
+
+def test_a_deferred_hop_round_trips_and_marks_the_request_late(tmp_path):
+    import sqlite3
+
+    timely = _result("r1", 10.0)
+    deferred = timely.hops[1].model_copy(update={"deferred": True})
+    late = timely.model_copy(update={"request_id": "r2", "hops": [timely.hops[0], deferred]})
+    back = Result.model_validate_json(late.model_dump_json())
+    assert [h.deferred for h in back.hops] == [False, True]
+    with pytest.raises(ValueError):
+        Hop.model_validate({**deferred.model_dump(), "deferred": "maybe"})
+    with sqlite3.connect(tmp_path / "old.db") as conn:  # a file from before the `late` column
+        conn.execute("CREATE TABLE requests (request_id TEXT PRIMARY KEY, e2e_s FLOAT)")
+    store = Store(tmp_path / "old.db")
+    store.add_request(result_row(timely, 10.2))
+    store.add_request(result_row(back, 10.2))
+    store.flush()
+    rows = store.db.execute("SELECT request_id, late, hops FROM requests ORDER BY request_id").fetchall()
+    assert [(rid, late) for rid, late, _ in rows] == [("r1", 0), ("r2", 1)]
+    assert '"deferred":true' in rows[1][2]
+    store.close()

@@ -120,3 +120,13 @@ def test_a_command_that_fails_validation_still_gets_an_answer(tmp_path):
     assert reply.id == "bad" and not reply.ok and "greater than 0" in reply.message
     assert gateway.control.slo_s == 0.5
     gateway.store.close()
+
+
+def test_the_placement_carries_the_slo_and_is_republished_when_the_operator_changes_it(tmp_path):
+    gateway = calibrated_gateway(tmp_path)
+    gateway.handover.active = even_split(6, ["a", "b"])
+    gateway.publish_placement()
+    assert send(gateway, {"cmd": "set", "setting": "slo_s", "value": 0.3, "id": "c1"}).ok
+    assert send(gateway, {"cmd": "set", "setting": "cooldown_s", "value": 4, "id": "c2"}).ok  # not the nodes' business
+    published = gateway.bus.on("/placement")
+    assert [(p["version"], p["slo_s"], retained) for p, retained in published] == [(1, 0.5, True), (1, 0.3, True)]

@@ -35,7 +35,7 @@ def activations(draw):
     hops = [Hop(stage=draw(st.integers(1, 255)), node_id=draw(node_ids),
                 prune_ratio=draw(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.9])),
                 received_ts=draw(finite), started_ts=draw(finite), finished_ts=draw(finite),
-                published_ts=draw(finite), decode_s=draw(st.floats(0, 1e3)))
+                published_ts=draw(finite), decode_s=draw(st.floats(0, 1e3)), deferred=draw(st.booleans()))
             for _ in range(draw(st.integers(0, 4)))]
     return wire.Activation(draw(ids), draw(ids), draw(finite), draw(st.integers(0, 65535)), tensor, mask, hops)
 
@@ -56,13 +56,30 @@ def test_round_trip_is_exact(act):
 
 def test_version_1_activations_from_not_yet_updated_nodes_still_decode():
     hop = Hop(stage=1, node_id="old", prune_ratio=0.5, received_ts=1.0, started_ts=2.0, finished_ts=3.0,
-              published_ts=4.0, decode_s=0.5)
+              published_ts=4.0, decode_s=0.5, deferred=True)
     act = wire.Activation("r", "c", 0.0, 1, np.ones((1, 2, 2, 2), np.float32), None, [hop])
     payload = wire.encode(act)
-    published_then_decode = struct.pack("<dd", 4.0, 0.5)
-    assert payload[4] == 2 and payload.count(published_then_decode) == 1
-    old_payload = payload[:4] + b"\x01" + payload[5:].replace(published_then_decode, struct.pack("<d", 4.0))
-    assert wire.decode(old_payload).hops == [hop.model_copy(update={"decode_s": 0.0})]
+    published_decode_flags = struct.pack("<ddB", 4.0, 0.5, wire.DEFERRED)
+    assert payload[4] == 3 and payload.count(published_decode_flags) == 1
+    old_payload = payload[:4] + b"\x01" + payload[5:].replace(published_decode_flags, struct.pack("<d", 4.0))
+    assert wire.decode(old_payload).hops == [hop.model_copy(update={"decode_s": 0.0, "deferred": False})]
+
+
+def test_peek_reads_the_header_without_the_tensor():
+    act = wire.Activation("req-1", "cam", 12.5, 3, np.ones((1, 2, 2, 2), np.float32))
+    payload = wire.encode(act)
+    header = wire.peek(payload[:payload.index(b"cam") + 3])  # the tensor and beyond cut off
+    assert (header.request_id, header.camera_id, header.capture_ts, header.next_block) == ("req-1", "cam", 12.5, 3)
+    with pytest.raises(BadMessage) as err:
+        wire.peek(payload[:10])
+    assert err.value.kind == "truncated"
+
+
+def test_unknown_hop_flags_are_rejected():
+    at = DOCUMENTED.index(bytes.fromhex("000000000000d03f")) + 8  # the flags byte after the hop's decode time
+    with pytest.raises(BadMessage, match="hop flags") as err:
+        wire.decode(DOCUMENTED[:at] + b"\x03" + DOCUMENTED[at + 1:])
+    assert err.value.kind == "bad_header"
 
 
 def test_full_tensor_zero_fills_pruned_channels():
@@ -128,20 +145,21 @@ def _documented(version: int) -> bytes:
         "0102"                       # mask: channel 0 (byte 0, bit 0) and channel 9 (byte 1, bit 1) kept
         "01" "0000003f"              # hop: stage 1, ratio 0.5 (f32)
         "000000000000f03f" "0000000000000040" "0000000000000840" "0000000000001040"  # received 1, started 2,
-        + ("000000000000d03f" if version >= 2 else "") +  # finished 3, published 4, (v2) decode 0.25 (f64);
+        + ("000000000000d03f" if version >= 2 else "")  # finished 3, published 4, (v2 on) decode 0.25 (f64);
+        + ("01" if version >= 3 else "") +  # (v3) flags: bit 0 = deferred
         "01" "6e"                    # node_len 1, node id "n"
         "003c" "00c0"                # data: 1.0, -2.0 (float16)
     )
 
 
-DOCUMENTED = _documented(2)
+DOCUMENTED = _documented(3)
 
 
-def _documented_activation(decode_s: float = 0.25) -> wire.Activation:
+def _documented_activation(decode_s: float = 0.25, deferred: bool = True) -> wire.Activation:
     mask = np.zeros(10, dtype=bool)
     mask[[0, 9]] = True
     hop = Hop(stage=1, node_id="n", prune_ratio=0.5, received_ts=1.0, started_ts=2.0, finished_ts=3.0,
-              published_ts=4.0, decode_s=decode_s)
+              published_ts=4.0, decode_s=decode_s, deferred=deferred)
     return wire.Activation("r1", "c", 1.5, 3, np.array([1.0, -2.0], np.float16).reshape(1, 2, 1, 1), mask, [hop])
 
 
@@ -149,10 +167,10 @@ def test_encoder_writes_the_documented_layout_byte_for_byte():
     assert wire.encode(_documented_activation()).hex() == DOCUMENTED.hex()
 
 
-@pytest.mark.parametrize("version,decode_s", [(2, 0.25), (1, 0.0)])
-def test_decoder_reads_the_documented_layout(version, decode_s):
+@pytest.mark.parametrize("version,decode_s,deferred", [(3, 0.25, True), (2, 0.25, False), (1, 0.0, False)])
+def test_decoder_reads_the_documented_layout(version, decode_s, deferred):
     act = wire.decode(_documented(version))
-    expected = _documented_activation(decode_s)
+    expected = _documented_activation(decode_s, deferred)
     assert (act.request_id, act.camera_id, act.capture_ts, act.next_block) == ("r1", "c", 1.5, 3)
     assert np.flatnonzero(act.keep_mask).tolist() == [0, 9]
     assert act.tensor.dtype == np.float16 and act.tensor.ravel().tolist() == [1.0, -2.0]

@@ -1,0 +1,95 @@
+"""The node's bounded work queue, served timely-first: pure (the clock is passed in), no MQTT.
+
+A request's deadline is its camera capture time plus the end-to-end SLO. In a backlog, serving in
+arrival order spends the node on frames that can no longer meet the SLO while frames that still can
+wait and miss it too. So :meth:`DeadlineQueue.get` returns the earliest deadline among the requests
+that can still meet theirs (deadline > now: no service-time estimate, a frame that will miss by a
+little still counts as timely), and only when none is left the oldest late one: a late frame is
+still served, and marked ``deferred`` (it waited behind timely ones because it had missed its
+deadline). The SLO is the same for every request, so earliest deadline = oldest capture, and the
+late ones are exactly the oldest captures: one list sorted by capture time holds both lines.
+
+Without an SLO (``slo_s`` None: none received yet), or with ``ordered`` off, it is FIFO as before.
+
+Full: whichever request would be served last is dropped, the newcomer included: the youngest
+of the late ones if any is late (it would wait behind every other), else the timely one with the
+latest deadline (usually the newcomer); FIFO drops the newcomer, as a plain bounded queue does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(order=True)
+class _Entry(Generic[T]):
+    capture_ts: float
+    seq: int  # arrival order: FIFO, and ties between equal capture times
+    item: T = field(compare=False)
+
+
+class DeadlineQueue(Generic[T]):
+    """Thread-safe, bounded; ``put`` never blocks (it returns what it dropped), ``get`` blocks like queue.Queue.
+
+    Entries stay in arrival order and each choice scans them: the queue is short (``queue_size``), and an
+    SLO that changes, or arrives while requests wait, needs no re-sorting.
+    """
+
+    def __init__(self, maxsize: int, clock: Callable[[], float], ordered: bool = True):
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self.maxsize = maxsize
+        self.ordered = ordered
+        self.slo_s: float | None = None  # set from the gateway's placement; None: FIFO
+        self._clock = clock  # the gateway's time (capture times are on the cameras', i.e. the gateway's, clock)
+        self._entries: list[_Entry[T]] = []  # in arrival order
+        self._seq = itertools.count()
+        self._ready = threading.Condition()
+
+    def _late_cutoff(self) -> float | None:
+        """Capture times at or before this have missed their deadline; None: serve FIFO."""
+        if not self.ordered or self.slo_s is None:
+            return None
+        return self._clock() - self.slo_s
+
+    def put(self, item: T, capture_ts: float) -> T | None:
+        """Queue ``item``; returns the item dropped to make room (maybe ``item`` itself), or None."""
+        with self._ready:
+            entry = _Entry(capture_ts, next(self._seq), item)
+            self._entries.append(entry)
+            dropped = None
+            if len(self._entries) > self.maxsize:
+                cutoff = self._late_cutoff()
+                if cutoff is None:
+                    dropped = entry
+                else:  # the one that would be served last
+                    late = [e for e in self._entries if e.capture_ts <= cutoff]
+                    dropped = max(late or self._entries)
+                self._entries.remove(dropped)
+            if dropped is not entry:
+                self._ready.notify()
+            return dropped.item if dropped is not None else None
+
+    def get(self, timeout: float) -> tuple[T, bool]:
+        """The next item and whether it is *deferred* (late, served after the timely ones); queue.Empty on timeout."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._entries, timeout):
+                raise queue.Empty
+            cutoff = self._late_cutoff()
+            if cutoff is None:
+                return self._entries.pop(0).item, False
+            timely = [e for e in self._entries if e.capture_ts > cutoff]
+            chosen = min(timely or self._entries)
+            self._entries.remove(chosen)
+            return chosen.item, not timely
+
+    def qsize(self) -> int:
+        with self._ready:
+            return len(self._entries)
