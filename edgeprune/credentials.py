@@ -31,10 +31,10 @@ ROLE_RIGHTS: dict[str, list[tuple[str, str]]] = {
     # A camera only publishes its own frames.
     "camera": [("write", "camera/{u}/frame"), ("read", "clock")],
     # A node reads frames and stage inputs (it may be placed at any stage), its own control topics,
-    # and writes the next stage, results, accepted-request records and its own state.
+    # and writes the next stage, its own results and accepted-request records, and its own state.
     "node": [
         ("read", "placement"), ("read", "camera/+/frame"), ("readwrite", "pipeline/stage/+/in"),
-        ("write", "pipeline/results"), ("write", "pipeline/accepted"),
+        ("write", "pipeline/results/{u}"), ("write", "pipeline/accepted/{u}"),
         ("read", "node/{u}/prune/set"), ("read", "node/{u}/cmd"),
         ("readwrite", "node/{u}/status"), ("write", "node/{u}/stats"), ("readwrite", "node/{u}/profile"),
         ("readwrite", "node/{u}/calibration"), ("readwrite", "node/{u}/prune/state"), ("read", "clock"),

@@ -63,7 +63,7 @@ def parse_central(topics: Topics, topic: str, payload: bytes, received_at: float
     if not local.startswith(root):
         raise BadMessage("bad_topic", f"{topic}: site {site} uses another topic root")
     parts = local[len(root):].split("/")
-    if local == topics.results:
+    if len(parts) == 3 and parts[:2] == ["pipeline", "results"]:
         result = parse_json(Result, payload)
         return Row("results", {"site": site, "request_id": result.request_id, "camera_id": result.camera_id,
                                "capture_ts": result.capture_ts, "label": result.label,

@@ -156,8 +156,8 @@ class Gateway:
         self._clock_suspects: set[str] = set()  # nodes whose clock offset is over the limit (logged once)
 
     def start(self) -> None:
-        self.bus.subscribe(self.topics.accepted, self._on_accepted, qos=1)
-        self.bus.subscribe(self.topics.results, self._on_result, qos=1, data=True)
+        self.bus.subscribe(self.topics.accepted_filter, self._on_accepted, qos=1)
+        self.bus.subscribe(self.topics.results_filter, self._on_result, qos=1, data=True)
         self.bus.subscribe(self.topics.node_status_filter, self._on_status, qos=1)
         self.bus.subscribe(self.topics.node_stats_filter, self._on_stats, qos=0)
         self.bus.subscribe(self.topics.errors_filter, self._on_error, qos=1)
@@ -220,6 +220,7 @@ class Gateway:
         first delivery is the one kept; a result no stage 1 announced, or a different second one, is refused."""
         finish_ts = time.time()
         result = parse_json(Result, payload)
+        self._check_speaker(topic, result.hops[-1].node_id if result.hops else None, "result's last hop")
         row = result_row(result, finish_ts)
         with self._lock:
             verdict = self.ledger.result(result.request_id, result.camera_id, payload)
@@ -239,6 +240,7 @@ class Gateway:
 
     def _on_accepted(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         accepted = parse_json(AcceptedRequest, payload)
+        self._check_speaker(topic, accepted.node_id, "announcement's node_id")
         now = time.time()
         with self._lock:
             new = self.ledger.accept(accepted.request_id, accepted.camera_id, now)
@@ -593,10 +595,22 @@ class Gateway:
         for row in effects.events:
             self.store.add_prune_event(row)
 
+    def _check_speaker(self, topic: str, claimed: str | None, what: str) -> None:
+        """A payload speaks only for the device its topic names, which the broker's ACL ties to the login: a node
+        announcing frames or publishing results in another node's name is refused (docs/security.md)."""
+        publisher = self.topics.publisher(topic)
+        if publisher is None or claimed != publisher:
+            raise BadMessage("identity_mismatch", f"{topic}: the {what} is {str(claimed)[:64]!r}, not the publisher "
+                             f"{publisher!r} the topic names; not stored")
+
     def _on_error(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         record = parse_json(ErrorRecord, payload)
+        self._check_speaker(topic, record.component, "error record's component")
         self.store.add_error(record.model_dump())
-        if record.request_id and record.kind not in WARNING_KINDS:
+        # only a pipeline node (or this gateway) can end a frame: a camera's or the page's error is stored, never
+        # turned into a frame's failure
+        may_fail_frames = record.component in self.settings.nodes or record.component == self.settings.gateway_id
+        if record.request_id and record.kind not in WARNING_KINDS and may_fail_frames:
             with self._lock:
                 ended = self.ledger.fail(record.request_id, record.kind)
             if ended:

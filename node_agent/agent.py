@@ -199,7 +199,8 @@ class NodeAgent:
             return None, IngestRuntime(self.model, self.node_id, self.topics.stage_input(1),
                                        self.settings.max_payload_bytes, self.settings.reduced_decode)
         n = len(placement.stages)
-        output = self.topics.results if assignment.stage == n else self.topics.stage_input(assignment.stage + 1)
+        last = assignment.stage == n
+        output = self.topics.results(self.node_id) if last else self.topics.stage_input(assignment.stage + 1)
         return StageRuntime(self.model, self.node_id, assignment, n, output, self.settings.wire_dtype,
                             self.settings.max_payload_bytes, self.settings.reduced_decode,
                             placement.ingest_node is not None), None
@@ -428,7 +429,7 @@ class NodeAgent:
         req.user_props = {**req.user_props, "request_id": request_id, "capture_ts": repr(capture_ts)}
         accepted = AcceptedRequest(request_id=request_id, camera_id=camera_id, node_id=self.node_id,
                                    capture_ts=capture_ts, received_ts=req.received_ts, claimed_capture_ts=claimed)
-        self.bus.publish(self.topics.accepted, to_json(accepted), qos=1)
+        self.bus.publish(self.topics.accepted(self.node_id), to_json(accepted), qos=1)
         return req
 
     @staticmethod

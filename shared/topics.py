@@ -86,21 +86,42 @@ class Topics:
         join it and have its share dropped at delivery (tests/test_replicas_broker.py)."""
         return f"{self.root.replace('/', '-')}-stage-{stage}-{validate_id('share token', token)}"
 
-    @property
-    def results(self) -> str:
-        """Classification results published by the last stage (JSON)."""
-        return f"{self.root}/pipeline/results"
+    def results(self, node_id: str) -> str:
+        """Classification results the last stage ``node_id`` publishes (JSON). Every data topic a device writes
+        names it, so the broker's ACL decides who may speak for whom (docs/security.md)."""
+        return f"{self.root}/pipeline/results/{validate_id('node', node_id)}"
 
     @property
-    def accepted(self) -> str:
-        """Stage 1 announces each frame it took (JSON :class:`shared.schemas.AcceptedRequest`)."""
-        return f"{self.root}/pipeline/accepted"
+    def results_filter(self) -> str:
+        return f"{self.root}/pipeline/results/+"
+
+    def accepted(self, node_id: str) -> str:
+        """Stage 1 (or the ingest node) ``node_id`` announces each frame it took (JSON
+        :class:`shared.schemas.AcceptedRequest`)."""
+        return f"{self.root}/pipeline/accepted/{validate_id('node', node_id)}"
+
+    @property
+    def accepted_filter(self) -> str:
+        return f"{self.root}/pipeline/accepted/+"
+
+    def publisher(self, topic: str) -> str | None:
+        """The device a results, accepted or error topic names (its last level), or None for other topics."""
+        parts = topic.split("/")
+        n = len(self.root.split("/"))
+        if parts[:n] != self.root.split("/"):
+            return None
+        if len(parts) == n + 3 and parts[n] == "pipeline" and parts[n + 1] in ("results", "accepted"):
+            return parts[-1] or None
+        if len(parts) == n + 2 and parts[n] == "error":
+            return parts[-1] or None
+        return None
 
     def is_data_topic(self, topic: str) -> bool:
         """Frames, activations and results: never meant to be retained."""
         parts = topic.split("/")
         n = len(self.root.split("/"))
-        return (self.camera_id_from_frame_topic(topic) is not None or topic == self.results
+        return (self.camera_id_from_frame_topic(topic) is not None
+                or (parts[n:n + 2] == ["pipeline", "results"] and len(parts) == n + 3)
                 or (parts[n:n + 2] == ["pipeline", "stage"] and len(parts) == n + 4 and parts[-1] == "in"))
 
     # --- placement and control ---------------------------------------------------------
@@ -211,7 +232,7 @@ class Topics:
 
         Out only: commands, placement and prune state stay at the site (control stays local).
         """
-        return ["pipeline/results", "node/+/status", "component/+/status", "error/+"]
+        return ["pipeline/results/+", "node/+/status", "component/+/status", "error/+"]
 
     def central_prefix(self, site_id: str) -> str:
         """What a site's bridge puts before a local topic at the centre (ends in ``/``)."""

@@ -57,7 +57,7 @@ def dropped_at(settings: MqttSettings) -> int:
 
 def publish_results(bus: Bus, first: int, count: int) -> None:
     for n in range(first, first + count):
-        bus.publish(TOPICS.results, result(n), qos=1).wait_for_publish(10)
+        bus.publish(TOPICS.results("pi-a"), result(n), qos=1).wait_for_publish(10)
 
 
 def test_bridge_forwards_a_site_to_the_centre_and_catches_up_after_a_cut(tmp_path) -> None:
@@ -74,7 +74,7 @@ def test_bridge_forwards_a_site_to_the_centre_and_catches_up_after_a_cut(tmp_pat
     db = tmp_path / "central.sqlite"
     processes = Processes(tmp_path, component_env(MqttSettings(port=central_port), EDGEPRUNE_MQTT_RECONNECT_MAX_S="2"))
     bus = Bus(site_mqtt, "pi-a", TOPICS.node_status("pi-a"))  # plays the site's last stage
-    local = Recorder(site_mqtt, TOPICS.results)  # the site's own gateway view
+    local = Recorder(site_mqtt, TOPICS.results_filter)  # the site's own gateway view
     try:
         processes.start("collect", "collect", "--db", str(db))
         bus.start()
@@ -128,7 +128,7 @@ def test_bridge_section_forwards_only_data_out_and_uses_its_own_credential(tmp_p
 
 
 def test_parse_central_rows_and_refusals(tmp_path) -> None:
-    row = parse_central(TOPICS, "sites/valley/edgeprune/pipeline/results", result(1), 5.0)
+    row = parse_central(TOPICS, "sites/valley/edgeprune/pipeline/results/pi-a", result(1), 5.0)
     assert row.table == "results" and row.values["site"] == "valley" and row.values["label"] == "deer"
     with sqlite3.connect(tmp_path / "old.db") as old:  # a central file from before results carried the taxon
         old.execute("CREATE TABLE results (site TEXT NOT NULL, request_id TEXT NOT NULL, camera_id TEXT NOT NULL, "
@@ -146,10 +146,11 @@ def test_parse_central_rows_and_refusals(tmp_path) -> None:
                              "received_at": 5.0}
     error = ErrorRecord(component="cam", ts=1.0, topic="t", kind="bad_json", message="m")
     assert parse_central(TOPICS, "sites/ridge/edgeprune/error/cam", to_json(error), 5.0).table == "errors"
-    for topic, payload, kind in [("edgeprune/pipeline/results", result(1), "bad_topic"),
-                                 ("sites/valley/other/pipeline/results", result(1), "bad_topic"),
+    for topic, payload, kind in [("edgeprune/pipeline/results/pi-a", result(1), "bad_topic"),
+                                 ("sites/valley/other/pipeline/results/pi-a", result(1), "bad_topic"),
+                                 ("sites/valley/edgeprune/pipeline/results", result(1), "bad_topic"),
                                  ("sites/valley/edgeprune/node/pi-b/status", b"maybe", "bad_status"),
-                                 ("sites/valley/edgeprune/pipeline/results", b"{", "bad_json")]:
+                                 ("sites/valley/edgeprune/pipeline/results/pi-a", b"{", "bad_json")]:
         with pytest.raises(BadMessage) as caught:
             parse_central(TOPICS, topic, payload, 5.0)
         assert caught.value.kind == kind
@@ -219,11 +220,11 @@ def test_central_role_takes_a_site_over_tls_with_its_bridge_login_only(tmp_path,
         password = credentials.password("bridge-valley")
         # the valley bridge's login writes for valley only; the collector only reads
         assert publish_code(central_settings.port, "bridge-valley", password,
-                            "sites/valley/edgeprune/pipeline/results") < 128
+                            "sites/valley/edgeprune/pipeline/results/pi-a") < 128
         assert publish_code(central_settings.port, "bridge-valley", password,
-                            "sites/ridge/edgeprune/pipeline/results") == NOT_AUTHORIZED
+                            "sites/ridge/edgeprune/pipeline/results/pi-a") == NOT_AUTHORIZED
         assert publish_code(central_settings.port, "collect", credentials.password("collect"),
-                            "sites/valley/edgeprune/pipeline/results") == NOT_AUTHORIZED
+                            "sites/valley/edgeprune/pipeline/results/pi-a") == NOT_AUTHORIZED
         wait_until(lambda: rows(db, "results") == 4, 30, "the bridge user's own write did not arrive")
         time.sleep(1)
         assert rows(db, "results", site="ridge") == 0

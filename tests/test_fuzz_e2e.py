@@ -99,7 +99,7 @@ def test_fuzzing_every_subscribed_topic_breaks_nothing(site):
     topics = [  # every subscription of the nodes and the gateway (status: not the three real words)
         "edgeprune/camera/cam-fuzz/frame", "edgeprune/pipeline/stage/2/in", "edgeprune/placement",
         f"edgeprune/node/{stage1_node}/cmd", f"edgeprune/node/{stage2_node}/prune/set",
-        "edgeprune/pipeline/results", "edgeprune/pipeline/accepted", "edgeprune/node/node-9/status",
+        "edgeprune/pipeline/results/node-9", "edgeprune/pipeline/accepted/node-9", "edgeprune/node/node-9/status",
         "edgeprune/node/node-9/stats", "edgeprune/node/node-9/profile", "edgeprune/node/node-9/calibration",
         "edgeprune/error/fuzzer", "edgeprune/component/gateway/cmd",
     ]

@@ -47,11 +47,12 @@ def test_a_redelivered_result_is_counted_once_and_never_replaces_the_first(gatew
     first = to_json(result("cat", 0.9))
     accepted = AcceptedRequest(request_id="frame-1", camera_id="cam", node_id="a", capture_ts=time.time() - 0.06,
                                received_ts=time.time() - 0.05)
-    client.publish(topics.accepted, to_json(accepted), qos=1).wait_for_publish(10)
+    client.publish(topics.accepted("a"), to_json(accepted), qos=1).wait_for_publish(10)
     wait_until(lambda: gateway.ledger.in_flight == 1, 20, "the accepted request never arrived")
-    client.publish(topics.results, first, qos=1).wait_for_publish(10)
-    client.publish(topics.results, first, qos=1).wait_for_publish(10)  # a QoS 1 redelivery
-    client.publish(topics.results, to_json(result("dog", 0.4)), qos=1).wait_for_publish(10)  # not identical
+    last = result("cat", 0.9).hops[-1].node_id
+    client.publish(topics.results(last), first, qos=1).wait_for_publish(10)
+    client.publish(topics.results(last), first, qos=1).wait_for_publish(10)  # a QoS 1 redelivery
+    client.publish(topics.results(last), to_json(result("dog", 0.4)), qos=1).wait_for_publish(10)  # not identical
     client.loop_stop()
     client.disconnect()
     wait_until(lambda: gateway.redelivered_results == 1 and gateway.bus.errors["conflict_result"] == 1, 20,

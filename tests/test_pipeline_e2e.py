@@ -211,7 +211,7 @@ BAD_INPUTS = [
     ("edgeprune/pipeline/stage/2/in", lambda p: _activation(p.stage2_block + 1, p.stage2_shape), "stage2",
      "stale_placement"),
     ("edgeprune/placement", lambda p: b"{not json", "stage1", "bad_json"),
-    ("edgeprune/pipeline/results", lambda p: b'{"request_id": "x"}', "gateway", "bad_schema"),
+    ("edgeprune/pipeline/results/node-9", lambda p: b'{"request_id": "x"}', "gateway", "bad_schema"),
     ("edgeprune/node/node-9/stats", lambda p: b"\x00\x01", "gateway", "bad_json"),
     ("edgeprune/node/node-9/status", lambda p: b"sleepy", "gateway", "bad_status"),
     ("edgeprune/node/node-9/profile", lambda p: b'{"node_id": "node-9"}', "gateway", "bad_schema"),

@@ -43,7 +43,7 @@ def send_frames(bus: Bus, hz: float, seconds: float) -> float:
             now = time.time()
             record = AcceptedRequest(request_id=uuid.uuid4().hex, camera_id="cam-1", node_id="node-1",
                                      capture_ts=now, received_ts=now)
-            bus.publish(TOPICS.accepted, to_json(record), qos=1)
+            bus.publish(TOPICS.accepted("node-1"), to_json(record), qos=1)
             sent += 1
         else:
             time.sleep(0.005)

@@ -93,20 +93,42 @@ def fake_result(request_id: str, camera_id: str, label: str = "tiger") -> bytes:
 
 def test_forged_results_never_become_or_replace_rows(site):
     # a made-up result for a frame nobody took
-    send(site, "edgeprune/pipeline/results", fake_result("IMG-FAKE", "cam-f"))
+    send(site, "edgeprune/pipeline/results/node-1", fake_result("IMG-FAKE", "cam-f"))
     wait_until(lambda: errors_of_kind(site, "unknown_result"), 20, "unknown result not reported")
     # a fake result sent first for an id, then the genuine frame with that id
-    send(site, "edgeprune/pipeline/results", fake_result("IMG-1", "cam-f"))
+    send(site, "edgeprune/pipeline/results/node-1", fake_result("IMG-1", "cam-f"))
     send(site, "edgeprune/camera/cam-f/frame", site.photo, request_id="IMG-1")
     wait_until(lambda: row(site, "IMG-1"), 30, "the genuine frame vanished")
     genuine = row(site, "IMG-1")
     # a second, different result for a stored request
-    send(site, "edgeprune/pipeline/results", fake_result("IMG-1", "cam-f"))
+    send(site, "edgeprune/pipeline/results/node-1", fake_result("IMG-1", "cam-f"))
     wait_until(lambda: errors_of_kind(site, "conflict_result"), 20, "conflicting result not reported")
     time.sleep(1.0)
     assert row(site, "IMG-FAKE") is None
     assert row(site, "IMG-1") == genuine and len(json.loads(genuine["hops"])) == 2  # both stages: not the fake
     settled(site)
+
+
+def test_a_payload_speaks_only_for_the_device_its_topic_names(site):
+    """The broker ties each results, accepted and error topic to its login (test_security.py); the gateway refuses
+    a payload that claims another device than the topic names, and only nodes can end a frame."""
+    claim_node1 = {"request_id": "FORGED-1", "camera_id": "cam-f", "node_id": "node-1", "capture_ts": time.time(),
+                   "received_ts": time.time()}
+    send(site, "edgeprune/pipeline/accepted/node-2", json.dumps(claim_node1).encode())  # node-2 speaking as node-1
+    send(site, "edgeprune/pipeline/results/node-2", fake_result("FORGED-1", "cam-f"))  # its last hop is node-1's
+    wait_until(lambda: len(errors_of_kind(site, "identity_mismatch")) >= 2, 20, "the forged identities not reported")
+    # a camera reports a failure in a node's name, then in its own name for a frame a node accepted
+    forged_error = {"component": "node-1", "ts": time.time(), "topic": "x", "kind": "bad_image", "message": "x",
+                    "request_id": "IMG-2"}
+    send(site, "edgeprune/error/trap-7", json.dumps(forged_error).encode())
+    wait_until(lambda: len(errors_of_kind(site, "identity_mismatch")) >= 3, 20, "the forged error not reported")
+    send(site, "edgeprune/error/trap-7", json.dumps({**forged_error, "component": "trap-7"}).encode())
+    send(site, "edgeprune/camera/cam-f/frame", site.photo, request_id="IMG-2")
+    wait_until(lambda: row(site, "IMG-2"), 30, "a camera's error record ended a node's frame")
+    settled(site)
+    assert site.reader._rows("SELECT * FROM accepted WHERE request_id = 'FORGED-1'") == []
+    assert row(site, "FORGED-1") is None
+    assert site.reader._rows("SELECT * FROM failures WHERE request_id IN ('FORGED-1', 'IMG-2')") == []
 
 
 def test_forged_prune_state_is_overwritten_not_adopted(site):
@@ -243,9 +265,9 @@ def test_a_gateway_killed_before_writing_loses_nothing_it_had_received(fresh_bro
         for i, request_id in enumerate(ids):
             accepted = {"request_id": request_id, "camera_id": "cam-crash", "node_id": "node-1",
                         "capture_ts": time.time(), "received_ts": time.time()}
-            sender.publish("edgeprune/pipeline/accepted", json.dumps(accepted).encode(), qos=1)
+            sender.publish("edgeprune/pipeline/accepted/node-1", json.dumps(accepted).encode(), qos=1)
             if i < 7:
-                sender.publish("edgeprune/pipeline/results", fake_result(request_id, "cam-crash"), qos=1)
+                sender.publish("edgeprune/pipeline/results/node-1", fake_result(request_id, "cam-crash"), qos=1)
             else:  # a queue-full drop reported by the node: a failure with its reason
                 error = {"component": "node-1", "ts": time.time(), "topic": "edgeprune/camera/cam-crash/frame",
                          "kind": "dropped", "message": "work queue full", "request_id": request_id}

@@ -82,7 +82,8 @@ def test_camera_publishes_only_its_own_frames(as_user):
     assert camera.publish("edgeprune/camera/cam-sec/frame", b"\xff\xd8") == "accepted"
     assert camera.publish("edgeprune/camera/cam-other/frame", b"\xff\xd8") == NOT_AUTHORIZED
     assert camera.publish("edgeprune/node/node-1/prune/set", b'{"ratio": 0.9}') == NOT_AUTHORIZED
-    assert camera.publish("edgeprune/pipeline/results") == NOT_AUTHORIZED
+    assert camera.publish("edgeprune/pipeline/results/cam-sec") == NOT_AUTHORIZED
+    assert camera.publish("edgeprune/pipeline/accepted/cam-sec") == NOT_AUTHORIZED
     assert camera.publish("edgeprune/pipeline/stage/2/in") == NOT_AUTHORIZED
     assert camera.publish("edgeprune/component/gateway/cmd", b'{"cmd": "prune"}') == NOT_AUTHORIZED
     assert camera.publish("edgeprune/node/node-1/cmd", b'{"cmd": "slowdown"}') == NOT_AUTHORIZED
@@ -92,7 +93,11 @@ def test_node_speaks_only_for_itself(as_user):
     node = as_user("node-1", "node")
     assert node.publish("edgeprune/node/node-1/stats") == "accepted"
     assert node.publish("edgeprune/pipeline/stage/2/in", b"x") == "accepted"
-    assert node.publish("edgeprune/pipeline/results") == "accepted"
+    assert node.publish("edgeprune/pipeline/results/node-1") == "accepted"
+    assert node.publish("edgeprune/pipeline/accepted/node-1") == "accepted"
+    assert node.publish("edgeprune/pipeline/results/node-2") == NOT_AUTHORIZED  # results in another's name
+    assert node.publish("edgeprune/pipeline/accepted/node-2") == NOT_AUTHORIZED
+    assert node.publish("edgeprune/error/node-2") == NOT_AUTHORIZED
     assert node.publish("edgeprune/node/node-2/prune/set") == NOT_AUTHORIZED
     assert node.publish("edgeprune/node/node-2/status", b"offline") == NOT_AUTHORIZED
     assert node.publish("edgeprune/node/node-1/prune/set") == NOT_AUTHORIZED  # only the gateway sets it
@@ -112,7 +117,8 @@ def test_web_sends_only_gateway_commands(as_user):
 def test_gateway_owns_control_topics(as_user):
     gateway = as_user("gateway", "gateway")
     assert gateway.publish("edgeprune/node/node-3/cmd", b'{"cmd": "calibrate"}') == "accepted"
-    assert gateway.publish("edgeprune/pipeline/results") == NOT_AUTHORIZED
+    assert gateway.publish("edgeprune/pipeline/results/gateway") == NOT_AUTHORIZED
+    assert gateway.publish("edgeprune/pipeline/accepted/node-1") == NOT_AUTHORIZED
     assert gateway.publish("edgeprune/component/web/cmd") == NOT_AUTHORIZED
 
 

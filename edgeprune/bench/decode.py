@@ -274,7 +274,7 @@ class PipelineRun:
             {(o := parse_json(NodeProfile, p)).node_id: o}))
         bus.subscribe(topics.node_calibration_filter, lambda t, p, _: self.calibrations.update(
             {(c := parse_json(SliceCalibration, p)).node_id: c}))
-        bus.subscribe(topics.results, lambda t, p, _: self._on_result(parse_json(Result, p)))
+        bus.subscribe(topics.results_filter, lambda t, p, _: self._on_result(parse_json(Result, p)))
         bus.start()
         try:
             everyone = self.nodes + ([self.ingest_node] if self.ingest_node else [])
