@@ -3,7 +3,7 @@
 Layout (all integers little-endian; documented in docs/wire-format.md)::
 
     magic      4s   b"EPAT"
-    version    u8   2 (version 1, without a hop's decode time, is still read)
+    version    u8   3 (versions 1 and 2, without a hop's decode time or blocks, are still read)
     dtype      u8   1 = float16, 2 = float32
     ndim       u8   1..6, tensor is N,C,H,W-like (channels on dim 1)
     n_hops     u8   hops recorded so far (0..64)
@@ -15,7 +15,8 @@ Layout (all integers little-endian; documented in docs/wire-format.md)::
     full_c     u32  0 = no mask; else the slice's full channel count, followed by
     mask       ceil(full_c / 8) bytes, bit i (LSB first) set = channel i was kept
     hops       n_hops x (stage u8, ratio f32, received f64, started f64, finished f64,
-                         published f64, decode f64 (version 2 only), node_len u8, node id UTF-8)
+                         published f64, decode f64 (version 2 on), first_block u16 and n_blocks u16
+                         (version 3; 65535 = not recorded), node_len u8, node id UTF-8)
     data       prod(shape) x itemsize bytes, C order
 
 Nothing here unpickles or evaluates: :func:`decode` reads fixed fields with ``struct`` and
@@ -33,7 +34,7 @@ import numpy as np
 from shared.schemas import BadMessage, Hop
 
 MAGIC = b"EPAT"
-VERSION = 2
+VERSION = 3
 DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
 DTYPE_CODES = {np.dtype("float16"): 1, np.dtype("float32"): 2}
 MAX_NDIM = 6
@@ -42,7 +43,8 @@ MAX_HOPS = 64
 _FIXED = struct.Struct("<4sBBBBHd")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_HOP = {1: struct.Struct("<Bfdddd"), 2: struct.Struct("<Bfddddd")}  # by format version
+_HOP = {1: struct.Struct("<Bfdddd"), 2: struct.Struct("<Bfddddd"), 3: struct.Struct("<BfdddddHH")}  # by version
+NO_BLOCKS = 0xFFFF  # a hop that did not record its blocks (an older node, the ingest hop)
 
 
 @dataclass
@@ -102,7 +104,9 @@ def encode(act: Activation) -> bytes:
         node = _utf8(hop.node_id, 255, "node id")
         parts += [
             _HOP[VERSION].pack(hop.stage, hop.prune_ratio, hop.received_ts, hop.started_ts,
-                               hop.finished_ts, hop.published_ts, hop.decode_s),
+                               hop.finished_ts, hop.published_ts, hop.decode_s,
+                               NO_BLOCKS if hop.first_block is None else hop.first_block,
+                               NO_BLOCKS if hop.n_blocks is None else hop.n_blocks),
             bytes([len(node)]), node,
         ]
     parts.append(tensor.astype(DTYPES[code], copy=False).tobytes())
@@ -165,11 +169,14 @@ def decode(payload: bytes, max_elements: int = 1 << 24) -> Activation:
             raise BadMessage("bad_shape", f"mask keeps {int(keep_mask.sum())} channels, tensor has {shape[1]}")
     hops = []
     for _ in range(n_hops):
-        stage, ratio, rec, sta, fin, pub, *decode_s = r.unpack(_HOP[version], "hop")
+        stage, ratio, rec, sta, fin, pub, *rest = r.unpack(_HOP[version], "hop")
+        decode_s, first, count = (*rest, NO_BLOCKS, NO_BLOCKS)[:3] if rest else (0.0, NO_BLOCKS, NO_BLOCKS)
         node = r.text(r.take(1, "hop node length")[0], "hop node id")
         try:
             hops.append(Hop(stage=stage, node_id=node, prune_ratio=round(ratio, 6), received_ts=rec,
-                            started_ts=sta, finished_ts=fin, published_ts=pub, decode_s=sum(decode_s)))
+                            started_ts=sta, finished_ts=fin, published_ts=pub, decode_s=decode_s,
+                            first_block=None if first == NO_BLOCKS else first,
+                            n_blocks=None if count == NO_BLOCKS else count))
         except ValueError as exc:
             raise BadMessage("bad_header", f"invalid hop record: {exc}") from None
     dtype = DTYPES[code]
