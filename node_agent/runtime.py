@@ -43,6 +43,7 @@ class Output:
     compute_s: float  # the slice alone, what pruning can shrink
     decode_s: float = 0.0  # turning the payload into the slice's input (a frame's decode at stage 1)
     user: dict[str, str] | None = None  # MQTT v5 user properties to publish with the output
+    next_block: int | None = None  # the block an activation asks for next (None: a result)
 
 
 def block_input_shape(model: BlockNet, block: int) -> tuple[int, ...]:
@@ -186,7 +187,7 @@ class IngestRuntime:
         act.hops = [Hop(stage=INGEST_STAGE, node_id=self.node_id, prune_ratio=0.0, received_ts=req.received_ts,
                         started_ts=started_ts, finished_ts=started_ts + decode_s, published_ts=time.time(),
                         decode_s=decode_s)]
-        return Output(self.output_topic, wire.encode(act), act.request_id, 0.0, decode_s, label_property(label))
+        return Output(self.output_topic, wire.encode(act), act.request_id, 0.0, decode_s, label_property(label), 0)
 
 
 class StageRuntime:
@@ -326,4 +327,4 @@ class StageRuntime:
                                   keep_mask, [*act.hops, Hop(**hop, published_ts=time.time())])
             payload = wire.encode(nxt)
         return Output(self.output_topic, payload, act.request_id, compute_s, decode_s,
-                      None if self.is_last else label_property(label))
+                      None if self.is_last else label_property(label), None if self.is_last else first_block + n_blocks)

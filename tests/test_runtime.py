@@ -283,3 +283,25 @@ def test_stage_one_behind_an_ingest_node_refuses_a_raw_frame():
     with pytest.raises(BadMessage) as info:
         stage.run(frame, started_ts=1.0)
     assert info.value.kind == "bad_magic"
+
+
+def test_an_output_goes_to_the_stage_that_runs_its_next_block_under_the_placement_in_force():
+    """Work queued before a move was built for the old cut: its output must not go to a stage topic no one reads."""
+    from node_agent.agent import NodeAgent
+    from node_agent.runtime import Output
+    from shared.settings import MqttSettings, NodeSettings
+
+    agent = NodeAgent(NodeSettings(node_id="a", memory_mb=100), MqttSettings())
+    root = agent.topics.root
+
+    def topic(next_block, placement, old_topic="old"):
+        agent.placement = placement
+        return agent._output_topic(Output(old_topic, b"", "r", 0.0, next_block=next_block))
+
+    three, two, one = (even_split(6, ["a", "b", "c"][:n]) for n in (3, 2, 1))  # 0-1|2-3|4-5, 0-2|3-5, 0-5
+    assert topic(4, three) == f"{root}/pipeline/stage/3/in"
+    assert topic(4, two) == f"{root}/pipeline/stage/2/in"  # the old stage 3 is gone
+    assert topic(1, two) == f"{root}/pipeline/stage/2/in"  # stage 1 reads frames: the next stage runs block 1
+    assert topic(3, one) == "old" and topic(None, three) == "old"  # nowhere better; a result
+    assert topic(0, three) == "old"  # an ingest node's output, but the placement has no ingest node any more
+    assert topic(0, three.model_copy(update={"ingest_node": "c"})) == f"{root}/pipeline/stage/1/in"
