@@ -32,7 +32,7 @@ def test_frames_in_flight_during_a_move_all_end_as_results(broker, tmp_path):
         EDGEPRUNE_NODE_PROFILE=str(DEFAULT_CHECKPOINT.with_name("trapnet.profile.json")),
         # slices slow enough that frames wait in queues and between stages when the cut moves; a queue that
         # never overflows (a full queue drops frames: load shedding, not what a move costs)
-        EDGEPRUNE_NODE_EMULATED_SLOWDOWN="40", EDGEPRUNE_NODE_QUEUE_SIZE="10000")
+        EDGEPRUNE_NODE_EMULATED_SLOWDOWN="20", EDGEPRUNE_NODE_QUEUE_SIZE="10000")
     procs = Processes(tmp_path, env)
     try:
         procs.start("gateway", "gateway")
@@ -42,7 +42,7 @@ def test_frames_in_flight_during_a_move_all_end_as_results(broker, tmp_path):
         wait_until(lambda: len((reader.placement() or {}).get("stages", [])) == 2, STARTUP_S,
                    "no two-stage placement")
         before = reader.placement()
-        camera = procs.start("camera", "camera", "--camera-id", "cam-m", "--rate", "15", "--arrival", "fixed")
+        camera = procs.start("camera", "camera", "--camera-id", "cam-m", "--rate", "10", "--arrival", "fixed")
 
         def hops_seen() -> set[int]:
             return {len(r["prune_ratios"]) for r in reader.recent_requests(0) if r["camera_id"] == "cam-m"}
