@@ -152,8 +152,12 @@ class ControlLoop:
             return
         for hop in result.hops:
             stage = self.placement.stage_of(hop.node_id)
-            if stage is not None and stage.stage == hop.stage:
-                self.controller.observe_frame(ts, hop.node_id, hop.compute_s, hop.prune_ratio)
+            if stage is None or stage.stage != hop.stage:
+                continue
+            if hop.first_block is not None and (hop.first_block, hop.first_block + hop.n_blocks - 1) != (
+                    stage.first_block, stage.last_block):  # served in flight during a move: other blocks
+                continue
+            self.controller.observe_frame(ts, hop.node_id, hop.compute_s, hop.prune_ratio)
 
     def observe_arrival(self, ts: float) -> None:
         """A frame stage 1 accepted: the arrival rate the adaptive controller keeps every stage up with."""

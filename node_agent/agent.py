@@ -20,7 +20,8 @@ import torch
 
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.deadline_queue import DeadlineQueue
-from node_agent.runtime import IngestRuntime, Request, SliceCalibrator, StageRuntime, frame_metadata, plausible_capture
+from node_agent.runtime import (IngestRuntime, Output, Request, SliceCalibrator, StageRuntime, frame_metadata,
+                                plausible_capture)
 from shared import wire
 from shared.bus import Ack, Bus
 from shared.clock import ClockOffset
@@ -79,6 +80,7 @@ class NodeAgent:
         self.runtime: StageRuntime | None = None
         self.ingest: IngestRuntime | None = None  # set while the placement makes this node the ingest node
         self.placement_version: int | None = None
+        self.placement: Placement | None = None  # the one in force: where outputs go (_output_topic)
         self._input_filter: str | None = None
         # placement version, its slice or ingest runtime (one is None), its input
         self._prepared: tuple[int, StageRuntime | None, IngestRuntime | None, str] | None = None
@@ -270,7 +272,7 @@ class NodeAgent:
             prepared, self._prepared = self._prepared, None
             same_job = placement is not None and self._same_job(placement, assignment)
             if same_job:  # under a newer plan: keep slice state; only how the input is shared may change
-                self.placement_version = placement.version
+                self.placement_version, self.placement = placement.version, placement
                 if self.runtime is not None:
                     self.runtime.assignment = assignment
         prepared_filter = prepared[3] if prepared else None
@@ -290,6 +292,7 @@ class NodeAgent:
             self.runtime = runtime
             self.ingest = ingest
             self.placement_version = placement.version if placement else None
+            self.placement = placement
             desired = self.desired
         self.calibration.request(runtime)
         if runtime is not None and desired is not None:
@@ -489,13 +492,26 @@ class NodeAgent:
             log.exception("%s: inference failed", self.node_id)
             self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}", request_id)
             return
-        self.bus.publish(out.topic, out.payload, qos=1, user=out.user)
+        self.bus.publish(self._output_topic(out), out.payload, qos=1, user=out.user)
         with self._lock:
             self.processed += 1
             self.late_served += req.deferred
             self._compute_s.append(out.compute_s)
             self._decode_s.append(out.decode_s)
             self._queue_wait_s.append(started - req.received_ts)
+
+    def _output_topic(self, out: Output) -> str:
+        """Where an output goes under the placement in force now, not the one its runtime was built under: work
+        queued before a move reaches the stage that now runs its next block (stage 1 reads frames: then the
+        stage after it), even when its old stage is gone (StageRuntime serves activations for any block)."""
+        with self._lock:
+            placement = self.placement
+        if out.next_block is None or placement is None:
+            return out.topic
+        if out.next_block == 0:  # an ingest node's decoded frame: stage 1 reads it only behind an ingest node
+            return self.topics.stage_input(1) if placement.ingest_node is not None else out.topic
+        stage = max(2, max(s.stage for s in placement.stages if s.first_block <= out.next_block))
+        return self.topics.stage_input(stage) if stage <= len(placement.stages) else out.topic
 
     # --- stats ---------------------------------------------------------------------------
     def stats(self) -> NodeStats:

@@ -44,13 +44,24 @@ class Output:
     compute_s: float  # the slice alone, what pruning can shrink
     decode_s: float = 0.0  # turning the payload into the slice's input (a frame's decode at stage 1)
     user: dict[str, str] | None = None  # MQTT v5 user properties to publish with the output
+    next_block: int | None = None  # the block an activation asks for next (None: a result)
 
 
 def block_input_shape(model: BlockNet, block: int) -> tuple[int, ...]:
     """Shape (batch 1, full width) that ``block`` takes: untrusted activations are checked against it."""
+    return block_input_shapes(model)[block]
+
+
+def block_input_shapes(model: BlockNet) -> list[tuple[int, ...]]:
+    """The input shape (batch 1, full width) of every block, from one pass through the model."""
     with torch.inference_mode():
         size = model.config.input_size
-        return tuple(model.run_blocks(torch.zeros(1, 3, size, size), 0, block - 1).shape)
+        x = torch.zeros(1, 3, size, size)
+        shapes = []
+        for block in range(model.n_blocks):
+            shapes.append(tuple(x.shape))
+            x = model.run_blocks(x, block, block)
+        return shapes
 
 
 class SliceCalibrator:
@@ -177,11 +188,17 @@ class IngestRuntime:
         act.hops = [Hop(stage=INGEST_STAGE, node_id=self.node_id, prune_ratio=0.0, received_ts=req.received_ts,
                         started_ts=started_ts, finished_ts=started_ts + decode_s, published_ts=time.time(),
                         decode_s=decode_s, deferred=req.deferred)]
-        return Output(self.output_topic, wire.encode(act), act.request_id, 0.0, decode_s, label_property(label))
+        return Output(self.output_topic, wire.encode(act), act.request_id, 0.0, decode_s, label_property(label), 0)
 
 
 class StageRuntime:
-    """Runs one pipeline stage as assigned by the placement."""
+    """Runs one pipeline stage as assigned by the placement.
+
+    While the placement moves, an activation may come for another block than the stage's first: its
+    upstream ran under the old placement, or this node does (frames queued before the move). Every node
+    holds the whole model, so the stage serves it rather than fail it (:meth:`forward`); the hop records
+    the blocks that ran (``first_block``, ``n_blocks``).
+    """
 
     def __init__(self, model: BlockNet, node_id: str, assignment: StageAssignment, n_stages: int,
                  output_topic: str, wire_dtype: str = "float16",
@@ -199,11 +216,13 @@ class StageRuntime:
         # every ladder variant is built in the background; the full slice serves meanwhile
         self.slice = PrunableSlice(model, assignment.first_block, assignment.last_block, build="lazy",
                                    input_size=model.config.input_size)
+        self.model = model  # the whole model: the blocks outside the slice that a move may bring (forward)
         # class names and input decoding travel in the checkpoint (TrapNetConfig), never a constant
         self.class_names = model.config.class_names
         self.scientific_names = model.config.scientific_names
         self.preprocessing = model.config.preprocessing()
-        self.input_shape = block_input_shape(model, assignment.first_block)
+        self.block_shapes = block_input_shapes(model)
+        self.input_shape = self.block_shapes[assignment.first_block]
         # the unslowed compute curve fitted to this node's calibration of the slice (None until calibrated)
         self.calibrated_curve: LatencyCurve | None = None
 
@@ -229,15 +248,43 @@ class StageRuntime:
         if self.takes_frames:
             return frame_activation(req, self.preprocessing, self.reduced_decode)
         act = wire.decode(req.payload)
-        if act.next_block != self.assignment.first_block:
-            raise BadMessage("stale_placement", f"activation for block {act.next_block} reached a stage "
-                             f"starting at block {self.assignment.first_block} (placement changed?)")
+        block = act.next_block
+        if block >= len(self.block_shapes) or (self.is_last and block > self.assignment.last_block):
+            raise BadMessage("stale_placement", f"activation for block {block} reached the stage of blocks "
+                             f"{self.assignment.first_block}..{self.assignment.last_block}, which cannot run "
+                             f"or forward it")
         full_shape = (act.tensor.shape[0], *(act.keep_mask.shape if act.keep_mask is not None
                                              else act.tensor.shape[1:2]), *act.tensor.shape[2:])
-        if full_shape != self.input_shape:
+        if full_shape != self.block_shapes[block]:
             raise BadMessage("bad_shape", f"activation of shape {full_shape} does not fit block "
-                             f"{self.assignment.first_block}, which takes {self.input_shape}")
+                             f"{block}, which takes {self.block_shapes[block]}")
         return act
+
+    def blocks_run(self, block: int) -> tuple[int, int]:
+        """(first block, how many) this stage runs for an activation that asks for ``block`` (:meth:`forward`);
+        its output asks for the sum."""
+        return block, max(0, self.assignment.last_block + 1 - block)
+
+    def forward(self, x: torch.Tensor, act: wire.Activation) -> tuple[torch.Tensor, np.ndarray | None]:
+        """This stage's output for ``act`` (full-width input ``x``), whichever block it asks for:
+
+        - its first block: the slice, at its ratio (entry statistics for the incoming keep mask);
+        - an earlier one (the upstream ran fewer blocks): those blocks at full width, then the slice,
+          conditioned on an unpruned upstream;
+        - a later one within the slice (the upstream ran more): the rest of the slice at full width,
+          from the zero-filled input as the slice's own first block would take it;
+        - past the slice (the activation has run this stage's blocks already): forwarded unchanged.
+        """
+        first, last = self.assignment.first_block, self.assignment.last_block
+        block = act.next_block
+        if block == first:
+            return self.slice.forward(x, act.keep_mask)
+        if block > last:
+            return torch.from_numpy(np.array(act.tensor, dtype=np.float32)), act.keep_mask
+        with torch.inference_mode():
+            if block > first:
+                return self.model.run_blocks(x, block, last), None
+            return self.slice.forward(self.model.run_blocks(x, block, first - 1), None)
 
     def run(self, req: Request, started_ts: float, slowdown: float = 1.0) -> Output:
         """One request through this stage; ``slowdown`` > 1 emulates a busier device.
@@ -253,10 +300,11 @@ class StageRuntime:
         t_decode = time.perf_counter()
         act = self.decode(req)
         label = true_label(req.user_props)
+        first_block, n_blocks = self.blocks_run(act.next_block)
         x = torch.from_numpy(np.array(act.full_tensor(), dtype=np.float32))  # a writable copy
         decode_s = time.perf_counter() - t_decode
         t0 = time.perf_counter()
-        out, keep_mask = self.slice.forward(x, act.keep_mask)
+        out, keep_mask = self.forward(x, act)
         if slowdown > 1.0:
             curve = self.calibrated_curve
             unit = curve.predict(self.slice.ratio) if curve is not None else time.perf_counter() - t0
@@ -265,7 +313,7 @@ class StageRuntime:
         finished_ts = started_ts + decode_s + compute_s
         hop = {"stage": self.assignment.stage, "node_id": self.node_id, "prune_ratio": self.slice.ratio,
                "received_ts": req.received_ts, "started_ts": started_ts, "finished_ts": finished_ts,
-               "decode_s": decode_s, "deferred": req.deferred}
+               "decode_s": decode_s, "deferred": req.deferred, "first_block": first_block, "n_blocks": n_blocks}
         if self.is_last:
             probs = torch.softmax(out.float(), dim=1)[0]
             index = int(torch.argmax(probs))
@@ -276,8 +324,8 @@ class StageRuntime:
             payload = to_json(result)
         else:
             nxt = wire.Activation(act.request_id, act.camera_id, act.capture_ts,
-                                  self.assignment.last_block + 1, out.numpy().astype(self.wire_dtype),
+                                  first_block + n_blocks, out.numpy().astype(self.wire_dtype),
                                   keep_mask, [*act.hops, Hop(**hop, published_ts=time.time())])
             payload = wire.encode(nxt)
         return Output(self.output_topic, payload, act.request_id, compute_s, decode_s,
-                      None if self.is_last else label_property(label))
+                      None if self.is_last else label_property(label), None if self.is_last else first_block + n_blocks)

@@ -175,6 +175,17 @@ class Hop(_Strict):
                             "into the slice's input (a frame's JPEG/PNG decode at stage 1); 0 from older nodes.")
     deferred: bool = Field(False, description="The node served this request late: it had missed its deadline "
                            "(capture + SLO) and waited behind the timely ones (docs/reliability.md).")
+    first_block: int | None = Field(None, ge=0, le=65534, description="The first model block this hop ran: its "
+                                    "stage's first, or another while the placement moves (node_agent.runtime); "
+                                    "None from older nodes and for the ingest hop.")
+    n_blocks: int | None = Field(None, ge=0, le=65534, description="How many blocks from ``first_block`` it ran "
+                                 "(0: it only forwarded an activation that had run its blocks already).")
+
+    @model_validator(mode="after")
+    def _blocks_together(self) -> Hop:
+        if (self.first_block is None) != (self.n_blocks is None):
+            raise ValueError("first_block and n_blocks are given together or not at all")
+        return self
 
     @property
     def queue_s(self) -> float:

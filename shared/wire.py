@@ -3,7 +3,7 @@
 Layout (all integers little-endian; documented in docs/wire-format.md)::
 
     magic      4s   b"EPAT"
-    version    u8   3 (versions 1 and 2, without a hop's decode time or flags, are still read)
+    version    u8   3 (versions 1 and 2, without a hop's decode time, flags or blocks, are still read)
     dtype      u8   1 = float16, 2 = float32
     ndim       u8   1..6, tensor is N,C,H,W-like (channels on dim 1)
     n_hops     u8   hops recorded so far (0..64)
@@ -16,7 +16,8 @@ Layout (all integers little-endian; documented in docs/wire-format.md)::
     mask       ceil(full_c / 8) bytes, bit i (LSB first) set = channel i was kept
     hops       n_hops x (stage u8, ratio f32, received f64, started f64, finished f64,
                          published f64, decode f64 (version 2 on), flags u8 (version 3: bit 0 =
-                         deferred, the others 0), node_len u8, node id UTF-8)
+                         deferred, the others 0), first_block u16 and n_blocks u16 (version 3;
+                         65535 = not recorded), node_len u8, node id UTF-8)
     data       prod(shape) x itemsize bytes, C order
 
 Nothing here unpickles or evaluates: :func:`decode` reads fixed fields with ``struct`` and
@@ -43,8 +44,9 @@ MAX_HOPS = 64
 _FIXED = struct.Struct("<4sBBBBHd")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_HOP = {1: struct.Struct("<Bfdddd"), 2: struct.Struct("<Bfddddd"), 3: struct.Struct("<BfdddddB")}  # by version
+_HOP = {1: struct.Struct("<Bfdddd"), 2: struct.Struct("<Bfddddd"), 3: struct.Struct("<BfdddddBHH")}  # by version
 DEFERRED = 0x01  # hop flag: the node served this request late, after the timely ones (docs/reliability.md)
+NO_BLOCKS = 0xFFFF  # a hop that did not record its blocks (an older node, the ingest hop)
 
 
 @dataclass
@@ -104,7 +106,9 @@ def encode(act: Activation) -> bytes:
         node = _utf8(hop.node_id, 255, "node id")
         parts += [
             _HOP[VERSION].pack(hop.stage, hop.prune_ratio, hop.received_ts, hop.started_ts,
-                               hop.finished_ts, hop.published_ts, hop.decode_s, DEFERRED if hop.deferred else 0),
+                               hop.finished_ts, hop.published_ts, hop.decode_s, DEFERRED if hop.deferred else 0,
+                               NO_BLOCKS if hop.first_block is None else hop.first_block,
+                               NO_BLOCKS if hop.n_blocks is None else hop.n_blocks),
             bytes([len(node)]), node,
         ]
     parts.append(tensor.astype(DTYPES[code], copy=False).tobytes())
@@ -193,15 +197,16 @@ def decode(payload: bytes, max_elements: int = 1 << 24) -> Activation:
     hops = []
     for _ in range(h.n_hops):
         stage, ratio, rec, sta, fin, pub, *rest = r.unpack(_HOP[h.version], "hop")
-        decode_s = rest[0] if rest else 0.0  # versions 2 and 3
-        flags = rest[1] if len(rest) > 1 else 0  # version 3
+        # version 1 has none of these, 2 only decode_s, 3 all four
+        decode_s, flags, first, count = (*rest, 0, NO_BLOCKS, NO_BLOCKS)[:4] if rest else (0.0, 0, NO_BLOCKS, NO_BLOCKS)
         if flags & ~DEFERRED:
             raise BadMessage("bad_header", f"unknown hop flags {flags:#04x}")
         node = r.text(r.take(1, "hop node length")[0], "hop node id")
         try:
             hops.append(Hop(stage=stage, node_id=node, prune_ratio=round(ratio, 6), received_ts=rec,
                             started_ts=sta, finished_ts=fin, published_ts=pub, decode_s=decode_s,
-                            deferred=bool(flags & DEFERRED)))
+                            deferred=bool(flags & DEFERRED), first_block=None if first == NO_BLOCKS else first,
+                            n_blocks=None if count == NO_BLOCKS else count))
         except ValueError as exc:
             raise BadMessage("bad_header", f"invalid hop record: {exc}") from None
     dtype = DTYPES[h.dtype_code]

@@ -150,3 +150,13 @@ def test_shipped_scenarios_load_with_their_quick_variants():
         assert all(e.node_id in full.nodes for e in full.slowdowns)
     with pytest.raises(SystemExit, match="no scenario 'nope'"):
         load_scenario("nope")
+
+
+def test_frames_that_ran_other_slices_in_a_move_are_not_predicted_as_the_placements():
+    from edgeprune.bench.pipeline import ran_elsewhere
+
+    stage = {"first_block": 2, "last_block": 3}
+    assert not ran_elsewhere({"first_block": 2, "n_blocks": 2}, stage)
+    assert not ran_elsewhere({"stage": 2}, stage)  # a node that predates block records
+    assert ran_elsewhere({"first_block": 1, "n_blocks": 3}, stage)  # ran block 1 at full width first
+    assert ran_elsewhere({"first_block": 4, "n_blocks": 0}, stage)  # only forwarded

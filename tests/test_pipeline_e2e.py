@@ -208,8 +208,8 @@ BAD_INPUTS = [
     ("edgeprune/pipeline/stage/2/in", lambda p: b"NOPE" + _activation(p.stage2_block, p.stage2_shape)[4:], "stage2",
      "bad_magic"),
     ("edgeprune/pipeline/stage/2/in", lambda p: _activation(p.stage2_block, (1, 7, 5, 5)), "stage2", "bad_shape"),
-    ("edgeprune/pipeline/stage/2/in", lambda p: _activation(p.stage2_block + 1, p.stage2_shape), "stage2",
-     "stale_placement"),
+    # a stage serves activations for other blocks during a move (docs/placement.md); one past the model, never
+    ("edgeprune/pipeline/stage/2/in", lambda p: _activation(999, p.stage2_shape), "stage2", "stale_placement"),
     ("edgeprune/placement", lambda p: b"{not json", "stage1", "bad_json"),
     ("edgeprune/pipeline/results/node-9", lambda p: b'{"request_id": "x"}', "gateway", "bad_schema"),
     ("edgeprune/node/node-9/stats", lambda p: b"\x00\x01", "gateway", "bad_json"),

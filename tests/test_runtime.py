@@ -13,7 +13,7 @@ from node_agent.runtime import IngestRuntime, Request, StageRuntime
 from shared import wire
 from shared.imaging import decode_frame, encode_jpeg, textured_scene
 from shared.model import build_model
-from shared.schemas import BadMessage, Result, parse_json
+from shared.schemas import BadMessage, Result, StageAssignment, parse_json
 from tests.conftest import even_split
 
 
@@ -88,14 +88,77 @@ def test_bad_frame_properties_are_rejected(props, match):
         chain(model, placement, camera_frame(np.random.default_rng(1), 64, "png"), "float16", props)
 
 
-def test_activation_for_another_block_is_stale():
+def _activation_for(model, frame: bytes, block: int) -> wire.Activation:
+    """What the whole model has made of ``frame`` before ``block``, as an upstream stage sends it (float32)."""
+    with torch.inference_mode():
+        x = model.run_blocks(torch.from_numpy(decode_frame(frame)), 0, block - 1) if block else \
+            torch.from_numpy(decode_frame(frame))
+    return wire.Activation("r", "c", 1.0, block, x.numpy())
+
+
+@pytest.mark.parametrize("block", [0, 1, 2, 3, 4, 5])
+def test_a_stage_serves_an_activation_for_another_block_as_the_whole_model_would(block):
+    """While the placement moves, the middle stage (blocks 2..3) gets activations for other blocks: it runs the
+    missing blocks (or forwards what has run its blocks), its output equals the whole model's, and the hop says
+    which blocks ran."""
+    model = build_model()
+    middle = StageAssignment(stage=2, node_id="b", first_block=2, last_block=3)
+    stage = StageRuntime(model, "b", middle, 3, "out", "float32")
+    act = _activation_for(model, camera_frame(np.random.default_rng(5), 64, "png"), block)
+    out = wire.decode(stage.run(Request("t", wire.encode(act), {}, 0.0), 0.0).payload)
+    ran = max(0, 4 - block)
+    assert out.next_block == block + ran and out.keep_mask is None
+    with torch.inference_mode():
+        expected = model.run_blocks(torch.from_numpy(act.tensor), block, 3).numpy() if ran else act.tensor
+    np.testing.assert_allclose(out.tensor, expected, rtol=1e-5, atol=1e-5)
+    (hop,) = out.hops
+    assert (hop.stage, hop.first_block, hop.n_blocks) == (2, block, ran)
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_the_last_stage_runs_the_missing_blocks_to_the_whole_models_result(block):
+    model = build_model()
+    last = StageAssignment(stage=2, node_id="b", first_block=2, last_block=model.n_blocks - 1)
+    stage = StageRuntime(model, "b", last, 2, "out", "float32")
+    frame = camera_frame(np.random.default_rng(6), 64, "png")
+    act = _activation_for(model, frame, block)
+    result = parse_json(Result, stage.run(Request("t", wire.encode(act), {}, 0.0), 0.0).payload)
+    with torch.inference_mode():
+        probs = torch.softmax(model(torch.from_numpy(decode_frame(frame))), 1)[0]
+    assert result.label_index == int(probs.argmax())
+    assert result.confidence == pytest.approx(float(probs.max()), abs=1e-5)
+    assert (result.hops[0].first_block, result.hops[0].n_blocks) == (block, model.n_blocks - block)
+
+
+def test_a_pruned_upstreams_activation_entering_mid_slice_runs_zero_filled_at_full_width():
+    """The upstream ran one block more than the placement says, pruned: its kept channels, zero-filled."""
+    model = build_model()
+    two = even_split(model.n_blocks, ["a", "b"])
+    upstream = StageAssignment(stage=1, node_id="a", first_block=0, last_block=two.stages[0].last_block + 1)
+    up = StageRuntime(model, "a", upstream, 2, "out", "float32")
+    up.slice.set_ratio(0.5)
+    frame = Request("edgeprune/camera/cam/frame", camera_frame(np.random.default_rng(7), 64, "png"), {}, 1.0, "cam")
+    sent = wire.decode(up.run(frame, 1.0).payload)
+    assert sent.keep_mask is not None and not sent.keep_mask.all()
+    second = StageRuntime(model, "b", two.stages[1], 2, "out", "float32")
+    result = parse_json(Result, second.run(Request("t", wire.encode(sent), {}, 1.0), 1.0).payload)
+    with torch.inference_mode():
+        logits = model.run_blocks(torch.from_numpy(sent.full_tensor()), sent.next_block, model.n_blocks - 1)
+    assert result.confidence == pytest.approx(float(torch.softmax(logits, 1)[0].max()), abs=1e-5)
+    assert [(h.first_block, h.n_blocks) for h in result.hops] == [
+        (0, sent.next_block), (sent.next_block, model.n_blocks - sent.next_block)]
+
+
+def test_an_activation_no_stage_could_run_or_forward_is_stale():
     model = build_model()
     placement = even_split(model.n_blocks, ["a", "b"])
+    first = StageRuntime(model, "a", placement.stages[0], 2, "out", "float16", behind_ingest=True)
     second = StageRuntime(model, "b", placement.stages[1], 2, "out", "float16")
-    payload = wire.encode(wire.Activation("r", "c", 1.0, 1, np.zeros((1, 32, 32, 32), np.float16)))
-    with pytest.raises(BadMessage) as err:
-        second.run(Request("t", payload, {}, 0.0), 0.0)
-    assert err.value.kind == "stale_placement"
+    past_the_model = wire.encode(wire.Activation("r", "c", 1.0, model.n_blocks, np.zeros((1, 8), np.float16)))
+    for stage in (first, second):  # no block n_blocks exists, and nothing comes after the last stage
+        with pytest.raises(BadMessage) as err:
+            stage.run(Request("t", past_the_model, {}, 0.0), 0.0)
+        assert err.value.kind == "stale_placement"
 
 
 def test_calibrator_measures_every_ratio_one_run_at_a_time():
@@ -220,3 +283,25 @@ def test_stage_one_behind_an_ingest_node_refuses_a_raw_frame():
     with pytest.raises(BadMessage) as info:
         stage.run(frame, started_ts=1.0)
     assert info.value.kind == "bad_magic"
+
+
+def test_an_output_goes_to_the_stage_that_runs_its_next_block_under_the_placement_in_force():
+    """Work queued before a move was built for the old cut: its output must not go to a stage topic no one reads."""
+    from node_agent.agent import NodeAgent
+    from node_agent.runtime import Output
+    from shared.settings import MqttSettings, NodeSettings
+
+    agent = NodeAgent(NodeSettings(node_id="a", memory_mb=100), MqttSettings())
+    root = agent.topics.root
+
+    def topic(next_block, placement, old_topic="old"):
+        agent.placement = placement
+        return agent._output_topic(Output(old_topic, b"", "r", 0.0, next_block=next_block))
+
+    three, two, one = (even_split(6, ["a", "b", "c"][:n]) for n in (3, 2, 1))  # 0-1|2-3|4-5, 0-2|3-5, 0-5
+    assert topic(4, three) == f"{root}/pipeline/stage/3/in"
+    assert topic(4, two) == f"{root}/pipeline/stage/2/in"  # the old stage 3 is gone
+    assert topic(1, two) == f"{root}/pipeline/stage/2/in"  # stage 1 reads frames: the next stage runs block 1
+    assert topic(3, one) == "old" and topic(None, three) == "old"  # nowhere better; a result
+    assert topic(0, three) == "old"  # an ingest node's output, but the placement has no ingest node any more
+    assert topic(0, three.model_copy(update={"ingest_node": "c"})) == f"{root}/pipeline/stage/1/in"

@@ -455,14 +455,23 @@ def _predicted_accuracy(reader: Reader, rows: list[dict], settings: ControllerSe
         if not in_force:
             continue
         stages = json.loads(in_force[-1]["stages"])
-        if len(stages) != len(hops):
-            continue
+        if len(stages) != len(hops) or any(ran_elsewhere(h, s) for h, s in zip(hops, stages)):
+            continue  # a frame of a move: it ran other slices (at full width) than the placement's
         key = (in_force[-1]["version"], tuple(h["prune_ratio"] for h in hops))
         if key not in cache:
             fit = accuracy_for_slices(block_accuracy, [(s["first_block"], s["last_block"]) for s in stages])
             cache[key] = fit.predictor(settings.accuracy_model)(list(key[1]))
         out.append(cache[key])
     return out
+
+
+def ran_elsewhere(hop: dict, stage: dict) -> bool:
+    """Whether ``hop`` ran other blocks than ``stage`` of the placement (a stage serving a frame during a move);
+    hops of nodes that predate block records count as the stage's."""
+    if hop.get("first_block") is None:
+        return False
+    first, last = stage["first_block"], stage["last_block"]
+    return (hop["first_block"], hop["n_blocks"]) != (first, last - first + 1)
 
 
 def add_arguments(parser) -> None:
