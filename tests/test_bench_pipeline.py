@@ -161,6 +161,10 @@ def test_shipped_scenarios_load_with_their_quick_variants():
         full, quick = load_scenario(name), load_scenario(name, quick=True)
         assert quick.duration_s < full.duration_s and full.slowdowns and quick.slowdowns
         assert all(e.node_id in full.nodes for e in full.slowdowns)
+    imbalance = load_scenario("paper-imbalance")  # the paper's shape: no transient slowdown, swept by rate
+    assert not imbalance.slowdowns and imbalance.nodes == {"node-1": 20.0, "node-2": 20.0}
+    assert imbalance.imbalance == {"node-2": 1.14} and imbalance.slo_s == 0.2 and imbalance.arrivals["cameras"] == 4
+    assert load_scenario("paper-imbalance", quick=True).duration_s < imbalance.duration_s
     with pytest.raises(SystemExit, match="no scenario 'nope'"):
         load_scenario("nope")
 
