@@ -648,8 +648,8 @@ def table(document: dict) -> list[dict]:
              "≠none": ("" if none is None or p == "none" else
                        "yes" if differs(r["attainment"], none["attainment"]) else "no"),
              "slowed_%": cell(r.get("slowed_attainment"), 100),
-             "p50_all_ms": cell(r.get("p50_all_s"), 1000, "∞"), "p95_all_ms": cell(r.get("p95_all_s"), 1000, "∞"),
-             "p99_all_ms": cell(r.get("p99_all_s"), 1000, "∞"), "p95_res_ms": cell(r["p95_s"], 1000),
+             "p50_all_ms": _all_frames(r, "p50_all_s"), "p95_all_ms": _all_frames(r, "p95_all_s"),
+             "p99_all_ms": _all_frames(r, "p99_all_s"), "p95_res_ms": cell(r["p95_s"], 1000),
              "fps": cell(r["throughput_fps"]), "failed": cell(r["failed"]),
              "acc_pred": cell(r["accuracy_predicted_mean"]), "acc_pred_min": cell(r["accuracy_predicted_worst"]),
              "acc_meas": cell(r["accuracy_measured"]), "prunes": cell(r["prune_events"]),
@@ -660,10 +660,16 @@ def table(document: dict) -> list[dict]:
             for p, r in document["policies"].items()]
 
 
+def _all_frames(result: dict, key: str) -> str | None:
+    """A latency over every frame sent, in ms (∞ past the failures; blank in JSON written before it existed)."""
+    return cell(result[key], 1000, "∞") if key in result else None
+
+
 def _mean_load(result: dict) -> float | None:
-    """The host's mean 1-minute load average during a policy's runs (absent from JSON written before it was
-    recorded)."""
-    loads = [(r.get("host_load_1m") or {}).get("mean") for r in result.get("runs", [result])]
+    """The host's mean 1-minute load average during a policy's runs, the highest over its repeats (a sweep row
+    holds it already; absent from JSON written before it was recorded)."""
+    loads = [r.get("host_load_1m") for r in result.get("runs", [result])]
+    loads = [x.get("mean") if isinstance(x, dict) else x for x in loads]
     return max((x for x in loads if x is not None), default=None)
 
 
@@ -817,7 +823,7 @@ def against_none(sweep: list[dict]) -> list[dict]:
         if base is None or r["policy"] == "none":
             continue
         attain, base_attain = median(r["attainment"]), median(base["attainment"])
-        p50, base_p50 = median(r["p50_all_s"]), median(base["p50_all_s"])
+        p50, base_p50 = median(r.get("p50_all_s")), median(base.get("p50_all_s"))  # None: JSON before it
         out.append({"rate_x": r["rate_multiplier"], "arrival_hz": r["arrival_hz"], "policy": r["policy"],
                     "attain_vs_none": attain / base_attain if attain is not None and base_attain else None,
                     "attainment_differs": differs(r["attainment"], base["attainment"]),
@@ -931,9 +937,9 @@ def finished(document: dict, plots: Path | None) -> dict:
         document["tables"][f"attainment against arrival rate: {document['scenario']}"] = [
             {"rate_x": r["rate_multiplier"], "arrival_hz": r["arrival_hz"], "policy": r["policy"],
              "frames": cell(r["frames"]), "attain_%": cell(r["attainment"], 100),
-             "p50_all_ms": cell(r.get("p50_all_s"), 1000, "∞"), "p95_all_ms": cell(r.get("p95_all_s"), 1000, "∞"),
+             "p50_all_ms": _all_frames(r, "p50_all_s"), "p95_all_ms": _all_frames(r, "p95_all_s"),
              "acc_meas": cell(r["accuracy_measured"]), "prunes": cell(r["prune_events"]),
-             "load_1m": r.get("host_load_1m")}
+             "load_1m": _mean_load(r)}
             for r in document["rate_sweep"]]
         document["rate_comparison"] = against_none(document["rate_sweep"])
         document["tables"][f"each policy against none, per rate: {document['scenario']}"] = document["rate_comparison"]
