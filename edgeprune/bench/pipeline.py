@@ -568,7 +568,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device-model", type=Path, metavar="PATH", help="the emulated device every node runs "
                         "on, from a device-model.json an earlier run wrote (default: measure it now, once)")
     parser.add_argument("--device-repeats", type=int, metavar="N", help="timed runs per block range and ratio "
-                        "when measuring the device model (default 15, 5 with --quick)")
+                        "when measuring the device model (default 15, 3 with --quick)")
 
 
 def in_slowdowns(result: dict, document: dict) -> None:
@@ -845,7 +845,7 @@ def device_model_for(args, scenario: Scenario) -> tuple[Path, DeviceModel]:
         except DeviceModelError as exc:
             raise SystemExit(str(exc)) from None
     else:
-        model = measure_device_model(args.device_repeats or (5 if args.quick else 15))
+        model = measure_device_model(args.device_repeats or (3 if args.quick else 15))
     model.save(path)
     return path, model
 
@@ -942,7 +942,9 @@ def finished(document: dict, plots: Path | None) -> dict:
              "load_1m": _mean_load(r)}
             for r in document["rate_sweep"]]
         document["rate_comparison"] = against_none(document["rate_sweep"])
-        document["tables"][f"each policy against none, per rate: {document['scenario']}"] = document["rate_comparison"]
+        if document["rate_comparison"]:
+            document["tables"][f"each policy against none, per rate: {document['scenario']}"] = \
+                document["rate_comparison"]
     if plots:
         from edgeprune.bench.pipeline_plots import plot_all
 
