@@ -111,7 +111,7 @@ def test_quick_oracle_run_sweeps_the_rate_and_its_prunes_are_the_gateways(tmp_pa
     assert document["oracle_plan"][1]["ratios"] == {"node-1": 0.0, "node-2": 0.0}
     # ... published through the gateway, which recorded one prune and one restore, in that order, after the onset
     assert result["prune_events"] == 1 and result["restore_events"] == 1
-    (pruned_at, first, pruned), (restored_at, second, restored) = result["ratio_series"]
+    (pruned_at, first, pruned), (restored_at, second, restored) = result["runs"][0]["ratio_series"]  # one repeat
     assert (first, second) == ("prune", "restore") and onset <= pruned_at < restored_at
     assert pruned["node-1"] == document["oracle_plan"][0]["ratios"]["node-1"] and restored["node-1"] == 0
     assert result["reaction_s"] is not None and result["full_restore_s"] is not None
