@@ -25,6 +25,7 @@ from node_agent.runtime import (IngestRuntime, Output, Request, SliceCalibrator,
 from shared import wire
 from shared.bus import Ack, Bus
 from shared.clock import ClockOffset
+from shared.device_model import load_device_model
 from shared.imaging import measure_decode_cost
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import ProfileError, load_profile, profile_model
@@ -94,6 +95,9 @@ class NodeAgent:
         self.transient = 1.0  # the latest `slowdown` command, on top of the device speed
         self.slowdown = self.device_speed * self.transient
         self.desired: PruneDesired | None = None
+        # a benchmark's one emulated device (shared/device_model.py), checked against this model now
+        self.device_model = (load_device_model(settings.device_model, model_fingerprint(self.model))
+                             if settings.device_model else None)
         self.calibration = CalibrationSchedule(lambda runtime: SliceCalibrator(runtime.slice, runtime.input_shape))
         self._compute_s: deque[float] = deque(maxlen=1024)
         self._decode_s: deque[float] = deque(maxlen=1024)
@@ -205,7 +209,7 @@ class NodeAgent:
         output = self.topics.results(self.node_id) if last else self.topics.stage_input(assignment.stage + 1)
         return StageRuntime(self.model, self.node_id, assignment, n, output, self.settings.wire_dtype,
                             self.settings.max_payload_bytes, self.settings.reduced_decode,
-                            placement.ingest_node is not None), None
+                            placement.ingest_node is not None, self.device_model), None
 
     def _prepare(self, placement: Placement) -> None:
         """Before the gateway publishes ``placement``: build this node's slice (or ingest runtime) and subscribe to

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from shared import wire
+from shared.device_model import DeviceModel
 from shared.imaging import decode_frame
 from shared.latency_fit import LatencyCurve, fit_latency
 from shared.model import BlockNet
@@ -202,7 +203,8 @@ class StageRuntime:
 
     def __init__(self, model: BlockNet, node_id: str, assignment: StageAssignment, n_stages: int,
                  output_topic: str, wire_dtype: str = "float16",
-                 max_payload_bytes: int = 8 << 20, reduced_decode: bool = True, behind_ingest: bool = False):
+                 max_payload_bytes: int = 8 << 20, reduced_decode: bool = True, behind_ingest: bool = False,
+                 device_model: DeviceModel | None = None):
         self.node_id = node_id
         self.assignment = assignment
         self.is_first = assignment.stage == 1
@@ -225,6 +227,8 @@ class StageRuntime:
         self.input_shape = self.block_shapes[assignment.first_block]
         # the unslowed compute curve fitted to this node's calibration of the slice (None until calibrated)
         self.calibrated_curve: LatencyCurve | None = None
+        # with a device model, the emulated device is the model's, never this run's own calibration
+        self.device_model = device_model
 
     def use_calibration(self, latencies_s: Sequence[float]) -> None:
         """Fit the slice's calibration (one median per ladder ratio) as the controller does, to emulate from.
@@ -286,10 +290,24 @@ class StageRuntime:
                 return self.model.run_blocks(x, block, last), None
             return self.slice.forward(self.model.run_blocks(x, block, first - 1), None)
 
+    def emulated_s(self, block: int) -> float:
+        """The device model's time for what :meth:`forward` runs for an activation asking for ``block``: the slice
+        at its ratio, with any blocks before it or only the rest of it at full width, or nothing (forwarded)."""
+        first, last = self.assignment.first_block, self.assignment.last_block
+        if block > last:
+            return 0.0
+        if block > first:
+            return self.device_model.time_s(block, last, 0.0)
+        earlier = self.device_model.time_s(block, first - 1, 0.0) if block < first else 0.0
+        return earlier + self.device_model.time_s(first, last, self.slice.ratio)
+
     def run(self, req: Request, started_ts: float, slowdown: float = 1.0) -> Output:
         """One request through this stage; ``slowdown`` > 1 emulates a busier device.
 
-        The emulated device does ``slowdown - 1`` extra units of the slice's *calibrated* compute
+        With a device model (a benchmark's), the compute takes exactly ``slowdown`` × the model's time
+        of the blocks at the current ratio: the slice runs, then the stage sleeps the rest (none if the
+        run alone took longer), so every run of a benchmark emulates the same device. Without one, the
+        emulated device does ``slowdown - 1`` extra units of the slice's *calibrated* compute
         at the current ratio, read from the fitted curve (of this request's own compute until
         calibrated): stretching each request's measured time instead would multiply this machine's
         scheduling jitter too (a 10 ms preemption became 0.6 s at 60x and stalled a demo's queue
@@ -305,7 +323,10 @@ class StageRuntime:
         decode_s = time.perf_counter() - t_decode
         t0 = time.perf_counter()
         out, keep_mask = self.forward(x, act)
-        if slowdown > 1.0:
+        if self.device_model is not None:
+            target = slowdown * self.emulated_s(act.next_block)
+            time.sleep(max(0.0, target - (time.perf_counter() - t0)))
+        elif slowdown > 1.0:
             curve = self.calibrated_curve
             unit = curve.predict(self.slice.ratio) if curve is not None else time.perf_counter() - t0
             time.sleep((slowdown - 1.0) * unit)

@@ -157,6 +157,10 @@ class NodeSettings(_Section):
     profile_repeats: int = Field(10, ge=1, le=1000, description="Timed runs per block when profiling at start.")
     emulated_slowdown: float = Field(1.0, ge=1.0, le=1000.0,
                                      description="Emulate a slower device from the start (profile included).")
+    device_model: Path | None = Field(None, description="A device model JSON (shared/device_model.py, written by "
+                                      "`edgeprune bench pipeline`): each stage then takes exactly slowdown x the "
+                                      "model's time of its blocks at its ratio, the same device for every run "
+                                      "(empty: stretch by this node's own calibration).")
     profile: Path | None = Field(None, description="A profile.json (`edgeprune profile`) to offer the planner "
                                  "instead of measuring at start (empty: measure): the same file gives the same "
                                  "placement every start.")
@@ -166,7 +170,7 @@ class NodeSettings(_Section):
                            "ingest node (decoding frames for stage 1); `ingest`: only the ingest node.")
 
     _check_id = field_validator("node_id")(lambda v: validate_id("node", v))
-    _empty_profile = field_validator("profile", mode="before")(lambda v: None if v == "" else v)
+    _empty_profile = field_validator("profile", "device_model", mode="before")(lambda v: None if v == "" else v)
 
 
 RetainedTable = Literal["requests", "windows", "runs", "placements", "prune_events", "calibrations", "errors"]

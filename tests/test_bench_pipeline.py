@@ -1,4 +1,5 @@
-"""`edgeprune bench pipeline` end to end on a tiny scenario: real broker, gateway, nodes and camera."""
+"""`edgeprune bench pipeline`: end to end on a tiny scenario (real broker, gateway, nodes and camera), and its pure
+parts (the device model, the devices check, figures over repeats and over every frame sent)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,20 @@ import os
 import subprocess
 import sys
 
+import math
+
+import numpy as np
 import pytest
 
-from edgeprune.bench.pipeline import _full_restore, _timeline, failure_reasons, load_scenario
+from edgeprune.bench.devices import devices_check, served_stage_times
+from edgeprune.bench.pipeline import (_full_restore, _timeline, aggregate, controller_env, differs, failure_reasons,
+                                      in_slowdowns, load_scenario, node_env, percentile_all)
+from node_agent import runtime as runtime_module
+from node_agent.runtime import Request, StageRuntime
+from shared.device_model import DeviceModel, DeviceModelError, load_device_model
+from shared.model import build_model, model_fingerprint
+from shared.schemas import StageAssignment
 from shared.settings import ControllerSettings
-
-pytestmark = pytest.mark.integration
 
 TINY = """
 name = "tiny"
@@ -54,12 +63,14 @@ slowdowns = [{ node = "node-1", factor = 8.0, start_s = 1, end_s = 5 }]
 """
 
 
+@pytest.mark.integration
 def test_tiny_scenario_reports_every_frame_sent_and_the_pruning(tmp_path):
     scenario = tmp_path / "tiny.toml"
     scenario.write_text(TINY)
     out = tmp_path / "tiny.json"
     proc = subprocess.run([sys.executable, "-m", "edgeprune", "bench", "pipeline", "--scenario", str(scenario),
-                           "--policies", "bottleneck", "--run-dir", str(tmp_path / "run"), "--json", str(out),
+                           "--policies", "bottleneck", "--repeats", "1", "--device-repeats", "2",
+                           "--run-dir", str(tmp_path / "run"), "--json", str(out),
                            "--plots", str(tmp_path / "plots")],
                           capture_output=True, text=True, timeout=240, env=os.environ.copy())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -79,13 +90,15 @@ def test_tiny_scenario_reports_every_frame_sent_and_the_pruning(tmp_path):
         "tiny-accuracy.png", "tiny-attainment.png", "tiny-latency.png"]
 
 
+@pytest.mark.integration
 def test_quick_oracle_run_sweeps_the_rate_and_its_prunes_are_the_gateways(tmp_path):
     """One cluster only (a sweep point costs a fresh cluster): the oracle at the scenario's own rate."""
     scenario = tmp_path / "tiny.toml"
     scenario.write_text(TINY)
     out = tmp_path / "tiny.json"
     proc = subprocess.run([sys.executable, "-m", "edgeprune", "bench", "pipeline", "--scenario", str(scenario),
-                           "--quick", "--policies", "oracle", "--rates", "1", "--run-dir", str(tmp_path / "run"),
+                           "--quick", "--policies", "oracle", "--rates", "1", "--device-repeats", "2",
+                           "--run-dir", str(tmp_path / "run"),
                            "--json", str(out), "--plots", str(tmp_path / "plots")],
                           capture_output=True, text=True, timeout=240, env=os.environ.copy())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -98,7 +111,7 @@ def test_quick_oracle_run_sweeps_the_rate_and_its_prunes_are_the_gateways(tmp_pa
     assert document["oracle_plan"][1]["ratios"] == {"node-1": 0.0, "node-2": 0.0}
     # ... published through the gateway, which recorded one prune and one restore, in that order, after the onset
     assert result["prune_events"] == 1 and result["restore_events"] == 1
-    (pruned_at, first, pruned), (restored_at, second, restored) = result["ratio_series"]
+    (pruned_at, first, pruned), (restored_at, second, restored) = result["runs"][0]["ratio_series"]  # one repeat
     assert (first, second) == ("prune", "restore") and onset <= pruned_at < restored_at
     assert pruned["node-1"] == document["oracle_plan"][0]["ratios"]["node-1"] and restored["node-1"] == 0
     assert result["reaction_s"] is not None and result["full_restore_s"] is not None
@@ -148,6 +161,10 @@ def test_shipped_scenarios_load_with_their_quick_variants():
         full, quick = load_scenario(name), load_scenario(name, quick=True)
         assert quick.duration_s < full.duration_s and full.slowdowns and quick.slowdowns
         assert all(e.node_id in full.nodes for e in full.slowdowns)
+    imbalance = load_scenario("paper-imbalance")  # the paper's shape: no transient slowdown, swept by rate
+    assert not imbalance.slowdowns and imbalance.nodes == {"node-1": 20.0, "node-2": 20.0}
+    assert imbalance.imbalance == {"node-2": 1.14} and imbalance.slo_s == 0.2 and imbalance.arrivals["cameras"] == 4
+    assert load_scenario("paper-imbalance", quick=True).duration_s < imbalance.duration_s
     with pytest.raises(SystemExit, match="no scenario 'nope'"):
         load_scenario("nope")
 
@@ -160,3 +177,133 @@ def test_frames_that_ran_other_slices_in_a_move_are_not_predicted_as_the_placeme
     assert not ran_elsewhere({"stage": 2}, stage)  # a node that predates block records
     assert ran_elsewhere({"first_block": 1, "n_blocks": 3}, stage)  # ran block 1 at full width first
     assert ran_elsewhere({"first_block": 4, "n_blocks": 0}, stage)  # only forwarded
+
+
+def tiny_device_model(n_blocks: int, seconds: float) -> DeviceModel:
+    """Every range takes ``seconds`` × (1 − ratio) × its block count."""
+    ratios = (0.0, 0.5, 0.9)
+    return DeviceModel("fp", n_blocks, ratios, {(a, b): tuple(seconds * (b - a + 1) * (1 - r) for r in ratios)
+                                                for a in range(n_blocks) for b in range(a, n_blocks)})
+
+
+def test_device_model_round_trips_and_refuses_a_bad_file(tmp_path):
+    model = tiny_device_model(3, 0.01)
+    path = tmp_path / "device-model.json"
+    model.save(path)
+    loaded = load_device_model(path, "fp")
+    assert loaded == model and len(loaded.latency_s) == 6  # every contiguous range of 3 blocks
+    assert loaded.time_s(1, 2, 0.25) == pytest.approx(0.02 * 0.75)  # between ratios: interpolated
+    with pytest.raises(DeviceModelError, match="measured on model fp"):
+        load_device_model(path, "another")
+    data = json.loads(path.read_text())
+    data["ranges"] = data["ranges"][1:]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DeviceModelError, match=r"missing \[\(0, 0\)\]"):
+        load_device_model(path)
+    data = model.to_dict()
+    data["ranges"][0]["latency_s"][1] = -1.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(DeviceModelError, match="positive seconds"):
+        load_device_model(path)
+    path.write_text("{not json")
+    with pytest.raises(DeviceModelError, match="cannot read it as JSON"):
+        load_device_model(path)
+
+
+def test_stage_sleeps_to_the_device_models_target(monkeypatch):
+    """slowdown × the model's time of the stage's blocks at its ratio: the run computes, then sleeps the rest."""
+    model = build_model()
+    slept: list[float] = []
+    monkeypatch.setattr(runtime_module.time, "sleep", slept.append)
+    device = tiny_device_model(model.n_blocks, 100.0)  # far longer than any real compute: the sleep is the rest
+    stage = StageRuntime(model, "a", StageAssignment(stage=1, node_id="a", first_block=0, last_block=1), 2, "out",
+                         device_model=device)
+    frame = Request("edgeprune/camera/cam/frame", np.zeros(1, np.uint8).tobytes(), {}, 1.0, "cam")
+    from camera.simulator import camera_frame
+    frame.payload = camera_frame(np.random.default_rng(0), 64, "png")
+    stage.run(frame, started_ts=1.0, slowdown=3.0)
+    target = 3.0 * 100.0 * 2  # blocks 0..1 at ratio 0
+    assert target - 60 < slept[-1] <= target  # the real compute took less than a minute
+    stage.slice.set_ratio(0.5)
+    stage.run(frame, started_ts=2.0, slowdown=1.0)
+    assert 100.0 - 60 < slept[-1] <= 100.0
+    stage.device_model = tiny_device_model(model.n_blocks, 1e-12)  # the compute alone overshoots: no sleep
+    stage.run(frame, started_ts=3.0, slowdown=2.0)
+    assert slept[-1] == 0.0
+
+
+def served(node: str, ms: float, frames: int = 10) -> list[dict]:
+    return served_stage_times([(node, (0, 2), 0.5, 6.0, ms / 1000)] * frames)
+
+
+def test_devices_check_fails_past_five_percent_and_passes_within():
+    within = devices_check({"none#1": served("node-1", 100.0), "bottleneck#1": served("node-1", 104.0)})
+    assert within["passed"] and within["groups_compared"] == 1
+    assert within["worst_spread"] == pytest.approx(0.04)
+    apart = devices_check({"none#1": served("node-1", 100.0), "bottleneck#1": served("node-1", 106.0)})
+    assert not apart["passed"]
+    assert "node-1" in apart["failures"][0] and "106.0 ms" in apart["failures"][0]
+    # too few frames, or states served by one run only, are not compared
+    assert devices_check({"a": served("node-1", 100.0, 4), "b": served("node-1", 200.0)})["groups_compared"] == 0
+    assert devices_check({"a": served("node-1", 100.0), "b": served("node-2", 200.0)})["passed"]
+
+
+def test_figures_over_repeats_are_median_min_max_and_one_repeat_stays_a_number():
+    runs = [{"attainment": 0.5, "p95_all_s": None, "reaction_s": None, "series": [1]},
+            {"attainment": 0.7, "p95_all_s": 1.5, "reaction_s": None, "series": [2]},
+            {"attainment": 0.6, "p95_all_s": 1.0, "reaction_s": None, "series": [3]}]
+    out = aggregate(runs)
+    assert out["attainment"] == {"median": 0.6, "min": 0.5, "max": 0.7}
+    assert out["p95_all_s"] == {"median": 1.5, "min": 1.0, "max": None}  # a null is ∞
+    assert out["reaction_s"] is None and "series" not in out and out["runs"] == runs
+    assert out["runs"][out["median_run"]]["attainment"] == 0.6
+    assert aggregate(runs[:1])["attainment"] == 0.5
+    assert not differs(out["attainment"], {"median": 0.72, "min": 0.69, "max": 0.8})  # ranges overlap
+    assert differs(out["attainment"], {"median": 0.8, "min": 0.75, "max": 0.9})
+    assert differs(0.5, 0.6) and not differs(0.5, 0.5)
+
+
+def test_slowed_attainment_counts_the_failed_frames_captured_during_the_slowdown():
+    document = {"slo_s": 0.2, "slowdowns": [{"start_s": 10.0, "end_s": 20.0}]}
+    result = {"latency_series": [[5.0, 0.1], [11.0, 0.1], [12.0, 0.5], [25.0, 0.1]],
+              "failed_series": [13.0, 14.0, 30.0], "ratio_series": [[16.0, "prune", {}]]}
+    in_slowdowns(result, document)
+    assert result["slowed_frames"] == 4 and result["slowed_failed"] == 2
+    assert result["slowed_attainment"] == 0.25  # 1 met of 2 results + 2 failures
+    assert result["first_slowed_frame_s"] == 11.0 and result["reaction_frame_s"] == 5.0
+    assert result["slowed_p95_all_s"] is None  # half the slowed frames failed
+
+
+def test_percentiles_over_every_frame_count_failures_as_misses():
+    latency = np.array([0.1] * 90 + [0.3] * 6)
+    assert percentile_all(latency, 4, 95) == 0.3
+    assert percentile_all(latency, 4, 50) == 0.1
+    assert percentile_all(latency, 4, 99) is None  # 4 of 100 failed: the 99th falls on a failure
+    assert percentile_all(latency, 6, 95) is None  # 6 of 102 failed, more than 5%: p95 is a miss
+    assert percentile_all(latency, 6, 90) == 0.3
+    assert percentile_all(np.array([]), 0, 95) is None and not math.isnan(percentile_all(latency, 0, 99))
+
+
+def test_policy_environments_come_from_one_table_each():
+    scenario = load_scenario("paper")
+    env = controller_env(scenario, "adaptive")
+    assert env["EDGEPRUNE_CONTROLLER_POLICY"] == "adaptive" and env["EDGEPRUNE_CONTROLLER_COOLDOWN_S"] == "8"
+    assert controller_env(scenario, "none")["EDGEPRUNE_CONTROLLER_MAX_RATIO"] == "0.0"
+    assert controller_env(scenario, "replace+prune")["EDGEPRUNE_GATEWAY_REPLACE_ON_VIOLATION"] == "true"
+    nodes = node_env(scenario, "bottleneck", None)
+    assert nodes["node-1"] == {"EDGEPRUNE_NODE_EMULATED_SLOWDOWN": "10.0"}
+    from pathlib import Path
+    assert node_env(scenario, "none", Path("m.json"))["node-2"]["EDGEPRUNE_NODE_DEVICE_MODEL"] == "m.json"
+
+
+def test_the_device_model_times_what_a_stage_ran_in_a_move():
+    """Blocks served in flight during a move cost what the device takes for them: earlier ones at full width before
+    the slice, the rest of the slice at full width, nothing for a forwarded activation."""
+    model = build_model()
+    stage = StageRuntime(model, "b", StageAssignment(stage=2, node_id="b", first_block=2, last_block=3), 2, "out",
+                         device_model=tiny_device_model(model.n_blocks, 1.0))
+    stage.slice.set_ratio(0.5)
+    assert stage.emulated_s(2) == pytest.approx(2 * 0.5)  # its slice at 0.5
+    assert stage.emulated_s(1) == pytest.approx(1.0 + 2 * 0.5)  # block 1 at full width, then the slice
+    assert stage.emulated_s(3) == pytest.approx(1.0)  # the rest of the slice, at full width
+    assert stage.emulated_s(4) == 0.0  # already past this stage: forwarded

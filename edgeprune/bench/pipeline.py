@@ -4,9 +4,11 @@ For each policy the benchmark starts a fresh cluster (mosquitto, the gateway, on
 scenario node and a labelled camera, as real subprocesses through :class:`edgeprune.demo.Demo`), replays
 the same arrivals, seed and slowdown schedule, and reads the gateway's SQLite log afterwards.
 
-Slow devices are *emulated*: a node's ``slowdown`` k (device speed × transient slowdown) makes its stage
-sleep (k − 1) × the slice's calibrated compute at the ratio it runs, so pruning pays as on a slower CPU
-while eight emulated nodes share two cores without burning them. Scenario files are documented in
+Slow devices are *emulated*, the same for every policy: a device model (this host's compute time of every block
+range at every ratio, :mod:`edgeprune.bench.devices`) is measured once per invocation, and a node with ``slowdown``
+k (device speed × transient slowdown) makes each stage take k × the model's time at the ratio it runs (it computes,
+then sleeps the rest), so pruning pays as on a slower CPU while eight emulated nodes share two cores without burning
+them. Each figure is the median over ``--repeats`` runs with its min-max. Scenario files are documented in
 ``edgeprune/scenarios/README.md``.
 """
 
@@ -23,17 +25,29 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeprune.bench.devices import describe_check, devices_check, measure_device_model, served_stage_times
 from edgeprune.demo import Demo, DemoOptions, SlowdownEpisode
 from gateway.service import load_block_accuracy
 from gateway.curves import SliceLatencyFit, accuracy_for_slices
 from gateway.policy import TOLERANCE, RatioProblem, choose_bottleneck, evaluate_ratios
 from gateway.store import Reader
+from shared.device_model import DeviceModel, DeviceModelError, load_device_model
 from shared.settings import ControllerSettings
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
-POLICIES = ("none", "static", "paper", "bottleneck", "replace", "replace+prune", "oracle")
+POLICIES = ("none", "static", "paper", "bottleneck", "adaptive", "replace", "replace+prune", "oracle")
+# per policy: [controller] settings over the scenario's, other gateway settings, and every node's settings (env names
+# without the EDGEPRUNE_<SECTION>_ prefix); a policy not listed runs the scenario's settings as they are
+HOLD = {"max_ratio": 0.0}  # the trigger still runs (and logs), but may not prune: holds do
+POLICY_CONTROLLER: dict[str, dict] = {"none": HOLD, "static": HOLD, "replace": HOLD, "oracle": HOLD,
+                                      "paper": {"policy": "paper"}, "bottleneck": {"policy": "bottleneck"},
+                                      "adaptive": {"policy": "adaptive"}}
+POLICY_GATEWAY: dict[str, dict] = {"replace": {"replace_on_violation": "true"},
+                                   "replace+prune": {"replace_on_violation": "true"}}
+POLICY_NODE: dict[str, dict] = {}
 RESTORE_TARGET_S = 30.0
 REPRUNE_HORIZON_S = 60.0
+EDGE_GUARD_S = 1.0  # hops this close to a slowdown's start or end are left out of the devices check
 
 
 @dataclass(frozen=True)
@@ -100,32 +114,45 @@ def camera_args(scenario: Scenario) -> tuple[str, ...]:
     return tuple(args)
 
 
+def _env(section: str, settings: dict) -> dict[str, str]:
+    return {f"EDGEPRUNE_{section}_{k.upper()}": str(v) for k, v in settings.items()}
+
+
 def controller_env(scenario: Scenario, policy: str) -> dict[str, str]:
-    settings = dict(scenario.controller)
-    if policy in ("none", "static", "replace", "oracle"):
-        settings["max_ratio"] = 0.0  # the trigger still runs (and logs), but may not prune: holds do
-    if policy in ("paper", "bottleneck"):
-        settings["policy"] = policy
-    env = {f"EDGEPRUNE_CONTROLLER_{k.upper()}": str(v) for k, v in settings.items()}
-    if policy.startswith("replace"):
-        env["EDGEPRUNE_GATEWAY_REPLACE_ON_VIOLATION"] = "true"
-    return env
+    """The gateway's environment for ``policy``: the scenario's [controller] with the policy's own over it."""
+    return {**_env("CONTROLLER", {**scenario.controller, **POLICY_CONTROLLER.get(policy, {})}),
+            **_env("GATEWAY", POLICY_GATEWAY.get(policy, {}))}
+
+
+def node_env(scenario: Scenario, policy: str, device_model: Path | None) -> dict[str, dict[str, str]]:
+    """Each node's environment: its device speed, the benchmark's device model, the policy's node settings."""
+    shared = {**({"device_model": device_model} if device_model else {}), **POLICY_NODE.get(policy, {})}
+    return {n: _env("NODE", {"emulated_slowdown": speed, **shared}) for n, speed in scenario.nodes.items()}
 
 
 class PolicyRun(Demo):
     """One policy on a fresh cluster; the imbalance and the static holds are sent before the camera starts."""
 
-    def __init__(self, scenario: Scenario, policy: str, run_dir: Path):
+    def __init__(self, scenario: Scenario, policy: str, run_dir: Path, device_model: Path | None = None):
         env = {"EDGEPRUNE_GATEWAY_WINDOW_S": str(scenario.window_s), "EDGEPRUNE_GATEWAY_STARTUP_WAIT_S": "60",
                "EDGEPRUNE_NODE_STATS_INTERVAL_S": "1", **controller_env(scenario, policy)}
         super().__init__(DemoOptions(
             run_dir=run_dir, nodes=len(scenario.nodes), duration_s=scenario.duration_s, slo_s=scenario.slo_s,
             seed=scenario.seed, slowdowns=scenario.slowdowns, env=env, web=False,
             node_ids=tuple(scenario.nodes), camera_args=camera_args(scenario), quiet=True,
-            node_env={n: {"EDGEPRUNE_NODE_EMULATED_SLOWDOWN": str(speed)} for n, speed in scenario.nodes.items()}))
+            node_env=node_env(scenario, policy, device_model)))
         self.scenario = scenario
         self.policy = policy
+        self.sent: dict[str, float] = {}  # request id -> capture time of every frame the camera sent
         self.plan: list[dict] = []  # the oracle's steps, published with the slowdown schedule
+
+    def _count_frame(self, topic: str, payload: bytes, props: dict[str, str]) -> None:
+        """Also the frame's capture time: a frame no stage accepted still counts where it was captured."""
+        super()._count_frame(topic, payload, props)
+        try:
+            self.sent[props["request_id"]] = float(props["capture_ts"])
+        except (KeyError, ValueError):
+            pass
 
     def command(self, node_id: str, payload: dict) -> None:
         """A one-shot command to a node (or the gateway), over the demo's own operator connection."""
@@ -326,22 +353,38 @@ def failure_reasons(failed: int, dropped: int, errors: dict[str, int]) -> dict[s
     return reasons
 
 
+def percentile_all(latency: np.ndarray, failed: int, q: float) -> float | None:
+    """Nearest-rank ``q``-th percentile over every frame sent, a failed frame counting as ∞ (a miss): None where
+    the rank falls on a failure, i.e. more than (100 − q)% of the frames failed."""
+    n = latency.size + failed
+    if not n:
+        return None
+    rank = max(1, math.ceil(q / 100 * n))
+    return float(np.sort(latency)[rank - 1]) if rank <= latency.size else None
+
+
 def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent: int, cpu_s: dict[str, float],
-              settings: ControllerSettings) -> dict:
-    """The issue's metrics for one policy run, from the gateway's SQLite log."""
+              settings: ControllerSettings, sent: dict[str, float] | None = None) -> dict:
+    """The issue's metrics for one policy run, from the gateway's SQLite log (and ``sent``: request id -> capture
+    time of the frames the camera sent, as the broker delivered them)."""
     rows = query(reader, "SELECT request_id, capture_ts, finish_ts, e2e_s, prune_ratios, hops, correct "
                         "FROM requests ORDER BY capture_ts")
     latency = np.array([r["e2e_s"] for r in rows])
     met = int((latency <= scenario.slo_s).sum())
-    sent = max(frames_sent, len(rows))
+    frames = max(frames_sent, len(rows))
     nodes = reader.nodes()
     dropped = sum(n.get("dropped") or 0 for n in nodes)
     errors: dict[str, int] = {}
     for e in query(reader, "SELECT kind, COUNT(*) AS n FROM errors WHERE kind NOT IN ('rejected_command', "
                            "'bad_calibration') GROUP BY kind"):  # frames' errors, not the control plane's
         errors[e["kind"]] = e["n"]
-    failed = sent - len(rows)
+    failed = frames - len(rows)
     reasons = failure_reasons(failed, dropped, errors)
+    # a failed frame's capture time: as the camera sent it, else as stage 1 announced it on pipeline/accepted
+    captured = {r["request_id"]: r["capture_ts"] for r in query(reader, "SELECT request_id, capture_ts FROM accepted")}
+    captured.update(sent or {})
+    served = {r["request_id"] for r in rows}
+    failed_series = sorted(round(ts - started_ts, 3) for rid, ts in captured.items() if rid not in served)
 
     predicted = _predicted_accuracy(reader, rows, settings)
     correct = [r["correct"] for r in rows if r["correct"] is not None]
@@ -358,10 +401,15 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
     reprunes = sum(1 for t, kind, _ in timeline if kind == "prune"
                    and any(0 < t - r <= REPRUNE_HORIZON_S for r in restores))
     span = (rows[-1]["finish_ts"] - rows[0]["capture_ts"]) if len(rows) > 1 else None
+    late = (query(reader, "SELECT COUNT(*) AS n FROM requests WHERE late")[0]["n"]
+            if "late" in {c["name"] for c in query(reader, "PRAGMA table_info(requests)")} else None)
     return {
-        "frames": sent, "results": len(rows), "met": met, "attainment": met / sent if sent else None,
+        "frames": frames, "results": len(rows), "met": met, "attainment": met / frames if frames else None,
+        "p50_all_s": percentile_all(latency, failed, 50), "p95_all_s": percentile_all(latency, failed, 95),
+        "p99_all_s": percentile_all(latency, failed, 99),
         "p50_s": _percentile(latency, 50), "p95_s": _percentile(latency, 95), "p99_s": _percentile(latency, 99),
         "throughput_fps": len(rows) / span if span else None, "failed": failed, "failed_reasons": reasons,
+        "failed_capture_unknown": failed - len(failed_series), "late": late,
         "accuracy_predicted_mean": float(np.mean(predicted)) if predicted else None,
         "accuracy_predicted_worst": float(np.min(predicted)) if predicted else None,
         "accuracy_measured": float(np.mean(correct)) if correct else None,
@@ -371,11 +419,47 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
         "replacement_events": sum(1 for _, kind, _ in timeline if kind == "replace"),
         "reaction_s": reaction, "full_restore_s": restore[0] if restore else None,
         "restored_within_run": restore is not None if acted and ends else None,
-        "reprunes_after_restore": reprunes, "hop_breakdown": hop_breakdown(rows) if rows else {}, "cpu_s_per_frame": sum(cpu_s.values()) / len(rows) if rows else None,
+        "reprunes_after_restore": reprunes, "hop_breakdown": hop_breakdown(rows) if rows else {},
+        "cpu_s_per_frame": sum(cpu_s.values()) / len(rows) if rows else None,
         "cpu_s_by_component": cpu_s,
+        "served_stage_times": served_stage_times(_served_hops(reader, rows, scenario, started_ts)),
         "latency_series": [[round(r["capture_ts"] - started_ts, 3), round(r["e2e_s"], 4)] for r in rows],
+        "failed_series": failed_series,
         "ratio_series": [[round(max(0.0, t - started_ts), 3), kind, detail] for t, kind, detail in everything],
     }
+
+
+def _stages_in_force(placements: list[dict], hops: list[dict]) -> tuple[int, list[dict]] | None:
+    """(version, stages) of the placement a frame ran under: the latest issued before stage 1 received it."""
+    in_force = [p for p in placements if p["issued_at"] <= hops[0]["received_ts"]] or placements[:1]
+    if not in_force:
+        return None
+    stages = json.loads(in_force[-1]["stages"])
+    return (in_force[-1]["version"], stages) if len(stages) == len(hops) else None
+
+
+def _served_hops(reader: Reader, rows: list[dict], scenario: Scenario,
+                 started_ts: float) -> list[tuple[str, tuple[int, int], float, float, float]]:
+    """(node, blocks, ratio, transient slowdown, emulated compute) of every stored hop: what each device served."""
+    placements = query(reader, "SELECT version, issued_at, stages FROM placements ORDER BY issued_at")
+    out = []
+    for r in rows:
+        hops = json.loads(r["hops"])
+        placed = _stages_in_force(placements, hops)
+        if placed is None:
+            continue
+        for hop, stage in zip(hops, placed[1]):
+            if ran_elsewhere(hop, stage):
+                continue  # a frame of a move: its device time is of other blocks
+            at_s = hop["started_ts"] - started_ts
+            if any(abs(at_s - t) < EDGE_GUARD_S for e in scenario.slowdowns if e.node_id == hop["node_id"]
+                   for t in (e.start_s, e.end_s)):
+                continue  # the slowdown command and this frame may have crossed
+            slowdown = true_slowdowns(scenario.slowdowns, hop["started_ts"] - started_ts).get(hop["node_id"], 1.0)
+            compute = hop["finished_ts"] - hop["started_ts"] - hop.get("decode_s", 0.0)
+            out.append((hop["node_id"], (stage["first_block"], stage["last_block"]), hop["prune_ratio"], slowdown,
+                        compute))
+    return out
 
 
 def hop_breakdown(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -451,13 +535,13 @@ def _predicted_accuracy(reader: Reader, rows: list[dict], settings: ControllerSe
     out = []
     for r in rows:
         hops = json.loads(r["hops"])
-        in_force = [p for p in placements if p["issued_at"] <= hops[0]["received_ts"]] or placements[:1]
-        if not in_force:
+        placed = _stages_in_force(placements, hops)
+        if placed is None:
             continue
-        stages = json.loads(in_force[-1]["stages"])
-        if len(stages) != len(hops) or any(ran_elsewhere(h, s) for h, s in zip(hops, stages)):
+        version, stages = placed
+        if any(ran_elsewhere(h, s) for h, s in zip(hops, stages)):
             continue  # a frame of a move: it ran other slices (at full width) than the placement's
-        key = (in_force[-1]["version"], tuple(h["prune_ratio"] for h in hops))
+        key = (version, tuple(h["prune_ratio"] for h in hops))
         if key not in cache:
             fit = accuracy_for_slices(block_accuracy, [(s["first_block"], s["last_block"]) for s in stages])
             cache[key] = fit.predictor(settings.accuracy_model)(list(key[1]))
@@ -492,41 +576,114 @@ def add_arguments(parser) -> None:
                         "and a <scenario>-rates.png plot")
     parser.add_argument("--replot", type=Path, metavar="JSON", help="run nothing: re-derive the table and plots "
                         "from a JSON this benchmark wrote")
+    parser.add_argument("--repeats", type=int, metavar="N", help="runs per policy (and rate), each on a fresh "
+                        "cluster; every figure is the median with its min-max (default 3, 1 with --quick)")
+    parser.add_argument("--device-model", type=Path, metavar="PATH", help="the emulated device every node runs "
+                        "on, from a device-model.json an earlier run wrote (default: measure it now, once)")
+    parser.add_argument("--device-repeats", type=int, metavar="N", help="timed runs per block range and ratio "
+                        "when measuring the device model (default 15, 3 with --quick)")
 
 
-def in_slowdowns(document: dict) -> None:
-    """Attainment and p95 of the frames captured while any slowdown was on, per policy (over results: a failed
-    frame's capture time is not known, so failures are only in the whole-run figures)."""
+def in_slowdowns(result: dict, document: dict) -> None:
+    """A run's figures over the frames *captured* while any slowdown was on, failed frames included (their capture
+    times are in ``failed_series``; a run recorded before it has none, so its slowed figures are None), and how fast
+    the policy acted once a frame saw the slowdown (bursts may leave a slowed node idle for a while)."""
     windows = [(e["start_s"], e["end_s"]) for e in document["slowdowns"]]
     onset = min((a for a, _ in windows), default=None)
-    for result in document["policies"].values():
-        # bursts may leave a slowed node idle for a while: how fast did the policy act once frames saw it?
-        first = next((t for t, _ in result["latency_series"] if onset is not None and t >= onset), None)
-        acted = [t for t, kind, _ in result["ratio_series"] if kind in ("prune", "replace")
-                 and first is not None and t >= first]
-        result["first_slowed_frame_s"] = first
-        result["reaction_after_first_slowed_frame_s"] = acted[0] - first if acted else None
-        latency = np.array([lat for t, lat in result["latency_series"] if any(a <= t < b for a, b in windows)])
-        result["slowdown_results"] = int(latency.size)
-        result["slowdown_attainment"] = float((latency <= document["slo_s"]).mean()) if latency.size else None
-        result["slowdown_p95_s"] = _percentile(latency, 95)
+    failed_at = result.get("failed_series")
+    captured = [t for t, _ in result["latency_series"]] + (failed_at or [])
+    first = min((t for t in captured if onset is not None and t >= onset), default=None)
+    acted = [t for t, kind, _ in result["ratio_series"] if kind in ("prune", "replace")
+             and first is not None and t >= first]
+    result["first_slowed_frame_s"] = first
+    result["reaction_frame_s"] = acted[0] - first if acted else None
+    inside = lambda t: any(a <= t < b for a, b in windows)  # noqa: E731
+    latency = np.array([lat for t, lat in result["latency_series"] if inside(t)])
+    lost = sum(1 for t in failed_at or [] if inside(t))
+    result["slowed_frames"] = int(latency.size) + lost if failed_at is not None else None
+    result["slowed_failed"] = lost if failed_at is not None else None
+    result["slowed_attainment"] = (float((latency <= document["slo_s"]).sum()) / result["slowed_frames"]
+                                   if result["slowed_frames"] else None)
+    result["slowed_p95_all_s"] = percentile_all(latency, lost, 95) if failed_at is not None else None
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """One policy's figures over its repeats: every numeric figure of the runs as ``{median, min, max}`` (a null,
+    e.g. a p95 past the failures or a reaction that never came, counts as ∞ and is null again if it lands there),
+    or as the plain number when there is one run; ``runs`` keeps every repeat's full summary and ``median_run``
+    the index of the run with the median attainment (the one the plots draw)."""
+    keys = [k for k, v in runs[0].items() if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))]
+    out: dict = {}
+    for key in keys:
+        values = [r.get(key) for r in runs]
+        if len(runs) == 1 or all(v is None for v in values):
+            out[key] = values[0]
+            continue
+        ordered = np.array([math.inf if v is None else float(v) for v in values])
+        back = lambda x: None if math.isinf(x) else float(x)  # noqa: E731
+        out[key] = {"median": back(float(np.median(ordered))), "min": back(ordered.min()), "max": back(ordered.max())}
+    attained = [r.get("attainment") or 0.0 for r in runs]
+    out["median_run"] = int(np.argsort(attained)[(len(runs) - 1) // 2])
+    out["runs"] = runs
+    return out
+
+
+def median(x) -> float | None:
+    """A figure's median: itself for one repeat."""
+    return x.get("median") if isinstance(x, dict) else x
+
+
+def span(x) -> tuple[float, float]:
+    """A figure's [min, max] over repeats (a null is ∞)."""
+    low, high = (x["min"], x["max"]) if isinstance(x, dict) else (x, x)
+    return (math.inf if low is None else low), (math.inf if high is None else high)
+
+
+def differs(a, b) -> bool:
+    """Whether two policies' figures differ: only where their min-max ranges over repeats do not overlap (with
+    one repeat each, the ranges are points: any two unequal figures differ, so claims need repeats)."""
+    (a_low, a_high), (b_low, b_high) = span(a), span(b)
+    return a_high < b_low or b_high < a_low
+
+
+def cell(x, scale: float = 1.0, null: str = "") -> str | None:
+    """``median [min–max]`` (one repeat: the number), scaled; a null shown as ``null`` (∞ for latencies)."""
+    def one(v):
+        return null if v is None else f"{scale * v:.4g}"
+    if isinstance(x, dict):
+        return f"{one(x['median'])} [{one(x['min'])}–{one(x['max'])}]"
+    return None if x is None and not null else one(x)
 
 
 def table(document: dict) -> list[dict]:
-    return [{"policy": p, "frames": r["frames"], "attain_%": _pct(r["attainment"]),
-             "slowed_%": _pct(r.get("slowdown_attainment")), "p50_ms": _ms(r["p50_s"]), "p95_ms": _ms(r["p95_s"]),
-             "p99_ms": _ms(r["p99_s"]), "fps": r["throughput_fps"], "failed": r["failed"],
-             "acc_pred": r["accuracy_predicted_mean"], "acc_pred_min": r["accuracy_predicted_worst"],
-             "acc_meas": r["accuracy_measured"], "prunes": r["prune_events"], "replaces": r["replacement_events"],
-             "react_s": r["reaction_s"], "react_frame_s": r.get("reaction_after_first_slowed_frame_s"),
-             "restore_s": r["full_restore_s"], "reprunes": r["reprunes_after_restore"],
-             "cpu_ms/frame": _ms(r["cpu_s_per_frame"]), "load_1m": _mean_load(r)}
+    none = document["policies"].get("none")
+    return [{"policy": p, "frames": cell(r["frames"]), "attain_%": cell(r["attainment"], 100),
+             "≠none": ("" if none is None or p == "none" else
+                       "yes" if differs(r["attainment"], none["attainment"]) else "no"),
+             "slowed_%": cell(r.get("slowed_attainment"), 100),
+             "p50_all_ms": _all_frames(r, "p50_all_s"), "p95_all_ms": _all_frames(r, "p95_all_s"),
+             "p99_all_ms": _all_frames(r, "p99_all_s"), "p95_res_ms": cell(r["p95_s"], 1000),
+             "fps": cell(r["throughput_fps"]), "failed": cell(r["failed"]),
+             "acc_pred": cell(r["accuracy_predicted_mean"]), "acc_pred_min": cell(r["accuracy_predicted_worst"]),
+             "acc_meas": cell(r["accuracy_measured"]), "prunes": cell(r["prune_events"]),
+             "replaces": cell(r["replacement_events"]), "react_s": cell(r["reaction_s"]),
+             "react_frame_s": cell(r.get("reaction_frame_s")), "restore_s": cell(r["full_restore_s"]),
+             "reprunes": cell(r["reprunes_after_restore"]), "late": cell(r.get("late")),
+             "cpu_ms/frame": cell(r["cpu_s_per_frame"], 1000), "load_1m": _mean_load(r)}
             for p, r in document["policies"].items()]
 
 
+def _all_frames(result: dict, key: str) -> str | None:
+    """A latency over every frame sent, in ms (∞ past the failures; blank in JSON written before it existed)."""
+    return cell(result[key], 1000, "∞") if key in result else None
+
+
 def _mean_load(result: dict) -> float | None:
-    """The host's mean 1-minute load average during a run (absent from JSON written before it was recorded)."""
-    return (result.get("host_load_1m") or {}).get("mean")
+    """The host's mean 1-minute load average during a policy's runs, the highest over its repeats (a sweep row
+    holds it already; absent from JSON written before it was recorded)."""
+    loads = [r.get("host_load_1m") for r in result.get("runs", [result])]
+    loads = [x.get("mean") if isinstance(x, dict) else x for x in loads]
+    return max((x for x in loads if x is not None), default=None)
 
 
 def saturation(args) -> dict:
@@ -592,10 +749,10 @@ def _saturation_step(bench: PolicyRun, index: int, rate: float, step_s: float) -
 
 
 def run_policy(scenario: Scenario, policy: str, run_dir: Path, settings: ControllerSettings,
-               label: str | None = None) -> tuple[dict, dict]:
+               label: str | None = None, device_model: Path | None = None) -> tuple[dict, dict]:
     """One policy on a fresh cluster: its summary, and what it chose offline (``static``'s ratio, the
     ``oracle``'s plan) for the document."""
-    bench = PolicyRun(scenario, policy, run_dir)
+    bench = PolicyRun(scenario, policy, run_dir, device_model)
     chosen: dict = {}
     try:
         bench.start_pipeline()
@@ -628,7 +785,8 @@ def run_policy(scenario: Scenario, policy: str, run_dir: Path, settings: Control
         bench.stop_processes()
     print(file=sys.stderr)
     summary = bench.summary()
-    result = summarise(Reader(bench.db), scenario, started_ts, summary["frames_sent"] or 0, cpu_s, settings)
+    result = summarise(Reader(bench.db), scenario, started_ts, summary["frames_sent"] or 0, cpu_s, settings,
+                       bench.sent)
     result["host_load_1m"] = {"mean": float(np.mean(loads)), "max": max(loads)} if loads else None
     return result, chosen
 
@@ -658,13 +816,51 @@ def parse_rates(text: str) -> list[float]:
 
 
 def sweep_row(multiplier: float, policy: str, result: dict, duration_s: float) -> dict:
-    """One point of attainment against arrival rate: the offered rate is frames sent over the run's seconds."""
-    return {"rate_multiplier": multiplier, "arrival_hz": result["frames"] / duration_s, "policy": policy,
-            "frames": result["frames"], "failed": result["failed"], "attainment": result["attainment"],
-            "accuracy_measured": result["accuracy_measured"],
-            "accuracy_predicted_mean": result["accuracy_predicted_mean"], "p50_s": result["p50_s"],
-            "p95_s": result["p95_s"], "prune_events": result["prune_events"],
-            "host_load_1m": result.get("host_load_1m")}
+    """One point of attainment against arrival rate (figures over repeats as in :func:`aggregate`): the offered
+    rate is frames sent over the run's seconds."""
+    row = {"rate_multiplier": multiplier, "arrival_hz": median(result["frames"]) / duration_s, "policy": policy}
+    for key in ("frames", "failed", "attainment", "accuracy_measured", "accuracy_predicted_mean", "p50_all_s",
+                "p95_all_s", "p50_s", "p95_s", "prune_events"):
+        row[key] = result.get(key)
+    row["host_load_1m"] = _mean_load(result)
+    return row
+
+
+def against_none(sweep: list[dict]) -> list[dict]:
+    """Per rate, each policy against ``none`` at that rate: attainment ratio, p50 ratio over every frame (a null
+    p50, more than half the frames failed, is ∞), measured accuracy, and whether the attainment ranges differ."""
+    baseline = {r["rate_multiplier"]: r for r in sweep if r["policy"] == "none"}
+    out = []
+    for r in sweep:
+        base = baseline.get(r["rate_multiplier"])
+        if base is None or r["policy"] == "none":
+            continue
+        attain, base_attain = median(r["attainment"]), median(base["attainment"])
+        p50, base_p50 = median(r.get("p50_all_s")), median(base.get("p50_all_s"))  # None: JSON before it
+        out.append({"rate_x": r["rate_multiplier"], "arrival_hz": r["arrival_hz"], "policy": r["policy"],
+                    "attain_vs_none": attain / base_attain if attain is not None and base_attain else None,
+                    "attainment_differs": differs(r["attainment"], base["attainment"]),
+                    "p50_all_vs_none": (p50 / base_p50 if p50 is not None and base_p50 is not None
+                                        else 0.0 if p50 is not None else None),
+                    "accuracy_measured": median(r["accuracy_measured"]),
+                    "none_accuracy_measured": median(base["accuracy_measured"])})
+    return out
+
+
+def device_model_for(args, scenario: Scenario) -> tuple[Path, DeviceModel]:
+    """The invocation's one device model: ``--device-model PATH``, or measured now (before any policy runs); either
+    way saved into the run directory, where every node reads it."""
+    path = args.run_dir / scenario.name / "device-model.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if args.device_model:
+        try:
+            model = load_device_model(args.device_model, _fingerprint())
+        except DeviceModelError as exc:
+            raise SystemExit(str(exc)) from None
+    else:
+        model = measure_device_model(args.device_repeats or (3 if args.quick else 15))
+    model.save(path)
+    return path, model
 
 
 def run(args) -> dict:
@@ -678,48 +874,90 @@ def run(args) -> dict:
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
     rates = parse_rates(args.rates) if args.rates else [1.0]
+    repeats = args.repeats or (1 if args.quick else 3)
     settings = ControllerSettings(**scenario.controller)
     load_at_start = os.getloadavg()[0]
+    model_path, device_model = device_model_for(args, scenario)
     results: dict[str, dict] = {}
     chosen: dict = {"static_choice": None}
     sweep: list[dict] = []
     for multiplier in rates:
         scaled = at_rate(scenario, multiplier)
         for policy in policies:
-            run_dir = args.run_dir / scenario.name / policy.replace("+", "-")
-            if args.rates:
-                run_dir = args.run_dir / scenario.name / f"rate-x{multiplier:g}" / policy.replace("+", "-")
-            label = policy if not args.rates else f"{policy} x{multiplier:g}"
-            result, offline = run_policy(scaled, policy, run_dir, settings, label)
-            sweep.append(sweep_row(multiplier, policy, result, scenario.duration_s))
-            if multiplier == 1.0:
-                results[policy] = result
-                chosen.update(offline)
+            runs = []
+            for repeat in range(repeats):
+                run_dir = args.run_dir / scenario.name
+                run_dir = run_dir / f"rate-x{multiplier:g}" if args.rates else run_dir
+                run_dir = run_dir / (policy.replace("+", "-") + (f"-{repeat + 1}" if repeats > 1 else ""))
+                label = policy + (f" x{multiplier:g}" if args.rates else "") + (f" #{repeat + 1}" if repeats > 1
+                                                                                else "")
+                result, offline = run_policy(scaled, policy, run_dir, settings, label, model_path)
+                runs.append(result)
+                if multiplier == 1.0:
+                    chosen.update(offline)
+            key = policy if multiplier == 1.0 else f"{policy} x{multiplier:g}"
+            results[key] = aggregate(runs)
+    # every run's served stage times, at every rate: the same device throughout, or no comparison at all
+    check = devices_check({f"{p}#{i + 1}": r["served_stage_times"] for p, result in results.items()
+                           for i, r in enumerate(result["runs"])})
+    for multiplier in rates:
+        for policy in policies:
+            key = policy if multiplier == 1.0 else f"{policy} x{multiplier:g}"
+            sweep.append(sweep_row(multiplier, policy, results[key], scenario.duration_s))
     document = {
-        "scenario": scenario.name, "quick": args.quick, "description": scenario.description,
-        "emulation": "sleep: a node with slowdown k sleeps (k-1) x its slice's calibrated compute at the ratio it "
-                     "runs (device speed x transient slowdown); no CPU is burnt, so N emulated nodes share this host",
+        "scenario": scenario.name, "quick": args.quick, "description": scenario.description, "repeats": repeats,
+        "figures": "each figure of policies.<name> is {median, min, max} over the repeats when repeats > 1, the "
+                   "plain number for one repeat; policies.<name>.runs holds every repeat's full summary. *_all_s "
+                   "count every frame sent, a failed one as a miss (null: more than the percentile's share "
+                   "failed); p50_s/p95_s/p99_s are over results only",
+        "emulation": "device model: every node of every run makes a stage take its slowdown (device speed x "
+                     "transient) x the device model's time of the stage's blocks at the ratio it runs (computes, "
+                     "then sleeps the rest); no CPU is burnt, so N emulated nodes share this host",
+        "device_model": device_model.to_dict(), "device_model_path": str(model_path), "devices_check": check,
         "host": {"cpus": os.cpu_count(), "load_avg_1m_at_start": load_at_start,
                  "load_avg_1m_at_end": os.getloadavg()[0]},
-        "slo_s": scenario.slo_s, "duration_s": scenario.duration_s, "nodes": scenario.nodes, "imbalance": scenario.imbalance,
+        "slo_s": scenario.slo_s, "duration_s": scenario.duration_s, "nodes": scenario.nodes,
+        "imbalance": scenario.imbalance,
         "slowdowns": [vars(e) for e in scenario.slowdowns], "arrivals": scenario.arrivals,
-        **chosen, "policies": results,
+        **chosen, "policies": {p: results[p] for p in policies},
     }
     if args.rates:
         document["rate_sweep"] = sweep
-    return finished(document, args.plots)
+        document["rate_sweep_runs"] = {k: v for k, v in results.items() if k not in policies}
+    document = finished(document, args.plots)
+    if not check["passed"]:
+        document["failure"] = ("the policies ran on different emulated devices, so they cannot be compared:\n  "
+                               + "\n  ".join(check["failures"]))
+    return document
 
 
 def finished(document: dict, plots: Path | None) -> dict:
-    """The figures derived from a run's JSON (slowdown attainment, the table) and its plots, if asked for."""
-    in_slowdowns(document)
+    """The figures derived from a run's JSON (slowdown figures per run, then over repeats; the tables) and its
+    plots, if asked for. A JSON written before repeats (one summary per policy) is read as one repeat."""
+    for name, result in list(document["policies"].items()):
+        runs = result.get("runs", [result])
+        for run_result in runs:
+            in_slowdowns(run_result, document)
+        document["policies"][name] = aggregate(runs)
     document["tables"] = {f"bench pipeline: {document['scenario']}": table(document)}
+    if document.get("devices_check"):
+        document["tables"][describe_check(document["devices_check"])] = [
+            {"node": c["node"], "blocks": "{}..{}".format(*c["blocks"]), "ratio": c["ratio"],
+             "slowdown": c["slowdown"], "spread_%": 100 * c["spread"], "min_ms": min(c["median_ms"].values()),
+             "max_ms": max(c["median_ms"].values()), "runs": len(c["median_ms"])}
+            for c in document["devices_check"]["compared"]]
     if document.get("rate_sweep"):
         document["tables"][f"attainment against arrival rate: {document['scenario']}"] = [
             {"rate_x": r["rate_multiplier"], "arrival_hz": r["arrival_hz"], "policy": r["policy"],
-             "frames": r["frames"], "attain_%": _pct(r["attainment"]), "p95_ms": _ms(r["p95_s"]),
-             "acc_meas": r["accuracy_measured"], "prunes": r["prune_events"], "load_1m": _mean_load(r)}
+             "frames": cell(r["frames"]), "attain_%": cell(r["attainment"], 100),
+             "p50_all_ms": _all_frames(r, "p50_all_s"), "p95_all_ms": _all_frames(r, "p95_all_s"),
+             "acc_meas": cell(r["accuracy_measured"]), "prunes": cell(r["prune_events"]),
+             "load_1m": _mean_load(r)}
             for r in document["rate_sweep"]]
+        document["rate_comparison"] = against_none(document["rate_sweep"])
+        if document["rate_comparison"]:
+            document["tables"][f"each policy against none, per rate: {document['scenario']}"] = \
+                document["rate_comparison"]
     if plots:
         from edgeprune.bench.pipeline_plots import plot_all
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from pathlib import Path
 
 from edgeprune.bench import BENCHMARKS, format_table, write_json
@@ -36,4 +37,7 @@ def run(args) -> int:
     if options.json:
         write_json(options.json, result)
         print(f"wrote {options.json}")
+    if result.get("failure"):  # the figures are written, but they do not hold (e.g. bench pipeline's devices check)
+        print(f"edgeprune bench {args.name}: FAILED: {result['failure']}", file=sys.stderr)
+        return 1
     return 0

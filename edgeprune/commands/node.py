@@ -24,16 +24,17 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from node_agent.agent import NodeAgent
+    from shared.device_model import DeviceModelError
     from shared.profiling import ProfileError
     from shared.settings import NodeSettings, load
 
     settings = load(NodeSettings, args.config, node_id=args.node_id, threads=args.threads,
                     queue_size=args.queue_size, checkpoint=args.checkpoint, profile=args.profile,
                     role=args.role)
-    agent = NodeAgent(settings, broker_settings(args))
     try:
+        agent = NodeAgent(settings, broker_settings(args))
         agent.start()
-    except ProfileError as exc:
+    except (ProfileError, DeviceModelError) as exc:
         print(f"edgeprune node: {exc}", file=sys.stderr)
         return 2
     run_until_signal()
