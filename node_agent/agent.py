@@ -98,7 +98,8 @@ class NodeAgent:
         # a benchmark's one emulated device (shared/device_model.py), checked against this model now
         self.device_model = (load_device_model(settings.device_model, model_fingerprint(self.model))
                              if settings.device_model else None)
-        self.calibration = CalibrationSchedule(lambda runtime: SliceCalibrator(runtime.slice, runtime.input_shape))
+        self.calibration = CalibrationSchedule(lambda runtime: SliceCalibrator(
+            runtime.slice, runtime.input_shape, device_model=runtime.device_model))
         self._compute_s: deque[float] = deque(maxlen=1024)
         self._decode_s: deque[float] = deque(maxlen=1024)
         self._queue_wait_s: deque[float] = deque(maxlen=1024)

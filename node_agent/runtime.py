@@ -76,8 +76,12 @@ class SliceCalibrator:
     ever restoring it).
     """
 
-    def __init__(self, prunable: PrunableSlice, input_shape: tuple[int, ...], repeats: int = 5):
+    def __init__(self, prunable: PrunableSlice, input_shape: tuple[int, ...], repeats: int = 5,
+                 device_model: DeviceModel | None = None):
+        """With a ``device_model`` (an emulated device, in a benchmark) a run takes at least the model's time, as a
+        request would on that device: the node calibrates the device it emulates, as it would a real one."""
         self.prunable = prunable
+        self.device_model = device_model
         self.ladder = prunable.ladder
         self.x = torch.zeros(input_shape)
         self.repeats = repeats
@@ -98,6 +102,9 @@ class SliceCalibrator:
                 t0 = time.perf_counter()
                 module(self.x)
                 elapsed = time.perf_counter() - t0
+            if self.device_model is not None:
+                elapsed = max(elapsed, self.device_model.time_s(self.prunable.first_block, self.prunable.last_block,
+                                                                ratio))
             if timed:
                 self._times[ratio].append(elapsed)
         return self.done

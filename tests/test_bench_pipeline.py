@@ -291,7 +291,8 @@ def test_policy_environments_come_from_one_table_each():
     assert controller_env(scenario, "none")["EDGEPRUNE_CONTROLLER_MAX_RATIO"] == "0.0"
     assert controller_env(scenario, "replace+prune")["EDGEPRUNE_GATEWAY_REPLACE_ON_VIOLATION"] == "true"
     nodes = node_env(scenario, "bottleneck", None)
-    assert nodes["node-1"] == {"EDGEPRUNE_NODE_EMULATED_SLOWDOWN": "10.0"}
+    assert nodes["node-1"] == {"EDGEPRUNE_NODE_EMULATED_SLOWDOWN": "10.0", "EDGEPRUNE_NODE_DEADLINE_ORDER": "false"}
+    assert "EDGEPRUNE_NODE_DEADLINE_ORDER" not in node_env(scenario, "adaptive", None)["node-1"]  # on by default
     from pathlib import Path
     assert node_env(scenario, "none", Path("m.json"))["node-2"]["EDGEPRUNE_NODE_DEVICE_MODEL"] == "m.json"
 

@@ -178,6 +178,22 @@ def test_calibrator_measures_every_ratio_one_run_at_a_time():
     assert len(latencies) == 3 and all(0 < t < 1.0 for t in latencies)
 
 
+def test_calibrator_on_an_emulated_device_measures_the_device():
+    from node_agent.runtime import SliceCalibrator, block_input_shape
+    from shared.device_model import DeviceModel
+    from shared.pruning import PrunableSlice
+
+    model = build_model()
+    ladder = (0.0, 0.5, 0.9)
+    prunable = PrunableSlice(model, 0, 2, ladder=ladder)
+    device = DeviceModel("fp", model.n_blocks, ladder, {(a, b): (30.0, 20.0, 10.0)  # far slower than this host
+                                                        for a in range(model.n_blocks) for b in range(a, model.n_blocks)})
+    calibrator = SliceCalibrator(prunable, block_input_shape(model, 0), repeats=2, device_model=device)
+    while not calibrator.step():
+        pass
+    assert calibrator.latencies() == [30.0, 20.0, 10.0]  # as a request would take on it, not this host's time
+
+
 def test_emulated_slowdown_adds_the_fitted_calibrated_compute_not_a_sample_or_this_requests_jitter(monkeypatch):
     import node_agent.runtime as runtime_module
     from gateway.curves import fit_latency
