@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -113,3 +114,16 @@ def test_profiles_at_its_own_input_size():
 
 def test_fingerprint_is_stable():
     assert model_fingerprint(lite0()) == model_fingerprint(build_model(IMAGENET_CHECKPOINT))
+
+
+def test_classify_defaults_to_the_imagenet_model(tmp_path):
+    from shared.imaging import encode_jpeg, textured_scene
+    from tests.test_own_data import edgeprune
+
+    image = tmp_path / "scene.jpg"
+    image.write_bytes(encode_jpeg(textured_scene(320, 240)))
+    [record] = json.loads(edgeprune("classify", "--json", str(image)))
+    names = set(lite0().config.class_names)
+    assert len(record["top3"]) == 3 and {r["label"] for r in record["top3"]} <= names
+    [trapnet] = json.loads(edgeprune("classify", "--checkpoint", "trapnet", "--json", str(image)))
+    assert trapnet["label"] in build_model().config.class_names
