@@ -127,3 +127,19 @@ def test_classify_defaults_to_the_imagenet_model(tmp_path):
     assert len(record["top3"]) == 3 and {r["label"] for r in record["top3"]} <= names
     [trapnet] = json.loads(edgeprune("classify", "--checkpoint", "trapnet", "--json", str(image)))
     assert trapnet["label"] in build_model().config.class_names
+
+
+def test_its_accuracy_model_keeps_the_controller_from_pruning_it():
+    """The shipped calibration matches these weights, and the default ('measured') predictor puts every pruned
+    vector below the default floor (0.9 of unpruned): the raw ImageNet weights are not pruning-robust."""
+    from gateway.service import load_block_accuracy
+    from shared.ladder import DEFAULT_LADDER
+
+    fit = load_block_accuracy(None, model_fingerprint(lite0()), IMAGENET_CHECKPOINT)
+    assert fit is not None and fit.n_stages == 8
+    floor = 0.9 * fit.lookup([0.0] * 8)
+    for block in range(8):
+        for ratio in DEFAULT_LADDER[1:]:
+            vector = [0.0] * 8
+            vector[block] = ratio
+            assert fit.lookup(vector) < floor, vector
