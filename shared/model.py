@@ -5,9 +5,10 @@ boundary. Torch-Pruning prunes a slice consistently only when no block of it sta
 identity shortcut (such a residual input has no producer inside the slice), so every ResNet
 stage here opens with a projection shortcut: any cut between blocks is then a valid slice.
 
-Two architectures share this layout (``TrapNetConfig.arch``): ``resnet`` (:class:`TrapNet`,
-the deployed default) and ``vgg`` (:class:`TrapVGG`, plain conv stacks, to show the pruning
-machinery is not tied to residual streams).
+Three architectures share this layout (``TrapNetConfig.arch``): ``resnet`` (:class:`TrapNet`,
+the deployed default), ``vgg`` (:class:`TrapVGG`, plain conv stacks, to show the pruning
+machinery is not tied to residual streams) and ``efficientnet-lite0`` (shared/lite0.py, the
+ImageNet-pretrained model ``edgeprune classify`` uses for real photos).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ STD = (0.25, 0.25, 0.25)
 # with mid-gray, "crop" cuts the centre square. The last two keep the animal's proportions.
 RESIZE_MODES = ("squash", "letterbox", "crop")
 
-ARCHITECTURES = ("resnet", "vgg")
+ARCHITECTURES = ("resnet", "vgg", "efficientnet-lite0")
 
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -139,6 +140,10 @@ class BlockNet(nn.Module):
         self.bn_tables: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         # ... and per (own ratio, upstream ratio) for the block a slice starts with
         self.entry_bn_tables: dict[str, dict[str, dict[str, dict[str, torch.Tensor]]]] = {}
+        self.blocks = nn.ModuleList(self.make_blocks(config))
+
+    def make_blocks(self, config: TrapNetConfig) -> list[nn.Module]:
+        """Stem (stride 2), one block per stage of :meth:`make_stage` doubling the width, pooled linear head."""
         w = config.width
         blocks: list[nn.Module] = [conv_bn_relu(3, w, stride=2)]
         c_in = w
@@ -147,7 +152,7 @@ class BlockNet(nn.Module):
             blocks.append(self.make_stage(i, n, c_in, c_out))
             c_in = c_out
         blocks.append(Head(c_in, config.num_classes))
-        self.blocks = nn.ModuleList(blocks)
+        return blocks
 
     def make_stage(self, index: int, layers: int, c_in: int, c_out: int) -> nn.Sequential:
         """Stage ``index`` (0-based) of ``layers`` layers, ``c_in`` -> ``c_out`` channels."""
@@ -222,11 +227,19 @@ class TrapVGG(BlockNet):
 
 def make_model(config: TrapNetConfig) -> BlockNet:
     """A freshly initialised model of ``config``'s architecture."""
+    if config.arch == "efficientnet-lite0":
+        from shared.lite0 import EfficientNetLite0  # it builds on BlockNet, defined above
+
+        return EfficientNetLite0(config)
     return TrapNet(config) if config.arch == "resnet" else TrapVGG(config)
 
 
 MODEL_NAME = "trapnet"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "trapnet.pt"
+# The ImageNet-pretrained EfficientNet-Lite0: a small file naming the pinned weights (``"pretrained"``), so the
+# accuracy model and profile sit beside it like any checkpoint's. `edgeprune classify`'s default.
+IMAGENET_CHECKPOINT = DEFAULT_CHECKPOINT.with_name("efficientnet-lite0.pt")
+PRETRAINED = "efficientnet-lite0-imagenet"
 
 
 def accuracy_model_beside(checkpoint: Path | None) -> Path:
@@ -237,6 +250,7 @@ def accuracy_model_beside(checkpoint: Path | None) -> Path:
 # "bn_tables" ({ratio as str: {BatchNorm name in the full model: {"mean": t, "var": t}}}),
 # optional "entry_bn_tables" ({own ratio: {upstream ratio: {BatchNorm name: {"mean", "var"}}}}),
 # optional "meta" (training regime, accuracy, ... : plain JSON-like values).
+# Or only "pretrained": PRETRAINED, weights from their pinned package (shared/lite0.py).
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -253,6 +267,8 @@ def build_model(checkpoint: Path | None = None, seed: int = 0) -> BlockNet:
     path = checkpoint if checkpoint is not None else DEFAULT_CHECKPOINT
     if path.exists():
         state = load_checkpoint(path)
+        if state.get("pretrained") is not None:
+            return _pretrained(state["pretrained"])
         model = make_model(TrapNetConfig.from_dict(state.get("config", {})))
         model.load_state_dict(state["model"])
         model.bn_tables = state.get("bn_tables", {})
@@ -264,6 +280,14 @@ def build_model(checkpoint: Path | None = None, seed: int = 0) -> BlockNet:
         model = TrapNet()
         randomise_bn(model, seed)
     return model.eval()
+
+
+def _pretrained(name: str) -> BlockNet:
+    if name != PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name!r} (known: {PRETRAINED})")
+    from shared.lite0 import imagenet_model
+
+    return imagenet_model()
 
 
 def randomise_bn(model: nn.Module, seed: int) -> None:

@@ -1,4 +1,8 @@
-"""``edgeprune classify IMG…``: what the model makes of your photos, decoded exactly as a node decodes them."""
+"""``edgeprune classify IMG…``: what the model makes of your photos, decoded exactly as a node decodes them.
+
+Without ``--checkpoint`` it runs the ImageNet-pretrained EfficientNet-Lite0 (1000 classes), which
+knows real photographs; ``--checkpoint trapnet`` runs the pipeline's default model instead.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,21 @@ def register(sub) -> None:
     p = sub.add_parser("classify", help="classify image files with a checkpoint, as the pipeline would",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", nargs="+", type=Path, metavar="IMG", help="JPEG or PNG files")
-    p.add_argument("--checkpoint", type=Path, help="model checkpoint (default: the shipped one)")
+    p.add_argument("--checkpoint", type=checkpoint_path, default="imagenet",
+                   help="model checkpoint: a .pt file, 'trapnet' (the pipeline's default model) or 'imagenet' "
+                        "(EfficientNet-Lite0, ImageNet-1k classes)")
     p.add_argument("--ratios", help="prune ratios, one per block (e.g. 0.3/0.3/0.3/0.5/0.5/0.5) or one for all: "
                    "classify as a pipeline pruned that way would (each block its own slice, entry tables applied)")
     p.add_argument("--json", action="store_true", help='print [{"image", "label", "confidence", "top3"}] instead')
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.set_defaults(func=run)
+
+
+def checkpoint_path(text: str) -> Path:
+    """``--checkpoint``: a file, or the name of a shipped model."""
+    from shared.model import DEFAULT_CHECKPOINT, IMAGENET_CHECKPOINT
+
+    return {"trapnet": DEFAULT_CHECKPOINT, "imagenet": IMAGENET_CHECKPOINT}.get(text, Path(text))
 
 
 def parse_ratios(text: str | None, n_blocks: int) -> list[float]:
