@@ -85,7 +85,8 @@ def test_slowed_node_is_pruned_and_restored_when_it_recovers(broker, tmp_path):
         EDGEPRUNE_CONTROLLER_RESTORE_WINDOW_S="3",
         # a shared 2-core CI machine makes compute several times slower than calibrated at moments; the
         # emulated slowdown is 85-131x here
-        EDGEPRUNE_CONTROLLER_SLOWDOWN_GONE="5.0", EDGEPRUNE_CONTROLLER_DETECT_MARGIN="4.0")
+        EDGEPRUNE_CONTROLLER_SLOWDOWN_GONE="5.0", EDGEPRUNE_CONTROLLER_DETECT_MARGIN="4.0",
+        EDGEPRUNE_CONTROLLER_POLICY="adaptive")
     procs = Processes(tmp_path, env)
     recorder = Recorder(broker, "edgeprune/node/+/prune/state")
     try:
