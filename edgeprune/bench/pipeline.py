@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -431,26 +432,26 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
     }
 
 
-def _stages_in_force(placements: list[dict], hops: list[dict]) -> tuple[int, list[dict]] | None:
-    """(version, stages) of the placement a frame ran under: the latest issued before stage 1 received it."""
-    in_force = [p for p in placements if p["issued_at"] <= hops[0]["received_ts"]] or placements[:1]
-    if not in_force:
-        return None
-    stages = json.loads(in_force[-1]["stages"])
-    return (in_force[-1]["version"], stages) if len(stages) == len(hops) else None
+def _placed_frames(reader: Reader, rows: list[dict]) -> Iterator[tuple[int, list[tuple[dict, dict]]]]:
+    """Per stored frame, the version of the placement it ran under (the latest issued before stage 1 received
+    it) and its hops each with that placement's stage; frames whose hops do not match its stages are left out."""
+    placements = query(reader, "SELECT version, issued_at, stages FROM placements ORDER BY issued_at")
+    for r in rows:
+        hops = json.loads(r["hops"])
+        in_force = [p for p in placements if p["issued_at"] <= hops[0]["received_ts"]] or placements[:1]
+        if not in_force:
+            continue
+        stages = json.loads(in_force[-1]["stages"])
+        if len(stages) == len(hops):
+            yield in_force[-1]["version"], list(zip(hops, stages))
 
 
 def _served_hops(reader: Reader, rows: list[dict], scenario: Scenario,
                  started_ts: float) -> list[tuple[str, tuple[int, int], float, float, float]]:
     """(node, blocks, ratio, transient slowdown, emulated compute) of every stored hop: what each device served."""
-    placements = query(reader, "SELECT version, issued_at, stages FROM placements ORDER BY issued_at")
     out = []
-    for r in rows:
-        hops = json.loads(r["hops"])
-        placed = _stages_in_force(placements, hops)
-        if placed is None:
-            continue
-        for hop, stage in zip(hops, placed[1]):
+    for _, staged in _placed_frames(reader, rows):
+        for hop, stage in staged:
             if ran_elsewhere(hop, stage):
                 continue  # a frame of a move: its device time is of other blocks
             at_s = hop["started_ts"] - started_ts
@@ -532,20 +533,14 @@ def _predicted_accuracy(reader: Reader, rows: list[dict], settings: ControllerSe
     block_accuracy = load_block_accuracy(None, _fingerprint())
     if block_accuracy is None:
         return []
-    placements = query(reader, "SELECT version, issued_at, stages FROM placements ORDER BY issued_at")
     cache: dict = {}
     out = []
-    for r in rows:
-        hops = json.loads(r["hops"])
-        placed = _stages_in_force(placements, hops)
-        if placed is None:
-            continue
-        version, stages = placed
-        if any(ran_elsewhere(h, s) for h, s in zip(hops, stages)):
+    for version, staged in _placed_frames(reader, rows):
+        if any(ran_elsewhere(h, s) for h, s in staged):
             continue  # a frame of a move: it ran other slices (at full width) than the placement's
-        key = (version, tuple(h["prune_ratio"] for h in hops))
+        key = (version, tuple(h["prune_ratio"] for h, _ in staged))
         if key not in cache:
-            fit = accuracy_for_slices(block_accuracy, [(s["first_block"], s["last_block"]) for s in stages])
+            fit = accuracy_for_slices(block_accuracy, [(s["first_block"], s["last_block"]) for _, s in staged])
             cache[key] = fit.predictor(settings.accuracy_model)(list(key[1]))
         out.append(cache[key])
     return out
