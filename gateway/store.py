@@ -434,16 +434,18 @@ class Reader:
         return self._rows("SELECT * FROM cameras ORDER BY camera_id")
 
     def accounting(self) -> dict:
-        """Frames accepted at stage 1 = rows + failures + in flight; failures by reason."""
+        """Frames accepted at stage 1 = rows + failures + in flight; failures by reason; rows served late (after the
+        timely ones, docs/reliability.md)."""
         accepted = self._rows("SELECT COUNT(*) AS n FROM accepted")[0]["n"]
         rows = self._rows("SELECT COUNT(*) AS n FROM requests r JOIN accepted a USING (request_id)")[0]["n"]
         reasons = self._rows("SELECT reason, COUNT(*) AS n FROM failures f WHERE NOT EXISTS "
                              "(SELECT 1 FROM requests r WHERE r.request_id = f.request_id) GROUP BY reason")
         failures = {r["reason"]: r["n"] for r in reasons}
         flagged = self._rows("SELECT COUNT(*) AS n FROM accepted WHERE claimed_capture_ts IS NOT NULL")[0]["n"]
+        late = self._rows("SELECT COUNT(*) AS n FROM requests WHERE late = 1")[0]["n"]
         return {"accepted": accepted, "rows": rows, "failures": sum(failures.values()),
                 "failures_by_reason": failures, "in_flight": accepted - rows - sum(failures.values()),
-                "implausible_capture_ts": flagged}
+                "implausible_capture_ts": flagged, "late": late}
 
     def current_run(self) -> dict | None:
         rows = self._rows("SELECT * FROM runs ORDER BY started_ts DESC LIMIT 1", table="runs")

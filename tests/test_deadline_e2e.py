@@ -75,6 +75,7 @@ def test_late_frames_are_served_after_the_timely_ones_stored_and_marked(broker, 
             assert stage1["STALE-1"]["started_ts"] < stage1["STALE-2"]["started_ts"], stage1
         wait_until(lambda: any(n["node_id"] == first and (n["late_served"] or 0) >= 2 for n in reader.nodes()), 30,
                    "stage 1 did not count the late frames it served")
+        assert reader.accounting()["late"] == 2  # what the operator page shows
     finally:
         client.loop_stop()
         client.disconnect()

@@ -89,6 +89,7 @@ function accountingLine(a) {
   const reasons = Object.entries(a.failures_by_reason || {}).map(([k, v]) => `${k} ${v}`).join(", ");
   return `accepted ${a.accepted} = stored ${a.rows} + failed ${a.failures}${reasons ? ` (${reasons})` : ""} + ` +
     `in flight ${a.in_flight}` +
+    (a.late ? ` · ${a.late} stored late (served after the timely frames)` : "") +
     (a.implausible_capture_ts ? ` · ${a.implausible_capture_ts} with an implausible capture time (timed from arrival)` : "");
 }
 
