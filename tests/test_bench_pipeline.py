@@ -308,3 +308,21 @@ def test_the_device_model_times_what_a_stage_ran_in_a_move():
     assert stage.emulated_s(1) == pytest.approx(1.0 + 2 * 0.5)  # block 1 at full width, then the slice
     assert stage.emulated_s(3) == pytest.approx(1.0)  # the rest of the slice, at full width
     assert stage.emulated_s(4) == 0.0  # already past this stage: forwarded
+
+
+def test_nodes_are_given_the_device_model_by_an_absolute_path(tmp_path, monkeypatch):
+    """Nodes run in their own run directory: a relative path (from a relative --run-dir) did not reach them."""
+    from argparse import Namespace
+
+    from edgeprune.bench.pipeline import device_model_for
+
+    from dataclasses import replace as replaced
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    model = build_model()
+    saved = replaced(tiny_device_model(model.n_blocks, 0.01), model_fingerprint=model_fingerprint(model))
+    saved.save(tmp_path / "given.json")
+    args = Namespace(run_dir=Path("run/bench"), device_model=tmp_path / "given.json", device_repeats=None, quick=True)
+    path, loaded = device_model_for(args, load_scenario("paper", quick=True))
+    assert path.is_absolute() and path.exists() and loaded == saved

@@ -846,8 +846,8 @@ def against_none(sweep: list[dict]) -> list[dict]:
 
 def device_model_for(args, scenario: Scenario) -> tuple[Path, DeviceModel]:
     """The invocation's one device model: ``--device-model PATH``, or measured now (before any policy runs); either
-    way saved into the run directory, where every node reads it."""
-    path = args.run_dir / scenario.name / "device-model.json"
+    way saved into the run directory, where every node reads it (by its absolute path: nodes run in their own)."""
+    path = (args.run_dir / scenario.name / "device-model.json").resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     if args.device_model:
         try:
