@@ -51,6 +51,7 @@ class ControlLoop:
         self.desired: dict[str, PruneDesired] = {}
         self._recent: deque[tuple[float, float]] = deque()
         self._awaiting_follow_up: list[dict] = []
+        self._last_event_ts: dict[str, float] = {}  # per event kind: keeps (ts, kind) unique
         self.automatic = True  # False for the operator's policy 'off': only manual holds change ratios
 
     @property
@@ -245,9 +246,14 @@ class ControlLoop:
         self._latest_calibration.pop(node_id, None)
 
     def _event_row(self, action: SetRatios | Infeasible | Held) -> dict:
+        """The prune_events row of an action. Rows are keyed on (ts, kind), and one decision can make several
+        actions of one kind at one instant (restore-all: a hold and a release per node), so a later one is
+        stamped a microsecond after the last: none overwrites another."""
         kind = {SetRatios: "set", Infeasible: "infeasible", Held: "held"}[type(action)]
+        ts = max(action.ts, self._last_event_ts.get(kind, float("-inf")) + 1e-6)
+        self._last_event_ts[kind] = ts
         d = action.decision
-        row = {"ts": action.ts, "kind": kind, "policy": d.policy, "reason": action.reason,
+        row = {"ts": ts, "kind": kind, "policy": d.policy, "reason": action.reason,
                "source": getattr(action, "source", None),
                "ratios": dict(zip(self.controller.nodes, d.ratios)), "changed": getattr(action, "ratios", {}),
                "predicted_stage_s": list(d.stage_latency_s), "predicted_bottleneck_s": d.bottleneck_s,

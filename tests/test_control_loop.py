@@ -119,6 +119,18 @@ def test_adaptive_prunes_from_results_hops_of_each_nodes_own_stage():
     assert effects.events[0]["policy"] == "adaptive" and "a 4.0x" in effects.events[0]["reason"]
 
 
+def test_restore_all_logs_every_node_as_its_own_event():
+    # prune_events is keyed on (ts, kind): the actions of one command at one instant must not overwrite each other
+    c = running_loop()
+    c.manual(10.0, "a", 0.5)
+    c.manual(10.0, "b", 0.3)
+    effects = c.restore_all(20.0)
+    keys = [(e["ts"], e["kind"]) for e in effects.events]
+    assert len(keys) == 4 and len(set(keys)) == 4  # a hold at 0 and a release for each node
+    assert all(20.0 <= ts < 20.001 for ts, _ in keys)
+    assert {n for e in effects.events for n in e["changed"]} == {"a", "b"}
+
+
 def test_manual_hold_and_release():
     c = running_loop()
     held = c.manual(10.0, "b", 0.5)
