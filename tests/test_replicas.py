@@ -74,7 +74,8 @@ def test_the_controller_prunes_only_the_slowed_replica_and_judges_the_floor_on_t
     nodes = ("rep-a", "rep-b", "tail")
     fits = {n: fit_latency(LADDER, [calibrated_time(p) for p in LADDER]) for n in nodes}
     accuracy = ReplicaAccuracy.equal_shares(STAGES, [2, 1])
-    controller = PruningController(nodes, fits, accuracy, slo_s=0.5, config=ControllerSettings(), n_stages=2)
+    controller = PruningController(nodes, fits, accuracy, slo_s=0.5, config=ControllerSettings(policy="bottleneck"),
+                                   n_stages=2)
     assert controller.budget_s == pytest.approx(0.8 * 0.5 / 2)  # per stage, not per node
     actions = []
     for step in range(1, 61):  # rep-a 3x slower: half the frames (those it gets) miss the SLO

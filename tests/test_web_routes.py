@@ -131,7 +131,7 @@ def test_login_without_a_configured_password_explains_how_to_set_one(tmp_path):
 
 @pytest.mark.parametrize("body,words", [
     ({"cmd": "set", "setting": "slo_s", "value": "-1"}, "SLO target (s): input should be greater than 0"),
-    ({"cmd": "set", "setting": "policy", "value": "fastest"}, "policy must be one of bottleneck, paper, off"),
+    ({"cmd": "set", "setting": "policy", "value": "fastest"}, "policy must be one of adaptive, bottleneck, paper, off"),
     ({"cmd": "set", "setting": "ladder", "value": "1"}, "unknown setting"),
     ({"cmd": "prune", "node_id": "node-1", "ratio": "lots"}, "ratio: Input should be a valid number"),
     ({"cmd": "prune", "node_id": "node/1", "ratio": 0.5}, "node_id: String should match pattern"),
