@@ -63,13 +63,24 @@ slowdowns = [{ node = "node-1", factor = 8.0, start_s = 1, end_s = 5 }]
 """
 
 
+def device_model_file(tmp_path) -> str:
+    """A ready device model of the shipped model (1 ms a block unpruned, as measured on this host): measuring
+    one, which every invocation otherwise does first, is tested by its own unit tests, not by each bench run."""
+    from dataclasses import replace as replaced
+
+    model = build_model()
+    path = tmp_path / "device-model.json"
+    replaced(tiny_device_model(model.n_blocks, 0.001), model_fingerprint=model_fingerprint(model)).save(path)
+    return str(path)
+
+
 @pytest.mark.integration
 def test_tiny_scenario_reports_every_frame_sent_and_the_pruning(tmp_path):
     scenario = tmp_path / "tiny.toml"
     scenario.write_text(TINY)
     out = tmp_path / "tiny.json"
     proc = subprocess.run([sys.executable, "-m", "edgeprune", "bench", "pipeline", "--scenario", str(scenario),
-                           "--policies", "bottleneck", "--repeats", "1", "--device-repeats", "2",
+                           "--policies", "bottleneck", "--repeats", "1", "--device-model", device_model_file(tmp_path),
                            "--run-dir", str(tmp_path / "run"), "--json", str(out),
                            "--plots", str(tmp_path / "plots")],
                           capture_output=True, text=True, timeout=240, env=os.environ.copy())
@@ -97,7 +108,8 @@ def test_quick_oracle_run_sweeps_the_rate_and_its_prunes_are_the_gateways(tmp_pa
     scenario.write_text(TINY)
     out = tmp_path / "tiny.json"
     proc = subprocess.run([sys.executable, "-m", "edgeprune", "bench", "pipeline", "--scenario", str(scenario),
-                           "--quick", "--policies", "oracle", "--rates", "1", "--device-repeats", "2",
+                           "--quick", "--policies", "oracle", "--rates", "1",
+                           "--device-model", device_model_file(tmp_path),
                            "--run-dir", str(tmp_path / "run"),
                            "--json", str(out), "--plots", str(tmp_path / "plots")],
                           capture_output=True, text=True, timeout=240, env=os.environ.copy())
