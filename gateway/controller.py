@@ -363,7 +363,8 @@ class PruningController:
         """The safety net: latency over the trigger although the estimates say every stage keeps up. One more
         ladder step on the node with the deepest queue drains it faster, if the accuracy floor allows."""
         problem = self._problem(now)
-        queued = sorted((d, n) for n, d in self._queue_depth.items() if n in self._ratios and n not in self._manual)
+        queued = sorted((d, n) for n, d in self._queue_depth.items()
+                        if d > 0 and n in self._ratios and n not in self._manual)  # an idle node holds no backlog
         for _, node in reversed(queued):
             higher = [r for r in problem.ladder if r > self._ratios[node] + TOLERANCE]
             ratios = {**self._ratios, node: higher[0]} if higher else None

@@ -43,6 +43,7 @@ class Loop:
         self.controller = PruningController(NODES, FITS, ACCURACY, SLO_S, config or REACTIVE, initial_ratios)
         self.slowdown = {node: 1.0 for node in NODES}
         self.decode_s = {node: 0.0 for node in NODES}
+        self.queue = {node: 0 for node in NODES}  # what each node's stats report queued
         self.extra_s = 0.0
         self.overhead_s = overhead_s
         self.dt = 1.0 / rate_hz
@@ -67,7 +68,8 @@ class Loop:
             self.controller.observe_latency(self.now, latency * (1 + self.rng.normal(0, 0.02)))
             if self.step % round(2.0 / self.dt) == 0:
                 for node in NODES:
-                    self.controller.observe_node(self.now, node, self.compute_s(node), 0, self.controller.ratios[node],
+                    self.controller.observe_node(self.now, node, self.compute_s(node), self.queue[node],
+                                                 self.controller.ratios[node],
                                                  self.decode_s[node])
             if self.step % round(1.0 / self.dt) == 0:
                 self.actions += [(self.now, a) for a in self.controller.tick(self.now)]
@@ -467,3 +469,24 @@ def test_adaptive_never_prunes_below_the_floor_for_a_rate():
     assert len(infeasible) == 1
     ratios = [loop.controller.ratios[n] for n in NODES]
     assert ACCURACY.predictor(ADAPTIVE.accuracy_model)(ratios) >= loop.controller.accuracy_floor - 1e-9
+
+
+def test_adaptive_safety_net_never_prunes_a_node_with_an_empty_queue():
+    # latency over the trigger that no compute explains (transport, say) while no node has anything queued:
+    # pruning an idle node drains nothing, so the violation is held, not "relieved" on a random node
+    loop = Loop(config=ADAPTIVE)
+    loop.extra_s = 1.0
+    loop.run_until(40)
+    assert loop.of(SetRatios) == []
+    held = loop.of(Held)
+    assert held and "no queued node" in held[0][1].reason
+
+
+def test_adaptive_safety_net_steps_the_node_whose_queue_holds_the_backlog():
+    loop = Loop(config=ADAPTIVE)
+    loop.extra_s = 1.0
+    loop.queue["node-1"] = 4
+    loop.run_until(40)
+    pruned = loop.of(SetRatios)
+    assert pruned and all(set(action.ratios) == {"node-1"} for _, action in pruned)
+    assert "node-1 (queue 4)" in pruned[0][1].reason and loop.controller.ratios["node-2"] == 0.0
