@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gateway.controller import Held, Infeasible, PruningController, SetRatios
+from gateway.controller import DeviceMemory, Held, Infeasible, PruningController, SetRatios
 from gateway.curves import AccuracyFit, ReplicaAccuracy, SliceLatencyFit, accuracy_for_slices, fit_latency
 from shared.ladder import missing_rungs
 from shared.schemas import NodeStats, Placement, PruneDesired, Result, SliceCalibration
@@ -48,6 +48,7 @@ class ControlLoop:
         self._fit_blocks: dict[str, tuple[int, int]] = {}  # which slice each fit was measured on
         self._ladder_mismatch: dict[str, str] = {}  # node -> why its calibration was refused
         self._latest_calibration: dict[str, SliceCalibration] = {}  # for a placement that arrives after it
+        self._memory: DeviceMemory | None = None  # the last controller's knowledge of the devices
         self.desired: dict[str, PruneDesired] = {}
         self._recent: deque[tuple[float, float]] = deque()
         self._awaiting_follow_up: list[dict] = []
@@ -171,6 +172,8 @@ class ControlLoop:
                                          stats.prune_ratio, stats.decode_mean_s)
 
     def _rebuild(self) -> None:
+        if self.controller is not None:
+            self._memory = self.controller.memory()
         if self.disabled_reason is not None:
             if self.controller is not None:
                 log.info("pruning controller paused: %s", self.disabled_reason)
@@ -185,6 +188,8 @@ class ControlLoop:
         shares = {n: 1.0 / len(s.nodes) for s in self.placement.stages for n in s.nodes}
         self.controller = PruningController(nodes, self.fits, accuracy, self.slo_s, self.settings, initial,
                                             n_stages=len(self.placement.stages), arrival_shares=shares)
+        if self._memory is not None:
+            self.controller.recall(self._memory)
         log.info("pruning controller running over %s (policy %s, budget %.1f ms per stage)", nodes,
                  self.settings.policy, self.controller.budget_s * 1e3)
 
@@ -244,6 +249,10 @@ class ControlLoop:
         self._fit_blocks.pop(node_id, None)
         self._ladder_mismatch.pop(node_id, None)
         self._latest_calibration.pop(node_id, None)
+        if self.controller is not None:  # a node that comes back is measured afresh
+            self.controller.forget_device(node_id)
+        if self._memory is not None:
+            self._memory = self._memory.without(node_id)
 
     def _event_row(self, action: SetRatios | Infeasible | Held) -> dict:
         """The prune_events row of an action. Rows are keyed on (ts, kind), and one decision can make several

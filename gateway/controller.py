@@ -72,6 +72,24 @@ class Held:
 Action = SetRatios | Infeasible | Held
 
 
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What a controller learnt about the devices rather than their slices, carried to the next placement's.
+
+    A move gives nodes new slices, so the controller is rebuilt on their new curves; without this it would
+    start from "no slowdown" and a re-partition made for a slowed node would be undone (and redone) at once,
+    before a single frame of the new slices was seen. Calibrations are taken at the device's own speed, so a
+    slowdown over one slice's curve holds over the next one's."""
+
+    slowdowns: dict[str, float]  # the detector's per-frame estimates (adaptive)
+    smoothed: dict[str, float]  # the estimates smoothed from node stats (the reactive policies)
+    arrivals: tuple[float, ...]  # accepted frames' times within the arrival window
+
+    def without(self, node_id: str) -> DeviceMemory:
+        return DeviceMemory({n: k for n, k in self.slowdowns.items() if n != node_id},
+                            {n: k for n, k in self.smoothed.items() if n != node_id}, self.arrivals)
+
+
 class PruningController:
     """Slowdown estimation, ratio choice, restore and manual holds, on one of two triggers.
 
@@ -125,6 +143,20 @@ class PruningController:
         self._last_infeasible: tuple | None = None
         unpruned = accuracy.predictor(self.config.accuracy_model)([0.0] * len(nodes))
         self.accuracy_floor = self.config.accuracy_floor_relative * unpruned
+
+    def memory(self) -> DeviceMemory:
+        return DeviceMemory(self._detector.estimates(), dict(self._slowdown), tuple(self._arrivals))
+
+    def recall(self, memory: DeviceMemory) -> None:
+        """Start from what the previous placement's controller knew of the nodes this one still has."""
+        self._detector.recall({n: k for n, k in memory.slowdowns.items() if n in self._ratios})
+        self._slowdown.update({n: k for n, k in memory.smoothed.items() if n in self._ratios})
+        self._arrivals.extend(memory.arrivals)
+
+    def forget_device(self, node_id: str) -> None:
+        """A retired node: what was learnt of its device is no longer carried to the next placement."""
+        self._detector.forget(node_id)
+        self._slowdown.pop(node_id, None)
 
     # ---- read-only views -------------------------------------------------------------------------
     @property

@@ -44,6 +44,10 @@ class SlowdownDetector:
     def estimates(self) -> dict[str, float]:
         return dict(self._estimate)
 
+    def recall(self, estimates: dict[str, float]) -> None:
+        """Start from estimates an earlier detector reached (a slowdown belongs to the device, not its slice)."""
+        self._estimate.update({node: max(1.0, k) for node, k in estimates.items()})
+
     def forget(self, node_id: str) -> None:
         self._samples.pop(node_id, None)
         self._estimate.pop(node_id, None)

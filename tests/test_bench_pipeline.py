@@ -75,18 +75,22 @@ def device_model_file(tmp_path) -> str:
 
 
 @pytest.mark.integration
-def test_tiny_scenario_reports_every_frame_sent_and_the_pruning(tmp_path):
+def test_quick_run_reports_every_frame_sent_the_pruning_and_the_oracles_plan(tmp_path):
+    """One invocation, two clusters (each costs ~15 s to start and stop): the reactive controller and the oracle
+    at the scenario's own rate, then a replot of the JSON it wrote."""
     scenario = tmp_path / "tiny.toml"
     scenario.write_text(TINY)
     out = tmp_path / "tiny.json"
     proc = subprocess.run([sys.executable, "-m", "edgeprune", "bench", "pipeline", "--scenario", str(scenario),
-                           "--policies", "bottleneck", "--repeats", "1", "--device-model", device_model_file(tmp_path),
-                           "--run-dir", str(tmp_path / "run"), "--json", str(out),
-                           "--plots", str(tmp_path / "plots")],
-                          capture_output=True, text=True, timeout=240, env=os.environ.copy())
+                           "--quick", "--policies", "bottleneck,oracle", "--rates", "1",
+                           "--device-model", device_model_file(tmp_path),
+                           "--run-dir", str(tmp_path / "run"),
+                           "--json", str(out), "--plots", str(tmp_path / "plots")],
+                          capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     document = json.loads(out.read_text())
-    assert document["scenario"] == "tiny" and "sleep" in document["emulation"]
+    assert document["scenario"] == "tiny" and "sleep" in document["emulation"] and document["repeats"] == 1
+
     result = document["policies"]["bottleneck"]
     for key in ("frames", "attainment", "p50_s", "p95_s", "p99_s", "failed", "accuracy_predicted_mean",
                 "accuracy_measured", "reaction_s", "full_restore_s", "reprunes_after_restore"):
@@ -97,24 +101,7 @@ def test_tiny_scenario_reports_every_frame_sent_and_the_pruning(tmp_path):
     assert 0 <= result["accuracy_measured"] <= 1
     assert result["prune_events"] >= 1 and result["reaction_s"] is not None  # 8x on 10x-host stages saturates
     assert "bottleneck" in proc.stdout  # the table
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "tiny-accuracy.png", "tiny-attainment.png", "tiny-latency.png"]
 
-
-@pytest.mark.integration
-def test_quick_oracle_run_sweeps_the_rate_and_its_prunes_are_the_gateways(tmp_path):
-    """One cluster only (a sweep point costs a fresh cluster): the oracle at the scenario's own rate."""
-    scenario = tmp_path / "tiny.toml"
-    scenario.write_text(TINY)
-    out = tmp_path / "tiny.json"
-    proc = subprocess.run([sys.executable, "-m", "edgeprune", "bench", "pipeline", "--scenario", str(scenario),
-                           "--quick", "--policies", "oracle", "--rates", "1",
-                           "--device-model", device_model_file(tmp_path),
-                           "--run-dir", str(tmp_path / "run"),
-                           "--json", str(out), "--plots", str(tmp_path / "plots")],
-                          capture_output=True, text=True, timeout=240, env=os.environ.copy())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    document = json.loads(out.read_text())
     result = document["policies"]["oracle"]
     onset, end = document["slowdowns"][0]["start_s"], document["slowdowns"][0]["end_s"]
     # the plan: node-1 pruned for its true 8x at the onset, everything back to 0 at the end
@@ -130,18 +117,21 @@ def test_quick_oracle_run_sweeps_the_rate_and_its_prunes_are_the_gateways(tmp_pa
     unpruned = document["oracle_plan"][1]["predicted_accuracy"]  # at ratios 0
     floor = ControllerSettings().accuracy_floor_relative * unpruned
     assert floor - 1e-9 <= result["accuracy_predicted_worst"] < unpruned
-    [row] = document["rate_sweep"]
-    assert row["policy"] == "oracle" and row["rate_multiplier"] == 1.0
-    assert row["attainment"] == result["attainment"] and 0 <= row["attainment"] <= 1
-    assert row["arrival_hz"] == result["frames"] / document["duration_s"] > 0
-    assert 0 <= row["accuracy_measured"] <= 1 and row["p95_s"] > 0
+
+    rows = {row["policy"]: row for row in document["rate_sweep"]}
+    assert sorted(rows) == ["bottleneck", "oracle"]
+    for policy, row in rows.items():
+        assert row["rate_multiplier"] == 1.0 and row["attainment"] == document["policies"][policy]["attainment"]
+        assert row["arrival_hz"] == document["policies"][policy]["frames"] / document["duration_s"] > 0
+        assert 0 <= row["attainment"] <= 1 and 0 <= row["accuracy_measured"] <= 1 and row["p95_s"] > 0
     assert "attainment against arrival rate" in proc.stdout
-    assert (tmp_path / "plots" / "tiny-quick-rates.png").stat().st_size > 0
+    plots = ["tiny-quick-accuracy.png", "tiny-quick-attainment.png", "tiny-quick-latency.png", "tiny-quick-rates.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == plots
     replot = subprocess.run([sys.executable, "-m", "edgeprune", "bench", "pipeline", "--replot", str(out),
                              "--plots", str(tmp_path / "replot")], capture_output=True, text=True, timeout=120,
                             env=os.environ.copy())
     assert replot.returncode == 0, replot.stderr[-3000:]
-    assert (tmp_path / "replot" / "tiny-quick-rates.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "replot").iterdir()) == plots
 
 
 def test_timeline_tells_prunes_from_restores_and_times_the_full_restore():

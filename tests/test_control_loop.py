@@ -119,6 +119,34 @@ def test_adaptive_prunes_from_results_hops_of_each_nodes_own_stage():
     assert effects.events[0]["policy"] == "adaptive" and "a 4.0x" in effects.events[0]["reason"]
 
 
+def test_a_slowdown_seen_before_a_move_holds_for_the_new_slices_until_frames_say_otherwise():
+    """A re-partition for a slowed node must not be undone by the controller of the new slices starting from
+    "no slowdown" (it would move the blocks back before seeing one frame, then move them again)."""
+    c = loop(policy="adaptive")
+    c.set_placement(placement(1))
+    c.add_calibration(calibration("a", 0, 2))
+    c.add_calibration(calibration("b", 3, 5))
+    for i in range(3):  # node a 4x slower than its curve
+        c.observe_result(20 + i, result(f"r{i}", 20 + i, {(1, "a"): 0.08, (2, "b"): 0.02}))
+    assert c.controller.slowdown("a") == pytest.approx(4.0)
+    c.set_placement(placement(2, cut=2))  # the move: both nodes recalibrate, the controller pauses meanwhile
+    assert c.controller is None
+    c.add_calibration(calibration("a", 0, 1, version=2, base_s=0.013))
+    c.add_calibration(calibration("b", 2, 5, version=2, base_s=0.027))
+    assert c.controller.slowdown("a") == pytest.approx(4.0) and c.controller.slowdown("b") == 1.0
+    for i in range(3):  # frames of the new slices: node a has recovered
+        c.observe_result(30 + i, result(f"s{i}", 30 + i, {(1, "a"): 0.013, (2, "b"): 0.027}))
+    assert c.controller.slowdown("a") == pytest.approx(1.0)
+    for i in range(3):  # slowed again, then retired: if it comes back it is measured afresh
+        c.observe_result(40 + i, result(f"t{i}", 40 + i, {(1, "a"): 0.052, (2, "b"): 0.027}))
+    assert c.controller.slowdown("a") == pytest.approx(4.0)
+    c.forget("a")
+    c.set_placement(placement(3))
+    c.add_calibration(calibration("a", 0, 2, version=3))
+    c.add_calibration(calibration("b", 3, 5, version=3))
+    assert c.controller.slowdown("a") == 1.0
+
+
 def test_restore_all_logs_every_node_as_its_own_event():
     # prune_events is keyed on (ts, kind): the actions of one command at one instant must not overwrite each other
     c = running_loop()
