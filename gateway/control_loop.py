@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from gateway.controller import DeviceMemory, Held, Infeasible, PruningController, SetRatios
 from gateway.curves import AccuracyFit, ReplicaAccuracy, SliceLatencyFit, accuracy_for_slices, fit_latency
 from shared.ladder import missing_rungs
-from shared.schemas import NodeStats, Placement, PruneDesired, Result, SliceCalibration
+from shared.schemas import ModelProfile, NodeStats, Placement, PruneDesired, Result, SliceCalibration
 from shared.settings import ControllerSettings
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class ControlLoop:
         self._ladder_mismatch: dict[str, str] = {}  # node -> why its calibration was refused
         self._latest_calibration: dict[str, SliceCalibration] = {}  # for a placement that arrives after it
         self._memory: DeviceMemory | None = None  # the last controller's knowledge of the devices
+        self.provisional: set[str] = set()  # nodes whose curve is predicted for a slice they have not measured
         self.desired: dict[str, PruneDesired] = {}
         self._recent: deque[tuple[float, float]] = deque()
         self._awaiting_follow_up: list[dict] = []
@@ -70,16 +72,23 @@ class ControlLoop:
         return None
 
     # --- inputs --------------------------------------------------------------------------
-    def set_placement(self, placement: Placement) -> list[dict]:
+    def set_placement(self, placement: Placement, profiles: Mapping[str, ModelProfile] | None = None) -> list[dict]:
         """A new placement invalidates calibrations of other slices; ratios carry over per node.
 
         A node's latest calibration that fits its slice in this placement is used at once (table rows returned):
         a restarted gateway receives the nodes' retained calibrations before it has re-established the
         placement, and nodes that keep their blocks never measure again, so dropping those messages left the
-        controller off until some later re-placement."""
+        controller off until some later re-placement.
+
+        A node that moved to other blocks gets a *provisional* curve until it has measured its new slice: its
+        last calibration scaled by its own profile's time of the new blocks over the old ones (``profiles``).
+        Without it the controller paused for the whole re-calibration (~8 s in ``bench pipeline``'s paper
+        scenario) just when a move made for a slowed node needs pruning most.
+        """
         self.placement = placement
         stages = {n: (s.first_block, s.last_block) for s in placement.stages for n in s.nodes}
         self.fits = {n: f for n, f in self.fits.items() if self._fit_blocks.get(n) == stages.get(n)}
+        self.provisional -= {n for n in self.provisional if n not in self.fits}
         rows = []
         for node, calibration in list(self._latest_calibration.items()):
             if node not in self.fits and stages.get(node) == (calibration.first_block, calibration.last_block):
@@ -91,8 +100,35 @@ class ControlLoop:
                     continue
                 if row is not None:
                     rows.append(row)
+        for node, blocks in stages.items():
+            if node not in self.fits and node in (profiles or {}):
+                self._provisional_fit(node, blocks, profiles[node])
         self._rebuild()
         return rows
+
+    def _provisional_fit(self, node: str, blocks: tuple[int, int], profile: ModelProfile) -> None:
+        """Predict ``node``'s curve on ``blocks`` from its calibration of other blocks (see :meth:`set_placement`)."""
+        calibration = self._latest_calibration.get(node)
+        if calibration is None or node in self._ladder_mismatch:
+            return
+        times = [b.latency_s for b in profile.blocks]
+        if max(blocks[1], calibration.last_block) >= len(times):
+            return
+        measured_on = sum(times[calibration.first_block:calibration.last_block + 1])
+        if measured_on <= 0:
+            return
+        scale = sum(times[blocks[0]:blocks[1] + 1]) / measured_on
+        try:
+            fit = fit_latency(calibration.ratios, [t * scale for t in calibration.latency_s])
+            fit.best()
+        except ValueError:
+            return
+        self.fits[node] = fit
+        self._fit_blocks[node] = blocks
+        self.provisional.add(node)
+        log.info("%s: provisional curve for blocks %d-%d (its blocks %d-%d's calibration x %.2f from its profile) "
+                 "until it has measured them", node, blocks[0], blocks[1], calibration.first_block,
+                 calibration.last_block, scale)
 
     def add_calibration(self, calibration: SliceCalibration) -> dict | None:
         """Fit the node's latency curve if it is for its slice in the current placement; returns a table row.
@@ -101,11 +137,14 @@ class ControlLoop:
         lacks is refused (LadderMismatch, and the controller stays off): the node would silently snap it
         to its nearest variant, and the controller would predict times and accuracy it never gets.
         """
-        self._latest_calibration[calibration.node_id] = calibration
         stage = self.placement.stage_of(calibration.node_id) if self.placement else None
         if stage is None or (stage.first_block, stage.last_block) != (calibration.first_block,
                                                                       calibration.last_block):
+            if calibration.node_id not in self.provisional:  # keep what the provisional curve was scaled from
+                self._latest_calibration[calibration.node_id] = calibration
             return None
+        self._latest_calibration[calibration.node_id] = calibration
+        self.provisional.discard(calibration.node_id)
         missing = missing_rungs(self.settings.ladder, calibration.ratios)
         if missing:
             self._ladder_mismatch[calibration.node_id] = (
@@ -249,6 +288,7 @@ class ControlLoop:
         self._fit_blocks.pop(node_id, None)
         self._ladder_mismatch.pop(node_id, None)
         self._latest_calibration.pop(node_id, None)
+        self.provisional.discard(node_id)
         if self.controller is not None:  # a node that comes back is measured afresh
             self.controller.forget_device(node_id)
         if self._memory is not None:
@@ -292,5 +332,5 @@ class ControlLoop:
                 "manual": c.manual if c else {}, "ladder": list(self.settings.ladder),
                 "ratios": {n: d.ratio for n, d in self.desired.items()},
                 "slowdowns": {n: c.slowdown(n) for n in c.nodes} if c else {},
-                "budget_s": c.budget_s if c else None,
+                "budget_s": c.budget_s if c else None, "provisional_curves": sorted(self.provisional),
                 "accuracy_floor": c.accuracy_floor if c else None}

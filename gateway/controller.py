@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.curves import AccuracyFit, ReplicaAccuracy, SliceLatencyFit
+from gateway.curves import AccuracyFit, LatencyCurve, ReplicaAccuracy, SliceLatencyFit
 from gateway.policy import POLICIES, TOLERANCE, Decision, RatioProblem, choose_adaptive, evaluate_ratios
 from gateway.slowdown import SlowdownDetector
 from shared.settings import ControllerSettings
@@ -178,6 +178,10 @@ class PruningController:
     @property
     def manual(self) -> dict[str, float]:
         return dict(self._manual)
+
+    def curve(self, node_id: str) -> LatencyCurve:
+        """The latency curve the controller predicts ``node_id``'s slice with (calibrated, or provisional)."""
+        return self._curves[node_id]
 
     @property
     def adaptive(self) -> bool:

@@ -28,7 +28,7 @@ from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProbl
                                plan_with_ingest, problem_from_profiles)
 from shared.imaging import model_input_bytes
 from shared.profiling import MBIT_BYTES, mb_to_bytes
-from shared.schemas import NodeProfile, Placement, StageAssignment
+from shared.schemas import ModelProfile, NodeProfile, Placement, StageAssignment
 from shared.topics import AVAILABILITY_ONLINE
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,10 @@ class LivePlacement:
         self._online_since.pop(node_id, None)
 
     # --- decisions -----------------------------------------------------------------------
+    def profiles(self) -> dict[str, ModelProfile]:
+        """Each known node's block profile (the control loop predicts a moved node's curve from it)."""
+        return {n: offer.profile for n, offer in self._offers.items()}
+
     def eligible(self) -> list[str]:
         """Online nodes with a usable profile, in configured order."""
         return [n for n in self.allowed if self._status.get(n) == AVAILABILITY_ONLINE and n in self._offers]

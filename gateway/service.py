@@ -332,7 +332,7 @@ class Gateway:
 
     def _place_controller(self, placement: Placement) -> None:
         """The control loop follows a new placement; calibrations it could use only now are stored now."""
-        for row in self.control.set_placement(placement):
+        for row in self.control.set_placement(placement, self.live.profiles()):
             self.store.add_calibration(row)
 
     def _on_calibration(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.control_loop import ControlLoop, LadderMismatch
 from gateway.curves import AccuracyFit
-from shared.schemas import Hop, NodeStats, Placement, PruneDesired, Result, SliceCalibration, StageAssignment
+from shared.schemas import BlockProfile, Hop, ModelProfile, NodeStats, Placement, PruneDesired, Result, SliceCalibration, StageAssignment
 from shared.settings import ControllerSettings
 
 LADDER = [round(0.1 * i, 1) for i in range(10)]
@@ -145,6 +145,30 @@ def test_a_slowdown_seen_before_a_move_holds_for_the_new_slices_until_frames_say
     c.add_calibration(calibration("a", 0, 2, version=3))
     c.add_calibration(calibration("b", 3, 5, version=3))
     assert c.controller.slowdown("a") == 1.0
+
+
+def profile(block_s: list[float]) -> ModelProfile:
+    return ModelProfile(model="trapnet", host="test", threads=1, repeats=1, warmup=0, wire_dtype="float16",
+                        blocks=[BlockProfile(name=f"b{i}", latency_s=t, param_bytes=1, activation_bytes=1,
+                                             output_bytes=1) for i, t in enumerate(block_s)])
+
+
+def test_a_moved_node_is_controlled_on_a_provisional_curve_until_it_has_measured_its_new_blocks():
+    c = loop(policy="adaptive")
+    c.set_placement(placement(1))
+    c.add_calibration(calibration("a", 0, 2, base_s=0.03))
+    c.add_calibration(calibration("b", 3, 5, base_s=0.03))
+    profiles = {"a": profile([0.01] * 6), "b": profile([0.02, 0.01, 0.01, 0.01, 0.01, 0.01])}
+    c.set_placement(placement(2, cut=2), profiles)  # a keeps blocks 0-1 (2/3 of its time), b takes 2-5
+    assert c.controller is not None and c.disabled_reason is None
+    assert c.status()["provisional_curves"] == ["a", "b"]
+    assert c.controller.curve("a").predict(0.0) == pytest.approx(0.02)  # 0.03 s x 2/3
+    assert c.controller.curve("b").predict(0.0) == pytest.approx(0.04)  # 0.03 s x 4/3
+    rows = c.add_calibration(calibration("a", 0, 1, version=2, base_s=0.05))  # measured: the prediction goes
+    assert rows is not None and c.status()["provisional_curves"] == ["b"]
+    assert c.controller.curve("a").predict(0.0) == pytest.approx(0.05)
+    c.set_placement(placement(3, cut=2))  # without profiles (an older gateway path) b keeps what it had
+    assert c.controller is not None
 
 
 def test_restore_all_logs_every_node_as_its_own_event():
