@@ -145,6 +145,11 @@ class NodeAgent:
             profile = profile_model(self.model, threads=self.settings.threads, repeats=self.settings.profile_repeats,
                                     wire_dtype=self.settings.wire_dtype)
             source = "measured"
+        if self.device_model is not None:  # emulated: offer the times this node will serve with, as a real one does
+            profile = profile.model_copy(update={"blocks": [
+                b.model_copy(update={"latency_s": self.device_model.time_s(i, i, 0.0)})
+                for i, b in enumerate(profile.blocks)]})
+            source += ", times from the device model"
         profile = profile.scaled(self.slowdown)
         decode = measure_decode_cost(reduced=self.settings.reduced_decode)
         memory_mb = self.settings.memory_mb or total_memory_mb() / 2

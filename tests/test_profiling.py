@@ -138,3 +138,22 @@ def test_node_offers_a_configured_profile_file_instead_of_measuring(tmp_path) ->
     agent.settings = NodeSettings(node_id="n1", profile=tmp_path / "other.json")
     with pytest.raises(ProfileError, match="other.json"):
         agent.measure_offer()
+
+
+def test_an_emulated_node_offers_its_device_models_block_times(tmp_path) -> None:
+    """The planner and the controller's provisional curves after a move read the offer: an emulated node that
+    served with the device model but offered a profile measured elsewhere mispredicted a moved slice ~1.4-4x."""
+    from node_agent.agent import NodeAgent
+    from shared.device_model import DeviceModel
+    from shared.model import model_fingerprint
+    from shared.settings import MqttSettings, NodeSettings
+
+    model = build_model()
+    per_block = [0.001 * (i + 1) for i in range(model.n_blocks)]
+    ratios = (0.0, 0.5)
+    DeviceModel(model_fingerprint(model), model.n_blocks, ratios,
+                {(a, b): tuple(sum(per_block[a:b + 1]) * (1 - r) for r in ratios)
+                 for a in range(model.n_blocks) for b in range(a, model.n_blocks)}).save(tmp_path / "device.json")
+    agent = NodeAgent(NodeSettings(node_id="n1", device_model=tmp_path / "device.json", emulated_slowdown=3.0,
+                                   memory_mb=100, profile_repeats=1), MqttSettings())
+    assert [b.latency_s for b in agent.measure_offer().profile.blocks] == pytest.approx([3 * t for t in per_block])
