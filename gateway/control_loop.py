@@ -188,12 +188,15 @@ class ControlLoop:
 
     def observe_result(self, ts: float, result: Result) -> None:
         """Each stage's compute on a completed frame: the adaptive controller's per-frame slowdown signal. Hops a
-        node ran under another placement (another slice, another stage) say nothing about its current curve."""
+        node ran under another placement (another slice, another stage) say nothing about its current curve, nor
+        do hops against a provisional curve: how much pruning speeds up differs from block to block (measured: a
+        first block alone does not speed up at all), so its error would read as a slowdown that grows with the
+        ratio; the slowdown carried over the move stands until the node's own calibration arrives."""
         if self.controller is None or self.placement is None:
             return
         for hop in result.hops:
             stage = self.placement.stage_of(hop.node_id)
-            if stage is None or stage.stage != hop.stage:
+            if stage is None or stage.stage != hop.stage or hop.node_id in self.provisional:
                 continue
             if hop.first_block is not None and (hop.first_block, hop.first_block + hop.n_blocks - 1) != (
                     stage.first_block, stage.last_block):  # served in flight during a move: other blocks

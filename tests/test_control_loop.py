@@ -164,6 +164,9 @@ def test_a_moved_node_is_controlled_on_a_provisional_curve_until_it_has_measured
     assert c.status()["provisional_curves"] == ["a", "b"]
     assert c.controller.curve("a").predict(0.0) == pytest.approx(0.02)  # 0.03 s x 2/3
     assert c.controller.curve("b").predict(0.0) == pytest.approx(0.04)  # 0.03 s x 4/3
+    for i in range(3):  # frames against a provisional curve do not move the estimate: its error is no slowdown
+        c.observe_result(10 + i, result(f"p{i}", 10 + i, {(1, "a"): 0.08, (2, "b"): 0.04}))
+    assert c.controller.slowdown("a") == 1.0
     rows = c.add_calibration(calibration("a", 0, 1, version=2, base_s=0.05))  # measured: the prediction goes
     assert rows is not None and c.status()["provisional_curves"] == ["b"]
     assert c.controller.curve("a").predict(0.0) == pytest.approx(0.05)
