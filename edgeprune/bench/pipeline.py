@@ -36,18 +36,19 @@ from shared.device_model import DeviceModel, DeviceModelError, load_device_model
 from shared.settings import ControllerSettings
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
-POLICIES = ("none", "static", "paper", "bottleneck", "adaptive", "replace", "replace+prune", "oracle")
+POLICIES = ("none", "static", "paper", "bottleneck", "adaptive", "adaptive+move", "replace", "replace+prune", "oracle")
 # per policy: [controller] settings over the scenario's, other gateway settings, and every node's settings (env names
 # without the EDGEPRUNE_<SECTION>_ prefix); a policy not listed runs the scenario's settings as they are
 HOLD = {"max_ratio": 0.0}  # the trigger still runs (and logs), but may not prune: holds do
 POLICY_CONTROLLER: dict[str, dict] = {"none": HOLD, "static": HOLD, "replace": HOLD, "oracle": HOLD,
                                       "paper": {"policy": "paper"}, "bottleneck": {"policy": "bottleneck"},
-                                      "adaptive": {"policy": "adaptive"}}
-POLICY_GATEWAY: dict[str, dict] = {"replace": {"replace_on_violation": "true"},
-                                   "replace+prune": {"replace_on_violation": "true"}}
-# adaptive is all of the controller issue's parts together, the deadline-ordered queue included; every other
-# policy serves in arrival order, as the paper's pipeline (and this one before) did
-POLICY_NODE: dict[str, dict] = {p: {"deadline_order": "false"} for p in POLICIES if p != "adaptive"}
+                                      "adaptive": {"policy": "adaptive"}, "adaptive+move": {"policy": "adaptive"}}
+MOVE = {"replace_on_violation": "true"}
+POLICY_GATEWAY: dict[str, dict] = {"replace": MOVE, "replace+prune": MOVE, "adaptive+move": MOVE}
+# adaptive is the controller issue's parts 1-3 as shipped by default, the deadline-ordered queue included;
+# adaptive+move adds part 4, re-partitioning ([gateway] replace_on_violation = true); every other policy serves in
+# arrival order, as the paper's pipeline (and this one before) did
+POLICY_NODE: dict[str, dict] = {p: {"deadline_order": "false"} for p in POLICIES if not p.startswith("adaptive")}
 RESTORE_TARGET_S = 30.0
 REPRUNE_HORIZON_S = 60.0
 EDGE_GUARD_S = 1.0  # hops this close to a slowdown's start or end are left out of the devices check
