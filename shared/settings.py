@@ -235,8 +235,10 @@ class GatewaySettings(_Section):
     result_timeout_s: float = Field(120.0, gt=0, le=86400, description="An accepted frame with neither a result "
                                     "nor a failure report after this long is recorded as failed (`lost`).")
     replace_on_violation: bool = Field(
-        False, description="Run-time re-partitioning: on a sustained violation, re-plan block boundaries with the "
-                           "measured slowdowns (and back once they are gone); needs the controller running.")
+        False, description="Run-time re-partitioning: when the controller acts on a violation (with `adaptive`: "
+                           "on every decision it makes for a slowdown), re-plan block boundaries with the measured "
+                           "slowdowns and prune the new slices (and move back once they are gone); needs the "
+                           "controller running. Off by default: a move rebuilds slices on every node it touches.")
     placement_mode: Literal["pipeline", "hybrid", "data"] = Field(
         "pipeline", description="`pipeline`: one pipeline over the nodes. `hybrid`: the hybrid planner's plan for "
                                 "`hybrid_arrival_hz` and the SLO, whose stages may be served by several nodes (replicas "
