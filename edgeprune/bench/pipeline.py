@@ -49,6 +49,7 @@ POLICY_GATEWAY: dict[str, dict] = {"replace": MOVE, "replace+prune": MOVE, "adap
 # adaptive+move adds part 4, re-partitioning ([gateway] replace_on_violation = true); every other policy serves in
 # arrival order, as the paper's pipeline (and this one before) did
 POLICY_NODE: dict[str, dict] = {p: {"deadline_order": "false"} for p in POLICIES if not p.startswith("adaptive")}
+QUICK_POLICIES = ("none", "adaptive")  # --quick's default: the baseline and ours as shipped, in ~2 minutes
 RESTORE_TARGET_S = 30.0
 REPRUNE_HORIZON_S = 60.0
 EDGE_GUARD_S = 1.0  # hops this close to a slowdown's start or end are left out of the devices check
@@ -559,9 +560,10 @@ def ran_elsewhere(hop: dict, stage: dict) -> bool:
 def add_arguments(parser) -> None:
     parser.add_argument("--scenario", default="paper", help="a shipped scenario (paper, hetero4, scale8) or a "
                         ".toml path")
-    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of "
-                        f"{', '.join(POLICIES)}")
-    parser.add_argument("--quick", action="store_true", help="the scenario's short [quick] variant (< 1 min a policy)")
+    parser.add_argument("--policies", help=f"comma-separated subset of {', '.join(POLICIES)} (default: all of "
+                        f"them; with --quick {', '.join(QUICK_POLICIES)})")
+    parser.add_argument("--quick", action="store_true", help="the scenario's short [quick] variant (< 1 min a policy) "
+                        f"for {' and '.join(QUICK_POLICIES)} unless --policies says otherwise: a smoke run")
     parser.add_argument("--run-dir", type=Path, default=Path("run/bench-pipeline"), help="logs and databases")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots into DIR (e.g. docs/results)")
     parser.add_argument("--saturation", action="store_true", help="instead of the policies: the highest frame "
@@ -867,7 +869,8 @@ def run(args) -> dict:
     if args.replot:
         return finished(json.loads(args.replot.read_text()), args.plots)
     scenario = load_scenario(args.scenario, args.quick)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    chosen_policies = args.policies or ",".join(QUICK_POLICIES if args.quick else POLICIES)
+    policies = [p.strip() for p in chosen_policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
