@@ -21,8 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.service import result_row
-from gateway.store import CENTRAL_INDEXES, CENTRAL_SCHEMA, JsonValue, Store, Table
+from gateway.store import CENTRAL_INDEXES, CENTRAL_SCHEMA, JsonValue, Store, Table, result_row
 from shared.schemas import BadMessage, ErrorRecord, NodeProfile, Result, parse_json
 from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILITY_STOPPED, Topics
 
@@ -49,7 +48,7 @@ def deployment(site: str, camera_id: str) -> str:
 def parse_central(topics: Topics, topic: str, payload: bytes, received_at: float) -> Row:
     """The row one message at the central broker becomes; BadMessage if it is not a site's known topic.
 
-    A result becomes the site gateway's own `requests` row (``gateway.service.result_row``), its finish time
+    A result becomes the site gateway's own `requests` row (``gateway.store.result_row``), its finish time
     the last stage's publish time (the site's clock, not the centre's arrival after a cut link)."""
     split = topics.split_central(topic)
     if split is None:
@@ -156,6 +155,8 @@ class PostgresStore(Store):
         return conn
 
     def _write(self, pending: dict[str, list[dict]]) -> int:
+        if not pending:  # an idle collector does not touch the server
+            return 0
         if self.db.closed or self.db.broken:
             self.db.close()
             self.db = self._connect()

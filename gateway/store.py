@@ -22,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 import sqlite_utils
 
 from gateway.retention import DiskMode
+from shared.schemas import INGEST_STAGE, Result
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,24 @@ CENTRAL_SCHEMA: dict[str, Table] = {
 }
 CENTRAL_INDEXES = {"requests": [["capture_ts"], ["site", "camera_id", "capture_ts"], ["received_at"]],
                    "errors": [["ts"]]}
+
+
+def result_row(result: Result, finish_ts: float) -> dict:
+    """One `requests` row: where the time of a request went (the gateway's and, keyed by site, the centre's)."""
+    e2e = finish_ts - result.capture_ts
+    queue_s = sum(h.queue_s for h in result.hops)
+    compute_s = sum(h.compute_s for h in result.hops)
+    decode_s = sum(h.decode_s for h in result.hops)
+    return {
+        "request_id": result.request_id, "camera_id": result.camera_id, "capture_ts": result.capture_ts,
+        "finish_ts": finish_ts, "e2e_s": e2e, "queue_s": queue_s, "compute_s": compute_s, "decode_s": decode_s,
+        "transfer_s": e2e - queue_s - decode_s - compute_s, "label": result.label, "label_index": result.label_index,
+        "scientific_name": result.scientific_name, "confidence": result.confidence,
+        "prune_ratios": [h.prune_ratio for h in result.hops if h.stage != INGEST_STAGE],
+        "hops": [h.model_dump() for h in result.hops], "true_label": result.true_label,
+        "late": int(any(h.deferred for h in result.hops)),
+        "correct": None if result.true_label is None else int(result.label_index == result.true_label),
+    }
 
 
 def _json(value: Any) -> str:

@@ -264,3 +264,18 @@ def test_central_users_scope_each_bridge_to_its_site(tmp_path) -> None:
     assert made.returncode == 0, made.stderr
     assert Credentials(tmp_path / "creds").users() == {"collect": "collector", "bridge-valley": "bridge"}
     assert env_file(tmp_path / "creds" / "bridge-valley.env")["EDGEPRUNE_SITE_SITE_ID"] == "valley"
+
+
+def test_the_centre_maps_a_result_as_the_gateway_does() -> None:
+    """gateway/service.py keeps its own copy of the mapping until it imports gateway.store's: they must agree."""
+    from gateway.service import result_row as gateway_row
+    from gateway.store import result_row
+
+    hops = [Hop(stage=0, node_id="ingest", prune_ratio=0.0, received_ts=1.0, started_ts=1.0, finished_ts=1.05,
+                published_ts=1.05, decode_s=0.04),
+            Hop(stage=1, node_id="pi-a", prune_ratio=0.3, received_ts=1.1, started_ts=1.2, finished_ts=1.4,
+                published_ts=1.4, deferred=True)]
+    labelled = Result(request_id="r", camera_id="cam-1", capture_ts=0.9, label="deer", label_index=1,
+                      confidence=0.9, hops=hops, true_label=2)
+    assert result_row(labelled, 1.5) == gateway_row(labelled, 1.5)
+    assert result_row(labelled, 1.5)["prune_ratios"] == [0.3] and result_row(labelled, 1.5)["late"] == 1

@@ -1,0 +1,128 @@
+"""The central role on PostgreSQL: a real server (Debian's binaries, a temp cluster on a free loopback port), two
+site Mosquittos bridged to a central Mosquitto, `edgeprune collect --db postgresql://...` as a real process. The
+bridge is cut, then the database (with the collector killed while it holds unwritten rows); every frame a site
+published is stored exactly once, with its site, deployment and model fingerprint."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from edgeprune.broker import free_port, start_broker, stop_process
+from shared.bus import Bus
+from shared.schemas import Hop, ModelProfile, NodeProfile, Result, to_json
+from shared.settings import BrokerSettings, MqttSettings, SiteSettings
+from shared.topics import Topics
+from tests.conftest import STARTUP_S, Processes, component_env, wait_until
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[central]')")
+from edgeprune.pgserver import PostgresServer, PostgresUnavailable  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = Topics()
+SITES = ("valley", "ridge")
+FINGERPRINT = "f1ngerpr1nt"
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """One server for the module's tests (initdb + start take seconds)."""
+    try:
+        server = PostgresServer(durable=False)
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+def result(site: str, n: int) -> bytes:
+    hop = Hop(stage=1, node_id=f"pi-{site}", prune_ratio=0.25, received_ts=1.0, started_ts=1.0, finished_ts=1.1,
+              published_ts=1.2)
+    return to_json(Result(request_id=f"{site}-{n}", camera_id="cam-1", capture_ts=float(n), label="deer",
+                          label_index=1, scientific_name="Capreolus capreolus", confidence=0.9, hops=[hop]))
+
+
+def profile(node_id: str) -> bytes:
+    model = ModelProfile.model_validate_json((ROOT / "shared" / "assets" / "trapnet.profile.json").read_text())
+    return to_json(NodeProfile(node_id=node_id, model_fingerprint=FINGERPRINT, memory_mb=512, uplink_mbit_s=50,
+                               profile=model))
+
+
+def count(url: str, sql: str = "SELECT count(*) FROM requests") -> int:
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            return conn.execute(sql).fetchone()[0]
+    except psycopg.Error:  # the collector has not made the tables yet, or the server is stopped
+        return -1
+
+
+def publish(buses: dict[str, Bus], first: int, n: int) -> None:
+    for site, bus in buses.items():
+        for i in range(first, first + n):
+            bus.publish(TOPICS.results(f"pi-{site}"), result(site, i), qos=1).wait_for_publish(10)
+
+
+def test_two_sites_into_postgres_through_a_bridge_cut_and_a_database_restart(tmp_path, postgres) -> None:
+    central_port = free_port()
+    central_settings = BrokerSettings(port=central_port, data_dir=tmp_path / "central", allow_anonymous=True)
+    central = start_broker(central_settings, log_file=open(tmp_path / "central.log", "w"))
+    sites, buses = {}, {}
+    processes = Processes(tmp_path, component_env(MqttSettings(port=central_port), EDGEPRUNE_MQTT_RECONNECT_MAX_S="1"))
+    try:
+        for site in SITES:
+            port = free_port()
+            sites[site] = start_broker(
+                BrokerSettings(port=port, data_dir=tmp_path / site, allow_anonymous=True),
+                log_file=open(tmp_path / f"{site}.log", "w"),
+                site=SiteSettings(site_id=site, central_port=central_port, bridge_keepalive_s=5,
+                                  bridge_restart_max_s=2))
+            buses[site] = Bus(MqttSettings(port=port), f"pi-{site}", TOPICS.node_status(f"pi-{site}"))
+            buses[site].start()
+            buses[site].publish(TOPICS.node_profile(f"pi-{site}"), profile(f"pi-{site}"), qos=1,
+                                retain=True).wait_for_publish(10)
+        processes.start("collect", "collect", "--db", postgres.url)
+        wait_until(lambda: count(postgres.url, "SELECT count(*) FROM models") == 2, STARTUP_S,
+                   "the sites' profiles never reached PostgreSQL")
+
+        publish(buses, 0, 5)
+        publish(buses, 0, 5)  # a redelivery of every one: stored once
+        publish(buses, 5, 1)  # in order behind the repeats: once it is stored, so were they (or not)
+        wait_until(lambda: count(postgres.url) == 12, 60, "results did not reach PostgreSQL")
+
+        # the bridge cut: the central broker goes away; the sites' bridges queue, then catch up
+        stop_process(central)
+        publish(buses, 6, 10)
+        central = start_broker(central_settings, log_file=open(tmp_path / "central-2.log", "w"))
+        wait_until(lambda: count(postgres.url) == 32, 120, "results queued across the bridge cut were lost")
+
+        # the database cut: the collector keeps the rows unacknowledged while writes fail; killed then, the
+        # central broker hands them to the next collector, which writes them once the server is back
+        postgres.stop()
+        publish(buses, 16, 10)
+        wait_until(lambda: "failed" in processes.log("collect"), 60, "the collector never tried to write")
+        processes.procs["collect"].send_signal(signal.SIGKILL)
+        processes.procs["collect"].wait(10)
+        postgres.start()
+        processes.start("collect-2", "collect", "--db", postgres.url)
+        wait_until(lambda: count(postgres.url) == 52, STARTUP_S, "rows unwritten at the database cut were lost")
+    finally:
+        for bus in buses.values():
+            bus.stop()
+        processes.stop_all()
+        for proc in sites.values():
+            stop_process(proc)
+        stop_process(central)
+    with psycopg.connect(postgres.url) as conn:
+        assert conn.execute("SELECT count(DISTINCT (site, request_id)) FROM requests").fetchone()[0] == 52
+        assert conn.execute("SELECT site, deployment, model_fingerprint, count(*) FROM requests GROUP BY 1, 2, 3 "
+                            "ORDER BY 1").fetchall() == [("ridge", "ridge/cam-1", FINGERPRINT, 26),
+                                                         ("valley", "valley/cam-1", FINGERPRINT, 26)]
+        assert conn.execute("SELECT DISTINCT prune_ratios, hops->0->>'node_id' FROM requests WHERE site = 'ridge'"
+                            ).fetchall() == [([0.25], "pi-ridge")]
+        assert conn.execute("SELECT count(*) FROM node_status WHERE status = 'online'").fetchone()[0] >= 2
+    assert "Traceback" not in processes.log("collect-2")
