@@ -126,3 +126,24 @@ def test_two_sites_into_postgres_through_a_bridge_cut_and_a_database_restart(tmp
                             ).fetchall() == [([0.25], "pi-ridge")]
         assert conn.execute("SELECT count(*) FROM node_status WHERE status = 'online'").fetchone()[0] >= 2
     assert "Traceback" not in processes.log("collect-2")
+
+
+def test_install_gives_the_collector_a_role_and_a_database(postgres) -> None:
+    """What `install.sh --role central --db postgres` runs (packaging/central-db.sh), against the test server; a
+    second run (a re-install) keeps the database and gives a login that works."""
+    import subprocess
+
+    psql = f"psql -h 127.0.0.1 -p {postgres.port} -U postgres -d postgres"
+    urls = []
+    for _ in range(2):
+        made = subprocess.run(["bash", "-c", 'set -euo pipefail; SUDO=""; say() { :; }; . packaging/central-db.sh; '
+                               'central_postgres_url'], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "EDGEPRUNE_PSQL": psql})
+        assert made.returncode == 0, made.stderr
+        urls.append(made.stdout.strip())
+        with psycopg.connect(urls[-1]) as conn:
+            assert conn.execute("SELECT current_user, current_database()").fetchone() == ("edgeprune", "edgeprune")
+            conn.execute("CREATE TABLE IF NOT EXISTS kept (n int)")  # the collector may create its tables
+    with psycopg.connect(urls[-1]) as conn:
+        assert conn.execute("SELECT to_regclass('kept') IS NOT NULL").fetchone()[0]
+    assert urls[0] != urls[1] and urls[0].startswith("postgresql://edgeprune:")
