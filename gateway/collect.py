@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gateway.store import CENTRAL_INDEXES, CENTRAL_SCHEMA, JsonValue, Store, Table, result_row
 from shared.schemas import BadMessage, ErrorRecord, NodeProfile, Result, parse_json
-from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILITY_STOPPED, Topics
+from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILITY_STOPPED, Topics, validate_id
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,66 @@ def open_store(db: str | Path) -> Store:
     store = Store(Path(db), MAX_PENDING, CENTRAL_SCHEMA, CENTRAL_INDEXES)
     copy_v1(store.db)
     return store
+
+
+# --- reading it back: gateway/export.py's queries over the central tables ------------------------------------------
+class _Qmark:
+    """A psycopg connection that takes sqlite3's ``?`` placeholders, as gateway/export.py writes them."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql: str, params=()):
+        return self.conn.execute(sql.replace("?", "%s"), params)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def open_central_for_export(db: str | Path, sites: list[str] | None = None):
+    """A connection to the central store (PostgreSQL or SQLite) on which gateway/export.py's queries read the
+    chosen sites (all when ``sites`` is empty) as if they were one gateway's: temporary views named `requests` and
+    `cameras` shadow the central tables, each camera at each site one deployment (``<site>/<camera_id>``), each
+    request id prefixed by its site (unique across sites). None if ``db`` is an SQLite file of one gateway."""
+    if is_postgres(db):
+        import psycopg
+
+        conn = _Qmark(psycopg.connect(str(db), autocommit=True))
+        schema = conn.execute("SELECT current_schema()").fetchone()[0]
+    else:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+        if "site" not in columns:
+            conn.close()
+            return None
+        schema = "main"
+    where = f"WHERE site IN ({', '.join(map(_literal, sites))})" if sites else ""
+    conn.execute(f"CREATE TEMP VIEW requests AS SELECT site || '/' || request_id AS request_id, "
+                 f"deployment AS camera_id, capture_ts, finish_ts, e2e_s, label, label_index, scientific_name, "
+                 f"confidence, CAST(prune_ratios AS TEXT) AS prune_ratios FROM {_q(schema)}.requests {where}")
+    conn.execute(f"CREATE TEMP VIEW cameras AS SELECT deployment AS camera_id, location_name, latitude, longitude, "
+                 f"start_ts, end_ts FROM {_q(schema)}.cameras {where}")
+    return conn
+
+
+def import_cameras(store: Store, site: str, gateway_db: Path) -> int:
+    """A site's camera deployments (its gateway's `cameras` table: location, start, end) into the central store,
+    so a Camtrap DP export of that site has its deployments. Returns how many."""
+    validate_id("site", site)
+    with sqlite3.connect(f"file:{gateway_db}?mode=ro", uri=True) as conn:
+        conn.row_factory = sqlite3.Row
+        cameras = [dict(row) for row in conn.execute("SELECT * FROM cameras")]
+    now = time.time()
+    for camera in cameras:
+        camera.pop("updated_ts", None)
+        store.add("cameras", {**camera, "site": site, "deployment": deployment(site, camera["camera_id"]),
+                              "received_at": now})
+    store.flush()
+    return len(cameras)
 
 
 class Collector:

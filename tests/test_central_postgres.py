@@ -147,3 +147,57 @@ def test_install_gives_the_collector_a_role_and_a_database(postgres) -> None:
     with psycopg.connect(urls[-1]) as conn:
         assert conn.execute("SELECT to_regclass('kept') IS NOT NULL").fetchone()[0]
     assert urls[0] != urls[1] and urls[0].startswith("postgresql://edgeprune:")
+
+
+def central_rows(store, sites: dict[str, int]) -> None:
+    from gateway.collect import parse_central
+
+    for site, n in sites.items():
+        for i in range(n):
+            row = parse_central(TOPICS, f"sites/{site}/edgeprune/pipeline/results/pi-{site}", result(site, i), 5.0)
+            store.add(row.table, row.values)
+    store.flush()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_export_from_the_central_store_per_site_or_all(request, tmp_path, backend) -> None:
+    """CSV for all sites; a Camtrap DP package of one site, whose cameras the centre took from its gateway's
+    log (one deployment per camera and site), that frictionless accepts."""
+    from edgeprune.cli import main
+    from gateway.collect import PostgresStore, import_cameras, open_store
+    from gateway.store import Store
+
+    if backend == "postgresql":
+        postgres = request.getfixturevalue("postgres")
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS export_test")
+            conn.execute("CREATE DATABASE export_test")
+        db = postgres.url.rsplit("/", 1)[0] + "/export_test"
+        store = PostgresStore(db)
+    else:
+        db = str(tmp_path / "central.sqlite")
+        store = open_store(db)
+    central_rows(store, {"valley": 3, "ridge": 2})
+    gateway = Store(tmp_path / "valley-gateway.sqlite")
+    gateway.set_camera({"camera_id": "cam-1", "location_name": "oak", "latitude": 46.5, "longitude": 7.1,
+                        "start_ts": 0.0, "end_ts": None, "updated_ts": 1.0})
+    gateway.close()
+    assert import_cameras(store, "valley", tmp_path / "valley-gateway.sqlite") == 1
+    store.close()
+
+    assert main(["export", "--db", db, "--format", "csv", "--out", str(tmp_path / "all.csv")]) == 0
+    lines = (tmp_path / "all.csv").read_text().splitlines()
+    assert lines[0].startswith("request_id,camera_id,capture_time") and len(lines) == 1 + 5
+    assert sorted(line.split(",")[1] for line in lines[1:]) == ["ridge/cam-1"] * 2 + ["valley/cam-1"] * 3
+    assert main(["export", "--db", db, "--site", "ridge", "--format", "csv", "--out", str(tmp_path / "r.csv")]) == 0
+    assert [line.split(",")[0] for line in (tmp_path / "r.csv").read_text().splitlines()[1:]] == \
+        ["ridge/ridge-0", "ridge/ridge-1"]
+
+    out = tmp_path / "valley"
+    assert main(["export", "--db", db, "--site", "valley", "--format", "camtrap-dp", "--out", str(out)]) == 0
+    deployments = (out / "deployments.csv").read_text().splitlines()
+    assert len(deployments) == 2 and deployments[1].startswith("valley/cam-1,valley/cam-1,oak,46.5,7.1")
+    assert len((out / "observations.csv").read_text().splitlines()) == 1 + 3
+    frictionless = pytest.importorskip("frictionless")
+    report = frictionless.validate(out / "datapackage.json")
+    assert report.valid, report.flatten(["rowNumber", "fieldName", "type", "note"])
