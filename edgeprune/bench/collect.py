@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -207,6 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backends: dict[str, dict] = {}
     tables: dict[str, list] = {"bench collect": []}
     publisher = collector = None
+    finished = False
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")},
            "EDGEPRUNE_MQTT_PORT": str(central_settings.port), "EDGEPRUNE_MQTT_RECONNECT_MAX_S": "1",
            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -303,11 +305,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     collector = None
                 publisher.close()
                 db.close()
+        finished = True
     finally:
         for proc in [*sites, central]:
             stop_process(proc)
         for f in logs:
             f.close()
+        if finished:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"bench collect: the brokers' and collectors' logs are in {workdir}", file=sys.stderr)
     return {"backends": backends, "tables": tables,
             "config": {"sites": args.sites, "rate": args.rate, "seconds": args.seconds, "warmup_s": args.warmup_s,
-                       "fault_rate": args.fault_rate, "cut_s": args.cut_s, "workdir": str(workdir)}}
+                       "fault_rate": args.fault_rate, "cut_s": args.cut_s}}
