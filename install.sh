@@ -214,7 +214,8 @@ if [ "$DB" = postgres ]; then
     set_env_line "$CONFIG_DIR/collect.env" EDGEPRUNE_COLLECT_DB "$DB_URL"
   fi
   echo "the collector writes to PostgreSQL: EDGEPRUNE_COLLECT_DB is in $CREDS/collect.env" \
-       "(run it by hand with: set -a; . $CREDS/collect.env; set +a; $VENV/bin/edgeprune collect)"
+       "(by hand: set -a; . $CREDS/collect.env; set +a; $VENV/bin/edgeprune collect;" \
+       "a collector already running as a service: systemctl restart edgeprune-collect)"
 fi
 
 # --- systemd units (packaging/services.sh): hardened, as the edgeprune user ----------------------
