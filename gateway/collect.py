@@ -139,6 +139,7 @@ class PostgresStore(Store):
     def __init__(self, url: str, max_pending: int = MAX_PENDING, schema: dict[str, Table] = CENTRAL_SCHEMA,
                  indexes: dict[str, list[list[str]]] = CENTRAL_INDEXES):
         self._url = url
+        self.rejected: Counter[str] = Counter()  # table -> rows the server refused (e.g. a NUL character in a text)
         super().__init__(redacted(url), max_pending, schema, indexes)  # type: ignore[arg-type]
 
     def _connect(self):
@@ -155,17 +156,43 @@ class PostgresStore(Store):
         return conn
 
     def _write(self, pending: dict[str, list[dict]]) -> int:
+        import psycopg
+
         if not pending:  # an idle collector does not touch the server
             return 0
         if self.db.closed or self.db.broken:
             self.db.close()
             self.db = self._connect()
+        try:
+            with self.db.transaction(), self.db.cursor() as cursor:
+                for name, rows in pending.items():
+                    cursor.executemany(self._sql[name], [self._values(name, row) for row in rows])
+        except psycopg.OperationalError:  # the server is away: the rows stay buffered, the writer retries
+            raise
+        except psycopg.Error:  # a row the server refuses (SQLite would take it): one bad row must not stall all
+            return self._write_one_by_one(pending)
+        return sum(len(rows) for rows in pending.values())
+
+    def _values(self, name: str, row: dict) -> list:
+        return [row.get(c) for c in self.schema[name].columns]
+
+    def _write_one_by_one(self, pending: dict[str, list[dict]]) -> int:
+        """Each row in its own transaction; a row refused again is logged, counted in ``rejected`` and dropped."""
+        import psycopg
+
         written = 0
-        with self.db.transaction(), self.db.cursor() as cursor:
-            for name, rows in pending.items():
-                columns = list(self.schema[name].columns)
-                cursor.executemany(self._sql[name], [[row.get(c) for c in columns] for row in rows])
-                written += len(rows)
+        for name, rows in pending.items():
+            for row in rows:
+                try:
+                    with self.db.transaction():
+                        self.db.execute(self._sql[name], self._values(name, row))
+                    written += 1
+                except psycopg.OperationalError:
+                    raise
+                except psycopg.Error as exc:
+                    self.rejected[name] += 1
+                    log.error("PostgreSQL refused a %s row (%d so far), dropped: %s: %.300r", name,
+                              sum(self.rejected.values()), exc, row)
         return written
 
 

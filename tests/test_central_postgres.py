@@ -203,3 +203,24 @@ def test_export_from_the_central_store_per_site_or_all(request, tmp_path, backen
     frictionless = pytest.importorskip("frictionless")
     report = frictionless.validate(out / "datapackage.json")
     assert report.valid, report.flatten(["rowNumber", "fieldName", "type", "note"])
+
+
+def test_a_row_postgresql_refuses_is_counted_and_the_rest_are_written(postgres) -> None:
+    """PostgreSQL's text cannot hold a NUL character (SQLite's can): that one row is dropped and counted, and the
+    batch it came in is written, instead of failing forever and stalling every later write."""
+    from gateway.collect import PostgresStore, parse_central
+
+    store = PostgresStore(postgres.url)
+    try:
+        with store.db.transaction():
+            store.db.execute("DELETE FROM requests WHERE site = 'lake'")
+        good = parse_central(TOPICS, "sites/lake/edgeprune/pipeline/results/pi-lake", result("lake", 1), 5.0)
+        bad = parse_central(TOPICS, "sites/lake/edgeprune/pipeline/results/pi-lake", result("lake", 2), 5.0)
+        bad.values["label"] = "de\x00er"
+        store.add(good.table, good.values)
+        store.add(bad.table, bad.values)
+        assert store.flush() == 1
+        assert store.rejected["requests"] == 1
+        assert store.db.execute("SELECT request_id FROM requests WHERE site = 'lake'").fetchall() == [("lake-1",)]
+    finally:
+        store.close()
