@@ -2,16 +2,22 @@
 # Install edgeprune on this machine (a Raspberry Pi or a Debian box). Idempotent: re-run freely.
 #
 #   ./install.sh [--role gateway|node|camera|all|central] [--dev] [--systemd] [--tls] [--no-apt]
+#                [--db sqlite|postgres [--db-url URL]]
 #
 #   --role     what this device runs (default: all). gateway and all also get mosquitto. central: a host
 #              every site's broker bridges to (mosquitto + `edgeprune collect`, docs/scaling.md).
-#   --dev      test tools too (pytest, headless Chromium for the web test).
+#   --dev      test tools too (pytest, headless Chromium for the web test, PostgreSQL and psycopg for the
+#              central role's tests).
 #   --systemd  write and enable hardened systemd units (Restart=always) for the role; they run as the
 #              system user edgeprune, which alone reads /etc/edgeprune/edgeprune.toml and writes /var/lib/edgeprune.
 #   --tls      (gateway/all/central) make a self-signed CA and broker certificate beside the broker's users
 #              and turn on the broker's TLS listener on port 8883 (docs/security.md).
 #   --sites LIST  (central) comma-separated site ids: one bridge user bridge-<site> each (more later with
 #              `edgeprune credentials add bridge-<site> --role bridge`).
+#   --db sqlite|postgres  (central) where `edgeprune collect` writes: an SQLite file (default) or PostgreSQL:
+#              the local server (Debian's postgresql) gets a role and a database `edgeprune`, and the collector's
+#              URL goes into its environment (collect.env); docs/scaling.md says when to move.
+#   --db-url URL  (central, with --db postgres) an existing server instead: postgresql://user:password@host/db.
 #   --public-name NAME  (central with --tls) the DNS name or IP address the sites reach this host by: the
 #              certificate names it, as each site's bridge checks.
 #   --no-apt   skip Debian packages (you installed them yourself).
@@ -31,7 +37,7 @@
 # and on aarch64 alike, pulling GBs of nvidia packages: a bundle carries the CPU build), EDGEPRUNE_VENV (default .venv).
 set -euo pipefail
 
-ROLE=all DEV=0 SYSTEMD=0 APT=1 TLS=0 GATEWAY_ADDRESS="" SITES="" PUBLIC_NAME=""
+ROLE=all DEV=0 SYSTEMD=0 APT=1 TLS=0 GATEWAY_ADDRESS="" SITES="" PUBLIC_NAME="" DB=sqlite DB_URL=""
 UNINSTALL=0 PURGE=0 MAKE_BUNDLE="" FROM_BUNDLE="" BUNDLE_ARCH="$(uname -m)" BUNDLE_PYTHON=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -43,6 +49,8 @@ while [ $# -gt 0 ]; do
     --no-apt) APT=0; shift ;;
     --gateway-address) GATEWAY_ADDRESS="${2:?--gateway-address needs a value}"; shift 2 ;;
     --sites) SITES="${2:?--sites needs comma-separated site ids}"; shift 2 ;;
+    --db) DB="${2:?--db needs sqlite or postgres}"; shift 2 ;;
+    --db-url) DB_URL="${2:?--db-url needs a postgresql:// URL}"; shift 2 ;;
     --public-name) PUBLIC_NAME="${2:?--public-name needs a host name or address}"; shift 2 ;;
     --uninstall) UNINSTALL=1; shift ;;
     --purge) PURGE=1; shift ;;
@@ -55,6 +63,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$ROLE" in gateway|node|camera|all|central) ;; *) echo "install.sh: --role must be gateway, node, camera, all or central" >&2; exit 2 ;; esac
+case "$DB" in sqlite|postgres) ;; *) echo "install.sh: --db must be sqlite or postgres" >&2; exit 2 ;; esac
+if [ "$DB" = postgres ] && [ "$ROLE" != central ]; then
+  echo "install.sh: --db postgres is for --role central (a site's gateway keeps its SQLite file)" >&2; exit 2
+fi
+[ -z "$DB_URL" ] || [ "$DB" = postgres ] || { echo "install.sh: --db-url needs --db postgres" >&2; exit 2; }
 # bundle directories are given relative to where you are, not to this script
 [ -z "$MAKE_BUNDLE" ] || MAKE_BUNDLE="$(realpath -m "$MAKE_BUNDLE")"
 [ -z "$FROM_BUNDLE" ] || FROM_BUNDLE="$(realpath -m "$FROM_BUNDLE")"
@@ -72,6 +85,8 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 . "$HERE/packaging/bundle.sh"
 # shellcheck source=packaging/services.sh
 . "$HERE/packaging/services.sh"
+# shellcheck source=packaging/central-db.sh
+. "$HERE/packaging/central-db.sh"
 
 # --- uninstall (packaging/services.sh) -------------------------------------------------------
 if [ "$UNINSTALL" -eq 1 ]; then
@@ -97,7 +112,8 @@ fi
 packages=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3 python3-venv)
 case "$ROLE" in gateway|all|central) packages+=(mosquitto mosquitto-clients sqlite3 openssl) ;; esac
-[ "$DEV" -eq 1 ] && packages+=(mosquitto mosquitto-clients chromium chromium-driver)
+[ "$DEV" -eq 1 ] && packages+=(mosquitto mosquitto-clients chromium chromium-driver postgresql)
+[ "$DB" = postgres ] && [ -z "$DB_URL" ] && packages+=(postgresql)  # the central database, on this host
 case "$ROLE" in gateway|node|camera) [ "$SYSTEMD" -eq 1 ] && packages+=(chrony) ;; esac  # the site's clock
 if [ "$APT" -eq 1 ] && [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   missing=()
@@ -123,7 +139,8 @@ if [ "$have_torch" != "$want_torch" ]; then
 fi
 extras=""
 case "$ROLE" in gateway|all) extras="train" ;; esac
-[ "$DEV" -eq 1 ] && extras="${extras:+$extras,}dev,train"
+[ "$DB" = postgres ] && extras="central"
+[ "$DEV" -eq 1 ] && extras="${extras:+$extras,}dev,train,central"
 say "installing edgeprune${extras:+[$extras]}"
 "${PIP[@]}" -e ".${extras:+[$extras]}"
 case "$ROLE" in
@@ -177,6 +194,29 @@ case "$ROLE" in
            "and set [site] central_host (docs/scaling.md)"
     fi ;;
 esac
+
+# --- the central database (packaging/central-db.sh): PostgreSQL with --db postgres ----------------
+if [ "$DB" = postgres ]; then
+  kept="$(sed -n 's/^EDGEPRUNE_COLLECT_DB=//p' "$CREDS/collect.env" 2>/dev/null || true)"
+  if [ -z "$DB_URL" ] && [ -n "$kept" ] && EDGEPRUNE_COLLECT_DB="$kept" "$VENV/bin/python" -c \
+      'import os, psycopg; psycopg.connect(os.environ["EDGEPRUNE_COLLECT_DB"], connect_timeout=10).close()' 2>/dev/null; then
+    DB_URL="$kept"  # a re-run keeps the working login (a running collector stays connected)
+  fi
+  if [ -z "$DB_URL" ]; then
+    say "PostgreSQL role and database edgeprune for the collector"
+    DB_URL="$(central_postgres_url)"
+  fi
+  EDGEPRUNE_COLLECT_DB="$DB_URL" "$VENV/bin/python" -c 'import os, psycopg; psycopg.connect(os.environ["EDGEPRUNE_COLLECT_DB"], connect_timeout=10).close()' \
+    || { echo "install.sh: cannot connect to the collector's PostgreSQL (--db-url?)" >&2; exit 2; }
+  # the collector's unit reads collect.env (installed from the broker's credentials on a first --systemd run)
+  set_env_line "$CREDS/collect.env" EDGEPRUNE_COLLECT_DB "$DB_URL"
+  if [ "$SYSTEMD" -eq 1 ] && [ -f "$CONFIG_DIR/collect.env" ]; then
+    set_env_line "$CONFIG_DIR/collect.env" EDGEPRUNE_COLLECT_DB "$DB_URL"
+  fi
+  echo "the collector writes to PostgreSQL: EDGEPRUNE_COLLECT_DB is in $CREDS/collect.env" \
+       "(by hand: set -a; . $CREDS/collect.env; set +a; $VENV/bin/edgeprune collect;" \
+       "a collector already running as a service: systemctl restart edgeprune-collect)"
+fi
 
 # --- systemd units (packaging/services.sh): hardened, as the edgeprune user ----------------------
 if [ "$SYSTEMD" -eq 1 ]; then

@@ -54,7 +54,7 @@ class Filters:
             if value is not None:
                 clauses.append(sql)
                 params.append(value)
-        return " AND ".join(clauses) or "1", params
+        return " AND ".join(clauses) or "TRUE", params  # TRUE, not 1: PostgreSQL too (gateway/collect.py)
 
 
 # --- the detections view and CSV ------------------------------------------------------------------
@@ -198,7 +198,8 @@ def _deployments(conn: sqlite3.Connection, filters: Filters) -> list[dict]:
     where, params = filters.where()
     sql = (f"SELECT c.camera_id, c.location_name, c.latitude, c.longitude, c.start_ts, c.end_ts, "
            f"MIN(r.capture_ts), MAX(r.capture_ts) FROM cameras c JOIN requests r ON r.camera_id = c.camera_id "
-           f"WHERE {where} GROUP BY c.camera_id ORDER BY c.camera_id")
+           f"WHERE {where} GROUP BY c.camera_id, c.location_name, c.latitude, c.longitude, c.start_ts, c.end_ts "
+           "ORDER BY c.camera_id")
     return [{"deploymentID": cam, "locationID": cam, "locationName": name, "latitude": lat, "longitude": lon,
              "deploymentStart": _iso_s(min(start, first)), "deploymentEnd": _iso_s(end if end else last),
              "cameraID": cam, "_first": first, "_last": last}

@@ -22,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 import sqlite_utils
 
 from gateway.retention import DiskMode
+from shared.schemas import INGEST_STAGE, Result
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +124,61 @@ INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"], [
            "errors": [["ts"]], "operator_actions": [["ts"]], "accepted": [["received_ts"]]}
 MAX_BACKOFF_S = 30.0
 
+# --- the central store (gateway/collect.py): every site's rows, in the gateway's own table definitions --------------
+CENTRAL_COLUMNS: dict[str, type] = {"site": str, "deployment": str, "model_fingerprint": str}
+
+
+def central_table(table: Table, pk: tuple[str, ...] | None = None, drop: tuple[str, ...] = (),
+                  write: WriteMode | None = None) -> Table:
+    """``table`` as the centre keeps it: where each row came from first (the site, the camera's deployment
+    ``<site>/<camera_id>``, the fingerprint of the model that classified it; NULL where a row has none), the site's
+    own columns, then ``received_at`` (when the centre got it), and the site in the key."""
+    own = (table.pk,) if isinstance(table.pk, str) else table.pk
+    columns = {name: kind for name, kind in table.columns.items() if name not in drop}
+    return Table({**CENTRAL_COLUMNS, **columns, "received_at": float}, ("site", *(pk or own)), write or table.write)
+
+
+CENTRAL_SCHEMA: dict[str, Table] = {
+    # a bridge's redelivery or a collector restart stores nothing twice: every table is keyed and insert_ignore
+    "requests": central_table(SCHEMA["requests"]),
+    "errors": central_table(SCHEMA["errors"], pk=("component", "ts", "kind", "topic"), drop=("id",),
+                            write="insert_ignore"),
+    "node_status": central_table(Table({"component": str, "kind": str, "status": str}, "kind", "insert_ignore"),
+                                 pk=("kind", "component", "received_at")),
+    "cameras": central_table(SCHEMA["cameras"], drop=("updated_ts",), write="upsert"),  # a site's camera deployments
+    "models": Table({"site": str, "node_id": str, "model_fingerprint": str, "received_at": float},
+                    ("site", "node_id"), "upsert"),  # which model each site's node runs (its retained profile)
+}
+CENTRAL_INDEXES = {"requests": [["capture_ts"], ["site", "camera_id", "capture_ts"], ["received_at"]],
+                   "errors": [["ts"]]}
+
+
+def result_row(result: Result, finish_ts: float) -> dict:
+    """One `requests` row: where the time of a request went (the gateway's and, keyed by site, the centre's)."""
+    e2e = finish_ts - result.capture_ts
+    queue_s = sum(h.queue_s for h in result.hops)
+    compute_s = sum(h.compute_s for h in result.hops)
+    decode_s = sum(h.decode_s for h in result.hops)
+    return {
+        "request_id": result.request_id, "camera_id": result.camera_id, "capture_ts": result.capture_ts,
+        "finish_ts": finish_ts, "e2e_s": e2e, "queue_s": queue_s, "compute_s": compute_s, "decode_s": decode_s,
+        "transfer_s": e2e - queue_s - decode_s - compute_s, "label": result.label, "label_index": result.label_index,
+        "scientific_name": result.scientific_name, "confidence": result.confidence,
+        "prune_ratios": [h.prune_ratio for h in result.hops if h.stage != INGEST_STAGE],
+        "hops": [h.model_dump() for h in result.hops], "true_label": result.true_label,
+        "late": int(any(h.deferred for h in result.hops)),
+        "correct": None if result.true_label is None else int(result.label_index == result.true_label),
+    }
+
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=float)  # numpy scalars become plain numbers
 
 
-def encode_row(table: str, row: dict) -> dict:
+def encode_row(table: str, row: dict, schema: dict[str, Table] = SCHEMA) -> dict:
     """The row as stored: JSON columns (``list``, ``dict``, :data:`JsonValue`) as compact JSON text."""
-    json_columns = SCHEMA[table].json_columns
-    columns = SCHEMA[table].columns
+    json_columns = schema[table].json_columns
+    columns = schema[table].columns
     # a JSON value column stores null as "null" (the value was given); a list/dict column left out is NULL
     return {k: _json(v) if k in json_columns and (v is not None or columns[k] is JsonValue) else v
             for k, v in row.items()}
@@ -152,28 +199,35 @@ class Store:
     :attr:`dropped`), and the writer retries with back-off.
     """
 
-    def __init__(self, path: Path, max_pending: int = 20_000):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, max_pending: int = 20_000, schema: dict[str, Table] = SCHEMA,
+                 indexes: dict[str, list[list[str]]] = INDEXES):
         self.path = path
-        self.db = sqlite_utils.Database(sqlite3.connect(str(path), check_same_thread=False))
-        self.db.enable_wal()
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        for name, table in SCHEMA.items():
-            self.db[name].create(table.sql_columns, pk=table.pk, if_not_exists=True)
-            for column in table.columns.keys() - self.db[name].columns_dict.keys():  # a file from an older version
-                self.db[name].add_column(column, table.sql_columns[column])
-        for name, indexes in INDEXES.items():
-            for cols in indexes:
-                self.db[name].create_index(cols, if_not_exists=True)
+        self.schema = schema  # SCHEMA at a gateway, CENTRAL_SCHEMA in the central collector (gateway/collect.py)
+        self.db = self._open(schema, indexes)
         self.max_pending = max_pending
         self.dropped: Counter[str] = Counter()  # table -> rows dropped because the buffer was full
         self.write_failures = 0
         self._lock = threading.Lock()
-        self._pending: dict[str, deque[dict]] = {name: deque() for name in SCHEMA}
+        self._pending: dict[str, deque[dict]] = {name: deque() for name in schema}
         self._after_commit: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
         self.disk_mode = DiskMode.NORMAL  # set by the gateway's disk guard (gateway/retention.py)
+
+    def _open(self, schema: dict[str, Table], indexes: dict[str, list[list[str]]]) -> sqlite_utils.Database:
+        """The SQLite file (WAL) with every table and index of ``schema``; columns an older file lacks are added."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite_utils.Database(sqlite3.connect(str(self.path), check_same_thread=False))
+        db.enable_wal()
+        db.execute("PRAGMA synchronous=NORMAL")
+        for name, table in schema.items():
+            db[name].create(table.sql_columns, pk=table.pk, if_not_exists=True)
+            for column in table.columns.keys() - db[name].columns_dict.keys():  # a file from an older version
+                db[name].add_column(column, table.sql_columns[column])
+        for name, table_indexes in indexes.items():
+            for cols in table_indexes:
+                db[name].create_index(cols, if_not_exists=True)
+        return db
 
     def add_request(self, row: dict) -> None:
         if self.disk_mode is DiskMode.WINDOWS_ONLY:
@@ -260,8 +314,12 @@ class Store:
         with self._lock:
             self._after_commit.append(callback)
 
+    def add(self, table: str, row: dict) -> None:
+        """Buffer one row of ``table`` (of this store's schema)."""
+        self._buffer(table, row)
+
     def _buffer(self, table: str, row: dict) -> None:
-        row = encode_row(table, row)
+        row = encode_row(table, row, self.schema)
         with self._lock:
             self._keep_bounded(table, [row])
 
@@ -311,7 +369,7 @@ class Store:
         written = 0
         with self.db.conn:
             for name, rows in pending.items():
-                table = SCHEMA[name]
+                table = self.schema[name]
                 if table.write == "upsert":
                     for row in rows:
                         self.db[name].upsert(row, pk=table.pk)

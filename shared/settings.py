@@ -122,12 +122,13 @@ class SiteSettings(_Section):
 
 
 class CollectSettings(_Section):
-    """The central role that writes every site's results into one SQLite file."""
+    """The central role that writes every site's results into one database (SQLite or PostgreSQL)."""
 
     section: ClassVar[str] = "collect"
     model_config = SettingsConfigDict(env_prefix="EDGEPRUNE_COLLECT_", extra="forbid")
 
-    db: Path = Field(Path("run/central.sqlite"), description="SQLite file with every site's rows (site column).")
+    db: str = Field("run/central.sqlite", description="Every site's rows (site column): an SQLite file, or a "
+                    "`postgresql://` URL (docs/scaling.md).")
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="How long the central broker keeps queuing "
                                   "for the collector while it is down (its persistent session).")
 

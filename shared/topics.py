@@ -228,11 +228,12 @@ class Topics:
     # --- past one site: what a site's bridge forwards to the central broker -------------
     @property
     def bridged(self) -> list[str]:
-        """Patterns (relative to the root) a site forwards to the centre: results, availability, errors.
+        """Patterns (relative to the root) a site forwards to the centre: results, availability, errors, and the
+        nodes' retained profiles (the centre reads the model fingerprint a result was classified with off them).
 
         Out only: commands, placement and prune state stay at the site (control stays local).
         """
-        return ["pipeline/results/+", "node/+/status", "component/+/status", "error/+"]
+        return ["pipeline/results/+", "node/+/status", "component/+/status", "error/+", "node/+/profile"]
 
     def central_prefix(self, site_id: str) -> str:
         """What a site's bridge puts before a local topic at the centre (ends in ``/``)."""

@@ -1,5 +1,5 @@
 """Past one site: a site's Mosquitto bridges results, status and errors to a central Mosquitto, where
-`edgeprune collect` writes them into one SQLite file with a site column. Two real brokers on loopback,
+`edgeprune collect` writes them into one SQLite file with a site column (PostgreSQL: test_central_postgres.py). Two real brokers on loopback,
 the collector as a real subprocess; the link is cut (central broker stopped) and restored."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgeprune.broker import free_port, render_config, start_broker, stop_process
-from gateway.collect import CentralStore, parse_central
+from gateway.collect import open_store, parse_central
 from shared.bus import Bus
 from shared.schemas import BadMessage, ErrorRecord, Hop, Result, to_json
 from shared.settings import BrokerSettings, MqttSettings, SiteSettings, load
@@ -81,30 +81,30 @@ def test_bridge_forwards_a_site_to_the_centre_and_catches_up_after_a_cut(tmp_pat
         wait_until(lambda: rows(db, "node_status") >= 1, STARTUP_S, "the node's status never reached the centre")
         bus.report_error("edgeprune/camera/x/frame", "bad_json", "not JSON")
         publish_results(bus, 0, 5)
-        wait_until(lambda: rows(db, "results") == 5, 60, "results did not reach the centre")
+        wait_until(lambda: rows(db, "requests") == 5, 60, "results did not reach the centre")
         wait_until(lambda: rows(db, "errors") == 1, 60, "the error record did not reach the centre")
 
         # Link cut: the site keeps working (its own subscribers get every result), the bridge queues.
         stop_process(central)
         publish_results(bus, 5, 30)
         wait_until(lambda: len(local.messages) == 35, 30, "the site stopped working without the centre")
-        assert rows(db, "results") == 5
+        assert rows(db, "requests") == 5
         central = start_broker(central_settings, log_file=open(tmp_path / "central-2.log", "w"))
-        wait_until(lambda: rows(db, "results") == 35, 120, "queued results were lost across the cut")
+        wait_until(lambda: rows(db, "requests") == 35, 120, "queued results were lost across the cut")
         assert dropped_at(site_mqtt) == 0
 
         # Beyond the queue limit: exactly SITE_QUEUE more arrive, and the site broker counts the rest as dropped.
         stop_process(central)
         publish_results(bus, 35, SITE_QUEUE + 20)
         central = start_broker(central_settings, log_file=open(tmp_path / "central-3.log", "w"))
-        wait_until(lambda: rows(db, "results") == 35 + SITE_QUEUE, 120, "the bridge's queue did not drain")
+        wait_until(lambda: rows(db, "requests") == 35 + SITE_QUEUE, 120, "the bridge's queue did not drain")
         time.sleep(3)  # nothing beyond the limit trickles in later
-        assert rows(db, "results") == 35 + SITE_QUEUE
+        assert rows(db, "requests") == 35 + SITE_QUEUE
         # The counter covers every drop on the broker (one run counted 21 for these 20): at least the overflow.
         wait_until(lambda: dropped_at(site_mqtt) >= 20, 60, "the site broker did not count the overflow")
         with sqlite3.connect(db) as conn:
-            assert conn.execute("SELECT count(DISTINCT request_id) FROM results").fetchone()[0] == 35 + SITE_QUEUE
-            assert {r[0] for r in conn.execute("SELECT site FROM results")} == {"valley"}
+            assert conn.execute("SELECT count(DISTINCT request_id) FROM requests").fetchone()[0] == 35 + SITE_QUEUE
+            assert {r[0] for r in conn.execute("SELECT site FROM requests")} == {"valley"}
     finally:
         local.close()
         bus.stop()
@@ -129,18 +129,29 @@ def test_bridge_section_forwards_only_data_out_and_uses_its_own_credential(tmp_p
 
 def test_parse_central_rows_and_refusals(tmp_path) -> None:
     row = parse_central(TOPICS, "sites/valley/edgeprune/pipeline/results/pi-a", result(1), 5.0)
-    assert row.table == "results" and row.values["site"] == "valley" and row.values["label"] == "deer"
-    with sqlite3.connect(tmp_path / "old.db") as old:  # a central file from before results carried the taxon
+    assert row.table == "requests" and row.values["label"] == "deer"
+    assert (row.values["site"], row.values["deployment"], row.values["received_at"]) == ("valley", "valley/cam-1", 5.0)
+    assert row.values["finish_ts"] == 1.1 and row.values["prune_ratios"] == [0.0]  # the site's clock, not arrival
+    with sqlite3.connect(tmp_path / "old.db") as old:  # a central file from before the shared schema and the taxon
         old.execute("CREATE TABLE results (site TEXT NOT NULL, request_id TEXT NOT NULL, camera_id TEXT NOT NULL, "
                     "capture_ts REAL NOT NULL, label TEXT NOT NULL, label_index INTEGER NOT NULL, "
                     "confidence REAL NOT NULL, hops TEXT NOT NULL, received_at REAL NOT NULL, "
                     "PRIMARY KEY (site, request_id))")
-    store = CentralStore(tmp_path / "old.db")
-    assert store.write(row)
+        old.execute("INSERT INTO results VALUES ('ridge', 'r0', 'cam-2', 1.0, 'fox', 2, 0.8, '[]', 2.0)")
+        old.execute("CREATE TABLE node_status (site TEXT NOT NULL, component TEXT NOT NULL, kind TEXT NOT NULL, "
+                    "status TEXT NOT NULL, received_at REAL NOT NULL)")
+        old.execute("INSERT INTO node_status VALUES ('ridge', 'pi-b', 'node', 'online', 2.0)")
+    store = open_store(tmp_path / "old.db")
+    store.add(row.table, row.values)
+    store.add(row.table, row.values)  # a redelivery
     store.close()
     with sqlite3.connect(tmp_path / "old.db") as conn:
-        assert conn.execute("SELECT label, scientific_name FROM results").fetchall() == [("deer",
-                                                                                         "Capreolus capreolus")]
+        assert conn.execute("SELECT site, deployment, label, scientific_name FROM requests ORDER BY site").fetchall() \
+            == [("ridge", "ridge/cam-2", "fox", ""), ("valley", "valley/cam-1", "deer", "Capreolus capreolus")]
+        assert conn.execute("SELECT site, component, status FROM node_status").fetchall() == [("ridge", "pi-b",
+                                                                                              "online")]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert not tables & {"results", "node_status_v1", "errors_v1"}
     status = parse_central(TOPICS, "sites/ridge/edgeprune/node/pi-b/status", b"offline", 5.0)
     assert status.values == {"site": "ridge", "component": "pi-b", "kind": "node", "status": "offline",
                              "received_at": 5.0}
@@ -216,7 +227,7 @@ def test_central_role_takes_a_site_over_tls_with_its_bridge_login_only(tmp_path,
         bus.start()
         wait_until(lambda: rows(db, "node_status") >= 1, STARTUP_S, "nothing reached the centre over TLS")
         publish_results(bus, 0, 3)
-        wait_until(lambda: rows(db, "results") == 3, 60, "results did not reach the centre over TLS")
+        wait_until(lambda: rows(db, "requests") == 3, 60, "results did not reach the centre over TLS")
         password = credentials.password("bridge-valley")
         # the valley bridge's login writes for valley only; the collector only reads
         assert publish_code(central_settings.port, "bridge-valley", password,
@@ -225,9 +236,9 @@ def test_central_role_takes_a_site_over_tls_with_its_bridge_login_only(tmp_path,
                             "sites/ridge/edgeprune/pipeline/results/pi-a") == NOT_AUTHORIZED
         assert publish_code(central_settings.port, "collect", credentials.password("collect"),
                             "sites/valley/edgeprune/pipeline/results/pi-a") == NOT_AUTHORIZED
-        wait_until(lambda: rows(db, "results") == 4, 30, "the bridge user's own write did not arrive")
+        wait_until(lambda: rows(db, "requests") == 4, 30, "the bridge user's own write did not arrive")
         time.sleep(1)
-        assert rows(db, "results", site="ridge") == 0
+        assert rows(db, "requests", site="ridge") == 0
     finally:
         bus.stop()
         processes.stop_all()
@@ -253,3 +264,18 @@ def test_central_users_scope_each_bridge_to_its_site(tmp_path) -> None:
     assert made.returncode == 0, made.stderr
     assert Credentials(tmp_path / "creds").users() == {"collect": "collector", "bridge-valley": "bridge"}
     assert env_file(tmp_path / "creds" / "bridge-valley.env")["EDGEPRUNE_SITE_SITE_ID"] == "valley"
+
+
+def test_the_centre_maps_a_result_as_the_gateway_does() -> None:
+    """gateway/service.py keeps its own copy of the mapping until it imports gateway.store's: they must agree."""
+    from gateway.service import result_row as gateway_row
+    from gateway.store import result_row
+
+    hops = [Hop(stage=0, node_id="ingest", prune_ratio=0.0, received_ts=1.0, started_ts=1.0, finished_ts=1.05,
+                published_ts=1.05, decode_s=0.04),
+            Hop(stage=1, node_id="pi-a", prune_ratio=0.3, received_ts=1.1, started_ts=1.2, finished_ts=1.4,
+                published_ts=1.4, deferred=True)]
+    labelled = Result(request_id="r", camera_id="cam-1", capture_ts=0.9, label="deer", label_index=1,
+                      confidence=0.9, hops=hops, true_label=2)
+    assert result_row(labelled, 1.5) == gateway_row(labelled, 1.5)
+    assert result_row(labelled, 1.5)["prune_ratios"] == [0.3] and result_row(labelled, 1.5)["late"] == 1

@@ -25,6 +25,7 @@ BENCHMARKS = [
     "soak",
     "overhead",
     "replicas",
+    "collect",
 ]
 
 

@@ -1,4 +1,5 @@
-"""``edgeprune export``: detections out of the gateway's SQLite log as CSV or a Camtrap DP package."""
+"""``edgeprune export``: detections out of the gateway's SQLite log, or the central store (SQLite or PostgreSQL,
+per site or all sites), as CSV or a Camtrap DP package."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export detections as CSV or a Camtrap DP 1.0 package (streaming)")
-    p.add_argument("--db", type=Path, required=True, help="the gateway's SQLite file")
+    p.add_argument("--db", required=True, help="the gateway's SQLite file, or the central store: its SQLite file "
+                   "or postgresql://user:password@host/database (edgeprune collect)")
+    p.add_argument("--site", action="append", help="central store: only this site (repeat for more; default all); "
+                   "a deployment is one camera at one site, <site>/<camera>")
     p.add_argument("--format", choices=["csv", "camtrap-dp"], default="csv")
     p.add_argument("--out", type=Path, required=True,
                    help="CSV file, or a directory for the Camtrap DP package ('-' for CSV on stdout)")
@@ -22,9 +26,10 @@ def run(args) -> int:
     import sys
     import time
 
+    from gateway.collect import is_postgres, open_central_for_export
     from gateway.export import Filters, detections_csv, parse_time, undescribed_cameras, write_camtrap_dp
 
-    if not args.db.exists():
+    if not is_postgres(args.db) and not Path(args.db).exists():
         print(f"edgeprune export: no database at {args.db}", file=sys.stderr)
         return 2
     try:
@@ -33,7 +38,13 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"edgeprune export: {exc}", file=sys.stderr)
         return 2
-    conn = sqlite3.connect(f"file:{args.db}?mode=ro", uri=True)
+    conn = open_central_for_export(args.db, args.site)
+    if conn is None:  # one gateway's file
+        if args.site:
+            print(f"edgeprune export: {args.db} is one site's gateway log, not a central store: no --site",
+                  file=sys.stderr)
+            return 2
+        conn = sqlite3.connect(f"file:{args.db}?mode=ro", uri=True)
     try:
         if args.format == "csv":
             out = sys.stdout if str(args.out) == "-" else open(args.out, "w", encoding="utf-8", newline="")
@@ -43,7 +54,8 @@ def run(args) -> int:
         missing = undescribed_cameras(conn, filters)
         if missing:
             print(f"edgeprune export: left out detections of {', '.join(missing)}: no deployment (location, "
-                  "start) for them yet; describe them on the operator page's Cameras section", file=sys.stderr)
+                  "start) for them yet; describe them on the operator page's Cameras section (central store: "
+                  "edgeprune collect --import-cameras)", file=sys.stderr)
         for path in write_camtrap_dp(conn, filters, args.out, created=time.time()):
             print(path)
         return 0

@@ -1,0 +1,320 @@
+"""The central collector's write rate into PostgreSQL and SQLite from many bridged sites, its lag, what a bridge cut
+and a database outage lose or duplicate, and what an ecologist's aggregate query every second costs the writes.
+
+Everything real on loopback: a central Mosquitto, ``--sites`` site Mosquittos each bridged to it (the sites' own
+bridge config), ``edgeprune collect`` as a subprocess, a PostgreSQL server made for the run (Debian's binaries,
+fsync on) and an SQLite file. A publisher thread plays every site's last stage, publishing results (QoS 1) at
+``--rate`` in total to the site brokers. Per backend:
+
+1. **sustained**: ``--seconds`` at ``--rate``; rows/s = rows the collector received in the measured window (after
+   ``--warmup-s``) / its length; lag = ``received_at`` - publish time of those rows (the row is committed within one
+   writer batch later: ``FLUSH_INTERVAL_S`` plus the write);
+2. **with reads**: the same while another connection runs an aggregate query (rows per site and label of the last
+   hour, mean confidence) every second;
+3. **drain**: the collector stopped, ``--seconds`` at ``--rate`` queue at the central broker; the collector is
+   started and drains them: rows / (last ``received_at`` - first), the collector's own capacity with no publisher
+   competing for the CPU;
+4. **faults**: publishing at ``--fault-rate``, the central broker is stopped for ``--cut-s`` (every bridge cut)
+   and started again; then the database is made unavailable (PostgreSQL stopped; SQLite locked by another
+   writer) for ``--cut-s``, the collector is SIGKILLed while it holds unwritten rows and started again, and the
+   database is back. Lost = frames the site brokers acknowledged that never became a row; duplicated = rows
+   beyond one per frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SITE_QUEUE = 200_000  # each site broker holds the bridge's backlog through the cut
+CENTRAL_QUEUE = 1_000_000  # the collector's session at the central broker holds every site's backlog
+AGGREGATE = ("SELECT site, label, count(*), avg(confidence) FROM requests WHERE capture_ts > ? "
+             "GROUP BY site, label")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sites", type=int, default=20, help="bridged sites")
+    parser.add_argument("--rate", type=float, default=6000.0, help="results per second offered, all sites together")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each measured phase")
+    parser.add_argument("--warmup-s", type=float, default=5.0, help="start of each phase left out of the figures")
+    parser.add_argument("--fault-rate", type=float, default=500.0, help="results per second during the faults")
+    parser.add_argument("--cut-s", type=float, default=4.0, help="how long the bridges and the database are away")
+    parser.add_argument("--backends", default="postgresql,sqlite", help="comma-separated: postgresql, sqlite")
+
+
+class Publisher:
+    """Every site's last stage: paho clients at the site brokers, results published in turn at a fixed rate."""
+
+    def __init__(self, ports: list[int]):
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from shared.schemas import Hop, Result, to_json
+
+        self.clients = []
+        for i, port in enumerate(ports):
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-site-{i}", protocol=mqtt.MQTTv5)
+            client.max_inflight_messages_set(1000)
+            client.connect("127.0.0.1", port)
+            client.loop_start()
+            self.clients.append(client)
+        hops = [Hop(stage=s, node_id="pi-b" if s == 2 else "pi-a", prune_ratio=0.25, received_ts=1.0,
+                    started_ts=1.0, finished_ts=1.01, published_ts=1.01) for s in (1, 2)]
+        self.template = to_json(Result(request_id="RID", camera_id="trap-1", capture_ts=1234.5, label="deer",
+                                       label_index=1, scientific_name="Capreolus capreolus", confidence=0.9,
+                                       hops=hops)).decode()
+        self.sent: list = []  # MQTTMessageInfo of every publish: acknowledged by the site broker or not
+        self.seq = 0
+
+    def run(self, rate: float, seconds: float) -> float:
+        """Publish at ``rate`` for ``seconds`` (in turn over the sites); returns the rate achieved."""
+        start = time.monotonic()
+        n0 = self.seq
+        while (elapsed := time.monotonic() - start) < seconds:
+            due = int(elapsed * rate) - (self.seq - n0)
+            for _ in range(max(0, due)):
+                site = self.seq % len(self.clients)
+                payload = self.template.replace("RID", f"s{site}-{self.seq}").replace("1234.5", repr(time.time()))
+                self.sent.append(self.clients[site].publish("edgeprune/pipeline/results/pi-b", payload, qos=1))
+                self.seq += 1
+            time.sleep(0.005)
+        return (self.seq - n0) / (time.monotonic() - start)
+
+    def acknowledged(self, timeout_s: float = 60.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not all(info.is_published() for info in self.sent):
+            time.sleep(0.1)
+        return sum(1 for info in self.sent if info.is_published())
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.loop_stop()
+            client.disconnect()
+
+
+class Database:
+    """One backend: how to query it, and how to make it unavailable and back."""
+
+    def __init__(self, kind: str, workdir: Path):
+        self.kind = kind
+        self.server = None
+        if kind == "postgresql":
+            from edgeprune.pgserver import PostgresServer
+
+            self.server = PostgresServer(durable=True)
+            self.server.start()
+            self.url = self.server.url
+        else:
+            self.url = str(workdir / "central.sqlite")
+        self._lock: sqlite3.Connection | None = None
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        if self.kind == "postgresql":
+            import psycopg
+
+            with psycopg.connect(self.url) as conn:
+                return conn.execute(sql.replace("?", "%s"), params).fetchall()
+        with sqlite3.connect(f"file:{self.url}?mode=ro", uri=True, timeout=30) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def count(self) -> int:
+        try:
+            return self.query("SELECT count(*) FROM requests")[0][0]
+        except Exception:  # not created yet, or away
+            return -1
+
+    def go_away(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        else:  # another writer holds the file: the collector's writes fail after sqlite3's 5 s busy wait
+            self._lock = sqlite3.connect(self.url, isolation_level=None)
+            self._lock.execute("BEGIN EXCLUSIVE")
+
+    def come_back(self) -> None:
+        if self.server is not None:
+            self.server.start()
+        else:
+            self._lock.execute("ROLLBACK")
+            self._lock.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class Reads:
+    """An ecologist's aggregate query every second, on its own connection, while the collector writes."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.stop = threading.Event()
+        self.durations: list[float] = []
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(1.0):
+            t = time.monotonic()
+            self.db.query(AGGREGATE, (time.time() - 3600,))
+            self.durations.append(time.monotonic() - t)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def p95(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(0.95 * len(ordered)) - 1))]
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise RuntimeError(f"bench collect: {what} (after {timeout_s:.0f} s)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from edgeprune.broker import free_port, start_broker, stop_process
+    from shared.settings import BrokerSettings, SiteSettings
+
+    workdir = Path(tempfile.mkdtemp(prefix="edgeprune-bench-collect-"))
+    central_settings = BrokerSettings(port=free_port(), data_dir=workdir / "central", allow_anonymous=True,
+                                      max_queued_messages=CENTRAL_QUEUE)
+    logs = []
+
+    def log_file(name: str):
+        logs.append(open(workdir / f"{name}.log", "w"))
+        return logs[-1]
+
+    central = start_broker(central_settings, log_file=log_file("central"))
+    sites, ports = [], []
+    backends: dict[str, dict] = {}
+    tables: dict[str, list] = {"bench collect": []}
+    publisher = collector = None
+    finished = False
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")},
+           "EDGEPRUNE_MQTT_PORT": str(central_settings.port), "EDGEPRUNE_MQTT_RECONNECT_MAX_S": "1",
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def start_collector(db: Database, name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "edgeprune", "collect", "--db", db.url], env=env,
+                                cwd=workdir, stdout=log_file(name), stderr=subprocess.STDOUT)
+
+    try:
+        for i in range(args.sites):
+            port = free_port()
+            ports.append(port)
+            sites.append(start_broker(
+                BrokerSettings(port=port, data_dir=workdir / f"site-{i}", allow_anonymous=True,
+                               max_queued_messages=SITE_QUEUE),
+                log_file=log_file(f"site-{i}"),
+                site=SiteSettings(site_id=f"site-{i:02d}", central_port=central_settings.port,
+                                  bridge_keepalive_s=5, bridge_restart_max_s=2)))
+        for kind in [b.strip() for b in args.backends.split(",") if b.strip()]:
+            db = Database(kind, workdir)
+            publisher = Publisher(ports)
+            try:
+                collector = start_collector(db, f"collect-{kind}")
+                wait_for(lambda: db.count() >= 0, 120, f"the collector never made its tables in {kind}")
+                time.sleep(2.0)  # and subscribed (it makes its tables first)
+                publisher.run(50, 2.0)  # the collector is subscribed and the bridges carry: a short first burst
+                wait_for(lambda: db.count() >= publisher.seq, 120, f"the first results never reached {kind}")
+                figures: dict[str, Any] = {}
+                for phase in ("sustained", "with_reads"):
+                    reads = Reads(db) if phase == "with_reads" else None
+                    t0 = time.time()
+                    offered = publisher.run(args.rate, args.seconds)
+                    t1 = time.time()
+                    if reads is not None:
+                        reads.close()
+                    wait_for(lambda: db.count() >= publisher.seq, 600, f"{kind} never caught up ({phase})")
+                    start = t0 + args.warmup_s
+                    received = db.query("SELECT count(*) FROM requests WHERE received_at >= ? AND received_at < ?",
+                                        (start, t1))[0][0]
+                    lags = [r[0] for r in db.query("SELECT received_at - capture_ts FROM requests WHERE "
+                                                   "capture_ts >= ? AND capture_ts < ?", (start, t1))]
+                    figures[phase] = {"offered_per_s": offered, "rows_per_s": received / (t1 - start),
+                                      "lag_p95_s": p95(lags),
+                                      "read_p95_s": p95(reads.durations) if reads is not None else None}
+                # drain: what the collector alone takes from a queue at the central broker
+                stop_process(collector, timeout=30)
+                before, queued_from = publisher.seq, time.time()
+                publisher.run(args.rate, args.seconds)
+                time.sleep(3.0)  # the bridges hand the last ones to the central broker
+                collector = start_collector(db, f"collect-{kind}-drain")
+                wait_for(lambda: db.count() >= publisher.seq, 600, f"{kind} never drained the queue")
+                first, last = db.query("SELECT min(received_at), max(received_at) FROM requests WHERE "
+                                       "capture_ts >= ?", (queued_from,))[0]
+                figures["drain"] = {"rows_per_s": (publisher.seq - before) / (last - first)}
+                # faults: every bridge cut, then the database away with the collector killed and restarted
+                done = threading.Event()
+                thread = threading.Thread(target=lambda: (publisher.run(args.fault_rate, 4 * args.cut_s + 6),
+                                                          done.set()), daemon=True)
+                thread.start()
+                time.sleep(1.0)
+                stop_process(central)
+                time.sleep(args.cut_s)
+                central = start_broker(central_settings, log_file=log_file(f"central-{kind}"))
+                time.sleep(2.0)
+                db.go_away()
+                time.sleep(args.cut_s / 2)
+                collector.send_signal(signal.SIGKILL)
+                collector.wait(30)
+                time.sleep(args.cut_s / 2)
+                db.come_back()
+                collector = start_collector(db, f"collect-{kind}-2")
+                thread.join(600)
+                accepted = publisher.acknowledged()
+                wait_for(lambda: db.count() >= accepted, 600, f"{kind} never caught up after the faults")
+                time.sleep(3.0)  # anything redelivered late would land now
+                rows, distinct = db.query("SELECT count(*), count(DISTINCT site || '/' || request_id) "
+                                          "FROM requests")[0]
+                backends[kind] = {
+                    "rows_per_s": figures["sustained"]["rows_per_s"],
+                    "lag_p95_s": figures["sustained"]["lag_p95_s"],
+                    "lost": accepted - distinct, "duplicated": rows - distinct,
+                    "rows_per_s_with_reads": figures["with_reads"]["rows_per_s"],
+                    "rows_per_s_drain": figures["drain"]["rows_per_s"],
+                    "offered_per_s": figures["sustained"]["offered_per_s"],
+                    "offered_per_s_with_reads": figures["with_reads"]["offered_per_s"],
+                    "lag_p95_s_with_reads": figures["with_reads"]["lag_p95_s"],
+                    "read_p95_s": figures["with_reads"]["read_p95_s"],
+                    "published": publisher.seq, "acknowledged_by_sites": accepted,
+                }
+                tables["bench collect"].append({"backend": kind, **{k: v for k, v in backends[kind].items()}})
+            finally:
+                if collector is not None:
+                    stop_process(collector, timeout=30)
+                    collector = None
+                publisher.close()
+                db.close()
+        finished = True
+    finally:
+        for proc in [*sites, central]:
+            stop_process(proc)
+        for f in logs:
+            f.close()
+        if finished:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"bench collect: the brokers' and collectors' logs are in {workdir}", file=sys.stderr)
+    return {"backends": backends, "tables": tables,
+            "config": {"sites": args.sites, "rate": args.rate, "seconds": args.seconds, "warmup_s": args.warmup_s,
+                       "fault_rate": args.fault_rate, "cut_s": args.cut_s}}
