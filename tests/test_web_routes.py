@@ -186,8 +186,8 @@ def test_status_api_has_what_the_overview_shows(page):
     client = page[0]
     login(client)
     data = client.get("/api/status").get_json()
-    assert {"nodes", "latency", "windows", "totals", "errors", "controller", "prune_events", "operator_actions",
-            "cameras", "operator"} <= set(data)
+    assert {"nodes", "latency", "windows", "recent", "errors", "controller", "controller_words", "prune_events",
+            "operator_actions", "cameras", "operator", "cursor", "zone", "placement_words"} <= set(data)
     assert [c["camera_id"] for c in data["cameras"]] == ["cam-1", "cam-2"] and data["operator"] == "ana"
 
 
@@ -218,6 +218,7 @@ def test_csv_download_is_the_exact_known_bytes(page):
     login(client)
     res = client.get("/export/detections.csv")
     assert res.status_code == 200 and res.is_streamed and res.data == EXPECTED_CSV.encode()
+    assert res.headers["Content-Type"] == "text/csv; charset=utf-8"
     assert "attachment" in res.headers["Content-Disposition"]
     assert client.get("/export/detections.csv?min_confidence=high").status_code == 400
 
@@ -272,3 +273,59 @@ def test_status_json_is_plain_json(page):
     client = page[0]
     login(client)
     json.loads(client.get("/api/status").data, parse_constant=lambda c: pytest.fail(f"{c} in /api/status"))
+
+
+def test_favicon_and_the_demo_only_control(page, tmp_path):
+    client = page[0]
+    res = client.get("/favicon.ico")
+    assert res.status_code == 200 and res.mimetype == "image/svg+xml"
+    login(client)
+    assert b'data-demo=""' in client.get("/").data  # the page builds the slowdown control only in a demo
+    demo = create_app(WebSettings(db_path=tmp_path / "edgeprune.db", password_hash=HASH, demo=True)).test_client()
+    login(demo)
+    assert b'data-demo="1"' in demo.get("/").data
+
+
+FPS, HOPS, POLL_S = 4, 2, 2.0
+
+
+def a_frame(finish: float) -> dict:
+    hops = [{"stage": s + 1, "node_id": f"node-{s + 1}", "prune_ratio": 0.0, "received_ts": finish - 0.1,
+             "started_ts": finish - 0.09, "finished_ts": finish - 0.05 * s, "published_ts": finish}
+            for s in range(HOPS)]
+    return {"request_id": f"f{finish:.3f}", "camera_id": "cam-1", "capture_ts": finish - 0.2, "finish_ts": finish,
+            "e2e_s": 0.2, "label": "zebra", "label_index": 0, "confidence": 0.9, "prune_ratios": [0.0] * HOPS,
+            "hops": hops}
+
+
+def status_bytes_per_minute(client, clock, db, polls: int, incremental: bool) -> float:
+    """What a page open on a site at ``FPS`` frames/s pulls from /api/status, in bytes per minute once loaded: the
+    site's last 5 minutes are stored, the page loads, then each poll ``POLL_S`` later finds the frames (and every
+    fifth a window) written since."""
+    store = Store(db)
+    for i in range(int(300 * FPS)):
+        store.add_request(a_frame(clock.now - 300 + i / FPS))
+    store.flush()
+    cursor, total = client.get("/api/status").get_json()["cursor"], 0
+    for poll in range(polls):
+        clock.now += POLL_S
+        for i in range(int(POLL_S * FPS)):
+            store.add_request(a_frame(clock.now - POLL_S + i / FPS))
+        if poll % 5 == 4:  # a 10 s window closes
+            store.add_window({"start_ts": clock.now - 10, "end_ts": clock.now, "count": 40, "slo_s": 0.5, "met": 40,
+                              "attainment_pct": 100.0, "p50_s": 0.2, "p95_s": 0.2, "p99_s": 0.2})
+        store.flush()
+        res = client.get(f"/api/status?since={cursor}" if incremental else "/api/status")
+        total += len(res.data)
+        cursor = res.get_json()["cursor"]
+    store.close()
+    return total * 60 / (polls * POLL_S)
+
+
+def test_an_open_page_pulls_ten_times_less_when_it_asks_only_for_what_is_new(page):
+    client, _, clock, app = page
+    db = app.config["EDGEPRUNE"].db_path
+    login(client)
+    whole = status_bytes_per_minute(client, clock, db, polls=3, incremental=False)
+    new_only = status_bytes_per_minute(client, clock, db, polls=5, incremental=True)
+    assert whole >= 10 * new_only, (whole, new_only)
