@@ -162,6 +162,13 @@ return [...u.ctx.getImageData(Math.round(x), Math.round(y), 1, 1).data];
 """
 
 
+# The page drawn at the window's size: every chart resized to its box (the page redraws them on "resize").
+FITTED = """
+return typeof charts === "object" && Object.keys(charts).length === 5 && innerWidth === arguments[0]
+  && Object.entries(charts).every(([id, c]) => c.width === chartWidth(id));
+"""
+
+
 def card_badges(driver) -> dict[str, set[str]]:
     """Each card's badge kinds, read in one script (nothing held across a redraw)."""
     return {k: set(v) for k, v in driver.execute_script(
@@ -180,8 +187,7 @@ def test_page_renders_in_headless_chromium(server, tmp_path):
         wait = WebDriverWait(driver, 20)
         for width, height in ((390, 844), (1280, 800)):
             driver.set_window_size(width, height)
-            drawn = driver.execute_script("return document.body.dataset.polls || '0'")
-            wait.until(lambda d: d.execute_script("return document.body.dataset.polls || '0'") != drawn)  # redrawn
+            wait.until(lambda d: d.execute_script(FITTED, width))
             badges = card_badges(driver)
             assert badges["pi-a"] == {"slowed", "pruned", "applying"}
             assert badges["pi-b"] == {"offline", "replica", "held", "applying", "infeasible"}

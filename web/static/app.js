@@ -343,8 +343,6 @@ function render(data) {
   if (document.body.dataset.operator) renderControls(data);
   renderDetails(data);
   drawCharts(data);
-  document.body.dataset.cursor = state.cursor;  // the state the page has drawn, and how often (tests wait on it)
-  document.body.dataset.polls = Number(document.body.dataset.polls || 0) + 1;
 }
 
 // --- controls --------------------------------------------------------------------------------------------
