@@ -135,13 +135,13 @@ def test_operator_changes_slo_and_holds_a_node_from_the_browser(broker, tmp_path
         assert "cannot meet" in words and slowed in words.split("cannot meet")[1]
         for width, height in ((390, 844), (1280, 800)):
             driver.set_window_size(width, height)
-            wait.until(lambda d: d.execute_script(FITTED, width))
+            wait.until(lambda d, w=width: d.execute_script(FITTED, w))
             badges = card_badges(driver)
             assert {"slowed", "pruned", "infeasible"} <= badges[slowed] and "held" in badges[held], badges
             assert driver.execute_script(OVERFLOWING) == [], f"overflows at {width} px"
             if SCREENSHOTS:  # the whole page at this width
                 driver.set_window_size(width, min(4000, driver.execute_script("return document.body.scrollHeight")))
-                wait.until(lambda d: d.execute_script(FITTED, width))
+                wait.until(lambda d, w=width: d.execute_script(FITTED, w))
                 driver.save_screenshot(str(Path(SCREENSHOTS) / f"operator-page-{'phone' if width < 600 else 'desktop'}.png"))
         assert driver.execute_async_script(SEND, {"cmd": "node_slowdown", "node_id": slowed, "factor": 1})["ok"]
 

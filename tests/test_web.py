@@ -187,7 +187,7 @@ def test_page_renders_in_headless_chromium(server, tmp_path):
         wait = WebDriverWait(driver, 20)
         for width, height in ((390, 844), (1280, 800)):
             driver.set_window_size(width, height)
-            wait.until(lambda d: d.execute_script(FITTED, width))
+            wait.until(lambda d, w=width: d.execute_script(FITTED, w))
             badges = card_badges(driver)
             assert badges["pi-a"] == {"slowed", "pruned", "applying"}
             assert badges["pi-b"] == {"offline", "replica", "held", "applying", "infeasible"}

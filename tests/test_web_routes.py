@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -15,7 +16,7 @@ from edgeprune.commands.passwd import set_in_config
 from gateway.store import Store
 from shared.schemas import Placement, StageAssignment
 from shared.settings import WebSettings
-from tests.test_export import EXPECTED_CSV, fill_detections
+from tests.test_export import EXPECTED_CSV, camtrap_dp_errors, fill_detections
 from web.app import create_app
 
 PASSWORD = "correct horse battery"
@@ -223,24 +224,35 @@ def test_csv_download_is_the_exact_known_bytes(page):
     assert client.get("/export/detections.csv?min_confidence=high").status_code == 400
 
 
-def test_camtrap_dp_download_is_a_package_frictionless_accepts(page, tmp_path):
-    frictionless = pytest.importorskip("frictionless")
+def test_camtrap_dp_download_passes_the_official_profile(page, tmp_path):
+    pytest.importorskip("frictionless")
     client = page[0]
     login(client)
     res = client.get("/export/camtrap-dp.zip?from=2026-05-28")
     assert res.status_code == 200
     with zipfile.ZipFile(io.BytesIO(res.data)) as archive:
         archive.extractall(tmp_path / "package")
-    report = frictionless.validate(tmp_path / "package" / "datapackage.json")
-    assert report.valid, report.flatten(["rowNumber", "fieldName", "type", "note"])
+    assert camtrap_dp_errors(tmp_path / "package") == []
     assert "blank" in (tmp_path / "package" / "observations.csv").read_text()
 
 
-def test_detections_view_filters_and_pages(page):
+@pytest.fixture
+def site_in_johannesburg(monkeypatch):
+    """The page's machine in UTC+02:00 (no daylight saving there), for this test only."""
+    monkeypatch.setenv("TZ", "Africa/Johannesburg")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_detections_view_filters_and_pages(page, site_in_johannesburg):
     client = page[0]
     login(client)
     html = client.get("/detections?camera=cam-2&min_confidence=0.9").data.decode()
-    assert "Equus quagga" in html and "Giraffa" not in html and "2026-05-28T20:29:40.500+00:00" in html
+    assert "Equus quagga" in html and "Giraffa" not in html
+    assert "2026-05-28T22:29:40.500+02:00" in html and "site local, UTC+02:00" in html  # exports stay in UTC
+    assert 'id="empty-export"' not in html and 'id="empty-export"' in client.get("/detections?from=2030-01-01").text
     res = client.get("/detections?from=tomorrow")
     assert res.status_code == 400 and "not an ISO 8601" in res.data.decode()
     first = client.get("/api/detections?limit=2").get_json()
@@ -258,7 +270,8 @@ def test_passwd_writes_only_the_hash_into_the_web_section(tmp_path):
     assert res.returncode == 0, res.stderr
     text = config.read_text()
     assert PASSWORD not in text + res.stdout + res.stderr
-    from shared.settings import WebSettings as W, load
+    from shared.settings import WebSettings as W
+    from shared.settings import load
     assert load(W, config).password_hash.get_secret_value().startswith("scrypt:")
     assert load(W, config).port == 8081 and "slo_s = 0.4" in text
     assert set_in_config("", "h") == '[web]\npassword_hash = "h"\n'

@@ -16,19 +16,40 @@ from datetime import timedelta
 from functools import wraps
 from typing import Any, Protocol
 
-from flask import (Flask, Response, flash, jsonify, redirect, render_template, request, session,
-                   stream_with_context, url_for)
+from flask import (
+    Flask,
+    Response,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    stream_with_context,
+    url_for,
+)
 from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 from pydantic import ValidationError
 
-from gateway.export import (DETECTION_COLUMNS, Filters, camtrap_dp_zip, detections_csv, detections_page,
-                            parse_cursor, parse_time, undescribed_cameras)
+from gateway.export import (
+    DETECTION_COLUMNS,
+    EMPTY_WARNING,
+    Filters,
+    camtrap_dp_rows,
+    camtrap_dp_zip,
+    detections_csv,
+    detections_page,
+    parse_cursor,
+    parse_time,
+    undescribed_cameras,
+)
 from gateway.operator import LABELS, validate_setting
 from gateway.store import Reader
 from shared.schemas import GatewayCommand
 from shared.settings import WebSettings
 from web.auth import LoginLimiter, password_ok
-from web.overview import parse_cursor as parse_since, status
+from web.overview import parse_cursor as parse_since
+from web.overview import site_time, site_zone, status
 
 
 class CommandSender(Protocol):
@@ -88,6 +109,7 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
         WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session
     )
     CSRFProtect(app)
+    app.add_template_filter(site_time)
     limiter = LoginLimiter(settings.login_attempts_per_minute)
     readers: dict[str, Reader] = {}
     password_hash = settings.password_hash.get_secret_value() if settings.password_hash else None
@@ -232,7 +254,7 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
     @app.get("/detections")
     @viewer
     def detections():
-        rows, cursor, error, missing = [], None, None, []
+        rows, cursor, error, missing, empty = [], None, None, [], False
         try:
             filters = filters_from_args(request.args)
             after = parse_cursor(request.args["after"]) if request.args.get("after") else None
@@ -245,11 +267,13 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
             try:
                 rows, cursor = detections_page(conn, filters, limit=100, after=after)
                 missing = undescribed_cameras(conn, filters)
+                empty = camtrap_dp_rows(conn, filters) == 0
             finally:
                 conn.close()
         query = {k: v for k, v in request.args.items() if k != "after"}
         return render_template("detections.html", rows=rows, cursor=cursor, error=error, query=query,
-                               missing=missing), 400 if error and settings.db_path.exists() else 200
+                               missing=missing, empty=empty and error is None, empty_warning=EMPTY_WARNING,
+                               zone=site_zone(clock())), 400 if error and settings.db_path.exists() else 200
 
     @app.get("/api/detections")
     @viewer

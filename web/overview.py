@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from gateway.store import Reader
 from shared.clock import offset_suspect
 from shared.schemas import INGEST_STAGE
 from shared.settings import ControllerSettings
-from gateway.store import Reader
 
 RECENT_ATTAINMENT_S = 300.0  # the header's attainment: the last 5 minutes of the current run
 IDLE_AFTER_S = 30.0  # a node that ran no hop for this long is idle: its slowdown estimate is stale, not shown
@@ -130,7 +130,14 @@ def parse_cursor(text: str | None) -> tuple[int, int] | None:
 def site_zone(now: float) -> dict:
     """The site's time zone (the gateway's machine): the page shows times in it, with the offset."""
     local = datetime.fromtimestamp(now).astimezone()
-    return {"utc_offset_s": int(local.utcoffset().total_seconds()), "name": local.tzname()}
+    offset = local.strftime("%z")
+    return {"utc_offset_s": int(local.utcoffset().total_seconds()), "name": local.tzname(),
+            "offset": f"UTC{offset[:3]}:{offset[3:]}"}
+
+
+def site_time(ts: float) -> str:
+    """A time as the page shows it outside the charts: site local, to the millisecond, with the offset."""
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="milliseconds")
 
 
 def status(reader: Reader, recent_s: float, now: float, since: tuple[int, int] | None = None) -> dict:

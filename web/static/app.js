@@ -8,11 +8,6 @@ let zone = { utc_offset_s: 0, name: "UTC" };
 
 // Times in the site's zone (the gateway's), whatever the phone's own setting: "14:03:07".
 const fmtTime = (t) => new Date((t + zone.utc_offset_s) * 1000).toISOString().slice(11, 19);
-function offsetText(seconds) {
-  const sign = seconds < 0 ? "−" : "+", m = Math.abs(seconds) / 60;
-  return `UTC${sign}${String(Math.floor(m / 60)).padStart(2, "0")}:${String(m % 60).padStart(2, "0")}`;
-}
-
 function cell(text, cls) {
   const td = document.createElement("td");
   td.textContent = text;
@@ -327,7 +322,7 @@ function renderDetails(data) {
 function render(data) {
   zone = data.zone || zone;
   merge(data);
-  document.getElementById("zone").textContent = `times: site local, ${offsetText(zone.utc_offset_s)}` +
+  document.getElementById("zone").textContent = `times: site local, ${zone.offset}` +
     " (exports and the camera form: UTC)";
   document.getElementById("summary").textContent = summaryLine(data);
   const clock = data.clock || { suspect_nodes: [] };
