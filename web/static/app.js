@@ -127,11 +127,11 @@ window.placeLabels = placeLabels;
 function eventLabel(e) {
   if (e.kind === "set") {
     const changed = Object.entries(e.changed || {});
-    const verb = e.source === "manual" ? (changed.every(([, r]) => r === 0) ? "release" : "hold")
-      : changed.every(([, r]) => r === 0) ? "restore" : "prune";
+    const verb = { manual: "hold", release: "release", restore: "restore" }[e.policy]
+      || (changed.every(([, r]) => r === 0) ? "restore" : "prune");
     return `${verb} ${changed.map(([n, r]) => `${n}→${r}`).join(" ")}`.trim();
   }
-  return { held: "no change", replace: "move", infeasible: "infeasible" }[e.kind] || e.kind;
+  return { held: "no change", replace: "move", infeasible: "infeasible", rate_replan: "re-plan" }[e.kind] || e.kind;
 }
 
 let events = [];
@@ -226,7 +226,7 @@ function drawWindows() {
   }, [ws.map((w) => w.start_ts), ws.map((w) => w.attainment_pct)]);
 }
 
-function perNode(field, label, fmt, id, size) {
+function perNode(field, fmt, id, size) {
   const nodes = [...new Set(state.frames.flatMap((f) => f.hops.map((h) => h[0])))].sort();
   const xs = state.frames.map((f) => f.t);
   const series = nodes.map((n) => state.frames.map((f) => {
@@ -252,9 +252,9 @@ function drawCharts(data) {
   if (typeof uPlot === "undefined") return;
   drawLatency(data);
   drawWindows();
-  perNode(1, "compute", (v) => `${Math.round(v * 1000)} ms`, "compute-chart", 64);
-  perNode(2, "wait", (v) => `${Math.round(v * 1000)} ms`, "wait-chart", 64);
-  perNode(3, "ratio", (v) => v.toFixed(1), "ratio-chart", 40);
+  perNode(1, (v) => `${Math.round(v * 1000)} ms`, "compute-chart", 64);
+  perNode(2, (v) => `${Math.round(v * 1000)} ms`, "wait-chart", 64);
+  perNode(3, (v) => v.toFixed(1), "ratio-chart", 40);
 }
 
 // --- details tables ----------------------------------------------------------------------------------------
