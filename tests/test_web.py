@@ -17,6 +17,7 @@ from gateway.store import Store
 from shared.schemas import Placement, StageAssignment
 from shared.settings import WebSettings
 from web.app import create_app
+from web.overview import controller_words, infeasible_nodes
 
 pytestmark = pytest.mark.integration
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -137,6 +138,19 @@ def test_api_status_since_a_cursor_sends_only_what_is_new(server, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(bad, timeout=10)
     assert refused.value.code == 400 and "cursor" in json.load(refused.value)["error"]
+
+
+def test_infeasible_lasts_until_a_later_decision_and_an_idle_controller_says_so():
+    infeasible = {"kind": "infeasible", "ts": 10.0, "ratios": {"a": 0.9, "b": 0.0}, "predicted_stage_s": [0.3, 0.05],
+                  "budget_s": 0.1}
+    same_decision = {"kind": "set", "ts": 10.0}
+    assert infeasible_nodes([infeasible, same_decision]) == {"a"}
+    assert infeasible_nodes([{"kind": "set", "ts": 20.0}, infeasible, same_decision]) == set()  # a new decision
+    assert controller_words({"enabled": False, "reason": "no accuracy model"}, [], [], set()) == (
+        "controller off: no accuracy model")
+    idle = [{"node_id": "a", "desired_ratio": 0.0, "prune_ratio": 0.0}]
+    assert controller_words({"enabled": True, "policy": "adaptive"}, idle, [], set()) == (
+        "adaptive policy: watching, nothing pruned")
 
 
 def test_api_says_clearly_when_gateway_has_not_started(tmp_path):
