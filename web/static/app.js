@@ -202,16 +202,17 @@ function drawLatency(data) {
   const ok = state.frames.map((f, i) => (f.e2e_s <= slo[i] ? f.e2e_s : null));
   const late = state.frames.map((f, i) => (f.e2e_s > slo[i] ? f.e2e_s : null));
   events = data.prune_events || [];
+  const from = Math.max(data.now - data.recent_s, (data.run && data.run.started_ts) || 0);  // this run's frames
   const dots = (colour) => ({ stroke: colour, fill: colour, paths: () => null, points: { show: true, size: 5, stroke: colour, fill: colour } });
   makeChart("latency-chart", {
     height: 200,
-    scales: { x: { time: true, min: data.now - data.recent_s, max: data.now }, y: { range: (u, lo, hi) => [0, Math.max(hi, (data.slo_s || 0) * 1.2) * 1.05] } },
+    scales: { x: { time: true, min: from, max: data.now }, y: { range: (u, lo, hi) => [0, Math.max(hi, (data.slo_s || 0) * 1.2) * 1.05] } },
     axes: [timeAxis(), valueAxis((v) => `${Math.round(v * 1000)} ms`, 64)],
     series: [{}, { label: "within SLO", ...dots("#2e7d32") }, { label: "late", ...dots("#c62828") },
       { label: "SLO", stroke: "#c62828", dash: [6, 4], width: 1.5, points: { show: false } }],
     hooks: { draw: [drawMarks] },
   }, [xs, ok, late, slo]);
-  charts["latency-chart"].setScale("x", { min: data.now - data.recent_s, max: data.now });
+  charts["latency-chart"].setScale("x", { min: from, max: data.now });
 }
 
 function drawWindows() {
