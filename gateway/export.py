@@ -3,8 +3,9 @@
 Everything streams: rows come from a SQLite cursor in batches and leave as text chunks, so an
 export of a million detections holds one batch in memory, never the table. Camtrap DP
 (https://camtrap-dp.tdwg.org, version 1.0) is the camera-trap data standard read by camtraptor,
-Agouti, TrapTagger and GBIF's ingestion; the package carries its own table schemas (no network
-needed to validate it with ``frictionless validate datapackage.json``).
+Agouti, TrapTagger and GBIF's ingestion; the package names the official profile and table schemas by their
+URLs, as the standard requires, and the tables follow the copies shipped in ``gateway/camtrap_dp/`` (the
+tests validate against those, offline).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import sqlite3
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 BATCH = 1000
 BLANK_LABELS = {"blank", "empty"}  # a model's "nothing in the frame" class becomes observationType 'blank'
@@ -125,64 +129,18 @@ def detections_csv(conn: sqlite3.Connection, filters: Filters) -> Iterator[str]:
 
 
 # --- Camtrap DP 1.0 -----------------------------------------------------------------------------------
-def _field(name: str, type_: str = "string", required: bool = False, **constraints) -> dict:
-    field = {"name": name, "type": type_}
-    if type_ == "datetime":
-        field["format"] = "%Y-%m-%dT%H:%M:%S%z"
-    if required:
-        constraints["required"] = True
-    if constraints:
-        field["constraints"] = constraints
-    return field
+CAMTRAP_DP_DIR = Path(__file__).with_name("camtrap_dp")  # the official 1.0 files (README.md there says whence)
+CAMTRAP_DP_URL = "https://raw.githubusercontent.com/tdwg/camtrap-dp/1.0"
+PROFILE_URL = f"{CAMTRAP_DP_URL}/camtrap-dp-profile.json"
+TABLES = ("deployments", "media", "observations")
+SCHEMAS = {name: json.loads((CAMTRAP_DP_DIR / f"{name}-table-schema.json").read_text(encoding="utf-8"))["fields"]
+           for name in TABLES}
+EMPTY_WARNING = ("the export holds no detections (none match the filter at a described camera): the package has "
+                 "no deployments, so it cannot name the area and period Camtrap DP requires")
 
 
-_UNIT = {"minimum": 0, "maximum": 1}
-SCHEMAS = {
-    "deployments": [
-        _field("deploymentID", required=True, unique=True), _field("locationID"), _field("locationName"),
-        _field("latitude", "number", True, minimum=-90, maximum=90),
-        _field("longitude", "number", True, minimum=-180, maximum=180),
-        _field("coordinateUncertainty", "integer", minimum=1), _field("deploymentStart", "datetime", True),
-        _field("deploymentEnd", "datetime", True), _field("setupBy"), _field("cameraID"), _field("cameraModel"),
-        _field("cameraDelay", "integer", minimum=0), _field("cameraHeight", "number", minimum=0),
-        _field("cameraDepth", "number", minimum=0), _field("cameraTilt", "integer", minimum=-90, maximum=90),
-        _field("cameraHeading", "integer", minimum=0, maximum=360), _field("detectionDistance", "number", minimum=0),
-        _field("timestampIssues", "boolean"), _field("baitUse", "boolean"), _field("featureType"),
-        _field("habitat"), _field("deploymentGroups"), _field("deploymentTags"), _field("deploymentComments"),
-    ],
-    "media": [
-        _field("mediaID", required=True, unique=True), _field("deploymentID", required=True),
-        _field("captureMethod", enum=["activityDetection", "timeLapse"]), _field("timestamp", "datetime", True),
-        _field("filePath", required=True), _field("filePublic", "boolean", True), _field("fileName"),
-        _field("fileMediatype", required=True, pattern="^(image|video|audio)/.*$"), _field("exifData", "object"),
-        _field("favorite", "boolean"), _field("mediaComments"),
-    ],
-    "observations": [
-        _field("observationID", required=True, unique=True), _field("deploymentID", required=True),
-        _field("mediaID"), _field("eventID"), _field("eventStart", "datetime", True),
-        _field("eventEnd", "datetime", True),
-        _field("observationLevel", required=True, enum=["media", "event"]),
-        _field("observationType", required=True,
-               enum=["animal", "human", "vehicle", "blank", "unknown", "unclassified"]),
-        _field("cameraSetupType", enum=["setup", "calibration"]), _field("scientificName"),
-        _field("count", "integer", minimum=1), _field("lifeStage", enum=["adult", "subadult", "juvenile"]),
-        _field("sex", enum=["female", "male"]), _field("behavior"), _field("individualID"),
-        _field("individualPositionRadius", "number", minimum=0), _field("individualPositionAngle", "number",
-                                                                       minimum=-90, maximum=90),
-        _field("individualSpeed", "number", minimum=0), _field("bboxX", "number", **_UNIT),
-        _field("bboxY", "number", **_UNIT), _field("bboxWidth", "number", minimum=1e-15, maximum=1),
-        _field("bboxHeight", "number", minimum=1e-15, maximum=1),
-        _field("classificationMethod", enum=["human", "machine"]), _field("classifiedBy"),
-        _field("classificationTimestamp", "datetime"), _field("classificationProbability", "number", **_UNIT),
-        _field("observationTags"), _field("observationComments"),
-    ],
-}
-_KEYS = {"deployments": {"primaryKey": ["deploymentID"]},
-         "media": {"primaryKey": ["mediaID"], "foreignKeys": [
-             {"fields": ["deploymentID"], "reference": {"resource": "deployments", "fields": ["deploymentID"]}}]},
-         "observations": {"primaryKey": ["observationID"], "foreignKeys": [
-             {"fields": ["deploymentID"], "reference": {"resource": "deployments", "fields": ["deploymentID"]}},
-             {"fields": ["mediaID"], "reference": {"resource": "media", "fields": ["mediaID"]}}]}}
+def schema_url(table: str) -> str:
+    return f"{CAMTRAP_DP_URL}/{table}-table-schema.json"
 
 
 def _iso_s(ts: float | None) -> str:
@@ -214,6 +172,13 @@ def undescribed_cameras(conn: sqlite3.Connection, filters: Filters) -> list[str]
     return [r[0] for r in conn.execute(sql, params)]
 
 
+def camtrap_dp_rows(conn: sqlite3.Connection, filters: Filters) -> int:
+    """How many detections a Camtrap DP export of ``filters`` holds (those at a described camera)."""
+    where, params = filters.where()
+    return conn.execute(f"SELECT COUNT(*) FROM requests r JOIN cameras c ON c.camera_id = r.camera_id "
+                        f"WHERE {where}", params).fetchone()[0]
+
+
 def _observation_type(label: str, scientific_name: str | None) -> str:
     """A class with a scientific name is an animal; blank, human and vehicle have types of their own."""
     if label in BLANK_LABELS:
@@ -221,6 +186,13 @@ def _observation_type(label: str, scientific_name: str | None) -> str:
     if label in OTHER_OBSERVATION_TYPES:
         return label
     return "animal" if scientific_name else "unknown"
+
+
+def _exif_time(ts: float) -> str:
+    """The capture time to the millisecond as EXIF writes it (frames a second apart or less share a timestamp)."""
+    moment = datetime.fromtimestamp(ts, UTC)
+    return json.dumps({"DateTimeOriginal": moment.strftime("%Y:%m:%d %H:%M:%S"),
+                       "SubSecTimeOriginal": f"{moment.microsecond // 1000:03d}", "OffsetTimeOriginal": "+00:00"})
 
 
 def _media_and_observations(conn: sqlite3.Connection, filters: Filters) -> Iterator[tuple[list, list]]:
@@ -232,11 +204,12 @@ def _media_and_observations(conn: sqlite3.Connection, filters: Filters) -> Itera
     for batch in _batches(conn, sql, params):
         media, observations = [], []
         for request_id, camera_id, capture_ts, finish_ts, label, scientific_name, confidence, ratios in batch:
-            when = _iso_s(capture_ts)
+            when = _iso_s(capture_ts)  # Camtrap DP's timestamp format has whole seconds
             media.append(_row("media", {
                 "mediaID": request_id, "deploymentID": camera_id, "captureMethod": "activityDetection",
                 "timestamp": when, "filePath": f"{camera_id}/{request_id}", "filePublic": "false",
-                "fileMediatype": "image/*", "mediaComments": "frame classified on the edge; not stored"}))
+                "fileMediatype": "image/*", "exifData": _exif_time(capture_ts),
+                "mediaComments": "frame classified on the edge; not stored"}))
             kind = _observation_type(label, scientific_name)
             observations.append(_row("observations", {
                 "observationID": f"{request_id}_1", "deploymentID": camera_id, "mediaID": request_id,
@@ -257,15 +230,16 @@ def datapackage(deployments: list[dict], taxa: list[tuple[str, str]], created: f
     lats = [d["latitude"] for d in deployments]
     lons = [d["longitude"] for d in deployments]
     resources = [{"name": name, "path": f"{name}.csv", "profile": "tabular-data-resource", "format": "csv",
-                  "mediatype": "text/csv", "encoding": "utf-8",
-                  "schema": {"fields": SCHEMAS[name], **_KEYS[name]}} for name in SCHEMAS]
+                  "mediatype": "text/csv", "encoding": "utf-8", "schema": schema_url(name)} for name in TABLES]
+    description = ("Machine classifications of camera-trap frames by edgeprune (pipelined, pruned CNN on edge "
+                   "devices). Follows Camtrap DP 1.0 (https://camtrap-dp.tdwg.org). The frames themselves are not "
+                   "kept (media.filePublic is false); media.exifData has each capture time to the millisecond.")
     package = {
         "name": "edgeprune-detections", "id": f"edgeprune-{int(created)}", "created": _iso_s(created),
-        "title": title, "version": "1.0", "profile": "tabular-data-package",
+        "title": title, "version": "1.0", "profile": PROFILE_URL,
         "contributors": [{"title": "edgeprune operator", "role": "contact"}],
-        "licenses": [{"name": "CC0-1.0", "scope": "data"}],
-        "description": "Machine classifications of camera-trap frames by edgeprune (pipelined, pruned CNN on edge "
-                       "devices). Follows Camtrap DP 1.0 (https://camtrap-dp.tdwg.org); table schemas are inline.",
+        "licenses": [{"name": "CC0-1.0", "scope": "data"}, {"name": "CC0-1.0", "scope": "media"}],
+        "description": description if deployments else f"{description} WARNING: {EMPTY_WARNING}.",
         "sources": [{"title": "edgeprune", "version": "0.1.0"}],
         "project": {"title": title, "samplingDesign": "opportunistic", "captureMethod": ["activityDetection"],
                     "individualAnimals": False, "observationLevel": ["media"]},
@@ -283,6 +257,8 @@ def camtrap_dp_files(conn: sqlite3.Connection, filters: Filters, created: float,
                      title: str = "edgeprune detections") -> Iterator[tuple[str, Iterator[str]]]:
     """(file name, text chunks) of the package, in an order a streaming zip can write."""
     deployments = _deployments(conn, filters)
+    if not deployments:
+        log.warning("Camtrap DP export: %s", EMPTY_WARNING)
     where, params = filters.where()
     taxa = [tuple(r) for r in conn.execute(
         f"SELECT r.scientific_name, MIN(r.label) FROM requests r JOIN cameras c ON c.camera_id = r.camera_id "
@@ -332,12 +308,19 @@ class _Pipe(io.RawIOBase):
         return data
 
 
+ZIP_EPOCH = 315532800.0  # 1980-01-01 UTC, the earliest date a zip member can carry
+
+
 def camtrap_dp_zip(conn: sqlite3.Connection, filters: Filters, created: float) -> Iterator[bytes]:
     """The package as a zip, produced chunk by chunk (the web download)."""
     pipe = _Pipe()
     with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, chunks in camtrap_dp_files(conn, filters, created):
-            with archive.open(name, "w", force_zip64=True) as member:
+            # dated when the export was made, readable by all (a bare name gets 1980-01-01 and mode 0600)
+            info = zipfile.ZipInfo(name, date_time=datetime.fromtimestamp(max(created, ZIP_EPOCH), UTC).timetuple()[:6])
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
+            with archive.open(info, "w", force_zip64=True) as member:
                 for chunk in chunks:
                     member.write(chunk.encode("utf-8"))
                     yield pipe.drain()

@@ -523,3 +523,47 @@ class Reader:
         p50, p95, p99 = (self._latency_rank(q, n) for q in (0.50, 0.95, 0.99))
         return {"results": n, "slo_s": slo_s, "attainment_pct": 100.0 * (row["met"] or 0) / n if n else None,
                 "p50_s": p50, "p95_s": p95, "p99_s": p99, "first_ts": row["first_ts"], "last_ts": row["last_ts"]}
+
+    # --- the operator page's incremental overview (web/overview.py) ---------------------------------------------
+    def latest_rowids(self) -> tuple[int, int]:
+        """The newest rowid of ``requests`` and of ``windows``: a page's cursor (rows are appended, never rewritten)."""
+        row = self.db.execute("SELECT (SELECT IFNULL(MAX(rowid), 0) FROM requests), "
+                              "(SELECT IFNULL(MAX(rowid), 0) FROM windows)").fetchone()
+        return row[0], row[1]
+
+    def frames_after(self, rowid: int, since_ts: float, limit: int = 2000) -> list[dict]:
+        """Frames written after ``rowid`` that finished at or after ``since_ts``, oldest first, with their hops:
+        by rowid, not time, so a frame written late (the writer flushes in batches) is never skipped."""
+        rows = self._rows("SELECT rowid AS rowid, finish_ts, e2e_s, hops FROM requests WHERE rowid > ? "
+                          "AND finish_ts >= ? ORDER BY rowid DESC LIMIT ?", (rowid, since_ts, limit), table="requests")
+        return sorted(rows, key=lambda r: r["finish_ts"])
+
+    def windows_after(self, rowid: int, limit: int = 60) -> list[dict]:
+        """Windows written after ``rowid`` (the newest ``limit``), oldest first."""
+        return self._rows("SELECT rowid AS rowid, * FROM windows WHERE rowid > ? ORDER BY start_ts DESC LIMIT ?",
+                          (rowid, limit))[::-1]
+
+    def window_attainment(self, since_ts: float, run_start_ts: float) -> dict:
+        """Attainment of the windows that ended since ``since_ts`` and began in this run, from their own verdicts
+        (each window was judged against the SLO in force then, which it stores); the p50/p95 of those frames."""
+        since_ts = max(since_ts, run_start_ts)
+        row = self._rows("SELECT COUNT(*) AS windows, IFNULL(SUM(count), 0) AS frames, IFNULL(SUM(met), 0) AS met, "
+                         "MIN(slo_s) AS slo_min_s, MAX(slo_s) AS slo_max_s FROM windows WHERE end_ts >= ? "
+                         "AND start_ts >= ?", (since_ts, run_start_ts))[0]
+        latencies = [r[0] for r in self.db.execute("SELECT e2e_s FROM requests WHERE finish_ts >= ? ORDER BY e2e_s",
+                                                   (since_ts,))]
+
+        def rank(q: float) -> float | None:
+            return latencies[min(len(latencies) - 1, max(0, math.ceil(q * len(latencies)) - 1))] if latencies else None
+        return {**row, "attainment_pct": 100.0 * row["met"] / row["frames"] if row["frames"] else None,
+                "p50_s": rank(0.5), "p95_s": rank(0.95)}
+
+    def nodes_serving_since(self, since_ts: float) -> set[str]:
+        """Nodes that ran a hop of a frame finished since ``since_ts`` (an idle node has no slowdown to show)."""
+        return {r[0] for r in self.db.execute(
+            "SELECT DISTINCT json_extract(h.value, '$.node_id') FROM requests, json_each(requests.hops) AS h "
+            "WHERE finish_ts >= ? AND requests.hops IS NOT NULL", (since_ts,))}
+
+    def placement_number(self, version: int) -> int:
+        """The placement's ordinal among those stored (its version is a millisecond timestamp, too long to read)."""
+        return self.db.execute("SELECT COUNT(*) FROM placements WHERE version <= ?", (version,)).fetchone()[0]

@@ -336,6 +336,8 @@ class WebSettings(_Section):
     login_attempts_per_minute: int = Field(5, ge=1, le=1000,
                                            description="Failed logins allowed per client address per minute.")
     session_hours: float = Field(12.0, gt=0, le=24 * 30, description="How long a login lasts.")
+    demo: bool = Field(False, description="Show the demo's emulated-slowdown control on the page (`edgeprune demo` "
+                       "sets it; a real site has no use for it).")
 
 
 class ControllerSettings(_Section):

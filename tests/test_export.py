@@ -12,6 +12,10 @@ import sys
 import pytest
 
 from gateway.export import (
+    CAMTRAP_DP_DIR,
+    CAMTRAP_DP_URL,
+    EMPTY_WARNING,
+    PROFILE_URL,
     Filters,
     camtrap_dp_files,
     camtrap_dp_zip,
@@ -43,6 +47,41 @@ def fill_detections(path) -> None:
     store.set_camera({"camera_id": "cam-2", "location_name": "ridge trail", "latitude": -19.2, "longitude": 23.5,
                       "start_ts": T0 - 3600, "end_ts": T0 + 3600, "updated_ts": T0})
     store.close()
+
+
+def camtrap_dp_errors(folder) -> list[str]:
+    """Everything wrong with the package in ``folder`` by the official Camtrap DP 1.0 files shipped in
+    gateway/camtrap_dp/, offline: the descriptor against the profile (JSON Schema, with the Data Package and
+    GeoJSON schemas it refers to), then each table against its table schema (frictionless)."""
+    import jsonschema
+    from frictionless import Package, Schema
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT4, DRAFT7
+
+    def shipped(name: str) -> dict:
+        return json.loads((CAMTRAP_DP_DIR / name).read_text(encoding="utf-8"))
+    descriptor = json.loads((folder / "datapackage.json").read_text(encoding="utf-8"))
+    # 1.0's profile writes one reference without its slash ('#$defs/version'); 1.0.2 corrected it to this
+    profile = json.loads(json.dumps(shipped("camtrap-dp-profile.json")).replace('"#$defs/version"',
+                                                                              '"#/$defs/version"'))
+    registry = Registry().with_resources([
+        ("https://frictionlessdata.io/schemas/data-package.json",
+         Resource.from_contents(shipped("data-package.json"), default_specification=DRAFT7)),
+        ("http://json.schemastore.org/geojson.json",
+         Resource.from_contents(shipped("geojson.json"), default_specification=DRAFT4))])
+    validator = jsonschema.Draft4Validator(profile, registry=registry,
+                                           format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+    errors = [f"datapackage.json {'/'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in validator.iter_errors(descriptor)]
+    assert descriptor["profile"] == PROFILE_URL
+    local = dict(descriptor, profile="data-package", resources=[])
+    for resource in descriptor["resources"]:
+        assert resource["schema"] == f"{CAMTRAP_DP_URL}/{resource['name']}-table-schema.json"
+        schema = Schema.from_descriptor(shipped(f"{resource['name']}-table-schema.json"))
+        local["resources"].append(dict(resource, schema=schema.to_descriptor()))
+    report = Package(local, basepath=str(folder)).validate()
+    return errors + [f"{e[0]} {e[1]} {e[2]}: {e[3]}" for e in report.flatten(["rowNumber", "fieldName", "type",
+                                                                                  "note"])]
 
 
 @pytest.fixture
@@ -90,16 +129,20 @@ def test_times_parse_with_and_without_offset():
         parse_time("yesterday")
 
 
-def test_camtrap_dp_package_validates_with_frictionless_and_maps_blank(db, tmp_path):
-    frictionless = pytest.importorskip("frictionless")
+def test_camtrap_dp_package_passes_the_official_profile_and_maps_blank(db, tmp_path):
+    pytest.importorskip("frictionless")
     out = tmp_path / "package"
     result = subprocess.run([sys.executable, "-m", "edgeprune", "export", "--db", str(db[0]), "--format",
                              "camtrap-dp", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "cam-9" in result.stderr  # undescribed cameras are named, not silently dropped
-    report = frictionless.validate(out / "datapackage.json")
-    assert report.valid, report.flatten(["rowNumber", "fieldName", "type", "note"])
+    assert camtrap_dp_errors(out) == []
     package = json.loads((out / "datapackage.json").read_text())
+    assert {"name": "CC0-1.0", "scope": "media"} in package["licenses"]
+    media = {r["mediaID"]: r for r in csv.DictReader(io.StringIO((out / "media.csv").read_text()))}
+    assert media["r4"]["timestamp"] == "2026-05-28T20:29:40+00:00"  # the format Camtrap DP gives: whole seconds
+    assert json.loads(media["r4"]["exifData"]) == {"DateTimeOriginal": "2026:05:28 20:29:40",
+                                                   "SubSecTimeOriginal": "500", "OffsetTimeOriginal": "+00:00"}
     assert [r["name"] for r in package["resources"]] == ["deployments", "media", "observations"]
     observations = (out / "observations.csv").read_text().splitlines()
     header = observations[0].split(",")
@@ -126,6 +169,8 @@ def test_zip_download_streams_the_same_package(db, tmp_path):
     with zipfile.ZipFile(path) as archive:
         assert archive.namelist() == ["datapackage.json", "deployments.csv", "media.csv", "observations.csv"]
         assert archive.read("media.csv").decode().count("\n") == 3  # header + r1, r2
+        for member in archive.infolist():  # readable by all, dated when it was made (not 0600 in 1980)
+            assert member.external_attr >> 16 == 0o100644 and member.date_time == (2026, 5, 28, 20, 26, 40)
 
 
 def test_an_own_models_taxa_and_observation_types_come_from_the_rows(tmp_path):
@@ -150,3 +195,12 @@ def test_an_own_models_taxa_and_observation_types_come_from_the_rows(tmp_path):
                      "o4": ("unknown", ""), "o5": ("unknown", "")}
     assert json.loads(files["datapackage.json"])["taxonomic"] == [
         {"scientificName": "Vulpes vulpes", "vernacularNames": {"eng": "red fox"}}]
+
+
+def test_an_export_with_no_rows_warns(db, tmp_path):
+    out = tmp_path / "empty"
+    result = subprocess.run([sys.executable, "-m", "edgeprune", "export", "--db", str(db[0]), "--format",
+                             "camtrap-dp", "--out", str(out), "--from", "2030-01-01"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0 and EMPTY_WARNING in result.stderr
+    assert EMPTY_WARNING in json.loads((out / "datapackage.json").read_text())["description"]

@@ -1,7 +1,9 @@
 """The operator takes control in a real browser: real mosquitto, gateway, two node agents, the web page.
 
 Log in, change the SLO, hold one node at a ratio; the retained desired state is on the broker, the node
-applies it and the page shows it, the actions are audited; after a gateway restart the SLO setting holds.
+applies it and its card says it is held, the actions are audited; the other node slowed far beyond what pruning
+can absorb shows slowed, pruned and infeasible on its card, on a phone and a desktop, with nothing wider than
+the screen; after a gateway restart the SLO setting holds.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from werkzeug.security import generate_password_hash
 from edgeprune.broker import free_port
 from tests.conftest import STARTUP_S, Processes, Recorder, component_env, open_reader, wait_until
 from tests.test_controller_e2e import write_accuracy_model
-from tests.test_web import CHROMEDRIVER, CHROMIUM, headless_chromium
+from tests.test_web import CHROMEDRIVER, CHROMIUM, FITTED, OVERFLOWING, card_badges, headless_chromium
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium/chromedriver not installed")]
@@ -34,7 +36,17 @@ def page_up(url: str) -> bool:
         return False
 
 
+# What a script (or the demo's control) sends: the page posts it with its CSRF token.
+SEND = """
+const [body, done] = arguments;
+fetch("/api/command", {method: "POST", credentials: "same-origin", body: JSON.stringify(body),
+  headers: {"Content-Type": "application/json", "X-CSRFToken": document.querySelector('meta[name="csrf-token"]').content}})
+  .then((r) => r.json()).then(done, (e) => done({ok: false, message: String(e)}));
+"""
+
+
 def test_operator_changes_slo_and_holds_a_node_from_the_browser(broker, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -47,7 +59,8 @@ def test_operator_changes_slo_and_holds_a_node_from_the_browser(broker, tmp_path
         EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_GATEWAY_WINDOW_S="2",
         EDGEPRUNE_GATEWAY_ACCURACY_MODEL=str(accuracy), EDGEPRUNE_NODE_UPLINK_MBIT_S="100000",
         EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5", EDGEPRUNE_WEB_DB_PATH=str(db), EDGEPRUNE_WEB_PORT=str(port),
-        EDGEPRUNE_WEB_PASSWORD_HASH=generate_password_hash(PASSWORD), EDGEPRUNE_WEB_SECRET_KEY="test-only-key")
+        EDGEPRUNE_WEB_PASSWORD_HASH=generate_password_hash(PASSWORD), EDGEPRUNE_WEB_SECRET_KEY="test-only-key",
+        EDGEPRUNE_CONTROLLER_POLICY="adaptive")  # acts on a slowed node's first frames
     procs = Processes(tmp_path, env)
     driver = None
     try:
@@ -64,6 +77,8 @@ def test_operator_changes_slo_and_holds_a_node_from_the_browser(broker, tmp_path
 
         driver = headless_chromium(tmp_path, 1280, 800)
         wait = WebDriverWait(driver, 30)
+        # controls are rebuilt when the nodes or the ladder change: an element found before may be gone
+        retry = WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException])
         driver.get(base + "/")
         assert "/login" in driver.current_url  # nothing without a login
         driver.find_element(By.ID, "name").send_keys("ana")
@@ -87,12 +102,17 @@ def test_operator_changes_slo_and_holds_a_node_from_the_browser(broker, tmp_path
         slo_form.find_element(By.TAG_NAME, "button").click()
         assert "refused" in answer() and "greater than 0" in driver.find_element(By.ID, "command-result").text
 
-        held = reader.placement()["stages"][-1]["node_id"]
+        slowed, held = [s["node_id"] for s in reader.placement()["stages"]]
         driver.execute_script("document.getElementById('command-result').className = 'result'")
-        hold = driver.find_element(By.ID, f"hold-{held}")
-        Select(hold.find_element(By.NAME, "ratio")).select_by_value("0.5")
-        hold.find_element(By.TAG_NAME, "button").click()
+
+        def hold_at_half(d) -> bool:
+            hold = d.find_element(By.ID, f"hold-{held}")
+            Select(hold.find_element(By.NAME, "ratio")).select_by_value("0.5")
+            hold.find_element(By.TAG_NAME, "button").click()
+            return True
+        retry.until(hold_at_half)
         assert answer() == f"accepted: {held} held at ratio 0.5"
+        assert not driver.find_elements(By.ID, f"slowdown-{held}")  # the demo's control is not on a real site
 
         late = Recorder(broker, f"edgeprune/node/{held}/prune/set")  # a fresh subscriber gets the retained copy
         try:
@@ -103,22 +123,32 @@ def test_operator_changes_slo_and_holds_a_node_from_the_browser(broker, tmp_path
         finally:
             late.close()
 
-        def node_row() -> str:
-            rows = driver.find_elements(By.CSS_SELECTOR, "#nodes tbody tr")
-            return next((r.text for r in rows if r.text.startswith(held)), "")
-        WebDriverWait(driver, 20).until(lambda d: "0.5 / 0.5" in node_row())  # desired / applied by the node
-        wait.until(lambda d: "hold" in d.find_element(By.ID, "actions").text)
+        wait.until(lambda d: card_badges(d).get(held) == {"held"})  # applied by the node: no "applying"
+        wait.until(lambda d: "hold" in d.find_element(By.ID, "actions").get_attribute("textContent"))
+
+        # far slower than the highest ratio can make up for
+        assert driver.execute_async_script(SEND, {"cmd": "node_slowdown", "node_id": slowed, "factor": 150})["ok"]
+        wait_until(lambda: {"slowed", "pruned", "infeasible"} <= card_badges(driver).get(slowed, set()), 60,
+                   f"the card of {slowed} never showed slowed, pruned and infeasible: {card_badges(driver)}")
+        words = driver.find_element(By.ID, "controller-words").text
+        assert f"pruning {slowed}" in words and f"{held} held at 0.5 by the operator" in words
+        assert "cannot meet" in words and slowed in words.split("cannot meet")[1]
+        for width, height in ((390, 844), (1280, 800)):
+            driver.set_window_size(width, height)
+            wait.until(lambda d, w=width: d.execute_script(FITTED, w))
+            badges = card_badges(driver)
+            assert {"slowed", "pruned", "infeasible"} <= badges[slowed] and "held" in badges[held], badges
+            assert driver.execute_script(OVERFLOWING) == [], f"overflows at {width} px"
+            if SCREENSHOTS:  # the whole page at this width
+                driver.set_window_size(width, min(4000, driver.execute_script("return document.body.scrollHeight")))
+                wait.until(lambda d, w=width: d.execute_script(FITTED, w))
+                driver.save_screenshot(str(Path(SCREENSHOTS) / f"operator-page-{'phone' if width < 600 else 'desktop'}.png"))
+        assert driver.execute_async_script(SEND, {"cmd": "node_slowdown", "node_id": slowed, "factor": 1})["ok"]
 
         actions = sqlite3.connect(db).execute("SELECT by, action, target, old, new FROM operator_actions "
                                               "ORDER BY id").fetchall()
         assert ("ana", "set slo_s", "gateway", "0.5", "0.4") in actions
         assert ("ana", "hold", held, "0.0", "0.5") in actions or ("ana", "hold", held, "null", "0.5") in actions
-        if SCREENSHOTS:
-            time.sleep(2)  # a few more frames on the chart
-            driver.save_screenshot(str(Path(SCREENSHOTS) / "operator-page-desktop.png"))
-            driver.set_window_size(390, 844)
-            driver.save_screenshot(str(Path(SCREENSHOTS) / "operator-page-phone.png"))
-            driver.set_window_size(1280, 800)
 
         procs.procs["gateway"].terminate()
         procs.procs["gateway"].wait(30)

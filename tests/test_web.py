@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -16,6 +17,7 @@ from gateway.store import Store
 from shared.schemas import Placement, StageAssignment
 from shared.settings import WebSettings
 from web.app import create_app
+from web.overview import controller_words, infeasible_nodes
 
 pytestmark = pytest.mark.integration
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -35,7 +37,14 @@ def headless_chromium(tmp_path, width: int, height: int):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
+def hop(node: str, stage: int, finish: float, compute: float, ratio: float) -> dict:
+    return {"stage": stage, "node_id": node, "prune_ratio": ratio, "received_ts": finish - compute - 0.01,
+            "started_ts": finish - compute, "finished_ts": finish, "published_ts": finish}
+
+
 def fill_database(path, now: float) -> None:
+    """A site in every state a card shows: pi-a slowed and pruned by the controller, pi-b offline, held by the
+    operator and infeasible, with idle replicas (pi-c has a stale slowdown estimate), pi-e the ingest node."""
     store = Store(path)
     store.add_run({"started_ts": now - 100, "gateway_id": "gateway", "slo_s": 0.2, "window_s": 10,
                    "nodes": ["pi-a", "pi-b"]})
@@ -45,30 +54,38 @@ def fill_database(path, now: float) -> None:
                            "queue_capacity": 16, "processed": 40, "dropped": 0, "errors": {"bad_image": i},
                            "compute_mean_s": 0.01, "compute_p95_s": 0.02, "cpu_percent": 50.0,
                            "prune_ratio": 0.0, "decode_mean_s": 0.0123 if i == 0 else None})
+    store.update_node({"node_id": "pi-c", "status": "online", "last_seen": now - 1, "stage": 2, "first_block": 3,
+                       "last_block": 5, "prune_ratio": 0.0})
+    store.update_node({"node_id": "pi-e", "status": "online", "last_seen": now - 1, "stage": 0})
     for i in range(40):
         e2e = 0.1 if i % 4 else 0.3  # every 4th frame misses the 0.2 s SLO
-        store.add_request({"request_id": f"r{i}", "camera_id": "cam-1", "capture_ts": now - 60 + i - e2e,
-                           "finish_ts": now - 60 + i, "e2e_s": e2e, "queue_s": 0.0, "compute_s": 0.05,
+        finish = now - 40 + i
+        store.add_request({"request_id": f"r{i}", "camera_id": "cam-1", "capture_ts": finish - e2e,
+                           "finish_ts": finish, "e2e_s": e2e, "queue_s": 0.0, "compute_s": 0.05,
                            "transfer_s": e2e - 0.05, "label": "zebra", "label_index": 9, "confidence": 0.9,
-                           "prune_ratios": [0.0, 0.0], "hops": []})
-    store.add_window({"start_ts": now - 60, "end_ts": now - 50, "count": 40, "slo_s": 0.2, "met": 30,
-                      "attainment_pct": 75.0, "p50_s": 0.1, "p95_s": 0.3, "p99_s": 0.3})
+                           "prune_ratios": [0.0, 0.0], "hops": [hop("pi-a", 1, finish - 0.05, 0.03, 0.3),
+                                                                hop("pi-b", 2, finish - 0.01, 0.02, 0.0)]})
+    for start, met in ((now - 60, 30), (now - 50, 0), (now - 40, 40)):  # the middle window met nothing
+        store.add_window({"start_ts": start, "end_ts": start + 10, "count": 40, "slo_s": 0.2, "met": met,
+                          "attainment_pct": 100.0 * met / 40, "p50_s": 0.1, "p95_s": 0.3, "p99_s": 0.3})
     store.add_error({"ts": now - 5, "component": "pi-a", "topic": "edgeprune/camera/x/frame",
                      "kind": "bad_image", "message": "frame is not a readable JPEG or PNG", "request_id": None})
-    store.set_controller_status(now, {"enabled": True, "reason": None, "policy": "bottleneck",
-                                      "ratios": {"pi-a": 0.3, "pi-b": 0.0}, "slowdowns": {"pi-a": 3.2, "pi-b": 1.0},
+    store.set_controller_status(now, {"enabled": True, "reason": None, "policy": "bottleneck", "manual": {"pi-b": 0.2},
+                                      "ratios": {"pi-a": 0.3, "pi-b": 0.2},
+                                      "slowdowns": {"pi-a": 3.2, "pi-b": 1.0, "pi-c": 2.4},
                                       "budget_s": 0.08, "accuracy_floor": 0.85})
-    store.add_prune_event({"ts": now - 30, "kind": "set", "policy": "bottleneck", "source": "auto",
-                           "reason": "pi-a is 3.2x slower than calibrated", "ratios": {"pi-a": 0.3, "pi-b": 0.0},
-                           "changed": {"pi-a": 0.3}, "predicted_stage_s": [0.07, 0.05],
-                           "predicted_bottleneck_s": 0.07, "predicted_accuracy": 0.91, "budget_s": 0.08,
-                           "infeasible": 0, "metrics": {}})
+    event = {"policy": "bottleneck", "source": "auto", "reason": "pi-a is 3.2x slower than calibrated",
+             "ratios": {"pi-a": 0.3, "pi-b": 0.2}, "changed": {"pi-a": 0.3}, "predicted_stage_s": [0.07, 0.09],
+             "predicted_bottleneck_s": 0.09, "predicted_accuracy": 0.91, "budget_s": 0.08, "metrics": {}}
+    store.add_prune_event({**event, "ts": now - 30, "kind": "set", "infeasible": 0})
+    store.add_prune_event({**event, "ts": now - 30, "kind": "infeasible", "infeasible": 1, "changed": {}})
     store.add_prune_event({"ts": now - 30, "kind": "set", "observed_count": 20, "observed_p50_s": 0.12,
                            "observed_p95_s": 0.15})  # the follow-up merges into the same event
+    store.add_prune_event({**event, "ts": now - 1, "kind": "held", "infeasible": 0, "changed": {}})  # at the edge
     store.add_placement(Placement(  # stage 2 has replicas that have not reported yet; pi-e decodes the frames
-        version=3, model="m", n_blocks=6, ingest_node="pi-e", share_token="t" * 12, issued_at=now - 100, stages=[
-            StageAssignment(stage=1, node_id="pi-a", first_block=0, last_block=2),
-            StageAssignment(stage=2, node_id="pi-b", first_block=3, last_block=5, replicas=["pi-c", "pi-d"])],
+        version=1796604057134, model="m", n_blocks=6, ingest_node="pi-e", share_token="t" * 12, issued_at=now - 100,
+        stages=[StageAssignment(stage=1, node_id="pi-a", first_block=0, last_block=2),
+                StageAssignment(stage=2, node_id="pi-b", first_block=3, last_block=5, replicas=["pi-c", "pi-d"])],
     ).model_dump(exclude={"share_token"}))
     store.close()
 
@@ -84,15 +101,56 @@ def server(tmp_path):
     srv.shutdown()
 
 
+def get_status(server: str, query: str = "") -> dict:
+    return json.load(urllib.request.urlopen(f"{server}/api/status{query}", timeout=10))
+
+
 def test_api_status_reports_nodes_latency_and_attainment(server):
-    data = json.load(urllib.request.urlopen(f"{server}/api/status", timeout=10))
-    assert [n["node_id"] for n in data["nodes"]] == ["pi-a", "pi-b"]
+    data = get_status(server)
+    assert [n["node_id"] for n in data["nodes"]] == ["pi-e", "pi-a", "pi-b", "pi-c"]
     assert len(data["latency"]) == 40 and data["slo_s"] == 0.2
-    assert data["totals"]["results"] == 40 and data["totals"]["attainment_pct"] == pytest.approx(75.0)
+    assert data["latency"][0]["hops"][0] == ["pi-a", 0.03, 0.01, 0.3]  # node, compute, queue wait, ratio
+    # the windows' own verdicts over the last 5 minutes: 30 + 0 + 40 of 120 frames met the SLO
+    assert data["recent"]["frames"] == 120 and data["recent"]["attainment_pct"] == pytest.approx(70 / 1.2)
     assert data["errors"][0]["kind"] == "bad_image"
-    (event,) = data["prune_events"]
+    event = next(e for e in data["prune_events"] if e["kind"] == "set")
     assert event["changed"] == {"pi-a": 0.3} and event["observed_p50_s"] == 0.12
-    assert data["controller"]["slowdowns"]["pi-a"] == 3.2
+    assert data["placement_words"] == ("placement 1: ingest pi-e → 1 pi-a (blocks 0–2) → "
+                                       "2 pi-b + pi-c + pi-d (blocks 3–5)")
+
+
+def test_api_status_since_a_cursor_sends_only_what_is_new(server, tmp_path):
+    first = get_status(server)
+    again = get_status(server, f"?since={first['cursor']}")
+    assert again["incremental"] and again["latency"] == [] and again["windows"] == []
+    assert len(again["nodes"]) == 4 and again["controller_words"]  # the small parts come whole
+    store = Store(tmp_path / "edgeprune.db")
+    now = time.time()
+    store.add_request({"request_id": "late-written", "camera_id": "cam-1", "capture_ts": now - 90,
+                       "finish_ts": now - 89.9, "e2e_s": 0.1, "hops": []})  # finished long ago, written now
+    store.add_window({"start_ts": now - 30, "end_ts": now - 20, "count": 1, "slo_s": 0.2, "met": 1,
+                      "attainment_pct": 100.0})
+    store.close()
+    new = get_status(server, f"?since={again['cursor']}")
+    assert [f["e2e_s"] for f in new["latency"]] == [0.1] and [w["count"] for w in new["windows"]] == [1]
+    assert len(get_status(server)["latency"]) == 41
+    bad = urllib.request.Request(f"{server}/api/status?since=yesterday")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(bad, timeout=10)
+    assert refused.value.code == 400 and "cursor" in json.load(refused.value)["error"]
+
+
+def test_infeasible_lasts_until_a_later_decision_and_an_idle_controller_says_so():
+    infeasible = {"kind": "infeasible", "ts": 10.0, "ratios": {"a": 0.9, "b": 0.0}, "predicted_stage_s": [0.3, 0.05],
+                  "budget_s": 0.1}
+    same_decision = {"kind": "set", "ts": 10.0}
+    assert infeasible_nodes([infeasible, same_decision]) == {"a"}
+    assert infeasible_nodes([{"kind": "set", "ts": 20.0}, infeasible, same_decision]) == set()  # a new decision
+    assert controller_words({"enabled": False, "reason": "no accuracy model"}, [], [], set()) == (
+        "controller off: no accuracy model")
+    idle = [{"node_id": "a", "desired_ratio": 0.0, "prune_ratio": 0.0}]
+    assert controller_words({"enabled": True, "policy": "adaptive"}, idle, [], set()) == (
+        "adaptive policy: watching, nothing pruned")
 
 
 def test_api_says_clearly_when_gateway_has_not_started(tmp_path):
@@ -101,33 +159,78 @@ def test_api_says_clearly_when_gateway_has_not_started(tmp_path):
     assert res.status_code == 503 and "gateway" in res.get_json()["error"]
 
 
+# Elements wider than the viewport, outside the details view's own scrolling tables and closed sections.
+OVERFLOWING = """
+return [...document.querySelectorAll("body *")].filter((e) => {
+  if (e.closest(".scroll") || e.closest("details:not([open]) > :not(summary)")) return false;
+  const r = e.getBoundingClientRect();
+  return r.width > 0 && (r.right > innerWidth + 1 || r.left < -1);
+}).map((e) => e.tagName + "#" + e.id + "." + e.className);
+"""
+# The colour drawn at the foot of the 0 % window's bar, in the attainment chart's canvas.
+ZERO_BAR_PIXEL = """
+const u = charts["windows-chart"], w = state.windows.find((w) => w.attainment_pct === 0);
+const x = (u.valToPos(w.start_ts, "x", true) + u.valToPos(w.end_ts, "x", true)) / 2;
+const y = u.valToPos(0, "y", true) - 1.5 * devicePixelRatio;
+return [...u.ctx.getImageData(Math.round(x), Math.round(y), 1, 1).data];
+"""
+
+
+# The page drawn at the window's size: every chart resized to its box (the page redraws them on "resize").
+FITTED = """
+return typeof charts === "object" && Object.keys(charts).length === 5 && innerWidth === arguments[0]
+  && Object.entries(charts).every(([id, c]) => c.width === chartWidth(id));
+"""
+
+
+def card_badges(driver) -> dict[str, set[str]]:
+    """Each card's badge kinds, read in one script (nothing held across a redraw)."""
+    return {k: set(v) for k, v in driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#cards .card')].map((c) => "
+        "[c.dataset.node, [...c.querySelectorAll('.badge')].map((b) => b.dataset.kind)]))").items()}
+
+
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium/chromedriver not installed (install.sh --dev)")
 def test_page_renders_in_headless_chromium(server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = headless_chromium(tmp_path, 1200, 1000)
+    driver = headless_chromium(tmp_path, 390, 844)
     try:
         driver.get(server + "/")
         wait = WebDriverWait(driver, 20)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#nodes tbody tr")) == 2)
-        rows = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#nodes tbody tr")]
-        assert "pi-a" in rows[0] and "online" in rows[0] and "pi-b" in rows[1] and "offline" in rows[1]
-        assert "bad_image: 1" in rows[1]
-        assert "2 (replica, with pi-c, pi-d)" in rows[1] and "replica" not in rows[0]
-        assert driver.find_element(By.ID, "pipeline").text == (
-            "placement v3: ingest pi-e → stage 1 · blocks 0–2 · pi-a → stage 2 · blocks 3–5 · pi-b + pi-c + pi-d")
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#latency circle")) == 40)
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#latency circle.dot-late")) == 10
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#latency line.slo-line")) == 1
-        assert "75.0 %" in driver.find_element(By.ID, "summary").text
+        for width, height in ((390, 844), (1280, 800)):
+            driver.set_window_size(width, height)
+            wait.until(lambda d, w=width: d.execute_script(FITTED, w))
+            badges = card_badges(driver)
+            assert badges["pi-a"] == {"slowed", "pruned", "applying"}
+            assert badges["pi-b"] == {"offline", "replica", "held", "applying", "infeasible"}
+            assert badges["pi-c"] == {"replica"}  # a stale slowdown estimate on an idle node is not shown
+            assert badges["pi-e"] == {"ingest"}
+            assert driver.execute_script(OVERFLOWING) == [], f"overflows at {width} px"
+            red, green, blue, alpha = driver.execute_script(ZERO_BAR_PIXEL)
+            assert (red, green, blue) == (0xc6, 0x28, 0x28) and alpha == 255, "the 0 % window is not drawn"
+            labels = json.loads(driver.execute_script(
+                "return document.getElementById('latency-chart').firstChild.dataset.labels"))
+            assert len(labels) == 3  # prune, infeasible (same instant), no change (at the right edge)
+            for i, (left, right, row) in enumerate(labels):
+                assert 0 <= left and right <= driver.execute_script(
+                    "return charts['latency-chart'].bbox.width / devicePixelRatio")
+                assert all(row != r or right < l or left > rr for l, rr, r in labels[i + 1:]), labels
+        words = driver.find_element(By.ID, "controller-words").text
+        assert "pruning pi-a to 0.3 because its compute is 3.2× its calibration; accuracy 0.91 ≥ floor 0.85" in words
+        assert "pi-b held at 0.2 by the operator" in words and "cannot meet the 80 ms stage budget on pi-b" in words
+        assert "70/120 frames" in driver.find_element(By.ID, "summary").text
+        assert driver.find_element(By.ID, "pipeline").text.startswith("placement 1: ingest pi-e → 1 pi-a")
+        # ten labels at one instant: each drawn on its own row or not at all, never over another
+        placed = driver.execute_script("return placeLabels(Array(10).fill({x: 100, text: 'prune'}), 300, 3, "
+                                       "(t) => 8 * t.length)")
+        assert sorted(p["row"] for p in placed) == [0, 1, 2]
+        driver.find_element(By.CSS_SELECTOR, "#details > summary").click()
+        rows = driver.execute_script("return [...document.querySelectorAll('#nodes tbody tr')].map((r) => r.innerText)")
+        assert "3.2×" in rows[1] and "0.3 / 0.0" in rows[1] and "12.3 ms" in rows[1]
         assert "bad_image" in driver.find_element(By.ID, "errors").text
-        assert "3.2×" in rows[0] and "0.3 / 0.0" in rows[0]  # desired by the controller / applied by the node
-        assert "12.3 ms" in rows[0]  # stage 1's frame decode, apart from its compute
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#latency line.prune-mark")) == 1
-        assert "running · policy bottleneck" in driver.find_element(By.ID, "controller").text
-        events = driver.find_element(By.ID, "events").text
-        assert "pi-a → 0.3" in events and "120.0 ms" in events
+        assert "pi-a → 0.3" in driver.find_element(By.ID, "events").text
         driver.save_screenshot(str(tmp_path / "page.png"))
     finally:
         driver.quit()

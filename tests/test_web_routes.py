@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -15,7 +16,7 @@ from edgeprune.commands.passwd import set_in_config
 from gateway.store import Store
 from shared.schemas import Placement, StageAssignment
 from shared.settings import WebSettings
-from tests.test_export import EXPECTED_CSV, fill_detections
+from tests.test_export import EXPECTED_CSV, camtrap_dp_errors, fill_detections
 from web.app import create_app
 
 PASSWORD = "correct horse battery"
@@ -186,8 +187,8 @@ def test_status_api_has_what_the_overview_shows(page):
     client = page[0]
     login(client)
     data = client.get("/api/status").get_json()
-    assert {"nodes", "latency", "windows", "totals", "errors", "controller", "prune_events", "operator_actions",
-            "cameras", "operator"} <= set(data)
+    assert {"nodes", "latency", "windows", "recent", "errors", "controller", "controller_words", "prune_events",
+            "operator_actions", "cameras", "operator", "cursor", "zone", "placement_words"} <= set(data)
     assert [c["camera_id"] for c in data["cameras"]] == ["cam-1", "cam-2"] and data["operator"] == "ana"
 
 
@@ -218,28 +219,40 @@ def test_csv_download_is_the_exact_known_bytes(page):
     login(client)
     res = client.get("/export/detections.csv")
     assert res.status_code == 200 and res.is_streamed and res.data == EXPECTED_CSV.encode()
+    assert res.headers["Content-Type"] == "text/csv; charset=utf-8"
     assert "attachment" in res.headers["Content-Disposition"]
     assert client.get("/export/detections.csv?min_confidence=high").status_code == 400
 
 
-def test_camtrap_dp_download_is_a_package_frictionless_accepts(page, tmp_path):
-    frictionless = pytest.importorskip("frictionless")
+def test_camtrap_dp_download_passes_the_official_profile(page, tmp_path):
+    pytest.importorskip("frictionless")
     client = page[0]
     login(client)
     res = client.get("/export/camtrap-dp.zip?from=2026-05-28")
     assert res.status_code == 200
     with zipfile.ZipFile(io.BytesIO(res.data)) as archive:
         archive.extractall(tmp_path / "package")
-    report = frictionless.validate(tmp_path / "package" / "datapackage.json")
-    assert report.valid, report.flatten(["rowNumber", "fieldName", "type", "note"])
+    assert camtrap_dp_errors(tmp_path / "package") == []
     assert "blank" in (tmp_path / "package" / "observations.csv").read_text()
 
 
-def test_detections_view_filters_and_pages(page):
+@pytest.fixture
+def site_in_johannesburg(monkeypatch):
+    """The page's machine in UTC+02:00 (no daylight saving there), for this test only."""
+    monkeypatch.setenv("TZ", "Africa/Johannesburg")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_detections_view_filters_and_pages(page, site_in_johannesburg):
     client = page[0]
     login(client)
     html = client.get("/detections?camera=cam-2&min_confidence=0.9").data.decode()
-    assert "Equus quagga" in html and "Giraffa" not in html and "2026-05-28T20:29:40.500+00:00" in html
+    assert "Equus quagga" in html and "Giraffa" not in html
+    assert "2026-05-28T22:29:40.500+02:00" in html and "site local, UTC+02:00" in html  # exports stay in UTC
+    assert 'id="empty-export"' not in html and 'id="empty-export"' in client.get("/detections?from=2030-01-01").text
     res = client.get("/detections?from=tomorrow")
     assert res.status_code == 400 and "not an ISO 8601" in res.data.decode()
     first = client.get("/api/detections?limit=2").get_json()
@@ -257,7 +270,8 @@ def test_passwd_writes_only_the_hash_into_the_web_section(tmp_path):
     assert res.returncode == 0, res.stderr
     text = config.read_text()
     assert PASSWORD not in text + res.stdout + res.stderr
-    from shared.settings import WebSettings as W, load
+    from shared.settings import WebSettings as W
+    from shared.settings import load
     assert load(W, config).password_hash.get_secret_value().startswith("scrypt:")
     assert load(W, config).port == 8081 and "slo_s = 0.4" in text
     assert set_in_config("", "h") == '[web]\npassword_hash = "h"\n'
@@ -272,3 +286,59 @@ def test_status_json_is_plain_json(page):
     client = page[0]
     login(client)
     json.loads(client.get("/api/status").data, parse_constant=lambda c: pytest.fail(f"{c} in /api/status"))
+
+
+def test_favicon_and_the_demo_only_control(page, tmp_path):
+    client = page[0]
+    res = client.get("/favicon.ico")
+    assert res.status_code == 200 and res.mimetype == "image/svg+xml"
+    login(client)
+    assert b'data-demo=""' in client.get("/").data  # the page builds the slowdown control only in a demo
+    demo = create_app(WebSettings(db_path=tmp_path / "edgeprune.db", password_hash=HASH, demo=True)).test_client()
+    login(demo)
+    assert b'data-demo="1"' in demo.get("/").data
+
+
+FPS, HOPS, POLL_S = 4, 2, 2.0
+
+
+def a_frame(finish: float) -> dict:
+    hops = [{"stage": s + 1, "node_id": f"node-{s + 1}", "prune_ratio": 0.0, "received_ts": finish - 0.1,
+             "started_ts": finish - 0.09, "finished_ts": finish - 0.05 * s, "published_ts": finish}
+            for s in range(HOPS)]
+    return {"request_id": f"f{finish:.3f}", "camera_id": "cam-1", "capture_ts": finish - 0.2, "finish_ts": finish,
+            "e2e_s": 0.2, "label": "zebra", "label_index": 0, "confidence": 0.9, "prune_ratios": [0.0] * HOPS,
+            "hops": hops}
+
+
+def status_bytes_per_minute(client, clock, db, polls: int, incremental: bool) -> float:
+    """What a page open on a site at ``FPS`` frames/s pulls from /api/status, in bytes per minute once loaded: the
+    site's last 5 minutes are stored, the page loads, then each poll ``POLL_S`` later finds the frames (and every
+    fifth a window) written since."""
+    store = Store(db)
+    for i in range(int(300 * FPS)):
+        store.add_request(a_frame(clock.now - 300 + i / FPS))
+    store.flush()
+    cursor, total = client.get("/api/status").get_json()["cursor"], 0
+    for poll in range(polls):
+        clock.now += POLL_S
+        for i in range(int(POLL_S * FPS)):
+            store.add_request(a_frame(clock.now - POLL_S + i / FPS))
+        if poll % 5 == 4:  # a 10 s window closes
+            store.add_window({"start_ts": clock.now - 10, "end_ts": clock.now, "count": 40, "slo_s": 0.5, "met": 40,
+                              "attainment_pct": 100.0, "p50_s": 0.2, "p95_s": 0.2, "p99_s": 0.2})
+        store.flush()
+        res = client.get(f"/api/status?since={cursor}" if incremental else "/api/status")
+        total += len(res.data)
+        cursor = res.get_json()["cursor"]
+    store.close()
+    return total * 60 / (polls * POLL_S)
+
+
+def test_an_open_page_pulls_ten_times_less_when_it_asks_only_for_what_is_new(page):
+    client, _, clock, app = page
+    db = app.config["EDGEPRUNE"].db_path
+    login(client)
+    whole = status_bytes_per_minute(client, clock, db, polls=3, incremental=False)
+    new_only = status_bytes_per_minute(client, clock, db, polls=5, incremental=True)
+    assert whole >= 10 * new_only, (whole, new_only)

@@ -16,74 +16,44 @@ from datetime import timedelta
 from functools import wraps
 from typing import Any, Protocol
 
-from flask import (Flask, Response, flash, jsonify, redirect, render_template, request, session,
-                   stream_with_context, url_for)
+from flask import (
+    Flask,
+    Response,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    stream_with_context,
+    url_for,
+)
 from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 from pydantic import ValidationError
 
-from gateway.export import (DETECTION_COLUMNS, Filters, camtrap_dp_zip, detections_csv, detections_page,
-                            parse_cursor, parse_time, undescribed_cameras)
+from gateway.export import (
+    DETECTION_COLUMNS,
+    EMPTY_WARNING,
+    Filters,
+    camtrap_dp_rows,
+    camtrap_dp_zip,
+    detections_csv,
+    detections_page,
+    parse_cursor,
+    parse_time,
+    undescribed_cameras,
+)
 from gateway.operator import LABELS, validate_setting
 from gateway.store import Reader
-from shared.clock import offset_suspect
-from shared.schemas import INGEST_STAGE, GatewayCommand
+from shared.schemas import GatewayCommand
 from shared.settings import WebSettings
 from web.auth import LoginLimiter, password_ok
+from web.overview import parse_cursor as parse_since
+from web.overview import site_time, site_zone, status
 
 
 class CommandSender(Protocol):
     def send(self, command: GatewayCommand) -> tuple[bool, str]: ...
-
-
-def pipeline_of(placement: dict | None) -> list[dict]:
-    """The placement as hops, each with every node serving it: the ingest node (stage 0, when there is one),
-    then each stage with its first node and its replicas, so nobody has to know how a placement row nests them."""
-    if placement is None:
-        return []
-    ingest = placement.get("ingest_node")
-    hops = [{"stage": INGEST_STAGE, "first_block": None, "last_block": None, "nodes": [ingest]}] if ingest else []
-    return hops + [{"stage": s["stage"], "first_block": s["first_block"], "last_block": s["last_block"],
-                    "nodes": [s["node_id"], *s.get("replicas", [])]} for s in placement["stages"]]
-
-
-def status(reader: Reader, recent_s: float, now: float) -> dict:
-    """Everything the overview shows, as one JSON document (also `GET /api/status`)."""
-    run = reader.current_run()
-    controller = reader.controller_status()
-    slo_s = (controller or {}).get("slo_s") or (run["slo_s"] if run else None)
-    nodes = reader.nodes()
-    placement = reader.placement()
-    pipeline = pipeline_of(placement)
-    serving = {node: hop["nodes"] for hop in pipeline for node in hop["nodes"]}
-    desired = (controller or {}).get("ratios", {})
-    max_offset_s = (run or {}).get("max_clock_offset_s")
-    for node in nodes:
-        node["seen_s_ago"] = now - node["last_seen"] if node.get("last_seen") else None
-        node["desired_ratio"] = desired.get(node["node_id"])
-        node["clock_suspect"] = bool(max_offset_s) and offset_suspect(node.get("clock_offset_s"), max_offset_s)
-        node["stage_nodes"] = serving.get(node["node_id"], [])  # every node of its stage (replicas), placement's view
-    suspects = [n["node_id"] for n in nodes if n["clock_suspect"]]
-    return {
-        "now": now,
-        "recent_s": recent_s,
-        "run": run,
-        "slo_s": slo_s,
-        "nodes": nodes,
-        "placement": placement,
-        "pipeline": pipeline,
-        "latency": [{"t": r["finish_ts"], "e2e_s": r["e2e_s"], "camera_id": r["camera_id"], "label": r["label"]}
-                    for r in reader.recent_requests(now - recent_s)],
-        "windows": reader.windows(limit=30),
-        "totals": reader.totals(slo_s) if slo_s else None,
-        "errors": reader.errors(limit=10),
-        "controller": controller,
-        "prune_events": reader.prune_events(limit=10),
-        "operator_actions": reader.operator_actions(limit=15),
-        "cameras": reader.cameras(),
-        # end-to-end latency subtracts other devices' timestamps from the gateway's: marked when a clock is off
-        "clock": {"max_offset_s": max_offset_s, "suspect_nodes": suspects, "latency_reliable": not suspects},
-        "accounting": reader.accounting(),
-    }
 
 
 def _words(exc: ValidationError) -> str:
@@ -139,6 +109,7 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
         WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session
     )
     CSRFProtect(app)
+    app.add_template_filter(site_time)
     limiter = LoginLimiter(settings.login_attempts_per_minute)
     readers: dict[str, Reader] = {}
     password_hash = settings.password_hash.get_secret_value() if settings.password_hash else None
@@ -239,15 +210,23 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
     @app.get("/")
     @viewer
     def index():
-        return render_template("index.html", refresh_ms=2000, labels=LABELS)
+        return render_template("index.html", refresh_ms=2000, labels=LABELS, demo=settings.demo)
+
+    @app.get("/favicon.ico")
+    def favicon():
+        return app.send_static_file("favicon.svg")
 
     @app.get("/api/status")
     @viewer
     def api_status():
+        try:
+            since = parse_since(request.args.get("since"))
+        except ValueError as exc:
+            return jsonify({"error": str(exc)}), 400
         r = reader()
         if r is None:
             return jsonify({"error": f"no database at {settings.db_path} yet: is the gateway running?"}), 503
-        return jsonify({**status(r, settings.recent_s, clock()), "operator": operator()})
+        return jsonify({**status(r, settings.recent_s, clock(), since), "operator": operator()})
 
     @app.post("/api/command")
     @operator_only
@@ -275,7 +254,7 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
     @app.get("/detections")
     @viewer
     def detections():
-        rows, cursor, error, missing = [], None, None, []
+        rows, cursor, error, missing, empty = [], None, None, [], False
         try:
             filters = filters_from_args(request.args)
             after = parse_cursor(request.args["after"]) if request.args.get("after") else None
@@ -288,11 +267,13 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
             try:
                 rows, cursor = detections_page(conn, filters, limit=100, after=after)
                 missing = undescribed_cameras(conn, filters)
+                empty = camtrap_dp_rows(conn, filters) == 0
             finally:
                 conn.close()
         query = {k: v for k, v in request.args.items() if k != "after"}
         return render_template("detections.html", rows=rows, cursor=cursor, error=error, query=query,
-                               missing=missing), 400 if error and settings.db_path.exists() else 200
+                               missing=missing, empty=empty and error is None, empty_warning=EMPTY_WARNING,
+                               zone=site_zone(clock())), 400 if error and settings.db_path.exists() else 200
 
     @app.get("/api/detections")
     @viewer
@@ -314,7 +295,7 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
             conn.close()
         return jsonify({"columns": DETECTION_COLUMNS, "rows": rows, "next": cursor})
 
-    def streamed(make: Callable[[sqlite3.Connection, Filters], Any], mimetype: str, filename: str):
+    def streamed(make: Callable[[sqlite3.Connection, Filters], Any], content_type: str, filename: str):
         try:
             filters = filters_from_args(request.args)
         except ValueError as exc:
@@ -328,7 +309,7 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
                 yield from make(conn, filters)
             finally:
                 conn.close()
-        return Response(stream_with_context(chunks()), mimetype=mimetype,
+        return Response(stream_with_context(chunks()), content_type=content_type,
                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     @app.get("/export/detections.csv")

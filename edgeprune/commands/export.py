@@ -27,7 +27,15 @@ def run(args) -> int:
     import time
 
     from gateway.collect import is_postgres, open_central_for_export
-    from gateway.export import Filters, detections_csv, parse_time, undescribed_cameras, write_camtrap_dp
+    from gateway.export import (
+        EMPTY_WARNING,
+        Filters,
+        camtrap_dp_rows,
+        detections_csv,
+        parse_time,
+        undescribed_cameras,
+        write_camtrap_dp,
+    )
 
     if not is_postgres(args.db) and not Path(args.db).exists():
         print(f"edgeprune export: no database at {args.db}", file=sys.stderr)
@@ -56,6 +64,8 @@ def run(args) -> int:
             print(f"edgeprune export: left out detections of {', '.join(missing)}: no deployment (location, "
                   "start) for them yet; describe them on the operator page's Cameras section (central store: "
                   "edgeprune collect --import-cameras)", file=sys.stderr)
+        if camtrap_dp_rows(conn, filters) == 0:
+            print(f"edgeprune export: warning: {EMPTY_WARNING}", file=sys.stderr)
         for path in write_camtrap_dp(conn, filters, args.out, created=time.time()):
             print(path)
         return 0
