@@ -107,6 +107,8 @@ class Lite0Head(nn.Module):
 class EfficientNetLite0(BlockNet):
     """EfficientNet-Lite0 as eight blocks (see the module docstring for the cut points)."""
 
+    channel_multiple = 8  # docs/model.md, "Speed and channel rounding"
+
     def __init__(self, config: TrapNetConfig) -> None:
         if config.arch != ARCH or config.width != STEM_WIDTH or config.blocks_per_stage != BLOCKS_PER_STAGE:
             raise ValueError(f"{ARCH} has stem width {STEM_WIDTH} and stages {BLOCKS_PER_STAGE}, not "
