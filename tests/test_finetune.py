@@ -44,3 +44,40 @@ def test_a_fixed_channel_order_holds_whatever_the_weights_become():
     with torch.no_grad():
         expected = zeroed_copy(model, pruning_groups(model, SIZE), [0.5] * model.n_blocks)(x)
     torch.testing.assert_close(run_pipeline(slices, [0.5, 0.5], x), expected, atol=1e-4, rtol=1e-3)
+
+
+def test_a_pretrained_lite0_fine_tunes_for_pruning_and_ships_its_order(tmp_path):
+    """One sandwich step from the ImageNet weights on generated images: a new 2-class head, the ImageNet
+    features kept, the channel order fixed from the pretrained weights and shipped with per-ratio tables."""
+    import numpy as np
+
+    from edgeprune.dataset import FrameSplit
+    from edgeprune.training import calibrate_all_tables, regime_config, save_checkpoint, train
+    from shared import lite0
+    from shared.model import build_model
+
+    rng = np.random.default_rng(0)
+    split = FrameSplit(rng.integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8), np.array([0, 1, 0, 1]),
+                       np.zeros(4, bool))
+    model_config = TrapNetConfig(width=lite0.STEM_WIDTH, blocks_per_stage=lite0.BLOCKS_PER_STAGE,
+                                 arch=lite0.ARCH, class_names=("fox", "hare"), input_size=SIZE,
+                                 mean=lite0.MEAN, std=lite0.STD)
+    config = regime_config("ours", init="pretrained", epochs=1, batch_size=4, ladder=(0.0, 0.5),
+                           calibration_frames=4, model=model_config)
+    assert config.sandwich_every == 1 and config.warmup_epochs == 0 and config.lr < 0.05
+    model, history = train(config, {"train": split, "val": split}, progress=False, log=lambda _: None,
+                           resume=tmp_path / "run.resume")
+    assert len(history["epochs"]) == 1 and not (tmp_path / "run.resume").exists()
+    imagenet = lite0.imagenet_model()
+    stem, trained_stem = imagenet.blocks[0][0].weight, model.blocks[0][0].weight
+    assert not torch.equal(stem, trained_stem)  # it trained ...
+    assert torch.corrcoef(torch.stack([stem.flatten(), trained_stem.flatten()]))[0, 1] > 0.99  # ... from ImageNet
+    assert model.blocks[-1].fc.out_features == 2
+    fix_channel_order(imagenet, SIZE)
+    assert model.channel_scores.keys() == imagenet.channel_scores.keys()
+    assert all(torch.equal(model.channel_scores[k], v) for k, v in imagenet.channel_scores.items())
+    tables, entry = calibrate_all_tables(model, split, config, log=lambda _: None)
+    save_checkpoint(tmp_path / "own.pt", model, config, tables, {}, entry)
+    loaded = build_model(tmp_path / "own.pt")
+    assert set(loaded.bn_tables) == {"0.50"} and loaded.config.class_names == ("fox", "hare")
+    assert all(torch.equal(loaded.channel_scores[k], v) for k, v in model.channel_scores.items())
