@@ -35,6 +35,8 @@ def register(sub) -> None:
                    help="ours: BatchNorm statistics in the masked passes (running or batch)")
     p.add_argument("--no-distill", action="store_true",
                    help="ours: masked passes learn the labels instead of the full pass's predictions")
+    p.add_argument("--ladder", help="ours: the ratios trained and given BatchNorm tables, e.g. 0.1,0.3,0.5 "
+                                    "(default: the nodes' whole ladder, 0.1..0.9; fewer cut the table passes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs epochs only)")
     p.add_argument("--recalibrate", type=Path, metavar="CHECKPOINT",
                    help="train nothing: recompute this checkpoint's BatchNorm tables (uniform and entry) in place")
@@ -74,6 +76,16 @@ def own_source(args) -> tuple[str, Path] | None:
         if path is not None:
             return kind, path
     return None
+
+
+def parse_ladder(text: str) -> tuple[float, ...]:
+    try:
+        ratios = {round(float(part), 6) for part in text.split(",")} | {0.0}
+    except ValueError:
+        raise SystemExit(f"--ladder {text!r}: write ratios such as 0.1,0.3,0.5") from None
+    if max(ratios) >= 1 or min(ratios) < 0:
+        raise SystemExit(f"--ladder {text!r}: ratios lie in [0, 1)")
+    return tuple(sorted(ratios))
 
 
 def run(args) -> int:
@@ -162,6 +174,8 @@ def run(args) -> int:
             overrides.update(batch_size=args.batch_size, lr=BASE_LR * args.batch_size / BASE_BATCH)
         if args.weight_decay is not None:
             overrides["weight_decay"] = args.weight_decay
+        if args.ladder:
+            overrides["ladder"] = parse_ladder(args.ladder)
         if init == "pretrained" and args.batch_size:
             overrides["lr"] /= 10  # FINETUNE_RECIPE's tenth
         config = regime_config(regime, seed=args.seed, masked_bn=args.masked_bn, distill=not args.no_distill,
