@@ -81,3 +81,14 @@ def test_a_pretrained_lite0_fine_tunes_for_pruning_and_ships_its_order(tmp_path)
     loaded = build_model(tmp_path / "own.pt")
     assert set(loaded.bn_tables) == {"0.50"} and loaded.config.class_names == ("fox", "hare")
     assert all(torch.equal(loaded.channel_scores[k], v) for k, v in model.channel_scores.items())
+
+
+def test_bench_agreement_counts_top1_and_top5_against_the_unpruned_model():
+    """One generated photo, four views: at p = 0 the pipeline agrees with itself; a pruned ratio gets both figures."""
+    from edgeprune.bench.agreement import raw_agreement
+    from shared.imaging import encode_jpeg, textured_scene
+
+    raw, rows = raw_agreement({"scene": encode_jpeg(textured_scene(320, 240))}, [(0, 3), (4, 7)], (0.0, 0.5))
+    assert raw["images"] == 4 and set(raw["ratios"]) == {"0", "0.5"}
+    assert raw["ratios"]["0"] == {"top1": 1.0, "top5": 1.0}
+    assert 0 <= raw["ratios"]["0.5"]["top1"] <= raw["ratios"]["0.5"]["top5"] <= 1

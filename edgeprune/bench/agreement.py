@@ -121,7 +121,7 @@ def finetuned_accuracy(path: Path, scratch: Path | None, slices, ratios) -> tupl
         scratch_acc = split_accuracy(scratch_model, slices, 0.0, stages(scratch_model, slices, ()), test)
         rows.append({"model": "from scratch", "ratio": 0.0, "accuracy": scratch_acc})
     data = load_checkpoint(path).get("meta", {}).get("data", {})
-    return {"dataset": data.get("path", "?"), "classes": model.config.num_classes, "images": len(test),
+    return {"dataset": Path(data.get("path", "?")).name, "classes": model.config.num_classes, "images": len(test),
             "full_accuracy": full, "scratch_accuracy": scratch_acc, "ratios": out}, rows
 
 
