@@ -88,7 +88,7 @@ def test_bench_agreement_counts_top1_and_top5_against_the_unpruned_model():
     from edgeprune.bench.agreement import raw_agreement
     from shared.imaging import encode_jpeg, textured_scene
 
-    raw, rows = raw_agreement({"scene": encode_jpeg(textured_scene(320, 240))}, [(0, 3), (4, 7)], (0.0, 0.5))
+    raw, _ = raw_agreement({"scene": encode_jpeg(textured_scene(320, 240))}, [(0, 3), (4, 7)], (0.0, 0.5))
     assert raw["images"] == 4 and set(raw["ratios"]) == {"0", "0.5"}
     assert raw["ratios"]["0"] == {"top1": 1.0, "top5": 1.0}
     assert 0 <= raw["ratios"]["0.5"]["top1"] <= raw["ratios"]["0.5"]["top5"] <= 1

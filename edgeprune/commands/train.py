@@ -6,9 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-
-# EfficientNet-Lite0's default input when training: its 224 px costs ~2x the time of 160 px per step
-# (docs/own-data.md, measured) on a 2-core machine.
+# EfficientNet-Lite0's default input when training: a sandwich step at its native 224 px cost 3.4x one at
+# 160 px here, 128 px saved almost nothing (docs/own-data.md, measured).
 LITE0_INPUT_SIZE = 160
 
 
