@@ -64,7 +64,7 @@ def calibrate_accuracy(model: BlockNet, split: FrameSplit, vectors: np.ndarray,
     """Measured accuracy of each per-block ratio vector and the logistic fitted to them."""
     ladder = tuple(sorted(set(DEFAULT_LADDER) | {float(r) for r in np.unique(vectors)}))
     blocks = [PrunableSlice(model, b, b, ladder=ladder) for b in range(model.n_blocks)]
-    inputs = to_model_input(split.images)
+    inputs = to_model_input(split.images, model.config.mean, model.config.std)
     measured = []
     with torch.inference_mode():
         for vector in tqdm(vectors, desc="accuracy per ratio vector", unit="vector", disable=not progress):

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 from PIL import Image
 
 from shared.imaging import normalise
-from shared.model import CLASS_NAMES, INPUT_SIZE, SCIENTIFIC_NAMES
+from shared.model import CLASS_NAMES, INPUT_SIZE, MEAN, SCIENTIFIC_NAMES, STD
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -239,9 +240,10 @@ def load_frames(config: RenderConfig = RenderConfig()) -> dict[str, FrameSplit]:
     return splits
 
 
-def to_model_input(images: np.ndarray) -> torch.Tensor:
-    """N x H x W x 3 uint8 -> N x 3 x H x W float32, through the node's own :func:`normalise`."""
-    return torch.from_numpy(np.concatenate([normalise(img) for img in images]))
+def to_model_input(images: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
+    """N x H x W x 3 uint8 -> N x 3 x H x W float32, through the node's own :func:`normalise`
+    (with the model's ``mean``/``std``: ``TrapNetConfig``)."""
+    return torch.from_numpy(np.concatenate([normalise(img, mean, std) for img in images]))
 
 
 def montage(split: FrameSplit, rows: int = 6, cols: int = 8, zoom: int = 2) -> Image.Image:

@@ -16,6 +16,12 @@ the regime alone:
   docs/model.md records the runs that chose this over ``masked_bn="eval"`` (the full network's
   running statistics in the masked passes, what a pruned model inherits without tables).
 
+``init="pretrained"`` (EfficientNet-Lite0 only, `edgeprune train`'s default for it) starts from the
+ImageNet weights with a new classifier, freezes the channel order first (:func:`shared.pruning.fix_channel_order`,
+shipped in the checkpoint) so the widths trained are the widths a node cuts, and follows
+:data:`FINETUNE_RECIPE`: a tenth of the learning rate, no full-width-only warm-up, and the
+sandwich rule on every step (full width, smallest width, one random mix; US-Nets).
+
 After training, :func:`calibrate_bn_tables` re-estimates BatchNorm statistics per ladder ratio
 from unlabelled training frames (forward passes only, no weight changes): the node loads the
 table of its ratio into each pre-built variant. :func:`calibrate_entry_tables` adds, for the
@@ -41,9 +47,18 @@ from tqdm import tqdm
 
 from edgeprune.dataset import FrameSplit, to_model_input
 from shared.model import BlockNet, TrapNetConfig, build_model, load_checkpoint, make_model
-from shared.pruning import DEFAULT_LADDER, PruningGroup, keep_masks, masked, pruning_groups, ratio_key
+from shared.pruning import (
+    DEFAULT_LADDER,
+    PruningGroup,
+    fix_channel_order,
+    keep_masks,
+    masked,
+    pruning_groups,
+    ratio_key,
+)
 
 REGIMES = ("standard", "paper", "ours")
+INITS = ("scratch", "pretrained")
 BASE_BATCH = 64
 BASE_LR = 0.1  # at BASE_BATCH; scaled linearly with the batch size
 
@@ -56,16 +71,22 @@ class TrainConfig:
     lr: float = BASE_LR
     weight_decay: float = 5e-4
     warmup_epochs: int = 1        # ours: full-network epochs before the masked passes start
-    sandwich: bool = True         # ours: also train the smallest width, every second step
+    sandwich: bool = True         # ours: also train the smallest width, every ``sandwich_every``-th step
+    sandwich_every: int = 2
     distill: bool = True          # ours: masked passes learn the full pass's predictions (in-place distillation)
     masked_bn: str = "batch"      # ours: BatchNorm in masked passes: "batch" statistics or "eval" (running)
     grad_clip: float = 5.0
     ladder: tuple[float, ...] = DEFAULT_LADDER
     calibration_frames: int = 2048
     seed: int = 0
+    init: str = "scratch"         # or "pretrained": the ImageNet Lite0 weights, a new classifier
     model: TrapNetConfig = field(default_factory=TrapNetConfig)
 
     def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"unknown start {self.init!r}; choose from {INITS}")
+        if self.init == "pretrained" and self.model.arch != "efficientnet-lite0":
+            raise ValueError(f"pretrained weights exist for efficientnet-lite0 only, not {self.model.arch}")
         if self.regime not in REGIMES:
             raise ValueError(f"unknown regime {self.regime!r}; choose from {REGIMES}")
         if self.masked_bn not in ("eval", "batch"):
@@ -92,16 +113,42 @@ REGIME_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# Fine-tuning from ImageNet weights: the recipe's full learning rate would wipe out what they know; the
+# pretrained widths need no warm-up, and the sandwich runs every step, as in US-Nets.
+FINETUNE_RECIPE: dict[str, Any] = {"lr": BASE_LR * 32 / BASE_BATCH / 10, "weight_decay": 4e-5, "warmup_epochs": 0,
+                                   "sandwich_every": 1}
+
+
 def regime_config(regime: str, **overrides: Any) -> TrainConfig:
-    """The hyper-parameters of ``regime`` (:data:`REGIME_RECIPES`), with ``overrides`` on top."""
+    """The hyper-parameters of ``regime`` (:data:`REGIME_RECIPES`; :data:`FINETUNE_RECIPE` on top when
+    ``init="pretrained"``), with ``overrides`` on top."""
     if regime not in REGIME_RECIPES:
         raise ValueError(f"unknown regime {regime!r}; choose from {REGIMES}")
-    return TrainConfig(**{"regime": regime, **REGIME_RECIPES[regime], **overrides})
+    finetune = FINETUNE_RECIPE if overrides.get("init") == "pretrained" else {}
+    return TrainConfig(**{"regime": regime, **REGIME_RECIPES[regime], **finetune, **overrides})
 
 
-def batches(split: FrameSplit, batch_size: int, rng: np.random.Generator | None,
-            augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised input batches; shuffled and randomly mirrored when training."""
+def initial_model(config: TrainConfig, input_size: int) -> BlockNet:
+    """A fresh model of ``config.model``: seeded weights, or the ImageNet ones with a new classifier and a
+    fixed channel order."""
+    model = make_model(config.model)
+    if config.init == "pretrained":
+        from shared.lite0 import load_weights, weights_path
+
+        imagenet = load_weights(weights_path())
+        head = {k for k in imagenet if ".fc." in k}
+        missing, unexpected = model.load_state_dict({k: v for k, v in imagenet.items() if k not in head},
+                                                    strict=False)
+        if unexpected or {k for k in missing} != {k for k in model.state_dict() if ".fc." in k}:
+            raise ValueError(f"ImageNet weights do not fit: missing {missing}, unexpected {unexpected}")
+        fix_channel_order(model.eval(), input_size)
+    return model
+
+
+def batches(split: FrameSplit, batch_size: int, rng: np.random.Generator | None, augment: bool,
+            model: TrapNetConfig | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Input batches normalised as ``model`` says (default: TrapNet's); shuffled and randomly mirrored when training."""
+    norm = (model.mean, model.std) if model is not None else ()
     order = rng.permutation(len(split)) if rng is not None else np.arange(len(split))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -109,7 +156,7 @@ def batches(split: FrameSplit, batch_size: int, rng: np.random.Generator | None,
         if augment and rng is not None:
             flip = rng.random(len(idx)) < 0.5
             images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-        yield to_model_input(images), torch.from_numpy(split.labels[idx])
+        yield to_model_input(images, *norm), torch.from_numpy(split.labels[idx])
 
 
 @contextmanager
@@ -158,9 +205,9 @@ def train(config: TrainConfig, splits: dict[str, FrameSplit], progress: bool = T
     """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = make_model(config.model)
     train_split = splits["train"]
     input_size = train_split.images.shape[1]
+    model = initial_model(config, input_size)
     groups = pruning_groups(model.eval(), input_size) if config.regime == "ours" else []
     optimiser = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
                                 weight_decay=config.weight_decay)
@@ -176,7 +223,8 @@ def train(config: TrainConfig, splits: dict[str, FrameSplit], progress: bool = T
         t0 = time.perf_counter()
         model.train()
         use_masks = config.regime == "ours" and epoch >= config.warmup_epochs
-        bar = tqdm(batches(train_split, config.batch_size, rng, augment=True), total=steps_per_epoch,
+        bar = tqdm(batches(train_split, config.batch_size, rng, augment=True, model=config.model),
+                   total=steps_per_epoch,
                    desc=f"{config.regime} epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         total_loss, n_seen = 0.0, 0
         for step, (x, y) in enumerate(bar):
@@ -187,7 +235,7 @@ def train(config: TrainConfig, splits: dict[str, FrameSplit], progress: bool = T
             if use_masks:
                 target = torch.softmax(logits.detach(), 1) if config.distill else y
                 masked_ratios = [random_block_ratios(rng, config.ladder, model.n_blocks)]
-                if config.sandwich and step % 2 == 0:
+                if config.sandwich and step % config.sandwich_every == 0:
                     masked_ratios.append([smallest] * model.n_blocks)
                 with masked_pass_bn(model, config.masked_bn):
                     for ratios in masked_ratios:
@@ -249,7 +297,8 @@ def _restore(path: Path, config: TrainConfig, model: nn.Module, optimiser: torch
 @torch.no_grad()
 def predict(model: nn.Module, split: FrameSplit, batch_size: int = 250) -> np.ndarray:
     model.eval()
-    return np.concatenate([model(x).argmax(1).numpy() for x, _ in batches(split, batch_size, None, False)])
+    return np.concatenate([model(x).argmax(1).numpy()
+                           for x, _ in batches(split, batch_size, None, False, model.config)])
 
 
 def accuracy(model: nn.Module, split: FrameSplit) -> float:
@@ -306,7 +355,7 @@ def calibrate_bn_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence[fl
                 continue
             _start_averaging(norms.values())
             with masked(keep_masks(groups, [ratio] * model.n_blocks)):
-                for x, _ in batches(frames, batch_size, None, False):
+                for x, _ in batches(frames, batch_size, None, False, model.config):
                     model(x)
             tables[ratio_key(ratio)] = _read_stats(norms)
             advance()
@@ -345,7 +394,7 @@ def calibrate_entry_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence
                 m.eval()
             inputs: dict[int, list[torch.Tensor]] = {b: [] for b in block_norms}
             with masked(keep_masks(groups, [upstream] * model.n_blocks)):
-                for x, _ in batches(frames, batch_size, None, False):
+                for x, _ in batches(frames, batch_size, None, False, model.config):
                     for b, block in enumerate(model.blocks):
                         if b in inputs:
                             inputs[b].append(x)
@@ -378,7 +427,8 @@ def save_checkpoint(path: Path, model: BlockNet, config: TrainConfig, bn_tables:
     """The dict :func:`shared.model.build_model` loads (``weights_only``-safe: tensors and plain values)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": config.model.to_dict(), "model": model.state_dict(), "bn_tables": bn_tables,
-                "entry_bn_tables": entry_tables or {}, "meta": {"train_config": config.to_dict(), **meta}}, path)
+                "entry_bn_tables": entry_tables or {}, "channel_scores": model.channel_scores,
+                "meta": {"train_config": config.to_dict(), **meta}}, path)
 
 
 class PassCounter:

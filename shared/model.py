@@ -132,10 +132,14 @@ class BlockNet(nn.Module):
 
     config: TrapNetConfig
     blocks: nn.ModuleList
+    # Pruning keeps a multiple of this many channels per layer (shared.pruning.kept_channels).
+    channel_multiple: int = 1
 
     def __init__(self, config: TrapNetConfig) -> None:
         super().__init__()
         self.config = config
+        # A fixed channel order (shared.pruning.fix_channel_order), BatchNorm name -> score; {}: rank by L1.
+        self.channel_scores: dict[str, torch.Tensor] = {}
         # Per-ratio BatchNorm statistics from the checkpoint (see shared.pruning); not weights.
         self.bn_tables: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         # ... and per (own ratio, upstream ratio) for the block a slice starts with
@@ -249,6 +253,7 @@ def accuracy_model_beside(checkpoint: Path | None) -> Path:
 # Checkpoint keys: "config" (TrapNetConfig.to_dict), "model" (state dict), optional
 # "bn_tables" ({ratio as str: {BatchNorm name in the full model: {"mean": t, "var": t}}}),
 # optional "entry_bn_tables" ({own ratio: {upstream ratio: {BatchNorm name: {"mean", "var"}}}}),
+# optional "channel_scores" ({BatchNorm name: per-channel score}: the fixed pruning order, shared.pruning),
 # optional "meta" (training regime, accuracy, ... : plain JSON-like values).
 # Or only "pretrained": PRETRAINED, weights from their pinned package (shared/lite0.py).
 
@@ -273,6 +278,7 @@ def build_model(checkpoint: Path | None = None, seed: int = 0) -> BlockNet:
         model.load_state_dict(state["model"])
         model.bn_tables = state.get("bn_tables", {})
         model.entry_bn_tables = state.get("entry_bn_tables", {})
+        model.channel_scores = state.get("channel_scores", {})
     else:
         if checkpoint is not None:
             raise FileNotFoundError(f"checkpoint {path} does not exist")

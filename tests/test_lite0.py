@@ -143,3 +143,23 @@ def test_its_accuracy_model_keeps_the_controller_from_pruning_it():
             vector = [0.0] * 8
             vector[block] = ratio
             assert fit.lookup(vector) < floor, vector
+
+
+def test_pruned_channel_counts_are_multiples_of_eight():
+    """channel_multiple 8: every pruned layer keeps a multiple of 8 (a ratio step is a speed step on SIMD kernels)."""
+    counts = set()
+    for stage in sliced():
+        for ratio in RATIOS:
+            for m in stage.module(ratio).modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    counts.add(m.num_features)
+    full = {m.num_features for m in lite0().modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert counts - full and all(c % 8 == 0 for c in counts), sorted(counts - full)
+
+
+def test_the_benches_count_its_macs():
+    """Torch-Pruning's counter knows SameConv2d: ~385 M MACs at 224 px scale to ~31 M at 64 px (else ~2 M)."""
+    import torch_pruning as tp
+
+    macs, _ = tp.utils.count_ops_and_params(lite0(), torch.zeros(1, 3, SIZE, SIZE))
+    assert 28e6 < macs < 40e6

@@ -20,6 +20,7 @@ BENCHMARKS = [
     "placement",
     "pruning",
     "speedup",
+    "agreement",
     "export",
     "storage",
     "soak",

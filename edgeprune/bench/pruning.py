@@ -24,6 +24,8 @@ from shared.pruning import DEFAULT_LADDER, PrunableSlice, module_bytes, pipeline
 # narrow, odd channel counts cost more time per MAC, so 1.94x fewer MACs run ~1.4x faster at any input size.
 # The paper's own figure on a Ryzen 9 5950X is 1.17x; the 1.6x asked for first was never seen here.
 TARGET_SPEEDUP = 1.4
+# EfficientNet-Lite0's (issue #22): its depthwise-heavy blocks gain less from pruning per MAC.
+TARGET_SPEEDUP_BY_ARCH = {"efficientnet-lite0": 1.3}
 TARGET_SWITCH_S = 1e-3
 TARGET_RELATIVE = {0.3: 0.98, 0.5: 0.95}
 

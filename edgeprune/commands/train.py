@@ -6,13 +6,20 @@ import argparse
 import time
 from pathlib import Path
 
+# EfficientNet-Lite0's default input when training: a sandwich step at its native 224 px cost 3.4x one at
+# 160 px here, 128 px saved almost nothing (docs/own-data.md, measured).
+LITE0_INPUT_SIZE = 160
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train the model (regimes: standard, paper, ours) and write a checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--regime", default="ours", choices=["standard", "paper", "ours", "all"])
     p.add_argument("--epochs", type=int, help="override the regime's epochs (standard 10, paper 15, ours 12)")
-    p.add_argument("--arch", default="resnet", choices=["resnet", "vgg"])
+    p.add_argument("--arch", default="resnet", choices=["resnet", "vgg", "efficientnet-lite0"])
+    p.add_argument("--from", dest="init", choices=["pretrained", "scratch"],
+                   help="efficientnet-lite0: start from its ImageNet weights (default) or from scratch; "
+                        "the others train from scratch")
     p.add_argument("--width", type=int, default=32, help="channels of the first stage")
     p.add_argument("--seed", type=int, default=0, help="seed of weight init, batch order and masks")
     p.add_argument("--data-seed", type=int, default=0,
@@ -27,6 +34,8 @@ def register(sub) -> None:
                    help="ours: BatchNorm statistics in the masked passes (running or batch)")
     p.add_argument("--no-distill", action="store_true",
                    help="ours: masked passes learn the labels instead of the full pass's predictions")
+    p.add_argument("--ladder", help="ours: the ratios trained and given BatchNorm tables, e.g. 0.1,0.3,0.5 "
+                                    "(default: the nodes' whole ladder, 0.1..0.9; fewer cut the table passes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs epochs only)")
     p.add_argument("--recalibrate", type=Path, metavar="CHECKPOINT",
                    help="train nothing: recompute this checkpoint's BatchNorm tables (uniform and entry) in place")
@@ -40,7 +49,8 @@ def register(sub) -> None:
     own.add_argument("--path-column", default="path", help="--labels: the file path column")
     own.add_argument("--label-column", default="label", help="--labels: the label column")
     own.add_argument("--group-column", help="--labels: a camera/site column; the split never puts one in two splits")
-    own.add_argument("--image-size", type=int, help="model input side in pixels (default 64; a model parameter)")
+    own.add_argument("--image-size", type=int,
+                     help="model input side in pixels (default 64; efficientnet-lite0: 160, docs/own-data.md)")
     own.add_argument("--resize", choices=["letterbox", "crop", "squash"],
                      help="how frames of another shape become square (default: letterbox for own photos, "
                           "squash for the square synthetic frames)")
@@ -65,6 +75,16 @@ def own_source(args) -> tuple[str, Path] | None:
         if path is not None:
             return kind, path
     return None
+
+
+def parse_ladder(text: str) -> tuple[float, ...]:
+    try:
+        ratios = {round(float(part), 6) for part in text.split(",")} | {0.0}
+    except ValueError:
+        raise SystemExit(f"--ladder {text!r}: write ratios such as 0.1,0.3,0.5") from None
+    if max(ratios) >= 1 or min(ratios) < 0:
+        raise SystemExit(f"--ladder {text!r}: ratios lie in [0, 1)")
+    return tuple(sorted(ratios))
 
 
 def run(args) -> int:
@@ -96,6 +116,10 @@ def run(args) -> int:
     )
     from shared.model import INPUT_SIZE, TrapNetConfig
 
+    lite0 = args.arch == "efficientnet-lite0"
+    init = args.init or ("pretrained" if lite0 else "scratch")
+    if init == "pretrained" and not lite0:
+        raise SystemExit("--from pretrained: ImageNet weights exist for --arch efficientnet-lite0 only")
     torch.set_num_threads(args.threads)
     if args.recalibrate:
         if not args.recalibrate.exists():
@@ -106,7 +130,7 @@ def run(args) -> int:
         print(f"recalibrated the BatchNorm tables of {args.recalibrate} (weights unchanged)")
         return 0
     source = own_source(args)
-    size = args.image_size or INPUT_SIZE
+    size = args.image_size or (LITE0_INPUT_SIZE if lite0 else INPUT_SIZE)
     data_meta: dict = {}
     if source:
         if args.out is None:
@@ -136,16 +160,25 @@ def run(args) -> int:
     regimes = REGIMES if args.regime == "all" else (args.regime,)
     if args.out and len(regimes) > 1:
         raise SystemExit("--out names one file: use it with a single --regime")
-    model_config = TrapNetConfig(width=args.width, arch=args.arch, class_names=names, scientific_names=scientific,
-                                 input_size=size, resize=resize)
+    shape = {"width": args.width}
+    if lite0:
+        from shared import lite0 as l0
+
+        shape = {"width": l0.STEM_WIDTH, "blocks_per_stage": l0.BLOCKS_PER_STAGE, "mean": l0.MEAN, "std": l0.STD}
+    model_config = TrapNetConfig(arch=args.arch, class_names=names, scientific_names=scientific,
+                                 input_size=size, resize=resize, **shape)
     for regime in regimes:
         overrides = {"epochs": args.epochs} if args.epochs else {}
         if args.batch_size:
             overrides.update(batch_size=args.batch_size, lr=BASE_LR * args.batch_size / BASE_BATCH)
         if args.weight_decay is not None:
             overrides["weight_decay"] = args.weight_decay
+        if args.ladder:
+            overrides["ladder"] = parse_ladder(args.ladder)
+        if init == "pretrained" and args.batch_size:
+            overrides["lr"] /= 10  # FINETUNE_RECIPE's tenth
         config = regime_config(regime, seed=args.seed, masked_bn=args.masked_bn, distill=not args.no_distill,
-                               model=model_config, **overrides)
+                               model=model_config, init=init, **overrides)
         out = args.out or default_checkpoint(regime, args.arch)
         model, history = train(config, splits, progress=not args.no_progress,
                                resume=out.with_name(out.name + ".resume"))
