@@ -508,9 +508,12 @@ class Gateway:
         controller = self.control.controller
         if controller is None:  # paused, e.g. while the nodes calibrate the slices of the last move
             return None
-        slowdowns = {n: controller.slowdown(n) for n in controller.nodes}
+        # a node counts as slowed for a move only beyond slowdown_gone, as for the controller: below it, the noise of
+        # a loaded host (estimates of 1.2-2x) re-planned blocks back and forth before any slowdown began
+        slowdowns = {n: k if k > controller.config.slowdown_gone else 1.0
+                     for n in controller.nodes for k in [controller.slowdown(n)]}
         violated = any(e.get("kind") in ("set", "infeasible", "held") and "reason" in e for e in effects.events)
-        gone = all(k <= controller.config.slowdown_gone for k in slowdowns.values())
+        gone = all(k == 1.0 for k in slowdowns.values())
         if not (violated or (gone and self._replaced)):
             return None
         placement = self.live.replan_for_slowdowns(slowdowns if violated else {}, now)
