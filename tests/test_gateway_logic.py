@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.service import result_row
+from gateway.coordinator import result_row
 from gateway.slo import SloWindows
 from gateway.store import Reader, Store
 from shared.schemas import Hop, Placement, Result
