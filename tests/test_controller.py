@@ -467,3 +467,14 @@ def test_adaptive_never_prunes_below_the_floor_for_a_rate():
     assert len(infeasible) == 1
     ratios = [loop.controller.ratios[n] for n in NODES]
     assert ACCURACY.predictor(ADAPTIVE.accuracy_model)(ratios) >= loop.controller.accuracy_floor - 1e-9
+
+
+def test_a_violation_spanning_exactly_the_minimum_span_fires():
+    """docs/controller.md: the violation must span *at least* trigger_min_span_s, so a span on the limit fires."""
+    config = ControllerSettings(policy="bottleneck", trigger_window_s=10.0, trigger_min_span_s=5.0, min_samples=5)
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S, config)
+    for ts in range(100, 106):  # six requests over LAT_trigger, 100 ... 105: a span of exactly 5 s
+        controller.observe_latency(ts, 0.8)
+    metrics = controller.metrics(105)
+    assert metrics.violation_span_s == 5.0 and metrics.over_trigger_fraction == 1.0
+    assert controller.tick(105) != []
