@@ -171,7 +171,8 @@ def test_no_action_on_a_borderline_stream():
 def test_restore_stops_where_the_next_step_would_break_the_budget():
     # node-2 recovers only to 1.2× (counts as gone): 1.2 × t(0.1) = 0.12 s, so all the way to 0 is
     # fine with the default budget, but not with a tight one.
-    config = ControllerSettings(policy="bottleneck", budget_fraction=0.5, fast_restore=False)  # stage budget 0.125 s; 1.2 × t(0) = 0.144 s
+    # stage budget 0.125 s; 1.2 × t(0) = 0.144 s
+    config = ControllerSettings(policy="bottleneck", budget_fraction=0.5, fast_restore=False)
     loop = Loop(config=config)
     loop.controller.set_manual(0.0, "node-2", 0.5)
     loop.controller.release_manual(0.0, "node-2")
@@ -365,7 +366,8 @@ def test_fast_restore_stops_at_the_lowest_ratio_with_headroom_and_steps_confirm_
 
 
 def test_fast_restore_waits_for_the_slowdown_to_be_gone_and_confirmed():
-    loop = Loop(config=ControllerSettings(policy="bottleneck", restore_window_s=600), initial_ratios={"node-2": 0.4})  # fast path only
+    loop = Loop(config=ControllerSettings(policy="bottleneck", restore_window_s=600),  # fast path only
+                initial_ratios={"node-2": 0.4})
     loop.slowdown["node-2"] = 1.5  # still slowed: nothing to restore, however much headroom
     loop.run_until(120)
     assert loop.actions == []
@@ -386,7 +388,8 @@ def test_fast_restore_never_touches_a_manual_hold():
 
 def test_a_restore_on_latency_headroom_also_jumps_when_fast_restore_is_on():
     # The slowdown confirmation never completes here, so the step-wise path acts; it goes all the way at once.
-    loop = Loop(config=ControllerSettings(policy="bottleneck", fast_restore_confirm_s=1000), initial_ratios={"node-2": 0.5})
+    loop = Loop(config=ControllerSettings(policy="bottleneck", fast_restore_confirm_s=1000),
+                initial_ratios={"node-2": 0.5})
     loop.run_until(60)
     (_, restore), = loop.of(SetRatios)
     assert restore.ratios == {"node-2": 0.0} and restore.reason.startswith("restore:")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 from gateway.coordinator import Coordinator, Effects
 from gateway.operator import Overrides
