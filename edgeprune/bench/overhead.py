@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.bench.pipeline import PolicyRun, Scenario, hop_breakdown, query
-from edgeprune.bench.raw_hops import RELAY_MODES, relay_chain
+from edgeprune.bench.raw_hops import relay_chains
 from gateway.store import Reader
 from shared.settings import MqttSettings
 
@@ -59,7 +59,7 @@ def run(args) -> dict:
         sizes = hop_sizes(stages)
         mqtt = MqttSettings(host="127.0.0.1", port=bench.port, username="admin",
                             password=bench.credentials.password("admin"), topic_root=bench.topics.root)
-        raw = {mode: relay_chain(mqtt, sizes, messages, args.rate, mode) for mode in RELAY_MODES}
+        raw = relay_chains(mqtt, sizes, messages, args.rate)
         rows = _pipeline_frames(bench, frames, args.rate)
     finally:
         bench.stop_processes()

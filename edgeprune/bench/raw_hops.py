@@ -35,10 +35,26 @@ def _client(mqtt: MqttSettings, name: str):
     return client
 
 
-def _relay(mqtt: MqttSettings, index: int, in_topic: str, out_topic: str, out_size: int, mode: str,
-           ready, stop) -> None:
-    """One relay process: stamp the arrival into the message, resize it to the next hop's size, publish it on."""
+def _topics(mqtt: MqttSettings, mode: str) -> list[str]:
+    base = f"{mqtt.topic_root}/bench/overhead/{mode}"
+    return [f"{base}/hop{i}" for i in (1, 2, 3)]
+
+
+def _relay(mqtt: MqttSettings, index: int, out_size: int, ready, stop) -> None:
+    """One relay process, with a client of its own for each mode (the modes run one after the other): stamp the
+    arrival into the message, resize it to the next hop's size, publish it on."""
+    clients = [_relay_client(mqtt, index, out_size, mode, stop) for mode in RELAY_MODES]
+    ready.set()
+    stop.wait()
+    for client in clients:
+        client.loop_stop()
+        client.disconnect()
+
+
+def _relay_client(mqtt: MqttSettings, index: int, out_size: int, mode: str, stop):
     client = _client(mqtt, f"bench-relay-{mode}-{index}")
+    topics = _topics(mqtt, mode)
+    in_topic, out_topic = topics[index - 1], topics[index]
     subscribed = threading.Event()
     work: queue.Queue = queue.Queue()
 
@@ -70,23 +86,31 @@ def _relay(mqtt: MqttSettings, index: int, in_topic: str, out_topic: str, out_si
     subscribed.wait(10)
     if mode == "worker":
         threading.Thread(target=worker, daemon=True).start()
-    ready.set()
-    stop.wait()
-    client.loop_stop()
-    client.disconnect()
+    return client
 
 
-def relay_chain(mqtt: MqttSettings, sizes: tuple[int, int, int], messages: int, rate: float, mode: str) -> dict:
-    """Source -> relay 1 -> relay 2 -> sink, one message at a time at ``rate``; per-hop and total (ms)."""
-    base = f"{mqtt.topic_root}/bench/overhead/{mode}"
-    topics = [f"{base}/hop{i}" for i in (1, 2, 3)]
+def relay_chains(mqtt: MqttSettings, sizes: tuple[int, int, int], messages: int, rate: float) -> dict[str, dict]:
+    """Each mode's chain, source -> relay 1 -> relay 2 -> sink, one message at a time at ``rate``; per-hop and
+    total (ms). Two relay processes serve every mode: starting an interpreter costs more than the runs."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     readies = [context.Event() for _ in (1, 2)]
-    relays = [context.Process(target=_relay, args=(mqtt, i, topics[i - 1], topics[i], sizes[i], mode, readies[i - 1],
-                                                   stop), daemon=True) for i in (1, 2)]
+    relays = [context.Process(target=_relay, args=(mqtt, i, sizes[i], readies[i - 1], stop), daemon=True)
+              for i in (1, 2)]
     for relay in relays:
         relay.start()
+    try:
+        if not all(r.wait(120) for r in readies):
+            raise SystemExit("the raw relays did not start; is the broker up?")
+        return {mode: _chain(mqtt, sizes, messages, rate, mode) for mode in RELAY_MODES}
+    finally:
+        stop.set()
+        for relay in relays:
+            relay.join(10)
+
+
+def _chain(mqtt: MqttSettings, sizes: tuple[int, int, int], messages: int, rate: float, mode: str) -> dict:
+    topics = _topics(mqtt, mode)
     arrivals: dict[int, tuple[tuple[float, ...], float]] = {}
     got = threading.Event()
     sink = _client(mqtt, f"bench-sink-{mode}")
@@ -105,8 +129,8 @@ def relay_chain(mqtt: MqttSettings, sizes: tuple[int, int, int], messages: int, 
     source = _client(mqtt, f"bench-source-{mode}")
     source.loop_start()
     try:
-        if not (subscribed.wait(10) and all(r.wait(120) for r in readies)):
-            raise SystemExit("the raw relays did not start; is the broker up?")
+        if not subscribed.wait(10):
+            raise SystemExit("the raw sink could not subscribe; is the broker up?")
         warmup = 10
         print(f"raw relay ({mode}): {messages} messages at {rate:g}/s", file=sys.stderr, flush=True)
         started = time.monotonic()
@@ -120,12 +144,9 @@ def relay_chain(mqtt: MqttSettings, sizes: tuple[int, int, int], messages: int, 
             got.wait(1.0)
             got.clear()
     finally:
-        stop.set()
         for client in (source, sink):
             client.loop_stop()
             client.disconnect()
-        for relay in relays:
-            relay.join(10)
     parts: dict[str, list[float]] = {}
     for seq, ((sent, relay1, relay2), received) in arrivals.items():
         if seq < warmup:

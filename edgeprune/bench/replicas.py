@@ -51,7 +51,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attainment", type=float, default=0.95, help="share of frames within the SLO that "
                         "counts as sustained")
     parser.add_argument("--planner-sizes", default="10,20,50", help="node counts for the planner's solve time")
-    parser.add_argument("--quick", action="store_true", help="two rates of 6 s each and the planner at 10 nodes "
+    parser.add_argument("--quick", action="store_true", help="two rates of 3 s each and the planner at 10 nodes "
                         "(a test of the machinery, not a measurement)")
     parser.add_argument("--run-dir", type=Path, default=Path("run/bench-replicas"), help="logs and databases")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="write the attainment and accuracy plot here "
@@ -160,7 +160,7 @@ def run(args) -> dict:
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     rates = [2.0, 6.0] if args.quick else [float(r) for r in args.rates.split(",")]
-    step_s = 6.0 if args.quick else args.step_s
+    step_s = 3.0 if args.quick else args.step_s
     args.step_s = step_s
     args.warmup_s = 0.0 if args.quick else args.warmup_s
     sizes = [10] if args.quick else [int(n) for n in args.planner_sizes.split(",")]
@@ -230,8 +230,8 @@ def plot(document: dict, path: Path) -> None:
         right.axhline(document["accuracy_floor_measured"], color="grey", linestyle=":", label="accuracy floor")
     right.set(xlabel="arrival rate (frames/s)", ylabel="measured accuracy (labelled frames)", title="Accuracy")
     right.legend()
-    fig.suptitle("edgeprune bench replicas: 4 emulated nodes (" + "/".join(f"{k:g}x" for k in document["nodes"].values())
-                 + " this host)")
+    speeds = "/".join(f"{k:g}x" for k in document["nodes"].values())
+    fig.suptitle(f"edgeprune bench replicas: 4 emulated nodes ({speeds} this host)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
