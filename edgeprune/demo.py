@@ -195,7 +195,8 @@ class Demo:
             # the demo's page is on loopback: readable without a login; the controls need a password hash
             # (`edgeprune passwd`, then EDGEPRUNE_WEB_PASSWORD_HASH=... edgeprune demo)
             password = {k: v for k, v in os.environ.items() if k == "EDGEPRUNE_WEB_PASSWORD_HASH"}
-            self.spawn("web", ["web"], {**env, "EDGEPRUNE_WEB_PUBLIC_STATUS": "true", "EDGEPRUNE_WEB_DEMO": "true", **password,
+            self.spawn("web", ["web"], {**env, "EDGEPRUNE_WEB_PUBLIC_STATUS": "true", "EDGEPRUNE_WEB_DEMO": "true",
+                                        **password,
                                         **self.credentials.env("web")})
         for node_id in self.node_ids:
             self.spawn(node_id, ["node", "--node-id", node_id],

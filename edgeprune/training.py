@@ -465,7 +465,8 @@ def table_passes(ladder: Sequence[float]) -> int:
 
 
 def calibrate_all_tables(model: BlockNet, train_split: FrameSplit, config: TrainConfig, progress: bool = False,
-                         log: Callable[[str], None] = print) -> tuple[dict[str, BnStats], dict[str, dict[str, BnStats]]]:
+                         log: Callable[[str], None] = print
+                         ) -> tuple[dict[str, BnStats], dict[str, dict[str, BnStats]]]:
     """Uniform per-ratio tables and entry tables from the same seeded unlabelled training frames."""
     frames = calibration_frames(train_split, config.calibration_frames, config.seed)
     counter = PassCounter(table_passes(config.ladder), progress, log)

@@ -1,6 +1,6 @@
 """Which results and desired states the gateway may believe, and where every accepted frame went.
 
-Pure logic (no MQTT, no clock, no SQLite): :class:`gateway.service.Gateway` feeds it messages and
+Pure logic (no MQTT, no clock, no SQLite): :class:`gateway.coordinator.Coordinator` feeds it messages and
 stores what it returns. Two defences against a leaked credential or a confused device:
 
 - :class:`RequestLedger`: a result counts only for a request the first stage announced as

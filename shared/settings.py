@@ -195,14 +195,15 @@ class GatewaySettings(_Section):
         "Rows per table kept while the database cannot be written (full or locked); beyond it the oldest "
         "are dropped, counted and logged."))
     startup_wait_s: float = Field(20.0, ge=0, le=3600,
-                                  description="How long to wait for every configured node before placing on those present.")
+                                  description="How long to wait for every configured node before placing on those "
+                                  "present.")
     rejoin_hold_s: float = Field(10.0, ge=0, le=3600,
                                  description="A (re)joining node must stay online this long before it is used.")
     prepare_timeout_s: float = Field(15.0, gt=0, le=600, description="A new placement is published once every node "
                                      "that needs a new input for it has subscribed, or after this long.")
     replan_min_gain: float = Field(0.1, ge=0, lt=1,
-                                   description="Re-place for a joining node only if the bottleneck improves by this fraction; "
-                                   "also what a dedicated ingest node must gain over decoding on stage 1.")
+                                   description="Re-place for a joining node only if the bottleneck improves by this "
+                                   "fraction; also what a dedicated ingest node must gain over decoding on stage 1.")
     accuracy_model: Path | None = Field(None, description="Per-block accuracy calibration (JSON from `edgeprune "
                                         "calibrate`); default: the one shipped beside the checkpoint.")
     frame_megapixels: float = Field(0.0, ge=0, le=40, description="Size of this site's camera frames, megapixels "
@@ -242,8 +243,9 @@ class GatewaySettings(_Section):
                            "controller running. Off by default: a move rebuilds slices on every node it touches.")
     placement_mode: Literal["pipeline", "hybrid", "data"] = Field(
         "pipeline", description="`pipeline`: one pipeline over the nodes. `hybrid`: the hybrid planner's plan for "
-                                "`hybrid_arrival_hz` and the SLO, whose stages may be served by several nodes (replicas "
-                                "sharing the stage's input through an MQTT shared subscription; docs/scaling.md). "
+                                "`hybrid_arrival_hz` and the SLO, whose stages may be served by several nodes "
+                                "(replicas sharing the stage's input through an MQTT shared subscription; "
+                                "docs/scaling.md). "
                                 "`data`: the whole model on every node that holds it, as replicas of one stage.")
     hybrid_arrival_hz: float = Field(1.0, gt=0, le=10000, description="The arrival rate (frames/s) a `hybrid` "
                                      "placement is planned for.")
@@ -385,7 +387,8 @@ class ControllerSettings(_Section):
         2.0, ge=0, description="A node's slowdown must stay gone this long (and the latency not be violating) "
                                "before a fast restore.")
     restore_headroom: float = Field(0.8, gt=0, le=1,
-                                    description="A fast restore picks a ratio predicted within this x the stage budget.")
+                                    description="A fast restore picks a ratio predicted within this x the stage "
+                                    "budget.")
     detect_frames: int = Field(3, ge=1, le=50, description=(
         "adaptive: a node's slowdown estimate moves when this many consecutive frames' compute agree it is off "
         "(one slow frame is a scheduling spike, not a slowdown)."))

@@ -300,7 +300,8 @@ def test_policy_environments_come_from_one_table_each():
     assert nodes["node-1"] == {"EDGEPRUNE_NODE_EMULATED_SLOWDOWN": "10.0", "EDGEPRUNE_NODE_DEADLINE_ORDER": "false"}
     assert "EDGEPRUNE_NODE_DEADLINE_ORDER" not in node_env(scenario, "adaptive", None)["node-1"]  # on by default
     moving = controller_env(scenario, "adaptive+move")
-    assert moving["EDGEPRUNE_CONTROLLER_POLICY"] == "adaptive" and moving["EDGEPRUNE_GATEWAY_REPLACE_ON_VIOLATION"] == "true"
+    assert moving["EDGEPRUNE_CONTROLLER_POLICY"] == "adaptive"
+    assert moving["EDGEPRUNE_GATEWAY_REPLACE_ON_VIOLATION"] == "true"
     assert "EDGEPRUNE_GATEWAY_REPLACE_ON_VIOLATION" not in env
     assert "EDGEPRUNE_NODE_DEADLINE_ORDER" not in node_env(scenario, "adaptive+move", None)["node-1"]
     from pathlib import Path

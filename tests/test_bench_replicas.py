@@ -33,8 +33,9 @@ def test_quick_run_writes_the_issue_json(tmp_path):
         assert 0.0 <= point["attainment"] <= 1.0 and point["results"] > 0
         assert point["accuracy_measured"] is not None and point["labelled"] == point["results"]
     assert set(document["sustainable_hz"]) == {"hybrid+prune"}
-    assert sorted(n for s in document["placements"]["hybrid+prune"] for n in s["nodes"]) == \
-        ["node-1", "node-2", "node-3", "node-4"]
+    # --quick runs the two fastest nodes (starting four node agents cost more than the rest of the run)
+    assert sorted(n for s in document["placements"]["hybrid+prune"] for n in s["nodes"]) == ["node-1", "node-2"]
+    assert set(document["nodes"]) == {"node-1", "node-2"}
     assert [row["nodes"] for row in document["planner"]] == [10] and document["planner"][0]["solve_s"] > 0
     assert (tmp_path / "replicas.png").stat().st_size > 0
     assert "sustainable rate" in proc.stdout

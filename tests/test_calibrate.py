@@ -7,7 +7,7 @@ import torch
 
 from edgeprune.calibrate import calibrate_accuracy, calibration_vectors, save_accuracy_model
 from edgeprune.dataset import FrameSplit, to_model_input
-from gateway.service import load_block_accuracy
+from gateway.accuracy_model import load_block_accuracy
 from shared.model import build_model, model_fingerprint
 
 

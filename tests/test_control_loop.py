@@ -6,7 +6,17 @@ import pytest
 
 from gateway.control_loop import ControlLoop, LadderMismatch
 from gateway.curves import AccuracyFit
-from shared.schemas import BlockProfile, Hop, ModelProfile, NodeStats, Placement, PruneDesired, Result, SliceCalibration, StageAssignment
+from shared.schemas import (
+    BlockProfile,
+    Hop,
+    ModelProfile,
+    NodeStats,
+    Placement,
+    PruneDesired,
+    Result,
+    SliceCalibration,
+    StageAssignment,
+)
 from shared.settings import ControllerSettings
 
 LADDER = [round(0.1 * i, 1) for i in range(10)]

@@ -173,7 +173,8 @@ def test_no_action_on_a_borderline_stream():
 def test_restore_stops_where_the_next_step_would_break_the_budget():
     # node-2 recovers only to 1.2× (counts as gone): 1.2 × t(0.1) = 0.12 s, so all the way to 0 is
     # fine with the default budget, but not with a tight one.
-    config = ControllerSettings(policy="bottleneck", budget_fraction=0.5, fast_restore=False)  # stage budget 0.125 s; 1.2 × t(0) = 0.144 s
+    # stage budget 0.125 s; 1.2 × t(0) = 0.144 s
+    config = ControllerSettings(policy="bottleneck", budget_fraction=0.5, fast_restore=False)
     loop = Loop(config=config)
     loop.controller.set_manual(0.0, "node-2", 0.5)
     loop.controller.release_manual(0.0, "node-2")
@@ -367,7 +368,8 @@ def test_fast_restore_stops_at_the_lowest_ratio_with_headroom_and_steps_confirm_
 
 
 def test_fast_restore_waits_for_the_slowdown_to_be_gone_and_confirmed():
-    loop = Loop(config=ControllerSettings(policy="bottleneck", restore_window_s=600), initial_ratios={"node-2": 0.4})  # fast path only
+    loop = Loop(config=ControllerSettings(policy="bottleneck", restore_window_s=600),  # fast path only
+                initial_ratios={"node-2": 0.4})
     loop.slowdown["node-2"] = 1.5  # still slowed: nothing to restore, however much headroom
     loop.run_until(120)
     assert loop.actions == []
@@ -388,7 +390,8 @@ def test_fast_restore_never_touches_a_manual_hold():
 
 def test_a_restore_on_latency_headroom_also_jumps_when_fast_restore_is_on():
     # The slowdown confirmation never completes here, so the step-wise path acts; it goes all the way at once.
-    loop = Loop(config=ControllerSettings(policy="bottleneck", fast_restore_confirm_s=1000), initial_ratios={"node-2": 0.5})
+    loop = Loop(config=ControllerSettings(policy="bottleneck", fast_restore_confirm_s=1000),
+                initial_ratios={"node-2": 0.5})
     loop.run_until(60)
     (_, restore), = loop.of(SetRatios)
     assert restore.ratios == {"node-2": 0.0} and restore.reason.startswith("restore:")
@@ -490,3 +493,14 @@ def test_adaptive_safety_net_steps_the_node_whose_queue_holds_the_backlog():
     pruned = loop.of(SetRatios)
     assert pruned and all(set(action.ratios) == {"node-1"} for _, action in pruned)
     assert "node-1 (queue 4)" in pruned[0][1].reason and loop.controller.ratios["node-2"] == 0.0
+
+
+def test_a_violation_spanning_exactly_the_minimum_span_fires():
+    """docs/controller.md: the violation must span *at least* trigger_min_span_s, so a span on the limit fires."""
+    config = ControllerSettings(policy="bottleneck", trigger_window_s=10.0, trigger_min_span_s=5.0, min_samples=5)
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S, config)
+    for ts in range(100, 106):  # six requests over LAT_trigger, 100 ... 105: a span of exactly 5 s
+        controller.observe_latency(ts, 0.8)
+    metrics = controller.metrics(105)
+    assert metrics.violation_span_s == 5.0 and metrics.over_trigger_fraction == 1.0
+    assert controller.tick(105) != []

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.service import result_row
+from gateway.store import result_row
 from gateway.store import SCHEMA, Store
 from node_agent.runtime import Request, StageRuntime
 from shared.imaging import decode_pixels

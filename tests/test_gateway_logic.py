@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.service import result_row
+from gateway.store import result_row
 from gateway.slo import SloWindows
 from gateway.store import Reader, Store
 from shared.schemas import Hop, Placement, Result
@@ -64,7 +64,7 @@ def test_even_split_covers_every_block_once(n_blocks, nodes):
 def test_placement_must_be_a_contiguous_cover(stages, msg):
     with pytest.raises(ValueError, match=msg):
         Placement(version=1, model="m", n_blocks=6, issued_at=0, stages=[
-            dict(stage=s, node_id=n, first_block=f, last_block=l) for s, n, f, l in stages])
+            dict(stage=s, node_id=n, first_block=first, last_block=last) for s, n, first, last in stages])
 
 
 def _result(request_id: str, capture: float) -> Result:

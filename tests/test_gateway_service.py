@@ -26,7 +26,7 @@ def gateway(fresh_broker, tmp_path) -> Iterator[Gateway]:
     settings = GatewaySettings(db_path=tmp_path / "edgeprune.db", nodes=["a", "b"], flush_interval_s=0.1,
                                slo_s=0.1, window_s=3600, startup_wait_s=3600)
     gw = Gateway(settings, mqtt_settings)
-    gw.control = running_loop()
+    gw.coordinator.control = running_loop()
     gw.start()
     yield gw
     if not gw._stop.is_set():  # a test may stop it itself, to close the open SLO window
@@ -48,17 +48,18 @@ def test_a_redelivered_result_is_counted_once_and_never_replaces_the_first(gatew
     accepted = AcceptedRequest(request_id="frame-1", camera_id="cam", node_id="a", capture_ts=time.time() - 0.06,
                                received_ts=time.time() - 0.05)
     client.publish(topics.accepted("a"), to_json(accepted), qos=1).wait_for_publish(10)
-    wait_until(lambda: gateway.ledger.in_flight == 1, 20, "the accepted request never arrived")
+    wait_until(lambda: gateway.coordinator.ledger.in_flight == 1, 20, "the accepted request never arrived")
     last = result("cat", 0.9).hops[-1].node_id
     client.publish(topics.results(last), first, qos=1).wait_for_publish(10)
     client.publish(topics.results(last), first, qos=1).wait_for_publish(10)  # a QoS 1 redelivery
     client.publish(topics.results(last), to_json(result("dog", 0.4)), qos=1).wait_for_publish(10)  # not identical
     client.loop_stop()
     client.disconnect()
-    wait_until(lambda: gateway.redelivered_results == 1 and gateway.bus.errors["conflict_result"] == 1, 20,
+    wait_until(lambda: gateway.coordinator.redelivered_results == 1 and gateway.bus.errors["conflict_result"] == 1, 20,
+               20,
                "the second and third deliveries never arrived")
-    assert gateway.control.controller.metrics(time.time()).trigger_samples == 1  # one controller sample
-    assert len(gateway.control._recent) == 1
+    assert gateway.coordinator.control.controller.metrics(time.time()).trigger_samples == 1  # one controller sample
+    assert len(gateway.coordinator.control._recent) == 1
     wait_until(lambda: Reader(gateway.settings.db_path).recent_requests(0), 20, "no request row written")
     gateway.stop()  # closes the open SLO window into the table
     reader = Reader(gateway.settings.db_path)
@@ -106,7 +107,7 @@ def test_a_failing_disk_neither_stops_control_decisions_nor_loses_the_rows(gatew
 
 def test_a_failing_tick_is_reported_and_ticking_goes_on(gateway, fresh_broker):
     calls = {"n": 0}
-    real_tick = gateway.control.tick
+    real_tick = gateway.coordinator.control.tick
 
     def tick(now):
         calls["n"] += 1
@@ -116,7 +117,7 @@ def test_a_failing_tick_is_reported_and_ticking_goes_on(gateway, fresh_broker):
 
     recorder = Recorder(fresh_broker, gateway.topics.errors_filter)
     try:
-        gateway.control.tick = tick
+        gateway.coordinator.control.tick = tick
         errors_topic = gateway.topics.errors(gateway.settings.gateway_id)
         wait_until(lambda: any(e["kind"] == "tick_failed" for e in recorder.json_on(errors_topic)), 20,
                    "the failing tick was not reported")
@@ -143,8 +144,8 @@ def test_pending_rows_are_bounded_while_the_disk_fails(tmp_path):
 
 def test_a_calibration_without_the_configured_ladder_is_reported_and_keeps_the_controller_off(gateway, fresh_broker):
     from tests.test_control_loop import calibration, loop, placement
-    gateway.control = loop(ladder=(0.0, 0.25, 0.5))  # the nodes build 0.0, 0.1, ..., 0.9
-    gateway.control.set_placement(placement(1))
+    gateway.coordinator.control = loop(ladder=(0.0, 0.25, 0.5))  # the nodes build 0.0, 0.1, ..., 0.9
+    gateway.coordinator.control.set_placement(placement(1))
     recorder = Recorder(fresh_broker, gateway.topics.errors_filter)
     try:
         client = mqtt_client(fresh_broker)
@@ -157,7 +158,8 @@ def test_a_calibration_without_the_configured_ladder_is_reported_and_keeps_the_c
                    "the mismatched ladder was not reported")
         (error,) = [e for e in recorder.json_on(errors_topic) if e["kind"] == "ladder_mismatch"]
         assert "0.25" in error["message"] and "a has no variant" in error["message"]
-        assert gateway.control.controller is None and "0.25" in gateway.control.disabled_reason
+        control = gateway.coordinator.control
+        assert control.controller is None and "0.25" in control.disabled_reason
     finally:
         recorder.close()
 
@@ -184,8 +186,8 @@ def test_after_commit_runs_only_once_the_rows_before_it_are_written(tmp_path):
 def test_a_calibration_that_fits_poorly_is_kept_and_measured_again_a_bounded_number_of_times(gateway, fresh_broker):
     from shared.schemas import SliceCalibration
     from tests.test_control_loop import LADDER, loop, placement
-    gateway.control = loop()
-    gateway.control.set_placement(placement(1))
+    gateway.coordinator.control = loop()
+    gateway.coordinator.control.set_placement(placement(1))
     recorder = Recorder(fresh_broker, gateway.topics.node_command("a"))
     noisy = [0.011, 0.013, 0.011, 0.012, 0.013, 0.011, 0.012, 0.011, 0.013, 0.012][:len(LADDER)]  # flat: host noise
     try:
@@ -201,6 +203,6 @@ def test_a_calibration_that_fits_poorly_is_kept_and_measured_again_a_bounded_num
         time.sleep(1.0)  # a third request, if one were (wrongly) sent, would have arrived by now
         asked = [m for m in recorder.json_on(gateway.topics.node_command("a")) if m.get("cmd") == "calibrate"]
         assert len(asked) == gateway.settings.recalibrate_attempts == 2
-        assert "a" in gateway.control.fits  # the poor curve is kept meanwhile: a curve is better than none
+        assert "a" in gateway.coordinator.control.fits  # the poor curve is kept meanwhile: a curve is better than none
     finally:
         recorder.close()

@@ -132,7 +132,7 @@ def test_classify_defaults_to_the_imagenet_model(tmp_path):
 def test_its_accuracy_model_keeps_the_controller_from_pruning_it():
     """The shipped calibration matches these weights, and the default ('measured') predictor puts every pruned
     vector below the default floor (0.9 of unpruned): the raw ImageNet weights are not pruning-robust."""
-    from gateway.service import load_block_accuracy
+    from gateway.accuracy_model import load_block_accuracy
     from shared.ladder import DEFAULT_LADDER
 
     fit = load_block_accuracy(None, model_fingerprint(lite0()), IMAGENET_CHECKPOINT)

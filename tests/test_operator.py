@@ -56,12 +56,12 @@ def calibrated_gateway(tmp_path) -> Gateway:
                       MqttSettings())
     gateway.bus = FakeBus()
     placement = even_split(6, ["a", "b"])
-    gateway.control.set_placement(placement)
+    gateway.coordinator.control.set_placement(placement)
     for stage in placement.stages:
-        gateway.control.add_calibration(SliceCalibration(
+        gateway.coordinator.control.add_calibration(SliceCalibration(
             node_id=stage.node_id, placement_version=1, first_block=stage.first_block, last_block=stage.last_block,
             ratios=LADDER, latency_s=[0.02 * (0.1 + 0.9 * (1 - p) ** 2) for p in LADDER], measured_at=1.0))
-    assert gateway.control.controller is not None
+    assert gateway.coordinator.control.controller is not None
     return gateway
 
 
@@ -74,7 +74,9 @@ def test_commands_are_answered_applied_logged_and_settings_survive_a_restart(tmp
     gateway = calibrated_gateway(tmp_path)
     reply = send(gateway, {"cmd": "set", "setting": "slo_s", "value": 0.3, "id": "c1", "by": "ana"})
     assert reply.ok and reply.id == "c1" and "0.5 -> 0.3" in reply.message
-    assert gateway.control.slo_s == 0.3 and gateway.control.controller.slo_s == 0.3 and gateway.slo.slo_s == 0.3
+    coordinator = gateway.coordinator
+    assert coordinator.control.slo_s == 0.3 and coordinator.control.controller.slo_s == 0.3
+    assert coordinator.slo.slo_s == 0.3
 
     reply = send(gateway, {"cmd": "prune", "node_id": "b", "ratio": 0.5, "id": "c2", "by": "ana"})
     assert reply.ok
@@ -82,7 +84,7 @@ def test_commands_are_answered_applied_logged_and_settings_survive_a_restart(tmp
     assert retained and desired["ratio"] == 0.5 and desired["source"] == "manual"
     # a later setting change rebuilds the controller but keeps the hold
     assert send(gateway, {"cmd": "set", "setting": "cooldown_s", "value": "4", "id": "c3", "by": "ana"}).ok
-    assert gateway.control.controller.manual == {"b": 0.5} and gateway.control.settings.cooldown_s == 4.0
+    assert coordinator.control.controller.manual == {"b": 0.5} and coordinator.control.settings.cooldown_s == 4.0
 
     with pytest.raises(BadMessage):  # the bus reports the rejection; the reply says it in words
         send(gateway, {"cmd": "prune", "node_id": "b", "ratio": 0.55, "id": "c4"})
@@ -94,10 +96,10 @@ def test_commands_are_answered_applied_logged_and_settings_survive_a_restart(tmp
     assert forwarded == {"cmd": "slowdown", "factor": 3.0} and not retained
 
     assert send(gateway, {"cmd": "restore_all", "id": "c6", "by": "ana"}).ok
-    assert gateway.bus.on("/node/b/prune/set")[-1][0]["ratio"] == 0.0 and gateway.control.controller.manual == {}
+    assert gateway.bus.on("/node/b/prune/set")[-1][0]["ratio"] == 0.0 and coordinator.control.controller.manual == {}
 
     assert send(gateway, {"cmd": "set", "setting": "policy", "value": "off", "id": "c7"}).ok
-    assert not gateway.control.automatic and gateway.control.status()["policy"] == "off"
+    assert not coordinator.control.automatic and coordinator.control.status()["policy"] == "off"
     gateway.store.close()
 
     actions = Reader(tmp_path / "g.db")._rows("SELECT * FROM operator_actions ORDER BY id")
@@ -107,8 +109,9 @@ def test_commands_are_answered_applied_logged_and_settings_survive_a_restart(tmp
     assert [a["action"] for a in actions[3:]] == ["slowdown", "restore_all", "set policy"]
 
     restarted = calibrated_gateway(tmp_path)
-    assert restarted.operator.slo_s == 0.3 and restarted.control.slo_s == 0.3 and restarted.slo.slo_s == 0.3
-    assert restarted.control.settings.cooldown_s == 4.0 and not restarted.control.automatic
+    again = restarted.coordinator
+    assert again.operator.slo_s == 0.3 and again.control.slo_s == 0.3 and again.slo.slo_s == 0.3
+    assert again.control.settings.cooldown_s == 4.0 and not again.control.automatic
     restarted.store.close()
 
 
@@ -118,13 +121,13 @@ def test_a_command_that_fails_validation_still_gets_an_answer(tmp_path):
         send(gateway, {"cmd": "set", "setting": "slo_s", "value": -2, "id": "bad"})
     reply = CommandReply.model_validate(gateway.bus.on("/component/gateway/reply")[-1][0])
     assert reply.id == "bad" and not reply.ok and "greater than 0" in reply.message
-    assert gateway.control.slo_s == 0.5
+    assert gateway.coordinator.control.slo_s == 0.5
     gateway.store.close()
 
 
 def test_the_placement_carries_the_slo_and_is_republished_when_the_operator_changes_it(tmp_path):
     gateway = calibrated_gateway(tmp_path)
-    gateway.handover.active = even_split(6, ["a", "b"])
+    gateway.coordinator.handover.active = even_split(6, ["a", "b"])
     gateway.publish_placement()
     assert send(gateway, {"cmd": "set", "setting": "slo_s", "value": 0.3, "id": "c1"}).ok
     assert send(gateway, {"cmd": "set", "setting": "cooldown_s", "value": 4, "id": "c2"}).ok  # not the nodes' business

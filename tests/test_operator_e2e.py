@@ -40,7 +40,8 @@ def page_up(url: str) -> bool:
 SEND = """
 const [body, done] = arguments;
 fetch("/api/command", {method: "POST", credentials: "same-origin", body: JSON.stringify(body),
-  headers: {"Content-Type": "application/json", "X-CSRFToken": document.querySelector('meta[name="csrf-token"]').content}})
+  headers: {"Content-Type": "application/json",
+            "X-CSRFToken": document.querySelector('meta[name="csrf-token"]').content}})
   .then((r) => r.json()).then(done, (e) => done({ok: false, message: String(e)}));
 """
 
@@ -142,7 +143,8 @@ def test_operator_changes_slo_and_holds_a_node_from_the_browser(broker, tmp_path
             if SCREENSHOTS:  # the whole page at this width
                 driver.set_window_size(width, min(4000, driver.execute_script("return document.body.scrollHeight")))
                 wait.until(lambda d, w=width: d.execute_script(FITTED, w))
-                driver.save_screenshot(str(Path(SCREENSHOTS) / f"operator-page-{'phone' if width < 600 else 'desktop'}.png"))
+                name = f"operator-page-{'phone' if width < 600 else 'desktop'}.png"
+                driver.save_screenshot(str(Path(SCREENSHOTS) / name))
         assert driver.execute_async_script(SEND, {"cmd": "node_slowdown", "node_id": slowed, "factor": 1})["ok"]
 
         actions = sqlite3.connect(db).execute("SELECT by, action, target, old, new FROM operator_actions "

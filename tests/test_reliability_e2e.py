@@ -279,7 +279,10 @@ def test_a_gateway_killed_before_writing_loses_nothing_it_had_received(fresh_bro
         assert reader._rows(f"SELECT COUNT(*) AS n FROM accepted WHERE {ours}")[0]["n"] == 0
 
         procs.start("gateway", "gateway", extra_env={"EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S": "0.2"})
-        count = lambda table: reader._rows(f"SELECT COUNT(*) AS n FROM {table} WHERE {ours}")[0]["n"]
+
+        def count(table: str) -> int:
+            return reader._rows(f"SELECT COUNT(*) AS n FROM {table} WHERE {ours}")[0]["n"]
+
         wait_until(lambda: count("accepted") == 10 and count("requests") + count("failures") == 10, STARTUP_S,
                    "announcements, results or failures the killed gateway had received were lost")
         handled_up_to_here("restarted")  # anything still to come (a duplicate) has come
@@ -334,7 +337,8 @@ def test_a_rejoining_node_is_sent_nothing_before_it_has_subscribed(fresh_broker,
         sending.set()
         threading.Thread(target=camera, daemon=True).start()
         procs.start(second, "node", "--node-id", second)
-        wait_until(lambda: sorted(stages()) == sorted([first, second]), STARTUP_S, "the restarted node was not placed again")
+        wait_until(lambda: sorted(stages()) == sorted([first, second]), STARTUP_S,
+                   "the restarted node was not placed again")
         time.sleep(3.0)  # frames flow through the rejoined node
         sending.clear()
         time.sleep(0.5)

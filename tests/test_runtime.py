@@ -187,7 +187,8 @@ def test_calibrator_on_an_emulated_device_measures_the_device():
     ladder = (0.0, 0.5, 0.9)
     prunable = PrunableSlice(model, 0, 2, ladder=ladder)
     device = DeviceModel("fp", model.n_blocks, ladder, {(a, b): (30.0, 20.0, 10.0)  # far slower than this host
-                                                        for a in range(model.n_blocks) for b in range(a, model.n_blocks)})
+                                                        for a in range(model.n_blocks)
+                                                        for b in range(a, model.n_blocks)})
     calibrator = SliceCalibrator(prunable, block_input_shape(model, 0), repeats=2, device_model=device)
     while not calibrator.step():
         pass

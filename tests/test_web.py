@@ -216,7 +216,7 @@ def test_page_renders_in_headless_chromium(server, tmp_path):
             for i, (left, right, row) in enumerate(labels):
                 assert 0 <= left and right <= driver.execute_script(
                     "return charts['latency-chart'].bbox.width / devicePixelRatio")
-                assert all(row != r or right < l or left > rr for l, rr, r in labels[i + 1:]), labels
+                assert all(row != r or right < lo or left > hi for lo, hi, r in labels[i + 1:]), labels
         words = driver.find_element(By.ID, "controller-words").text
         assert "pruning pi-a to 0.3 because its compute is 3.2× its calibration; accuracy 0.91 ≥ floor 0.85" in words
         assert "pi-b held at 0.2 by the operator" in words and "cannot meet the 80 ms stage budget on pi-b" in words

@@ -1,4 +1,5 @@
-"""EfficientNet-Lite0 under run-time pruning: the raw ImageNet weights on real photos, a fine-tuned model on its held-out split.
+"""EfficientNet-Lite0 under run-time pruning: the raw ImageNet weights on real photos, a fine-tuned model on its
+held-out split.
 
 ``raw_pretrained``: real photos found offline (scikit-image's samples, Debian's ``darknet`` photos
 when installed, any ``--photos`` folder), four views each (as is, mirrored, two 80 % corner crops),
@@ -97,7 +98,8 @@ def raw_agreement(photos: dict[str, bytes], slices, ratios) -> tuple[dict[str, A
 def split_accuracy(model: BlockNet, slices, ratio: float, pipeline: list[PrunableSlice], test) -> float:
     from edgeprune.dataset import to_model_input
 
-    logits = pipeline_logits(pipeline, [ratio] * len(slices), to_model_input(test.images, model.config.mean, model.config.std), batch=32)
+    inputs = to_model_input(test.images, model.config.mean, model.config.std)
+    logits = pipeline_logits(pipeline, [ratio] * len(slices), inputs, batch=32)
     return float((logits.argmax(1).numpy() == test.labels).mean())
 
 

@@ -151,7 +151,8 @@ def decode_steps_ms(megapixels: float, repeats: int, size: int = INPUT_SIZE) -> 
         if repeat:
             for step, (a, b) in zip(spent, itertools.pairwise(marks)):
                 step.append((b - a) * 1e3)
-    return {"megapixels": megapixels, "draft_size": list(img.size), **{f"{n}_ms": statistics.median(s) for n, s in zip(names, spent)}}
+    return {"megapixels": megapixels, "draft_size": list(img.size),
+            **{f"{n}_ms": statistics.median(s) for n, s in zip(names, spent)}}
 
 
 def decode_table(repeats: int, slice_s: dict[float, float]) -> list[dict[str, Any]]:

@@ -13,31 +13,25 @@ One mosquitto (with the project's logins and ACL, through :class:`edgeprune.demo
   end-to-end latency minus the stages' compute. Publishing (paho's hand-off to its network thread and the
   socket write) falls inside the next transfer: a hop record is stamped before its output is published.
 
-The raw baseline imports paho itself (the one place besides ``shared/bus.py``): it measures paho with nothing
-of ours around it.
+The raw baseline (:mod:`edgeprune.bench.raw_hops`) imports paho itself (the one place besides ``shared/bus.py``):
+it measures paho with nothing of ours around it.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import queue
-import socket
-import struct
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from edgeprune.bench.pipeline import PolicyRun, Scenario, hop_breakdown, query
+from edgeprune.bench.raw_hops import relay_chains
 from gateway.store import Reader
 from shared.settings import MqttSettings
 
 CAMERA_ID = "overhead"
-RELAY_MODES = ("callback", "worker")
-_STAMPS = struct.Struct("<I3d")  # sequence number, then when the source sent it and relay 1 and 2 received it
 
 
 def add_arguments(parser) -> None:
@@ -65,7 +59,7 @@ def run(args) -> dict:
         sizes = hop_sizes(stages)
         mqtt = MqttSettings(host="127.0.0.1", port=bench.port, username="admin",
                             password=bench.credentials.password("admin"), topic_root=bench.topics.root)
-        raw = {mode: relay_chain(mqtt, sizes, messages, args.rate, mode) for mode in RELAY_MODES}
+        raw = relay_chains(mqtt, sizes, messages, args.rate)
         rows = _pipeline_frames(bench, frames, args.rate)
     finally:
         bench.stop_processes()
@@ -133,121 +127,3 @@ def _pipeline_frames(bench: PolicyRun, frames: int, rate: float) -> list[dict]:
         if len(rows) >= frames or time.monotonic() > deadline:
             return rows
         time.sleep(0.5)
-
-
-# --- the raw baseline ------------------------------------------------------------------------------------------
-def _client(mqtt: MqttSettings, name: str):
-    """A plain paho client (MQTT v5, the project's login, TCP_NODELAY as shared/bus.py sets it), connected."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv5)
-    client.username_pw_set(mqtt.username, mqtt.password.get_secret_value())
-    client.connect(mqtt.host, mqtt.port)
-    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return client
-
-
-def _relay(mqtt: MqttSettings, index: int, in_topic: str, out_topic: str, out_size: int, mode: str,
-           ready, stop) -> None:
-    """One relay process: stamp the arrival into the message, resize it to the next hop's size, publish it on."""
-    client = _client(mqtt, f"bench-relay-{mode}-{index}")
-    subscribed = threading.Event()
-    work: queue.Queue = queue.Queue()
-
-    def forward(payload: bytes, received: float) -> None:
-        seq, *stamps = _STAMPS.unpack_from(payload)
-        stamps[index] = received
-        out = bytearray(out_size)
-        _STAMPS.pack_into(out, 0, seq, *stamps)
-        client.publish(out_topic, bytes(out), qos=1)
-
-    def on_message(_client, _userdata, msg) -> None:
-        received = time.time()
-        if mode == "callback":
-            forward(msg.payload, received)
-        else:
-            work.put((msg.payload, received))
-
-    def worker() -> None:
-        while not stop.is_set():
-            try:
-                forward(*work.get(timeout=0.2))
-            except queue.Empty:
-                pass
-
-    client.on_message = on_message
-    client.on_subscribe = lambda *_: subscribed.set()
-    client.loop_start()
-    client.subscribe(in_topic, qos=1)
-    subscribed.wait(10)
-    if mode == "worker":
-        threading.Thread(target=worker, daemon=True).start()
-    ready.set()
-    stop.wait()
-    client.loop_stop()
-    client.disconnect()
-
-
-def relay_chain(mqtt: MqttSettings, sizes: tuple[int, int, int], messages: int, rate: float, mode: str) -> dict:
-    """Source -> relay 1 -> relay 2 -> sink, one message at a time at ``rate``; per-hop and total (ms)."""
-    base = f"{mqtt.topic_root}/bench/overhead/{mode}"
-    topics = [f"{base}/hop{i}" for i in (1, 2, 3)]
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()
-    readies = [context.Event() for _ in (1, 2)]
-    relays = [context.Process(target=_relay, args=(mqtt, i, topics[i - 1], topics[i], sizes[i], mode, readies[i - 1],
-                                                   stop), daemon=True) for i in (1, 2)]
-    for relay in relays:
-        relay.start()
-    arrivals: dict[int, tuple[tuple[float, ...], float]] = {}
-    got = threading.Event()
-    sink = _client(mqtt, f"bench-sink-{mode}")
-    subscribed = threading.Event()
-
-    def on_message(_client, _userdata, msg) -> None:
-        received = time.time()
-        seq, *stamps = _STAMPS.unpack_from(msg.payload)
-        arrivals[seq] = (tuple(stamps), received)
-        got.set()
-
-    sink.on_message = on_message
-    sink.on_subscribe = lambda *_: subscribed.set()
-    sink.loop_start()
-    sink.subscribe(topics[2], qos=1)
-    source = _client(mqtt, f"bench-source-{mode}")
-    source.loop_start()
-    try:
-        if not (subscribed.wait(10) and all(r.wait(120) for r in readies)):
-            raise SystemExit("the raw relays did not start; is the broker up?")
-        warmup = 10
-        print(f"raw relay ({mode}): {messages} messages at {rate:g}/s", file=sys.stderr, flush=True)
-        started = time.monotonic()
-        for seq in range(warmup + messages):
-            time.sleep(max(0.0, started + seq / rate - time.monotonic()))
-            payload = bytearray(sizes[0])
-            _STAMPS.pack_into(payload, 0, seq, time.time(), 0.0, 0.0)
-            source.publish(topics[0], bytes(payload), qos=1)
-        deadline = time.monotonic() + 30
-        while len(arrivals) < warmup + messages and time.monotonic() < deadline:
-            got.wait(1.0)
-            got.clear()
-    finally:
-        stop.set()
-        for client in (source, sink):
-            client.loop_stop()
-            client.disconnect()
-        for relay in relays:
-            relay.join(10)
-    parts: dict[str, list[float]] = {}
-    for seq, ((sent, relay1, relay2), received) in arrivals.items():
-        if seq < warmup:
-            continue
-        for name, value in (("hop 1 (frame)", relay1 - sent), ("hop 2 (activation)", relay2 - relay1),
-                            ("hop 3 (result)", received - relay2), ("total, 3 hops", received - sent),
-                            ("hops 2+3", received - relay1)):
-            parts.setdefault(name, []).append(value)
-    out = {name: {"p50_ms": 1000 * float(np.percentile(v, 50)), "p99_ms": 1000 * float(np.percentile(v, 99))}
-           for name, v in parts.items()}
-    out["messages"] = sum(1 for seq in arrivals if seq >= warmup)
-    return out

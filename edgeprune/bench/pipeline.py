@@ -28,7 +28,7 @@ import numpy as np
 
 from edgeprune.bench.devices import describe_check, devices_check, measure_device_model, served_stage_times
 from edgeprune.demo import Demo, DemoOptions, SlowdownEpisode
-from gateway.service import load_block_accuracy
+from gateway.accuracy_model import load_block_accuracy
 from gateway.curves import SliceLatencyFit, accuracy_for_slices
 from gateway.policy import TOLERANCE, RatioProblem, choose_bottleneck, evaluate_ratios
 from gateway.store import Reader

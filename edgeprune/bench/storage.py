@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.retention import DiskMode
-from gateway.service import result_row
+from gateway.store import result_row
 from gateway.store import Store
 from shared.schemas import Hop, Result
 

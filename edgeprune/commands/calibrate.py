@@ -11,7 +11,8 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, help="accuracy model file (default: beside the checkpoint, X.pt -> "
                    "X.accuracy.json, where the gateway looks for it)")
     p.add_argument("--frames", type=int, default=1000, help="validation frames to classify per vector")
-    p.add_argument("--random", type=int, default=40, help="random pipeline-shaped ratio vectors (besides the uniform ones)")
+    p.add_argument("--random", type=int, default=40,
+                   help="random pipeline-shaped ratio vectors (besides the uniform ones)")
     p.add_argument("--max-ratio", type=float, default=0.9, help="highest ratio measured")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
