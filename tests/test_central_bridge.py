@@ -1,6 +1,7 @@
 """Past one site: a site's Mosquitto bridges results, status and errors to a central Mosquitto, where
 `edgeprune collect` writes them into one SQLite file with a site column (PostgreSQL: test_central_postgres.py).
-Two real brokers on loopback, the collector as a real subprocess; the link is cut (central broker stopped) and restored."""
+Two real brokers on loopback, the collector as a real subprocess; the link is cut (central broker stopped) and
+restored."""
 
 from __future__ import annotations
 
