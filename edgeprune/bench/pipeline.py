@@ -591,7 +591,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--devices-tolerance", type=float, default=DEVICES_TOLERANCE, metavar="FRACTION",
                         help=f"how far apart two runs' served stage times may be before the run fails as 'different "
                         f"devices' (default {DEVICES_TOLERANCE:g}); only to smoke-test the benchmark on a busy host, "
-                        "where a stage's real compute can outgrow the model's time: such a run's figures carry no claim")
+                        "where a stage's real compute can outgrow the model's time: its figures carry no claim")
 
 
 def in_slowdowns(result: dict, document: dict) -> None:
