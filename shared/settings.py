@@ -332,11 +332,13 @@ class WebSettings(_Section):
                                      "answer to a command.")
     password_hash: SecretStr | None = Field(None, description="Operator password hash, set by `edgeprune passwd`; "
                                             "none = nobody can log in.")
-    secret_key: SecretStr | None = Field(None, description="Signs session cookies; none = a random key per start "
-                                         "(operators log in again after a restart).")
+    secret_key: SecretStr | None = Field(None, description="Signs session cookies and CSRF tokens; none = a random "
+                                         "key per start. Logins are held in the page's process: a restart ends "
+                                         "them either way.")
     public_status: bool = Field(False, description="Show the overview and detections read-only without login.")
     login_attempts_per_minute: int = Field(5, ge=1, le=1000,
-                                           description="Failed logins allowed per client address per minute.")
+                                           description="Failed logins allowed per name and client address per "
+                                           "minute (4x that per address, whatever the names).")
     session_hours: float = Field(12.0, gt=0, le=24 * 30, description="How long a login lasts.")
     demo: bool = Field(False, description="Show the demo's emulated-slowdown control on the page (`edgeprune demo` "
                        "sets it; a real site has no use for it).")

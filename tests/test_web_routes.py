@@ -113,14 +113,62 @@ def test_posts_without_csrf_token_are_refused_and_change_nothing(page):
     assert res.status_code == 400 and gateway.sent == []
 
 
-def test_failed_logins_are_rate_limited_per_address(page):
+def test_failed_logins_are_rate_limited_per_address_and_name(page):
     client, _, clock, _ = page
     for _ in range(5):
         assert login(client, password="wrong").status_code == 401
     res = login(client)  # even the right password waits
     assert res.status_code == 429 and "try again in 60 s" in res.get_json()["error"]
-    clock.now += 61
+    assert res.headers["Retry-After"] == "60"
+    clock.now += 30
+    assert login(client).headers["Retry-After"] == "30"
+    assert login(client, name="monitor").status_code == 200  # another user of the same address is not locked out
+    clock.now += 31
     assert login(client).status_code == 200
+
+
+def test_many_names_from_one_address_are_still_limited(tmp_path):
+    """The password is shared and a name is no secret: trying a new name per guess must not escape the limit."""
+    clock = Clock()
+    client = create_app(WebSettings(db_path=tmp_path / "x.db", password_hash=HASH, login_attempts_per_minute=1),
+                        clock=clock).test_client()
+    for i in range(4):  # 1 per name, 4 per address
+        assert login(client, name=f"guess-{i}", password="wrong").status_code == 401
+    res = login(client, name="another")
+    assert res.status_code == 429 and int(res.headers["Retry-After"]) > 0
+    clock.now += 61
+    assert login(client, name="another").status_code == 200
+
+
+def test_a_cookie_copied_before_logout_is_refused_after_it(page):
+    client, gateway, _, app = page
+    login(client)
+    copied = client.get_cookie("session").value
+    client.post("/logout", headers={"X-CSRFToken": token(client)})
+    thief = app.test_client()
+    thief.set_cookie("session", copied)
+    assert thief.get("/api/status").status_code == 401
+    res = thief.post("/api/command", json={"cmd": "set", "setting": "trigger_margin_s", "value": 0.5},
+                     headers={"X-CSRFToken": token(thief)})
+    assert res.status_code == 401 and gateway.sent == []
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "/%09/evil.example/x", "/%0a/evil.example/x",
+                                    "%20//evil.example/x", "/\\evil.example/x", "/%5Cevil.example/x",
+                                    "https://evil.example/x", "javascript:alert(1)", "/%00/evil.example"])
+def test_login_never_redirects_off_site(page, target):
+    client = page[0]
+    res = client.post(f"/login?next={target}", data={"name": "ana", "password": PASSWORD,
+                                                     "csrf_token": token(client)})
+    location = res.headers["Location"]
+    assert res.status_code == 302 and location in ("/", "http://localhost/"), location
+
+
+def test_login_redirects_to_a_path_with_its_query(page):
+    client = page[0]
+    res = client.post("/login?next=/detections%3Fspecies%3Dred%2Bdeer", data={
+        "name": "ana", "password": PASSWORD, "csrf_token": token(client)})
+    assert res.headers["Location"] == "/detections?species=red+deer"
 
 
 def test_login_without_a_configured_password_explains_how_to_set_one(tmp_path):

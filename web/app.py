@@ -8,6 +8,7 @@ passwords are werkzeug's salted scrypt hashes (see docs/api.md).
 
 from __future__ import annotations
 
+import math
 import secrets
 import sqlite3
 import time
@@ -47,7 +48,7 @@ from gateway.operator import LABELS, validate_setting
 from gateway.store import Reader
 from shared.schemas import GatewayCommand
 from shared.settings import WebSettings
-from web.auth import LoginLimiter, password_ok
+from web.auth import LoginLimiter, Sessions, local_path, password_ok
 from web.overview import parse_cursor as parse_since
 from web.overview import site_time, site_zone, status
 
@@ -111,6 +112,7 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
     CSRFProtect(app)
     app.add_template_filter(site_time)
     limiter = LoginLimiter(settings.login_attempts_per_minute)
+    sessions = Sessions(settings.session_hours * 3600)
     readers: dict[str, Reader] = {}
     password_hash = settings.password_hash.get_secret_value() if settings.password_hash else None
 
@@ -137,7 +139,7 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
         return redirect(url_for("login", next=request.full_path))
 
     def operator() -> str | None:
-        return session.get("operator")
+        return sessions.operator(session.get("sid"), clock())
 
     def viewer(view):
         @wraps(view)
@@ -176,29 +178,31 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
         data = request.get_json(silent=True) if request.is_json else request.form
         data = data or {}
         address = request.remote_addr or "?"
-        wait_s = limiter.retry_after(address, clock())
+        name = str(data.get("name", "")).strip()[:64]
+        wait_s = limiter.retry_after(address, name, clock())
         if wait_s > 0:
             message = f"too many failed logins from {address}; try again in {wait_s:.0f} s"
-            return (jsonify({"error": message}), 429) if wants_json() else (
-                render_template("login.html", error=message, password_set=bool(password_hash)), 429)
-        name = str(data.get("name", "")).strip()[:64]
+            page = (jsonify({"error": message}) if wants_json()
+                    else render_template("login.html", error=message, password_set=bool(password_hash)))
+            return page, 429, {"Retry-After": str(math.ceil(wait_s))}
         if not name or not password_ok(password_hash, str(data.get("password", ""))):
-            limiter.failed(address, clock())
+            limiter.failed(address, name, clock())
             message = ("no operator password is set: run `edgeprune passwd`" if not password_hash
                        else "wrong name or password" if name else "enter your name (it is logged with your actions)")
             return (jsonify({"error": message}), 401) if wants_json() else (
                 render_template("login.html", error=message, password_set=bool(password_hash)), 401)
-        limiter.succeeded(address)
+        limiter.succeeded(address, name)
+        sessions.end(session.get("sid"))
         session.clear()
         session.permanent = True
-        session["operator"] = name
+        session["sid"] = sessions.start(name, clock())
         if wants_json():
             return jsonify({"operator": name, "csrf_token": generate_csrf()})
-        target = request.args.get("next", "")
-        return redirect(target if target.startswith("/") and not target.startswith("//") else url_for("index"))
+        return redirect(local_path(request.args.get("next", "")) or url_for("index"))
 
     @app.post("/logout")
     def logout():
+        sessions.end(session.get("sid"))  # a copy of the cookie taken before is worth nothing now
         session.clear()
         return jsonify({"ok": True}) if wants_json() else redirect(url_for("login"))
 
