@@ -135,6 +135,7 @@ class Camera:
         self.topics = Topics(mqtt_settings.topic_root)
         self.bus = Bus(mqtt_settings, settings.camera_id, self.topics.component_status(settings.camera_id))
         self.sent = 0
+        self.refused = 0  # frames over the broker's size limit, logged and not sent
         self._stop = threading.Event()
 
     def run(self) -> int:
@@ -150,11 +151,11 @@ class Camera:
         started = time.monotonic()
         last = None
         for arrival in schedule:
-            if self._stop.is_set() or (s.count and self.sent >= s.count):
+            if self._stop.is_set() or (s.count and self.sent + self.refused >= s.count):
                 break
             if last is not None:
                 wait_acknowledged(last, started + arrival.at_s - time.monotonic() - FRAME_MAKING_MARGIN_S)
-            user = {"request_id": f"{arrival.camera}-{run_tag}-{self.sent:06d}"}
+            user = {"request_id": f"{arrival.camera}-{run_tag}-{self.sent + self.refused:06d}"}
             if labelled is not None:
                 payload, label = labelled()
                 user[TRUE_LABEL_PROPERTY] = str(label)
@@ -165,7 +166,13 @@ class Camera:
             if self._stop.wait(max(0.0, started + arrival.at_s - time.monotonic())):
                 break
             user["capture_ts"] = repr(time.time())
-            last = self.bus.publish(self.topics.camera_frame(arrival.camera), payload, qos=1, user=user)
+            topic = self.topics.camera_frame(arrival.camera)
+            if not self.bus.fits(topic, payload, user):  # the broker would cut the connection (docs/mqtt.md)
+                self.refused += 1
+                log.error("%s: frame %s of %d B is over the broker's limit of %d B per message: not sent",
+                          s.camera_id, user["request_id"], len(payload), self.bus.max_packet_size)
+                continue
+            last = self.bus.publish(topic, payload, qos=1, user=user)
             self.sent += 1
         if last is not None:  # let the last frame reach the broker before disconnecting
             last.wait_for_publish(timeout=5.0)

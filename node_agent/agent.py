@@ -398,6 +398,9 @@ class NodeAgent:
         req = Request(topic, payload, props, received)
         if runtime.takes_frames:
             req = self._admit_frame(runtime, req)
+            if req is None:  # refused, and reported as the frame's failure
+                ack()
+                return
             capture_ts = float(req.user_props["capture_ts"])
         else:  # an activation's header carries it; a malformed one is reported when served, timed from arrival
             header = self._peek(payload)
@@ -416,9 +419,9 @@ class NodeAgent:
         """Now on the gateway's (and the cameras') clock, which capture times and so deadlines are on."""
         return time.time() - (self.clock.offset_s or 0.0)
 
-    def _admit_frame(self, runtime: StageRuntime | IngestRuntime, req: Request) -> Request:
+    def _admit_frame(self, runtime: StageRuntime | IngestRuntime, req: Request) -> Request | None:
         """Stage 1 (or the ingest node before it) takes a camera frame: check its camera id and times, and
-        announce it to the gateway.
+        announce it to the gateway; then its size (None: over ``max_payload_bytes``, reported as ``oversized``).
 
         From here on the frame is *accepted*: it must end as a result row or a failure with a reason.
         """
@@ -430,7 +433,6 @@ class NodeAgent:
         except ValueError as exc:
             raise BadMessage("bad_camera_id", str(exc)) from None
         req.camera_id = camera_id
-        runtime.check_size(req.payload)
         request_id, capture_ts = frame_metadata(req)
         claimed = None
         if not plausible_capture(capture_ts, req.received_ts, self.settings.capture_past_s,
@@ -443,6 +445,11 @@ class NodeAgent:
         accepted = AcceptedRequest(request_id=request_id, camera_id=camera_id, node_id=self.node_id,
                                    capture_ts=capture_ts, received_ts=req.received_ts, claimed_capture_ts=claimed)
         self.bus.publish(self.topics.accepted(self.node_id), to_json(accepted), qos=1)
+        try:  # announced first: a frame too large for this node is a failure with its request id, not a lost frame
+            runtime.check_size(req.payload)
+        except BadMessage as exc:
+            self.bus.report_error(req.topic, exc.kind, str(exc), request_id)
+            return None
         return req
 
     @staticmethod

@@ -21,6 +21,7 @@ from shared.imaging import decode_frame
 from shared.latency_fit import LatencyCurve, fit_latency
 from shared.model import BlockNet
 from shared.pruning import PrunableSlice
+from shared.settings import FRAME_LIMIT_BYTES
 from shared.schemas import (INGEST_STAGE, MAX_LABEL_INDEX, TRUE_LABEL_PROPERTY, BadMessage, Hop, Result,
                             StageAssignment, to_json)
 
@@ -175,7 +176,7 @@ class IngestRuntime:
 
     takes_frames = True
 
-    def __init__(self, model: BlockNet, node_id: str, output_topic: str, max_payload_bytes: int = 8 << 20,
+    def __init__(self, model: BlockNet, node_id: str, output_topic: str, max_payload_bytes: int = FRAME_LIMIT_BYTES,
                  reduced_decode: bool = True):
         self.node_id = node_id
         self.output_topic = output_topic
@@ -210,7 +211,7 @@ class StageRuntime:
 
     def __init__(self, model: BlockNet, node_id: str, assignment: StageAssignment, n_stages: int,
                  output_topic: str, wire_dtype: str = "float16",
-                 max_payload_bytes: int = 8 << 20, reduced_decode: bool = True, behind_ingest: bool = False,
+                 max_payload_bytes: int = FRAME_LIMIT_BYTES, reduced_decode: bool = True, behind_ingest: bool = False,
                  device_model: DeviceModel | None = None):
         self.node_id = node_id
         self.assignment = assignment

@@ -57,6 +57,12 @@ def _client(settings: MqttSettings, client_id: str, manual_ack: bool = False) ->
     return client
 
 
+def publish_size(topic: str, payload: bytes, user: dict[str, str] | None = None) -> int:
+    """Bytes of the MQTT v5 PUBLISH (QoS 1) that carries this message: an upper bound by at most a few bytes."""
+    props = sum(5 + len(k.encode()) + len(v.encode()) for k, v in (user or {}).items())
+    return 5 + 2 + len(topic.encode()) + 2 + 4 + props + len(payload)
+
+
 def publish_properties(user: dict[str, str]) -> Properties:
     props = Properties(PacketTypes.PUBLISH)
     props.UserProperty = list(user.items())
@@ -89,6 +95,8 @@ class Bus:
         self._subscribed: dict[int, Callable[[], None]] = {}  # SUBSCRIBE packet id -> call on its SUBACK
         self.on_connected: Callable[[], None] | None = None
         self.refusal: str | None = None  # the broker's last reason for refusing us (e.g. "Not authorized")
+        # the largest packet the broker takes (its CONNACK says, MQTT v5); a larger publish gets us disconnected
+        self.max_packet_size: int | None = None
         client = _client(settings, component_id, manual_ack=manual_ack)
         client.will_set(status_topic, AVAILABILITY_OFFLINE, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=settings.reconnect_max_s)
@@ -146,6 +154,7 @@ class Bus:
             self.refusal = str(reason_code)
             return
         self.refusal = None
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         with self._lock:
             self._connection += 1
         sock = client.socket()
@@ -218,6 +227,11 @@ class Bus:
             self._handlers.pop(topic_filter, None)
         self.client.message_callback_remove(_routing_filter(topic_filter))
         self.client.unsubscribe(topic_filter)
+
+    def fits(self, topic: str, payload: bytes, user: dict[str, str] | None = None) -> bool:
+        """Whether the broker takes this publish (True until its CONNACK said otherwise). Check before sending:
+        a packet over its limit closes the connection (reason code 149), and paho sends it again on reconnect."""
+        return self.max_packet_size is None or publish_size(topic, payload, user) <= self.max_packet_size
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
                 user: dict[str, str] | None = None) -> mqtt.MQTTMessageInfo:

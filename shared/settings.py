@@ -56,8 +56,9 @@ def _ids(value: Any) -> Any:
 
 
 # The one place that sizes a frame: the node's input limit, and the broker's packet limit with room for
-# the MQTT header, topic and user properties on top (a 4000x3000 camera JPEG is ~7 MB).
-FRAME_LIMIT_BYTES = 8 << 20
+# the MQTT header, topic and user properties on top. A 12 MP camera JPEG can be ~9 MB, a 20-24 MP one
+# 12-15 MB; 16 MiB takes them all (what a camera sees beyond it: docs/mqtt.md, "Frame size").
+FRAME_LIMIT_BYTES = 16 << 20
 MQTT_OVERHEAD_BYTES = 64 << 10
 
 
@@ -147,7 +148,8 @@ class NodeSettings(_Section):
                                  "(earliest deadline), late ones after them, marked `deferred`; off: arrival order.")
     wire_dtype: Literal["float16", "float32"] = Field("float16", description="Precision of activations sent on.")
     stats_interval_s: float = Field(2.0, gt=0, le=3600, description="How often stats are published.")
-    max_payload_bytes: int = Field(FRAME_LIMIT_BYTES, ge=1024, description="Inputs larger than this are rejected.")
+    max_payload_bytes: int = Field(FRAME_LIMIT_BYTES, ge=1024, description="Inputs larger than this are rejected "
+                                   "(a frame: accepted, then recorded as the failure `oversized`).")
     max_frame_age_s: float = Field(300.0, ge=0, description="A frame captured longer ago than this when stage 1 "
                                    "would run it is recorded as `expired`, not run (0 = never).")
     capture_past_s: float = Field(86400.0, gt=0, description="A capture time further before arrival is implausible: "

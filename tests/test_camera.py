@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from camera import simulator
 from camera.simulator import Camera, wait_acknowledged
+from shared.bus import Bus
 from shared.settings import CameraSettings, MqttSettings
 
 
@@ -18,8 +19,11 @@ class FakeInfo:
 
 
 class FakeBus:
-    def __init__(self, events: list):
+    def __init__(self, events: list, max_packet_size: int | None = None):
         self.events = events
+        self.max_packet_size = max_packet_size
+
+    fits = Bus.fits
 
     def start(self) -> None:
         pass
@@ -59,3 +63,18 @@ def test_waiting_is_bounded_and_never_raises():
     wait_acknowledged(FakeInfo(events, RuntimeError("not connected")), 0.5)
     wait_acknowledged(FakeInfo(events, ValueError("queue full")), 0.5)
     assert events == [("acknowledged", 0.5), ("acknowledged", 0.5)]
+
+
+def test_a_frame_over_the_brokers_limit_is_logged_and_not_sent(monkeypatch, caplog, tmp_path):
+    """The broker would close the connection on it (reason 149) and paho would send it again on every reconnect."""
+    (tmp_path / "a.jpg").write_bytes(b"x" * 1000)
+    (tmp_path / "b.jpg").write_bytes(b"x" * 100)
+    events: list = []
+    monkeypatch.setattr(simulator, "Bus", lambda *_args: FakeBus(events, max_packet_size=600))
+    camera = Camera(CameraSettings(rate_hz=100.0, arrival="fixed", count=4, images=tmp_path), MqttSettings())
+    assert camera.run() == 2 and camera.refused == 2
+    sent = [rid for kind, rid in events if kind == "publish"]
+    assert len(sent) == 2 and len(set(sent)) == 2 and all(rid.endswith(("1", "3")) for rid in sent)
+    refusals = [r for r in caplog.records if r.levelname == "ERROR" and "over the broker's limit" in r.message]
+    assert len(refusals) == 2
+

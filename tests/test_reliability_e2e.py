@@ -13,17 +13,22 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from camera.simulator import synthetic_scene
+from shared.bus import publish_size
 from shared.imaging import encode_jpeg
+from shared.settings import BrokerSettings, NodeSettings
 from tests.conftest import (
     STARTUP_S,
     Processes,
     Recorder,
     component_env,
+    login,
     mqtt_client,
     open_reader,
     start_two_stage_site,
@@ -157,6 +162,37 @@ def test_burst_drops_are_persisted_failures(site):
     assert dropped > 0, accounting
     burst = site.reader._rows("SELECT COUNT(*) AS n FROM accepted WHERE camera_id = 'cam-burst'")[0]["n"]
     assert burst == 60
+
+
+def test_a_frame_over_the_size_limit_is_refused_by_the_broker_or_recorded_by_the_node(site):
+    """One limit from shared/settings.py: the broker's packet limit is the node's payload limit plus MQTT overhead,
+    so a frame between the two reaches stage 1 and is recorded as its failure; a frame over the broker's limit
+    closes the camera's connection (docs/mqtt.md, "Frame size") and reaches nobody."""
+    topic, limit = "edgeprune/camera/cam-big/frame", BrokerSettings().max_packet_size
+    payload = site.photo + bytes(limit - publish_size(topic, site.photo, {"request_id": "BIG-1"}))
+    assert len(payload) > NodeSettings().max_payload_bytes
+    send(site, topic, payload, request_id="BIG-1")
+    failed = "SELECT reason FROM failures WHERE request_id = 'BIG-1'"
+    wait_until(lambda: site.reader._rows(failed), 30, "a frame over the node's limit was not recorded as a failure")
+    assert site.reader._rows(failed) == [{"reason": "oversized"}]
+
+    reasons: list[int] = []
+    camera = login(mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5), site.broker)
+    camera.on_disconnect = lambda c, u, f, rc, p: reasons.append(rc.value)
+    camera.connect("127.0.0.1", site.broker.port)
+    camera.loop_start()
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [("request_id", "BIG-2")]
+    try:
+        camera.publish(topic, payload + bytes(16), qos=1, properties=props)
+        wait_until(lambda: reasons, 30, "the broker took a frame over its limit")
+    finally:
+        camera.loop_stop()  # paho would send it again on every reconnect
+        camera.disconnect()
+    # 149 Packet too large when paho reads the broker's DISCONNECT, 128 when the socket closed under its write first
+    assert reasons[0] in (128, 149)
+    settled(site)
+    assert site.reader._rows("SELECT * FROM accepted WHERE request_id = 'BIG-2'") == []
 
 
 def test_stale_and_implausible_capture_times(site):
