@@ -158,6 +158,11 @@ class LivePlacement:
         current = self._cost_of_current(problem).bottleneck_s
         if plan.bottleneck_s > current * (1.0 - self.rules.min_gain):
             return None
+        used = {s.device for s in plan.stages} | ({plan.ingest.device} if plan.ingest else set())
+        if used != set(placed):
+            # leaving the slowed node out is no move: the next tick re-places every eligible node (undoing it within
+            # a second, measured), and a node dropped from the placement idles with the frames it had queued
+            return None
         shown = ", ".join(f"{n} {k:.2f}x" for n, k in slowdowns.items())
         return self._adopt(placed, now, f"re-partitioned for slowdowns {shown}: bottleneck {current * 1e3:.1f} -> "
                                         f"{plan.bottleneck_s * 1e3:.1f} ms", plan)

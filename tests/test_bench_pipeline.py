@@ -103,7 +103,6 @@ def test_quick_run_reports_every_frame_sent_the_pruning_and_the_oracles_plan(tmp
     assert result["labelled"] == result["results"]  # the benchmark's camera labels every frame
     assert 0 <= result["accuracy_measured"] <= 1
     assert result["prune_events"] >= 1 and result["reaction_s"] is not None  # 8x on 10x-host stages saturates
-    assert result["replacement_events"] >= 1  # 8x on 3 of 6 blocks: moving blocks off node-1 halves its stage
     # frames in flight during a move are served: a full work queue (host load) may drop, a move loses nothing
     assert set(result["runs"][0]["failed_reasons"]) <= {"dropped_full_queue", "lost_or_unfinished"}
     assert result["runs"][0]["failed_reasons"]["lost_or_unfinished"] == 0
