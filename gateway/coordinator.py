@@ -23,7 +23,14 @@ from gateway.control_loop import ControlLoop, LadderMismatch
 from gateway.control_loop import Effects as ControlEffects
 from gateway.curves import AccuracyFit
 from gateway.hybrid import HybridPlan, HybridRequest, plan_hybrid
-from gateway.live_placement import Handover, HybridTarget, LivePlacement, PlacementRules, one_pipeline
+from gateway.live_placement import (
+    Handover,
+    HybridTarget,
+    LivePlacement,
+    PlacementRules,
+    one_pipeline,
+    slowed_for_moves,
+)
 from gateway.liveness import Liveness
 from gateway.operator import LABELS, Overrides
 from gateway.placement import InfeasiblePlacement
@@ -557,10 +564,8 @@ class Coordinator:
         controller = self.control.controller
         if controller is None:  # paused, e.g. while the nodes calibrate the slices of the last move
             return None
-        # a node counts as slowed for a move only beyond slowdown_gone, as for the controller: below it, the noise of
-        # a loaded host (estimates of 1.2-2x) re-planned blocks back and forth before any slowdown began
-        slowdowns = {n: k if k > controller.config.slowdown_gone else 1.0
-                     for n in controller.nodes for k in [controller.slowdown(n)]}
+        slowdowns = slowed_for_moves({n: controller.slowdown(n) for n in controller.nodes},
+                                     controller.config.slowdown_gone)
         violated = any(e.get("kind") in ("set", "infeasible", "held") and "reason" in e for e in effects.events)
         gone = all(k == 1.0 for k in slowdowns.values())
         if not (violated or (gone and self._replaced)):

@@ -278,6 +278,13 @@ class LivePlacement:
         return self.current
 
 
+def slowed_for_moves(slowdowns: Mapping[str, float], gone: float) -> dict[str, float]:
+    """The slowdowns a re-partition plans for: a node counts as slowed only beyond ``gone`` (the controller's
+    ``slowdown_gone``), else 1. Below it, a loaded host's noise (estimates of 1.2-2x) moved blocks back and forth
+    before any slowdown began."""
+    return {n: k if k > gone else 1.0 for n, k in slowdowns.items()}
+
+
 def one_pipeline(plan: HybridPlan) -> list[tuple[tuple[str, ...], int, int]] | None:
     """``(nodes, first_block, last_block)`` per stage when ``plan`` is one pipeline (what a :class:`Placement` can
     say: a stage's nodes are its replicas); None for parallel pipelines."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.live_placement import Handover, LivePlacement, PlacementRules
+from gateway.live_placement import Handover, LivePlacement, PlacementRules, slowed_for_moves
 from shared.schemas import BlockProfile, DecodeCost, ModelProfile, NodeProfile
 from tests.conftest import even_split
 
@@ -256,3 +256,15 @@ def test_an_ingest_node_must_beat_decoding_on_stage_1_by_the_minimum_gain():
     live = with_an_ingest_node(frame_megapixels=0.2)
     placement = live.tick(0.0)
     assert placement.ingest_node is None and "i" not in placed(placement)
+
+
+def test_noise_below_the_gone_threshold_moves_no_block():
+    live = live_with(["a", "b"])
+    live.tick(1)
+    unfiltered = live_with(["a", "b"])
+    unfiltered.tick(1)
+    assert unfiltered.replan_for_slowdowns({"a": 1.9, "b": 1.0}, 2) is not None  # taken as is, 1.9x would move
+    noisy = slowed_for_moves({"a": 1.9, "b": 1.0}, gone=2.0)  # a loaded host's estimate, not a slowdown
+    assert noisy == {"a": 1.0, "b": 1.0} and live.replan_for_slowdowns(noisy, 2) is None
+    slowed = slowed_for_moves({"a": 4.0, "b": 1.2}, gone=2.0)
+    assert slowed == {"a": 4.0, "b": 1.0} and live.replan_for_slowdowns(slowed, 3) is not None
