@@ -195,11 +195,16 @@ class PruningController:
         return max(1.0, self._slowdown.get(node_id, 1.0))
 
     def arrival_rate(self, now: float) -> float:
-        """Frames stage 1 accepted per second over the last ``arrival_window_s``."""
-        window = self.config.arrival_window_s
-        while self._arrivals and self._arrivals[0] <= now - window:
+        """Frames stage 1 accepted per second: over the last ``arrival_window_s``, or over the last
+        ``burst_window_s`` when that is higher (a burst's rate counts from its first frames, not once it
+        has filled the longer window)."""
+        window, burst = self.config.arrival_window_s, self.config.burst_window_s
+        while self._arrivals and self._arrivals[0] <= now - max(window, burst):
             self._arrivals.popleft()
-        return len(self._arrivals) / window
+        rate = sum(ts > now - window for ts in self._arrivals) / window
+        if 0 < burst < window:  # intervals between the window's frames: one frame alone is no rate
+            rate = max(rate, (sum(ts > now - burst for ts in self._arrivals) - 1) / burst)
+        return rate
 
     def metrics(self, now: float) -> Metrics:
         trigger_window = self._since_last_action(now, self.config.trigger_window_s)

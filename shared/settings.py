@@ -402,6 +402,10 @@ class ControllerSettings(_Section):
     arrival_window_s: float = Field(2.0, gt=0, le=60, description=(
         "adaptive: the arrival rate each stage must keep up with is the frames stage 1 accepted over this window "
         "(short, so a burst counts while it is on)."))
+    burst_window_s: float = Field(0.5, ge=0, le=60, description=(
+        "adaptive: the rate over this shorter window counts too when it is higher (the arrival rate is the larger "
+        "of the two), so a burst is seen within a tick of its start rather than as it fills arrival_window_s; "
+        "0 turns it off."))
     utilisation: float = Field(0.8, gt=0, le=1, description=(
         "adaptive: each stage's time per frame must stay under this / (its share of the arrival rate); 0 < u < 1 "
         "leaves room for a queue to drain."))

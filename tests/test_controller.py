@@ -454,6 +454,24 @@ def test_adaptive_keeps_up_with_the_arrival_rate_without_any_slowdown():
     assert loop.controller.slowdown("node-1") == loop.controller.slowdown("node-2") == 1.0
 
 
+def test_a_burst_counts_from_its_first_frames_not_once_it_fills_the_arrival_window():
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S, ADAPTIVE)
+    for i in range(20):  # 2 frames/s for 10 s, then 6 frames in 0.3 s
+        controller.observe_arrival(i * 0.5)
+    burst = [10.0 + 0.05 * i for i in range(6)]
+    for ts in burst:
+        controller.observe_arrival(ts)
+    now = burst[-1] + 0.01
+    long_window = sum(ts > now - ADAPTIVE.arrival_window_s for ts in [i * 0.5 for i in range(20)] + burst)
+    assert controller.arrival_rate(now) == pytest.approx(
+        (sum(ts > now - ADAPTIVE.burst_window_s for ts in burst + [9.5]) - 1) / ADAPTIVE.burst_window_s)
+    assert controller.arrival_rate(now) > long_window / ADAPTIVE.arrival_window_s
+    off = PruningController(NODES, FITS, ACCURACY, SLO_S, ADAPTIVE.model_copy(update={"burst_window_s": 0.0}))
+    for ts in [i * 0.5 for i in range(20)] + burst:
+        off.observe_arrival(ts)
+    assert off.arrival_rate(now) == pytest.approx(long_window / ADAPTIVE.arrival_window_s)
+
+
 def test_adaptive_gives_the_channels_back_when_the_burst_is_over():
     loop = Loop(config=ADAPTIVE, rate_hz=8.0)
     loop.run_until(10)
