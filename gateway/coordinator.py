@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import wraps
 
 from gateway.accounting import LOST, WARNING_KINDS, DesiredGuard, RequestLedger, Verdict
@@ -461,6 +461,8 @@ class Coordinator:
         effects = self.control.reconfigure(now, self.operator.controller_settings(), self.operator.slo_s,
                                            self.operator.automatic)
         self.slo.slo_s = self.operator.slo_s
+        if self.live.hybrid is not None:  # the next hybrid plan (a node joins or leaves) is made for the new SLO
+            self.live.hybrid = replace(self.live.hybrid, slo_s=self.operator.slo_s)
         self._carry_out(effects)
         if setting == "slo_s":
             self._publish_placement()  # the same version: nodes keep their stage and take the new deadlines

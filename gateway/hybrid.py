@@ -8,11 +8,15 @@ the placement cost model of :mod:`gateway.placement` and the pruning ladder as t
 Queueing model (documented in docs/placement.md, "Hybrid plans"):
 
 * a replica ``d`` of a stage serves a frame in ``t_d = max(compute, transfer out)`` (CPU and network
-  work in parallel), so a stage's rate is the sum of its replicas' rates ``mu = sum 1 / t_d``;
+  work in parallel). The broker hands a stage's frames to its r replicas in turn, whatever their speed
+  (Mosquitto's shared subscriptions: nothing balances them by readiness), so each replica gets 1/r of
+  them and the slowest sets the pace: the stage's rate is ``r / max t_d`` (:func:`stage_rate`), not the
+  sum of its replicas' rates;
 * arrivals are split among the pipelines in proportion to their capacity (equal utilisation);
 * a frame's latency through a stage is its slowest replica's ``compute + transfer`` (conservative)
-  plus an M/D/1 wait ``rho / (2 mu (1 - rho))`` at utilisation ``rho = lambda / mu``; the frame
-  upload is added once. The SLO holds when the slowest pipeline's mean latency is within it;
+  plus that replica's own M/D/1 wait ``rho / (2 mu (1 - rho))``, ``mu = 1 / max t_d``, at utilisation
+  ``rho = (lambda / r) / mu``; the frame upload is added once. The SLO holds when the slowest
+  pipeline's mean latency is within it;
 * the *sustainable* rate is the largest arrival rate at which the SLO holds (latency rises with
   the rate, so it is found by bisection), at most the camera uplink's rate;
 * pruning a stage at ratio ``p`` multiplies its compute by the level's ``time_factor``; the plan's
@@ -105,10 +109,10 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
     problem = request.problem
     _check_structure(problem, pipelines)
     factor = {lv.ratio: lv.time_factor for lv in request.levels}
-    rates, latencies = [], []  # per pipeline: per stage (service rate mu, fixed latency)
+    service, latencies = [], []  # per pipeline: per stage its replicas' service times; the fixed latency
     for stages in pipelines:
         receivers = [s.replicas for s in stages[1:]] + [(GATEWAY,)]
-        stage_rates, fixed = [], problem.frame_bytes / problem.bandwidth_to_any(CAMERA, stages[0].replicas)
+        stage_times, fixed = [], problem.frame_bytes / problem.bandwidth_to_any(CAMERA, stages[0].replicas)
         for stage, next_replicas in zip(stages, receivers):
             need = problem.memory(stage.first_block, stage.last_block + 1)
             times, paths = [], []
@@ -121,24 +125,26 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
                 transfer = problem.bytes_into(stage.last_block + 1) / problem.bandwidth_to_any(device, next_replicas)
                 times.append(max(compute, transfer))
                 paths.append(compute + transfer)
-            stage_rates.append(sum(1 / t if t > 0 else math.inf for t in times))
+            stage_times.append(times)
             fixed += max(paths)
-        rates.append(stage_rates)
+        service.append(stage_times)
         latencies.append(fixed)
-    capacities = [min(r) for r in rates]
+    capacities = [min(stage_rate(times) for times in stage_times) for stage_times in service]
     total_capacity = sum(capacities)
     camera_hz = problem.camera_bandwidth_bps / problem.frame_bytes if problem.frame_bytes else math.inf
     capacity = min(total_capacity, camera_hz)
     # the bisection below calls latency() 60 times per plan weighed: what does not depend on the rate is done once
-    servers = [[(mu, 2 * mu) for mu in stage_rates if math.isfinite(mu)] for stage_rates in rates]
+    # per stage: (replicas r, the slowest replica's rate mu, 2 mu): each replica queues its 1/r of the frames
+    servers = [[(len(times), 1 / max(times), 2 / max(times)) for times in stage_times if max(times) > 0]
+               for stage_times in service]
 
     def latency(total_hz: float) -> float:
         worst = 0.0
         for queues, fixed, pipeline_capacity in zip(servers, latencies, capacities):
             share = total_hz * pipeline_capacity / total_capacity if math.isfinite(pipeline_capacity) else 0.0
             wait = 0.0
-            for mu, twice_mu in queues:
-                rho = share / mu
+            for replicas, mu, twice_mu in queues:
+                rho = share / replicas / mu
                 if rho >= 1:
                     return math.inf
                 wait += rho / (twice_mu * (1 - rho))
@@ -167,6 +173,13 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
         accuracy = sum(a * c for a, c in zip(per_pipeline, capacities)) / sum(capacities) \
             if all(math.isfinite(c) for c in capacities) else min(per_pipeline)
     return HybridPlan(tuple(tuple(p) for p in pipelines), sustainable, capacity, latency(request.arrival_hz), accuracy)
+
+
+def stage_rate(service_times: Sequence[float]) -> float:
+    """Frames/s a stage serves when the broker deals them to its replicas in turn: r x its slowest replica's rate
+    (each replica gets 1/r of the frames, so the slowest saturates first; a faster one idles the rest of its time)."""
+    slowest = max(service_times)
+    return len(service_times) / slowest if slowest > 0 else math.inf
 
 
 def _check_structure(problem: PlacementProblem, pipelines: Sequence[Sequence[HybridStage]]) -> None:
@@ -239,7 +252,7 @@ def plan_hybrid(request: HybridRequest, max_parallel: int = MAX_PARALLEL) -> Hyb
 def _group_pipelines(problem: PlacementProblem, group: list[str], speed: dict[str, float]) -> list[list[HybridStage]]:
     """Pipelines over a group: for each m, the best pipeline on its m fastest devices, then with the group's
     other devices added one at a time (fastest first) as replicas; each step is a candidate, because a
-    slow replica adds rate but also latency (a frame may wait for it)."""
+    slow replica adds latency (a frame may wait for it) and may even lower its stage's rate (it sets the pace)."""
     found = []
     ordered = sorted(group, key=speed.get)
     for m in range(1, len(group) + 1):
@@ -257,10 +270,10 @@ def _group_pipelines(problem: PlacementProblem, group: list[str], speed: dict[st
 
 
 def _add_replica(problem: PlacementProblem, stages: list[HybridStage], device: str) -> list[HybridStage]:
-    """``device`` joins the slowest stage (lowest summed rate) whose slice fits its memory (unchanged if none)."""
+    """``device`` joins the slowest stage (lowest :func:`stage_rate`) whose slice fits its memory (unchanged if
+    none)."""
     def rate(stage: HybridStage) -> float:
-        return sum(1 / max(problem.compute(d, stage.first_block, stage.last_block + 1), 1e-12)
-                   for d in stage.replicas)
+        return stage_rate([problem.compute(d, stage.first_block, stage.last_block + 1) for d in stage.replicas])
 
     fitting = [k for k, s in enumerate(stages)
                if problem.memory(s.first_block, s.last_block + 1) <= problem._device[device].memory_bytes]
@@ -304,5 +317,5 @@ def _with_levels(request: HybridRequest, pipelines: list[list[HybridStage]]) -> 
 
 def _stage_rate(request: HybridRequest, stage: HybridStage) -> float:
     factor = {lv.ratio: lv.time_factor for lv in request.levels}[stage.ratio]
-    return sum(1 / max(request.problem.compute(d, stage.first_block, stage.last_block + 1) * factor, 1e-12)
-               for d in stage.replicas)
+    return stage_rate([request.problem.compute(d, stage.first_block, stage.last_block + 1) * factor
+                       for d in stage.replicas])

@@ -250,7 +250,9 @@ class GatewaySettings(_Section):
                                 "docs/scaling.md). "
                                 "`data`: the whole model on every node that holds it, as replicas of one stage.")
     hybrid_arrival_hz: float = Field(1.0, gt=0, le=10000, description="The arrival rate (frames/s) a `hybrid` "
-                                     "placement is planned for.")
+                                     "placement is planned for. It does not change which plan is chosen: unpruned, "
+                                     "the planner takes the plan sustaining the highest rate within the SLO at any "
+                                     "rate (docs/scaling.md).")
     checkpoint: Path | None = Field(None, description="The checkpoint the nodes run (set it with [node] checkpoint "
                                     "when you train your own): the gateway places only nodes with these weights and "
                                     "loads their accuracy model; default: the one shipped in shared/assets.")

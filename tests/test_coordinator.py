@@ -125,3 +125,36 @@ def test_a_placement_is_published_once_every_node_it_moves_has_subscribed(tmp_pa
     published = Placement.model_validate_json(payload)
     assert published.version == version and [s.node_id for s in published.stages] == ["node-1", "node-2"]
     assert [row["version"] for row in effects.rows("add_placement")] == [version]
+
+
+def hybrid_coordinator(tmp_path, speeds: dict[str, float]) -> Coordinator:
+    """A coordinator in ``placement_mode = "hybrid"`` whose nodes are online with 10 ms x speed blocks."""
+    from tests.test_live_placement import offer as block_offer
+
+    settings = GatewaySettings(db_path=tmp_path / "unused.db", nodes=list(speeds), placement_mode="hybrid",
+                               rejoin_hold_s=5.0)
+    c = Coordinator(settings, Overrides(settings, ControllerSettings(), {}), TOPICS, "weights", 12288, None, {},
+                    [], now=0.0)
+    for node, speed in speeds.items():
+        offered = block_offer(node, speed, fingerprint="weights")
+        assert c.on_profile(offered, to_json(offered), 1.0).refusal is None
+        c.on_status(node, "online", 1.0)
+    return c
+
+
+def test_an_operators_slo_change_reaches_the_next_hybrid_plan(tmp_path):
+    from tests.test_replicas import hybrid_live
+
+    speeds = {"a": 1.0, "b": 1.5}  # b's whole model (90 ms) fits a 1 s SLO, not an 80 ms one
+    stages = lambda p: [(s.nodes, s.first_block, s.last_block) for s in p.stages]  # noqa: E731
+    at_start, tightened = (stages(hybrid_live(speeds, 1.0, slo_s=slo).tick(1)) for slo in (1.0, 0.08))
+    assert at_start != tightened  # the SLO changes the plan for these nodes
+    c = hybrid_coordinator(tmp_path, speeds)
+    c.tick(2.0)
+    assert stages(c.live.current) == at_start
+    assert command(c, {"cmd": "set", "setting": "slo_s", "value": 0.08, "id": "c1"}, now=3.0).refusal is None
+    c.on_status("b", "offline", now=4.0)  # re-placed over a alone, then b comes back and is re-planned with a
+    c.tick(4.0)
+    c.on_status("b", "online", now=5.0)
+    c.tick(11.0)
+    assert stages(c.live.current) == tightened

@@ -117,11 +117,22 @@ def test_decode_costs_of_devices_left_out_of_a_pipeline_do_not_stop_the_planner(
         evaluate(HybridRequest(problem, arrival_hz=10, slo_s=1.0), plan.pipelines).sustainable_hz)
 
 
-def test_a_replicated_stage_serves_at_the_sum_of_its_replicas_rates() -> None:
+def test_replicas_served_in_turn_go_at_the_slowest_replicas_pace() -> None:
+    """Mosquitto hands a shared subscription's messages to its members in turn, whatever their speed: each of r
+    replicas gets 1/r of the frames, so the stage saturates when its slowest replica does, at r x that rate."""
     request = HybridRequest(cluster([1, 2, 2], [1, 1]), arrival_hz=10, slo_s=1.0)
     plan = evaluate(request, [[HybridStage(0, 1, ("n0", "n1", "n2"))]])
-    assert plan.capacity_hz == pytest.approx(1 / 2e-3 + 2 * 1 / 4e-3)
-    assert plan.latency_s > 4e-3  # slowest replica's time plus a queueing wait
+    assert plan.capacity_hz == pytest.approx(3 / 4e-3)  # not 1 / 2 ms + 2 / 4 ms: n0 idles a half of its time
+    # a frame handed to a slowest replica waits in that replica's own queue, which gets a third of the frames
+    alone = evaluate(replace(request, arrival_hz=10 / 3), [[HybridStage(0, 1, ("n1",))]])
+    assert plan.latency_s == pytest.approx(alone.latency_s) and plan.latency_s > 4e-3
+
+
+def test_a_replica_too_slow_for_its_share_is_left_out() -> None:
+    """n1 is 5x slower than n0: as its replica it would get every second frame and hold the stage to 2 x its rate
+    (200/s), below n0's 500/s alone (one pipeline, as the gateway places)."""
+    plan = plan_hybrid(HybridRequest(cluster([1, 5], [2]), arrival_hz=1000, slo_s=1.0), max_parallel=1)
+    assert plan.pipelines == ((HybridStage(0, 0, ("n0",)),),) and plan.capacity_hz == pytest.approx(500)
 
 
 def test_pruning_is_used_only_when_the_rate_needs_it_and_never_below_the_floor() -> None:

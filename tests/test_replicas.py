@@ -138,3 +138,14 @@ def test_data_mode_puts_the_whole_model_on_every_node():
     live.hybrid = HybridTarget(1.0, 1.0, whole_model=True)
     placement = live.tick(1)
     assert len(placement.stages) == 1 and sorted(placement.node_ids()) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("speeds", [{"a": 1.0, "b": 1.5}, {"a": 1.0, "b": 4.0}, {"a": 1.0, "b": 3.0, "c": 8.0},
+                                    {"a": 8.0, "b": 3.0, "c": 1.5, "d": 1.0, "e": 3.0}])
+def test_a_hybrid_mode_placement_does_not_depend_on_the_rate_it_is_planned_for(speeds):
+    """Unpruned plans all predict the same accuracy, so the planner's objective picks the plan sustaining the highest
+    rate within the SLO whatever rate it is asked for (gateway/hybrid.py: _key): which rate a join is planned for
+    (``hybrid_arrival_hz`` or a rate re-plan's) moves no block. The SLO does (test_coordinator.py)."""
+    placed = {hz: [(s.nodes, s.first_block, s.last_block) for s in hybrid_live(speeds, hz, slo_s=0.2).tick(1).stages]
+              for hz in (0.05, 5.0, 50.0, 5000.0)}
+    assert len({repr(p) for p in placed.values()}) == 1

@@ -119,3 +119,16 @@ def test_without_a_session_mosquitto_drops_what_was_in_flight_to_a_dead_member(f
     assert not held & set(survivor.got), "Mosquitto now re-sends a dead member's in-flight messages: revisit"
     gateway = AUTH[port].settings("gateway", "gateway")
     assert drain_session(gateway, "node-2", [TOPICS.shared(STAGE, TOKEN)]) == []  # nothing left anywhere: lost
+
+
+def test_a_member_that_falls_behind_still_gets_every_other_message(fresh_broker):
+    """Mosquitto deals a group's messages in turn, not by readiness: a member holding more unacknowledged messages
+    than the broker's max_inflight_messages (64) is still handed its share (queued in its session), so a slow
+    replica sets its stage's pace. The hybrid planner's stage rate, r x the slowest replica's, rests on this."""
+    port = fresh_broker.port
+    fast, slow = Member(port, "node-1", 3600), Member(port, "node-2", 3600)  # slow acknowledges nothing
+    fast.client.on_message = lambda c, u, msg: (fast.got.append(int(msg.payload)), c.ack(msg.mid, msg.qos))
+    publish(port, range(200))
+    wait_until(lambda: len(fast.got) >= 100, 15, "the fast member did not get its half")
+    time.sleep(1.0)
+    assert len(fast.got) == 100 and len(slow.got) <= 100, (len(fast.got), len(slow.got))
