@@ -489,8 +489,8 @@ class Coordinator:
         if placement is not None:
             self._place_controller(placement)
         effects = self.control.tick(now)
-        if self.settings.replace_on_violation and placement is None:
-            placement = self._replace_for_slowdowns(now, effects)
+        if placement is None and (self.operator.move_blocks or self._replaced):  # switched off: still move back
+            placement = self._replace_for_slowdowns(now, effects, self.operator.move_blocks)
         planned_for_hz = self.rate_trigger.planned_hz
         rate_request = (self._rate_replan_due(now) if self.settings.rate_replan != "off" and placement is None
                         else None)
@@ -558,8 +558,9 @@ class Coordinator:
         for row in self.control.set_placement(placement, self.live.profiles()):
             self._out.write("add_calibration", row)
 
-    def _replace_for_slowdowns(self, now: float, effects: ControlEffects) -> Placement | None:
-        """Re-partition when the controller reacted to a sustained violation, and back when slowdowns are gone.
+    def _replace_for_slowdowns(self, now: float, effects: ControlEffects, move: bool) -> Placement | None:
+        """Re-partition when the controller reacted to a sustained violation (``move``: moves are on), and back
+        when slowdowns are gone.
 
         Called under the lock. The move is logged as a ``replace`` row in ``prune_events``.
         """
@@ -568,7 +569,7 @@ class Coordinator:
             return None
         slowdowns = slowed_for_moves({n: controller.slowdown(n) for n in controller.nodes},
                                      controller.config.slowdown_gone)
-        violated = any(e.get("kind") in ("set", "infeasible", "held") and "reason" in e for e in effects.events)
+        violated = move and any(e.get("kind") in ("set", "infeasible", "held") and "reason" in e for e in effects.events)
         gone = all(k == 1.0 for k in slowdowns.values())
         if not (violated or (gone and self._replaced)):
             return None

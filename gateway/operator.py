@@ -18,8 +18,11 @@ from shared.settings import ControllerSettings, GatewaySettings
 log = logging.getLogger(__name__)
 
 POLICY_OFF = "off"
+SWITCH = ("on", "off")
 LABELS = {"slo_s": "SLO target (s)", "trigger_margin_s": "trigger margin (s)", "cooldown_s": "cooldown (s)",
-          "accuracy_floor_relative": "accuracy floor (fraction of unpruned)", "policy": "policy"}
+          "accuracy_floor_relative": "accuracy floor (fraction of unpruned)", "policy": "policy",
+          "move_blocks": "move blocks off a slowed node"}
+NOT_CONTROLLER = ("slo_s", "move_blocks")  # operator settings that belong to the gateway, not the controller
 
 
 def _adapter(setting: str) -> TypeAdapter:
@@ -38,6 +41,10 @@ def validate_setting(setting: str, value: Any) -> float | str:
         allowed = [*ControllerSettings.model_fields["policy"].annotation.__args__, POLICY_OFF]
         if value not in allowed:
             raise ValueError(f"policy must be one of {', '.join(allowed)} (got {value!r})")
+        return value
+    if setting == "move_blocks":
+        if value not in SWITCH:
+            raise ValueError(f"{LABELS[setting]} must be on or off (got {value!r})")
         return value
     try:
         return _adapter(setting).validate_python(value)
@@ -65,6 +72,8 @@ class Overrides:
             return self.gateway.slo_s
         if setting == "policy":
             return self.controller.policy
+        if setting == "move_blocks":
+            return "on" if self.gateway.replace_on_violation else "off"
         return getattr(self.controller, setting)
 
     def change(self, setting: str, value: Any) -> tuple[float | str, float | str]:
@@ -80,7 +89,8 @@ class Overrides:
 
     def controller_settings(self, values: dict[str, float | str] | None = None) -> ControllerSettings:
         values = self.values if values is None else values
-        update = {k: v for k, v in values.items() if k != "slo_s" and not (k == "policy" and v == POLICY_OFF)}
+        update = {k: v for k, v in values.items()
+                  if k not in NOT_CONTROLLER and not (k == "policy" and v == POLICY_OFF)}
         try:
             return ControllerSettings(**{**self.controller.model_dump(), **update})
         except ValidationError as exc:
@@ -94,6 +104,11 @@ class Overrides:
     def automatic(self) -> bool:
         """Policy 'off': the controller neither prunes nor restores on its own; operator holds still apply."""
         return self.current("policy") != POLICY_OFF
+
+    @property
+    def move_blocks(self) -> bool:
+        """Re-partition for slowdowns (``[gateway] replace_on_violation`` unless the operator switched it)."""
+        return self.current("move_blocks") == "on"
 
     def effective(self) -> dict[str, float | str]:
         return {setting: self.current(setting) for setting in LABELS}

@@ -415,13 +415,15 @@ class RetireCommand(_GatewayCommandBase):
     node_id: str = Id
 
 
-OperatorSetting = Literal["slo_s", "trigger_margin_s", "cooldown_s", "accuracy_floor_relative", "policy"]
+OperatorSetting = Literal["slo_s", "trigger_margin_s", "cooldown_s", "accuracy_floor_relative", "policy",
+                          "move_blocks"]
 
 
 class SetSettingCommand(_GatewayCommandBase):
     """Operator changes one control setting; the gateway validates it and keeps it across restarts.
 
-    ``policy`` takes ``adaptive``, ``bottleneck``, ``paper`` or ``off`` (manual holds only); the others a number.
+    ``policy`` takes ``adaptive``, ``bottleneck``, ``paper`` or ``off`` (manual holds only); ``move_blocks``
+    ``on`` or ``off`` (re-partitioning for slowdowns); the others a number.
     """
 
     cmd: Literal["set"]

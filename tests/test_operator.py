@@ -20,7 +20,7 @@ LADDER = [round(0.1 * i, 1) for i in range(10)]
 @pytest.mark.parametrize("setting,value,words", [
     ("slo_s", "-1", "greater than 0"), ("slo_s", "abc", "valid number"), ("cooldown_s", -3, "greater than or equal"),
     ("accuracy_floor_relative", 2, "less than or equal to 1"), ("policy", "fastest", "bottleneck, paper, off"),
-    ("ladder", "0,0.5", "unknown setting"),
+    ("ladder", "0,0.5", "unknown setting"), ("move_blocks", "yes", "on or off"),
 ])
 def test_bad_values_are_refused_in_words(setting, value, words):
     with pytest.raises(ValueError, match=words):
@@ -36,6 +36,31 @@ def test_overrides_merge_stored_values_and_drop_ones_no_longer_valid():
     with pytest.raises(ValueError):
         o.change("slo_s", 0)
     assert o.slo_s == 0.3  # a refused change leaves everything as it was
+
+
+def test_moving_blocks_defaults_to_the_gateway_setting_and_the_operator_switches_it():
+    o = Overrides(GatewaySettings(replace_on_violation=True), ControllerSettings(), {})
+    assert o.move_blocks and o.effective()["move_blocks"] == "on"
+    assert o.change("move_blocks", "off") == ("on", "off") and not o.move_blocks
+    assert o.controller_settings() == ControllerSettings()  # a gateway switch, not a controller setting
+    assert not Overrides(GatewaySettings(), ControllerSettings(), {}).move_blocks
+
+
+def test_the_move_switch_reaches_the_tick_and_a_moved_placement_still_moves_back_when_off(tmp_path):
+    gateway = calibrated_gateway(tmp_path)
+    coordinator = gateway.coordinator
+    calls = []
+    coordinator._replace_for_slowdowns = lambda now, effects, move: calls.append(move)
+    coordinator.tick(100.0)
+    assert calls == []  # off (the default): nothing is moved
+    assert send(gateway, {"cmd": "set", "setting": "move_blocks", "value": "on", "id": "m1"}).ok
+    coordinator.tick(101.0)
+    assert calls == [True]
+    coordinator._replaced = True  # a placement moved for a slowdown, then the operator switches moves off
+    assert send(gateway, {"cmd": "set", "setting": "move_blocks", "value": "off", "id": "m2"}).ok
+    coordinator.tick(102.0)
+    assert calls == [True, False]  # asked only to move back once the slowdowns are gone
+    gateway.store.close()
 
 
 class FakeBus:
