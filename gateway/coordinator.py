@@ -569,7 +569,8 @@ class Coordinator:
             return None
         slowdowns = slowed_for_moves({n: controller.slowdown(n) for n in controller.nodes},
                                      controller.config.slowdown_gone)
-        violated = move and any(e.get("kind") in ("set", "infeasible", "held") and "reason" in e for e in effects.events)
+        violated = move and any(e.get("kind") in ("set", "infeasible", "held") and "reason" in e
+                                for e in effects.events)
         gone = all(k == 1.0 for k in slowdowns.values())
         if not (violated or (gone and self._replaced)):
             return None
