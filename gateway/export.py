@@ -234,14 +234,15 @@ def _media_and_observations(conn: sqlite3.Connection, filters: Filters,
         media, observations = [], []
         for request_id, camera_id, capture_ts, finish_ts, label, scientific_name, confidence, ratios, thumb in batch:
             when = _iso_s(capture_ts)  # Camtrap DP's timestamp format has whole seconds
-            kept = {"filePath": media_file(request_id), "fileName": media_file(request_id).split("/")[1],
-                    "fileMediatype": "image/jpeg",
-                    "mediaComments": f"thumbnail of the frame (at most {THUMBNAIL_PX} px) in the package"}
+            file = {"filePath": f"{camera_id}/{request_id}", "fileMediatype": "image/*",
+                    "mediaComments": "frame classified on the edge; not stored"}
+            if thumb:  # the package holds its thumbnail
+                path = media_file(request_id)
+                file = {"filePath": path, "fileName": path.split("/")[1], "fileMediatype": "image/jpeg",
+                        "mediaComments": f"thumbnail of the frame (at most {THUMBNAIL_PX} px) in the package"}
             media.append(_row("media", {
                 "mediaID": request_id, "deploymentID": camera_id, "captureMethod": "activityDetection",
-                "timestamp": when, "filePath": f"{camera_id}/{request_id}", "filePublic": "false",
-                "fileMediatype": "image/*", "exifData": _exif_time(capture_ts),
-                "mediaComments": "frame classified on the edge; not stored", **(kept if thumb else {})}))
+                "timestamp": when, "filePublic": "false", "exifData": _exif_time(capture_ts), **file}))
             kind = _observation_type(label, scientific_name)
             observations.append(_row("observations", {
                 "observationID": f"{request_id}_1", "deploymentID": camera_id, "mediaID": request_id,

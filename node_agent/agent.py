@@ -517,14 +517,13 @@ class NodeAgent:
         self.bus.publish(self._output_topic(out), out.payload, qos=1, user=out.user)
         with self._lock:
             thumbnails = self.placement is not None and self.placement.thumbnails
-        if out.frame is not None and thumbnails:
-            self.thumbnails.offer(out.request_id, out.frame)
-        with self._lock:
             self.processed += 1
             self.late_served += req.deferred
             self._compute_s.append(out.compute_s)
             self._decode_s.append(out.decode_s)
             self._queue_wait_s.append(started - req.received_ts)
+        if out.frame is not None and thumbnails:  # made by the thumbnail thread, after the frame is served
+            self.thumbnails.offer(out.request_id, out.frame)
 
     def _send_thumbnail(self, request_id: str, jpeg: bytes) -> None:
         """QoS 0 (docs/mqtt.md): a thumbnail is worth no retransmission, nor room in anyone's session queue."""
