@@ -31,10 +31,10 @@ ROLE_RIGHTS: dict[str, list[tuple[str, str]]] = {
     # A camera only publishes its own frames.
     "camera": [("write", "camera/{u}/frame"), ("read", "clock")],
     # A node reads frames and stage inputs (it may be placed at any stage), its own control topics,
-    # and writes the next stage, its own results and accepted-request records, and its own state.
+    # and writes the next stage, its own results, accepted-request records and thumbnails, and its own state.
     "node": [
         ("read", "placement"), ("read", "camera/+/frame"), ("readwrite", "pipeline/stage/+/in"),
-        ("write", "pipeline/results/{u}"), ("write", "pipeline/accepted/{u}"),
+        ("write", "pipeline/results/{u}"), ("write", "pipeline/accepted/{u}"), ("write", "pipeline/thumbnail/{u}"),
         ("read", "node/{u}/prune/set"), ("read", "node/{u}/cmd"),
         ("readwrite", "node/{u}/status"), ("write", "node/{u}/stats"), ("readwrite", "node/{u}/profile"),
         ("readwrite", "node/{u}/calibration"), ("readwrite", "node/{u}/prune/state"), ("read", "clock"),
@@ -198,7 +198,13 @@ class Credentials:
 
     def _save(self, users: dict[str, str]) -> None:
         self._users_file.write_text(json.dumps(users, indent=1, sort_keys=True) + "\n")
-        self.acl_file.write_text(render_acl(users, self.topic_root, self.gateway_id))
+        self.write_acl()
+
+    def write_acl(self) -> None:
+        """The ACL of the users there are, by this version's role rights (``init`` rewrites it: an upgrade may give
+        a role a new topic, e.g. a node's thumbnails)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.acl_file.write_text(render_acl(self.users(), self.topic_root, self.gateway_id))
         os.chmod(self.acl_file, 0o600)
 
 

@@ -36,6 +36,8 @@ class _Entry:
     accepted_ts: float
     digest: str | None = None   # of the stored result
     failed: str | None = None   # reason, once failed
+    node_id: str | None = None  # the node that accepted it (None: restored from a database without it)
+    thumbnail: bool = False     # its thumbnail was stored
 
 
 def digest(payload: bytes) -> str:
@@ -57,20 +59,21 @@ class RequestLedger:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def accept(self, request_id: str, camera_id: str, ts: float) -> bool:
-        """A request stage 1 took; False if it was already known (a redelivered announcement)."""
+    def accept(self, request_id: str, camera_id: str, ts: float, node_id: str | None = None) -> bool:
+        """A request stage 1 (``node_id``) took; False if it was already known (a redelivered announcement)."""
         if request_id in self._entries:
             return False
-        self._entries[request_id] = _Entry(camera_id, ts)
+        self._entries[request_id] = _Entry(camera_id, ts, node_id=node_id)
         self._pending[request_id] = None
         while len(self._entries) > self.capacity:
             old, _ = self._entries.popitem(last=False)
             self._pending.pop(old, None)
         return True
 
-    def restore(self, request_id: str, camera_id: str, ts: float, stored: bool, failed: str | None) -> None:
+    def restore(self, request_id: str, camera_id: str, ts: float, stored: bool, failed: str | None,
+                node_id: str | None = None) -> None:
         """Rebuild one entry from the database after a gateway restart."""
-        self.accept(request_id, camera_id, ts)
+        self.accept(request_id, camera_id, ts, node_id)
         entry = self._entries[request_id]
         if stored:
             entry.digest = ""  # a row exists; its payload is unknown, so a repeat is not judged
@@ -91,6 +94,15 @@ class RequestLedger:
         entry.digest = this
         self._pending.pop(request_id, None)
         return Verdict.LATE if entry.failed else Verdict.STORE
+
+    def thumbnail(self, request_id: str, node_id: str) -> str | None:
+        """The camera of a request ``node_id`` accepted, the first time its thumbnail comes; else None (a node
+        may show only the frames it took, once each)."""
+        entry = self._entries.get(request_id)
+        if entry is None or entry.node_id != node_id or entry.thumbnail:
+            return None
+        entry.thumbnail = True
+        return entry.camera_id
 
     def fail(self, request_id: str, reason: str) -> bool:
         """A stage reported it could not serve the request; True if this ends an in-flight request."""

@@ -183,7 +183,7 @@ class Coordinator:
         self.ledger = RequestLedger()
         for row in open_requests:
             self.ledger.restore(row["request_id"], row["camera_id"], row["received_ts"], bool(row["stored"]),
-                                row["reason"])
+                                row["reason"], row["node_id"])
         self._replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
         self.redelivered_results = 0
         self._next_beacon = 0.0
@@ -218,10 +218,20 @@ class Coordinator:
 
     @_entry
     def on_accepted(self, accepted: AcceptedRequest, now: float) -> None:
-        if self.ledger.accept(accepted.request_id, accepted.camera_id, now):
+        if self.ledger.accept(accepted.request_id, accepted.camera_id, now, accepted.node_id):
             self.arrivals.add(now)
             self.control.observe_arrival(now)
             self._out.write("add_accepted", accepted.model_dump())
+
+    @_entry
+    def on_thumbnail(self, node_id: str, request_id: str, jpeg: bytes, now: float) -> None:
+        """Store a (checked: shared/thumbnail.py) thumbnail of a frame ``node_id`` itself accepted, once."""
+        camera_id = self.ledger.thumbnail(request_id, node_id)
+        if camera_id is None:
+            raise BadMessage("unknown_thumbnail", f"thumbnail of {request_id[:128]!r} from {node_id} not stored: "
+                             "that node accepted no such frame, or sent its thumbnail already")
+        self._out.write("add_thumbnail", {"request_id": request_id, "camera_id": camera_id, "ts": now,
+                                          "bytes": len(jpeg), "jpeg": jpeg})
 
     @_entry
     def on_status(self, node_id: str | None, status: str, now: float) -> None:
@@ -324,7 +334,8 @@ class Coordinator:
     def _publish_placement(self) -> None:
         placement = self.handover.active
         if placement is not None:
-            payload = to_json(placement.model_copy(update={"slo_s": self.operator.slo_s}))
+            payload = to_json(placement.model_copy(update={"slo_s": self.operator.slo_s,
+                                                           "thumbnails": self.settings.thumbnail_budget_mb > 0}))
             self.placement_guard.issue("placement", payload)
             self._out.send(self.topics.placement, payload, retain=True)
 

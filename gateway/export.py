@@ -11,15 +11,19 @@ tests validate against those, offline).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
+import re
 import sqlite3
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from shared.thumbnail import THUMBNAIL_PX
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +78,8 @@ def _detection(row: sqlite3.Row | tuple) -> dict:
 
 
 # scientific_name is the one the model's checkpoint gave the label (NULL in rows stored before results carried it)
-_SELECT = ("SELECT request_id, camera_id, capture_ts, label, scientific_name, confidence, prune_ratios, e2e_s "
-           "FROM requests r")
+_FIELDS = "r.request_id, r.camera_id, r.capture_ts, r.label, r.scientific_name, r.confidence, r.prune_ratios, r.e2e_s"
+_SELECT = f"SELECT {_FIELDS} FROM requests r"
 
 
 def detections_page(conn: sqlite3.Connection, filters: Filters, limit: int = 100,
@@ -86,10 +90,13 @@ def detections_page(conn: sqlite3.Connection, filters: Filters, limit: int = 100
     if after is not None:
         where += " AND (r.capture_ts, r.request_id) < (?, ?)"  # a row value: SQLite seeks the index to it
         params += [after[0], after[1]]
-    rows = conn.execute(f"{_SELECT} WHERE {where} ORDER BY r.capture_ts DESC, r.request_id DESC LIMIT ?",
-                        [*params, limit + 1]).fetchall()
+    # each row also says whether the frame has a thumbnail (GET /thumbnail?id=<request_id> on the page)
+    shown, join = (("t.request_id IS NOT NULL", "LEFT JOIN thumbnails t ON t.request_id = r.request_id")
+                   if has_thumbnails(conn) else ("FALSE", ""))
+    rows = conn.execute(f"SELECT {_FIELDS}, {shown} FROM requests r {join} WHERE {where} "
+                        "ORDER BY r.capture_ts DESC, r.request_id DESC LIMIT ?", [*params, limit + 1]).fetchall()
     more = len(rows) > limit
-    rows = [_detection(r) for r in rows[:limit]]
+    rows = [dict(_detection(r[:-1]), thumbnail=bool(r[-1])) for r in rows[:limit]]
     cursor = f"{rows[-1]['capture_ts']!r}:{rows[-1]['request_id']}" if more and rows else None
     return rows, cursor
 
@@ -102,9 +109,9 @@ def parse_cursor(text: str) -> tuple[float, str]:
         raise ValueError(f"bad page cursor {text!r}") from None
 
 
-def _batches(conn: sqlite3.Connection, sql: str, params: list) -> Iterator[list[tuple]]:
+def _batches(conn: sqlite3.Connection, sql: str, params: list, size: int = BATCH) -> Iterator[list[tuple]]:
     cursor = conn.execute(sql, params)
-    while batch := cursor.fetchmany(BATCH):
+    while batch := cursor.fetchmany(size):
         yield batch
 
 
@@ -195,21 +202,47 @@ def _exif_time(ts: float) -> str:
                        "SubSecTimeOriginal": f"{moment.microsecond // 1000:03d}", "OffsetTimeOriginal": "+00:00"})
 
 
-def _media_and_observations(conn: sqlite3.Connection, filters: Filters) -> Iterator[tuple[list, list]]:
+def has_thumbnails(conn: sqlite3.Connection) -> bool:
+    """Whether ``conn`` has a thumbnails table (a central store, or a log older than thumbnails, has none)."""
+    try:
+        conn.execute("SELECT 1 FROM thumbnails LIMIT 0")
+        return True
+    except Exception:  # sqlite3.OperationalError; psycopg's UndefinedTable on a central PostgreSQL store
+        return False
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def media_file(request_id: str) -> str:
+    """Where a frame's thumbnail lies in the package: ``media/<request id>.jpg``, or a digest of an id that is no
+    safe file name (request ids come from cameras; Camtrap DP's filePath refuses a leading dot and '..')."""
+    if not _SAFE_NAME.fullmatch(request_id) or ".." in request_id:
+        request_id = "id-" + hashlib.blake2b(request_id.encode(), digest_size=16).hexdigest()
+    return f"media/{request_id}.jpg"
+
+
+def _media_and_observations(conn: sqlite3.Connection, filters: Filters,
+                            thumbnails: bool) -> Iterator[tuple[list, list]]:
     where, params = filters.where()
+    shown = "t.request_id IS NOT NULL" if thumbnails else "FALSE"
     sql = ("SELECT r.request_id, r.camera_id, r.capture_ts, r.finish_ts, r.label, r.scientific_name, r.confidence, "
-           "r.prune_ratios "
-           f"FROM requests r JOIN cameras c ON c.camera_id = r.camera_id WHERE {where} "
+           f"r.prune_ratios, {shown} FROM requests r JOIN cameras c ON c.camera_id = r.camera_id "
+           f"{'LEFT JOIN thumbnails t ON t.request_id = r.request_id' if thumbnails else ''} WHERE {where} "
            "ORDER BY r.capture_ts, r.request_id")
     for batch in _batches(conn, sql, params):
         media, observations = [], []
-        for request_id, camera_id, capture_ts, finish_ts, label, scientific_name, confidence, ratios in batch:
+        for request_id, camera_id, capture_ts, finish_ts, label, scientific_name, confidence, ratios, thumb in batch:
             when = _iso_s(capture_ts)  # Camtrap DP's timestamp format has whole seconds
+            file = {"filePath": f"{camera_id}/{request_id}", "fileMediatype": "image/*",
+                    "mediaComments": "frame classified on the edge; not stored"}
+            if thumb:  # the package holds its thumbnail
+                path = media_file(request_id)
+                file = {"filePath": path, "fileName": path.split("/")[1], "fileMediatype": "image/jpeg",
+                        "mediaComments": f"thumbnail of the frame (at most {THUMBNAIL_PX} px) in the package"}
             media.append(_row("media", {
                 "mediaID": request_id, "deploymentID": camera_id, "captureMethod": "activityDetection",
-                "timestamp": when, "filePath": f"{camera_id}/{request_id}", "filePublic": "false",
-                "fileMediatype": "image/*", "exifData": _exif_time(capture_ts),
-                "mediaComments": "frame classified on the edge; not stored"}))
+                "timestamp": when, "filePublic": "false", "exifData": _exif_time(capture_ts), **file}))
             kind = _observation_type(label, scientific_name)
             observations.append(_row("observations", {
                 "observationID": f"{request_id}_1", "deploymentID": camera_id, "mediaID": request_id,
@@ -222,8 +255,10 @@ def _media_and_observations(conn: sqlite3.Connection, filters: Filters) -> Itera
         yield media, observations
 
 
-def datapackage(deployments: list[dict], taxa: list[tuple[str, str]], created: float, title: str) -> dict:
-    """The package descriptor; ``taxa`` are the (scientific name, label) pairs the exported rows name."""
+def datapackage(deployments: list[dict], taxa: list[tuple[str, str]], created: float, title: str,
+                thumbnails: int = 0) -> dict:
+    """The package descriptor; ``taxa`` are the (scientific name, label) pairs the exported rows name, ``thumbnails``
+    how many frames have one in the package."""
     starts = [d["_first"] for d in deployments]
     ends = [d["_last"] for d in deployments]
     taxonomic = [{"scientificName": scientific, "vernacularNames": {"eng": label}} for scientific, label in taxa]
@@ -231,9 +266,12 @@ def datapackage(deployments: list[dict], taxa: list[tuple[str, str]], created: f
     lons = [d["longitude"] for d in deployments]
     resources = [{"name": name, "path": f"{name}.csv", "profile": "tabular-data-resource", "format": "csv",
                   "mediatype": "text/csv", "encoding": "utf-8", "schema": schema_url(name)} for name in TABLES]
+    kept = (f" {thumbnails} frames have a thumbnail (at most {THUMBNAIL_PX} px) in the package's media/ folder, "
+            "named by media.filePath." if thumbnails else "")
     description = ("Machine classifications of camera-trap frames by edgeprune (pipelined, pruned CNN on edge "
                    "devices). Follows Camtrap DP 1.0 (https://camtrap-dp.tdwg.org). The frames themselves are not "
-                   "kept (media.filePublic is false); media.exifData has each capture time to the millisecond.")
+                   f"kept (media.filePublic is false);{kept} media.exifData has each capture time to the "
+                   "millisecond.")
     package = {
         "name": "edgeprune-detections", "id": f"edgeprune-{int(created)}", "created": _iso_s(created),
         "title": title, "version": "1.0", "profile": PROFILE_URL,
@@ -253,9 +291,19 @@ def datapackage(deployments: list[dict], taxa: list[tuple[str, str]], created: f
     return package
 
 
+def _thumbnails(conn: sqlite3.Connection, filters: Filters) -> Iterator[tuple[str, Iterator[bytes]]]:
+    """(package path, JPEG bytes) of every exported frame's thumbnail, a hundred rows read at a time."""
+    where, params = filters.where()
+    sql = ("SELECT r.request_id, t.jpeg FROM requests r JOIN cameras c ON c.camera_id = r.camera_id "
+           f"JOIN thumbnails t ON t.request_id = r.request_id WHERE {where} ORDER BY r.capture_ts, r.request_id")
+    for batch in _batches(conn, sql, params, size=100):
+        for request_id, jpeg in batch:
+            yield media_file(request_id), iter([bytes(jpeg)])
+
+
 def camtrap_dp_files(conn: sqlite3.Connection, filters: Filters, created: float,
-                     title: str = "edgeprune detections") -> Iterator[tuple[str, Iterator[str]]]:
-    """(file name, text chunks) of the package, in an order a streaming zip can write."""
+                     title: str = "edgeprune detections") -> Iterator[tuple[str, Iterator[str | bytes]]]:
+    """(path in the package, text or byte chunks) of every file, in an order a streaming zip can write."""
     deployments = _deployments(conn, filters)
     if not deployments:
         log.warning("Camtrap DP export: %s", EMPTY_WARNING)
@@ -263,25 +311,37 @@ def camtrap_dp_files(conn: sqlite3.Connection, filters: Filters, created: float,
     taxa = [tuple(r) for r in conn.execute(
         f"SELECT r.scientific_name, MIN(r.label) FROM requests r JOIN cameras c ON c.camera_id = r.camera_id "
         f"WHERE {where} AND r.scientific_name != '' GROUP BY r.scientific_name ORDER BY r.scientific_name", params)]
-    yield "datapackage.json", iter([json.dumps(datapackage(deployments, taxa, created, title), indent=2)])
+    thumbnails = has_thumbnails(conn)
+    kept = conn.execute(f"SELECT COUNT(*) FROM requests r JOIN cameras c ON c.camera_id = r.camera_id JOIN "
+                        f"thumbnails t ON t.request_id = r.request_id WHERE {where}",
+                        params).fetchone()[0] if thumbnails else 0
+    yield "datapackage.json", iter([json.dumps(datapackage(deployments, taxa, created, title, kept), indent=2)])
     yield "deployments.csv", iter([_csv_text([[f["name"] for f in SCHEMAS["deployments"]]]
                                              + [_row("deployments", d) for d in deployments])])
 
     def table(index: int, name: str) -> Iterator[str]:
         yield _csv_text([[f["name"] for f in SCHEMAS[name]]])
-        for pair in _media_and_observations(conn, filters):
+        for pair in _media_and_observations(conn, filters, thumbnails):
             yield _csv_text(pair[index])
     yield "media.csv", table(0, "media")
     yield "observations.csv", table(1, "observations")
+    if kept:
+        yield from _thumbnails(conn, filters)
+
+
+def _bytes(chunk: str | bytes) -> bytes:
+    return chunk.encode("utf-8") if isinstance(chunk, str) else chunk
 
 
 def write_camtrap_dp(conn: sqlite3.Connection, filters: Filters, out_dir: Path, created: float) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, chunks in camtrap_dp_files(conn, filters, created):
-        with open(out_dir / name, "w", encoding="utf-8", newline="") as fh:
-            fh.writelines(chunks)
-        written.append(out_dir / name)
+        path = out_dir / name
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.writelines(_bytes(chunk) for chunk in chunks)
+        written.append(path)
     return written
 
 
@@ -318,10 +378,11 @@ def camtrap_dp_zip(conn: sqlite3.Connection, filters: Filters, created: float) -
         for name, chunks in camtrap_dp_files(conn, filters, created):
             # dated when the export was made, readable by all (a bare name gets 1980-01-01 and mode 0600)
             info = zipfile.ZipInfo(name, date_time=datetime.fromtimestamp(max(created, ZIP_EPOCH), UTC).timetuple()[:6])
-            info.compress_type = zipfile.ZIP_DEFLATED
+            # a JPEG is compressed already: stored as it is
+            info.compress_type = zipfile.ZIP_STORED if name.endswith(".jpg") else zipfile.ZIP_DEFLATED
             info.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
             with archive.open(info, "w", force_zip64=True) as member:
                 for chunk in chunks:
-                    member.write(chunk.encode("utf-8"))
+                    member.write(_bytes(chunk))
                     yield pipe.drain()
     yield pipe.drain()

@@ -20,7 +20,7 @@ import time
 from gateway.accuracy_model import load_block_accuracy
 from gateway.coordinator import Coordinator, Effects, plan_for_rate
 from gateway.operator import Overrides
-from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message
+from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message, thumbnail_budget_bytes
 from gateway.store import Store
 from shared.bus import Bus, drain_session
 from shared.imaging import model_input_bytes
@@ -36,6 +36,7 @@ from shared.schemas import (
     parse_json,
 )
 from shared.settings import ControllerSettings, GatewaySettings, MqttSettings
+from shared.thumbnail import check_thumbnail, thumbnail_request_id
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ class Gateway:
         self.bus.subscribe(self.topics.node_prune_desired_filter, self._on_own_desired, qos=1)
         self.bus.subscribe(self.topics.component_command(self.settings.gateway_id), self._on_command, qos=1)
         self.bus.subscribe(self.topics.placement, self._on_own_placement, qos=1)
+        if self.settings.thumbnail_budget_mb > 0:
+            # QoS 0: the broker queues none for a gateway that is away, so thumbnails never crowd results out of
+            # its bounded session queue (max_queued_messages); a thumbnail lost so is a frame shown without one
+            self.bus.subscribe(self.topics.thumbnail_filter, self._on_thumbnail, qos=0, data=True)
         self.bus.on_connected = self.publish_placement
         fingerprint = self.coordinator.fingerprint
         self.coordinator.remember_offers([NodeProfile.model_validate_json(offer)
@@ -130,6 +135,11 @@ class Gateway:
         accepted = parse_json(AcceptedRequest, payload)
         self._check_speaker(topic, accepted.node_id, "announcement's node_id")
         self._decide(self.coordinator.on_accepted, accepted, time.time())
+
+    def _on_thumbnail(self, topic: str, payload: bytes, props: dict[str, str]) -> None:
+        check_thumbnail(payload)
+        request_id = thumbnail_request_id(props)
+        self._decide(self.coordinator.on_thumbnail, self.topics.publisher(topic), request_id, payload, time.time())
 
     def _on_status(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         if not payload:  # cleared when the node was retired
@@ -246,6 +256,8 @@ class Gateway:
             self.store.disk_mode = mode
         self.store.flush()
         deleted = self.store.delete_older(cutoffs(self.settings.keep_days, now))
+        deleted["thumbnails over budget"] = self.store.trim_thumbnails(
+            thumbnail_budget_bytes(self.settings.thumbnail_budget_mb))
         if any(deleted.values()):
             log.info("retention: deleted %s", ", ".join(f"{n} {t}" for t, n in deleted.items() if n))
         self.store.checkpoint()

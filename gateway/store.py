@@ -119,9 +119,14 @@ SCHEMA: dict[str, Table] = {
         "request_id": str, "ts": float, "reason": str, "component": str, "message": str,
     }, "request_id", "insert_ignore"),
     "issued_desired": Table({"node_id": str, "payload": str}, "node_id", "upsert"),
+    # `[gateway] thumbnail_budget_mb`: a small JPEG of each frame (shared/thumbnail.py), oldest deleted past the budget
+    "thumbnails": Table({"request_id": str, "camera_id": str, "ts": float, "bytes": int, "jpeg": bytes},
+                        "request_id", "insert_ignore"),
 }
 INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"], ["capture_ts", "request_id"]],
-           "errors": [["ts"]], "operator_actions": [["ts"]], "accepted": [["received_ts"]]}
+           "errors": [["ts"]], "operator_actions": [["ts"]], "accepted": [["received_ts"]], "thumbnails": [["ts"]]}
+# Tables whose rows are bulky keep fewer unwritten rows than max_pending while the disk fails (memory on a Pi).
+MAX_PENDING = {"thumbnails": 256}
 MAX_BACKOFF_S = 30.0
 
 # --- the central store (gateway/collect.py): every site's rows, in the gateway's own table definitions --------------
@@ -236,6 +241,19 @@ class Store:
             row = dict(row, hops=None)
         self._buffer("requests", row)
 
+    def add_thumbnail(self, row: dict) -> None:
+        """A frame's thumbnail; none while the disk guard sheds detail (they are the bulkiest rows)."""
+        if self.disk_mode is DiskMode.NORMAL:
+            self._buffer("thumbnails", row)
+
+    def trim_thumbnails(self, budget_bytes: int) -> int:
+        """Delete the oldest thumbnails until the rest fit in ``budget_bytes``; returns how many were deleted."""
+        with self.db.conn:
+            return self.db.execute(
+                "DELETE FROM thumbnails WHERE request_id IN (SELECT request_id FROM (SELECT request_id, "
+                "SUM(bytes) OVER (ORDER BY ts DESC, request_id DESC) AS kept FROM thumbnails) WHERE kept > ?)",
+                [budget_bytes]).rowcount
+
     def add_window(self, row: dict) -> None:
         self._buffer("windows", row)
 
@@ -301,7 +319,7 @@ class Store:
     def open_requests(self, since_ts: float) -> list[dict]:
         """Accepted since ``since_ts``: whether each has a row or a failure (rebuilds the ledger at start)."""
         return list(self.db.query(
-            "SELECT a.request_id, a.camera_id, a.received_ts, r.request_id IS NOT NULL AS stored, f.reason "
+            "SELECT a.request_id, a.camera_id, a.node_id, a.received_ts, r.request_id IS NOT NULL AS stored, f.reason "
             "FROM accepted a LEFT JOIN requests r USING (request_id) LEFT JOIN failures f USING (request_id) "
             "WHERE a.received_ts >= ? ORDER BY a.received_ts", [since_ts]))
 
@@ -327,7 +345,8 @@ class Store:
         """Append ``rows`` to the table's buffer, dropping the oldest beyond ``max_pending`` (caller holds the lock)."""
         pending = self._pending[table]
         pending.extend(rows)
-        excess = len(pending) - self.max_pending
+        limit = min(self.max_pending, MAX_PENDING.get(table, self.max_pending))
+        excess = len(pending) - limit
         if excess > 0:
             for _ in range(excess):
                 pending.popleft()
@@ -335,7 +354,7 @@ class Store:
             self.dropped[table] += excess
             if before == 0 or before // 1000 != self.dropped[table] // 1000:
                 log.error("database writes are failing: dropped the %d oldest unwritten %s rows so far "
-                          "(buffer full at %d)", self.dropped[table], table, self.max_pending)
+                          "(buffer full at %d)", self.dropped[table], table, limit)
 
     def flush(self) -> int:
         """Write everything buffered in one transaction; returns the number of rows written.
@@ -563,6 +582,11 @@ class Reader:
         return {r[0] for r in self.db.execute(
             "SELECT DISTINCT json_extract(h.value, '$.node_id') FROM requests, json_each(requests.hops) AS h "
             "WHERE finish_ts >= ? AND requests.hops IS NOT NULL", (since_ts,))}
+
+    def thumbnail(self, request_id: str) -> bytes | None:
+        """A frame's stored thumbnail (JPEG bytes), if any."""
+        row = self.db.execute("SELECT jpeg FROM thumbnails WHERE request_id = ?", (request_id,)).fetchone()
+        return row[0] if row else None
 
     def placement_number(self, version: int) -> int:
         """The placement's ordinal among those stored (its version is a millisecond timestamp, too long to read)."""

@@ -22,6 +22,7 @@ from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.deadline_queue import DeadlineQueue
 from node_agent.runtime import (IngestRuntime, Output, Request, SliceCalibrator, StageRuntime, frame_metadata,
                                 plausible_capture)
+from node_agent.thumbnailer import Thumbnailer
 from shared import wire
 from shared.bus import Ack, Bus
 from shared.clock import ClockOffset
@@ -33,6 +34,7 @@ from shared.schemas import (INGEST_STAGE, AcceptedRequest, BadMessage, Calibrate
                             DeviceSpeedCommand, NodeCommand, NodeProfile, NodeStats, Placement, PrepareCommand,
                             PruneDesired, PruneState, SlowdownCommand, StageAssignment, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
+from shared.thumbnail import REQUEST_ID_PROPERTY
 from shared.topics import Topics, validate_id
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ class NodeAgent:
         self._queue_wait_s: deque[float] = deque(maxlen=1024)
         self._cpu = CpuMeter()
         self._threads: list[threading.Thread] = []
+        self.thumbnails = Thumbnailer(self._send_thumbnail)  # used while the placement asks for thumbnails
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -118,12 +121,14 @@ class NodeAgent:
                          threading.Thread(target=self._publish_stats_forever, name="stats", daemon=True)]
         for t in self._threads:
             t.start()
+        self.thumbnails.start()
         self.bus.start()
 
     def stop(self) -> None:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5)
+        self.thumbnails.stop()
         self.bus.stop()
 
     # --- placement -----------------------------------------------------------------------
@@ -511,11 +516,18 @@ class NodeAgent:
             return
         self.bus.publish(self._output_topic(out), out.payload, qos=1, user=out.user)
         with self._lock:
+            thumbnails = self.placement is not None and self.placement.thumbnails
             self.processed += 1
             self.late_served += req.deferred
             self._compute_s.append(out.compute_s)
             self._decode_s.append(out.decode_s)
             self._queue_wait_s.append(started - req.received_ts)
+        if out.frame is not None and thumbnails:  # made by the thumbnail thread, after the frame is served
+            self.thumbnails.offer(out.request_id, out.frame)
+
+    def _send_thumbnail(self, request_id: str, jpeg: bytes) -> None:
+        """QoS 0 (docs/mqtt.md): a thumbnail is worth no retransmission, nor room in anyone's session queue."""
+        self.bus.publish(self.topics.thumbnail(self.node_id), jpeg, qos=0, user={REQUEST_ID_PROPERTY: request_id})
 
     def _output_topic(self, out: Output) -> str:
         """Where an output goes under the placement in force now, not the one its runtime was built under: work

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from shared import wire
 from shared.device_model import DeviceModel
-from shared.imaging import decode_frame
+from shared.imaging import decode_frame_and_image
 from shared.latency_fit import LatencyCurve, fit_latency
 from shared.model import BlockNet
 from shared.pruning import PrunableSlice
@@ -47,6 +48,7 @@ class Output:
     decode_s: float = 0.0  # turning the payload into the slice's input (a frame's decode at stage 1)
     user: dict[str, str] | None = None  # MQTT v5 user properties to publish with the output
     next_block: int | None = None  # the block an activation asks for next (None: a result)
+    frame: Image.Image | None = None  # a camera frame as its decode reduced it: what its thumbnail is made of
 
 
 def block_input_shape(model: BlockNet, block: int) -> tuple[int, ...]:
@@ -158,11 +160,12 @@ def _check_size(payload: bytes, limit: int) -> None:
         raise BadMessage("oversized", f"payload of {len(payload)} B exceeds the node limit of {limit} B")
 
 
-def frame_activation(req: Request, preprocessing: dict, reduced: bool) -> wire.Activation:
-    """A camera frame as block 0's input, through the one decode path (:mod:`shared.imaging`)."""
+def frame_activation(req: Request, preprocessing: dict, reduced: bool) -> tuple[wire.Activation, Image.Image]:
+    """A camera frame as block 0's input, through the one decode path (:mod:`shared.imaging`), and the image
+    that decode reduced it from (for its thumbnail)."""
     request_id, capture_ts = frame_metadata(req)
-    pixels = decode_frame(req.payload, **preprocessing, reduced=reduced)
-    return wire.Activation(request_id, req.camera_id or "unknown", capture_ts, 0, pixels)
+    pixels, frame = decode_frame_and_image(req.payload, **preprocessing, reduced=reduced)
+    return wire.Activation(request_id, req.camera_id or "unknown", capture_ts, 0, pixels), frame
 
 
 class IngestRuntime:
@@ -191,13 +194,14 @@ class IngestRuntime:
         """Decode one frame (``slowdown`` emulates slower slices only: decode is left alone, as in a stage)."""
         t_decode = time.perf_counter()
         self.check_size(req.payload)
-        act = frame_activation(req, self.preprocessing, self.reduced_decode)
+        act, frame = frame_activation(req, self.preprocessing, self.reduced_decode)
         label = true_label(req.user_props)
         decode_s = time.perf_counter() - t_decode
         act.hops = [Hop(stage=INGEST_STAGE, node_id=self.node_id, prune_ratio=0.0, received_ts=req.received_ts,
                         started_ts=started_ts, finished_ts=started_ts + decode_s, published_ts=time.time(),
                         decode_s=decode_s, deferred=req.deferred)]
-        return Output(self.output_topic, wire.encode(act), act.request_id, 0.0, decode_s, label_property(label), 0)
+        return Output(self.output_topic, wire.encode(act), act.request_id, 0.0, decode_s, label_property(label), 0,
+                      frame)
 
 
 class StageRuntime:
@@ -254,8 +258,9 @@ class StageRuntime:
     def check_size(self, payload: bytes) -> None:
         _check_size(payload, self.max_payload_bytes)
 
-    def decode(self, req: Request) -> wire.Activation:
-        """Turn a raw input into an activation at full channel width (BadMessage if malformed)."""
+    def decode(self, req: Request) -> tuple[wire.Activation, Image.Image | None]:
+        """Turn a raw input into an activation at full channel width (BadMessage if malformed), with the decoded
+        image if it was a camera frame."""
         self.check_size(req.payload)
         if self.takes_frames:
             return frame_activation(req, self.preprocessing, self.reduced_decode)
@@ -270,7 +275,7 @@ class StageRuntime:
         if full_shape != self.block_shapes[block]:
             raise BadMessage("bad_shape", f"activation of shape {full_shape} does not fit block "
                              f"{block}, which takes {self.block_shapes[block]}")
-        return act
+        return act, None
 
     def blocks_run(self, block: int) -> tuple[int, int]:
         """(first block, how many) this stage runs for an activation that asks for ``block`` (:meth:`forward`);
@@ -324,7 +329,7 @@ class StageRuntime:
         ``finished_ts`` covers decode and compute, so no time is booked as transfer that was spent here.
         """
         t_decode = time.perf_counter()
-        act = self.decode(req)
+        act, frame = self.decode(req)
         label = true_label(req.user_props)
         first_block, n_blocks = self.blocks_run(act.next_block)
         x = torch.from_numpy(np.array(act.full_tensor(), dtype=np.float32))  # a writable copy
@@ -357,4 +362,5 @@ class StageRuntime:
                                   keep_mask, [*act.hops, Hop(**hop, published_ts=time.time())])
             payload = wire.encode(nxt)
         return Output(self.output_topic, payload, act.request_id, compute_s, decode_s,
-                      None if self.is_last else label_property(label), None if self.is_last else first_block + n_blocks)
+                      None if self.is_last else label_property(label), None if self.is_last else first_block + n_blocks,
+                      frame)

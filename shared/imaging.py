@@ -40,11 +40,26 @@ def decode_frame(payload: bytes, size: int = INPUT_SIZE, fit: str = "squash",
     ``reduced=False`` decodes every pixel first, as before decoding was reduced: kept only as the
     reference the decode benchmark and the accuracy check compare against.
     """
-    return normalise(decode_pixels(payload, size, fit, reduced), mean, std)
+    return decode_frame_and_image(payload, size, fit, mean, std, reduced)[0]
+
+
+def decode_frame_and_image(payload: bytes, size: int = INPUT_SIZE, fit: str = "squash",
+                           mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
+                           reduced: bool = True) -> tuple[np.ndarray, Image.Image]:
+    """:func:`decode_frame`, and the RGB image it was reduced from: a thumbnail is made of that at no second
+    decode (shared/thumbnail.py)."""
+    rgb = open_frame(payload, size, reduced)
+    return normalise(frame_pixels(rgb, size, fit, reduced), mean, std), rgb
 
 
 def decode_pixels(payload: bytes, size: int = INPUT_SIZE, fit: str = "squash", reduced: bool = True) -> np.ndarray:
     """JPEG/PNG bytes -> size x size x 3 uint8 pixels: the one decode path of serving *and* training."""
+    return frame_pixels(open_frame(payload, size, reduced), size, fit, reduced)
+
+
+def open_frame(payload: bytes, size: int = INPUT_SIZE, reduced: bool = True) -> Image.Image:
+    """JPEG/PNG bytes -> an RGB image; ``reduced``: a JPEG decoded straight at the smallest scale (1/2..1/8)
+    whose sides stay >= ``size``. BadMessage if the bytes are not a frame (or a decompression bomb)."""
     if not payload:
         raise BadMessage("bad_image", "empty frame payload")
     try:
@@ -55,16 +70,20 @@ def decode_pixels(payload: bytes, size: int = INPUT_SIZE, fit: str = "squash", r
                     raise BadMessage("bad_image", f"frame of {img.width}x{img.height} exceeds {MAX_PIXELS} pixels")
                 if reduced:
                     img.draft("RGB", (size, size))  # JPEG only: scales by 1/2..1/8 while decoding
-                rgb = img.convert("RGB")
-                if reduced:
-                    rgb = reduce_towards(rgb, size)
-                pixels = np.asarray(fit_square(rgb, size, fit), dtype=np.uint8)
+                return img.convert("RGB")
     except BadMessage:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise BadMessage("bad_image", f"frame is not a readable JPEG or PNG: {exc}") from None
-    return pixels
+
+
+def frame_pixels(rgb: Image.Image, size: int = INPUT_SIZE, fit: str = "squash", reduced: bool = True) -> np.ndarray:
+    """A decoded RGB frame -> size x size x 3 uint8 pixels (box-reduced first when ``reduced``), fitted as
+    ``fit`` says."""
+    if reduced:
+        rgb = reduce_towards(rgb, size)
+    return np.asarray(fit_square(rgb, size, fit), dtype=np.uint8)
 
 
 def reduce_towards(img: Image.Image, size: int) -> Image.Image:

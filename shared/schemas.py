@@ -120,6 +120,9 @@ class Placement(_Strict):
     slo_s: float | None = Field(None, gt=0, allow_inf_nan=False,
                                 description="The gateway's current end-to-end SLO (the operator may change it): "
                                 "nodes serve requests that can still meet it first (docs/reliability.md).")
+    thumbnails: bool = Field(False, description="The node that accepts camera frames (stage 1 or the ingest node) "
+                             "sends a thumbnail of each (shared/thumbnail.py): the site's gateway stores them "
+                             "(`[gateway] thumbnail_budget_mb`).")
 
     @model_validator(mode="after")
     def _contiguous(self) -> Placement:
@@ -145,10 +148,11 @@ class Placement(_Strict):
 
     @model_serializer(mode="wrap")
     def _without_unused_fields(self, handler):
-        """A placement without replicas or SLO serialises exactly as before (older nodes forbid unknown fields)."""
+        """A placement without replicas, SLO or thumbnails serialises exactly as before (older nodes forbid unknown
+        fields)."""
         data = handler(self)
-        for name in ("share_token", "slo_s"):
-            if getattr(self, name) is None:
+        for name in ("share_token", "slo_s", "thumbnails"):
+            if getattr(self, name) in (None, False):
                 data.pop(name, None)
         return data
 

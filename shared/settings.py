@@ -176,10 +176,11 @@ class NodeSettings(_Section):
     _empty_profile = field_validator("profile", "device_model", mode="before")(lambda v: None if v == "" else v)
 
 
-RetainedTable = Literal["requests", "windows", "runs", "placements", "prune_events", "calibrations", "errors"]
+RetainedTable = Literal["requests", "windows", "runs", "placements", "prune_events", "calibrations", "errors",
+                        "thumbnails"]
 """Tables with a time column that ``[gateway] keep_days`` can bound (gateway/retention.py)."""
 DEFAULT_KEEP_DAYS: dict[str, float] = {"requests": 365, "windows": 365, "runs": 365, "placements": 90,
-                                       "prune_events": 90, "calibrations": 30, "errors": 30}
+                                       "prune_events": 90, "calibrations": 30, "errors": 30, "thumbnails": 365}
 
 
 class GatewaySettings(_Section):
@@ -227,6 +228,11 @@ class GatewaySettings(_Section):
     min_free_mb: float = Field(1024.0, ge=0, description="Below this much free space on the database's disk the "
                                "gateway stops storing per-hop detail (`hops`); below a quarter of it, per-frame rows "
                                "too (SLO windows, errors and classification go on). 0 = no guard.")
+    thumbnail_budget_mb: float = Field(0.0, ge=0, le=1_000_000, description=(
+        "Keep a thumbnail (a JPEG of at most 240 px, ~6 KB) of every frame, shown beside its detection and exported "
+        "with Camtrap DP, in at most this many MB of the database: past it the oldest are deleted (checked every "
+        "maintenance_interval_s). 0 = none: off by default, since camera traps also photograph people, and "
+        "keeping their pictures is the site's decision (docs/api.md, \"Thumbnails\")."))
     recalibrate_below_r2: float = Field(0.5, ge=0, le=1, description="A slice calibration whose best latency fit "
                                         "explains less of the variance than this (R², e.g. a busy host's noise) is "
                                         "kept, and the node is asked to calibrate again, at most "

@@ -104,24 +104,34 @@ class Topics:
     def accepted_filter(self) -> str:
         return f"{self.root}/pipeline/accepted/+"
 
+    def thumbnail(self, node_id: str) -> str:
+        """A small JPEG of a frame the node ``node_id`` accepted and decoded (shared/thumbnail.py), its request id
+        in the ``request_id`` user property; sent only when the placement asks for thumbnails."""
+        return f"{self.root}/pipeline/thumbnail/{validate_id('node', node_id)}"
+
+    @property
+    def thumbnail_filter(self) -> str:
+        return f"{self.root}/pipeline/thumbnail/+"
+
     def publisher(self, topic: str) -> str | None:
-        """The device a results, accepted or error topic names (its last level), or None for other topics."""
+        """The device a results, accepted, thumbnail or error topic names (its last level), or None for others."""
         parts = topic.split("/")
         n = len(self.root.split("/"))
         if parts[:n] != self.root.split("/"):
             return None
-        if len(parts) == n + 3 and parts[n] == "pipeline" and parts[n + 1] in ("results", "accepted"):
+        if len(parts) == n + 3 and parts[n] == "pipeline" and parts[n + 1] in ("results", "accepted", "thumbnail"):
             return parts[-1] or None
         if len(parts) == n + 2 and parts[n] == "error":
             return parts[-1] or None
         return None
 
     def is_data_topic(self, topic: str) -> bool:
-        """Frames, activations and results: never meant to be retained."""
+        """Frames, activations, results and thumbnails: never meant to be retained."""
         parts = topic.split("/")
         n = len(self.root.split("/"))
         return (self.camera_id_from_frame_topic(topic) is not None
-                or (parts[n:n + 2] == ["pipeline", "results"] and len(parts) == n + 3)
+                or (parts[n:n + 1] == ["pipeline"] and parts[n + 1:n + 2] in (["results"], ["thumbnail"])
+                    and len(parts) == n + 3)
                 or (parts[n:n + 2] == ["pipeline", "stage"] and len(parts) == n + 4 and parts[-1] == "in"))
 
     # --- placement and control ---------------------------------------------------------

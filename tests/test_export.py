@@ -204,3 +204,64 @@ def test_an_export_with_no_rows_warns(db, tmp_path):
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0 and EMPTY_WARNING in result.stderr
     assert EMPTY_WARNING in json.loads((out / "datapackage.json").read_text())["description"]
+
+
+def add_thumbnails(path, request_ids) -> dict[str, bytes]:
+    """A thumbnail (a real small JPEG) for each of ``request_ids``, as the gateway stores them."""
+    from shared.imaging import encode_jpeg, textured_scene
+
+    store = Store(path)
+    made = {}
+    for k, request_id in enumerate(request_ids):
+        made[request_id] = encode_jpeg(textured_scene(240, 180, seed=k), quality=70)
+        store.add_thumbnail({"request_id": request_id, "camera_id": "cam-x", "ts": T0 + k,
+                             "bytes": len(made[request_id]), "jpeg": made[request_id]})
+    store.close()
+    return made
+
+
+def test_frames_with_a_thumbnail_are_media_files_of_the_package_and_it_still_passes_the_profile(db, tmp_path):
+    """r1 and r4 have thumbnails, r2 and r3 none, r5's camera is undescribed (not exported, nor its thumbnail)."""
+    pytest.importorskip("frictionless")
+    import zipfile
+
+    from gateway.export import write_camtrap_dp
+
+    made = add_thumbnails(db[0], ["r1", "r4", "r5"])
+    out = tmp_path / "package"
+    written = write_camtrap_dp(db[1], Filters(), out, created=T0)
+    assert camtrap_dp_errors(out) == []
+    assert sorted(p.relative_to(out).as_posix() for p in written if p.suffix == ".jpg") == ["media/r1.jpg",
+                                                                                          "media/r4.jpg"]
+    media = {r["mediaID"]: r for r in csv.DictReader(io.StringIO((out / "media.csv").read_text()))}
+    for request_id in ("r1", "r4"):
+        row = media[request_id]
+        assert (row["filePath"], row["fileName"], row["fileMediatype"]) == (f"media/{request_id}.jpg",
+                                                                           f"{request_id}.jpg", "image/jpeg")
+        assert (out / row["filePath"]).read_bytes() == made[request_id]
+    assert (media["r2"]["filePath"], media["r2"]["fileMediatype"]) == ("cam-1/r2", "image/*")  # no file: as before
+    assert "2 frames have a thumbnail" in json.loads((out / "datapackage.json").read_text())["description"]
+    zipped = tmp_path / "p.zip"
+    zipped.write_bytes(b"".join(camtrap_dp_zip(db[1], Filters(), created=T0)))
+    with zipfile.ZipFile(zipped) as archive:
+        assert archive.namelist()[-2:] == ["media/r1.jpg", "media/r4.jpg"]
+        assert archive.read("media/r4.jpg") == made["r4"]
+        assert archive.getinfo("media/r4.jpg").compress_type == zipfile.ZIP_STORED  # a JPEG is compressed already
+        assert archive.read("media.csv") == (out / "media.csv").read_bytes()
+
+
+def test_a_request_id_that_is_no_safe_file_name_becomes_a_digest():
+    from gateway.export import media_file
+
+    assert media_file("cam-1-00ab12") == "media/cam-1-00ab12.jpg"
+    for unsafe in ("../../etc/passwd", ".hidden", "a/b", "IMG 0042", "x..y", "é"):
+        name = media_file(unsafe)
+        assert name.startswith("media/id-") and name.endswith(".jpg") and len(name) == 9 + 32 + 4
+    assert media_file("a/b") != media_file("a/c")
+
+
+def test_the_detections_page_says_which_frames_have_a_thumbnail(db):
+    add_thumbnails(db[0], ["r4"])
+    rows, _ = detections_page(db[1], Filters())
+    assert {r["request_id"]: r["thumbnail"] for r in rows} == {"r5": False, "r4": True, "r3": False, "r2": False,
+                                                               "r1": False}

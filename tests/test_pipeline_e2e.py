@@ -13,7 +13,7 @@ import torch
 
 from camera.simulator import camera_frame, synthetic_scene
 from edgeprune.dataset import RenderConfig, _backgrounds, render_frame
-from gateway.export import Filters, detections_page
+from gateway.export import Filters, detections_page, write_camtrap_dp
 from gateway.store import Reader
 from node_agent.runtime import block_input_shape
 from shared import wire
@@ -35,7 +35,8 @@ def pipeline(broker, tmp_path_factory):
                         EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_GATEWAY_WINDOW_S="2",
                         EDGEPRUNE_NODE_WIRE_DTYPE="float32",
                         EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5", EDGEPRUNE_NODE_UPLINK_MBIT_S="100000",
-                        EDGEPRUNE_NODE_MAX_PAYLOAD_BYTES=str(NODE_MAX_PAYLOAD))
+                        EDGEPRUNE_NODE_MAX_PAYLOAD_BYTES=str(NODE_MAX_PAYLOAD),
+                        EDGEPRUNE_GATEWAY_THUMBNAIL_BUDGET_MB="1")
     procs = Processes(workdir, env)
     recorder = Recorder(broker, "edgeprune/error/+", "edgeprune/node/+/status")
     try:
@@ -182,6 +183,37 @@ def test_an_empty_frame_is_stored_as_blank_for_the_page_and_the_export(pipeline,
     assert [r["request_id"] for r in rows] == [row["request_id"]]
 
 
+def test_a_frame_leaves_a_thumbnail_that_the_export_holds_as_its_media_file(pipeline, tmp_path):
+    """Stage 1 makes it from its own decode and sends it; the gateway checks and stores it; Camtrap DP names it."""
+    from shared.thumbnail import check_thumbnail
+    from tests.test_export import camtrap_dp_errors
+
+    captured = round(time.time() - 1.0, 2)
+    _publish(pipeline.broker, "edgeprune/component/gateway/cmd", json.dumps({
+        "cmd": "camera", "camera_id": "trap-thumb", "location_name": "test plot", "latitude": -19.0,
+        "longitude": 23.0, "start_ts": captured - 3600}).encode())
+    photo = tmp_path / "IMG_0100.JPG"
+    # 2.8 MP (under the fixture's 300 kB node limit at quality 50): decoded at 1/8 for the model, 240x180
+    photo.write_bytes(encode_jpeg(textured_scene(1920, 1440, seed=5), quality=50))
+    subprocess.run(["mosquitto_pub", *mosquitto_pub_login(pipeline.broker), "-q", "1", "-f", str(photo),
+                    "-t", "edgeprune/camera/trap-thumb/frame", "-V", "mqttv5",
+                    "-D", "publish", "user-property", "request_id", "IMG_0100",
+                    "-D", "publish", "user-property", "capture_ts", repr(captured)], check=True, timeout=10)
+    wait_until(lambda: results_for(pipeline.reader, "trap-thumb"), 30, "the frame never came out as a row")
+    wait_until(lambda: pipeline.reader.thumbnail("IMG_0100"), 30, "the frame's thumbnail was not stored")
+    wait_until(pipeline.reader.cameras, 30, "the camera's deployment was not stored")
+    jpeg = pipeline.reader.thumbnail("IMG_0100")
+    assert check_thumbnail(jpeg) == (240, 180)
+    (stored,) = pipeline.reader.db.execute("SELECT camera_id, bytes FROM thumbnails WHERE request_id = 'IMG_0100'")
+    assert stored == ("trap-thumb", len(jpeg))
+    out = tmp_path / "package"
+    write_camtrap_dp(pipeline.reader.db.conn, Filters(camera_id="trap-thumb"), out, created=time.time())
+    assert camtrap_dp_errors(out) == []
+    media = (out / "media.csv").read_text()
+    assert "IMG_0100,trap-thumb,activityDetection," in media and ",media/IMG_0100.jpg,false,IMG_0100.jpg," in media
+    assert (out / "media" / "IMG_0100.jpg").read_bytes() == jpeg
+
+
 def _publish(broker, topic: str, payload: bytes) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -215,6 +247,7 @@ BAD_INPUTS = [
     ("edgeprune/node/node-9/stats", lambda p: b"\x00\x01", "gateway", "bad_json"),
     ("edgeprune/node/node-9/status", lambda p: b"sleepy", "gateway", "bad_status"),
     ("edgeprune/node/node-9/profile", lambda p: b'{"node_id": "node-9"}', "gateway", "bad_schema"),
+    ("edgeprune/pipeline/thumbnail/node-9", lambda p: encode_png(textured_scene(32, 24)), "gateway", "bad_magic"),
 ]
 
 def _component(pipeline, role: str) -> str:

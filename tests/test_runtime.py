@@ -322,3 +322,18 @@ def test_an_output_goes_to_the_stage_that_runs_its_next_block_under_the_placemen
     assert topic(3, one) == "old" and topic(None, three) == "old"  # nowhere better; a result
     assert topic(0, three) == "old"  # an ingest node's output, but the placement has no ingest node any more
     assert topic(0, three.model_copy(update={"ingest_node": "c"})) == f"{root}/pipeline/stage/1/in"
+
+
+def test_the_node_that_decodes_a_frame_hands_on_its_reduced_image_for_the_thumbnail():
+    """Stage 1 and the ingest node return the image their decode made (a 2000x1500 JPEG at 1/8: 250x188), with no
+    second decode; a stage that reads activations has none."""
+    model = build_model()
+    placement = even_split(model.n_blocks, ["a", "b"])
+    first, second = (StageRuntime(model, s.node_id, s, 2, f"out/{s.stage}", "float32") for s in placement.stages)
+    ingest = IngestRuntime(model, "e", "out/1")
+    frame = Request("edgeprune/camera/cam/frame", encode_jpeg(textured_scene(2000, 1500)), {}, 1.0, "cam")
+    for runtime in (first, ingest):
+        out = runtime.run(frame, started_ts=1.0)
+        assert out.frame is not None and out.frame.size == (250, 188) and out.frame.mode == "RGB"
+    out = first.run(frame, started_ts=1.0)
+    assert second.run(Request(out.topic, out.payload, {}, 1.01), started_ts=1.01).frame is None

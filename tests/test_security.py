@@ -84,6 +84,7 @@ def test_camera_publishes_only_its_own_frames(as_user):
     assert camera.publish("edgeprune/node/node-1/prune/set", b'{"ratio": 0.9}') == NOT_AUTHORIZED
     assert camera.publish("edgeprune/pipeline/results/cam-sec") == NOT_AUTHORIZED
     assert camera.publish("edgeprune/pipeline/accepted/cam-sec") == NOT_AUTHORIZED
+    assert camera.publish("edgeprune/pipeline/thumbnail/cam-sec", b"\xff\xd8\xff") == NOT_AUTHORIZED
     assert camera.publish("edgeprune/pipeline/stage/2/in") == NOT_AUTHORIZED
     assert camera.publish("edgeprune/component/gateway/cmd", b'{"cmd": "prune"}') == NOT_AUTHORIZED
     assert camera.publish("edgeprune/node/node-1/cmd", b'{"cmd": "slowdown"}') == NOT_AUTHORIZED
@@ -95,6 +96,8 @@ def test_node_speaks_only_for_itself(as_user):
     assert node.publish("edgeprune/pipeline/stage/2/in", b"x") == "accepted"
     assert node.publish("edgeprune/pipeline/results/node-1") == "accepted"
     assert node.publish("edgeprune/pipeline/accepted/node-1") == "accepted"
+    assert node.publish("edgeprune/pipeline/thumbnail/node-1", b"\xff\xd8\xff") == "accepted"
+    assert node.publish("edgeprune/pipeline/thumbnail/node-2", b"\xff\xd8\xff") == NOT_AUTHORIZED
     assert node.publish("edgeprune/pipeline/results/node-2") == NOT_AUTHORIZED  # results in another's name
     assert node.publish("edgeprune/pipeline/accepted/node-2") == NOT_AUTHORIZED
     assert node.publish("edgeprune/error/node-2") == NOT_AUTHORIZED
@@ -127,6 +130,22 @@ def test_acl_names_each_device_once_and_scopes_patterns_by_user():
     assert "pattern write site/error/%u" in acl
     assert "user cam-1\ntopic write site/camera/cam-1/frame\n" in acl
     assert "topic read site/node/node-1/prune/set" in acl and "node-2" not in acl
+
+
+def test_init_rewrites_an_older_acl_with_this_versions_rights(tmp_path):
+    """An upgrade that gives a role a new topic (a node's thumbnails) reaches a site made before it: install.sh
+    re-runs `credentials init`, which rewrites the ACL even when every user exists already."""
+    import sys
+
+    def init() -> None:
+        subprocess.run([sys.executable, "-m", "edgeprune", "credentials", "--dir", str(tmp_path), "init", "--nodes",
+                        "node-1"], check=True, capture_output=True, timeout=60)
+    init()
+    acl = tmp_path / "acl"
+    assert "topic write edgeprune/pipeline/thumbnail/node-1\n" in acl.read_text()
+    acl.write_text(acl.read_text().replace("topic write edgeprune/pipeline/thumbnail/node-1\n", ""))
+    init()
+    assert "topic write edgeprune/pipeline/thumbnail/node-1\n" in acl.read_text()
 
 
 def make_test_certificates(folder) -> None:

@@ -10,12 +10,15 @@ import urllib.error
 import urllib.request
 
 import pytest
+from PIL import Image
 from werkzeug.serving import make_server
 
 from edgeprune.broker import free_port
 from gateway.store import Store
+from shared.imaging import textured_scene
 from shared.schemas import Placement, StageAssignment
 from shared.settings import WebSettings
+from shared.thumbnail import make_thumbnail
 from web.app import create_app
 from web.overview import controller_words, infeasible_nodes
 
@@ -68,6 +71,9 @@ def fill_database(path, now: float) -> None:
     for start, met in ((now - 60, 30), (now - 50, 0), (now - 40, 40)):  # the middle window met nothing
         store.add_window({"start_ts": start, "end_ts": start + 10, "count": 40, "slo_s": 0.2, "met": met,
                           "attainment_pct": 100.0 * met / 40, "p50_s": 0.1, "p95_s": 0.3, "p99_s": 0.3})
+    thumbnail = make_thumbnail(Image.fromarray(textured_scene(500, 375)))  # the newest frame's, 240x180
+    store.add_thumbnail({"request_id": "r39", "camera_id": "cam-1", "ts": now, "bytes": len(thumbnail),
+                         "jpeg": thumbnail})
     store.add_error({"ts": now - 5, "component": "pi-a", "topic": "edgeprune/camera/x/frame",
                      "kind": "bad_image", "message": "frame is not a readable JPEG or PNG", "request_id": None})
     store.set_controller_status(now, {"enabled": True, "reason": None, "policy": "bottleneck", "manual": {"pi-b": 0.2},
@@ -232,5 +238,10 @@ def test_page_renders_in_headless_chromium(server, tmp_path):
         assert "bad_image" in driver.find_element(By.ID, "errors").text
         assert "pi-a → 0.3" in driver.find_element(By.ID, "events").text
         driver.save_screenshot(str(tmp_path / "page.png"))
+        driver.set_window_size(390, 844)  # the newest detection shows its frame, on a phone too
+        driver.get(server + "/detections")
+        wait.until(lambda d: d.execute_script("const i = document.querySelector('img.thumb'); "
+                                              "return i !== null && i.complete && i.naturalWidth === 240"))
+        assert driver.execute_script(OVERFLOWING) == [], "the detections overflow at 390 px"
     finally:
         driver.quit()

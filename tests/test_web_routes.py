@@ -16,7 +16,7 @@ from edgeprune.commands.passwd import set_in_config
 from gateway.store import Store
 from shared.schemas import Placement, StageAssignment
 from shared.settings import WebSettings
-from tests.test_export import EXPECTED_CSV, camtrap_dp_errors, fill_detections
+from tests.test_export import EXPECTED_CSV, add_thumbnails, camtrap_dp_errors, fill_detections
 from web.app import create_app
 
 PASSWORD = "correct horse battery"
@@ -308,6 +308,23 @@ def test_detections_view_filters_and_pages(page, site_in_johannesburg):
     second = client.get("/api/detections", query_string={"limit": 2, "after": first["next"]}).get_json()
     assert [r["request_id"] for r in second["rows"]] == ["r3", "r2"]
     assert client.get("/api/detections?limit=0").status_code == 400
+
+
+def test_detections_show_a_thumbnail_where_the_frame_has_one_behind_the_same_login(page):
+    client, _, _, app = page
+    login(client)
+    assert b'class="thumb"' not in client.get("/detections").data  # none kept: no column
+    made = add_thumbnails(app.config["EDGEPRUNE"].db_path, ["r4"])
+    html = client.get("/detections").text
+    assert html.count('class="thumb"') == 1 and '<img\n        class="thumb" src="/thumbnail?id=r4"' in html
+    res = client.get("/thumbnail?id=r4")
+    assert res.status_code == 200 and res.mimetype == "image/jpeg" and res.data == made["r4"]
+    assert res.headers["X-Content-Type-Options"] == "nosniff" and "private" in res.headers["Cache-Control"]
+    assert client.get("/thumbnail?id=r1").status_code == 404 and client.get("/thumbnail").status_code == 404
+    assert [r["thumbnail"] for r in client.get("/api/detections").get_json()["rows"]] == [False, True, False, False,
+                                                                                          False]
+    client.post("/logout", headers={"X-CSRFToken": token(client)})
+    assert client.get("/thumbnail?id=r4").status_code == 302  # like the rest of the page: log in first
 
 
 def test_passwd_writes_only_the_hash_into_the_web_section(tmp_path):

@@ -279,6 +279,17 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
                                missing=missing, empty=empty and error is None, empty_warning=EMPTY_WARNING,
                                zone=site_zone(clock())), 400 if error and settings.db_path.exists() else 200
 
+    @app.get("/thumbnail")
+    @viewer
+    def thumbnail():
+        """A frame's thumbnail (JPEG, checked by the gateway when it came), by ``?id=<request_id>``."""
+        r, request_id = reader(), request.args.get("id", "")
+        jpeg = r.thumbnail(request_id) if r is not None and request_id else None
+        if jpeg is None:
+            return jsonify({"error": "no thumbnail of that frame"}), 404
+        return Response(jpeg, mimetype="image/jpeg", headers={"Cache-Control": "private, max-age=86400",
+                                                              "X-Content-Type-Options": "nosniff"})
+
     @app.get("/api/detections")
     @viewer
     def api_detections():

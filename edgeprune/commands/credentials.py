@@ -12,7 +12,8 @@ def register(sub) -> None:
     p.add_argument("--config", type=Path, help="TOML config file ([broker], [mqtt] and [gateway] sections)")
     p.add_argument("--dir", type=Path, help="credentials folder (default: the broker's credentials_dir)")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    init = verbs.add_parser("init", help="users for the gateway, the page, an operator and the given devices")
+    init = verbs.add_parser("init", help="users for the gateway, the page, an operator and the given devices; "
+                            "rewrites the ACL of every user by this version's rights")
     init.add_argument("--nodes", default="", help="comma-separated node ids (default: the gateway's nodes)")
     init.add_argument("--cameras", default="cam-1", help="comma-separated camera ids")
     init.add_argument("--central", action="store_true",
@@ -51,6 +52,7 @@ def run(args) -> int:
             for name, role in users.items():
                 if creds.ensure(name, role):
                     print(f"{role:8s} {name}: {creds.env_file(name)}")
+            creds.write_acl()  # an upgrade's rights for the users made before (reload the broker to apply it)
         elif args.verb == "add":
             creds.add(args.name, args.role)
             print(f"{args.role} {args.name}: settings for the device in {creds.env_file(args.name)}")
