@@ -199,8 +199,11 @@ class Coordinator:
     @_entry
     def on_result(self, result: Result, payload: bytes, now: float) -> None:
         """Count each accepted request once (gateway/accounting.py): QoS 1 may deliver a result twice, and the
-        first delivery is the one kept; a result no stage 1 announced, or a different second one, is refused."""
-        row = result_row(result, now)
+        first delivery is the one kept; a result no stage 1 announced, or a different second one, is refused.
+
+        The SLO windows and the controller judge its latency to the last stage's finish (``e2e_s``); a window takes
+        it when it arrives (``now``), since a window once closed takes no more."""
+        row = {**result_row(result), "received_ts": now}
         verdict = self.ledger.result(result.request_id, result.camera_id, payload)
         if verdict is Verdict.REDELIVERED:
             self.redelivered_results += 1

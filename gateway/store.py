@@ -57,7 +57,7 @@ SCHEMA: dict[str, Table] = {
         "request_id": str, "camera_id": str, "capture_ts": float, "finish_ts": float, "e2e_s": float,
         "queue_s": float, "compute_s": float, "transfer_s": float, "label": str, "label_index": int,
         "confidence": float, "prune_ratios": list, "hops": list, "decode_s": float, "true_label": int,
-        "correct": int, "scientific_name": str, "late": int,
+        "correct": int, "scientific_name": str, "late": int, "received_ts": float,
     }, "request_id", "insert_ignore"),
     "windows": Table({
         "start_ts": float, "end_ts": float, "count": int, "slo_s": float, "met": int,
@@ -120,6 +120,9 @@ SCHEMA: dict[str, Table] = {
     }, "request_id", "insert_ignore"),
     "issued_desired": Table({"node_id": str, "payload": str}, "node_id", "upsert"),
 }
+# A column an older file gains, filled from the rows it already has: before `received_ts`, `finish_ts` was the
+# gateway's receipt of the result (it is now the last stage's publish time).
+BACKFILL = {("requests", "received_ts"): "finish_ts"}
 INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"], ["capture_ts", "request_id"]],
            "errors": [["ts"]], "operator_actions": [["ts"]], "accepted": [["received_ts"]]}
 MAX_BACKOFF_S = 30.0
@@ -140,7 +143,8 @@ def central_table(table: Table, pk: tuple[str, ...] | None = None, drop: tuple[s
 
 CENTRAL_SCHEMA: dict[str, Table] = {
     # a bridge's redelivery or a collector restart stores nothing twice: every table is keyed and insert_ignore
-    "requests": central_table(SCHEMA["requests"]),
+    # the centre knows when it got a row (received_at), not when the site's gateway did
+    "requests": central_table(SCHEMA["requests"], drop=("received_ts",)),
     "errors": central_table(SCHEMA["errors"], pk=("component", "ts", "kind", "topic"), drop=("id",),
                             write="insert_ignore"),
     "node_status": central_table(Table({"component": str, "kind": str, "status": str}, "kind", "insert_ignore"),
@@ -153,8 +157,13 @@ CENTRAL_INDEXES = {"requests": [["capture_ts"], ["site", "camera_id", "capture_t
                    "errors": [["ts"]]}
 
 
-def result_row(result: Result, finish_ts: float) -> dict:
-    """One `requests` row: where the time of a request went (the gateway's and, keyed by site, the centre's)."""
+def result_row(result: Result) -> dict:
+    """One `requests` row: where the time of a request went (the gateway's and, keyed by site, the centre's).
+
+    End to end runs from capture to the last stage's publish time, not to whenever the result reaches a gateway
+    or the centre: results the broker held while the gateway was down are not slow frames (docs/database.md).
+    The gateway adds its own receipt as ``received_ts``."""
+    finish_ts = result.hops[-1].published_ts
     e2e = finish_ts - result.capture_ts
     queue_s = sum(h.queue_s for h in result.hops)
     compute_s = sum(h.compute_s for h in result.hops)
@@ -222,8 +231,11 @@ class Store:
         db.execute("PRAGMA synchronous=NORMAL")
         for name, table in schema.items():
             db[name].create(table.sql_columns, pk=table.pk, if_not_exists=True)
-            for column in table.columns.keys() - db[name].columns_dict.keys():  # a file from an older version
+            had = db[name].columns_dict.keys()
+            for column in table.columns.keys() - had:  # a file from an older version
                 db[name].add_column(column, table.sql_columns[column])
+                if BACKFILL.get((name, column)) in had:
+                    db.execute(f"UPDATE [{name}] SET [{column}] = [{BACKFILL[name, column]}]")
         for name, table_indexes in indexes.items():
             for cols in table_indexes:
                 db[name].create_index(cols, if_not_exists=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gateway.coordinator import Coordinator, Effects
 from gateway.operator import Overrides
 from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME
@@ -125,3 +127,17 @@ def test_a_placement_is_published_once_every_node_it_moves_has_subscribed(tmp_pa
     published = Placement.model_validate_json(payload)
     assert published.version == version and [s.node_id for s in published.stages] == ["node-1", "node-2"]
     assert [row["version"] for row in effects.rows("add_placement")] == [version]
+
+
+def test_a_result_held_while_the_gateway_was_down_is_not_a_slow_frame(tmp_path):
+    """End to end runs to the last stage's finish; the gateway's receipt is its own column (issue 25, item 6)."""
+    c = coordinator(tmp_path)
+    c.on_accepted(AcceptedRequest(request_id="r-1", camera_id="cam-1", node_id="node-1", capture_ts=10.0,
+                                  received_ts=10.01), now=10.01)
+    effects = c.on_result(result("r-1"), to_json(result("r-1")), now=22.5)  # delivered after a 12 s outage
+    (row,) = effects.rows("add_request")
+    assert row["e2e_s"] == pytest.approx(0.06) and row["finish_ts"] == pytest.approx(10.06)
+    assert row["received_ts"] == 22.5
+    assert c.control._recent[-1] == (22.5, pytest.approx(0.06))  # the controller sees the hops' latency
+    (window,) = c.slo.close_all()  # grouped by receipt, judged by the stage-finish latency
+    assert window.start_ts <= 22.5 < window.end_ts and window.met == 1 and window.p95_s == pytest.approx(0.06)

@@ -172,7 +172,7 @@ def accounting(reader: Reader, phase: str, attempted: int, fault_ts: float) -> d
     reasons = reader._rows("SELECT reason, COUNT(*) AS n FROM failures f WHERE request_id LIKE ? AND NOT EXISTS "
                            "(SELECT 1 FROM requests r WHERE r.request_id = f.request_id) GROUP BY reason", like)
     accepted = reader._rows("SELECT COUNT(*) AS n FROM accepted WHERE request_id LIKE ?", like)[0]["n"]
-    first = reader._rows("SELECT MIN(r.finish_ts) AS t FROM requests r JOIN accepted a USING (request_id) "
+    first = reader._rows("SELECT MIN(r.received_ts) AS t FROM requests r JOIN accepted a USING (request_id) "
                          "WHERE r.request_id LIKE ? AND a.received_ts >= ?", (*like, fault_ts))[0]["t"]
     return {"fault": phase, "attempted": attempted, "accepted": accepted, "rows": rows, "failures": failures,
             "unaccounted": attempted - rows - failures,
