@@ -34,6 +34,7 @@ class Verdict(str, Enum):
 class _Entry:
     camera_id: str
     accepted_ts: float
+    node_id: str | None = None  # the last node known to have held it: stage 1, or a node that reported it since
     digest: str | None = None   # of the stored result
     failed: str | None = None   # reason, once failed
 
@@ -57,20 +58,21 @@ class RequestLedger:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def accept(self, request_id: str, camera_id: str, ts: float) -> bool:
-        """A request stage 1 took; False if it was already known (a redelivered announcement)."""
+    def accept(self, request_id: str, camera_id: str, ts: float, node_id: str | None = None) -> bool:
+        """A request stage 1 (``node_id``) took; False if it was already known (a redelivered announcement)."""
         if request_id in self._entries:
             return False
-        self._entries[request_id] = _Entry(camera_id, ts)
+        self._entries[request_id] = _Entry(camera_id, ts, node_id)
         self._pending[request_id] = None
         while len(self._entries) > self.capacity:
             old, _ = self._entries.popitem(last=False)
             self._pending.pop(old, None)
         return True
 
-    def restore(self, request_id: str, camera_id: str, ts: float, stored: bool, failed: str | None) -> None:
+    def restore(self, request_id: str, camera_id: str, ts: float, stored: bool, failed: str | None,
+                node_id: str | None = None) -> None:
         """Rebuild one entry from the database after a gateway restart."""
-        self.accept(request_id, camera_id, ts)
+        self.accept(request_id, camera_id, ts, node_id)
         entry = self._entries[request_id]
         if stored:
             entry.digest = ""  # a row exists; its payload is unknown, so a repeat is not judged
@@ -91,6 +93,18 @@ class RequestLedger:
         entry.digest = this
         self._pending.pop(request_id, None)
         return Verdict.LATE if entry.failed else Verdict.STORE
+
+    def held_by(self, request_id: str, node_id: str) -> None:
+        """A node reported something about the request (an error or a warning): it got that far."""
+        entry = self._entries.get(request_id)
+        if entry is not None:
+            entry.node_id = node_id
+
+    def last_known(self, request_id: str) -> tuple[float | None, str | None]:
+        """When the request was accepted and the last node known to have held it (None, None if unknown):
+        the gateway sees a frame only when stage 1 announces it, a node reports it, or its result comes."""
+        entry = self._entries.get(request_id)
+        return (entry.accepted_ts, entry.node_id) if entry else (None, None)
 
     def fail(self, request_id: str, reason: str) -> bool:
         """A stage reported it could not serve the request; True if this ends an in-flight request."""

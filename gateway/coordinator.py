@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from functools import wraps
 
@@ -183,9 +184,10 @@ class Coordinator:
         self.ledger = RequestLedger()
         for row in open_requests:
             self.ledger.restore(row["request_id"], row["camera_id"], row["received_ts"], bool(row["stored"]),
-                                row["reason"])
+                                row["reason"], row.get("node_id"))
         self._replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
         self.redelivered_results = 0
+        self._departures: deque[tuple[float, str]] = deque()  # (when, node) a node went offline or silent
         self._next_beacon = 0.0
         self._clock_suspects: set[str] = set()  # nodes whose clock offset is over the limit (logged once)
         self._out = Effects()  # what the entry point being run has decided so far
@@ -221,7 +223,7 @@ class Coordinator:
 
     @_entry
     def on_accepted(self, accepted: AcceptedRequest, now: float) -> None:
-        if self.ledger.accept(accepted.request_id, accepted.camera_id, now):
+        if self.ledger.accept(accepted.request_id, accepted.camera_id, now, accepted.node_id):
             self.arrivals.add(now)
             self.control.observe_arrival(now)
             self._out.write("add_accepted", accepted.model_dump())
@@ -234,6 +236,7 @@ class Coordinator:
             self.liveness.heard(node_id, now)
         else:
             self.liveness.gone(node_id)
+            self._departed(node_id, now)
         self.live.set_status(node_id, status, now)
         placement = self.live.current
         served = placement.stage_of(node_id) if placement else None
@@ -308,10 +311,13 @@ class Coordinator:
         # only a pipeline node (or this gateway) can end a frame: a camera's or the page's error is stored, never
         # turned into a frame's failure
         may_fail_frames = record.component in self.settings.nodes or record.component == self.settings.gateway_id
+        if record.request_id and record.component in self.settings.nodes:
+            self.ledger.held_by(record.request_id, record.component)
         if record.request_id and record.kind not in WARNING_KINDS and may_fail_frames:
             if self.ledger.fail(record.request_id, record.kind):
                 self._out.write("add_failure", {"request_id": record.request_id, "ts": record.ts,
                                                 "reason": record.kind, "component": record.component,
+                                                "node_id": self.ledger.last_known(record.request_id)[1],
                                                 "message": record.message})
         if record.kind == "retained_data" and self.topics.is_data_topic(record.topic):
             self._out.send(record.topic, b"", retain=True)  # reported; now stop its replays
@@ -502,6 +508,7 @@ class Coordinator:
         silent = self.liveness.newly_silent(now)
         for node_id in silent:  # hung: stop sending it work now, not when the broker's will fires
             self.live.set_status(node_id, AVAILABILITY_OFFLINE, now)
+            self._departed(node_id, now)
         ready, ask = self.handover.propose(placement, now) if placement is not None else (None, [])
         overdue, late = self.handover.expire(now)
         out, self._out = self._out, Effects()
@@ -520,9 +527,7 @@ class Coordinator:
             log.warning("%s: no stats for %.0f s: treated as offline (hung?)", node_id, self.settings.stats_silence_s)
             self._out.write("update_node", {"node_id": node_id, "status": "silent", "status_ts": now})
         for request_id in tick.lost:
-            self._out.write("add_failure", {"request_id": request_id, "ts": now, "reason": LOST,
-                                            "component": "gateway", "message": "no result or failure report within "
-                                            f"{self.settings.result_timeout_s:g} s"})
+            self._out.write("add_failure", self._lost_row(request_id, now))
         for node_id in ask:
             self._out.send(self.topics.node_command(node_id), to_json(PrepareCommand(cmd="prepare",
                                                                                      placement=placement)))
@@ -541,6 +546,24 @@ class Coordinator:
                            qos=0)
         out, self._out = self._out, Effects()
         return out
+
+    def _departed(self, node_id: str, now: float) -> None:
+        """A node went offline or silent: frames lost meanwhile name it (kept for as long as a frame can be lost)."""
+        self._departures.append((now, node_id))
+        while self._departures and self._departures[0][0] < now - 2 * self.settings.result_timeout_s:
+            self._departures.popleft()
+
+    def _lost_row(self, request_id: str, now: float) -> dict:
+        """A frame given up as lost, with where it was last known to be and which nodes left while it was in
+        flight (the likely place it died: the gateway hears of a frame only from stage 1, a node's report or its
+        result, not from every hop)."""
+        accepted_ts, node_id = self.ledger.last_known(request_id)
+        gone = sorted({n for ts, n in self._departures if accepted_ts is not None and ts >= accepted_ts})
+        where = f"; last known at {node_id}" if node_id else ""
+        left = f"; offline or silent while it was in flight: {', '.join(gone)}" if gone else ""
+        return {"request_id": request_id, "ts": now, "reason": LOST, "component": self.settings.gateway_id,
+                "node_id": node_id, "message": f"no result or failure report within "
+                f"{self.settings.result_timeout_s:g} s{where}{left}"}
 
     @_entry
     def close(self) -> None:

@@ -116,7 +116,7 @@ SCHEMA: dict[str, Table] = {
         "claimed_capture_ts": float,
     }, "request_id", "insert_ignore"),
     "failures": Table({
-        "request_id": str, "ts": float, "reason": str, "component": str, "message": str,
+        "request_id": str, "ts": float, "reason": str, "component": str, "message": str, "node_id": str,
     }, "request_id", "insert_ignore"),
     "issued_desired": Table({"node_id": str, "payload": str}, "node_id", "upsert"),
 }
@@ -313,7 +313,7 @@ class Store:
     def open_requests(self, since_ts: float) -> list[dict]:
         """Accepted since ``since_ts``: whether each has a row or a failure (rebuilds the ledger at start)."""
         return list(self.db.query(
-            "SELECT a.request_id, a.camera_id, a.received_ts, r.request_id IS NOT NULL AS stored, f.reason "
+            "SELECT a.request_id, a.camera_id, a.received_ts, a.node_id, r.request_id IS NOT NULL AS stored, f.reason "
             "FROM accepted a LEFT JOIN requests r USING (request_id) LEFT JOIN failures f USING (request_id) "
             "WHERE a.received_ts >= ? ORDER BY a.received_ts", [since_ts]))
 

@@ -45,8 +45,8 @@ def test_restored_ledger_knows_stored_and_failed_requests():
     ledger = RequestLedger()
     ledger.restore("a", "cam", 0.0, stored=True, failed=None)
     ledger.restore("b", "cam", 0.0, stored=False, failed="dropped")
-    ledger.restore("c", "cam", 0.0, stored=False, failed=None)
-    assert ledger.in_flight == 1
+    ledger.restore("c", "cam", 0.0, stored=False, failed=None, node_id="node-1")
+    assert ledger.in_flight == 1 and ledger.last_known("c") == (0.0, "node-1")
     assert ledger.result("a", "cam", b"anything") is Verdict.REDELIVERED
     assert ledger.result("c", "cam", b"x") is Verdict.STORE
 

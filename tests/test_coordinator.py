@@ -11,6 +11,7 @@ from gateway.operator import Overrides
 from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME
 from shared.schemas import (
     AcceptedRequest,
+    ErrorRecord,
     Hop,
     ModelProfile,
     NodeProfile,
@@ -141,3 +142,34 @@ def test_a_result_held_while_the_gateway_was_down_is_not_a_slow_frame(tmp_path):
     assert c.control._recent[-1] == (22.5, pytest.approx(0.06))  # the controller sees the hops' latency
     (window,) = c.slo.close_all()  # grouped by receipt, judged by the stage-finish latency
     assert window.start_ts <= 22.5 < window.end_ts and window.met == 1 and window.p95_s == pytest.approx(0.06)
+
+
+def accept(c: Coordinator, request_id: str, now: float, node: str = "node-1") -> None:
+    c.on_accepted(AcceptedRequest(request_id=request_id, camera_id="cam-1", node_id=node, capture_ts=now,
+                                  received_ts=now), now=now)
+
+
+def test_every_failure_names_the_last_node_known_to_have_held_the_frame(tmp_path):
+    """Issue 25, item 7: a lost frame named only the gateway, although it knows who took it and who left."""
+    c = coordinator(tmp_path)
+    timeout = c.settings.result_timeout_s
+    for request_id in ("r-lost", "r-dropped", "r-warned"):
+        accept(c, request_id, now=10.0)
+    c.on_status("node-2", "offline", now=11.0)  # killed while the frames were in flight
+    dropped = ErrorRecord(component="node-2", ts=10.5, topic="t", kind="dropped", message="queue full",
+                          request_id="r-dropped")
+    (failure,) = c.on_error(dropped).rows("add_failure")
+    assert (failure["reason"], failure["component"], failure["node_id"]) == ("dropped", "node-2", "node-2")
+    c.on_error(ErrorRecord(component="node-2", ts=10.6, topic="t", kind="implausible_capture_ts", message="m",
+                           request_id="r-warned"))  # a warning: not a failure, but node-2 had the frame
+    c.on_error(ErrorRecord(component="trap-7", ts=10.7, topic="t", kind="bad_image", message="m",
+                           request_id="r-warned"))  # a camera's word moves nothing
+    lost = {row["request_id"]: row for row in c.tick(10.0 + timeout + 1).rows("add_failure")}
+    assert set(lost) == {"r-lost", "r-warned"}
+    assert (lost["r-lost"]["reason"], lost["r-lost"]["component"], lost["r-lost"]["node_id"]) == \
+        ("lost", "gateway", "node-1")  # only stage 1 announced it
+    assert "offline or silent while it was in flight: node-2" in lost["r-lost"]["message"]
+    assert lost["r-warned"]["node_id"] == "node-2"
+    accept(c, "r-later", now=20.0)  # accepted after node-2 left: it is not named
+    (later,) = c.tick(20.0 + timeout + 1).rows("add_failure")
+    assert later["node_id"] == "node-1" and "offline" not in later["message"]

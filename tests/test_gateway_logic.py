@@ -158,3 +158,22 @@ def test_an_older_database_keeps_its_receipt_times_as_received_ts(tmp_path):
     rows = store.db.execute("SELECT request_id, finish_ts, received_ts FROM requests ORDER BY request_id").fetchall()
     assert rows == [("new", pytest.approx(10.071), 30.0), ("old", 12.5, 12.5)]
     store.close()
+
+
+def test_a_restarted_gateway_still_knows_which_node_took_each_open_frame(tmp_path):
+    from gateway.accounting import RequestLedger
+
+    store = Store(tmp_path / "g.db")
+    for request_id in ("open", "failed"):
+        store.add_accepted({"request_id": request_id, "camera_id": "cam", "node_id": "node-1", "capture_ts": 1.0,
+                            "received_ts": 1.0})
+    store.add_failure({"request_id": "failed", "ts": 2.0, "reason": "dropped", "component": "node-2",
+                       "node_id": "node-2", "message": "full"})
+    store.flush()
+    ledger = RequestLedger()
+    for row in store.open_requests(0.0):
+        ledger.restore(row["request_id"], row["camera_id"], row["received_ts"], bool(row["stored"]), row["reason"],
+                       row["node_id"])
+    assert ledger.in_flight == 1 and ledger.last_known("open") == (1.0, "node-1")
+    assert store.db.execute("SELECT node_id FROM failures").fetchall() == [("node-2",)]
+    store.close()
