@@ -338,7 +338,7 @@ class Coordinator:
             self._out.send(self.topics.placement, payload, retain=True)
 
     @_entry
-    def on_placement(self, payload: bytes) -> None:
+    def on_placement(self, payload: bytes, now: float) -> None:
         """Only this gateway places: anything else on the placement topic is reported and replaced."""
         current = self.handover.active
         if current is None or self.placement_guard.own("placement", payload):
@@ -348,8 +348,10 @@ class Coordinator:
         except ValueError:
             forged_version = -1
         if forged_version >= current.version:  # a pending placement would be ignored too: the planner proposes again
-            self.live.current = self.handover.active = current.model_copy(update={"version": forged_version + 1})
+            corrected = current.model_copy(update={"version": forged_version + 1, "issued_at": now})
+            self.live.current = self.handover.active = corrected
             self.handover.pending = None
+            self._record_placement(corrected)  # a new version is published: `placements` keeps every one
         self._publish_placement()
         raise BadMessage("foreign_placement", f"placement not issued by this gateway, replaced: {payload[:200]!r}")
 
@@ -575,6 +577,9 @@ class Coordinator:
         """Publish a placement every node that needed a new input for it is subscribed for (or timed out)."""
         log.info("placement v%d: publishing", placement.version)
         self._publish_placement()
+        self._record_placement(placement)
+
+    def _record_placement(self, placement: Placement) -> None:
         self._out.write("add_placement", placement.model_dump(exclude={"share_token"}))  # a secret: not stored
 
     def _place_controller(self, placement: Placement) -> None:

@@ -184,7 +184,7 @@ class Gateway:
         self._decide(self.coordinator.on_desired, node_id, payload, time.time())
 
     def _on_own_placement(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
-        self._decide(self.coordinator.on_placement, payload)
+        self._decide(self.coordinator.on_placement, payload, time.time())
 
     def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         self._decide(self.coordinator.on_command, payload, time.time())

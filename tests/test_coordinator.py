@@ -173,3 +173,21 @@ def test_every_failure_names_the_last_node_known_to_have_held_the_frame(tmp_path
     accept(c, "r-later", now=20.0)  # accepted after node-2 left: it is not named
     (later,) = c.tick(20.0 + timeout + 1).rows("add_failure")
     assert later["node_id"] == "node-1" and "offline" not in later["message"]
+
+
+def test_the_correction_of_a_foreign_placement_is_recorded_like_any_placement(tmp_path):
+    """Issue 25, item 8: the corrective re-publish (a new version above the forged one) was missing from
+    `placements`, which keeps every placement the gateway published."""
+    c = coordinator(tmp_path)
+    placed(c, even_split(6, ["node-1", "node-2"]).model_copy(update={"version": 7}))
+    forged = even_split(6, ["node-2", "node-1"]).model_copy(update={"version": 9})
+    effects = c.on_placement(to_json(forged), now=30.0)
+    assert effects.refusal is not None and effects.refusal.kind == "foreign_placement"
+    (published,) = [Placement.model_validate_json(p) for p in effects.sent(TOPICS.placement)]
+    assert published.version == 10 and [s.node_id for s in published.stages] == ["node-1", "node-2"]
+    (row,) = effects.rows("add_placement")
+    assert (row["version"], row["issued_at"]) == (10, 30.0) and "share_token" not in row
+    assert row["stages"] == [s.model_dump() for s in published.stages]
+    lower = c.on_placement(to_json(forged.model_copy(update={"version": 3})), now=31.0)  # below ours: v10 again,
+    assert [Placement.model_validate_json(p).version for p in lower.sent(TOPICS.placement)] == [10]
+    assert lower.rows("add_placement") == []  # which is recorded already
