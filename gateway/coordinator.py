@@ -69,6 +69,8 @@ from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILIT
 
 log = logging.getLogger(__name__)
 STATUSES = (AVAILABILITY_ONLINE, AVAILABILITY_OFFLINE, AVAILABILITY_STOPPED)
+# Refusals of a payload that is garbage whoever sent it (not, e.g., a well-formed profile of another model)
+GARBAGE = frozenset({"bad_json", "bad_schema", "bad_status", "oversized"})
 
 
 def command_id(payload: bytes) -> str | None:
@@ -322,6 +324,15 @@ class Coordinator:
         if record.kind == "retained_data" and self.topics.is_data_topic(record.topic):
             self._out.send(record.topic, b"", retain=True)  # reported; now stop its replays
             log.warning("cleared a retained message on %s", record.topic)
+
+    @_entry
+    def on_refused_retained(self, topic: str, kind: str) -> None:
+        """A retained message on a device's availability or profile was refused as garbage (and reported): clear
+        it, as a retired node's topics and retained data are, or every restart would replay and report it again,
+        and a device that is gone never overwrites it. A well-formed refusal (another model's profile) stays."""
+        if kind in GARBAGE and self.topics.is_device_state(topic):
+            self._out.send(topic, b"", retain=True)
+            log.warning("cleared a retained %s message on %s", kind, topic)
 
     # --- the gateway's own retained states -------------------------------------------------------
     @_entry

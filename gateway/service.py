@@ -18,7 +18,7 @@ import threading
 import time
 
 from gateway.accuracy_model import load_block_accuracy
-from gateway.coordinator import Coordinator, Effects, plan_for_rate
+from gateway.coordinator import STATUSES, Coordinator, Effects, plan_for_rate
 from gateway.operator import Overrides
 from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message
 from gateway.store import Store
@@ -67,10 +67,13 @@ class Gateway:
     def start(self) -> None:
         self.bus.subscribe(self.topics.accepted_filter, self._on_accepted, qos=1)
         self.bus.subscribe(self.topics.results_filter, self._on_result, qos=1, data=True)
-        self.bus.subscribe(self.topics.node_status_filter, self._on_status, qos=1)
+        clear = self._on_refused_retained  # garbage left retained on a device's state topics
+        self.bus.subscribe(self.topics.node_status_filter, self._on_status, qos=1, refused_retained=clear)
+        self.bus.subscribe(self.topics.component_status_filter, self._on_component_status, qos=1,
+                           refused_retained=clear)
         self.bus.subscribe(self.topics.node_stats_filter, self._on_stats, qos=0)
         self.bus.subscribe(self.topics.errors_filter, self._on_error, qos=1)
-        self.bus.subscribe(self.topics.node_profile_filter, self._on_profile, qos=1)
+        self.bus.subscribe(self.topics.node_profile_filter, self._on_profile, qos=1, refused_retained=clear)
         self.bus.subscribe(self.topics.node_calibration_filter, self._on_calibration, qos=1)
         self.bus.subscribe(self.topics.node_prune_desired_filter, self._on_own_desired, qos=1)
         self.bus.subscribe(self.topics.component_command(self.settings.gateway_id), self._on_command, qos=1)
@@ -136,6 +139,16 @@ class Gateway:
             return
         self._decide(self.coordinator.on_status, self.topics.node_id_from_topic(topic),
                      payload.decode("utf-8", "replace"), time.time())
+
+    def _on_component_status(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        """Read only to keep the topic clean: an availability is one of STATUSES (garbage is reported, then
+        cleared by :meth:`_on_refused_retained`)."""
+        status = payload.decode("utf-8", "replace")
+        if payload and status not in STATUSES:
+            raise BadMessage("bad_status", f"status {status[:40]!r} is not one of {', '.join(STATUSES)}")
+
+    def _on_refused_retained(self, topic: str, kind: str) -> None:
+        self._decide(self.coordinator.on_refused_retained, topic, kind)
 
     def _hand_over(self, node_id: str, shared: str) -> None:
         """A replica is gone: what its broker session held goes back to the stage, and it leaves the group.

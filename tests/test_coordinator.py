@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.coordinator import Coordinator, Effects
+from gateway.coordinator import Coordinator, Effects, Publish
 from gateway.operator import Overrides
 from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME
 from shared.schemas import (
@@ -191,3 +191,17 @@ def test_the_correction_of_a_foreign_placement_is_recorded_like_any_placement(tm
     lower = c.on_placement(to_json(forged.model_copy(update={"version": 3})), now=31.0)  # below ours: v10 again,
     assert [Placement.model_validate_json(p).version for p in lower.sent(TOPICS.placement)] == [10]
     assert lower.rows("add_placement") == []  # which is recorded already
+
+
+def test_garbage_left_retained_on_a_devices_state_is_cleared_once_reported(tmp_path):
+    """Issue 25, item 9: it was replayed, and reported as bad_json, at every gateway restart."""
+    c = coordinator(tmp_path)
+    for topic in ("edgeprune/node/node-9/profile", "edgeprune/node/node-9/status", "edgeprune/component/trap-7/status"):
+        for kind in ("bad_json", "bad_schema", "bad_status"):
+            assert c.on_refused_retained(topic, kind).publish == [Publish(topic, b"", qos=1, retain=True)]
+    # another model's profile is the node's own word (it runs other weights): it stays, and so do topics
+    # the gateway guards otherwise (placement, prune/set) or that are not a device's state
+    assert c.on_refused_retained("edgeprune/node/node-9/profile", "model_mismatch").publish == []
+    for topic in ("edgeprune/placement", "edgeprune/node/node-9/prune/set", "edgeprune/node/node-9/calibration",
+                  "edgeprune/component/gateway/cmd", "other/node/node-9/profile", "edgeprune/node//status"):
+        assert c.on_refused_retained(topic, "bad_json").publish == []
