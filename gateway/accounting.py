@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 # Error records that carry a request id but do not end the request (it is still served).
@@ -26,6 +26,7 @@ class Verdict(str, Enum):
     STORE = "store"              # the first result of an accepted request: a new row
     LATE = "late"                # a result after the request was given up as lost: a row after all
     REDELIVERED = "redelivered"  # the same result again (QoS 1 redelivery): nothing to do
+    DUPLICATE = "duplicate"      # the same frame served twice (another result, same camera and capture time)
     UNKNOWN = "unknown"          # no stage 1 accepted this request: forged or misrouted
     CONFLICT = "conflict"        # a different second result, or one that does not match the request
 
@@ -36,6 +37,8 @@ class _Entry:
     accepted_ts: float
     node_id: str | None = None  # the last node known to have held it: stage 1, or a node that reported it since
     digest: str | None = None   # of the stored result
+    capture_ts: float | None = None  # of the stored result
+    duplicates: set[str] = field(default_factory=set)  # digests of its duplicates, counted once each
     failed: str | None = None   # reason, once failed
 
 
@@ -80,17 +83,26 @@ class RequestLedger:
         if stored or failed:
             self._pending.pop(request_id, None)
 
-    def result(self, request_id: str, camera_id: str, payload: bytes) -> Verdict:
-        """Judge one result message; only STORE and LATE may become rows."""
+    def result(self, request_id: str, camera_id: str, payload: bytes, capture_ts: float | None = None) -> Verdict:
+        """Judge one result message; only STORE and LATE may become rows.
+
+        A second, different result of the same camera and capture time is the frame served twice (a replica
+        killed between publishing its output and acknowledging its input, docs/reliability.md): a DUPLICATE,
+        counted once; any other second result is a CONFLICT."""
         entry = self._entries.get(request_id)
         if entry is None:
             return Verdict.UNKNOWN
         this = digest(payload)
         if entry.digest is not None:
-            return Verdict.REDELIVERED if entry.digest in (this, "") else Verdict.CONFLICT
+            if entry.digest in (this, "") or this in entry.duplicates:
+                return Verdict.REDELIVERED
+            if capture_ts is None or (camera_id, capture_ts) != (entry.camera_id, entry.capture_ts):
+                return Verdict.CONFLICT
+            entry.duplicates.add(this)
+            return Verdict.DUPLICATE
         if camera_id != entry.camera_id:
             return Verdict.CONFLICT
-        entry.digest = this
+        entry.digest, entry.capture_ts = this, capture_ts
         self._pending.pop(request_id, None)
         return Verdict.LATE if entry.failed else Verdict.STORE
 

@@ -203,14 +203,20 @@ class Coordinator:
     @_entry
     def on_result(self, result: Result, payload: bytes, now: float) -> None:
         """Count each accepted request once (gateway/accounting.py): QoS 1 may deliver a result twice, and the
-        first delivery is the one kept; a result no stage 1 announced, or a different second one, is refused.
+        first delivery is the one kept; a result no stage 1 announced, or a different second one, is refused,
+        unless it is the same frame served twice (a ``duplicates`` row).
 
         The SLO windows and the controller judge its latency to the last stage's finish (``e2e_s``); a window takes
         it when it arrives (``now``), since a window once closed takes no more."""
         row = {**result_row(result), "received_ts": now}
-        verdict = self.ledger.result(result.request_id, result.camera_id, payload)
+        verdict = self.ledger.result(result.request_id, result.camera_id, payload, result.capture_ts)
         if verdict is Verdict.REDELIVERED:
             self.redelivered_results += 1
+            return
+        if verdict is Verdict.DUPLICATE:  # served twice: counted in the accounting, not an error; the first stays
+            self._out.write("add_duplicate", {"request_id": result.request_id, "ts": now,
+                                              "node_id": result.hops[-1].node_id, "label": result.label,
+                                              "confidence": result.confidence})
             return
         if verdict not in (Verdict.UNKNOWN, Verdict.CONFLICT):
             self.slo.add(now, row["e2e_s"], row["correct"])

@@ -157,7 +157,8 @@ class Gateway:
         its session, which Mosquitto would keep feeding a share of new input (docs/scaling.md). Taking the
         session over ends it and returns the held messages; re-published on their own topics they reach the
         surviving replicas (or whichever node the new placement gives the stage). A node killed between
-        publishing an output and acknowledging its input is served twice; the ledger counts the first result.
+        publishing an output and acknowledging its input is served twice; the first result is the row, the second
+        a ``duplicates`` row (gateway/accounting.py).
         """
         try:
             held = drain_session(self.mqtt_settings, node_id, [shared])

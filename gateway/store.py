@@ -118,6 +118,10 @@ SCHEMA: dict[str, Table] = {
     "failures": Table({
         "request_id": str, "ts": float, "reason": str, "component": str, "message": str, "node_id": str,
     }, "request_id", "insert_ignore"),
+    # A frame served twice (a replica killed between publishing and acknowledging): the first result is the row.
+    "duplicates": Table({
+        "request_id": str, "ts": float, "node_id": str, "label": str, "confidence": float,
+    }, ("request_id", "ts"), "insert_ignore"),
     "issued_desired": Table({"node_id": str, "payload": str}, "node_id", "upsert"),
 }
 # A column an older file gains, filled from the rows it already has: before `received_ts`, `finish_ts` was the
@@ -302,6 +306,10 @@ class Store:
     def add_failure(self, row: dict) -> None:
         """An accepted frame that will not become a row, with the reason (first report wins)."""
         self._buffer("failures", row)
+
+    def add_duplicate(self, row: dict) -> None:
+        """A second result of a stored frame (served twice); counted, never a second row."""
+        self._buffer("duplicates", row)
 
     def set_issued_desired(self, node_id: str, payload: bytes) -> None:
         self._buffer("issued_desired", {"node_id": node_id, "payload": payload.decode()})
@@ -505,7 +513,7 @@ class Reader:
 
     def accounting(self) -> dict:
         """Frames accepted at stage 1 = rows + failures + in flight; failures by reason; rows served late (after the
-        timely ones, docs/reliability.md)."""
+        timely ones, docs/reliability.md); duplicates, second results of frames served twice (not frames)."""
         accepted = self._rows("SELECT COUNT(*) AS n FROM accepted")[0]["n"]
         rows = self._rows("SELECT COUNT(*) AS n FROM requests r JOIN accepted a USING (request_id)")[0]["n"]
         reasons = self._rows("SELECT reason, COUNT(*) AS n FROM failures f WHERE NOT EXISTS "
@@ -513,9 +521,10 @@ class Reader:
         failures = {r["reason"]: r["n"] for r in reasons}
         flagged = self._rows("SELECT COUNT(*) AS n FROM accepted WHERE claimed_capture_ts IS NOT NULL")[0]["n"]
         late = self._rows("SELECT COUNT(*) AS n FROM requests WHERE late = 1")[0]["n"]
+        duplicates = self._rows("SELECT COUNT(*) AS n FROM duplicates")[0]["n"]
         return {"accepted": accepted, "rows": rows, "failures": sum(failures.values()),
                 "failures_by_reason": failures, "in_flight": accepted - rows - sum(failures.values()),
-                "implausible_capture_ts": flagged, "late": late}
+                "implausible_capture_ts": flagged, "late": late, "duplicates": duplicates}
 
     def current_run(self) -> dict | None:
         rows = self._rows("SELECT * FROM runs ORDER BY started_ts DESC LIMIT 1", table="runs")

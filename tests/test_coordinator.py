@@ -205,3 +205,22 @@ def test_garbage_left_retained_on_a_devices_state_is_cleared_once_reported(tmp_p
     for topic in ("edgeprune/placement", "edgeprune/node/node-9/prune/set", "edgeprune/node/node-9/calibration",
                   "edgeprune/component/gateway/cmd", "other/node/node-9/profile", "edgeprune/node//status"):
         assert c.on_refused_retained(topic, "bad_json").publish == []
+
+
+def test_a_frame_served_twice_is_counted_as_a_duplicate_not_refused(tmp_path):
+    """Issue 25: the second result of a frame a dead replica had published was refused as a conflict (an error)."""
+    c = coordinator(tmp_path)
+    accept(c, "r-1", now=10.0)
+    first = result("r-1")
+    assert c.on_result(first, to_json(first), now=10.2).rows("add_request")
+    hop = first.hops[0].model_copy(update={"node_id": "node-3", "started_ts": 10.5, "finished_ts": 10.53,
+                                           "published_ts": 10.54})
+    again = first.model_copy(update={"hops": [hop], "confidence": 0.8})
+    effects = c.on_result(again, to_json(again), now=10.6)
+    assert effects.refusal is None and effects.rows("add_request") == []
+    assert effects.rows("add_duplicate") == [{"request_id": "r-1", "ts": 10.6, "node_id": "node-3", "label": "cat",
+                                              "confidence": 0.8}]
+    assert c.on_result(again, to_json(again), now=10.7).store == []  # its QoS 1 redelivery: nothing more
+    assert c.slo.close_all()[0].count == 1  # one frame, one latency sample
+    forged = first.model_copy(update={"capture_ts": 3.0, "label": "tiger"})
+    assert c.on_result(forged, to_json(forged), now=10.8).refusal.kind == "conflict_result"

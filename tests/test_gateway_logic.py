@@ -177,3 +177,17 @@ def test_a_restarted_gateway_still_knows_which_node_took_each_open_frame(tmp_pat
     assert ledger.in_flight == 1 and ledger.last_known("open") == (1.0, "node-1")
     assert store.db.execute("SELECT node_id FROM failures").fetchall() == [("node-2",)]
     store.close()
+
+
+def test_the_accounting_counts_duplicates_apart_from_frames(tmp_path):
+    store = Store(tmp_path / "g.db")
+    store.add_accepted({"request_id": "r", "camera_id": "cam", "node_id": "n1", "capture_ts": 10.0,
+                        "received_ts": 10.0})
+    store.add_request({**result_row(_result("r", 10.0)), "received_ts": 10.2})
+    for ts in (10.5, 10.5, 11.0):  # the second is the first again (a redelivered write): one row
+        store.add_duplicate({"request_id": "r", "ts": ts, "node_id": "n2", "label": "cat", "confidence": 0.7})
+    store.flush()
+    accounting = Reader(tmp_path / "g.db").accounting()
+    assert (accounting["accepted"], accounting["rows"], accounting["failures"], accounting["in_flight"],
+            accounting["duplicates"]) == (1, 1, 0, 0, 2)
+    store.close()
