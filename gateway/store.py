@@ -127,7 +127,8 @@ SCHEMA: dict[str, Table] = {
 # A column an older file gains, filled from the rows it already has: before `received_ts`, `finish_ts` was the
 # gateway's receipt of the result (it is now the last stage's publish time).
 BACKFILL = {("requests", "received_ts"): "finish_ts"}
-INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"], ["capture_ts", "request_id"]],
+INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"], ["capture_ts", "request_id"],
+                        ["received_ts"]],  # retention ages results by it (gateway/retention.py)
            "errors": [["ts"]], "operator_actions": [["ts"]], "accepted": [["received_ts"]]}
 MAX_BACKOFF_S = 30.0
 
