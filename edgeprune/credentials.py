@@ -40,12 +40,13 @@ ROLE_RIGHTS: dict[str, list[tuple[str, str]]] = {
         ("readwrite", "node/{u}/calibration"), ("readwrite", "node/{u}/prune/state"), ("read", "clock"),
     ],
     # The gateway owns placement, prune/set and the commands; it reads everything nodes report, and may
-    # clear (empty retained publish) a retained message someone left on a data topic. It reads frames and
-    # stage inputs when it takes over a dead replica's session, and re-publishes them (docs/scaling.md).
+    # clear (empty retained publish) a retained message someone left on a data topic, or garbage left retained
+    # on a device's availability (component/+/status too) or profile. It reads frames and stage inputs when it
+    # takes over a dead replica's session, and re-publishes them (docs/scaling.md).
     "gateway": [
         ("readwrite", "placement"), ("readwrite", "node/#"), ("read", "pipeline/#"),
         ("write", "pipeline/stage/+/in"), ("readwrite", "camera/+/frame"), ("read", "error/+"),
-        ("read", "component/{g}/cmd"), ("write", "component/{g}/reply"), ("read", "component/+/status"),
+        ("read", "component/{g}/cmd"), ("write", "component/{g}/reply"), ("readwrite", "component/+/status"),
         ("write", "clock"),
     ],
     # The operator page only sends commands to the gateway.

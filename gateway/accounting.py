@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 # Error records that carry a request id but do not end the request (it is still served).
@@ -26,6 +26,7 @@ class Verdict(str, Enum):
     STORE = "store"              # the first result of an accepted request: a new row
     LATE = "late"                # a result after the request was given up as lost: a row after all
     REDELIVERED = "redelivered"  # the same result again (QoS 1 redelivery): nothing to do
+    DUPLICATE = "duplicate"      # the same frame served twice (another result, same camera and capture time)
     UNKNOWN = "unknown"          # no stage 1 accepted this request: forged or misrouted
     CONFLICT = "conflict"        # a different second result, or one that does not match the request
 
@@ -34,9 +35,12 @@ class Verdict(str, Enum):
 class _Entry:
     camera_id: str
     accepted_ts: float
+    node_id: str | None = None  # the last node known to have held it: stage 1, or a node that reported it since
     digest: str | None = None   # of the stored result
+    capture_ts: float | None = None  # of the stored result
+    duplicates: set[str] = field(default_factory=set)  # digests of its duplicates, counted once each
     failed: str | None = None   # reason, once failed
-    node_id: str | None = None  # the node that accepted it (None: restored from a database without it)
+    accepted_by: str | None = None  # stage 1's node (None: restored from a database without it)
     thumbnail: bool = False     # its thumbnail was stored
 
 
@@ -63,7 +67,7 @@ class RequestLedger:
         """A request stage 1 (``node_id``) took; False if it was already known (a redelivered announcement)."""
         if request_id in self._entries:
             return False
-        self._entries[request_id] = _Entry(camera_id, ts, node_id=node_id)
+        self._entries[request_id] = _Entry(camera_id, ts, node_id, accepted_by=node_id)
         self._pending[request_id] = None
         while len(self._entries) > self.capacity:
             old, _ = self._entries.popitem(last=False)
@@ -81,17 +85,26 @@ class RequestLedger:
         if stored or failed:
             self._pending.pop(request_id, None)
 
-    def result(self, request_id: str, camera_id: str, payload: bytes) -> Verdict:
-        """Judge one result message; only STORE and LATE may become rows."""
+    def result(self, request_id: str, camera_id: str, payload: bytes, capture_ts: float | None = None) -> Verdict:
+        """Judge one result message; only STORE and LATE may become rows.
+
+        A second, different result of the same camera and capture time is the frame served twice (a replica
+        killed between publishing its output and acknowledging its input, docs/reliability.md): a DUPLICATE,
+        counted once; any other second result is a CONFLICT."""
         entry = self._entries.get(request_id)
         if entry is None:
             return Verdict.UNKNOWN
         this = digest(payload)
         if entry.digest is not None:
-            return Verdict.REDELIVERED if entry.digest in (this, "") else Verdict.CONFLICT
+            if entry.digest in (this, "") or this in entry.duplicates:
+                return Verdict.REDELIVERED
+            if capture_ts is None or (camera_id, capture_ts) != (entry.camera_id, entry.capture_ts):
+                return Verdict.CONFLICT
+            entry.duplicates.add(this)
+            return Verdict.DUPLICATE
         if camera_id != entry.camera_id:
             return Verdict.CONFLICT
-        entry.digest = this
+        entry.digest, entry.capture_ts = this, capture_ts
         self._pending.pop(request_id, None)
         return Verdict.LATE if entry.failed else Verdict.STORE
 
@@ -99,10 +112,22 @@ class RequestLedger:
         """The camera of a request ``node_id`` accepted, the first time its thumbnail comes; else None (a node
         may show only the frames it took, once each)."""
         entry = self._entries.get(request_id)
-        if entry is None or entry.node_id != node_id or entry.thumbnail:
+        if entry is None or entry.accepted_by != node_id or entry.thumbnail:
             return None
         entry.thumbnail = True
         return entry.camera_id
+
+    def held_by(self, request_id: str, node_id: str) -> None:
+        """A node reported something about the request (an error or a warning): it got that far."""
+        entry = self._entries.get(request_id)
+        if entry is not None:
+            entry.node_id = node_id
+
+    def last_known(self, request_id: str) -> tuple[float | None, str | None]:
+        """When the request was accepted and the last node known to have held it (None, None if unknown):
+        the gateway sees a frame only when stage 1 announces it, a node reports it, or its result comes."""
+        entry = self._entries.get(request_id)
+        return (entry.accepted_ts, entry.node_id) if entry else (None, None)
 
     def fail(self, request_id: str, reason: str) -> bool:
         """A stage reported it could not serve the request; True if this ends an in-flight request."""

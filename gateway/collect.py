@@ -62,7 +62,7 @@ def parse_central(topics: Topics, topic: str, payload: bytes, received_at: float
     if len(parts) == 3 and parts[:2] == ["pipeline", "results"]:
         result = parse_json(Result, payload)
         return Row("requests", {**where, "deployment": deployment(site, result.camera_id),
-                                **result_row(result, result.hops[-1].published_ts)})
+                                **result_row(result)})
     if len(parts) == 3 and parts[0] == "node" and parts[2] == "profile":
         profile = parse_json(NodeProfile, payload)
         return Row("models", {**where, "node_id": profile.node_id, "model_fingerprint": profile.model_fingerprint})

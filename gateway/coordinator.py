@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass, field, replace
 from functools import wraps
 
@@ -68,6 +69,8 @@ from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILIT
 
 log = logging.getLogger(__name__)
 STATUSES = (AVAILABILITY_ONLINE, AVAILABILITY_OFFLINE, AVAILABILITY_STOPPED)
+# Refusals of a payload that is garbage whoever sent it (not, e.g., a well-formed profile of another model)
+GARBAGE = frozenset({"bad_json", "bad_schema", "bad_status", "oversized"})
 
 
 def command_id(payload: bytes) -> str | None:
@@ -183,9 +186,10 @@ class Coordinator:
         self.ledger = RequestLedger()
         for row in open_requests:
             self.ledger.restore(row["request_id"], row["camera_id"], row["received_ts"], bool(row["stored"]),
-                                row["reason"], row["node_id"])
+                                row["reason"], row.get("node_id"))
         self._replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
         self.redelivered_results = 0
+        self._departures: deque[tuple[float, str]] = deque()  # (when, node) a node went offline or silent
         self._next_beacon = 0.0
         self._clock_suspects: set[str] = set()  # nodes whose clock offset is over the limit (logged once)
         self._out = Effects()  # what the entry point being run has decided so far
@@ -199,11 +203,20 @@ class Coordinator:
     @_entry
     def on_result(self, result: Result, payload: bytes, now: float) -> None:
         """Count each accepted request once (gateway/accounting.py): QoS 1 may deliver a result twice, and the
-        first delivery is the one kept; a result no stage 1 announced, or a different second one, is refused."""
-        row = result_row(result, now)
-        verdict = self.ledger.result(result.request_id, result.camera_id, payload)
+        first delivery is the one kept; a result no stage 1 announced, or a different second one, is refused,
+        unless it is the same frame served twice (a ``duplicates`` row).
+
+        The SLO windows and the controller judge its latency to the last stage's finish (``e2e_s``); a window takes
+        it when it arrives (``now``), since a window once closed takes no more."""
+        row = {**result_row(result), "received_ts": now}
+        verdict = self.ledger.result(result.request_id, result.camera_id, payload, result.capture_ts)
         if verdict is Verdict.REDELIVERED:
             self.redelivered_results += 1
+            return
+        if verdict is Verdict.DUPLICATE:  # served twice: counted in the accounting, not an error; the first stays
+            self._out.write("add_duplicate", {"request_id": result.request_id, "ts": now,
+                                              "node_id": result.hops[-1].node_id, "label": result.label,
+                                              "confidence": result.confidence})
             return
         if verdict not in (Verdict.UNKNOWN, Verdict.CONFLICT):
             self.slo.add(now, row["e2e_s"], row["correct"])
@@ -241,6 +254,7 @@ class Coordinator:
             self.liveness.heard(node_id, now)
         else:
             self.liveness.gone(node_id)
+            self._departed(node_id, now)
         self.live.set_status(node_id, status, now)
         placement = self.live.current
         served = placement.stage_of(node_id) if placement else None
@@ -315,14 +329,26 @@ class Coordinator:
         # only a pipeline node (or this gateway) can end a frame: a camera's or the page's error is stored, never
         # turned into a frame's failure
         may_fail_frames = record.component in self.settings.nodes or record.component == self.settings.gateway_id
+        if record.request_id and record.component in self.settings.nodes:
+            self.ledger.held_by(record.request_id, record.component)
         if record.request_id and record.kind not in WARNING_KINDS and may_fail_frames:
             if self.ledger.fail(record.request_id, record.kind):
                 self._out.write("add_failure", {"request_id": record.request_id, "ts": record.ts,
                                                 "reason": record.kind, "component": record.component,
+                                                "node_id": self.ledger.last_known(record.request_id)[1],
                                                 "message": record.message})
         if record.kind == "retained_data" and self.topics.is_data_topic(record.topic):
             self._out.send(record.topic, b"", retain=True)  # reported; now stop its replays
             log.warning("cleared a retained message on %s", record.topic)
+
+    @_entry
+    def on_refused_retained(self, topic: str, kind: str) -> None:
+        """A retained message on a device's availability or profile was refused as garbage (and reported): clear
+        it, as a retired node's topics and retained data are, or every restart would replay and report it again,
+        and a device that is gone never overwrites it. A well-formed refusal (another model's profile) stays."""
+        if kind in GARBAGE and self.topics.is_device_state(topic):
+            self._out.send(topic, b"", retain=True)
+            log.warning("cleared a retained %s message on %s", kind, topic)
 
     # --- the gateway's own retained states -------------------------------------------------------
     @_entry
@@ -340,7 +366,7 @@ class Coordinator:
             self._out.send(self.topics.placement, payload, retain=True)
 
     @_entry
-    def on_placement(self, payload: bytes) -> None:
+    def on_placement(self, payload: bytes, now: float) -> None:
         """Only this gateway places: anything else on the placement topic is reported and replaced."""
         current = self.handover.active
         if current is None or self.placement_guard.own("placement", payload):
@@ -350,8 +376,10 @@ class Coordinator:
         except ValueError:
             forged_version = -1
         if forged_version >= current.version:  # a pending placement would be ignored too: the planner proposes again
-            self.live.current = self.handover.active = current.model_copy(update={"version": forged_version + 1})
+            corrected = current.model_copy(update={"version": forged_version + 1, "issued_at": now})
+            self.live.current = self.handover.active = corrected
             self.handover.pending = None
+            self._record_placement(corrected)  # a new version is published: `placements` keeps every one
         self._publish_placement()
         raise BadMessage("foreign_placement", f"placement not issued by this gateway, replaced: {payload[:200]!r}")
 
@@ -512,6 +540,7 @@ class Coordinator:
         silent = self.liveness.newly_silent(now)
         for node_id in silent:  # hung: stop sending it work now, not when the broker's will fires
             self.live.set_status(node_id, AVAILABILITY_OFFLINE, now)
+            self._departed(node_id, now)
         ready, ask = self.handover.propose(placement, now) if placement is not None else (None, [])
         overdue, late = self.handover.expire(now)
         out, self._out = self._out, Effects()
@@ -530,9 +559,7 @@ class Coordinator:
             log.warning("%s: no stats for %.0f s: treated as offline (hung?)", node_id, self.settings.stats_silence_s)
             self._out.write("update_node", {"node_id": node_id, "status": "silent", "status_ts": now})
         for request_id in tick.lost:
-            self._out.write("add_failure", {"request_id": request_id, "ts": now, "reason": LOST,
-                                            "component": "gateway", "message": "no result or failure report within "
-                                            f"{self.settings.result_timeout_s:g} s"})
+            self._out.write("add_failure", self._lost_row(request_id, now))
         for node_id in ask:
             self._out.send(self.topics.node_command(node_id), to_json(PrepareCommand(cmd="prepare",
                                                                                      placement=placement)))
@@ -552,6 +579,24 @@ class Coordinator:
         out, self._out = self._out, Effects()
         return out
 
+    def _departed(self, node_id: str, now: float) -> None:
+        """A node went offline or silent: frames lost meanwhile name it (kept for as long as a frame can be lost)."""
+        self._departures.append((now, node_id))
+        while self._departures and self._departures[0][0] < now - 2 * self.settings.result_timeout_s:
+            self._departures.popleft()
+
+    def _lost_row(self, request_id: str, now: float) -> dict:
+        """A frame given up as lost, with where it was last known to be and which nodes left while it was in
+        flight (the likely place it died: the gateway hears of a frame only from stage 1, a node's report or its
+        result, not from every hop)."""
+        accepted_ts, node_id = self.ledger.last_known(request_id)
+        gone = sorted({n for ts, n in self._departures if accepted_ts is not None and ts >= accepted_ts})
+        where = f"; last known at {node_id}" if node_id else ""
+        left = f"; offline or silent while it was in flight: {', '.join(gone)}" if gone else ""
+        return {"request_id": request_id, "ts": now, "reason": LOST, "component": self.settings.gateway_id,
+                "node_id": node_id, "message": f"no result or failure report within "
+                f"{self.settings.result_timeout_s:g} s{where}{left}"}
+
     @_entry
     def close(self) -> None:
         """The gateway stops: the open SLO windows are written."""
@@ -562,6 +607,9 @@ class Coordinator:
         """Publish a placement every node that needed a new input for it is subscribed for (or timed out)."""
         log.info("placement v%d: publishing", placement.version)
         self._publish_placement()
+        self._record_placement(placement)
+
+    def _record_placement(self, placement: Placement) -> None:
         self._out.write("add_placement", placement.model_dump(exclude={"share_token"}))  # a secret: not stored
 
     def _place_controller(self, placement: Placement) -> None:

@@ -17,9 +17,10 @@ from shared.settings import RetainedTable
 
 DAY_S = 86400.0
 
-# The time column each prunable table is aged by.
+# The time column each prunable table is aged by, on the gateway's clock: a result by its receipt, not by its last
+# stage's finish (a node whose clock is far off, e.g. a Pi booted without network time, must not expire its rows).
 TIME_COLUMN: dict[str, str] = {
-    "requests": "finish_ts", "windows": "start_ts", "runs": "started_ts", "placements": "issued_at",
+    "requests": "received_ts", "windows": "start_ts", "runs": "started_ts", "placements": "issued_at",
     "prune_events": "ts", "calibrations": "measured_at", "errors": "ts", "thumbnails": "ts",
 }
 assert set(TIME_COLUMN) == set(get_args(RetainedTable)), "TIME_COLUMN and settings.RetainedTable must agree"

@@ -18,7 +18,7 @@ import threading
 import time
 
 from gateway.accuracy_model import load_block_accuracy
-from gateway.coordinator import Coordinator, Effects, plan_for_rate
+from gateway.coordinator import STATUSES, Coordinator, Effects, plan_for_rate
 from gateway.operator import Overrides
 from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message, thumbnail_budget_bytes
 from gateway.store import Store
@@ -68,10 +68,13 @@ class Gateway:
     def start(self) -> None:
         self.bus.subscribe(self.topics.accepted_filter, self._on_accepted, qos=1)
         self.bus.subscribe(self.topics.results_filter, self._on_result, qos=1, data=True)
-        self.bus.subscribe(self.topics.node_status_filter, self._on_status, qos=1)
+        clear = self._on_refused_retained  # garbage left retained on a device's state topics
+        self.bus.subscribe(self.topics.node_status_filter, self._on_status, qos=1, refused_retained=clear)
+        self.bus.subscribe(self.topics.component_status_filter, self._on_component_status, qos=1,
+                           refused_retained=clear)
         self.bus.subscribe(self.topics.node_stats_filter, self._on_stats, qos=0)
         self.bus.subscribe(self.topics.errors_filter, self._on_error, qos=1)
-        self.bus.subscribe(self.topics.node_profile_filter, self._on_profile, qos=1)
+        self.bus.subscribe(self.topics.node_profile_filter, self._on_profile, qos=1, refused_retained=clear)
         self.bus.subscribe(self.topics.node_calibration_filter, self._on_calibration, qos=1)
         self.bus.subscribe(self.topics.node_prune_desired_filter, self._on_own_desired, qos=1)
         self.bus.subscribe(self.topics.component_command(self.settings.gateway_id), self._on_command, qos=1)
@@ -147,6 +150,16 @@ class Gateway:
         self._decide(self.coordinator.on_status, self.topics.node_id_from_topic(topic),
                      payload.decode("utf-8", "replace"), time.time())
 
+    def _on_component_status(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        """Read only to keep the topic clean: an availability is one of STATUSES (garbage is reported, then
+        cleared by :meth:`_on_refused_retained`)."""
+        status = payload.decode("utf-8", "replace")
+        if payload and status not in STATUSES:
+            raise BadMessage("bad_status", f"status {status[:40]!r} is not one of {', '.join(STATUSES)}")
+
+    def _on_refused_retained(self, topic: str, kind: str) -> None:
+        self._decide(self.coordinator.on_refused_retained, topic, kind)
+
     def _hand_over(self, node_id: str, shared: str) -> None:
         """A replica is gone: what its broker session held goes back to the stage, and it leaves the group.
 
@@ -154,7 +167,8 @@ class Gateway:
         its session, which Mosquitto would keep feeding a share of new input (docs/scaling.md). Taking the
         session over ends it and returns the held messages; re-published on their own topics they reach the
         surviving replicas (or whichever node the new placement gives the stage). A node killed between
-        publishing an output and acknowledging its input is served twice; the ledger counts the first result.
+        publishing an output and acknowledging its input is served twice; the first result is the row, the second
+        a ``duplicates`` row (gateway/accounting.py).
         """
         try:
             held = drain_session(self.mqtt_settings, node_id, [shared])
@@ -194,7 +208,7 @@ class Gateway:
         self._decide(self.coordinator.on_desired, node_id, payload, time.time())
 
     def _on_own_placement(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
-        self._decide(self.coordinator.on_placement, payload)
+        self._decide(self.coordinator.on_placement, payload, time.time())
 
     def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         self._decide(self.coordinator.on_command, payload, time.time())

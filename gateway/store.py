@@ -57,7 +57,7 @@ SCHEMA: dict[str, Table] = {
         "request_id": str, "camera_id": str, "capture_ts": float, "finish_ts": float, "e2e_s": float,
         "queue_s": float, "compute_s": float, "transfer_s": float, "label": str, "label_index": int,
         "confidence": float, "prune_ratios": list, "hops": list, "decode_s": float, "true_label": int,
-        "correct": int, "scientific_name": str, "late": int,
+        "correct": int, "scientific_name": str, "late": int, "received_ts": float,
     }, "request_id", "insert_ignore"),
     "windows": Table({
         "start_ts": float, "end_ts": float, "count": int, "slo_s": float, "met": int,
@@ -116,14 +116,22 @@ SCHEMA: dict[str, Table] = {
         "claimed_capture_ts": float,
     }, "request_id", "insert_ignore"),
     "failures": Table({
-        "request_id": str, "ts": float, "reason": str, "component": str, "message": str,
+        "request_id": str, "ts": float, "reason": str, "component": str, "message": str, "node_id": str,
     }, "request_id", "insert_ignore"),
+    # A frame served twice (a replica killed between publishing and acknowledging): the first result is the row.
+    "duplicates": Table({
+        "request_id": str, "ts": float, "node_id": str, "label": str, "confidence": float,
+    }, ("request_id", "ts"), "insert_ignore"),
     "issued_desired": Table({"node_id": str, "payload": str}, "node_id", "upsert"),
     # `[gateway] thumbnail_budget_mb`: a small JPEG of each frame (shared/thumbnail.py), oldest deleted past the budget
     "thumbnails": Table({"request_id": str, "camera_id": str, "ts": float, "bytes": int, "jpeg": bytes},
                         "request_id", "insert_ignore"),
 }
-INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"], ["capture_ts", "request_id"]],
+# A column an older file gains, filled from the rows it already has: before `received_ts`, `finish_ts` was the
+# gateway's receipt of the result (it is now the last stage's publish time).
+BACKFILL = {("requests", "received_ts"): "finish_ts"}
+INDEXES = {"requests": [["finish_ts"], ["camera_id", "capture_ts"], ["e2e_s"], ["capture_ts", "request_id"],
+                        ["received_ts"]],  # retention ages results by it (gateway/retention.py)
            "errors": [["ts"]], "operator_actions": [["ts"]], "accepted": [["received_ts"]], "thumbnails": [["ts"]]}
 # Tables whose rows are bulky keep fewer unwritten rows than max_pending while the disk fails (memory on a Pi).
 MAX_PENDING = {"thumbnails": 256}
@@ -145,7 +153,8 @@ def central_table(table: Table, pk: tuple[str, ...] | None = None, drop: tuple[s
 
 CENTRAL_SCHEMA: dict[str, Table] = {
     # a bridge's redelivery or a collector restart stores nothing twice: every table is keyed and insert_ignore
-    "requests": central_table(SCHEMA["requests"]),
+    # the centre knows when it got a row (received_at), not when the site's gateway did
+    "requests": central_table(SCHEMA["requests"], drop=("received_ts",)),
     "errors": central_table(SCHEMA["errors"], pk=("component", "ts", "kind", "topic"), drop=("id",),
                             write="insert_ignore"),
     "node_status": central_table(Table({"component": str, "kind": str, "status": str}, "kind", "insert_ignore"),
@@ -158,8 +167,13 @@ CENTRAL_INDEXES = {"requests": [["capture_ts"], ["site", "camera_id", "capture_t
                    "errors": [["ts"]]}
 
 
-def result_row(result: Result, finish_ts: float) -> dict:
-    """One `requests` row: where the time of a request went (the gateway's and, keyed by site, the centre's)."""
+def result_row(result: Result) -> dict:
+    """One `requests` row: where the time of a request went (the gateway's and, keyed by site, the centre's).
+
+    End to end runs from capture to the last stage's publish time, not to whenever the result reaches a gateway
+    or the centre: results the broker held while the gateway was down are not slow frames (docs/database.md).
+    The gateway adds its own receipt as ``received_ts``."""
+    finish_ts = result.hops[-1].published_ts
     e2e = finish_ts - result.capture_ts
     queue_s = sum(h.queue_s for h in result.hops)
     compute_s = sum(h.compute_s for h in result.hops)
@@ -227,8 +241,11 @@ class Store:
         db.execute("PRAGMA synchronous=NORMAL")
         for name, table in schema.items():
             db[name].create(table.sql_columns, pk=table.pk, if_not_exists=True)
-            for column in table.columns.keys() - db[name].columns_dict.keys():  # a file from an older version
+            had = db[name].columns_dict.keys()
+            for column in table.columns.keys() - had:  # a file from an older version
                 db[name].add_column(column, table.sql_columns[column])
+                if BACKFILL.get((name, column)) in had:
+                    db.execute(f"UPDATE [{name}] SET [{column}] = [{BACKFILL[name, column]}]")
         for name, table_indexes in indexes.items():
             for cols in table_indexes:
                 db[name].create_index(cols, if_not_exists=True)
@@ -309,6 +326,10 @@ class Store:
         """An accepted frame that will not become a row, with the reason (first report wins)."""
         self._buffer("failures", row)
 
+    def add_duplicate(self, row: dict) -> None:
+        """A second result of a stored frame (served twice); counted, never a second row."""
+        self._buffer("duplicates", row)
+
     def set_issued_desired(self, node_id: str, payload: bytes) -> None:
         self._buffer("issued_desired", {"node_id": node_id, "payload": payload.decode()})
 
@@ -319,7 +340,7 @@ class Store:
     def open_requests(self, since_ts: float) -> list[dict]:
         """Accepted since ``since_ts``: whether each has a row or a failure (rebuilds the ledger at start)."""
         return list(self.db.query(
-            "SELECT a.request_id, a.camera_id, a.node_id, a.received_ts, r.request_id IS NOT NULL AS stored, f.reason "
+            "SELECT a.request_id, a.camera_id, a.received_ts, a.node_id, r.request_id IS NOT NULL AS stored, f.reason "
             "FROM accepted a LEFT JOIN requests r USING (request_id) LEFT JOIN failures f USING (request_id) "
             "WHERE a.received_ts >= ? ORDER BY a.received_ts", [since_ts]))
 
@@ -512,7 +533,7 @@ class Reader:
 
     def accounting(self) -> dict:
         """Frames accepted at stage 1 = rows + failures + in flight; failures by reason; rows served late (after the
-        timely ones, docs/reliability.md)."""
+        timely ones, docs/reliability.md); duplicates, second results of frames served twice (not frames)."""
         accepted = self._rows("SELECT COUNT(*) AS n FROM accepted")[0]["n"]
         rows = self._rows("SELECT COUNT(*) AS n FROM requests r JOIN accepted a USING (request_id)")[0]["n"]
         reasons = self._rows("SELECT reason, COUNT(*) AS n FROM failures f WHERE NOT EXISTS "
@@ -520,9 +541,10 @@ class Reader:
         failures = {r["reason"]: r["n"] for r in reasons}
         flagged = self._rows("SELECT COUNT(*) AS n FROM accepted WHERE claimed_capture_ts IS NOT NULL")[0]["n"]
         late = self._rows("SELECT COUNT(*) AS n FROM requests WHERE late = 1")[0]["n"]
+        duplicates = self._rows("SELECT COUNT(*) AS n FROM duplicates")[0]["n"]
         return {"accepted": accepted, "rows": rows, "failures": sum(failures.values()),
                 "failures_by_reason": failures, "in_flight": accepted - rows - sum(failures.values()),
-                "implausible_capture_ts": flagged, "late": late}
+                "implausible_capture_ts": flagged, "late": late, "duplicates": duplicates}
 
     def current_run(self) -> dict | None:
         rows = self._rows("SELECT * FROM runs ORDER BY started_ts DESC LIMIT 1", table="runs")

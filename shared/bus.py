@@ -179,7 +179,8 @@ class Bus:
 
     # --- messaging -----------------------------------------------------------------------
     def subscribe(self, topic_filter: str, handler: Handler | DeferredHandler, qos: int = 1, data: bool = False,
-                  subscribed: Callable[[], None] | None = None, deferred_ack: bool = False) -> None:
+                  subscribed: Callable[[], None] | None = None, deferred_ack: bool = False,
+                  refused_retained: Callable[[str, str], None] | None = None) -> None:
         """Route ``topic_filter`` to ``handler``; the subscription comes back after reconnects.
 
         ``data``: frames, activations or results, never meant to be retained. A retained one (replayed
@@ -188,6 +189,8 @@ class Bus:
         messages published from then on reach this handler; never called if not connected now.
         ``deferred_ack`` (a Bus made with ``manual_ack``): ``handler`` is a :data:`DeferredHandler` and
         acknowledges each message itself; if it raises, the message is acknowledged (it was reported).
+        ``refused_retained``: called with the topic and the refusal's kind when ``handler`` refused a retained
+        message (after it was reported); retained messages then keep their flag even when published live.
         """
         def dispatch(client, userdata, msg: mqtt.MQTTMessage) -> None:
             ack = self._acker(msg)
@@ -198,12 +201,14 @@ class Bus:
                 ack()
                 return
             if not deferred_ack:
-                self._guarded(handler, msg)
+                refused = self._guarded(handler, msg)
+                if refused is not None and msg.retain and refused_retained is not None:
+                    self._guarded(lambda t, p, u: refused_retained(t, refused), msg)
                 ack()
-            elif not self._guarded(lambda t, p, u: handler(t, p, u, ack), msg):
+            elif self._guarded(lambda t, p, u: handler(t, p, u, ack), msg) is not None:
                 ack()
         # retain-as-published: a live message sent with the retain flag keeps it, so it is caught at once
-        options = SubscribeOptions(qos=qos, retainAsPublished=data)
+        options = SubscribeOptions(qos=qos, retainAsPublished=data or refused_retained is not None)
         with self._lock:
             self._handlers[topic_filter] = (handler, options)
         self.client.message_callback_add(_routing_filter(topic_filter), dispatch)
@@ -270,17 +275,19 @@ class Bus:
         if current:
             self.client.ack(mid, qos)
 
-    def _guarded(self, handler: Handler, msg: mqtt.MQTTMessage) -> bool:
-        """Run ``handler``; False when it rejected the message (reported, never raised)."""
+    def _guarded(self, handler: Handler, msg: mqtt.MQTTMessage) -> str | None:
+        """Run ``handler``; the kind of the refusal when it rejected the message (reported, never raised), else
+        None."""
         try:
             handler(msg.topic, msg.payload, user_properties(msg))
-            return True
+            return None
         except BadMessage as exc:
             self.report_error(msg.topic, exc.kind, str(exc))
+            return exc.kind
         except Exception as exc:  # a bug must not kill the network loop: log it loudly and go on
             log.exception("%s: handler for %s failed", self.component_id, msg.topic)
             self.report_error(msg.topic, "internal", f"{type(exc).__name__}: {exc}")
-        return False
+            return "internal"
 
     def report_error(self, topic: str, kind: str, message: str, request_id: str | None = None) -> None:
         """Log, count and publish one rejected input (never raises)."""

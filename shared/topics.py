@@ -206,6 +206,19 @@ class Topics:
         """Availability of a non-node component (gateway, camera, web)."""
         return f"{self.root}/component/{validate_id('component', component_id)}/status"
 
+    @property
+    def component_status_filter(self) -> str:
+        return f"{self.root}/component/+/status"
+
+    def is_device_state(self, topic: str) -> bool:
+        """A device's own retained availability (``node/<id>/status``, ``component/<id>/status``) or profile
+        (``node/<id>/profile``): topics its device rewrites when it starts, which the gateway may clear."""
+        parts = topic.split("/")
+        n = len(self.root.split("/"))
+        if parts[:n] != self.root.split("/") or len(parts) != n + 3 or not parts[n + 1]:
+            return False
+        return (parts[n], parts[n + 2]) in {("node", "status"), ("node", "profile"), ("component", "status")}
+
     def component_command(self, component_id: str) -> str:
         """One-shot commands to the gateway (manual prune, retire); never retained."""
         return f"{self.root}/component/{validate_id('component', component_id)}/cmd"

@@ -45,8 +45,8 @@ def test_restored_ledger_knows_stored_and_failed_requests():
     ledger = RequestLedger()
     ledger.restore("a", "cam", 0.0, stored=True, failed=None)
     ledger.restore("b", "cam", 0.0, stored=False, failed="dropped")
-    ledger.restore("c", "cam", 0.0, stored=False, failed=None)
-    assert ledger.in_flight == 1
+    ledger.restore("c", "cam", 0.0, stored=False, failed=None, node_id="node-1")
+    assert ledger.in_flight == 1 and ledger.last_known("c") == (0.0, "node-1")
     assert ledger.result("a", "cam", b"anything") is Verdict.REDELIVERED
     assert ledger.result("c", "cam", b"x") is Verdict.STORE
 
@@ -90,3 +90,16 @@ def test_silent_node_is_reported_once_and_comes_back_when_heard():
     assert not liveness.heard("node-1", 9.0)
     liveness.gone("node-2")  # its will said offline: the broker's word, not silence
     assert liveness.newly_silent(100.0) == ["node-1"]
+
+
+def test_a_frame_served_twice_is_a_duplicate_counted_once_not_a_conflict():
+    """A replica killed between publishing and acknowledging: the survivor serves the frame again (issue 25)."""
+    ledger = RequestLedger()
+    ledger.accept("r1", "cam-1", 0.0)
+    assert ledger.result("r1", "cam-1", b"first", capture_ts=5.0) is Verdict.STORE
+    assert ledger.result("r1", "cam-1", b"served again", capture_ts=5.0) is Verdict.DUPLICATE
+    assert ledger.result("r1", "cam-1", b"served again", capture_ts=5.0) is Verdict.REDELIVERED  # its redelivery
+    assert ledger.result("r1", "cam-1", b"first", capture_ts=5.0) is Verdict.REDELIVERED
+    assert ledger.result("r1", "cam-1", b"another frame", capture_ts=6.0) is Verdict.CONFLICT
+    assert ledger.result("r1", "cam-9", b"another camera", capture_ts=5.0) is Verdict.CONFLICT
+    assert ledger.result("r1", "cam-1", b"capture unknown") is Verdict.CONFLICT

@@ -277,4 +277,4 @@ def test_a_result_row_leaves_the_ingest_hop_out_of_the_ratios_and_marks_a_deferr
                 published_ts=1.4, deferred=True)]
     labelled = Result(request_id="r", camera_id="cam-1", capture_ts=0.9, label="deer", label_index=1,
                       confidence=0.9, hops=hops, true_label=2)
-    assert result_row(labelled, 1.5)["prune_ratios"] == [0.3] and result_row(labelled, 1.5)["late"] == 1
+    assert result_row(labelled)["prune_ratios"] == [0.3] and result_row(labelled)["late"] == 1

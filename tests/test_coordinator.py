@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
-from gateway.coordinator import Coordinator, Effects
+import pytest
+
+from gateway.coordinator import Coordinator, Effects, Publish
 from gateway.operator import Overrides
 from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME
 from shared.schemas import (
     AcceptedRequest,
+    ErrorRecord,
     Hop,
     ModelProfile,
     NodeProfile,
@@ -158,3 +161,99 @@ def test_an_operators_slo_change_reaches_the_next_hybrid_plan(tmp_path):
     c.on_status("b", "online", now=5.0)
     c.tick(11.0)
     assert stages(c.live.current) == tightened
+
+
+def test_a_result_held_while_the_gateway_was_down_is_not_a_slow_frame(tmp_path):
+    """End to end runs to the last stage's finish; the gateway's receipt is its own column (issue 25, item 6)."""
+    c = coordinator(tmp_path)
+    c.on_accepted(AcceptedRequest(request_id="r-1", camera_id="cam-1", node_id="node-1", capture_ts=10.0,
+                                  received_ts=10.01), now=10.01)
+    effects = c.on_result(result("r-1"), to_json(result("r-1")), now=22.5)  # delivered after a 12 s outage
+    (row,) = effects.rows("add_request")
+    assert row["e2e_s"] == pytest.approx(0.06) and row["finish_ts"] == pytest.approx(10.06)
+    assert row["received_ts"] == 22.5
+    assert c.control._recent[-1] == (22.5, pytest.approx(0.06))  # the controller sees the hops' latency
+    (window,) = c.slo.close_all()  # grouped by receipt, judged by the stage-finish latency
+    assert window.start_ts <= 22.5 < window.end_ts and window.met == 1 and window.p95_s == pytest.approx(0.06)
+
+
+def accept(c: Coordinator, request_id: str, now: float, node: str = "node-1") -> None:
+    c.on_accepted(AcceptedRequest(request_id=request_id, camera_id="cam-1", node_id=node, capture_ts=now,
+                                  received_ts=now), now=now)
+
+
+def test_every_failure_names_the_last_node_known_to_have_held_the_frame(tmp_path):
+    """Issue 25, item 7: a lost frame named only the gateway, although it knows who took it and who left."""
+    c = coordinator(tmp_path)
+    timeout = c.settings.result_timeout_s
+    for request_id in ("r-lost", "r-dropped", "r-warned"):
+        accept(c, request_id, now=10.0)
+    c.on_status("node-2", "offline", now=11.0)  # killed while the frames were in flight
+    dropped = ErrorRecord(component="node-2", ts=10.5, topic="t", kind="dropped", message="queue full",
+                          request_id="r-dropped")
+    (failure,) = c.on_error(dropped).rows("add_failure")
+    assert (failure["reason"], failure["component"], failure["node_id"]) == ("dropped", "node-2", "node-2")
+    c.on_error(ErrorRecord(component="node-2", ts=10.6, topic="t", kind="implausible_capture_ts", message="m",
+                           request_id="r-warned"))  # a warning: not a failure, but node-2 had the frame
+    c.on_error(ErrorRecord(component="trap-7", ts=10.7, topic="t", kind="bad_image", message="m",
+                           request_id="r-warned"))  # a camera's word moves nothing
+    lost = {row["request_id"]: row for row in c.tick(10.0 + timeout + 1).rows("add_failure")}
+    assert set(lost) == {"r-lost", "r-warned"}
+    assert (lost["r-lost"]["reason"], lost["r-lost"]["component"], lost["r-lost"]["node_id"]) == \
+        ("lost", "gateway", "node-1")  # only stage 1 announced it
+    assert "offline or silent while it was in flight: node-2" in lost["r-lost"]["message"]
+    assert lost["r-warned"]["node_id"] == "node-2"
+    accept(c, "r-later", now=20.0)  # accepted after node-2 left: it is not named
+    (later,) = c.tick(20.0 + timeout + 1).rows("add_failure")
+    assert later["node_id"] == "node-1" and "offline" not in later["message"]
+
+
+def test_the_correction_of_a_foreign_placement_is_recorded_like_any_placement(tmp_path):
+    """Issue 25, item 8: the corrective re-publish (a new version above the forged one) was missing from
+    `placements`, which keeps every placement the gateway published."""
+    c = coordinator(tmp_path)
+    placed(c, even_split(6, ["node-1", "node-2"]).model_copy(update={"version": 7}))
+    forged = even_split(6, ["node-2", "node-1"]).model_copy(update={"version": 9})
+    effects = c.on_placement(to_json(forged), now=30.0)
+    assert effects.refusal is not None and effects.refusal.kind == "foreign_placement"
+    (published,) = [Placement.model_validate_json(p) for p in effects.sent(TOPICS.placement)]
+    assert published.version == 10 and [s.node_id for s in published.stages] == ["node-1", "node-2"]
+    (row,) = effects.rows("add_placement")
+    assert (row["version"], row["issued_at"]) == (10, 30.0) and "share_token" not in row
+    assert row["stages"] == [s.model_dump() for s in published.stages]
+    lower = c.on_placement(to_json(forged.model_copy(update={"version": 3})), now=31.0)  # below ours: v10 again,
+    assert [Placement.model_validate_json(p).version for p in lower.sent(TOPICS.placement)] == [10]
+    assert lower.rows("add_placement") == []  # which is recorded already
+
+
+def test_garbage_left_retained_on_a_devices_state_is_cleared_once_reported(tmp_path):
+    """Issue 25, item 9: it was replayed, and reported as bad_json, at every gateway restart."""
+    c = coordinator(tmp_path)
+    for topic in ("edgeprune/node/node-9/profile", "edgeprune/node/node-9/status", "edgeprune/component/trap-7/status"):
+        for kind in ("bad_json", "bad_schema", "bad_status"):
+            assert c.on_refused_retained(topic, kind).publish == [Publish(topic, b"", qos=1, retain=True)]
+    # another model's profile is the node's own word (it runs other weights): it stays, and so do topics
+    # the gateway guards otherwise (placement, prune/set) or that are not a device's state
+    assert c.on_refused_retained("edgeprune/node/node-9/profile", "model_mismatch").publish == []
+    for topic in ("edgeprune/placement", "edgeprune/node/node-9/prune/set", "edgeprune/node/node-9/calibration",
+                  "edgeprune/component/gateway/cmd", "other/node/node-9/profile", "edgeprune/node//status"):
+        assert c.on_refused_retained(topic, "bad_json").publish == []
+
+
+def test_a_frame_served_twice_is_counted_as_a_duplicate_not_refused(tmp_path):
+    """Issue 25: the second result of a frame a dead replica had published was refused as a conflict (an error)."""
+    c = coordinator(tmp_path)
+    accept(c, "r-1", now=10.0)
+    first = result("r-1")
+    assert c.on_result(first, to_json(first), now=10.2).rows("add_request")
+    hop = first.hops[0].model_copy(update={"node_id": "node-3", "started_ts": 10.5, "finished_ts": 10.53,
+                                           "published_ts": 10.54})
+    again = first.model_copy(update={"hops": [hop], "confidence": 0.8})
+    effects = c.on_result(again, to_json(again), now=10.6)
+    assert effects.refusal is None and effects.rows("add_request") == []
+    assert effects.rows("add_duplicate") == [{"request_id": "r-1", "ts": 10.6, "node_id": "node-3", "label": "cat",
+                                              "confidence": 0.8}]
+    assert c.on_result(again, to_json(again), now=10.7).store == []  # its QoS 1 redelivery: nothing more
+    assert c.slo.close_all()[0].count == 1  # one frame, one latency sample
+    forged = first.model_copy(update={"capture_ts": 3.0, "label": "tiger"})
+    assert c.on_result(forged, to_json(forged), now=10.8).refusal.kind == "conflict_result"

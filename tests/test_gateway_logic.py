@@ -75,10 +75,11 @@ def _result(request_id: str, capture: float) -> Result:
 
 
 def test_result_row_splits_time_into_queue_compute_transfer():
-    row = result_row(_result("r", 10.0), finish_ts=10.1)
-    assert row["e2e_s"] == pytest.approx(0.1)
+    row = result_row(_result("r", 10.0))
+    assert row["finish_ts"] == pytest.approx(10.071)  # the last stage's publish time
+    assert row["e2e_s"] == pytest.approx(0.071)
     assert row["queue_s"] == pytest.approx(0.02) and row["compute_s"] == pytest.approx(0.04)
-    assert row["transfer_s"] == pytest.approx(0.04)
+    assert row["transfer_s"] == pytest.approx(0.011)
     assert row["prune_ratios"] == [0.0, 0.0]
 
 
@@ -86,7 +87,7 @@ def test_store_batches_ignores_duplicate_results_and_reads_back(tmp_path):
     store = Store(tmp_path / "e.db")
     store.add_run({"started_ts": 1.0, "gateway_id": "g", "slo_s": 0.5, "window_s": 10, "nodes": ["a"]})
     for rid, cap in [("r1", 10.0), ("r2", 11.0), ("r1", 10.5)]:  # a later, different r1 must not replace it
-        store.add_request(result_row(_result(rid, cap), cap + 0.2))
+        store.add_request(result_row(_result(rid, cap)))
     store.update_node({"node_id": "a", "status": "online", "status_ts": 1.0})
     store.update_node({"node_id": "a", "stage": 1, "queue_depth": 3, "errors": {"bad_image": 2}})
     reader = Reader(tmp_path / "e.db")
@@ -104,9 +105,9 @@ def test_store_batches_ignores_duplicate_results_and_reads_back(tmp_path):
 
 
 def test_labelled_results_record_whether_they_were_right(tmp_path):
-    right = result_row(_result("r1", 10.0).model_copy(update={"true_label": 2}), 10.2)
-    wrong = result_row(_result("r2", 10.0).model_copy(update={"true_label": 5}), 10.2)
-    unlabelled = result_row(_result("r3", 10.0), 10.2)
+    right = result_row(_result("r1", 10.0).model_copy(update={"true_label": 2}))
+    wrong = result_row(_result("r2", 10.0).model_copy(update={"true_label": 5}))
+    unlabelled = result_row(_result("r3", 10.0))
     assert [(r["true_label"], r["correct"]) for r in (right, wrong, unlabelled)] == [(2, 1), (5, 0), (None, None)]
 
 
@@ -116,7 +117,7 @@ def test_an_older_database_gains_the_new_columns(tmp_path):
     with sqlite3.connect(tmp_path / "old.db") as conn:
         conn.execute("CREATE TABLE requests (request_id TEXT PRIMARY KEY, e2e_s FLOAT)")
     store = Store(tmp_path / "old.db")
-    store.add_request(result_row(_result("r1", 10.0).model_copy(update={"true_label": 2}), 10.2))
+    store.add_request(result_row(_result("r1", 10.0).model_copy(update={"true_label": 2})))
     store.flush()
     assert store.db.execute("SELECT correct FROM requests").fetchall() == [(1,)]
     store.close()
@@ -135,10 +136,58 @@ def test_a_deferred_hop_round_trips_and_marks_the_request_late(tmp_path):
     with sqlite3.connect(tmp_path / "old.db") as conn:  # a file from before the `late` column
         conn.execute("CREATE TABLE requests (request_id TEXT PRIMARY KEY, e2e_s FLOAT)")
     store = Store(tmp_path / "old.db")
-    store.add_request(result_row(timely, 10.2))
-    store.add_request(result_row(back, 10.2))
+    store.add_request(result_row(timely))
+    store.add_request(result_row(back))
     store.flush()
     rows = store.db.execute("SELECT request_id, late, hops FROM requests ORDER BY request_id").fetchall()
     assert [(rid, late) for rid, late, _ in rows] == [("r1", 0), ("r2", 1)]
     assert '"deferred":true' in rows[1][2]
+    store.close()
+
+
+def test_an_older_database_keeps_its_receipt_times_as_received_ts(tmp_path):
+    """Rows stored before `received_ts` had the gateway's receipt in `finish_ts`: the migration keeps it there."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "old.db") as conn:
+        conn.execute("CREATE TABLE requests (request_id TEXT PRIMARY KEY, finish_ts FLOAT, e2e_s FLOAT)")
+        conn.execute("INSERT INTO requests VALUES ('old', 12.5, 2.5)")
+    store = Store(tmp_path / "old.db")
+    store.add_request({**result_row(_result("new", 10.0)), "received_ts": 30.0})
+    store.flush()
+    rows = store.db.execute("SELECT request_id, finish_ts, received_ts FROM requests ORDER BY request_id").fetchall()
+    assert rows == [("new", pytest.approx(10.071), 30.0), ("old", 12.5, 12.5)]
+    store.close()
+
+
+def test_a_restarted_gateway_still_knows_which_node_took_each_open_frame(tmp_path):
+    from gateway.accounting import RequestLedger
+
+    store = Store(tmp_path / "g.db")
+    for request_id in ("open", "failed"):
+        store.add_accepted({"request_id": request_id, "camera_id": "cam", "node_id": "node-1", "capture_ts": 1.0,
+                            "received_ts": 1.0})
+    store.add_failure({"request_id": "failed", "ts": 2.0, "reason": "dropped", "component": "node-2",
+                       "node_id": "node-2", "message": "full"})
+    store.flush()
+    ledger = RequestLedger()
+    for row in store.open_requests(0.0):
+        ledger.restore(row["request_id"], row["camera_id"], row["received_ts"], bool(row["stored"]), row["reason"],
+                       row["node_id"])
+    assert ledger.in_flight == 1 and ledger.last_known("open") == (1.0, "node-1")
+    assert store.db.execute("SELECT node_id FROM failures").fetchall() == [("node-2",)]
+    store.close()
+
+
+def test_the_accounting_counts_duplicates_apart_from_frames(tmp_path):
+    store = Store(tmp_path / "g.db")
+    store.add_accepted({"request_id": "r", "camera_id": "cam", "node_id": "n1", "capture_ts": 10.0,
+                        "received_ts": 10.0})
+    store.add_request({**result_row(_result("r", 10.0)), "received_ts": 10.2})
+    for ts in (10.5, 10.5, 11.0):  # the second is the first again (a redelivered write): one row
+        store.add_duplicate({"request_id": "r", "ts": ts, "node_id": "n2", "label": "cat", "confidence": 0.7})
+    store.flush()
+    accounting = Reader(tmp_path / "g.db").accounting()
+    assert (accounting["accepted"], accounting["rows"], accounting["failures"], accounting["in_flight"],
+            accounting["duplicates"]) == (1, 1, 0, 0, 2)
     store.close()

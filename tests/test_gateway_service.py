@@ -206,3 +206,40 @@ def test_a_calibration_that_fits_poorly_is_kept_and_measured_again_a_bounded_num
         assert "a" in gateway.coordinator.control.fits  # the poor curve is kept meanwhile: a curve is better than none
     finally:
         recorder.close()
+
+
+def test_garbage_retained_on_device_state_topics_is_reported_once_and_cleared(fresh_broker, tmp_path):
+    """Issue 25, item 9, through the real ACL: a node's garbage profile and a camera's garbage availability are
+    reported and cleared by the gateway (its login may write component statuses), so no restart replays them."""
+    auth = AUTH[fresh_broker.port]
+    garbage = {"edgeprune/node/node-9/profile": (auth.settings("node-9", "node"), "bad_json"),
+               "edgeprune/component/trap-7/status": (auth.settings("trap-7", "camera"), "bad_status")}
+    for topic, (settings, _) in garbage.items():
+        device = mqtt_client(settings)
+        device.publish(topic, b"{not json", qos=1, retain=True).wait_for_publish(10)
+        device.loop_stop()
+        device.disconnect()
+    settings = GatewaySettings(db_path=tmp_path / "edgeprune.db", nodes=["node-9"], flush_interval_s=0.1)
+    gw = Gateway(settings, auth.settings("gateway", "gateway"))
+    gw.start()
+    retained: dict[str, bytes] = {}
+    probe = mqtt_client(fresh_broker)
+    probe.on_message = lambda c, u, msg: retained.update({msg.topic: msg.payload}) if msg.retain else None
+    try:
+        wait_until(lambda: {(e["topic"], e["kind"]) for e in Reader(settings.db_path).errors(50)}
+                   >= {(topic, kind) for topic, (_, kind) in garbage.items()}, 30, "the garbage was not reported")
+
+        def replayed() -> dict[str, bytes]:  # what a restarted gateway would be sent
+            retained.clear()
+            for topic in garbage:
+                probe.unsubscribe(topic)
+                probe.subscribe(topic, qos=1)
+            time.sleep(0.5)
+            return dict(retained)
+        wait_until(lambda: not replayed(), 30, "the retained garbage is still there")
+    finally:
+        probe.loop_stop()
+        probe.disconnect()
+        gw.stop()
+    errors = [(e["topic"], e["kind"]) for e in Reader(settings.db_path).errors(50)]
+    assert sorted(errors) == sorted((topic, kind) for topic, (_, kind) in garbage.items())  # each reported once

@@ -13,13 +13,25 @@ from shared.settings import GatewaySettings, SettingsError, load
 
 def request(i: int, finish_ts: float) -> dict:
     return {"request_id": f"r{i}", "camera_id": "cam-1", "capture_ts": finish_ts - 0.1, "finish_ts": finish_ts,
+            "received_ts": finish_ts + 0.01,
             "e2e_s": 0.1, "queue_s": 0.0, "compute_s": 0.05, "transfer_s": 0.05, "label": "zebra",
             "label_index": 9, "confidence": 0.9, "prune_ratios": [0.0], "hops": [{"stage": 1}]}
 
 
 def test_cutoffs_per_table():
     assert cutoffs({"requests": 365, "errors": 30}, now=400 * DAY_S) == {
-        "requests": ("finish_ts", 35 * DAY_S), "errors": ("ts", 370 * DAY_S)}
+        "requests": ("received_ts", 35 * DAY_S), "errors": ("ts", 370 * DAY_S)}
+
+
+def test_a_result_is_kept_by_its_receipt_whatever_its_nodes_clock_said(tmp_path):
+    """finish_ts is the last node's clock (issue 25, item 6): a Pi that booted without network time stamps 1970,
+    and its frames must not expire at the next maintenance."""
+    store = Store(tmp_path / "db.sqlite")
+    now = 1000 * DAY_S
+    store.add_request({**request(0, now), "finish_ts": 1.0, "e2e_s": 1.0 - (now - 0.1)})
+    store.flush()
+    assert store.delete_older(cutoffs({"requests": 365}, now)) == {"requests": 0}
+    store.close()
 
 
 def test_default_policy_keeps_results_longest():

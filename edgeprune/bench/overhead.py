@@ -122,8 +122,8 @@ def _pipeline_frames(bench: PolicyRun, frames: int, rate: float) -> list[dict]:
     bench.procs[-1][1].wait(timeout=frames / rate * 4 + 120)
     deadline = time.monotonic() + 30.0  # the last results reach the database (a batch every flush_interval_s)
     while True:
-        rows = query(Reader(bench.db), "SELECT capture_ts, finish_ts, e2e_s, hops FROM requests WHERE camera_id = ? "
-                                       "ORDER BY capture_ts", (CAMERA_ID,))
+        rows = query(Reader(bench.db), "SELECT capture_ts, finish_ts, received_ts, e2e_s, hops FROM requests "
+                                       "WHERE camera_id = ? ORDER BY capture_ts", (CAMERA_ID,))
         if len(rows) >= frames or time.monotonic() > deadline:
             return rows
         time.sleep(0.5)

@@ -172,10 +172,11 @@ def accounting(reader: Reader, phase: str, attempted: int, fault_ts: float) -> d
     reasons = reader._rows("SELECT reason, COUNT(*) AS n FROM failures f WHERE request_id LIKE ? AND NOT EXISTS "
                            "(SELECT 1 FROM requests r WHERE r.request_id = f.request_id) GROUP BY reason", like)
     accepted = reader._rows("SELECT COUNT(*) AS n FROM accepted WHERE request_id LIKE ?", like)[0]["n"]
-    first = reader._rows("SELECT MIN(r.finish_ts) AS t FROM requests r JOIN accepted a USING (request_id) "
+    duplicates = reader._rows("SELECT COUNT(*) AS n FROM duplicates WHERE request_id LIKE ?", like)[0]["n"]
+    first = reader._rows("SELECT MIN(r.received_ts) AS t FROM requests r JOIN accepted a USING (request_id) "
                          "WHERE r.request_id LIKE ? AND a.received_ts >= ?", (*like, fault_ts))[0]["t"]
     return {"fault": phase, "attempted": attempted, "accepted": accepted, "rows": rows, "failures": failures,
-            "unaccounted": attempted - rows - failures,
+            "unaccounted": attempted - rows - failures, "duplicates": duplicates,
             "failure_reasons": ", ".join(f"{r['reason']}:{r['n']}" for r in reasons),
             "recovery_s": round(first - fault_ts, 2) if first else None}
 

@@ -47,7 +47,7 @@ def bytes_per_frame(path: Path, frames: int, stages: int, mode: DiskMode, rate_h
     t0 = 1.7e9
     for i in range(frames):
         t = t0 + i / rate_hz
-        store.add_request(result_row(synthetic_result(i, stages, t), t + 0.05))
+        store.add_request({**result_row(synthetic_result(i, stages, t)), "received_ts": t + 0.05})
         if i % max(1, int(10 * rate_hz)) == 0:  # one 10 s SLO window per 10 s of frames
             store.add_window({"start_ts": t, "end_ts": t + 10, "count": 10, "slo_s": 0.5, "met": 9,
                               "attainment_pct": 90.0, "p50_s": 0.05, "p95_s": 0.2, "p99_s": 0.3})

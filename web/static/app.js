@@ -271,6 +271,7 @@ function accountingLine(a) {
   return `accepted ${a.accepted} = stored ${a.rows} + failed ${a.failures}${reasons ? ` (${reasons})` : ""} + ` +
     `in flight ${a.in_flight}` +
     (a.late ? ` · ${a.late} stored late (served after the timely frames)` : "") +
+    (a.duplicates ? ` · ${a.duplicates} served twice (the first result kept)` : "") +
     (a.implausible_capture_ts ? ` · ${a.implausible_capture_ts} with an implausible capture time (timed from arrival)` : "");
 }
 
