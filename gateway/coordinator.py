@@ -190,6 +190,7 @@ class Coordinator:
         self._replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
         self.redelivered_results = 0
         self._departures: deque[tuple[float, str]] = deque()  # (when, node) a node went offline or silent
+        self._taken_over: set[str] = set()  # gone replicas whose session was taken over, until heard from again
         self._next_beacon = 0.0
         self._clock_suspects: set[str] = set()  # nodes whose clock offset is over the limit (logged once)
         self._out = Effects()  # what the entry point being run has decided so far
@@ -256,16 +257,27 @@ class Coordinator:
             self.liveness.gone(node_id)
             self._departed(node_id, now)
         self.live.set_status(node_id, status, now)
+        self._out.write("update_node", {"node_id": node_id, "status": status, "status_ts": now})
+        if status == AVAILABILITY_ONLINE:
+            self._taken_over.discard(node_id)
+        else:
+            self._take_over(node_id)
+
+    def _take_over(self, node_id: str) -> None:
+        """A replica is gone (offline, or silent: hung but still connected): what its broker session held goes
+        back to the stage (service: _hand_over), once per departure, so its will (sent when the session is taken
+        over) does not start a second takeover, which would cut the node off again if it had resumed meanwhile."""
         placement = self.live.current
         served = placement.stage_of(node_id) if placement else None
-        self._out.write("update_node", {"node_id": node_id, "status": status, "status_ts": now})
-        if status != AVAILABILITY_ONLINE and served is not None and served.replicated:
-            # a replica is gone: what its broker session held goes back to the stage (service: _hand_over)
-            shared = self.topics.shared(served.stage, placement.share_token, placement.ingest_node is not None)
-            self._out.drains.append((node_id, shared))
+        if served is None or not served.replicated or node_id in self._taken_over:
+            return
+        self._taken_over.add(node_id)
+        shared = self.topics.shared(served.stage, placement.share_token, placement.ingest_node is not None)
+        self._out.drains.append((node_id, shared))
 
     @_entry
     def on_stats(self, stats: NodeStats, now: float) -> None:
+        self._taken_over.discard(stats.node_id)
         if self.liveness.heard(stats.node_id, now):  # a hung node resumed: a (re)joining node again
             self.live.set_status(stats.node_id, AVAILABILITY_ONLINE, now)
             log.warning("%s speaks again after %.0f s of silence", stats.node_id, self.liveness.silence_s)
@@ -539,6 +551,7 @@ class Coordinator:
         lost = self.ledger.expire(now, self.settings.result_timeout_s)
         silent = self.liveness.newly_silent(now)
         for node_id in silent:  # hung: stop sending it work now, not when the broker's will fires
+            self._take_over(node_id)  # a hung replica's held input goes to the others, as a dead one's does
             self.live.set_status(node_id, AVAILABILITY_OFFLINE, now)
             self._departed(node_id, now)
         ready, ask = self.handover.propose(placement, now) if placement is not None else (None, [])
