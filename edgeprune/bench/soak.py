@@ -45,6 +45,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--burst-every", type=float, default=20.0)
     parser.add_argument("--down-s", type=float, default=5.0, help="how long a killed or hung part stays down")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settle-s", type=float, default=120.0,
+                        help="after each phase, wait at most this long for every frame sent to end as a row or a "
+                             "recorded failure (those still open are reported as unaccounted)")
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -176,7 +179,8 @@ def accounting(reader: Reader, phase: str, attempted: int, fault_ts: float) -> d
     first = reader._rows("SELECT MIN(r.received_ts) AS t FROM requests r JOIN accepted a USING (request_id) "
                          "WHERE r.request_id LIKE ? AND a.received_ts >= ?", (*like, fault_ts))[0]["t"]
     return {"fault": phase, "attempted": attempted, "accepted": accepted, "rows": rows, "failures": failures,
-            "unaccounted": attempted - rows - failures, "duplicates": duplicates,
+            "unaccounted": attempted - rows - failures, "in_flight": accepted - rows - failures,
+            "duplicates": duplicates,
             "failure_reasons": ", ".join(f"{r['reason']}:{r['n']}" for r in reasons),
             "recovery_s": round(first - fault_ts, 2) if first else None}
 
@@ -203,6 +207,27 @@ def inject(site: Site, fault: str, down_s: float) -> None:
         site.kill("gateway")
         time.sleep(min(down_s, 3.0))
         site.start_component("gateway")
+
+
+def settled(row: dict) -> bool:
+    """Every frame sent has ended as a row or a recorded failure. Not merely every frame stage 1 accepted: a frame
+    still queued in the broker (e.g. for a hung node) is not accepted yet, and would be missed."""
+    return row["rows"] + row["failures"] >= row["attempted"]
+
+
+def settle(read, timeout_s: float, poll_s: float = 0.5, clock=time.monotonic, sleep=time.sleep) -> dict:
+    """The phase's accounting once every frame is settled, or after ``timeout_s`` with those still open counted as
+    ``unaccounted`` (``in_flight``: the part of them stage 1 accepted). ``read`` returns the accounting, or None
+    while there is no database to read; ``settle_s`` says how long it took."""
+    start = clock()
+    while True:
+        row = read()
+        waited = clock() - start
+        if row is not None and (settled(row) or waited >= timeout_s):
+            return {**row, "settle_s": round(waited, 1)}
+        if waited >= timeout_s:
+            raise RuntimeError(f"no accounting to read within {timeout_s:g} s")
+        sleep(poll_s)
 
 
 def wait_for(predicate, timeout: float) -> bool:
@@ -237,13 +262,15 @@ def run(args) -> dict:
             injector.join()
             site.sample_rss()
 
-            def settled() -> bool:
+            def read(fault=fault, fault_ts=fault_ts) -> dict | None:
                 reader = site.reader()
-                row = reader and accounting(reader, fault, camera.attempted.get(fault, 0), fault_ts)
-                return bool(row) and row["accepted"] == row["rows"] + row["failures"]
-            wait_for(settled, 60)  # in flight: a result, a failure report or the gateway's result timeout
-            time.sleep(2.0)
-            faults.append(accounting(site.reader(), fault, camera.attempted.get(fault, 0), fault_ts))
+                return reader and accounting(reader, fault, camera.attempted.get(fault, 0), fault_ts)
+            # each frame ends as a result, a failure report or, at the latest, the gateway's result timeout
+            row = settle(read, args.settle_s)
+            if row["unaccounted"]:
+                print(f"{fault}: {row['unaccounted']} frames still unsettled after {args.settle_s:g} s "
+                      f"({row['in_flight']} of them accepted)", flush=True)
+            faults.append(row)
     finally:
         if camera:
             camera.close()
