@@ -265,8 +265,8 @@ class Coordinator:
 
     def _take_over(self, node_id: str) -> None:
         """A replica is gone (offline, or silent: hung but still connected): what its broker session held goes
-        back to the stage (service: _hand_over), once per departure, so its will (sent when the session is taken
-        over) does not start a second takeover, which would cut the node off again if it had resumed meanwhile."""
+        back to the stage (service: _hand_over), once per departure: a later ``offline`` (a will) starts no second
+        takeover, which would cut the node off again if it had resumed meanwhile."""
         placement = self.live.current
         served = placement.stage_of(node_id) if placement else None
         if served is None or not served.replicated or node_id in self._taken_over:

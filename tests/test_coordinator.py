@@ -110,8 +110,8 @@ def test_a_replica_that_goes_offline_has_its_session_taken_over(tmp_path):
 
 def test_a_hung_replica_has_its_session_taken_over_once(tmp_path):
     """Hung (SIGSTOP) but still connected, a replica keeps its share of the stage's input in its session: once its
-    stats stop for stats_silence_s it is taken over as a dead one is, and its will (sent when the broker hands its
-    session to the gateway) does not start a second takeover."""
+    stats stop for stats_silence_s it is taken over as a dead one is, and a will that comes later (the keepalive
+    ran out first) starts no second takeover."""
     c = coordinator(tmp_path, nodes=("node-1", "node-2", "node-3"))
     placement = Placement(version=7, model=MODEL_NAME, n_blocks=6, issued_at=0.0, share_token="tok3n-abcd", stages=[
         StageAssignment(stage=1, node_id="node-1", first_block=0, last_block=2),
@@ -125,7 +125,7 @@ def test_a_hung_replica_has_its_session_taken_over_once(tmp_path):
     for node in ("node-1", "node-2"):
         c.on_stats(stats(node, silence), now=silence)
     assert c.tick(silence + 0.5).drains == [("node-3", TOPICS.shared(2, "tok3n-abcd"))]
-    assert c.on_status("node-3", "offline", now=silence + 1).drains == []  # its will, sent at the takeover
+    assert c.on_status("node-3", "offline", now=silence + 1).drains == []  # its will, late
     assert c.tick(silence + 2).drains == []
     c.on_stats(stats("node-3", silence + 3), now=silence + 3)  # it resumed: a later departure is taken over again
     assert c.on_status("node-3", "offline", now=silence + 4).drains == [("node-3", TOPICS.shared(2, "tok3n-abcd"))]

@@ -132,3 +132,46 @@ def test_a_member_that_falls_behind_still_gets_every_other_message(fresh_broker)
     wait_until(lambda: len(fast.got) >= 100, 15, "the fast member did not get its half")
     time.sleep(1.0)
     assert len(fast.got) == 100 and len(slow.got) <= 100, (len(fast.got), len(slow.got))
+
+
+def test_a_hung_members_session_is_taken_over_with_what_it_held_in_order(fresh_broker):
+    """A hung member (SIGSTOP: its connection stays up, it reads and acknowledges nothing) is taken over while
+    still connected: the broker closes its connection and hands the gateway everything in flight to it or queued
+    for it, in the order published, other subscriptions' messages (the placement) included; it sends no will then,
+    nor when the old socket finally closes. The gateway's takeover of a silent replica
+    (gateway/coordinator.py: ``_take_over``) rests on this; the node shows as silent until it speaks again."""
+    port = fresh_broker.port
+    settings = AUTH[port].settings("node-2", "node")
+    hung = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="node-2", protocol=mqtt.MQTTv5, manual_ack=True)
+    hung.username_pw_set(settings.username, settings.password.get_secret_value())
+    hung.will_set(TOPICS.node_status("node-2"), "offline", qos=1, retain=True)
+    subacks: list[int] = []
+    hung.on_subscribe = lambda c, u, mid, codes, p: subacks.append(mid)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    hung.connect("127.0.0.1", port, keepalive=600, clean_start=False, properties=props)
+    hung.loop_start()
+    hung.subscribe(TOPICS.placement, qos=1)
+    hung.subscribe(TOPICS.shared(STAGE, TOKEN), qos=1)
+    wait_until(lambda: len(subacks) == 2, 10, "no SUBACK")
+    hung.loop_stop()  # hung: the socket stays open, nothing is read or acknowledged any more
+
+    watcher = mqtt_client(AUTH[port].settings("watcher", "admin"))
+    wills: list[bytes] = []
+    watcher.on_message = lambda c, u, msg: wills.append(msg.payload)
+    watcher.subscribe(TOPICS.node_status("node-2"), qos=1)
+    publish(port, range(5))
+    admin = mqtt_client(AUTH[port].settings("admin", "admin"))
+    admin.publish(TOPICS.placement, b"v2", qos=1).wait_for_publish(5)
+    admin.loop_stop()
+    admin.disconnect()
+    publish(port, range(5, 10))
+
+    gateway = AUTH[port].settings("gateway", "gateway")
+    drained = drain_session(gateway, "node-2", [TOPICS.shared(STAGE, TOKEN)])
+    assert [p.decode() for _, p, _ in drained] == [*map(str, range(5)), "v2", *map(str, range(5, 10))]
+    hung._sock.close()
+    time.sleep(2.0)
+    assert wills == [], "Mosquitto now sends a taken-over client's will (the gateway starts no second takeover)"
+    watcher.loop_stop()
+    watcher.disconnect()
