@@ -477,13 +477,9 @@ class PruningController:
             target = self._fast_target(node, ratio)
             if target is not None:
                 changed[node] = target
-        if not changed:
-            return []
-        self._last_action_ts = now
         reason = (f"fast restore: slowdown gone (≤ {self.config.slowdown_gone}x) for {confirm:g} s; lowest ratio "
                   f"predicted within {self.config.restore_headroom:.0%} of the {self.budget_s * 1e3:.0f} ms budget")
-        self._ratios.update(changed)
-        return [SetRatios(now, changed, "auto", reason, self._evaluate_current("restore", reason), metrics)]
+        return self._restore(now, changed, reason, metrics)
 
     def _fast_target(self, node: str, ratio: float) -> float | None:
         """The lowest ladder ratio below ``ratio`` predicted within restore_headroom × the budget, if any."""
@@ -511,10 +507,14 @@ class PruningController:
                 # with fast restore on, latency headroom is as good a reason to jump as the confirmed slowdown
                 target = self._fast_target(node, ratio) if self.config.fast_restore else None
                 changed[node] = lower if target is None else min(lower, target)
+        reason = (f"restore: {metrics.headroom_fraction:.0%} of {metrics.restore_samples} requests under "
+                  f"{self.config.restore_latency_fraction:.0%} of the SLO and slowdown gone")
+        return self._restore(now, changed, reason, metrics)
+
+    def _restore(self, now: float, changed: dict[str, float], reason: str, metrics: Metrics) -> list[Action]:
+        """Give back what a restore rule chose (nothing if it chose nothing); an action starts the cooldown."""
         if not changed:
             return []
         self._last_action_ts = now
-        reason = (f"restore: {metrics.headroom_fraction:.0%} of {metrics.restore_samples} requests under "
-                  f"{self.config.restore_latency_fraction:.0%} of the SLO and slowdown gone")
         self._ratios.update(changed)
         return [SetRatios(now, changed, "auto", reason, self._evaluate_current("restore", reason), metrics)]

@@ -522,3 +522,59 @@ def test_a_violation_spanning_exactly_the_minimum_span_fires():
     metrics = controller.metrics(105)
     assert metrics.violation_span_s == 5.0 and metrics.over_trigger_fraction == 1.0
     assert controller.tick(105) != []
+
+
+def fires(latencies: list[float], **config) -> bool:
+    """Whether the reactive trigger fires on requests completing one a second from t = 100 with these latencies."""
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S, ControllerSettings(policy="bottleneck", **config))
+    for ts, latency in enumerate(latencies, start=100):
+        controller.observe_latency(ts, latency)
+    return controller.tick(100 + len(latencies) - 1) != []
+
+
+def test_the_trigger_fraction_and_the_minimum_sample_count_are_inclusive():
+    """docs/controller.md: at least ``min_samples`` requests, at least ``trigger_fraction`` of them over LAT_trigger."""
+    rules = {"trigger_window_s": 10.0, "trigger_min_span_s": 2.0, "trigger_fraction": 0.5, "min_samples": 4}
+    over, under = 0.8, 0.1
+    assert fires([over, under] * 4, **rules)  # 4 of 8 over: exactly the fraction
+    assert not fires([over, under] * 3 + [under, under], **rules)  # 3 of 8
+    assert fires([over] * 4, **rules)  # exactly min_samples
+    assert not fires([over] * 3, **rules)
+
+
+def stepwise_restore(under_headroom: int) -> list:
+    """node-1 pruned to 0.5 at calibrated speed; four requests in the restore window, ``under_headroom`` of them
+    within restore_latency_fraction × SLO (0.35 s), the others between that and LAT_trigger."""
+    config = ControllerSettings(policy="bottleneck", fast_restore=False, restore_fraction=0.5, min_samples=4,
+                                restore_window_s=20.0)
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S, config, initial_ratios={"node-1": 0.5})
+    assert controller.tick(100) == []
+    controller.observe_node(105, "node-1", calibrated_time(0.5), 0, 0.5)
+    for k, ts in enumerate(range(110, 114)):
+        controller.observe_latency(ts, 0.3 if k < under_headroom else 0.45)
+    return controller.tick(120)
+
+
+def test_a_restore_window_with_exactly_the_restore_fraction_of_headroom_restores():
+    """docs/controller.md: a restore step needs at least ``restore_fraction`` of the window within the headroom."""
+    (action,) = stepwise_restore(under_headroom=2)
+    assert isinstance(action, SetRatios) and action.ratios == {"node-1": 0.4}
+    assert stepwise_restore(under_headroom=1) == []
+
+
+def fast_restore_at(slowdown: float) -> list:
+    """node-1 pruned to 0.5 reports one stats sample of ``slowdown`` × its calibrated time (gone at ≤ 2)."""
+    config = ControllerSettings(policy="bottleneck", fast_restore_confirm_s=2.0, slowdown_gone=2.0,
+                                slowdown_smoothing=1.0)
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S, config, initial_ratios={"node-1": 0.5})
+    assert controller.tick(100) == []
+    # × 2 and ÷ the same number are exact in binary floating point: the sample is exactly 2.0
+    controller.observe_node(101, "node-1", slowdown * controller.curve("node-1").predict(0.5), 0, 0.5)
+    return controller.tick(104)
+
+
+def test_a_slowdown_exactly_at_slowdown_gone_counts_as_gone():
+    """docs/controller.md: a node's slowdown *at or below* ``slowdown_gone`` counts as gone (fast restore)."""
+    (action,) = fast_restore_at(2.0)
+    assert isinstance(action, SetRatios) and action.ratios["node-1"] < 0.5
+    assert fast_restore_at(2.5) == []

@@ -136,6 +136,24 @@ def test_a_status_that_is_not_an_availability_is_refused(tmp_path):
     assert effects.refusal is not None and effects.refusal.kind == "bad_status" and effects.store == []
 
 
+def test_only_a_pipeline_node_or_the_gateway_ends_a_frame_and_a_warning_never_does(tmp_path):
+    """docs/reliability.md: an accepted frame ends as a row or a failure a stage reported; a camera's or the page's
+    error record naming it, or a warning (an implausible capture time: still served), is stored, nothing more."""
+    c = coordinator(tmp_path)
+    c.on_accepted(AcceptedRequest(request_id="r-1", camera_id="cam-1", node_id="node-1", capture_ts=10.0,
+                                  received_ts=10.01), now=10.01)
+
+    def error(component: str, kind: str) -> Effects:
+        return c.on_error(ErrorRecord(component=component, ts=11.0, topic="t", kind=kind, message="m",
+                                      request_id="r-1"))
+    for component, kind in (("node-1", "implausible_capture_ts"), ("cam-1", "bad_image"), ("web", "internal")):
+        effects = error(component, kind)
+        assert [r["kind"] for r in effects.rows("add_error")] == [kind] and effects.rows("add_failure") == []
+    assert c.ledger.in_flight == 1
+    assert [r["reason"] for r in error("node-1", "bad_image").rows("add_failure")] == ["bad_image"]
+    assert c.ledger.in_flight == 0
+
+
 def test_a_placement_is_published_once_every_node_it_moves_has_subscribed(tmp_path):
     c = coordinator(tmp_path)
     for node in ("node-1", "node-2"):

@@ -190,131 +190,167 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
     raise RuntimeError(f"bench collect: {what} (after {timeout_s:.0f} s)")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from edgeprune.broker import free_port, start_broker, stop_process
-    from shared.settings import BrokerSettings, SiteSettings
+class Cluster:
+    """The run's brokers on loopback: a central one and ``n_sites`` bridged to it; logs and the collector's env."""
 
-    workdir = Path(tempfile.mkdtemp(prefix="edgeprune-bench-collect-"))
-    central_settings = BrokerSettings(port=free_port(), data_dir=workdir / "central", allow_anonymous=True,
-                                      max_queued_messages=CENTRAL_QUEUE)
-    logs = []
+    def __init__(self, n_sites: int):
+        from edgeprune.broker import free_port, start_broker
+        from shared.settings import BrokerSettings, SiteSettings
 
-    def log_file(name: str):
-        logs.append(open(workdir / f"{name}.log", "w"))
-        return logs[-1]
+        self.workdir = Path(tempfile.mkdtemp(prefix="edgeprune-bench-collect-"))
+        self.logs: list = []
+        self.central_settings = BrokerSettings(port=free_port(), data_dir=self.workdir / "central",
+                                               allow_anonymous=True, max_queued_messages=CENTRAL_QUEUE)
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")},
+                    "EDGEPRUNE_MQTT_PORT": str(self.central_settings.port), "EDGEPRUNE_MQTT_RECONNECT_MAX_S": "1",
+                    "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.central = start_broker(self.central_settings, log_file=self.log_file("central"))
+        self.sites: list[subprocess.Popen] = []
+        self.ports: list[int] = []
+        try:
+            for i in range(n_sites):
+                port = free_port()
+                self.ports.append(port)
+                self.sites.append(start_broker(
+                    BrokerSettings(port=port, data_dir=self.workdir / f"site-{i}", allow_anonymous=True,
+                                   max_queued_messages=SITE_QUEUE),
+                    log_file=self.log_file(f"site-{i}"),
+                    site=SiteSettings(site_id=f"site-{i:02d}", central_port=self.central_settings.port,
+                                      bridge_keepalive_s=5, bridge_restart_max_s=2)))
+        except BaseException:
+            self.close(finished=False)
+            raise
 
-    central = start_broker(central_settings, log_file=log_file("central"))
-    sites, ports = [], []
-    backends: dict[str, dict] = {}
-    tables: dict[str, list] = {"bench collect": []}
-    publisher = collector = None
-    finished = False
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")},
-           "EDGEPRUNE_MQTT_PORT": str(central_settings.port), "EDGEPRUNE_MQTT_RECONNECT_MAX_S": "1",
-           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    def log_file(self, name: str):
+        self.logs.append(open(self.workdir / f"{name}.log", "w"))
+        return self.logs[-1]
 
-    def start_collector(db: Database, name: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "edgeprune", "collect", "--db", db.url], env=env,
-                                cwd=workdir, stdout=log_file(name), stderr=subprocess.STDOUT)
+    def start_collector(self, db: Database, name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "edgeprune", "collect", "--db", db.url], env=self.env,
+                                cwd=self.workdir, stdout=self.log_file(name), stderr=subprocess.STDOUT)
 
-    try:
-        for i in range(args.sites):
-            port = free_port()
-            ports.append(port)
-            sites.append(start_broker(
-                BrokerSettings(port=port, data_dir=workdir / f"site-{i}", allow_anonymous=True,
-                               max_queued_messages=SITE_QUEUE),
-                log_file=log_file(f"site-{i}"),
-                site=SiteSettings(site_id=f"site-{i:02d}", central_port=central_settings.port,
-                                  bridge_keepalive_s=5, bridge_restart_max_s=2)))
-        for kind in [b.strip() for b in args.backends.split(",") if b.strip()]:
-            db = Database(kind, workdir)
-            publisher = Publisher(ports)
-            try:
-                collector = start_collector(db, f"collect-{kind}")
-                wait_for(lambda: db.count() >= 0, 120, f"the collector never made its tables in {kind}")
-                time.sleep(2.0)  # and subscribed (it makes its tables first)
-                publisher.run(50, 2.0)  # the collector is subscribed and the bridges carry: a short first burst
-                wait_for(lambda: db.count() >= publisher.seq, 120, f"the first results never reached {kind}")
-                figures: dict[str, Any] = {}
-                for phase in ("sustained", "with_reads"):
-                    reads = Reads(db) if phase == "with_reads" else None
-                    t0 = time.time()
-                    offered = publisher.run(args.rate, args.seconds)
-                    t1 = time.time()
-                    if reads is not None:
-                        reads.close()
-                    wait_for(lambda: db.count() >= publisher.seq, 600, f"{kind} never caught up ({phase})")
-                    start = t0 + args.warmup_s
-                    received = db.query("SELECT count(*) FROM requests WHERE received_at >= ? AND received_at < ?",
-                                        (start, t1))[0][0]
-                    lags = [r[0] for r in db.query("SELECT received_at - capture_ts FROM requests WHERE "
-                                                   "capture_ts >= ? AND capture_ts < ?", (start, t1))]
-                    figures[phase] = {"offered_per_s": offered, "rows_per_s": received / (t1 - start),
-                                      "lag_p95_s": p95(lags),
-                                      "read_p95_s": p95(reads.durations) if reads is not None else None}
-                # drain: what the collector alone takes from a queue at the central broker
-                stop_process(collector, timeout=30)
-                before, queued_from = publisher.seq, time.time()
-                publisher.run(args.rate, args.seconds)
-                time.sleep(3.0)  # the bridges hand the last ones to the central broker
-                collector = start_collector(db, f"collect-{kind}-drain")
-                wait_for(lambda: db.count() >= publisher.seq, 600, f"{kind} never drained the queue")
-                first, last = db.query("SELECT min(received_at), max(received_at) FROM requests WHERE "
-                                       "capture_ts >= ?", (queued_from,))[0]
-                figures["drain"] = {"rows_per_s": (publisher.seq - before) / (last - first)}
-                # faults: every bridge cut, then the database away with the collector killed and restarted
-                done = threading.Event()
-                thread = threading.Thread(target=lambda: (publisher.run(args.fault_rate, 4 * args.cut_s + 6),
-                                                          done.set()), daemon=True)
-                thread.start()
-                time.sleep(1.0)
-                stop_process(central)
-                time.sleep(args.cut_s)
-                central = start_broker(central_settings, log_file=log_file(f"central-{kind}"))
-                time.sleep(2.0)
-                db.go_away()
-                time.sleep(args.cut_s / 2)
-                collector.send_signal(signal.SIGKILL)
-                collector.wait(30)
-                time.sleep(args.cut_s / 2)
-                db.come_back()
-                collector = start_collector(db, f"collect-{kind}-2")
-                thread.join(600)
-                accepted = publisher.acknowledged()
-                wait_for(lambda: db.count() >= accepted, 600, f"{kind} never caught up after the faults")
-                time.sleep(3.0)  # anything redelivered late would land now
-                rows, distinct = db.query("SELECT count(*), count(DISTINCT site || '/' || request_id) "
-                                          "FROM requests")[0]
-                backends[kind] = {
-                    "rows_per_s": figures["sustained"]["rows_per_s"],
-                    "lag_p95_s": figures["sustained"]["lag_p95_s"],
-                    "lost": accepted - distinct, "duplicated": rows - distinct,
-                    "rows_per_s_with_reads": figures["with_reads"]["rows_per_s"],
-                    "rows_per_s_drain": figures["drain"]["rows_per_s"],
-                    "offered_per_s": figures["sustained"]["offered_per_s"],
-                    "offered_per_s_with_reads": figures["with_reads"]["offered_per_s"],
-                    "lag_p95_s_with_reads": figures["with_reads"]["lag_p95_s"],
-                    "read_p95_s": figures["with_reads"]["read_p95_s"],
-                    "published": publisher.seq, "acknowledged_by_sites": accepted,
-                }
-                tables["bench collect"].append({"backend": kind, **{k: v for k, v in backends[kind].items()}})
-            finally:
-                if collector is not None:
-                    stop_process(collector, timeout=30)
-                    collector = None
-                publisher.close()
-                db.close()
-        finished = True
-    finally:
-        for proc in [*sites, central]:
+    def cut_bridges(self, cut_s: float, name: str) -> None:
+        """The central broker away for ``cut_s``: every bridge is cut, then reconnects."""
+        from edgeprune.broker import start_broker, stop_process
+
+        stop_process(self.central)
+        time.sleep(cut_s)
+        self.central = start_broker(self.central_settings, log_file=self.log_file(name))
+
+    def close(self, finished: bool) -> None:
+        from edgeprune.broker import stop_process
+
+        for proc in [*self.sites, self.central]:
             stop_process(proc)
-        for f in logs:
+        for f in self.logs:
             f.close()
         if finished:
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(self.workdir, ignore_errors=True)
         else:
-            print(f"bench collect: the brokers' and collectors' logs are in {workdir}", file=sys.stderr)
-    return {"backends": backends, "tables": tables,
+            print(f"bench collect: the brokers' and collectors' logs are in {self.workdir}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cluster = Cluster(args.sites)
+    backends: dict[str, dict] = {}
+    finished = False
+    try:
+        for kind in [b.strip() for b in args.backends.split(",") if b.strip()]:
+            backends[kind] = measure_backend(cluster, kind, args)
+        finished = True
+    finally:
+        cluster.close(finished)
+    return {"backends": backends, "tables": {"bench collect": [{"backend": k, **v} for k, v in backends.items()]},
             "config": {"sites": args.sites, "rate": args.rate, "seconds": args.seconds, "warmup_s": args.warmup_s,
                        "fault_rate": args.fault_rate, "cut_s": args.cut_s}}
+
+
+def measure_backend(cluster: Cluster, kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One backend through the four phases of the module's docstring: its row of the result."""
+    from edgeprune.broker import stop_process
+
+    db = Database(kind, cluster.workdir)
+    publisher = Publisher(cluster.ports)
+    collector = None
+    try:
+        collector = cluster.start_collector(db, f"collect-{kind}")
+        wait_for(lambda: db.count() >= 0, 120, f"the collector never made its tables in {kind}")
+        time.sleep(2.0)  # and subscribed (it makes its tables first)
+        publisher.run(50, 2.0)  # the collector is subscribed and the bridges carry: a short first burst
+        wait_for(lambda: db.count() >= publisher.seq, 120, f"the first results never reached {kind}")
+        figures = {phase: steady_phase(db, publisher, args, reads=phase == "with_reads")
+                   for phase in ("sustained", "with_reads")}
+        # drain: what the collector alone takes from a queue at the central broker
+        stop_process(collector, timeout=30)
+        before, queued_from = publisher.seq, time.time()
+        publisher.run(args.rate, args.seconds)
+        time.sleep(3.0)  # the bridges hand the last ones to the central broker
+        collector = cluster.start_collector(db, f"collect-{kind}-drain")
+        wait_for(lambda: db.count() >= publisher.seq, 600, f"{kind} never drained the queue")
+        first, last = db.query("SELECT min(received_at), max(received_at) FROM requests WHERE "
+                               "capture_ts >= ?", (queued_from,))[0]
+        drain_rows_per_s = (publisher.seq - before) / (last - first)
+        collector = through_faults(cluster, db, publisher, collector, args)
+        accepted = publisher.acknowledged()
+        wait_for(lambda: db.count() >= accepted, 600, f"{kind} never caught up after the faults")
+        time.sleep(3.0)  # anything redelivered late would land now
+        rows, distinct = db.query("SELECT count(*), count(DISTINCT site || '/' || request_id) "
+                                  "FROM requests")[0]
+        return {
+            "rows_per_s": figures["sustained"]["rows_per_s"],
+            "lag_p95_s": figures["sustained"]["lag_p95_s"],
+            "lost": accepted - distinct, "duplicated": rows - distinct,
+            "rows_per_s_with_reads": figures["with_reads"]["rows_per_s"],
+            "rows_per_s_drain": drain_rows_per_s,
+            "offered_per_s": figures["sustained"]["offered_per_s"],
+            "offered_per_s_with_reads": figures["with_reads"]["offered_per_s"],
+            "lag_p95_s_with_reads": figures["with_reads"]["lag_p95_s"],
+            "read_p95_s": figures["with_reads"]["read_p95_s"],
+            "published": publisher.seq, "acknowledged_by_sites": accepted,
+        }
+    finally:
+        if collector is not None:
+            stop_process(collector, timeout=30)
+        publisher.close()
+        db.close()
+
+
+def steady_phase(db: Database, publisher: Publisher, args: argparse.Namespace, reads: bool) -> dict[str, Any]:
+    """``--seconds`` at ``--rate`` (with the aggregate query every second if ``reads``): rows/s and lag after
+    ``--warmup-s``."""
+    reader = Reads(db) if reads else None
+    t0 = time.time()
+    offered = publisher.run(args.rate, args.seconds)
+    t1 = time.time()
+    if reader is not None:
+        reader.close()
+    wait_for(lambda: db.count() >= publisher.seq, 600,
+             f"{db.kind} never caught up ({'with_reads' if reads else 'sustained'})")
+    start = t0 + args.warmup_s
+    received = db.query("SELECT count(*) FROM requests WHERE received_at >= ? AND received_at < ?", (start, t1))[0][0]
+    lags = [r[0] for r in db.query("SELECT received_at - capture_ts FROM requests WHERE "
+                                   "capture_ts >= ? AND capture_ts < ?", (start, t1))]
+    return {"offered_per_s": offered, "rows_per_s": received / (t1 - start), "lag_p95_s": p95(lags),
+            "read_p95_s": p95(reader.durations) if reader is not None else None}
+
+
+def through_faults(cluster: Cluster, db: Database, publisher: Publisher, collector: subprocess.Popen,
+                   args: argparse.Namespace) -> subprocess.Popen:
+    """Publishing at ``--fault-rate``: every bridge cut, then the database away with the collector killed and
+    restarted; returns the restarted collector once the publishing is done."""
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (publisher.run(args.fault_rate, 4 * args.cut_s + 6), done.set()),
+                              daemon=True)
+    thread.start()
+    time.sleep(1.0)
+    cluster.cut_bridges(args.cut_s, f"central-{db.kind}")
+    time.sleep(2.0)
+    db.go_away()
+    time.sleep(args.cut_s / 2)
+    collector.send_signal(signal.SIGKILL)
+    collector.wait(30)
+    time.sleep(args.cut_s / 2)
+    db.come_back()
+    collector = cluster.start_collector(db, f"collect-{db.kind}-2")
+    thread.join(600)
+    return collector

@@ -208,6 +208,20 @@ def fit_row(label: dict[str, str], vectors: np.ndarray, measured: np.ndarray,
             "worse_than_uniform_at_max": f"{worse}/{len(measured)}"}
 
 
+def model_test_split(path: Path, size: int, budget: Budget, args: argparse.Namespace,
+               cache: dict[tuple[float, int], tuple[FrameSplit, torch.Tensor]]) -> tuple[FrameSplit, torch.Tensor]:
+    """A model's own test split and its model input: the ten animals' frames, plus the empty ones if it has a
+    blank class, rendered at the model's input size (made once per blank share and size)."""
+    blank = load_checkpoint(path).get("meta", {}).get("data", {}).get("blank_fraction", 0.0)
+    if (blank, size) not in cache:
+        test = load_frames(RenderConfig(size=size, seed=args.data_seed, blank_fraction=blank))["test"]
+        if budget.test_frames is not None:
+            test = test.subset(np.sort(np.random.default_rng(args.seed).choice(len(test), budget.test_frames,
+                                                                               replace=False)))
+        cache[blank, size] = test, to_model_input(test.images)
+    return cache[blank, size]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     budget = (Budget((0.0, 0.3, 0.5, 0.9), 300, 8, 10) if args.quick
               else Budget(DEFAULT_LADDER, None, args.mixed, 100))
@@ -228,17 +242,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     test_frames: dict[str, int] = {}
     for name, path in models.items():
         model = build_model(path)
-        # each model on its own test split: the ten animals' frames, plus the empty ones if it has a blank class,
-        # rendered at the model's input size
-        blank = load_checkpoint(path).get("meta", {}).get("data", {}).get("blank_fraction", 0.0)
         size = model.config.input_size
-        if (blank, size) not in test_sets:
-            test = load_frames(RenderConfig(size=size, seed=args.data_seed, blank_fraction=blank))["test"]
-            if budget.test_frames is not None:
-                test = test.subset(np.sort(np.random.default_rng(args.seed).choice(len(test), budget.test_frames,
-                                                                                   replace=False)))
-            test_sets[blank, size] = test, to_model_input(test.images)
-        test, inputs = test_sets[blank, size]
+        test, inputs = model_test_split(path, size, budget, args, test_sets)
         test_frames[name] = len(test)
         if (model.config.arch, size) not in shapes_timed:  # latency depends on the shape, not the weights
             shapes_timed.add((model.config.arch, size))

@@ -100,20 +100,7 @@ def run(args) -> int:
     keep_large_allocations()
     import torch
 
-    from edgeprune.bench import format_table
-    from edgeprune.dataset import RenderConfig, load_frames, synthetic_class_names, synthetic_scientific_names
-    from edgeprune.own_data import balance_report, load_source, per_class_report, splits_for_checkpoint
-    from edgeprune.training import (
-        BASE_BATCH,
-        BASE_LR,
-        REGIMES,
-        calibrate_all_tables,
-        predict,
-        recalibrate_checkpoint,
-        regime_config,
-        save_checkpoint,
-        train,
-    )
+    from edgeprune.training import REGIMES
     from shared.model import INPUT_SIZE, TrapNetConfig
 
     lite0 = args.arch == "efficientnet-lite0"
@@ -122,41 +109,9 @@ def run(args) -> int:
         raise SystemExit("--from pretrained: ImageNet weights exist for --arch efficientnet-lite0 only")
     torch.set_num_threads(args.threads)
     if args.recalibrate:
-        if not args.recalibrate.exists():
-            raise SystemExit(f"--recalibrate {args.recalibrate}: no such checkpoint")
-        # the frames it was trained on (recorded in it), whatever the data flags of this command say
-        train_split = splits_for_checkpoint(args.recalibrate, args.threads, not args.no_progress)["train"]
-        recalibrate_checkpoint(args.recalibrate, train_split, progress=not args.no_progress)
-        print(f"recalibrated the BatchNorm tables of {args.recalibrate} (weights unchanged)")
-        return 0
-    source = own_source(args)
+        return recalibrate(args)
     size = args.image_size or (LITE0_INPUT_SIZE if lite0 else INPUT_SIZE)
-    data_meta: dict = {}
-    if source:
-        if args.out is None:
-            raise SystemExit("training on your own photos needs --out CHECKPOINT (the shipped model stays as it is)")
-        kind, path = source
-        resize = args.resize or "letterbox"
-        data_meta = {"source": kind, "path": str(path.resolve()), "seed": args.data_seed,
-                     "path_column": args.path_column, "label_column": args.label_column,
-                     "group_column": args.group_column}
-        started = time.perf_counter()
-        data = load_source(kind, path, size, resize, seed=args.data_seed, threads=args.threads,
-                           progress=not args.no_progress, path_column=args.path_column,
-                           label_column=args.label_column, group_column=args.group_column)
-        print(balance_report(data))
-        print(f"decoded in {time.perf_counter() - started:.1f} s ({size} px, {resize})")
-        splits, names, scientific = data.splits, data.class_names, data.scientific_names
-        data_meta.update(unreadable=len(data.unreadable), class_counts={
-            name: int(sum((s.labels == i).sum() for s in splits.values())) for i, name in enumerate(names)})
-        if not len(splits["train"]):
-            raise SystemExit("no training images left after the split")
-    else:
-        resize = args.resize or "squash"
-        splits = load_frames(RenderConfig(size=size, seed=args.data_seed, blank_fraction=args.blank_fraction))
-        names = synthetic_class_names(args.blank_fraction)
-        scientific = synthetic_scientific_names(args.blank_fraction)
-        data_meta = {"source": "synthetic", "blank_fraction": args.blank_fraction, "size": size}
+    splits, names, scientific, resize, data_meta = training_data(args, size)
     regimes = REGIMES if args.regime == "all" else (args.regime,)
     if args.out and len(regimes) > 1:
         raise SystemExit("--out names one file: use it with a single --regime")
@@ -168,34 +123,98 @@ def run(args) -> int:
     model_config = TrapNetConfig(arch=args.arch, class_names=names, scientific_names=scientific,
                                  input_size=size, resize=resize, **shape)
     for regime in regimes:
-        overrides = {"epochs": args.epochs} if args.epochs else {}
-        if args.batch_size:
-            overrides.update(batch_size=args.batch_size, lr=BASE_LR * args.batch_size / BASE_BATCH)
-        if args.weight_decay is not None:
-            overrides["weight_decay"] = args.weight_decay
-        if args.ladder:
-            overrides["ladder"] = parse_ladder(args.ladder)
-        if init == "pretrained" and args.batch_size:
-            overrides["lr"] /= 10  # FINETUNE_RECIPE's tenth
-        config = regime_config(regime, seed=args.seed, masked_bn=args.masked_bn, distill=not args.no_distill,
-                               model=model_config, init=init, **overrides)
-        out = args.out or default_checkpoint(regime, args.arch)
-        model, history = train(config, splits, progress=not args.no_progress,
-                               resume=out.with_name(out.name + ".resume"))
-        print("computing the per-ratio BatchNorm tables (forward passes only)")
-        tables, entry_tables = calibrate_all_tables(model, splits["train"], config, progress=not args.no_progress)
-        test = splits["test"]
-        predicted = predict(model, test) if len(test) else test.labels
-        test_acc = float((predicted == test.labels).mean()) if len(test) else float("nan")
-        meta = {"regime": regime, "history": history, "test_accuracy": test_acc, "data": data_meta}
-        if len(test) and test.night.any():
-            meta.update(test_accuracy_day=float((predicted == test.labels)[~test.night].mean()),
-                        test_accuracy_night=float((predicted == test.labels)[test.night].mean()))
-        save_checkpoint(out, model, config, tables, meta, entry_tables)
-        if len(test):
-            print(format_table(f"Test split, unpruned ({len(test)} frames)",
-                               per_class_report(predicted, test.labels, names)))
-        per_epoch = [e["wall_s"] for e in history["epochs"] if "wall_s" in e]
-        timing = f"; {sum(per_epoch) / len(per_epoch):.0f} s per epoch" if per_epoch else ""
-        print(f"{regime}: test accuracy {test_acc:.4f} after {history['wall_s']:.0f} s{timing}; wrote {out}")
+        train_regime(args, regime, init, model_config, splits, data_meta)
     return 0
+
+
+def recalibrate(args) -> int:
+    """``--recalibrate``: new BatchNorm tables for a checkpoint, from the frames it was trained on."""
+    from edgeprune.own_data import splits_for_checkpoint
+    from edgeprune.training import recalibrate_checkpoint
+
+    if not args.recalibrate.exists():
+        raise SystemExit(f"--recalibrate {args.recalibrate}: no such checkpoint")
+    # the frames it was trained on (recorded in it), whatever the data flags of this command say
+    train_split = splits_for_checkpoint(args.recalibrate, args.threads, not args.no_progress)["train"]
+    recalibrate_checkpoint(args.recalibrate, train_split, progress=not args.no_progress)
+    print(f"recalibrated the BatchNorm tables of {args.recalibrate} (weights unchanged)")
+    return 0
+
+
+def training_data(args, size: int) -> tuple[dict, list[str], list[str], str, dict]:
+    """(splits, class names, scientific names, resize mode, what the checkpoint records of the data): one's own
+    photos if a source flag names them, else the synthetic frames."""
+    from edgeprune.dataset import RenderConfig, load_frames, synthetic_class_names, synthetic_scientific_names
+    from edgeprune.own_data import balance_report, load_source
+
+    source = own_source(args)
+    if not source:
+        resize = args.resize or "squash"
+        splits = load_frames(RenderConfig(size=size, seed=args.data_seed, blank_fraction=args.blank_fraction))
+        data_meta = {"source": "synthetic", "blank_fraction": args.blank_fraction, "size": size}
+        return (splits, synthetic_class_names(args.blank_fraction), synthetic_scientific_names(args.blank_fraction),
+                resize, data_meta)
+    if args.out is None:
+        raise SystemExit("training on your own photos needs --out CHECKPOINT (the shipped model stays as it is)")
+    kind, path = source
+    resize = args.resize or "letterbox"
+    data_meta = {"source": kind, "path": str(path.resolve()), "seed": args.data_seed,
+                 "path_column": args.path_column, "label_column": args.label_column,
+                 "group_column": args.group_column}
+    started = time.perf_counter()
+    data = load_source(kind, path, size, resize, seed=args.data_seed, threads=args.threads,
+                       progress=not args.no_progress, path_column=args.path_column,
+                       label_column=args.label_column, group_column=args.group_column)
+    print(balance_report(data))
+    print(f"decoded in {time.perf_counter() - started:.1f} s ({size} px, {resize})")
+    splits, names = data.splits, data.class_names
+    data_meta.update(unreadable=len(data.unreadable), class_counts={
+        name: int(sum((s.labels == i).sum() for s in splits.values())) for i, name in enumerate(names)})
+    if not len(splits["train"]):
+        raise SystemExit("no training images left after the split")
+    return splits, names, data.scientific_names, resize, data_meta
+
+
+def regime_overrides(args, init: str) -> dict:
+    """The regime's recipe as the flags change it."""
+    from edgeprune.training import BASE_BATCH, BASE_LR
+
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+    if args.batch_size:
+        overrides.update(batch_size=args.batch_size, lr=BASE_LR * args.batch_size / BASE_BATCH)
+    if args.weight_decay is not None:
+        overrides["weight_decay"] = args.weight_decay
+    if args.ladder:
+        overrides["ladder"] = parse_ladder(args.ladder)
+    if init == "pretrained" and args.batch_size:
+        overrides["lr"] /= 10  # FINETUNE_RECIPE's tenth
+    return overrides
+
+
+def train_regime(args, regime: str, init: str, model_config, splits: dict, data_meta: dict) -> None:
+    """Train one regime, give it its BatchNorm tables, test it and write its checkpoint."""
+    from edgeprune.bench import format_table
+    from edgeprune.own_data import per_class_report
+    from edgeprune.training import calibrate_all_tables, predict, regime_config, save_checkpoint, train
+
+    config = regime_config(regime, seed=args.seed, masked_bn=args.masked_bn, distill=not args.no_distill,
+                           model=model_config, init=init, **regime_overrides(args, init))
+    out = args.out or default_checkpoint(regime, args.arch)
+    model, history = train(config, splits, progress=not args.no_progress,
+                           resume=out.with_name(out.name + ".resume"))
+    print("computing the per-ratio BatchNorm tables (forward passes only)")
+    tables, entry_tables = calibrate_all_tables(model, splits["train"], config, progress=not args.no_progress)
+    test = splits["test"]
+    predicted = predict(model, test) if len(test) else test.labels
+    test_acc = float((predicted == test.labels).mean()) if len(test) else float("nan")
+    meta = {"regime": regime, "history": history, "test_accuracy": test_acc, "data": data_meta}
+    if len(test) and test.night.any():
+        meta.update(test_accuracy_day=float((predicted == test.labels)[~test.night].mean()),
+                    test_accuracy_night=float((predicted == test.labels)[test.night].mean()))
+    save_checkpoint(out, model, config, tables, meta, entry_tables)
+    if len(test):
+        print(format_table(f"Test split, unpruned ({len(test)} frames)",
+                           per_class_report(predicted, test.labels, model_config.class_names)))
+    per_epoch = [e["wall_s"] for e in history["epochs"] if "wall_s" in e]
+    timing = f"; {sum(per_epoch) / len(per_epoch):.0f} s per epoch" if per_epoch else ""
+    print(f"{regime}: test accuracy {test_acc:.4f} after {history['wall_s']:.0f} s{timing}; wrote {out}")

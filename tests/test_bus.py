@@ -1,0 +1,109 @@
+"""The Bus's acknowledgements without a broker: messages go through the routes it registers with paho.
+
+docs/reliability.md: the gateway acknowledges a QoS 1 message only once the rows it carries are committed
+(``Bus.acknowledge_after``), and a node's replica only once it has served the input. These run the Bus's own
+dispatch with paho's ``ack`` recorded, so a Bus that acknowledges too early fails here, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from shared.bus import Bus
+from shared.schemas import BadMessage
+from shared.settings import MqttSettings
+
+
+class Wired:
+    """A Bus whose paho routes and acknowledgements are recorded instead of reaching a broker."""
+
+    def __init__(self, monkeypatch, manual_ack: bool = False):
+        self.bus = Bus(MqttSettings(), "gw", "edgeprune/component/gw/status", manual_ack=manual_ack)
+        self.routes: dict[str, object] = {}
+        self.acked: list[int] = []
+        self.published: list[str] = []
+        monkeypatch.setattr(self.bus.client, "message_callback_add", lambda sub, cb: self.routes.__setitem__(sub, cb))
+        monkeypatch.setattr(self.bus.client, "ack", lambda mid, qos: self.acked.append(mid))
+        monkeypatch.setattr(self.bus, "publish", lambda topic, *args, **kwargs: self.published.append(topic))
+
+    def deliver(self, topic: str, mid: int, qos: int = 1, payload: bytes = b"{}", retain: bool = False) -> None:
+        msg = mqtt.MQTTMessage(mid=mid, topic=topic.encode())
+        msg.qos, msg.payload, msg.retain = qos, payload, retain
+        (route,) = [cb for sub, cb in self.routes.items() if mqtt.topic_matches_sub(sub, topic)]
+        route(self.bus.client, None, msg)
+
+
+def test_with_acknowledge_after_a_message_is_acknowledged_only_when_the_deferral_runs(monkeypatch):
+    wired = Wired(monkeypatch)
+    deferred = []
+    wired.bus.acknowledge_after(deferred.append)  # the gateway passes its store's after_commit
+    handled = []
+    wired.bus.subscribe("edgeprune/pipeline/results/+", lambda t, p, u: handled.append(t))
+    wired.deliver("edgeprune/pipeline/results/n1", mid=5)
+    assert handled == ["edgeprune/pipeline/results/n1"]
+    assert wired.acked == [] and len(deferred) == 1  # handled, not yet committed: the broker still holds it
+    deferred[0]()
+    assert wired.acked == [5]
+    wired.deliver("edgeprune/pipeline/results/n1", mid=0, qos=0)  # QoS 0 has nothing to acknowledge
+    assert len(deferred) == 1 and wired.acked == [5]
+
+
+def test_a_rejected_message_is_reported_and_acknowledged_through_the_deferral_too(monkeypatch):
+    wired = Wired(monkeypatch)
+    deferred = []
+    wired.bus.acknowledge_after(deferred.append)
+
+    def refuse(topic, payload, user):
+        raise BadMessage("bad_schema", "not a result")
+    wired.bus.subscribe("edgeprune/pipeline/results/+", refuse)
+    wired.deliver("edgeprune/pipeline/results/n1", mid=6)
+    assert wired.bus.errors["bad_schema"] == 1 and wired.published == [wired.bus.topics.errors("gw")]
+    assert wired.acked == []
+    deferred[0]()
+    assert wired.acked == [6]
+
+
+def test_an_acknowledgement_deferred_past_a_reconnect_is_dropped(monkeypatch):
+    """The broker re-sends an unacknowledged message on the new connection and may reuse its packet id."""
+    wired = Wired(monkeypatch)
+    deferred = []
+    wired.bus.acknowledge_after(deferred.append)
+    wired.bus.subscribe("edgeprune/pipeline/accepted/+", lambda t, p, u: None)
+    wired.deliver("edgeprune/pipeline/accepted/n1", mid=7)
+    wired.bus.client.on_disconnect(wired.bus.client, None, None, 0, None)
+    deferred[0]()
+    assert wired.acked == []
+
+
+@pytest.mark.parametrize("handler_raises", [False, True])
+def test_a_manual_ack_bus_acknowledges_once_the_handler_has_returned(monkeypatch, handler_raises):
+    wired = Wired(monkeypatch, manual_ack=True)
+    acked_during = []
+
+    def handler(topic, payload, user):
+        acked_during.extend(wired.acked)
+        if handler_raises:
+            raise ValueError("a bug")
+    wired.bus.subscribe("edgeprune/node/n1/cmd", handler)
+    wired.deliver("edgeprune/node/n1/cmd", mid=8)
+    assert acked_during == [] and wired.acked == [8]
+
+
+def test_a_deferred_ack_subscription_is_acknowledged_when_its_handler_says_so(monkeypatch):
+    """A replica holds its input in its broker session until it has served it (docs/scaling.md)."""
+    wired = Wired(monkeypatch, manual_ack=True)
+    held = []
+    wired.bus.subscribe("$share/g/edgeprune/pipeline/stage/2/in", lambda t, p, u, ack: held.append(ack),
+                        deferred_ack=True)
+    wired.deliver("edgeprune/pipeline/stage/2/in", mid=9)
+    assert wired.acked == [] and len(held) == 1
+    held[0]()
+    held[0]()  # once only
+    assert wired.acked == [9]
+
+    def refuse(topic, payload, user, ack):
+        raise BadMessage("bad_magic", "not an activation")
+    wired.bus.subscribe("$share/g/edgeprune/pipeline/stage/3/in", refuse, deferred_ack=True)
+    wired.deliver("edgeprune/pipeline/stage/3/in", mid=10)
+    assert wired.acked == [9, 10]  # reported: done with
