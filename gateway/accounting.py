@@ -1,7 +1,8 @@
 """Which results and desired states the gateway may believe, and where every accepted frame went.
 
-Pure logic (no MQTT, no clock, no SQLite): :class:`gateway.coordinator.Coordinator` feeds it messages and
-stores what it returns. Two defences against a leaked credential or a confused device:
+Pure logic (no MQTT, no clock, no SQLite): the coordinator's parts (:mod:`gateway.data_path`, :mod:`gateway.placing`,
+:mod:`gateway.desired_states`) feed it messages and store what it returns. Two defences against a leaked credential or
+a confused device:
 
 - :class:`RequestLedger`: a result counts only for a request the first stage announced as
   accepted, once; every accepted request ends as exactly one row or one failure with a reason,

@@ -1,7 +1,7 @@
 """The gateway's transport: subscribes, parses, and carries out what the coordinator decides.
 
 Every decision lives in :class:`gateway.coordinator.Coordinator` (pure; time passed in, effects returned); this
-class turns MQTT messages into its calls and its :class:`~gateway.coordinator.Effects` into publishes and store
+class turns MQTT messages into its calls and its :class:`~gateway.effects.Effects` into publishes and store
 rows, and does the start-up I/O (the model's fingerprint, the accuracy model, what the database remembers).
 Three threads: paho's network thread runs the handlers (parse, decide, buffer), the tick thread makes the periodic
 decisions, and the store's writer thread alone touches the disk (and, after each write, acknowledges to the
@@ -18,7 +18,8 @@ import threading
 import time
 
 from gateway.accuracy_model import load_block_accuracy
-from gateway.coordinator import STATUSES, Coordinator, Effects, plan_for_rate
+from gateway.coordinator import STATUSES, Coordinator, plan_for_rate
+from gateway.effects import Effects
 from gateway.operator import Overrides
 from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message, thumbnail_budget_bytes
 from gateway.store import Store

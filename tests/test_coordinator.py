@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from gateway.coordinator import Coordinator, Effects, Publish
+from gateway.coordinator import Coordinator
+from gateway.effects import Effects, Publish
 from gateway.operator import Overrides
 from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME
 from shared.schemas import (
@@ -48,7 +49,7 @@ def stats(node: str, ts: float, prepared_version: int | None = None) -> NodeStat
 
 
 def placed(c: Coordinator, placement: Placement) -> None:
-    c.live.current = c.handover.active = placement
+    c.placing.live.current = c.placing.handover.active = placement
 
 
 def result(request_id: str) -> Result:
@@ -66,7 +67,7 @@ def test_a_result_no_stage_1_announced_is_refused_and_never_stored(tmp_path):
     c = coordinator(tmp_path)
     effects = c.on_result(result("never-announced"), to_json(result("never-announced")), now=10.2)
     assert effects.refusal is not None and effects.refusal.kind == "unknown_result"
-    assert effects.rows("add_request") == [] and c.slo.close_all() == []  # no row, no SLO sample
+    assert effects.rows("add_request") == [] and c.data_path.slo.close_all() == []  # no row, no SLO sample
 
     accepted = AcceptedRequest(request_id="r-1", camera_id="cam-1", node_id="node-1", capture_ts=10.0,
                                received_ts=10.01)
@@ -149,9 +150,9 @@ def test_only_a_pipeline_node_or_the_gateway_ends_a_frame_and_a_warning_never_do
     for component, kind in (("node-1", "implausible_capture_ts"), ("cam-1", "bad_image"), ("web", "internal")):
         effects = error(component, kind)
         assert [r["kind"] for r in effects.rows("add_error")] == [kind] and effects.rows("add_failure") == []
-    assert c.ledger.in_flight == 1
+    assert c.data_path.ledger.in_flight == 1
     assert [r["reason"] for r in error("node-1", "bad_image").rows("add_failure")] == ["bad_image"]
-    assert c.ledger.in_flight == 0
+    assert c.data_path.ledger.in_flight == 0
 
 
 def test_a_placement_is_published_once_every_node_it_moves_has_subscribed(tmp_path):
@@ -195,13 +196,13 @@ def test_an_operators_slo_change_reaches_the_next_hybrid_plan(tmp_path):
     assert at_start != tightened  # the SLO changes the plan for these nodes
     c = hybrid_coordinator(tmp_path, speeds)
     c.tick(2.0)
-    assert stages(c.live.current) == at_start
+    assert stages(c.placing.live.current) == at_start
     assert command(c, {"cmd": "set", "setting": "slo_s", "value": 0.08, "id": "c1"}, now=3.0).refusal is None
     c.on_status("b", "offline", now=4.0)  # re-placed over a alone, then b comes back and is re-planned with a
     c.tick(4.0)
     c.on_status("b", "online", now=5.0)
     c.tick(11.0)
-    assert stages(c.live.current) == tightened
+    assert stages(c.placing.live.current) == tightened
 
 
 def test_a_result_held_while_the_gateway_was_down_is_not_a_slow_frame(tmp_path):
@@ -214,7 +215,7 @@ def test_a_result_held_while_the_gateway_was_down_is_not_a_slow_frame(tmp_path):
     assert row["e2e_s"] == pytest.approx(0.06) and row["finish_ts"] == pytest.approx(10.06)
     assert row["received_ts"] == 22.5
     assert c.control._recent[-1] == (22.5, pytest.approx(0.06))  # the controller sees the hops' latency
-    (window,) = c.slo.close_all()  # grouped by receipt, judged by the stage-finish latency
+    (window,) = c.data_path.slo.close_all()  # grouped by receipt, judged by the stage-finish latency
     assert window.start_ts <= 22.5 < window.end_ts and window.met == 1 and window.p95_s == pytest.approx(0.06)
 
 
@@ -295,6 +296,6 @@ def test_a_frame_served_twice_is_counted_as_a_duplicate_not_refused(tmp_path):
     assert effects.rows("add_duplicate") == [{"request_id": "r-1", "ts": 10.6, "node_id": "node-3", "label": "cat",
                                               "confidence": 0.8}]
     assert c.on_result(again, to_json(again), now=10.7).store == []  # its QoS 1 redelivery: nothing more
-    assert c.slo.close_all()[0].count == 1  # one frame, one latency sample
+    assert c.data_path.slo.close_all()[0].count == 1  # one frame, one latency sample
     forged = first.model_copy(update={"capture_ts": 3.0, "label": "tiger"})
     assert c.on_result(forged, to_json(forged), now=10.8).refusal.kind == "conflict_result"

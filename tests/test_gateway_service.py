@@ -48,15 +48,15 @@ def test_a_redelivered_result_is_counted_once_and_never_replaces_the_first(gatew
     accepted = AcceptedRequest(request_id="frame-1", camera_id="cam", node_id="a", capture_ts=time.time() - 0.06,
                                received_ts=time.time() - 0.05)
     client.publish(topics.accepted("a"), to_json(accepted), qos=1).wait_for_publish(10)
-    wait_until(lambda: gateway.coordinator.ledger.in_flight == 1, 20, "the accepted request never arrived")
+    wait_until(lambda: gateway.coordinator.data_path.ledger.in_flight == 1, 20, "the accepted request never arrived")
     last = result("cat", 0.9).hops[-1].node_id
     client.publish(topics.results(last), first, qos=1).wait_for_publish(10)
     client.publish(topics.results(last), first, qos=1).wait_for_publish(10)  # a QoS 1 redelivery
     client.publish(topics.results(last), to_json(result("dog", 0.4)), qos=1).wait_for_publish(10)  # not identical
     client.loop_stop()
     client.disconnect()
-    wait_until(lambda: gateway.coordinator.redelivered_results == 1 and gateway.bus.errors["conflict_result"] == 1, 20,
-               20,
+    data_path = gateway.coordinator.data_path
+    wait_until(lambda: data_path.redelivered_results == 1 and gateway.bus.errors["conflict_result"] == 1, 20,
                "the second and third deliveries never arrived")
     assert gateway.coordinator.control.controller.metrics(time.time()).trigger_samples == 1  # one controller sample
     assert len(gateway.coordinator.control._recent) == 1

@@ -50,13 +50,13 @@ def test_the_move_switch_reaches_the_tick_and_a_moved_placement_still_moves_back
     gateway = calibrated_gateway(tmp_path)
     coordinator = gateway.coordinator
     calls = []
-    coordinator._replace_for_slowdowns = lambda now, effects, move: calls.append(move)
+    coordinator.placing.replace_for_slowdowns = lambda now, effects, move, controller: calls.append(move)
     coordinator.tick(100.0)
     assert calls == []  # off (the default): nothing is moved
     assert send(gateway, {"cmd": "set", "setting": "move_blocks", "value": "on", "id": "m1"}).ok
     coordinator.tick(101.0)
     assert calls == [True]
-    coordinator._replaced = True  # a placement moved for a slowdown, then the operator switches moves off
+    coordinator.placing.replaced = True  # a placement moved for a slowdown, then the operator switches moves off
     assert send(gateway, {"cmd": "set", "setting": "move_blocks", "value": "off", "id": "m2"}).ok
     coordinator.tick(102.0)
     assert calls == [True, False]  # asked only to move back once the slowdowns are gone
@@ -101,7 +101,7 @@ def test_commands_are_answered_applied_logged_and_settings_survive_a_restart(tmp
     assert reply.ok and reply.id == "c1" and "0.5 -> 0.3" in reply.message
     coordinator = gateway.coordinator
     assert coordinator.control.slo_s == 0.3 and coordinator.control.controller.slo_s == 0.3
-    assert coordinator.slo.slo_s == 0.3
+    assert coordinator.data_path.slo.slo_s == 0.3
 
     reply = send(gateway, {"cmd": "prune", "node_id": "b", "ratio": 0.5, "id": "c2", "by": "ana"})
     assert reply.ok
@@ -135,7 +135,7 @@ def test_commands_are_answered_applied_logged_and_settings_survive_a_restart(tmp
 
     restarted = calibrated_gateway(tmp_path)
     again = restarted.coordinator
-    assert again.operator.slo_s == 0.3 and again.control.slo_s == 0.3 and again.slo.slo_s == 0.3
+    assert again.operator.slo_s == 0.3 and again.control.slo_s == 0.3 and again.data_path.slo.slo_s == 0.3
     assert again.control.settings.cooldown_s == 4.0 and not again.control.automatic
     restarted.store.close()
 
@@ -152,7 +152,7 @@ def test_a_command_that_fails_validation_still_gets_an_answer(tmp_path):
 
 def test_the_placement_carries_the_slo_and_is_republished_when_the_operator_changes_it(tmp_path):
     gateway = calibrated_gateway(tmp_path)
-    gateway.coordinator.handover.active = even_split(6, ["a", "b"])
+    gateway.coordinator.placing.handover.active = even_split(6, ["a", "b"])
     gateway.publish_placement()
     assert send(gateway, {"cmd": "set", "setting": "slo_s", "value": 0.3, "id": "c1"}).ok
     assert send(gateway, {"cmd": "set", "setting": "cooldown_s", "value": 4, "id": "c2"}).ok  # not the nodes' business

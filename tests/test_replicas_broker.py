@@ -139,7 +139,7 @@ def test_a_hung_members_session_is_taken_over_with_what_it_held_in_order(fresh_b
     still connected: the broker closes its connection and hands the gateway everything in flight to it or queued
     for it, in the order published, other subscriptions' messages (the placement) included; it sends no will then,
     nor when the old socket finally closes. The gateway's takeover of a silent replica
-    (gateway/coordinator.py: ``_take_over``) rests on this; the node shows as silent until it speaks again."""
+    (gateway/placing.py: ``_take_over``) rests on this; the node shows as silent until it speaks again."""
     port = fresh_broker.port
     settings = AUTH[port].settings("node-2", "node")
     hung = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="node-2", protocol=mqtt.MQTTv5, manual_ack=True)

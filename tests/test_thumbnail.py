@@ -113,7 +113,7 @@ def coordinator(tmp_path, budget_mb: float) -> Coordinator:
 def test_the_placement_asks_for_thumbnails_only_when_the_site_keeps_them(tmp_path):
     for budget_mb, asked in ((0.0, False), (64.0, True)):
         c = coordinator(tmp_path, budget_mb)
-        c.live.current = c.handover.active = even_split(6, ["node-1", "node-2"])
+        c.placing.live.current = c.placing.handover.active = even_split(6, ["node-1", "node-2"])
         (payload,) = c.placement_message().sent(TOPICS.placement)
         assert Placement.model_validate_json(payload).thumbnails is asked
         assert (b'"thumbnails"' in payload) is asked  # an older node, which forbids the field, still reads it off

@@ -1,0 +1,141 @@
+"""The placement at run time: which placement is live and published, and what follows from it.
+
+Pure (time passed in, messages written into the caller's :class:`~gateway.effects.Effects`). It composes
+:class:`gateway.live_placement.LivePlacement` (when to re-place) and :class:`~gateway.live_placement.Handover`
+(publish once the nodes are subscribed), and owns the retained placement topic (only this gateway places: a forged
+placement is outbid and replaced), the takeover of a gone replica's broker session, and re-partitioning for
+slowdowns and back. :class:`gateway.coordinator.Coordinator` makes the control loop follow what it places.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from gateway.accounting import DesiredGuard
+from gateway.control_loop import Effects as ControlEffects
+from gateway.controller import PruningController
+from gateway.effects import Effects
+from gateway.live_placement import Handover, HybridTarget, LivePlacement, PlacementRules, slowed_for_moves
+from gateway.operator import Overrides
+from shared.model import MODEL_NAME
+from shared.schemas import BadMessage, Placement, to_json
+from shared.settings import GatewaySettings
+from shared.topics import AVAILABILITY_ONLINE, Topics
+
+log = logging.getLogger(__name__)
+
+
+class Placing:
+    def __init__(self, settings: GatewaySettings, operator: Overrides, topics: Topics, fingerprint: str,
+                 input_bytes: int, now: float):
+        self.settings = settings
+        self.operator = operator  # its SLO goes out with every placement
+        self.topics = topics
+        rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
+        hybrid = (HybridTarget(settings.hybrid_arrival_hz, operator.slo_s,
+                               whole_model=settings.placement_mode == "data")
+                  if settings.placement_mode != "pipeline" else None)
+        self.live = LivePlacement(rules, MODEL_NAME, fingerprint, settings.nodes, started=now,
+                                  frame_megapixels=settings.frame_megapixels, input_bytes=input_bytes, hybrid=hybrid)
+        self.handover = Handover(settings.prepare_timeout_s)
+        self.guard = DesiredGuard()  # the placements this gateway issued
+        self.replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
+        self._taken_over: set[str] = set()  # gone replicas whose session was taken over, until heard from again
+
+    # --- nodes coming and going ----------------------------------------------------------------
+    def set_status(self, node_id: str, status: str, now: float, out: Effects) -> None:
+        """A node's availability (or its silence, as offline); a gone replica's session is taken over."""
+        self.live.set_status(node_id, status, now)
+        if status == AVAILABILITY_ONLINE:
+            self._taken_over.discard(node_id)
+        else:
+            self._take_over(node_id, out)
+
+    def heard(self, node_id: str) -> None:
+        """The node speaks: a later departure takes its session over again."""
+        self._taken_over.discard(node_id)
+
+    def _take_over(self, node_id: str, out: Effects) -> None:
+        """A replica is gone (offline, or silent: hung but still connected): what its broker session held goes
+        back to the stage (service: _hand_over), once per departure: a later ``offline`` (a will) starts no second
+        takeover, which would cut the node off again if it had resumed meanwhile."""
+        placement = self.live.current
+        served = placement.stage_of(node_id) if placement else None
+        if served is None or not served.replicated or node_id in self._taken_over:
+            return
+        self._taken_over.add(node_id)
+        shared = self.topics.shared(served.stage, placement.share_token, placement.ingest_node is not None)
+        out.drains.append((node_id, shared))
+
+    def in_use(self, node_id: str) -> bool:
+        """Online and in the current placement (a node that must not be retired)."""
+        current = self.live.current
+        placed = current and (current.stage_of(node_id) or current.ingest_node == node_id)
+        return bool(placed) and node_id in self.live.eligible()
+
+    def follow_slo(self, slo_s: float) -> None:
+        """The next hybrid plan (a node joins or leaves) is made for the new SLO."""
+        if self.live.hybrid is not None:
+            self.live.hybrid = replace(self.live.hybrid, slo_s=slo_s)
+
+    # --- the retained placement --------------------------------------------------------------------
+    def publish(self, out: Effects) -> None:
+        """The active placement, retained, so nodes that (re)connect later learn their stage at once; with the
+        current SLO, which nodes order their queues by (docs/reliability.md)."""
+        placement = self.handover.active
+        if placement is not None:
+            payload = to_json(placement.model_copy(update={"slo_s": self.operator.slo_s,
+                                                           "thumbnails": self.settings.thumbnail_budget_mb > 0}))
+            self.guard.issue("placement", payload)
+            out.send(self.topics.placement, payload, retain=True)
+
+    def activate(self, placement: Placement, out: Effects) -> None:
+        """Publish a placement every node that needed a new input for it is subscribed for (or timed out)."""
+        log.info("placement v%d: publishing", placement.version)
+        self.publish(out)
+        self._record(placement, out)
+
+    def _record(self, placement: Placement, out: Effects) -> None:
+        out.write("add_placement", placement.model_dump(exclude={"share_token"}))  # a secret: not stored
+
+    def refuse_foreign(self, payload: bytes, now: float, out: Effects) -> None:
+        """Only this gateway places: anything else on the placement topic is reported and replaced."""
+        current = self.handover.active
+        if current is None or self.guard.own("placement", payload):
+            return  # not placing yet (a retained placement of a previous run stands), or our own echo
+        try:  # the nodes ignore versions below what they saw: go above a forged one
+            forged_version = Placement.model_validate_json(payload).version
+        except ValueError:
+            forged_version = -1
+        if forged_version >= current.version:  # a pending placement would be ignored too: the planner proposes again
+            corrected = current.model_copy(update={"version": forged_version + 1, "issued_at": now})
+            self.live.current = self.handover.active = corrected
+            self.handover.pending = None
+            self._record(corrected, out)  # a new version is published: `placements` keeps every one
+        self.publish(out)
+        raise BadMessage("foreign_placement", f"placement not issued by this gateway, replaced: {payload[:200]!r}")
+
+    # --- moves for slowdowns -------------------------------------------------------------------------
+    def replace_for_slowdowns(self, now: float, effects: ControlEffects, move: bool,
+                              controller: PruningController | None) -> Placement | None:
+        """Re-partition when the controller reacted to a sustained violation (``move``: moves are on), and back
+        when slowdowns are gone. The move is logged as a ``replace`` row in ``prune_events``."""
+        if controller is None:  # paused, e.g. while the nodes calibrate the slices of the last move
+            return None
+        slowdowns = slowed_for_moves({n: controller.slowdown(n) for n in controller.nodes},
+                                     controller.config.slowdown_gone)
+        violated = move and any(e.get("kind") in ("set", "infeasible", "held") and "reason" in e
+                                for e in effects.events)
+        gone = all(k == 1.0 for k in slowdowns.values())
+        if not (violated or (gone and self.replaced)):
+            return None
+        placement = self.live.replan_for_slowdowns(slowdowns if violated else {}, now)
+        if placement is None:
+            return None
+        self.replaced = violated
+        effects.events.append({"ts": now, "kind": "replace", "policy": "replace", "source": "auto",
+                               "reason": f"placement v{placement.version}: " + ", ".join(
+                                   f"{s.node_id}:{s.first_block}-{s.last_block}" for s in placement.stages),
+                               "metrics": {"slowdowns": slowdowns}})
+        return placement
