@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gateway.controller import DeviceMemory, Held, Infeasible, PruningController, SetRatios
+from gateway.controller import DeviceMemory, PruningController
+from gateway.controller_actions import Held, Infeasible, SetRatios
 from gateway.curves import AccuracyFit, ReplicaAccuracy, SliceLatencyFit, accuracy_for_slices, fit_latency
 from shared.ladder import missing_rungs
 from shared.schemas import ModelProfile, NodeStats, Placement, PruneDesired, Result, SliceCalibration

@@ -1,8 +1,12 @@
-"""The pruning controller's state machine: when to prune, how much (via a policy), when to give it back.
+"""The pruning controller: when to prune, how much (via a policy), when to give it back.
 
 Pure: no MQTT and no clock of its own. The gateway feeds it observations with their timestamps, calls
-:meth:`PruningController.tick` with the current time, and turns the returned actions into retained
-``PruneDesired`` messages and ``prune_events`` rows. See docs/controller.md.
+:meth:`PruningController.tick` with the current time, and turns the returned actions
+(:mod:`gateway.controller_actions`) into retained ``PruneDesired`` messages and ``prune_events`` rows. This class
+keeps what both rules share: the observations and the estimates made from them (slowdowns, arrival rate, the
+metrics), the ratios and the operator's manual holds, and the ratio problem at the current estimates; the rule
+that decides is :class:`gateway.tracking.AdaptiveTracking` or :class:`gateway.reactive.ReactiveTrigger`.
+See docs/controller.md.
 """
 
 from __future__ import annotations
@@ -10,66 +14,16 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
+from gateway.controller_actions import Action, Metrics, SetRatios
 from gateway.curves import AccuracyFit, LatencyCurve, ReplicaAccuracy, SliceLatencyFit
-from gateway.policy import POLICIES, TOLERANCE, Decision, RatioProblem, choose_adaptive, evaluate_ratios
+from gateway.policy import TOLERANCE, Decision, RatioProblem, evaluate_ratios
+from gateway.reactive import ReactiveTrigger
 from gateway.slowdown import SlowdownDetector
+from gateway.tracking import AdaptiveTracking
 from shared.settings import ControllerSettings
 
 MIN_STAGE_BUDGET_S = 1e-4  # a rate cap a stage's decode alone exceeds: no ratio meets it (best effort)
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """What the trigger and restore rules saw, logged with every action and shown on the operator page.
-
-    Only requests completed after the last action count: earlier ones describe the old ratios.
-    """
-
-    trigger_samples: int
-    over_trigger_fraction: float
-    violation_span_s: float
-    restore_samples: int
-    headroom_fraction: float
-    slowdowns: dict[str, float]
-    queue_depths: dict[str, int]
-    arrival_hz: float | None = None
-
-
-@dataclass(frozen=True)
-class SetRatios:
-    """Publish a new desired state for the nodes listed (only those whose ratio or source changes)."""
-
-    ts: float
-    ratios: dict[str, float]
-    source: Literal["auto", "manual"]
-    reason: str
-    decision: Decision
-    metrics: Metrics
-
-
-@dataclass(frozen=True)
-class Infeasible:
-    """Even the most pruning allowed cannot meet the budget; the best effort (if new) is a SetRatios."""
-
-    ts: float
-    reason: str
-    decision: Decision
-    metrics: Metrics
-
-
-@dataclass(frozen=True)
-class Held:
-    """A sustained violation the curves do not explain: the current ratios are predicted to meet the budget."""
-
-    ts: float
-    reason: str
-    decision: Decision
-    metrics: Metrics
-
-
-Action = SetRatios | Infeasible | Held
 
 
 @dataclass(frozen=True)
@@ -91,14 +45,12 @@ class DeviceMemory:
 
 
 class PruningController:
-    """Slowdown estimation, ratio choice, restore and manual holds, on one of two triggers.
+    """Slowdown estimation, ratio choice, restore and manual holds, on one of two rules.
 
-    ``adaptive`` (the default) tracks a target: each tick it solves for the least pruning that meets every
-    stage's budget at the slowdowns the last frames' compute shows (:mod:`gateway.slowdown`) and the
-    arrival rate of the last ``arrival_window_s``; more pruning is applied at once, less only after it has
-    been the answer for ``fast_restore_confirm_s`` with headroom. The end-to-end trigger stays as a safety
-    net for what compute cannot see. ``bottleneck`` and ``paper`` act only on the sustained end-to-end
-    violation (the paper's reactive controller), with a cooldown and step-wise restore.
+    ``adaptive`` (the default) tracks a target (:mod:`gateway.tracking`); ``bottleneck`` and ``paper`` act only on
+    the sustained end-to-end violation (the paper's reactive controller), with a cooldown and restores
+    (:mod:`gateway.reactive`). Either rule reads the estimates and moves the ratios through the methods below
+    ``tick``.
     """
 
     def __init__(self, nodes: Sequence[str], latency: Mapping[str, SliceLatencyFit],
@@ -139,10 +91,9 @@ class PruningController:
         self._detector = SlowdownDetector(self.config.detect_frames, self.config.detect_margin)
         self._arrivals: deque[float] = deque()
         self._shares = {node: (arrival_shares or {}).get(node, 1.0) for node in nodes}
-        self._lower_since: dict[str, float] = {}  # adaptive: since when a lower ratio has been the answer
-        self._last_infeasible: tuple | None = None
         unpruned = accuracy.predictor(self.config.accuracy_model)([0.0] * len(nodes))
         self.accuracy_floor = self.config.accuracy_floor_relative * unpruned
+        self._rule = AdaptiveTracking(self) if self.adaptive else ReactiveTrigger(self)
 
     def memory(self) -> DeviceMemory:
         return DeviceMemory(self._detector.estimates(), dict(self._slowdown), tuple(self._arrivals))
@@ -271,6 +222,7 @@ class PruningController:
         else:
             self._gone_since.pop(node_id, None)
 
+    # ---- the operator's manual holds ---------------------------------------------------------------
     def set_manual(self, now: float, node_id: str, ratio: float) -> list[Action]:
         """Hold a node at a ladder ratio until released; the policies and restore leave it alone."""
         if node_id not in self._ratios:
@@ -282,7 +234,7 @@ class PruningController:
         self._manual[node_id] = self._ratios[node_id] = on_ladder[0]
         self._last_action_ts = now
         reason = f"operator holds {node_id} at {on_ladder[0]}"
-        return [SetRatios(now, {node_id: on_ladder[0]}, "manual", reason, self._evaluate_current("manual", reason),
+        return [SetRatios(now, {node_id: on_ladder[0]}, "manual", reason, self.evaluate_current("manual", reason),
                           metrics)]
 
     def release_manual(self, now: float, node_id: str) -> list[Action]:
@@ -291,7 +243,7 @@ class PruningController:
             return []
         reason = f"operator released {node_id}"
         return [SetRatios(now, {node_id: self._ratios[node_id]}, "auto", reason,
-                          self._evaluate_current("release", reason), self.metrics(now))]
+                          self.evaluate_current("release", reason), self.metrics(now))]
 
     # ---- the state machine ----------------------------------------------------------------------
     def tick(self, now: float) -> list[Action]:
@@ -301,34 +253,38 @@ class PruningController:
         horizon = now - max(self.config.trigger_window_s, self.config.restore_window_s)
         while self._latencies and self._latencies[0][0] <= horizon:
             self._latencies.popleft()
-        if self.adaptive:
-            return self._track(now)
-        if now < self._last_action_ts + self.config.cooldown_s:
-            return []
-        metrics = self.metrics(now)
-        if self._violation_sustained(metrics):
-            return self._respond_to_violation(now, metrics)
-        if self.config.fast_restore and metrics.over_trigger_fraction < self.config.trigger_fraction:
-            fast = self._fast_restore(now, metrics)
-            if fast:
-                return fast
-        if self._headroom_sustained(now, metrics):
-            return self._restore_step(now, metrics)
-        return []
+        return self._rule.decide(now)
 
-    def _violation_sustained(self, m: Metrics) -> bool:
+    # ---- for the rules (gateway/tracking.py, gateway/reactive.py) --------------------------------------
+    @property
+    def last_action_ts(self) -> float:
+        """When ratios were last set or a violation answered: the cooldown and the metrics start there."""
+        return self._last_action_ts
+
+    @property
+    def watched_from(self) -> float:
+        """Since when the current ratios have been watched: the last action, or the first tick."""
+        return max(self._last_action_ts, self._watching_since)
+
+    def gone_since(self, node_id: str) -> float | None:
+        """Since when the node's slowdown (from its stats) has been gone, if it is."""
+        return self._gone_since.get(node_id)
+
+    def stats_heard(self, node_id: str) -> bool:
+        """The node's stats have given a slowdown sample (a restore needs one)."""
+        return node_id in self._slowdown
+
+    def act(self, now: float, changed: dict[str, float]) -> None:
+        """A rule acted at ``now`` (``changed``: the ratios it set, possibly none): the cooldown starts."""
+        self._ratios.update(changed)
+        self._last_action_ts = now
+
+    def violation_sustained(self, m: Metrics) -> bool:
         return (m.trigger_samples >= self.config.min_samples
                 and m.over_trigger_fraction >= self.config.trigger_fraction
                 and m.violation_span_s >= self.config.trigger_min_span_s)
 
-    def _headroom_sustained(self, now: float, m: Metrics) -> bool:
-        """Headroom over a whole restore window, all of it watched and after the last action."""
-        watched_from = max(self._last_action_ts, self._watching_since)
-        return (now - self.config.restore_window_s >= watched_from
-                and m.restore_samples >= self.config.min_samples
-                and m.headroom_fraction >= self.config.restore_fraction)
-
-    def _problem(self, now: float | None = None, headroom: float = 1.0) -> RatioProblem:
+    def problem(self, now: float | None = None, headroom: float = 1.0) -> RatioProblem:
         """The ratio problem at the current estimates; with ``now`` (adaptive) the arrival rate caps each stage's
         budget; ``headroom`` < 1 shrinks every budget (a lower ratio must fit with room to spare)."""
         index = {node: i for i, node in enumerate(self.nodes)}
@@ -350,171 +306,12 @@ class PruningController:
             return None
         return max(MIN_STAGE_BUDGET_S, self.config.utilisation / rate - self._decode_s.get(node, 0.0))
 
-    def _track(self, now: float) -> list[Action]:
-        """Adaptive: move towards the least pruning that meets every stage's budget at the current slowdowns and
-        arrival rate. More pruning is applied at once; less once it has been the answer, with headroom, for
-        ``fast_restore_confirm_s`` and the latency is not violating. A sustained end-to-end violation the
-        estimates do not explain (a backlog, transport) prunes the deepest queue's node one more step."""
-        metrics = self.metrics(now)
-        decision = choose_adaptive(self._problem(now))
-        needed = dict(zip(self.nodes, decision.ratios))
-        relaxed = dict(zip(self.nodes, choose_adaptive(self._problem(now, self.config.restore_headroom)).ratios))
-        violating = metrics.over_trigger_fraction >= self.config.trigger_fraction
-        changed = {n: r for n, r in needed.items() if r > self._ratios[n] + TOLERANCE}
-        for node in self.nodes:
-            lower = max(needed[node], relaxed[node])
-            if node in self._manual or lower >= self._ratios[node] - TOLERANCE or violating:
-                self._lower_since.pop(node, None)
-                continue
-            since = self._lower_since.setdefault(node, now)
-            if now - since >= self.config.fast_restore_confirm_s:
-                changed[node] = lower
-        if changed:
-            candidate = {**self._ratios, **changed}
-            if not self._problem(now).meets_floor([candidate[n] for n in self.nodes]):
-                changed = {n: r for n, r in needed.items() if abs(r - self._ratios[n]) > TOLERANCE}
-        actions: list[Action] = []
-        if changed:
-            raised = any(r > self._ratios[n] for n, r in changed.items())
-            reason = self._tracking_reason(metrics, decision, raised)
-            self._ratios.update(changed)
-            for node in changed:
-                self._lower_since.pop(node, None)
-            self._last_action_ts = now
-            actions.append(SetRatios(now, changed, "auto", reason,
-                                     decision if raised else self._evaluate_current("restore", reason), metrics))
-        infeasible = (decision.infeasible, decision.ratios) if decision.infeasible else None
-        if infeasible is not None and infeasible != self._last_infeasible:
-            actions.append(Infeasible(now, decision.reason, decision, metrics))
-        self._last_infeasible = infeasible
-        if not actions and now >= self._last_action_ts + self.config.cooldown_s and self._violation_sustained(metrics):
-            actions = self._relieve_backlog(now, metrics)
-        return actions
+    def evaluate_current(self, label: str, reason: str) -> Decision:
+        return evaluate_ratios(self.problem(), [self._ratios[n] for n in self.nodes], label, reason)
 
-    def _tracking_reason(self, metrics: Metrics, decision: Decision, raised: bool) -> str:
-        slowed = {n: s for n, s in metrics.slowdowns.items() if s > 1.0}
-        seen = ", ".join(f"{n} {s:.1f}x" for n, s in slowed.items()) or "no slowdown"
-        rate = f"{metrics.arrival_hz:.1f} frames/s arriving" if metrics.arrival_hz else "no recent arrivals"
-        if raised:
-            return f"compute shows {seen}, {rate}; {decision.reason}"
-        return (f"restore: compute shows {seen}, {rate}; lower ratios have met every budget with "
-                f"{1 - self.config.restore_headroom:.0%} headroom for {self.config.fast_restore_confirm_s:g} s")
-
-    def _relieve_backlog(self, now: float, metrics: Metrics) -> list[Action]:
-        """The safety net: latency over the trigger although the estimates say every stage keeps up. One more
-        ladder step on the node with the deepest queue drains it faster, if the accuracy floor allows."""
-        problem = self._problem(now)
-        queued = sorted((d, n) for n, d in self._queue_depth.items()
-                        if d > 0 and n in self._ratios and n not in self._manual)  # an idle node holds no backlog
-        for _, node in reversed(queued):
-            higher = [r for r in problem.ladder if r > self._ratios[node] + TOLERANCE]
-            ratios = {**self._ratios, node: higher[0]} if higher else None
-            if ratios and problem.meets_floor([ratios[n] for n in self.nodes]):
-                reason = (f"{metrics.over_trigger_fraction:.0%} of {metrics.trigger_samples} requests over "
-                          f"{self.lat_trigger_s:.3f} s although every stage is predicted to keep up: one step more "
-                          f"on {node} (queue {self._queue_depth[node]}) to drain the backlog")
-                self._ratios[node] = higher[0]
-                self._last_action_ts = now
-                return [SetRatios(now, {node: higher[0]}, "auto", reason,
-                                  evaluate_ratios(problem, [self._ratios[n] for n in self.nodes], "adaptive", reason),
-                                  metrics)]
-        self._last_action_ts = now
-        return [Held(now, "latency over the trigger, but the estimates predict every stage keeps up and no queued node "
-                          "may be pruned further" + self._decode_note(), self._evaluate_current("held", ""), metrics)]
-
-    def _evaluate_current(self, label: str, reason: str) -> Decision:
-        return evaluate_ratios(self._problem(), [self._ratios[n] for n in self.nodes], label, reason)
-
-    def _respond_to_violation(self, now: float, metrics: Metrics) -> list[Action]:
-        """Apply the policy's vector if it adds pruning somewhere; report infeasible or unexplained cases.
-
-        A vector that only lowers ratios is not applied: lowering during a violation would be a restore
-        the latency does not support.
-        """
-        decision = POLICIES[self.config.policy](self._problem())
-        proposed = dict(zip(self.nodes, decision.ratios))
-        changed = {n: r for n, r in proposed.items() if abs(r - self._ratios[n]) > TOLERANCE}
-        actions: list[Action] = []
-        if any(r > self._ratios[n] for n, r in changed.items()):
-            reason = (f"{metrics.over_trigger_fraction:.0%} of {metrics.trigger_samples} requests over "
-                      f"{self.lat_trigger_s:.3f} s; {decision.reason}")
-            self._ratios.update(changed)
-            actions.append(SetRatios(now, changed, "auto", reason, decision, metrics))
-        if decision.infeasible:
-            actions.append(Infeasible(now, decision.reason, decision, metrics))
-        if not actions:
-            actions.append(Held(now, "latency over the trigger, but the curves predict the current ratios meet "
-                                     "the stage budget (queueing, transport or an uncalibrated cause?)"
-                                + self._decode_note(), decision, metrics))
-        self._last_action_ts = now
-        return actions
-
-    def _decode_note(self) -> str:
+    def decode_note(self) -> str:
         """Names the slowest input decode, which pruning cannot shrink (smaller frames or a faster stage-1 can)."""
         if not self._decode_s:
             return ""
         node, seconds = max(self._decode_s.items(), key=lambda item: item[1])
         return f"; {node} spends {seconds * 1e3:.1f} ms a request decoding its input, which pruning cannot shrink"
-
-    def _fast_restore(self, now: float, metrics: Metrics) -> list[Action]:
-        """Give a recovered node its channels back in one decision, not one ladder step per restore window.
-
-        The controller knows each node's slowdown: once it has stayed gone for ``fast_restore_confirm_s``
-        (after the last action and after watching started), the node goes straight to the lowest ratio its
-        calibrated curve predicts within ``restore_headroom`` × the stage budget at its current speed. The
-        headroom keeps the next trigger from undoing it; any pruning left is confirmed by the step-wise
-        restore, which also guards nodes whose curve the latency does not bear out.
-        """
-        confirm = self.config.fast_restore_confirm_s
-        watched_from = max(self._last_action_ts, self._watching_since)
-        if now - watched_from < confirm:
-            return []
-        changed = {}
-        for node in self.nodes:
-            ratio, since = self._ratios[node], self._gone_since.get(node)
-            if node in self._manual or ratio <= 0.0 or since is None or now - max(since, watched_from) < confirm:
-                continue
-            target = self._fast_target(node, ratio)
-            if target is not None:
-                changed[node] = target
-        reason = (f"fast restore: slowdown gone (≤ {self.config.slowdown_gone}x) for {confirm:g} s; lowest ratio "
-                  f"predicted within {self.config.restore_headroom:.0%} of the {self.budget_s * 1e3:.0f} ms budget")
-        return self._restore(now, changed, reason, metrics)
-
-    def _fast_target(self, node: str, ratio: float) -> float | None:
-        """The lowest ladder ratio below ``ratio`` predicted within restore_headroom × the budget, if any."""
-        limit_s = self.config.restore_headroom * self.budget_s + TOLERANCE
-        fitting = [r for r in self.config.ladder
-                   if r < ratio - TOLERANCE and self.slowdown(node) * self._curves[node].predict(r) <= limit_s]
-        return min(fitting) if fitting else None
-
-    def _restore_step(self, now: float, metrics: Metrics) -> list[Action]:
-        """Lower each recovered auto node one ladder step, if that keeps it under the stage budget.
-
-        Hysteresis: headroom is judged against restore_latency_fraction × SLO (well below LAT_trigger),
-        the slowdown must be observed and below slowdown_gone, and the step must keep the node's predicted
-        time under the same budget the policy prunes to, so a restore never undoes what the next trigger
-        would redo.
-        """
-        changed = {}
-        for node in self.nodes:
-            ratio = self._ratios[node]
-            if (node in self._manual or ratio <= 0.0 or node not in self._slowdown
-                    or self.slowdown(node) > self.config.slowdown_gone):
-                continue
-            lower = max((r for r in self.config.ladder if r < ratio - TOLERANCE), default=0.0)
-            if self.slowdown(node) * self._curves[node].predict(lower) <= self.budget_s + TOLERANCE:
-                # with fast restore on, latency headroom is as good a reason to jump as the confirmed slowdown
-                target = self._fast_target(node, ratio) if self.config.fast_restore else None
-                changed[node] = lower if target is None else min(lower, target)
-        reason = (f"restore: {metrics.headroom_fraction:.0%} of {metrics.restore_samples} requests under "
-                  f"{self.config.restore_latency_fraction:.0%} of the SLO and slowdown gone")
-        return self._restore(now, changed, reason, metrics)
-
-    def _restore(self, now: float, changed: dict[str, float], reason: str, metrics: Metrics) -> list[Action]:
-        """Give back what a restore rule chose (nothing if it chose nothing); an action starts the cooldown."""
-        if not changed:
-            return []
-        self._last_action_ts = now
-        self._ratios.update(changed)
-        return [SetRatios(now, changed, "auto", reason, self._evaluate_current("restore", reason), metrics)]

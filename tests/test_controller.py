@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from gateway.controller import Held, Infeasible, PruningController, SetRatios
+from gateway.controller import PruningController
+from gateway.controller_actions import Held, Infeasible, SetRatios
 from gateway.curves import fit_accuracy, fit_latency
 from shared.settings import ControllerSettings
 

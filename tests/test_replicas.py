@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from scipy.special import expit
 
-from gateway.controller import PruningController, SetRatios
+from gateway.controller import PruningController
+from gateway.controller_actions import SetRatios
 from gateway.curves import ReplicaAccuracy, fit_accuracy, fit_latency
 from shared.schemas import Placement, StageAssignment, to_json
 from shared.settings import ControllerSettings
