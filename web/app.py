@@ -99,6 +99,64 @@ def filters_from_args(args) -> Filters:
                    min_confidence=number("min_confidence"))
 
 
+def wants_json() -> bool:
+    """Scripts and the page's fetch() get JSON; a plain HTML form post gets a redirect with a message."""
+    form_post = request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data")
+    return request.is_json or (request.path.startswith("/api/") and not form_post)
+
+
+def denied(message: str, code: int):
+    if wants_json() or request.path.startswith("/export/"):
+        return jsonify({"error": message}), code
+    return redirect(url_for("login", next=request.full_path))
+
+
+class Page:
+    """What every route shares: the settings, the clock, the gateway connection, who is logged in (and the two
+    guards a route wears) and the read-only database."""
+
+    def __init__(self, settings: WebSettings, gateway: CommandSender | None, clock: Callable[[], float]):
+        self.settings = settings
+        self.gateway = gateway
+        self.clock = clock
+        self.limiter = LoginLimiter(settings.login_attempts_per_minute)
+        self.sessions = Sessions(settings.session_hours * 3600)
+        self.password_hash = settings.password_hash.get_secret_value() if settings.password_hash else None
+        self._reader: Reader | None = None
+
+    def reader(self) -> Reader | None:
+        """The shared read-only reader, opened once the gateway has made the database."""
+        if self._reader is None:
+            try:
+                self._reader = Reader(self.settings.db_path)
+            except FileNotFoundError:
+                return None
+        return self._reader
+
+    def connection(self) -> sqlite3.Connection:
+        """A private read-only connection, for a streaming export or one page of detections."""
+        return sqlite3.connect(f"file:{self.settings.db_path}?mode=ro", uri=True)
+
+    def operator(self) -> str | None:
+        return self.sessions.operator(session.get("sid"), self.clock())
+
+    def viewer(self, view):
+        @wraps(view)
+        def wrapper(*args, **kwargs):
+            if self.operator() is None and not self.settings.public_status:
+                return denied("log in first (POST /login)", 401)
+            return view(*args, **kwargs)
+        return wrapper
+
+    def operator_only(self, view):
+        @wraps(view)
+        def wrapper(*args, **kwargs):
+            if self.operator() is None:
+                return denied("log in first: controls need an operator login", 401)
+            return view(*args, **kwargs)
+        return wrapper
+
+
 def create_app(settings: WebSettings, gateway: CommandSender | None = None,
                clock: Callable[[], float] = time.time) -> Flask:
     app = Flask(__name__)
@@ -111,67 +169,33 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
     )
     CSRFProtect(app)
     app.add_template_filter(site_time)
-    limiter = LoginLimiter(settings.login_attempts_per_minute)
-    sessions = Sessions(settings.session_hours * 3600)
-    readers: dict[str, Reader] = {}
-    password_hash = settings.password_hash.get_secret_value() if settings.password_hash else None
+    page = Page(settings, gateway, clock)
 
-    def reader() -> Reader | None:
-        if "db" not in readers:
-            try:
-                readers["db"] = Reader(settings.db_path)
-            except FileNotFoundError:
-                return None
-        return readers["db"]
+    @app.context_processor
+    def page_globals() -> dict:
+        return {"operator": page.operator(), "public": settings.public_status, "csrf_token": generate_csrf}
 
-    def connection() -> sqlite3.Connection:
-        """A private read-only connection, for a streaming export or one page of detections."""
-        return sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True)
+    _login_routes(app, page)
+    _overview_routes(app, page)
+    _detection_routes(app, page)
+    _export_routes(app, page)
+    return app
 
-    def wants_json() -> bool:
-        """Scripts and the page's fetch() get JSON; a plain HTML form post gets a redirect with a message."""
-        form_post = request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data")
-        return request.is_json or (request.path.startswith("/api/") and not form_post)
 
-    def denied(message: str, code: int):
-        if wants_json() or request.path.startswith("/export/"):
-            return jsonify({"error": message}), code
-        return redirect(url_for("login", next=request.full_path))
-
-    def operator() -> str | None:
-        return sessions.operator(session.get("sid"), clock())
-
-    def viewer(view):
-        @wraps(view)
-        def wrapper(*args, **kwargs):
-            if operator() is None and not settings.public_status:
-                return denied("log in first (POST /login)", 401)
-            return view(*args, **kwargs)
-        return wrapper
-
-    def operator_only(view):
-        @wraps(view)
-        def wrapper(*args, **kwargs):
-            if operator() is None:
-                return denied("log in first: controls need an operator login", 401)
-            return view(*args, **kwargs)
-        return wrapper
+def _login_routes(app: Flask, page: Page) -> None:
+    def login_page(error: str | None):
+        return render_template("login.html", error=error, password_set=bool(page.password_hash))
 
     @app.errorhandler(CSRFError)
     def csrf_failed(exc: CSRFError):
         message = f"request refused: {exc.description} Reload the page (or GET /api/csrf) and try again."
         if wants_json():
             return jsonify({"error": message}), 400
-        return render_template("login.html", error=message, password_set=bool(password_hash)), 400
+        return login_page(message), 400
 
-    @app.context_processor
-    def page_globals() -> dict:
-        return {"operator": operator(), "public": settings.public_status, "csrf_token": generate_csrf}
-
-    # --- login -------------------------------------------------------------------------------
     @app.get("/login")
     def login():
-        return render_template("login.html", error=None, password_set=bool(password_hash))
+        return login_page(None)
 
     @app.post("/login")
     def login_post():
@@ -179,30 +203,28 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
         data = data or {}
         address = request.remote_addr or "?"
         name = str(data.get("name", "")).strip()[:64]
-        wait_s = limiter.retry_after(address, name, clock())
+        wait_s = page.limiter.retry_after(address, name, page.clock())
         if wait_s > 0:
             message = f"too many failed logins from {address}; try again in {wait_s:.0f} s"
-            page = (jsonify({"error": message}) if wants_json()
-                    else render_template("login.html", error=message, password_set=bool(password_hash)))
-            return page, 429, {"Retry-After": str(math.ceil(wait_s))}
-        if not name or not password_ok(password_hash, str(data.get("password", ""))):
-            limiter.failed(address, name, clock())
-            message = ("no operator password is set: run `edgeprune passwd`" if not password_hash
+            return (jsonify({"error": message}) if wants_json() else login_page(message)), 429, {
+                "Retry-After": str(math.ceil(wait_s))}
+        if not name or not password_ok(page.password_hash, str(data.get("password", ""))):
+            page.limiter.failed(address, name, page.clock())
+            message = ("no operator password is set: run `edgeprune passwd`" if not page.password_hash
                        else "wrong name or password" if name else "enter your name (it is logged with your actions)")
-            return (jsonify({"error": message}), 401) if wants_json() else (
-                render_template("login.html", error=message, password_set=bool(password_hash)), 401)
-        limiter.succeeded(address, name)
-        sessions.end(session.get("sid"))
+            return (jsonify({"error": message}) if wants_json() else login_page(message)), 401
+        page.limiter.succeeded(address, name)
+        page.sessions.end(session.get("sid"))
         session.clear()
         session.permanent = True
-        session["sid"] = sessions.start(name, clock())
+        session["sid"] = page.sessions.start(name, page.clock())
         if wants_json():
             return jsonify({"operator": name, "csrf_token": generate_csrf()})
         return redirect(local_path(request.args.get("next", "")) or url_for("index"))
 
     @app.post("/logout")
     def logout():
-        sessions.end(session.get("sid"))  # a copy of the cookie taken before is worth nothing now
+        page.sessions.end(session.get("sid"))  # a copy of the cookie taken before is worth nothing now
         session.clear()
         return jsonify({"ok": True}) if wants_json() else redirect(url_for("login"))
 
@@ -210,9 +232,13 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
     def api_csrf():
         return jsonify({"csrf_token": generate_csrf()})
 
-    # --- overview and controls -----------------------------------------------------------------
+
+def _overview_routes(app: Flask, page: Page) -> None:
+    """The live overview and the controls (sent to the gateway as commands)."""
+    settings = page.settings
+
     @app.get("/")
-    @viewer
+    @page.viewer
     def index():
         return render_template("index.html", refresh_ms=2000, labels=LABELS, demo=settings.demo)
 
@@ -221,30 +247,30 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
         return app.send_static_file("favicon.svg")
 
     @app.get("/api/status")
-    @viewer
+    @page.viewer
     def api_status():
         try:
             since = parse_since(request.args.get("since"))
         except ValueError as exc:
             return jsonify({"error": str(exc)}), 400
-        r = reader()
+        r = page.reader()
         if r is None:
             return jsonify({"error": f"no database at {settings.db_path} yet: is the gateway running?"}), 503
-        return jsonify({**status(r, settings.recent_s, clock(), since), "operator": operator()})
+        return jsonify({**status(r, settings.recent_s, page.clock(), since), "operator": page.operator()})
 
     @app.post("/api/command")
-    @operator_only
+    @page.operator_only
     def api_command():
         data = request.get_json(silent=True) if request.is_json else request.form.to_dict()
         if not isinstance(data, dict):
             return reply(False, "send a JSON object with a 'cmd' field", 400)
         try:
-            command = command_from_input(data, operator())
+            command = command_from_input(data, page.operator())
         except ValueError as exc:
             return reply(False, str(exc), 400)
-        if gateway is None:
+        if page.gateway is None:
             return reply(False, "this page has no connection to the gateway", 503)
-        ok, message = gateway.send(command)
+        ok, message = page.gateway.send(command)
         return reply(ok, message, 200 if ok else 504 if "did not answer" in message or "not connected" in message
                      else 422)
 
@@ -254,9 +280,13 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
         flash(message, "ok" if ok else "error")
         return redirect(request.referrer or url_for("index"))
 
-    # --- ecologists' data ----------------------------------------------------------------------
+
+def _detection_routes(app: Flask, page: Page) -> None:
+    """The ecologists' data: detections page by page (HTML and JSON) and their thumbnails."""
+    settings = page.settings
+
     @app.get("/detections")
-    @viewer
+    @page.viewer
     def detections():
         rows, cursor, error, missing, empty = [], None, None, [], False
         try:
@@ -267,7 +297,7 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
         if not settings.db_path.exists():
             error = error or f"no database at {settings.db_path} yet: is the gateway running?"
         elif error is None:
-            conn = connection()
+            conn = page.connection()
             try:
                 rows, cursor = detections_page(conn, filters, limit=100, after=after)
                 missing = undescribed_cameras(conn, filters)
@@ -277,13 +307,13 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
         query = {k: v for k, v in request.args.items() if k != "after"}
         return render_template("detections.html", rows=rows, cursor=cursor, error=error, query=query,
                                missing=missing, empty=empty and error is None, empty_warning=EMPTY_WARNING,
-                               zone=site_zone(clock())), 400 if error and settings.db_path.exists() else 200
+                               zone=site_zone(page.clock())), 400 if error and settings.db_path.exists() else 200
 
     @app.get("/thumbnail")
-    @viewer
+    @page.viewer
     def thumbnail():
         """A frame's thumbnail (JPEG, checked by the gateway when it came), by ``?id=<request_id>``."""
-        r, request_id = reader(), request.args.get("id", "")
+        r, request_id = page.reader(), request.args.get("id", "")
         jpeg = r.thumbnail(request_id) if r is not None and request_id else None
         if jpeg is None:
             return jsonify({"error": "no thumbnail of that frame"}), 404
@@ -291,7 +321,7 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
                                                               "X-Content-Type-Options": "nosniff"})
 
     @app.get("/api/detections")
-    @viewer
+    @page.viewer
     def api_detections():
         try:
             filters = filters_from_args(request.args)
@@ -303,23 +333,26 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
             return jsonify({"error": str(exc)}), 400
         if not settings.db_path.exists():
             return jsonify({"error": f"no database at {settings.db_path} yet"}), 503
-        conn = connection()
+        conn = page.connection()
         try:
             rows, cursor = detections_page(conn, filters, limit=limit, after=after)
         finally:
             conn.close()
         return jsonify({"columns": DETECTION_COLUMNS, "rows": rows, "next": cursor})
 
+
+def _export_routes(app: Flask, page: Page) -> None:
+    """The downloads: detections CSV and the Camtrap DP package, streamed from a private connection."""
     def streamed(make: Callable[[sqlite3.Connection, Filters], Any], content_type: str, filename: str):
         try:
             filters = filters_from_args(request.args)
         except ValueError as exc:
             return jsonify({"error": str(exc)}), 400
-        if not settings.db_path.exists():
-            return jsonify({"error": f"no database at {settings.db_path} yet"}), 503
+        if not page.settings.db_path.exists():
+            return jsonify({"error": f"no database at {page.settings.db_path} yet"}), 503
 
         def chunks():
-            conn = connection()
+            conn = page.connection()
             try:
                 yield from make(conn, filters)
             finally:
@@ -328,14 +361,12 @@ def create_app(settings: WebSettings, gateway: CommandSender | None = None,
                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     @app.get("/export/detections.csv")
-    @viewer
+    @page.viewer
     def export_csv():
         return streamed(detections_csv, "text/csv; charset=utf-8", "detections.csv")
 
     @app.get("/export/camtrap-dp.zip")
-    @viewer
+    @page.viewer
     def export_camtrap_dp():
-        return streamed(lambda conn, f: camtrap_dp_zip(conn, f, created=clock()), "application/zip",
+        return streamed(lambda conn, f: camtrap_dp_zip(conn, f, created=page.clock()), "application/zip",
                         "camtrap-dp.zip")
-
-    return app
