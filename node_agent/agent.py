@@ -44,6 +44,9 @@ IDLE_WAIT_S = 0.2  # how long the inference thread blocks on an empty queue when
 # unread bytes after a request served on paho's thread that still mean "only acknowledgements came meanwhile"
 # (an MQTT v5 PUBACK is 4-5 bytes; any frame or activation is far larger): more, and input is waiting
 ACKS_ONLY_BYTES = 64
+# serve on paho's thread only while a request takes less than this: a hand-off costs ~1 ms, noise beside longer
+# work, and paho's thread must not stop answering for long (stats, keepalive, placements, commands)
+SERVE_AT_ONCE_MAX_S = 0.1
 
 
 def _slice_of(assignment: StageAssignment) -> tuple[int, int, int]:
@@ -110,6 +113,7 @@ class NodeAgent:
         self._compute_s: deque[float] = deque(maxlen=1024)
         self._decode_s: deque[float] = deque(maxlen=1024)
         self._queue_wait_s: deque[float] = deque(maxlen=1024)
+        self._last_serve_s: float | None = None  # how long the last request took to serve (None: none served yet)
         self._cpu = CpuMeter()
         self._threads: list[threading.Thread] = []
         self.thumbnails = Thumbnailer(self._send_thumbnail)  # used while the placement asks for thumbnails
@@ -391,10 +395,11 @@ class NodeAgent:
 
     # --- data path -----------------------------------------------------------------------
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str], ack: Ack) -> None:
-        """Take one input: serve it here and now when the node is idle (no hand-off to the inference thread, no
-        wake-up of paho's thread for the output), else queue it. A replica acknowledges it once served, so while
-        it holds the input its broker session does too, and the gateway can hand it to another replica if this
-        one dies (docs/scaling.md); a stage's only node acknowledges on receipt, as before replicas existed."""
+        """Take one input: serve it here and now when the node is idle and serves quickly (no hand-off to the
+        inference thread, no wake-up of paho's thread for the output), else queue it. A replica acknowledges it
+        once served, so while it holds the input its broker session does too, and the gateway can hand it to
+        another replica if this one dies (docs/scaling.md); a stage's only node acknowledges on receipt, as before
+        replicas existed."""
         received = time.time()
         with self._lock:
             runtime = self.runtime or self.ingest
@@ -410,7 +415,9 @@ class NodeAgent:
         if not self._admit(runtime, req):  # refused, and reported as the request's failure
             ack()
             return
-        if self.queue.claim():
+        last = self._last_serve_s
+        if last is not None and last < SERVE_AT_ONCE_MAX_S and self.queue.claim():
+            req.deferred = self.queue.late(req.capture_ts)
             self._serve_now(runtime, req, ack)
             return
         dropped = self.queue.put((runtime, req, ack), req.capture_ts)
@@ -532,6 +539,7 @@ class NodeAgent:
         started = time.time()
         try:
             out = runtime.run(req, started, self.slowdown)
+            self._last_serve_s = time.time() - started
         except BadMessage as exc:
             self.bus.report_error(req.topic, exc.kind, str(exc), req.request_id)
             return

@@ -114,6 +114,12 @@ class DeadlineQueue(Generic[T]):
             self._serving = True
             return True
 
+    def late(self, capture_ts: float) -> bool:
+        """Whether a request captured then has missed its deadline: one served at once after :meth:`claim` is
+        ``deferred`` exactly when it is late, as :meth:`get` would mark it with nothing else waiting."""
+        cutoff = self._late_cutoff()
+        return cutoff is not None and capture_ts <= cutoff
+
     def done(self, input_waiting: bool = False) -> None:
         """The request (or calibration run) from :meth:`get` or :meth:`claim` is finished; ``input_waiting``:
         more input arrived meanwhile (the next :meth:`claim` for an arrival is refused)."""

@@ -133,3 +133,11 @@ def test_input_that_waited_behind_a_served_request_is_queued_not_served_at_once(
     q.done()
     assert not q.claim()  # the request that waited: queued, so a backlog is served by deadline and shed
     assert q.claim()  # refused once only
+
+
+def test_a_request_served_at_once_is_deferred_exactly_when_get_would_mark_it():
+    q = make()  # now 100, SLO 1 s
+    assert q.late(99.0) and not q.late(99.5)
+    q.put("late", 99.0)
+    assert q.get(timeout=0) == ("late", True)
+    assert not make(slo=None).late(0.0) and not make(ordered=False).late(0.0)  # FIFO: nothing is deferred
