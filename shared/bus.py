@@ -256,14 +256,16 @@ class Bus:
 
         A publish from a handler is otherwise written only once the handler returns: a node that serves a request
         in its handler sends the announcement and the input's acknowledgement before the compute, and the output
-        right after it. paho's ``loop_write`` is for callers without a network thread; here it runs on that very
-        thread, so nothing else writes the socket meanwhile. Not once :meth:`stop` has begun: paho handles a
-        DISCONNECT's write with the callback lock that a handler already holds. This Bus sets no ``on_publish``,
-        which paho would call under that lock too."""
+        right after it. This is the write half of paho's ``loop_write`` without its error handling: that calls
+        ``on_disconnect`` under paho's callback lock, which the handler already holds (a deadlock on a broken
+        connection); a failed write stays queued and paho's loop meets the error again after the handler, and
+        handles it there. Nothing else writes the socket meanwhile: this is the network thread. Not once
+        :meth:`stop` has begun (paho handles a DISCONNECT's write under that lock too), and this Bus sets no
+        ``on_publish``, which paho would call under it."""
         with self._lock:
-            if self._closing or threading.get_ident() != self._network_thread:
+            if self._closing or threading.get_ident() != self._network_thread or self.client.socket() is None:
                 return
-            self.client.loop_write()
+            self.client._packet_write()  # loop_write minus its disconnect handling (see above)
 
     def unread_bytes(self) -> int:
         """Bytes the broker has sent that the network thread has not read yet (0 if not connected): from a
