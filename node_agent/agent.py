@@ -433,8 +433,9 @@ class NodeAgent:
     def _serve_now(self, runtime: StageRuntime | IngestRuntime, req: Request, ack: Ack) -> None:
         """Serve on paho's thread, the queue claimed (:meth:`DeadlineQueue.claim`). The announcement and the
         input's acknowledgement leave before the compute, as they would have before a queued one; the output
-        right after it. Input that arrived meanwhile (more than a few acknowledgements' bytes unread) goes to the
-        queue, so a backlog is still served by deadline and shed when full."""
+        right after it (:meth:`_serve`), a replica's acknowledgement or a failure report once it is done. Input
+        that arrived meanwhile (more than a few acknowledgements' bytes unread) goes to the queue, so a backlog is
+        still served by deadline and shed when full."""
         self.bus.flush()
         try:
             self._serve(runtime, req)
@@ -548,6 +549,7 @@ class NodeAgent:
             self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}", req.request_id)
             return
         self.bus.publish(self._output_topic(out), out.payload, qos=1, user=out.user)
+        self.bus.flush()  # served on paho's thread: the output leaves now, before the bookkeeping and the thumbnail
         with self._lock:
             thumbnails = self.placement is not None and self.placement.thumbnails
             self.processed += 1
