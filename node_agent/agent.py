@@ -1,7 +1,9 @@
 """The node agent: MQTT transport around :class:`node_agent.runtime.StageRuntime`.
 
-Threads: paho's network thread only checks the stage and enqueues; one inference thread
-drains a bounded queue, timely requests first (:mod:`node_agent.deadline_queue`; a full queue
+Threads: paho's network thread checks each input once (stage, request id, capture time, size) and,
+when the node is idle, serves it there and then: no hand-off in, no wake-up of another thread out
+(docs/architecture.md, "Threads and back-pressure"). Otherwise it queues it; one inference thread
+drains the bounded queue, timely requests first (:mod:`node_agent.deadline_queue`; a full queue
 drops a request and counts it, so a slow node sheds load instead of growing memory) and, when
 :class:`node_agent.calibration.CalibrationSchedule` says a run is due, measures the slice for the
 controller's curves; a stats thread publishes health every few seconds.
@@ -39,6 +41,12 @@ from shared.topics import Topics, validate_id
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.2  # how long the inference thread blocks on an empty queue when nothing is to calibrate
+# unread bytes after a request served on paho's thread that still mean "only acknowledgements came meanwhile"
+# (an MQTT v5 PUBACK is 4-5 bytes; any frame or activation is far larger): more, and input is waiting
+ACKS_ONLY_BYTES = 64
+# serve on paho's thread only while a request takes less than this: a hand-off costs ~1 ms, noise beside longer
+# work, and paho's thread must not stop answering for long (stats, keepalive, placements, commands)
+SERVE_AT_ONCE_MAX_S = 0.1
 
 
 def _slice_of(assignment: StageAssignment) -> tuple[int, int, int]:
@@ -105,6 +113,7 @@ class NodeAgent:
         self._compute_s: deque[float] = deque(maxlen=1024)
         self._decode_s: deque[float] = deque(maxlen=1024)
         self._queue_wait_s: deque[float] = deque(maxlen=1024)
+        self._last_serve_s: float | None = None  # how long the last request took to serve (None: none served yet)
         self._cpu = CpuMeter()
         self._threads: list[threading.Thread] = []
         self.thumbnails = Thumbnailer(self._send_thumbnail)  # used while the placement asks for thumbnails
@@ -386,9 +395,11 @@ class NodeAgent:
 
     # --- data path -----------------------------------------------------------------------
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str], ack: Ack) -> None:
-        """Queue one input. A replica acknowledges it once served (``_work``), so while it holds the input
-        its broker session does too, and the gateway can hand it to another replica if this one dies
-        (docs/scaling.md); a stage's only node acknowledges on receipt, as before replicas existed."""
+        """Take one input: serve it here and now when the node is idle and serves quickly (no hand-off to the
+        inference thread, no wake-up of paho's thread for the output), else queue it. A replica acknowledges it
+        once served, so while it holds the input its broker session does too, and the gateway can hand it to
+        another replica if this one dies (docs/scaling.md); a stage's only node acknowledges on receipt, as before
+        replicas existed."""
         received = time.time()
         with self._lock:
             runtime = self.runtime or self.ingest
@@ -401,32 +412,62 @@ class NodeAgent:
         if not (isinstance(runtime, StageRuntime) and runtime.assignment.replicated):
             ack()
         req = Request(topic, payload, props, received)
-        if runtime.takes_frames:
-            req = self._admit_frame(runtime, req)
-            if req is None:  # refused, and reported as the frame's failure
-                ack()
-                return
-            capture_ts = float(req.user_props["capture_ts"])
-        else:  # an activation's header carries it; a malformed one is reported when served, timed from arrival
-            header = self._peek(payload)
-            capture_ts = header.capture_ts if header else received
-        dropped = self.queue.put((runtime, req, ack), capture_ts)
+        if not self._admit(runtime, req):  # refused, and reported as the request's failure
+            ack()
+            return
+        last = self._last_serve_s
+        if last is not None and last < SERVE_AT_ONCE_MAX_S and self.queue.claim():
+            req.deferred = self.queue.late(req.capture_ts)
+            self._serve_now(runtime, req, ack)
+            return
+        dropped = self.queue.put((runtime, req, ack), req.capture_ts)
         if dropped is not None:  # this request or one that would have been served after it
             _, lost, lost_ack = dropped
             self.dropped += 1
             self.bus.report_error(lost.topic, "dropped", f"work queue full ({self.settings.queue_size}): request "
-                                  "dropped", self._request_id(lost))
+                                  "dropped", lost.request_id)
             lost_ack()  # reported as a failure: done with
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
+
+    def _serve_now(self, runtime: StageRuntime | IngestRuntime, req: Request, ack: Ack) -> None:
+        """Serve on paho's thread, the queue claimed (:meth:`DeadlineQueue.claim`). The announcement and the
+        input's acknowledgement leave before the compute, as they would have before a queued one; the output
+        right after it (:meth:`_serve`), a replica's acknowledgement or a failure report once it is done. Input
+        that arrived meanwhile (more than a few acknowledgements' bytes unread) goes to the queue, so a backlog is
+        still served by deadline and shed when full."""
+        self.bus.flush()
+        try:
+            self._serve(runtime, req)
+        finally:
+            ack()
+            self.bus.flush()
+            self.queue.done(input_waiting=self.bus.unread_bytes() > ACKS_ONLY_BYTES)
 
     def _gateway_time(self) -> float:
         """Now on the gateway's (and the cameras') clock, which capture times and so deadlines are on."""
         return time.time() - (self.clock.offset_s or 0.0)
 
-    def _admit_frame(self, runtime: StageRuntime | IngestRuntime, req: Request) -> Request | None:
+    def _admit(self, runtime: StageRuntime | IngestRuntime, req: Request) -> bool:
+        """Read what the queue and any failure report need (request id, capture time) once, and check the size once,
+        on receipt: False if refused (reported with the request id). A frame is announced before its size check."""
+        if runtime.takes_frames:
+            if not self._admit_frame(req):
+                return False
+        else:  # an activation's header carries them; a malformed one is reported when served, timed from arrival
+            header = self._peek(req.payload)
+            req.request_id, req.capture_ts = (header.request_id, header.capture_ts) if header else (None,
+                                                                                                    req.received_ts)
+        try:
+            runtime.check_size(req.payload)
+        except BadMessage as exc:
+            self.bus.report_error(req.topic, exc.kind, str(exc), req.request_id)
+            return False
+        return True
+
+    def _admit_frame(self, req: Request) -> bool:
         """Stage 1 (or the ingest node before it) takes a camera frame: check its camera id and times, and
-        announce it to the gateway; then its size (None: over ``max_payload_bytes``, reported as ``oversized``).
+        announce it to the gateway.
 
         From here on the frame is *accepted*: it must end as a result row or a failure with a reason.
         """
@@ -442,20 +483,14 @@ class NodeAgent:
         claimed = None
         if not plausible_capture(capture_ts, req.received_ts, self.settings.capture_past_s,
                                  self.settings.capture_future_s):
-            claimed, capture_ts = capture_ts, req.received_ts
+            claimed, req.capture_ts = capture_ts, req.received_ts
             self.bus.report_error(req.topic, "implausible_capture_ts", f"capture time {claimed!r} is "
                                   f"{req.received_ts - claimed:.0f} s before arrival: timed from arrival instead",
                                   request_id)
-        req.user_props = {**req.user_props, "request_id": request_id, "capture_ts": repr(capture_ts)}
         accepted = AcceptedRequest(request_id=request_id, camera_id=camera_id, node_id=self.node_id,
-                                   capture_ts=capture_ts, received_ts=req.received_ts, claimed_capture_ts=claimed)
+                                   capture_ts=req.capture_ts, received_ts=req.received_ts, claimed_capture_ts=claimed)
         self.bus.publish(self.topics.accepted(self.node_id), to_json(accepted), qos=1)
-        try:  # announced first: a frame too large for this node is a failure with its request id, not a lost frame
-            runtime.check_size(req.payload)
-        except BadMessage as exc:
-            self.bus.report_error(req.topic, exc.kind, str(exc), request_id)
-            return None
-        return req
+        return True
 
     @staticmethod
     def _peek(payload: bytes) -> wire.Header | None:
@@ -465,56 +500,56 @@ class NodeAgent:
         except BadMessage:
             return None
 
-    def _request_id(self, req: Request) -> str | None:
-        """A frame's from its user properties, an activation's from inside the payload: failures name it,
-        so the gateway counts them."""
-        if req.user_props.get("request_id"):
-            return req.user_props["request_id"]
-        header = self._peek(req.payload)
-        return header.request_id if header else None
-
     def _expired(self, runtime: StageRuntime, req: Request) -> bool:
         """A first-stage frame that waited (in the broker or the queue) beyond max_frame_age_s is not run."""
         max_age = self.settings.max_frame_age_s
         if not runtime.takes_frames or not max_age:
             return False
-        age = time.time() - float(req.user_props["capture_ts"])
+        age = time.time() - req.capture_ts
         if age <= max_age:
             return False
         self.bus.report_error(req.topic, "expired", f"frame captured {age:.0f} s ago (limit {max_age:g} s): "
-                              "not run", req.user_props["request_id"])
+                              "not run", req.request_id)
         return True
 
     def _work(self) -> None:
+        """The inference thread: serves what was queued, and calibrates in idle moments."""
         while not self._stop.is_set():
             try:
                 (runtime, req, ack), deferred = self.queue.get(timeout=self.calibration.wait_s(IDLE_WAIT_S))
             except queue.Empty:
-                self._calibrate(idle=True)  # idle for a pause: the right moment for a timed calibration run
+                if self.queue.claim(arriving=False):  # not while paho's thread serves a request
+                    try:
+                        self._calibrate(idle=True)  # idle for a pause: the right moment for a timed calibration run
+                    finally:
+                        self.queue.done()
                 continue
             req.deferred = deferred
             try:
                 self._serve(runtime, req)
             finally:
                 ack()  # after the output is handed to the client: a node killed before this leaves it held
+                self.queue.done()
 
     def _serve(self, runtime: StageRuntime, req: Request) -> None:
-        """One request from the queue: run it and publish the output, or report why not."""
+        """One request, on whichever thread holds the queue's claim: run it and publish the output, or report why
+        not."""
         self._calibrate(idle=False)  # under steady load, still make progress
         if self._expired(runtime, req):
             return
         started = time.time()
-        request_id = self._request_id(req)
         try:
             out = runtime.run(req, started, self.slowdown)
+            self._last_serve_s = time.time() - started
         except BadMessage as exc:
-            self.bus.report_error(req.topic, exc.kind, str(exc), request_id)
+            self.bus.report_error(req.topic, exc.kind, str(exc), req.request_id)
             return
         except Exception as exc:  # never let one request kill the inference thread
             log.exception("%s: inference failed", self.node_id)
-            self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}", request_id)
+            self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}", req.request_id)
             return
         self.bus.publish(self._output_topic(out), out.payload, qos=1, user=out.user)
+        self.bus.flush()  # served on paho's thread: the output leaves now, before the bookkeeping and the thumbnail
         with self._lock:
             thumbnails = self.placement is not None and self.placement.thumbnails
             self.processed += 1

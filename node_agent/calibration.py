@@ -64,7 +64,8 @@ class CalibrationSchedule:
     """Which slice is being calibrated and whether a run is due now.
 
     :meth:`request` may be called from any thread (a new stage, a ``calibrate`` command); every
-    other method belongs to the one thread that runs inference and calibration.
+    other method belongs to whichever thread holds the work queue's claim (one at a time: the
+    inference thread, or paho's when it serves a request at once).
     """
 
     def __init__(self, make_calibrator: Callable[[Calibrated], Calibrator], pause_s: float = PAUSE_S,

@@ -14,6 +14,9 @@ Without an SLO (``slo_s`` None: none received yet), or with ``ordered`` off, it 
 Full: whichever request would be served last is dropped, the newcomer included: the youngest
 of the late ones if any is late (it would wait behind every other), else the timely one with the
 latest deadline (usually the newcomer); FIFO drops the newcomer, as a plain bounded queue does.
+
+The queue also knows whether its one server is busy, so a request that finds the node idle is served at
+once by the thread that received it, without a hand-off (:meth:`DeadlineQueue.claim`, docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class DeadlineQueue(Generic[T]):
         self._entries: list[_Entry[T]] = []  # in arrival order
         self._seq = itertools.count()
         self._ready = threading.Condition()
+        self._serving = False  # a request or a calibration run is in hand: from get or claim until done
+        self._refuse_next = False  # input waited while a request was served on the receiving thread
 
     def _late_cutoff(self) -> float | None:
         """Capture times at or before this have missed their deadline; None: serve FIFO."""
@@ -88,7 +93,39 @@ class DeadlineQueue(Generic[T]):
             timely = [e for e in self._entries if e.capture_ts > cutoff]
             chosen = min(timely or self._entries)
             self._entries.remove(chosen)
+            self._serving = True
             return chosen.item, not timely
+
+    def claim(self, arriving: bool = True) -> bool:
+        """Take the server now, on the caller's thread, instead of queueing: True when nothing waits and nothing
+        is in hand (the caller serves, then calls :meth:`done`). Only the thread that puts may claim for an
+        ``arriving`` request, so nothing can be queued while it serves.
+
+        Refused once after :meth:`done` said input was waiting: what arrived while the receiving thread served
+        is queued (served by deadline, shed when full), or a lasting overload would be served in arrival order
+        by that thread and back up into the broker instead of being shed and counted. A calibration run
+        (``arriving`` False) leaves that refusal to the next arrival."""
+        with self._ready:
+            if self._entries or self._serving:
+                return False
+            if arriving and self._refuse_next:
+                self._refuse_next = False
+                return False
+            self._serving = True
+            return True
+
+    def late(self, capture_ts: float) -> bool:
+        """Whether a request captured then has missed its deadline: one served at once after :meth:`claim` is
+        ``deferred`` exactly when it is late, as :meth:`get` would mark it with nothing else waiting."""
+        cutoff = self._late_cutoff()
+        return cutoff is not None and capture_ts <= cutoff
+
+    def done(self, input_waiting: bool = False) -> None:
+        """The request (or calibration run) from :meth:`get` or :meth:`claim` is finished; ``input_waiting``:
+        more input arrived meanwhile (the next :meth:`claim` for an arrival is refused)."""
+        with self._ready:
+            self._serving = False
+            self._refuse_next = self._refuse_next or input_waiting
 
     def qsize(self) -> int:
         with self._ready:

@@ -37,6 +37,9 @@ class Request:
     received_ts: float
     camera_id: str | None = None  # set for camera frames (stage 1)
     deferred: bool = False  # served late, after the timely requests (node_agent/deadline_queue.py)
+    # read once on receipt (a frame's user properties, :func:`frame_metadata`; an activation's header) and kept
+    request_id: str | None = None
+    capture_ts: float | None = None
 
 
 @dataclass
@@ -118,7 +121,14 @@ class SliceCalibrator:
 
 
 def frame_metadata(req: Request) -> tuple[str, float]:
-    """Request id and capture time of a camera frame: from MQTT v5 user properties, else made here."""
+    """Request id and capture time of a camera frame: from MQTT v5 user properties, else made here. Read once and
+    kept on the request, so the node's admission (which may correct the time) and the decode agree."""
+    if req.request_id is None:
+        req.request_id, req.capture_ts = _read_frame_metadata(req)
+    return req.request_id, req.capture_ts
+
+
+def _read_frame_metadata(req: Request) -> tuple[str, float]:
     request_id = req.user_props.get("request_id") or f"{req.camera_id}-{uuid.uuid4().hex[:12]}"
     if len(request_id) > 128:
         raise BadMessage("bad_header", "request_id user property longer than 128 characters")
@@ -193,15 +203,15 @@ class IngestRuntime:
     def run(self, req: Request, started_ts: float, slowdown: float = 1.0) -> Output:
         """Decode one frame (``slowdown`` emulates slower slices only: decode is left alone, as in a stage)."""
         t_decode = time.perf_counter()
-        self.check_size(req.payload)
         act, frame = frame_activation(req, self.preprocessing, self.reduced_decode)
         label = true_label(req.user_props)
         decode_s = time.perf_counter() - t_decode
+        finished_ts = started_ts + decode_s
         act.hops = [Hop(stage=INGEST_STAGE, node_id=self.node_id, prune_ratio=0.0, received_ts=req.received_ts,
-                        started_ts=started_ts, finished_ts=started_ts + decode_s, published_ts=time.time(),
+                        started_ts=started_ts, finished_ts=finished_ts, published_ts=finished_ts,
                         decode_s=decode_s, deferred=req.deferred)]
-        return Output(self.output_topic, wire.encode(act), act.request_id, 0.0, decode_s, label_property(label), 0,
-                      frame)
+        return Output(self.output_topic, wire.encode(act, stamp=time.time), act.request_id, 0.0, decode_s,
+                      label_property(label), 0, frame)
 
 
 class StageRuntime:
@@ -260,8 +270,7 @@ class StageRuntime:
 
     def decode(self, req: Request) -> tuple[wire.Activation, Image.Image | None]:
         """Turn a raw input into an activation at full channel width (BadMessage if malformed), with the decoded
-        image if it was a camera frame."""
-        self.check_size(req.payload)
+        image if it was a camera frame. Its size was checked on receipt (:meth:`check_size`)."""
         if self.takes_frames:
             return frame_activation(req, self.preprocessing, self.reduced_decode)
         act = wire.decode(req.payload)
@@ -326,7 +335,9 @@ class StageRuntime:
         scheduling jitter too (a 10 ms preemption became 0.6 s at 60x and stalled a demo's queue
         for seconds).
         The input's decode is timed apart (``decode_s``; the emulation leaves it alone) and the hop's
-        ``finished_ts`` covers decode and compute, so no time is booked as transfer that was spent here.
+        ``finished_ts`` covers decode and compute, and ``published_ts`` is read once the output is built (an
+        activation's bytes but their final join, a result's record but its JSON text), so no time is booked as
+        transfer that was spent here.
         """
         t_decode = time.perf_counter()
         act, frame = self.decode(req)
@@ -348,19 +359,21 @@ class StageRuntime:
         hop = {"stage": self.assignment.stage, "node_id": self.node_id, "prune_ratio": self.slice.ratio,
                "received_ts": req.received_ts, "started_ts": started_ts, "finished_ts": finished_ts,
                "decode_s": decode_s, "deferred": req.deferred, "first_block": first_block, "n_blocks": n_blocks}
+        own = Hop(**hop, published_ts=finished_ts)  # published_ts stamped once the output is made (below)
         if self.is_last:
             probs = torch.softmax(out.float(), dim=1)[0]
             index = int(torch.argmax(probs))
             result = Result(request_id=act.request_id, camera_id=act.camera_id, capture_ts=act.capture_ts,
                             label=self.class_names[index], scientific_name=self.scientific_names[index],
-                            label_index=index, confidence=float(probs[index]),
-                            hops=[*act.hops, Hop(**hop, published_ts=time.time())], true_label=label)
-            payload = to_json(result)
+                            label_index=index, confidence=float(probs[index]), hops=[*act.hops, own],
+                            true_label=label)
+            stamped = own.model_copy(update={"published_ts": time.time()})  # only the JSON text follows
+            payload = to_json(result.model_copy(update={"hops": [*act.hops, stamped]}))
         else:
             nxt = wire.Activation(act.request_id, act.camera_id, act.capture_ts,
                                   first_block + n_blocks, out.numpy().astype(self.wire_dtype),
-                                  keep_mask, [*act.hops, Hop(**hop, published_ts=time.time())])
-            payload = wire.encode(nxt)
+                                  keep_mask, [*act.hops, own])
+            payload = wire.encode(nxt, stamp=time.time)
         return Output(self.output_topic, payload, act.request_id, compute_s, decode_s,
                       None if self.is_last else label_property(label), None if self.is_last else first_block + n_blocks,
                       frame)

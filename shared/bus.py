@@ -8,9 +8,12 @@ component carries on with the next message.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import socket
 import ssl
+import struct
+import termios
 import threading
 import time
 from collections import Counter
@@ -93,6 +96,8 @@ class Bus:
         self._connection = 0  # counts connects and disconnects: an acknowledgement is only valid on its own
         self._defer_ack: Callable[[Callable[[], None]], None] | None = None
         self._subscribed: dict[int, Callable[[], None]] = {}  # SUBSCRIBE packet id -> call on its SUBACK
+        self._network_thread: int | None = None  # paho's, which alone may write the socket (flush)
+        self._closing = False  # stop() has begun: no more flushes (a DISCONNECT must go through paho's loop)
         self.on_connected: Callable[[], None] | None = None
         self.refusal: str | None = None  # the broker's last reason for refusing us (e.g. "Not authorized")
         # the largest packet the broker takes (its CONNACK says, MQTT v5); a larger publish gets us disconnected
@@ -141,6 +146,8 @@ class Bus:
                 info.wait_for_publish(timeout=2.0)
             except (RuntimeError, ValueError):
                 pass
+        with self._lock:
+            self._closing = True
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -157,6 +164,7 @@ class Bus:
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         with self._lock:
             self._connection += 1
+            self._network_thread = threading.get_ident()
         sock = client.socket()
         if sock is not None:  # small activations must not wait for Nagle's algorithm (~40 ms on Linux)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -242,6 +250,35 @@ class Bus:
                 user: dict[str, str] | None = None) -> mqtt.MQTTMessageInfo:
         props = publish_properties(user) if user else None
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+    def flush(self) -> None:
+        """Write what is queued for the broker now, from a handler (paho's network thread; a no-op elsewhere).
+
+        A publish from a handler is otherwise written only once the handler returns: a node that serves a request
+        in its handler sends the announcement and the input's acknowledgement before the compute, and the output
+        right after it. This is the write half of paho's ``loop_write`` without its error handling: that calls
+        ``on_disconnect`` under paho's callback lock, which the handler already holds (a deadlock on a broken
+        connection); a failed write stays queued and paho's loop meets the error again after the handler, and
+        handles it there. Nothing else writes the socket meanwhile: this is the network thread. Not once
+        :meth:`stop` has begun (paho handles a DISCONNECT's write under that lock too), and this Bus sets no
+        ``on_publish``, which paho would call under it."""
+        with self._lock:
+            if self._closing or threading.get_ident() != self._network_thread or self.client.socket() is None:
+                return
+            self.client._packet_write()  # loop_write minus its disconnect handling (see above)
+
+    def unread_bytes(self) -> int:
+        """Bytes the broker has sent that the network thread has not read yet (0 if not connected): from a
+        handler, whether more input arrived while it worked."""
+        sock = self.client.socket()
+        if sock is None:
+            return 0
+        try:
+            waiting = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):
+            return 0
+        pending = getattr(sock, "pending", None)  # TLS: decrypted bytes paho's socket holds already
+        return waiting + (pending() if pending else 0)
 
     def _on_unrouted(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         """A message for no handler of this process (e.g. a previous run's subscription kept in the session)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,7 +80,9 @@ def _utf8(text: str, limit: int, what: str) -> bytes:
     return raw
 
 
-def encode(act: Activation) -> bytes:
+def encode(act: Activation, stamp: Callable[[], float] | None = None) -> bytes:
+    """The activation's bytes. ``stamp``: the last hop's ``published_ts`` is read from it once everything else is
+    encoded (only the final join follows), so a hop record does not book its own encoding as transfer."""
     tensor = np.ascontiguousarray(act.tensor)
     code = DTYPE_CODES.get(tensor.dtype)
     if code is None:
@@ -104,15 +107,18 @@ def encode(act: Activation) -> bytes:
         parts += [_U32.pack(mask.size), np.packbits(mask, bitorder="little").tobytes()]
     for hop in act.hops:
         node = _utf8(hop.node_id, 255, "node id")
-        parts += [
-            _HOP[VERSION].pack(hop.stage, hop.prune_ratio, hop.received_ts, hop.started_ts,
-                               hop.finished_ts, hop.published_ts, hop.decode_s, DEFERRED if hop.deferred else 0,
-                               NO_BLOCKS if hop.first_block is None else hop.first_block,
-                               NO_BLOCKS if hop.n_blocks is None else hop.n_blocks),
-            bytes([len(node)]), node,
-        ]
+        parts += [_pack_hop(hop, hop.published_ts), bytes([len(node)]), node]
     parts.append(tensor.astype(DTYPES[code], copy=False).tobytes())
+    if stamp is not None and act.hops:
+        parts[-4] = _pack_hop(act.hops[-1], stamp())
     return b"".join(parts)
+
+
+def _pack_hop(hop: Hop, published_ts: float) -> bytes:
+    return _HOP[VERSION].pack(hop.stage, hop.prune_ratio, hop.received_ts, hop.started_ts, hop.finished_ts,
+                              published_ts, hop.decode_s, DEFERRED if hop.deferred else 0,
+                              NO_BLOCKS if hop.first_block is None else hop.first_block,
+                              NO_BLOCKS if hop.n_blocks is None else hop.n_blocks)
 
 
 class _Reader:

@@ -90,4 +90,6 @@ def test_quick_run_writes_both_parts_per_hop(tmp_path):
     pipeline = document["pipeline"]
     assert list(pipeline) == PARTS
     assert 0 < pipeline["non-compute"]["p50_ms"] <= pipeline["end to end"]["p50_ms"]
+    assert document["non_compute_p50_ms"] == pipeline["non-compute"]["p50_ms"]
+    assert document["raw_floor_p50_ms"] == document["raw"]["callback"]["total, 3 hops"]["p50_ms"]
     assert "raw paho hops" in proc.stdout and "non-compute" in proc.stdout  # the tables

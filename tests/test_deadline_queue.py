@@ -109,3 +109,35 @@ def test_get_times_out_empty_and_wakes_on_put():
 def test_maxsize_must_be_positive():
     with pytest.raises(ValueError):
         DeadlineQueue(0, Clock())
+
+
+def test_an_idle_queue_is_claimed_once_and_a_busy_or_waiting_one_is_not():
+    q = make()
+    assert q.claim()  # idle: the receiving thread serves at once
+    assert not q.claim() and not q.claim(arriving=False)  # in hand until done
+    q.done()
+    assert q.put("x", 99.9) is None
+    assert not q.claim()  # something waits: queue behind it
+    assert q.get(timeout=0) == ("x", False)
+    assert not q.claim()  # the worker serves it
+    q.done()
+    assert q.claim(arriving=False)  # e.g. a calibration run
+    q.done()
+
+
+def test_input_that_waited_behind_a_served_request_is_queued_not_served_at_once():
+    q = make()
+    assert q.claim()
+    q.done(input_waiting=True)
+    assert q.claim(arriving=False)  # a calibration run in between leaves the refusal to the next arrival
+    q.done()
+    assert not q.claim()  # the request that waited: queued, so a backlog is served by deadline and shed
+    assert q.claim()  # refused once only
+
+
+def test_a_request_served_at_once_is_deferred_exactly_when_get_would_mark_it():
+    q = make()  # now 100, SLO 1 s
+    assert q.late(99.0) and not q.late(99.5)
+    q.put("late", 99.0)
+    assert q.get(timeout=0) == ("late", True)
+    assert not make(slo=None).late(0.0) and not make(ordered=False).late(0.0)  # FIFO: nothing is deferred

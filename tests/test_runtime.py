@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from camera.simulator import camera_frame
-from node_agent.runtime import IngestRuntime, Request, StageRuntime
+from node_agent.runtime import IngestRuntime, Request, StageRuntime, frame_metadata
 from shared import wire
 from shared.imaging import decode_frame, encode_jpeg, textured_scene
 from shared.model import build_model
@@ -251,6 +251,7 @@ def test_activation_of_the_wrong_shape_is_rejected_as_bad_shape():
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_payload_over_the_node_limit_is_rejected_as_oversized(stage):
+    """The agent checks every input with this on receipt, once (node_agent.agent._on_input)."""
     model = build_model()
     placement = even_split(model.n_blocks, ["a", "b"])
     runtime = StageRuntime(model, "x", placement.stages[stage - 1], 2, "out", "float16", max_payload_bytes=1024)
@@ -259,7 +260,7 @@ def test_payload_over_the_node_limit_is_rejected_as_oversized(stage):
     payload = frame.payload if stage == 1 else first.run(frame, 1.0).payload
     assert len(payload) > 1024
     with pytest.raises(BadMessage) as err:
-        runtime.run(Request(frame.topic, payload, {}, 1.0, "cam"), 1.0)
+        runtime.check_size(payload)
     assert err.value.kind == "oversized"
 
 
@@ -337,3 +338,14 @@ def test_the_node_that_decodes_a_frame_hands_on_its_reduced_image_for_the_thumbn
         assert out.frame is not None and out.frame.size == (250, 188) and out.frame.mode == "RGB"
     out = first.run(frame, started_ts=1.0)
     assert second.run(Request(out.topic, out.payload, {}, 1.01), started_ts=1.01).frame is None
+
+
+def test_a_frames_metadata_is_read_once_so_a_made_up_request_id_stays_the_same():
+    """The agent admits a frame (and may correct its capture time) before the runtime decodes it: both must see the
+    same request id and time, also when the camera sent none and the node makes them up."""
+    req = Request("edgeprune/camera/cam/frame", b"", {}, 100.0, camera_id="cam")
+    request_id, capture_ts = frame_metadata(req)
+    assert request_id.startswith("cam-") and capture_ts == 100.0
+    req.capture_ts = 120.0  # an implausible capture time replaced by the arrival's, as the agent does
+    assert frame_metadata(req) == (request_id, 120.0)
+

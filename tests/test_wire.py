@@ -190,3 +190,16 @@ def test_mask_that_disagrees_with_the_channel_count_is_rejected():
     with pytest.raises(BadMessage, match="mask keeps 3 channels") as err:
         wire.decode(three_kept)
     assert err.value.kind == "bad_shape"
+
+
+def test_a_stamp_gives_the_last_hop_its_publish_time_once_the_rest_is_encoded():
+    hops = [Hop(stage=s, node_id=f"n{s}", prune_ratio=0.0, received_ts=1.0, started_ts=2.0, finished_ts=3.0,
+                published_ts=3.0) for s in (1, 2)]
+    act = wire.Activation("r", "cam", 0.5, 3, np.ones((1, 4, 2, 2), dtype=np.float16), None, hops)
+    calls = []
+    payload = wire.encode(act, stamp=lambda: calls.append(1) or 9.0)
+    decoded = wire.decode(payload)
+    assert calls == [1]
+    assert [h.published_ts for h in decoded.hops] == [3.0, 9.0]
+    assert decoded.hops[1].model_copy(update={"published_ts": 3.0}) == hops[1]
+    assert np.array_equal(decoded.tensor, act.tensor)
