@@ -265,7 +265,9 @@ class Bus:
         with self._lock:
             if self._closing or threading.get_ident() != self._network_thread or self.client.socket() is None:
                 return
-            self.client._packet_write()  # loop_write minus its disconnect handling (see above)
+            write = getattr(self.client, "_packet_write", None)  # private in paho 2.x: without it, the write
+            if write is not None:                                 # waits until the handler returns, as before
+                write()  # loop_write minus its disconnect handling (see above)
 
     def unread_bytes(self) -> int:
         """Bytes the broker has sent that the network thread has not read yet (0 if not connected): from a
