@@ -49,6 +49,8 @@ def register(sub) -> None:
     own.add_argument("--path-column", default="path", help="--labels: the file path column")
     own.add_argument("--label-column", default="label", help="--labels: the label column")
     own.add_argument("--group-column", help="--labels: a camera/site column; the split never puts one in two splits")
+    own.add_argument("--split-column", help="--labels: a column that fixes each row's split (train, val or test), "
+                                            "e.g. a set's own hold-out; overrides the ~80/10/10 split")
     own.add_argument("--image-size", type=int,
                      help="model input side in pixels (default 64; efficientnet-lite0: 160, docs/own-data.md)")
     own.add_argument("--resize", choices=["letterbox", "crop", "squash"],
@@ -139,11 +141,12 @@ def run(args) -> int:
         resize = args.resize or "letterbox"
         data_meta = {"source": kind, "path": str(path.resolve()), "seed": args.data_seed,
                      "path_column": args.path_column, "label_column": args.label_column,
-                     "group_column": args.group_column}
+                     "group_column": args.group_column, "split_column": args.split_column}
         started = time.perf_counter()
         data = load_source(kind, path, size, resize, seed=args.data_seed, threads=args.threads,
                            progress=not args.no_progress, path_column=args.path_column,
-                           label_column=args.label_column, group_column=args.group_column)
+                           label_column=args.label_column, group_column=args.group_column,
+                           split_column=args.split_column)
         print(balance_report(data))
         print(f"decoded in {time.perf_counter() - started:.1f} s ({size} px, {resize})")
         splits, names, scientific = data.splits, data.class_names, data.scientific_names
