@@ -30,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int,
                    help="override the regime's batch size (standard 64, paper 16, ours 32; the learning rate scales)")
     p.add_argument("--weight-decay", type=float, help="override the regime's L2 weight decay")
+    p.add_argument("--lr", type=float, help="override the peak learning rate (one-cycle schedule; default: the "
+                                            "regime's, scaled to the batch size, a tenth of it --from pretrained)")
     p.add_argument("--masked-bn", default="batch", choices=["eval", "batch"],
                    help="ours: BatchNorm statistics in the masked passes (running or batch)")
     p.add_argument("--no-distill", action="store_true",
@@ -180,6 +182,8 @@ def run(args) -> int:
             overrides["ladder"] = parse_ladder(args.ladder)
         if init == "pretrained" and args.batch_size:
             overrides["lr"] /= 10  # FINETUNE_RECIPE's tenth
+        if args.lr is not None:
+            overrides["lr"] = args.lr
         config = regime_config(regime, seed=args.seed, masked_bn=args.masked_bn, distill=not args.no_distill,
                                model=model_config, init=init, **overrides)
         out = args.out or default_checkpoint(regime, args.arch)
