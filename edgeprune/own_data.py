@@ -35,6 +35,7 @@ class LabelledImage:
     path: Path
     label: str
     group: str = ""  # camera / deployment; "" = unknown (the file is its own group)
+    split: str = ""  # a split the source fixes ("train", "val", "test"); "" = chosen by group
 
 
 @dataclass
@@ -64,18 +65,24 @@ def scan_folder(root: Path) -> list[LabelledImage]:
 
 
 def read_labels_csv(path: Path, path_column: str = "path", label_column: str = "label",
-                    group_column: str | None = None) -> list[LabelledImage]:
-    """A CSV with a file column (relative to the CSV's folder, or absolute) and a label column."""
+                    group_column: str | None = None, split_column: str | None = None) -> list[LabelledImage]:
+    """A CSV with a file column (relative to the CSV's folder, or absolute) and a label column; optionally a
+    group column (camera, site, photo) and a split column that fixes each row's split (a set's own split)."""
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        wanted = [c for c in (path_column, label_column, group_column) if c]
+        wanted = [c for c in (path_column, label_column, group_column, split_column) if c]
         missing = [c for c in wanted if c not in (reader.fieldnames or [])]
         if missing:
             raise SystemExit(f"--labels {path}: no column {', '.join(missing)} (columns: {reader.fieldnames}); "
-                             "choose them with --path-column / --label-column / --group-column")
-        return [LabelledImage(path.parent / row[path_column], row[label_column].strip(),
-                              row[group_column] if group_column else "")
-                for row in reader if row[path_column] and row[label_column].strip()]
+                             "choose them with --path-column / --label-column / --group-column / --split-column")
+        items = [LabelledImage(path.parent / row[path_column], row[label_column].strip(),
+                               row[group_column] if group_column else "",
+                               row[split_column].strip() if split_column else "")
+                 for row in reader if row[path_column] and row[label_column].strip()]
+    bad = sorted({item.split for item in items if split_column and item.split not in SPLITS})
+    if bad:
+        raise SystemExit(f"--labels {path}: column {split_column} holds {bad}; every row needs one of {SPLITS}")
+    return items
 
 
 def read_camtrap_dp(root: Path) -> tuple[list[LabelledImage], dict[str, str], Counter]:
@@ -156,8 +163,10 @@ def split_by_group(items: Sequence[LabelledImage], seed: int = 0) -> dict[str, l
 
     Groups are ordered by a seeded hash of their name (items without a group by their path), so
     the split depends neither on file order nor on which other files exist, and one camera never
-    lands in two splits.
+    lands in two splits. Items whose source fixes their split (``item.split``) keep it.
     """
+    if any(item.split for item in items):
+        return {name: [i for i, item in enumerate(items) if item.split == name] for name in SPLITS}
     keys = [item.group or str(item.path) for item in items]
     by_group: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
@@ -224,14 +233,15 @@ def build_own_data(items: Sequence[LabelledImage], size: int, fit: str, seed: in
 
 
 def load_source(kind: str, path: Path, size: int, fit: str, seed: int = 0, threads: int = 2, progress: bool = True,
-                path_column: str = "path", label_column: str = "label", group_column: str | None = None) -> OwnData:
+                path_column: str = "path", label_column: str = "label", group_column: str | None = None,
+                split_column: str | None = None) -> OwnData:
     """One of the three sources (``images``, ``labels``, ``camtrap-dp``), decoded and split."""
     if kind == "images":
         return build_own_data(scan_folder(path), size, fit, seed, threads, progress)
     if kind == "labels":
-        items = read_labels_csv(path, path_column, label_column, group_column)
-        return build_own_data(items, size, fit, seed, threads, progress,
-                              split_by=f"column {group_column}" if group_column else "file")
+        items = read_labels_csv(path, path_column, label_column, group_column, split_column)
+        split_by = f"column {split_column}" if split_column else f"column {group_column}" if group_column else "file"
+        return build_own_data(items, size, fit, seed, threads, progress, split_by=split_by)
     if kind == "camtrap-dp":
         items, vernacular, skipped = read_camtrap_dp(path)
         return build_own_data(items, size, fit, seed, threads, progress, vernacular, skipped, "deployment")
@@ -291,5 +301,5 @@ def splits_for_checkpoint(checkpoint: Path | None, threads: int = 2, progress: b
     if data.get("source") in ("images", "labels", "camtrap-dp"):
         return load_source(data["source"], Path(data["path"]), config.input_size, config.resize, data.get("seed", 0),
                            threads, progress, data.get("path_column", "path"), data.get("label_column", "label"),
-                           data.get("group_column")).splits
+                           data.get("group_column"), data.get("split_column")).splits
     return load_frames(RenderConfig(size=config.input_size, blank_fraction=data.get("blank_fraction", 0.0)))

@@ -18,7 +18,7 @@ from PIL import Image
 from edgeprune import dataset
 from edgeprune.dataset import RenderConfig, _backgrounds, render_frame, synthetic_class_names
 from edgeprune.cli import main
-from edgeprune.own_data import LabelledImage, build_own_data, read_camtrap_dp, split_by_group
+from edgeprune.own_data import LabelledImage, build_own_data, read_camtrap_dp, split_by_group, splits_for_checkpoint
 from shared.model import build_model, load_checkpoint
 from tests.conftest import STARTUP_S, Processes, component_env, mosquitto_pub_login, open_reader, wait_until
 
@@ -87,6 +87,25 @@ def test_labels_csv_with_own_column_names_trains(photos):
                        "species", "--group-column", "site", "--out", str(root / "csv.pt"), *TINY)
     assert "split by column site" in stdout and "skipped 1 unreadable" in stdout
     assert load_checkpoint(root / "csv.pt")["config"]["class_names"] == ["blank", "fox", "owl"]
+
+
+def test_split_column_and_lr_reach_the_checkpoint_and_its_test_split(photos):
+    """A set's own hold-out (--split-column) is the split trained on and the one later tools rebuild."""
+    root, rows = photos
+    readable = [(p, label) for p, label, _ in rows if "broken" not in p.name]
+    fixed = {p: ("test" if i % 4 == 0 else "val" if i % 4 == 1 else "train") for i, (p, _) in enumerate(readable)}
+    with (root / "split.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows([(p.relative_to(root), label, fixed[p]) for p, label in readable])
+    stdout = edgeprune("train", "--labels", str(root / "split.csv"), "--split-column", "split", "--lr", "0.0123",
+                       "--out", str(root / "split.pt"), *TINY)
+    assert "split by column split" in stdout
+    state = load_checkpoint(root / "split.pt")
+    assert state["meta"]["train_config"]["lr"] == 0.0123 and state["meta"]["data"]["split_column"] == "split"
+    splits = splits_for_checkpoint(root / "split.pt", threads=1, progress=False)
+    assert {name: len(split) for name, split in splits.items()} == \
+        {name: list(fixed.values()).count(name) for name in ("train", "val", "test")}
 
 
 def write_camtrap_dp(root: Path, rows: list[tuple[Path, str, str]]) -> None:

@@ -123,7 +123,9 @@ def finetuned_accuracy(path: Path, scratch: Path | None, slices, ratios) -> tupl
         scratch_acc = split_accuracy(scratch_model, slices, 0.0, stages(scratch_model, slices, ()), test)
         rows.append({"model": "from scratch", "ratio": 0.0, "accuracy": scratch_acc})
     data = load_checkpoint(path).get("meta", {}).get("data", {})
-    return {"dataset": Path(data.get("path", "?")).name, "classes": model.config.num_classes, "images": len(test),
+    source = Path(data.get("path", "?"))  # a labels CSV is named by its folder too: real5/labels.csv
+    name = "/".join(source.parts[-2:]) if data.get("source") == "labels" else source.name
+    return {"dataset": name, "classes": model.config.num_classes, "images": len(test),
             "full_accuracy": full, "scratch_accuracy": scratch_acc, "ratios": out}, rows
 
 

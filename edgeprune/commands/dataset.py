@@ -1,4 +1,5 @@
-"""``edgeprune dataset``: build (or reuse) the cached camera-trap frames and show a preview."""
+"""``edgeprune dataset``: build (or reuse) the cached camera-trap frames and show a preview; ``--real-photos``
+assembles the labelled real-photo set from Debian packages instead (:mod:`edgeprune.real_photos`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,34 @@ def register(sub) -> None:
     p.add_argument("--preview", type=Path, metavar="PNG", help="write a labelled montage of test frames")
     p.add_argument("--seed", type=int, default=0, help="render and split seed")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split shown by --preview")
+    p.add_argument("--real-photos", type=Path, metavar="DIR",
+                   help="instead: write the labelled real animal photos of Debian's gcompris-qt-data, "
+                        "tuxpaint-stamps-default and darknet to DIR (DIR/labels.csv: path, label, photo, split; "
+                        "docs/own-data.md)")
+    p.add_argument("--views", type=int, default=6, help="--real-photos: views per photo (whole, then random crops)")
     p.set_defaults(func=run)
 
 
+def real_photos(out: Path, n_views: int, seed: int) -> int:
+    from edgeprune.bench import format_table
+    from edgeprune.dataset import _backgrounds
+    from edgeprune.real_photos import PACKAGES, assemble, load_photos
+
+    try:
+        # cut-outs go onto the tinted grass, gravel, brick and sand textures, not the rocket or flower photos
+        counts = assemble(out, load_photos(), _backgrounds()[:4], n_views, seed)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"{exc}\ninstall the photos' packages first: apt-get install {' '.join(PACKAGES)}") from exc
+    rows = [{"class": label, **per, "photos": sum(per.values())} for label, per in counts.items()]
+    print(format_table(f"Real photos by split ({n_views} views each)", rows))
+    print(f"wrote {out / 'labels.csv'}; train with: edgeprune train --arch efficientnet-lite0 "
+          f"--labels {out / 'labels.csv'} --split-column split --out CHECKPOINT")
+    return 0
+
+
 def run(args) -> int:
+    if args.real_photos:
+        return real_photos(args.real_photos, args.views, args.seed)
     from edgeprune.dataset import RenderConfig, cache_dir, load_frames, montage
 
     splits = load_frames(RenderConfig(seed=args.seed))

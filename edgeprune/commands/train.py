@@ -30,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int,
                    help="override the regime's batch size (standard 64, paper 16, ours 32; the learning rate scales)")
     p.add_argument("--weight-decay", type=float, help="override the regime's L2 weight decay")
+    p.add_argument("--lr", type=float, help="override the peak learning rate (one-cycle schedule; default: the "
+                                            "regime's, scaled to the batch size, a tenth of it --from pretrained)")
     p.add_argument("--masked-bn", default="batch", choices=["eval", "batch"],
                    help="ours: BatchNorm statistics in the masked passes (running or batch)")
     p.add_argument("--no-distill", action="store_true",
@@ -49,6 +51,8 @@ def register(sub) -> None:
     own.add_argument("--path-column", default="path", help="--labels: the file path column")
     own.add_argument("--label-column", default="label", help="--labels: the label column")
     own.add_argument("--group-column", help="--labels: a camera/site column; the split never puts one in two splits")
+    own.add_argument("--split-column", help="--labels: a column that fixes each row's split (train, val or test), "
+                                            "e.g. a set's own hold-out; overrides the ~80/10/10 split")
     own.add_argument("--image-size", type=int,
                      help="model input side in pixels (default 64; efficientnet-lite0: 160, docs/own-data.md)")
     own.add_argument("--resize", choices=["letterbox", "crop", "squash"],
@@ -160,11 +164,12 @@ def training_data(args, size: int) -> tuple[dict, list[str], list[str], str, dic
     resize = args.resize or "letterbox"
     data_meta = {"source": kind, "path": str(path.resolve()), "seed": args.data_seed,
                  "path_column": args.path_column, "label_column": args.label_column,
-                 "group_column": args.group_column}
+                 "group_column": args.group_column, "split_column": args.split_column}
     started = time.perf_counter()
     data = load_source(kind, path, size, resize, seed=args.data_seed, threads=args.threads,
                        progress=not args.no_progress, path_column=args.path_column,
-                       label_column=args.label_column, group_column=args.group_column)
+                       label_column=args.label_column, group_column=args.group_column,
+                       split_column=args.split_column)
     print(balance_report(data))
     print(f"decoded in {time.perf_counter() - started:.1f} s ({size} px, {resize})")
     splits, names = data.splits, data.class_names
@@ -188,6 +193,8 @@ def regime_overrides(args, init: str) -> dict:
         overrides["ladder"] = parse_ladder(args.ladder)
     if init == "pretrained" and args.batch_size:
         overrides["lr"] /= 10  # FINETUNE_RECIPE's tenth
+    if args.lr is not None:
+        overrides["lr"] = args.lr
     return overrides
 
 
