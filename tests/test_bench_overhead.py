@@ -86,7 +86,8 @@ def test_quick_run_writes_both_parts_per_hop(tmp_path):
         raw = document["raw"][mode]
         assert raw["messages"] == 20
         assert raw["hops 2+3"]["p50_ms"] <= raw["total, 3 hops"]["p50_ms"]
-    assert document["results"] == document["frames_sent"] == 20  # every frame came back
+    logs = "\n".join(f"--- {log.name}\n{log.read_text()[-1500:]}" for log in sorted((tmp_path / "run").rglob("*.log")))
+    assert document["results"] == document["frames_sent"] == 20, logs  # every frame came back
     pipeline = document["pipeline"]
     assert list(pipeline) == PARTS
     assert 0 < pipeline["non-compute"]["p50_ms"] <= pipeline["end to end"]["p50_ms"]

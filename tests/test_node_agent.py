@@ -31,8 +31,9 @@ def serve(frame: bytes, age_s: float, max_frame_age_s: float, stage: int = 1, n_
     n_blocks = agent.model.n_blocks
     assignment = StageAssignment(stage=stage, node_id="a", first_block=0, last_block=n_blocks - 1)
     runtime = StageRuntime(agent.model, "a", assignment, n_stages, agent.topics.results("a"))
-    req = Request(agent.topics.camera_frame("cam-1"), frame,
-                  {"request_id": "r-1", "capture_ts": repr(time.time() - age_s)}, time.time(), camera_id="cam-1")
+    captured = time.time() - age_s
+    req = Request(agent.topics.camera_frame("cam-1"), frame, {"request_id": "r-1", "capture_ts": repr(captured)},
+                  time.time(), camera_id="cam-1", request_id="r-1", capture_ts=captured)  # as read on receipt
     agent._serve(runtime, req)
     return agent, published
 
