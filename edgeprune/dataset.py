@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import pickle
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -232,12 +233,24 @@ def load_frames(config: RenderConfig = RenderConfig()) -> dict[str, FrameSplit]:
             return {name: FrameSplit(z[f"{name}_images"], z[f"{name}_labels"], z[f"{name}_night"])
                     for name in SPLITS}
     splits = build_frames(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **{f"{name}_{field}": getattr(split, field)
-                                for name, split in splits.items() for field in ("images", "labels", "night")})
-    tmp.replace(path)
+    _write_cache(path, splits)
     return splits
+
+
+def _write_cache(path: Path, splits: dict[str, FrameSplit]) -> None:
+    """Atomically, through a temporary file of this writer's own: two processes (a benchmark's cameras, two
+    benchmarks) may render the same frames at once, and a shared temporary name made one's rename fail."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp.npz")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            np.savez_compressed(out, **{f"{name}_{field}": getattr(split, field)
+                                        for name, split in splits.items() for field in ("images", "labels", "night")})
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def to_model_input(images: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:

@@ -81,6 +81,29 @@ def test_frames_are_cached_outside_the_package_and_reused(tmp_path, monkeypatch)
     assert np.array_equal(second["test"].night, fake["test"].night)
 
 
+def test_two_processes_rendering_the_same_frames_at_once_both_get_them(tmp_path, monkeypatch):
+    """Two cameras of one benchmark (or two benchmarks) render the same cache at once: the second writer
+    finishes between the first's save and rename. A shared temporary name made the first's rename fail."""
+    monkeypatch.setenv(dataset.CACHE_ENV, str(tmp_path))
+    rng = np.random.default_rng(0)
+    fake = {name: FrameSplit(rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8), np.arange(2),
+                             np.array([True, False])) for name in dataset.SPLITS}
+    monkeypatch.setattr(dataset, "build_frames", lambda config: fake)
+    real_save = np.savez_compressed
+    interleaved = []
+
+    def save_then_let_the_other_writer_finish(file, **arrays):
+        real_save(file, **arrays)
+        if not interleaved:
+            interleaved.append(True)
+            load_frames(RenderConfig(seed=7))  # the other process: renders, saves and renames in full
+
+    monkeypatch.setattr(dataset.np, "savez_compressed", save_then_let_the_other_writer_finish)
+    frames = load_frames(RenderConfig(seed=7))
+    assert interleaved and np.array_equal(frames["test"].images, fake["test"].images)
+    assert [p.name for p in tmp_path.iterdir()] == [dataset._cache_path(RenderConfig(seed=7)).name]  # no temporaries left
+
+
 def test_training_input_is_the_nodes_normalisation():
     frames = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     batch = to_model_input(frames).numpy()
