@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from gateway.hybrid import HybridPlan, HybridRequest, HybridStage, evaluate, plan_hybrid
 from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_with_ingest,
-                               plan_with_ingest, problem_from_profiles)
+                               plan_with_ingest, problem_from_profiles, with_every_device)
 from shared.imaging import model_input_bytes
 from shared.profiling import MBIT_BYTES, mb_to_bytes
 from shared.schemas import ModelProfile, NodeProfile, Placement, StageAssignment
@@ -155,13 +155,15 @@ class LivePlacement:
         except (InfeasiblePlacement, ValueError) as exc:
             log.error("cannot re-partition over %s: %s", placed, exc)
             return None
+        # leaving a node out is no move: the next tick re-places every eligible node (undoing it within a second,
+        # measured), and a node dropped from the placement idles with the frames it had queued; so a plan that
+        # drops one gives it a share of a slice instead (at worst the cheapest block)
+        plan = with_every_device(problem, plan, self._stage_capable(placed), self.input_bytes)
+        if plan is None or {s.device for s in plan.stages} | ({plan.ingest.device} if plan.ingest else set()) != set(
+                placed):  # an ingest node left out (it runs no stage)
+            return None
         current = self._cost_of_current(problem).bottleneck_s
         if plan.bottleneck_s > current * (1.0 - self.rules.min_gain):
-            return None
-        used = {s.device for s in plan.stages} | ({plan.ingest.device} if plan.ingest else set())
-        if used != set(placed):
-            # leaving the slowed node out is no move: the next tick re-places every eligible node (undoing it within
-            # a second, measured), and a node dropped from the placement idles with the frames it had queued
             return None
         shown = ", ".join(f"{n} {k:.2f}x" for n, k in slowdowns.items())
         return self._adopt(placed, now, f"re-partitioned for slowdowns {shown}: bottleneck {current * 1e3:.1f} -> "

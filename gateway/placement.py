@@ -333,6 +333,38 @@ def plan_with_ingest(problem: PlacementProblem, input_bytes: int, ingest_only: C
     return best
 
 
+def with_every_device(problem: PlacementProblem, plan: Plan, devices: Collection[str], input_bytes: int) -> Plan | None:
+    """``plan`` with each of ``devices`` it leaves out given a share of a stage's slice: the split (before or
+    after the stage's own part, at any block) with the smallest bottleneck; None when one cannot be fitted
+    (fewer blocks than devices, or memory).
+
+    The planner only minimises the bottleneck, so when a slowed device's block is the bottleneck, a plan that
+    drops another slowed device costs the same and may win the tie. Run-time moves keep every placed node
+    (:meth:`gateway.live_placement.LivePlacement.replan_for_slowdowns`), so they ask for this completion
+    instead of giving up on the move.
+    """
+    ingest = plan.ingest.device if plan.ingest is not None else None
+    stages = [(s.device, s.first_block, s.last_block) for s in plan.stages]
+    missing = sorted(set(devices) - {device for device, _, _ in stages} - {ingest})
+    completed = plan
+    for device in missing:
+        candidates = []
+        for k, (holder, first, last) in enumerate(stages):
+            for cut in range(first, last):
+                for pair in (((device, first, cut), (holder, cut + 1, last)),
+                             ((holder, first, cut), (device, cut + 1, last))):
+                    try:
+                        candidates.append(cost_with_ingest(problem, [*stages[:k], *pair, *stages[k + 1:]], ingest,
+                                                           input_bytes))
+                    except InfeasiblePlacement:
+                        continue
+        if not candidates:
+            return None
+        completed = min(candidates, key=lambda candidate: candidate.bottleneck_s)
+        stages = [(s.device, s.first_block, s.last_block) for s in completed.stages]
+    return replace(completed, exact=False, method=plan.method) if missing else plan
+
+
 def plan_behind_ingest(problem: PlacementProblem, ingest: str, input_bytes: int, pool: Sequence[str]) -> Plan:
     """The best plan of stages on the devices ``pool`` behind the ingest device ``ingest``."""
     return _behind_ingest(problem, ingest, solve_plan(ingest_problem(problem, ingest, input_bytes, pool)))

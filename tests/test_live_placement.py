@@ -181,11 +181,40 @@ def test_repartitioning_moves_blocks_off_a_slowed_node_and_back():
 
 
 def test_repartitioning_never_leaves_the_slowed_node_out():
-    """At 50x the fastest plan runs every block on b; that is no move: the next tick would re-place a (it is
-    eligible), and a node dropped from the placement idles with its queued frames (6 lost in the bench test)."""
+    """At 50x the fastest plan runs every block on b; leaving a out is no move: the next tick would re-place a
+    (it is eligible), and a node dropped from the placement idles with its queued frames (6 lost in the bench
+    test). So a keeps one block."""
     live = live_with(["a", "b"])
     live.tick(1)
-    assert live.replan_for_slowdowns({"a": 50.0, "b": 1.0}, 2) is None
+    moved = live.replan_for_slowdowns({"a": 50.0, "b": 1.0}, 2)
+    assert moved is not None and sorted(placed(moved)) == ["a", "b"] and blocks_of(moved, "a") == 1
+
+
+def hetero_offer(node: str, speed: float) -> NodeProfile:
+    """Blocks of unequal cost, as the benchmark's TrapNet: the stem is cheap, the last block cheapest."""
+    costs_ms = [0.56, 2.05, 2.03, 1.53, 1.74, 0.31]
+    blocks = [BlockProfile(name=f"b{i}", latency_s=ms * speed / 1e3, param_bytes=1000, activation_bytes=1000,
+                           output_bytes=1000) for i, ms in enumerate(costs_ms)]
+    return offer(node).model_copy(update={"profile": offer(node).profile.model_copy(update={"blocks": blocks})})
+
+
+def test_a_second_slowdown_moves_blocks_even_when_a_plan_dropping_the_first_slowed_node_ties():
+    """hetero4: node-2 (6x) already holds only the cheapest block when node-4 slows down (4.7x). The best plan
+    then drops node-2 (its bottleneck is another stage's, so node-2's block costs nothing to leave out), and
+    that must not cancel the move (it did: node-4 kept two blocks at 108 ms for the 60 s of its slowdown)."""
+    speeds = {"node-1": 8.0, "node-2": 10.0, "node-3": 12.0, "node-4": 10.0}
+    live = LivePlacement(RULES, "trapnet", "abc", list(speeds), started=0.0)
+    for node, speed in speeds.items():
+        live.set_status(node, "online", 0.0)
+        live.set_offer(hetero_offer(node, speed))
+    live.tick(1)
+    first_move = live.replan_for_slowdowns({"node-2": 6.0}, 2)
+    assert first_move is not None and blocks_of(first_move, "node-2") == 1
+    second = live.replan_for_slowdowns({"node-2": 6.0, "node-4": 4.7}, 3)
+    assert second is not None and sorted(placed(second)) == sorted(speeds)
+    # both slowed nodes keep one cheap block each: 39 ms, against 108 ms with node-4's two blocks
+    assert blocks_of(second, "node-2") == blocks_of(second, "node-4") == 1
+    assert second.bottleneck_s == pytest.approx(0.03924)
 
 
 def test_a_placement_is_published_only_once_the_nodes_with_a_new_input_are_subscribed():

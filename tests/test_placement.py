@@ -16,7 +16,7 @@ from edgeprune.commands import place
 from gateway import placement
 from gateway.placement import (CAMERA, GATEWAY, MB, Block, Device, InfeasiblePlacement, PlacementProblem,
                                cost_assignment, cost_with_ingest, device_types, exhaustive_plan, optimal_plan,
-                               plan_pipeline, plan_with_ingest)
+                               plan_pipeline, plan_with_ingest, with_every_device)
 from shared.profiling import BlockProfile, CameraSpec, ClusterSpec, DeviceSpec, LinkSpec, ModelProfile, save_profile
 from shared.schemas import Placement, parse_json, to_json
 
@@ -121,6 +121,32 @@ def test_exhaustive_reference_equals_brute_force(problem: PlacementProblem) -> N
 
 
 @settings(max_examples=100, deadline=None)
+@given(problems())
+def test_a_plan_completed_with_every_device_uses_them_all_at_its_true_cost(problem: PlacementProblem) -> None:
+    """Run-time moves keep every placed node: a completion uses each device once, costed as the reference does,
+    and is None only when no split fits one (fewer blocks than devices, or memory)."""
+    try:
+        best = optimal_plan(problem)
+    except InfeasiblePlacement:
+        return
+    ids = [d.id for d in problem.devices]
+    completed = with_every_device(problem, best, ids, input_bytes=0)
+    if completed is None:  # every split fits a device that holds the whole model: then only blocks can run short
+        holds_all = all(problem.memory(0, problem.n_blocks) <= d.memory_bytes for d in problem.devices)
+        assert len(ids) > problem.n_blocks or not holds_all
+        return
+    assert sorted(d for d, _, _ in stages_of(completed)) == sorted(ids)
+    assert completed.bottleneck_s == pytest.approx(reference_bottleneck(problem, stages_of(completed)), rel=1e-12,
+                                                   abs=1e-15)
+    assert completed.bottleneck_s >= best.bottleneck_s * (1 - 1e-12)  # never better than the optimum
+
+
+def test_a_completion_needs_a_block_for_every_device():
+    problem = PlacementProblem(tuple(Block(f"b{i}", 10, 10, 10) for i in range(2)),
+                               tuple(Device(d, 10**6, 1e6) for d in "abc"), {d: [0.01, 0.02] for d in "abc"}, 0, 1e6)
+    assert with_every_device(problem, optimal_plan(problem), "abc", input_bytes=0) is None
+
+
 @given(problems(), st.integers(0, 2**32 - 1))
 def test_plans_respect_memory_and_baselines_never_beat_the_optimum(problem: PlacementProblem, seed: int) -> None:
     try:
