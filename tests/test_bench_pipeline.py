@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from edgeprune.bench.devices import devices_check, served_stage_times
-from edgeprune.bench.pipeline import (_full_restore, _timeline, aggregate, controller_env, differs, failure_reasons,
-                                      in_slowdowns, load_scenario, node_env, percentile_all)
+from edgeprune.bench.pipeline import (_full_restore, _timeline, aggregate, controller_env, count_reprunes, differs,
+                                      failure_reasons, in_slowdowns, load_scenario, node_env, percentile_all)
 from node_agent import runtime as runtime_module
 from node_agent.runtime import Request, StageRuntime
 from shared.device_model import DeviceModel, DeviceModelError, load_device_model
@@ -150,6 +150,15 @@ def test_timeline_tells_prunes_from_restores_and_times_the_full_restore():
     assert _full_restore(timeline[:2], end_ts=25.0) is None  # still pruned at the end of the run
     moved = [(5.0, "replace", {}), (33.0, "replace", {})]
     assert _full_restore(moved, end_ts=25.0) == (8.0,)
+
+
+def test_a_prune_soon_after_a_restore_is_a_reprune_unless_a_slowdown_began_in_between():
+    timeline = [(21.0, "prune", {"a": 0.3}), (23.6, "restore", {"a": 0.0}), (43.0, "prune", {"a": 0.5}),
+                (95.0, "restore", {"a": 0.0}), (100.0, "prune", {"a": 0.2}), (200.0, "prune", {"a": 0.4})]
+    # 43 s follows the onset at 30 s (a new reaction); 100 s re-prunes 5 s after the restore at 95 s; 200 s is
+    # beyond the horizon
+    assert count_reprunes(timeline, onsets=[30.0]) == 1
+    assert count_reprunes(timeline, onsets=[]) == 2
 
 
 def test_failure_reasons_count_each_dropped_frame_once():

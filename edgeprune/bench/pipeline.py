@@ -408,9 +408,7 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
     after_onset = [t for t in acted if onsets and t >= onsets[0]]
     reaction = after_onset[0] - onsets[0] if after_onset else None
     restore = _full_restore(timeline, ends[-1]) if ends and acted else None
-    restores = [t for t, kind, _ in timeline if kind == "restore"]
-    reprunes = sum(1 for t, kind, _ in timeline if kind == "prune"
-                   and any(0 < t - r <= REPRUNE_HORIZON_S for r in restores))
+    reprunes = count_reprunes(timeline, onsets)
     span = (rows[-1]["finish_ts"] - rows[0]["capture_ts"]) if len(rows) > 1 else None
     late = (query(reader, "SELECT COUNT(*) AS n FROM requests WHERE late")[0]["n"]
             if "late" in {c["name"] for c in query(reader, "PRAGMA table_info(requests)")} else None)
@@ -515,6 +513,15 @@ def _timeline(events: list[dict]) -> list[tuple[float, str, dict]]:
         current.update(changed)
         out.append((e["ts"], "prune" if raised else "restore", dict(current)))
     return out
+
+
+def count_reprunes(timeline: list[tuple[float, str, dict]], onsets: list[float]) -> int:
+    """Prunes within ``REPRUNE_HORIZON_S`` after a restore: the controller undoing its own restore (flapping).
+    A prune for a slowdown that began after the restore is a new reaction, not a re-prune (one `paper` repeat
+    counted 3: a burst pruned at 21 s and restored at 23.6 s, then the slowdown from 30 s)."""
+    restores = [t for t, kind, _ in timeline if kind == "restore"]
+    return sum(1 for t, kind, _ in timeline if kind == "prune" and any(
+        0 < t - r <= REPRUNE_HORIZON_S and not any(r < onset <= t for onset in onsets) for r in restores))
 
 
 def _full_restore(timeline: list[tuple[float, str, dict]], end_ts: float) -> tuple[float] | None:
