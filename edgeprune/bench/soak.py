@@ -1,11 +1,16 @@
-"""Soak: the pipeline under a bursty camera trace through node kills and hangs, a broker restart and a
-gateway restart; where every frame went, per fault (attempted = rows + failures + unaccounted).
+"""Soak: the pipeline under a bursty camera trace through node kills and hangs, a broker restart, a
+gateway restart, bad frames and forged messages from every role; where every frame went, per fault (attempted =
+rows + failures + unaccounted).
 
 One phase per fault, each ``--minutes / 4`` long: frames flow, the fault hits a quarter into the phase,
 the pipeline recovers, then the phase drains. Frames are published by this process as camera
 ``cam-soak`` (QoS 1, request id ``<fault>-<n>``), so *attempted* is exact; rows and failures come from
 the gateway's database. ``recovery_s`` is the time from the fault to the first stored result of a frame
 sent after it. ``max_rss_mb`` is each process's peak resident memory (VmHWM), the largest over restarts.
+After the gateway restart, ``controller_enabled_s`` is how long until its pruning controller ran again. The
+``bad_input`` phase sends :data:`BAD_FRAMES` among the good ones (each must end as a recorded failure); the
+``forged`` phase tries every forgery of :mod:`edgeprune.bench.intruder` (each refused by the broker, or rejected
+by the gateway with a recorded reason, nothing stored).
 """
 
 from __future__ import annotations
@@ -27,14 +32,18 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from camera.simulator import camera_frame
+from edgeprune.bench import intruder
 from edgeprune.broker import free_port, start_broker, stop_process
 from edgeprune.credentials import Credentials, default_users
 from gateway.store import Reader
 from shared.settings import BrokerSettings
 from shared.topics import Topics
 
-FAULTS = ["node_kill", "node_hang", "broker_restart", "gateway_restart"]
+FAULTS = ["node_kill", "node_hang", "broker_restart", "gateway_restart", "bad_input", "forged"]
 CAMERA = "cam-soak"
+# what a broken or hostile camera sends as a frame: each must be recorded as a failure with its request id
+BAD_FRAMES = {"empty": b"", "text": b"not an image at all", "truncated_jpeg": None, "random_bytes": None,
+              "png_signature_then_garbage": b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50}
 
 
 def add_arguments(parser) -> None:
@@ -146,10 +155,21 @@ class Camera:
 
     def send(self, phase: str) -> None:
         n = self.attempted.get(phase, 0)
-        props = Properties(PacketTypes.PUBLISH)
-        props.UserProperty = [("request_id", f"{phase}-{n:06d}")]
-        self.client.publish(self.topic, self.frames[n % len(self.frames)], qos=1, properties=props)
+        self._publish(f"{phase}-{n:06d}", self.frames[n % len(self.frames)])
         self.attempted[phase] = n + 1
+
+    def send_bad(self, phase: str) -> int:
+        """Each of :data:`BAD_FRAMES` once (request ids ``<phase>-bad-<kind>``); they count as attempted."""
+        made = {"truncated_jpeg": self.frames[0][:64], "random_bytes": self.random.randbytes(2048)}
+        for kind, payload in BAD_FRAMES.items():
+            self._publish(f"{phase}-bad-{kind}", made.get(kind, payload))
+        self.attempted[phase] = self.attempted.get(phase, 0) + len(BAD_FRAMES)
+        return len(BAD_FRAMES)
+
+    def _publish(self, request_id: str, payload: bytes) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("request_id", request_id)]
+        self.client.publish(self.topic, payload, qos=1, properties=props)
 
     def run(self, phase: str, seconds: float, rate: float, burst: int, burst_every: float) -> None:
         end = time.monotonic() + seconds
@@ -185,8 +205,41 @@ def accounting(reader: Reader, phase: str, attempted: int, fault_ts: float) -> d
             "recovery_s": round(first - fault_ts, 2) if first else None}
 
 
-def inject(site: Site, fault: str, down_s: float) -> None:
-    """Apply one fault and undo it after ``down_s`` (in this thread: the camera keeps sending meanwhile)."""
+def bad_input_accounting(reader: Reader, phase: str) -> dict:
+    """Where the bad frames went: each must be a failure row with its request id (the reasons say which)."""
+    like = (f"{phase}-bad-%",)
+    recorded = reader._rows("SELECT request_id, reason FROM failures WHERE request_id LIKE ?", like)
+    stored = reader._rows("SELECT COUNT(*) AS n FROM requests WHERE request_id LIKE ?", like)[0]["n"]
+    return {"bad_sent": len(BAD_FRAMES), "bad_recorded": len(recorded), "bad_stored_as_rows": stored,
+            "bad_reasons": ", ".join(sorted(f"{r['request_id'].rsplit('-bad-', 1)[1]}:{r['reason']}"
+                                            for r in recorded))}
+
+
+def forged_accounting(reader: Reader, tried: list[dict], fault_ts: float) -> dict:
+    recorded = reader._rows("SELECT COUNT(*) AS n FROM errors WHERE kind = 'identity_mismatch' AND ts >= ?",
+                            (fault_ts,))[0]["n"]
+    like = (f"{intruder.FORGED_PREFIX}%",)
+    stored = sum(reader._rows(f"SELECT COUNT(*) AS n FROM {table} WHERE request_id LIKE ?", like)[0]["n"]
+                 for table in ("requests", "accepted", "failures"))
+    return intruder.verdict(tried, recorded, stored)
+
+
+def controller_enabled_after(site: Site, since: float, timeout_s: float = 120.0) -> float | None:
+    """Seconds from ``since`` until the gateway's stored status says its pruning controller runs (None: not within
+    ``timeout_s``): a restarted gateway must not leave pruning off (issue 25)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reader = site.reader()
+        rows = reader._rows("SELECT ts, status FROM controller WHERE id = 1", table="controller") if reader else []
+        if rows and rows[0]["ts"] > since and rows[0]["status"].get("enabled"):
+            return round(time.time() - since, 2)
+        time.sleep(0.25)
+    return None
+
+
+def inject(site: Site, fault: str, down_s: float, camera: Camera, findings: dict) -> None:
+    """Apply one fault and undo it after ``down_s`` (in this thread: the camera keeps sending meanwhile); what it
+    measures itself goes into ``findings``."""
     stages = site.stages() or site.node_ids
     if fault == "node_kill":
         victim = stages[-1]
@@ -206,7 +259,13 @@ def inject(site: Site, fault: str, down_s: float) -> None:
     elif fault == "gateway_restart":
         site.kill("gateway")
         time.sleep(min(down_s, 3.0))
+        started = time.time()
         site.start_component("gateway")
+        findings["controller_enabled_s"] = controller_enabled_after(site, started)
+    elif fault == "bad_input":
+        camera.send_bad(fault)
+    elif fault == "forged":
+        findings["forged"] = intruder.try_all(site.port, site.credentials.password, site.node_ids, CAMERA)
 
 
 def settled(row: dict) -> bool:
@@ -230,6 +289,18 @@ def settle(read, timeout_s: float, poll_s: float = 0.5, clock=time.monotonic, sl
         sleep(poll_s)
 
 
+def extra_findings(site: Site, fault: str, findings: dict, fault_ts: float) -> dict:
+    """The fault's own figures beside the frame accounting."""
+    reader = site.reader()
+    if fault == "gateway_restart":
+        return {"controller_enabled_s": findings.get("controller_enabled_s")}
+    if fault == "bad_input" and reader:
+        return bad_input_accounting(reader, fault)
+    if fault == "forged" and reader:
+        return forged_accounting(reader, findings.get("forged", []), fault_ts)
+    return {}
+
+
 def wait_for(predicate, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -243,6 +314,8 @@ def run(args) -> dict:
     site = Site(args.run_dir)
     phase_s = max(args.minutes * 60 / len(FAULTS), 10.0)
     faults: list[dict] = []
+    accounted: list[dict] = []  # the frame accounting alone, for the first table
+    checks: list[dict] = []  # each fault's own figures (controller, bad frames, forgeries): a second table
     camera = None
     try:
         site.start_broker()
@@ -255,7 +328,8 @@ def run(args) -> dict:
         for fault in FAULTS:
             print(f"{fault}: {phase_s:.0f} s of traffic, the fault a quarter in", flush=True)
             fault_ts = time.time() + phase_s / 4
-            injector = threading.Timer(phase_s / 4, inject, (site, fault, args.down_s))
+            findings: dict = {}
+            injector = threading.Timer(phase_s / 4, inject, (site, fault, args.down_s, camera, findings))
             injector.daemon = True  # Ctrl-C must not wait for (or leave behind) a pending fault
             injector.start()
             camera.run(fault, phase_s, args.rate, args.burst, args.burst_every)
@@ -270,12 +344,16 @@ def run(args) -> dict:
             if row["unaccounted"]:
                 print(f"{fault}: {row['unaccounted']} frames still unsettled after {args.settle_s:g} s "
                       f"({row['in_flight']} of them accepted)", flush=True)
-            faults.append(row)
+            extra = extra_findings(site, fault, findings, fault_ts)
+            accounted.append(row)
+            faults.append({**row, **extra})
+            checks.extend({"fault": fault, "check": name, "value": value} for name, value in extra.items())
     finally:
         if camera:
             camera.close()
         site.stop()
     rss = {name: round(mb, 1) for name, mb in sorted(site.rss.items())}
     return {"minutes": args.minutes, "faults": faults, "max_rss_mb": rss,
-            "tables": {"Where every frame went, per fault": faults,
+            "tables": {"Where every frame went, per fault": accounted,
+                       "What each fault's own checks found": checks,
                        "Peak resident memory (VmHWM), MB": [{"process": k, "max_rss_mb": v} for k, v in rss.items()]}}

@@ -1,0 +1,149 @@
+"""Forged messages from every role of a site, for the soak: what each login must not be able to say.
+
+Two kinds of attempt. *Refused*: a topic the login may not write; the broker must answer the PUBLISH with
+reason code 135 (not authorised), so nothing reaches anyone. *Rejected*: a topic the login may write carrying a
+payload that claims another device (a node announcing a frame or reporting an error in another node's name, a
+camera's error record in a node's name); the broker delivers it and the gateway must refuse it with a recorded
+reason (``identity_mismatch`` in ``errors``). Either way nothing may be stored under a forged identity: every
+forged payload names a request id starting with :data:`FORGED_PREFIX`, which must never reach ``requests`` or
+``accepted``. The admin login may write anything by design (docs/security.md) and is not tried.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from shared.topics import Topics
+
+NOT_AUTHORISED = 135
+FORGED_PREFIX = "intruder-"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    login: str
+    topic: str
+    payload: bytes
+    expect: str  # "refused" by the broker's ACL, or "rejected" by the gateway with a recorded reason
+
+
+def _accepted(request_id: str, node_id: str) -> bytes:
+    now = time.time()
+    return json.dumps({"request_id": request_id, "camera_id": "cam-x", "node_id": node_id, "capture_ts": now,
+                       "received_ts": now}).encode()
+
+
+def _error(request_id: str, component: str) -> bytes:
+    return json.dumps({"component": component, "ts": time.time(), "topic": "x", "kind": "bad_image",
+                       "message": "forged", "request_id": request_id}).encode()
+
+
+def attempts(node_ids: list[str], camera_id: str, gateway_id: str = "gateway") -> list[Attempt]:
+    """Every forgery the soak tries: each role (camera, node, page, gateway) on topics it may not write, and each
+    role able to write a data or error topic claiming another device there."""
+    topics = Topics()
+    node, other = node_ids[0], node_ids[1]
+    rid = iter(f"{FORGED_PREFIX}{k}" for k in range(1000))
+    refused = [
+        (camera_id, topics.camera_frame("cam-someone-else"), b"\xff\xd8"),
+        (camera_id, topics.results(camera_id), b"{}"),
+        (camera_id, topics.accepted(camera_id), _accepted(next(rid), camera_id)),
+        (camera_id, topics.stage_input(2), b"x"),
+        (camera_id, topics.node_prune_desired(node), b'{"ratio": 0.9}'),
+        (camera_id, topics.component_command(gateway_id), b'{"cmd": "restore"}'),
+        (node, topics.results(other), b"{}"),
+        (node, topics.accepted(other), _accepted(next(rid), other)),
+        (node, topics.errors(other), _error(next(rid), other)),
+        (node, topics.node_status(other), b"offline"),
+        (node, topics.node_prune_desired(other), b'{"ratio": 0.9}'),
+        (node, topics.node_prune_desired(node), b'{"ratio": 0.9}'),
+        (node, topics.node_command(other), b'{"cmd": "slowdown", "factor": 50}'),
+        (node, topics.placement, b"{}"),
+        (node, topics.component_command(gateway_id), b'{"cmd": "restore"}'),
+        (node, topics.camera_frame(camera_id), b"\xff\xd8"),
+        ("web", topics.node_command(node), b'{"cmd": "slowdown", "factor": 50}'),
+        ("web", topics.node_prune_desired(node), b'{"ratio": 0.9}'),
+        ("web", topics.placement, b"{}"),
+        ("web", topics.results("web"), b"{}"),
+        (gateway_id, topics.results(gateway_id), b"{}"),
+        (gateway_id, topics.accepted(node), _accepted(next(rid), node)),
+        (gateway_id, topics.component_command("web"), b"{}"),
+    ]
+    rejected = [
+        (node, topics.accepted(node), _accepted(next(rid), other)),  # node speaking as the other node
+        (node, topics.errors(node), _error(next(rid), other)),
+        (camera_id, topics.errors(camera_id), _error(next(rid), node)),  # a camera's error in a node's name
+    ]
+    return ([Attempt(login, topic, payload, "refused") for login, topic, payload in refused]
+            + [Attempt(login, topic, payload, "rejected") for login, topic, payload in rejected])
+
+
+class Login:
+    """One MQTT v5 client logged in as ``user``; :meth:`publish` returns the broker's PUBACK reason code."""
+
+    def __init__(self, port: int, user: str, password: str, timeout_s: float = 10.0):
+        self.timeout_s = timeout_s
+        self._acks: dict[int, int] = {}
+        self._acked = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"intruder-{user}", protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(user, password)
+        self.client.on_publish = self._on_publish
+        connected = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: rc.is_failure or connected.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        if not connected.wait(timeout_s):
+            self.close()
+            raise RuntimeError(f"{user} could not log in")
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._acked:
+            self._acks[mid] = reason_code.value
+            self._acked.notify_all()
+
+    def publish(self, topic: str, payload: bytes) -> int | None:
+        """The PUBACK's reason code, None if none came in time."""
+        info = self.client.publish(topic, payload, qos=1)
+        with self._acked:
+            if not self._acked.wait_for(lambda: info.mid in self._acks, self.timeout_s):
+                return None
+            return self._acks.pop(info.mid)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def try_all(port: int, password_of, node_ids: list[str], camera_id: str) -> list[dict]:
+    """Send every attempt once, each login on its own connection; one row per attempt with the broker's answer."""
+    tried = attempts(node_ids, camera_id)
+    logins: dict[str, Login] = {}
+    rows = []
+    try:
+        for attempt in tried:
+            if attempt.login not in logins:
+                logins[attempt.login] = Login(port, attempt.login, password_of(attempt.login))
+            code = logins[attempt.login].publish(attempt.topic, attempt.payload)
+            rows.append({"login": attempt.login, "topic": attempt.topic, "expect": attempt.expect, "puback": code,
+                         "refused": code == NOT_AUTHORISED})
+    finally:
+        for login in logins.values():
+            login.close()
+    return rows
+
+
+def verdict(rows: list[dict], mismatches_recorded: int, stored_forged: int) -> dict:
+    """The forged phase's summary: every refused attempt refused, every rejected one recorded, nothing stored."""
+    refused = [r for r in rows if r["expect"] == "refused"]
+    rejected = [r for r in rows if r["expect"] == "rejected"]
+    return {"forged_sent": len(rows), "forged_refused_by_broker": sum(r["refused"] for r in refused),
+            "forged_should_be_refused": len(refused), "forged_delivered_to_gateway": sum(
+                not r["refused"] for r in rejected), "forged_rejected_recorded": mismatches_recorded,
+            "forged_should_be_rejected": len(rejected), "forged_stored": stored_forged,
+            "forged_not_refused": [f"{r['login']} -> {r['topic']}" for r in refused if not r["refused"]]}
