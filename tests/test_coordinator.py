@@ -214,7 +214,7 @@ def test_a_result_held_while_the_gateway_was_down_is_not_a_slow_frame(tmp_path):
     (row,) = effects.rows("add_request")
     assert row["e2e_s"] == pytest.approx(0.06) and row["finish_ts"] == pytest.approx(10.06)
     assert row["received_ts"] == 22.5
-    assert c.control._recent[-1] == (22.5, pytest.approx(0.06))  # the controller sees the hops' latency
+    assert c.control.prune_log.recent[-1] == (22.5, pytest.approx(0.06))  # the controller sees the hops' latency
     (window,) = c.data_path.slo.close_all()  # grouped by receipt, judged by the stage-finish latency
     assert window.start_ts <= 22.5 < window.end_ts and window.met == 1 and window.p95_s == pytest.approx(0.06)
 
