@@ -44,6 +44,7 @@ class ControlLoop:
         self.curves = SliceCurves()
         self.prune_log = PruneLog(follow_up_s)
         self._memory: DeviceMemory | None = None  # the last controller's knowledge of the devices
+        self._holds: dict[str, float] = {}  # the last controller's manual holds: the operator's until released
         self.desired: dict[str, PruneDesired] = {}
         self.automatic = True  # False for the operator's policy 'off': only manual holds change ratios
 
@@ -146,6 +147,7 @@ class ControlLoop:
     def _rebuild(self) -> None:
         if self.controller is not None:
             self._memory = self.controller.memory()
+            self._holds = self.controller.manual
         if self.disabled_reason is not None:
             if self.controller is not None:
                 log.info("pruning controller paused: %s", self.disabled_reason)
@@ -159,7 +161,8 @@ class ControlLoop:
         initial = {n: self.desired[n].ratio for n in nodes if n in self.desired}
         shares = {n: 1.0 / len(s.nodes) for s in self.placement.stages for n in s.nodes}
         self.controller = PruningController(nodes, self.curves.fits, accuracy, self.slo_s, self.settings, initial,
-                                            n_stages=len(self.placement.stages), arrival_shares=shares)
+                                            n_stages=len(self.placement.stages), arrival_shares=shares,
+                                            held=self._holds)
         if self._memory is not None:
             self.controller.recall(self._memory)
         log.info("pruning controller running over %s (policy %s, budget %.1f ms per stage)", nodes,
@@ -218,7 +221,8 @@ class ControlLoop:
         """A retired node: no desired state, no curve."""
         self.desired.pop(node_id, None)
         self.curves.forget(node_id)
-        if self.controller is not None:  # a node that comes back is measured afresh
+        self._holds.pop(node_id, None)
+        if self.controller is not None:  # a node that comes back is measured afresh, and is not held
             self.controller.forget_device(node_id)
         if self._memory is not None:
             self._memory = self._memory.without(node_id)
