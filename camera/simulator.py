@@ -148,6 +148,9 @@ class Camera:
         schedule = arrival_schedule(s, arrivals)
         files = folder_frames(image_files(s.images)) if s.images else None
         self.bus.start()
+        if not self._wait_connected():
+            self.bus.stop()
+            return 0
         started = time.monotonic()
         last = None
         for arrival in schedule:
@@ -179,6 +182,15 @@ class Camera:
         self.bus.stop()
         log.info("%s: sent %d frames", s.camera_id, self.sent)
         return self.sent
+
+    def _wait_connected(self) -> bool:
+        """The schedule starts once the broker has answered (False: stopped first). paho keeps what is published
+        before, but its ``wait_for_publish`` raises for such a frame, so the last wait before disconnecting did and
+        the process died with every frame unsent: on a loaded host the start's wait (10 s) ran out first."""
+        while not self.bus.connected:
+            if self._stop.wait(0.1):
+                return False
+        return True
 
     def stop(self) -> None:
         self._stop.set()

@@ -4,29 +4,25 @@ The gateway feeds it what arrives and publishes what :meth:`ControlLoop.tick` re
 ``PruneDesired`` messages and rows for the ``prune_events`` table. The controller only runs once
 every node of the current placement has calibrated its slice *for that placement* and an
 accuracy model is given (the gateway loads it at start-up); until then :attr:`ControlLoop.disabled_reason` says why.
+Which curve counts for which node is :mod:`gateway.slice_curves`'s; the event rows and their follow-ups are
+:mod:`gateway.prune_log`'s; this module rebuilds the controller over them and turns its actions into effects.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-
-import numpy as np
+from dataclasses import dataclass, field
 
 from gateway.controller import DeviceMemory, PruningController
-from gateway.controller_actions import Held, Infeasible, SetRatios
-from gateway.curves import AccuracyFit, ReplicaAccuracy, SliceLatencyFit, accuracy_for_slices, fit_latency
-from shared.ladder import missing_rungs
+from gateway.controller_actions import SetRatios
+from gateway.curves import AccuracyFit, ReplicaAccuracy, accuracy_for_slices
+from gateway.prune_log import PruneLog
+from gateway.slice_curves import LadderMismatch, SliceCurves
 from shared.schemas import ModelProfile, NodeStats, Placement, PruneDesired, Result, SliceCalibration
 from shared.settings import ControllerSettings
 
 log = logging.getLogger(__name__)
-
-
-class LadderMismatch(ValueError):
-    """A node calibrated other ratios than the configured ladder: it would snap the controller's choices."""
 
 
 @dataclass
@@ -43,19 +39,13 @@ class ControlLoop:
         self.settings = settings
         self.slo_s = slo_s
         self.block_accuracy = block_accuracy
-        self.follow_up_s = follow_up_s
         self.placement: Placement | None = None
         self.controller: PruningController | None = None
-        self.fits: dict[str, SliceLatencyFit] = {}
-        self._fit_blocks: dict[str, tuple[int, int]] = {}  # which slice each fit was measured on
-        self._ladder_mismatch: dict[str, str] = {}  # node -> why its calibration was refused
-        self._latest_calibration: dict[str, SliceCalibration] = {}  # for a placement that arrives after it
+        self.curves = SliceCurves()
+        self.prune_log = PruneLog(follow_up_s)
         self._memory: DeviceMemory | None = None  # the last controller's knowledge of the devices
-        self.provisional: set[str] = set()  # nodes whose curve is predicted for a slice they have not measured
+        self._holds: dict[str, float] = {}  # the last controller's manual holds: the operator's until released
         self.desired: dict[str, PruneDesired] = {}
-        self._recent: deque[tuple[float, float]] = deque()
-        self._awaiting_follow_up: list[dict] = []
-        self._last_event_ts: dict[str, float] = {}  # per event kind: keeps (ts, kind) unique
         self.automatic = True  # False for the operator's policy 'off': only manual holds change ratios
 
     @property
@@ -64,13 +54,7 @@ class ControlLoop:
             return "no accuracy model (run `edgeprune calibrate` or set [gateway] accuracy_model)"
         if self.placement is None:
             return "no placement yet"
-        refused = [self._ladder_mismatch[n] for n in self.placement.node_ids() if n in self._ladder_mismatch]
-        if refused:
-            return "; ".join(refused)
-        missing = [n for n in self.placement.node_ids() if n not in self.fits]
-        if missing:
-            return f"waiting for the calibration of {', '.join(missing)}"
-        return None
+        return self.curves.waiting_reason(self.placement.node_ids())
 
     # --- inputs --------------------------------------------------------------------------
     def set_placement(self, placement: Placement, profiles: Mapping[str, ModelProfile] | None = None) -> list[dict]:
@@ -87,49 +71,20 @@ class ControlLoop:
         scenario) just when a move made for a slowed node needs pruning most.
         """
         self.placement = placement
-        stages = {n: (s.first_block, s.last_block) for s in placement.stages for n in s.nodes}
-        self.fits = {n: f for n, f in self.fits.items() if self._fit_blocks.get(n) == stages.get(n)}
-        self.provisional -= {n for n in self.provisional if n not in self.fits}
+        slices = {n: (s.first_block, s.last_block) for s in placement.stages for n in s.nodes}
         rows = []
-        for node, calibration in list(self._latest_calibration.items()):
-            if node not in self.fits and stages.get(node) == (calibration.first_block, calibration.last_block):
-                try:
-                    row = self.add_calibration(calibration)
-                except ValueError as exc:  # refused when it arrived too (LadderMismatch included): logged then
-                    log.info("%s's earlier calibration is unusable for placement v%d: %s", node, placement.version,
-                             exc)
-                    continue
-                if row is not None:
-                    rows.append(row)
-        for node, blocks in stages.items():
-            if node not in self.fits and node in (profiles or {}):
-                self._provisional_fit(node, blocks, profiles[node])
+        for calibration in self.curves.keep_for(slices):
+            try:
+                row = self.add_calibration(calibration)
+            except ValueError as exc:  # refused when it arrived too (LadderMismatch included): logged then
+                log.info("%s's earlier calibration is unusable for placement v%d: %s", calibration.node_id,
+                         placement.version, exc)
+                continue
+            if row is not None:
+                rows.append(row)
+        self.curves.predict_moved(slices, profiles or {})
         self._rebuild()
         return rows
-
-    def _provisional_fit(self, node: str, blocks: tuple[int, int], profile: ModelProfile) -> None:
-        """Predict ``node``'s curve on ``blocks`` from its calibration of other blocks (see :meth:`set_placement`)."""
-        calibration = self._latest_calibration.get(node)
-        if calibration is None or node in self._ladder_mismatch:
-            return
-        times = [b.latency_s for b in profile.blocks]
-        if max(blocks[1], calibration.last_block) >= len(times):
-            return
-        measured_on = sum(times[calibration.first_block:calibration.last_block + 1])
-        if measured_on <= 0:
-            return
-        scale = sum(times[blocks[0]:blocks[1] + 1]) / measured_on
-        try:
-            fit = fit_latency(calibration.ratios, [t * scale for t in calibration.latency_s])
-            fit.best()
-        except ValueError:
-            return
-        self.fits[node] = fit
-        self._fit_blocks[node] = blocks
-        self.provisional.add(node)
-        log.info("%s: provisional curve for blocks %d-%d (its blocks %d-%d's calibration x %.2f from its profile) "
-                 "until it has measured them", node, blocks[0], blocks[1], calibration.first_block,
-                 calibration.last_block, scale)
 
     def add_calibration(self, calibration: SliceCalibration) -> dict | None:
         """Fit the node's latency curve if it is for its slice in the current placement; returns a table row.
@@ -139,32 +94,15 @@ class ControlLoop:
         to its nearest variant, and the controller would predict times and accuracy it never gets.
         """
         stage = self.placement.stage_of(calibration.node_id) if self.placement else None
-        if stage is None or (stage.first_block, stage.last_block) != (calibration.first_block,
-                                                                      calibration.last_block):
-            if calibration.node_id not in self.provisional:  # keep what the provisional curve was scaled from
-                self._latest_calibration[calibration.node_id] = calibration
-            return None
-        self._latest_calibration[calibration.node_id] = calibration
-        self.provisional.discard(calibration.node_id)
-        missing = missing_rungs(self.settings.ladder, calibration.ratios)
-        if missing:
-            self._ladder_mismatch[calibration.node_id] = (
-                f"the controller ladder has {', '.join(f'{r:g}' for r in missing)} which {calibration.node_id} has "
-                f"no variant for (it calibrated {', '.join(f'{r:g}' for r in calibration.ratios)}): "
-                "set [controller] ladder to ratios the nodes build")
-            self.fits.pop(calibration.node_id, None)
+        blocks = (stage.first_block, stage.last_block) if stage is not None else None
+        try:
+            row = self.curves.add(calibration, blocks, self.settings.ladder)
+        except LadderMismatch:
             self._rebuild()
-            raise LadderMismatch(self._ladder_mismatch[calibration.node_id])
-        self._ladder_mismatch.pop(calibration.node_id, None)
-        fit = fit_latency(calibration.ratios, calibration.latency_s)
-        best = fit.best()  # raises ValueError when no fit is usable: keep the previous state then
-        self.fits[calibration.node_id] = fit
-        self._fit_blocks[calibration.node_id] = (stage.first_block, stage.last_block)
-        self._rebuild()
-        return {"node_id": calibration.node_id, "measured_at": calibration.measured_at,
-                "placement_version": calibration.placement_version, "first_block": calibration.first_block,
-                "last_block": calibration.last_block, "fit": fit.to_dict(), "best": best.kind,
-                "r2_linear": fit.linear.r2, "r2_quadratic": fit.quadratic.r2}
+            raise
+        if row is not None:
+            self._rebuild()
+        return row
 
     def recover_desired(self, node_id: str, desired: PruneDesired) -> None:
         """The retained desired state (ours, from before a restart): keep its seq and ratio."""
@@ -173,17 +111,9 @@ class ControlLoop:
             self._rebuild()
 
     def observe_latency(self, ts: float, e2e_s: float) -> None:
-        """Keep the last few follow-up spans of latencies, and hand the sample to the running controller.
-
-        Three pieces hold end-to-end latencies, each for its own reason: :class:`gateway.slo.SloWindows`
-        groups *every* result into fixed windows and forgets each once summarised; the controller keeps a
-        sliding window that dies with it, so a controller rebuilt for a new placement never judges it by
-        the old one's latencies; this buffer outlives those rebuilds, because a prune event's follow-up
-        (what latency it was followed by) is due ``follow_up_s`` later, often after the rebuild it caused.
-        """
-        self._recent.append((ts, e2e_s))
-        while self._recent and self._recent[0][0] < ts - 4 * self.follow_up_s:
-            self._recent.popleft()
+        """Keep it for the prune events' follow-ups (:mod:`gateway.prune_log` says why there too), and hand the
+        sample to the running controller."""
+        self.prune_log.observe_latency(ts, e2e_s)
         if self.controller:
             self.controller.observe_latency(ts, e2e_s)
 
@@ -197,7 +127,7 @@ class ControlLoop:
             return
         for hop in result.hops:
             stage = self.placement.stage_of(hop.node_id)
-            if stage is None or stage.stage != hop.stage or hop.node_id in self.provisional:
+            if stage is None or stage.stage != hop.stage or hop.node_id in self.curves.provisional:
                 continue
             if hop.first_block is not None and (hop.first_block, hop.first_block + hop.n_blocks - 1) != (
                     stage.first_block, stage.last_block):  # served in flight during a move: other blocks
@@ -217,6 +147,7 @@ class ControlLoop:
     def _rebuild(self) -> None:
         if self.controller is not None:
             self._memory = self.controller.memory()
+            self._holds = self.controller.manual
         if self.disabled_reason is not None:
             if self.controller is not None:
                 log.info("pruning controller paused: %s", self.disabled_reason)
@@ -229,8 +160,9 @@ class ControlLoop:
             accuracy = ReplicaAccuracy.equal_shares(accuracy, [len(s.nodes) for s in self.placement.stages])
         initial = {n: self.desired[n].ratio for n in nodes if n in self.desired}
         shares = {n: 1.0 / len(s.nodes) for s in self.placement.stages for n in s.nodes}
-        self.controller = PruningController(nodes, self.fits, accuracy, self.slo_s, self.settings, initial,
-                                            n_stages=len(self.placement.stages), arrival_shares=shares)
+        self.controller = PruningController(nodes, self.curves.fits, accuracy, self.slo_s, self.settings, initial,
+                                            n_stages=len(self.placement.stages), arrival_shares=shares,
+                                            held=self._holds)
         if self._memory is not None:
             self.controller.recall(self._memory)
         log.info("pruning controller running over %s (policy %s, budget %.1f ms per stage)", nodes,
@@ -238,7 +170,7 @@ class ControlLoop:
 
     # --- decisions -----------------------------------------------------------------------
     def tick(self, now: float) -> Effects:
-        effects = Effects(events=self._follow_ups(now))
+        effects = Effects(events=self.prune_log.follow_ups(now))
         if self.controller is not None and self.automatic:
             self._apply(self.controller.tick(now), now, effects)
         return effects
@@ -277,7 +209,7 @@ class ControlLoop:
     def _apply(self, actions: list, now: float, effects: Effects) -> None:
         """Each action becomes an event row; each changed ratio the next retained desired state."""
         for action in actions:
-            effects.events.append(self._event_row(action))
+            effects.events.append(self.prune_log.row(action, self.controller.nodes))
             if isinstance(action, SetRatios):
                 for node, ratio in action.ratios.items():
                     seq = self.desired[node].seq + 1 if node in self.desired else 1
@@ -288,45 +220,12 @@ class ControlLoop:
     def forget(self, node_id: str) -> None:
         """A retired node: no desired state, no curve."""
         self.desired.pop(node_id, None)
-        self.fits.pop(node_id, None)
-        self._fit_blocks.pop(node_id, None)
-        self._ladder_mismatch.pop(node_id, None)
-        self._latest_calibration.pop(node_id, None)
-        self.provisional.discard(node_id)
-        if self.controller is not None:  # a node that comes back is measured afresh
+        self.curves.forget(node_id)
+        self._holds.pop(node_id, None)
+        if self.controller is not None:  # a node that comes back is measured afresh, and is not held
             self.controller.forget_device(node_id)
         if self._memory is not None:
             self._memory = self._memory.without(node_id)
-
-    def _event_row(self, action: SetRatios | Infeasible | Held) -> dict:
-        """The prune_events row of an action. Rows are keyed on (ts, kind), and one decision can make several
-        actions of one kind at one instant (restore-all: a hold and a release per node), so a later one is
-        stamped a microsecond after the last: none overwrites another."""
-        kind = {SetRatios: "set", Infeasible: "infeasible", Held: "held"}[type(action)]
-        ts = max(action.ts, self._last_event_ts.get(kind, float("-inf")) + 1e-6)
-        self._last_event_ts[kind] = ts
-        d = action.decision
-        row = {"ts": ts, "kind": kind, "policy": d.policy, "reason": action.reason,
-               "source": getattr(action, "source", None),
-               "ratios": dict(zip(self.controller.nodes, d.ratios)), "changed": getattr(action, "ratios", {}),
-               "predicted_stage_s": list(d.stage_latency_s), "predicted_bottleneck_s": d.bottleneck_s,
-               "predicted_accuracy": d.accuracy, "budget_s": d.budget_s, "infeasible": d.infeasible,
-               "metrics": asdict(action.metrics)}
-        log.warning("prune event (%s): %s -> %s", kind, action.reason, row["ratios"])
-        self._awaiting_follow_up.append(row)
-        return row
-
-    def _follow_ups(self, now: float) -> list[dict]:
-        """Observed latency in the ``follow_up_s`` after each event: did the decision work?"""
-        done = [r for r in self._awaiting_follow_up if now >= r["ts"] + self.follow_up_s]
-        self._awaiting_follow_up = [r for r in self._awaiting_follow_up if now < r["ts"] + self.follow_up_s]
-        rows = []
-        for row in done:
-            after = np.array([lat for ts, lat in self._recent if row["ts"] < ts <= row["ts"] + self.follow_up_s])
-            rows.append({"ts": row["ts"], "kind": row["kind"], "observed_count": int(after.size),
-                         "observed_p50_s": float(np.percentile(after, 50)) if after.size else None,
-                         "observed_p95_s": float(np.percentile(after, 95)) if after.size else None})
-        return rows
 
     def status(self) -> dict:
         """For the operator page."""
@@ -336,5 +235,5 @@ class ControlLoop:
                 "manual": c.manual if c else {}, "ladder": list(self.settings.ladder),
                 "ratios": {n: d.ratio for n, d in self.desired.items()},
                 "slowdowns": {n: c.slowdown(n) for n in c.nodes} if c else {},
-                "budget_s": c.budget_s if c else None, "provisional_curves": sorted(self.provisional),
+                "budget_s": c.budget_s if c else None, "provisional_curves": sorted(self.curves.provisional),
                 "accuracy_floor": c.accuracy_floor if c else None}

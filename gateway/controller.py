@@ -56,10 +56,11 @@ class PruningController:
     def __init__(self, nodes: Sequence[str], latency: Mapping[str, SliceLatencyFit],
                  accuracy: AccuracyFit | ReplicaAccuracy, slo_s: float, config: ControllerSettings | None = None,
                  initial_ratios: Mapping[str, float] | None = None, n_stages: int | None = None,
-                 arrival_shares: Mapping[str, float] | None = None):
+                 arrival_shares: Mapping[str, float] | None = None, held: Mapping[str, float] | None = None):
         """``nodes`` in stage order, a replicated stage's nodes side by side; ``accuracy`` has one entry per node
         (a :class:`ReplicaAccuracy` when stages have replicas, whose count ``n_stages`` then gives);
-        ``arrival_shares``: the fraction of the frames each node serves (1 / its stage's replicas; default 1)."""
+        ``arrival_shares``: the fraction of the frames each node serves (1 / its stage's replicas; default 1);
+        ``held``: the operator's holds a previous controller had (they stay until released)."""
         if not nodes or len(set(nodes)) != len(nodes):
             raise ValueError("nodes must be a non-empty list of distinct ids in stage order")
         if n_stages is not None and not 1 <= n_stages <= len(nodes):
@@ -78,7 +79,8 @@ class PruningController:
         self._ratios = {node: (initial_ratios or {}).get(node, 0.0) for node in nodes}
         if any(not 0.0 <= r < 1.0 for r in self._ratios.values()):
             raise ValueError("initial ratios must lie in [0, 1)")
-        self._manual: dict[str, float] = {}
+        self._manual = {node: ratio for node, ratio in (held or {}).items() if node in self._ratios}
+        self._ratios.update(self._manual)
         self._latencies: deque[tuple[float, float]] = deque()
         self._slowdown: dict[str, float] = {}
         self._decode_s: dict[str, float] = {}
@@ -105,9 +107,10 @@ class PruningController:
         self._arrivals.extend(memory.arrivals)
 
     def forget_device(self, node_id: str) -> None:
-        """A retired node: what was learnt of its device is no longer carried to the next placement."""
+        """A retired node: what was learnt of its device, and its hold, are no longer carried to the next placement."""
         self._detector.forget(node_id)
         self._slowdown.pop(node_id, None)
+        self._manual.pop(node_id, None)
 
     # ---- read-only views -------------------------------------------------------------------------
     @property

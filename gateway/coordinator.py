@@ -190,6 +190,8 @@ class Coordinator:
         except LadderMismatch as exc:
             raise BadMessage("ladder_mismatch", f"calibration of {calibration.node_id} refused: {exc}") from None
         except ValueError as exc:  # a curve that cannot be fitted (e.g. latencies that are all noise)
+            self._recalibrate(calibration.node_id, calibration.placement_version,
+                              "no latency curve fits its slice's calibration")
             measured = ", ".join(f"{r:g}:{t * 1e3:.2f}" for r, t in zip(calibration.ratios, calibration.latency_s))
             raise BadMessage("bad_calibration", f"calibration of {calibration.node_id} (ratio:ms {measured}): "
                              f"{exc}") from None
@@ -198,19 +200,21 @@ class Coordinator:
         self._out.write("add_calibration", row)
         r2 = max(row["r2_linear"], row["r2_quadratic"])
         if r2 < self.settings.recalibrate_below_r2:
-            self._recalibrate(calibration.node_id, calibration.placement_version, r2)
+            self._recalibrate(calibration.node_id, calibration.placement_version,
+                              f"its slice's latency fit explains only R²={r2:.2f} of the calibration (below "
+                              f"{self.settings.recalibrate_below_r2:.2f})")
 
-    def _recalibrate(self, node_id: str, placement_version: int, r2: float) -> None:
-        """A flat or noisy latency curve (measured while the host was busy) would make the controller predict that
-        pruning this slice buys nothing: keep it, and ask the node to measure again, a bounded number of times."""
+    def _recalibrate(self, node_id: str, placement_version: int, why: str) -> None:
+        """A calibration measured while the host was busy: a flat or noisy curve (kept: it would make the controller
+        predict that pruning this slice buys nothing) or one no curve fits (refused: the controller stays off): ask
+        the node to measure again, a bounded number of times per placement."""
         key = (node_id, placement_version)
         asked = self._recalibrations.get(key, 0)
         if asked >= self.settings.recalibrate_attempts:
             return
         self._recalibrations[key] = asked + 1
-        log.warning("%s: its slice's latency fit explains only R²=%.2f of the calibration (below %.2f): asking it to "
-                    "calibrate again (%d of %d)", node_id, r2, self.settings.recalibrate_below_r2, asked + 1,
-                    self.settings.recalibrate_attempts)
+        log.warning("%s: %s: asking it to calibrate again (%d of %d)", node_id, why,
+                    asked + 1, self.settings.recalibrate_attempts)
         self._out.send(self.topics.node_command(node_id), to_json(CalibrateCommand(cmd="calibrate")))
 
     @_entry

@@ -57,8 +57,9 @@ class RateReplan:
         if fit is None or fit.n_stages != problem.n_blocks:  # no accuracy model: no pruning levels either
             return HybridRequest(problem, target, slo_s)
         predict = fit.predictor(config.accuracy_model)
-        return HybridRequest(problem, target, slo_s, levels_from_fits(config.ladder, control.fits, config.max_ratio),
-                             predict, config.accuracy_floor_relative * predict([0.0] * problem.n_blocks))
+        levels = levels_from_fits(config.ladder, control.curves.fits, config.max_ratio)
+        return HybridRequest(problem, target, slo_s, levels, predict,
+                             config.accuracy_floor_relative * predict([0.0] * problem.n_blocks))
 
     def apply(self, now: float, request: HybridRequest, plan: HybridPlan | None, previous_hz: float | None,
               effects: ControlEffects) -> Placement | None:

@@ -238,7 +238,8 @@ class GatewaySettings(_Section):
                                         "kept, and the node is asked to calibrate again, at most "
                                         "recalibrate_attempts times per placement. 0 = never.")
     recalibrate_attempts: int = Field(2, ge=0, le=10, description="How many times per placement a node is asked to "
-                                      "re-calibrate a poorly fitting slice (recalibrate_below_r2).")
+                                      "re-calibrate a poorly fitting slice (recalibrate_below_r2), or one no "
+                                      "latency curve fits (refused, so the controller stays off meanwhile).")
     stats_silence_s: float = Field(10.0, gt=0, le=3600, description="A node with no stats for this long is "
                                    "treated as offline (hung) until it speaks again; keep it above the nodes' "
                                    "stats_interval_s.")

@@ -207,6 +207,30 @@ def test_manual_hold_and_release():
     assert released.events[0]["policy"] == "release"
 
 
+def test_a_hold_outlives_every_rebuild_of_the_controller_until_released():
+    """A node's recalibration (the gateway asks for one after a poorly fitted curve, common on a loaded host) or a
+    re-placement rebuilds the controller; the operator's hold was dropped with the old one, so the held node was
+    handed back to the controller unasked (seen in the browser test: the hold gone from the page 3 s after it)."""
+    c = running_loop()
+    c.manual(10.0, "b", 0.5)
+    c.add_calibration(calibration("b", 3, 5, base_s=0.021))  # measured again: a new controller
+    assert c.controller.manual == {"b": 0.5} and c.controller.ratios["b"] == 0.5
+    c.set_placement(placement(2, cut=2))  # a move: paused until both nodes have measured their new slices
+    assert c.controller is None
+    c.add_calibration(calibration("a", 0, 1, version=2))
+    c.add_calibration(calibration("b", 2, 5, version=2))
+    assert c.controller.manual == {"b": 0.5} and c.status()["manual"] == {"b": 0.5}
+    c.manual(20.0, "b", None)
+    c.add_calibration(calibration("b", 2, 5, version=2, base_s=0.021))
+    assert c.controller.manual == {}  # released stays released
+    c.manual(30.0, "a", 0.3)
+    c.forget("a")  # a retired node's hold goes with it
+    c.set_placement(placement(3))
+    c.add_calibration(calibration("a", 0, 2, version=3))
+    c.add_calibration(calibration("b", 3, 5, version=3))
+    assert c.controller.manual == {}
+
+
 def test_a_ladder_the_nodes_do_not_have_is_refused_not_snapped():
     c = loop(ladder=(0.0, 0.25, 0.5, 0.75))  # the nodes build 0.0, 0.1, ... 0.9: 0.25 and 0.75 would snap
     c.set_placement(placement(1))

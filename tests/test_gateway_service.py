@@ -59,7 +59,7 @@ def test_a_redelivered_result_is_counted_once_and_never_replaces_the_first(gatew
     wait_until(lambda: data_path.redelivered_results == 1 and gateway.bus.errors["conflict_result"] == 1, 20,
                "the second and third deliveries never arrived")
     assert gateway.coordinator.control.controller.metrics(time.time()).trigger_samples == 1  # one controller sample
-    assert len(gateway.coordinator.control._recent) == 1
+    assert len(gateway.coordinator.control.prune_log.recent) == 1
     wait_until(lambda: Reader(gateway.settings.db_path).recent_requests(0), 20, "no request row written")
     gateway.stop()  # closes the open SLO window into the table
     reader = Reader(gateway.settings.db_path)
@@ -203,7 +203,8 @@ def test_a_calibration_that_fits_poorly_is_kept_and_measured_again_a_bounded_num
         time.sleep(1.0)  # a third request, if one were (wrongly) sent, would have arrived by now
         asked = [m for m in recorder.json_on(gateway.topics.node_command("a")) if m.get("cmd") == "calibrate"]
         assert len(asked) == gateway.settings.recalibrate_attempts == 2
-        assert "a" in gateway.coordinator.control.fits  # the poor curve is kept meanwhile: a curve is better than none
+        # the poor curve is kept meanwhile: a curve is better than none
+        assert "a" in gateway.coordinator.control.curves.fits
     finally:
         recorder.close()
 

@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 
 import pytest
 from PIL import Image
@@ -27,17 +28,29 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 def headless_chromium(tmp_path, width: int, height: int):
-    """Debian's chromium through chromedriver, offline and without a sandbox (CI containers)."""
+    """Debian's chromium through chromedriver, offline and without a sandbox (CI containers).
+
+    Started a second time if the first start fails: chromedriver gives a browser 60 s to come up and selenium
+    gives chromedriver ~30 s, fixed, and the first start on a host (nothing of chromium in the page cache yet,
+    its profile made) on a loaded machine can take longer; the second finds the files read."""
     from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chrome'}", f"--window-size={width},{height}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    def start(attempt: int):
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     f"--user-data-dir={tmp_path / f'chrome-{attempt}'}", f"--window-size={width},{height}"):
+            options.add_argument(flag)
+        return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+    try:
+        return start(1)
+    except WebDriverException as exc:
+        warnings.warn(f"chromium did not start at the first attempt, starting it again: {exc.msg}", stacklevel=2)
+        return start(2)
 
 
 def hop(node: str, stage: int, finish: float, compute: float, ratio: float) -> dict:

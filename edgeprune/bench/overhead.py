@@ -128,11 +128,18 @@ def _pipeline_frames(bench: PolicyRun, frames: int, rate: float) -> list[dict]:
                              "--count", str(frames))
     bench.start_camera()
     print(f"pipeline: {frames} frames at {rate:g} frames/s", file=sys.stderr, flush=True)
-    bench.procs[-1][1].wait(timeout=frames / rate * 4 + 120)
-    deadline = time.monotonic() + 30.0  # the last results reach the database (a batch every flush_interval_s)
+    camera = bench.procs[-1][1]
+    if camera.wait(timeout=frames / rate * 4 + 120) != 0:
+        raise SystemExit(f"the camera exited with code {camera.returncode}; see {bench.run_dir}/camera.log")
+    # the last results reach the database (a batch every flush_interval_s); on a loaded host the stages may still
+    # be working through a queue: wait while results keep coming, up to 30 s after the last new one
+    rows: list[dict] = []
+    deadline = time.monotonic() + 30.0
     while True:
-        rows = query(Reader(bench.db), "SELECT capture_ts, finish_ts, received_ts, e2e_s, hops FROM requests "
-                                       "WHERE camera_id = ? ORDER BY capture_ts", (CAMERA_ID,))
+        latest = query(Reader(bench.db), "SELECT capture_ts, finish_ts, received_ts, e2e_s, hops FROM requests "
+                                         "WHERE camera_id = ? ORDER BY capture_ts", (CAMERA_ID,))
+        if len(latest) > len(rows):
+            rows, deadline = latest, time.monotonic() + 30.0
         if len(rows) >= frames or time.monotonic() > deadline:
             return rows
         time.sleep(0.5)
