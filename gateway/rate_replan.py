@@ -15,7 +15,7 @@ from gateway.arrival import ArrivalMeter, RateRules, RateTrigger, levels_from_fi
 from gateway.control_loop import ControlLoop
 from gateway.control_loop import Effects as ControlEffects
 from gateway.hybrid import HybridPlan, HybridRequest, plan_hybrid
-from gateway.live_placement import LivePlacement, one_pipeline
+from gateway.live_placement import LivePlacement
 from gateway.placement import InfeasiblePlacement
 from shared.schemas import Placement
 from shared.settings import GatewaySettings
@@ -74,8 +74,6 @@ class RateReplan:
             outcome = "no plan (see the log)"
         elif self.settings.rate_replan == "log":
             outcome = "logged only ([gateway] rate_replan = log)"
-        elif one_pipeline(plan) is None:
-            outcome = "not published: a placement cannot run parallel pipelines (one set of stage topics)"
         else:
             placement = self.live.adopt_hybrid(plan, now, f"arrival rate {target:.3g}/s")
             outcome = (f"published as placement v{placement.version}" if placement
