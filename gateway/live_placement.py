@@ -123,7 +123,7 @@ class LivePlacement:
             # replicated stages or parallel pipelines from a rate re-plan (rate_replan = "apply"): the one-pipeline
             # planner cannot weigh them against its own plan; the next rate re-plan places the nodes that joined
             self._declined = frozenset(settled)
-            log.info("keeping the rate re-plan's replicated placement: %s wait for the next rate re-plan",
+            log.info("keeping the rate re-plan's replicated or parallel placement: %s wait for the next rate re-plan",
                      ", ".join(n for n in settled if n not in placed))
             return None
         candidate = self._plan(settled)
