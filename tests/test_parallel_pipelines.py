@@ -226,3 +226,10 @@ def test_the_control_loop_runs_over_parallel_pipelines(tmp_path):
             measured_at=1.0))
     assert loop.disabled_reason is None and loop.controller is not None
     assert list(loop.controller.nodes) == ["a", "b", "c", "d"]
+
+
+def test_doctor_names_each_pipeline_of_a_parallel_placement():
+    from edgeprune.doctor import pipeline_words
+
+    assert pipeline_words(two_pipelines()) == ("pipeline 0: stage 1 on a → stage 2 on b; "
+                                               "pipeline 1: stage 1 on c → stage 2 on d")
