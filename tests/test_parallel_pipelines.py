@@ -233,3 +233,11 @@ def test_doctor_names_each_pipeline_of_a_parallel_placement():
 
     assert pipeline_words(two_pipelines()) == ("pipeline 0: stage 1 on a → stage 2 on b; "
                                                "pipeline 1: stage 1 on c → stage 2 on d")
+
+
+def test_the_operator_page_shows_parallel_pipelines_side_by_side():
+    from web.overview import pipeline_of, placement_words
+
+    row = two_pipelines().model_dump()
+    assert placement_words(2, pipeline_of(row)) == ("placement 2: 1 a (blocks 0–2) → 2 b (blocks 3–5) ∥ "
+                                                    "1 c (blocks 0–3) → 2 d (blocks 4–5)")
