@@ -1,6 +1,6 @@
 """The arrival-rate trigger and its re-plan: measure the frames stage 1 accepts, and when the rate has changed for
 good (:mod:`gateway.arrival`) ask the hybrid planner (:mod:`gateway.hybrid`) for the new rate, log its plan and,
-with ``[gateway] rate_replan = "apply"``, adopt it when one placement can run it (docs/placement.md).
+with ``[gateway] rate_replan = "apply"``, adopt it (docs/placement.md).
 
 Pure (time passed in). Planning can take seconds on many nodes, so it is split in three: :meth:`RateReplan.due`
 says what to ask, :func:`plan_for_rate` plans (the service runs it outside its lock), :meth:`RateReplan.apply`
@@ -62,7 +62,7 @@ class RateReplan:
 
     def apply(self, now: float, request: HybridRequest, plan: HybridPlan | None, previous_hz: float | None,
               effects: ControlEffects) -> Placement | None:
-        """Log the plan for the new rate; with ``rate_replan = "apply"`` also adopt it when a placement can run it.
+        """Log the plan for the new rate; with ``rate_replan = "apply"`` also adopt it (parallel pipelines included).
 
         For one pipeline the best cuts do not depend on the rate; what does is how much to prune up front, and
         whether parallel pipelines or replicated stages are needed. The plan is logged as a ``rate_replan`` row in

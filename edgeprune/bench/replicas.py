@@ -72,8 +72,8 @@ def sustainable(points: list[dict], attainment: float) -> float:
 
 
 def planner_times(sizes: list[int], seed: int = 0) -> list[dict]:
-    """Solve time of the gateway's hybrid planning (one pipeline with replicas) for n nodes, each its own device:
-    TrapNet's shipped profile × a log-uniform 1-8× speed with ±10 % per block, so no two nodes merge."""
+    """Solve time of the hybrid planner for one pipeline with replicas (``max_parallel=1``) for n nodes, each its own
+    device: TrapNet's shipped profile × a log-uniform 1-8× speed with ±10 % per block, so no two nodes merge."""
     from edgeprune.demo import DEMO_PROFILE
     from gateway.hybrid import HybridRequest, plan_hybrid
     from gateway.placement import Device, problem_from_profiles
