@@ -241,3 +241,19 @@ def test_the_operator_page_shows_parallel_pipelines_side_by_side():
     row = two_pipelines().model_dump()
     assert placement_words(2, pipeline_of(row)) == ("placement 2: 1 a (blocks 0–2) → 2 b (blocks 3–5) ∥ "
                                                     "1 c (blocks 0–3) → 2 d (blocks 4–5)")
+
+
+def test_a_gone_first_stage_of_parallel_pipelines_has_its_session_taken_over(tmp_path):
+    """Its frames came through the shared frames group: what it held goes back to the group (the other pipeline);
+    a later stage of one node reads its own plain topic, so there is no session to take over."""
+    from shared.model import MODEL_NAME
+    from tests.test_coordinator import coordinator, placed
+
+    c = coordinator(tmp_path, nodes=("a", "b", "c", "d"))
+    placement = two_pipelines().model_copy(update={"model": MODEL_NAME})
+    placed(c, placement)
+    for node in "abcd":
+        c.on_status(node, "online", now=1.0)
+    assert c.on_status("d", "offline", now=2.0).drains == []
+    assert c.on_status("c", "offline", now=3.0).drains == [("c", "$share/edgeprune-stage-1-tok3n-abcd/"
+                                                                 "edgeprune/camera/+/frame")]
