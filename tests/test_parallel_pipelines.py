@@ -135,15 +135,25 @@ def test_a_parallel_plan_becomes_one_placement_with_numbered_pipelines():
     assert placement.share_token == "tok3n-abcd" and placement.bottleneck_s == pytest.approx(0.05)
 
 
-def parallel_live(mode_min: int = 2) -> LivePlacement:
-    """Four equal nodes of six 10 ms blocks each, in hybrid mode at 40 frames/s (``min_parallel`` as given)."""
+def parallel_live(min_parallel: int = 2, **speeds: float) -> LivePlacement:
+    """Nodes a-d of six 10 ms x speed blocks each (speed 1 unless given), placed by the hybrid planner for 40 frames/s
+    (``min_parallel`` 2: ``placement_mode = "parallel"``, 1: ``"hybrid"``)."""
     nodes = ["a", "b", "c", "d"]
     live = LivePlacement(PlacementRules(20, 10, 0.1), "trapnet", "abc", nodes, started=0,
-                         hybrid=HybridTarget(40.0, 1.0, min_parallel=mode_min))
+                         hybrid=HybridTarget(40.0, 1.0, min_parallel=min_parallel))
     for node in nodes:
         live.set_status(node, "online", 0)
-        live.set_offer(offer(node))
+        live.set_offer(offer(node, speeds.get(node, 1.0)))
     return live
+
+
+def test_hybrid_mode_runs_parallel_pipelines_when_the_planner_picks_them():
+    """Two fast and two half-speed nodes: the planner's best is two pipelines, each a half-speed node running the first
+    blocks for a fast one; hybrid mode places exactly that."""
+    placement = parallel_live(min_parallel=1, c=2.0, d=2.0).tick(1)
+    assert [(s.pipeline, s.stage, s.nodes) for s in placement.stages] == [
+        (0, 1, ["c"]), (0, 2, ["a"]), (1, 1, ["d"]), (1, 2, ["b"])]
+    assert placement.share_token
 
 
 def test_the_gateway_runs_the_planners_parallel_pipelines():
