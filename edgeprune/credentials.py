@@ -34,6 +34,7 @@ ROLE_RIGHTS: dict[str, list[tuple[str, str]]] = {
     # and writes the next stage, its own results, accepted-request records and thumbnails, and its own state.
     "node": [
         ("read", "placement"), ("read", "camera/+/frame"), ("readwrite", "pipeline/stage/+/in"),
+        ("readwrite", "pipeline/+/stage/+/in"),  # the stage inputs of parallel pipelines after the first
         ("write", "pipeline/results/{u}"), ("write", "pipeline/accepted/{u}"), ("write", "pipeline/thumbnail/{u}"),
         ("read", "node/{u}/prune/set"), ("read", "node/{u}/cmd"),
         ("readwrite", "node/{u}/status"), ("write", "node/{u}/stats"), ("readwrite", "node/{u}/profile"),
@@ -45,7 +46,8 @@ ROLE_RIGHTS: dict[str, list[tuple[str, str]]] = {
     # takes over a dead replica's session, and re-publishes them (docs/scaling.md).
     "gateway": [
         ("readwrite", "placement"), ("readwrite", "node/#"), ("read", "pipeline/#"),
-        ("write", "pipeline/stage/+/in"), ("readwrite", "camera/+/frame"), ("read", "error/+"),
+        ("write", "pipeline/stage/+/in"), ("write", "pipeline/+/stage/+/in"), ("readwrite", "camera/+/frame"),
+        ("read", "error/+"),
         ("read", "component/{g}/cmd"), ("write", "component/{g}/reply"), ("readwrite", "component/+/status"),
         ("write", "clock"),
     ],

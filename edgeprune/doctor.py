@@ -138,9 +138,12 @@ def check_membership(f: Facts) -> Check:
 
 
 def pipeline_words(placement: Placement) -> str:
-    """Every placed node, hop by hop: the ingest node, then each stage with all the nodes serving it."""
+    """Every placed node, hop by hop: the ingest node, then each stage with all the nodes serving it; parallel
+    pipelines one after the other, each named."""
     ingest = [f"ingest {placement.ingest_node}"] if placement.ingest_node else []
-    return " → ".join(ingest + [f"stage {s.stage} on {' + '.join(s.nodes)}" for s in placement.stages])
+    pipelines = placement.pipelines
+    return "; ".join((f"pipeline {j}: " if len(pipelines) > 1 else "") + " → ".join(
+        ingest + [f"stage {s.stage} on {' + '.join(s.nodes)}" for s in stages]) for j, stages in enumerate(pipelines))
 
 
 def check_clock(f: Facts) -> Check:

@@ -21,8 +21,8 @@ from scipy.special import expit, logit
 
 from shared.latency_fit import LatencyCurve, LatencyKind, SliceLatencyFit, fit_latency, fit_quality
 
-__all__ = ["AccuracyFit", "AccuracyModel", "AccuracyPredictor", "LatencyCurve", "LatencyKind", "ReplicaAccuracy",
-           "SliceLatencyFit", "accuracy_for_slices", "fit_accuracy", "fit_latency"]
+__all__ = ["AccuracyFit", "AccuracyModel", "AccuracyPredictor", "LatencyCurve", "LatencyKind", "PipelineMix",
+           "ReplicaAccuracy", "SliceLatencyFit", "accuracy_for_slices", "fit_accuracy", "fit_latency"]
 
 AccuracyModel = Literal["logistic", "measured"]
 AccuracyPredictor = Callable[[Sequence[float]], float]
@@ -136,8 +136,11 @@ def fit_accuracy(vectors: Sequence[Sequence[float]], accuracies: Sequence[float]
                        accuracies=tuple(float(a) for a in measured))
 
 
-def accuracy_for_slices(block_fit: AccuracyFit, slices: Sequence[tuple[int, int]]) -> AccuracyFit:
+def accuracy_for_slices(block_fit: AccuracyFit, slices: Sequence[tuple[int, int]]) -> AccuracyFit | PipelineMix:
     """The accuracy model of one placement, from a model calibrated once per *block*.
+
+    ``slices``: the placement's stages in order; parallel pipelines list each of their cuts of the model after the
+    other (a slice starting at block 0 again starts the next pipeline): their model is a :class:`PipelineMix`.
 
     Pruning masks depend on a block's weights and ratio alone (shared/pruning.py), so one offline
     calibration with a ratio per block serves every placement: a slice pruned at p prunes each of its
@@ -145,13 +148,62 @@ def accuracy_for_slices(block_fit: AccuracyFit, slices: Sequence[tuple[int, int]
     as the slice vector of its least-pruned block per slice: that vector prunes no more than the one
     measured, so its recorded accuracy stays a lower bound and ``lookup`` stays safe.
     """
-    covered = [b for first, last in slices for b in range(first, last + 1)]
-    if covered != list(range(block_fit.n_stages)):
+    pipelines = _pipelines_of(slices)
+    covered = [[b for first, last in pipeline for b in range(first, last + 1)] for pipeline in pipelines]
+    if any(blocks != list(range(block_fit.n_stages)) for blocks in covered):
         raise ValueError(f"slices {list(slices)} do not cover the {block_fit.n_stages} calibrated blocks in order")
+    if len(pipelines) > 1:
+        return PipelineMix(tuple(accuracy_for_slices(block_fit, p) for p in pipelines))
     gains = tuple(float(sum(block_fit.gains[first:last + 1])) for first, last in slices)
     vectors = tuple(tuple(float(min(v[first:last + 1])) for first, last in slices) for v in block_fit.vectors)
     return AccuracyFit(gains=gains, offset=block_fit.offset, top=block_fit.top, chance=block_fit.chance,
                        r2=block_fit.r2, rmse=block_fit.rmse, vectors=vectors, accuracies=block_fit.accuracies)
+
+
+def _pipelines_of(slices: Sequence[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """``slices`` cut where a slice starts at block 0 again (a placement lists its pipelines one after the other)."""
+    pipelines: list[list[tuple[int, int]]] = []
+    for first, last in slices:
+        if first == 0 or not pipelines:
+            pipelines.append([])
+        pipelines[-1].append((first, last))
+    return pipelines
+
+
+@dataclass(frozen=True)
+class PipelineMix:
+    """The accuracy model over the slices of parallel pipelines (docs/scaling.md, "Parallel pipelines").
+
+    Each frame passes one pipeline; the broker deals frames to the pipelines' first stages in turn, so with one
+    first-stage node each (the planner's groups are alike) each pipeline takes an equal share, and the expected
+    accuracy of a slice ratio vector is the mean over pipelines of each one's model at its own slices. Monotone like
+    its parts; ``gains`` (the paper policy's linear floor) are each slice's gain times its pipeline's share. The
+    pipelines share one block model, so they need the same score for a floor.
+    """
+
+    pipelines: tuple[AccuracyFit, ...]  # per pipeline, the model of its slices (accuracy_for_slices)
+
+    @property
+    def n_stages(self) -> int:
+        """One entry per slice, pipeline after pipeline: the controller indexes ratios by stage node."""
+        return sum(p.n_stages for p in self.pipelines)
+
+    @property
+    def gains(self) -> tuple[float, ...]:
+        return tuple(g / len(self.pipelines) for p in self.pipelines for g in p.gains)
+
+    def required_score(self, floor: float) -> float:
+        return self.pipelines[0].required_score(floor)
+
+    def predictor(self, model: AccuracyModel) -> AccuracyPredictor:
+        parts, start = [], 0
+        for pipeline in self.pipelines:
+            parts.append((pipeline.predictor(model), start, start + pipeline.n_stages))
+            start += pipeline.n_stages
+
+        def mean(ratios: Sequence[float]) -> float:
+            return sum(predict(ratios[a:b]) for predict, a, b in parts) / len(parts)
+        return mean
 
 
 @dataclass(frozen=True)
@@ -170,7 +222,7 @@ class ReplicaAccuracy:
     gains times the node's share: the expected score, whose floor the policy then checks with this model.
     """
 
-    stage_fit: AccuracyFit
+    stage_fit: AccuracyFit | PipelineMix
     groups: tuple[tuple[int, ...], ...]  # node indices per stage, in stage order
     shares: tuple[float, ...]  # per node: its fraction of its stage's frames
 
@@ -182,7 +234,7 @@ class ReplicaAccuracy:
             raise ValueError("the shares of a stage's nodes must add up to 1")
 
     @classmethod
-    def equal_shares(cls, stage_fit: AccuracyFit, stage_sizes: Sequence[int]) -> ReplicaAccuracy:
+    def equal_shares(cls, stage_fit: AccuracyFit | PipelineMix, stage_sizes: Sequence[int]) -> ReplicaAccuracy:
         groups, shares, start = [], [], 0
         for size in stage_sizes:
             groups.append(tuple(range(start, start + size)))

@@ -12,7 +12,9 @@ Queueing model (documented in docs/placement.md, "Hybrid plans"):
   (Mosquitto's shared subscriptions: nothing balances them by readiness), so each replica gets 1/r of
   them and the slowest sets the pace: the stage's rate is ``r / max t_d`` (:func:`stage_rate`), not the
   sum of its replicas' rates;
-* arrivals are split among the pipelines in proportion to their capacity (equal utilisation);
+* arrivals are dealt to the pipelines in turn, one share per reader of a first stage (every pipeline's first
+  stage joins one shared subscription of the camera frames), whatever a pipeline's capacity: the pipeline that
+  saturates first at its share sets the plan's capacity, ``min_j capacity_j / share_j``;
 * a frame's latency through a stage is its slowest replica's ``compute + transfer`` (conservative)
   plus that replica's own M/D/1 wait ``rho / (2 mu (1 - rho))``, ``mu = 1 / max t_d``, at utilisation
   ``rho = (lambda / r) / mu``; the frame upload is added once. The SLO holds when the slowest
@@ -35,9 +37,10 @@ from dataclasses import dataclass, replace
 
 from gateway.placement import InfeasiblePlacement, PlacementProblem, _subproblem, solve_plan
 from shared.profiling import CAMERA, GATEWAY
+from shared.schemas import MAX_PIPELINES
 
-# Pipelines tried at most (1..this many in parallel): each needs its own planner runs.
-MAX_PARALLEL = 8
+# Pipelines tried at most (1..this many in parallel): each needs its own planner runs; a placement holds no more.
+MAX_PARALLEL = MAX_PIPELINES
 BISECTION_STEPS = 60
 
 
@@ -130,9 +133,10 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
         service.append(stage_times)
         latencies.append(fixed)
     capacities = [min(stage_rate(times) for times in stage_times) for stage_times in service]
-    total_capacity = sum(capacities)
+    readers = [len(stages[0].replicas) for stages in pipelines]
+    shares = [r / sum(readers) for r in readers]  # of the frames, per pipeline: the broker deals them in turn
     camera_hz = problem.camera_bandwidth_bps / problem.frame_bytes if problem.frame_bytes else math.inf
-    capacity = min(total_capacity, camera_hz)
+    capacity = min(min(c / share for c, share in zip(capacities, shares)), camera_hz)
     # the bisection below calls latency() 60 times per plan weighed: what does not depend on the rate is done once
     # per stage: (replicas r, the slowest replica's rate mu, 2 mu): each replica queues its 1/r of the frames
     servers = [[(len(times), 1 / max(times), 2 / max(times)) for times in stage_times if max(times) > 0]
@@ -140,11 +144,10 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
 
     def latency(total_hz: float) -> float:
         worst = 0.0
-        for queues, fixed, pipeline_capacity in zip(servers, latencies, capacities):
-            share = total_hz * pipeline_capacity / total_capacity if math.isfinite(pipeline_capacity) else 0.0
+        for queues, fixed, share in zip(servers, latencies, shares):
             wait = 0.0
             for replicas, mu, twice_mu in queues:
-                rho = share / replicas / mu
+                rho = total_hz * share / replicas / mu
                 if rho >= 1:
                     return math.inf
                 wait += rho / (twice_mu * (1 - rho))
@@ -170,8 +173,7 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
     if request.accuracy is not None:
         per_pipeline = [request.accuracy([s.ratio for s in stages for _ in range(s.first_block, s.last_block + 1)])
                         for stages in pipelines]
-        accuracy = sum(a * c for a, c in zip(per_pipeline, capacities)) / sum(capacities) \
-            if all(math.isfinite(c) for c in capacities) else min(per_pipeline)
+        accuracy = sum(a * share for a, share in zip(per_pipeline, shares))
     return HybridPlan(tuple(tuple(p) for p in pipelines), sustainable, capacity, latency(request.arrival_hz), accuracy)
 
 
@@ -216,14 +218,15 @@ def meets_floor(request: HybridRequest, plan: HybridPlan) -> bool:
     return plan.accuracy is None or plan.accuracy >= request.accuracy_floor - 1e-12
 
 
-def plan_hybrid(request: HybridRequest, max_parallel: int = MAX_PARALLEL) -> HybridPlan:
+def plan_hybrid(request: HybridRequest, max_parallel: int = MAX_PARALLEL, min_parallel: int = 1) -> HybridPlan:
     """The best hybrid plan found (module docstring: model and objective).
 
     Structures tried: for r = 1..``max_parallel`` parallel pipelines, the devices are dealt into r
     groups of near-equal speed (fastest first, each to the group with the least capacity so
     far); in each group, for every m, the minimum-bottleneck pipeline over its m fastest devices
     (:func:`gateway.placement.solve_plan`), the group's other devices then added one by one as
-    replicas of whichever stage is slowest and can hold them. Pruning: every structure with all
+    replicas of whichever stage is slowest and can hold them (at least ``min_parallel`` pipelines: the
+    gateway's ``placement_mode = "parallel"``, for comparisons). Pruning: every structure with all
     stages at one level, and a greedy path pruning the slowest stage one level further while the
     accuracy floor holds. Raises InfeasiblePlacement when nothing fits the memory caps.
     """
@@ -231,7 +234,7 @@ def plan_hybrid(request: HybridRequest, max_parallel: int = MAX_PARALLEL) -> Hyb
     speed = {d.id: problem.compute(d.id, 0, problem.n_blocks) for d in problem.devices}
     ids = sorted((d.id for d in problem.devices), key=speed.get)
     best: HybridPlan | None = None
-    for r in range(1, min(max_parallel, len(ids)) + 1):
+    for r in range(min_parallel, min(max_parallel, len(ids)) + 1):
         groups: list[list[str]] = [[] for _ in range(r)]
         for device in ids:
             min(groups, key=lambda g: sum(1 / (speed[d] or 1e-12) for d in g)).append(device)

@@ -48,6 +48,7 @@ class HybridTarget:
     arrival_hz: float
     slo_s: float
     whole_model: bool = False  # data partitioning only: every node that holds the model is a replica of one stage
+    min_parallel: int = 1  # 2: parallel pipelines only (placement_mode "parallel", for comparing them)
 
 
 class LivePlacement:
@@ -118,11 +119,11 @@ class LivePlacement:
             return None
         if self.hybrid is not None:  # a replica more never lowers a hybrid plan's rate: rejoin_hold_s is the hysteresis
             return self._adopt(settled, now, "nodes joined")
-        if any(s.replicas for s in self.current.stages):
-            # replicated stages from a rate re-plan (rate_replan = "apply"): the one-pipeline planner cannot weigh
-            # them against its own plan; the next rate re-plan places the nodes that joined
+        if self.current.node_ids() != [s.node_id for s in self.current.pipelines[0]]:
+            # replicated stages or parallel pipelines from a rate re-plan (rate_replan = "apply"): the one-pipeline
+            # planner cannot weigh them against its own plan; the next rate re-plan places the nodes that joined
             self._declined = frozenset(settled)
-            log.info("keeping the rate re-plan's replicated placement: %s wait for the next rate re-plan",
+            log.info("keeping the rate re-plan's replicated or parallel placement: %s wait for the next rate re-plan",
                      ", ".join(n for n in settled if n not in placed))
             return None
         candidate = self._plan(settled)
@@ -143,8 +144,8 @@ class LivePlacement:
         No accuracy is lost, but every node whose blocks move rebuilds its slice and re-calibrates:
         the benchmark (``edgeprune bench pipeline``, policy ``replace``) measures what that costs.
         """
-        if self.current is None or self.current.node_ids() != [s.node_id for s in self.current.stages]:
-            return None  # a plan with replicated stages is not re-partitioned (the controller prunes replicas)
+        if self.current is None or self.current.node_ids() != [s.node_id for s in self.current.pipelines[0]]:
+            return None  # replicated stages and parallel pipelines are not re-partitioned (the controller prunes)
         placed = self._placed()
         if any(n not in self._offers for n in placed):
             return None
@@ -175,13 +176,11 @@ class LivePlacement:
         return self._problem(nodes) if nodes else None
 
     def adopt_hybrid(self, plan: HybridPlan, now: float, reason: str) -> Placement | None:
-        """Publish ``plan`` when a placement can run it (one pipeline, its stages replicated or not) and it moves
-        something; parallel pipelines have no placement message (one set of stage topics)."""
-        stages = one_pipeline(plan)
-        if stages is None or (self.current is not None and stages == [
-                (tuple(s.nodes), s.first_block, s.last_block) for s in self.current.stages]):
+        """Publish ``plan`` (one pipeline or parallel ones, stages replicated or not) when it moves something."""
+        if self.current is not None and layout(plan) == [
+                (s.pipeline, tuple(s.nodes), s.first_block, s.last_block) for s in self.current.stages]:
             return None
-        nodes = [node for replicas, _, _ in stages for node in replicas]
+        nodes = [node for stages in plan.pipelines for s in stages for node in s.replicas]
         if not set(nodes) <= set(self.eligible()):  # a node left while the plan was being made
             return None
         placement = self._take_hybrid(plan, self._version(now), nodes, now, reason)
@@ -239,28 +238,29 @@ class LivePlacement:
         return self._cost_of_current(self._problem(self._placed())).bottleneck_s
 
     def _hybrid_plan(self, nodes: list[str]) -> HybridPlan | None:
-        """The hybrid planner's best plan over ``nodes`` as one pipeline whose stages may have replicas.
-
-        Parallel pipelines with different cuts are left out (``max_parallel=1``): the data path has one
-        set of stage topics. Whole model per node (data partitioning) is one stage with every node a replica.
+        """The hybrid planner's best plan over ``nodes``: one pipeline or parallel ones, stages replicated or not
+        (``min_parallel`` 2 for ``placement_mode = "parallel"``). Whole model per node (data partitioning) is one
+        stage with every node a replica.
         """
         def solve() -> HybridPlan:
             request = HybridRequest(self._problem(self._stage_capable(nodes)), self.hybrid.arrival_hz,
                                     self.hybrid.slo_s)
-            return whole_model_plan(request) if self.hybrid.whole_model else plan_hybrid(request, max_parallel=1)
+            if self.hybrid.whole_model:
+                return whole_model_plan(request)
+            return plan_hybrid(request, min_parallel=self.hybrid.min_parallel)
         return self._solved(nodes, solve)
 
     def _version(self, now: float) -> int:
         return max(int(now * 1000), (self.current.version + 1) if self.current else 0)
 
     def _take_hybrid(self, hybrid: HybridPlan, version: int, nodes: list[str], now: float, reason: str) -> Placement:
-        """Make the one-pipeline ``hybrid`` plan over ``nodes`` the current placement (replicas share the token)."""
+        """Make the ``hybrid`` plan over ``nodes`` the current placement (shared subscriptions share the token)."""
         self.current = hybrid_placement(hybrid, version, self.model, n_blocks=self._problem(nodes).n_blocks,
                                         issued_at=now, share_token=self._share_token)
         self._declined = None
         log.info("placement v%d (%s): hybrid plan (%s), %s, predicted sustainable %.1f frames/s", version, reason,
-                 hybrid.kind, ", ".join(f"{'+'.join(s.nodes)}:{s.first_block}-{s.last_block}"
-                                        for s in self.current.stages), hybrid.sustainable_hz)
+                 hybrid.kind, " | ".join(", ".join(f"{'+'.join(s.nodes)}:{s.first_block}-{s.last_block}" for s in p)
+                                         for p in self.current.pipelines), hybrid.sustainable_hz)
         return self.current
 
     def _adopt(self, nodes: list[str], now: float, reason: str, plan: Plan | None = None) -> Placement | None:
@@ -287,25 +287,21 @@ def slowed_for_moves(slowdowns: Mapping[str, float], gone: float) -> dict[str, f
     return {n: k if k > gone else 1.0 for n, k in slowdowns.items()}
 
 
-def one_pipeline(plan: HybridPlan) -> list[tuple[tuple[str, ...], int, int]] | None:
-    """``(nodes, first_block, last_block)`` per stage when ``plan`` is one pipeline (what a :class:`Placement` can
-    say: a stage's nodes are its replicas); None for parallel pipelines."""
-    if len(plan.pipelines) != 1:
-        return None
-    return [(s.replicas, s.first_block, s.last_block) for s in plan.pipelines[0]]
+def layout(plan: HybridPlan) -> list[tuple[int, tuple[str, ...], int, int]]:
+    """``(pipeline, nodes, first_block, last_block)`` per stage of ``plan``: what its placement says."""
+    return [(j, s.replicas, s.first_block, s.last_block) for j, stages in enumerate(plan.pipelines) for s in stages]
 
 
 def input_of(placement: Placement | None, node_id: str) -> tuple | None:
-    """What ``node_id`` listens to under ``placement``: the camera frames as the ingest node, a stage's input (and
-    whether that is the camera frames: stage 1 with no ingest node; whether it is shared among replicas), or
-    nothing."""
+    """What ``node_id`` listens to under ``placement``: the camera frames as the ingest node, a stage's input (its
+    pipeline; whether that is the camera frames: stage 1 with no ingest node; whether it is shared), or nothing."""
     if placement is None:
         return None
     if placement.ingest_node == node_id:
         return ("ingest",)
     stage = placement.stage_of(node_id)
-    return None if stage is None else (stage.stage, stage.stage == 1 and placement.ingest_node is None,
-                                       stage.replicated)
+    return None if stage is None else (stage.pipeline, stage.stage, stage.stage == 1 and placement.ingest_node is None,
+                                       placement.shares_input(stage))
 
 
 class Handover:
@@ -354,14 +350,15 @@ class Handover:
         return self.active
 def hybrid_placement(plan: HybridPlan, version: int, model: str, n_blocks: int, issued_at: float,
                      share_token: str) -> Placement:
-    """A one-pipeline hybrid plan as the placement message: each stage's first replica is its ``node_id``."""
-    if len(plan.pipelines) != 1:
-        raise ValueError("only a single pipeline (with replicated stages) can be placed")
+    """A hybrid plan as the placement message: each stage's first replica is its ``node_id``, each pipeline's
+    stages carry its number (0 for the first: one pipeline's placement is what it was before parallel ones)."""
     stages = [StageAssignment(stage=k, node_id=s.replicas[0], first_block=s.first_block, last_block=s.last_block,
-                              replicas=list(s.replicas[1:])) for k, s in enumerate(plan.pipelines[0], start=1)]
+                              replicas=list(s.replicas[1:]), pipeline=j)
+              for j, pipeline in enumerate(plan.pipelines) for k, s in enumerate(pipeline, start=1)]
+    shared = len(plan.pipelines) > 1 or any(s.replicas for s in stages)
     return Placement(version=version, model=model, n_blocks=n_blocks, stages=stages, issued_at=issued_at,
                      bottleneck_s=1.0 / plan.capacity_hz if plan.capacity_hz > 0 else None,
-                     share_token=share_token if any(s.replicas for s in stages) else None)
+                     share_token=share_token if shared else None)
 
 
 def whole_model_plan(request: HybridRequest) -> HybridPlan:

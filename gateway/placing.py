@@ -18,6 +18,7 @@ from gateway.controller import PruningController
 from gateway.effects import Effects
 from gateway.live_placement import Handover, HybridTarget, LivePlacement, PlacementRules, slowed_for_moves
 from gateway.operator import Overrides
+from shared import routing
 from shared.model import MODEL_NAME
 from shared.schemas import BadMessage, Placement, to_json
 from shared.settings import GatewaySettings
@@ -34,7 +35,8 @@ class Placing:
         self.topics = topics
         rules = PlacementRules(settings.startup_wait_s, settings.rejoin_hold_s, settings.replan_min_gain)
         hybrid = (HybridTarget(settings.hybrid_arrival_hz, operator.slo_s,
-                               whole_model=settings.placement_mode == "data")
+                               whole_model=settings.placement_mode == "data",
+                               min_parallel=2 if settings.placement_mode == "parallel" else 1)
                   if settings.placement_mode != "pipeline" else None)
         self.live = LivePlacement(rules, MODEL_NAME, fingerprint, settings.nodes, started=now,
                                   frame_megapixels=settings.frame_megapixels, input_bytes=input_bytes, hybrid=hybrid)
@@ -57,16 +59,16 @@ class Placing:
         self._taken_over.discard(node_id)
 
     def _take_over(self, node_id: str, out: Effects) -> None:
-        """A replica is gone (offline, or silent: hung but still connected): what its broker session held goes
-        back to the stage (service: _hand_over), once per departure: a later ``offline`` (a will) starts no second
-        takeover, which would cut the node off again if it had resumed meanwhile."""
+        """A reader of a shared input (a replica, or a first stage of parallel pipelines) is gone (offline, or
+        silent: hung but still connected): what its broker session held goes back to the stage (service:
+        _hand_over), once per departure: a later ``offline`` (a will) starts no second takeover, which would cut the
+        node off again if it had resumed meanwhile."""
         placement = self.live.current
         served = placement.stage_of(node_id) if placement else None
-        if served is None or not served.replicated or node_id in self._taken_over:
+        if served is None or not placement.shares_input(served) or node_id in self._taken_over:
             return
         self._taken_over.add(node_id)
-        shared = self.topics.shared(served.stage, placement.share_token, placement.ingest_node is not None)
-        out.drains.append((node_id, shared))
+        out.drains.append((node_id, routing.input_filter(self.topics, placement, node_id)))
 
     def in_use(self, node_id: str) -> bool:
         """Online and in the current placement (a node that must not be retired)."""

@@ -1,6 +1,6 @@
 """The arrival-rate trigger and its re-plan: measure the frames stage 1 accepts, and when the rate has changed for
 good (:mod:`gateway.arrival`) ask the hybrid planner (:mod:`gateway.hybrid`) for the new rate, log its plan and,
-with ``[gateway] rate_replan = "apply"``, adopt it when one placement can run it (docs/placement.md).
+with ``[gateway] rate_replan = "apply"``, adopt it (docs/placement.md).
 
 Pure (time passed in). Planning can take seconds on many nodes, so it is split in three: :meth:`RateReplan.due`
 says what to ask, :func:`plan_for_rate` plans (the service runs it outside its lock), :meth:`RateReplan.apply`
@@ -15,7 +15,7 @@ from gateway.arrival import ArrivalMeter, RateRules, RateTrigger, levels_from_fi
 from gateway.control_loop import ControlLoop
 from gateway.control_loop import Effects as ControlEffects
 from gateway.hybrid import HybridPlan, HybridRequest, plan_hybrid
-from gateway.live_placement import LivePlacement, one_pipeline
+from gateway.live_placement import LivePlacement
 from gateway.placement import InfeasiblePlacement
 from shared.schemas import Placement
 from shared.settings import GatewaySettings
@@ -63,7 +63,7 @@ class RateReplan:
 
     def apply(self, now: float, request: HybridRequest, plan: HybridPlan | None, previous_hz: float | None,
               effects: ControlEffects) -> Placement | None:
-        """Log the plan for the new rate; with ``rate_replan = "apply"`` also adopt it when a placement can run it.
+        """Log the plan for the new rate; with ``rate_replan = "apply"`` also adopt it (parallel pipelines included).
 
         For one pipeline the best cuts do not depend on the rate; what does is how much to prune up front, and
         whether parallel pipelines or replicated stages are needed. The plan is logged as a ``rate_replan`` row in
@@ -75,8 +75,6 @@ class RateReplan:
             outcome = "no plan (see the log)"
         elif self.settings.rate_replan == "log":
             outcome = "logged only ([gateway] rate_replan = log)"
-        elif one_pipeline(plan) is None:
-            outcome = "not published: a placement cannot run parallel pipelines (one set of stage topics)"
         else:
             placement = self.live.adopt_hybrid(plan, now, f"arrival rate {target:.3g}/s")
             outcome = (f"published as placement v{placement.version}" if placement

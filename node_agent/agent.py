@@ -25,7 +25,7 @@ from node_agent.deadline_queue import DeadlineQueue
 from node_agent.runtime import (IngestRuntime, Output, Request, SliceCalibrator, StageRuntime, frame_metadata,
                                 plausible_capture)
 from node_agent.thumbnailer import Thumbnailer
-from shared import wire
+from shared import routing, wire
 from shared.bus import Ack, Bus
 from shared.clock import ClockOffset
 from shared.device_model import load_device_model
@@ -198,7 +198,7 @@ class NodeAgent:
             return ("ingest",)
         if assignment is None:
             return None
-        return (_slice_of(assignment), assignment.stage == len(placement.stages),
+        return (_slice_of(assignment), placement.is_last(assignment),
                 assignment.stage == 1 and placement.ingest_node is None)
 
     def _same_job(self, placement: Placement, assignment: StageAssignment | None) -> bool:
@@ -209,24 +209,16 @@ class NodeAgent:
         return runtime is not None and (_slice_of(runtime.assignment), runtime.is_last,
                                         runtime.takes_frames) == self._job(placement, assignment)
 
-    def _input_filter_of(self, placement: Placement, assignment: StageAssignment | None) -> str:
-        """The camera frames for the ingest node; a stage's input, plain for its only node, shared for a replica."""
-        if placement.ingest_node == self.node_id:
-            return self.topics.camera_frame_filter
-        behind_ingest = placement.ingest_node is not None
-        if assignment.replicated:
-            return self.topics.shared(assignment.stage, placement.share_token, behind_ingest)
-        return self.topics.stage_input_filter(assignment.stage, behind_ingest)
-
     def _build(self, placement: Placement,
                assignment: StageAssignment | None) -> tuple[StageRuntime | None, IngestRuntime | None]:
         """This node's (slice, ingest) runtime for ``placement``: one of the two is None."""
         if placement.ingest_node == self.node_id:
             return None, IngestRuntime(self.model, self.node_id, self.topics.stage_input(1),
                                        self.settings.max_payload_bytes, self.settings.reduced_decode)
-        n = len(placement.stages)
+        n = len(placement.pipeline_of(assignment))
         last = assignment.stage == n
-        output = self.topics.results(self.node_id) if last else self.topics.stage_input(assignment.stage + 1)
+        output = (self.topics.results(self.node_id) if last
+                  else self.topics.stage_input(assignment.stage + 1, assignment.pipeline))
         return StageRuntime(self.model, self.node_id, assignment, n, output, self.settings.wire_dtype,
                             self.settings.max_payload_bytes, self.settings.reduced_decode,
                             placement.ingest_node is not None, self.device_model), None
@@ -242,7 +234,7 @@ class NodeAgent:
             same_job = self._same_job(placement, assignment)
         if self._job(placement, assignment) is None or (version is not None and placement.version <= version):
             return
-        input_filter = self._input_filter_of(placement, assignment)
+        input_filter = routing.input_filter(self.topics, placement, self.node_id)
         if old_prepared and old_prepared[3] not in (input_filter, listening):
             self.bus.unsubscribe(old_prepared[3])  # prepared for a placement that never came
         if same_job:  # the same slice; at most how its input is shared changes, when the placement comes
@@ -301,7 +293,7 @@ class NodeAgent:
                     self.runtime.assignment = assignment
         prepared_filter = prepared[3] if prepared else None
         if same_job:
-            self._listen(self._input_filter_of(placement, assignment), prepared_filter)
+            self._listen(routing.input_filter(self.topics, placement, self.node_id), prepared_filter)
             return
         runtime = None
         ingest = None
@@ -311,7 +303,7 @@ class NodeAgent:
                 runtime, ingest = prepared[1], prepared[2]
             else:
                 runtime, ingest = self._build(placement, assignment)
-            new_filter = self._input_filter_of(placement, assignment)
+            new_filter = routing.input_filter(self.topics, placement, self.node_id)
         with self._lock:
             self.runtime = runtime
             self.ingest = ingest
@@ -396,20 +388,21 @@ class NodeAgent:
     # --- data path -----------------------------------------------------------------------
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str], ack: Ack) -> None:
         """Take one input: serve it here and now when the node is idle and serves quickly (no hand-off to the
-        inference thread, no wake-up of paho's thread for the output), else queue it. A replica acknowledges it
-        once served, so while it holds the input its broker session does too, and the gateway can hand it to
-        another replica if this one dies (docs/scaling.md); a stage's only node acknowledges on receipt, as before
-        replicas existed."""
+        inference thread, no wake-up of paho's thread for the output), else queue it. Input read through a shared
+        subscription (a replica's, or a first stage's of parallel pipelines) is acknowledged once served, so while
+        the node holds it its broker session does too, and the gateway can hand it to another reader if this one
+        dies (docs/scaling.md); a stage's only node acknowledges on receipt, as before replicas existed."""
         received = time.time()
         with self._lock:
             runtime = self.runtime or self.ingest
             listening, prepared = self._input_filter, self._prepared
+        shared = listening is not None and listening.startswith("$share/")
         if runtime is None or not self._serves(runtime, listening, topic):
-            runtime = self._prepared_share(prepared, topic)
+            runtime, shared = self._prepared_share(prepared, topic), True
         if runtime is None:  # an input this node is only prepared for: another node serves it until the placement
             ack()
             return
-        if not (isinstance(runtime, StageRuntime) and runtime.assignment.replicated):
+        if not shared:
             ack()
         req = Request(topic, payload, props, received)
         if not self._admit(runtime, req):  # refused, and reported as the request's failure
@@ -548,7 +541,7 @@ class NodeAgent:
             log.exception("%s: inference failed", self.node_id)
             self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}", req.request_id)
             return
-        self.bus.publish(self._output_topic(out), out.payload, qos=1, user=out.user)
+        self.bus.publish(self._output_topic(out, runtime), out.payload, qos=1, user=out.user)
         self.bus.flush()  # served on paho's thread: the output leaves now, before the bookkeeping and the thumbnail
         with self._lock:
             thumbnails = self.placement is not None and self.placement.thumbnails
@@ -564,18 +557,15 @@ class NodeAgent:
         """QoS 0 (docs/mqtt.md): a thumbnail is worth no retransmission, nor room in anyone's session queue."""
         self.bus.publish(self.topics.thumbnail(self.node_id), jpeg, qos=0, user={REQUEST_ID_PROPERTY: request_id})
 
-    def _output_topic(self, out: Output) -> str:
-        """Where an output goes under the placement in force now, not the one its runtime was built under: work
-        queued before a move reaches the stage that now runs its next block (stage 1 reads frames: then the
-        stage after it), even when its old stage is gone (StageRuntime serves activations for any block)."""
+    def _output_topic(self, out: Output, runtime: StageRuntime | IngestRuntime) -> str:
+        """Where an output goes under the placement in force now, not the one its runtime was built under
+        (:func:`shared.routing.output_topic`), in the pipeline of the stage that served it."""
         with self._lock:
             placement = self.placement
         if out.next_block is None or placement is None:
             return out.topic
-        if out.next_block == 0:  # an ingest node's decoded frame: stage 1 reads it only behind an ingest node
-            return self.topics.stage_input(1) if placement.ingest_node is not None else out.topic
-        stage = max(2, max(s.stage for s in placement.stages if s.first_block <= out.next_block))
-        return self.topics.stage_input(stage) if stage <= len(placement.stages) else out.topic
+        pipeline = runtime.assignment.pipeline if isinstance(runtime, StageRuntime) else 0
+        return routing.output_topic(self.topics, placement, pipeline, out.next_block) or out.topic
 
     # --- stats ---------------------------------------------------------------------------
     def stats(self) -> NodeStats:

@@ -23,6 +23,7 @@ from pydantic import (
 from shared.topics import validate_id
 
 Id = Field(min_length=1, max_length=64, pattern=r"^[^/+#$\s]+$")
+MAX_PIPELINES = 8  # parallel pipelines a placement may hold (gateway.hybrid.MAX_PARALLEL plans no more)
 MAX_LABEL_INDEX = 9999  # a class index; labelled frames beyond it are rejected as malformed
 TRUE_LABEL_PROPERTY = "true_label"  # MQTT v5 user property: the ground-truth class index of a labelled test frame
 INGEST_STAGE = 0  # the hop number of an ingest node's decode, before stage 1
@@ -70,6 +71,9 @@ class StageAssignment(_Strict):
     ``replicas``: further nodes serving the same stage (docs/scaling.md, "Replicated stages"); they and
     ``node_id`` then read the stage's input through one MQTT v5 shared subscription, so the broker hands
     each message to one of them. Empty (the default, and what older gateways send): one node, as before.
+
+    ``pipeline``: which of several parallel pipelines (each its own cut of the model, docs/scaling.md, "Parallel
+    pipelines") the stage belongs to; 0 (the default, left out of the message) for the one pipeline of older plans.
     """
 
     stage: int = Field(ge=1, le=64)
@@ -77,6 +81,7 @@ class StageAssignment(_Strict):
     first_block: int = Field(ge=0)
     last_block: int = Field(ge=0)
     replicas: list[Annotated[str, Id]] = Field(default_factory=list, max_length=63)
+    pipeline: int = Field(0, ge=0, le=MAX_PIPELINES - 1)
 
     @model_validator(mode="after")
     def _ordered(self) -> StageAssignment:
@@ -85,11 +90,14 @@ class StageAssignment(_Strict):
         return self
 
     @model_serializer(mode="wrap")
-    def _without_empty_replicas(self, handler):
-        """A one-node stage serialises exactly as before, so nodes that predate replicas still parse it."""
+    def _without_defaults(self, handler):
+        """A one-node stage of the first pipeline serialises exactly as before, so nodes that predate replicas and
+        parallel pipelines still parse it."""
         data = handler(self)
         if not self.replicas:
             data.pop("replicas", None)
+        if not self.pipeline:
+            data.pop("pipeline", None)
         return data
 
     @property
@@ -126,24 +134,33 @@ class Placement(_Strict):
 
     @model_validator(mode="after")
     def _contiguous(self) -> Placement:
-        expected = 0
+        """Each pipeline (listed one after the other, numbered from 0) covers every block once, in stages 1..n."""
+        numbers = [s.pipeline for s in self.stages]
+        if numbers != sorted(numbers) or sorted(set(numbers)) != list(range(numbers[-1] + 1)):
+            raise ValueError(f"pipelines must be numbered 0..m and listed in order (got {numbers})")
         nodes = set()
-        for i, stage in enumerate(self.stages, start=1):
-            if stage.stage != i:
-                raise ValueError(f"stages must be numbered 1..n in order (got {stage.stage} at position {i})")
-            if stage.first_block != expected:
-                raise ValueError(f"stage {i} starts at block {stage.first_block}, expected {expected}")
-            for node in stage.nodes:
-                if node in nodes:
-                    raise ValueError(f"node {node} appears in two stages (or twice in one)")
-                nodes.add(node)
-            expected = stage.last_block + 1
-        if expected != self.n_blocks:
-            raise ValueError(f"stages cover blocks 0..{expected - 1} but the model has {self.n_blocks}")
+        for j, stages in enumerate(self.pipelines):
+            expected = 0
+            for i, stage in enumerate(stages, start=1):
+                if stage.stage != i:
+                    raise ValueError(f"pipeline {j}'s stages must be numbered 1..n in order (got {stage.stage} at "
+                                     f"position {i})")
+                if stage.first_block != expected:
+                    raise ValueError(f"pipeline {j} stage {i} starts at block {stage.first_block}, expected {expected}")
+                for node in stage.nodes:
+                    if node in nodes:
+                        raise ValueError(f"node {node} appears in two stages (or twice in one)")
+                    nodes.add(node)
+                expected = stage.last_block + 1
+            if expected != self.n_blocks:
+                raise ValueError(f"pipeline {j}'s stages cover blocks 0..{expected - 1} but the model has "
+                                 f"{self.n_blocks}")
         if self.ingest_node in nodes:
             raise ValueError(f"node {self.ingest_node} cannot both ingest and run a stage")
-        if self.share_token is None and any(s.replicas for s in self.stages):
-            raise ValueError("a placement with replicated stages needs a share_token")
+        if self.ingest_node is not None and len(self.pipelines) > 1:
+            raise ValueError("an ingest node feeds one pipeline: parallel pipelines decode their own frames")
+        if self.share_token is None and any(self.shares_input(s) for s in self.stages):
+            raise ValueError("a placement with replicated stages or parallel pipelines needs a share_token")
         return self
 
     @model_serializer(mode="wrap")
@@ -159,6 +176,27 @@ class Placement(_Strict):
     def stage_of(self, node_id: str) -> StageAssignment | None:
         """The stage ``node_id`` serves, as its only node or as one of its replicas."""
         return next((s for s in self.stages if node_id in s.nodes), None)
+
+    @property
+    def pipelines(self) -> list[list[StageAssignment]]:
+        """The stages of each pipeline, pipeline 0 first (one list for a placement of one pipeline)."""
+        found: dict[int, list[StageAssignment]] = {}
+        for stage in self.stages:
+            found.setdefault(stage.pipeline, []).append(stage)
+        return [found[j] for j in sorted(found)]
+
+    def pipeline_of(self, stage: StageAssignment) -> list[StageAssignment]:
+        """The stages of ``stage``'s pipeline, in order."""
+        return [s for s in self.stages if s.pipeline == stage.pipeline]
+
+    def is_last(self, stage: StageAssignment) -> bool:
+        """Whether ``stage`` ends its pipeline (its nodes publish results)."""
+        return stage.stage == len(self.pipeline_of(stage))
+
+    def shares_input(self, stage: StageAssignment) -> bool:
+        """Whether ``stage``'s nodes read their input through a shared subscription: it has replicas, or it is the
+        first stage of parallel pipelines (one group over every pipeline's first stage deals the frames out)."""
+        return stage.replicated or (stage.stage == 1 and len(self.pipelines) > 1)
 
     def node_ids(self) -> list[str]:
         """Every placed node, in stage order (a stage's replicas after its first node)."""

@@ -250,12 +250,15 @@ class GatewaySettings(_Section):
                            "on every decision it makes for a slowdown), re-plan block boundaries with the measured "
                            "slowdowns and prune the new slices (and move back once they are gone); needs the "
                            "controller running. Off by default: a move rebuilds slices on every node it touches.")
-    placement_mode: Literal["pipeline", "hybrid", "data"] = Field(
+    placement_mode: Literal["pipeline", "hybrid", "data", "parallel"] = Field(
         "pipeline", description="`pipeline`: one pipeline over the nodes. `hybrid`: the hybrid planner's plan for "
-                                "`hybrid_arrival_hz` and the SLO, whose stages may be served by several nodes "
+                                "`hybrid_arrival_hz` and the SLO: one pipeline or parallel pipelines (each its own "
+                                "cut of the model), whose stages may be served by several nodes "
                                 "(replicas sharing the stage's input through an MQTT shared subscription; "
                                 "docs/scaling.md). "
-                                "`data`: the whole model on every node that holds it, as replicas of one stage.")
+                                "`data`: the whole model on every node that holds it, as replicas of one stage. "
+                                "`parallel`: the hybrid planner's best plan of at least two parallel pipelines "
+                                "(for comparisons: `hybrid` takes them when they are best).")
     hybrid_arrival_hz: float = Field(1.0, gt=0, le=10000, description="The arrival rate (frames/s) a `hybrid` "
                                      "placement is planned for. It does not change which plan is chosen: unpruned, "
                                      "the planner takes the plan sustaining the highest rate within the SLO at any "

@@ -61,30 +61,42 @@ class Topics:
         return parts[n + 1]
 
     # --- pipeline data path ------------------------------------------------------------
-    def stage_input(self, stage: int) -> str:
-        """Activations entering pipeline stage ``stage`` (1..n); stage 1 reads it only behind an ingest node
-        (the model-sized input it decoded), else camera frames."""
+    def stage_input(self, stage: int, pipeline: int = 0) -> str:
+        """Activations entering stage ``stage`` (1..n) of pipeline ``pipeline``; stage 1 reads it only behind an
+        ingest node (the model-sized input it decoded), else camera frames. Pipeline 0's topics are those of the
+        one pipeline before parallel pipelines (``pipeline/stage/<k>/in``); pipeline j > 0 has its own
+        (``pipeline/p<j>/stage/<k>/in``), so each pipeline's stages hand activations only to each other."""
         if stage < 1:
             raise ValueError(f"stage {stage}: stages are numbered from 1")
-        return f"{self.root}/pipeline/stage/{stage}/in"
+        if pipeline < 0:
+            raise ValueError(f"pipeline {pipeline}: pipelines are numbered from 0")
+        return f"{self.root}/pipeline/{f'p{pipeline}/' if pipeline else ''}stage/{stage}/in"
 
-    def stage_input_filter(self, stage: int, behind_ingest: bool = False) -> str:
+    def stage_input_filter(self, stage: int, behind_ingest: bool = False, pipeline: int = 0) -> str:
         """What stage ``stage``'s nodes subscribe to: camera frames for stage 1 (unless an ingest node decodes
         them and sends stage 1 its input), else its activation topic."""
-        return self.camera_frame_filter if stage == 1 and not behind_ingest else self.stage_input(stage)
+        if stage == 1 and not behind_ingest:
+            return self.camera_frame_filter
+        return self.stage_input(stage, pipeline)
 
-    def shared(self, stage: int, token: str, behind_ingest: bool = False) -> str:
+    def shared(self, stage: int, token: str, behind_ingest: bool = False, pipeline: int = 0) -> str:
         """A replicated stage's input as an MQTT v5 shared subscription (``$share/<group>/<filter>``):
         the broker hands each message to one of the stage's replicas, no dispatcher of our own."""
-        return f"$share/{self.share_group(stage, token)}/{self.stage_input_filter(stage, behind_ingest)}"
+        return (f"$share/{self.share_group(stage, token, pipeline)}/"
+                f"{self.stage_input_filter(stage, behind_ingest, pipeline)}")
 
-    def share_group(self, stage: int, token: str) -> str:
+    def share_group(self, stage: int, token: str, pipeline: int = 0) -> str:
         """The shared-subscription group of a stage's replicas (one level: the root's ``/`` become ``-``).
+
+        Stage 1 has one group whatever the pipeline: every pipeline's first stage joins it, so the broker deals
+        each camera frame to exactly one pipeline. A later stage's group is its pipeline's own.
 
         ``token`` is the placement's ``share_token``, which only nodes (and the gateway) may read: Mosquitto
         2.0's ACL file does not check subscriptions, only deliveries, so any user who named the group could
         join it and have its share dropped at delivery (tests/test_replicas_broker.py)."""
-        return f"{self.root.replace('/', '-')}-stage-{stage}-{validate_id('share token', token)}"
+        own = f"p{pipeline}-" if pipeline and stage > 1 else ""
+        return (f"{self.root.replace('/', '-')}-{own}stage-{stage}-"
+                f"{validate_id('share token', token)}")
 
     def results(self, node_id: str) -> str:
         """Classification results the last stage ``node_id`` publishes (JSON). Every data topic a device writes
@@ -132,7 +144,14 @@ class Topics:
         return (self.camera_id_from_frame_topic(topic) is not None
                 or (parts[n:n + 1] == ["pipeline"] and parts[n + 1:n + 2] in (["results"], ["thumbnail"])
                     and len(parts) == n + 3)
-                or (parts[n:n + 2] == ["pipeline", "stage"] and len(parts) == n + 4 and parts[-1] == "in"))
+                or self._is_stage_input(parts[n:]))
+
+    @staticmethod
+    def _is_stage_input(parts: list[str]) -> bool:
+        """``pipeline/stage/<k>/in`` or ``pipeline/p<j>/stage/<k>/in`` (below the root)."""
+        if len(parts) == 5 and parts[0] == "pipeline" and parts[1][:1] == "p" and parts[1][1:].isdigit():
+            parts = parts[:1] + parts[2:]
+        return len(parts) == 4 and parts[:2] == ["pipeline", "stage"] and parts[-1] == "in"
 
     # --- placement and control ---------------------------------------------------------
     @property

@@ -8,7 +8,7 @@ import pytest
 from camera.arrivals import BurstParams, burst_arrivals
 from gateway.arrival import ArrivalMeter, RateRules, RateTrigger, levels_from_fits
 from gateway.hybrid import UNPRUNED, HybridPlan, HybridStage, Level
-from gateway.live_placement import LivePlacement, PlacementRules, one_pipeline
+from gateway.live_placement import LivePlacement, PlacementRules
 from shared.latency_fit import fit_latency
 from shared.settings import GatewaySettings
 from tests.test_live_placement import offer
@@ -172,17 +172,19 @@ def test_the_rate_changes_the_plan_through_up_front_pruning():
     assert any(s.ratio > 0 for p in busy.pipelines for s in p) and busy.accuracy < quiet.accuracy
 
 
-def test_only_a_plan_a_placement_can_say_is_adopted():
+def test_a_plan_is_adopted_when_it_moves_something_parallel_pipelines_included():
     live = two_nodes()
     current = [(s.node_id, s.first_block, s.last_block) for s in live.current.stages]
     same = HybridPlan((tuple(HybridStage(f, last, (n,)) for n, f, last in current),), 1, 1, 0.1, None)
     assert live.adopt_hybrid(same, 5, "rate") is None  # nothing moves
-    parallel = HybridPlan(((HybridStage(0, 5, ("a",)),), (HybridStage(0, 5, ("b",)),)), 1, 1, 0.1, None)
-    assert one_pipeline(parallel) is None and live.adopt_hybrid(parallel, 5, "rate") is None  # no placement says it
     alone = HybridPlan(((HybridStage(0, 5, ("b",)),),), 1, 1, 0.1, None)
     adopted = live.adopt_hybrid(alone, 5, "rate")
     assert [s.node_id for s in adopted.stages] == ["b"] and live.current is adopted and adopted.share_token is None
     assert live.tick(6) is None  # node a, left out on purpose, is not re-placed as if it had just joined
+    parallel = HybridPlan(((HybridStage(0, 5, ("a",)),), (HybridStage(0, 5, ("b",)),)), 1, 1, 0.1, None)
+    adopted = live.adopt_hybrid(parallel, 7, "rate")
+    assert [(s.pipeline, s.node_id) for s in adopted.stages] == [(0, "a"), (1, "b")] and adopted.share_token
+    assert live.adopt_hybrid(parallel, 8, "rate") is None  # the placement runs it already
 
 
 def test_a_one_pipeline_plan_with_replicated_stages_is_adopted_with_its_share_token():

@@ -184,3 +184,27 @@ def test_plan_hybrid_command_prints_the_chosen_plan(tmp_path, capsys) -> None:
     assert main(["plan-hybrid", "--devices", str(tmp_path / "devices.json"), "--profile",
                  str(tmp_path / "profile.json"), "--arrival-hz", "150", "--slo-ms", "100",
                  "--levels", "0:1,0.3:0.5"]) == 2  # pruning without an accuracy model is refused
+
+
+def test_parallel_pipelines_get_frames_in_turn_per_first_stage_reader() -> None:
+    """Every pipeline's first stage reads camera frames through one shared subscription (docs/scaling.md, "Parallel
+    pipelines"): the broker deals them in turn, one share per first-stage reader, whatever a pipeline's capacity. A
+    pipeline of half the speed still gets half the frames, so it saturates first: 2 x its rate, not the sum."""
+    request = HybridRequest(cluster([1, 2], [1, 1]), arrival_hz=10, slo_s=1.0)
+    plan = evaluate(request, [[HybridStage(0, 1, ("n0",))], [HybridStage(0, 1, ("n1",))]])
+    assert plan.capacity_hz == pytest.approx(2 / 4e-3)  # not 1 / 2 ms + 1 / 4 ms
+    alone = evaluate(replace(request, arrival_hz=5), [[HybridStage(0, 1, ("n1",))]])
+    assert plan.latency_s == pytest.approx(alone.latency_s)  # the slow pipeline queues half the frames
+    # a first stage with two readers takes two shares of the frames
+    three = HybridRequest(cluster([2, 2, 2], [1, 1]), arrival_hz=10, slo_s=1.0)
+    plan = evaluate(three, [[HybridStage(0, 1, ("n0", "n1"))], [HybridStage(0, 1, ("n2",))]])
+    assert plan.capacity_hz == pytest.approx(3 / 4e-3)
+
+
+def test_min_parallel_leaves_out_plans_of_fewer_pipelines() -> None:
+    """placement_mode "parallel" (for comparing strategies) asks for at least two pipelines."""
+    request = HybridRequest(cluster([1, 1, 1, 1], [1, 8]), arrival_hz=10, slo_s=1.0)
+    assert len(plan_hybrid(request, min_parallel=2).pipelines) >= 2
+    assert len(plan_hybrid(HybridRequest(cluster([1, 1], [2, 2], caps_mb=[2.5, 2.5]), 10, 1.0)).pipelines) == 1
+    with pytest.raises(InfeasiblePlacement):  # one block per device: only one pipeline fits
+        plan_hybrid(HybridRequest(cluster([1, 1], [2, 2], caps_mb=[2.5, 2.5]), 10, 1.0), min_parallel=2)

@@ -94,6 +94,7 @@ def test_node_speaks_only_for_itself(as_user):
     node = as_user("node-1", "node")
     assert node.publish("edgeprune/node/node-1/stats") == "accepted"
     assert node.publish("edgeprune/pipeline/stage/2/in", b"x") == "accepted"
+    assert node.publish("edgeprune/pipeline/p1/stage/2/in", b"x") == "accepted"  # a parallel pipeline's stage
     assert node.publish("edgeprune/pipeline/results/node-1") == "accepted"
     assert node.publish("edgeprune/pipeline/accepted/node-1") == "accepted"
     assert node.publish("edgeprune/pipeline/thumbnail/node-1", b"\xff\xd8\xff") == "accepted"

@@ -24,20 +24,27 @@ TOLERANCE = 1e-6
 
 def pipeline_of(placement: dict | None) -> list[dict]:
     """The placement as hops, each with every node serving it: the ingest node (stage 0, when there is one),
-    then each stage with its first node and its replicas, so nobody has to know how a placement row nests them."""
+    then each stage with its first node and its replicas and its pipeline (0 unless there are parallel ones), so
+    nobody has to know how a placement row nests them."""
     if placement is None:
         return []
     ingest = placement.get("ingest_node")
-    hops = [{"stage": INGEST_STAGE, "first_block": None, "last_block": None, "nodes": [ingest]}] if ingest else []
-    return hops + [{"stage": s["stage"], "first_block": s["first_block"], "last_block": s["last_block"],
-                    "nodes": [s["node_id"], *s.get("replicas", [])]} for s in placement["stages"]]
+    hops = [{"stage": INGEST_STAGE, "pipeline": 0, "first_block": None, "last_block": None, "nodes": [ingest]}
+            ] if ingest else []
+    return hops + [{"stage": s["stage"], "pipeline": s.get("pipeline", 0), "first_block": s["first_block"],
+                    "last_block": s["last_block"], "nodes": [s["node_id"], *s.get("replicas", [])]}
+                   for s in placement["stages"]]
 
 
 def placement_words(number: int, pipeline: list[dict]) -> str:
-    """"placement 3: ingest pi-e → 1 pi-a (blocks 0–2) → 2 pi-b + pi-c (blocks 3–5)"."""
-    hops = [f"ingest {h['nodes'][0]}" if h["stage"] == INGEST_STAGE else
-            f"{h['stage']} {' + '.join(h['nodes'])} (blocks {h['first_block']}–{h['last_block']})" for h in pipeline]
-    return f"placement {number}: " + " → ".join(hops)
+    """"placement 3: ingest pi-e → 1 pi-a (blocks 0–2) → 2 pi-b + pi-c (blocks 3–5)"; parallel pipelines apart by
+    " ∥ "."""
+    chains: dict[int, list[str]] = {}
+    for h in pipeline:
+        chains.setdefault(h["pipeline"], []).append(
+            f"ingest {h['nodes'][0]}" if h["stage"] == INGEST_STAGE else
+            f"{h['stage']} {' + '.join(h['nodes'])} (blocks {h['first_block']}–{h['last_block']})")
+    return f"placement {number}: " + " ∥ ".join(" → ".join(hops) for _, hops in sorted(chains.items()))
 
 
 def infeasible_nodes(events: list[dict]) -> set[str]:

@@ -7,6 +7,8 @@ its slice's calibrated compute, so four nodes share this host without burning it
 * ``pipeline``: one pipeline over all nodes (``[gateway] placement_mode = "pipeline"``), no pruning;
 * ``data``: the whole model on every node, replicas of one stage (``placement_mode = "data"``), no pruning;
 * ``hybrid``: the hybrid planner's plan for the highest rate (``placement_mode = "hybrid"``), no pruning;
+* ``parallel``: the hybrid planner's best plan of at least two parallel pipelines for the highest rate
+  (``placement_mode = "parallel"``), no pruning;
 * ``hybrid+prune``: the same plan with the pruning controller (bottleneck policy) pruning per node.
 
 Each cluster first takes ``--warmup-s`` of traffic at the highest rate (not counted: the controller reacts to
@@ -29,8 +31,8 @@ import numpy as np
 from edgeprune.bench.pipeline import PolicyRun, Scenario, query
 from gateway.store import Reader
 
-STRATEGIES = ("pipeline", "data", "hybrid", "hybrid+prune")
-MODE = {"pipeline": "pipeline", "data": "data", "hybrid": "hybrid", "hybrid+prune": "hybrid"}
+STRATEGIES = ("pipeline", "data", "hybrid", "parallel", "hybrid+prune")
+MODE = {"pipeline": "pipeline", "data": "data", "hybrid": "hybrid", "parallel": "parallel", "hybrid+prune": "hybrid"}
 NODES = {"node-1": 10.0, "node-2": 15.0, "node-3": 20.0, "node-4": 30.0}  # device speed: × this host's compute
 # The controller reacts within one step. Its stage budget (budget_fraction × SLO / stages) is what a replica is
 # pruned to meet once the SLO is violated: 0.2 × 0.3 s = 60 ms for a one-stage plan, below the two slowest
@@ -70,8 +72,8 @@ def sustainable(points: list[dict], attainment: float) -> float:
 
 
 def planner_times(sizes: list[int], seed: int = 0) -> list[dict]:
-    """Solve time of the gateway's hybrid planning (one pipeline with replicas) for n nodes, each its own device:
-    TrapNet's shipped profile × a log-uniform 1-8× speed with ±10 % per block, so no two nodes merge."""
+    """Solve time of the hybrid planner for one pipeline with replicas (``max_parallel=1``) for n nodes, each its own
+    device: TrapNet's shipped profile × a log-uniform 1-8× speed with ±10 % per block, so no two nodes merge."""
     from edgeprune.demo import DEMO_PROFILE
     from gateway.hybrid import HybridRequest, plan_hybrid
     from gateway.placement import Device, problem_from_profiles
@@ -150,8 +152,8 @@ def run_strategy(strategy: str, rates: list[float], args, nodes: dict[str, float
     finally:
         bench.stop_processes()
     print(file=sys.stderr)
-    stages = [{"blocks": [s["first_block"], s["last_block"]], "nodes": [s["node_id"], *s.get("replicas", [])]}
-              for s in placement["stages"]]
+    stages = [{"pipeline": s.get("pipeline", 0), "blocks": [s["first_block"], s["last_block"]],
+               "nodes": [s["node_id"], *s.get("replicas", [])]} for s in placement["stages"]]
     return {"placement": stages, "points": points}
 
 
@@ -202,8 +204,7 @@ def run(args) -> dict:
              "acc_meas": p["accuracy_measured"], "mean_ratio": p["mean_prune_ratio"], "results": p["results"],
              "sent": p["sent"]} for p in points],
         f"sustainable rate (every rate up to it at >= {args.attainment:.0%} within the SLO)": [
-            {"strategy": s, "sustainable_hz": r, "placement": " | ".join(
-                f"{'+'.join(st['nodes'])}:{st['blocks'][0]}-{st['blocks'][1]}" for st in runs[s]["placement"])}
+            {"strategy": s, "sustainable_hz": r, "placement": shown(runs[s]["placement"])}
             for s, r in sustained.items()],
         "hybrid planner solve time (one pipeline with replicas, distinct nodes)": planner,
     }
@@ -211,6 +212,15 @@ def run(args) -> dict:
         plot(document, args.plot)
         print(f"wrote {args.plot}")
     return document
+
+
+def shown(stages: list[dict]) -> str:
+    """``a:0-3 | b:4-5`` per pipeline, pipelines apart by `` || ``; a stage's replicas joined by ``+``."""
+    pipelines: dict[int, list[str]] = {}
+    for st in stages:
+        pipelines.setdefault(st.get("pipeline", 0), []).append(
+            f"{'+'.join(st['nodes'])}:{st['blocks'][0]}-{st['blocks'][1]}")
+    return " || ".join(" | ".join(p) for _, p in sorted(pipelines.items()))
 
 
 def plot(document: dict, path: Path) -> None:
