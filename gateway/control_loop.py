@@ -159,9 +159,14 @@ class ControlLoop:
         if len(nodes) > len(self.placement.stages):  # replicas may run different ratios: expected accuracy
             accuracy = ReplicaAccuracy.equal_shares(accuracy, [len(s.nodes) for s in self.placement.stages])
         initial = {n: self.desired[n].ratio for n in nodes if n in self.desired}
-        shares = {n: 1.0 / len(s.nodes) for s in self.placement.stages for n in s.nodes}
+        pipelines = self.placement.pipelines
+        # the broker deals frames in turn to every first-stage reader of every pipeline (docs/scaling.md); a stage's
+        # replicas split its pipeline's share; a frame crosses the stages of one pipeline only
+        readers = sum(len(stages[0].nodes) for stages in pipelines)
+        shares = {n: len(stages[0].nodes) / readers / len(s.nodes) for stages in pipelines for s in stages
+                  for n in s.nodes}
         self.controller = PruningController(nodes, self.curves.fits, accuracy, self.slo_s, self.settings, initial,
-                                            n_stages=len(self.placement.stages), arrival_shares=shares,
+                                            n_stages=max(len(stages) for stages in pipelines), arrival_shares=shares,
                                             held=self._holds)
         if self._memory is not None:
             self.controller.recall(self._memory)

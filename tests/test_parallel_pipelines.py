@@ -236,6 +236,10 @@ def test_the_control_loop_runs_over_parallel_pipelines(tmp_path):
             measured_at=1.0))
     assert loop.disabled_reason is None and loop.controller is not None
     assert list(loop.controller.nodes) == ["a", "b", "c", "d"]
+    # a frame crosses one pipeline's two stages, not four: each stage's budget is half the compute path; and the
+    # broker deals the frames to the two first stages in turn, so every node sees half of them
+    assert loop.controller.budget_s == pytest.approx(settings.budget_fraction * 0.3 / 2)
+    assert loop.controller._shares == {"a": 0.5, "b": 0.5, "c": 0.5, "d": 0.5}
 
 
 def test_doctor_names_each_pipeline_of_a_parallel_placement():
