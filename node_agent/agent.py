@@ -83,7 +83,7 @@ class NodeAgent:
         torch.set_num_threads(settings.threads)
         self.model = build_model(settings.checkpoint)
         self.topics = Topics(mqtt_settings.topic_root)
-        # a replica acknowledges its input only once served: what it holds stays in its broker session
+        # an input is acknowledged only once served: what the node holds stays in its broker session
         self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id), manual_ack=True)
         self.clock = ClockOffset()
         self.queue: DeadlineQueue[tuple[StageRuntime, Request, Ack]] = DeadlineQueue(
@@ -209,15 +209,6 @@ class NodeAgent:
         return runtime is not None and (_slice_of(runtime.assignment), runtime.is_last,
                                         runtime.takes_frames) == self._job(placement, assignment)
 
-    def _input_filter_of(self, placement: Placement, assignment: StageAssignment | None) -> str:
-        """The camera frames for the ingest node; a stage's input, plain for its only node, shared for a replica."""
-        if placement.ingest_node == self.node_id:
-            return self.topics.camera_frame_filter
-        behind_ingest = placement.ingest_node is not None
-        if assignment.replicated:
-            return self.topics.shared(assignment.stage, placement.share_token, behind_ingest)
-        return self.topics.stage_input_filter(assignment.stage, behind_ingest)
-
     def _build(self, placement: Placement,
                assignment: StageAssignment | None) -> tuple[StageRuntime | None, IngestRuntime | None]:
         """This node's (slice, ingest) runtime for ``placement``: one of the two is None."""
@@ -242,7 +233,7 @@ class NodeAgent:
             same_job = self._same_job(placement, assignment)
         if self._job(placement, assignment) is None or (version is not None and placement.version <= version):
             return
-        input_filter = self._input_filter_of(placement, assignment)
+        input_filter = self.topics.input_filter_of(placement, self.node_id)
         if old_prepared and old_prepared[3] not in (input_filter, listening):
             self.bus.unsubscribe(old_prepared[3])  # prepared for a placement that never came
         if same_job:  # the same slice; at most how its input is shared changes, when the placement comes
@@ -301,7 +292,7 @@ class NodeAgent:
                     self.runtime.assignment = assignment
         prepared_filter = prepared[3] if prepared else None
         if same_job:
-            self._listen(self._input_filter_of(placement, assignment), prepared_filter)
+            self._listen(self.topics.input_filter_of(placement, self.node_id), prepared_filter)
             return
         runtime = None
         ingest = None
@@ -311,7 +302,7 @@ class NodeAgent:
                 runtime, ingest = prepared[1], prepared[2]
             else:
                 runtime, ingest = self._build(placement, assignment)
-            new_filter = self._input_filter_of(placement, assignment)
+            new_filter = self.topics.input_filter_of(placement, self.node_id)
         with self._lock:
             self.runtime = runtime
             self.ingest = ingest
@@ -396,10 +387,9 @@ class NodeAgent:
     # --- data path -----------------------------------------------------------------------
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str], ack: Ack) -> None:
         """Take one input: serve it here and now when the node is idle and serves quickly (no hand-off to the
-        inference thread, no wake-up of paho's thread for the output), else queue it. A replica acknowledges it
-        once served, so while it holds the input its broker session does too, and the gateway can hand it to
-        another replica if this one dies (docs/scaling.md); a stage's only node acknowledges on receipt, as before
-        replicas existed."""
+        inference thread, no wake-up of paho's thread for the output), else queue it. It is acknowledged once
+        served (or reported), so while this node holds the input its broker session does too, and the gateway can
+        hand it to whichever node serves its stage next if this one dies or hangs (docs/reliability.md)."""
         received = time.time()
         with self._lock:
             runtime = self.runtime or self.ingest
@@ -409,8 +399,6 @@ class NodeAgent:
         if runtime is None:  # an input this node is only prepared for: another node serves it until the placement
             ack()
             return
-        if not (isinstance(runtime, StageRuntime) and runtime.assignment.replicated):
-            ack()
         req = Request(topic, payload, props, received)
         if not self._admit(runtime, req):  # refused, and reported as the request's failure
             ack()
@@ -431,11 +419,11 @@ class NodeAgent:
                 log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
 
     def _serve_now(self, runtime: StageRuntime | IngestRuntime, req: Request, ack: Ack) -> None:
-        """Serve on paho's thread, the queue claimed (:meth:`DeadlineQueue.claim`). The announcement and the
-        input's acknowledgement leave before the compute, as they would have before a queued one; the output
-        right after it (:meth:`_serve`), a replica's acknowledgement or a failure report once it is done. Input
-        that arrived meanwhile (more than a few acknowledgements' bytes unread) goes to the queue, so a backlog is
-        still served by deadline and shed when full."""
+        """Serve on paho's thread, the queue claimed (:meth:`DeadlineQueue.claim`). The announcement leaves before the
+        compute, as it would have before a queued one; the output right after it (:meth:`_serve`), the input's
+        acknowledgement or a failure report once it is done. Input that arrived meanwhile (more than a few
+        acknowledgements' bytes unread) goes to the queue, so a backlog is still served by deadline and shed when
+        full."""
         self.bus.flush()
         try:
             self._serve(runtime, req)
@@ -572,10 +560,7 @@ class NodeAgent:
             placement = self.placement
         if out.next_block is None or placement is None:
             return out.topic
-        if out.next_block == 0:  # an ingest node's decoded frame: stage 1 reads it only behind an ingest node
-            return self.topics.stage_input(1) if placement.ingest_node is not None else out.topic
-        stage = max(2, max(s.stage for s in placement.stages if s.first_block <= out.next_block))
-        return self.topics.stage_input(stage) if stage <= len(placement.stages) else out.topic
+        return self.topics.input_for_block(placement, out.next_block) or out.topic
 
     # --- stats ---------------------------------------------------------------------------
     def stats(self) -> NodeStats:

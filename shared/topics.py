@@ -15,6 +15,10 @@ deployments can share a broker.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # shared.schemas imports this module
+    from shared.schemas import Placement
 
 AVAILABILITY_ONLINE = "online"
 AVAILABILITY_OFFLINE = "offline"
@@ -77,6 +81,28 @@ class Topics:
         """A replicated stage's input as an MQTT v5 shared subscription (``$share/<group>/<filter>``):
         the broker hands each message to one of the stage's replicas, no dispatcher of our own."""
         return f"$share/{self.share_group(stage, token)}/{self.stage_input_filter(stage, behind_ingest)}"
+
+    def input_filter_of(self, placement: Placement, node_id: str) -> str | None:
+        """What ``node_id`` subscribes to under ``placement`` (None: no job): the camera frames for the ingest node; a
+        stage's input, plain for its only node, shared for a replica."""
+        if placement.ingest_node == node_id:
+            return self.camera_frame_filter
+        assignment = placement.stage_of(node_id)
+        if assignment is None:
+            return None
+        behind_ingest = placement.ingest_node is not None
+        if assignment.replicated:
+            return self.shared(assignment.stage, placement.share_token, behind_ingest)
+        return self.stage_input_filter(assignment.stage, behind_ingest)
+
+    def input_for_block(self, placement: Placement, next_block: int) -> str | None:
+        """Where an activation asking for ``next_block`` goes under ``placement``: the input of the stage that runs
+        that block (any stage serves an activation for any block: docs/placement.md), or None when no stage reads
+        it: stage 1 reads camera frames, not activations, unless an ingest node decodes them."""
+        if next_block == 0:
+            return self.stage_input(1) if placement.ingest_node is not None else None
+        stage = max(2, max(s.stage for s in placement.stages if s.first_block <= next_block))
+        return self.stage_input(stage) if stage <= len(placement.stages) else None
 
     def share_group(self, stage: int, token: str) -> str:
         """The shared-subscription group of a stage's replicas (one level: the root's ``/`` become ``-``).
