@@ -17,7 +17,7 @@ from gateway.accounting import DesiredGuard
 from gateway.control_loop import Effects as ControlEffects
 from gateway.controller import PruningController
 from gateway.effects import Effects
-from gateway.handback import HandBack, Taken
+from gateway.handback import HandBack
 from gateway.live_placement import Handover, HybridTarget, LivePlacement, PlacementRules, slowed_for_moves
 from gateway.operator import Overrides
 from shared.model import MODEL_NAME
@@ -84,7 +84,7 @@ class Placing:
                 out.drains.append((node_id, served))
 
     def hand_back(self, node_id: str, served: str, held: list[tuple[str, bytes, dict[str, str]]], now: float,
-                  out: Effects) -> Taken:
+                  out: Effects) -> None:
         """What a gone node's session held: its inputs re-sent to where the placement in force reads them (or kept
         until one does); recorded as a ``handover`` row in ``errors``."""
         taken, sent = self.handback.take(held, self.handover.active, now)
@@ -95,7 +95,6 @@ class Placing:
         (log.warning if taken.inputs else log.info)("%s", message)
         out.write("add_error", {"ts": now, "component": self.settings.gateway_id, "topic": served, "kind": "handover",
                                 "message": message, "request_id": None})
-        return taken
 
     def in_use(self, node_id: str) -> bool:
         """Online and in the current placement (a node that must not be retired)."""
