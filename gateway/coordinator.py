@@ -1,7 +1,7 @@
 """The gateway's decisions: what each message and each tick changes, and what must be published and stored.
 
 Pure: no MQTT, no SQLite, no clock. Time is passed in and every entry point returns :class:`Effects` (messages to
-publish, rows for the store, replica sessions to take over, and the refusal to report when a message was refused);
+publish, rows for the store, gone nodes' sessions to take over, and the refusal to report when a message was refused);
 :mod:`gateway.service` subscribes, parses, calls one entry point under its lock and carries the effects out.
 
 The coordinator routes each message to the part that owns its idea and joins what they decide:
@@ -9,7 +9,7 @@ The coordinator routes each message to the part that owns its idea and joins wha
 - :class:`~gateway.data_path.DataPath`: the request ledger (results, accepted frames, duplicates, thumbnails,
   failures and lost frames) and the SLO windows;
 - :class:`~gateway.placing.Placing`: the live placement and its handover, the retained placement and its guard,
-  replica takeover, re-partitioning for slowdowns;
+  the takeover of gone nodes' sessions, re-partitioning for slowdowns;
 - :class:`~gateway.rate_replan.RateReplan`: the arrival rate, its trigger and the re-plan for it;
 - :class:`~gateway.desired_states.DesiredStates`: the retained prune states the control loop decides;
 - :class:`~gateway.commands.OperatorCommands`: operator commands and settings;
@@ -149,14 +149,20 @@ class Coordinator:
         else:
             self.liveness.gone(node_id)
             self.data_path.departed(node_id, now)
-        self.placing.set_status(node_id, status, now, self._out)
+        self.placing.set_status(node_id, status, now)
         self._out.write("update_node", {"node_id": node_id, "status": status, "status_ts": now})
+
+    @_entry
+    def on_drained(self, node_id: str, served: str, held: list[tuple[str, bytes, dict[str, str]]],
+                   now: float) -> None:
+        """A gone node's session, taken over (``Effects.drains``): what it held goes back to the stages."""
+        self.placing.hand_back(node_id, served, held, now, self._out)
 
     @_entry
     def on_stats(self, stats: NodeStats, now: float) -> None:
         self.placing.heard(stats.node_id)
         if self.liveness.heard(stats.node_id, now):  # a hung node resumed: a (re)joining node again
-            self.placing.set_status(stats.node_id, AVAILABILITY_ONLINE, now, self._out)
+            self.placing.set_status(stats.node_id, AVAILABILITY_ONLINE, now)
             log.warning("%s speaks again after %.0f s of silence", stats.node_id, self.liveness.silence_s)
             self._out.write("update_node", {"node_id": stats.node_id, "status": AVAILABILITY_ONLINE,
                                             "status_ts": now})
@@ -164,7 +170,7 @@ class Coordinator:
         handover = self.placing.handover
         ready = handover.prepared(stats.node_id, stats.prepared_version) if stats.prepared_version else None
         if ready is not None:
-            self.placing.activate(ready, self._out)
+            self.placing.activate(ready, now, self._out)
         suspect = offset_suspect(stats.clock_offset_s, self.settings.max_clock_offset_s)
         if suspect != (stats.node_id in self._clock_suspects):
             self._clock_suspects ^= {stats.node_id}
@@ -276,8 +282,8 @@ class Coordinator:
         windows = self.data_path.slo.close_due(now)
         lost = self.data_path.expire(now)
         silent = self.liveness.newly_silent(now)
-        for node_id in silent:  # hung: stop sending it work now, not when the broker's will fires (and a hung
-            placing.set_status(node_id, AVAILABILITY_OFFLINE, now, self._out)  # replica's input goes to the others)
+        for node_id in silent:  # hung: stop sending it work now, not when the broker's will fires (and what it
+            placing.set_status(node_id, AVAILABILITY_OFFLINE, now)  # holds goes to the others)
             self.data_path.departed(node_id, now)
         ready, ask = placing.handover.propose(placement, now) if placement is not None else (None, [])
         overdue, late = placing.handover.expire(now)
@@ -306,7 +312,7 @@ class Coordinator:
             log.warning("placement v%d published although %s did not confirm its input subscription within %g s",
                         tick.overdue.version, ", ".join(tick.late), self.settings.prepare_timeout_s)
         if ready or tick.overdue:
-            self.placing.activate(ready or tick.overdue, self._out)
+            self.placing.activate(ready or tick.overdue, now, self._out)
         self.desired.carry_out(effects, self._out)
         self._out.write("set_controller_status", now, tick.status)
         for window in tick.windows:

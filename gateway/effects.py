@@ -18,6 +18,7 @@ class Publish:
     payload: bytes | str
     qos: int = 1
     retain: bool = False
+    user: dict[str, str] | None = None  # MQTT v5 user properties (a re-sent frame's request id and capture time)
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Effects:
 
     publish: list[Publish] = field(default_factory=list)
     store: list[tuple[str, tuple]] = field(default_factory=list)  # (a `Store` method, its arguments)
-    drains: list[tuple[str, str]] = field(default_factory=list)   # (a gone replica, its shared input topic)
+    drains: list[tuple[str, str]] = field(default_factory=list)   # (a gone node, the input it subscribed to)
     refusal: BadMessage | None = None  # the message was refused: reported once the rest is carried out
 
     def send(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:

@@ -3,8 +3,9 @@
 Pure (time passed in, messages written into the caller's :class:`~gateway.effects.Effects`). It composes
 :class:`gateway.live_placement.LivePlacement` (when to re-place) and :class:`~gateway.live_placement.Handover`
 (publish once the nodes are subscribed), and owns the retained placement topic (only this gateway places: a forged
-placement is outbid and replaced), the takeover of a gone replica's broker session, and re-partitioning for
-slowdowns and back. :class:`gateway.coordinator.Coordinator` makes the control loop follow what it places.
+placement is outbid and replaced), the takeover of a gone node's broker session (what it held goes back to the
+stages: :mod:`gateway.handback`), and re-partitioning for slowdowns and back.
+:class:`gateway.coordinator.Coordinator` makes the control loop follow what it places.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gateway.accounting import DesiredGuard
 from gateway.control_loop import Effects as ControlEffects
 from gateway.controller import PruningController
 from gateway.effects import Effects
+from gateway.handback import HandBack
 from gateway.live_placement import Handover, HybridTarget, LivePlacement, PlacementRules, slowed_for_moves
 from gateway.operator import Overrides
 from shared import routing
@@ -43,32 +45,58 @@ class Placing:
         self.handover = Handover(settings.prepare_timeout_s)
         self.guard = DesiredGuard()  # the placements this gateway issued
         self.replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
-        self._taken_over: set[str] = set()  # gone replicas whose session was taken over, until heard from again
+        self._taken_over: set[str] = set()  # gone nodes whose session is (to be) taken over, until heard from again
+        self._gone: dict[str, str] = {}  # gone node -> its input, taken over once a placement without it is in force
+        self.handback = HandBack(topics, settings.result_timeout_s)
 
     # --- nodes coming and going ----------------------------------------------------------------
-    def set_status(self, node_id: str, status: str, now: float, out: Effects) -> None:
-        """A node's availability (or its silence, as offline); a gone replica's session is taken over."""
+    def set_status(self, node_id: str, status: str, now: float) -> None:
+        """A node's availability (or its silence, as offline); a gone node's session is taken over once it is
+        placed around (:meth:`activate`)."""
         self.live.set_status(node_id, status, now)
         if status == AVAILABILITY_ONLINE:
-            self._taken_over.discard(node_id)
+            self.heard(node_id)
         else:
-            self._take_over(node_id, out)
+            self._take_over(node_id)
 
     def heard(self, node_id: str) -> None:
-        """The node speaks: a later departure takes its session over again."""
+        """The node speaks: its session is its own again, and a later departure takes it over again."""
         self._taken_over.discard(node_id)
+        self._gone.pop(node_id, None)
 
-    def _take_over(self, node_id: str, out: Effects) -> None:
-        """A reader of a shared input (a replica, or a first stage of parallel pipelines) is gone (offline, or
-        silent: hung but still connected): what its broker session held goes back to the stage (service:
-        _hand_over), once per departure: a later ``offline`` (a will) starts no second takeover, which would cut the
-        node off again if it had resumed meanwhile."""
-        placement = self.live.current
-        served = placement.stage_of(node_id) if placement else None
-        if served is None or not placement.shares_input(served) or node_id in self._taken_over:
+    def _take_over(self, node_id: str) -> None:
+        """A node that held an input is gone (offline, or silent: hung but still connected): it acknowledges an input
+        only once served, so its broker session holds what it had not finished, and keeps collecting what is sent
+        to that input meanwhile. Once a placement without it is in force, the session is taken over
+        (service: _hand_over) and what it held goes to where that placement reads it (:meth:`hand_back`). Once per
+        departure: a later ``offline`` (a will) starts no second takeover, which would cut the node off again if it
+        had resumed meanwhile."""
+        placement = self.handover.active
+        served = routing.input_filter(self.topics, placement, node_id) if placement else None
+        if served is None or node_id in self._taken_over:
             return
         self._taken_over.add(node_id)
-        out.drains.append((node_id, routing.input_filter(self.topics, placement, node_id)))
+        self._gone[node_id] = served
+
+    def _drain_placed_around(self, placement: Placement, out: Effects) -> None:
+        """Take over the session of each gone node ``placement`` (now in force) no longer gives an input."""
+        for node_id, served in list(self._gone.items()):
+            if routing.input_filter(self.topics, placement, node_id) is None:
+                del self._gone[node_id]
+                out.drains.append((node_id, served))
+
+    def hand_back(self, node_id: str, served: str, held: list[tuple[str, bytes, dict[str, str]]], now: float,
+                  out: Effects) -> None:
+        """What a gone node's session held: its inputs re-sent to where the placement in force reads them (or kept
+        until one does); recorded as a ``handover`` row in ``errors``."""
+        taken, sent = self.handback.take(held, self.handover.active, now)
+        out.publish.extend(sent)
+        message = (f"{node_id} ({served}) is gone: {taken.inputs} inputs its session held were taken back, "
+                   f"{taken.sent} re-sent to the stages that read them now, {taken.inputs - taken.sent} waiting for "
+                   f"a placement with a stage for them; {taken.other} other messages dropped; its session ended")
+        (log.warning if taken.inputs else log.info)("%s", message)
+        out.write("add_error", {"ts": now, "component": self.settings.gateway_id, "topic": served, "kind": "handover",
+                                "message": message, "request_id": None})
 
     def in_use(self, node_id: str) -> bool:
         """Online and in the current placement (a node that must not be retired)."""
@@ -92,11 +120,14 @@ class Placing:
             self.guard.issue("placement", payload)
             out.send(self.topics.placement, payload, retain=True)
 
-    def activate(self, placement: Placement, out: Effects) -> None:
-        """Publish a placement every node that needed a new input for it is subscribed for (or timed out)."""
+    def activate(self, placement: Placement, now: float, out: Effects) -> None:
+        """Publish a placement every node that needed a new input for it is subscribed for (or timed out); gone nodes
+        it places around are taken over, and inputs taken back earlier that it has a stage for are re-sent."""
         log.info("placement v%d: publishing", placement.version)
         self.publish(out)
         self._record(placement, out)
+        self._drain_placed_around(placement, out)
+        out.publish.extend(self.handback.release(placement, now))
 
     def _record(self, placement: Placement, out: Effects) -> None:
         out.write("add_placement", placement.model_dump(exclude={"share_token"}))  # a secret: not stored

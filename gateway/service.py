@@ -117,9 +117,10 @@ class Gateway:
 
     def _send(self, effects: Effects) -> None:
         for message in effects.publish:
-            self.bus.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
-        for node_id, shared in effects.drains:
-            threading.Thread(target=self._hand_over, args=(node_id, shared), name=f"drain-{node_id}",
+            self.bus.publish(message.topic, message.payload, qos=message.qos, retain=message.retain,
+                             user=message.user)
+        for node_id, served in effects.drains:
+            threading.Thread(target=self._hand_over, args=(node_id, served), name=f"drain-{node_id}",
                              daemon=True).start()
         if effects.refusal is not None:
             raise effects.refusal
@@ -161,30 +162,23 @@ class Gateway:
     def _on_refused_retained(self, topic: str, kind: str) -> None:
         self._decide(self.coordinator.on_refused_retained, topic, kind)
 
-    def _hand_over(self, node_id: str, shared: str) -> None:
-        """A replica is gone: what its broker session held goes back to the stage, and it leaves the group.
+    def _hand_over(self, node_id: str, served: str) -> None:
+        """A node that held an input is gone and placed around: take its broker session over and end it.
 
-        The replica acknowledges its input only once served, so everything it had not finished is still in
-        its session, which Mosquitto would keep feeding a share of new input (docs/scaling.md). Taking the
-        session over ends it and returns the held messages; re-published on their own topics they reach the
-        surviving replicas (or whichever node the new placement gives the stage). A node killed between
-        publishing an output and acknowledging its input is served twice; the first result is the row, the second
-        a ``duplicates`` row (gateway/accounting.py).
+        A node acknowledges an input only once served, so everything it had not finished is still in its session,
+        which Mosquitto would also keep feeding (docs/reliability.md, "Faults"). Taking the session over ends it and
+        returns the held messages; the coordinator re-sends them to where the placement in force reads them
+        (gateway/handback.py). A node killed between publishing an output and acknowledging its input is served
+        twice; the first result is the row, the second a ``duplicates`` row (gateway/accounting.py).
         """
         try:
-            held = drain_session(self.mqtt_settings, node_id, [shared])
+            held = drain_session(self.mqtt_settings, node_id, [served])
         except ConnectionError as exc:
             log.error("could not take over %s's session: %s", node_id, exc)
-            self.store.add_error({"ts": time.time(), "component": self.settings.gateway_id, "topic": "",
-                                  "kind": "replica_drain_failed", "message": str(exc), "request_id": None})
+            self.store.add_error({"ts": time.time(), "component": self.settings.gateway_id, "topic": served,
+                                  "kind": "drain_failed", "message": str(exc), "request_id": None})
             return
-        for topic, payload, user in held:
-            self.bus.publish(topic, payload, qos=1, user=user or None)
-        message = (f"replica {node_id} ({shared}) is gone: {len(held)} messages its session held were "
-                   "re-published to its stage, and its session ended")
-        (log.warning if held else log.info)("%s", message)
-        self.store.add_error({"ts": time.time(), "component": self.settings.gateway_id, "topic": shared,
-                              "kind": "replica_handover", "message": message, "request_id": None})
+        self._decide(self.coordinator.on_drained, node_id, served, held, time.time())
 
     def _on_profile(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         if not payload:  # a retired node's cleared profile

@@ -83,7 +83,7 @@ class NodeAgent:
         torch.set_num_threads(settings.threads)
         self.model = build_model(settings.checkpoint)
         self.topics = Topics(mqtt_settings.topic_root)
-        # a replica acknowledges its input only once served: what it holds stays in its broker session
+        # an input is acknowledged only once served: what the node holds stays in its broker session
         self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id), manual_ack=True)
         self.clock = ClockOffset()
         self.queue: DeadlineQueue[tuple[StageRuntime, Request, Ack]] = DeadlineQueue(
@@ -388,22 +388,18 @@ class NodeAgent:
     # --- data path -----------------------------------------------------------------------
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str], ack: Ack) -> None:
         """Take one input: serve it here and now when the node is idle and serves quickly (no hand-off to the
-        inference thread, no wake-up of paho's thread for the output), else queue it. Input read through a shared
-        subscription (a replica's, or a first stage's of parallel pipelines) is acknowledged once served, so while
-        the node holds it its broker session does too, and the gateway can hand it to another reader if this one
-        dies (docs/scaling.md); a stage's only node acknowledges on receipt, as before replicas existed."""
+        inference thread, no wake-up of paho's thread for the output), else queue it. It is acknowledged once
+        served (or reported), so while this node holds the input its broker session does too, and the gateway can
+        hand it to whichever node serves its stage next if this one dies or hangs (docs/reliability.md)."""
         received = time.time()
         with self._lock:
             runtime = self.runtime or self.ingest
             listening, prepared = self._input_filter, self._prepared
-        shared = listening is not None and listening.startswith("$share/")
         if runtime is None or not self._serves(runtime, listening, topic):
-            runtime, shared = self._prepared_share(prepared, topic), True
+            runtime = self._prepared_share(prepared, topic)
         if runtime is None:  # an input this node is only prepared for: another node serves it until the placement
             ack()
             return
-        if not shared:
-            ack()
         req = Request(topic, payload, props, received)
         if not self._admit(runtime, req):  # refused, and reported as the request's failure
             ack()
@@ -424,11 +420,11 @@ class NodeAgent:
                 log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
 
     def _serve_now(self, runtime: StageRuntime | IngestRuntime, req: Request, ack: Ack) -> None:
-        """Serve on paho's thread, the queue claimed (:meth:`DeadlineQueue.claim`). The announcement and the
-        input's acknowledgement leave before the compute, as they would have before a queued one; the output
-        right after it (:meth:`_serve`), a replica's acknowledgement or a failure report once it is done. Input
-        that arrived meanwhile (more than a few acknowledgements' bytes unread) goes to the queue, so a backlog is
-        still served by deadline and shed when full."""
+        """Serve on paho's thread, the queue claimed (:meth:`DeadlineQueue.claim`). The announcement leaves before the
+        compute, as it would have before a queued one; the output right after it (:meth:`_serve`), the input's
+        acknowledgement or a failure report once it is done. Input that arrived meanwhile (more than a few
+        acknowledgements' bytes unread) goes to the queue, so a backlog is still served by deadline and shed when
+        full."""
         self.bus.flush()
         try:
             self._serve(runtime, req)

@@ -146,6 +146,13 @@ class Topics:
                     and len(parts) == n + 3)
                 or self._is_stage_input(parts[n:]))
 
+    def pipeline_of_input(self, topic: str) -> int:
+        """The pipeline whose stage input ``topic`` is (``pipeline/p<j>/stage/<k>/in``: j), 0 for any other topic."""
+        parts = topic.split("/")[len(self.root.split("/")):]
+        if self._is_stage_input(parts) and len(parts) == 5:
+            return int(parts[1][1:])
+        return 0
+
     @staticmethod
     def _is_stage_input(parts: list[str]) -> bool:
         """``pipeline/stage/<k>/in`` or ``pipeline/p<j>/stage/<k>/in`` (below the root)."""

@@ -97,28 +97,50 @@ def test_a_node_online_in_the_placement_is_not_retired(tmp_path):
     assert not [p for p in effects.publish if p.retain]
 
 
-def test_a_replica_that_goes_offline_has_its_session_taken_over(tmp_path):
+def three_nodes(tmp_path) -> tuple[Coordinator, Placement]:
     c = coordinator(tmp_path, nodes=("node-1", "node-2", "node-3"))
     placement = Placement(version=7, model=MODEL_NAME, n_blocks=6, issued_at=0.0, share_token="tok3n-abcd", stages=[
         StageAssignment(stage=1, node_id="node-1", first_block=0, last_block=2),
         StageAssignment(stage=2, node_id="node-2", replicas=["node-3"], first_block=3, last_block=5)])
     placed(c, placement)
+    return c, placement
+
+
+def placed_around(c: Coordinator, nodes: list[str], now: float, version: int = 8) -> Effects:
+    """The placement the gateway would make around the gone nodes, in force now (as the handover activates it)."""
+    out = Effects()
+    placement = even_split(6, nodes).model_copy(update={"version": version})
+    placed(c, placement)
+    c.placing.activate(placement, now, out)
+    return out
+
+
+def test_a_gone_node_has_its_session_taken_over_once_placed_around(tmp_path):
+    """A node acknowledges an input only once served: whatever it held is in its session, which keeps collecting its
+    input until then, so the session is taken over once a placement without it is in force, replica or not."""
+    c, _ = three_nodes(tmp_path)
     assert c.on_status("node-3", "online", now=1.0).drains == []
-    assert c.on_status("node-1", "offline", now=2.0).drains == []  # not replicated: re-placed, nothing to drain
+    assert c.on_status("node-1", "offline", now=2.0).drains == []
     effects = c.on_status("node-3", "offline", now=3.0)
-    assert effects.drains == [("node-3", TOPICS.shared(2, "tok3n-abcd"))]
+    assert effects.drains == []  # not yet: what is sent to its input until the placement moves is in its session too
     assert effects.rows("update_node") == [{"node_id": "node-3", "status": "offline", "status_ts": 3.0}]
+    assert placed_around(c, ["node-2"], now=4.0).drains == [("node-1", TOPICS.camera_frame_filter),
+                                                            ("node-3", TOPICS.shared(2, "tok3n-abcd"))]
+    assert placed_around(c, ["node-2"], now=5.0, version=9).drains == []
+
+
+def test_a_node_back_before_it_is_placed_around_keeps_its_session(tmp_path):
+    c, _ = three_nodes(tmp_path)
+    c.on_status("node-2", "offline", now=2.0)
+    c.on_status("node-2", "online", now=3.0)  # restarted: the held inputs came back to it with its session
+    assert placed_around(c, ["node-1"], now=4.0).drains == []
 
 
 def test_a_hung_replica_has_its_session_taken_over_once(tmp_path):
     """Hung (SIGSTOP) but still connected, a replica keeps its share of the stage's input in its session: once its
     stats stop for stats_silence_s it is taken over as a dead one is, and a will that comes later (the keepalive
     ran out first) starts no second takeover."""
-    c = coordinator(tmp_path, nodes=("node-1", "node-2", "node-3"))
-    placement = Placement(version=7, model=MODEL_NAME, n_blocks=6, issued_at=0.0, share_token="tok3n-abcd", stages=[
-        StageAssignment(stage=1, node_id="node-1", first_block=0, last_block=2),
-        StageAssignment(stage=2, node_id="node-2", replicas=["node-3"], first_block=3, last_block=5)])
-    placed(c, placement)
+    c, _ = three_nodes(tmp_path)
     silence = c.settings.stats_silence_s
     for node in ("node-1", "node-2"):
         c.on_stats(stats(node, 1.0), now=1.0)
@@ -126,11 +148,37 @@ def test_a_hung_replica_has_its_session_taken_over_once(tmp_path):
     assert c.tick(silence - 0.5).drains == []
     for node in ("node-1", "node-2"):
         c.on_stats(stats(node, silence), now=silence)
-    assert c.tick(silence + 0.5).drains == [("node-3", TOPICS.shared(2, "tok3n-abcd"))]
+    c.tick(silence + 0.5)
+    shared = TOPICS.shared(2, "tok3n-abcd")
+    assert placed_around(c, ["node-1", "node-2"], now=silence + 1).drains == [("node-3", shared)]
     assert c.on_status("node-3", "offline", now=silence + 1).drains == []  # its will, late
-    assert c.tick(silence + 2).drains == []
+    assert placed_around(c, ["node-1", "node-2"], now=silence + 2, version=9).drains == []
     c.on_stats(stats("node-3", silence + 3), now=silence + 3)  # it resumed: a later departure is taken over again
-    assert c.on_status("node-3", "offline", now=silence + 4).drains == [("node-3", TOPICS.shared(2, "tok3n-abcd"))]
+    placed(c, Placement(version=10, model=MODEL_NAME, n_blocks=6, issued_at=0.0, share_token="tok3n-abcd", stages=[
+        StageAssignment(stage=1, node_id="node-1", first_block=0, last_block=2),
+        StageAssignment(stage=2, node_id="node-2", replicas=["node-3"], first_block=3, last_block=5)]))
+    c.on_status("node-3", "offline", now=silence + 4)
+    assert placed_around(c, ["node-1", "node-2"], now=silence + 5, version=11).drains == [("node-3", shared)]
+
+
+def test_what_a_gone_node_held_is_re_sent_where_the_placement_in_force_reads_it(tmp_path):
+    """Stage 2's only node is gone and node-1 alone is stage 1, which reads camera frames: a held frame goes back on
+    its camera topic at once, a held activation waits until a placement has a stage for its next block."""
+    from tests.test_handback import FRAME_TOPIC, FRAME_USER, activation
+
+    c = coordinator(tmp_path)
+    placed(c, even_split(6, ["node-1", "node-2"]))
+    c.on_status("node-2", "offline", now=2.0)
+    assert placed_around(c, ["node-1"], now=2.5).drains == [("node-2", TOPICS.stage_input(2))]
+    held = [(FRAME_TOPIC, b"jpeg", FRAME_USER), (TOPICS.stage_input(2), activation(3), {}),
+            (TOPICS.placement, b"{}", {})]
+    effects = c.on_drained("node-2", TOPICS.stage_input(2), held, now=3.0)
+    assert effects.publish == [Publish(FRAME_TOPIC, b"jpeg", user=FRAME_USER)]
+    (row,) = effects.rows("add_error")
+    assert row["kind"] == "handover" and row["message"].startswith(
+        "node-2 (edgeprune/pipeline/stage/2/in) is gone: 2 inputs its session held were taken back, 1 re-sent")
+    c.on_status("node-2", "online", now=8.0)  # restarted and placed again
+    assert placed_around(c, ["node-1", "node-2"], now=9.0, version=9).sent(TOPICS.stage_input(2)) == [activation(3)]
 
 
 def test_a_status_that_is_not_an_availability_is_refused(tmp_path):

@@ -101,7 +101,8 @@ def test_two_processes_rendering_the_same_frames_at_once_both_get_them(tmp_path,
     monkeypatch.setattr(dataset.np, "savez_compressed", save_then_let_the_other_writer_finish)
     frames = load_frames(RenderConfig(seed=7))
     assert interleaved and np.array_equal(frames["test"].images, fake["test"].images)
-    assert [p.name for p in tmp_path.iterdir()] == [dataset._cache_path(RenderConfig(seed=7)).name]  # no temporaries left
+    # no temporaries left
+    assert [p.name for p in tmp_path.iterdir()] == [dataset._cache_path(RenderConfig(seed=7)).name]
 
 
 def test_training_input_is_the_nodes_normalisation():

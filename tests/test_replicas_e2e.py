@@ -46,9 +46,9 @@ def run_replica_fault(broker, tmp_path: Path, fault) -> None:
         assert camera.wait(STARTUP_S) == 0
         time.sleep(0.5)
         fault(procs)
-        wait_until(lambda: any(e["kind"] == "replica_handover" for e in reader.errors(50)), 60,
+        wait_until(lambda: any(e["kind"] == "handover" for e in reader.errors(50)), 60,
                    "the gateway did not take over the faulty replica's session")
-        handover = next(e for e in reader.errors(50) if e["kind"] == "replica_handover")
+        handover = next(e for e in reader.errors(50) if e["kind"] == "handover")
         wait_until(lambda: reader.accounting()["accepted"] == 30 and reader.accounting()["in_flight"] == 0, 90,
                    f"frames still in flight: {reader.accounting()}")
         accounting = reader.accounting()

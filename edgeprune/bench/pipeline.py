@@ -424,7 +424,7 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
         "accuracy_measured": float(np.mean(correct)) if correct else None,
         "labelled": len(correct),
         "prune_events": sum(1 for _, kind, _ in timeline if kind == "prune"),
-        "restore_events": len(restores),
+        "restore_events": sum(1 for _, kind, _ in timeline if kind == "restore"),
         "replacement_events": sum(1 for _, kind, _ in timeline if kind == "replace"),
         "reaction_s": reaction, "full_restore_s": restore[0] if restore else None,
         "restored_within_run": restore is not None if acted and ends else None,
