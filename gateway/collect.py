@@ -36,8 +36,11 @@ FLUSH_INTERVAL_S = 0.1
 
 @dataclass(frozen=True)
 class Row:
+    """A table's row, and the node whose model fingerprint it takes (the result's last stage; a node's status)."""
+
     table: str
     values: dict
+    node: str | None = None
 
 
 def deployment(site: str, camera_id: str) -> str:
@@ -45,9 +48,11 @@ def deployment(site: str, camera_id: str) -> str:
     return f"{site}/{camera_id}"
 
 
-def parse_central(topics: Topics, topic: str, payload: bytes, received_at: float) -> Row:
+def parse_central(topics: Topics, topic: str, payload: bytes, received_at: float) -> Row | None:
     """The row one message at the central broker becomes; BadMessage if it is not a site's known topic.
 
+    None for an empty payload: a site clearing a retained message (a profile, a status, a stray retained result
+    its gateway removes), which the bridge forwards like any publish; there is nothing to store.
     A result becomes the site gateway's own `requests` row (``gateway.store.result_row``), its finish time
     the last stage's publish time (the site's clock, not the centre's arrival after a cut link)."""
     split = topics.split_central(topic)
@@ -58,24 +63,35 @@ def parse_central(topics: Topics, topic: str, payload: bytes, received_at: float
     if not local.startswith(root):
         raise BadMessage("bad_topic", f"{topic}: site {site} uses another topic root")
     parts = local[len(root):].split("/")
-    where = {"site": site, "received_at": received_at}
     if len(parts) == 3 and parts[:2] == ["pipeline", "results"]:
+        table = "requests"
+    elif len(parts) == 3 and parts[0] == "node" and parts[2] == "profile":
+        table = "models"
+    elif len(parts) == 3 and parts[0] in ("node", "component") and parts[2] == "status":
+        table = "node_status"
+    elif len(parts) == 2 and parts[0] == "error":
+        table = "errors"
+    else:
+        raise BadMessage("bad_topic", f"{topic}: not a forwarded topic")
+    if not payload:
+        return None
+    where = {"site": site, "received_at": received_at}
+    if table == "requests":
         result = parse_json(Result, payload)
-        return Row("requests", {**where, "deployment": deployment(site, result.camera_id),
-                                **result_row(result)})
-    if len(parts) == 3 and parts[0] == "node" and parts[2] == "profile":
+        return Row(table, {**where, "deployment": deployment(site, result.camera_id), **result_row(result)},
+                   result.hops[-1].node_id)
+    if table == "models":
         profile = parse_json(NodeProfile, payload)
-        return Row("models", {**where, "node_id": profile.node_id, "model_fingerprint": profile.model_fingerprint})
-    if len(parts) == 3 and parts[0] in ("node", "component") and parts[2] == "status":
+        return Row(table, {**where, "node_id": profile.node_id, "model_fingerprint": profile.model_fingerprint})
+    if table == "node_status":
         status = payload.decode("utf-8", errors="replace")
         if status not in STATUSES:
             raise BadMessage("bad_status", f"{topic}: unknown availability {status[:40]!r}")
-        return Row("node_status", {**where, "component": parts[1], "kind": parts[0], "status": status})
-    if len(parts) == 2 and parts[0] == "error":
-        record = parse_json(ErrorRecord, payload)
-        return Row("errors", {**where, "component": record.component, "ts": record.ts, "topic": record.topic,
-                              "kind": record.kind, "message": record.message, "request_id": record.request_id})
-    raise BadMessage("bad_topic", f"{topic}: not a forwarded topic")
+        return Row(table, {**where, "component": parts[1], "kind": parts[0], "status": status},
+                   parts[1] if parts[0] == "node" else None)
+    record = parse_json(ErrorRecord, payload)
+    return Row(table, {**where, "component": record.component, "ts": record.ts, "topic": record.topic,
+                       "kind": record.kind, "message": record.message, "request_id": record.request_id})
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------------------------
@@ -324,13 +340,14 @@ class Collector:
 
     def _on_message(self, topic: str, payload: bytes, _user: dict[str, str]) -> None:
         row = parse_central(self.topics, topic, payload, time.time())
+        if row is None:
+            self.received["cleared"] += 1
+            return
         values = row.values
         if row.table == "models":
             self.models[values["site"], values["node_id"]] = values["model_fingerprint"]
-        elif row.table == "requests":
-            values["model_fingerprint"] = self.models.get((values["site"], values["hops"][-1]["node_id"]))
-        elif row.table == "node_status" and values["kind"] == "node":
-            values["model_fingerprint"] = self.models.get((values["site"], values["component"]))
+        elif row.node is not None:
+            values["model_fingerprint"] = self.models.get((values["site"], row.node))
         self.store.add(row.table, values)
         self.received[row.table] += 1
 
