@@ -224,3 +224,28 @@ def test_a_row_postgresql_refuses_is_counted_and_the_rest_are_written(postgres) 
         assert store.db.execute("SELECT request_id FROM requests WHERE site = 'lake'").fetchall() == [("lake-1",)]
     finally:
         store.close()
+
+
+def test_one_batch_holds_a_key_twice(postgres) -> None:
+    """A batch goes in as one COPY and one INSERT ... SELECT: a redelivered result in it is stored once, and a
+    node's profile sent twice (an upsert table) leaves the last, as row-by-row writes did; the hops are the
+    result's own, as JSON the server reads. All without falling back to row by row (kept for refused rows)."""
+    from gateway.collect import PostgresStore, parse_central
+
+    store = PostgresStore(postgres.url)
+    store._write_one_by_one = lambda pending: pytest.fail(f"the batch fell back to row by row: {list(pending)}")
+    try:
+        with store.db.transaction():
+            store.db.execute("DELETE FROM requests WHERE site = 'fen'")
+        for fingerprint in ("old", "new"):
+            store.add("models", {"site": "fen", "node_id": "pi-fen", "model_fingerprint": fingerprint,
+                                 "received_at": 5.0})
+        row = parse_central(TOPICS, "sites/fen/edgeprune/pipeline/results/pi-fen", result("fen", 1), 5.0)
+        store.add(row.table, row.values)
+        store.add(row.table, dict(row.values))
+        store.flush()
+        assert store.db.execute("SELECT model_fingerprint FROM models WHERE site = 'fen'").fetchall() == [("new",)]
+        assert store.db.execute("SELECT hops -> 0 ->> 'node_id', prune_ratios FROM requests "
+                                "WHERE site = 'fen'").fetchall() == [("pi-fen", [0.25])]
+    finally:
+        store.close()
