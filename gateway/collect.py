@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from gateway.store import CENTRAL_INDEXES, CENTRAL_SCHEMA, JsonValue, Store, Table, result_row
+from gateway.store import CENTRAL_INDEXES, CENTRAL_RETIRED_INDEXES, CENTRAL_SCHEMA, JsonValue, Store, Table, result_row
 from shared.schemas import BadMessage, ErrorRecord, NodeProfile, Result, parse_json
 from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILITY_STOPPED, Topics, validate_id
 
@@ -111,8 +111,10 @@ def _keys(table: Table) -> tuple[str, ...]:
     return (table.pk,) if isinstance(table.pk, str) else table.pk
 
 
-def pg_schema_sql(schema: dict[str, Table], indexes: dict[str, list[list[str]]]) -> list[str]:
-    """DDL for ``schema``, safe to run on every start: a table an older version made gets its new columns."""
+def pg_schema_sql(schema: dict[str, Table], indexes: dict[str, list[list[str]]],
+                  retired: dict[str, list[list[str]]] = CENTRAL_RETIRED_INDEXES) -> list[str]:
+    """DDL for ``schema``, safe to run on every start: a table an older version made gets its new columns, and
+    loses the ``retired`` indexes (each costs every write)."""
     statements = []
     for name, table in schema.items():
         columns = ", ".join(f"{_q(c)} {PG_TYPES[kind]}" for c, kind in table.columns.items())
@@ -123,7 +125,8 @@ def pg_schema_sql(schema: dict[str, Table], indexes: dict[str, list[list[str]]])
     for name, table_indexes in indexes.items():
         statements += [f"CREATE INDEX IF NOT EXISTS {_q('_'.join([name, *cols]))} ON {_q(name)} "
                        f"({', '.join(map(_q, cols))})" for cols in table_indexes]
-    return statements
+    return statements + [f"DROP INDEX IF EXISTS {_q('_'.join([name, *cols]))}"
+                         for name, table_indexes in retired.items() for cols in table_indexes]
 
 
 def _on_conflict(table: Table) -> str:
@@ -297,6 +300,9 @@ def open_store(db: str | Path) -> Store:
     migrate_sqlite_v1(Path(db))
     store = Store(Path(db), MAX_PENDING, CENTRAL_SCHEMA, CENTRAL_INDEXES)
     copy_v1(store.db)
+    for name, table_indexes in CENTRAL_RETIRED_INDEXES.items():
+        for cols in table_indexes:  # sqlite-utils' names
+            store.db.execute(f"DROP INDEX IF EXISTS [idx_{'_'.join([name, *cols])}]")
     return store
 
 

@@ -171,8 +171,12 @@ CENTRAL_SCHEMA: dict[str, Table] = {
     "models": Table({"site": str, "node_id": str, "model_fingerprint": str, "received_at": float},
                     ("site", "node_id"), "upsert"),  # which model each site's node runs (its retained profile)
 }
-CENTRAL_INDEXES = {"requests": [["capture_ts"], ["site", "camera_id", "capture_ts"], ["received_at"]],
+# The ecologists' aggregate over a time window (rows and mean confidence per site and label, docs/scaling.md) is
+# answered from the first index alone, an index-only scan in PostgreSQL: 1/16 of the pages the rows span.
+CENTRAL_INDEXES = {"requests": [["capture_ts", "site", "label", "confidence"], ["site", "camera_id", "capture_ts"],
+                                ["received_at"]],
                    "errors": [["ts"]]}
+CENTRAL_RETIRED_INDEXES = {"requests": [["capture_ts"]]}  # dropped at start: the covering index above took its place
 
 
 def result_row(result: Result) -> dict:
