@@ -385,10 +385,11 @@ class Collector:
         self.bus.acknowledge_after(self.store.after_commit)
         self.store.start_writer(write_interval_s, on_failure=lambda exc: None)
         for pattern in self.topics.bridged:
-            self.bus.subscribe(self.topics.central(f"{self.topics.root}/{pattern}"), self._on_message, qos=1)
+            self.bus.subscribe(self.topics.central(f"{self.topics.root}/{pattern}"), self.handle, qos=1)
         self.bus.start()
 
-    def _on_message(self, topic: str, payload: bytes, _user: dict[str, str]) -> None:
+    def handle(self, topic: str, payload: bytes, _user: dict[str, str]) -> None:
+        """One message from the central broker, on paho's thread: validated, mapped to its row and buffered."""
         row = parse_central(self.topics, topic, payload, time.time())
         if row is None:
             self.received["cleared"] += 1
