@@ -150,8 +150,8 @@ def pg_insert_sql(name: str, table: Table) -> str:
 
 class Staging(NamedTuple):
     """A batch's way in: COPY into a temporary table of the session, then one INSERT ... SELECT with the table's
-    write mode. COPY costs the collector a quarter of the CPU per row of a pipelined executemany and the server
-    half the time (measured, docs/scaling.md); INSERT ... VALUES cannot say ON CONFLICT for COPY'd rows."""
+    write mode (COPY itself has no ON CONFLICT). COPY costs the collector a quarter of the CPU per row of a
+    pipelined executemany and takes half the time (measured, docs/scaling.md)."""
 
     create: str
     copy: str

@@ -171,8 +171,8 @@ CENTRAL_SCHEMA: dict[str, Table] = {
     "models": Table({"site": str, "node_id": str, "model_fingerprint": str, "received_at": float},
                     ("site", "node_id"), "upsert"),  # which model each site's node runs (its retained profile)
 }
-# The ecologists' aggregate over a time window (rows and mean confidence per site and label, docs/scaling.md) is
-# answered from the first index alone, an index-only scan in PostgreSQL: 1/16 of the pages the rows span.
+# The ecologists' aggregate over a time window (rows and mean confidence per site and label, docs/scaling.md) can
+# be answered from the first index alone: in PostgreSQL, once vacuumed, an index-only scan of 1/16 of the pages.
 CENTRAL_INDEXES = {"requests": [["capture_ts", "site", "label", "confidence"], ["site", "camera_id", "capture_ts"],
                                 ["received_at"]],
                    "errors": [["ts"]]}
