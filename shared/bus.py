@@ -294,12 +294,11 @@ class Bus:
             return lambda: None
         with self._lock:
             connection = self._connection
-        done = threading.Event()
+        once = threading.Lock()  # held once acknowledged (a Lock, not an Event: this runs for every message)
 
         def ack() -> None:
-            if done.is_set():
+            if not once.acquire(blocking=False):
                 return
-            done.set()
             if self._defer_ack is not None:
                 self._defer_ack(lambda: self._ack(connection, msg.mid, msg.qos))
             else:

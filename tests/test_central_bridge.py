@@ -278,3 +278,14 @@ def test_a_result_row_leaves_the_ingest_hop_out_of_the_ratios_and_marks_a_deferr
     labelled = Result(request_id="r", camera_id="cam-1", capture_ts=0.9, label="deer", label_index=1,
                       confidence=0.9, hops=hops, true_label=2)
     assert result_row(labelled)["prune_ratios"] == [0.3] and result_row(labelled)["late"] == 1
+
+
+def test_an_empty_payload_is_a_retained_clear_not_bad_input() -> None:
+    """Clearing a retained message (a node's profile or status, a stray retained result the gateway removes) is an
+    empty publish that the bridge forwards like any other: nothing to store, and not a `bad_json` error."""
+    for topic in ("sites/valley/edgeprune/node/pi-a/profile", "sites/valley/edgeprune/node/pi-a/status",
+                  "sites/valley/edgeprune/pipeline/results/pi-a", "sites/valley/edgeprune/error/cam"):
+        assert parse_central(TOPICS, topic, b"", 5.0) is None, topic
+    with pytest.raises(BadMessage) as caught:  # still only below a site's known topics
+        parse_central(TOPICS, "sites/valley/edgeprune/pipeline/nowhere", b"", 5.0)
+    assert caught.value.kind == "bad_topic"

@@ -224,3 +224,66 @@ def test_a_row_postgresql_refuses_is_counted_and_the_rest_are_written(postgres) 
         assert store.db.execute("SELECT request_id FROM requests WHERE site = 'lake'").fetchall() == [("lake-1",)]
     finally:
         store.close()
+
+
+def test_one_batch_holds_a_key_twice(postgres) -> None:
+    """A batch goes in as one COPY and one INSERT ... SELECT: a redelivered result in it is stored once, and a
+    node's profile sent twice (an upsert table) leaves the last, as row-by-row writes did; the hops are the
+    result's own, as JSON the server reads. All without falling back to row by row (kept for refused rows)."""
+    from gateway.collect import PostgresStore, parse_central
+
+    store = PostgresStore(postgres.url)
+    store._write_one_by_one = lambda pending: pytest.fail(f"the batch fell back to row by row: {list(pending)}")
+    try:
+        with store.db.transaction():
+            store.db.execute("DELETE FROM requests WHERE site = 'fen'")
+        for fingerprint in ("old", "new"):
+            store.add("models", {"site": "fen", "node_id": "pi-fen", "model_fingerprint": fingerprint,
+                                 "received_at": 5.0})
+        row = parse_central(TOPICS, "sites/fen/edgeprune/pipeline/results/pi-fen", result("fen", 1), 5.0)
+        store.add(row.table, row.values)
+        store.add(row.table, dict(row.values))
+        store.flush()
+        assert store.db.execute("SELECT model_fingerprint FROM models WHERE site = 'fen'").fetchall() == [("new",)]
+        assert store.db.execute("SELECT hops -> 0 ->> 'node_id', prune_ratios FROM requests "
+                                "WHERE site = 'fen'").fetchall() == [("pi-fen", [0.25])]
+    finally:
+        store.close()
+
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_the_aggregate_by_time_has_a_covering_index_and_the_index_it_replaced_goes(request, tmp_path, backend) -> None:
+    """The ecologists' aggregate (rows and mean confidence per site and label since a time) can be answered from
+    one index (PostgreSQL's planner takes it once the table is big and vacuumed; with a few rows it may not:
+    docs/scaling.md, measured); a store an older version made loses its single-column capture_ts index (it only
+    cost writes)."""
+    import sqlite3
+
+    from gateway.collect import PostgresStore, open_store
+
+    if backend == "postgresql":
+        postgres = request.getfixturevalue("postgres")
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS index_test")
+            conn.execute("CREATE DATABASE index_test")
+        db = postgres.url.rsplit("/", 1)[0] + "/index_test"
+        PostgresStore(db).close()
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute('CREATE INDEX "requests_capture_ts" ON requests (capture_ts)')  # as the older version did
+        PostgresStore(db).close()
+        with psycopg.connect(db, autocommit=True) as conn:
+            indexes = dict(conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'requests'"))
+        assert indexes["requests_capture_ts_site_label_confidence"].endswith(
+            "(capture_ts, site, label, confidence)")
+    else:
+        db = tmp_path / "central.sqlite"
+        open_store(db).close()
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE INDEX idx_requests_capture_ts ON requests (capture_ts)")
+        open_store(db).close()
+        with sqlite3.connect(db) as conn:
+            indexes = {r[0]: r[1] for r in conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'")}
+        assert indexes["idx_requests_capture_ts_site_label_confidence"].endswith(
+            '("capture_ts", "site", "label", "confidence")')
+    assert not {"requests_capture_ts", "idx_requests_capture_ts"} & indexes.keys()

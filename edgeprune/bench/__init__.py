@@ -27,6 +27,7 @@ BENCHMARKS = [
     "overhead",
     "replicas",
     "collect",
+    "collect_core",
 ]
 
 

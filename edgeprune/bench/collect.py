@@ -53,14 +53,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="postgresql,sqlite", help="comma-separated: postgresql, sqlite")
 
 
+def result_template() -> str:
+    """A two-stage result as a last stage publishes it; ``RID`` and ``1234.5`` are its request id and capture time."""
+    from shared.schemas import Hop, Result, to_json
+
+    hops = [Hop(stage=s, node_id="pi-b" if s == 2 else "pi-a", prune_ratio=0.25, received_ts=1.0,
+                started_ts=1.0, finished_ts=1.01, published_ts=1.01) for s in (1, 2)]
+    return to_json(Result(request_id="RID", camera_id="trap-1", capture_ts=1234.5, label="deer", label_index=1,
+                          scientific_name="Capreolus capreolus", confidence=0.9, hops=hops)).decode()
+
+
 class Publisher:
     """Every site's last stage: paho clients at the site brokers, results published in turn at a fixed rate."""
 
     def __init__(self, ports: list[int]):
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
-
-        from shared.schemas import Hop, Result, to_json
 
         self.clients = []
         for i, port in enumerate(ports):
@@ -69,11 +77,7 @@ class Publisher:
             client.connect("127.0.0.1", port)
             client.loop_start()
             self.clients.append(client)
-        hops = [Hop(stage=s, node_id="pi-b" if s == 2 else "pi-a", prune_ratio=0.25, received_ts=1.0,
-                    started_ts=1.0, finished_ts=1.01, published_ts=1.01) for s in (1, 2)]
-        self.template = to_json(Result(request_id="RID", camera_id="trap-1", capture_ts=1234.5, label="deer",
-                                       label_index=1, scientific_name="Capreolus capreolus", confidence=0.9,
-                                       hops=hops)).decode()
+        self.template = result_template()
         self.sent: list = []  # MQTTMessageInfo of every publish: acknowledged by the site broker or not
         self.seq = 0
 
