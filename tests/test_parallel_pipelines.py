@@ -257,11 +257,12 @@ def test_the_operator_page_shows_parallel_pipelines_side_by_side():
                                                     "1 c (blocks 0–3) → 2 d (blocks 4–5)")
 
 
-def test_a_gone_first_stage_of_parallel_pipelines_has_its_session_taken_over(tmp_path):
-    """Its frames came through the shared frames group: what it held goes back to the group (the other pipeline);
-    a later stage of one node reads its own plain topic, so there is no session to take over."""
+def test_gone_nodes_of_parallel_pipelines_have_their_sessions_taken_over_once_placed_around(tmp_path):
+    """A first stage's frames came through the shared frames group, a later stage's through its own pipeline's plain
+    topic; both sessions hold what the node had not served (docs/reliability.md) and are taken over once a placement
+    without them is in force, each with the subscription it read."""
     from shared.model import MODEL_NAME
-    from tests.test_coordinator import coordinator, placed
+    from tests.test_coordinator import TOPICS, coordinator, placed, placed_around
 
     c = coordinator(tmp_path, nodes=("a", "b", "c", "d"))
     placement = two_pipelines().model_copy(update={"model": MODEL_NAME})
@@ -269,5 +270,7 @@ def test_a_gone_first_stage_of_parallel_pipelines_has_its_session_taken_over(tmp
     for node in "abcd":
         c.on_status(node, "online", now=1.0)
     assert c.on_status("d", "offline", now=2.0).drains == []
-    assert c.on_status("c", "offline", now=3.0).drains == [("c", "$share/edgeprune-stage-1-tok3n-abcd/"
-                                                                 "edgeprune/camera/+/frame")]
+    assert c.on_status("c", "offline", now=3.0).drains == []  # not yet: the placement still sends them frames
+    drains = placed_around(c, ["a", "b"], now=4.0, version=placement.version + 1).drains
+    assert sorted(drains) == [("c", "$share/edgeprune-stage-1-tok3n-abcd/edgeprune/camera/+/frame"),
+                              ("d", TOPICS.stage_input(2, pipeline=1))]
