@@ -88,13 +88,16 @@ class Placing:
     def hand_back(self, node_id: str, served: str, held: list[tuple[str, bytes, dict[str, str]]], now: float,
                   out: Effects) -> None:
         """What a gone node's session held: its inputs re-sent to where the placement in force reads them (or kept
-        until one does); recorded as a ``handover`` row in ``errors``."""
+        until one does); recorded as a ``handover`` row in ``errors`` when it held any."""
         taken, sent = self.handback.take(held, self.handover.active, now)
         out.publish.extend(sent)
         message = (f"{node_id} ({served}) is gone: {taken.inputs} inputs its session held were taken back, "
                    f"{taken.sent} re-sent to the stages that read them now, {taken.inputs - taken.sent} waiting for "
                    f"a placement with a stage for them; {taken.other} other messages dropped; its session ended")
-        (log.warning if taken.inputs else log.info)("%s", message)
+        if not taken.inputs:  # a node stopped cleanly (or that had served everything): nothing for the record
+            log.info("%s", message)
+            return
+        log.warning("%s", message)
         out.write("add_error", {"ts": now, "component": self.settings.gateway_id, "topic": served, "kind": "handover",
                                 "message": message, "request_id": None})
 

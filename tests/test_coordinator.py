@@ -181,6 +181,17 @@ def test_what_a_gone_node_held_is_re_sent_where_the_placement_in_force_reads_it(
     assert placed_around(c, ["node-1", "node-2"], now=9.0, version=9).sent(TOPICS.stage_input(2)) == [activation(3)]
 
 
+def test_a_session_that_held_no_input_leaves_no_handover_row(tmp_path):
+    """A node stopped cleanly has served everything: its takeover is logged, not recorded as an error (every
+    benchmark run's teardown wrote one, which its failure reasons then counted)."""
+    c = coordinator(tmp_path)
+    placed(c, even_split(6, ["node-1", "node-2"]))
+    c.on_status("node-2", "offline", now=2.0)
+    placed_around(c, ["node-1"], now=2.5)
+    effects = c.on_drained("node-2", TOPICS.stage_input(2), [(TOPICS.placement, b"{}", {})], now=3.0)
+    assert effects.rows("add_error") == [] and effects.publish == []
+
+
 def test_a_status_that_is_not_an_availability_is_refused(tmp_path):
     effects = coordinator(tmp_path).on_status("node-1", "sleepy", now=1.0)
     assert effects.refusal is not None and effects.refusal.kind == "bad_status" and effects.store == []

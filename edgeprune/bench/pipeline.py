@@ -386,8 +386,9 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
     nodes = reader.nodes()
     dropped = sum(n.get("dropped") or 0 for n in nodes)
     errors: dict[str, int] = {}
-    for e in query(reader, "SELECT kind, COUNT(*) AS n FROM errors WHERE kind NOT IN ('rejected_command', "
-                           "'bad_calibration') GROUP BY kind"):  # frames' errors, not the control plane's
+    # frames' errors (they name their request), not the control plane's (a refused command, a session handed back)
+    for e in query(reader, "SELECT kind, COUNT(*) AS n FROM errors WHERE request_id IS NOT NULL AND kind NOT IN "
+                           "('rejected_command', 'bad_calibration') GROUP BY kind"):
         errors[e["kind"]] = e["n"]
     failed = frames - len(rows)
     reasons = failure_reasons(failed, dropped, errors)
