@@ -255,9 +255,10 @@ def test_status_lists_every_node_of_a_replicated_stage_and_the_ingest_node(page,
     store.close()
     data = client.get("/api/status").get_json()
     assert data["placement"]["ingest_node"] == "pi-e" and data["placement"]["stages"][1]["replicas"] == ["pi-c", "pi-d"]
-    assert data["pipeline"] == [{"stage": 0, "first_block": None, "last_block": None, "nodes": ["pi-e"]},
-                                {"stage": 1, "first_block": 0, "last_block": 2, "nodes": ["pi-a"]},
-                                {"stage": 2, "first_block": 3, "last_block": 5, "nodes": ["pi-b", "pi-c", "pi-d"]}]
+    assert data["pipeline"] == [
+        {"stage": 0, "first_block": None, "last_block": None, "nodes": ["pi-e"], "pipeline": 0},
+        {"stage": 1, "first_block": 0, "last_block": 2, "nodes": ["pi-a"], "pipeline": 0},
+        {"stage": 2, "first_block": 3, "last_block": 5, "nodes": ["pi-b", "pi-c", "pi-d"], "pipeline": 0}]
     nodes = {n["node_id"]: n for n in data["nodes"]}
     assert nodes["pi-b"]["stage_nodes"] == ["pi-b", "pi-c", "pi-d"] and nodes["pi-z"]["stage_nodes"] == []
 
