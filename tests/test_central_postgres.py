@@ -151,6 +151,14 @@ def test_install_gives_the_collector_a_role_and_a_database(postgres) -> None:
     assert urls[0] != urls[1] and urls[0].startswith("postgresql://edgeprune:")
 
 
+def fresh_database(postgres, name: str) -> str:
+    """The URL of an empty database ``name`` on the test server (dropped first if a run left one)."""
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres.url.rsplit("/", 1)[0] + f"/{name}"
+
+
 def central_rows(store, sites: dict[str, int]) -> None:
     from gateway.collect import parse_central
 
@@ -170,11 +178,7 @@ def test_export_from_the_central_store_per_site_or_all(request, tmp_path, backen
     from gateway.store import Store
 
     if backend == "postgresql":
-        postgres = request.getfixturevalue("postgres")
-        with psycopg.connect(postgres.url, autocommit=True) as conn:
-            conn.execute("DROP DATABASE IF EXISTS export_test")
-            conn.execute("CREATE DATABASE export_test")
-        db = postgres.url.rsplit("/", 1)[0] + "/export_test"
+        db = fresh_database(request.getfixturevalue("postgres"), "export_test")
         store = PostgresStore(db)
     else:
         db = str(tmp_path / "central.sqlite")
@@ -263,11 +267,7 @@ def test_the_aggregate_by_time_has_a_covering_index_and_the_index_it_replaced_go
     from gateway.collect import PostgresStore, open_store
 
     if backend == "postgresql":
-        postgres = request.getfixturevalue("postgres")
-        with psycopg.connect(postgres.url, autocommit=True) as conn:
-            conn.execute("DROP DATABASE IF EXISTS index_test")
-            conn.execute("CREATE DATABASE index_test")
-        db = postgres.url.rsplit("/", 1)[0] + "/index_test"
+        db = fresh_database(request.getfixturevalue("postgres"), "index_test")
         PostgresStore(db).close()
         with psycopg.connect(db, autocommit=True) as conn:
             conn.execute('CREATE INDEX "requests_capture_ts" ON requests (capture_ts)')  # as the older version did
