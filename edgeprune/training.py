@@ -301,9 +301,16 @@ def _save_resume(path: Path, config: TrainConfig, model: nn.Module, optimiser: t
 
 def _restore(path: Path, config: TrainConfig, model: nn.Module, optimiser: torch.optim.Optimizer,
              scheduler: Any, rng: np.random.Generator, history: dict[str, Any], log: Callable[[str], None]) -> int:
-    """Load a resume file of the same config; returns the number of epochs already done (0: start afresh)."""
+    """Load a resume file of the same config; returns the number of epochs already done (0: start afresh).
+
+    Compared as configs, not as text: a file written before a field was added (at its default) still resumes.
+    """
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("train_config") != json.dumps(config.to_dict(), sort_keys=True):
+    try:
+        same = TrainConfig.from_dict(json.loads(state["train_config"])) == config
+    except (KeyError, TypeError, ValueError):  # not a resume file, or one with fields this version lacks
+        same = False
+    if not same:
         log(f"{path} belongs to a run with other settings: starting afresh (it will be overwritten)")
         return 0
     model.load_state_dict(state["model"])

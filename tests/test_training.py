@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -215,6 +216,10 @@ def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_where_an_unint
     with pytest.raises(KeyboardInterrupt):
         train(config, small, progress=False, log=interrupt_after_epoch_one, resume=resume)
     assert resume.exists()  # epoch 1 was saved
+    state = torch.load(resume, weights_only=True)  # as written before TrainConfig had unlabelled_batch:
+    older = json.loads(state["train_config"])      # a new field at its default still resumes
+    del older["unlabelled_batch"]
+    torch.save({**state, "train_config": json.dumps(older, sort_keys=True)}, resume)
     lines: list[str] = []
     resumed, history = train(config, small, progress=False, log=lines.append, resume=resume)
     assert lines[0] == f"resuming from {resume} after epoch 1/2"
