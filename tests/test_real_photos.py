@@ -13,9 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeprune.own_data import LabelledImage, read_labels_csv, split_by_group
 from edgeprune import real_photos
-from edgeprune.real_photos import assemble, load_photos, photo_splits, read_rcc, readme_licences, unlabelled_photos
+from edgeprune.own_data import LabelledImage, read_labels_csv, split_by_group
+from edgeprune.real_photos import (
+    assemble,
+    load_photos,
+    photo_splits,
+    read_rcc,
+    readme_licences,
+    unlabelled_photos,
+    write_unlabelled,
+)
 
 
 def make_rcc(files: dict[str, bytes], compressed: frozenset[str] = frozenset()) -> bytes:
@@ -158,8 +166,11 @@ def test_unlabelled_photos_leave_out_every_labelled_one_even_a_resized_copy(pack
     (packages["tuxpaint"] / "plants").mkdir()
     smooth(3).convert("RGBA").save(packages["tuxpaint"] / "plants" / "tree.png")
     labelled = load_photos(**packages)
-    found = unlabelled_photos(labelled, packages["gcompris"], packages["tuxpaint"], packages["darknet"])
+    found = list(unlabelled_photos(labelled, packages["gcompris"], packages["tuxpaint"], packages["darknet"]))
     assert sorted(p.name for p in found) == ["gcompris/erase/meadow", "tuxpaint/plants/tree"]
+    out = packages["darknet"].parent / "unlabelled"
+    assert write_unlabelled(out, iter(found), [np.full((100, 120, 3), 90, np.uint8)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["gcompris_erase_meadow.jpg", "tuxpaint_plants_tree.jpg"]
 
 
 def test_a_missing_package_file_is_named(packages, tmp_path):
