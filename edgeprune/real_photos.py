@@ -255,3 +255,63 @@ def assemble(out: Path, photos: Iterator[Photo], backgrounds: list[np.ndarray], 
         writer.writeheader()
         writer.writerows(rows)
     return counts
+
+
+# --- unlabelled photos (distillation only) ------------------------------------------------------------
+
+MIN_GCOMPRIS_BYTES = 15_000  # smaller webp files are icons and drawings
+NEAR_DUPLICATE_BITS = 6      # average-hash distance at or below which a photo counts as a catalogued one
+
+
+def average_hash(pixels: np.ndarray) -> int:
+    """64-bit average hash (8x8 grey, above the mean): equal for resized or recompressed copies of a photo."""
+    grey = np.asarray(Image.fromarray(pixels[..., :3]).convert("L").resize((8, 8), Image.Resampling.BILINEAR), float)
+    return int("".join("1" if v else "0" for v in (grey > grey.mean()).flatten()), 2)
+
+
+def unlabelled_photos(catalogued: Iterator[Photo], gcompris: Path = GCOMPRIS_RCC,
+                      tuxpaint: Path = TUXPAINT_ANIMALS.parent, darknet: Path = DARKNET_DATA) -> Iterator[Photo]:
+    """The same packages' other photos (every Tux Paint stamp, GCompris's larger webp files, darknet's other
+    photos), without labels, for in-place distillation of the pruned widths.
+
+    None may be a labelled photo, or the held-out test split would leak into training: anything within
+    :data:`NEAR_DUPLICATE_BITS` of a catalogued photo's average hash is left out (GCompris ships many photos
+    in two activities' resource files).
+    """
+    known = [average_hash(p.pixels) for p in catalogued]
+
+    def fresh(pixels: np.ndarray) -> bool:
+        h = average_hash(pixels)
+        return all(bin(h ^ k).count("1") > NEAR_DUPLICATE_BITS for k in known)
+
+    for path in sorted(tuxpaint.rglob("*.png")):
+        pixels = np.asarray(Image.open(path).convert("RGBA"))
+        if fresh(pixels):
+            yield Photo(f"tuxpaint/{path.relative_to(tuxpaint).with_suffix('')}", "", pixels, LICENCES["tuxpaint"])
+    for path in sorted(darknet.glob("*.jpg")):
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        if fresh(pixels):
+            yield Photo(f"darknet/{path.stem}", "", pixels, LICENCES["darknet"])
+    for rcc in sorted(gcompris.glob("*.rcc")):
+        for member, payload in sorted(read_rcc(rcc.read_bytes()).items()):
+            if member.endswith(".webp") and len(payload) >= MIN_GCOMPRIS_BYTES:
+                pixels = np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
+                if fresh(pixels):
+                    stem = member.rsplit(".", 1)[0].split("/resource/")[-1]
+                    yield Photo(f"gcompris/{rcc.stem}/{stem}", "", pixels,
+                                "see the package's README (gcompris-qt-data)")
+
+
+def write_unlabelled(out: Path, photos: Iterator[Photo], backgrounds: list[np.ndarray], seed: int = 0) -> int:
+    """One scene per photo as ``out/<name>.jpg`` (cut-outs pasted as in :func:`assemble`); returns how many."""
+    from shared.imaging import encode_jpeg
+
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for photo in photos:
+        rng = np.random.default_rng(int(_stable(photo.name, seed)[:16], 16))
+        image = Image.fromarray(scene(photo, backgrounds, rng))
+        image.thumbnail((MAX_SIDE, MAX_SIDE))
+        (out / f"{photo.name.replace('/', '_')}.jpg").write_bytes(encode_jpeg(np.asarray(image), quality=90))
+        n += 1
+    return n

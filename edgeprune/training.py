@@ -78,6 +78,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     ladder: tuple[float, ...] = DEFAULT_LADDER
     calibration_frames: int = 2048
+    unlabelled_batch: int = 0     # ours: unlabelled images per step that only the masked passes distil on
     seed: int = 0
     init: str = "scratch"         # or "pretrained": the ImageNet Lite0 weights, a new classifier
     model: TrapNetConfig = field(default_factory=TrapNetConfig)
@@ -196,13 +197,31 @@ def masked_loss(model: BlockNet, groups: Sequence[PruningGroup], ratios: Sequenc
         return F.cross_entropy(model(x), target)
 
 
+def unlabelled_batches(images: np.ndarray, batch_size: int, seed: int,
+                       model: TrapNetConfig) -> Iterator[torch.Tensor]:
+    """Endless shuffled, randomly mirrored batches of unlabelled images (a pass restarts on resume)."""
+    rng = np.random.default_rng(seed + 1)
+    split = FrameSplit(images, np.zeros(len(images), np.int64), np.zeros(len(images), bool))
+    while True:
+        for x, _ in batches(split, batch_size, rng, augment=True, model=model):
+            if len(x) == batch_size:
+                yield x
+
+
 def train(config: TrainConfig, splits: dict[str, FrameSplit], progress: bool = True,
-          log: Callable[[str], None] = print, resume: Path | None = None) -> tuple[BlockNet, dict[str, Any]]:
+          log: Callable[[str], None] = print, resume: Path | None = None,
+          unlabelled: np.ndarray | None = None) -> tuple[BlockNet, dict[str, Any]]:
     """Train a model of ``config.model`` on ``splits["train"]``; returns it (eval mode) and a history.
 
     With ``resume``, the state after every epoch is saved there, and a run of the same config
     started again continues after the last finished epoch (an interrupted hour is not lost).
+    ``unlabelled`` (N x H x W x 3 uint8, with ``config.unlabelled_batch``): each step's full pass also
+    runs that many of them, unscored, and the masked passes distil the full width on them too; 97
+    labelled photos alone let the pruned widths fit rather than generalise (docs/model.md).
     """
+    if config.unlabelled_batch and (unlabelled is None or len(unlabelled) < config.unlabelled_batch
+                                    or config.regime != "ours" or not config.distill):
+        raise ValueError("unlabelled_batch needs the ours regime with distillation and that many unlabelled images")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     train_split = splits["train"]
@@ -215,6 +234,8 @@ def train(config: TrainConfig, splits: dict[str, FrameSplit], progress: bool = T
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, pct_start=0.15,
                                                     total_steps=config.epochs * steps_per_epoch)
     smallest = max(config.ladder)
+    extra = unlabelled_batches(unlabelled, config.unlabelled_batch, config.seed, config.model) \
+        if config.unlabelled_batch else None
     history: dict[str, Any] = {"epochs": [], "wall_s": 0.0}
     start = 0
     if resume is not None and resume.exists():
@@ -229,8 +250,10 @@ def train(config: TrainConfig, splits: dict[str, FrameSplit], progress: bool = T
         total_loss, n_seen = 0.0, 0
         for step, (x, y) in enumerate(bar):
             optimiser.zero_grad(set_to_none=True)
+            if extra is not None and use_masks:
+                x = torch.cat([x, next(extra)])
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits[:len(y)], y)
             loss.backward()
             if use_masks:
                 target = torch.softmax(logits.detach(), 1) if config.distill else y
@@ -278,9 +301,16 @@ def _save_resume(path: Path, config: TrainConfig, model: nn.Module, optimiser: t
 
 def _restore(path: Path, config: TrainConfig, model: nn.Module, optimiser: torch.optim.Optimizer,
              scheduler: Any, rng: np.random.Generator, history: dict[str, Any], log: Callable[[str], None]) -> int:
-    """Load a resume file of the same config; returns the number of epochs already done (0: start afresh)."""
+    """Load a resume file of the same config; returns the number of epochs already done (0: start afresh).
+
+    Compared as configs, not as text: a file written before a field was added (at its default) still resumes.
+    """
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("train_config") != json.dumps(config.to_dict(), sort_keys=True):
+    try:
+        same = TrainConfig.from_dict(json.loads(state["train_config"])) == config
+    except (KeyError, TypeError, ValueError):  # not a resume file, or one with fields this version lacks
+        same = False
+    if not same:
         log(f"{path} belongs to a run with other settings: starting afresh (it will be overwritten)")
         return 0
     model.load_state_dict(state["model"])

@@ -14,7 +14,7 @@ from shared.imaging import decode_frame
 from shared.lite0 import WEIGHTS_SHA256, WeightsError, imagenet_classes, load_weights, weights_path
 from shared.model import IMAGENET_CHECKPOINT, build_model, model_fingerprint
 from shared.profiling import profile_model
-from shared.pruning import PrunableSlice, pruning_groups
+from shared.pruning import PrunableSlice, kept_channels, pruning_groups
 from tests.conftest import even_split
 from tests.test_pruning import run_pipeline, zeroed_copy
 from tests.test_runtime import chain
@@ -90,8 +90,10 @@ def test_every_slice_prunes_and_equals_the_masked_model(ratio):
     with torch.no_grad():
         expected = zeroed_copy(model, pruning_groups(model, SIZE), ratios)(x)
     torch.testing.assert_close(run_pipeline(slices, ratios, x), expected, atol=1e-4, rtol=1e-3)
-    for stage in slices[:-1]:
-        assert stage.keep_mask(ratio).sum() < stage.keep_mask(ratio).size  # each slice's output really shrinks
+    full = [model.output_norm(stage.last_block).num_features for stage in slices[:-1]]
+    kept = [n if stage.keep_mask(ratio) is None else stage.keep_mask(ratio).sum() for n, stage in zip(full, slices)]
+    # each slice's output keeps what kept_channels says, and some shrink (p = 0.1 keeps the stem's 16 and stage 1's 24)
+    assert kept == [kept_channels(n, ratio, 8) for n in full] and kept != full
 
 
 @pytest.mark.parametrize("n_nodes", [2, 3])
@@ -155,6 +157,8 @@ def test_pruned_channel_counts_are_multiples_of_eight():
                     counts.add(m.num_features)
     full = {m.num_features for m in lite0().modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert counts - full and all(c % 8 == 0 for c in counts), sorted(counts - full)
+    stem_out = {m.num_features for m in sliced()[0].module(0.1).modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert min(stem_out) == 16, sorted(stem_out)  # nearest, not down: p = 0.1 keeps all of the 16-channel stage 1
 
 
 def test_the_benches_count_its_macs():

@@ -239,6 +239,20 @@ def test_training_refuses_a_width_the_ladder_would_empty():
         main(["train", "--width", "10", "--epochs", "1", "--out", "never-written.pt"])
 
 
+def test_kept_channels_round_to_the_nearest_multiple():
+    """Rounding down made Lite0's p = 0.1 halve its 16-channel stem output (14 -> 8): nearest keeps all 16."""
+    from shared.pruning import kept_channels
+
+    assert kept_channels(16, 0.1, 8) == 16   # 14 -> 16
+    assert kept_channels(24, 0.1, 8) == 24   # 21 -> 24
+    assert kept_channels(24, 0.3, 8) == 16   # 16 stays
+    assert kept_channels(144, 0.1, 8) == 128  # 129 -> 128
+    assert kept_channels(40, 0.3, 8) == 32   # 28, a tie, rounds up
+    assert kept_channels(16, 0.5, 8) == 8 and kept_channels(16, 0.7, 8) == 8  # never below one multiple
+    assert kept_channels(22, 0.04, 8) == 22  # 21 -> 24, capped at the layer's 22
+    assert kept_channels(10, 0.3) == 7       # no multiple: Torch-Pruning's int(C * (1 - p))
+
+
 def test_lazy_build_finishes_in_the_background_and_serves_early_switches(model):
     stage = PrunableSlice(model, 0, 1, ladder=(0.2, 0.5, 0.8), bn_tables={}, build="lazy", input_size=SIZE)
     stage.set_ratio(0.8)  # may run before the builder got there: built on the spot

@@ -13,8 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgeprune import real_photos
 from edgeprune.own_data import LabelledImage, read_labels_csv, split_by_group
-from edgeprune.real_photos import assemble, load_photos, photo_splits, read_rcc, readme_licences
+from edgeprune.real_photos import (
+    assemble,
+    load_photos,
+    photo_splits,
+    read_rcc,
+    readme_licences,
+    unlabelled_photos,
+    write_unlabelled,
+)
 
 
 def make_rcc(files: dict[str, bytes], compressed: frozenset[str] = frozenset()) -> bytes:
@@ -135,6 +144,33 @@ def test_assembled_set_keeps_every_view_of_a_photo_in_one_split(packages, tmp_pa
     assert sum(map(len, split.values())) == len(rows)
     assert assemble(tmp_path / "again", load_photos(**packages), backgrounds, 3, 0) == counts
     assert (tmp_path / "again" / "labels.csv").read_bytes() == (out / "labels.csv").read_bytes()
+
+
+def test_unlabelled_photos_leave_out_every_labelled_one_even_a_resized_copy(packages, monkeypatch):
+    """Distilling on a test photo would leak the held-out split: copies in another resource file are caught too."""
+    monkeypatch.setattr(real_photos, "MIN_GCOMPRIS_BYTES", 0)
+
+    def smooth(seed: int, size: tuple[int, int] = (80, 60)) -> Image.Image:
+        coarse = np.random.default_rng(seed).integers(0, 255, (4, 4, 3), dtype=np.uint8)
+        return Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+
+    def webp(image: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, "WEBP", quality=70)
+        return buf.getvalue()
+
+    smooth(1).save(packages["darknet"] / "eagle.jpg")  # a catalogued photo ...
+    (packages["gcompris"] / "erase.rcc").write_bytes(make_rcc({  # ... shipped again, larger, by another activity
+        "gcompris/src/activities/erase/resource/eagle.webp": webp(smooth(1, (120, 90))),
+        "gcompris/src/activities/erase/resource/meadow.webp": webp(smooth(2))}))
+    (packages["tuxpaint"] / "plants").mkdir()
+    smooth(3).convert("RGBA").save(packages["tuxpaint"] / "plants" / "tree.png")
+    labelled = load_photos(**packages)
+    found = list(unlabelled_photos(labelled, packages["gcompris"], packages["tuxpaint"], packages["darknet"]))
+    assert sorted(p.name for p in found) == ["gcompris/erase/meadow", "tuxpaint/plants/tree"]
+    out = packages["darknet"].parent / "unlabelled"
+    assert write_unlabelled(out, iter(found), [np.full((100, 120, 3), 90, np.uint8)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["gcompris_erase_meadow.jpg", "tuxpaint_plants_tree.jpg"]
 
 
 def test_a_missing_package_file_is_named(packages, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -118,6 +119,34 @@ def test_standard_training_never_masks(data, monkeypatch):
     assert isinstance(model.blocks[0][1], nn.BatchNorm2d)
 
 
+def test_unlabelled_images_reach_only_the_masked_passes_with_the_full_widths_targets(data, monkeypatch):
+    """Each masked pass distils on the labelled batch plus ``unlabelled_batch`` unlabelled images; the labelled
+    loss never scores them (they have no label) and every target is the full pass's softmax."""
+    from edgeprune import training
+
+    seen = []
+    real = training.masked_loss
+
+    def spy(model, groups, ratios, x, target):
+        seen.append((x.detach().clone(), target.detach().clone()))
+        return real(model, groups, ratios, x, target)
+
+    monkeypatch.setattr(training, "masked_loss", spy)
+    small = {k: v.subset(np.arange(32)) for k, v in data.items()}
+    unlabelled = np.full((6, *small["train"].images.shape[1:]), 255, np.uint8)  # white: unlike any fixture frame
+    config = regime_config("ours", epochs=1, batch_size=16, warmup_epochs=0, ladder=LADDER,
+                           model=TrapNetConfig(width=8), unlabelled_batch=4)
+    train(config, small, progress=False, log=lambda _: None, unlabelled=unlabelled)
+    assert len(seen) >= 2
+    for x, target in seen:
+        assert x.shape[0] == 16 + 4 and target.shape == (20, config.model.num_classes)
+        assert torch.allclose(target.sum(1), torch.ones(20))  # soft targets, the unlabelled rows included
+        white = x.flatten(1).std(1) < 1e-6
+        assert white[16:].all() and not white[:16].any()
+    with pytest.raises(ValueError, match="unlabelled"):
+        train(config, small, progress=False, log=lambda _: None)
+
+
 @pytest.mark.parametrize("mode", ["batch", "eval"])
 def test_masked_passes_never_move_the_full_networks_running_statistics(mode):
     torch.manual_seed(0)
@@ -187,6 +216,10 @@ def test_an_interrupted_run_resumes_after_its_last_epoch_and_ends_where_an_unint
     with pytest.raises(KeyboardInterrupt):
         train(config, small, progress=False, log=interrupt_after_epoch_one, resume=resume)
     assert resume.exists()  # epoch 1 was saved
+    state = torch.load(resume, weights_only=True)  # as written before TrainConfig had unlabelled_batch:
+    older = json.loads(state["train_config"])      # a new field at its default still resumes
+    del older["unlabelled_batch"]
+    torch.save({**state, "train_config": json.dumps(older, sort_keys=True)}, resume)
     lines: list[str] = []
     resumed, history = train(config, small, progress=False, log=lines.append, resume=resume)
     assert lines[0] == f"resuming from {resume} after epoch 1/2"

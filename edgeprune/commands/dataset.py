@@ -1,5 +1,6 @@
 """``edgeprune dataset``: build (or reuse) the cached camera-trap frames and show a preview; ``--real-photos``
-assembles the labelled real-photo set from Debian packages instead (:mod:`edgeprune.real_photos`)."""
+assembles the labelled real-photo set from Debian packages instead, ``--unlabelled`` their other photos
+(:mod:`edgeprune.real_photos`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ def register(sub) -> None:
                         "tuxpaint-stamps-default and darknet to DIR (DIR/labels.csv: path, label, photo, split; "
                         "docs/own-data.md)")
     p.add_argument("--views", type=int, default=6, help="--real-photos: views per photo (whole, then random crops)")
+    p.add_argument("--unlabelled", type=Path, metavar="DIR",
+                   help="instead: write the same packages' other photos (none of the labelled ones) to DIR, "
+                        "for `train --unlabelled` (distillation of the pruned widths)")
     p.set_defaults(func=run)
 
 
@@ -36,9 +40,23 @@ def real_photos(out: Path, n_views: int, seed: int) -> int:
     return 0
 
 
+def unlabelled(out: Path, seed: int) -> int:
+    from edgeprune.dataset import _backgrounds
+    from edgeprune.real_photos import PACKAGES, load_photos, unlabelled_photos, write_unlabelled
+
+    try:
+        n = write_unlabelled(out, unlabelled_photos(load_photos()), _backgrounds()[:4], seed)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"{exc}\ninstall the photos' packages first: apt-get install {' '.join(PACKAGES)}") from exc
+    print(f"wrote {n} unlabelled photos to {out}; distil on them with: edgeprune train ... --unlabelled {out}")
+    return 0
+
+
 def run(args) -> int:
     if args.real_photos:
         return real_photos(args.real_photos, args.views, args.seed)
+    if args.unlabelled:
+        return unlabelled(args.unlabelled, args.seed)
     from edgeprune.dataset import RenderConfig, cache_dir, load_frames, montage
 
     splits = load_frames(RenderConfig(seed=args.seed))

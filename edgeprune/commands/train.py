@@ -53,6 +53,9 @@ def register(sub) -> None:
     own.add_argument("--group-column", help="--labels: a camera/site column; the split never puts one in two splits")
     own.add_argument("--split-column", help="--labels: a column that fixes each row's split (train, val or test), "
                                             "e.g. a set's own hold-out; overrides the ~80/10/10 split")
+    own.add_argument("--unlabelled", type=Path, metavar="DIR",
+                     help="unlabelled photos (any .jpg/.png in DIR, e.g. `edgeprune dataset --unlabelled DIR`): "
+                          "each step adds half a batch of them, which the pruned widths distil from the full width")
     own.add_argument("--image-size", type=int,
                      help="model input side in pixels (default 64; efficientnet-lite0: 160, docs/own-data.md)")
     own.add_argument("--resize", choices=["letterbox", "crop", "squash"],
@@ -126,9 +129,27 @@ def run(args) -> int:
         shape = {"width": l0.STEM_WIDTH, "blocks_per_stage": l0.BLOCKS_PER_STAGE, "mean": l0.MEAN, "std": l0.STD}
     model_config = TrapNetConfig(arch=args.arch, class_names=names, scientific_names=scientific,
                                  input_size=size, resize=resize, **shape)
+    unlabelled = unlabelled_images(args.unlabelled, size, resize, args.threads, not args.no_progress) \
+        if args.unlabelled else None
+    if unlabelled is not None:
+        data_meta.update(unlabelled=str(args.unlabelled.resolve()), unlabelled_images=len(unlabelled))
     for regime in regimes:
-        train_regime(args, regime, init, model_config, splits, data_meta)
+        train_regime(args, regime, init, model_config, splits, data_meta, unlabelled)
     return 0
+
+
+def unlabelled_images(folder: Path, size: int, resize: str, threads: int, progress: bool):
+    """``--unlabelled``: every readable image in the folder, decoded as the labelled ones."""
+    import numpy as np
+
+    from edgeprune.own_data import decode_all
+
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    images, ok = decode_all(paths, size, resize, threads, progress)
+    if not any(ok):
+        raise SystemExit(f"--unlabelled {folder}: no readable .jpg or .png images")
+    print(f"{sum(ok)} unlabelled images from {folder}")
+    return images[np.asarray(ok, bool)]
 
 
 def recalibrate(args) -> int:
@@ -198,17 +219,24 @@ def regime_overrides(args, init: str) -> dict:
     return overrides
 
 
-def train_regime(args, regime: str, init: str, model_config, splits: dict, data_meta: dict) -> None:
+def train_regime(args, regime: str, init: str, model_config, splits: dict, data_meta: dict,
+                 unlabelled=None) -> None:
     """Train one regime, give it its BatchNorm tables, test it and write its checkpoint."""
+    import dataclasses
+
     from edgeprune.bench import format_table
     from edgeprune.own_data import per_class_report
     from edgeprune.training import calibrate_all_tables, predict, regime_config, save_checkpoint, train
 
     config = regime_config(regime, seed=args.seed, masked_bn=args.masked_bn, distill=not args.no_distill,
                            model=model_config, init=init, **regime_overrides(args, init))
+    if unlabelled is not None:
+        if regime != "ours":
+            raise SystemExit("--unlabelled: only the ours regime distils (its pruned widths from the full width)")
+        config = dataclasses.replace(config, unlabelled_batch=config.batch_size // 2)
     out = args.out or default_checkpoint(regime, args.arch)
     model, history = train(config, splits, progress=not args.no_progress,
-                           resume=out.with_name(out.name + ".resume"))
+                           resume=out.with_name(out.name + ".resume"), unlabelled=unlabelled)
     print("computing the per-ratio BatchNorm tables (forward passes only)")
     tables, entry_tables = calibrate_all_tables(model, splits["train"], config, progress=not args.no_progress)
     test = splits["test"]
