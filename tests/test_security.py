@@ -12,6 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgeprune.bench.intruder import Login
 from edgeprune.broker import free_port, start_broker, stop_process
 from edgeprune.credentials import Credentials, render_acl
 from shared.bus import Bus
@@ -22,41 +23,18 @@ pytestmark = pytest.mark.integration
 NOT_AUTHORIZED = 135
 
 
-class Publisher:
-    """A v5 client logged in as one user; ``publish`` returns the reason code of the broker's PUBACK."""
+class Publisher(Login):
+    """A v5 client logged in as one user (made on demand); ``publish`` returns "accepted" for success (0) and
+    'no matching subscribers' (16), else the reason code of the broker's PUBACK."""
 
     def __init__(self, broker, name: str, role: str):
         settings = AUTH[broker.port].settings(name, role)
-        self.acks: dict[int, int] = {}
-        self._acked = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{name}", protocol=mqtt.MQTTv5)
-        self.client.username_pw_set(name, settings.password.get_secret_value())
-        self.client.on_publish = self._on_publish
-        connected = threading.Event()
-        self.client.on_connect = lambda c, u, f, rc, p: rc.is_failure or connected.set()
-        self.client.connect("127.0.0.1", broker.port)
-        self.client.loop_start()
-        assert connected.wait(10), f"{name} could not log in"
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self._acked:
-            self.acks[mid] = reason_code.value
-            self._acked.notify_all()
+        super().__init__(broker.port, name, settings.password.get_secret_value())
 
     def publish(self, topic: str, payload: bytes = b"{}", retain: bool = False) -> int | str:
-        """The PUBACK reason code; "accepted" for success (0) and 'no matching subscribers' (16)."""
-        code = self._publish(topic, payload, retain)
+        code = super().publish(topic, payload, retain)
+        assert code is not None, f"no PUBACK for {topic}"
         return "accepted" if code < 128 else code
-
-    def _publish(self, topic: str, payload: bytes, retain: bool) -> int:
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        with self._acked:
-            assert self._acked.wait_for(lambda: info.mid in self.acks, 10), f"no PUBACK for {topic}"
-            return self.acks[info.mid]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 @pytest.fixture

@@ -107,9 +107,9 @@ class Login:
             self._acks[mid] = reason_code.value
             self._acked.notify_all()
 
-    def publish(self, topic: str, payload: bytes) -> int | None:
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> int | None:
         """The PUBACK's reason code, None if none came in time."""
-        info = self.client.publish(topic, payload, qos=1)
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         with self._acked:
             if not self._acked.wait_for(lambda: info.mid in self._acks, self.timeout_s):
                 return None
