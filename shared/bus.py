@@ -93,6 +93,8 @@ class Bus:
         self._handlers: dict[str, tuple[Handler, SubscribeOptions]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._resubscribing: set[int] = set()  # SUBSCRIBE packet ids of this connect's subscriptions not yet acked
+        self._subscribed_all = threading.Event()  # every subscription of this connect acknowledged
         self._connection = 0  # counts connects and disconnects: an acknowledgement is only valid on its own
         self._defer_ack: Callable[[Callable[[], None]], None] | None = None
         self._subscribed: dict[int, Callable[[], None]] = {}  # SUBSCRIBE packet id -> call on its SUBACK
@@ -155,6 +157,12 @@ class Bus:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Whether, within ``timeout_s``, the broker acknowledged every subscription made before the connect:
+        only then does a message published by another client reach this component (two connections' packets
+        are not ordered), so a readiness check or a test waits here before it publishes."""
+        return self._subscribed_all.wait(timeout_s)
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.error("%s: broker refused connection: %s", self.component_id, reason_code)
@@ -169,10 +177,13 @@ class Bus:
         if sock is not None:  # small activations must not wait for Nagle's algorithm (~40 ms on Linux)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.publish(self.status_topic, AVAILABILITY_ONLINE, qos=1, retain=True)
-        with self._lock:
-            subs = list(self._handlers.items())
-        for topic_filter, (_, options) in subs:
-            client.subscribe(topic_filter, options=options)
+        with self._lock:  # registered before paho's thread can handle a SUBACK
+            for topic_filter, (_, options) in self._handlers.items():
+                _, mid = client.subscribe(topic_filter, options=options)
+                if mid is not None:
+                    self._resubscribing.add(mid)
+            if not self._resubscribing:
+                self._subscribed_all.set()
         self._connected.set()
         log.info("%s: connected to %s:%d", self.component_id, self.settings.host, self.settings.port)
         if self.on_connected:
@@ -182,6 +193,8 @@ class Bus:
         self._connected.clear()
         with self._lock:
             self._connection += 1
+            self._subscribed_all.clear()
+            self._resubscribing.clear()
         if reason_code != 0:
             log.warning("%s: lost broker connection (%s); reconnecting", self.component_id, reason_code)
 
@@ -229,6 +242,10 @@ class Bus:
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._lock:
             subscribed = self._subscribed.pop(mid, None)
+            if mid in self._resubscribing:
+                self._resubscribing.discard(mid)
+                if not self._resubscribing:
+                    self._subscribed_all.set()
         refused = [str(code) for code in reason_codes if code.is_failure]
         if refused:
             log.error("%s: broker refused a subscription: %s", self.component_id, ", ".join(refused))

@@ -107,3 +107,25 @@ def test_a_deferred_ack_subscription_is_acknowledged_when_its_handler_says_so(mo
     wired.bus.subscribe("$share/g/edgeprune/pipeline/stage/3/in", refuse, deferred_ack=True)
     wired.deliver("edgeprune/pipeline/stage/3/in", mid=10)
     assert wired.acked == [9, 10]  # reported: done with
+
+
+def test_wait_subscribed_holds_until_every_subscription_of_the_connect_is_acknowledged(monkeypatch):
+    """Another client's publish is not ordered after our SUBSCRIBE: a test or readiness check must wait for SUBACKs."""
+    wired = Wired(monkeypatch)
+    sent = iter(range(40, 50))
+    monkeypatch.setattr(wired.bus.client, "subscribe", lambda topic, options=None: (0, next(sent)))
+    monkeypatch.setattr(wired.bus.client, "socket", lambda: None)
+    monkeypatch.setattr(wired.bus.client, "publish", lambda *args, **kwargs: None)
+    wired.bus.subscribe("edgeprune/a", lambda t, p, u: None)
+    wired.bus.subscribe("edgeprune/b", lambda t, p, u: None)
+    connect = wired.bus.client.on_connect
+    success = mqtt.ReasonCode(mqtt.PacketTypes.CONNACK, "Success")
+    granted = [mqtt.ReasonCode(mqtt.PacketTypes.SUBACK, "Granted QoS 1")]
+    connect(wired.bus.client, None, None, success, None)
+    assert not wired.bus.wait_subscribed(0)
+    wired.bus.client.on_subscribe(wired.bus.client, None, 40, granted, None)
+    assert not wired.bus.wait_subscribed(0)
+    wired.bus.client.on_subscribe(wired.bus.client, None, 41, granted, None)
+    assert wired.bus.wait_subscribed(0)
+    wired.bus.client.on_disconnect(wired.bus.client, None, None, 0, None)
+    assert not wired.bus.wait_subscribed(0)  # a reconnect subscribes again

@@ -28,6 +28,7 @@ def gateway(fresh_broker, tmp_path) -> Iterator[Gateway]:
     gw = Gateway(settings, mqtt_settings)
     gw.coordinator.control = running_loop()
     gw.start()
+    assert gw.bus.wait_subscribed(30), "the gateway's subscriptions were never acknowledged"
     yield gw
     if not gw._stop.is_set():  # a test may stop it itself, to close the open SLO window
         gw.stop()
