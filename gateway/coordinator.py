@@ -111,6 +111,7 @@ class Coordinator:
         self.control = ControlLoop(operator.controller_settings(), operator.slo_s, block_accuracy,
                                    follow_up_s=settings.window_s)
         self.control.automatic = operator.automatic
+        self.desired.recall(issued_desired, self.control)
         self.liveness = Liveness(settings.stats_silence_s)
         self._next_beacon = 0.0
         self._clock_suspects: set[str] = set()  # nodes whose clock offset is over the limit (logged once)

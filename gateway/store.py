@@ -351,11 +351,13 @@ class Store:
         self._buffer("duplicates", row)
 
     def set_issued_desired(self, node_id: str, payload: bytes) -> None:
+        """The desired prune state last issued to ``node_id``; empty: forgotten (a retired node)."""
         self._buffer("issued_desired", {"node_id": node_id, "payload": payload.decode()})
 
     def issued_desired(self) -> dict[str, bytes]:
-        """The desired prune states this gateway last issued, by node (to tell them from forgeries)."""
-        return {r["node_id"]: r["payload"].encode() for r in self.db["issued_desired"].rows}
+        """The desired prune states this gateway last issued, by node: in force again at a restart, and what tells
+        the retained copies from forgeries."""
+        return {r["node_id"]: r["payload"].encode() for r in self.db["issued_desired"].rows if r["payload"]}
 
     def open_requests(self, since_ts: float) -> list[dict]:
         """Accepted since ``since_ts``: whether each has a row or a failure (rebuilds the ledger at start)."""

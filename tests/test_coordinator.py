@@ -18,6 +18,7 @@ from shared.schemas import (
     NodeProfile,
     NodeStats,
     Placement,
+    PruneDesired,
     Result,
     SliceCalibration,
     StageAssignment,
@@ -30,10 +31,10 @@ from tests.conftest import even_split
 TOPICS = Topics()
 
 
-def coordinator(tmp_path, nodes=("node-1", "node-2")) -> Coordinator:
+def coordinator(tmp_path, nodes=("node-1", "node-2"), issued_desired: dict[str, bytes] | None = None) -> Coordinator:
     settings = GatewaySettings(db_path=tmp_path / "unused.db", nodes=list(nodes))
-    return Coordinator(settings, Overrides(settings, ControllerSettings(), {}), TOPICS, "weights", 12288, None, {},
-                       [], now=0.0)
+    return Coordinator(settings, Overrides(settings, ControllerSettings(), {}), TOPICS, "weights", 12288, None,
+                       issued_desired or {}, [], now=0.0)
 
 
 def offer(c: Coordinator, node: str, now: float = 1.0) -> None:
@@ -95,6 +96,20 @@ def test_a_node_online_in_the_placement_is_not_retired(tmp_path):
     effects = command(c, {"cmd": "retire", "node_id": "node-2", "id": "c1"})
     assert effects.refusal is not None and effects.refusal.kind == "rejected_command"
     assert not [p for p in effects.publish if p.retain]
+
+
+def test_a_restarted_gateway_has_the_ratios_and_holds_it_issued_from_its_database(tmp_path):
+    """The desired states the gateway stored (SQLite) are in force at start, before the retained copies come back
+    (they may come after the controller already runs, or never, from a broker that lost its store); a retired
+    node's is forgotten there too, or the next restart would hold it again."""
+    held = to_json(PruneDesired(ratio=0.5, seq=4, issued_at=1.0, source="manual", reason="operator holds node-2"))
+    c = coordinator(tmp_path, issued_desired={"node-1": to_json(PruneDesired(ratio=0.3, seq=2, issued_at=1.0)),
+                                              "node-2": held})
+    assert {n: d.ratio for n, d in c.control.desired.items()} == {"node-1": 0.3, "node-2": 0.5}
+    assert c.control.holds == {"node-2": 0.5}
+    assert c.on_desired("node-2", held, now=2.0).refusal is None and c.control.desired["node-2"].seq == 4  # echo
+    effects = command(c, {"cmd": "retire", "node_id": "node-2"})
+    assert ("set_issued_desired", ("node-2", b"")) in effects.store and c.control.holds == {}
 
 
 def three_nodes(tmp_path) -> tuple[Coordinator, Placement]:

@@ -244,3 +244,23 @@ def test_garbage_retained_on_device_state_topics_is_reported_once_and_cleared(fr
         gw.stop()
     errors = [(e["topic"], e["kind"]) for e in Reader(settings.db_path).errors(50)]
     assert sorted(errors) == sorted((topic, kind) for topic, (_, kind) in garbage.items())  # each reported once
+
+
+def test_an_operators_hold_survives_a_gateway_restart(gateway, fresh_broker):
+    """Held over MQTT, stopped, started again on the same database: the hold and its ratio are in force at once
+    (docs/controller.md, "Manual override"); before, the ratio came back with the retained state and the hold not."""
+    client = mqtt_client(fresh_broker)
+    command = {"cmd": "prune", "node_id": "b", "ratio": 0.5, "id": "hold-1"}
+    client.publish(gateway.topics.component_command(gateway.settings.gateway_id), json.dumps(command),
+                   qos=1).wait_for_publish(10)
+    client.loop_stop()
+    client.disconnect()
+    wait_until(lambda: gateway.coordinator.control.status()["manual"] == {"b": 0.5}, 20, "the hold command was not obeyed")
+    gateway.stop()
+    restarted = Gateway(gateway.settings, gateway.bus.settings)
+    try:
+        control = restarted.coordinator.control
+        assert control.desired.get("b") is not None and control.desired["b"].ratio == 0.5
+        assert control.holds == {"b": 0.5}
+    finally:
+        restarted.store.close()
