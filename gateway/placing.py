@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 class Placing:
     def __init__(self, settings: GatewaySettings, operator: Overrides, topics: Topics, fingerprint: str,
-                 input_bytes: int, now: float):
+                 input_bytes: int, now: float, pending_takeovers: dict[str, str] | None = None):
+        """``pending_takeovers``: gone node -> its input, stored by a previous run that had not taken them over yet."""
         self.settings = settings
         self.operator = operator  # its SLO goes out with every placement
         self.topics = topics
@@ -45,26 +46,29 @@ class Placing:
         self.handover = Handover(settings.prepare_timeout_s)
         self.guard = DesiredGuard()  # the placements this gateway issued
         self.replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
-        self._taken_over: set[str] = set()  # gone nodes whose session is (to be) taken over, until heard from again
-        self._gone: dict[str, str] = {}  # gone node -> its input, taken over once a placement without it is in force
+        # gone node -> its input, taken over once a placement without it is in force; stored (``takeovers``) until
+        # done, since a restarted gateway would not know it: the availability stays `offline`, the input is the old run's
+        self._gone: dict[str, str] = dict(pending_takeovers or {})
+        self._taken_over: set[str] = set(self._gone)  # gone nodes whose session is (to be) taken over, until heard
         self.handback = HandBack(topics, settings.result_timeout_s)
 
     # --- nodes coming and going ----------------------------------------------------------------
-    def set_status(self, node_id: str, status: str, now: float) -> None:
+    def set_status(self, node_id: str, status: str, now: float, out: Effects) -> None:
         """A node's availability (or its silence, as offline); a gone node's session is taken over once it is
         placed around (:meth:`activate`)."""
         self.live.set_status(node_id, status, now)
         if status == AVAILABILITY_ONLINE:
-            self.heard(node_id)
+            self.heard(node_id, now, out)
         else:
-            self._take_over(node_id)
+            self._take_over(node_id, now, out)
 
-    def heard(self, node_id: str) -> None:
+    def heard(self, node_id: str, now: float, out: Effects) -> None:
         """The node speaks: its session is its own again, and a later departure takes it over again."""
         self._taken_over.discard(node_id)
-        self._gone.pop(node_id, None)
+        if self._gone.pop(node_id, None) is not None:
+            out.write("set_takeover", node_id, "", now)
 
-    def _take_over(self, node_id: str) -> None:
+    def _take_over(self, node_id: str, now: float, out: Effects) -> None:
         """A node that held an input is gone (offline, or silent: hung but still connected): it acknowledges an input
         only once served, so its broker session holds what it had not finished, and keeps collecting what is sent
         to that input meanwhile. Once a placement without it is in force, the session is taken over
@@ -77,6 +81,7 @@ class Placing:
             return
         self._taken_over.add(node_id)
         self._gone[node_id] = served
+        out.write("set_takeover", node_id, served, now)
 
     def _drain_placed_around(self, placement: Placement, out: Effects) -> None:
         """Take over the session of each gone node ``placement`` (now in force) no longer gives an input."""
@@ -91,6 +96,7 @@ class Placing:
         until one does); recorded as a ``handover`` row in ``errors`` when it held any."""
         taken, sent = self.handback.take(held, self.handover.active, now)
         out.publish.extend(sent)
+        out.write("set_takeover", node_id, "", now)  # done: a restart does not take it over again
         message = (f"{node_id} ({served}) is gone: {taken.inputs} inputs its session held were taken back, "
                    f"{taken.sent} re-sent to the stages that read them now, {taken.inputs - taken.sent} waiting for "
                    f"a placement with a stage for them; {taken.other} other messages dropped; its session ended")

@@ -31,10 +31,11 @@ from tests.conftest import even_split
 TOPICS = Topics()
 
 
-def coordinator(tmp_path, nodes=("node-1", "node-2"), issued_desired: dict[str, bytes] | None = None) -> Coordinator:
+def coordinator(tmp_path, nodes=("node-1", "node-2"), issued_desired: dict[str, bytes] | None = None,
+                pending_takeovers: dict[str, str] | None = None) -> Coordinator:
     settings = GatewaySettings(db_path=tmp_path / "unused.db", nodes=list(nodes))
     return Coordinator(settings, Overrides(settings, ControllerSettings(), {}), TOPICS, "weights", 12288, None,
-                       issued_desired or {}, [], now=0.0)
+                       issued_desired or {}, [], now=0.0, pending_takeovers=pending_takeovers)
 
 
 def offer(c: Coordinator, node: str, now: float = 1.0) -> None:
@@ -194,6 +195,28 @@ def test_what_a_gone_node_held_is_re_sent_where_the_placement_in_force_reads_it(
         "node-2 (edgeprune/pipeline/stage/2/in) is gone: 2 inputs its session held were taken back, 1 re-sent")
     c.on_status("node-2", "online", now=8.0)  # restarted and placed again
     assert placed_around(c, ["node-1", "node-2"], now=9.0, version=9).sent(TOPICS.stage_input(2)) == [activation(3)]
+
+
+def test_a_takeover_pending_when_the_gateway_restarts_is_carried_out_by_the_restarted_gateway(tmp_path):
+    """A gone node's session is taken over only once a placement without it is in force. A gateway killed before
+    then forgot it, so what the session held ended `lost` at result_timeout. The pending takeover is stored until it
+    is done (or the node speaks again), and a restarted gateway takes the session over once its own placement is in
+    force, with the subscription the node had (a replica's share group is named by the old run's token)."""
+    c, _ = three_nodes(tmp_path)
+    shared = TOPICS.shared(2, "tok3n-abcd")
+    effects = c.on_status("node-3", "offline", now=2.0)
+    assert ("set_takeover", ("node-3", shared, 2.0)) in effects.store
+    c.on_status("node-1", "offline", now=2.5)
+    # killed here; the database remembers both, the broker their retained availability
+    restarted = coordinator(tmp_path, nodes=("node-1", "node-2", "node-3"),
+                            pending_takeovers={"node-3": shared, "node-1": TOPICS.camera_frame_filter})
+    assert restarted.on_status("node-3", "offline", now=10.0).drains == []  # retained: already pending
+    back = restarted.on_status("node-1", "online", now=10.0)  # came back while the gateway was down: its own again
+    assert ("set_takeover", ("node-1", "", 10.0)) in back.store
+    assert placed_around(restarted, ["node-1", "node-2"], now=11.0).drains == [("node-3", shared)]
+    done = restarted.on_drained("node-3", shared, [], now=12.0)
+    assert ("set_takeover", ("node-3", "", 12.0)) in done.store  # done: not again at the next restart
+    assert placed_around(restarted, ["node-1", "node-2"], now=13.0, version=9).drains == []
 
 
 def test_a_session_that_held_no_input_leaves_no_handover_row(tmp_path):

@@ -142,6 +142,24 @@ def test_pending_rows_are_bounded_while_the_disk_fails(tmp_path):
     store.close()
 
 
+def test_what_a_restarted_gateway_resumes_is_in_its_database_until_done(tmp_path):
+    """Pending takeovers and issued desired states are read back at start; done or retired (stored empty), not."""
+    from gateway.store import Store
+    store = Store(tmp_path / "e.db")
+    store.set_takeover("node-2", "edgeprune/pipeline/stage/2/in", 1.0)
+    store.set_takeover("node-3", "$share/edgeprune-stage-2-tok3n/edgeprune/pipeline/stage/2/in", 1.0)
+    store.set_issued_desired("node-2", b'{"ratio":0.5}')
+    store.set_issued_desired("node-3", b'{"ratio":0.3}')
+    store.flush()
+    store.set_takeover("node-3", "", 2.0)  # taken over
+    store.set_issued_desired("node-3", b"")  # retired
+    store.close()
+    reopened = Store(tmp_path / "e.db")
+    assert reopened.pending_takeovers() == {"node-2": "edgeprune/pipeline/stage/2/in"}
+    assert reopened.issued_desired() == {"node-2": b'{"ratio":0.5}'}
+    reopened.close()
+
+
 def test_a_calibration_without_the_configured_ladder_is_reported_and_keeps_the_controller_off(gateway, fresh_broker):
     from tests.test_control_loop import calibration, loop, placement
     gateway.coordinator.control = loop(ladder=(0.0, 0.25, 0.5))  # the nodes build 0.0, 0.1, ..., 0.9
