@@ -97,15 +97,17 @@ def _entry(method):
 class Coordinator:
     def __init__(self, settings: GatewaySettings, operator: Overrides, topics: Topics, fingerprint: str,
                  input_bytes: int, block_accuracy: AccuracyFit | None, issued_desired: dict[str, bytes],
-                 open_requests: list[dict], now: float, pending_takeovers: dict[str, str] | None = None):
-        """``issued_desired``, ``open_requests`` and ``pending_takeovers`` are what the database remembers of the
-        previous run (:class:`~gateway.store.Store`): a restart resumes them."""
+                 open_requests: list[dict], now: float, pending_takeovers: dict[str, str] | None = None,
+                 placement_version: int = 0):
+        """``issued_desired``, ``open_requests``, ``pending_takeovers`` and ``placement_version`` are what the
+        database remembers of the previous run (:class:`~gateway.store.Store`): a restart resumes them."""
         self.settings = settings
         self.operator = operator
         self.topics = topics
         self.fingerprint = fingerprint
         self.data_path = DataPath(settings, operator.slo_s, open_requests)
-        self.placing = Placing(settings, operator, topics, fingerprint, input_bytes, now, pending_takeovers)
+        self.placing = Placing(settings, operator, topics, fingerprint, input_bytes, now, pending_takeovers,
+                               placement_version)
         self.rates = RateReplan(settings, self.placing.live, now)
         self.desired = DesiredStates(topics, issued_desired)
         self.commands = OperatorCommands(settings, topics, operator, self.data_path, self.placing, self.desired)

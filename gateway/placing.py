@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 
 class Placing:
     def __init__(self, settings: GatewaySettings, operator: Overrides, topics: Topics, fingerprint: str,
-                 input_bytes: int, now: float, pending_takeovers: dict[str, str] | None = None):
-        """``pending_takeovers``: gone node -> its input, stored by a previous run that had not taken them over yet."""
+                 input_bytes: int, now: float, pending_takeovers: dict[str, str] | None = None,
+                 placement_version: int = 0):
+        """``pending_takeovers``: gone node -> its input, stored by a previous run that had not taken them over yet;
+        ``placement_version``: the last placement a previous run published (placements go on above it)."""
         self.settings = settings
         self.operator = operator  # its SLO goes out with every placement
         self.topics = topics
@@ -43,6 +45,7 @@ class Placing:
                   if settings.placement_mode != "pipeline" else None)
         self.live = LivePlacement(rules, MODEL_NAME, fingerprint, settings.nodes, started=now,
                                   frame_megapixels=settings.frame_megapixels, input_bytes=input_bytes, hybrid=hybrid)
+        self.live.seen_version = placement_version
         self.handover = Handover(settings.prepare_timeout_s)
         self.guard = DesiredGuard()  # the placements this gateway issued
         self.replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
@@ -144,8 +147,11 @@ class Placing:
     def refuse_foreign(self, payload: bytes, now: float, out: Effects) -> None:
         """Only this gateway places: anything else on the placement topic is reported and replaced."""
         current = self.handover.active
-        if current is None or self.guard.own("placement", payload):
-            return  # not placing yet (a retained placement of a previous run stands), or our own echo
+        if current is None:  # not placing yet: a retained placement (of a previous run?) stands until ours, above it
+            self._outbid(payload)
+            return
+        if self.guard.own("placement", payload):
+            return  # our own echo
         try:  # the nodes ignore versions below what they saw: go above a forged one
             forged_version = Placement.model_validate_json(payload).version
         except ValueError:
@@ -157,6 +163,12 @@ class Placing:
             self._record(corrected, out)  # a new version is published: `placements` keeps every one
         self.publish(out)
         raise BadMessage("foreign_placement", f"placement not issued by this gateway, replaced: {payload[:200]!r}")
+
+    def _outbid(self, payload: bytes) -> None:
+        try:
+            self.live.seen_version = max(self.live.seen_version, Placement.model_validate_json(payload).version)
+        except ValueError:  # unreadable: the nodes refused it too
+            pass
 
     # --- moves for slowdowns -------------------------------------------------------------------------
     def replace_for_slowdowns(self, now: float, effects: ControlEffects, move: bool,

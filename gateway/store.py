@@ -370,6 +370,10 @@ class Store:
         """The takeovers a previous run had not carried out: a restarted gateway carries them out."""
         return {r["node_id"]: r["served"] for r in self.db["takeovers"].rows if r["served"]}
 
+    def last_placement_version(self) -> int:
+        """The version of the last placement this gateway published (0: none): a restarted one places above it."""
+        return self.db.execute("SELECT COALESCE(MAX(version), 0) FROM placements").fetchone()[0]
+
     def open_requests(self, since_ts: float) -> list[dict]:
         """Accepted since ``since_ts``: whether each has a row or a failure (rebuilds the ledger at start)."""
         return list(self.db.query(

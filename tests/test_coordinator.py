@@ -32,10 +32,11 @@ TOPICS = Topics()
 
 
 def coordinator(tmp_path, nodes=("node-1", "node-2"), issued_desired: dict[str, bytes] | None = None,
-                pending_takeovers: dict[str, str] | None = None) -> Coordinator:
+                pending_takeovers: dict[str, str] | None = None, placement_version: int = 0) -> Coordinator:
     settings = GatewaySettings(db_path=tmp_path / "unused.db", nodes=list(nodes))
     return Coordinator(settings, Overrides(settings, ControllerSettings(), {}), TOPICS, "weights", 12288, None,
-                       issued_desired or {}, [], now=0.0, pending_takeovers=pending_takeovers)
+                       issued_desired or {}, [], now=0.0, pending_takeovers=pending_takeovers,
+                       placement_version=placement_version)
 
 
 def offer(c: Coordinator, node: str, now: float = 1.0) -> None:
@@ -268,6 +269,25 @@ def test_a_placement_is_published_once_every_node_it_moves_has_subscribed(tmp_pa
     published = Placement.model_validate_json(payload)
     assert published.version == version and [s.node_id for s in published.stages] == ["node-1", "node-2"]
     assert [row["version"] for row in effects.rows("add_placement")] == [version]
+
+
+def first_version(c: Coordinator, now: float) -> int:
+    """The version of the first placement ``c`` decides once both nodes offered themselves."""
+    for node in ("node-1", "node-2"):
+        offer(c, node, now)
+    return json.loads(c.tick(now).sent(TOPICS.node_command("node-1"))[0])["placement"]["version"]
+
+
+def test_a_restarted_gateway_places_above_every_version_the_nodes_may_have_seen(tmp_path):
+    """Nodes ignore a placement (and its prepare) older than the one they have. A restarted gateway numbered its
+    first placement by its clock alone: behind the last placement it published (a Pi without a clock, before NTP
+    set it) or below a placement left retained while it was down, its placements were all ignored."""
+    last = 5_000_000  # the previous run's last placement (its ms clock), later than this run's clock (2 s)
+    assert first_version(coordinator(tmp_path, placement_version=last), now=2.0) > last
+    c = coordinator(tmp_path)
+    retained = even_split(6, ["node-2", "node-1"]).model_copy(update={"version": last + 7})
+    assert c.on_placement(to_json(retained), now=1.0).refusal is None  # not placing yet: it stands until ours
+    assert first_version(c, now=2.0) > last + 7
 
 
 def hybrid_coordinator(tmp_path, speeds: dict[str, float]) -> Coordinator:

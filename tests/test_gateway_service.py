@@ -143,7 +143,8 @@ def test_pending_rows_are_bounded_while_the_disk_fails(tmp_path):
 
 
 def test_what_a_restarted_gateway_resumes_is_in_its_database_until_done(tmp_path):
-    """Pending takeovers and issued desired states are read back at start; done or retired (stored empty), not."""
+    """Pending takeovers, issued desired states and the last placement version are read back at start; a takeover
+    done or a retired node's state (stored empty) is not."""
     from gateway.store import Store
     store = Store(tmp_path / "e.db")
     store.set_takeover("node-2", "edgeprune/pipeline/stage/2/in", 1.0)
@@ -155,6 +156,11 @@ def test_what_a_restarted_gateway_resumes_is_in_its_database_until_done(tmp_path
     store.set_issued_desired("node-3", b"")  # retired
     store.close()
     reopened = Store(tmp_path / "e.db")
+    assert reopened.last_placement_version() == 0
+    for version in (7, 9):
+        reopened.add_placement({"version": version, "issued_at": 1.0, "model": "trapnet", "n_blocks": 6, "stages": []})
+    reopened.flush()
+    assert reopened.last_placement_version() == 9
     assert reopened.pending_takeovers() == {"node-2": "edgeprune/pipeline/stage/2/in"}
     assert reopened.issued_desired() == {"node-2": b'{"ratio":0.5}'}
     reopened.close()
