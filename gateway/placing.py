@@ -53,6 +53,8 @@ class Placing:
         # done, since a restarted gateway would not know it: the availability stays `offline`, the input is the old run's
         self._gone: dict[str, str] = dict(pending_takeovers or {})
         self._taken_over: set[str] = set(self._gone)  # gone nodes whose session is (to be) taken over, until heard
+        # the previous run's: until its stats come, an `online` availability may be a hung node's, retained from before
+        self._resumed: set[str] = set(self._gone)
         self.handback = HandBack(topics, settings.result_timeout_s)
 
     # --- nodes coming and going ----------------------------------------------------------------
@@ -60,13 +62,14 @@ class Placing:
         """A node's availability (or its silence, as offline); a gone node's session is taken over once it is
         placed around (:meth:`activate`)."""
         self.live.set_status(node_id, status, now)
-        if status == AVAILABILITY_ONLINE:
-            self.heard(node_id, now, out)
-        else:
+        if status != AVAILABILITY_ONLINE:
             self._take_over(node_id, now, out)
+        elif node_id not in self._resumed:
+            self.heard(node_id, now, out)
 
     def heard(self, node_id: str, now: float, out: Effects) -> None:
         """The node speaks: its session is its own again, and a later departure takes it over again."""
+        self._resumed.discard(node_id)
         self._taken_over.discard(node_id)
         if self._gone.pop(node_id, None) is not None:
             out.write("set_takeover", node_id, "", now)

@@ -212,12 +212,28 @@ def test_a_takeover_pending_when_the_gateway_restarts_is_carried_out_by_the_rest
     restarted = coordinator(tmp_path, nodes=("node-1", "node-2", "node-3"),
                             pending_takeovers={"node-3": shared, "node-1": TOPICS.camera_frame_filter})
     assert restarted.on_status("node-3", "offline", now=10.0).drains == []  # retained: already pending
-    back = restarted.on_status("node-1", "online", now=10.0)  # came back while the gateway was down: its own again
-    assert ("set_takeover", ("node-1", "", 10.0)) in back.store
+    restarted.on_status("node-1", "online", now=10.0)  # came back while the gateway was down: its own again once
+    back = restarted.on_stats(stats("node-1", 10.5), now=10.5)  # it speaks (see the next test)
+    assert ("set_takeover", ("node-1", "", 10.5)) in back.store
     assert placed_around(restarted, ["node-1", "node-2"], now=11.0).drains == [("node-3", shared)]
     done = restarted.on_drained("node-3", shared, [], now=12.0)
     assert ("set_takeover", ("node-3", "", 12.0)) in done.store  # done: not again at the next restart
     assert placed_around(restarted, ["node-1", "node-2"], now=13.0, version=9).drains == []
+
+
+def test_a_takeover_a_restarted_gateway_resumes_is_kept_until_the_node_speaks(tmp_path):
+    """A hung node's connection stays up, so its retained availability still says `online` while its takeover is
+    pending: a restarted gateway keeps the takeover until the node's stats come (a restarted node sends them at
+    once). Dropped on that `online`, it was taken over later, if at all, under the new run's placement, whose
+    subscription a hung replica never made."""
+    pending = {"node-2": TOPICS.stage_input(2)}
+    hung = coordinator(tmp_path, pending_takeovers=pending)
+    assert hung.on_status("node-2", "online", now=1.0).rows("set_takeover") == []
+    assert placed_around(hung, ["node-1"], now=5.0).drains == [("node-2", TOPICS.stage_input(2))]
+    back = coordinator(tmp_path, pending_takeovers=pending)
+    back.on_status("node-2", "online", now=1.0)
+    assert ("set_takeover", ("node-2", "", 2.0)) in back.on_stats(stats("node-2", 2.0), now=2.0).store
+    assert placed_around(back, ["node-1"], now=5.0).drains == []
 
 
 def test_a_session_that_held_no_input_leaves_no_handover_row(tmp_path):
