@@ -50,9 +50,9 @@ class Placing:
         self.guard = DesiredGuard()  # the placements this gateway issued
         self.replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
         # gone node -> its input, taken over once a placement without it is in force; stored (``takeovers``) until
-        # done, since a restarted gateway would not know it: the availability stays `offline`, the input is the old run's
+        # done: a restarted gateway would not know it (the availability stays `offline`, the input is the old run's)
         self._gone: dict[str, str] = dict(pending_takeovers or {})
-        self._taken_over: set[str] = set(self._gone)  # gone nodes whose session is (to be) taken over, until heard
+        self._taken_over: set[str] = set(self._gone)  # gone nodes whose session is (to be) taken over, till heard
         # the previous run's: until its stats come, an `online` availability may be a hung node's, retained from before
         self._resumed: set[str] = set(self._gone)
         self.handback = HandBack(topics, settings.result_timeout_s)

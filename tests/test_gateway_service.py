@@ -279,7 +279,8 @@ def test_an_operators_hold_survives_a_gateway_restart(gateway, fresh_broker):
                    qos=1).wait_for_publish(10)
     client.loop_stop()
     client.disconnect()
-    wait_until(lambda: gateway.coordinator.control.status()["manual"] == {"b": 0.5}, 20, "the hold command was not obeyed")
+    wait_until(lambda: gateway.coordinator.control.status()["manual"] == {"b": 0.5}, 20,
+               "the hold command was not obeyed")
     gateway.stop()
     restarted = Gateway(gateway.settings, gateway.bus.settings)
     try:
