@@ -168,6 +168,7 @@ class Placing:
         raise BadMessage("foreign_placement", f"placement not issued by this gateway, replaced: {payload[:200]!r}")
 
     def _outbid(self, payload: bytes) -> None:
+        """A placement on the topic before this gateway places: its first placement goes above it."""
         try:
             self.live.seen_version = max(self.live.seen_version, Placement.model_validate_json(payload).version)
         except ValueError:  # unreadable: the nodes refused it too
