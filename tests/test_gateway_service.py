@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
+from gateway.effects import Effects
 from gateway.service import Gateway
 from gateway.store import Reader
 from shared.schemas import AcceptedRequest, Hop, Result, to_json
 from shared.settings import GatewaySettings
-from tests.conftest import AUTH, Recorder, mqtt_client, wait_until
+from tests.conftest import AUTH, Recorder, even_split, login, mqtt_client, wait_until
 from tests.test_control_loop import running_loop
+from tests.test_handback import activation
 
 pytestmark = pytest.mark.integration
 
@@ -289,3 +296,58 @@ def test_an_operators_hold_survives_a_gateway_restart(gateway, fresh_broker):
         assert control.holds == {"b": 0.5}
     finally:
         restarted.store.close()
+
+
+def test_a_takeover_pending_when_the_gateway_stops_is_carried_out_after_its_restart(gateway, fresh_broker):
+    """Node b (stage 2) is gone holding 3 activations in its broker session; the gateway stops before a placement
+    without b is in force. The restarted gateway takes b's session over once its own placement without b is, and
+    the 3 come back (docs/reliability.md); before, it forgot the takeover and they ended `lost`."""
+    port, topics = fresh_broker.port, gateway.topics
+    node = login(mqtt.Client(CallbackAPIVersion.VERSION2, client_id="b", protocol=mqtt.MQTTv5, manual_ack=True),
+                 AUTH[port].settings("b", "node"))
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    node.connect("127.0.0.1", port, clean_start=False, properties=props)
+    node.loop_start()
+    subscribed = threading.Event()
+    node.on_subscribe = lambda *_: subscribed.set()
+    node.subscribe(topics.stage_input(2), qos=1)
+    wait_until(subscribed.is_set, 10, "no SUBACK")
+    node._sock.close()  # killed: its session keeps what is sent to its input
+    node.loop_stop()
+
+    def place(gw: Gateway, nodes: list[str], version: int) -> None:
+        placement = even_split(6, nodes).model_copy(update={"version": version})
+
+        def in_force() -> Effects:
+            out = Effects()
+            gw.coordinator.placing.live.current = gw.coordinator.placing.handover.active = placement
+            gw.coordinator.placing.activate(placement, time.time(), out)
+            return out
+        gw._decide(in_force)
+
+    place(gateway, ["a", "b"], 7)
+    admin = mqtt_client(AUTH[port].settings("admin", "admin"))
+    for i in range(3):
+        admin.publish(topics.stage_input(2), activation(3, f"held-{i}"), qos=1).wait_for_publish(10)
+    admin.publish(topics.node_status("b"), "offline", qos=1, retain=True).wait_for_publish(10)
+    admin.loop_stop()
+    admin.disconnect()
+    db = gateway.settings.db_path
+    pending = "SELECT served FROM takeovers WHERE node_id = 'b'"
+    wait_until(lambda: sqlite3.connect(db).execute(pending).fetchone() == (topics.stage_input(2),), 20,
+               "the pending takeover was not stored")
+    gateway.stop()  # before any placement without b
+
+    restarted = Gateway(gateway.settings, gateway.bus.settings)
+    restarted.start()
+    try:
+        place(restarted, ["a"], 8)
+        handover = "SELECT message FROM errors WHERE kind = 'handover'"
+        wait_until(lambda: sqlite3.connect(db).execute(handover).fetchone() is not None, 30,
+                   "the restarted gateway did not take b's session over")
+        (message,) = sqlite3.connect(db).execute(handover).fetchone()
+        assert message.startswith("b (edgeprune/pipeline/stage/2/in) is gone: 3 inputs its session held were taken")
+        wait_until(lambda: sqlite3.connect(db).execute(pending).fetchone() == ("",), 20, "the takeover stays pending")
+    finally:
+        restarted.stop()
