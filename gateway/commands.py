@@ -101,7 +101,7 @@ class OperatorCommands:
                              "stop it first")
         self.placing.live.forget(node_id)
         control.forget(node_id)
-        self.desired.forget(node_id)
+        self.desired.forget(node_id, out)
         for topic in self.topics.node_topics(node_id):
             out.send(topic, b"", retain=True)
         out.write("update_node", {"node_id": node_id, "status": "retired", "status_ts": now})

@@ -44,8 +44,7 @@ class ControlLoop:
         self.curves = SliceCurves()
         self.prune_log = PruneLog(follow_up_s)
         self._memory: DeviceMemory | None = None  # the last controller's knowledge of the devices
-        self._holds: dict[str, float] = {}  # the last controller's manual holds: the operator's until released
-        self.desired: dict[str, PruneDesired] = {}
+        self.desired: dict[str, PruneDesired] = {}  # the last state issued per node; ``source`` "manual": held
         self.automatic = True  # False for the operator's policy 'off': only manual holds change ratios
 
     @property
@@ -104,8 +103,19 @@ class ControlLoop:
             self._rebuild()
         return row
 
+    @property
+    def holds(self) -> dict[str, float]:
+        """The operator's holds: the nodes whose last desired state was issued ``manual``.
+
+        One source of truth: a hold is set, kept and released only by issuing a node's desired state (a release
+        issues it ``auto``), so the state itself says whether the node is held. The gateway keeps every state it
+        issues in SQLite and publishes it retained; a restart recovers both the ratio and the hold from it
+        (:meth:`recover_desired`), and a held node that leaves the placement is held again when placed again.
+        """
+        return {node: d.ratio for node, d in self.desired.items() if d.source == "manual"}
+
     def recover_desired(self, node_id: str, desired: PruneDesired) -> None:
-        """The retained desired state (ours, from before a restart): keep its seq and ratio."""
+        """A desired state of ours from before a restart: keep its seq, its ratio and whether it is a hold."""
         if node_id not in self.desired or desired.seq > self.desired[node_id].seq:
             self.desired[node_id] = desired
             self._rebuild()
@@ -147,7 +157,6 @@ class ControlLoop:
     def _rebuild(self) -> None:
         if self.controller is not None:
             self._memory = self.controller.memory()
-            self._holds = self.controller.manual
         if self.disabled_reason is not None:
             if self.controller is not None:
                 log.info("pruning controller paused: %s", self.disabled_reason)
@@ -167,7 +176,7 @@ class ControlLoop:
                   for n in s.nodes}
         self.controller = PruningController(nodes, self.curves.fits, accuracy, self.slo_s, self.settings, initial,
                                             n_stages=max(len(stages) for stages in pipelines), arrival_shares=shares,
-                                            held=self._holds)
+                                            held=self.holds)
         if self._memory is not None:
             self.controller.recall(self._memory)
         log.info("pruning controller running over %s (policy %s, budget %.1f ms per stage)", nodes,
@@ -226,7 +235,6 @@ class ControlLoop:
         """A retired node: no desired state, no curve."""
         self.desired.pop(node_id, None)
         self.curves.forget(node_id)
-        self._holds.pop(node_id, None)
         if self.controller is not None:  # a node that comes back is measured afresh, and is not held
             self.controller.forget_device(node_id)
         if self._memory is not None:

@@ -97,13 +97,17 @@ def _entry(method):
 class Coordinator:
     def __init__(self, settings: GatewaySettings, operator: Overrides, topics: Topics, fingerprint: str,
                  input_bytes: int, block_accuracy: AccuracyFit | None, issued_desired: dict[str, bytes],
-                 open_requests: list[dict], now: float):
+                 open_requests: list[dict], now: float, pending_takeovers: dict[str, str] | None = None,
+                 placement_version: int = 0):
+        """``issued_desired``, ``open_requests``, ``pending_takeovers`` and ``placement_version`` are what the
+        database remembers of the previous run (:class:`~gateway.store.Store`): a restart resumes them."""
         self.settings = settings
         self.operator = operator
         self.topics = topics
         self.fingerprint = fingerprint
         self.data_path = DataPath(settings, operator.slo_s, open_requests)
-        self.placing = Placing(settings, operator, topics, fingerprint, input_bytes, now)
+        self.placing = Placing(settings, operator, topics, fingerprint, input_bytes, now, pending_takeovers,
+                               placement_version)
         self.rates = RateReplan(settings, self.placing.live, now)
         self.desired = DesiredStates(topics, issued_desired)
         self.commands = OperatorCommands(settings, topics, operator, self.data_path, self.placing, self.desired)
@@ -111,6 +115,7 @@ class Coordinator:
         self.control = ControlLoop(operator.controller_settings(), operator.slo_s, block_accuracy,
                                    follow_up_s=settings.window_s)
         self.control.automatic = operator.automatic
+        self.desired.recall(issued_desired, self.control)
         self.liveness = Liveness(settings.stats_silence_s)
         self._next_beacon = 0.0
         self._clock_suspects: set[str] = set()  # nodes whose clock offset is over the limit (logged once)
@@ -149,7 +154,7 @@ class Coordinator:
         else:
             self.liveness.gone(node_id)
             self.data_path.departed(node_id, now)
-        self.placing.set_status(node_id, status, now)
+        self.placing.set_status(node_id, status, now, self._out)
         self._out.write("update_node", {"node_id": node_id, "status": status, "status_ts": now})
 
     @_entry
@@ -160,9 +165,9 @@ class Coordinator:
 
     @_entry
     def on_stats(self, stats: NodeStats, now: float) -> None:
-        self.placing.heard(stats.node_id)
+        self.placing.heard(stats.node_id, now, self._out)
         if self.liveness.heard(stats.node_id, now):  # a hung node resumed: a (re)joining node again
-            self.placing.set_status(stats.node_id, AVAILABILITY_ONLINE, now)
+            self.placing.set_status(stats.node_id, AVAILABILITY_ONLINE, now, self._out)
             log.warning("%s speaks again after %.0f s of silence", stats.node_id, self.liveness.silence_s)
             self._out.write("update_node", {"node_id": stats.node_id, "status": AVAILABILITY_ONLINE,
                                             "status_ts": now})
@@ -283,7 +288,7 @@ class Coordinator:
         lost = self.data_path.expire(now)
         silent = self.liveness.newly_silent(now)
         for node_id in silent:  # hung: stop sending it work now, not when the broker's will fires (and what it
-            placing.set_status(node_id, AVAILABILITY_OFFLINE, now)  # holds goes to the others)
+            placing.set_status(node_id, AVAILABILITY_OFFLINE, now, self._out)  # holds goes to the others)
             self.data_path.departed(node_id, now)
         ready, ask = placing.handover.propose(placement, now) if placement is not None else (None, [])
         overdue, late = placing.handover.expire(now)

@@ -3,9 +3,14 @@
 Pure. What the control loop decides goes out through :meth:`DesiredStates.carry_out` (remembered as the gateway's
 own, and persisted so a restarted gateway still knows them); a state that comes back on the topic is either the
 gateway's own (its sequence numbers continue) or forged, and then overwritten above the forged sequence number.
+A restarted gateway takes its states (each node's ratio, and whether the operator holds it: ``source``) from its
+database at start (:meth:`DesiredStates.recall`): they are its own record, in force before any retained copy comes
+back, and the retained copies are checked against them.
 """
 
 from __future__ import annotations
+
+import logging
 
 from gateway.accounting import DesiredGuard
 from gateway.control_loop import ControlLoop
@@ -14,12 +19,22 @@ from gateway.effects import Effects
 from shared.schemas import BadMessage, PruneDesired, parse_json, to_json
 from shared.topics import Topics
 
+log = logging.getLogger(__name__)
+
 
 class DesiredStates:
     def __init__(self, topics: Topics, issued: dict[str, bytes]):
         """``issued``: the desired states the database remembers this gateway publishing, per node."""
         self.topics = topics
         self.guard = DesiredGuard(issued)
+
+    def recall(self, issued: dict[str, bytes], control: ControlLoop) -> None:
+        """The states the database remembers this gateway issuing, back in force at start (ratios and holds)."""
+        for node_id, payload in issued.items():
+            try:
+                control.recover_desired(node_id, PruneDesired.model_validate_json(payload))
+            except ValueError as exc:  # written by an older version that no longer validates: the retained one decides
+                log.warning("ignoring the stored desired state of %s: %s", node_id, exc)
 
     def carry_out(self, effects: ControlEffects, out: Effects) -> None:
         """The control loop's decisions: retained desired states (remembered as our own) and prune_events rows."""
@@ -54,6 +69,7 @@ class DesiredStates:
         control.recover_desired(node_id, corrected)
         self.carry_out(ControlEffects(publish={node_id: corrected}), out)
 
-    def forget(self, node_id: str) -> None:
-        """A retired node: its state is no longer ours to defend."""
+    def forget(self, node_id: str, out: Effects) -> None:
+        """A retired node: its state is no longer ours to defend, nor to recall at the next start."""
         self.guard.forget(node_id)
+        out.write("set_issued_desired", node_id, b"")

@@ -64,6 +64,9 @@ class LivePlacement:
         self.allowed = list(allowed)
         self.started = started
         self.current: Placement | None = None
+        # the highest version a node may have seen (the previous run's, one left retained): nodes ignore a placement
+        # below the one they have, and a restarted gateway's clock may be behind the last one's (no RTC before NTP)
+        self.seen_version = 0
         self.last_error: str | None = None
         self._status: dict[str, str] = {}
         self._online_since: dict[str, float] = {}
@@ -251,7 +254,7 @@ class LivePlacement:
         return self._solved(nodes, solve)
 
     def _version(self, now: float) -> int:
-        return max(int(now * 1000), (self.current.version + 1) if self.current else 0)
+        return max(int(now * 1000), self.seen_version + 1, (self.current.version + 1) if self.current else 0)
 
     def _take_hybrid(self, hybrid: HybridPlan, version: int, nodes: list[str], now: float, reason: str) -> Placement:
         """Make the ``hybrid`` plan over ``nodes`` the current placement (shared subscriptions share the token)."""

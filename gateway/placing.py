@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 class Placing:
     def __init__(self, settings: GatewaySettings, operator: Overrides, topics: Topics, fingerprint: str,
-                 input_bytes: int, now: float):
+                 input_bytes: int, now: float, pending_takeovers: dict[str, str] | None = None,
+                 placement_version: int = 0):
+        """``pending_takeovers``: gone node -> its input, stored by a previous run that had not taken them over yet;
+        ``placement_version``: the last placement a previous run published (placements go on above it)."""
         self.settings = settings
         self.operator = operator  # its SLO goes out with every placement
         self.topics = topics
@@ -42,29 +45,36 @@ class Placing:
                   if settings.placement_mode != "pipeline" else None)
         self.live = LivePlacement(rules, MODEL_NAME, fingerprint, settings.nodes, started=now,
                                   frame_megapixels=settings.frame_megapixels, input_bytes=input_bytes, hybrid=hybrid)
+        self.live.seen_version = placement_version
         self.handover = Handover(settings.prepare_timeout_s)
         self.guard = DesiredGuard()  # the placements this gateway issued
         self.replaced = False  # the placement was last moved for slowdowns (move back once they are gone)
-        self._taken_over: set[str] = set()  # gone nodes whose session is (to be) taken over, until heard from again
-        self._gone: dict[str, str] = {}  # gone node -> its input, taken over once a placement without it is in force
+        # gone node -> its input, taken over once a placement without it is in force; stored (``takeovers``) until
+        # done: a restarted gateway would not know it (the availability stays `offline`, the input is the old run's)
+        self._gone: dict[str, str] = dict(pending_takeovers or {})
+        self._taken_over: set[str] = set(self._gone)  # gone nodes whose session is (to be) taken over, till heard
+        # the previous run's: until its stats come, an `online` availability may be a hung node's, retained from before
+        self._resumed: set[str] = set(self._gone)
         self.handback = HandBack(topics, settings.result_timeout_s)
 
     # --- nodes coming and going ----------------------------------------------------------------
-    def set_status(self, node_id: str, status: str, now: float) -> None:
+    def set_status(self, node_id: str, status: str, now: float, out: Effects) -> None:
         """A node's availability (or its silence, as offline); a gone node's session is taken over once it is
         placed around (:meth:`activate`)."""
         self.live.set_status(node_id, status, now)
-        if status == AVAILABILITY_ONLINE:
-            self.heard(node_id)
-        else:
-            self._take_over(node_id)
+        if status != AVAILABILITY_ONLINE:
+            self._take_over(node_id, now, out)
+        elif node_id not in self._resumed:
+            self.heard(node_id, now, out)
 
-    def heard(self, node_id: str) -> None:
+    def heard(self, node_id: str, now: float, out: Effects) -> None:
         """The node speaks: its session is its own again, and a later departure takes it over again."""
+        self._resumed.discard(node_id)
         self._taken_over.discard(node_id)
-        self._gone.pop(node_id, None)
+        if self._gone.pop(node_id, None) is not None:
+            out.write("set_takeover", node_id, "", now)
 
-    def _take_over(self, node_id: str) -> None:
+    def _take_over(self, node_id: str, now: float, out: Effects) -> None:
         """A node that held an input is gone (offline, or silent: hung but still connected): it acknowledges an input
         only once served, so its broker session holds what it had not finished, and keeps collecting what is sent
         to that input meanwhile. Once a placement without it is in force, the session is taken over
@@ -77,6 +87,7 @@ class Placing:
             return
         self._taken_over.add(node_id)
         self._gone[node_id] = served
+        out.write("set_takeover", node_id, served, now)
 
     def _drain_placed_around(self, placement: Placement, out: Effects) -> None:
         """Take over the session of each gone node ``placement`` (now in force) no longer gives an input."""
@@ -91,6 +102,7 @@ class Placing:
         until one does); recorded as a ``handover`` row in ``errors`` when it held any."""
         taken, sent = self.handback.take(held, self.handover.active, now)
         out.publish.extend(sent)
+        out.write("set_takeover", node_id, "", now)  # done: a restart does not take it over again
         message = (f"{node_id} ({served}) is gone: {taken.inputs} inputs its session held were taken back, "
                    f"{taken.sent} re-sent to the stages that read them now, {taken.inputs - taken.sent} waiting for "
                    f"a placement with a stage for them; {taken.other} other messages dropped; its session ended")
@@ -138,8 +150,11 @@ class Placing:
     def refuse_foreign(self, payload: bytes, now: float, out: Effects) -> None:
         """Only this gateway places: anything else on the placement topic is reported and replaced."""
         current = self.handover.active
-        if current is None or self.guard.own("placement", payload):
-            return  # not placing yet (a retained placement of a previous run stands), or our own echo
+        if current is None:  # not placing yet: a retained placement (of a previous run?) stands until ours, above it
+            self._outbid(payload)
+            return
+        if self.guard.own("placement", payload):
+            return  # our own echo
         try:  # the nodes ignore versions below what they saw: go above a forged one
             forged_version = Placement.model_validate_json(payload).version
         except ValueError:
@@ -151,6 +166,13 @@ class Placing:
             self._record(corrected, out)  # a new version is published: `placements` keeps every one
         self.publish(out)
         raise BadMessage("foreign_placement", f"placement not issued by this gateway, replaced: {payload[:200]!r}")
+
+    def _outbid(self, payload: bytes) -> None:
+        """A placement on the topic before this gateway places: its first placement goes above it."""
+        try:
+            self.live.seen_version = max(self.live.seen_version, Placement.model_validate_json(payload).version)
+        except ValueError:  # unreadable: the nodes refused it too
+            pass
 
     # --- moves for slowdowns -------------------------------------------------------------------------
     def replace_for_slowdowns(self, now: float, effects: ControlEffects, move: bool,

@@ -60,7 +60,8 @@ class Gateway:
             self.topics, fingerprint, model_input_bytes(model.config.input_size),
             load_block_accuracy(settings.accuracy_model, fingerprint, settings.checkpoint),
             self.store.issued_desired(),
-            self.store.open_requests(now - max(10 * settings.result_timeout_s, 3600.0)), now)
+            self.store.open_requests(now - max(10 * settings.result_timeout_s, 3600.0)), now,
+            self.store.pending_takeovers(), self.store.last_placement_version())
         self._lock = threading.Lock()  # serialises the coordinator's calls
         self.tick_failures = 0
         self._stop = threading.Event()

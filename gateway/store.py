@@ -131,6 +131,9 @@ SCHEMA: dict[str, Table] = {
         "request_id": str, "ts": float, "node_id": str, "label": str, "confidence": float,
     }, ("request_id", "ts"), "insert_ignore"),
     "issued_desired": Table({"node_id": str, "payload": str}, "node_id", "upsert"),
+    # A gone node's broker session the gateway is to take over (gateway/placing.py), by the input it subscribed to (a
+    # replica's share group names the run's token: kept here only, shown nowhere); empty once done or the node is back
+    "takeovers": Table({"node_id": str, "served": str, "ts": float}, "node_id", "upsert"),
     # `[gateway] thumbnail_budget_mb`: a small JPEG of each frame (shared/thumbnail.py), oldest deleted past the budget
     "thumbnails": Table({"request_id": str, "camera_id": str, "ts": float, "bytes": int, "jpeg": bytes},
                         "request_id", "insert_ignore"),
@@ -351,11 +354,25 @@ class Store:
         self._buffer("duplicates", row)
 
     def set_issued_desired(self, node_id: str, payload: bytes) -> None:
+        """The desired prune state last issued to ``node_id``; empty: forgotten (a retired node)."""
         self._buffer("issued_desired", {"node_id": node_id, "payload": payload.decode()})
 
     def issued_desired(self) -> dict[str, bytes]:
-        """The desired prune states this gateway last issued, by node (to tell them from forgeries)."""
-        return {r["node_id"]: r["payload"].encode() for r in self.db["issued_desired"].rows}
+        """The desired prune states this gateway last issued, by node: in force again at a restart, and what tells
+        the retained copies from forgeries."""
+        return {r["node_id"]: r["payload"].encode() for r in self.db["issued_desired"].rows if r["payload"]}
+
+    def set_takeover(self, node_id: str, served: str, ts: float) -> None:
+        """A gone node's session to take over, by the input it subscribed to; empty: done, or the node is back."""
+        self._buffer("takeovers", {"node_id": node_id, "served": served, "ts": ts})
+
+    def pending_takeovers(self) -> dict[str, str]:
+        """The takeovers a previous run had not carried out: a restarted gateway carries them out."""
+        return {r["node_id"]: r["served"] for r in self.db["takeovers"].rows if r["served"]}
+
+    def last_placement_version(self) -> int:
+        """The version of the last placement this gateway published (0: none): a restarted one places above it."""
+        return self.db.execute("SELECT COALESCE(MAX(version), 0) FROM placements").fetchone()[0]
 
     def open_requests(self, since_ts: float) -> list[dict]:
         """Accepted since ``since_ts``: whether each has a row or a failure (rebuilds the ledger at start)."""

@@ -231,6 +231,38 @@ def test_a_hold_outlives_every_rebuild_of_the_controller_until_released():
     assert c.controller.manual == {}
 
 
+def test_an_operators_hold_survives_a_gateway_restart():
+    """docs/controller.md: a hold lasts until it is released. A restarted gateway took the held ratio back from the
+    desired state it had issued but not the hold, so its controller treated the node as its own and restored it."""
+    before = running_loop()
+    held = before.manual(10.0, "b", 0.5).publish["b"]
+    after = loop()  # the restarted gateway: the desired states it issued come back before the placement
+    after.recover_desired("a", PruneDesired(ratio=0.0, seq=3, issued_at=0.0))
+    after.recover_desired("b", held)
+    after.set_placement(placement(1))
+    after.add_calibration(calibration("a", 0, 2))
+    after.add_calibration(calibration("b", 3, 5))
+    assert after.controller.manual == {"b": 0.5} and after.status()["manual"] == {"b": 0.5}
+    released = before.manual(20.0, "b", None).publish["b"]
+    after.recover_desired("b", released)  # released before the restart: the controller's again
+    assert after.controller.manual == {} and after.controller.ratios["b"] == 0.5
+
+
+def test_a_hold_outlives_the_held_node_leaving_the_placement():
+    """A held node that dies is placed around and placed again when it is back: still held (the hold was dropped by
+    the first controller built without it)."""
+    c = running_loop()
+    c.manual(10.0, "b", 0.5)
+    c.set_placement(Placement(version=2, model="trapnet", n_blocks=6, issued_at=0.0, stages=[
+        StageAssignment(stage=1, node_id="a", first_block=0, last_block=5)]))
+    c.add_calibration(calibration("a", 0, 5, version=2))
+    assert c.controller.nodes == ("a",) and c.controller.manual == {}
+    c.set_placement(placement(3))
+    c.add_calibration(calibration("a", 0, 2, version=3))
+    c.add_calibration(calibration("b", 3, 5, version=3))
+    assert c.controller.manual == {"b": 0.5} and c.controller.ratios["b"] == 0.5
+
+
 def test_a_ladder_the_nodes_do_not_have_is_refused_not_snapped():
     c = loop(ladder=(0.0, 0.25, 0.5, 0.75))  # the nodes build 0.0, 0.1, ... 0.9: 0.25 and 0.75 would snap
     c.set_placement(placement(1))

@@ -18,6 +18,7 @@ from shared.schemas import (
     NodeProfile,
     NodeStats,
     Placement,
+    PruneDesired,
     Result,
     SliceCalibration,
     StageAssignment,
@@ -30,10 +31,12 @@ from tests.conftest import even_split
 TOPICS = Topics()
 
 
-def coordinator(tmp_path, nodes=("node-1", "node-2")) -> Coordinator:
+def coordinator(tmp_path, nodes=("node-1", "node-2"), issued_desired: dict[str, bytes] | None = None,
+                pending_takeovers: dict[str, str] | None = None, placement_version: int = 0) -> Coordinator:
     settings = GatewaySettings(db_path=tmp_path / "unused.db", nodes=list(nodes))
-    return Coordinator(settings, Overrides(settings, ControllerSettings(), {}), TOPICS, "weights", 12288, None, {},
-                       [], now=0.0)
+    return Coordinator(settings, Overrides(settings, ControllerSettings(), {}), TOPICS, "weights", 12288, None,
+                       issued_desired or {}, [], now=0.0, pending_takeovers=pending_takeovers,
+                       placement_version=placement_version)
 
 
 def offer(c: Coordinator, node: str, now: float = 1.0) -> None:
@@ -95,6 +98,20 @@ def test_a_node_online_in_the_placement_is_not_retired(tmp_path):
     effects = command(c, {"cmd": "retire", "node_id": "node-2", "id": "c1"})
     assert effects.refusal is not None and effects.refusal.kind == "rejected_command"
     assert not [p for p in effects.publish if p.retain]
+
+
+def test_a_restarted_gateway_has_the_ratios_and_holds_it_issued_from_its_database(tmp_path):
+    """The desired states the gateway stored (SQLite) are in force at start, before the retained copies come back
+    (they may come after the controller already runs, or never, from a broker that lost its store); a retired
+    node's is forgotten there too, or the next restart would hold it again."""
+    held = to_json(PruneDesired(ratio=0.5, seq=4, issued_at=1.0, source="manual", reason="operator holds node-2"))
+    c = coordinator(tmp_path, issued_desired={"node-1": to_json(PruneDesired(ratio=0.3, seq=2, issued_at=1.0)),
+                                              "node-2": held})
+    assert {n: d.ratio for n, d in c.control.desired.items()} == {"node-1": 0.3, "node-2": 0.5}
+    assert c.control.holds == {"node-2": 0.5}
+    assert c.on_desired("node-2", held, now=2.0).refusal is None and c.control.desired["node-2"].seq == 4  # echo
+    effects = command(c, {"cmd": "retire", "node_id": "node-2"})
+    assert ("set_issued_desired", ("node-2", b"")) in effects.store and c.control.holds == {}
 
 
 def three_nodes(tmp_path) -> tuple[Coordinator, Placement]:
@@ -181,6 +198,44 @@ def test_what_a_gone_node_held_is_re_sent_where_the_placement_in_force_reads_it(
     assert placed_around(c, ["node-1", "node-2"], now=9.0, version=9).sent(TOPICS.stage_input(2)) == [activation(3)]
 
 
+def test_a_takeover_pending_when_the_gateway_restarts_is_carried_out_by_the_restarted_gateway(tmp_path):
+    """A gone node's session is taken over only once a placement without it is in force. A gateway killed before
+    then forgot it, so what the session held ended `lost` at result_timeout. The pending takeover is stored until it
+    is done (or the node speaks again), and a restarted gateway takes the session over once its own placement is in
+    force, with the subscription the node had (a replica's share group is named by the old run's token)."""
+    c, _ = three_nodes(tmp_path)
+    shared = TOPICS.shared(2, "tok3n-abcd")
+    effects = c.on_status("node-3", "offline", now=2.0)
+    assert ("set_takeover", ("node-3", shared, 2.0)) in effects.store
+    c.on_status("node-1", "offline", now=2.5)
+    # killed here; the database remembers both, the broker their retained availability
+    restarted = coordinator(tmp_path, nodes=("node-1", "node-2", "node-3"),
+                            pending_takeovers={"node-3": shared, "node-1": TOPICS.camera_frame_filter})
+    assert restarted.on_status("node-3", "offline", now=10.0).drains == []  # retained: already pending
+    restarted.on_status("node-1", "online", now=10.0)  # came back while the gateway was down: its own again once
+    back = restarted.on_stats(stats("node-1", 10.5), now=10.5)  # it speaks (see the next test)
+    assert ("set_takeover", ("node-1", "", 10.5)) in back.store
+    assert placed_around(restarted, ["node-1", "node-2"], now=11.0).drains == [("node-3", shared)]
+    done = restarted.on_drained("node-3", shared, [], now=12.0)
+    assert ("set_takeover", ("node-3", "", 12.0)) in done.store  # done: not again at the next restart
+    assert placed_around(restarted, ["node-1", "node-2"], now=13.0, version=9).drains == []
+
+
+def test_a_takeover_a_restarted_gateway_resumes_is_kept_until_the_node_speaks(tmp_path):
+    """A hung node's connection stays up, so its retained availability still says `online` while its takeover is
+    pending: a restarted gateway keeps the takeover until the node's stats come (a restarted node sends them at
+    once). Dropped on that `online`, it was taken over later, if at all, under the new run's placement, whose
+    subscription a hung replica never made."""
+    pending = {"node-2": TOPICS.stage_input(2)}
+    hung = coordinator(tmp_path, pending_takeovers=pending)
+    assert hung.on_status("node-2", "online", now=1.0).rows("set_takeover") == []
+    assert placed_around(hung, ["node-1"], now=5.0).drains == [("node-2", TOPICS.stage_input(2))]
+    back = coordinator(tmp_path, pending_takeovers=pending)
+    back.on_status("node-2", "online", now=1.0)
+    assert ("set_takeover", ("node-2", "", 2.0)) in back.on_stats(stats("node-2", 2.0), now=2.0).store
+    assert placed_around(back, ["node-1"], now=5.0).drains == []
+
+
 def test_a_session_that_held_no_input_leaves_no_handover_row(tmp_path):
     """A node stopped cleanly has served everything: its takeover is logged, not recorded as an error (every
     benchmark run's teardown wrote one, which its failure reasons then counted)."""
@@ -230,6 +285,25 @@ def test_a_placement_is_published_once_every_node_it_moves_has_subscribed(tmp_pa
     published = Placement.model_validate_json(payload)
     assert published.version == version and [s.node_id for s in published.stages] == ["node-1", "node-2"]
     assert [row["version"] for row in effects.rows("add_placement")] == [version]
+
+
+def first_version(c: Coordinator, now: float) -> int:
+    """The version of the first placement ``c`` decides once both nodes offered themselves."""
+    for node in ("node-1", "node-2"):
+        offer(c, node, now)
+    return json.loads(c.tick(now).sent(TOPICS.node_command("node-1"))[0])["placement"]["version"]
+
+
+def test_a_restarted_gateway_places_above_every_version_the_nodes_may_have_seen(tmp_path):
+    """Nodes ignore a placement (and its prepare) older than the one they have. A restarted gateway numbered its
+    first placement by its clock alone: behind the last placement it published (a Pi without a clock, before NTP
+    set it) or below a placement left retained while it was down, its placements were all ignored."""
+    last = 5_000_000  # the previous run's last placement (its ms clock), later than this run's clock (2 s)
+    assert first_version(coordinator(tmp_path, placement_version=last), now=2.0) > last
+    c = coordinator(tmp_path)
+    retained = even_split(6, ["node-2", "node-1"]).model_copy(update={"version": last + 7})
+    assert c.on_placement(to_json(retained), now=1.0).refusal is None  # not placing yet: it stands until ours
+    assert first_version(c, now=2.0) > last + 7
 
 
 def hybrid_coordinator(tmp_path, speeds: dict[str, float]) -> Coordinator:

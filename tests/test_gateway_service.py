@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
+from gateway.effects import Effects
 from gateway.service import Gateway
 from gateway.store import Reader
 from shared.schemas import AcceptedRequest, Hop, Result, to_json
 from shared.settings import GatewaySettings
-from tests.conftest import AUTH, Recorder, mqtt_client, wait_until
+from tests.conftest import AUTH, Recorder, even_split, login, mqtt_client, wait_until
 from tests.test_control_loop import running_loop
+from tests.test_handback import activation
 
 pytestmark = pytest.mark.integration
 
@@ -143,6 +150,30 @@ def test_pending_rows_are_bounded_while_the_disk_fails(tmp_path):
     store.close()
 
 
+def test_what_a_restarted_gateway_resumes_is_in_its_database_until_done(tmp_path):
+    """Pending takeovers, issued desired states and the last placement version are read back at start; a takeover
+    done or a retired node's state (stored empty) is not."""
+    from gateway.store import Store
+    store = Store(tmp_path / "e.db")
+    store.set_takeover("node-2", "edgeprune/pipeline/stage/2/in", 1.0)
+    store.set_takeover("node-3", "$share/edgeprune-stage-2-tok3n/edgeprune/pipeline/stage/2/in", 1.0)
+    store.set_issued_desired("node-2", b'{"ratio":0.5}')
+    store.set_issued_desired("node-3", b'{"ratio":0.3}')
+    store.flush()
+    store.set_takeover("node-3", "", 2.0)  # taken over
+    store.set_issued_desired("node-3", b"")  # retired
+    store.close()
+    reopened = Store(tmp_path / "e.db")
+    assert reopened.last_placement_version() == 0
+    for version in (7, 9):
+        reopened.add_placement({"version": version, "issued_at": 1.0, "model": "trapnet", "n_blocks": 6, "stages": []})
+    reopened.flush()
+    assert reopened.last_placement_version() == 9
+    assert reopened.pending_takeovers() == {"node-2": "edgeprune/pipeline/stage/2/in"}
+    assert reopened.issued_desired() == {"node-2": b'{"ratio":0.5}'}
+    reopened.close()
+
+
 def test_a_calibration_without_the_configured_ladder_is_reported_and_keeps_the_controller_off(gateway, fresh_broker):
     from tests.test_control_loop import calibration, loop, placement
     gateway.coordinator.control = loop(ladder=(0.0, 0.25, 0.5))  # the nodes build 0.0, 0.1, ..., 0.9
@@ -245,3 +276,79 @@ def test_garbage_retained_on_device_state_topics_is_reported_once_and_cleared(fr
         gw.stop()
     errors = [(e["topic"], e["kind"]) for e in Reader(settings.db_path).errors(50)]
     assert sorted(errors) == sorted((topic, kind) for topic, (_, kind) in garbage.items())  # each reported once
+
+
+def test_an_operators_hold_survives_a_gateway_restart(gateway, fresh_broker):
+    """Held over MQTT, stopped, started again on the same database: the hold and its ratio are in force at once
+    (docs/controller.md, "Manual override"); before, the ratio came back with the retained state and the hold not."""
+    client = mqtt_client(fresh_broker)
+    command = {"cmd": "prune", "node_id": "b", "ratio": 0.5, "id": "hold-1"}
+    client.publish(gateway.topics.component_command(gateway.settings.gateway_id), json.dumps(command),
+                   qos=1).wait_for_publish(10)
+    client.loop_stop()
+    client.disconnect()
+    wait_until(lambda: gateway.coordinator.control.status()["manual"] == {"b": 0.5}, 20,
+               "the hold command was not obeyed")
+    gateway.stop()
+    restarted = Gateway(gateway.settings, gateway.bus.settings)
+    try:
+        control = restarted.coordinator.control
+        assert control.desired.get("b") is not None and control.desired["b"].ratio == 0.5
+        assert control.holds == {"b": 0.5}
+    finally:
+        restarted.store.close()
+
+
+def test_a_takeover_pending_when_the_gateway_stops_is_carried_out_after_its_restart(gateway, fresh_broker):
+    """Node b (stage 2) is gone holding 3 activations in its broker session; the gateway stops before a placement
+    without b is in force. The restarted gateway takes b's session over once its own placement without b is, and
+    the 3 come back (docs/reliability.md); before, it forgot the takeover and they ended `lost`."""
+    port, topics = fresh_broker.port, gateway.topics
+    node = login(mqtt.Client(CallbackAPIVersion.VERSION2, client_id="b", protocol=mqtt.MQTTv5, manual_ack=True),
+                 AUTH[port].settings("b", "node"))
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    node.connect("127.0.0.1", port, clean_start=False, properties=props)
+    node.loop_start()
+    subscribed = threading.Event()
+    node.on_subscribe = lambda *_: subscribed.set()
+    node.subscribe(topics.stage_input(2), qos=1)
+    wait_until(subscribed.is_set, 10, "no SUBACK")
+    node._sock.close()  # killed: its session keeps what is sent to its input
+    node.loop_stop()
+
+    def place(gw: Gateway, nodes: list[str], version: int) -> None:
+        placement = even_split(6, nodes).model_copy(update={"version": version})
+
+        def in_force() -> Effects:
+            out = Effects()
+            gw.coordinator.placing.live.current = gw.coordinator.placing.handover.active = placement
+            gw.coordinator.placing.activate(placement, time.time(), out)
+            return out
+        gw._decide(in_force)
+
+    place(gateway, ["a", "b"], 7)
+    admin = mqtt_client(AUTH[port].settings("admin", "admin"))
+    for i in range(3):
+        admin.publish(topics.stage_input(2), activation(3, f"held-{i}"), qos=1).wait_for_publish(10)
+    admin.publish(topics.node_status("b"), "offline", qos=1, retain=True).wait_for_publish(10)
+    admin.loop_stop()
+    admin.disconnect()
+    db = gateway.settings.db_path
+    pending = "SELECT served FROM takeovers WHERE node_id = 'b'"
+    wait_until(lambda: sqlite3.connect(db).execute(pending).fetchone() == (topics.stage_input(2),), 20,
+               "the pending takeover was not stored")
+    gateway.stop()  # before any placement without b
+
+    restarted = Gateway(gateway.settings, gateway.bus.settings)
+    restarted.start()
+    try:
+        place(restarted, ["a"], 8)
+        handover = "SELECT message FROM errors WHERE kind = 'handover'"
+        wait_until(lambda: sqlite3.connect(db).execute(handover).fetchone() is not None, 30,
+                   "the restarted gateway did not take b's session over")
+        (message,) = sqlite3.connect(db).execute(handover).fetchone()
+        assert message.startswith("b (edgeprune/pipeline/stage/2/in) is gone: 3 inputs its session held were taken")
+        wait_until(lambda: sqlite3.connect(db).execute(pending).fetchone() == ("",), 20, "the takeover stays pending")
+    finally:
+        restarted.stop()
