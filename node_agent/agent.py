@@ -4,7 +4,8 @@ Threads: paho's network thread checks each input once (stage, request id, captur
 when the node is idle, serves it there and then: no hand-off in, no wake-up of another thread out
 (docs/architecture.md, "Threads and back-pressure"). Otherwise it queues it; one inference thread
 drains the bounded queue, timely requests first (:mod:`node_agent.deadline_queue`; a full queue
-drops a request and counts it, so a slow node sheds load instead of growing memory) and, when
+drops a request and counts it; QoS 1 input comes one at a time, so only QoS 0 input can fill it: a slow node's
+backlog waits in its broker session instead of its memory) and, when
 :class:`node_agent.calibration.CalibrationSchedule` says a run is due, measures the slice for the
 controller's curves; a stats thread publishes health every few seconds.
 """
@@ -26,7 +27,7 @@ from node_agent.runtime import (IngestRuntime, Output, Request, SliceCalibrator,
                                 plausible_capture)
 from node_agent.thumbnailer import Thumbnailer
 from shared import routing, wire
-from shared.bus import Ack, Bus
+from shared.bus import Ack, Bus, read_retained
 from shared.clock import ClockOffset
 from shared.device_model import load_device_model
 from shared.imaging import measure_decode_cost
@@ -45,8 +46,17 @@ IDLE_WAIT_S = 0.2  # how long the inference thread blocks on an empty queue when
 # (an MQTT v5 PUBACK is 4-5 bytes; any frame or activation is far larger): more, and input is waiting
 ACKS_ONLY_BYTES = 64
 # serve on paho's thread only while a request takes less than this: a hand-off costs ~1 ms, noise beside longer
-# work, and paho's thread must not stop answering for long (stats, keepalive, placements, commands)
+# work, and paho's thread must not stop answering for long (keepalive, writing what the other threads publish)
 SERVE_AT_ONCE_MAX_S = 0.1
+# unacknowledged inputs the broker may send at once (MQTT v5 Receive Maximum). 1, not the work queue's size: Mosquitto
+# 2.0.x, on the acknowledgement of any but the newest message in flight, sends up to a whole window more (measured:
+# window 4, acknowledging the oldest, 31 held after 10 acknowledgements), so only a window of 1 holds
+INPUT_WINDOW = 1
+
+
+def control_client_id(node_id: str) -> str:
+    """The node's control connection's MQTT client id: no device id contains '/', so it is no other's."""
+    return f"{node_id}/control"
 
 
 def _slice_of(assignment: StageAssignment) -> tuple[int, int, int]:
@@ -83,8 +93,13 @@ class NodeAgent:
         torch.set_num_threads(settings.threads)
         self.model = build_model(settings.checkpoint)
         self.topics = Topics(mqtt_settings.topic_root)
-        # an input is acknowledged only once served: what the node holds stays in its broker session
-        self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id), manual_ack=True)
+        # Inputs: acknowledged only once served, so what the node holds stays in its broker session, and one at a time
+        # (receive window 1), so a backlog waits in that session instead of overflowing the work queue. Control
+        # messages come on a connection of their own, or they would wait behind that backlog (docs/reliability.md,
+        # "Flow control"). Everything is published on the input connection, whose will is the node's availability.
+        self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id), manual_ack=True,
+                       receive_maximum=INPUT_WINDOW)
+        self.control = Bus(mqtt_settings, self.node_id, None, client_id=control_client_id(self.node_id))
         self.clock = ClockOffset()
         self.queue: DeadlineQueue[tuple[StageRuntime, Request, Ack]] = DeadlineQueue(
             settings.queue_size, self._gateway_time, ordered=settings.deadline_order)
@@ -122,15 +137,17 @@ class NodeAgent:
     def start(self) -> None:
         self.offer = self.measure_offer()
         self.bus.on_connected = self._announce_offer
-        self.bus.subscribe(self.topics.placement, self._on_placement)
-        self.bus.subscribe(self.topics.node_command(self.node_id), self._on_command)
-        self.bus.subscribe(self.topics.node_prune_desired(self.node_id), self._on_prune_desired)
-        self.bus.subscribe(self.topics.clock, self._on_clock_beacon, qos=0)
+        self.control.subscribe(self.topics.placement, self._on_placement)
+        self.control.subscribe(self.topics.node_command(self.node_id), self._on_command)
+        self.control.subscribe(self.topics.node_prune_desired(self.node_id), self._on_prune_desired)
+        self.control.subscribe(self.topics.clock, self._on_clock_beacon, qos=0)
         self._threads = [threading.Thread(target=self._work, name="inference", daemon=True),
                          threading.Thread(target=self._publish_stats_forever, name="stats", daemon=True)]
         for t in self._threads:
             t.start()
         self.thumbnails.start()
+        self._resume_placement()
+        self.control.start()
         self.bus.start()
 
     def stop(self) -> None:
@@ -139,6 +156,7 @@ class NodeAgent:
             t.join(timeout=5)
         self.thumbnails.stop()
         self.bus.stop()
+        self.control.stop()
 
     # --- placement -----------------------------------------------------------------------
     def measure_offer(self) -> NodeProfile:
@@ -173,6 +191,18 @@ class NodeAgent:
         return NodeProfile(node_id=self.node_id, model_fingerprint=model_fingerprint(self.model),
                            memory_mb=memory_mb, uplink_mbit_s=self.settings.uplink_mbit_s, profile=profile,
                            decode=decode, role=self.settings.role)
+
+    def _resume_placement(self) -> None:
+        """Take the job the retained placement gives this node before resuming its session, whose held inputs the
+        broker re-sends first: with a stage to serve them under they are served, not acknowledged away
+        (:func:`shared.bus.read_retained`). A placement that is bad is reported when it comes on the connection."""
+        payload = read_retained(self.bus.settings, self.topics.placement)
+        if payload is None:
+            return
+        try:
+            self._on_placement(self.topics.placement, payload, {})
+        except ValueError as exc:  # BadMessage
+            log.warning("%s: retained placement not taken before connecting: %s", self.node_id, exc)
 
     def _announce_offer(self) -> None:
         """Retained and re-sent on every connect, like the availability topic."""
@@ -581,7 +611,8 @@ class NodeAgent:
             node_id=self.node_id, ts=time.time(), stage=a.stage if a else INGEST_STAGE if ingesting else None,
             first_block=a.first_block if a else None, last_block=a.last_block if a else None,
             placement_version=version, queue_depth=self.queue.qsize(), queue_capacity=self.settings.queue_size,
-            processed=self.processed, dropped=self.dropped, late_served=self.late_served, errors=dict(self.bus.errors),
+            processed=self.processed, dropped=self.dropped, late_served=self.late_served,
+            errors=dict(self.bus.errors + self.control.errors),
             compute_mean_s=float(compute.mean()) if compute is not None else None,
             compute_p95_s=float(np.percentile(compute, 95)) if compute is not None else None,
             queue_wait_mean_s=float(waits.mean()) if waits is not None else None,

@@ -75,7 +75,8 @@ def publish_properties(user: dict[str, str]) -> Properties:
 class Bus:
     """One MQTT connection for one component, with an availability topic driven by the last will."""
 
-    def __init__(self, settings: MqttSettings, component_id: str, status_topic: str, manual_ack: bool = False):
+    def __init__(self, settings: MqttSettings, component_id: str, status_topic: str | None, manual_ack: bool = False,
+                 receive_maximum: int | None = None, client_id: str | None = None):
         """The client id is the component id and every connect resumes the broker's session for it (MQTT v5
         clean start off, session expiry ``session_expiry_s``): QoS 1 messages queued while the component was
         away (a restart of it or of the broker, a network gap) are delivered when it is back. A clean start
@@ -83,13 +84,19 @@ class Bus:
         its own restart (measured: docs/reliability.md).
 
         ``manual_ack``: QoS 1 messages are acknowledged after their handler returns, or, for subscriptions
-        made with ``deferred_ack``, when the handler's ``ack`` is called (docs/scaling.md, replicated stages)."""
+        made with ``deferred_ack``, when the handler's ``ack`` is called (docs/scaling.md, replicated stages).
+        ``receive_maximum``: at most this many QoS 1 messages unacknowledged at a time (MQTT v5 flow control, in
+        the CONNECT): the broker holds the rest in the session until acknowledgements free the window. Without it
+        Mosquitto sends up to its ``max_inflight_messages`` (64).
+        ``client_id`` (default: the component id) and ``status_topic`` None: a second connection of a component, with
+        a session of its own and no availability topic (the node's control connection)."""
         self.settings = settings
         self.topics = Topics(settings.topic_root)
         self.component_id = component_id
         self.status_topic = status_topic
         self.errors: Counter[str] = Counter()
         self.manual_ack = manual_ack
+        self.receive_maximum = receive_maximum
         self._handlers: dict[str, tuple[Handler, SubscribeOptions]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -104,8 +111,9 @@ class Bus:
         self.refusal: str | None = None  # the broker's last reason for refusing us (e.g. "Not authorized")
         # the largest packet the broker takes (its CONNACK says, MQTT v5); a larger publish gets us disconnected
         self.max_packet_size: int | None = None
-        client = _client(settings, component_id, manual_ack=manual_ack)
-        client.will_set(status_topic, AVAILABILITY_OFFLINE, qos=1, retain=True)
+        client = _client(settings, client_id or component_id, manual_ack=manual_ack)
+        if status_topic is not None:
+            client.will_set(status_topic, AVAILABILITY_OFFLINE, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=settings.reconnect_max_s)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -124,6 +132,9 @@ class Bus:
         """
         self._defer_ack = defer
         self.manual_ack = True
+        # unacknowledged messages count against the window: without a large one Mosquitto sends at most
+        # max_inflight_messages (64) per acknowledgement delay
+        self.receive_maximum = self.receive_maximum or 65535
         self.client.manual_ack_set(True)
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -131,8 +142,8 @@ class Bus:
         """Connect in the background (retrying forever); optionally wait for the first connect."""
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry_s
-        if self._defer_ack is not None:  # unacknowledged messages count against this window: without it Mosquitto
-            props.ReceiveMaximum = 65535  # sends at most max_inflight_messages (64) per acknowledgement delay
+        if self.receive_maximum is not None:
+            props.ReceiveMaximum = self.receive_maximum
         self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s,
                                   clean_start=False, properties=props)
         self.client.loop_start()
@@ -142,7 +153,7 @@ class Bus:
 
     def stop(self) -> None:
         """Clean exit: announce ``stopped`` (the will is not sent on a clean disconnect)."""
-        if self._connected.is_set():
+        if self._connected.is_set() and self.status_topic is not None:
             info = self.client.publish(self.status_topic, AVAILABILITY_STOPPED, qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=2.0)
@@ -176,7 +187,8 @@ class Bus:
         sock = client.socket()
         if sock is not None:  # small activations must not wait for Nagle's algorithm (~40 ms on Linux)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.publish(self.status_topic, AVAILABILITY_ONLINE, qos=1, retain=True)
+        if self.status_topic is not None:
+            client.publish(self.status_topic, AVAILABILITY_ONLINE, qos=1, retain=True)
         with self._lock:  # registered before paho's thread can handle a SUBACK
             for topic_filter, (_, options) in self._handlers.items():
                 _, mid = client.subscribe(topic_filter, options=options)
@@ -403,3 +415,47 @@ def drain_session(settings: MqttSettings, client_id: str, filters: list[str], wa
         client.disconnect()
         client.loop_stop()
     return received
+
+
+def read_retained(settings: MqttSettings, topic: str, wait_s: float = 10.0, grace_s: float = 1.0) -> bytes | None:
+    """The message retained on ``topic`` (None: none, or the broker is not reachable), read on a connection of its own
+    with a clean session and a client id the broker assigns, so it touches no component's session.
+
+    A restarted node reads its placement this way before it resumes its session: the broker re-sends what the
+    session held at once, before the retained placement on the node's own connection (one client's messages come
+    in order, and acknowledged inputs are what frees the window for it), so only a node that knows its stage by
+    then can serve them instead of acknowledging them away (docs/reliability.md). ``grace_s``: how long after the
+    SUBACK a retained message may still come (Mosquitto sends it right behind).
+    """
+    received: list[bytes] = []
+    subscribed = threading.Event()
+    got = threading.Event()
+    client = _client(settings, "")
+
+    def on_connect(c, userdata, flags, reason_code, properties) -> None:
+        if not reason_code.is_failure:
+            c.subscribe(topic, qos=1)
+
+    def on_message(c, userdata, msg: mqtt.MQTTMessage) -> None:
+        if msg.retain and not received:
+            received.append(msg.payload)
+            got.set()
+
+    client.on_connect = on_connect
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.on_message = on_message
+    try:
+        client.connect(settings.host, settings.port, keepalive=settings.keepalive_s, clean_start=True)
+    except OSError as exc:
+        log.warning("cannot reach the broker to read %s: %s", topic, exc)
+        return None
+    client.loop_start()
+    try:
+        if subscribed.wait(wait_s):
+            got.wait(grace_s)
+        else:
+            log.warning("no SUBACK for %s within %g s", topic, wait_s)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return received[0] if received and received[0] else None

@@ -129,3 +129,37 @@ def test_wait_subscribed_holds_until_every_subscription_of_the_connect_is_acknow
     assert wired.bus.wait_subscribed(0)
     wired.bus.client.on_disconnect(wired.bus.client, None, None, 0, None)
     assert not wired.bus.wait_subscribed(0)  # a reconnect subscribes again
+
+
+def connect_properties(monkeypatch, bus: Bus):
+    """What ``bus.start`` would send in its CONNECT (no broker: connect_async and the loop are recorded)."""
+    sent = {}
+    monkeypatch.setattr(bus.client, "connect_async", lambda *args, **kwargs: sent.update(kwargs))
+    monkeypatch.setattr(bus.client, "loop_start", lambda: None)
+    bus.start(wait_s=None)
+    return sent["properties"]
+
+
+def test_a_receive_maximum_goes_into_the_connect_and_a_deferring_bus_asks_for_a_large_one(monkeypatch):
+    """The node's input connection asks for a window of 1 (docs/reliability.md, "Flow control"); the gateway, which
+    acknowledges only after its writes, for 65535; a Bus that asks nothing gets the broker's own limit."""
+    node = Bus(MqttSettings(), "node-1", "edgeprune/node/node-1/status", manual_ack=True, receive_maximum=1)
+    assert connect_properties(monkeypatch, node).ReceiveMaximum == 1
+    gateway = Bus(MqttSettings(), "gw", "edgeprune/component/gw/status")
+    gateway.acknowledge_after(lambda ack: ack())
+    assert connect_properties(monkeypatch, gateway).ReceiveMaximum == 65535
+    plain = Bus(MqttSettings(), "cam-1", "edgeprune/component/cam-1/status")
+    assert not hasattr(connect_properties(monkeypatch, plain), "ReceiveMaximum")
+
+
+def test_a_second_connection_has_its_own_client_id_and_no_will(monkeypatch):
+    control = Bus(MqttSettings(), "node-1", None, client_id="node-1/control")
+    assert control.client._client_id == b"node-1/control" and control.component_id == "node-1"
+    assert control.client._will is False
+    published = []
+    monkeypatch.setattr(control.client, "publish", lambda *args, **kwargs: published.append(args))
+    control._connected.set()
+    monkeypatch.setattr(control.client, "disconnect", lambda: None)
+    monkeypatch.setattr(control.client, "loop_stop", lambda: None)
+    control.stop()
+    assert published == []  # no `stopped` on an availability topic it does not have
