@@ -46,8 +46,13 @@ def test_an_ingest_node_turns_a_real_jpeg_into_a_result_row_with_its_decode_reco
         subprocess.run(["mosquitto_pub", *mosquitto_pub_login(broker), "-q", "1", "-f", str(photo),
                         "-t", "edgeprune/camera/trap-9/frame", "-V", "mqttv5",
                         "-D", "publish", "user-property", "true_label", "2"], check=True, timeout=10)
-        wait_until(lambda: [r for r in reader.recent_requests(0) if r["camera_id"] == "trap-9"], 60,
-                   "the JPEG never came out as a row")
+        try:  # 1000x-emulated stages and a calibration ladder per node: minutes on a loaded host, not seconds
+            wait_until(lambda: [r for r in reader.recent_requests(0) if r["camera_id"] == "trap-9"], 150,
+                       "the JPEG never came out as a row")
+        except AssertionError as missing:  # say where it stopped
+            tails = "\n".join(f"--- {name}\n" + "\n".join(procs.log(name).splitlines()[-12:])
+                               for name in ("gateway", "node-1", "node-2", "node-3"))
+            raise AssertionError(f"{missing}; accounting {reader.accounting()}\n{tails}") from None
         (row,) = [r for r in reader.recent_requests(0) if r["camera_id"] == "trap-9"]
         hops = reader.db.execute("SELECT hops FROM requests WHERE request_id = ?", (row["request_id"],)).fetchone()[0]
         hops = json.loads(hops)
