@@ -4,8 +4,11 @@ paho-mqtt 2.x builds the tables of ``Properties`` (each property's name, id, typ
 ~30 entries and ~30 ``list.index`` calls) in its ``__init__``, and makes a ``Properties`` for every PUBLISH it
 decodes. That was 40% of the central collector's CPU per result (179 -> 104-113 µs, docs/scaling.md "Measured").
 The tables are constants, so they are made once, read-only (shared, nobody may change them for everybody), and
-``Properties.__init__`` only points at them; everything else about ``Properties`` stays paho's. :mod:`shared.bus`
-installs it; a paho whose ``Properties.__init__`` makes more than these tables is left alone (logged).
+``Properties.__init__`` only points at them. ``clear`` (run by every ``unpack``) walked those tables too, a
+``str.replace`` and a ``hasattr`` per known property: it now drops the instance's own attributes, which are the
+properties (paho's ``__setattr__`` admits no others). Everything else about ``Properties`` stays paho's.
+:mod:`shared.bus` installs it; a paho whose ``Properties.__init__`` makes more than these tables is left alone
+(logged).
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def install() -> bool:
         set_table(self, "names", names)
         set_table(self, "properties", properties)
 
-    __init__.shares_tables = True  # type: ignore[attr-defined]
+    def clear(self):
+        for name in [name for name in vars(self) if name not in TABLES]:
+            delattr(self, name)
+
+    __init__.shares_tables = clear.shares_tables = True  # type: ignore[attr-defined]
     Properties.__init__ = __init__
+    Properties.clear = clear
     return True

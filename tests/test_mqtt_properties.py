@@ -16,6 +16,16 @@ def test_every_packet_shares_one_read_only_set_of_tables() -> None:
         first.names["Nonsense"] = 99  # type: ignore[index]
 
 
+def test_clearing_drops_every_property_and_keeps_the_tables() -> None:
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [("a", "b")]
+    props.ContentType = "application/json"
+    props.clear()
+    assert props.isEmpty() and not hasattr(props, "UserProperty") and not hasattr(props, "ContentType")
+    assert set(vars(props)) == {"packetType", "types", "names", "properties"}
+    assert props.clear.__func__ is Properties.clear and getattr(Properties.clear, "shares_tables", False)
+
+
 def test_properties_round_trip_and_are_still_checked() -> None:
     sent = Properties(PacketTypes.PUBLISH)
     sent.UserProperty = [("camera", "trap-1"), ("site", "valley")]
