@@ -25,11 +25,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from shared import mqtt_properties
 from shared.schemas import BadMessage, ErrorRecord, to_json
 from shared.settings import MqttSettings
 from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILITY_STOPPED, Topics
 
 log = logging.getLogger(__name__)
+mqtt_properties.install()
 
 Handler = Callable[[str, bytes, dict[str, str]], None]
 Ack = Callable[[], None]

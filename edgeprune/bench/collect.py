@@ -3,12 +3,14 @@ and a database outage lose or duplicate, and what an ecologist's aggregate query
 
 Everything real on loopback: a central Mosquitto, ``--sites`` site Mosquittos each bridged to it (the sites' own
 bridge config), ``edgeprune collect`` as a subprocess, a PostgreSQL server made for the run (Debian's binaries,
-fsync on) and an SQLite file. A publisher thread plays every site's last stage, publishing results (QoS 1) at
-``--rate`` in total to the site brokers. Per backend:
+fsync on) and an SQLite file. Every site's last stage is a ``mosquitto_pub`` at its site broker publishing results
+(QoS 1) the benchmark makes, ``--rate`` in all (:class:`Publisher`). Per backend:
 
-1. **sustained**: ``--seconds`` at ``--rate``; rows/s = rows the collector received in the measured window (after
-   ``--warmup-s``) / its length; lag = ``received_at`` - publish time of those rows (the row is committed within one
-   writer batch later: ``FLUSH_INTERVAL_S`` plus the write);
+1. **sustained**: ``--seconds`` at ``--rate``; the measured window is the publishing after the first ``--warmup-s``;
+   rows/s = rows the collector received (``received_at``) in that window / its length, while the offered rate
+   (also reported) is held; lag = ``received_at`` - publish time of those rows (the row is committed within one
+   writer batch later: ``FLUSH_INTERVAL_S`` plus the write); and each part's CPU over the window (cores used, and
+   cores' worth of time its threads waited for a CPU: a starved part waits, a bound one is busy);
 2. **with reads**: the same while another connection runs an aggregate query (rows per site and label of the last
    hour, mean confidence) every second;
 3. **drain**: the collector stopped, ``--seconds`` at ``--rate`` queue at the central broker; the collector is
@@ -64,47 +66,69 @@ def result_template() -> str:
 
 
 class Publisher:
-    """Every site's last stage: paho clients at the site brokers, results published in turn at a fixed rate."""
+    """Every site's last stage: one ``mosquitto_pub -l -q 1`` per site broker, fed result lines from a pipe.
+
+    The results are made in this process (a unique request id each, the capture time the time it is handed over)
+    and written a batch per site per tick; the MQTT work is Mosquitto's own C client, so the benchmark's publisher
+    costs the shared CPU little beside the collector it measures (a paho client per site in Python took about
+    half a core at 4,000 results/s and offered no more). A site's pipe that is full (its client waits for
+    acknowledgements, ``-M`` in flight) blocks the tick: the offered rate then falls, and is reported."""
+
+    MAX_INFLIGHT = 1000
 
     def __init__(self, ports: list[int]):
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self.clients = []
-        for i, port in enumerate(ports):
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-site-{i}", protocol=mqtt.MQTTv5)
-            client.max_inflight_messages_set(1000)
-            client.connect("127.0.0.1", port)
-            client.loop_start()
-            self.clients.append(client)
-        self.template = result_template()
-        self.sent: list = []  # MQTTMessageInfo of every publish: acknowledged by the site broker or not
+        self.clients = [subprocess.Popen(
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-V", "mqttv5", "-i", f"bench-site-{i}",
+             "-q", "1", "-M", str(self.MAX_INFLIGHT), "-l", "-t", "edgeprune/pipeline/results/pi-b"],
+            stdin=subprocess.PIPE) for i, port in enumerate(ports)]
+        self.head, rest = result_template().split("RID")
+        self.middle, self.tail = rest.split("1234.5")
         self.seq = 0
 
     def run(self, rate: float, seconds: float) -> float:
         """Publish at ``rate`` for ``seconds`` (in turn over the sites); returns the rate achieved."""
         start = time.monotonic()
         n0 = self.seq
+        n_sites = len(self.clients)
         while (elapsed := time.monotonic() - start) < seconds:
-            due = int(elapsed * rate) - (self.seq - n0)
-            for _ in range(max(0, due)):
-                site = self.seq % len(self.clients)
-                payload = self.template.replace("RID", f"s{site}-{self.seq}").replace("1234.5", repr(time.time()))
-                self.sent.append(self.clients[site].publish("edgeprune/pipeline/results/pi-b", payload, qos=1))
-                self.seq += 1
+            due = max(0, int(elapsed * rate) - (self.seq - n0))
+            middle = f"{self.middle}{time.time()!r}{self.tail}\n"
+            lines: list[list[str]] = [[] for _ in self.clients]
+            for seq in range(self.seq, self.seq + due):
+                lines[seq % n_sites].append(f"{self.head}s{seq % n_sites}-{seq}{middle}")
+            self.seq += due
+            for client, site_lines in zip(self.clients, lines):
+                if site_lines and client.poll() is None:  # a client that is gone acknowledges none of its site's
+                    try:
+                        client.stdin.write("".join(site_lines).encode())
+                        client.stdin.flush()
+                    except BrokenPipeError:
+                        pass
             time.sleep(0.005)
         return (self.seq - n0) / (time.monotonic() - start)
 
     def acknowledged(self, timeout_s: float = 60.0) -> int:
+        """Results the site brokers acknowledged: each client, at the end of its input, publishes what is left and
+        exits 0 once the last is acknowledged; a client that fails or hangs counts none of its site's."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not all(info.is_published() for info in self.sent):
-            time.sleep(0.1)
-        return sum(1 for info in self.sent if info.is_published())
+        acknowledged = 0
+        for i, client in enumerate(self.clients):
+            try:
+                client.stdin.close()
+            except BrokenPipeError:
+                pass
+            try:
+                ok = client.wait(max(0.1, deadline - time.monotonic())) == 0
+            except subprocess.TimeoutExpired:
+                ok = False
+            acknowledged += len(range(i, self.seq, len(self.clients))) if ok else 0
+        return acknowledged
 
     def close(self) -> None:
         for client in self.clients:
-            client.loop_stop()
-            client.disconnect()
+            if client.poll() is None:
+                client.terminate()
+            client.wait(30)
 
 
 class Database:
@@ -131,6 +155,16 @@ class Database:
                 return conn.execute(sql.replace("?", "%s"), params).fetchall()
         with sqlite3.connect(f"file:{self.url}?mode=ro", uri=True, timeout=30) as conn:
             return conn.execute(sql, params).fetchall()
+
+    def pids(self) -> list[int]:
+        """The server's processes (none for SQLite: its writes are the collector's own CPU)."""
+        if self.server is None:
+            return []
+        try:
+            postmaster = int((self.server.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return []
+        return [postmaster, *children(postmaster)]
 
     def count(self) -> int:
         try:
@@ -185,6 +219,38 @@ def p95(values: list[float]) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(0.95 * len(ordered)) - 1))]
 
 
+def cpu_times(pids: list[int]) -> tuple[float, float]:
+    """CPU seconds (user + system) the processes ``pids`` used so far, and seconds their threads spent runnable but
+    waiting for a CPU (``schedstat``): taken at both ends of a phase, they say whether a part was busy or starved.
+    Linux's /proc; a process that is gone counts nothing."""
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = waited = 0.0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            cpu += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                waited += int((task / "schedstat").read_text().split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    return cpu, waited
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a PostgreSQL server's backends)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def wait_for(predicate, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -233,6 +299,13 @@ class Cluster:
         return subprocess.Popen([sys.executable, "-m", "edgeprune", "collect", "--db", db.url], env=self.env,
                                 cwd=self.workdir, stdout=self.log_file(name), stderr=subprocess.STDOUT)
 
+    def parts(self, collector: subprocess.Popen, publisher: Publisher, db: Database) -> dict[str, list[int]]:
+        """The processes of each part of the run, for :func:`cpu_times`."""
+        return {"collector": [collector.pid], "central_broker": [self.central.pid],
+                "site_brokers": [site.pid for site in self.sites],
+                "publishers": [client.pid for client in publisher.clients], "bench": [os.getpid()],
+                "database": db.pids()}
+
     def cut_bridges(self, cut_s: float, name: str) -> None:
         """The central broker away for ``cut_s``: every bridge is cut, then reconnects."""
         from edgeprune.broker import start_broker, stop_process
@@ -264,7 +337,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finished = True
     finally:
         cluster.close(finished)
-    return {"backends": backends, "tables": {"bench collect": [{"backend": k, **v} for k, v in backends.items()]},
+    flat = [{"backend": k, **{f: x for f, x in v.items() if not isinstance(x, dict)}} for k, v in backends.items()]
+    return {"backends": backends, "tables": {"bench collect": flat},
             "config": {"sites": args.sites, "rate": args.rate, "seconds": args.seconds, "warmup_s": args.warmup_s,
                        "fault_rate": args.fault_rate, "cut_s": args.cut_s}}
 
@@ -282,7 +356,8 @@ def measure_backend(cluster: Cluster, kind: str, args: argparse.Namespace) -> di
         time.sleep(2.0)  # and subscribed (it makes its tables first)
         publisher.run(50, 2.0)  # the collector is subscribed and the bridges carry: a short first burst
         wait_for(lambda: db.count() >= publisher.seq, 120, f"the first results never reached {kind}")
-        figures = {phase: steady_phase(db, publisher, args, reads=phase == "with_reads")
+        figures = {phase: steady_phase(db, publisher, args, reads=phase == "with_reads",
+                                       parts=cluster.parts(collector, publisher, db))
                    for phase in ("sustained", "with_reads")}
         # drain: what the collector alone takes from a queue at the central broker
         stop_process(collector, timeout=30)
@@ -310,6 +385,9 @@ def measure_backend(cluster: Cluster, kind: str, args: argparse.Namespace) -> di
             "offered_per_s_with_reads": figures["with_reads"]["offered_per_s"],
             "lag_p95_s_with_reads": figures["with_reads"]["lag_p95_s"],
             "read_p95_s": figures["with_reads"]["read_p95_s"],
+            "collector_cpu_us_per_row": figures["sustained"]["collector_cpu_us_per_row"],
+            "cpu_sustained": figures["sustained"]["cpu"], "cpu_with_reads": figures["with_reads"]["cpu"],
+            "load_1min": os.getloadavg()[0],
             "published": publisher.seq, "acknowledged_by_sites": accepted,
         }
     finally:
@@ -319,23 +397,29 @@ def measure_backend(cluster: Cluster, kind: str, args: argparse.Namespace) -> di
         db.close()
 
 
-def steady_phase(db: Database, publisher: Publisher, args: argparse.Namespace, reads: bool) -> dict[str, Any]:
-    """``--seconds`` at ``--rate`` (with the aggregate query every second if ``reads``): rows/s and lag after
-    ``--warmup-s``."""
+def steady_phase(db: Database, publisher: Publisher, args: argparse.Namespace, reads: bool,
+                 parts: dict[str, list[int]]) -> dict[str, Any]:
+    """``--seconds`` at ``--rate`` (with the aggregate query every second if ``reads``): rows/s, lag and each
+    part's CPU (cores used, cores' worth of time its threads waited for a CPU) after ``--warmup-s``."""
     reader = Reads(db) if reads else None
-    t0 = time.time()
-    offered = publisher.run(args.rate, args.seconds)
+    publisher.run(args.rate, args.warmup_s)
+    start = time.time()
+    before = {part: cpu_times(pids) for part, pids in parts.items()}
+    offered = publisher.run(args.rate, args.seconds - args.warmup_s)
+    after = {part: cpu_times(pids) for part, pids in parts.items()}
     t1 = time.time()
     if reader is not None:
         reader.close()
     wait_for(lambda: db.count() >= publisher.seq, 600,
              f"{db.kind} never caught up ({'with_reads' if reads else 'sustained'})")
-    start = t0 + args.warmup_s
     received = db.query("SELECT count(*) FROM requests WHERE received_at >= ? AND received_at < ?", (start, t1))[0][0]
     lags = [r[0] for r in db.query("SELECT received_at - capture_ts FROM requests WHERE "
                                    "capture_ts >= ? AND capture_ts < ?", (start, t1))]
+    cpu = {part: {"cores": (after[part][0] - before[part][0]) / (t1 - start),
+                  "waiting_for_cpu": (after[part][1] - before[part][1]) / (t1 - start)} for part in parts}
     return {"offered_per_s": offered, "rows_per_s": received / (t1 - start), "lag_p95_s": p95(lags),
-            "read_p95_s": p95(reader.durations) if reader is not None else None}
+            "read_p95_s": p95(reader.durations) if reader is not None else None, "cpu": cpu,
+            "collector_cpu_us_per_row": 1e6 * cpu["collector"]["cores"] / max(received / (t1 - start), 1e-9)}
 
 
 def through_faults(cluster: Cluster, db: Database, publisher: Publisher, collector: subprocess.Popen,
