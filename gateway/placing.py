@@ -116,8 +116,7 @@ class Placing:
     def in_use(self, node_id: str) -> bool:
         """Online and in the current placement (a node that must not be retired)."""
         current = self.live.current
-        placed = current and (current.stage_of(node_id) or current.ingest_node == node_id)
-        return bool(placed) and node_id in self.live.eligible()
+        return current is not None and current.job_of(node_id) is not None and node_id in self.live.eligible()
 
     def follow_slo(self, slo_s: float) -> None:
         """The next hybrid plan (a node joins or leaves) is made for the new SLO."""
