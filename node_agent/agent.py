@@ -21,6 +21,7 @@ from collections import deque
 import numpy as np
 import torch
 
+from node_agent.assignment import Assignment, Listen
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.deadline_queue import DeadlineQueue
 from node_agent.runtime import (IngestRuntime, Output, Request, SliceCalibrator, StageRuntime, frame_metadata,
@@ -34,8 +35,8 @@ from shared.imaging import measure_decode_cost
 from shared.model import MODEL_NAME, build_model, model_fingerprint
 from shared.profiling import ProfileError, load_profile, profile_model
 from shared.schemas import (INGEST_STAGE, AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon,
-                            DeviceSpeedCommand, NodeCommand, NodeProfile, NodeStats, Placement, PrepareCommand,
-                            PruneDesired, PruneState, SlowdownCommand, StageAssignment, parse_json, to_json)
+                            DeviceSpeedCommand, Job, NodeCommand, NodeProfile, NodeStats, Placement, PrepareCommand,
+                            PruneDesired, PruneState, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.thumbnail import REQUEST_ID_PROPERTY
 from shared.topics import Topics, validate_id
@@ -57,11 +58,6 @@ INPUT_WINDOW = 1
 def control_client_id(node_id: str) -> str:
     """The node's control connection's MQTT client id: no device id contains '/', so it is no other's."""
     return f"{node_id}/control"
-
-
-def _slice_of(assignment: StageAssignment) -> tuple[int, int, int]:
-    """A stage and its blocks, whichever nodes share it."""
-    return assignment.stage, assignment.first_block, assignment.last_block
 
 
 def total_memory_mb() -> float:
@@ -105,12 +101,8 @@ class NodeAgent:
             settings.queue_size, self._gateway_time, ordered=settings.deadline_order)
         self.runtime: StageRuntime | None = None
         self.ingest: IngestRuntime | None = None  # set while the placement makes this node the ingest node
-        self.placement_version: int | None = None
-        self.placement: Placement | None = None  # the one in force: where outputs go (_output_topic)
-        self._input_filter: str | None = None
-        # placement version, its slice or ingest runtime (one is None), its input
-        self._prepared: tuple[int, StageRuntime | None, IngestRuntime | None, str] | None = None
-        self.prepared_version: int | None = None
+        # the job in force, its input and what is prepared ahead of a placement (its placement: where outputs go)
+        self.assignment: Assignment[StageRuntime | IngestRuntime] = Assignment(self.node_id, self.topics)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.processed = 0
@@ -209,149 +201,91 @@ class NodeAgent:
         self.bus.publish(self.topics.node_profile(self.node_id), self.offer.model_dump_json(), qos=1, retain=True)
 
     def _on_placement(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        """Put the placement's job for this node in force (:meth:`node_agent.assignment.Assignment.place`)."""
         if not payload:  # only the gateway places, and it never clears the placement: keep working
             raise BadMessage("bad_placement", "empty placement ignored (the gateway re-publishes the placement)")
         placement = parse_json(Placement, payload)
         if placement.n_blocks != self.model.n_blocks:
             raise BadMessage("bad_placement", f"placement is for {placement.n_blocks} blocks, "
                              f"this node's model has {self.model.n_blocks}")
-        if self.placement_version is not None and placement.version < self.placement_version:
-            log.info("ignoring placement v%d older than v%d", placement.version, self.placement_version)
+        with self._lock:
+            switch = self.assignment.place(placement)
+            if switch is not None and switch.keep and self.runtime is not None:
+                self.runtime.assignment = switch.job.assignment
+        if switch is None:
+            log.info("ignoring placement v%d older than v%d", placement.version, self.assignment.version)
             return
         self.queue.slo_s = placement.slo_s  # the gateway re-publishes the placement when the operator changes it
-        self._assign(placement, placement.stage_of(self.node_id))
+        if switch.keep:
+            self._listen(switch.listen)
+            return
+        runtime = switch.runtime
+        if switch.job is not None and runtime is None:
+            runtime = self._build(placement, switch.job)
+        with self._lock:
+            listen = self.assignment.take(switch)
+            self.runtime = runtime if isinstance(runtime, StageRuntime) else None
+            self.ingest = runtime if isinstance(runtime, IngestRuntime) else None
+            desired = self.desired
+        self.calibration.request(self.runtime)
+        if self.runtime is not None and desired is not None:
+            self._apply_ratio(self.runtime, desired)  # a new slice keeps the ratio the gateway wants
+        self._listen(listen)
+        job = switch.job
+        if job is None:
+            log.info("%s: not in the placement; idle", self.node_id)
+        elif job.ingest:
+            log.info("%s: ingest node: decoding camera frames for stage 1 (placement v%d)", self.node_id,
+                     placement.version)
+        else:
+            log.info("%s: stage %d, blocks %d..%d (placement v%d)", self.node_id, job.stage, job.first_block,
+                     job.last_block, placement.version)
 
-    def _job(self, placement: Placement, assignment: StageAssignment | None) -> tuple | None:
-        """What this node does under ``placement``: ingest, a stage (its blocks, whether it is the last, whether it
-        takes camera frames), or nothing (None)."""
-        if placement.ingest_node == self.node_id:
-            return ("ingest",)
-        if assignment is None:
-            return None
-        return (_slice_of(assignment), placement.is_last(assignment),
-                assignment.stage == 1 and placement.ingest_node is None)
-
-    def _same_job(self, placement: Placement, assignment: StageAssignment | None) -> bool:
-        """Whether this node already does what ``placement`` asks of it (call under the lock)."""
-        if self.ingest is not None:
-            return self._job(placement, assignment) == ("ingest",)
-        runtime = self.runtime
-        return runtime is not None and (_slice_of(runtime.assignment), runtime.is_last,
-                                        runtime.takes_frames) == self._job(placement, assignment)
-
-    def _build(self, placement: Placement,
-               assignment: StageAssignment | None) -> tuple[StageRuntime | None, IngestRuntime | None]:
-        """This node's (slice, ingest) runtime for ``placement``: one of the two is None."""
-        if placement.ingest_node == self.node_id:
-            return None, IngestRuntime(self.model, self.node_id, self.topics.stage_input(1),
-                                       self.settings.max_payload_bytes, self.settings.reduced_decode)
-        n = len(placement.pipeline_of(assignment))
-        last = assignment.stage == n
-        output = (self.topics.results(self.node_id) if last
-                  else self.topics.stage_input(assignment.stage + 1, assignment.pipeline))
-        return StageRuntime(self.model, self.node_id, assignment, n, output, self.settings.wire_dtype,
-                            self.settings.max_payload_bytes, self.settings.reduced_decode,
-                            placement.ingest_node is not None, self.device_model), None
+    def _build(self, placement: Placement, job: Job) -> StageRuntime | IngestRuntime:
+        """This node's runtime for ``job``: the ingest node's decoder, or the stage's slice."""
+        if job.ingest:
+            return IngestRuntime(self.model, self.node_id, self.topics.stage_input(1),
+                                 self.settings.max_payload_bytes, self.settings.reduced_decode)
+        output = (self.topics.results(self.node_id) if job.is_last
+                  else self.topics.stage_input(job.stage + 1, job.pipeline))
+        return StageRuntime(self.model, self.node_id, job.assignment, job.n_stages, output, self.settings.wire_dtype,
+                            self.settings.max_payload_bytes, self.settings.reduced_decode, job.behind_ingest,
+                            self.device_model)
 
     def _prepare(self, placement: Placement) -> None:
-        """Before the gateway publishes ``placement``: build this node's slice (or ingest runtime) and subscribe to
-        its input, and say so once the broker has acknowledged the subscription (gateway.live_placement.Handover).
-        Until the placement comes, messages on that input are another node's (:meth:`_on_input` leaves them)."""
-        assignment = placement.stage_of(self.node_id)
+        """Before the gateway publishes ``placement``: build this node's runtime and subscribe to its input, and say
+        so once the broker has acknowledged the subscription (gateway.live_placement.Handover). Until the placement
+        comes, messages on that input are another node's (:meth:`_on_input` leaves them)."""
         with self._lock:
-            version, listening = self.placement_version, self._input_filter
-            old_prepared, self._prepared = self._prepared, None
-            same_job = self._same_job(placement, assignment)
-        if self._job(placement, assignment) is None or (version is not None and placement.version <= version):
+            preparation = self.assignment.prepare(placement)
+        if preparation is None:
             return
-        input_filter = routing.input_filter(self.topics, placement, self.node_id)
-        if old_prepared and old_prepared[3] not in (input_filter, listening):
-            self.bus.unsubscribe(old_prepared[3])  # prepared for a placement that never came
-        if same_job:  # the same slice; at most how its input is shared changes, when the placement comes
-            self._report_prepared(placement.version)
+        for stale in preparation.unsubscribe:  # prepared for a placement that never came
+            self.bus.unsubscribe(stale)
+        if preparation.build is None:  # the same slice; at most how its input is shared changes, when it comes
+            self._report_prepared(preparation.version)
             return
-        runtime, ingest = self._build(placement, assignment)
+        runtime = self._build(placement, preparation.build)
         with self._lock:
-            self._prepared = (placement.version, runtime, ingest, input_filter)
-        if input_filter == listening:
-            self._report_prepared(placement.version)
+            self.assignment.hold(preparation, runtime)
+        if preparation.subscribe is None:
+            self._report_prepared(preparation.version)
         else:
-            self.bus.subscribe(input_filter, self._on_input, qos=1, data=True, deferred_ack=True,
-                               subscribed=lambda: self._report_prepared(placement.version))
-
-    def _serves(self, runtime: StageRuntime | IngestRuntime, listening: str | None, topic: str) -> bool:
-        """Whether ``topic`` is the input ``runtime`` reads through the subscription ``listening``."""
-        if runtime.takes_frames:
-            return self.topics.camera_id_from_frame_topic(topic) is not None
-        if listening is not None and listening.startswith("$share/"):  # $share/<group>/<topic>
-            listening = listening.split("/", 2)[2]
-        return topic == listening
-
-    def _prepared_share(self, prepared: tuple | None, topic: str) -> StageRuntime | IngestRuntime | None:
-        """The prepared slice, for an input that came through a shared subscription joined ahead of its
-        placement: the broker gave it to this node alone among the stage's replicas, so it must be served."""
-        if prepared is None or not prepared[3].startswith("$share/"):
-            return None
-        runtime = prepared[1] or prepared[2]
-        return runtime if self._serves(runtime, prepared[3], topic) else None
+            self.bus.subscribe(preparation.subscribe, self._on_input, qos=1, data=True, deferred_ack=True,
+                               subscribed=lambda: self._report_prepared(preparation.version))
 
     def _report_prepared(self, version: int) -> None:
         with self._lock:
-            self.prepared_version = version
+            self.assignment.reported(version)
         log.info("%s: subscribed for placement v%d", self.node_id, version)
         self.bus.publish(self.topics.node_stats(self.node_id), to_json(self.stats()), qos=0)
 
-    def _listen(self, new_filter: str | None, prepared_filter: str | None = None) -> None:
-        """Subscribe the job's input (plain, or shared among a stage's replicas) instead of the old one;
-        ``prepared_filter``: the one subscribed ahead of the placement (:meth:`_prepare`), kept if it is the new one."""
-        with self._lock:
-            old_filter, self._input_filter = self._input_filter, new_filter
-        for stale in {old_filter, prepared_filter} - {None, new_filter}:
+    def _listen(self, listen: Listen) -> None:
+        """Subscribe the job's input (plain, or shared among a stage's readers) instead of the old one."""
+        for stale in listen.unsubscribe:
             self.bus.unsubscribe(stale)
-        if new_filter and new_filter not in (old_filter, prepared_filter):
-            self.bus.subscribe(new_filter, self._on_input, qos=1, data=True, deferred_ack=True)
-
-    def _assign(self, placement: Placement | None, assignment) -> None:
-        """Switch to a new stage (or to ingesting) without restarting: new slice (the one prepared for it if any),
-        new input subscription."""
-        with self._lock:
-            prepared, self._prepared = self._prepared, None
-            same_job = placement is not None and self._same_job(placement, assignment)
-            if same_job:  # under a newer plan: keep slice state; only how the input is shared may change
-                self.placement_version, self.placement = placement.version, placement
-                if self.runtime is not None:
-                    self.runtime.assignment = assignment
-        prepared_filter = prepared[3] if prepared else None
-        if same_job:
-            self._listen(routing.input_filter(self.topics, placement, self.node_id), prepared_filter)
-            return
-        runtime = None
-        ingest = None
-        new_filter = None
-        if placement is not None and self._job(placement, assignment) is not None:
-            if prepared and prepared[0] == placement.version:
-                runtime, ingest = prepared[1], prepared[2]
-            else:
-                runtime, ingest = self._build(placement, assignment)
-            new_filter = routing.input_filter(self.topics, placement, self.node_id)
-        with self._lock:
-            self.runtime = runtime
-            self.ingest = ingest
-            self.placement_version = placement.version if placement else None
-            self.placement = placement
-            desired = self.desired
-        self.calibration.request(runtime)
-        if runtime is not None and desired is not None:
-            self._apply_ratio(runtime, desired)  # a new slice keeps the ratio the gateway wants
-        self._listen(new_filter, prepared_filter)
-        if ingest is not None:
-            log.info("%s: ingest node: decoding camera frames for stage 1 (placement v%d)", self.node_id,
-                     placement.version)
-        elif assignment is None:
-            log.info("%s: not in the placement; idle", self.node_id)
-        else:
-            log.info("%s: stage %d, blocks %d..%d (placement v%d)", self.node_id, assignment.stage,
-                     assignment.first_block, assignment.last_block, placement.version)
+        if listen.subscribe is not None:
+            self.bus.subscribe(listen.subscribe, self._on_input, qos=1, data=True, deferred_ack=True)
 
     def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         command = parse_json(NodeCommand, payload).root
@@ -406,7 +340,7 @@ class NodeAgent:
 
     def _publish_calibration(self, finished: FinishedCalibration) -> None:
         with self._lock:
-            version = self.placement_version
+            version = self.assignment.version
             if finished.target is not self.runtime or version is None:
                 return  # the placement moved on meanwhile
         calibration = finished.message(self.node_id, version, self.device_speed, time.time())
@@ -423,10 +357,8 @@ class NodeAgent:
         hand it to whichever node serves its stage next if this one dies or hangs (docs/reliability.md)."""
         received = time.time()
         with self._lock:
-            runtime = self.runtime or self.ingest
-            listening, prepared = self._input_filter, self._prepared
-        if runtime is None or not self._serves(runtime, listening, topic):
-            runtime = self._prepared_share(prepared, topic)
+            runtime = ((self.runtime or self.ingest) if self.assignment.serves(topic)
+                       else self.assignment.prepared_for(topic))
         if runtime is None:  # an input this node is only prepared for: another node serves it until the placement
             ack()
             return
@@ -570,7 +502,8 @@ class NodeAgent:
         self.bus.publish(self._output_topic(out, runtime), out.payload, qos=1, user=out.user)
         self.bus.flush()  # served on paho's thread: the output leaves now, before the bookkeeping and the thumbnail
         with self._lock:
-            thumbnails = self.placement is not None and self.placement.thumbnails
+            placement = self.assignment.placement
+            thumbnails = placement is not None and placement.thumbnails
             self.processed += 1
             self.late_served += req.deferred
             self._compute_s.append(out.compute_s)
@@ -587,7 +520,7 @@ class NodeAgent:
         """Where an output goes under the placement in force now, not the one its runtime was built under
         (:func:`shared.routing.output_topic`), in the pipeline of the stage that served it."""
         with self._lock:
-            placement = self.placement
+            placement = self.assignment.placement
         if out.next_block is None or placement is None:
             return out.topic
         pipeline = runtime.assignment.pipeline if isinstance(runtime, StageRuntime) else 0
@@ -599,7 +532,7 @@ class NodeAgent:
         with self._lock:
             runtime = self.runtime
             ingesting = self.ingest is not None
-            version = self.placement_version
+            version, prepared_version = self.assignment.version, self.assignment.prepared_version
             compute = np.array(self._compute_s) if self._compute_s else None
             waits = np.array(self._queue_wait_s) if self._queue_wait_s else None
             decodes = np.array(self._decode_s) if self._decode_s else None
@@ -617,7 +550,7 @@ class NodeAgent:
             compute_p95_s=float(np.percentile(compute, 95)) if compute is not None else None,
             queue_wait_mean_s=float(waits.mean()) if waits is not None else None,
             decode_mean_s=float(decodes.mean()) if decodes is not None else None,
-            prepared_version=self.prepared_version,
+            prepared_version=prepared_version,
             cpu_percent=self._cpu.read(), prune_ratio=runtime.slice.ratio if runtime else 0.0,
             emulated_slowdown=self.slowdown, clock_offset_s=self.clock.offset_s)
 
