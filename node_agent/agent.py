@@ -1,5 +1,8 @@
 """The node agent: MQTT transport around :class:`node_agent.runtime.StageRuntime`.
 
+What to build, subscribe or report for a placement or a prepare command is decided by
+:class:`node_agent.assignment.Assignment`; this module carries it out.
+
 Threads: paho's network thread checks each input once (stage, request id, capture time, size) and,
 when the node is idle, serves it there and then: no hand-off in, no wake-up of another thread out
 (docs/architecture.md, "Threads and back-pressure"). Otherwise it queues it; one inference thread
@@ -24,6 +27,7 @@ import torch
 from node_agent.assignment import Assignment, Listen
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.deadline_queue import DeadlineQueue
+from node_agent.offer import measure_offer
 from node_agent.runtime import (IngestRuntime, Output, Request, SliceCalibrator, StageRuntime, frame_metadata,
                                 plausible_capture)
 from node_agent.thumbnailer import Thumbnailer
@@ -31,9 +35,7 @@ from shared import routing, wire
 from shared.bus import Ack, Bus, read_retained
 from shared.clock import ClockOffset
 from shared.device_model import load_device_model
-from shared.imaging import measure_decode_cost
-from shared.model import MODEL_NAME, build_model, model_fingerprint
-from shared.profiling import ProfileError, load_profile, profile_model
+from shared.model import build_model, model_fingerprint
 from shared.schemas import (INGEST_STAGE, AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon,
                             DeviceSpeedCommand, Job, NodeCommand, NodeProfile, NodeStats, Placement, PrepareCommand,
                             PruneDesired, PruneState, SlowdownCommand, parse_json, to_json)
@@ -58,14 +60,6 @@ INPUT_WINDOW = 1
 def control_client_id(node_id: str) -> str:
     """The node's control connection's MQTT client id: no device id contains '/', so it is no other's."""
     return f"{node_id}/control"
-
-
-def total_memory_mb() -> float:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024 / 1e6
-    raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
 class CpuMeter:
@@ -152,37 +146,8 @@ class NodeAgent:
 
     # --- placement -----------------------------------------------------------------------
     def measure_offer(self) -> NodeProfile:
-        """Profile every block on this device (the planner's input), before taking any work.
-
-        A configured profile file is offered instead (:class:`ProfileError` if it describes another
-        model): the same file on every start gives the same placement, measuring noise cannot move it.
-        The frame decode cost is always measured here, on the decode path this node will serve with.
-        """
-        if self.settings.profile is not None:
-            profile = load_profile(self.settings.profile)
-            names = [b.name for b in profile.blocks]
-            if profile.model != MODEL_NAME or names != list(self.model.block_names):
-                raise ProfileError(f"{self.settings.profile}: profile of {profile.model} blocks {names}, this node "
-                                   f"runs {MODEL_NAME} blocks {list(self.model.block_names)}")
-            source = f"from {self.settings.profile}"
-        else:
-            profile = profile_model(self.model, threads=self.settings.threads, repeats=self.settings.profile_repeats,
-                                    wire_dtype=self.settings.wire_dtype)
-            source = "measured"
-        if self.device_model is not None:  # emulated: offer the times this node will serve with, as a real one does
-            profile = profile.model_copy(update={"blocks": [
-                b.model_copy(update={"latency_s": self.device_model.time_s(i, i, 0.0)})
-                for i, b in enumerate(profile.blocks)]})
-            source += ", times from the device model"
-        profile = profile.scaled(self.slowdown)
-        decode = measure_decode_cost(reduced=self.settings.reduced_decode)
-        memory_mb = self.settings.memory_mb or total_memory_mb() / 2
-        log.info("%s: %d blocks profiled (%s), %.1f ms in all; a frame decodes in %.1f ms + %.1f ms/MP", self.node_id,
-                 len(profile.blocks), source, 1e3 * sum(b.latency_s for b in profile.blocks), 1e3 * decode.fixed_s,
-                 1e3 * decode.per_megapixel_s)
-        return NodeProfile(node_id=self.node_id, model_fingerprint=model_fingerprint(self.model),
-                           memory_mb=memory_mb, uplink_mbit_s=self.settings.uplink_mbit_s, profile=profile,
-                           decode=decode, role=self.settings.role)
+        """What this node offers the planner, measured (or read) as the device serves now."""
+        return measure_offer(self.settings, self.model, self.device_model, self.slowdown)
 
     def _resume_placement(self) -> None:
         """Take the job the retained placement gives this node before resuming its session, whose held inputs the
