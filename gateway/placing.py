@@ -92,7 +92,7 @@ class Placing:
     def _drain_placed_around(self, placement: Placement, out: Effects) -> None:
         """Take over the session of each gone node ``placement`` (now in force) no longer gives an input."""
         for node_id, served in list(self._gone.items()):
-            if routing.input_filter(self.topics, placement, node_id) is None:
+            if placement.job_of(node_id) is None:
                 del self._gone[node_id]
                 out.drains.append((node_id, served))
 

@@ -186,7 +186,7 @@ class NodeAgent:
             return
         runtime = switch.runtime
         if switch.job is not None and runtime is None:
-            runtime = self._build(placement, switch.job)
+            runtime = self._build(switch.job)
         with self._lock:
             listen = self.assignment.take(switch)
             self.runtime = runtime if isinstance(runtime, StageRuntime) else None
@@ -206,7 +206,7 @@ class NodeAgent:
             log.info("%s: stage %d, blocks %d..%d (placement v%d)", self.node_id, job.stage, job.first_block,
                      job.last_block, placement.version)
 
-    def _build(self, placement: Placement, job: Job) -> StageRuntime | IngestRuntime:
+    def _build(self, job: Job) -> StageRuntime | IngestRuntime:
         """This node's runtime for ``job``: the ingest node's decoder, or the stage's slice."""
         if job.ingest:
             return IngestRuntime(self.model, self.node_id, self.topics.stage_input(1),
@@ -230,7 +230,7 @@ class NodeAgent:
         if preparation.build is None:  # the same slice; at most how its input is shared changes, when it comes
             self._report_prepared(preparation.version)
             return
-        runtime = self._build(placement, preparation.build)
+        runtime = self._build(preparation.build)
         with self._lock:
             self.assignment.hold(preparation, runtime)
         if preparation.subscribe is None:
