@@ -19,14 +19,13 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 
-import numpy as np
 import torch
 
 from node_agent.assignment import Assignment, Listen
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.deadline_queue import DeadlineQueue
+from node_agent.health import CpuMeter, Health
 from node_agent.offer import measure_offer
 from node_agent.runtime import (IngestRuntime, Output, Request, SliceCalibrator, StageRuntime, frame_metadata,
                                 plausible_capture)
@@ -36,7 +35,7 @@ from shared.bus import Ack, Bus, read_retained
 from shared.clock import ClockOffset
 from shared.device_model import load_device_model
 from shared.model import build_model, model_fingerprint
-from shared.schemas import (INGEST_STAGE, AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon,
+from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon,
                             DeviceSpeedCommand, Job, NodeCommand, NodeProfile, NodeStats, Placement, PrepareCommand,
                             PruneDesired, PruneState, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
@@ -62,20 +61,6 @@ def control_client_id(node_id: str) -> str:
     return f"{node_id}/control"
 
 
-class CpuMeter:
-    """Process CPU use since the last reading, in percent of one core."""
-
-    def __init__(self):
-        self._wall = time.monotonic()
-        self._cpu = time.process_time()
-
-    def read(self) -> float:
-        wall, cpu = time.monotonic(), time.process_time()
-        pct = 100.0 * (cpu - self._cpu) / max(wall - self._wall, 1e-6)
-        self._wall, self._cpu = wall, cpu
-        return max(pct, 0.0)
-
-
 class NodeAgent:
     def __init__(self, settings: NodeSettings, mqtt_settings: MqttSettings):
         self.settings = settings
@@ -99,9 +84,7 @@ class NodeAgent:
         self.assignment: Assignment[StageRuntime | IngestRuntime] = Assignment(self.node_id, self.topics)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.processed = 0
-        self.dropped = 0
-        self.late_served = 0
+        self.health = Health()  # counts and latency figures for the stats (under the lock)
         self.device_speed = settings.emulated_slowdown  # emulated device type: base factor over this host
         self.transient = 1.0  # the latest `slowdown` command, on top of the device speed
         self.slowdown = self.device_speed * self.transient
@@ -111,9 +94,6 @@ class NodeAgent:
                              if settings.device_model else None)
         self.calibration = CalibrationSchedule(lambda runtime: SliceCalibrator(
             runtime.slice, runtime.input_shape, device_model=runtime.device_model))
-        self._compute_s: deque[float] = deque(maxlen=1024)
-        self._decode_s: deque[float] = deque(maxlen=1024)
-        self._queue_wait_s: deque[float] = deque(maxlen=1024)
         self._last_serve_s: float | None = None  # how long the last request took to serve (None: none served yet)
         self._cpu = CpuMeter()
         self._threads: list[threading.Thread] = []
@@ -339,12 +319,13 @@ class NodeAgent:
         dropped = self.queue.put((runtime, req, ack), req.capture_ts)
         if dropped is not None:  # this request or one that would have been served after it
             _, lost, lost_ack = dropped
-            self.dropped += 1
+            with self._lock:
+                count = self.health.drop()
             self.bus.report_error(lost.topic, "dropped", f"work queue full ({self.settings.queue_size}): request "
                                   "dropped", lost.request_id)
             lost_ack()  # reported as a failure: done with
-            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
+            if count in (1, 10, 100) or count % 1000 == 0:
+                log.warning("%s: work queue full, %d requests dropped so far", self.node_id, count)
 
     def _serve_now(self, runtime: StageRuntime | IngestRuntime, req: Request, ack: Ack) -> None:
         """Serve on paho's thread, the queue claimed (:meth:`DeadlineQueue.claim`). The announcement leaves before the
@@ -469,11 +450,7 @@ class NodeAgent:
         with self._lock:
             placement = self.assignment.placement
             thumbnails = placement is not None and placement.thumbnails
-            self.processed += 1
-            self.late_served += req.deferred
-            self._compute_s.append(out.compute_s)
-            self._decode_s.append(out.decode_s)
-            self._queue_wait_s.append(started - req.received_ts)
+            self.health.served(out.compute_s, out.decode_s, started - req.received_ts, req.deferred)
         if out.frame is not None and thumbnails:  # made by the thumbnail thread, after the frame is served
             self.thumbnails.offer(out.request_id, out.frame)
 
@@ -495,27 +472,14 @@ class NodeAgent:
     def stats(self) -> NodeStats:
         """Health since the previous call: latency figures describe the node's *current* speed."""
         with self._lock:
-            runtime = self.runtime
-            ingesting = self.ingest is not None
+            runtime, job = self.runtime, self.assignment.job
             version, prepared_version = self.assignment.version, self.assignment.prepared_version
-            compute = np.array(self._compute_s) if self._compute_s else None
-            waits = np.array(self._queue_wait_s) if self._queue_wait_s else None
-            decodes = np.array(self._decode_s) if self._decode_s else None
-            self._compute_s.clear()
-            self._decode_s.clear()
-            self._queue_wait_s.clear()
-        a = runtime.assignment if runtime else None
+            health = self.health.report()
         return NodeStats(
-            node_id=self.node_id, ts=time.time(), stage=a.stage if a else INGEST_STAGE if ingesting else None,
-            first_block=a.first_block if a else None, last_block=a.last_block if a else None,
+            node_id=self.node_id, ts=time.time(), stage=job.stage if job else None,
+            first_block=job.first_block if job else None, last_block=job.last_block if job else None,
             placement_version=version, queue_depth=self.queue.qsize(), queue_capacity=self.settings.queue_size,
-            processed=self.processed, dropped=self.dropped, late_served=self.late_served,
-            errors=dict(self.bus.errors + self.control.errors),
-            compute_mean_s=float(compute.mean()) if compute is not None else None,
-            compute_p95_s=float(np.percentile(compute, 95)) if compute is not None else None,
-            queue_wait_mean_s=float(waits.mean()) if waits is not None else None,
-            decode_mean_s=float(decodes.mean()) if decodes is not None else None,
-            prepared_version=prepared_version,
+            errors=dict(self.bus.errors + self.control.errors), prepared_version=prepared_version, **health,
             cpu_percent=self._cpu.read(), prune_ratio=runtime.slice.ratio if runtime else 0.0,
             emulated_slowdown=self.slowdown, clock_offset_s=self.clock.offset_s)
 
