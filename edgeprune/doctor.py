@@ -110,19 +110,19 @@ def check_membership(f: Facts) -> Check:
         if node not in f.fingerprints:
             return Check("membership", FAIL, f"node {node} is online but has not offered its profile",
                          "wait a minute after start (it profiles the model), then `journalctl -u edgeprune-node`")
-        if f.placement and f.placement.ingest_node == node:
-            return Check("membership", OK, f"node {node} decodes the camera frames for stage 1 (the ingest node) "
-                         f"in placement v{f.placement.version}")
-        if node not in placed:
+        job = f.placement.job_of(node) if f.placement else None
+        if job is None:
             return Check("membership", WARNING, f"node {node} is online but not in the placement "
                          f"(placed: {', '.join(sorted(placed)) or 'none yet'})",
                          f"add \"{node}\" to [gateway] nodes in the gateway's {CONFIG_FILE} and restart "
                          "edgeprune-gateway (or it is a spare: fine)")
-        stage = f.placement.stage_of(node)
-        others = [n for n in stage.nodes if n != node]
+        if job.ingest:
+            return Check("membership", OK, f"node {node} decodes the camera frames for stage 1 (the ingest node) "
+                         f"in placement v{f.placement.version}")
+        others = [n for n in job.assignment.nodes if n != node]
         shared = f", shared with {', '.join(others)} (replicas)" if others else ""
-        return Check("membership", OK, f"node {node} runs stage {stage.stage} (blocks {stage.first_block}–"
-                     f"{stage.last_block}{shared}) of placement v{f.placement.version}")
+        return Check("membership", OK, f"node {node} runs stage {job.stage} (blocks {job.first_block}–"
+                     f"{job.last_block}{shared}) of placement v{f.placement.version}")
     if f.role == "gateway":
         missing = [n for n in f.configured_nodes if f.statuses.get(n) != AVAILABILITY_ONLINE]
         if f.placement is None:

@@ -207,8 +207,7 @@ class LivePlacement:
 
     def _placed(self) -> list[str]:
         """The current placement's nodes: its stages' and its ingest node."""
-        ingest = [self.current.ingest_node] if self.current.ingest_node else []
-        return self.current.node_ids() + ingest
+        return self.current.all_nodes()
 
     def _ingest_only(self, nodes: list[str]) -> list[str]:
         return [n for n in nodes if self._offers[n].role == "ingest"]
@@ -296,15 +295,9 @@ def layout(plan: HybridPlan) -> list[tuple[int, tuple[str, ...], int, int]]:
 
 
 def input_of(placement: Placement | None, node_id: str) -> tuple | None:
-    """What ``node_id`` listens to under ``placement``: the camera frames as the ingest node, a stage's input (its
-    pipeline; whether that is the camera frames: stage 1 with no ingest node; whether it is shared), or nothing."""
-    if placement is None:
-        return None
-    if placement.ingest_node == node_id:
-        return ("ingest",)
-    stage = placement.stage_of(node_id)
-    return None if stage is None else (stage.pipeline, stage.stage, stage.stage == 1 and placement.ingest_node is None,
-                                       placement.shares_input(stage))
+    """What ``node_id`` reads under ``placement`` (:attr:`shared.schemas.Job.input`), None when it has no job."""
+    job = placement.job_of(node_id) if placement is not None else None
+    return None if job is None else job.input
 
 
 class Handover:
@@ -327,8 +320,7 @@ class Handover:
 
     def propose(self, placement: Placement, now: float) -> tuple[Placement | None, list[str]]:
         """A newly decided placement: (the placement to publish now, or None; the nodes to ask to prepare)."""
-        nodes = placement.node_ids() + [n for n in [placement.ingest_node] if n is not None]
-        self.waiting = {n for n in nodes if input_of(placement, n) != input_of(self.active, n)}
+        self.waiting = {n for n in placement.all_nodes() if input_of(placement, n) != input_of(self.active, n)}
         self.pending, self._since = placement, now
         if not self.waiting:
             return self._activate(), []

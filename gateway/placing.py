@@ -92,7 +92,7 @@ class Placing:
     def _drain_placed_around(self, placement: Placement, out: Effects) -> None:
         """Take over the session of each gone node ``placement`` (now in force) no longer gives an input."""
         for node_id, served in list(self._gone.items()):
-            if routing.input_filter(self.topics, placement, node_id) is None:
+            if placement.job_of(node_id) is None:
                 del self._gone[node_id]
                 out.drains.append((node_id, served))
 
@@ -116,8 +116,7 @@ class Placing:
     def in_use(self, node_id: str) -> bool:
         """Online and in the current placement (a node that must not be retired)."""
         current = self.live.current
-        placed = current and (current.stage_of(node_id) or current.ingest_node == node_id)
-        return bool(placed) and node_id in self.live.eligible()
+        return current is not None and current.job_of(node_id) is not None and node_id in self.live.eligible()
 
     def follow_slo(self, slo_s: float) -> None:
         """The next hybrid plan (a node joins or leaves) is made for the new SLO."""

@@ -1,5 +1,8 @@
 """The node agent: MQTT transport around :class:`node_agent.runtime.StageRuntime`.
 
+What to build, subscribe or report for a placement or a prepare command is decided by
+:class:`node_agent.assignment.Assignment`; this module carries it out.
+
 Threads: paho's network thread checks each input once (stage, request id, capture time, size) and,
 when the node is idle, serves it there and then: no hand-off in, no wake-up of another thread out
 (docs/architecture.md, "Threads and back-pressure"). Otherwise it queues it; one inference thread
@@ -16,13 +19,14 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 
-import numpy as np
 import torch
 
+from node_agent.assignment import Assignment, Listen
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.deadline_queue import DeadlineQueue
+from node_agent.health import CpuMeter, Health
+from node_agent.offer import measure_offer
 from node_agent.runtime import (IngestRuntime, Output, Request, SliceCalibrator, StageRuntime, frame_metadata,
                                 plausible_capture)
 from node_agent.thumbnailer import Thumbnailer
@@ -30,12 +34,10 @@ from shared import routing, wire
 from shared.bus import Ack, Bus, read_retained
 from shared.clock import ClockOffset
 from shared.device_model import load_device_model
-from shared.imaging import measure_decode_cost
-from shared.model import MODEL_NAME, build_model, model_fingerprint
-from shared.profiling import ProfileError, load_profile, profile_model
-from shared.schemas import (INGEST_STAGE, AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon,
-                            DeviceSpeedCommand, NodeCommand, NodeProfile, NodeStats, Placement, PrepareCommand,
-                            PruneDesired, PruneState, SlowdownCommand, StageAssignment, parse_json, to_json)
+from shared.model import build_model, model_fingerprint
+from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon,
+                            DeviceSpeedCommand, Job, NodeCommand, NodeProfile, NodeStats, Placement, PrepareCommand,
+                            PruneDesired, PruneState, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.thumbnail import REQUEST_ID_PROPERTY
 from shared.topics import Topics, validate_id
@@ -59,33 +61,6 @@ def control_client_id(node_id: str) -> str:
     return f"{node_id}/control"
 
 
-def _slice_of(assignment: StageAssignment) -> tuple[int, int, int]:
-    """A stage and its blocks, whichever nodes share it."""
-    return assignment.stage, assignment.first_block, assignment.last_block
-
-
-def total_memory_mb() -> float:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024 / 1e6
-    raise RuntimeError("no MemTotal in /proc/meminfo")
-
-
-class CpuMeter:
-    """Process CPU use since the last reading, in percent of one core."""
-
-    def __init__(self):
-        self._wall = time.monotonic()
-        self._cpu = time.process_time()
-
-    def read(self) -> float:
-        wall, cpu = time.monotonic(), time.process_time()
-        pct = 100.0 * (cpu - self._cpu) / max(wall - self._wall, 1e-6)
-        self._wall, self._cpu = wall, cpu
-        return max(pct, 0.0)
-
-
 class NodeAgent:
     def __init__(self, settings: NodeSettings, mqtt_settings: MqttSettings):
         self.settings = settings
@@ -105,17 +80,11 @@ class NodeAgent:
             settings.queue_size, self._gateway_time, ordered=settings.deadline_order)
         self.runtime: StageRuntime | None = None
         self.ingest: IngestRuntime | None = None  # set while the placement makes this node the ingest node
-        self.placement_version: int | None = None
-        self.placement: Placement | None = None  # the one in force: where outputs go (_output_topic)
-        self._input_filter: str | None = None
-        # placement version, its slice or ingest runtime (one is None), its input
-        self._prepared: tuple[int, StageRuntime | None, IngestRuntime | None, str] | None = None
-        self.prepared_version: int | None = None
+        # the job in force, its input and what is prepared ahead of a placement (its placement: where outputs go)
+        self.assignment: Assignment[StageRuntime | IngestRuntime] = Assignment(self.node_id, self.topics)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.processed = 0
-        self.dropped = 0
-        self.late_served = 0
+        self.health = Health()  # counts and latency figures for the stats (under the lock)
         self.device_speed = settings.emulated_slowdown  # emulated device type: base factor over this host
         self.transient = 1.0  # the latest `slowdown` command, on top of the device speed
         self.slowdown = self.device_speed * self.transient
@@ -125,9 +94,6 @@ class NodeAgent:
                              if settings.device_model else None)
         self.calibration = CalibrationSchedule(lambda runtime: SliceCalibrator(
             runtime.slice, runtime.input_shape, device_model=runtime.device_model))
-        self._compute_s: deque[float] = deque(maxlen=1024)
-        self._decode_s: deque[float] = deque(maxlen=1024)
-        self._queue_wait_s: deque[float] = deque(maxlen=1024)
         self._last_serve_s: float | None = None  # how long the last request took to serve (None: none served yet)
         self._cpu = CpuMeter()
         self._threads: list[threading.Thread] = []
@@ -160,37 +126,8 @@ class NodeAgent:
 
     # --- placement -----------------------------------------------------------------------
     def measure_offer(self) -> NodeProfile:
-        """Profile every block on this device (the planner's input), before taking any work.
-
-        A configured profile file is offered instead (:class:`ProfileError` if it describes another
-        model): the same file on every start gives the same placement, measuring noise cannot move it.
-        The frame decode cost is always measured here, on the decode path this node will serve with.
-        """
-        if self.settings.profile is not None:
-            profile = load_profile(self.settings.profile)
-            names = [b.name for b in profile.blocks]
-            if profile.model != MODEL_NAME or names != list(self.model.block_names):
-                raise ProfileError(f"{self.settings.profile}: profile of {profile.model} blocks {names}, this node "
-                                   f"runs {MODEL_NAME} blocks {list(self.model.block_names)}")
-            source = f"from {self.settings.profile}"
-        else:
-            profile = profile_model(self.model, threads=self.settings.threads, repeats=self.settings.profile_repeats,
-                                    wire_dtype=self.settings.wire_dtype)
-            source = "measured"
-        if self.device_model is not None:  # emulated: offer the times this node will serve with, as a real one does
-            profile = profile.model_copy(update={"blocks": [
-                b.model_copy(update={"latency_s": self.device_model.time_s(i, i, 0.0)})
-                for i, b in enumerate(profile.blocks)]})
-            source += ", times from the device model"
-        profile = profile.scaled(self.slowdown)
-        decode = measure_decode_cost(reduced=self.settings.reduced_decode)
-        memory_mb = self.settings.memory_mb or total_memory_mb() / 2
-        log.info("%s: %d blocks profiled (%s), %.1f ms in all; a frame decodes in %.1f ms + %.1f ms/MP", self.node_id,
-                 len(profile.blocks), source, 1e3 * sum(b.latency_s for b in profile.blocks), 1e3 * decode.fixed_s,
-                 1e3 * decode.per_megapixel_s)
-        return NodeProfile(node_id=self.node_id, model_fingerprint=model_fingerprint(self.model),
-                           memory_mb=memory_mb, uplink_mbit_s=self.settings.uplink_mbit_s, profile=profile,
-                           decode=decode, role=self.settings.role)
+        """What this node offers the planner, measured (or read) as the device serves now."""
+        return measure_offer(self.settings, self.model, self.device_model, self.slowdown)
 
     def _resume_placement(self) -> None:
         """Take the job the retained placement gives this node before resuming its session, whose held inputs the
@@ -209,149 +146,91 @@ class NodeAgent:
         self.bus.publish(self.topics.node_profile(self.node_id), self.offer.model_dump_json(), qos=1, retain=True)
 
     def _on_placement(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
+        """Put the placement's job for this node in force (:meth:`node_agent.assignment.Assignment.place`)."""
         if not payload:  # only the gateway places, and it never clears the placement: keep working
             raise BadMessage("bad_placement", "empty placement ignored (the gateway re-publishes the placement)")
         placement = parse_json(Placement, payload)
         if placement.n_blocks != self.model.n_blocks:
             raise BadMessage("bad_placement", f"placement is for {placement.n_blocks} blocks, "
                              f"this node's model has {self.model.n_blocks}")
-        if self.placement_version is not None and placement.version < self.placement_version:
-            log.info("ignoring placement v%d older than v%d", placement.version, self.placement_version)
+        with self._lock:
+            switch = self.assignment.place(placement)
+            if switch is not None and switch.keep and self.runtime is not None:
+                self.runtime.assignment = switch.job.assignment
+        if switch is None:
+            log.info("ignoring placement v%d older than v%d", placement.version, self.assignment.version)
             return
         self.queue.slo_s = placement.slo_s  # the gateway re-publishes the placement when the operator changes it
-        self._assign(placement, placement.stage_of(self.node_id))
+        if switch.keep:
+            self._listen(switch.listen)
+            return
+        runtime = switch.runtime
+        if switch.job is not None and runtime is None:
+            runtime = self._build(switch.job)
+        with self._lock:
+            listen = self.assignment.take(switch)
+            self.runtime = runtime if isinstance(runtime, StageRuntime) else None
+            self.ingest = runtime if isinstance(runtime, IngestRuntime) else None
+            desired = self.desired
+        self.calibration.request(self.runtime)
+        if self.runtime is not None and desired is not None:
+            self._apply_ratio(self.runtime, desired)  # a new slice keeps the ratio the gateway wants
+        self._listen(listen)
+        job = switch.job
+        if job is None:
+            log.info("%s: not in the placement; idle", self.node_id)
+        elif job.ingest:
+            log.info("%s: ingest node: decoding camera frames for stage 1 (placement v%d)", self.node_id,
+                     placement.version)
+        else:
+            log.info("%s: stage %d, blocks %d..%d (placement v%d)", self.node_id, job.stage, job.first_block,
+                     job.last_block, placement.version)
 
-    def _job(self, placement: Placement, assignment: StageAssignment | None) -> tuple | None:
-        """What this node does under ``placement``: ingest, a stage (its blocks, whether it is the last, whether it
-        takes camera frames), or nothing (None)."""
-        if placement.ingest_node == self.node_id:
-            return ("ingest",)
-        if assignment is None:
-            return None
-        return (_slice_of(assignment), placement.is_last(assignment),
-                assignment.stage == 1 and placement.ingest_node is None)
-
-    def _same_job(self, placement: Placement, assignment: StageAssignment | None) -> bool:
-        """Whether this node already does what ``placement`` asks of it (call under the lock)."""
-        if self.ingest is not None:
-            return self._job(placement, assignment) == ("ingest",)
-        runtime = self.runtime
-        return runtime is not None and (_slice_of(runtime.assignment), runtime.is_last,
-                                        runtime.takes_frames) == self._job(placement, assignment)
-
-    def _build(self, placement: Placement,
-               assignment: StageAssignment | None) -> tuple[StageRuntime | None, IngestRuntime | None]:
-        """This node's (slice, ingest) runtime for ``placement``: one of the two is None."""
-        if placement.ingest_node == self.node_id:
-            return None, IngestRuntime(self.model, self.node_id, self.topics.stage_input(1),
-                                       self.settings.max_payload_bytes, self.settings.reduced_decode)
-        n = len(placement.pipeline_of(assignment))
-        last = assignment.stage == n
-        output = (self.topics.results(self.node_id) if last
-                  else self.topics.stage_input(assignment.stage + 1, assignment.pipeline))
-        return StageRuntime(self.model, self.node_id, assignment, n, output, self.settings.wire_dtype,
-                            self.settings.max_payload_bytes, self.settings.reduced_decode,
-                            placement.ingest_node is not None, self.device_model), None
+    def _build(self, job: Job) -> StageRuntime | IngestRuntime:
+        """This node's runtime for ``job``: the ingest node's decoder, or the stage's slice."""
+        if job.ingest:
+            return IngestRuntime(self.model, self.node_id, self.topics.stage_input(1),
+                                 self.settings.max_payload_bytes, self.settings.reduced_decode)
+        output = (self.topics.results(self.node_id) if job.is_last
+                  else self.topics.stage_input(job.stage + 1, job.pipeline))
+        return StageRuntime(self.model, self.node_id, job.assignment, job.n_stages, output, self.settings.wire_dtype,
+                            self.settings.max_payload_bytes, self.settings.reduced_decode, job.behind_ingest,
+                            self.device_model)
 
     def _prepare(self, placement: Placement) -> None:
-        """Before the gateway publishes ``placement``: build this node's slice (or ingest runtime) and subscribe to
-        its input, and say so once the broker has acknowledged the subscription (gateway.live_placement.Handover).
-        Until the placement comes, messages on that input are another node's (:meth:`_on_input` leaves them)."""
-        assignment = placement.stage_of(self.node_id)
+        """Before the gateway publishes ``placement``: build this node's runtime and subscribe to its input, and say
+        so once the broker has acknowledged the subscription (gateway.live_placement.Handover). Until the placement
+        comes, messages on that input are another node's (:meth:`_on_input` leaves them)."""
         with self._lock:
-            version, listening = self.placement_version, self._input_filter
-            old_prepared, self._prepared = self._prepared, None
-            same_job = self._same_job(placement, assignment)
-        if self._job(placement, assignment) is None or (version is not None and placement.version <= version):
+            preparation = self.assignment.prepare(placement)
+        if preparation is None:
             return
-        input_filter = routing.input_filter(self.topics, placement, self.node_id)
-        if old_prepared and old_prepared[3] not in (input_filter, listening):
-            self.bus.unsubscribe(old_prepared[3])  # prepared for a placement that never came
-        if same_job:  # the same slice; at most how its input is shared changes, when the placement comes
-            self._report_prepared(placement.version)
+        for stale in preparation.unsubscribe:  # prepared for a placement that never came
+            self.bus.unsubscribe(stale)
+        if preparation.build is None:  # the same slice; at most how its input is shared changes, when it comes
+            self._report_prepared(preparation.version)
             return
-        runtime, ingest = self._build(placement, assignment)
+        runtime = self._build(preparation.build)
         with self._lock:
-            self._prepared = (placement.version, runtime, ingest, input_filter)
-        if input_filter == listening:
-            self._report_prepared(placement.version)
+            self.assignment.hold(preparation, runtime)
+        if preparation.subscribe is None:
+            self._report_prepared(preparation.version)
         else:
-            self.bus.subscribe(input_filter, self._on_input, qos=1, data=True, deferred_ack=True,
-                               subscribed=lambda: self._report_prepared(placement.version))
-
-    def _serves(self, runtime: StageRuntime | IngestRuntime, listening: str | None, topic: str) -> bool:
-        """Whether ``topic`` is the input ``runtime`` reads through the subscription ``listening``."""
-        if runtime.takes_frames:
-            return self.topics.camera_id_from_frame_topic(topic) is not None
-        if listening is not None and listening.startswith("$share/"):  # $share/<group>/<topic>
-            listening = listening.split("/", 2)[2]
-        return topic == listening
-
-    def _prepared_share(self, prepared: tuple | None, topic: str) -> StageRuntime | IngestRuntime | None:
-        """The prepared slice, for an input that came through a shared subscription joined ahead of its
-        placement: the broker gave it to this node alone among the stage's replicas, so it must be served."""
-        if prepared is None or not prepared[3].startswith("$share/"):
-            return None
-        runtime = prepared[1] or prepared[2]
-        return runtime if self._serves(runtime, prepared[3], topic) else None
+            self.bus.subscribe(preparation.subscribe, self._on_input, qos=1, data=True, deferred_ack=True,
+                               subscribed=lambda: self._report_prepared(preparation.version))
 
     def _report_prepared(self, version: int) -> None:
         with self._lock:
-            self.prepared_version = version
+            self.assignment.reported(version)
         log.info("%s: subscribed for placement v%d", self.node_id, version)
         self.bus.publish(self.topics.node_stats(self.node_id), to_json(self.stats()), qos=0)
 
-    def _listen(self, new_filter: str | None, prepared_filter: str | None = None) -> None:
-        """Subscribe the job's input (plain, or shared among a stage's replicas) instead of the old one;
-        ``prepared_filter``: the one subscribed ahead of the placement (:meth:`_prepare`), kept if it is the new one."""
-        with self._lock:
-            old_filter, self._input_filter = self._input_filter, new_filter
-        for stale in {old_filter, prepared_filter} - {None, new_filter}:
+    def _listen(self, listen: Listen) -> None:
+        """Subscribe the job's input (plain, or shared among a stage's readers) instead of the old one."""
+        for stale in listen.unsubscribe:
             self.bus.unsubscribe(stale)
-        if new_filter and new_filter not in (old_filter, prepared_filter):
-            self.bus.subscribe(new_filter, self._on_input, qos=1, data=True, deferred_ack=True)
-
-    def _assign(self, placement: Placement | None, assignment) -> None:
-        """Switch to a new stage (or to ingesting) without restarting: new slice (the one prepared for it if any),
-        new input subscription."""
-        with self._lock:
-            prepared, self._prepared = self._prepared, None
-            same_job = placement is not None and self._same_job(placement, assignment)
-            if same_job:  # under a newer plan: keep slice state; only how the input is shared may change
-                self.placement_version, self.placement = placement.version, placement
-                if self.runtime is not None:
-                    self.runtime.assignment = assignment
-        prepared_filter = prepared[3] if prepared else None
-        if same_job:
-            self._listen(routing.input_filter(self.topics, placement, self.node_id), prepared_filter)
-            return
-        runtime = None
-        ingest = None
-        new_filter = None
-        if placement is not None and self._job(placement, assignment) is not None:
-            if prepared and prepared[0] == placement.version:
-                runtime, ingest = prepared[1], prepared[2]
-            else:
-                runtime, ingest = self._build(placement, assignment)
-            new_filter = routing.input_filter(self.topics, placement, self.node_id)
-        with self._lock:
-            self.runtime = runtime
-            self.ingest = ingest
-            self.placement_version = placement.version if placement else None
-            self.placement = placement
-            desired = self.desired
-        self.calibration.request(runtime)
-        if runtime is not None and desired is not None:
-            self._apply_ratio(runtime, desired)  # a new slice keeps the ratio the gateway wants
-        self._listen(new_filter, prepared_filter)
-        if ingest is not None:
-            log.info("%s: ingest node: decoding camera frames for stage 1 (placement v%d)", self.node_id,
-                     placement.version)
-        elif assignment is None:
-            log.info("%s: not in the placement; idle", self.node_id)
-        else:
-            log.info("%s: stage %d, blocks %d..%d (placement v%d)", self.node_id, assignment.stage,
-                     assignment.first_block, assignment.last_block, placement.version)
+        if listen.subscribe is not None:
+            self.bus.subscribe(listen.subscribe, self._on_input, qos=1, data=True, deferred_ack=True)
 
     def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         command = parse_json(NodeCommand, payload).root
@@ -406,7 +285,7 @@ class NodeAgent:
 
     def _publish_calibration(self, finished: FinishedCalibration) -> None:
         with self._lock:
-            version = self.placement_version
+            version = self.assignment.version
             if finished.target is not self.runtime or version is None:
                 return  # the placement moved on meanwhile
         calibration = finished.message(self.node_id, version, self.device_speed, time.time())
@@ -423,10 +302,8 @@ class NodeAgent:
         hand it to whichever node serves its stage next if this one dies or hangs (docs/reliability.md)."""
         received = time.time()
         with self._lock:
-            runtime = self.runtime or self.ingest
-            listening, prepared = self._input_filter, self._prepared
-        if runtime is None or not self._serves(runtime, listening, topic):
-            runtime = self._prepared_share(prepared, topic)
+            runtime = ((self.runtime or self.ingest) if self.assignment.serves(topic)
+                       else self.assignment.prepared_for(topic))
         if runtime is None:  # an input this node is only prepared for: another node serves it until the placement
             ack()
             return
@@ -442,12 +319,13 @@ class NodeAgent:
         dropped = self.queue.put((runtime, req, ack), req.capture_ts)
         if dropped is not None:  # this request or one that would have been served after it
             _, lost, lost_ack = dropped
-            self.dropped += 1
+            with self._lock:
+                count = self.health.drop()
             self.bus.report_error(lost.topic, "dropped", f"work queue full ({self.settings.queue_size}): request "
                                   "dropped", lost.request_id)
             lost_ack()  # reported as a failure: done with
-            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                log.warning("%s: work queue full, %d requests dropped so far", self.node_id, self.dropped)
+            if count in (1, 10, 100) or count % 1000 == 0:
+                log.warning("%s: work queue full, %d requests dropped so far", self.node_id, count)
 
     def _serve_now(self, runtime: StageRuntime | IngestRuntime, req: Request, ack: Ack) -> None:
         """Serve on paho's thread, the queue claimed (:meth:`DeadlineQueue.claim`). The announcement leaves before the
@@ -570,12 +448,9 @@ class NodeAgent:
         self.bus.publish(self._output_topic(out, runtime), out.payload, qos=1, user=out.user)
         self.bus.flush()  # served on paho's thread: the output leaves now, before the bookkeeping and the thumbnail
         with self._lock:
-            thumbnails = self.placement is not None and self.placement.thumbnails
-            self.processed += 1
-            self.late_served += req.deferred
-            self._compute_s.append(out.compute_s)
-            self._decode_s.append(out.decode_s)
-            self._queue_wait_s.append(started - req.received_ts)
+            placement = self.assignment.placement
+            thumbnails = placement is not None and placement.thumbnails
+            self.health.served(out.compute_s, out.decode_s, started - req.received_ts, req.deferred)
         if out.frame is not None and thumbnails:  # made by the thumbnail thread, after the frame is served
             self.thumbnails.offer(out.request_id, out.frame)
 
@@ -587,7 +462,7 @@ class NodeAgent:
         """Where an output goes under the placement in force now, not the one its runtime was built under
         (:func:`shared.routing.output_topic`), in the pipeline of the stage that served it."""
         with self._lock:
-            placement = self.placement
+            placement = self.assignment.placement
         if out.next_block is None or placement is None:
             return out.topic
         pipeline = runtime.assignment.pipeline if isinstance(runtime, StageRuntime) else 0
@@ -597,27 +472,14 @@ class NodeAgent:
     def stats(self) -> NodeStats:
         """Health since the previous call: latency figures describe the node's *current* speed."""
         with self._lock:
-            runtime = self.runtime
-            ingesting = self.ingest is not None
-            version = self.placement_version
-            compute = np.array(self._compute_s) if self._compute_s else None
-            waits = np.array(self._queue_wait_s) if self._queue_wait_s else None
-            decodes = np.array(self._decode_s) if self._decode_s else None
-            self._compute_s.clear()
-            self._decode_s.clear()
-            self._queue_wait_s.clear()
-        a = runtime.assignment if runtime else None
+            runtime, job = self.runtime, self.assignment.job
+            version, prepared_version = self.assignment.version, self.assignment.prepared_version
+            health = self.health.report()
         return NodeStats(
-            node_id=self.node_id, ts=time.time(), stage=a.stage if a else INGEST_STAGE if ingesting else None,
-            first_block=a.first_block if a else None, last_block=a.last_block if a else None,
+            node_id=self.node_id, ts=time.time(), stage=job.stage if job else None,
+            first_block=job.first_block if job else None, last_block=job.last_block if job else None,
             placement_version=version, queue_depth=self.queue.qsize(), queue_capacity=self.settings.queue_size,
-            processed=self.processed, dropped=self.dropped, late_served=self.late_served,
-            errors=dict(self.bus.errors + self.control.errors),
-            compute_mean_s=float(compute.mean()) if compute is not None else None,
-            compute_p95_s=float(np.percentile(compute, 95)) if compute is not None else None,
-            queue_wait_mean_s=float(waits.mean()) if waits is not None else None,
-            decode_mean_s=float(decodes.mean()) if decodes is not None else None,
-            prepared_version=self.prepared_version,
+            errors=dict(self.bus.errors + self.control.errors), prepared_version=prepared_version, **health,
             cpu_percent=self._cpu.read(), prune_ratio=runtime.slice.ratio if runtime else 0.0,
             emulated_slowdown=self.slowdown, clock_offset_s=self.clock.offset_s)
 

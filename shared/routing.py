@@ -16,15 +16,14 @@ from shared.topics import Topics
 def input_filter(topics: Topics, placement: Placement, node_id: str) -> str | None:
     """The subscription ``node_id`` reads under ``placement``: camera frames as the ingest node; its stage's input,
     plain for a stage's only reader, shared otherwise; None when it is not placed."""
-    if placement.ingest_node == node_id:
-        return topics.camera_frame_filter
-    stage = placement.stage_of(node_id)
-    if stage is None:
+    job = placement.job_of(node_id)
+    if job is None:
         return None
-    behind_ingest = placement.ingest_node is not None
-    if placement.shares_input(stage):
-        return topics.shared(stage.stage, placement.share_token, behind_ingest, stage.pipeline)
-    return topics.stage_input_filter(stage.stage, behind_ingest, stage.pipeline)
+    if job.ingest:
+        return topics.camera_frame_filter
+    if job.shares_input:
+        return topics.shared(job.stage, placement.share_token, job.behind_ingest, job.pipeline)
+    return topics.stage_input_filter(job.stage, job.behind_ingest, job.pipeline)
 
 
 def output_topic(topics: Topics, placement: Placement, pipeline: int, next_block: int) -> str | None:

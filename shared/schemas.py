@@ -6,6 +6,7 @@ Each receiver parses with :func:`parse_json` so that malformed input raises one
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
@@ -177,6 +178,19 @@ class Placement(_Strict):
         """The stage ``node_id`` serves, as its only node or as one of its replicas."""
         return next((s for s in self.stages if node_id in s.nodes), None)
 
+    def job_of(self, node_id: str) -> Job | None:
+        """What ``node_id`` does under this placement: ingest, serve a stage, or nothing (None)."""
+        behind_ingest = self.ingest_node is not None
+        if self.ingest_node == node_id:
+            return Job(stage=INGEST_STAGE, takes_frames=True)
+        stage = self.stage_of(node_id)
+        if stage is None:
+            return None
+        return Job(stage=stage.stage, pipeline=stage.pipeline, first_block=stage.first_block,
+                   last_block=stage.last_block, n_stages=len(self.pipeline_of(stage)),
+                   takes_frames=stage.stage == 1 and not behind_ingest, shares_input=self.shares_input(stage),
+                   behind_ingest=behind_ingest, assignment=stage)
+
     @property
     def pipelines(self) -> list[list[StageAssignment]]:
         """The stages of each pipeline, pipeline 0 first (one list for a placement of one pipeline)."""
@@ -201,6 +215,47 @@ class Placement(_Strict):
     def node_ids(self) -> list[str]:
         """Every placed node, in stage order (a stage's replicas after its first node)."""
         return [n for s in self.stages for n in s.nodes]
+
+    def all_nodes(self) -> list[str]:
+        """Every node with a job: the stages' (:meth:`node_ids`), then the ingest node if there is one."""
+        return self.node_ids() + ([self.ingest_node] if self.ingest_node is not None else [])
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one node does under a placement (:meth:`Placement.job_of`), the one answer the node agent, the
+    gateway's handover and the doctor share: decode camera frames for stage 1 as the ingest node, or serve one stage
+    of one pipeline."""
+
+    stage: int  # INGEST_STAGE for the ingest node
+    takes_frames: bool  # reads camera frames: the ingest node, or stage 1 with no ingest node before it
+    pipeline: int = 0
+    first_block: int | None = None  # None for the ingest node, which runs no block
+    last_block: int | None = None
+    n_stages: int = 0  # stages in its pipeline
+    shares_input: bool = False  # reads through a shared subscription (Placement.shares_input)
+    behind_ingest: bool = False  # an ingest node decodes the frames before stage 1
+    assignment: StageAssignment | None = field(default=None, compare=False)  # the stage, with all its nodes
+
+    @property
+    def ingest(self) -> bool:
+        return self.stage == INGEST_STAGE
+
+    @property
+    def is_last(self) -> bool:
+        """The stage ends its pipeline: its nodes publish results."""
+        return not self.ingest and self.stage == self.n_stages
+
+    @property
+    def work(self) -> tuple:
+        """What the node computes: under a newer placement with the same work a node keeps its slice (and its pruning
+        and calibration state), whichever pipeline the stage is in now and however its input is shared."""
+        return (self.stage, self.first_block, self.last_block, self.is_last, self.takes_frames)
+
+    @property
+    def input(self) -> tuple:
+        """What the node reads: a node whose input changes must subscribe before the placement is published."""
+        return (self.pipeline, self.stage, self.takes_frames, self.shares_input)
 
 
 class Hop(_Strict):

@@ -43,19 +43,19 @@ def test_a_frame_older_than_the_limit_is_reported_expired_with_its_request_id_an
     ((topic, payload),) = published
     record = parse_json(ErrorRecord, payload)
     assert topic == agent.topics.errors("a") and (record.kind, record.request_id) == ("expired", "r-1")
-    assert agent.processed == 0
+    assert agent.health.processed == 0
 
 
 def test_a_frame_within_the_limit_is_run(frame):
     agent, published = serve(frame, age_s=1, max_frame_age_s=300)
     ((topic, payload),) = published
     assert topic == agent.topics.results("a") and parse_json(Result, payload).request_id == "r-1"
-    assert agent.processed == 1 and not agent.bus.errors
+    assert agent.health.processed == 1 and not agent.bus.errors
 
 
 def test_a_limit_of_zero_never_expires_a_frame(frame):
     agent, published = serve(frame, age_s=1000, max_frame_age_s=0)
-    assert [topic for topic, _ in published] == [agent.topics.results("a")] and agent.processed == 1
+    assert [topic for topic, _ in published] == [agent.topics.results("a")] and agent.health.processed == 1
 
 
 def test_only_stage_1_expires_frames(frame):

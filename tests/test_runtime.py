@@ -313,7 +313,7 @@ def test_an_output_goes_to_the_stage_that_runs_its_next_block_under_the_placemen
     root = agent.topics.root
 
     def topic(next_block, placement, old_topic="old"):
-        agent.placement = placement
+        agent.assignment.placement = placement
         return agent._output_topic(Output(old_topic, b"", "r", 0.0, next_block=next_block), None)  # pipeline 0
 
     three, two, one = (even_split(6, ["a", "b", "c"][:n]) for n in (3, 2, 1))  # 0-1|2-3|4-5, 0-2|3-5, 0-5
