@@ -50,9 +50,9 @@ ACKS_ONLY_BYTES = 64
 # serve on paho's thread only while a request takes less than this: a hand-off costs ~1 ms, noise beside longer
 # work, and paho's thread must not stop answering for long (keepalive, writing what the other threads publish)
 SERVE_AT_ONCE_MAX_S = 0.1
-# unacknowledged inputs the broker may send at once (MQTT v5 Receive Maximum). 1, not the work queue's size: Mosquitto
-# 2.0.x, on the acknowledgement of any but the newest message in flight, sends up to a whole window more (measured:
-# window 4, acknowledging the oldest, 31 held after 10 acknowledgements), so only a window of 1 holds
+# ``[node] flow_control``: unacknowledged inputs the broker may send at once (MQTT v5 Receive Maximum). 1, not the
+# work queue's size: Mosquitto 2.0.x, on the acknowledgement of any but the newest message in flight, sends up to a
+# whole window more (measured: window 4, acknowledging the oldest, 31 held after 10 acknowledgements)
 INPUT_WINDOW = 1
 
 
@@ -68,12 +68,13 @@ class NodeAgent:
         torch.set_num_threads(settings.threads)
         self.model = build_model(settings.checkpoint)
         self.topics = Topics(mqtt_settings.topic_root)
-        # Inputs: acknowledged only once served, so what the node holds stays in its broker session, and one at a time
-        # (receive window 1), so a backlog waits in that session instead of overflowing the work queue. Control
-        # messages come on a connection of their own, or they would wait behind that backlog (docs/reliability.md,
-        # "Flow control"). Everything is published on the input connection, whose will is the node's availability.
+        # Inputs: acknowledged only once served, so what the node holds stays in its broker session; with
+        # ``flow_control`` one at a time (receive window 1), so a backlog waits in that session instead of overflowing
+        # the work queue. Control messages come on a connection of their own, or they would wait behind such a backlog
+        # (docs/reliability.md, "Flow control"). Everything is published on the input connection, whose will is the
+        # node's availability.
         self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id), manual_ack=True,
-                       receive_maximum=INPUT_WINDOW)
+                       receive_maximum=INPUT_WINDOW if settings.flow_control else None)
         self.control = Bus(mqtt_settings, self.node_id, None, client_id=control_client_id(self.node_id))
         self.clock = ClockOffset()
         self.queue: DeadlineQueue[tuple[StageRuntime, Request, Ack]] = DeadlineQueue(

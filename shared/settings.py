@@ -142,13 +142,17 @@ class NodeSettings(_Section):
     checkpoint: Path | None = Field(None, description="Model checkpoint; default: the one shipped in shared/assets.")
     threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for inference.")
     queue_size: int = Field(16, ge=1, le=10000,
-                            description="Bounded work queue for what the node holds beyond its one QoS 1 input in "
-                            "flight (QoS 0 input, an input re-sent after a reconnect; docs/reliability.md, 'Flow "
-                            "control'); when full, the request that would be served last is dropped, counted and "
-                            "reported.")
+                            description="Bounded work queue; when full, the request that would be served last is "
+                            "dropped, counted and reported (with flow_control it holds only QoS 0 input and an input "
+                            "re-sent after a reconnect).")
+    flow_control: bool = Field(False, description="Take one QoS 1 input at a time (MQTT v5 Receive Maximum 1), so a "
+                               "backlog waits in the broker and is never dropped; costs the controller its view of a "
+                               "burst's rate and the deadline order of a backlog (docs/reliability.md, 'Flow "
+                               "control'); off: the broker sends up to its max_inflight_messages and a full work "
+                               "queue sheds, recorded.")
     deadline_order: bool = Field(True, description="Serve first the requests that can still meet the gateway's SLO "
-                                 "(earliest deadline), late ones after them, marked `deferred`; off: arrival order. "
-                                 "Orders the work queue only: QoS 1 input comes one at a time, in the broker's order.")
+                                 "(earliest deadline), late ones after them, marked `deferred`; off: arrival order. It "
+                                 "orders the work queue: with flow_control a backlog waits in the broker, in order.")
     wire_dtype: Literal["float16", "float32"] = Field("float16", description="Precision of activations sent on.")
     stats_interval_s: float = Field(2.0, gt=0, le=3600, description="How often stats are published.")
     max_payload_bytes: int = Field(FRAME_LIMIT_BYTES, ge=1024, description="Inputs larger than this are rejected "

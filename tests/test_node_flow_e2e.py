@@ -29,7 +29,7 @@ def start_one_node_site(broker, tmp_path: Path, queue_size: int = QUEUE):
     env = component_env(broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db), EDGEPRUNE_GATEWAY_NODES="node-1",
                         EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S="0.2", EDGEPRUNE_NODE_PROFILE=str(PROFILE),
                         EDGEPRUNE_NODE_STATS_INTERVAL_S="0.5", EDGEPRUNE_NODE_QUEUE_SIZE=str(queue_size),
-                        EDGEPRUNE_NODE_MAX_FRAME_AGE_S="0")
+                        EDGEPRUNE_NODE_MAX_FRAME_AGE_S="0", EDGEPRUNE_NODE_FLOW_CONTROL="true")
     procs = Processes(tmp_path, env)
     procs.start("gateway", "gateway")
     procs.start("node-1", "node", "--node-id", "node-1")

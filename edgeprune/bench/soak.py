@@ -54,6 +54,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--burst-every", type=float, default=20.0)
     parser.add_argument("--down-s", type=float, default=5.0, help="how long a killed or hung part stays down")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flow-control", action="store_true",
+                        help="nodes take one input at a time ([node] flow_control): a burst waits in the broker "
+                             "instead of being shed by the node's work queue")
     parser.add_argument("--settle-s", type=float, default=120.0,
                         help="after each phase, wait at most this long for every frame sent to end as a row or a "
                              "recorded failure (those still open are reported as unaccounted)")
@@ -73,7 +76,7 @@ def peak_rss_mb(pid: int) -> float | None:
 class Site:
     """Broker, gateway and two nodes as processes, each logged in with its own user."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, flow_control: bool = False):
         self.run_dir = run_dir.resolve()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir.mkdir(parents=True)
@@ -89,7 +92,8 @@ class Site:
                          "EDGEPRUNE_GATEWAY_DB_PATH": str(self.db), "EDGEPRUNE_GATEWAY_NODES": ",".join(self.node_ids),
                          "EDGEPRUNE_GATEWAY_RESULT_TIMEOUT_S": "30", "EDGEPRUNE_GATEWAY_REJOIN_HOLD_S": "3",
                          "EDGEPRUNE_GATEWAY_STATS_SILENCE_S": "5", "EDGEPRUNE_NODE_STATS_INTERVAL_S": "1",
-                         "EDGEPRUNE_NODE_UPLINK_MBIT_S": "100000", "EDGEPRUNE_MQTT_RECONNECT_MAX_S": "4"})
+                         "EDGEPRUNE_NODE_UPLINK_MBIT_S": "100000", "EDGEPRUNE_MQTT_RECONNECT_MAX_S": "4",
+                         "EDGEPRUNE_NODE_FLOW_CONTROL": str(flow_control).lower()})
         self.procs: dict[str, subprocess.Popen] = {}
         self.rss: dict[str, float] = {}
 
@@ -311,7 +315,7 @@ def wait_for(predicate, timeout: float) -> bool:
 
 
 def run(args) -> dict:
-    site = Site(args.run_dir)
+    site = Site(args.run_dir, args.flow_control)
     phase_s = max(args.minutes * 60 / len(FAULTS), 10.0)
     faults: list[dict] = []
     accounted: list[dict] = []  # the frame accounting alone, for the first table
@@ -353,7 +357,7 @@ def run(args) -> dict:
             camera.close()
         site.stop()
     rss = {name: round(mb, 1) for name, mb in sorted(site.rss.items())}
-    return {"minutes": args.minutes, "faults": faults, "max_rss_mb": rss,
+    return {"minutes": args.minutes, "flow_control": args.flow_control, "faults": faults, "max_rss_mb": rss,
             "tables": {"Where every frame went, per fault": accounted,
                        "What each fault's own checks found": checks,
                        "Peak resident memory (VmHWM), MB": [{"process": k, "max_rss_mb": v} for k, v in rss.items()]}}
