@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -347,3 +348,24 @@ def test_nodes_are_given_the_device_model_by_an_absolute_path(tmp_path, monkeypa
     args = Namespace(run_dir=Path("run/bench"), device_model=tmp_path / "given.json", device_repeats=None, quick=True)
     path, loaded = device_model_for(args, load_scenario("paper", quick=True))
     assert path.is_absolute() and path.exists() and loaded == saved
+
+
+def test_replot_merges_invocations_of_one_scenario_and_checks_their_devices_against_each_other(tmp_path):
+    """Session 9's paper-imbalance runs, one invocation per policy side by side: merged, `adaptive` is compared with
+    `none` per rate, and the devices check covers the runs of both; another scenario is refused."""
+    from edgeprune.cli import main
+    results = Path(__file__).resolve().parents[1] / "docs" / "results"
+    none, adaptive = (results / f"paper-imbalance-s9-{p}.json" for p in ("none", "adaptive"))
+    out = tmp_path / "merged.json"
+    assert main(["bench", "pipeline", "--replot", str(none), str(adaptive), "--json", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert set(document["policies"]) == {"none", "adaptive"}
+    assert set(document["rate_sweep_runs"]) == {"none x2", "adaptive x2"}
+    (at_2x,) = [r for r in document["rate_comparison"] if r["rate_x"] == 2.0]
+    assert at_2x["policy"] == "adaptive" and at_2x["attain_vs_none"] == pytest.approx(0.62109375 / 0.41796875)
+    compared_runs = {run for group in document["devices_check"]["compared"] for run in group["median_ms"]}
+    assert any(r.startswith("none") for r in compared_runs) and any(r.startswith("adaptive") for r in compared_runs)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(adaptive.read_text()), "scenario": "paper"}))
+    with pytest.raises(SystemExit, match="same scenario"):
+        main(["bench", "pipeline", "--replot", str(none), str(other)])

@@ -589,8 +589,10 @@ def add_arguments(parser) -> None:
                         "each of these multiples of the scenario's arrival rate (e.g. 0.5,1,2; 1 is always included "
                         "and fills the main table), same seed and slowdown schedule; adds `rate_sweep` to the JSON "
                         "and a <scenario>-rates.png plot")
-    parser.add_argument("--replot", type=Path, metavar="JSON", help="run nothing: re-derive the table and plots "
-                        "from a JSON this benchmark wrote")
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON", help="run nothing: re-derive the table "
+                        "and plots from a JSON this benchmark wrote; several (the same scenario on the same device "
+                        "model, e.g. one invocation per policy run side by side) are merged into one comparison, "
+                        "their devices checked against each other")
     parser.add_argument("--repeats", type=int, metavar="N", help="runs per policy (and rate), each on a fresh "
                         "cluster; every figure is the median with its min-max (default 3, 1 with --quick)")
     parser.add_argument("--device-model", type=Path, metavar="PATH", help="the emulated device every node runs "
@@ -886,7 +888,7 @@ def run(args) -> dict:
     if args.saturation:
         return saturation(args)
     if args.replot:
-        return finished(json.loads(args.replot.read_text()), args.plots)
+        return checked(finished(merged([json.loads(path.read_text()) for path in args.replot]), args.plots))
     scenario = load_scenario(args.scenario, args.quick)
     chosen_policies = args.policies or ",".join(QUICK_POLICIES if args.quick else POLICIES)
     policies = [p.strip() for p in chosen_policies.split(",") if p.strip()]
@@ -944,10 +946,45 @@ def run(args) -> dict:
     if args.rates:
         document["rate_sweep"] = sweep
         document["rate_sweep_runs"] = {k: v for k, v in results.items() if k not in policies}
-    document = finished(document, args.plots)
-    if not check["passed"]:
+    return checked(finished(document, args.plots))
+
+
+def checked(document: dict) -> dict:
+    """The document, failed (``failure``: the command exits non-zero) if its policies ran on different devices."""
+    check = document.get("devices_check")
+    if check and not check["passed"]:
         document["failure"] = ("the policies ran on different emulated devices, so they cannot be compared:\n  "
                                + "\n  ".join(check["failures"]))
+    return document
+
+
+def merged(documents: list[dict]) -> dict:
+    """One document from several invocations' JSONs of one scenario on one device model (each policy's runs kept as
+    they are), with the devices check redone over every run of all of them: two invocations side by side are one
+    comparison only if their emulated devices agree, which their own checks cannot tell."""
+    if len(documents) == 1:
+        return documents[0]
+    first = documents[0]
+    for other in documents[1:]:
+        if other["scenario"] != first["scenario"] or other.get("device_model") != first.get("device_model"):
+            raise SystemExit("--replot: the JSONs are not the same scenario on the same device model "
+                             f"({first['scenario']!r}, {other['scenario']!r}); they cannot be one comparison")
+    document = {k: v for k, v in first.items() if k not in ("rate_sweep_runs", "rate_sweep", "failure")}
+    document.update(policies={}, host=[d.get("host") for d in documents])
+    for key in ("policies", "rate_sweep_runs"):
+        for d in documents:
+            for name, result in d.get(key, {}).items():
+                if name in document.get(key, {}):
+                    raise SystemExit(f"--replot: {name!r} is in more than one of the JSONs")
+                document.setdefault(key, {})[name] = result
+    if any("rate_sweep" in d for d in documents):
+        document["rate_sweep"] = sorted((row for d in documents for row in d.get("rate_sweep", [])),
+                                        key=lambda row: row["rate_multiplier"])
+    runs = {f"{name}#{i + 1}": run["served_stage_times"]
+            for key in ("policies", "rate_sweep_runs") for name, result in document.get(key, {}).items()
+            for i, run in enumerate(result.get("runs", [])) if "served_stage_times" in run}
+    tolerance = first.get("devices_check", {}).get("tolerance", DEVICES_TOLERANCE)
+    document["devices_check"] = devices_check(runs, tolerance)
     return document
 
 
