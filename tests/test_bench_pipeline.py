@@ -352,7 +352,8 @@ def test_nodes_are_given_the_device_model_by_an_absolute_path(tmp_path, monkeypa
 
 def test_replot_merges_invocations_of_one_scenario_and_checks_their_devices_against_each_other(tmp_path):
     """Session 9's paper-imbalance runs, one invocation per policy side by side: merged, `adaptive` is compared with
-    `none` per rate, and the devices check covers the runs of both; another scenario is refused."""
+    `none` per rate, and the devices check covers the runs of both; a policy run twice has both runs' repeats;
+    another scenario is refused."""
     from edgeprune.cli import main
     results = Path(__file__).resolve().parents[1] / "docs" / "results"
     none, adaptive = (results / f"paper-imbalance-s9-{p}.json" for p in ("none", "adaptive"))
@@ -365,6 +366,11 @@ def test_replot_merges_invocations_of_one_scenario_and_checks_their_devices_agai
     assert at_2x["policy"] == "adaptive" and at_2x["attain_vs_none"] == pytest.approx(0.62109375 / 0.41796875)
     compared_runs = {run for group in document["devices_check"]["compared"] for run in group["median_ms"]}
     assert any(r.startswith("none") for r in compared_runs) and any(r.startswith("adaptive") for r in compared_runs)
+    twice = tmp_path / "twice.json"  # one policy in two invocations: all their runs are its repeats
+    assert main(["bench", "pipeline", "--replot", str(none), str(none), "--json", str(twice)]) == 0
+    document = json.loads(twice.read_text())
+    assert document["repeats"] == 4 and len(document["rate_sweep_runs"]["none x2"]["runs"]) == 4
+    assert [r["rate_multiplier"] for r in document["rate_sweep"]] == [1.0, 2.0]
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**json.loads(adaptive.read_text()), "scenario": "paper"}))
     with pytest.raises(SystemExit, match="same scenario"):

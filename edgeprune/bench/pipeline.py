@@ -959,9 +959,10 @@ def checked(document: dict) -> dict:
 
 
 def merged(documents: list[dict]) -> dict:
-    """One document from several invocations' JSONs of one scenario on one device model (each policy's runs kept as
-    they are), with the devices check redone over every run of all of them: two invocations side by side are one
-    comparison only if their emulated devices agree, which their own checks cannot tell."""
+    """One document from several invocations' JSONs of one scenario on one device model: a policy (at a rate) that
+    more than one ran has all their runs as its repeats, and the devices check is redone over every run of all of
+    them: invocations run side by side are one comparison only if their emulated devices agree, which their own
+    checks cannot tell."""
     if len(documents) == 1:
         return documents[0]
     first = documents[0]
@@ -969,22 +970,26 @@ def merged(documents: list[dict]) -> dict:
         if other["scenario"] != first["scenario"] or other.get("device_model") != first.get("device_model"):
             raise SystemExit("--replot: the JSONs are not the same scenario on the same device model "
                              f"({first['scenario']!r}, {other['scenario']!r}); they cannot be one comparison")
-    document = {k: v for k, v in first.items() if k not in ("rate_sweep_runs", "rate_sweep", "failure")}
-    document.update(policies={}, host=[d.get("host") for d in documents])
-    for key in ("policies", "rate_sweep_runs"):
-        for d in documents:
+    runs: dict[str, dict[str, list[dict]]] = {"policies": {}, "rate_sweep_runs": {}}
+    for d in documents:
+        for key, by_name in runs.items():
             for name, result in d.get(key, {}).items():
-                if name in document.get(key, {}):
-                    raise SystemExit(f"--replot: {name!r} is in more than one of the JSONs")
-                document.setdefault(key, {})[name] = result
-    if any("rate_sweep" in d for d in documents):
-        document["rate_sweep"] = sorted((row for d in documents for row in d.get("rate_sweep", [])),
-                                        key=lambda row: row["rate_multiplier"])
-    runs = {f"{name}#{i + 1}": run["served_stage_times"]
-            for key in ("policies", "rate_sweep_runs") for name, result in document.get(key, {}).items()
-            for i, run in enumerate(result.get("runs", [])) if "served_stage_times" in run}
-    tolerance = first.get("devices_check", {}).get("tolerance", DEVICES_TOLERANCE)
-    document["devices_check"] = devices_check(runs, tolerance)
+                by_name.setdefault(name, []).extend(result.get("runs", [result]))
+    document = {k: v for k, v in first.items() if k not in ("rate_sweep_runs", "rate_sweep", "failure")}
+    document.update(host=[d.get("host") for d in documents],
+                    repeats=max(len(r) for by_name in runs.values() for r in by_name.values()),
+                    policies={name: aggregate(r) for name, r in runs["policies"].items()})
+    if runs["rate_sweep_runs"]:
+        document["rate_sweep_runs"] = {name: aggregate(r) for name, r in runs["rate_sweep_runs"].items()}
+        at_rate = {(1.0, name): result for name, result in document["policies"].items()}
+        at_rate.update({(float(key.rsplit(" x", 1)[1]), key.rsplit(" x", 1)[0]): result
+                        for key, result in document["rate_sweep_runs"].items()})
+        document["rate_sweep"] = [sweep_row(rate, policy, result, first["duration_s"])
+                                  for (rate, policy), result in sorted(at_rate.items())]
+    served = {f"{name}#{i + 1}": run["served_stage_times"] for by_name in runs.values()
+              for name, name_runs in by_name.items() for i, run in enumerate(name_runs) if "served_stage_times" in run}
+    document["devices_check"] = devices_check(served, first.get("devices_check", {}).get("tolerance",
+                                                                                          DEVICES_TOLERANCE))
     return document
 
 
