@@ -109,6 +109,16 @@ def hybrid_live(nodes: dict[str, float], arrival_hz: float, slo_s: float = 1.0):
     return live
 
 
+def test_a_hybrid_plan_that_leaves_a_node_out_is_not_made_again_every_tick():
+    """b's whole model (90 ms) does not fit an 80 ms SLO: the plan leaves it out on purpose. Once b had stayed
+    past rejoin_hold_s it counted as joined and every tick re-planned (seconds on many nodes) and re-published
+    the same layout as a new version."""
+    live = hybrid_live({"a": 1.0, "b": 1.5}, arrival_hz=1.0, slo_s=0.08)
+    first = live.tick(1)
+    assert first is not None and first.node_ids() == ["a"]
+    assert live.tick(12) is None and live.tick(13) is None and live.current.version == first.version
+
+
 def test_hybrid_mode_replicates_the_whole_model_when_one_pipeline_cannot_keep_up():
     # six 10 ms blocks: one node serves ~16 frames/s; a pipeline over three is bound by its slowest slice
     # (2 blocks, ~50/s) but three whole-model replicas serve ~50/s too with no transfers: at 40 frames/s the
