@@ -97,6 +97,7 @@ class LivePlacement:
         self._offers: dict[str, NodeProfile] = {}
         self._declined: frozenset[str] | None = None  # node set last judged not worth a switch
         self.asked: PlanWanted | None = None  # the hybrid plan asked for and not answered yet
+        self._no_plan: PlanWanted | None = None  # the last question answered with no plan: not asked again
 
     # --- inputs --------------------------------------------------------------------------
     def set_status(self, node_id: str, status: str, now: float) -> None:
@@ -139,7 +140,7 @@ class LivePlacement:
         it places at once."""
         decided = self._decide(now)
         if isinstance(decided, PlanWanted):
-            if decided == self.asked:  # being solved
+            if decided in (self.asked, self._no_plan):  # being solved, or no plan until something changes
                 return None
             self.asked = decided  # the newest question: an answer to an older one is refused
         return decided
@@ -157,7 +158,7 @@ class LivePlacement:
                      "it was made", wanted.reason)
             return None
         if isinstance(solved, str):
-            self.last_error = solved
+            self.last_error, self._no_plan = solved, wanted
             log.error("cannot place the model on %s: %s", list(wanted.nodes), solved)
             return None
         self.last_error = None
