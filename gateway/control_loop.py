@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from gateway.controller import DeviceMemory, PruningController
 from gateway.controller_actions import SetRatios
-from gateway.curves import AccuracyFit, ReplicaAccuracy, accuracy_for_slices
+from gateway.curves import AccuracyFit, PipelineMix, ReplicaAccuracy, accuracy_for_slices
 from gateway.prune_log import PruneLog
 from gateway.slice_curves import LadderMismatch, SliceCurves
 from shared.schemas import ModelProfile, NodeStats, Placement, PruneDesired, Result, SliceCalibration
@@ -163,10 +163,7 @@ class ControlLoop:
             self.controller = None
             return
         nodes = self.placement.node_ids()
-        accuracy = accuracy_for_slices(self.block_accuracy, [(s.first_block, s.last_block)
-                                                             for s in self.placement.stages])
-        if len(nodes) > len(self.placement.stages):  # replicas may run different ratios: expected accuracy
-            accuracy = ReplicaAccuracy.equal_shares(accuracy, [len(s.nodes) for s in self.placement.stages])
+        accuracy = self.accuracy_model()
         initial = {n: self.desired[n].ratio for n in nodes if n in self.desired}
         pipelines = self.placement.pipelines
         # the broker deals frames in turn to every first-stage reader of every pipeline (docs/scaling.md); a stage's
@@ -181,6 +178,17 @@ class ControlLoop:
             self.controller.recall(self._memory)
         log.info("pruning controller running over %s (policy %s, budget %.1f ms per stage)", nodes,
                  self.settings.policy, self.controller.budget_s * 1e3)
+
+    def accuracy_model(self) -> AccuracyFit | PipelineMix | ReplicaAccuracy:
+        """The expected accuracy over the placement's nodes: parallel pipelines weighed by their share of the frames
+        (the broker deals them in turn to every first-stage reader), replicas that may run different ratios by theirs.
+        """
+        stages, pipelines = self.placement.stages, self.placement.pipelines
+        accuracy = accuracy_for_slices(self.block_accuracy, [(s.first_block, s.last_block) for s in stages],
+                                       first_readers=[len(p[0].nodes) for p in pipelines])
+        if len(self.placement.node_ids()) > len(stages):
+            return ReplicaAccuracy.equal_shares(accuracy, [len(s.nodes) for s in stages])
+        return accuracy
 
     # --- decisions -----------------------------------------------------------------------
     def tick(self, now: float) -> Effects:

@@ -32,6 +32,7 @@ from gateway.data_path import DataPath
 from gateway.desired_states import DesiredStates
 from gateway.effects import Effects
 from gateway.hybrid import HybridPlan, HybridRequest
+from gateway.live_placement import PlanWanted, solve
 from gateway.liveness import Liveness
 from gateway.operator import Overrides
 from gateway.placing import Placing
@@ -69,6 +70,7 @@ class Tick:
     control: ControlEffects
     planned_for_hz: float | None
     rate_request: HybridRequest | None
+    plan_wanted: PlanWanted | None  # a hybrid placement to plan outside the lock, answered by :meth:`on_plan`
     status: dict
     windows: list
     lost: list[str]
@@ -265,15 +267,21 @@ class Coordinator:
     # --- periodic work ----------------------------------------------------------------------------
     def tick(self, now: float) -> Effects:
         """One whole tick (the service splits it: :meth:`begin_tick` under its lock, the rate re-plan's planning
-        outside it, :meth:`end_tick` under it again)."""
+        outside it, :meth:`end_tick` under it again; a hybrid placement is planned on its worker thread and handed
+        to :meth:`on_plan`). Here all at once."""
         decided = self.begin_tick(now)
         plan = plan_for_rate(decided.rate_request) if decided.rate_request is not None else None
-        return self.end_tick(decided, plan)
+        out = self.end_tick(decided, plan)
+        if decided.plan_wanted is not None:
+            out.extend(self.on_plan(decided.plan_wanted, solve(decided.plan_wanted), now))
+        return out
 
     def begin_tick(self, now: float) -> Tick:
         self._out = Effects()
         placing = self.placing
-        placement = placing.live.tick(now)
+        decided = placing.live.decide(now)
+        wanted = decided if isinstance(decided, PlanWanted) else None
+        placement = None if wanted else decided
         if placement is not None:
             self._place_controller(placement)
         effects = self.control.tick(now)
@@ -282,7 +290,8 @@ class Coordinator:
             if placement is not None:
                 self._place_controller(placement)
         planned_for_hz = self.rates.trigger.planned_hz
-        rate_request = self.rates.due(now, self.control, self.operator.slo_s) if placement is None else None
+        rate_request = (self.rates.due(now, self.control, self.operator.slo_s)
+                        if placement is None and wanted is None else None)
         status = {**self.control.status(), "settings": self.operator.effective(), "arrival": self.rates.status(now)}
         windows = self.data_path.slo.close_due(now)
         lost = self.data_path.expire(now)
@@ -293,8 +302,8 @@ class Coordinator:
         ready, ask = placing.handover.propose(placement, now) if placement is not None else (None, [])
         overdue, late = placing.handover.expire(now)
         out, self._out = self._out, Effects()
-        return Tick(now, placement, effects, planned_for_hz, rate_request, status, windows, lost, silent, ready, ask,
-                    overdue, late, out)
+        return Tick(now, placement, effects, planned_for_hz, rate_request, wanted, status, windows, lost, silent,
+                    ready, ask, overdue, late, out)
 
     def end_tick(self, tick: Tick, plan: HybridPlan | None) -> Effects:
         """The rest of a tick, given the rate re-plan's plan (None when none was due or none was found)."""
@@ -310,9 +319,7 @@ class Coordinator:
             self._out.write("update_node", {"node_id": node_id, "status": "silent", "status_ts": now})
         for request_id in tick.lost:
             self._out.write("add_failure", self.data_path.lost_row(request_id, now))
-        for node_id in ask:
-            self._out.send(self.topics.node_command(node_id), to_json(PrepareCommand(cmd="prepare",
-                                                                                     placement=placement)))
+        self._prepare(ask, placement)
         if tick.late:
             log.warning("placement v%d published although %s did not confirm its input subscription within %g s",
                         tick.overdue.version, ", ".join(tick.late), self.settings.prepare_timeout_s)
@@ -328,6 +335,25 @@ class Coordinator:
                            qos=0)
         out, self._out = self._out, Effects()
         return out
+
+    @_entry
+    def on_plan(self, wanted: PlanWanted, solved: HybridPlan | str, now: float) -> None:
+        """The hybrid plan a tick asked for (``Tick.plan_wanted``), made outside the lock: placed if still wanted
+        (:meth:`LivePlacement.take`), published once the nodes that need a new input are subscribed."""
+        placement = self.placing.live.take(wanted, solved, now)
+        if placement is None:
+            return
+        self._place_controller(placement)
+        ready, ask = self.placing.handover.propose(placement, now)
+        self._prepare(ask, placement)
+        if ready is not None:
+            self.placing.activate(ready, now, self._out)
+
+    def _prepare(self, nodes: list[str], placement: Placement) -> None:
+        """Ask ``nodes`` to subscribe to their input under ``placement`` before it is published."""
+        for node_id in nodes:
+            self._out.send(self.topics.node_command(node_id), to_json(PrepareCommand(cmd="prepare",
+                                                                                     placement=placement)))
 
     @_entry
     def close(self) -> None:

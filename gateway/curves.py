@@ -136,11 +136,13 @@ def fit_accuracy(vectors: Sequence[Sequence[float]], accuracies: Sequence[float]
                        accuracies=tuple(float(a) for a in measured))
 
 
-def accuracy_for_slices(block_fit: AccuracyFit, slices: Sequence[tuple[int, int]]) -> AccuracyFit | PipelineMix:
+def accuracy_for_slices(block_fit: AccuracyFit, slices: Sequence[tuple[int, int]],
+                        first_readers: Sequence[int] | None = None) -> AccuracyFit | PipelineMix:
     """The accuracy model of one placement, from a model calibrated once per *block*.
 
     ``slices``: the placement's stages in order; parallel pipelines list each of their cuts of the model after the
-    other (a slice starting at block 0 again starts the next pipeline): their model is a :class:`PipelineMix`.
+    other (a slice starting at block 0 again starts the next pipeline): their model is a :class:`PipelineMix`, each
+    pipeline weighed by its first stage's nodes (``first_readers``, one each when not given).
 
     Pruning masks depend on a block's weights and ratio alone (shared/pruning.py), so one offline
     calibration with a ratio per block serves every placement: a slice pruned at p prunes each of its
@@ -153,7 +155,11 @@ def accuracy_for_slices(block_fit: AccuracyFit, slices: Sequence[tuple[int, int]
     if any(blocks != list(range(block_fit.n_stages)) for blocks in covered):
         raise ValueError(f"slices {list(slices)} do not cover the {block_fit.n_stages} calibrated blocks in order")
     if len(pipelines) > 1:
-        return PipelineMix(tuple(accuracy_for_slices(block_fit, p) for p in pipelines))
+        readers = list(first_readers or [1] * len(pipelines))
+        if len(readers) != len(pipelines) or min(readers) < 1:
+            raise ValueError(f"{len(pipelines)} pipelines need a first-stage reader count each, not {readers}")
+        return PipelineMix(tuple(accuracy_for_slices(block_fit, p) for p in pipelines),
+                           tuple(r / sum(readers) for r in readers))
     gains = tuple(float(sum(block_fit.gains[first:last + 1])) for first, last in slices)
     vectors = tuple(tuple(float(min(v[first:last + 1])) for first, last in slices) for v in block_fit.vectors)
     return AccuracyFit(gains=gains, offset=block_fit.offset, top=block_fit.top, chance=block_fit.chance,
@@ -174,14 +180,16 @@ def _pipelines_of(slices: Sequence[tuple[int, int]]) -> list[list[tuple[int, int
 class PipelineMix:
     """The accuracy model over the slices of parallel pipelines (docs/scaling.md, "Parallel pipelines").
 
-    Each frame passes one pipeline; the broker deals frames to the pipelines' first stages in turn, so with one
-    first-stage node each (the planner's groups are alike) each pipeline takes an equal share, and the expected
-    accuracy of a slice ratio vector is the mean over pipelines of each one's model at its own slices. Monotone like
+    Each frame passes one pipeline; the broker deals frames in turn to every reader of the pipelines' first stages,
+    whatever a pipeline's speed (measured with and without flow control: docs/scaling.md), so a pipeline takes
+    ``shares[j]`` = its first stage's nodes / all first-stage nodes of the frames, and the expected accuracy of a
+    slice ratio vector is the share-weighted mean over pipelines of each one's model at its own slices. Monotone like
     its parts; ``gains`` (the paper policy's linear floor) are each slice's gain times its pipeline's share. The
     pipelines share one block model, so they need the same score for a floor.
     """
 
     pipelines: tuple[AccuracyFit, ...]  # per pipeline, the model of its slices (accuracy_for_slices)
+    shares: tuple[float, ...]  # per pipeline, its fraction of the frames
 
     @property
     def n_stages(self) -> int:
@@ -190,19 +198,19 @@ class PipelineMix:
 
     @property
     def gains(self) -> tuple[float, ...]:
-        return tuple(g / len(self.pipelines) for p in self.pipelines for g in p.gains)
+        return tuple(g * share for p, share in zip(self.pipelines, self.shares) for g in p.gains)
 
     def required_score(self, floor: float) -> float:
         return self.pipelines[0].required_score(floor)
 
     def predictor(self, model: AccuracyModel) -> AccuracyPredictor:
         parts, start = [], 0
-        for pipeline in self.pipelines:
-            parts.append((pipeline.predictor(model), start, start + pipeline.n_stages))
+        for pipeline, share in zip(self.pipelines, self.shares):
+            parts.append((pipeline.predictor(model), share, start, start + pipeline.n_stages))
             start += pipeline.n_stages
 
         def mean(ratios: Sequence[float]) -> float:
-            return sum(predict(ratios[a:b]) for predict, a, b in parts) / len(parts)
+            return sum(share * predict(ratios[a:b]) for predict, share, a, b in parts)
         return mean
 
 

@@ -36,6 +36,13 @@ class Effects:
     def write(self, method: str, *args) -> None:
         self.store.append((method, args))
 
+    def extend(self, later: Effects) -> None:
+        """``later``'s effects after these (one call's effects, then the next's)."""
+        self.publish.extend(later.publish)
+        self.store.extend(later.store)
+        self.drains.extend(later.drains)
+        self.refusal = self.refusal or later.refusal
+
     def rows(self, method: str) -> list:
         """The first argument of every call of ``method`` (for tests and logs)."""
         return [args[0] for m, args in self.store if m == method]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.hybrid import HybridPlan, HybridRequest, HybridStage, evaluate, plan_hybrid
 from gateway.placement import (Device, InfeasiblePlacement, Plan, PlacementProblem, cost_with_ingest,
@@ -51,6 +51,30 @@ class HybridTarget:
     min_parallel: int = 1  # 2: parallel pipelines only (placement_mode "parallel", for comparing them)
 
 
+@dataclass(frozen=True)
+class PlanWanted:
+    """A hybrid plan to be made outside the gateway's lock (seconds on dozens of nodes: docs/scaling.md): the
+    planner's question, frozen, and what its answer depends on (``basis``: the nodes planned over with their
+    profiles, the placement in force, the target and its SLO). Equal questions have equal bases."""
+
+    basis: tuple
+    request: HybridRequest = field(compare=False)
+    target: HybridTarget = field(compare=False)
+    nodes: tuple[str, ...] = field(compare=False)
+    reason: str = field(compare=False)
+
+
+def solve(wanted: PlanWanted) -> HybridPlan | str:
+    """The plan ``wanted`` asks for, or why there is none; pure, and the slow part (the service runs it on a
+    worker thread)."""
+    try:
+        if wanted.target.whole_model:
+            return whole_model_plan(wanted.request)
+        return plan_hybrid(wanted.request, min_parallel=wanted.target.min_parallel)
+    except (InfeasiblePlacement, ValueError) as exc:
+        return str(exc)
+
+
 class LivePlacement:
     def __init__(self, rules: PlacementRules, model: str, fingerprint: str, allowed: list[str], started: float,
                  frame_megapixels: float = 0.0, input_bytes: int | None = None, hybrid: HybridTarget | None = None):
@@ -72,6 +96,8 @@ class LivePlacement:
         self._online_since: dict[str, float] = {}
         self._offers: dict[str, NodeProfile] = {}
         self._declined: frozenset[str] | None = None  # node set last judged not worth a switch
+        self.asked: PlanWanted | None = None  # the hybrid plan asked for and not answered yet
+        self._no_plan: PlanWanted | None = None  # the last question answered with no plan: not asked again
 
     # --- inputs --------------------------------------------------------------------------
     def set_status(self, node_id: str, status: str, now: float) -> None:
@@ -104,7 +130,47 @@ class LivePlacement:
         return [n for n in self.allowed if self._status.get(n) == AVAILABILITY_ONLINE and n in self._offers]
 
     def tick(self, now: float) -> Placement | None:
-        """A new placement to publish, or None when the current one stands."""
+        """A new placement to publish, or None when the current one stands; a hybrid plan is made at once."""
+        decided = self.decide(now)
+        return self.take(decided, solve(decided), now) if isinstance(decided, PlanWanted) else decided
+
+    def decide(self, now: float) -> Placement | PlanWanted | None:
+        """As :meth:`tick`, but a hybrid plan is only asked for (:class:`PlanWanted`, once per question), to be
+        solved elsewhere and handed to :meth:`take`. The one-pipeline planner is fast (tens of ms on 50 nodes):
+        it places at once."""
+        decided = self._decide(now)
+        if isinstance(decided, PlanWanted):
+            if decided in (self.asked, self._no_plan):  # being solved, or no plan until something changes
+                return None
+            self.asked = decided  # the newest question: an answer to an older one is refused
+        return decided
+
+    def take(self, wanted: PlanWanted, solved: HybridPlan | str, now: float) -> Placement | None:
+        """The answer to ``wanted``: adopted only if it is the question still open and nothing it depends on changed
+        meanwhile (a node came or went, re-offered its profile, another placement or SLO came); else refused, and
+        :meth:`decide` asks anew."""
+        if wanted != self.asked:
+            log.info("hybrid plan (%s) dropped: a newer one is asked for", wanted.reason)
+            return None
+        self.asked = None
+        if self._decide(now) != wanted:
+            log.info("hybrid plan (%s) dropped: its nodes, their profiles, the placement or the SLO changed while "
+                     "it was made", wanted.reason)
+            return None
+        if isinstance(solved, str):
+            self.last_error, self._no_plan = solved, wanted
+            log.error("cannot place the model on %s: %s", list(wanted.nodes), solved)
+            return None
+        self.last_error = None
+        placement = None
+        if self.current is None or layout(solved) != [
+                (s.pipeline, tuple(s.nodes), s.first_block, s.last_block) for s in self.current.stages]:
+            placement = self._take_hybrid(solved, self._version(now), list(wanted.nodes), now, wanted.reason)
+        # the plan may leave slow nodes out on purpose: not asked again until the nodes change
+        self._declined = frozenset(wanted.nodes)
+        return placement
+
+    def _decide(self, now: float) -> Placement | PlanWanted | None:
         eligible = self.eligible()
         if not eligible:
             return None
@@ -239,18 +305,14 @@ class LivePlacement:
         """The current placement's bottleneck under today's profiles (they may have changed)."""
         return self._cost_of_current(self._problem(self._placed())).bottleneck_s
 
-    def _hybrid_plan(self, nodes: list[str]) -> HybridPlan | None:
-        """The hybrid planner's best plan over ``nodes``: one pipeline or parallel ones, stages replicated or not
-        (``min_parallel`` 2 for ``placement_mode = "parallel"``). Whole model per node (data partitioning) is one
-        stage with every node a replica.
-        """
-        def solve() -> HybridPlan:
-            request = HybridRequest(self._problem(self._stage_capable(nodes)), self.hybrid.arrival_hz,
-                                    self.hybrid.slo_s)
-            if self.hybrid.whole_model:
-                return whole_model_plan(request)
-            return plan_hybrid(request, min_parallel=self.hybrid.min_parallel)
-        return self._solved(nodes, solve)
+    def _ask(self, nodes: list[str], reason: str) -> PlanWanted:
+        """The hybrid planner's question over ``nodes``: one pipeline or parallel ones, stages replicated or not
+        (``min_parallel`` 2 for ``placement_mode = "parallel"``), or the whole model per node (data partitioning)."""
+        capable = self._stage_capable(nodes)
+        request = HybridRequest(self._problem(capable), self.hybrid.arrival_hz, self.hybrid.slo_s)
+        basis = (tuple(nodes), tuple(self._offers[n] for n in nodes),
+                 self.current.version if self.current else None, self.hybrid)
+        return PlanWanted(basis, request, self.hybrid, tuple(nodes), reason)
 
     def _version(self, now: float) -> int:
         return max(int(now * 1000), self.seen_version + 1, (self.current.version + 1) if self.current else 0)
@@ -265,14 +327,14 @@ class LivePlacement:
                                          for p in self.current.pipelines), hybrid.sustainable_hz)
         return self.current
 
-    def _adopt(self, nodes: list[str], now: float, reason: str, plan: Plan | None = None) -> Placement | None:
-        version = self._version(now)
+    def _adopt(self, nodes: list[str], now: float, reason: str,
+               plan: Plan | None = None) -> Placement | PlanWanted | None:
         if self.hybrid is not None and plan is None:
-            hybrid = self._hybrid_plan(nodes)
-            return None if hybrid is None else self._take_hybrid(hybrid, version, nodes, now, reason)
+            return self._ask(nodes, reason)
         plan = plan or self._plan(nodes)
         if plan is None:
             return None
+        version = self._version(now)
         self.current = plan.to_placement(version, self.model, issued_at=now)
         self._declined = None
         log.info("placement v%d (%s): %s%s, predicted bottleneck %.1f ms", version, reason,

@@ -3,11 +3,12 @@
 Every decision lives in :class:`gateway.coordinator.Coordinator` (pure; time passed in, effects returned); this
 class turns MQTT messages into its calls and its :class:`~gateway.effects.Effects` into publishes and store
 rows, and does the start-up I/O (the model's fingerprint, the accuracy model, what the database remembers).
-Three threads: paho's network thread runs the handlers (parse, decide, buffer), the tick thread makes the periodic
-decisions, and the store's writer thread alone touches the disk (and, after each write, acknowledges to the
-broker the messages whose rows it wrote: docs/reliability.md). One lock serialises the coordinator's calls; the
-store rows a call returns are buffered under it (a window row is never buffered before its requests), its
-messages published after it.
+Four threads: paho's network thread runs the handlers (parse, decide, buffer), the tick thread makes the periodic
+decisions, the planner thread makes hybrid placements (seconds on dozens of nodes, so outside the lock: a tick only
+asks for one, :class:`Planner`), and the store's writer thread alone touches the disk (and, after each write,
+acknowledges to the broker the messages whose rows it wrote: docs/reliability.md). One lock serialises the
+coordinator's calls; the store rows a call returns are buffered under it (a window row is never buffered before its
+requests), its messages published after it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from gateway.accuracy_model import load_block_accuracy
 from gateway.coordinator import STATUSES, Coordinator, plan_for_rate
 from gateway.effects import Effects
+from gateway.live_placement import PlanWanted, solve
 from gateway.operator import Overrides
 from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message, thumbnail_budget_bytes
 from gateway.store import Store
@@ -44,6 +46,52 @@ log = logging.getLogger(__name__)
 MAX_TICK_BACKOFF_S = 30.0
 
 
+class Planner:
+    """Solves the hybrid placements ticks ask for, one at a time on its own thread, outside the gateway's lock;
+    the newest question wins (one asked while another is solved replaces any still waiting), and every answer goes
+    back through ``answer`` (the coordinator refuses one whose inputs changed meanwhile)."""
+
+    def __init__(self, answer):
+        self._answer = answer
+        self._wanted: PlanWanted | None = None
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="gateway-planner", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def ask(self, wanted: PlanWanted) -> None:
+        with self._cv:
+            self._wanted = wanted
+            self._cv.notify()
+
+    def stop(self, timeout: float) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout)  # a solve under way is not interrupted; the thread is a daemon
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stopped or self._wanted is not None)
+                if self._stopped:
+                    return
+                wanted, self._wanted = self._wanted, None
+            try:
+                solved = solve(wanted)
+            except Exception as exc:  # a bug must not leave the question open for good: answered as no plan
+                log.exception("hybrid planning failed")
+                solved = f"planner failed: {type(exc).__name__}: {exc}"
+            if self._stopped:  # the gateway stopped while it was solved: its store is closed
+                return
+            try:
+                self._answer(wanted, solved, time.time())
+            except Exception:
+                log.exception("the hybrid plan could not be carried out")
+
+
 class Gateway:
     def __init__(self, settings: GatewaySettings, mqtt_settings: MqttSettings,
                  controller_settings: ControllerSettings | None = None):
@@ -66,6 +114,7 @@ class Gateway:
         self.tick_failures = 0
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="gateway-tick", daemon=True)
+        self.planner = Planner(lambda *answer: self._decide(self.coordinator.on_plan, *answer))
 
     def start(self) -> None:
         self.bus.subscribe(self.topics.accepted_filter, self._on_accepted, qos=1)
@@ -93,6 +142,7 @@ class Gateway:
                             "slo_s": self.coordinator.operator.slo_s, "window_s": self.settings.window_s,
                             "nodes": self.settings.nodes, "max_clock_offset_s": self.settings.max_clock_offset_s})
         self._ticker.start()
+        self.planner.start()
         self.store.start_writer(self.settings.flush_interval_s, self._on_store_failure, self.maintain,
                                 self.settings.maintenance_interval_s)
         self.bus.acknowledge_after(self.store.after_commit)  # a SIGKILL loses no received message (docs/reliability.md)
@@ -101,6 +151,7 @@ class Gateway:
     def stop(self) -> None:
         self._stop.set()
         self._ticker.join(timeout=5)
+        self.planner.stop(timeout=5)
         self._decide(self.coordinator.close)
         self.store.close()  # the last write acknowledges its messages while still connected; later ones come again
         self.bus.stop()
@@ -244,10 +295,12 @@ class Gateway:
                                       f"{type(exc).__name__}: {exc}")
 
     def tick(self, now: float) -> None:
-        """The coordinator's tick; a due rate re-plan is planned outside the lock (seconds on many nodes,
-        docs/placement.md), so results keep being handled meanwhile."""
+        """The coordinator's tick; a hybrid placement is planned on the planner thread and a due rate re-plan here,
+        both outside the lock (seconds on many nodes, docs/scaling.md), so results keep being handled meanwhile."""
         with self._lock:
             decided = self.coordinator.begin_tick(now)
+        if decided.plan_wanted is not None:
+            self.planner.ask(decided.plan_wanted)
         plan = plan_for_rate(decided.rate_request) if decided.rate_request is not None else None
         self._decide(self.coordinator.end_tick, decided, plan)
 

@@ -311,7 +311,7 @@ def hybrid_coordinator(tmp_path, speeds: dict[str, float]) -> Coordinator:
     from tests.test_live_placement import offer as block_offer
 
     settings = GatewaySettings(db_path=tmp_path / "unused.db", nodes=list(speeds), placement_mode="hybrid",
-                               rejoin_hold_s=5.0)
+                               rejoin_hold_s=5.0, startup_wait_s=3.0)
     c = Coordinator(settings, Overrides(settings, ControllerSettings(), {}), TOPICS, "weights", 12288, None, {},
                     [], now=0.0)
     for node, speed in speeds.items():
@@ -337,6 +337,62 @@ def test_an_operators_slo_change_reaches_the_next_hybrid_plan(tmp_path):
     c.on_status("b", "online", now=5.0)
     c.tick(11.0)
     assert stages(c.placing.live.current) == tightened
+
+
+def test_a_hybrid_plan_is_asked_for_once_and_adopted_when_nothing_changed_while_it_was_made(tmp_path):
+    """Issue 27: a hybrid plan takes seconds on dozens of nodes and was made inside the tick, under the service's
+    lock. Now a tick only asks for it; the answer comes back through :meth:`Coordinator.on_plan`."""
+    from gateway.live_placement import solve
+
+    c = hybrid_coordinator(tmp_path, {"a": 1.0, "b": 1.0})
+    decided = c.begin_tick(2.0)
+    c.end_tick(decided, None)
+    wanted = decided.plan_wanted
+    assert wanted is not None and wanted.nodes == ("a", "b") and c.placing.live.current is None
+    again = c.begin_tick(2.1)  # still being solved: not asked twice
+    c.end_tick(again, None)
+    assert again.plan_wanted is None
+    effects = c.on_plan(wanted, solve(wanted), now=3.0)
+    placement = c.placing.live.current
+    assert placement is not None and set(placement.node_ids()) == {"a", "b"}
+    prepares = [json.loads(p) for n in ("a", "b") for p in effects.sent(TOPICS.node_command(n))]
+    assert prepares and {p["placement"]["version"] for p in prepares} == {placement.version}
+
+
+@pytest.mark.parametrize("meanwhile", ["node left", "slo changed", "profile re-offered"])
+def test_a_hybrid_plan_whose_inputs_changed_while_it_was_made_is_refused_and_asked_again(tmp_path, meanwhile):
+    from gateway.live_placement import solve
+    from tests.test_live_placement import offer as block_offer
+
+    c = hybrid_coordinator(tmp_path, {"a": 1.0, "b": 1.0})
+    decided = c.begin_tick(2.0)
+    c.end_tick(decided, None)
+    wanted = decided.plan_wanted
+    if meanwhile == "node left":
+        c.on_status("b", "offline", now=2.5)
+    elif meanwhile == "slo changed":
+        assert command(c, {"cmd": "set", "setting": "slo_s", "value": 0.3, "id": "c1"}, now=2.5).refusal is None
+    else:
+        slower = block_offer("b", 3.0, fingerprint="weights")
+        assert c.on_profile(slower, to_json(slower), 2.5).refusal is None
+    effects = c.on_plan(wanted, solve(wanted), now=3.0)
+    assert c.placing.live.current is None and effects.publish == []
+    asked = c.begin_tick(3.1).plan_wanted  # asked anew, for what holds now (a alone: once the start-up wait is over)
+    assert asked is not None and asked != wanted
+    assert asked.nodes == (("a",) if meanwhile == "node left" else ("a", "b"))
+
+
+def test_an_answer_to_an_older_question_is_refused(tmp_path):
+    from gateway.live_placement import solve
+
+    c = hybrid_coordinator(tmp_path, {"a": 1.0, "b": 1.0})
+    old = c.begin_tick(2.0).plan_wanted
+    c.on_status("b", "offline", now=2.5)
+    new = c.begin_tick(3.1).plan_wanted  # the newest question wins
+    assert new is not None and new.nodes == ("a",)
+    assert c.on_plan(old, solve(old), now=4.0).publish == [] and c.placing.live.current is None
+    c.on_plan(new, solve(new), now=4.1)
+    assert c.placing.live.current is not None and c.placing.live.current.node_ids() == ["a"]
 
 
 def test_a_result_held_while_the_gateway_was_down_is_not_a_slow_frame(tmp_path):

@@ -352,3 +352,47 @@ def test_a_takeover_pending_when_the_gateway_stops_is_carried_out_after_its_rest
         wait_until(lambda: sqlite3.connect(db).execute(pending).fetchone() == ("",), 20, "the takeover stays pending")
     finally:
         restarted.stop()
+
+
+def test_a_result_is_stored_while_a_slow_hybrid_plan_is_being_made(fresh_broker, tmp_path, monkeypatch):
+    """Issue 27: a hybrid plan (seconds on dozens of nodes) was made in the tick under the gateway's one lock, so
+    meanwhile no result was stored, no command obeyed, no tick ran. The planner here blocks until released."""
+    import gateway.live_placement as live_placement
+    from tests.test_live_placement import offer
+
+    solving, release = threading.Event(), threading.Event()
+    real = live_placement.plan_hybrid
+
+    def slow_plan(*args, **kwargs):
+        solving.set()
+        release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(live_placement, "plan_hybrid", slow_plan)
+    settings = GatewaySettings(db_path=tmp_path / "edgeprune.db", nodes=["a", "b"], flush_interval_s=0.1,
+                               placement_mode="hybrid", window_s=3600)
+    gw = Gateway(settings, AUTH[fresh_broker.port].settings("gateway", "gateway"))
+    gw.start()
+    client = mqtt_client(fresh_broker)
+    try:
+        assert gw.bus.wait_subscribed(30), "the gateway's subscriptions were never acknowledged"
+        for node in ("a", "b"):
+            offered = offer(node, fingerprint=gw.coordinator.fingerprint)
+            gw._decide(gw.coordinator.on_profile, offered, to_json(offered), time.time())
+            gw._decide(gw.coordinator.on_status, node, "online", time.time())
+        wait_until(solving.is_set, 30, "the hybrid plan was never asked for")
+        accepted = AcceptedRequest(request_id="frame-1", camera_id="cam", node_id="a",
+                                   capture_ts=time.time() - 0.06, received_ts=time.time() - 0.05)
+        client.publish(gw.topics.accepted("a"), to_json(accepted), qos=1).wait_for_publish(10)
+        client.publish(gw.topics.results("a"), to_json(result("cat", 0.9)), qos=1).wait_for_publish(10)
+        wait_until(lambda: Reader(settings.db_path).recent_requests(0), 30,
+                   "no result stored while the plan was being made")
+        assert not release.is_set() and gw.coordinator.placing.live.current is None
+        release.set()
+        wait_until(lambda: gw.coordinator.placing.live.current is not None, 30, "the plan was never placed")
+        assert set(gw.coordinator.placing.live.current.node_ids()) == {"a", "b"}
+    finally:
+        release.set()
+        client.loop_stop()
+        client.disconnect()
+        gw.stop()

@@ -217,6 +217,39 @@ def test_the_accuracy_model_of_parallel_pipelines_is_the_mean_over_their_frames(
         accuracy_for_slices(fit, [(0, 2), (3, 5), (0, 3)])
 
 
+def test_a_pipeline_whose_first_stage_has_more_readers_weighs_more_in_the_accuracy_model():
+    """Mosquitto deals the camera's frames in turn to every reader of the pipelines' first stages, whatever their
+    speed, also with flow control (tests/test_replicas_broker.py), so a pipeline whose first stage has two replicas
+    takes two thirds of the frames next to one with a single first-stage node. The model weighed them equally."""
+    from gateway.curves import accuracy_for_slices
+
+    fit = block_fit()
+    mix = accuracy_for_slices(fit, [(0, 2), (3, 5), (0, 3), (4, 5)], first_readers=[2, 1])
+    one, other = accuracy_for_slices(fit, [(0, 2), (3, 5)]), accuracy_for_slices(fit, [(0, 3), (4, 5)])
+    assert mix.gains == pytest.approx([2 * g / 3 for g in one.gains] + [g / 3 for g in other.gains])
+    for model in ("logistic", "measured"):
+        ratios = [0.5, 0.0, 0.0, 0.5]
+        assert mix.predictor(model)(ratios) == pytest.approx(2 / 3 * one.predictor(model)([0.5, 0.0]) +
+                                                             1 / 3 * other.predictor(model)([0.0, 0.5]))
+
+
+def test_the_control_loops_accuracy_model_weighs_pipelines_by_their_first_stage_readers():
+    from gateway.control_loop import ControlLoop
+    from gateway.curves import ReplicaAccuracy
+    from shared.settings import ControllerSettings
+
+    placement = Placement(version=1, model="trapnet", n_blocks=6, stages=[
+        StageAssignment(stage=1, node_id="a", first_block=0, last_block=2, replicas=["e"]),
+        StageAssignment(stage=2, node_id="b", first_block=3, last_block=5),
+        StageAssignment(stage=1, node_id="c", first_block=0, last_block=3, pipeline=1),
+        StageAssignment(stage=2, node_id="d", first_block=4, last_block=5, pipeline=1)], issued_at=1.0,
+        share_token="token-of-the-test")
+    loop = ControlLoop(ControllerSettings(), 0.3, block_fit(), follow_up_s=5.0)
+    loop.set_placement(placement)
+    accuracy = loop.accuracy_model()
+    assert isinstance(accuracy, ReplicaAccuracy) and accuracy.stage_fit.shares == pytest.approx((2 / 3, 1 / 3))
+
+
 def test_the_control_loop_runs_over_parallel_pipelines(tmp_path):
     """Every node of two pipelines calibrated: the controller runs (per node), instead of refusing the last
     calibration (what made `bench replicas`' parallel strategy wait for a controller that never started)."""

@@ -109,6 +109,36 @@ def hybrid_live(nodes: dict[str, float], arrival_hz: float, slo_s: float = 1.0):
     return live
 
 
+def test_a_hybrid_plan_that_leaves_a_node_out_is_not_made_again_every_tick():
+    """b's whole model (90 ms) does not fit an 80 ms SLO: the plan leaves it out on purpose. Once b had stayed
+    past rejoin_hold_s it counted as joined and every tick re-planned (seconds on many nodes) and re-published
+    the same layout as a new version."""
+    live = hybrid_live({"a": 1.0, "b": 1.5}, arrival_hz=1.0, slo_s=0.08)
+    first = live.tick(1)
+    assert first is not None and first.node_ids() == ["a"]
+    assert live.tick(12) is None and live.tick(13) is None and live.current.version == first.version
+
+
+def test_a_question_with_no_plan_is_not_asked_again_until_something_changes():
+    """Data partitioning where no node holds the whole model: the planner says so, and the next tick asked the
+    same question again (seconds each on many nodes), tick after tick."""
+    from gateway.live_placement import HybridTarget, LivePlacement, PlacementRules, PlanWanted, solve
+    from tests.test_live_placement import offer
+
+    live = LivePlacement(PlacementRules(startup_wait_s=20, rejoin_hold_s=10, min_gain=0.1), "trapnet", "abc",
+                         ["a", "b"], started=0, hybrid=HybridTarget(1.0, 1.0, whole_model=True))
+    for node in ("a", "b"):
+        live.set_status(node, "online", 0)
+        live.set_offer(offer(node).model_copy(update={"memory_mb": 0.001}))  # 6 kB of weights do not fit 1 kB
+    wanted = live.decide(1)
+    assert isinstance(wanted, PlanWanted) and live.take(wanted, solve(wanted), 1) is None
+    assert "no node holds the whole model" in live.last_error
+    assert live.decide(2) is None and live.decide(3) is None
+    live.set_offer(offer("b"))  # b re-offers itself with room for the model: asked again, and placed
+    again = live.decide(4)
+    assert isinstance(again, PlanWanted) and live.take(again, solve(again), 4).node_ids() == ["b"]
+
+
 def test_hybrid_mode_replicates_the_whole_model_when_one_pipeline_cannot_keep_up():
     # six 10 ms blocks: one node serves ~16 frames/s; a pipeline over three is bound by its slowest slice
     # (2 blocks, ~50/s) but three whole-model replicas serve ~50/s too with no transfers: at 40 frames/s the

@@ -30,7 +30,8 @@ TOKEN = "t0k3n-of-the-test"
 class Member:
     """A node-role client in the stage's shared group that acknowledges nothing until told (it holds its input)."""
 
-    def __init__(self, port: int, node: str, session_expiry_s: int, role: str = "node"):
+    def __init__(self, port: int, node: str, session_expiry_s: int, role: str = "node",
+                 receive_maximum: int | None = None):
         self.got: list[int] = []
         self.granted = threading.Event()
         self.refused = threading.Event()
@@ -42,6 +43,8 @@ class Member:
                                                                   else self.granted).set()
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = session_expiry_s
+        if receive_maximum is not None:  # MQTT v5 flow control, as a node with [node] flow_control
+            props.ReceiveMaximum = receive_maximum
         self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
         self.client.loop_start()
         self.client.subscribe(TOPICS.shared(STAGE, TOKEN), qos=1)
@@ -132,6 +135,22 @@ def test_a_member_that_falls_behind_still_gets_every_other_message(fresh_broker)
     wait_until(lambda: len(fast.got) >= 100, 15, "the fast member did not get its half")
     time.sleep(1.0)
     assert len(fast.got) == 100 and len(slow.got) <= 100, (len(fast.got), len(slow.got))
+
+
+def test_with_flow_control_too_the_group_is_dealt_in_turn_not_by_readiness(fresh_broker):
+    """With a receive window of 1 ([node] flow_control) a member holding one unacknowledged message gets no more
+    sent, but Mosquitto still assigns it every other message, queued in its session: the fast member gets half, not
+    all. So parallel pipelines take frames in proportion to their first-stage readers, whatever their speed
+    (gateway/curves.py: PipelineMix; docs/scaling.md)."""
+    port = fresh_broker.port
+    fast, slow = Member(port, "node-1", 3600, receive_maximum=1), Member(port, "node-2", 3600, receive_maximum=1)
+    fast.client.on_message = lambda c, u, msg: (fast.got.append(int(msg.payload)), c.ack(msg.mid, msg.qos))
+    publish(port, range(200))  # each routed on receipt: the group's shares are fixed once this returns
+    wait_until(lambda: len(fast.got) >= 100, 15, "the fast member did not get its half")
+    assert len(slow.got) == 1  # its window: one unacknowledged message at a time
+    drained = drain_session(AUTH[port].settings("gateway", "gateway"), "node-2", [TOPICS.shared(STAGE, TOKEN)])
+    held = sorted(int(p) for _, p, _ in drained)
+    assert len(held) == 100 and sorted(fast.got + held) == list(range(200)), (len(fast.got), len(held))
 
 
 def test_a_hung_members_session_is_taken_over_with_what_it_held_in_order(fresh_broker):
