@@ -10,6 +10,7 @@ logs and adopts the answer.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from gateway.arrival import ArrivalMeter, RateRules, RateTrigger, levels_from_fits
 from gateway.control_loop import ControlLoop
@@ -79,6 +80,8 @@ class RateReplan:
             placement = self.live.adopt_hybrid(plan, now, f"arrival rate {target:.3g}/s")
             outcome = (f"published as placement v{placement.version}" if placement
                        else "nothing moved (the placement already runs it, or one of its nodes left meanwhile)")
+            if self.live.hybrid is not None:  # a node joining later is planned for this rate, not the configured one
+                self.live.hybrid = replace(self.live.hybrid, arrival_hz=target)
         was = "nothing planned for" if previous_hz is None else f"planned for {previous_hz:.3g}/s"
         shown = "" if plan is None else f": {plan.kind}, sustains {plan.sustainable_hz:.3g}/s, " + "; ".join(
             "pipeline " + ", ".join(f"blocks {s.first_block}-{s.last_block} on {'+'.join(s.replicas)} at ratio "

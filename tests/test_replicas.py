@@ -180,3 +180,27 @@ def test_a_hybrid_mode_placement_does_not_depend_on_the_rate_it_is_planned_for(s
     placed = {hz: [(s.nodes, s.first_block, s.last_block) for s in hybrid_live(speeds, hz, slo_s=0.2).tick(1).stages]
               for hz in (0.05, 5.0, 50.0, 5000.0)}
     assert len({repr(p) for p in placed.values()}) == 1
+
+
+def test_after_a_rate_re_plan_is_adopted_later_joins_are_planned_for_that_rate(tmp_path):
+    """Issue 27 item 6: the rate re-planner adopted a plan for the measured rate, but a node joining later was
+    planned for the configured ``hybrid_arrival_hz`` again, undoing it."""
+    from gateway.control_loop import Effects
+    from gateway.hybrid import HybridRequest
+    from gateway.rate_replan import RateReplan, plan_for_rate
+    from shared.settings import GatewaySettings
+
+    live = hybrid_live({"a": 1.0, "b": 1.0, "c": 1.0}, arrival_hz=5.0)
+    assert live.tick(1) is not None
+    settings = GatewaySettings(db_path=tmp_path / "unused.db", nodes=["a", "b", "c"], placement_mode="hybrid",
+                               rate_replan="apply")
+    request = HybridRequest(live.eligible_problem(), 40.0, 1.0)
+    RateReplan(settings, live, 0).apply(2.0, request, plan_for_rate(request), 5.0, Effects())
+    assert live.hybrid.arrival_hz == 40.0  # adopted, or already what runs: either way the site runs for 40/s
+    live.set_status("b", "offline", 3)
+    live.tick(3)
+    live.set_status("b", "online", 4)
+    rejoined = live.tick(20)  # past rejoin_hold_s: b is planned in again, for 40 frames/s
+    expected = hybrid_live({"a": 1.0, "b": 1.0, "c": 1.0}, arrival_hz=40.0).tick(1)
+    assert rejoined is not None and [(s.nodes, s.first_block, s.last_block) for s in rejoined.stages] == [
+        (s.nodes, s.first_block, s.last_block) for s in expected.stages]
