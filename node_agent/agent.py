@@ -7,8 +7,8 @@ Threads: paho's network thread checks each input once (stage, request id, captur
 when the node is idle, serves it there and then: no hand-off in, no wake-up of another thread out
 (docs/architecture.md, "Threads and back-pressure"). Otherwise it queues it; one inference thread
 drains the bounded queue, timely requests first (:mod:`node_agent.deadline_queue`; a full queue
-drops a request and counts it; QoS 1 input comes one at a time, so only QoS 0 input can fill it: a slow node's
-backlog waits in its broker session instead of its memory) and, when
+drops a request and counts it, so a slow node sheds load instead of growing memory; with ``[node] flow_control``
+QoS 1 input comes one at a time, so only QoS 0 input can fill it and a backlog waits in the broker instead) and, when
 :class:`node_agent.calibration.CalibrationSchedule` says a run is due, measures the slice for the
 controller's curves; a stats thread publishes health every few seconds.
 """
