@@ -67,6 +67,7 @@ def test_a_burst_beyond_the_work_queue_waits_in_the_broker_and_is_served(fresh_b
         slow_down(fresh_broker, 50)
         frames = 3 * QUEUE
         send(procs, frames, rate=1000)
+        sent_at = time.time()  # the command goes out now, behind whatever of the burst the node has not taken yet
         slow_down(fresh_broker, 1)
         wait_until(lambda: reader.accounting()["rows"] + reader.accounting()["failures"] == frames, 100,
                    f"frames not settled: {reader.accounting()}")
@@ -74,8 +75,13 @@ def test_a_burst_beyond_the_work_queue_waits_in_the_broker_and_is_served(fresh_b
         assert accounting["failures_by_reason"] == {}, accounting
         assert accounting["accepted"] == accounting["rows"] == frames, accounting
         applied = logged_at(procs.log("node-1"), "emulated slowdown set to 1.00x")
-        after = reader._rows("SELECT COUNT(*) AS n FROM requests WHERE received_ts > ?", (applied,))[0]["n"]
-        assert after >= frames // 2, f"the command came after {frames - after} of {frames} frames of the backlog"
+        count = "SELECT COUNT(*) AS n FROM requests WHERE received_ts > ?"
+        backlog = reader._rows(count, (sent_at,))[0]["n"]  # frames still waiting in the broker when it was sent
+        assert backlog >= 2, f"only {backlog} frames were still waiting: the test proves nothing"
+        after = reader._rows(count, (applied,))[0]["n"]
+        # on the inputs' connection it would come after the whole backlog; on its own, before all but the input
+        # the broker had already sent (a loaded host decides how much of the burst is served before it is sent)
+        assert after >= backlog - 1, f"the command came after {backlog - after} of the {backlog} frames waiting"
     finally:
         procs.stop_all()
 
