@@ -151,6 +151,13 @@ def test_timeline_tells_prunes_from_restores_and_times_the_full_restore():
     assert _full_restore(timeline[:2], end_ts=25.0) is None  # still pruned at the end of the run
     moved = [(5.0, "replace", {}), (33.0, "replace", {})]
     assert _full_restore(moved, end_ts=25.0) == (8.0,)
+    both = [(5.0, "replace", {}), (5.0, "prune", {"a": 0.7}), (20.0, "restore", {"a": 0.0}), (33.0, "replace", {})]
+    assert _full_restore(both, end_ts=25.0) == (8.0,)  # the move back is the last step
+    assert _full_restore(timeline[:1] + [(22.0, "restore", {"a": 0.0})], end_ts=25.0) == (0.0,)  # before the end
+    # restored at 40 s; a prune 20 s later is a re-prune (count_reprunes), not a restore that took 45 s
+    again = timeline + [(60.0, "prune", {"a": 0.1}), (70.0, "restore", {"a": 0.0})]
+    assert _full_restore(again, end_ts=25.0) == (15.0,)
+    assert _full_restore(again[:-1], end_ts=25.0) == (15.0,)
 
 
 def test_a_prune_soon_after_a_restore_is_a_reprune_unless_a_slowdown_began_in_between():

@@ -526,23 +526,20 @@ def count_reprunes(timeline: list[tuple[float, str, dict]], onsets: list[float])
 
 
 def _full_restore(timeline: list[tuple[float, str, dict]], end_ts: float) -> tuple[float] | None:
-    """Seconds from the last slowdown's end until every ratio is 0 again (and the placement moved back)."""
-    ratios_zero_at = None
-    placement_back_at = None
-    replaced = False
+    """Seconds from the last slowdown's end until every ratio is 0 again and the placement has moved back, the
+    first time both hold (0 when they already did at the end); None if that never happens within the run. A prune
+    after it is not a slower restore but a new prune: :func:`count_reprunes` counts it."""
+    replaced, pruned = False, False
     for ts, kind, detail in timeline:
+        if ts >= end_ts and not (replaced or pruned):
+            return (0.0,)
         if kind == "replace":
             replaced = not replaced
-            placement_back_at = ts if not replaced else None
-        elif all(r <= 1e-9 for r in detail.values()):
-            ratios_zero_at = ts
         else:
-            ratios_zero_at = None
-    pruned_ever = any(kind == "prune" for _, kind, _ in timeline)
-    if replaced or (pruned_ever and ratios_zero_at is None):
-        return None
-    done = max([t for t in (ratios_zero_at, placement_back_at) if t is not None], default=end_ts)
-    return (max(0.0, done - end_ts),)
+            pruned = any(r > 1e-9 for r in detail.values())
+        if ts >= end_ts and not (replaced or pruned):
+            return (ts - end_ts,)
+    return None if replaced or pruned else (0.0,)
 
 
 def _predicted_accuracy(reader: Reader, rows: list[dict], settings: ControllerSettings) -> list[float]:
