@@ -144,10 +144,11 @@ class ControlLoop:
                 continue
             self.controller.observe_frame(ts, hop.node_id, hop.compute_s, hop.prune_ratio)
 
-    def observe_arrival(self, ts: float) -> None:
-        """A frame stage 1 accepted: the arrival rate the adaptive controller keeps every stage up with."""
+    def observe_arrival(self, ts: float, capture_ts: float | None = None) -> None:
+        """A frame stage 1 accepted (at ``ts``, captured at ``capture_ts``): the arrival rate the adaptive controller
+        keeps every stage up with."""
         if self.controller:
-            self.controller.observe_arrival(ts)
+            self.controller.observe_arrival(ts, capture_ts)
 
     def observe_stats(self, stats: NodeStats) -> None:
         if self.controller and stats.compute_mean_s is not None:

@@ -91,7 +91,8 @@ class PruningController:
         self._last_action_ts = float("-inf")
         self._watching_since: float | None = None
         self._detector = SlowdownDetector(self.config.detect_frames, self.config.detect_margin)
-        self._arrivals: deque[float] = deque()
+        self._arrivals: deque[float] = deque()  # capture times of the frames stage 1 accepted, in acceptance order
+        self._newest_accepted: tuple[float, float] | None = None  # (accepted, captured) of the newest accepted frame
         self._shares = {node: (arrival_shares or {}).get(node, 1.0) for node in nodes}
         unpruned = accuracy.predictor(self.config.accuracy_model)([0.0] * len(nodes))
         self.accuracy_floor = self.config.accuracy_floor_relative * unpruned
@@ -149,15 +150,26 @@ class PruningController:
         return max(1.0, self._slowdown.get(node_id, 1.0))
 
     def arrival_rate(self, now: float) -> float:
-        """Frames stage 1 accepted per second: over the last ``arrival_window_s``, or over the last
+        """Frames per second the cameras send into stage 1: over the last ``arrival_window_s``, or over the last
         ``burst_window_s`` when that is higher (a burst's rate counts from its first frames, not once it
-        has filled the longer window)."""
+        has filled the longer window).
+
+        Counted by *capture* time, in windows that end where stage 1 has got to: the newest accepted frame's
+        capture plus the time since it was accepted. While stage 1 keeps up that is ``now``. When frames wait in
+        the broker before stage 1 takes them (``[node] flow_control``: one input at a time), acceptances come at
+        the rate stage 1 already serves, but the frames' capture times still carry the cameras' spacing, so the
+        controller sees the rate it must keep up with, not the one it keeps. A camera clock off by a constant
+        cancels out; cameras whose clocks disagree with each other blur the spacing (docs/controller.md)."""
         window, burst = self.config.arrival_window_s, self.config.burst_window_s
-        while self._arrivals and self._arrivals[0] <= now - max(window, burst):
-            self._arrivals.popleft()
-        rate = sum(ts > now - window for ts in self._arrivals) / window
+        front = now
+        if self._newest_accepted is not None:
+            accepted, captured = self._newest_accepted
+            front = captured + max(0.0, now - accepted)
+            while self._arrivals and self._arrivals[0] <= captured - max(window, burst):
+                self._arrivals.popleft()
+        rate = sum(ts > front - window for ts in self._arrivals) / window
         if 0 < burst < window:  # intervals between the window's frames: one frame alone is no rate
-            rate = max(rate, (sum(ts > now - burst for ts in self._arrivals) - 1) / burst)
+            rate = max(rate, (sum(ts > front - burst for ts in self._arrivals) - 1) / burst)
         return rate
 
     def metrics(self, now: float) -> Metrics:
@@ -190,9 +202,13 @@ class PruningController:
         if node_id in self._curves:
             self._detector.observe(ts, node_id, compute_s, self._curves[node_id].predict(ratio))
 
-    def observe_arrival(self, ts: float) -> None:
-        """A frame stage 1 accepted: the arrival rate each stage must keep up with."""
-        self._arrivals.append(ts)
+    def observe_arrival(self, ts: float, capture_ts: float | None = None) -> None:
+        """A frame stage 1 accepted at ``ts``, captured at ``capture_ts`` (default: ``ts``): the arrival rate each
+        stage must keep up with (:meth:`arrival_rate`)."""
+        capture_ts = ts if capture_ts is None else capture_ts
+        self._arrivals.append(capture_ts)
+        if self._newest_accepted is None or ts >= self._newest_accepted[0]:
+            self._newest_accepted = (ts, capture_ts)
 
     def observe_node(self, ts: float, node_id: str, compute_mean_s: float | None, queue_depth: int,
                      applied_ratio: float, decode_mean_s: float | None = None) -> None:

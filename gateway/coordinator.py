@@ -141,7 +141,7 @@ class Coordinator:
     def on_accepted(self, accepted: AcceptedRequest, now: float) -> None:
         if self.data_path.accepted(accepted, now, self._out):
             self.rates.arrivals.add(now)
-            self.control.observe_arrival(now)
+            self.control.observe_arrival(now, accepted.capture_ts)
 
     @_entry
     def on_thumbnail(self, node_id: str, request_id: str, jpeg: bytes, now: float) -> None:

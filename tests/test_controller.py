@@ -579,3 +579,22 @@ def test_a_slowdown_exactly_at_slowdown_gone_counts_as_gone():
     (action,) = fast_restore_at(2.0)
     assert isinstance(action, SetRatios) and action.ratios["node-1"] < 0.5
     assert fast_restore_at(2.5) == []
+
+
+def test_the_arrival_rate_is_the_cameras_rate_while_frames_wait_in_the_broker():
+    """With flow control stage 1 takes a frame only when it is free: acceptances come at its own pace (5/s
+    here) while the cameras send 10/s; the capture times still say 10/s, whatever the cameras' common clock offset."""
+    for offset in (0.0, 100.0, -100.0):
+        controller = PruningController(NODES, FITS, ACCURACY, SLO_S, ADAPTIVE.model_copy(update={"burst_window_s": 0}))
+        for i in range(40):  # captured every 0.1 s from t=0, accepted every 0.2 s: the backlog grows
+            controller.observe_arrival(0.2 * i, 0.1 * i + offset)
+        now = 0.2 * 39 + 0.05
+        assert controller.arrival_rate(now) == pytest.approx(10.0, abs=0.6)
+        assert controller.arrival_rate(now + ADAPTIVE.arrival_window_s + 0.1) == 0.0  # nothing since: no rate
+
+
+def test_without_capture_times_the_arrival_rate_counts_acceptances():
+    controller = PruningController(NODES, FITS, ACCURACY, SLO_S, ADAPTIVE.model_copy(update={"burst_window_s": 0}))
+    for i in range(40):
+        controller.observe_arrival(0.2 * i)
+    assert controller.arrival_rate(0.2 * 39 + 0.05) == pytest.approx(5.0, abs=0.6)
