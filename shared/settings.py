@@ -146,9 +146,9 @@ class NodeSettings(_Section):
                             "dropped, counted and reported (with flow_control it holds only QoS 0 input and an input "
                             "re-sent after a reconnect).")
     flow_control: bool = Field(False, description="Take one QoS 1 input at a time (MQTT v5 Receive Maximum 1), so a "
-                               "backlog waits in the broker and is never dropped; costs the deadline order of a backlog "
-                               "(docs/reliability.md, 'Flow control'); off: the broker sends up to its max_inflight_messages and a full work "
-                               "queue sheds, recorded.")
+                               "backlog waits in the broker and is never dropped; costs the deadline order of a "
+                               "backlog (docs/reliability.md, 'Flow control'); off: the broker sends up to its "
+                               "max_inflight_messages and a full work queue sheds, recorded.")
     deadline_order: bool = Field(True, description="Serve first the requests that can still meet the gateway's SLO "
                                  "(earliest deadline), late ones after them, marked `deferred`; off: arrival order. It "
                                  "orders the work queue: with flow_control a backlog waits in the broker, in order.")
