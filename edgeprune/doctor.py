@@ -300,8 +300,10 @@ def existing_parent(path: Path) -> Path:
 def read_errors(db_path: Path, limit: int = 50) -> list[dict] | None:
     if not db_path.exists():
         return None
+    from gateway.store import connect_read_only
+
     try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        conn = connect_read_only(db_path)
         conn.row_factory = sqlite3.Row
         with conn:
             rows = conn.execute("SELECT ts, component, kind, message FROM errors ORDER BY ts DESC LIMIT ?",

@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from gateway.store import CENTRAL_INDEXES, CENTRAL_RETIRED_INDEXES, CENTRAL_SCHEMA, JsonValue, Store, Table, result_row
+from gateway.store import (
+    CENTRAL_INDEXES,
+    CENTRAL_RETIRED_INDEXES,
+    CENTRAL_SCHEMA,
+    JsonValue,
+    Store,
+    Table,
+    connect_read_only,
+    result_row,
+)
 from shared.schemas import BadMessage, ErrorRecord, NodeProfile, Result, parse_json
 from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILITY_STOPPED, Topics, validate_id
 
@@ -335,7 +344,7 @@ def open_central_for_export(db: str | Path, sites: list[str] | None = None):
         conn = _Qmark(psycopg.connect(str(db), autocommit=True))
         schema = conn.execute("SELECT current_schema()").fetchone()[0]
     else:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        conn = connect_read_only(db)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
         if "site" not in columns:
             conn.close()
@@ -354,7 +363,7 @@ def import_cameras(store: Store, site: str, gateway_db: Path) -> int:
     """A site's camera deployments (its gateway's `cameras` table: location, start, end) into the central store,
     so a Camtrap DP export of that site has its deployments. Returns how many."""
     validate_id("site", site)
-    with sqlite3.connect(f"file:{gateway_db}?mode=ro", uri=True) as conn:
+    with connect_read_only(gateway_db) as conn:
         conn.row_factory = sqlite3.Row
         cameras = [dict(row) for row in conn.execute("SELECT * FROM cameras")]
     now = time.time()

@@ -18,6 +18,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
+from urllib.parse import quote
 
 import sqlite_utils
 from pydantic import TypeAdapter
@@ -512,13 +513,21 @@ class Store:
         self.db.close()
 
 
+def connect_read_only(path: Path | str, timeout: float = 5.0, check_same_thread: bool = True) -> sqlite3.Connection:
+    """The one way to open an SQLite file (a gateway's log, a central store) for reading: read-only, so a reader
+    can never create, lock for writing or change it. The path is quoted into the URI: '#', '?' or '%' in a file
+    name would otherwise end the path and name another file."""
+    uri = f"file:{quote(str(path))}?mode=ro"
+    return sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=check_same_thread)
+
+
 class Reader:
     """Read-only view for the web page, the demo and ecologists' scripts."""
 
     def __init__(self, path: Path):
         if not path.exists():
             raise FileNotFoundError(f"database {path} does not exist yet (is the gateway running?)")
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        conn = connect_read_only(path, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
         missing = set(SCHEMA) - set(self.db.table_names())
         if missing:  # the gateway has created the file but not yet its tables
