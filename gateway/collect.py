@@ -99,9 +99,8 @@ def parse_central(topics: Topics, topic: str, payload: bytes, received_at: float
             raise BadMessage("bad_status", f"{topic}: unknown availability {status[:40]!r}")
         return Row(table, {**where, "component": parts[1], "kind": parts[0], "status": status},
                    parts[1] if parts[0] == "node" else None)
-    record = parse_json(ErrorRecord, payload)
-    return Row(table, {**where, "component": record.component, "ts": record.ts, "topic": record.topic,
-                       "kind": record.kind, "message": record.message, "request_id": record.request_id})
+    # the gateway's own `errors` row (gateway/data_path.py): the record's fields are the table's columns
+    return Row(table, {**where, **parse_json(ErrorRecord, payload).model_dump()})
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------------------------
