@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -298,18 +299,14 @@ def existing_parent(path: Path) -> Path:
 
 
 def read_errors(db_path: Path, limit: int = 50) -> list[dict] | None:
-    if not db_path.exists():
-        return None
+    """The gateway's latest error records, newest first; None without a readable database."""
+    from gateway.store import Reader
+
     try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-        conn.row_factory = sqlite3.Row
-        with conn:
-            rows = conn.execute("SELECT ts, component, kind, message FROM errors ORDER BY ts DESC LIMIT ?",
-                                (limit,)).fetchall()
-        conn.close()
-    except sqlite3.Error:
+        with closing(Reader(db_path)) as reader:
+            return reader.errors(limit)
+    except (FileNotFoundError, sqlite3.Error):  # no file yet, no tables yet, or not a database
         return None
-    return [dict(r) for r in rows]
 
 
 def listen(mqtt_settings: MqttSettings, gateway: GatewaySettings, facts: Facts, connect_s: float,

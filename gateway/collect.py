@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from gateway.store import CENTRAL_INDEXES, CENTRAL_RETIRED_INDEXES, CENTRAL_SCHEMA, JsonValue, Store, Table, result_row
+from gateway.store import (
+    CENTRAL_INDEXES,
+    CENTRAL_RETIRED_INDEXES,
+    CENTRAL_SCHEMA,
+    JsonValue,
+    Store,
+    Table,
+    connect_read_only,
+    result_row,
+)
 from shared.schemas import BadMessage, ErrorRecord, NodeProfile, Result, parse_json
 from shared.topics import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, AVAILABILITY_STOPPED, Topics, validate_id
 
@@ -90,9 +99,8 @@ def parse_central(topics: Topics, topic: str, payload: bytes, received_at: float
             raise BadMessage("bad_status", f"{topic}: unknown availability {status[:40]!r}")
         return Row(table, {**where, "component": parts[1], "kind": parts[0], "status": status},
                    parts[1] if parts[0] == "node" else None)
-    record = parse_json(ErrorRecord, payload)
-    return Row(table, {**where, "component": record.component, "ts": record.ts, "topic": record.topic,
-                       "kind": record.kind, "message": record.message, "request_id": record.request_id})
+    # the gateway's own `errors` row (gateway/data_path.py): the record's fields are the table's columns
+    return Row(table, {**where, **parse_json(ErrorRecord, payload).model_dump()})
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------------------------
@@ -335,7 +343,7 @@ def open_central_for_export(db: str | Path, sites: list[str] | None = None):
         conn = _Qmark(psycopg.connect(str(db), autocommit=True))
         schema = conn.execute("SELECT current_schema()").fetchone()[0]
     else:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        conn = connect_read_only(db)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
         if "site" not in columns:
             conn.close()
@@ -354,7 +362,7 @@ def import_cameras(store: Store, site: str, gateway_db: Path) -> int:
     """A site's camera deployments (its gateway's `cameras` table: location, start, end) into the central store,
     so a Camtrap DP export of that site has its deployments. Returns how many."""
     validate_id("site", site)
-    with sqlite3.connect(f"file:{gateway_db}?mode=ro", uri=True) as conn:
+    with connect_read_only(gateway_db) as conn:
         conn.row_factory = sqlite3.Row
         cameras = [dict(row) for row in conn.execute("SELECT * FROM cameras")]
     now = time.time()

@@ -18,6 +18,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
+from urllib.parse import quote
 
 import sqlite_utils
 from pydantic import TypeAdapter
@@ -512,19 +513,30 @@ class Store:
         self.db.close()
 
 
+def connect_read_only(path: Path | str, timeout: float = 5.0, check_same_thread: bool = True) -> sqlite3.Connection:
+    """The one way to open an SQLite file (a gateway's log, a central store) for reading: read-only, so a reader
+    can never create, lock for writing or change it. The path is quoted into the URI: '#', '?' or '%' in a file
+    name would otherwise end the path and name another file."""
+    uri = f"file:{quote(str(path))}?mode=ro"
+    return sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=check_same_thread)
+
+
 class Reader:
     """Read-only view for the web page, the demo and ecologists' scripts."""
 
     def __init__(self, path: Path):
         if not path.exists():
             raise FileNotFoundError(f"database {path} does not exist yet (is the gateway running?)")
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        conn = connect_read_only(path, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
         missing = set(SCHEMA) - set(self.db.table_names())
         if missing:  # the gateway has created the file but not yet its tables
             conn.close()
             raise FileNotFoundError(f"database {path} has no {', '.join(sorted(missing))} table yet "
                                     "(is the gateway starting?)")
+
+    def close(self) -> None:
+        self.db.close()
 
     def _rows(self, sql: str, params: tuple = (), table: str | None = None) -> list[dict]:
         """Rows as dicts; with ``table``, its JSON columns decoded (see :func:`decode_row`)."""
@@ -650,3 +662,43 @@ class Reader:
     def placement_number(self, version: int) -> int:
         """The placement's ordinal among those stored (its version is a millisecond timestamp, too long to read)."""
         return self.db.execute("SELECT COUNT(*) FROM placements WHERE version <= ?", (version,)).fetchone()[0]
+
+    # --- what the benches ask of a run's log (edgeprune/bench/) --------------------------------------------------
+    def frames(self, camera_id: str | None = None) -> list[dict]:
+        """Every stored frame (or one camera's) by capture time, with the times, hops and ratios a bench scores."""
+        where, params = ("WHERE camera_id = ? ", (camera_id,)) if camera_id is not None else ("", ())
+        return self._rows("SELECT request_id, capture_ts, finish_ts, received_ts, e2e_s, prune_ratios, hops, correct "
+                          f"FROM requests {where}ORDER BY capture_ts, request_id", params, table="requests")
+
+    def calibrated_nodes(self, since_ts: float | None = None) -> set[str]:
+        """Nodes with a latency calibration (measured after ``since_ts``)."""
+        where, params = ("WHERE measured_at > ?", (since_ts,)) if since_ts is not None else ("", ())
+        return {r["node_id"] for r in self._rows(f"SELECT node_id FROM calibrations {where}", params)}
+
+    def calibration_fits(self) -> dict[str, dict]:
+        """Each node's latest calibration fit (``SliceLatencyFit.to_dict``)."""
+        rows = self._rows("SELECT node_id, fit FROM calibrations ORDER BY measured_at", table="calibrations")
+        return {r["node_id"]: r["fit"] for r in rows}
+
+    def errors_of_kind(self, kind: str, after_id: int = 0) -> list[dict]:
+        """Error records of ``kind`` with an id above ``after_id`` (a poller's cursor), oldest first."""
+        return self._rows("SELECT * FROM errors WHERE kind = ? AND id > ? ORDER BY id", (kind, after_id))
+
+    def frame_errors_by_kind(self) -> dict[str, int]:
+        """Error records of frames by kind: those naming a request, but not the control plane's (a refused command,
+        a calibration that could not be fitted)."""
+        rows = self._rows("SELECT kind, COUNT(*) AS n FROM errors WHERE request_id IS NOT NULL AND kind NOT IN "
+                          "('rejected_command', 'bad_calibration') GROUP BY kind")
+        return {r["kind"]: r["n"] for r in rows}
+
+    def accepted_capture_times(self) -> dict[str, float]:
+        """Request id -> capture time of every frame stage 1 accepted (as it announced them)."""
+        return {r["request_id"]: r["capture_ts"] for r in self._rows("SELECT request_id, capture_ts FROM accepted")}
+
+    def prune_history(self) -> list[dict]:
+        """Every prune event, oldest first."""
+        return self._rows("SELECT * FROM prune_events ORDER BY ts, kind", table="prune_events")
+
+    def placement_history(self) -> list[dict]:
+        """Every placement issued, oldest first."""
+        return self._rows("SELECT * FROM placements ORDER BY issued_at, version", table="placements")

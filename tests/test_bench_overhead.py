@@ -25,8 +25,8 @@ def hop(stage: int, received: float, started: float, decode: float, compute: flo
 
 def test_hop_breakdown_splits_decode_from_compute_and_counts_the_rest_as_non_compute():
     rows = [{"capture_ts": 100.0, "finish_ts": 100.0265, "received_ts": 100.030,
-             "hops": json.dumps([hop(1, 100.002, 100.003, 0.001, 0.010, 100.0145),
-                                 hop(2, 100.017, 100.0175, 0.0005, 0.008, 100.0265)])}]
+             "hops": [hop(1, 100.002, 100.003, 0.001, 0.010, 100.0145),
+                      hop(2, 100.017, 100.0175, 0.0005, 0.008, 100.0265)]}]
     parts = {name: figures["p50_ms"] for name, figures in hop_breakdown(rows).items()}
     assert list(parts) == PARTS
     expected = {"transfer to stage 1": 2.0, "stage 1 queue": 1.0, "stage 1 decode": 1.0, "stage 1 compute": 10.0,
@@ -41,8 +41,7 @@ def test_hop_breakdown_splits_decode_from_compute_and_counts_the_rest_as_non_com
 
 def test_hop_breakdown_reads_hops_of_nodes_without_a_decode_time():
     rows = [{"capture_ts": 0.0, "finish_ts": 0.7, "received_ts": 1.0,
-             "hops": json.dumps([{"stage": 1, "received_ts": 0.1, "started_ts": 0.2, "finished_ts": 0.6,
-                                  "published_ts": 0.7}])}]
+             "hops": [{"stage": 1, "received_ts": 0.1, "started_ts": 0.2, "finished_ts": 0.6, "published_ts": 0.7}]}]
     parts = hop_breakdown(rows)
     assert parts["stage 1 decode"]["p50_ms"] == 0.0 and parts["stage 1 compute"]["p50_ms"] == pytest.approx(400)
 

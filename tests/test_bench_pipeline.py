@@ -141,10 +141,10 @@ def test_quick_run_reports_every_frame_sent_the_pruning_and_the_oracles_plan(tmp
 
 
 def test_timeline_tells_prunes_from_restores_and_times_the_full_restore():
-    events = [{"ts": 10.0, "kind": "set", "changed": '{"a": 0.5}', "reason": ""},
-              {"ts": 12.0, "kind": "held", "changed": "{}", "reason": ""},
-              {"ts": 30.0, "kind": "set", "changed": '{"a": 0.2}', "reason": ""},
-              {"ts": 40.0, "kind": "set", "changed": '{"a": 0.0}', "reason": ""}]
+    events = [{"ts": 10.0, "kind": "set", "changed": {"a": 0.5}, "reason": ""},
+              {"ts": 12.0, "kind": "held", "changed": {}, "reason": ""},
+              {"ts": 30.0, "kind": "set", "changed": {"a": 0.2}, "reason": ""},
+              {"ts": 40.0, "kind": "set", "changed": {"a": 0.0}, "reason": ""}]
     timeline = _timeline(events)
     assert [kind for _, kind, _ in timeline] == ["prune", "restore", "restore"]
     assert _full_restore(timeline, end_ts=25.0) == (15.0,)

@@ -157,7 +157,11 @@ def test_parse_central_rows_and_refusals(tmp_path) -> None:
     assert status.values == {"site": "ridge", "component": "pi-b", "kind": "node", "status": "offline",
                              "received_at": 5.0}
     error = ErrorRecord(component="cam", ts=1.0, topic="t", kind="bad_json", message="m")
-    assert parse_central(TOPICS, "sites/ridge/edgeprune/error/cam", to_json(error), 5.0).table == "errors"
+    stored = parse_central(TOPICS, "sites/ridge/edgeprune/error/cam", to_json(error), 5.0)
+    # the gateway's own errors row (every field of the record), keyed by site
+    assert (stored.table, stored.node) == ("errors", None)
+    assert stored.values == {"site": "ridge", "received_at": 5.0, "component": "cam", "ts": 1.0, "topic": "t",
+                             "kind": "bad_json", "message": "m", "request_id": None}
     for topic, payload, kind in [("edgeprune/pipeline/results/pi-a", result(1), "bad_topic"),
                                  ("sites/valley/other/pipeline/results/pi-a", result(1), "bad_topic"),
                                  ("sites/valley/edgeprune/pipeline/results", result(1), "bad_topic"),

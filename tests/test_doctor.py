@@ -11,7 +11,8 @@ import pytest
 from edgeprune.broker import free_port
 from edgeprune.doctor import (FAIL, OK, WARNING, Facts, check_broker, gather, check_clock, check_disk, check_errors,
                               check_gateway, check_membership, check_memory, check_model, check_units, infer_role,
-                              memory_available_mb, report, run_checks)
+                              memory_available_mb, read_errors, report, run_checks)
+from gateway.store import Store
 from shared.schemas import Placement, StageAssignment
 from tests.conftest import STARTUP_S, Processes, component_env, even_split, open_reader, wait_until
 
@@ -128,6 +129,18 @@ def test_error_records_on_the_gateway():
     assert flagged.level == WARNING and "node-2" in flagged.message and "bad_frame" in flagged.message
     old = [{"ts": NOW - 7200, "component": "node-2", "kind": "bad_frame", "message": "x"}]
     assert check_errors(healthy("gateway", errors=old)).level == OK
+
+
+def test_error_records_are_read_newest_first_and_none_without_a_gateway_database(tmp_path):
+    assert read_errors(tmp_path / "missing.db") is None
+    (tmp_path / "garbage.db").write_text("not a database")
+    assert read_errors(tmp_path / "garbage.db") is None
+    store = Store(tmp_path / "g.db")
+    for ts in (3.0, 1.0, 2.0):
+        store.add_error({"ts": ts, "component": "node-2", "topic": "t", "kind": "bad_frame", "message": "m"})
+    store.close()
+    assert [e["ts"] for e in read_errors(tmp_path / "g.db", limit=2)] == [3.0, 2.0]
+    assert not (tmp_path / "missing.db").exists()
 
 
 def test_role_from_installed_units():

@@ -45,7 +45,7 @@ from gateway.export import (
     undescribed_cameras,
 )
 from gateway.operator import LABELS, validate_setting
-from gateway.store import Reader
+from gateway.store import Reader, connect_read_only
 from shared.schemas import GatewayCommand
 from shared.settings import WebSettings
 from web.auth import LoginLimiter, Sessions, local_path, password_ok
@@ -135,7 +135,7 @@ class Page:
 
     def connection(self) -> sqlite3.Connection:
         """A private read-only connection, for a streaming export or one page of detections."""
-        return sqlite3.connect(f"file:{self.settings.db_path}?mode=ro", uri=True)
+        return connect_read_only(self.settings.db_path)
 
     def operator(self) -> str | None:
         return self.sessions.operator(session.get("sid"), self.clock())

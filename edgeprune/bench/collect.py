@@ -153,7 +153,9 @@ class Database:
 
             with psycopg.connect(self.url) as conn:
                 return conn.execute(sql.replace("?", "%s"), params).fetchall()
-        with sqlite3.connect(f"file:{self.url}?mode=ro", uri=True, timeout=30) as conn:
+        from gateway.store import connect_read_only
+
+        with connect_read_only(self.url, timeout=30) as conn:
             return conn.execute(sql, params).fetchall()
 
     def pids(self) -> list[int]:

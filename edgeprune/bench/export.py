@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from gateway.export import Filters, detections_page
-from gateway.store import Store
+from gateway.store import Store, connect_read_only
 
 LABELS = ("zebra", "giraffe", "bird", "dog")
 T0 = 1.78e9
@@ -80,7 +80,7 @@ def run(args) -> dict:
                 peak_mb, seconds = export_peak(db, fmt, Path(tmp) / f"out-{n}-{fmt}")
                 exports.append({"rows": n, "format": fmt, "peak_rss_mb": peak_mb, "seconds": seconds,
                                 "rows_per_s": n / seconds})
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            conn = connect_read_only(db)
             deep = (T0 + n // 10, f"r{n // 10:09d}")  # 90 % of the way back from the newest
             first, last = page_ms(conn, None), page_ms(conn, deep)
             paging.append({"rows": n, "first_page_ms": first, "page_at_90pct_ms": last, "ratio": last / first})

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprune.bench.pipeline import PolicyRun, Scenario, hop_breakdown, query
+from edgeprune.bench.pipeline import PolicyRun, Scenario, hop_breakdown
 from edgeprune.bench.raw_hops import relay_chains
 from gateway.store import Reader
 from shared.settings import MqttSettings
@@ -92,8 +92,7 @@ def _wait_for_calibrations(bench: PolicyRun, timeout_s: float = 240.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         bench._check_alive()
-        done = {r["node_id"] for r in query(Reader(bench.db), "SELECT node_id FROM calibrations")}
-        if set(bench.node_ids) <= done:
+        if set(bench.node_ids) <= Reader(bench.db).calibrated_nodes():
             return
         time.sleep(0.5)
     raise SystemExit(f"the nodes did not calibrate within {timeout_s:.0f} s; see {bench.run_dir}/*.log")
@@ -136,8 +135,7 @@ def _pipeline_frames(bench: PolicyRun, frames: int, rate: float) -> list[dict]:
     rows: list[dict] = []
     deadline = time.monotonic() + 30.0
     while True:
-        latest = query(Reader(bench.db), "SELECT capture_ts, finish_ts, received_ts, e2e_s, hops FROM requests "
-                                         "WHERE camera_id = ? ORDER BY capture_ts", (CAMERA_ID,))
+        latest = Reader(bench.db).frames(CAMERA_ID)
         if len(latest) > len(rows):
             rows, deadline = latest, time.monotonic() + 30.0
         if len(rows) >= frames or time.monotonic() > deadline:

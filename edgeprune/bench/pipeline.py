@@ -183,15 +183,11 @@ class PolicyRun(Demo):
             self._check_alive()
             reader = Reader(self.db)
             status = reader.controller_status() or {}
-            recalibrated = {r["node_id"] for r in query(reader, "SELECT node_id FROM calibrations WHERE "
-                                                                "measured_at > ?", (asked,))}
-            if status.get("enabled") and set(self.scenario.imbalance) <= recalibrated:
+            if status.get("enabled") and set(self.scenario.imbalance) <= reader.calibrated_nodes(since_ts=asked):
                 break
             # on a loaded host a calibration run can be preempted into a curve that cannot be fitted: the
             # gateway rejects it (bad_calibration) and the node must measure again
-            rejected = query(reader, "SELECT id, topic FROM errors WHERE kind = 'bad_calibration' AND id > ?",
-                             (retried_errors,))
-            for row in rejected:
+            for row in reader.errors_of_kind("bad_calibration", after_id=retried_errors):
                 retried_errors = max(retried_errors, row["id"])
                 node_id = row["topic"].split("/")[-2]
                 if node_id in self.scenario.nodes:
@@ -263,9 +259,7 @@ def ratio_problem(reader: Reader, scenario: Scenario, settings: ControllerSettin
     calibrated accuracy of their slices, the scenario's stage budget and floor), at slowdown 1, with the
     placed node ids in stage order."""
     stages = reader.placement()["stages"]
-    fits = {}
-    for row in query(reader, "SELECT node_id, fit FROM calibrations ORDER BY measured_at"):
-        fits[row["node_id"]] = SliceLatencyFit.from_dict(json.loads(row["fit"]))
+    fits = {node_id: SliceLatencyFit.from_dict(fit) for node_id, fit in reader.calibration_fits().items()}
     block_accuracy = load_block_accuracy(None, _fingerprint())
     accuracy = accuracy_for_slices(block_accuracy, [(s["first_block"], s["last_block"]) for s in stages])
     unpruned = accuracy.predictor(settings.accuracy_model)([0.0] * len(stages))
@@ -325,12 +319,6 @@ def oracle_plan(problem: RatioProblem, nodes: list[str], episodes: tuple[Slowdow
     return steps
 
 
-def query(reader: Reader, sql: str, params: tuple = ()) -> list[dict]:
-    cursor = reader.db.execute(sql, params)
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row)) for row in cursor.fetchall()]
-
-
 def _fingerprint() -> str:
     from shared.model import build_model, model_fingerprint
 
@@ -378,30 +366,23 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
               settings: ControllerSettings, sent: dict[str, float] | None = None) -> dict:
     """The issue's metrics for one policy run, from the gateway's SQLite log (and ``sent``: request id -> capture
     time of the frames the camera sent, as the broker delivered them)."""
-    rows = query(reader, "SELECT request_id, capture_ts, finish_ts, received_ts, e2e_s, prune_ratios, hops, correct "
-                        "FROM requests ORDER BY capture_ts")
+    rows = reader.frames()
     latency = np.array([r["e2e_s"] for r in rows])
     met = int((latency <= scenario.slo_s).sum())
     frames = max(frames_sent, len(rows))
     nodes = reader.nodes()
     dropped = sum(n.get("dropped") or 0 for n in nodes)
-    errors: dict[str, int] = {}
-    # frames' errors (they name their request), not the control plane's (a refused command, a session handed back)
-    for e in query(reader, "SELECT kind, COUNT(*) AS n FROM errors WHERE request_id IS NOT NULL AND kind NOT IN "
-                           "('rejected_command', 'bad_calibration') GROUP BY kind"):
-        errors[e["kind"]] = e["n"]
     failed = frames - len(rows)
-    reasons = failure_reasons(failed, dropped, errors)
+    reasons = failure_reasons(failed, dropped, reader.frame_errors_by_kind())
     # a failed frame's capture time: as the camera sent it, else as stage 1 announced it on pipeline/accepted
-    captured = {r["request_id"]: r["capture_ts"] for r in query(reader, "SELECT request_id, capture_ts FROM accepted")}
+    captured = reader.accepted_capture_times()
     captured.update(sent or {})
     served = {r["request_id"] for r in rows}
     failed_series = sorted(round(ts - started_ts, 3) for rid, ts in captured.items() if rid not in served)
 
     predicted = _predicted_accuracy(reader, rows, settings)
     correct = [r["correct"] for r in rows if r["correct"] is not None]
-    events = query(reader, "SELECT ts, kind, changed, reason FROM prune_events ORDER BY ts")
-    everything = _timeline(events)
+    everything = _timeline(reader.prune_history())
     onsets = sorted(started_ts + e.start_s for e in scenario.slowdowns)
     ends = sorted(started_ts + e.end_s for e in scenario.slowdowns)
     timeline = [event for event in everything if event[0] >= started_ts]  # static holds precede the camera
@@ -411,15 +392,13 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
     restore = _full_restore(timeline, ends[-1]) if ends and acted else None
     reprunes = count_reprunes(timeline, onsets)
     span = (rows[-1]["finish_ts"] - rows[0]["capture_ts"]) if len(rows) > 1 else None
-    late = (query(reader, "SELECT COUNT(*) AS n FROM requests WHERE late")[0]["n"]
-            if "late" in {c["name"] for c in query(reader, "PRAGMA table_info(requests)")} else None)
     return {
         "frames": frames, "results": len(rows), "met": met, "attainment": met / frames if frames else None,
         "p50_all_s": percentile_all(latency, failed, 50), "p95_all_s": percentile_all(latency, failed, 95),
         "p99_all_s": percentile_all(latency, failed, 99),
         "p50_s": _percentile(latency, 50), "p95_s": _percentile(latency, 95), "p99_s": _percentile(latency, 99),
         "throughput_fps": len(rows) / span if span else None, "failed": failed, "failed_reasons": reasons,
-        "failed_capture_unknown": failed - len(failed_series), "late": late,
+        "failed_capture_unknown": failed - len(failed_series), "late": reader.accounting()["late"],
         "accuracy_predicted_mean": float(np.mean(predicted)) if predicted else None,
         "accuracy_predicted_worst": float(np.min(predicted)) if predicted else None,
         "accuracy_measured": float(np.mean(correct)) if correct else None,
@@ -442,13 +421,13 @@ def summarise(reader: Reader, scenario: Scenario, started_ts: float, frames_sent
 def _placed_frames(reader: Reader, rows: list[dict]) -> Iterator[tuple[int, list[tuple[dict, dict]]]]:
     """Per stored frame, the version of the placement it ran under (the latest issued before stage 1 received
     it) and its hops each with that placement's stage; frames whose hops do not match its stages are left out."""
-    placements = query(reader, "SELECT version, issued_at, stages FROM placements ORDER BY issued_at")
+    placements = reader.placement_history()
     for r in rows:
-        hops = json.loads(r["hops"])
+        hops = r["hops"]
         in_force = [p for p in placements if p["issued_at"] <= hops[0]["received_ts"]] or placements[:1]
         if not in_force:
             continue
-        stages = json.loads(in_force[-1]["stages"])
+        stages = in_force[-1]["stages"]
         if len(stages) == len(hops):
             yield in_force[-1]["version"], list(zip(hops, stages))
 
@@ -477,10 +456,11 @@ def hop_breakdown(rows: list[dict]) -> dict[str, dict[str, float]]:
     compute (the slice, emulated sleep included) and encode (output to hop record), each transfer (camera ->
     stage 1, stage i -> i+1, last stage -> gateway: serialisation, MQTT, thread hand-offs), the end-to-end
     latency and its non-compute part (end to end minus the stages' compute). End to end here runs to the gateway's
-    receipt (``received_ts``), one hop further than ``e2e_s``, so the parts add up to it."""
+    receipt (``received_ts``), one hop further than ``e2e_s``, so the parts add up to it. ``rows`` as
+    :meth:`gateway.store.Reader.frames` reads them (hops decoded)."""
     parts: dict[str, list[float]] = {}
     for r in rows:
-        hops = json.loads(r["hops"])
+        hops = r["hops"]
         previous = r["capture_ts"]
         compute = 0.0
         for i, hop in enumerate(hops, start=1):
@@ -500,16 +480,17 @@ def hop_breakdown(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def _timeline(events: list[dict]) -> list[tuple[float, str, dict]]:
-    """(ts, prune | restore | replace, detail) from prune_events: a `set` that raises any ratio is a prune."""
+    """(ts, prune | restore | replace, detail) from :meth:`gateway.store.Reader.prune_history`: a `set` that raises
+    any ratio is a prune."""
     out = []
     current: dict[str, float] = {}
     for e in events:
         if e["kind"] == "replace":
             out.append((e["ts"], "replace", {"reason": e["reason"]}))
             continue
-        if e["kind"] != "set" or not e["changed"]:
+        if e["kind"] != "set" or e["changed"] is None:
             continue
-        changed = json.loads(e["changed"])
+        changed = e["changed"]
         raised = any(r > current.get(n, 0.0) + 1e-9 for n, r in changed.items())
         current.update(changed)
         out.append((e["ts"], "prune" if raised else "restore", dict(current)))
@@ -754,8 +735,7 @@ def _saturation_step(bench: PolicyRun, index: int, rate: float, step_s: float) -
     sent = max(5, int(rate * step_s))
     bench.procs[-1][1].wait(timeout=step_s * 4 + 120)
     time.sleep(3.0)  # the queue drains
-    rows = query(Reader(bench.db), "SELECT capture_ts, finish_ts, received_ts, e2e_s, hops FROM requests "
-                                   "WHERE camera_id = ? ORDER BY capture_ts", (camera,))
+    rows = Reader(bench.db).frames(camera)
     latency = np.array([r["e2e_s"] for r in rows])
     quarter = max(1, latency.size // 4)
     stable = latency.size > 0 and (np.median(latency[-quarter:]) <= 2 * np.median(latency[:quarter]) + 0.05)

@@ -20,7 +20,6 @@ planner's solve time for 10, 20 and 50 distinct nodes.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprune.bench.pipeline import PolicyRun, Scenario, query
+from edgeprune.bench.pipeline import PolicyRun, Scenario
 from gateway.store import Reader
 
 STRATEGIES = ("pipeline", "data", "hybrid", "parallel", "hybrid+prune")
@@ -120,13 +119,11 @@ class StrategyRun(PolicyRun):
         while time.monotonic() < deadline and Reader(self.db).accounting()["in_flight"] > 0:
             time.sleep(0.5)
         time.sleep(1.0)
-        reader = Reader(self.db)
-        rows = query(reader, "SELECT capture_ts, finish_ts, e2e_s, correct, prune_ratios FROM requests "
-                             "WHERE camera_id = ? ORDER BY capture_ts", (camera,))
+        rows = Reader(self.db).frames(camera)
         latency = np.array([r["e2e_s"] for r in rows])
         correct = [r["correct"] for r in rows if r["correct"] is not None]
         span = rows[-1]["finish_ts"] - rows[0]["capture_ts"] if len(rows) > 1 else None
-        ratios = [r for row in rows for r in json.loads(row["prune_ratios"])]
+        ratios = [r for row in rows for r in row["prune_ratios"]]
         return {"arrival_hz": rate, "sent": sent, "results": len(rows),
                 "attainment": float((latency <= self.scenario.slo_s).sum()) / sent,
                 "throughput_hz": len(rows) / span if span else None,

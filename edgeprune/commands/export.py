@@ -22,7 +22,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import sqlite3
     import sys
     import time
 
@@ -36,6 +35,7 @@ def run(args) -> int:
         undescribed_cameras,
         write_camtrap_dp,
     )
+    from gateway.store import connect_read_only
 
     if not is_postgres(args.db) and not Path(args.db).exists():
         print(f"edgeprune export: no database at {args.db}", file=sys.stderr)
@@ -52,7 +52,7 @@ def run(args) -> int:
             print(f"edgeprune export: {args.db} is one site's gateway log, not a central store: no --site",
                   file=sys.stderr)
             return 2
-        conn = sqlite3.connect(f"file:{args.db}?mode=ro", uri=True)
+        conn = connect_read_only(args.db)
     try:
         if args.format == "csv":
             out = sys.stdout if str(args.out) == "-" else open(args.out, "w", encoding="utf-8", newline="")
