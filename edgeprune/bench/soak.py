@@ -200,8 +200,9 @@ class Camera:
         self._acks = threading.Lock()
         self._refused_mids: list[int] = []
 
-    def send(self, phase: str, count: int = 1) -> mqtt.MQTTMessageInfo:
+    def send(self, phase: str, count: int = 1) -> mqtt.MQTTMessageInfo | None:
         """``count`` frames back to back; the last one's publish info (to wait until the broker has them)."""
+        info = None
         with self._lock:
             first = self.attempted.get(phase, 0)
             for n in range(first, first + count):
@@ -366,7 +367,12 @@ def inject(site: Site, fault: str, args, camera: Camera, findings: dict) -> None
         if not replicas:
             return
         victim = findings["victim"] = replicas[-1]
-        camera.send(fault, args.burst).wait_for_publish(30)  # at the broker, shared out: the victim holds some
+        last = camera.send(fault, args.burst)
+        try:
+            if last:
+                last.wait_for_publish(30)  # at the broker, shared out: the victim's session holds some
+        except RuntimeError:  # sent while the camera was disconnected: paho sends it on reconnecting
+            pass
         site.kill(victim)
         time.sleep(down_s)
         site.start_component(victim)
