@@ -100,6 +100,7 @@ class Bus:
         self.manual_ack = manual_ack
         self.receive_maximum = receive_maximum
         self._handlers: dict[str, tuple[Handler, SubscribeOptions]] = {}
+        self._routes: dict[str, Callable] = {}  # filter -> its dispatch (paho routes by _routing_filter)
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._resubscribing: set[int] = set()  # SUBSCRIBE packet ids of this connect's subscriptions not yet acked
@@ -246,6 +247,7 @@ class Bus:
         options = SubscribeOptions(qos=qos, retainAsPublished=data or refused_retained is not None)
         with self._lock:
             self._handlers[topic_filter] = (handler, options)
+            self._routes[topic_filter] = dispatch
         self.client.message_callback_add(_routing_filter(topic_filter), dispatch)
         if self._connected.is_set():
             with self._lock:  # registered before paho's thread can handle the SUBACK
@@ -267,9 +269,17 @@ class Bus:
             subscribed()
 
     def unsubscribe(self, topic_filter: str) -> None:
+        """Drop ``topic_filter``. A plain and a shared subscription of one topic have one route in paho (a shared
+        one's messages carry the plain topic): the one left keeps it, or its messages would go unrouted."""
+        routing = _routing_filter(topic_filter)
         with self._lock:
             self._handlers.pop(topic_filter, None)
-        self.client.message_callback_remove(_routing_filter(topic_filter))
+            self._routes.pop(topic_filter, None)
+            left = [dispatch for other, dispatch in self._routes.items() if _routing_filter(other) == routing]
+        if left:
+            self.client.message_callback_add(routing, left[-1])
+        else:
+            self.client.message_callback_remove(routing)
         self.client.unsubscribe(topic_filter)
 
     def fits(self, topic: str, payload: bytes, user: dict[str, str] | None = None) -> bool:

@@ -1,13 +1,25 @@
 """The soak's settling (it reports a phase only once every frame sent is a row or a recorded failure, or, after a
-bounded wait, says how many are still open) and its forged phase's catalogue, against a real broker."""
+bounded wait, says how many are still open), its per-phase accounting and drop attribution, and its forged phase's
+catalogue and a broker-side queue drop, against a real broker."""
 
 from __future__ import annotations
 
+import threading
+import time
+
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edgeprune.bench import intruder
-from edgeprune.bench.soak import settle
-from tests.conftest import AUTH
+from edgeprune.bench.soak import (CAMERA, Camera, Site, accounting, broker_drop_notices, handed_over, settle,
+                                  with_broker_drops)
+from gateway.store import Reader, Store, result_row
+from shared.topics import Topics
+from tests.conftest import AUTH, wait_until
+from tests.test_gateway_logic import _result
 
 
 def row(attempted: int, accepted: int, rows: int, failures: int) -> dict:
@@ -64,3 +76,94 @@ def test_the_forged_verdict_lists_what_got_through():
     assert summary["forged_refused_by_broker"] == 1 and summary["forged_should_be_refused"] == 2
     assert summary["forged_not_refused"] == ["node-1 -> t/b"]
     assert summary["forged_delivered_to_gateway"] == 1 and summary["forged_rejected_recorded"] == 1
+
+
+def test_the_accounting_names_lost_dropped_and_frames_that_never_reached_stage_1(tmp_path):
+    """10 sent: 6 accepted (3 rows, 1 dropped, 1 lost, 1 in flight), 4 never seen by the gateway at all (what a
+    broker-side drop leaves)."""
+    store = Store(tmp_path / "g.db")
+    for n in range(6):
+        store.add_accepted({"request_id": f"burst-{n:06d}", "camera_id": "cam", "node_id": "node-1",
+                            "capture_ts": 10.0 + n, "received_ts": 10.0 + n})
+    for n in range(3):
+        store.add_request({**result_row(_result(f"burst-{n:06d}", 10.0 + n)), "received_ts": 10.5 + n})
+    for n, reason in ((3, "dropped"), (4, "lost")):
+        store.add_failure({"request_id": f"burst-{n:06d}", "ts": 20.0, "reason": reason, "component": "node-1",
+                           "node_id": "node-1", "message": reason})
+    store.add_accepted({"request_id": "forged-000000", "camera_id": "cam", "node_id": "node-1", "capture_ts": 1.0,
+                        "received_ts": 1.0})  # another phase's frame is not counted
+    store.flush()
+    row = accounting(Reader(tmp_path / "g.db"), "burst", 10, fault_ts=9.0)
+    assert (row["rows"], row["failures"], row["lost"], row["dropped"]) == (3, 2, 1, 1)
+    assert (row["unaccounted"], row["in_flight"], row["never_reached"]) == (5, 1, 4)
+    assert row["recovery_s"] == pytest.approx(1.5)
+
+
+LOG = """1796665000: New client connected from 127.0.0.1:43955 as node-1 (p5, c0, k60).
+1796665005: Outgoing messages are being dropped for client node-1.
+1796665050: Outgoing messages are being dropped for client gateway.
+1796665090: Outgoing messages are being dropped for client node-2.
+"""
+
+
+def test_broker_drop_notices_are_read_from_the_phase_s_part_of_the_broker_log():
+    assert broker_drop_notices(LOG, 1796665004.6, 1796665060.0) == ["gateway", "node-1"]
+    assert broker_drop_notices(LOG, 1796665060.0, 1796665080.0) == []
+
+
+def test_frames_that_never_reached_stage_1_are_broker_drops_only_when_the_broker_logged_one():
+    row = {"never_reached": 14}
+    assert with_broker_drops(row, ["node-1"], refused=2)["broker_dropped"] == 12
+    assert with_broker_drops(row, ["node-1"], refused=2)["broker_refused"] == 2
+    unexplained = with_broker_drops(row, [], refused=0)  # e.g. still queued when the settle gave up: unaccounted only
+    assert (unexplained["broker_dropped"], unexplained["broker_drop_notices"]) == (0, "")
+
+
+def test_handed_over_sums_the_gateway_s_handover_records():
+    message = ("node-2 (edgeprune/camera/+/frame) is gone: {} inputs its session held were taken back, {} re-sent to "
+               "the stages that read them now, 0 waiting for a placement with a stage for them; 0 other messages "
+               "dropped; its session ended")
+    assert handed_over([message.format(7, 7), message.format(2, 2), "unrelated"]) == 9
+    assert handed_over([]) == 0
+
+
+@pytest.mark.integration
+def test_a_frame_beyond_the_broker_s_queue_is_acknowledged_to_the_camera_and_only_logged(tmp_path):
+    """How a broker-side drop shows up, which the burst phase relies on: the camera's PUBACKs all succeed (nothing
+    refused), the broker logs a drop notice naming the subscriber, and the subscriber receives the one in flight
+    plus max_queued_messages: the rest never reach it."""
+    site = Site(tmp_path / "site")
+    site.broker_settings = site.broker_settings.model_copy(update={"max_queued_messages": 5})
+    site.start_broker()
+    node = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="node-1", protocol=mqtt.MQTTv5, manual_ack=True)
+    node.username_pw_set("node-1", site.credentials.password("node-1"))
+    received, subscribed = [], threading.Event()
+    node.on_message = lambda client, userdata, message: received.append(message)  # never acknowledged: a hung stage
+    node.on_subscribe = lambda *a: subscribed.set()
+    window = Properties(PacketTypes.CONNECT)
+    window.ReceiveMaximum, window.SessionExpiryInterval = 1, 3600
+    camera = None
+    try:
+        node.connect("127.0.0.1", site.port, clean_start=False, properties=window)
+        node.loop_start()
+        node.subscribe(Topics().camera_frame(CAMERA), qos=1)
+        assert subscribed.wait(10)
+        camera = Camera(site, seed=0)
+        wait_until(camera.client.is_connected, 10, "the camera did not connect")
+        since = time.time()
+        camera.send("burst", 20).wait_for_publish(10)
+        assert camera.attempted == {"burst": 20} and camera.refused("burst") == 0  # PUBACKs come in order
+        log = site.run_dir / "mosquitto.log"
+        wait_until(lambda: broker_drop_notices(log.read_text(), since, since + 60) == ["node-1"], 10,
+                   f"no drop notice: {log.read_text()[-400:]}")
+        node.on_message = lambda client, userdata, message: (received.append(message), client.ack(message.mid, 1))
+        for message in list(received):
+            node.ack(message.mid, 1)
+        wait_until(lambda: len(received) >= 6, 10, f"{len(received)} delivered")
+        assert len(received) == 6  # 1 in flight + 5 queued; 14 dropped
+    finally:
+        if camera:
+            camera.close()
+        node.loop_stop()
+        node.disconnect()
+        site.stop()

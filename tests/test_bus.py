@@ -24,6 +24,7 @@ class Wired:
         self.acked: list[int] = []
         self.published: list[str] = []
         monkeypatch.setattr(self.bus.client, "message_callback_add", lambda sub, cb: self.routes.__setitem__(sub, cb))
+        monkeypatch.setattr(self.bus.client, "message_callback_remove", lambda sub: self.routes.pop(sub, None))
         monkeypatch.setattr(self.bus.client, "ack", lambda mid, qos: self.acked.append(mid))
         monkeypatch.setattr(self.bus, "publish", lambda topic, *args, **kwargs: self.published.append(topic))
 
@@ -163,3 +164,21 @@ def test_a_second_connection_has_its_own_client_id_and_no_will(monkeypatch):
     monkeypatch.setattr(control.client, "loop_stop", lambda: None)
     control.stop()
     assert published == []  # no `stopped` on an availability topic it does not have
+
+
+@pytest.mark.parametrize("dropped", ["plain", "shared"])
+def test_dropping_a_plain_or_shared_subscription_keeps_the_other_of_the_same_topic_routed(monkeypatch, dropped):
+    """A node whose stage's input becomes shared (or stops being) subscribes the new filter ahead and then drops the
+    old one. Both route the same topic in paho (a shared subscription's messages carry the plain topic): dropping one
+    removed the other's route too, and its messages were acknowledged unserved as unrouted (the soak's
+    replica_death phase: one replica's 34 frames of 194 without a trace)."""
+    wired = Wired(monkeypatch)
+    plain, shared = "edgeprune/camera/+/frame", "$share/g/edgeprune/camera/+/frame"
+    handled = []
+    wired.bus.subscribe(plain, lambda t, p, u: handled.append("plain"))
+    wired.bus.subscribe(shared, lambda t, p, u: handled.append("shared"))
+    wired.bus.unsubscribe(plain if dropped == "plain" else shared)
+    wired.deliver("edgeprune/camera/cam-1/frame", mid=7)
+    assert handled == ["shared" if dropped == "plain" else "plain"]
+    wired.bus.unsubscribe(shared if dropped == "plain" else plain)
+    assert wired.routes == {}

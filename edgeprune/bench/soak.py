@@ -1,6 +1,6 @@
 """Soak: the pipeline under a bursty camera trace through node kills and hangs, a broker restart, a
-gateway restart, bad frames and forged messages from every role; where every frame went, per fault (attempted =
-rows + failures + unaccounted).
+gateway restart, one large burst, bad frames, forged messages from every role and a replica's death; where every
+frame went, per fault (attempted = rows + failures + unaccounted).
 
 One phase per fault, each ``--minutes / 4`` long: frames flow, the fault hits a quarter into the phase,
 the pipeline recovers, then the phase drains. Frames are published by this process as camera
@@ -11,12 +11,28 @@ After the gateway restart, ``controller_enabled_s`` is how long until its prunin
 ``bad_input`` phase sends :data:`BAD_FRAMES` among the good ones (each must end as a recorded failure); the
 ``forged`` phase tries every forgery of :mod:`edgeprune.bench.intruder` (each refused by the broker, or rejected
 by the gateway with a recorded reason, nothing stored).
+
+``burst`` sends ``--big-burst`` frames back to back at the fault time. Drops are counted where they happen: a full
+work queue is a recorded failure (``dropped``); a frame beyond the broker's own per-client queue
+(``[broker] max_queued_messages``) is dropped by Mosquitto, which still acknowledges it to the camera (PUBACK 0,
+measured) and only logs "Outgoing messages are being dropped for client X" once per episode, so ``broker_dropped``
+is the frames the camera had acknowledged that never reached stage 1, counted only when the broker logged such a
+notice in the phase (``broker_drop_notices``: the clients it named); ``broker_refused`` is a PUBACK failure code.
+
+``replica_death`` needs a replicated stage, which the other phases must not have (a killed or hung stage would be a
+replica's death too). So it runs last, and before it (not counted) the gateway is restarted with
+``placement_mode = "data"``: the same two nodes become replicas of one stage (as in tests/test_replicas_e2e.py); a
+third node would add nothing but load. A quarter in, a regular ``--burst`` is sent (so the victim's session holds
+frames), then one replica is SIGKILLed and restarted after ``--down-s``; what it held must be re-served by the
+survivor (``handed_over``: the inputs the gateway took back from its session), a frame served by both is a
+``duplicate``.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -39,7 +55,9 @@ from gateway.store import Reader
 from shared.settings import BrokerSettings
 from shared.topics import Topics
 
-FAULTS = ["node_kill", "node_hang", "broker_restart", "gateway_restart", "bad_input", "forged"]
+# replica_death last: the site is re-placed with replicated stages for it (module docstring)
+FAULTS = ["node_kill", "node_hang", "broker_restart", "gateway_restart", "burst", "bad_input", "forged",
+          "replica_death"]
 CAMERA = "cam-soak"
 # what a broken or hostile camera sends as a frame: each must be recorded as a failure with its request id
 BAD_FRAMES = {"empty": b"", "text": b"not an image at all", "truncated_jpeg": None, "random_bytes": None,
@@ -52,6 +70,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rate", type=float, default=4.0, help="mean frames per second between bursts")
     parser.add_argument("--burst", type=int, default=30, help="frames sent back to back every --burst-every s")
     parser.add_argument("--burst-every", type=float, default=20.0)
+    parser.add_argument("--big-burst", type=int, default=400, help="frames sent back to back by the burst phase")
     parser.add_argument("--down-s", type=float, default=5.0, help="how long a killed or hung part stays down")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--flow-control", action="store_true",
@@ -141,6 +160,22 @@ class Site:
         placement = reader.placement() if reader else None
         return [s["node_id"] for s in placement["stages"]] if placement else []
 
+    def replicas(self) -> list[str]:
+        """The nodes of the placement's first replicated stage (none: no stage has replicas)."""
+        reader = self.reader()
+        placement = reader.placement() if reader else None
+        for stage in placement["stages"] if placement else []:
+            if stage.get("replicas"):
+                return [stage["node_id"], *stage["replicas"]]
+        return []
+
+    def replicate(self) -> None:
+        """Restart the gateway (cleanly) placing in ``data`` mode: every node a replica of one stage."""
+        self.sample_rss()
+        stop_process(self.procs["gateway"])
+        self.env["EDGEPRUNE_GATEWAY_PLACEMENT_MODE"] = "data"
+        self.start_component("gateway")
+
 
 class Camera:
     """Publishes the bursty trace as one camera; counts every frame it tried to send."""
@@ -152,28 +187,54 @@ class Camera:
         self.client.connect_async("127.0.0.1", site.port)
         self.client.loop_start()
         self.topic = Topics().camera_frame(CAMERA)
+        self.client.on_publish = self._on_puback
         rng = np.random.default_rng(seed)
         self.frames = [camera_frame(rng, 96, "jpeg") for _ in range(8)]
         self.random = random.Random(seed)
+        # the trace and the injector thread (bursts, bad frames) both send: numbering and counts under one lock
+        self._lock = threading.Lock()
         self.attempted: dict[str, int] = {}
+        self._phase_of: dict[int, str] = {}  # mid -> phase
+        # PUBACKs with a failure reason code; a lock of their own, since paho calls on_publish holding the lock its
+        # publish() takes: waiting there for ``_lock`` (held around publish) would deadlock
+        self._acks = threading.Lock()
+        self._refused_mids: list[int] = []
 
-    def send(self, phase: str) -> None:
-        n = self.attempted.get(phase, 0)
-        self._publish(f"{phase}-{n:06d}", self.frames[n % len(self.frames)])
-        self.attempted[phase] = n + 1
+    def send(self, phase: str, count: int = 1) -> mqtt.MQTTMessageInfo | None:
+        """``count`` frames back to back; the last one's publish info (to wait until the broker has them)."""
+        info = None
+        with self._lock:
+            first = self.attempted.get(phase, 0)
+            for n in range(first, first + count):
+                info = self._publish(phase, f"{phase}-{n:06d}", self.frames[n % len(self.frames)])
+            self.attempted[phase] = first + count
+        return info
 
     def send_bad(self, phase: str) -> int:
         """Each of :data:`BAD_FRAMES` once (request ids ``<phase>-bad-<kind>``); they count as attempted."""
         made = {"truncated_jpeg": self.frames[0][:64], "random_bytes": self.random.randbytes(2048)}
-        for kind, payload in BAD_FRAMES.items():
-            self._publish(f"{phase}-bad-{kind}", made.get(kind, payload))
-        self.attempted[phase] = self.attempted.get(phase, 0) + len(BAD_FRAMES)
+        with self._lock:
+            for kind, payload in BAD_FRAMES.items():
+                self._publish(phase, f"{phase}-bad-{kind}", made.get(kind, payload))
+            self.attempted[phase] = self.attempted.get(phase, 0) + len(BAD_FRAMES)
         return len(BAD_FRAMES)
 
-    def _publish(self, request_id: str, payload: bytes) -> None:
+    def _publish(self, phase: str, request_id: str, payload: bytes) -> mqtt.MQTTMessageInfo:
         props = Properties(PacketTypes.PUBLISH)
         props.UserProperty = [("request_id", request_id)]
-        self.client.publish(self.topic, payload, qos=1, properties=props)
+        info = self.client.publish(self.topic, payload, qos=1, properties=props)
+        self._phase_of[info.mid] = phase
+        return info
+
+    def _on_puback(self, client, userdata, mid, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            with self._acks:
+                self._refused_mids.append(mid)
+
+    def refused(self, phase: str) -> int:
+        """The phase's frames the broker refused (a PUBACK failure reason code)."""
+        with self._lock, self._acks:
+            return sum(self._phase_of.get(mid) == phase for mid in self._refused_mids)
 
     def run(self, phase: str, seconds: float, rate: float, burst: int, burst_every: float) -> None:
         end = time.monotonic() + seconds
@@ -200,13 +261,44 @@ def accounting(reader: Reader, phase: str, attempted: int, fault_ts: float) -> d
                            "(SELECT 1 FROM requests r WHERE r.request_id = f.request_id) GROUP BY reason", like)
     accepted = reader._rows("SELECT COUNT(*) AS n FROM accepted WHERE request_id LIKE ?", like)[0]["n"]
     duplicates = reader._rows("SELECT COUNT(*) AS n FROM duplicates WHERE request_id LIKE ?", like)[0]["n"]
+    traced = reader._rows("SELECT COUNT(*) AS n FROM (SELECT request_id FROM accepted WHERE request_id LIKE ? UNION "
+                          "SELECT request_id FROM requests WHERE request_id LIKE ? UNION "
+                          "SELECT request_id FROM failures WHERE request_id LIKE ?)", like * 3)[0]["n"]
     first = reader._rows("SELECT MIN(r.received_ts) AS t FROM requests r JOIN accepted a USING (request_id) "
                          "WHERE r.request_id LIKE ? AND a.received_ts >= ?", (*like, fault_ts))[0]["t"]
+    by_reason = {r["reason"]: r["n"] for r in reasons}
     return {"fault": phase, "attempted": attempted, "accepted": accepted, "rows": rows, "failures": failures,
             "unaccounted": attempted - rows - failures, "in_flight": accepted - rows - failures,
-            "duplicates": duplicates,
-            "failure_reasons": ", ".join(f"{r['reason']}:{r['n']}" for r in reasons),
+            "never_reached": attempted - traced, "lost": by_reason.get("lost", 0),
+            "dropped": by_reason.get("dropped", 0), "duplicates": duplicates,
+            "failure_reasons": ", ".join(f"{reason}:{n}" for reason, n in by_reason.items()),
             "recovery_s": round(first - fault_ts, 2) if first else None}
+
+
+BROKER_DROP_NOTICE = re.compile(r"^(\d+): Outgoing messages are being dropped for client (\S+?)\.?$", re.MULTILINE)
+
+
+def broker_drop_notices(log_text: str, since: float, until: float) -> list[str]:
+    """The clients Mosquitto's log (``log_timestamp``: epoch seconds) says it dropped messages for between
+    ``since`` and ``until``: its only trace of a full per-client queue (once per episode, not per message)."""
+    return sorted({m[2] for m in BROKER_DROP_NOTICE.finditer(log_text) if since - 1 <= int(m[1]) <= until})
+
+
+def with_broker_drops(row: dict, notices: list[str], refused: int) -> dict:
+    """The phase's frames the broker refused (a PUBACK failure code) or dropped: those it acknowledged that never
+    reached stage 1 (``never_reached``) count as ``broker_dropped`` only if the broker logged a drop in the phase;
+    without one they are only unaccounted (e.g. still queued when the settle gave up)."""
+    dropped = row["never_reached"] - refused if notices else 0
+    return {**row, "broker_refused": refused, "broker_dropped": max(dropped, 0),
+            "broker_drop_notices": ", ".join(notices)}
+
+
+HANDOVER = re.compile(r"is gone: (\d+) inputs its session held")
+
+
+def handed_over(messages: list[str]) -> int:
+    """Inputs the gateway took back from gone nodes' sessions, summed over its ``handover`` records."""
+    return sum(int(m[1]) for m in map(HANDOVER.search, messages) if m)
 
 
 def bad_input_accounting(reader: Reader, phase: str) -> dict:
@@ -241,9 +333,10 @@ def controller_enabled_after(site: Site, since: float, timeout_s: float = 120.0)
     return None
 
 
-def inject(site: Site, fault: str, down_s: float, camera: Camera, findings: dict) -> None:
-    """Apply one fault and undo it after ``down_s`` (in this thread: the camera keeps sending meanwhile); what it
-    measures itself goes into ``findings``."""
+def inject(site: Site, fault: str, args, camera: Camera, findings: dict) -> None:
+    """Apply one fault and undo it after ``args.down_s`` (in this thread: the camera keeps sending meanwhile); what
+    it measures itself goes into ``findings``."""
+    down_s = args.down_s
     stages = site.stages() or site.node_ids
     if fault == "node_kill":
         victim = stages[-1]
@@ -266,6 +359,23 @@ def inject(site: Site, fault: str, down_s: float, camera: Camera, findings: dict
         started = time.time()
         site.start_component("gateway")
         findings["controller_enabled_s"] = controller_enabled_after(site, started)
+    elif fault == "burst":
+        camera.send(fault, args.big_burst)
+    elif fault == "replica_death":
+        replicas = site.replicas()
+        findings["replicas"] = ", ".join(replicas)
+        if not replicas:
+            return
+        victim = findings["victim"] = replicas[-1]
+        last = camera.send(fault, args.burst)
+        try:
+            if last:
+                last.wait_for_publish(30)  # at the broker, shared out: the victim's session holds some
+        except RuntimeError:  # sent while the camera was disconnected: paho sends it on reconnecting
+            pass
+        site.kill(victim)
+        time.sleep(down_s)
+        site.start_component(victim)
     elif fault == "bad_input":
         camera.send_bad(fault)
     elif fault == "forged":
@@ -302,6 +412,11 @@ def extra_findings(site: Site, fault: str, findings: dict, fault_ts: float) -> d
         return bad_input_accounting(reader, fault)
     if fault == "forged" and reader:
         return forged_accounting(reader, findings.get("forged", []), fault_ts)
+    if fault == "replica_death" and reader:
+        messages = [r["message"] for r in reader._rows("SELECT message FROM errors WHERE kind = 'handover' AND "
+                                                       "ts >= ?", (fault_ts,))]
+        return {"replicas": findings.get("replicas"), "victim": findings.get("victim"),
+                "handed_over": handed_over(messages)}
     return {}
 
 
@@ -330,10 +445,18 @@ def run(args) -> dict:
             raise SystemExit(f"the pipeline did not form within 180 s; see {site.run_dir}/*.log")
         camera = Camera(site, args.seed)
         for fault in FAULTS:
+            if fault == "replica_death":
+                print(f"{fault}: re-placing the two nodes as replicas of one stage", flush=True)
+                site.replicate()
+                if not wait_for(lambda: len(site.replicas()) == 2, 180):
+                    print(f"{fault}: no replicated stage within 180 s, phase skipped", flush=True)
+                    faults.append({"fault": fault, "skipped": "no replicated stage within 180 s"})
+                    continue
             print(f"{fault}: {phase_s:.0f} s of traffic, the fault a quarter in", flush=True)
-            fault_ts = time.time() + phase_s / 4
+            phase_start = time.time()
+            fault_ts = phase_start + phase_s / 4
             findings: dict = {}
-            injector = threading.Timer(phase_s / 4, inject, (site, fault, args.down_s, camera, findings))
+            injector = threading.Timer(phase_s / 4, inject, (site, fault, args, camera, findings))
             injector.daemon = True  # Ctrl-C must not wait for (or leave behind) a pending fault
             injector.start()
             camera.run(fault, phase_s, args.rate, args.burst, args.burst_every)
@@ -345,6 +468,9 @@ def run(args) -> dict:
                 return reader and accounting(reader, fault, camera.attempted.get(fault, 0), fault_ts)
             # each frame ends as a result, a failure report or, at the latest, the gateway's result timeout
             row = settle(read, args.settle_s)
+            notices = broker_drop_notices((site.run_dir / "mosquitto.log").read_text(errors="replace"),
+                                          phase_start, time.time())
+            row = with_broker_drops(row, notices, camera.refused(fault))
             if row["unaccounted"]:
                 print(f"{fault}: {row['unaccounted']} frames still unsettled after {args.settle_s:g} s "
                       f"({row['in_flight']} of them accepted)", flush=True)
