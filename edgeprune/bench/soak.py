@@ -7,7 +7,7 @@ the pipeline recovers, then the phase drains. Frames are published by this proce
 ``cam-soak`` (QoS 1, request id ``<fault>-<n>``), so *attempted* is exact; rows and failures come from
 the gateway's database. ``recovery_s`` is the time from the fault to the first stored result of a frame
 sent after it. ``max_rss_mb`` is each process's peak resident memory (VmHWM), the largest over restarts.
-After the gateway restart, ``controller_enabled_s`` is how long until its pruning controller ran again. The
+After the gateway restart, ``controller_back_s`` is how long until its pruning controller ran again. The
 ``bad_input`` phase sends :data:`BAD_FRAMES` among the good ones (each must end as a recorded failure); the
 ``forged`` phase tries every forgery of :mod:`edgeprune.bench.intruder` (each refused by the broker, or rejected
 by the gateway with a recorded reason, nothing stored).
@@ -358,7 +358,7 @@ def inject(site: Site, fault: str, args, camera: Camera, findings: dict) -> None
         time.sleep(min(down_s, 3.0))
         started = time.time()
         site.start_component("gateway")
-        findings["controller_enabled_s"] = controller_enabled_after(site, started)
+        findings["controller_back_s"] = controller_enabled_after(site, started)
     elif fault == "burst":
         camera.send(fault, args.big_burst)
     elif fault == "replica_death":
@@ -407,7 +407,7 @@ def extra_findings(site: Site, fault: str, findings: dict, fault_ts: float) -> d
     """The fault's own figures beside the frame accounting."""
     reader = site.reader()
     if fault == "gateway_restart":
-        return {"controller_enabled_s": findings.get("controller_enabled_s")}
+        return {"controller_back_s": findings.get("controller_back_s")}
     if fault == "bad_input" and reader:
         return bad_input_accounting(reader, fault)
     if fault == "forged" and reader:
