@@ -174,6 +174,7 @@ class Coordinator:
             self._out.write("update_node", {"node_id": stats.node_id, "status": AVAILABILITY_ONLINE,
                                             "status_ts": now})
         self.control.observe_stats(stats)
+        self.placing.in_force(stats.node_id, stats.placement_version, now, self._out)
         handover = self.placing.handover
         ready = handover.prepared(stats.node_id, stats.prepared_version) if stats.prepared_version else None
         if ready is not None:
@@ -295,6 +296,7 @@ class Coordinator:
         status = {**self.control.status(), "settings": self.operator.effective(), "arrival": self.rates.status(now)}
         windows = self.data_path.slo.close_due(now)
         lost = self.data_path.expire(now)
+        placing.release_held(now, self._out)
         silent = self.liveness.newly_silent(now)
         for node_id in silent:  # hung: stop sending it work now, not when the broker's will fires (and what it
             placing.set_status(node_id, AVAILABILITY_OFFLINE, now, self._out)  # holds goes to the others)

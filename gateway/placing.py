@@ -18,7 +18,8 @@ from gateway.control_loop import Effects as ControlEffects
 from gateway.controller import PruningController
 from gateway.effects import Effects
 from gateway.handback import HandBack
-from gateway.live_placement import Handover, HybridTarget, LivePlacement, PlacementRules, slowed_for_moves
+from gateway.live_placement import (Handover, HybridTarget, LivePlacement, PlacementRules, input_of,
+                                    slowed_for_moves)
 from gateway.operator import Overrides
 from shared import routing
 from shared.model import MODEL_NAME
@@ -56,6 +57,9 @@ class Placing:
         # the previous run's: until its stats come, an `online` availability may be a hung node's, retained from before
         self._resumed: set[str] = set(self._gone)
         self.handback = HandBack(topics, settings.result_timeout_s)
+        self._activated: Placement | None = None  # the last placement published
+        self._awaited: dict[str, int] = {}  # nodes whose input the last placements changed: the version to report
+        self._hand_back_by = float("-inf")  # held inputs go out once no node is awaited, or then
 
     # --- nodes coming and going ----------------------------------------------------------------
     def set_status(self, node_id: str, status: str, now: float, out: Effects) -> None:
@@ -100,7 +104,8 @@ class Placing:
                   out: Effects) -> None:
         """What a gone node's session held: its inputs re-sent to where the placement in force reads them (or kept
         until one does); recorded as a ``handover`` row in ``errors`` when it held any."""
-        taken, sent = self.handback.take(held, self.handover.active, now)
+        taken, sent = self.handback.take(held, self.handover.active if self._placed_everywhere(now) else None,
+                                           now)
         out.publish.extend(sent)
         out.write("set_takeover", node_id, "", now)  # done: a restart does not take it over again
         message = (f"{node_id} ({served}) is gone: {taken.inputs} inputs its session held were taken back, "
@@ -141,7 +146,32 @@ class Placing:
         self.publish(out)
         self._record(placement, out)
         self._drain_placed_around(placement, out)
-        out.publish.extend(self.handback.release(placement, now))
+        if self._activated is not None:  # unknown before the first: what the nodes read then is not ours to know
+            self._awaited.update({node: placement.version for node in placement.all_nodes()
+                                  if input_of(placement, node) != input_of(self._activated, node)})
+        self._activated = placement
+        self._hand_back_by = now + self.handover.timeout_s
+        self.release_held(now, out)
+
+    def in_force(self, node_id: str, version: int | None, now: float, out: Effects) -> None:
+        """A node's stats: the placement it has in force (None: none yet)."""
+        if version is not None and version >= self._awaited.get(node_id, version + 1):
+            del self._awaited[node_id]
+            self.release_held(now, out)
+
+    def release_held(self, now: float, out: Effects) -> None:
+        """Re-send the inputs taken back earlier that the active placement has a stage for, once each node whose
+        input the last placements changed has said it has them in force (or ``prepare_timeout_s`` after the last was
+        published: a node that never says so is likely gone). Sent at once, an input raced the placement to a node
+        joining a stage: the node had the input on its input connection before the placement on its control one,
+        took it for another node's and acknowledged it unserved (the soak: a held activation re-sent as node-2
+        came back ended ``lost``)."""
+        placement = self.handover.active
+        if len(self.handback) and placement is not None and self._placed_everywhere(now):
+            out.publish.extend(self.handback.release(placement, now))
+
+    def _placed_everywhere(self, now: float) -> bool:
+        return not self._awaited or now >= self._hand_back_by
 
     def _record(self, placement: Placement, out: Effects) -> None:
         out.write("add_placement", placement.model_dump(exclude={"share_token"}))  # a secret: not stored

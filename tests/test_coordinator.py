@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from gateway.coordinator import Coordinator
 from gateway.effects import Effects, Publish
 from gateway.operator import Overrides
+from shared import wire
 from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME
 from shared.schemas import (
     AcceptedRequest,
@@ -47,9 +49,10 @@ def offer(c: Coordinator, node: str, now: float = 1.0) -> None:
     c.on_status(node, "online", now)
 
 
-def stats(node: str, ts: float, prepared_version: int | None = None) -> NodeStats:
-    return NodeStats(node_id=node, ts=ts, prepared_version=prepared_version, queue_depth=0, queue_capacity=16,
-                     processed=0, dropped=0, cpu_percent=1.0, prune_ratio=0.0)
+def stats(node: str, ts: float, prepared_version: int | None = None, placement_version: int | None = None,
+          ) -> NodeStats:
+    return NodeStats(node_id=node, ts=ts, prepared_version=prepared_version, placement_version=placement_version,
+                     queue_depth=0, queue_capacity=16, processed=0, dropped=0, cpu_percent=1.0, prune_ratio=0.0)
 
 
 def placed(c: Coordinator, placement: Placement) -> None:
@@ -195,7 +198,9 @@ def test_what_a_gone_node_held_is_re_sent_where_the_placement_in_force_reads_it(
     assert row["kind"] == "handover" and row["message"].startswith(
         "node-2 (edgeprune/pipeline/stage/2/in) is gone: 2 inputs its session held were taken back, 1 re-sent")
     c.on_status("node-2", "online", now=8.0)  # restarted and placed again
-    assert placed_around(c, ["node-1", "node-2"], now=9.0, version=9).sent(TOPICS.stage_input(2)) == [activation(3)]
+    assert placed_around(c, ["node-1", "node-2"], now=9.0, version=9).sent(TOPICS.stage_input(2)) == []
+    # ... once it has that placement in force (its stats say so): else it takes the input for another node's
+    assert c.on_stats(stats("node-2", 9.5, placement_version=9), 9.5).sent(TOPICS.stage_input(2)) == [activation(3)]
 
 
 def test_a_takeover_pending_when_the_gateway_restarts_is_carried_out_by_the_restarted_gateway(tmp_path):
@@ -509,3 +514,43 @@ def test_a_calibration_no_curve_fits_is_refused_and_measured_again_a_bounded_num
         asked += [m for m in effects.sent(TOPICS.node_command("a")) if json.loads(m)["cmd"] == "calibrate"]
     assert len(asked) == c.settings.recalibrate_attempts == 2
     assert "waiting for the calibration of a" in c.control.disabled_reason
+
+
+def test_an_input_taken_back_waits_until_every_node_has_the_placement_that_reads_it(tmp_path):
+    """Re-sent with the placement, a held activation raced it to a node joining a stage: the node had it on its
+    input connection before the placement on its control one and acknowledged it unserved (the soak: one `lost`)."""
+    c = coordinator(tmp_path)
+    alone = even_split(6, ["node-1"]).model_copy(update={"version": 5})
+    placed(c, alone)
+    c.placing.activate(alone, 5.0, Effects())
+    held = [(TOPICS.stage_input(2), wire.encode(wire.Activation("A-1", "cam-1", 10.0, 3,
+                                                                np.zeros((1, 8, 4, 4), np.float32))), {})]
+    c.placing.hand_back("node-2", TOPICS.stage_input(2), held, 10.0, Effects())
+    assert len(c.placing.handback) == 1  # no stage reads block 3 under `alone`
+    two = even_split(6, ["node-1", "node-2"]).model_copy(update={"version": 6})
+    c.placing.handover.active = two
+    out = Effects()
+    c.placing.activate(two, 20.0, out)
+    assert out.sent(TOPICS.stage_input(2)) == []  # node-2 may not have v6 in force yet
+    assert c.on_stats(stats("node-1", 20.5, placement_version=6), 20.5).sent(TOPICS.stage_input(2)) == []
+    assert c.on_stats(stats("node-2", 20.8, placement_version=5), 20.8).sent(TOPICS.stage_input(2)) == []
+    assert len(c.on_stats(stats("node-2", 21.0, placement_version=6), 21.0).sent(TOPICS.stage_input(2))) == 1
+    assert len(c.placing.handback) == 0
+
+
+def test_an_input_taken_back_goes_out_after_the_prepare_timeout_if_a_node_never_says(tmp_path):
+    c = coordinator(tmp_path)
+    alone = even_split(6, ["node-1"]).model_copy(update={"version": 5})
+    placed(c, alone)
+    c.placing.activate(alone, 5.0, Effects())
+    two = even_split(6, ["node-1", "node-2"]).model_copy(update={"version": 6})
+    placed(c, two)
+    c.placing.activate(two, 20.0, Effects())  # node-2 joins and never says it has v6
+    held = [(TOPICS.stage_input(2), wire.encode(wire.Activation("A-1", "cam-1", 10.0, 3,
+                                                                np.zeros((1, 8, 4, 4), np.float32))), {})]
+    out = Effects()
+    c.placing.hand_back("node-3", TOPICS.stage_input(2), held, 21.0, out)
+    assert out.sent(TOPICS.stage_input(2)) == []
+    timeout = c.placing.handover.timeout_s
+    assert c.tick(20.0 + timeout - 0.1).sent(TOPICS.stage_input(2)) == []
+    assert len(c.tick(20.0 + timeout + 0.1).sent(TOPICS.stage_input(2))) == 1
