@@ -78,7 +78,7 @@ class Bus:
     """One MQTT connection for one component, with an availability topic driven by the last will."""
 
     def __init__(self, settings: MqttSettings, component_id: str, status_topic: str | None, manual_ack: bool = False,
-                 receive_maximum: int | None = None, client_id: str | None = None):
+                 receive_maximum: int | None = None, client_id: str | None = None, fresh_session: bool = False):
         """The client id is the component id and every connect resumes the broker's session for it (MQTT v5
         clean start off, session expiry ``session_expiry_s``): QoS 1 messages queued while the component was
         away (a restart of it or of the broker, a network gap) are delivered when it is back. A clean start
@@ -91,7 +91,11 @@ class Bus:
         the CONNECT): the broker holds the rest in the session until acknowledgements free the window. Without it
         Mosquitto sends up to its ``max_inflight_messages`` (64).
         ``client_id`` (default: the component id) and ``status_topic`` None: a second connection of a component, with
-        a session of its own and no availability topic (the node's control connection)."""
+        a session of its own and no availability topic (the node's control connection).
+        ``fresh_session``: this process's first connect starts a new session (clean start, paho's
+        ``MQTT_CLEAN_START_FIRST_ONLY``), discarding what was queued for a previous run; its reconnects resume it. For
+        a connection that carries one-shot commands and retained state only: a command must not outlive the process
+        it was meant for, and retained state comes again on subscribe (docs/reliability.md)."""
         self.settings = settings
         self.topics = Topics(settings.topic_root)
         self.component_id = component_id
@@ -99,6 +103,7 @@ class Bus:
         self.errors: Counter[str] = Counter()
         self.manual_ack = manual_ack
         self.receive_maximum = receive_maximum
+        self.clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY if fresh_session else False
         self._handlers: dict[str, tuple[Handler, SubscribeOptions]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -147,7 +152,7 @@ class Bus:
         if self.receive_maximum is not None:
             props.ReceiveMaximum = self.receive_maximum
         self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s,
-                                  clean_start=False, properties=props)
+                                  clean_start=self.clean_start, properties=props)
         self.client.loop_start()
         if wait_s is not None and not self._connected.wait(wait_s):
             log.warning("%s: broker %s:%d not reachable yet; still retrying",
