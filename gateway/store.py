@@ -252,6 +252,7 @@ class Store:
         self._lock = threading.Lock()
         self._pending: dict[str, deque[dict]] = {name: deque() for name in schema}
         self._after_commit: list[Callable[[], None]] = []
+        self._after_write: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
         self.disk_mode = DiskMode.NORMAL  # set by the gateway's disk guard (gateway/retention.py)
@@ -390,6 +391,14 @@ class Store:
         with self._lock:
             self._after_commit.append(callback)
 
+    def after_write(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (in the thread that writes) once every row buffered so far is committed, or their write
+        failed. The gateway publishes its retained desired prune states this way: a SIGKILL before the write can no
+        longer leave a node (and the page) with a state the restarted gateway does not recall, and control still
+        goes on while the disk fails (then without that guarantee)."""
+        with self._lock:
+            self._after_write.append(callback)
+
     def add(self, table: str, row: dict) -> None:
         """Buffer one row of ``table`` (of this store's schema)."""
         self._buffer(table, row)
@@ -425,6 +434,7 @@ class Store:
             for rows in self._pending.values():
                 rows.clear()
             committed, self._after_commit = self._after_commit, []
+            written_or_not, self._after_write = self._after_write, []
         try:
             written = self._write(pending)
         except Exception:
@@ -434,13 +444,18 @@ class Store:
                     self._pending[name].clear()
                     self._keep_bounded(name, rows + newer)
                 self._after_commit[:0] = committed
+            self._call(written_or_not)
             raise
-        for callback in committed:
+        self._call(committed + written_or_not)
+        return written
+
+    @staticmethod
+    def _call(callbacks: list[Callable[[], None]]) -> None:
+        for callback in callbacks:
             try:
                 callback()
             except Exception:  # e.g. the connection is gone: the broker re-sends what was not acknowledged
-                log.exception("after-commit callback failed")
-        return written
+                log.exception("after-write callback failed")
 
     def _write(self, pending: dict[str, list[dict]]) -> int:
         written = 0
