@@ -105,13 +105,14 @@ class Gateway:
         model = build_model(settings.checkpoint)
         fingerprint = model_fingerprint(model)
         now = time.time()
+        resume_since = now - max(10 * settings.result_timeout_s, 3600.0)  # open requests, prune events
         self.coordinator = Coordinator(
             settings, Overrides(settings, controller_settings or ControllerSettings(), self.store.operator_settings()),
             self.topics, fingerprint, model_input_bytes(model.config.input_size),
             load_block_accuracy(settings.accuracy_model, fingerprint, settings.checkpoint),
-            self.store.issued_desired(),
-            self.store.open_requests(now - max(10 * settings.result_timeout_s, 3600.0)), now,
-            self.store.pending_takeovers(), self.store.last_placement_version())
+            self.store.issued_desired(), self.store.open_requests(resume_since), now,
+            self.store.pending_takeovers(), self.store.last_placement_version(),
+            self.store.awaiting_follow_ups(resume_since, settings.window_s))
         self._lock = threading.Lock()  # serialises the coordinator's calls
         self.tick_failures = 0
         self._stop = threading.Event()

@@ -382,6 +382,20 @@ class Store:
             "FROM accepted a LEFT JOIN requests r USING (request_id) LEFT JOIN failures f USING (request_id) "
             "WHERE a.received_ts >= ? ORDER BY a.received_ts", [since_ts]))
 
+    def awaiting_follow_ups(self, since_ts: float, follow_up_s: float) -> tuple[list[dict],
+                                                                              list[tuple[float, float]]]:
+        """Prune events since ``since_ts`` whose follow-up a previous run had not written, and (receipt time, e2e_s)
+        of the results stored in their follow-up windows, in time order: a restarted gateway writes those follow-ups
+        (:meth:`gateway.prune_log.PruneLog.resume`)."""
+        events = [{"ts": ts, "kind": kind} for ts, kind in self.db.execute(
+            "SELECT ts, kind FROM prune_events WHERE observed_count IS NULL AND ts >= ? ORDER BY ts", [since_ts])]
+        if not events:
+            return [], []
+        latencies = self.db.execute(
+            "SELECT received_ts, e2e_s FROM requests WHERE received_ts > ? AND received_ts <= ? AND e2e_s IS NOT NULL "
+            "ORDER BY received_ts", [events[0]["ts"], events[-1]["ts"] + follow_up_s]).fetchall()
+        return events, [(ts, e2e_s) for ts, e2e_s in latencies]
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (in the thread that writes) once every row buffered so far is committed.
 

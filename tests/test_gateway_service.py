@@ -18,10 +18,11 @@ from gateway.effects import Effects
 from gateway.service import Gateway
 from gateway.store import Reader
 from shared.schemas import AcceptedRequest, Hop, Result, to_json
-from shared.settings import GatewaySettings
+from shared.settings import GatewaySettings, MqttSettings
 from tests.conftest import AUTH, Recorder, even_split, login, mqtt_client, wait_until
 from tests.test_control_loop import running_loop
 from tests.test_handback import activation
+from tests.test_operator import FakeBus, calibrated_gateway, send
 
 pytestmark = pytest.mark.integration
 
@@ -431,3 +432,23 @@ def test_a_desired_state_and_its_reply_go_out_only_once_its_row_is_committed(fre
     finally:
         recorder.close()
         gw.stop()
+
+
+def test_a_prune_events_follow_up_due_across_a_gateway_restart_is_written_by_the_restarted_gateway(tmp_path):
+    """An event's follow-up (the latency observed in the ``window_s`` after it) was kept only in memory: a gateway
+    restarted before it was due never wrote it, and the event stayed without an outcome (issue 25 leftovers). The
+    restarted gateway takes the open events and the latencies stored after them from its database."""
+    first = calibrated_gateway(tmp_path)  # its bus records instead of publishing
+    send(first, {"cmd": "prune", "node_id": "b", "ratio": 0.5, "id": "hold"})
+    (event,) = Reader(first.settings.db_path).prune_events()
+    assert event["observed_count"] is None
+    first.store.add_request({"request_id": "r1", "camera_id": "cam", "capture_ts": event["ts"], "e2e_s": 0.25,
+                             "finish_ts": event["ts"] + 1.0, "received_ts": event["ts"] + 1.0})
+    first.store.close()  # stopped (or killed) before the follow-up was due: nothing more of it is written
+
+    restarted = Gateway(first.settings, MqttSettings())
+    restarted.bus = FakeBus()
+    restarted.tick(event["ts"] + first.settings.window_s + 1.0)
+    restarted.store.close()
+    (followed,) = Reader(first.settings.db_path).prune_events()
+    assert (followed["observed_count"], followed["observed_p50_s"]) == (1, 0.25)
