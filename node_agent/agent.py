@@ -148,6 +148,11 @@ class NodeAgent:
             self._on_placement(self.topics.placement, payload, {})
         except ValueError as exc:  # BadMessage
             log.warning("%s: retained placement not taken before connecting: %s", self.node_id, exc)
+            return
+        with self._lock:
+            placement = self.assignment.placement
+        if placement is not None:  # a previous run's input, kept in the session, is not this run's
+            self.bus.leave_on_connect(routing.input_filters(self.topics, placement))
 
     def _announce_offer(self) -> None:
         """Retained and re-sent on every connect, like the availability topic."""

@@ -112,6 +112,7 @@ class Bus:
         self._connection = 0  # counts connects and disconnects: an acknowledgement is only valid on its own
         self._defer_ack: Callable[[Callable[[], None]], None] | None = None
         self._subscribed: dict[int, Callable[[], None]] = {}  # SUBSCRIBE packet id -> call on its SUBACK
+        self._leave: list[str] = []  # to unsubscribe at the next connect, unless handled (leave_on_connect)
         self._network_thread: int | None = None  # paho's, which alone may write the socket (flush)
         self._closing = False  # stop() has begun: no more flushes (a DISCONNECT must go through paho's loop)
         self.on_connected: Callable[[], None] | None = None
@@ -126,6 +127,7 @@ class Bus:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_unrouted
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         self.client = client
 
     def acknowledge_after(self, defer: Callable[[Callable[[], None]], None]) -> None:
@@ -143,6 +145,14 @@ class Bus:
         # max_inflight_messages (64) per acknowledgement delay
         self.receive_maximum = self.receive_maximum or 65535
         self.client.manual_ack_set(True)
+
+    def leave_on_connect(self, filters: list[str]) -> None:
+        """At the next connect, unsubscribe those of ``filters`` this process has no handler for: a previous run's
+        subscriptions, which the resumed session keeps. Through one left in a stage's shared group the broker went on
+        dealing this client a share of an input it no longer reads, which it acknowledged unserved (lost frames:
+        docs/reliability.md). :meth:`wait_subscribed` waits for these unsubscriptions too."""
+        with self._lock:
+            self._leave = list(filters)
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, wait_s: float | None = 10.0) -> None:
@@ -201,6 +211,12 @@ class Bus:
                 _, mid = client.subscribe(topic_filter, options=options)
                 if mid is not None:
                     self._resubscribing.add(mid)
+            for topic_filter in self._leave:
+                if topic_filter not in self._handlers:
+                    _, mid = client.unsubscribe(topic_filter)
+                    if mid is not None:
+                        self._resubscribing.add(mid)
+            self._leave = []
             if not self._resubscribing:
                 self._subscribed_all.set()
         self._connected.set()
@@ -261,15 +277,23 @@ class Bus:
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._lock:
             subscribed = self._subscribed.pop(mid, None)
-            if mid in self._resubscribing:
-                self._resubscribing.discard(mid)
-                if not self._resubscribing:
-                    self._subscribed_all.set()
+            self._settled(mid)
         refused = [str(code) for code in reason_codes if code.is_failure]
         if refused:
             log.error("%s: broker refused a subscription: %s", self.component_id, ", ".join(refused))
         elif subscribed is not None:
             subscribed()
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:
+            self._settled(mid)
+
+    def _settled(self, mid: int) -> None:
+        """A (un)subscription of this connect was acknowledged (caller holds the lock)."""
+        if mid in self._resubscribing:
+            self._resubscribing.discard(mid)
+            if not self._resubscribing:
+                self._subscribed_all.set()
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
