@@ -78,7 +78,7 @@ class OperatorCommands:
     def _reply(self, answer_to: str | None, ok: bool, message: str, now: float, out: Effects) -> None:
         if answer_to is not None:
             reply = CommandReply(id=answer_to, ok=ok, message=message[:2000], ts=now)
-            out.send(self.topics.component_reply(self.settings.gateway_id), to_json(reply), after_write=True)
+            out.send(self.topics.component_reply(self.settings.gateway_id), to_json(reply))
 
     # --- one handler per command: returns what was done in words, raises BadMessage when it cannot be done ------
     def _prune(self, command: ManualPruneCommand, by: str, now: float, control: ControlLoop, out: Effects) -> str:

@@ -19,8 +19,8 @@ class Publish:
     qos: int = 1
     retain: bool = False
     user: dict[str, str] | None = None  # MQTT v5 user properties (a re-sent frame's request id and capture time)
-    # sent only once the rows decided before it are written (or their write failed): what a restarted gateway
-    # recalls from its database must not be undone by a SIGKILL before the write (a desired state, a reply)
+    # sent only once the rows decided before it are written (or their write failed): a retained state a restarted
+    # gateway recalls from its database must not be undone by a SIGKILL before the write (a desired prune state)
     after_write: bool = False
 
 

@@ -8,8 +8,8 @@ decisions, the planner thread makes hybrid placements (seconds on dozens of node
 asks for one, :class:`Planner`), and the store's writer thread alone touches the disk (and, after each write,
 acknowledges to the broker the messages whose rows it wrote: docs/reliability.md). One lock serialises the
 coordinator's calls; the store rows a call returns are buffered under it (a window row is never buffered before its
-requests), its messages published after it, those a restarted gateway must recall (desired prune states, command
-replies) only once the store has written its rows (``Publish.after_write``).
+requests), its messages published after it, the retained desired prune states (which a restarted gateway recalls
+from its database) only once the store has written their rows (``Publish.after_write``).
 """
 
 from __future__ import annotations

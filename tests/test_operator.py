@@ -94,7 +94,7 @@ def send(gateway: Gateway, command: dict) -> CommandReply:
     try:
         gateway._on_command("edgeprune/component/gateway/cmd", json.dumps(command).encode(), {})
     finally:
-        gateway.store.flush()  # the writer's next write: the reply and desired states go out once it is committed
+        gateway.store.flush()  # the writer's next write: desired states go out once it is committed
     return CommandReply.model_validate(gateway.bus.on("/component/gateway/reply")[-1][0])
 
 
