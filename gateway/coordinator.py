@@ -100,8 +100,10 @@ class Coordinator:
     def __init__(self, settings: GatewaySettings, operator: Overrides, topics: Topics, fingerprint: str,
                  input_bytes: int, block_accuracy: AccuracyFit | None, issued_desired: dict[str, bytes],
                  open_requests: list[dict], now: float, pending_takeovers: dict[str, str] | None = None,
-                 placement_version: int = 0):
-        """``issued_desired``, ``open_requests``, ``pending_takeovers`` and ``placement_version`` are what the
+                 placement_version: int = 0,
+                 awaiting_follow_ups: tuple[list[dict], list[tuple[float, float]]] = ([], [])):
+        """``issued_desired``, ``open_requests``, ``pending_takeovers``, ``placement_version`` and
+        ``awaiting_follow_ups`` (prune events without a follow-up, with the latencies after them) are what the
         database remembers of the previous run (:class:`~gateway.store.Store`): a restart resumes them."""
         self.settings = settings
         self.operator = operator
@@ -117,6 +119,7 @@ class Coordinator:
         self.control = ControlLoop(operator.controller_settings(), operator.slo_s, block_accuracy,
                                    follow_up_s=settings.window_s)
         self.control.automatic = operator.automatic
+        self.control.prune_log.resume(*awaiting_follow_ups)
         self.desired.recall(issued_desired, self.control)
         self.liveness = Liveness(settings.stats_silence_s)
         self._next_beacon = 0.0

@@ -42,7 +42,7 @@ class DesiredStates:
             payload = to_json(desired)
             self.guard.issue(node_id, payload)
             out.write("set_issued_desired", node_id, payload)
-            out.send(self.topics.node_prune_desired(node_id), payload, retain=True)
+            out.send(self.topics.node_prune_desired(node_id), payload, retain=True, after_write=True)
         for row in effects.events:
             out.write("add_prune_event", row)
 

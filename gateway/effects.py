@@ -19,6 +19,9 @@ class Publish:
     qos: int = 1
     retain: bool = False
     user: dict[str, str] | None = None  # MQTT v5 user properties (a re-sent frame's request id and capture time)
+    # sent only once the rows decided before it are written (or their write failed): a retained state a restarted
+    # gateway recalls from its database must not be undone by a SIGKILL before the write (a desired prune state)
+    after_write: bool = False
 
 
 @dataclass
@@ -30,8 +33,9 @@ class Effects:
     drains: list[tuple[str, str]] = field(default_factory=list)   # (a gone node, the input it subscribed to)
     refusal: BadMessage | None = None  # the message was refused: reported once the rest is carried out
 
-    def send(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
-        self.publish.append(Publish(topic, payload, qos, retain))
+    def send(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
+             after_write: bool = False) -> None:
+        self.publish.append(Publish(topic, payload, qos, retain, after_write=after_write))
 
     def write(self, method: str, *args) -> None:
         self.store.append((method, args))

@@ -30,8 +30,18 @@ class PruneLog:
 
     def observe_latency(self, ts: float, e2e_s: float) -> None:
         self.recent.append((ts, e2e_s))
-        while self.recent and self.recent[0][0] < ts - 4 * self.follow_up_s:
+        # kept for 4 follow-ups, and as long as an event still awaits its follow-up (one resumed after a restart)
+        horizon = min([ts - 4 * self.follow_up_s] + [r["ts"] for r in self._awaiting_follow_up])
+        while self.recent and self.recent[0][0] < horizon:
             self.recent.popleft()
+
+    def resume(self, events: list[dict], latencies: list[tuple[float, float]]) -> None:
+        """A previous run's events (``ts``, ``kind``) whose follow-up it had not written, and the latencies of the
+        results it stored after them (receipt time, end-to-end, in time order), given at start: each follow-up is
+        written when due, as if the gateway had not stopped. Missed: results it received but had not stored (they
+        come again from the broker, later) and those held in the broker while it was down."""
+        self._awaiting_follow_up.extend({"ts": e["ts"], "kind": e["kind"]} for e in events)
+        self.recent.extendleft(reversed(latencies))
 
     def row(self, action: SetRatios | Infeasible | Held, nodes: Sequence[str]) -> dict:
         """The prune_events row of an action over ``nodes`` (the controller's order of ``decision.ratios``).

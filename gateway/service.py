@@ -8,11 +8,13 @@ decisions, the planner thread makes hybrid placements (seconds on dozens of node
 asks for one, :class:`Planner`), and the store's writer thread alone touches the disk (and, after each write,
 acknowledges to the broker the messages whose rows it wrote: docs/reliability.md). One lock serialises the
 coordinator's calls; the store rows a call returns are buffered under it (a window row is never buffered before its
-requests), its messages published after it.
+requests), its messages published after it, the retained desired prune states (which a restarted gateway recalls
+from its database) only once the store has written their rows (``Publish.after_write``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import threading
@@ -20,7 +22,7 @@ import time
 
 from gateway.accuracy_model import load_block_accuracy
 from gateway.coordinator import STATUSES, Coordinator, plan_for_rate
-from gateway.effects import Effects
+from gateway.effects import Effects, Publish
 from gateway.live_placement import PlanWanted, solve
 from gateway.operator import Overrides
 from gateway.retention import DiskMode, cutoffs, disk_mode, disk_mode_message, thumbnail_budget_bytes
@@ -103,13 +105,14 @@ class Gateway:
         model = build_model(settings.checkpoint)
         fingerprint = model_fingerprint(model)
         now = time.time()
+        resume_since = now - max(10 * settings.result_timeout_s, 3600.0)  # open requests, prune events
         self.coordinator = Coordinator(
             settings, Overrides(settings, controller_settings or ControllerSettings(), self.store.operator_settings()),
             self.topics, fingerprint, model_input_bytes(model.config.input_size),
             load_block_accuracy(settings.accuracy_model, fingerprint, settings.checkpoint),
-            self.store.issued_desired(),
-            self.store.open_requests(now - max(10 * settings.result_timeout_s, 3600.0)), now,
-            self.store.pending_takeovers(), self.store.last_placement_version())
+            self.store.issued_desired(), self.store.open_requests(resume_since), now,
+            self.store.pending_takeovers(), self.store.last_placement_version(),
+            self.store.awaiting_follow_ups(resume_since, settings.window_s))
         self._lock = threading.Lock()  # serialises the coordinator's calls
         self.tick_failures = 0
         self._stop = threading.Event()
@@ -161,6 +164,9 @@ class Gateway:
         with self._lock:
             effects = entry(*args)
             self._write(effects)
+            for message in effects.publish:  # queued under the lock: the calls' retained states go out in order
+                if message.after_write:
+                    self.store.after_write(functools.partial(self._publish, message))
         self._send(effects)
 
     def _write(self, effects: Effects) -> None:
@@ -169,13 +175,16 @@ class Gateway:
 
     def _send(self, effects: Effects) -> None:
         for message in effects.publish:
-            self.bus.publish(message.topic, message.payload, qos=message.qos, retain=message.retain,
-                             user=message.user)
+            if not message.after_write:
+                self._publish(message)
         for node_id, served in effects.drains:
             threading.Thread(target=self._hand_over, args=(node_id, served), name=f"drain-{node_id}",
                              daemon=True).start()
         if effects.refusal is not None:
             raise effects.refusal
+
+    def _publish(self, message: Publish) -> None:
+        self.bus.publish(message.topic, message.payload, qos=message.qos, retain=message.retain, user=message.user)
 
     def publish_placement(self) -> None:
         """The active placement, retained (also on every reconnect of the bus)."""

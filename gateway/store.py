@@ -253,6 +253,7 @@ class Store:
         self._lock = threading.Lock()
         self._pending: dict[str, deque[dict]] = {name: deque() for name in schema}
         self._after_commit: list[Callable[[], None]] = []
+        self._after_write: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
         self.disk_mode = DiskMode.NORMAL  # set by the gateway's disk guard (gateway/retention.py)
@@ -382,6 +383,20 @@ class Store:
             "FROM accepted a LEFT JOIN requests r USING (request_id) LEFT JOIN failures f USING (request_id) "
             "WHERE a.received_ts >= ? ORDER BY a.received_ts", [since_ts]))
 
+    def awaiting_follow_ups(self, since_ts: float, follow_up_s: float) -> tuple[list[dict],
+                                                                              list[tuple[float, float]]]:
+        """Prune events since ``since_ts`` whose follow-up a previous run had not written, and (receipt time, e2e_s)
+        of the results stored in their follow-up windows, in time order: a restarted gateway writes those follow-ups
+        (:meth:`gateway.prune_log.PruneLog.resume`)."""
+        events = [{"ts": ts, "kind": kind} for ts, kind in self.db.execute(
+            "SELECT ts, kind FROM prune_events WHERE observed_count IS NULL AND ts >= ? ORDER BY ts", [since_ts])]
+        if not events:
+            return [], []
+        latencies = self.db.execute(
+            "SELECT received_ts, e2e_s FROM requests WHERE received_ts > ? AND received_ts <= ? AND e2e_s IS NOT NULL "
+            "ORDER BY received_ts", [events[0]["ts"], events[-1]["ts"] + follow_up_s]).fetchall()
+        return events, [(ts, e2e_s) for ts, e2e_s in latencies]
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (in the thread that writes) once every row buffered so far is committed.
 
@@ -390,6 +405,14 @@ class Store:
         """
         with self._lock:
             self._after_commit.append(callback)
+
+    def after_write(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (in the thread that writes) once every row buffered so far is committed, or their write
+        failed. The gateway publishes its retained desired prune states this way: a SIGKILL before the write can no
+        longer leave a node (and the page) with a state the restarted gateway does not recall, and control still
+        goes on while the disk fails (then without that guarantee)."""
+        with self._lock:
+            self._after_write.append(callback)
 
     def add(self, table: str, row: dict) -> None:
         """Buffer one row of ``table`` (of this store's schema)."""
@@ -426,6 +449,7 @@ class Store:
             for rows in self._pending.values():
                 rows.clear()
             committed, self._after_commit = self._after_commit, []
+            written_or_not, self._after_write = self._after_write, []
         try:
             written = self._write(pending)
         except Exception:
@@ -435,13 +459,18 @@ class Store:
                     self._pending[name].clear()
                     self._keep_bounded(name, rows + newer)
                 self._after_commit[:0] = committed
+            self._call(written_or_not)
             raise
-        for callback in committed:
+        self._call(committed + written_or_not)
+        return written
+
+    @staticmethod
+    def _call(callbacks: list[Callable[[], None]]) -> None:
+        for callback in callbacks:
             try:
                 callback()
             except Exception:  # e.g. the connection is gone: the broker re-sends what was not acknowledged
-                log.exception("after-commit callback failed")
-        return written
+                log.exception("after-write callback failed")
 
     def _write(self, pending: dict[str, list[dict]]) -> int:
         written = 0

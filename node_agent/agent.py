@@ -61,6 +61,13 @@ def control_client_id(node_id: str) -> str:
     return f"{node_id}/control"
 
 
+def control_bus(mqtt_settings: MqttSettings, node_id: str) -> Bus:
+    """The node's control connection: placement, commands, prune state and the clock beacon. Each run starts a new
+    session: a command queued while the node was dead (a `slowdown`, a `prepare` for a placement long gone) is not
+    applied by its next run; the placement and prune state are retained and come again on subscribe."""
+    return Bus(mqtt_settings, node_id, None, client_id=control_client_id(node_id), fresh_session=True)
+
+
 class NodeAgent:
     def __init__(self, settings: NodeSettings, mqtt_settings: MqttSettings):
         self.settings = settings
@@ -75,7 +82,7 @@ class NodeAgent:
         # node's availability.
         self.bus = Bus(mqtt_settings, self.node_id, self.topics.node_status(self.node_id), manual_ack=True,
                        receive_maximum=INPUT_WINDOW if settings.flow_control else None)
-        self.control = Bus(mqtt_settings, self.node_id, None, client_id=control_client_id(self.node_id))
+        self.control = control_bus(mqtt_settings, self.node_id)
         self.clock = ClockOffset()
         self.queue: DeadlineQueue[tuple[StageRuntime, Request, Ack]] = DeadlineQueue(
             settings.queue_size, self._gateway_time, ordered=settings.deadline_order)
@@ -141,6 +148,11 @@ class NodeAgent:
             self._on_placement(self.topics.placement, payload, {})
         except ValueError as exc:  # BadMessage
             log.warning("%s: retained placement not taken before connecting: %s", self.node_id, exc)
+            return
+        with self._lock:
+            placement = self.assignment.placement
+        if placement is not None:  # a previous run's input, kept in the session, is not this run's
+            self.bus.leave_on_connect(routing.input_filters(self.topics, placement))
 
     def _announce_offer(self) -> None:
         """Retained and re-sent on every connect, like the availability topic."""

@@ -78,7 +78,7 @@ class Bus:
     """One MQTT connection for one component, with an availability topic driven by the last will."""
 
     def __init__(self, settings: MqttSettings, component_id: str, status_topic: str | None, manual_ack: bool = False,
-                 receive_maximum: int | None = None, client_id: str | None = None):
+                 receive_maximum: int | None = None, client_id: str | None = None, fresh_session: bool = False):
         """The client id is the component id and every connect resumes the broker's session for it (MQTT v5
         clean start off, session expiry ``session_expiry_s``): QoS 1 messages queued while the component was
         away (a restart of it or of the broker, a network gap) are delivered when it is back. A clean start
@@ -91,7 +91,11 @@ class Bus:
         the CONNECT): the broker holds the rest in the session until acknowledgements free the window. Without it
         Mosquitto sends up to its ``max_inflight_messages`` (64).
         ``client_id`` (default: the component id) and ``status_topic`` None: a second connection of a component, with
-        a session of its own and no availability topic (the node's control connection)."""
+        a session of its own and no availability topic (the node's control connection).
+        ``fresh_session``: this process's first connect starts a new session (clean start, paho's
+        ``MQTT_CLEAN_START_FIRST_ONLY``), discarding what was queued for a previous run; its reconnects resume it. For
+        a connection that carries one-shot commands and retained state only: a command must not outlive the process
+        it was meant for, and retained state comes again on subscribe (docs/reliability.md)."""
         self.settings = settings
         self.topics = Topics(settings.topic_root)
         self.component_id = component_id
@@ -99,6 +103,7 @@ class Bus:
         self.errors: Counter[str] = Counter()
         self.manual_ack = manual_ack
         self.receive_maximum = receive_maximum
+        self.clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY if fresh_session else False
         self._handlers: dict[str, tuple[Handler, SubscribeOptions]] = {}
         self._routes: dict[str, Callable] = {}  # filter -> its dispatch (paho routes by _routing_filter)
         self._lock = threading.Lock()
@@ -108,6 +113,7 @@ class Bus:
         self._connection = 0  # counts connects and disconnects: an acknowledgement is only valid on its own
         self._defer_ack: Callable[[Callable[[], None]], None] | None = None
         self._subscribed: dict[int, Callable[[], None]] = {}  # SUBSCRIBE packet id -> call on its SUBACK
+        self._leave: list[str] = []  # to unsubscribe at the next connect, unless handled (leave_on_connect)
         self._network_thread: int | None = None  # paho's, which alone may write the socket (flush)
         self._closing = False  # stop() has begun: no more flushes (a DISCONNECT must go through paho's loop)
         self.on_connected: Callable[[], None] | None = None
@@ -122,6 +128,7 @@ class Bus:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_unrouted
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         self.client = client
 
     def acknowledge_after(self, defer: Callable[[Callable[[], None]], None]) -> None:
@@ -140,6 +147,14 @@ class Bus:
         self.receive_maximum = self.receive_maximum or 65535
         self.client.manual_ack_set(True)
 
+    def leave_on_connect(self, filters: list[str]) -> None:
+        """At the next connect, unsubscribe those of ``filters`` this process has no handler for: a previous run's
+        subscriptions, which the resumed session keeps. Through one left in a stage's shared group the broker went on
+        dealing this client a share of an input it no longer reads, which it acknowledged unserved (lost frames:
+        docs/reliability.md). :meth:`wait_subscribed` waits for these unsubscriptions too."""
+        with self._lock:
+            self._leave = list(filters)
+
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, wait_s: float | None = 10.0) -> None:
         """Connect in the background (retrying forever); optionally wait for the first connect."""
@@ -148,7 +163,7 @@ class Bus:
         if self.receive_maximum is not None:
             props.ReceiveMaximum = self.receive_maximum
         self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s,
-                                  clean_start=False, properties=props)
+                                  clean_start=self.clean_start, properties=props)
         self.client.loop_start()
         if wait_s is not None and not self._connected.wait(wait_s):
             log.warning("%s: broker %s:%d not reachable yet; still retrying",
@@ -197,6 +212,12 @@ class Bus:
                 _, mid = client.subscribe(topic_filter, options=options)
                 if mid is not None:
                     self._resubscribing.add(mid)
+            for topic_filter in self._leave:
+                if topic_filter not in self._handlers:
+                    _, mid = client.unsubscribe(topic_filter)
+                    if mid is not None:
+                        self._resubscribing.add(mid)
+            self._leave = []
             if not self._resubscribing:
                 self._subscribed_all.set()
         self._connected.set()
@@ -258,15 +279,23 @@ class Bus:
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._lock:
             subscribed = self._subscribed.pop(mid, None)
-            if mid in self._resubscribing:
-                self._resubscribing.discard(mid)
-                if not self._resubscribing:
-                    self._subscribed_all.set()
+            self._settled(mid)
         refused = [str(code) for code in reason_codes if code.is_failure]
         if refused:
             log.error("%s: broker refused a subscription: %s", self.component_id, ", ".join(refused))
         elif subscribed is not None:
             subscribed()
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:
+            self._settled(mid)
+
+    def _settled(self, mid: int) -> None:
+        """A (un)subscription of this connect was acknowledged (caller holds the lock)."""
+        if mid in self._resubscribing:
+            self._resubscribing.discard(mid)
+            if not self._resubscribing:
+                self._subscribed_all.set()
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Drop ``topic_filter``. A plain and a shared subscription of one topic have one route in paho (a shared

@@ -26,6 +26,19 @@ def input_filter(topics: Topics, placement: Placement, node_id: str) -> str | No
     return topics.stage_input_filter(job.stage, job.behind_ingest, job.pipeline)
 
 
+def input_filters(topics: Topics, placement: Placement) -> list[str]:
+    """Every subscription a node may read under ``placement``, whichever its job: camera frames and each stage's input,
+    plain and (with the placement's token) shared, stage 1's both in front of and behind an ingest node. A restarted
+    node leaves those it does not read: its resumed session may hold a previous run's (docs/reliability.md)."""
+    filters = [topics.camera_frame_filter]
+    for stage in placement.stages:
+        for behind_ingest in ((False, True) if stage.stage == 1 else (False,)):
+            filters.append(topics.stage_input_filter(stage.stage, behind_ingest, stage.pipeline))
+            if placement.share_token:
+                filters.append(topics.shared(stage.stage, placement.share_token, behind_ingest, stage.pipeline))
+    return list(dict.fromkeys(filters))
+
+
 def output_topic(topics: Topics, placement: Placement, pipeline: int, next_block: int) -> str | None:
     """Where an output that next needs block ``next_block`` goes: the stage of pipeline ``pipeline`` (the pipeline of
     the stage that served it; pipeline 0 if ``placement`` has no such pipeline any more) that runs the block, or

@@ -18,10 +18,11 @@ from gateway.effects import Effects
 from gateway.service import Gateway
 from gateway.store import Reader
 from shared.schemas import AcceptedRequest, Hop, Result, to_json
-from shared.settings import GatewaySettings
+from shared.settings import GatewaySettings, MqttSettings
 from tests.conftest import AUTH, Recorder, even_split, login, mqtt_client, wait_until
 from tests.test_control_loop import running_loop
 from tests.test_handback import activation
+from tests.test_operator import FakeBus, calibrated_gateway, send
 
 pytestmark = pytest.mark.integration
 
@@ -396,3 +397,57 @@ def test_a_result_is_stored_while_a_slow_hybrid_plan_is_being_made(fresh_broker,
         client.loop_stop()
         client.disconnect()
         gw.stop()
+
+
+def test_a_desired_state_goes_out_only_once_its_row_is_committed(fresh_broker, tmp_path, monkeypatch):
+    """An operator's hold published before its row was written was undone by a SIGKILL in between (up to one
+    ``flush_interval_s``): the node and the page saw a hold the restarted gateway did not know (docs/reliability.md,
+    "Gateway killed"). Here the writer is held back; the test writes when it wants."""
+    mqtt_settings = AUTH[fresh_broker.port].settings("gateway", "gateway")
+    settings = GatewaySettings(db_path=tmp_path / "edgeprune.db", nodes=["a", "b"], flush_interval_s=60,
+                               slo_s=0.1, window_s=3600, startup_wait_s=3600)
+    gw = Gateway(settings, mqtt_settings)
+    gw.coordinator.control = running_loop()
+    monkeypatch.setattr(gw.store, "start_writer", lambda *args, **kwargs: None)  # nothing written until flush()
+    topics = gw.topics
+    desired_topic, reply_topic = topics.node_prune_desired("b"), topics.component_reply(settings.gateway_id)
+    recorder = Recorder(fresh_broker, desired_topic, reply_topic)
+    gw.start()
+    try:
+        assert gw.bus.wait_subscribed(30), "the gateway's subscriptions were never acknowledged"
+        client = mqtt_client(fresh_broker)
+        command = {"cmd": "prune", "node_id": "b", "ratio": 0.5, "id": "hold-1"}
+        client.publish(topics.component_command(settings.gateway_id), json.dumps(command), qos=1).wait_for_publish(10)
+        client.loop_stop()
+        client.disconnect()
+        # the reply is published after the decision on the same connection: once it is here, so would the state be
+        wait_until(lambda: recorder.json_on(reply_topic), 20, "the hold was not answered")
+        assert gw.coordinator.control.status()["manual"] == {"b": 0.5}
+        assert recorder.json_on(desired_topic) == []  # decided, not yet on disk: not published
+        gw.store.flush()
+        assert gw.store.issued_desired()["b"]  # read from the file: committed
+        wait_until(lambda: recorder.json_on(desired_topic), 20, "nothing published after the commit")
+        assert recorder.json_on(desired_topic)[-1]["ratio"] == 0.5
+    finally:
+        recorder.close()
+        gw.stop()
+
+
+def test_a_prune_events_follow_up_due_across_a_gateway_restart_is_written_by_the_restarted_gateway(tmp_path):
+    """An event's follow-up (the latency observed in the ``window_s`` after it) was kept only in memory: a gateway
+    restarted before it was due never wrote it, and the event stayed without an outcome (issue 25 leftovers). The
+    restarted gateway takes the open events and the latencies stored after them from its database."""
+    first = calibrated_gateway(tmp_path)  # its bus records instead of publishing
+    send(first, {"cmd": "prune", "node_id": "b", "ratio": 0.5, "id": "hold"})
+    (event,) = Reader(first.settings.db_path).prune_events()
+    assert event["observed_count"] is None
+    first.store.add_request({"request_id": "r1", "camera_id": "cam", "capture_ts": event["ts"], "e2e_s": 0.25,
+                             "finish_ts": event["ts"] + 1.0, "received_ts": event["ts"] + 1.0})
+    first.store.close()  # stopped (or killed) before the follow-up was due: nothing more of it is written
+
+    restarted = Gateway(first.settings, MqttSettings())
+    restarted.bus = FakeBus()
+    restarted.tick(event["ts"] + first.settings.window_s + 1.0)
+    restarted.store.close()
+    (followed,) = Reader(first.settings.db_path).prune_events()
+    assert (followed["observed_count"], followed["observed_p50_s"]) == (1, 0.25)

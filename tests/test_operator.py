@@ -91,7 +91,10 @@ def calibrated_gateway(tmp_path) -> Gateway:
 
 
 def send(gateway: Gateway, command: dict) -> CommandReply:
-    gateway._on_command("edgeprune/component/gateway/cmd", json.dumps(command).encode(), {})
+    try:
+        gateway._on_command("edgeprune/component/gateway/cmd", json.dumps(command).encode(), {})
+    finally:
+        gateway.store.flush()  # the writer's next write: desired states go out once it is committed
     return CommandReply.model_validate(gateway.bus.on("/component/gateway/reply")[-1][0])
 
 

@@ -307,3 +307,20 @@ def test_gone_nodes_of_parallel_pipelines_have_their_sessions_taken_over_once_pl
     drains = placed_around(c, ["a", "b"], now=4.0, version=placement.version + 1).drains
     assert sorted(drains) == [("c", "$share/edgeprune-stage-1-tok3n-abcd/edgeprune/camera/+/frame"),
                               ("d", TOPICS.stage_input(2, pipeline=1))]
+
+
+def test_every_input_a_node_may_read_under_a_placement_is_among_those_a_restarted_node_leaves():
+    """A restarted node unsubscribes these unless it reads them (docs/reliability.md): each node's own input must be
+    among them, whichever its job, so a previous run's one is too when the placement is the one it was made under."""
+    topics = Topics()
+    placement = Placement(version=3, model="m", n_blocks=6, issued_at=0.0, share_token="tok-12345", stages=[
+        StageAssignment(stage=1, node_id="n1", first_block=0, last_block=2, pipeline=0),
+        StageAssignment(stage=2, node_id="n2", first_block=3, last_block=5, replicas=["n5"], pipeline=0),
+        StageAssignment(stage=1, node_id="n3", first_block=0, last_block=3, pipeline=1),
+        StageAssignment(stage=2, node_id="n4", first_block=4, last_block=5, pipeline=1)])
+    filters = routing.input_filters(topics, placement)
+    assert len(filters) == len(set(filters))
+    for node in placement.node_ids():
+        assert routing.input_filter(topics, placement, node) in filters
+    assert topics.stage_input(2) in filters and topics.stage_input(2, 1) in filters  # plain, as a lone reader has it
+    assert topics.stage_input(1) in filters  # stage 1 behind an ingest node

@@ -17,7 +17,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from shared.bus import drain_session
+from shared import routing
+from shared.bus import Bus, drain_session
+from shared.schemas import Placement, StageAssignment
 from shared.topics import Topics
 from tests.conftest import AUTH, mqtt_client, wait_until
 
@@ -194,3 +196,29 @@ def test_a_hung_members_session_is_taken_over_with_what_it_held_in_order(fresh_b
     assert wills == [], "Mosquitto now sends a taken-over client's will (the gateway starts no second takeover)"
     watcher.loop_stop()
     watcher.disconnect()
+
+
+def test_a_restarted_node_leaves_the_group_its_previous_run_joined_when_the_placement_moved_it(fresh_broker):
+    """node-2 read stage 2 as a replica, was killed, and came back (before the gateway took its session over) under a
+    placement that makes it stage 1. Its resumed session kept the old run's membership of stage 2's group, so the
+    broker went on dealing it a share of stage 2's input, which the new process had no handler for and acknowledged
+    away: every other frame lost for as long as the session lived. It leaves the groups the placement it starts under
+    names, except the one it reads."""
+    port = fresh_broker.port
+    Member(port, "node-2", 3600).die()  # the previous run, a stage-2 replica
+    live = Member(port, "node-3", 60)
+    live.client.on_message = lambda c, u, msg: (live.got.append(int(msg.payload)), c.ack(msg.mid, msg.qos))
+    placement = Placement(version=2, model="m", n_blocks=6, issued_at=0.0, share_token=TOKEN, stages=[
+        StageAssignment(stage=1, node_id="node-2", first_block=0, last_block=2),
+        StageAssignment(stage=2, node_id="node-3", first_block=3, last_block=5, replicas=["node-1"])])
+    restarted = Bus(AUTH[port].settings("node-2", "node"), "node-2", TOPICS.node_status("node-2"), manual_ack=True)
+    restarted.leave_on_connect(routing.input_filters(TOPICS, placement))
+    restarted.subscribe(routing.input_filter(TOPICS, placement, "node-2"), lambda t, p, u: None, data=True)
+    restarted.start()
+    try:
+        assert restarted.wait_subscribed(30), "the restarted node's subscriptions were never acknowledged"
+        publish(port, range(20))
+        wait_until(lambda: len(live.got) == 20, 15, f"stage 2's live replica got {len(live.got)} of 20")
+    finally:
+        restarted.stop()
+        live.die()
