@@ -3,7 +3,7 @@
 What to build, subscribe or report for a placement or a prepare command is decided by
 :class:`node_agent.assignment.Assignment`; this module carries it out.
 
-Threads: paho's network thread checks each input once (stage, request id, capture time, size) and,
+Threads: paho's network thread checks each input once (:mod:`node_agent.admission`) and,
 when the node is idle, serves it there and then: no hand-off in, no wake-up of another thread out
 (docs/architecture.md, "Threads and back-pressure"). Otherwise it queues it; one inference thread
 drains the bounded queue, timely requests first (:mod:`node_agent.deadline_queue`; a full queue
@@ -22,25 +22,25 @@ import time
 
 import torch
 
+from node_agent.admission import Admission, Report
 from node_agent.assignment import Assignment, Listen
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.deadline_queue import DeadlineQueue
 from node_agent.health import CpuMeter, Health
 from node_agent.offer import measure_offer
-from node_agent.runtime import (IngestRuntime, Output, Request, SliceCalibrator, StageRuntime, frame_metadata,
-                                plausible_capture)
+from node_agent.runtime import IngestRuntime, Output, Request, SliceCalibrator, StageRuntime
 from node_agent.thumbnailer import Thumbnailer
-from shared import routing, wire
+from shared import routing
 from shared.bus import Ack, Bus, read_retained
 from shared.clock import ClockOffset
 from shared.device_model import load_device_model
 from shared.model import build_model, model_fingerprint
-from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon,
+from shared.schemas import (BadMessage, CalibrateCommand, ClockBeacon,
                             DeviceSpeedCommand, Job, NodeCommand, NodeProfile, NodeStats, Placement, PrepareCommand,
                             PruneDesired, PruneState, SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
 from shared.thumbnail import REQUEST_ID_PROPERTY
-from shared.topics import Topics, validate_id
+from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.2  # how long the inference thread blocks on an empty queue when nothing is to calibrate
@@ -68,6 +68,7 @@ class NodeAgent:
         torch.set_num_threads(settings.threads)
         self.model = build_model(settings.checkpoint)
         self.topics = Topics(mqtt_settings.topic_root)
+        self.admission = Admission(settings, self.topics)  # what is taken on receipt, and still run when served
         # Inputs: acknowledged only once served, so what the node holds stays in its broker session; with
         # ``flow_control`` one at a time (receive window 1), so a backlog waits in that session instead of overflowing
         # the work queue. Control messages come on a connection of their own, or they would wait behind such a backlog
@@ -347,68 +348,19 @@ class NodeAgent:
         return time.time() - (self.clock.offset_s or 0.0)
 
     def _admit(self, runtime: StageRuntime | IngestRuntime, req: Request) -> bool:
-        """Read what the queue and any failure report need (request id, capture time) once, and check the size once,
-        on receipt: False if refused (reported with the request id). A frame is announced before its size check."""
-        if runtime.takes_frames:
-            if not self._admit_frame(req):
-                return False
-        else:  # an activation's header carries them; a malformed one is reported when served, timed from arrival
-            header = self._peek(req.payload)
-            req.request_id, req.capture_ts = (header.request_id, header.capture_ts) if header else (None,
-                                                                                                    req.received_ts)
-        try:
-            runtime.check_size(req.payload)
-        except BadMessage as exc:
-            self.bus.report_error(req.topic, exc.kind, str(exc), req.request_id)
-            return False
-        return True
+        """Send what admitting an input decided (:meth:`node_agent.admission.Admission.receive`), in order; whether
+        it is taken (if not, it was reported with the request id)."""
+        receipt = self.admission.receive(req, runtime)
+        for note in receipt.notes:
+            self._report(note)
+        if receipt.announcement is not None:
+            self.bus.publish(self.topics.accepted(self.node_id), to_json(receipt.announcement), qos=1)
+        if receipt.refusal is not None:
+            self._report(receipt.refusal)
+        return receipt.taken
 
-    def _admit_frame(self, req: Request) -> bool:
-        """Stage 1 (or the ingest node before it) takes a camera frame: check its camera id and times, and
-        announce it to the gateway.
-
-        From here on the frame is *accepted*: it must end as a result row or a failure with a reason.
-        """
-        camera_id = self.topics.camera_id_from_frame_topic(req.topic)
-        if camera_id is None:
-            raise BadMessage("bad_topic", f"frame topic {req.topic} does not name a camera")
-        try:
-            validate_id("camera", camera_id)
-        except ValueError as exc:
-            raise BadMessage("bad_camera_id", str(exc)) from None
-        req.camera_id = camera_id
-        request_id, capture_ts = frame_metadata(req)
-        claimed = None
-        if not plausible_capture(capture_ts, req.received_ts, self.settings.capture_past_s,
-                                 self.settings.capture_future_s):
-            claimed, req.capture_ts = capture_ts, req.received_ts
-            self.bus.report_error(req.topic, "implausible_capture_ts", f"capture time {claimed!r} is "
-                                  f"{req.received_ts - claimed:.0f} s before arrival: timed from arrival instead",
-                                  request_id)
-        accepted = AcceptedRequest(request_id=request_id, camera_id=camera_id, node_id=self.node_id,
-                                   capture_ts=req.capture_ts, received_ts=req.received_ts, claimed_capture_ts=claimed)
-        self.bus.publish(self.topics.accepted(self.node_id), to_json(accepted), qos=1)
-        return True
-
-    @staticmethod
-    def _peek(payload: bytes) -> wire.Header | None:
-        """An activation's header (its request id and capture time), if it parses."""
-        try:
-            return wire.peek(payload)
-        except BadMessage:
-            return None
-
-    def _expired(self, runtime: StageRuntime, req: Request) -> bool:
-        """A first-stage frame that waited (in the broker or the queue) beyond max_frame_age_s is not run."""
-        max_age = self.settings.max_frame_age_s
-        if not runtime.takes_frames or not max_age:
-            return False
-        age = time.time() - req.capture_ts
-        if age <= max_age:
-            return False
-        self.bus.report_error(req.topic, "expired", f"frame captured {age:.0f} s ago (limit {max_age:g} s): "
-                              "not run", req.request_id)
-        return True
+    def _report(self, report: Report) -> None:
+        self.bus.report_error(report.topic, report.kind, report.message, report.request_id)
 
     def _work(self) -> None:
         """The inference thread: serves what was queued, and calibrates in idle moments."""
@@ -433,7 +385,9 @@ class NodeAgent:
         """One request, on whichever thread holds the queue's claim: run it and publish the output, or report why
         not."""
         self._calibrate(idle=False)  # under steady load, still make progress
-        if self._expired(runtime, req):
+        expired = self.admission.expired(req, runtime, time.time())
+        if expired is not None:
+            self._report(expired)
             return
         started = time.time()
         try:
