@@ -71,7 +71,7 @@ class Server:
         self.admission = Admission(settings, topics)
         self.queue: DeadlineQueue[tuple[Runtime, Request, Ack]] = DeadlineQueue(
             settings.queue_size, gateway_time, ordered=settings.deadline_order)
-        self.slowdown = settings.emulated_slowdown
+        self.slowdown = 1.0  # the agent sets it (NodeAgent._emulate)
         self._placement = placement
         self.calibration = calibration
         self._calibrated = calibrated
