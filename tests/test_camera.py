@@ -1,9 +1,13 @@
 """The camera simulator lets paho's thread send a frame before it makes the next one (a fake bus), and sends
-every frame it made even when its broker answered late (a real one)."""
+every frame it made even when its broker answered late (a real one); it is a runtime component, so it loads no
+torch."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 from camera import simulator
 from camera.simulator import Camera, wait_acknowledged
@@ -84,6 +88,18 @@ def test_a_frame_over_the_brokers_limit_is_logged_and_not_sent(monkeypatch, capl
     refusals = [r for r in caplog.records if r.levelname == "ERROR" and "over the broker's limit" in r.message]
     assert len(refusals) == 2
 
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_camera_process_and_the_decode_path_load_no_torch():
+    """A camera (a Raspberry Pi's, say) and shared/imaging.py need numpy and Pillow, not torch."""
+    code = ("import sys, camera.simulator, shared.imaging, shared.thumbnail; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 def test_a_camera_whose_connection_comes_up_late_sends_every_frame_and_exits_cleanly(broker, monkeypatch):
