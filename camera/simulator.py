@@ -13,7 +13,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,21 +93,21 @@ def arrival_schedule(s: CameraSettings, rng: np.random.Generator) -> Iterator[Ar
                                                                      initial=0.0))
 
 
-class LabelledFrames:
-    """Test-split frames of the synthetic dataset in a seeded order, with their class index (benchmarks)."""
+# The next frame to publish and its ground-truth class index (None: unlabelled). Labelled test frames come from
+# the offline dataset tools (``edgeprune.dataset.LabelledFrames``), which `edgeprune camera --labelled` hands in.
+FrameSource = Callable[[], tuple[bytes, int | None]]
 
-    def __init__(self, seed: int):
-        from edgeprune.dataset import load_frames  # renders or reads the cached dataset: only when asked for
 
-        test = load_frames()["test"]
-        self.images, self.labels = test.images, test.labels
-        self.order = np.random.default_rng([seed, 2]).permutation(len(self.labels))
-        self.next = 0
+def synthetic_frames(seed: int, size: int, image_format: str) -> FrameSource:
+    """Seeded synthetic scenes (:func:`camera_frame`), unlabelled."""
+    scenes = np.random.default_rng(seed)
+    return lambda: (camera_frame(scenes, size, image_format), None)
 
-    def __call__(self) -> tuple[bytes, int]:
-        index = self.order[self.next % len(self.order)]
-        self.next += 1
-        return encode_png(self.images[index]), int(self.labels[index])
+
+def folder_source(folder: Path) -> FrameSource:
+    """A folder's image files (:func:`folder_frames`), unlabelled; FileNotFoundError at once if it has none."""
+    files = folder_frames(image_files(folder))
+    return lambda: (next(files), None)
 
 
 FRAME_MAKING_MARGIN_S = 0.01  # making a frame (a PNG encode, a file read) takes a few ms: start it this early
@@ -130,8 +130,13 @@ def wait_acknowledged(info, timeout_s: float) -> None:
 
 
 class Camera:
-    def __init__(self, settings: CameraSettings, mqtt_settings: MqttSettings):
+    def __init__(self, settings: CameraSettings, mqtt_settings: MqttSettings, frames: FrameSource | None = None):
+        """``frames``: where frames come from; by default the ``images`` folder's files, else synthetic scenes.
+        ``labelled`` needs one handed in (:class:`edgeprune.dataset.LabelledFrames`)."""
+        if settings.labelled and frames is None:
+            raise ValueError("labelled frames need a frame source: edgeprune.dataset.LabelledFrames")
         self.settings = settings
+        self.frames = frames
         self.topics = Topics(mqtt_settings.topic_root)
         self.bus = Bus(mqtt_settings, settings.camera_id, self.topics.component_status(settings.camera_id))
         self.sent = 0
@@ -141,12 +146,11 @@ class Camera:
     def run(self) -> int:
         """Publish until ``count`` frames are sent, the schedule ends, or :meth:`stop`; returns frames sent."""
         s = self.settings
-        scenes = np.random.default_rng(s.seed)
+        frames = self.frames or (folder_source(s.images) if s.images else synthetic_frames(s.seed, s.size,
+                                                                                            s.image_format))
         arrivals = np.random.default_rng([s.seed, 1])  # separate streams: frames don't depend on timing
-        labelled = LabelledFrames(s.seed) if s.labelled else None
         run_tag = f"{int(time.time() * 1000):x}"
         schedule = arrival_schedule(s, arrivals)
-        files = folder_frames(image_files(s.images)) if s.images else None
         self.bus.start()
         if not self._wait_connected():
             self.bus.stop()
@@ -159,13 +163,9 @@ class Camera:
             if last is not None:
                 wait_acknowledged(last, started + arrival.at_s - time.monotonic() - FRAME_MAKING_MARGIN_S)
             user = {"request_id": f"{arrival.camera}-{run_tag}-{self.sent + self.refused:06d}"}
-            if labelled is not None:
-                payload, label = labelled()
+            payload, label = frames()
+            if label is not None:
                 user[TRUE_LABEL_PROPERTY] = str(label)
-            elif files is not None:
-                payload = next(files)
-            else:
-                payload = camera_frame(scenes, s.size, s.image_format)
             if self._stop.wait(max(0.0, started + arrival.at_s - time.monotonic())):
                 break
             user["capture_ts"] = repr(time.time())

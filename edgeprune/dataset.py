@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.imaging import normalise
+from shared.imaging import encode_png, normalise
 from shared.model import CLASS_NAMES, INPUT_SIZE, MEAN, SCIENTIFIC_NAMES, STD
 
 SPLITS = ("train", "val", "test")
@@ -251,6 +251,23 @@ def _write_cache(path: Path, splits: dict[str, FrameSplit]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class LabelledFrames:
+    """Test-split frames in a seeded order as PNG, with their class index: a camera's frame source for benchmarks
+    (`edgeprune camera --labelled`, :data:`camera.simulator.FrameSource`). Renders or reads the cached set here, before
+    the camera connects."""
+
+    def __init__(self, seed: int):
+        test = load_frames()["test"]
+        self.images, self.labels = test.images, test.labels
+        self.order = np.random.default_rng([seed, 2]).permutation(len(self.labels))
+        self.next = 0
+
+    def __call__(self) -> tuple[bytes, int]:
+        index = self.order[self.next % len(self.order)]
+        self.next += 1
+        return encode_png(self.images[index]), int(self.labels[index])
 
 
 def to_model_input(images: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:

@@ -1,22 +1,16 @@
-"""The node agent: MQTT transport around :class:`node_agent.runtime.StageRuntime`.
+"""The node agent: the node's two MQTT connections, and the gateway's placements and commands carried out.
 
 What to build, subscribe or report for a placement or a prepare command is decided by
-:class:`node_agent.assignment.Assignment`; this module carries it out.
-
-Threads: paho's network thread checks each input once (stage, request id, capture time, size) and,
-when the node is idle, serves it there and then: no hand-off in, no wake-up of another thread out
-(docs/architecture.md, "Threads and back-pressure"). Otherwise it queues it; one inference thread
-drains the bounded queue, timely requests first (:mod:`node_agent.deadline_queue`; a full queue
-drops a request and counts it, so a slow node sheds load instead of growing memory; with ``[node] flow_control``
-QoS 1 input comes one at a time, so only QoS 0 input can fill it and a backlog waits in the broker instead) and, when
-:class:`node_agent.calibration.CalibrationSchedule` says a run is due, measures the slice for the
-controller's curves; a stats thread publishes health every few seconds.
+:class:`node_agent.assignment.Assignment`; this module carries it out on the node's two connections, and hands each
+input for the job in force to the data path (:class:`node_agent.serving.Server`: admission, the work queue, the
+inference thread, each input acknowledged once served). It also applies the gateway's commands and prune state,
+publishes the calibrations the data path measures (:class:`node_agent.calibration.CalibrationSchedule` says when),
+and a stats thread publishes health every few seconds.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 
@@ -24,32 +18,22 @@ import torch
 
 from node_agent.assignment import Assignment, Listen
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
-from node_agent.deadline_queue import DeadlineQueue
-from node_agent.health import CpuMeter, Health
+from node_agent.health import CpuMeter
 from node_agent.offer import measure_offer
-from node_agent.runtime import (IngestRuntime, Output, Request, SliceCalibrator, StageRuntime, frame_metadata,
-                                plausible_capture)
-from node_agent.thumbnailer import Thumbnailer
-from shared import routing, wire
+from node_agent.runtime import IngestRuntime, Request, SliceCalibrator, StageRuntime
+from node_agent.serving import Server
+from shared import routing
 from shared.bus import Ack, Bus, read_retained
 from shared.clock import ClockOffset
 from shared.device_model import load_device_model
 from shared.model import build_model, model_fingerprint
-from shared.schemas import (AcceptedRequest, BadMessage, CalibrateCommand, ClockBeacon,
-                            DeviceSpeedCommand, Job, NodeCommand, NodeProfile, NodeStats, Placement, PrepareCommand,
-                            PruneDesired, PruneState, SlowdownCommand, parse_json, to_json)
+from shared.schemas import (BadMessage, CalibrateCommand, ClockBeacon, DeviceSpeedCommand, Job, NodeCommand,
+                            NodeProfile, NodeStats, Placement, PrepareCommand, PruneDesired, PruneState,
+                            SlowdownCommand, parse_json, to_json)
 from shared.settings import MqttSettings, NodeSettings
-from shared.thumbnail import REQUEST_ID_PROPERTY
-from shared.topics import Topics, validate_id
+from shared.topics import Topics
 
 log = logging.getLogger(__name__)
-IDLE_WAIT_S = 0.2  # how long the inference thread blocks on an empty queue when nothing is to calibrate
-# unread bytes after a request served on paho's thread that still mean "only acknowledgements came meanwhile"
-# (an MQTT v5 PUBACK is 4-5 bytes; any frame or activation is far larger): more, and input is waiting
-ACKS_ONLY_BYTES = 64
-# serve on paho's thread only while a request takes less than this: a hand-off costs ~1 ms, noise beside longer
-# work, and paho's thread must not stop answering for long (keepalive, writing what the other threads publish)
-SERVE_AT_ONCE_MAX_S = 0.1
 # ``[node] flow_control``: unacknowledged inputs the broker may send at once (MQTT v5 Receive Maximum). 1, not the
 # work queue's size: Mosquitto 2.0.x, on the acknowledgement of any but the newest message in flight, sends up to a
 # whole window more (measured: window 4, acknowledging the oldest, 31 held after 10 acknowledgements)
@@ -84,28 +68,23 @@ class NodeAgent:
                        receive_maximum=INPUT_WINDOW if settings.flow_control else None)
         self.control = control_bus(mqtt_settings, self.node_id)
         self.clock = ClockOffset()
-        self.queue: DeadlineQueue[tuple[StageRuntime, Request, Ack]] = DeadlineQueue(
-            settings.queue_size, self._gateway_time, ordered=settings.deadline_order)
         self.runtime: StageRuntime | None = None
         self.ingest: IngestRuntime | None = None  # set while the placement makes this node the ingest node
         # the job in force, its input and what is prepared ahead of a placement (its placement: where outputs go)
         self.assignment: Assignment[StageRuntime | IngestRuntime] = Assignment(self.node_id, self.topics)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.health = Health()  # counts and latency figures for the stats (under the lock)
-        self.device_speed = settings.emulated_slowdown  # emulated device type: base factor over this host
-        self.transient = 1.0  # the latest `slowdown` command, on top of the device speed
-        self.slowdown = self.device_speed * self.transient
         self.desired: PruneDesired | None = None
         # a benchmark's one emulated device (shared/device_model.py), checked against this model now
         self.device_model = (load_device_model(settings.device_model, model_fingerprint(self.model))
                              if settings.device_model else None)
         self.calibration = CalibrationSchedule(lambda runtime: SliceCalibrator(
             runtime.slice, runtime.input_shape, device_model=runtime.device_model))
-        self._last_serve_s: float | None = None  # how long the last request took to serve (None: none served yet)
+        self.server = Server(self.bus, settings, self.topics, self._gateway_time, self._placement_in_force,
+                             self.calibration, self._publish_calibration)
+        self._emulate(settings.emulated_slowdown, 1.0)
         self._cpu = CpuMeter()
-        self._threads: list[threading.Thread] = []
-        self.thumbnails = Thumbnailer(self._send_thumbnail)  # used while the placement asks for thumbnails
+        self._stats_thread = threading.Thread(target=self._publish_stats_forever, name="stats", daemon=True)
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -115,27 +94,23 @@ class NodeAgent:
         self.control.subscribe(self.topics.node_command(self.node_id), self._on_command)
         self.control.subscribe(self.topics.node_prune_desired(self.node_id), self._on_prune_desired)
         self.control.subscribe(self.topics.clock, self._on_clock_beacon, qos=0)
-        self._threads = [threading.Thread(target=self._work, name="inference", daemon=True),
-                         threading.Thread(target=self._publish_stats_forever, name="stats", daemon=True)]
-        for t in self._threads:
-            t.start()
-        self.thumbnails.start()
+        self.server.start()
+        self._stats_thread.start()
         self._resume_placement()
         self.control.start()
         self.bus.start()
 
     def stop(self) -> None:
         self._stop.set()
-        for t in self._threads:
-            t.join(timeout=5)
-        self.thumbnails.stop()
+        self.server.stop()
+        self._stats_thread.join(timeout=5)
         self.bus.stop()
         self.control.stop()
 
     # --- placement -----------------------------------------------------------------------
     def measure_offer(self) -> NodeProfile:
         """What this node offers the planner, measured (or read) as the device serves now."""
-        return measure_offer(self.settings, self.model, self.device_model, self.slowdown)
+        return measure_offer(self.settings, self.model, self.device_model, self.server.slowdown)
 
     def _resume_placement(self) -> None:
         """Take the job the retained placement gives this node before resuming its session, whose held inputs the
@@ -173,7 +148,7 @@ class NodeAgent:
         if switch is None:
             log.info("ignoring placement v%d older than v%d", placement.version, self.assignment.version)
             return
-        self.queue.slo_s = placement.slo_s  # the gateway re-publishes the placement when the operator changes it
+        self.server.queue.slo_s = placement.slo_s  # the gateway re-publishes the placement when the operator changes it
         if switch.keep:
             self._listen(switch.listen)
             return
@@ -248,14 +223,12 @@ class NodeAgent:
     def _on_command(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         command = parse_json(NodeCommand, payload).root
         if isinstance(command, SlowdownCommand):
-            self.transient = command.factor
-            self.slowdown = self.device_speed * self.transient
+            self._emulate(self.device_speed, command.factor)
             log.warning("%s: emulated slowdown set to %.2fx (device speed %.2fx)", self.node_id, command.factor,
                         self.device_speed)
         elif isinstance(command, DeviceSpeedCommand):
             with self._lock:
-                self.device_speed = command.factor
-                self.slowdown = self.device_speed * self.transient
+                self._emulate(command.factor, self.transient)
                 runtime = self.runtime
             self.calibration.request(runtime)  # the controller's curves must describe the new device
             log.warning("%s: emulated device speed set to %.2fx", self.node_id, command.factor)
@@ -266,6 +239,12 @@ class NodeAgent:
                 runtime = self.runtime
             self.calibration.request(runtime)
             log.info("%s: re-calibrating on request", self.node_id)
+
+    def _emulate(self, device_speed: float, transient: float) -> None:
+        """The emulated device the data path serves as: a base factor over this host (``[node] emulated_slowdown``,
+        then `device_speed` commands) times the latest `slowdown` command."""
+        self.device_speed, self.transient = device_speed, transient
+        self.server.slowdown = device_speed * transient
 
     # --- pruning -------------------------------------------------------------------------
     def _on_prune_desired(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
@@ -290,13 +269,8 @@ class NodeAgent:
         state = PruneState(ratio=runtime.slice.ratio, seq=desired.seq, applied_at=time.time(), switch_s=switch_s)
         self.bus.publish(self.topics.node_prune_state(self.node_id), to_json(state), qos=1, retain=True)
 
-    def _calibrate(self, idle: bool) -> None:
-        """Give the calibration schedule its chance to run; publish the curve when a slice is done."""
-        finished = self.calibration.tick(time.monotonic(), idle)
-        if finished is not None:
-            self._publish_calibration(finished)
-
     def _publish_calibration(self, finished: FinishedCalibration) -> None:
+        """A slice the data path measured, published unless the placement moved on meanwhile."""
         with self._lock:
             version = self.assignment.version
             if finished.target is not self.runtime or version is None:
@@ -307,179 +281,26 @@ class NodeAgent:
                  calibration.first_block, calibration.last_block, calibration.latency_s[0] * 1e3,
                  calibration.latency_s[-1] * 1e3, calibration.ratios[-1])
 
-    # --- data path -----------------------------------------------------------------------
+    # --- data path ---------------------------------------------------------------------------
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str], ack: Ack) -> None:
-        """Take one input: serve it here and now when the node is idle and serves quickly (no hand-off to the
-        inference thread, no wake-up of paho's thread for the output), else queue it. It is acknowledged once
-        served (or reported), so while this node holds the input its broker session does too, and the gateway can
-        hand it to whichever node serves its stage next if this one dies or hangs (docs/reliability.md)."""
+        """An input for the job in force (or for a shared input dealt ahead of its placement) goes to the data path;
+        one this node is only prepared for is another node's until the placement: acknowledged and left."""
         received = time.time()
         with self._lock:
             runtime = ((self.runtime or self.ingest) if self.assignment.serves(topic)
                        else self.assignment.prepared_for(topic))
-        if runtime is None:  # an input this node is only prepared for: another node serves it until the placement
+        if runtime is None:
             ack()
             return
-        req = Request(topic, payload, props, received)
-        if not self._admit(runtime, req):  # refused, and reported as the request's failure
-            ack()
-            return
-        last = self._last_serve_s
-        if last is not None and last < SERVE_AT_ONCE_MAX_S and self.queue.claim():
-            req.deferred = self.queue.late(req.capture_ts)
-            self._serve_now(runtime, req, ack)
-            return
-        dropped = self.queue.put((runtime, req, ack), req.capture_ts)
-        if dropped is not None:  # this request or one that would have been served after it
-            _, lost, lost_ack = dropped
-            with self._lock:
-                count = self.health.drop()
-            self.bus.report_error(lost.topic, "dropped", f"work queue full ({self.settings.queue_size}): request "
-                                  "dropped", lost.request_id)
-            lost_ack()  # reported as a failure: done with
-            if count in (1, 10, 100) or count % 1000 == 0:
-                log.warning("%s: work queue full, %d requests dropped so far", self.node_id, count)
+        self.server.receive(runtime, Request(topic, payload, props, received), ack)
 
-    def _serve_now(self, runtime: StageRuntime | IngestRuntime, req: Request, ack: Ack) -> None:
-        """Serve on paho's thread, the queue claimed (:meth:`DeadlineQueue.claim`). The announcement leaves before the
-        compute, as it would have before a queued one; the output right after it (:meth:`_serve`), the input's
-        acknowledgement or a failure report once it is done. Input that arrived meanwhile (more than a few
-        acknowledgements' bytes unread) goes to the queue, so a backlog is still served by deadline and shed when
-        full."""
-        self.bus.flush()
-        try:
-            self._serve(runtime, req)
-        finally:
-            ack()
-            self.bus.flush()
-            self.queue.done(input_waiting=self.bus.unread_bytes() > ACKS_ONLY_BYTES)
+    def _placement_in_force(self) -> Placement | None:
+        with self._lock:
+            return self.assignment.placement
 
     def _gateway_time(self) -> float:
         """Now on the gateway's (and the cameras') clock, which capture times and so deadlines are on."""
         return time.time() - (self.clock.offset_s or 0.0)
-
-    def _admit(self, runtime: StageRuntime | IngestRuntime, req: Request) -> bool:
-        """Read what the queue and any failure report need (request id, capture time) once, and check the size once,
-        on receipt: False if refused (reported with the request id). A frame is announced before its size check."""
-        if runtime.takes_frames:
-            if not self._admit_frame(req):
-                return False
-        else:  # an activation's header carries them; a malformed one is reported when served, timed from arrival
-            header = self._peek(req.payload)
-            req.request_id, req.capture_ts = (header.request_id, header.capture_ts) if header else (None,
-                                                                                                    req.received_ts)
-        try:
-            runtime.check_size(req.payload)
-        except BadMessage as exc:
-            self.bus.report_error(req.topic, exc.kind, str(exc), req.request_id)
-            return False
-        return True
-
-    def _admit_frame(self, req: Request) -> bool:
-        """Stage 1 (or the ingest node before it) takes a camera frame: check its camera id and times, and
-        announce it to the gateway.
-
-        From here on the frame is *accepted*: it must end as a result row or a failure with a reason.
-        """
-        camera_id = self.topics.camera_id_from_frame_topic(req.topic)
-        if camera_id is None:
-            raise BadMessage("bad_topic", f"frame topic {req.topic} does not name a camera")
-        try:
-            validate_id("camera", camera_id)
-        except ValueError as exc:
-            raise BadMessage("bad_camera_id", str(exc)) from None
-        req.camera_id = camera_id
-        request_id, capture_ts = frame_metadata(req)
-        claimed = None
-        if not plausible_capture(capture_ts, req.received_ts, self.settings.capture_past_s,
-                                 self.settings.capture_future_s):
-            claimed, req.capture_ts = capture_ts, req.received_ts
-            self.bus.report_error(req.topic, "implausible_capture_ts", f"capture time {claimed!r} is "
-                                  f"{req.received_ts - claimed:.0f} s before arrival: timed from arrival instead",
-                                  request_id)
-        accepted = AcceptedRequest(request_id=request_id, camera_id=camera_id, node_id=self.node_id,
-                                   capture_ts=req.capture_ts, received_ts=req.received_ts, claimed_capture_ts=claimed)
-        self.bus.publish(self.topics.accepted(self.node_id), to_json(accepted), qos=1)
-        return True
-
-    @staticmethod
-    def _peek(payload: bytes) -> wire.Header | None:
-        """An activation's header (its request id and capture time), if it parses."""
-        try:
-            return wire.peek(payload)
-        except BadMessage:
-            return None
-
-    def _expired(self, runtime: StageRuntime, req: Request) -> bool:
-        """A first-stage frame that waited (in the broker or the queue) beyond max_frame_age_s is not run."""
-        max_age = self.settings.max_frame_age_s
-        if not runtime.takes_frames or not max_age:
-            return False
-        age = time.time() - req.capture_ts
-        if age <= max_age:
-            return False
-        self.bus.report_error(req.topic, "expired", f"frame captured {age:.0f} s ago (limit {max_age:g} s): "
-                              "not run", req.request_id)
-        return True
-
-    def _work(self) -> None:
-        """The inference thread: serves what was queued, and calibrates in idle moments."""
-        while not self._stop.is_set():
-            try:
-                (runtime, req, ack), deferred = self.queue.get(timeout=self.calibration.wait_s(IDLE_WAIT_S))
-            except queue.Empty:
-                if self.queue.claim(arriving=False):  # not while paho's thread serves a request
-                    try:
-                        self._calibrate(idle=True)  # idle for a pause: the right moment for a timed calibration run
-                    finally:
-                        self.queue.done()
-                continue
-            req.deferred = deferred
-            try:
-                self._serve(runtime, req)
-            finally:
-                ack()  # after the output is handed to the client: a node killed before this leaves it held
-                self.queue.done()
-
-    def _serve(self, runtime: StageRuntime, req: Request) -> None:
-        """One request, on whichever thread holds the queue's claim: run it and publish the output, or report why
-        not."""
-        self._calibrate(idle=False)  # under steady load, still make progress
-        if self._expired(runtime, req):
-            return
-        started = time.time()
-        try:
-            out = runtime.run(req, started, self.slowdown)
-            self._last_serve_s = time.time() - started
-        except BadMessage as exc:
-            self.bus.report_error(req.topic, exc.kind, str(exc), req.request_id)
-            return
-        except Exception as exc:  # never let one request kill the inference thread
-            log.exception("%s: inference failed", self.node_id)
-            self.bus.report_error(req.topic, "internal", f"{type(exc).__name__}: {exc}", req.request_id)
-            return
-        self.bus.publish(self._output_topic(out, runtime), out.payload, qos=1, user=out.user)
-        self.bus.flush()  # served on paho's thread: the output leaves now, before the bookkeeping and the thumbnail
-        with self._lock:
-            placement = self.assignment.placement
-            thumbnails = placement is not None and placement.thumbnails
-            self.health.served(out.compute_s, out.decode_s, started - req.received_ts, req.deferred)
-        if out.frame is not None and thumbnails:  # made by the thumbnail thread, after the frame is served
-            self.thumbnails.offer(out.request_id, out.frame)
-
-    def _send_thumbnail(self, request_id: str, jpeg: bytes) -> None:
-        """QoS 0 (docs/mqtt.md): a thumbnail is worth no retransmission, nor room in anyone's session queue."""
-        self.bus.publish(self.topics.thumbnail(self.node_id), jpeg, qos=0, user={REQUEST_ID_PROPERTY: request_id})
-
-    def _output_topic(self, out: Output, runtime: StageRuntime | IngestRuntime) -> str:
-        """Where an output goes under the placement in force now, not the one its runtime was built under
-        (:func:`shared.routing.output_topic`), in the pipeline of the stage that served it."""
-        with self._lock:
-            placement = self.assignment.placement
-        if out.next_block is None or placement is None:
-            return out.topic
-        pipeline = runtime.assignment.pipeline if isinstance(runtime, StageRuntime) else 0
-        return routing.output_topic(self.topics, placement, pipeline, out.next_block) or out.topic
 
     # --- stats ---------------------------------------------------------------------------
     def stats(self) -> NodeStats:
@@ -487,14 +308,14 @@ class NodeAgent:
         with self._lock:
             runtime, job = self.runtime, self.assignment.job
             version, prepared_version = self.assignment.version, self.assignment.prepared_version
-            health = self.health.report()
         return NodeStats(
             node_id=self.node_id, ts=time.time(), stage=job.stage if job else None,
             first_block=job.first_block if job else None, last_block=job.last_block if job else None,
-            placement_version=version, queue_depth=self.queue.qsize(), queue_capacity=self.settings.queue_size,
-            errors=dict(self.bus.errors + self.control.errors), prepared_version=prepared_version, **health,
+            placement_version=version, queue_depth=self.server.queue.qsize(), queue_capacity=self.settings.queue_size,
+            errors=dict(self.bus.errors + self.control.errors), prepared_version=prepared_version,
+            **self.server.health(),
             cpu_percent=self._cpu.read(), prune_ratio=runtime.slice.ratio if runtime else 0.0,
-            emulated_slowdown=self.slowdown, clock_offset_s=self.clock.offset_s)
+            emulated_slowdown=self.server.slowdown, clock_offset_s=self.clock.offset_s)
 
     def _on_clock_beacon(self, topic: str, payload: bytes, _props: dict[str, str]) -> None:
         received = time.time()

@@ -20,9 +20,14 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from shared.model import INPUT_SIZE, MEAN, STD
 from shared.schemas import BadMessage, DecodeCost
 
+# The model input this decode path makes unless a checkpoint names its own (``shared.model.TrapNetConfig``, whose
+# defaults these are): here, not in shared/model.py, so a camera and anything else that decodes need no torch.
+INPUT_SIZE = 64
+# Per-channel normalisation of RGB frames in [0, 1].
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
 ACCEPTED_FORMATS = ("JPEG", "PNG")
 MAX_PIXELS = 40_000_000  # a 40 MP frame is the largest camera trap we expect; beyond is a bomb
 # Frame sizes a node decodes at start to fit its decode cost (a trap's 12-20 MP lies beyond: the fit is linear).

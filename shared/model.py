@@ -21,15 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.imaging import INPUT_SIZE, MEAN, STD  # the decode path's defaults, a checkpoint's unless it names its own
+
 CLASS_NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 # Their taxa, as a Camtrap DP consumer (GBIF, camtraptor) matches them: the synthetic set's silhouettes are
 # of these animals. A family or class where the silhouette cannot tell species apart.
 SCIENTIFIC_NAMES = ("Ursidae", "Aves", "Felis catus", "Bos taurus", "Canis familiaris", "Elephantidae",
                     "Giraffa camelopardalis", "Equus caballus", "Ovis aries", "Equus quagga")
-INPUT_SIZE = 64
-# Per-channel normalisation of RGB frames in [0, 1].
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.25, 0.25, 0.25)
 # How a frame of another shape becomes the square input: "squash" stretches it (what every
 # checkpoint before class names travelled in the checkpoint did), "letterbox" pads the short side
 # with mid-gray, "crop" cuts the centre square. The last two keep the animal's proportions.

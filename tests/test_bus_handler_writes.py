@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from node_agent.agent import ACKS_ONLY_BYTES
+from node_agent.serving import ACKS_ONLY_BYTES
 from shared.bus import Bus
 from shared.topics import Topics
 from tests.conftest import mqtt_client, wait_until

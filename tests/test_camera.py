@@ -1,9 +1,16 @@
 """The camera simulator lets paho's thread send a frame before it makes the next one (a fake bus), and sends
-every frame it made even when its broker answered late (a real one)."""
+every frame it made even when its broker answered late (a real one); it is a runtime component, so it loads neither
+torch nor the offline tools (its labelled frames are handed in)."""
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 import threading
+from pathlib import Path
+
+import numpy as np
 
 from camera import simulator
 from camera.simulator import Camera, wait_acknowledged
@@ -11,6 +18,8 @@ from shared.bus import Bus
 from shared.settings import CameraSettings, MqttSettings
 from shared.topics import Topics
 from tests.conftest import Recorder, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeInfo:
@@ -84,6 +93,41 @@ def test_a_frame_over_the_brokers_limit_is_logged_and_not_sent(monkeypatch, capl
     refusals = [r for r in caplog.records if r.levelname == "ERROR" and "over the broker's limit" in r.message]
     assert len(refusals) == 2
 
+
+def test_labelled_frames_come_from_the_source_handed_in(monkeypatch):
+    """`edgeprune camera --labelled` hands the dataset's test frames in; the camera only carries their labels."""
+    events: list = []
+    published: list[dict] = []
+    bus = FakeBus(events)
+    bus.publish = lambda topic, payload, qos, user: published.append(user) or FakeInfo(events)
+    monkeypatch.setattr(simulator, "Bus", lambda *_args: bus)
+    labels = iter([3, 7])
+
+    def frames() -> tuple[bytes, int]:
+        return simulator.camera_frame(np.random.default_rng(0), 8, "png"), next(labels)
+
+    assert Camera(CameraSettings(rate_hz=100.0, arrival="fixed", count=2, labelled=True), MqttSettings(),
+                  frames=frames).run() == 2
+    assert [user["true_label"] for user in published] == ["3", "7"]
+
+
+def test_the_camera_imports_nothing_of_the_offline_tools():
+    """camera/ may import shared/ only: a frame source of the dataset is passed in (docs/architecture.md)."""
+    for path in (ROOT / "camera").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.split(".")[0] in ("edgeprune", "gateway", "node_agent", "web")], path
+
+
+def test_a_camera_process_and_the_decode_path_load_no_torch():
+    """A camera (a Raspberry Pi's, say) and shared/imaging.py need numpy and Pillow, not torch."""
+    code = ("import sys, camera.simulator, shared.imaging, shared.thumbnail; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 def test_a_camera_whose_connection_comes_up_late_sends_every_frame_and_exits_cleanly(broker, monkeypatch):

@@ -1,7 +1,8 @@
-"""The node agent's serving path in-process, without a broker: what it publishes is recorded.
+"""The node agent's serving path (node_agent/serving.py) in-process, without a broker: what it publishes is recorded.
 
 docs/reliability.md: a frame older than ``[node] max_frame_age_s`` when stage 1 would run it ends as
-``expired`` (reported with its request id, so the gateway records the failure), and is not run.
+``expired`` (reported with its request id, so the gateway records the failure), and is not run. The rule itself is
+tested at unit speed in tests/test_admission.py; here, that the data path carries it out.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def serve(frame: bytes, age_s: float, max_frame_age_s: float, stage: int = 1, n_
     captured = time.time() - age_s
     req = Request(agent.topics.camera_frame("cam-1"), frame, {"request_id": "r-1", "capture_ts": repr(captured)},
                   time.time(), camera_id="cam-1", request_id="r-1", capture_ts=captured)  # as read on receipt
-    agent._serve(runtime, req)
+    agent.server._serve(runtime, req)
     return agent, published
 
 
@@ -43,19 +44,19 @@ def test_a_frame_older_than_the_limit_is_reported_expired_with_its_request_id_an
     ((topic, payload),) = published
     record = parse_json(ErrorRecord, payload)
     assert topic == agent.topics.errors("a") and (record.kind, record.request_id) == ("expired", "r-1")
-    assert agent.health.processed == 0
+    assert agent.server.health()["processed"] == 0
 
 
 def test_a_frame_within_the_limit_is_run(frame):
     agent, published = serve(frame, age_s=1, max_frame_age_s=300)
     ((topic, payload),) = published
     assert topic == agent.topics.results("a") and parse_json(Result, payload).request_id == "r-1"
-    assert agent.health.processed == 1 and not agent.bus.errors
+    assert agent.server.health()["processed"] == 1 and not agent.bus.errors
 
 
 def test_a_limit_of_zero_never_expires_a_frame(frame):
     agent, published = serve(frame, age_s=1000, max_frame_age_s=0)
-    assert [topic for topic, _ in published] == [agent.topics.results("a")] and agent.health.processed == 1
+    assert [topic for topic, _ in published] == [agent.topics.results("a")] and agent.server.health()["processed"] == 1
 
 
 def test_only_stage_1_expires_frames(frame):
@@ -71,6 +72,6 @@ def test_only_stage_1_expires_frames(frame):
                                                                            "capture_ts": repr(captured)},
                                captured, camera_id="cam-1"), started_ts=captured)
     runtime = StageRuntime(agent.model, "b", second, 2, agent.topics.results("b"))
-    agent._serve(runtime, Request(out.topic, out.payload, out.user or {}, time.time()))
+    agent.server._serve(runtime, Request(out.topic, out.payload, out.user or {}, time.time()))
     ((topic, payload),) = published
     assert topic == agent.topics.results("b") and parse_json(Result, payload).request_id == "r-2"

@@ -305,16 +305,15 @@ def test_stage_one_behind_an_ingest_node_refuses_a_raw_frame():
 
 def test_an_output_goes_to_the_stage_that_runs_its_next_block_under_the_placement_in_force():
     """Work queued before a move was built for the old cut: its output must not go to a stage topic no one reads."""
-    from node_agent.agent import NodeAgent
     from node_agent.runtime import Output
-    from shared.settings import MqttSettings, NodeSettings
+    from node_agent.serving import output_topic
+    from shared.topics import Topics
 
-    agent = NodeAgent(NodeSettings(node_id="a", memory_mb=100), MqttSettings())
-    root = agent.topics.root
+    topics = Topics("edgeprune")
+    root = topics.root
 
     def topic(next_block, placement, old_topic="old"):
-        agent.assignment.placement = placement
-        return agent._output_topic(Output(old_topic, b"", "r", 0.0, next_block=next_block), None)  # pipeline 0
+        return output_topic(topics, placement, Output(old_topic, b"", "r", 0.0, next_block=next_block), pipeline=0)
 
     three, two, one = (even_split(6, ["a", "b", "c"][:n]) for n in (3, 2, 1))  # 0-1|2-3|4-5, 0-2|3-5, 0-5
     assert topic(4, three) == f"{root}/pipeline/stage/3/in"

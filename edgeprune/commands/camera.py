@@ -49,7 +49,11 @@ def run(args) -> int:
         except FileNotFoundError as exc:
             print(f"edgeprune camera: {exc}", file=sys.stderr)
             return 2
-    camera = Camera(settings, broker_settings(args))
+    frames = None
+    if settings.labelled:  # the dataset's test frames: the offline tools' own, handed to the camera
+        from edgeprune.dataset import LabelledFrames
+        frames = LabelledFrames(settings.seed)
+    camera = Camera(settings, broker_settings(args), frames)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: camera.stop())
     try:
