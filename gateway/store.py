@@ -255,6 +255,7 @@ class Store:
         self._after_commit: list[Callable[[], None]] = []
         self._after_write: list[Callable[[], None]] = []
         self._stop = threading.Event()
+        self._soon = threading.Event()  # something waits for the next write (after_write): do it now
         self._writer: threading.Thread | None = None
         self.disk_mode = DiskMode.NORMAL  # set by the gateway's disk guard (gateway/retention.py)
 
@@ -413,6 +414,7 @@ class Store:
         goes on while the disk fails (then without that guarantee)."""
         with self._lock:
             self._after_write.append(callback)
+        self._soon.set()
 
     def add(self, table: str, row: dict) -> None:
         """Buffer one row of ``table`` (of this store's schema)."""
@@ -513,7 +515,7 @@ class Store:
                        maintain: Callable[[float], None] | None, maintain_every_s: float) -> None:
         delay = interval_s
         next_maintenance = 0.0
-        while not self._stop.wait(delay):
+        while not self._wait(delay, backing_off=delay != interval_s):
             try:
                 self.flush()
                 if maintain is not None and time.time() >= next_maintenance:
@@ -529,9 +531,19 @@ class Store:
                               self.write_failures, delay)
                 on_failure(exc)
 
+    def _wait(self, delay: float, backing_off: bool) -> bool:
+        """Until the next write: ``delay``, or less when a callback waits for it (:meth:`after_write`: a prune
+        command is not held back by the batching of results), unless the last write failed. True: stop."""
+        if backing_off:
+            return self._stop.wait(delay)
+        self._soon.wait(delay)
+        self._soon.clear()
+        return self._stop.is_set()
+
     def close(self) -> None:
         """Stop the writer and write what is left (if the disk still refuses, say how much is lost)."""
         self._stop.set()
+        self._soon.set()
         if self._writer is not None:
             self._writer.join(timeout=MAX_BACKOFF_S + 5)
         try:
