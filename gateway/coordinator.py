@@ -21,6 +21,7 @@ and itself the control loop (:mod:`gateway.control_loop`) and what feeds it, nod
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import wraps
 
@@ -31,6 +32,7 @@ from gateway.curves import AccuracyFit
 from gateway.data_path import DataPath
 from gateway.desired_states import DesiredStates
 from gateway.effects import Effects
+from gateway.handback import HeldInput
 from gateway.hybrid import HybridPlan, HybridRequest
 from gateway.live_placement import PlanWanted, solve
 from gateway.liveness import Liveness
@@ -101,17 +103,19 @@ class Coordinator:
                  input_bytes: int, block_accuracy: AccuracyFit | None, issued_desired: dict[str, bytes],
                  open_requests: list[dict], now: float, pending_takeovers: dict[str, str] | None = None,
                  placement_version: int = 0,
-                 awaiting_follow_ups: tuple[list[dict], list[tuple[float, float]]] = ([], [])):
-        """``issued_desired``, ``open_requests``, ``pending_takeovers``, ``placement_version`` and
-        ``awaiting_follow_ups`` (prune events without a follow-up, with the latencies after them) are what the
-        database remembers of the previous run (:class:`~gateway.store.Store`): a restart resumes them."""
+                 awaiting_follow_ups: tuple[list[dict], list[tuple[float, float]]] = ([], []),
+                 held_inputs: Iterable[HeldInput] = ()):
+        """``issued_desired``, ``open_requests``, ``pending_takeovers``, ``placement_version``,
+        ``awaiting_follow_ups`` (prune events without a follow-up, with the latencies after them) and ``held_inputs``
+        (inputs taken back from gone nodes, not re-sent yet) are what the database remembers of the previous run
+        (:class:`~gateway.store.Store`): a restart resumes them."""
         self.settings = settings
         self.operator = operator
         self.topics = topics
         self.fingerprint = fingerprint
         self.data_path = DataPath(settings, operator.slo_s, open_requests)
         self.placing = Placing(settings, operator, topics, fingerprint, input_bytes, now, pending_takeovers,
-                               placement_version)
+                               placement_version, held_inputs)
         self.rates = RateReplan(settings, self.placing.live, now)
         self.desired = DesiredStates(topics, issued_desired)
         self.commands = OperatorCommands(settings, topics, operator, self.data_path, self.placing, self.desired)

@@ -14,8 +14,10 @@ Pure: time passed in, publishes returned.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gateway.effects import Publish
@@ -34,6 +36,11 @@ class HeldInput:
     user: dict[str, str]
     next_block: int | None  # None: a camera frame
     since: float
+
+    @property
+    def key(self) -> str:
+        """Names it in the gateway's database (``held_inputs``), where it waits across a gateway restart."""
+        return hashlib.sha256(self.topic.encode() + b"\0" + self.payload).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,14 @@ class HandBack:
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+    @property
+    def waiting(self) -> tuple[HeldInput, ...]:
+        return tuple(self._waiting)
+
+    def restore(self, held: Iterable[HeldInput]) -> None:
+        """What a previous run of the gateway held and had not sent yet (its database): it waits here again."""
+        self._waiting.extend(held)
 
     def take(self, messages: list[tuple[str, bytes, dict[str, str]]], placement: Placement | None, now: float,
              ) -> tuple[Taken, list[Publish]]:

@@ -11,13 +11,14 @@ stages: :mod:`gateway.handback`), and re-partitioning for slowdowns and back.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import replace
 
 from gateway.accounting import DesiredGuard
 from gateway.control_loop import Effects as ControlEffects
 from gateway.controller import PruningController
 from gateway.effects import Effects
-from gateway.handback import HandBack
+from gateway.handback import HandBack, HeldInput
 from gateway.live_placement import (Handover, HybridTarget, LivePlacement, PlacementRules, input_of,
                                     slowed_for_moves)
 from gateway.operator import Overrides
@@ -33,9 +34,10 @@ log = logging.getLogger(__name__)
 class Placing:
     def __init__(self, settings: GatewaySettings, operator: Overrides, topics: Topics, fingerprint: str,
                  input_bytes: int, now: float, pending_takeovers: dict[str, str] | None = None,
-                 placement_version: int = 0):
+                 placement_version: int = 0, held_inputs: Iterable[HeldInput] = ()):
         """``pending_takeovers``: gone node -> its input, stored by a previous run that had not taken them over yet;
-        ``placement_version``: the last placement a previous run published (placements go on above it)."""
+        ``placement_version``: the last placement a previous run published (placements go on above it);
+        ``held_inputs``: inputs a previous run had taken back and not re-sent yet (they wait here again)."""
         self.settings = settings
         self.operator = operator  # its SLO goes out with every placement
         self.topics = topics
@@ -57,6 +59,7 @@ class Placing:
         # the previous run's: until its stats come, an `online` availability may be a hung node's, retained from before
         self._resumed: set[str] = set(self._gone)
         self.handback = HandBack(topics, settings.result_timeout_s)
+        self.handback.restore(held_inputs)
         self._activated: Placement | None = None  # the last placement published
         self._awaited: dict[str, int] = {}  # nodes whose input the last placements changed: the version to report
         self._hand_back_by = float("-inf")  # held inputs go out once no node is awaited, or then
@@ -104,9 +107,11 @@ class Placing:
                   out: Effects) -> None:
         """What a gone node's session held: its inputs re-sent to where the placement in force reads them (or kept
         until one does); recorded as a ``handover`` row in ``errors`` when it held any."""
+        before = self._held_keys()
         taken, sent = self.handback.take(held, self.handover.active if self._placed_everywhere(now) else None,
                                            now)
         out.publish.extend(sent)
+        self._store_held(before, out)
         out.write("set_takeover", node_id, "", now)  # done: a restart does not take it over again
         message = (f"{node_id} ({served}) is gone: {taken.inputs} inputs its session held were taken back, "
                    f"{taken.sent} re-sent to the stages that read them now, {taken.inputs - taken.sent} waiting for "
@@ -168,7 +173,24 @@ class Placing:
         came back ended ``lost``)."""
         placement = self.handover.active
         if len(self.handback) and placement is not None and self._placed_everywhere(now):
+            before = self._held_keys()
             out.publish.extend(self.handback.release(placement, now))
+            self._store_held(before, out)
+
+    def _held_keys(self) -> set[str]:
+        return {held.key for held in self.handback.waiting}
+
+    def _store_held(self, before: set[str], out: Effects) -> None:
+        """Keep the gateway's database in step with what waits in the hand-back: a drained session's inputs are
+        acknowledged away from the broker, so a gateway killed while they wait would lose them (``held_inputs``;
+        re-sent or given up: marked done, the payload dropped)."""
+        now_waiting = {held.key: held for held in self.handback.waiting}
+        for key, held in now_waiting.items():
+            if key not in before:
+                out.write("hold_input", {"key": key, "topic": held.topic, "payload": held.payload, "user": held.user,
+                                         "next_block": held.next_block, "since": held.since, "done": 0})
+        for key in before - now_waiting.keys():
+            out.write("hold_input", {"key": key, "payload": b"", "done": 1})
 
     def _placed_everywhere(self, now: float) -> bool:
         return not self._awaited or now >= self._hand_back_by

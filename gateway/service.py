@@ -112,7 +112,8 @@ class Gateway:
             load_block_accuracy(settings.accuracy_model, fingerprint, settings.checkpoint),
             self.store.issued_desired(), self.store.open_requests(resume_since), now,
             self.store.pending_takeovers(), self.store.last_placement_version(),
-            self.store.awaiting_follow_ups(resume_since, settings.window_s))
+            self.store.awaiting_follow_ups(resume_since, settings.window_s),
+            self.store.held_inputs(now - settings.result_timeout_s))
         self._lock = threading.Lock()  # serialises the coordinator's calls
         self.tick_failures = 0
         self._stop = threading.Event()

@@ -23,6 +23,7 @@ from urllib.parse import quote
 import sqlite_utils
 from pydantic import TypeAdapter
 
+from gateway.handback import HeldInput
 from gateway.retention import DiskMode
 from shared.schemas import INGEST_STAGE, Hop, Result
 
@@ -135,6 +136,10 @@ SCHEMA: dict[str, Table] = {
     # A gone node's broker session the gateway is to take over (gateway/placing.py), by the input it subscribed to (a
     # replica's share group names the run's token: kept here only, shown nowhere); empty once done or the node is back
     "takeovers": Table({"node_id": str, "served": str, "ts": float}, "node_id", "upsert"),
+    # Inputs taken back from a gone node's session that wait for a stage to read them (gateway/handback.py): the
+    # broker no longer has them, so a restarted gateway takes them from here; done (and the payload dropped) once sent
+    "held_inputs": Table({"key": str, "topic": str, "payload": bytes, "user": dict, "next_block": int,
+                          "since": float, "done": int}, "key", "upsert"),
     # `[gateway] thumbnail_budget_mb`: a small JPEG of each frame (shared/thumbnail.py), oldest deleted past the budget
     "thumbnails": Table({"request_id": str, "camera_id": str, "ts": float, "bytes": int, "jpeg": bytes},
                         "request_id", "insert_ignore"),
@@ -372,6 +377,17 @@ class Store:
     def pending_takeovers(self) -> dict[str, str]:
         """The takeovers a previous run had not carried out: a restarted gateway carries them out."""
         return {r["node_id"]: r["served"] for r in self.db["takeovers"].rows if r["served"]}
+
+    def hold_input(self, row: dict) -> None:
+        """An input taken back and waiting (``done`` 0), or sent or given up (``done`` 1, payload dropped)."""
+        self._buffer("held_inputs", row)
+
+    def held_inputs(self, since_ts: float) -> list[HeldInput]:
+        """The inputs a previous run held for a stage and had not sent, taken back since ``since_ts``."""
+        rows = self.db.execute("SELECT topic, payload, user, next_block, since FROM held_inputs "
+                               "WHERE done = 0 AND since >= ? ORDER BY since", [since_ts]).fetchall()
+        return [HeldInput(topic, bytes(payload), json.loads(user) if user else {}, next_block, since)
+                for topic, payload, user, next_block, since in rows]
 
     def last_placement_version(self) -> int:
         """The version of the last placement this gateway published (0: none): a restarted one places above it."""

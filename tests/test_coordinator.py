@@ -10,6 +10,7 @@ import pytest
 from gateway.coordinator import Coordinator
 from gateway.effects import Effects, Publish
 from gateway.operator import Overrides
+from gateway.store import Store
 from shared import wire
 from shared.model import DEFAULT_CHECKPOINT, MODEL_NAME
 from shared.schemas import (
@@ -34,11 +35,12 @@ TOPICS = Topics()
 
 
 def coordinator(tmp_path, nodes=("node-1", "node-2"), issued_desired: dict[str, bytes] | None = None,
-                pending_takeovers: dict[str, str] | None = None, placement_version: int = 0) -> Coordinator:
+                pending_takeovers: dict[str, str] | None = None, placement_version: int = 0,
+                held_inputs: tuple = ()) -> Coordinator:
     settings = GatewaySettings(db_path=tmp_path / "unused.db", nodes=list(nodes))
     return Coordinator(settings, Overrides(settings, ControllerSettings(), {}), TOPICS, "weights", 12288, None,
                        issued_desired or {}, [], now=0.0, pending_takeovers=pending_takeovers,
-                       placement_version=placement_version)
+                       placement_version=placement_version, held_inputs=held_inputs)
 
 
 def offer(c: Coordinator, node: str, now: float = 1.0) -> None:
@@ -554,3 +556,39 @@ def test_an_input_taken_back_goes_out_after_the_prepare_timeout_if_a_node_never_
     timeout = c.placing.handover.timeout_s
     assert c.tick(20.0 + timeout - 0.1).sent(TOPICS.stage_input(2)) == []
     assert len(c.tick(20.0 + timeout + 0.1).sent(TOPICS.stage_input(2))) == 1
+
+
+def test_inputs_waiting_for_a_stage_are_stored_and_a_restarted_gateway_sends_them(tmp_path):
+    """A drained session's inputs are gone from the broker: while they wait for a stage (here stage 2, whose only
+    node died) they are in the database, and a gateway killed meanwhile sends them once a stage reads them."""
+    c = coordinator(tmp_path)
+    alone = even_split(6, ["node-1"]).model_copy(update={"version": 5})
+    placed(c, alone)
+    c.placing.activate(alone, 5.0, Effects())
+    payload = wire.encode(wire.Activation("A-1", "cam-1", 10.0, 3, np.zeros((1, 8, 4, 4), np.float32)))
+    out = Effects()
+    c.placing.hand_back("node-2", TOPICS.stage_input(2), [(TOPICS.stage_input(2), payload, {"label": "cat"})], 10.0,
+                        out)
+    (row,) = out.rows("hold_input")
+    assert row["done"] == 0 and row["payload"] == payload and row["next_block"] == 3 and row["user"] == {"label": "cat"}
+
+    store = Store(tmp_path / "g.db")  # what the single writer would do with it
+    store.hold_input(row)
+    store.flush()
+    held = store.held_inputs(since_ts=0.0)
+    assert [(h.topic, h.payload, h.user, h.next_block) for h in held] == [
+        (TOPICS.stage_input(2), payload, {"label": "cat"}, 3)]
+    assert store.held_inputs(since_ts=11.0) == []  # older than the window: recorded lost by then
+
+    restarted = coordinator(tmp_path, held_inputs=held)  # killed while it waited
+    two = even_split(6, ["node-1", "node-2"]).model_copy(update={"version": 6})
+    placed(restarted, two)
+    out = Effects()
+    restarted.placing.activate(two, 20.0, out)
+    assert out.sent(TOPICS.stage_input(2)) == [payload]  # the first placement after a start awaits nobody
+    (done,) = out.rows("hold_input")
+    assert done == {"key": row["key"], "payload": b"", "done": 1}
+    store.hold_input(done)
+    store.flush()
+    assert store.held_inputs(since_ts=0.0) == []
+    store.close()
