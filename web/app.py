@@ -44,8 +44,8 @@ from gateway.export import (
     parse_time,
     undescribed_cameras,
 )
-from gateway.operator import LABELS, validate_setting
 from gateway.store import Reader, connect_read_only
+from shared.operator_settings import LABELS, validate_setting
 from shared.schemas import GatewayCommand
 from shared.settings import WebSettings
 from web.auth import LoginLimiter, Sessions, local_path, password_ok
