@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from gateway.placement import InfeasiblePlacement, PlacementProblem, _subproblem, solve_plan
+from gateway.placement import InfeasiblePlacement, PlacementProblem, _subproblem, solve_plan, stage_cost
 from shared.profiling import CAMERA, GATEWAY
 from shared.schemas import MAX_PIPELINES
 
@@ -117,17 +117,12 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
         receivers = [s.replicas for s in stages[1:]] + [(GATEWAY,)]
         stage_times, fixed = [], problem.frame_bytes / problem.bandwidth_to_any(CAMERA, stages[0].replicas)
         for stage, next_replicas in zip(stages, receivers):
-            need = problem.memory(stage.first_block, stage.last_block + 1)
             times, paths = [], []
             for device in stage.replicas:
-                cap = problem._device[device].memory_bytes
-                if need > cap:
-                    raise InfeasiblePlacement(f"blocks {stage.first_block}..{stage.last_block} need {need} bytes, "
-                                              f"device {device} has {cap}")
-                compute = problem.compute(device, stage.first_block, stage.last_block + 1) * factor[stage.ratio]
-                transfer = problem.bytes_into(stage.last_block + 1) / problem.bandwidth_to_any(device, next_replicas)
-                times.append(max(compute, transfer))
-                paths.append(compute + transfer)
+                cost = stage_cost(problem, device, stage.first_block, stage.last_block, next_replicas)
+                compute = cost.compute_s * factor[stage.ratio]
+                times.append(max(compute, cost.transfer_s))
+                paths.append(compute + cost.transfer_s)
             stage_times.append(times)
             fixed += max(paths)
         service.append(stage_times)

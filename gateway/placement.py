@@ -243,19 +243,24 @@ def cost_assignment(problem: PlacementProblem, assignment: Sequence[tuple[str, i
     if expected != problem.n_blocks:
         raise ValueError(f"stages cover blocks 0..{expected - 1} but the model has {problem.n_blocks}")
 
-    stages = []
     receivers = devices[1:] + [GATEWAY]
-    for (device, first, last), receiver in zip(assignment, receivers):
-        memory = problem.memory(first, last + 1)
-        cap = problem._device[device].memory_bytes
-        if memory > cap:
-            raise InfeasiblePlacement(f"blocks {first}..{last} need {memory / MB:.1f} MB but device {device} "
-                                      f"has {cap / MB:.1f} MB")
-        stages.append(Stage(device, first, last, problem.compute(device, first, last + 1),
-                            problem.bytes_into(last + 1) / problem.bandwidth(device, receiver), memory))
+    stages = [stage_cost(problem, device, first, last, (receiver,))
+              for (device, first, last), receiver in zip(assignment, receivers)]
     frame_upload = problem.frame_bytes / problem.bandwidth(CAMERA, devices[0])
     bottleneck = max([frame_upload] + [max(s.compute_s, s.transfer_s) for s in stages])
     return Plan(bottleneck, frame_upload, tuple(stages))
+
+
+def stage_cost(problem: PlacementProblem, device: str, first: int, last: int, receivers: Iterable[str]) -> Stage:
+    """Blocks ``first..last`` on ``device``, sending to the slowest-linked of ``receivers``: the one stage cost
+    every planner (chain or hybrid) judges by; InfeasiblePlacement when the blocks do not fit its memory."""
+    memory = problem.memory(first, last + 1)
+    cap = problem._device[device].memory_bytes
+    if memory > cap:
+        raise InfeasiblePlacement(f"blocks {first}..{last} need {memory / MB:.1f} MB but device {device} "
+                                  f"has {cap / MB:.1f} MB")
+    return Stage(device, first, last, problem.compute(device, first, last + 1),
+                 problem.bytes_into(last + 1) / problem.bandwidth_to_any(device, receivers), memory)
 
 
 def plan_pipeline(profile_by_device: Mapping[str, Sequence[BlockProfile]], devices: Sequence[Device],
