@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from gateway.placement import InfeasiblePlacement, PlacementProblem, _subproblem, solve_plan, stage_cost
+from gateway.placement import InfeasiblePlacement, PlacementProblem, solve_plan, stage_cost, subproblem
 from shared.profiling import CAMERA, GATEWAY
 from shared.schemas import MAX_PIPELINES
 
@@ -255,7 +255,7 @@ def _group_pipelines(problem: PlacementProblem, group: list[str], speed: dict[st
     ordered = sorted(group, key=speed.get)
     for m in range(1, len(group) + 1):
         try:
-            plan = solve_plan(_subproblem(problem, ordered[:m]))
+            plan = solve_plan(subproblem(problem, ordered[:m]))
         except InfeasiblePlacement:
             continue
         stages = [HybridStage(s.first_block, s.last_block, (s.device,)) for s in plan.stages]
@@ -273,8 +273,7 @@ def _add_replica(problem: PlacementProblem, stages: list[HybridStage], device: s
     def rate(stage: HybridStage) -> float:
         return stage_rate([problem.compute(d, stage.first_block, stage.last_block + 1) for d in stage.replicas])
 
-    fitting = [k for k, s in enumerate(stages)
-               if problem.memory(s.first_block, s.last_block + 1) <= problem._device[device].memory_bytes]
+    fitting = [k for k, s in enumerate(stages) if problem.fits(device, s.first_block, s.last_block + 1)]
     if not fitting:
         return stages
     k = min(fitting, key=lambda k: rate(stages[k]))

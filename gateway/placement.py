@@ -140,6 +140,10 @@ class PlacementProblem:
         return int(self._param_prefix[end] - self._param_prefix[start]) + max(
             b.activation_bytes for b in self.blocks[start:end])
 
+    def fits(self, device: str, start: int, end: int) -> bool:
+        """Blocks ``start..end-1`` fit ``device``'s memory."""
+        return self.memory(start, end) <= self._device[device].memory_bytes
+
     @cached_property
     def _device(self) -> dict[str, Device]:
         return {d.id: d for d in self.devices}
@@ -317,7 +321,7 @@ def plan_with_ingest(problem: PlacementProblem, input_bytes: int, ingest_only: C
     stage_pool = [d for d in ids if d not in ingest_only]
     if stage_pool:
         try:
-            best = solve_plan(_subproblem(problem, stage_pool))
+            best = solve_plan(subproblem(problem, stage_pool))
         except InfeasiblePlacement as exc:
             refusal = exc
     on_stage_1 = best
@@ -388,7 +392,7 @@ def cost_with_ingest(problem: PlacementProblem, assignment: Sequence[tuple[str, 
 def ingest_problem(problem: PlacementProblem, ingest: str, input_bytes: int, pool: Sequence[str]) -> PlacementProblem:
     """The stages' own problem behind ``ingest``: devices ``pool``, no decode, and in place of the camera the
     ingest device, sending ``input_bytes`` at its uplink (or its link to a device)."""
-    sub = _subproblem(problem, pool)
+    sub = subproblem(problem, pool)
     links = {pair: bw for pair, bw in sub.links.items() if pair[0] != CAMERA}
     links.update({(CAMERA, receiver): bw for (sender, receiver), bw in problem.links.items()
                   if sender == ingest and receiver in pool})
@@ -396,7 +400,7 @@ def ingest_problem(problem: PlacementProblem, ingest: str, input_bytes: int, poo
                    links=links, decode_s={})
 
 
-def _subproblem(problem: PlacementProblem, keep: Sequence[str]) -> PlacementProblem:
+def subproblem(problem: PlacementProblem, keep: Sequence[str]) -> PlacementProblem:
     """``problem`` on the devices ``keep`` only."""
     kept = set(keep)
     return PlacementProblem(problem.blocks, tuple(d for d in problem.devices if d.id in kept),
