@@ -24,7 +24,7 @@ sandwich rule on every step (full width, smallest width, one random mix; US-Nets
 
 After training, :func:`calibrate_bn_tables` re-estimates BatchNorm statistics per ladder ratio
 from unlabelled training frames (forward passes only, no weight changes): the node loads the
-table of its ratio into each pre-built variant. :func:`calibrate_entry_tables` adds, for the
+table of its ratio into each pre-built variant. :func:`calibrate_entry_bn_tables` adds, for the
 block a slice starts with, statistics per (own ratio, upstream ratio) pair.
 """
 
@@ -77,7 +77,7 @@ class TrainConfig:
     masked_bn: str = "batch"      # ours: BatchNorm in masked passes: "batch" statistics or "eval" (running)
     grad_clip: float = 5.0
     ladder: tuple[float, ...] = DEFAULT_LADDER
-    calibration_frames: int = 2048
+    calibration_frames: int = 2048  # for the BatchNorm tables (the name checkpoints store in meta.train_config)
     unlabelled_batch: int = 0     # ours: unlabelled images per step that only the masked passes distil on
     seed: int = 0
     init: str = "scratch"         # or "pretrained": the ImageNet Lite0 weights, a new classifier
@@ -393,7 +393,7 @@ def calibrate_bn_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence[fl
 
 
 @torch.no_grad()
-def calibrate_entry_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence[float],
+def calibrate_entry_bn_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence[float],
                            bn_tables: Mapping[str, BnStats], batch_size: int = 256,
                            advance: Callable[[], None] = lambda: None) -> dict[str, dict[str, BnStats]]:
     """Statistics of each block's BatchNorms when the blocks before it run at a *different* ratio.
@@ -446,7 +446,7 @@ def calibrate_entry_tables(model: BlockNet, frames: FrameSplit, ladder: Sequence
     return entry
 
 
-def calibration_frames(split: FrameSplit, n: int, seed: int) -> FrameSplit:
+def bn_calibration_frames(split: FrameSplit, n: int, seed: int) -> FrameSplit:
     """A seeded sample of unlabelled training frames for BatchNorm calibration."""
     n = min(n, len(split))
     return split.subset(np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False)))
@@ -490,27 +490,27 @@ class PassCounter:
 
 
 def table_passes(ladder: Sequence[float]) -> int:
-    """Passes of :func:`calibrate_all_tables`: one per pruned ratio, per upstream ratio, per (own, upstream) pair."""
+    """Passes of :func:`calibrate_all_bn_tables`: one per pruned ratio, per upstream ratio, per (own, upstream) pair."""
     return sum(1 for p in ladder if p > 0) + len(ladder) + len(ladder) * (len(ladder) - 1)
 
 
-def calibrate_all_tables(model: BlockNet, train_split: FrameSplit, config: TrainConfig, progress: bool = False,
-                         log: Callable[[str], None] = print
-                         ) -> tuple[dict[str, BnStats], dict[str, dict[str, BnStats]]]:
+def calibrate_all_bn_tables(model: BlockNet, train_split: FrameSplit, config: TrainConfig, progress: bool = False,
+                            log: Callable[[str], None] = print
+                            ) -> tuple[dict[str, BnStats], dict[str, dict[str, BnStats]]]:
     """Uniform per-ratio tables and entry tables from the same seeded unlabelled training frames."""
-    frames = calibration_frames(train_split, config.calibration_frames, config.seed)
+    frames = bn_calibration_frames(train_split, config.calibration_frames, config.seed)
     counter = PassCounter(table_passes(config.ladder), progress, log)
     tables = calibrate_bn_tables(model, frames, config.ladder, advance=counter)
-    entry = calibrate_entry_tables(model, frames, config.ladder, tables, advance=counter)
+    entry = calibrate_entry_bn_tables(model, frames, config.ladder, tables, advance=counter)
     log(f"BatchNorm tables: {counter.done} passes over {len(frames)} frames in {counter.close():.0f} s")
     return tables, entry
 
 
-def recalibrate_checkpoint(path: Path, train_split: FrameSplit, progress: bool = False,
-                           log: Callable[[str], None] = print) -> None:
+def recalibrate_checkpoint_bn_tables(path: Path, train_split: FrameSplit, progress: bool = False,
+                                     log: Callable[[str], None] = print) -> None:
     """Recompute a checkpoint's BatchNorm tables in place: same weights, same training config."""
     state = load_checkpoint(path)
     config = TrainConfig.from_dict(state["meta"]["train_config"])
-    state["bn_tables"], state["entry_bn_tables"] = calibrate_all_tables(build_model(path), train_split, config,
-                                                                        progress, log)
+    state["bn_tables"], state["entry_bn_tables"] = calibrate_all_bn_tables(build_model(path), train_split, config,
+                                                                           progress, log)
     torch.save(state, path)

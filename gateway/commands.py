@@ -4,7 +4,7 @@ topic when it carries an ``id``, and logged as an ``operator_actions`` row.
 Pure (time passed in, effects written into the caller's :class:`~gateway.effects.Effects`). A command acts through
 the parts the coordinator composes: the control loop (holds, restores, settings), the placement (retire, the SLO the
 nodes order their queues by), the SLO windows and the desired states; the settings' labels and validation are
-:mod:`gateway.operator`'s.
+:mod:`shared.operator_settings`'s.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from gateway.control_loop import ControlLoop
 from gateway.data_path import DataPath
 from gateway.desired_states import DesiredStates
 from gateway.effects import Effects
-from gateway.operator import LABELS, Overrides
+from gateway.operator import Overrides
 from gateway.placing import Placing
+from shared.operator_settings import LABELS
 from shared.schemas import (
     BadMessage,
     CameraCommand,

@@ -140,8 +140,9 @@ CAMTRAP_DP_DIR = Path(__file__).with_name("camtrap_dp")  # the official 1.0 file
 CAMTRAP_DP_URL = "https://raw.githubusercontent.com/tdwg/camtrap-dp/1.0"
 PROFILE_URL = f"{CAMTRAP_DP_URL}/camtrap-dp-profile.json"
 TABLES = ("deployments", "media", "observations")
-SCHEMAS = {name: json.loads((CAMTRAP_DP_DIR / f"{name}-table-schema.json").read_text(encoding="utf-8"))["fields"]
-           for name in TABLES}
+CAMTRAP_DP_FIELDS = {  # each table's fields, in its official table schema's order
+    name: json.loads((CAMTRAP_DP_DIR / f"{name}-table-schema.json").read_text(encoding="utf-8"))["fields"]
+    for name in TABLES}
 EMPTY_WARNING = ("the export holds no detections (none match the filter at a described camera): the package has "
                  "no deployments, so it cannot name the area and period Camtrap DP requires")
 
@@ -155,7 +156,7 @@ def _iso_s(ts: float | None) -> str:
 
 
 def _row(table: str, values: dict) -> list:
-    return ["" if values.get(f["name"]) is None else values[f["name"]] for f in SCHEMAS[table]]
+    return ["" if values.get(f["name"]) is None else values[f["name"]] for f in CAMTRAP_DP_FIELDS[table]]
 
 
 def _deployments(conn: sqlite3.Connection, filters: Filters) -> list[dict]:
@@ -316,11 +317,11 @@ def camtrap_dp_files(conn: sqlite3.Connection, filters: Filters, created: float,
                         f"thumbnails t ON t.request_id = r.request_id WHERE {where}",
                         params).fetchone()[0] if thumbnails else 0
     yield "datapackage.json", iter([json.dumps(datapackage(deployments, taxa, created, title, kept), indent=2)])
-    yield "deployments.csv", iter([_csv_text([[f["name"] for f in SCHEMAS["deployments"]]]
+    yield "deployments.csv", iter([_csv_text([[f["name"] for f in CAMTRAP_DP_FIELDS["deployments"]]]
                                              + [_row("deployments", d) for d in deployments])])
 
     def table(index: int, name: str) -> Iterator[str]:
-        yield _csv_text([[f["name"] for f in SCHEMAS[name]]])
+        yield _csv_text([[f["name"] for f in CAMTRAP_DP_FIELDS[name]]])
         for pair in _media_and_observations(conn, filters, thumbnails):
             yield _csv_text(pair[index])
     yield "media.csv", table(0, "media")

@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from gateway.placement import InfeasiblePlacement, PlacementProblem, _subproblem, solve_plan
+from gateway.placement import InfeasiblePlacement, PlacementProblem, solve_plan, stage_cost, subproblem
 from shared.profiling import CAMERA, GATEWAY
 from shared.schemas import MAX_PIPELINES
 
@@ -117,17 +117,12 @@ def evaluate(request: HybridRequest, pipelines: Sequence[Sequence[HybridStage]])
         receivers = [s.replicas for s in stages[1:]] + [(GATEWAY,)]
         stage_times, fixed = [], problem.frame_bytes / problem.bandwidth_to_any(CAMERA, stages[0].replicas)
         for stage, next_replicas in zip(stages, receivers):
-            need = problem.memory(stage.first_block, stage.last_block + 1)
             times, paths = [], []
             for device in stage.replicas:
-                cap = problem._device[device].memory_bytes
-                if need > cap:
-                    raise InfeasiblePlacement(f"blocks {stage.first_block}..{stage.last_block} need {need} bytes, "
-                                              f"device {device} has {cap}")
-                compute = problem.compute(device, stage.first_block, stage.last_block + 1) * factor[stage.ratio]
-                transfer = problem.bytes_into(stage.last_block + 1) / problem.bandwidth_to_any(device, next_replicas)
-                times.append(max(compute, transfer))
-                paths.append(compute + transfer)
+                cost = stage_cost(problem, device, stage.first_block, stage.last_block, next_replicas)
+                compute = cost.compute_s * factor[stage.ratio]
+                times.append(max(compute, cost.transfer_s))
+                paths.append(compute + cost.transfer_s)
             stage_times.append(times)
             fixed += max(paths)
         service.append(stage_times)
@@ -260,7 +255,7 @@ def _group_pipelines(problem: PlacementProblem, group: list[str], speed: dict[st
     ordered = sorted(group, key=speed.get)
     for m in range(1, len(group) + 1):
         try:
-            plan = solve_plan(_subproblem(problem, ordered[:m]))
+            plan = solve_plan(subproblem(problem, ordered[:m]))
         except InfeasiblePlacement:
             continue
         stages = [HybridStage(s.first_block, s.last_block, (s.device,)) for s in plan.stages]
@@ -278,8 +273,7 @@ def _add_replica(problem: PlacementProblem, stages: list[HybridStage], device: s
     def rate(stage: HybridStage) -> float:
         return stage_rate([problem.compute(d, stage.first_block, stage.last_block + 1) for d in stage.replicas])
 
-    fitting = [k for k, s in enumerate(stages)
-               if problem.memory(s.first_block, s.last_block + 1) <= problem._device[device].memory_bytes]
+    fitting = [k for k, s in enumerate(stages) if problem.fits(device, s.first_block, s.last_block + 1)]
     if not fitting:
         return stages
     k = min(fitting, key=lambda k: rate(stages[k]))

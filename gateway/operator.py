@@ -1,55 +1,24 @@
-"""Operator overrides of the control settings: validate one change, merge stored overrides, rebuild settings.
+"""Operator overrides of the control settings: adopt one change, merge stored overrides, rebuild settings.
 
-Pure: no MQTT, no clock, no file I/O. The gateway keeps the overrides in SQLite (``operator_settings``)
-and, because :class:`ControllerSettings` is frozen, builds a new one from the configured settings plus
-the overrides whenever the operator changes something; the control loop is then rebuilt with it.
-Bounds come from the settings classes themselves (one source of defaults and ranges).
+Pure: no MQTT, no clock, no file I/O. Which settings there are and what each accepts is
+:mod:`shared.operator_settings` (the page checks with it too). The gateway keeps the overrides in SQLite
+(``operator_settings``) and, because :class:`ControllerSettings` is frozen, builds a new one from the configured
+settings plus the overrides whenever the operator changes something; the control loop is then rebuilt with it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
+from shared.operator_settings import LABELS, POLICY_OFF, validate_setting
 from shared.settings import ControllerSettings, GatewaySettings
 
 log = logging.getLogger(__name__)
 
-POLICY_OFF = "off"
-SWITCH = ("on", "off")
-LABELS = {"slo_s": "SLO target (s)", "trigger_margin_s": "trigger margin (s)", "cooldown_s": "cooldown (s)",
-          "accuracy_floor_relative": "accuracy floor (fraction of unpruned)", "policy": "policy",
-          "move_blocks": "move blocks off a slowed node"}
 NOT_CONTROLLER = ("slo_s", "move_blocks")  # operator settings that belong to the gateway, not the controller
-
-
-def _adapter(setting: str) -> TypeAdapter:
-    if setting == "policy":
-        return TypeAdapter(str)
-    owner = GatewaySettings if setting == "slo_s" else ControllerSettings
-    info = owner.model_fields[setting]
-    return TypeAdapter(Annotated[(info.annotation, *info.metadata)])
-
-
-def validate_setting(setting: str, value: Any) -> float | str:
-    """The value in its proper type, or ValueError saying in words what is wrong with it."""
-    if setting not in LABELS:
-        raise ValueError(f"unknown setting {setting!r}; one of {', '.join(LABELS)}")
-    if setting == "policy":
-        allowed = [*ControllerSettings.model_fields["policy"].annotation.__args__, POLICY_OFF]
-        if value not in allowed:
-            raise ValueError(f"policy must be one of {', '.join(allowed)} (got {value!r})")
-        return value
-    if setting == "move_blocks":
-        if value not in SWITCH:
-            raise ValueError(f"{LABELS[setting]} must be on or off (got {value!r})")
-        return value
-    try:
-        return _adapter(setting).validate_python(value)
-    except ValidationError as exc:
-        raise ValueError(f"{LABELS[setting]}: {exc.errors()[0]['msg'].lower()} (got {value!r})") from None
 
 
 class Overrides:

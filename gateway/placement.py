@@ -140,6 +140,10 @@ class PlacementProblem:
         return int(self._param_prefix[end] - self._param_prefix[start]) + max(
             b.activation_bytes for b in self.blocks[start:end])
 
+    def fits(self, device: str, start: int, end: int) -> bool:
+        """Blocks ``start..end-1`` fit ``device``'s memory."""
+        return self.memory(start, end) <= self._device[device].memory_bytes
+
     @cached_property
     def _device(self) -> dict[str, Device]:
         return {d.id: d for d in self.devices}
@@ -243,19 +247,24 @@ def cost_assignment(problem: PlacementProblem, assignment: Sequence[tuple[str, i
     if expected != problem.n_blocks:
         raise ValueError(f"stages cover blocks 0..{expected - 1} but the model has {problem.n_blocks}")
 
-    stages = []
     receivers = devices[1:] + [GATEWAY]
-    for (device, first, last), receiver in zip(assignment, receivers):
-        memory = problem.memory(first, last + 1)
-        cap = problem._device[device].memory_bytes
-        if memory > cap:
-            raise InfeasiblePlacement(f"blocks {first}..{last} need {memory / MB:.1f} MB but device {device} "
-                                      f"has {cap / MB:.1f} MB")
-        stages.append(Stage(device, first, last, problem.compute(device, first, last + 1),
-                            problem.bytes_into(last + 1) / problem.bandwidth(device, receiver), memory))
+    stages = [stage_cost(problem, device, first, last, (receiver,))
+              for (device, first, last), receiver in zip(assignment, receivers)]
     frame_upload = problem.frame_bytes / problem.bandwidth(CAMERA, devices[0])
     bottleneck = max([frame_upload] + [max(s.compute_s, s.transfer_s) for s in stages])
     return Plan(bottleneck, frame_upload, tuple(stages))
+
+
+def stage_cost(problem: PlacementProblem, device: str, first: int, last: int, receivers: Iterable[str]) -> Stage:
+    """Blocks ``first..last`` on ``device``, sending to the slowest-linked of ``receivers``: the one stage cost
+    every planner (chain or hybrid) judges by; InfeasiblePlacement when the blocks do not fit its memory."""
+    memory = problem.memory(first, last + 1)
+    cap = problem._device[device].memory_bytes
+    if memory > cap:
+        raise InfeasiblePlacement(f"blocks {first}..{last} need {memory / MB:.1f} MB but device {device} "
+                                  f"has {cap / MB:.1f} MB")
+    return Stage(device, first, last, problem.compute(device, first, last + 1),
+                 problem.bytes_into(last + 1) / problem.bandwidth_to_any(device, receivers), memory)
 
 
 def plan_pipeline(profile_by_device: Mapping[str, Sequence[BlockProfile]], devices: Sequence[Device],
@@ -312,7 +321,7 @@ def plan_with_ingest(problem: PlacementProblem, input_bytes: int, ingest_only: C
     stage_pool = [d for d in ids if d not in ingest_only]
     if stage_pool:
         try:
-            best = solve_plan(_subproblem(problem, stage_pool))
+            best = solve_plan(subproblem(problem, stage_pool))
         except InfeasiblePlacement as exc:
             refusal = exc
     on_stage_1 = best
@@ -383,7 +392,7 @@ def cost_with_ingest(problem: PlacementProblem, assignment: Sequence[tuple[str, 
 def ingest_problem(problem: PlacementProblem, ingest: str, input_bytes: int, pool: Sequence[str]) -> PlacementProblem:
     """The stages' own problem behind ``ingest``: devices ``pool``, no decode, and in place of the camera the
     ingest device, sending ``input_bytes`` at its uplink (or its link to a device)."""
-    sub = _subproblem(problem, pool)
+    sub = subproblem(problem, pool)
     links = {pair: bw for pair, bw in sub.links.items() if pair[0] != CAMERA}
     links.update({(CAMERA, receiver): bw for (sender, receiver), bw in problem.links.items()
                   if sender == ingest and receiver in pool})
@@ -391,7 +400,7 @@ def ingest_problem(problem: PlacementProblem, ingest: str, input_bytes: int, poo
                    links=links, decode_s={})
 
 
-def _subproblem(problem: PlacementProblem, keep: Sequence[str]) -> PlacementProblem:
+def subproblem(problem: PlacementProblem, keep: Sequence[str]) -> PlacementProblem:
     """``problem`` on the devices ``keep`` only."""
     kept = set(keep)
     return PlacementProblem(problem.blocks, tuple(d for d in problem.devices if d.id in kept),

@@ -62,7 +62,7 @@ class Table(NamedTuple):
         return {name: str if kind is JsonValue else kind for name, kind in self.columns.items()}
 
 
-SCHEMA: dict[str, Table] = {
+SITE_SCHEMA: dict[str, Table] = {
     "requests": Table({
         "request_id": str, "camera_id": str, "capture_ts": float, "finish_ts": float, "e2e_s": float,
         "queue_s": float, "compute_s": float, "transfer_s": float, "label": str, "label_index": int,
@@ -171,12 +171,12 @@ def central_table(table: Table, pk: tuple[str, ...] | None = None, drop: tuple[s
 CENTRAL_SCHEMA: dict[str, Table] = {
     # a bridge's redelivery or a collector restart stores nothing twice: every table is keyed and insert_ignore
     # the centre knows when it got a row (received_at), not when the site's gateway did
-    "requests": central_table(SCHEMA["requests"], drop=("received_ts",)),
-    "errors": central_table(SCHEMA["errors"], pk=("component", "ts", "kind", "topic"), drop=("id",),
+    "requests": central_table(SITE_SCHEMA["requests"], drop=("received_ts",)),
+    "errors": central_table(SITE_SCHEMA["errors"], pk=("component", "ts", "kind", "topic"), drop=("id",),
                             write="insert_ignore"),
     "node_status": central_table(Table({"component": str, "kind": str, "status": str}, "kind", "insert_ignore"),
                                  pk=("kind", "component", "received_at")),
-    "cameras": central_table(SCHEMA["cameras"], drop=("updated_ts",), write="upsert"),  # a site's camera deployments
+    "cameras": central_table(SITE_SCHEMA["cameras"], drop=("updated_ts",), write="upsert"),  # its camera deployments
     "models": Table({"site": str, "node_id": str, "model_fingerprint": str, "received_at": float},
                     ("site", "node_id"), "upsert"),  # which model each site's node runs (its retained profile)
 }
@@ -233,7 +233,7 @@ def json_columns(table: Table) -> dict[str, bool]:
 
 def decode_row(table: str, row: dict) -> dict:
     """Inverse of :func:`encode_row` for the columns present (an empty or NULL JSON column reads as None)."""
-    json_columns = SCHEMA[table].json_columns
+    json_columns = SITE_SCHEMA[table].json_columns
     return {k: (json.loads(v) if v else None) if k in json_columns else v for k, v in row.items()}
 
 
@@ -246,10 +246,10 @@ class Store:
     :attr:`dropped`), and the writer retries with back-off.
     """
 
-    def __init__(self, path: Path, max_pending: int = 20_000, schema: dict[str, Table] = SCHEMA,
+    def __init__(self, path: Path, max_pending: int = 20_000, schema: dict[str, Table] = SITE_SCHEMA,
                  indexes: dict[str, list[list[str]]] = INDEXES):
         self.path = path
-        self.schema = schema  # SCHEMA at a gateway, CENTRAL_SCHEMA in the central collector (gateway/collect.py)
+        self.schema = schema  # SITE_SCHEMA at a gateway, CENTRAL_SCHEMA in the central collector (gateway/collect.py)
         self._json_columns = {name: json_columns(table) for name, table in schema.items()}  # once, not per row
         self.db = self._open(schema, indexes)
         self.max_pending = max_pending
@@ -586,7 +586,7 @@ class Reader:
             raise FileNotFoundError(f"database {path} does not exist yet (is the gateway running?)")
         conn = connect_read_only(path, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
-        missing = set(SCHEMA) - set(self.db.table_names())
+        missing = set(SITE_SCHEMA) - set(self.db.table_names())
         if missing:  # the gateway has created the file but not yet its tables
             conn.close()
             raise FileNotFoundError(f"database {path} has no {', '.join(sorted(missing))} table yet "

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 BnStats = Mapping[str, Mapping[str, torch.Tensor]]  # BatchNorm name in the full model -> {"mean": t, "var": t}
 BnTables = Mapping[str, BnStats]  # ratio_key(p) -> statistics of the model pruned uniformly at p
 # Entry tables: ratio_key(own p) -> ratio_key(upstream q) -> statistics of the BatchNorms of the
-# block a slice starts with, when the slices before it run at q (edgeprune.training.calibrate_entry_tables)
+# block a slice starts with, when the slices before it run at q (edgeprune.training.calibrate_entry_bn_tables)
 EntryTables = Mapping[str, Mapping[str, BnStats]]
 
 _PRODUCER_FNS = (tp.prune_conv_out_channels, tp.prune_batchnorm_out_channels)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from gateway.store import result_row
-from gateway.store import SCHEMA, Store
+from gateway.store import SITE_SCHEMA, Store
 from node_agent.runtime import Request, StageRuntime
 from shared.imaging import decode_pixels
 from shared.model import build_model
@@ -92,8 +92,8 @@ def test_a_database_from_an_older_version_gains_the_decode_columns(tmp_path):
 
     old = sqlite_utils.Database(path)
     for table in ("requests", "nodes"):
-        columns = {k: v for k, v in SCHEMA[table].columns.items() if k not in ("decode_s", "decode_mean_s")}
-        old[table].create(columns, pk=SCHEMA[table].pk)
+        columns = {k: v for k, v in SITE_SCHEMA[table].columns.items() if k not in ("decode_s", "decode_mean_s")}
+        old[table].create(columns, pk=SITE_SCHEMA[table].pk)
     old.close()
     store = Store(path)
     store.update_node({"node_id": "a", "decode_mean_s": 0.02})

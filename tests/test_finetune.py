@@ -52,7 +52,7 @@ def test_a_pretrained_lite0_fine_tunes_for_pruning_and_ships_its_order(tmp_path)
     import numpy as np
 
     from edgeprune.dataset import FrameSplit
-    from edgeprune.training import calibrate_all_tables, regime_config, save_checkpoint, train
+    from edgeprune.training import calibrate_all_bn_tables, regime_config, save_checkpoint, train
     from shared import lite0
     from shared.model import build_model
 
@@ -76,7 +76,7 @@ def test_a_pretrained_lite0_fine_tunes_for_pruning_and_ships_its_order(tmp_path)
     fix_channel_order(imagenet, SIZE)
     assert model.channel_scores.keys() == imagenet.channel_scores.keys()
     assert all(torch.equal(model.channel_scores[k], v) for k, v in imagenet.channel_scores.items())
-    tables, entry = calibrate_all_tables(model, split, config, log=lambda _: None)
+    tables, entry = calibrate_all_bn_tables(model, split, config, log=lambda _: None)
     save_checkpoint(tmp_path / "own.pt", model, config, tables, {}, entry)
     loaded = build_model(tmp_path / "own.pt")
     assert set(loaded.bn_tables) == {"0.50"} and loaded.config.class_names == ("fox", "hare")

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from gateway.hybrid import HybridRequest, HybridStage, Level, better, evaluate, meets_floor, plan_hybrid
-from gateway.placement import MB, Block, Device, InfeasiblePlacement, PlacementProblem
+from gateway.placement import MB, Block, Device, InfeasiblePlacement, PlacementProblem, cost_assignment
 
 
 def brute_force(request: HybridRequest):
@@ -59,6 +59,22 @@ def cluster(speeds: list[float], block_ms: list[float], caps_mb: list[float] | N
     devices = tuple(Device(f"n{k}", int(cap * MB), bandwidth) for k, cap in enumerate(caps))
     compute = {d.id: [t * 1e-3 * s for t in block_ms] for d, s in zip(devices, speeds)}
     return PlacementProblem(blocks, devices, compute, frame_bytes=0, camera_bandwidth_bps=1e9)
+
+
+def test_a_chain_costs_the_same_to_both_planners():
+    """One stage cost (gateway.placement.stage_cost) for the chain planners and the hybrid one: the same chain gets
+    the same bottleneck from both, and the same refusal when its blocks do not fit."""
+    problem = cluster([1, 2, 4], [1, 2, 5, 3], out_bytes=100_000, bandwidth=1e7)
+    chain = cost_assignment(problem, [("n0", 0, 1), ("n1", 2, 2), ("n2", 3, 3)])
+    hybrid = evaluate(HybridRequest(problem, arrival_hz=1, slo_s=10),
+                      [[HybridStage(0, 1, ("n0",)), HybridStage(2, 2, ("n1",)), HybridStage(3, 3, ("n2",))]])
+    assert hybrid.capacity_hz == pytest.approx(1 / chain.bottleneck_s)
+    small = cluster([1, 1], [1, 1], caps_mb=[2.5, 100])
+    words = "blocks 0..1 need 3.0 MB but device n0 has 2.5 MB"
+    with pytest.raises(InfeasiblePlacement, match=words):
+        cost_assignment(small, [("n0", 0, 1)])
+    with pytest.raises(InfeasiblePlacement, match=words):
+        evaluate(HybridRequest(small, arrival_hz=1, slo_s=10), [[HybridStage(0, 1, ("n0",))]])
 
 
 def random_request(rng: random.Random) -> HybridRequest:

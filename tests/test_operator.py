@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 import pytest
 
-from gateway.operator import Overrides, validate_setting
+from gateway.operator import Overrides
 from gateway.service import Gateway
 from gateway.store import Reader
-from shared.schemas import BadMessage, CommandReply, SliceCalibration
+from shared.operator_settings import LABELS, validate_setting
+from shared.schemas import BadMessage, CommandReply, OperatorSetting, SliceCalibration
 from shared.settings import ControllerSettings, GatewaySettings, MqttSettings
 from tests.conftest import even_split
 from tests.test_controller_e2e import write_accuracy_model
@@ -25,6 +27,10 @@ LADDER = [round(0.1 * i, 1) for i in range(10)]
 def test_bad_values_are_refused_in_words(setting, value, words):
     with pytest.raises(ValueError, match=words):
         validate_setting(setting, value)
+
+
+def test_every_setting_a_command_may_name_has_a_label_and_a_check():
+    assert list(LABELS) == list(get_args(OperatorSetting))
 
 
 def test_overrides_merge_stored_values_and_drop_ones_no_longer_valid():

@@ -15,9 +15,9 @@ from edgeprune.training import (
     accuracy,
     batches,
     calibrate_bn_tables,
-    calibrate_entry_tables,
+    calibrate_entry_bn_tables,
     masked_pass_bn,
-    recalibrate_checkpoint,
+    recalibrate_checkpoint_bn_tables,
     regime_config,
     save_checkpoint,
     table_passes,
@@ -171,7 +171,7 @@ def test_entry_tables_hold_the_statistics_behind_a_differently_pruned_upstream(t
     before = model_fingerprint(model)
     frames = data["train"].subset(np.arange(256))
     tables = calibrate_bn_tables(model, frames, LADDER)
-    entry = calibrate_entry_tables(model, frames, LADDER, tables)
+    entry = calibrate_entry_bn_tables(model, frames, LADDER, tables)
     assert model_fingerprint(model) == before and not model.training
     assert sorted(entry) == ["0.00", "0.30", "0.50"]
     assert sorted(entry["0.50"]) == ["0.00", "0.30"]  # the diagonal is the uniform table
@@ -193,7 +193,7 @@ def test_entry_tables_hold_the_statistics_behind_a_differently_pruned_upstream(t
     path = tmp_path / "tiny.pt"
     save_checkpoint(path, model, config, {}, {"regime": "ours"})
     lines: list[str] = []
-    recalibrate_checkpoint(path, frames, log=lines.append)
+    recalibrate_checkpoint_bn_tables(path, frames, log=lines.append)
     passes = table_passes(LADDER)  # 2 pruned ratios + 3 upstream passes + 3 x 2 (own, upstream) pairs
     assert passes == 11 and f"BatchNorm tables: {passes}/{passes} passes" in "\n".join(lines)  # said while it ran
     assert lines[-1].startswith(f"BatchNorm tables: {passes} passes over 256 frames")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 from werkzeug.security import generate_password_hash
@@ -19,6 +21,7 @@ from shared.settings import WebSettings
 from tests.test_export import EXPECTED_CSV, add_thumbnails, camtrap_dp_errors, fill_detections
 from web.app import create_app
 
+ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery"
 HASH = generate_password_hash(PASSWORD)
 
@@ -408,3 +411,14 @@ def test_an_open_page_pulls_ten_times_less_when_it_asks_only_for_what_is_new(pag
     whole = status_bytes_per_minute(client, clock, db, polls=3, incremental=False)
     new_only = status_bytes_per_minute(client, clock, db, polls=5, incremental=True)
     assert whole >= 10 * new_only, (whole, new_only)
+
+
+def test_the_page_reaches_the_gateway_only_through_its_read_path():
+    """The page acts only through gateway commands: of gateway/ it may import the database's read path (store,
+    export), not the gateway's decisions; what both need (the settings' labels and validation) is in shared/."""
+    for path in (ROOT / "web").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.startswith("gateway") and n not in ("gateway.store", "gateway.export")], (
+                path, names)

@@ -13,6 +13,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable
+from contextlib import closing
 from datetime import timedelta
 from functools import wraps
 from typing import Any, Protocol
@@ -44,8 +45,8 @@ from gateway.export import (
     parse_time,
     undescribed_cameras,
 )
-from gateway.operator import LABELS, validate_setting
 from gateway.store import Reader, connect_read_only
+from shared.operator_settings import LABELS, validate_setting
 from shared.schemas import GatewayCommand
 from shared.settings import WebSettings
 from web.auth import LoginLimiter, Sessions, local_path, password_ok
@@ -97,6 +98,11 @@ def filters_from_args(args) -> Filters:
     return Filters(start_ts=parse_time(start) if start else None, end_ts=parse_time(end) if end else None,
                    camera_id=args.get("camera", "").strip() or None, label=args.get("species", "").strip() or None,
                    min_confidence=number("min_confidence"))
+
+
+def query_from_args(args) -> tuple[Filters, tuple[float, str] | None]:
+    """A page of detections asked for: the filters and the cursor it starts after (``after``)."""
+    return filters_from_args(args), parse_cursor(args["after"]) if args.get("after") else None
 
 
 def wants_json() -> bool:
@@ -290,20 +296,16 @@ def _detection_routes(app: Flask, page: Page) -> None:
     def detections():
         rows, cursor, error, missing, empty = [], None, None, [], False
         try:
-            filters = filters_from_args(request.args)
-            after = parse_cursor(request.args["after"]) if request.args.get("after") else None
+            filters, after = query_from_args(request.args)
         except ValueError as exc:
             filters, after, error = Filters(), None, str(exc)
         if not settings.db_path.exists():
             error = error or f"no database at {settings.db_path} yet: is the gateway running?"
         elif error is None:
-            conn = page.connection()
-            try:
+            with closing(page.connection()) as conn:
                 rows, cursor = detections_page(conn, filters, limit=100, after=after)
                 missing = undescribed_cameras(conn, filters)
                 empty = camtrap_dp_rows(conn, filters) == 0
-            finally:
-                conn.close()
         query = {k: v for k, v in request.args.items() if k != "after"}
         return render_template("detections.html", rows=rows, cursor=cursor, error=error, query=query,
                                missing=missing, empty=empty and error is None, empty_warning=EMPTY_WARNING,
@@ -324,8 +326,7 @@ def _detection_routes(app: Flask, page: Page) -> None:
     @page.viewer
     def api_detections():
         try:
-            filters = filters_from_args(request.args)
-            after = parse_cursor(request.args["after"]) if request.args.get("after") else None
+            filters, after = query_from_args(request.args)
             limit = int(request.args.get("limit", 100))
             if not 1 <= limit <= 1000:
                 raise ValueError("limit must lie between 1 and 1000")
@@ -333,11 +334,8 @@ def _detection_routes(app: Flask, page: Page) -> None:
             return jsonify({"error": str(exc)}), 400
         if not settings.db_path.exists():
             return jsonify({"error": f"no database at {settings.db_path} yet"}), 503
-        conn = page.connection()
-        try:
+        with closing(page.connection()) as conn:
             rows, cursor = detections_page(conn, filters, limit=limit, after=after)
-        finally:
-            conn.close()
         return jsonify({"columns": DETECTION_COLUMNS, "rows": rows, "next": cursor})
 
 
@@ -352,11 +350,8 @@ def _export_routes(app: Flask, page: Page) -> None:
             return jsonify({"error": f"no database at {page.settings.db_path} yet"}), 503
 
         def chunks():
-            conn = page.connection()
-            try:
+            with closing(page.connection()) as conn:
                 yield from make(conn, filters)
-            finally:
-                conn.close()
         return Response(stream_with_context(chunks()), content_type=content_type,
                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 

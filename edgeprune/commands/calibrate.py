@@ -27,7 +27,7 @@ def run(args) -> int:
     import torch
 
     from edgeprune.bench import format_table
-    from edgeprune.calibrate import calibrate_accuracy, calibration_vectors, save_accuracy_model
+    from edgeprune.measure_accuracy import measure_accuracy, ratio_vectors, save_accuracy_model
     from edgeprune.own_data import splits_for_checkpoint
     from shared.model import DEFAULT_CHECKPOINT, accuracy_model_beside, build_model
     from shared.pruning import DEFAULT_LADDER
@@ -36,8 +36,8 @@ def run(args) -> int:
     model = build_model(args.checkpoint)
     val = splits_for_checkpoint(args.checkpoint, args.threads, not args.no_progress)["val"]  # what it was trained on
     split = val.subset(slice(0, args.frames))
-    vectors = calibration_vectors(model.n_blocks, DEFAULT_LADDER, args.max_ratio, args.random, args.seed)
-    fit, measured = calibrate_accuracy(model, split, vectors, progress=not args.no_progress)
+    vectors = ratio_vectors(model.n_blocks, DEFAULT_LADDER, args.max_ratio, args.random, args.seed)
+    fit, measured = measure_accuracy(model, split, vectors, progress=not args.no_progress)
     out = args.out or accuracy_model_beside(args.checkpoint)
     save_accuracy_model(out, model, fit, len(split), str(args.checkpoint or DEFAULT_CHECKPOINT))
     n_shown = len(vectors) - args.random

@@ -155,13 +155,13 @@ def unlabelled_images(folder: Path, size: int, resize: str, threads: int, progre
 def recalibrate(args) -> int:
     """``--recalibrate``: new BatchNorm tables for a checkpoint, from the frames it was trained on."""
     from edgeprune.own_data import splits_for_checkpoint
-    from edgeprune.training import recalibrate_checkpoint
+    from edgeprune.training import recalibrate_checkpoint_bn_tables
 
     if not args.recalibrate.exists():
         raise SystemExit(f"--recalibrate {args.recalibrate}: no such checkpoint")
     # the frames it was trained on (recorded in it), whatever the data flags of this command say
     train_split = splits_for_checkpoint(args.recalibrate, args.threads, not args.no_progress)["train"]
-    recalibrate_checkpoint(args.recalibrate, train_split, progress=not args.no_progress)
+    recalibrate_checkpoint_bn_tables(args.recalibrate, train_split, progress=not args.no_progress)
     print(f"recalibrated the BatchNorm tables of {args.recalibrate} (weights unchanged)")
     return 0
 
@@ -226,7 +226,7 @@ def train_regime(args, regime: str, init: str, model_config, splits: dict, data_
 
     from edgeprune.bench import format_table
     from edgeprune.own_data import per_class_report
-    from edgeprune.training import calibrate_all_tables, predict, regime_config, save_checkpoint, train
+    from edgeprune.training import calibrate_all_bn_tables, predict, regime_config, save_checkpoint, train
 
     config = regime_config(regime, seed=args.seed, masked_bn=args.masked_bn, distill=not args.no_distill,
                            model=model_config, init=init, **regime_overrides(args, init))
@@ -238,7 +238,7 @@ def train_regime(args, regime: str, init: str, model_config, splits: dict, data_
     model, history = train(config, splits, progress=not args.no_progress,
                            resume=out.with_name(out.name + ".resume"), unlabelled=unlabelled)
     print("computing the per-ratio BatchNorm tables (forward passes only)")
-    tables, entry_tables = calibrate_all_tables(model, splits["train"], config, progress=not args.no_progress)
+    tables, entry_tables = calibrate_all_bn_tables(model, splits["train"], config, progress=not args.no_progress)
     test = splits["test"]
     predicted = predict(model, test) if len(test) else test.labels
     test_acc = float((predicted == test.labels).mean()) if len(test) else float("nan")

@@ -1,4 +1,7 @@
-"""Offline accuracy calibration: the per-block accuracy model the pruning controller needs.
+"""Offline: measure the per-block accuracy model the pruning controller needs (``edgeprune calibrate``).
+
+Not the BatchNorm tables' calibration (``edgeprune.training``) nor a node's latency curves
+(``node_agent/calibration.py``): docs/architecture.md, "Three calibrations".
 
 Pruning masks depend on a block's weights and ratio alone (shared/pruning.py), so the model is
 measured once per checkpoint with a ratio *per block*: every block becomes its own pruned slice,
@@ -26,7 +29,7 @@ from shared.model import BlockNet, model_fingerprint
 from shared.pruning import DEFAULT_LADDER, PrunableSlice, pipeline_predictions
 
 
-def calibration_vectors(n_blocks: int, ladder: Sequence[float], max_ratio: float, n_random: int,
+def ratio_vectors(n_blocks: int, ladder: Sequence[float], max_ratio: float, n_random: int,
                         seed: int) -> np.ndarray:
     """Unpruned, every uniform ratio up to ``max_ratio``, each block pruned alone (at ``max_ratio`` and
     about half of it), and ``n_random`` random *pipeline-shaped* vectors.
@@ -59,7 +62,7 @@ def calibration_vectors(n_blocks: int, ladder: Sequence[float], max_ratio: float
     return np.vstack([uniform, *lone, *shaped])
 
 
-def calibrate_accuracy(model: BlockNet, split: FrameSplit, vectors: np.ndarray,
+def measure_accuracy(model: BlockNet, split: FrameSplit, vectors: np.ndarray,
                        progress: bool = True) -> tuple[AccuracyFit, list[float]]:
     """Measured accuracy of each per-block ratio vector and the logistic fitted to them."""
     ladder = tuple(sorted(set(DEFAULT_LADDER) | {float(r) for r in np.unique(vectors)}))

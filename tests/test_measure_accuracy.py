@@ -1,18 +1,18 @@
-"""Offline accuracy calibration: per-block vectors through real pruned slices, a file the gateway loads."""
+"""Measuring the accuracy model offline: per-block vectors through real pruned slices, a file the gateway loads."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from edgeprune.calibrate import calibrate_accuracy, calibration_vectors, save_accuracy_model
+from edgeprune.measure_accuracy import measure_accuracy, ratio_vectors, save_accuracy_model
 from edgeprune.dataset import FrameSplit, to_model_input
 from gateway.accuracy_model import load_block_accuracy
 from shared.model import build_model, model_fingerprint
 
 
 def test_vectors_hold_unpruned_uniform_lone_block_and_pipeline_shaped_rows():
-    v = calibration_vectors(6, (0.0, 0.3, 0.6, 0.9), max_ratio=0.6, n_random=30, seed=1)
+    v = ratio_vectors(6, (0.0, 0.3, 0.6, 0.9), max_ratio=0.6, n_random=30, seed=1)
     assert v.shape == (3 + 2 * 6 + 30, 6)
     assert (v[0] == 0).all() and (v[2] == 0.6).all() and v.max() <= 0.6
     lone = v[3:15]  # each block alone at 0.3 and 0.6: the fit can tell which block costs what
@@ -23,7 +23,7 @@ def test_vectors_hold_unpruned_uniform_lone_block_and_pipeline_shaped_rows():
         assert sum(a != b for a, b in zip(row, row[1:])) <= 2
 
 
-def test_calibration_measures_the_pipeline_and_writes_a_loadable_model(tmp_path):
+def test_measuring_runs_the_pipeline_and_writes_a_loadable_model(tmp_path):
     torch.manual_seed(0)
     model = build_model()
     rng = np.random.default_rng(0)
@@ -31,8 +31,8 @@ def test_calibration_measures_the_pipeline_and_writes_a_loadable_model(tmp_path)
     with torch.inference_mode():  # labels = the unpruned model's own answers: accuracy 1 at p = 0
         labels = model(to_model_input(images)).argmax(1).numpy()
     split = FrameSplit(images, labels, np.zeros(60, bool))
-    vectors = calibration_vectors(model.n_blocks, (0.0, 0.5, 0.9), 0.9, n_random=6, seed=0)
-    fit, measured = calibrate_accuracy(model, split, vectors, progress=False)
+    vectors = ratio_vectors(model.n_blocks, (0.0, 0.5, 0.9), 0.9, n_random=6, seed=0)
+    fit, measured = measure_accuracy(model, split, vectors, progress=False)
     assert measured[0] == 1.0  # unpruned pipeline of per-block slices == the model itself
     assert min(measured) < 1.0  # pruning 90% of every block changes answers
     assert len(fit.gains) == model.n_blocks and all(g <= 0 for g in fit.gains)
