@@ -26,7 +26,7 @@ def run(args) -> int:
     keep_large_allocations()
     import torch
 
-    from edgeprune.bench import format_table
+    from edgeprune.tables import format_table
     from edgeprune.calibrate import calibrate_accuracy, calibration_vectors, save_accuracy_model
     from edgeprune.own_data import splits_for_checkpoint
     from shared.model import DEFAULT_CHECKPOINT, accuracy_model_beside, build_model
