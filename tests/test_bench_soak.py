@@ -166,4 +166,4 @@ def test_a_frame_beyond_the_broker_s_queue_is_acknowledged_to_the_camera_and_onl
             camera.close()
         node.loop_stop()
         node.disconnect()
-        site.stop()
+        site.stop_all()
