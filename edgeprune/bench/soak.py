@@ -40,19 +40,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from camera.publisher import FramePublisher
 from camera.simulator import camera_frame
 from edgeprune.bench import intruder
 from edgeprune.broker import free_port
 from edgeprune.credentials import default_users
 from edgeprune.launcher import SiteLauncher
 from gateway.store import Reader
-from shared.settings import BrokerSettings
-from shared.topics import Topics
+from shared.settings import BrokerSettings, MqttSettings
 
 # replica_death last: the site is re-placed with replicated stages for it (module docstring)
 FAULTS = ["node_kill", "node_hang", "broker_restart", "gateway_restart", "burst", "bad_input", "forged",
@@ -159,16 +155,14 @@ class Site(SiteLauncher):
 
 
 class Camera:
-    """Publishes the bursty trace as one camera; counts every frame it tried to send."""
+    """Publishes the bursty trace as one camera (through the camera's own :class:`FramePublisher`, logged in as
+    :data:`CAMERA`); counts every frame it tried to send."""
 
     def __init__(self, site: Site, seed: int):
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=CAMERA, protocol=mqtt.MQTTv5)
-        self.client.username_pw_set(CAMERA, site.credentials.password(CAMERA))
-        self.client.reconnect_delay_set(1, 4)
-        self.client.connect_async("127.0.0.1", site.port)
-        self.client.loop_start()
-        self.topic = Topics().camera_frame(CAMERA)
-        self.client.on_publish = self._on_puback
+        mqtt = MqttSettings(host="127.0.0.1", port=site.port, username=CAMERA,
+                            password=site.credentials.password(CAMERA), tls_ca=None, topic_root="edgeprune",
+                            reconnect_max_s=4)
+        self.publisher = FramePublisher(mqtt, CAMERA, on_refused=self._on_refused)
         rng = np.random.default_rng(seed)
         self.frames = [camera_frame(rng, 96, "jpeg") for _ in range(8)]
         self.random = random.Random(seed)
@@ -180,8 +174,9 @@ class Camera:
         # publish() takes: waiting there for ``_lock`` (held around publish) would deadlock
         self._acks = threading.Lock()
         self._refused_mids: list[int] = []
+        self.publisher.start()
 
-    def send(self, phase: str, count: int = 1) -> mqtt.MQTTMessageInfo | None:
+    def send(self, phase: str, count: int = 1):
         """``count`` frames back to back; the last one's publish info (to wait until the broker has them)."""
         info = None
         with self._lock:
@@ -200,17 +195,14 @@ class Camera:
             self.attempted[phase] = self.attempted.get(phase, 0) + len(BAD_FRAMES)
         return len(BAD_FRAMES)
 
-    def _publish(self, phase: str, request_id: str, payload: bytes) -> mqtt.MQTTMessageInfo:
-        props = Properties(PacketTypes.PUBLISH)
-        props.UserProperty = [("request_id", request_id)]
-        info = self.client.publish(self.topic, payload, qos=1, properties=props)
+    def _publish(self, phase: str, request_id: str, payload: bytes):
+        info = self.publisher.publish(payload, {"request_id": request_id})
         self._phase_of[info.mid] = phase
         return info
 
-    def _on_puback(self, client, userdata, mid, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            with self._acks:
-                self._refused_mids.append(mid)
+    def _on_refused(self, mid: int) -> None:
+        with self._acks:
+            self._refused_mids.append(mid)
 
     def refused(self, phase: str) -> int:
         """The phase's frames the broker refused (a PUBACK failure reason code)."""
@@ -229,8 +221,7 @@ class Camera:
             time.sleep(min(self.random.expovariate(rate), max(end - time.monotonic(), 0)))
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        self.publisher.stop()
 
 
 def accounting(reader: Reader, phase: str, attempted: int, fault_ts: float) -> dict:
