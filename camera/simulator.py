@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from camera.arrivals import Arrival, BurstParams, burst_arrivals, replay_arrivals
-from shared.bus import Bus
+from camera.publisher import FramePublisher
 from shared.imaging import encode_jpeg, encode_png
 from shared.schemas import TRUE_LABEL_PROPERTY
 from shared.settings import CameraSettings, MqttSettings
-from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +136,7 @@ class Camera:
             raise ValueError("labelled frames need a frame source: edgeprune.dataset.LabelledFrames")
         self.settings = settings
         self.frames = frames
-        self.topics = Topics(mqtt_settings.topic_root)
-        self.bus = Bus(mqtt_settings, settings.camera_id, self.topics.component_status(settings.camera_id))
+        self.publisher = FramePublisher(mqtt_settings, settings.camera_id)
         self.sent = 0
         self.refused = 0  # frames over the broker's size limit, logged and not sent
         self._stop = threading.Event()
@@ -151,9 +149,9 @@ class Camera:
         arrivals = np.random.default_rng([s.seed, 1])  # separate streams: frames don't depend on timing
         run_tag = f"{int(time.time() * 1000):x}"
         schedule = arrival_schedule(s, arrivals)
-        self.bus.start()
+        self.publisher.start()
         if not self._wait_connected():
-            self.bus.stop()
+            self.publisher.stop()
             return 0
         started = time.monotonic()
         last = None
@@ -169,17 +167,15 @@ class Camera:
             if self._stop.wait(max(0.0, started + arrival.at_s - time.monotonic())):
                 break
             user["capture_ts"] = repr(time.time())
-            topic = self.topics.camera_frame(arrival.camera)
-            if not self.bus.fits(topic, payload, user):  # the broker would cut the connection (docs/mqtt.md)
+            info = self.publisher.publish(payload, user, camera=arrival.camera)
+            if info is None:  # over the broker's limit: logged, not sent
                 self.refused += 1
-                log.error("%s: frame %s of %d B is over the broker's limit of %d B per message: not sent",
-                          s.camera_id, user["request_id"], len(payload), self.bus.max_packet_size)
                 continue
-            last = self.bus.publish(topic, payload, qos=1, user=user)
+            last = info
             self.sent += 1
         if last is not None:  # let the last frame reach the broker before disconnecting
             last.wait_for_publish(timeout=5.0)
-        self.bus.stop()
+        self.publisher.stop()
         log.info("%s: sent %d frames", s.camera_id, self.sent)
         return self.sent
 
@@ -187,7 +183,7 @@ class Camera:
         """The schedule starts once the broker has answered (False: stopped first). paho keeps what is published
         before, but its ``wait_for_publish`` raises for such a frame, so the last wait before disconnecting did and
         the process died with every frame unsent: on a loaded host the start's wait (10 s) ran out first."""
-        while not self.bus.connected:
+        while not self.publisher.connected:
             if self._stop.wait(0.1):
                 return False
         return True

@@ -12,10 +12,8 @@ gateway's SQLite log.
 from __future__ import annotations
 
 import os
-import signal
 import shutil
-import subprocess
-import sys
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,8 +22,9 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from edgeprune.broker import free_port, port_open, start_broker, stop_process
-from edgeprune.credentials import Credentials, default_users
+from edgeprune.broker import free_port, port_open
+from edgeprune.credentials import default_users
+from edgeprune.launcher import SiteLauncher
 from gateway.store import Reader
 from shared.bus import Bus
 from shared.model import DEFAULT_CHECKPOINT
@@ -101,8 +100,7 @@ class Demo:
     def __init__(self, options: DemoOptions):
         self.opt = options
         self.run_dir = options.run_dir.resolve()
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-        self.broker: subprocess.Popen | None = None
+        self.site: SiteLauncher | None = None  # made once the broker's port is chosen (start_pipeline)
         self.bus: Bus | None = None
         self.frames_seen = 0
         self._stop = threading.Event()
@@ -151,13 +149,6 @@ class Demo:
         env.update(self.opt.env)
         return env
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.run_dir / f"{name}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "edgeprune", *args], env=env, cwd=self.run_dir,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((name, proc))
-        return proc
-
     def start(self) -> None:
         self.start_pipeline()
         self.start_camera()
@@ -184,26 +175,21 @@ class Demo:
         broker = load(BrokerSettings, self.config).model_copy(
             update={"bind": "127.0.0.1", "port": port, "data_dir": self.run_dir / "broker"})
         # Each demo makes its own broker users (one per component, as install.sh does for a site).
-        self.credentials = Credentials(broker.credentials_folder)
-        for name, role in default_users(self.node_ids, [self.camera_id]).items():
-            self.credentials.add(name, role)
-        with open(self.run_dir / "mosquitto.log", "w") as log:
-            self.broker = start_broker(broker, log_file=log)
-        env = self.env()
-        self.spawn("gateway", ["gateway"], {**env, **self.credentials.env("gateway")})
+        site = self.site = SiteLauncher(self.run_dir, broker, default_users(self.node_ids, [self.camera_id]),
+                                        self.env())
+        site.start_broker()
+        site.start("gateway", ["gateway"])
         if self.opt.web:
             # the demo's page is on loopback: readable without a login; the controls need a password hash
             # (`edgeprune passwd`, then EDGEPRUNE_WEB_PASSWORD_HASH=... edgeprune demo)
             password = {k: v for k, v in os.environ.items() if k == "EDGEPRUNE_WEB_PASSWORD_HASH"}
-            self.spawn("web", ["web"], {**env, "EDGEPRUNE_WEB_PUBLIC_STATUS": "true", "EDGEPRUNE_WEB_DEMO": "true",
-                                        **password,
-                                        **self.credentials.env("web")})
+            site.start("web", ["web"], env={"EDGEPRUNE_WEB_PUBLIC_STATUS": "true", "EDGEPRUNE_WEB_DEMO": "true",
+                                            **password})
         for node_id in self.node_ids:
-            self.spawn(node_id, ["node", "--node-id", node_id],
-                       {**env, **self.credentials.env(node_id), **self.opt.node_env.get(node_id, {})})
+            site.start(node_id, ["node", "--node-id", node_id], env=self.opt.node_env.get(node_id, {}))
         mqtt = load(MqttSettings, self.config).model_copy(update={
             **self.overrides[MqttSettings], "username": "admin",
-            "password": SecretStr(self.credentials.password("admin"))})
+            "password": SecretStr(site.credentials.password("admin"))})
         self.topics = Topics(mqtt.topic_root)
         self.bus = Bus(mqtt, "demo", self.topics.component_status("demo"))
         self.bus.subscribe(self.topics.camera_frame_filter, self._count_frame)
@@ -217,7 +203,7 @@ class Demo:
         is one device: it uses the operator's login, the demo's own camera its camera user.
         """
         user = "admin" if self.opt.camera_args else self.camera_id
-        self.spawn("camera", ["camera", *self.opt.camera_args], {**self.env(), **self.credentials.env(user)})
+        self.site.start("camera", ["camera", *self.opt.camera_args], login=user)
 
     def _count_frame(self, _topic: str, _payload: bytes, _props: dict[str, str]) -> None:
         """Frames as the broker delivers them on the cameras' topics: what entered the pipeline."""
@@ -238,9 +224,9 @@ class Demo:
         raise SystemExit(f"nodes did not take their stages within {timeout_s:.0f} s; see {self.run_dir}/*.log")
 
     def _check_alive(self) -> None:
-        for name, proc in self.procs:
+        for name, proc in self.site.procs.items():
             if proc.poll() is not None and name != "camera":
-                raise SystemExit(f"{name} exited with code {proc.returncode}; see {self.run_dir / (name + '.log')}")
+                raise SystemExit(f"{name} exited with code {proc.returncode}; see {self.site.log_path(name)}")
 
     def progress_line(self) -> str:
         reader = Reader(self.db)
@@ -295,16 +281,13 @@ class Demo:
 
     def stop_processes(self) -> None:
         """Camera first, then let the pipeline drain, then the rest, the broker last."""
-        for name, proc in self.procs:
-            if name == "camera" and proc.poll() is None:
-                stop_process(proc)
-                time.sleep(1.5)
+        if self.site and self.site.running("camera"):
+            self.site.stop("camera")
+            time.sleep(1.5)
         if self.bus:
             self.bus.stop()
-        for _, proc in reversed(self.procs):
-            stop_process(proc)
-        if self.broker:
-            stop_process(self.broker)
+        if self.site:
+            self.site.stop_all()
 
     def summary(self) -> dict:
         """Totals for the run: frames the broker delivered on the camera's topic, and what the gateway logged."""

@@ -250,7 +250,7 @@ def load_source(kind: str, path: Path, size: int, fit: str, seed: int = 0, threa
 
 def balance_report(data: OwnData) -> str:
     """Images per class and split, the readable-file count, and what was skipped and why."""
-    from edgeprune.bench import format_table
+    from edgeprune.tables import format_table
 
     rows = []
     for i, name in enumerate(data.class_names):

@@ -321,6 +321,16 @@ class Bus:
         props = publish_properties(user) if user else None
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
+    def on_publish_refused(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(mid)`` (on paho's thread) for each QoS 1 publish the broker answers with a failure reason
+        code (PUBACK >= 128: not authorised, quota exceeded). Only for a connection that never calls :meth:`flush` (a
+        camera): paho calls ``on_publish`` under its callback lock."""
+        def on_publish(client, userdata, mid, reason_code, properties) -> None:
+            if reason_code.is_failure:
+                callback(mid)
+
+        self.client.on_publish = on_publish
+
     def flush(self) -> None:
         """Write what is queued for the broker now, from a handler (paho's network thread; a no-op elsewhere).
 
@@ -331,7 +341,7 @@ class Bus:
         connection); a failed write stays queued and paho's loop meets the error again after the handler, and
         handles it there. Nothing else writes the socket meanwhile: this is the network thread. Not once
         :meth:`stop` has begun (paho handles a DISCONNECT's write under that lock too), and this Bus sets no
-        ``on_publish``, which paho would call under it."""
+        ``on_publish`` (which paho would call under it) unless :meth:`on_publish_refused` asked, as a camera does."""
         with self._lock:
             if self._closing or threading.get_ident() != self._network_thread or self.client.socket() is None:
                 return

@@ -149,7 +149,7 @@ def test_a_frame_beyond_the_broker_s_queue_is_acknowledged_to_the_camera_and_onl
         node.subscribe(Topics().camera_frame(CAMERA), qos=1)
         assert subscribed.wait(10)
         camera = Camera(site, seed=0)
-        wait_until(camera.client.is_connected, 10, "the camera did not connect")
+        wait_until(lambda: camera.publisher.connected, 10, "the camera did not connect")
         since = time.time()
         camera.send("burst", 20).wait_for_publish(10)
         assert camera.attempted == {"burst": 20} and camera.refused("burst") == 0  # PUBACKs come in order
@@ -166,4 +166,4 @@ def test_a_frame_beyond_the_broker_s_queue_is_acknowledged_to_the_camera_and_onl
             camera.close()
         node.loop_stop()
         node.disconnect()
-        site.stop()
+        site.stop_all()

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from camera import simulator
+from camera import publisher, simulator
+from camera.publisher import FramePublisher
 from camera.simulator import Camera, wait_acknowledged
 from shared.bus import Bus
 from shared.settings import CameraSettings, MqttSettings
 from shared.topics import Topics
-from tests.conftest import Recorder, wait_until
+from tests.conftest import AUTH, Recorder, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ class FakeBus:
 
 def test_each_frame_is_made_only_after_the_previous_one_is_acknowledged(monkeypatch):
     events: list = []
-    monkeypatch.setattr(simulator, "Bus", lambda *_args: FakeBus(events))
+    monkeypatch.setattr(publisher, "Bus", lambda *_args: FakeBus(events))
     made = simulator.camera_frame
 
     def camera_frame(*args):
@@ -85,7 +86,7 @@ def test_a_frame_over_the_brokers_limit_is_logged_and_not_sent(monkeypatch, capl
     (tmp_path / "a.jpg").write_bytes(b"x" * 1000)
     (tmp_path / "b.jpg").write_bytes(b"x" * 100)
     events: list = []
-    monkeypatch.setattr(simulator, "Bus", lambda *_args: FakeBus(events, max_packet_size=600))
+    monkeypatch.setattr(publisher, "Bus", lambda *_args: FakeBus(events, max_packet_size=600))
     camera = Camera(CameraSettings(rate_hz=100.0, arrival="fixed", count=4, images=tmp_path), MqttSettings())
     assert camera.run() == 2 and camera.refused == 2
     sent = [rid for kind, rid in events if kind == "publish"]
@@ -100,7 +101,7 @@ def test_labelled_frames_come_from_the_source_handed_in(monkeypatch):
     published: list[dict] = []
     bus = FakeBus(events)
     bus.publish = lambda topic, payload, qos, user: published.append(user) or FakeInfo(events)
-    monkeypatch.setattr(simulator, "Bus", lambda *_args: bus)
+    monkeypatch.setattr(publisher, "Bus", lambda *_args: bus)
     labels = iter([3, 7])
 
     def frames() -> tuple[bytes, int]:
@@ -152,3 +153,21 @@ def test_a_camera_whose_connection_comes_up_late_sends_every_frame_and_exits_cle
         for timer in late:
             timer.join()
         recorder.close()
+
+
+def test_a_frame_the_broker_refuses_is_reported_by_its_mid(broker):
+    """The soak counts the frames the broker refused (a PUBACK failure code) per phase: a camera writing another
+    camera's topic is refused (135, not authorised) and reported; its own frame is not."""
+    refused: list[int] = []
+    camera = FramePublisher(AUTH[broker.port].settings("cam-refused", "camera"), "cam-refused",
+                            on_refused=refused.append)
+    camera.start()
+    try:
+        wait_until(lambda: camera.connected, 10, "the camera did not connect")
+        own = camera.publish(b"\xff\xd8", {"request_id": "own"})
+        forged = camera.publish(b"\xff\xd8", {"request_id": "forged"}, camera="cam-someone-else")
+        own.wait_for_publish(10)
+        forged.wait_for_publish(10)
+        wait_until(lambda: refused == [forged.mid], 10, f"refused: {refused}, forged mid {forged.mid}")
+    finally:
+        camera.stop()

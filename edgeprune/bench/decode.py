@@ -206,24 +206,24 @@ class PipelineRun:
 
     def __init__(self, workdir: Path, reduced: bool, frames: list[bytes], in_flight: int, ingest: bool = False):
         from edgeprune.broker import free_port
-        from edgeprune.credentials import Credentials
+        from edgeprune.launcher import SiteLauncher
         from shared.settings import BrokerSettings, MqttSettings
 
         self.workdir = workdir
-        self.reduced = reduced
         self.frames = frames
         self.in_flight = in_flight
-        self.broker_settings = BrokerSettings(port=free_port(), data_dir=workdir / "broker", max_packet_size=64 << 20)
+        broker = BrokerSettings(port=free_port(), data_dir=workdir / "broker", max_packet_size=64 << 20)
         self.nodes = [f"{'after' if reduced else 'before'}-{i}" for i in (1, 2)]
         self.ingest_node = f"{self.nodes[0].split('-')[0]}-ingest" if ingest else None
         # the broker takes only logins: each node its own, the benchmark (camera and placer) the operator's
-        self.credentials = Credentials(self.broker_settings.credentials_folder, topic_root="bench")
-        for node in self.nodes + ([self.ingest_node] if ingest else []):
-            self.credentials.add(node, "node")
-        self.credentials.add("bench", "admin")
-        self.mqtt = MqttSettings(port=self.broker_settings.port, topic_root="bench", username="bench",
-                                 password=self.credentials.password("bench"))
-        self.procs: list = []
+        users = {node: "node" for node in self.nodes + ([self.ingest_node] if ingest else [])}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}
+        env.update(EDGEPRUNE_MQTT_PORT=str(broker.port), EDGEPRUNE_MQTT_TOPIC_ROOT="bench",
+                   EDGEPRUNE_NODE_REDUCED_DECODE=str(reduced).lower(), EDGEPRUNE_NODE_QUEUE_SIZE="8",
+                   EDGEPRUNE_NODE_MAX_PAYLOAD_BYTES=str(64 << 20), PYTHONUNBUFFERED="1")
+        self.site = SiteLauncher(workdir, broker, {**users, "bench": "admin"}, env, topic_root="bench")
+        self.mqtt = MqttSettings(port=broker.port, topic_root="bench", username="bench",
+                                 password=self.site.credentials.password("bench"))
         self.offers: dict[str, Any] = {}
         self.calibrations: dict[str, Any] = {}
         self.results: list[tuple[float, Any]] = []
@@ -233,31 +233,14 @@ class PipelineRun:
 
     def start(self) -> None:
         """The broker now; the nodes one by one in :meth:`measure`."""
-        from edgeprune.broker import start_broker
-
-        self.procs.append(start_broker(self.broker_settings))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}
-        env.update(EDGEPRUNE_MQTT_PORT=str(self.mqtt.port), EDGEPRUNE_MQTT_TOPIC_ROOT="bench",
-                   EDGEPRUNE_NODE_REDUCED_DECODE=str(self.reduced).lower(), EDGEPRUNE_NODE_QUEUE_SIZE="8",
-                   EDGEPRUNE_NODE_MAX_PAYLOAD_BYTES=str(64 << 20), PYTHONUNBUFFERED="1")
-        self.env = env
+        self.site.start_broker()
 
     def start_node(self, node: str) -> None:
-        import subprocess
-        import sys
-
-        log = open(self.workdir / f"{node}.log", "w")
-        env = {**self.env, **self.credentials.env(node)}
-        if node == self.ingest_node:
-            env["EDGEPRUNE_NODE_ROLE"] = "ingest"
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "edgeprune", "node", "--node-id", node],
-                                           env=env, stdout=log, stderr=subprocess.STDOUT))
+        role = {"EDGEPRUNE_NODE_ROLE": "ingest"} if node == self.ingest_node else {}
+        self.site.start(node, ["node", "--node-id", node], env=role)
 
     def stop(self) -> None:
-        from edgeprune.broker import stop_process
-
-        for proc in reversed(self.procs):
-            stop_process(proc)
+        self.site.stop_all()
 
     def measure(self, seconds: float, megapixels: float) -> dict[str, Any]:
         """The two stage nodes planned with the frames' decode on stage 1 and, with an ingest node, behind it:

@@ -60,7 +60,7 @@ def run(args) -> dict:
         stages = Reader(bench.db).placement()["stages"]
         sizes = hop_sizes(stages)
         mqtt = MqttSettings(host="127.0.0.1", port=bench.port, username="admin",
-                            password=bench.credentials.password("admin"), topic_root=bench.topics.root)
+                            password=bench.site.credentials.password("admin"), topic_root=bench.topics.root)
         raw = relay_chains(mqtt, sizes, messages, args.rate)
         rows = _pipeline_frames(bench, frames, args.rate)
     finally:
@@ -127,7 +127,7 @@ def _pipeline_frames(bench: PolicyRun, frames: int, rate: float) -> list[dict]:
                              "--count", str(frames))
     bench.start_camera()
     print(f"pipeline: {frames} frames at {rate:g} frames/s", file=sys.stderr, flush=True)
-    camera = bench.procs[-1][1]
+    camera = bench.site.procs["camera"]
     if camera.wait(timeout=frames / rate * 4 + 120) != 0:
         raise SystemExit(f"the camera exited with code {camera.returncode}; see {bench.run_dir}/camera.log")
     # the last results reach the database (a batch every flush_interval_s); on a loaded host the stages may still

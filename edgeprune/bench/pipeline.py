@@ -245,11 +245,11 @@ class PolicyRun(Demo):
         exited, is not part of the pipeline): emulated sleeps cost none."""
         tick = os.sysconf("SC_CLK_TCK")
         out = {}
-        for name, proc in [(n, p) for n, p in self.procs if n != "camera"] + [("broker", self.broker)]:
+        for name, proc in [(n, p) for n, p in self.site.procs.items() if n != "camera"]:
             try:
                 fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
                 out[name] = (int(fields[11]) + int(fields[12])) / tick
-            except (OSError, IndexError, AttributeError):
+            except (OSError, IndexError):
                 pass
         return out
 
@@ -733,7 +733,7 @@ def _saturation_step(bench: PolicyRun, index: int, rate: float, step_s: float) -
                              "--count", str(max(5, int(rate * step_s))))
     bench.start_camera()
     sent = max(5, int(rate * step_s))
-    bench.procs[-1][1].wait(timeout=step_s * 4 + 120)
+    bench.site.procs["camera"].wait(timeout=step_s * 4 + 120)
     time.sleep(3.0)  # the queue drains
     rows = Reader(bench.db).frames(camera)
     latency = np.array([r["e2e_s"] for r in rows])

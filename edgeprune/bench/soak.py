@@ -35,25 +35,20 @@ import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from camera.publisher import FramePublisher
 from camera.simulator import camera_frame
 from edgeprune.bench import intruder
-from edgeprune.broker import free_port, start_broker, stop_process
-from edgeprune.credentials import Credentials, default_users
+from edgeprune.broker import free_port
+from edgeprune.credentials import default_users
+from edgeprune.launcher import SiteLauncher
 from gateway.store import Reader
-from shared.settings import BrokerSettings
-from shared.topics import Topics
+from shared.settings import BrokerSettings, MqttSettings
 
 # replica_death last: the site is re-placed with replicated stages for it (module docstring)
 FAULTS = ["node_kill", "node_hang", "broker_restart", "gateway_restart", "burst", "bad_input", "forged",
@@ -92,42 +87,30 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-class Site:
-    """Broker, gateway and two nodes as processes, each logged in with its own user."""
+class Site(SiteLauncher):
+    """Broker, gateway and two nodes as processes, each logged in with its own user; the peak memory of each kind
+    of process, sampled whenever one ends."""
 
     def __init__(self, run_dir: Path, flow_control: bool = False):
-        self.run_dir = run_dir.resolve()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        self.run_dir.mkdir(parents=True)
-        self.port = free_port()
-        self.broker_settings = BrokerSettings(port=self.port, data_dir=self.run_dir / "broker")
-        self.credentials = Credentials(self.broker_settings.credentials_folder)
+        run_dir = run_dir.resolve()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        port = free_port()
         self.node_ids = ["node-1", "node-2"]
-        for name, role in default_users(self.node_ids, [CAMERA]).items():
-            self.credentials.add(name, role)
-        self.db = self.run_dir / "edgeprune.db"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}
-        self.env.update({"EDGEPRUNE_MQTT_PORT": str(self.port), "PYTHONUNBUFFERED": "1",
-                         "EDGEPRUNE_GATEWAY_DB_PATH": str(self.db), "EDGEPRUNE_GATEWAY_NODES": ",".join(self.node_ids),
-                         "EDGEPRUNE_GATEWAY_RESULT_TIMEOUT_S": "30", "EDGEPRUNE_GATEWAY_REJOIN_HOLD_S": "3",
-                         "EDGEPRUNE_GATEWAY_STATS_SILENCE_S": "5", "EDGEPRUNE_NODE_STATS_INTERVAL_S": "1",
-                         "EDGEPRUNE_NODE_UPLINK_MBIT_S": "100000", "EDGEPRUNE_MQTT_RECONNECT_MAX_S": "4",
-                         "EDGEPRUNE_NODE_FLOW_CONTROL": str(flow_control).lower()})
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.db = run_dir / "edgeprune.db"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}
+        env.update({"EDGEPRUNE_MQTT_PORT": str(port), "PYTHONUNBUFFERED": "1",
+                    "EDGEPRUNE_GATEWAY_DB_PATH": str(self.db), "EDGEPRUNE_GATEWAY_NODES": ",".join(self.node_ids),
+                    "EDGEPRUNE_GATEWAY_RESULT_TIMEOUT_S": "30", "EDGEPRUNE_GATEWAY_REJOIN_HOLD_S": "3",
+                    "EDGEPRUNE_GATEWAY_STATS_SILENCE_S": "5", "EDGEPRUNE_NODE_STATS_INTERVAL_S": "1",
+                    "EDGEPRUNE_NODE_UPLINK_MBIT_S": "100000", "EDGEPRUNE_MQTT_RECONNECT_MAX_S": "4",
+                    "EDGEPRUNE_NODE_FLOW_CONTROL": str(flow_control).lower()})
+        super().__init__(run_dir, BrokerSettings(port=port, data_dir=run_dir / "broker"),
+                         default_users(self.node_ids, [CAMERA]), env)
         self.rss: dict[str, float] = {}
 
-    def start_broker(self) -> None:
-        with open(self.run_dir / "mosquitto.log", "a") as log:
-            self.procs["broker"] = start_broker(self.broker_settings, log_file=log)
-
-    def spawn(self, name: str, *args: str) -> None:
-        log = open(self.run_dir / f"{name}.log", "a")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "edgeprune", *args], cwd=self.run_dir,
-                                            env={**self.env, **self.credentials.env(name)}, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-
     def start_component(self, name: str) -> None:
-        self.spawn(name, *(["gateway"] if name == "gateway" else ["node", "--node-id", name]))
+        self.start(name, ["gateway"] if name == "gateway" else ["node", "--node-id", name])
 
     def sample_rss(self) -> None:
         for name, proc in self.procs.items():
@@ -136,18 +119,13 @@ class Site:
                 kind = "node" if name.startswith("node") else name
                 self.rss[kind] = max(self.rss.get(kind, 0.0), rss)
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+    def signal(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.sample_rss()
-        self.procs[name].send_signal(sig)
-        if sig == signal.SIGKILL:
-            self.procs[name].wait()
+        super().signal(name, sig)
 
-    def stop(self) -> None:
+    def stop(self, name: str) -> None:
         self.sample_rss()
-        for name, proc in reversed(list(self.procs.items())):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                stop_process(proc)
+        super().stop(name)
 
     def reader(self) -> Reader | None:
         try:
@@ -171,23 +149,20 @@ class Site:
 
     def replicate(self) -> None:
         """Restart the gateway (cleanly) placing in ``data`` mode: every node a replica of one stage."""
-        self.sample_rss()
-        stop_process(self.procs["gateway"])
+        self.stop("gateway")
         self.env["EDGEPRUNE_GATEWAY_PLACEMENT_MODE"] = "data"
-        self.start_component("gateway")
+        self.restart("gateway")
 
 
 class Camera:
-    """Publishes the bursty trace as one camera; counts every frame it tried to send."""
+    """Publishes the bursty trace as one camera (through the camera's own :class:`FramePublisher`, logged in as
+    :data:`CAMERA`); counts every frame it tried to send."""
 
     def __init__(self, site: Site, seed: int):
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=CAMERA, protocol=mqtt.MQTTv5)
-        self.client.username_pw_set(CAMERA, site.credentials.password(CAMERA))
-        self.client.reconnect_delay_set(1, 4)
-        self.client.connect_async("127.0.0.1", site.port)
-        self.client.loop_start()
-        self.topic = Topics().camera_frame(CAMERA)
-        self.client.on_publish = self._on_puback
+        mqtt = MqttSettings(host="127.0.0.1", port=site.port, username=CAMERA,
+                            password=site.credentials.password(CAMERA), tls_ca=None, topic_root="edgeprune",
+                            reconnect_max_s=4)
+        self.publisher = FramePublisher(mqtt, CAMERA, on_refused=self._on_refused)
         rng = np.random.default_rng(seed)
         self.frames = [camera_frame(rng, 96, "jpeg") for _ in range(8)]
         self.random = random.Random(seed)
@@ -199,8 +174,9 @@ class Camera:
         # publish() takes: waiting there for ``_lock`` (held around publish) would deadlock
         self._acks = threading.Lock()
         self._refused_mids: list[int] = []
+        self.publisher.start()
 
-    def send(self, phase: str, count: int = 1) -> mqtt.MQTTMessageInfo | None:
+    def send(self, phase: str, count: int = 1):
         """``count`` frames back to back; the last one's publish info (to wait until the broker has them)."""
         info = None
         with self._lock:
@@ -219,17 +195,14 @@ class Camera:
             self.attempted[phase] = self.attempted.get(phase, 0) + len(BAD_FRAMES)
         return len(BAD_FRAMES)
 
-    def _publish(self, phase: str, request_id: str, payload: bytes) -> mqtt.MQTTMessageInfo:
-        props = Properties(PacketTypes.PUBLISH)
-        props.UserProperty = [("request_id", request_id)]
-        info = self.client.publish(self.topic, payload, qos=1, properties=props)
+    def _publish(self, phase: str, request_id: str, payload: bytes):
+        info = self.publisher.publish(payload, {"request_id": request_id})
         self._phase_of[info.mid] = phase
         return info
 
-    def _on_puback(self, client, userdata, mid, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            with self._acks:
-                self._refused_mids.append(mid)
+    def _on_refused(self, mid: int) -> None:
+        with self._acks:
+            self._refused_mids.append(mid)
 
     def refused(self, phase: str) -> int:
         """The phase's frames the broker refused (a PUBACK failure reason code)."""
@@ -248,8 +221,7 @@ class Camera:
             time.sleep(min(self.random.expovariate(rate), max(end - time.monotonic(), 0)))
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        self.publisher.stop()
 
 
 def accounting(reader: Reader, phase: str, attempted: int, fault_ts: float) -> dict:
@@ -340,24 +312,23 @@ def inject(site: Site, fault: str, args, camera: Camera, findings: dict) -> None
     stages = site.stages() or site.node_ids
     if fault == "node_kill":
         victim = stages[-1]
-        site.kill(victim)
+        site.signal(victim)
         time.sleep(down_s)
-        site.start_component(victim)
+        site.restart(victim)
     elif fault == "node_hang":
         victim = stages[0]
-        site.kill(victim, signal.SIGSTOP)
+        site.signal(victim, signal.SIGSTOP)
         time.sleep(down_s * 3)
-        site.procs[victim].send_signal(signal.SIGCONT)
+        site.signal(victim, signal.SIGCONT)
     elif fault == "broker_restart":
-        site.sample_rss()
-        stop_process(site.procs["broker"])
+        site.stop("broker")
         time.sleep(min(down_s, 3.0))
-        site.start_broker()
+        site.restart("broker")
     elif fault == "gateway_restart":
-        site.kill("gateway")
+        site.signal("gateway")
         time.sleep(min(down_s, 3.0))
         started = time.time()
-        site.start_component("gateway")
+        site.restart("gateway")
         findings["controller_back_s"] = controller_enabled_after(site, started)
     elif fault == "burst":
         camera.send(fault, args.big_burst)
@@ -373,9 +344,9 @@ def inject(site: Site, fault: str, args, camera: Camera, findings: dict) -> None
                 last.wait_for_publish(30)  # at the broker, shared out: the victim's session holds some
         except RuntimeError:  # sent while the camera was disconnected: paho sends it on reconnecting
             pass
-        site.kill(victim)
+        site.signal(victim)
         time.sleep(down_s)
-        site.start_component(victim)
+        site.restart(victim)
     elif fault == "bad_input":
         camera.send_bad(fault)
     elif fault == "forged":
@@ -481,7 +452,7 @@ def run(args) -> dict:
     finally:
         if camera:
             camera.close()
-        site.stop()
+        site.stop_all()
     rss = {name: round(mb, 1) for name, mb in sorted(site.rss.items())}
     return {"minutes": args.minutes, "flow_control": args.flow_control, "faults": faults, "max_rss_mb": rss,
             "tables": {"Where every frame went, per fault": accounted,

@@ -11,7 +11,8 @@ import importlib
 import sys
 from pathlib import Path
 
-from edgeprune.bench import BENCHMARKS, format_table, write_json
+from edgeprune.bench import BENCHMARKS, write_json
+from edgeprune.tables import format_table
 
 
 def register(sub) -> None:

@@ -26,8 +26,8 @@ def run(args) -> int:
     keep_large_allocations()
     import torch
 
-    from edgeprune.bench import format_table
     from edgeprune.measure_accuracy import measure_accuracy, ratio_vectors, save_accuracy_model
+    from edgeprune.tables import format_table
     from edgeprune.own_data import splits_for_checkpoint
     from shared.model import DEFAULT_CHECKPOINT, accuracy_model_beside, build_model
     from shared.pruning import DEFAULT_LADDER

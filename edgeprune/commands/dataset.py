@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 
 def real_photos(out: Path, n_views: int, seed: int) -> int:
-    from edgeprune.bench import format_table
+    from edgeprune.tables import format_table
     from edgeprune.dataset import _backgrounds
     from edgeprune.real_photos import PACKAGES, assemble, load_photos
 

@@ -18,7 +18,7 @@ def run(args) -> int:
     import json
     import sys
 
-    from edgeprune.bench import format_table
+    from edgeprune.tables import format_table
     from gateway.placement import InfeasiblePlacement, solve_plan
 
     try:

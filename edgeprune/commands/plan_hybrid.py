@@ -35,7 +35,7 @@ def run(args) -> int:
     import json
     import sys
 
-    from edgeprune.bench import format_table
+    from edgeprune.tables import format_table
     from edgeprune.commands.place import load_problem
     from gateway.curves import AccuracyFit
     from gateway.hybrid import HybridRequest, plan_hybrid

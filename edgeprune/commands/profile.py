@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from edgeprune.bench import format_table
+    from edgeprune.tables import format_table
     from shared.model import MODEL_NAME, build_model
     from shared.profiling import profile_model, save_profile
 

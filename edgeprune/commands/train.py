@@ -224,7 +224,7 @@ def train_regime(args, regime: str, init: str, model_config, splits: dict, data_
     """Train one regime, give it its BatchNorm tables, test it and write its checkpoint."""
     import dataclasses
 
-    from edgeprune.bench import format_table
+    from edgeprune.tables import format_table
     from edgeprune.own_data import per_class_report
     from edgeprune.training import calibrate_all_bn_tables, predict, regime_config, save_checkpoint, train
 
