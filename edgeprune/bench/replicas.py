@@ -114,7 +114,7 @@ class StrategyRun(PolicyRun):
         self.opt.camera_args = ("--camera-id", camera, "--labelled", "--arrival", "fixed", "--rate", f"{rate:.3f}",
                                 "--count", str(sent))
         self.start_camera()
-        self.procs[-1][1].wait(timeout=step_s * 4 + 120)
+        self.site.procs["camera"].wait(timeout=step_s * 4 + 120)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and Reader(self.db).accounting()["in_flight"] > 0:
             time.sleep(0.5)
