@@ -14,8 +14,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeprune.bench import intruder
-from edgeprune.bench.soak import (CAMERA, Camera, Site, accounting, broker_drop_notices, handed_over, settle,
-                                  with_broker_drops)
+from edgeprune.bench.soak import (CAMERA, Camera, Site, accounting, broker_drop_notices, forged_attempts, handed_over,
+                                  settle, with_broker_drops)
 from gateway.store import Reader, Store, result_row
 from shared.topics import Topics
 from tests.conftest import AUTH, wait_until
@@ -61,6 +61,7 @@ def test_every_forgery_the_soak_expects_the_broker_to_refuse_is_refused(broker):
     auth.settings("cam-soak", "camera")  # the soak's camera, made on demand
     rows = intruder.try_all(broker.port, auth.credentials.password, ["node-1", "node-2"], "cam-soak")
     assert {r["login"] for r in rows} == {"cam-soak", "node-1", "web", "gateway"}
+    assert {r["role"] for r in rows} == {"camera", "node", "web", "gateway"}
     not_refused = [f"{r['login']} -> {r['topic']}: {r['puback']}" for r in rows
                    if r["expect"] == "refused" and not r["refused"]]
     assert not_refused == []
@@ -76,6 +77,30 @@ def test_the_forged_verdict_lists_what_got_through():
     assert summary["forged_refused_by_broker"] == 1 and summary["forged_should_be_refused"] == 2
     assert summary["forged_not_refused"] == ["node-1 -> t/b"]
     assert summary["forged_delivered_to_gateway"] == 1 and summary["forged_rejected_recorded"] == 1
+
+
+def test_each_forgery_is_listed_with_its_role_claim_and_what_it_stored(tmp_path):
+    """Issue 25's soak JSON: forged[{role, topic, claim, refused, stored}]; stored counts the rows and failure records
+    under that forgery's own request id."""
+    tried = [{"role": "node", "login": "node-1", "topic": "edgeprune/pipeline/accepted/node-1",
+              "claim": "node-2", "request_id": "intruder-1", "expect": "rejected", "puback": 0, "refused": False},
+             {"role": "camera", "login": "cam-1", "topic": "edgeprune/pipeline/results/cam-1", "claim": "a node",
+              "request_id": None, "expect": "refused", "puback": 135, "refused": True}]
+    store = Store(tmp_path / "g.db")
+    store.add_accepted({"request_id": "intruder-1", "camera_id": "cam-x", "node_id": "node-2", "capture_ts": 1.0,
+                        "received_ts": 1.0})  # what a gateway that believed the forgery would have stored
+    store.flush()
+    listed = forged_attempts(Reader(tmp_path / "g.db"), tried)
+    assert [(f["role"], f["claim"], f["refused"], f["stored"]) for f in listed] == [
+        ("node", "node-2", False, 1), ("camera", "a node", True, 0)]
+    store.close()
+
+
+def test_every_attempt_names_its_role_and_claim():
+    attempts = intruder.attempts(["node-1", "node-2"], "cam-soak")
+    assert {a.role for a in attempts} == {"camera", "node", "web", "gateway"}
+    assert all(a.claim and a.claim != a.login for a in attempts)  # every forgery claims someone it is not
+    assert [a.request_id for a in attempts if a.expect == "rejected"] == ["intruder-4", "intruder-5", "intruder-6"]
 
 
 def test_the_accounting_names_lost_dropped_and_frames_that_never_reached_stage_1(tmp_path):

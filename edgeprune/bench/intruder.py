@@ -28,9 +28,20 @@ FORGED_PREFIX = "intruder-"
 @dataclass(frozen=True)
 class Attempt:
     login: str
+    role: str  # the login's role: camera, node, web or gateway
     topic: str
     payload: bytes
+    claim: str  # who the message would speak for: the device its topic or payload names, or "gateway" for control
     expect: str  # "refused" by the broker's ACL, or "rejected" by the gateway with a recorded reason
+
+    @property
+    def request_id(self) -> str | None:
+        """The forged request id the payload carries (what a stored row would be found by), if any."""
+        try:
+            value = json.loads(self.payload).get("request_id")
+        except (ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
 
 
 def _accepted(request_id: str, node_id: str) -> bytes:
@@ -50,38 +61,40 @@ def attempts(node_ids: list[str], camera_id: str, gateway_id: str = "gateway") -
     topics = Topics()
     node, other = node_ids[0], node_ids[1]
     rid = iter(f"{FORGED_PREFIX}{k}" for k in range(1000))
-    refused = [
-        (camera_id, topics.camera_frame("cam-someone-else"), b"\xff\xd8"),
-        (camera_id, topics.results(camera_id), b"{}"),
-        (camera_id, topics.accepted(camera_id), _accepted(next(rid), camera_id)),
-        (camera_id, topics.stage_input(2), b"x"),
-        (camera_id, topics.node_prune_desired(node), b'{"ratio": 0.9}'),
-        (camera_id, topics.component_command(gateway_id), b'{"cmd": "restore"}'),
-        (node, topics.results(other), b"{}"),
-        (node, topics.accepted(other), _accepted(next(rid), other)),
-        (node, topics.errors(other), _error(next(rid), other)),
-        (node, topics.node_status(other), b"offline"),
-        (node, topics.node_prune_desired(other), b'{"ratio": 0.9}'),
-        (node, topics.node_prune_desired(node), b'{"ratio": 0.9}'),
-        (node, topics.node_command(other), b'{"cmd": "slowdown", "factor": 50}'),
-        (node, topics.placement, b"{}"),
-        (node, topics.component_command(gateway_id), b'{"cmd": "restore"}'),
-        (node, topics.camera_frame(camera_id), b"\xff\xd8"),
-        ("web", topics.node_command(node), b'{"cmd": "slowdown", "factor": 50}'),
-        ("web", topics.node_prune_desired(node), b'{"ratio": 0.9}'),
-        ("web", topics.placement, b"{}"),
-        ("web", topics.results("web"), b"{}"),
-        (gateway_id, topics.results(gateway_id), b"{}"),
-        (gateway_id, topics.accepted(node), _accepted(next(rid), node)),
-        (gateway_id, topics.component_command("web"), b"{}"),
+    refused = [  # (login, topic, payload, the identity it claims)
+        (camera_id, topics.camera_frame("cam-someone-else"), b"\xff\xd8", "cam-someone-else"),
+        (camera_id, topics.results(camera_id), b"{}", "a node (a result)"),
+        (camera_id, topics.accepted(camera_id), _accepted(next(rid), camera_id), "a node (an announcement)"),
+        (camera_id, topics.stage_input(2), b"x", "a stage-1 node (an activation)"),
+        (camera_id, topics.node_prune_desired(node), b'{"ratio": 0.9}', gateway_id),
+        (camera_id, topics.component_command(gateway_id), b'{"cmd": "restore"}', "an operator (web, admin)"),
+        (node, topics.results(other), b"{}", other),
+        (node, topics.accepted(other), _accepted(next(rid), other), other),
+        (node, topics.errors(other), _error(next(rid), other), other),
+        (node, topics.node_status(other), b"offline", other),
+        (node, topics.node_prune_desired(other), b'{"ratio": 0.9}', gateway_id),
+        (node, topics.node_prune_desired(node), b'{"ratio": 0.9}', gateway_id),
+        (node, topics.node_command(other), b'{"cmd": "slowdown", "factor": 50}', gateway_id),
+        (node, topics.placement, b"{}", gateway_id),
+        (node, topics.component_command(gateway_id), b'{"cmd": "restore"}', "an operator (web, admin)"),
+        (node, topics.camera_frame(camera_id), b"\xff\xd8", camera_id),
+        ("web", topics.node_command(node), b'{"cmd": "slowdown", "factor": 50}', gateway_id),
+        ("web", topics.node_prune_desired(node), b'{"ratio": 0.9}', gateway_id),
+        ("web", topics.placement, b"{}", gateway_id),
+        ("web", topics.results("web"), b"{}", "a node (a result)"),
+        (gateway_id, topics.results(gateway_id), b"{}", "a node (a result)"),
+        (gateway_id, topics.accepted(node), _accepted(next(rid), node), node),
+        (gateway_id, topics.component_command("web"), b"{}", "an operator (web, admin)"),
     ]
     rejected = [
-        (node, topics.accepted(node), _accepted(next(rid), other)),  # node speaking as the other node
-        (node, topics.errors(node), _error(next(rid), other)),
-        (camera_id, topics.errors(camera_id), _error(next(rid), node)),  # a camera's error in a node's name
+        (node, topics.accepted(node), _accepted(next(rid), other), other),  # node speaking as the other node
+        (node, topics.errors(node), _error(next(rid), other), other),
+        (camera_id, topics.errors(camera_id), _error(next(rid), node), node),  # a camera's error in a node's name
     ]
-    return ([Attempt(login, topic, payload, "refused") for login, topic, payload in refused]
-            + [Attempt(login, topic, payload, "rejected") for login, topic, payload in rejected])
+    roles = {camera_id: "camera", "web": "web", gateway_id: "gateway", **{n: "node" for n in node_ids}}
+    return ([Attempt(login, roles[login], topic, payload, claim, "refused") for login, topic, payload, claim in refused]
+            + [Attempt(login, roles[login], topic, payload, claim, "rejected")
+               for login, topic, payload, claim in rejected])
 
 
 class Login:
@@ -130,7 +143,8 @@ def try_all(port: int, password_of, node_ids: list[str], camera_id: str) -> list
             if attempt.login not in logins:
                 logins[attempt.login] = Login(port, attempt.login, password_of(attempt.login))
             code = logins[attempt.login].publish(attempt.topic, attempt.payload)
-            rows.append({"login": attempt.login, "topic": attempt.topic, "expect": attempt.expect, "puback": code,
+            rows.append({"role": attempt.role, "login": attempt.login, "topic": attempt.topic, "claim": attempt.claim,
+                         "request_id": attempt.request_id, "expect": attempt.expect, "puback": code,
                          "refused": code == NOT_AUTHORISED})
     finally:
         for login in logins.values():

@@ -292,6 +292,19 @@ def forged_accounting(reader: Reader, tried: list[dict], fault_ts: float) -> dic
     return intruder.verdict(tried, recorded, stored)
 
 
+def forged_attempts(reader: Reader, tried: list[dict]) -> list[dict]:
+    """Each forgery as issue 25's JSON lists it: role, topic, the identity it claimed, whether the broker refused it
+    and ``stored``, the rows or failure records its request id produced (0 for a forgery that carries none; the
+    phase's ``forged_stored`` counts every row under the forged prefix)."""
+    def stored(request_id: str | None) -> int:
+        if request_id is None:
+            return 0
+        return sum(reader._rows(f"SELECT COUNT(*) AS n FROM {table} WHERE request_id = ?", (request_id,))[0]["n"]
+                   for table in ("requests", "accepted", "failures"))
+    return [{"role": r["role"], "login": r["login"], "topic": r["topic"], "claim": r["claim"], "expect": r["expect"],
+             "refused": r["refused"], "puback": r["puback"], "stored": stored(r["request_id"])} for r in tried]
+
+
 def controller_enabled_after(site: Site, since: float, timeout_s: float = 120.0) -> float | None:
     """Seconds from ``since`` until the gateway's stored status says its pruning controller runs (None: not within
     ``timeout_s``): a restarted gateway must not leave pruning off (issue 25)."""
@@ -406,6 +419,7 @@ def run(args) -> dict:
     faults: list[dict] = []
     accounted: list[dict] = []  # the frame accounting alone, for the first table
     checks: list[dict] = []  # each fault's own figures (controller, bad frames, forgeries): a second table
+    forged: list[dict] = []  # each forgery of the forged phase
     camera = None
     try:
         site.start_broker()
@@ -446,6 +460,8 @@ def run(args) -> dict:
                 print(f"{fault}: {row['unaccounted']} frames still unsettled after {args.settle_s:g} s "
                       f"({row['in_flight']} of them accepted)", flush=True)
             extra = extra_findings(site, fault, findings, fault_ts)
+            if fault == "forged" and (reader := site.reader()):
+                forged = forged_attempts(reader, findings.get("forged", []))
             accounted.append(row)
             faults.append({**row, **extra})
             checks.extend({"fault": fault, "check": name, "value": value} for name, value in extra.items())
@@ -454,7 +470,10 @@ def run(args) -> dict:
             camera.close()
         site.stop_all()
     rss = {name: round(mb, 1) for name, mb in sorted(site.rss.items())}
-    return {"minutes": args.minutes, "flow_control": args.flow_control, "faults": faults, "max_rss_mb": rss,
+    return {"minutes": args.minutes, "flow_control": args.flow_control, "faults": faults, "forged": forged,
+            "max_rss_mb": rss,
             "tables": {"Where every frame went, per fault": accounted,
                        "What each fault's own checks found": checks,
+                       "Each forgery: refused by the broker (135), or delivered and rejected; stored 0": [
+                           {k: v for k, v in f.items() if k != "login"} for f in forged],
                        "Peak resident memory (VmHWM), MB": [{"process": k, "max_rss_mb": v} for k, v in rss.items()]}}
