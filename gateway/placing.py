@@ -151,8 +151,10 @@ class Placing:
         self.publish(out)
         self._record(placement, out)
         self._drain_placed_around(placement, out)
+        nodes = placement.all_nodes()
+        self._awaited = {node: version for node, version in self._awaited.items() if node in nodes}  # no input now
         if self._activated is not None:  # unknown before the first: what the nodes read then is not ours to know
-            self._awaited.update({node: placement.version for node in placement.all_nodes()
+            self._awaited.update({node: placement.version for node in nodes
                                   if input_of(placement, node) != input_of(self._activated, node)})
         self._activated = placement
         self._hand_back_by = now + self.handover.timeout_s

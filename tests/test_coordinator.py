@@ -556,6 +556,11 @@ def test_an_input_taken_back_goes_out_after_the_prepare_timeout_if_a_node_never_
     timeout = c.placing.handover.timeout_s
     assert c.tick(20.0 + timeout - 0.1).sent(TOPICS.stage_input(2)) == []
     assert len(c.tick(20.0 + timeout + 0.1).sent(TOPICS.stage_input(2))) == 1
+    # placed around it, node-2 is awaited no more: what is taken back later goes out at once
+    c.placing.activate(alone.model_copy(update={"version": 7}), 40.0, Effects())
+    out = Effects()
+    c.placing.hand_back("node-2", TOPICS.stage_input(1), [(TOPICS.camera_frame("cam-1"), b"jpeg", {})], 41.0, out)
+    assert out.sent(TOPICS.camera_frame("cam-1")) == [b"jpeg"]
 
 
 def test_inputs_waiting_for_a_stage_are_stored_and_a_restarted_gateway_sends_them(tmp_path):
