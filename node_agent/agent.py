@@ -283,8 +283,9 @@ class NodeAgent:
 
     # --- data path ---------------------------------------------------------------------------
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str], ack: Ack) -> None:
-        """An input for the job in force (or for a shared input dealt ahead of its placement) goes to the data path;
-        one this node is only prepared for is another node's until the placement: acknowledged and left."""
+        """An input for the job in force, or one that can only be for the job prepared
+        (:meth:`Assignment.prepared_for`), goes to the data path; one another node reads until the placement comes is
+        acknowledged and left."""
         received = time.time()
         with self._lock:
             runtime = ((self.runtime or self.ingest) if self.assignment.serves(topic)

@@ -6,7 +6,8 @@ itself prepared (docs/architecture.md, "Moving stages"). Two messages drive it, 
 - a *prepare* command names a placement not published yet (:class:`gateway.live_placement.Handover`): the node
   builds that placement's runtime and subscribes its input ahead of it, and reports the version prepared once the
   broker acknowledged the subscription; what arrives on that input meanwhile is another node's, unless the
-  subscription is shared (the broker dealt it to this node alone, so it must be served with the prepared runtime);
+  subscription is shared (the broker dealt it to this node alone) or no node reads that input under the placement in
+  force (it was routed under the placement to come): those it serves with the prepared runtime;
 - a *placement* puts a job in force: the prepared runtime if it was prepared for this version, a new one
   otherwise, or the one in force when the work is the same (:attr:`shared.schemas.Job.work`), so pruning and
   calibration state survive a re-plan that leaves this node's slice alone. An older placement than the one in
@@ -134,12 +135,24 @@ class Assignment(Generic[R]):
         return self.job is not None and self._reads(self.job, self.listening, topic)
 
     def prepared_for(self, topic: str) -> R | None:
-        """The prepared runtime, for an input that came through a shared subscription joined ahead of its
-        placement: the broker gave it to this node alone among the stage's readers, so it must be served."""
+        """The prepared runtime, for an input that came on the subscription joined ahead of its placement and can
+        only be this node's: through a shared subscription (the broker gave it to this node alone among the stage's
+        readers), or on a topic no node reads under the placement in force here, so it was routed under the
+        placement to come (e.g. a restarted node's stage: upstream had the new placement first). Left unserved, it
+        would be lost. An input some node reads now is that node's until the placement comes."""
         prepared = self.prepared
-        if prepared is None or not prepared.input_filter.startswith("$share/"):
+        if prepared is None or not self._reads(prepared.job, prepared.input_filter, topic):
             return None
-        return prepared.runtime if self._reads(prepared.job, prepared.input_filter, topic) else None
+        if prepared.input_filter.startswith("$share/") or not self._read_in_force(topic):
+            return prepared.runtime
+        return None
+
+    def _read_in_force(self, topic: str) -> bool:
+        """Whether some node reads ``topic`` under the placement in force here."""
+        placement = self.placement
+        return placement is not None and any(
+            self._reads(job, routing.input_filter(self.topics, placement, node), topic)
+            for node in placement.all_nodes() if (job := placement.job_of(node)) is not None)
 
     # --- helpers ------------------------------------------------------------------------------------------------
     def _same_work(self, job: Job) -> bool:
