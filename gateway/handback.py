@@ -19,6 +19,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from gateway.effects import Publish
 from shared import routing, wire
@@ -37,9 +38,10 @@ class HeldInput:
     next_block: int | None  # None: a camera frame
     since: float
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """Names it in the gateway's database (``held_inputs``), where it waits across a gateway restart."""
+        """Names it in the gateway's database (``held_inputs``), where it waits across a gateway restart; hashed
+        once (every tick compares what waits)."""
         return hashlib.sha256(self.topic.encode() + b"\0" + self.payload).hexdigest()[:32]
 
 
