@@ -124,17 +124,20 @@ def test_fifty_frames_classified_in_order_and_equal_to_single_process_model(pipe
         times.append(row["finish_ts"])
         assert times == sorted(times), f"timestamps out of order for frame {i}: {times}"
         assert row["e2e_s"] == pytest.approx(row["finish_ts"] - row["capture_ts"])
-    last_finish = max(r["finish_ts"] for r in rows.values())
-    wait_until(lambda: any(w["end_ts"] > last_finish for w in pipeline.reader.windows()), 30,
+    # a result falls in the window of its receipt at the gateway (docs/database.md), which on a loaded host can be
+    # a window after its last stage finished
+    (last_received,) = pipeline.reader.db.execute(
+        "SELECT MAX(received_ts) FROM requests WHERE camera_id = 'cam-e2e'").fetchone()
+    wait_until(lambda: any(w["end_ts"] > last_received for w in pipeline.reader.windows()), 30,
                "the SLO windows of these frames were not written")
     slo_s = pipeline.reader.current_run()["slo_s"]
     windows = pipeline.reader.windows(limit=10_000)
     for w in windows:  # every window agrees with the requests table: same count, `met` is latency <= SLO
         count, met = pipeline.reader.db.execute(
-            "SELECT COUNT(*), SUM(e2e_s <= ?) FROM requests WHERE finish_ts >= ? AND finish_ts < ?",
+            "SELECT COUNT(*), SUM(e2e_s <= ?) FROM requests WHERE received_ts >= ? AND received_ts < ?",
             (slo_s, w["start_ts"], w["end_ts"])).fetchone()
         assert (w["count"], w["met"], w["slo_s"]) == (count, met, slo_s), w
-    assert sum(w["count"] for w in windows if w["start_ts"] <= last_finish) >= 50
+    assert sum(w["count"] for w in windows if w["start_ts"] <= last_received) >= 50
 
 
 def test_jpeg_from_plain_mosquitto_pub_is_classified(pipeline, tmp_path):
