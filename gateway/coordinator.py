@@ -303,7 +303,7 @@ class Coordinator:
         status = {**self.control.status(), "settings": self.operator.effective(), "arrival": self.rates.status(now)}
         windows = self.data_path.slo.close_due(now)
         lost = self.data_path.expire(now)
-        placing.release_held(now, self._out)
+        placing.settle(now, self._out)
         silent = self.liveness.newly_silent(now)
         for node_id in silent:  # hung: stop sending it work now, not when the broker's will fires (and what it
             placing.set_status(node_id, AVAILABILITY_OFFLINE, now, self._out)  # holds goes to the others)

@@ -62,6 +62,7 @@ class Placing:
         self.handback.restore(held_inputs)
         self._activated: Placement | None = None  # the last placement published
         self._awaited: dict[str, int] = {}  # nodes whose input the last placements changed: the version to report
+        self._unconfirmed: set[str] = set()  # nodes of the last placement published that have not said it is in force
         self._hand_back_by = float("-inf")  # held inputs go out once no node is awaited, or then
 
     # --- nodes coming and going ----------------------------------------------------------------
@@ -96,8 +97,13 @@ class Placing:
         self._gone[node_id] = served
         out.write("set_takeover", node_id, served, now)
 
-    def _drain_placed_around(self, placement: Placement, out: Effects) -> None:
-        """Take over the session of each gone node ``placement`` (now in force) no longer gives an input."""
+    def _drain_placed_around(self, now: float, out: Effects) -> None:
+        """Take over the session of each gone node the placement last published no longer gives an input, once every
+        node of it has it in force (or ``prepare_timeout_s`` after it was published): until a node switched, it
+        may still send outputs to the gone node's input, and once the session ended the broker drops them."""
+        placement = self._activated
+        if placement is None or (self._unconfirmed and now < self._hand_back_by):
+            return
         for node_id, served in list(self._gone.items()):
             if placement.job_of(node_id) is None:
                 del self._gone[node_id]
@@ -146,33 +152,41 @@ class Placing:
 
     def activate(self, placement: Placement, now: float, out: Effects) -> None:
         """Publish a placement every node that needed a new input for it is subscribed for (or timed out); gone nodes
-        it places around are taken over, and inputs taken back earlier that it has a stage for are re-sent."""
+        it places around are taken over and inputs taken back earlier that it has a stage for are re-sent once the
+        nodes have it in force (:meth:`settle`)."""
         log.info("placement v%d: publishing", placement.version)
         self.publish(out)
         self._record(placement, out)
-        self._drain_placed_around(placement, out)
         nodes = placement.all_nodes()
+        self._unconfirmed = set(nodes)
         self._awaited = {node: version for node, version in self._awaited.items() if node in nodes}  # no input now
         if self._activated is not None:  # unknown before the first: what the nodes read then is not ours to know
             self._awaited.update({node: placement.version for node in nodes
                                   if input_of(placement, node) != input_of(self._activated, node)})
         self._activated = placement
         self._hand_back_by = now + self.handover.timeout_s
-        self.release_held(now, out)
+        self.settle(now, out)
 
     def in_force(self, node_id: str, version: int | None, now: float, out: Effects) -> None:
         """A node's stats: the placement it has in force (None: none yet)."""
-        if version is not None and version >= self._awaited.get(node_id, version + 1):
+        if version is None:
+            return
+        if self._activated is not None and version >= self._activated.version:
+            self._unconfirmed.discard(node_id)
+        if version >= self._awaited.get(node_id, version + 1):
             del self._awaited[node_id]
-            self.release_held(now, out)
+        self.settle(now, out)
 
-    def release_held(self, now: float, out: Effects) -> None:
-        """Re-send the inputs taken back earlier that the active placement has a stage for, once each node whose
-        input the last placements changed has said it has them in force (or ``prepare_timeout_s`` after the last was
-        published: a node that never says so is likely gone). Sent at once, an input raced the placement to a node
+    def settle(self, now: float, out: Effects) -> None:
+        """What waits for the nodes to have the last placement in force: take over the sessions of gone nodes it
+        placed around (:meth:`_drain_placed_around`), and re-send the inputs taken back earlier that the active
+        placement has a stage for, once each node whose input the last placements changed has said it has them in
+        force (or ``prepare_timeout_s`` after the last was published: a node that never says so is likely gone).
+        Sent at once, an input raced the placement to a node
         joining a stage: the node had the input on its input connection before the placement on its control one,
         took it for another node's and acknowledged it unserved (the soak: a held activation re-sent as node-2
         came back ended ``lost``)."""
+        self._drain_placed_around(now, out)
         placement = self.handover.active
         if len(self.handback) and placement is not None and self._placed_everywhere(now):
             before = self._held_keys()

@@ -81,7 +81,7 @@ class NodeAgent:
         self.calibration = CalibrationSchedule(lambda runtime: SliceCalibrator(
             runtime.slice, runtime.input_shape, device_model=runtime.device_model))
         self.server = Server(self.bus, settings, self.topics, self._gateway_time, self._placement_in_force,
-                             self.calibration, self._publish_calibration)
+                             self._slice_in_force, self.calibration, self._publish_calibration)
         self._emulate(settings.emulated_slowdown, 1.0)
         self._cpu = CpuMeter()
         self._stats_thread = threading.Thread(target=self._publish_stats_forever, name="stats", daemon=True)
@@ -151,6 +151,7 @@ class NodeAgent:
         self.server.queue.slo_s = placement.slo_s  # the gateway re-publishes the placement when the operator changes it
         if switch.keep:
             self._listen(switch.listen)
+            self._publish_stats()  # at once: the gateway waits for every node to have it in force (placing.py)
             return
         runtime = switch.runtime
         if switch.job is not None and runtime is None:
@@ -164,6 +165,7 @@ class NodeAgent:
         if self.runtime is not None and desired is not None:
             self._apply_ratio(self.runtime, desired)  # a new slice keeps the ratio the gateway wants
         self._listen(listen)
+        self._publish_stats()
         job = switch.job
         if job is None:
             log.info("%s: not in the placement; idle", self.node_id)
@@ -211,7 +213,7 @@ class NodeAgent:
         with self._lock:
             self.assignment.reported(version)
         log.info("%s: subscribed for placement v%d", self.node_id, version)
-        self.bus.publish(self.topics.node_stats(self.node_id), to_json(self.stats()), qos=0)
+        self._publish_stats()
 
     def _listen(self, listen: Listen) -> None:
         """Subscribe the job's input (plain, or shared among a stage's readers) instead of the old one."""
@@ -299,6 +301,10 @@ class NodeAgent:
         with self._lock:
             return self.assignment.placement
 
+    def _slice_in_force(self) -> StageRuntime | None:
+        with self._lock:
+            return self.runtime
+
     def _gateway_time(self) -> float:
         """Now on the gateway's (and the cameras') clock, which capture times and so deadlines are on."""
         return time.time() - (self.clock.offset_s or 0.0)
@@ -324,5 +330,10 @@ class NodeAgent:
 
     def _publish_stats_forever(self) -> None:
         while not self._stop.wait(self.settings.stats_interval_s):
-            if self.bus.connected:
-                self.bus.publish(self.topics.node_stats(self.node_id), to_json(self.stats()), qos=0)
+            self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        """Also sent at once when a placement is prepared for or put in force: the gateway publishes a placement, hands
+        inputs back and takes a gone node's session over only once the nodes say so (gateway/placing.py)."""
+        if self.bus.connected:
+            self.bus.publish(self.topics.node_stats(self.node_id), to_json(self.stats()), qos=0)

@@ -40,6 +40,8 @@ class Request:
     # read once on receipt (a frame's user properties, :func:`frame_metadata`; an activation's header) and kept
     request_id: str | None = None
     capture_ts: float | None = None
+    # an activation this node made itself and runs on (serving.Server._finish_here): not a frame, even at stage 1
+    activation: bool = False
 
 
 @dataclass
@@ -271,7 +273,7 @@ class StageRuntime:
     def decode(self, req: Request) -> tuple[wire.Activation, Image.Image | None]:
         """Turn a raw input into an activation at full channel width (BadMessage if malformed), with the decoded
         image if it was a camera frame. Its size was checked on receipt (:meth:`check_size`)."""
-        if self.takes_frames:
+        if self.takes_frames and not req.activation:
             return frame_activation(req, self.preprocessing, self.reduced_decode)
         act = wire.decode(req.payload)
         block = act.next_block

@@ -44,27 +44,29 @@ ACKS_ONLY_BYTES = 64
 SERVE_AT_ONCE_MAX_S = 0.1
 
 
-def output_topic(topics: Topics, placement: Placement | None, out: Output, pipeline: int) -> str:
+def output_topic(topics: Topics, placement: Placement | None, out: Output, pipeline: int) -> str | None:
     """Where an output goes under ``placement`` (the one in force now, not the one its runtime was built under:
-    :func:`shared.routing.output_topic`), in the pipeline of the stage that served it; its own topic if no stage
-    of that placement runs its next block, or it is a result."""
+    :func:`shared.routing.output_topic`), in the pipeline of the stage that served it; its own topic if it is a
+    result; None for an activation no stage of that placement reads (a one-stage pipeline: :meth:`Server._serve`
+    runs the rest here)."""
     if out.next_block is None or placement is None:
         return out.topic
-    return routing.output_topic(topics, placement, pipeline, out.next_block) or out.topic
+    return routing.output_topic(topics, placement, pipeline, out.next_block)
 
 
 class Server:
     """Admits, serves or queues, publishes and acknowledges; counts what it served and dropped (:meth:`health`).
 
     ``gateway_time``: the clock capture times and so deadlines are on; ``placement``: the placement in force now
-    (where outputs go, whether to send thumbnails); ``calibration``: its runs are taken here (the agent requests
-    them) and ``calibrated`` is handed each slice measured. ``slowdown``: the emulated device's factor the runtimes
-    serve with (the agent sets it from its commands).
+    (where outputs go, whether to send thumbnails); ``slice_in_force``: the stage runtime in force now (None: none);
+    ``calibration``: its runs are taken here (the agent requests them) and ``calibrated`` is handed each slice
+    measured. ``slowdown``: the emulated device's factor the runtimes serve with (the agent sets it from its
+    commands).
     """
 
     def __init__(self, bus: Bus, settings: NodeSettings, topics: Topics, gateway_time: Callable[[], float],
-                 placement: Callable[[], Placement | None], calibration: CalibrationSchedule,
-                 calibrated: Callable[[FinishedCalibration], None]):
+                 placement: Callable[[], Placement | None], slice_in_force: Callable[[], StageRuntime | None],
+                 calibration: CalibrationSchedule, calibrated: Callable[[FinishedCalibration], None]):
         self.bus = bus
         self.settings = settings
         self.topics = topics
@@ -73,6 +75,7 @@ class Server:
             settings.queue_size, gateway_time, ordered=settings.deadline_order)
         self.slowdown = 1.0  # the agent sets it (NodeAgent._emulate)
         self._placement = placement
+        self._slice_in_force = slice_in_force
         self.calibration = calibration
         self._calibrated = calibrated
         self._lock = threading.Lock()
@@ -181,24 +184,49 @@ class Server:
             self._report(expired)
             return
         started = time.time()
-        try:
-            out = runtime.run(req, started, self.slowdown)
-            self._last_serve_s = time.time() - started
-        except BadMessage as exc:
-            self._report(Report(req.topic, exc.kind, str(exc), req.request_id))
-            return
-        except Exception as exc:  # never let one request kill the inference thread
-            log.exception("%s: inference failed", self.settings.node_id)
-            self._report(Report(req.topic, "internal", f"{type(exc).__name__}: {exc}", req.request_id))
-            return
+        out = self._run(runtime, req, started)
         placement = self._placement()
         pipeline = runtime.assignment.pipeline if isinstance(runtime, StageRuntime) else 0
-        self.bus.publish(output_topic(self.topics, placement, out, pipeline), out.payload, qos=1, user=out.user)
+        topic = output_topic(self.topics, placement, out, pipeline) if out is not None else None
+        if out is not None and topic is None:
+            out, topic = self._finish_here(out, req, placement, pipeline)
+        if out is None:
+            return
+        self._last_serve_s = time.time() - started
+        self.bus.publish(topic, out.payload, qos=1, user=out.user)
         self.bus.flush()  # served on paho's thread: the output leaves now, before the bookkeeping and the thumbnail
         with self._lock:
             self._health.served(out.compute_s, out.decode_s, started - req.received_ts, req.deferred)
         if out.frame is not None and placement is not None and placement.thumbnails:
             self.thumbnails.offer(out.request_id, out.frame)  # made by the thumbnail thread, after it is served
+
+    def _run(self, runtime: Runtime, req: Request, started: float) -> Output | None:
+        """``runtime``'s output for ``req``, or None when it failed (reported as the request's failure)."""
+        try:
+            return runtime.run(req, started, self.slowdown)
+        except BadMessage as exc:
+            self._report(Report(req.topic, exc.kind, str(exc), req.request_id))
+        except Exception as exc:  # never let one request kill the inference thread
+            log.exception("%s: inference failed", self.settings.node_id)
+            self._report(Report(req.topic, "internal", f"{type(exc).__name__}: {exc}", req.request_id))
+        return None
+
+    def _finish_here(self, out: Output, req: Request, placement: Placement | None,
+                     pipeline: int) -> tuple[Output | None, str]:
+        """An activation no stage of the placement in force reads: this node served it under a longer pipeline
+        (queued before the placement lost its other stages), and no node subscribes to its old stage's input any
+        more (a gone node's session, once the gateway took it over). The slice in force here runs the rest when it
+        covers the block asked for; otherwise it goes to its old stage's topic, as before."""
+        here = self._slice_in_force()
+        if here is None or not here.assignment.first_block <= out.next_block <= here.assignment.last_block:
+            log.warning("%s: no stage reads block %d of %s under the placement in force; sent to %s",
+                        self.settings.node_id, out.next_block, out.request_id, out.topic)
+            return out, out.topic
+        rest = self._run(here, Request(out.topic, out.payload, out.user or {}, time.time(), activation=True,
+                                       request_id=req.request_id, capture_ts=req.capture_ts), time.time())
+        if rest is None:
+            return None, out.topic
+        return rest, output_topic(self.topics, placement, rest, pipeline) or rest.topic
 
     def _send_thumbnail(self, request_id: str, jpeg: bytes) -> None:
         """QoS 0 (docs/mqtt.md): a thumbnail is worth no retransmission, nor room in anyone's session queue."""

@@ -404,7 +404,9 @@ def test_a_rejoining_node_is_sent_nothing_before_it_has_subscribed(fresh_broker,
                        for t, m in messages[:rejoin_at]), f"placement published before {node} had subscribed"
         # the outcome: every frame sent across the rejoin became a row
         lost = reader._rows(f"SELECT reason, COUNT(*) AS n FROM failures WHERE {ours} GROUP BY reason")
-        assert not [r for r in lost if r["reason"] != "dropped"], lost
+        assert not [r for r in lost if r["reason"] != "dropped"], (
+            lost, reader._rows(f"SELECT * FROM failures WHERE {ours}"), procs.log("gateway"),
+            procs.log(first), procs.log(second))
         rows = reader._rows(f"SELECT COUNT(*) AS n FROM requests WHERE {ours}")[0]["n"]
         assert rows + sum(r["n"] for r in lost) == len(sent) and rows > 0
     finally:

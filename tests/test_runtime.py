@@ -319,9 +319,59 @@ def test_an_output_goes_to_the_stage_that_runs_its_next_block_under_the_placemen
     assert topic(4, three) == f"{root}/pipeline/stage/3/in"
     assert topic(4, two) == f"{root}/pipeline/stage/2/in"  # the old stage 3 is gone
     assert topic(1, two) == f"{root}/pipeline/stage/2/in"  # stage 1 reads frames: the next stage runs block 1
-    assert topic(3, one) == "old" and topic(None, three) == "old"  # nowhere better; a result
-    assert topic(0, three) == "old"  # an ingest node's output, but the placement has no ingest node any more
+    assert topic(None, three) == "old"  # a result
+    assert topic(3, one) is None  # no stage reads block 3 of a one-stage pipeline: see the next test
+    assert topic(0, three) is None  # an ingest node's output, but the placement has no ingest node any more
     assert topic(0, three.model_copy(update={"ingest_node": "c"})) == f"{root}/pipeline/stage/1/in"
+
+
+def test_work_queued_under_a_longer_pipeline_is_finished_here_when_this_node_is_the_only_stage_left():
+    """A frame stage 1 took under 0-2 | 3-5 and served once the placement became one stage (0-5, this node): no node
+    reads stage 2 any more (the gone node's session taken over, its subscription with it), so the slice in force runs
+    blocks 3-5 here and the result equals the whole model's (before, it went to stage 2 and the broker dropped it)."""
+    import time
+
+    from node_agent.calibration import CalibrationSchedule
+    from node_agent.serving import Server
+    from shared.settings import NodeSettings
+    from shared.topics import Topics
+
+    model = build_model()
+    topics = Topics("edgeprune")
+    two, one = even_split(model.n_blocks, ["a", "b"]), even_split(model.n_blocks, ["a"])
+    queued_under = StageRuntime(model, "a", two.stages[0], 2, topics.stage_input(2), "float32")
+    in_force = StageRuntime(model, "a", one.stages[0], 1, topics.results("a"), "float32")
+    sent = []
+
+    class Bus:
+        def publish(self, topic, payload, qos=0, user=None, retain=False):
+            sent.append((topic, payload))
+
+        def flush(self):
+            pass
+
+        def report_error(self, *report):
+            sent.append(("error", report))
+
+    server = Server(Bus(), NodeSettings(node_id="a", max_frame_age_s=0), topics, time.time, lambda: one,
+                    lambda: in_force, CalibrationSchedule(lambda runtime: None), lambda finished: None)
+    frame = camera_frame(np.random.default_rng(4), 64, "png")
+    server._serve(queued_under, Request("edgeprune/camera/cam/frame", frame, {"request_id": "r1"}, time.time(),
+                                        camera_id="cam"))
+    ((topic, payload),) = sent
+    assert topic == topics.results("a")
+    result = parse_json(Result, payload)
+    with torch.inference_mode():
+        probs = torch.softmax(model(torch.from_numpy(decode_frame(frame))), 1)[0]
+    assert (result.request_id, result.label_index) == ("r1", int(probs.argmax()))
+    assert result.confidence == pytest.approx(float(probs.max()), abs=1e-5)
+    assert [(h.node_id, h.first_block, h.n_blocks) for h in result.hops] == [("a", 0, 3), ("a", 3, 3)]
+
+    sent.clear()  # no slice in force here (or one that does not run that block): sent to the old topic, as before
+    server._slice_in_force = lambda: None
+    server._serve(queued_under, Request("edgeprune/camera/cam/frame", frame, {"request_id": "r2"}, time.time(),
+                                        camera_id="cam"))
+    assert [topic for topic, _ in sent] == [topics.stage_input(2)]
 
 
 def test_the_node_that_decodes_a_frame_hands_on_its_reduced_image_for_the_thumbnail():
