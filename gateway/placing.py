@@ -182,10 +182,9 @@ class Placing:
         placed around (:meth:`_drain_placed_around`), and re-send the inputs taken back earlier that the active
         placement has a stage for, once each node whose input the last placements changed has said it has them in
         force (or ``prepare_timeout_s`` after the last was published: a node that never says so is likely gone).
-        Sent at once, an input raced the placement to a node
-        joining a stage: the node had the input on its input connection before the placement on its control one,
-        took it for another node's and acknowledged it unserved (the soak: a held activation re-sent as node-2
-        came back ended ``lost``)."""
+        Sent at once, an input raced the placement to a node joining a stage: the node had the input on its input
+        connection before the placement on its control one, took it for another node's and acknowledged it
+        unserved (the soak: a held activation re-sent as node-2 came back ended ``lost``)."""
         self._drain_placed_around(now, out)
         placement = self.handover.active
         if len(self.handback) and placement is not None and self._placed_everywhere(now):
