@@ -711,6 +711,11 @@ class Reader:
             "SELECT DISTINCT json_extract(h.value, '$.node_id') FROM requests, json_each(requests.hops) AS h "
             "WHERE finish_ts >= ? AND requests.hops IS NOT NULL", (since_ts,))}
 
+    def records_of(self, request_id: str) -> int:
+        """How many rows name ``request_id`` as a result, an announcement or a failure (a forged one must have 0)."""
+        return sum(self.db.execute(f"SELECT COUNT(*) FROM {table} WHERE request_id = ?", (request_id,)).fetchone()[0]
+                   for table in ("requests", "accepted", "failures"))
+
     def thumbnail(self, request_id: str) -> bytes | None:
         """A frame's stored thumbnail (JPEG bytes), if any."""
         row = self.db.execute("SELECT jpeg FROM thumbnails WHERE request_id = ?", (request_id,)).fetchone()

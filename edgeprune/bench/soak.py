@@ -296,13 +296,9 @@ def forged_attempts(reader: Reader, tried: list[dict]) -> list[dict]:
     """Each forgery as issue 25's JSON lists it: role, topic, the identity it claimed, whether the broker refused it
     and ``stored``, the rows or failure records its request id produced (0 for a forgery that carries none; the
     phase's ``forged_stored`` counts every row under the forged prefix)."""
-    def stored(request_id: str | None) -> int:
-        if request_id is None:
-            return 0
-        return sum(reader._rows(f"SELECT COUNT(*) AS n FROM {table} WHERE request_id = ?", (request_id,))[0]["n"]
-                   for table in ("requests", "accepted", "failures"))
     return [{"role": r["role"], "login": r["login"], "topic": r["topic"], "claim": r["claim"], "expect": r["expect"],
-             "refused": r["refused"], "puback": r["puback"], "stored": stored(r["request_id"])} for r in tried]
+             "refused": r["refused"], "puback": r["puback"],
+             "stored": reader.records_of(r["request_id"]) if r["request_id"] is not None else 0} for r in tried]
 
 
 def controller_enabled_after(site: Site, since: float, timeout_s: float = 120.0) -> float | None:
