@@ -124,6 +124,27 @@ def test_the_accounting_names_lost_dropped_and_frames_that_never_reached_stage_1
     assert row["recovery_s"] == pytest.approx(1.5)
 
 
+def test_a_phase_counts_only_ids_that_start_with_its_own_name_taken_literally(tmp_path):
+    """LIKE reads ``_`` as any character: ``node_kill-%`` also matched ``nodeXkill-…`` before the prefix was escaped."""
+    store = Store(tmp_path / "g.db")
+    for request_id in ("node_kill-000001", "nodeXkill-000001", "node_kill_2-000001"):
+        store.add_accepted({"request_id": request_id, "camera_id": "cam", "node_id": "node-1", "capture_ts": 1.0,
+                            "received_ts": 1.0})
+        store.add_failure({"request_id": request_id, "ts": 2.0, "reason": "lost", "component": "node-1",
+                           "node_id": "node-1", "message": "lost"})
+    store.add_error({"ts": 5.0, "component": "gateway", "topic": "t", "kind": "handover", "message": "early"})
+    store.add_error({"ts": 9.0, "component": "gateway", "topic": "t", "kind": "handover", "message": "late"})
+    store.set_controller_status(7.0, {"enabled": True})
+    store.flush()
+    reader = Reader(tmp_path / "g.db")
+    assert accounting(reader, "node_kill", 1, fault_ts=0.0)["accepted"] == 1
+    assert [r["request_id"] for r in reader.failures_with_prefix("node_kill-")] == ["node_kill-000001"]
+    assert reader.records_with_prefix("node_kill-") == 2  # its announcement and its failure record
+    assert [r["message"] for r in reader.errors_since("handover", 9.0)] == ["late"]
+    assert reader.controller_status_after(6.0) == {"enabled": True} and reader.controller_status_after(7.0) is None
+    store.close()
+
+
 LOG = """1796665000: New client connected from 127.0.0.1:43955 as node-1 (p5, c0, k60).
 1796665005: Outgoing messages are being dropped for client node-1.
 1796665050: Outgoing messages are being dropped for client gateway.

@@ -225,26 +225,16 @@ class Camera:
 
 
 def accounting(reader: Reader, phase: str, attempted: int, fault_ts: float) -> dict:
-    like = (f"{phase}-%",)
-    rows = reader._rows("SELECT COUNT(*) AS n FROM requests WHERE request_id LIKE ?", like)[0]["n"]
-    failures = reader._rows("SELECT COUNT(*) AS n FROM failures f WHERE request_id LIKE ? AND NOT EXISTS "
-                            "(SELECT 1 FROM requests r WHERE r.request_id = f.request_id)", like)[0]["n"]
-    reasons = reader._rows("SELECT reason, COUNT(*) AS n FROM failures f WHERE request_id LIKE ? AND NOT EXISTS "
-                           "(SELECT 1 FROM requests r WHERE r.request_id = f.request_id) GROUP BY reason", like)
-    accepted = reader._rows("SELECT COUNT(*) AS n FROM accepted WHERE request_id LIKE ?", like)[0]["n"]
-    duplicates = reader._rows("SELECT COUNT(*) AS n FROM duplicates WHERE request_id LIKE ?", like)[0]["n"]
-    traced = reader._rows("SELECT COUNT(*) AS n FROM (SELECT request_id FROM accepted WHERE request_id LIKE ? UNION "
-                          "SELECT request_id FROM requests WHERE request_id LIKE ? UNION "
-                          "SELECT request_id FROM failures WHERE request_id LIKE ?)", like * 3)[0]["n"]
-    first = reader._rows("SELECT MIN(r.received_ts) AS t FROM requests r JOIN accepted a USING (request_id) "
-                         "WHERE r.request_id LIKE ? AND a.received_ts >= ?", (*like, fault_ts))[0]["t"]
-    by_reason = {r["reason"]: r["n"] for r in reasons}
-    return {"fault": phase, "attempted": attempted, "accepted": accepted, "rows": rows, "failures": failures,
-            "unaccounted": attempted - rows - failures, "in_flight": accepted - rows - failures,
-            "never_reached": attempted - traced, "lost": by_reason.get("lost", 0),
-            "dropped": by_reason.get("dropped", 0), "duplicates": duplicates,
+    found = reader.prefix_accounting(f"{phase}-", fault_ts)
+    by_reason = found["failures_by_reason"]
+    failures = sum(by_reason.values())
+    return {"fault": phase, "attempted": attempted, "accepted": found["accepted"], "rows": found["rows"],
+            "failures": failures, "unaccounted": attempted - found["rows"] - failures,
+            "in_flight": found["accepted"] - found["rows"] - failures,
+            "never_reached": attempted - found["traced"], "lost": by_reason.get("lost", 0),
+            "dropped": by_reason.get("dropped", 0), "duplicates": found["duplicates"],
             "failure_reasons": ", ".join(f"{reason}:{n}" for reason, n in by_reason.items()),
-            "recovery_s": round(first - fault_ts, 2) if first else None}
+            "recovery_s": round(found["first_result_ts"] - fault_ts, 2) if found["first_result_ts"] else None}
 
 
 BROKER_DROP_NOTICE = re.compile(r"^(\d+): Outgoing messages are being dropped for client (\S+?)\.?$", re.MULTILINE)
@@ -275,20 +265,16 @@ def handed_over(messages: list[str]) -> int:
 
 def bad_input_accounting(reader: Reader, phase: str) -> dict:
     """Where the bad frames went: each must be a failure row with its request id (the reasons say which)."""
-    like = (f"{phase}-bad-%",)
-    recorded = reader._rows("SELECT request_id, reason FROM failures WHERE request_id LIKE ?", like)
-    stored = reader._rows("SELECT COUNT(*) AS n FROM requests WHERE request_id LIKE ?", like)[0]["n"]
+    recorded = reader.failures_with_prefix(f"{phase}-bad-")
+    stored = reader.prefix_accounting(f"{phase}-bad-", 0.0)["rows"]
     return {"bad_sent": len(BAD_FRAMES), "bad_recorded": len(recorded), "bad_stored_as_rows": stored,
             "bad_reasons": ", ".join(sorted(f"{r['request_id'].rsplit('-bad-', 1)[1]}:{r['reason']}"
                                             for r in recorded))}
 
 
 def forged_accounting(reader: Reader, tried: list[dict], fault_ts: float) -> dict:
-    recorded = reader._rows("SELECT COUNT(*) AS n FROM errors WHERE kind = 'identity_mismatch' AND ts >= ?",
-                            (fault_ts,))[0]["n"]
-    like = (f"{intruder.FORGED_PREFIX}%",)
-    stored = sum(reader._rows(f"SELECT COUNT(*) AS n FROM {table} WHERE request_id LIKE ?", like)[0]["n"]
-                 for table in ("requests", "accepted", "failures"))
+    recorded = len(reader.errors_since("identity_mismatch", fault_ts))
+    stored = reader.records_with_prefix(intruder.FORGED_PREFIX)
     return intruder.verdict(tried, recorded, stored)
 
 
@@ -307,8 +293,8 @@ def controller_enabled_after(site: Site, since: float, timeout_s: float = 120.0)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         reader = site.reader()
-        rows = reader._rows("SELECT ts, status FROM controller WHERE id = 1", table="controller") if reader else []
-        if rows and rows[0]["ts"] > since and rows[0]["status"].get("enabled"):
+        status = reader.controller_status_after(since) if reader else None
+        if status and status.get("enabled"):
             return round(time.time() - since, 2)
         time.sleep(0.25)
     return None
@@ -393,8 +379,7 @@ def extra_findings(site: Site, fault: str, findings: dict, fault_ts: float) -> d
     if fault == "forged" and reader:
         return forged_accounting(reader, findings.get("forged", []), fault_ts)
     if fault == "replica_death" and reader:
-        messages = [r["message"] for r in reader._rows("SELECT message FROM errors WHERE kind = 'handover' AND "
-                                                       "ts >= ?", (fault_ts,))]
+        messages = [r["message"] for r in reader.errors_since("handover", fault_ts)]
         return {"replicas": findings.get("replicas"), "victim": findings.get("victim"),
                 "handed_over": handed_over(messages)}
     return {}
