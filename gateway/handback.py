@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from gateway.effects import Publish
-from shared import routing, wire
+from shared import handover, routing, wire
 from shared.schemas import BadMessage, Placement
 from shared.topics import Topics
 
@@ -106,7 +106,7 @@ class HandBack:
         """A camera frame or an activation (its next block read from the header), else None."""
         if self.topics.camera_id_from_frame_topic(topic) is not None:
             return HeldInput(topic, payload, user, None, now)
-        if not self.topics.is_data_topic(topic):
+        if not self.topics.is_data_topic(topic) or handover.is_marker(user):  # a hand-over marker: the gone node's
             return None
         try:
             header = wire.peek(payload)

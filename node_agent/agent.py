@@ -19,10 +19,11 @@ import torch
 from node_agent.assignment import Assignment, Listen
 from node_agent.calibration import CalibrationSchedule, FinishedCalibration
 from node_agent.health import CpuMeter
+from node_agent.input_handover import InputHandover
 from node_agent.offer import measure_offer
 from node_agent.runtime import IngestRuntime, Request, SliceCalibrator, StageRuntime
 from node_agent.serving import Server
-from shared import routing
+from shared import handover, routing, wire
 from shared.bus import Ack, Bus, read_retained
 from shared.clock import ClockOffset
 from shared.device_model import load_device_model
@@ -72,6 +73,9 @@ class NodeAgent:
         self.ingest: IngestRuntime | None = None  # set while the placement makes this node the ingest node
         # the job in force, its input and what is prepared ahead of a placement (its placement: where outputs go)
         self.assignment: Assignment[StageRuntime | IngestRuntime] = Assignment(self.node_id, self.topics)
+        # a stage topic taken over from another reader in a move: what came before its marker (input_handover.py)
+        self.inputs_handover: InputHandover[Request] = InputHandover(settings.handover_timeout_s)
+        self._last_taken: dict[str, str | None] = {}  # input topic -> request id of the last activation taken from it
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.desired: PruneDesired | None = None
@@ -145,6 +149,8 @@ class NodeAgent:
             switch = self.assignment.place(placement)
             if switch is not None and switch.keep and self.runtime is not None:
                 self.runtime.assignment = switch.job.assignment
+            if switch is not None and switch.keep:
+                self.inputs_handover.in_force({self.assignment.listening} - {None}, time.time())
         if switch is None:
             log.info("ignoring placement v%d older than v%d", placement.version, self.assignment.version)
             return
@@ -157,10 +163,15 @@ class NodeAgent:
         if switch.job is not None and runtime is None:
             runtime = self._build(switch.job)
         with self._lock:
+            left = self.assignment.listening
             listen = self.assignment.take(switch)
             self.runtime = runtime if isinstance(runtime, StageRuntime) else None
             self.ingest = runtime if isinstance(runtime, IngestRuntime) else None
             desired = self.desired
+            marker = self._marker_for(left)
+            self.inputs_handover.in_force({self.assignment.listening} - {None}, time.time())
+        if marker is not None:  # taken nothing more from it since the switch above: its new reader serves the rest
+            self.bus.publish(left, b"", qos=1, user=marker)
         self.calibration.request(self.runtime)
         if self.runtime is not None and desired is not None:
             self._apply_ratio(self.runtime, desired)  # a new slice keeps the ratio the gateway wants
@@ -175,6 +186,15 @@ class NodeAgent:
         else:
             log.info("%s: stage %d, blocks %d..%d (placement v%d)", self.node_id, job.stage, job.first_block,
                      job.last_block, placement.version)
+
+    def _marker_for(self, left: str | None) -> dict[str, str] | None:
+        """The hand-over marker for the input topic this node stopped reading (under the lock, at the switch), if its
+        new reader may be holding its inputs: a plain activation topic (:mod:`shared.handover`)."""
+        last_taken, self._last_taken = self._last_taken, {}
+        if (left is None or left == self.assignment.listening or left.startswith("$share/")
+                or self.topics.camera_id_from_frame_topic(left) is not None or "+" in left or "#" in left):
+            return None
+        return handover.marker_user(self.node_id, last_taken.get(left))
 
     def _build(self, job: Job) -> StageRuntime | IngestRuntime:
         """This node's runtime for ``job``: the ingest node's decoder, or the stage's slice."""
@@ -287,15 +307,69 @@ class NodeAgent:
     def _on_input(self, topic: str, payload: bytes, props: dict[str, str], ack: Ack) -> None:
         """An input for the job in force, or one that can only be for the job prepared
         (:meth:`Assignment.prepared_for`), goes to the data path; one another node reads until the placement comes is
-        acknowledged and left."""
+        acknowledged and left, unless that node is handing the topic over to this one: then it is held until its
+        marker (:mod:`node_agent.input_handover`)."""
         received = time.time()
+        if handover.is_marker(props):
+            ack()
+            self._on_marker(topic, payload, props)
+            return
+        request_id, req = _activation_id(payload), Request(topic, payload, props, received)
         with self._lock:
-            runtime = ((self.runtime or self.ingest) if self.assignment.serves(topic)
-                       else self.assignment.prepared_for(topic))
+            held = self.inputs_handover.holding(topic)
+            runtime = None if held else self._runtime_for(topic, request_id)
+            old_reader = None if held or runtime is not None else self.assignment.leaving_reader(topic)
+            if held or old_reader is not None:
+                self.inputs_handover.hold(topic, request_id, req, old_reader)
         if runtime is None:
             ack()
             return
-        self.server.receive(runtime, Request(topic, payload, props, received), ack)
+        self.server.receive(runtime, req, ack)
+
+    def _runtime_for(self, topic: str, request_id: str | None) -> StageRuntime | IngestRuntime | None:
+        """The runtime that serves an input on ``topic`` here, if any (under the lock)."""
+        if self.assignment.serves(topic):
+            self._last_taken[topic] = request_id
+            return self.runtime or self.ingest
+        return self.assignment.prepared_for(topic, self.inputs_handover.handed_over(topic))
+
+    def _on_marker(self, topic: str, payload: bytes, props: dict[str, str]) -> None:
+        """Another node stopped reading ``topic``: serve what this node held from it after the last input it took."""
+        try:
+            marker = handover.parse_marker(payload, props)
+        except BadMessage as exc:
+            self.bus.report_error(topic, exc.kind, str(exc))
+            return
+        if marker.from_node == self.node_id:
+            return
+        with self._lock:
+            released = self.inputs_handover.marker(topic, marker.from_node, marker.last_request_id,
+                                                   self.assignment.leaving_reader(topic))
+        if released is not None:
+            log.info("%s: %s handed %s over after %s; serving the %d input(s) held after it", self.node_id,
+                     marker.from_node, topic, marker.last_request_id or "taking nothing", len(released))
+            self._serve_taken_over(topic, released)
+
+    def _serve_taken_over(self, topic: str, requests: list[Request]) -> None:
+        """Inputs held for a topic taken over (acknowledged when held), served by the job that reads it now."""
+        with self._lock:
+            runtime = ((self.runtime or self.ingest) if self.assignment.serves(topic)
+                       else self.assignment.prepared_for(topic, handed_over=True))
+        for req in requests:
+            if runtime is None:  # another placement took the topic elsewhere meanwhile: say so, never silently
+                self.bus.report_error(topic, "handover_unserved", "held for a stage this node no longer takes over",
+                                      _activation_id(req.payload))
+            else:
+                self.server.receive(runtime, req, lambda: None)
+
+    def _release_overdue(self) -> None:
+        """Held inputs whose old reader's marker is overdue (it died?): served, a duplicate at worst."""
+        with self._lock:
+            overdue = self.inputs_handover.expire(time.time())
+        for topic, requests in overdue:
+            log.warning("%s: no hand-over marker on %s within %g s; serving the %d input(s) held", self.node_id,
+                        topic, self.settings.handover_timeout_s, len(requests))
+            self._serve_taken_over(topic, requests)
 
     def _placement_in_force(self) -> Placement | None:
         with self._lock:
@@ -330,6 +404,7 @@ class NodeAgent:
 
     def _publish_stats_forever(self) -> None:
         while not self._stop.wait(self.settings.stats_interval_s):
+            self._release_overdue()
             self._publish_stats()
 
     def _publish_stats(self) -> None:
@@ -337,3 +412,11 @@ class NodeAgent:
         inputs back and takes a gone node's session over only once the nodes say so (gateway/placing.py)."""
         if self.bus.connected:
             self.bus.publish(self.topics.node_stats(self.node_id), to_json(self.stats()), qos=0)
+
+
+def _activation_id(payload: bytes) -> str | None:
+    """The request id in an activation's header; None for a camera frame or a malformed header."""
+    try:
+        return wire.peek(payload).request_id
+    except BadMessage:
+        return None

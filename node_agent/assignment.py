@@ -36,6 +36,7 @@ class Prepared(Generic[R]):
     job: Job
     input_filter: str
     runtime: R
+    placement: Placement
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Preparation:
     build: Job | None = None  # None: the work in force is the same, nothing to build or subscribe
     input_filter: str | None = None
     subscribe: str | None = None
+    placement: Placement | None = None  # the placement prepared for (with ``build``)
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,12 @@ class Assignment(Generic[R]):
         if self._same_work(job):  # the same slice; at most how its input is shared changes, when the placement comes
             return Preparation(placement.version, stale)
         return Preparation(placement.version, stale, job, input_filter,
-                           None if input_filter == self.listening else input_filter)
+                           None if input_filter == self.listening else input_filter, placement)
 
     def hold(self, preparation: Preparation, runtime: R) -> None:
         """The runtime built for ``preparation``: taken when its placement comes."""
-        self.prepared = Prepared(preparation.version, preparation.build, preparation.input_filter, runtime)
+        self.prepared = Prepared(preparation.version, preparation.build, preparation.input_filter, runtime,
+                                 preparation.placement)
 
     def reported(self, version: int) -> None:
         self.prepared_version = version
@@ -134,25 +137,45 @@ class Assignment(Generic[R]):
         """Whether ``topic`` is the input the job in force reads."""
         return self.job is not None and self._reads(self.job, self.listening, topic)
 
-    def prepared_for(self, topic: str) -> R | None:
+    def prepared_for(self, topic: str, handed_over: bool = False) -> R | None:
         """The prepared runtime, for an input that came on the subscription joined ahead of its placement and can
         only be this node's: through a shared subscription (the broker gave it to this node alone among the stage's
         readers), or on a topic no node reads under the placement in force here, so it was routed under the
         placement to come (e.g. a restarted node's stage: upstream had the new placement first). Left unserved, it
-        would be lost. An input some node reads now is that node's until the placement comes."""
+        would be lost. An input some node reads now is that node's until the placement comes, or until that node
+        handed the topic over (``handed_over``: its marker came, :meth:`leaving_reader`)."""
         prepared = self.prepared
         if prepared is None or not self._reads(prepared.job, prepared.input_filter, topic):
             return None
-        if prepared.input_filter.startswith("$share/") or not self._read_in_force(topic):
+        if handed_over or prepared.input_filter.startswith("$share/") or not self._read_in_force(topic):
             return prepared.runtime
         return None
+
+    def leaving_reader(self, topic: str) -> str | None:
+        """The node this one takes ``topic`` over from: it reads the topic under the placement in force and not
+        under the one prepared here, whose job here reads it through a plain subscription. Its inputs are held until
+        that node's hand-over marker (:mod:`node_agent.input_handover`). None for camera frames (a node may not
+        publish a marker on a camera's topic) and shared inputs (the broker deals each to one reader)."""
+        prepared, in_force = self.prepared, self.placement
+        if (prepared is None or in_force is None or prepared.job.takes_frames
+                or prepared.input_filter.startswith("$share/")
+                or not self._reads(prepared.job, prepared.input_filter, topic)):
+            return None
+        for node in in_force.all_nodes():
+            if node != self.node_id and self._reads_under(in_force, node, topic) and not self._reads_under(
+                    prepared.placement, node, topic):
+                return node
+        return None
+
+    def _reads_under(self, placement: Placement, node: str, topic: str) -> bool:
+        job = placement.job_of(node)
+        return job is not None and self._reads(job, routing.input_filter(self.topics, placement, node), topic)
 
     def _read_in_force(self, topic: str) -> bool:
         """Whether some node reads ``topic`` under the placement in force here."""
         placement = self.placement
-        return placement is not None and any(
-            self._reads(job, routing.input_filter(self.topics, placement, node), topic)
-            for node in placement.all_nodes() if (job := placement.job_of(node)) is not None)
+        return placement is not None and any(self._reads_under(placement, node, topic)
+                                             for node in placement.all_nodes())
 
     # --- helpers ------------------------------------------------------------------------------------------------
     def _same_work(self, job: Job) -> bool:

@@ -153,6 +153,9 @@ class NodeSettings(_Section):
                                  "(earliest deadline), late ones after them, marked `deferred`; off: arrival order. It "
                                  "orders the work queue: with flow_control a backlog waits in the broker, in order.")
     wire_dtype: Literal["float16", "float32"] = Field("float16", description="Precision of activations sent on.")
+    handover_timeout_s: float = Field(5.0, gt=0, le=600, description="In a move, how long after this node took a "
+                                      "stage topic over it waits for the old reader's hand-over marker before serving "
+                                      "the inputs it held meanwhile (a duplicate at worst; docs/placement.md).")
     stats_interval_s: float = Field(2.0, gt=0, le=3600, description="How often stats are published.")
     max_payload_bytes: int = Field(FRAME_LIMIT_BYTES, ge=1024, description="Inputs larger than this are rejected "
                                    "(a frame: accepted, then recorded as the failure `oversized`).")

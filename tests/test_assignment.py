@@ -146,3 +146,21 @@ def test_a_plain_input_some_node_reads_now_is_that_nodes_until_the_placement_com
     a.hold(a.prepare(coming), "built v2")
     assert a.prepared_for(TOPICS.stage_input(2)) is None  # b reads stage 2 under v1 and serves it: not c's yet
     assert a.prepared_for(TOPICS.stage_input(3)) is None  # not what c prepared for
+
+
+def test_a_node_takes_a_topic_over_from_a_reader_that_leaves_it_but_not_camera_frames_or_a_shared_input():
+    """The inputs a prepared node holds until the old reader's hand-over marker (node_agent/input_handover.py)."""
+    v1 = placement(1, ("a", 0, 1), ("b", 2, 2), ("c", 3, 5))
+    c, _ = placed("c", v1)
+    c.hold(c.prepare(placement(2, ("a", 0, 0), ("c", 1, 2), ("b", 3, 5))), "built v2")
+    assert c.leaving_reader(TOPICS.stage_input(2)) == "b"  # b reads stage 2 under v1, not under v2
+    assert c.leaving_reader(TOPICS.stage_input(3)) is None  # not what c prepared
+    c, _ = placed("c", v1)
+    c.hold(c.prepare(placement(2, ("a", 0, 0), ("b", 1, 2), ("c", 3, 4), ("d", 5, 5))), "built v2")
+    assert c.leaving_reader(TOPICS.stage_input(3)) is None  # c keeps reading stage 3: nobody leaves it
+    d, _ = placed("d", placement(1, ("a", 0, 2), ("b", 3, 5)))
+    d.hold(d.prepare(placement(2, ("d", 0, 2), ("b", 3, 5))), "built v2")
+    assert d.leaving_reader(TOPICS.camera_frame("cam-1")) is None  # frames: a node may not publish a marker there
+    e, _ = placed("e", v1)
+    e.hold(e.prepare(placement(2, ("a", 0, 1), ("b", 2, 5, 0, ["e"]), token=TOKEN)), "built v2")
+    assert e.leaving_reader(TOPICS.stage_input(2)) is None  # shared: the broker deals each input to one reader
