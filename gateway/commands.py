@@ -79,7 +79,9 @@ class OperatorCommands:
     def _reply(self, answer_to: str | None, ok: bool, message: str, now: float, out: Effects) -> None:
         if answer_to is not None:
             reply = CommandReply(id=answer_to, ok=ok, message=message[:2000], ts=now)
-            out.send(self.topics.component_reply(self.settings.gateway_id), to_json(reply))
+            # once the command's rows are committed (the operator action, a hold's desired state): an answer the page
+            # shows must not outlive a gateway killed before it wrote them (docs/reliability.md, "Gateway killed")
+            out.send(self.topics.component_reply(self.settings.gateway_id), to_json(reply), after_write=True)
 
     # --- one handler per command: returns what was done in words, raises BadMessage when it cannot be done ------
     def _prune(self, command: ManualPruneCommand, by: str, now: float, control: ControlLoop, out: Effects) -> str:

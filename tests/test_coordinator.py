@@ -92,8 +92,9 @@ def test_retiring_a_node_clears_every_retained_topic_about_it(tmp_path):
     assert cleared == {f"edgeprune/node/node-2/{leaf}"
                        for leaf in ("status", "profile", "calibration", "prune/set", "prune/state")}
     assert effects.rows("update_node") == [{"node_id": "node-2", "status": "retired", "status_ts": 50.0}]
-    (reply,) = [json.loads(p) for p in effects.sent(TOPICS.component_reply("gateway"))]
-    assert reply["ok"] and reply["id"] == "c1"
+    (reply,) = [p for p in effects.publish if p.topic == TOPICS.component_reply("gateway")]
+    assert json.loads(reply.payload)["ok"] and json.loads(reply.payload)["id"] == "c1"
+    assert reply.after_write  # answered once the rows above are committed, not before
 
 
 def test_a_node_online_in_the_placement_is_not_retired(tmp_path):
