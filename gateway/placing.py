@@ -140,23 +140,26 @@ class Placing:
             self.live.hybrid = replace(self.live.hybrid, slo_s=slo_s)
 
     # --- the retained placement --------------------------------------------------------------------
-    def publish(self, out: Effects) -> None:
+    def publish(self, out: Effects, after_write: bool = False) -> None:
         """The active placement, retained, so nodes that (re)connect later learn their stage at once; with the
-        current SLO, which nodes order their queues by (docs/reliability.md)."""
+        current SLO, which nodes order their queues by (docs/reliability.md). ``after_write``: once the rows written
+        before it are committed (a new placement's own row)."""
         placement = self.handover.active
         if placement is not None:
             payload = to_json(placement.model_copy(update={"slo_s": self.operator.slo_s,
                                                            "thumbnails": self.settings.thumbnail_budget_mb > 0}))
             self.guard.issue("placement", payload)
-            out.send(self.topics.placement, payload, retain=True)
+            out.send(self.topics.placement, payload, retain=True, after_write=after_write)
 
     def activate(self, placement: Placement, now: float, out: Effects) -> None:
         """Publish a placement every node that needed a new input for it is subscribed for (or timed out); gone nodes
         it places around are taken over and inputs taken back earlier that it has a stage for are re-sent once the
         nodes have it in force (:meth:`settle`)."""
         log.info("placement v%d: publishing", placement.version)
-        self.publish(out)
         self._record(placement, out)
+        # once its row is committed: a gateway killed in between left frames served under a placement the database
+        # never had, so no one could say which slices a stored frame ran through (docs/database.md, placements)
+        self.publish(out, after_write=True)
         nodes = placement.all_nodes()
         self._unconfirmed = set(nodes)
         self._awaited = {node: version for node, version in self._awaited.items() if node in nodes}  # no input now

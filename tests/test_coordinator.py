@@ -321,10 +321,11 @@ def test_a_placement_is_published_once_every_node_it_moves_has_subscribed(tmp_pa
     assert {a["cmd"] for a in asked.values()} == {"prepare"} and asked["node-2"]["placement"]["version"] == version
     assert c.on_stats(stats("node-1", 2.5, prepared_version=version), now=2.5).sent(TOPICS.placement) == []
     effects = c.on_stats(stats("node-2", 2.6, prepared_version=version), now=2.6)
-    (payload,) = effects.sent(TOPICS.placement)
-    published = Placement.model_validate_json(payload)
+    (publish,) = [p for p in effects.publish if p.topic == TOPICS.placement]
+    published = Placement.model_validate_json(publish.payload)
     assert published.version == version and [s.node_id for s in published.stages] == ["node-1", "node-2"]
     assert [row["version"] for row in effects.rows("add_placement")] == [version]
+    assert publish.after_write  # once its row is committed
 
 
 def first_version(c: Coordinator, now: float) -> int:

@@ -286,25 +286,25 @@ def test_a_gateway_killed_before_writing_loses_nothing_it_had_received(fresh_bro
     db = tmp_path / "edgeprune.db"
     procs = Processes(tmp_path, component_env(fresh_broker, EDGEPRUNE_GATEWAY_DB_PATH=str(db),
                                               EDGEPRUNE_GATEWAY_NODES="node-1,node-2"))
-    replies = Recorder(fresh_broker, "edgeprune/component/gateway/reply")
+    refusals = Recorder(fresh_broker, "edgeprune/error/gateway")
     sender = mqtt_client(fresh_broker)
     ids = [f"CRASH-{i}" for i in range(10)]
     ours = "request_id LIKE 'CRASH-%'"
 
     def handled_up_to_here(mark: str) -> None:
-        """Once the gateway answers this command it has handled every message published before it."""
-        command = json.dumps({"id": mark, "cmd": "camera", "camera_id": "cam-crash", "location_name": "test site",
-                              "latitude": 0.0, "longitude": 0.0, "start_ts": 0.0}).encode()
-        def answered() -> bool:  # asked again until then: before its first subscribe a command reaches nobody
+        """Once the gateway refuses this command it has handled every message published before it. A refusal is
+        reported at once; an answer would wait for the write this test keeps from happening (commands.py)."""
+        command = json.dumps({"cmd": "prune", "node_id": mark, "ratio": 0.5}).encode()  # its controller is off
+        def refused() -> bool:  # sent again until then: before its first subscribe a command reaches nobody
             sender.publish("edgeprune/component/gateway/cmd", command, qos=1).wait_for_publish(5)
             time.sleep(0.5)
-            return any(r["id"] == mark for r in replies.json_on("edgeprune/component/gateway/reply"))
-        wait_until(answered, STARTUP_S, f"gateway did not answer {mark}")
+            return any(mark in r["message"] for r in refusals.json_on("edgeprune/error/gateway"))
+        wait_until(refused, STARTUP_S, f"gateway did not refuse {mark}")
 
     try:
         procs.start("gateway", "gateway", extra_env={"EDGEPRUNE_GATEWAY_FLUSH_INTERVAL_S": "60"})
         reader = open_reader(db)
-        handled_up_to_here("subscribed")
+        handled_up_to_here("barrier-subscribed")
         for i, request_id in enumerate(ids):
             accepted = {"request_id": request_id, "camera_id": "cam-crash", "node_id": "node-1",
                         "capture_ts": time.time(), "received_ts": time.time()}
@@ -315,7 +315,7 @@ def test_a_gateway_killed_before_writing_loses_nothing_it_had_received(fresh_bro
                 error = {"component": "node-1", "ts": time.time(), "topic": "edgeprune/camera/cam-crash/frame",
                          "kind": "dropped", "message": "work queue full", "request_id": request_id}
                 sender.publish("edgeprune/error/node-1", json.dumps(error).encode(), qos=1)
-        handled_up_to_here("received")
+        handled_up_to_here("barrier-received")
         procs.procs["gateway"].kill()
         procs.procs["gateway"].wait()
         # the precondition that makes this test mean something: all of it was still unwritten
@@ -328,7 +328,7 @@ def test_a_gateway_killed_before_writing_loses_nothing_it_had_received(fresh_bro
 
         wait_until(lambda: count("accepted") == 10 and count("requests") + count("failures") == 10, STARTUP_S,
                    "announcements, results or failures the killed gateway had received were lost")
-        handled_up_to_here("restarted")  # anything still to come (a duplicate) has come
+        handled_up_to_here("barrier-restarted")  # anything still to come (a duplicate) has come
         time.sleep(0.5)  # ... and been written (every 0.2 s)
         assert (count("accepted"), count("requests"), count("failures")) == (10, 7, 3)
         assert not reader._rows("SELECT * FROM errors WHERE kind LIKE '%_result' AND message LIKE '%CRASH-%'")
@@ -337,7 +337,7 @@ def test_a_gateway_killed_before_writing_loses_nothing_it_had_received(fresh_bro
     finally:
         sender.loop_stop()
         sender.disconnect()
-        replies.close()
+        refusals.close()
         procs.stop_all()
 
 
