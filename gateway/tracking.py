@@ -27,19 +27,23 @@ class AdaptiveTracking:
     def decide(self, now: float) -> list[Action]:
         """Move towards the least pruning that meets every stage's budget at the current slowdowns and arrival
         rate. More pruning is applied at once; less once it has been the answer, with headroom, for
-        ``fast_restore_confirm_s`` and the latency is not violating. A sustained end-to-end violation the
+        ``fast_restore_confirm_s``, the latency is not violating and no node has more than ``restore_max_queue``
+        requests queued. A sustained end-to-end violation the
         estimates do not explain (a backlog, transport) prunes the deepest queue's node one more step."""
         c, config = self.controller, self.controller.config
         metrics = c.metrics(now)
         decision = choose_adaptive(c.problem(now))
         needed = dict(zip(c.nodes, decision.ratios))
         relaxed = dict(zip(c.nodes, choose_adaptive(c.problem(now, config.restore_headroom)).ratios))
-        violating = metrics.over_trigger_fraction >= config.trigger_fraction
+        # not while the latency violates, nor while a backlog waits: it needs the pace it was pruned for, whatever
+        # the arrival rate says now
+        hold_back = (metrics.over_trigger_fraction >= config.trigger_fraction
+                     or max(metrics.queue_depths.values(), default=0) > config.restore_max_queue)
         ratios, manual = c.ratios, c.manual
         changed = {n: r for n, r in needed.items() if r > ratios[n] + TOLERANCE}
         for node in c.nodes:
             lower = max(needed[node], relaxed[node])
-            if node in manual or lower >= ratios[node] - TOLERANCE or violating:
+            if node in manual or lower >= ratios[node] - TOLERANCE or hold_back:
                 self._lower_since.pop(node, None)
                 continue
             since = self._lower_since.setdefault(node, now)

@@ -411,6 +411,9 @@ class ControllerSettings(_Section):
     fast_restore_confirm_s: float = Field(
         2.0, ge=0, description="A node's slowdown must stay gone this long (and the latency not be violating) "
                                "before a fast restore.")
+    restore_max_queue: int = Field(2, ge=0, le=10000, description=(
+        "adaptive: no ratio is lowered while a node of the pipeline reports more requests than this queued (a "
+        "burst's frames still waiting need the burst's pace after its arrivals have stopped)."))
     restore_headroom: float = Field(0.8, gt=0, le=1,
                                     description="A fast restore picks a ratio predicted within this x the stage "
                                     "budget.")

@@ -51,6 +51,7 @@ class Loop:
         self.step = 0
         self.rng = np.random.default_rng(0)
         self.actions: list[tuple[float, object]] = []
+        self.arriving = True  # False: a lull, no frames arrive or finish (stats and ticks go on)
 
     @property
     def now(self) -> float:
@@ -63,10 +64,11 @@ class Loop:
         while self.now < end - 1e-9:
             self.step += 1
             latency = sum(self.compute_s(n) + self.decode_s[n] for n in NODES) + self.overhead_s + self.extra_s
-            self.controller.observe_arrival(self.now)
-            for node in NODES:  # every result's hops: the compute each node spent on it
-                self.controller.observe_frame(self.now, node, self.compute_s(node), self.controller.ratios[node])
-            self.controller.observe_latency(self.now, latency * (1 + self.rng.normal(0, 0.02)))
+            if self.arriving:
+                self.controller.observe_arrival(self.now)
+                for node in NODES:  # every result's hops: the compute each node spent on it
+                    self.controller.observe_frame(self.now, node, self.compute_s(node), self.controller.ratios[node])
+                self.controller.observe_latency(self.now, latency * (1 + self.rng.normal(0, 0.02)))
             if self.step % round(2.0 / self.dt) == 0:
                 for node in NODES:
                     self.controller.observe_node(self.now, node, self.compute_s(node), self.queue[node],
@@ -453,6 +455,23 @@ def test_adaptive_keeps_up_with_the_arrival_rate_without_any_slowdown():
     assert all(loop.compute_s(n) <= ADAPTIVE.utilisation / 8.0 + 1e-9 for n in NODES)
     assert loop.of(Infeasible) == []
     assert loop.controller.slowdown("node-1") == loop.controller.slowdown("node-2") == 1.0
+
+
+def test_adaptive_keeps_the_pruning_a_burst_needed_while_its_frames_still_wait_in_a_queue():
+    """Once a burst's frames are all captured the arrival rate falls, but while they wait at stage 1 the pipeline
+    still has to serve them at the burst's pace: restoring then slows the drain (paper-imbalance at 3x)."""
+    loop = Loop(config=ADAPTIVE, rate_hz=8.0)
+    loop.run_until(10)
+    pruned_to = dict(loop.controller.ratios)
+    assert any(r > 0 for r in pruned_to.values())  # pruned for the rate
+    loop.arriving = False  # the burst is over ...
+    loop.queue["node-1"] = ADAPTIVE.restore_max_queue + 1  # ... and its frames still wait at stage 1
+    loop.run_until(20)
+    assert loop.controller.ratios == pruned_to
+    loop.queue["node-1"] = ADAPTIVE.restore_max_queue  # drained down to the limit
+    loop.run_until(30)
+    restores = [a for t, a in loop.of(SetRatios) if t > 20]
+    assert restores and all(r == 0 for r in loop.controller.ratios.values())
 
 
 def test_a_burst_counts_from_its_first_frames_not_once_it_fills_the_arrival_window():
