@@ -578,9 +578,12 @@ def connect_read_only(path: Path | str, timeout: float = 5.0, check_same_thread:
     return sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=check_same_thread)
 
 
+_ID_STARTS = "request_id LIKE ? ESCAPE '\\'"  # with the parameter _like_prefix(prefix)
+
+
 def _like_prefix(prefix: str) -> str:
-    """A LIKE pattern (``ESCAPE '\\'``) matching ids that start with ``prefix`` taken literally: phase names such
-    as ``node_kill`` hold ``_``, which LIKE would read as any character."""
+    """The parameter of :data:`_ID_STARTS`: ids that start with ``prefix`` taken literally (phase names such as
+    ``node_kill`` hold ``_``, which LIKE would read as any character)."""
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
@@ -727,14 +730,14 @@ class Reader:
         rows; failures not superseded by a row, by reason; announcements; duplicates; ids traced anywhere; and the
         receipt time of the first row of a frame announced after ``since_ts`` (when the pipeline was back)."""
         like = (_like_prefix(prefix),)
-        unanswered = "FROM failures f WHERE request_id LIKE ? ESCAPE '\\' AND NOT EXISTS " \
+        unanswered = f"FROM failures f WHERE {_ID_STARTS} AND NOT EXISTS " \
                      "(SELECT 1 FROM requests r WHERE r.request_id = f.request_id)"
         reasons = self._rows(f"SELECT reason, COUNT(*) AS n {unanswered} GROUP BY reason", like)
         traced = self._rows("SELECT COUNT(*) AS n FROM (" + " UNION ".join(
-            f"SELECT request_id FROM {table} WHERE request_id LIKE ? ESCAPE '\\'"
+            f"SELECT request_id FROM {table} WHERE {_ID_STARTS}"
             for table in ("accepted", "requests", "failures")) + ")", like * 3)[0]["n"]
         first = self._rows("SELECT MIN(r.received_ts) AS t FROM requests r JOIN accepted a USING (request_id) "
-                           "WHERE r.request_id LIKE ? ESCAPE '\\' AND a.received_ts >= ?", (*like, since_ts))[0]["t"]
+                           f"WHERE r.{_ID_STARTS} AND a.received_ts >= ?", (*like, since_ts))[0]["t"]
         counts = {name: self._count_with_prefix(table, prefix)
                   for name, table in (("rows", "requests"), ("accepted", "accepted"), ("duplicates", "duplicates"))}
         return {**counts, "failures_by_reason": {r["reason"]: r["n"] for r in reasons}, "traced": traced,
@@ -742,16 +745,15 @@ class Reader:
 
     def failures_with_prefix(self, prefix: str) -> list[dict]:
         """Request id and reason of every failure record whose request id starts with ``prefix``."""
-        return self._rows("SELECT request_id, reason FROM failures WHERE request_id LIKE ? ESCAPE '\\'",
-                          (_like_prefix(prefix),))
+        return self._rows(f"SELECT request_id, reason FROM failures WHERE {_ID_STARTS}", (_like_prefix(prefix),))
 
     def records_with_prefix(self, prefix: str) -> int:
         """Rows, announcements and failure records whose request id starts with ``prefix`` (forgeries must have 0)."""
         return sum(self._count_with_prefix(table, prefix) for table in ("requests", "accepted", "failures"))
 
     def _count_with_prefix(self, table: str, prefix: str) -> int:
-        return self.db.execute(f"SELECT COUNT(*) FROM {table} WHERE request_id LIKE ? ESCAPE '\\'",
-                               (_like_prefix(prefix),)).fetchone()[0]
+        row = self.db.execute(f"SELECT COUNT(*) FROM {table} WHERE {_ID_STARTS}", (_like_prefix(prefix),)).fetchone()
+        return row[0]
 
     def errors_since(self, kind: str, since_ts: float) -> list[dict]:
         """Error records of ``kind`` stored at or after ``since_ts``, oldest first."""
