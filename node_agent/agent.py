@@ -314,7 +314,9 @@ class NodeAgent:
             ack()
             self._on_marker(topic, payload, props)
             return
-        request_id, req = _activation_id(payload), Request(topic, payload, props, received)
+        req = Request(topic, payload, props, received)
+        # an activation's request id, for the hand-over; never a camera frame's (no marker there): no header to try
+        request_id = None if self.topics.camera_id_from_frame_topic(topic) is not None else _activation_id(payload)
         with self._lock:
             held = self.inputs_handover.holding(topic)
             runtime = None if held else self._runtime_for(topic, request_id)

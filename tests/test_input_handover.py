@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from camera.simulator import camera_frame
+from node_agent import agent as agent_module
 from node_agent.agent import NodeAgent
 from node_agent.input_handover import InputHandover
 from node_agent.runtime import Request, StageRuntime
@@ -121,13 +122,14 @@ def test_an_activation_between_the_old_readers_switch_and_the_new_readers_is_ser
     assert new_served == ["r2", "r3"]
 
 
-def test_without_the_old_readers_marker_the_held_inputs_are_served_after_the_timeout():
-    new, _, new_served = agent("c", handover_timeout_s=0.05)
+def test_without_the_old_readers_marker_the_held_inputs_are_served_after_the_timeout(monkeypatch):
+    new, _, new_served = agent("c", handover_timeout_s=30)
     new._prepare(V2)
     deliver(new, activation(new, "r1"))  # b, still stage 2 under v1 and then dead, never sends its marker
     new._on_placement("placement", V2.model_dump_json().encode(), {})
     new._release_overdue()
     assert new_served == []  # the old reader may still be about to say where it stopped
-    time.sleep(0.06)
+    later = time.time() + 31
+    monkeypatch.setattr(agent_module.time, "time", lambda: later)
     new._release_overdue()
     assert new_served == ["r1"]
